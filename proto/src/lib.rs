@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+pub mod media;
 
 /// Generated MBFP v1 messages (package `mbfp.v1`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -10,7 +11,10 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/mbfp.v1.rs"));
 }
 
-pub use frame::{encode_frame, frame_bytes, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
+pub use frame::{body_kind, encode_frame, frame_bytes, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
+pub use media::{
+    max_payload_bytes, MediaDatagram, MediaError, MediaHeader, StreamId, MAX_HEADER_BYTES,
+};
 
 /// The QUIC ALPN identifier of MBFP v1.
 pub const ALPN: &[u8] = b"mbfp/1";
