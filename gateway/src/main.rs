@@ -1,1 +1,180 @@
-fn main() {}
+//! `thalamus`: the gateway binary (run a node, manage the device registry).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use thalamus_gateway::config::{Config, LogFormat, ProcessConfigSource};
+use thalamus_gateway::node::GatewayNode;
+use thalamus_gateway::registry::DeviceRegistry;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "thalamus",
+    version,
+    about = "Thalamus: a gateway between MBFP devices and SIP"
+)]
+struct Cli {
+    /// Config file (TOML). Without one, embedded defaults are used.
+    #[arg(long, short, global = true, env = "THALAMUS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a gateway node.
+    Run {
+        /// Write the bound addresses and certificate fingerprint here as JSON once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Manage the device registry.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Print the effective configuration.
+    Config,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Add a device; prints its secret once (only a hash is stored).
+    Add {
+        /// Device id (1-64 of A-Z a-z 0-9 . _ -).
+        id: String,
+    },
+    /// Remove a device.
+    Remove {
+        /// Device id.
+        id: String,
+    },
+    /// List device ids.
+    List,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(&ProcessConfigSource {
+        path: cli.config.clone(),
+    })?;
+    match cli.command {
+        Command::Run { ready_file } => run(config, cli.config.is_some(), ready_file),
+        Command::Device { command } => device(&config, command),
+        Command::Config => {
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("THALAMUS_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    init_logging(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("thalamus")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let registry_path = config.node.device_registry_path();
+        let node = GatewayNode::start(config).await?;
+        let ready = serde_json::json!({
+            "quic": node.quic_addr.to_string(),
+            "admin": node.admin_addr.to_string(),
+            "fingerprint": node.fingerprint,
+            "node_id": node.shared.config.node.id,
+        });
+        println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.config.node.id);
+        println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);
+        println!("  admin (health, metrics)      http://{}/metrics", node.admin_addr);
+        println!("  certificate                  {}{}", node.cert_path.display(),
+            if node.generated_cert { " (generated now, self-signed)" } else { "" });
+        println!("  certificate SHA-256          {}", node.fingerprint);
+        if !from_file {
+            println!("  running on embedded defaults (no --config)");
+        }
+        let devices = node.shared.registry.len();
+        println!();
+        if devices == 0 {
+            println!("Next: add a device and connect the simulator:");
+        } else {
+            println!("{devices} device(s) registered in {}. To add another and connect it:", registry_path.display());
+        }
+        println!("  thalamus device add earpiece-1          # prints the device secret once");
+        println!(
+            "  thalamus-sim connect --gateway {} --device earpiece-1 --secret <SECRET> --fingerprint {}",
+            display_addr(node.quic_addr), node.fingerprint
+        );
+        if let Some(path) = ready_file {
+            std::fs::write(&path, ready.to_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        node.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+fn display_addr(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn device(config: &Config, command: DeviceCommand) -> anyhow::Result<()> {
+    let registry = DeviceRegistry::open(config.node.device_registry_path());
+    match command {
+        DeviceCommand::Add { id } => {
+            let secret = registry.add(&id)?;
+            eprintln!(
+                "added device {id} to {} (keep the secret: it is not stored and cannot be shown again)",
+                registry.path().display()
+            );
+            println!("{secret}");
+        }
+        DeviceCommand::Remove { id } => {
+            registry.remove(&id)?;
+            eprintln!("removed device {id}");
+        }
+        DeviceCommand::List => {
+            registry.refresh()?;
+            for id in registry.ids() {
+                println!("{id}");
+            }
+        }
+    }
+    Ok(())
+}

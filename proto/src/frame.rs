@@ -120,6 +120,35 @@ pub fn frame_bytes(envelope: &Envelope, max_frame_bytes: usize) -> Result<BytesM
     Ok(dst)
 }
 
+/// The snake_case name of an envelope body kind (for logs, metrics and JSON output);
+/// `"unknown"` when the body is absent or of a kind this version does not know.
+pub fn body_kind(body: Option<&crate::v1::envelope::Body>) -> &'static str {
+    use crate::v1::envelope::Body;
+    match body {
+        None => "unknown",
+        Some(Body::Hello(_)) => "hello",
+        Some(Body::Welcome(_)) => "welcome",
+        Some(Body::Redirect(_)) => "redirect",
+        Some(Body::Goodbye(_)) => "goodbye",
+        Some(Body::Ping(_)) => "ping",
+        Some(Body::Pong(_)) => "pong",
+        Some(Body::Error(_)) => "error",
+        Some(Body::Dial(_)) => "dial",
+        Some(Body::CallEvent(_)) => "call_event",
+        Some(Body::IncomingCall(_)) => "incoming_call",
+        Some(Body::Answer(_)) => "answer",
+        Some(Body::Reject(_)) => "reject",
+        Some(Body::Hangup(_)) => "hangup",
+        Some(Body::Hold(_)) => "hold",
+        Some(Body::Resume(_)) => "resume",
+        Some(Body::Dtmf(_)) => "dtmf",
+        Some(Body::SendText(_)) => "send_text",
+        Some(Body::TextReceived(_)) => "text_received",
+        Some(Body::TextStatus(_)) => "text_status",
+        Some(Body::PresenceUpdate(_)) => "presence_update",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

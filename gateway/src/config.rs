@@ -1,0 +1,525 @@
+//! Gateway configuration: one TOML file, `THALAMUS_*` environment overrides, embedded defaults.
+//!
+//! Every section denies unknown keys, and every error names the key at fault. The file and the
+//! environment are read through [`ConfigSource`], so tests supply their own without touching the
+//! process environment. This module only reads and checks configuration; it opens no sockets.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "THALAMUS_";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("config is not valid TOML: {0}")]
+    Syntax(String),
+    /// A key is unknown or its value has the wrong type.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// Dotted path of the key, e.g. `quic.listen`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An environment override names no key or cannot be applied.
+    #[error("environment override {var}: {message}")]
+    Env {
+        /// The variable name.
+        var: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Where configuration text and overrides come from (injectable for tests).
+pub trait ConfigSource {
+    /// The TOML text of the config file, if one is configured.
+    fn file(&self) -> Result<Option<String>, ConfigError>;
+    /// `(name, value)` pairs of environment variables that start with [`ENV_PREFIX`].
+    fn env_overrides(&self) -> Vec<(String, String)>;
+}
+
+/// Reads the config file from disk and overrides from the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessConfigSource {
+    /// Path of the config file; `None` runs on embedded defaults.
+    pub path: Option<PathBuf>,
+}
+
+impl ConfigSource for ProcessConfigSource {
+    fn file(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    fn env_overrides(&self) -> Vec<(String, String)> {
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "THALAMUS_CONFIG")
+            .collect()
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node.
+    pub node: NodeConfig,
+    /// Device ingress over QUIC.
+    pub quic: QuicConfig,
+    /// Device session limits.
+    pub session: SessionConfig,
+    /// Device authentication.
+    pub auth: AuthConfig,
+    /// The SIP side.
+    pub sip: SipConfig,
+    /// Admin HTTP (health, metrics).
+    pub admin: AdminConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Node identity and local storage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id; defaults to `node-1`.
+    pub id: String,
+    /// Data directory (certificates, device registry, embedded store).
+    pub data_dir: PathBuf,
+    /// Device registry file; defaults to `<data_dir>/devices.toml`.
+    pub device_registry: Option<PathBuf>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: "node-1".into(),
+            data_dir: PathBuf::from("thalamus-data"),
+            device_registry: None,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The device registry path after defaults.
+    pub fn device_registry_path(&self) -> PathBuf {
+        self.device_registry
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("devices.toml"))
+    }
+}
+
+/// QUIC listener settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// PEM certificate chain; with none, a self-signed one is generated in the data directory.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (required with `cert`).
+    pub key: Option<PathBuf>,
+    /// Most connections at once.
+    pub max_connections: u32,
+    /// Most connections at once from one source IP address.
+    pub max_connections_per_ip: u32,
+    /// Close a connection with no traffic for this long (milliseconds).
+    pub idle_timeout_ms: u32,
+    /// MBFP and QUIC keepalive interval (milliseconds); must be below `idle_timeout_ms`.
+    pub keepalive_interval_ms: u32,
+    /// Time a device has to send `Hello` after connecting (milliseconds).
+    pub hello_timeout_ms: u32,
+    /// Largest QUIC datagram the gateway accepts (bytes).
+    pub max_datagram_bytes: u32,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            cert: None,
+            key: None,
+            max_connections: 100_000,
+            max_connections_per_ip: 2_000,
+            idle_timeout_ms: 30_000,
+            keepalive_interval_ms: 10_000,
+            hello_timeout_ms: 10_000,
+            max_datagram_bytes: 1_200,
+        }
+    }
+}
+
+/// Device session limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Largest control frame (bytes, without the length prefix).
+    pub max_frame_bytes: u32,
+    /// Frames queued toward one device before the session is closed as too slow.
+    pub send_queue_frames: u32,
+    /// Most calls at once per device.
+    pub max_calls: u32,
+    /// How long a resume token stays valid after its session ended (seconds).
+    pub resume_window_secs: u32,
+    /// Largest text message body (bytes).
+    pub max_text_bytes: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            send_queue_frames: 256,
+            max_calls: 4,
+            resume_window_secs: 300,
+            max_text_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Device authentication.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Failures from one address allowed in `failure_window_secs` before answers are slowed.
+    pub free_failures: u32,
+    /// Window over which failures are counted (seconds).
+    pub failure_window_secs: u32,
+    /// First added delay once over `free_failures` (milliseconds); doubles per failure.
+    pub failure_delay_ms: u32,
+    /// Cap on the added delay (milliseconds).
+    pub max_failure_delay_ms: u32,
+    /// Secret that signs resume tokens (hex, 32 bytes); with none, one is generated in the data
+    /// directory. All nodes of a cluster must share it.
+    pub resume_secret: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            free_failures: 5,
+            failure_window_secs: 60,
+            failure_delay_ms: 250,
+            max_failure_delay_ms: 5_000,
+            resume_secret: None,
+        }
+    }
+}
+
+/// The SIP side of the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SipConfig {
+    /// UDP and TCP address to listen on.
+    pub listen: SocketAddr,
+    /// The gateway's SIP domain: devices are `sip:<device-id>@<domain>`.
+    pub domain: String,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5060)),
+            domain: "thalamus.local".into(),
+        }
+    }
+}
+
+/// Admin HTTP endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// TCP address for `/health` and `/metrics`.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info,thalamus_gateway=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration from `source`: defaults, then the file, then the environment.
+    pub fn load(source: &dyn ConfigSource) -> Result<Self, ConfigError> {
+        let mut doc = match source.file()? {
+            Some(text) => text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax(e.to_string()))?,
+            None => toml::Table::new(),
+        };
+        let mut overrides = source.env_overrides();
+        overrides.sort();
+        for (var, value) in overrides {
+            apply_env_override(&mut doc, &var, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(
+            |e: serde_path_to_error::Error<toml::de::Error>| ConfigError::Key {
+                key: e.path().to_string(),
+                message: e.inner().message().to_string(),
+            },
+        )?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Cross-key checks that serde cannot express.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Key {
+                key: key.into(),
+                message: message.into(),
+            })
+        };
+        if self.node.id.is_empty() || self.node.id.len() > 64 {
+            return bad("node.id", "must be 1 to 64 characters");
+        }
+        if self.quic.cert.is_some() != self.quic.key.is_some() {
+            return bad("quic.key", "quic.cert and quic.key must be given together");
+        }
+        if self.quic.keepalive_interval_ms == 0
+            || self.quic.keepalive_interval_ms >= self.quic.idle_timeout_ms
+        {
+            return bad(
+                "quic.keepalive_interval_ms",
+                "must be above 0 and below quic.idle_timeout_ms",
+            );
+        }
+        if self.quic.max_connections == 0 || self.quic.max_connections_per_ip == 0 {
+            return bad("quic.max_connections", "limits must be above 0");
+        }
+        if self.session.max_frame_bytes < 256 || self.session.max_frame_bytes > 16 * 1024 * 1024 {
+            return bad(
+                "session.max_frame_bytes",
+                "must be between 256 and 16777216",
+            );
+        }
+        if self.session.send_queue_frames == 0 {
+            return bad("session.send_queue_frames", "must be above 0");
+        }
+        if self.quic.max_datagram_bytes < 64 {
+            return bad("quic.max_datagram_bytes", "must be at least 64");
+        }
+        if let Some(secret) = &self.auth.resume_secret {
+            if hex::decode(secret).map(|s| s.len()) != Ok(32) {
+                return bad("auth.resume_secret", "must be 64 hex digits (32 bytes)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Renders the effective configuration as TOML (for `thalamus config show`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Applies `THALAMUS_SECTION__KEY=value` to the document: the part after the prefix is split on
+/// `__` into a key path, lower-cased. The value is read as a TOML value when it is one (numbers,
+/// booleans, arrays), else as a string.
+fn apply_env_override(doc: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+        return Ok(());
+    };
+    let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::Env {
+            var: var.into(),
+            message: "expected THALAMUS_<SECTION>__<KEY>, e.g. THALAMUS_QUIC__LISTEN".into(),
+        });
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut table = doc;
+    let (last, parents) = path.split_last().ok_or_else(|| ConfigError::Env {
+        var: var.into(),
+        message: "empty key".into(),
+    })?;
+    for part in parents {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(ConfigError::Env {
+                    var: var.into(),
+                    message: format!("`{part}` is not a section"),
+                })
+            }
+        };
+    }
+    table.insert(last.clone(), parsed);
+    Ok(())
+}
+
+/// A [`ConfigSource`] made of fixed strings, for tests and embedding.
+#[derive(Debug, Clone, Default)]
+pub struct StaticConfigSource {
+    /// File text.
+    pub file: Option<String>,
+    /// Environment overrides.
+    pub env: BTreeMap<String, String>,
+}
+
+impl ConfigSource for StaticConfigSource {
+    fn file(&self) -> Result<Option<String>, ConfigError> {
+        Ok(self.file.clone())
+    }
+    fn env_overrides(&self) -> Vec<(String, String)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Resolves a path relative to the data directory unless it is absolute.
+pub fn in_data_dir(data_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        data_dir.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(&StaticConfigSource {
+            file: file.map(str::to_string),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(c.quic.listen.port(), 4433);
+        assert_eq!(c.sip.listen.port(), 5060);
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.node.data_dir, PathBuf::from("thalamus-data"));
+        assert_eq!(c.session.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn file_values_and_env_overrides() {
+        let c = load(
+            Some("[quic]\nlisten = \"127.0.0.1:5000\"\n[session]\nmax_calls = 9\n"),
+            &[
+                ("THALAMUS_SESSION__MAX_CALLS", "3"),
+                ("THALAMUS_NODE__ID", "edge-7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.quic.listen.port(), 5000);
+        assert_eq!(c.session.max_calls, 3);
+        assert_eq!(c.node.id, "edge-7");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load(Some("[quic]\nlisten_port = 1\n"), &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("quic"), "{text}");
+        assert!(text.contains("listen_port"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = load(Some("[session]\nmax_calls = \"many\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("session.max_calls"), "{err}");
+    }
+
+    #[test]
+    fn bad_env_override_is_named() {
+        let err = load(None, &[("THALAMUS_QUIC__LISTEN", "not-an-address")]).unwrap_err();
+        assert!(err.to_string().contains("quic.listen"), "{err}");
+        let err = load(None, &[("THALAMUS_NOSECTION", "1")]).unwrap_err();
+        assert!(err.to_string().contains("THALAMUS_NOSECTION"), "{err}");
+    }
+
+    #[test]
+    fn cross_key_checks() {
+        let err = load(
+            Some("[quic]\nkeepalive_interval_ms = 40000\nidle_timeout_ms = 30000\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("quic.keepalive_interval_ms"),
+            "{err}"
+        );
+        let err = load(Some("[quic]\ncert = \"/x.pem\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("quic.key"), "{err}");
+    }
+
+    #[test]
+    fn defaults_render_and_reload() {
+        let c = Config::default();
+        let again = load(Some(&c.to_toml()), &[]).unwrap();
+        assert_eq!(c, again);
+    }
+}

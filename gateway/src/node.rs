@@ -1,0 +1,368 @@
+//! One gateway node: binds the QUIC listener and the admin endpoint, and runs the accept loop
+//! that applies the connection limits before a session driver takes each connection.
+//!
+//! [`GatewayNode::start`] is what `thalamus run` calls; tests may call it in-process too.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::admin;
+use crate::config::{in_data_dir, Config};
+use crate::metrics::Metrics;
+use crate::registry::DeviceRegistry;
+use crate::resume::ResumeTokens;
+use crate::session::driver::{run_connection, DeviceRequests, NoBridge};
+use crate::session::throttle::{AuthThrottle, ThrottleConfig};
+use crate::session::{SessionCommand, Sessions};
+use crate::tls;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The data directory or a secret file.
+    #[error("{path}: {source}")]
+    DataDir {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Invalid configuration value discovered at start.
+    #[error("config key `{key}`: {message}")]
+    Config {
+        /// Key.
+        key: &'static str,
+        /// Message.
+        message: String,
+    },
+}
+
+/// State shared by every task of the node.
+pub struct NodeShared {
+    /// Effective configuration.
+    pub config: Config,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Device registry.
+    pub registry: Arc<DeviceRegistry>,
+    /// Resume token signer.
+    pub tokens: ResumeTokens,
+    /// Authentication throttle.
+    pub throttle: AuthThrottle,
+    /// Live sessions.
+    pub sessions: Sessions,
+    /// Where device call/text requests go.
+    pub bridge: Arc<dyn DeviceRequests>,
+}
+
+impl std::fmt::Debug for NodeShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeShared")
+            .field("node", &self.config.node.id)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct GatewayNode {
+    /// Shared state.
+    pub shared: Arc<NodeShared>,
+    /// Bound QUIC address.
+    pub quic_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    /// SHA-256 fingerprint of the QUIC certificate.
+    pub fingerprint: String,
+    /// Whether the certificate was generated on this run.
+    pub generated_cert: bool,
+    /// Path of the QUIC certificate.
+    pub cert_path: PathBuf,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl GatewayNode {
+    /// Binds every listener and starts serving.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let data_dir = config.node.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| StartError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let material = tls::load_or_generate(
+            config.quic.cert.as_deref(),
+            config.quic.key.as_deref(),
+            &data_dir,
+        )?;
+        let crypto = tls::server_crypto(&material)?;
+
+        let secret = match &config.auth.resume_secret {
+            Some(hex_secret) => {
+                let bytes = hex::decode(hex_secret).map_err(|e| StartError::Config {
+                    key: "auth.resume_secret",
+                    message: e.to_string(),
+                })?;
+                <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| StartError::Config {
+                    key: "auth.resume_secret",
+                    message: "must be 32 bytes".into(),
+                })?
+            }
+            None => {
+                let path = in_data_dir(&data_dir, std::path::Path::new("resume.key"));
+                ResumeTokens::load_or_create_secret(&path)
+                    .map_err(|source| StartError::DataDir { path, source })?
+            }
+        };
+        let tokens = ResumeTokens::new(secret, config.session.resume_window_secs.into());
+        let registry = Arc::new(DeviceRegistry::open(config.node.device_registry_path()));
+        if let Err(e) = registry.refresh() {
+            warn!(error = %e, "device registry could not be read; devices cannot log in until it is fixed");
+        }
+
+        let mut transport = quinn::TransportConfig::default();
+        let idle = Duration::from_millis(u64::from(config.quic.idle_timeout_ms) + 5_000);
+        transport
+            .max_idle_timeout(Some(idle.try_into().map_err(|_| StartError::Config {
+                key: "quic.idle_timeout_ms",
+                message: "too large".into(),
+            })?))
+            .keep_alive_interval(Some(Duration::from_millis(
+                config.quic.keepalive_interval_ms.into(),
+            )))
+            .max_concurrent_bidi_streams(1u32.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .datagram_receive_buffer_size(Some(64 * 1024))
+            .datagram_send_buffer_size(64 * 1024)
+            .stream_receive_window((config.session.max_frame_bytes * 2).into())
+            .receive_window((config.session.max_frame_bytes * 4).into())
+            .send_window(256 * 1024);
+        let mut server_config = quinn::ServerConfig::with_crypto(crypto);
+        server_config.transport_config(Arc::new(transport));
+        let endpoint =
+            quinn::Endpoint::server(server_config, config.quic.listen).map_err(|source| {
+                StartError::Bind {
+                    what: "QUIC",
+                    addr: config.quic.listen,
+                    source,
+                }
+            })?;
+        let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            what: "QUIC",
+            addr: config.quic.listen,
+            source,
+        })?;
+
+        let metrics = Arc::new(Metrics::new());
+        let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "admin HTTP",
+                addr: config.admin.listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                what: "admin HTTP",
+                addr: config.admin.listen,
+                source,
+            })?;
+
+        let throttle = AuthThrottle::new(ThrottleConfig {
+            free_failures: config.auth.free_failures,
+            window: Duration::from_secs(config.auth.failure_window_secs.into()),
+            base_delay: Duration::from_millis(config.auth.failure_delay_ms.into()),
+            max_delay: Duration::from_millis(config.auth.max_failure_delay_ms.into()),
+            max_tracked: 65_536,
+        });
+        let shared = Arc::new(NodeShared {
+            config,
+            metrics,
+            registry,
+            tokens,
+            throttle,
+            sessions: Sessions::default(),
+            bridge: Arc::new(NoBridge),
+        });
+        let shutdown = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(accept_loop(
+                shared.clone(),
+                endpoint.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(admin::serve(
+                admin_listener,
+                shared.clone(),
+                shutdown.clone(),
+            )),
+        ];
+        info!(%quic_addr, %admin_addr, node = %shared.config.node.id, "gateway node started");
+        Ok(Self {
+            shared,
+            quic_addr,
+            admin_addr,
+            fingerprint: material.fingerprint(),
+            generated_cert: material.generated,
+            cert_path: material.cert_path,
+            endpoint,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Says goodbye to every session, then stops the listeners.
+    pub async fn shutdown(self) {
+        self.shared
+            .sessions
+            .broadcast(|| SessionCommand::Shutdown { draining: false });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.shared.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shutdown.cancel();
+        self.endpoint
+            .close(thalamus_proto::close_code::SHUTDOWN.into(), b"shutdown");
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Counts connections in total and per source address; releases on drop.
+struct ConnectionSlot {
+    shared: Arc<ConnectionCounts>,
+    ip: IpAddr,
+}
+
+#[derive(Default)]
+struct ConnectionCounts {
+    total: AtomicUsize,
+    per_ip: DashMap<IpAddr, usize>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.shared.total.fetch_sub(1, Ordering::Relaxed);
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.shared.per_ip.entry(self.ip) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+impl ConnectionCounts {
+    fn try_acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        max_total: usize,
+        max_per_ip: usize,
+    ) -> Result<ConnectionSlot, &'static str> {
+        if self.total.fetch_add(1, Ordering::Relaxed) >= max_total {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return Err("total_limit");
+        }
+        let mut count = self.per_ip.entry(ip).or_insert(0);
+        if *count >= max_per_ip {
+            drop(count);
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return Err("per_ip_limit");
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            shared: self.clone(),
+            ip,
+        })
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<NodeShared>,
+    endpoint: quinn::Endpoint,
+    shutdown: CancellationToken,
+) {
+    let counts = Arc::new(ConnectionCounts::default());
+    let max_total = shared.config.quic.max_connections as usize;
+    let max_per_ip = shared.config.quic.max_connections_per_ip as usize;
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let ip = incoming.remote_address().ip();
+        let slot = match counts.try_acquire(ip, max_total, max_per_ip) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                Metrics::inc(&shared.metrics.connections_refused, reason);
+                Metrics::inc(&shared.metrics.limits_hit, reason);
+                incoming.refuse();
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "QUIC handshake failed");
+                    Metrics::inc(&shared.metrics.connections_refused, "handshake_failed");
+                    return;
+                }
+            };
+            shared.metrics.connections_accepted.inc();
+            shared.metrics.connections_open.inc();
+            run_connection(shared.clone(), conn).await;
+            shared.metrics.connections_open.dec();
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_total_and_per_ip() {
+        let counts = Arc::new(ConnectionCounts::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = counts.try_acquire(a, 3, 2).unwrap();
+        let _s2 = counts.try_acquire(a, 3, 2).unwrap();
+        assert_eq!(counts.try_acquire(a, 3, 2).err(), Some("per_ip_limit"));
+        let _s3 = counts.try_acquire(b, 3, 2).unwrap();
+        assert_eq!(counts.try_acquire(b, 3, 2).err(), Some("total_limit"));
+        drop(s1);
+        assert!(counts.try_acquire(a, 3, 2).is_ok());
+    }
+}

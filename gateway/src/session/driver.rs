@@ -1,0 +1,411 @@
+//! The tokio driver of one device session: moves bytes between a QUIC control stream and the
+//! sans-IO [`SessionCore`], checks credentials off the executor, and carries out the core's
+//! actions. One task per connection, plus a writer task that owns the send half of the control
+//! stream behind a bounded queue. This module holds no protocol rules of its own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use thalamus_proto::v1::{envelope::Body, Envelope, ErrorCode, Hello, ServerLimits, Welcome};
+use thalamus_proto::{body_kind, close_code, encode_frame, FrameDecoder};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::core::{AuthOutcome, SessionAction, SessionCore, SessionState, SessionTimers};
+use super::{SessionCommand, SessionHandle};
+use crate::metrics::Metrics;
+use crate::node::NodeShared;
+use crate::registry::{valid_device_id, Verdict};
+use crate::resume::SessionId;
+
+/// What the auth task found.
+struct AuthResult {
+    request_id: u64,
+    hello: Hello,
+    verdict: Result<Verdict, String>,
+}
+
+/// The identity of a session once authenticated.
+struct Identity {
+    device_id: String,
+    connection_id: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs one device connection to its end.
+pub async fn run_connection(node: Arc<NodeShared>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let span = info_span!(
+        "device_session",
+        remote = %remote,
+        device = tracing::field::Empty,
+        session = tracing::field::Empty
+    );
+    drive(node, conn, remote).instrument(span).await;
+}
+
+async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAddr) {
+    let cfg = &node.config;
+    let metrics = &node.metrics;
+    let timers = SessionTimers {
+        hello_timeout: Duration::from_millis(cfg.quic.hello_timeout_ms.into()),
+        keepalive_interval: Duration::from_millis(cfg.quic.keepalive_interval_ms.into()),
+        idle_timeout: Duration::from_millis(cfg.quic.idle_timeout_ms.into()),
+    };
+    let max_frame = cfg.session.max_frame_bytes as usize;
+
+    let stream = tokio::time::timeout(timers.hello_timeout, conn.accept_bi()).await;
+    let (send, mut recv) = match stream {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
+            debug!(error = %e, "connection ended before the control stream opened");
+            return;
+        }
+        Err(_) => {
+            Metrics::inc(&metrics.limits_hit, "hello_timeout");
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"hello_timeout");
+            return;
+        }
+    };
+
+    let (out_tx, out_rx) = mpsc::channel::<Envelope>(cfg.session.send_queue_frames as usize);
+    let writer = tokio::spawn(write_frames(send, out_rx, max_frame));
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(16);
+
+    let mut core = SessionCore::new(Instant::now(), timers);
+    let decoder = FrameDecoder::new(max_frame);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut auth_rx: Option<oneshot::Receiver<AuthResult>> = None;
+    let mut identity: Option<Identity> = None;
+    let end_reason: &'static str;
+    let mut close: Option<(u32, &'static str)> = None;
+
+    'session: loop {
+        // Carry out everything the core asked for.
+        while let Some(action) = core.poll_action() {
+            match action {
+                SessionAction::Send(env) => {
+                    metrics.frame("out", body_kind(env.body.as_ref()));
+                    if out_tx.try_send(env).is_err() {
+                        Metrics::inc(&metrics.limits_hit, "send_queue");
+                        warn!("send queue full: closing the session");
+                        close = Some((close_code::LIMIT_EXCEEDED, "send_queue_full"));
+                        end_reason = "send_queue_full";
+                        break 'session;
+                    }
+                }
+                SessionAction::Authenticate { hello, request_id } => {
+                    let (tx, rx) = oneshot::channel();
+                    auth_rx = Some(rx);
+                    tokio::spawn(authenticate(node.clone(), remote, hello, request_id, tx));
+                }
+                SessionAction::Forward(env) => {
+                    if let Some(id) = &identity {
+                        let reply = node.bridge.handle(&id.device_id, env);
+                        for env in reply {
+                            metrics.frame("out", body_kind(env.body.as_ref()));
+                            if out_tx.try_send(env).is_err() {
+                                Metrics::inc(&metrics.limits_hit, "send_queue");
+                                close = Some((close_code::LIMIT_EXCEEDED, "send_queue_full"));
+                                end_reason = "send_queue_full";
+                                break 'session;
+                            }
+                        }
+                    }
+                }
+                SessionAction::Close { code, reason } => {
+                    close = Some((code, reason));
+                    end_reason = reason;
+                    break 'session;
+                }
+                SessionAction::CountError(label) => Metrics::inc(&metrics.frame_errors, label),
+            }
+        }
+
+        let deadline = core.poll_timeout();
+        tokio::select! {
+            read = recv.read_buf(&mut buf) => {
+                match read {
+                    Ok(0) | Err(_) => {
+                        end_reason = "connection_lost";
+                        break 'session;
+                    }
+                    Ok(_) => {
+                        let now = Instant::now();
+                        loop {
+                            match decoder.decode(&mut buf) {
+                                Ok(Some(env)) => {
+                                    metrics.frame("in", body_kind(env.body.as_ref()));
+                                    core.handle_frame(now, Ok(env));
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    core.handle_frame(now, Err(e));
+                                    break;
+                                }
+                            }
+                            if core.state() == SessionState::Closed {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Some(result) = async { match auth_rx.as_mut() { Some(rx) => rx.await.ok(), None => None } } => {
+                auth_rx = None;
+                let outcome = finish_auth(&node, &mut identity, result, &cmd_tx);
+                core.handle_auth(Instant::now(), outcome.0, outcome.1);
+            }
+            Some(cmd) = cmd_rx.recv() => match cmd {
+                SessionCommand::Replaced => {
+                    core.replaced();
+                }
+                SessionCommand::Shutdown { draining } => core.shutdown(draining),
+                SessionCommand::Send(env) => {
+                    metrics.frame("out", body_kind(env.body.as_ref()));
+                    if out_tx.try_send(env).is_err() {
+                        Metrics::inc(&metrics.limits_hit, "send_queue");
+                        close = Some((close_code::LIMIT_EXCEEDED, "send_queue_full"));
+                        end_reason = "send_queue_full";
+                        break 'session;
+                    }
+                }
+            },
+            _ = sleep_until(deadline) => {
+                core.handle_timeout(Instant::now());
+            }
+            _ = conn.closed() => {
+                end_reason = "connection_lost";
+                break 'session;
+            }
+        }
+    }
+
+    // Flush what is queued (Error, Goodbye), then close with the code the core chose.
+    drop(out_tx);
+    if let Some((code, reason)) = close {
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        conn.close(code.into(), reason.as_bytes());
+    } else {
+        writer.abort();
+    }
+    if let Some(id) = identity {
+        node.sessions
+            .remove_if_current(&id.device_id, id.connection_id);
+        metrics.sessions_live.dec();
+        Metrics::inc(&metrics.sessions_ended, end_reason);
+        info!(reason = end_reason, "device session ended");
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_frames(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<Envelope>,
+    max_frame: usize,
+) {
+    let mut buf = BytesMut::with_capacity(1024);
+    while let Some(env) = rx.recv().await {
+        buf.clear();
+        if encode_frame(&env, max_frame, &mut buf).is_err() {
+            warn!(
+                kind = body_kind(env.body.as_ref()),
+                "outgoing frame too large; dropped"
+            );
+            continue;
+        }
+        // Batch whatever else is already queued.
+        while let Ok(more) = rx.try_recv() {
+            if encode_frame(&more, max_frame, &mut buf).is_err() {
+                warn!("outgoing frame too large; dropped");
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn authenticate(
+    node: Arc<NodeShared>,
+    remote: SocketAddr,
+    hello: Hello,
+    request_id: u64,
+    reply: oneshot::Sender<AuthResult>,
+) {
+    let delay = node.throttle.delay_for(remote.ip(), Instant::now());
+    if !delay.is_zero() {
+        node.metrics.auth_throttled.inc();
+        tokio::time::sleep(delay).await;
+    }
+    let verdict = if !valid_device_id(&hello.device_id) || hello.credential.len() > 1024 {
+        Ok(Verdict::UnknownDevice)
+    } else {
+        let registry = node.registry.clone();
+        let (id, secret) = (hello.device_id.clone(), hello.credential.clone());
+        match tokio::task::spawn_blocking(move || registry.verify(&id, &secret)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match verdict {
+        Ok(Verdict::Valid) => node.throttle.record_success(remote.ip()),
+        Ok(_) => node.throttle.record_failure(remote.ip(), Instant::now()),
+        Err(_) => {}
+    }
+    let _ = reply.send(AuthResult {
+        request_id,
+        hello,
+        verdict,
+    });
+}
+
+/// Turns an auth result into the core's outcome; on success installs the session.
+fn finish_auth(
+    node: &Arc<NodeShared>,
+    identity: &mut Option<Identity>,
+    result: AuthResult,
+    cmd_tx: &mpsc::Sender<SessionCommand>,
+) -> (u64, AuthOutcome) {
+    let metrics = &node.metrics;
+    let AuthResult {
+        request_id,
+        hello,
+        verdict,
+    } = result;
+    match verdict {
+        Ok(Verdict::Valid) => {}
+        Ok(other) => {
+            let label = if other == Verdict::UnknownDevice {
+                "unknown_device"
+            } else {
+                "wrong_secret"
+            };
+            Metrics::inc(&metrics.auth_failures, label);
+            info!(device = %hello.device_id, reason = label, "authentication failed");
+            return (
+                request_id,
+                AuthOutcome::Rejected(
+                    ErrorCode::Unauthenticated,
+                    "unknown device or wrong credential".into(),
+                ),
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, "device registry unavailable");
+            Metrics::inc(&metrics.auth_failures, "registry_error");
+            return (
+                request_id,
+                AuthOutcome::Rejected(ErrorCode::Internal, "device registry unavailable".into()),
+            );
+        }
+    }
+    let device_id = hello.device_id;
+    let now_unix = unix_now();
+    let current = node.sessions.get(&device_id);
+    let mut resumed = false;
+    let mut session_id = SessionId::random();
+    if !hello.resume_token.is_empty() {
+        match node.tokens.check(&device_id, &hello.resume_token, now_unix) {
+            Ok(sid) => {
+                // A token for a session that was since replaced by another login is stale.
+                if current.as_ref().is_none_or(|c| c.session_id == sid) {
+                    session_id = sid;
+                    resumed = true;
+                } else {
+                    Metrics::inc(&metrics.resume_rejected, "superseded");
+                }
+            }
+            Err(e) => {
+                let label = match e {
+                    crate::resume::ResumeError::Malformed => "malformed",
+                    crate::resume::ResumeError::BadSignature => "bad_signature",
+                    crate::resume::ResumeError::Expired => "expired",
+                };
+                Metrics::inc(&metrics.resume_rejected, label);
+            }
+        }
+    }
+    let connection_id = node.sessions.next_connection_id();
+    let handle = SessionHandle {
+        session_id,
+        connection_id,
+        commands: cmd_tx.clone(),
+    };
+    if let Some(old) = node.sessions.install(&device_id, handle) {
+        Metrics::inc(&metrics.limits_hit, "replaced_session");
+        let _ = old.commands.try_send(SessionCommand::Replaced);
+    }
+    metrics.sessions_live.inc();
+    Metrics::inc(
+        &metrics.sessions_started,
+        if resumed { "resumed" } else { "new" },
+    );
+    let span = tracing::Span::current();
+    span.record("device", device_id.as_str());
+    span.record("session", session_id.to_string().as_str());
+    info!(resumed, "device session live");
+    let cfg = &node.config;
+    let welcome = Welcome {
+        session_id: session_id.to_string(),
+        resume_token: node.tokens.issue(&device_id, &session_id, now_unix),
+        address_of_record: format!("sip:{}@{}", device_id, cfg.sip.domain),
+        limits: Some(ServerLimits {
+            max_frame_bytes: cfg.session.max_frame_bytes,
+            max_calls: cfg.session.max_calls,
+            max_datagram_bytes: cfg.quic.max_datagram_bytes,
+            max_text_bytes: cfg.session.max_text_bytes,
+        }),
+        keepalive_interval_ms: cfg.quic.keepalive_interval_ms,
+        idle_timeout_ms: cfg.quic.idle_timeout_ms,
+        resumed,
+        live_calls: Vec::new(),
+        node_id: cfg.node.id.clone(),
+    };
+    *identity = Some(Identity {
+        device_id,
+        connection_id,
+    });
+    (request_id, AuthOutcome::Accepted(welcome))
+}
+
+/// Answers device requests (calls, texts, presence). The SIP bridge implements it.
+pub trait DeviceRequests: Send + Sync {
+    /// Handles one request from `device_id`; returns frames to send back at once.
+    fn handle(&self, device_id: &str, request: Envelope) -> Vec<Envelope>;
+}
+
+/// The answer when no bridge is attached: every request is unsupported.
+#[derive(Debug, Default)]
+pub struct NoBridge;
+
+impl DeviceRequests for NoBridge {
+    fn handle(&self, _device_id: &str, request: Envelope) -> Vec<Envelope> {
+        let kind = body_kind(request.body.as_ref());
+        vec![Envelope {
+            request_id: request.request_id,
+            body: Some(Body::Error(thalamus_proto::v1::Error {
+                code: ErrorCode::Unsupported as i32,
+                message: format!("{kind} is not available: no SIP bridge on this node"),
+                request_id: request.request_id,
+            })),
+        }]
+    }
+}
