@@ -30,7 +30,9 @@ pub use challenge::{parse_challenges, select_challenge, Challenge};
 pub use client::{answer_challenge, DigestClient};
 pub use credentials::Credentials;
 pub use hash::compute_ha1;
-pub use server::{DigestServer, DigestServerConfig, UserSecret, VerifiedCredentials, VerifyError};
+pub use server::{
+    DigestServer, DigestServerConfig, UserSecret, VerifiedCredentials, VerifyError, MIN_SECRET_LEN,
+};
 
 use std::fmt;
 
