@@ -1,1 +1,11 @@
-//! placeholder
+//! thalamus-sim: simulated devices and SIP buddies for tests, demos and load runs.
+//!
+//! `quic` sets up the client side of QUIC/TLS (certificate pinning), `device` is one MBFP
+//! connection, `events` renders what the gateway sends, and `connect` is the long-running
+//! single-device command.
+#![forbid(unsafe_code)]
+
+pub mod connect;
+pub mod device;
+pub mod events;
+pub mod quic;

@@ -1,0 +1,193 @@
+//! `thalamus-sim connect`: one device that logs in, prints every event, keeps the session alive
+//! with `Ping`, follows `Redirect`, and reconnects with exponential backoff (presenting its
+//! resume token) when the connection drops. It stops for good when it is refused
+//! (`unauthenticated`) or replaced by another login of the same device.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::json;
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{Capabilities, ErrorCode, GoodbyeReason, Hello, Ping, Pong};
+
+use crate::device::{DeviceConnection, DeviceError};
+use crate::events::EventPrinter;
+
+/// Settings of one `connect` run.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Gateway QUIC address.
+    pub gateway: SocketAddr,
+    /// TLS server name.
+    pub server_name: String,
+    /// Device id.
+    pub device_id: String,
+    /// Device secret.
+    pub secret: String,
+    /// Pinned certificate fingerprint.
+    pub fingerprint: Option<[u8; 32]>,
+    /// Stop after this many reconnect attempts in a row (None: forever).
+    pub max_attempts: Option<u32>,
+    /// Output format.
+    pub printer: EventPrinter,
+}
+
+/// Why `connect` stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The gateway refused the credential.
+    Unauthenticated,
+    /// Another login of the same device took over.
+    Replaced,
+    /// Too many failed attempts in a row.
+    GaveUp,
+}
+
+enum SessionEnd {
+    Stop(StopReason),
+    Lost(String),
+    Redirect(SocketAddr),
+}
+
+/// Backoff before reconnect attempt `attempt` (1-based): 200 ms doubling to 10 s, +-20% jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = 200u64.saturating_mul(1u64 << attempt.saturating_sub(1).min(6));
+    let capped = base.min(10_000);
+    let jitter = rand::thread_rng().gen_range(0.8..1.2);
+    Duration::from_millis((capped as f64 * jitter) as u64)
+}
+
+/// Runs the device until it must stop.
+pub async fn run(opts: ConnectOptions) -> anyhow::Result<StopReason> {
+    let config = crate::quic::client_config(opts.fingerprint)?;
+    let mut gateway = opts.gateway;
+    let mut endpoint = crate::quic::client_endpoint(gateway, config.clone())?;
+    let mut resume_token: Vec<u8> = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        match session(&opts, &endpoint, gateway, &mut resume_token, &mut attempt).await {
+            SessionEnd::Stop(reason) => {
+                endpoint.close(0u32.into(), b"bye");
+                return Ok(reason);
+            }
+            SessionEnd::Redirect(addr) => {
+                gateway = addr;
+                endpoint = crate::quic::client_endpoint(gateway, config.clone())?;
+                continue;
+            }
+            SessionEnd::Lost(reason) => {
+                opts.printer
+                    .emit("disconnected", json!({ "reason": reason }));
+            }
+        }
+        attempt += 1;
+        if opts.max_attempts.is_some_and(|max| attempt > max) {
+            return Ok(StopReason::GaveUp);
+        }
+        let delay = backoff(attempt);
+        opts.printer.emit(
+            "reconnecting",
+            json!({"attempt": attempt, "delay_ms": delay.as_millis() as u64}),
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    opts: &ConnectOptions,
+    endpoint: &quinn::Endpoint,
+    gateway: SocketAddr,
+    resume_token: &mut Vec<u8>,
+    attempt: &mut u32,
+) -> SessionEnd {
+    let mut conn = match DeviceConnection::connect(endpoint, gateway, &opts.server_name).await {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Lost(e.to_string()),
+    };
+    opts.printer
+        .emit("connected", json!({"gateway": gateway.to_string()}));
+    let hello = Hello {
+        device_id: opts.device_id.clone(),
+        credential: opts.secret.clone(),
+        capabilities: Some(Capabilities {
+            audio_codecs: vec![1, 2, 4, 5],
+            video_codecs: vec![],
+            video: false,
+            text: true,
+        }),
+        software_version: format!("thalamus-sim/{}", env!("CARGO_PKG_VERSION")),
+        resume_token: resume_token.clone(),
+    };
+    let welcome = match conn.hello(hello).await {
+        Ok(w) => w,
+        Err(DeviceError::Refused(env)) => {
+            opts.printer.frame(&env);
+            return match env.body {
+                Some(Body::Error(e)) if e.code == ErrorCode::Unauthenticated as i32 => {
+                    SessionEnd::Stop(StopReason::Unauthenticated)
+                }
+                Some(Body::Redirect(r)) => match r.address.parse() {
+                    Ok(addr) => SessionEnd::Redirect(addr),
+                    Err(_) => SessionEnd::Lost(format!("bad redirect address {}", r.address)),
+                },
+                _ => SessionEnd::Lost("hello refused".into()),
+            };
+        }
+        Err(e) => return SessionEnd::Lost(e.to_string()),
+    };
+    *attempt = 0;
+    resume_token.clone_from(&welcome.resume_token);
+    let keepalive = Duration::from_millis(u64::from(welcome.keepalive_interval_ms.max(1000)));
+    opts.printer.frame(&thalamus_proto::v1::Envelope {
+        request_id: 0,
+        body: Some(Body::Welcome(welcome)),
+    });
+    let mut ping = tokio::time::interval(keepalive);
+    ping.tick().await;
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            frame = conn.reader.next() => match frame {
+                Ok(env) => {
+                    match &env.body {
+                        Some(Body::Ping(p)) => {
+                            let pong = thalamus_proto::v1::Envelope { request_id: env.request_id, body: Some(Body::Pong(Pong { nonce: p.nonce })) };
+                            if let Err(e) = conn.writer.send_envelope(&pong).await {
+                                return SessionEnd::Lost(e.to_string());
+                            }
+                            continue;
+                        }
+                        Some(Body::Goodbye(g)) if g.reason == GoodbyeReason::Replaced as i32 => {
+                            opts.printer.frame(&env);
+                            return SessionEnd::Stop(StopReason::Replaced);
+                        }
+                        _ => {}
+                    }
+                    opts.printer.frame(&env);
+                }
+                Err(e) => return SessionEnd::Lost(e.to_string()),
+            },
+            _ = ping.tick() => {
+                nonce += 1;
+                if let Err(e) = conn.writer.send(Body::Ping(Ping { nonce })).await {
+                    return SessionEnd::Lost(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let first = backoff(1);
+        assert!(first >= Duration::from_millis(160) && first <= Duration::from_millis(240));
+        let later = backoff(30);
+        assert!(later >= Duration::from_millis(8_000) && later <= Duration::from_millis(12_000));
+        assert!(backoff(3) > backoff(1));
+    }
+}
