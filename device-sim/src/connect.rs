@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde_json::json;
+use thalamus_proto::close_code;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{Capabilities, ErrorCode, GoodbyeReason, Hello, Ping, Pong};
 
@@ -134,7 +135,7 @@ async fn session(
                 _ => SessionEnd::Lost("hello refused".into()),
             };
         }
-        Err(e) => return SessionEnd::Lost(e.to_string()),
+        Err(e) => return lost(&conn, e).await,
     };
     *attempt = 0;
     resume_token.clone_from(&welcome.resume_token);
@@ -166,7 +167,7 @@ async fn session(
                     }
                     opts.printer.frame(&env);
                 }
-                Err(e) => return SessionEnd::Lost(e.to_string()),
+                Err(e) => return lost(&conn, e).await,
             },
             _ = ping.tick() => {
                 nonce += 1;
@@ -175,6 +176,24 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// Classifies a lost connection: the gateway's close code may say the device must stop
+/// (replaced, unauthenticated) even when the frame saying so did not arrive.
+async fn lost(conn: &DeviceConnection, error: DeviceError) -> SessionEnd {
+    let code = match error.close_code() {
+        Some(code) => Some(code),
+        None => tokio::time::timeout(Duration::from_millis(500), conn.conn.closed())
+            .await
+            .ok()
+            .and_then(|reason| DeviceError::from(reason).close_code()),
+    };
+    match code.and_then(|c| u32::try_from(c).ok()) {
+        Some(close_code::REPLACED) => SessionEnd::Stop(StopReason::Replaced),
+        Some(close_code::UNAUTHENTICATED) => SessionEnd::Stop(StopReason::Unauthenticated),
+        Some(code) => SessionEnd::Lost(format!("{error} (close code {code})")),
+        None => SessionEnd::Lost(error.to_string()),
     }
 }
 

@@ -60,7 +60,7 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
             "message": g.message,
         }),
         Some(Body::Redirect(r)) => json!({"address": r.address, "node_id": r.node_id}),
-        Some(Body::Pong(p)) => json!({"nonce": p.nonce}),
+        Some(Body::Pong(p)) => json!({"nonce": p.nonce, "request_id": env.request_id}),
         Some(Body::Ping(p)) => json!({"nonce": p.nonce}),
         Some(Body::CallEvent(c)) => json!({
             "call_ref": c.call_ref,

@@ -1,1 +1,375 @@
-//! placeholder
+//! Harness for end-to-end tests: starts real `thalamus` and `thalamus-sim` processes on
+//! loopback with ports they pick, reads their output, and stops them when dropped.
+//!
+//! The binaries are the workspace's own build (`target/<profile>/thalamus`), found next to the
+//! test executable; `scripts/test` builds them before running the tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// Path of a workspace binary built in the same profile as the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+}
+
+impl Proc {
+    /// Sends SIGKILL and reaps.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("process did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A gateway process with its own data directory.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The process.
+    pub proc: Proc,
+    /// Temporary data directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// Config file path.
+    pub config_path: PathBuf,
+    /// Bound QUIC address.
+    pub quic: SocketAddr,
+    /// Bound admin address.
+    pub admin: SocketAddr,
+    /// Certificate fingerprint.
+    pub fingerprint: String,
+}
+
+impl Gateway {
+    /// Starts a gateway with ephemeral ports and `extra` TOML appended to its config. `extra`
+    /// may hold whole sections (`[session]\nmax_calls = 2`).
+    pub fn start(extra: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        Self::start_in(dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a gateway in an existing data directory (a restart) on a given QUIC address.
+    pub fn start_in(dir: tempfile::TempDir, quic: &str, extra: &str) -> anyhow::Result<Self> {
+        let config_path = dir.path().join("thalamus.toml");
+        let data = dir.path().join("data");
+        let text = format!(
+            "[node]\ndata_dir = {data:?}\n\n[quic]\nlisten = \"{quic}\"\nhello_timeout_ms = 2000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[sip]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"info,thalamus_gateway=debug\"\n\n{extra}\n"
+        );
+        let text = merge_toml(&text)?;
+        std::fs::write(&config_path, text)?;
+        let ready = dir.path().join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let stdout = std::fs::File::create(dir.path().join("gateway.out"))?;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("gateway.log"))?;
+        let child = Command::new(bin("thalamus"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("run")
+            .arg("--ready-file")
+            .arg(&ready)
+            .env_remove("THALAMUS_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .context("spawning thalamus")?;
+        let mut proc = Proc { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let info: Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str(&text) {
+                    break v;
+                }
+            }
+            if let Some(status) = proc.child.try_wait()? {
+                let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+                bail!("gateway exited with {status} before it was ready:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("gateway not ready within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Self {
+            proc,
+            config_path,
+            quic: info["quic"].as_str().context("quic")?.parse()?,
+            admin: info["admin"].as_str().context("admin")?.parse()?,
+            fingerprint: info["fingerprint"].as_str().context("fingerprint")?.to_string(),
+            dir,
+        })
+    }
+
+    /// Kills the process (SIGKILL) and returns the data directory for a restart.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        self.proc.kill();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// `thalamus device add <id>`; returns the printed secret.
+    pub fn add_device(&self, id: &str) -> anyhow::Result<String> {
+        let out = Command::new(bin("thalamus"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(["device", "add", id])
+            .env_remove("THALAMUS_CONFIG")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "device add failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// The gateway's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// GET a path of the admin endpoint; returns the body.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        http_get(self.admin, path)
+    }
+
+    /// The value of one metric sample (exact name with labels), or 0 when absent.
+    pub fn metric(&self, sample: &str) -> anyhow::Result<f64> {
+        let text = self.admin_get("/metrics")?;
+        Ok(text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0))
+    }
+}
+
+/// Later TOML sections with the same name as earlier ones are merged into them (so `extra` can
+/// override keys of the base config).
+fn merge_toml(text: &str) -> anyhow::Result<String> {
+    let mut merged = toml_sections(text);
+    let mut out = String::new();
+    for (name, body) in merged.drain(..) {
+        if !name.is_empty() {
+            out.push_str(&format!("[{name}]\n"));
+        }
+        for (k, v) in body {
+            out.push_str(&format!("{k} = {v}\n"));
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn toml_sections(text: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut sections: Vec<(String, Vec<(String, String)>)> = vec![(String::new(), Vec::new())];
+    let mut current = 0;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = match sections.iter().position(|(n, _)| n == name) {
+                Some(i) => i,
+                None => {
+                    sections.push((name.to_string(), Vec::new()));
+                    sections.len() - 1
+                }
+            };
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let (k, v) = (k.trim().to_string(), v.trim().to_string());
+            let body = &mut sections[current].1;
+            match body.iter_mut().find(|(key, _)| *key == k) {
+                Some(entry) => entry.1 = v,
+                None => body.push((k, v)),
+            }
+        }
+    }
+    sections
+}
+
+/// A minimal HTTP/1.1 GET (the admin endpoint only).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {head}");
+    }
+    Ok(body.to_string())
+}
+
+/// A `thalamus-sim` process whose `--json` events are collected.
+#[derive(Debug)]
+pub struct Sim {
+    /// The process.
+    pub proc: Proc,
+    events: mpsc::Receiver<Value>,
+    /// Every event seen so far.
+    pub seen: Vec<Value>,
+}
+
+impl Sim {
+    /// Spawns `thalamus-sim <args> --json`.
+    pub fn spawn(args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(bin("thalamus-sim"))
+            .args(args)
+            .arg("--json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawning thalamus-sim")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => eprintln!("thalamus-sim printed a non-JSON line: {line}"),
+                }
+            }
+        });
+        Ok(Self {
+            proc: Proc { child },
+            events: rx,
+            seen: Vec::new(),
+        })
+    }
+
+    /// `thalamus-sim connect` for `device` against `gw`, plus `extra` args.
+    pub fn connect(gw: &Gateway, device: &str, secret: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let quic = gw.quic.to_string();
+        let mut args = vec![
+            "connect",
+            "--gateway",
+            &quic,
+            "--device",
+            device,
+            "--secret",
+            secret,
+            "--fingerprint",
+            &gw.fingerprint,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
+    /// Waits for the next event named `event` (skipping others) within `timeout`.
+    pub fn wait_event(&mut self, event: &str, timeout: Duration) -> anyhow::Result<Value> {
+        self.wait_for(|v| v["event"] == event, timeout)
+            .with_context(|| format!("waiting for a {event:?} event; seen so far: {:?}", self.seen))
+    }
+
+    /// Waits for the next event matching `pred` within `timeout`.
+    pub fn wait_for(
+        &mut self,
+        pred: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return Ok(v);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => bail!("timed out"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the simulator exited"),
+            }
+        }
+    }
+}
+
+/// Picks a free UDP port on loopback (bound then released).
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(sock.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_sections_override_base_keys() {
+        let merged =
+            merge_toml("[quic]\nlisten = \"a\"\nx = 1\n[log]\nlevel = \"info\"\n[quic]\nx = 2\n")
+                .unwrap();
+        assert_eq!(
+            merged.trim(),
+            "[quic]\nlisten = \"a\"\nx = 2\n\n[log]\nlevel = \"info\""
+        );
+    }
+}

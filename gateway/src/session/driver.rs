@@ -239,7 +239,11 @@ async fn write_frames(
             return;
         }
     }
-    let _ = send.finish();
+    // Finish the stream and give the device time to acknowledge it, so a frame queued just
+    // before a close (Error, Goodbye) arrives before the CONNECTION_CLOSE that follows.
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
 }
 
 async fn authenticate(
