@@ -129,7 +129,8 @@ impl Gateway {
                 }
             }
             if let Some(status) = proc.child.try_wait()? {
-                let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
                 bail!("gateway exited with {status} before it was ready:\n{log}");
             }
             if Instant::now() > deadline {
@@ -142,7 +143,10 @@ impl Gateway {
             config_path,
             quic: info["quic"].as_str().context("quic")?.parse()?,
             admin: info["admin"].as_str().context("admin")?.parse()?,
-            fingerprint: info["fingerprint"].as_str().context("fingerprint")?.to_string(),
+            fingerprint: info["fingerprint"]
+                .as_str()
+                .context("fingerprint")?
+                .to_string(),
             dir,
         })
     }
@@ -306,7 +310,12 @@ impl Sim {
     }
 
     /// `thalamus-sim connect` for `device` against `gw`, plus `extra` args.
-    pub fn connect(gw: &Gateway, device: &str, secret: &str, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn connect(
+        gw: &Gateway,
+        device: &str,
+        secret: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let quic = gw.quic.to_string();
         let mut args = vec![
             "connect",
@@ -326,7 +335,12 @@ impl Sim {
     /// Waits for the next event named `event` (skipping others) within `timeout`.
     pub fn wait_event(&mut self, event: &str, timeout: Duration) -> anyhow::Result<Value> {
         self.wait_for(|v| v["event"] == event, timeout)
-            .with_context(|| format!("waiting for a {event:?} event; seen so far: {:?}", self.seen))
+            .with_context(|| {
+                format!(
+                    "waiting for a {event:?} event; seen so far: {:?}",
+                    self.seen
+                )
+            })
     }
 
     /// Waits for the next event matching `pred` within `timeout`.

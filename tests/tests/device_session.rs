@@ -1,5 +1,6 @@
 //! End to end: a real gateway process, real simulator processes and raw QUIC clients on
 //! loopback. Covers the device session acceptance points of the workspace issue.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;
 
@@ -23,7 +24,12 @@ async fn raw_connect(gw: &Gateway) -> (quinn::Endpoint, DeviceConnection) {
     (endpoint, conn)
 }
 
-async fn raw_login(gw: &Gateway, id: &str, secret: &str, token: Vec<u8>) -> (quinn::Endpoint, DeviceConnection, Welcome) {
+async fn raw_login(
+    gw: &Gateway,
+    id: &str,
+    secret: &str,
+    token: Vec<u8>,
+) -> (quinn::Endpoint, DeviceConnection, Welcome) {
     let (ep, mut conn) = raw_connect(gw).await;
     let welcome = conn
         .hello(Hello {
@@ -87,10 +93,16 @@ fn simulator_connects_and_gets_welcome() {
     let secret = gw.add_device("earpiece-1").unwrap();
     let mut sim = Sim::connect(&gw, "earpiece-1", &secret, &[]).unwrap();
     let welcome = sim.wait_event("welcome", T).unwrap();
-    assert_eq!(welcome["address_of_record"], "sip:earpiece-1@thalamus.local");
+    assert_eq!(
+        welcome["address_of_record"],
+        "sip:earpiece-1@thalamus.local"
+    );
     assert_eq!(welcome["resumed"], false);
     assert_eq!(welcome["session_id"].as_str().unwrap().len(), 32);
-    assert_eq!(gw.admin_get("/sessions").unwrap().trim(), "[\"earpiece-1\"]");
+    assert_eq!(
+        gw.admin_get("/sessions").unwrap().trim(),
+        "[\"earpiece-1\"]"
+    );
     assert_eq!(gw.metric("thalamus_device_sessions_live").unwrap(), 1.0);
 }
 
@@ -101,7 +113,11 @@ fn wrong_secret_is_unauthenticated_and_closed() {
     let mut sim = Sim::connect(&gw, "earpiece-1", "not-the-secret", &[]).unwrap();
     let err = sim.wait_event("error", T).unwrap();
     assert_eq!(err["code"], "unauthenticated");
-    assert_eq!(sim.proc.wait_exit(T).unwrap(), Some(3), "the simulator stops for good");
+    assert_eq!(
+        sim.proc.wait_exit(T).unwrap(),
+        Some(3),
+        "the simulator stops for good"
+    );
 
     // A raw client sees the close code too, and an unknown device gets the same answer.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -261,7 +277,8 @@ fn simulator_reconnects_and_resumes_after_the_gateway_restarts() {
     let first = sim.wait_event("welcome", T).unwrap();
     // The node dies (SIGKILL) and comes back on the same address with the same data.
     let dir = gw.kill();
-    sim.wait_event("disconnected", Duration::from_secs(60)).unwrap();
+    sim.wait_event("disconnected", Duration::from_secs(60))
+        .unwrap();
     sim.wait_event("reconnecting", T).unwrap();
     let gw = Gateway::start_in(dir, &quic, "").unwrap();
     let again = sim.wait_event("welcome", Duration::from_secs(60)).unwrap();
@@ -281,7 +298,10 @@ fn per_address_connection_limit_refuses_and_counts() {
         let config = thalamus_sim::quic::client_config(Some(fp)).unwrap();
         let endpoint = thalamus_sim::quic::client_endpoint(gw.quic, config).unwrap();
         let third = DeviceConnection::connect(&endpoint, gw.quic, "localhost").await;
-        assert!(third.is_err(), "the third connection from one address is refused");
+        assert!(
+            third.is_err(),
+            "the third connection from one address is refused"
+        );
     });
     assert_eq!(
         gw.metric("thalamus_quic_connections_refused_total{reason=\"per_ip_limit\"}")
