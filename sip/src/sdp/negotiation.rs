@@ -1,0 +1,805 @@
+//! RFC 3264 offer/answer: building offers and answers from local capabilities, hold and resume
+//! offers, the `o=` versioning of one session, and reading the remote media endpoint (what a
+//! media relay sends RTP to).
+//!
+//! Answers support plain RTP (`RTP/AVP`, and `RTP/AVPF` whose feedback is optional); streams
+//! offered with SRTP or non-RTP protocols are rejected (port 0). One audio and one video stream
+//! are accepted at most; further streams of the same type are rejected.
+
+use super::attribute::{Attribute, Direction};
+use super::codec::Codec;
+use super::session::{
+    Connection, MediaDescription, MediaKind, Origin, Protocol, SessionDescription, Timing,
+};
+use rand::Rng;
+use std::net::{IpAddr, SocketAddr};
+
+/// One local media stream: the RTP port and the codecs in order of preference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaConfig {
+    /// The local RTP port (RTCP is on the next port).
+    pub port: u16,
+    /// Codecs, preferred first (telephone-event included here if wanted).
+    pub codecs: Vec<Codec>,
+}
+
+impl MediaConfig {
+    /// A stream on `port` with `codecs`.
+    pub fn new(port: u16, codecs: Vec<Codec>) -> Self {
+        MediaConfig { port, codecs }
+    }
+}
+
+/// What this side can do, used both to build offers and to answer them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalMedia {
+    /// The address RTP should be sent to (the `c=` line).
+    pub address: IpAddr,
+    /// The audio stream, if any.
+    pub audio: Option<MediaConfig>,
+    /// The video stream, if any.
+    pub video: Option<MediaConfig>,
+    /// The direction this side wants (usually sendrecv).
+    pub direction: Direction,
+    /// `a=ptime` to put on audio streams, if any.
+    pub ptime: Option<u32>,
+    /// Answer with only the first common codec (plus the matching telephone-event and comfort
+    /// noise) instead of every common codec, so the offerer cannot switch codecs mid-call.
+    pub single_codec_answer: bool,
+}
+
+impl LocalMedia {
+    /// Audio only, sendrecv, no ptime, every common codec in answers.
+    pub fn audio(address: IpAddr, port: u16, codecs: Vec<Codec>) -> Self {
+        LocalMedia {
+            address,
+            audio: Some(MediaConfig::new(port, codecs)),
+            video: None,
+            direction: Direction::SendRecv,
+            ptime: None,
+            single_codec_answer: false,
+        }
+    }
+
+    /// The same with a video stream.
+    pub fn with_video(mut self, port: u16, codecs: Vec<Codec>) -> Self {
+        self.video = Some(MediaConfig::new(port, codecs));
+        self
+    }
+
+    /// The same with another direction.
+    pub fn with_direction(mut self, direction: Direction) -> Self {
+        self.direction = direction;
+        self
+    }
+}
+
+/// How to put a call on hold (RFC 3264 section 8.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldMode {
+    /// sendrecv streams become sendonly, recvonly ones inactive (music on hold possible).
+    SendOnly,
+    /// Every stream becomes inactive.
+    Inactive,
+}
+
+/// Why an offer or answer could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NegotiationError {
+    /// The offer has no media descriptions.
+    #[error("offer has no media")]
+    NoMedia,
+    /// No offered stream could be accepted: no codec in common (answer 488).
+    #[error("no codec in common")]
+    NoCommonCodec,
+    /// The local configuration has no stream with codecs.
+    #[error("no local media configured")]
+    NoLocalMedia,
+    /// A local stream lists the same payload type twice.
+    #[error("payload type {0} used twice")]
+    DuplicatePayloadType(u8),
+    /// Hold or resume was asked before any description was sent.
+    #[error("no previous local description")]
+    NoPreviousDescription,
+}
+
+/// The state of our side of one SDP session (one dialog): the origin line and its version,
+/// the last description we sent, and hold state.
+///
+/// The version in `o=` goes up by one whenever a new description differs from the previous
+/// one and stays the same when it does not (RFC 3264 section 8), and the rest of `o=` never
+/// changes, even if the media address does (e.g. after a cluster takeover).
+///
+/// ```
+/// use thalamus_sip::sdp::{Codec, LocalMedia, SdpSession, SessionDescription, MediaKind};
+/// let local = LocalMedia::audio(
+///     "192.0.2.10".parse().unwrap(),
+///     40000,
+///     vec![Codec::opus(111), Codec::pcmu(), Codec::telephone_event(101, 8000)],
+/// );
+/// let mut session = SdpSession::new(4242);
+/// let offer = session.create_offer(&local).unwrap();
+/// let offer_text = offer.to_string(); // body of the INVITE
+///
+/// // The far end answers (here: a PCMU-only phone).
+/// let mut remote_session = SdpSession::new(7);
+/// let remote_local = LocalMedia::audio("198.51.100.5".parse().unwrap(), 5004, vec![Codec::pcmu()]);
+/// let answer = remote_session
+///     .create_answer(&SessionDescription::parse(&offer_text).unwrap(), &remote_local)
+///     .unwrap();
+/// let media = answer.remote_media(&MediaKind::Audio).unwrap();
+/// assert_eq!(media.rtp.to_string(), "198.51.100.5:5004");
+/// assert_eq!(media.primary_codec().map(|c| c.name.as_str()), Some("PCMU"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct SdpSession {
+    username: String,
+    session_id: String,
+    version: u64,
+    origin_address: Option<(String, String)>,
+    last_local: Option<SessionDescription>,
+    pre_hold: Option<Vec<Direction>>,
+}
+
+impl SdpSession {
+    /// A session with the given id; the first description has version 1.
+    pub fn new(session_id: u64) -> Self {
+        SdpSession {
+            username: "-".into(),
+            session_id: session_id.to_string(),
+            version: 1,
+            origin_address: None,
+            last_local: None,
+            pre_hold: None,
+        }
+    }
+
+    /// A session with a random id (below 2^62, as some peers parse it as a signed number).
+    pub fn with_random_id() -> Self {
+        SdpSession::new(rand::thread_rng().gen_range(1..(1u64 << 62)))
+    }
+
+    /// Continues a session from the last description we sent (e.g. stored in a dialog record
+    /// and loaded by the node that took the dialog over): same origin, versions go on from it.
+    pub fn from_previous(last_local: SessionDescription) -> Self {
+        let o = &last_local.origin;
+        SdpSession {
+            username: o.username.clone(),
+            session_id: o.session_id.clone(),
+            version: o.session_version,
+            origin_address: Some((o.addr_type.clone(), o.address.clone())),
+            pre_hold: None,
+            last_local: Some(last_local),
+        }
+    }
+
+    /// The session id of `o=`.
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// The version of the last description (or of the next one, before any was made).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The last description we sent (offer or answer).
+    pub fn last_local(&self) -> Option<&SessionDescription> {
+        self.last_local.as_ref()
+    }
+
+    /// Whether our last offer put the call on hold.
+    pub fn is_holding(&self) -> bool {
+        self.pre_hold.is_some()
+    }
+
+    /// Builds an offer (initial or re-offer) from the local capabilities. In a re-offer the
+    /// m-lines keep the positions of the previous description; streams no longer offered
+    /// stay as port 0.
+    pub fn create_offer(
+        &mut self,
+        local: &LocalMedia,
+    ) -> Result<SessionDescription, NegotiationError> {
+        let mut media = Vec::new();
+        for (kind, config) in [
+            (MediaKind::Audio, &local.audio),
+            (MediaKind::Video, &local.video),
+        ] {
+            let Some(config) = config.as_ref().filter(|c| !c.codecs.is_empty()) else {
+                continue;
+            };
+            check_unique_payload_types(&config.codecs)?;
+            let ptime = local.ptime.filter(|_| kind == MediaKind::Audio);
+            media.push(build_media(
+                kind,
+                config.port,
+                Protocol::RtpAvp,
+                &config.codecs,
+                local.direction,
+                ptime,
+            ));
+        }
+        if media.is_empty() {
+            return Err(NegotiationError::NoLocalMedia);
+        }
+        let media = match &self.last_local {
+            Some(previous) => align_with_previous(&previous.media, media),
+            None => media,
+        };
+        self.pre_hold = None;
+        Ok(self.finish(local.address, media))
+    }
+
+    /// Builds the answer to an offer: for each offered stream, the common codecs in the
+    /// offerer's order with the offerer's payload types, our port and the answering direction;
+    /// port 0 for streams we cannot take. Fails with [`NegotiationError::NoCommonCodec`] when
+    /// no stream can be taken (answer 488 Not Acceptable Here).
+    pub fn create_answer(
+        &mut self,
+        offer: &SessionDescription,
+        local: &LocalMedia,
+    ) -> Result<SessionDescription, NegotiationError> {
+        if offer.media.is_empty() {
+            return Err(NegotiationError::NoMedia);
+        }
+        let mut taken_audio = false;
+        let mut taken_video = false;
+        let mut media = Vec::with_capacity(offer.media.len());
+        for (index, offered) in offer.media.iter().enumerate() {
+            let config = match offered.kind {
+                MediaKind::Audio if !taken_audio => local.audio.as_ref(),
+                MediaKind::Video if !taken_video => local.video.as_ref(),
+                _ => None,
+            };
+            let supported_protocol =
+                matches!(offered.protocol, Protocol::RtpAvp | Protocol::RtpAvpf);
+            let accepted = config
+                .filter(|_| !offered.is_rejected() && supported_protocol)
+                .and_then(|config| {
+                    let chosen = intersect_codecs(
+                        &offered.codecs(),
+                        &config.codecs,
+                        local.single_codec_answer,
+                    );
+                    (!chosen.is_empty()).then_some((config.port, chosen))
+                });
+            match accepted {
+                Some((port, chosen)) => {
+                    if offered.kind == MediaKind::Audio {
+                        taken_audio = true;
+                    } else {
+                        taken_video = true;
+                    }
+                    let offered_direction =
+                        offer.media_direction(index).unwrap_or(Direction::SendRecv);
+                    let ptime = local.ptime.filter(|_| offered.kind == MediaKind::Audio);
+                    media.push(build_media(
+                        offered.kind.clone(),
+                        port,
+                        offered.protocol.clone(),
+                        &chosen,
+                        offered_direction.answer_to(local.direction),
+                        ptime,
+                    ));
+                }
+                None => media.push(rejected_copy(offered)),
+            }
+        }
+        if !taken_audio && !taken_video {
+            return Err(NegotiationError::NoCommonCodec);
+        }
+        self.pre_hold = None;
+        Ok(self.finish(local.address, media))
+    }
+
+    /// Re-offers the last description with hold directions (RFC 3264 section 8.4).
+    pub fn create_hold_offer(
+        &mut self,
+        mode: HoldMode,
+    ) -> Result<SessionDescription, NegotiationError> {
+        let previous = self
+            .last_local
+            .clone()
+            .ok_or(NegotiationError::NoPreviousDescription)?;
+        let current: Vec<Direction> = (0..previous.media.len())
+            .map(|i| previous.media_direction(i).unwrap_or(Direction::SendRecv))
+            .collect();
+        let held: Vec<Direction> = current
+            .iter()
+            .map(|d| match mode {
+                HoldMode::SendOnly => Direction::from_flags(d.sends(), false),
+                HoldMode::Inactive => Direction::Inactive,
+            })
+            .collect();
+        if self.pre_hold.is_none() {
+            self.pre_hold = Some(current);
+        }
+        Ok(self.redirect(previous, &held))
+    }
+
+    /// Re-offers the last description with the directions it had before the hold (sendrecv if
+    /// there was no hold).
+    pub fn create_resume_offer(&mut self) -> Result<SessionDescription, NegotiationError> {
+        let previous = self
+            .last_local
+            .clone()
+            .ok_or(NegotiationError::NoPreviousDescription)?;
+        let directions = self
+            .pre_hold
+            .take()
+            .unwrap_or_else(|| vec![Direction::SendRecv; previous.media.len()]);
+        Ok(self.redirect(previous, &directions))
+    }
+
+    /// `previous` with the given per-media directions on its active streams.
+    fn redirect(
+        &mut self,
+        mut sd: SessionDescription,
+        directions: &[Direction],
+    ) -> SessionDescription {
+        sd.attributes
+            .retain(|a| !matches!(a, Attribute::Direction(_)));
+        for (media, direction) in sd.media.iter_mut().zip(directions) {
+            if !media.is_rejected() {
+                media.set_direction(*direction);
+            }
+        }
+        self.commit(sd)
+    }
+
+    /// Wraps media into a full description with our origin and connection, and commits it.
+    fn finish(&mut self, address: IpAddr, media: Vec<MediaDescription>) -> SessionDescription {
+        let connection = Connection::from_ip(address);
+        let (addr_type, origin_address) = self
+            .origin_address
+            .get_or_insert_with(|| (connection.addr_type.clone(), connection.address.clone()))
+            .clone();
+        let sd = SessionDescription {
+            origin: Origin {
+                username: self.username.clone(),
+                session_id: self.session_id.clone(),
+                session_version: self.version,
+                net_type: "IN".into(),
+                addr_type,
+                address: origin_address,
+            },
+            session_name: "-".into(),
+            session_info: None,
+            uri: None,
+            emails: Vec::new(),
+            phones: Vec::new(),
+            connection: Some(connection),
+            bandwidths: Vec::new(),
+            timings: vec![Timing {
+                start: 0,
+                stop: 0,
+                repeats: Vec::new(),
+            }],
+            time_zones: None,
+            encryption_key: None,
+            attributes: Vec::new(),
+            media,
+        };
+        self.commit(sd)
+    }
+
+    /// Sets the version (bumped if the description changed) and remembers the description.
+    fn commit(&mut self, mut sd: SessionDescription) -> SessionDescription {
+        sd.origin.session_version = self.version;
+        if let Some(previous) = &self.last_local {
+            if *previous != sd {
+                self.version = self.version.saturating_add(1);
+                sd.origin.session_version = self.version;
+            }
+        }
+        self.last_local = Some(sd.clone());
+        sd
+    }
+}
+
+fn check_unique_payload_types(codecs: &[Codec]) -> Result<(), NegotiationError> {
+    for (i, codec) in codecs.iter().enumerate() {
+        if codecs
+            .iter()
+            .skip(i + 1)
+            .any(|c| c.payload_type == codec.payload_type)
+        {
+            return Err(NegotiationError::DuplicatePayloadType(codec.payload_type));
+        }
+    }
+    Ok(())
+}
+
+/// An RTP m-line with rtpmap (for every codec, static ones too), fmtp, ptime and direction.
+fn build_media(
+    kind: MediaKind,
+    port: u16,
+    protocol: Protocol,
+    codecs: &[Codec],
+    direction: Direction,
+    ptime: Option<u32>,
+) -> MediaDescription {
+    let formats = codecs.iter().map(|c| c.payload_type.to_string()).collect();
+    let mut media = MediaDescription::new(kind, port, protocol, formats);
+    for codec in codecs {
+        media.attributes.push(Attribute::RtpMap(codec.rtpmap()));
+        if let Some(fmtp) = &codec.fmtp {
+            media
+                .attributes
+                .push(Attribute::Fmtp(super::attribute::Fmtp {
+                    format: codec.payload_type.to_string(),
+                    params: fmtp.clone(),
+                }));
+        }
+    }
+    if let Some(ptime) = ptime {
+        media.attributes.push(Attribute::Ptime(ptime));
+    }
+    media.attributes.push(Attribute::Direction(direction));
+    media
+}
+
+/// A rejected stream answering (or keeping the slot of) `media`: port 0, same type, protocol
+/// and formats, nothing else.
+fn rejected_copy(media: &MediaDescription) -> MediaDescription {
+    let formats = if media.formats.is_empty() {
+        vec!["0".to_string()]
+    } else {
+        media.formats.clone()
+    };
+    MediaDescription::new(media.kind.clone(), 0, media.protocol.clone(), formats)
+}
+
+/// Places new streams in the slots of the previous description (same media type, first
+/// free), keeps unused slots as rejected, and appends the rest.
+fn align_with_previous(
+    previous: &[MediaDescription],
+    mut new: Vec<MediaDescription>,
+) -> Vec<MediaDescription> {
+    let mut out = Vec::with_capacity(previous.len().max(new.len()));
+    for slot in previous {
+        match new.iter().position(|m| m.kind == slot.kind) {
+            Some(pos) => out.push(new.remove(pos)),
+            None => out.push(rejected_copy(slot)),
+        }
+    }
+    out.extend(new);
+    out
+}
+
+/// Common codecs in the offerer's order, with the offerer's payload types; empty if no codec
+/// carrying media (not telephone-event, not comfort noise) is common.
+fn intersect_codecs(offered: &[Codec], local: &[Codec], single: bool) -> Vec<Codec> {
+    let common: Vec<Codec> = offered
+        .iter()
+        .filter_map(|o| {
+            let l = local.iter().find(|l| l.same_format(o))?;
+            Some(Codec {
+                fmtp: l.fmtp.clone().or_else(|| o.fmtp.clone()),
+                ..o.clone()
+            })
+        })
+        .collect();
+    let is_auxiliary = |c: &Codec| c.is_telephone_event() || c.is_comfort_noise();
+    let Some(first) = common.iter().find(|c| !is_auxiliary(c)).cloned() else {
+        return Vec::new();
+    };
+    if !single {
+        return common;
+    }
+    let mut chosen = vec![first.clone()];
+    let events: Vec<&Codec> = common.iter().filter(|c| c.is_telephone_event()).collect();
+    if let Some(event) = events
+        .iter()
+        .find(|e| e.clock_rate == first.clock_rate)
+        .or(events.first())
+    {
+        chosen.push((*event).clone());
+    }
+    if let Some(cn) = common
+        .iter()
+        .find(|c| c.is_comfort_noise() && c.clock_rate == first.clock_rate)
+    {
+        chosen.push(cn.clone());
+    }
+    chosen
+}
+
+/// What a media relay needs about one remote stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteMedia {
+    /// The media type.
+    pub kind: MediaKind,
+    /// Index of the m-line in the description.
+    pub index: usize,
+    /// Where to send RTP (`0.0.0.0:port` for an RFC 2543-style hold).
+    pub rtp: SocketAddr,
+    /// Where to send RTCP (`a=rtcp`, else the RTP port + 1).
+    pub rtcp: SocketAddr,
+    /// The stream's direction as the remote side wrote it.
+    pub direction: Direction,
+    /// The codecs carrying media, in the remote's order of preference.
+    pub codecs: Vec<Codec>,
+    /// The telephone-event format, if any (the first one offered).
+    pub telephone_event: Option<Codec>,
+    /// `a=ptime`, if given.
+    pub ptime: Option<u32>,
+}
+
+impl RemoteMedia {
+    /// The codec to send with: the remote's first, skipping comfort noise.
+    pub fn primary_codec(&self) -> Option<&Codec> {
+        self.codecs.iter().find(|c| !c.is_comfort_noise())
+    }
+
+    /// Whether the remote side does not want to receive media now (it holds us).
+    pub fn is_hold(&self) -> bool {
+        !self.direction.receives() || self.rtp.ip().is_unspecified()
+    }
+}
+
+impl SessionDescription {
+    /// The first active (port non-zero) stream of `kind`, with its address resolved from the
+    /// media or session `c=` line. `None` if there is none or its address is not an IP address.
+    pub fn remote_media(&self, kind: &MediaKind) -> Option<RemoteMedia> {
+        let index = self.first_active(kind)?;
+        let media = self.media.get(index)?;
+        let ip = self.media_connection(index)?.ip()?;
+        let rtp = SocketAddr::new(ip, media.port);
+        let rtcp = match media.rtcp() {
+            Some(rtcp) => {
+                let rtcp_ip = rtcp
+                    .connection
+                    .as_ref()
+                    .and_then(Connection::ip)
+                    .unwrap_or(ip);
+                SocketAddr::new(rtcp_ip, rtcp.port)
+            }
+            None => SocketAddr::new(ip, media.port.checked_add(1).unwrap_or(media.port)),
+        };
+        let all = media.codecs();
+        let telephone_event = all.iter().find(|c| c.is_telephone_event()).cloned();
+        let codecs = all
+            .into_iter()
+            .filter(|c| !c.is_telephone_event())
+            .collect();
+        Some(RemoteMedia {
+            kind: kind.clone(),
+            index,
+            rtp,
+            rtcp,
+            direction: self.media_direction(index).unwrap_or(Direction::SendRecv),
+            codecs,
+            telephone_event,
+            ptime: media.ptime(),
+        })
+    }
+
+    /// The RTP address of the first active stream of `kind` (see
+    /// [`SessionDescription::remote_media`]).
+    pub fn rtp_address(&self, kind: &MediaKind) -> Option<SocketAddr> {
+        self.remote_media(kind).map(|m| m.rtp)
+    }
+
+    /// Whether this description (a remote offer) puts us on hold: it has active streams and
+    /// each is sendonly or inactive, or has the address `0.0.0.0` (RFC 2543 style).
+    pub fn is_hold(&self) -> bool {
+        let mut active = self
+            .media
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !m.is_rejected())
+            .peekable();
+        if active.peek().is_none() {
+            return false;
+        }
+        active.all(|(i, _)| {
+            let direction = self.media_direction(i).unwrap_or(Direction::SendRecv);
+            let null_address = self
+                .media_connection(i)
+                .is_some_and(Connection::is_unspecified);
+            !direction.receives() || null_address
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn gateway() -> LocalMedia {
+        LocalMedia::audio(
+            ip("192.0.2.10"),
+            40000,
+            vec![
+                Codec::opus(111),
+                Codec::pcma(),
+                Codec::pcmu(),
+                Codec::telephone_event(101, 8000),
+            ],
+        )
+    }
+
+    #[test]
+    fn offer_lists_codecs_with_rtpmap_fmtp_ptime_and_direction() {
+        let mut session = SdpSession::new(99);
+        let mut local = gateway();
+        local.ptime = Some(20);
+        let offer = session.create_offer(&local).unwrap();
+        let text = offer.to_string();
+        assert!(text.starts_with(
+            "v=0\r\no=- 99 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n"
+        ));
+        assert!(text.contains("m=audio 40000 RTP/AVP 111 8 0 101\r\n"));
+        assert!(text.contains("a=rtpmap:111 opus/48000/2\r\n"));
+        assert!(text.contains("a=rtpmap:8 PCMA/8000\r\n"));
+        assert!(text.contains("a=fmtp:101 0-16\r\n"));
+        assert!(text.contains("a=ptime:20\r\na=sendrecv\r\n"));
+        assert_eq!(SessionDescription::parse(&text).unwrap(), offer);
+    }
+
+    #[test]
+    fn offer_errors() {
+        let mut session = SdpSession::new(1);
+        let mut local = gateway();
+        local.audio = Some(MediaConfig::new(1, vec![]));
+        assert_eq!(
+            session.create_offer(&local),
+            Err(NegotiationError::NoLocalMedia)
+        );
+        local.audio = Some(MediaConfig::new(1, vec![Codec::opus(96), Codec::vp8(96)]));
+        assert_eq!(
+            session.create_offer(&local),
+            Err(NegotiationError::DuplicatePayloadType(96))
+        );
+        assert_eq!(
+            session.create_hold_offer(HoldMode::SendOnly),
+            Err(NegotiationError::NoPreviousDescription)
+        );
+    }
+
+    #[test]
+    fn version_increments_only_on_change() {
+        let mut session = SdpSession::new(5);
+        let first = session.create_offer(&gateway()).unwrap();
+        assert_eq!(first.origin.session_version, 1);
+        let same = session.create_offer(&gateway()).unwrap();
+        assert_eq!(same.origin.session_version, 1);
+        assert_eq!(same, first);
+        let mut moved = gateway();
+        moved.address = ip("203.0.113.9");
+        let second = session.create_offer(&moved).unwrap();
+        assert_eq!(second.origin.session_version, 2);
+        // The origin line keeps its address; c= follows the media.
+        assert_eq!(second.origin.address, "192.0.2.10");
+        assert_eq!(second.connection.as_ref().unwrap().address, "203.0.113.9");
+        let held = session.create_hold_offer(HoldMode::SendOnly).unwrap();
+        assert_eq!(held.origin.session_version, 3);
+        let resumed = session.create_resume_offer().unwrap();
+        assert_eq!(resumed.origin.session_version, 4);
+        assert_eq!(resumed.media, second.media);
+    }
+
+    #[test]
+    fn takeover_continues_the_session() {
+        let mut first_node = SdpSession::new(77);
+        let sent = first_node.create_offer(&gateway()).unwrap();
+        let stored = sent.to_string();
+        let mut second_node =
+            SdpSession::from_previous(SessionDescription::parse(&stored).unwrap());
+        let mut moved = gateway();
+        moved.address = ip("192.0.2.20");
+        let reoffer = second_node.create_offer(&moved).unwrap();
+        assert_eq!(reoffer.origin.session_id, "77");
+        assert_eq!(reoffer.origin.session_version, 2);
+        assert_eq!(reoffer.origin.address, "192.0.2.10");
+        assert_eq!(
+            reoffer.rtp_address(&MediaKind::Audio),
+            Some("192.0.2.20:40000".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn reoffer_keeps_previous_m_line_positions() {
+        // We answered an offer with video first and audio second; our re-offer keeps that.
+        let offer = SessionDescription::parse(
+            "v=0\r\no=- 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\n\
+m=video 6000 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\nm=audio 5000 RTP/AVP 0\r\n",
+        )
+        .unwrap();
+        let mut session = SdpSession::new(3);
+        let answer = session.create_answer(&offer, &gateway()).unwrap();
+        assert_eq!(answer.media[0].port, 0);
+        assert_eq!(answer.media[1].port, 40000);
+        let reoffer = session.create_offer(&gateway()).unwrap();
+        assert_eq!(reoffer.media.len(), 2);
+        assert_eq!(reoffer.media[0].kind, MediaKind::Video);
+        assert_eq!(reoffer.media[0].port, 0);
+        assert_eq!(reoffer.media[1].kind, MediaKind::Audio);
+        assert_eq!(reoffer.media[1].port, 40000);
+    }
+
+    #[test]
+    fn hold_directions_follow_rfc3264_section_8_4() {
+        let mut session = SdpSession::new(1);
+        let local = gateway().with_video(40002, vec![Codec::vp8(100)]);
+        session.create_offer(&local).unwrap();
+        let held = session.create_hold_offer(HoldMode::SendOnly).unwrap();
+        assert_eq!(held.media_direction(0), Some(Direction::SendOnly));
+        assert_eq!(held.media_direction(1), Some(Direction::SendOnly));
+        assert!(session.is_holding());
+        // Holding again while held does not lose the original directions.
+        let inactive = session.create_hold_offer(HoldMode::Inactive).unwrap();
+        assert_eq!(inactive.media_direction(0), Some(Direction::Inactive));
+        let resumed = session.create_resume_offer().unwrap();
+        assert_eq!(resumed.media_direction(0), Some(Direction::SendRecv));
+        assert_eq!(resumed.media_direction(1), Some(Direction::SendRecv));
+        assert!(!session.is_holding());
+
+        // A recvonly stream goes inactive with sendonly hold.
+        let mut session = SdpSession::new(2);
+        session
+            .create_offer(&gateway().with_direction(Direction::RecvOnly))
+            .unwrap();
+        let held = session.create_hold_offer(HoldMode::SendOnly).unwrap();
+        assert_eq!(held.media_direction(0), Some(Direction::Inactive));
+        let resumed = session.create_resume_offer().unwrap();
+        assert_eq!(resumed.media_direction(0), Some(Direction::RecvOnly));
+    }
+
+    #[test]
+    fn intersect_single_codec_picks_matching_event_rate() {
+        let offered = vec![
+            Codec::opus(96),
+            Codec::pcmu(),
+            Codec::telephone_event(97, 8000),
+            Codec::telephone_event(98, 48000),
+            Codec::new("CN", 8000, 1, 13),
+        ];
+        let local = vec![
+            Codec::pcmu(),
+            Codec::opus(111),
+            Codec::telephone_event(101, 48000),
+            Codec::telephone_event(100, 8000),
+            Codec::new("CN", 8000, 1, 13),
+        ];
+        let all = intersect_codecs(&offered, &local, false);
+        assert_eq!(
+            all.iter().map(|c| c.payload_type).collect::<Vec<_>>(),
+            vec![96, 0, 97, 98, 13]
+        );
+        let single = intersect_codecs(&offered, &local, true);
+        assert_eq!(
+            single.iter().map(|c| c.payload_type).collect::<Vec<_>>(),
+            vec![96, 98]
+        );
+        assert!(intersect_codecs(&offered[2..], &local, false).is_empty());
+    }
+
+    #[test]
+    fn remote_media_reads_rtcp_and_fallbacks() {
+        let sd = SessionDescription::parse(
+            "v=0\r\no=- 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\n\
+m=audio 0 RTP/AVP 0\r\nm=audio 5000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n\
+a=rtcp:5005 IN IP4 198.51.100.2\r\na=ptime:30\r\nm=video 6000 RTP/AVP 96\r\nc=IN IP4 example.com\r\n",
+        )
+        .unwrap();
+        let audio = sd.remote_media(&MediaKind::Audio).unwrap();
+        assert_eq!(audio.index, 1);
+        assert_eq!(audio.rtp, "198.51.100.1:5000".parse().unwrap());
+        assert_eq!(audio.rtcp, "198.51.100.2:5005".parse().unwrap());
+        assert_eq!(audio.codecs, vec![Codec::pcmu()]);
+        assert_eq!(
+            audio.telephone_event.as_ref().map(|c| c.payload_type),
+            Some(101)
+        );
+        assert_eq!(audio.ptime, Some(30));
+        assert!(!audio.is_hold());
+        assert_eq!(sd.remote_media(&MediaKind::Video), None, "host name");
+        assert_eq!(sd.remote_media(&MediaKind::Text), None);
+    }
+}
