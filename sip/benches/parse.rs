@@ -1,0 +1,2 @@
+//! Criterion benchmarks for the SIP message parser and serializer (filled in below).
+fn main() {}
