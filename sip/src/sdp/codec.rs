@@ -112,6 +112,24 @@ impl Codec {
         Codec::new("VP8", 90000, 1, payload_type)
     }
 
+    /// A well-known codec by encoding name (ignoring case), with this crate's default payload
+    /// types for the dynamic ones: `PCMU` 0, `PCMA` 8, `G722` 9, `opus` 111,
+    /// `telephone-event` 101 (8000 Hz), `H264` 102 (`profile-level-id=42e01f;
+    /// packetization-mode=1`), `VP8` 100. `None` for other names.
+    pub fn well_known(name: &str) -> Option<Codec> {
+        let codec = match name.to_ascii_lowercase().as_str() {
+            "pcmu" => Codec::pcmu(),
+            "pcma" => Codec::pcma(),
+            "g722" => Codec::g722(),
+            "opus" => Codec::opus(111),
+            "telephone-event" => Codec::telephone_event(101, 8000),
+            "h264" => Codec::h264(102, "profile-level-id=42e01f;packetization-mode=1"),
+            "vp8" => Codec::vp8(100),
+            _ => return None,
+        };
+        Some(codec)
+    }
+
     /// The codec a static payload type stands for without an `rtpmap` (RFC 3551).
     pub fn from_static_payload_type(payload_type: u8) -> Option<Codec> {
         STATIC_PAYLOAD_TYPES
@@ -207,6 +225,35 @@ mod tests {
         assert_eq!(Codec::vp8(100).rtpmap().to_string(), "100 VP8/90000");
         assert!(Codec::opus(111).is_dynamic());
         assert!(!Codec::pcma().is_dynamic());
+    }
+
+    #[test]
+    fn well_known_names_resolve() {
+        assert_eq!(Codec::well_known("pcmu"), Some(Codec::pcmu()));
+        assert_eq!(Codec::well_known("OPUS"), Some(Codec::opus(111)));
+        assert_eq!(
+            Codec::well_known("telephone-event").map(|c| (c.payload_type, c.clock_rate)),
+            Some((101, 8000))
+        );
+        assert_eq!(Codec::well_known("H264").map(|c| c.payload_type), Some(102));
+        assert_eq!(Codec::well_known("vp8").map(|c| c.payload_type), Some(100));
+        assert_eq!(Codec::well_known("g729"), None);
+        let names = [
+            "PCMU",
+            "PCMA",
+            "G722",
+            "opus",
+            "telephone-event",
+            "H264",
+            "VP8",
+        ];
+        let codecs: Vec<Codec> = names.iter().filter_map(|n| Codec::well_known(n)).collect();
+        assert_eq!(codecs.len(), names.len());
+        for (i, c) in codecs.iter().enumerate() {
+            assert!(codecs[i + 1..]
+                .iter()
+                .all(|o| o.payload_type != c.payload_type));
+        }
     }
 
     #[test]

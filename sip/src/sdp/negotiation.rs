@@ -83,6 +83,23 @@ pub enum HoldMode {
     Inactive,
 }
 
+impl HoldMode {
+    /// The direction a stream with direction `direction` gets on hold.
+    pub fn apply(self, direction: Direction) -> Direction {
+        match self {
+            HoldMode::SendOnly => Direction::from_flags(direction.sends(), false),
+            HoldMode::Inactive => Direction::Inactive,
+        }
+    }
+}
+
+/// Our hold: its mode and the per-m-line directions to go back to on resume.
+#[derive(Debug, Clone)]
+struct HoldState {
+    mode: HoldMode,
+    resume_directions: Vec<Direction>,
+}
+
 /// Why an offer or answer could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NegotiationError {
@@ -138,7 +155,7 @@ pub struct SdpSession {
     version: u64,
     origin_address: Option<(String, String)>,
     last_local: Option<SessionDescription>,
-    pre_hold: Option<Vec<Direction>>,
+    hold: Option<HoldState>,
 }
 
 impl SdpSession {
@@ -150,7 +167,7 @@ impl SdpSession {
             version: 1,
             origin_address: None,
             last_local: None,
-            pre_hold: None,
+            hold: None,
         }
     }
 
@@ -168,7 +185,7 @@ impl SdpSession {
             session_id: o.session_id.clone(),
             version: o.session_version,
             origin_address: Some((o.addr_type.clone(), o.address.clone())),
-            pre_hold: None,
+            hold: None,
             last_local: Some(last_local),
         }
     }
@@ -188,9 +205,12 @@ impl SdpSession {
         self.last_local.as_ref()
     }
 
-    /// Whether our last offer put the call on hold.
+    /// Whether we hold the call: from [`SdpSession::create_hold_offer`] until
+    /// [`SdpSession::create_resume_offer`]. Meanwhile, offers and answers built from
+    /// [`LocalMedia`] (a re-offer after a takeover, an answer to the remote's re-offer) keep
+    /// the hold directions.
     pub fn is_holding(&self) -> bool {
-        self.pre_hold.is_some()
+        self.hold.is_some()
     }
 
     /// Builds an offer (initial or re-offer) from the local capabilities. In a re-offer the
@@ -222,11 +242,16 @@ impl SdpSession {
         if media.is_empty() {
             return Err(NegotiationError::NoLocalMedia);
         }
-        let media = match &self.last_local {
+        let mut media = match &self.last_local {
             Some(previous) => align_with_previous(&previous.media, media),
             None => media,
         };
-        self.pre_hold = None;
+        if let Some(hold) = &mut self.hold {
+            hold.resume_directions = vec![local.direction; media.len()];
+            for m in media.iter_mut().filter(|m| !m.is_rejected()) {
+                m.set_direction(hold.mode.apply(local.direction));
+            }
+        }
         Ok(self.finish(local.address, media))
     }
 
@@ -245,6 +270,8 @@ impl SdpSession {
         let mut taken_audio = false;
         let mut taken_video = false;
         let mut media = Vec::with_capacity(offer.media.len());
+        let mut resume_directions = Vec::with_capacity(offer.media.len());
+        let hold_mode = self.hold.as_ref().map(|h| h.mode);
         for (index, offered) in offer.media.iter().enumerate() {
             let config = match offered.kind {
                 MediaKind::Audio if !taken_audio => local.audio.as_ref(),
@@ -273,26 +300,35 @@ impl SdpSession {
                     let offered_direction =
                         offer.media_direction(index).unwrap_or(Direction::SendRecv);
                     let ptime = local.ptime.filter(|_| offered.kind == MediaKind::Audio);
+                    let unheld = offered_direction.answer_to(local.direction);
+                    let direction = hold_mode.map_or(unheld, |mode| mode.apply(unheld));
+                    resume_directions.push(unheld);
                     media.push(build_media(
                         offered.kind.clone(),
                         port,
                         offered.protocol.clone(),
                         &chosen,
-                        offered_direction.answer_to(local.direction),
+                        direction,
                         ptime,
                     ));
                 }
-                None => media.push(rejected_copy(offered)),
+                None => {
+                    resume_directions.push(Direction::SendRecv);
+                    media.push(rejected_copy(offered));
+                }
             }
         }
         if !taken_audio && !taken_video {
             return Err(NegotiationError::NoCommonCodec);
         }
-        self.pre_hold = None;
+        if let Some(hold) = &mut self.hold {
+            hold.resume_directions = resume_directions;
+        }
         Ok(self.finish(local.address, media))
     }
 
-    /// Re-offers the last description with hold directions (RFC 3264 section 8.4).
+    /// Re-offers the last description with hold directions (RFC 3264 section 8.4). Holding
+    /// again (e.g. switching from sendonly to inactive) keeps the directions to resume to.
     pub fn create_hold_offer(
         &mut self,
         mode: HoldMode,
@@ -301,19 +337,17 @@ impl SdpSession {
             .last_local
             .clone()
             .ok_or(NegotiationError::NoPreviousDescription)?;
-        let current: Vec<Direction> = (0..previous.media.len())
-            .map(|i| previous.media_direction(i).unwrap_or(Direction::SendRecv))
-            .collect();
-        let held: Vec<Direction> = current
-            .iter()
-            .map(|d| match mode {
-                HoldMode::SendOnly => Direction::from_flags(d.sends(), false),
-                HoldMode::Inactive => Direction::Inactive,
-            })
-            .collect();
-        if self.pre_hold.is_none() {
-            self.pre_hold = Some(current);
-        }
+        let resume_directions = match self.hold.take() {
+            Some(hold) => hold.resume_directions,
+            None => (0..previous.media.len())
+                .map(|i| previous.media_direction(i).unwrap_or(Direction::SendRecv))
+                .collect(),
+        };
+        let held: Vec<Direction> = resume_directions.iter().map(|d| mode.apply(*d)).collect();
+        self.hold = Some(HoldState {
+            mode,
+            resume_directions,
+        });
         Ok(self.redirect(previous, &held))
     }
 
@@ -325,8 +359,9 @@ impl SdpSession {
             .clone()
             .ok_or(NegotiationError::NoPreviousDescription)?;
         let directions = self
-            .pre_hold
+            .hold
             .take()
+            .map(|h| h.resume_directions)
             .unwrap_or_else(|| vec![Direction::SendRecv; previous.media.len()]);
         Ok(self.redirect(previous, &directions))
     }
@@ -749,6 +784,35 @@ m=video 6000 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\nm=audio 5000 RTP/AVP 0\r\n",
         assert_eq!(held.media_direction(0), Some(Direction::Inactive));
         let resumed = session.create_resume_offer().unwrap();
         assert_eq!(resumed.media_direction(0), Some(Direction::RecvOnly));
+    }
+
+    #[test]
+    fn hold_survives_reoffers_until_resume() {
+        let mut session = SdpSession::new(1);
+        session.create_offer(&gateway()).unwrap();
+        session.create_hold_offer(HoldMode::SendOnly).unwrap();
+        // The remote re-offers sendrecv (e.g. a session refresh): we stay on hold.
+        let remote_offer = SessionDescription::parse(
+            "v=0\r\no=- 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\n\
+m=audio 5000 RTP/AVP 0\r\na=sendrecv\r\n",
+        )
+        .unwrap();
+        let answer = session.create_answer(&remote_offer, &gateway()).unwrap();
+        assert_eq!(answer.media_direction(0), Some(Direction::SendOnly));
+        // After a takeover the new address is re-offered, still on hold.
+        let mut moved = gateway();
+        moved.address = ip("192.0.2.99");
+        let reoffer = session.create_offer(&moved).unwrap();
+        assert_eq!(reoffer.media_direction(0), Some(Direction::SendOnly));
+        // Switching to inactive and then resuming goes back to sendrecv.
+        let inactive = session.create_hold_offer(HoldMode::Inactive).unwrap();
+        assert_eq!(inactive.media_direction(0), Some(Direction::Inactive));
+        let resumed = session.create_resume_offer().unwrap();
+        assert_eq!(resumed.media_direction(0), Some(Direction::SendRecv));
+        assert!(!session.is_holding());
+        // Not holding: answers follow the offer again.
+        let answer = session.create_answer(&remote_offer, &gateway()).unwrap();
+        assert_eq!(answer.media_direction(0), Some(Direction::SendRecv));
     }
 
     #[test]
