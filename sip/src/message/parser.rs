@@ -11,7 +11,7 @@
 //! transport can still answer 400 statelessly.
 
 use bytes::{Bytes, BytesMut};
-use memchr::{memchr, memrchr};
+use memchr::{memchr, memchr2, memrchr};
 
 use super::header::{Header, HeaderName, HeaderValue, Headers};
 use super::method::Method;
@@ -204,12 +204,14 @@ pub(crate) enum Framing {
 
 /// One logical line (a header with its continuation lines, or the blank line ending the head).
 enum Line {
-    /// Content range `[start, end)` (may contain CRLF when folded) and the index after it.
+    /// Content range `[start, end)` (may contain CRLF when folded), the index after it, whether
+    /// it was folded and whether it holds a stray CR.
     Text {
         start: usize,
         end: usize,
         next: usize,
         folded: bool,
+        bare_cr: bool,
     },
     /// The empty line; body starts at `next`.
     Blank { next: usize },
@@ -229,34 +231,63 @@ fn content_end(buf: &[u8], start: usize, lf: usize) -> usize {
     }
 }
 
+/// One physical line starting at `pos`: the end of its content, the index after its line
+/// break, and whether it holds a CR that is not part of its CRLF. `None` when no line break
+/// follows (the caller treats the rest of the input as the last line).
+fn physical_line(buf: &[u8], pos: usize) -> Option<(usize, usize, bool)> {
+    let mut i = pos;
+    let mut bare_cr = false;
+    loop {
+        let at = i + memchr2(b'\r', b'\n', buf.get(i..)?)?;
+        if buf.get(at) == Some(&b'\n') {
+            return Some((at, at + 1, bare_cr));
+        }
+        if buf.get(at + 1) == Some(&b'\n') {
+            return Some((at, at + 2, bare_cr));
+        }
+        bare_cr = true;
+        i = at + 1;
+    }
+}
+
+/// The last line of a datagram, without line break: it runs to the end of the input.
+fn unterminated_line(buf: &[u8], pos: usize) -> Line {
+    let bare_cr = buf
+        .get(pos..)
+        .is_some_and(|rest| memchr(b'\r', rest).is_some());
+    Line::Text {
+        start: pos,
+        end: buf.len(),
+        next: buf.len(),
+        folded: false,
+        bare_cr,
+    }
+}
+
 /// Reads the logical line at `pos`. A last line without a line break runs to the end of input.
 fn logical_line(buf: &[u8], pos: usize) -> Line {
     if pos >= buf.len() {
         return Line::Eof;
     }
-    let Some(lf) = line_end(buf, pos) else {
-        return Line::Text {
-            start: pos,
-            end: buf.len(),
-            next: buf.len(),
-            folded: false,
-        };
+    let Some((mut end, mut next, mut bare_cr)) = physical_line(buf, pos) else {
+        return unterminated_line(buf, pos);
     };
-    let end = content_end(buf, pos, lf);
     if end == pos {
-        return Line::Blank { next: lf + 1 };
+        return Line::Blank { next };
     }
-    let mut end = end;
-    let mut next = lf + 1;
     let mut folded = false;
     while buf.get(next).is_some_and(|&b| is_ws(b)) {
         folded = true;
-        match line_end(buf, next) {
-            Some(lf) => {
-                end = content_end(buf, next, lf);
-                next = lf + 1;
+        match physical_line(buf, next) {
+            Some((e, n, cr)) => {
+                end = e;
+                next = n;
+                bare_cr |= cr;
             }
             None => {
+                bare_cr |= buf
+                    .get(next..)
+                    .is_some_and(|rest| memchr(b'\r', rest).is_some());
                 end = buf.len();
                 next = buf.len();
             }
@@ -267,6 +298,7 @@ fn logical_line(buf: &[u8], pos: usize) -> Line {
         end,
         next,
         folded,
+        bare_cr,
     }
 }
 
@@ -368,7 +400,8 @@ fn parse_start_line(line: &[u8]) -> Result<StartLine, (ParseErrorKind, Option<Me
 /// Parses one header line `[start, end)` of `data`.
 fn parse_header(data: &Bytes, start: usize, end: usize, folded: bool) -> Option<Header> {
     let line = data.get(start..end)?;
-    let colon = memchr(b':', line)?;
+    // Names are short: a plain loop beats a vectorized search here.
+    let colon = line.iter().position(|&b| b == b':')?;
     let name_len = line
         .get(..colon)?
         .iter()
@@ -392,9 +425,6 @@ fn parse_header(data: &Bytes, start: usize, end: usize, folded: bool) -> Option<
         }
         HeaderValue::from_parsed(Bytes::from(trim_ws(&v).to_vec()))
     } else {
-        if memchr(b'\r', raw_value).is_some() {
-            return None;
-        }
         let lead = raw_value
             .iter()
             .position(|&b| !is_ws(b))
@@ -467,6 +497,7 @@ pub(crate) fn parse_message(
                 end,
                 next,
                 folded,
+                bare_cr,
             } => {
                 pos = next;
                 if headers.len() >= limits.max_headers {
@@ -475,7 +506,12 @@ pub(crate) fn parse_message(
                     });
                     break buf.len();
                 }
-                let Some(header) = parse_header(&data, start, end, folded) else {
+                let parsed = if bare_cr {
+                    None
+                } else {
+                    parse_header(&data, start, end, folded)
+                };
+                let Some(header) = parsed else {
                     error.get_or_insert(ParseErrorKind::InvalidHeaderLine { line: line_no });
                     continue;
                 };
