@@ -2,10 +2,11 @@
 //!
 //! `quic` sets up the client side of QUIC/TLS (certificate pinning), `device` is one MBFP
 //! connection, `events` renders what the gateway sends, and `connect` is the long-running
-//! single-device command.
+//! single-device command; `swarm` holds many devices at once.
 #![forbid(unsafe_code)]
 
 pub mod connect;
 pub mod device;
 pub mod events;
 pub mod quic;
+pub mod swarm;

@@ -46,6 +46,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Log in many devices (`<prefix><n>`), hold them idle, and report handshake figures.
+    Swarm {
+        /// Gateway QUIC address (host:port).
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        gateway: String,
+        /// SHA-256 fingerprint of the gateway certificate.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Device id prefix.
+        #[arg(long, default_value = "load-")]
+        prefix: String,
+        /// First device number.
+        #[arg(long, default_value_t = 0)]
+        first: u32,
+        /// Number of devices.
+        #[arg(long, default_value_t = 1000)]
+        devices: u32,
+        /// The secret all these devices share.
+        #[arg(long, env = "THALAMUS_SIM_SECRET")]
+        secret: String,
+        /// Logins in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds to hold the sessions after all are up.
+        #[arg(long, default_value_t = 5)]
+        hold_secs: u64,
+        /// UDP sockets to spread the connections over.
+        #[arg(long, default_value_t = 4)]
+        endpoints: usize,
+        /// Write this file (e.g. "ready") once all devices are up, for scripts.
+        #[arg(long)]
+        ready_file: Option<std::path::PathBuf>,
+    },
 }
 
 fn resolve(gateway: &str) -> anyhow::Result<(SocketAddr, String)> {
@@ -119,10 +152,61 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 printer: EventPrinter { json },
             })
             .await?;
-            Ok(match reason {
+            return Ok(match reason {
                 StopReason::Unauthenticated => ExitCode::from(3),
                 StopReason::Replaced => ExitCode::from(4),
                 StopReason::GaveUp => ExitCode::from(5),
+            });
+        }
+        Command::Swarm {
+            gateway,
+            fingerprint,
+            prefix,
+            first,
+            devices,
+            secret,
+            concurrency,
+            hold_secs,
+            endpoints,
+            ready_file,
+        } => {
+            let (addr, server_name) = resolve(&gateway)?;
+            let fingerprint = fingerprint
+                .as_deref()
+                .map(thalamus_sim::quic::parse_fingerprint)
+                .transpose()?;
+            let report = thalamus_sim::swarm::run(
+                thalamus_sim::swarm::SwarmOptions {
+                    gateway: addr,
+                    server_name,
+                    fingerprint,
+                    prefix,
+                    first,
+                    count: devices,
+                    secret,
+                    concurrency,
+                    hold: std::time::Duration::from_secs(hold_secs),
+                    endpoints,
+                },
+                |report| {
+                    eprintln!(
+                        "{} of {} devices up in {:.2} s ({:.0} handshakes/s)",
+                        report.connected,
+                        report.attempted,
+                        report.ramp_secs,
+                        report.handshakes_per_sec
+                    );
+                    if let Some(path) = &ready_file {
+                        let _ = std::fs::write(path, "ready");
+                    }
+                },
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             })
         }
     }

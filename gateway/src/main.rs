@@ -51,6 +51,22 @@ enum DeviceCommand {
         /// Device id.
         id: String,
     },
+    /// Add `<prefix><n>` for n in first..first+count, all with one secret (load runs; one
+    /// hash for all, so it is fast). Prints the secret.
+    AddBulk {
+        /// Id prefix.
+        #[arg(long, default_value = "load-")]
+        prefix: String,
+        /// First number.
+        #[arg(long, default_value_t = 0)]
+        first: u32,
+        /// How many.
+        #[arg(long)]
+        count: u32,
+        /// The shared secret (generated when absent).
+        #[arg(long)]
+        secret: Option<String>,
+    },
     /// List device ids.
     List,
 }
@@ -169,6 +185,24 @@ fn device(config: &Config, command: DeviceCommand) -> anyhow::Result<()> {
         DeviceCommand::Remove { id } => {
             registry.remove(&id)?;
             eprintln!("removed device {id}");
+        }
+        DeviceCommand::AddBulk {
+            prefix,
+            first,
+            count,
+            secret,
+        } => {
+            let secret = secret.unwrap_or_else(thalamus_gateway::registry::generate_secret);
+            let ids: Vec<String> = (first..first.saturating_add(count))
+                .map(|n| format!("{prefix}{n}"))
+                .collect();
+            registry.add_many_shared(&ids, &secret)?;
+            eprintln!(
+                "added {} devices {prefix}{first}.. to {}",
+                ids.len(),
+                registry.path().display()
+            );
+            println!("{secret}");
         }
         DeviceCommand::List => {
             registry.refresh()?;

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::admin;
 use crate::config::{in_data_dir, Config};
 use crate::metrics::Metrics;
-use crate::registry::DeviceRegistry;
+use crate::registry::{DeviceRegistry, VerifierPool};
 use crate::resume::ResumeTokens;
 use crate::session::driver::{run_connection, DeviceRequests, NoBridge};
 use crate::session::throttle::{AuthThrottle, ThrottleConfig};
@@ -74,6 +74,8 @@ pub struct NodeShared {
     pub sessions: Sessions,
     /// Where device call/text requests go.
     pub bridge: Arc<dyn DeviceRequests>,
+    /// Credential checks, off the executor.
+    pub verifier: VerifierPool,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -207,6 +209,10 @@ impl GatewayNode {
             throttle,
             sessions: Sessions::default(),
             bridge: Arc::new(NoBridge),
+            verifier: VerifierPool::start(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+                4096,
+            ),
         });
         let shutdown = CancellationToken::new();
         let tasks = vec![

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::Argon2;
 use base64::Engine;
 use rand::RngCore;
@@ -217,11 +217,12 @@ impl DeviceRegistry {
             }
             entry.secret_hash.clone()
         };
-        let parsed = PasswordHash::new(&hash).map_err(|e| RegistryError::Malformed {
-            path: self.path.clone(),
-            message: format!("device {device_id}: {e}"),
-        })?;
-        if hasher().verify_password(secret.as_bytes(), &parsed).is_ok() {
+        let matches =
+            verify_phc(secret.as_bytes(), &hash).map_err(|message| RegistryError::Malformed {
+                path: self.path.clone(),
+                message: format!("device {device_id}: {message}"),
+            })?;
+        if matches {
             let mut loaded = self.lock();
             if loaded.devices.get(device_id).map(|d| &d.secret_hash) == Some(&hash) {
                 loaded.verified.insert(device_id.to_string(), digest);
@@ -268,6 +269,34 @@ impl DeviceRegistry {
         self.refresh()
     }
 
+    /// Adds several devices that share one secret, hashed once (bulk provisioning for load
+    /// runs: thousands of devices in one write).
+    pub fn add_many_shared(&self, ids: &[String], secret: &str) -> Result<(), RegistryError> {
+        let (_, mut file) = self.read_file()?;
+        let secret_hash = hash_secret(secret)?;
+        let created_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let existing: std::collections::BTreeSet<String> =
+            file.device.iter().map(|d| d.id.clone()).collect();
+        for id in ids {
+            if !valid_device_id(id) {
+                return Err(RegistryError::InvalidId(id.clone()));
+            }
+            if existing.contains(id) {
+                return Err(RegistryError::Exists(id.clone()));
+            }
+            file.device.push(DeviceEntry {
+                id: id.clone(),
+                secret_hash: secret_hash.clone(),
+                created_unix,
+            });
+        }
+        self.write_file(&file)?;
+        self.refresh()
+    }
+
     /// Removes a device.
     pub fn remove(&self, device_id: &str) -> Result<(), RegistryError> {
         let (_, mut file) = self.read_file()?;
@@ -297,6 +326,109 @@ impl DeviceRegistry {
             .with_extension(format!("tmp.{}", std::process::id()));
         std::fs::write(&tmp, text).map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)
+    }
+}
+
+thread_local! {
+    /// Argon2 working memory, reused by each thread across verifications: allocating ~19 MiB
+    /// per check costs page faults, and freed blocks pile up in per-thread malloc arenas.
+    static SCRATCH: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Checks `secret` against a PHC argon2 hash string, reusing this thread's working memory.
+fn verify_phc(secret: &[u8], phc: &str) -> Result<bool, String> {
+    let parsed = PasswordHash::new(phc).map_err(|e| e.to_string())?;
+    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
+    let version = match parsed.version {
+        Some(v) => argon2::Version::try_from(v).map_err(|e| e.to_string())?,
+        None => argon2::Version::default(),
+    };
+    let params = argon2::Params::try_from(&parsed).map_err(|e| e.to_string())?;
+    let expected = parsed.hash.ok_or("hash string has no hash")?;
+    let salt = parsed.salt.ok_or("hash string has no salt")?;
+    let mut salt_buf = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_buf).map_err(|e| e.to_string())?;
+    let blocks = params.block_count();
+    if blocks > 1 << 20 {
+        return Err("argon2 memory cost above 1 GiB".into());
+    }
+    let argon = Argon2::new(algorithm, version, params);
+    let mut out = vec![0u8; expected.len()];
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < blocks {
+            scratch.resize(blocks, argon2::Block::default());
+        }
+        argon
+            .hash_password_into_with_memory(secret, salt, &mut out, &mut scratch[..blocks])
+            .map_err(|e| e.to_string())
+    })?;
+    let diff = out
+        .iter()
+        .zip(expected.as_bytes())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    Ok(diff == 0 && out.len() == expected.len())
+}
+
+/// Runs credential checks on a fixed set of threads (one per core by default), so a burst of
+/// logins costs bounded memory (one argon2 working set per thread) and cannot starve the async
+/// executor. Jobs beyond the queue bound are refused rather than queued without limit.
+#[derive(Debug, Clone)]
+pub struct VerifierPool {
+    jobs: std::sync::mpsc::SyncSender<VerifyJob>,
+}
+
+struct VerifyJob {
+    registry: std::sync::Arc<DeviceRegistry>,
+    device_id: String,
+    secret: String,
+    reply: tokio::sync::oneshot::Sender<Result<Verdict, RegistryError>>,
+}
+
+/// The pool's queue is full.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("too many logins in progress")]
+pub struct PoolBusy;
+
+impl VerifierPool {
+    /// Starts `threads` workers with a queue of `queue` jobs.
+    pub fn start(threads: usize, queue: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<VerifyJob>(queue);
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for n in 0..threads.max(1) {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("verify-{n}"))
+                .spawn(move || loop {
+                    let job = {
+                        let guard = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        guard.recv()
+                    };
+                    let Ok(job) = job else { return };
+                    let result = job.registry.verify(&job.device_id, &job.secret);
+                    let _ = job.reply.send(result);
+                });
+        }
+        Self { jobs: tx }
+    }
+
+    /// Queues a check; the answer arrives on the returned receiver.
+    pub fn submit(
+        &self,
+        registry: std::sync::Arc<DeviceRegistry>,
+        device_id: String,
+        secret: String,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Verdict, RegistryError>>, PoolBusy> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .try_send(VerifyJob {
+                registry,
+                device_id,
+                secret,
+                reply,
+            })
+            .map_err(|_| PoolBusy)?;
+        Ok(rx)
     }
 }
 

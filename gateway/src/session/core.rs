@@ -265,12 +265,23 @@ impl SessionCore {
             }
             AuthOutcome::Rejected(code, message) => {
                 self.send(error_frame(code, message, request_id));
-                self.close(close_code::UNAUTHENTICATED, "unauthenticated");
+                if code == ErrorCode::Unauthenticated {
+                    self.close(close_code::UNAUTHENTICATED, "unauthenticated");
+                } else {
+                    self.close(close_code::LIMIT_EXCEEDED, "login_refused");
+                }
             }
             AuthOutcome::Redirect(redirect) => {
                 self.send(envelope(request_id, Body::Redirect(redirect)));
                 self.close(close_code::REDIRECTED, "redirected");
             }
+        }
+    }
+
+    /// Queues a frame the gateway originates (bridge events, answers) toward a live device.
+    pub fn queue(&mut self, env: Envelope) {
+        if self.state == SessionState::Live {
+            self.send(env);
         }
     }
 

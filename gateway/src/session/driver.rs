@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::BytesMut;
 use thalamus_proto::v1::{envelope::Body, Envelope, ErrorCode, Hello, ServerLimits, Welcome};
 use thalamus_proto::{body_kind, close_code, encode_frame, FrameDecoder};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -77,13 +76,13 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
         }
     };
 
-    let (out_tx, out_rx) = mpsc::channel::<Envelope>(cfg.session.send_queue_frames as usize);
+    let (out_tx, out_rx) = mpsc::channel::<Box<Envelope>>(cfg.session.send_queue_frames as usize);
     let writer = tokio::spawn(write_frames(send, out_rx, max_frame));
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<SessionCommand>(16);
 
     let mut core = SessionCore::new(Instant::now(), timers);
     let decoder = FrameDecoder::new(max_frame);
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::new();
     let mut auth_rx: Option<oneshot::Receiver<AuthResult>> = None;
     let mut identity: Option<Identity> = None;
     let end_reason: &'static str;
@@ -95,7 +94,7 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
             match action {
                 SessionAction::Send(env) => {
                     metrics.frame("out", body_kind(env.body.as_ref()));
-                    if out_tx.try_send(env).is_err() {
+                    if out_tx.try_send(Box::new(env)).is_err() {
                         Metrics::inc(&metrics.limits_hit, "send_queue");
                         warn!("send queue full: closing the session");
                         close = Some((close_code::LIMIT_EXCEEDED, "send_queue_full"));
@@ -110,15 +109,8 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
                 }
                 SessionAction::Forward(env) => {
                     if let Some(id) = &identity {
-                        let reply = node.bridge.handle(&id.device_id, env);
-                        for env in reply {
-                            metrics.frame("out", body_kind(env.body.as_ref()));
-                            if out_tx.try_send(env).is_err() {
-                                Metrics::inc(&metrics.limits_hit, "send_queue");
-                                close = Some((close_code::LIMIT_EXCEEDED, "send_queue_full"));
-                                end_reason = "send_queue_full";
-                                break 'session;
-                            }
+                        for reply in node.bridge.handle(&id.device_id, env) {
+                            core.queue(reply);
                         }
                     }
                 }
@@ -133,7 +125,7 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
 
         let deadline = core.poll_timeout();
         tokio::select! {
-            read = recv.read_buf(&mut buf) => {
+            read = read_some(&mut recv, &mut buf) => {
                 match read {
                     Ok(0) | Err(_) => {
                         end_reason = "connection_lost";
@@ -157,6 +149,9 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
                                 break;
                             }
                         }
+                        if buf.is_empty() {
+                            buf = BytesMut::new();
+                        }
                     }
                 }
             }
@@ -166,19 +161,9 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
                 core.handle_auth(Instant::now(), outcome.0, outcome.1);
             }
             Some(cmd) = cmd_rx.recv() => match cmd {
-                SessionCommand::Replaced => {
-                    core.replaced();
-                }
+                SessionCommand::Replaced => core.replaced(),
                 SessionCommand::Shutdown { draining } => core.shutdown(draining),
-                SessionCommand::Send(env) => {
-                    metrics.frame("out", body_kind(env.body.as_ref()));
-                    if out_tx.try_send(env).is_err() {
-                        Metrics::inc(&metrics.limits_hit, "send_queue");
-                        close = Some((close_code::LIMIT_EXCEEDED, "send_queue_full"));
-                        end_reason = "send_queue_full";
-                        break 'session;
-                    }
-                }
+                SessionCommand::Send(env) => core.queue(*env),
             },
             _ = sleep_until(deadline) => {
                 core.handle_timeout(Instant::now());
@@ -207,6 +192,19 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
     }
 }
 
+/// Appends the next chunk of the control stream to `buf`. Chunks come from quinn's own
+/// buffers, so a session waiting for its next frame holds no read buffer of its own.
+async fn read_some(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    match recv.read_chunk(64 * 1024, true).await {
+        Ok(Some(chunk)) => {
+            buf.extend_from_slice(&chunk.bytes);
+            Ok(chunk.bytes.len())
+        }
+        Ok(None) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -216,10 +214,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 async fn write_frames(
     mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<Envelope>,
+    mut rx: mpsc::Receiver<Box<Envelope>>,
     max_frame: usize,
 ) {
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
     while let Some(env) = rx.recv().await {
         buf.clear();
         if encode_frame(&env, max_frame, &mut buf).is_err() {
@@ -261,12 +259,20 @@ async fn authenticate(
     let verdict = if !valid_device_id(&hello.device_id) || hello.credential.len() > 1024 {
         Ok(Verdict::UnknownDevice)
     } else {
-        let registry = node.registry.clone();
-        let (id, secret) = (hello.device_id.clone(), hello.credential.clone());
-        match tokio::task::spawn_blocking(move || registry.verify(&id, &secret)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+        match node.verifier.submit(
+            node.registry.clone(),
+            hello.device_id.clone(),
+            hello.credential.clone(),
+        ) {
+            Err(busy) => {
+                Metrics::inc(&node.metrics.limits_hit, "login_queue");
+                Err(busy.to_string())
+            }
+            Ok(rx) => match rx.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
         }
     };
     match verdict {
@@ -313,11 +319,14 @@ fn finish_auth(
             );
         }
         Err(e) => {
-            warn!(error = %e, "device registry unavailable");
-            Metrics::inc(&metrics.auth_failures, "registry_error");
+            warn!(error = %e, "credential check failed");
+            Metrics::inc(&metrics.auth_failures, "unavailable");
             return (
                 request_id,
-                AuthOutcome::Rejected(ErrorCode::Internal, "device registry unavailable".into()),
+                AuthOutcome::Rejected(
+                    ErrorCode::Busy,
+                    format!("cannot check credentials now: {e}"),
+                ),
             );
         }
     }

@@ -24,8 +24,8 @@ pub enum SessionCommand {
         /// Draining rather than stopping.
         draining: bool,
     },
-    /// Send this frame to the device.
-    Send(Envelope),
+    /// Send this frame to the device (boxed: keeps the channel's slots small).
+    Send(Box<Envelope>),
 }
 
 /// How to reach a live session.
