@@ -8,6 +8,8 @@
 //! This crate knows nothing about devices, MBFP or the gateway.
 #![forbid(unsafe_code)]
 
+pub mod dialog;
 pub mod digest;
 pub mod message;
 pub mod sdp;
+pub mod transaction;

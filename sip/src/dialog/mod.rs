@@ -1,0 +1,1 @@
+//! RFC 3261 section 12 dialogs, sans-IO, with export to and import from a versioned record.
