@@ -76,7 +76,10 @@ pub(crate) fn split_name_addr(s: &str) -> SyntaxResult<NameAddrParts<'_>> {
             ((!name.is_empty()).then_some(name), i)
         } else {
             // addr-spec: the URI runs up to the first `;` or white space.
-            let end = s.find([';', ' ', '\t']).unwrap_or(s.len());
+            let end = b
+                .iter()
+                .position(|&c| matches!(c, b';' | b' ' | b'\t'))
+                .unwrap_or(s.len());
             let (uri, params) = s.split_at(end);
             if uri.contains(['?', ',']) {
                 return Err("an address with '?' or ',' must be enclosed in <>");

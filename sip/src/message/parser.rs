@@ -304,6 +304,9 @@ fn logical_line(buf: &[u8], pos: usize) -> Line {
 
 /// Parses `SIP/<digits>.<digits>` (the `SIP` is case-insensitive).
 fn parse_version(b: &[u8]) -> Option<Version> {
+    if b == b"SIP/2.0" {
+        return Some(Version::SIP_2_0);
+    }
     let prefix = b.get(..4)?;
     if !prefix.eq_ignore_ascii_case(b"SIP/") {
         return None;

@@ -6,13 +6,35 @@
 
 use std::borrow::Cow;
 
-/// `token` characters (RFC 3261 section 25.1).
-pub(crate) const fn is_token_byte(b: u8) -> bool {
+/// Builds a 256-entry membership table from a `const fn(u8) -> bool` predicate, so that the
+/// scanners test a character class with one load instead of a chain of comparisons.
+macro_rules! byte_table {
+    ($pred:ident) => {{
+        let mut table = [false; 256];
+        let mut i = 0;
+        while i < 256 {
+            table[i] = $pred(i as u8);
+            i += 1;
+        }
+        table
+    }};
+}
+pub(crate) use byte_table;
+
+const fn token_pred(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
             b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
         )
+}
+
+static TOKEN: [bool; 256] = byte_table!(token_pred);
+
+/// `token` characters (RFC 3261 section 25.1).
+#[inline]
+pub(crate) fn is_token_byte(b: u8) -> bool {
+    TOKEN[usize::from(b)]
 }
 
 /// True when every byte of `s` is a token character and `s` is not empty.
@@ -192,25 +214,27 @@ impl<'a> Iterator for ListSplit<'a> {
         let bytes = self.s.as_bytes();
         let start = self.pos;
         let mut i = start;
-        let mut in_angle = false;
-        while let Some(&b) = bytes.get(i) {
-            match b {
-                b'"' => match quoted_end(bytes, i) {
-                    Some(end) => {
-                        i = end;
-                        continue;
-                    }
+        // Jump from one interesting byte to the next: `,` ends an element, `"` and `<` open
+        // spans in which commas do not count.
+        while let Some(rel) = bytes
+            .get(i..)
+            .and_then(|rest| memchr::memchr3(b',', b'"', b'<', rest))
+        {
+            let at = i + rel;
+            match bytes.get(at) {
+                Some(b'"') => match quoted_end(bytes, at) {
+                    Some(end) => i = end,
                     None => break,
                 },
-                b'<' => in_angle = true,
-                b'>' => in_angle = false,
-                b',' if !in_angle => {
-                    self.pos = i + 1;
-                    return Some(trim_ws_str(self.s.get(start..i).unwrap_or_default()));
+                Some(b'<') => match bytes.get(at..).and_then(|rest| memchr::memchr(b'>', rest)) {
+                    Some(r) => i = at + r + 1,
+                    None => break,
+                },
+                _ => {
+                    self.pos = at + 1;
+                    return Some(trim_ws_str(self.s.get(start..at).unwrap_or_default()));
                 }
-                _ => {}
             }
-            i += 1;
         }
         self.done = true;
         Some(trim_ws_str(self.s.get(start..).unwrap_or_default()))
@@ -239,9 +263,16 @@ pub(crate) struct ParamScan<'a> {
     failed: bool,
 }
 
-/// Bytes allowed in an unquoted parameter value: visible ASCII and UTF-8 except separators.
-const fn is_param_value_byte(b: u8) -> bool {
+const fn param_value_pred(b: u8) -> bool {
     b > 0x20 && b != 0x7f && !matches!(b, b';' | b',' | b'"' | b'<' | b'>' | b'=' | b'\\')
+}
+
+static PARAM_VALUE: [bool; 256] = byte_table!(param_value_pred);
+
+/// Bytes allowed in an unquoted parameter value: visible ASCII and UTF-8 except separators.
+#[inline]
+fn is_param_value_byte(b: u8) -> bool {
+    PARAM_VALUE[usize::from(b)]
 }
 
 impl<'a> ParamScan<'a> {

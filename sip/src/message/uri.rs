@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use super::params::{Param, Params};
-use super::syntax::{hex_value, percent_decode, percent_encode_into};
+use super::syntax::{byte_table, hex_value, percent_decode, percent_encode_into};
 
 /// Why a URI was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -126,7 +126,7 @@ pub struct AbsoluteUri {
 }
 
 /// `unreserved` (RFC 3261 section 25.1) without the escapes.
-const fn is_unreserved(b: u8) -> bool {
+const fn unreserved_pred(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
@@ -134,28 +134,65 @@ const fn is_unreserved(b: u8) -> bool {
         )
 }
 
-const fn is_user_byte(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'&' | b'=' | b'+' | b'$' | b',' | b';' | b'?' | b'/')
+const fn user_byte_pred(b: u8) -> bool {
+    unreserved_pred(b) || matches!(b, b'&' | b'=' | b'+' | b'$' | b',' | b';' | b'?' | b'/')
 }
 
-const fn is_password_byte(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'&' | b'=' | b'+' | b'$' | b',')
+const fn password_byte_pred(b: u8) -> bool {
+    unreserved_pred(b) || matches!(b, b'&' | b'=' | b'+' | b'$' | b',')
 }
 
-const fn is_param_byte(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$')
+const fn param_byte_pred(b: u8) -> bool {
+    unreserved_pred(b) || matches!(b, b'[' | b']' | b'/' | b':' | b'&' | b'+' | b'$')
 }
 
-const fn is_header_byte(b: u8) -> bool {
-    is_unreserved(b) || matches!(b, b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$')
+const fn header_byte_pred(b: u8) -> bool {
+    unreserved_pred(b) || matches!(b, b'[' | b']' | b'/' | b'?' | b':' | b'+' | b'$')
 }
 
-const fn is_hostname_byte(b: u8) -> bool {
+const fn hostname_byte_pred(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')
 }
 
-const fn is_tel_byte(b: u8) -> bool {
+const fn tel_byte_pred(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'*' | b'#' | b'+' | b'-' | b'.' | b'(' | b')')
+}
+
+static USER: [bool; 256] = byte_table!(user_byte_pred);
+static PASSWORD: [bool; 256] = byte_table!(password_byte_pred);
+static PARAM: [bool; 256] = byte_table!(param_byte_pred);
+static HEADER: [bool; 256] = byte_table!(header_byte_pred);
+static HOSTNAME: [bool; 256] = byte_table!(hostname_byte_pred);
+static TEL: [bool; 256] = byte_table!(tel_byte_pred);
+static URI_CHAR: [bool; 256] = byte_table!(uri_char_pred);
+
+/// Bytes that may appear somewhere in a URI: visible ASCII except `<`, `>` and `"`.
+const fn uri_char_pred(b: u8) -> bool {
+    b >= 0x21 && b <= 0x7e && !matches!(b, b'<' | b'>' | b'"')
+}
+
+fn is_user_byte(b: u8) -> bool {
+    USER[usize::from(b)]
+}
+
+fn is_password_byte(b: u8) -> bool {
+    PASSWORD[usize::from(b)]
+}
+
+fn is_param_byte(b: u8) -> bool {
+    PARAM[usize::from(b)]
+}
+
+fn is_header_byte(b: u8) -> bool {
+    HEADER[usize::from(b)]
+}
+
+fn is_hostname_byte(b: u8) -> bool {
+    HOSTNAME[usize::from(b)]
+}
+
+fn is_tel_byte(b: u8) -> bool {
+    TEL[usize::from(b)]
 }
 
 /// Checks that `s` only holds bytes accepted by `allowed` and valid `%HH` escapes.
@@ -191,9 +228,7 @@ impl Uri {
         if s.is_empty() {
             return Err(UriError::Empty);
         }
-        if s.bytes()
-            .any(|b| !(0x21..=0x7e).contains(&b) || matches!(b, b'<' | b'>' | b'"'))
-        {
+        if !s.bytes().all(|b| URI_CHAR[usize::from(b)]) {
             return Err(UriError::InvalidCharacter);
         }
         let (scheme, rest) = s.split_once(':').ok_or(UriError::InvalidScheme)?;
@@ -402,7 +437,10 @@ impl SipUri {
                 .map(|i| i + 1)
                 .ok_or(UriError::InvalidHost)?
         } else {
-            hostpart.find([':', ';', '?']).unwrap_or(hostpart.len())
+            hostpart
+                .bytes()
+                .position(|b| matches!(b, b':' | b';' | b'?'))
+                .unwrap_or(hostpart.len())
         };
         let (host_text, mut rest) = hostpart.split_at(host_end);
         let host = Host::parse(host_text)?;
