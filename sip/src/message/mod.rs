@@ -17,6 +17,7 @@
 //!
 //! This module does no I/O, keeps no transaction or dialog state, does not resolve addresses and
 //! does not interpret bodies (see the `sdp` module).
+#![warn(missing_docs)]
 
 mod auth;
 mod framing;
@@ -135,6 +136,57 @@ impl Request {
     /// empty). Content-Length is written by the serializer.
     pub fn set_body(&mut self, body: Bytes, content_type: Option<&MediaType>) {
         set_body(&mut self.headers, &mut self.body, body, content_type);
+    }
+
+    /// Starts a request of `method` that reuses this request's Request-URI, top Via value,
+    /// From, Call-ID, Route headers and CSeq number, with Max-Forwards 70.
+    fn derived(&self, method: Method, to: Option<&HeaderValue>) -> Result<Request, HeaderError> {
+        let cseq = self.headers.cseq()?;
+        let top_via = self
+            .headers
+            .top_via_value()
+            .ok_or(HeaderError::Missing(HeaderName::Via))?;
+        let mut out = Request::new(method.clone(), self.uri.clone());
+        out.version = self.version;
+        out.headers.push(HeaderName::Via, top_via);
+        out.headers.set_max_forwards(70);
+        let to = match to {
+            Some(v) => v.clone(),
+            None => self
+                .headers
+                .get(&HeaderName::To)
+                .cloned()
+                .ok_or(HeaderError::Missing(HeaderName::To))?,
+        };
+        out.headers.push(HeaderName::To, to);
+        let from = self
+            .headers
+            .get(&HeaderName::From)
+            .ok_or(HeaderError::Missing(HeaderName::From))?;
+        out.headers.push(HeaderName::From, from.clone());
+        out.headers.set_call_id(self.headers.call_id()?);
+        out.headers.set_cseq(&CSeq::new(cseq.seq, method));
+        for route in self.headers.get_all(&HeaderName::Route) {
+            out.headers.push(HeaderName::Route, route.clone());
+        }
+        Ok(out)
+    }
+
+    /// The CANCEL for this request (RFC 3261 section 9.1): same Request-URI, Call-ID, To, From
+    /// and CSeq number, the top Via value only, and the Route headers.
+    pub fn cancel(&self) -> Result<Request, HeaderError> {
+        self.derived(Method::Cancel, None)
+    }
+
+    /// The ACK a client transaction sends for a non-2xx final response to this INVITE (RFC 3261
+    /// section 17.1.1.3): like [`Request::cancel`] but with the To header of the response (which
+    /// carries the remote tag). The ACK for a 2xx is built by the dialog layer instead.
+    pub fn ack_for(&self, response: &Response) -> Result<Request, HeaderError> {
+        let to = response
+            .headers
+            .get(&HeaderName::To)
+            .ok_or(HeaderError::Missing(HeaderName::To))?;
+        self.derived(Method::Ack, Some(to))
     }
 
     /// Appends the serialized request to `out`.
@@ -557,6 +609,46 @@ mod tests {
         assert_eq!(Message::parse(bytes).unwrap(), m);
         trying.headers.remove(&HeaderName::To);
         assert!(!trying.set_to_tag("t"));
+    }
+
+    #[test]
+    fn cancel_and_ack() {
+        let mut invite = request();
+        invite
+            .headers
+            .push(HeaderName::Route, "<sip:p1.example.com;lr>");
+        invite
+            .headers
+            .push(HeaderName::Contact, "<sip:alice@pc33.atlanta.com>");
+        let cancel = invite.cancel().unwrap();
+        assert_eq!(cancel.method, Method::Cancel);
+        assert_eq!(cancel.uri, invite.uri);
+        assert_eq!(cancel.headers.count(&HeaderName::Via), 1);
+        assert_eq!(cancel.branch(), invite.branch());
+        assert_eq!(
+            cancel.headers.cseq().unwrap(),
+            CSeq::new(314159, Method::Cancel)
+        );
+        assert_eq!(
+            cancel.headers.get(&HeaderName::To),
+            invite.headers.get(&HeaderName::To)
+        );
+        assert_eq!(cancel.headers.from_tag(), Some("1928301774"));
+        assert_eq!(cancel.headers.call_id().unwrap(), "a84b4c76e66710");
+        assert_eq!(cancel.headers.route().unwrap().len(), 1);
+        assert!(!cancel.headers.contains(&HeaderName::Contact));
+        assert_eq!(validate_request(&cancel), Ok(()));
+        let mut busy = Response::from_request(&invite, 486, None);
+        busy.set_to_tag("x9");
+        let ack = invite.ack_for(&busy).unwrap();
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(ack.headers.to_tag(), Some("x9"));
+        assert_eq!(ack.headers.cseq().unwrap(), CSeq::new(314159, Method::Ack));
+        assert_eq!(ack.branch(), invite.branch());
+        assert_eq!(validate_request(&ack), Ok(()));
+        let mut no_via = invite.clone();
+        no_via.headers.remove(&HeaderName::Via);
+        assert_eq!(no_via.cancel(), Err(HeaderError::Missing(HeaderName::Via)));
     }
 
     #[test]

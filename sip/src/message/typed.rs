@@ -234,8 +234,14 @@ impl Headers {
     /// The branch of the top Via, without allocating. `None` when there is no Via, no branch, or
     /// the top Via is malformed.
     pub fn top_via_branch(&self) -> Option<&str> {
+        via_branch(self.top_via_value()?)
+    }
+
+    /// The top Via value as written (the first element of the first Via header), without
+    /// allocating.
+    pub fn top_via_value(&self) -> Option<&str> {
         let text = self.get(&HeaderName::Via)?.to_str().ok()?;
-        via_branch(split_list(text).next()?)
+        split_list(text).next().filter(|v| !v.is_empty())
     }
 
     /// Inserts `via` as the new top Via (what a client or proxy does before sending a request).
