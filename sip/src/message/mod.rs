@@ -33,7 +33,7 @@ mod uri;
 mod validate;
 mod via;
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use bytes::{Bytes, BytesMut};
 
@@ -193,11 +193,8 @@ impl Request {
     pub fn write_to(&self, out: &mut BytesMut) {
         parser::write_message(
             |o| {
-                o.extend_from_slice(self.method.as_str().as_bytes());
-                o.extend_from_slice(b" ");
-                o.extend_from_slice(self.uri.to_string().as_bytes());
-                o.extend_from_slice(b" ");
-                o.extend_from_slice(self.version.to_string().as_bytes());
+                // Writing into a BytesMut cannot fail: it grows as needed.
+                let _ = write!(o, "{} {} {}", self.method, self.uri, self.version);
             },
             &self.headers,
             &self.body,
@@ -319,11 +316,8 @@ impl Response {
     pub fn write_to(&self, out: &mut BytesMut) {
         parser::write_message(
             |o| {
-                o.extend_from_slice(self.version.to_string().as_bytes());
-                o.extend_from_slice(b" ");
-                o.extend_from_slice(self.status.to_string().as_bytes());
-                o.extend_from_slice(b" ");
-                o.extend_from_slice(self.reason.as_bytes());
+                // Writing into a BytesMut cannot fail: it grows as needed.
+                let _ = write!(o, "{} {} {}", self.version, self.status, self.reason);
             },
             &self.headers,
             &self.body,

@@ -626,13 +626,10 @@ pub(crate) fn write_message(
     start_line(out);
     out.extend_from_slice(b"\r\n");
     let mut length_written = false;
-    let length_text = body.len().to_string();
     for h in headers {
         if h.name == HeaderName::ContentLength {
             if !length_written {
-                out.extend_from_slice(b"Content-Length: ");
-                out.extend_from_slice(length_text.as_bytes());
-                out.extend_from_slice(b"\r\n");
+                write_content_length(out, body.len());
                 length_written = true;
             }
             continue;
@@ -643,12 +640,16 @@ pub(crate) fn write_message(
         out.extend_from_slice(b"\r\n");
     }
     if !length_written {
-        out.extend_from_slice(b"Content-Length: ");
-        out.extend_from_slice(length_text.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_content_length(out, body.len());
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
+}
+
+fn write_content_length(out: &mut BytesMut, len: usize) {
+    use std::fmt::Write as _;
+    // Writing into a BytesMut cannot fail: it grows as needed.
+    let _ = write!(out, "Content-Length: {len}\r\n");
 }
 
 #[cfg(test)]
