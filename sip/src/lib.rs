@@ -13,3 +13,4 @@ pub mod digest;
 pub mod message;
 pub mod sdp;
 pub mod transaction;
+pub mod transport;
