@@ -509,7 +509,7 @@ async fn tcp_read_loop(
     mut read: tokio::net::tcp::OwnedReadHalf,
     addr: SocketAddr,
 ) {
-    let mut framer = StreamFramer::new(transport.inner.config.limits.clone());
+    let mut framer = StreamFramer::new(transport.inner.config.limits);
     let peer = Peer {
         addr,
         transport: PeerTransport::Tcp,
