@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balancer;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod node;

@@ -1,0 +1,1 @@
+//! The cluster layer: the replicated dialog store (memory, embedded redb, Redis), takeover and membership.
