@@ -98,6 +98,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Per-device settings (address book, SIP credentials).
+    pub devices: BTreeMap<String, DeviceSettings>,
 }
 
 /// Node identity and local storage.
@@ -236,6 +238,24 @@ pub struct SipConfig {
     pub listen: SocketAddr,
     /// The gateway's SIP domain: devices are `sip:<device-id>@<domain>`.
     pub domain: String,
+    /// Address put in Via and Contact (host:port), when it differs from `listen` (NAT, or a
+    /// wildcard listen address). Defaults to the bound address, with 127.0.0.1 for a wildcard.
+    pub advertised: Option<String>,
+    /// Outbound proxy for calls and messages from devices (a SIP URI, e.g.
+    /// `sip:proxy.example.com;lr`); without one, targets are resolved directly (RFC 3263).
+    pub outbound_proxy: Option<String>,
+    /// Seconds an incoming call rings on a device before the gateway answers 480.
+    pub no_answer_timeout_secs: u32,
+    /// Gateway-wide credentials for the outbound proxy and the registrar (401/407 answered).
+    pub auth: Option<SipCredentials>,
+    /// Register each online device's address-of-record upstream.
+    pub registrar: Option<RegistrarConfig>,
+    /// Transaction timer T1 (milliseconds).
+    pub t1_ms: u32,
+    /// Transaction timer T2 (milliseconds).
+    pub t2_ms: u32,
+    /// Transaction timer T4 (milliseconds).
+    pub t4_ms: u32,
 }
 
 impl Default for SipConfig {
@@ -243,8 +263,54 @@ impl Default for SipConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 5060)),
             domain: "thalamus.local".into(),
+            advertised: None,
+            outbound_proxy: None,
+            no_answer_timeout_secs: 60,
+            auth: None,
+            registrar: None,
+            t1_ms: 500,
+            t2_ms: 4_000,
+            t4_ms: 5_000,
         }
     }
+}
+
+/// Digest credentials.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SipCredentials {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Upstream registration of device addresses-of-record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrarConfig {
+    /// Registrar URI (Request-URI of the REGISTER), e.g. `sip:registrar.example.com`.
+    pub uri: String,
+    /// Domain of the registered addresses-of-record (defaults to the registrar's host).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Requested registration lifetime (seconds); refreshed before it runs out.
+    #[serde(default = "default_register_expires")]
+    pub expires_secs: u32,
+}
+
+fn default_register_expires() -> u32 {
+    600
+}
+
+/// Per-device settings, by device id (`[devices.<id>]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceSettings {
+    /// Buddy aliases: `Dial{target: "bob"}` calls the URI given here.
+    pub address_book: BTreeMap<String, String>,
+    /// Credentials for this device's registration and calls (override `sip.auth`).
+    pub auth: Option<SipCredentials>,
 }
 
 /// Admin HTTP endpoint.
@@ -353,6 +419,12 @@ impl Config {
         }
         if self.quic.max_datagram_bytes < 64 {
             return bad("quic.max_datagram_bytes", "must be at least 64");
+        }
+        if self.sip.domain.is_empty() || self.sip.domain.contains(['@', ' ', ';']) {
+            return bad("sip.domain", "must be a host name");
+        }
+        if self.sip.t1_ms == 0 || self.sip.t2_ms < self.sip.t1_ms {
+            return bad("sip.t2_ms", "T1 must be above 0 and T2 at least T1");
         }
         if let Some(secret) = &self.auth.resume_secret {
             if hex::decode(secret).map(|s| s.len()) != Ok(32) {
@@ -514,6 +586,22 @@ mod tests {
         );
         let err = load(Some("[quic]\ncert = \"/x.pem\"\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("quic.key"), "{err}");
+    }
+
+    #[test]
+    fn device_sections() {
+        let c = load(
+            Some(
+                "[devices.earpiece-1.address_book]\nbob = \"sip:bob@example.com\"\n\n[devices.earpiece-1.auth]\nusername = \"e1\"\npassword = \"p\"\n",
+            ),
+            &[],
+        )
+        .unwrap();
+        let d = &c.devices["earpiece-1"];
+        assert_eq!(d.address_book["bob"], "sip:bob@example.com");
+        assert_eq!(d.auth.as_ref().unwrap().username, "e1");
+        let err = load(Some("[devices.x]\nnickname = 1\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("nickname"), "{err}");
     }
 
     #[test]
