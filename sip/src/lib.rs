@@ -11,6 +11,7 @@
 pub mod dialog;
 pub mod digest;
 pub mod message;
+pub mod resolve;
 pub mod sdp;
 pub mod transaction;
 pub mod transport;
