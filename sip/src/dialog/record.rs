@@ -1,0 +1,206 @@
+//! [`DialogRecord`]: the explicit, versioned form of a dialog that another node imports to
+//! continue it (the gateway replicates it to its dialog store; after a node dies a survivor
+//! imports it and answers, for example, the dialog's BYE).
+//!
+//! The record is a plain serde struct of strings and numbers, not a serialized object graph:
+//! URIs are their text, the role and state are words, and a `version` field names the schema.
+//! Unknown fields are ignored when deserializing (a newer writer may add some), optional fields
+//! may be absent. [`Dialog::import`] validates every field and bounds every length. What is not
+//! exported: the ACK kept for re-sending and any 2xx retransmission in progress (both last at
+//! most 64*T1, and a node that takes over rebuilds an ACK with [`Dialog::create_ack`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::{HeaderValue, NameAddr, Uri};
+
+use super::error::ImportError;
+use super::state::{
+    is_strict_router, tagged_text, text, Dialog, DialogId, DialogState, Role, MAX_ROUTE_SET_LEN,
+};
+
+/// The record schema version this code writes and reads.
+pub const DIALOG_RECORD_VERSION: u32 = 1;
+
+/// Longest text field accepted by [`Dialog::import`], in bytes.
+const MAX_FIELD_LEN: usize = 1024;
+
+/// Everything needed to continue a dialog on another node, as plain data (schema version
+/// [`DIALOG_RECORD_VERSION`]).
+///
+/// Serialized with serde (JSON, for example). Name-addr fields are written as in headers
+/// (`"Alice" <sip:alice@example.com>;tag=...`); their `tag` parameter is replaced on import by
+/// the tag fields, which are authoritative.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialogRecord {
+    /// Schema version ([`DIALOG_RECORD_VERSION`]).
+    pub version: u32,
+    /// The Call-ID.
+    pub call_id: String,
+    /// Our tag.
+    pub local_tag: String,
+    /// The peer's tag (empty for an RFC 2543 peer).
+    #[serde(default)]
+    pub remote_tag: String,
+    /// `uac` or `uas`.
+    pub role: String,
+    /// `early`, `confirmed` or `terminated`.
+    pub state: String,
+    /// Local URI as a name-addr (the From of our requests).
+    pub local_uri: String,
+    /// Remote URI as a name-addr (the To of our requests).
+    pub remote_uri: String,
+    /// Remote target URI (Request-URI of our requests).
+    pub remote_target: String,
+    /// Route set as name-addrs, in the order of the Route headers of our requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route_set: Vec<String>,
+    /// CSeq number of our last request (absent before the first request of a UAS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_cseq: Option<u32>,
+    /// Highest CSeq number received from the peer (absent before its first request to a UAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_cseq: Option<u32>,
+    /// CSeq number of our latest INVITE in the dialog (the number of its ACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_invite_cseq: Option<u32>,
+    /// CSeq number of the peer's latest INVITE in the dialog (the number of its ACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_invite_cseq: Option<u32>,
+    /// True when the dialog was created by a SIPS Request-URI.
+    #[serde(default)]
+    pub secure: bool,
+    /// Our Contact as a name-addr.
+    pub local_contact: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ImportError {
+    ImportError::InvalidField {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn bounded<'a>(field: &'static str, value: &'a str) -> Result<&'a str, ImportError> {
+    if value.len() > MAX_FIELD_LEN {
+        return Err(invalid(field, format!("longer than {MAX_FIELD_LEN} bytes")));
+    }
+    Ok(value)
+}
+
+/// RFC 3261 token characters (tags are tokens).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+                )
+        })
+}
+
+fn name_addr(field: &'static str, value: &str) -> Result<NameAddr, ImportError> {
+    NameAddr::parse(bounded(field, value)?).map_err(|e| ImportError::InvalidUri {
+        field,
+        reason: e.to_string(),
+    })
+}
+
+impl Dialog {
+    /// The record of this dialog, to be imported on another node.
+    pub fn export(&self) -> DialogRecord {
+        DialogRecord {
+            version: DIALOG_RECORD_VERSION,
+            call_id: self.id.call_id.clone(),
+            local_tag: self.id.local_tag.clone(),
+            remote_tag: self.id.remote_tag.clone(),
+            role: self.role.as_str().to_owned(),
+            state: self.state.as_str().to_owned(),
+            local_uri: text(&self.local_uri).to_owned(),
+            remote_uri: text(&self.remote_uri).to_owned(),
+            remote_target: self.remote_target.to_string(),
+            route_set: self.route_set.iter().map(|r| text(r).to_owned()).collect(),
+            local_cseq: self.local_cseq,
+            remote_cseq: self.remote_cseq,
+            local_invite_cseq: self.local_invite_cseq,
+            remote_invite_cseq: self.remote_invite_cseq,
+            secure: self.secure,
+            local_contact: text(&self.local_contact).to_owned(),
+        }
+    }
+
+    /// A dialog continued from a record written by [`Dialog::export`] (here or on another
+    /// node).
+    ///
+    /// Fails on an unknown schema version, an unparsable URI or name-addr, an unknown role or
+    /// state, a Call-ID or tag that could not appear in a header, a field longer than 1 KiB or
+    /// a route set longer than [`MAX_ROUTE_SET_LEN`]. A 2xx to our INVITE arriving after the
+    /// import is treated as a retransmission (re-send an ACK built with
+    /// [`Dialog::create_ack`]).
+    pub fn import(record: &DialogRecord) -> Result<Dialog, ImportError> {
+        if record.version != DIALOG_RECORD_VERSION {
+            return Err(ImportError::UnsupportedVersion {
+                found: record.version,
+                supported: DIALOG_RECORD_VERSION,
+            });
+        }
+        let call_id = bounded("call_id", &record.call_id)?;
+        if call_id.is_empty() || call_id.bytes().any(|b| b <= 0x20 || b >= 0x7f) {
+            return Err(invalid("call_id", "not a single visible word"));
+        }
+        let local_tag = bounded("local_tag", &record.local_tag)?;
+        if !is_token(local_tag) {
+            return Err(invalid("local_tag", "not a token"));
+        }
+        let remote_tag = bounded("remote_tag", &record.remote_tag)?;
+        if !remote_tag.is_empty() && !is_token(remote_tag) {
+            return Err(invalid("remote_tag", "not a token"));
+        }
+        let role = Role::parse(&record.role)
+            .ok_or_else(|| invalid("role", format!("unknown role {:?}", record.role)))?;
+        let state = DialogState::parse(&record.state)
+            .ok_or_else(|| invalid("state", format!("unknown state {:?}", record.state)))?;
+        let local = name_addr("local_uri", &record.local_uri)?;
+        let remote = name_addr("remote_uri", &record.remote_uri)?;
+        let contact = name_addr("local_contact", &record.local_contact)?;
+        let remote_target =
+            Uri::parse(bounded("remote_target", &record.remote_target)?).map_err(|e| {
+                ImportError::InvalidUri {
+                    field: "remote_target",
+                    reason: e.to_string(),
+                }
+            })?;
+        if record.route_set.len() > MAX_ROUTE_SET_LEN {
+            return Err(invalid(
+                "route_set",
+                format!("more than {MAX_ROUTE_SET_LEN} entries"),
+            ));
+        }
+        let routes = record
+            .route_set
+            .iter()
+            .map(|r| name_addr("route_set", r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Dialog {
+            id: DialogId::new(call_id, local_tag, remote_tag),
+            role,
+            state,
+            secure: record.secure,
+            invite_answered: true,
+            strict_route: routes.first().is_some_and(is_strict_router),
+            local_cseq: record.local_cseq,
+            remote_cseq: record.remote_cseq,
+            local_invite_cseq: record.local_invite_cseq,
+            remote_invite_cseq: record.remote_invite_cseq,
+            local_uri: tagged_text(local, local_tag),
+            remote_uri: tagged_text(remote, remote_tag),
+            local_contact: HeaderValue::from(contact.to_string()),
+            remote_target,
+            route_set: routes
+                .iter()
+                .map(|r| HeaderValue::from(r.to_string()))
+                .collect(),
+            sent_ack: None,
+        })
+    }
+}

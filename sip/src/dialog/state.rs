@@ -1,0 +1,493 @@
+//! The dialog state of RFC 3261 section 12: [`Dialog`], its [`DialogId`], [`Role`] and
+//! [`DialogState`], and its creation on the UAC side (section 12.1.2) and on the UAS side
+//! (section 12.1.1).
+//!
+//! Header texts are normalized once, when the dialog is created (From and To with their tags,
+//! Contact, Route values), and kept as small shared buffers that later requests reuse without
+//! copying. Nothing here sends, receives or reads a clock; the in-dialog procedures live in the
+//! `in_dialog` module.
+
+use std::fmt;
+
+use crate::message::{
+    Contact, HeaderName, HeaderValue, Headers, Method, NameAddr, Request, Response, Uri,
+};
+
+use super::error::DialogError;
+
+/// Largest route set a dialog keeps (Record-Route entries); a longer one is refused.
+pub const MAX_ROUTE_SET_LEN: usize = 16;
+
+/// A dialog identifier: Call-ID, local tag and remote tag (RFC 3261 section 12).
+///
+/// The remote tag is empty for a peer that sent no From tag (RFC 2543).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DialogId {
+    /// The Call-ID.
+    pub call_id: String,
+    /// Our tag (From of our requests, To of the requests we receive).
+    pub local_tag: String,
+    /// The peer's tag (empty for an RFC 2543 peer without From tag).
+    pub remote_tag: String,
+}
+
+impl DialogId {
+    /// A dialog id from its three parts.
+    pub fn new(
+        call_id: impl Into<String>,
+        local_tag: impl Into<String>,
+        remote_tag: impl Into<String>,
+    ) -> Self {
+        Self {
+            call_id: call_id.into(),
+            local_tag: local_tag.into(),
+            remote_tag: remote_tag.into(),
+        }
+    }
+
+    /// True when the id has these three parts (tags compare exactly, as RFC 3261 section 19.3
+    /// asks).
+    pub fn matches(&self, call_id: &str, local_tag: &str, remote_tag: &str) -> bool {
+        self.call_id == call_id && self.local_tag == local_tag && self.remote_tag == remote_tag
+    }
+}
+
+impl fmt::Display for DialogId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{};local-tag={};remote-tag={}",
+            self.call_id, self.local_tag, self.remote_tag
+        )
+    }
+}
+
+/// Which side of the dialog-creating INVITE we were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// We sent the INVITE (caller).
+    Uac,
+    /// We received the INVITE (callee).
+    Uas,
+}
+
+impl Role {
+    /// `uac` or `uas` (the spelling used in [`crate::dialog::DialogRecord`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Uac => "uac",
+            Role::Uas => "uas",
+        }
+    }
+
+    /// Parses `uac` or `uas`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "uac" => Some(Role::Uac),
+            "uas" => Some(Role::Uas),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The state of a dialog (RFC 3261 section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DialogState {
+    /// Created by a provisional response; not yet answered with a 2xx.
+    Early,
+    /// Established by a 2xx.
+    Confirmed,
+    /// Ended (BYE sent or received, a failure response to an early dialog, 481 or 408).
+    Terminated,
+}
+
+impl DialogState {
+    /// `early`, `confirmed` or `terminated` (the spelling used in
+    /// [`crate::dialog::DialogRecord`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialogState::Early => "early",
+            DialogState::Confirmed => "confirmed",
+            DialogState::Terminated => "terminated",
+        }
+    }
+
+    /// Parses `early`, `confirmed` or `terminated`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "early" => Some(DialogState::Early),
+            "confirmed" => Some(DialogState::Confirmed),
+            "terminated" => Some(DialogState::Terminated),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DialogState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One dialog: the state of RFC 3261 section 12 plus what this crate needs to acknowledge 2xx
+/// responses.
+///
+/// Build one with [`Dialog::new_uac`], [`Dialog::new_uas`] or [`Dialog::import`]; the
+/// in-dialog procedures are [`Dialog::create_request`], [`Dialog::create_ack`],
+/// [`Dialog::receive_request`], [`Dialog::receive_response`], [`Dialog::response_sent`] and
+/// [`Dialog::create_response`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dialog {
+    pub(super) id: DialogId,
+    pub(super) role: Role,
+    pub(super) state: DialogState,
+    pub(super) secure: bool,
+    /// False from the moment we send an INVITE until its first 2xx arrives.
+    pub(super) invite_answered: bool,
+    /// Whether the first route set entry is a strict router (no `lr`).
+    pub(super) strict_route: bool,
+    pub(super) local_cseq: Option<u32>,
+    pub(super) remote_cseq: Option<u32>,
+    /// CSeq number of the latest INVITE we sent in this dialog (for its ACK).
+    pub(super) local_invite_cseq: Option<u32>,
+    /// CSeq number of the latest INVITE the peer sent in this dialog (to match its ACK).
+    pub(super) remote_invite_cseq: Option<u32>,
+    /// From of our requests: local URI with the local tag, normalized name-addr text.
+    pub(super) local_uri: HeaderValue,
+    /// To of our requests: remote URI with the remote tag (if any), normalized text.
+    pub(super) remote_uri: HeaderValue,
+    /// Our Contact, normalized name-addr text.
+    pub(super) local_contact: HeaderValue,
+    pub(super) remote_target: Uri,
+    /// Route values in the order they go into requests, normalized name-addr texts.
+    pub(super) route_set: Box<[HeaderValue]>,
+    /// The ACK last sent for a 2xx, kept to be re-sent when the 2xx is retransmitted.
+    pub(super) sent_ack: Option<Box<Request>>,
+}
+
+/// The text of a value this module built from a `String` (always UTF-8).
+pub(super) fn text(value: &HeaderValue) -> &str {
+    value.to_str().unwrap_or_default()
+}
+
+/// The name-addr text of `addr` with `tag` as its tag parameter (none when `tag` is empty).
+pub(super) fn tagged_text(mut addr: NameAddr, tag: &str) -> HeaderValue {
+    if tag.is_empty() {
+        addr.params.remove("tag");
+    } else {
+        addr.set_tag(tag);
+    }
+    HeaderValue::from(addr.to_string())
+}
+
+/// The first Contact address of a message, if any (`*` is skipped).
+pub(super) fn first_contact(headers: &Headers) -> Result<Option<NameAddr>, DialogError> {
+    if !headers.contains(&HeaderName::Contact) {
+        return Ok(None);
+    }
+    Ok(headers.contact()?.into_iter().find_map(|c| match c {
+        Contact::Address(a) => Some(a),
+        Contact::Wildcard => None,
+    }))
+}
+
+/// True when a route entry is a strict router (not a SIP URI with `lr`).
+pub(super) fn is_strict_router(route: &NameAddr) -> bool {
+    !route.uri.as_sip().is_some_and(|u| u.is_loose_router())
+}
+
+/// The route set from the Record-Route of a message: reversed for the UAC, in order for the UAS.
+/// Returns the normalized texts and whether the first entry is a strict router.
+pub(super) fn route_set_from(
+    headers: &Headers,
+    role: Role,
+) -> Result<(Box<[HeaderValue]>, bool), DialogError> {
+    if !headers.contains(&HeaderName::RecordRoute) {
+        return Ok((Box::default(), false));
+    }
+    let mut routes = headers.record_route()?;
+    if routes.len() > MAX_ROUTE_SET_LEN {
+        return Err(DialogError::RouteSetTooLong(routes.len()));
+    }
+    if role == Role::Uac {
+        routes.reverse();
+    }
+    let strict = routes.first().is_some_and(is_strict_router);
+    let texts = routes
+        .iter()
+        .map(|r| HeaderValue::from(r.to_string()))
+        .collect();
+    Ok((texts, strict))
+}
+
+/// Checks that the response answers the request: same Call-ID, From tag and CSeq.
+fn check_answers(request: &Request, response: &Response) -> Result<(), DialogError> {
+    if response.headers.call_id()? != request.headers.call_id()? {
+        return Err(DialogError::Mismatch(HeaderName::CallId));
+    }
+    if response.headers.from_tag() != request.headers.from_tag() {
+        return Err(DialogError::Mismatch(HeaderName::From));
+    }
+    if response.headers.cseq()? != request.headers.cseq()? {
+        return Err(DialogError::Mismatch(HeaderName::CSeq));
+    }
+    Ok(())
+}
+
+fn state_for_status(status: u16) -> Result<DialogState, DialogError> {
+    match status {
+        101..=199 => Ok(DialogState::Early),
+        200..=299 => Ok(DialogState::Confirmed),
+        s => Err(DialogError::NotDialogCreating(s)),
+    }
+}
+
+fn is_sips(uri: &Uri) -> bool {
+    uri.as_sip().is_some_and(|u| u.secure)
+}
+
+impl Dialog {
+    /// The UAC dialog created by `response` (a 1xx with a To tag gives an early dialog, a 2xx a
+    /// confirmed one) to the `invite` we sent (RFC 3261 section 12.1.2).
+    ///
+    /// The route set is the Record-Route of the response reversed; the remote target is its
+    /// Contact (the Request-URI of the INVITE when a provisional response has none); the local
+    /// CSeq is the INVITE's; the remote CSeq is empty; the secure flag is set when the
+    /// Request-URI is a SIPS URI (the caller sends such requests over TLS only).
+    pub fn new_uac(invite: &Request, response: &Response) -> Result<Dialog, DialogError> {
+        if invite.method != Method::Invite {
+            return Err(DialogError::NotInvite(invite.method.clone()));
+        }
+        let state = state_for_status(response.status)?;
+        check_answers(invite, response)?;
+        let call_id = invite.headers.call_id()?;
+        let local_tag = invite
+            .headers
+            .from_tag()
+            .ok_or(DialogError::MissingTag(HeaderName::From))?;
+        let remote_tag = response
+            .headers
+            .to_tag()
+            .ok_or(DialogError::MissingTag(HeaderName::To))?;
+        let cseq = invite.headers.cseq()?;
+        let local_contact = first_contact(&invite.headers)?.ok_or(DialogError::MissingContact)?;
+        let remote_target = match first_contact(&response.headers)? {
+            Some(c) => c.uri,
+            None => invite.uri.clone(),
+        };
+        let (route_set, strict_route) = route_set_from(&response.headers, Role::Uac)?;
+        Ok(Dialog {
+            id: DialogId::new(call_id, local_tag, remote_tag),
+            role: Role::Uac,
+            state,
+            secure: is_sips(&invite.uri),
+            invite_answered: state == DialogState::Confirmed,
+            strict_route,
+            local_cseq: Some(cseq.seq),
+            remote_cseq: None,
+            local_invite_cseq: Some(cseq.seq),
+            remote_invite_cseq: None,
+            local_uri: tagged_text(invite.headers.from()?, local_tag),
+            remote_uri: tagged_text(invite.headers.to()?, remote_tag),
+            local_contact: HeaderValue::from(local_contact.to_string()),
+            remote_target,
+            route_set,
+            sent_ack: None,
+        })
+    }
+
+    /// The UAS dialog created when we send `response` (a 1xx with a To tag gives an early
+    /// dialog, a 2xx a confirmed one) to the `invite` we received (RFC 3261 section 12.1.1).
+    ///
+    /// The local tag is the To tag of `response` and the local Contact its Contact (build the
+    /// response with [`crate::dialog::uas_response`]). The route set is the Record-Route of the
+    /// INVITE in order; the remote target is its Contact; the remote CSeq is its CSeq; the local
+    /// CSeq stays empty until our first request.
+    pub fn new_uas(invite: &Request, response: &Response) -> Result<Dialog, DialogError> {
+        if invite.method != Method::Invite {
+            return Err(DialogError::NotInvite(invite.method.clone()));
+        }
+        if invite.headers.to_tag().is_some() {
+            return Err(DialogError::AlreadyInDialog);
+        }
+        let state = state_for_status(response.status)?;
+        check_answers(invite, response)?;
+        let call_id = invite.headers.call_id()?;
+        let local_tag = response
+            .headers
+            .to_tag()
+            .ok_or(DialogError::MissingTag(HeaderName::To))?;
+        let remote_tag = invite.headers.from_tag().unwrap_or_default();
+        let cseq = invite.headers.cseq()?;
+        let local_contact = first_contact(&response.headers)?.ok_or(DialogError::MissingContact)?;
+        let remote_target = first_contact(&invite.headers)?
+            .ok_or(DialogError::MissingContact)?
+            .uri;
+        let (route_set, strict_route) = route_set_from(&invite.headers, Role::Uas)?;
+        Ok(Dialog {
+            id: DialogId::new(call_id, local_tag, remote_tag),
+            role: Role::Uas,
+            state,
+            secure: is_sips(&invite.uri),
+            invite_answered: true,
+            strict_route,
+            local_cseq: None,
+            remote_cseq: Some(cseq.seq),
+            local_invite_cseq: None,
+            remote_invite_cseq: Some(cseq.seq),
+            local_uri: tagged_text(invite.headers.to()?, local_tag),
+            remote_uri: tagged_text(invite.headers.from()?, remote_tag),
+            local_contact: HeaderValue::from(local_contact.to_string()),
+            remote_target,
+            route_set,
+            sent_ack: None,
+        })
+    }
+
+    /// The dialog id.
+    pub fn id(&self) -> &DialogId {
+        &self.id
+    }
+
+    /// The Call-ID.
+    pub fn call_id(&self) -> &str {
+        &self.id.call_id
+    }
+
+    /// Our tag.
+    pub fn local_tag(&self) -> &str {
+        &self.id.local_tag
+    }
+
+    /// The peer's tag (empty for an RFC 2543 peer).
+    pub fn remote_tag(&self) -> &str {
+        &self.id.remote_tag
+    }
+
+    /// UAC or UAS.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Early, Confirmed or Terminated.
+    pub fn state(&self) -> DialogState {
+        self.state
+    }
+
+    /// True when the dialog was created by a SIPS Request-URI (its requests must use TLS).
+    pub fn is_secure(&self) -> bool {
+        self.secure
+    }
+
+    /// The CSeq number of our last request; `None` before our first request on the UAS side.
+    pub fn local_cseq(&self) -> Option<u32> {
+        self.local_cseq
+    }
+
+    /// The highest CSeq number received from the peer; `None` before its first request on the
+    /// UAC side.
+    pub fn remote_cseq(&self) -> Option<u32> {
+        self.remote_cseq
+    }
+
+    /// The CSeq number of the latest INVITE we sent in this dialog (the number of its ACK).
+    pub fn local_invite_cseq(&self) -> Option<u32> {
+        self.local_invite_cseq
+    }
+
+    /// The CSeq number of the latest INVITE the peer sent in this dialog (the number of the ACK
+    /// we expect).
+    pub fn remote_invite_cseq(&self) -> Option<u32> {
+        self.remote_invite_cseq
+    }
+
+    /// The local URI as the From of our requests: a name-addr with the local tag.
+    pub fn local_uri(&self) -> &str {
+        text(&self.local_uri)
+    }
+
+    /// The remote URI as the To of our requests: a name-addr with the remote tag.
+    pub fn remote_uri(&self) -> &str {
+        text(&self.remote_uri)
+    }
+
+    /// The local URI parsed (display name, URI, tag).
+    pub fn local_address(&self) -> Result<NameAddr, DialogError> {
+        Ok(NameAddr::parse(self.local_uri())?)
+    }
+
+    /// The remote URI parsed (display name, URI, tag).
+    pub fn remote_address(&self) -> Result<NameAddr, DialogError> {
+        Ok(NameAddr::parse(self.remote_uri())?)
+    }
+
+    /// Our Contact as a name-addr (sent in target refresh requests and their 2xx).
+    pub fn local_contact(&self) -> &str {
+        text(&self.local_contact)
+    }
+
+    /// The remote target: the URI requests within the dialog are sent to.
+    pub fn remote_target(&self) -> &Uri {
+        &self.remote_target
+    }
+
+    /// The route set, in the order the Route headers of our requests list it.
+    pub fn route_set(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.route_set.iter().map(text)
+    }
+
+    /// True when the first route set entry is a strict router (no `lr` parameter), so that
+    /// requests put it in the Request-URI (RFC 3261 section 12.2.1.1).
+    pub fn uses_strict_routing(&self) -> bool {
+        self.strict_route
+    }
+
+    /// A rough count of the heap bytes this dialog holds (strings, header buffers and the URI of
+    /// the remote target; allocator overhead not included). For memory budgets and metrics.
+    pub fn estimated_heap_bytes(&self) -> usize {
+        let id = self.id.call_id.capacity()
+            + self.id.local_tag.capacity()
+            + self.id.remote_tag.capacity();
+        let values = self.local_uri.len() + self.remote_uri.len() + self.local_contact.len();
+        let routes = self.route_set.len() * std::mem::size_of::<HeaderValue>()
+            + self.route_set.iter().map(HeaderValue::len).sum::<usize>();
+        let ack = self.sent_ack.as_ref().map_or(0, |a| {
+            std::mem::size_of::<Request>() + a.to_bytes().len() + a.headers.len() * 64
+        });
+        id + values + routes + uri_heap_bytes(&self.remote_target) + ack
+    }
+}
+
+/// A rough count of the heap bytes of a URI.
+fn uri_heap_bytes(uri: &Uri) -> usize {
+    match uri {
+        Uri::Sip(u) => {
+            let host = match &u.host {
+                crate::message::Host::Domain(d) => d.capacity(),
+                _ => 0,
+            };
+            let params = u.params.len() * std::mem::size_of::<crate::message::Param>()
+                + u.params
+                    .iter()
+                    .map(|p| p.name.capacity() + p.value.as_ref().map_or(0, String::capacity))
+                    .sum::<usize>();
+            let headers = u.headers.len() * std::mem::size_of::<crate::message::UriHeader>()
+                + u.headers
+                    .iter()
+                    .map(|h| h.name.capacity() + h.value.capacity())
+                    .sum::<usize>();
+            u.user.as_ref().map_or(0, String::capacity)
+                + u.password.as_ref().map_or(0, String::capacity)
+                + host
+                + params
+                + headers
+        }
+        other => other.to_string().len() + 32,
+    }
+}

@@ -1,0 +1,478 @@
+//! [`Dialogs`]: the bounded table of a user agent's dialogs, keyed by (Call-ID, local tag,
+//! remote tag), and the entry points an endpoint calls for each message of a dialog:
+//!
+//! * [`Dialogs::receive_invite_response`]: a response to an INVITE we sent outside a dialog
+//!   creates early dialogs (one per remote tag when the INVITE forks), confirms them, and removes
+//!   them all when the INVITE fails.
+//! * [`Dialogs::response_sent`]: a response we send to an INVITE creates, confirms or removes the
+//!   UAS dialog and starts the 2xx retransmission ([`Pending2xx`]).
+//! * [`Dialogs::receive_request`]: an incoming request with a To tag is matched (To tag = local
+//!   tag, From tag = remote tag) and checked; an ACK stops the 2xx retransmission.
+//! * [`Dialogs::receive_response`]: a response to a request sent within a dialog (matched by From
+//!   tag = local tag, To tag = remote tag).
+//! * [`Dialogs::poll_timeout`] / [`Dialogs::handle_timeout`]: the 2xx retransmission timers.
+//! * [`Dialogs::import`]: a dialog continued from another node's record.
+//!
+//! Lookups do not allocate: dialogs are grouped by a hash of their Call-ID, and the few dialogs
+//! of one Call-ID (forks) are compared by tags. Early dialogs that fail are removed by the table;
+//! a dialog that was confirmed stays (terminated) until [`Dialogs::remove`], so that its owner
+//! can delete its replicated record first. The table sends nothing and reads no clock.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::time::Instant;
+
+use crate::message::{HeaderName, Method, Request, Response};
+
+use super::error::{DialogError, DialogsError, RequestRejection};
+use super::in_dialog::{InDialogRequest, ResponseOutcome};
+use super::record::DialogRecord;
+use super::retransmit::{Pending2xx, Pending2xxAction, RetransmitTimers};
+use super::state::{Dialog, DialogId, DialogState};
+
+/// Limits and timers of a [`Dialogs`] table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DialogsConfig {
+    /// Most dialogs held at once (early, confirmed and terminated-but-not-removed).
+    pub max_dialogs: usize,
+    /// Most dialogs sharing one Call-ID (early dialogs of a forked INVITE).
+    pub max_dialogs_per_call: usize,
+    /// T1 and T2 for the 2xx retransmission.
+    pub timers: RetransmitTimers,
+}
+
+impl Default for DialogsConfig {
+    /// 100,000 dialogs, 16 per Call-ID, RFC 3261 timers.
+    fn default() -> Self {
+        Self {
+            max_dialogs: 100_000,
+            max_dialogs_per_call: 16,
+            timers: RetransmitTimers::DEFAULT,
+        }
+    }
+}
+
+/// How [`Dialogs::receive_request`] matched an incoming request.
+#[derive(Debug)]
+pub enum RequestMatch<'a> {
+    /// The request has no To tag: it does not belong to a dialog (a new INVITE, OPTIONS,
+    /// REGISTER, or a CANCEL of an initial INVITE).
+    OutOfDialog,
+    /// The request belongs to this dialog and was accepted.
+    Accepted(&'a mut Dialog, InDialogRequest),
+    /// Answer with [`RequestRejection::status`] (never answer an ACK).
+    Rejected(RequestRejection),
+}
+
+/// Work the 2xx retransmission timers ask for ([`Dialogs::handle_timeout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerEvent {
+    /// Pass this 2xx to the transport again.
+    Retransmit2xx {
+        /// The dialog.
+        id: DialogId,
+        /// The 2xx as first sent.
+        response: Response,
+    },
+    /// No ACK came within 64*T1: the dialog is confirmed but should be ended with a BYE
+    /// (RFC 3261 section 13.3.1.4).
+    AckTimeout {
+        /// The dialog.
+        id: DialogId,
+    },
+}
+
+/// A bounded table of dialogs keyed by (Call-ID, local tag, remote tag).
+#[derive(Debug)]
+pub struct Dialogs {
+    config: DialogsConfig,
+    hasher: RandomState,
+    /// Dialogs grouped by the hash of their Call-ID.
+    buckets: HashMap<u64, Vec<Dialog>>,
+    len: usize,
+    pending: HashMap<DialogId, Pending2xx>,
+}
+
+impl Default for Dialogs {
+    fn default() -> Self {
+        Self::new(DialogsConfig::default())
+    }
+}
+
+impl Dialogs {
+    /// An empty table.
+    pub fn new(config: DialogsConfig) -> Self {
+        Self {
+            config,
+            hasher: RandomState::new(),
+            buckets: HashMap::new(),
+            len: 0,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// The limits and timers in force.
+    pub fn config(&self) -> &DialogsConfig {
+        &self.config
+    }
+
+    /// Number of dialogs held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no dialog is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn bucket_key(&self, call_id: &str) -> u64 {
+        self.hasher.hash_one(call_id)
+    }
+
+    fn position(&self, call_id: &str, local_tag: &str, remote_tag: &str) -> Option<(u64, usize)> {
+        let key = self.bucket_key(call_id);
+        let index = self
+            .buckets
+            .get(&key)?
+            .iter()
+            .position(|d| d.id.matches(call_id, local_tag, remote_tag))?;
+        Some((key, index))
+    }
+
+    fn at_mut(&mut self, (key, index): (u64, usize)) -> Option<&mut Dialog> {
+        self.buckets.get_mut(&key)?.get_mut(index)
+    }
+
+    /// The dialog with this id.
+    pub fn get(&self, id: &DialogId) -> Option<&Dialog> {
+        self.find(&id.call_id, &id.local_tag, &id.remote_tag)
+    }
+
+    /// The dialog with this id, mutable (to build requests).
+    pub fn get_mut(&mut self, id: &DialogId) -> Option<&mut Dialog> {
+        self.find_mut(&id.call_id, &id.local_tag, &id.remote_tag)
+    }
+
+    /// The dialog with these Call-ID and tags.
+    pub fn find(&self, call_id: &str, local_tag: &str, remote_tag: &str) -> Option<&Dialog> {
+        self.buckets
+            .get(&self.bucket_key(call_id))?
+            .iter()
+            .find(|d| d.id.matches(call_id, local_tag, remote_tag))
+    }
+
+    /// The dialog with these Call-ID and tags, mutable.
+    pub fn find_mut(
+        &mut self,
+        call_id: &str,
+        local_tag: &str,
+        remote_tag: &str,
+    ) -> Option<&mut Dialog> {
+        let at = self.position(call_id, local_tag, remote_tag)?;
+        self.at_mut(at)
+    }
+
+    /// The dialog an incoming request belongs to: same Call-ID, To tag = local tag, From tag =
+    /// remote tag.
+    pub fn find_for_request(&mut self, request: &Request) -> Option<&mut Dialog> {
+        let call_id = request.headers.call_id().ok()?;
+        let local = request.headers.to_tag()?;
+        let remote = request.headers.from_tag().unwrap_or_default();
+        let at = self.position(call_id, local, remote)?;
+        self.at_mut(at)
+    }
+
+    /// The dialog an incoming response belongs to: same Call-ID, From tag = local tag, To tag =
+    /// remote tag.
+    pub fn find_for_response(&mut self, response: &Response) -> Option<&mut Dialog> {
+        let call_id = response.headers.call_id().ok()?;
+        let local = response.headers.from_tag()?;
+        let remote = response.headers.to_tag().unwrap_or_default();
+        let at = self.position(call_id, local, remote)?;
+        self.at_mut(at)
+    }
+
+    /// Every dialog, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Dialog> + '_ {
+        self.buckets.values().flatten()
+    }
+
+    /// The dialogs of one Call-ID (several when an INVITE forked).
+    pub fn dialogs_of_call<'a>(&'a self, call_id: &'a str) -> impl Iterator<Item = &'a Dialog> {
+        self.buckets
+            .get(&self.bucket_key(call_id))
+            .into_iter()
+            .flatten()
+            .filter(move |d| d.id.call_id == call_id)
+    }
+
+    /// Adds a dialog, replacing the one with the same id if any. Fails when the table or the
+    /// Call-ID is full.
+    pub fn insert(&mut self, dialog: Dialog) -> Result<&mut Dialog, DialogsError> {
+        let key = self.bucket_key(&dialog.id.call_id);
+        if let Some((_, index)) = self.position(
+            &dialog.id.call_id,
+            &dialog.id.local_tag,
+            &dialog.id.remote_tag,
+        ) {
+            self.pending.remove(&dialog.id);
+            let slot = self.at_mut((key, index)).ok_or(DialogsError::NotFound)?;
+            *slot = dialog;
+            return Ok(slot);
+        }
+        if self.len >= self.config.max_dialogs {
+            return Err(DialogsError::Full(self.config.max_dialogs));
+        }
+        let same_call = self.dialogs_of_call(&dialog.id.call_id).count();
+        if same_call >= self.config.max_dialogs_per_call {
+            return Err(DialogsError::TooManyForks(same_call));
+        }
+        let bucket = self.buckets.entry(key).or_default();
+        bucket.push(dialog);
+        self.len += 1;
+        bucket.last_mut().ok_or(DialogsError::NotFound)
+    }
+
+    /// Removes a dialog (and its 2xx retransmission, if any).
+    pub fn remove(&mut self, id: &DialogId) -> Option<Dialog> {
+        let (key, index) = self.position(&id.call_id, &id.local_tag, &id.remote_tag)?;
+        self.pending.remove(id);
+        let bucket = self.buckets.get_mut(&key)?;
+        let dialog = bucket.swap_remove(index);
+        if bucket.is_empty() {
+            self.buckets.remove(&key);
+        }
+        self.len -= 1;
+        Some(dialog)
+    }
+
+    /// Removes the early dialogs of the INVITE with this Call-ID and From tag (what a failure
+    /// response to the INVITE does; also for the endpoint when the INVITE transaction ends after
+    /// one fork answered 2xx). Returns the removed dialogs.
+    pub fn terminate_early(&mut self, call_id: &str, local_tag: &str) -> Vec<Dialog> {
+        let ids: Vec<DialogId> = self
+            .dialogs_of_call(call_id)
+            .filter(|d| d.id.local_tag == local_tag && d.state == DialogState::Early)
+            .map(|d| d.id.clone())
+            .collect();
+        ids.iter()
+            .filter_map(|id| self.remove(id))
+            .map(|mut d| {
+                d.state = DialogState::Terminated;
+                d
+            })
+            .collect()
+    }
+
+    /// Adds the dialog of a record exported by another node (replacing a stale copy with the
+    /// same id).
+    pub fn import(&mut self, record: &DialogRecord) -> Result<&mut Dialog, DialogsError> {
+        let dialog = Dialog::import(record)?;
+        self.insert(dialog)
+    }
+
+    /// Handles an incoming request: out of dialog when it has no To tag; otherwise matched
+    /// (481 when no dialog matches) and checked by [`Dialog::receive_request`]. A matching ACK
+    /// stops the retransmission of the 2xx it acknowledges.
+    pub fn receive_request(&mut self, request: &Request) -> RequestMatch<'_> {
+        let Some(local_tag) = request.headers.to_tag() else {
+            return RequestMatch::OutOfDialog;
+        };
+        let call_id = match request.headers.call_id() {
+            Ok(c) => c,
+            Err(e) => return RequestMatch::Rejected(RequestRejection::Malformed(e)),
+        };
+        let remote_tag = request.headers.from_tag().unwrap_or_default();
+        let Some((key, index)) = self.position(call_id, local_tag, remote_tag) else {
+            return RequestMatch::Rejected(RequestRejection::NoDialog);
+        };
+        let Some(dialog) = self.buckets.get_mut(&key).and_then(|b| b.get_mut(index)) else {
+            return RequestMatch::Rejected(RequestRejection::NoDialog);
+        };
+        if request.method == Method::Ack {
+            let acknowledged = self
+                .pending
+                .get_mut(&dialog.id)
+                .is_some_and(|p| p.handle_ack(request));
+            if acknowledged {
+                self.pending.remove(&dialog.id);
+            }
+        }
+        match dialog.receive_request(request) {
+            Ok(kind) => RequestMatch::Accepted(dialog, kind),
+            Err(rejection) => RequestMatch::Rejected(rejection),
+        }
+    }
+
+    /// Handles a response to a request sent within an existing dialog (including a 2xx to our
+    /// INVITE retransmitted after a takeover): see [`Dialog::receive_response`].
+    /// [`ResponseOutcome::NoDialog`] when no dialog matches.
+    pub fn receive_response(
+        &mut self,
+        response: &Response,
+    ) -> (ResponseOutcome, Option<&mut Dialog>) {
+        match self.find_for_response(response) {
+            Some(dialog) => (dialog.receive_response(response), Some(dialog)),
+            None => (ResponseOutcome::NoDialog, None),
+        }
+    }
+
+    /// Handles a response to an `invite` we sent (RFC 3261 sections 12.1.2 and 13.2.2.4).
+    ///
+    /// For an INVITE outside a dialog: a 1xx with a new To tag creates an early dialog (one per
+    /// remote tag, so forks are distinct dialogs), a 2xx confirms the matching early dialog or
+    /// creates a confirmed one ([`ResponseOutcome::InviteAccepted`]: send the ACK), a
+    /// retransmitted 2xx gives [`ResponseOutcome::InviteRetransmission`], and a failure (300 to
+    /// 699) removes every early dialog of the INVITE ([`ResponseOutcome::Terminated`] when there
+    /// were some). For a re-INVITE (it has a To tag), this is [`Dialogs::receive_response`].
+    pub fn receive_invite_response(
+        &mut self,
+        invite: &Request,
+        response: &Response,
+    ) -> Result<(ResponseOutcome, Option<&mut Dialog>), DialogsError> {
+        if invite.headers.to_tag().is_some() {
+            return Ok(self.receive_response(response));
+        }
+        let (Ok(call_id), Some(local_tag)) =
+            (response.headers.call_id(), response.headers.from_tag())
+        else {
+            return Ok((ResponseOutcome::Ignored, None));
+        };
+        if response.status >= 300 {
+            let removed = self.terminate_early(call_id, local_tag);
+            let outcome = if removed.is_empty() {
+                ResponseOutcome::Ignored
+            } else {
+                ResponseOutcome::Terminated
+            };
+            return Ok((outcome, None));
+        }
+        let Some(remote_tag) = response.headers.to_tag() else {
+            if response.is_success() {
+                return Err(DialogError::MissingTag(HeaderName::To).into());
+            }
+            return Ok((ResponseOutcome::Ignored, None));
+        };
+        if response.status == 100 {
+            return Ok((ResponseOutcome::Ignored, None));
+        }
+        if let Some(at) = self.position(call_id, local_tag, remote_tag) {
+            let dialog = self.at_mut(at).ok_or(DialogsError::NotFound)?;
+            return Ok((dialog.receive_response(response), Some(dialog)));
+        }
+        let dialog = Dialog::new_uac(invite, response)?;
+        let outcome = if dialog.state == DialogState::Early {
+            ResponseOutcome::Provisional
+        } else {
+            ResponseOutcome::InviteAccepted
+        };
+        Ok((outcome, Some(self.insert(dialog)?)))
+    }
+
+    /// Records a response we send to `request` (UAS side), before it goes to the transport.
+    ///
+    /// For an INVITE outside a dialog, a 101 to 299 with a To tag creates the UAS dialog
+    /// ([`Dialog::new_uas`]) unless it exists; a failure removes the early dialog. Then
+    /// [`Dialog::response_sent`] applies (confirmation, target refresh), and a 2xx to an INVITE
+    /// starts its retransmission until the ACK ([`Dialogs::handle_timeout`]). Returns the dialog
+    /// when one remains.
+    pub fn response_sent(
+        &mut self,
+        request: &Request,
+        response: &Response,
+        now: Instant,
+    ) -> Result<Option<&mut Dialog>, DialogsError> {
+        let (Ok(call_id), Some(local_tag)) =
+            (response.headers.call_id(), response.headers.to_tag())
+        else {
+            return Ok(None);
+        };
+        let remote_tag = response.headers.from_tag().unwrap_or_default();
+        let at = match self.position(call_id, local_tag, remote_tag) {
+            Some(at) => at,
+            None => {
+                let creates = request.method == Method::Invite
+                    && request.headers.to_tag().is_none()
+                    && (101..300).contains(&response.status);
+                if !creates {
+                    return Ok(None);
+                }
+                self.insert(Dialog::new_uas(request, response)?)?;
+                self.position(call_id, local_tag, remote_tag)
+                    .ok_or(DialogsError::NotFound)?
+            }
+        };
+        let timers = self.config.timers;
+        let (id, failed_early) = {
+            let dialog = self.at_mut(at).ok_or(DialogsError::NotFound)?;
+            let was_early = dialog.state == DialogState::Early;
+            let state = dialog.response_sent(request, response);
+            (
+                dialog.id.clone(),
+                was_early && state == DialogState::Terminated,
+            )
+        };
+        if failed_early {
+            self.remove(&id);
+            return Ok(None);
+        }
+        if response.is_success() && request.method == Method::Invite {
+            let pending = Pending2xx::new(response.clone(), now, timers)?;
+            self.pending.insert(id, pending);
+        }
+        Ok(self.at_mut(at))
+    }
+
+    /// Starts retransmitting `response` (a 2xx to an INVITE of dialog `id`) until its ACK;
+    /// [`Dialogs::response_sent`] does this by itself.
+    pub fn start_2xx_retransmission(
+        &mut self,
+        id: &DialogId,
+        response: Response,
+        now: Instant,
+    ) -> Result<(), DialogsError> {
+        if self.get(id).is_none() {
+            return Err(DialogsError::NotFound);
+        }
+        let pending = Pending2xx::new(response, now, self.config.timers)?;
+        self.pending.insert(id.clone(), pending);
+        Ok(())
+    }
+
+    /// The 2xx retransmission in progress for dialog `id`, if any.
+    pub fn pending_2xx(&self, id: &DialogId) -> Option<&Pending2xx> {
+        self.pending.get(id)
+    }
+
+    /// When [`Dialogs::handle_timeout`] should be called next; `None` when no 2xx awaits its
+    /// ACK.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.pending
+            .values()
+            .filter_map(Pending2xx::poll_timeout)
+            .min()
+    }
+
+    /// Advances the 2xx retransmission timers to `now` and returns the work to do.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<TimerEvent> {
+        let mut events = Vec::new();
+        self.pending
+            .retain(|id, pending| match pending.handle_timeout(now) {
+                Pending2xxAction::Retransmit => {
+                    events.push(TimerEvent::Retransmit2xx {
+                        id: id.clone(),
+                        response: pending.response().clone(),
+                    });
+                    true
+                }
+                Pending2xxAction::GiveUp => {
+                    events.push(TimerEvent::AckTimeout { id: id.clone() });
+                    false
+                }
+                Pending2xxAction::Wait => !pending.is_finished(),
+            });
+        events
+    }
+}
