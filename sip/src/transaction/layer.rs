@@ -1,0 +1,1016 @@
+//! [`TransactionLayer`]: every live client and server transaction of an endpoint, the indexes
+//! that match messages to them, one timer queue, and the outgoing queues of transmissions and TU
+//! events.
+//!
+//! The layer is driven like quinn-proto: the endpoint feeds it what happened (a request or
+//! response received, a request or response from the TU, a transport error, the clock reaching
+//! [`TransactionLayer::poll_timeout`]), always with the current time as `now`, then drains
+//! [`TransactionLayer::poll_transmit`] and [`TransactionLayer::poll_event`]. It never reads a
+//! clock, touches a socket or spawns anything. It does not validate messages (run
+//! `validate_request` / `validate_response` first), stamp `received` (see
+//! [`stamp_received`](super::stamp_received)), manage connections, or do what the TU does: answer
+//! CANCELs, retransmit 2xx responses to INVITE, send the ACK of a 2xx.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::client::{CancelState, ClientTransaction};
+use super::config::{TimerConfig, TransactionConfig};
+use super::matching::{build_cancel, request_id, ClientId, LegacyId, RequestId, ServerId};
+use super::peer::{response_destination, Peer};
+use super::server::{AckDisposition, LegacyTags, ServerTransaction};
+use super::timer::{Armed, Timer, TimerQueue};
+use crate::message::{generate_tag, HeaderError, Message, Method, Request, Response};
+
+/// A handle on one transaction of a [`TransactionLayer`]: cheap to copy and compare, and never
+/// reused for another transaction (a slot index plus a generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransactionKey {
+    index: u32,
+    generation: u32,
+}
+
+impl TransactionKey {
+    #[cfg(test)]
+    pub(crate) fn from_parts(index: u32, generation: u32) -> Self {
+        Self { index, generation }
+    }
+}
+
+/// The state of a live transaction (figures 5 to 8 of RFC 3261, with RFC 6026's Accepted). A
+/// transaction that reached Terminated is gone: [`TransactionLayer::state`] returns `None` and a
+/// [`TransactionEvent::Terminated`] was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransactionState {
+    /// INVITE client: request sent, no response yet.
+    Calling,
+    /// Non-INVITE client: request sent, no response yet; non-INVITE server: request passed to
+    /// the TU, nothing sent yet.
+    Trying,
+    /// A provisional response was received (client) or the request awaits a final response
+    /// (server).
+    Proceeding,
+    /// A final response (non-2xx for INVITE) was received or sent; waiting out retransmissions.
+    Completed,
+    /// INVITE server: the ACK of the non-2xx final response arrived.
+    Confirmed,
+    /// INVITE (RFC 6026): a 2xx was received (client) or sent (server).
+    Accepted,
+}
+
+/// Which of the four state machines a transaction runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransactionKind {
+    /// INVITE client transaction (section 17.1.1).
+    InviteClient,
+    /// Non-INVITE client transaction (section 17.1.2).
+    NonInviteClient,
+    /// INVITE server transaction (section 17.2.1).
+    InviteServer,
+    /// Non-INVITE server transaction (section 17.2.2).
+    NonInviteServer,
+}
+
+/// A message for the transport to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The transaction that sends it; `None` for stateless sends (503 over the limit,
+    /// [`TransactionLayer::send_stateless`]).
+    pub key: Option<TransactionKey>,
+    /// Where to send it.
+    pub destination: Peer,
+    /// The serialized message (shared, not copied, between retransmissions).
+    pub payload: Bytes,
+    /// True when this repeats an earlier transmission (timer A, E or G, or an answer to a
+    /// retransmitted message).
+    pub retransmission: bool,
+}
+
+/// What the transaction layer tells the transaction user (the endpoint, dialogs, the core).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransactionEvent {
+    /// A new request (not ACK, not CANCEL) created server transaction `key`: answer it with
+    /// [`TransactionLayer::respond`].
+    Request {
+        /// The new server transaction.
+        key: TransactionKey,
+        /// The request.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// A CANCEL created server transaction `key`. `invite` is the INVITE server transaction it
+    /// refers to (RFC 3261 sections 9.2 and 17.2.3), if any: the TU answers the CANCEL 200 (481
+    /// when `invite` is `None`) and, if the INVITE has no final response yet, the INVITE 487.
+    Cancel {
+        /// The CANCEL's own server transaction.
+        key: TransactionKey,
+        /// The CANCEL.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+        /// The INVITE server transaction being cancelled.
+        invite: Option<TransactionKey>,
+    },
+    /// An ACK for the TU: either matched to an INVITE server transaction in Accepted (`key`) or
+    /// matched to none (the ACK of a 2xx has its own branch, so this is the usual case; the
+    /// dialog layer takes it).
+    Ack {
+        /// The Accepted INVITE server transaction it matched, if any.
+        key: Option<TransactionKey>,
+        /// The ACK.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// A response for client transaction `key`: every provisional, the final response, and in
+    /// Accepted every further 2xx (retransmissions and forks).
+    Response {
+        /// The client transaction.
+        key: TransactionKey,
+        /// The response.
+        response: Response,
+    },
+    /// A response that matched no client transaction (RFC 3261 section 18.1.2, RFC 6026
+    /// section 7.2): typically a 2xx retransmission after timer M; the core or a proxy decides.
+    StrayResponse {
+        /// The response.
+        response: Response,
+    },
+    /// The CANCEL of INVITE client transaction `invite` was sent as client transaction `cancel`
+    /// (at once by [`TransactionLayer::cancel`], or when the first provisional response arrived).
+    CancelSent {
+        /// The INVITE client transaction.
+        invite: TransactionKey,
+        /// The CANCEL client transaction.
+        cancel: TransactionKey,
+    },
+    /// A timer gave up: B or F (no final response: the TU acts as on a 408), H (no ACK for a
+    /// non-2xx final response), or [`Timer::CancelWait`] (no final response 64*T1 after a
+    /// CANCEL). `Terminated` follows.
+    Timeout {
+        /// The transaction.
+        key: TransactionKey,
+        /// The timer that fired.
+        timer: Timer,
+    },
+    /// The transport reported an error for this transaction
+    /// ([`TransactionLayer::handle_transport_error`]). `Terminated` follows, except for an
+    /// INVITE server transaction in Accepted.
+    TransportError {
+        /// The transaction.
+        key: TransactionKey,
+    },
+    /// The transaction reached Terminated and was destroyed; its key is dead.
+    Terminated {
+        /// The transaction.
+        key: TransactionKey,
+    },
+}
+
+/// What [`TransactionLayer::handle_request`] did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A new server transaction; a [`TransactionEvent::Request`] or
+    /// [`TransactionEvent::Cancel`] was queued.
+    Created(TransactionKey),
+    /// A retransmission, absorbed by its transaction (which re-sent its last response, if the
+    /// state says so).
+    Retransmission(TransactionKey),
+    /// An ACK absorbed by its INVITE server transaction (ACK of a non-2xx, Completed ->
+    /// Confirmed, or a retransmitted ACK).
+    AckAbsorbed(TransactionKey),
+    /// An ACK passed to the TU as [`TransactionEvent::Ack`].
+    AckPassed(Option<TransactionKey>),
+    /// Over [`TransactionConfig::max_transactions`]: answered 503 statelessly, nothing created.
+    Rejected,
+}
+
+/// What [`TransactionLayer::cancel`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The CANCEL is (or already was) on its way in this client transaction.
+    Sent(TransactionKey),
+    /// No provisional response yet: the CANCEL will be sent when one arrives (RFC 3261 section
+    /// 9.1), announced by [`TransactionEvent::CancelSent`]; nothing is sent if a final
+    /// response or timer B comes first.
+    Deferred,
+}
+
+/// Why the layer refused an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransactionError {
+    /// A header the operation needs is missing or malformed.
+    #[error("{0}")]
+    Header(#[from] HeaderError),
+    /// A request sent in a client transaction needs an RFC 3261 branch (`z9hG4bK...`) in its
+    /// top Via; the endpoint adds the Via.
+    #[error("the request's top Via has no RFC 3261 branch")]
+    MissingBranch,
+    /// ACK is not sent in a client transaction: the ACK of a non-2xx is sent by its INVITE
+    /// transaction, the ACK of a 2xx with [`TransactionLayer::send_stateless`].
+    #[error("ACK is not sent in a client transaction")]
+    AckNotAllowed,
+    /// The CSeq method differs from the request method.
+    #[error("CSeq method {cseq} differs from the request method {method}")]
+    CSeqMethodMismatch {
+        /// Request method.
+        method: Method,
+        /// CSeq method.
+        cseq: Method,
+    },
+    /// A live transaction already has this identifier (same branch and method; for RFC 2543
+    /// requests, same Request-URI, tags, Call-ID, CSeq and top Via).
+    #[error("a transaction with this identifier exists")]
+    Duplicate,
+    /// [`TransactionConfig::max_transactions`] reached.
+    #[error("too many transactions (limit {0})")]
+    TooManyTransactions(usize),
+    /// The key names no live transaction.
+    #[error("no such transaction")]
+    UnknownTransaction,
+    /// The operation needs an INVITE client transaction.
+    #[error("not an INVITE client transaction")]
+    NotInviteClient,
+    /// The operation needs a server transaction.
+    #[error("not a server transaction")]
+    NotServer,
+    /// A response status outside 100..=699.
+    #[error("invalid status code {0}")]
+    InvalidStatus(u16),
+    /// The state machine does not take this response now (a second final response, or a
+    /// non-2xx after a 2xx to INVITE).
+    #[error("a {status} response is not allowed in state {state:?}")]
+    ResponseNotAllowed {
+        /// The response status.
+        status: u16,
+        /// The transaction state.
+        state: TransactionState,
+    },
+    /// The INVITE already has a final response: there is nothing left to cancel.
+    #[error("the INVITE already has a final response")]
+    CancelTooLate,
+}
+
+/// What a state machine asks the layer to do after handling an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Nothing more.
+    Continue,
+    /// Destroy the transaction (it reached Terminated).
+    Terminate,
+    /// Send the deferred CANCEL of this INVITE client transaction.
+    SendCancel,
+}
+
+/// The (at most two) armed timers of a transaction.
+#[derive(Debug, Default)]
+pub(crate) struct TxTimers {
+    /// A, E, G, or the 100 Trying wait.
+    pub retransmit: Option<Armed>,
+    /// B, D, F, H, I, J, K, L, M or CancelWait.
+    pub state: Option<Armed>,
+}
+
+impl TxTimers {
+    pub fn clear(&mut self) {
+        self.retransmit = None;
+        self.state = None;
+    }
+
+    fn holds(&self, seq: u64) -> bool {
+        self.retransmit.is_some_and(|a| a.seq == seq) || self.state.is_some_and(|a| a.seq == seq)
+    }
+
+    fn take(&mut self, seq: u64) -> Option<Timer> {
+        if self.retransmit.is_some_and(|a| a.seq == seq) {
+            return self.retransmit.take().map(|a| a.timer);
+        }
+        if self.state.is_some_and(|a| a.seq == seq) {
+            return self.state.take().map(|a| a.timer);
+        }
+        None
+    }
+}
+
+/// What a state machine may touch while it handles one input.
+pub(crate) struct Ctx<'a> {
+    pub key: TransactionKey,
+    pub now: Instant,
+    pub config: &'a TimerConfig,
+    queue: &'a mut TimerQueue,
+    transmits: &'a mut VecDeque<Transmit>,
+    events: &'a mut VecDeque<TransactionEvent>,
+}
+
+impl Ctx<'_> {
+    /// Arms `timer` to fire `after` from now; `None` (never fires) if that instant is not
+    /// representable.
+    pub fn arm(&mut self, timer: Timer, after: Duration) -> Option<Armed> {
+        let at = self.now.checked_add(after)?;
+        Some(self.queue.arm(self.key, timer, at))
+    }
+
+    /// Queues a transmission for this transaction.
+    pub fn send(&mut self, destination: &Peer, payload: Bytes, retransmission: bool) {
+        self.transmits.push_back(Transmit {
+            key: Some(self.key),
+            destination: destination.clone(),
+            payload,
+            retransmission,
+        });
+    }
+
+    /// Queues an event for the TU.
+    pub fn emit(&mut self, event: TransactionEvent) {
+        self.events.push_back(event);
+    }
+}
+
+#[derive(Debug)]
+enum Tx {
+    Client(ClientTransaction),
+    Server(ServerTransaction),
+}
+
+impl Tx {
+    fn timers(&self) -> &TxTimers {
+        match self {
+            Tx::Client(c) => &c.timers,
+            Tx::Server(s) => &s.timers,
+        }
+    }
+
+    fn timers_mut(&mut self) -> &mut TxTimers {
+        match self {
+            Tx::Client(c) => &mut c.timers,
+            Tx::Server(s) => &mut s.timers,
+        }
+    }
+
+    fn on_timer(&mut self, ctx: &mut Ctx<'_>, timer: Timer) -> Step {
+        match self {
+            Tx::Client(c) => c.on_timer(ctx, timer),
+            Tx::Server(s) => s.on_timer(ctx, timer),
+        }
+    }
+}
+
+/// The identifier a transaction is indexed under.
+#[derive(Debug)]
+enum IndexId {
+    Client(ClientId),
+    Server(ServerId),
+    Legacy(LegacyId),
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: IndexId,
+    tx: Tx,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    entry: Option<Entry>,
+}
+
+/// Heap entries above this many (beyond twice the armed timers) trigger a compaction.
+const STALE_TIMER_SLACK: usize = 1024;
+
+/// Every transaction of an endpoint: RFC 3261 section 17 (with RFC 6026) as a sans-IO state
+/// machine collection. See the module documentation for how to drive it.
+#[derive(Debug)]
+pub struct TransactionLayer {
+    config: TransactionConfig,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: usize,
+    clients: HashMap<ClientId, TransactionKey>,
+    servers: HashMap<ServerId, TransactionKey>,
+    legacy: HashMap<LegacyId, TransactionKey>,
+    timers: TimerQueue,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<TransactionEvent>,
+}
+
+impl Default for TransactionLayer {
+    fn default() -> Self {
+        Self::new(TransactionConfig::default())
+    }
+}
+
+impl TransactionLayer {
+    /// An empty layer.
+    pub fn new(config: TransactionConfig) -> Self {
+        Self {
+            config,
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            clients: HashMap::new(),
+            servers: HashMap::new(),
+            legacy: HashMap::new(),
+            timers: TimerQueue::default(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TransactionConfig {
+        &self.config
+    }
+
+    /// Number of live transactions.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// True when no transaction is live.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    fn entry(&self, key: TransactionKey) -> Option<&Entry> {
+        self.slots
+            .get(key.index as usize)
+            .filter(|s| s.generation == key.generation)?
+            .entry
+            .as_ref()
+    }
+
+    /// The state of a live transaction; `None` once it terminated.
+    pub fn state(&self, key: TransactionKey) -> Option<TransactionState> {
+        Some(match &self.entry(key)?.tx {
+            Tx::Client(c) => c.state,
+            Tx::Server(s) => s.state,
+        })
+    }
+
+    /// Which state machine a live transaction runs.
+    pub fn kind(&self, key: TransactionKey) -> Option<TransactionKind> {
+        Some(match &self.entry(key)?.tx {
+            Tx::Client(c) if c.invite => TransactionKind::InviteClient,
+            Tx::Client(_) => TransactionKind::NonInviteClient,
+            Tx::Server(s) if s.invite => TransactionKind::InviteServer,
+            Tx::Server(_) => TransactionKind::NonInviteServer,
+        })
+    }
+
+    /// The request a live client transaction sent (what the TU gave
+    /// [`TransactionLayer::send_request`]).
+    pub fn client_request(&self, key: TransactionKey) -> Option<&Request> {
+        match &self.entry(key)?.tx {
+            Tx::Client(c) => Some(&c.request),
+            Tx::Server(_) => None,
+        }
+    }
+
+    /// Where a live transaction sends: the request's destination (client) or the response
+    /// destination of section 18.2.2 (server).
+    pub fn destination(&self, key: TransactionKey) -> Option<&Peer> {
+        Some(match &self.entry(key)?.tx {
+            Tx::Client(c) => &c.destination,
+            Tx::Server(s) => &s.destination,
+        })
+    }
+
+    /// Runs `f` on a live transaction with a context for its outputs.
+    fn with_tx<R>(
+        &mut self,
+        key: TransactionKey,
+        now: Instant,
+        f: impl FnOnce(&mut Tx, &mut Ctx<'_>) -> R,
+    ) -> Option<R> {
+        let Self {
+            slots,
+            timers,
+            transmits,
+            events,
+            config,
+            ..
+        } = self;
+        let entry = slots
+            .get_mut(key.index as usize)
+            .filter(|s| s.generation == key.generation)?
+            .entry
+            .as_mut()?;
+        let mut ctx = Ctx {
+            key,
+            now,
+            config: &config.timers,
+            queue: timers,
+            transmits,
+            events,
+        };
+        Some(f(&mut entry.tx, &mut ctx))
+    }
+
+    /// Takes a free slot and creates a transaction in it with `build`.
+    fn insert(
+        &mut self,
+        now: Instant,
+        id: IndexId,
+        build: impl FnOnce(&mut Ctx<'_>) -> Tx,
+    ) -> TransactionKey {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::default());
+                // The limit keeps the slot count far below u32::MAX.
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let generation = self.slots.get(index as usize).map_or(0, |s| s.generation);
+        let key = TransactionKey { index, generation };
+        let mut ctx = Ctx {
+            key,
+            now,
+            config: &self.config.timers,
+            queue: &mut self.timers,
+            transmits: &mut self.transmits,
+            events: &mut self.events,
+        };
+        let tx = build(&mut ctx);
+        match &id {
+            IndexId::Client(c) => self.clients.insert(c.clone(), key),
+            IndexId::Server(s) => self.servers.insert(s.clone(), key),
+            IndexId::Legacy(l) => self.legacy.insert(l.clone(), key),
+        };
+        if let Some(slot) = self.slots.get_mut(index as usize) {
+            slot.entry = Some(Entry { id, tx });
+        }
+        self.live += 1;
+        key
+    }
+
+    /// Destroys a transaction (it reached Terminated) and tells the TU.
+    fn remove(&mut self, key: TransactionKey) {
+        let Some(slot) = self
+            .slots
+            .get_mut(key.index as usize)
+            .filter(|s| s.generation == key.generation)
+        else {
+            return;
+        };
+        let Some(entry) = slot.entry.take() else {
+            return;
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(key.index);
+        self.live -= 1;
+        match entry.id {
+            IndexId::Client(c) => self.clients.remove(&c),
+            IndexId::Server(s) => self.servers.remove(&s),
+            IndexId::Legacy(l) => self.legacy.remove(&l),
+        };
+        self.events.push_back(TransactionEvent::Terminated { key });
+        self.compact_timers();
+    }
+
+    fn apply(&mut self, now: Instant, key: TransactionKey, step: Step) {
+        match step {
+            Step::Continue => {}
+            Step::Terminate => self.remove(key),
+            Step::SendCancel => {
+                // A CANCEL that cannot be built (the INVITE lacks a header) is dropped; the
+                // INVITE runs on and the TU may try again.
+                let _ = self.start_cancel(now, key);
+            }
+        }
+    }
+
+    // ----- client side -----
+
+    /// Sends `request` (not ACK) to `destination` in a new client transaction and returns its
+    /// key. The request must be complete: a top Via with an RFC 3261 branch (the endpoint
+    /// adds it, see [`generate_branch`](crate::message::generate_branch)), To, From, Call-ID
+    /// and a CSeq whose method is the request's.
+    pub fn send_request(
+        &mut self,
+        now: Instant,
+        request: Request,
+        destination: Peer,
+    ) -> Result<TransactionKey, TransactionError> {
+        if request.method == Method::Ack {
+            return Err(TransactionError::AckNotAllowed);
+        }
+        check_request_headers(&request)?;
+        let id = ClientId::of_request(&request).ok_or(TransactionError::MissingBranch)?;
+        if self.clients.contains_key(&id) {
+            return Err(TransactionError::Duplicate);
+        }
+        if self.live >= self.config.max_transactions {
+            return Err(TransactionError::TooManyTransactions(
+                self.config.max_transactions,
+            ));
+        }
+        Ok(self.insert_client(now, id, request, destination))
+    }
+
+    fn insert_client(
+        &mut self,
+        now: Instant,
+        id: ClientId,
+        request: Request,
+        destination: Peer,
+    ) -> TransactionKey {
+        self.insert(now, IndexId::Client(id), |ctx| {
+            Tx::Client(ClientTransaction::start(ctx, request, destination))
+        })
+    }
+
+    /// A response received from the network. Returns true when it matched a client transaction
+    /// (which then passed it up as [`TransactionEvent::Response`] or absorbed it); otherwise it
+    /// is queued as [`TransactionEvent::StrayResponse`]. A status outside 100..=699 is dropped
+    /// (false, no event).
+    pub fn handle_response(&mut self, now: Instant, response: Response) -> bool {
+        if !(100..=699).contains(&response.status) {
+            return false;
+        }
+        let key = ClientId::of_response(&response).and_then(|id| self.clients.get(&id).copied());
+        let Some(key) = key else {
+            self.events
+                .push_back(TransactionEvent::StrayResponse { response });
+            return false;
+        };
+        let step = self.with_tx(key, now, |tx, ctx| match tx {
+            Tx::Client(c) => c.on_response(ctx, response),
+            Tx::Server(_) => Step::Continue,
+        });
+        if let Some(step) = step {
+            self.apply(now, key, step);
+        }
+        true
+    }
+
+    /// Cancels INVITE client transaction `invite` (RFC 3261 section 9.1): sends the CANCEL now
+    /// in a new non-INVITE client transaction if a provisional response arrived, or defers it
+    /// until one does. Either way [`TransactionEvent::CancelSent`] announces the CANCEL's key.
+    /// Once the CANCEL is sent, the INVITE transaction gives up 64*T1 later if no final
+    /// response arrives ([`Timer::CancelWait`]).
+    pub fn cancel(
+        &mut self,
+        now: Instant,
+        invite: TransactionKey,
+    ) -> Result<CancelOutcome, TransactionError> {
+        let (state, cancel) = match self.entry(invite).map(|e| &e.tx) {
+            None => return Err(TransactionError::UnknownTransaction),
+            Some(Tx::Client(c)) if c.invite => (c.state, c.cancel),
+            Some(_) => return Err(TransactionError::NotInviteClient),
+        };
+        match (state, cancel) {
+            (_, CancelState::Sent(k)) => Ok(CancelOutcome::Sent(k)),
+            (TransactionState::Calling, _) => {
+                if let Some(Entry {
+                    tx: Tx::Client(c), ..
+                }) = self.entry_mut(invite)
+                {
+                    c.cancel = CancelState::Deferred;
+                }
+                Ok(CancelOutcome::Deferred)
+            }
+            (TransactionState::Proceeding, _) => {
+                self.start_cancel(now, invite).map(CancelOutcome::Sent)
+            }
+            _ => Err(TransactionError::CancelTooLate),
+        }
+    }
+
+    fn entry_mut(&mut self, key: TransactionKey) -> Option<&mut Entry> {
+        self.slots
+            .get_mut(key.index as usize)
+            .filter(|s| s.generation == key.generation)?
+            .entry
+            .as_mut()
+    }
+
+    fn start_cancel(
+        &mut self,
+        now: Instant,
+        invite: TransactionKey,
+    ) -> Result<TransactionKey, TransactionError> {
+        let (request, destination) = match self.entry(invite).map(|e| &e.tx) {
+            Some(Tx::Client(c)) => (build_cancel(&c.request)?, c.destination.clone()),
+            _ => return Err(TransactionError::UnknownTransaction),
+        };
+        let id = ClientId::of_request(&request).ok_or(TransactionError::MissingBranch)?;
+        if self.clients.contains_key(&id) {
+            return Err(TransactionError::Duplicate);
+        }
+        let cancel = self.insert_client(now, id, request, destination);
+        self.with_tx(invite, now, |tx, ctx| {
+            if let Tx::Client(c) = tx {
+                c.cancel_sent(ctx, cancel);
+            }
+        });
+        self.events
+            .push_back(TransactionEvent::CancelSent { invite, cancel });
+        Ok(cancel)
+    }
+
+    // ----- server side -----
+
+    /// A request received from `source` (already validated, and stamped with
+    /// [`stamp_received`](super::stamp_received)). Depending on what it is:
+    /// * new request: a server transaction is created and [`TransactionEvent::Request`] (or
+    ///   [`TransactionEvent::Cancel`]) queued; over the limit it is answered 503 statelessly;
+    /// * retransmission: absorbed, the last response re-sent when the state says so;
+    /// * ACK: absorbed by the INVITE server transaction of its non-2xx response, or passed to
+    ///   the TU as [`TransactionEvent::Ack`].
+    ///
+    /// Requests whose top Via branch lacks the RFC 3261 cookie are matched by the RFC 2543 rules
+    /// of section 17.2.3. Errors: no or malformed top Via, CSeq or (RFC 2543 requests) Call-ID;
+    /// CSeq method not the request method; an RFC 2543 request clashing with a live one.
+    pub fn handle_request(
+        &mut self,
+        now: Instant,
+        request: Request,
+        source: Peer,
+    ) -> Result<RequestOutcome, TransactionError> {
+        let cseq = request.headers.cseq()?;
+        if cseq.method != request.method {
+            return Err(TransactionError::CSeqMethodMismatch {
+                method: request.method.clone(),
+                cseq: cseq.method,
+            });
+        }
+        if request.method == Method::Ack {
+            return self.handle_ack(now, request, source);
+        }
+        let id = request_id(&request, &request.method)?;
+        if let Some(key) = self.find_server(&id, TagRule::Request) {
+            self.with_tx(key, now, |tx, ctx| {
+                if let Tx::Server(s) = tx {
+                    s.on_retransmission(ctx);
+                }
+            });
+            return Ok(RequestOutcome::Retransmission(key));
+        }
+        let via = request.headers.top_via()?;
+        let destination = response_destination(&via, &source);
+        if self.live >= self.config.max_transactions {
+            let mut busy = Response::from_request(&request, 503, None);
+            busy.set_to_tag(&generate_tag());
+            self.send_stateless(destination, busy);
+            return Ok(RequestOutcome::Rejected);
+        }
+        let (index_id, legacy) = match id {
+            RequestId::Rfc3261(s) => (IndexId::Server(s), None),
+            RequestId::Legacy { id, to_tag } => {
+                if self.legacy.contains_key(&id) {
+                    return Err(TransactionError::Duplicate);
+                }
+                let tags = LegacyTags {
+                    request: to_tag,
+                    response: None,
+                };
+                (IndexId::Legacy(id), Some(tags))
+            }
+        };
+        let invite = if request.method == Method::Cancel {
+            Some(self.cancel_target(&request))
+        } else {
+            None
+        };
+        let trying_delay = self.config.trying_delay;
+        let key = self.insert(now, index_id, |ctx| {
+            Tx::Server(ServerTransaction::start(
+                ctx,
+                &request,
+                destination,
+                trying_delay,
+                legacy,
+            ))
+        });
+        self.events.push_back(match invite {
+            Some(invite) => TransactionEvent::Cancel {
+                key,
+                request,
+                source,
+                invite,
+            },
+            None => TransactionEvent::Request {
+                key,
+                request,
+                source,
+            },
+        });
+        Ok(RequestOutcome::Created(key))
+    }
+
+    fn handle_ack(
+        &mut self,
+        now: Instant,
+        request: Request,
+        source: Peer,
+    ) -> Result<RequestOutcome, TransactionError> {
+        let id = request_id(&request, &Method::Ack)?;
+        let matched = self.find_server(&id, TagRule::Ack);
+        let disposition = matched.and_then(|key| {
+            self.with_tx(key, now, |tx, ctx| match tx {
+                Tx::Server(s) => s.on_ack(ctx),
+                Tx::Client(_) => AckDisposition::PassUp,
+            })
+        });
+        match (matched, disposition) {
+            (Some(key), Some(AckDisposition::Absorbed(step))) => {
+                self.apply(now, key, step);
+                Ok(RequestOutcome::AckAbsorbed(key))
+            }
+            (key, _) => {
+                self.events.push_back(TransactionEvent::Ack {
+                    key,
+                    request,
+                    source,
+                });
+                Ok(RequestOutcome::AckPassed(key))
+            }
+        }
+    }
+
+    /// The live server transaction with `id`, comparing RFC 2543 To tags by `rule`.
+    fn find_server(&self, id: &RequestId, rule: TagRule) -> Option<TransactionKey> {
+        match id {
+            RequestId::Rfc3261(s) => self.servers.get(s).copied(),
+            RequestId::Legacy { id, to_tag } => {
+                let key = *self.legacy.get(id)?;
+                let Some(Entry {
+                    tx: Tx::Server(s), ..
+                }) = self.entry(key)
+                else {
+                    return None;
+                };
+                let tags = s.legacy.as_ref()?;
+                let expected = match rule {
+                    TagRule::Request => &tags.request,
+                    TagRule::Ack => &tags.response,
+                };
+                (expected.as_deref() == to_tag.as_deref()).then_some(key)
+            }
+        }
+    }
+
+    /// The INVITE server transaction a CANCEL refers to (RFC 3261 sections 9.2 and 17.2.3):
+    /// same branch and sent-by with method INVITE, or for RFC 2543 requests the same
+    /// Request-URI, From tag, Call-ID, CSeq number, top Via and To tag.
+    pub fn cancel_target(&self, cancel: &Request) -> Option<TransactionKey> {
+        let id = request_id(cancel, &Method::Invite).ok()?;
+        self.find_server(&id, TagRule::Request)
+    }
+
+    /// The TU's response in server transaction `key`. Provisional responses are sent as they
+    /// come; a final response moves the machine on (a 2xx to INVITE to Accepted, where further
+    /// 2xx are sent as the TU retransmits them). Errors: unknown or client transaction, status
+    /// outside 100..=699, or a response the state does not take (a second final response).
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        key: TransactionKey,
+        response: Response,
+    ) -> Result<(), TransactionError> {
+        if !(100..=699).contains(&response.status) {
+            return Err(TransactionError::InvalidStatus(response.status));
+        }
+        let result = self
+            .with_tx(key, now, |tx, ctx| match tx {
+                Tx::Server(s) => s.respond(ctx, response),
+                Tx::Client(_) => Err(TransactionError::NotServer),
+            })
+            .ok_or(TransactionError::UnknownTransaction)?;
+        let step = result?;
+        self.apply(now, key, step);
+        Ok(())
+    }
+
+    // ----- both sides -----
+
+    /// The transport failed to send for transaction `key` (the [`Transmit::key`] of the failed
+    /// send): the TU gets [`TransactionEvent::TransportError`] and the transaction ends (an
+    /// INVITE server transaction in Accepted stays, RFC 6026). Returns false for a dead key.
+    pub fn handle_transport_error(&mut self, now: Instant, key: TransactionKey) -> bool {
+        let step = self.with_tx(key, now, |tx, ctx| match tx {
+            Tx::Client(c) => c.on_transport_error(ctx),
+            Tx::Server(s) => s.on_transport_error(ctx),
+        });
+        match step {
+            Some(step) => {
+                self.apply(now, key, step);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues a message outside any transaction (the ACK of a 2xx, a 2xx retransmission by the
+    /// UAS core after its transaction ended, a stateless answer).
+    pub fn send_stateless(&mut self, destination: Peer, message: impl Into<Message>) {
+        self.transmits.push_back(Transmit {
+            key: None,
+            destination,
+            payload: message.into().to_bytes(),
+            retransmission: false,
+        });
+    }
+
+    /// When [`TransactionLayer::handle_timeout`] must next be called, if any timer is armed.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some((at, seq, key)) = self.timers.peek() {
+            if self.timer_is_live(key, seq) {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    fn timer_is_live(&self, key: TransactionKey, seq: u64) -> bool {
+        self.entry(key).is_some_and(|e| e.tx.timers().holds(seq))
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some((at, seq, key)) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let step = self.with_tx(key, now, |tx, ctx| {
+                let timer = tx.timers_mut().take(seq)?;
+                Some(tx.on_timer(ctx, timer))
+            });
+            if let Some(Some(step)) = step {
+                self.apply(now, key, step);
+            }
+        }
+    }
+
+    /// Drops stale heap entries once they clearly outnumber the armed timers.
+    fn compact_timers(&mut self) {
+        if self.timers.len() <= 2 * self.live + STALE_TIMER_SLACK {
+            return;
+        }
+        let Self { slots, timers, .. } = self;
+        timers.retain(|key, seq| {
+            slots
+                .get(key.index as usize)
+                .filter(|s| s.generation == key.generation)
+                .and_then(|s| s.entry.as_ref())
+                .is_some_and(|e| e.tx.timers().holds(seq))
+        });
+    }
+
+    /// Slots allocated (live or free), for tests.
+    #[cfg(test)]
+    pub(crate) fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Timer heap entries, stale ones included, for tests.
+    #[cfg(test)]
+    pub(crate) fn timer_entries(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the TU.
+    pub fn poll_event(&mut self) -> Option<TransactionEvent> {
+        self.events.pop_front()
+    }
+}
+
+/// Which To tag an RFC 2543 request is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagRule {
+    /// The To tag of the request that created the transaction (retransmissions, CANCEL).
+    Request,
+    /// The To tag of the response the transaction sent (ACK).
+    Ack,
+}
+
+/// Checks what a client transaction needs to build its ACK and CANCEL and to be matched.
+fn check_request_headers(request: &Request) -> Result<(), TransactionError> {
+    use crate::message::HeaderName;
+    let cseq = request.headers.cseq()?;
+    if cseq.method != request.method {
+        return Err(TransactionError::CSeqMethodMismatch {
+            method: request.method.clone(),
+            cseq: cseq.method,
+        });
+    }
+    request.headers.call_id()?;
+    for name in [HeaderName::To, HeaderName::From] {
+        if !request.headers.contains(&name) {
+            return Err(HeaderError::Missing(name).into());
+        }
+    }
+    Ok(())
+}

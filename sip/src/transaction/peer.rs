@@ -1,0 +1,239 @@
+//! Where messages go: [`Peer`] (an address and a transport), the response address rules of RFC
+//! 3261 section 18.2.2 with RFC 3581 `rport` ([`response_destination`]), and the `received` /
+//! `rport` stamping a server transport does on every request it receives (section 18.2.1,
+//! [`stamp_received`]).
+//!
+//! No name resolution happens here: when the rules need DNS (a `maddr` or sent-by that is a
+//! domain name), the request's source address is used instead, which is what a NAT-facing
+//! gateway wants anyway. Connection management (reusing or opening a TCP connection) is the
+//! endpoint's job.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::message::{HeaderError, HeaderName, Request, Rport, Transport, Via};
+
+/// A remote transport address: where a request is sent or where a request came from.
+///
+/// For connection-oriented transports the address names the connection: the endpoint maps
+/// `(transport, addr)` to its connection with that peer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// Socket address of the remote end.
+    pub addr: SocketAddr,
+    /// Transport (decides the retransmission rules: only UDP is unreliable).
+    pub transport: Transport,
+}
+
+impl Peer {
+    /// A peer.
+    pub fn new(addr: SocketAddr, transport: Transport) -> Self {
+        Self { addr, transport }
+    }
+
+    /// A UDP peer.
+    pub fn udp(addr: SocketAddr) -> Self {
+        Self::new(addr, Transport::Udp)
+    }
+
+    /// A TCP peer.
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Self::new(addr, Transport::Tcp)
+    }
+
+    /// True unless the transport is UDP.
+    pub fn is_reliable(&self) -> bool {
+        self.transport.is_reliable()
+    }
+}
+
+fn ip_literal(s: &str) -> Option<IpAddr> {
+    let inner = s
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(s);
+    inner.parse().ok()
+}
+
+/// Where responses to a request go (RFC 3261 section 18.2.2, RFC 3581 section 4), given the
+/// request's top Via and the peer it came from.
+///
+/// * Reliable transport: back to `source`, i.e. over the connection the request came on.
+/// * UDP with an IP `maddr`: that address, at the sent-by port (or 5060).
+/// * UDP with `rport`: the `received` address (or the source address when the Via was not
+///   stamped) at the `rport` port (or the source port when the `rport` has no value).
+/// * UDP otherwise: the `received` address, else the sent-by address when it is an IP, else
+///   the source address (no DNS here); at the sent-by port (or 5060).
+pub fn response_destination(via: &Via, source: &Peer) -> Peer {
+    if source.is_reliable() {
+        return source.clone();
+    }
+    if let Some(maddr) = via.maddr().and_then(ip_literal) {
+        return Peer::new(
+            SocketAddr::new(maddr, via.port_or_default()),
+            source.transport.clone(),
+        );
+    }
+    let addr = match via.rport() {
+        Some(rport) => {
+            let ip = via.received_ip().unwrap_or(source.addr.ip());
+            let port = match rport {
+                Rport::Port(p) => p,
+                Rport::Requested => source.addr.port(),
+            };
+            SocketAddr::new(ip, port)
+        }
+        None => {
+            let ip = via
+                .received_ip()
+                .or_else(|| via.host.ip())
+                .unwrap_or(source.addr.ip());
+            SocketAddr::new(ip, via.port_or_default())
+        }
+    };
+    Peer::new(addr, source.transport.clone())
+}
+
+/// What a server transport does to a request it receives (RFC 3261 section 18.2.1, RFC 3581):
+/// adds `received=<source ip>` to the top Via when the sent-by host is not that address, and
+/// when the client asked for `rport`, fills it with the source port (and always adds
+/// `received`). Returns whether the top Via changed (it is then rewritten in canonical form).
+/// Call it before [`TransactionLayer::handle_request`](super::TransactionLayer::handle_request)
+/// so that the TU's responses, which copy the Via, carry the stamp.
+pub fn stamp_received(request: &mut Request, source: SocketAddr) -> Result<bool, HeaderError> {
+    let mut via = request.headers.top_via()?;
+    let mut changed = false;
+    let rport_requested = matches!(via.rport(), Some(Rport::Requested));
+    if rport_requested {
+        via.set_rport(source.port());
+        changed = true;
+    }
+    if (rport_requested || via.host.ip() != Some(source.ip()))
+        && via.received_ip() != Some(source.ip())
+    {
+        via.set_received(source.ip());
+        changed = true;
+    }
+    if changed {
+        request.headers.remove_first_value(&HeaderName::Via);
+        request.headers.prepend_via(&via);
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Method, Uri};
+
+    fn via(s: &str) -> Via {
+        Via::parse(s).unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn reliable_transport_answers_on_the_connection() {
+        let src = Peer::tcp(addr("198.51.100.7:40001"));
+        let v = via("SIP/2.0/TCP client.example.com:5070;branch=z9hG4bKa;received=192.0.2.1");
+        assert_eq!(response_destination(&v, &src), src);
+    }
+
+    #[test]
+    fn udp_uses_received_and_sent_by_port() {
+        let src = Peer::udp(addr("198.51.100.7:40001"));
+        let v = via("SIP/2.0/UDP client.example.com:5070;branch=z9hG4bKa;received=192.0.2.1");
+        assert_eq!(
+            response_destination(&v, &src),
+            Peer::udp(addr("192.0.2.1:5070"))
+        );
+        let no_port = via("SIP/2.0/UDP client.example.com;branch=z9hG4bKa;received=192.0.2.1");
+        assert_eq!(
+            response_destination(&no_port, &src).addr,
+            addr("192.0.2.1:5060")
+        );
+    }
+
+    #[test]
+    fn udp_without_received_uses_an_ip_sent_by_else_the_source() {
+        let src = Peer::udp(addr("198.51.100.7:40001"));
+        let ip = via("SIP/2.0/UDP 192.0.2.9:5080;branch=z9hG4bKa");
+        assert_eq!(response_destination(&ip, &src).addr, addr("192.0.2.9:5080"));
+        let domain = via("SIP/2.0/UDP client.example.com:5080;branch=z9hG4bKa");
+        assert_eq!(
+            response_destination(&domain, &src).addr,
+            addr("198.51.100.7:5080")
+        );
+    }
+
+    #[test]
+    fn rport_wins_over_the_sent_by_port() {
+        let src = Peer::udp(addr("198.51.100.7:40001"));
+        let stamped =
+            via("SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKa;rport=40001;received=198.51.100.7");
+        assert_eq!(
+            response_destination(&stamped, &src).addr,
+            addr("198.51.100.7:40001")
+        );
+        let requested = via("SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKa;rport");
+        assert_eq!(
+            response_destination(&requested, &src).addr,
+            addr("198.51.100.7:40001")
+        );
+    }
+
+    #[test]
+    fn maddr_ip_is_used_at_the_sent_by_port() {
+        let src = Peer::udp(addr("198.51.100.7:40001"));
+        let v = via("SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKa;maddr=224.2.0.1;ttl=16");
+        assert_eq!(response_destination(&v, &src).addr, addr("224.2.0.1:5062"));
+        let v6 = via("SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKa;maddr=[2001:db8::1]");
+        assert_eq!(
+            response_destination(&v6, &src).addr,
+            addr("[2001:db8::1]:5060")
+        );
+    }
+
+    fn request_with_via(v: &str) -> Request {
+        let mut r = Request::new(Method::Options, Uri::parse("sip:a@b").unwrap());
+        r.headers.push(HeaderName::Via, v);
+        r.headers.push(
+            HeaderName::Via,
+            "SIP/2.0/UDP proxy.example.com;branch=z9hG4bKp",
+        );
+        r
+    }
+
+    #[test]
+    fn stamping_adds_received_and_rport() {
+        let mut r = request_with_via("SIP/2.0/UDP 10.0.0.5:5060;branch=z9hG4bKa;rport");
+        assert!(stamp_received(&mut r, addr("198.51.100.7:40001")).unwrap());
+        let top = r.headers.top_via().unwrap();
+        assert_eq!(top.rport(), Some(Rport::Port(40001)));
+        assert_eq!(top.received_ip(), Some("198.51.100.7".parse().unwrap()));
+        assert_eq!(top.branch(), Some("z9hG4bKa"));
+        assert_eq!(r.headers.via().unwrap().len(), 2);
+        // A second stamp from the same source changes nothing.
+        assert!(!stamp_received(&mut r, addr("198.51.100.7:40001")).unwrap());
+    }
+
+    #[test]
+    fn stamping_leaves_a_matching_sent_by_alone() {
+        let mut r = request_with_via("SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa");
+        assert!(!stamp_received(&mut r, addr("198.51.100.7:5060")).unwrap());
+        assert_eq!(
+            r.headers.top_via_branch(),
+            Some("z9hG4bKa"),
+            "untouched Via"
+        );
+        let mut d = request_with_via("SIP/2.0/UDP client.example.com;branch=z9hG4bKa");
+        assert!(stamp_received(&mut d, addr("198.51.100.7:5060")).unwrap());
+        assert_eq!(
+            d.headers.top_via().unwrap().received(),
+            Some("198.51.100.7")
+        );
+        let mut none = Request::new(Method::Options, Uri::parse("sip:a@b").unwrap());
+        assert!(stamp_received(&mut none, addr("198.51.100.7:5060")).is_err());
+    }
+}
