@@ -17,9 +17,7 @@ use crate::message::{
 };
 
 use super::error::{DialogError, RequestRejection};
-use super::state::{
-    first_contact, is_strict_router, route_set_from, text, Dialog, DialogState, Role,
-};
+use super::state::{first_contact, route_set_from, text, Dialog, DialogState, Role};
 
 /// Max-Forwards of the requests this module builds.
 const MAX_FORWARDS: u32 = 70;
@@ -34,14 +32,15 @@ pub fn is_target_refresh(method: &Method) -> bool {
 }
 
 /// The URI the transport layer resolves to send `request` (RFC 3261 section 8.1.2): the first
-/// Route when it is a loose router (`lr`), otherwise the Request-URI (no Route, or a strict
-/// router already moved into the Request-URI).
+/// Route value when there is one, otherwise the Request-URI.
+///
+/// A request built by a dialog whose route set starts with a strict router must go to its
+/// Request-URI instead (the strict router); use [`Dialog::next_hop`] for dialog requests, which
+/// knows the routing mode.
 pub fn next_hop(request: &Request) -> Result<Uri, HeaderError> {
     if request.headers.contains(&HeaderName::Route) {
         if let Some(first) = request.headers.route()?.into_iter().next() {
-            if !is_strict_router(&first) {
-                return Ok(first.uri);
-            }
+            return Ok(first.uri);
         }
     }
     Ok(request.uri.clone())
@@ -104,6 +103,17 @@ pub fn uas_response(
         copy_record_route(invite, &mut response);
     }
     response
+}
+
+/// The URI of a route entry as a Request-URI: URI headers and the `method` parameter, which a
+/// Request-URI may not carry (RFC 3261 section 19.1.1), removed.
+fn request_uri_of_route(route: &str) -> Result<Uri, DialogError> {
+    let mut uri = NameAddr::parse(route)?.uri;
+    if let Some(sip) = uri.as_sip_mut() {
+        sip.headers.clear();
+        sip.params.remove("method");
+    }
+    Ok(uri)
 }
 
 /// What an incoming in-dialog request is, once accepted by [`Dialog::receive_request`].
@@ -169,11 +179,7 @@ impl Dialog {
             Some(first) => {
                 // Strict routing: the first route becomes the Request-URI (without the
                 // parameters a Request-URI may not carry) and the remote target the last Route.
-                let mut uri = NameAddr::parse(text(first))?.uri;
-                if let Some(sip) = uri.as_sip_mut() {
-                    sip.headers.clear();
-                    sip.params.remove("method");
-                }
+                let uri = request_uri_of_route(text(first))?;
                 (uri, self.route_set.get(1..).unwrap_or_default())
             }
             None => (self.remote_target.clone(), &*self.route_set),
@@ -284,9 +290,12 @@ impl Dialog {
     }
 
     /// The URI to resolve to send the dialog's requests (RFC 3261 sections 8.1.2 and 12.2.1.1):
-    /// the first route when there is a route set (loose or strict), the remote target otherwise.
+    /// the first route when there is a route set (a loose router, or a strict router which is
+    /// then also the Request-URI, without the parameters a Request-URI may not carry), the
+    /// remote target otherwise.
     pub fn next_hop(&self) -> Result<Uri, DialogError> {
         match self.route_set.first() {
+            Some(first) if self.strict_route => Ok(request_uri_of_route(text(first))?),
             Some(first) => Ok(NameAddr::parse(text(first))?.uri),
             None => Ok(self.remote_target.clone()),
         }
@@ -474,5 +483,572 @@ impl Dialog {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialog::test_support::*;
+    use crate::dialog::RequestRejection;
+    use crate::message::{validate_request, Transport, Via};
+
+    fn uac() -> Dialog {
+        Dialog::new_uac(&request(INVITE), &ok_with_record_route()).unwrap()
+    }
+
+    fn uas() -> (Request, Dialog) {
+        let invite = request(INVITE_AT_BOB);
+        let ok = uas_response(&invite, 200, None, "b0b7a6", &bob_contact());
+        let d = Dialog::new_uas(&invite, &ok).unwrap();
+        (invite, d)
+    }
+
+    fn routes(r: &Request) -> Vec<String> {
+        r.headers
+            .route()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn with_via(mut r: Request) -> Request {
+        let via = Via::new(
+            Transport::Udp,
+            "pc33.atlanta.example.com".parse().unwrap(),
+            None,
+        )
+        .with_branch(&crate::message::generate_branch());
+        r.headers.prepend_via(&via);
+        r
+    }
+
+    #[test]
+    fn bye_with_loose_routing() {
+        let mut d = uac();
+        let bye = d.create_request(Method::Bye).unwrap();
+        assert_eq!(bye.method, Method::Bye);
+        assert_eq!(bye.uri.to_string(), "sip:bob@192.0.2.4");
+        assert_eq!(
+            routes(&bye),
+            ["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>"]
+        );
+        assert_eq!(bye.headers.from_tag(), Some("1928301774"));
+        assert_eq!(bye.headers.to_tag(), Some("a6c85cf"));
+        assert_eq!(
+            bye.headers.call_id().unwrap(),
+            "a84b4c76e66710@pc33.atlanta.example.com"
+        );
+        assert_eq!(bye.headers.cseq().unwrap(), CSeq::new(314160, Method::Bye));
+        assert_eq!(bye.headers.max_forwards().unwrap(), Some(70));
+        assert!(!bye.headers.contains(&HeaderName::Contact));
+        assert_eq!(validate_request(&with_via(bye.clone())), Ok(()));
+        assert_eq!(next_hop(&bye).unwrap().to_string(), "sip:p1.example.com;lr");
+        assert_eq!(d.next_hop().unwrap().to_string(), "sip:p1.example.com;lr");
+        assert_eq!(d.state(), DialogState::Terminated);
+        assert_eq!(d.create_request(Method::Info), Err(DialogError::Terminated));
+        // The ACK of a retransmitted 2xx can still be built.
+        assert!(d.create_ack().is_ok());
+    }
+
+    #[test]
+    fn cseq_increments_and_target_refresh_requests_carry_contact() {
+        let mut d = uac();
+        let info = d.create_request(Method::Info).unwrap();
+        let update = d.create_request(Method::Update).unwrap();
+        let message = d.create_request(Method::Message).unwrap();
+        let options = d.create_request(Method::Options).unwrap();
+        let reinvite = d.create_request(Method::Invite).unwrap();
+        let seqs: Vec<u32> = [&info, &update, &message, &options, &reinvite]
+            .iter()
+            .map(|r| r.headers.cseq().unwrap().seq)
+            .collect();
+        assert_eq!(seqs, [314160, 314161, 314162, 314163, 314164]);
+        assert_eq!(d.local_cseq(), Some(314164));
+        assert_eq!(d.local_invite_cseq(), Some(314164));
+        for r in [&update, &reinvite] {
+            assert_eq!(
+                r.headers
+                    .get(&HeaderName::Contact)
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                "<sip:alice@pc33.atlanta.example.com>"
+            );
+        }
+        for r in [&info, &message, &options] {
+            assert!(!r.headers.contains(&HeaderName::Contact));
+        }
+        // The ACK of the re-INVITE takes its number; CANCEL too, and neither increments.
+        let ack = d.create_request(Method::Ack).unwrap();
+        assert_eq!(ack.headers.cseq().unwrap(), CSeq::new(314164, Method::Ack));
+        let cancel = d.create_request(Method::Cancel).unwrap();
+        assert_eq!(
+            cancel.headers.cseq().unwrap(),
+            CSeq::new(314164, Method::Cancel)
+        );
+        assert_eq!(d.local_cseq(), Some(314164));
+    }
+
+    #[test]
+    fn strict_routing_puts_the_first_route_in_the_request_uri() {
+        let ok = invite_response(
+            200,
+            "a6c85cf",
+            "Record-Route: <sip:p2.example.com;lr>\nRecord-Route: <sip:p1.example.com;method=INVITE?X=1>\nContact: <sip:bob@192.0.2.4>\n",
+        );
+        let mut d = Dialog::new_uac(&request(INVITE), &ok).unwrap();
+        assert!(d.uses_strict_routing());
+        let bye = d.create_request(Method::Bye).unwrap();
+        assert_eq!(bye.uri.to_string(), "sip:p1.example.com");
+        assert_eq!(
+            routes(&bye),
+            ["<sip:p2.example.com;lr>", "<sip:bob@192.0.2.4>"]
+        );
+        // The request goes to the strict router in the Request-URI.
+        assert_eq!(d.next_hop().unwrap(), bye.uri);
+        assert_eq!(validate_request(&with_via(bye)), Ok(()));
+    }
+
+    #[test]
+    fn without_route_set_the_request_goes_to_the_remote_target() {
+        let ok = invite_response(200, "x", "Contact: <sip:bob@192.0.2.4:5070>\n");
+        let mut d = Dialog::new_uac(&request(INVITE), &ok).unwrap();
+        let bye = d.create_request(Method::Bye).unwrap();
+        assert!(!bye.headers.contains(&HeaderName::Route));
+        assert_eq!(
+            next_hop(&bye).unwrap().to_string(),
+            "sip:bob@192.0.2.4:5070"
+        );
+        assert_eq!(d.next_hop().unwrap(), bye.uri);
+    }
+
+    #[test]
+    fn ack_for_the_2xx_and_its_resending() {
+        let mut d = uac();
+        let ack = d.create_ack().unwrap();
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(ack.headers.cseq().unwrap(), CSeq::new(314159, Method::Ack));
+        assert_eq!(ack.uri.to_string(), "sip:bob@192.0.2.4");
+        assert_eq!(routes(&ack).len(), 2);
+        assert_eq!(ack.headers.to_tag(), Some("a6c85cf"));
+        assert!(!ack.headers.contains(&HeaderName::Contact));
+        assert_eq!(
+            d.local_cseq(),
+            Some(314159),
+            "the ACK does not use a new CSeq"
+        );
+        let sent = with_via(ack);
+        assert_eq!(validate_request(&sent), Ok(()));
+        assert_eq!(d.ack_to_resend(), None);
+        d.remember_ack(sent.clone());
+        // The 2xx is retransmitted: the same ACK (same branch) goes again.
+        assert_eq!(
+            d.receive_response(&ok_with_record_route()),
+            ResponseOutcome::InviteRetransmission
+        );
+        assert_eq!(d.ack_to_resend(), Some(&sent));
+        // A re-INVITE makes the kept ACK stale.
+        d.create_request(Method::Invite).unwrap();
+        assert_eq!(d.ack_to_resend(), None);
+        d.forget_ack();
+        let (_, uas) = uas();
+        assert_eq!(uas.create_ack(), Err(DialogError::NoInvite));
+    }
+
+    #[test]
+    fn remote_cseq_is_checked() {
+        let mut d = uac();
+        assert_eq!(d.remote_cseq(), None);
+        let info = from_bob("INFO", 7, "");
+        assert_eq!(d.receive_request(&info), Ok(InDialogRequest::Other));
+        assert_eq!(d.remote_cseq(), Some(7));
+        let older = from_bob("INFO", 6, "");
+        let rejection = d.receive_request(&older).unwrap_err();
+        assert_eq!(
+            rejection,
+            RequestRejection::OutOfOrder {
+                cseq: 6,
+                remote_cseq: 7
+            }
+        );
+        assert_eq!(rejection.status(), 500);
+        assert_eq!(d.remote_cseq(), Some(7));
+        assert_eq!(
+            d.receive_request(&from_bob("OPTIONS", 7, "")),
+            Ok(InDialogRequest::Other)
+        );
+        assert_eq!(
+            d.receive_request(&from_bob("MESSAGE", 9, "")),
+            Ok(InDialogRequest::Other)
+        );
+        assert_eq!(d.remote_cseq(), Some(9));
+        // ACK and CANCEL are not CSeq-checked.
+        assert_eq!(
+            d.receive_request(&from_bob("ACK", 1, "")),
+            Ok(InDialogRequest::Ack)
+        );
+        // A request of another dialog is refused.
+        let other = edit_request(&from_bob("INFO", 10, ""), "tag=a6c85cf", "tag=zzz");
+        assert_eq!(d.receive_request(&other), Err(RequestRejection::NoDialog));
+    }
+
+    #[test]
+    fn uas_checks_against_the_invite_cseq() {
+        let (_, mut d) = uas();
+        let old = from_alice("INFO", 314158, "b0b7a6", "");
+        assert_eq!(d.receive_request(&old).unwrap_err().status(), 500);
+        let ack = from_alice("ACK", 314159, "b0b7a6", "");
+        assert_eq!(d.receive_request(&ack), Ok(InDialogRequest::Ack));
+        let info = from_alice("INFO", 314160, "b0b7a6", "");
+        assert_eq!(d.receive_request(&info), Ok(InDialogRequest::Other));
+    }
+
+    #[test]
+    fn bye_received_terminates() {
+        let (_, mut d) = uas();
+        let bye = from_alice("BYE", 314160, "b0b7a6", "");
+        assert_eq!(d.receive_request(&bye), Ok(InDialogRequest::Bye));
+        assert_eq!(d.state(), DialogState::Terminated);
+        let ok = d.create_response(&bye, 200, None);
+        assert_eq!(ok.headers.to_tag(), Some("b0b7a6"));
+        assert_eq!(ok.headers.from_tag(), Some("1928301774"));
+        assert_eq!(ok.headers.cseq().unwrap(), CSeq::new(314160, Method::Bye));
+        assert!(!ok.headers.contains(&HeaderName::Contact));
+        assert_eq!(ok.headers.count(&HeaderName::Via), 2);
+        // A later request gets 481; a BYE retransmitted past the transaction layer gets 200.
+        let info = from_alice("INFO", 314161, "b0b7a6", "");
+        assert_eq!(d.receive_request(&info).unwrap_err().status(), 481);
+        assert_eq!(d.receive_request(&bye), Ok(InDialogRequest::Bye));
+        assert_eq!(d.create_request(Method::Bye), Err(DialogError::Terminated));
+    }
+
+    #[test]
+    fn uas_requests_start_from_a_random_cseq_and_increment() {
+        let (_, mut d) = uas();
+        let bye_first = d.clone().create_request(Method::Info).unwrap();
+        let first = bye_first.headers.cseq().unwrap().seq;
+        assert!((1..(1 << 30)).contains(&first));
+        let info = d.create_request(Method::Info).unwrap();
+        let n = info.headers.cseq().unwrap().seq;
+        let options = d.create_request(Method::Options).unwrap();
+        assert_eq!(options.headers.cseq().unwrap().seq, n + 1);
+        assert_eq!(d.local_cseq(), Some(n + 1));
+        // Bob's request goes to Alice's Contact through p2 then p1, From Bob To Alice.
+        assert_eq!(info.uri.to_string(), "sip:alice@pc33.atlanta.example.com");
+        assert_eq!(
+            routes(&info),
+            ["<sip:p2.example.com;lr>", "<sip:p1.example.com;lr>"]
+        );
+        assert_eq!(info.headers.from_tag(), Some("b0b7a6"));
+        assert_eq!(info.headers.to_tag(), Some("1928301774"));
+    }
+
+    #[test]
+    fn local_cseq_exhaustion_is_an_error() {
+        let mut d = uac();
+        d.local_cseq = Some(u32::MAX);
+        assert_eq!(
+            d.create_request(Method::Info),
+            Err(DialogError::CSeqExhausted)
+        );
+        assert_eq!(d.local_cseq(), Some(u32::MAX));
+    }
+
+    #[test]
+    fn uas_cannot_bye_an_early_dialog() {
+        let invite = request(INVITE_AT_BOB);
+        let ringing = uas_response(&invite, 180, None, "b0b7a6", &bob_contact());
+        let mut d = Dialog::new_uas(&invite, &ringing).unwrap();
+        assert_eq!(
+            d.create_request(Method::Bye),
+            Err(DialogError::ByeOnEarlyDialog)
+        );
+        // UPDATE is fine on an early dialog.
+        assert!(d.create_request(Method::Update).is_ok());
+    }
+
+    #[test]
+    fn early_dialog_confirmed_by_200_recomputes_the_route_set() {
+        let ringing = invite_response(
+            180,
+            "a6c85cf",
+            "Record-Route: <sip:p1.example.com;lr>\nContact: <sip:bob@192.0.2.99>\n",
+        );
+        let mut d = Dialog::new_uac(&request(INVITE), &ringing).unwrap();
+        assert_eq!(d.state(), DialogState::Early);
+        assert_eq!(
+            d.route_set().collect::<Vec<_>>(),
+            ["<sip:p1.example.com;lr>"]
+        );
+        assert_eq!(d.remote_target().to_string(), "sip:bob@192.0.2.99");
+        // A second 180 with a new Contact refreshes the early target.
+        let ringing2 = invite_response(180, "a6c85cf", "Contact: <sip:bob@192.0.2.98>\n");
+        assert_eq!(d.receive_response(&ringing2), ResponseOutcome::Provisional);
+        assert_eq!(d.remote_target().to_string(), "sip:bob@192.0.2.98");
+        assert_eq!(
+            d.receive_response(&ok_with_record_route()),
+            ResponseOutcome::InviteAccepted
+        );
+        assert_eq!(d.state(), DialogState::Confirmed);
+        assert_eq!(
+            d.route_set().collect::<Vec<_>>(),
+            ["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>"]
+        );
+        assert_eq!(d.remote_target().to_string(), "sip:bob@192.0.2.4");
+        assert_eq!(
+            d.receive_response(&ok_with_record_route()),
+            ResponseOutcome::InviteRetransmission
+        );
+    }
+
+    #[test]
+    fn early_dialog_without_contact_targets_the_request_uri() {
+        let ringing = invite_response(180, "a6c85cf", "");
+        let d = Dialog::new_uac(&request(INVITE), &ringing).unwrap();
+        assert_eq!(d.remote_target().to_string(), "sip:bob@biloxi.example.com");
+    }
+
+    #[test]
+    fn early_dialog_failure_terminates() {
+        let ringing = invite_response(180, "a6c85cf", "Contact: <sip:bob@192.0.2.4>\n");
+        let mut d = Dialog::new_uac(&request(INVITE), &ringing).unwrap();
+        assert_eq!(
+            d.receive_response(&invite_response(486, "a6c85cf", "")),
+            ResponseOutcome::Terminated
+        );
+        assert_eq!(d.state(), DialogState::Terminated);
+    }
+
+    fn response_to(req: &Request, status: u16, extra_contact: Option<&str>) -> Response {
+        let mut r = Response::from_request(req, status, None);
+        if let Some(c) = extra_contact {
+            r.headers.push(HeaderName::Contact, c);
+        }
+        r
+    }
+
+    #[test]
+    fn uac_target_refresh_on_reinvite_and_update_2xx() {
+        let mut d = uac();
+        let reinvite = d.create_request(Method::Invite).unwrap();
+        assert_eq!(
+            d.receive_response(&response_to(&reinvite, 100, None)),
+            ResponseOutcome::Provisional
+        );
+        let ok = response_to(&reinvite, 200, Some("<sip:bob@198.51.100.7:5062>"));
+        assert_eq!(d.receive_response(&ok), ResponseOutcome::InviteAccepted);
+        assert_eq!(d.remote_target().to_string(), "sip:bob@198.51.100.7:5062");
+        assert_eq!(
+            d.receive_response(&ok),
+            ResponseOutcome::InviteRetransmission
+        );
+        let ack = d.create_ack().unwrap();
+        assert_eq!(ack.uri.to_string(), "sip:bob@198.51.100.7:5062");
+        assert_eq!(ack.headers.cseq().unwrap().seq, 314160);
+        // The route set does not change on a target refresh.
+        assert_eq!(d.route_set().len(), 2);
+
+        let update = d.create_request(Method::Update).unwrap();
+        let ok = response_to(&update, 200, Some("<sip:bob@198.51.100.8>"));
+        assert_eq!(d.receive_response(&ok), ResponseOutcome::Success);
+        assert_eq!(d.remote_target().to_string(), "sip:bob@198.51.100.8");
+
+        // A failed refresh changes nothing.
+        let reinvite = d.create_request(Method::Invite).unwrap();
+        let pending = response_to(&reinvite, 491, Some("<sip:bob@203.0.113.1>"));
+        assert_eq!(d.receive_response(&pending), ResponseOutcome::Rejected);
+        assert_eq!(d.remote_target().to_string(), "sip:bob@198.51.100.8");
+        assert_eq!(d.state(), DialogState::Confirmed);
+
+        // INFO's 2xx is not a refresh even with a Contact.
+        let info = d.create_request(Method::Info).unwrap();
+        let ok = response_to(&info, 200, Some("<sip:bob@203.0.113.2>"));
+        assert_eq!(d.receive_response(&ok), ResponseOutcome::Success);
+        assert_eq!(d.remote_target().to_string(), "sip:bob@198.51.100.8");
+    }
+
+    #[test]
+    fn a_481_or_408_terminates() {
+        for status in [481, 408] {
+            let mut d = uac();
+            let info = d.create_request(Method::Info).unwrap();
+            assert_eq!(
+                d.receive_response(&response_to(&info, status, None)),
+                ResponseOutcome::Terminated
+            );
+            assert_eq!(d.state(), DialogState::Terminated);
+        }
+        let mut d = uac();
+        let info = d.create_request(Method::Info).unwrap();
+        assert_eq!(
+            d.receive_response(&response_to(&info, 404, None)),
+            ResponseOutcome::Rejected
+        );
+        let bye = d.create_request(Method::Bye).unwrap();
+        assert_eq!(
+            d.receive_response(&response_to(&bye, 200, None)),
+            ResponseOutcome::Terminated
+        );
+        let mut garbled = response_to(&bye, 200, None);
+        garbled.headers.remove(&HeaderName::CSeq);
+        assert_eq!(d.receive_response(&garbled), ResponseOutcome::Ignored);
+    }
+
+    #[test]
+    fn uas_target_refresh_when_the_2xx_is_sent() {
+        let (invite, mut d) = uas();
+        assert_eq!(
+            d.response_sent(&invite, &d.create_response(&invite, 200, None)),
+            DialogState::Confirmed
+        );
+        let reinvite = from_alice(
+            "INVITE",
+            314160,
+            "b0b7a6",
+            "Contact: <sip:alice@198.51.100.20>\n",
+        );
+        assert_eq!(d.receive_request(&reinvite), Ok(InDialogRequest::Other));
+        assert_eq!(d.remote_invite_cseq(), Some(314160));
+        assert_eq!(
+            d.remote_target().to_string(),
+            "sip:alice@pc33.atlanta.example.com",
+            "not before the 2xx"
+        );
+        let ok = d.create_response(&reinvite, 200, None);
+        assert_eq!(
+            ok.headers
+                .get(&HeaderName::Contact)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "<sip:bob@192.0.2.4>"
+        );
+        assert_eq!(ok.headers.to_tag(), Some("b0b7a6"));
+        assert!(!ok.headers.contains(&HeaderName::RecordRoute));
+        d.response_sent(&reinvite, &ok);
+        assert_eq!(d.remote_target().to_string(), "sip:alice@198.51.100.20");
+
+        let update = from_alice(
+            "UPDATE",
+            314161,
+            "b0b7a6",
+            "Contact: <sip:alice@198.51.100.21>\n",
+        );
+        assert_eq!(d.receive_request(&update), Ok(InDialogRequest::Other));
+        let refused = d.create_response(&update, 488, None);
+        assert!(!refused.headers.contains(&HeaderName::Contact));
+        d.response_sent(&update, &refused);
+        assert_eq!(d.remote_target().to_string(), "sip:alice@198.51.100.20");
+        let update = from_alice(
+            "UPDATE",
+            314162,
+            "b0b7a6",
+            "Contact: <sip:alice@198.51.100.22>\n",
+        );
+        d.receive_request(&update).unwrap();
+        d.response_sent(&update, &d.create_response(&update, 200, None));
+        assert_eq!(d.remote_target().to_string(), "sip:alice@198.51.100.22");
+    }
+
+    #[test]
+    fn uas_early_dialog_confirmed_or_failed_by_the_final_response() {
+        let invite = request(INVITE_AT_BOB);
+        let ringing = uas_response(&invite, 180, None, "b0b7a6", &bob_contact());
+        let early = Dialog::new_uas(&invite, &ringing).unwrap();
+        let mut d = early.clone();
+        let ok = d.create_response(&invite, 200, None);
+        assert_eq!(ok.headers.to_tag(), Some("b0b7a6"));
+        assert_eq!(ok.headers.count(&HeaderName::RecordRoute), 2);
+        assert_eq!(d.response_sent(&invite, &ok), DialogState::Confirmed);
+        let mut d = early;
+        let busy = d.create_response(&invite, 486, None);
+        assert!(!busy.headers.contains(&HeaderName::Contact));
+        assert_eq!(d.response_sent(&invite, &busy), DialogState::Terminated);
+    }
+
+    #[test]
+    fn uas_response_copies_record_route_and_sets_tag_and_contact() {
+        let invite = request(INVITE_AT_BOB);
+        let ok = uas_response(&invite, 200, Some("OK"), "b0b7a6", &bob_contact());
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.headers.to_tag(), Some("b0b7a6"));
+        assert_eq!(
+            ok.headers
+                .record_route()
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["<sip:p2.example.com;lr>", "<sip:p1.example.com;lr>"]
+        );
+        assert_eq!(
+            ok.headers
+                .get(&HeaderName::Contact)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "<sip:bob@192.0.2.4>"
+        );
+        assert_eq!(ok.headers.count(&HeaderName::Via), 3);
+        let busy = uas_response(&invite, 486, None, "b0b7a6", &bob_contact());
+        assert_eq!(busy.headers.to_tag(), Some("b0b7a6"));
+        assert!(!busy.headers.contains(&HeaderName::Contact));
+        assert!(!busy.headers.contains(&HeaderName::RecordRoute));
+    }
+
+    #[test]
+    fn uas_response_uses_sips_contact_when_the_invite_requires_it() {
+        let by_ruri = request(&INVITE_AT_BOB.replace("INVITE sip:bob@", "INVITE sips:bob@"));
+        let by_rr = request(&INVITE_AT_BOB.replace(
+            "Record-Route: <sip:p2.example.com;lr>",
+            "Record-Route: <sips:p2.example.com;lr>",
+        ));
+        let by_contact = request(
+            &INVITE_AT_BOB
+                .replace("Record-Route: <sip:p2.example.com;lr>\n", "")
+                .replace("Record-Route: <sip:p1.example.com;lr>\n", "")
+                .replace("Contact: <sip:alice", "Contact: <sips:alice"),
+        );
+        for invite in [by_ruri, by_rr, by_contact] {
+            let ok = uas_response(&invite, 200, None, "t", &bob_contact());
+            assert_eq!(
+                ok.headers
+                    .get(&HeaderName::Contact)
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                "<sips:bob@192.0.2.4>"
+            );
+        }
+        let plain = uas_response(&request(INVITE_AT_BOB), 200, None, "t", &bob_contact());
+        assert_eq!(
+            plain
+                .headers
+                .get(&HeaderName::Contact)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "<sip:bob@192.0.2.4>"
+        );
+    }
+
+    #[test]
+    fn next_hop_of_requests() {
+        let plain = request(INVITE);
+        assert_eq!(next_hop(&plain).unwrap(), plain.uri);
+        let routed = request(&INVITE.replace(
+            "Max-Forwards: 70\n",
+            "Max-Forwards: 70\nRoute: <sip:edge.example.com;lr;transport=tcp>, <sip:core.example.com;lr>\n",
+        ));
+        assert_eq!(
+            next_hop(&routed).unwrap().to_string(),
+            "sip:edge.example.com;lr;transport=tcp"
+        );
+        let broken = request(&INVITE.replace("Max-Forwards: 70\n", "Route: <bad\n"));
+        assert!(next_hop(&broken).is_err());
+        assert!(is_target_refresh(&Method::Update));
+        assert!(!is_target_refresh(&Method::Bye));
     }
 }

@@ -43,6 +43,8 @@ mod record;
 mod retransmit;
 mod state;
 mod table;
+#[cfg(test)]
+mod test_support;
 
 pub use error::{DialogError, DialogsError, ImportError, RequestRejection};
 pub use in_dialog::{is_target_refresh, next_hop, uas_response, InDialogRequest, ResponseOutcome};

@@ -204,3 +204,190 @@ impl Dialog {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialog::test_support::*;
+    use crate::dialog::uas_response;
+    use crate::message::Method;
+
+    fn uac() -> Dialog {
+        Dialog::new_uac(&request(INVITE), &ok_with_record_route()).unwrap()
+    }
+
+    fn uas() -> Dialog {
+        let invite = request(INVITE_AT_BOB);
+        let ok = uas_response(&invite, 200, None, "b0b7a6", &bob_contact());
+        Dialog::new_uas(&invite, &ok).unwrap()
+    }
+
+    fn json_round_trip(d: &Dialog) -> Dialog {
+        let json = serde_json::to_string(&d.export()).unwrap();
+        let record: DialogRecord = serde_json::from_str(&json).unwrap();
+        Dialog::import(&record).unwrap()
+    }
+
+    #[test]
+    fn uac_and_uas_round_trips() {
+        for d in [uac(), uas()] {
+            let back = json_round_trip(&d);
+            assert_eq!(back, d);
+            assert_eq!(back.export(), d.export());
+        }
+        // After requests in both directions, a strict route, a secure flag and an RFC 2543 peer.
+        let mut d = uac();
+        d.create_request(Method::Info).unwrap();
+        d.receive_request(&from_bob("INFO", 12, "")).unwrap();
+        assert_eq!(json_round_trip(&d), d);
+        let strict = invite_response(
+            200,
+            "a6c85cf",
+            "Record-Route: <sip:p1.example.com>\nContact: <sips:bob@192.0.2.4;transport=tls>\n",
+        );
+        let invite = request(&INVITE.replace("INVITE sip:bob@", "INVITE sips:bob@"));
+        let d = Dialog::new_uac(&invite, &strict).unwrap();
+        assert!(d.uses_strict_routing() && d.is_secure());
+        let back = json_round_trip(&d);
+        assert_eq!(back, d);
+        assert!(back.uses_strict_routing() && back.is_secure());
+        let invite = request(&INVITE_AT_BOB.replace(";tag=1928301774", ""));
+        let ok = uas_response(&invite, 200, None, "b0b7a6", &bob_contact());
+        let d = Dialog::new_uas(&invite, &ok).unwrap();
+        assert_eq!(json_round_trip(&d), d);
+    }
+
+    #[test]
+    fn the_record_holds_plain_fields() {
+        let record = uac().export();
+        let json: serde_json::Value = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["version"], 1);
+        assert_eq!(json["call_id"], "a84b4c76e66710@pc33.atlanta.example.com");
+        assert_eq!(json["local_tag"], "1928301774");
+        assert_eq!(json["remote_tag"], "a6c85cf");
+        assert_eq!(json["role"], "uac");
+        assert_eq!(json["state"], "confirmed");
+        assert_eq!(
+            json["local_uri"],
+            "\"Alice A.\" <sip:alice@atlanta.example.com>;tag=1928301774"
+        );
+        assert_eq!(json["remote_target"], "sip:bob@192.0.2.4");
+        assert_eq!(
+            json["route_set"],
+            serde_json::json!(["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>"])
+        );
+        assert_eq!(json["local_cseq"], 314159);
+        assert_eq!(json["local_invite_cseq"], 314159);
+        assert!(json.get("remote_cseq").is_none(), "absent while empty");
+        assert_eq!(json["secure"], false);
+        assert_eq!(
+            json["local_contact"],
+            "<sip:alice@pc33.atlanta.example.com>"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_optional_ones_may_be_absent() {
+        let json = r#"{
+            "version": 1,
+            "call_id": "c1@example.com",
+            "local_tag": "l1",
+            "role": "uas",
+            "state": "confirmed",
+            "local_uri": "<sip:bob@example.com>",
+            "remote_uri": "<sip:alice@example.com;transport=tcp>;tag=old",
+            "remote_target": "sip:alice@192.0.2.1:5070",
+            "local_contact": "<sip:bob@192.0.2.4>",
+            "owner_node": "node-7",
+            "added_in_a_later_version": {"nested": [1, 2]}
+        }"#;
+        let record: DialogRecord = serde_json::from_str(json).unwrap();
+        let d = Dialog::import(&record).unwrap();
+        assert_eq!(d.remote_tag(), "");
+        assert_eq!(d.local_uri(), "<sip:bob@example.com>;tag=l1");
+        assert_eq!(d.remote_uri(), "<sip:alice@example.com;transport=tcp>");
+        assert_eq!(d.route_set().len(), 0);
+        assert_eq!(d.local_cseq(), None);
+        assert!(!d.is_secure());
+    }
+
+    #[test]
+    fn the_tag_fields_win_over_tags_in_the_uris() {
+        let mut record = uac().export();
+        record.local_uri = "<sip:alice@atlanta.example.com>;tag=stale".into();
+        let d = Dialog::import(&record).unwrap();
+        assert_eq!(
+            d.local_uri(),
+            "<sip:alice@atlanta.example.com>;tag=1928301774"
+        );
+    }
+
+    #[test]
+    fn import_errors() {
+        let good = uac().export();
+        let mut r = good.clone();
+        r.version = 2;
+        assert_eq!(
+            Dialog::import(&r),
+            Err(ImportError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            })
+        );
+        type Edit = fn(&mut DialogRecord);
+        let uri_errors: [(&str, Edit); 5] = [
+            ("remote_target", |r| r.remote_target = "sip:".into()),
+            ("local_uri", |r| r.local_uri = "<sip:alice@".into()),
+            ("remote_uri", |r| r.remote_uri = "not an address".into()),
+            ("local_contact", |r| r.local_contact = String::new()),
+            ("route_set", |r| r.route_set.push("<sip:[::1>".into())),
+        ];
+        for (field, edit) in uri_errors {
+            let mut r = good.clone();
+            edit(&mut r);
+            match Dialog::import(&r) {
+                Err(ImportError::InvalidUri { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let field_errors: [(&str, Edit); 7] = [
+            ("role", |r| r.role = "proxy".into()),
+            ("state", |r| r.state = "Confirmed".into()),
+            ("call_id", |r| r.call_id = "two words".into()),
+            ("call_id", |r| r.call_id = "x".repeat(MAX_FIELD_LEN + 1)),
+            ("local_tag", |r| r.local_tag = String::new()),
+            ("remote_tag", |r| r.remote_tag = "a;b".into()),
+            ("route_set", |r| {
+                r.route_set = vec!["<sip:p.example.com;lr>".into(); MAX_ROUTE_SET_LEN + 1]
+            }),
+        ];
+        for (field, edit) in field_errors {
+            let mut r = good.clone();
+            edit(&mut r);
+            match Dialog::import(&r) {
+                Err(ImportError::InvalidField { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        assert!(Dialog::import(&good).is_ok());
+        // A record missing a required field does not deserialize at all.
+        let mut json = serde_json::to_value(&good).unwrap();
+        json.as_object_mut().unwrap().remove("remote_target");
+        assert!(serde_json::from_value::<DialogRecord>(json).is_err());
+    }
+
+    /// Sizes quoted in the module report: run with `--nocapture` to see them.
+    #[test]
+    fn a_confirmed_dialog_and_its_record_stay_small() {
+        let d = uas();
+        let inline = std::mem::size_of::<Dialog>();
+        let heap = d.estimated_heap_bytes();
+        let json = serde_json::to_string(&d.export()).unwrap();
+        println!(
+            "size_of::<Dialog>() = {inline} B, heap ~{heap} B, record JSON {} B",
+            json.len()
+        );
+        assert!(inline + heap < 2048, "{inline} + {heap}");
+        assert!(json.len() < 1024, "{json}");
+    }
+}

@@ -173,3 +173,146 @@ impl Pending2xx {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialog::test_support::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn ack(cseq: u32) -> Request {
+        request(&format!(
+            "ACK sip:bob@192.0.2.4 SIP/2.0
+Via: SIP/2.0/UDP pc33.atlanta.example.com;branch=z9hG4bKack
+Max-Forwards: 70
+To: Bob <sip:bob@biloxi.example.com>;tag=a6c85cf
+From: \"Alice A.\" <sip:alice@atlanta.example.com>;tag=1928301774
+Call-ID: a84b4c76e66710@pc33.atlanta.example.com
+CSeq: {cseq} ACK
+Content-Length: 0
+
+"
+        ))
+    }
+
+    /// Runs the timer from `start` until it finishes or `limit` passes, firing exactly at each
+    /// `poll_timeout`; returns the instants (offsets from `start`) of each action.
+    fn run(
+        p: &mut Pending2xx,
+        start: Instant,
+        limit: Duration,
+    ) -> Vec<(Duration, Pending2xxAction)> {
+        let mut out = Vec::new();
+        while let Some(at) = p.poll_timeout() {
+            if at - start > limit {
+                break;
+            }
+            // Too early does nothing.
+            if at > start {
+                assert_eq!(p.handle_timeout(at - ms(1)), Pending2xxAction::Wait);
+            }
+            let action = p.handle_timeout(at);
+            assert_ne!(action, Pending2xxAction::Wait);
+            out.push((at - start, action));
+        }
+        out
+    }
+
+    #[test]
+    fn schedule_doubles_from_t1_up_to_t2_and_gives_up_at_64_t1() {
+        let start = Instant::now();
+        let mut p =
+            Pending2xx::new(ok_with_record_route(), start, RetransmitTimers::DEFAULT).unwrap();
+        assert_eq!(p.cseq(), 314159);
+        let events = run(&mut p, start, Duration::from_secs(60));
+        let retransmits: Vec<u64> = events
+            .iter()
+            .filter(|(_, a)| *a == Pending2xxAction::Retransmit)
+            .map(|(t, _)| t.as_millis() as u64)
+            .collect();
+        // T1, +2T1, +4T1, then every T2 = 4 s.
+        assert_eq!(
+            retransmits,
+            [500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500]
+        );
+        assert_eq!(events.last(), Some(&(ms(32_000), Pending2xxAction::GiveUp)));
+        assert_eq!(p.retransmissions(), 10);
+        assert!(p.is_finished() && !p.is_acknowledged());
+        assert_eq!(p.poll_timeout(), None);
+        assert_eq!(p.handle_timeout(start + ms(40_000)), Pending2xxAction::Wait);
+    }
+
+    #[test]
+    fn custom_timers() {
+        let start = Instant::now();
+        let timers = RetransmitTimers {
+            t1: ms(100),
+            t2: ms(300),
+        };
+        assert_eq!(timers.ack_wait(), ms(6400));
+        let mut p = Pending2xx::new(ok_with_record_route(), start, timers).unwrap();
+        let times: Vec<u64> = run(&mut p, start, Duration::from_secs(10))
+            .iter()
+            .map(|(t, _)| t.as_millis() as u64)
+            .take(5)
+            .collect();
+        assert_eq!(times, [100, 300, 600, 900, 1200]);
+        // Absurd values are clamped.
+        let clamped = RetransmitTimers {
+            t1: Duration::ZERO,
+            t2: Duration::from_secs(1_000_000),
+        }
+        .clamped();
+        assert_eq!(clamped.t1, ms(1));
+        assert_eq!(clamped.t2, ms(64));
+    }
+
+    #[test]
+    fn the_ack_stops_the_retransmissions() {
+        let start = Instant::now();
+        let mut p =
+            Pending2xx::new(ok_with_record_route(), start, RetransmitTimers::DEFAULT).unwrap();
+        assert_eq!(
+            p.handle_timeout(start + ms(500)),
+            Pending2xxAction::Retransmit
+        );
+        assert_eq!(p.poll_timeout(), Some(start + ms(1500)));
+        assert!(!p.handle_ack(&ack(314158)), "ACK of another INVITE");
+        let mut other_dialog = ack(314159);
+        other_dialog.headers.set(
+            crate::message::HeaderName::To,
+            "Bob <sip:bob@biloxi.example.com>;tag=other",
+        );
+        assert!(!p.handle_ack(&other_dialog));
+        assert!(p.handle_ack(&ack(314159)));
+        assert!(p.is_acknowledged() && p.is_finished());
+        assert_eq!(p.poll_timeout(), None);
+        assert_eq!(p.handle_timeout(start + ms(1500)), Pending2xxAction::Wait);
+        assert!(!p.handle_ack(&ack(314159)), "only once");
+        assert_eq!(p.retransmissions(), 1);
+    }
+
+    #[test]
+    fn only_a_2xx_to_an_invite_is_retransmitted() {
+        let now = Instant::now();
+        let ringing = invite_response(180, "a6c85cf", "");
+        assert_eq!(
+            Pending2xx::new(ringing, now, RetransmitTimers::DEFAULT),
+            Err(DialogError::NotInvite2xx)
+        );
+        let bye_ok = edit_response(&ok_with_record_route(), "314159 INVITE", "2 BYE");
+        assert_eq!(
+            Pending2xx::new(bye_ok, now, RetransmitTimers::DEFAULT),
+            Err(DialogError::NotInvite2xx)
+        );
+        let mut no_cseq = ok_with_record_route();
+        no_cseq.headers.remove(&crate::message::HeaderName::CSeq);
+        assert!(matches!(
+            Pending2xx::new(no_cseq, now, RetransmitTimers::DEFAULT),
+            Err(DialogError::Header(_))
+        ));
+    }
+}

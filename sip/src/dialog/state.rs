@@ -491,3 +491,244 @@ fn uri_heap_bytes(uri: &Uri) -> usize {
         other => other.to_string().len() + 32,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dialog::test_support::*;
+    use crate::dialog::uas_response;
+
+    #[test]
+    fn uac_dialog_from_invite_and_200_reverses_the_record_route() {
+        let invite = request(INVITE);
+        let d = Dialog::new_uac(&invite, &ok_with_record_route()).unwrap();
+        assert_eq!(
+            d.id(),
+            &DialogId::new(
+                "a84b4c76e66710@pc33.atlanta.example.com",
+                "1928301774",
+                "a6c85cf"
+            )
+        );
+        assert_eq!(d.role(), Role::Uac);
+        assert_eq!(d.state(), DialogState::Confirmed);
+        assert_eq!(
+            d.route_set().collect::<Vec<_>>(),
+            ["<sip:p1.example.com;lr>", "<sip:p2.example.com;lr>"]
+        );
+        assert!(!d.uses_strict_routing());
+        assert_eq!(d.remote_target().to_string(), "sip:bob@192.0.2.4");
+        assert_eq!(d.local_cseq(), Some(314159));
+        assert_eq!(d.local_invite_cseq(), Some(314159));
+        assert_eq!(d.remote_cseq(), None);
+        assert_eq!(
+            d.local_uri(),
+            "\"Alice A.\" <sip:alice@atlanta.example.com>;tag=1928301774"
+        );
+        assert_eq!(
+            d.remote_uri(),
+            "\"Bob\" <sip:bob@biloxi.example.com>;tag=a6c85cf"
+        );
+        assert_eq!(d.remote_address().unwrap().tag(), Some("a6c85cf"));
+        assert_eq!(
+            d.local_address().unwrap().display_name.as_deref(),
+            Some("Alice A.")
+        );
+        assert_eq!(d.local_contact(), "<sip:alice@pc33.atlanta.example.com>");
+        assert!(!d.is_secure());
+    }
+
+    #[test]
+    fn uac_dialog_without_record_route_has_an_empty_route_set() {
+        let ok = invite_response(
+            200,
+            "x1",
+            "Contact: <sip:bob@192.0.2.4:5070;transport=tcp>\n",
+        );
+        let d = Dialog::new_uac(&request(INVITE), &ok).unwrap();
+        assert_eq!(d.route_set().len(), 0);
+        assert_eq!(
+            d.remote_target().to_string(),
+            "sip:bob@192.0.2.4:5070;transport=tcp"
+        );
+    }
+
+    #[test]
+    fn uas_dialog_keeps_the_record_route_in_order() {
+        let invite = request(INVITE_AT_BOB);
+        let ok = uas_response(&invite, 200, None, "b0b7a6", &bob_contact());
+        let d = Dialog::new_uas(&invite, &ok).unwrap();
+        assert_eq!(d.role(), Role::Uas);
+        assert_eq!(d.state(), DialogState::Confirmed);
+        assert_eq!(
+            d.id(),
+            &DialogId::new(
+                "a84b4c76e66710@pc33.atlanta.example.com",
+                "b0b7a6",
+                "1928301774"
+            )
+        );
+        assert_eq!(
+            d.route_set().collect::<Vec<_>>(),
+            ["<sip:p2.example.com;lr>", "<sip:p1.example.com;lr>"]
+        );
+        assert_eq!(
+            d.remote_target().to_string(),
+            "sip:alice@pc33.atlanta.example.com"
+        );
+        assert_eq!(d.remote_cseq(), Some(314159));
+        assert_eq!(d.remote_invite_cseq(), Some(314159));
+        assert_eq!(d.local_cseq(), None);
+        assert_eq!(
+            d.local_uri(),
+            "\"Bob\" <sip:bob@biloxi.example.com>;tag=b0b7a6"
+        );
+        assert_eq!(
+            d.remote_uri(),
+            "\"Alice A.\" <sip:alice@atlanta.example.com>;tag=1928301774"
+        );
+        assert_eq!(d.local_contact(), "<sip:bob@192.0.2.4>");
+    }
+
+    #[test]
+    fn uas_early_dialog_from_a_tagged_180() {
+        let invite = request(INVITE_AT_BOB);
+        let ringing = uas_response(&invite, 180, None, "b0b7a6", &bob_contact());
+        let d = Dialog::new_uas(&invite, &ringing).unwrap();
+        assert_eq!(d.state(), DialogState::Early);
+        let trying = uas_response(&invite, 100, None, "b0b7a6", &bob_contact());
+        assert_eq!(trying.headers.to_tag(), None);
+        assert_eq!(
+            Dialog::new_uas(&invite, &trying),
+            Err(DialogError::NotDialogCreating(100))
+        );
+        let mut untagged = Response::from_request(&invite, 180, None);
+        untagged.headers.push_contact(&bob_contact());
+        assert_eq!(
+            Dialog::new_uas(&invite, &untagged),
+            Err(DialogError::MissingTag(HeaderName::To))
+        );
+    }
+
+    #[test]
+    fn an_rfc_2543_peer_without_from_tag_gets_an_empty_remote_tag() {
+        let invite = request(&INVITE_AT_BOB.replace(";tag=1928301774", ""));
+        let ok = uas_response(&invite, 200, None, "b0b7a6", &bob_contact());
+        let d = Dialog::new_uas(&invite, &ok).unwrap();
+        assert_eq!(d.remote_tag(), "");
+        assert_eq!(
+            d.remote_uri(),
+            "\"Alice A.\" <sip:alice@atlanta.example.com>"
+        );
+    }
+
+    #[test]
+    fn creation_errors() {
+        let invite = request(INVITE);
+        let ok = ok_with_record_route();
+        let untagged = edit_response(&ok, ";tag=a6c85cf", "");
+        assert_eq!(
+            Dialog::new_uac(&invite, &untagged),
+            Err(DialogError::MissingTag(HeaderName::To))
+        );
+        assert_eq!(
+            Dialog::new_uac(&invite, &invite_response(100, "x", "")),
+            Err(DialogError::NotDialogCreating(100))
+        );
+        assert_eq!(
+            Dialog::new_uac(&invite, &invite_response(486, "x", "")),
+            Err(DialogError::NotDialogCreating(486))
+        );
+        let options = request(&INVITE.replace("INVITE", "OPTIONS"));
+        assert_eq!(
+            Dialog::new_uac(&options, &ok),
+            Err(DialogError::NotInvite(Method::Options))
+        );
+        let other_call = request(&INVITE.replace("a84b4c76e66710", "zzz"));
+        assert_eq!(
+            Dialog::new_uac(&other_call, &ok),
+            Err(DialogError::Mismatch(HeaderName::CallId))
+        );
+        let other_cseq = request(&INVITE.replace("314159", "314158"));
+        assert_eq!(
+            Dialog::new_uac(&other_cseq, &ok),
+            Err(DialogError::Mismatch(HeaderName::CSeq))
+        );
+        let no_contact =
+            request(&INVITE.replace("Contact: <sip:alice@pc33.atlanta.example.com>\n", ""));
+        assert_eq!(
+            Dialog::new_uac(&no_contact, &ok),
+            Err(DialogError::MissingContact)
+        );
+        // A UAS cannot create a dialog for an INVITE without Contact, nor for a re-INVITE.
+        let bob_invite = request(INVITE_AT_BOB);
+        let no_contact =
+            request(&INVITE_AT_BOB.replace("Contact: <sip:alice@pc33.atlanta.example.com>\n", ""));
+        let ok = uas_response(&no_contact, 200, None, "b0b", &bob_contact());
+        assert_eq!(
+            Dialog::new_uas(&no_contact, &ok),
+            Err(DialogError::MissingContact)
+        );
+        let reinvite = request(&INVITE_AT_BOB.replace(
+            "Bob <sip:bob@biloxi.example.com>",
+            "Bob <sip:bob@biloxi.example.com>;tag=b0b",
+        ));
+        let ok = uas_response(&reinvite, 200, None, "b0b", &bob_contact());
+        assert_eq!(
+            Dialog::new_uas(&reinvite, &ok),
+            Err(DialogError::AlreadyInDialog)
+        );
+        let ok = uas_response(&bob_invite, 200, None, "b0b", &bob_contact());
+        assert!(Dialog::new_uas(&bob_invite, &ok).is_ok());
+    }
+
+    #[test]
+    fn a_route_set_longer_than_the_limit_is_refused() {
+        let rr: String = (0..=MAX_ROUTE_SET_LEN)
+            .map(|i| format!("Record-Route: <sip:p{i}.example.com;lr>\n"))
+            .collect();
+        let ok = invite_response(200, "t", &format!("{rr}Contact: <sip:bob@192.0.2.4>\n"));
+        assert_eq!(
+            Dialog::new_uac(&request(INVITE), &ok),
+            Err(DialogError::RouteSetTooLong(MAX_ROUTE_SET_LEN + 1))
+        );
+        let fits: String = (0..MAX_ROUTE_SET_LEN)
+            .map(|i| format!("Record-Route: <sip:p{i}.example.com;lr>\n"))
+            .collect();
+        let ok = invite_response(200, "t", &format!("{fits}Contact: <sip:bob@192.0.2.4>\n"));
+        assert_eq!(
+            Dialog::new_uac(&request(INVITE), &ok)
+                .unwrap()
+                .route_set()
+                .len(),
+            MAX_ROUTE_SET_LEN
+        );
+    }
+
+    #[test]
+    fn a_sips_request_uri_sets_the_secure_flag() {
+        let invite = request(&INVITE.replace("INVITE sip:bob@", "INVITE sips:bob@"));
+        let d = Dialog::new_uac(&invite, &ok_with_record_route()).unwrap();
+        assert!(d.is_secure());
+    }
+
+    #[test]
+    fn role_and_state_words() {
+        for role in [Role::Uac, Role::Uas] {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        for state in [
+            DialogState::Early,
+            DialogState::Confirmed,
+            DialogState::Terminated,
+        ] {
+            assert_eq!(DialogState::parse(&state.to_string()), Some(state));
+        }
+        assert_eq!(Role::parse("UAC"), None);
+        assert_eq!(DialogState::parse("gone"), None);
+        assert_eq!(
+            DialogId::new("c", "l", "r").to_string(),
+            "c;local-tag=l;remote-tag=r"
+        );
+    }
+}
