@@ -476,3 +476,347 @@ impl Dialogs {
         events
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dialog::test_support::*;
+    use crate::dialog::{uas_response, RequestRejection};
+
+    fn ringing(tag: &str, contact: &str) -> Response {
+        invite_response(180, tag, &format!("Contact: <{contact}>\n"))
+    }
+
+    #[test]
+    fn forked_180s_give_distinct_early_dialogs() {
+        let invite = request(INVITE);
+        let mut dialogs = Dialogs::default();
+        let trying = invite_response(100, "", "");
+        let trying = edit_response(&trying, ";tag=", "");
+        assert_eq!(
+            dialogs.receive_invite_response(&invite, &trying).unwrap().0,
+            ResponseOutcome::Ignored
+        );
+        let (outcome, d) = dialogs
+            .receive_invite_response(&invite, &ringing("fork1", "sip:bob@192.0.2.10"))
+            .unwrap();
+        assert_eq!(outcome, ResponseOutcome::Provisional);
+        assert_eq!(d.unwrap().state(), DialogState::Early);
+        let (outcome, _) = dialogs
+            .receive_invite_response(&invite, &ringing("fork2", "sip:bob@192.0.2.20"))
+            .unwrap();
+        assert_eq!(outcome, ResponseOutcome::Provisional);
+        // A repeated 180 of fork 1 updates it instead of creating a third dialog.
+        dialogs
+            .receive_invite_response(&invite, &ringing("fork1", "sip:bob@192.0.2.11"))
+            .unwrap();
+        assert_eq!(dialogs.len(), 2);
+        let call_id = "a84b4c76e66710@pc33.atlanta.example.com";
+        assert_eq!(dialogs.dialogs_of_call(call_id).count(), 2);
+        let fork1 = dialogs.find(call_id, "1928301774", "fork1").unwrap();
+        let fork2 = dialogs.find(call_id, "1928301774", "fork2").unwrap();
+        assert_ne!(fork1.id(), fork2.id());
+        assert_eq!(fork1.remote_target().to_string(), "sip:bob@192.0.2.11");
+        assert_eq!(fork2.remote_target().to_string(), "sip:bob@192.0.2.20");
+
+        // Fork 2 answers: its dialog is confirmed, fork 1 stays early.
+        let ok = invite_response(200, "fork2", "Contact: <sip:bob@192.0.2.21>\n");
+        let (outcome, d) = dialogs.receive_invite_response(&invite, &ok).unwrap();
+        assert_eq!(outcome, ResponseOutcome::InviteAccepted);
+        let d = d.unwrap();
+        assert_eq!(d.state(), DialogState::Confirmed);
+        assert_eq!(d.remote_target().to_string(), "sip:bob@192.0.2.21");
+        assert_eq!(
+            dialogs.receive_invite_response(&invite, &ok).unwrap().0,
+            ResponseOutcome::InviteRetransmission
+        );
+        assert_eq!(
+            dialogs
+                .find(call_id, "1928301774", "fork1")
+                .unwrap()
+                .state(),
+            DialogState::Early
+        );
+        // When the INVITE transaction ends, the remaining early dialog goes.
+        let removed = dialogs.terminate_early(call_id, "1928301774");
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].remote_tag(), "fork1");
+        assert_eq!(removed[0].state(), DialogState::Terminated);
+        assert_eq!(dialogs.len(), 1);
+    }
+
+    #[test]
+    fn a_second_2xx_from_another_fork_creates_another_confirmed_dialog() {
+        let invite = request(INVITE);
+        let mut dialogs = Dialogs::default();
+        for tag in ["a", "b"] {
+            let ok = invite_response(200, tag, "Contact: <sip:bob@192.0.2.4>\n");
+            let (outcome, d) = dialogs.receive_invite_response(&invite, &ok).unwrap();
+            assert_eq!(outcome, ResponseOutcome::InviteAccepted);
+            assert_eq!(d.unwrap().remote_tag(), tag);
+        }
+        assert_eq!(dialogs.len(), 2);
+    }
+
+    #[test]
+    fn a_failure_removes_every_early_dialog_of_the_invite() {
+        let invite = request(INVITE);
+        let mut dialogs = Dialogs::default();
+        for tag in ["f1", "f2"] {
+            dialogs
+                .receive_invite_response(&invite, &ringing(tag, "sip:bob@192.0.2.10"))
+                .unwrap();
+        }
+        let busy = invite_response(486, "f2", "");
+        let (outcome, d) = dialogs.receive_invite_response(&invite, &busy).unwrap();
+        assert_eq!(outcome, ResponseOutcome::Terminated);
+        assert!(d.is_none());
+        assert!(dialogs.is_empty());
+        assert_eq!(
+            dialogs.receive_invite_response(&invite, &busy).unwrap().0,
+            ResponseOutcome::Ignored
+        );
+        let untagged_ok = edit_response(&ok_with_record_route(), ";tag=a6c85cf", "");
+        assert_eq!(
+            dialogs
+                .receive_invite_response(&invite, &untagged_ok)
+                .unwrap_err(),
+            DialogsError::Dialog(DialogError::MissingTag(HeaderName::To))
+        );
+    }
+
+    #[test]
+    fn responses_within_a_dialog_are_matched_by_tags() {
+        let invite = request(INVITE);
+        let mut dialogs = Dialogs::default();
+        dialogs
+            .receive_invite_response(&invite, &ok_with_record_route())
+            .unwrap();
+        let id = DialogId::new(
+            "a84b4c76e66710@pc33.atlanta.example.com",
+            "1928301774",
+            "a6c85cf",
+        );
+        let reinvite = dialogs
+            .get_mut(&id)
+            .unwrap()
+            .create_request(Method::Invite)
+            .unwrap();
+        let mut ok = Response::from_request(&reinvite, 200, None);
+        ok.headers
+            .push(HeaderName::Contact, "<sip:bob@198.51.100.1>");
+        // A re-INVITE's responses go through receive_invite_response too.
+        let (outcome, d) = dialogs.receive_invite_response(&reinvite, &ok).unwrap();
+        assert_eq!(outcome, ResponseOutcome::InviteAccepted);
+        assert_eq!(
+            d.unwrap().remote_target().to_string(),
+            "sip:bob@198.51.100.1"
+        );
+        let (outcome, _) = dialogs.receive_response(&ok);
+        assert_eq!(outcome, ResponseOutcome::InviteRetransmission);
+        let stranger = edit_response(&ok, "tag=a6c85cf", "tag=nobody");
+        let (outcome, d) = dialogs.receive_response(&stranger);
+        assert_eq!(outcome, ResponseOutcome::NoDialog);
+        assert!(d.is_none());
+    }
+
+    #[test]
+    fn uas_flow_with_2xx_retransmission_until_the_ack() {
+        let t0 = Instant::now();
+        let invite = request(INVITE_AT_BOB);
+        let mut dialogs = Dialogs::default();
+        let ringing = uas_response(&invite, 180, None, "b0b7a6", &bob_contact());
+        let d = dialogs
+            .response_sent(&invite, &ringing, t0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.state(), DialogState::Early);
+        let id = d.id().clone();
+        assert_eq!(dialogs.poll_timeout(), None, "no retransmission for a 1xx");
+        let ok = dialogs
+            .get(&id)
+            .unwrap()
+            .create_response(&invite, 200, None);
+        let t1 = t0 + Duration::from_secs(2);
+        let d = dialogs.response_sent(&invite, &ok, t1).unwrap().unwrap();
+        assert_eq!(d.state(), DialogState::Confirmed);
+        assert_eq!(dialogs.len(), 1);
+        assert_eq!(
+            dialogs.poll_timeout(),
+            Some(t1 + Duration::from_millis(500))
+        );
+        assert!(dialogs.handle_timeout(t1).is_empty());
+        let events = dialogs.handle_timeout(t1 + Duration::from_millis(500));
+        assert_eq!(
+            events,
+            [TimerEvent::Retransmit2xx {
+                id: id.clone(),
+                response: ok.clone()
+            }]
+        );
+        assert_eq!(dialogs.pending_2xx(&id).unwrap().retransmissions(), 1);
+        // The ACK arrives: the retransmission stops.
+        let ack = from_alice("ACK", 314159, "b0b7a6", "");
+        match dialogs.receive_request(&ack) {
+            RequestMatch::Accepted(d, InDialogRequest::Ack) => assert_eq!(d.id(), &id),
+            other => panic!("{other:?}"),
+        }
+        assert!(dialogs.pending_2xx(&id).is_none());
+        assert_eq!(dialogs.poll_timeout(), None);
+        assert!(dialogs
+            .handle_timeout(t1 + Duration::from_secs(60))
+            .is_empty());
+    }
+
+    #[test]
+    fn no_ack_within_64_t1_asks_for_a_bye() {
+        let t0 = Instant::now();
+        let invite = request(INVITE_AT_BOB);
+        let mut dialogs = Dialogs::default();
+        let ok = uas_response(&invite, 200, None, "b0b7a6", &bob_contact());
+        let id = dialogs
+            .response_sent(&invite, &ok, t0)
+            .unwrap()
+            .unwrap()
+            .id()
+            .clone();
+        let mut retransmissions = 0;
+        let mut timeout_at = None;
+        while let Some(at) = dialogs.poll_timeout() {
+            for event in dialogs.handle_timeout(at) {
+                match event {
+                    TimerEvent::Retransmit2xx { .. } => retransmissions += 1,
+                    TimerEvent::AckTimeout { id: timed_out } => {
+                        assert_eq!(timed_out, id);
+                        timeout_at = Some(at);
+                    }
+                }
+            }
+        }
+        assert_eq!(retransmissions, 10);
+        assert_eq!(timeout_at, Some(t0 + Duration::from_secs(32)));
+        // The dialog stays confirmed; the endpoint sends the BYE.
+        let d = dialogs.get_mut(&id).unwrap();
+        assert_eq!(d.state(), DialogState::Confirmed);
+        assert_eq!(d.create_request(Method::Bye).unwrap().method, Method::Bye);
+    }
+
+    #[test]
+    fn a_uas_failure_after_180_removes_the_early_dialog() {
+        let t0 = Instant::now();
+        let invite = request(INVITE_AT_BOB);
+        let mut dialogs = Dialogs::default();
+        let ringing = uas_response(&invite, 180, None, "b0b7a6", &bob_contact());
+        dialogs.response_sent(&invite, &ringing, t0).unwrap();
+        assert_eq!(dialogs.len(), 1);
+        let busy = uas_response(&invite, 486, None, "b0b7a6", &bob_contact());
+        assert!(dialogs.response_sent(&invite, &busy, t0).unwrap().is_none());
+        assert!(dialogs.is_empty());
+        // A failure without a dialog creates none.
+        assert!(dialogs.response_sent(&invite, &busy, t0).unwrap().is_none());
+        assert!(dialogs.is_empty());
+    }
+
+    #[test]
+    fn request_matching() {
+        let t0 = Instant::now();
+        let invite = request(INVITE_AT_BOB);
+        let mut dialogs = Dialogs::default();
+        let ok = uas_response(&invite, 200, None, "b0b7a6", &bob_contact());
+        dialogs.response_sent(&invite, &ok, t0).unwrap();
+        assert!(matches!(
+            dialogs.receive_request(&invite),
+            RequestMatch::OutOfDialog
+        ));
+        let unknown = from_alice("BYE", 314160, "unknown", "");
+        match dialogs.receive_request(&unknown) {
+            RequestMatch::Rejected(r) => {
+                assert_eq!(r, RequestRejection::NoDialog);
+                assert_eq!(r.status(), 481);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut no_call_id = from_alice("INFO", 314160, "b0b7a6", "");
+        no_call_id.headers.remove(&HeaderName::CallId);
+        match dialogs.receive_request(&no_call_id) {
+            RequestMatch::Rejected(r) => assert_eq!(r.status(), 400),
+            other => panic!("{other:?}"),
+        }
+        let old = from_alice("INFO", 3, "b0b7a6", "");
+        match dialogs.receive_request(&old) {
+            RequestMatch::Rejected(r) => assert_eq!(r.status(), 500),
+            other => panic!("{other:?}"),
+        }
+        let bye = from_alice("BYE", 314160, "b0b7a6", "");
+        assert!(dialogs.find_for_request(&bye).is_some());
+        match dialogs.receive_request(&bye) {
+            RequestMatch::Accepted(d, InDialogRequest::Bye) => {
+                assert_eq!(d.state(), DialogState::Terminated);
+                let ok = d.create_response(&bye, 200, None);
+                assert_eq!(ok.headers.to_tag(), Some("b0b7a6"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Terminated dialogs stay until removed; removing also drops the pending 2xx.
+        let id = dialogs.iter().next().unwrap().id().clone();
+        assert!(dialogs.pending_2xx(&id).is_some());
+        assert_eq!(
+            dialogs.remove(&id).unwrap().state(),
+            DialogState::Terminated
+        );
+        assert!(dialogs.pending_2xx(&id).is_none());
+        assert!(dialogs.is_empty());
+        assert!(dialogs.remove(&id).is_none());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let config = DialogsConfig {
+            max_dialogs: 3,
+            max_dialogs_per_call: 2,
+            ..DialogsConfig::default()
+        };
+        let mut dialogs = Dialogs::new(config);
+        let invite = request(INVITE);
+        for tag in ["f1", "f2"] {
+            dialogs
+                .receive_invite_response(&invite, &ringing(tag, "sip:b@192.0.2.1"))
+                .unwrap();
+        }
+        assert_eq!(
+            dialogs
+                .receive_invite_response(&invite, &ringing("f3", "sip:b@192.0.2.1"))
+                .unwrap_err(),
+            DialogsError::TooManyForks(2)
+        );
+        let other_call = request(&INVITE.replace("a84b4c76e66710", "second"));
+        let ok = edit_response(&ok_with_record_route(), "a84b4c76e66710", "second");
+        dialogs.receive_invite_response(&other_call, &ok).unwrap();
+        assert_eq!(dialogs.len(), 3);
+        let third = request(&INVITE.replace("a84b4c76e66710", "third"));
+        let ok = edit_response(&ok_with_record_route(), "a84b4c76e66710", "third");
+        assert_eq!(
+            dialogs.receive_invite_response(&third, &ok).unwrap_err(),
+            DialogsError::Full(3)
+        );
+        // Replacing an existing dialog needs no room.
+        let existing = dialogs.iter().next().unwrap().clone();
+        dialogs.insert(existing.clone()).unwrap();
+        assert_eq!(dialogs.len(), 3);
+        let mut record = existing.export();
+        record.local_cseq = Some(99);
+        assert_eq!(dialogs.import(&record).unwrap().local_cseq(), Some(99));
+        assert_eq!(dialogs.get(existing.id()).unwrap().local_cseq(), Some(99));
+        assert_eq!(dialogs.len(), 3);
+        assert!(matches!(
+            dialogs.start_2xx_retransmission(
+                &DialogId::new("x", "y", "z"),
+                ok_with_record_route(),
+                Instant::now()
+            ),
+            Err(DialogsError::NotFound)
+        ));
+    }
+}
