@@ -199,6 +199,11 @@ impl Dialogs {
         self.buckets.values().flatten()
     }
 
+    /// Every dialog, mutable, in no particular order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Dialog> + '_ {
+        self.buckets.values_mut().flatten()
+    }
+
     /// The dialogs of one Call-ID (several when an INVITE forked).
     pub fn dialogs_of_call<'a>(&'a self, call_id: &'a str) -> impl Iterator<Item = &'a Dialog> {
         self.buckets
