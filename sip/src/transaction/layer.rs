@@ -18,7 +18,9 @@ use bytes::Bytes;
 
 use super::client::{CancelState, ClientTransaction};
 use super::config::{TimerConfig, TransactionConfig};
-use super::matching::{build_cancel, request_id, ClientId, LegacyId, RequestId, ServerId};
+use super::matching::{
+    build_cancel, request_id, request_id_with_via, ClientId, LegacyId, RequestId, ServerId,
+};
 use super::peer::{response_destination, Peer};
 use super::server::{AckDisposition, LegacyTags, ServerTransaction};
 use super::timer::{Armed, Timer, TimerQueue};
@@ -742,7 +744,8 @@ impl TransactionLayer {
         if request.method == Method::Ack {
             return self.handle_ack(now, request, source);
         }
-        let id = request_id(&request, &request.method)?;
+        let via = request.headers.top_via()?;
+        let id = request_id_with_via(&request, &via, &request.method)?;
         if let Some(key) = self.find_server(&id, TagRule::Request) {
             self.with_tx(key, now, |tx, ctx| {
                 if let Tx::Server(s) = tx {
@@ -751,7 +754,6 @@ impl TransactionLayer {
             });
             return Ok(RequestOutcome::Retransmission(key));
         }
-        let via = request.headers.top_via()?;
         let destination = response_destination(&via, &source);
         if self.live >= self.config.max_transactions {
             let mut busy = Response::from_request(&request, 503, None);
@@ -773,7 +775,11 @@ impl TransactionLayer {
             }
         };
         let invite = if request.method == Method::Cancel {
-            Some(self.cancel_target(&request))
+            Some(
+                request_id_with_via(&request, &via, &Method::Invite)
+                    .ok()
+                    .and_then(|id| self.find_server(&id, TagRule::Request)),
+            )
         } else {
             None
         };

@@ -12,7 +12,7 @@
 //! case-insensitive), so both are stored lower-cased. Nothing here keeps state.
 
 use crate::message::{
-    is_rfc3261_branch, CSeq, HeaderError, HeaderName, HeaderValue, Method, Request, Response,
+    is_rfc3261_branch, CSeq, HeaderError, HeaderName, HeaderValue, Method, Request, Response, Via,
 };
 
 /// What identifies a client transaction: the branch of the request's top Via and the method
@@ -89,7 +89,15 @@ pub(crate) enum RequestId {
 /// The id of `request` when matched as a `method` transaction: its own method for a new request
 /// or a retransmission, INVITE for an ACK or for the INVITE a CANCEL refers to.
 pub(crate) fn request_id(request: &Request, method: &Method) -> Result<RequestId, HeaderError> {
-    let via = request.headers.top_via()?;
+    request_id_with_via(request, &request.headers.top_via()?, method)
+}
+
+/// [`request_id`] with the request's top Via already parsed.
+pub(crate) fn request_id_with_via(
+    request: &Request,
+    via: &Via,
+    method: &Method,
+) -> Result<RequestId, HeaderError> {
     let method = matched_method(method);
     let host = via.host.to_string().to_ascii_lowercase().into_boxed_str();
     match via.branch().filter(|b| is_rfc3261_branch(b)) {
