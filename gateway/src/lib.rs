@@ -9,6 +9,7 @@ pub mod admin;
 pub mod balancer;
 pub mod cluster;
 pub mod config;
+pub mod media;
 pub mod metrics;
 pub mod node;
 pub mod registry;

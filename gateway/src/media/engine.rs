@@ -1,0 +1,668 @@
+//! The tokio shell around [`RelayCore`]: one task per relayed stream, owning its RTP and RTCP
+//! sockets.
+//!
+//! [`MediaEngine`] (one per node) holds the [`MediaConfig`] and the [`PortAllocator`].
+//! [`MediaEngine::start`] allocates a port pair, binds both sockets and spawns the relay task,
+//! returning a [`MediaRelay`] handle. The bridge then writes [`MediaRelay::local_rtp_addr`]
+//! (with [`MediaRelay::sdp_address`]) into its SDP, gives the peer's SDP stream with
+//! [`MediaRelay::set_remote_media`], watches [`MediaRelay::next_event`] for a media timeout,
+//! and ends with [`MediaRelay::stop`]. The QUIC session feeds device datagrams through a
+//! [`DeviceInput`] and receives datagrams through its [`DatagramSink`] implementation (one is
+//! provided for `quinn::Connection`).
+//!
+//! The task runs the core with `tokio::time` deadlines from [`RelayCore::poll_timeout`], sends
+//! what the core queues, and on stop (or when the handle is dropped) sends an RTCP BYE, drops
+//! the sockets and releases the port pair: the pair is owned by the task, so it is released
+//! even if the task is aborted or panics.
+//!
+//! What it does not do: no call control, no SDP, no QUIC connection handling, no batching
+//! system calls (recvmmsg/sendmmsg) yet: each packet is one system call.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use thalamus_proto::media::StreamId;
+use thalamus_sip::sdp::{Direction, RemoteMedia};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::config::{MediaConfig, MediaConfigError};
+use super::ports::{PortAllocator, PortError, PortPair};
+use super::relay::{
+    RelayCore, RelayDirection, RelayEvent, RelaySettings, RelayStats, RemotePeer, SocketKind,
+};
+
+/// Receive buffer per socket; a datagram that fills it is treated as truncated and dropped.
+pub const RECV_BUFFER_BYTES: usize = 4 * 1024;
+/// Most packets read from one socket (or the device queue) before the task looks at the others.
+const BATCH: usize = 32;
+/// How long to wait before offering datagrams again to a device link that reported
+/// [`DatagramError::Blocked`].
+pub const SINK_RETRY: Duration = Duration::from_millis(5);
+/// Most bind attempts (on ports another process holds) per relay start.
+const MAX_BIND_ATTEMPTS: usize = 16;
+const CONTROL_QUEUE: usize = 16;
+const EVENT_QUEUE: usize = 16;
+
+/// Why the device link did not take a datagram.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatagramError {
+    /// The link's send buffer is full: try again shortly (the relay keeps the datagram).
+    #[error("datagram send buffer full")]
+    Blocked,
+    /// Larger than the link can carry now (the datagram is dropped).
+    #[error("datagram too large for the device link")]
+    TooLarge,
+    /// The peer does not accept datagrams (the datagram is dropped).
+    #[error("datagrams not supported on the device link")]
+    Unsupported,
+    /// The connection is gone (the datagram is dropped).
+    #[error("device connection closed")]
+    Closed,
+}
+
+/// Where datagrams for the device go: implemented by the QUIC session.
+pub trait DatagramSink: Send + Sync + 'static {
+    /// Sends one datagram without waiting.
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), DatagramError>;
+
+    /// The largest datagram the link accepts now, if it knows (header included).
+    fn max_datagram_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl DatagramSink for quinn::Connection {
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), DatagramError> {
+        // quinn itself drops its oldest datagram when full; report "blocked" instead so the
+        // relay's own drop-oldest buffer (which counts) decides.
+        if self.datagram_send_buffer_space() < datagram.len() {
+            return Err(DatagramError::Blocked);
+        }
+        quinn::Connection::send_datagram(self, datagram).map_err(|e| match e {
+            quinn::SendDatagramError::TooLarge => DatagramError::TooLarge,
+            quinn::SendDatagramError::UnsupportedByPeer | quinn::SendDatagramError::Disabled => {
+                DatagramError::Unsupported
+            }
+            quinn::SendDatagramError::ConnectionLost(_) => DatagramError::Closed,
+        })
+    }
+
+    fn max_datagram_bytes(&self) -> Option<usize> {
+        self.max_datagram_size()
+    }
+}
+
+/// Why a relay could not start or be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Started outside a Tokio runtime.
+    #[error("media relays need a Tokio runtime")]
+    NoRuntime,
+    /// No free port pair.
+    #[error(transparent)]
+    Ports(#[from] PortError),
+    /// The sockets could not be bound.
+    #[error("cannot bind media sockets on {address}: {source}")]
+    Bind {
+        /// The address tried last.
+        address: SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// The relay task has ended.
+    #[error("the media relay has stopped")]
+    Stopped,
+    /// The relay task panicked or was cancelled.
+    #[error("the media relay task failed: {0}")]
+    TaskFailed(String),
+}
+
+/// Why a device datagram was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    /// The relay's input queue is full (the datagram is dropped and counted).
+    #[error("media relay input queue full")]
+    Full,
+    /// The relay has stopped.
+    #[error("media relay stopped")]
+    Closed,
+}
+
+/// What identifies one relayed stream and its device link limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySpec {
+    /// The call (`call_ref` of the media header).
+    pub call_ref: u32,
+    /// The stream of the call.
+    pub stream_id: StreamId,
+    /// Largest datagram toward the device, header included (`Welcome.limits`).
+    pub max_datagram_bytes: usize,
+    /// RTCP CNAME; default `thalamus-<call_ref>@<local RTP address>`.
+    pub cname: Option<String>,
+}
+
+impl RelaySpec {
+    /// The audio stream of `call_ref`, with the protocol's default 1200-byte datagrams.
+    pub fn audio(call_ref: u32) -> Self {
+        RelaySpec {
+            call_ref,
+            stream_id: StreamId::AUDIO,
+            max_datagram_bytes: 1_200,
+            cname: None,
+        }
+    }
+}
+
+/// Device datagrams into one relay (cheap to clone). The QUIC session routes each received
+/// datagram to the input of its call.
+#[derive(Debug, Clone)]
+pub struct DeviceInput {
+    tx: mpsc::Sender<(Instant, Bytes)>,
+    overflow: Arc<AtomicU64>,
+}
+
+impl DeviceInput {
+    /// Queues a datagram without waiting, stamped with its arrival time. When the queue is full
+    /// the datagram is dropped (and counted in the relay's statistics).
+    pub fn feed(&self, datagram: Bytes) -> Result<(), FeedError> {
+        match self.tx.try_send((Instant::now(), datagram)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflow.fetch_add(1, Ordering::Relaxed);
+                Err(FeedError::Full)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(FeedError::Closed),
+        }
+    }
+
+    /// Queues a datagram, waiting for room.
+    pub async fn feed_wait(&self, datagram: Bytes) -> Result<(), FeedError> {
+        self.tx
+            .send((Instant::now(), datagram))
+            .await
+            .map_err(|_| FeedError::Closed)
+    }
+
+    /// Whether the relay has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+#[derive(Debug)]
+struct EngineShared {
+    config: MediaConfig,
+    ports: PortAllocator,
+    live_tasks: Arc<AtomicUsize>,
+}
+
+/// Starts media relays (one per node; cheap to clone).
+#[derive(Debug, Clone)]
+pub struct MediaEngine {
+    shared: Arc<EngineShared>,
+}
+
+impl MediaEngine {
+    /// An engine for `config` (validated here).
+    pub fn new(config: MediaConfig) -> Result<Self, MediaConfigError> {
+        config.validate()?;
+        let ports = PortAllocator::new(config.address, config.rtp_port_min, config.rtp_port_max)
+            .map_err(|e| MediaConfigError {
+                key: "media.rtp_port_max",
+                message: e.to_string(),
+            })?;
+        Ok(MediaEngine {
+            shared: Arc::new(EngineShared {
+                config,
+                ports,
+                live_tasks: Arc::new(AtomicUsize::new(0)),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MediaConfig {
+        &self.shared.config
+    }
+
+    /// The port allocator.
+    pub fn ports(&self) -> &PortAllocator {
+        &self.shared.ports
+    }
+
+    /// Port pairs in use.
+    pub fn ports_in_use(&self) -> usize {
+        self.shared.ports.in_use()
+    }
+
+    /// Relay tasks alive (started and not yet finished).
+    pub fn live_relays(&self) -> usize {
+        self.shared.live_tasks.load(Ordering::Acquire)
+    }
+
+    /// Allocates a port pair, binds its sockets and starts a relay for `spec` that sends to
+    /// the device through `sink`. Must be called within a Tokio runtime. The relay drops device
+    /// media until it is given a peer ([`MediaRelay::set_remote_media`]).
+    pub fn start(
+        &self,
+        spec: RelaySpec,
+        sink: Arc<dyn DatagramSink>,
+    ) -> Result<MediaRelay, RelayError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
+        let _entered = runtime.enter();
+        let (ports, rtp, rtcp) = self.bind_pair()?;
+        let local_rtp = ports.rtp_addr();
+        let local_rtcp = ports.rtcp_addr();
+        let config = &self.shared.config;
+        let wallclock_at_start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let settings = RelaySettings {
+            call_ref: spec.call_ref,
+            stream_id: spec.stream_id,
+            local_ssrc: rand::random(),
+            initial_sequence: rand::random(),
+            initial_timestamp: rand::random(),
+            cname: spec
+                .cname
+                .unwrap_or_else(|| format!("thalamus-{}@{}", spec.call_ref, local_rtp)),
+            latch: config.latch,
+            media_timeout: config.media_timeout(),
+            rtcp_interval: config.rtcp_interval(),
+            send_buffer_frames: config.send_buffer_frames as usize,
+            max_datagram_bytes: spec.max_datagram_bytes,
+            wallclock_at_start,
+        };
+        let core = RelayCore::new(settings, Instant::now());
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (device_tx, device_rx) = mpsc::channel(config.input_queue_frames.max(1) as usize);
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let overflow = Arc::new(AtomicU64::new(0));
+        let task = RelayTask {
+            core,
+            rtp,
+            rtcp,
+            sink,
+            control_rx,
+            device_rx,
+            events_tx,
+            overflow: Arc::clone(&overflow),
+            overflow_seen: 0,
+            max_datagram_bytes: spec.max_datagram_bytes,
+            sink_blocked_until: None,
+            _ports: ports,
+            _live: LiveTask::new(Arc::clone(&self.shared.live_tasks)),
+        };
+        let handle = runtime.spawn(task.run());
+        Ok(MediaRelay {
+            control: control_tx,
+            input: DeviceInput {
+                tx: device_tx,
+                overflow,
+            },
+            events: Some(events_rx),
+            local_rtp,
+            local_rtcp,
+            sdp_address: config.sdp_address(),
+            task: Some(handle),
+        })
+    }
+
+    fn bind_pair(&self) -> Result<(PortPair, UdpSocket, UdpSocket), RelayError> {
+        let attempts = self.shared.ports.capacity().min(MAX_BIND_ATTEMPTS);
+        let mut last_error = None;
+        for _ in 0..attempts {
+            let pair = self.shared.ports.allocate()?;
+            match bind_both(&pair) {
+                Ok((rtp, rtcp)) => return Ok((pair, rtp, rtcp)),
+                Err((address, source)) => {
+                    let retry = matches!(
+                        source.kind(),
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
+                    );
+                    last_error = Some(RelayError::Bind { address, source });
+                    if !retry {
+                        break;
+                    }
+                    // `pair` is dropped here and goes to the back of the free list.
+                }
+            }
+        }
+        Err(
+            last_error.unwrap_or(RelayError::Ports(PortError::Exhausted {
+                capacity: self.shared.ports.capacity(),
+            })),
+        )
+    }
+}
+
+fn bind_one(address: SocketAddr) -> Result<UdpSocket, (SocketAddr, std::io::Error)> {
+    let socket = std::net::UdpSocket::bind(address).map_err(|e| (address, e))?;
+    socket.set_nonblocking(true).map_err(|e| (address, e))?;
+    UdpSocket::from_std(socket).map_err(|e| (address, e))
+}
+
+fn bind_both(pair: &PortPair) -> Result<(UdpSocket, UdpSocket), (SocketAddr, std::io::Error)> {
+    let rtp = bind_one(pair.rtp_addr())?;
+    let rtcp = bind_one(pair.rtcp_addr())?;
+    Ok((rtp, rtcp))
+}
+
+/// Counts a relay task as alive for as long as it exists.
+#[derive(Debug)]
+struct LiveTask(Arc<AtomicUsize>);
+
+impl LiveTask {
+    fn new(counter: Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        LiveTask(counter)
+    }
+}
+
+impl Drop for LiveTask {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+enum Control {
+    Peer(Box<RemotePeer>),
+    LocalDirection(Direction),
+    Sink(Arc<dyn DatagramSink>),
+    MaxDatagramBytes(usize),
+    Stats(oneshot::Sender<RelayStats>),
+    Stop,
+}
+
+/// The handle of one running relay. Dropping it stops the relay (without waiting).
+#[derive(Debug)]
+pub struct MediaRelay {
+    control: mpsc::Sender<Control>,
+    input: DeviceInput,
+    events: Option<mpsc::Receiver<RelayEvent>>,
+    local_rtp: SocketAddr,
+    local_rtcp: SocketAddr,
+    sdp_address: Option<IpAddr>,
+    task: Option<JoinHandle<RelayStats>>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Control::Peer(_) => "Peer",
+            Control::LocalDirection(_) => "LocalDirection",
+            Control::Sink(_) => "Sink",
+            Control::MaxDatagramBytes(_) => "MaxDatagramBytes",
+            Control::Stats(_) => "Stats",
+            Control::Stop => "Stop",
+        })
+    }
+}
+
+impl MediaRelay {
+    /// The bound RTP socket address (even port).
+    pub fn local_rtp_addr(&self) -> SocketAddr {
+        self.local_rtp
+    }
+
+    /// The bound RTCP socket address (RTP port + 1).
+    pub fn local_rtcp_addr(&self) -> SocketAddr {
+        self.local_rtcp
+    }
+
+    /// The address to write into SDP (`c=`) from the configuration; `None` when the media
+    /// address is a wildcard and no advertised address is configured (use the SIP side's).
+    /// The port for `m=` is [`MediaRelay::local_rtp_addr`]'s.
+    pub fn sdp_address(&self) -> Option<IpAddr> {
+        self.sdp_address
+    }
+
+    /// A handle for feeding device datagrams.
+    pub fn device_input(&self) -> DeviceInput {
+        self.input.clone()
+    }
+
+    async fn send(&self, control: Control) -> Result<(), RelayError> {
+        self.control
+            .send(control)
+            .await
+            .map_err(|_| RelayError::Stopped)
+    }
+
+    /// Gives the peer's SDP stream (answer, re-INVITE, hold/resume by the peer).
+    pub async fn set_remote_media(&self, remote: &RemoteMedia) -> Result<(), RelayError> {
+        self.set_peer(RemotePeer::from_remote_media(remote)).await
+    }
+
+    /// Gives the peer explicitly (custom payload mapping, e.g. the signal stream).
+    pub async fn set_peer(&self, peer: RemotePeer) -> Result<(), RelayError> {
+        self.send(Control::Peer(Box::new(peer))).await
+    }
+
+    /// Sets our side's direction as written in our SDP (device hold: `sendonly`/`inactive`).
+    pub async fn set_local_direction(&self, direction: Direction) -> Result<(), RelayError> {
+        self.send(Control::LocalDirection(direction)).await
+    }
+
+    /// Replaces the device link (the device resumed its session on a new connection).
+    pub async fn set_sink(&self, sink: Arc<dyn DatagramSink>) -> Result<(), RelayError> {
+        self.send(Control::Sink(sink)).await
+    }
+
+    /// Changes the largest datagram toward the device (header included).
+    pub async fn set_max_datagram_bytes(&self, max: usize) -> Result<(), RelayError> {
+        self.send(Control::MaxDatagramBytes(max)).await
+    }
+
+    /// A snapshot of the statistics.
+    pub async fn stats(&self) -> Result<RelayStats, RelayError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Control::Stats(tx)).await?;
+        rx.await.map_err(|_| RelayError::Stopped)
+    }
+
+    /// The next event (media timeout, latch); `None` once the relay has stopped or the
+    /// receiver was taken with [`MediaRelay::take_events`].
+    pub async fn next_event(&mut self) -> Option<RelayEvent> {
+        self.events.as_mut()?.recv().await
+    }
+
+    /// Takes the event receiver (to watch it from another task).
+    pub fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
+        self.events.take()
+    }
+
+    /// Stops the relay: sends the final RTCP report and BYE, closes the sockets, releases the
+    /// port pair, and returns the final statistics. The task has ended when this returns.
+    pub async fn stop(mut self) -> Result<RelayStats, RelayError> {
+        let Some(task) = self.task.take() else {
+            return Err(RelayError::Stopped);
+        };
+        // If the task already ended the send fails; the join below still gives its result.
+        let _ = self.control.send(Control::Stop).await;
+        task.await
+            .map_err(|e| RelayError::TaskFailed(e.to_string()))
+    }
+}
+
+impl Drop for MediaRelay {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+struct RelayTask {
+    core: RelayCore,
+    rtp: UdpSocket,
+    rtcp: UdpSocket,
+    sink: Arc<dyn DatagramSink>,
+    control_rx: mpsc::Receiver<Control>,
+    device_rx: mpsc::Receiver<(Instant, Bytes)>,
+    events_tx: mpsc::Sender<RelayEvent>,
+    overflow: Arc<AtomicU64>,
+    overflow_seen: u64,
+    max_datagram_bytes: usize,
+    sink_blocked_until: Option<Instant>,
+    _ports: PortPair,
+    _live: LiveTask,
+}
+
+impl RelayTask {
+    async fn run(mut self) -> RelayStats {
+        let mut rtp_buf = vec![0u8; RECV_BUFFER_BYTES];
+        let mut rtcp_buf = vec![0u8; RECV_BUFFER_BYTES];
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let timer = tokio::time::sleep_until(far);
+        let retry = tokio::time::sleep_until(far);
+        tokio::pin!(timer);
+        tokio::pin!(retry);
+        loop {
+            let deadline = self.core.poll_timeout();
+            if let Some(deadline) = deadline {
+                timer.as_mut().reset(deadline.into());
+            }
+            let retry_at = self.sink_blocked_until;
+            if let Some(at) = retry_at {
+                retry.as_mut().reset(at.into());
+            }
+            tokio::select! {
+                biased;
+                control = self.control_rx.recv() => match control {
+                    None | Some(Control::Stop) => break,
+                    Some(control) => self.apply(control),
+                },
+                received = self.rtp.recv_from(&mut rtp_buf) => {
+                    if let Ok((len, source)) = received {
+                        self.on_packet(SocketKind::Rtp, &rtp_buf, len, source);
+                    }
+                    for _ in 1..BATCH {
+                        match self.rtp.try_recv_from(&mut rtp_buf) {
+                            Ok((len, source)) => self.on_packet(SocketKind::Rtp, &rtp_buf, len, source),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                received = self.rtcp.recv_from(&mut rtcp_buf) => {
+                    if let Ok((len, source)) = received {
+                        self.on_packet(SocketKind::Rtcp, &rtcp_buf, len, source);
+                    }
+                }
+                Some((at, datagram)) = self.device_rx.recv() => {
+                    self.core.handle_device_datagram(datagram, at);
+                    for _ in 1..BATCH {
+                        match self.device_rx.try_recv() {
+                            Ok((at, datagram)) => self.core.handle_device_datagram(datagram, at),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = &mut timer, if deadline.is_some() => {
+                    self.core.handle_timeout(Instant::now());
+                }
+                () = &mut retry, if retry_at.is_some() => {
+                    self.sink_blocked_until = None;
+                }
+            }
+            self.flush().await;
+        }
+        self.core.close(Instant::now());
+        self.sink_blocked_until = None;
+        self.flush().await;
+        self.sync_overflow();
+        self.core.stats()
+    }
+
+    fn on_packet(&mut self, socket: SocketKind, buf: &[u8], len: usize, source: SocketAddr) {
+        let now = Instant::now();
+        let Some(packet) = buf.get(..len).filter(|_| len < buf.len()) else {
+            // Filled the buffer: probably truncated.
+            self.core.record_oversized_packet();
+            return;
+        };
+        match socket {
+            SocketKind::Rtp => self.core.handle_rtp(packet, source, now),
+            SocketKind::Rtcp => self.core.handle_rtcp(packet, source, now),
+        }
+    }
+
+    fn apply(&mut self, control: Control) {
+        let now = Instant::now();
+        match control {
+            Control::Peer(peer) => self.core.set_peer(*peer, now),
+            Control::LocalDirection(direction) => self.core.set_local_direction(direction, now),
+            Control::Sink(sink) => {
+                self.sink = sink;
+                self.sink_blocked_until = None;
+            }
+            Control::MaxDatagramBytes(max) => {
+                self.max_datagram_bytes = max;
+                self.core.set_max_datagram_bytes(max);
+            }
+            Control::Stats(reply) => {
+                self.sync_overflow();
+                let _ = reply.send(self.core.stats());
+            }
+            Control::Stop => {}
+        }
+    }
+
+    fn sync_overflow(&mut self) {
+        let total = self.overflow.load(Ordering::Relaxed);
+        self.core
+            .record_device_input_overflow(total.saturating_sub(self.overflow_seen));
+        self.overflow_seen = total;
+    }
+
+    async fn flush(&mut self) {
+        while let Some(transmit) = self.core.poll_transmit() {
+            let socket = match transmit.socket {
+                SocketKind::Rtp => &self.rtp,
+                SocketKind::Rtcp => &self.rtcp,
+            };
+            let sent = match socket.try_send_to(&transmit.packet, transmit.destination) {
+                Ok(_) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => socket
+                    .send_to(&transmit.packet, transmit.destination)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            if !sent {
+                self.core.record_socket_send_failed();
+            } else if let Some(received_at) = transmit.received_at {
+                self.core
+                    .record_relay_latency(RelayDirection::ToPeer, received_at, Instant::now());
+            }
+        }
+        if self.sink_blocked_until.is_none() && self.core.device_queue_len() > 0 {
+            let link_max = self.sink.max_datagram_bytes().unwrap_or(usize::MAX);
+            self.core
+                .set_max_datagram_bytes(self.max_datagram_bytes.min(link_max));
+            while let Some(datagram) = self.core.poll_device_datagram() {
+                match self.sink.send_datagram(datagram.datagram.clone()) {
+                    Ok(()) => self.core.record_relay_latency(
+                        RelayDirection::ToDevice,
+                        datagram.received_at,
+                        Instant::now(),
+                    ),
+                    Err(DatagramError::Blocked) => {
+                        self.core.requeue_device_datagram(datagram);
+                        self.sink_blocked_until = Some(Instant::now() + SINK_RETRY);
+                        break;
+                    }
+                    Err(_) => self.core.record_device_send_failed(),
+                }
+            }
+        }
+        while let Some(event) = self.core.poll_event() {
+            let _ = self.events_tx.try_send(event);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The media relay: QUIC media datagrams from a device <-> RTP/RTCP toward the SIP peer.
+//!
+//! Layers, from the wire up:
+//! - [`rtp`], [`rtcp`]: packet parsing and building (sans-IO);
+//! - [`stats`]: RFC 3550 sequence, loss and jitter accounting, relay latency histograms;
+//! - [`payload`]: payload type translation between the device link and SDP;
+//! - [`ports`]: the RTP/RTCP port pair allocator (guards release on drop);
+//! - [`relay`]: [`RelayCore`], the per-call state machine (sans-IO, time injected);
+//! - [`engine`]: the tokio shell: [`MediaEngine`] hands out [`MediaRelay`]s that own a call's
+//!   two UDP sockets and run a [`RelayCore`];
+//! - [`config`]: [`MediaConfig`], the `[media]` configuration section.
+//!
+//! What it does not do: no SDP negotiation (`thalamus_sip::sdp`), no call control (the bridge
+//! starts and stops relays and turns [`RelayEvent::MediaTimeout`] into a BYE), no QUIC (the
+//! session implements [`DatagramSink`] and feeds [`DeviceInput`]), no transcoding, no SRTP,
+//! no ICE.
+
+pub mod config;
+pub mod engine;
+pub mod payload;
+pub mod ports;
+pub mod relay;
+pub mod rtcp;
+pub mod rtp;
+pub mod stats;
+
+pub use config::{LatchMode, MediaConfig, MediaConfigError};
+pub use engine::{
+    DatagramError, DatagramSink, DeviceInput, FeedError, MediaEngine, MediaRelay, RelayError,
+    RelaySpec,
+};
+pub use payload::PayloadMap;
+pub use ports::{PortAllocator, PortPair};
+pub use relay::{RelayCore, RelayEvent, RelaySettings, RelayStats, RemotePeer};
