@@ -10,6 +10,7 @@
 
 pub mod dialog;
 pub mod digest;
+pub mod endpoint;
 pub mod message;
 pub mod resolve;
 pub mod sdp;

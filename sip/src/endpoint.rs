@@ -1,0 +1,979 @@
+//! The sans-IO SIP endpoint: one user agent's transactions and dialogs behind one interface.
+//!
+//! Like quinn-proto's `Endpoint`, it is fed messages (`handle_message`), the transaction user's
+//! decisions (`send_request`, `respond`, `send_ack`, `cancel`, dialog import/export) and
+//! timestamps (`handle_timeout`), and it returns work through `poll_transmit`, `poll_event` and
+//! `poll_timeout`. It validates requests (answering 400/505/... statelessly), runs the
+//! transaction layer, keeps the dialog table in step with what is sent and received, answers
+//! CANCEL (200, and 487 for the INVITE), retransmits a UAS 2xx until its ACK (RFC 6026) and
+//! re-sends the ACK when a UAC sees a 2xx again.
+//!
+//! It does not resolve names (the caller passes the destination [`Peer`]), own sockets, read a
+//! clock, or decide how to answer a request: that is the transaction user (the gateway's
+//! bridge, the simulator's buddy) through [`crate::ua`] or directly.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use crate::dialog::{
+    Dialog, DialogId, DialogRecord, DialogState, Dialogs, DialogsConfig, DialogsError,
+    RequestMatch, RequestRejection, TimerEvent,
+};
+use crate::message::{
+    generate_branch, validate_request, validate_response, Host, Message, Method, NameAddr, Request,
+    Response, SipUri, Transport, Uri, Via,
+};
+pub use crate::transaction::Peer;
+use crate::transaction::{
+    response_destination, RequestOutcome, TransactionConfig, TransactionError, TransactionEvent,
+    TransactionKey, TransactionKind, TransactionLayer, Transmit,
+};
+
+/// Endpoint settings.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Transaction timers and limits.
+    pub transactions: TransactionConfig,
+    /// Dialog table limits and 2xx retransmission timers.
+    pub dialogs: DialogsConfig,
+    /// Value of the User-Agent / Server header, if any.
+    pub user_agent: Option<String>,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            transactions: TransactionConfig::default(),
+            dialogs: DialogsConfig::default(),
+            user_agent: Some(concat!("thalamus/", env!("CARGO_PKG_VERSION")).to_string()),
+        }
+    }
+}
+
+/// What the transaction user must know or decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointEvent {
+    /// A new request outside any dialog (INVITE, MESSAGE, OPTIONS, REGISTER...): answer it with
+    /// [`Endpoint::respond`].
+    Request {
+        /// Its server transaction.
+        key: TransactionKey,
+        /// The request.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// A request within dialog `dialog` (BYE, re-INVITE, UPDATE, INFO, MESSAGE...): answer it
+    /// with [`Endpoint::respond`] (BYE has already terminated the dialog).
+    DialogRequest {
+        /// Its server transaction.
+        key: TransactionKey,
+        /// The dialog.
+        dialog: DialogId,
+        /// The request.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// A request with a To tag for a dialog this endpoint does not hold. A clustered TU loads
+    /// the dialog's record from its store, [`Endpoint::import_dialog`]s it and calls
+    /// [`Endpoint::redeliver`]; otherwise it answers 481 with [`Endpoint::reject_unknown`].
+    UnknownDialog {
+        /// Its server transaction.
+        key: TransactionKey,
+        /// The request.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// The ACK of a 2xx arrived for `dialog`.
+    Ack {
+        /// The dialog.
+        dialog: DialogId,
+        /// The ACK (carries the answer when the offer was in the 2xx).
+        request: Request,
+    },
+    /// The caller cancelled INVITE `invite`: the endpoint answered the CANCEL 200 and the INVITE
+    /// 487 (unless the TU had already sent a final response).
+    Cancelled {
+        /// The INVITE server transaction.
+        invite: TransactionKey,
+    },
+    /// A response to client transaction `key`. For an INVITE, `dialog` names the early or
+    /// confirmed dialog it created or updated; after a 2xx the TU sends the ACK with
+    /// [`Endpoint::send_ack`].
+    Response {
+        /// The client transaction.
+        key: TransactionKey,
+        /// The response.
+        response: Response,
+        /// The dialog it belongs to, if any.
+        dialog: Option<DialogId>,
+    },
+    /// No final response to client transaction `key` (timer B or F): treat as 408.
+    Timeout {
+        /// The client transaction.
+        key: TransactionKey,
+    },
+    /// Sending failed for transaction `key`.
+    TransportError {
+        /// The transaction.
+        key: TransactionKey,
+    },
+    /// A 2xx we sent was never acknowledged (64*T1): the TU should send BYE.
+    AckTimeout {
+        /// The dialog.
+        dialog: DialogId,
+    },
+    /// Transaction `key` ended (its key is dead).
+    Terminated {
+        /// The transaction.
+        key: TransactionKey,
+    },
+}
+
+/// Endpoint errors (the TU's mistakes or limits; never the network's).
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// From the transaction layer.
+    #[error(transparent)]
+    Transaction(#[from] TransactionError),
+    /// From the dialog table.
+    #[error(transparent)]
+    Dialogs(#[from] DialogsError),
+    /// From a dialog.
+    #[error(transparent)]
+    Dialog(#[from] crate::dialog::DialogError),
+    /// No such dialog.
+    #[error("no such dialog")]
+    NoDialog,
+    /// No such server transaction awaiting an answer.
+    #[error("no such server transaction")]
+    NoServerTransaction,
+    /// A header could not be read.
+    #[error(transparent)]
+    Header(#[from] crate::message::HeaderError),
+}
+
+/// A server transaction the TU has not answered with a final response yet.
+#[derive(Debug, Clone)]
+struct PendingServer {
+    request: Request,
+    source: Peer,
+    dialog: Option<DialogId>,
+}
+
+/// Counters of what the endpoint refused.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Requests answered statelessly because they failed validation.
+    pub invalid_requests: u64,
+    /// Responses dropped because they failed validation.
+    pub invalid_responses: u64,
+    /// Requests the transaction layer refused (malformed Via/CSeq, duplicates).
+    pub refused_requests: u64,
+    /// In-dialog requests answered 481 by the endpoint.
+    pub unknown_dialog: u64,
+}
+
+/// One user agent's transactions and dialogs.
+#[derive(Debug)]
+pub struct Endpoint {
+    config: EndpointConfig,
+    transactions: TransactionLayer,
+    dialogs: Dialogs,
+    servers: HashMap<TransactionKey, PendingServer>,
+    /// Where the 2xx of a UAS dialog goes until its ACK arrives.
+    pending_2xx_dest: HashMap<DialogId, Peer>,
+    /// Where the ACK of a UAC dialog went (to re-send it on a retransmitted 2xx).
+    ack_dest: HashMap<DialogId, Peer>,
+    sent_by: HashMap<Transport, (Host, u16)>,
+    events: VecDeque<EndpointEvent>,
+    stats: EndpointStats,
+}
+
+impl Endpoint {
+    /// An endpoint with `config`.
+    pub fn new(config: EndpointConfig) -> Self {
+        Self {
+            transactions: TransactionLayer::new(config.transactions),
+            dialogs: Dialogs::new(config.dialogs),
+            config,
+            servers: HashMap::new(),
+            pending_2xx_dest: HashMap::new(),
+            ack_dest: HashMap::new(),
+            sent_by: HashMap::new(),
+            events: VecDeque::new(),
+            stats: EndpointStats::default(),
+        }
+    }
+
+    /// Sets the sent-by (Via host and port) this endpoint uses on `transport`.
+    pub fn set_sent_by(&mut self, transport: Transport, host: Host, port: u16) {
+        self.sent_by.insert(transport, (host, port));
+    }
+
+    /// A Contact for `user` on `transport`, from the sent-by of that transport.
+    pub fn contact(&self, user: Option<&str>, transport: &Transport) -> NameAddr {
+        let (host, port) = self
+            .sent_by
+            .get(transport)
+            .or_else(|| self.sent_by.get(&Transport::Udp))
+            .cloned()
+            .unwrap_or((Host::Ipv4(std::net::Ipv4Addr::LOCALHOST), 5060));
+        let mut uri = SipUri::new(host).with_port(port);
+        if let Some(user) = user {
+            uri = uri.with_user(user);
+        }
+        if *transport == Transport::Tcp {
+            uri = uri.with_param("transport", Some("tcp"));
+        }
+        NameAddr::new(Uri::Sip(uri))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EndpointStats {
+        self.stats
+    }
+
+    /// The dialog table (read-only).
+    pub fn dialogs(&self) -> &Dialogs {
+        &self.dialogs
+    }
+
+    /// A dialog.
+    pub fn dialog(&self, id: &DialogId) -> Option<&Dialog> {
+        self.dialogs.get(id)
+    }
+
+    /// Live transactions.
+    pub fn transaction_count(&self) -> usize {
+        self.transactions.len()
+    }
+
+    fn via_for(&self, transport: &Transport) -> Via {
+        let (host, port) = self
+            .sent_by
+            .get(transport)
+            .cloned()
+            .unwrap_or((Host::Ipv4(std::net::Ipv4Addr::LOCALHOST), 5060));
+        Via::new(transport.clone(), host, Some(port))
+            .with_branch(&generate_branch())
+            .with_rport()
+    }
+
+    // ----- input from the network -----
+
+    /// Feeds one message received from `source`.
+    pub fn handle_message(&mut self, now: Instant, message: Message, source: Peer) {
+        match message {
+            Message::Request(request) => self.handle_request(now, request, source),
+            Message::Response(response) => {
+                if validate_response(&response).is_err() {
+                    self.stats.invalid_responses += 1;
+                    return;
+                }
+                self.transactions.handle_response(now, response);
+                self.process(now);
+            }
+        }
+    }
+
+    fn handle_request(&mut self, now: Instant, request: Request, source: Peer) {
+        if let Err(invalid) = validate_request(&request) {
+            self.stats.invalid_requests += 1;
+            if request.method != Method::Ack {
+                if let (Some(response), Ok(via)) =
+                    (invalid.response(&request), request.headers.top_via())
+                {
+                    let dest = response_destination(&via, &source);
+                    self.transactions.send_stateless(dest, response);
+                }
+            }
+            return;
+        }
+        match self.transactions.handle_request(now, request, source) {
+            Ok(RequestOutcome::Rejected) | Ok(_) => {}
+            Err(_) => self.stats.refused_requests += 1,
+        }
+        self.process(now);
+    }
+
+    /// Runs the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.transactions.handle_timeout(now);
+        for event in self.dialogs.handle_timeout(now) {
+            match event {
+                TimerEvent::Retransmit2xx { id, response } => {
+                    if let Some(dest) = self.pending_2xx_dest.get(&id).cloned() {
+                        self.transactions.send_stateless(dest, response);
+                    }
+                }
+                TimerEvent::AckTimeout { id } => {
+                    self.pending_2xx_dest.remove(&id);
+                    self.events
+                        .push_back(EndpointEvent::AckTimeout { dialog: id });
+                }
+            }
+        }
+        self.process(now);
+    }
+
+    /// The next instant [`Endpoint::handle_timeout`] must run.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        match (
+            self.transactions.poll_timeout(),
+            self.dialogs.poll_timeout(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transactions.poll_transmit()
+    }
+
+    /// The next event for the TU.
+    pub fn poll_event(&mut self) -> Option<EndpointEvent> {
+        self.events.pop_front()
+    }
+
+    /// The transport failed to send `transmit`.
+    pub fn handle_transport_error(&mut self, now: Instant, key: TransactionKey) {
+        self.transactions.handle_transport_error(now, key);
+        self.process(now);
+    }
+
+    /// Moves transaction events into dialog state and TU events.
+    fn process(&mut self, now: Instant) {
+        while let Some(event) = self.transactions.poll_event() {
+            match event {
+                TransactionEvent::Request {
+                    key,
+                    request,
+                    source,
+                } => self.on_request(now, key, request, source),
+                TransactionEvent::Cancel {
+                    key,
+                    request,
+                    source: _,
+                    invite,
+                } => self.on_cancel(now, key, &request, invite),
+                TransactionEvent::Ack {
+                    key: _,
+                    request,
+                    source: _,
+                } => self.on_ack(request),
+                TransactionEvent::Response { key, response } => self.on_response(key, response),
+                TransactionEvent::StrayResponse { response } => {
+                    // A 2xx retransmitted after the INVITE transaction ended: ACK it again.
+                    if response.is_success() {
+                        self.resend_ack(&response);
+                    }
+                }
+                TransactionEvent::CancelSent { .. } => {}
+                TransactionEvent::Timeout { key, timer: _ } => {
+                    if self.servers.remove(&key).is_none() {
+                        self.events.push_back(EndpointEvent::Timeout { key });
+                    }
+                }
+                TransactionEvent::TransportError { key } => {
+                    self.events.push_back(EndpointEvent::TransportError { key });
+                }
+                TransactionEvent::Terminated { key } => {
+                    self.servers.remove(&key);
+                    self.events.push_back(EndpointEvent::Terminated { key });
+                }
+            }
+        }
+    }
+
+    fn on_request(&mut self, now: Instant, key: TransactionKey, request: Request, source: Peer) {
+        let has_to_tag = request.headers.to_tag().is_some();
+        if !has_to_tag {
+            self.servers.insert(
+                key,
+                PendingServer {
+                    request: request.clone(),
+                    source: source.clone(),
+                    dialog: None,
+                },
+            );
+            self.events.push_back(EndpointEvent::Request {
+                key,
+                request,
+                source,
+            });
+            return;
+        }
+        match self.dialogs.receive_request(&request) {
+            RequestMatch::Accepted(dialog, _) => {
+                let id = dialog.id().clone();
+                self.servers.insert(
+                    key,
+                    PendingServer {
+                        request: request.clone(),
+                        source: source.clone(),
+                        dialog: Some(id.clone()),
+                    },
+                );
+                self.events.push_back(EndpointEvent::DialogRequest {
+                    key,
+                    dialog: id,
+                    request,
+                    source,
+                });
+            }
+            RequestMatch::Rejected(RequestRejection::NoDialog) => {
+                self.servers.insert(
+                    key,
+                    PendingServer {
+                        request: request.clone(),
+                        source: source.clone(),
+                        dialog: None,
+                    },
+                );
+                self.events.push_back(EndpointEvent::UnknownDialog {
+                    key,
+                    request,
+                    source,
+                });
+            }
+            RequestMatch::Rejected(rejection) => {
+                let mut response = Response::from_request(&request, rejection.status(), None);
+                self.decorate(&mut response);
+                let _ = self.transactions.respond(now, key, response);
+            }
+            RequestMatch::OutOfDialog => {}
+        }
+    }
+
+    fn on_cancel(
+        &mut self,
+        now: Instant,
+        key: TransactionKey,
+        cancel: &Request,
+        invite: Option<TransactionKey>,
+    ) {
+        let status = if invite.is_some() { 200 } else { 481 };
+        let mut ok = Response::from_request(cancel, status, None);
+        self.decorate(&mut ok);
+        let _ = self.transactions.respond(now, key, ok);
+        let Some(invite) = invite else { return };
+        // The TU forgets a server transaction when it sends its final response.
+        if self.servers.contains_key(&invite) {
+            let _ = self.respond(now, invite, 487, None, None);
+            self.events.push_back(EndpointEvent::Cancelled { invite });
+        }
+    }
+
+    fn on_ack(&mut self, request: Request) {
+        if let RequestMatch::Accepted(dialog, _) = self.dialogs.receive_request(&request) {
+            let id = dialog.id().clone();
+            self.pending_2xx_dest.remove(&id);
+            self.events.push_back(EndpointEvent::Ack {
+                dialog: id,
+                request,
+            });
+        }
+    }
+
+    fn on_response(&mut self, key: TransactionKey, response: Response) {
+        let mut dialog = None;
+        if self.transactions.kind(key) == Some(TransactionKind::InviteClient) {
+            if let Some(invite) = self.transactions.client_request(key).cloned() {
+                if let Ok((_, Some(d))) = self.dialogs.receive_invite_response(&invite, &response) {
+                    dialog = Some(d.id().clone());
+                }
+            }
+            if response.is_success() && self.resend_ack(&response) {
+                // A retransmitted 2xx we had already acknowledged: nothing new for the TU.
+                return;
+            }
+        } else if let (_, Some(d)) = self.dialogs.receive_response(&response) {
+            dialog = Some(d.id().clone());
+        }
+        self.events.push_back(EndpointEvent::Response {
+            key,
+            response,
+            dialog,
+        });
+    }
+
+    /// Re-sends the remembered ACK of the dialog a retransmitted 2xx belongs to. Returns true
+    /// when there was one.
+    fn resend_ack(&mut self, response: &Response) -> bool {
+        let Some(dialog) = self.dialogs.find_for_response(response) else {
+            return false;
+        };
+        let id = dialog.id().clone();
+        let Some(ack) = dialog.ack_to_resend().cloned() else {
+            return false;
+        };
+        let Some(dest) = self.ack_dest.get(&id).cloned() else {
+            return false;
+        };
+        self.transactions.send_stateless(dest, ack);
+        true
+    }
+
+    fn decorate(&self, response: &mut Response) {
+        if let Some(ua) = &self.config.user_agent {
+            if !response
+                .headers
+                .contains(&crate::message::HeaderName::Server)
+            {
+                response
+                    .headers
+                    .push(crate::message::HeaderName::Server, ua.as_str());
+            }
+        }
+    }
+
+    // ----- the TU's side -----
+
+    /// Sends `request` (not ACK) to `destination` in a new client transaction. The endpoint adds
+    /// the top Via (sent-by of the destination's transport, a new branch, `rport`) and
+    /// Max-Forwards 70 when absent.
+    pub fn send_request(
+        &mut self,
+        now: Instant,
+        mut request: Request,
+        destination: Peer,
+    ) -> Result<TransactionKey, EndpointError> {
+        let via = self.via_for(&destination.transport);
+        request.headers.prepend_via(&via);
+        if request.headers.max_forwards().ok().flatten().is_none() {
+            request.headers.set_max_forwards(70);
+        }
+        if let Some(ua) = &self.config.user_agent {
+            if !request
+                .headers
+                .contains(&crate::message::HeaderName::UserAgent)
+            {
+                request
+                    .headers
+                    .push(crate::message::HeaderName::UserAgent, ua.as_str());
+            }
+        }
+        let key = self.transactions.send_request(now, request, destination)?;
+        self.process(now);
+        Ok(key)
+    }
+
+    /// Cancels INVITE client transaction `invite` (sent when a provisional response has come).
+    pub fn cancel(&mut self, now: Instant, invite: TransactionKey) -> Result<(), EndpointError> {
+        self.transactions.cancel(now, invite)?;
+        self.process(now);
+        Ok(())
+    }
+
+    /// Builds a request within dialog `dialog` (CSeq incremented, Route and Request-URI per the
+    /// route set). Add a body if needed, then pass it to [`Endpoint::send_request`] toward the
+    /// resolved [`Endpoint::next_hop`].
+    pub fn dialog_request(
+        &mut self,
+        dialog: &DialogId,
+        method: Method,
+    ) -> Result<Request, EndpointError> {
+        let d = self
+            .dialogs
+            .get_mut(dialog)
+            .ok_or(EndpointError::NoDialog)?;
+        Ok(d.create_request(method)?)
+    }
+
+    /// The URI to resolve for the next request in `dialog`.
+    pub fn next_hop(&self, dialog: &DialogId) -> Result<Uri, EndpointError> {
+        let d = self.dialogs.get(dialog).ok_or(EndpointError::NoDialog)?;
+        Ok(d.next_hop()?)
+    }
+
+    /// Sends the ACK of the 2xx that confirmed UAC dialog `dialog` to `destination` (the
+    /// resolved next hop), and remembers it for retransmitted 2xx.
+    pub fn send_ack(
+        &mut self,
+        dialog: &DialogId,
+        destination: Peer,
+        body: Option<(bytes::Bytes, crate::message::MediaType)>,
+    ) -> Result<(), EndpointError> {
+        let via = self.via_for(&destination.transport);
+        let d = self
+            .dialogs
+            .get_mut(dialog)
+            .ok_or(EndpointError::NoDialog)?;
+        let mut ack = d.create_ack()?;
+        ack.headers.prepend_via(&via);
+        if let Some((body, media_type)) = body {
+            ack.set_body(body, Some(&media_type));
+        }
+        d.remember_ack(ack.clone());
+        self.ack_dest.insert(dialog.clone(), destination.clone());
+        self.transactions.send_stateless(destination, ack);
+        Ok(())
+    }
+
+    /// Answers server transaction `key` with `status`. For an INVITE, a 101-299 response
+    /// creates the UAS dialog (To tag and Contact added when missing) and a 2xx is retransmitted
+    /// until its ACK. Returns the dialog the response belongs to.
+    pub fn respond(
+        &mut self,
+        now: Instant,
+        key: TransactionKey,
+        status: u16,
+        reason: Option<&str>,
+        body: Option<(bytes::Bytes, crate::message::MediaType)>,
+    ) -> Result<Option<DialogId>, EndpointError> {
+        let pending = self
+            .servers
+            .get(&key)
+            .cloned()
+            .ok_or(EndpointError::NoServerTransaction)?;
+        let request = &pending.request;
+        let mut response = match &pending.dialog {
+            Some(id) => {
+                let d = self.dialogs.get(id).ok_or(EndpointError::NoDialog)?;
+                d.create_response(request, status, reason)
+            }
+            None => {
+                let mut r = Response::from_request(request, status, reason);
+                if request.method == Method::Invite && status > 100 {
+                    let tag = crate::message::generate_tag();
+                    r.set_to_tag(&tag);
+                    if (101..300).contains(&status) {
+                        for rr in request.headers.record_route().unwrap_or_default() {
+                            r.headers
+                                .push(crate::message::HeaderName::RecordRoute, rr.to_string());
+                        }
+                    }
+                }
+                r
+            }
+        };
+        self.respond_with(now, key, &mut response, body)
+    }
+
+    /// Answers server transaction `key` with a response the TU built (Via, From, To, Call-ID
+    /// and CSeq copied from the request; see [`Response::from_request`]). Returns the dialog
+    /// the response belongs to.
+    pub fn respond_with(
+        &mut self,
+        now: Instant,
+        key: TransactionKey,
+        response: &mut Response,
+        body: Option<(bytes::Bytes, crate::message::MediaType)>,
+    ) -> Result<Option<DialogId>, EndpointError> {
+        let pending = self
+            .servers
+            .get(&key)
+            .cloned()
+            .ok_or(EndpointError::NoServerTransaction)?;
+        let request = &pending.request;
+        if let Some((body, media_type)) = body {
+            response.set_body(body, Some(&media_type));
+        }
+        let needs_contact = request.method == Method::Invite
+            || request.method == Method::Update
+            || request.method == Method::Subscribe;
+        if needs_contact
+            && (101..300).contains(&response.status)
+            && !response
+                .headers
+                .contains(&crate::message::HeaderName::Contact)
+        {
+            let user = request.uri.user().map(str::to_string);
+            let contact = self.contact(user.as_deref(), &pending.source.transport);
+            response.headers.push_contact(&contact);
+        }
+        self.decorate(response);
+        let mut dialog = pending.dialog.clone();
+        if request.method == Method::Invite || dialog.is_some() {
+            if let Some(d) = self.dialogs.response_sent(request, response, now)? {
+                dialog = Some(d.id().clone());
+                if d.state() == DialogState::Terminated {
+                    dialog = None;
+                }
+            }
+        }
+        if response.is_success() && request.method == Method::Invite {
+            if let (Some(id), Ok(via)) = (&dialog, request.headers.top_via()) {
+                self.pending_2xx_dest
+                    .insert(id.clone(), response_destination(&via, &pending.source));
+            }
+        }
+        let final_response = response.status >= 200;
+        self.transactions.respond(now, key, response.clone())?;
+        if final_response {
+            // The transaction keeps what it needs; the TU is done with this request.
+            self.servers.remove(&key);
+        } else if let Some(s) = self.servers.get_mut(&key) {
+            s.dialog.clone_from(&dialog);
+        }
+        self.process(now);
+        Ok(dialog)
+    }
+
+    /// Answers an [`EndpointEvent::UnknownDialog`] request 481 (the TU could not take the dialog
+    /// over).
+    pub fn reject_unknown(&mut self, now: Instant, key: TransactionKey) {
+        self.stats.unknown_dialog += 1;
+        let _ = self.respond(now, key, 481, None, None);
+    }
+
+    /// Delivers an [`EndpointEvent::UnknownDialog`] request again after the TU imported its
+    /// dialog: it comes back as [`EndpointEvent::DialogRequest`] (or is rejected by the dialog,
+    /// e.g. 500 for an old CSeq).
+    pub fn redeliver(&mut self, now: Instant, key: TransactionKey) {
+        let Some(pending) = self.servers.remove(&key) else {
+            return;
+        };
+        self.on_request(now, key, pending.request, pending.source);
+    }
+
+    /// Exports dialog `id` for replication.
+    pub fn export_dialog(&self, id: &DialogId) -> Option<DialogRecord> {
+        self.dialogs.get(id).map(Dialog::export)
+    }
+
+    /// Imports a dialog exported on another node (or before a restart).
+    pub fn import_dialog(&mut self, record: &DialogRecord) -> Result<DialogId, EndpointError> {
+        if let Some(existing) =
+            self.dialogs
+                .find(&record.call_id, &record.local_tag, &record.remote_tag)
+        {
+            return Ok(existing.id().clone());
+        }
+        Ok(self.dialogs.import(record)?.id().clone())
+    }
+
+    /// Forgets dialog `id` (after BYE, or when the TU ends it).
+    pub fn remove_dialog(&mut self, id: &DialogId) -> Option<Dialog> {
+        self.pending_2xx_dest.remove(id);
+        self.ack_dest.remove(id);
+        self.dialogs.remove(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    fn peer(port: u16) -> Peer {
+        Peer::udp(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn endpoint(port: u16) -> Endpoint {
+        let mut e = Endpoint::new(EndpointConfig::default());
+        e.set_sent_by(Transport::Udp, Host::Ipv4([127, 0, 0, 1].into()), port);
+        e
+    }
+
+    fn invite(to: &str) -> Request {
+        let mut r = Request::new(Method::Invite, Uri::parse(to).unwrap());
+        let from: NameAddr = "<sip:alice@127.0.0.1:5061>;tag=a1".parse().unwrap();
+        r.headers.set_from(&from);
+        r.headers.set_to(&NameAddr::new(Uri::parse(to).unwrap()));
+        r.headers.set_call_id("call-1@test");
+        r.headers
+            .set_cseq(&crate::message::CSeq::new(1, Method::Invite));
+        r.headers
+            .push_contact(&"<sip:alice@127.0.0.1:5061>".parse().unwrap());
+        r
+    }
+
+    /// Moves every transmit of `from` into `to` as if the network delivered it.
+    fn deliver(now: Instant, from: &mut Endpoint, from_peer: &Peer, to: &mut Endpoint) -> usize {
+        let mut n = 0;
+        while let Some(t) = from.poll_transmit() {
+            let msg = Message::parse(t.payload.clone()).unwrap();
+            to.handle_message(now, msg, from_peer.clone());
+            n += 1;
+        }
+        n
+    }
+
+    fn events(e: &mut Endpoint) -> Vec<EndpointEvent> {
+        std::iter::from_fn(|| e.poll_event()).collect()
+    }
+
+    #[test]
+    fn whole_call_between_two_endpoints() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        let (mut a, mut b) = (endpoint(5061), endpoint(5062));
+        let key = a
+            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+            .unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let evs = events(&mut b);
+        let EndpointEvent::Request { key: skey, .. } = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        let sdp = (
+            Bytes::from_static(b"v=0\r\n"),
+            crate::message::MediaType::sdp(),
+        );
+        let dialog_b = b.respond(t0, *skey, 200, None, Some(sdp)).unwrap().unwrap();
+        deliver(t0, &mut b, &pb, &mut a);
+        let evs = events(&mut a);
+        let dialog_a = match &evs[..] {
+            [EndpointEvent::Response {
+                key: k,
+                response,
+                dialog: Some(d),
+            }, ..] => {
+                assert_eq!(*k, key);
+                assert_eq!(response.status, 200);
+                d.clone()
+            }
+            other => panic!("{other:?}"),
+        };
+        a.send_ack(&dialog_a, pb.clone(), None).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        assert!(events(&mut b)
+            .iter()
+            .any(|e| matches!(e, EndpointEvent::Ack { dialog, .. } if *dialog == dialog_b)));
+        // No 2xx retransmission after the ACK.
+        b.handle_timeout(t0 + Duration::from_secs(1));
+        assert_eq!(deliver(t0, &mut b, &pb, &mut a), 0);
+
+        // B hangs up.
+        let bye = b.dialog_request(&dialog_b, Method::Bye).unwrap();
+        b.send_request(t0, bye, pa.clone()).unwrap();
+        deliver(t0, &mut b, &pb, &mut a);
+        let evs = events(&mut a);
+        let EndpointEvent::DialogRequest {
+            key: bye_key,
+            dialog,
+            request,
+            ..
+        } = &evs[0]
+        else {
+            panic!("{evs:?}")
+        };
+        assert_eq!(*dialog, dialog_a);
+        assert_eq!(request.method, Method::Bye);
+        a.respond(t0, *bye_key, 200, None, None).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        assert!(events(&mut b).iter().any(|e| matches!(
+            e,
+            EndpointEvent::Response { response, .. } if response.status == 200
+        )));
+    }
+
+    #[test]
+    fn uas_2xx_is_retransmitted_until_ack_then_ack_timeout() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        let (mut a, mut b) = (endpoint(5061), endpoint(5062));
+        a.send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+            .unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let EndpointEvent::Request { key, .. } = events(&mut b).remove(0) else {
+            panic!()
+        };
+        b.respond(t0, key, 200, None, None).unwrap();
+        assert_eq!(b.poll_transmit().map(|t| t.destination), Some(pa.clone()));
+        // T1 later the 2xx goes again, then 2T1 later...
+        b.handle_timeout(t0 + Duration::from_millis(500));
+        assert!(b.poll_transmit().is_some());
+        b.handle_timeout(t0 + Duration::from_millis(1500));
+        assert!(b.poll_transmit().is_some());
+        b.handle_timeout(t0 + Duration::from_secs(40));
+        assert!(events(&mut b)
+            .iter()
+            .any(|e| matches!(e, EndpointEvent::AckTimeout { .. })));
+    }
+
+    #[test]
+    fn cancel_answers_200_and_487() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        let (mut a, mut b) = (endpoint(5061), endpoint(5062));
+        let key = a
+            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+            .unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let EndpointEvent::Request { key: skey, .. } = events(&mut b).remove(0) else {
+            panic!()
+        };
+        b.respond(t0, skey, 180, None, None).unwrap();
+        deliver(t0, &mut b, &pb, &mut a);
+        events(&mut a);
+        a.cancel(t0, key).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        assert!(events(&mut b)
+            .iter()
+            .any(|e| matches!(e, EndpointEvent::Cancelled { invite } if *invite == skey)));
+        deliver(t0, &mut b, &pb, &mut a);
+        let evs = events(&mut a);
+        assert!(evs.iter().any(|e| matches!(
+            e,
+            EndpointEvent::Response { key: k, response, .. } if *k == key && response.status == 487
+        )));
+    }
+
+    #[test]
+    fn invalid_request_is_answered_statelessly() {
+        let t0 = Instant::now();
+        let mut b = endpoint(5062);
+        let text = "INVITE sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:bob@127.0.0.1>\r\nCall-ID: x\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
+        b.handle_message(t0, Message::parse(Bytes::from(text)).unwrap(), peer(5061));
+        let t = b.poll_transmit().unwrap();
+        assert!(t.payload.starts_with(b"SIP/2.0 400"));
+        assert_eq!(b.stats().invalid_requests, 1);
+        assert!(b.poll_event().is_none());
+    }
+
+    #[test]
+    fn unknown_dialog_can_be_imported_and_redelivered() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        let (mut a, mut b) = (endpoint(5061), endpoint(5062));
+        a.send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+            .unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let EndpointEvent::Request { key, .. } = events(&mut b).remove(0) else {
+            panic!()
+        };
+        let dialog_b = b.respond(t0, key, 200, None, None).unwrap().unwrap();
+        deliver(t0, &mut b, &pb, &mut a);
+        let dialog_a = match events(&mut a).remove(0) {
+            EndpointEvent::Response {
+                dialog: Some(d), ..
+            } => d,
+            other => panic!("{other:?}"),
+        };
+        a.send_ack(&dialog_a, pb.clone(), None).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let record = b.export_dialog(&dialog_b).unwrap();
+
+        // B dies; C (a fresh endpoint on the same address) takes the BYE.
+        let mut c = endpoint(5062);
+        let bye = a.dialog_request(&dialog_a, Method::Bye).unwrap();
+        a.send_request(t0, bye, pb.clone()).unwrap();
+        deliver(t0, &mut a, &pa, &mut c);
+        let EndpointEvent::UnknownDialog { key, .. } = events(&mut c).remove(0) else {
+            panic!()
+        };
+        c.import_dialog(&record).unwrap();
+        c.redeliver(t0, key);
+        let EndpointEvent::DialogRequest { key, request, .. } = events(&mut c).remove(0) else {
+            panic!()
+        };
+        assert_eq!(request.method, Method::Bye);
+        c.respond(t0, key, 200, None, None).unwrap();
+        let t = c.poll_transmit().unwrap();
+        let Message::Response(ok) = Message::parse(t.payload).unwrap() else {
+            panic!()
+        };
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.headers.to_tag(), Some(dialog_b.local_tag.as_str()));
+        assert_eq!(ok.headers.cseq().unwrap().method, Method::Bye);
+    }
+}
