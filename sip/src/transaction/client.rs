@@ -20,7 +20,6 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::layer::{Ctx, Step, TransactionKey, TransactionState, TxTimers};
-use super::matching::build_ack;
 use super::peer::Peer;
 use super::timer::Timer;
 use super::TransactionEvent;
@@ -137,7 +136,7 @@ impl ClientTransaction {
                     self.cancel = CancelState::NotRequested;
                 }
                 // A response without To cannot be acknowledged; the transaction still completes.
-                if let Ok(ack) = build_ack(&self.request, &response) {
+                if let Ok(ack) = self.request.ack_for(&response) {
                     let bytes = ack.to_bytes();
                     ctx.send(&self.destination, bytes.clone(), false);
                     self.ack_bytes = Some(bytes);

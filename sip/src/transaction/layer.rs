@@ -18,9 +18,7 @@ use bytes::Bytes;
 
 use super::client::{CancelState, ClientTransaction};
 use super::config::{TimerConfig, TransactionConfig};
-use super::matching::{
-    build_cancel, request_id, request_id_with_via, ClientId, LegacyId, RequestId, ServerId,
-};
+use super::matching::{request_id, request_id_with_via, ClientId, LegacyId, RequestId, ServerId};
 use super::peer::{response_destination, Peer};
 use super::server::{AckDisposition, LegacyTags, ServerTransaction};
 use super::timer::{Armed, Timer, TimerQueue};
@@ -697,7 +695,7 @@ impl TransactionLayer {
         invite: TransactionKey,
     ) -> Result<TransactionKey, TransactionError> {
         let (request, destination) = match self.entry(invite).map(|e| &e.tx) {
-            Some(Tx::Client(c)) => (build_cancel(&c.request)?, c.destination.clone()),
+            Some(Tx::Client(c)) => (c.request.cancel()?, c.destination.clone()),
             _ => return Err(TransactionError::UnknownTransaction),
         };
         let id = ClientId::of_request(&request).ok_or(TransactionError::MissingBranch)?;

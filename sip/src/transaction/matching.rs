@@ -1,19 +1,18 @@
-//! Transaction identifiers and the requests a transaction builds itself.
+//! Transaction identifiers: what matches a message to its transaction.
 //!
 //! * [`ClientId`]: top Via branch + CSeq method (RFC 3261 section 17.1.3).
 //! * [`ServerId`]: top Via branch + sent-by + method, ACK counting as INVITE (section 17.2.3).
 //! * [`LegacyId`]: the RFC 2543 fallback of section 17.2.3 for requests whose branch lacks the
 //!   `z9hG4bK` cookie: Request-URI, From tag, Call-ID, CSeq number, method and top Via; the To
 //!   tag is compared separately (it differs between an INVITE and the ACK of its response).
-//! * [`build_cancel`] (section 9.1) and [`build_ack`] (section 17.1.1.3), local until the
-//!   message module's own builders land.
+//!
+//! The CANCEL and the ACK of a non-2xx are built by the message model ([`Request::cancel`],
+//! [`Request::ack_for`]).
 //!
 //! Branches and hosts are compared case-insensitively (section 7.3.1: tokens are
 //! case-insensitive), so both are stored lower-cased. Nothing here keeps state.
 
-use crate::message::{
-    is_rfc3261_branch, CSeq, HeaderError, HeaderName, HeaderValue, Method, Request, Response, Via,
-};
+use crate::message::{is_rfc3261_branch, HeaderError, Method, Request, Response, Via};
 
 /// What identifies a client transaction: the branch of the request's top Via and the method
 /// (the CSeq method of its responses).
@@ -131,74 +130,10 @@ pub(crate) fn request_id_with_via(
     }
 }
 
-/// The top Via value as written (the first element of the first Via field).
-fn top_via_text(request: &Request) -> Option<String> {
-    let first = request.headers.get(&HeaderName::Via)?;
-    match first.to_str() {
-        Ok(text) if !text.contains(',') => Some(text.trim().to_owned()),
-        _ => request.headers.clone().remove_first_value(&HeaderName::Via),
-    }
-    .filter(|v| !v.is_empty())
-}
-
-/// A request of `method` that reuses the Request-URI, the top Via, From, Call-ID, the CSeq
-/// number and the Route headers of `original`, with the given To value (or the original's) and
-/// Max-Forwards 70.
-fn derived(
-    original: &Request,
-    method: Method,
-    to: Option<&HeaderValue>,
-) -> Result<Request, HeaderError> {
-    let cseq = original.headers.cseq()?;
-    let via = top_via_text(original).ok_or(HeaderError::Missing(HeaderName::Via))?;
-    let to = match to {
-        Some(v) => v.clone(),
-        None => original
-            .headers
-            .get(&HeaderName::To)
-            .cloned()
-            .ok_or(HeaderError::Missing(HeaderName::To))?,
-    };
-    let from = original
-        .headers
-        .get(&HeaderName::From)
-        .cloned()
-        .ok_or(HeaderError::Missing(HeaderName::From))?;
-    let call_id = original.headers.call_id()?;
-    let mut out = Request::new(method.clone(), original.uri.clone());
-    out.version = original.version;
-    out.headers.push(HeaderName::Via, via);
-    out.headers.set_max_forwards(70);
-    out.headers.push(HeaderName::To, to);
-    out.headers.push(HeaderName::From, from);
-    out.headers.set_call_id(call_id);
-    out.headers.set_cseq(&CSeq::new(cseq.seq, method));
-    for route in original.headers.get_all(&HeaderName::Route) {
-        out.headers.push(HeaderName::Route, route.clone());
-    }
-    Ok(out)
-}
-
-/// The CANCEL of `invite` (RFC 3261 section 9.1): same Request-URI, Call-ID, To, From, CSeq
-/// number (method CANCEL), a single Via equal to the INVITE's top Via, and its Route headers.
-pub(crate) fn build_cancel(invite: &Request) -> Result<Request, HeaderError> {
-    derived(invite, Method::Cancel, None)
-}
-
-/// The ACK of a non-2xx final `response` to `invite` (RFC 3261 section 17.1.1.3): like the
-/// CANCEL but with the response's To (which carries the remote tag) and method ACK.
-pub(crate) fn build_ack(invite: &Request, response: &Response) -> Result<Request, HeaderError> {
-    let to = response
-        .headers
-        .get(&HeaderName::To)
-        .ok_or(HeaderError::Missing(HeaderName::To))?;
-    derived(invite, Method::Ack, Some(to))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{validate_request, Uri};
+    use crate::message::{CSeq, HeaderName, Uri};
 
     fn invite() -> Request {
         let mut r = Request::new(Method::Invite, Uri::parse("sip:bob@biloxi.com").unwrap());
@@ -222,79 +157,18 @@ mod tests {
     }
 
     #[test]
-    fn cancel_copies_what_section_9_1_requires() {
-        let inv = invite();
-        let c = build_cancel(&inv).unwrap();
-        assert_eq!(c.method, Method::Cancel);
-        assert_eq!(c.uri, inv.uri);
-        assert_eq!(c.headers.via().unwrap().len(), 1);
-        assert_eq!(
-            c.headers.get(&HeaderName::Via).unwrap().as_bytes(),
-            b"SIP/2.0/UDP pc33.atlanta.com;branch=z9hG4bKnashds8"
-        );
-        assert_eq!(c.headers.cseq().unwrap(), CSeq::new(314159, Method::Cancel));
-        assert_eq!(
-            c.headers.get(&HeaderName::To),
-            inv.headers.get(&HeaderName::To)
-        );
-        assert_eq!(
-            c.headers.get(&HeaderName::From),
-            inv.headers.get(&HeaderName::From)
-        );
-        assert_eq!(c.headers.call_id().unwrap(), "a84b4c76e66710");
-        assert_eq!(c.headers.count(&HeaderName::Route), 2);
-        assert!(!c.headers.contains(&HeaderName::Contact));
-        assert_eq!(validate_request(&c), Ok(()));
-    }
-
-    #[test]
-    fn ack_takes_the_to_of_the_response() {
-        let inv = invite();
-        let mut busy = Response::from_request(&inv, 486, None);
-        busy.set_to_tag("x9");
-        let ack = build_ack(&inv, &busy).unwrap();
-        assert_eq!(ack.method, Method::Ack);
-        assert_eq!(ack.headers.to_tag(), Some("x9"));
-        assert_eq!(ack.headers.cseq().unwrap(), CSeq::new(314159, Method::Ack));
-        assert_eq!(ack.branch(), Some("z9hG4bKnashds8"));
-        assert_eq!(ack.headers.count(&HeaderName::Route), 2);
-        assert_eq!(validate_request(&ack), Ok(()));
-    }
-
-    #[test]
-    fn builders_report_missing_headers() {
-        let mut inv = invite();
-        inv.headers.remove(&HeaderName::Via);
-        assert_eq!(
-            build_cancel(&inv),
-            Err(HeaderError::Missing(HeaderName::Via))
-        );
-        let mut inv = invite();
-        inv.headers.remove(&HeaderName::From);
-        assert_eq!(
-            build_cancel(&inv),
-            Err(HeaderError::Missing(HeaderName::From))
-        );
-        let inv = invite();
-        let mut resp = Response::from_request(&inv, 486, None);
-        resp.headers.remove(&HeaderName::To);
-        assert_eq!(
-            build_ack(&inv, &resp),
-            Err(HeaderError::Missing(HeaderName::To))
-        );
-    }
-
-    #[test]
     fn server_ids_follow_17_2_3() {
         let inv = invite();
         let id = request_id(&inv, &inv.method).unwrap();
-        let mut ack = build_ack(&inv, &Response::from_request(&inv, 486, None)).unwrap();
+        let mut ack = inv
+            .ack_for(&Response::from_request(&inv, 486, None))
+            .unwrap();
         assert_eq!(
             request_id(&ack, &ack.method).unwrap(),
             id,
             "ACK matches INVITE"
         );
-        let cancel = build_cancel(&inv).unwrap();
+        let cancel = inv.cancel().unwrap();
         assert_ne!(request_id(&cancel, &cancel.method).unwrap(), id);
         assert_eq!(request_id(&cancel, &Method::Invite).unwrap(), id);
         // Branch and host compare case-insensitively; the port defaults to 5060.
@@ -320,12 +194,13 @@ mod tests {
             panic!("expected a legacy id");
         };
         assert_eq!(to_tag, None);
-        let mut ack = build_ack(&inv, &{
-            let mut r = Response::from_request(&inv, 404, None);
-            r.set_to_tag("t1");
-            r
-        })
-        .unwrap();
+        let mut ack = inv
+            .ack_for(&{
+                let mut r = Response::from_request(&inv, 404, None);
+                r.set_to_tag("t1");
+                r
+            })
+            .unwrap();
         let RequestId::Legacy {
             id: ack_id,
             to_tag: ack_tag,
@@ -353,7 +228,7 @@ mod tests {
         let id = ClientId::of_request(&inv).unwrap();
         let resp = Response::from_request(&inv, 180, None);
         assert_eq!(ClientId::of_response(&resp), Some(id.clone()));
-        let cancel = build_cancel(&inv).unwrap();
+        let cancel = inv.cancel().unwrap();
         let cancel_id = ClientId::of_request(&cancel).unwrap();
         assert_ne!(cancel_id, id);
         assert_eq!(cancel_id.branch, id.branch);
