@@ -280,6 +280,22 @@ impl Endpoint {
     }
 
     fn handle_request(&mut self, now: Instant, request: Request, source: Peer) {
+        // An INVITE must carry a Contact (RFC 3261 8.1.1.8): without one no dialog can be
+        // built, so it is refused up front like any other malformed request.
+        if request.method == Method::Invite
+            && !request
+                .headers
+                .contains(&crate::message::HeaderName::Contact)
+        {
+            self.stats.invalid_requests += 1;
+            if let Ok(via) = request.headers.top_via() {
+                let mut response = Response::from_request(&request, 400, Some("Missing Contact"));
+                self.decorate(&mut response);
+                let dest = response_destination(&via, &source);
+                self.transactions.send_stateless(dest, response);
+            }
+            return;
+        }
         if let Err(invalid) = validate_request(&request) {
             self.stats.invalid_requests += 1;
             if request.method != Method::Ack {
@@ -626,6 +642,19 @@ impl Endpoint {
         reason: Option<&str>,
         body: Option<(bytes::Bytes, crate::message::MediaType)>,
     ) -> Result<Option<DialogId>, EndpointError> {
+        self.respond_extended(now, key, status, reason, body, Vec::new())
+    }
+
+    /// [`Endpoint::respond`] with extra header fields (Allow, Unsupported, Warning...).
+    pub fn respond_extended(
+        &mut self,
+        now: Instant,
+        key: TransactionKey,
+        status: u16,
+        reason: Option<&str>,
+        body: Option<(bytes::Bytes, crate::message::MediaType)>,
+        extra: Vec<(crate::message::HeaderName, String)>,
+    ) -> Result<Option<DialogId>, EndpointError> {
         let pending = self
             .servers
             .get(&key)
@@ -652,6 +681,9 @@ impl Endpoint {
                 r
             }
         };
+        for (name, value) in extra {
+            response.headers.push(name, value);
+        }
         self.respond_with(now, key, &mut response, body)
     }
 

@@ -16,3 +16,4 @@ pub mod resolve;
 pub mod sdp;
 pub mod transaction;
 pub mod transport;
+pub mod ua;

@@ -1,0 +1,921 @@
+//! The tokio user agent: the API transaction users build on (the gateway's bridge, the
+//! simulator's SIP buddy). A thin driver: one task owns the sans-IO [`Endpoint`] and the
+//! [`SipTransport`], feeds it messages, commands and timer ticks, and sends what it returns.
+//!
+//! * Send a request and get its responses: [`UserAgent::send`] returns a [`ClientCall`] whose
+//!   channel yields every response (and the timeout) of that transaction;
+//!   [`UserAgent::send_with_auth`] answers 401/407 digest challenges on the way.
+//! * Receive requests and answer them: [`UaEvent`]s arrive on the channel returned by
+//!   [`UserAgent::start`]; answer with [`UserAgent::respond`].
+//! * Use dialogs: ACK a 2xx ([`UserAgent::ack`]), send in-dialog requests
+//!   ([`UserAgent::request_in_dialog`]), export and import them for replication.
+//!
+//! Names are resolved here (RFC 3263, [`Resolver`]); the endpoint never waits on DNS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::dialog::{DialogId, DialogRecord};
+use crate::endpoint::{Endpoint, EndpointConfig, EndpointError, EndpointEvent, EndpointStats};
+use crate::message::{
+    CSeq, HeaderName, Host, MediaType, Method, NameAddr, Request, Response, SipUri, Transport, Uri,
+};
+use crate::resolve::{ResolveError, Resolver};
+use crate::transaction::{Peer, TransactionKey};
+use crate::transport::{Inbound, PeerTransport, SipTransport, TransportConfig, TransportError};
+
+/// A body and its type.
+pub type Body = Option<(Bytes, MediaType)>;
+
+/// User agent settings.
+#[derive(Debug, Clone)]
+pub struct UaConfig {
+    /// Sockets.
+    pub transport: TransportConfig,
+    /// Transactions, dialogs, User-Agent header.
+    pub endpoint: EndpointConfig,
+    /// Host put in Via and Contact; defaults to the bound address (127.0.0.1 for a wildcard).
+    pub advertised_host: Option<Host>,
+    /// Port put in Via and Contact; defaults to the bound port.
+    pub advertised_port: Option<u16>,
+    /// Where out-of-dialog requests go when set (instead of resolving the Request-URI).
+    pub outbound_proxy: Option<SipUri>,
+    /// Name resolution.
+    pub resolver: Resolver,
+    /// Inbound messages queued between the sockets and the endpoint task.
+    pub inbound_queue: usize,
+    /// Events queued toward the TU.
+    pub event_queue: usize,
+}
+
+impl Default for UaConfig {
+    fn default() -> Self {
+        Self {
+            transport: TransportConfig::default(),
+            endpoint: EndpointConfig::default(),
+            advertised_host: None,
+            advertised_port: None,
+            outbound_proxy: None,
+            resolver: Resolver::system(),
+            inbound_queue: 8192,
+            event_queue: 8192,
+        }
+    }
+}
+
+/// User agent errors.
+#[derive(Debug, thiserror::Error)]
+pub enum UaError {
+    /// Binding sockets.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The endpoint refused.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// No destination.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// The Request-URI is not a SIP URI and there is no outbound proxy.
+    #[error("cannot route to {0}")]
+    Unroutable(String),
+    /// The user agent stopped.
+    #[error("the user agent is stopped")]
+    Stopped,
+    /// Digest authentication failed.
+    #[error("authentication: {0}")]
+    Auth(String),
+}
+
+/// A server transaction handle.
+pub type ServerTx = TransactionKey;
+
+/// What arrives for the TU.
+#[derive(Debug, Clone)]
+pub enum UaEvent {
+    /// A request outside any dialog.
+    Request {
+        /// Its transaction.
+        tx: ServerTx,
+        /// The request.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// A request within a dialog.
+    DialogRequest {
+        /// Its transaction.
+        tx: ServerTx,
+        /// The dialog.
+        dialog: DialogId,
+        /// The request.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// A request for a dialog not held here (import and redeliver, or reject).
+    UnknownDialog {
+        /// Its transaction.
+        tx: ServerTx,
+        /// The request.
+        request: Request,
+        /// Where it came from.
+        source: Peer,
+    },
+    /// The ACK of our 2xx.
+    Ack {
+        /// The dialog.
+        dialog: DialogId,
+        /// The ACK.
+        request: Request,
+    },
+    /// The caller cancelled this INVITE (already answered 487).
+    Cancelled {
+        /// The INVITE's transaction.
+        tx: ServerTx,
+    },
+    /// Our 2xx was never acknowledged: send BYE.
+    AckTimeout {
+        /// The dialog.
+        dialog: DialogId,
+    },
+}
+
+/// What happens to a request we sent.
+#[derive(Debug, Clone)]
+pub enum ClientEvent {
+    /// A response (provisional or final; for INVITE, also later 2xx from forks).
+    Response {
+        /// The response.
+        response: Response,
+        /// The dialog it created or belongs to.
+        dialog: Option<DialogId>,
+    },
+    /// No final response (timer B/F): act as on 408.
+    Timeout,
+    /// The transport failed.
+    TransportError,
+}
+
+/// A request in flight.
+#[derive(Debug)]
+pub struct ClientCall {
+    /// Its first client transaction.
+    pub key: TransactionKey,
+    /// The latest transaction (after an answered challenge the request goes again).
+    current: Arc<std::sync::Mutex<TransactionKey>>,
+    /// The request as sent (without Via).
+    pub request: Request,
+    /// Where it went.
+    pub destination: Peer,
+    /// Its responses.
+    pub events: mpsc::Receiver<ClientEvent>,
+}
+
+impl ClientCall {
+    /// The transaction to CANCEL: the latest one sent for this request.
+    pub fn key(&self) -> TransactionKey {
+        self.current.lock().map(|k| *k).unwrap_or(self.key)
+    }
+
+    /// Waits for the final response (or the timeout), skipping provisional ones.
+    pub async fn final_response(&mut self) -> ClientEvent {
+        loop {
+            match self.events.recv().await {
+                Some(ClientEvent::Response { response, dialog }) if response.status < 200 => {
+                    let _ = dialog;
+                }
+                Some(event) => return event,
+                None => return ClientEvent::TransportError,
+            }
+        }
+    }
+}
+
+enum Command {
+    Send {
+        request: Request,
+        destination: Peer,
+        reply: oneshot::Sender<Result<ClientCall, UaError>>,
+    },
+    Cancel(TransactionKey),
+    Respond {
+        tx: ServerTx,
+        status: u16,
+        reason: Option<String>,
+        body: Body,
+        extra: Vec<(HeaderName, String)>,
+        reply: oneshot::Sender<Result<Option<DialogId>, UaError>>,
+    },
+    DialogRequest {
+        dialog: DialogId,
+        method: Method,
+        reply: oneshot::Sender<Result<(Request, Uri), UaError>>,
+    },
+    NextHop {
+        dialog: DialogId,
+        reply: oneshot::Sender<Result<Uri, UaError>>,
+    },
+    Ack {
+        dialog: DialogId,
+        destination: Peer,
+        body: Body,
+        reply: oneshot::Sender<Result<(), UaError>>,
+    },
+    Export {
+        dialog: DialogId,
+        reply: oneshot::Sender<Option<DialogRecord>>,
+    },
+    Import {
+        record: Box<DialogRecord>,
+        reply: oneshot::Sender<Result<DialogId, UaError>>,
+    },
+    Redeliver(ServerTx),
+    RejectUnknown(ServerTx),
+    RemoveDialog(DialogId),
+    Stats(oneshot::Sender<(EndpointStats, usize, usize)>),
+}
+
+struct Shared {
+    commands: mpsc::Sender<Command>,
+    transport: SipTransport,
+    resolver: Resolver,
+    outbound_proxy: Option<SipUri>,
+    contact_host: Host,
+    contact_port: u16,
+    tcp_port: u16,
+}
+
+/// The running user agent. Cheap to clone.
+#[derive(Clone)]
+pub struct UserAgent {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for UserAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserAgent")
+            .field("transport", &self.shared.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+fn host_of(addr: SocketAddr) -> Host {
+    match addr.ip() {
+        ip if ip.is_unspecified() => Host::Ipv4(std::net::Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::V4(v4) => Host::Ipv4(v4),
+        std::net::IpAddr::V6(v6) => Host::Ipv6(v6),
+    }
+}
+
+impl UserAgent {
+    /// Binds the sockets and starts the endpoint task. Requests and dialog events arrive on the
+    /// returned channel.
+    pub async fn start(config: UaConfig) -> Result<(UserAgent, mpsc::Receiver<UaEvent>), UaError> {
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue);
+        let transport = SipTransport::bind(config.transport.clone(), inbound_tx).await?;
+        let udp = transport.local_addr(PeerTransport::Udp);
+        let tcp = transport.local_addr(PeerTransport::Tcp);
+        let bound = udp
+            .or(tcp)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)));
+        let host = config
+            .advertised_host
+            .clone()
+            .unwrap_or_else(|| host_of(bound));
+        let port = config.advertised_port.unwrap_or(bound.port());
+        let tcp_port = config
+            .advertised_port
+            .or(tcp.map(|a| a.port()))
+            .unwrap_or(port);
+        let mut endpoint = Endpoint::new(config.endpoint.clone());
+        endpoint.set_sent_by(Transport::Udp, host.clone(), port);
+        endpoint.set_sent_by(Transport::Tcp, host.clone(), tcp_port);
+        let (commands, command_rx) = mpsc::channel(4096);
+        let (events_tx, events_rx) = mpsc::channel(config.event_queue);
+        let shared = Arc::new(Shared {
+            commands,
+            transport: transport.clone(),
+            resolver: config.resolver.clone(),
+            outbound_proxy: config.outbound_proxy.clone(),
+            contact_host: host,
+            contact_port: port,
+            tcp_port,
+        });
+        tokio::spawn(drive(
+            endpoint, transport, inbound_rx, command_rx, events_tx,
+        ));
+        Ok((UserAgent { shared }, events_rx))
+    }
+
+    /// The bound address of a transport.
+    pub fn local_addr(&self, transport: PeerTransport) -> Option<SocketAddr> {
+        self.shared.transport.local_addr(transport)
+    }
+
+    /// Transport counters.
+    pub fn transport(&self) -> &SipTransport {
+        &self.shared.transport
+    }
+
+    /// Our Contact for `user` on `transport`.
+    pub fn contact(&self, user: Option<&str>, transport: PeerTransport) -> NameAddr {
+        let port = match transport {
+            PeerTransport::Udp => self.shared.contact_port,
+            PeerTransport::Tcp => self.shared.tcp_port,
+        };
+        let mut uri = SipUri::new(self.shared.contact_host.clone()).with_port(port);
+        if let Some(user) = user {
+            uri = uri.with_user(user);
+        }
+        if transport == PeerTransport::Tcp {
+            uri = uri.with_param("transport", Some("tcp"));
+        }
+        NameAddr::new(Uri::Sip(uri))
+    }
+
+    /// A fresh out-of-dialog request: Request-URI, From (with a new tag), To, Call-ID, CSeq 1,
+    /// Max-Forwards; add Contact and body as needed.
+    pub fn new_request(&self, method: Method, uri: Uri, from: NameAddr, to: NameAddr) -> Request {
+        let mut request = Request::new(method.clone(), uri);
+        let mut from = from;
+        if from.tag().is_none() {
+            from.set_tag(&crate::message::generate_tag());
+        }
+        request.headers.set_from(&from);
+        request.headers.set_to(&to);
+        request
+            .headers
+            .set_call_id(&crate::message::generate_call_id(None));
+        request.headers.set_cseq(&CSeq::new(1, method));
+        request.headers.set_max_forwards(70);
+        request
+    }
+
+    async fn command<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, UaError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .commands
+            .send(make(tx))
+            .await
+            .map_err(|_| UaError::Stopped)?;
+        rx.await.map_err(|_| UaError::Stopped)
+    }
+
+    /// Where an out-of-dialog request goes: `destination`, else the outbound proxy, else the
+    /// first Route, else the Request-URI (resolved per RFC 3263).
+    pub async fn destination_for(&self, request: &Request) -> Result<Peer, UaError> {
+        let uri = match (&self.shared.outbound_proxy, request.headers.route().ok()) {
+            (Some(proxy), _) => proxy.clone(),
+            (None, Some(routes)) if !routes.is_empty() => match routes[0].uri.as_sip() {
+                Some(sip) => sip.clone(),
+                None => return Err(UaError::Unroutable(routes[0].uri.to_string())),
+            },
+            _ => match request.uri.as_sip() {
+                Some(sip) => sip.clone(),
+                None => return Err(UaError::Unroutable(request.uri.to_string())),
+            },
+        };
+        self.resolve(&uri).await
+    }
+
+    /// Resolves `uri` to the first place to try.
+    pub async fn resolve(&self, uri: &SipUri) -> Result<Peer, UaError> {
+        let peers = self.shared.resolver.resolve(uri).await?;
+        let first = peers
+            .into_iter()
+            .next()
+            .ok_or_else(|| UaError::Unroutable(uri.to_string()))?;
+        Ok(Peer::new(first.addr, first.transport.as_transport()))
+    }
+
+    /// Sends `request` in a new client transaction to `destination` (resolved from the request
+    /// when `None`).
+    pub async fn send(
+        &self,
+        request: Request,
+        destination: Option<Peer>,
+    ) -> Result<ClientCall, UaError> {
+        let destination = match destination {
+            Some(d) => d,
+            None => self.destination_for(&request).await?,
+        };
+        self.command(|reply| Command::Send {
+            request,
+            destination,
+            reply,
+        })
+        .await?
+    }
+
+    /// Sends `request` and answers up to two 401/407 digest challenges with `credentials`
+    /// (user name, password): the request goes again with CSeq + 1 and an Authorization (or
+    /// Proxy-Authorization) header. The returned call yields every response except the
+    /// answered challenges; [`ClientCall::key`] follows the latest transaction (for CANCEL).
+    pub async fn send_with_auth(
+        &self,
+        request: Request,
+        destination: Option<Peer>,
+        credentials: Option<(String, String)>,
+    ) -> Result<ClientCall, UaError> {
+        let first = self.send(request, destination).await?;
+        let Some((user, password)) = credentials else {
+            return Ok(first);
+        };
+        let (tx, rx) = mpsc::channel(32);
+        let current = first.current.clone();
+        let call = ClientCall {
+            key: first.key,
+            current: current.clone(),
+            request: first.request.clone(),
+            destination: first.destination.clone(),
+            events: rx,
+        };
+        let ua = self.clone();
+        tokio::spawn(async move {
+            let mut digest = crate::digest::DigestClient::new(user, password);
+            let mut inner = first;
+            let mut rounds = 0;
+            while let Some(event) = inner.events.recv().await {
+                let challenge = match &event {
+                    ClientEvent::Response { response, .. }
+                        if matches!(response.status, 401 | 407) && rounds < 2 =>
+                    {
+                        response.clone()
+                    }
+                    ClientEvent::Response { response, .. } if response.status < 200 => {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    _ => {
+                        let _ = tx.send(event).await;
+                        return;
+                    }
+                };
+                rounds += 1;
+                let next = match authorize(&mut digest, &inner.request, &challenge) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        debug!(error = %e, "cannot answer the challenge");
+                        let _ = tx
+                            .send(ClientEvent::Response {
+                                response: challenge,
+                                dialog: None,
+                            })
+                            .await;
+                        return;
+                    }
+                };
+                inner = match ua.send(next, Some(inner.destination.clone())).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        let _ = tx.send(ClientEvent::TransportError).await;
+                        return;
+                    }
+                };
+                if let Ok(mut k) = current.lock() {
+                    *k = inner.key;
+                }
+            }
+        });
+        Ok(call)
+    }
+
+    /// Cancels an INVITE we sent.
+    pub async fn cancel(&self, key: TransactionKey) -> Result<(), UaError> {
+        self.shared
+            .commands
+            .send(Command::Cancel(key))
+            .await
+            .map_err(|_| UaError::Stopped)
+    }
+
+    /// Answers server transaction `tx`. For an INVITE, 101-299 creates the dialog (returned).
+    pub async fn respond(
+        &self,
+        tx: ServerTx,
+        status: u16,
+        reason: Option<&str>,
+        body: Body,
+    ) -> Result<Option<DialogId>, UaError> {
+        self.respond_with_headers(tx, status, reason, body, Vec::new())
+            .await
+    }
+
+    /// [`UserAgent::respond`] with extra header fields (Allow, Unsupported, Warning...).
+    pub async fn respond_with_headers(
+        &self,
+        tx: ServerTx,
+        status: u16,
+        reason: Option<&str>,
+        body: Body,
+        extra: Vec<(HeaderName, String)>,
+    ) -> Result<Option<DialogId>, UaError> {
+        self.command(|reply| Command::Respond {
+            tx,
+            status,
+            reason: reason.map(str::to_string),
+            body,
+            extra,
+            reply,
+        })
+        .await?
+    }
+
+    /// ACKs the 2xx that confirmed UAC dialog `dialog` (with the answer when the 2xx carried
+    /// the offer).
+    pub async fn ack(&self, dialog: &DialogId, body: Body) -> Result<(), UaError> {
+        let next_hop = self
+            .command(|reply| Command::NextHop {
+                dialog: dialog.clone(),
+                reply,
+            })
+            .await??;
+        let destination = self.resolve_uri(&next_hop).await?;
+        self.command(|reply| Command::Ack {
+            dialog: dialog.clone(),
+            destination,
+            body,
+            reply,
+        })
+        .await?
+    }
+
+    async fn resolve_uri(&self, uri: &Uri) -> Result<Peer, UaError> {
+        match uri.as_sip() {
+            Some(sip) => self.resolve(sip).await,
+            None => Err(UaError::Unroutable(uri.to_string())),
+        }
+    }
+
+    /// Sends `method` within `dialog` (BYE, re-INVITE, UPDATE, INFO, MESSAGE...), with a body
+    /// and extra header fields.
+    pub async fn request_in_dialog(
+        &self,
+        dialog: &DialogId,
+        method: Method,
+        body: Body,
+        extra: Vec<(HeaderName, String)>,
+    ) -> Result<ClientCall, UaError> {
+        let (mut request, next_hop) = self
+            .command(|reply| Command::DialogRequest {
+                dialog: dialog.clone(),
+                method,
+                reply,
+            })
+            .await??;
+        if let Some((body, media_type)) = body {
+            request.set_body(body, Some(&media_type));
+        }
+        for (name, value) in extra {
+            request.headers.push(name, value);
+        }
+        let destination = self.resolve_uri(&next_hop).await?;
+        self.send(request, Some(destination)).await
+    }
+
+    /// Exports `dialog` for replication.
+    pub async fn export(&self, dialog: &DialogId) -> Result<Option<DialogRecord>, UaError> {
+        self.command(|reply| Command::Export {
+            dialog: dialog.clone(),
+            reply,
+        })
+        .await
+    }
+
+    /// Imports a dialog from its record.
+    pub async fn import(&self, record: DialogRecord) -> Result<DialogId, UaError> {
+        self.command(|reply| Command::Import {
+            record: Box::new(record),
+            reply,
+        })
+        .await?
+    }
+
+    /// Delivers an [`UaEvent::UnknownDialog`] request again after an import.
+    pub async fn redeliver(&self, tx: ServerTx) -> Result<(), UaError> {
+        self.shared
+            .commands
+            .send(Command::Redeliver(tx))
+            .await
+            .map_err(|_| UaError::Stopped)
+    }
+
+    /// Answers an [`UaEvent::UnknownDialog`] request 481.
+    pub async fn reject_unknown(&self, tx: ServerTx) -> Result<(), UaError> {
+        self.shared
+            .commands
+            .send(Command::RejectUnknown(tx))
+            .await
+            .map_err(|_| UaError::Stopped)
+    }
+
+    /// Forgets a dialog.
+    pub async fn remove_dialog(&self, dialog: &DialogId) -> Result<(), UaError> {
+        self.shared
+            .commands
+            .send(Command::RemoveDialog(dialog.clone()))
+            .await
+            .map_err(|_| UaError::Stopped)
+    }
+
+    /// Endpoint counters, live transactions and dialogs.
+    pub async fn stats(&self) -> Result<(EndpointStats, usize, usize), UaError> {
+        self.command(Command::Stats).await
+    }
+
+    /// Stops the sockets (the endpoint task ends when every handle is dropped).
+    pub fn shutdown(&self) {
+        self.shared.transport.shutdown();
+    }
+}
+
+/// A copy of `request` carrying credentials for `challenge` (CSeq + 1, same Call-ID and tags).
+fn authorize(
+    digest: &mut crate::digest::DigestClient,
+    request: &Request,
+    challenge: &Response,
+) -> Result<Request, UaError> {
+    let (challenge_header, answer_header) = if challenge.status == 407 {
+        (
+            HeaderName::ProxyAuthenticate,
+            HeaderName::ProxyAuthorization,
+        )
+    } else {
+        (HeaderName::WwwAuthenticate, HeaderName::Authorization)
+    };
+    let values: Vec<String> = challenge
+        .headers
+        .get_all(&challenge_header)
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let uri = request.uri.to_string();
+    let digest_request = crate::digest::DigestRequest {
+        method: request.method.as_str(),
+        uri: &uri,
+        body: &request.body,
+    };
+    let credentials = digest
+        .respond_to_headers(values.iter().map(String::as_str), &digest_request)
+        .map_err(|e| UaError::Auth(e.to_string()))?;
+    let mut next = request.clone();
+    next.headers.remove(&HeaderName::Via);
+    next.headers.remove(&answer_header);
+    next.headers.push(answer_header, credentials.to_string());
+    let cseq = request.headers.cseq()?;
+    next.headers
+        .set_cseq(&CSeq::new(cseq.seq.saturating_add(1), cseq.method));
+    Ok(next)
+}
+
+impl From<crate::message::HeaderError> for UaError {
+    fn from(e: crate::message::HeaderError) -> Self {
+        UaError::Endpoint(EndpointError::Header(e))
+    }
+}
+
+async fn drive(
+    mut endpoint: Endpoint,
+    transport: SipTransport,
+    mut inbound: mpsc::Receiver<Inbound>,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<UaEvent>,
+) {
+    let mut calls: HashMap<TransactionKey, mpsc::Sender<ClientEvent>> = HashMap::new();
+    loop {
+        let deadline = endpoint.poll_timeout();
+        tokio::select! {
+            biased;
+            message = inbound.recv() => {
+                let Some(message) = message else { break };
+                let now = Instant::now();
+                let peer = Peer::new(message.peer.addr, message.peer.transport.as_transport());
+                endpoint.handle_message(now, message.message, peer);
+                // Take what else is queued without going back to the scheduler.
+                for _ in 0..64 {
+                    match inbound.try_recv() {
+                        Ok(m) => {
+                            let peer = Peer::new(m.peer.addr, m.peer.transport.as_transport());
+                            endpoint.handle_message(now, m.message, peer);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            command = commands.recv() => {
+                let Some(command) = command else { break };
+                run_command(&mut endpoint, &mut calls, command);
+            }
+            _ = sleep_until(deadline) => {
+                endpoint.handle_timeout(Instant::now());
+            }
+        }
+        flush(&mut endpoint, &transport).await;
+        while let Some(event) = endpoint.poll_event() {
+            dispatch(&mut calls, &events, event).await;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn flush(endpoint: &mut Endpoint, transport: &SipTransport) {
+    while let Some(transmit) = endpoint.poll_transmit() {
+        let peer = crate::transport::Peer {
+            addr: transmit.destination.addr,
+            transport: match transmit.destination.transport {
+                Transport::Tcp => PeerTransport::Tcp,
+                _ => PeerTransport::Udp,
+            },
+        };
+        if let Err(e) = transport.send(peer, transmit.payload).await {
+            debug!(error = %e, "send failed");
+            if let Some(key) = transmit.key {
+                endpoint.handle_transport_error(Instant::now(), key);
+            }
+        }
+    }
+}
+
+fn run_command(
+    endpoint: &mut Endpoint,
+    calls: &mut HashMap<TransactionKey, mpsc::Sender<ClientEvent>>,
+    command: Command,
+) {
+    let now = Instant::now();
+    match command {
+        Command::Send {
+            request,
+            destination,
+            reply,
+        } => {
+            let result = endpoint
+                .send_request(now, request.clone(), destination.clone())
+                .map(|key| {
+                    let (tx, rx) = mpsc::channel(16);
+                    calls.insert(key, tx);
+                    ClientCall {
+                        key,
+                        current: Arc::new(std::sync::Mutex::new(key)),
+                        request,
+                        destination,
+                        events: rx,
+                    }
+                })
+                .map_err(UaError::from);
+            let _ = reply.send(result);
+        }
+        Command::Cancel(key) => {
+            if let Err(e) = endpoint.cancel(now, key) {
+                debug!(error = %e, "cancel refused");
+            }
+        }
+        Command::Respond {
+            tx,
+            status,
+            reason,
+            body,
+            extra,
+            reply,
+        } => {
+            let result = if extra.is_empty() {
+                endpoint.respond(now, tx, status, reason.as_deref(), body)
+            } else {
+                endpoint.respond_extended(now, tx, status, reason.as_deref(), body, extra)
+            };
+            let _ = reply.send(result.map_err(UaError::from));
+        }
+        Command::DialogRequest {
+            dialog,
+            method,
+            reply,
+        } => {
+            let result = endpoint
+                .dialog_request(&dialog, method)
+                .and_then(|r| endpoint.next_hop(&dialog).map(|hop| (r, hop)))
+                .map_err(UaError::from);
+            let _ = reply.send(result);
+        }
+        Command::NextHop { dialog, reply } => {
+            let _ = reply.send(endpoint.next_hop(&dialog).map_err(UaError::from));
+        }
+        Command::Ack {
+            dialog,
+            destination,
+            body,
+            reply,
+        } => {
+            let _ = reply.send(
+                endpoint
+                    .send_ack(&dialog, destination, body)
+                    .map_err(UaError::from),
+            );
+        }
+        Command::Export { dialog, reply } => {
+            let _ = reply.send(endpoint.export_dialog(&dialog));
+        }
+        Command::Import { record, reply } => {
+            let _ = reply.send(endpoint.import_dialog(&record).map_err(UaError::from));
+        }
+        Command::Redeliver(tx) => endpoint.redeliver(now, tx),
+        Command::RejectUnknown(tx) => endpoint.reject_unknown(now, tx),
+        Command::RemoveDialog(id) => {
+            endpoint.remove_dialog(&id);
+        }
+        Command::Stats(reply) => {
+            let _ = reply.send((
+                endpoint.stats(),
+                endpoint.transaction_count(),
+                endpoint.dialogs().len(),
+            ));
+        }
+    }
+}
+
+async fn dispatch(
+    calls: &mut HashMap<TransactionKey, mpsc::Sender<ClientEvent>>,
+    events: &mpsc::Sender<UaEvent>,
+    event: EndpointEvent,
+) {
+    let to_call = |calls: &mut HashMap<TransactionKey, mpsc::Sender<ClientEvent>>,
+                   key: TransactionKey,
+                   event: ClientEvent| {
+        if let Some(tx) = calls.get(&key) {
+            if tx.try_send(event).is_err() {
+                warn!("a client call's response queue is full or closed; response dropped");
+            }
+        }
+    };
+    let ua_event = match event {
+        EndpointEvent::Response {
+            key,
+            response,
+            dialog,
+        } => {
+            to_call(calls, key, ClientEvent::Response { response, dialog });
+            return;
+        }
+        EndpointEvent::Timeout { key } => {
+            to_call(calls, key, ClientEvent::Timeout);
+            return;
+        }
+        EndpointEvent::TransportError { key } => {
+            to_call(calls, key, ClientEvent::TransportError);
+            return;
+        }
+        EndpointEvent::Terminated { key } => {
+            calls.remove(&key);
+            return;
+        }
+        EndpointEvent::Request {
+            key,
+            request,
+            source,
+        } => UaEvent::Request {
+            tx: key,
+            request,
+            source,
+        },
+        EndpointEvent::DialogRequest {
+            key,
+            dialog,
+            request,
+            source,
+        } => UaEvent::DialogRequest {
+            tx: key,
+            dialog,
+            request,
+            source,
+        },
+        EndpointEvent::UnknownDialog {
+            key,
+            request,
+            source,
+        } => UaEvent::UnknownDialog {
+            tx: key,
+            request,
+            source,
+        },
+        EndpointEvent::Ack { dialog, request } => UaEvent::Ack { dialog, request },
+        EndpointEvent::Cancelled { invite } => UaEvent::Cancelled { tx: invite },
+        EndpointEvent::AckTimeout { dialog } => UaEvent::AckTimeout { dialog },
+    };
+    if events.send(ua_event).await.is_err() {
+        debug!("the TU dropped its event channel");
+    }
+}
