@@ -37,6 +37,12 @@ enum Command {
     },
     /// Print the effective configuration.
     Config,
+    /// Run the SIP load balancer (its own config file: see docs/balancer.md).
+    Balancer {
+        /// Write the bound addresses here as JSON once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -73,6 +79,9 @@ enum DeviceCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Balancer { ready_file } = cli.command {
+        return thalamus_gateway::balancer::server::run_cli(cli.config, ready_file);
+    }
     let config = Config::load(&ProcessConfigSource {
         path: cli.config.clone(),
     })?;
@@ -83,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             print!("{}", config.to_toml());
             Ok(())
         }
+        Command::Balancer { .. } => Ok(()),
     }
 }
 
