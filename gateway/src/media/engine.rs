@@ -542,7 +542,10 @@ impl RelayTask {
                     if let Ok((len, source)) = received {
                         self.on_packet(SocketKind::Rtp, &rtp_buf, len, source);
                     }
+                    // Drain what else is waiting, handing each packet on before reading the
+                    // next so the small buffer toward the device never overflows in a burst.
                     for _ in 1..BATCH {
+                        self.flush().await;
                         match self.rtp.try_recv_from(&mut rtp_buf) {
                             Ok((len, source)) => self.on_packet(SocketKind::Rtp, &rtp_buf, len, source),
                             Err(_) => break,
@@ -557,6 +560,7 @@ impl RelayTask {
                 Some((at, datagram)) = self.device_rx.recv() => {
                     self.core.handle_device_datagram(datagram, at);
                     for _ in 1..BATCH {
+                        self.flush().await;
                         match self.device_rx.try_recv() {
                             Ok((at, datagram)) => self.core.handle_device_datagram(datagram, at),
                             Err(_) => break,

@@ -401,7 +401,7 @@ mod tests {
         assert_eq!(t.lost(), 1);
         assert_eq!(t.cumulative_lost(), 1);
         // fraction lost over the interval: 1 of 9 -> 28/256.
-        assert_eq!(t.take_fraction_lost(), (1u64 * 256 / 9) as u8);
+        assert_eq!(t.take_fraction_lost(), (256u64 / 9) as u8);
         // Next interval: 10 packets, none lost.
         feed(&mut t, 10..20);
         assert_eq!(t.take_fraction_lost(), 0);

@@ -1,0 +1,131 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Relay lifecycle: many relays started and stopped (or dropped) leave no port pair in use and
+//! no relay task alive.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use thalamus_gateway::media::{
+    DatagramError, DatagramSink, MediaConfig, MediaEngine, RelayError, RelaySpec,
+};
+use thalamus_sip::sdp::{Codec, Direction, MediaKind, RemoteMedia};
+use tokio::time::timeout;
+
+struct NullSink;
+
+impl DatagramSink for NullSink {
+    fn send_datagram(&self, _datagram: Bytes) -> Result<(), DatagramError> {
+        Ok(())
+    }
+}
+
+fn engine(port_min: u16, port_max: u16) -> MediaEngine {
+    MediaEngine::new(MediaConfig {
+        address: "127.0.0.1".parse().unwrap(),
+        rtp_port_min: port_min,
+        rtp_port_max: port_max,
+        ..MediaConfig::default()
+    })
+    .unwrap()
+}
+
+fn remote(port: u16) -> RemoteMedia {
+    RemoteMedia {
+        kind: MediaKind::Audio,
+        index: 0,
+        rtp: ([127, 0, 0, 1], port).into(),
+        rtcp: ([127, 0, 0, 1], port + 1).into(),
+        direction: Direction::SendRecv,
+        codecs: vec![Codec::pcmu()],
+        telephone_event: None,
+        ptime: None,
+    }
+}
+
+async fn wait_until_idle(engine: &MediaEngine) {
+    timeout(Duration::from_secs(20), async {
+        while engine.live_relays() > 0 || engine.ports_in_use() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_relays_started_and_stopped_leave_nothing_behind() {
+    let engine = engine(44_000, 44_999); // 500 pairs: more relays than pairs over the run
+    let sink: Arc<dyn DatagramSink> = Arc::new(NullSink);
+    let mut started = 0u32;
+    while started < 1_000 {
+        // 100 alive at once, half of them with a peer (so a final RTCP report and BYE go out).
+        let mut relays = Vec::new();
+        for _ in 0..100 {
+            let relay = engine
+                .start(RelaySpec::audio(started), Arc::clone(&sink))
+                .unwrap();
+            if started.is_multiple_of(2) {
+                relay.set_remote_media(&remote(9)).await.unwrap();
+            }
+            relays.push(relay);
+            started += 1;
+        }
+        assert_eq!(engine.ports_in_use(), 100);
+        assert_eq!(engine.live_relays(), 100);
+        for relay in relays {
+            relay.stop().await.unwrap();
+        }
+        assert_eq!(engine.ports_in_use(), 0);
+        assert_eq!(engine.live_relays(), 0);
+    }
+    assert_eq!(started, 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_relays_release_their_ports_and_tasks() {
+    let engine = engine(45_000, 45_399);
+    let sink: Arc<dyn DatagramSink> = Arc::new(NullSink);
+    let relays: Vec<_> = (0..100)
+        .map(|call| {
+            engine
+                .start(RelaySpec::audio(call), Arc::clone(&sink))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(engine.live_relays(), 100);
+    let inputs: Vec<_> = relays.iter().map(|r| r.device_input()).collect();
+    drop(relays);
+    wait_until_idle(&engine).await;
+    // The session may still hold inputs: they report the relay as gone.
+    assert!(inputs.iter().all(|input| input.is_closed()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_range_is_an_error_and_recovers() {
+    let engine = engine(45_500, 45_503); // two pairs
+    let sink: Arc<dyn DatagramSink> = Arc::new(NullSink);
+    let first = engine
+        .start(RelaySpec::audio(1), Arc::clone(&sink))
+        .unwrap();
+    let second = engine
+        .start(RelaySpec::audio(2), Arc::clone(&sink))
+        .unwrap();
+    let third = engine.start(RelaySpec::audio(3), Arc::clone(&sink));
+    assert!(matches!(third, Err(RelayError::Ports(_))), "{third:?}");
+    first.stop().await.unwrap();
+    let again = engine
+        .start(RelaySpec::audio(3), Arc::clone(&sink))
+        .unwrap();
+    again.stop().await.unwrap();
+    second.stop().await.unwrap();
+    assert_eq!(engine.ports_in_use(), 0);
+}
+
+#[test]
+fn starting_outside_a_runtime_is_an_error_not_a_panic() {
+    let engine = engine(45_600, 45_601);
+    let result = engine.start(RelaySpec::audio(1), Arc::new(NullSink));
+    assert!(matches!(result, Err(RelayError::NoRuntime)));
+    assert_eq!(engine.ports_in_use(), 0);
+}
