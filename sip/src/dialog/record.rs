@@ -135,8 +135,8 @@ impl Dialog {
     /// Fails on an unknown schema version, an unparsable URI or name-addr, an unknown role or
     /// state, a Call-ID or tag that could not appear in a header, a field longer than 1 KiB or
     /// a route set longer than [`MAX_ROUTE_SET_LEN`]. A 2xx to our INVITE arriving after the
-    /// import is treated as a retransmission (re-send an ACK built with
-    /// [`Dialog::create_ack`]).
+    /// import confirms an early UAC dialog; for a confirmed one it is a retransmission (re-send
+    /// an ACK built with [`Dialog::create_ack`]).
     pub fn import(record: &DialogRecord) -> Result<Dialog, ImportError> {
         if record.version != DIALOG_RECORD_VERSION {
             return Err(ImportError::UnsupportedVersion {
@@ -186,7 +186,9 @@ impl Dialog {
             role,
             state,
             secure: record.secure,
-            invite_answered: true,
+            // An early UAC dialog still awaits the 2xx of its INVITE; otherwise a 2xx to our
+            // INVITE after the import is a retransmission.
+            invite_answered: !(role == Role::Uac && state == DialogState::Early),
             strict_route: routes.first().is_some_and(is_strict_router),
             local_cseq: record.local_cseq,
             remote_cseq: record.remote_cseq,
@@ -309,6 +311,20 @@ mod tests {
         assert_eq!(d.route_set().len(), 0);
         assert_eq!(d.local_cseq(), None);
         assert!(!d.is_secure());
+    }
+
+    #[test]
+    fn an_imported_early_uac_dialog_is_confirmed_by_the_2xx() {
+        let ringing = invite_response(180, "a6c85cf", "Contact: <sip:bob@192.0.2.4>\n");
+        let early = Dialog::new_uac(&request(INVITE), &ringing).unwrap();
+        let mut d = json_round_trip(&early);
+        assert_eq!(d, early);
+        assert_eq!(
+            d.receive_response(&ok_with_record_route()),
+            crate::dialog::ResponseOutcome::InviteAccepted
+        );
+        assert_eq!(d.state(), DialogState::Confirmed);
+        assert_eq!(d.route_set().len(), 2);
     }
 
     #[test]
