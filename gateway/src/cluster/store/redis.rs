@@ -277,6 +277,27 @@ impl Scripts {
 
 /// The Redis backend.
 pub struct RedisDialogStore {
+    inner: Arc<RedisInner>,
+    /// With Sentinel: the task that follows `+switch-master` announcements.
+    watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RedisDialogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Drop for RedisDialogStore {
+    fn drop(&mut self) {
+        if let Some(watcher) = self.watcher.lock().ok().and_then(|mut w| w.take()) {
+            watcher.abort();
+        }
+    }
+}
+
+/// The state shared by the store and its Sentinel watcher.
+struct RedisInner {
     manager: RwLock<Option<ConnectionManager>>,
     sentinel: Option<tokio::sync::Mutex<SentinelClient>>,
     master_addr: Mutex<String>,
@@ -288,7 +309,7 @@ pub struct RedisDialogStore {
     clock: Arc<dyn Clock>,
 }
 
-impl std::fmt::Debug for RedisDialogStore {
+impl std::fmt::Debug for RedisInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisDialogStore")
             .field("master", &self.master_addr.lock().map(|a| a.clone()).ok())
@@ -384,7 +405,14 @@ impl RedisDialogStore {
         let manager = ConnectionManager::new_with_config(client, manager_config.clone())
             .await
             .map_err(|e| StoreError::Unavailable(format!("redis {master_addr}: {e}")))?;
-        Ok(Self {
+        let watch = match &endpoint {
+            RedisEndpoint::Sentinel {
+                sentinels,
+                master_name,
+            } => Some((sentinels.clone(), master_name.clone())),
+            RedisEndpoint::Url(_) => None,
+        };
+        let inner = Arc::new(RedisInner {
             manager: RwLock::new(Some(manager)),
             sentinel,
             master_addr: Mutex::new(master_addr),
@@ -394,20 +422,87 @@ impl RedisDialogStore {
             config: config.clone(),
             settings,
             clock,
+        });
+        let watcher = watch.map(|(sentinels, master_name)| {
+            tokio::spawn(watch_switch_master(
+                Arc::downgrade(&inner),
+                sentinels,
+                master_name,
+            ))
+        });
+        Ok(Self {
+            inner,
+            watcher: Mutex::new(watcher),
         })
     }
 
     /// The address of the master in use (`host:port`).
     pub fn master_address(&self) -> String {
-        self.master_addr
-            .lock()
-            .map(|a| a.clone())
-            .unwrap_or_default()
+        self.inner.master_address()
     }
 
     /// The key prefix.
     pub fn key_prefix(&self) -> &str {
-        &self.prefix
+        &self.inner.prefix
+    }
+}
+
+/// Follows the sentinels' `+switch-master` announcements so a failover is noticed at once,
+/// not only when the old master refuses a write. Ends when the store is dropped.
+async fn watch_switch_master(
+    inner: std::sync::Weak<RedisInner>,
+    sentinels: Vec<String>,
+    master_name: String,
+) {
+    use futures::StreamExt;
+    let mut next = 0usize;
+    loop {
+        if inner.strong_count() == 0 {
+            return;
+        }
+        let url = sentinels
+            .get(next % sentinels.len().max(1))
+            .cloned()
+            .unwrap_or_default();
+        next = next.wrapping_add(1);
+        let subscribed = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            Ok::<_, RedisError>(pubsub)
+        }
+        .await;
+        match subscribed {
+            Ok(pubsub) => {
+                let mut messages = pubsub.into_on_message();
+                while let Some(message) = messages.next().await {
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    // "<name> <old-ip> <old-port> <new-ip> <new-port>"
+                    if payload.split(' ').next() != Some(master_name.as_str()) {
+                        continue;
+                    }
+                    let Some(inner) = inner.upgrade() else {
+                        return;
+                    };
+                    tracing::info!(announcement = %payload, "sentinel switched the master");
+                    inner.follow_master().await;
+                }
+                tracing::warn!(sentinel = %url, "sentinel subscription ended; resubscribing");
+            }
+            Err(e) => {
+                tracing::warn!(sentinel = %url, error = %e, "cannot subscribe to sentinel");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl RedisInner {
+    fn master_address(&self) -> String {
+        self.master_addr
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
     }
 
     fn dialog_key(&self, storage_key: &str) -> String {
@@ -646,6 +741,68 @@ fn version_reply(what: &str, reply: &Value) -> Result<u64, StoreError> {
 }
 
 impl DialogStore for RedisDialogStore {
+    fn backend_name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn get<'a>(&'a self, key: &'a DialogKey) -> StoreFuture<'a, Option<StoredDialog>> {
+        self.inner.get(key)
+    }
+
+    fn put<'a>(
+        &'a self,
+        record: &'a StoredDialog,
+        expected_version: Option<u64>,
+    ) -> StoreFuture<'a, u64> {
+        self.inner.put(record, expected_version)
+    }
+
+    fn delete<'a>(
+        &'a self,
+        key: &'a DialogKey,
+        expected_version: Option<u64>,
+    ) -> StoreFuture<'a, u64> {
+        self.inner.delete(key, expected_version)
+    }
+
+    fn claim<'a>(
+        &'a self,
+        key: &'a DialogKey,
+        node_id: &'a str,
+        expected_epoch: u64,
+    ) -> StoreFuture<'a, StoredDialog> {
+        self.inner.claim(key, node_id, expected_epoch)
+    }
+
+    fn list_by_device<'a>(&'a self, device_id: &'a str) -> StoreFuture<'a, Vec<StoredDialog>> {
+        self.inner.list_by_device(device_id)
+    }
+
+    fn list_by_owner<'a>(
+        &'a self,
+        node_id: &'a str,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<StoredDialog>> {
+        self.inner.list_by_owner(node_id, limit)
+    }
+
+    fn sweep(&self) -> StoreFuture<'_, SweepReport> {
+        self.inner.sweep()
+    }
+
+    fn write_batch(&self, ops: Vec<WriteOp>) -> StoreFuture<'_, Vec<Result<u64, StoreError>>> {
+        self.inner.write_batch(ops)
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        if let Some(watcher) = self.watcher.lock().ok().and_then(|mut w| w.take()) {
+            watcher.abort();
+        }
+        self.inner.close()
+    }
+}
+
+impl DialogStore for RedisInner {
     fn backend_name(&self) -> &'static str {
         "redis"
     }
