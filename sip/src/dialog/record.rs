@@ -11,11 +11,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::{HeaderValue, NameAddr, Uri};
+use crate::message::{NameAddr, Uri};
 
 use super::error::ImportError;
 use super::state::{
-    is_strict_router, tagged_text, text, Dialog, DialogId, DialogState, Role, MAX_ROUTE_SET_LEN,
+    is_strict_router, stored_text, tagged_text, text, Dialog, DialogId, DialogState, Role,
+    MAX_ROUTE_SET_LEN,
 };
 
 /// The record schema version this code writes and reads.
@@ -196,12 +197,9 @@ impl Dialog {
             remote_invite_cseq: record.remote_invite_cseq,
             local_uri: tagged_text(local, local_tag),
             remote_uri: tagged_text(remote, remote_tag),
-            local_contact: HeaderValue::from(contact.to_string()),
+            local_contact: stored_text(&contact),
             remote_target,
-            route_set: routes
-                .iter()
-                .map(|r| HeaderValue::from(r.to_string()))
-                .collect(),
+            route_set: routes.iter().map(stored_text).collect(),
             sent_ack: None,
         })
     }

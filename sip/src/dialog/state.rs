@@ -176,6 +176,14 @@ pub(super) fn text(value: &HeaderValue) -> &str {
     value.to_str().unwrap_or_default()
 }
 
+/// A stored header text: an exact-size buffer (a `String` with spare capacity would keep the
+/// spare bytes and need an extra shared-buffer header once the value is cloned).
+pub(super) fn stored_text(addr: &NameAddr) -> HeaderValue {
+    let mut text = addr.to_string();
+    text.shrink_to_fit();
+    HeaderValue::from(text)
+}
+
 /// The name-addr text of `addr` with `tag` as its tag parameter (none when `tag` is empty).
 pub(super) fn tagged_text(mut addr: NameAddr, tag: &str) -> HeaderValue {
     if tag.is_empty() {
@@ -183,7 +191,7 @@ pub(super) fn tagged_text(mut addr: NameAddr, tag: &str) -> HeaderValue {
     } else {
         addr.set_tag(tag);
     }
-    HeaderValue::from(addr.to_string())
+    stored_text(&addr)
 }
 
 /// The first Contact address of a message, if any (`*` is skipped).
@@ -219,10 +227,7 @@ pub(super) fn route_set_from(
         routes.reverse();
     }
     let strict = routes.first().is_some_and(is_strict_router);
-    let texts = routes
-        .iter()
-        .map(|r| HeaderValue::from(r.to_string()))
-        .collect();
+    let texts = routes.iter().map(stored_text).collect();
     Ok((texts, strict))
 }
 
@@ -295,7 +300,7 @@ impl Dialog {
             remote_invite_cseq: None,
             local_uri: tagged_text(invite.headers.from()?, local_tag),
             remote_uri: tagged_text(invite.headers.to()?, remote_tag),
-            local_contact: HeaderValue::from(local_contact.to_string()),
+            local_contact: stored_text(&local_contact),
             remote_target,
             route_set,
             sent_ack: None,
@@ -343,7 +348,7 @@ impl Dialog {
             remote_invite_cseq: Some(cseq.seq),
             local_uri: tagged_text(invite.headers.to()?, local_tag),
             remote_uri: tagged_text(invite.headers.from()?, remote_tag),
-            local_contact: HeaderValue::from(local_contact.to_string()),
+            local_contact: stored_text(&local_contact),
             remote_target,
             route_set,
             sent_ack: None,
@@ -448,14 +453,18 @@ impl Dialog {
         self.strict_route
     }
 
-    /// A rough count of the heap bytes this dialog holds (strings, header buffers and the URI of
-    /// the remote target; allocator overhead not included). For memory budgets and metrics.
+    /// A rough count of the heap bytes this dialog holds: strings, header buffers (with the
+    /// shared-buffer header each gets once a request has cloned it), the route set and the URI
+    /// of the remote target; allocator overhead not included. For memory budgets and metrics.
     pub fn estimated_heap_bytes(&self) -> usize {
         let id = self.id.call_id.capacity()
             + self.id.local_tag.capacity()
             + self.id.remote_tag.capacity();
-        let values = self.local_uri.len() + self.remote_uri.len() + self.local_contact.len();
-        let routes = self.route_set.len() * std::mem::size_of::<HeaderValue>()
+        // bytes::Bytes allocates a 24-byte control block when a value is first cloned.
+        const SHARED: usize = 24;
+        let values =
+            self.local_uri.len() + self.remote_uri.len() + self.local_contact.len() + 3 * SHARED;
+        let routes = self.route_set.len() * (std::mem::size_of::<HeaderValue>() + SHARED)
             + self.route_set.iter().map(HeaderValue::len).sum::<usize>();
         let ack = self.sent_ack.as_ref().map_or(0, |a| {
             std::mem::size_of::<Request>() + a.to_bytes().len() + a.headers.len() * 64
