@@ -2,11 +2,14 @@
 //!
 //! `quic` sets up the client side of QUIC/TLS (certificate pinning), `device` is one MBFP
 //! connection, `events` renders what the gateway sends, and `connect` is the long-running
-//! single-device command; `swarm` holds many devices at once.
+//! single-device command; `swarm` holds many devices at once. On the SIP side, `buddy`
+//! is a user agent that plays the remote party and `sipcall` places calls at a rate.
 #![forbid(unsafe_code)]
 
+pub mod buddy;
 pub mod connect;
 pub mod device;
 pub mod events;
 pub mod quic;
+pub mod sipcall;
 pub mod swarm;

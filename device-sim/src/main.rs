@@ -46,6 +46,60 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A SIP user agent that plays the remote party: answers (or rejects) calls, echoes RTP.
+    Buddy {
+        /// SIP address to listen on (UDP and TCP).
+        #[arg(long, default_value = "127.0.0.1:5070")]
+        listen: SocketAddr,
+        /// Ring this long before answering.
+        #[arg(long, default_value_t = 0)]
+        answer_after_ms: u64,
+        /// Reject every call with this SIP status.
+        #[arg(long)]
+        reject: Option<u16>,
+        /// Hang up this long after answering.
+        #[arg(long)]
+        hangup_after_ms: Option<u64>,
+        /// Echo RTP back to its sender.
+        #[arg(long)]
+        echo: bool,
+        /// Answer MESSAGE requests with this status.
+        #[arg(long, default_value_t = 200)]
+        message_status: u16,
+        /// One JSON object per line per event.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Place SIP calls from a user agent on the project's stack (INVITE, ACK, BYE).
+    SipCall {
+        /// Request-URI to call.
+        #[arg(long)]
+        target: String,
+        /// Local SIP address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Number of calls.
+        #[arg(long, default_value_t = 1)]
+        calls: u32,
+        /// Calls per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Milliseconds between ACK and BYE.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Use TCP toward the target.
+        #[arg(long)]
+        tcp: bool,
+        /// Digest user name.
+        #[arg(long)]
+        user: Option<String>,
+        /// Digest password.
+        #[arg(long)]
+        password: Option<String>,
+        /// Most calls in progress at once.
+        #[arg(long, default_value_t = 200)]
+        max_concurrent: usize,
+    },
     /// Log in many devices (`<prefix><n>`), hold them idle, and report handshake figures.
     Swarm {
         /// Gateway QUIC address (host:port).
@@ -152,11 +206,68 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 printer: EventPrinter { json },
             })
             .await?;
-            return Ok(match reason {
+            Ok(match reason {
                 StopReason::Unauthenticated => ExitCode::from(3),
                 StopReason::Replaced => ExitCode::from(4),
                 StopReason::GaveUp => ExitCode::from(5),
-            });
+            })
+        }
+        Command::Buddy {
+            listen,
+            answer_after_ms,
+            reject,
+            hangup_after_ms,
+            echo,
+            message_status,
+            json,
+        } => {
+            thalamus_sim::buddy::run(thalamus_sim::buddy::BuddyOptions {
+                listen,
+                answer_after: std::time::Duration::from_millis(answer_after_ms),
+                reject,
+                hangup_after: hangup_after_ms.map(std::time::Duration::from_millis),
+                echo,
+                message_status,
+                printer: EventPrinter { json },
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SipCall {
+            target,
+            listen,
+            calls,
+            rate,
+            hold_ms,
+            tcp,
+            user,
+            password,
+            max_concurrent,
+        } => {
+            let report = thalamus_sim::sipcall::run(thalamus_sim::sipcall::SipCallOptions {
+                target,
+                listen,
+                calls,
+                rate,
+                hold: std::time::Duration::from_millis(hold_ms),
+                transport: if tcp {
+                    thalamus_sip::transport::PeerTransport::Tcp
+                } else {
+                    thalamus_sip::transport::PeerTransport::Udp
+                },
+                credentials: user.zip(password),
+                from_user: "sim".into(),
+                max_concurrent,
+            })
+            .await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(
+                if report.failed == 0 && report.succeeded == u64::from(calls) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
         }
         Command::Swarm {
             gateway,

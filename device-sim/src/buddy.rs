@@ -1,0 +1,354 @@
+//! `thalamus-sim buddy`: a SIP user agent on the project's own stack that plays the remote party
+//! ("buddy") in tests and demos. It answers INVITEs (after a delay, or rejects them with a
+//! status), answers re-INVITEs (hold and resume), BYE, INFO, MESSAGE and OPTIONS, can hang up by
+//! itself after a while, and with `--echo` sends every RTP packet back where it came from.
+//! Every event is printed (one JSON object per line with `--json`) so tests can check what the
+//! buddy saw.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+use thalamus_sip::dialog::DialogId;
+use thalamus_sip::message::{HeaderName, MediaType, Method, Request};
+use thalamus_sip::sdp::{Codec, Direction, LocalMedia, SdpSession, SessionDescription};
+use thalamus_sip::transport::TransportConfig;
+use thalamus_sip::ua::{UaConfig, UaEvent, UserAgent};
+use tokio::net::UdpSocket;
+use tokio::sync::Mutex;
+
+use crate::events::EventPrinter;
+
+/// Buddy settings.
+#[derive(Debug, Clone)]
+pub struct BuddyOptions {
+    /// SIP address (UDP and TCP).
+    pub listen: SocketAddr,
+    /// Answer after this long (ringing meanwhile).
+    pub answer_after: Duration,
+    /// Reject every call with this status instead of answering.
+    pub reject: Option<u16>,
+    /// Send BYE this long after answering.
+    pub hangup_after: Option<Duration>,
+    /// Echo RTP back to its sender.
+    pub echo: bool,
+    /// Answer MESSAGE with this status (default 200).
+    pub message_status: u16,
+    /// Output.
+    pub printer: EventPrinter,
+}
+
+struct CallMedia {
+    sdp: SdpSession,
+    local: LocalMedia,
+}
+
+struct Buddy {
+    ua: UserAgent,
+    opts: BuddyOptions,
+    media: Mutex<HashMap<DialogId, CallMedia>>,
+    media_ip: IpAddr,
+}
+
+fn codecs() -> Vec<Codec> {
+    vec![
+        Codec::pcmu(),
+        Codec::pcma(),
+        Codec::g722(),
+        Codec::opus(111),
+        Codec::telephone_event(101, 8000),
+    ]
+}
+
+fn sdp_body(sdp: &SessionDescription) -> Option<(Bytes, MediaType)> {
+    Some((Bytes::from(sdp.to_string()), MediaType::sdp()))
+}
+
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::SendRecv => "sendrecv",
+        Direction::SendOnly => "sendonly",
+        Direction::RecvOnly => "recvonly",
+        Direction::Inactive => "inactive",
+    }
+}
+
+/// Runs the buddy until the process is stopped.
+pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
+    let (ua, mut events) = UserAgent::start(UaConfig {
+        transport: TransportConfig {
+            udp: Some(opts.listen),
+            tcp: Some(opts.listen),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    let media_ip = match opts.listen.ip() {
+        ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+        ip => ip,
+    };
+    opts.printer.emit(
+        "listening",
+        json!({"sip": ua.local_addr(thalamus_sip::transport::PeerTransport::Udp).map(|a| a.to_string())}),
+    );
+    let buddy = Arc::new(Buddy {
+        ua,
+        opts,
+        media: Mutex::new(HashMap::new()),
+        media_ip,
+    });
+    while let Some(event) = events.recv().await {
+        let buddy = buddy.clone();
+        tokio::spawn(async move {
+            if let Err(e) = buddy.handle(event).await {
+                buddy
+                    .opts
+                    .printer
+                    .emit("error", json!({"message": e.to_string()}));
+            }
+        });
+    }
+    Ok(())
+}
+
+impl Buddy {
+    async fn handle(self: &Arc<Self>, event: UaEvent) -> anyhow::Result<()> {
+        let p = self.opts.printer;
+        match event {
+            UaEvent::Request { tx, request, .. } => match request.method {
+                Method::Invite => self.incoming_call(tx, request).await?,
+                Method::Message => {
+                    p.emit(
+                        "message",
+                        json!({
+                            "from": request.headers.from().map(|f| f.uri.to_string()).unwrap_or_default(),
+                            "content_type": request.headers.content_type().ok().flatten().map(|m| m.to_string()),
+                            "body": String::from_utf8_lossy(&request.body),
+                        }),
+                    );
+                    self.ua
+                        .respond(tx, self.opts.message_status, None, None)
+                        .await?;
+                }
+                Method::Options => {
+                    self.ua
+                        .respond_with_headers(
+                            tx,
+                            200,
+                            None,
+                            None,
+                            vec![(HeaderName::Allow, ALLOW.to_string())],
+                        )
+                        .await?;
+                }
+                _ => {
+                    self.ua
+                        .respond_with_headers(
+                            tx,
+                            405,
+                            None,
+                            None,
+                            vec![(HeaderName::Allow, ALLOW.to_string())],
+                        )
+                        .await?;
+                }
+            },
+            UaEvent::DialogRequest {
+                tx,
+                dialog,
+                request,
+                ..
+            } => match request.method {
+                Method::Bye => {
+                    p.emit("bye", json!({"call_id": dialog.call_id}));
+                    self.media.lock().await.remove(&dialog);
+                    self.ua.respond(tx, 200, None, None).await?;
+                    self.ua.remove_dialog(&dialog).await?;
+                }
+                Method::Invite | Method::Update => {
+                    let answer = self.reanswer(&dialog, &request).await;
+                    match answer {
+                        Some((sdp, direction)) => {
+                            p.emit(
+                                "reinvite",
+                                json!({"call_id": dialog.call_id, "direction": direction}),
+                            );
+                            self.ua.respond(tx, 200, None, sdp_body(&sdp)).await?;
+                        }
+                        None => {
+                            self.ua.respond(tx, 488, None, None).await?;
+                        }
+                    }
+                }
+                Method::Info => {
+                    let body = String::from_utf8_lossy(&request.body).to_string();
+                    let digit = body
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Signal=").map(|d| d.trim().to_string()));
+                    p.emit(
+                        "info",
+                        json!({"call_id": dialog.call_id, "digit": digit, "body": body}),
+                    );
+                    self.ua.respond(tx, 200, None, None).await?;
+                }
+                Method::Message => {
+                    p.emit(
+                        "message",
+                        json!({"call_id": dialog.call_id, "body": String::from_utf8_lossy(&request.body)}),
+                    );
+                    self.ua.respond(tx, 200, None, None).await?;
+                }
+                _ => {
+                    self.ua
+                        .respond_with_headers(
+                            tx,
+                            405,
+                            None,
+                            None,
+                            vec![(HeaderName::Allow, ALLOW.to_string())],
+                        )
+                        .await?;
+                }
+            },
+            UaEvent::UnknownDialog { tx, .. } => self.ua.reject_unknown(tx).await?,
+            UaEvent::Ack { dialog, .. } => p.emit("ack", json!({"call_id": dialog.call_id})),
+            UaEvent::Cancelled { .. } => p.emit("cancelled", json!({})),
+            UaEvent::AckTimeout { dialog } => {
+                p.emit("ack_timeout", json!({"call_id": dialog.call_id}));
+                let _ = self
+                    .ua
+                    .request_in_dialog(&dialog, Method::Bye, None, vec![])
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn incoming_call(
+        self: &Arc<Self>,
+        tx: thalamus_sip::ua::ServerTx,
+        request: Request,
+    ) -> anyhow::Result<()> {
+        let p = self.opts.printer;
+        let call_id = request.headers.call_id().unwrap_or_default().to_string();
+        p.emit(
+            "invite",
+            json!({
+                "call_id": call_id,
+                "from": request.headers.from().map(|f| f.uri.to_string()).unwrap_or_default(),
+                "to": request.uri.to_string(),
+            }),
+        );
+        if let Some(status) = self.opts.reject {
+            self.ua.respond(tx, status, None, None).await?;
+            p.emit("rejected", json!({"call_id": call_id, "status": status}));
+            return Ok(());
+        }
+        self.ua.respond(tx, 180, None, None).await?;
+        if !self.opts.answer_after.is_zero() {
+            tokio::time::sleep(self.opts.answer_after).await;
+        }
+        let port = if self.opts.echo {
+            start_echo(self.media_ip).await?
+        } else {
+            40_000
+        };
+        let local = LocalMedia::audio(self.media_ip, port, codecs());
+        let mut session = SdpSession::with_random_id();
+        let sdp = if request.body.is_empty() {
+            session.create_offer(&local)?
+        } else {
+            let offer = SessionDescription::from_bytes(&request.body)?;
+            match session.create_answer(&offer, &local) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    p.emit(
+                        "rejected",
+                        json!({"call_id": call_id, "status": 488, "reason": e.to_string()}),
+                    );
+                    self.ua.respond(tx, 488, None, None).await?;
+                    return Ok(());
+                }
+            }
+        };
+        // The INVITE may have been cancelled while ringing: then the answer is refused.
+        let Ok(Some(dialog)) = self.ua.respond(tx, 200, None, sdp_body(&sdp)).await else {
+            return Ok(());
+        };
+        p.emit("answered", json!({"call_id": call_id, "media_port": port}));
+        self.media.lock().await.insert(
+            dialog.clone(),
+            CallMedia {
+                sdp: session,
+                local,
+            },
+        );
+        if let Some(after) = self.opts.hangup_after {
+            let buddy = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                if !buddy.media.lock().await.contains_key(&dialog) {
+                    return; // already ended by the other side
+                }
+                buddy.media.lock().await.remove(&dialog);
+                buddy
+                    .opts
+                    .printer
+                    .emit("hangup_sent", json!({"call_id": dialog.call_id}));
+                if let Ok(mut bye) = buddy
+                    .ua
+                    .request_in_dialog(&dialog, Method::Bye, None, vec![])
+                    .await
+                {
+                    if let thalamus_sip::ua::ClientEvent::Response { response, .. } =
+                        bye.final_response().await
+                    {
+                        buddy.opts.printer.emit(
+                            "bye_answered",
+                            json!({"call_id": dialog.call_id, "status": response.status}),
+                        );
+                    }
+                }
+                let _ = buddy.ua.remove_dialog(&dialog).await;
+            });
+        }
+        Ok(())
+    }
+
+    async fn reanswer(
+        &self,
+        dialog: &DialogId,
+        request: &Request,
+    ) -> Option<(SessionDescription, &'static str)> {
+        let offer = SessionDescription::from_bytes(&request.body).ok()?;
+        let mut media = self.media.lock().await;
+        let call = media.get_mut(dialog)?;
+        let remote_direction = offer.media_direction(0).unwrap_or(Direction::SendRecv);
+        let answer = call.sdp.create_answer(&offer, &call.local).ok()?;
+        Some((answer, direction_name(remote_direction)))
+    }
+}
+
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
+
+/// Binds an RTP port that sends every packet back to its source; returns the port.
+async fn start_echo(ip: IpAddr) -> anyhow::Result<u16> {
+    let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
+    let port = socket.local_addr()?.port();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        // Ends when the socket has been idle for a minute (the call is long over).
+        while let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_secs(60), socket.recv_from(&mut buf)).await
+        {
+            if let Some(packet) = buf.get(..n) {
+                let _ = socket.send_to(packet, from).await;
+            }
+        }
+    });
+    Ok(port)
+}
