@@ -100,6 +100,16 @@ async fn key_layout_ttls_and_real_expiry() {
     let set_ttl: i64 = conn.pttl("t1:dev:dev-layout").await.unwrap();
     assert!((59_000..=60_000).contains(&set_ttl), "index TTL {set_ttl}");
 
+    store
+        .renew_lease("node-layout", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let lease_ttl: i64 = conn.pttl("t1:lease:node-layout").await.unwrap();
+    assert!(
+        (19_000..=20_000).contains(&lease_ttl),
+        "lease TTL {lease_ttl}"
+    );
+
     assert_eq!(store.delete(&r.key, None).await, Ok(2));
     let ttl: i64 = conn.pttl(&key).await.unwrap();
     assert!((0..=300).contains(&ttl), "tombstone TTL {ttl}");

@@ -538,6 +538,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dialog_created_and_ended_in_one_batch_writes_nothing() {
+        let store = memory();
+        let rep = Replicator::spawn(store.clone(), ReplicatorConfig::default());
+        let r = record("short-1", "dev", "node-a");
+        rep.replicate(r.clone()).unwrap();
+        rep.remove(r.key.clone()).unwrap();
+        rep.flush().await.unwrap();
+        assert_eq!(store.get(&r.key).await.unwrap(), None);
+        let stats = rep.stats();
+        assert_eq!((stats.coalesced, stats.errors, stats.conflicts), (1, 0, 0));
+    }
+
+    #[tokio::test]
     async fn a_claimed_record_continues_from_its_version() {
         let store = memory();
         let r = record("claimed-1", "dev", "node-a");
@@ -675,6 +688,12 @@ mod tests {
         }
         fn list_by_owner<'a>(&'a self, n: &'a str, l: usize) -> StoreFuture<'a, Vec<StoredDialog>> {
             self.inner.list_by_owner(n, l)
+        }
+        fn renew_lease<'a>(&'a self, n: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+            self.inner.renew_lease(n, ttl)
+        }
+        fn lease_remaining<'a>(&'a self, n: &'a str) -> StoreFuture<'a, Option<Duration>> {
+            self.inner.lease_remaining(n)
         }
         fn sweep(&self) -> StoreFuture<'_, SweepReport> {
             self.inner.sweep()

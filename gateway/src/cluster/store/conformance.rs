@@ -115,6 +115,7 @@ pub async fn run_all(store: &dyn DialogStore, harness: Harness<'_>) -> CheckResu
     owner_index(store).await?;
     write_batch(store).await?;
     invalid_input(store).await?;
+    owner_lease(store, harness).await?;
     if harness.expiry_follows_clock {
         tombstone_expiry(store, harness).await?;
         live_expiry_and_refresh(store, harness).await?;
@@ -547,6 +548,73 @@ pub async fn invalid_input(store: &dyn DialogStore) -> CheckResult {
         ),
         "empty node id accepted by claim"
     );
+    Ok(())
+}
+
+/// An owner lease lives for its TTL after each renewal, then lapses.
+pub async fn owner_lease(store: &dyn DialogStore, h: Harness<'_>) -> CheckResult {
+    const C: &str = "owner_lease";
+    let ttl = std::time::Duration::from_secs(10);
+    ensure_eq!(
+        C,
+        store.lease_remaining("node-lease").await,
+        Ok(None),
+        "lease never renewed"
+    );
+    ok(C, "renew", store.renew_lease("node-lease", ttl).await)?;
+    let left = ok(C, "remaining", store.lease_remaining("node-lease").await)?;
+    ensure!(
+        C,
+        left.is_some_and(|d| d <= ttl && d > ttl / 2),
+        "lease remaining after renewal: {left:?}"
+    );
+    ensure!(
+        C,
+        matches!(
+            store
+                .renew_lease("node-lease", std::time::Duration::ZERO)
+                .await,
+            Err(StoreError::InvalidRecord(_))
+        ),
+        "zero lease TTL accepted"
+    );
+    ensure!(
+        C,
+        matches!(
+            store.renew_lease("", ttl).await,
+            Err(StoreError::InvalidRecord(_))
+        ),
+        "empty node id accepted"
+    );
+    if h.expiry_follows_clock {
+        h.clock.advance_ms(millis(ttl) - 1);
+        ensure_eq!(
+            C,
+            store.lease_remaining("node-lease").await,
+            Ok(Some(std::time::Duration::from_millis(1))),
+            "lease 1 ms before it lapses"
+        );
+        h.clock.advance_ms(1);
+        ensure_eq!(
+            C,
+            store.lease_remaining("node-lease").await,
+            Ok(None),
+            "lapsed lease"
+        );
+        let report = ok(C, "sweep", store.sweep().await)?;
+        ensure!(
+            C,
+            report.expired_leases >= 1,
+            "sweep removed no lease: {report:?}"
+        );
+        ok(C, "renew again", store.renew_lease("node-lease", ttl).await)?;
+        ensure_eq!(
+            C,
+            store.lease_remaining("node-lease").await,
+            Ok(Some(ttl)),
+            "renewed lease"
+        );
+    }
     Ok(())
 }
 

@@ -10,12 +10,14 @@
 //!
 //! Tables: `dialogs_v1` (storage key → 8-byte big-endian expiry time, then the record's JSON),
 //! `by_device_v1` and `by_owner_v1` (multimaps to storage keys, live records only), and
-//! `expiry_v1` (expiry time → storage keys, so a sweep touches only what expired). The rules
+//! `expiry_v1` (expiry time → storage keys, so a sweep touches only what expired), and
+//! `leases_v1` (node id → owner lease expiry time). The rules
 //! are those of [`super::rules`]; this module only stores them. It does not replicate
 //! anything to other nodes.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use redb::{
     Database, MultimapTable, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable,
@@ -33,6 +35,7 @@ const DIALOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("dialogs_v1")
 const BY_DEVICE: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("by_device_v1");
 const BY_OWNER: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("by_owner_v1");
 const EXPIRY: MultimapTableDefinition<u64, &str> = MultimapTableDefinition::new("expiry_v1");
+const LEASES: TableDefinition<&str, u64> = TableDefinition::new("leases_v1");
 
 /// How many writes the writer queue holds before writers wait.
 const WRITER_QUEUE: usize = 1024;
@@ -66,6 +69,10 @@ enum Op {
         key: DialogKey,
         node_id: String,
         expected_epoch: u64,
+    },
+    RenewLease {
+        node_id: String,
+        ttl_ms: u64,
     },
     Sweep,
 }
@@ -120,6 +127,7 @@ impl EmbeddedDialogStore {
             txn.open_multimap_table(BY_DEVICE).map_err(storage_error)?;
             txn.open_multimap_table(BY_OWNER).map_err(storage_error)?;
             txn.open_multimap_table(EXPIRY).map_err(storage_error)?;
+            txn.open_table(LEASES).map_err(storage_error)?;
             txn.commit().map_err(storage_error)?;
             Ok(db)
         })
@@ -257,6 +265,7 @@ struct Tables<'txn> {
     by_device: MultimapTable<'txn, &'static str, &'static str>,
     by_owner: MultimapTable<'txn, &'static str, &'static str>,
     expiry: MultimapTable<'txn, u64, &'static str>,
+    leases: Table<'txn, &'static str, u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -266,6 +275,7 @@ impl<'txn> Tables<'txn> {
             by_device: txn.open_multimap_table(BY_DEVICE).map_err(storage_error)?,
             by_owner: txn.open_multimap_table(BY_OWNER).map_err(storage_error)?,
             expiry: txn.open_multimap_table(EXPIRY).map_err(storage_error)?,
+            leases: txn.open_table(LEASES).map_err(storage_error)?,
         })
     }
 
@@ -333,6 +343,13 @@ impl<'txn> Tables<'txn> {
             Op::Put { record, .. } => &record.key,
             Op::Delete { key, .. } | Op::Claim { key, .. } => key,
             Op::Sweep => return self.sweep(now_ms).map(|r| Ok(Answer::Swept(r))),
+            Op::RenewLease { node_id, ttl_ms } => {
+                let expires = now_ms.saturating_add(*ttl_ms);
+                self.leases
+                    .insert(node_id.as_str(), expires)
+                    .map_err(storage_error)?;
+                return Ok(Ok(Answer::Version(expires)));
+            }
         };
         if let Err(e) = key.validate() {
             return Ok(Err(e));
@@ -361,7 +378,9 @@ impl<'txn> Tables<'txn> {
                 ..
             } => rules::claim(visible, node_id, *expected_epoch, now_ms, settings)
                 .map(|new| (Some(new), None)),
-            Op::Sweep => return Ok(Err(StoreError::Backend("unreachable sweep".into()))),
+            Op::Sweep | Op::RenewLease { .. } => {
+                return Ok(Err(StoreError::Backend("not a dialog write".into())))
+            }
         };
         let (new, unchanged_version) = match outcome {
             Ok(o) => o,
@@ -390,6 +409,17 @@ impl<'txn> Tables<'txn> {
             }
         }
         let mut report = SweepReport::default();
+        let mut lapsed = Vec::new();
+        for entry in self.leases.iter().map_err(storage_error)? {
+            let (node, expires) = entry.map_err(storage_error)?;
+            if expires.value() <= now_ms {
+                lapsed.push(node.value().to_owned());
+            }
+        }
+        for node in lapsed {
+            self.leases.remove(node.as_str()).map_err(storage_error)?;
+            report.expired_leases += 1;
+        }
         for (at, storage_key) in due {
             self.expiry
                 .remove(at, storage_key.as_str())
@@ -586,6 +616,39 @@ impl DialogStore for EmbeddedDialogStore {
         limit: usize,
     ) -> StoreFuture<'a, Vec<StoredDialog>> {
         Box::pin(async move { self.list_index(BY_OWNER, false, node_id, limit).await })
+    }
+
+    fn renew_lease<'a>(&'a self, node_id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            rules::validate_node_id(node_id)?;
+            let ttl_ms = rules::lease_ttl_ms(ttl)?;
+            version_of(
+                self.submit_one(Op::RenewLease {
+                    node_id: node_id.to_owned(),
+                    ttl_ms,
+                })
+                .await,
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn lease_remaining<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Option<Duration>> {
+        Box::pin(async move {
+            rules::validate_node_id(node_id)?;
+            let node_id = node_id.to_owned();
+            self.read(move |db, now_ms| {
+                let txn = db.begin_read().map_err(storage_error)?;
+                let leases = txn.open_table(LEASES).map_err(storage_error)?;
+                Ok(leases
+                    .get(node_id.as_str())
+                    .map_err(storage_error)?
+                    .map(|e| e.value())
+                    .filter(|&e| e > now_ms)
+                    .map(|e| Duration::from_millis(e - now_ms)))
+            })
+            .await
+        })
     }
 
     fn sweep(&self) -> StoreFuture<'_, SweepReport> {

@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -25,6 +26,8 @@ pub struct MemoryDialogStore {
     records: DashMap<String, Slot>,
     by_device: DashMap<String, HashSet<String>>,
     by_owner: DashMap<String, HashSet<String>>,
+    /// Owner leases: node id → expiry time (ms).
+    leases: DashMap<String, u64>,
     settings: StoreSettings,
     clock: Arc<dyn Clock>,
     closed: AtomicBool,
@@ -37,6 +40,7 @@ impl MemoryDialogStore {
             records: DashMap::new(),
             by_device: DashMap::new(),
             by_owner: DashMap::new(),
+            leases: DashMap::new(),
             settings,
             clock,
             closed: AtomicBool::new(false),
@@ -228,11 +232,43 @@ impl DialogStore for MemoryDialogStore {
         )
     }
 
+    fn renew_lease<'a>(&'a self, node_id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.check_open()?;
+            rules::validate_node_id(node_id)?;
+            let ttl_ms = rules::lease_ttl_ms(ttl)?;
+            let expires = self.clock.now_ms().saturating_add(ttl_ms);
+            self.leases.insert(node_id.to_owned(), expires);
+            Ok(())
+        })
+    }
+
+    fn lease_remaining<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Option<Duration>> {
+        Box::pin(async move {
+            self.check_open()?;
+            rules::validate_node_id(node_id)?;
+            let now = self.clock.now_ms();
+            Ok(self
+                .leases
+                .get(node_id)
+                .map(|e| *e)
+                .filter(|&e| e > now)
+                .map(|e| Duration::from_millis(e - now)))
+        })
+    }
+
     fn sweep(&self) -> StoreFuture<'_, SweepReport> {
         Box::pin(async move {
             self.check_open()?;
             let now = self.clock.now_ms();
             let mut report = SweepReport::default();
+            self.leases.retain(|_, expires| {
+                let keep = *expires > now;
+                if !keep {
+                    report.expired_leases += 1;
+                }
+                keep
+            });
             self.records.retain(|storage_key, slot| {
                 if !slot.is_expired(now) {
                     return true;

@@ -164,6 +164,8 @@ pub struct SweepReport {
     pub expired_live: u64,
     /// Expired tombstones removed.
     pub expired_tombstones: u64,
+    /// Lapsed owner leases removed.
+    pub expired_leases: u64,
 }
 
 /// The future every store operation returns (boxed so the trait works as `dyn DialogStore`).
@@ -221,6 +223,14 @@ pub trait DialogStore: Send + Sync + std::fmt::Debug {
         node_id: &'a str,
         limit: usize,
     ) -> StoreFuture<'a, Vec<StoredDialog>>;
+
+    /// Renews the owner lease of `node_id` for `ttl` from now (creating it if absent). A node
+    /// renews its lease while it lives; a survivor that finds the lease lapsed knows the owner
+    /// stopped renewing and may claim its dialogs. `ttl` must be at least 1 ms.
+    fn renew_lease<'a>(&'a self, node_id: &'a str, ttl: Duration) -> StoreFuture<'a, ()>;
+
+    /// The time left on `node_id`'s owner lease; `None` when it lapsed or never existed.
+    fn lease_remaining<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Option<Duration>>;
 
     /// Removes expired records and their index entries. Reads already hide expired records;
     /// the sweep reclaims their space. Backends that expire keys themselves (Redis) report

@@ -9,6 +9,8 @@
 //!   tombstone TTL after a delete.
 //! - `<prefix>dev:<device>` and `<prefix>own:<node>`: sets of storage keys of live dialogs,
 //!   with a TTL no shorter than their longest-lived member's.
+//! - `<prefix>lease:<node>`: the node's owner lease, a string (the renewing node's clock, ms)
+//!   whose TTL is the lease.
 //!
 //! Every conditional write is one Lua script run with EVALSHA ([`redis::Script`]), so the
 //! compare-and-set, the record, its TTL and both indexes change together or not at all.
@@ -786,6 +788,14 @@ impl DialogStore for RedisDialogStore {
         self.inner.list_by_owner(node_id, limit)
     }
 
+    fn renew_lease<'a>(&'a self, node_id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+        self.inner.renew_lease(node_id, ttl)
+    }
+
+    fn lease_remaining<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Option<Duration>> {
+        self.inner.lease_remaining(node_id)
+    }
+
     fn sweep(&self) -> StoreFuture<'_, SweepReport> {
         self.inner.sweep()
     }
@@ -914,6 +924,40 @@ impl DialogStore for RedisInner {
         limit: usize,
     ) -> StoreFuture<'a, Vec<StoredDialog>> {
         Box::pin(async move { self.list("own", "o", node_id, limit).await })
+    }
+
+    fn renew_lease<'a>(&'a self, node_id: &'a str, ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            super::rules::validate_node_id(node_id)?;
+            let ttl_ms = super::rules::lease_ttl_ms(ttl)?;
+            let key = format!("{}lease:{node_id}", self.prefix);
+            let now = self.clock.now_ms();
+            self.run("renew lease", |mut conn| {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(&key).arg(now).arg("PX").arg(ttl_ms);
+                async move { cmd.query_async::<()>(&mut conn).await }
+            })
+            .await
+        })
+    }
+
+    fn lease_remaining<'a>(&'a self, node_id: &'a str) -> StoreFuture<'a, Option<Duration>> {
+        Box::pin(async move {
+            super::rules::validate_node_id(node_id)?;
+            let key = format!("{}lease:{node_id}", self.prefix);
+            let pttl: i64 = self
+                .run("lease", |mut conn| {
+                    let mut cmd = redis::cmd("PTTL");
+                    cmd.arg(&key);
+                    async move { cmd.query_async(&mut conn).await }
+                })
+                .await?;
+            // -2: no key; -1: no TTL (never written by this store); 0: about to lapse.
+            Ok(u64::try_from(pttl)
+                .ok()
+                .filter(|&ms| ms > 0)
+                .map(Duration::from_millis))
+        })
     }
 
     fn sweep(&self) -> StoreFuture<'_, SweepReport> {

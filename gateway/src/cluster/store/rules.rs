@@ -149,6 +149,17 @@ pub fn claim(
     Ok(stamp(next, now_ms, settings))
 }
 
+/// Checks a lease TTL (at least 1 ms) and returns it in milliseconds.
+pub fn lease_ttl_ms(ttl: std::time::Duration) -> Result<u64, StoreError> {
+    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return Err(StoreError::InvalidRecord(
+            "lease TTL must be at least 1 ms".into(),
+        ));
+    }
+    Ok(ms)
+}
+
 /// Checks a node id used by claim or list: non-empty and within the id limit.
 pub fn validate_node_id(node_id: &str) -> Result<(), StoreError> {
     if node_id.is_empty() || node_id.len() > super::record::MAX_ID_LEN {
