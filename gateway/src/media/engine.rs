@@ -523,14 +523,24 @@ impl RelayTask {
         let retry = tokio::time::sleep_until(far);
         tokio::pin!(timer);
         tokio::pin!(retry);
+        // The deadlines the two sleeps are set to (re-arming a sleep costs a timer-wheel
+        // update, so it is done only when the deadline changes or the sleep fired).
+        let mut timer_at: Option<Instant> = None;
+        let mut retry_armed: Option<Instant> = None;
         loop {
             let deadline = self.core.poll_timeout();
-            if let Some(deadline) = deadline {
-                timer.as_mut().reset(deadline.into());
+            if deadline != timer_at {
+                if let Some(deadline) = deadline {
+                    timer.as_mut().reset(deadline.into());
+                }
+                timer_at = deadline;
             }
             let retry_at = self.sink_blocked_until;
-            if let Some(at) = retry_at {
-                retry.as_mut().reset(at.into());
+            if retry_at != retry_armed {
+                if let Some(at) = retry_at {
+                    retry.as_mut().reset(at.into());
+                }
+                retry_armed = retry_at;
             }
             tokio::select! {
                 biased;
@@ -568,9 +578,11 @@ impl RelayTask {
                     }
                 }
                 () = &mut timer, if deadline.is_some() => {
+                    timer_at = None;
                     self.core.handle_timeout(Instant::now());
                 }
                 () = &mut retry, if retry_at.is_some() => {
+                    retry_armed = None;
                     self.sink_blocked_until = None;
                 }
             }

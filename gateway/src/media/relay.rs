@@ -56,7 +56,7 @@ pub const MAX_PENDING_TRANSMITS: usize = 256;
 /// Most events waiting in [`RelayCore::poll_event`]'s queue; more are dropped.
 pub const MAX_PENDING_EVENTS: usize = 32;
 /// Capacity of the scratch buffer packets are built in (re-used between packets).
-const SCRATCH_BYTES: usize = 16 * 1024;
+const SCRATCH_BYTES: usize = 4 * 1024;
 /// A device sequence step outside `-MAX_MISORDER..MAX_DROPOUT` is a restart.
 const MAX_DROPOUT: u16 = 3000;
 const MAX_MISORDER: u16 = 100;
