@@ -98,6 +98,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Media relay (RTP ports, timeouts).
+    pub media: crate::media::MediaConfig,
     /// Per-device settings (address book, SIP credentials).
     pub devices: BTreeMap<String, DeviceSettings>,
 }
@@ -425,6 +427,12 @@ impl Config {
         }
         if self.sip.t1_ms == 0 || self.sip.t2_ms < self.sip.t1_ms {
             return bad("sip.t2_ms", "T1 must be above 0 and T2 at least T1");
+        }
+        if let Err(e) = self.media.validate() {
+            return Err(ConfigError::Key {
+                key: e.key.to_string(),
+                message: e.message,
+            });
         }
         if let Some(secret) = &self.auth.resume_secret {
             if hex::decode(secret).map(|s| s.len()) != Ok(32) {

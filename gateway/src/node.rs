@@ -19,7 +19,7 @@ use crate::config::{in_data_dir, Config};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceRegistry, VerifierPool};
 use crate::resume::ResumeTokens;
-use crate::session::driver::{run_connection, DeviceRequests, NoBridge};
+use crate::session::driver::{run_connection, DeviceRequests};
 use crate::session::throttle::{AuthThrottle, ThrottleConfig};
 use crate::session::{SessionCommand, Sessions};
 use crate::tls;
@@ -30,6 +30,9 @@ pub enum StartError {
     /// TLS material.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The SIP user agent could not start.
+    #[error("SIP: {0}")]
+    Sip(String),
     /// A socket could not be bound.
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
@@ -71,7 +74,7 @@ pub struct NodeShared {
     /// Authentication throttle.
     pub throttle: AuthThrottle,
     /// Live sessions.
-    pub sessions: Sessions,
+    pub sessions: Arc<Sessions>,
     /// Where device call/text requests go.
     pub bridge: Arc<dyn DeviceRequests>,
     /// Credential checks, off the executor.
@@ -96,6 +99,8 @@ pub struct GatewayNode {
     pub quic_addr: SocketAddr,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
+    /// Bound SIP address (UDP and TCP).
+    pub sip_addr: SocketAddr,
     /// SHA-256 fingerprint of the QUIC certificate.
     pub fingerprint: String,
     /// Whether the certificate was generated on this run.
@@ -178,7 +183,102 @@ impl GatewayNode {
             source,
         })?;
 
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        let bridge_metrics = crate::bridge::BridgeMetrics::default();
+        bridge_metrics.register(metrics.registry_mut());
+        let metrics = Arc::new(metrics);
+        let sessions = Arc::new(Sessions::default());
+
+        // The SIP side: user agent, media engine, bridge.
+        let (advertised_host, advertised_port) = match &config.sip.advertised {
+            Some(text) => {
+                let (host, port) = split_host_port(text).ok_or_else(|| StartError::Config {
+                    key: "sip.advertised",
+                    message: format!("{text:?} is not host:port"),
+                })?;
+                let host =
+                    thalamus_sip::message::Host::parse(host).map_err(|e| StartError::Config {
+                        key: "sip.advertised",
+                        message: e.to_string(),
+                    })?;
+                (Some(host), port)
+            }
+            None => (None, None),
+        };
+        let timers = thalamus_sip::transaction::TimerConfig {
+            t1: Duration::from_millis(config.sip.t1_ms.into()),
+            t2: Duration::from_millis(config.sip.t2_ms.into()),
+            t4: Duration::from_millis(config.sip.t4_ms.into()),
+        };
+        let mut endpoint_config = thalamus_sip::endpoint::EndpointConfig::default();
+        endpoint_config.transactions.timers = timers;
+        endpoint_config.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
+            t1: timers.t1,
+            t2: timers.t2,
+        };
+        let outbound_proxy = match &config.sip.outbound_proxy {
+            Some(text) => Some(thalamus_sip::message::SipUri::parse(text).map_err(|e| {
+                StartError::Config {
+                    key: "sip.outbound_proxy",
+                    message: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
+        let (ua, ua_events) = thalamus_sip::ua::UserAgent::start(thalamus_sip::ua::UaConfig {
+            transport: thalamus_sip::transport::TransportConfig {
+                udp: Some(config.sip.listen),
+                tcp: Some(config.sip.listen),
+                ..Default::default()
+            },
+            endpoint: endpoint_config,
+            advertised_host,
+            advertised_port,
+            outbound_proxy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| StartError::Sip(e.to_string()))?;
+        let sip_addr = ua
+            .local_addr(thalamus_sip::transport::PeerTransport::Udp)
+            .unwrap_or(config.sip.listen);
+        let media_address = config
+            .media
+            .sdp_address()
+            .or_else(|| {
+                config
+                    .sip
+                    .advertised
+                    .as_deref()
+                    .and_then(split_host_port)
+                    .and_then(|(h, _)| h.parse().ok())
+            })
+            .unwrap_or_else(|| {
+                if sip_addr.ip().is_unspecified() {
+                    std::net::IpAddr::from([127, 0, 0, 1])
+                } else {
+                    sip_addr.ip()
+                }
+            });
+        let media = match crate::media::MediaEngine::new(config.media.clone()) {
+            Ok(engine) => Some(engine),
+            Err(e) => {
+                return Err(StartError::Config {
+                    key: "media",
+                    message: e.to_string(),
+                })
+            }
+        };
+        let bridge = crate::bridge::Bridge::start(
+            ua,
+            ua_events,
+            config.clone(),
+            sessions.clone(),
+            registry.clone(),
+            media,
+            media_address,
+            bridge_metrics,
+        );
         let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -207,8 +307,8 @@ impl GatewayNode {
             registry,
             tokens,
             throttle,
-            sessions: Sessions::default(),
-            bridge: Arc::new(NoBridge),
+            sessions,
+            bridge: Arc::new(bridge),
             verifier: VerifierPool::start(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
                 4096,
@@ -232,6 +332,7 @@ impl GatewayNode {
             shared,
             quic_addr,
             admin_addr,
+            sip_addr,
             fingerprint: material.fingerprint(),
             generated_cert: material.generated,
             cert_path: material.cert_path,
@@ -257,6 +358,24 @@ impl GatewayNode {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`, or a bare host).
+fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let (host, tail) = rest.split_once(']')?;
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if tail.is_empty() => None,
+            None => return None,
+        };
+        return Some((host, port));
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Some((host, Some(port.parse().ok()?))),
+        Some(_) => Some((text, None)),
+        None => Some((text, None)),
     }
 }
 

@@ -199,6 +199,24 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Waits until a metric sample reaches `value` (metrics are updated as sessions finish
+    /// closing, a little after the peer saw the close).
+    pub fn wait_metric(&self, sample: &str, value: f64, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.metric(sample)?;
+            if (got - value).abs() < f64::EPSILON {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{sample} is {got}, expected {value}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// Later TOML sections with the same name as earlier ones are merged into them (so `extra` can
 /// override keys of the base config).
 fn merge_toml(text: &str) -> anyhow::Result<String> {

@@ -166,7 +166,8 @@ fn garbage_on_one_session_does_not_disturb_another() {
         assert_eq!(code, Some(close_code::PROTOCOL_ERROR.into()));
         // The other device is unaffected.
         ping_pong(&mut good, 77).await;
-        assert_eq!(gw.metric("thalamus_device_sessions_live").unwrap(), 1.0);
+        gw.wait_metric("thalamus_device_sessions_live", 1.0, T)
+            .unwrap();
     });
     assert_eq!(
         gw.metric("thalamus_mbfp_frame_errors_total{reason=\"bad_frame\"}")
@@ -233,11 +234,12 @@ fn second_login_replaces_the_first() {
     assert_eq!(bye["reason"], "replaced");
     assert_eq!(first.proc.wait_exit(T).unwrap(), Some(4));
     assert_eq!(gw.admin_get("/sessions").unwrap().trim(), "[\"twin\"]");
-    assert_eq!(
-        gw.metric("thalamus_device_sessions_ended_total{reason=\"replaced\"}")
-            .unwrap(),
-        1.0
-    );
+    gw.wait_metric(
+        "thalamus_device_sessions_ended_total{reason=\"replaced\"}",
+        1.0,
+        T,
+    )
+    .unwrap();
 }
 
 #[test]

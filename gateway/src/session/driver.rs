@@ -157,7 +157,7 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
             }
             Some(result) = async { match auth_rx.as_mut() { Some(rx) => rx.await.ok(), None => None } } => {
                 auth_rx = None;
-                let outcome = finish_auth(&node, &mut identity, result, &cmd_tx);
+                let outcome = finish_auth(&node, &mut identity, result, &cmd_tx, &conn);
                 core.handle_auth(Instant::now(), outcome.0, outcome.1);
             }
             Some(cmd) = cmd_rx.recv() => match cmd {
@@ -168,6 +168,17 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
             _ = sleep_until(deadline) => {
                 core.handle_timeout(Instant::now());
             }
+            datagram = conn.read_datagram(), if identity.is_some() => match datagram {
+                Ok(datagram) => {
+                    if let Some(id) = &identity {
+                        node.bridge.datagram(&id.device_id, datagram);
+                    }
+                }
+                Err(_) => {
+                    end_reason = "connection_lost";
+                    break 'session;
+                }
+            },
             _ = conn.closed() => {
                 end_reason = "connection_lost";
                 break 'session;
@@ -184,8 +195,12 @@ async fn drive(node: Arc<NodeShared>, conn: quinn::Connection, remote: SocketAdd
         writer.abort();
     }
     if let Some(id) = identity {
-        node.sessions
-            .remove_if_current(&id.device_id, id.connection_id);
+        if node
+            .sessions
+            .remove_if_current(&id.device_id, id.connection_id)
+        {
+            node.bridge.offline(&id.device_id);
+        }
         metrics.sessions_live.dec();
         Metrics::inc(&metrics.sessions_ended, end_reason);
         info!(reason = end_reason, "device session ended");
@@ -293,6 +308,7 @@ fn finish_auth(
     identity: &mut Option<Identity>,
     result: AuthResult,
     cmd_tx: &mpsc::Sender<SessionCommand>,
+    conn: &quinn::Connection,
 ) -> (u64, AuthOutcome) {
     let metrics = &node.metrics;
     let AuthResult {
@@ -375,6 +391,12 @@ fn finish_auth(
     span.record("device", device_id.as_str());
     span.record("session", session_id.to_string().as_str());
     info!(resumed, "device session live");
+    node.bridge.online(&device_id, conn.clone());
+    let live_calls = if resumed {
+        node.bridge.live_calls(&device_id)
+    } else {
+        Vec::new()
+    };
     let cfg = &node.config;
     let welcome = Welcome {
         session_id: session_id.to_string(),
@@ -389,7 +411,7 @@ fn finish_auth(
         keepalive_interval_ms: cfg.quic.keepalive_interval_ms,
         idle_timeout_ms: cfg.quic.idle_timeout_ms,
         resumed,
-        live_calls: Vec::new(),
+        live_calls,
         node_id: cfg.node.id.clone(),
     };
     *identity = Some(Identity {
@@ -399,10 +421,21 @@ fn finish_auth(
     (request_id, AuthOutcome::Accepted(welcome))
 }
 
-/// Answers device requests (calls, texts, presence). The SIP bridge implements it.
+/// Answers device requests (calls, texts, presence) and follows device sessions. The SIP
+/// bridge implements it.
 pub trait DeviceRequests: Send + Sync {
     /// Handles one request from `device_id`; returns frames to send back at once.
     fn handle(&self, device_id: &str, request: Envelope) -> Vec<Envelope>;
+    /// A session of `device_id` went live on `link` (before its Welcome is sent).
+    fn online(&self, _device_id: &str, _link: quinn::Connection) {}
+    /// The session of `device_id` ended (not when it was replaced by a newer one).
+    fn offline(&self, _device_id: &str) {}
+    /// A media datagram from `device_id`.
+    fn datagram(&self, _device_id: &str, _datagram: bytes::Bytes) {}
+    /// The calls of `device_id` still up (listed in the Welcome of a resumed session).
+    fn live_calls(&self, _device_id: &str) -> Vec<thalamus_proto::v1::LiveCall> {
+        Vec::new()
+    }
 }
 
 /// The answer when no bridge is attached: every request is unsupported.

@@ -1,0 +1,661 @@
+//! The bridge: each device session mapped onto SIP, both ways.
+//!
+//! Device requests (`Dial`, `Answer`, `Reject`, `Hangup`, `Hold`, `Resume`, `Dtmf`,
+//! `SendText`) become SIP transactions and dialogs on the node's [`UserAgent`]; SIP requests for
+//! `sip:<device-id>@<domain>` become `IncomingCall` and `TextReceived`; responses and in-dialog
+//! requests become `CallEvent`s. Every call is one task ([`call`]) that owns its dialog and its
+//! media relay; this module routes device frames and SIP events to those tasks by
+//! `(device, call_ref)` and by dialog. The status mapping is in [`mapping`] (docs/protocol.md
+//! section 9). Registration upstream is in [`registrar`].
+//!
+//! What it does not do: SIP parsing, transactions and dialog state (thalamus-sip), RTP
+//! (`crate::media`), replication (`crate::cluster`).
+
+pub mod call;
+pub mod mapping;
+pub mod media_sdp;
+pub mod registrar;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{Envelope, ErrorCode, TextReceived, TextStatus};
+use thalamus_sip::dialog::DialogId;
+use thalamus_sip::message::{HeaderName, MediaType, Method, NameAddr, Request, Uri};
+use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::media::MediaEngine;
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::registry::{valid_device_id, DeviceRegistry};
+use crate::session::driver::DeviceRequests;
+use crate::session::{SessionCommand, Sessions};
+
+use call::{CallCommand, CallHandle, CallSetup};
+
+/// Methods the gateway answers (Allow header).
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
+
+/// Bridge counters.
+#[derive(Debug, Clone, Default)]
+pub struct BridgeMetrics {
+    /// Calls started, by direction (`outgoing`, `incoming`).
+    pub calls_started: Family<ReasonLabel, Counter>,
+    /// Calls ended, by end reason.
+    pub calls_ended: Family<ReasonLabel, Counter>,
+    /// Calls in progress.
+    pub calls_active: Gauge,
+    /// SIP requests refused by the bridge, by status class reason.
+    pub sip_refused: Family<ReasonLabel, Counter>,
+    /// Texts, by direction and outcome.
+    pub texts: Family<ReasonLabel, Counter>,
+}
+
+impl BridgeMetrics {
+    /// Registers the bridge's metrics.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "calls_started",
+            "Calls started, by direction",
+            self.calls_started.clone(),
+        );
+        registry.register(
+            "calls_ended",
+            "Calls ended, by MBFP end reason",
+            self.calls_ended.clone(),
+        );
+        registry.register(
+            "calls_active",
+            "Calls in progress",
+            self.calls_active.clone(),
+        );
+        registry.register(
+            "sip_refused",
+            "SIP requests the bridge refused",
+            self.sip_refused.clone(),
+        );
+        registry.register("texts", "Text messages", self.texts.clone());
+    }
+}
+
+/// A call's address in the bridge.
+pub type CallKey = (String, u32);
+
+pub(crate) struct BridgeInner {
+    pub(crate) ua: UserAgent,
+    pub(crate) config: Config,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) registry: Arc<DeviceRegistry>,
+    pub(crate) media: Option<MediaEngine>,
+    pub(crate) media_address: IpAddr,
+    pub(crate) links: DashMap<String, quinn::Connection>,
+    pub(crate) calls: DashMap<CallKey, CallHandle>,
+    pub(crate) by_dialog: DashMap<DialogId, CallKey>,
+    pub(crate) by_invite: DashMap<ServerTx, CallKey>,
+    pub(crate) next_incoming_ref: AtomicU32,
+    pub(crate) metrics: BridgeMetrics,
+    pub(crate) registrar: Option<registrar::Registrar>,
+}
+
+/// The bridge (cheap to clone).
+#[derive(Clone)]
+pub struct Bridge {
+    inner: Arc<BridgeInner>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("calls", &self.inner.calls.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bridge {
+    /// A bridge on `ua`; SIP events from `events` are handled by a task started here.
+    pub fn start(
+        ua: UserAgent,
+        events: mpsc::Receiver<UaEvent>,
+        config: Config,
+        sessions: Arc<Sessions>,
+        registry: Arc<DeviceRegistry>,
+        media: Option<MediaEngine>,
+        media_address: IpAddr,
+        metrics: BridgeMetrics,
+    ) -> Self {
+        let registrar = config
+            .sip
+            .registrar
+            .clone()
+            .map(|r| registrar::Registrar::new(ua.clone(), r, config.clone()));
+        let inner = Arc::new(BridgeInner {
+            ua,
+            config,
+            sessions,
+            registry,
+            media,
+            media_address,
+            links: DashMap::new(),
+            calls: DashMap::new(),
+            by_dialog: DashMap::new(),
+            by_invite: DashMap::new(),
+            next_incoming_ref: AtomicU32::new(1),
+            metrics,
+            registrar,
+        });
+        tokio::spawn(dispatch(inner.clone(), events));
+        Bridge { inner }
+    }
+
+    /// Calls in progress.
+    pub fn active_calls(&self) -> usize {
+        self.inner.calls.len()
+    }
+}
+
+impl BridgeInner {
+    /// Sends a frame to a device if it is online (dropped otherwise: it will see its calls'
+    /// state when it resumes).
+    pub(crate) fn to_device(&self, device: &str, request_id: u64, body: Body) -> bool {
+        let Some(session) = self.sessions.get(device) else {
+            return false;
+        };
+        let env = Envelope {
+            request_id,
+            body: Some(body),
+        };
+        if session
+            .commands
+            .try_send(SessionCommand::Send(Box::new(env)))
+            .is_err()
+        {
+            warn!(device, "session command queue full; frame dropped");
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn device_online(&self, device: &str) -> bool {
+        self.sessions.get(device).is_some()
+    }
+
+    /// The device's address-of-record, `sip:<device>@<domain>`.
+    pub(crate) fn aor(&self, device: &str) -> NameAddr {
+        let host =
+            thalamus_sip::message::Host::parse(&self.config.sip.domain).unwrap_or_else(|_| {
+                thalamus_sip::message::Host::Domain(self.config.sip.domain.clone())
+            });
+        NameAddr::new(Uri::Sip(
+            thalamus_sip::message::SipUri::new(host).with_user(device),
+        ))
+    }
+
+    /// Digest credentials for requests on behalf of `device`.
+    pub(crate) fn credentials(&self, device: &str) -> Option<(String, String)> {
+        self.config
+            .devices
+            .get(device)
+            .and_then(|d| d.auth.clone())
+            .or_else(|| self.config.sip.auth.clone())
+            .map(|a| (a.username, a.password))
+    }
+
+    /// Resolves a Dial/SendText target: an alias of the device's address book, or a URI. A bare
+    /// user name or number becomes a URI in the gateway's domain (or the outbound proxy's).
+    pub(crate) fn target_uri(&self, device: &str, target: &str) -> Result<Uri, String> {
+        let target = target.trim();
+        if let Some(uri) = self
+            .config
+            .devices
+            .get(device)
+            .and_then(|d| d.address_book.get(target))
+        {
+            return Uri::parse(uri).map_err(|e| format!("address book entry {target}: {e}"));
+        }
+        if target.contains(':') {
+            return Uri::parse(target).map_err(|e| format!("{target}: {e}"));
+        }
+        if target.is_empty() || target.contains(['@', ' ', '<', '>']) {
+            return Err(format!(
+                "{target:?} is neither a URI nor an address book alias"
+            ));
+        }
+        Uri::parse(&format!("sip:{target}@{}", self.config.sip.domain))
+            .map_err(|e| format!("{target}: {e}"))
+    }
+
+    pub(crate) fn forget_call(&self, key: &CallKey) {
+        if let Some((_, handle)) = self.calls.remove(key) {
+            if let Some(d) = handle.dialog() {
+                self.by_dialog.remove(&d);
+            }
+            self.metrics.calls_active.dec();
+        }
+    }
+}
+
+fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Envelope {
+    Envelope {
+        request_id,
+        body: Some(Body::Error(thalamus_proto::v1::Error {
+            code: code as i32,
+            message: message.into(),
+            request_id,
+        })),
+    }
+}
+
+impl DeviceRequests for Bridge {
+    fn handle(&self, device_id: &str, request: Envelope) -> Vec<Envelope> {
+        let inner = &self.inner;
+        let request_id = request.request_id;
+        let Some(body) = request.body else {
+            return vec![];
+        };
+        match body {
+            Body::Dial(dial) => {
+                let key = (device_id.to_string(), dial.call_ref);
+                if inner.calls.contains_key(&key) {
+                    return vec![error_frame(
+                        request_id,
+                        ErrorCode::InvalidArgument,
+                        format!("call_ref {} is already in use", dial.call_ref),
+                    )];
+                }
+                let live = inner
+                    .calls
+                    .iter()
+                    .filter(|c| c.key().0 == device_id)
+                    .count();
+                if live >= inner.config.session.max_calls as usize {
+                    Metrics::inc(&inner.metrics.sip_refused, "max_calls");
+                    return vec![error_frame(
+                        request_id,
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "at most {} calls per device",
+                            inner.config.session.max_calls
+                        ),
+                    )];
+                }
+                let target = match inner.target_uri(device_id, &dial.target) {
+                    Ok(t) => t,
+                    Err(e) => return vec![error_frame(request_id, ErrorCode::InvalidArgument, e)],
+                };
+                call::spawn(
+                    inner.clone(),
+                    key,
+                    CallSetup::Outgoing {
+                        target,
+                        media: dial.media,
+                        headers: dial.headers,
+                    },
+                );
+                vec![]
+            }
+            Body::Answer(_)
+            | Body::Reject(_)
+            | Body::Hangup(_)
+            | Body::Hold(_)
+            | Body::Resume(_)
+            | Body::Dtmf(_) => {
+                let call_ref = match &body {
+                    Body::Answer(a) => a.call_ref,
+                    Body::Reject(r) => r.call_ref,
+                    Body::Hangup(h) => h.call_ref,
+                    Body::Hold(h) => h.call_ref,
+                    Body::Resume(r) => r.call_ref,
+                    Body::Dtmf(d) => d.call_ref,
+                    _ => 0,
+                };
+                let key = (device_id.to_string(), call_ref);
+                let sent = inner
+                    .calls
+                    .get(&key)
+                    .map(|c| c.send(CallCommand::Device(request_id, body)));
+                match sent {
+                    Some(true) => vec![],
+                    _ => vec![error_frame(
+                        request_id,
+                        ErrorCode::UnknownCall,
+                        format!("no call with call_ref {call_ref}"),
+                    )],
+                }
+            }
+            Body::SendText(text) => {
+                if text.body.len() > inner.config.session.max_text_bytes as usize {
+                    return vec![error_frame(
+                        request_id,
+                        ErrorCode::LimitExceeded,
+                        format!("text over {} bytes", inner.config.session.max_text_bytes),
+                    )];
+                }
+                let target = match inner.target_uri(device_id, &text.to) {
+                    Ok(t) => t,
+                    Err(e) => return vec![error_frame(request_id, ErrorCode::InvalidArgument, e)],
+                };
+                tokio::spawn(send_text(
+                    inner.clone(),
+                    device_id.to_string(),
+                    request_id,
+                    target,
+                    text.content_type,
+                    text.body,
+                ));
+                vec![]
+            }
+            Body::PresenceUpdate(_) => vec![],
+            other => vec![error_frame(
+                request_id,
+                ErrorCode::Unsupported,
+                format!("{} is not handled", thalamus_proto::body_kind(Some(&other))),
+            )],
+        }
+    }
+
+    fn online(&self, device_id: &str, link: quinn::Connection) {
+        self.inner.links.insert(device_id.to_string(), link);
+        if let Some(r) = &self.inner.registrar {
+            r.device_online(device_id, self.inner.credentials(device_id));
+        }
+    }
+
+    fn offline(&self, device_id: &str) {
+        self.inner.links.remove(device_id);
+        if let Some(r) = &self.inner.registrar {
+            r.device_offline(device_id);
+        }
+        // Calls survive a short disconnection (the device may resume); after the grace period
+        // without a session they are hung up.
+        let inner = self.inner.clone();
+        let device = device_id.to_string();
+        let grace = Duration::from_secs(u64::from(inner.config.session.resume_window_secs).min(60));
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if inner.device_online(&device) {
+                return;
+            }
+            let keys: Vec<CallKey> = inner
+                .calls
+                .iter()
+                .filter(|c| c.key().0 == device)
+                .map(|c| c.key().clone())
+                .collect();
+            for key in keys {
+                if let Some(c) = inner.calls.get(&key) {
+                    c.send(CallCommand::DeviceGone);
+                }
+            }
+        });
+    }
+
+    fn datagram(&self, device_id: &str, datagram: Bytes) {
+        let Ok(d) = thalamus_proto::media::MediaDatagram::decode(datagram.clone()) else {
+            return;
+        };
+        if let Some(call) = self
+            .inner
+            .calls
+            .get(&(device_id.to_string(), d.header.call_ref))
+        {
+            call.feed(datagram);
+        }
+    }
+
+    fn live_calls(&self, device_id: &str) -> Vec<thalamus_proto::v1::LiveCall> {
+        self.inner
+            .calls
+            .iter()
+            .filter(|c| c.key().0 == device_id)
+            .map(|c| thalamus_proto::v1::LiveCall {
+                call_ref: c.key().1,
+                remote_uri: c.remote_uri().to_string(),
+                state: c.state() as i32,
+            })
+            .collect()
+    }
+}
+
+async fn send_text(
+    inner: Arc<BridgeInner>,
+    device: String,
+    request_id: u64,
+    target: Uri,
+    content_type: String,
+    body: Vec<u8>,
+) {
+    let ua = &inner.ua;
+    let mut request = ua.new_request(
+        Method::Message,
+        target.clone(),
+        inner.aor(&device),
+        NameAddr::new(target),
+    );
+    let media_type = if content_type.is_empty() {
+        MediaType::new("text", "plain")
+    } else {
+        content_type
+            .parse::<MediaType>()
+            .unwrap_or_else(|_| MediaType::new("text", "plain"))
+    };
+    request.set_body(Bytes::from(body), Some(&media_type));
+    let (status, reason) = match ua
+        .send_with_auth(request, None, inner.credentials(&device))
+        .await
+    {
+        Err(e) => {
+            debug!(error = %e, "MESSAGE not sent");
+            (503, e.to_string())
+        }
+        Ok(mut call) => match call.final_response().await {
+            ClientEvent::Response { response, .. } => (response.status, response.reason.clone()),
+            ClientEvent::Timeout => (408, "Request Timeout".into()),
+            ClientEvent::TransportError => (503, "Service Unavailable".into()),
+        },
+    };
+    let delivered = (200..300).contains(&status);
+    Metrics::inc(
+        &inner.metrics.texts,
+        if delivered {
+            "out_delivered"
+        } else {
+            "out_failed"
+        },
+    );
+    inner.to_device(
+        &device,
+        request_id,
+        Body::TextStatus(TextStatus {
+            sip_status: u32::from(status),
+            reason,
+            delivered,
+        }),
+    );
+}
+
+/// The device a request addresses: the Request-URI user, when it is a valid device id.
+fn addressed_device(request: &Request) -> Option<String> {
+    let user = request.uri.user()?;
+    valid_device_id(user).then(|| user.to_string())
+}
+
+async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) {
+    while let Some(event) = events.recv().await {
+        let inner = inner.clone();
+        match event {
+            UaEvent::Request {
+                tx,
+                request,
+                source: _,
+            } => {
+                tokio::spawn(async move { out_of_dialog(inner, tx, request).await });
+            }
+            UaEvent::DialogRequest {
+                tx,
+                dialog,
+                request,
+                source: _,
+            } => {
+                let key = inner.by_dialog.get(&dialog).map(|k| k.clone());
+                let delivered = key
+                    .and_then(|k| {
+                        inner
+                            .calls
+                            .get(&k)
+                            .map(|c| c.send(CallCommand::SipRequest(tx, request.clone())))
+                    })
+                    .unwrap_or(false);
+                if !delivered {
+                    let status = if request.method == Method::Ack {
+                        0
+                    } else {
+                        481
+                    };
+                    if status != 0 {
+                        let _ = inner.ua.respond(tx, status, None, None).await;
+                    }
+                }
+            }
+            UaEvent::UnknownDialog { tx, .. } => {
+                Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
+                let _ = inner.ua.reject_unknown(tx).await;
+            }
+            UaEvent::Ack { dialog, .. } => {
+                if let Some(k) = inner.by_dialog.get(&dialog).map(|k| k.clone()) {
+                    if let Some(c) = inner.calls.get(&k) {
+                        c.send(CallCommand::Ack);
+                    }
+                }
+            }
+            UaEvent::Cancelled { tx } => {
+                if let Some((_, k)) = inner.by_invite.remove(&tx) {
+                    if let Some(c) = inner.calls.get(&k) {
+                        c.send(CallCommand::Cancelled);
+                    }
+                }
+            }
+            UaEvent::AckTimeout { dialog } => {
+                if let Some(k) = inner.by_dialog.get(&dialog).map(|k| k.clone()) {
+                    if let Some(c) = inner.calls.get(&k) {
+                        c.send(CallCommand::AckTimeout);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) {
+    let ua = &inner.ua;
+    let allow = || vec![(HeaderName::Allow, ALLOW.to_string())];
+    match request.method {
+        Method::Options => {
+            let _ = ua
+                .respond_with_headers(
+                    tx,
+                    200,
+                    None,
+                    None,
+                    vec![
+                        (HeaderName::Allow, ALLOW.to_string()),
+                        (
+                            HeaderName::Accept,
+                            "application/sdp, text/plain".to_string(),
+                        ),
+                    ],
+                )
+                .await;
+        }
+        Method::Invite | Method::Message => {
+            let Some(device) = addressed_device(&request) else {
+                Metrics::inc(&inner.metrics.sip_refused, "not_found");
+                let _ = ua.respond(tx, 404, None, None).await;
+                return;
+            };
+            if inner.registry.refresh().is_ok() && !inner.registry.ids().contains(&device) {
+                Metrics::inc(&inner.metrics.sip_refused, "not_found");
+                let _ = ua.respond(tx, 404, None, None).await;
+                return;
+            }
+            if !inner.device_online(&device) {
+                Metrics::inc(&inner.metrics.sip_refused, "offline");
+                let _ = ua.respond(tx, 480, None, None).await;
+                return;
+            }
+            if request.method == Method::Message {
+                incoming_text(&inner, tx, &device, &request).await;
+                return;
+            }
+            let live = inner.calls.iter().filter(|c| c.key().0 == device).count();
+            if live >= inner.config.session.max_calls as usize {
+                Metrics::inc(&inner.metrics.sip_refused, "max_calls");
+                let _ = ua.respond(tx, 486, None, None).await;
+                return;
+            }
+            let call_ref = 0x8000_0000 | inner.next_incoming_ref.fetch_add(1, Ordering::Relaxed);
+            let key = (device.clone(), call_ref);
+            inner.by_invite.insert(tx, key.clone());
+            info!(device, call_ref, "incoming call");
+            call::spawn(
+                inner.clone(),
+                key,
+                CallSetup::Incoming {
+                    tx,
+                    invite: Box::new(request),
+                    call_waiting: live > 0,
+                },
+            );
+        }
+        _ => {
+            Metrics::inc(&inner.metrics.sip_refused, "method_not_allowed");
+            let _ = ua.respond_with_headers(tx, 405, None, None, allow()).await;
+        }
+    }
+}
+
+async fn incoming_text(inner: &Arc<BridgeInner>, tx: ServerTx, device: &str, request: &Request) {
+    if request.body.len() > inner.config.session.max_text_bytes as usize {
+        let _ = inner.ua.respond(tx, 413, None, None).await;
+        return;
+    }
+    let from = request.headers.from().ok();
+    let delivered = inner.to_device(
+        device,
+        0,
+        Body::TextReceived(TextReceived {
+            from_uri: from.as_ref().map(|f| f.uri.to_string()).unwrap_or_default(),
+            display_name: from
+                .as_ref()
+                .and_then(|f| f.display_name.clone())
+                .unwrap_or_default(),
+            content_type: request
+                .headers
+                .content_type()
+                .ok()
+                .flatten()
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "text/plain".into()),
+            body: request.body.to_vec(),
+        }),
+    );
+    Metrics::inc(
+        &inner.metrics.texts,
+        if delivered {
+            "in_delivered"
+        } else {
+            "in_offline"
+        },
+    );
+    let status = if delivered { 200 } else { 480 };
+    let _ = inner.ua.respond(tx, status, None, None).await;
+}
