@@ -88,6 +88,9 @@ fn bench(c: &mut Criterion) {
         transport: PeerTransport::Udp,
     };
 
+    c.bench_function("balancer/parse INVITE only (reference)", |b| {
+        b.iter(|| Message::parse(black_box(invite.clone())).unwrap())
+    });
     c.bench_function("balancer/route INVITE (parse, rewrite, serialize)", |b| {
         b.iter(|| {
             let m = Message::parse(black_box(invite.clone())).unwrap();

@@ -408,9 +408,8 @@ impl BalancerCore {
             .map(|n| n.id.clone());
         let has_to_tag = req.headers.to_tag().is_some();
         let in_dialog = has_to_tag || dialog.node.is_some();
-        let kh = dialog
-            .key_hash
-            .unwrap_or_else(|| key_hash(self.routing_key(&req, from_user.as_deref())));
+        let message_kh = key_hash(self.routing_key(&req, from_user.as_deref()));
+        let kh = dialog.key_hash.unwrap_or(message_kh);
 
         let target = match (&dialog.node, &source_node) {
             (Some(n), src) if src.as_ref() != Some(n) => {
@@ -424,7 +423,9 @@ impl BalancerCore {
                 }
             }
             (_, Some(_)) => {
-                // From a node.
+                // From a node. A `kh` in our Route is the sending node's own key (it is the
+                // route the sender stamped for itself); the target's key is in the message.
+                let kh = message_kh;
                 if let Some(route) = &next_route {
                     match self.node_of_uri(&route.uri) {
                         Some(n) => self.node_or_pick(n, kh, in_dialog),

@@ -907,3 +907,32 @@ fn tcp_requests_from_a_node_are_recognised_by_via_and_ip() {
     };
     assert_eq!(from_node, Some(id("n1")));
 }
+
+#[test]
+fn node_to_node_dialog_survives_the_far_node() {
+    let mut f = Fixture::new(3);
+    // n2 is the callee side of a device-to-device call through the balancer; its route set
+    // holds our Record-Route naming itself. It hangs up toward the caller's node n1, which died.
+    let key = key_not_owned_by(&f, "n1");
+    let bye = format!(
+        "BYE sip:{key}@10.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKn2bye\r\n\
+Route: <sip:{LB};lr;{}>\r\n\
+Max-Forwards: 70\r\n\
+To: <sip:{key}@gw.example.net>;tag=a1\r\n\
+From: <sip:callee-dev@gw.example.net>;tag=b1\r\n\
+Call-ID: d2d-1\r\n\
+CSeq: 5 BYE\r\n\
+Content-Length: 0\r\n\r\n",
+        params(&f, "n2", "callee-dev")
+    );
+    let Decision::ToNode { node, .. } = f.route(&bye, from_node(2)) else {
+        panic!()
+    };
+    assert_eq!(node, id("n1"));
+    f.take_out(1, 3);
+    let Decision::ToNode { node, .. } = f.route(&bye, from_node(2)) else {
+        panic!()
+    };
+    assert_eq!(node, f.owner_of(&key));
+}
