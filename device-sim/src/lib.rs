@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod buddy;
+pub mod calls;
 pub mod connect;
 pub mod device;
 pub mod events;

@@ -19,8 +19,106 @@ struct Cli {
     command: Command,
 }
 
+/// Which gateway, as which device.
+#[derive(clap::Args, Debug, Clone)]
+struct LoginArgs {
+    /// Gateway QUIC address (host:port).
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    gateway: String,
+    /// Device id.
+    #[arg(long)]
+    device: String,
+    /// Device secret.
+    #[arg(long, env = "THALAMUS_SIM_SECRET")]
+    secret: String,
+    /// SHA-256 fingerprint of the gateway certificate.
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// One JSON object per line per event.
+    #[arg(long)]
+    json: bool,
+}
+
+impl LoginArgs {
+    fn login(&self) -> anyhow::Result<(thalamus_sim::calls::Login, EventPrinter)> {
+        let (gateway, server_name) = resolve(&self.gateway)?;
+        let fingerprint = self
+            .fingerprint
+            .as_deref()
+            .map(thalamus_sim::quic::parse_fingerprint)
+            .transpose()?;
+        Ok((
+            thalamus_sim::calls::Login {
+                gateway,
+                server_name,
+                fingerprint,
+                device: self.device.clone(),
+                secret: self.secret.clone(),
+            },
+            EventPrinter { json: self.json },
+        ))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Log in as a device and place calls through the gateway.
+    Call {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// SIP URI or address book alias to call.
+        #[arg(long)]
+        target: String,
+        /// Calls to place one after the other.
+        #[arg(long, default_value_t = 1)]
+        calls: u32,
+        /// Milliseconds to stay answered before hanging up (0: wait for the remote hangup).
+        #[arg(long, default_value_t = 1000)]
+        hold_ms: u64,
+        /// Hold and resume the call once after the answer.
+        #[arg(long)]
+        hold_resume: bool,
+        /// DTMF digits to send after the answer.
+        #[arg(long, default_value = "")]
+        dtmf: String,
+        /// Stream 20 ms audio frames and report what comes back (use with an echoing peer).
+        #[arg(long)]
+        media: bool,
+        /// Seconds before one call is given up.
+        #[arg(long, default_value_t = 60)]
+        call_timeout_secs: u64,
+    },
+    /// Log in as a device and answer (or reject) incoming calls.
+    Listen {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// Reject with this SIP status instead of answering.
+        #[arg(long)]
+        reject: Option<u32>,
+        /// Do not answer at all.
+        #[arg(long)]
+        ignore: bool,
+        /// Ring this long before answering.
+        #[arg(long, default_value_t = 0)]
+        answer_after_ms: u64,
+        /// Hang up this long after answering (0: the caller hangs up).
+        #[arg(long, default_value_t = 0)]
+        hangup_after_ms: u64,
+        /// Exit after this many calls have ended (0: never).
+        #[arg(long, default_value_t = 0)]
+        calls: u32,
+    },
+    /// Log in as a device and send one text message (SIP MESSAGE).
+    Text {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// SIP URI or address book alias.
+        #[arg(long)]
+        to: String,
+        /// The text.
+        #[arg(long)]
+        body: String,
+    },
     /// Connect one device, print its events, and keep the session alive.
     Connect {
         /// Gateway QUIC address (host:port).
@@ -210,6 +308,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 StopReason::Unauthenticated => ExitCode::from(3),
                 StopReason::Replaced => ExitCode::from(4),
                 StopReason::GaveUp => ExitCode::from(5),
+            })
+        }
+        Command::Call {
+            login,
+            target,
+            calls,
+            hold_ms,
+            hold_resume,
+            dtmf,
+            media,
+            call_timeout_secs,
+        } => {
+            let (login, printer) = login.login()?;
+            let (ok, failed) = thalamus_sim::calls::call(
+                &login,
+                &thalamus_sim::calls::CallOptions {
+                    target,
+                    calls,
+                    hold: std::time::Duration::from_millis(hold_ms),
+                    hold_resume,
+                    dtmf,
+                    media,
+                    call_timeout: std::time::Duration::from_secs(call_timeout_secs),
+                },
+                printer,
+            )
+            .await?;
+            Ok(if failed == 0 && ok == calls {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Listen {
+            login,
+            reject,
+            ignore,
+            answer_after_ms,
+            hangup_after_ms,
+            calls,
+        } => {
+            let (login, printer) = login.login()?;
+            thalamus_sim::calls::listen(
+                &login,
+                &thalamus_sim::calls::ListenOptions {
+                    reject,
+                    answer_after: std::time::Duration::from_millis(answer_after_ms),
+                    hangup_after: std::time::Duration::from_millis(hangup_after_ms),
+                    calls,
+                    ignore,
+                },
+                printer,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Text { login, to, body } => {
+            let (login, printer) = login.login()?;
+            let status = thalamus_sim::calls::text(&login, &to, &body, printer).await?;
+            Ok(if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             })
         }
         Command::Buddy {

@@ -123,11 +123,13 @@ fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::
         let ready = serde_json::json!({
             "quic": node.quic_addr.to_string(),
             "admin": node.admin_addr.to_string(),
+            "sip": node.sip_addr.to_string(),
             "fingerprint": node.fingerprint,
             "node_id": node.shared.config.node.id,
         });
         println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.config.node.id);
         println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);
+        println!("  SIP (UDP and TCP)            {}", node.sip_addr);
         println!("  admin (health, metrics)      http://{}/metrics", node.admin_addr);
         println!("  certificate                  {}{}", node.cert_path.display(),
             if node.generated_cert { " (generated now, self-signed)" } else { "" });

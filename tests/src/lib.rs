@@ -80,6 +80,8 @@ pub struct Gateway {
     pub quic: SocketAddr,
     /// Bound admin address.
     pub admin: SocketAddr,
+    /// Bound SIP address (UDP and TCP).
+    pub sip: SocketAddr,
     /// Certificate fingerprint.
     pub fingerprint: String,
 }
@@ -97,7 +99,7 @@ impl Gateway {
         let config_path = dir.path().join("thalamus.toml");
         let data = dir.path().join("data");
         let text = format!(
-            "[node]\ndata_dir = {data:?}\n\n[quic]\nlisten = \"{quic}\"\nhello_timeout_ms = 2000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[sip]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"info,thalamus_gateway=debug\"\n\n{extra}\n"
+            "[node]\ndata_dir = {data:?}\n\n[quic]\nlisten = \"{quic}\"\nhello_timeout_ms = 2000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[sip]\nlisten = \"127.0.0.1:0\"\n\n[media]\naddress = \"127.0.0.1\"\n\n[log]\nlevel = \"info,thalamus_gateway=debug\"\n\n{extra}\n"
         );
         let text = merge_toml(&text)?;
         std::fs::write(&config_path, text)?;
@@ -143,6 +145,7 @@ impl Gateway {
             config_path,
             quic: info["quic"].as_str().context("quic")?.parse()?,
             admin: info["admin"].as_str().context("admin")?.parse()?,
+            sip: info["sip"].as_str().context("sip")?.parse()?,
             fingerprint: info["fingerprint"]
                 .as_str()
                 .context("fingerprint")?
