@@ -329,12 +329,20 @@ async fn one_call(
                 probe.sent += 1;
                 let _ = s.conn.send_datagram(MediaProbe::frame(call_ref, seq));
             }
+            _ = sleep_until(answered_at.map(|at| at + opts.hold)), if !opts.hold.is_zero() && !hung_up => {}
             datagram = s.conn.read_datagram(), if opts.media => {
                 if let Ok(d) = datagram {
                     probe.on_echo(d);
                 }
             }
         }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -272,12 +272,14 @@ impl GatewayNode {
         let bridge = crate::bridge::Bridge::start(
             ua,
             ua_events,
-            config.clone(),
-            sessions.clone(),
-            registry.clone(),
-            media,
-            media_address,
-            bridge_metrics,
+            crate::bridge::BridgeDeps {
+                config: config.clone(),
+                sessions: sessions.clone(),
+                registry: registry.clone(),
+                media,
+                media_address,
+                metrics: bridge_metrics,
+            },
         );
         let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await

@@ -58,10 +58,10 @@ pub fn ended_by(call_ref: u32, end_reason: EndReason, reason: &str) -> CallEvent
 
 /// The SIP status a device's `Reject` maps to: its own 4xx-6xx status, else 486 Busy Here.
 pub fn reject_status(requested: u32) -> u16 {
-    match u16::try_from(requested) {
-        Ok(s @ 400..=699) => s,
-        _ => 486,
-    }
+    u16::try_from(requested)
+        .ok()
+        .filter(|s| (400..=699).contains(s))
+        .unwrap_or(486)
 }
 
 #[cfg(test)]

@@ -88,6 +88,23 @@ impl BridgeMetrics {
     }
 }
 
+/// What the bridge works with, besides its user agent.
+#[derive(Debug)]
+pub struct BridgeDeps {
+    /// Effective configuration.
+    pub config: Config,
+    /// Live device sessions (to send frames).
+    pub sessions: Arc<Sessions>,
+    /// Registered devices (404 versus 480).
+    pub registry: Arc<DeviceRegistry>,
+    /// Media relays, when the node relays media.
+    pub media: Option<MediaEngine>,
+    /// The address written into SDP when a relay has none of its own.
+    pub media_address: IpAddr,
+    /// Counters.
+    pub metrics: BridgeMetrics,
+}
+
 /// A call's address in the bridge.
 pub type CallKey = (String, u32);
 
@@ -123,16 +140,15 @@ impl std::fmt::Debug for Bridge {
 
 impl Bridge {
     /// A bridge on `ua`; SIP events from `events` are handled by a task started here.
-    pub fn start(
-        ua: UserAgent,
-        events: mpsc::Receiver<UaEvent>,
-        config: Config,
-        sessions: Arc<Sessions>,
-        registry: Arc<DeviceRegistry>,
-        media: Option<MediaEngine>,
-        media_address: IpAddr,
-        metrics: BridgeMetrics,
-    ) -> Self {
+    pub fn start(ua: UserAgent, events: mpsc::Receiver<UaEvent>, deps: BridgeDeps) -> Self {
+        let BridgeDeps {
+            config,
+            sessions,
+            registry,
+            media,
+            media_address,
+            metrics,
+        } = deps;
         let registrar = config
             .sip
             .registrar
