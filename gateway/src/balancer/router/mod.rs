@@ -35,12 +35,13 @@
 //! Not done here: DNS (a next hop may be a name for the shell to resolve; no SRV/NAPTR), TLS,
 //! SCTP and WebSocket transports (answered 502), forking, transactions, and authentication.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use thalamus_sip::message::{
-    validate_request, HeaderName, HeaderValue, Host, Message, Method, NameAddr, Request, Response,
-    Rport, Transport, Uri, Via,
+    HeaderName, HeaderValue, Host, Message, Method, NameAddr, Request, Response, Rport, Transport,
+    Uri, Version, Via,
 };
 use thalamus_sip::transport::{Peer, PeerTransport};
 
@@ -249,13 +250,13 @@ impl BalancerCore {
         }
     }
 
-    fn source_node(&self, source: Peer, req_via: Option<&Via>) -> Option<&NodeEntry> {
+    fn source_node(&self, source: Peer, req: &Request) -> Option<&NodeEntry> {
         if let Some(node) = self.membership.node_at(source.addr) {
             return Some(node);
         }
         // Over TCP the source port is ephemeral: trust the Via sent-by when the IP matches.
         if source.transport == PeerTransport::Tcp {
-            let via = req_via?;
+            let via = req.headers.top_via().ok()?;
             let ip = via.host.ip()?;
             if ip != source.addr.ip() {
                 return None;
@@ -282,6 +283,15 @@ impl BalancerCore {
 
     fn is_our_via(&self, via: &Via) -> bool {
         self.is_us(&via.host, via.port)
+    }
+
+    /// Fast path for a Via exactly as we write it (`SIP/2.0/UDP <sent-by>;...`); a false answer
+    /// only means "parse it to know".
+    fn is_our_via_text(&self, via: &str) -> bool {
+        via.strip_prefix("SIP/2.0/")
+            .and_then(|rest| rest.get(4..))
+            .and_then(|rest| rest.strip_prefix(self.sent_by.as_str()))
+            .is_some_and(|rest| rest.starts_with(';'))
     }
 
     /// The node whose SIP address a URI names.
@@ -311,16 +321,21 @@ impl BalancerCore {
 
     /// The routing key of a request: Request-URI user for requests to devices, else From user,
     /// else Call-ID.
-    pub fn routing_key<'a>(&self, req: &'a Request, from_user: Option<&'a str>) -> &'a str {
+    pub fn routing_key<'a>(&self, req: &'a Request) -> Cow<'a, str> {
         if self.is_local_uri(&req.uri) {
             if let Some(user) = req.uri.user().filter(|u| !u.is_empty()) {
-                return user;
+                return Cow::Borrowed(user);
             }
         }
-        if let Some(user) = from_user.filter(|u| !u.is_empty()) {
-            return user;
+        let from_user = req
+            .headers
+            .from()
+            .ok()
+            .and_then(|f| f.uri.user().filter(|u| !u.is_empty()).map(str::to_owned));
+        match from_user {
+            Some(user) => Cow::Owned(user),
+            None => Cow::Borrowed(req.headers.call_id().unwrap_or_default()),
         }
-        req.headers.call_id().unwrap_or_default()
     }
 
     fn pick(&self, key_hash: u64, in_dialog: bool) -> Target {
@@ -348,15 +363,15 @@ impl BalancerCore {
 
     fn route_request(&self, mut req: Request, source: Peer) -> Decision {
         let is_ack = req.method == Method::Ack;
-        if let Err(e) = validate_request(&req) {
+        if req.headers.top_via_value().is_none() {
+            return Decision::Drop(DropReason::Unanswerable);
+        }
+        if let Err((status, reason)) = check_request(&req) {
             if is_ack {
                 return Decision::Drop(DropReason::InvalidAck);
             }
-            return self.answer(&req, source, e.status(), Some(&e.reason()), false);
+            return self.answer(&req, source, status, Some(&reason), false);
         }
-        let Ok(top_via) = req.headers.top_via() else {
-            return Decision::Drop(DropReason::Unanswerable);
-        };
         let max_forwards = req.headers.max_forwards().ok().flatten();
         let to_us_no_user = self.is_us_uri(&req.uri) && req.uri.user().is_none();
         if max_forwards == Some(0) {
@@ -366,11 +381,6 @@ impl BalancerCore {
                 _ => self.answer(&req, source, 483, None, false),
             };
         }
-        let from_user = req
-            .headers
-            .from()
-            .ok()
-            .and_then(|f| f.uri.user().map(str::to_owned));
         let request_hash = request_hash(&req);
         if self.looped(&req, request_hash) {
             if is_ack {
@@ -403,12 +413,10 @@ impl BalancerCore {
             return self.answer(&req, source, 200, None, true);
         }
 
-        let source_node = self
-            .source_node(source, Some(&top_via))
-            .map(|n| n.id.clone());
+        let source_node = self.source_node(source, &req).map(|n| n.id.clone());
         let has_to_tag = req.headers.to_tag().is_some();
         let in_dialog = has_to_tag || dialog.node.is_some();
-        let message_kh = key_hash(self.routing_key(&req, from_user.as_deref()));
+        let message_kh = key_hash(&self.routing_key(&req));
         let kh = dialog.key_hash.unwrap_or(message_kh);
 
         let target = match (&dialog.node, &source_node) {
@@ -623,10 +631,15 @@ impl BalancerCore {
 
     fn route_response(&self, mut resp: Response, source: Peer) -> Decision {
         let from_node = self.membership.node_at(source.addr).map(|n| n.id.clone());
-        match resp.headers.top_via() {
-            Ok(top) if self.is_our_via(&top) => {}
-            Ok(_) => return Decision::Drop(DropReason::NotOurVia),
-            Err(_) => return Decision::Drop(DropReason::UnusableVia),
+        let Some(top) = resp.headers.top_via_value() else {
+            return Decision::Drop(DropReason::UnusableVia);
+        };
+        if !self.is_our_via_text(top) {
+            match Via::parse(top) {
+                Ok(v) if self.is_our_via(&v) => {}
+                Ok(_) => return Decision::Drop(DropReason::NotOurVia),
+                Err(_) => return Decision::Drop(DropReason::UnusableVia),
+            }
         }
         resp.headers.remove_top_via();
         let next = match resp.headers.top_via() {
@@ -649,6 +662,32 @@ impl BalancerCore {
             },
         }
     }
+}
+
+/// What a stateless proxy must be able to read in a request (RFC 3261 16.3 item 1: only the
+/// fields it uses): version, Call-ID, CSeq agreeing with the method, From, To and Max-Forwards.
+/// Everything else is the business of the node that gets the request. The error carries the
+/// status and reason to answer with.
+fn check_request(req: &Request) -> Result<(), (u16, String)> {
+    let bad = |what: &str| Err((400, format!("Bad Request ({what})")));
+    if req.version != Version::SIP_2_0 {
+        return Err((505, "Version Not Supported".to_owned()));
+    }
+    if req.headers.call_id().is_err() {
+        return bad("missing or invalid Call-ID");
+    }
+    match req.headers.cseq() {
+        Ok(c) if c.method == req.method => {}
+        Ok(_) => return bad("CSeq method does not match"),
+        Err(_) => return bad("missing or invalid CSeq"),
+    }
+    if !req.headers.contains(&HeaderName::From) || !req.headers.contains(&HeaderName::To) {
+        return bad("missing From or To");
+    }
+    if req.headers.count(&HeaderName::MaxForwards) > 1 || req.headers.max_forwards().is_err() {
+        return bad("invalid Max-Forwards");
+    }
+    Ok(())
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
