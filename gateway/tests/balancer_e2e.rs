@@ -332,6 +332,11 @@ const SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
 /// Runs SIPp for one call per device in `devices`; returns its exit code (0: every call
 /// succeeded).
 async fn sipp(dir: &Path, balancer: SocketAddr, devices: &[String]) -> i32 {
+    sipp_over(dir, balancer, devices, "u1").await
+}
+
+/// [`sipp`] over a SIPp transport (`u1`: UDP, `t1`: one TCP connection).
+async fn sipp_over(dir: &Path, balancer: SocketAddr, devices: &[String], transport: &str) -> i32 {
     let scenario = dir.join("uac.xml");
     std::fs::write(&scenario, SCENARIO).unwrap();
     let users = dir.join("devices.csv");
@@ -350,7 +355,7 @@ async fn sipp(dir: &Path, balancer: SocketAddr, devices: &[String]) -> i32 {
         .args(["-sf", scenario.to_str().unwrap()])
         .args(["-inf", users.to_str().unwrap()])
         .args(["-m", &devices.len().to_string()])
-        .args(["-r", "100", "-l", "50"])
+        .args(["-r", "100", "-l", "50", "-t", transport])
         .args(["-i", "127.0.0.1"])
         .args(["-p", &free_udp_port().to_string()])
         .args(["-mp", &free_udp_port().to_string()])
@@ -515,4 +520,35 @@ fn metric(text: &str, name: &str) -> f64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_over_tcp_reaches_udp_nodes_and_back() {
+    let balancer = start_balancer().await;
+    let a = start_node("gw-a", &balancer).await;
+    let b = start_node("gw-b", &balancer).await;
+    wait_for("both nodes up", Duration::from_secs(10), async || {
+        node_states(&balancer)
+            .await
+            .values()
+            .filter(|x| x.0 == "up")
+            .count()
+            == 2
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let devices: Vec<String> = (0..60).map(|i| format!("tcp-device-{i}")).collect();
+    assert_eq!(
+        sipp_over(dir.path(), balancer.sip, &devices, "t1").await,
+        0,
+        "failed calls over TCP"
+    );
+    let live = [a.id.clone(), b.id.clone()];
+    let expected_a = devices
+        .iter()
+        .filter(|d| owner(d, &live) == Some(&a.id))
+        .count();
+    assert_eq!(counts(&a), (expected_a, expected_a, expected_a));
+    let expected_b = devices.len() - expected_a;
+    assert_eq!(counts(&b), (expected_b, expected_b, expected_b));
 }
