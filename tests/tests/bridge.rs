@@ -399,3 +399,41 @@ fn options_is_answered_and_unknown_methods_get_405() {
     assert!(text.starts_with("SIP/2.0 405"), "{text}");
     assert!(text.contains("Allow:"), "{text}");
 }
+
+#[test]
+fn max_forwards_zero_gets_483_and_a_looped_invite_482() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let _listener = device(&gw, "listen", "callee", &secret, &["--ignore"]);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let local = sock.local_addr().unwrap();
+    let invite = |branch: &str, max_forwards: u32| {
+        format!(
+            "INVITE sip:callee@{gw} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch={branch}\r\nFrom: <sip:loop@{local}>;tag=lt1\r\nTo: <sip:callee@{gw}>\r\nCall-ID: loop-1@test\r\nCSeq: 7 INVITE\r\nContact: <sip:loop@{local}>\r\nMax-Forwards: {max_forwards}\r\nContent-Length: 0\r\n\r\n",
+            gw = gw.sip
+        )
+    };
+    let final_status = |sock: &std::net::UdpSocket, branch: &str| -> String {
+        let mut buf = [0u8; 4096];
+        loop {
+            let (n, _) = sock.recv_from(&mut buf).unwrap();
+            let t = String::from_utf8_lossy(&buf[..n]).to_string();
+            if t.contains(branch) && !t.starts_with("SIP/2.0 1") {
+                return t;
+            }
+        }
+    };
+    sock.send_to(invite("z9hG4bKmf0", 0).as_bytes(), gw.sip)
+        .unwrap();
+    let t = final_status(&sock, "z9hG4bKmf0");
+    assert!(t.starts_with("SIP/2.0 483"), "{t}");
+    // The first copy rings on the device; a second copy by another path is a loop.
+    sock.send_to(invite("z9hG4bKpath1", 70).as_bytes(), gw.sip)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sock.send_to(invite("z9hG4bKpath2", 70).as_bytes(), gw.sip)
+        .unwrap();
+    let t = final_status(&sock, "z9hG4bKpath2");
+    assert!(t.starts_with("SIP/2.0 482"), "{t}");
+}

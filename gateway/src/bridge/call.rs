@@ -67,6 +67,8 @@ pub enum CallSetup {
         invite: Box<Request>,
         /// The device already has a call.
         call_waiting: bool,
+        /// Held until the INVITE has its final response (loop detection).
+        in_progress: Box<super::InProgress>,
     },
 }
 
@@ -204,7 +206,12 @@ impl Call {
                 tx,
                 invite,
                 call_waiting,
-            } => self.incoming(tx, *invite, call_waiting).await,
+                in_progress,
+            } => {
+                let outcome = self.incoming(tx, *invite, call_waiting).await;
+                drop(in_progress);
+                outcome
+            }
         };
         if let SetUp::Answered = outcome {
             self.answered().await;

@@ -119,6 +119,8 @@ pub(crate) struct BridgeInner {
     pub(crate) calls: DashMap<CallKey, CallHandle>,
     pub(crate) by_dialog: DashMap<DialogId, CallKey>,
     pub(crate) by_invite: DashMap<ServerTx, CallKey>,
+    /// Requests outside a dialog being handled, by merge key, with their branch.
+    pub(crate) in_progress: DashMap<(String, String, u32), String>,
     pub(crate) next_incoming_ref: AtomicU32,
     pub(crate) metrics: BridgeMetrics,
     pub(crate) registrar: Option<registrar::Registrar>,
@@ -165,6 +167,7 @@ impl Bridge {
             calls: DashMap::new(),
             by_dialog: DashMap::new(),
             by_invite: DashMap::new(),
+            in_progress: DashMap::new(),
             next_incoming_ref: AtomicU32::new(1),
             metrics,
             registrar,
@@ -499,6 +502,37 @@ async fn send_text(
     );
 }
 
+/// From tag, Call-ID and CSeq of a request outside a dialog (the merged-request key).
+fn merge_key(request: &Request) -> Option<(String, String, u32)> {
+    Some((
+        request.headers.from_tag()?.to_string(),
+        request.headers.call_id().ok()?.to_string(),
+        request.headers.cseq().ok()?.seq,
+    ))
+}
+
+/// Forgets a request's merge key when its handling ends.
+pub struct InProgress {
+    inner: Arc<BridgeInner>,
+    key: Option<(String, String, u32)>,
+}
+
+impl std::fmt::Debug for InProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProgress")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            self.inner.in_progress.remove(key);
+        }
+    }
+}
+
 /// The device a request addresses: the Request-URI user, when it is a valid device id.
 fn addressed_device(request: &Request) -> Option<String> {
     let user = request.uri.user()?;
@@ -593,6 +627,34 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 .await;
         }
         Method::Invite | Method::Message => {
+            // The gateway hands these on to a device: a request that has used up its hops is
+            // answered 483, as a proxy would (RFC 3261 16.3).
+            if request.headers.max_forwards().ok().flatten() == Some(0) {
+                Metrics::inc(&inner.metrics.sip_refused, "too_many_hops");
+                let _ = ua.respond(tx, 483, None, None).await;
+                return;
+            }
+            // A copy of a request already being handled that arrived by another path (same
+            // From tag, Call-ID and CSeq, different branch): a loop or a fork, 482 (8.2.2.2).
+            let merge_key = merge_key(&request);
+            if let Some(key) = &merge_key {
+                let branch = request.branch().unwrap_or_default().to_string();
+                match inner.in_progress.entry(key.clone()) {
+                    dashmap::mapref::entry::Entry::Occupied(e) if *e.get() != branch => {
+                        Metrics::inc(&inner.metrics.sip_refused, "loop_detected");
+                        let _ = ua.respond(tx, 482, None, None).await;
+                        return;
+                    }
+                    dashmap::mapref::entry::Entry::Occupied(_) => {}
+                    dashmap::mapref::entry::Entry::Vacant(v) => {
+                        v.insert(branch);
+                    }
+                }
+            }
+            let in_progress = InProgress {
+                inner: inner.clone(),
+                key: merge_key,
+            };
             let Some(device) = addressed_device(&request) else {
                 Metrics::inc(&inner.metrics.sip_refused, "not_found");
                 let _ = ua.respond(tx, 404, None, None).await;
@@ -629,6 +691,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                     tx,
                     invite: Box::new(request),
                     call_waiting: live > 0,
+                    in_progress: Box::new(in_progress),
                 },
             );
         }

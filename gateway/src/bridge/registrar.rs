@@ -26,7 +26,8 @@ struct Inner {
     config: RegistrarConfig,
     registrar_uri: Option<Uri>,
     domain: String,
-    tasks: DashMap<String, JoinHandle<()>>,
+    /// Each registered device's refresh task and its credentials (for the removal).
+    tasks: DashMap<String, (JoinHandle<()>, Option<(String, String)>)>,
     call_ids: DashMap<String, (String, u32)>,
 }
 
@@ -67,10 +68,15 @@ impl Registrar {
     pub fn device_online(&self, device: &str, credentials: Option<(String, String)>) {
         let inner = self.inner.clone();
         let name = device.to_string();
+        let refresh_credentials = credentials.clone();
         let task = tokio::spawn(async move {
             loop {
                 let granted = inner
-                    .register(&name, inner.config.expires_secs, credentials.clone())
+                    .register(
+                        &name,
+                        inner.config.expires_secs,
+                        refresh_credentials.clone(),
+                    )
                     .await;
                 let wait = match granted {
                     Some(secs) if secs > 0 => {
@@ -82,19 +88,24 @@ impl Registrar {
                 tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
             }
         });
-        if let Some(old) = self.inner.tasks.insert(device.to_string(), task) {
+        if let Some((old, _)) = self
+            .inner
+            .tasks
+            .insert(device.to_string(), (task, credentials))
+        {
             old.abort();
         }
     }
 
     /// Stops refreshing `device` and removes its binding.
     pub fn device_offline(&self, device: &str) {
-        if let Some((_, task)) = self.inner.tasks.remove(device) {
+        if let Some((_, (task, credentials))) = self.inner.tasks.remove(device) {
             task.abort();
             let inner = self.inner.clone();
             let device = device.to_string();
+            // The removal is challenged like any REGISTER: it carries the same credentials.
             tokio::spawn(async move {
-                inner.register(&device, 0, None).await;
+                inner.register(&device, 0, credentials).await;
             });
         }
     }
