@@ -11,7 +11,9 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/mbfp.v1.rs"));
 }
 
-pub use frame::{body_kind, encode_frame, frame_bytes, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
+pub use frame::{
+    body_kind, encode_frame, frame_bytes, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES,
+};
 pub use media::{
     max_payload_bytes, MediaDatagram, MediaError, MediaHeader, StreamId, MAX_HEADER_BYTES,
 };

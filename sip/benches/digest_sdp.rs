@@ -28,9 +28,11 @@ a=ptime:20\r\n\
 a=sendrecv\r\n";
 
 fn digest(c: &mut Criterion) {
-    let server =
-        DigestServer::new(DigestServerConfig::new("sip.example.net", *b"0123456789abcdef"))
-            .unwrap();
+    let server = DigestServer::new(DigestServerConfig::new(
+        "sip.example.net",
+        *b"0123456789abcdef",
+    ))
+    .unwrap();
     let request = DigestRequest::new("REGISTER", "sip:sip.example.net");
     for algorithm in [Algorithm::Sha256, Algorithm::Md5] {
         let challenge = server
@@ -52,14 +54,17 @@ fn digest(c: &mut Criterion) {
         let mut config = DigestServerConfig::new("sip.example.net", *b"0123456789abcdef");
         config.replay_window_nonces = 0;
         let stateless = DigestServer::new(config).unwrap();
-        c.bench_function(&format!("digest/{algorithm}/server_parse_and_verify"), |b| {
-            b.iter(|| {
-                let credentials = Credentials::parse(black_box(&header)).unwrap();
-                stateless
-                    .verify(&credentials, &request, UserSecret::Password("s3cret"), NOW)
-                    .unwrap()
-            })
-        });
+        c.bench_function(
+            &format!("digest/{algorithm}/server_parse_and_verify"),
+            |b| {
+                b.iter(|| {
+                    let credentials = Credentials::parse(black_box(&header)).unwrap();
+                    stateless
+                        .verify(&credentials, &request, UserSecret::Password("s3cret"), NOW)
+                        .unwrap()
+                })
+            },
+        );
     }
     c.bench_function("digest/server_challenges", |b| {
         b.iter(|| {
