@@ -15,6 +15,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, RegistrarConfig};
 
+/// Digest credentials (user name, password) of one device, if it has any.
+type Credentials = Option<(String, String)>;
+
 /// Registers online devices upstream.
 #[derive(Clone)]
 pub struct Registrar {
@@ -27,7 +30,7 @@ struct Inner {
     registrar_uri: Option<Uri>,
     domain: String,
     /// Each registered device's refresh task and its credentials (for the removal).
-    tasks: DashMap<String, (JoinHandle<()>, Option<(String, String)>)>,
+    tasks: DashMap<String, (JoinHandle<()>, Credentials)>,
     call_ids: DashMap<String, (String, u32)>,
 }
 

@@ -1,0 +1,700 @@
+//! Interop through a real registrar and proxy: Kamailio (Debian package `kamailio`, started with
+//! the configuration kept in `tests/peers/kamailio/kamailio.cfg`: registrar, usrloc in memory,
+//! digest authentication of the test users) and a real baresip user agent (Debian package
+//! `baresip-core`, configuration templates in `tests/peers/baresip/`), each on its own loopback
+//! ports picked by the test.
+//!
+//! The gateway registers a device upstream with digest credentials; baresip, registered to the
+//! same Kamailio, calls the device's address-of-record through Kamailio, the device answers and
+//! baresip hangs up; once the device has logged out its binding is removed (Kamailio then
+//! answers 404); then the device calls the baresip user through Kamailio as its outbound proxy
+//! (answering Kamailio's 407 with the device's credentials) and baresip answers by itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use serde_json::Value;
+use thalamus_tests::{free_udp_port, Gateway, Proc, Sim};
+
+/// The SIP domain Kamailio serves (an alias in kamailio.cfg).
+const DOMAIN: &str = "kamailio.test";
+/// The device, a test user of kamailio.cfg.
+const DEVICE: &str = "dev1";
+/// Its password in kamailio.cfg.
+const DEVICE_PASSWORD: &str = "dev1-password";
+/// The baresip user, a test user of kamailio.cfg (password in tests/peers/baresip/accounts).
+const BARESIP_USER: &str = "baresipuser";
+/// Upper bound of every wait; each wait returns as soon as its condition holds.
+const T: Duration = Duration::from_secs(15);
+
+fn peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers")
+}
+
+/// The path of a peer program, from PATH or the usual Debian locations; a clear failure when it
+/// is not installed.
+fn peer_binary(name: &str, package: &str) -> PathBuf {
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    path_dirs
+        .into_iter()
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is not installed: run scripts/install-peers (Debian package {package})")
+        })
+}
+
+/// Lines a child prints on stdout and stderr, collected by reader threads.
+#[derive(Clone, Default)]
+struct Output {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Output {
+    fn capture(child: &mut Child) -> Self {
+        let out = Output::default();
+        if let Some(stdout) = child.stdout.take() {
+            out.follow(stdout);
+        }
+        if let Some(stderr) = child.stderr.take() {
+            out.follow(stderr);
+        }
+        out
+    }
+
+    fn follow(&self, pipe: impl Read + Send + 'static) {
+        let lines = self.lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn contains(&self, pred: &impl Fn(&str) -> bool) -> Option<String> {
+        self.lines.lock().unwrap().iter().find(|l| pred(l)).cloned()
+    }
+
+    /// Waits until a line matches `pred`; `what` names it in the error.
+    fn wait_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.contains(&pred) {
+                return Ok(line);
+            }
+            if Instant::now() > deadline {
+                bail!("no line {what} within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Waits until `pred` holds on the text `read` returns.
+fn wait_text(
+    what: &str,
+    timeout: Duration,
+    read: impl Fn() -> String,
+    pred: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if pred(&read()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not seen within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port free for both UDP and TCP on loopback (baresip listens on both).
+fn free_udp_tcp_port() -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let port = free_udp_port()?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for UDP and TCP")
+}
+
+/// Kamailio in the foreground, in its own process group (it forks worker processes), stopped
+/// with its whole group on drop.
+struct Kamailio {
+    child: Child,
+    port: u16,
+    output: Output,
+    _dir: tempfile::TempDir,
+}
+
+impl Kamailio {
+    fn start() -> anyhow::Result<Self> {
+        let bin = peer_binary("kamailio", "kamailio");
+        let cfg = peers_dir().join("kamailio/kamailio.cfg");
+        let mut last_error = None;
+        // A port picked free may be taken again before Kamailio binds it: try a few.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir()?;
+            let port = free_udp_port()?;
+            let mut child = Command::new(&bin)
+                .arg("-DD")
+                .arg("-E")
+                .arg("-f")
+                .arg(&cfg)
+                .args(["-l", &format!("udp:127.0.0.1:{port}")])
+                .arg("-P")
+                .arg(dir.path().join("kamailio.pid"))
+                .arg("-w")
+                .arg(dir.path())
+                .arg("-Y")
+                .arg(dir.path())
+                .args(["-m", "32", "-M", "4"])
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("spawning {}", bin.display()))?;
+            let output = Output::capture(&mut child);
+            let mut kamailio = Kamailio {
+                child,
+                port,
+                output,
+                _dir: dir,
+            };
+            match kamailio.wait_ready() {
+                Ok(()) => return Ok(kamailio),
+                Err(e) => last_error = Some(e.context(kamailio.output.text())),
+            }
+        }
+        Err(last_error.unwrap())
+    }
+
+    /// Polls with OPTIONS until Kamailio answers 200.
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let local = sock.local_addr()?;
+        let deadline = Instant::now() + T;
+        let mut n = 0;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("kamailio exited with {status} before it answered OPTIONS");
+            }
+            if Instant::now() > deadline {
+                bail!("kamailio did not answer OPTIONS within {T:?}");
+            }
+            n += 1;
+            let probe = format!(
+                "OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n\
+                 Via: SIP/2.0/UDP {local};branch=z9hG4bKprobe{n};rport\r\n\
+                 Max-Forwards: 70\r\n\
+                 From: <sip:probe@127.0.0.1>;tag=probe{n}\r\n\
+                 To: <sip:127.0.0.1:{port}>\r\n\
+                 Call-ID: probe-{n}@127.0.0.1\r\n\
+                 CSeq: {n} OPTIONS\r\n\
+                 Content-Length: 0\r\n\r\n",
+                port = self.port
+            );
+            sock.send_to(probe.as_bytes(), ("127.0.0.1", self.port))?;
+            let mut buf = [0u8; 2048];
+            if let Ok(len) = sock.recv(&mut buf) {
+                if buf[..len].starts_with(b"SIP/2.0 200") {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn signal_group(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg("--")
+            .arg(format!("-{}", self.child.id()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        // SIGTERM lets the main process stop its workers; SIGKILL the group if it lingers.
+        self.signal_group("TERM");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.signal_group("KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// baresip with a configuration folder of its own, driven through ctrl_tcp (netstring JSON
+/// commands; the same socket carries its events).
+struct Baresip {
+    _proc: Proc,
+    output: Output,
+    ctrl: TcpStream,
+    events: mpsc::Receiver<Value>,
+    pending: VecDeque<Value>,
+    /// Every event and response taken by `wait_event` so far.
+    seen: Vec<Value>,
+    next_token: u32,
+    _dir: tempfile::TempDir,
+}
+
+fn render(template: &str, vars: &[(&str, u16)]) -> anyhow::Result<String> {
+    let mut text = std::fs::read_to_string(peers_dir().join(template))
+        .with_context(|| format!("reading tests/peers/{template}"))?;
+    for (name, value) in vars {
+        text = text.replace(&format!("@{name}@"), &value.to_string());
+    }
+    // A placeholder is an upper-case word between two '@'.
+    let parts: Vec<&str> = text.split('@').collect();
+    let left = parts
+        .get(1..parts.len().saturating_sub(1))
+        .and_then(|inner| {
+            inner
+                .iter()
+                .find(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        });
+    ensure!(
+        left.is_none(),
+        "tests/peers/{template}: placeholder @{}@ is not filled in",
+        left.unwrap_or(&"")
+    );
+    Ok(text)
+}
+
+/// Reads netstrings (`<len>:<json>,`) from baresip's control socket.
+fn read_netstrings(mut stream: TcpStream, tx: mpsc::Sender<Value>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(colon) = buf.iter().position(|b| *b == b':') {
+            let Some(len) = std::str::from_utf8(&buf[..colon])
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+            else {
+                eprintln!("baresip ctrl_tcp: bad netstring header: {buf:?}");
+                return;
+            };
+            if buf.len() < colon + 1 + len + 1 {
+                break;
+            }
+            let payload = buf[colon + 1..colon + 1 + len].to_vec();
+            buf.drain(..colon + 1 + len + 1);
+            match serde_json::from_slice::<Value>(&payload) {
+                Ok(v) => {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => eprintln!(
+                    "baresip ctrl_tcp: not JSON ({e}): {}",
+                    String::from_utf8_lossy(&payload)
+                ),
+            }
+        }
+    }
+}
+
+impl Baresip {
+    fn start(kamailio_port: u16) -> anyhow::Result<Self> {
+        let bin = peer_binary("baresip", "baresip-core");
+        ensure!(
+            Path::new("/usr/lib/baresip/modules/ctrl_tcp.so").is_file(),
+            "baresip's modules are missing: run scripts/install-peers (Debian package baresip-core)"
+        );
+        let mut last_error = None;
+        for _ in 0..3 {
+            match Self::try_start(&bin, kamailio_port) {
+                Ok(b) => return Ok(b),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap())
+    }
+
+    fn try_start(bin: &Path, kamailio_port: u16) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let sip_port = free_udp_tcp_port()?;
+        let ctrl_port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        std::fs::write(
+            dir.path().join("config"),
+            render(
+                "baresip/config",
+                &[("SIP_PORT", sip_port), ("CTRL_PORT", ctrl_port)],
+            )?,
+        )?;
+        std::fs::write(
+            dir.path().join("accounts"),
+            render("baresip/accounts", &[("KAMAILIO_PORT", kamailio_port)])?,
+        )?;
+        let mut child = Command::new(bin)
+            .arg("-f")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let output = Output::capture(&mut child);
+        let mut proc = Proc { child };
+        let started = output.wait_line("\"baresip is ready.\"", T, |l| {
+            l.contains("baresip is ready.") || l.contains("init failed")
+        });
+        let failed =
+            |what: &str| anyhow::anyhow!("baresip did not start ({what}):\n{}", output.text());
+        match started {
+            Ok(line) if line.contains("baresip is ready.") => {}
+            _ => return Err(failed("not ready")),
+        }
+        if output
+            .contains(&|l: &str| l.contains("Address already in use"))
+            .is_some()
+        {
+            proc.kill();
+            return Err(failed("a port was taken"));
+        }
+        let ctrl = TcpStream::connect(("127.0.0.1", ctrl_port)).context("baresip ctrl_tcp")?;
+        let (tx, events) = mpsc::channel();
+        let reader = ctrl.try_clone()?;
+        std::thread::spawn(move || read_netstrings(reader, tx));
+        let aor = format!("{BARESIP_USER}@{DOMAIN}");
+        output
+            .wait_line("of a successful registration", T, |l| {
+                l.contains(&aor) && l.contains("200 OK")
+            })
+            .map_err(|e| failed(&e.to_string()))?;
+        Ok(Baresip {
+            _proc: proc,
+            output,
+            ctrl,
+            events,
+            pending: VecDeque::new(),
+            seen: Vec::new(),
+            next_token: 1,
+            _dir: dir,
+        })
+    }
+
+    fn next_message(&mut self, deadline: Instant) -> anyhow::Result<Value> {
+        if let Some(v) = self.pending.pop_front() {
+            return Ok(v);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.events.recv_timeout(left) {
+            Ok(v) => Ok(v),
+            Err(mpsc::RecvTimeoutError::Timeout) => bail!("timed out"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("baresip's control socket closed"),
+        }
+    }
+
+    /// Runs a command (e.g. `dial`, `hangup`); returns its response.
+    fn command(&mut self, command: &str, params: &str) -> anyhow::Result<Value> {
+        let token = format!("t{}", self.next_token);
+        self.next_token += 1;
+        let body =
+            serde_json::json!({"command": command, "params": params, "token": token}).to_string();
+        self.ctrl
+            .write_all(format!("{}:{body},", body.len()).as_bytes())?;
+        let deadline = Instant::now() + T;
+        let mut held = Vec::new();
+        let result = loop {
+            match self.next_message(deadline) {
+                Ok(v) if v["response"] == true && v["token"] == token.as_str() => break Ok(v),
+                Ok(v) => held.push(v),
+                Err(e) => break Err(e.context(format!("no response to {command} {params}"))),
+            }
+        };
+        for v in held.into_iter().rev() {
+            self.pending.push_front(v);
+        }
+        let response = result?;
+        ensure!(
+            response["ok"] == true,
+            "baresip refused {command} {params}: {response}"
+        );
+        Ok(response)
+    }
+
+    /// Waits for the next event of `kind` (e.g. `CALL_ESTABLISHED`), skipping others.
+    fn wait_event(&mut self, kind: &str) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + T;
+        loop {
+            match self.next_message(deadline) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if v["event"] == true && v["type"] == kind {
+                        return Ok(v);
+                    }
+                }
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "waiting for baresip's {kind} event; seen so far: {:?}",
+                        self.seen
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Everything the scenario runs, so a failure can show every log.
+struct Peers {
+    kamailio: Kamailio,
+    baresip: Baresip,
+    gateway: Gateway,
+    secret: String,
+}
+
+impl Peers {
+    fn start() -> anyhow::Result<Self> {
+        let kamailio = Kamailio::start().context("starting Kamailio")?;
+        let baresip = Baresip::start(kamailio.port).context("starting baresip")?;
+        let kport = kamailio.port;
+        let gateway = Gateway::start(&format!(
+            "[sip]\n\
+             domain = \"{DOMAIN}\"\n\
+             outbound_proxy = \"sip:127.0.0.1:{kport};lr\"\n\
+             registrar = {{ uri = \"sip:127.0.0.1:{kport}\", domain = \"{DOMAIN}\", expires_secs = 300 }}\n\
+             \n\
+             [devices.{DEVICE}.auth]\n\
+             username = \"{DEVICE}\"\n\
+             password = \"{DEVICE_PASSWORD}\"\n"
+        ))
+        .context("starting the gateway")?;
+        let secret = gateway.add_device(DEVICE)?;
+        Ok(Peers {
+            kamailio,
+            baresip,
+            gateway,
+            secret,
+        })
+    }
+
+    fn device(&self, command: &str, extra: &[&str]) -> anyhow::Result<Sim> {
+        let quic = self.gateway.quic.to_string();
+        let mut args = vec![
+            command,
+            "--gateway",
+            &quic,
+            "--fingerprint",
+            &self.gateway.fingerprint,
+            "--device",
+            DEVICE,
+            "--secret",
+            &self.secret,
+        ];
+        args.extend_from_slice(extra);
+        Sim::spawn(&args)
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- Kamailio:\n{}\n--- baresip:\n{}\n--- gateway:\n{}",
+            self.kamailio.output.text(),
+            self.baresip.output.text(),
+            self.gateway.log()
+        )
+    }
+
+    /// Waits for a Kamailio log line holding every one of `parts`.
+    fn kamailio_line(&self, parts: &[&str]) -> anyhow::Result<String> {
+        self.kamailio
+            .output
+            .wait_line(&format!("with {parts:?} in Kamailio's log"), T, |l| {
+                parts.iter().all(|p| l.contains(p))
+            })
+    }
+
+    /// Baresip calls the device through Kamailio; the device answers; baresip hangs up.
+    fn baresip_calls_the_device(&mut self) -> anyhow::Result<()> {
+        let mut device = self.device("listen", &["--calls", "1"])?;
+        let welcome = device.wait_event("welcome", T)?;
+        ensure!(
+            welcome["address_of_record"] == format!("sip:{DEVICE}@{DOMAIN}").as_str(),
+            "{welcome}"
+        );
+        // The gateway registers the device upstream, answering Kamailio's digest challenge.
+        let aor = format!("sip:{DEVICE}@{DOMAIN}");
+        let gw_contact = format!("@127.0.0.1:{}", self.gateway.sip.port());
+        self.kamailio_line(&[&format!("REGISTER for {aor}: challenge")])?;
+        self.kamailio_line(&[&format!("REGISTER for {aor} saved"), &gw_contact])?;
+        wait_text(
+            "\"registered upstream\" in the gateway's log",
+            T,
+            || self.gateway.log(),
+            |log| log.contains("registered upstream"),
+        )?;
+
+        self.baresip
+            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
+        let incoming = device.wait_event("incoming_call", T)?;
+        ensure!(
+            incoming["from_uri"]
+                .as_str()
+                .is_some_and(|f| f.contains(&format!("{BARESIP_USER}@{DOMAIN}"))),
+            "{incoming}"
+        );
+        device.wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered",
+            T,
+        )?;
+        let established = self.baresip.wait_event("CALL_ESTABLISHED")?;
+        ensure!(
+            established["direction"] == "outgoing"
+                && established["peeruri"] == format!("sip:{DEVICE}@{DOMAIN}").as_str(),
+            "{established}"
+        );
+        // Kamailio found the device's binding: the INVITE went to the gateway's Contact.
+        self.kamailio_line(&["relaying INVITE to sip:dev1", &gw_contact])?;
+
+        self.baresip.command("hangup", "")?;
+        let ended = device.wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["reason"] != "media statistics"
+            },
+            T,
+        )?;
+        ensure!(ended["end_reason"] == "remote_hangup", "{ended}");
+        self.baresip.wait_event("CALL_CLOSED")?;
+        // The BYE followed the recorded route through Kamailio.
+        self.kamailio_line(&["request BYE sip:dev1", &gw_contact])?;
+
+        let summary = device.wait_event("summary", T)?;
+        ensure!(
+            summary["answered"] == 1 && summary["ended"] == 1,
+            "{summary}"
+        );
+        ensure!(
+            device.proc.wait_exit(T)? == Some(0),
+            "thalamus-sim listen failed: {:?}",
+            device.seen
+        );
+
+        // The device logged out: the gateway removed its binding (Expires: 0, challenge
+        // answered), so Kamailio no longer finds it.
+        self.kamailio_line(&[&format!("REGISTER for {aor} saved"), "Expires 0"])?;
+        self.baresip
+            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
+        let closed = self.baresip.wait_event("CALL_CLOSED")?;
+        ensure!(
+            closed["param"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("404")),
+            "a call to the logged-out device: {closed}"
+        );
+        Ok(())
+    }
+
+    /// The device calls the baresip user through Kamailio; baresip answers; the device hangs up.
+    fn device_calls_baresip(&mut self) -> anyhow::Result<()> {
+        let target = format!("sip:{BARESIP_USER}@{DOMAIN}");
+        let mut device = self.device("call", &["--target", &target, "--hold-ms", "500"])?;
+        device.wait_event("welcome", T)?;
+        let answered = device.wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered",
+            T,
+        )?;
+        ensure!(answered["sip_status"] == 200, "{answered}");
+        // Auto-answered: baresip reports the incoming call as established at once.
+        let established = self.baresip.wait_event("CALL_ESTABLISHED")?;
+        ensure!(
+            established["direction"] == "incoming"
+                && established["peeruri"] == format!("sip:{DEVICE}@{DOMAIN}").as_str(),
+            "{established}"
+        );
+        // Kamailio challenged the INVITE and the gateway answered with the device's credentials.
+        self.kamailio_line(&[&format!("INVITE from sip:{DEVICE}@{DOMAIN}: challenge")])?;
+        self.kamailio_line(&[&format!(
+            "INVITE from sip:{DEVICE}@{DOMAIN}: authenticated as {DEVICE}"
+        )])?;
+
+        let ended = device.wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["reason"] != "media statistics"
+            },
+            T,
+        )?;
+        ensure!(ended["end_reason"] == "local_hangup", "{ended}");
+        let closed = self.baresip.wait_event("CALL_CLOSED")?;
+        ensure!(
+            closed["peeruri"] == format!("sip:{DEVICE}@{DOMAIN}").as_str(),
+            "{closed}"
+        );
+        // The gateway's BYE followed the recorded route through Kamailio.
+        self.kamailio_line(&[
+            "request BYE sip:baresipuser",
+            &format!("From sip:{DEVICE}@"),
+        ])?;
+        let summary = device.wait_event("summary", T)?;
+        ensure!(
+            summary["succeeded"] == 1 && summary["failed"] == 0,
+            "{summary}"
+        );
+        ensure!(
+            device.proc.wait_exit(T)? == Some(0),
+            "thalamus-sim call failed: {:?}",
+            device.seen
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn calls_both_ways_through_kamailio_with_baresip() {
+    let mut peers = Peers::start().unwrap_or_else(|e| panic!("{e:#}"));
+    let result = peers
+        .baresip_calls_the_device()
+        .context("baresip -> Kamailio -> device")
+        .and_then(|()| {
+            peers
+                .device_calls_baresip()
+                .context("device -> Kamailio -> baresip")
+        });
+    if let Err(e) = result {
+        panic!("{e:#}\n{}", peers.logs());
+    }
+}
