@@ -308,7 +308,7 @@ const SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
 
     ]]>
   </send>
-  <pause milliseconds="20"/>
+  <pause milliseconds="PAUSE_MS"/>
   <send retrans="500">
     <![CDATA[
 
@@ -332,13 +332,23 @@ const SCENARIO: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
 /// Runs SIPp for one call per device in `devices`; returns its exit code (0: every call
 /// succeeded).
 async fn sipp(dir: &Path, balancer: SocketAddr, devices: &[String]) -> i32 {
-    sipp_over(dir, balancer, devices, "u1").await
+    sipp_over(dir, balancer, devices, "u1", 20).await
 }
 
 /// [`sipp`] over a SIPp transport (`u1`: UDP, `t1`: one TCP connection).
-async fn sipp_over(dir: &Path, balancer: SocketAddr, devices: &[String], transport: &str) -> i32 {
+async fn sipp_over(
+    dir: &Path,
+    balancer: SocketAddr,
+    devices: &[String],
+    transport: &str,
+    call_ms: u32,
+) -> i32 {
     let scenario = dir.join("uac.xml");
-    std::fs::write(&scenario, SCENARIO).unwrap();
+    std::fs::write(
+        &scenario,
+        SCENARIO.replace("PAUSE_MS", &call_ms.to_string()),
+    )
+    .unwrap();
     let users = dir.join("devices.csv");
     let mut csv = String::from("SEQUENTIAL\n");
     for d in devices {
@@ -539,7 +549,7 @@ async fn sipp_over_tcp_reaches_udp_nodes_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let devices: Vec<String> = (0..60).map(|i| format!("tcp-device-{i}")).collect();
     assert_eq!(
-        sipp_over(dir.path(), balancer.sip, &devices, "t1").await,
+        sipp_over(dir.path(), balancer.sip, &devices, "t1", 20).await,
         0,
         "failed calls over TCP"
     );
@@ -551,4 +561,69 @@ async fn sipp_over_tcp_reaches_udp_nodes_and_back() {
     assert_eq!(counts(&a), (expected_a, expected_a, expected_a));
     let expected_b = devices.len() - expected_a;
     assert_eq!(counts(&b), (expected_b, expected_b, expected_b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_node_keeps_its_calls_and_gets_no_new_ones() {
+    let balancer = start_balancer().await;
+    let a = start_node("gw-a", &balancer).await;
+    let b = start_node("gw-b", &balancer).await;
+    wait_for("both nodes up", Duration::from_secs(10), async || {
+        node_states(&balancer)
+            .await
+            .values()
+            .filter(|x| x.0 == "up")
+            .count()
+            == 2
+    })
+    .await;
+    let live = [a.id.clone(), b.id.clone()];
+    let devices: Vec<String> = (0..40).map(|i| format!("drain-device-{i}")).collect();
+    let expected_b = devices
+        .iter()
+        .filter(|d| owner(d, &live) == Some(&b.id))
+        .count();
+    assert!(expected_b > 5);
+
+    // Calls of 3 s: gw-b starts draining while its calls are up.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let sip = balancer.sip;
+    let long_calls = {
+        let devices = devices.clone();
+        tokio::spawn(async move { sipp_over(&path, sip, &devices, "u1", 3000).await })
+    };
+    wait_for("every call answered", Duration::from_secs(20), async || {
+        counts(&a).1 + counts(&b).1 == devices.len()
+    })
+    .await;
+    assert_eq!(counts(&b).2, 0, "a BYE came before draining started");
+    b.heartbeats.set_draining(true);
+    wait_for("gw-b draining", Duration::from_secs(10), async || {
+        node_states(&balancer)
+            .await
+            .get("gw-b")
+            .is_some_and(|x| x.0 == "up" && !x.1)
+    })
+    .await;
+
+    // New calls all go to gw-a while gw-b's calls are still up.
+    let dir2 = tempfile::tempdir().unwrap();
+    let new_devices: Vec<String> = (40..80).map(|i| format!("drain-device-{i}")).collect();
+    assert_eq!(
+        sipp(dir2.path(), balancer.sip, &new_devices).await,
+        0,
+        "failed new calls"
+    );
+    assert_eq!(
+        counts(&b).0,
+        expected_b,
+        "gw-b got a new call while draining"
+    );
+
+    // gw-b's existing calls end on gw-b: their BYEs follow the Record-Route to it.
+    assert_eq!(long_calls.await.unwrap(), 0, "failed long calls");
+    assert_eq!(counts(&b), (expected_b, expected_b, expected_b));
+    let metrics = http_get(balancer.admin, "/metrics").await;
+    assert_eq!(metric(&metrics, "thalamus_balancer_nodes_draining"), 1.0);
 }
