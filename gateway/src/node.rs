@@ -186,6 +186,18 @@ impl GatewayNode {
         let mut metrics = Metrics::new();
         let bridge_metrics = crate::bridge::BridgeMetrics::default();
         bridge_metrics.register(metrics.registry_mut());
+        let media = match crate::media::MediaEngine::new(config.media.clone()) {
+            Ok(engine) => Some(engine),
+            Err(e) => {
+                return Err(StartError::Config {
+                    key: "media",
+                    message: e.to_string(),
+                })
+            }
+        };
+        if let Some(engine) = &media {
+            crate::media::MediaCollector::register(engine.clone(), metrics.registry_mut());
+        }
         let metrics = Arc::new(metrics);
         let sessions = Arc::new(Sessions::default());
 
@@ -260,15 +272,6 @@ impl GatewayNode {
                     sip_addr.ip()
                 }
             });
-        let media = match crate::media::MediaEngine::new(config.media.clone()) {
-            Ok(engine) => Some(engine),
-            Err(e) => {
-                return Err(StartError::Config {
-                    key: "media",
-                    message: e.to_string(),
-                })
-            }
-        };
         let bridge = crate::bridge::Bridge::start(
             ua,
             ua_events,

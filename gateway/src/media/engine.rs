@@ -19,7 +19,7 @@
 //! system calls (recvmmsg/sendmmsg) yet: each packet is one system call.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::config::{MediaConfig, MediaConfigError};
+use super::metrics::EngineTotals;
 use super::ports::{PortAllocator, PortError, PortPair};
 use super::relay::{
     RelayCore, RelayDirection, RelayEvent, RelaySettings, RelayStats, RemotePeer, SocketKind,
@@ -198,7 +199,7 @@ impl DeviceInput {
 struct EngineShared {
     config: MediaConfig,
     ports: PortAllocator,
-    live_tasks: Arc<AtomicUsize>,
+    totals: Arc<EngineTotals>,
 }
 
 /// Starts media relays (one per node; cheap to clone).
@@ -220,7 +221,7 @@ impl MediaEngine {
             shared: Arc::new(EngineShared {
                 config,
                 ports,
-                live_tasks: Arc::new(AtomicUsize::new(0)),
+                totals: Arc::new(EngineTotals::default()),
             }),
         })
     }
@@ -242,7 +243,13 @@ impl MediaEngine {
 
     /// Relay tasks alive (started and not yet finished).
     pub fn live_relays(&self) -> usize {
-        self.shared.live_tasks.load(Ordering::Acquire)
+        self.shared.totals.live()
+    }
+
+    /// Node-wide figures: relays started and live, what finished relays relayed and how fast
+    /// (rendered by [`MediaCollector`](super::metrics::MediaCollector)).
+    pub fn totals(&self) -> &EngineTotals {
+        &self.shared.totals
     }
 
     /// Allocates a port pair, binds its sockets and starts a relay for `spec` that sends to
@@ -296,7 +303,7 @@ impl MediaEngine {
             max_datagram_bytes: spec.max_datagram_bytes,
             sink_blocked_until: None,
             _ports: ports,
-            _live: LiveTask::new(Arc::clone(&self.shared.live_tasks)),
+            live: LiveTask::new(Arc::clone(&self.shared.totals)),
         };
         let handle = runtime.spawn(task.run());
         Ok(MediaRelay {
@@ -355,18 +362,18 @@ fn bind_both(pair: &PortPair) -> Result<(UdpSocket, UdpSocket), (SocketAddr, std
 
 /// Counts a relay task as alive for as long as it exists.
 #[derive(Debug)]
-struct LiveTask(Arc<AtomicUsize>);
+struct LiveTask(Arc<EngineTotals>);
 
 impl LiveTask {
-    fn new(counter: Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::AcqRel);
-        LiveTask(counter)
+    fn new(totals: Arc<EngineTotals>) -> Self {
+        totals.task_started();
+        LiveTask(totals)
     }
 }
 
 impl Drop for LiveTask {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.task_ended();
     }
 }
 
@@ -511,7 +518,7 @@ struct RelayTask {
     max_datagram_bytes: usize,
     sink_blocked_until: Option<Instant>,
     _ports: PortPair,
-    _live: LiveTask,
+    live: LiveTask,
 }
 
 impl RelayTask {
@@ -592,6 +599,7 @@ impl RelayTask {
         self.sink_blocked_until = None;
         self.flush().await;
         self.sync_overflow();
+        self.live.0.add_finished(&self.core);
         self.core.stats()
     }
 

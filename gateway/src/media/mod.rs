@@ -8,7 +8,8 @@
 //! - [`relay`]: [`RelayCore`], the per-call state machine (sans-IO, time injected);
 //! - [`engine`]: the tokio shell: [`MediaEngine`] hands out [`MediaRelay`]s that own a call's
 //!   two UDP sockets and run a [`RelayCore`];
-//! - [`config`]: [`MediaConfig`], the `[media]` configuration section.
+//! - [`config`]: [`MediaConfig`], the `[media]` configuration section;
+//! - [`metrics`]: node-wide totals and the Prometheus collector ([`MediaCollector`]).
 //!
 //! What it does not do: no SDP negotiation (`thalamus_sip::sdp`), no call control (the bridge
 //! starts and stops relays and turns [`RelayEvent::MediaTimeout`] into a BYE), no QUIC (the
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod payload;
 pub mod ports;
 pub mod relay;
@@ -29,6 +31,7 @@ pub use engine::{
     DatagramError, DatagramSink, DeviceInput, FeedError, MediaEngine, MediaRelay, RelayError,
     RelaySpec,
 };
+pub use metrics::{EngineTotals, MediaCollector};
 pub use payload::PayloadMap;
 pub use ports::{PortAllocator, PortPair};
 pub use relay::{RelayCore, RelayEvent, RelaySettings, RelayStats, RemotePeer};

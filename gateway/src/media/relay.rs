@@ -1069,6 +1069,11 @@ impl RelayCore {
         }
     }
 
+    /// The relay latency histograms so far: (device -> peer, peer -> device).
+    pub fn latency_histograms(&self) -> (&LatencyHistogram, &LatencyHistogram) {
+        (&self.latency_to_peer, &self.latency_to_device)
+    }
+
     /// Counts a received packet too large for the receive buffer (dropped as oversized).
     pub fn record_oversized_packet(&mut self) {
         self.drops.oversized += 1;
