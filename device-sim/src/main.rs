@@ -198,6 +198,10 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         max_concurrent: usize,
     },
+    /// Create test devices that share one secret (for load runs); prints the secret.
+    Provision(thalamus_sim::load::cli::ProvisionArgs),
+    /// Many devices placing (or answering) calls at a rate; reports set-up latency and failures.
+    Load(thalamus_sim::load::cli::LoadArgs),
     /// Log in many devices (`<prefix><n>`), hold them idle, and report handshake figures.
     Swarm {
         /// Gateway QUIC address (host:port).
@@ -430,6 +434,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
         }
+        Command::Provision(args) => {
+            thalamus_sim::load::cli::provision(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Load(args) => Ok(if thalamus_sim::load::cli::load(args).await? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
         Command::Swarm {
             gateway,
             fingerprint,

@@ -1,0 +1,596 @@
+//! `thalamus-sim load`: many simulated devices, each its own QUIC connection and credential
+//! (`<prefix><n>`, one shared secret as `provision` creates them), placing calls at a fixed
+//! rate spread over the devices, or (`incoming`) answering the calls a SIP load generator
+//! sends them through the gateway. Measures set-up latency (Dial to the answered event),
+//! counts outcomes by reason, optionally streams media and sends texts, and reports (see
+//! [`report::LoadReport`]; `--json` writes it, `--plot` draws it).
+//!
+//! Layout: [`pacer`] (when starts are due), [`device_calls`] (one device's calls, sans-IO),
+//! [`report`] (the tally), [`plot`] (SVG), [`cli`] (the command), and here the tasks that
+//! connect the devices and drive them. Every load is bounded: a device count, a rate over a
+//! duration, per-call timeouts and a drain deadline. It does not provision devices (see
+//! `provision`) nor start the gateway or the SIP peer.
+
+pub mod cli;
+pub mod device_calls;
+pub mod pacer;
+pub mod plot;
+pub mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId};
+use thalamus_proto::v1::Hello;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::device::DeviceConnection;
+use device_calls::{CallSettings, DeviceCalls, Outcome};
+use pacer::Pacer;
+use report::{LoadReport, Progress, RunFacts, Tally};
+
+/// Commands queued to one device at most.
+const DEVICE_QUEUE: usize = 64;
+
+/// Outcomes queued toward the tally at most (device tasks wait when it is full).
+const OUTCOME_QUEUE: usize = 65_536;
+
+/// Devices one run may simulate.
+pub const MAX_DEVICES: u32 = 200_000;
+
+/// Calls per device when the gateway's Welcome does not say.
+const DEFAULT_MAX_CALLS: u32 = 4;
+
+/// Extra time after the last planned hangup before open calls are written off.
+const DRAIN_SLACK: Duration = Duration::from_secs(3);
+
+/// Settings of a load run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Gateway QUIC address.
+    pub gateway: SocketAddr,
+    /// TLS server name.
+    pub server_name: String,
+    /// Pinned certificate fingerprint.
+    pub fingerprint: Option<[u8; 32]>,
+    /// Device id prefix.
+    pub prefix: String,
+    /// First device number.
+    pub first: u32,
+    /// Devices.
+    pub devices: u32,
+    /// Shared secret.
+    pub secret: String,
+    /// Logins in flight at once.
+    pub login_concurrency: usize,
+    /// UDP sockets (QUIC endpoints) to spread the connections over.
+    pub endpoints: usize,
+    /// Calls started per second (outgoing mode).
+    pub cps: f64,
+    /// Length of the calling window (incoming mode: the longest the run lasts).
+    pub duration: Duration,
+    /// Time answered before the device hangs up (zero: the other side does).
+    pub hold: Duration,
+    /// Whom outgoing calls and texts go to.
+    pub target: String,
+    /// Stream 20 ms audio frames on answered calls and count the echoes.
+    pub media: bool,
+    /// Texts per second over the calling window.
+    pub texts_per_sec: f64,
+    /// Devices answer calls instead of placing them.
+    pub incoming: bool,
+    /// Incoming mode: stop once this many calls have finished (0: run for `duration`).
+    pub expect_calls: u64,
+    /// Unanswered calls are given up after this long.
+    pub call_timeout: Duration,
+    /// Time between the last login and the first call (the devices sit idle).
+    pub idle_before: Duration,
+    /// Cap on calls per device below the gateway's limit.
+    pub max_calls_per_device: Option<u32>,
+    /// Rewritten every second with the phase and counts, for scripts.
+    pub status_file: Option<PathBuf>,
+    /// Draw the live progress line on the terminal.
+    pub progress: bool,
+}
+
+/// Load run errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Bad settings.
+    #[error("{0}")]
+    Settings(String),
+    /// QUIC client set-up failed.
+    #[error(transparent)]
+    Client(#[from] crate::quic::ClientSetupError),
+    /// The histogram could not be created.
+    #[error("histogram: {0}")]
+    Histogram(#[from] hdrhistogram::CreationError),
+}
+
+/// What the scheduler knows of one device.
+#[derive(Debug)]
+struct DeviceSlot {
+    commands: mpsc::Sender<Command>,
+    calls: AtomicU32,
+    max_calls: u32,
+    alive: AtomicBool,
+}
+
+#[derive(Debug)]
+enum Command {
+    Dial,
+    Text,
+}
+
+fn status(path: &Option<PathBuf>, phase: &str, connected: u32, progress: &Progress) {
+    let Some(path) = path else { return };
+    let text = serde_json::json!({
+        "phase": phase,
+        "devices_connected": connected,
+        "attempted": progress.attempted,
+        "answered": progress.answered,
+        "failed": progress.failed,
+        "in_progress": progress.in_progress,
+    })
+    .to_string();
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+fn progress_bar(enabled: bool) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        None,
+        indicatif::ProgressDrawTarget::stderr_with_hz(4),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} [{elapsed}] {msg}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+struct LoggedIn {
+    slots: Vec<Arc<DeviceSlot>>,
+    connections: Vec<quinn::Connection>,
+    failures: u32,
+    first_error: Option<String>,
+}
+
+/// Logs every device in and starts its task.
+async fn log_in(
+    opts: &LoadOptions,
+    endpoints: &[quinn::Endpoint],
+    outcomes: &mpsc::Sender<Outcome>,
+    stop: &watch::Receiver<bool>,
+    bar: &indicatif::ProgressBar,
+) -> LoggedIn {
+    let gate = Arc::new(Semaphore::new(opts.login_concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(opts.devices as usize);
+    for i in 0..opts.devices {
+        let Some(endpoint) = endpoints.get(i as usize % endpoints.len().max(1)).cloned() else {
+            break;
+        };
+        let gate = gate.clone();
+        let (gateway, server_name) = (opts.gateway, opts.server_name.clone());
+        let hello = Hello {
+            device_id: format!("{}{}", opts.prefix, opts.first.saturating_add(i)),
+            credential: opts.secret.clone(),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let mut conn = DeviceConnection::connect(&endpoint, gateway, &server_name).await?;
+            let welcome = conn.hello(hello).await?;
+            anyhow::Ok((conn, welcome))
+        }));
+    }
+    let settings = CallSettings {
+        hold: opts.hold,
+        call_timeout: opts.call_timeout,
+        media: opts.media && !opts.incoming,
+    };
+    let mut out = LoggedIn {
+        slots: Vec::with_capacity(tasks.len()),
+        connections: Vec::with_capacity(tasks.len()),
+        failures: 0,
+        first_error: None,
+    };
+    for (n, task) in tasks.into_iter().enumerate() {
+        let result = match task.await {
+            Ok(r) => r,
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok((conn, welcome)) => {
+                let gateway_max = welcome
+                    .limits
+                    .map(|l| l.max_calls)
+                    .filter(|m| *m > 0)
+                    .unwrap_or(DEFAULT_MAX_CALLS);
+                let max_calls = opts
+                    .max_calls_per_device
+                    .map_or(gateway_max, |m| m.min(gateway_max));
+                let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+                let slot = Arc::new(DeviceSlot {
+                    commands: tx,
+                    calls: AtomicU32::new(0),
+                    max_calls,
+                    alive: AtomicBool::new(true),
+                });
+                out.connections.push(conn.conn.clone());
+                tokio::spawn(device_task(DeviceTask {
+                    conn,
+                    core: DeviceCalls::new(settings.clone()),
+                    commands: rx,
+                    outcomes: outcomes.clone(),
+                    slot: slot.clone(),
+                    stop: stop.clone(),
+                    target: opts.target.clone(),
+                    outgoing: !opts.incoming,
+                }));
+                out.slots.push(slot);
+            }
+            Err(e) => {
+                out.failures += 1;
+                out.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+        if n.is_multiple_of(64) {
+            bar.set_message(format!(
+                "logging in: {} of {} up, {} failed",
+                out.slots.len(),
+                opts.devices,
+                out.failures
+            ));
+        }
+    }
+    out
+}
+
+/// Runs the load and returns its report.
+pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
+    if opts.devices == 0 || opts.devices > MAX_DEVICES {
+        return Err(LoadError::Settings(format!(
+            "--devices must be 1..={MAX_DEVICES}"
+        )));
+    }
+    if !opts.cps.is_finite()
+        || opts.cps < 0.0
+        || !opts.texts_per_sec.is_finite()
+        || opts.texts_per_sec < 0.0
+    {
+        return Err(LoadError::Settings(
+            "rates must be zero or positive numbers".into(),
+        ));
+    }
+    let config = crate::quic::client_config(opts.fingerprint)?;
+    let endpoints: Vec<quinn::Endpoint> = (0..opts.endpoints.max(1))
+        .map(|_| crate::quic::client_endpoint(opts.gateway, config.clone()))
+        .collect::<Result<_, _>>()?;
+    let bar = progress_bar(opts.progress);
+    let (outcome_tx, mut outcome_rx) = mpsc::channel(OUTCOME_QUEUE);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let login_start = Instant::now();
+    let logged_in = log_in(&opts, &endpoints, &outcome_tx, &stop_rx, &bar).await;
+    drop(outcome_tx);
+    let login_secs = login_start.elapsed().as_secs_f64();
+    let connected = logged_in.slots.len() as u32;
+    bar.println(format!(
+        "{connected} of {} devices logged in in {login_secs:.1} s{}",
+        opts.devices,
+        logged_in
+            .first_error
+            .as_deref()
+            .map(|e| format!(" (first failure: {e})"))
+            .unwrap_or_default()
+    ));
+    status(
+        &opts.status_file,
+        "connected",
+        connected,
+        &Progress::default(),
+    );
+    if !opts.idle_before.is_zero() {
+        bar.set_message(format!("{connected} devices idle"));
+        tokio::time::sleep(opts.idle_before).await;
+    }
+
+    let start = Instant::now();
+    let mut tally = Tally::new(start)?;
+    let call_rate = if opts.incoming { 0.0 } else { opts.cps };
+    let mut call_pacer = Pacer::new(start, call_rate, opts.duration);
+    let mut text_pacer = Pacer::new(start, opts.texts_per_sec, opts.duration);
+    let calling_end = start + opts.duration;
+    let mut drain_deadline: Option<Instant> = None;
+    let (mut next_call_device, mut next_text_device) = (0usize, 0usize);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u64;
+    let slots = &logged_in.slots;
+    status(
+        &opts.status_file,
+        "calling",
+        connected,
+        &tally.progress(start),
+    );
+    let mut outcome_stream_open = true;
+
+    loop {
+        let now = Instant::now();
+        // Phase: calling, then draining (outgoing), then done.
+        let done = if opts.incoming {
+            now >= calling_end
+                || (opts.expect_calls > 0
+                    && tally.all_finished()
+                    && tally.progress(now).attempted >= opts.expect_calls)
+        } else if now >= calling_end && call_pacer.finished() && text_pacer.finished() {
+            let deadline = *drain_deadline.get_or_insert_with(|| {
+                status(
+                    &opts.status_file,
+                    "draining",
+                    connected,
+                    &tally.progress(now),
+                );
+                now + opts.hold + opts.call_timeout + DRAIN_SLACK
+            });
+            (tally.all_finished() && tally.texts_pending() == 0) || now >= deadline
+        } else {
+            false
+        };
+        if done || !outcome_stream_open {
+            break;
+        }
+        let mut wake = now + Duration::from_millis(250);
+        let deadlines = [
+            call_pacer.next_at(),
+            text_pacer.next_at(),
+            (now < calling_end).then_some(calling_end),
+            drain_deadline,
+        ];
+        for at in deadlines.into_iter().flatten() {
+            wake = wake.min(at);
+        }
+        tokio::select! {
+            outcome = outcome_rx.recv(), if outcome_stream_open => match outcome {
+                Some(o) => {
+                    tally.add(&o);
+                    while let Ok(o) = outcome_rx.try_recv() {
+                        tally.add(&o);
+                    }
+                }
+                None => outcome_stream_open = false,
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {
+                let now = Instant::now();
+                for _ in 0..call_pacer.take_due(now) {
+                    match dispatch(slots, &mut next_call_device, Command::Dial, true) {
+                        true => tally.started(now),
+                        false => tally.not_placed(),
+                    }
+                }
+                for _ in 0..text_pacer.take_due(now) {
+                    if dispatch(slots, &mut next_text_device, Command::Text, false) {
+                        tally.text_sent();
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                ticks += 1;
+                let progress = tally.progress(Instant::now());
+                bar.set_message(progress.line());
+                bar.tick();
+                if ticks.is_multiple_of(4) {
+                    let phase = if drain_deadline.is_some() { "draining" } else { "calling" };
+                    status(&opts.status_file, phase, connected, &progress);
+                }
+            }
+        }
+    }
+    let calling_window = if opts.incoming {
+        Instant::now()
+            .saturating_duration_since(start)
+            .min(opts.duration)
+    } else {
+        opts.duration
+    };
+    tally.close();
+    let _ = stop_tx.send(true);
+    for conn in &logged_in.connections {
+        conn.close(0u32.into(), b"load done");
+    }
+    for e in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+    }
+    let progress = tally.progress(Instant::now());
+    status(&opts.status_file, "done", connected, &progress);
+    bar.finish_and_clear();
+    Ok(tally.report(
+        RunFacts {
+            mode: if opts.incoming {
+                "incoming"
+            } else {
+                "outgoing"
+            }
+            .into(),
+            devices: opts.devices,
+            devices_connected: connected,
+            login_failures: logged_in.failures,
+            first_login_error: logged_in.first_error.clone(),
+            login_secs,
+            target_cps: call_rate,
+            duration_secs: opts.duration.as_secs_f64(),
+            hold_ms: u64::try_from(opts.hold.as_millis()).unwrap_or(u64::MAX),
+        },
+        calling_window,
+        opts.media && !opts.incoming,
+    ))
+}
+
+/// Hands a command to the next device (round robin) that is alive and, for calls, below its
+/// limit. Returns false when none took it.
+fn dispatch(slots: &[Arc<DeviceSlot>], next: &mut usize, command: Command, call: bool) -> bool {
+    let n = slots.len();
+    let mut command = Some(command);
+    for _ in 0..n {
+        let i = *next % n;
+        *next = (*next + 1) % n;
+        let Some(slot) = slots.get(i) else { continue };
+        if !slot.alive.load(Ordering::Relaxed) {
+            continue;
+        }
+        if call {
+            let taken = slot
+                .calls
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                    (c < slot.max_calls).then_some(c + 1)
+                })
+                .is_ok();
+            if !taken {
+                continue;
+            }
+        }
+        let Some(cmd) = command.take() else {
+            return false;
+        };
+        match slot.commands.try_send(cmd) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Full(cmd) | mpsc::error::TrySendError::Closed(cmd)) => {
+                if call {
+                    slot.calls.fetch_sub(1, Ordering::AcqRel);
+                }
+                command = Some(cmd);
+            }
+        }
+    }
+    false
+}
+
+struct DeviceTask {
+    conn: DeviceConnection,
+    core: DeviceCalls,
+    commands: mpsc::Receiver<Command>,
+    outcomes: mpsc::Sender<Outcome>,
+    slot: Arc<DeviceSlot>,
+    stop: watch::Receiver<bool>,
+    target: String,
+    outgoing: bool,
+}
+
+fn media_frame(call_ref: u32, seq: u16) -> Option<bytes::Bytes> {
+    // 20 ms of PCMU silence-like pattern: 160 bytes.
+    const PAYLOAD: [u8; 160] = [0xff; 160];
+    MediaHeader {
+        marker: seq == 0,
+        payload_type: 0,
+        sequence: seq,
+        timestamp: u32::from(seq).wrapping_mul(160),
+        call_ref,
+        stream_id: StreamId::AUDIO,
+    }
+    .to_bytes(&PAYLOAD)
+    .ok()
+}
+
+/// Drives one device until the connection ends or the run stops.
+async fn device_task(mut t: DeviceTask) {
+    let mut out = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut media_tick = tokio::time::interval(Duration::from_millis(20));
+    media_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let media = t.outgoing && t.core.media_enabled();
+    let mut lost: Option<&'static str> = None;
+    loop {
+        let deadline = t.core.next_deadline();
+        let has_calls = t.core.calls_in_progress() > 0;
+        tokio::select! {
+            frame = t.conn.reader.next() => match frame {
+                Ok(env) => t.core.on_frame(Instant::now(), &env, &mut out, &mut outcomes),
+                Err(_) => lost = Some("connection lost"),
+            },
+            command = t.commands.recv() => match command {
+                Some(Command::Dial) => out.push(t.core.dial(Instant::now(), &t.target)),
+                Some(Command::Text) => match t.core.text(Instant::now(), &t.target, "load test") {
+                    Some(env) => out.push(env),
+                    None => outcomes.push(Outcome::Text {
+                        at: Instant::now(),
+                        latency: Duration::ZERO,
+                        delivered: false,
+                        reason: "too many texts pending".into(),
+                    }),
+                },
+                None => lost = Some("stopped"),
+            },
+            _ = sleep_until(deadline) => t.core.poll(Instant::now(), &mut out, &mut outcomes),
+            _ = media_tick.tick(), if media && has_calls => {
+                for (call_ref, seq) in t.core.media_due(Instant::now()) {
+                    if let Some(frame) = media_frame(call_ref, seq) {
+                        let _ = t.conn.conn.send_datagram(frame);
+                    }
+                }
+            }
+            datagram = t.conn.conn.read_datagram(), if media => {
+                if let Ok(d) = datagram {
+                    if let Ok(d) = MediaDatagram::decode(d) {
+                        t.core.on_media(d.header.call_ref);
+                    }
+                }
+            }
+            _ = t.stop.changed() => return,
+        }
+        for env in out.drain(..) {
+            if lost.is_none() && t.conn.writer.send_envelope(&env).await.is_err() {
+                lost = Some("connection lost");
+            }
+        }
+        if let Some(reason) = lost {
+            t.slot.alive.store(false, Ordering::Relaxed);
+            t.core.fail_all(Instant::now(), reason, &mut outcomes);
+            // Commands already queued were counted as started: they fail too.
+            t.commands.close();
+            while let Ok(cmd) = t.commands.try_recv() {
+                outcomes.push(match cmd {
+                    Command::Dial => Outcome::Finished {
+                        at: Instant::now(),
+                        answered: false,
+                        reason: reason.into(),
+                        media_sent: 0,
+                        media_received: 0,
+                    },
+                    Command::Text => Outcome::Text {
+                        at: Instant::now(),
+                        latency: Duration::ZERO,
+                        delivered: false,
+                        reason: reason.into(),
+                    },
+                });
+            }
+        }
+        for o in outcomes.drain(..) {
+            if t.outgoing && matches!(o, Outcome::Finished { .. }) {
+                let _ = t
+                    .slot
+                    .calls
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1));
+            }
+            if t.outcomes.send(o).await.is_err() {
+                return;
+            }
+        }
+        if lost.is_some() {
+            return;
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
