@@ -9,6 +9,9 @@
 //! baresip hangs up; once the device has logged out its binding is removed (Kamailio then
 //! answers 404); then the device calls the baresip user through Kamailio as its outbound proxy
 //! (answering Kamailio's 407 with the device's credentials) and baresip answers by itself.
+//! With a wrong device password Kamailio neither saves a binding nor relays the device's INVITE.
+//!
+//! Not covered here: media content (baresip plays a sine and discards what it receives), TCP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::VecDeque;
@@ -486,7 +489,8 @@ struct Peers {
 }
 
 impl Peers {
-    fn start() -> anyhow::Result<Self> {
+    /// Starts Kamailio, baresip and a gateway whose device has `device_password`.
+    fn start(device_password: &str) -> anyhow::Result<Self> {
         let kamailio = Kamailio::start().context("starting Kamailio")?;
         let baresip = Baresip::start(kamailio.port).context("starting baresip")?;
         let kport = kamailio.port;
@@ -498,7 +502,7 @@ impl Peers {
              \n\
              [devices.{DEVICE}.auth]\n\
              username = \"{DEVICE}\"\n\
-             password = \"{DEVICE_PASSWORD}\"\n"
+             password = \"{device_password}\"\n"
         ))
         .context("starting the gateway")?;
         let secret = gateway.add_device(DEVICE)?;
@@ -685,7 +689,7 @@ impl Peers {
 
 #[test]
 fn calls_both_ways_through_kamailio_with_baresip() {
-    let mut peers = Peers::start().unwrap_or_else(|e| panic!("{e:#}"));
+    let mut peers = Peers::start(DEVICE_PASSWORD).unwrap_or_else(|e| panic!("{e:#}"));
     let result = peers
         .baresip_calls_the_device()
         .context("baresip -> Kamailio -> device")
@@ -695,6 +699,65 @@ fn calls_both_ways_through_kamailio_with_baresip() {
                 .context("device -> Kamailio -> baresip")
         });
     if let Err(e) = result {
+        panic!("{e:#}\n{}", peers.logs());
+    }
+}
+
+impl Peers {
+    /// With a wrong password the device is neither registered nor allowed to call.
+    fn wrong_password_is_refused(&mut self) -> anyhow::Result<()> {
+        let target = format!("sip:{BARESIP_USER}@{DOMAIN}");
+        let mut device = self.device("call", &["--target", &target, "--hold-ms", "500"])?;
+        device.wait_event("welcome", T)?;
+        // Kamailio challenges the INVITE again after the wrong answer; the gateway gives up.
+        let ended = device.wait_for(|v| v["event"] == "call_event" && v["state"] == "ended", T)?;
+        ensure!(ended["sip_status"] == 407, "{ended}");
+        wait_text(
+            "\"REGISTER refused\" with status 401 in the gateway's log",
+            T,
+            || self.gateway.log(),
+            |log| {
+                log.lines()
+                    .any(|l| l.contains("REGISTER refused") && l.contains("status=401"))
+            },
+        )?;
+        let aor = format!("sip:{DEVICE}@{DOMAIN}");
+        ensure!(
+            self.kamailio
+                .output
+                .contains(&|l: &str| l.contains(&format!("REGISTER for {aor} saved")))
+                .is_none(),
+            "Kamailio saved a binding for a wrong password"
+        );
+        ensure!(
+            self.kamailio
+                .output
+                .contains(&|l: &str| l.contains("authenticated as dev1"))
+                .is_none(),
+            "Kamailio let an INVITE with a wrong password through"
+        );
+        let summary = device.wait_event("summary", T)?;
+        ensure!(
+            summary["succeeded"] == 0 && summary["failed"] == 1,
+            "{summary}"
+        );
+        // Nothing is registered for the device: Kamailio answers 404.
+        self.baresip.command("dial", &aor)?;
+        let closed = self.baresip.wait_event("CALL_CLOSED")?;
+        ensure!(
+            closed["param"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("404")),
+            "a call to the unregistered device: {closed}"
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn kamailio_refuses_a_device_with_a_wrong_password() {
+    let mut peers = Peers::start("not-the-password").unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = peers.wrong_password_is_refused() {
         panic!("{e:#}\n{}", peers.logs());
     }
 }
