@@ -234,7 +234,9 @@ impl Dialogs {
         if same_call >= self.config.max_dialogs_per_call {
             return Err(DialogsError::TooManyForks(same_call));
         }
-        let bucket = self.buckets.entry(key).or_default();
+        // Most Call-IDs have one dialog: start each bucket with room for exactly one (a default
+        // Vec would reserve four, 1 KiB per dialog).
+        let bucket = self.buckets.entry(key).or_insert_with(|| Vec::with_capacity(1));
         bucket.push(dialog);
         self.len += 1;
         bucket.last_mut().ok_or(DialogsError::NotFound)
