@@ -1,7 +1,8 @@
 //! `thalamus-sim buddy`: a SIP user agent on the project's own stack that plays the remote party
 //! ("buddy") in tests and demos. It answers INVITEs (after a delay, or rejects them with a
 //! status), answers re-INVITEs (hold and resume), BYE, INFO, MESSAGE and OPTIONS, can hang up by
-//! itself after a while, and with `--echo` sends every RTP packet back where it came from.
+//! itself after a while, and with `--echo` sends every RTP packet back where it came from (on
+//! each call's media port, and on one standing echo port named in the `listening` event).
 //! Every event is printed (one JSON object per line with `--json`) so tests can check what the
 //! buddy saw.
 
@@ -91,9 +92,19 @@ pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
         ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
         ip => ip,
     };
+    // With --echo, one echo socket outside any call: the baseline of the media benchmark
+    // (`thalamus-sim echo-probe --target <echo>`) measures the same echo with no gateway.
+    let standing_echo = if opts.echo {
+        Some(SocketAddr::new(media_ip, start_echo(media_ip, None).await?))
+    } else {
+        None
+    };
     opts.printer.emit(
         "listening",
-        json!({"sip": ua.local_addr(thalamus_sip::transport::PeerTransport::Udp).map(|a| a.to_string())}),
+        json!({
+            "sip": ua.local_addr(thalamus_sip::transport::PeerTransport::Udp).map(|a| a.to_string()),
+            "echo": standing_echo.map(|a| a.to_string()),
+        }),
     );
     let buddy = Arc::new(Buddy {
         ua,
@@ -253,7 +264,7 @@ impl Buddy {
             tokio::time::sleep(self.opts.answer_after).await;
         }
         let port = if self.opts.echo {
-            start_echo(self.media_ip).await?
+            start_echo(self.media_ip, Some(ECHO_IDLE)).await?
         } else {
             40_000
         };
@@ -335,16 +346,25 @@ impl Buddy {
 
 const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
 
-/// Binds an RTP port that sends every packet back to its source; returns the port.
-async fn start_echo(ip: IpAddr) -> anyhow::Result<u16> {
+/// How long a call's echo socket lives without packets (the call is long over by then).
+const ECHO_IDLE: Duration = Duration::from_secs(60);
+
+/// Binds an RTP port that sends every packet back to its source; returns the port. The echo
+/// ends after `idle` without packets (never when `None`).
+async fn start_echo(ip: IpAddr, idle: Option<Duration>) -> anyhow::Result<u16> {
     let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let port = socket.local_addr()?.port();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
-        // Ends when the socket has been idle for a minute (the call is long over).
-        while let Ok(Ok((n, from))) =
-            tokio::time::timeout(Duration::from_secs(60), socket.recv_from(&mut buf)).await
-        {
+        loop {
+            let received = match idle {
+                Some(idle) => match tokio::time::timeout(idle, socket.recv_from(&mut buf)).await {
+                    Ok(received) => received,
+                    Err(_) => break,
+                },
+                None => socket.recv_from(&mut buf).await,
+            };
+            let Ok((n, from)) = received else { break };
             if let Some(packet) = buf.get(..n) {
                 let _ = socket.send_to(packet, from).await;
             }

@@ -5,19 +5,24 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde_json::json;
-use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId};
+use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, AudioCodec, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaOffer, Reject, Resume,
-    SendText,
+    Answer, AudioCodec, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaOffer, MediaStats,
+    Reject, Resume, SendText,
 };
 
 use crate::device::{DeviceConnection, FrameReader, FrameWriter};
 use crate::events::EventPrinter;
+use crate::media::{
+    probe_tag, EchoProbe, ProbeTotals, ReceivedMedia, FRAME_INTERVAL, MAX_TRACKED_CALLS,
+};
 
 /// How to reach the gateway as which device.
 #[derive(Debug, Clone)]
@@ -111,125 +116,96 @@ pub struct CallOptions {
     pub media: bool,
     /// Give up on one call after this long.
     pub call_timeout: Duration,
+    /// Devices calling at once, each its own connection (1: the login's device; more:
+    /// `<device>0` .. `<device>N-1`, e.g. from `thalamus device add-bulk --prefix <device>`).
+    pub parallel: u32,
+    /// Written (with the word "answered") once every device's first call is answered.
+    pub ready_file: Option<PathBuf>,
 }
 
-struct MediaProbe {
-    sent: u32,
-    sent_at: HashMap<u16, Instant>,
-    received: u32,
-    in_order: u32,
-    last_seq: Option<u16>,
-    payload_ok: u32,
-    rtt_us: Vec<u64>,
+/// Longest wait, after the hold time, for the echoes of frames already sent (the device
+/// stops streaming first, then hangs up, so the last frames are not cut off by the BYE).
+const ECHO_DRAIN: Duration = Duration::from_secs(1);
+/// Longest wait, after the call ended, for the gateway's media statistics.
+const STATS_WAIT: Duration = Duration::from_secs(2);
+
+/// What the devices of one run share: media totals and the count of answered devices.
+#[derive(Debug, Default)]
+struct RunShared {
+    totals: Mutex<ProbeTotals>,
+    answered_devices: AtomicU32,
 }
 
-impl MediaProbe {
-    fn new() -> Self {
-        MediaProbe {
-            sent: 0,
-            sent_at: HashMap::new(),
-            received: 0,
-            in_order: 0,
-            last_seq: None,
-            payload_ok: 0,
-            rtt_us: Vec::new(),
-        }
-    }
-
-    fn frame(call_ref: u32, seq: u16) -> Bytes {
-        // 20 ms of PCMU: 160 bytes, a pattern derived from the sequence so echoes are checked.
-        let payload: Vec<u8> = (0..160u16)
-            .map(|i| (seq.wrapping_add(i) & 0xff) as u8)
-            .collect();
-        MediaHeader {
-            marker: seq == 0,
-            payload_type: 0,
-            sequence: seq,
-            timestamp: u32::from(seq) * 160,
-            call_ref,
-            stream_id: StreamId::AUDIO,
-        }
-        .to_bytes(&payload)
-        .unwrap_or_default()
-    }
-
-    fn on_echo(&mut self, datagram: Bytes) {
-        let Ok(d) = MediaDatagram::decode(datagram) else {
-            return;
-        };
-        self.received += 1;
-        // The gateway renumbers RTP toward the device, so match echoes by payload pattern.
-        let seq = d.payload.first().map(|b| u16::from(*b));
-        let pattern_ok = d
-            .payload
-            .iter()
-            .enumerate()
-            .all(|(i, b)| *b == d.payload[0].wrapping_add(i as u8));
-        if pattern_ok && d.payload.len() == 160 {
-            self.payload_ok += 1;
-        }
-        if let Some(last) = self.last_seq {
-            if d.header.sequence == last.wrapping_add(1) {
-                self.in_order += 1;
-            }
-        } else {
-            self.in_order += 1;
-        }
-        self.last_seq = Some(d.header.sequence);
-        if let Some(low) = seq {
-            // Find the most recent sent frame whose low byte matches.
-            if let Some(at) = self
-                .sent_at
-                .iter()
-                .filter(|(s, _)| (**s & 0xff) == low)
-                .map(|(_, at)| *at)
-                .max()
-            {
-                self.rtt_us.push(at.elapsed().as_micros() as u64);
-            }
-        }
-    }
-
-    fn report(&mut self) -> serde_json::Value {
-        self.rtt_us.sort_unstable();
-        let pct = |p: f64| -> u64 {
-            if self.rtt_us.is_empty() {
-                return 0;
-            }
-            let i = ((self.rtt_us.len() - 1) as f64 * p).round() as usize;
-            self.rtt_us.get(i).copied().unwrap_or(0)
-        };
-        json!({
-            "frames_sent": self.sent,
-            "frames_received": self.received,
-            "frames_in_order": self.in_order,
-            "payload_matches": self.payload_ok,
-            "loss_percent": if self.sent == 0 { 0.0 } else { 100.0 * (1.0 - f64::from(self.received.min(self.sent)) / f64::from(self.sent)) },
-            "rtt_us_p50": pct(0.5),
-            "rtt_us_p99": pct(0.99),
-        })
-    }
-}
-
-/// Places the calls; returns (answered and ended cleanly, failed).
+/// Places the calls (on `parallel` devices at once); returns (answered and ended cleanly,
+/// failed) over all devices. With media, ends with a `media_summary` event over every call.
 pub async fn call(
     login_opts: &Login,
     opts: &CallOptions,
     printer: EventPrinter,
 ) -> anyhow::Result<(u32, u32)> {
+    let shared = Arc::new(RunShared::default());
+    let (ok, failed) = if opts.parallel <= 1 {
+        device_calls(login_opts, opts, printer, &shared).await?
+    } else {
+        let mut tasks = Vec::new();
+        for n in 0..opts.parallel {
+            let login = Login {
+                device: format!("{}{n}", login_opts.device),
+                ..login_opts.clone()
+            };
+            let (opts, shared) = (opts.clone(), Arc::clone(&shared));
+            tasks.push(tokio::spawn(async move {
+                match device_calls(&login, &opts, printer, &shared).await {
+                    Ok(counts) => counts,
+                    Err(e) => {
+                        printer.emit(
+                            "error",
+                            json!({"message": format!("{e:#}"), "device": login.device}),
+                        );
+                        (0, opts.calls)
+                    }
+                }
+            }));
+        }
+        let (mut ok, mut failed) = (0u32, 0u32);
+        for task in tasks {
+            let (o, f) = task.await.unwrap_or((0, opts.calls));
+            ok += o;
+            failed += f;
+        }
+        (ok, failed)
+    };
+    if opts.media {
+        if let Ok(totals) = shared.totals.lock() {
+            printer.emit("media_summary", totals.summary());
+        }
+    }
+    printer.emit(
+        "summary",
+        json!({"calls": opts.calls.saturating_mul(opts.parallel.max(1)), "succeeded": ok, "failed": failed}),
+    );
+    Ok((ok, failed))
+}
+
+/// One device's calls, one after the other.
+async fn device_calls(
+    login_opts: &Login,
+    opts: &CallOptions,
+    printer: EventPrinter,
+    shared: &RunShared,
+) -> anyhow::Result<(u32, u32)> {
     let mut s = login(login_opts, printer).await?;
     let (mut ok, mut failed) = (0u32, 0u32);
     for n in 0..opts.calls {
         let call_ref = n + 1;
-        match tokio::time::timeout(opts.call_timeout, one_call(&mut s, call_ref, opts, printer))
-            .await
-        {
+        let call = one_call(&mut s, &login_opts.device, call_ref, opts, printer, shared);
+        match tokio::time::timeout(opts.call_timeout, call).await {
             Ok(Ok(true)) => ok += 1,
             Ok(Ok(false)) => failed += 1,
             Ok(Err(e)) => {
                 printer.emit(
                     "error",
-                    json!({"message": e.to_string(), "call_ref": call_ref}),
+                    json!({"message": e.to_string(), "call_ref": call_ref, "device": login_opts.device}),
                 );
                 failed += 1;
                 break;
@@ -237,26 +213,33 @@ pub async fn call(
             Err(_) => {
                 printer.emit(
                     "error",
-                    json!({"message": "call timed out", "call_ref": call_ref}),
+                    json!({"message": "call timed out", "call_ref": call_ref, "device": login_opts.device}),
                 );
                 failed += 1;
             }
         }
     }
-    printer.emit(
-        "summary",
-        json!({"calls": opts.calls, "succeeded": ok, "failed": failed}),
-    );
     s.conn.close(0u32.into(), b"done");
     s.endpoint.wait_idle().await;
     Ok((ok, failed))
 }
 
+fn is_media_statistics(env: &Envelope, call_ref: u32) -> Option<MediaStats> {
+    match &env.body {
+        Some(Body::CallEvent(e)) if e.call_ref == call_ref && e.reason == "media statistics" => {
+            e.stats
+        }
+        _ => None,
+    }
+}
+
 async fn one_call(
     s: &mut Session,
+    device: &str,
     call_ref: u32,
     opts: &CallOptions,
     printer: EventPrinter,
+    shared: &RunShared,
 ) -> anyhow::Result<bool> {
     s.writer
         .send(Body::Dial(Dial {
@@ -267,17 +250,32 @@ async fn one_call(
         }))
         .await?;
     let mut answered_at: Option<Instant> = None;
-    let mut probe = MediaProbe::new();
-    let mut media_tick = tokio::time::interval(Duration::from_millis(20));
+    let mut probe = EchoProbe::new(probe_tag(device, call_ref));
+    let mut media_tick = tokio::time::interval(FRAME_INTERVAL);
     let mut did_hold = false;
     let mut hung_up = false;
+    // With media, streaming stops when the hold time is over and the hangup follows once the
+    // echoes are in (or after ECHO_DRAIN).
+    let mut streaming_stopped: Option<Instant> = None;
     loop {
-        let hangup_due =
+        let hold_over =
             answered_at.is_some_and(|at| !opts.hold.is_zero() && at.elapsed() >= opts.hold);
+        if hold_over && opts.media && streaming_stopped.is_none() {
+            streaming_stopped = Some(Instant::now());
+        }
+        let hangup_due = hold_over
+            && (!opts.media
+                || probe.outstanding() == 0
+                || streaming_stopped.is_some_and(|at| at.elapsed() >= ECHO_DRAIN));
         if hangup_due && !hung_up {
             hung_up = true;
             s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
         }
+        let wake_at = match (answered_at, streaming_stopped) {
+            (_, Some(stopped)) => Some(stopped + ECHO_DRAIN),
+            (Some(at), None) => Some(at + opts.hold),
+            (None, None) => None,
+        };
         tokio::select! {
             frame = s.reader.next() => {
                 let env = frame?;
@@ -292,6 +290,9 @@ async fn one_call(
                 printer.frame(&env);
                 match state_of(&env) {
                     Some((r, CallState::Answered)) if r == call_ref => {
+                        if answered_at.is_none() && call_ref == 1 {
+                            device_answered(opts, shared);
+                        }
                         answered_at = Some(Instant::now());
                         for digit in opts.dtmf.chars() {
                             s.writer.send(Body::Dtmf(thalamus_proto::v1::Dtmf {
@@ -310,31 +311,70 @@ async fn one_call(
                     }
                     Some((r, CallState::Ended)) if r == call_ref => {
                         if opts.media {
-                            // Let the last echoes arrive.
-                            let until = Instant::now() + Duration::from_millis(200);
-                            while let Ok(Ok(d)) = tokio::time::timeout(until.saturating_duration_since(Instant::now()), s.conn.read_datagram()).await {
-                                probe.on_echo(d);
+                            finish_probe(s, call_ref, &mut probe, printer).await;
+                            let mut report = probe.report();
+                            report["call_ref"] = json!(call_ref);
+                            report["device"] = json!(device);
+                            printer.emit("media_report", report);
+                            if let Ok(mut totals) = shared.totals.lock() {
+                                totals.add(&probe);
                             }
-                            printer.emit("media_report", probe.report());
                         }
                         return Ok(answered_at.is_some());
                     }
                     _ => {}
                 }
             }
-            _ = media_tick.tick(), if opts.media && answered_at.is_some() && !hung_up => {
-                let seq = probe.sent as u16;
-                probe.sent_at.retain(|k, _| k.wrapping_sub(seq) > 0xfe00 || *k == seq);
-                probe.sent_at.insert(seq, Instant::now());
-                probe.sent += 1;
-                let _ = s.conn.send_datagram(MediaProbe::frame(call_ref, seq));
+            _ = media_tick.tick(), if opts.media && answered_at.is_some() && streaming_stopped.is_none() && !hung_up => {
+                let _ = s.conn.send_datagram(probe.next_datagram(call_ref, Instant::now()));
             }
-            _ = sleep_until(answered_at.map(|at| at + opts.hold)), if !opts.hold.is_zero() && !hung_up => {}
+            _ = sleep_until(wake_at), if !opts.hold.is_zero() && !hung_up => {}
             datagram = s.conn.read_datagram(), if opts.media => {
                 if let Ok(d) = datagram {
-                    probe.on_echo(d);
+                    probe.on_datagram(d, Instant::now());
                 }
             }
+        }
+    }
+}
+
+/// After the end of a call: reads late echoes and waits (bounded) for the gateway's media
+/// statistics, which follow the end event once the relay has stopped.
+async fn finish_probe(
+    s: &mut Session,
+    call_ref: u32,
+    probe: &mut EchoProbe,
+    printer: EventPrinter,
+) {
+    let until = tokio::time::Instant::now() + STATS_WAIT;
+    loop {
+        tokio::select! {
+            frame = s.reader.next() => {
+                let Ok(env) = frame else { return };
+                if let Some(Body::Ping(_)) = env.body {
+                    continue;
+                }
+                printer.frame(&env);
+                if let Some(stats) = is_media_statistics(&env, call_ref) {
+                    probe.gateway = Some(stats);
+                    return;
+                }
+            }
+            datagram = s.conn.read_datagram() => {
+                let Ok(d) = datagram else { return };
+                probe.on_datagram(d, Instant::now());
+            }
+            () = tokio::time::sleep_until(until) => return,
+        }
+    }
+}
+
+/// Counts a device whose first call was answered; writes the ready file when all are.
+fn device_answered(opts: &CallOptions, shared: &RunShared) {
+    let answered = shared.answered_devices.fetch_add(1, Ordering::AcqRel) + 1;
+    if answered == opts.parallel.max(1) {
+        if let Some(path) = &opts.ready_file {
+            let _ = std::fs::write(path, "answered\n");
         }
     }
 }
@@ -359,9 +399,15 @@ pub struct ListenOptions {
     pub calls: u32,
     /// Do not answer at all (the gateway's no-answer timeout applies).
     pub ignore: bool,
+    /// Send every media datagram of an answered call back to the gateway.
+    pub echo: bool,
 }
 
-/// Answers incoming calls until `calls` have ended.
+/// How long after a call's end its `media_report` waits for the gateway's statistics.
+const LISTEN_REPORT_WAIT: Duration = Duration::from_secs(1);
+
+/// Answers incoming calls until `calls` have ended. Counts the media datagrams of each call
+/// (echoing them with `echo`) and prints a `media_report` per answered call once it ended.
 pub async fn listen(
     login_opts: &Login,
     opts: &ListenOptions,
@@ -371,6 +417,8 @@ pub async fn listen(
     let (mut answered, mut ended) = (0u32, 0u32);
     let mut pending: Vec<(Instant, Envelope)> = Vec::new();
     let mut hangups: Vec<(Instant, u32)> = Vec::new();
+    let mut media: HashMap<u32, ReceivedMedia> = HashMap::new();
+    let mut finishing_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     loop {
         tokio::select! {
@@ -394,20 +442,43 @@ pub async fn listen(
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 => {
                         answered += 1;
+                        if media.len() < MAX_TRACKED_CALLS {
+                            media.entry(e.call_ref).or_default().answered = true;
+                        }
                         if !opts.hangup_after.is_zero() {
                             hangups.push((Instant::now() + opts.hangup_after, e.call_ref));
                         }
                     }
-                    Some(Body::CallEvent(e)) if e.state == CallState::Ended as i32 && e.reason != "media statistics" => {
+                    Some(Body::CallEvent(e)) if e.state == CallState::Ended as i32 && e.reason == "media statistics" => {
+                        if let Some(m) = media.remove(&e.call_ref) {
+                            printer.emit("media_report", m.report(e.call_ref, e.stats.as_ref()));
+                        }
+                    }
+                    Some(Body::CallEvent(e)) if e.state == CallState::Ended as i32 => {
                         ended += 1;
+                        if let Some(m) = media.get_mut(&e.call_ref) {
+                            m.ended_at = Some(Instant::now());
+                        }
                         if opts.calls > 0 && ended >= opts.calls {
-                            printer.emit("summary", json!({"answered": answered, "ended": ended}));
-                            s.conn.close(0u32.into(), b"done");
-                            s.endpoint.wait_idle().await;
-                            return Ok((answered, ended));
+                            finishing_since = Some(Instant::now());
                         }
                     }
                     _ => {}
+                }
+            }
+            datagram = s.conn.read_datagram() => {
+                let Ok(datagram) = datagram else { continue };
+                let Ok(d) = MediaDatagram::decode(datagram) else { continue };
+                let call_ref = d.header.call_ref;
+                if !media.contains_key(&call_ref) && media.len() >= MAX_TRACKED_CALLS {
+                    continue;
+                }
+                let m = media.entry(call_ref).or_default();
+                m.on_datagram(&d);
+                if opts.echo && m.answered && m.ended_at.is_none() {
+                    if let Some(echo) = m.echo(&d) {
+                        let _ = s.conn.send_datagram(echo);
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -421,6 +492,24 @@ pub async fn listen(
                 hangups.retain(|(at, _)| *at > now);
                 for call_ref in due {
                     s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
+                }
+                // Calls whose statistics never came (no relay): report what was counted.
+                let late: Vec<u32> = media
+                    .iter()
+                    .filter(|(_, m)| m.ended_at.is_some_and(|at| now.saturating_duration_since(at) >= LISTEN_REPORT_WAIT))
+                    .map(|(r, _)| *r)
+                    .collect();
+                for call_ref in late {
+                    if let Some(m) = media.remove(&call_ref) {
+                        printer.emit("media_report", m.report(call_ref, None));
+                    }
+                }
+                let all_reported = !media.values().any(|m| m.ended_at.is_some());
+                if finishing_since.is_some_and(|at| all_reported || now.saturating_duration_since(at) >= LISTEN_REPORT_WAIT) {
+                    printer.emit("summary", json!({"answered": answered, "ended": ended}));
+                    s.conn.close(0u32.into(), b"done");
+                    s.endpoint.wait_idle().await;
+                    return Ok((answered, ended));
                 }
             }
         }

@@ -87,6 +87,13 @@ enum Command {
         /// Seconds before one call is given up.
         #[arg(long, default_value_t = 60)]
         call_timeout_secs: u64,
+        /// Devices calling at once, each its own connection: `<device>0` .. `<device>N-1`
+        /// (e.g. from `thalamus device add-bulk --prefix <device>`); 1 uses `--device` itself.
+        #[arg(long, default_value_t = 1)]
+        parallel: u32,
+        /// Write this file once every device's first call is answered (for scripts).
+        #[arg(long)]
+        ready_file: Option<std::path::PathBuf>,
     },
     /// Log in as a device and answer (or reject) incoming calls.
     Listen {
@@ -107,6 +114,9 @@ enum Command {
         /// Exit after this many calls have ended (0: never).
         #[arg(long, default_value_t = 0)]
         calls: u32,
+        /// Send every media datagram of an answered call back (a device-side echo).
+        #[arg(long)]
+        echo: bool,
     },
     /// Log in as a device and send one text message (SIP MESSAGE).
     Text {
@@ -202,6 +212,22 @@ enum Command {
     Provision(thalamus_sim::load::cli::ProvisionArgs),
     /// Many devices placing (or answering) calls at a rate; reports set-up latency and failures.
     Load(thalamus_sim::load::cli::LoadArgs),
+    /// Stream 20 ms RTP frames to a UDP echo from several sockets at once and report loss and
+    /// round-trip times (the no-gateway baseline of `call --media`).
+    EchoProbe {
+        /// The UDP echo (e.g. the `echo` address `buddy --echo` prints).
+        #[arg(long)]
+        target: SocketAddr,
+        /// Concurrent flows, one socket each.
+        #[arg(long, default_value_t = 1)]
+        flows: u32,
+        /// Seconds each flow streams.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// One JSON object per line per event.
+        #[arg(long)]
+        json: bool,
+    },
     /// Log in many devices (`<prefix><n>`), hold them idle, and report handshake figures.
     Swarm {
         /// Gateway QUIC address (host:port).
@@ -323,6 +349,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dtmf,
             media,
             call_timeout_secs,
+            parallel,
+            ready_file,
         } => {
             let (login, printer) = login.login()?;
             let (ok, failed) = thalamus_sim::calls::call(
@@ -335,15 +363,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dtmf,
                     media,
                     call_timeout: std::time::Duration::from_secs(call_timeout_secs),
+                    parallel,
+                    ready_file,
                 },
                 printer,
             )
             .await?;
-            Ok(if failed == 0 && ok == calls {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(
+                if failed == 0 && ok == calls.saturating_mul(parallel.max(1)) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
         }
         Command::Listen {
             login,
@@ -352,6 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             answer_after_ms,
             hangup_after_ms,
             calls,
+            echo,
         } => {
             let (login, printer) = login.login()?;
             thalamus_sim::calls::listen(
@@ -362,6 +395,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     hangup_after: std::time::Duration::from_millis(hangup_after_ms),
                     calls,
                     ignore,
+                    echo,
                 },
                 printer,
             )
@@ -433,6 +467,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ExitCode::FAILURE
                 },
             )
+        }
+        Command::EchoProbe {
+            target,
+            flows,
+            secs,
+            json,
+        } => {
+            let summary = thalamus_sim::media::echo_probe(
+                &thalamus_sim::media::EchoProbeOptions {
+                    target,
+                    flows,
+                    duration: std::time::Duration::from_secs(secs),
+                },
+                EventPrinter { json },
+            )
+            .await?;
+            Ok(if summary["frames_sent"].as_u64().unwrap_or(0) > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Provision(args) => {
             thalamus_sim::load::cli::provision(args)?;
