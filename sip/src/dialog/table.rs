@@ -236,7 +236,10 @@ impl Dialogs {
         }
         // Most Call-IDs have one dialog: start each bucket with room for exactly one (a default
         // Vec would reserve four, 1 KiB per dialog).
-        let bucket = self.buckets.entry(key).or_insert_with(|| Vec::with_capacity(1));
+        let bucket = self
+            .buckets
+            .entry(key)
+            .or_insert_with(|| Vec::with_capacity(1));
         bucket.push(dialog);
         self.len += 1;
         bucket.last_mut().ok_or(DialogsError::NotFound)
