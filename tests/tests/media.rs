@@ -1,0 +1,435 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Media end to end: real gateway, simulator devices, the simulator's SIP buddy and SIPp, all
+//! on loopback. Device frames go through the gateway's relay to an echo and back and are
+//! checked byte for byte (each probe frame names its call and number); SIPp plays a capture to
+//! a listening device, whose bytes are compared with the capture's; two calls at once never
+//! receive each other's media; a thousand calls leave no port pair, relay, call or socket
+//! behind. Assertions are on counts and percentages, never on timing (the machine is shared).
+//!
+//! Each test gives its gateway its own RTP port range so tests running at once do not compete
+//! for ports (the relay would retry, but a test should not depend on that).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use thalamus_tests::{free_udp_port, Gateway, Proc, Sim};
+
+const T: Duration = Duration::from_secs(30);
+/// The capture SIPp plays (Debian package sip-tester): PCMA, 236 packets of 240 bytes.
+const PCAP: &str = "/usr/share/sip-tester/g711a.pcap";
+
+fn sipp() -> Command {
+    assert!(
+        Command::new("sipp").arg("-v").output().is_ok(),
+        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
+    );
+    Command::new("sipp")
+}
+
+fn scenario(name: &str) -> String {
+    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// SIPp's final counters: (successful, failed).
+fn sipp_counts(output: &str) -> (u64, u64) {
+    let value = |label: &str| -> u64 {
+        output
+            .lines()
+            .rev()
+            .filter(|l| l.trim_start().starts_with(label))
+            .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} in SIPp's output:\n{output}"))
+    };
+    (value("Successful call"), value("Failed call"))
+}
+
+/// A gateway relaying media on loopback with RTP ports `first..first + pairs * 2`.
+fn gateway(first_port: u16, pairs: u16) -> Gateway {
+    Gateway::start(&format!(
+        "[media]\nrtp_port_min = {first_port}\nrtp_port_max = {}",
+        first_port + pairs * 2 - 1
+    ))
+    .unwrap()
+}
+
+fn login_args(gw: &Gateway, device: &str, secret: &str) -> Vec<String> {
+    vec![
+        "--gateway".into(),
+        gw.quic.to_string(),
+        "--fingerprint".into(),
+        gw.fingerprint.clone(),
+        "--device".into(),
+        device.into(),
+        "--secret".into(),
+        secret.into(),
+    ]
+}
+
+fn spawn(command: &str, login: Vec<String>, extra: &[&str]) -> Sim {
+    let mut args: Vec<&str> = vec![command];
+    args.extend(login.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    Sim::spawn(&args).unwrap()
+}
+
+/// `thalamus-sim buddy --echo`: (process, SIP port).
+fn echo_buddy() -> (Sim, u16) {
+    let mut sim = Sim::spawn(&["buddy", "--listen", "127.0.0.1:0", "--echo"]).unwrap();
+    let ev = sim.wait_event("listening", T).unwrap();
+    let port = ev["sip"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (sim, port)
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// At least `per_mille`/1000 of `total`.
+fn at_least(part: u64, total: u64, per_mille: u64) -> bool {
+    part * 1000 >= total * per_mille
+}
+
+/// Asserts that the gateway has released every port pair and relay and ended every call.
+fn assert_media_released(gw: &Gateway) {
+    gw.wait_metric("thalamus_media_ports_in_use", 0.0, T)
+        .unwrap();
+    gw.wait_metric("thalamus_media_relays_live", 0.0, T)
+        .unwrap();
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}
+
+/// The RTP payloads of a capture (pcap, Ethernet, IPv4, UDP), in order.
+fn pcap_rtp_payloads(path: &Path) -> Vec<Vec<u8>> {
+    let data = std::fs::read(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: install the Debian package sip-tester",
+            path.display()
+        )
+    });
+    assert_eq!(
+        data[..4],
+        0xa1b2_c3d4u32.to_le_bytes(),
+        "little-endian pcap expected"
+    );
+    assert_eq!(
+        u32::from_le_bytes(data[20..24].try_into().unwrap()),
+        1,
+        "Ethernet capture expected"
+    );
+    let mut payloads = Vec::new();
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let len = u32::from_le_bytes(data[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &data[at + 16..at + 16 + len];
+        at += 16 + len;
+        assert_eq!(frame[12..14], [0x08, 0x00], "IPv4 expected");
+        let ip = &frame[14..];
+        assert_eq!(ip[9], 17, "UDP expected");
+        let rtp = &ip[usize::from(ip[0] & 0x0f) * 4 + 8..];
+        assert_eq!(rtp[0] >> 6, 2, "RTP version 2 expected");
+        let mut start = 12 + usize::from(rtp[0] & 0x0f) * 4;
+        if rtp[0] & 0x10 != 0 {
+            let words = u16::from_be_bytes([rtp[start + 2], rtp[start + 3]]);
+            start += 4 + usize::from(words) * 4;
+        }
+        let mut end = rtp.len();
+        if rtp[0] & 0x20 != 0 {
+            end -= usize::from(rtp[end - 1]);
+        }
+        payloads.push(rtp[start..end].to_vec());
+    }
+    payloads
+}
+
+/// Open file descriptors of a process (sockets included).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn ten_seconds_of_frames_come_back_through_the_buddy_echo() {
+    let gw = gateway(36_400, 100);
+    let secret = gw.add_device("alice").unwrap();
+    let (_buddy, port) = echo_buddy();
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let mut sim = spawn(
+        "call",
+        login_args(&gw, "alice", &secret),
+        &["--target", &target, "--hold-ms", "10000", "--media"],
+    );
+    let report = sim
+        .wait_event("media_report", Duration::from_secs(60))
+        .unwrap();
+    let sent = u(&report, "frames_sent");
+    // 10 s of 20 ms frames is 500 (the ticker catches up if the simulator is late).
+    assert!(sent >= 490, "{report}");
+    assert!(
+        at_least(u(&report, "payload_matches"), sent, 999),
+        "{report}"
+    );
+    assert!(
+        at_least(u(&report, "frames_in_order"), sent, 999),
+        "{report}"
+    );
+    assert_eq!(u(&report, "frames_foreign"), 0, "{report}");
+    assert_eq!(u(&report, "duplicates"), 0, "{report}");
+    // The gateway's own count of the call agrees: what it sent toward the buddy covers what
+    // came back.
+    let gateway_stats = &report["gateway"];
+    assert!(
+        u(gateway_stats, "packets_sent") >= u(&report, "payload_matches"),
+        "{report}"
+    );
+    let summary = sim.wait_event("summary", T).unwrap();
+    assert_eq!(
+        (summary["succeeded"].as_u64(), summary["failed"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(sim.proc.wait_exit(T).unwrap(), Some(0));
+    assert_media_released(&gw);
+    assert!(
+        gw.metric("thalamus_media_relayed_packets_total{direction=\"to_peer\"}")
+            .unwrap()
+            >= u(&report, "payload_matches") as f64
+    );
+}
+
+#[test]
+fn sipp_plays_a_capture_that_reaches_the_listening_device_intact() {
+    let expected = pcap_rtp_payloads(Path::new(PCAP));
+    assert_eq!(expected.len(), 236);
+    let mut digest = Sha256::new();
+    for payload in &expected {
+        digest.update(payload);
+    }
+    let expected_digest = hex::encode(digest.finalize());
+    let expected_bytes: usize = expected.iter().map(Vec::len).sum();
+
+    let gw = gateway(36_600, 50);
+    let secret = gw.add_device("callee").unwrap();
+    let mut listener = spawn(
+        "listen",
+        login_args(&gw, "callee", &secret),
+        &["--calls", "1"],
+    );
+    listener.wait_event("welcome", T).unwrap();
+    let out = sipp()
+        .args([
+            "-sf",
+            &scenario("media_uac_pcap.xml"),
+            "-s",
+            "callee",
+            "-m",
+            "1",
+        ])
+        .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .args(["-mp", &free_udp_port().unwrap().to_string()])
+        .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
+        .arg(gw.sip.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(sipp_counts(&stdout), (1, 0), "{stdout}");
+
+    let incoming = listener.wait_event("incoming_call", T).unwrap();
+    assert_eq!(
+        incoming["media"]["audio_codecs"],
+        serde_json::json!(["pcma"])
+    );
+    let report = listener.wait_event("media_report", T).unwrap();
+    assert_eq!(report["call_ref"], incoming["call_ref"], "{report}");
+    assert_eq!(u(&report, "frames_received"), 236, "{report}");
+    assert_eq!(u(&report, "frames_in_order"), 236, "{report}");
+    assert_eq!(
+        report["payload_types"],
+        serde_json::json!({"8": 236}),
+        "{report}"
+    );
+    assert_eq!(
+        u(&report, "bytes_received"),
+        expected_bytes as u64,
+        "{report}"
+    );
+    assert_eq!(
+        report["payload_sha256"],
+        expected_digest.as_str(),
+        "{report}"
+    );
+    // The gateway counted the same packets from the peer.
+    assert_eq!(u(&report["gateway"], "packets_received"), 236, "{report}");
+    listener.wait_event("summary", T).unwrap();
+    assert_media_released(&gw);
+}
+
+#[test]
+fn device_media_comes_back_from_sipp_rtp_echo() {
+    let gw = gateway(36_700, 50);
+    let secret = gw.add_device("alice").unwrap();
+    let sip_port = free_udp_port().unwrap();
+    let media_port = free_udp_port().unwrap();
+    let _uas = Proc {
+        child: sipp()
+            .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &sip_port.to_string()])
+            .args([
+                "-mi",
+                "127.0.0.1",
+                "-mp",
+                &media_port.to_string(),
+                "-rtp_echo",
+            ])
+            .arg("-nostdin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let target = format!("sip:service@127.0.0.1:{sip_port}");
+    let mut sim = spawn(
+        "call",
+        login_args(&gw, "alice", &secret),
+        &["--target", &target, "--hold-ms", "3000", "--media"],
+    );
+    let report = sim
+        .wait_event("media_report", Duration::from_secs(60))
+        .unwrap();
+    let sent = u(&report, "frames_sent");
+    assert!(sent >= 140, "{report}");
+    assert!(
+        at_least(u(&report, "payload_matches"), sent, 990),
+        "{report}"
+    );
+    assert_eq!(u(&report, "frames_foreign"), 0, "{report}");
+    let summary = sim.wait_event("summary", T).unwrap();
+    assert_eq!(summary["succeeded"], 1, "{summary}");
+    assert_media_released(&gw);
+}
+
+#[test]
+fn two_calls_at_once_never_mix_media() {
+    let gw = gateway(36_800, 50);
+    let (_buddy, port) = echo_buddy();
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let mut sims = Vec::new();
+    for device in ["alice", "carol"] {
+        let secret = gw.add_device(device).unwrap();
+        sims.push(spawn(
+            "call",
+            login_args(&gw, device, &secret),
+            &["--target", &target, "--hold-ms", "5000", "--media"],
+        ));
+    }
+    let answered: Vec<Value> = sims
+        .iter_mut()
+        .map(|s| {
+            s.wait_for(
+                |v| v["event"] == "call_event" && v["state"] == "answered",
+                T,
+            )
+            .unwrap()
+        })
+        .collect();
+    let ended: Vec<Value> = sims
+        .iter_mut()
+        .map(|s| {
+            s.wait_for(|v| v["event"] == "call_event" && v["state"] == "ended", T)
+                .unwrap()
+        })
+        .collect();
+    // The calls overlapped: each was answered before the other ended (same clock).
+    let ts = |v: &Value| v["ts"].as_str().unwrap().to_string();
+    assert!(ts(&answered[0]) < ts(&ended[1]) && ts(&answered[1]) < ts(&ended[0]));
+    for sim in &mut sims {
+        let report = sim.wait_event("media_report", T).unwrap();
+        let sent = u(&report, "frames_sent");
+        assert!(sent >= 240, "{report}");
+        // Media of the other call would carry the other call's tag.
+        assert_eq!(u(&report, "frames_foreign"), 0, "{report}");
+        assert!(
+            at_least(u(&report, "payload_matches"), sent, 999),
+            "{report}"
+        );
+        assert_eq!(
+            u(&report, "frames_received"),
+            u(&report, "payload_matches"),
+            "{report}"
+        );
+    }
+    assert_media_released(&gw);
+}
+
+#[test]
+fn a_thousand_calls_leave_no_port_relay_or_socket_behind() {
+    // 200 port pairs for 1,000 calls: every pair is used five times, so a leaked pair would
+    // soon exhaust the range and fail calls.
+    let gw = gateway(36_000, 200);
+    let secret = gw.add_device("dialer").unwrap();
+    let (_buddy, port) = echo_buddy();
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let run = |calls: &str| {
+        let mut sim = spawn(
+            "call",
+            login_args(&gw, "dialer", &secret),
+            &[
+                "--target",
+                &target,
+                "--calls",
+                calls,
+                "--hold-ms",
+                "1",
+                "--media",
+            ],
+        );
+        let media = sim
+            .wait_event("media_summary", Duration::from_secs(600))
+            .unwrap();
+        let summary = sim.wait_event("summary", T).unwrap();
+        assert_eq!(sim.proc.wait_exit(T).unwrap(), Some(0), "{summary}");
+        (media, summary)
+    };
+    // Warm-up: the first call creates what lives as long as the node (e.g. the device's
+    // session state); count the gateway's descriptors after it.
+    run("1");
+    assert_media_released(&gw);
+    let pid = gw.proc.child.id();
+    let fds_before = open_fds(pid);
+
+    let (media, summary) = run("1000");
+    assert_eq!(summary["succeeded"], 1000, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_media_released(&gw);
+    assert_eq!(
+        gw.metric("thalamus_media_relays_started_total").unwrap(),
+        1001.0
+    );
+    assert_eq!(
+        gw.metric("thalamus_media_relays_finished_total").unwrap(),
+        1001.0
+    );
+    // Every call carried media, none of it another call's (ports are reused).
+    let sent = u(&media, "frames_sent");
+    assert!(sent >= 1000, "{media}");
+    assert_eq!(u(&media, "frames_foreign"), 0, "{media}");
+    assert!(at_least(u(&media, "payload_matches"), sent, 990), "{media}");
+    // No socket (or other descriptor) outlives its call.
+    let fds_after = open_fds(pid);
+    assert!(
+        fds_after <= fds_before,
+        "the gateway holds {fds_after} descriptors after 1,000 calls, {fds_before} before"
+    );
+}
