@@ -2,7 +2,7 @@
 //! relayed and relay latency quantiles of finished relays, and a Prometheus collector that
 //! renders them on each scrape.
 //!
-//! [`EngineTotals`] is shared by a [`MediaEngine`](super::MediaEngine) and its relay tasks:
+//! [`EngineTotals`] is shared by a [`MediaEngine`] and its relay tasks:
 //! a task counts itself live while it exists and, when it ends normally, folds its packet
 //! counts and latency histograms into the totals (one lock per relay end, nothing per packet).
 //! [`MediaCollector`] reads the totals and the port allocator when the admin endpoint renders
