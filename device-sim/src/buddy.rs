@@ -36,6 +36,9 @@ pub struct BuddyOptions {
     pub hangup_after: Option<Duration>,
     /// Echo RTP back to its sender.
     pub echo: bool,
+    /// With `echo`: echo sockets kept open outside any call (the media benchmark's baseline
+    /// sends one flow to each, like one call per echo port).
+    pub standing_echoes: u16,
     /// Answer MESSAGE with this status (default 200).
     pub message_status: u16,
     /// Output.
@@ -92,18 +95,20 @@ pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
         ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
         ip => ip,
     };
-    // With --echo, one echo socket outside any call: the baseline of the media benchmark
-    // (`thalamus-sim echo-probe --target <echo>`) measures the same echo with no gateway.
-    let standing_echo = if opts.echo {
-        Some(SocketAddr::new(media_ip, start_echo(media_ip, None).await?))
-    } else {
-        None
-    };
+    // With --echo, echo sockets outside any call: the baseline of the media benchmark
+    // (`thalamus-sim echo-probe --target <echo>...`) measures the same echo with no gateway.
+    let mut standing_echoes = Vec::new();
+    if opts.echo {
+        for _ in 0..opts.standing_echoes.max(1) {
+            standing_echoes.push(SocketAddr::new(media_ip, start_echo(media_ip, None).await?));
+        }
+    }
     opts.printer.emit(
         "listening",
         json!({
             "sip": ua.local_addr(thalamus_sip::transport::PeerTransport::Udp).map(|a| a.to_string()),
-            "echo": standing_echo.map(|a| a.to_string()),
+            "echo": standing_echoes.first().map(|a| a.to_string()),
+            "echo_ports": standing_echoes.iter().map(|a| a.port()).collect::<Vec<_>>(),
         }),
     );
     let buddy = Arc::new(Buddy {

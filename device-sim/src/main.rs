@@ -171,6 +171,9 @@ enum Command {
         /// Echo RTP back to its sender.
         #[arg(long)]
         echo: bool,
+        /// With --echo: echo ports kept open outside calls (listed in the `listening` event).
+        #[arg(long, default_value_t = 1)]
+        standing_echoes: u16,
         /// Answer MESSAGE requests with this status.
         #[arg(long, default_value_t = 200)]
         message_status: u16,
@@ -215,9 +218,10 @@ enum Command {
     /// Stream 20 ms RTP frames to a UDP echo from several sockets at once and report loss and
     /// round-trip times (the no-gateway baseline of `call --media`).
     EchoProbe {
-        /// The UDP echo (e.g. the `echo` address `buddy --echo` prints).
-        #[arg(long)]
-        target: SocketAddr,
+        /// The UDP echo (e.g. the `echo` address `buddy --echo` prints); repeat it to spread
+        /// the flows over several echoes (round robin).
+        #[arg(long, required = true)]
+        target: Vec<SocketAddr>,
         /// Concurrent flows, one socket each.
         #[arg(long, default_value_t = 1)]
         flows: u32,
@@ -417,6 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reject,
             hangup_after_ms,
             echo,
+            standing_echoes,
             message_status,
             json,
         } => {
@@ -426,6 +431,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reject,
                 hangup_after: hangup_after_ms.map(std::time::Duration::from_millis),
                 echo,
+                standing_echoes,
                 message_status,
                 printer: EventPrinter { json },
             })
@@ -476,7 +482,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let summary = thalamus_sim::media::echo_probe(
                 &thalamus_sim::media::EchoProbeOptions {
-                    target,
+                    targets: target,
                     flows,
                     duration: std::time::Duration::from_secs(secs),
                 },

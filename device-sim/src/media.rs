@@ -378,27 +378,34 @@ impl ReceivedMedia {
 /// Settings of `echo-probe`.
 #[derive(Debug, Clone)]
 pub struct EchoProbeOptions {
-    /// The UDP echo to send to.
-    pub target: SocketAddr,
+    /// The UDP echoes to send to (flow `n` goes to `targets[n % len]`).
+    pub targets: Vec<SocketAddr>,
     /// Concurrent flows (one socket and one tag each).
     pub flows: u32,
     /// How long each flow streams.
     pub duration: Duration,
 }
 
-/// Streams probe frames as RTP (PCMU) from `flows` sockets to an echo for `duration`, waits
-/// up to a second for the last echoes, prints and returns the `media_summary`.
+/// Streams probe frames as RTP (PCMU) from `flows` sockets to the echoes for `duration`,
+/// waits up to a second for the last echoes, prints and returns the `media_summary`.
 pub async fn echo_probe(opts: &EchoProbeOptions, printer: EventPrinter) -> anyhow::Result<Value> {
     let totals = Arc::new(Mutex::new(ProbeTotals::default()));
-    let bind: SocketAddr = if opts.target.is_ipv4() {
-        (std::net::Ipv4Addr::LOCALHOST, 0).into()
-    } else {
-        (std::net::Ipv6Addr::LOCALHOST, 0).into()
-    };
     let mut tasks = Vec::new();
     for flow in 0..opts.flows {
+        let Some(target) = opts
+            .targets
+            .get(flow as usize % opts.targets.len().max(1))
+            .copied()
+        else {
+            anyhow::bail!("echo-probe needs at least one target");
+        };
+        let bind: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::LOCALHOST, 0).into()
+        } else {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        };
         let socket = tokio::net::UdpSocket::bind(bind).await?;
-        socket.connect(opts.target).await?;
+        socket.connect(target).await?;
         let totals = Arc::clone(&totals);
         let duration = opts.duration;
         tasks.push(tokio::spawn(async move {
@@ -567,17 +574,20 @@ mod tests {
 
     #[tokio::test]
     async fn echo_probe_measures_a_udp_echo() {
-        let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let target = echo.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, from)) = echo.recv_from(&mut buf).await {
-                let _ = echo.send_to(&buf[..n], from).await;
-            }
-        });
+        let mut targets = Vec::new();
+        for _ in 0..2 {
+            let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            targets.push(echo.local_addr().unwrap());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+                    let _ = echo.send_to(&buf[..n], from).await;
+                }
+            });
+        }
         let summary = echo_probe(
             &EchoProbeOptions {
-                target,
+                targets,
                 flows: 3,
                 duration: Duration::from_millis(200),
             },
