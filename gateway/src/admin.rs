@@ -1,15 +1,30 @@
-//! The admin HTTP endpoint: `/health` (liveness), `/metrics` (Prometheus text format) and
-//! `/sessions` (ids of devices with a live session, JSON). Read-only; it changes nothing.
+//! The admin HTTP endpoint: `/health` (liveness), `/metrics` (Prometheus text format),
+//! `/sessions` (ids of devices with a live session, JSON), and the cluster's dialog
+//! operations (UAC-mode takeover, see docs/clustering.md):
+//!
+//! - `GET /dialogs/{call_id}/{local_tag}/{remote_tag}`: the stored record of a dialog, read
+//!   from the dialog store (whichever node owns it), and whether this node holds it;
+//! - `POST /dialogs/{call_id}/{local_tag}/{remote_tag}/claim`: take the dialog over here;
+//! - `POST /dialogs/{call_id}/{local_tag}/{remote_tag}/bye`: end it from here (taken over
+//!   first when another node holds it), BYE with the next CSeq over the route set;
+//! - `GET /devices/{device}/dialogs`: the device's live stored dialogs.
+//!
+//! Only the two POSTs change anything. Path parts are percent-decoded.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::takeover::TakeoverError;
+use crate::cluster::dialogs::sip_record_of;
+use crate::cluster::store::{DialogKey, StoredDialog};
 use crate::node::NodeShared;
 
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
@@ -22,6 +37,16 @@ pub async fn serve(
         .route("/health", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/sessions", get(sessions))
+        .route("/dialogs/{call_id}/{local_tag}/{remote_tag}", get(dialog))
+        .route(
+            "/dialogs/{call_id}/{local_tag}/{remote_tag}/claim",
+            post(claim_dialog),
+        )
+        .route(
+            "/dialogs/{call_id}/{local_tag}/{remote_tag}/bye",
+            post(bye_dialog),
+        )
+        .route("/devices/{device}/dialogs", get(device_dialogs))
         .with_state(node);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -45,4 +70,121 @@ async fn sessions(State(node): State<Arc<NodeShared>>) -> Json<Vec<String>> {
     let mut ids = node.sessions.device_ids();
     ids.sort();
     Json(ids)
+}
+
+type DialogPath = Path<(String, String, String)>;
+
+fn error_response(e: &TakeoverError) -> (StatusCode, Json<Value>) {
+    let status = match e {
+        TakeoverError::NotFound => StatusCode::NOT_FOUND,
+        TakeoverError::Ended => StatusCode::GONE,
+        TakeoverError::LostRace { .. } => StatusCode::CONFLICT,
+        TakeoverError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        TakeoverError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        TakeoverError::Disabled => StatusCode::NOT_IMPLEMENTED,
+    };
+    (
+        status,
+        Json(json!({"error": e.label(), "message": e.to_string()})),
+    )
+}
+
+fn no_bridge() -> (StatusCode, Json<Value>) {
+    error_response(&TakeoverError::Disabled)
+}
+
+/// A stored record as JSON (the SIP dialog export inlined when it parses).
+fn record_json(record: &StoredDialog, held_here: bool) -> Value {
+    json!({
+        "call_id": record.key.call_id,
+        "local_tag": record.key.local_tag,
+        "remote_tag": record.key.remote_tag,
+        "device_id": record.device_id,
+        "call_ref": record.call_ref,
+        "owner": record.owner,
+        "epoch": record.epoch,
+        "version": record.version,
+        "updated_at_ms": record.updated_at_ms,
+        "state": if record.is_live() { "live" } else { "tombstone" },
+        "held_here": held_here,
+        "sip_dialog": sip_record_of(record).ok(),
+        "media": {"local_sdp": record.media.local_sdp, "remote_sdp": record.media.remote_sdp},
+    })
+}
+
+async fn dialog(
+    State(node): State<Arc<NodeShared>>,
+    Path((call_id, local_tag, remote_tag)): DialogPath,
+) -> (StatusCode, Json<Value>) {
+    let Some(bridge) = &node.sip_bridge else {
+        return no_bridge();
+    };
+    let key = DialogKey::new(call_id, local_tag, remote_tag);
+    match bridge.stored_dialog(&key).await {
+        Ok(Some(record)) => (
+            StatusCode::OK,
+            Json(record_json(&record, bridge.holds(&key))),
+        ),
+        Ok(None) => error_response(&TakeoverError::NotFound),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn claim_dialog(
+    State(node): State<Arc<NodeShared>>,
+    Path((call_id, local_tag, remote_tag)): DialogPath,
+) -> (StatusCode, Json<Value>) {
+    let Some(bridge) = &node.sip_bridge else {
+        return no_bridge();
+    };
+    let key = DialogKey::new(call_id, local_tag, remote_tag);
+    match bridge.claim_dialog(&key).await {
+        Ok((device, call_ref)) => (
+            StatusCode::OK,
+            Json(
+                json!({"device_id": device, "call_ref": call_ref, "node_id": node.config.node.id}),
+            ),
+        ),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn bye_dialog(
+    State(node): State<Arc<NodeShared>>,
+    Path((call_id, local_tag, remote_tag)): DialogPath,
+) -> (StatusCode, Json<Value>) {
+    let Some(bridge) = &node.sip_bridge else {
+        return no_bridge();
+    };
+    let key = DialogKey::new(call_id, local_tag, remote_tag);
+    match bridge.hangup_dialog(&key).await {
+        Ok((device, call_ref)) => (
+            StatusCode::ACCEPTED,
+            Json(
+                json!({"device_id": device, "call_ref": call_ref, "node_id": node.config.node.id}),
+            ),
+        ),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn device_dialogs(
+    State(node): State<Arc<NodeShared>>,
+    Path(device): Path<String>,
+) -> (StatusCode, Json<Value>) {
+    let Some(bridge) = &node.sip_bridge else {
+        return no_bridge();
+    };
+    match bridge.stored_dialogs_of(&device).await {
+        Ok(records) => (
+            StatusCode::OK,
+            Json(Value::Array(
+                records
+                    .iter()
+                    .map(|r| record_json(r, bridge.holds(&r.key)))
+                    .collect(),
+            )),
+        ),
+        Err(e) => error_response(&e),
+    }
 }

@@ -102,6 +102,8 @@ pub struct Config {
     pub media: crate::media::MediaConfig,
     /// Per-device settings (address book, SIP credentials).
     pub devices: BTreeMap<String, DeviceSettings>,
+    /// Clustering: dialog store, replication, owner lease, heartbeats (`[cluster]`).
+    pub cluster: crate::cluster::config::ClusterConfig,
 }
 
 /// Node identity and local storage.
@@ -434,6 +436,12 @@ impl Config {
                 message: e.message,
             });
         }
+        if let Err(e) = self.cluster.validate() {
+            return Err(ConfigError::Key {
+                key: e.key.to_string(),
+                message: e.message,
+            });
+        }
         if let Some(secret) = &self.auth.resume_secret {
             if hex::decode(secret).map(|s| s.len()) != Ok(32) {
                 return bad("auth.resume_secret", "must be 64 hex digits (32 bytes)");
@@ -610,6 +618,24 @@ mod tests {
         assert_eq!(d.auth.as_ref().unwrap().username, "e1");
         let err = load(Some("[devices.x]\nnickname = 1\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("nickname"), "{err}");
+    }
+
+    #[test]
+    fn cluster_section() {
+        let c = load(
+            Some("[cluster]\nreplication = \"off\"\n[cluster.store]\nbackend = \"memory\"\n"),
+            &[("THALAMUS_CLUSTER__LEASE_TTL_MS", "1500")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.cluster.replication,
+            crate::cluster::config::ReplicationMode::Off
+        );
+        assert_eq!(c.cluster.lease_ttl_ms, 1500);
+        let err = load(Some("[cluster]\nlease_ttl_ms = 1\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("cluster.lease_ttl_ms"), "{err}");
+        let err = load(Some("[cluster.store]\nbackend = \"etcd\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("cluster.store"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum StartError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// The cluster layer (dialog store, heartbeats).
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::runtime::ClusterStartError),
     /// Invalid configuration value discovered at start.
     #[error("config key `{key}`: {message}")]
     Config {
@@ -79,6 +82,8 @@ pub struct NodeShared {
     pub bridge: Arc<dyn DeviceRequests>,
     /// Credential checks, off the executor.
     pub verifier: VerifierPool,
+    /// The SIP bridge itself (the admin endpoint's dialog operations), when the node has one.
+    pub sip_bridge: Option<crate::bridge::Bridge>,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -110,6 +115,7 @@ pub struct GatewayNode {
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    cluster: crate::cluster::runtime::ClusterRuntime,
 }
 
 impl GatewayNode {
@@ -198,6 +204,14 @@ impl GatewayNode {
         if let Some(engine) = &media {
             crate::media::MediaCollector::register(engine.clone(), metrics.registry_mut());
         }
+        // The cluster layer: dialog store, replicator, owner lease.
+        let mut cluster = crate::cluster::runtime::ClusterRuntime::start(
+            &config.cluster,
+            &config.node.id,
+            &data_dir,
+        )
+        .await?;
+        cluster.register_metrics(metrics.registry_mut());
         let metrics = Arc::new(metrics);
         let sessions = Arc::new(Sessions::default());
 
@@ -282,8 +296,11 @@ impl GatewayNode {
                 media,
                 media_address,
                 metrics: bridge_metrics,
+                store: Some(cluster.store()),
+                replicator: cluster.replicator(),
             },
         );
+        cluster.start_heartbeats(sip_addr, quic_addr).await?;
         let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -313,7 +330,8 @@ impl GatewayNode {
             tokens,
             throttle,
             sessions,
-            bridge: Arc::new(bridge),
+            bridge: Arc::new(bridge.clone()),
+            sip_bridge: Some(bridge),
             verifier: VerifierPool::start(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
                 4096,
@@ -344,11 +362,13 @@ impl GatewayNode {
             endpoint,
             shutdown,
             tasks,
+            cluster,
         })
     }
 
-    /// Says goodbye to every session, then stops the listeners.
-    pub async fn shutdown(self) {
+    /// Says goodbye to every session, then stops the listeners, writes out the replication
+    /// queue and closes the dialog store.
+    pub async fn shutdown(mut self) {
         self.shared
             .sessions
             .broadcast(|| SessionCommand::Shutdown { draining: false });
@@ -359,10 +379,11 @@ impl GatewayNode {
         self.shutdown.cancel();
         self.endpoint
             .close(thalamus_proto::close_code::SHUTDOWN.into(), b"shutdown");
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         self.endpoint.wait_idle().await;
+        self.cluster.shutdown().await;
     }
 }
 

@@ -8,24 +8,39 @@
 //! negotiated, else SIP INFO with application/dtmf-relay), in-dialog requests from the peer, the
 //! media timeout, and hangup from either side. Every change reaches the device as a
 //! `CallEvent`; the final one carries the media statistics.
+//!
+//! Replication: once the dialog is confirmed (outgoing: the ACK sent; incoming: our 2xx
+//! acknowledged) the task exports it from the user agent and hands the record to the
+//! replicator (enqueue only); it writes it again after each target refresh, writes the next
+//! local CSeq before every request it sends in the dialog (waiting a bounded time; a conflict
+//! means another node owns the dialog, and the request is not sent), and tombstones it at the
+//! end. A call started by a takeover ([`CallSetup::TakenOver`]) continues a stored dialog: it
+//! restores the SDP session and the call's state from the record, starts a relay and, unless
+//! the request that caused the takeover ends the dialog or carries an offer, re-INVITEs the
+//! peer so media follows.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{CallEvent, CallState, EndReason, IncomingCall, MediaOffer, MediaStats};
-use thalamus_sip::dialog::DialogId;
+use thalamus_sip::dialog::{DialogId, DialogRecord};
 use thalamus_sip::message::{HeaderName, MediaType, Method, NameAddr, Request, Uri};
 use thalamus_sip::sdp::{Direction, HoldMode, MediaKind, SdpSession, SessionDescription};
 use thalamus_sip::ua::{ClientCall, ClientEvent, ServerTx};
 use tokio::sync::mpsc;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use super::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
 use super::media_sdp;
+use super::takeover::Trigger;
 use super::{BridgeInner, CallKey};
+use crate::cluster::dialogs::{
+    key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallAppData, CallFacts,
+};
+use crate::cluster::store::{NegotiatedMedia, StoreError, StoredDialog};
 use crate::media::{MediaRelay, RelayEvent, RelaySpec};
 use crate::metrics::Metrics;
 
@@ -44,6 +59,10 @@ pub enum CallCommand {
     AckTimeout,
     /// The device did not come back after losing its session.
     DeviceGone,
+    /// The device's session came back on a new connection: media goes there now.
+    DeviceLink(quinn::Connection),
+    /// Another node took the dialog over (a replication conflict): drop it without a BYE.
+    OwnershipLost,
 }
 
 /// How a call starts (built once per call, so the size difference of the variants is moot).
@@ -70,6 +89,45 @@ pub enum CallSetup {
         /// Held until the INVITE has its final response (loop detection).
         in_progress: Box<super::InProgress>,
     },
+    /// A stored dialog this node just claimed and imported.
+    TakenOver(Box<TakeoverSetup>),
+}
+
+/// What a call continuing a stored dialog starts from.
+#[derive(Debug)]
+pub struct TakeoverSetup {
+    /// The claimed record (owner: this node).
+    pub record: StoredDialog,
+    /// The SIP dialog as imported.
+    pub sip: DialogRecord,
+    /// The imported dialog's id.
+    pub dialog: DialogId,
+    /// What caused the takeover.
+    pub trigger: Trigger,
+}
+
+/// The call's share of replication: where its writes continue from, and what it knows.
+#[derive(Debug, Default)]
+struct Replica {
+    /// Ownership epoch this node holds the dialog at.
+    epoch: u64,
+    /// Store version writes continue from (0: create).
+    base_version: u64,
+    /// A record of the dialog was handed to the replicator (or came from the store).
+    stored: bool,
+    /// Another node owns the dialog now.
+    lost: bool,
+    /// The peer's last SDP.
+    remote_sdp: Option<String>,
+    /// The device placed the call.
+    outgoing: bool,
+    /// When the request that caused a takeover arrived (its answer is timed).
+    takeover_arrived: Option<Instant>,
+    /// Re-INVITE the peer once the request that caused the takeover is answered.
+    reinvite_pending: bool,
+    /// The last record export handed to its own task (so the call never waits on the user
+    /// agent to replicate); each waits for the one before, so writes stay in order.
+    pending: Option<tokio::task::JoinHandle<()>>,
 }
 
 #[derive(Debug)]
@@ -134,16 +192,26 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             .from()
             .map(|f| f.uri.to_string())
             .unwrap_or_default(),
+        CallSetup::TakenOver(t) => remote_uri_of(&t.record, &t.sip),
+    };
+    let taken_over_dialog = match &setup {
+        CallSetup::TakenOver(t) => Some(t.dialog.clone()),
+        _ => None,
     };
     let shared = Arc::new(Mutex::new(CallShared {
-        dialog: None,
+        dialog: taken_over_dialog.clone(),
         remote_uri,
-        state: CallState::Trying,
+        state: if taken_over_dialog.is_some() {
+            CallState::Answered
+        } else {
+            CallState::Trying
+        },
     }));
     let media_input = Arc::new(Mutex::new(None));
     let direction = match &setup {
         CallSetup::Outgoing { .. } => "outgoing",
         CallSetup::Incoming { .. } => "incoming",
+        CallSetup::TakenOver(_) => "taken_over",
     };
     inner.calls.insert(
         key.clone(),
@@ -153,6 +221,10 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             media_input: media_input.clone(),
         },
     );
+    if let Some(dialog) = &taken_over_dialog {
+        // Before the request that caused the takeover is delivered again.
+        inner.by_dialog.insert(dialog.clone(), key.clone());
+    }
     inner.metrics.calls_active.inc();
     Metrics::inc(&inner.metrics.calls_started, direction);
     let span = info_span!("call", device = %key.0, call_ref = key.1, direction);
@@ -169,6 +241,10 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         telephone_event: false,
         held: false,
         ended: false,
+        replica: Replica {
+            outgoing: direction == "outgoing",
+            ..Replica::default()
+        },
     };
     tokio::spawn(call.run(setup).instrument(span));
 }
@@ -186,6 +262,7 @@ struct Call {
     telephone_event: bool,
     held: bool,
     ended: bool,
+    replica: Replica,
 }
 
 /// How the set-up phase ended.
@@ -212,6 +289,7 @@ impl Call {
                 drop(in_progress);
                 outcome
             }
+            CallSetup::TakenOver(setup) => self.taken_over(*setup).await,
         };
         if let SetUp::Answered = outcome {
             self.answered().await;
@@ -268,6 +346,7 @@ impl Call {
     }
 
     async fn set_remote(&mut self, sdp: &SessionDescription) {
+        self.replica.remote_sdp = Some(sdp.to_string());
         self.telephone_event = media_sdp::has_telephone_event(sdp);
         if let (Some(relay), Some(remote)) = (&self.relay, sdp.remote_media(&MediaKind::Audio)) {
             let _ = relay.set_remote_media(&remote).await;
@@ -382,6 +461,8 @@ impl Call {
                             ev.media = Some(media_sdp::media_offer(answer));
                         }
                         self.event(ev);
+                        // Confirmed: the ACK is sent.
+                        self.replicate();
                         if hangup_requested {
                             self.bye(EndReason::LocalHangup).await;
                             return SetUp::Ended;
@@ -568,15 +649,48 @@ impl Call {
                         CallCommand::Device(id, Body::Dtmf(d)) => self.dtmf(id, &d.digit, d.duration_ms).await,
                         CallCommand::Device(id, _) => self.reply_error(id, "the call is already answered"),
                         CallCommand::SipRequest(tx, request) => {
-                            if self.peer_request(tx, request).await {
+                            let ended = self.peer_request(tx, request).await;
+                            if let Some(arrived) = self.replica.takeover_arrived.take() {
+                                let latency = arrived.elapsed();
+                                self.inner.metrics.takeover_latency.observe(latency.as_secs_f64());
+                                info!(
+                                    takeover_latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                                    "takeover: the request that caused it is answered"
+                                );
+                            }
+                            if ended {
                                 return;
+                            }
+                            if std::mem::take(&mut self.replica.reinvite_pending) {
+                                self.reinvite_for_media().await;
                             }
                         }
                         CallCommand::AckTimeout => {
                             self.bye(EndReason::Failed).await;
                             return;
                         }
-                        CallCommand::Ack | CallCommand::Cancelled => {}
+                        CallCommand::Ack => {
+                            // Our 2xx is acknowledged: the dialog is confirmed.
+                            if !self.replica.stored {
+                                self.replicate();
+                            }
+                        }
+                        CallCommand::DeviceLink(link) => {
+                            if let Some(relay) = &self.relay {
+                                let _ = relay.set_sink(Arc::new(link)).await;
+                            }
+                        }
+                        CallCommand::OwnershipLost => self.replica.lost = true,
+                        CallCommand::Cancelled => {}
+                    }
+                    if self.replica.lost {
+                        self.inner.metrics.dialogs_lost.inc();
+                        self.event(ended_by(
+                            self.key.1,
+                            EndReason::NodeFailover,
+                            "the call moved to another node",
+                        ));
+                        return;
                     }
                 }
                 event = relay_event => {
@@ -639,6 +753,10 @@ impl Call {
                         );
                         ev.media = Some(media_sdp::media_offer(&offer));
                         self.event(ev);
+                        // A target refresh: the record follows it.
+                        if self.replica.stored {
+                            self.replicate();
+                        }
                     }
                     Err(_) => {
                         let _ = ua.respond(tx, 488, None, None).await;
@@ -736,6 +854,10 @@ impl Call {
         let Some(dialog) = self.dialog.clone() else {
             return;
         };
+        if !self.write_ahead().await {
+            self.reply_error(request_id, "the call moved to another node");
+            return;
+        }
         let result = self
             .inner
             .ua
@@ -771,6 +893,7 @@ impl Call {
                 if let Ok(answer) = SessionDescription::from_bytes(&response.body) {
                     self.set_remote(&answer).await;
                 }
+                self.replicate();
                 let state = if hold {
                     CallState::Held
                 } else {
@@ -819,6 +942,10 @@ impl Call {
             "Signal={digit}\r\nDuration={}\r\n",
             if duration_ms == 0 { 160 } else { duration_ms }
         );
+        if !self.write_ahead().await {
+            self.reply_error(request_id, "the call moved to another node");
+            return;
+        }
         let result = self
             .inner
             .ua
@@ -847,14 +974,26 @@ impl Call {
     async fn bye(&mut self, reason: EndReason) {
         let call_ref = self.key.1;
         if let Some(dialog) = self.dialog.clone() {
-            if let Ok(mut call) = self
-                .inner
-                .ua
-                .request_in_dialog(&dialog, Method::Bye, None, vec![])
-                .await
-            {
-                let _ = call.final_response().await;
+            if self.write_ahead().await {
+                if let Ok(mut call) = self
+                    .inner
+                    .ua
+                    .request_in_dialog(&dialog, Method::Bye, None, vec![])
+                    .await
+                {
+                    let _ = call.final_response().await;
+                }
             }
+        }
+        if self.replica.lost {
+            // Another node owns the dialog (and runs its timers): no BYE from here.
+            self.inner.metrics.dialogs_lost.inc();
+            self.event(ended_by(
+                call_ref,
+                EndReason::NodeFailover,
+                "the call moved to another node",
+            ));
+            return;
         }
         let text = match reason {
             EndReason::LocalHangup => "hung up by the device",
@@ -900,6 +1039,268 @@ impl Call {
             let _ = self.inner.ua.remove_dialog(dialog).await;
         }
         self.inner.forget_call(&self.key);
+        // The record ends after its last write (which finds no dialog to export if it had not
+        // run yet, and then writes nothing).
+        let pending = self.replica.pending.take();
+        if let (Some(dialog), Some(replicator)) = (&self.dialog, &self.inner.replicator) {
+            if self.replica.stored && !self.replica.lost {
+                if let Some(pending) = pending {
+                    let _ = pending.await;
+                }
+                if let Err(e) = replicator.remove(key_of_dialog(dialog)) {
+                    debug!(error = %e, "dialog end not replicated");
+                }
+            }
+        }
+    }
+
+    /// What the record says besides the SIP dialog.
+    fn facts(&self) -> CallFacts {
+        CallFacts {
+            device_id: self.key.0.clone(),
+            call_ref: self.key.1,
+            owner: self.inner.config.node.id.clone(),
+            epoch: self.replica.epoch,
+            base_version: self.replica.base_version,
+            media: NegotiatedMedia {
+                local_sdp: self
+                    .sdp
+                    .last_local()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                remote_sdp: self.replica.remote_sdp.clone().unwrap_or_default(),
+            },
+            app_data: Some(CallAppData {
+                v: 1,
+                remote_uri: self
+                    .shared
+                    .lock()
+                    .map(|s| s.remote_uri.clone())
+                    .unwrap_or_default(),
+                outgoing: self.replica.outgoing,
+                held: self.held,
+            }),
+        }
+    }
+
+    /// Hands the dialog's record to the replicator, from a task of its own: the call waits
+    /// neither on the user agent's export nor on the store. Only confirmed dialogs are written.
+    fn replicate(&mut self) {
+        if self.replica.lost {
+            return;
+        }
+        let (Some(replicator), Some(dialog)) = (self.inner.replicator.clone(), self.dialog.clone())
+        else {
+            return;
+        };
+        let previous = self.replica.pending.take();
+        let ua = self.inner.ua.clone();
+        let facts = self.facts();
+        self.replica.stored = true;
+        self.replica.pending = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let Ok(Some(export)) = ua.export(&dialog).await else {
+                return;
+            };
+            if export.state != "confirmed" {
+                return;
+            }
+            if let Err(e) = replicator.replicate(to_stored(&export, &facts)) {
+                debug!(error = %e, "dialog not replicated");
+            }
+        }));
+    }
+
+    /// Writes the local CSeq the next in-dialog request will use before it is sent, waiting up
+    /// to `cluster.write_ahead_timeout_ms`. False when another node owns the dialog: the
+    /// request must not be sent (the call is dropped).
+    async fn write_ahead(&mut self) -> bool {
+        if self.replica.lost {
+            return false;
+        }
+        if !self.replica.stored {
+            return true;
+        }
+        let (Some(replicator), Some(dialog)) = (self.inner.replicator.clone(), self.dialog.clone())
+        else {
+            return true;
+        };
+        if let Some(pending) = self.replica.pending.take() {
+            let _ = pending.await;
+        }
+        let Ok(Some(export)) = self.inner.ua.export(&dialog).await else {
+            return true;
+        };
+        let Some((reserved, _)) = reserve_next_local_cseq(export) else {
+            // No CSeq used yet (its first number is random): the importing node's floor
+            // covers it.
+            return true;
+        };
+        let metrics = &self.inner.metrics.write_ahead;
+        let ack = match replicator.replicate_acked(to_stored(&reserved, &self.facts())) {
+            Ok(ack) => ack,
+            Err(_) => {
+                Metrics::inc(metrics, "error");
+                return true;
+            }
+        };
+        match tokio::time::timeout(self.inner.config.cluster.write_ahead_timeout(), ack).await {
+            Ok(Ok(Ok(_))) => {
+                Metrics::inc(metrics, "written");
+                true
+            }
+            Ok(Ok(Err(StoreError::Conflict { .. }))) => {
+                Metrics::inc(metrics, "lost");
+                info!("another node owns the dialog: not sending");
+                self.replica.lost = true;
+                false
+            }
+            Ok(_) => {
+                Metrics::inc(metrics, "error");
+                true
+            }
+            Err(_) => {
+                Metrics::inc(metrics, "timeout");
+                true
+            }
+        }
+    }
+
+    /// Continues a stored dialog this node just claimed: SDP session, call state and media
+    /// relay from the record, then what the trigger asks for.
+    async fn taken_over(&mut self, setup: TakeoverSetup) -> SetUp {
+        let TakeoverSetup {
+            record,
+            sip,
+            dialog,
+            trigger,
+        } = setup;
+        self.set_dialog(dialog);
+        self.replica.epoch = record.epoch;
+        self.replica.base_version = record.version;
+        self.replica.stored = true;
+        let app = record.app_data.as_deref().and_then(CallAppData::decode);
+        self.replica.outgoing = app.as_ref().map_or(sip.role == "uac", |a| a.outgoing);
+        self.held = app.as_ref().is_some_and(|a| a.held);
+        if let Ok(local) = SessionDescription::parse(&record.media.local_sdp) {
+            self.device_media = Some(media_sdp::media_offer(&local));
+            self.sdp = SdpSession::from_previous(local);
+        }
+        self.start_relay();
+        if let Ok(remote) = SessionDescription::parse(&record.media.remote_sdp) {
+            self.set_remote(&remote).await;
+        }
+        if self.held {
+            if let Some(relay) = &self.relay {
+                let _ = relay.set_local_direction(Direction::SendOnly).await;
+            }
+        }
+        if let Ok(mut s) = self.shared.lock() {
+            s.state = if self.held {
+                CallState::Held
+            } else {
+                CallState::Answered
+            };
+        }
+        let reinvite = self.inner.config.cluster.reinvite_after_takeover;
+        match trigger {
+            Trigger::Request { method, arrived } => {
+                self.replica.takeover_arrived = Some(arrived);
+                self.replica.reinvite_pending = reinvite
+                    && !matches!(
+                        method,
+                        Method::Bye | Method::Invite | Method::Update | Method::Ack
+                    );
+            }
+            Trigger::DeviceResume | Trigger::Api => {
+                if reinvite {
+                    self.reinvite_for_media().await;
+                }
+            }
+            Trigger::DeviceCommand { request_id, body } => {
+                if reinvite && !matches!(body, Body::Hangup(_)) {
+                    self.reinvite_for_media().await;
+                }
+                // Handled by the answered phase, as if it had just arrived.
+                if let Some(handle) = self.inner.calls.get(&self.key) {
+                    handle.send(CallCommand::Device(request_id, body));
+                }
+            }
+            Trigger::Hangup => {
+                self.bye(EndReason::LocalHangup).await;
+                return SetUp::Ended;
+            }
+        }
+        if self.replica.lost {
+            self.inner.metrics.dialogs_lost.inc();
+            self.event(ended_by(
+                self.key.1,
+                EndReason::NodeFailover,
+                "the call moved to another node",
+            ));
+            return SetUp::Ended;
+        }
+        SetUp::Answered
+    }
+
+    /// Re-INVITEs the peer with this node's media address (after a takeover), CSeq following
+    /// the record's; the record is written again with the new SDP.
+    async fn reinvite_for_media(&mut self) {
+        let Some(dialog) = self.dialog.clone() else {
+            return;
+        };
+        let mut local = self.local_media();
+        if self.held {
+            local.direction = Direction::SendOnly;
+        }
+        let offer = match self.sdp.create_offer(&local) {
+            Ok(o) => o,
+            Err(e) => {
+                debug!(error = %e, "no re-INVITE offer after the takeover");
+                return;
+            }
+        };
+        if !self.write_ahead().await {
+            return;
+        }
+        let result = self
+            .inner
+            .ua
+            .request_in_dialog(
+                &dialog,
+                Method::Invite,
+                Some((Bytes::from(offer.to_string()), MediaType::sdp())),
+                vec![],
+            )
+            .await;
+        let mut call = match result {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "re-INVITE after the takeover not sent");
+                return;
+            }
+        };
+        match call.final_response().await {
+            ClientEvent::Response { response, dialog } if response.is_success() => {
+                if let Some(d) = dialog {
+                    let _ = self.inner.ua.ack(&d, None).await;
+                }
+                if let Ok(answer) = SessionDescription::from_bytes(&response.body) {
+                    self.set_remote(&answer).await;
+                }
+                self.replicate();
+                info!("media moved to this node (re-INVITE answered)");
+            }
+            ClientEvent::Response { response, .. } => {
+                debug!(
+                    status = response.status,
+                    "re-INVITE after the takeover refused"
+                );
+            }
+            _ => debug!("re-INVITE after the takeover timed out"),
+        }
     }
 }
 

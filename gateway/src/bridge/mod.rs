@@ -8,13 +8,18 @@
 //! `(device, call_ref)` and by dialog. The status mapping is in [`mapping`] (docs/protocol.md
 //! section 9). Registration upstream is in [`registrar`].
 //!
+//! Clustering: each call writes its confirmed dialog to the dialog store through the
+//! replicator ([`call`]), and [`takeover`] continues dialogs this node does not hold (a
+//! request for an unknown dialog, a device resuming here, the admin API).
+//!
 //! What it does not do: SIP parsing, transactions and dialog state (thalamus-sip), RTP
-//! (`crate::media`), replication (`crate::cluster`).
+//! (`crate::media`), store writes and their batching (`crate::cluster`).
 
 pub mod call;
 pub mod mapping;
 pub mod media_sdp;
 pub mod registrar;
+pub mod takeover;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -26,6 +31,7 @@ use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{Envelope, ErrorCode, TextReceived, TextStatus};
 use thalamus_sip::dialog::DialogId;
@@ -34,6 +40,8 @@ use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::cluster::replicator::Replicator;
+use crate::cluster::store::{DialogKey, DialogStore, StoredDialog};
 use crate::config::Config;
 use crate::media::MediaEngine;
 use crate::metrics::{Metrics, ReasonLabel};
@@ -47,7 +55,7 @@ use call::{CallCommand, CallHandle, CallSetup};
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
 
 /// Bridge counters.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BridgeMetrics {
     /// Calls started, by direction (`outgoing`, `incoming`).
     pub calls_started: Family<ReasonLabel, Counter>,
@@ -59,6 +67,35 @@ pub struct BridgeMetrics {
     pub sip_refused: Family<ReasonLabel, Counter>,
     /// Texts, by direction and outcome.
     pub texts: Family<ReasonLabel, Counter>,
+    /// Takeover attempts, by outcome (`claimed`, `ended`, `not_found`, `lost_race`,
+    /// `unavailable`, `invalid`, `disabled`).
+    pub takeovers: Family<ReasonLabel, Counter>,
+    /// Time from a request for an unknown dialog arriving to its answer by the call that took
+    /// the dialog over, seconds.
+    pub takeover_latency: Histogram,
+    /// Local CSeq writes ahead of an in-dialog request, by outcome (`written`, `timeout`,
+    /// `error`, `lost`: another node owns the dialog, the request was not sent).
+    pub write_ahead: Family<ReasonLabel, Counter>,
+    /// Dialogs dropped because another node took them over (a replication conflict).
+    pub dialogs_lost: Counter,
+}
+
+impl Default for BridgeMetrics {
+    fn default() -> Self {
+        Self {
+            calls_started: Family::default(),
+            calls_ended: Family::default(),
+            calls_active: Gauge::default(),
+            sip_refused: Family::default(),
+            texts: Family::default(),
+            takeovers: Family::default(),
+            takeover_latency: Histogram::new([
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+            ]),
+            write_ahead: Family::default(),
+            dialogs_lost: Counter::default(),
+        }
+    }
 }
 
 impl BridgeMetrics {
@@ -85,6 +122,26 @@ impl BridgeMetrics {
             self.sip_refused.clone(),
         );
         registry.register("texts", "Text messages", self.texts.clone());
+        registry.register(
+            "takeovers",
+            "Dialog takeovers, by outcome",
+            self.takeovers.clone(),
+        );
+        registry.register(
+            "takeover_latency_seconds",
+            "Request for an unknown dialog in to its answer out, after a takeover",
+            self.takeover_latency.clone(),
+        );
+        registry.register(
+            "write_ahead",
+            "Local CSeq writes ahead of in-dialog requests, by outcome",
+            self.write_ahead.clone(),
+        );
+        registry.register(
+            "dialogs_lost",
+            "Dialogs dropped because another node took them over",
+            self.dialogs_lost.clone(),
+        );
     }
 }
 
@@ -103,6 +160,11 @@ pub struct BridgeDeps {
     pub media_address: IpAddr,
     /// Counters.
     pub metrics: BridgeMetrics,
+    /// The dialog store, where dialogs this node does not hold are looked up (none: requests
+    /// for unknown dialogs are answered 481).
+    pub store: Option<Arc<dyn DialogStore>>,
+    /// Where confirmed dialogs are written (none: replication is off).
+    pub replicator: Option<Arc<Replicator>>,
 }
 
 /// A call's address in the bridge.
@@ -124,6 +186,14 @@ pub(crate) struct BridgeInner {
     pub(crate) next_incoming_ref: AtomicU32,
     pub(crate) metrics: BridgeMetrics,
     pub(crate) registrar: Option<registrar::Registrar>,
+    pub(crate) store: Option<Arc<dyn DialogStore>>,
+    pub(crate) replicator: Option<Arc<Replicator>>,
+    /// Takeovers in progress, one lock per dialog (so one request, resume or API call claims
+    /// and imports it, and the others find it held).
+    pub(crate) takeovers: DashMap<DialogKey, Arc<tokio::sync::Mutex<()>>>,
+    /// Calls of devices that resumed here, still held by a node whose lease runs: listed in
+    /// `live_calls`, claimed when the lease lapses or at the first request from either side.
+    pub(crate) watched: DashMap<CallKey, StoredDialog>,
 }
 
 /// The bridge (cheap to clone).
@@ -150,7 +220,10 @@ impl Bridge {
             media,
             media_address,
             metrics,
+            store,
+            replicator,
         } = deps;
+        let conflicts = replicator.as_ref().and_then(|r| r.take_conflicts());
         let registrar = config
             .sip
             .registrar
@@ -168,17 +241,64 @@ impl Bridge {
             by_dialog: DashMap::new(),
             by_invite: DashMap::new(),
             in_progress: DashMap::new(),
-            next_incoming_ref: AtomicU32::new(1),
+            next_incoming_ref: AtomicU32::new(rand::random::<u32>() & 0x3fff_ffff),
             metrics,
             registrar,
+            store,
+            replicator,
+            takeovers: DashMap::new(),
+            watched: DashMap::new(),
         });
         tokio::spawn(dispatch(inner.clone(), events));
+        if let Some(conflicts) = conflicts {
+            tokio::spawn(takeover::drop_lost_dialogs(inner.clone(), conflicts));
+        }
         Bridge { inner }
     }
 
     /// Calls in progress.
     pub fn active_calls(&self) -> usize {
         self.inner.calls.len()
+    }
+
+    /// The stored record of a dialog, from the dialog store (any node's).
+    pub async fn stored_dialog(
+        &self,
+        key: &DialogKey,
+    ) -> Result<Option<StoredDialog>, takeover::TakeoverError> {
+        takeover::stored_dialog(&self.inner, key).await
+    }
+
+    /// The live stored dialogs of a device, from the dialog store.
+    pub async fn stored_dialogs_of(
+        &self,
+        device: &str,
+    ) -> Result<Vec<StoredDialog>, takeover::TakeoverError> {
+        takeover::stored_dialogs_of(&self.inner, device).await
+    }
+
+    /// Whether this node holds the dialog (a call task runs it here).
+    pub fn holds(&self, key: &DialogKey) -> bool {
+        self.inner
+            .by_dialog
+            .contains_key(&crate::cluster::dialogs::dialog_of_key(key))
+    }
+
+    /// UAC-mode takeover: fetches the dialog from the store, claims it for this node, imports
+    /// it and attaches a call for it (which re-INVITEs the peer so media follows, when
+    /// configured). Returns the call's `(device, call_ref)`. A dialog already held here is
+    /// returned as is.
+    pub async fn claim_dialog(&self, key: &DialogKey) -> Result<CallKey, takeover::TakeoverError> {
+        takeover::take_over(&self.inner, key, takeover::Trigger::Api)
+            .await
+            .map(|t| t.call)
+    }
+
+    /// Ends a dialog from this node: takes it over first when another node holds it, then sends
+    /// BYE with the next CSeq over the dialog's route set (as a device hangup). Returns the
+    /// call's `(device, call_ref)`; the BYE goes out asynchronously.
+    pub async fn hangup_dialog(&self, key: &DialogKey) -> Result<CallKey, takeover::TakeoverError> {
+        takeover::hangup(&self.inner, key).await
     }
 }
 
@@ -341,7 +461,21 @@ impl DeviceRequests for Bridge {
                 let sent = inner
                     .calls
                     .get(&key)
-                    .map(|c| c.send(CallCommand::Device(request_id, body)));
+                    .map(|c| c.send(CallCommand::Device(request_id, body.clone())));
+                if sent.is_none() {
+                    if let Some(record) = inner.watched.get(&key).map(|w| w.key.clone()) {
+                        // A call of this device still held by another node: take it over here
+                        // (UAC mode) and hand the command to it.
+                        tokio::spawn(takeover::device_command(
+                            inner.clone(),
+                            record,
+                            device_id.to_string(),
+                            request_id,
+                            body,
+                        ));
+                        return vec![];
+                    }
+                }
                 match sent {
                     Some(true) => vec![],
                     _ => vec![error_frame(
@@ -383,6 +517,10 @@ impl DeviceRequests for Bridge {
     }
 
     fn online(&self, device_id: &str, link: quinn::Connection) {
+        // Calls still up (a resumed session): their media goes to the new connection.
+        for call in self.inner.calls.iter().filter(|c| c.key().0 == device_id) {
+            call.send(CallCommand::DeviceLink(link.clone()));
+        }
         self.inner.links.insert(device_id.to_string(), link);
         if let Some(r) = &self.inner.registrar {
             r.device_online(device_id, self.inner.credentials(device_id));
@@ -432,7 +570,8 @@ impl DeviceRequests for Bridge {
     }
 
     fn live_calls(&self, device_id: &str) -> Vec<thalamus_proto::v1::LiveCall> {
-        self.inner
+        let mut calls: Vec<thalamus_proto::v1::LiveCall> = self
+            .inner
             .calls
             .iter()
             .filter(|c| c.key().0 == device_id)
@@ -441,7 +580,22 @@ impl DeviceRequests for Bridge {
                 remote_uri: c.remote_uri().to_string(),
                 state: c.state() as i32,
             })
-            .collect()
+            .collect();
+        calls.extend(
+            self.inner
+                .watched
+                .iter()
+                .filter(|w| w.key().0 == device_id && !self.inner.calls.contains_key(w.key()))
+                .map(|w| takeover::live_call_of(w.value())),
+        );
+        calls
+    }
+
+    fn resume<'a>(
+        &'a self,
+        device_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(takeover::resume_device(self.inner.clone(), device_id))
     }
 }
 
@@ -576,9 +730,18 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
                     }
                 }
             }
-            UaEvent::UnknownDialog { tx, .. } => {
-                Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
-                let _ = inner.ua.reject_unknown(tx).await;
+            UaEvent::UnknownDialog { tx, request, .. } => {
+                if inner.store.is_some() && request.method != Method::Ack {
+                    tokio::spawn(takeover::unknown_dialog(
+                        inner,
+                        tx,
+                        request,
+                        std::time::Instant::now(),
+                    ));
+                } else {
+                    Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
+                    let _ = inner.ua.reject_unknown(tx).await;
+                }
             }
             UaEvent::Ack { dialog, .. } => {
                 if let Some(k) = inner.by_dialog.get(&dialog).map(|k| k.clone()) {
@@ -680,7 +843,17 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 let _ = ua.respond(tx, 486, None, None).await;
                 return;
             }
-            let call_ref = 0x8000_0000 | inner.next_incoming_ref.fetch_add(1, Ordering::Relaxed);
+            // Incoming refs start at a random point on each node and skip refs in use (a call
+            // taken over from another node keeps the ref that node gave it).
+            let mut call_ref = 0;
+            for _ in 0..16 {
+                call_ref = 0x8000_0000 | inner.next_incoming_ref.fetch_add(1, Ordering::Relaxed);
+                let candidate = (device.clone(), call_ref);
+                if !inner.calls.contains_key(&candidate) && !inner.watched.contains_key(&candidate)
+                {
+                    break;
+                }
+            }
             let key = (device.clone(), call_ref);
             inner.by_invite.insert(tx, key.clone());
             info!(device, call_ref, "incoming call");

@@ -157,9 +157,18 @@ impl Write {
     }
 }
 
+/// What one write came to, as told to whoever waits on it
+/// ([`Replicator::replicate_acked`]): the version the store now holds, or why it failed.
+pub type WriteOutcome = Result<u64, StoreError>;
+
+/// Waits for the outcome of one write queued with [`Replicator::replicate_acked`].
+pub type WriteAck = oneshot::Receiver<WriteOutcome>;
+
+type AckSender = oneshot::Sender<WriteOutcome>;
+
 #[derive(Debug)]
 enum Command {
-    Write(Write),
+    Write(Write, Option<AckSender>),
     Flush(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
@@ -198,8 +207,8 @@ impl Replicator {
         }
     }
 
-    fn enqueue(&self, write: Write) -> Result<(), ReplicateError> {
-        match self.tx.try_send(Command::Write(write)) {
+    fn enqueue(&self, write: Write, ack: Option<AckSender>) -> Result<(), ReplicateError> {
+        match self.tx.try_send(Command::Write(write, ack)) {
             Ok(()) => {
                 self.counters.queued.inc();
                 Ok(())
@@ -217,12 +226,27 @@ impl Replicator {
     /// higher (after a claim, pass the claimed record); version 0 with nothing written before
     /// means create.
     pub fn replicate(&self, record: StoredDialog) -> Result<(), ReplicateError> {
-        self.enqueue(Write::Put(Box::new(self.strategy.prepare(record))))
+        self.enqueue(Write::Put(Box::new(self.strategy.prepare(record))), None)
+    }
+
+    /// [`Replicator::replicate`], with a receiver that tells when the write reached the store
+    /// and how it went (the new version, or the error: a [`StoreError::Conflict`] means another
+    /// node owns the dialog now). For writes that must land before the caller acts, such as a
+    /// local CSeq written before it is used; the caller bounds its wait. When a later write of
+    /// the same dialog replaces this one in the queue, the receiver gets the later write's
+    /// outcome.
+    pub fn replicate_acked(&self, record: StoredDialog) -> Result<WriteAck, ReplicateError> {
+        let (ack, outcome) = oneshot::channel();
+        self.enqueue(
+            Write::Put(Box::new(self.strategy.prepare(record))),
+            Some(ack),
+        )?;
+        Ok(outcome)
     }
 
     /// Queues the end of a dialog: its record becomes a tombstone (never waits).
     pub fn remove(&self, key: DialogKey) -> Result<(), ReplicateError> {
-        self.enqueue(Write::Delete(key))
+        self.enqueue(Write::Delete(key), None)
     }
 
     /// Waits until every write queued before this call has reached the store (or failed).
@@ -272,10 +296,11 @@ impl Replicator {
         }
     }
 
-    /// Registers the counters as `thalamus_replication_*_total` in `registry`.
+    /// Registers the counters as `replication_*_total` in `registry` (the node's registry,
+    /// prefixed `thalamus`, so `thalamus_replication_*_total`).
     pub fn register_metrics(&self, registry: &mut Registry) {
         let c = &self.counters;
-        let sub = registry.sub_registry_with_prefix("thalamus_replication");
+        let sub = registry.sub_registry_with_prefix("replication");
         sub.register(
             "queued",
             "Dialog writes accepted into the replication queue",
@@ -328,21 +353,22 @@ impl Worker {
         let max_batch = self.config.max_batch.max(1);
         let mut stopped = Vec::new();
         while let Some(first) = rx.recv().await {
-            let mut batch: Vec<Write> = Vec::new();
+            let mut batch: Vec<(Write, Vec<AckSender>)> = Vec::new();
             let mut positions: HashMap<DialogKey, usize> = HashMap::new();
             let mut flushes = Vec::new();
             let mut next = Some(first);
             while let Some(command) = next.take() {
                 match command {
-                    Command::Write(write) => {
+                    Command::Write(write, ack) => {
                         if let Some(&at) = positions.get(write.key()) {
                             self.counters.coalesced.inc();
                             if let Some(slot) = batch.get_mut(at) {
-                                *slot = write;
+                                slot.0 = write;
+                                slot.1.extend(ack);
                             }
                         } else {
                             positions.insert(write.key().clone(), batch.len());
-                            batch.push(write);
+                            batch.push((write, ack.into_iter().collect()));
                         }
                     }
                     Command::Flush(done) => {
@@ -382,10 +408,10 @@ impl Worker {
         }
     }
 
-    async fn write(&mut self, batch: Vec<Write>) {
-        let mut pending: Vec<(WriteOp, bool)> = batch
+    async fn write(&mut self, batch: Vec<(Write, Vec<AckSender>)>) {
+        let mut pending: Vec<(WriteOp, bool, Vec<AckSender>)> = batch
             .into_iter()
-            .map(|w| {
+            .map(|(w, acks)| {
                 let expected_version = self.expected_version(&w);
                 match w {
                     Write::Put(record) => (
@@ -394,6 +420,7 @@ impl Worker {
                             expected_version,
                         },
                         false,
+                        acks,
                     ),
                     Write::Delete(key) => (
                         WriteOp::Delete {
@@ -401,16 +428,22 @@ impl Worker {
                             expected_version,
                         },
                         true,
+                        acks,
                     ),
                 }
             })
             .collect();
+        let tell = |acks: Vec<AckSender>, outcome: WriteOutcome| {
+            for ack in acks {
+                let _ = ack.send(outcome.clone());
+            }
+        };
         let mut attempt = 0;
         while !pending.is_empty() {
             attempt += 1;
             let last_attempt = attempt >= self.config.max_attempts.max(1);
             self.counters.batches.inc();
-            let ops: Vec<WriteOp> = pending.iter().map(|(op, _)| op.clone()).collect();
+            let ops: Vec<WriteOp> = pending.iter().map(|(op, _, _)| op.clone()).collect();
             let results = match self.store.write_batch(ops).await {
                 Ok(results) if results.len() == pending.len() => results,
                 Ok(results) => {
@@ -420,6 +453,9 @@ impl Worker {
                         "dialog store answered a batch short"
                     );
                     self.counters.errors.inc_by(pending.len() as u64);
+                    for (_, _, acks) in pending {
+                        tell(acks, Err(StoreError::Backend("short batch answer".into())));
+                    }
                     return;
                 }
                 Err(e) if e.is_transient() && !last_attempt => {
@@ -430,14 +466,18 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(error = %e, writes = pending.len(), "dialog store batch failed");
                     self.counters.errors.inc_by(pending.len() as u64);
+                    for (_, _, acks) in pending {
+                        tell(acks, Err(e.clone()));
+                    }
                     return;
                 }
             };
             let mut retry = Vec::new();
-            for ((op, is_delete), result) in pending.into_iter().zip(results) {
+            for ((op, is_delete, acks), result) in pending.into_iter().zip(results) {
                 let key = op.key().clone();
                 match result {
                     Ok(version) => {
+                        tell(acks, Ok(version));
                         self.counters.written.inc();
                         if is_delete {
                             self.versions.remove(&key);
@@ -449,6 +489,7 @@ impl Worker {
                     }
                     Err(StoreError::NotFound) if is_delete => {
                         // Already gone (expired or never written): nothing to end.
+                        tell(acks, Ok(0));
                         self.counters.written.inc();
                         self.versions.remove(&key);
                     }
@@ -456,14 +497,18 @@ impl Worker {
                         self.counters.conflicts.inc();
                         self.versions.remove(&key);
                         tracing::info!(dialog = %key, ?current, "dialog write lost its compare-and-set");
+                        tell(acks, Err(StoreError::Conflict { current }));
                         let _ = self.notices.try_send(ConflictNotice {
                             key,
                             current,
                             was_delete: is_delete,
                         });
                     }
-                    Err(e) if e.is_transient() && !last_attempt => retry.push((op, is_delete)),
+                    Err(e) if e.is_transient() && !last_attempt => {
+                        retry.push((op, is_delete, acks))
+                    }
                     Err(e) => {
+                        tell(acks, Err(e.clone()));
                         self.counters.errors.inc();
                         tracing::error!(dialog = %key, error = %e, "dialog write failed");
                     }
@@ -633,6 +678,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn acked_writes_tell_their_outcome() {
+        let store = memory();
+        let rep = Replicator::spawn(store.clone(), ReplicatorConfig::default());
+        let r = record("ack-1", "dev", "node-a");
+        let first = rep.replicate_acked(r.clone()).unwrap();
+        // Replaced in the queue by a later write of the same dialog: both learn its outcome.
+        let mut later = r.clone();
+        later.call_ref = 7;
+        let second = rep.replicate_acked(later).unwrap();
+        assert_eq!(first.await.unwrap(), Ok(1));
+        assert_eq!(second.await.unwrap(), Ok(1));
+        assert_eq!(store.get(&r.key).await.unwrap().unwrap().call_ref, 7);
+        let next = rep.replicate_acked(r.clone()).unwrap();
+        assert_eq!(next.await.unwrap(), Ok(2));
+
+        // Another node claimed the dialog: the waiter learns of the conflict.
+        store.claim(&r.key, "node-b", 0).await.unwrap();
+        let lost = rep.replicate_acked(r.clone()).unwrap();
+        assert_eq!(
+            lost.await.unwrap(),
+            Err(StoreError::Conflict { current: Some(3) })
+        );
+        assert_eq!(store.get(&r.key).await.unwrap().unwrap().owner, "node-b");
+    }
+
+    #[tokio::test]
     async fn a_full_queue_refuses_without_waiting() {
         let store = memory();
         let config = ReplicatorConfig {
@@ -766,7 +837,7 @@ mod tests {
         let rep = Replicator::spawn(memory(), ReplicatorConfig::default());
         rep.replicate(record("metric-1", "dev", "n")).unwrap();
         rep.flush().await.unwrap();
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_prefix("thalamus");
         rep.register_metrics(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();

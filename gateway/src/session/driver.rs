@@ -295,6 +295,17 @@ async fn authenticate(
         Ok(_) => node.throttle.record_failure(remote.ip(), Instant::now()),
         Err(_) => {}
     }
+    // A device resuming (possibly here after its node died): let the bridge find its calls
+    // before the Welcome lists them.
+    if matches!(verdict, Ok(Verdict::Valid))
+        && !hello.resume_token.is_empty()
+        && node
+            .tokens
+            .check(&hello.device_id, &hello.resume_token, unix_now())
+            .is_ok()
+    {
+        node.bridge.resume(&hello.device_id).await;
+    }
     let _ = reply.send(AuthResult {
         request_id,
         hello,
@@ -435,6 +446,15 @@ pub trait DeviceRequests: Send + Sync {
     /// The calls of `device_id` still up (listed in the Welcome of a resumed session).
     fn live_calls(&self, _device_id: &str) -> Vec<thalamus_proto::v1::LiveCall> {
         Vec::new()
+    }
+    /// `device_id` presented a valid resume token; runs before its Welcome is built, so the
+    /// calls it finds (held by a node that died, say) are in `live_calls`. The implementation
+    /// bounds its own time.
+    fn resume<'a>(
+        &'a self,
+        _device_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(std::future::ready(()))
     }
 }
 

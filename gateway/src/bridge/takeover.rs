@@ -1,0 +1,530 @@
+//! Takeover: continuing here a dialog that another node (or this node before a restart) wrote
+//! to the dialog store.
+//!
+//! One procedure ([`take_over`]) serves every way in:
+//! - **UAS mode** ([`unknown_dialog`]), as in JAIN SIP HA: a request arrives for a dialog the
+//!   user agent does not hold. The record is read and claimed (compare-and-set on the owner
+//!   epoch: exactly one node wins), the SIP dialog is imported, a call is attached, and the
+//!   request is delivered again, so the call answers it (BYE 200, re-INVITE answered with this
+//!   node's media, INFO and MESSAGE 200). A request for an ended dialog (a tombstone) is
+//!   answered as the dialog's end: BYE 200 (a late retransmission of the BYE that ended it),
+//!   anything else 481. An unknown dialog is 481; a lost race or an unreachable store is 503
+//!   with `Retry-After` (the peer tries again, and the owner answers).
+//! - **UAC mode** ([`crate::bridge::Bridge::claim_dialog`],
+//!   [`crate::bridge::Bridge::hangup_dialog`], the admin endpoint): this node fetches a dialog
+//!   by id and sends its next request itself, with the CSeq and route set of the record.
+//! - **Devices follow** ([`resume_device`]): a device resuming its session here has its stored
+//!   dialogs listed; those whose owner's lease lapsed (or that name this node) are claimed at
+//!   once, the others are watched (listed in the Welcome, claimed when the lease lapses or at
+//!   the first request from either side).
+//!
+//! After a takeover the call re-INVITEs the peer with this node's media address (see
+//! [`crate::bridge::call`]). Conflict notices from the replicator ([`drop_lost_dialogs`]) tell a
+//! node that another one took its dialog over; the call is dropped without a BYE.
+//!
+//! What it does not do: decide ownership of devices (the balancer's hash), write records (the
+//! calls do, through the replicator), or run SIP timers of dialogs it does not hold.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{CallState, EndReason, Hangup, LiveCall};
+use thalamus_sip::message::{HeaderName, Method, Request};
+use thalamus_sip::transport::PeerTransport;
+use thalamus_sip::ua::ServerTx;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::call::{self, CallCommand, CallSetup, TakeoverSetup};
+use super::mapping::ended_by;
+use super::{BridgeInner, CallKey};
+use crate::cluster::dialogs::{
+    dialog_of_key, key_of_request, prepare_for_import, remote_uri_of, sip_record_of, CallAppData,
+};
+use crate::cluster::replicator::ConflictNotice;
+use crate::cluster::store::{DialogKey, DialogStore, StoreError, StoredDialog};
+use crate::metrics::Metrics;
+
+/// Most stored dialogs of one device looked at when it resumes.
+pub const MAX_RESUME_DIALOGS: usize = 64;
+
+/// How often a watched call checks its owner's lease again before giving up.
+const MAX_LEASE_CHECKS: u32 = 8;
+
+/// What caused a takeover (and so what the call does first).
+#[derive(Debug)]
+pub enum Trigger {
+    /// A request for the dialog arrived (UAS mode); it is delivered again after the import.
+    Request {
+        /// Its method.
+        method: Method,
+        /// When it arrived (its answer is timed).
+        arrived: Instant,
+    },
+    /// The device resumed its session here.
+    DeviceResume,
+    /// The API or admin endpoint asked.
+    Api,
+    /// A device command for a call held elsewhere (UAC mode); handed to the call.
+    DeviceCommand {
+        /// The device's request id.
+        request_id: u64,
+        /// The command.
+        body: Body,
+    },
+    /// End the dialog from here (UAC mode): BYE.
+    Hangup,
+}
+
+/// Why a dialog was not taken over.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TakeoverError {
+    /// No record: the dialog was never replicated, or expired.
+    #[error("no such dialog in the store")]
+    NotFound,
+    /// The dialog ended (a tombstone).
+    #[error("the dialog ended")]
+    Ended,
+    /// Another node claimed it first.
+    #[error("another node took the dialog over (epoch {current:?})")]
+    LostRace {
+        /// The epoch the store holds.
+        current: Option<u64>,
+    },
+    /// The store did not answer in time or is unreachable.
+    #[error("dialog store unavailable: {0}")]
+    Unavailable(String),
+    /// The record cannot be continued here.
+    #[error("the dialog cannot be continued here: {0}")]
+    Invalid(String),
+    /// This node has no dialog store.
+    #[error("no dialog store on this node")]
+    Disabled,
+}
+
+impl TakeoverError {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::Ended => "ended",
+            Self::LostRace { .. } => "lost_race",
+            Self::Unavailable(_) => "unavailable",
+            Self::Invalid(_) => "invalid",
+            Self::Disabled => "disabled",
+        }
+    }
+
+    fn from_store(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => Self::NotFound,
+            StoreError::Tombstoned { .. } => Self::Ended,
+            StoreError::Conflict { current } => Self::LostRace { current },
+            e if e.is_transient() => Self::Unavailable(e.to_string()),
+            StoreError::Closed => Self::Unavailable(e.to_string()),
+            e => Self::Invalid(e.to_string()),
+        }
+    }
+}
+
+/// A dialog this node now holds.
+#[derive(Debug)]
+pub struct TakenOver {
+    /// The call's `(device, call_ref)`.
+    pub call: CallKey,
+    /// The claimed record; `None` when the dialog was already held here.
+    pub record: Option<StoredDialog>,
+}
+
+async fn bounded<T>(
+    inner: &BridgeInner,
+    what: &str,
+    op: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, TakeoverError> {
+    match tokio::time::timeout(inner.config.cluster.takeover_timeout(), op).await {
+        Ok(result) => result.map_err(TakeoverError::from_store),
+        Err(_) => Err(TakeoverError::Unavailable(format!("{what} timed out"))),
+    }
+}
+
+fn store_of(inner: &BridgeInner) -> Result<Arc<dyn DialogStore>, TakeoverError> {
+    inner.store.clone().ok_or(TakeoverError::Disabled)
+}
+
+/// Takes `key` over for this node (see the module notes), once: concurrent attempts on the
+/// same dialog wait for the first and then find it held.
+pub(crate) async fn take_over(
+    inner: &Arc<BridgeInner>,
+    key: &DialogKey,
+    trigger: Trigger,
+) -> Result<TakenOver, TakeoverError> {
+    key.validate()
+        .map_err(|e| TakeoverError::Invalid(e.to_string()))?;
+    let store = store_of(inner)?;
+    let lock = inner.takeovers.entry(key.clone()).or_default().clone();
+    let result = {
+        let _guard = lock.lock().await;
+        take_over_locked(inner, &store, key, trigger).await
+    };
+    inner
+        .takeovers
+        .remove_if(key, |_, l| Arc::strong_count(l) <= 2);
+    drop(lock);
+    match &result {
+        Ok(TakenOver {
+            record: Some(_), ..
+        }) => Metrics::inc(&inner.metrics.takeovers, "claimed"),
+        Ok(_) => {}
+        Err(e) => Metrics::inc(&inner.metrics.takeovers, e.label()),
+    }
+    result
+}
+
+async fn take_over_locked(
+    inner: &Arc<BridgeInner>,
+    store: &Arc<dyn DialogStore>,
+    key: &DialogKey,
+    trigger: Trigger,
+) -> Result<TakenOver, TakeoverError> {
+    if let Some(call) = inner.by_dialog.get(&dialog_of_key(key)).map(|c| c.clone()) {
+        if let Trigger::DeviceCommand { request_id, body } = trigger {
+            if let Some(handle) = inner.calls.get(&call) {
+                handle.send(CallCommand::Device(request_id, body));
+            }
+        } else if let Trigger::Hangup = trigger {
+            if let Some(handle) = inner.calls.get(&call) {
+                handle.send(CallCommand::Device(
+                    0,
+                    Body::Hangup(Hangup { call_ref: call.1 }),
+                ));
+            }
+        }
+        return Ok(TakenOver { call, record: None });
+    }
+    let record = match bounded(inner, "reading the dialog", store.get(key)).await? {
+        None => return Err(TakeoverError::NotFound),
+        Some(r) if !r.is_live() => return Err(TakeoverError::Ended),
+        Some(r) => r,
+    };
+    // Check what can be checked before claiming, so a record this node cannot continue stays
+    // with its owner.
+    let sip = sip_record_of(&record).map_err(|e| TakeoverError::Invalid(e.to_string()))?;
+    let call = (record.device_id.clone(), record.call_ref);
+    if inner.calls.contains_key(&call) {
+        return Err(TakeoverError::Invalid(format!(
+            "call_ref {} of device {} is in use on this node",
+            call.1, call.0
+        )));
+    }
+    let node_id = inner.config.node.id.clone();
+    let claimed = bounded(
+        inner,
+        "claiming the dialog",
+        store.claim(key, &node_id, record.epoch),
+    )
+    .await?;
+    let contact = inner
+        .ua
+        .contact(Some(&claimed.device_id), PeerTransport::Udp)
+        .to_string();
+    let prepared = prepare_for_import(sip, &contact);
+    let dialog = match inner.ua.import(prepared.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            // Claimed but not importable: the record stays ours and expires with its TTL.
+            warn!(dialog = %key, error = %e, "claimed dialog could not be imported");
+            return Err(TakeoverError::Invalid(e.to_string()));
+        }
+    };
+    inner.watched.remove(&call);
+    info!(
+        dialog = %key,
+        device = %call.0,
+        call_ref = call.1,
+        epoch = claimed.epoch,
+        previous_owner = %record.owner,
+        "dialog taken over"
+    );
+    call::spawn(
+        inner.clone(),
+        call.clone(),
+        CallSetup::TakenOver(Box::new(TakeoverSetup {
+            record: claimed.clone(),
+            sip: prepared,
+            dialog,
+            trigger,
+        })),
+    );
+    Ok(TakenOver {
+        call,
+        record: Some(claimed),
+    })
+}
+
+/// UAS mode: a request for a dialog the user agent does not hold.
+pub(crate) async fn unknown_dialog(
+    inner: Arc<BridgeInner>,
+    tx: ServerTx,
+    request: Request,
+    arrived: Instant,
+) {
+    let ua = &inner.ua;
+    let Some(key) = key_of_request(&request) else {
+        Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
+        let _ = ua.reject_unknown(tx).await;
+        return;
+    };
+    let method = request.method.clone();
+    let trigger = Trigger::Request {
+        method: method.clone(),
+        arrived,
+    };
+    match take_over(&inner, &key, trigger).await {
+        Ok(_) => {
+            let _ = ua.redeliver(tx).await;
+        }
+        Err(TakeoverError::Ended) if method == Method::Bye => {
+            // A late retransmission of the BYE that ended the dialog (or a BYE crossing ours):
+            // the dialog is over, as the BYE asks.
+            let _ = ua.respond(tx, 200, None, None).await;
+        }
+        Err(e @ (TakeoverError::LostRace { .. } | TakeoverError::Unavailable(_))) => {
+            debug!(dialog = %key, error = %e, "takeover failed; 503");
+            Metrics::inc(&inner.metrics.sip_refused, "takeover_unavailable");
+            let _ = ua
+                .respond_with_headers(
+                    tx,
+                    503,
+                    None,
+                    None,
+                    vec![(HeaderName::RetryAfter, "1".to_string())],
+                )
+                .await;
+        }
+        Err(e) => {
+            debug!(dialog = %key, error = %e, "no dialog to take over; 481");
+            Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
+            let _ = ua.reject_unknown(tx).await;
+        }
+    }
+}
+
+/// Devices follow: `device` resumed its session here. Bounded by the takeover timeout per
+/// store operation and by [`MAX_RESUME_DIALOGS`].
+pub(crate) async fn resume_device(inner: Arc<BridgeInner>, device: &str) {
+    let Ok(store) = store_of(&inner) else {
+        return;
+    };
+    let records = match bounded(
+        &inner,
+        "listing the device's dialogs",
+        store.list_by_device(device),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(device, error = %e, "device's stored dialogs not read");
+            return;
+        }
+    };
+    for record in records.into_iter().take(MAX_RESUME_DIALOGS) {
+        let call = (record.device_id.clone(), record.call_ref);
+        if inner.by_dialog.contains_key(&dialog_of_key(&record.key))
+            || inner.calls.contains_key(&call)
+        {
+            continue;
+        }
+        match lease_left(&inner, &store, &record).await {
+            None => {
+                if let Err(e) = take_over(&inner, &record.key, Trigger::DeviceResume).await {
+                    debug!(dialog = %record.key, error = %e, "resumed device's dialog not taken over");
+                }
+            }
+            Some(left) => {
+                info!(
+                    dialog = %record.key,
+                    owner = %record.owner,
+                    lease_left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+                    "resumed device's call is held by a node whose lease runs: watching it"
+                );
+                let key = record.key.clone();
+                inner.watched.insert(call.clone(), record);
+                tokio::spawn(claim_when_lease_lapses(inner.clone(), key, call, left));
+            }
+        }
+    }
+}
+
+/// How long the owner's lease still runs; `None` when it lapsed or the record names this node
+/// (which restarted). An unreadable lease counts as running for the takeover timeout.
+async fn lease_left(
+    inner: &BridgeInner,
+    store: &Arc<dyn DialogStore>,
+    record: &StoredDialog,
+) -> Option<Duration> {
+    if record.owner == inner.config.node.id {
+        return None;
+    }
+    match bounded(
+        inner,
+        "reading the lease",
+        store.lease_remaining(&record.owner),
+    )
+    .await
+    {
+        Ok(left) => left,
+        Err(_) => Some(inner.config.cluster.takeover_timeout()),
+    }
+}
+
+async fn claim_when_lease_lapses(
+    inner: Arc<BridgeInner>,
+    key: DialogKey,
+    call: CallKey,
+    mut left: Duration,
+) {
+    let Ok(store) = store_of(&inner) else {
+        return;
+    };
+    for _ in 0..MAX_LEASE_CHECKS {
+        tokio::time::sleep(left + Duration::from_millis(20)).await;
+        let Some(record) = inner.watched.get(&call).map(|r| r.clone()) else {
+            return; // taken over meanwhile, or ended
+        };
+        if !inner.device_online(&call.0) {
+            break;
+        }
+        match lease_left(&inner, &store, &record).await {
+            None => {
+                if let Err(e) = take_over(&inner, &key, Trigger::DeviceResume).await {
+                    debug!(dialog = %key, error = %e, "watched dialog not taken over");
+                    tell_device_if_gone(&inner, &call, &e);
+                }
+                break;
+            }
+            Some(more) => left = more,
+        }
+    }
+    inner.watched.remove(&call);
+}
+
+/// UAC mode from the device: a command for a call another node holds.
+pub(crate) async fn device_command(
+    inner: Arc<BridgeInner>,
+    key: DialogKey,
+    device: String,
+    request_id: u64,
+    body: Body,
+) {
+    let call_ref = key_call_ref(&inner, &key);
+    if let Err(e) = take_over(&inner, &key, Trigger::DeviceCommand { request_id, body }).await {
+        let call = (device.clone(), call_ref);
+        inner.to_device(
+            &device,
+            request_id,
+            Body::Error(thalamus_proto::v1::Error {
+                code: thalamus_proto::v1::ErrorCode::UnknownCall as i32,
+                message: format!("the call could not be taken over: {e}"),
+                request_id,
+            }),
+        );
+        tell_device_if_gone(&inner, &call, &e);
+        if !matches!(e, TakeoverError::Unavailable(_)) {
+            inner.watched.remove(&call);
+        }
+    }
+}
+
+fn key_call_ref(inner: &BridgeInner, key: &DialogKey) -> u32 {
+    inner
+        .watched
+        .iter()
+        .find(|w| &w.value().key == key)
+        .map(|w| w.key().1)
+        .unwrap_or_default()
+}
+
+/// A watched call that turned out to have ended: the device learns it.
+fn tell_device_if_gone(inner: &BridgeInner, call: &CallKey, e: &TakeoverError) {
+    if matches!(e, TakeoverError::Ended | TakeoverError::NotFound) {
+        inner.watched.remove(call);
+        let ev = ended_by(call.1, EndReason::Normal, "the call ended while away");
+        inner.to_device(&call.0, 0, Body::CallEvent(ev));
+    }
+}
+
+/// UAC mode from the API: end a dialog from here.
+pub(crate) async fn hangup(
+    inner: &Arc<BridgeInner>,
+    key: &DialogKey,
+) -> Result<CallKey, TakeoverError> {
+    take_over(inner, key, Trigger::Hangup).await.map(|t| t.call)
+}
+
+/// The record of a dialog, from the store.
+pub(crate) async fn stored_dialog(
+    inner: &BridgeInner,
+    key: &DialogKey,
+) -> Result<Option<StoredDialog>, TakeoverError> {
+    key.validate()
+        .map_err(|e| TakeoverError::Invalid(e.to_string()))?;
+    let store = store_of(inner)?;
+    bounded(inner, "reading the dialog", store.get(key)).await
+}
+
+/// The live records of a device, from the store.
+pub(crate) async fn stored_dialogs_of(
+    inner: &BridgeInner,
+    device: &str,
+) -> Result<Vec<StoredDialog>, TakeoverError> {
+    let store = store_of(inner)?;
+    bounded(
+        inner,
+        "listing the device's dialogs",
+        store.list_by_device(device),
+    )
+    .await
+}
+
+/// A watched call as the Welcome lists it.
+pub(crate) fn live_call_of(record: &StoredDialog) -> LiveCall {
+    let held = record
+        .app_data
+        .as_deref()
+        .and_then(CallAppData::decode)
+        .is_some_and(|a| a.held);
+    LiveCall {
+        call_ref: record.call_ref,
+        remote_uri: sip_record_of(record)
+            .map(|sip| remote_uri_of(record, &sip))
+            .unwrap_or_default(),
+        state: if held {
+            CallState::Held as i32
+        } else {
+            CallState::Answered as i32
+        },
+    }
+}
+
+/// Drops the calls whose dialogs another node took over (conflict notices of the replicator):
+/// no BYE, no tombstone; the owner continues the dialog.
+pub(crate) async fn drop_lost_dialogs(
+    inner: Arc<BridgeInner>,
+    mut notices: mpsc::Receiver<ConflictNotice>,
+) {
+    while let Some(notice) = notices.recv().await {
+        let Some(call) = inner
+            .by_dialog
+            .get(&dialog_of_key(&notice.key))
+            .map(|c| c.clone())
+        else {
+            continue;
+        };
+        info!(dialog = %notice.key, current = ?notice.current, "another node owns the dialog: dropping it here");
+        if let Some(handle) = inner.calls.get(&call) {
+            handle.send(CallCommand::OwnershipLost);
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! From a live call to its stored record and back: the conversions between the SIP stack's
+//! dialog export ([`DialogRecord`]) and the store's [`StoredDialog`], the gateway's application
+//! data, and the rules a node applies to a record before it continues the dialog.
+//!
+//! Rules written down here (and tested without any I/O):
+//! - The dialog key is the dialog id seen from the gateway: for a request received, the local
+//!   tag is the To tag and the remote tag the From tag ([`key_of_request`]).
+//! - Write-ahead of the local CSeq: before an in-dialog request the record is written with the
+//!   CSeq that request will use ([`reserve_next_local_cseq`]), so a survivor's next request
+//!   uses a higher one even if this node dies right after sending.
+//! - A dialog whose local CSeq was never used (a UAS that sent no request yet) is imported with
+//!   [`UNUSED_LOCAL_CSEQ_FLOOR`]: the stack starts such a dialog at a random number below 2^30,
+//!   which the old owner may have used just before it died, unwritten; the floor is above them
+//!   all and stays below 2^31 (RFC 3261 8.1.1.5).
+//! - An imported dialog's Contact is replaced by this node's, so its next target refresh
+//!   (the re-INVITE that moves the media) points the peer here.
+//!
+//! This module does no I/O: it neither reads the store nor talks to the user agent.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use thalamus_sip::dialog::{DialogId, DialogRecord, DIALOG_RECORD_VERSION};
+use thalamus_sip::message::Request;
+
+use super::store::{DialogKey, NegotiatedMedia, SipDialogPayload, StoredDialog};
+
+/// The local CSeq an imported dialog gets when its record has none (see the module notes).
+pub const UNUSED_LOCAL_CSEQ_FLOOR: u32 = 1 << 30;
+
+/// Largest application data this module encodes or decodes, in bytes.
+pub const MAX_APP_DATA_LEN: usize = 8 * 1024;
+
+/// Why a stored record cannot be continued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The SIP payload was written by a format this build does not read.
+    #[error("SIP dialog payload format {found} (this build reads {supported})")]
+    UnsupportedFormat {
+        /// The format found.
+        found: u32,
+        /// The format this build reads.
+        supported: u32,
+    },
+    /// The SIP payload is not a dialog export.
+    #[error("SIP dialog payload: {0}")]
+    Malformed(String),
+    /// The SIP payload names another dialog than the record's key.
+    #[error("SIP dialog payload is for another dialog")]
+    KeyMismatch,
+}
+
+/// The store key of a dialog id (same three parts).
+pub fn key_of_dialog(id: &DialogId) -> DialogKey {
+    DialogKey::new(
+        id.call_id.clone(),
+        id.local_tag.clone(),
+        id.remote_tag.clone(),
+    )
+}
+
+/// The dialog id of a store key.
+pub fn dialog_of_key(key: &DialogKey) -> DialogId {
+    DialogId::new(
+        key.call_id.clone(),
+        key.local_tag.clone(),
+        key.remote_tag.clone(),
+    )
+}
+
+/// The key of the dialog a received in-dialog request belongs to: Call-ID, To tag (ours) and
+/// From tag (the peer's, empty when absent). `None` without a Call-ID or a To tag.
+pub fn key_of_request(request: &Request) -> Option<DialogKey> {
+    let call_id = request.headers.call_id().ok()?;
+    let local = request.headers.to_tag()?;
+    let remote = request.headers.from_tag().unwrap_or_default();
+    Some(DialogKey::new(call_id, local, remote))
+}
+
+/// What the gateway keeps about a call besides the SIP dialog: replicated under the
+/// `confirmed-dialog` strategy (JSON, schema 1), so a node that takes the call over restores
+/// it as it was. Every field has a fallback read from the dialog or the SDP, so a record
+/// without application data is still continued.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CallAppData {
+    /// Schema, 1.
+    pub v: u32,
+    /// The remote party as shown to the device.
+    pub remote_uri: String,
+    /// Whether the device placed the call (false: the call came in from SIP).
+    pub outgoing: bool,
+    /// Whether the device holds the call.
+    pub held: bool,
+}
+
+impl CallAppData {
+    /// Encodes as JSON.
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Decodes; `None` for anything that is not schema-1 data within the size limit.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > MAX_APP_DATA_LEN {
+            return None;
+        }
+        serde_json::from_slice::<Self>(bytes)
+            .ok()
+            .filter(|d| d.v == 1)
+    }
+}
+
+/// Everything a record holds besides the SIP dialog export.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CallFacts {
+    /// The device the call belongs to.
+    pub device_id: String,
+    /// The device's call reference.
+    pub call_ref: u32,
+    /// This node's id (the owner).
+    pub owner: String,
+    /// The ownership epoch this node holds the dialog at (0 when it created it).
+    pub epoch: u64,
+    /// The store version this node's writes continue from (0: create; after a claim, the
+    /// claimed record's version).
+    pub base_version: u64,
+    /// Negotiated media.
+    pub media: NegotiatedMedia,
+    /// Application data.
+    pub app_data: Option<CallAppData>,
+}
+
+/// Builds the stored record of a call from the SIP stack's export and the call's facts.
+pub fn to_stored(export: &DialogRecord, facts: &CallFacts) -> StoredDialog {
+    let key = DialogKey::new(
+        export.call_id.clone(),
+        export.local_tag.clone(),
+        export.remote_tag.clone(),
+    );
+    let mut record = StoredDialog::new(
+        key,
+        SipDialogPayload {
+            format_version: export.version,
+            data: serde_json::to_string(export).unwrap_or_default(),
+        },
+        facts.device_id.clone(),
+        facts.call_ref,
+        facts.owner.clone(),
+    );
+    record.media = facts.media.clone();
+    record.epoch = facts.epoch;
+    record.version = facts.base_version;
+    record.app_data = facts.app_data.as_ref().map(CallAppData::encode);
+    record
+}
+
+/// Reads the SIP dialog export back out of a stored record, checking its format and that it
+/// is the record's dialog.
+pub fn sip_record_of(stored: &StoredDialog) -> Result<DialogRecord, RecordError> {
+    if stored.sip_dialog.format_version != DIALOG_RECORD_VERSION {
+        return Err(RecordError::UnsupportedFormat {
+            found: stored.sip_dialog.format_version,
+            supported: DIALOG_RECORD_VERSION,
+        });
+    }
+    let record: DialogRecord = serde_json::from_str(&stored.sip_dialog.data)
+        .map_err(|e| RecordError::Malformed(e.to_string()))?;
+    if record.call_id != stored.key.call_id
+        || record.local_tag != stored.key.local_tag
+        || record.remote_tag != stored.key.remote_tag
+    {
+        return Err(RecordError::KeyMismatch);
+    }
+    Ok(record)
+}
+
+/// The export with its local CSeq raised to the number the next request will use, and that
+/// number; `None` (nothing to write ahead) when no local CSeq was used yet or it cannot grow.
+pub fn reserve_next_local_cseq(mut export: DialogRecord) -> Option<(DialogRecord, u32)> {
+    let next = export.local_cseq?.checked_add(1)?;
+    export.local_cseq = Some(next);
+    Some((export, next))
+}
+
+/// A stored dialog made ready for import on this node: the local CSeq floor applied when none
+/// was used, and this node's Contact (`local_contact`, a name-addr) in place of the old
+/// owner's.
+pub fn prepare_for_import(mut record: DialogRecord, local_contact: &str) -> DialogRecord {
+    if record.local_cseq.is_none() {
+        record.local_cseq = Some(UNUSED_LOCAL_CSEQ_FLOOR);
+    }
+    record.local_contact = local_contact.to_string();
+    record
+}
+
+/// The remote party to show the device for a stored dialog: the application data's, else the
+/// dialog's remote URI (a name-addr; its URI part).
+pub fn remote_uri_of(stored: &StoredDialog, sip: &DialogRecord) -> String {
+    if let Some(app) = stored.app_data.as_deref().and_then(CallAppData::decode) {
+        if !app.remote_uri.is_empty() {
+            return app.remote_uri;
+        }
+    }
+    match thalamus_sip::message::NameAddr::parse(&sip.remote_uri) {
+        Ok(addr) => addr.uri.to_string(),
+        Err(_) => sip.remote_uri.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export() -> DialogRecord {
+        DialogRecord {
+            version: DIALOG_RECORD_VERSION,
+            call_id: "c1@host".into(),
+            local_tag: "gw-tag".into(),
+            remote_tag: "peer-tag".into(),
+            role: "uas".into(),
+            state: "confirmed".into(),
+            local_uri: "<sip:dev@thalamus.local>;tag=gw-tag".into(),
+            remote_uri: "\"Bob\" <sip:bob@example.com>;tag=peer-tag".into(),
+            remote_target: "sip:bob@10.0.0.2:5060".into(),
+            route_set: vec!["<sip:lb.example;lr;node=a>".into()],
+            local_cseq: Some(7),
+            remote_cseq: Some(1),
+            local_invite_cseq: None,
+            remote_invite_cseq: Some(1),
+            secure: false,
+            local_contact: "<sip:dev@10.0.0.1:5060>".into(),
+        }
+    }
+
+    fn facts() -> CallFacts {
+        CallFacts {
+            device_id: "dev".into(),
+            call_ref: 0x8000_0001,
+            owner: "node-a".into(),
+            epoch: 2,
+            base_version: 5,
+            media: NegotiatedMedia {
+                local_sdp: "v=0\r\n".into(),
+                remote_sdp: "v=0\r\n".into(),
+            },
+            app_data: Some(CallAppData {
+                v: 1,
+                remote_uri: "sip:bob@example.com".into(),
+                outgoing: false,
+                held: true,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips_through_the_store_form() {
+        let stored = to_stored(&export(), &facts());
+        assert_eq!(stored.key, DialogKey::new("c1@host", "gw-tag", "peer-tag"));
+        assert_eq!(
+            (stored.epoch, stored.version, stored.owner.as_str()),
+            (2, 5, "node-a")
+        );
+        assert!(stored.validate().is_ok());
+        let encoded = stored.encode().unwrap();
+        let decoded = StoredDialog::decode(&encoded).unwrap();
+        assert_eq!(sip_record_of(&decoded).unwrap(), export());
+        let app = CallAppData::decode(decoded.app_data.as_deref().unwrap()).unwrap();
+        assert!(app.held && !app.outgoing);
+        assert_eq!(
+            remote_uri_of(&decoded, &export()),
+            "sip:bob@example.com".to_string()
+        );
+    }
+
+    #[test]
+    fn bad_payloads_are_refused() {
+        let mut stored = to_stored(&export(), &facts());
+        stored.sip_dialog.format_version = 9;
+        assert!(matches!(
+            sip_record_of(&stored),
+            Err(RecordError::UnsupportedFormat { found: 9, .. })
+        ));
+        let mut stored = to_stored(&export(), &facts());
+        stored.sip_dialog.data = "{\"call_id\": 3".into();
+        assert!(matches!(
+            sip_record_of(&stored),
+            Err(RecordError::Malformed(_))
+        ));
+        let mut stored = to_stored(&export(), &facts());
+        stored.key.remote_tag = "other".into();
+        assert_eq!(sip_record_of(&stored), Err(RecordError::KeyMismatch));
+    }
+
+    #[test]
+    fn write_ahead_reserves_the_next_cseq() {
+        let (reserved, next) = reserve_next_local_cseq(export()).unwrap();
+        assert_eq!((reserved.local_cseq, next), (Some(8), 8));
+        let mut unused = export();
+        unused.local_cseq = None;
+        assert!(reserve_next_local_cseq(unused).is_none());
+        let mut full = export();
+        full.local_cseq = Some(u32::MAX);
+        assert!(reserve_next_local_cseq(full).is_none());
+    }
+
+    #[test]
+    fn import_applies_the_floor_and_our_contact() {
+        let mut unused = export();
+        unused.local_cseq = None;
+        let ready = prepare_for_import(unused, "<sip:dev@10.0.0.9:5060>");
+        assert_eq!(ready.local_cseq, Some(UNUSED_LOCAL_CSEQ_FLOOR));
+        assert_eq!(ready.local_contact, "<sip:dev@10.0.0.9:5060>");
+        // The floor is above any random start the stack picks and below 2^31.
+        const { assert!(UNUSED_LOCAL_CSEQ_FLOOR < (1u32 << 31)) };
+        let used = prepare_for_import(export(), "<sip:x@y>");
+        assert_eq!(used.local_cseq, Some(7));
+        // The stack accepts what this module prepares.
+        assert!(thalamus_sip::dialog::Dialog::import(&used).is_ok());
+    }
+
+    #[test]
+    fn request_keys_are_seen_from_the_gateway() {
+        let text = "BYE sip:dev@10.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2;branch=z9hG4bK1\r\n\
+                    From: <sip:bob@example.com>;tag=peer-tag\r\nTo: <sip:dev@thalamus.local>;tag=gw-tag\r\n\
+                    Call-ID: c1@host\r\nCSeq: 2 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
+        let thalamus_sip::message::Message::Request(request) =
+            thalamus_sip::message::Message::parse(text.as_bytes().to_vec()).unwrap()
+        else {
+            panic!("not a request")
+        };
+        assert_eq!(
+            key_of_request(&request),
+            Some(DialogKey::new("c1@host", "gw-tag", "peer-tag"))
+        );
+        let id = dialog_of_key(&key_of_request(&request).unwrap());
+        assert_eq!(key_of_dialog(&id), key_of_request(&request).unwrap());
+    }
+
+    #[test]
+    fn app_data_is_bounded_and_versioned() {
+        assert!(CallAppData::decode(&vec![b' '; MAX_APP_DATA_LEN + 1]).is_none());
+        assert!(CallAppData::decode(
+            b"{\"v\":2,\"remote_uri\":\"\",\"outgoing\":true,\"held\":false}"
+        )
+        .is_none());
+        assert!(CallAppData::decode(b"not json").is_none());
+    }
+}

@@ -1,0 +1,261 @@
+//! The cluster layer of a running node: opens the configured dialog store, starts the
+//! [`Replicator`] (unless replication is off), keeps this node's owner lease renewed, and sends
+//! heartbeats to the SIP load balancers when configured.
+//!
+//! The SIP side (the bridge) gets the store and the replicator from here; this module does not
+//! decide when dialogs are written or taken over.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::config::ClusterConfig;
+use super::replicator::Replicator;
+use super::store::{open_dialog_store, DialogStore, StoreError, SystemClock};
+use crate::balancer::{HeartbeatSender, HeartbeatSenderConfig, NodeId};
+
+/// Why the cluster layer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterStartError {
+    /// The store could not be opened.
+    #[error("dialog store: {0}")]
+    Store(#[from] StoreError),
+    /// A setting is unusable.
+    #[error("config key `{key}`: {message}")]
+    Config {
+        /// Key.
+        key: &'static str,
+        /// Message.
+        message: String,
+    },
+    /// The heartbeat socket could not be bound.
+    #[error("heartbeats: {0}")]
+    Heartbeat(std::io::Error),
+}
+
+/// The cluster layer of one node.
+#[derive(Debug)]
+pub struct ClusterRuntime {
+    node_id: String,
+    config: ClusterConfig,
+    store: Arc<dyn DialogStore>,
+    replicator: Option<Arc<Replicator>>,
+    heartbeats: Option<HeartbeatSender>,
+    lease_task: Option<JoinHandle<()>>,
+}
+
+impl ClusterRuntime {
+    /// Opens the store and starts the replicator and the lease renewal. Must run inside a tokio
+    /// runtime.
+    pub async fn start(
+        config: &ClusterConfig,
+        node_id: &str,
+        data_dir: &Path,
+    ) -> Result<Self, ClusterStartError> {
+        config.validate().map_err(|e| ClusterStartError::Config {
+            key: e.key,
+            message: e.message,
+        })?;
+        let store = open_dialog_store(&config.store, data_dir, Arc::new(SystemClock)).await?;
+        let replicator = config
+            .replicator()
+            .map(|c| Arc::new(Replicator::spawn(store.clone(), c)));
+        let lease_task = replicator.as_ref().map(|_| {
+            tokio::spawn(renew_lease(
+                store.clone(),
+                node_id.to_string(),
+                config.lease_ttl(),
+            ))
+        });
+        Ok(Self {
+            node_id: node_id.to_string(),
+            config: config.clone(),
+            store,
+            replicator,
+            heartbeats: None,
+            lease_task,
+        })
+    }
+
+    /// Starts heartbeats to the configured balancers (nothing when none are configured).
+    pub async fn start_heartbeats(
+        &mut self,
+        sip: SocketAddr,
+        quic: SocketAddr,
+    ) -> Result<(), ClusterStartError> {
+        let Some(hb) = &self.config.heartbeat else {
+            return Ok(());
+        };
+        if hb.balancers.is_empty() {
+            return Ok(());
+        }
+        let node = NodeId::new(&self.node_id).map_err(|e| ClusterStartError::Config {
+            key: "node.id",
+            message: format!("not usable in heartbeats: {e}"),
+        })?;
+        let mut sender = HeartbeatSenderConfig::new(node, sip, hb.balancers.clone());
+        sender.quic = Some(quic);
+        sender.interval = std::time::Duration::from_millis(hb.interval_ms);
+        sender.secret = hb.secret.as_ref().map(|s| s.as_bytes().to_vec());
+        if sip.ip().is_loopback() {
+            sender.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        }
+        self.heartbeats = Some(
+            HeartbeatSender::start(sender)
+                .await
+                .map_err(ClusterStartError::Heartbeat)?,
+        );
+        Ok(())
+    }
+
+    /// This node's id (the owner name in records).
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// The dialog store.
+    pub fn store(&self) -> Arc<dyn DialogStore> {
+        self.store.clone()
+    }
+
+    /// The replicator, `None` when replication is off.
+    pub fn replicator(&self) -> Option<Arc<Replicator>> {
+        self.replicator.clone()
+    }
+
+    /// The heartbeat sender, when heartbeats are configured.
+    pub fn heartbeats(&self) -> Option<&HeartbeatSender> {
+        self.heartbeats.as_ref()
+    }
+
+    /// Registers the replication counters.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        if let Some(r) = &self.replicator {
+            r.register_metrics(registry);
+        }
+    }
+
+    /// Stops heartbeats and lease renewal, writes out the replication queue and closes the
+    /// store.
+    pub async fn shutdown(&mut self) {
+        if let Some(hb) = self.heartbeats.take() {
+            hb.stop();
+        }
+        if let Some(task) = self.lease_task.take() {
+            task.abort();
+        }
+        if let Some(r) = &self.replicator {
+            r.shutdown().await;
+        }
+        if let Err(e) = self.store.close().await {
+            debug!(error = %e, "dialog store close");
+        }
+    }
+}
+
+impl Drop for ClusterRuntime {
+    fn drop(&mut self) {
+        if let Some(task) = self.lease_task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Renews the owner lease every third of its TTL, for as long as the node runs.
+async fn renew_lease(store: Arc<dyn DialogStore>, node_id: String, ttl: std::time::Duration) {
+    let period = (ttl / 3).max(std::time::Duration::from_millis(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = store.renew_lease(&node_id, ttl).await {
+            warn!(error = %e, "owner lease not renewed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::config::ReplicationMode;
+    use crate::cluster::store::StoreBackend;
+
+    #[tokio::test]
+    async fn starts_on_memory_and_keeps_its_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ClusterConfig {
+            lease_ttl_ms: 300,
+            ..ClusterConfig::default()
+        };
+        config.store.backend = StoreBackend::Memory;
+        let mut cluster = ClusterRuntime::start(&config, "node-a", dir.path())
+            .await
+            .unwrap();
+        assert!(cluster.replicator().is_some());
+        let store = cluster.store();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while store.lease_remaining("node-a").await.unwrap().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "lease never taken");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        cluster.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn replication_off_takes_no_lease_and_embedded_is_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ClusterConfig {
+            replication: ReplicationMode::Off,
+            ..ClusterConfig::default()
+        };
+        let mut cluster = ClusterRuntime::start(&config, "node-a", dir.path())
+            .await
+            .unwrap();
+        assert!(cluster.replicator().is_none());
+        assert_eq!(cluster.store().backend_name(), "embedded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            cluster.store().lease_remaining("node-a").await.unwrap(),
+            None
+        );
+        cluster.shutdown().await;
+        assert!(dir.path().join("dialogs.redb").exists());
+    }
+
+    #[tokio::test]
+    async fn heartbeats_need_a_balancer_node_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ClusterConfig {
+            replication: ReplicationMode::Off,
+            heartbeat: Some(crate::cluster::config::HeartbeatConfig {
+                balancers: vec!["127.0.0.1:9".parse().unwrap()],
+                ..Default::default()
+            }),
+            ..ClusterConfig::default()
+        };
+        config.store.backend = StoreBackend::Memory;
+        let mut cluster = ClusterRuntime::start(&config, "bad id!", dir.path())
+            .await
+            .unwrap();
+        let addr: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        assert!(matches!(
+            cluster.start_heartbeats(addr, addr).await,
+            Err(ClusterStartError::Config { key: "node.id", .. })
+        ));
+        let mut cluster = ClusterRuntime::start(&config, "node-a", dir.path())
+            .await
+            .unwrap();
+        cluster.start_heartbeats(addr, addr).await.unwrap();
+        assert!(cluster.heartbeats().is_some());
+        cluster.shutdown().await;
+    }
+}
