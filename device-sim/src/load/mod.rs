@@ -5,6 +5,11 @@
 //! counts outcomes by reason, optionally streams media and sends texts, and reports (see
 //! [`report::LoadReport`]; `--json` writes it, `--plot` draws it).
 //!
+//! With `--status-file` the phases are written as they come: `connected` (all logins done),
+//! `calling` (the first call is due; rewritten each second with the counts), `draining` (no
+//! more calls to place), `drained` (every call finished or written off, connections still
+//! up) and `done`.
+//!
 //! Layout: [`pacer`] (when starts are due), [`device_calls`] (one device's calls, sans-IO),
 //! [`report`] (the tally), [`plot`] (SVG), [`cli`] (the command), and here the tasks that
 //! connect the devices and drive them. Every load is bounded: a device count, a rate over a
@@ -400,6 +405,12 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         opts.duration
     };
     tally.close();
+    status(
+        &opts.status_file,
+        "drained",
+        connected,
+        &tally.progress(Instant::now()),
+    );
     let _ = stop_tx.send(true);
     for conn in &logged_in.connections {
         conn.close(0u32.into(), b"load done");

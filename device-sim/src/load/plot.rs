@@ -26,7 +26,7 @@ pub fn render_svg(report: &LoadReport) -> Result<String, PlotError> {
         let root = SVGBackend::with_string(&mut svg, (960, 640)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (top, bottom) = root.split_vertically(320);
-        let seconds = (report.timeline.len() as u64).max(1);
+        let seconds = (report.timeline.len() as u64).saturating_sub(1).max(1);
 
         let max_latency = report
             .timeline

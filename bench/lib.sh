@@ -1,0 +1,152 @@
+# Shared helpers of the load benchmarks (sourced, not run). Everything runs on loopback, every
+# process started here is stopped on exit, and every load is bounded in count and time.
+#
+#   build                       release binaries of the gateway and the simulator
+#   start_gateway NAME [TOML]   a gateway with its own data dir; sets GW_PID QUIC SIP FP GW_CONF
+#   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
+#   start_sipp_uas PORT         SIPp's built-in uas; sets UAS_PID
+#   rss_kib PID / cpu_ticks PID from /proc
+#   wait_phase FILE PHASE [MIN_ANSWERED]   waits until `load --status-file` shows the phase
+#   sipp_rtt_ms DIR             p50 and p99 of SIPp's -trace_rtt files (ms resolution)
+#   doc_table MARKER TITLE FILE rewrites one table of docs/benchmarks.md's "Load" section
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BIN=target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+HZ=$(getconf CLK_TCK)
+ulimit -n 65536 2>/dev/null || true
+
+build() {
+  [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin thalamus --bin thalamus-sim
+  command -v sipp >/dev/null || { echo "SIPp is missing: run scripts/install-peers" >&2; exit 1; }
+}
+
+json_get() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(eval('d'+sys.argv[2]))" "$1" "$2"; }
+
+start_gateway() {
+  local name=$1 extra=${2:-}
+  GW_DIR="$WORK/$name"
+  mkdir -p "$GW_DIR"
+  GW_CONF="$GW_DIR/thalamus.toml"
+  cat > "$GW_CONF" <<TOML
+[node]
+data_dir = "$GW_DIR/data"
+[quic]
+listen = "127.0.0.1:0"
+max_connections_per_ip = 50000
+[sip]
+listen = "127.0.0.1:0"
+[media]
+address = "127.0.0.1"
+[admin]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+$extra
+TOML
+  "$BIN/thalamus" --config "$GW_CONF" run --ready-file "$GW_DIR/ready.json" >/dev/null 2>"$GW_DIR/gw.log" &
+  GW_PID=$!
+  PIDS+=("$GW_PID")
+  for _ in $(seq 200); do [ -s "$GW_DIR/ready.json" ] && break; sleep 0.05; done
+  [ -s "$GW_DIR/ready.json" ] || { echo "gateway $name did not start:" >&2; cat "$GW_DIR/gw.log" >&2; exit 1; }
+  QUIC=$(json_get "$GW_DIR/ready.json" "['quic']")
+  SIP=$(json_get "$GW_DIR/ready.json" "['sip']")
+  FP=$(json_get "$GW_DIR/ready.json" "['fingerprint']")
+}
+
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+start_buddy() {
+  local out="$WORK/buddy.$RANDOM.out"
+  "$BIN/thalamus-sim" buddy --listen 127.0.0.1:0 --json "$@" >"$out" 2>/dev/null &
+  BUDDY_PID=$!
+  PIDS+=("$BUDDY_PID")
+  for _ in $(seq 100); do [ -s "$out" ] && break; sleep 0.05; done
+  BUDDY_SIP=$(head -1 "$out" | python3 -c "import json,sys;print(json.loads(sys.stdin.readline())['sip'])")
+}
+
+start_sipp_uas() {
+  sipp -sn uas -i 127.0.0.1 -p "$1" -nostdin >/dev/null 2>&1 &
+  UAS_PID=$!
+  PIDS+=("$UAS_PID")
+  sleep 0.3
+}
+
+free_port() { python3 -c "import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+
+wait_phase() {
+  local file=$1 phase=$2 min=${3:-0}
+  python3 - "$file" "$phase" "$min" <<'PY'
+import json, sys, time
+path, phase, least = sys.argv[1], sys.argv[2], int(sys.argv[3])
+order = ["connected", "calling", "draining", "drained", "done"]
+deadline = time.time() + 900
+while time.time() < deadline:
+    try:
+        s = json.load(open(path))
+        if order.index(s["phase"]) >= order.index(phase) and s["answered"] >= least:
+            sys.exit(0)
+    except (OSError, ValueError, KeyError):
+        pass
+    time.sleep(0.01)
+sys.exit("timed out waiting for phase " + phase)
+PY
+}
+
+sipp_rtt_ms() {
+  python3 - "$1" <<'PY'
+import glob, sys
+v = []
+for f in glob.glob(sys.argv[1] + "/*_rtt.csv"):
+    for line in open(f).read().splitlines()[1:]:
+        parts = line.split(";")
+        if len(parts) >= 2:
+            try: v.append(float(parts[1]))
+            except ValueError: pass
+v.sort()
+pct = lambda p: v[min(len(v) - 1, int(round((len(v) - 1) * p)))] if v else float("nan")
+fmt = lambda x: "< 1" if x < 1 else f"{x:.0f}"
+print(f"{fmt(pct(0.5))} / {fmt(pct(0.99))}")
+PY
+}
+
+# SIPp's final counters: "successful failed rate".
+sipp_counts() {
+  python3 - "$1" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+def last(label):
+    m = re.findall(r"^\s*" + label + r".*\|\s*([0-9.]+)[^|\n]*$", text, re.M)
+    return m[-1] if m else "0"
+print(last("Successful call"), last("Failed call"), last("Call Rate"))
+PY
+}
+
+doc_table() {
+  python3 - "${DOC:-docs/benchmarks.md}" "$1" "$2" "$3" <<'PY'
+import sys
+path, marker, title, table = sys.argv[1:5]
+doc = open(path).read()
+body = open(table).read().rstrip("\n") + "\n"
+begin, end = f"<!-- bench:{marker} -->", f"<!-- /bench:{marker} -->"
+block = f"{begin}\n{body}{end}"
+if begin in doc and end in doc:
+    head, rest = doc.split(begin, 1)
+    doc = head + block + rest.split(end, 1)[1]
+else:
+    if "\n## Load\n" not in doc:
+        doc = doc.rstrip("\n") + "\n\n## Load\n"
+    doc = doc.rstrip("\n") + f"\n\n### {title}\n\n{block}\n"
+open(path, "w").write(doc)
+PY
+}
