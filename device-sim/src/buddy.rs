@@ -41,6 +41,8 @@ pub struct BuddyOptions {
     pub standing_echoes: u16,
     /// Answer MESSAGE with this status (default 200).
     pub message_status: u16,
+    /// Offer and accept telephone-event (RFC 4733); without it DTMF comes as SIP INFO.
+    pub telephone_event: bool,
     /// Output.
     pub printer: EventPrinter,
 }
@@ -57,7 +59,7 @@ struct Buddy {
     media_ip: IpAddr,
 }
 
-fn codecs() -> Vec<Codec> {
+fn codecs(telephone_event: bool) -> Vec<Codec> {
     vec![
         Codec::pcmu(),
         Codec::pcma(),
@@ -65,6 +67,9 @@ fn codecs() -> Vec<Codec> {
         Codec::opus(111),
         Codec::telephone_event(101, 8000),
     ]
+    .into_iter()
+    .filter(|c| telephone_event || !c.name.eq_ignore_ascii_case("telephone-event"))
+    .collect()
 }
 
 fn sdp_body(sdp: &SessionDescription) -> Option<(Bytes, MediaType)> {
@@ -100,7 +105,10 @@ pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
     let mut standing_echoes = Vec::new();
     if opts.echo {
         for _ in 0..opts.standing_echoes.max(1) {
-            standing_echoes.push(SocketAddr::new(media_ip, start_echo(media_ip, None).await?));
+            standing_echoes.push(SocketAddr::new(
+                media_ip,
+                start_echo(media_ip, None, opts.printer).await?,
+            ));
         }
     }
     opts.printer.emit(
@@ -269,11 +277,11 @@ impl Buddy {
             tokio::time::sleep(self.opts.answer_after).await;
         }
         let port = if self.opts.echo {
-            start_echo(self.media_ip, Some(ECHO_IDLE)).await?
+            start_echo(self.media_ip, Some(ECHO_IDLE), self.opts.printer).await?
         } else {
             40_000
         };
-        let local = LocalMedia::audio(self.media_ip, port, codecs());
+        let local = LocalMedia::audio(self.media_ip, port, codecs(self.opts.telephone_event));
         let mut session = SdpSession::with_random_id();
         let sdp = if request.body.is_empty() {
             session.create_offer(&local)?
@@ -354,13 +362,49 @@ const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
 /// How long a call's echo socket lives without packets (the call is long over by then).
 const ECHO_IDLE: Duration = Duration::from_secs(60);
 
+/// The RTP timestamp and digit of an RFC 4733 end packet (payload type 101, as the buddy offers
+/// and answers telephone-event), or `None` for any other packet.
+fn telephone_event_end(packet: &[u8]) -> Option<(u32, &'static str)> {
+    const DIGITS: [&str; 16] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "#", "A", "B", "C", "D",
+    ];
+    let first = *packet.first()?;
+    if first >> 6 != 2 || packet.get(1)? & 0x7f != 101 {
+        return None;
+    }
+    let offset = 12 + 4 * usize::from(first & 0x0f);
+    let offset = if first & 0x10 != 0 {
+        let words = u16::from_be_bytes([*packet.get(offset + 2)?, *packet.get(offset + 3)?]);
+        offset + 4 + 4 * usize::from(words)
+    } else {
+        offset
+    };
+    let event = *packet.get(offset)?;
+    let end = packet.get(offset + 1)? & 0x80 != 0;
+    let ts = u32::from_be_bytes([
+        *packet.get(4)?,
+        *packet.get(5)?,
+        *packet.get(6)?,
+        *packet.get(7)?,
+    ]);
+    if !end {
+        return None;
+    }
+    DIGITS.get(usize::from(event)).map(|d| (ts, *d))
+}
+
 /// Binds an RTP port that sends every packet back to its source; returns the port. The echo
 /// ends after `idle` without packets (never when `None`).
-async fn start_echo(ip: IpAddr, idle: Option<Duration>) -> anyhow::Result<u16> {
+async fn start_echo(
+    ip: IpAddr,
+    idle: Option<Duration>,
+    printer: EventPrinter,
+) -> anyhow::Result<u16> {
     let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let port = socket.local_addr()?.port();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
+        let mut last_event: Option<u32> = None;
         loop {
             let received = match idle {
                 Some(idle) => match tokio::time::timeout(idle, socket.recv_from(&mut buf)).await {
@@ -371,6 +415,11 @@ async fn start_echo(ip: IpAddr, idle: Option<Duration>) -> anyhow::Result<u16> {
             };
             let Ok((n, from)) = received else { break };
             if let Some(packet) = buf.get(..n) {
+                if let Some((timestamp, digit)) = telephone_event_end(packet) {
+                    if last_event.replace(timestamp) != Some(timestamp) {
+                        printer.emit("dtmf", json!({"digit": digit, "source": from.to_string()}));
+                    }
+                }
                 let _ = socket.send_to(packet, from).await;
             }
         }

@@ -177,6 +177,9 @@ enum Command {
         /// Answer MESSAGE requests with this status.
         #[arg(long, default_value_t = 200)]
         message_status: u16,
+        /// Do not negotiate telephone-event (DTMF then arrives as SIP INFO).
+        #[arg(long)]
+        no_telephone_event: bool,
         /// One JSON object per line per event.
         #[arg(long)]
         json: bool,
@@ -423,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             echo,
             standing_echoes,
             message_status,
+            no_telephone_event,
             json,
         } => {
             thalamus_sim::buddy::run(thalamus_sim::buddy::BuddyOptions {
@@ -433,6 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 echo,
                 standing_echoes,
                 message_status,
+                telephone_event: !no_telephone_event,
                 printer: EventPrinter { json },
             })
             .await?;

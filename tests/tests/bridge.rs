@@ -176,17 +176,49 @@ fn device_calls_buddy_with_hold_resume_dtmf_and_hangs_up() {
     let media = sim.wait_event("media_report", T).unwrap();
     assert!(media["frames_received"].as_u64().unwrap() > 0, "{media}");
 
-    // What the buddy saw: INVITE, ACK, two DTMF INFOs, hold (sendonly), resume, BYE.
+    // The buddy negotiated telephone-event, so the digits went in the media (RFC 4733); its
+    // echo sent them back, and the gateway reported them to the device as Dtmf frames.
+    let echoed: Vec<String> = sim
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "dtmf")
+        .map(|e| e["digit"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(echoed, ["5", "#"], "{:?}", sim.seen);
+    // What the buddy saw: INVITE, ACK, two RFC 4733 events, hold (sendonly), resume, BYE.
     buddy.wait_event("answered", T).unwrap();
-    let d1 = buddy.wait_event("info", T).unwrap();
+    let d1 = buddy.wait_event("dtmf", T).unwrap();
     assert_eq!(d1["digit"], "5");
-    let d2 = buddy.wait_event("info", T).unwrap();
+    let d2 = buddy.wait_event("dtmf", T).unwrap();
     assert_eq!(d2["digit"], "#");
     let hold = buddy.wait_event("reinvite", T).unwrap();
     assert_eq!(hold["direction"], "sendonly");
     let resume = buddy.wait_event("reinvite", T).unwrap();
     assert_eq!(resume["direction"], "sendrecv");
     buddy.wait_event("bye", T).unwrap();
+}
+
+#[test]
+fn dtmf_goes_as_sip_info_without_telephone_event() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("alice").unwrap();
+    let (mut buddy, port) = buddy(&["--no-telephone-event"]);
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let quic = gw.quic.to_string();
+    let mut args = vec!["call"];
+    args.extend(login_args(&gw, &quic, "alice", &secret));
+    args.extend_from_slice(&["--target", &target, "--hold-ms", "800", "--dtmf", "7*"]);
+    let mut sim = Sim::spawn(&args).unwrap();
+    let answered = call_event(&mut sim, "answered");
+    assert!(!answered["media"]["audio_codecs"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("telephone_event")));
+    let d1 = buddy.wait_event("info", T).unwrap();
+    assert_eq!(d1["digit"], "7");
+    let d2 = buddy.wait_event("info", T).unwrap();
+    assert_eq!(d2["digit"], "*");
+    call_event(&mut sim, "ended");
 }
 
 #[test]

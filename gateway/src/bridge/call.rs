@@ -4,8 +4,9 @@
 //! the INVITE (with digest answers), provisional and final responses, ACK, CANCEL on an early
 //! hangup; for an incoming call the `IncomingCall` offer, ringing, the device's `Answer` or
 //! `Reject`, the no-answer timeout and the caller's CANCEL. Once answered it handles hold and
-//! resume (re-INVITE with sendonly/sendrecv), DTMF (telephone-event in the media when
-//! negotiated, else SIP INFO with application/dtmf-relay), in-dialog requests from the peer, the
+//! resume (re-INVITE with sendonly/sendrecv), DTMF both ways (RFC 4733 telephone-event in the
+//! media when negotiated, else SIP INFO with application/dtmf-relay), in-dialog requests from
+//! the peer, the
 //! media timeout, and hangup from either side. Every change reaches the device as a
 //! `CallEvent`; the final one carries the media statistics.
 //!
@@ -239,6 +240,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         sdp: SdpSession::with_random_id(),
         device_media: None,
         telephone_event: false,
+        dtmf_timestamp: 0x4000_0000,
         held: false,
         ended: false,
         replica: Replica {
@@ -260,6 +262,8 @@ struct Call {
     sdp: SdpSession,
     device_media: Option<MediaOffer>,
     telephone_event: bool,
+    /// Timestamp of the next synthesised telephone-event (device link clock, 8 kHz).
+    dtmf_timestamp: u32,
     held: bool,
     ended: bool,
     replica: Replica,
@@ -324,10 +328,16 @@ impl Call {
     /// Starts the media relay for this call (when the node has media).
     fn start_relay(&mut self) -> Option<(std::net::IpAddr, u16)> {
         let engine = self.inner.media.as_ref()?;
-        let sink: Arc<dyn crate::media::DatagramSink> = match self.inner.links.get(&self.key.0) {
+        let link: Arc<dyn crate::media::DatagramSink> = match self.inner.links.get(&self.key.0) {
             Some(link) => Arc::new(link.clone()),
             None => Arc::new(NoLink),
         };
+        let sink: Arc<dyn crate::media::DatagramSink> = Arc::new(DtmfTap {
+            link,
+            inner: self.inner.clone(),
+            device: self.key.0.clone(),
+            last_event: Mutex::new(None),
+        });
         match engine.start(RelaySpec::audio(self.key.1), sink) {
             Ok(relay) => {
                 let addr = relay.local_rtp_addr();
@@ -925,19 +935,27 @@ impl Call {
     }
 
     async fn dtmf(&mut self, request_id: u64, digit: &str, duration_ms: u32) {
-        let valid = digit.len() == 1
-            && digit
-                .chars()
-                .all(|c| c.is_ascii_digit() || matches!(c, '*' | '#' | 'A'..='D'));
-        if !valid {
+        if dtmf_event_code(digit).is_none() {
             self.reply_error(request_id, "a DTMF digit is one of 0-9 * # A-D");
             return;
+        }
+        if self.telephone_event {
+            if let Some(input) = self.media_input.lock().ok().and_then(|i| i.clone()) {
+                // RFC 4733 in the media: the events enter the relay as if the device had sent
+                // them on its link (payload type 101), so the relay's numbering and payload
+                // type mapping apply to them like to any other packet.
+                for datagram in
+                    dtmf_datagrams(self.key.1, digit, duration_ms, &mut self.dtmf_timestamp)
+                {
+                    let _ = input.feed(datagram);
+                }
+                return;
+            }
         }
         let Some(dialog) = self.dialog.clone() else {
             return;
         };
-        // RFC 4733 events travel in the media from the device itself when telephone-event was
-        // negotiated; a Dtmf frame is the signalling path, so it goes as SIP INFO.
+        // No telephone-event negotiated: SIP INFO with application/dtmf-relay.
         let body = format!(
             "Signal={digit}\r\nDuration={}\r\n",
             if duration_ms == 0 { 160 } else { duration_ms }
@@ -1323,11 +1341,170 @@ fn reason_label(full: &str) -> &'static str {
     }
 }
 
+/// The RFC 4733 event code of a DTMF digit.
+fn dtmf_event_code(digit: &str) -> Option<u8> {
+    match digit {
+        "*" => Some(10),
+        "#" => Some(11),
+        "A" => Some(12),
+        "B" => Some(13),
+        "C" => Some(14),
+        "D" => Some(15),
+        d if d.len() == 1 => d.parse::<u8>().ok(),
+        _ => None,
+    }
+}
+
+/// The digit of an RFC 4733 event code.
+fn dtmf_digit(code: u8) -> Option<&'static str> {
+    const DIGITS: [&str; 16] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "#", "A", "B", "C", "D",
+    ];
+    DIGITS.get(usize::from(code)).copied()
+}
+
+/// The device-link datagrams of one RFC 4733 event (payload type 101, 8 kHz): an update every
+/// 50 ms while it lasts, then three end packets, all with the event's start timestamp.
+fn dtmf_datagrams(call_ref: u32, digit: &str, duration_ms: u32, timestamp: &mut u32) -> Vec<Bytes> {
+    let Some(event) = dtmf_event_code(digit) else {
+        return Vec::new();
+    };
+    let duration_ms = if duration_ms == 0 {
+        100
+    } else {
+        duration_ms.min(5_000)
+    };
+    let total = u16::try_from(duration_ms * 8).unwrap_or(u16::MAX);
+    let start = *timestamp;
+    *timestamp = timestamp.wrapping_add(u32::from(total) + 400);
+    let mut steps: Vec<(u16, bool)> = (1u16..)
+        .map(|i| i.saturating_mul(400).min(total))
+        .take_while(|d| *d < total)
+        .map(|d| (d, false))
+        .collect();
+    steps.extend([(total, true); 3]);
+    steps
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, (duration, end))| {
+            let payload = crate::media::rtp::TelephoneEvent {
+                event,
+                end,
+                volume: 10,
+                duration,
+            }
+            .to_bytes();
+            thalamus_proto::media::MediaHeader {
+                marker: i == 0,
+                payload_type: 101,
+                sequence: 0,
+                timestamp: start,
+                call_ref,
+                stream_id: thalamus_proto::media::StreamId::AUDIO,
+            }
+            .to_bytes(&payload)
+            .ok()
+        })
+        .collect()
+}
+
+/// Passes media datagrams to the device and reports each RFC 4733 event coming from the peer
+/// as a `Dtmf` frame too (once per event, on its first end packet).
+struct DtmfTap {
+    link: Arc<dyn crate::media::DatagramSink>,
+    inner: Arc<BridgeInner>,
+    device: String,
+    last_event: Mutex<Option<(u32, u32)>>,
+}
+
+impl crate::media::DatagramSink for DtmfTap {
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), crate::media::DatagramError> {
+        if let Ok(d) = thalamus_proto::media::MediaDatagram::decode(datagram.clone()) {
+            if d.header.payload_type == 101 {
+                if let Ok(event) = crate::media::rtp::TelephoneEvent::parse(&d.payload) {
+                    let key = (d.header.call_ref, d.header.timestamp);
+                    let first_end = event.end
+                        && self
+                            .last_event
+                            .lock()
+                            .map(|mut last| last.replace(key) != Some(key))
+                            .unwrap_or(false);
+                    if let (true, Some(digit)) = (first_end, dtmf_digit(event.event)) {
+                        self.inner.to_device(
+                            &self.device,
+                            0,
+                            Body::Dtmf(thalamus_proto::v1::Dtmf {
+                                call_ref: d.header.call_ref,
+                                digit: digit.to_string(),
+                                duration_ms: u32::from(event.duration) / 8,
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        self.link.send_datagram(datagram)
+    }
+
+    fn max_datagram_bytes(&self) -> Option<usize> {
+        self.link.max_datagram_bytes()
+    }
+}
+
 /// A datagram sink for a device with no live connection (media is dropped).
 struct NoLink;
 
 impl crate::media::DatagramSink for NoLink {
     fn send_datagram(&self, _datagram: Bytes) -> Result<(), crate::media::DatagramError> {
         Err(crate::media::DatagramError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod dtmf_tests {
+    use super::*;
+
+    #[test]
+    fn digits_and_event_codes() {
+        for (digit, code) in [
+            ("0", 0),
+            ("9", 9),
+            ("*", 10),
+            ("#", 11),
+            ("A", 12),
+            ("D", 15),
+        ] {
+            assert_eq!(dtmf_event_code(digit), Some(code));
+            assert_eq!(dtmf_digit(code), Some(digit));
+        }
+        assert_eq!(dtmf_event_code("E"), None);
+        assert_eq!(dtmf_event_code("10"), None);
+        assert_eq!(dtmf_digit(16), None);
+    }
+
+    #[test]
+    fn an_event_is_updates_then_three_ends_on_one_timestamp() {
+        let mut ts = 1000;
+        let packets = dtmf_datagrams(7, "5", 100, &mut ts);
+        // 100 ms = 800 units: one update at 400, then three ends at 800.
+        assert_eq!(packets.len(), 4);
+        let decoded: Vec<_> = packets
+            .iter()
+            .map(|p| thalamus_proto::media::MediaDatagram::decode(p.clone()).unwrap())
+            .collect();
+        assert!(decoded
+            .iter()
+            .all(|d| d.header.timestamp == 1000 && d.header.payload_type == 101));
+        assert!(decoded[0].header.marker);
+        let events: Vec<_> = decoded
+            .iter()
+            .map(|d| crate::media::rtp::TelephoneEvent::parse(&d.payload).unwrap())
+            .collect();
+        assert_eq!(events[0].event, 5);
+        assert!(!events[0].end);
+        assert_eq!(events[0].duration, 400);
+        assert!(events[1..].iter().all(|e| e.end && e.duration == 800));
+        assert!(ts > 1800, "the next event starts after this one");
+        assert!(dtmf_datagrams(7, "x", 100, &mut ts).is_empty());
     }
 }
