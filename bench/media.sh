@@ -18,6 +18,7 @@
 # - gateway CPU (user + system, /proc/<pid>/stat) during a window in which all N calls stream,
 #   per 1,000 packets relayed (both directions: N x 50/s x 2 x window, minus measured loss).
 #
+# KEEP_WORK=1 keeps the working directory (logs, the simulator's JSON events, metrics).
 # With --write the section "## Media relay" of docs/benchmarks.md is replaced (or appended).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  if [ -n "${KEEP_WORK:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 cat > "$WORK/thalamus.toml" <<TOML
@@ -72,6 +73,10 @@ BUDDY_SIP=$(head -1 "$WORK/buddy.out" | python3 -c "import json,sys;print(json.l
 # One echo port per baseline flow, as every call through the gateway gets its own.
 ECHO_TARGETS=$(head -1 "$WORK/buddy.out" | python3 -c "import json,sys;print(' '.join('--target 127.0.0.1:%d' % p for p in json.loads(sys.stdin.read())['echo_ports']))")
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# Datagrams the kernel dropped on the gateway's QUIC socket (receive buffer full), from
+# /proc/net/udp: lost QUIC packets are retransmitted, the media datagrams in them are not.
+QUIC_PORT_HEX=$(printf '%04X' "${QUIC##*:}")
+quic_drops() { awk -v p=":$QUIC_PORT_HEX" '$2 ~ p"$" {print $NF}' /proc/net/udp | head -1; }
 HZ=$(getconf CLK_TCK)
 
 phase() { echo "$(date +%T) $*" >&2; }
@@ -94,6 +99,7 @@ $BIN/thalamus-sim call --gateway "$QUIC" --fingerprint "$FP" --device media- --s
     --ready-file "$WORK/answered" --json > "$WORK/calls.json" &
 SIM_PID=$!
 PIDS+=("$SIM_PID")
+DROPS0=$(quic_drops)
 for _ in $(seq 600); do [ -f "$WORK/answered" ] && break; sleep 0.1; done
 [ -f "$WORK/answered" ] || { echo "not every call was answered within 60 s" >&2; exit 1; }
 sleep 3
@@ -101,12 +107,13 @@ CPU0=$(cpu_ticks "$GW_PID"); SIM0=$(cpu_ticks "$SIM_PID"); T0=$(date +%s.%N)
 sleep "$WINDOW"
 CPU1=$(cpu_ticks "$GW_PID"); SIM1=$(cpu_ticks "$SIM_PID"); T1=$(date +%s.%N)
 wait "$SIM_PID" || true
+DROPS1=$(quic_drops)
 curl -s "http://$ADMIN/metrics" > "$WORK/metrics.txt"
 phase "baseline after"
 $BIN/thalamus-sim echo-probe $ECHO_TARGETS --flows "$N" --secs "$SECS" --json \
     > "$WORK/baseline-after.json"
 
-python3 - "$WORK" "$N" "$SECS" "$CPU0" "$CPU1" "$SIM0" "$SIM1" "$T0" "$T1" "$HZ" "$WRITE" "$LOAD" <<'PY'
+python3 - "$WORK" "$N" "$SECS" "$CPU0" "$CPU1" "$SIM0" "$SIM1" "$T0" "$T1" "$HZ" "$WRITE" "$LOAD" "$((DROPS1 - DROPS0))" <<'PY'
 import datetime, json, os, platform, re, subprocess, sys
 work, n, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cpu0, cpu1, sim0, sim1 = (int(x) for x in sys.argv[4:8])
@@ -146,6 +153,7 @@ cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l
 mem_gib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")) / 2**20
 rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
 load = sys.argv[12].split()
+quic_drops = int(sys.argv[13])
 ms = lambda us: f"{us / 1000:.2f}"
 us = lambda v: f"{v:,.0f}"
 def row(name, calls, s):
@@ -187,6 +195,8 @@ per flow, as each call has its own), no gateway in between; it runs before and a
 - **Gateway CPU per 1,000 packets relayed**: {cpu_per_k_ms:.1f} ms ({cpu_s:.2f} s of CPU in a
   {window:.1f} s window with all {n} calls streaming, {packets:,.0f} packets both directions,
   i.e. {100 * cpu_s / window:.0f}% of one core). The simulator used {sim_cpu_s:.2f} s in the same window.
+- **Frames lost**: {gw['frames_sent'] - gw['payload_matches']:,} of {gw['frames_sent']:,}; UDP datagrams the kernel dropped on the
+  gateway's QUIC socket during the calls (receive buffer full): {quic_drops:,}.
 """
 print(section)
 if write:

@@ -326,7 +326,10 @@ async fn one_call(
                 }
             }
             _ = media_tick.tick(), if opts.media && answered_at.is_some() && streaming_stopped.is_none() && !hung_up => {
-                let _ = s.conn.send_datagram(probe.next_datagram(call_ref, Instant::now()));
+                if let Err(e) = s.conn.send_datagram(probe.next_datagram(call_ref, Instant::now())) {
+                    probe.send_failed += 1;
+                    tracing::debug!(error = %e, call_ref, "media frame not sent");
+                }
             }
             _ = sleep_until(wake_at), if !opts.hold.is_zero() && !hung_up => {}
             datagram = s.conn.read_datagram(), if opts.media => {

@@ -99,6 +99,9 @@ pub struct EchoProbe {
     pub foreign: u32,
     /// Second and later copies of a frame.
     pub duplicates: u32,
+    /// Frames the local QUIC connection refused to send (counted in `sent`; the reason is
+    /// in the simulator's log).
+    pub send_failed: u32,
     last_match: Option<u16>,
     seen: Vec<u64>,
     rtt_us: Vec<u64>,
@@ -118,6 +121,7 @@ impl EchoProbe {
             in_order: 0,
             foreign: 0,
             duplicates: 0,
+            send_failed: 0,
             last_match: None,
             seen: vec![0; 65_536 / 64],
             rtt_us: Vec::new(),
@@ -201,6 +205,19 @@ impl EchoProbe {
         self.sent.saturating_sub(self.payload_matches)
     }
 
+    /// The first (up to `limit`) frame numbers sent whose echo never matched.
+    pub fn missing(&self, limit: usize) -> Vec<u16> {
+        (0..self.sent.min(65_536))
+            .filter_map(|n| u16::try_from(n).ok())
+            .filter(|seq| {
+                self.seen
+                    .get(usize::from(*seq) / 64)
+                    .is_some_and(|bits| bits & (1u64 << (seq % 64)) == 0)
+            })
+            .take(limit)
+            .collect()
+    }
+
     /// Round-trip samples in microseconds, in arrival order.
     pub fn rtt_samples(&self) -> &[u64] {
         &self.rtt_us
@@ -217,9 +234,11 @@ impl EchoProbe {
             "frames_in_order": self.in_order,
             "frames_foreign": self.foreign,
             "duplicates": self.duplicates,
+            "send_failed": self.send_failed,
             "loss_percent": loss_percent(self.sent, self.payload_matches),
             "rtt_us_p50": percentile(&rtt, 0.5),
             "rtt_us_p99": percentile(&rtt, 0.99),
+            "missing_first": self.missing(8),
             "gateway": self.gateway.as_ref().map(stats_json),
         })
     }
@@ -492,6 +511,8 @@ mod tests {
         assert_eq!(probe.duplicates, 1);
         assert_eq!(probe.foreign, 1);
         assert_eq!(probe.outstanding(), 2);
+        assert_eq!(probe.missing(8), vec![3, 4]);
+        assert_eq!(probe.missing(1), vec![3]);
         assert_eq!(probe.rtt_samples(), &[3000, 3000, 3000]);
         let report = probe.report();
         assert_eq!(report["loss_percent"], 40.0);
