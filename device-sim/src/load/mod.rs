@@ -14,7 +14,8 @@
 //! [`report`] (the tally), [`plot`] (SVG), [`cli`] (the command), and here the tasks that
 //! connect the devices and drive them. Every load is bounded: a device count, a rate over a
 //! duration, per-call timeouts and a drain deadline. It does not provision devices (see
-//! `provision`) nor start the gateway or the SIP peer.
+//! `provision`) nor start the gateway or the SIP peer. Ctrl-C or SIGTERM ends a run early
+//! and still reports (open calls count as `unfinished`).
 
 pub mod cli;
 pub mod device_calls;
@@ -325,6 +326,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         &tally.progress(start),
     );
     let mut outcome_stream_open = true;
+    let mut interrupted = false;
+    let interrupt = interrupt_signal();
+    tokio::pin!(interrupt);
 
     loop {
         let now = Instant::now();
@@ -348,7 +352,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         } else {
             false
         };
-        if done || !outcome_stream_open {
+        if done || interrupted || !outcome_stream_open {
             break;
         }
         let mut wake = now + Duration::from_millis(250);
@@ -384,6 +388,10 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
                         tally.text_sent();
                     }
                 }
+            }
+            _ = &mut interrupt, if !interrupted => {
+                // Ctrl-C or SIGTERM: stop now; calls still open are written off as unfinished.
+                interrupted = true;
             }
             _ = tick.tick() => {
                 ticks += 1;
@@ -597,6 +605,22 @@ async fn device_task(mut t: DeviceTask) {
             return;
         }
     }
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+async fn interrupt_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn sleep_until(at: Option<Instant>) {
