@@ -420,7 +420,11 @@ impl BalancerCore {
         let kh = dialog.key_hash.unwrap_or(message_kh);
 
         let target = match (&dialog.node, &source_node) {
-            (Some(n), src) if src.as_ref() != Some(n) => {
+            // From outside, inside a dialog we stamped: to its node while it lives. (A request
+            // from a node goes by its Request-URI and next Route below even when our Route names
+            // another node: that node is the sender's peer, or the node whose dialog the sender
+            // took over.)
+            (Some(n), None) => {
                 let same_session =
                     |e: &NodeEntry| dialog.session_tag.is_none_or(|t| t == e.session_tag);
                 match self.membership.node(n) {

@@ -955,3 +955,33 @@ Content-Length: 0\r\n\r\n",
     };
     assert_eq!(node, f.owner_of(&key));
 }
+
+#[test]
+fn a_node_that_took_a_dialog_over_sends_in_it_outward() {
+    let mut f = Fixture::new(3);
+    // n2 continues a dialog whose Record-Route named n1 (a clustered takeover): its requests
+    // toward the external peer go out by the Request-URI, whether n1 is dead or back.
+    let bye = format!(
+        "BYE sip:sipp@203.0.113.9:5070 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKtakeover\r\n\
+Route: <sip:{LB};lr;{}>\r\n\
+Max-Forwards: 70\r\n\
+To: <sip:sipp@203.0.113.9>;tag=peer\r\n\
+From: <sip:callee@gw.example.net>;tag=gw\r\n\
+Call-ID: takeover-1\r\n\
+CSeq: 1073741825 BYE\r\n\
+Content-Length: 0\r\n\r\n",
+        params(&f, "n1", "callee")
+    );
+    for n1_alive in [true, false] {
+        if !n1_alive {
+            f.take_out(1, 3);
+        }
+        let Decision::Outward { from_node, out } = f.route(&bye, from_node(2)) else {
+            panic!("not routed outward (n1 alive: {n1_alive})")
+        };
+        assert_eq!(from_node, Some(id("n2")));
+        assert_eq!(out.to, NextHop::Addr("203.0.113.9:5070".parse().unwrap()));
+        assert!(header_lines(&text(&out), "Route").is_empty());
+    }
+}
