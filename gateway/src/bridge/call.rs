@@ -1151,13 +1151,15 @@ impl Call {
         let Ok(Some(export)) = self.inner.ua.export(&dialog).await else {
             return true;
         };
-        let Some((reserved, _)) = reserve_next_local_cseq(export) else {
-            // No CSeq used yet (its first number is random): the importing node's floor
-            // covers it.
-            return true;
+        // The write is also the ownership check (a compare-and-set on this node's version).
+        // With no CSeq used yet (the first number is random) it carries none: the importing
+        // node's floor is above any first number.
+        let record = match reserve_next_local_cseq(export.clone()) {
+            Some((reserved, _)) => reserved,
+            None => export,
         };
         let metrics = &self.inner.metrics.write_ahead;
-        let ack = match replicator.replicate_acked(to_stored(&reserved, &self.facts())) {
+        let ack = match replicator.replicate_acked(to_stored(&record, &self.facts())) {
             Ok(ack) => ack,
             Err(_) => {
                 Metrics::inc(metrics, "error");

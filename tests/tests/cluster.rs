@@ -1,0 +1,971 @@
+//! End to end, the clustered stack with real processes on loopback: Redis (`redis-server`,
+//! started here on a free port), the SIP load balancer (`thalamus balancer`), two gateway nodes
+//! (`thalamus run`) sharing the Redis dialog store, the device registry and the resume secret,
+//! SIPp placing calls through the balancer, and a simulated device (the simulator's device
+//! library, driven from this file so it can present its resume token to another node).
+//!
+//! - The JAIN SIP HA failover test (Shootist, Balancer, Shootme, Shootme-recovery), 100 calls
+//!   in a row, each with a node death: SIPp calls the device on node A through the balancer;
+//!   after the ACK node A is killed with SIGKILL; the device resumes on node B; SIPp's BYE
+//!   reaches node B, which takes the dialog over from Redis (UAS mode) and answers 200; the
+//!   device gets `CallEvent{ended}` on B. Node A is restarted for the next call.
+//! - The same with the device hanging up on node B (UAC mode: node B sends the BYE, with the
+//!   next CSeq over the route set, and SIPp accepts it).
+//! - Media follows and a paused node gives way: node A is frozen (SIGSTOP), node B claims the
+//!   dialog through the admin API and re-INVITEs SIPp with its own media address (CSeq
+//!   continuing from the record); node A, thawed, finds on its next write that it lost the
+//!   dialog and drops it without a BYE; node B ends the call.
+//! - Single node on the embedded store: the gateway is killed after the ACK and restarted, and
+//!   the BYE gets 200.
+//!
+//! The cluster tests run one at a time (they time node deaths against heartbeats).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use thalamus_gateway::balancer::{owner, NodeId};
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{
+    Answer, AudioCodec, CallEvent, CallState, EndReason, Envelope, Hangup, Hello, MediaOffer, Pong,
+    Welcome,
+};
+use thalamus_sim::device::DeviceConnection;
+use thalamus_tests::{bin, free_udp_port, http_get, Gateway, Proc};
+
+const T: Duration = Duration::from_secs(20);
+/// Heartbeat interval of the nodes and the balancer: a node is out 350 ms after its death.
+const HEARTBEAT_MS: u64 = 100;
+/// Shared resume-token secret of the nodes.
+const RESUME_SECRET: &str = "3f1c0d9e8b7a695847362514f3e2d1c0b9a8978675645342312f1e0d0c0b0a09";
+const DEVICE: &str = "callee";
+
+/// One cluster test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scenario(name: &str) -> String {
+    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sipp() -> Command {
+    assert!(
+        Command::new("sipp").arg("-v").output().is_ok(),
+        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
+    );
+    Command::new("sipp")
+}
+
+/// A `redis-server` on a free loopback port, no persistence; killed on drop.
+struct Redis {
+    _proc: Proc,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let path = Path::new("/usr/bin/redis-server");
+        assert!(
+            path.exists(),
+            "redis-server is missing at /usr/bin/redis-server (Debian package redis-server): \
+             the cluster tests need a real Redis"
+        );
+        let port = free_tcp_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(path)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let redis = Self {
+            _proc: Proc { child },
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + T;
+        while !redis.ping() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// The `thalamus balancer` process.
+struct Balancer {
+    _proc: Proc,
+    sip: SocketAddr,
+    heartbeat: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("balancer.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
+                 interval_ms = {HEARTBEAT_MS}\nmiss_count = 3\nrejoin_count = 2\n\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"warn\"\n"
+            ),
+        )
+        .unwrap();
+        let ready = dir.path().join("ready.json");
+        let child = Command::new(bin("thalamus"))
+            .arg("balancer")
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env_remove("THALAMUS_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let proc = Proc { child };
+        let deadline = Instant::now() + T;
+        let v: Value = loop {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str(&t) {
+                    break v;
+                }
+            }
+            assert!(Instant::now() < deadline, "balancer did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        Self {
+            _proc: proc,
+            sip: addr("sip_udp"),
+            heartbeat: addr("heartbeat"),
+            admin: addr("admin"),
+            _dir: dir,
+        }
+    }
+
+    fn eligible(&self, node: &str) -> bool {
+        let Ok(body) = http_get(self.admin, "/nodes") else {
+            return false;
+        };
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["id"] == node && n["eligible"] == true)
+    }
+
+    fn wait_eligible(&self, node: &str, eligible: bool) {
+        let deadline = Instant::now() + T;
+        while self.eligible(node) != eligible {
+            assert!(
+                Instant::now() < deadline,
+                "balancer never saw {node} eligible={eligible}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// An HTTP/1.1 POST without a body; returns (status, body).
+fn http_post(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    Ok((status, body.to_string()))
+}
+
+/// Percent-encodes one path segment.
+fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Two gateway nodes (A owns the device), the balancer and Redis.
+struct Cluster {
+    redis: Redis,
+    balancer: Balancer,
+    a: Option<Gateway>,
+    b: Gateway,
+    a_id: String,
+    b_id: String,
+    registry_dir: tempfile::TempDir,
+    secret: String,
+    lease_ms: u64,
+}
+
+impl Cluster {
+    fn start(lease_ms: u64) -> Self {
+        let redis = Redis::start();
+        let balancer = Balancer::start();
+        let registry_dir = tempfile::tempdir().unwrap();
+        // Node A is the one the balancer's hash gives the device to while both live.
+        let (n1, n2) = (
+            NodeId::new("node-1").unwrap(),
+            NodeId::new("node-2").unwrap(),
+        );
+        let first = owner(DEVICE, [&n1, &n2]).unwrap().as_str().to_string();
+        let (a_id, b_id) = if first == "node-1" {
+            ("node-1".to_string(), "node-2".to_string())
+        } else {
+            ("node-2".to_string(), "node-1".to_string())
+        };
+        let extra_a = node_extra(&a_id, &redis, &balancer, registry_dir.path(), lease_ms);
+        let a = Gateway::start(&extra_a).unwrap();
+        let secret = a.add_device(DEVICE).unwrap();
+        let extra_b = node_extra(&b_id, &redis, &balancer, registry_dir.path(), lease_ms);
+        let b = Gateway::start(&extra_b).unwrap();
+        balancer.wait_eligible(&a_id, true);
+        balancer.wait_eligible(&b_id, true);
+        Self {
+            redis,
+            balancer,
+            a: Some(a),
+            b,
+            a_id,
+            b_id,
+            registry_dir,
+            secret,
+            lease_ms,
+        }
+    }
+
+    fn a(&self) -> &Gateway {
+        self.a.as_ref().expect("node A is running")
+    }
+
+    fn extra_a(&self) -> String {
+        node_extra(
+            &self.a_id,
+            &self.redis,
+            &self.balancer,
+            self.registry_dir.path(),
+            self.lease_ms,
+        )
+    }
+
+    /// SIGKILL node A; returns its data directory.
+    fn kill_a(&mut self) -> tempfile::TempDir {
+        self.a.take().expect("node A is running").kill()
+    }
+
+    /// Starts node A again in its data directory and waits until the balancer routes to it.
+    fn restart_a(&mut self, dir: tempfile::TempDir) {
+        let extra = self.extra_a();
+        self.a = Some(Gateway::start_in(dir, "127.0.0.1:0", &extra).unwrap());
+        self.balancer.wait_eligible(&self.a_id, true);
+    }
+
+    /// What the processes said, for a failed assertion.
+    fn dump(&self, run: SippRun) -> String {
+        let (ok, failed, report, _) = run.finish();
+        format!(
+            "SIPp: {ok} ok, {failed} failed\n{report}\nA's log:\n{}\nB's log:\n{}",
+            self.a.as_ref().map(|a| tail(&a.log())).unwrap_or_default(),
+            tail(&self.b.log())
+        )
+    }
+
+    /// The device's live stored dialogs, as node B reads them from Redis.
+    fn stored_dialogs(&self) -> Vec<Value> {
+        let body = self
+            .b
+            .admin_get(&format!("/devices/{DEVICE}/dialogs"))
+            .unwrap();
+        serde_json::from_str::<Value>(&body)
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits until the call is replicated with owner node A (so the ACK was processed).
+    fn wait_replicated(&self, call_ref: u32) -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(d) = self
+                .stored_dialogs()
+                .into_iter()
+                .find(|d| d["call_ref"] == call_ref && d["owner"] == self.a_id.as_str())
+            {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "call {call_ref} never replicated; A's log:\n{}",
+                tail(&self.a().log())
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path, lease: u64) -> String {
+    let registry = registry_dir.join("devices.toml");
+    format!(
+        "[node]\nid = \"{id}\"\ndevice_registry = {registry:?}\n\n\
+         [auth]\nresume_secret = \"{RESUME_SECRET}\"\n\n\
+         [log]\nlevel = \"info,thalamus_gateway::bridge=debug,thalamus_sip=debug\"\n\n\
+         [cluster]\nlease_ttl_ms = {lease}\n\n\
+         [cluster.store]\nbackend = \"redis\"\n\n\
+         [cluster.store.redis]\nurl = \"{}\"\n\n\
+         [cluster.heartbeat]\nbalancers = [\"{}\"]\ninterval_ms = {HEARTBEAT_MS}\n",
+        redis.url(),
+        lb.heartbeat
+    )
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A running SIPp client.
+struct SippRun {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl SippRun {
+    fn start(scenario_file: &str, target: SocketAddr, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(dir.path().join("sipp.out")).unwrap();
+        let child = sipp()
+            .arg("-sf")
+            .arg(scenario(scenario_file))
+            .args(["-s", DEVICE, "-m", "1", "-i", "127.0.0.1", "-nostdin"])
+            .args(["-timeout", "30s", "-timeout_error"])
+            .args(["-p", &free_udp_port().unwrap().to_string()])
+            .args(["-trace_err", "-error_file"])
+            .arg(dir.path().join("errors.log"))
+            .args(["-trace_msg", "-message_file"])
+            .arg(dir.path().join("messages.log"))
+            .args(extra)
+            .arg(target.to_string())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, dir }
+    }
+
+    /// Waits for SIPp to exit; returns (successful, failed), a report for assertion messages
+    /// and SIPp's message trace.
+    fn finish(mut self) -> (u64, u64, String, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let output = std::fs::read_to_string(self.dir.path().join("sipp.out")).unwrap_or_default();
+        let errors =
+            std::fs::read_to_string(self.dir.path().join("errors.log")).unwrap_or_default();
+        let messages = self.messages();
+        let count = |label: &str| -> u64 {
+            output
+                .lines()
+                .rev()
+                .filter(|l| l.trim_start().starts_with(label))
+                .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let report = format!("SIPp errors:\n{errors}\nSIPp messages:\n{messages}");
+        (
+            count("Successful call"),
+            count("Failed call"),
+            report,
+            messages,
+        )
+    }
+
+    fn messages(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("messages.log")).unwrap_or_default()
+    }
+}
+
+/// The CSeq numbers of the requests of `method` SIPp received, in order.
+fn received_cseqs(messages: &str, method: &str) -> Vec<u32> {
+    messages
+        .split("-----------------------------------------------")
+        .filter(|block| block.contains("message received"))
+        .filter_map(|block| {
+            let body = block.split_once("\n\n")?.1.trim_start();
+            if !body.starts_with(&format!("{method} ")) {
+                return None;
+            }
+            body.lines()
+                .find_map(|l| l.strip_prefix("CSeq:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .collect()
+}
+
+fn device_media() -> MediaOffer {
+    MediaOffer {
+        audio_codecs: vec![
+            AudioCodec::Pcmu as i32,
+            AudioCodec::Pcma as i32,
+            AudioCodec::TelephoneEvent as i32,
+        ],
+        ..Default::default()
+    }
+}
+
+enum DeviceCommand {
+    Hangup(u32),
+    Close,
+}
+
+/// A simulated device (the simulator's device library) on its own thread: logs in (with a
+/// resume token when given), answers every incoming call, answers pings, hangs up on request,
+/// and hands every other frame to the test.
+struct DeviceAgent {
+    commands: tokio::sync::mpsc::UnboundedSender<DeviceCommand>,
+    frames: std_mpsc::Receiver<Envelope>,
+    welcome: Welcome,
+    thread: Option<std::thread::JoinHandle<()>>,
+    seen: Vec<Envelope>,
+}
+
+impl DeviceAgent {
+    fn connect(gw: &Gateway, secret: &str, token: &[u8]) -> anyhow::Result<Self> {
+        let (welcome_tx, welcome_rx) = std_mpsc::channel::<Result<Welcome, String>>();
+        let (frame_tx, frame_rx) = std_mpsc::channel();
+        let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+        let addr = gw.quic;
+        let fingerprint = thalamus_sim::quic::parse_fingerprint(&gw.fingerprint)?;
+        let hello = Hello {
+            device_id: DEVICE.into(),
+            credential: secret.into(),
+            resume_token: token.to_vec(),
+            ..Default::default()
+        };
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let setup = async {
+                    let config = thalamus_sim::quic::client_config(Some(fingerprint))?;
+                    let endpoint = thalamus_sim::quic::client_endpoint(addr, config)?;
+                    let mut conn = DeviceConnection::connect(&endpoint, addr, "localhost").await?;
+                    let welcome = conn.hello(hello).await?;
+                    anyhow::Ok((endpoint, conn, welcome))
+                };
+                let (endpoint, mut conn, welcome) = match setup.await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = welcome_tx.send(Err(format!("{e:#}")));
+                        return;
+                    }
+                };
+                let _ = welcome_tx.send(Ok(welcome));
+                loop {
+                    tokio::select! {
+                        frame = conn.reader.next() => {
+                            let Ok(env) = frame else { break };
+                            match &env.body {
+                                Some(Body::Ping(p)) => {
+                                    let pong = Envelope {
+                                        request_id: env.request_id,
+                                        body: Some(Body::Pong(Pong { nonce: p.nonce })),
+                                    };
+                                    let _ = conn.writer.send_envelope(&pong).await;
+                                    continue;
+                                }
+                                Some(Body::IncomingCall(c)) => {
+                                    let answer = Body::Answer(Answer {
+                                        call_ref: c.call_ref,
+                                        media: Some(device_media()),
+                                    });
+                                    let _ = conn.writer.send(answer).await;
+                                }
+                                _ => {}
+                            }
+                            if frame_tx.send(env).is_err() {
+                                break;
+                            }
+                        }
+                        command = cmd_rx.recv() => match command {
+                            Some(DeviceCommand::Hangup(call_ref)) => {
+                                let _ = conn.writer.send(Body::Hangup(Hangup { call_ref })).await;
+                            }
+                            Some(DeviceCommand::Close) | None => {
+                                conn.conn.close(0u32.into(), b"bye");
+                                break;
+                            }
+                        }
+                    }
+                }
+                endpoint.close(0u32.into(), b"bye");
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
+            });
+        });
+        let welcome = match welcome_rx.recv_timeout(T) {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => bail!("device login failed: {e}"),
+            Err(_) => bail!("device login timed out"),
+        };
+        Ok(Self {
+            commands: cmd_tx,
+            frames: frame_rx,
+            welcome,
+            thread: Some(thread),
+            seen: Vec::new(),
+        })
+    }
+
+    fn token(&self) -> Vec<u8> {
+        self.welcome.resume_token.clone()
+    }
+
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&Envelope) -> bool) -> Envelope {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.frames.recv_timeout(left) {
+                Ok(env) => {
+                    self.seen.push(env.clone());
+                    if pred(&env) {
+                        return env;
+                    }
+                }
+                Err(_) => panic!("device: no {what}; frames seen: {:?}", self.seen),
+            }
+        }
+    }
+
+    /// The next incoming call's ref; `None` when none came in time.
+    fn incoming_call(&mut self) -> Option<u32> {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let env = self.frames.recv_timeout(left).ok()?;
+            self.seen.push(env.clone());
+            if let Some(Body::IncomingCall(c)) = env.body {
+                return Some(c.call_ref);
+            }
+        }
+    }
+
+    fn call_event(&mut self, call_ref: u32, state: CallState) -> CallEvent {
+        let env = self.wait_for(&format!("CallEvent {state:?} for {call_ref}"), |e| {
+            matches!(&e.body, Some(Body::CallEvent(c)) if c.call_ref == call_ref && c.state == state as i32)
+        });
+        match env.body {
+            Some(Body::CallEvent(c)) => c,
+            _ => unreachable!(),
+        }
+    }
+
+    fn hangup(&self, call_ref: u32) {
+        let _ = self.commands.send(DeviceCommand::Hangup(call_ref));
+    }
+
+    fn close(mut self) {
+        let _ = self.commands.send(DeviceCommand::Close);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DeviceAgent {
+    fn drop(&mut self) {
+        let _ = self.commands.send(DeviceCommand::Close);
+    }
+}
+
+/// Takeover latencies (request in to answer out, µs) a node logged.
+fn takeover_latencies(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| {
+            l.split("takeover_latency_us=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Writes a figure line to `target/cluster-figures.txt` (read into docs by hand) and prints it.
+fn record_figure(line: &str) {
+    println!("{line}");
+    let path = bin("thalamus")
+        .parent()
+        .map(|p| p.join("cluster-figures.txt"))
+        .unwrap_or_else(|| PathBuf::from("cluster-figures.txt"));
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Which side ends each call after the takeover.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ending {
+    /// SIPp's BYE reaches node B (UAS-mode takeover).
+    PeerBye,
+    /// The device hangs up on node B (UAC-mode takeover; node B sends the BYE).
+    DeviceHangup,
+}
+
+/// The failover loop: every call kills node A after the ACK and restarts it afterwards.
+fn failover_calls(calls: u32, ending: Ending) {
+    let _serial = serial();
+    let mut cluster = Cluster::start(5_000);
+    let mut device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    for i in 0..calls {
+        let run = match ending {
+            // The BYE leaves 800 ms after the ACK: node A is dead and out of the balancer by then.
+            Ending::PeerBye => {
+                SippRun::start("uac_failover_bye.xml", cluster.balancer.sip, &["-d", "800"])
+            }
+            Ending::DeviceHangup => SippRun::start("uac_wait_bye.xml", cluster.balancer.sip, &[]),
+        };
+        let Some(call_ref) = device.incoming_call() else {
+            panic!("call {i}: no incoming call\n{}", cluster.dump(run));
+        };
+        device.call_event(call_ref, CallState::Answered);
+        let stored = cluster.wait_replicated(call_ref);
+        assert_eq!(stored["state"], "live");
+
+        // Node A dies (SIGKILL) right after the ACK; the device resumes on node B.
+        let dir = cluster.kill_a();
+        let token = device.token();
+        drop(device);
+        let mut on_b = DeviceAgent::connect(&cluster.b, &cluster.secret, &token).unwrap();
+        assert!(
+            on_b.welcome.resumed,
+            "call {i}: the session did not resume on B"
+        );
+        assert!(
+            on_b.welcome
+                .live_calls
+                .iter()
+                .any(|c| c.call_ref == call_ref),
+            "call {i}: B's Welcome does not list the call: {:?}",
+            on_b.welcome.live_calls
+        );
+        if ending == Ending::DeviceHangup {
+            cluster.balancer.wait_eligible(&cluster.a_id, false);
+            on_b.hangup(call_ref);
+        }
+        let (ok, failed, report, _) = run.finish();
+        if (ok, failed) != (1, 0) {
+            failures.push(i);
+            panic!(
+                "call {i}: SIPp {ok} ok, {failed} failed\n{report}\nB's log:\n{}",
+                tail(&cluster.b.log())
+            );
+        }
+        let ended = on_b.call_event(call_ref, CallState::Ended);
+        let expected = match ending {
+            Ending::PeerBye => EndReason::RemoteHangup,
+            Ending::DeviceHangup => EndReason::LocalHangup,
+        };
+        assert_eq!(ended.end_reason, expected as i32, "call {i}: {ended:?}");
+
+        // Node A comes back; the device goes back to it for the next call.
+        cluster.restart_a(dir);
+        let token = on_b.token();
+        on_b.close();
+        device = DeviceAgent::connect(cluster.a(), &cluster.secret, &token).unwrap();
+        assert!(device.welcome.live_calls.is_empty());
+    }
+    assert!(failures.is_empty());
+    let elapsed = started.elapsed();
+    // Every call ended; nothing is left live in the store.
+    let deadline = Instant::now() + T;
+    while !cluster.stored_dialogs().is_empty() {
+        assert!(Instant::now() < deadline, "live dialogs left in the store");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b_log = cluster.b.log();
+    let claimed = b_log.matches("dialog taken over").count();
+    assert_eq!(claimed as u32, calls, "B took over {claimed} dialogs");
+    let label = match ending {
+        Ending::PeerBye => "UAS mode (peer BYE)",
+        Ending::DeviceHangup => "UAC mode (device hangup)",
+    };
+    record_figure(&format!(
+        "failover {label}: {calls} calls, 0 failures, {:.1} s ({:.2} s per call with a node death and restart)",
+        elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() / f64::from(calls)
+    ));
+    if ending == Ending::PeerBye {
+        let mut lat = takeover_latencies(&b_log);
+        assert_eq!(lat.len() as u32, calls, "one takeover latency per call");
+        lat.sort_unstable();
+        record_figure(&format!(
+            "takeover latency (BYE in to 200 out on the new node, debug build, Redis store): p50 {} us, p99 {} us, max {} us over {} takeovers",
+            percentile(&lat, 50.0),
+            percentile(&lat, 99.0),
+            lat.last().copied().unwrap_or(0),
+            lat.len()
+        ));
+    }
+}
+
+#[test]
+fn jain_sip_ha_failover_100_calls_in_a_row() {
+    failover_calls(100, Ending::PeerBye);
+}
+
+#[test]
+fn device_hangup_after_takeover_100_calls_in_a_row() {
+    failover_calls(100, Ending::DeviceHangup);
+}
+
+#[test]
+fn media_follows_the_takeover_and_a_frozen_node_gives_way() {
+    let _serial = serial();
+    // A long lease: node B may claim only because it is asked to (admin API).
+    let cluster = Cluster::start(30_000);
+    let mut device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let run = SippRun::start("uac_media_follows.xml", cluster.balancer.sip, &[]);
+    let Some(call_ref) = device.incoming_call() else {
+        panic!("no incoming call\n{}", cluster.dump(run));
+    };
+    device.call_event(call_ref, CallState::Answered);
+    let stored = cluster.wait_replicated(call_ref);
+    let path = format!(
+        "/dialogs/{}/{}/{}",
+        segment(stored["call_id"].as_str().unwrap()),
+        segment(stored["local_tag"].as_str().unwrap()),
+        segment(stored["remote_tag"].as_str().unwrap())
+    );
+    assert_eq!(stored["epoch"], 0);
+    assert_eq!(stored["held_here"], false);
+    let a_pid = cluster.a().proc.child.id().to_string();
+
+    // Node A freezes; the balancer takes it out; node B claims the dialog (UAC mode, admin).
+    assert!(Command::new("kill")
+        .args(["-STOP", &a_pid])
+        .status()
+        .unwrap()
+        .success());
+    cluster.balancer.wait_eligible(&cluster.a_id, false);
+    let (status, body) = http_post(cluster.b.admin, &format!("{path}/claim")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let claimed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(claimed["call_ref"], call_ref);
+    let on_b: Value = serde_json::from_str(&cluster.b.admin_get(&path).unwrap()).unwrap();
+    assert_eq!(on_b["owner"], cluster.b_id.as_str());
+    assert_eq!(on_b["epoch"], 1);
+    assert_eq!(on_b["held_here"], true);
+
+    // Media follows: B re-INVITEs SIPp with its own address; the record gets B's SDP.
+    let deadline = Instant::now() + T;
+    let before = stored["media"]["local_sdp"].as_str().unwrap().to_string();
+    loop {
+        let now: Value = serde_json::from_str(&cluster.b.admin_get(&path).unwrap()).unwrap();
+        let sdp = now["media"]["local_sdp"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if sdp != before && !sdp.is_empty() {
+            let port = |s: &str| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("m=audio "))
+                    .and_then(|l| l.split_whitespace().next())
+                    .map(str::to_string)
+            };
+            assert_ne!(port(&sdp), port(&before), "B's media port is A's");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the record never got B's SDP");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Node A thaws; the device (still connected to A) hangs up there: A's write of the next
+    // CSeq conflicts, so A drops the call without a BYE and tells the device.
+    assert!(Command::new("kill")
+        .args(["-CONT", &a_pid])
+        .status()
+        .unwrap()
+        .success());
+    device.hangup(call_ref);
+    let ended = device.call_event(call_ref, CallState::Ended);
+    assert_eq!(
+        ended.end_reason,
+        EndReason::NodeFailover as i32,
+        "{ended:?}\nA's metrics: {}\nA's log:\n{}",
+        cluster
+            .a()
+            .admin_get("/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("write_ahead") || l.contains("replication"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        tail(&cluster.a().log())
+    );
+    cluster
+        .a()
+        .wait_metric("thalamus_write_ahead_total{reason=\"lost\"}", 1.0, T)
+        .unwrap();
+    assert_eq!(
+        cluster.a().metric("thalamus_dialogs_lost_total").unwrap(),
+        1.0
+    );
+
+    // Node B ends the call (UAC mode, admin): SIPp gets B's BYE.
+    let (status, body) = http_post(cluster.b.admin, &format!("{path}/bye")).unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (ok, failed, report, messages) = run.finish();
+    assert_eq!(
+        (ok, failed),
+        (1, 0),
+        "{report}\nB's log:\n{}",
+        tail(&cluster.b.log())
+    );
+    // CSeq continues from the record: the re-INVITE is the first request of the gateway's
+    // side (above the import floor) and the BYE follows it by one.
+    let invites = received_cseqs(&messages, "INVITE");
+    let byes = received_cseqs(&messages, "BYE");
+    let (Some(&reinvite), Some(&bye)) = (invites.last(), byes.last()) else {
+        panic!("no re-INVITE or BYE received by SIPp:\n{report}");
+    };
+    assert!(reinvite > (1 << 30), "re-INVITE CSeq {reinvite}");
+    assert_eq!(bye, reinvite + 1, "BYE CSeq");
+    // The record is a tombstone now.
+    let deadline = Instant::now() + T;
+    loop {
+        let now: Value = serde_json::from_str(&cluster.b.admin_get(&path).unwrap()).unwrap();
+        if now["state"] == "tombstone" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "record never tombstoned: {now}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn single_node_on_the_embedded_store_answers_the_bye_after_a_restart() {
+    let _serial = serial();
+    let sip_port = free_udp_port().unwrap();
+    let extra = format!("[sip]\nlisten = \"127.0.0.1:{sip_port}\"\n");
+    let gw = Gateway::start(&extra).unwrap();
+    let secret = gw.add_device(DEVICE).unwrap();
+    let mut device = DeviceAgent::connect(&gw, &secret, &[]).unwrap();
+    let run = SippRun::start("uac_failover_bye.xml", gw.sip, &["-d", "3000"]);
+    let call_ref = device.incoming_call().expect("an incoming call");
+    device.call_event(call_ref, CallState::Answered);
+    // The record is in the embedded store once the ACK is processed.
+    let deadline = Instant::now() + T;
+    loop {
+        let body = gw.admin_get(&format!("/devices/{DEVICE}/dialogs")).unwrap();
+        if body.contains(&format!("\"call_ref\":{call_ref}")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stored: {body}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let dir = gw.kill();
+    drop(device);
+    let gw = Gateway::start_in(dir, "127.0.0.1:0", &extra).unwrap();
+    let (ok, failed, report, _) = run.finish();
+    assert_eq!(
+        (ok, failed),
+        (1, 0),
+        "{report}\ngateway log:\n{}",
+        tail(&gw.log())
+    );
+    assert!(
+        gw.log().contains("dialog taken over"),
+        "{}",
+        tail(&gw.log())
+    );
+    gw.wait_metric("thalamus_takeovers_total{reason=\"claimed\"}", 1.0, T)
+        .unwrap();
+}
