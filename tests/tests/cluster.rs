@@ -156,6 +156,7 @@ impl Balancer {
         )
         .unwrap();
         let ready = dir.path().join("ready.json");
+        let log = std::fs::File::create(dir.path().join("balancer.log")).unwrap();
         let child = Command::new(bin("thalamus"))
             .arg("balancer")
             .arg("--config")
@@ -164,7 +165,7 @@ impl Balancer {
             .arg(&ready)
             .env_remove("THALAMUS_CONFIG")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .unwrap();
         let proc = Proc { child };

@@ -671,8 +671,10 @@ impl Call {
                             if ended {
                                 return;
                             }
-                            if std::mem::take(&mut self.replica.reinvite_pending) {
-                                self.reinvite_for_media().await;
+                            if std::mem::take(&mut self.replica.reinvite_pending)
+                                && !self.reinvite_for_media().await
+                            {
+                                return;
                             }
                         }
                         CallCommand::AckTimeout => {
@@ -1235,13 +1237,14 @@ impl Call {
                     );
             }
             Trigger::DeviceResume | Trigger::Api => {
-                if reinvite {
-                    self.reinvite_for_media().await;
+                if reinvite && !self.reinvite_for_media().await {
+                    return SetUp::Ended;
                 }
             }
             Trigger::DeviceCommand { request_id, body } => {
-                if reinvite && !matches!(body, Body::Hangup(_)) {
-                    self.reinvite_for_media().await;
+                if reinvite && !matches!(body, Body::Hangup(_)) && !self.reinvite_for_media().await
+                {
+                    return SetUp::Ended;
                 }
                 // Handled by the answered phase, as if it had just arrived.
                 if let Some(handle) = self.inner.calls.get(&self.key) {
@@ -1266,10 +1269,12 @@ impl Call {
     }
 
     /// Re-INVITEs the peer with this node's media address (after a takeover), CSeq following
-    /// the record's; the record is written again with the new SDP.
-    async fn reinvite_for_media(&mut self) {
+    /// the record's; the record is written again with the new SDP. False when the call is over:
+    /// the peer no longer knows the dialog (481, or no answer at all: a record whose end was
+    /// never written), or another node owns it.
+    async fn reinvite_for_media(&mut self) -> bool {
         let Some(dialog) = self.dialog.clone() else {
-            return;
+            return true;
         };
         let mut local = self.local_media();
         if self.held {
@@ -1279,11 +1284,17 @@ impl Call {
             Ok(o) => o,
             Err(e) => {
                 debug!(error = %e, "no re-INVITE offer after the takeover");
-                return;
+                return true;
             }
         };
         if !self.write_ahead().await {
-            return;
+            self.inner.metrics.dialogs_lost.inc();
+            self.event(ended_by(
+                self.key.1,
+                EndReason::NodeFailover,
+                "the call moved to another node",
+            ));
+            return false;
         }
         let result = self
             .inner
@@ -1299,10 +1310,10 @@ impl Call {
             Ok(c) => c,
             Err(e) => {
                 debug!(error = %e, "re-INVITE after the takeover not sent");
-                return;
+                return true;
             }
         };
-        match call.final_response().await {
+        let gone = match call.final_response().await {
             ClientEvent::Response { response, dialog } if response.is_success() => {
                 if let Some(d) = dialog {
                     let _ = self.inner.ua.ack(&d, None).await;
@@ -1312,15 +1323,27 @@ impl Call {
                 }
                 self.replicate();
                 info!("media moved to this node (re-INVITE answered)");
+                false
             }
             ClientEvent::Response { response, .. } => {
                 debug!(
                     status = response.status,
                     "re-INVITE after the takeover refused"
                 );
+                matches!(response.status, 408 | 481)
             }
-            _ => debug!("re-INVITE after the takeover timed out"),
+            ClientEvent::Timeout => true,
+            ClientEvent::TransportError => false,
+        };
+        if gone {
+            info!("the peer no longer knows the dialog: the call ends");
+            self.event(ended_by(
+                self.key.1,
+                EndReason::Failed,
+                "the remote party no longer knows the call",
+            ));
         }
+        !gone
     }
 }
 
