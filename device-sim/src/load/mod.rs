@@ -629,3 +629,108 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(n: usize, max_calls: u32) -> (Vec<Arc<DeviceSlot>>, Vec<mpsc::Receiver<Command>>) {
+        (0..n)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(2);
+                (
+                    Arc::new(DeviceSlot {
+                        commands: tx,
+                        calls: AtomicU32::new(0),
+                        max_calls,
+                        alive: AtomicBool::new(true),
+                    }),
+                    rx,
+                )
+            })
+            .unzip()
+    }
+
+    #[test]
+    fn calls_go_round_robin_up_to_each_devices_limit() {
+        let (slots, mut rxs) = slots(3, 1);
+        let mut next = 0;
+        for _ in 0..3 {
+            assert!(dispatch(&slots, &mut next, Command::Dial, true));
+        }
+        // Every device is at its limit of one call.
+        assert!(!dispatch(&slots, &mut next, Command::Dial, true));
+        for (slot, rx) in slots.iter().zip(&mut rxs) {
+            assert_eq!(slot.calls.load(Ordering::Relaxed), 1);
+            assert!(matches!(rx.try_recv(), Ok(Command::Dial)));
+        }
+        // A call ends on device 1: the next call goes there.
+        slots[1].calls.store(0, Ordering::Relaxed);
+        assert!(dispatch(&slots, &mut next, Command::Dial, true));
+        assert!(matches!(rxs[1].try_recv(), Ok(Command::Dial)));
+        // Texts ignore the call limit.
+        assert!(dispatch(&slots, &mut next, Command::Text, false));
+    }
+
+    #[test]
+    fn dead_devices_and_full_queues_are_skipped_and_undone() {
+        let (slots, mut rxs) = slots(2, 4);
+        slots[0].alive.store(false, Ordering::Relaxed);
+        let mut next = 0;
+        // Device 1's queue holds two commands; the third start finds no device.
+        assert!(dispatch(&slots, &mut next, Command::Dial, true));
+        assert!(dispatch(&slots, &mut next, Command::Dial, true));
+        assert!(!dispatch(&slots, &mut next, Command::Dial, true));
+        assert_eq!(
+            slots[1].calls.load(Ordering::Relaxed),
+            2,
+            "the refused start was undone"
+        );
+        assert_eq!(slots[0].calls.load(Ordering::Relaxed), 0);
+        assert!(rxs[0].try_recv().is_err());
+        drop(rxs.remove(1));
+        assert!(!dispatch(&slots, &mut next, Command::Text, false));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_connecting() {
+        let base = LoadOptions {
+            gateway: "127.0.0.1:9".parse().unwrap(),
+            server_name: "localhost".into(),
+            fingerprint: None,
+            prefix: "load-".into(),
+            first: 0,
+            devices: 0,
+            secret: "s".into(),
+            login_concurrency: 1,
+            endpoints: 1,
+            cps: 1.0,
+            duration: Duration::ZERO,
+            hold: Duration::ZERO,
+            target: String::new(),
+            media: false,
+            texts_per_sec: 0.0,
+            incoming: false,
+            expect_calls: 0,
+            call_timeout: Duration::from_secs(1),
+            idle_before: Duration::ZERO,
+            max_calls_per_device: None,
+            status_file: None,
+            progress: false,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(matches!(
+            rt.block_on(run(base.clone())),
+            Err(LoadError::Settings(_))
+        ));
+        let nan = LoadOptions {
+            devices: 1,
+            cps: f64::NAN,
+            ..base
+        };
+        assert!(matches!(rt.block_on(run(nan)), Err(LoadError::Settings(_))));
+    }
+}
