@@ -1,8 +1,8 @@
 //! Takeover: continuing here a dialog that another node (or this node before a restart) wrote
 //! to the dialog store.
 //!
-//! One procedure ([`take_over`]) serves every way in:
-//! - **UAS mode** ([`unknown_dialog`]), as in JAIN SIP HA: a request arrives for a dialog the
+//! One procedure (`take_over`) serves every way in:
+//! - **UAS mode** (`unknown_dialog`), as in JAIN SIP HA: a request arrives for a dialog the
 //!   user agent does not hold. The record is read and claimed (compare-and-set on the owner
 //!   epoch: exactly one node wins), the SIP dialog is imported, a call is attached, and the
 //!   request is delivered again, so the call answers it (BYE 200, re-INVITE answered with this
@@ -13,13 +13,13 @@
 //! - **UAC mode** ([`crate::bridge::Bridge::claim_dialog`],
 //!   [`crate::bridge::Bridge::hangup_dialog`], the admin endpoint): this node fetches a dialog
 //!   by id and sends its next request itself, with the CSeq and route set of the record.
-//! - **Devices follow** ([`resume_device`]): a device resuming its session here has its stored
+//! - **Devices follow** (`resume_device`): a device resuming its session here has its stored
 //!   dialogs listed; those whose owner's lease lapsed (or that name this node) are claimed at
 //!   once, the others are watched (listed in the Welcome, claimed when the lease lapses or at
 //!   the first request from either side).
 //!
 //! After a takeover the call re-INVITEs the peer with this node's media address (see
-//! [`crate::bridge::call`]). Conflict notices from the replicator ([`drop_lost_dialogs`]) tell a
+//! [`crate::bridge::call`]). Conflict notices from the replicator (`drop_lost_dialogs`) tell a
 //! node that another one took its dialog over; the call is dropped without a BYE.
 //!
 //! What it does not do: decide ownership of devices (the balancer's hash), write records (the
