@@ -84,7 +84,7 @@ phase "gateway and buddy up; warming up $N logins"
 # Warm-up: one login per device (the first login checks the argon2 hash; later ones hit the
 # gateway's cache of verified secrets, so the calls below measure media, not argon2).
 $BIN/thalamus-sim swarm --gateway "$QUIC" --fingerprint "$FP" --prefix media- --devices "$N" \
-    --secret "$SECRET" --concurrency 16 --hold-secs 0 >/dev/null 2>&1
+    --secret="$SECRET" --concurrency 16 --hold-secs 0 >/dev/null 2>&1
 
 phase "baseline before"
 # Baseline: the same flows straight to the buddy's echo (before the gateway run, and again
@@ -94,7 +94,7 @@ $BIN/thalamus-sim echo-probe $ECHO_TARGETS --flows "$N" --secs "$SECS" --json \
 
 phase "$N calls through the gateway"
 # Through the gateway.
-$BIN/thalamus-sim call --gateway "$QUIC" --fingerprint "$FP" --device media- --secret "$SECRET" \
+$BIN/thalamus-sim call --gateway "$QUIC" --fingerprint "$FP" --device media- --secret="$SECRET" \
     --parallel "$N" --target "sip:bob@$BUDDY_SIP" --hold-ms $((SECS * 1000)) --media \
     --ready-file "$WORK/answered" --json > "$WORK/calls.json" &
 SIM_PID=$!

@@ -445,7 +445,7 @@ pub async fn listen(
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 => {
                         answered += 1;
-                        if media.len() < MAX_TRACKED_CALLS {
+                        if media.len() < MAX_TRACKED_CALLS || media.contains_key(&e.call_ref) {
                             media.entry(e.call_ref).or_default().answered = true;
                         }
                         if !opts.hangup_after.is_zero() {
@@ -490,6 +490,12 @@ pub async fn listen(
                 pending.retain(|(at, _)| *at > now);
                 for env in due {
                     s.writer.send_envelope(&env).await?;
+                    // Media may arrive before the gateway confirms the answer: echo it already.
+                    if let Some(Body::Answer(a)) = &env.body {
+                        if media.len() < MAX_TRACKED_CALLS || media.contains_key(&a.call_ref) {
+                            media.entry(a.call_ref).or_default().answered = true;
+                        }
+                    }
                 }
                 let due: Vec<u32> = hangups.iter().filter(|(at, _)| *at <= now).map(|(_, r)| *r).collect();
                 hangups.retain(|(at, _)| *at > now);
