@@ -19,7 +19,8 @@
 #   per 1,000 packets relayed (both directions: N x 50/s x 2 x window, minus measured loss).
 #
 # KEEP_WORK=1 keeps the working directory (logs, the simulator's JSON events, metrics).
-# With --write the section "## Media relay" of docs/benchmarks.md is replaced (or appended).
+# With --write the section "## Media relay" of docs/benchmarks.md (up to the next "## " heading,
+# hand-written notes included) is replaced, or appended when absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WRITE=0
