@@ -434,9 +434,16 @@ impl VerifierPool {
 
 /// A fresh random secret: 32 bytes, base64url without padding.
 pub fn generate_secret() -> String {
-    let mut bytes = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    loop {
+        let mut bytes = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        // A secret that starts with '-' reads as an option on command lines
+        // (`--secret -x...`): draw again (one draw in 32 on average).
+        if secret.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return secret;
+        }
+    }
 }
 
 /// The argon2id PHC hash of `secret` with a random salt.
@@ -503,6 +510,15 @@ mod tests {
             gateway_view.verify("late", &secret).unwrap(),
             Verdict::Valid
         );
+    }
+
+    #[test]
+    fn secrets_never_start_like_an_option() {
+        for _ in 0..2_000 {
+            let s = generate_secret();
+            assert!(s.starts_with(|c: char| c.is_ascii_alphanumeric()), "{s}");
+            assert_eq!(s.len(), 43);
+        }
     }
 
     #[test]
