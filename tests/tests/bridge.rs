@@ -259,7 +259,8 @@ fn sip_failures_reach_the_device_with_their_reason() {
 
 #[test]
 fn sipp_calls_a_listening_device_200_times() {
-    let gw = Gateway::start("").unwrap();
+    // SIPp keeps up to 20 calls open at once: allow the device that many (the default is 4).
+    let gw = Gateway::start("[session]\nmax_calls = 32").unwrap();
     let secret = gw.add_device("callee").unwrap();
     let mut listener = device(&gw, "listen", "callee", &secret, &[]);
     let (ok, failed) = sipp_client(
