@@ -20,6 +20,19 @@ impl DatagramSink for NullSink {
     }
 }
 
+/// The first even port `p` in 46000..60000 such that `p..p + len` can all be bound on loopback.
+fn free_even_range(len: u16) -> u16 {
+    (46_000u16..60_000)
+        .step_by(2)
+        .find(|p| {
+            let sockets: Vec<_> = (*p..*p + len)
+                .map(|port| std::net::UdpSocket::bind(("127.0.0.1", port)))
+                .collect();
+            sockets.iter().all(Result::is_ok)
+        })
+        .expect("a free port range")
+}
+
 fn engine(port_min: u16, port_max: u16) -> MediaEngine {
     MediaEngine::new(MediaConfig {
         address: "127.0.0.1".parse().unwrap(),
@@ -103,7 +116,10 @@ async fn dropped_relays_release_their_ports_and_tasks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_range_is_an_error_and_recovers() {
-    let engine = engine(45_500, 45_503); // two pairs
+    // Two pairs, on ports free right now: with so small a range, a port taken by any other
+    // socket on the machine (ephemeral ports share this range) would fail the test.
+    let base = free_even_range(4);
+    let engine = engine(base, base + 3); // two pairs
     let sink: Arc<dyn DatagramSink> = Arc::new(NullSink);
     let first = engine
         .start(RelaySpec::audio(1), Arc::clone(&sink))
@@ -124,7 +140,8 @@ async fn exhausted_range_is_an_error_and_recovers() {
 
 #[test]
 fn starting_outside_a_runtime_is_an_error_not_a_panic() {
-    let engine = engine(45_600, 45_601);
+    let base = free_even_range(2);
+    let engine = engine(base, base + 1);
     let result = engine.start(RelaySpec::audio(1), Arc::new(NullSink));
     assert!(matches!(result, Err(RelayError::NoRuntime)));
     assert_eq!(engine.ports_in_use(), 0);
