@@ -3,6 +3,8 @@
 #
 #   build                       release binaries of the gateway and the simulator
 #   start_gateway NAME [TOML]   a gateway with its own data dir; sets GW_PID QUIC SIP FP GW_CONF
+#                               (TOML: extra sections other than the base config's [node] [quic]
+#                               [sip] [media] [admin] [log]; per-IP QUIC limit raised to 50,000)
 #   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
 #   start_sipp_uas PORT         SIPp's built-in uas; sets UAS_PID
 #   rss_kib PID / cpu_ticks PID from /proc
