@@ -788,7 +788,8 @@ fn failover_calls(calls: u32, ending: Ending) {
         assert_eq!(lat.len() as u32, calls, "one takeover latency per call");
         lat.sort_unstable();
         record_figure(&format!(
-            "takeover latency (BYE in to 200 out on the new node, debug build, Redis store): p50 {} us, p99 {} us, max {} us over {} takeovers",
+            "takeover latency (BYE in to 200 out on the new node, {} build, Redis store): p50 {} us, p99 {} us, max {} us over {} takeovers",
+            if cfg!(debug_assertions) { "debug" } else { "release" },
             percentile(&lat, 50.0),
             percentile(&lat, 99.0),
             lat.last().copied().unwrap_or(0),
