@@ -15,6 +15,9 @@
 //!   dialog through the admin API and re-INVITEs SIPp with its own media address (CSeq
 //!   continuing from the record); node A, thawed, finds on its next write that it lost the
 //!   dialog and drops it without a BYE; node B ends the call.
+//! - Devices follow: the device resumes on node B while node A's owner lease still runs (the
+//!   call is listed and watched, then claimed when the lease lapses) or after it lapsed (claimed
+//!   at once); node B re-INVITEs SIPp with its media and the device's hangup on B ends the call.
 //! - Single node on the embedded store: the gateway is killed after the ACK and restarted, and
 //!   the BYE gets 200.
 //!
@@ -970,4 +973,85 @@ fn single_node_on_the_embedded_store_answers_the_bye_after_a_restart() {
     );
     gw.wait_metric("thalamus_takeovers_total{reason=\"claimed\"}", 1.0, T)
         .unwrap();
+}
+
+/// Devices follow: the device resumes on node B while node A's lease still runs (the call is
+/// listed, watched), or after it lapsed (claimed at once); either way node B takes the call and
+/// re-INVITEs SIPp with its own media, and the device's hangup on B ends it.
+fn device_resumes_and_media_follows(wait_for_the_lease: bool) {
+    let _serial = serial();
+    let mut cluster = Cluster::start(1_500);
+    let mut device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let run = SippRun::start("uac_media_follows.xml", cluster.balancer.sip, &[]);
+    let Some(call_ref) = device.incoming_call() else {
+        panic!("no incoming call\n{}", cluster.dump(run));
+    };
+    device.call_event(call_ref, CallState::Answered);
+    cluster.wait_replicated(call_ref);
+    let _dir = cluster.kill_a();
+    let token = device.token();
+    drop(device);
+    if wait_for_the_lease {
+        std::thread::sleep(Duration::from_millis(1_700));
+    }
+    let mut on_b = DeviceAgent::connect(&cluster.b, &cluster.secret, &token).unwrap();
+    assert!(on_b.welcome.resumed);
+    assert!(
+        on_b.welcome
+            .live_calls
+            .iter()
+            .any(|c| c.call_ref == call_ref),
+        "{:?}",
+        on_b.welcome.live_calls
+    );
+    // Node B owns the call now (at once, or when A's lease lapses) and moved the media.
+    let deadline = Instant::now() + T;
+    loop {
+        let stored = cluster
+            .stored_dialogs()
+            .into_iter()
+            .find(|d| d["call_ref"] == call_ref);
+        if let Some(d) = stored {
+            if d["owner"] == cluster.b_id.as_str() && d["held_here"] == true {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never took the call; B's log:\n{}",
+            tail(&cluster.b.log())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + T;
+    while !cluster.b.log().contains("media moved to this node") {
+        assert!(
+            Instant::now() < deadline,
+            "no re-INVITE answered; B's log:\n{}",
+            tail(&cluster.b.log())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Watched first only while the lease ran.
+    assert_eq!(
+        cluster.b.log().contains("watching it"),
+        !wait_for_the_lease,
+        "{}",
+        tail(&cluster.b.log())
+    );
+    on_b.hangup(call_ref);
+    let ended = on_b.call_event(call_ref, CallState::Ended);
+    assert_eq!(ended.end_reason, EndReason::LocalHangup as i32, "{ended:?}");
+    let (ok, failed, report, _) = run.finish();
+    assert_eq!((ok, failed), (1, 0), "{report}");
+}
+
+#[test]
+fn a_device_resuming_while_the_lease_runs_gets_its_call_when_it_lapses() {
+    device_resumes_and_media_follows(false);
+}
+
+#[test]
+fn a_device_resuming_after_the_lease_lapsed_gets_its_call_at_once() {
+    device_resumes_and_media_follows(true);
 }
