@@ -191,45 +191,7 @@ impl SipTransport {
         config: TransportConfig,
         inbound: mpsc::Sender<Inbound>,
     ) -> Result<Self, TransportError> {
-        let udp = match config.udp {
-            Some(addr) => Some(Arc::new(
-                UdpSocket::bind(addr)
-                    .await
-                    .map_err(|source| TransportError::Bind { addr, source })?,
-            )),
-            None => None,
-        };
-        let udp_addr = match &udp {
-            Some(s) => Some(s.local_addr().map_err(|source| {
-                TransportError::Bind {
-                    addr: config
-                        .udp
-                        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-                    source,
-                }
-            })?),
-            None => None,
-        };
-        // TCP on the same port as UDP when the configured port is 0 (tests pick ports).
-        let tcp_bind = config.tcp.map(|addr| match (addr.port(), udp_addr) {
-            (0, Some(u)) if addr.ip() == u.ip() => u,
-            _ => addr,
-        });
-        let listener = match tcp_bind {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| TransportError::Bind { addr, source })?,
-            ),
-            None => None,
-        };
-        let tcp_addr = match &listener {
-            Some(l) => Some(l.local_addr().map_err(|source| TransportError::Bind {
-                addr: tcp_bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-                source,
-            })?),
-            None => None,
-        };
+        let (udp, udp_addr, listener, tcp_addr) = bind_sockets(&config).await?;
         let inner = Arc::new(Inner {
             config,
             udp: udp.clone(),
@@ -407,6 +369,69 @@ impl Drop for ConnectionSlot {
                 }
             }
         }
+    }
+}
+
+type BoundSockets = (
+    Option<Arc<UdpSocket>>,
+    Option<SocketAddr>,
+    Option<TcpListener>,
+    Option<SocketAddr>,
+);
+
+/// Binds the configured UDP socket and TCP listener. With port 0 for both on one address, TCP
+/// takes the port the system gave UDP (one SIP port for both); when that port is already a TCP
+/// port (any connection's local end may hold it), both are bound again on a new port.
+async fn bind_sockets(config: &TransportConfig) -> Result<BoundSockets, TransportError> {
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let udp = match config.udp {
+            Some(addr) => Some(Arc::new(
+                UdpSocket::bind(addr)
+                    .await
+                    .map_err(|source| TransportError::Bind { addr, source })?,
+            )),
+            None => None,
+        };
+        let udp_addr = match &udp {
+            Some(s) => Some(s.local_addr().map_err(|source| TransportError::Bind {
+                addr: config.udp.unwrap_or(unspecified),
+                source,
+            })?),
+            None => None,
+        };
+        let shared_port = matches!(
+            (config.tcp, udp_addr),
+            (Some(t), Some(u)) if t.port() == 0 && t.ip() == u.ip()
+        );
+        let tcp_bind = match (config.tcp, udp_addr) {
+            (Some(_), Some(u)) if shared_port => Some(u),
+            (tcp, _) => tcp,
+        };
+        let listener = match tcp_bind {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(e)
+                    if shared_port
+                        && attempts < 16
+                        && e.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    continue;
+                }
+                Err(source) => return Err(TransportError::Bind { addr, source }),
+            },
+            None => None,
+        };
+        let tcp_addr = match &listener {
+            Some(l) => Some(l.local_addr().map_err(|source| TransportError::Bind {
+                addr: tcp_bind.unwrap_or(unspecified),
+                source,
+            })?),
+            None => None,
+        };
+        return Ok((udp, udp_addr, listener, tcp_addr));
     }
 }
 
