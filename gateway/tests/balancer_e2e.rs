@@ -593,7 +593,7 @@ async fn draining_node_keeps_its_calls_and_gets_no_new_ones() {
         let devices = devices.clone();
         tokio::spawn(async move { sipp_over(&path, sip, &devices, "u1", 3000).await })
     };
-    wait_for("every call answered", Duration::from_secs(20), async || {
+    wait_for("every call answered", Duration::from_secs(60), async || {
         counts(&a).1 + counts(&b).1 == devices.len()
     })
     .await;
