@@ -404,7 +404,7 @@ impl DeviceRequests for Bridge {
         match body {
             Body::Dial(dial) => {
                 let key = (device_id.to_string(), dial.call_ref);
-                if inner.calls.contains_key(&key) {
+                if inner.calls.contains_key(&key) || inner.watched.contains_key(&key) {
                     return vec![error_frame(
                         request_id,
                         ErrorCode::InvalidArgument,
