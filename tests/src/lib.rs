@@ -387,6 +387,33 @@ impl Sim {
     }
 }
 
+/// The `sipp` command; fails the test with a hint when SIPp is not installed.
+pub fn sipp() -> Command {
+    assert!(
+        Command::new("sipp").arg("-v").output().is_ok(),
+        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
+    );
+    Command::new("sipp")
+}
+
+/// Path of a SIPp scenario kept in `tests/scenarios/`.
+pub fn scenario(name: &str) -> String {
+    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// SIPp's final counters from its last statistics screen: (successful, failed).
+pub fn sipp_counts(output: &str) -> (u64, u64) {
+    let value = |label: &str| -> u64 {
+        output
+            .lines()
+            .rev()
+            .filter(|l| l.trim_start().starts_with(label))
+            .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} in SIPp's output:\n{output}"))
+    };
+    (value("Successful call"), value("Failed call"))
+}
+
 /// Picks a free UDP port on loopback (bound then released).
 pub fn free_udp_port() -> anyhow::Result<u16> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;

@@ -7,34 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use thalamus_tests::{bin, free_udp_port, Gateway, Proc, Sim};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, sipp_counts, Gateway, Proc, Sim};
 
 const T: Duration = Duration::from_secs(20);
-
-fn sipp() -> Command {
-    assert!(
-        Command::new("sipp").arg("-v").output().is_ok(),
-        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
-    );
-    Command::new("sipp")
-}
-
-fn scenario(name: &str) -> String {
-    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// SIPp's final counters: (successful, failed).
-fn sipp_counts(output: &str) -> (u64, u64) {
-    let value = |label: &str| -> u64 {
-        output
-            .lines()
-            .rev()
-            .filter(|l| l.trim_start().starts_with(label))
-            .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {label:?} in SIPp's output:\n{output}"))
-    };
-    (value("Successful call"), value("Failed call"))
-}
 
 /// Runs SIPp as a client toward the gateway and returns (successful, failed).
 fn sipp_client(gw: &Gateway, args: &[&str]) -> (u64, u64) {

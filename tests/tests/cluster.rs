@@ -41,7 +41,7 @@ use thalamus_proto::v1::{
     Welcome,
 };
 use thalamus_sim::device::DeviceConnection;
-use thalamus_tests::{bin, free_udp_port, http_get, Gateway, Proc};
+use thalamus_tests::{bin, free_udp_port, http_get, scenario, sipp, Gateway, Proc};
 
 const T: Duration = Duration::from_secs(20);
 /// Heartbeat interval of the nodes and the balancer: a node is out 350 ms after its death.
@@ -63,18 +63,6 @@ fn free_tcp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn scenario(name: &str) -> String {
-    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn sipp() -> Command {
-    assert!(
-        Command::new("sipp").arg("-v").output().is_ok(),
-        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
-    );
-    Command::new("sipp")
 }
 
 /// A `redis-server` on a free loopback port, no persistence; killed on drop.

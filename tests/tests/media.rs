@@ -10,41 +10,16 @@
 //! for ports (the relay would retry, but a test should not depend on that).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use thalamus_tests::{free_udp_port, Gateway, Proc, Sim};
+use thalamus_tests::{free_udp_port, scenario, sipp, sipp_counts, Gateway, Proc, Sim};
 
 const T: Duration = Duration::from_secs(30);
 /// The capture SIPp plays (Debian package sip-tester): PCMA, 236 packets of 240 bytes.
 const PCAP: &str = "/usr/share/sip-tester/g711a.pcap";
-
-fn sipp() -> Command {
-    assert!(
-        Command::new("sipp").arg("-v").output().is_ok(),
-        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
-    );
-    Command::new("sipp")
-}
-
-fn scenario(name: &str) -> String {
-    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// SIPp's final counters: (successful, failed).
-fn sipp_counts(output: &str) -> (u64, u64) {
-    let value = |label: &str| -> u64 {
-        output
-            .lines()
-            .rev()
-            .filter(|l| l.trim_start().starts_with(label))
-            .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {label:?} in SIPp's output:\n{output}"))
-    };
-    (value("Successful call"), value("Failed call"))
-}
 
 /// A gateway relaying media on loopback with RTP ports `first..first + pairs * 2`.
 fn gateway(first_port: u16, pairs: u16) -> Gateway {

@@ -7,35 +7,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use thalamus_tests::{bin, free_udp_port, Proc, Sim};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, sipp_counts, Proc, Sim};
 
 const CALLS: u32 = 500;
-
-fn sipp() -> Command {
-    let found = Command::new("sipp").arg("-v").output();
-    assert!(
-        found.is_ok(),
-        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
-    );
-    Command::new("sipp")
-}
-
-/// SIPp's final counters: (successful, failed), from its last statistics screen.
-fn sipp_counts(output: &str) -> (u64, u64) {
-    let last_value = |label: &str| -> u64 {
-        output
-            .lines()
-            .rev()
-            .filter(|l| l.trim_start().starts_with(label))
-            .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {label:?} line in SIPp's output:\n{output}"))
-    };
-    (last_value("Successful call"), last_value("Failed call"))
-}
-
-fn scenario(name: &str) -> String {
-    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Starts `thalamus-sim buddy` on a free port; returns it and its SIP port.
 fn buddy(extra: &[&str]) -> (Sim, u16) {
