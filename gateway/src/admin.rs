@@ -7,9 +7,11 @@
 //! - `POST /dialogs/{call_id}/{local_tag}/{remote_tag}/claim`: take the dialog over here;
 //! - `POST /dialogs/{call_id}/{local_tag}/{remote_tag}/bye`: end it from here (taken over
 //!   first when another node holds it), BYE with the next CSeq over the route set;
-//! - `GET /devices/{device}/dialogs`: the device's live stored dialogs.
+//! - `GET /devices/{device}/dialogs`: the device's live stored dialogs;
+//! - `GET /drain`, `POST /drain`, `DELETE /drain`: whether the node is draining, start
+//!   draining, stop draining (see [`NodeShared::set_draining`]).
 //!
-//! Only the two POSTs change anything. Path parts are percent-decoded.
+//! Only the POSTs and the DELETE change anything. Path parts are percent-decoded.
 
 use std::sync::Arc;
 
@@ -47,6 +49,10 @@ pub async fn serve(
             post(bye_dialog),
         )
         .route("/devices/{device}/dialogs", get(device_dialogs))
+        .route(
+            "/drain",
+            get(drain_state).post(drain_start).delete(drain_stop),
+        )
         .with_state(node);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -70,6 +76,28 @@ async fn sessions(State(node): State<Arc<NodeShared>>) -> Json<Vec<String>> {
     let mut ids = node.sessions.device_ids();
     ids.sort();
     Json(ids)
+}
+
+fn drain_json(node: &NodeShared) -> Json<Value> {
+    Json(json!({
+        "draining": node.is_draining(),
+        "sessions": node.sessions.len(),
+        "heartbeats": node.heartbeats.is_some(),
+    }))
+}
+
+async fn drain_state(State(node): State<Arc<NodeShared>>) -> Json<Value> {
+    drain_json(&node)
+}
+
+async fn drain_start(State(node): State<Arc<NodeShared>>) -> Json<Value> {
+    node.set_draining(true);
+    drain_json(&node)
+}
+
+async fn drain_stop(State(node): State<Arc<NodeShared>>) -> Json<Value> {
+    node.set_draining(false);
+    drain_json(&node)
 }
 
 type DialogPath = Path<(String, String, String)>;

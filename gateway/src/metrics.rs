@@ -53,6 +53,10 @@ pub struct Metrics {
     pub limits_hit: Family<ReasonLabel, Counter>,
     /// Resume attempts rejected, by reason (`malformed`, `bad_signature`, `expired`).
     pub resume_rejected: Family<ReasonLabel, Counter>,
+    /// Logins sent to their owner node with `Redirect`.
+    pub sessions_redirected: Counter,
+    /// 1 while the node is draining.
+    pub draining: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,6 +82,8 @@ impl Metrics {
             frame_errors: Family::default(),
             limits_hit: Family::default(),
             resume_rejected: Family::default(),
+            sessions_redirected: Counter::default(),
+            draining: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -131,6 +137,16 @@ impl Metrics {
             "resume_rejected",
             "Resume tokens rejected",
             m.resume_rejected.clone(),
+        );
+        registry.register(
+            "device_sessions_redirected",
+            "Logins sent to the device's owner node with Redirect",
+            m.sessions_redirected.clone(),
+        );
+        registry.register(
+            "node_draining",
+            "1 while the node is draining (no new calls or devices)",
+            m.draining.clone(),
         );
         Self { registry, ..m }
     }

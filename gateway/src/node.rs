@@ -5,16 +5,19 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use thalamus_proto::v1::Redirect;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::balancer::heartbeat::LiveSet;
+use crate::balancer::HeartbeatSender;
 use crate::config::{in_data_dir, Config};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceRegistry, VerifierPool};
@@ -84,6 +87,121 @@ pub struct NodeShared {
     pub verifier: VerifierPool,
     /// The SIP bridge itself (the admin endpoint's dialog operations), when the node has one.
     pub sip_bridge: Option<crate::bridge::Bridge>,
+    /// Heartbeats to the balancers, and the live set they answer with (when configured).
+    pub heartbeats: Option<Arc<HeartbeatSender>>,
+    /// Draining: no new devices or calls; devices leave as their calls end.
+    pub draining: AtomicBool,
+}
+
+impl NodeShared {
+    /// The live set the balancers last reported, when redirects are on and a report arrived
+    /// within the balancers' miss window (a report answers every heartbeat; none for 3.5
+    /// intervals means no balancer hears this node).
+    fn fresh_live_set(&self) -> Option<LiveSet> {
+        let hb_config = self.config.cluster.heartbeat.as_ref()?;
+        if !hb_config.redirect_devices {
+            return None;
+        }
+        let max_age = Duration::from_millis(hb_config.interval_ms.saturating_mul(7) / 2);
+        self.heartbeats.as_ref()?.live_set(max_age)
+    }
+
+    /// `device_id`'s owner in `live` when that is another node with a device address and the
+    /// device has no call here.
+    fn owner_elsewhere(&self, live: &LiveSet, device_id: &str) -> Option<Redirect> {
+        let owner = live.owner(device_id)?;
+        if owner.node.as_str() == self.config.node.id {
+            return None;
+        }
+        let address = owner.quic?;
+        if !self.bridge.live_calls(device_id).is_empty() {
+            return None;
+        }
+        Some(Redirect {
+            address: address.to_string(),
+            node_id: owner.node.as_str().to_string(),
+        })
+    }
+
+    /// Where `device_id` should log in instead of here: its owner in the live set the
+    /// balancers last reported, when that is another node. `None` (serve here) when redirects
+    /// are off, when no fresh report arrived, when no node is eligible, and when the device
+    /// has calls on this node.
+    pub fn redirect_for(&self, device_id: &str) -> Option<Redirect> {
+        let live = self.fresh_live_set()?;
+        self.owner_elsewhere(&live, device_id)
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Starts or stops draining. While draining, the heartbeats say so: the balancers send no
+    /// new calls here and the live set they report leaves this node out, so logins are
+    /// redirected to the devices' new owners and the ownership sweep moves the devices that
+    /// have no call. Calls in progress go on to their end. Without balancers, draining
+    /// changes nothing but the flag (there is nowhere to send devices).
+    pub fn set_draining(&self, draining: bool) {
+        if self.draining.swap(draining, Ordering::Relaxed) != draining {
+            info!(draining, "node draining changed");
+        }
+        self.metrics.draining.set(i64::from(draining));
+        if let Some(hb) = &self.heartbeats {
+            hb.set_draining(draining);
+        }
+    }
+}
+
+/// Most devices told to move per sweep (so a node that comes back does not get all its
+/// devices in one burst).
+const MOVES_PER_SWEEP: usize = 200;
+
+/// Moves devices to their owner: every `every`, each device session whose owner in the live
+/// set is another node (this node drains, or a node joined or came back) and that has no call
+/// here gets `Goodbye{draining}` once; it reconnects and is redirected. Runs until `shutdown`.
+async fn ownership_sweep(node: Arc<NodeShared>, every: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Connections already told, so a device that lingers is not told again and again.
+    let mut told: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(live) = node.fresh_live_set() else {
+            continue;
+        };
+        let mut moved = 0;
+        for device in node.sessions.device_ids() {
+            if moved >= MOVES_PER_SWEEP {
+                break;
+            }
+            let Some(handle) = node.sessions.get(&device) else {
+                continue;
+            };
+            if told.contains(&handle.connection_id) {
+                continue;
+            }
+            let Some(to) = node.owner_elsewhere(&live, &device) else {
+                continue;
+            };
+            if handle
+                .commands
+                .try_send(SessionCommand::Shutdown { draining: true })
+                .is_ok()
+            {
+                info!(%device, owner = %to.node_id, "device moved to its owner node");
+                told.insert(handle.connection_id);
+                moved += 1;
+            }
+        }
+        // Bounded: forget connections that are gone.
+        if told.len() > node.sessions.len().saturating_mul(2).max(1024) {
+            told.clear();
+        }
+    }
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -332,6 +450,8 @@ impl GatewayNode {
             sessions,
             bridge: Arc::new(bridge.clone()),
             sip_bridge: Some(bridge),
+            heartbeats: cluster.heartbeats(),
+            draining: AtomicBool::new(false),
             verifier: VerifierPool::start(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
                 4096,
@@ -347,6 +467,11 @@ impl GatewayNode {
             tokio::spawn(admin::serve(
                 admin_listener,
                 shared.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(ownership_sweep(
+                shared.clone(),
+                Duration::from_millis(200),
                 shutdown.clone(),
             )),
         ];

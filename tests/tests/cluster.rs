@@ -356,6 +356,8 @@ impl Cluster {
     }
 }
 
+/// A node's config. These tests place the device on a chosen node to exercise takeover, so
+/// devices are not redirected to their owner (tests/tests/balancer_cluster.rs covers that).
 fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path, lease: u64) -> String {
     let registry = registry_dir.join("devices.toml");
     format!(
@@ -365,7 +367,8 @@ fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path, lease
          [cluster]\nlease_ttl_ms = {lease}\n\n\
          [cluster.store]\nbackend = \"redis\"\n\n\
          [cluster.store.redis]\nurl = \"{}\"\n\n\
-         [cluster.heartbeat]\nbalancers = [\"{}\"]\ninterval_ms = {HEARTBEAT_MS}\n",
+         [cluster.heartbeat]\nbalancers = [\"{}\"]\ninterval_ms = {HEARTBEAT_MS}\n\
+         redirect_devices = false\n",
         redis.url(),
         lb.heartbeat
     )

@@ -229,6 +229,14 @@ impl Membership {
         } else {
             hb.sip
         };
+        // The device address follows the same rule, so a redirect names a reachable address.
+        let quic = hb.quic.map(|q| {
+            if q.ip().is_unspecified() {
+                SocketAddr::new(source.ip(), q.port())
+            } else {
+                q
+            }
+        });
         let mut events = Vec::new();
         match self.nodes.get_mut(&hb.node) {
             None => {
@@ -244,7 +252,7 @@ impl Membership {
                         previous_session: None,
                         seq: hb.seq,
                         sip,
-                        quic: hb.quic,
+                        quic,
                         load: hb.load,
                         draining: hb.draining,
                         state: NodeState::Up,
@@ -295,7 +303,7 @@ impl Membership {
                 }
                 node.seq = hb.seq;
                 node.sip = sip;
-                node.quic = hb.quic;
+                node.quic = quic;
                 node.load = hb.load;
                 node.last_heartbeat = now;
                 node.heartbeats += 1;

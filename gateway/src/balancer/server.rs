@@ -2,7 +2,8 @@
 //!
 //! It binds SIP on UDP and TCP ([`SipTransport`]), a UDP heartbeat listener and the admin HTTP
 //! endpoint (`/health`, `/nodes` as JSON, `/metrics` in the Prometheus text format); it feeds
-//! heartbeats and a clock tick to the membership table and every SIP message to the router, then
+//! heartbeats and a clock tick to the membership table (answering each heartbeat with the live
+//! set, so nodes route devices as the balancer routes SIP) and every SIP message to the router, then
 //! sends what the router decided. All protocol decisions are in the core; this module keeps no
 //! per-call state either.
 
@@ -26,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{BalancerConfig, LogFormat};
-use super::heartbeat::{Heartbeat, MAX_HEARTBEAT_BYTES};
+use super::heartbeat::{Heartbeat, LiveNode, LiveSetReport, MAX_HEARTBEAT_BYTES};
 use super::membership::{Membership, MembershipEvent, NodeStatus};
 use super::metrics::{BalancerMetrics, NodeLabel, ReasonLabel, StatusLabel};
 use super::router::{BalancerCore, Decision, NextHop, Outgoing};
@@ -324,12 +325,18 @@ async fn heartbeat_loop(shared: Arc<Shared>, socket: UdpSocket, shutdown: Cancel
             let mut core = shared.core();
             let r = core.membership_mut().heartbeat(&hb, source, Instant::now());
             update_gauges(&shared.metrics, core.membership());
-            r
+            r.map(|events| (events, live_set_report(core.membership(), &hb)))
         };
         match result {
-            Ok(events) => {
+            Ok((events, report)) => {
                 shared.metrics.heartbeats_received.inc();
                 record_events(&shared.metrics, &events);
+                // The answer tells the node the live set (docs/balancer.md, "The live set on
+                // the nodes"); a lost answer is made good by the next one.
+                let datagram = report.encode(shared.secret.as_deref());
+                if let Err(e) = socket.send_to(&datagram, source).await {
+                    tracing::debug!(%source, error = %e, "live-set report not sent");
+                }
             }
             Err(e) => {
                 let reason = match e {
@@ -344,6 +351,24 @@ async fn heartbeat_loop(shared: Arc<Shared>, socket: UdpSocket, shutdown: Cancel
                     .inc();
             }
         }
+    }
+}
+
+/// The answer to heartbeat `hb`: the nodes eligible for new work and their device addresses.
+fn live_set_report(membership: &Membership, hb: &Heartbeat) -> LiveSetReport {
+    LiveSetReport {
+        v: super::heartbeat::HEARTBEAT_VERSION,
+        to: hb.node.clone(),
+        session: hb.session.clone(),
+        ack: hb.seq,
+        eligible: membership
+            .eligible()
+            .iter()
+            .map(|id| LiveNode {
+                node: id.clone(),
+                quic: membership.node(id).and_then(|n| n.quic),
+            })
+            .collect(),
     }
 }
 
@@ -497,4 +522,46 @@ async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::heartbeat::{Load, HEARTBEAT_VERSION};
+    use crate::balancer::membership::MembershipConfig;
+    use crate::balancer::NodeId;
+
+    fn hb(node: &str, draining: bool) -> Heartbeat {
+        Heartbeat {
+            v: HEARTBEAT_VERSION,
+            node: NodeId::new(node).unwrap(),
+            session: format!("s-{node}"),
+            seq: 1,
+            sip: "0.0.0.0:5060".parse().unwrap(),
+            quic: Some("0.0.0.0:4433".parse().unwrap()),
+            draining,
+            load: Load::default(),
+        }
+    }
+
+    #[test]
+    fn the_answer_lists_eligible_nodes_with_reachable_device_addresses() {
+        let mut m = Membership::new(MembershipConfig::default());
+        let now = Instant::now();
+        let a_src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let b_src: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        m.heartbeat(&hb("a", false), a_src, now).unwrap();
+        m.heartbeat(&hb("b", true), b_src, now).unwrap();
+        let report = live_set_report(&m, &hb("b", true));
+        assert_eq!(report.to.as_str(), "b");
+        assert_eq!(report.session, "s-b");
+        assert_eq!(report.ack, 1);
+        assert_eq!(
+            report.eligible,
+            vec![LiveNode {
+                node: NodeId::new("a").unwrap(),
+                quic: Some("10.0.0.1:4433".parse().unwrap()),
+            }]
+        );
+    }
 }

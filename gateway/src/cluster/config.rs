@@ -47,6 +47,9 @@ pub struct HeartbeatConfig {
     pub interval_ms: u64,
     /// Shared secret authenticating heartbeats (the balancers' `heartbeat.secret`).
     pub secret: Option<String>,
+    /// Send a device that logs in here to its owner node (MBFP `Redirect`) when the live set
+    /// the balancers report names another owner (default true).
+    pub redirect_devices: bool,
 }
 
 impl Default for HeartbeatConfig {
@@ -55,6 +58,7 @@ impl Default for HeartbeatConfig {
             balancers: Vec::new(),
             interval_ms: 1000,
             secret: None,
+            redirect_devices: true,
         }
     }
 }

@@ -44,7 +44,7 @@ pub struct ClusterRuntime {
     config: ClusterConfig,
     store: Arc<dyn DialogStore>,
     replicator: Option<Arc<Replicator>>,
-    heartbeats: Option<HeartbeatSender>,
+    heartbeats: Option<std::sync::Arc<HeartbeatSender>>,
     lease_task: Option<JoinHandle<()>>,
 }
 
@@ -104,11 +104,11 @@ impl ClusterRuntime {
         if sip.ip().is_loopback() {
             sender.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         }
-        self.heartbeats = Some(
+        self.heartbeats = Some(std::sync::Arc::new(
             HeartbeatSender::start(sender)
                 .await
                 .map_err(ClusterStartError::Heartbeat)?,
-        );
+        ));
         Ok(())
     }
 
@@ -133,8 +133,8 @@ impl ClusterRuntime {
     }
 
     /// The heartbeat sender, when heartbeats are configured.
-    pub fn heartbeats(&self) -> Option<&HeartbeatSender> {
-        self.heartbeats.as_ref()
+    pub fn heartbeats(&self) -> Option<std::sync::Arc<HeartbeatSender>> {
+        self.heartbeats.clone()
     }
 
     /// Registers the replication counters.

@@ -25,6 +25,8 @@ struct AuthResult {
     request_id: u64,
     hello: Hello,
     verdict: Result<Verdict, String>,
+    /// Set when the device belongs on another node.
+    redirect: Option<thalamus_proto::v1::Redirect>,
 }
 
 /// The identity of a session once authenticated.
@@ -295,9 +297,17 @@ async fn authenticate(
         Ok(_) => node.throttle.record_failure(remote.ip(), Instant::now()),
         Err(_) => {}
     }
+    // A device that another node owns is sent there (after its credential checked out, so
+    // the answer reveals nothing to a stranger), unless it has calls here.
+    let redirect = if matches!(verdict, Ok(Verdict::Valid)) {
+        node.redirect_for(&hello.device_id)
+    } else {
+        None
+    };
     // A device resuming (possibly here after its node died): let the bridge find its calls
     // before the Welcome lists them.
     if matches!(verdict, Ok(Verdict::Valid))
+        && redirect.is_none()
         && !hello.resume_token.is_empty()
         && node
             .tokens
@@ -310,6 +320,7 @@ async fn authenticate(
         request_id,
         hello,
         verdict,
+        redirect,
     });
 }
 
@@ -326,9 +337,21 @@ fn finish_auth(
         request_id,
         hello,
         verdict,
+        redirect,
     } = result;
     match verdict {
-        Ok(Verdict::Valid) => {}
+        Ok(Verdict::Valid) => {
+            if let Some(redirect) = redirect {
+                metrics.sessions_redirected.inc();
+                info!(
+                    device = %hello.device_id,
+                    owner = %redirect.node_id,
+                    address = %redirect.address,
+                    "device redirected to its owner node"
+                );
+                return (request_id, AuthOutcome::Redirect(redirect));
+            }
+        }
         Ok(other) => {
             let label = if other == Verdict::UnknownDevice {
                 "unknown_device"
