@@ -2,6 +2,12 @@
 //! with `Ping`, follows `Redirect`, and reconnects with exponential backoff (presenting its
 //! resume token) when the connection drops. It stops for good when it is refused
 //! (`unauthenticated`) or replaced by another login of the same device.
+//!
+//! Where it connects: to its entry points (the `--gateway` list) in turn, and wherever a
+//! `Redirect` sends it. After a lost connection it goes back to the entry points (the node it
+//! was redirected to may be the one that died), moving on to the next one after each failed
+//! attempt. At most [`MAX_REDIRECTS_IN_A_ROW`] redirects are followed without a `Welcome`; more
+//! count as a failed attempt (two nodes that disagree cannot bounce it forever).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,8 +24,10 @@ use crate::events::EventPrinter;
 /// Settings of one `connect` run.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    /// Gateway QUIC address.
+    /// Gateway QUIC address (the first entry point).
     pub gateway: SocketAddr,
+    /// More entry points, tried in turn after `gateway` when a connection is lost or fails.
+    pub fallbacks: Vec<SocketAddr>,
     /// TLS server name.
     pub server_name: String,
     /// Device id.
@@ -59,37 +67,73 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((capped as f64 * jitter) as u64)
 }
 
+/// Redirects followed in a row without a `Welcome` before the attempt counts as failed.
+pub const MAX_REDIRECTS_IN_A_ROW: u32 = 4;
+
 /// Runs the device until it must stop.
 pub async fn run(opts: ConnectOptions) -> anyhow::Result<StopReason> {
     let config = crate::quic::client_config(opts.fingerprint)?;
+    let entry_points: Vec<SocketAddr> = std::iter::once(opts.gateway)
+        .chain(opts.fallbacks.iter().copied())
+        .collect();
+    // The first entry point is tried first; the next one after a failure.
+    let mut next_entry = 1usize;
     let mut gateway = opts.gateway;
     let mut endpoint = crate::quic::client_endpoint(gateway, config.clone())?;
     let mut resume_token: Vec<u8> = Vec::new();
     let mut attempt = 0u32;
+    let mut redirects = 0u32;
     loop {
-        match session(&opts, &endpoint, gateway, &mut resume_token, &mut attempt).await {
+        let mut went_live = false;
+        let end = session(
+            &opts,
+            &endpoint,
+            gateway,
+            &mut resume_token,
+            &mut attempt,
+            &mut went_live,
+        )
+        .await;
+        let reason = match end {
             SessionEnd::Stop(reason) => {
                 endpoint.close(0u32.into(), b"bye");
                 return Ok(reason);
             }
-            SessionEnd::Redirect(addr) => {
+            SessionEnd::Redirect(addr) if redirects < MAX_REDIRECTS_IN_A_ROW => {
+                redirects += 1;
+                if addr.is_ipv4() != gateway.is_ipv4() {
+                    endpoint = crate::quic::client_endpoint(addr, config.clone())?;
+                }
                 gateway = addr;
-                endpoint = crate::quic::client_endpoint(gateway, config.clone())?;
                 continue;
             }
-            SessionEnd::Lost(reason) => {
-                opts.printer
-                    .emit("disconnected", json!({ "reason": reason }));
-            }
+            SessionEnd::Redirect(addr) => format!("too many redirects in a row (last to {addr})"),
+            SessionEnd::Lost(reason) => reason,
+        };
+        if went_live {
+            // A session was live: start again from the first entry point.
+            next_entry = 0;
         }
+        redirects = 0;
+        opts.printer
+            .emit("disconnected", json!({ "reason": reason }));
         attempt += 1;
         if opts.max_attempts.is_some_and(|max| attempt > max) {
             return Ok(StopReason::GaveUp);
         }
+        let next = entry_points
+            .get(next_entry % entry_points.len().max(1))
+            .copied()
+            .unwrap_or(opts.gateway);
+        next_entry = next_entry.wrapping_add(1);
+        if next.is_ipv4() != gateway.is_ipv4() {
+            endpoint = crate::quic::client_endpoint(next, config.clone())?;
+        }
+        gateway = next;
         let delay = backoff(attempt);
         opts.printer.emit(
             "reconnecting",
-            json!({"attempt": attempt, "delay_ms": delay.as_millis() as u64}),
+            json!({"attempt": attempt, "delay_ms": delay.as_millis() as u64, "gateway": gateway.to_string()}),
         );
         tokio::time::sleep(delay).await;
     }
@@ -101,6 +145,7 @@ async fn session(
     gateway: SocketAddr,
     resume_token: &mut Vec<u8>,
     attempt: &mut u32,
+    went_live: &mut bool,
 ) -> SessionEnd {
     let mut conn = match DeviceConnection::connect(endpoint, gateway, &opts.server_name).await {
         Ok(c) => c,
@@ -138,6 +183,7 @@ async fn session(
         Err(e) => return lost(&conn, e).await,
     };
     *attempt = 0;
+    *went_live = true;
     resume_token.clone_from(&welcome.resume_token);
     let keepalive = Duration::from_millis(u64::from(welcome.keepalive_interval_ms.max(1000)));
     opts.printer.frame(&thalamus_proto::v1::Envelope {

@@ -131,7 +131,8 @@ enum Command {
     },
     /// Connect one device, print its events, and keep the session alive.
     Connect {
-        /// Gateway QUIC address (host:port).
+        /// Gateway QUIC address (host:port); a comma-separated list gives more entry points,
+        /// tried in turn when a connection fails or is lost.
         #[arg(long, default_value = "127.0.0.1:4433")]
         gateway: String,
         /// Device id.
@@ -326,13 +327,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_attempts,
             json,
         } => {
-            let (addr, default_name) = resolve(&gateway)?;
+            let mut entry_points = gateway.split(',').map(str::trim).filter(|g| !g.is_empty());
+            let first = entry_points.next().unwrap_or("127.0.0.1:4433");
+            let (addr, default_name) = resolve(first)?;
+            let fallbacks = entry_points
+                .map(|g| resolve(g).map(|(a, _)| a))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let fingerprint = fingerprint
                 .as_deref()
                 .map(thalamus_sim::quic::parse_fingerprint)
                 .transpose()?;
             let reason = connect::run(ConnectOptions {
                 gateway: addr,
+                fallbacks,
                 server_name: server_name.unwrap_or(default_name),
                 device_id: device,
                 secret,

@@ -9,7 +9,9 @@
 //!   first when another node holds it), BYE with the next CSeq over the route set;
 //! - `GET /devices/{device}/dialogs`: the device's live stored dialogs;
 //! - `GET /drain`, `POST /drain`, `DELETE /drain`: whether the node is draining, start
-//!   draining, stop draining (see [`NodeShared::set_draining`]).
+//!   draining, stop draining (see [`NodeShared::set_draining`]);
+//! - `GET /cluster`: this node's id, draining flag and the live set the balancers last
+//!   reported (the nodes its devices are redirected among).
 //!
 //! Only the POSTs and the DELETE change anything. Path parts are percent-decoded.
 
@@ -53,6 +55,7 @@ pub async fn serve(
             "/drain",
             get(drain_state).post(drain_start).delete(drain_stop),
         )
+        .route("/cluster", get(cluster_state))
         .with_state(node);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -83,6 +86,28 @@ fn drain_json(node: &NodeShared) -> Json<Value> {
         "draining": node.is_draining(),
         "sessions": node.sessions.len(),
         "heartbeats": node.heartbeats.is_some(),
+    }))
+}
+
+async fn cluster_state(State(node): State<Arc<NodeShared>>) -> Json<Value> {
+    let live = node
+        .heartbeats
+        .as_ref()
+        .and_then(|hb| hb.live_set(std::time::Duration::MAX))
+        .map(|live| {
+            json!({
+                "from": live.from.to_string(),
+                "age_ms": u64::try_from(live.received.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "eligible": live.eligible.iter().map(|n| json!({
+                    "node": n.node.as_str(),
+                    "quic": n.quic.map(|q| q.to_string()),
+                })).collect::<Vec<_>>(),
+            })
+        });
+    Json(json!({
+        "node": node.config.node.id,
+        "draining": node.is_draining(),
+        "live_set": live,
     }))
 }
 
