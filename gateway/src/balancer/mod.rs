@@ -6,10 +6,9 @@
 //!   restarts, draining). Sans-IO.
 //! * [`router`]: the routing core ([`router::BalancerCore`]): a parsed SIP message in, one
 //!   decision out. Sans-IO, no per-call state.
-//! * [`heartbeat`]: the heartbeat datagram format and [`heartbeat::HeartbeatSender`], which a
-//!   gateway node runs.
-//! * [`cluster_view`]: the same membership table on a gateway node
-//!   ([`cluster_view::ClusterView`]), so nodes compute ownership exactly as the balancers do.
+//! * [`heartbeat`]: the heartbeat datagram format, the live-set report a balancer answers
+//!   each heartbeat with, and [`heartbeat::HeartbeatSender`], which a gateway node runs (it
+//!   keeps the latest live set, so the node sends devices where the balancers send their SIP).
 //! * [`config`], [`metrics`] and [`server`]: the `thalamus balancer` process (tokio shell around
 //!   the core, SIP over UDP and TCP, heartbeat listener, admin HTTP with `/nodes` and
 //!   `/metrics`).
@@ -17,7 +16,6 @@
 //! The balancer does not hold transactions or dialogs, does not resolve SRV/NAPTR, and does not
 //! speak TLS; see `docs/balancer.md`.
 
-pub mod cluster_view;
 pub mod config;
 pub mod hash;
 pub mod heartbeat;
@@ -26,8 +24,7 @@ pub mod metrics;
 pub mod router;
 pub mod server;
 
-pub use cluster_view::{ClusterView, ClusterViewConfig};
 pub use hash::{owner, NodeId};
-pub use heartbeat::{Heartbeat, HeartbeatSender, HeartbeatSenderConfig, Load};
+pub use heartbeat::{Heartbeat, HeartbeatSender, HeartbeatSenderConfig, LiveSet, Load};
 pub use membership::{Membership, MembershipConfig, MembershipEvent};
 pub use router::{BalancerCore, Decision, NextHop, Outgoing, RouterConfig};
