@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# Benchmark: the SIP load balancer's CPU per call under SIPp load, against a plain UDP forwarder
+# measured in the same run as the floor.
+#
+#   bench/balancer.sh [--write]     (CALLS=10000 RATE=500 ROUNDS=2 PAUSE_MS=0)
+#
+# One SIPp uas stands in for a gateway node (tests/scenarios/bench_balancer_uas.xml: 180, 200
+# with SDP, copies the Record-Route; a bash loop sends its heartbeats to the balancer). SIPp's
+# uac (tests/scenarios/bench_balancer_uac.xml: INVITE, 180, 200, ACK, BYE, 200; ACK and BYE
+# over the Record-Route) places CALLS calls at RATE calls/s:
+#   (a) uac -> `thalamus balancer` -> uas       (release build)
+#   (b) uac -> udp_forwarder example -> uas     (the floor, release build: reads a datagram,
+#                                                sends it on, sends replies back to the client;
+#                                                tokio's multi-thread runtime, as the balancer)
+#   (c) the same forwarder with --single-thread (tokio's current-thread runtime)
+# The three alternate, ROUNDS rounds of each, against the same uas in the same session. For
+# each run the CPU time (user + system, /proc/PID/stat) of the balancer or the forwarder is read
+# before and after; the figure is microseconds of CPU per call. Fails (exit 1) if SIPp reports
+# a failed call or any process of the run dies.
+#
+# Prints a table; with --write, also puts it between the markers of the "SIP load balancer"
+# section of docs/benchmarks.md (the section is appended when absent; text outside the markers
+# is kept).
+source "$(dirname "$0")/lib.sh"
+WRITE=0
+for a in "$@"; do
+  case "$a" in
+    --write) WRITE=1 ;;
+    *) echo "usage: bench/balancer.sh [--write]" >&2; exit 2 ;;
+  esac
+done
+CALLS=${CALLS:-10000}
+RATE=${RATE:-500}
+ROUNDS=${ROUNDS:-2}
+PAUSE_MS=${PAUSE_MS:-0}
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet -p thalamus-gateway --bin thalamus --example udp_forwarder
+command -v sipp >/dev/null || { echo "SIPp is missing: run scripts/install-peers" >&2; exit 1; }
+command -v curl >/dev/null || { echo "curl is missing" >&2; exit 1; }
+SCEN=tests/scenarios
+phase() { echo "$(date +%T) $*" >&2; }
+alive() { kill -0 "$1" 2>/dev/null || { echo "$2 (pid $1) died" >&2; exit 1; }; }
+
+# The stand-in node.
+UAS_PORT=$(free_port)
+sipp -sf "$SCEN/bench_balancer_uas.xml" -i 127.0.0.1 -p "$UAS_PORT" -mp "$(free_port)" -nostdin \
+     >/dev/null 2>"$WORK/uas.err" &
+UAS_PID=$!
+PIDS+=("$UAS_PID")
+sleep 0.3
+alive "$UAS_PID" "SIPp uas"
+
+# The balancer.
+cat > "$WORK/balancer.toml" <<TOML
+[sip]
+listen = "127.0.0.1:0"
+[heartbeat]
+listen = "127.0.0.1:0"
+interval_ms = 500
+[admin]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+TOML
+"$BIN/thalamus" balancer --config "$WORK/balancer.toml" --ready-file "$WORK/lb.json" \
+    >/dev/null 2>"$WORK/lb.log" &
+LB_PID=$!
+PIDS+=("$LB_PID")
+for _ in $(seq 200); do [ -s "$WORK/lb.json" ] && break; sleep 0.05; done
+[ -s "$WORK/lb.json" ] || { echo "balancer did not start:" >&2; cat "$WORK/lb.log" >&2; exit 1; }
+LB_SIP=$(json_get "$WORK/lb.json" "['sip_udp']")
+LB_HB=$(json_get "$WORK/lb.json" "['heartbeat']")
+LB_ADMIN=$(json_get "$WORK/lb.json" "['admin']")
+
+# Heartbeats of the stand-in node (format: docs/balancer.md, "Heartbeats").
+SESSION=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+(
+  seq=0
+  while :; do
+    seq=$((seq + 1))
+    printf '{"v":1,"node":"bench-node","session":"%s","seq":%d,"sip":"127.0.0.1:%s"}' \
+        "$SESSION" "$seq" "$UAS_PORT" > "/dev/udp/${LB_HB%:*}/${LB_HB##*:}" || true
+    sleep 0.5
+  done
+) &
+HB_PID=$!
+PIDS+=("$HB_PID")
+for _ in $(seq 100); do
+  curl -s "http://$LB_ADMIN/nodes" | grep -q '"eligible":true' && break
+  sleep 0.1
+done
+curl -s "http://$LB_ADMIN/nodes" | grep -q '"eligible":true' \
+  || { echo "the stand-in node never came up at the balancer" >&2; exit 1; }
+
+# The floor: the forwarder on tokio's multi-thread runtime (as the balancer), and on the
+# current-thread one.
+FWD_PORT=$(free_port)
+"$BIN/examples/udp_forwarder" --listen "127.0.0.1:$FWD_PORT" --to "127.0.0.1:$UAS_PORT" \
+    2>"$WORK/fwd.log" &
+FWD_PID=$!
+PIDS+=("$FWD_PID")
+FWD1_PORT=$(free_port)
+"$BIN/examples/udp_forwarder" --listen "127.0.0.1:$FWD1_PORT" --to "127.0.0.1:$UAS_PORT" \
+    --single-thread 2>"$WORK/fwd1.log" &
+FWD1_PID=$!
+PIDS+=("$FWD1_PID")
+sleep 0.3
+alive "$FWD_PID" "udp_forwarder"
+alive "$FWD1_PID" "udp_forwarder --single-thread"
+
+ROWS=$WORK/rows.txt
+: > "$ROWS"
+FAILED=0
+run() {
+  local name=$1 round=$2 pid=$3 target=$4
+  local out=$WORK/sipp-$name-$round.out
+  phase "round $round: $CALLS calls at $RATE/s through the $name"
+  local t0 w0 w1 t1 code=0
+  t0=$(cpu_ticks "$pid")
+  w0=$(date +%s.%N)
+  sipp -sf "$SCEN/bench_balancer_uac.xml" -s bench-device -r "$RATE" -m "$CALLS" -d "$PAUSE_MS" \
+       -i 127.0.0.1 -p "$(free_port)" -mp "$(free_port)" -nostdin -timeout 300s -timeout_error \
+       -trace_err -error_file "$out.errors" "$target" >"$out" 2>&1 || code=$?
+  w1=$(date +%s.%N)
+  alive "$pid" "$name"
+  t1=$(cpu_ticks "$pid")
+  alive "$UAS_PID" "SIPp uas"
+  alive "$HB_PID" "heartbeat loop"
+  local ok failed rate
+  read -r ok failed rate < <(sipp_counts "$out")
+  if [ "$code" != 0 ] || [ "${failed%.*}" != 0 ] || [ "${ok%.*}" != "$CALLS" ]; then
+    echo "$name round $round: SIPp exit $code, $ok successful, $failed failed calls" >&2
+    [ -s "$out.errors" ] && head -c 1500 "$out.errors" >&2 && echo >&2
+    FAILED=1
+  fi
+  echo "$name $round $ok $failed $rate $w0 $w1 $t0 $t1" >> "$ROWS"
+}
+for round in $(seq "$ROUNDS"); do
+  run balancer "$round" "$LB_PID" "$LB_SIP"
+  sleep 1
+  run forwarder "$round" "$FWD_PID" "127.0.0.1:$FWD_PORT"
+  sleep 1
+  run forwarder-1 "$round" "$FWD1_PID" "127.0.0.1:$FWD1_PORT"
+  sleep 1
+done
+curl -s "http://$LB_ADMIN/metrics" > "$WORK/metrics.txt"
+
+python3 - "$ROWS" "$WORK/metrics.txt" "$HZ" "$CALLS" "$RATE" "$PAUSE_MS" "$ROUNDS" "$LOAD" \
+    "$WRITE" "$FAILED" <<'PY'
+import datetime, os, platform, re, subprocess, sys
+rows_path, metrics_path, hz, calls, rate, pause_ms, rounds, load, write, failed = sys.argv[1:11]
+hz, calls, rounds = int(hz), int(calls), int(rounds)
+write, failed = write == "1", failed == "1"
+
+rows = []
+for line in open(rows_path):
+    name, rnd, ok, fail, achieved, w0, w1, t0, t1 = line.split()
+    rows.append(dict(name=name, round=int(rnd), ok=int(float(ok)), failed=int(float(fail)),
+                     achieved=float(achieved), wall=float(w1) - float(w0),
+                     us=(int(t1) - int(t0)) / hz * 1e6 / calls))
+
+metrics = open(metrics_path).read()
+def total(name):
+    """Sum of every series of a counter of the balancer's /metrics."""
+    pat = re.compile(r"^thalamus_balancer_" + name + r"(_total)?(\{[^}]*\})? ([0-9.e+]+)$", re.M)
+    return sum(float(m.group(3)) for m in pat.finditer(metrics))
+forwarded = total("requests_forwarded") + total("responses_forwarded")
+answered, dropped, send_errors = total("answered"), total("dropped"), total("send_errors")
+
+def mean(name):
+    v = [r["us"] for r in rows if r["name"] == name]
+    return sum(v) / len(v)
+lb, fwd, fwd1 = mean("balancer"), mean("forwarder"), mean("forwarder-1")
+label = {"balancer": "SIPp uac -> `thalamus balancer` -> SIPp uas",
+         "forwarder": "SIPp uac -> plain UDP forwarder (floor) -> SIPp uas",
+         "forwarder-1": "the same, forwarder on one thread (`--single-thread`)"}
+cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                  if l.startswith("model name")), "?")
+mem_gib = next(int(l.split()[1]) for l in open("/proc/meminfo")
+               if l.startswith("MemTotal")) / 2**20
+rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+env = []
+if calls != 10000: env.append(f"CALLS={calls}")
+if rate != "500": env.append(f"RATE={rate}")
+if rounds != 2: env.append(f"ROUNDS={rounds}")
+if pause_ms != "0": env.append(f"PAUSE_MS={pause_ms}")
+command = " ".join(env + ["bench/balancer.sh"] + (["--write"] if write else []))
+pause = "no pause" if pause_ms == "0" else f"{pause_ms} ms between ACK and BYE"
+
+table = [
+    f"{datetime.date.today().isoformat()}. Command: `{command}`. Machine: {os.cpu_count()} cores "
+    f"({cpu_model}), {mem_gib:.0f} GiB, {platform.system()} {platform.release()}, {rustc}, "
+    f"release builds, loopback; load average before the run {' / '.join(load.split())} "
+    f"(the machine is shared).",
+    "",
+    f"{calls:,} calls per run at {rate} calls/s (INVITE, 180, 200, ACK, {pause}, BYE, 200: "
+    f"six messages through the proxy per call), the three paths alternating, {rounds} "
+    f"round{'s' if rounds != 1 else ''} each, same SIPp uas.",
+    "",
+    "| path | round | calls ok / failed | calls/s achieved (wall) | proxy CPU us per call |",
+    "| --- | --- | --- | --- | --- |",
+]
+for r in rows:
+    table.append(f"| {label[r['name']]} | {r['round']} | {r['ok']:,} / {r['failed']} | "
+                 f"{r['achieved']:.0f} ({r['wall']:.1f} s) | {r['us']:.1f} |")
+table += [
+    "",
+    f"**Balancer {lb:.0f} us of CPU per call, floor {fwd:.0f} us: {lb / fwd:.2f}x the plain "
+    f"forwarder** (means of the rounds; {lb / 6:.1f} us against {fwd / 6:.1f} us per "
+    f"message). The forwarder on one thread: {fwd1:.0f} us per call, the balancer "
+    f"{lb / fwd1:.2f}x that. CPU time is read in ticks of {1e6 / hz:,.0f} us, i.e. "
+    f"{1e6 / hz / calls:.1f} us per call.",
+    "",
+    f"The balancer's counters over all its rounds: {forwarded:,.0f} messages forwarded "
+    f"({forwarded / max(1, rounds * calls):.2f} per call; above 6 means retransmissions), "
+    f"{answered:,.0f} answered itself, {dropped:,.0f} dropped, {send_errors:,.0f} send errors.",
+]
+if failed:
+    table += ["", "**This run had failed calls or SIPp errors: the figures are not valid.**"]
+body = "\n".join(table) + "\n"
+print(body)
+if write and not failed:
+    path = "docs/benchmarks.md"
+    doc = open(path).read()
+    begin, end = "<!-- bench:balancer -->", "<!-- /bench:balancer -->"
+    block = f"{begin}\n{body}{end}"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        doc = head + block + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n## SIP load balancer: CPU per call against a plain UDP " \
+              "forwarder\n\n" + block + "\n"
+    open(path, "w").write(doc)
+    print(f"written to {path}", file=sys.stderr)
+PY
+[ "$FAILED" = 0 ] || { echo "failed calls: see above" >&2; exit 1; }
