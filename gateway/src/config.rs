@@ -159,6 +159,10 @@ pub struct QuicConfig {
     pub hello_timeout_ms: u32,
     /// Largest QUIC datagram the gateway accepts (bytes).
     pub max_datagram_bytes: u32,
+    /// Receive and send buffer of the QUIC UDP socket (bytes; 0 keeps the system default).
+    /// Media from many devices arrives in bursts; the usual 208 KiB default drops datagrams
+    /// under load. The kernel caps it at `net.core.rmem_max` / `wmem_max`.
+    pub socket_buffer_bytes: u32,
 }
 
 impl Default for QuicConfig {
@@ -173,6 +177,7 @@ impl Default for QuicConfig {
             keepalive_interval_ms: 10_000,
             hello_timeout_ms: 10_000,
             max_datagram_bytes: 1_200,
+            socket_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }

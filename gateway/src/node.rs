@@ -293,14 +293,25 @@ impl GatewayNode {
             .send_window(256 * 1024);
         let mut server_config = quinn::ServerConfig::with_crypto(crypto);
         server_config.transport_config(Arc::new(transport));
-        let endpoint =
-            quinn::Endpoint::server(server_config, config.quic.listen).map_err(|source| {
-                StartError::Bind {
-                    what: "QUIC",
-                    addr: config.quic.listen,
-                    source,
-                }
-            })?;
+        let bind_error = |source| StartError::Bind {
+            what: "QUIC",
+            addr: config.quic.listen,
+            source,
+        };
+        let socket =
+            quic_socket(config.quic.listen, config.quic.socket_buffer_bytes).map_err(bind_error)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| {
+            bind_error(std::io::Error::other(
+                "no async runtime for the QUIC endpoint",
+            ))
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
         let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             what: "QUIC",
             addr: config.quic.listen,
@@ -512,6 +523,42 @@ impl GatewayNode {
     }
 }
 
+/// Binds the QUIC UDP socket with `buffer_bytes` of receive and send buffer (0: the system
+/// default). The kernel may grant less (its `rmem_max`/`wmem_max`); the granted size is logged.
+fn quic_socket(listen: SocketAddr, buffer_bytes: u32) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if listen.is_ipv6() {
+        // Same as quinn's own bind: accept IPv4-mapped addresses too where allowed.
+        let _ = socket.set_only_v6(false);
+    }
+    if buffer_bytes > 0 {
+        let want = usize::try_from(buffer_bytes).unwrap_or(usize::MAX);
+        if let Err(e) = socket.set_recv_buffer_size(want) {
+            warn!(error = %e, "cannot set the QUIC socket's receive buffer");
+        }
+        if let Err(e) = socket.set_send_buffer_size(want) {
+            warn!(error = %e, "cannot set the QUIC socket's send buffer");
+        }
+        let granted = socket.recv_buffer_size().unwrap_or(0);
+        if granted < want {
+            warn!(
+                wanted = want,
+                granted,
+                "the QUIC socket's receive buffer is smaller than quic.socket_buffer_bytes \
+                 (raise net.core.rmem_max)"
+            );
+        } else {
+            info!(bytes = granted, "QUIC socket receive buffer");
+        }
+    }
+    socket.bind(&listen.into())?;
+    Ok(socket.into())
+}
+
 /// Splits `host:port` (or `[v6]:port`, or a bare host).
 fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
     if let Some(rest) = text.strip_prefix('[') {
@@ -627,6 +674,24 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quic_socket_gets_the_configured_buffer_as_far_as_the_kernel_allows() {
+        let want = 1024 * 1024;
+        let socket = quic_socket("127.0.0.1:0".parse().unwrap(), want as u32).unwrap();
+        let granted = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|t| t.trim().parse::<usize>().ok())
+            .unwrap_or(want);
+        assert!(
+            granted >= want.min(cap),
+            "granted {granted}, wanted {want}, kernel cap {cap}"
+        );
+        assert!(socket.local_addr().unwrap().port() != 0);
+        // 0 keeps the system default and still binds.
+        quic_socket("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+    }
 
     #[test]
     fn connection_limits_total_and_per_ip() {
