@@ -114,7 +114,7 @@ impl NodeShared {
             return None;
         }
         let address = owner.quic?;
-        if !self.bridge.live_calls(device_id).is_empty() {
+        if self.bridge.has_calls(device_id) {
             return None;
         }
         Some(Redirect {

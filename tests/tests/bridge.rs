@@ -445,3 +445,37 @@ fn max_forwards_zero_gets_483_and_a_looped_invite_482() {
     let t = final_status(&sock, "z9hG4bKpath2");
     assert!(t.starts_with("SIP/2.0 482"), "{t}");
 }
+
+#[test]
+fn calls_per_device_are_limited_and_the_limit_frees_up_as_calls_end() {
+    let gw = Gateway::start("[session]\nmax_calls = 2").unwrap();
+    let secret = gw.add_device("busybody").unwrap();
+    let _listener = device(&gw, "listen", "busybody", &secret, &[]);
+    // Ten calls at once, each held 3 s: two fit, eight get 486.
+    let (ok, failed) = sipp_client(
+        &gw,
+        &[
+            "-sn", "uac", "-s", "busybody", "-m", "10", "-r", "100", "-l", "10", "-d", "3000",
+        ],
+    );
+    assert_eq!((ok, failed), (2, 8));
+    assert_eq!(
+        gw.metric("thalamus_sip_refused_total{reason=\"max_calls\"}")
+            .unwrap(),
+        8.0
+    );
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+    // The two ended: the device has room again (its count went back down).
+    let (ok, failed) = sipp_client(
+        &gw,
+        &[
+            "-sn", "uac", "-s", "busybody", "-m", "4", "-r", "10", "-l", "2",
+        ],
+    );
+    assert_eq!((ok, failed), (4, 0));
+    assert_eq!(
+        gw.metric("thalamus_sip_refused_total{reason=\"max_calls\"}")
+            .unwrap(),
+        8.0
+    );
+}

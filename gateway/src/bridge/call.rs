@@ -214,7 +214,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         CallSetup::Incoming { .. } => "incoming",
         CallSetup::TakenOver(_) => "taken_over",
     };
-    inner.calls.insert(
+    inner.add_call(
         key.clone(),
         CallHandle {
             commands,

@@ -179,6 +179,9 @@ pub(crate) struct BridgeInner {
     pub(crate) media_address: IpAddr,
     pub(crate) links: DashMap<String, quinn::Connection>,
     pub(crate) calls: DashMap<CallKey, CallHandle>,
+    /// Number of entries of `calls` per device (kept with `calls` by `add_call` and
+    /// `forget_call`), so limits and redirects do not scan every call of the node.
+    pub(crate) calls_per_device: DashMap<String, usize>,
     pub(crate) by_dialog: DashMap<DialogId, CallKey>,
     pub(crate) by_invite: DashMap<ServerTx, CallKey>,
     /// Requests outside a dialog being handled, by merge key, with their branch.
@@ -238,6 +241,7 @@ impl Bridge {
             media_address,
             links: DashMap::new(),
             calls: DashMap::new(),
+            calls_per_device: DashMap::new(),
             by_dialog: DashMap::new(),
             by_invite: DashMap::new(),
             in_progress: DashMap::new(),
@@ -373,12 +377,29 @@ impl BridgeInner {
             .map_err(|e| format!("{target}: {e}"))
     }
 
+    /// Records a new call (and counts it for its device).
+    pub(crate) fn add_call(&self, key: CallKey, handle: CallHandle) {
+        let device = key.0.clone();
+        if self.calls.insert(key, handle).is_none() {
+            *self.calls_per_device.entry(device).or_insert(0) += 1;
+        }
+    }
+
+    /// Calls `device` has on this node.
+    pub(crate) fn device_call_count(&self, device: &str) -> usize {
+        self.calls_per_device.get(device).map_or(0, |n| *n)
+    }
+
     pub(crate) fn forget_call(&self, key: &CallKey) {
         if let Some((_, handle)) = self.calls.remove(key) {
             if let Some(d) = handle.dialog() {
                 self.by_dialog.remove(&d);
             }
             self.metrics.calls_active.dec();
+            self.calls_per_device.remove_if_mut(&key.0, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
         }
     }
 }
@@ -411,11 +432,7 @@ impl DeviceRequests for Bridge {
                         format!("call_ref {} is already in use", dial.call_ref),
                     )];
                 }
-                let live = inner
-                    .calls
-                    .iter()
-                    .filter(|c| c.key().0 == device_id)
-                    .count();
+                let live = inner.device_call_count(device_id);
                 if live >= inner.config.session.max_calls as usize {
                     Metrics::inc(&inner.metrics.sip_refused, "max_calls");
                     return vec![error_frame(
@@ -569,18 +586,28 @@ impl DeviceRequests for Bridge {
         }
     }
 
+    fn has_calls(&self, device_id: &str) -> bool {
+        self.inner.device_call_count(device_id) > 0
+            || (!self.inner.watched.is_empty()
+                && self.inner.watched.iter().any(|w| w.key().0 == device_id))
+    }
+
     fn live_calls(&self, device_id: &str) -> Vec<thalamus_proto::v1::LiveCall> {
-        let mut calls: Vec<thalamus_proto::v1::LiveCall> = self
-            .inner
-            .calls
-            .iter()
-            .filter(|c| c.key().0 == device_id)
-            .map(|c| thalamus_proto::v1::LiveCall {
-                call_ref: c.key().1,
-                remote_uri: c.remote_uri().to_string(),
-                state: c.state() as i32,
-            })
-            .collect();
+        let mut calls: Vec<thalamus_proto::v1::LiveCall> =
+            if self.inner.device_call_count(device_id) == 0 {
+                Vec::new()
+            } else {
+                self.inner
+                    .calls
+                    .iter()
+                    .filter(|c| c.key().0 == device_id)
+                    .map(|c| thalamus_proto::v1::LiveCall {
+                        call_ref: c.key().1,
+                        remote_uri: c.remote_uri().to_string(),
+                        state: c.state() as i32,
+                    })
+                    .collect()
+            };
         calls.extend(
             self.inner
                 .watched
@@ -837,7 +864,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 incoming_text(&inner, tx, &device, &request).await;
                 return;
             }
-            let live = inner.calls.iter().filter(|c| c.key().0 == device).count();
+            let live = inner.device_call_count(&device);
             if live >= inner.config.session.max_calls as usize {
                 Metrics::inc(&inner.metrics.sip_refused, "max_calls");
                 let _ = ua.respond(tx, 486, None, None).await;

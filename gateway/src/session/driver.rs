@@ -470,6 +470,10 @@ pub trait DeviceRequests: Send + Sync {
     fn live_calls(&self, _device_id: &str) -> Vec<thalamus_proto::v1::LiveCall> {
         Vec::new()
     }
+    /// Whether `device_id` has any call here (cheaper than [`Self::live_calls`]).
+    fn has_calls(&self, device_id: &str) -> bool {
+        !self.live_calls(device_id).is_empty()
+    }
     /// `device_id` presented a valid resume token; runs before its Welcome is built, so the
     /// calls it finds (held by a node that died, say) are in `live_calls`. The implementation
     /// bounds its own time.
