@@ -985,3 +985,88 @@ Content-Length: 0\r\n\r\n",
         assert!(header_lines(&text(&out), "Route").is_empty());
     }
 }
+
+/// Two balancers side by side (each lists the other as an alias, as behind one DNS name), fed
+/// the same heartbeats at slightly different moments, share nothing else.
+fn twin(advertised: &str, alias: &str, t0: Instant, lag: Duration, count: u8) -> BalancerCore {
+    let mut config = RouterConfig::new(Host::parse(advertised).unwrap(), 5060);
+    config.domains.push("gw.example.net".into());
+    config.aliases.push((Host::parse(alias).unwrap(), 5060));
+    let mut core = BalancerCore::new(config, Membership::new(MembershipConfig::default()));
+    for i in 1..=count {
+        core.membership_mut()
+            .heartbeat(&heartbeat(i, "s1", 1, false), node_addr(i), t0 + lag)
+            .unwrap();
+    }
+    core
+}
+
+#[test]
+fn balancers_side_by_side_make_the_same_choices() {
+    let t0 = Instant::now();
+    let mut one = twin("192.0.2.1", "192.0.2.2", t0, Duration::ZERO, 5);
+    let mut two = twin("192.0.2.2", "192.0.2.1", t0, Duration::from_millis(40), 5);
+    let route = |core: &BalancerCore, text: &str| {
+        core.route(
+            Message::parse(Bytes::from(text.to_owned())).unwrap(),
+            client(),
+        )
+    };
+    // New calls: the same node for every key.
+    let mut per_node = std::collections::BTreeMap::<NodeId, u32>::new();
+    for i in 0..500 {
+        let invite = invite_with(&format!("dev-{i}"), "z9hG4bKtwin");
+        let (Decision::ToNode { node: a, .. }, Decision::ToNode { node: b, .. }) =
+            (route(&one, &invite), route(&two, &invite))
+        else {
+            panic!("not routed to a node");
+        };
+        assert_eq!(a, b, "dev-{i}");
+        *per_node.entry(a).or_default() += 1;
+    }
+    assert_eq!(per_node.len(), 5, "{per_node:?}");
+
+    // A dialog set up through balancer one; its BYE arrives at balancer two, which reads the
+    // node from one's Record-Route (its alias) and sends the BYE to the same node.
+    let Decision::ToNode { node, out } = route(&one, INVITE) else {
+        panic!()
+    };
+    let invite_out = text(&out);
+    let rr = header_lines(&invite_out, "Record-Route")[0]
+        .trim_start_matches("Record-Route: ")
+        .to_string();
+    let bye = in_dialog_bye("x=1").replace(&format!("<sip:{LB};lr;x=1>"), &rr);
+    assert!(bye.contains("Route: <sip:192.0.2.1:5060;lr;node="), "{bye}");
+    let Decision::ToNode { node: via_two, out } = route(&two, &bye) else {
+        panic!("balancer two did not route the BYE to a node")
+    };
+    assert_eq!(via_two, node);
+    assert!(
+        !text(&out).contains("Route: <sip:192.0.2.1"),
+        "our route not removed"
+    );
+
+    // That node dies; each balancer sees it in its own time, and both send the BYE to the
+    // same survivor: the owner of the key among the rest.
+    let dead: u8 = node.as_str()[1..].parse().unwrap();
+    for (core, lag) in [(&mut one, 0u64), (&mut two, 70)] {
+        for s in 1..=4u64 {
+            let now = t0 + Duration::from_millis(s * 1000 + lag);
+            for j in (1..=5).filter(|j| *j != dead) {
+                core.membership_mut()
+                    .heartbeat(&heartbeat(j, "s1", 1 + s, false), node_addr(j), now)
+                    .unwrap();
+            }
+            core.membership_mut().tick(now);
+        }
+        assert!(!core.membership().is_alive(&node));
+    }
+    let (Decision::ToNode { node: a, .. }, Decision::ToNode { node: b, .. }) =
+        (route(&one, &bye), route(&two, &bye))
+    else {
+        panic!()
+    };
+    assert_eq!(a, b);
+    assert_ne!(a, node);
+    assert_eq!(Some(&a), owner("earpiece-17", one.membership().eligible()));
+}
