@@ -20,9 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::message::{
-    Message, ParseLimits, Request, StreamError, StreamFramer, StreamItem, Transport,
-};
+use crate::message::{Message, ParseLimits, StreamError, StreamFramer, StreamItem, Transport};
 
 /// Where a message came from or goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -335,7 +333,8 @@ impl SipTransport {
 
     fn deliver(&self, mut message: Message, peer: Peer) {
         if let Message::Request(req) = &mut message {
-            stamp_received(req, peer.addr);
+            // A request without a usable Via is left as it is; the layer above rejects it.
+            let _ = crate::transaction::stamp_received(req, peer.addr);
         }
         self.inner.stats.received.fetch_add(1, Ordering::Relaxed);
         let inbound = Inbound {
@@ -433,33 +432,6 @@ async fn bind_sockets(config: &TransportConfig) -> Result<BoundSockets, Transpor
         };
         return Ok((udp, udp_addr, listener, tcp_addr));
     }
-}
-
-/// Adds `received` (when the sent-by host is not the source address) and fills an empty
-/// `rport` on the top Via of a request (RFC 3261 18.2.1, RFC 3581 section 4).
-pub fn stamp_received(req: &mut Request, source: SocketAddr) {
-    let Ok(mut via) = req.headers.top_via() else {
-        return;
-    };
-    let host_is_source = via
-        .host
-        .to_string()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .is_ok_and(|ip| ip == source.ip());
-    let wants_rport = via.rport().is_some();
-    if host_is_source && !wants_rport {
-        return;
-    }
-    if !host_is_source || wants_rport {
-        via.set_received(source.ip());
-    }
-    if wants_rport {
-        via.set_rport(source.port());
-    }
-    req.headers.remove_top_via();
-    req.headers.prepend_via(&via);
 }
 
 async fn udp_loop(transport: SipTransport, socket: Arc<UdpSocket>) {
@@ -590,6 +562,7 @@ async fn tcp_read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Request;
 
     fn request(via: &str) -> Request {
         let text = format!(
@@ -599,31 +572,6 @@ mod tests {
             Message::Request(r) => r,
             Message::Response(_) => unreachable!(),
         }
-    }
-
-    #[test]
-    fn received_added_when_host_differs() {
-        let mut r = request("SIP/2.0/UDP host.example;branch=z9hG4bKabc");
-        stamp_received(&mut r, "10.1.2.3:5070".parse().unwrap());
-        let via = r.headers.top_via().unwrap();
-        assert_eq!(via.received(), Some("10.1.2.3"));
-        assert_eq!(via.branch(), Some("z9hG4bKabc"));
-    }
-
-    #[test]
-    fn rport_filled_and_received_set() {
-        let mut r = request("SIP/2.0/UDP 10.1.2.3:5060;rport;branch=z9hG4bKabc");
-        stamp_received(&mut r, "10.1.2.3:40000".parse().unwrap());
-        let via = r.headers.top_via().unwrap();
-        assert_eq!(via.received(), Some("10.1.2.3"));
-        assert_eq!(via.rport(), Some(crate::message::Rport::Port(40000)));
-    }
-
-    #[test]
-    fn nothing_added_when_sent_by_matches() {
-        let mut r = request("SIP/2.0/UDP 10.1.2.3:5060;branch=z9hG4bKabc");
-        stamp_received(&mut r, "10.1.2.3:5060".parse().unwrap());
-        assert_eq!(r.headers.top_via().unwrap().received(), None);
     }
 
     #[tokio::test]
@@ -642,14 +590,25 @@ mod tests {
         let udp_addr = t.local_addr(PeerTransport::Udp).unwrap();
         let tcp_addr = t.local_addr(PeerTransport::Tcp).unwrap();
         assert_eq!(udp_addr.port(), tcp_addr.port());
-        let msg = request("SIP/2.0/UDP 127.0.0.1:1;branch=z9hG4bKabc").to_bytes();
+        let msg = request("SIP/2.0/UDP 127.0.0.1:1;rport;branch=z9hG4bKabc").to_bytes();
 
-        // UDP in.
+        // UDP in, the top Via stamped with where it came from (RFC 3581).
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.send_to(&msg, udp_addr).await.unwrap();
         let got = rx.recv().await.unwrap();
         assert_eq!(got.peer.transport, PeerTransport::Udp);
         assert_eq!(got.peer.addr, client.local_addr().unwrap());
+        let Message::Request(req) = &got.message else {
+            panic!("not a request")
+        };
+        let via = req.headers.top_via().unwrap();
+        assert_eq!(via.received(), Some("127.0.0.1"));
+        assert_eq!(
+            via.rport(),
+            Some(crate::message::Rport::Port(
+                client.local_addr().unwrap().port()
+            ))
+        );
 
         // A datagram shorter than its Content-Length (RFC 4475 clerr): stateless 400.
         let bad = b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:1;branch=z9hG4bKx\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 500\r\n\r\nshort";
