@@ -5,6 +5,8 @@
 //! test executable; `scripts/test` builds them before running the tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fleet;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,554 @@
+//! A fleet of simulated devices for cluster tests: one tokio task per device, each with its own
+//! MBFP connection (the simulator's device library), on a runtime of its own thread.
+//!
+//! Every device logs in at a node of a list (all at the first node to begin with), follows
+//! `Redirect`, answers every incoming call at once (`Answer` with an audio offer), answers the
+//! node's pings (QUIC keepalives keep the connection up), and hangs up nothing itself. When its
+//! node says `Goodbye` it logs in again at the same node (a real device has one configured
+//! address; the node redirects it). When the connection is lost it tries the next node of the
+//! list after a short pause, and for a while does not follow redirects back to the node it lost
+//! (the redirecting node may not have noticed the death yet). It logs in afresh each time (no
+//! resume token), so a call in flight on a dead node is taken over by the far end's next
+//! request, not by the device.
+//!
+//! The fleet records where each device is (`Welcome.node_id`), every call it answered and on
+//! which node, and every login, loss, goodbye and redirect with its instant, for the test to
+//! check. It decides nothing about the gateway and checks nothing itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{Answer, AudioCodec, Envelope, Hello, MediaOffer, Pong};
+use thalamus_sim::device::{DeviceConnection, DeviceError};
+
+/// A node the devices may connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetNode {
+    /// Node id (as in `Welcome.node_id` and `Redirect.node_id`).
+    pub id: String,
+    /// The node's QUIC address.
+    pub quic: SocketAddr,
+    /// The node's certificate fingerprint (hex), pinned by the devices.
+    pub fingerprint: String,
+}
+
+/// Timing of the devices' connections.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The devices' shared secret.
+    pub secret: String,
+    /// Pause before logging in again after a loss or a failed attempt.
+    pub reconnect_pause: Duration,
+    /// QUIC keepalive interval of the devices.
+    pub keepalive: Duration,
+    /// QUIC idle timeout of the devices: a dead node is noticed this long after its last packet
+    /// (the effective timeout is the smaller of this and the node's).
+    pub idle_timeout: Duration,
+    /// Longest wait for a connection and its `Welcome`.
+    pub login_timeout: Duration,
+    /// Most redirects followed in a row before the device pauses and tries the next node.
+    pub max_redirects_in_a_row: u32,
+    /// For this long after losing its connection to a node, the device does not follow a
+    /// redirect back to that node (the redirecting node has not noticed the death yet); it
+    /// pauses and logs in again where it is.
+    pub distrust_lost_node: Duration,
+}
+
+impl FleetConfig {
+    /// Short timings for loopback tests, with the devices' shared secret.
+    pub fn quick(secret: &str) -> Self {
+        Self {
+            secret: secret.to_string(),
+            reconnect_pause: Duration::from_millis(100),
+            keepalive: Duration::from_millis(150),
+            idle_timeout: Duration::from_millis(500),
+            login_timeout: Duration::from_secs(3),
+            max_redirects_in_a_row: 4,
+            distrust_lost_node: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What happened to one device, with its instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetEventKind {
+    /// Logged in; `Welcome.node_id`.
+    Login {
+        /// The node that welcomed the device.
+        node: String,
+    },
+    /// Redirected by `from` to `to` (`Redirect.node_id`).
+    Redirected {
+        /// The node that redirected (the node the device tried).
+        from: String,
+        /// The node named in the redirect.
+        to: String,
+    },
+    /// The node said `Goodbye` with this reason (the MBFP enum value).
+    Goodbye {
+        /// The node.
+        node: String,
+        /// `GoodbyeReason` as an integer.
+        reason: i32,
+    },
+    /// The connection to the node was lost (closed, timed out, reset).
+    Lost {
+        /// The node.
+        node: String,
+    },
+    /// A login attempt failed (no connection, no answer, or refused with an error).
+    LoginFailed {
+        /// The node tried.
+        node: String,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// One event of one device.
+#[derive(Debug, Clone)]
+pub struct FleetEvent {
+    /// When it happened.
+    pub at: Instant,
+    /// The device.
+    pub device: String,
+    /// What happened.
+    pub kind: FleetEventKind,
+}
+
+/// One call a device answered.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    /// When the `IncomingCall` arrived.
+    pub at: Instant,
+    /// The device.
+    pub device: String,
+    /// The node the device was logged in at.
+    pub node: String,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    nodes: Vec<FleetNode>,
+    placement: BTreeMap<String, Option<String>>,
+    events: Vec<FleetEvent>,
+    calls: Vec<CallRecord>,
+}
+
+impl Shared {
+    fn event(&mut self, device: &str, kind: FleetEventKind) {
+        self.events.push(FleetEvent {
+            at: Instant::now(),
+            device: device.to_string(),
+            kind,
+        });
+    }
+}
+
+/// The running fleet; stopped (every connection closed) when dropped.
+pub struct Fleet {
+    shared: Arc<Mutex<Shared>>,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet").finish_non_exhaustive()
+    }
+}
+
+impl Fleet {
+    /// Starts one task per device id; each logs in at `nodes[0]` first.
+    pub fn start(devices: &[String], nodes: Vec<FleetNode>, config: FleetConfig) -> Self {
+        assert!(!nodes.is_empty(), "a fleet needs at least one node");
+        let shared = Arc::new(Mutex::new(Shared {
+            nodes,
+            placement: devices.iter().map(|d| (d.clone(), None)).collect(),
+            ..Default::default()
+        }));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let devices = devices.to_vec();
+        let task_shared = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("fleet runtime");
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for id in devices {
+                    tasks.push(tokio::spawn(run_device(
+                        id,
+                        config.clone(),
+                        task_shared.clone(),
+                        stop_rx.clone(),
+                    )));
+                }
+                for task in tasks {
+                    let _ = task.await;
+                }
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        });
+        Self {
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a node or replaces the one with the same id (a restarted node's new address).
+    pub fn set_node(&self, node: FleetNode) {
+        let mut shared = self.lock();
+        match shared.nodes.iter_mut().find(|n| n.id == node.id) {
+            Some(n) => *n = node,
+            None => shared.nodes.push(node),
+        }
+    }
+
+    /// Where each device is logged in now (`None`: not logged in).
+    pub fn placement(&self) -> BTreeMap<String, Option<String>> {
+        self.lock().placement.clone()
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<FleetEvent> {
+        self.lock().events.clone()
+    }
+
+    /// Every call answered so far.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.lock().calls.clone()
+    }
+
+    /// Waits until `pred` holds for the placement; fails with the last placement after
+    /// `timeout`.
+    pub fn wait_placement(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&BTreeMap<String, Option<String>>) -> bool,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let placement = self.placement();
+            if pred(&placement) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                let wrong: Vec<String> = placement
+                    .iter()
+                    .map(|(d, n)| format!("{d}@{}", n.as_deref().unwrap_or("-")))
+                    .collect();
+                bail!("devices never {what} within {timeout:?}; now: {wrong:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until every device is logged in at the node `expected` gives it.
+    pub fn wait_on(
+        &self,
+        expected: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        self.wait_placement(timeout, "reached their expected nodes", |p| {
+            expected
+                .iter()
+                .all(|(d, n)| p.get(d).and_then(|x| x.as_deref()) == Some(n.as_str()))
+        })
+    }
+
+    /// Stops every device and waits for the fleet's thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn device_media() -> MediaOffer {
+    MediaOffer {
+        audio_codecs: vec![
+            AudioCodec::Pcmu as i32,
+            AudioCodec::Pcma as i32,
+            AudioCodec::TelephoneEvent as i32,
+        ],
+        ..Default::default()
+    }
+}
+
+/// Where the device goes next.
+enum Target {
+    /// The node at this index of the list (modulo its length).
+    Index(usize),
+    /// The address a redirect named.
+    Redirect(SocketAddr),
+}
+
+/// How a session ended.
+enum SessionEnd {
+    Goodbye,
+    Lost,
+    Stopped,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn run_device(
+    id: String,
+    config: FleetConfig,
+    shared: Arc<Mutex<Shared>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut target = Target::Index(0);
+    let mut redirects_in_a_row = 0u32;
+    // The node whose connection this device lost last, and when.
+    let mut lost: Option<(String, Instant)> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let (node, index) = {
+            let s = lock(&shared);
+            match target {
+                Target::Index(i) => {
+                    let i = i % s.nodes.len();
+                    (Some(s.nodes[i].clone()), i)
+                }
+                Target::Redirect(addr) => {
+                    let i = s.nodes.iter().position(|n| n.quic == addr);
+                    (i.map(|i| s.nodes[i].clone()), i.unwrap_or(0))
+                }
+            }
+        };
+        let Some(node) = node else {
+            // A redirect to an address the fleet does not know: try the list again.
+            target = Target::Index(index + 1);
+            pause(&config, &mut stop).await;
+            continue;
+        };
+        let login = tokio::time::timeout(config.login_timeout, login(&id, &node, &config));
+        let outcome = tokio::select! {
+            outcome = login => outcome,
+            _ = stop.changed() => return,
+        };
+        match outcome {
+            Ok(Ok(LoginOutcome::Welcome(conn, endpoint, welcome))) => {
+                redirects_in_a_row = 0;
+                let at = if welcome.node_id.is_empty() {
+                    node.id.clone()
+                } else {
+                    welcome.node_id.clone()
+                };
+                {
+                    let mut s = lock(&shared);
+                    s.placement.insert(id.clone(), Some(at.clone()));
+                    s.event(&id, FleetEventKind::Login { node: at.clone() });
+                }
+                let end = session(&id, &at, conn, &shared, &mut stop).await;
+                endpoint.close(0u32.into(), b"bye");
+                lock(&shared).placement.insert(id.clone(), None);
+                match end {
+                    SessionEnd::Stopped => return,
+                    // The same node again: it redirects us when we belong elsewhere now.
+                    SessionEnd::Goodbye => target = Target::Index(index),
+                    SessionEnd::Lost => {
+                        lock(&shared).event(&id, FleetEventKind::Lost { node: at.clone() });
+                        lost = Some((at, Instant::now()));
+                        target = Target::Index(index + 1);
+                    }
+                }
+                pause(&config, &mut stop).await;
+            }
+            Ok(Ok(LoginOutcome::Redirect { address, node_id })) => {
+                let suspect = lost.as_ref().is_some_and(|(n, at)| {
+                    *n == node_id && at.elapsed() < config.distrust_lost_node
+                });
+                lock(&shared).event(
+                    &id,
+                    FleetEventKind::Redirected {
+                        from: node.id.clone(),
+                        to: node_id,
+                    },
+                );
+                if suspect {
+                    // Sent back to the node that just died under us: ask here again shortly.
+                    target = Target::Index(index);
+                    pause(&config, &mut stop).await;
+                    continue;
+                }
+                redirects_in_a_row += 1;
+                match address.parse::<SocketAddr>() {
+                    Ok(addr) if redirects_in_a_row <= config.max_redirects_in_a_row => {
+                        target = Target::Redirect(addr);
+                    }
+                    _ => {
+                        redirects_in_a_row = 0;
+                        target = Target::Index(index + 1);
+                        pause(&config, &mut stop).await;
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                lock(&shared).event(
+                    &id,
+                    FleetEventKind::LoginFailed {
+                        node: node.id.clone(),
+                        error: format!("{e:#}"),
+                    },
+                );
+                redirects_in_a_row = 0;
+                target = Target::Index(index + 1);
+                pause(&config, &mut stop).await;
+            }
+            Err(_) => {
+                lock(&shared).event(
+                    &id,
+                    FleetEventKind::LoginFailed {
+                        node: node.id.clone(),
+                        error: "login timed out".into(),
+                    },
+                );
+                redirects_in_a_row = 0;
+                target = Target::Index(index + 1);
+                pause(&config, &mut stop).await;
+            }
+        }
+    }
+}
+
+async fn pause(config: &FleetConfig, stop: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(config.reconnect_pause) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+enum LoginOutcome {
+    Welcome(
+        Box<DeviceConnection>,
+        quinn::Endpoint,
+        thalamus_proto::v1::Welcome,
+    ),
+    Redirect {
+        address: String,
+        node_id: String,
+    },
+}
+
+async fn login(id: &str, node: &FleetNode, config: &FleetConfig) -> anyhow::Result<LoginOutcome> {
+    let fingerprint = thalamus_sim::quic::parse_fingerprint(&node.fingerprint)?;
+    let mut client = thalamus_sim::quic::client_config(Some(fingerprint))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(config.keepalive));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(config.idle_timeout).context("idle timeout")?,
+    ));
+    client.transport_config(Arc::new(transport));
+    let endpoint = thalamus_sim::quic::client_endpoint(node.quic, client)?;
+    let mut conn = DeviceConnection::connect(&endpoint, node.quic, "localhost").await?;
+    let hello = Hello {
+        device_id: id.to_string(),
+        credential: config.secret.clone(),
+        ..Default::default()
+    };
+    match conn.hello(hello).await {
+        Ok(welcome) => Ok(LoginOutcome::Welcome(Box::new(conn), endpoint, welcome)),
+        Err(DeviceError::Refused(env)) => {
+            conn.conn.close(0u32.into(), b"redirected");
+            endpoint.close(0u32.into(), b"bye");
+            match env.body {
+                Some(Body::Redirect(r)) => Ok(LoginOutcome::Redirect {
+                    address: r.address,
+                    node_id: r.node_id,
+                }),
+                other => bail!("login refused: {other:?}"),
+            }
+        }
+        Err(e) => {
+            endpoint.close(0u32.into(), b"bye");
+            Err(e.into())
+        }
+    }
+}
+
+async fn session(
+    id: &str,
+    node: &str,
+    mut conn: Box<DeviceConnection>,
+    shared: &Mutex<Shared>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> SessionEnd {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                conn.conn.close(0u32.into(), b"bye");
+                return SessionEnd::Stopped;
+            }
+            frame = conn.reader.next() => {
+                let Ok(env) = frame else { return SessionEnd::Lost };
+                match env.body {
+                    Some(Body::Ping(p)) => {
+                        let pong = Envelope {
+                            request_id: env.request_id,
+                            body: Some(Body::Pong(Pong { nonce: p.nonce })),
+                        };
+                        if conn.writer.send_envelope(&pong).await.is_err() {
+                            return SessionEnd::Lost;
+                        }
+                    }
+                    Some(Body::IncomingCall(c)) => {
+                        lock(shared).calls.push(CallRecord {
+                            at: Instant::now(),
+                            device: id.to_string(),
+                            node: node.to_string(),
+                        });
+                        let answer = Body::Answer(Answer {
+                            call_ref: c.call_ref,
+                            media: Some(device_media()),
+                        });
+                        if conn.writer.send(answer).await.is_err() {
+                            return SessionEnd::Lost;
+                        }
+                    }
+                    Some(Body::Goodbye(g)) => {
+                        lock(shared).event(
+                            id,
+                            FleetEventKind::Goodbye { node: node.to_string(), reason: g.reason },
+                        );
+                        conn.conn.close(0u32.into(), b"goodbye");
+                        return SessionEnd::Goodbye;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,931 @@
+//! End to end, the SIP load balancer in front of two real gateway nodes (issue 7's acceptance):
+//! Redis (`redis-server`, started here on a free port) as the shared dialog store, the balancer
+//! (`thalamus balancer`), two gateway nodes (`thalamus run`) sharing the store, the device
+//! registry and the resume secret and sending heartbeats to the balancer, a fleet of 100
+//! simulated devices (`thalamus_tests::fleet`, the simulator's device library), and SIPp
+//! calling the devices through the balancer.
+//!
+//! - Split: every device logs in at node A first and the nodes redirect each to its owner
+//!   (the rendezvous hash of its id over both nodes); 1,000 calls to the 100 devices split
+//!   between the nodes exactly as `owner()` says, each node within 10 % of 500.
+//! - Kill: a node is killed (SIGKILL) in the middle of a run; its devices reconnect to the
+//!   survivor, the balancer takes the node out after the detection window and sends their calls
+//!   to the survivor, and the failed calls stay within the detection window times the call
+//!   rate. The node then restarts with a new session id, and the balancer counts the restart and
+//!   routes to it again.
+//! - Drain: a node drains during a run of 3-second calls: the balancer sends it no new calls,
+//!   its calls in progress complete, and its devices move to the other node.
+//!
+//! The figures are printed (run with `--nocapture`) and written down in docs/balancer.md,
+//! "Failover figures (real nodes)". The tests here run one at a time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::Value;
+use thalamus_gateway::balancer::{owner, NodeId};
+use thalamus_tests::fleet::{Fleet, FleetConfig, FleetEventKind, FleetNode};
+use thalamus_tests::{bin, free_udp_port, http_get, scenario, sipp, Gateway, Proc};
+
+const T: Duration = Duration::from_secs(20);
+/// Heartbeat interval of the nodes and the balancer.
+const HEARTBEAT_MS: u64 = 200;
+/// Heartbeats a node may miss before the balancer takes it out.
+const MISS_COUNT: u64 = 3;
+/// The detection window: a node is out `(miss_count + ½) × interval` after its last heartbeat.
+const WINDOW_MS: u64 = (2 * MISS_COUNT + 1) * HEARTBEAT_MS / 2;
+/// Devices in the fleet: `dev-0` .. `dev-99`.
+const DEVICES: u32 = 100;
+/// Shared resume-token secret of the nodes.
+const RESUME_SECRET: &str = "3f1c0d9e8b7a695847362514f3e2d1c0b9a8978675645342312f1e0d0c0b0a09";
+/// Node ids: A is the node every device logs in at first.
+const NODE_IDS: [&str; 2] = ["gw-1", "gw-2"];
+/// A node's counter of calls from SIP to its devices.
+const INCOMING: &str = "thalamus_calls_started_total{reason=\"incoming\"}";
+/// A node's counter of devices it sent to another node.
+const REDIRECTED: &str = "thalamus_device_sessions_redirected_total";
+/// A node's calls in progress.
+const ACTIVE: &str = "thalamus_calls_active";
+/// `GoodbyeReason::Draining`.
+const GOODBYE_DRAINING: i32 = thalamus_proto::v1::GoodbyeReason::Draining as i32;
+
+/// One test at a time (they time node deaths against heartbeats, and share the CPU).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` on a free loopback port, no persistence; killed on drop.
+struct Redis {
+    _proc: Proc,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let path = Path::new("/usr/bin/redis-server");
+        assert!(
+            path.exists(),
+            "redis-server is missing at /usr/bin/redis-server (Debian package redis-server): \
+             the balancer cluster tests need a real Redis"
+        );
+        let port = free_tcp_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(path)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let redis = Self {
+            _proc: Proc { child },
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + T;
+        while !redis.ping() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// The `thalamus balancer` process.
+struct Balancer {
+    _proc: Proc,
+    sip: SocketAddr,
+    heartbeat: SocketAddr,
+    admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("balancer.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
+                 interval_ms = {HEARTBEAT_MS}\nmiss_count = {MISS_COUNT}\nrejoin_count = 2\n\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"warn\"\n"
+            ),
+        )
+        .unwrap();
+        let ready = dir.path().join("ready.json");
+        let log = std::fs::File::create(dir.path().join("balancer.log")).unwrap();
+        let child = Command::new(bin("thalamus"))
+            .arg("balancer")
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env_remove("THALAMUS_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let proc = Proc { child };
+        let deadline = Instant::now() + T;
+        let v: Value = loop {
+            if let Ok(t) = std::fs::read_to_string(&ready) {
+                if let Ok(v) = serde_json::from_str(&t) {
+                    break v;
+                }
+            }
+            assert!(Instant::now() < deadline, "balancer did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        Self {
+            _proc: proc,
+            sip: addr("sip_udp"),
+            heartbeat: addr("heartbeat"),
+            admin: addr("admin"),
+            dir,
+        }
+    }
+
+    /// The balancer's entry for `node` in `/nodes` (`Null` when absent).
+    fn node(&self, node: &str) -> Value {
+        let Ok(body) = http_get(self.admin, "/nodes") else {
+            return Value::Null;
+        };
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["id"] == node)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn eligible(&self, node: &str) -> bool {
+        self.node(node)["eligible"] == true
+    }
+
+    /// Waits until `node`'s eligibility is `eligible`; returns how long that took.
+    fn wait_eligible(&self, node: &str, eligible: bool) -> Duration {
+        let started = Instant::now();
+        while self.eligible(node) != eligible {
+            assert!(
+                started.elapsed() < T,
+                "balancer never saw {node} eligible={eligible}: {}",
+                self.node(node)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        started.elapsed()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("balancer.log")).unwrap_or_default()
+    }
+}
+
+/// An HTTP/1.1 request without a body; returns (status, body).
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    Ok((status, body.to_string()))
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The device ids of the fleet.
+fn device_ids() -> Vec<String> {
+    (0..DEVICES).map(|n| format!("dev-{n}")).collect()
+}
+
+/// Each device's owner among `nodes` (the balancer's and the nodes' ownership function).
+fn owners(devices: &[String], nodes: &[&str]) -> BTreeMap<String, String> {
+    let ids: Vec<NodeId> = nodes.iter().map(|n| NodeId::new(n).unwrap()).collect();
+    devices
+        .iter()
+        .map(|d| {
+            let o = owner(d, ids.iter()).unwrap().as_str().to_string();
+            (d.clone(), o)
+        })
+        .collect()
+}
+
+/// Two gateway nodes, the balancer, Redis and the device fleet, every device at its owner.
+struct Cluster {
+    redis: Redis,
+    balancer: Balancer,
+    registry_dir: tempfile::TempDir,
+    nodes: [Option<Gateway>; 2],
+    /// The nodes' QUIC addresses (a restarted node gets its old one again).
+    quic: [SocketAddr; 2],
+    devices: Vec<String>,
+    /// Each device's owner while both nodes are eligible.
+    owners: BTreeMap<String, String>,
+    fleet: Fleet,
+    /// The SIPp injection file: the device ids in order.
+    csv: PathBuf,
+    _csv_dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let redis = Redis::start();
+        let balancer = Balancer::start();
+        let registry_dir = tempfile::tempdir().unwrap();
+        let extra = |i: usize| node_extra(NODE_IDS[i], &redis, &balancer, registry_dir.path());
+        let a = Gateway::start(&extra(0)).unwrap();
+        // One secret for all the devices (one slow hash).
+        let out = Command::new(bin("thalamus"))
+            .arg("--config")
+            .arg(&a.config_path)
+            .args(["device", "add-bulk", "--prefix", "dev-", "--count"])
+            .arg(DEVICES.to_string())
+            .env_remove("THALAMUS_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "device add-bulk: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let b = Gateway::start(&extra(1)).unwrap();
+        balancer.wait_eligible(NODE_IDS[0], true);
+        balancer.wait_eligible(NODE_IDS[1], true);
+
+        let devices = device_ids();
+        let owners = owners(&devices, &NODE_IDS);
+        let csv_dir = tempfile::tempdir().unwrap();
+        let csv = csv_dir.path().join("devices.csv");
+        let mut text = String::from("SEQUENTIAL\n");
+        for d in &devices {
+            text.push_str(&format!("{d};\n"));
+        }
+        std::fs::write(&csv, text).unwrap();
+
+        let fleet_nodes = vec![fleet_node(NODE_IDS[0], &a), fleet_node(NODE_IDS[1], &b)];
+        let fleet = Fleet::start(&devices, fleet_nodes, FleetConfig::quick(&secret));
+        let cluster = Self {
+            redis,
+            balancer,
+            registry_dir,
+            quic: [a.quic, b.quic],
+            nodes: [Some(a), Some(b)],
+            devices,
+            owners,
+            fleet,
+            csv,
+            _csv_dir: csv_dir,
+        };
+        // Every device logged in at A; B's devices were redirected there.
+        if let Err(e) = cluster
+            .fleet
+            .wait_on(&cluster.owners, Duration::from_secs(60))
+        {
+            panic!("{e:#}\n{}", cluster.logs());
+        }
+        cluster
+    }
+
+    fn node(&self, i: usize) -> &Gateway {
+        self.nodes[i].as_ref().expect("the node is running")
+    }
+
+    fn extra(&self, i: usize) -> String {
+        node_extra(
+            NODE_IDS[i],
+            &self.redis,
+            &self.balancer,
+            self.registry_dir.path(),
+        )
+    }
+
+    /// The devices `node` owns while both nodes are eligible.
+    fn devices_of(&self, node: &str) -> Vec<String> {
+        self.owners
+            .iter()
+            .filter(|(_, o)| o.as_str() == node)
+            .map(|(d, _)| d.clone())
+            .collect()
+    }
+
+    /// The tails of the processes' logs, for a failed assertion.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(n) = n {
+                out.push_str(&format!("{}'s log:\n{}\n", NODE_IDS[i], tail(&n.log(), 30)));
+            }
+        }
+        out.push_str(&format!(
+            "balancer's log:\n{}\n",
+            tail(&self.balancer.log(), 20)
+        ));
+        out
+    }
+
+    fn incoming(&self, i: usize) -> u64 {
+        self.node(i).metric(INCOMING).unwrap() as u64
+    }
+}
+
+fn fleet_node(id: &str, gw: &Gateway) -> FleetNode {
+    FleetNode {
+        id: id.to_string(),
+        quic: gw.quic,
+        fingerprint: gw.fingerprint.clone(),
+    }
+}
+
+fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path) -> String {
+    let registry = registry_dir.join("devices.toml");
+    format!(
+        "[node]\nid = \"{id}\"\ndevice_registry = {registry:?}\n\n\
+         [quic]\nidle_timeout_ms = 1500\nkeepalive_interval_ms = 300\n\n\
+         [auth]\nresume_secret = \"{RESUME_SECRET}\"\n\n\
+         [log]\nlevel = \"info\"\n\n\
+         [cluster]\nlease_ttl_ms = 1500\n\n\
+         [cluster.store]\nbackend = \"redis\"\n\n\
+         [cluster.store.redis]\nurl = \"{}\"\n\n\
+         [cluster.heartbeat]\nbalancers = [\"{}\"]\ninterval_ms = {HEARTBEAT_MS}\n",
+        redis.url(),
+        lb.heartbeat
+    )
+}
+
+/// A running SIPp client calling the devices of the injection file in order.
+struct SippRun {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// Just before SIPp was started: call `i` leaves no earlier than `i / rate` after this.
+    started: Instant,
+}
+
+/// What SIPp reported.
+struct SippResult {
+    ok: u64,
+    failed: u64,
+    /// INVITE retransmissions (from SIPp's scenario screen).
+    invite_retransmissions: u64,
+    /// BYE retransmissions.
+    bye_retransmissions: u64,
+    /// The calls SIPp aborted, from its error log.
+    aborted: Vec<AbortedCall>,
+    report: String,
+}
+
+/// One call SIPp aborted.
+#[derive(Debug)]
+struct AbortedCall {
+    /// When (seconds since the Unix epoch, as SIPp logs it).
+    at_unix: f64,
+    /// The unexpected response's status code, or `timeout`, or `other`.
+    kind: String,
+    /// The callee (the To user of the unexpected response), when SIPp logged one.
+    device: Option<String>,
+}
+
+/// The calls in SIPp's error log (`-trace_err`): one entry per "Aborting call" line, with the
+/// To user of the message that follows it.
+fn aborted_calls(errors: &str) -> Vec<AbortedCall> {
+    let mut out: Vec<AbortedCall> = Vec::new();
+    for line in errors.lines() {
+        if let Some((head, rest)) = line.split_once(": Aborting call") {
+            let at_unix = head
+                .rsplit(|c: char| c.is_whitespace())
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0);
+            let kind = if let Some(status) = rest.split("received 'SIP/2.0 ").nth(1) {
+                status.chars().take(3).collect()
+            } else if rest.contains("timeout") {
+                "timeout".to_string()
+            } else {
+                "other".to_string()
+            };
+            out.push(AbortedCall {
+                at_unix,
+                kind,
+                device: None,
+            });
+        } else if let Some(to) = line.strip_prefix("To: <sip:") {
+            if let Some(last) = out.last_mut() {
+                if last.device.is_none() {
+                    last.device = to.split('@').next().map(str::to_string);
+                }
+            }
+        }
+    }
+    out
+}
+
+impl SippRun {
+    fn start(cluster: &Cluster, calls: u32, rate: u32, pause_ms: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(dir.path().join("sipp.out")).unwrap();
+        let started = Instant::now();
+        let child = sipp()
+            .arg("-sf")
+            .arg(scenario("lb_uac_calls.xml"))
+            .arg("-inf")
+            .arg(&cluster.csv)
+            .args(["-i", "127.0.0.1", "-nostdin"])
+            .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
+            .args(["-l", &calls.to_string(), "-d", &pause_ms.to_string()])
+            .args(["-timeout", "120s", "-timeout_error"])
+            .args(["-p", &free_udp_port().unwrap().to_string()])
+            .args(["-trace_err", "-error_file"])
+            .arg(dir.path().join("errors.log"))
+            .arg(cluster.balancer.sip.to_string())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            dir,
+            started,
+        }
+    }
+
+    fn finish(mut self) -> SippResult {
+        let deadline = Instant::now() + Duration::from_secs(150);
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let output = std::fs::read_to_string(self.dir.path().join("sipp.out")).unwrap_or_default();
+        let errors =
+            std::fs::read_to_string(self.dir.path().join("errors.log")).unwrap_or_default();
+        let count = |label: &str| -> u64 {
+            output
+                .lines()
+                .rev()
+                .filter(|l| l.trim_start().starts_with(label))
+                .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let screen = last_scenario_screen(&output);
+        let aborted = aborted_calls(&errors);
+        SippResult {
+            aborted,
+            ok: count("Successful call"),
+            failed: count("Failed call"),
+            invite_retransmissions: retransmissions(&screen, "INVITE ---"),
+            bye_retransmissions: retransmissions(&screen, "BYE ---"),
+            report: format!(
+                "SIPp's scenario screen:\n{screen}\nSIPp's errors (tail):\n{}",
+                tail(&errors, 40)
+            ),
+        }
+    }
+}
+
+/// The last scenario screen SIPp printed (the message table).
+fn last_scenario_screen(output: &str) -> String {
+    let lines: Vec<&str> = output.lines().collect();
+    let Some(start) = lines
+        .iter()
+        .rposition(|l| l.contains("Messages") && l.contains("Retrans"))
+    else {
+        return output.to_string();
+    };
+    lines[start..]
+        .iter()
+        .take_while(|l| {
+            !l.trim_start()
+                .starts_with("------------------------------ Test Terminated")
+        })
+        .take(30)
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The Retrans column of the row whose message starts with `row` (e.g. `INVITE ---`).
+fn retransmissions(screen: &str, row: &str) -> u64 {
+    screen
+        .lines()
+        .find(|l| l.trim_start().starts_with(row))
+        .and_then(|l| {
+            let numbers: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            numbers.get(1).copied()
+        })
+        .unwrap_or(0)
+}
+
+/// The calls of the run that go to `node`'s devices, counting the injection file in order.
+fn calls_to(cluster: &Cluster, calls: u32, node: &str) -> u64 {
+    (0..calls as usize)
+        .filter(|i| cluster.owners[&cluster.devices[i % cluster.devices.len()]] == node)
+        .count() as u64
+}
+
+#[test]
+fn the_fleet_splits_within_10_percent_of_even_between_the_two_nodes() {
+    // The hash alone: the devices' owners among the two nodes (the end-to-end tests below
+    // check that the calls follow it).
+    let owners = owners(&device_ids(), &NODE_IDS);
+    let on_a = owners
+        .values()
+        .filter(|o| o.as_str() == NODE_IDS[0])
+        .count();
+    let share = on_a as f64 / f64::from(DEVICES);
+    assert!(
+        (share - 0.5).abs() <= 0.05,
+        "{on_a} of {DEVICES} devices on {}",
+        NODE_IDS[0]
+    );
+}
+
+/// 1,000 calls to 100 devices through the balancer split between the nodes by the device-id
+/// hash, within 10 % of even.
+#[test]
+fn a_thousand_calls_split_by_the_device_hash() {
+    let _serial = serial();
+    let cluster = Cluster::start();
+    const CALLS: u32 = 1_000;
+    let run = SippRun::start(&cluster, CALLS, 100, 200);
+    let result = run.finish();
+    assert_eq!(
+        (result.ok, result.failed),
+        (u64::from(CALLS), 0),
+        "{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+    let expected = [
+        calls_to(&cluster, CALLS, NODE_IDS[0]),
+        calls_to(&cluster, CALLS, NODE_IDS[1]),
+    ];
+    let got = [cluster.incoming(0), cluster.incoming(1)];
+    println!(
+        "split: {CALLS} calls, {} on {} and {} on {} (owner() says {} and {})",
+        got[0], NODE_IDS[0], got[1], NODE_IDS[1], expected[0], expected[1]
+    );
+    assert_eq!(got, expected, "incoming calls per node against owner()");
+    for n in got {
+        assert!(
+            n.abs_diff(u64::from(CALLS / 2)) <= u64::from(CALLS / 20),
+            "a node took {n} of {CALLS} calls: not within 10 % of even"
+        );
+    }
+    // The devices saw the same: each call on the node that owns the device.
+    let calls = cluster.fleet.calls();
+    assert_eq!(calls.len() as u64, u64::from(CALLS));
+    assert!(calls.iter().all(|c| cluster.owners[&c.device] == c.node));
+    // B's devices came to B by redirect from A.
+    let redirected = cluster.node(0).metric(REDIRECTED).unwrap() as usize;
+    assert!(
+        redirected >= cluster.devices_of(NODE_IDS[1]).len(),
+        "{} redirected {redirected}",
+        NODE_IDS[0]
+    );
+}
+
+/// Allowance for a dead node's devices to log in at the survivor once the balancer took the
+/// node out: the survivor learns the death from the balancer's answer to its next heartbeat
+/// (at most one interval), and the login itself (QUIC handshake and `Hello`, 51 at once on a
+/// busy 2-core machine with a debug build) takes up to about 300 ms.
+const RECONNECT_MARGIN_MS: u64 = 500;
+
+/// A node killed mid-run: its devices' calls go to the survivor after the detection window;
+/// the failed calls stay within the window (plus the devices' reconnect margin) times the call
+/// rate, and all are calls to the dead node's devices. Then the node restarts (a new session
+/// id): the balancer counts the restart and routes to it again, and its devices move back.
+#[test]
+fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
+    let _serial = serial();
+    let mut cluster = Cluster::start();
+    const CALLS: u32 = 1_000;
+    const RATE: u32 = 50;
+    let (a, b) = (NODE_IDS[0], NODE_IDS[1]);
+    let b_devices = cluster.devices_of(b);
+    let session_before = cluster.balancer.node(b)["session"].clone();
+    assert!(session_before.is_string(), "{session_before}");
+
+    let run = SippRun::start(&cluster, CALLS, RATE, 200);
+    let sipp_started = run.started;
+    std::thread::sleep(Duration::from_secs(8));
+    let b_incoming_before = cluster.incoming(1);
+    let killed_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let killed_at = Instant::now();
+    let b_dir = cluster.nodes[1].take().unwrap().kill();
+    let detection = cluster.balancer.wait_eligible(b, false);
+    if let Err(e) =
+        cluster
+            .fleet
+            .wait_placement(Duration::from_secs(15), "moved to the survivor", |p| {
+                b_devices
+                    .iter()
+                    .all(|d| p.get(d).and_then(|n| n.as_deref()) == Some(a))
+            })
+    {
+        panic!("{e:#}\n{}", cluster.logs());
+    }
+    // When each of B's devices logged in at A.
+    let events = cluster.fleet.events();
+    let mut move_ms: Vec<u128> = b_devices
+        .iter()
+        .filter_map(|d| {
+            events
+                .iter()
+                .filter(|e| e.at > killed_at && e.device == *d)
+                .find(|e| matches!(&e.kind, FleetEventKind::Login { node } if node == a))
+                .map(|e| (e.at - killed_at).as_millis())
+        })
+        .collect();
+    move_ms.sort_unstable();
+    assert_eq!(move_ms.len(), b_devices.len());
+    let moved_all = Duration::from_millis(*move_ms.last().unwrap() as u64);
+    let result = run.finish();
+
+    // No call reached B after its death (the fleet's own check), and the calls to B's devices
+    // placed after they all moved (with a second to spare) were all answered on A: call i
+    // leaves no earlier than i / RATE after SIPp started.
+    let calls = cluster.fleet.calls();
+    assert!(!calls.iter().any(|c| c.at > killed_at && c.node == b));
+    let to_b_devices_on_a = calls
+        .iter()
+        .filter(|c| c.at > killed_at && c.node == a && b_devices.contains(&c.device))
+        .count() as u64;
+    let settled = killed_at + moved_all + Duration::from_secs(1) - sipp_started;
+    let first_late = (settled.as_secs_f64() * f64::from(RATE)).ceil() as usize;
+    let late_to_b = (first_late..CALLS as usize)
+        .filter(|i| b_devices.contains(&cluster.devices[i % cluster.devices.len()]))
+        .count() as u64;
+    assert!(late_to_b > 0, "the run ended before B's devices moved");
+
+    let bound = (WINDOW_MS + RECONNECT_MARGIN_MS) * u64::from(RATE) / 1000;
+    let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+    for c in &result.aborted {
+        *kinds.entry(c.kind.as_str()).or_default() += 1;
+    }
+    let last_failure_ms = result
+        .aborted
+        .iter()
+        .map(|c| ((c.at_unix - killed_unix) * 1000.0) as i64)
+        .max()
+        .unwrap_or(0);
+    let figures = format!(
+        "kill: {CALLS} calls at {RATE}/s through the balancer; {b} (SIGKILL) after it took \
+         {b_incoming_before} calls; the balancer took it out {} ms after the kill (window \
+         {WINDOW_MS} ms); its {} devices logged in at {a} {}..{} ms after the kill (median {}); \
+         failed calls {} of {CALLS} ({kinds:?}, the last {last_failure_ms} ms after the kill), \
+         bound (window + {RECONNECT_MARGIN_MS} ms) x rate = {bound}; INVITE retransmissions \
+         {}, BYE retransmissions {}; {to_b_devices_on_a} calls to {b}'s devices answered on {a}",
+        detection.as_millis(),
+        b_devices.len(),
+        move_ms[0],
+        moved_all.as_millis(),
+        move_ms[move_ms.len() / 2],
+        result.failed,
+        result.invite_retransmissions,
+        result.bye_retransmissions,
+    );
+    println!("{figures}");
+    assert_eq!(
+        result.ok + result.failed,
+        u64::from(CALLS),
+        "{}",
+        result.report
+    );
+    assert!(
+        result.failed <= bound,
+        "{figures}\n{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+    // Only B's devices lost calls: each failure SIPp logged is a call to one of them.
+    assert_eq!(
+        result.aborted.len() as u64,
+        result.failed,
+        "{}",
+        result.report
+    );
+    for c in &result.aborted {
+        let device = c.device.as_deref().unwrap_or("?");
+        assert!(
+            b_devices.iter().any(|d| d == device),
+            "a call to {device} ({}) failed: {figures}\n{device}'s events after the kill: \
+             {:?}\n{}",
+            c.kind,
+            cluster
+                .fleet
+                .events()
+                .iter()
+                .filter(|e| e.device == device && e.at > killed_at)
+                .map(|e| format!("+{} ms {:?}", (e.at - killed_at).as_millis(), e.kind))
+                .collect::<Vec<_>>(),
+            result.report
+        );
+    }
+    assert!(
+        to_b_devices_on_a >= late_to_b,
+        "{figures}: only {to_b_devices_on_a} calls to B's devices on {a}, at least {late_to_b} \
+         expected\n{}",
+        result.report
+    );
+
+    // B restarts in its data directory (same certificate and QUIC port): a new session id.
+    let quic = cluster.quic[1];
+    let extra = cluster.extra(1);
+    let restarted = Gateway::start_in(b_dir, &quic.to_string(), &extra).unwrap();
+    cluster.fleet.set_node(fleet_node(b, &restarted));
+    cluster.nodes[1] = Some(restarted);
+    cluster.balancer.wait_eligible(b, true);
+    let entry = cluster.balancer.node(b);
+    assert!(entry["restarts"].as_u64().unwrap_or(0) >= 1, "{entry}");
+    assert_ne!(entry["session"], session_before, "{entry}");
+    assert_eq!(entry["state"], "up", "{entry}");
+    // The survivor sees the restarted node too: it moves B's devices back to it.
+    let back = cluster
+        .fleet
+        .wait_on(&cluster.owners, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
+    println!(
+        "restart: {b} back with session {} (was {session_before}), restarts {}; its devices \
+         back on it {} ms after it was eligible again",
+        entry["session"],
+        entry["restarts"],
+        back.as_millis()
+    );
+}
+
+/// A draining node takes no new calls, its calls in progress complete, and its devices move to
+/// the other node (the node says `Goodbye{draining}` to each once it has no call, and
+/// redirects it when it logs in again).
+#[test]
+fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
+    let _serial = serial();
+    let cluster = Cluster::start();
+    const CALLS: u32 = 200;
+    const RATE: u32 = 20;
+    let (a, b) = (NODE_IDS[0], NODE_IDS[1]);
+    let b_devices = cluster.devices_of(b);
+    let run = SippRun::start(&cluster, CALLS, RATE, 3_000);
+    std::thread::sleep(Duration::from_secs(4));
+
+    let (status, body) = http_request(cluster.node(1).admin, "POST", "/drain").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let drained_at = Instant::now();
+    let state: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(state["draining"], true, "{body}");
+    let b_active_at_drain = cluster.node(1).metric(ACTIVE).unwrap();
+    let taken_out = cluster.balancer.wait_eligible(b, false);
+    let entry = cluster.balancer.node(b);
+    assert_eq!(entry["state"], "up", "{entry}");
+    assert_eq!(entry["draining"], true, "{entry}");
+    // INVITEs the balancer forwarded before it saw the flag are on their way: let them land.
+    std::thread::sleep(Duration::from_millis(300));
+    let b_incoming_at_drain = cluster.incoming(1);
+    let cutoff = Instant::now();
+
+    let result = run.finish();
+    assert_eq!(
+        (result.ok, result.failed),
+        (u64::from(CALLS), 0),
+        "{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+    // The calls B had in progress completed (SIPp counts none failed), and B took no new one.
+    assert!(b_active_at_drain >= 1.0, "B had no call in progress");
+    assert_eq!(cluster.incoming(1), b_incoming_at_drain);
+    cluster.node(1).wait_metric(ACTIVE, 0.0, T).unwrap();
+    let calls = cluster.fleet.calls();
+    let late: Vec<_> = calls.iter().filter(|c| c.at > cutoff).collect();
+    assert!(
+        late.iter().all(|c| c.node == a),
+        "calls answered on {b} after the drain: {:?}",
+        late.iter().filter(|c| c.node == b).collect::<Vec<_>>()
+    );
+    let late_to_b_devices = late
+        .iter()
+        .filter(|c| b_devices.contains(&c.device))
+        .count();
+    assert!(
+        late_to_b_devices > 0,
+        "no call to B's devices after the drain"
+    );
+
+    // Every device is on A; B told each of its devices goodbye (draining) and redirected it.
+    let moved = cluster
+        .fleet
+        .wait_placement(T, "all moved to A", |p| {
+            p.values().all(|n| n.as_deref() == Some(a))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.logs()));
+    let events = cluster.fleet.events();
+    for d in &b_devices {
+        assert!(
+            events.iter().any(|e| e.device == *d
+                && e.at > drained_at
+                && e.kind
+                    == FleetEventKind::Goodbye {
+                        node: b.to_string(),
+                        reason: GOODBYE_DRAINING
+                    }),
+            "{d} got no Goodbye(draining) from {b}"
+        );
+    }
+    let redirected_by_b = cluster.node(1).metric(REDIRECTED).unwrap() as usize;
+    assert!(
+        redirected_by_b >= b_devices.len(),
+        "{b} redirected {redirected_by_b}"
+    );
+    cluster
+        .node(1)
+        .wait_metric("thalamus_device_sessions_live", 0.0, T)
+        .unwrap();
+    println!(
+        "drain: {CALLS} calls of 3 s at {RATE}/s, {b} drained with {b_active_at_drain} calls in \
+         progress; balancer saw it {} ms after POST /drain; 0 failed; {b} took no new call; its \
+         {} devices all on {a} {} ms after the run; {late_to_b_devices} later calls to them \
+         answered on {a}",
+        taken_out.as_millis(),
+        b_devices.len(),
+        moved.as_millis()
+    );
+
+    // DELETE /drain: B takes calls again.
+    let (status, body) = http_request(cluster.node(1).admin, "DELETE", "/drain").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_request(cluster.node(1).admin, "GET", "/drain").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["draining"],
+        false
+    );
+    cluster.balancer.wait_eligible(b, true);
+}
