@@ -4,8 +4,8 @@
 //! Every device logs in at a node of a list (all at the first node to begin with), follows
 //! `Redirect`, answers every incoming call at once (`Answer` with an audio offer), answers the
 //! node's pings (QUIC keepalives keep the connection up), and hangs up nothing itself. When its
-//! node says `Goodbye` it logs in again at the same node (a real device has one configured
-//! address; the node redirects it). When the connection is lost it tries the next node of the
+//! node says `Goodbye` it logs in again at once at the same node (a real device has one
+//! configured address; the node redirects it). When the connection is lost it tries the next node of the
 //! list after a short pause, and for a while does not follow redirects back to the node it lost
 //! (the redirecting node may not have noticed the death yet). It logs in afresh each time (no
 //! resume token), so a call in flight on a dead node is taken over by the far end's next
@@ -67,7 +67,7 @@ impl FleetConfig {
             reconnect_pause: Duration::from_millis(100),
             keepalive: Duration::from_millis(150),
             idle_timeout: Duration::from_millis(500),
-            login_timeout: Duration::from_secs(3),
+            login_timeout: Duration::from_secs(10),
             max_redirects_in_a_row: 4,
             distrust_lost_node: Duration::from_secs(3),
         }
@@ -377,15 +377,15 @@ async fn run_device(
                 lock(&shared).placement.insert(id.clone(), None);
                 match end {
                     SessionEnd::Stopped => return,
-                    // The same node again: it redirects us when we belong elsewhere now.
+                    // At once, at the same node: it redirects us when we belong elsewhere now.
                     SessionEnd::Goodbye => target = Target::Index(index),
                     SessionEnd::Lost => {
                         lock(&shared).event(&id, FleetEventKind::Lost { node: at.clone() });
                         lost = Some((at, Instant::now()));
                         target = Target::Index(index + 1);
+                        pause(&config, &mut stop).await;
                     }
                 }
-                pause(&config, &mut stop).await;
             }
             Ok(Ok(LoginOutcome::Redirect { address, node_id })) => {
                 let suspect = lost.as_ref().is_some_and(|(n, at)| {
