@@ -108,6 +108,8 @@ sleep 0.3
 alive "$FWD_PID" "udp_forwarder"
 alive "$FWD1_PID" "udp_forwarder --single-thread"
 
+# User and system CPU ticks of a process (all its threads), /proc/PID/stat fields 14 and 15.
+cpu_user_sys() { awk '{print $14, $15}' "/proc/$1/stat"; }
 ROWS=$WORK/rows.txt
 : > "$ROWS"
 FAILED=0
@@ -115,15 +117,15 @@ run() {
   local name=$1 round=$2 pid=$3 target=$4
   local out=$WORK/sipp-$name-$round.out
   phase "round $round: $CALLS calls at $RATE/s through the $name"
-  local t0 w0 w1 t1 code=0
-  t0=$(cpu_ticks "$pid")
+  local u0 s0 u1 s1 w0 w1 code=0
+  read -r u0 s0 < <(cpu_user_sys "$pid")
   w0=$(date +%s.%N)
   sipp -sf "$SCEN/bench_balancer_uac.xml" -s bench-device -r "$RATE" -m "$CALLS" -d "$PAUSE_MS" \
        -i 127.0.0.1 -p "$(free_port)" -mp "$(free_port)" -nostdin -timeout 300s -timeout_error \
        -trace_err -error_file "$out.errors" "$target" >"$out" 2>&1 || code=$?
   w1=$(date +%s.%N)
   alive "$pid" "$name"
-  t1=$(cpu_ticks "$pid")
+  read -r u1 s1 < <(cpu_user_sys "$pid")
   alive "$UAS_PID" "SIPp uas"
   alive "$HB_PID" "heartbeat loop"
   local ok failed rate
@@ -133,7 +135,7 @@ run() {
     [ -s "$out.errors" ] && head -c 1500 "$out.errors" >&2 && echo >&2
     FAILED=1
   fi
-  echo "$name $round $ok $failed $rate $w0 $w1 $t0 $t1" >> "$ROWS"
+  echo "$name $round $ok $failed $rate $w0 $w1 $u0 $s0 $u1 $s1" >> "$ROWS"
 }
 for round in $(seq "$ROUNDS"); do
   run balancer "$round" "$LB_PID" "$LB_SIP"
@@ -147,17 +149,19 @@ curl -s "http://$LB_ADMIN/metrics" > "$WORK/metrics.txt"
 
 python3 - "$ROWS" "$WORK/metrics.txt" "$HZ" "$CALLS" "$RATE" "$PAUSE_MS" "$ROUNDS" "$LOAD" \
     "$WRITE" "$FAILED" <<'PY'
-import datetime, os, platform, re, subprocess, sys
+import datetime, os, platform, re, subprocess, sys, textwrap
 rows_path, metrics_path, hz, calls, rate, pause_ms, rounds, load, write, failed = sys.argv[1:11]
 hz, calls, rounds = int(hz), int(calls), int(rounds)
 write, failed = write == "1", failed == "1"
 
 rows = []
 for line in open(rows_path):
-    name, rnd, ok, fail, achieved, w0, w1, t0, t1 = line.split()
+    name, rnd, ok, fail, achieved, w0, w1, u0, s0, u1, s1 = line.split()
+    per_call = lambda a, b: (int(b) - int(a)) / hz * 1e6 / calls
+    user, system = per_call(u0, u1), per_call(s0, s1)
     rows.append(dict(name=name, round=int(rnd), ok=int(float(ok)), failed=int(float(fail)),
                      achieved=float(achieved), wall=float(w1) - float(w0),
-                     us=(int(t1) - int(t0)) / hz * 1e6 / calls))
+                     user=user, system=system, us=user + system))
 
 metrics = open(metrics_path).read()
 def total(name):
@@ -167,10 +171,12 @@ def total(name):
 forwarded = total("requests_forwarded") + total("responses_forwarded")
 answered, dropped, send_errors = total("answered"), total("dropped"), total("send_errors")
 
-def mean(name):
-    v = [r["us"] for r in rows if r["name"] == name]
+def mean(name, key="us"):
+    v = [r[key] for r in rows if r["name"] == name]
     return sum(v) / len(v)
 lb, fwd, fwd1 = mean("balancer"), mean("forwarder"), mean("forwarder-1")
+lb_user, lb_sys = mean("balancer", "user"), mean("balancer", "system")
+fwd_user, fwd_sys = mean("forwarder", "user"), mean("forwarder", "system")
 label = {"balancer": "SIPp uac -> `thalamus balancer` -> SIPp uas",
          "forwarder": "SIPp uac -> plain UDP forwarder (floor) -> SIPp uas",
          "forwarder-1": "the same, forwarder on one thread (`--single-thread`)"}
@@ -197,19 +203,22 @@ table = [
     f"six messages through the proxy per call), the three paths alternating, {rounds} "
     f"round{'s' if rounds != 1 else ''} each, same SIPp uas.",
     "",
-    "| path | round | calls ok / failed | calls/s achieved (wall) | proxy CPU us per call |",
-    "| --- | --- | --- | --- | --- |",
+    "| path | round | calls ok / failed | calls/s achieved (wall) | proxy CPU us per call "
+    "| of which user / system |",
+    "| --- | --- | --- | --- | --- | --- |",
 ]
 for r in rows:
     table.append(f"| {label[r['name']]} | {r['round']} | {r['ok']:,} / {r['failed']} | "
-                 f"{r['achieved']:.0f} ({r['wall']:.1f} s) | {r['us']:.1f} |")
+                 f"{r['achieved']:.0f} ({r['wall']:.1f} s) | **{r['us']:.0f}** | "
+                 f"{r['user']:.0f} / {r['system']:.0f} |")
 table += [
     "",
     f"**Balancer {lb:.0f} us of CPU per call, floor {fwd:.0f} us: {lb / fwd:.2f}x the plain "
     f"forwarder** (means of the rounds; {lb / 6:.1f} us against {fwd / 6:.1f} us per "
     f"message). The forwarder on one thread: {fwd1:.0f} us per call, the balancer "
-    f"{lb / fwd1:.2f}x that. CPU time is read in ticks of {1e6 / hz:,.0f} us, i.e. "
-    f"{1e6 / hz / calls:.1f} us per call.",
+    f"{lb / fwd1:.2f}x that. User / system: balancer {lb_user:.0f} / {lb_sys:.0f} us, "
+    f"forwarder {fwd_user:.0f} / {fwd_sys:.0f} us. CPU time is read in ticks of "
+    f"{1e6 / hz:,.0f} us, i.e. {1e6 / hz / calls:.1f} us per call.",
     "",
     f"The balancer's counters over all its rounds: {forwarded:,.0f} messages forwarded "
     f"({forwarded / max(1, rounds * calls):.2f} per call; above 6 means retransmissions), "
@@ -217,6 +226,8 @@ table += [
 ]
 if failed:
     table += ["", "**This run had failed calls or SIPp errors: the figures are not valid.**"]
+# Prose paragraphs wrapped as the rest of the file; table rows left as they are.
+table = [l if l.startswith("|") else textwrap.fill(l, 96, break_on_hyphens=False) for l in table]
 body = "\n".join(table) + "\n"
 print(body)
 if write and not failed:

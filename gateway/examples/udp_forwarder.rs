@@ -4,14 +4,14 @@
 //! One socket faces the client (`--listen`), one faces the server (`--to`). Every datagram
 //! that arrives on the client side is sent on to the server as it is; every datagram from the
 //! server goes back to the client address last seen. One task per direction on tokio's
-//! multi-thread runtime, as the balancer runs.
+//! multi-thread runtime, as the balancer runs; `--single-thread` uses the current-thread one.
 //!
 //! It does not parse anything, keeps no state beyond that one address, serves one client at a
 //! time and has no TCP.
 //!
 //! ```sh
 //! cargo run --release -p thalamus-gateway --example udp_forwarder -- \
-//!     --listen 127.0.0.1:5060 --to 127.0.0.1:5070
+//!     --listen 127.0.0.1:5060 --to 127.0.0.1:5070 [--single-thread]
 //! ```
 
 use std::net::SocketAddr;
@@ -24,7 +24,7 @@ use tokio::net::UdpSocket;
 /// kernel.
 const MAX_DATAGRAM: usize = 65_507;
 
-/// The addresses given on the command line.
+/// The command line.
 struct Args {
     listen: SocketAddr,
     to: SocketAddr,
