@@ -65,8 +65,8 @@ impl FleetConfig {
         Self {
             secret: secret.to_string(),
             reconnect_pause: Duration::from_millis(100),
-            keepalive: Duration::from_millis(150),
-            idle_timeout: Duration::from_millis(500),
+            keepalive: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(700),
             login_timeout: Duration::from_secs(10),
             max_redirects_in_a_row: 4,
             distrust_lost_node: Duration::from_secs(3),

@@ -753,9 +753,13 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
     assert!(late_to_b > 0, "the run ended before B's devices moved");
 
     let bound = (WINDOW_MS + RECONNECT_MARGIN_MS) * u64::from(RATE) / 1000;
-    let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+    // By status and the scenario step it answered (1 to 4: the INVITE, 8: the BYE).
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for c in &result.aborted {
-        *kinds.entry(c.kind.as_str()).or_default() += 1;
+        let step = c.step.map_or("?".to_string(), |s| s.to_string());
+        *kinds
+            .entry(format!("{} at step {step}", c.kind))
+            .or_default() += 1;
     }
     let last_failure_ms = result
         .aborted
