@@ -14,7 +14,8 @@
 //!   rate. The node then restarts with a new session id, and the balancer counts the restart and
 //!   routes to it again.
 //! - Drain: a node drains during a run of 3-second calls: the balancer sends it no new calls,
-//!   its calls in progress complete, and its devices move to the other node.
+//!   its calls in progress complete, and its devices move to the other node (the new calls to
+//!   its idle devices that arrive while they move are refused; they are counted and bounded).
 //!
 //! The figures are printed (run with `--nocapture`) and written down in docs/balancer.md,
 //! "Failover figures (real nodes)". The tests here run one at a time.
