@@ -10,9 +10,10 @@
 //!   between the nodes exactly as `owner()` says, each node within 10 % of 500.
 //! - Kill: a node is killed (SIGKILL) in the middle of a run; its devices reconnect to the
 //!   survivor, the balancer takes the node out after the detection window and sends their calls
-//!   to the survivor, and the failed calls stay within the detection window times the call
-//!   rate. The node then restarts with a new session id, and the balancer counts the restart and
-//!   routes to it again.
+//!   to the survivor; the failed calls, all to the dead node's devices, stay within the call
+//!   rate times the detection window plus a 500 ms margin for the devices' reconnect. The node
+//!   then restarts with a new session id: the balancer counts the restart and routes to it
+//!   again, and the devices move back.
 //! - Drain: a node drains during a run of 3-second calls: the balancer sends it no new calls,
 //!   its calls in progress complete, and its devices move to the other node (the new calls to
 //!   its idle devices that arrive while they move are refused; they are counted and bounded).
