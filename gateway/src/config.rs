@@ -196,6 +196,10 @@ pub struct SessionConfig {
     pub resume_window_secs: u32,
     /// Largest text message body (bytes).
     pub max_text_bytes: u32,
+    /// How long an INVITE or MESSAGE for a known device that has no session here waits for the
+    /// device to log in before it is answered 480 (milliseconds; 0 answers at once). Covers a
+    /// device moving between nodes (a drain, a failover, a redirect) and a quick reconnect.
+    pub arrival_wait_ms: u32,
 }
 
 impl Default for SessionConfig {
@@ -206,6 +210,7 @@ impl Default for SessionConfig {
             max_calls: 4,
             resume_window_secs: 300,
             max_text_bytes: 16 * 1024,
+            arrival_wait_ms: 2_000,
         }
     }
 }

@@ -197,7 +197,12 @@ impl DeviceRegistry {
         self.len() == 0
     }
 
-    /// Ids of all devices.
+    /// Whether `id` is a registered device.
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().devices.contains_key(id)
+    }
+
+    /// Every registered device id, sorted.
     pub fn ids(&self) -> Vec<String> {
         self.lock().devices.keys().cloned().collect()
     }

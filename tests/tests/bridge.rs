@@ -479,3 +479,59 @@ fn calls_per_device_are_limited_and_the_limit_frees_up_as_calls_end() {
         8.0
     );
 }
+
+#[test]
+fn a_call_waits_for_its_device_to_log_in_and_times_out_without_it() {
+    let gw = Gateway::start("[session]\narrival_wait_ms = 3000").unwrap();
+    let secret = gw.add_device("latecomer").unwrap();
+    gw.add_device("absent").unwrap();
+    // SIPp calls the device before it is connected; it logs in half a second later.
+    let caller = {
+        let sip = gw.sip;
+        let port = free_udp_port().unwrap();
+        std::thread::spawn(move || {
+            let out = sipp()
+                .args([
+                    "-sn",
+                    "uac",
+                    "-s",
+                    "latecomer",
+                    "-m",
+                    "1",
+                    "-i",
+                    "127.0.0.1",
+                ])
+                .args(["-nostdin", "-timeout", "30s", "-timeout_error"])
+                .args(["-p", &port.to_string()])
+                .arg(sip.to_string())
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            sipp_counts(&String::from_utf8_lossy(&out.stdout))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut listener = device(&gw, "listen", "latecomer", &secret, &[]);
+    listener.wait_event("incoming_call", T).unwrap();
+    assert_eq!(caller.join().unwrap(), (1, 0));
+    assert_eq!(
+        gw.metric("thalamus_device_arrival_waits_total{reason=\"arrived\"}")
+            .unwrap(),
+        1.0
+    );
+    // A device that never comes: 480 once the wait is over.
+    let started = std::time::Instant::now();
+    let (ok, failed) = sipp_client(&gw, &["-sn", "uac", "-s", "absent", "-m", "1"]);
+    assert_eq!((ok, failed), (0, 1));
+    assert!(started.elapsed() >= Duration::from_millis(3000));
+    assert_eq!(
+        gw.metric("thalamus_device_arrival_waits_total{reason=\"timeout\"}")
+            .unwrap(),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("thalamus_sip_refused_total{reason=\"offline\"}")
+            .unwrap(),
+        1.0
+    );
+}

@@ -9,6 +9,8 @@
 //! - When the owner stops draining, the entry point moves the device back (`Goodbye`, then a
 //!   redirect again).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};

@@ -22,7 +22,7 @@ pub mod registrar;
 pub mod takeover;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ pub struct BridgeMetrics {
     pub write_ahead: Family<ReasonLabel, Counter>,
     /// Dialogs dropped because another node took them over (a replication conflict).
     pub dialogs_lost: Counter,
+    /// Requests for a device not logged in here that waited for it, by outcome (`arrived`,
+    /// `timeout`, `refused`: too many waiting).
+    pub arrival_waits: Family<ReasonLabel, Counter>,
 }
 
 impl Default for BridgeMetrics {
@@ -94,6 +97,7 @@ impl Default for BridgeMetrics {
             ]),
             write_ahead: Family::default(),
             dialogs_lost: Counter::default(),
+            arrival_waits: Family::default(),
         }
     }
 }
@@ -141,6 +145,11 @@ impl BridgeMetrics {
             "dialogs_lost",
             "Dialogs dropped because another node took them over",
             self.dialogs_lost.clone(),
+        );
+        registry.register(
+            "device_arrival_waits",
+            "Requests for a device not logged in here that waited for it, by outcome",
+            self.arrival_waits.clone(),
         );
     }
 }
@@ -197,6 +206,21 @@ pub(crate) struct BridgeInner {
     /// Calls of devices that resumed here, still held by a node whose lease runs: listed in
     /// `live_calls`, claimed when the lease lapses or at the first request from either side.
     pub(crate) watched: DashMap<CallKey, StoredDialog>,
+    /// Woken whenever a device logs in here (requests waiting for their device).
+    pub(crate) arrivals: tokio::sync::Notify,
+    /// Requests waiting for their device now.
+    pub(crate) arrival_waits: AtomicUsize,
+}
+
+/// Most requests waiting for their device at once (`session.arrival_wait_ms`).
+pub const MAX_ARRIVAL_WAITS: usize = 4096;
+
+struct ArrivalWaitGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ArrivalWaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The bridge (cheap to clone).
@@ -252,6 +276,8 @@ impl Bridge {
             replicator,
             takeovers: DashMap::new(),
             watched: DashMap::new(),
+            arrivals: tokio::sync::Notify::new(),
+            arrival_waits: AtomicUsize::new(0),
         });
         tokio::spawn(dispatch(inner.clone(), events));
         if let Some(conflicts) = conflicts {
@@ -330,6 +356,40 @@ impl BridgeInner {
 
     pub(crate) fn device_online(&self, device: &str) -> bool {
         self.sessions.get(device).is_some()
+    }
+
+    /// Whether `device` is online, waiting up to `session.arrival_wait_ms` for it to log in
+    /// when it is not (a device moving here from a draining or dead node, or reconnecting).
+    /// At most [`MAX_ARRIVAL_WAITS`] requests wait at once; others do not wait.
+    pub(crate) async fn wait_for_arrival(&self, device: &str) -> bool {
+        if self.device_online(device) {
+            return true;
+        }
+        let wait = Duration::from_millis(self.config.session.arrival_wait_ms.into());
+        if wait.is_zero() {
+            return false;
+        }
+        let waiting = self.arrival_waits.fetch_add(1, Ordering::Relaxed);
+        let _guard = ArrivalWaitGuard(&self.arrival_waits);
+        if waiting >= MAX_ARRIVAL_WAITS {
+            Metrics::inc(&self.metrics.arrival_waits, "refused");
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let arrived = self.arrivals.notified();
+            tokio::pin!(arrived);
+            // Registered before the check, so an arrival between the two is not missed.
+            arrived.as_mut().enable();
+            if self.device_online(device) {
+                Metrics::inc(&self.metrics.arrival_waits, "arrived");
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                Metrics::inc(&self.metrics.arrival_waits, "timeout");
+                return false;
+            }
+        }
     }
 
     /// The device's address-of-record, `sip:<device>@<domain>`.
@@ -535,13 +595,17 @@ impl DeviceRequests for Bridge {
 
     fn online(&self, device_id: &str, link: quinn::Connection) {
         // Calls still up (a resumed session): their media goes to the new connection.
-        for call in self.inner.calls.iter().filter(|c| c.key().0 == device_id) {
-            call.send(CallCommand::DeviceLink(link.clone()));
+        if self.inner.device_call_count(device_id) > 0 {
+            for call in self.inner.calls.iter().filter(|c| c.key().0 == device_id) {
+                call.send(CallCommand::DeviceLink(link.clone()));
+            }
         }
         self.inner.links.insert(device_id.to_string(), link);
         if let Some(r) = &self.inner.registrar {
             r.device_online(device_id, self.inner.credentials(device_id));
         }
+        // Requests waiting for a device to arrive look again.
+        self.inner.arrivals.notify_waiters();
     }
 
     fn offline(&self, device_id: &str) {
@@ -850,12 +914,12 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 let _ = ua.respond(tx, 404, None, None).await;
                 return;
             };
-            if inner.registry.refresh().is_ok() && !inner.registry.ids().contains(&device) {
+            if inner.registry.refresh().is_ok() && !inner.registry.contains(&device) {
                 Metrics::inc(&inner.metrics.sip_refused, "not_found");
                 let _ = ua.respond(tx, 404, None, None).await;
                 return;
             }
-            if !inner.device_online(&device) {
+            if !inner.wait_for_arrival(&device).await {
                 Metrics::inc(&inner.metrics.sip_refused, "offline");
                 let _ = ua.respond(tx, 480, None, None).await;
                 return;
