@@ -681,15 +681,11 @@ fn a_thousand_calls_split_by_the_device_hash() {
     );
 }
 
-/// Allowance for a dead node's devices to log in at the survivor once the balancer took the
-/// node out: the survivor learns the death from the balancer's answer to its next heartbeat
-/// (at most one interval), and the login itself (QUIC handshake and `Hello`, 51 at once on a
-/// busy 2-core machine with a debug build) takes up to about 300 ms.
-const RECONNECT_MARGIN_MS: u64 = 500;
-
 /// A node killed mid-run: its devices' calls go to the survivor after the detection window;
-/// the failed calls stay within the window (plus the devices' reconnect margin) times the call
-/// rate, and all are calls to the dead node's devices. Then the node restarts (a new session
+/// the failed calls stay within the window times the call rate, and all are calls to the dead
+/// node's devices. (An INVITE sent to the dead node is retransmitted by SIPp; once the
+/// balancer took the node out the retransmission reaches the survivor, where it waits for its
+/// device to log in, so in practice no call fails.) Then the node restarts (a new session
 /// id): the balancer counts the restart and routes to it again, and its devices move back.
 #[test]
 fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
@@ -754,7 +750,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
         .count() as u64;
     assert!(late_to_b > 0, "the run ended before B's devices moved");
 
-    let bound = (WINDOW_MS + RECONNECT_MARGIN_MS) * u64::from(RATE) / 1000;
+    let bound = WINDOW_MS * u64::from(RATE) / 1000;
     // By status and the scenario step it answered (1 to 4: the INVITE, 8: the BYE).
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for c in &result.aborted {
@@ -774,7 +770,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
          {b_incoming_before} calls; the balancer took it out {} ms after the kill (window \
          {WINDOW_MS} ms); its {} devices logged in at {a} {}..{} ms after the kill (median {}); \
          failed calls {} of {CALLS} ({kinds:?}, the last {last_failure_ms} ms after the kill), \
-         bound (window + {RECONNECT_MARGIN_MS} ms) x rate = {bound}; INVITE retransmissions \
+         bound window x rate = {bound}; INVITE retransmissions \
          {}, BYE retransmissions {}; {to_b_devices_on_a} calls to {b}'s devices answered on {a}",
         detection.as_millis(),
         b_devices.len(),
@@ -854,11 +850,6 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
     );
 }
 
-/// Allowance for a draining node's idle device to reach the other node: the draining node's
-/// ownership sweep tells it goodbye within 200 ms, then it logs in there again, is redirected
-/// and logs in at the other node (two logins on a busy machine, up to about 300 ms).
-const DRAIN_MOVE_MARGIN_MS: u64 = 500;
-
 /// A draining node takes no new calls, its calls in progress complete, and its devices move to
 /// the other node (the node says `Goodbye{draining}` to each once it has no call, and
 /// redirects it when it logs in again).
@@ -876,7 +867,6 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
     let (status, body) = http_request(cluster.node(1).admin, "POST", "/drain").unwrap();
     assert_eq!(status, 200, "{body}");
     let drained_at = Instant::now();
-    let drained_unix = unix_now();
     let state: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(state["draining"], true, "{body}");
     let b_active_at_drain = cluster.node(1).metric(ACTIVE).unwrap();
@@ -890,45 +880,16 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
     let cutoff = Instant::now();
 
     let result = run.finish();
-    // The calls B had in progress completed: SIPp aborted no call once its INVITE was
-    // answered. A new call to one of B's idle devices while the device moves (the balancer sends
-    // it to A at once; the device gets its goodbye at B's next ownership sweep, logs in at B
-    // again, is redirected and logs in at A) is refused by A with 480: these are counted and
-    // bounded by the call rate times the move margin.
+    // Nothing failed: the calls B had in progress completed there, and a new call to one of
+    // B's idle devices while the device moves (the balancer sends it to A at once; the device
+    // gets its goodbye at B's next ownership sweep, logs in at B again, is redirected and logs
+    // in at A) waits at A for the device to arrive (`session.arrival_wait_ms`).
     assert_eq!(
-        result.ok + result.failed,
-        u64::from(CALLS),
-        "{}",
-        result.report
-    );
-    assert_eq!(
-        result.aborted.len() as u64,
-        result.failed,
-        "{}",
-        result.report
-    );
-    for c in &result.aborted {
-        let device = c.device.as_deref().unwrap_or("?");
-        let after_drain = c.at_unix - drained_unix;
-        assert!(
-            c.kind == "480"
-                && c.step.is_some_and(|s| s <= 4)
-                && b_devices.iter().any(|d| d == device)
-                && (0.0..2.0).contains(&after_drain),
-            "call to {device} failed ({} at step {:?}, {after_drain:.3} s after the drain): only \
-             new calls to B's devices during their move may fail\n{}\n{}",
-            c.kind,
-            c.step,
-            result.report,
-            cluster.logs()
-        );
-    }
-    let bound = DRAIN_MOVE_MARGIN_MS * u64::from(RATE) / 1000;
-    assert!(
-        result.failed <= bound,
-        "{} new calls refused during the move, bound {bound}\n{}",
-        result.failed,
-        result.report
+        (result.ok, result.failed),
+        (u64::from(CALLS), 0),
+        "{}\n{}",
+        result.report,
+        cluster.logs()
     );
     // B took no new call.
     assert!(b_active_at_drain >= 1.0, "B had no call in progress");
@@ -995,8 +956,8 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
         "drain: {CALLS} calls of 3 s at {RATE}/s; {b} drained with {b_active_at_drain} calls in \
          progress, all completed; the balancer saw it {} ms after POST /drain; {b} took no new \
          call; its {} devices logged in at {a} {}..{} ms after the drain (median {}; those with \
-         a call after it ended), {} redirected by {b}; new calls refused during the move: {} of \
-         {CALLS} (bound {bound}); {late_to_b_devices} later calls to them answered on {a}; all \
+         a call after it ended), {} redirected by {b}; failed calls: {} of {CALLS}; calls that \
+         waited at {a} for their device: {}; {late_to_b_devices} later calls to them answered on {a}; all \
          devices on {a} {} ms after the run",
         taken_out.as_millis(),
         b_devices.len(),
@@ -1005,6 +966,10 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
         move_ms[move_ms.len() / 2],
         redirected_by_b,
         result.failed,
+        cluster
+            .node(0)
+            .metric("thalamus_device_arrival_waits_total{reason=\"arrived\"}")
+            .unwrap(),
         moved.as_millis()
     );
 
