@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use thalamus_proto::v1::envelope::Body;
-use thalamus_proto::v1::{Answer, AudioCodec, Envelope, Hello, MediaOffer, Pong};
+use thalamus_proto::v1::{Answer, Envelope, Hello, Pong};
 use thalamus_sim::device::{DeviceConnection, DeviceError};
 
 /// A node the devices may connect to.
@@ -291,17 +291,6 @@ impl Drop for Fleet {
     }
 }
 
-fn device_media() -> MediaOffer {
-    MediaOffer {
-        audio_codecs: vec![
-            AudioCodec::Pcmu as i32,
-            AudioCodec::Pcma as i32,
-            AudioCodec::TelephoneEvent as i32,
-        ],
-        ..Default::default()
-    }
-}
-
 /// Where the device goes next.
 enum Target {
     /// The node at this index of the list (modulo its length).
@@ -532,7 +521,7 @@ async fn session(
                         });
                         let answer = Body::Answer(Answer {
                             call_ref: c.call_ref,
-                            media: Some(device_media()),
+                            media: Some(thalamus_sim::load::device_calls::device_media()),
                         });
                         if conn.writer.send(answer).await.is_err() {
                             return SessionEnd::Lost;

@@ -24,15 +24,15 @@
 //! The cluster tests run one at a time (they time node deaths against heartbeats).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::Value;
 use thalamus_gateway::balancer::{owner, NodeId};
 use thalamus_proto::v1::envelope::Body;
@@ -41,7 +41,8 @@ use thalamus_proto::v1::{
     Welcome,
 };
 use thalamus_sim::device::DeviceConnection;
-use thalamus_tests::{bin, free_udp_port, http_get, scenario, sipp, Gateway, Proc};
+use thalamus_tests::cluster::{http_request, Balancer, Redis};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway};
 
 const T: Duration = Duration::from_secs(20);
 /// Heartbeat interval of the nodes and the balancer: a node is out 350 ms after its death.
@@ -55,173 +56,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `redis-server` on a free loopback port, no persistence; killed on drop.
-struct Redis {
-    _proc: Proc,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Self {
-        let path = Path::new("/usr/bin/redis-server");
-        assert!(
-            path.exists(),
-            "redis-server is missing at /usr/bin/redis-server (Debian package redis-server): \
-             the cluster tests need a real Redis"
-        );
-        let port = free_tcp_port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(path)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let redis = Self {
-            _proc: Proc { child },
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + T;
-        while !redis.ping() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 16];
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-/// The `thalamus balancer` process.
-struct Balancer {
-    _proc: Proc,
-    sip: SocketAddr,
-    heartbeat: SocketAddr,
-    admin: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Balancer {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("balancer.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
-                 interval_ms = {HEARTBEAT_MS}\nmiss_count = 3\nrejoin_count = 2\n\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"warn\"\n"
-            ),
-        )
-        .unwrap();
-        let ready = dir.path().join("ready.json");
-        let log = std::fs::File::create(dir.path().join("balancer.log")).unwrap();
-        let child = Command::new(bin("thalamus"))
-            .arg("balancer")
-            .arg("--config")
-            .arg(&config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("THALAMUS_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let proc = Proc { child };
-        let deadline = Instant::now() + T;
-        let v: Value = loop {
-            if let Ok(t) = std::fs::read_to_string(&ready) {
-                if let Ok(v) = serde_json::from_str(&t) {
-                    break v;
-                }
-            }
-            assert!(Instant::now() < deadline, "balancer did not become ready");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-        Self {
-            _proc: proc,
-            sip: addr("sip_udp"),
-            heartbeat: addr("heartbeat"),
-            admin: addr("admin"),
-            _dir: dir,
-        }
-    }
-
-    fn eligible(&self, node: &str) -> bool {
-        let Ok(body) = http_get(self.admin, "/nodes") else {
-            return false;
-        };
-        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .any(|n| n["id"] == node && n["eligible"] == true)
-    }
-
-    fn wait_eligible(&self, node: &str, eligible: bool) {
-        let deadline = Instant::now() + T;
-        while self.eligible(node) != eligible {
-            assert!(
-                Instant::now() < deadline,
-                "balancer never saw {node} eligible={eligible}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// An HTTP/1.1 POST without a body; returns (status, body).
-fn http_post(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status")?;
-    Ok((status, body.to_string()))
 }
 
 /// Percent-encodes one path segment.
@@ -252,8 +86,8 @@ struct Cluster {
 
 impl Cluster {
     fn start(lease_ms: u64) -> Self {
-        let redis = Redis::start();
-        let balancer = Balancer::start();
+        let redis = Redis::start().unwrap();
+        let balancer = Balancer::start(HEARTBEAT_MS, 3, "warn").unwrap();
         let registry_dir = tempfile::tempdir().unwrap();
         // Node A is the one the balancer's hash gives the device to while both live.
         let (n1, n2) = (
@@ -831,7 +665,7 @@ fn media_follows_the_takeover_and_a_frozen_node_gives_way() {
         .unwrap()
         .success());
     cluster.balancer.wait_eligible(&cluster.a_id, false);
-    let (status, body) = http_post(cluster.b.admin, &format!("{path}/claim")).unwrap();
+    let (status, body) = http_request(cluster.b.admin, "POST", &format!("{path}/claim")).unwrap();
     assert_eq!(status, 200, "{body}");
     let claimed: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(claimed["call_ref"], call_ref);
@@ -896,7 +730,7 @@ fn media_follows_the_takeover_and_a_frozen_node_gives_way() {
     );
 
     // Node B ends the call (UAC mode, admin): SIPp gets B's BYE.
-    let (status, body) = http_post(cluster.b.admin, &format!("{path}/bye")).unwrap();
+    let (status, body) = http_request(cluster.b.admin, "POST", &format!("{path}/bye")).unwrap();
     assert_eq!(status, 202, "{body}");
     let (ok, failed, report, messages) = run.finish();
     assert_eq!(

@@ -11,106 +11,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use serde_json::Value;
 use thalamus_gateway::balancer::{owner, NodeId};
-use thalamus_tests::{bin, http_get, Gateway, Proc, Sim};
+use thalamus_tests::cluster::{http_request, Balancer};
+use thalamus_tests::{Gateway, Sim};
 
 const T: Duration = Duration::from_secs(20);
 const HEARTBEAT_MS: u64 = 100;
 const RESUME_SECRET: &str = "0badc0ffee0ddf00d5eed5a1ad5a1ad5c0c0a5ca1ab1e5eed0f0ddba11adc0de";
-
-/// An HTTP/1.1 request without a body; returns (status, body).
-fn http(method: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP head")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status")?;
-    Ok((status, body.to_string()))
-}
-
-struct Balancer {
-    _proc: Proc,
-    heartbeat: SocketAddr,
-    admin: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Balancer {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("balancer.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
-                 interval_ms = {HEARTBEAT_MS}\nmiss_count = 3\nrejoin_count = 2\n\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"info\"\n"
-            ),
-        )
-        .unwrap();
-        let ready = dir.path().join("ready.json");
-        let log = std::fs::File::create(dir.path().join("balancer.log")).unwrap();
-        let child = Command::new(bin("thalamus"))
-            .args(["balancer", "--config"])
-            .arg(&config)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("THALAMUS_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let proc = Proc { child };
-        let deadline = Instant::now() + T;
-        let v: Value = loop {
-            if let Some(v) = std::fs::read_to_string(&ready)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-            {
-                break v;
-            }
-            assert!(Instant::now() < deadline, "balancer did not become ready");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
-        Self {
-            _proc: proc,
-            heartbeat: addr("heartbeat"),
-            admin: addr("admin"),
-            _dir: dir,
-        }
-    }
-
-    fn eligible(&self) -> Vec<String> {
-        let body = http_get(self.admin, "/nodes").unwrap_or_default();
-        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        let mut ids: Vec<String> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|n| n["eligible"] == true)
-            .filter_map(|n| n["id"].as_str().map(str::to_string))
-            .collect();
-        ids.sort();
-        ids
-    }
-}
 
 /// The nodes in `gw`'s live set (from its admin `/cluster`), sorted.
 fn live_set(gw: &Gateway) -> Vec<String> {
@@ -160,7 +70,7 @@ fn node_extra(
 
 #[test]
 fn devices_are_redirected_to_their_owner_and_follow_draining_and_its_end() {
-    let lb = Balancer::start();
+    let lb = Balancer::start(HEARTBEAT_MS, 3, "info").unwrap();
     let registry_dir = tempfile::tempdir().unwrap();
     let registry = registry_dir.path().join("devices.toml");
     let a = Gateway::start(&node_extra("node-1", &registry, &lb, None)).unwrap();
@@ -211,7 +121,7 @@ fn devices_are_redirected_to_their_owner_and_follow_draining_and_its_end() {
 
     // node-2 drains: the balancer takes it out of the live set, node-2 sends the device away
     // and node-1 (the entry point, now the owner) takes it.
-    let (status, body) = http("POST", b.admin, "/drain").unwrap();
+    let (status, body) = http_request(b.admin, "POST", "/drain").unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(b.metric("thalamus_node_draining").unwrap(), 1.0);
     wait_until("the balancer sees node-2 draining", || {
@@ -224,7 +134,7 @@ fn devices_are_redirected_to_their_owner_and_follow_draining_and_its_end() {
     assert_eq!(welcome["resumed"], true, "{welcome}");
 
     // node-2 is back: node-1 moves the device to its owner again.
-    let (status, _) = http("DELETE", b.admin, "/drain").unwrap();
+    let (status, _) = http_request(b.admin, "DELETE", "/drain").unwrap();
     assert_eq!(status, 200);
     assert_eq!(b.metric("thalamus_node_draining").unwrap(), 0.0);
     let goodbye = sim.wait_event("goodbye", T).unwrap();

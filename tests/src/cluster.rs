@@ -1,0 +1,233 @@
+//! The cluster's other processes for end-to-end tests: a real `redis-server` on a free port and
+//! the `thalamus balancer`, plus a small HTTP client for the admin endpoints. Each is killed
+//! when dropped. Gateway nodes themselves are [`Gateway`](crate::Gateway)s.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::{bin, http_get, Proc};
+
+/// How long a process has to become ready, and the default wait of the helpers here.
+const READY: Duration = Duration::from_secs(20);
+
+/// An HTTP/1.1 request without a body; returns (status, body).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    Ok((status, body.to_string()))
+}
+
+/// A free TCP port on loopback (free when asked; the caller binds it soon after).
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A `redis-server` on a free loopback port, without persistence.
+#[derive(Debug)]
+pub struct Redis {
+    _proc: Proc,
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts it and waits for it to answer PING. Fails when the Debian package
+    /// `redis-server` is not installed: the tests that use it need a real Redis.
+    pub fn start() -> anyhow::Result<Self> {
+        let path = Path::new("/usr/bin/redis-server");
+        if !path.exists() {
+            bail!(
+                "redis-server is missing at /usr/bin/redis-server (Debian package \
+                 redis-server): these tests need a real Redis"
+            );
+        }
+        let port = free_tcp_port()?;
+        let dir = tempfile::tempdir()?;
+        let child = Command::new(path)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning redis-server")?;
+        let redis = Self {
+            _proc: Proc { child },
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + READY;
+        while !redis.ping() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not answer PING");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+
+    /// Whether it answers PING.
+    pub fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    /// Its URL for `[cluster.store.redis] url`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// The `thalamus balancer` process, everything on loopback ports it picks.
+#[derive(Debug)]
+pub struct Balancer {
+    _proc: Proc,
+    /// SIP address (UDP).
+    pub sip: SocketAddr,
+    /// Heartbeat address (UDP): the nodes' `[cluster.heartbeat] balancers`.
+    pub heartbeat: SocketAddr,
+    /// Admin address (HTTP).
+    pub admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    /// Starts a balancer expecting heartbeats every `interval_ms`, taking a node out after
+    /// `miss_count` missed ones, logging at `log_level`.
+    pub fn start(interval_ms: u64, miss_count: u32, log_level: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("balancer.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
+                 interval_ms = {interval_ms}\nmiss_count = {miss_count}\nrejoin_count = 2\n\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"{log_level}\"\n"
+            ),
+        )?;
+        let ready = dir.path().join("ready.json");
+        let log = std::fs::File::create(dir.path().join("balancer.log"))?;
+        let child = Command::new(bin("thalamus"))
+            .arg("balancer")
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env_remove("THALAMUS_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning thalamus balancer")?;
+        let mut proc = Proc { child };
+        let deadline = Instant::now() + READY;
+        let v: Value = loop {
+            if let Some(v) = std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                break v;
+            }
+            if let Some(status) = proc.child.try_wait()? {
+                let log =
+                    std::fs::read_to_string(dir.path().join("balancer.log")).unwrap_or_default();
+                bail!("balancer exited with {status} before it was ready:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("balancer not ready within {READY:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let addr = |k: &str| -> anyhow::Result<SocketAddr> {
+            Ok(v[k].as_str().context(k.to_string())?.parse()?)
+        };
+        Ok(Self {
+            sip: addr("sip_udp")?,
+            heartbeat: addr("heartbeat")?,
+            admin: addr("admin")?,
+            _proc: proc,
+            dir,
+        })
+    }
+
+    /// `/nodes` as JSON (`Null` when it cannot be read).
+    pub fn nodes(&self) -> Value {
+        http_get(self.admin, "/nodes")
+            .ok()
+            .and_then(|body| serde_json::from_str(&body).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    /// The entry for `node` in `/nodes` (`Null` when absent).
+    pub fn node(&self, node: &str) -> Value {
+        self.nodes()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["id"] == node)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// The ids of the nodes eligible for new calls, sorted.
+    pub fn eligible(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .nodes()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["eligible"] == true)
+            .filter_map(|n| n["id"].as_str().map(str::to_string))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Waits (up to 20 s, else panics with the node's entry) until `node`'s eligibility is
+    /// `eligible`; returns how long that took.
+    pub fn wait_eligible(&self, node: &str, eligible: bool) -> Duration {
+        let started = Instant::now();
+        while (self.node(node)["eligible"] == true) != eligible {
+            assert!(
+                started.elapsed() < READY,
+                "balancer never saw {node} eligible={eligible}: {}",
+                self.node(node)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        started.elapsed()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("balancer.log")).unwrap_or_default()
+    }
+}
