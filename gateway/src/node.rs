@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use thalamus_proto::v1::Redirect;
@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::admin;
 use crate::balancer::heartbeat::LiveSet;
-use crate::balancer::HeartbeatSender;
+use crate::balancer::{HeartbeatSender, Load};
 use crate::config::{in_data_dir, Config};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceRegistry, VerifierPool};
@@ -153,6 +153,63 @@ impl NodeShared {
     }
 }
 
+/// The load figures a node's heartbeats carry: device sessions, calls in progress and the
+/// process's CPU use (cores busy, from `/proc/self/stat`; 0 where that does not exist), sampled
+/// at most once a second.
+struct LoadReporter {
+    last: Option<(Instant, u64)>,
+}
+
+impl LoadReporter {
+    /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+    const TICKS_PER_SEC: f64 = 100.0;
+
+    fn new() -> Self {
+        Self { last: None }
+    }
+
+    /// User + system CPU ticks of this process so far.
+    fn cpu_ticks() -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')')?.1;
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        Some(utime + stime)
+    }
+
+    /// New figures when a second has passed since the last ones.
+    fn sample(&mut self, node: &NodeShared) -> Option<Load> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|(at, _)| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        let ticks = Self::cpu_ticks().unwrap_or(0);
+        let cpu = match self.last {
+            Some((at, before)) => {
+                let secs = now.duration_since(at).as_secs_f64();
+                let used = ticks.saturating_sub(before) as f64 / Self::TICKS_PER_SEC;
+                if secs > 0.0 {
+                    (used / secs) as f32
+                } else {
+                    0.0
+                }
+            }
+            None => 0.0,
+        };
+        self.last = Some((now, ticks));
+        Some(Load {
+            devices: node.sessions.len() as u64,
+            calls: node.sip_bridge.as_ref().map_or(0, |b| b.active_calls()) as u64,
+            cpu,
+        })
+    }
+}
+
 /// Most devices told to move per sweep (so a node that comes back does not get all its
 /// devices in one burst).
 const MOVES_PER_SWEEP: usize = 200;
@@ -165,10 +222,16 @@ async fn ownership_sweep(node: Arc<NodeShared>, every: Duration, shutdown: Cance
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Connections already told, so a device that lingers is not told again and again.
     let mut told: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut load = LoadReporter::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        if let Some(hb) = &node.heartbeats {
+            if let Some(figures) = load.sample(&node) {
+                hb.set_load(figures);
+            }
         }
         let Some(live) = node.fresh_live_set() else {
             continue;
@@ -674,6 +737,18 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn cpu_time_is_read_from_proc() {
+        // Burn a little CPU so the count cannot be zero.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert_ne!(x, 1);
+        assert!(LoadReporter::cpu_ticks().is_some_and(|t| t > 0));
+    }
 
     #[test]
     fn the_quic_socket_gets_the_configured_buffer_as_far_as_the_kernel_allows() {

@@ -108,6 +108,10 @@ fn devices_are_redirected_to_their_owner_and_follow_draining_and_its_end() {
         .filter_map(|e| e["gateway"].as_str().map(str::to_string))
         .collect::<Vec<_>>();
     assert_eq!(connected_to, [a.quic.to_string(), b.quic.to_string()]);
+    // node-2's heartbeats report its load: one device session.
+    wait_until("node-2 reports its device", || {
+        lb.node("node-2")["load"]["devices"] == 1 && lb.node("node-1")["load"]["devices"] == 0
+    });
     assert_eq!(
         a.metric("thalamus_device_sessions_redirected_total")
             .unwrap(),
