@@ -499,6 +499,33 @@ fn a_thousand_calls_split_by_the_device_hash() {
     );
 }
 
+/// For each of `devices`, the time from `since` to its first login at `node` (ms), sorted;
+/// every device must have one.
+fn login_delays(
+    events: &[thalamus_tests::fleet::FleetEvent],
+    devices: &[String],
+    since: Instant,
+    node: &str,
+) -> Vec<u128> {
+    let mut delays: Vec<u128> = devices
+        .iter()
+        .filter_map(|d| {
+            events
+                .iter()
+                .filter(|e| e.at > since && e.device == *d)
+                .find(|e| matches!(&e.kind, FleetEventKind::Login { node: n } if n == node))
+                .map(|e| (e.at - since).as_millis())
+        })
+        .collect();
+    delays.sort_unstable();
+    assert_eq!(
+        delays.len(),
+        devices.len(),
+        "not every device logged in at {node}"
+    );
+    delays
+}
+
 /// A node killed mid-run: its devices' calls go to the survivor after the detection window;
 /// the failed calls stay within the window times the call rate, and all are calls to the dead
 /// node's devices. (An INVITE sent to the dead node is retransmitted by SIPp; once the
@@ -537,18 +564,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
     }
     // When each of B's devices logged in at A.
     let events = cluster.fleet.events();
-    let mut move_ms: Vec<u128> = b_devices
-        .iter()
-        .filter_map(|d| {
-            events
-                .iter()
-                .filter(|e| e.at > killed_at && e.device == *d)
-                .find(|e| matches!(&e.kind, FleetEventKind::Login { node } if node == a))
-                .map(|e| (e.at - killed_at).as_millis())
-        })
-        .collect();
-    move_ms.sort_unstable();
-    assert_eq!(move_ms.len(), b_devices.len());
+    let move_ms = login_delays(&events, &b_devices, killed_at, a);
     let moved_all = Duration::from_millis(*move_ms.last().unwrap() as u64);
     let result = run.finish();
 
@@ -758,18 +774,7 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
         .node(1)
         .wait_metric("thalamus_device_sessions_live", 0.0, T)
         .unwrap();
-    let mut move_ms: Vec<u128> = b_devices
-        .iter()
-        .filter_map(|d| {
-            events
-                .iter()
-                .filter(|e| e.at > drained_at && e.device == *d)
-                .find(|e| matches!(&e.kind, FleetEventKind::Login { node } if node == a))
-                .map(|e| (e.at - drained_at).as_millis())
-        })
-        .collect();
-    move_ms.sort_unstable();
-    assert_eq!(move_ms.len(), b_devices.len());
+    let move_ms = login_delays(&events, &b_devices, drained_at, a);
     println!(
         "drain: {CALLS} calls of 3 s at {RATE}/s; {b} drained with {b_active_at_drain} calls in \
          progress, all completed; the balancer saw it {} ms after POST /drain; {b} took no new \
