@@ -149,6 +149,9 @@ impl ClusterConfig {
         if self.store.settings().validate().is_err() {
             return bad("cluster.store", "TTLs must be at least 1 ms");
         }
+        if self.store.commit_interval_ms > 1_000 {
+            return bad("cluster.store.commit_interval_ms", "must be at most 1000");
+        }
         if let Some(hb) = &self.heartbeat {
             if hb.interval_ms < 10 {
                 return bad("cluster.heartbeat.interval_ms", "must be at least 10");
@@ -242,5 +245,11 @@ mod tests {
         let mut c = ClusterConfig::default();
         c.store.tombstone_ttl_ms = 0;
         assert_eq!(c.validate().unwrap_err().key, "cluster.store");
+        let mut c = ClusterConfig::default();
+        c.store.commit_interval_ms = 5_000;
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "cluster.store.commit_interval_ms"
+        );
     }
 }

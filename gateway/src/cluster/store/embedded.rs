@@ -5,7 +5,10 @@
 //! executor never blocks on disk. The writer drains whatever is queued and applies it in one
 //! redb write transaction (group commit: one fsync for many writes), then answers each caller.
 //! A write is durable once its caller has its answer (the commit uses redb's immediate
-//! durability). Reads run on tokio's blocking pool against redb's MVCC read transactions and
+//! durability). With a commit interval (`[cluster.store] commit_interval_ms`), a commit that
+//! would follow the previous one sooner waits for the rest of the interval and takes every
+//! write queued by then: at a high write rate the fsyncs are capped at one per interval, and at
+//! a low rate nothing waits. Reads run on tokio's blocking pool against redb's MVCC read transactions and
 //! never wait for the writer.
 //!
 //! Tables: `dialogs_v1` (storage key → 8-byte big-endian expiry time, then the record's JSON),
@@ -52,6 +55,7 @@ pub struct EmbeddedDialogStore {
     writer: RwLock<Option<mpsc::Sender<WriterCommand>>>,
     settings: StoreSettings,
     clock: Arc<dyn Clock>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One write the writer applies.
@@ -109,6 +113,17 @@ impl EmbeddedDialogStore {
         settings: StoreSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
+        Self::open_with_commit_interval(path, settings, clock, Duration::ZERO).await
+    }
+
+    /// [`EmbeddedDialogStore::open`] with group commits at most once per `commit_interval`
+    /// (see the module documentation; zero commits as soon as a write is queued).
+    pub async fn open_with_commit_interval(
+        path: &Path,
+        settings: StoreSettings,
+        clock: Arc<dyn Clock>,
+        commit_interval: Duration,
+    ) -> Result<Self, StoreError> {
         settings.validate()?;
         let owned = path.to_path_buf();
         let db = tokio::task::spawn_blocking(move || -> Result<Database, StoreError> {
@@ -136,9 +151,16 @@ impl EmbeddedDialogStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let writer_db = db.clone();
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = Writer {
+            db: writer_db,
+            settings,
+            commit_interval,
+            commits: commits.clone(),
+        };
         std::thread::Builder::new()
             .name("dialog-store-writer".into())
-            .spawn(move || writer_loop(writer_db, rx, settings))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("start writer thread: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -146,7 +168,13 @@ impl EmbeddedDialogStore {
             writer: RwLock::new(Some(tx)),
             settings,
             clock,
+            commits,
         })
+    }
+
+    /// Write transactions committed so far (each one fsync).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The store file.
@@ -473,47 +501,82 @@ fn apply_group(
     Ok(answers)
 }
 
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<WriterCommand>, settings: StoreSettings) {
-    let mut shutdown = None;
-    while shutdown.is_none() {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        let mut jobs = Vec::new();
-        let mut next = Some(first);
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Database>,
+    settings: StoreSettings,
+    commit_interval: Duration,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Writer {
+    /// Takes queued commands into one group until the group is full, the queue is empty or a
+    /// shutdown comes; returns whether a shutdown came.
+    fn gather(
+        rx: &mut mpsc::Receiver<WriterCommand>,
+        mut next: Option<WriterCommand>,
+        jobs: &mut Vec<Job>,
+        shutdown: &mut Option<oneshot::Sender<()>>,
+    ) {
         while let Some(command) = next.take() {
             match command {
                 WriterCommand::Job { ops, now_ms, reply } => jobs.push(Job { ops, now_ms, reply }),
                 WriterCommand::Shutdown(done) => {
-                    shutdown = Some(done);
-                    break;
+                    *shutdown = Some(done);
+                    return;
                 }
             }
             if jobs.len() < MAX_GROUP {
                 next = rx.try_recv().ok();
             }
         }
-        if jobs.is_empty() {
-            continue;
-        }
-        match apply_group(&db, &jobs, &settings) {
-            Ok(answers) => {
-                for (job, answer) in jobs.into_iter().zip(answers) {
-                    let _ = job.reply.send(Ok(answer));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "dialog store write transaction failed");
-                for job in jobs {
-                    let _ = job.reply.send(Err(e.clone()));
-                }
-            }
-        }
     }
-    rx.close();
-    drop(db);
-    if let Some(done) = shutdown {
-        let _ = done.send(());
+
+    fn run(self, mut rx: mpsc::Receiver<WriterCommand>) {
+        let mut shutdown = None;
+        let mut last_commit: Option<std::time::Instant> = None;
+        while shutdown.is_none() {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut jobs = Vec::new();
+            Self::gather(&mut rx, Some(first), &mut jobs, &mut shutdown);
+            // Group commit: a commit sooner than one interval after the previous one waits
+            // for the rest of the interval and takes what was queued meanwhile.
+            if let Some(at) = last_commit {
+                let wait = self.commit_interval.saturating_sub(at.elapsed());
+                if !wait.is_zero() && shutdown.is_none() && jobs.len() < MAX_GROUP {
+                    std::thread::sleep(wait);
+                    let next = rx.try_recv().ok();
+                    Self::gather(&mut rx, next, &mut jobs, &mut shutdown);
+                }
+            }
+            if jobs.is_empty() {
+                continue;
+            }
+            let result = apply_group(&self.db, &jobs, &self.settings);
+            last_commit = Some(std::time::Instant::now());
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match result {
+                Ok(answers) => {
+                    for (job, answer) in jobs.into_iter().zip(answers) {
+                        let _ = job.reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "dialog store write transaction failed");
+                    for job in jobs {
+                        let _ = job.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        rx.close();
+        drop(self.db);
+        if let Some(done) = shutdown {
+            let _ = done.send(());
+        }
     }
 }
 
@@ -739,6 +802,66 @@ mod tests {
             settings: StoreSettings::default(),
         };
         conformance::run_all(&s, harness).await.unwrap();
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn passes_the_conformance_suite_with_group_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(conformance::START_MS);
+        let s = EmbeddedDialogStore::open_with_commit_interval(
+            &dir.path().join("d.redb"),
+            StoreSettings::default(),
+            Arc::new(clock.clone()),
+            Duration::from_millis(2),
+        )
+        .await
+        .unwrap();
+        let harness = conformance::Harness {
+            clock: &clock,
+            expiry_follows_clock: true,
+            settings: StoreSettings::default(),
+        };
+        conformance::run_all(&s, harness).await.unwrap();
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_arriving_within_one_interval_share_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(conformance::START_MS);
+        let s = Arc::new(
+            EmbeddedDialogStore::open_with_commit_interval(
+                &dir.path().join("d.redb"),
+                StoreSettings::default(),
+                Arc::new(clock.clone()),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap(),
+        );
+        let first = conformance::record("group-0", "dev-g", "node-a");
+        s.put(&first, None).await.unwrap();
+        let before = s.commits();
+        // Twenty writes, each sent 2 ms after the previous one (none waits for another), all
+        // within one interval of the first commit: they share one or two commits.
+        let mut writes = Vec::new();
+        for i in 1..=20 {
+            let s = s.clone();
+            let record = conformance::record(&format!("group-{i}"), "dev-g", "node-a");
+            writes.push(tokio::spawn(async move { s.put(&record, None).await }));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        let commits = s.commits() - before;
+        assert!(
+            (1..=2).contains(&commits),
+            "{commits} commits for 20 writes within one interval"
+        );
+        // Every write is there.
+        assert_eq!(s.list_by_device("dev-g").await.unwrap().len(), 21);
         s.close().await.unwrap();
     }
 

@@ -285,6 +285,11 @@ pub struct DialogStoreConfig {
     /// The Redis backend's settings (used when `backend = "redis"`).
     #[serde(default)]
     pub redis: redis::RedisStoreConfig,
+    /// The embedded store's group commit: at most one commit (one fsync) per this many
+    /// milliseconds; writes queued meanwhile share it (default 20; 0 commits at once). A
+    /// confirmed dialog waits at most this long longer before it is on disk.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
 }
 
 /// The store backends.
@@ -308,6 +313,10 @@ fn default_tombstone_ttl_ms() -> u64 {
     u64::try_from(DEFAULT_TOMBSTONE_TTL.as_millis()).unwrap_or(32_000)
 }
 
+fn default_commit_interval_ms() -> u64 {
+    20
+}
+
 fn default_embedded_path() -> PathBuf {
     PathBuf::from("dialogs.redb")
 }
@@ -320,6 +329,7 @@ impl Default for DialogStoreConfig {
             tombstone_ttl_ms: default_tombstone_ttl_ms(),
             path: default_embedded_path(),
             redis: redis::RedisStoreConfig::default(),
+            commit_interval_ms: default_commit_interval_ms(),
         }
     }
 }
@@ -350,7 +360,15 @@ pub async fn open_dialog_store(
             } else {
                 data_dir.join(&config.path)
             };
-            Arc::new(embedded::EmbeddedDialogStore::open(&path, settings, clock).await?)
+            Arc::new(
+                embedded::EmbeddedDialogStore::open_with_commit_interval(
+                    &path,
+                    settings,
+                    clock,
+                    Duration::from_millis(config.commit_interval_ms),
+                )
+                .await?,
+            )
         }
         StoreBackend::Redis => {
             Arc::new(redis::RedisDialogStore::connect(&config.redis, settings, clock).await?)
