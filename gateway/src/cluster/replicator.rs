@@ -444,7 +444,14 @@ impl Worker {
             let last_attempt = attempt >= self.config.max_attempts.max(1);
             self.counters.batches.inc();
             let ops: Vec<WriteOp> = pending.iter().map(|(op, _, _)| op.clone()).collect();
-            let results = match self.store.write_batch(ops).await {
+            // Somebody waits on an acked write: the store must not hold the batch back.
+            let waited_on = pending.iter().any(|(_, _, acks)| !acks.is_empty());
+            let written = if waited_on {
+                self.store.write_batch_now(ops).await
+            } else {
+                self.store.write_batch(ops).await
+            };
+            let results = match written {
                 Ok(results) if results.len() == pending.len() => results,
                 Ok(results) => {
                     tracing::error!(

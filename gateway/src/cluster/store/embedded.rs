@@ -97,6 +97,8 @@ enum WriterCommand {
         ops: Vec<Op>,
         now_ms: u64,
         reply: JobReply,
+        /// Commit without waiting for the commit interval.
+        urgent: bool,
     },
     Shutdown(oneshot::Sender<()>),
 }
@@ -196,6 +198,14 @@ impl EmbeddedDialogStore {
     }
 
     async fn submit(&self, ops: Vec<Op>) -> Result<Vec<Result<Answer, StoreError>>, StoreError> {
+        self.submit_job(ops, false).await
+    }
+
+    async fn submit_job(
+        &self,
+        ops: Vec<Op>,
+        urgent: bool,
+    ) -> Result<Vec<Result<Answer, StoreError>>, StoreError> {
         let sender = self
             .writer
             .read()
@@ -205,10 +215,51 @@ impl EmbeddedDialogStore {
         let (reply, answer) = oneshot::channel();
         let now_ms = self.clock.now_ms();
         sender
-            .send(WriterCommand::Job { ops, now_ms, reply })
+            .send(WriterCommand::Job {
+                ops,
+                now_ms,
+                reply,
+                urgent,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A batch of writes as one writer job; `urgent` skips the commit interval.
+    async fn write_ops(
+        &self,
+        ops: Vec<WriteOp>,
+        urgent: bool,
+    ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ops = ops
+            .into_iter()
+            .map(|op| match op {
+                WriteOp::Put {
+                    record,
+                    expected_version,
+                } => Op::Put {
+                    record,
+                    expected_version,
+                },
+                WriteOp::Delete {
+                    key,
+                    expected_version,
+                } => Op::Delete {
+                    key,
+                    expected_version,
+                },
+            })
+            .collect();
+        Ok(self
+            .submit_job(ops, urgent)
+            .await?
+            .into_iter()
+            .map(version_of)
+            .collect())
     }
 
     async fn submit_one(&self, op: Op) -> Result<Answer, StoreError> {
@@ -477,6 +528,7 @@ struct Job {
     ops: Vec<Op>,
     now_ms: u64,
     reply: JobReply,
+    urgent: bool,
 }
 
 /// Applies a group of jobs in one write transaction and commits it.
@@ -520,7 +572,17 @@ impl Writer {
     ) {
         while let Some(command) = next.take() {
             match command {
-                WriterCommand::Job { ops, now_ms, reply } => jobs.push(Job { ops, now_ms, reply }),
+                WriterCommand::Job {
+                    ops,
+                    now_ms,
+                    reply,
+                    urgent,
+                } => jobs.push(Job {
+                    ops,
+                    now_ms,
+                    reply,
+                    urgent,
+                }),
                 WriterCommand::Shutdown(done) => {
                     *shutdown = Some(done);
                     return;
@@ -545,7 +607,8 @@ impl Writer {
             // for the rest of the interval and takes what was queued meanwhile.
             if let Some(at) = last_commit {
                 let wait = self.commit_interval.saturating_sub(at.elapsed());
-                if !wait.is_zero() && shutdown.is_none() && jobs.len() < MAX_GROUP {
+                let urgent = jobs.iter().any(|j| j.urgent);
+                if !wait.is_zero() && !urgent && shutdown.is_none() && jobs.len() < MAX_GROUP {
                     std::thread::sleep(wait);
                     let next = rx.try_recv().ok();
                     Self::gather(&mut rx, next, &mut jobs, &mut shutdown);
@@ -724,36 +787,11 @@ impl DialogStore for EmbeddedDialogStore {
     }
 
     fn write_batch(&self, ops: Vec<WriteOp>) -> StoreFuture<'_, Vec<Result<u64, StoreError>>> {
-        Box::pin(async move {
-            if ops.is_empty() {
-                return Ok(Vec::new());
-            }
-            let ops = ops
-                .into_iter()
-                .map(|op| match op {
-                    WriteOp::Put {
-                        record,
-                        expected_version,
-                    } => Op::Put {
-                        record,
-                        expected_version,
-                    },
-                    WriteOp::Delete {
-                        key,
-                        expected_version,
-                    } => Op::Delete {
-                        key,
-                        expected_version,
-                    },
-                })
-                .collect();
-            Ok(self
-                .submit(ops)
-                .await?
-                .into_iter()
-                .map(version_of)
-                .collect())
-        })
+        Box::pin(self.write_ops(ops, false))
+    }
+
+    fn write_batch_now(&self, ops: Vec<WriteOp>) -> StoreFuture<'_, Vec<Result<u64, StoreError>>> {
+        Box::pin(self.write_ops(ops, true))
     }
 
     fn close(&self) -> StoreFuture<'_, ()> {
@@ -863,6 +901,43 @@ mod tests {
         // Every write is there.
         assert_eq!(s.list_by_device("dev-g").await.unwrap().len(), 21);
         s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_somebody_waits_on_does_not_wait_for_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(conformance::START_MS);
+        let s = EmbeddedDialogStore::open_with_commit_interval(
+            &dir.path().join("d.redb"),
+            StoreSettings::default(),
+            Arc::new(clock.clone()),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        let record = |id: &str| conformance::record(id, "dev-u", "node-a");
+        s.put(&record("urgent-0"), None).await.unwrap();
+        // Right after a commit: an ordinary write would wait 30 s; this one is committed now.
+        let now = vec![WriteOp::Put {
+            record: record("urgent-1"),
+            expected_version: None,
+        }];
+        let written = tokio::time::timeout(Duration::from_secs(10), s.write_batch_now(now))
+            .await
+            .expect("the urgent write waited for the commit interval")
+            .unwrap();
+        assert!(written[0].is_ok());
+        // An ordinary one does wait.
+        let later = vec![WriteOp::Put {
+            record: record("urgent-2"),
+            expected_version: None,
+        }];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), s.write_batch(later))
+                .await
+                .is_err(),
+            "an ordinary write did not wait for the commit interval"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

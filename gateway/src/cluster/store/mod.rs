@@ -260,6 +260,13 @@ pub trait DialogStore: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// [`DialogStore::write_batch`] for writes somebody waits on (the CSeq write ahead of a
+    /// request): a backend that delays commits to group them (the embedded store's
+    /// `commit_interval_ms`) commits this batch without delay. The others just write it.
+    fn write_batch_now(&self, ops: Vec<WriteOp>) -> StoreFuture<'_, Vec<Result<u64, StoreError>>> {
+        self.write_batch(ops)
+    }
+
     /// Closes the store: pending writes finish, later calls fail with [`StoreError::Closed`],
     /// and files or connections are released.
     fn close(&self) -> StoreFuture<'_, ()>;
