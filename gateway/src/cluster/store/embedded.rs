@@ -823,6 +823,22 @@ mod tests {
     use super::*;
     use crate::cluster::store::{conformance, ManualClock};
 
+    /// A store in `dir` that commits at most once per `interval`.
+    async fn open_grouped(
+        dir: &Path,
+        clock: &ManualClock,
+        interval: Duration,
+    ) -> EmbeddedDialogStore {
+        EmbeddedDialogStore::open_with_commit_interval(
+            &dir.join("d.redb"),
+            StoreSettings::default(),
+            Arc::new(clock.clone()),
+            interval,
+        )
+        .await
+        .unwrap()
+    }
+
     async fn open(path: &Path, clock: &ManualClock) -> EmbeddedDialogStore {
         EmbeddedDialogStore::open(path, StoreSettings::default(), Arc::new(clock.clone()))
             .await
@@ -847,14 +863,7 @@ mod tests {
     async fn passes_the_conformance_suite_with_group_commits() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(conformance::START_MS);
-        let s = EmbeddedDialogStore::open_with_commit_interval(
-            &dir.path().join("d.redb"),
-            StoreSettings::default(),
-            Arc::new(clock.clone()),
-            Duration::from_millis(2),
-        )
-        .await
-        .unwrap();
+        let s = open_grouped(dir.path(), &clock, Duration::from_millis(2)).await;
         let harness = conformance::Harness {
             clock: &clock,
             expiry_follows_clock: true,
@@ -868,16 +877,7 @@ mod tests {
     async fn writes_arriving_within_one_interval_share_a_commit() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(conformance::START_MS);
-        let s = Arc::new(
-            EmbeddedDialogStore::open_with_commit_interval(
-                &dir.path().join("d.redb"),
-                StoreSettings::default(),
-                Arc::new(clock.clone()),
-                Duration::from_millis(200),
-            )
-            .await
-            .unwrap(),
-        );
+        let s = Arc::new(open_grouped(dir.path(), &clock, Duration::from_millis(200)).await);
         let first = conformance::record("group-0", "dev-g", "node-a");
         s.put(&first, None).await.unwrap();
         let before = s.commits();
@@ -907,14 +907,7 @@ mod tests {
     async fn a_write_somebody_waits_on_does_not_wait_for_the_interval() {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(conformance::START_MS);
-        let s = EmbeddedDialogStore::open_with_commit_interval(
-            &dir.path().join("d.redb"),
-            StoreSettings::default(),
-            Arc::new(clock.clone()),
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+        let s = open_grouped(dir.path(), &clock, Duration::from_secs(30)).await;
         let record = |id: &str| conformance::record(id, "dev-u", "node-a");
         s.put(&record("urgent-0"), None).await.unwrap();
         // Right after a commit: an ordinary write would wait 30 s; this one is committed now.
