@@ -14,8 +14,7 @@ use serde_json::json;
 use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, AudioCodec, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaOffer, MediaStats,
-    Reject, Resume, SendText,
+    Answer, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaStats, Reject, Resume, SendText,
 };
 
 use crate::device::{DeviceConnection, FrameReader, FrameWriter};
@@ -79,17 +78,6 @@ pub async fn login(login: &Login, printer: EventPrinter) -> anyhow::Result<Sessi
         reader: conn.reader,
         writer: conn.writer,
     })
-}
-
-fn device_media() -> MediaOffer {
-    MediaOffer {
-        audio_codecs: vec![
-            AudioCodec::Pcmu as i32,
-            AudioCodec::Pcma as i32,
-            AudioCodec::TelephoneEvent as i32,
-        ],
-        ..Default::default()
-    }
 }
 
 fn state_of(env: &Envelope) -> Option<(u32, CallState)> {
@@ -245,7 +233,7 @@ async fn one_call(
         .send(Body::Dial(Dial {
             call_ref,
             target: opts.target.clone(),
-            media: Some(device_media()),
+            media: Some(crate::load::device_calls::device_media()),
             headers: Default::default(),
         }))
         .await?;
@@ -439,7 +427,7 @@ pub async fn listen(
                         }
                         let reply = match opts.reject {
                             Some(code) => Envelope { request_id: 0, body: Some(Body::Reject(Reject { call_ref, sip_status: code, reason: String::new() })) },
-                            None => Envelope { request_id: 0, body: Some(Body::Answer(Answer { call_ref, media: Some(device_media()) })) },
+                            None => Envelope { request_id: 0, body: Some(Body::Answer(Answer { call_ref, media: Some(crate::load::device_calls::device_media()) })) },
                         };
                         pending.push((Instant::now() + opts.answer_after, reply));
                     }

@@ -1,12 +1,12 @@
 //! `thalamus-sim`: simulated Thalamus devices.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use thalamus_sim::connect::{self, ConnectOptions, StopReason};
 use thalamus_sim::events::EventPrinter;
+use thalamus_sim::load::cli::resolve_gateway;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,7 +41,7 @@ struct LoginArgs {
 
 impl LoginArgs {
     fn login(&self) -> anyhow::Result<(thalamus_sim::calls::Login, EventPrinter)> {
-        let (gateway, server_name) = resolve(&self.gateway)?;
+        let (gateway, server_name) = resolve_gateway(&self.gateway)?;
         let fingerprint = self
             .fingerprint
             .as_deref()
@@ -271,24 +271,6 @@ enum Command {
     },
 }
 
-fn resolve(gateway: &str) -> anyhow::Result<(SocketAddr, String)> {
-    let addr = gateway
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {gateway}"))?
-        .next()
-        .with_context(|| format!("{gateway} resolves to no address"))?;
-    let host = gateway
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .unwrap_or("localhost");
-    let name = if host.parse::<std::net::IpAddr>().is_ok() {
-        "localhost".to_string()
-    } else {
-        host.to_string()
-    };
-    Ok((addr, name))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("THALAMUS_SIM_LOG")
@@ -329,9 +311,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut entry_points = gateway.split(',').map(str::trim).filter(|g| !g.is_empty());
             let first = entry_points.next().unwrap_or("127.0.0.1:4433");
-            let (addr, default_name) = resolve(first)?;
+            let (addr, default_name) = resolve_gateway(first)?;
             let fallbacks = entry_points
-                .map(|g| resolve(g).map(|(a, _)| a))
+                .map(|g| resolve_gateway(g).map(|(a, _)| a))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let fingerprint = fingerprint
                 .as_deref()
@@ -528,7 +510,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             endpoints,
             ready_file,
         } => {
-            let (addr, server_name) = resolve(&gateway)?;
+            let (addr, server_name) = resolve_gateway(&gateway)?;
             let fingerprint = fingerprint
                 .as_deref()
                 .map(thalamus_sim::quic::parse_fingerprint)

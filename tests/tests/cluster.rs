@@ -37,8 +37,7 @@ use serde_json::Value;
 use thalamus_gateway::balancer::{owner, NodeId};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, AudioCodec, CallEvent, CallState, EndReason, Envelope, Hangup, Hello, MediaOffer, Pong,
-    Welcome,
+    Answer, CallEvent, CallState, EndReason, Envelope, Hangup, Hello, Pong, Welcome,
 };
 use thalamus_sim::device::DeviceConnection;
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
@@ -301,17 +300,6 @@ fn received_cseqs(messages: &str, method: &str) -> Vec<u32> {
         .collect()
 }
 
-fn device_media() -> MediaOffer {
-    MediaOffer {
-        audio_codecs: vec![
-            AudioCodec::Pcmu as i32,
-            AudioCodec::Pcma as i32,
-            AudioCodec::TelephoneEvent as i32,
-        ],
-        ..Default::default()
-    }
-}
-
 enum DeviceCommand {
     Hangup(u32),
     Close,
@@ -378,7 +366,7 @@ impl DeviceAgent {
                                 Some(Body::IncomingCall(c)) => {
                                     let answer = Body::Answer(Answer {
                                         call_ref: c.call_ref,
-                                        media: Some(device_media()),
+                                        media: Some(thalamus_sim::load::device_calls::device_media()),
                                     });
                                     let _ = conn.writer.send(answer).await;
                                 }

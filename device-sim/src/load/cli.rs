@@ -152,7 +152,9 @@ pub struct LoadArgs {
     pub quiet: bool,
 }
 
-fn resolve_gateway(gateway: &str) -> anyhow::Result<(SocketAddr, String)> {
+/// Resolves a gateway `host:port` to an address and the TLS server name to present: the host
+/// itself, or `localhost` for an IP address (the gateway's self-signed certificate names it).
+pub fn resolve_gateway(gateway: &str) -> anyhow::Result<(SocketAddr, String)> {
     let addr = gateway
         .to_socket_addrs()
         .with_context(|| format!("resolving {gateway}"))?
