@@ -183,6 +183,24 @@ async fn dialog(
     }
 }
 
+/// Runs a dialog operation of the bridge (claim or hang up) and answers with the call it
+/// concerned, or the takeover error.
+fn dialog_operation_response(
+    node: &NodeShared,
+    success: StatusCode,
+    outcome: Result<(String, u32), TakeoverError>,
+) -> (StatusCode, Json<Value>) {
+    match outcome {
+        Ok((device, call_ref)) => (
+            success,
+            Json(
+                json!({"device_id": device, "call_ref": call_ref, "node_id": node.config.node.id}),
+            ),
+        ),
+        Err(e) => error_response(&e),
+    }
+}
+
 async fn claim_dialog(
     State(node): State<Arc<NodeShared>>,
     Path((call_id, local_tag, remote_tag)): DialogPath,
@@ -191,15 +209,8 @@ async fn claim_dialog(
         return no_bridge();
     };
     let key = DialogKey::new(call_id, local_tag, remote_tag);
-    match bridge.claim_dialog(&key).await {
-        Ok((device, call_ref)) => (
-            StatusCode::OK,
-            Json(
-                json!({"device_id": device, "call_ref": call_ref, "node_id": node.config.node.id}),
-            ),
-        ),
-        Err(e) => error_response(&e),
-    }
+    let outcome = bridge.claim_dialog(&key).await;
+    dialog_operation_response(&node, StatusCode::OK, outcome)
 }
 
 async fn bye_dialog(
@@ -210,15 +221,8 @@ async fn bye_dialog(
         return no_bridge();
     };
     let key = DialogKey::new(call_id, local_tag, remote_tag);
-    match bridge.hangup_dialog(&key).await {
-        Ok((device, call_ref)) => (
-            StatusCode::ACCEPTED,
-            Json(
-                json!({"device_id": device, "call_ref": call_ref, "node_id": node.config.node.id}),
-            ),
-        ),
-        Err(e) => error_response(&e),
-    }
+    let outcome = bridge.hangup_dialog(&key).await;
+    dialog_operation_response(&node, StatusCode::ACCEPTED, outcome)
 }
 
 async fn device_dialogs(
