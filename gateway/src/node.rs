@@ -216,13 +216,17 @@ const MOVES_PER_SWEEP: usize = 200;
 
 /// Moves devices to their owner: every `every`, each device session whose owner in the live
 /// set is another node (this node drains, or a node joined or came back) and that has no call
-/// here gets `Goodbye{draining}` once; it reconnects and is redirected. Runs until `shutdown`.
+/// here gets `Goodbye{draining}` once; it reconnects and is redirected. Once a sweep leaves no
+/// device to move, the sessions are not scanned again until the live set changes. Also
+/// samples the load figures for the heartbeats. Runs until `shutdown`.
 async fn ownership_sweep(node: Arc<NodeShared>, every: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Connections already told, so a device that lingers is not told again and again.
     let mut told: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut load = LoadReporter::new();
+    // The live set under which the last sweep left no device to move.
+    let mut settled_under: Option<Vec<crate::balancer::heartbeat::LiveNode>> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -234,11 +238,20 @@ async fn ownership_sweep(node: Arc<NodeShared>, every: Duration, shutdown: Cance
             }
         }
         let Some(live) = node.fresh_live_set() else {
+            // Logins meanwhile are served here without a redirect: look at all again later.
+            settled_under = None;
             continue;
         };
+        // Nothing to do while the live set is the one every device was last found settled
+        // under (a login meanwhile is redirected by `redirect_for`).
+        if settled_under.as_ref() == Some(&live.eligible) {
+            continue;
+        }
         let mut moved = 0;
+        let mut unsettled = false;
         for device in node.sessions.device_ids() {
             if moved >= MOVES_PER_SWEEP {
+                unsettled = true;
                 break;
             }
             let Some(handle) = node.sessions.get(&device) else {
@@ -247,7 +260,15 @@ async fn ownership_sweep(node: Arc<NodeShared>, every: Duration, shutdown: Cance
             if told.contains(&handle.connection_id) {
                 continue;
             }
+            let elsewhere = live
+                .owner(&device)
+                .is_some_and(|o| o.node.as_str() != node.config.node.id);
+            if !elsewhere {
+                continue;
+            }
+            // Owned elsewhere but kept here for now (a call in progress): look again later.
             let Some(to) = node.owner_elsewhere(&live, &device) else {
+                unsettled = true;
                 continue;
             };
             if handle
@@ -258,8 +279,11 @@ async fn ownership_sweep(node: Arc<NodeShared>, every: Duration, shutdown: Cance
                 info!(%device, owner = %to.node_id, "device moved to its owner node");
                 told.insert(handle.connection_id);
                 moved += 1;
+            } else {
+                unsettled = true;
             }
         }
+        settled_under = (!unsettled).then(|| live.eligible.clone());
         // Bounded: forget connections that are gone.
         if told.len() > node.sessions.len().saturating_mul(2).max(1024) {
             told.clear();
