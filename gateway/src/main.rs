@@ -77,7 +77,15 @@ enum DeviceCommand {
     List,
 }
 
+/// With the `dhat-heap` feature every allocation goes through dhat's profiler.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 fn main() -> anyhow::Result<()> {
+    // Written to dhat-heap.json when main returns (after a SIGTERM shut the node down).
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
     let cli = Cli::parse();
     if let Command::Balancer { ready_file } = cli.command {
         return thalamus_gateway::balancer::server::run_cli(cli.config, ready_file);
