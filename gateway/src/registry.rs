@@ -1,86 +1,45 @@
 //! The device registry: which devices exist and how to check their credentials.
 //!
-//! Stored as a TOML file (`[[device]] id = "...", secret_hash = "$argon2id$..."`). Only a slow
-//! argon2id hash of each secret is kept; the secret itself is printed once by
-//! `thalamus device add` and never stored. The file is re-read when it changes on disk, so a
-//! device added while the gateway runs can connect at once. Writes are atomic (temp + rename).
+//! The file format, the id rule, argon2id hashing and the atomic file writes are the
+//! `thalamus-registry` crate's (shared with the simulator's `provision`); this module adds what
+//! a running gateway needs on top. The file is re-read when it changes on disk, so a device
+//! added while the gateway runs can connect at once. Only a slow argon2id hash of each secret
+//! is kept; the secret itself is printed once by `thalamus device add` and never stored.
 //!
 //! Verification is CPU-heavy by design; callers run [`DeviceRegistry::verify`] off the async
-//! executor. A successful verification is remembered as a SHA-256 of the secret, so a device
-//! that reconnects does not pay the slow hash again.
+//! executor, through a [`VerifierPool`]. A successful verification is remembered as a SHA-256
+//! of the secret, so a device that reconnects does not pay the slow hash again.
+//!
+//! It does not parse or write the file itself, and does not lock against another writer (the
+//! last atomic rename wins).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
-use argon2::Argon2;
-use base64::Engine;
-use rand::RngCore;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use thalamus_registry::{verify_secret, FormatError, RegistryFile};
 
-/// Longest accepted device id.
-pub const MAX_DEVICE_ID_LEN: usize = 64;
+pub use thalamus_registry::{
+    generate_secret, hash_secret, valid_device_id, DeviceRecord, MAX_DEVICE_ID_LEN,
+};
 
 /// Registry errors.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// File I/O failed.
-    #[error("device registry {path}: {source}")]
-    Io {
-        /// File path.
-        path: PathBuf,
-        /// Underlying error.
-        source: std::io::Error,
-    },
-    /// The file is not a valid registry.
-    #[error("device registry {path} is malformed: {message}")]
-    Malformed {
-        /// File path.
-        path: PathBuf,
-        /// Parser message.
-        message: String,
-    },
-    /// The id is not acceptable.
-    #[error("invalid device id {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
-    InvalidId(String),
-    /// The device is already registered.
-    #[error("device {0} already exists")]
-    Exists(String),
+    /// Reading, parsing, changing or writing the file failed, or a hash is unusable.
+    #[error(transparent)]
+    Format(#[from] FormatError),
     /// The device is not registered.
     #[error("device {0} does not exist")]
     NotFound(String),
-    /// Hashing failed.
-    #[error("password hashing failed: {0}")]
-    Hash(String),
-}
-
-/// One registered device as stored on disk.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceEntry {
-    /// Device id; also the user part of its SIP address-of-record.
-    pub id: String,
-    /// PHC string of the argon2id hash of the secret.
-    pub secret_hash: String,
-    /// When the device was added (unix seconds).
-    #[serde(default)]
-    pub created_unix: u64,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistryFile {
-    #[serde(default)]
-    device: Vec<DeviceEntry>,
 }
 
 #[derive(Debug, Default)]
 struct Loaded {
     modified: Option<SystemTime>,
-    devices: BTreeMap<String, DeviceEntry>,
+    devices: BTreeMap<String, DeviceRecord>,
     /// SHA-256 of secrets that verified against the current hash, by device id.
     verified: BTreeMap<String, [u8; 32]>,
 }
@@ -103,20 +62,6 @@ pub struct DeviceRegistry {
     loaded: Mutex<Loaded>,
 }
 
-/// Whether `id` is an acceptable device id (also a valid SIP user part).
-pub fn valid_device_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_DEVICE_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-fn hasher() -> Argon2<'static> {
-    // argon2id, OWASP's m=19 MiB, t=2, p=1.
-    Argon2::default()
-}
-
 impl DeviceRegistry {
     /// Opens (not yet reads) the registry at `path`. A missing file is an empty registry.
     pub fn open(path: impl Into<PathBuf>) -> Self {
@@ -131,31 +76,6 @@ impl DeviceRegistry {
         &self.path
     }
 
-    fn read_file(&self) -> Result<(Option<SystemTime>, RegistryFile), RegistryError> {
-        match std::fs::metadata(&self.path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok((None, RegistryFile::default()))
-            }
-            Err(source) => Err(RegistryError::Io {
-                path: self.path.clone(),
-                source,
-            }),
-            Ok(meta) => {
-                let text =
-                    std::fs::read_to_string(&self.path).map_err(|source| RegistryError::Io {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-                let file: RegistryFile =
-                    toml::from_str(&text).map_err(|e| RegistryError::Malformed {
-                        path: self.path.clone(),
-                        message: e.to_string(),
-                    })?;
-                Ok((meta.modified().ok(), file))
-            }
-        }
-    }
-
     /// Re-reads the file if it changed since the last read.
     pub fn refresh(&self) -> Result<(), RegistryError> {
         let modified = std::fs::metadata(&self.path)
@@ -167,10 +87,13 @@ impl DeviceRegistry {
                 return Ok(());
             }
         }
-        let (modified, file) = self.read_file()?;
+        let (file, modified) = RegistryFile::read_with_modified(&self.path)?;
         let mut loaded = self.lock();
-        let devices: BTreeMap<String, DeviceEntry> =
-            file.device.into_iter().map(|d| (d.id.clone(), d)).collect();
+        let devices: BTreeMap<String, DeviceRecord> = file
+            .devices
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect();
         // Keep the verified cache only for devices whose hash did not change.
         let old = std::mem::take(&mut loaded.devices);
         loaded.verified.retain(|id, _| {
@@ -222,11 +145,10 @@ impl DeviceRegistry {
             }
             entry.secret_hash.clone()
         };
-        let matches =
-            verify_phc(secret.as_bytes(), &hash).map_err(|message| RegistryError::Malformed {
-                path: self.path.clone(),
-                message: format!("device {device_id}: {message}"),
-            })?;
+        let matches = verify_secret(secret, &hash).map_err(|e| FormatError::Malformed {
+            path: self.path.clone(),
+            message: format!("device {device_id}: {e}"),
+        })?;
         if matches {
             let mut loaded = self.lock();
             if loaded.devices.get(device_id).map(|d| &d.secret_hash) == Some(&hash) {
@@ -250,129 +172,43 @@ impl DeviceRegistry {
         self.add_many(&[(device_id.to_string(), secret.to_string())])
     }
 
-    /// Adds several devices in one write.
+    /// Adds several devices (id, secret) in one write: all or none.
     pub fn add_many(&self, devices: &[(String, String)]) -> Result<(), RegistryError> {
-        let (_, mut file) = self.read_file()?;
-        let created_unix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        for (id, secret) in devices {
-            if !valid_device_id(id) {
-                return Err(RegistryError::InvalidId(id.clone()));
-            }
-            if file.device.iter().any(|d| &d.id == id) {
-                return Err(RegistryError::Exists(id.clone()));
-            }
-            file.device.push(DeviceEntry {
-                id: id.clone(),
-                secret_hash: hash_secret(secret)?,
-                created_unix,
-            });
-        }
-        self.write_file(&file)?;
-        self.refresh()
+        let mut file = RegistryFile::read(&self.path)?;
+        let records = devices
+            .iter()
+            .map(|(id, secret)| Ok(DeviceRecord::created_now(id, hash_secret(secret)?)))
+            .collect::<Result<Vec<_>, FormatError>>()?;
+        file.add(records)?;
+        self.write(&file)
     }
 
     /// Adds several devices that share one secret, hashed once (bulk provisioning for load
-    /// runs: thousands of devices in one write).
+    /// runs: thousands of devices in one write); all or none.
     pub fn add_many_shared(&self, ids: &[String], secret: &str) -> Result<(), RegistryError> {
-        let (_, mut file) = self.read_file()?;
+        let mut file = RegistryFile::read(&self.path)?;
         let secret_hash = hash_secret(secret)?;
-        let created_unix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let existing: std::collections::BTreeSet<String> =
-            file.device.iter().map(|d| d.id.clone()).collect();
-        for id in ids {
-            if !valid_device_id(id) {
-                return Err(RegistryError::InvalidId(id.clone()));
-            }
-            if existing.contains(id) {
-                return Err(RegistryError::Exists(id.clone()));
-            }
-            file.device.push(DeviceEntry {
-                id: id.clone(),
-                secret_hash: secret_hash.clone(),
-                created_unix,
-            });
-        }
-        self.write_file(&file)?;
-        self.refresh()
+        file.add(
+            ids.iter()
+                .map(|id| DeviceRecord::created_now(id, secret_hash.as_str())),
+        )?;
+        self.write(&file)
     }
 
     /// Removes a device.
     pub fn remove(&self, device_id: &str) -> Result<(), RegistryError> {
-        let (_, mut file) = self.read_file()?;
-        let before = file.device.len();
-        file.device.retain(|d| d.id != device_id);
-        if file.device.len() == before {
+        let mut file = RegistryFile::read(&self.path)?;
+        if !file.remove(device_id) {
             return Err(RegistryError::NotFound(device_id.into()));
         }
-        self.write_file(&file)?;
+        self.write(&file)
+    }
+
+    /// Writes `file` (atomically) and reads it back into the cache.
+    fn write(&self, file: &RegistryFile) -> Result<(), RegistryError> {
+        file.write(&self.path)?;
         self.refresh()
     }
-
-    fn write_file(&self, file: &RegistryFile) -> Result<(), RegistryError> {
-        let io = |source| RegistryError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let text = toml::to_string(file).map_err(|e| RegistryError::Malformed {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })?;
-        let tmp = self
-            .path
-            .with_extension(format!("tmp.{}", std::process::id()));
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
-    }
-}
-
-thread_local! {
-    /// Argon2 working memory, reused by each thread across verifications: allocating ~19 MiB
-    /// per check costs page faults, and freed blocks pile up in per-thread malloc arenas.
-    static SCRATCH: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Checks `secret` against a PHC argon2 hash string, reusing this thread's working memory.
-fn verify_phc(secret: &[u8], phc: &str) -> Result<bool, String> {
-    let parsed = PasswordHash::new(phc).map_err(|e| e.to_string())?;
-    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
-    let version = match parsed.version {
-        Some(v) => argon2::Version::try_from(v).map_err(|e| e.to_string())?,
-        None => argon2::Version::default(),
-    };
-    let params = argon2::Params::try_from(&parsed).map_err(|e| e.to_string())?;
-    let expected = parsed.hash.ok_or("hash string has no hash")?;
-    let salt = parsed.salt.ok_or("hash string has no salt")?;
-    let mut salt_buf = [0u8; 64];
-    let salt = salt.decode_b64(&mut salt_buf).map_err(|e| e.to_string())?;
-    let blocks = params.block_count();
-    if blocks > 1 << 20 {
-        return Err("argon2 memory cost above 1 GiB".into());
-    }
-    let argon = Argon2::new(algorithm, version, params);
-    let mut out = vec![0u8; expected.len()];
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        if scratch.len() < blocks {
-            scratch.resize(blocks, argon2::Block::default());
-        }
-        argon
-            .hash_password_into_with_memory(secret, salt, &mut out, &mut scratch[..blocks])
-            .map_err(|e| e.to_string())
-    })?;
-    let diff = out
-        .iter()
-        .zip(expected.as_bytes())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    Ok(diff == 0 && out.len() == expected.len())
 }
 
 /// Runs credential checks on a fixed set of threads (one per core by default), so a burst of
@@ -437,29 +273,6 @@ impl VerifierPool {
     }
 }
 
-/// A fresh random secret: 32 bytes, base64url without padding.
-pub fn generate_secret() -> String {
-    loop {
-        let mut bytes = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut bytes);
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        // A secret that starts with '-' reads as an option on command lines
-        // (`--secret -x...`): draw again (one draw in 32 on average).
-        if secret.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-            return secret;
-        }
-    }
-}
-
-/// The argon2id PHC hash of `secret` with a random salt.
-pub fn hash_secret(secret: &str) -> Result<String, RegistryError> {
-    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-    hasher()
-        .hash_password(secret.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| RegistryError::Hash(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,13 +295,17 @@ mod tests {
         );
         assert!(matches!(
             reg.add("earpiece-1"),
-            Err(RegistryError::Exists(_))
+            Err(RegistryError::Format(FormatError::Exists(_)))
         ));
         reg.remove("earpiece-1").unwrap();
         assert_eq!(
             reg.verify("earpiece-1", &secret).unwrap(),
             Verdict::UnknownDevice
         );
+        assert!(matches!(
+            reg.remove("earpiece-1"),
+            Err(RegistryError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -518,21 +335,42 @@ mod tests {
     }
 
     #[test]
-    fn secrets_never_start_like_an_option() {
-        for _ in 0..2_000 {
-            let s = generate_secret();
-            assert!(s.starts_with(|c: char| c.is_ascii_alphanumeric()), "{s}");
-            assert_eq!(s.len(), 43);
-        }
+    fn bulk_adds_are_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = DeviceRegistry::open(dir.path().join("devices.toml"));
+        reg.add_with_secret("a", "s").unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(matches!(
+            reg.add_many_shared(&ids(&["b", "a"]), "s"),
+            Err(RegistryError::Format(FormatError::Exists(id))) if id == "a"
+        ));
+        assert!(matches!(
+            reg.add_many_shared(&ids(&["c", "c"]), "s"),
+            Err(RegistryError::Format(FormatError::Exists(id))) if id == "c"
+        ));
+        assert!(matches!(
+            reg.add_many_shared(&ids(&["d", "no spaces"]), "s"),
+            Err(RegistryError::Format(FormatError::InvalidId(_)))
+        ));
+        assert_eq!(reg.ids(), ["a"]);
+        reg.add_many_shared(&ids(&["b", "c"]), "shared").unwrap();
+        assert_eq!(reg.ids(), ["a", "b", "c"]);
+        assert_eq!(reg.verify("c", "shared").unwrap(), Verdict::Valid);
+        assert_eq!(reg.verify("a", "shared").unwrap(), Verdict::WrongSecret);
     }
 
     #[test]
-    fn ids_are_checked() {
-        assert!(valid_device_id("ear-piece_1.a"));
-        assert!(!valid_device_id(""));
-        assert!(!valid_device_id("a b"));
-        assert!(!valid_device_id("a@b"));
-        assert!(!valid_device_id(&"x".repeat(65)));
+    fn an_unusable_hash_is_an_error_naming_the_file_and_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("devices.toml");
+        std::fs::write(&path, "[[device]]\nid = \"d1\"\nsecret_hash = \"plain\"\n").unwrap();
+        let reg = DeviceRegistry::open(&path);
+        let err = reg.verify("d1", "x").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("devices.toml") && text.contains("device d1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -541,9 +379,11 @@ mod tests {
         let path = dir.path().join("devices.toml");
         std::fs::write(&path, "[[device]]\nid = 3\n").unwrap();
         let reg = DeviceRegistry::open(&path);
-        assert!(matches!(
-            reg.refresh(),
-            Err(RegistryError::Malformed { .. })
-        ));
+        let err = reg.refresh().unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::Format(FormatError::Malformed { path: p, .. }) if p == &path),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("devices.toml"), "{err}");
     }
 }
