@@ -151,8 +151,9 @@ pub enum UaEvent {
 pub enum ClientEvent {
     /// A response (provisional or final; for INVITE, also later 2xx from forks).
     Response {
-        /// The response.
-        response: Response,
+        /// The response (boxed: an event queue allocates its slots up front, and a response
+        /// is far larger than the other variants).
+        response: Box<Response>,
         /// The dialog it created or belongs to.
         dialog: Option<DialogId>,
     },
@@ -867,6 +868,7 @@ async fn dispatch(
             response,
             dialog,
         } => {
+            let response = Box::new(response);
             to_call(calls, key, ClientEvent::Response { response, dialog });
             return;
         }

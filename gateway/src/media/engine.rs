@@ -47,6 +47,12 @@ pub const SINK_RETRY: Duration = Duration::from_millis(5);
 /// Most bind attempts (on ports another process holds) per relay start.
 const MAX_BIND_ATTEMPTS: usize = 16;
 const CONTROL_QUEUE: usize = 16;
+
+thread_local! {
+    /// The receive buffer of the relays running on this thread (see `RelayTask::read_packet`).
+    static RECV_BUFFER: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(vec![0u8; RECV_BUFFER_BYTES]);
+}
 const EVENT_QUEUE: usize = 16;
 
 /// Why the device link did not take a datagram.
@@ -305,7 +311,9 @@ impl MediaEngine {
             _ports: ports,
             live: LiveTask::new(Arc::clone(&self.shared.totals)),
         };
-        let handle = runtime.spawn(task.run());
+        // Boxed: the task's future then holds a pointer, not its own copy of the relay state
+        // (an async fn keeps its argument and the moved-in local side by side).
+        let handle = runtime.spawn(Box::new(task).run());
         Ok(MediaRelay {
             control: control_tx,
             input: DeviceInput {
@@ -522,9 +530,7 @@ struct RelayTask {
 }
 
 impl RelayTask {
-    async fn run(mut self) -> RelayStats {
-        let mut rtp_buf = vec![0u8; RECV_BUFFER_BYTES];
-        let mut rtcp_buf = vec![0u8; RECV_BUFFER_BYTES];
+    async fn run(mut self: Box<Self>) -> RelayStats {
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
         let timer = tokio::time::sleep_until(far);
         let retry = tokio::time::sleep_until(far);
@@ -555,23 +561,24 @@ impl RelayTask {
                     None | Some(Control::Stop) => break,
                     Some(control) => self.apply(control),
                 },
-                received = self.rtp.recv_from(&mut rtp_buf) => {
-                    if let Ok((len, source)) = received {
-                        self.on_packet(SocketKind::Rtp, &rtp_buf, len, source);
-                    }
-                    // Drain what else is waiting, handing each packet on before reading the
-                    // next so the small buffer toward the device never overflows in a burst.
-                    for _ in 1..BATCH {
-                        self.flush().await;
-                        match self.rtp.try_recv_from(&mut rtp_buf) {
-                            Ok((len, source)) => self.on_packet(SocketKind::Rtp, &rtp_buf, len, source),
-                            Err(_) => break,
+                ready = self.rtp.readable() => {
+                    if ready.is_ok() {
+                        // Drain what is waiting, handing each packet on before reading the
+                        // next so the small buffer toward the device never overflows in a
+                        // burst (a spurious wake-up reads nothing).
+                        for read in 0..BATCH {
+                            if read > 0 {
+                                self.flush().await;
+                            }
+                            if !self.read_packet(SocketKind::Rtp) {
+                                break;
+                            }
                         }
                     }
                 }
-                received = self.rtcp.recv_from(&mut rtcp_buf) => {
-                    if let Ok((len, source)) = received {
-                        self.on_packet(SocketKind::Rtcp, &rtcp_buf, len, source);
+                ready = self.rtcp.readable() => {
+                    if ready.is_ok() {
+                        self.read_packet(SocketKind::Rtcp);
                     }
                 }
                 Some((at, datagram)) = self.device_rx.recv() => {
@@ -601,6 +608,26 @@ impl RelayTask {
         self.sync_overflow();
         self.live.0.add_finished(&self.core);
         self.core.stats()
+    }
+
+    /// Reads one waiting packet from `socket` and handles it; false when none was waiting.
+    ///
+    /// The packet is read into the thread's receive buffer and handled before this returns, so
+    /// relays share a buffer per runtime thread instead of holding one each.
+    fn read_packet(&mut self, socket: SocketKind) -> bool {
+        RECV_BUFFER.with_borrow_mut(|buf| {
+            let received = match socket {
+                SocketKind::Rtp => self.rtp.try_recv_from(buf),
+                SocketKind::Rtcp => self.rtcp.try_recv_from(buf),
+            };
+            match received {
+                Ok((len, source)) => {
+                    self.on_packet(socket, buf, len, source);
+                    true
+                }
+                Err(_) => false,
+            }
+        })
     }
 
     fn on_packet(&mut self, socket: SocketKind, buf: &[u8], len: usize, source: SocketAddr) {
