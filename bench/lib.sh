@@ -3,6 +3,7 @@
 #
 #   build                       release binaries of the gateway and the simulator
 #   start_gateway NAME [TOML]   a gateway with its own data dir; sets GW_PID QUIC SIP FP GW_CONF
+#                               (runs $GW_BIN when set, else the release build)
 #                               (TOML: extra sections other than the base config's [node] [quic]
 #                               [sip] [media] [admin] [log]; per-IP QUIC limit raised to 50,000)
 #   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
@@ -53,7 +54,7 @@ listen = "127.0.0.1:0"
 level = "warn"
 $extra
 TOML
-  "$BIN/thalamus" --config "$GW_CONF" run --ready-file "$GW_DIR/ready.json" >/dev/null 2>"$GW_DIR/gw.log" &
+  "${GW_BIN:-$BIN/thalamus}" --config "$GW_CONF" run --ready-file "$GW_DIR/ready.json" >/dev/null 2>"$GW_DIR/gw.log" &
   GW_PID=$!
   PIDS+=("$GW_PID")
   for _ in $(seq 200); do [ -s "$GW_DIR/ready.json" ] && break; sleep 0.05; done

@@ -77,6 +77,13 @@ enum DeviceCommand {
     List,
 }
 
+/// With the `mimalloc` feature: per-thread free lists and no heap trimming, so the many small,
+/// short-lived allocations of a call do not grow and shrink glibc's arenas with `mprotect` (4
+/// syscalls per call with glibc's allocator). Less CPU, more memory: docs/benchmarks.md.
+#[cfg(all(feature = "mimalloc", not(feature = "dhat-heap")))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// With the `dhat-heap` feature every allocation goes through dhat's profiler.
 #[cfg(feature = "dhat-heap")]
 #[global_allocator]
