@@ -25,24 +25,10 @@ RESULTS=$WORK/results.txt
 
 run_with() { # allocator
   GW_BIN="$WORK/thalamus-$1" start_gateway "gw-$1-$RANDOM"
-  local secret
-  secret=$("$BIN/thalamus-sim" provision --devices "$DEVICES" --registry "$GW_DIR/data/devices.toml" 2>/dev/null)
-  local load=("$BIN/thalamus-sim" load --quiet --gateway "$QUIC" --fingerprint "$FP" --secret "$secret"
-              --devices "$DEVICES" --target "$TARGET")
-  "${load[@]}" --cps 50 --duration 1 --hold-ms 100 >/dev/null 2>&1 || true
-  local st=$GW_DIR/status json=$GW_DIR/report.json
-  "${load[@]}" --cps "$RATE" --duration "$SECS" --hold-ms "$HOLD_MS" --status-file "$st" --json "$json" >/dev/null 2>&1 &
-  local sim=$!
-  wait_phase "$st" calling
-  local t0; t0=$(cpu_ticks "$GW_PID")
-  wait_phase "$st" drained
-  local t1; t1=$(cpu_ticks "$GW_PID")
-  local rss; rss=$(rss_kib "$GW_PID")
-  wait "$sim" || true
-  stop_pid "$GW_PID"
+  measure_device_calls "$TARGET"
   local answered failed
-  answered=$(json_get "$json" "['answered']"); failed=$(json_get "$json" "['failed']")
-  echo "$1 $t0 $t1 $answered $failed $rss" >> "$RESULTS"
+  answered=$(json_get "$LOAD_JSON" "['answered']"); failed=$(json_get "$LOAD_JSON" "['failed']")
+  echo "$1 $LOAD_CPU_T0 $LOAD_CPU_T1 $answered $failed $LOAD_RSS" >> "$RESULTS"
 }
 
 for _ in $(seq "$ROUNDS"); do

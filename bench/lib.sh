@@ -7,6 +7,10 @@
 #                               (TOML: extra sections other than the base config's [node] [quic]
 #                               [sip] [media] [admin] [log]; per-IP QUIC limit raised to 50,000)
 #   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
+#   measure_device_calls TARGET DEVICES devices on the gateway just started call TARGET at RATE
+#                               for SECS, held HOLD_MS; stops the gateway; sets LOAD_JSON (the
+#                               simulator's report), LOAD_CPU_T0/T1 (gateway CPU ticks around
+#                               the calling window) and LOAD_RSS (KiB after it)
 #   start_sipp_uas PORT         SIPp's built-in uas; sets UAS_PID
 #   rss_kib PID / cpu_ticks PID from /proc
 #   wait_phase FILE PHASE [MIN_ANSWERED]   waits until `load --status-file` shows the phase
@@ -73,6 +77,27 @@ start_buddy() {
   PIDS+=("$BUDDY_PID")
   for _ in $(seq 100); do [ -s "$out" ] && break; sleep 0.05; done
   BUDDY_SIP=$(head -1 "$out" | python3 -c "import json,sys;print(json.loads(sys.stdin.readline())['sip'])")
+}
+
+measure_device_calls() {
+  local secret
+  secret=$("$BIN/thalamus-sim" provision --devices "$DEVICES" --registry "$GW_DIR/data/devices.toml" 2>/dev/null)
+  local load=("$BIN/thalamus-sim" load --quiet --gateway "$QUIC" --fingerprint "$FP" --secret "$secret"
+              --devices "$DEVICES" --target "$1")
+  # Warm-up: every device logs in (first logins pay the argon2 check) and calls a little.
+  "${load[@]}" --cps 50 --duration 1 --hold-ms 100 >/dev/null 2>&1 || true
+  local st=$GW_DIR/status
+  LOAD_JSON=$GW_DIR/report.json
+  "${load[@]}" --cps "$RATE" --duration "$SECS" --hold-ms "$HOLD_MS" --status-file "$st" \
+      --json "$LOAD_JSON" >/dev/null 2>&1 &
+  local sim=$!
+  wait_phase "$st" calling
+  LOAD_CPU_T0=$(cpu_ticks "$GW_PID")
+  wait_phase "$st" drained
+  LOAD_CPU_T1=$(cpu_ticks "$GW_PID")
+  LOAD_RSS=$(rss_kib "$GW_PID")
+  wait "$sim" || true
+  stop_pid "$GW_PID"
 }
 
 start_sipp_uas() {

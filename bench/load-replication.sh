@@ -32,22 +32,8 @@ TARGET="sip:load@$BUDDY_SIP"
 run_with() {
   local name=$1 toml=$2
   start_gateway "gw-${name//[^a-z0-9]/_}" "$toml"
-  local secret
-  secret=$("$BIN/thalamus-sim" provision --devices "$DEVICES" --registry "$GW_DIR/data/devices.toml" 2>/dev/null)
-  local load=("$BIN/thalamus-sim" load --quiet --gateway "$QUIC" --fingerprint "$FP" --secret "$secret"
-              --devices "$DEVICES" --target "$TARGET")
-  "${load[@]}" --cps 50 --duration 1 --hold-ms 100 >/dev/null 2>&1 || true
-  local st=$GW_DIR/status json=$GW_DIR/report.json
-  "${load[@]}" --cps "$RATE" --duration "$SECS" --hold-ms "$HOLD_MS" --status-file "$st" --json "$json" >/dev/null 2>&1 &
-  local sim=$!
-  wait_phase "$st" calling
-  local t0; t0=$(cpu_ticks "$GW_PID")
-  wait_phase "$st" drained
-  local t1; t1=$(cpu_ticks "$GW_PID")
-  local rss; rss=$(rss_kib "$GW_PID")
-  wait "$sim" || true
-  stop_pid "$GW_PID"
-  python3 - "$json" "$name" "$t0" "$t1" "$HZ" "$rss" >> "$TABLE" <<'PY'
+  measure_device_calls "$TARGET"
+  python3 - "$LOAD_JSON" "$name" "$LOAD_CPU_T0" "$LOAD_CPU_T1" "$HZ" "$LOAD_RSS" >> "$TABLE" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); name = sys.argv[2]
 cpu = (int(sys.argv[4]) - int(sys.argv[3])) / int(sys.argv[5])
