@@ -152,6 +152,9 @@ impl ClusterConfig {
         if self.store.commit_interval_ms > 1_000 {
             return bad("cluster.store.commit_interval_ms", "must be at most 1000");
         }
+        if !(1..=65_536).contains(&self.store.cache_mib) {
+            return bad("cluster.store.cache_mib", "must be 1-65536");
+        }
         if let Some(hb) = &self.heartbeat {
             if hb.interval_ms < 10 {
                 return bad("cluster.heartbeat.interval_ms", "must be at least 10");
@@ -251,5 +254,10 @@ mod tests {
             c.validate().unwrap_err().key,
             "cluster.store.commit_interval_ms"
         );
+        for cache_mib in [0, 65_537] {
+            let mut c = ClusterConfig::default();
+            c.store.cache_mib = cache_mib;
+            assert_eq!(c.validate().unwrap_err().key, "cluster.store.cache_mib");
+        }
     }
 }

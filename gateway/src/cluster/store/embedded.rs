@@ -9,7 +9,8 @@
 //! would follow the previous one sooner waits for the rest of the interval and takes every
 //! write queued by then: at a high write rate the fsyncs are capped at one per interval, and at
 //! a low rate nothing waits. Reads run on tokio's blocking pool against redb's MVCC read transactions and
-//! never wait for the writer.
+//! never wait for the writer. redb's page cache is bounded by [`EmbeddedOptions::cache_bytes`]
+//! (`[cluster.store] cache_mib`; redb's own default would be 1 GiB).
 //!
 //! Tables: `dialogs_v1` (storage key → 8-byte big-endian expiry time, then the record's JSON),
 //! `by_device_v1` and `by_owner_v1` (multimaps to storage keys, live records only), and
@@ -107,6 +108,28 @@ fn storage_error(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Backend(format!("redb: {}", e.into()))
 }
 
+/// The embedded store's own options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// Group commits: at most one commit per this long (see the module documentation); zero
+    /// commits as soon as a write is queued.
+    pub commit_interval: Duration,
+    /// The most memory redb's page cache may hold.
+    pub cache_bytes: usize,
+}
+
+/// Default page cache: 64 MiB, room for the pages of some 50,000 dialogs.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        Self {
+            commit_interval: Duration::ZERO,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
 impl EmbeddedDialogStore {
     /// Opens (or creates) the store file at `path`, creating its folder and tables, and starts
     /// the writer thread.
@@ -115,18 +138,22 @@ impl EmbeddedDialogStore {
         settings: StoreSettings,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
-        Self::open_with_commit_interval(path, settings, clock, Duration::ZERO).await
+        Self::open_with(path, settings, clock, EmbeddedOptions::default()).await
     }
 
-    /// [`EmbeddedDialogStore::open`] with group commits at most once per `commit_interval`
-    /// (see the module documentation; zero commits as soon as a write is queued).
-    pub async fn open_with_commit_interval(
+    /// [`EmbeddedDialogStore::open`] with the embedded store's own options (group commits and
+    /// the page cache).
+    pub async fn open_with(
         path: &Path,
         settings: StoreSettings,
         clock: Arc<dyn Clock>,
-        commit_interval: Duration,
+        options: EmbeddedOptions,
     ) -> Result<Self, StoreError> {
         settings.validate()?;
+        let EmbeddedOptions {
+            commit_interval,
+            cache_bytes,
+        } = options;
         let owned = path.to_path_buf();
         let db = tokio::task::spawn_blocking(move || -> Result<Database, StoreError> {
             if let Some(parent) = owned.parent() {
@@ -136,9 +163,12 @@ impl EmbeddedDialogStore {
                     })?;
                 }
             }
-            let db = Database::create(&owned).map_err(|e| {
-                StoreError::Backend(format!("open dialog store {}: {e}", owned.display()))
-            })?;
+            let db = Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&owned)
+                .map_err(|e| {
+                    StoreError::Backend(format!("open dialog store {}: {e}", owned.display()))
+                })?;
             let txn = db.begin_write().map_err(storage_error)?;
             txn.open_table(DIALOGS).map_err(storage_error)?;
             txn.open_multimap_table(BY_DEVICE).map_err(storage_error)?;
@@ -829,11 +859,14 @@ mod tests {
         clock: &ManualClock,
         interval: Duration,
     ) -> EmbeddedDialogStore {
-        EmbeddedDialogStore::open_with_commit_interval(
+        EmbeddedDialogStore::open_with(
             &dir.join("d.redb"),
             StoreSettings::default(),
             Arc::new(clock.clone()),
-            interval,
+            EmbeddedOptions {
+                commit_interval: interval,
+                ..EmbeddedOptions::default()
+            },
         )
         .await
         .unwrap()
@@ -870,6 +903,55 @@ mod tests {
             settings: StoreSettings::default(),
         };
         conformance::run_all(&s, harness).await.unwrap();
+        s.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_larger_than_its_page_cache_reads_back_every_dialog() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(conformance::START_MS);
+        let path = dir.path().join("d.redb");
+        let small = EmbeddedOptions {
+            cache_bytes: 256 << 10,
+            ..EmbeddedOptions::default()
+        };
+        let open_small = || {
+            EmbeddedDialogStore::open_with(
+                &path,
+                StoreSettings::default(),
+                Arc::new(clock.clone()),
+                small,
+            )
+        };
+        let s = open_small().await.unwrap();
+        let records: Vec<_> = (0..3_000)
+            .map(|i| {
+                conformance::record(&format!("cache-{i}"), &format!("dev-{}", i % 50), "node-a")
+            })
+            .collect();
+        for chunk in records.chunks(500) {
+            let ops = chunk
+                .iter()
+                .map(|record| WriteOp::Put {
+                    record: record.clone(),
+                    expected_version: None,
+                })
+                .collect();
+            assert!(s.write_batch_now(ops).await.unwrap().iter().all(Result::is_ok));
+        }
+        s.close().await.unwrap();
+        // Far more than 256 KiB on disk; reopened with the same cache, everything reads back.
+        assert!(std::fs::metadata(&path).unwrap().len() > 1 << 20);
+        let s = open_small().await.unwrap();
+        for record in records.iter().step_by(7) {
+            let stored = s
+                .get(&record.key)
+                .await
+                .unwrap()
+                .expect("a dialog is missing");
+            assert_eq!(stored.key, record.key);
+        }
+        assert_eq!(s.list_by_device("dev-7").await.unwrap().len(), 60);
         s.close().await.unwrap();
     }
 

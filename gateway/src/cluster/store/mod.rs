@@ -297,6 +297,10 @@ pub struct DialogStoreConfig {
     /// confirmed dialog waits at most this long longer before it is on disk.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+    /// The embedded store's page cache, in MiB (default 64; 1 to 65536). Reads of pages not in
+    /// it go to the file (the OS page cache).
+    #[serde(default = "default_cache_mib")]
+    pub cache_mib: u64,
 }
 
 /// The store backends.
@@ -324,6 +328,10 @@ fn default_commit_interval_ms() -> u64 {
     20
 }
 
+fn default_cache_mib() -> u64 {
+    (embedded::DEFAULT_CACHE_BYTES >> 20) as u64
+}
+
 fn default_embedded_path() -> PathBuf {
     PathBuf::from("dialogs.redb")
 }
@@ -337,6 +345,7 @@ impl Default for DialogStoreConfig {
             path: default_embedded_path(),
             redis: redis::RedisStoreConfig::default(),
             commit_interval_ms: default_commit_interval_ms(),
+            cache_mib: default_cache_mib(),
         }
     }
 }
@@ -368,11 +377,15 @@ pub async fn open_dialog_store(
                 data_dir.join(&config.path)
             };
             Arc::new(
-                embedded::EmbeddedDialogStore::open_with_commit_interval(
+                embedded::EmbeddedDialogStore::open_with(
                     &path,
                     settings,
                     clock,
-                    Duration::from_millis(config.commit_interval_ms),
+                    embedded::EmbeddedOptions {
+                        commit_interval: Duration::from_millis(config.commit_interval_ms),
+                        cache_bytes: usize::try_from(config.cache_mib.saturating_mul(1 << 20))
+                            .unwrap_or(usize::MAX),
+                    },
                 )
                 .await?,
             )
@@ -399,6 +412,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.backend, StoreBackend::Redis);
         assert_eq!(c.settings().tombstone_ttl, Duration::from_secs(5));
+        assert_eq!(c.cache_mib, 64);
+        let c: DialogStoreConfig = toml::from_str("cache_mib = 8").unwrap();
+        assert_eq!(c.cache_mib, 8);
         assert!(toml::from_str::<DialogStoreConfig>("backend = \"etcd\"").is_err());
         assert!(toml::from_str::<DialogStoreConfig>("ttl = 3").is_err());
     }
