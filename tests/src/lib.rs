@@ -7,6 +7,9 @@
 
 pub mod cluster;
 pub mod fleet;
+pub mod sipp;
+
+pub use sipp::{scenario, sipp, SippFiles, SippOutcome, SippProcess};
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -333,6 +336,21 @@ impl Sim {
         })
     }
 
+    /// Spawns `thalamus-sim buddy --listen 127.0.0.1:0 <extra>` (the simulator's SIP peer) and
+    /// waits up to `timeout` for it to listen; returns it and its SIP port.
+    pub fn buddy(extra: &[&str], timeout: Duration) -> anyhow::Result<(Self, u16)> {
+        let mut args = vec!["buddy", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut sim = Self::spawn(&args)?;
+        let listening = sim.wait_event("listening", timeout)?;
+        let port = listening["sip"]
+            .as_str()
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|port| port.parse().ok())
+            .with_context(|| format!("no SIP port in {listening}"))?;
+        Ok((sim, port))
+    }
+
     /// `thalamus-sim connect` for `device` against `gw`, plus `extra` args.
     pub fn connect(
         gw: &Gateway,
@@ -388,33 +406,6 @@ impl Sim {
             }
         }
     }
-}
-
-/// The `sipp` command; fails the test with a hint when SIPp is not installed.
-pub fn sipp() -> Command {
-    assert!(
-        Command::new("sipp").arg("-v").output().is_ok(),
-        "SIPp is not installed: run scripts/install-peers (Debian package sip-tester)"
-    );
-    Command::new("sipp")
-}
-
-/// Path of a SIPp scenario kept in `tests/scenarios/`.
-pub fn scenario(name: &str) -> String {
-    format!("{}/scenarios/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// SIPp's final counters from its last statistics screen: (successful, failed).
-pub fn sipp_counts(output: &str) -> (u64, u64) {
-    let value = |label: &str| -> u64 {
-        output
-            .lines()
-            .rev()
-            .filter(|l| l.trim_start().starts_with(label))
-            .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {label:?} in SIPp's output:\n{output}"))
-    };
-    (value("Successful call"), value("Failed call"))
 }
 
 /// Picks a free UDP port on loopback (bound then released).

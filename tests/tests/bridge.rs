@@ -3,17 +3,22 @@
 //! both ways, and the SIP statuses reach the device as the protocol maps them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, sipp_counts, Gateway, Proc, Sim};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
 
+/// How long a SIPp client may run: its own `-timeout` (60 s), then time to print its
+/// statistics and exit; past it SIPp is killed.
+const SIPP_WAIT: Duration = Duration::from_secs(90);
+
 /// Runs SIPp as a client toward the gateway and returns (successful, failed).
 fn sipp_client(gw: &Gateway, args: &[&str]) -> (u64, u64) {
-    let out = sipp()
+    let mut command = sipp();
+    command
         .args(args)
         .args([
             "-i",
@@ -24,11 +29,8 @@ fn sipp_client(gw: &Gateway, args: &[&str]) -> (u64, u64) {
             "-timeout_error",
         ])
         .args(["-p", &free_udp_port().unwrap().to_string()])
-        .arg(gw.sip.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    sipp_counts(&String::from_utf8_lossy(&out.stdout))
+        .arg(gw.sip.to_string());
+    SippProcess::spawn(command).wait(SIPP_WAIT).counts()
 }
 
 fn login_args<'a>(
@@ -60,19 +62,7 @@ fn device(gw: &Gateway, command: &str, device: &str, secret: &str, extra: &[&str
 }
 
 fn buddy(extra: &[&str]) -> (Sim, u16) {
-    let mut args = vec!["buddy", "--listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let mut sim = Sim::spawn(&args).unwrap();
-    let ev = sim.wait_event("listening", T).unwrap();
-    let port = ev["sip"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    (sim, port)
+    Sim::buddy(extra, T).unwrap()
 }
 
 fn call_event(sim: &mut Sim, state: &str) -> Value {
@@ -85,23 +75,17 @@ fn device_calls_sipp_uas_200_times() {
     let gw = Gateway::start("").unwrap();
     let secret = gw.add_device("caller").unwrap();
     let port = free_udp_port().unwrap();
-    let mut uas = Proc {
-        child: sipp()
-            .args([
-                "-sn",
-                "uas",
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-nostdin",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    };
+    let mut command = sipp();
+    command.args([
+        "-sn",
+        "uas",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-nostdin",
+    ]);
+    let mut uas = SippProcess::spawn(command);
     std::thread::sleep(Duration::from_millis(300));
     let target = format!("sip:service@127.0.0.1:{port}");
     let quic = gw.quic.to_string();
@@ -490,7 +474,8 @@ fn a_call_waits_for_its_device_to_log_in_and_times_out_without_it() {
         let sip = gw.sip;
         let port = free_udp_port().unwrap();
         std::thread::spawn(move || {
-            let out = sipp()
+            let mut command = sipp();
+            command
                 .args([
                     "-sn",
                     "uac",
@@ -503,11 +488,11 @@ fn a_call_waits_for_its_device_to_log_in_and_times_out_without_it() {
                 ])
                 .args(["-nostdin", "-timeout", "30s", "-timeout_error"])
                 .args(["-p", &port.to_string()])
-                .arg(sip.to_string())
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            sipp_counts(&String::from_utf8_lossy(&out.stdout))
+                .arg(sip.to_string());
+            // SIPp's own timeout (30 s), then time to print its statistics and exit.
+            SippProcess::spawn(command)
+                .wait(Duration::from_secs(60))
+                .counts()
         })
     };
     std::thread::sleep(Duration::from_millis(500));

@@ -10,12 +10,11 @@
 //! for ports (the relay would retry, but a test should not depend on that).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use thalamus_tests::{free_udp_port, scenario, sipp, sipp_counts, Gateway, Proc, Sim};
+use thalamus_tests::{free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
 
 const T: Duration = Duration::from_secs(30);
 /// The capture SIPp plays (Debian package sip-tester): PCMA, 236 packets of 240 bytes.
@@ -52,17 +51,7 @@ fn spawn(command: &str, login: Vec<String>, extra: &[&str]) -> Sim {
 
 /// `thalamus-sim buddy --echo`: (process, SIP port).
 fn echo_buddy() -> (Sim, u16) {
-    let mut sim = Sim::spawn(&["buddy", "--listen", "127.0.0.1:0", "--echo"]).unwrap();
-    let ev = sim.wait_event("listening", T).unwrap();
-    let port = ev["sip"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    (sim, port)
+    Sim::buddy(&["--echo"], T).unwrap()
 }
 
 fn u(v: &Value, key: &str) -> u64 {
@@ -215,7 +204,8 @@ fn sipp_plays_a_capture_that_reaches_the_listening_device_intact() {
         &["--calls", "1", "--echo"],
     );
     listener.wait_event("welcome", T).unwrap();
-    let out = sipp()
+    let mut command = sipp();
+    command
         .args([
             "-sf",
             &scenario("media_uac_pcap.xml"),
@@ -228,12 +218,10 @@ fn sipp_plays_a_capture_that_reaches_the_listening_device_intact() {
         .args(["-p", &free_udp_port().unwrap().to_string()])
         .args(["-mp", &free_udp_port().unwrap().to_string()])
         .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
-        .arg(gw.sip.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(sipp_counts(&stdout), (1, 0), "{stdout}");
+        .arg(gw.sip.to_string());
+    // SIPp's own timeout (60 s), then time to print its statistics and exit.
+    let outcome = SippProcess::spawn(command).wait(Duration::from_secs(90));
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
 
     let incoming = listener.wait_event("incoming_call", T).unwrap();
     assert_eq!(
@@ -274,23 +262,18 @@ fn device_media_comes_back_from_sipp_rtp_echo() {
     let secret = gw.add_device("alice").unwrap();
     let sip_port = free_udp_port().unwrap();
     let media_port = free_udp_port().unwrap();
-    let _uas = Proc {
-        child: sipp()
-            .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &sip_port.to_string()])
-            .args([
-                "-mi",
-                "127.0.0.1",
-                "-mp",
-                &media_port.to_string(),
-                "-rtp_echo",
-            ])
-            .arg("-nostdin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    };
+    let mut command = sipp();
+    command
+        .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &sip_port.to_string()])
+        .args([
+            "-mi",
+            "127.0.0.1",
+            "-mp",
+            &media_port.to_string(),
+            "-rtp_echo",
+        ])
+        .arg("-nostdin");
+    let _uas = SippProcess::spawn(command);
     std::thread::sleep(Duration::from_millis(300));
     let target = format!("sip:service@127.0.0.1:{sip_port}");
     let mut sim = spawn(

@@ -7,31 +7,12 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, sipp_counts, Proc, Sim};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, Sim, SippProcess};
 
 const CALLS: u32 = 500;
 
-/// Starts `thalamus-sim buddy` on a free port; returns it and its SIP port.
-fn buddy(extra: &[&str]) -> (Sim, u16) {
-    let mut args = vec!["buddy", "--listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let mut sim = Sim::spawn(&args).unwrap();
-    let listening = sim
-        .wait_event("listening", Duration::from_secs(10))
-        .unwrap();
-    let port = listening["sip"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    (sim, port)
-}
-
 fn sipp_uac_against_buddy(tcp: bool) {
-    let (_buddy, port) = buddy(&[]);
+    let (_buddy, port) = Sim::buddy(&[], Duration::from_secs(10)).unwrap();
     let mut cmd = sipp();
     cmd.args(["-sn", "uac", "-s", "bob", "-i", "127.0.0.1", "-nostdin"])
         .args(["-m", &CALLS.to_string(), "-r", "200", "-l", "100"])
@@ -41,11 +22,16 @@ fn sipp_uac_against_buddy(tcp: bool) {
     if tcp {
         cmd.args(["-t", "t1"]);
     }
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (ok, failed) = sipp_counts(&text);
-    assert_eq!((ok, failed), (u64::from(CALLS), 0), "{text}");
-    assert!(out.status.success(), "SIPp exit status {:?}", out.status);
+    // SIPp's own timeout (60 s), then time to print its statistics and exit.
+    let outcome = SippProcess::spawn(cmd).wait(Duration::from_secs(90));
+    let (ok, failed) = outcome.counts();
+    assert_eq!((ok, failed), (u64::from(CALLS), 0), "{}", outcome.report());
+    assert!(
+        outcome.status.is_some_and(|s| s.success()),
+        "SIPp exit status {:?}\n{}",
+        outcome.status,
+        outcome.report()
+    );
 }
 
 #[test]
@@ -58,19 +44,19 @@ fn stack_uas_answers_sipp_uac_over_tcp() {
     sipp_uac_against_buddy(true);
 }
 
-fn sipp_server(args: &[&str]) -> (Proc, u16) {
+/// How long a SIPp server has to finish its calls once the stack's calls are done.
+const SERVER_WAIT: Duration = Duration::from_secs(30);
+
+fn sipp_server(args: &[&str]) -> (SippProcess, u16) {
     let port = free_udp_port().unwrap();
-    let child = sipp()
+    let mut command = sipp();
+    command
         .args(args)
-        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-nostdin"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-nostdin"]);
+    let server = SippProcess::spawn(command);
     // SIPp binds at once; give it a moment.
     std::thread::sleep(Duration::from_millis(300));
-    (Proc { child }, port)
+    (server, port)
 }
 
 fn sip_call(target: &str, calls: u32, extra: &[&str]) -> (bool, serde_json::Value) {
@@ -93,16 +79,6 @@ fn sip_call(target: &str, calls: u32, extra: &[&str]) -> (bool, serde_json::Valu
     (out.status.success(), report)
 }
 
-fn finish_sipp(mut server: Proc) -> String {
-    use std::io::Read;
-    let _ = server.wait_exit(Duration::from_secs(30));
-    let mut text = String::new();
-    if let Some(mut out) = server.child.stdout.take() {
-        let _ = out.read_to_string(&mut text);
-    }
-    text
-}
-
 #[test]
 fn stack_uac_calls_sipp_uas() {
     let (server, port) = sipp_server(&["-sn", "uas", "-m", &CALLS.to_string()]);
@@ -110,8 +86,13 @@ fn stack_uac_calls_sipp_uas() {
     assert!(ok, "{report}");
     assert_eq!(report["succeeded"], u64::from(CALLS), "{report}");
     assert_eq!(report["failed"], 0, "{report}");
-    let text = finish_sipp(server);
-    assert_eq!(sipp_counts(&text), (u64::from(CALLS), 0), "{text}");
+    let outcome = server.wait(SERVER_WAIT);
+    assert_eq!(
+        outcome.counts(),
+        (u64::from(CALLS), 0),
+        "{}",
+        outcome.report()
+    );
 }
 
 #[test]
@@ -127,8 +108,13 @@ fn stack_uac_answers_a_sipp_digest_challenge() {
     );
     assert!(ok, "{report}");
     assert_eq!(report["succeeded"], u64::from(calls), "{report}");
-    let text = finish_sipp(server);
-    assert_eq!(sipp_counts(&text), (u64::from(calls), 0), "{text}");
+    let outcome = server.wait(SERVER_WAIT);
+    assert_eq!(
+        outcome.counts(),
+        (u64::from(calls), 0),
+        "{}",
+        outcome.report()
+    );
 
     // The scenario really checks the credentials: a wrong password is refused (403).
     let (server, port) = sipp_server(&["-sf", &scenario("uas_digest.xml"), "-m", "1"]);
@@ -142,6 +128,6 @@ fn stack_uac_answers_a_sipp_digest_challenge() {
         report["first_failure"].as_str().unwrap().contains("403"),
         "{report}"
     );
-    let text = finish_sipp(server);
-    assert_eq!(sipp_counts(&text), (0, 1), "{text}");
+    let outcome = server.wait(SERVER_WAIT);
+    assert_eq!(outcome.counts(), (0, 1), "{}", outcome.report());
 }
