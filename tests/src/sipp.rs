@@ -6,7 +6,7 @@
 //! It does not choose SIPp's arguments (each test keeps its scenario, rate, SIPp timeout and
 //! target) nor interpret more of SIPp's output than its final call counters.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -64,11 +64,6 @@ impl SippFiles {
     /// is read from it.
     pub fn message_file(&self) -> PathBuf {
         self.dir.path().join("messages.log")
-    }
-
-    /// The run's directory.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

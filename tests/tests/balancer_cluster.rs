@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use serde_json::Value;
 use thalamus_gateway::balancer::{owner, NodeId};
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
 use thalamus_tests::fleet::{Fleet, FleetConfig, FleetEventKind, FleetNode};
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
 /// Heartbeat interval of the nodes and the balancer.
@@ -229,14 +229,6 @@ fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path) -> St
     )
 }
 
-/// A running SIPp client calling the devices of the injection file in order.
-struct SippRun {
-    child: Child,
-    dir: tempfile::TempDir,
-    /// Just before SIPp was started: call `i` leaves no earlier than `i / rate` after this.
-    started: Instant,
-}
-
 /// What SIPp reported.
 struct SippResult {
     ok: u64,
@@ -312,12 +304,12 @@ fn aborted_calls(errors: &str) -> Vec<AbortedCall> {
     out
 }
 
-impl SippRun {
-    fn start(cluster: &Cluster, calls: u32, rate: u32, pause_ms: u32) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::fs::File::create(dir.path().join("sipp.out")).unwrap();
-        let started = Instant::now();
-        let child = sipp()
+/// Starts a SIPp client calling the devices of the injection file in order. Its
+/// [`SippProcess::started`]: call `i` leaves no earlier than `i / rate` after it.
+fn start_sipp(cluster: &Cluster, calls: u32, rate: u32, pause_ms: u32) -> SippProcess {
+    SippProcess::spawn_with(|files| {
+        let mut command = sipp();
+        command
             .arg("-sf")
             .arg(scenario("lb_uac_calls.xml"))
             .arg("-inf")
@@ -328,57 +320,27 @@ impl SippRun {
             .args(["-timeout", "120s", "-timeout_error"])
             .args(["-p", &free_udp_port().unwrap().to_string()])
             .args(["-trace_err", "-error_file"])
-            .arg(dir.path().join("errors.log"))
-            .arg(cluster.balancer.sip.to_string())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            dir,
-            started,
-        }
-    }
+            .arg(files.error_file())
+            .arg(cluster.balancer.sip.to_string());
+        command
+    })
+}
 
-    fn finish(mut self) -> SippResult {
-        let deadline = Instant::now() + Duration::from_secs(150);
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let output = std::fs::read_to_string(self.dir.path().join("sipp.out")).unwrap_or_default();
-        let errors =
-            std::fs::read_to_string(self.dir.path().join("errors.log")).unwrap_or_default();
-        let count = |label: &str| -> u64 {
-            output
-                .lines()
-                .rev()
-                .filter(|l| l.trim_start().starts_with(label))
-                .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let screen = last_scenario_screen(&output);
-        let aborted = aborted_calls(&errors);
-        SippResult {
-            aborted,
-            ok: count("Successful call"),
-            failed: count("Failed call"),
-            invite_retransmissions: retransmissions(&screen, "INVITE ---"),
-            bye_retransmissions: retransmissions(&screen, "BYE ---"),
-            report: format!(
-                "SIPp's scenario screen:\n{screen}\nSIPp's errors (tail):\n{}",
-                tail(&errors, 40)
-            ),
-        }
+/// Waits up to 150 s for the SIPp run to end; what it reported.
+fn finish(run: SippProcess) -> SippResult {
+    let outcome = run.wait(Duration::from_secs(150));
+    let screen = last_scenario_screen(&outcome.output);
+    SippResult {
+        aborted: aborted_calls(&outcome.errors),
+        ok: outcome.successful,
+        failed: outcome.failed,
+        invite_retransmissions: retransmissions(&screen, "INVITE ---"),
+        bye_retransmissions: retransmissions(&screen, "BYE ---"),
+        report: format!(
+            "{}\nSIPp's scenario screen:\n{screen}\nSIPp's errors (tail):\n{}",
+            outcome.ending(),
+            tail(&outcome.errors, 40)
+        ),
     }
 }
 
@@ -449,8 +411,8 @@ fn a_thousand_calls_split_by_the_device_hash() {
     let _serial = serial();
     let cluster = Cluster::start();
     const CALLS: u32 = 1_000;
-    let run = SippRun::start(&cluster, CALLS, 100, 200);
-    let result = run.finish();
+    let run = start_sipp(&cluster, CALLS, 100, 200);
+    let result = finish(run);
     assert_eq!(
         (result.ok, result.failed),
         (u64::from(CALLS), 0),
@@ -543,8 +505,8 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
     let session_before = cluster.balancer.node(b)["session"].clone();
     assert!(session_before.is_string(), "{session_before}");
 
-    let run = SippRun::start(&cluster, CALLS, RATE, 200);
-    let sipp_started = run.started;
+    let run = start_sipp(&cluster, CALLS, RATE, 200);
+    let sipp_started = run.started();
     std::thread::sleep(Duration::from_secs(8));
     let b_incoming_before = cluster.incoming(1);
     let killed_unix = unix_now();
@@ -566,7 +528,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
     let events = cluster.fleet.events();
     let move_ms = login_delays(&events, &b_devices, killed_at, a);
     let moved_all = Duration::from_millis(*move_ms.last().unwrap() as u64);
-    let result = run.finish();
+    let result = finish(run);
 
     // No call reached B after its death (the fleet's own check), and the calls to B's devices
     // placed after they all moved (with a second to spare) were all answered on A: call i
@@ -695,7 +657,7 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
     const RATE: u32 = 20;
     let (a, b) = (NODE_IDS[0], NODE_IDS[1]);
     let b_devices = cluster.devices_of(b);
-    let run = SippRun::start(&cluster, CALLS, RATE, 3_000);
+    let run = start_sipp(&cluster, CALLS, RATE, 3_000);
     std::thread::sleep(Duration::from_secs(4));
 
     let (status, body) = http_request(cluster.node(1).admin, "POST", "/drain").unwrap();
@@ -713,7 +675,7 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
     let b_incoming_at_drain = cluster.incoming(1);
     let cutoff = Instant::now();
 
-    let result = run.finish();
+    let result = finish(run);
     // Nothing failed: the calls B had in progress completed there, and a new call to one of
     // B's idle devices while the device moves (the balancer sends it to A at once; the device
     // gets its goodbye at B's next ownership sweep, logs in at B again, is redirected and logs

@@ -27,7 +27,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ use thalamus_proto::v1::{
 };
 use thalamus_sim::device::DeviceConnection;
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
 /// Heartbeat interval of the nodes and the balancer: a node is out 350 ms after its death.
@@ -146,8 +146,8 @@ impl Cluster {
     }
 
     /// What the processes said, for a failed assertion.
-    fn dump(&self, run: SippRun) -> String {
-        let (ok, failed, report, _) = run.finish();
+    fn dump(&self, run: SippProcess) -> String {
+        let (ok, failed, report, _) = finish(run);
         format!(
             "SIPp: {ok} ok, {failed} failed\n{report}\nA's log:\n{}\nB's log:\n{}",
             self.a.as_ref().map(|a| tail(&a.log())).unwrap_or_default(),
@@ -212,75 +212,38 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// A running SIPp client.
-struct SippRun {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl SippRun {
-    fn start(scenario_file: &str, target: SocketAddr, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::fs::File::create(dir.path().join("sipp.out")).unwrap();
-        let child = sipp()
+/// Starts a SIPp client placing one call of `scenario_file` to the device through `target`,
+/// with its error log and message trace.
+fn start_sipp(scenario_file: &str, target: SocketAddr, extra: &[&str]) -> SippProcess {
+    SippProcess::spawn_with(|files| {
+        let mut command = sipp();
+        command
             .arg("-sf")
             .arg(scenario(scenario_file))
             .args(["-s", DEVICE, "-m", "1", "-i", "127.0.0.1", "-nostdin"])
             .args(["-timeout", "30s", "-timeout_error"])
             .args(["-p", &free_udp_port().unwrap().to_string()])
             .args(["-trace_err", "-error_file"])
-            .arg(dir.path().join("errors.log"))
+            .arg(files.error_file())
             .args(["-trace_msg", "-message_file"])
-            .arg(dir.path().join("messages.log"))
+            .arg(files.message_file())
             .args(extra)
-            .arg(target.to_string())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Self { child, dir }
-    }
+            .arg(target.to_string());
+        command
+    })
+}
 
-    /// Waits for SIPp to exit; returns (successful, failed), a report for assertion messages
-    /// and SIPp's message trace.
-    fn finish(mut self) -> (u64, u64, String, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let output = std::fs::read_to_string(self.dir.path().join("sipp.out")).unwrap_or_default();
-        let errors =
-            std::fs::read_to_string(self.dir.path().join("errors.log")).unwrap_or_default();
-        let messages = self.messages();
-        let count = |label: &str| -> u64 {
-            output
-                .lines()
-                .rev()
-                .filter(|l| l.trim_start().starts_with(label))
-                .find_map(|l| l.rsplit('|').next()?.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let report = format!("SIPp errors:\n{errors}\nSIPp messages:\n{messages}");
-        (
-            count("Successful call"),
-            count("Failed call"),
-            report,
-            messages,
-        )
-    }
-
-    fn messages(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("messages.log")).unwrap_or_default()
-    }
+/// Waits up to 60 s for SIPp to exit; returns (successful, failed), a report for assertion
+/// messages and SIPp's message trace.
+fn finish(run: SippProcess) -> (u64, u64, String, String) {
+    let outcome = run.wait(Duration::from_secs(60));
+    let report = format!(
+        "{}\nSIPp errors:\n{}\nSIPp messages:\n{}",
+        outcome.ending(),
+        outcome.errors,
+        outcome.messages
+    );
+    (outcome.successful, outcome.failed, report, outcome.messages)
 }
 
 /// The CSeq numbers of the requests of `method` SIPp received, in order.
@@ -525,9 +488,9 @@ fn failover_calls(calls: u32, ending: Ending) {
         let run = match ending {
             // The BYE leaves 800 ms after the ACK: node A is dead and out of the balancer by then.
             Ending::PeerBye => {
-                SippRun::start("uac_failover_bye.xml", cluster.balancer.sip, &["-d", "800"])
+                start_sipp("uac_failover_bye.xml", cluster.balancer.sip, &["-d", "800"])
             }
-            Ending::DeviceHangup => SippRun::start("uac_wait_bye.xml", cluster.balancer.sip, &[]),
+            Ending::DeviceHangup => start_sipp("uac_wait_bye.xml", cluster.balancer.sip, &[]),
         };
         let Some(call_ref) = device.incoming_call() else {
             panic!("call {i}: no incoming call\n{}", cluster.dump(run));
@@ -557,7 +520,7 @@ fn failover_calls(calls: u32, ending: Ending) {
             cluster.balancer.wait_eligible(&cluster.a_id, false);
             on_b.hangup(call_ref);
         }
-        let (ok, failed, report, _) = run.finish();
+        let (ok, failed, report, _) = finish(run);
         if (ok, failed) != (1, 0) {
             failures.push(i);
             panic!(
@@ -630,7 +593,7 @@ fn media_follows_the_takeover_and_a_frozen_node_gives_way() {
     // A long lease: node B may claim only because it is asked to (admin API).
     let cluster = Cluster::start(30_000);
     let mut device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
-    let run = SippRun::start("uac_media_follows.xml", cluster.balancer.sip, &[]);
+    let run = start_sipp("uac_media_follows.xml", cluster.balancer.sip, &[]);
     let Some(call_ref) = device.incoming_call() else {
         panic!("no incoming call\n{}", cluster.dump(run));
     };
@@ -720,7 +683,7 @@ fn media_follows_the_takeover_and_a_frozen_node_gives_way() {
     // Node B ends the call (UAC mode, admin): SIPp gets B's BYE.
     let (status, body) = http_request(cluster.b.admin, "POST", &format!("{path}/bye")).unwrap();
     assert_eq!(status, 202, "{body}");
-    let (ok, failed, report, messages) = run.finish();
+    let (ok, failed, report, messages) = finish(run);
     assert_eq!(
         (ok, failed),
         (1, 0),
@@ -756,7 +719,7 @@ fn single_node_on_the_embedded_store_answers_the_bye_after_a_restart() {
     let gw = Gateway::start(&extra).unwrap();
     let secret = gw.add_device(DEVICE).unwrap();
     let mut device = DeviceAgent::connect(&gw, &secret, &[]).unwrap();
-    let run = SippRun::start("uac_failover_bye.xml", gw.sip, &["-d", "3000"]);
+    let run = start_sipp("uac_failover_bye.xml", gw.sip, &["-d", "3000"]);
     let call_ref = device.incoming_call().expect("an incoming call");
     device.call_event(call_ref, CallState::Answered);
     // The record is in the embedded store once the ACK is processed.
@@ -772,7 +735,7 @@ fn single_node_on_the_embedded_store_answers_the_bye_after_a_restart() {
     let dir = gw.kill();
     drop(device);
     let gw = Gateway::start_in(dir, "127.0.0.1:0", &extra).unwrap();
-    let (ok, failed, report, _) = run.finish();
+    let (ok, failed, report, _) = finish(run);
     assert_eq!(
         (ok, failed),
         (1, 0),
@@ -795,7 +758,7 @@ fn device_resumes_and_media_follows(wait_for_the_lease: bool) {
     let _serial = serial();
     let mut cluster = Cluster::start(1_500);
     let mut device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
-    let run = SippRun::start("uac_media_follows.xml", cluster.balancer.sip, &[]);
+    let run = start_sipp("uac_media_follows.xml", cluster.balancer.sip, &[]);
     let Some(call_ref) = device.incoming_call() else {
         panic!("no incoming call\n{}", cluster.dump(run));
     };
@@ -855,7 +818,7 @@ fn device_resumes_and_media_follows(wait_for_the_lease: bool) {
     on_b.hangup(call_ref);
     let ended = on_b.call_event(call_ref, CallState::Ended);
     assert_eq!(ended.end_reason, EndReason::LocalHangup as i32, "{ended:?}");
-    let (ok, failed, report, _) = run.finish();
+    let (ok, failed, report, _) = finish(run);
     assert_eq!((ok, failed), (1, 0), "{report}");
 }
 
