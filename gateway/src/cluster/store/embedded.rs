@@ -937,7 +937,12 @@ mod tests {
                     expected_version: None,
                 })
                 .collect();
-            assert!(s.write_batch_now(ops).await.unwrap().iter().all(Result::is_ok));
+            assert!(s
+                .write_batch_now(ops)
+                .await
+                .unwrap()
+                .iter()
+                .all(Result::is_ok));
         }
         s.close().await.unwrap();
         // Far more than 256 KiB on disk; reopened with the same cache, everything reads back.
