@@ -499,8 +499,8 @@ impl Endpoint {
     fn on_response(&mut self, key: TransactionKey, response: Response) {
         let mut dialog = None;
         if self.transactions.kind(key) == Some(TransactionKind::InviteClient) {
-            if let Some(invite) = self.transactions.client_request(key).cloned() {
-                if let Ok((_, Some(d))) = self.dialogs.receive_invite_response(&invite, &response) {
+            if let Some(invite) = self.transactions.client_request(key) {
+                if let Ok((_, Some(d))) = self.dialogs.receive_invite_response(invite, &response) {
                     dialog = Some(d.id().clone());
                 }
             }

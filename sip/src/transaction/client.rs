@@ -42,8 +42,12 @@ pub(crate) struct ClientTransaction {
     pub invite: bool,
     pub state: TransactionState,
     pub destination: Peer,
-    /// The request as given by the TU (kept to build the ACK and the CANCEL).
+    /// The request as given by the TU (kept to build the ACK and the CANCEL, and for the
+    /// dialogs of later forked 2xx).
     pub request: Request,
+    /// The request as sent, for retransmissions; emptied once none can follow (an INVITE past
+    /// Calling, a non-INVITE request past Proceeding), since the transaction may live on for
+    /// up to 32 s (timers M, D, K).
     request_bytes: Bytes,
     /// The ACK of the non-2xx final response, re-sent on every retransmission of that response.
     ack_bytes: Option<Bytes>,
@@ -88,6 +92,12 @@ impl ClientTransaction {
         }
     }
 
+    /// How many bytes are kept for retransmitting the request.
+    #[cfg(test)]
+    pub fn retransmit_bytes(&self) -> usize {
+        self.request_bytes.len()
+    }
+
     /// A response matched to this transaction.
     pub fn on_response(&mut self, ctx: &mut Ctx<'_>, response: Response) -> Step {
         if self.invite {
@@ -112,6 +122,7 @@ impl ClientTransaction {
                 if was_calling {
                     // No more retransmissions, and timer B only guards Calling.
                     self.timers.clear();
+                    self.request_bytes = Bytes::new();
                 }
                 Self::pass_up(ctx, response);
                 if was_calling && self.cancel == CancelState::Deferred {
@@ -122,6 +133,7 @@ impl ClientTransaction {
             Calling | Proceeding if status < 300 => {
                 self.state = Accepted;
                 self.timers.clear();
+                self.request_bytes = Bytes::new();
                 if self.cancel == CancelState::Deferred {
                     self.cancel = CancelState::NotRequested;
                 }
@@ -132,6 +144,7 @@ impl ClientTransaction {
             Calling | Proceeding => {
                 self.state = Completed;
                 self.timers.clear();
+                self.request_bytes = Bytes::new();
                 if self.cancel == CancelState::Deferred {
                     self.cancel = CancelState::NotRequested;
                 }
@@ -171,6 +184,7 @@ impl ClientTransaction {
             Trying | Proceeding => {
                 self.state = Completed;
                 self.timers.clear();
+                self.request_bytes = Bytes::new();
                 Self::pass_up(ctx, response);
                 let reliable = self.destination.is_reliable();
                 self.linger(ctx, Timer::K, ctx.config.timer_k(reliable))

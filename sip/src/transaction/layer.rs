@@ -470,6 +470,16 @@ impl TransactionLayer {
         }
     }
 
+    /// How many bytes a live client transaction keeps for retransmitting its request (0 once
+    /// no retransmission can follow).
+    #[cfg(test)]
+    pub(crate) fn retransmit_bytes(&self, key: TransactionKey) -> usize {
+        match &self.entry(key).map(|e| &e.tx) {
+            Some(Tx::Client(c)) => c.retransmit_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Where a live transaction sends: the request's destination (client) or the response
     /// destination of section 18.2.2 (server).
     pub fn destination(&self, key: TransactionKey) -> Option<&Peer> {

@@ -309,10 +309,20 @@ mod invite_client {
         let t0 = Instant::now();
         let mut layer = TransactionLayer::default();
         let (key, inv) = start(&mut layer, t0, udp());
+        assert!(
+            layer.retransmit_bytes(key) > 0,
+            "Calling keeps the request to resend"
+        );
         assert!(layer.handle_response(t0 + ms(100), response(&inv, 180, Some("a"))));
+        assert_eq!(
+            layer.retransmit_bytes(key),
+            0,
+            "Proceeding sends nothing again"
+        );
         let ok = response(&inv, 200, Some("a"));
         assert!(layer.handle_response(t0 + ms(200), ok.clone()));
         assert_eq!(layer.state(key), Some(TransactionState::Accepted));
+        assert_eq!(layer.retransmit_bytes(key), 0);
         assert!(transmits(&mut layer).is_empty(), "no ACK for a 2xx here");
         let _ = events(&mut layer);
         assert_eq!(
@@ -476,8 +486,14 @@ mod non_invite_client {
         let mut layer = TransactionLayer::default();
         let (key, req) = start(&mut layer, t0, udp());
         let ok = response(&req, 200, Some("t"));
+        assert!(layer.retransmit_bytes(key) > 0);
         assert!(layer.handle_response(t0 + ms(50), ok.clone()));
         assert_eq!(layer.state(key), Some(TransactionState::Completed));
+        assert_eq!(
+            layer.retransmit_bytes(key),
+            0,
+            "Completed sends nothing again"
+        );
         assert_eq!(
             events(&mut layer),
             vec![TransactionEvent::Response {
