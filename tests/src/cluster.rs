@@ -148,24 +148,7 @@ impl Balancer {
             .spawn()
             .context("spawning thalamus balancer")?;
         let mut proc = Proc { child };
-        let deadline = Instant::now() + READY;
-        let v: Value = loop {
-            if let Some(v) = std::fs::read_to_string(&ready)
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-            {
-                break v;
-            }
-            if let Some(status) = proc.child.try_wait()? {
-                let log =
-                    std::fs::read_to_string(dir.path().join("balancer.log")).unwrap_or_default();
-                bail!("balancer exited with {status} before it was ready:\n{log}");
-            }
-            if Instant::now() > deadline {
-                bail!("balancer not ready within {READY:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let v = proc.wait_ready("balancer", &ready, &dir.path().join("balancer.log"), READY)?;
         let addr = |k: &str| -> anyhow::Result<SocketAddr> {
             Ok(v[k].as_str().context(k.to_string())?.parse()?)
         };

@@ -52,6 +52,34 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Waits up to `timeout` for the JSON file a `--ready-file` process writes once it listens
+    /// and returns it. Fails with the process's log (`log`) if it exits first, or on timeout.
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        ready: &Path,
+        log: &Path,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = std::fs::read_to_string(ready)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                return Ok(v);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                bail!("{what} exited with {status} before it was ready:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("{what} not ready within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits for exit up to `timeout`; returns the exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
         let deadline = Instant::now() + timeout;
@@ -129,23 +157,12 @@ impl Gateway {
             .spawn()
             .context("spawning thalamus")?;
         let mut proc = Proc { child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let info: Value = loop {
-            if let Ok(text) = std::fs::read_to_string(&ready) {
-                if let Ok(v) = serde_json::from_str(&text) {
-                    break v;
-                }
-            }
-            if let Some(status) = proc.child.try_wait()? {
-                let log =
-                    std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
-                bail!("gateway exited with {status} before it was ready:\n{log}");
-            }
-            if Instant::now() > deadline {
-                bail!("gateway not ready within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let info = proc.wait_ready(
+            "gateway",
+            &ready,
+            &dir.path().join("gateway.log"),
+            Duration::from_secs(20),
+        )?;
         Ok(Self {
             proc,
             config_path,

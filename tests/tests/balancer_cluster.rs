@@ -404,6 +404,17 @@ fn the_fleet_splits_within_10_percent_of_even_between_the_two_nodes() {
     );
 }
 
+/// Every one of `calls` SIPp calls succeeded (the report and the nodes' logs otherwise).
+fn assert_every_call_succeeded(cluster: &Cluster, result: &SippResult, calls: u32) {
+    assert_eq!(
+        (result.ok, result.failed),
+        (u64::from(calls), 0),
+        "{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+}
+
 /// 1,000 calls to 100 devices through the balancer split between the nodes by the device-id
 /// hash, within 10 % of even.
 #[test]
@@ -413,13 +424,7 @@ fn a_thousand_calls_split_by_the_device_hash() {
     const CALLS: u32 = 1_000;
     let run = start_sipp(&cluster, CALLS, 100, 200);
     let result = finish(run);
-    assert_eq!(
-        (result.ok, result.failed),
-        (u64::from(CALLS), 0),
-        "{}\n{}",
-        result.report,
-        cluster.logs()
-    );
+    assert_every_call_succeeded(&cluster, &result, CALLS);
     let expected = [
         calls_to(&cluster, CALLS, NODE_IDS[0]),
         calls_to(&cluster, CALLS, NODE_IDS[1]),
@@ -680,13 +685,7 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
     // B's idle devices while the device moves (the balancer sends it to A at once; the device
     // gets its goodbye at B's next ownership sweep, logs in at B again, is redirected and logs
     // in at A) waits at A for the device to arrive (`session.arrival_wait_ms`).
-    assert_eq!(
-        (result.ok, result.failed),
-        (u64::from(CALLS), 0),
-        "{}\n{}",
-        result.report,
-        cluster.logs()
-    );
+    assert_every_call_succeeded(&cluster, &result, CALLS);
     // B took no new call.
     assert!(b_active_at_drain >= 1.0, "B had no call in progress");
     assert_eq!(cluster.incoming(1), b_incoming_at_drain);

@@ -47,13 +47,13 @@ pub const SINK_RETRY: Duration = Duration::from_millis(5);
 /// Most bind attempts (on ports another process holds) per relay start.
 const MAX_BIND_ATTEMPTS: usize = 16;
 const CONTROL_QUEUE: usize = 16;
+const EVENT_QUEUE: usize = 16;
 
 thread_local! {
     /// The receive buffer of the relays running on this thread (see `RelayTask::read_packet`).
     static RECV_BUFFER: std::cell::RefCell<Vec<u8>> =
         std::cell::RefCell::new(vec![0u8; RECV_BUFFER_BYTES]);
 }
-const EVENT_QUEUE: usize = 16;
 
 /// Why the device link did not take a datagram.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
