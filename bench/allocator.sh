@@ -15,7 +15,7 @@ SECS=${SECS:-10}
 DEVICES=${DEVICES:-500}
 HOLD_MS=${HOLD_MS:-1000}
 ROUNDS=${ROUNDS:-3}
-cargo build --release --quiet -p thalamus-gateway --features mimalloc --bin thalamus
+cargo build --release --quiet -p thalamus --features mimalloc --bin thalamus
 cp "$BIN/thalamus" "$WORK/thalamus-mimalloc"
 build
 cp "$BIN/thalamus" "$WORK/thalamus-system"

@@ -34,7 +34,7 @@ RATE=${RATE:-500}
 ROUNDS=${ROUNDS:-2}
 PAUSE_MS=${PAUSE_MS:-0}
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
-[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet -p thalamus-gateway --bin thalamus --example udp_forwarder
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet -p thalamus --bin thalamus -p thalamus-balancer --example udp_forwarder
 command -v sipp >/dev/null || { echo "SIPp is missing: run scripts/install-peers" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is missing" >&2; exit 1; }
 SCEN=tests/scenarios

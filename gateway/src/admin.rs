@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::takeover::TakeoverError;
 use crate::cluster::dialogs::sip_record_of;
-use crate::cluster::store::{DialogKey, StoredDialog};
 use crate::node::NodeShared;
+use thalamus_dialog_store::{DialogKey, StoredDialog};
 
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(

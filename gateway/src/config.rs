@@ -343,35 +343,7 @@ impl Default for AdminConfig {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Logging.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// Output format.
-    pub format: LogFormat,
-    /// `tracing` filter directive, e.g. `info,thalamus_gateway=debug`.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Human,
-            level: "info".into(),
-        }
-    }
-}
+pub use thalamus_telemetry::{LogConfig, LogFormat};
 
 impl Config {
     /// Loads the configuration from `source`: defaults, then the file, then the environment.

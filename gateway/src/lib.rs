@@ -6,10 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod balancer;
 pub mod bridge;
 pub mod cluster;
 pub mod config;
+pub mod heartbeat;
 pub mod media;
 pub mod metrics;
 pub mod node;

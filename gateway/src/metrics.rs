@@ -9,12 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// A label naming a reason or a kind.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    /// The reason, e.g. `per_ip_limit`.
-    pub reason: &'static str,
-}
+pub use thalamus_telemetry::ReasonLabel;
 
 /// A label naming a message kind and a direction.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

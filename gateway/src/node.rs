@@ -16,9 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin;
-use crate::balancer::heartbeat::LiveSet;
-use crate::balancer::{HeartbeatSender, Load};
 use crate::config::{in_data_dir, Config};
+use crate::heartbeat::HeartbeatSender;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceRegistry, VerifierPool};
 use crate::resume::ResumeTokens;
@@ -26,6 +25,8 @@ use crate::session::driver::{run_connection, DeviceRequests};
 use crate::session::throttle::{AuthThrottle, ThrottleConfig};
 use crate::session::{SessionCommand, Sessions};
 use crate::tls;
+use thalamus_ownership::heartbeat::LiveSet;
+use thalamus_ownership::Load;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -226,7 +227,7 @@ async fn ownership_sweep(node: Arc<NodeShared>, every: Duration, shutdown: Cance
     let mut told: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut load = LoadReporter::new();
     // The live set under which the last sweep left no device to move.
-    let mut settled_under: Option<Vec<crate::balancer::heartbeat::LiveNode>> = None;
+    let mut settled_under: Option<Vec<thalamus_ownership::heartbeat::LiveNode>> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -432,21 +433,18 @@ impl GatewayNode {
         let sessions = Arc::new(Sessions::default());
 
         // The SIP side: user agent, media engine, bridge.
-        let (advertised_host, advertised_port) = match &config.sip.advertised {
-            Some(text) => {
-                let (host, port) = split_host_port(text).ok_or_else(|| StartError::Config {
-                    key: "sip.advertised",
-                    message: format!("{text:?} is not host:port"),
-                })?;
-                let host =
-                    thalamus_sip::message::Host::parse(host).map_err(|e| StartError::Config {
-                        key: "sip.advertised",
-                        message: e.to_string(),
-                    })?;
-                (Some(host), port)
-            }
-            None => (None, None),
-        };
+        let (advertised_host, advertised_port) =
+            match &config.sip.advertised {
+                Some(text) => {
+                    let (host, port) = thalamus_sip::message::Host::parse_with_port(text)
+                        .ok_or_else(|| StartError::Config {
+                            key: "sip.advertised",
+                            message: format!("{text:?} is not host or host:port"),
+                        })?;
+                    (Some(host), port)
+                }
+                None => (None, None),
+            };
         let timers = thalamus_sip::transaction::TimerConfig {
             t1: Duration::from_millis(config.sip.t1_ms.into()),
             t2: Duration::from_millis(config.sip.t2_ms.into()),
@@ -492,8 +490,8 @@ impl GatewayNode {
                     .sip
                     .advertised
                     .as_deref()
-                    .and_then(split_host_port)
-                    .and_then(|(h, _)| h.parse().ok())
+                    .and_then(thalamus_sip::message::Host::parse_with_port)
+                    .and_then(|(h, _)| h.ip())
             })
             .unwrap_or_else(|| {
                 if sip_addr.ip().is_unspecified() {
@@ -644,24 +642,6 @@ fn quic_socket(listen: SocketAddr, buffer_bytes: u32) -> std::io::Result<std::ne
     }
     socket.bind(&listen.into())?;
     Ok(socket.into())
-}
-
-/// Splits `host:port` (or `[v6]:port`, or a bare host).
-fn split_host_port(text: &str) -> Option<(&str, Option<u16>)> {
-    if let Some(rest) = text.strip_prefix('[') {
-        let (host, tail) = rest.split_once(']')?;
-        let port = match tail.strip_prefix(':') {
-            Some(p) => Some(p.parse().ok()?),
-            None if tail.is_empty() => None,
-            None => return None,
-        };
-        return Some((host, port));
-    }
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => Some((host, Some(port.parse().ok()?))),
-        Some(_) => Some((text, None)),
-        None => Some((text, None)),
-    }
 }
 
 /// Counts connections in total and per source address; releases on drop.

@@ -30,7 +30,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use thalamus_gateway::balancer::{owner, NodeId};
+use thalamus_ownership::{owner, NodeId};
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
 use thalamus_tests::fleet::{Fleet, FleetConfig, FleetEventKind, FleetNode};
 use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, SippProcess};

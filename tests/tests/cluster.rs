@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde_json::Value;
-use thalamus_gateway::balancer::{owner, NodeId};
+use thalamus_ownership::{owner, NodeId};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
     Answer, CallEvent, CallState, EndReason, Envelope, Hangup, Hello, Pong, Welcome,

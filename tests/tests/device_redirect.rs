@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use thalamus_gateway::balancer::{owner, NodeId};
+use thalamus_ownership::{owner, NodeId};
 use thalamus_tests::cluster::{http_request, Balancer};
 use thalamus_tests::{Gateway, Sim};
 

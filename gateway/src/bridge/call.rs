@@ -41,9 +41,9 @@ use super::{BridgeInner, CallKey};
 use crate::cluster::dialogs::{
     key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallAppData, CallFacts,
 };
-use crate::cluster::store::{NegotiatedMedia, StoreError, StoredDialog};
 use crate::media::{MediaRelay, RelayEvent, RelaySpec};
 use crate::metrics::Metrics;
+use thalamus_dialog_store::{NegotiatedMedia, StoreError, StoredDialog};
 
 /// What a call task is told.
 #[derive(Debug)]

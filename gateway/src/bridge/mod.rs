@@ -40,14 +40,14 @@ use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::cluster::replicator::Replicator;
-use crate::cluster::store::{DialogKey, DialogStore, StoredDialog};
 use crate::config::Config;
 use crate::media::MediaEngine;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::registry::{valid_device_id, DeviceRegistry};
 use crate::session::driver::DeviceRequests;
 use crate::session::{SessionCommand, Sessions};
+use thalamus_dialog_store::replicator::Replicator;
+use thalamus_dialog_store::{DialogKey, DialogStore, StoredDialog};
 
 use call::{CallCommand, CallHandle, CallSetup};
 

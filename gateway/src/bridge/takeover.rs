@@ -42,9 +42,9 @@ use super::{BridgeInner, CallKey};
 use crate::cluster::dialogs::{
     dialog_of_key, key_of_request, prepare_for_import, remote_uri_of, sip_record_of, CallAppData,
 };
-use crate::cluster::replicator::ConflictNotice;
-use crate::cluster::store::{DialogKey, DialogStore, StoreError, StoredDialog};
 use crate::metrics::Metrics;
+use thalamus_dialog_store::replicator::ConflictNotice;
+use thalamus_dialog_store::{DialogKey, DialogStore, StoreError, StoredDialog};
 
 /// Most stored dialogs of one device looked at when it resumes.
 pub const MAX_RESUME_DIALOGS: usize = 64;

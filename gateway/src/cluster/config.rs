@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::replicator::{ReplicationStrategy, ReplicatorConfig};
-use super::store::DialogStoreConfig;
+use thalamus_dialog_store::replicator::{ReplicationStrategy, ReplicatorConfig};
+use thalamus_dialog_store::DialogStoreConfig;
 
 /// What the node replicates (`cluster.replication`): the JAIN SIP HA strategies, or nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -196,7 +196,7 @@ impl ClusterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::store::StoreBackend;
+    use thalamus_dialog_store::StoreBackend;
 
     #[test]
     fn defaults_and_names() {

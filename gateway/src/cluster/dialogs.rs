@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use thalamus_sip::dialog::{DialogId, DialogRecord, DIALOG_RECORD_VERSION};
 use thalamus_sip::message::Request;
 
-use super::store::{DialogKey, NegotiatedMedia, SipDialogPayload, StoredDialog};
+use thalamus_dialog_store::{DialogKey, NegotiatedMedia, SipDialogPayload, StoredDialog};
 
 /// The local CSeq an imported dialog gets when its record has none (see the module notes).
 pub const UNUSED_LOCAL_CSEQ_FLOOR: u32 = 1 << 30;

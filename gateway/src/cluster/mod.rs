@@ -1,6 +1,4 @@
-//! The cluster layer: the replicated dialog store ([`store`]: memory, embedded redb, Redis),
-//! the replication front the SIP layer writes through ([`replicator`]), the `[cluster]`
-//! settings ([`config`]), the conversions between live calls and stored records with the rules
+//! The cluster layer of a node: the `[cluster]` settings ([`config`]), the conversions between live calls and stored records with the rules
 //! of a takeover ([`dialogs`]), and what a running node starts ([`runtime`]: store, replicator,
 //! owner lease, heartbeats).
 //!
@@ -11,6 +9,4 @@
 
 pub mod config;
 pub mod dialogs;
-pub mod replicator;
 pub mod runtime;
-pub mod store;

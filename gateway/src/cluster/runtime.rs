@@ -14,9 +14,10 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use super::config::ClusterConfig;
-use super::replicator::Replicator;
-use super::store::{open_dialog_store, DialogStore, StoreError, SystemClock};
-use crate::balancer::{HeartbeatSender, HeartbeatSenderConfig, NodeId};
+use crate::heartbeat::{HeartbeatSender, HeartbeatSenderConfig};
+use thalamus_dialog_store::replicator::Replicator;
+use thalamus_dialog_store::{open_dialog_store, DialogStore, StoreError, SystemClock};
+use thalamus_ownership::NodeId;
 
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -187,7 +188,7 @@ async fn renew_lease(store: Arc<dyn DialogStore>, node_id: String, ttl: std::tim
 mod tests {
     use super::*;
     use crate::cluster::config::ReplicationMode;
-    use crate::cluster::store::StoreBackend;
+    use thalamus_dialog_store::StoreBackend;
 
     #[tokio::test]
     async fn starts_on_memory_and_keeps_its_lease() {

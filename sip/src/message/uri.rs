@@ -638,6 +638,28 @@ impl Host {
         Ok(Host::Domain(s.to_owned()))
     }
 
+    /// Parses `host` or `host:port`, an IPv6 address in brackets (`[::1]:5060`): the form
+    /// of configuration values such as an advertised address. `None` when either part is bad.
+    pub fn parse_with_port(s: &str) -> Option<(Host, Option<u16>)> {
+        let s = s.trim();
+        if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+            return Some((Host::from(addr.ip()), Some(addr.port())));
+        }
+        if s.starts_with('[') {
+            let end = s.find(']')?;
+            let host = Host::parse(s.get(..=end)?).ok()?;
+            let rest = s.get(end + 1..)?;
+            if rest.is_empty() {
+                return Some((host, None));
+            }
+            return Some((host, Some(rest.strip_prefix(':')?.parse().ok()?)));
+        }
+        match s.rsplit_once(':') {
+            Some((h, p)) => Some((Host::parse(h).ok()?, Some(p.parse().ok()?))),
+            None => Some((Host::parse(s).ok()?, None)),
+        }
+    }
+
     /// The address, when the host is an IP address.
     pub fn ip(&self) -> Option<IpAddr> {
         match self {
@@ -740,6 +762,29 @@ impl fmt::Display for TelUri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_port_forms() {
+        assert_eq!(
+            Host::parse_with_port("[::1]:5060"),
+            Some((Host::parse("[::1]").unwrap(), Some(5060)))
+        );
+        assert_eq!(
+            Host::parse_with_port("[::1]"),
+            Some((Host::parse("[::1]").unwrap(), None))
+        );
+        assert_eq!(
+            Host::parse_with_port("10.0.0.1:5061"),
+            Some((Host::Ipv4("10.0.0.1".parse().unwrap()), Some(5061)))
+        );
+        assert_eq!(
+            Host::parse_with_port("lb.example"),
+            Some((Host::Domain("lb.example".into()), None))
+        );
+        assert_eq!(Host::parse_with_port("lb:x"), None);
+        assert_eq!(Host::parse_with_port("[::1]x"), None);
+        assert_eq!(Host::parse_with_port(""), None);
+    }
 
     fn sip(s: &str) -> SipUri {
         SipUri::parse(s).unwrap()

@@ -1,0 +1,501 @@
+//! The `thalamus balancer` process: a thin tokio shell around [`BalancerCore`].
+//!
+//! It binds SIP on UDP and TCP ([`SipTransport`]), a UDP heartbeat listener and the admin HTTP
+//! endpoint (`/health`, `/nodes` as JSON, `/metrics` in the Prometheus text format); it feeds
+//! heartbeats and a clock tick to the membership table (answering each heartbeat with the live
+//! set, so nodes route devices as the balancer routes SIP) and every SIP message to the router, then
+//! sends what the router decided. All protocol decisions are in the core; this module keeps no
+//! per-call state either.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use thalamus_sip::transport::{
+    Inbound, Peer, PeerTransport, SipTransport, TransportConfig, TransportError,
+};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BalancerConfig;
+use crate::membership::{Membership, MembershipEvent, NodeStatus};
+use crate::metrics::{BalancerMetrics, NodeLabel, ReasonLabel, StatusLabel};
+use crate::router::{BalancerCore, Decision, NextHop, Outgoing};
+use thalamus_ownership::heartbeat::{Heartbeat, LiveNode, LiveSetReport, MAX_HEARTBEAT_BYTES};
+
+/// Why the balancer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BalancerError {
+    /// The SIP transports could not bind.
+    #[error("SIP transport: {0}")]
+    Transport(#[from] TransportError),
+    /// A socket could not bind.
+    #[error("cannot bind the {what} listener on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    core: Mutex<BalancerCore>,
+    metrics: BalancerMetrics,
+    secret: Option<Vec<u8>>,
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, BalancerCore> {
+        // A panic while holding the lock cannot leave the table half-updated in a way that
+        // matters more than stopping would: keep serving.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running balancer: its bound addresses, and a way to stop it.
+pub struct RunningBalancer {
+    /// SIP over UDP.
+    pub sip_udp: SocketAddr,
+    /// SIP over TCP.
+    pub sip_tcp: SocketAddr,
+    /// Heartbeat listener (UDP).
+    pub heartbeat: SocketAddr,
+    /// Admin HTTP.
+    pub admin: SocketAddr,
+    /// `host:port` written in our Via and Record-Route.
+    pub advertised: String,
+    shared: Arc<Shared>,
+    transport: SipTransport,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RunningBalancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningBalancer")
+            .field("sip_udp", &self.sip_udp)
+            .field("heartbeat", &self.heartbeat)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningBalancer {
+    /// Binds every listener and starts the tasks.
+    pub async fn start(config: BalancerConfig) -> Result<Self, BalancerError> {
+        let (tx, rx) = mpsc::channel(config.sip.queue);
+        let transport = SipTransport::bind(
+            TransportConfig {
+                udp: Some(config.sip.listen),
+                tcp: Some(config.sip.listen),
+                ..TransportConfig::default()
+            },
+            tx,
+        )
+        .await?;
+        let sip_udp = transport
+            .local_addr(PeerTransport::Udp)
+            .unwrap_or(config.sip.listen);
+        let sip_tcp = transport
+            .local_addr(PeerTransport::Tcp)
+            .unwrap_or(config.sip.listen);
+        let heartbeat_socket =
+            UdpSocket::bind(config.heartbeat.listen)
+                .await
+                .map_err(|source| BalancerError::Bind {
+                    what: "heartbeat",
+                    addr: config.heartbeat.listen,
+                    source,
+                })?;
+        let heartbeat = heartbeat_socket
+            .local_addr()
+            .unwrap_or(config.heartbeat.listen);
+        let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| BalancerError::Bind {
+                what: "admin",
+                addr: config.admin.listen,
+                source,
+            })?;
+        let admin = admin_listener.local_addr().unwrap_or(config.admin.listen);
+        let router = config.router(sip_udp);
+        let advertised = format!("{}:{}", router.advertised_host, router.advertised_port);
+        let membership = Membership::new(config.membership());
+        let shared = Arc::new(Shared {
+            core: Mutex::new(BalancerCore::new(router, membership)),
+            metrics: BalancerMetrics::new(),
+            secret: config.heartbeat.secret.clone().map(String::into_bytes),
+        });
+        let shutdown = CancellationToken::new();
+        let tick = (Duration::from_millis(config.heartbeat.interval_ms) / 4)
+            .clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let tasks = vec![
+            tokio::spawn(sip_loop(
+                Arc::clone(&shared),
+                transport.clone(),
+                rx,
+                shutdown.clone(),
+            )),
+            tokio::spawn(heartbeat_loop(
+                Arc::clone(&shared),
+                heartbeat_socket,
+                shutdown.clone(),
+            )),
+            tokio::spawn(tick_loop(Arc::clone(&shared), tick, shutdown.clone())),
+            tokio::spawn(serve_admin(
+                admin_listener,
+                Arc::clone(&shared),
+                shutdown.clone(),
+            )),
+        ];
+        Ok(Self {
+            sip_udp,
+            sip_tcp,
+            heartbeat,
+            admin,
+            advertised,
+            shared,
+            transport,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The node table as `/nodes` shows it.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.shared.core().membership().snapshot(Instant::now())
+    }
+
+    /// The metrics text as `/metrics` serves it.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// Stops every task and closes the sockets.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.transport.shutdown();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+    }
+}
+
+async fn sip_loop(
+    shared: Arc<Shared>,
+    transport: SipTransport,
+    mut rx: mpsc::Receiver<Inbound>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let inbound = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let decision = shared.core().route(inbound.message, inbound.peer);
+        act(&shared, &transport, decision).await;
+    }
+}
+
+fn node_label(node: Option<&thalamus_ownership::hash::NodeId>) -> NodeLabel {
+    NodeLabel {
+        node: node.map_or_else(|| "external".to_owned(), |n| n.to_string()),
+    }
+}
+
+async fn act(shared: &Arc<Shared>, transport: &SipTransport, decision: Decision) {
+    let m = &shared.metrics;
+    let out = match decision {
+        Decision::ToNode { node, out } => {
+            m.requests_forwarded
+                .get_or_create(&node_label(Some(&node)))
+                .inc();
+            out
+        }
+        Decision::Outward { out, .. } => {
+            m.requests_forwarded.get_or_create(&node_label(None)).inc();
+            out
+        }
+        Decision::Response { from_node, out, .. } => {
+            m.responses_forwarded
+                .get_or_create(&node_label(from_node.as_ref()))
+                .inc();
+            out
+        }
+        Decision::Answer { status, out } => {
+            m.answered.get_or_create(&StatusLabel { status }).inc();
+            out
+        }
+        Decision::Drop(reason) => {
+            m.dropped
+                .get_or_create(&ReasonLabel {
+                    reason: reason.label(),
+                })
+                .inc();
+            tracing::debug!(reason = reason.label(), "SIP message dropped");
+            return;
+        }
+    };
+    send(shared, transport, out).await;
+}
+
+async fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
+    match out.to {
+        NextHop::Addr(addr) if out.transport == PeerTransport::Udp => {
+            let peer = Peer {
+                addr,
+                transport: out.transport,
+            };
+            if let Err(e) = transport.send(peer, out.bytes).await {
+                shared.metrics.send_errors.inc();
+                tracing::debug!(error = %e, "SIP send failed");
+            }
+        }
+        to => {
+            // TCP may connect and names need resolving: never hold up the message loop.
+            let shared = Arc::clone(shared);
+            let transport = transport.clone();
+            tokio::spawn(async move {
+                let addr = match to {
+                    NextHop::Addr(a) => Some(a),
+                    NextHop::Name { host, port } => tokio::net::lookup_host((host.as_str(), port))
+                        .await
+                        .ok()
+                        .and_then(|mut it| it.next()),
+                };
+                let Some(addr) = addr else {
+                    shared.metrics.send_errors.inc();
+                    return;
+                };
+                let peer = Peer {
+                    addr,
+                    transport: out.transport,
+                };
+                if let Err(e) = transport.send(peer, out.bytes).await {
+                    shared.metrics.send_errors.inc();
+                    tracing::debug!(error = %e, "SIP send failed");
+                }
+            });
+        }
+    }
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, socket: UdpSocket, shutdown: CancellationToken) {
+    let mut buf = vec![0u8; MAX_HEARTBEAT_BYTES + 1];
+    loop {
+        let (n, source) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat receive error");
+                    continue;
+                }
+            },
+        };
+        let datagram = buf.get(..n).unwrap_or_default();
+        let hb = match Heartbeat::decode(datagram, shared.secret.as_deref()) {
+            Ok(hb) => hb,
+            Err(e) => {
+                shared
+                    .metrics
+                    .heartbeats_rejected
+                    .get_or_create(&ReasonLabel { reason: e.label() })
+                    .inc();
+                tracing::debug!(%source, error = %e, "heartbeat rejected");
+                continue;
+            }
+        };
+        let result = {
+            let mut core = shared.core();
+            let r = core.membership_mut().heartbeat(&hb, source, Instant::now());
+            update_gauges(&shared.metrics, core.membership());
+            r.map(|events| (events, live_set_report(core.membership(), &hb)))
+        };
+        match result {
+            Ok((events, report)) => {
+                shared.metrics.heartbeats_received.inc();
+                record_events(&shared.metrics, &events);
+                // The answer tells the node the live set (docs/balancer.md, "The live set on
+                // the nodes"); a lost answer is made good by the next one.
+                let datagram = report.encode(shared.secret.as_deref());
+                if let Err(e) = socket.send_to(&datagram, source).await {
+                    tracing::debug!(%source, error = %e, "live-set report not sent");
+                }
+            }
+            Err(e) => {
+                let reason = match e {
+                    crate::membership::HeartbeatIgnored::TableFull => "table_full",
+                    crate::membership::HeartbeatIgnored::Stale => "stale",
+                    crate::membership::HeartbeatIgnored::OldSession => "old_session",
+                };
+                shared
+                    .metrics
+                    .heartbeats_rejected
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+            }
+        }
+    }
+}
+
+/// The answer to heartbeat `hb`: the nodes eligible for new work and their device addresses.
+fn live_set_report(membership: &Membership, hb: &Heartbeat) -> LiveSetReport {
+    LiveSetReport {
+        v: thalamus_ownership::heartbeat::HEARTBEAT_VERSION,
+        to: hb.node.clone(),
+        session: hb.session.clone(),
+        ack: hb.seq,
+        eligible: membership
+            .eligible()
+            .iter()
+            .map(|id| LiveNode {
+                node: id.clone(),
+                quic: membership.node(id).and_then(|n| n.quic),
+            })
+            .collect(),
+    }
+}
+
+async fn tick_loop(shared: Arc<Shared>, every: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let events = {
+            let mut core = shared.core();
+            let events = core.membership_mut().tick(Instant::now());
+            if !events.is_empty() {
+                update_gauges(&shared.metrics, core.membership());
+            }
+            events
+        };
+        record_events(&shared.metrics, &events);
+    }
+}
+
+fn update_gauges(m: &BalancerMetrics, membership: &Membership) {
+    let alive = membership.alive().len();
+    let eligible = membership.eligible().len();
+    m.nodes_up.set(i64::try_from(alive).unwrap_or(i64::MAX));
+    m.nodes_draining
+        .set(i64::try_from(alive - eligible.min(alive)).unwrap_or(0));
+    m.nodes_known
+        .set(i64::try_from(membership.nodes().count()).unwrap_or(i64::MAX));
+}
+
+fn record_events(m: &BalancerMetrics, events: &[MembershipEvent]) {
+    for e in events {
+        match e {
+            MembershipEvent::Joined(n) => tracing::info!(node = %n, "node joined"),
+            MembershipEvent::Rejoined(n) => tracing::info!(node = %n, "node back up"),
+            MembershipEvent::TakenOut(n) => {
+                m.nodes_taken_out.inc();
+                tracing::warn!(node = %n, "node taken out (missed heartbeats)");
+            }
+            MembershipEvent::Restarted(n) => {
+                m.restarts.inc();
+                tracing::warn!(node = %n, "node restarted (new session)");
+            }
+            MembershipEvent::Missed(n, count) => {
+                m.heartbeats_missed.inc_by(*count);
+                tracing::debug!(node = %n, count, "heartbeats missed");
+            }
+            MembershipEvent::DrainStarted(n) => tracing::info!(node = %n, "node draining"),
+            MembershipEvent::DrainStopped(n) => {
+                tracing::info!(node = %n, "node no longer draining")
+            }
+            MembershipEvent::Forgotten(n) => tracing::info!(node = %n, "node forgotten"),
+        }
+    }
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/nodes", get(nodes))
+        .with_state(shared);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "balancer admin endpoint stopped");
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+}
+
+async fn nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeStatus>> {
+    Json(shared.core().membership().snapshot(Instant::now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::MembershipConfig;
+    use thalamus_ownership::heartbeat::{Load, HEARTBEAT_VERSION};
+    use thalamus_ownership::NodeId;
+
+    fn hb(node: &str, draining: bool) -> Heartbeat {
+        Heartbeat {
+            v: HEARTBEAT_VERSION,
+            node: NodeId::new(node).unwrap(),
+            session: format!("s-{node}"),
+            seq: 1,
+            sip: "0.0.0.0:5060".parse().unwrap(),
+            quic: Some("0.0.0.0:4433".parse().unwrap()),
+            draining,
+            load: Load::default(),
+        }
+    }
+
+    #[test]
+    fn the_answer_lists_eligible_nodes_with_reachable_device_addresses() {
+        let mut m = Membership::new(MembershipConfig::default());
+        let now = Instant::now();
+        let a_src: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let b_src: SocketAddr = "10.0.0.2:40000".parse().unwrap();
+        m.heartbeat(&hb("a", false), a_src, now).unwrap();
+        m.heartbeat(&hb("b", true), b_src, now).unwrap();
+        let report = live_set_report(&m, &hb("b", true));
+        assert_eq!(report.to.as_str(), "b");
+        assert_eq!(report.session, "s-b");
+        assert_eq!(report.ack, 1);
+        assert_eq!(
+            report.eligible,
+            vec![LiveNode {
+                node: NodeId::new("a").unwrap(),
+                quic: Some("10.0.0.1:4433".parse().unwrap()),
+            }]
+        );
+    }
+}

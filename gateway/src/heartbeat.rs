@@ -1,0 +1,388 @@
+//! The heartbeat sender a gateway node runs: one UDP socket and one task that sends this
+//! node's heartbeat to every balancer each interval (and at once when draining changes), and
+//! keeps the latest live-set report a balancer answered with ([`HeartbeatSender::live_set`]),
+//! which is how the node learns where devices belong.
+//!
+//! The datagram formats are `thalamus_ownership::heartbeat`'s; this module only sends and
+//! receives them. It does not decide liveness (the balancers do) or where a device goes (the
+//! node's redirect rule does, from the live set kept here).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thalamus_ownership::heartbeat::{
+    new_session_id, Heartbeat, LiveSet, LiveSetReport, Load, HEARTBEAT_VERSION, MAX_REPORT_BYTES,
+};
+use thalamus_ownership::NodeId;
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// Settings of a [`HeartbeatSender`].
+#[derive(Debug, Clone)]
+pub struct HeartbeatSenderConfig {
+    /// This node's id.
+    pub node: NodeId,
+    /// This node's SIP address as the balancers should reach it.
+    pub sip: SocketAddr,
+    /// This node's device (QUIC) address.
+    pub quic: Option<SocketAddr>,
+    /// Heartbeat addresses of the balancers.
+    pub balancers: Vec<SocketAddr>,
+    /// Time between heartbeats (default 1 s).
+    pub interval: Duration,
+    /// Shared secret that authenticates heartbeats.
+    pub secret: Option<Vec<u8>>,
+    /// Local address to send from (default `0.0.0.0:0`).
+    pub bind: SocketAddr,
+}
+
+impl HeartbeatSenderConfig {
+    /// Defaults for a node: 1 s interval, no secret, ephemeral local port.
+    pub fn new(node: NodeId, sip: SocketAddr, balancers: Vec<SocketAddr>) -> Self {
+        Self {
+            node,
+            sip,
+            quic: None,
+            balancers,
+            interval: Duration::from_secs(1),
+            secret: None,
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+}
+
+struct SenderShared {
+    draining: AtomicBool,
+    load: Mutex<Load>,
+    sent: AtomicU64,
+    wake: Notify,
+    live: Mutex<Option<LiveSet>>,
+    reports: AtomicU64,
+}
+
+/// Sends this node's heartbeats to the balancers every interval, from its start until it is
+/// stopped or dropped. A change of the draining flag is sent at once.
+pub struct HeartbeatSender {
+    session: String,
+    shared: Arc<SenderShared>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for HeartbeatSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeartbeatSender")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeartbeatSender {
+    /// Binds the sending socket and starts the task, with a new random session id. The first
+    /// heartbeat goes out at once.
+    pub async fn start(config: HeartbeatSenderConfig) -> std::io::Result<Self> {
+        let socket = UdpSocket::bind(config.bind).await?;
+        let session = new_session_id();
+        let shared = Arc::new(SenderShared {
+            draining: AtomicBool::new(false),
+            load: Mutex::new(Load::default()),
+            sent: AtomicU64::new(0),
+            wake: Notify::new(),
+            live: Mutex::new(None),
+            reports: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(send_loop(
+            socket,
+            config,
+            session.clone(),
+            Arc::clone(&shared),
+        ));
+        Ok(Self {
+            session,
+            shared,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// This process's session id.
+    pub fn session_id(&self) -> &str {
+        &self.session
+    }
+
+    /// Announces (or withdraws) draining; sent at once.
+    pub fn set_draining(&self, draining: bool) {
+        if self.shared.draining.swap(draining, Ordering::Relaxed) != draining {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Updates the load figures carried by the next heartbeats.
+    pub fn set_load(&self, load: Load) {
+        if let Ok(mut l) = self.shared.load.lock() {
+            *l = load;
+        }
+    }
+
+    /// Heartbeat datagrams sent so far (one per balancer per interval).
+    pub fn sent(&self) -> u64 {
+        self.shared.sent.load(Ordering::Relaxed)
+    }
+
+    /// The live set from the latest balancer report, if one arrived within `max_age`.
+    pub fn live_set(&self, max_age: Duration) -> Option<LiveSet> {
+        let live = self.shared.live.lock().ok()?;
+        live.as_ref()
+            .filter(|l| {
+                tokio::time::Instant::now()
+                    .into_std()
+                    .saturating_duration_since(l.received)
+                    <= max_age
+            })
+            .cloned()
+    }
+
+    /// Live-set reports taken so far.
+    pub fn reports(&self) -> u64 {
+        self.shared.reports.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node announces draining.
+    pub fn draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending (the balancers take the node out after their miss window).
+    pub fn stop(&self) {
+        if let Ok(mut task) = self.task.lock() {
+            if let Some(t) = task.take() {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Drop for HeartbeatSender {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn send_loop(
+    socket: UdpSocket,
+    config: HeartbeatSenderConfig,
+    session: String,
+    shared: Arc<SenderShared>,
+) {
+    let mut ticker = tokio::time::interval(config.interval.max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq: u64 = 0;
+    let mut last_ack: u64 = 0;
+    let mut buf = vec![0u8; MAX_REPORT_BYTES + 1];
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shared.wake.notified() => {}
+            r = socket.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    let datagram = buf.get(..n).unwrap_or_default();
+                    take_report(&shared, &config, &session, seq, &mut last_ack, datagram, from);
+                }
+                continue;
+            }
+        }
+        seq += 1;
+        let load = shared.load.lock().map(|l| *l).unwrap_or_default();
+        let hb = Heartbeat {
+            v: HEARTBEAT_VERSION,
+            node: config.node.clone(),
+            session: session.clone(),
+            seq,
+            sip: config.sip,
+            quic: config.quic,
+            draining: shared.draining.load(Ordering::Relaxed),
+            load,
+        };
+        let datagram = hb.encode(config.secret.as_deref());
+        for balancer in &config.balancers {
+            match socket.send_to(&datagram, balancer).await {
+                Ok(_) => {
+                    shared.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(%balancer, error = %e, "heartbeat send failed"),
+            }
+        }
+    }
+}
+
+/// Keeps a balancer's report when it answers this session's heartbeat and is not older than
+/// the last one kept.
+fn take_report(
+    shared: &SenderShared,
+    config: &HeartbeatSenderConfig,
+    session: &str,
+    seq: u64,
+    last_ack: &mut u64,
+    datagram: &[u8],
+    from: SocketAddr,
+) {
+    // The report must name this node's current session (random, 128 bits) and, with a
+    // secret, carry a valid MAC; its source address is not checked, as a balancer bound to a
+    // wildcard may answer from another of its addresses.
+    let report = match LiveSetReport::decode(datagram, config.secret.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%from, error = %e, "live-set report rejected");
+            return;
+        }
+    };
+    if report.to != config.node || report.session != session || report.ack > seq {
+        return;
+    }
+    // Reports of one heartbeat from several balancers are all taken; older ones are not.
+    if report.ack < *last_ack {
+        return;
+    }
+    *last_ack = report.ack;
+    if let Ok(mut live) = shared.live.lock() {
+        *live = Some(LiveSet {
+            received: tokio::time::Instant::now().into_std(),
+            from,
+            eligible: report.eligible,
+        });
+    }
+    shared.reports.fetch_add(1, Ordering::Relaxed);
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use thalamus_ownership::heartbeat::LiveNode;
+
+    fn report(session: &str, ack: u64, nodes: &[&str]) -> LiveSetReport {
+        LiveSetReport {
+            v: HEARTBEAT_VERSION,
+            to: NodeId::new("n9").unwrap(),
+            session: session.into(),
+            ack,
+            eligible: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| LiveNode {
+                    node: NodeId::new(n).unwrap(),
+                    quic: Some(SocketAddr::from(([127, 0, 0, 1], 4433 + i as u16))),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn sender_sends_heartbeats_and_draining_at_once() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut config = HeartbeatSenderConfig::new(
+            NodeId::new("n9").unwrap(),
+            "127.0.0.1:5099".parse().unwrap(),
+            vec![receiver.local_addr().unwrap()],
+        );
+        config.interval = Duration::from_secs(3600);
+        config.secret = Some(b"k".to_vec());
+        let sender = HeartbeatSender::start(config).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let wait = Duration::from_secs(5);
+        let (n, _) = tokio::time::timeout(wait, receiver.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let first = Heartbeat::decode(&buf[..n], Some(b"k")).unwrap();
+        assert_eq!(first.seq, 1);
+        assert_eq!(first.session, sender.session_id());
+        assert!(!first.draining);
+        sender.set_load(Load {
+            devices: 2,
+            calls: 0,
+            cpu: 0.0,
+        });
+        sender.set_draining(true);
+        let (n, _) = tokio::time::timeout(wait, receiver.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let second = Heartbeat::decode(&buf[..n], Some(b"k")).unwrap();
+        assert_eq!(second.seq, 2);
+        assert!(second.draining);
+        assert_eq!(second.load.devices, 2);
+        assert_eq!(sender.sent(), 2);
+        sender.stop();
+    }
+
+    #[tokio::test]
+    async fn sender_keeps_only_reports_for_its_own_session() {
+        let balancer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut config = HeartbeatSenderConfig::new(
+            NodeId::new("n9").unwrap(),
+            "127.0.0.1:5099".parse().unwrap(),
+            vec![balancer.local_addr().unwrap()],
+        );
+        config.interval = Duration::from_secs(3600);
+        config.secret = Some(b"k".to_vec());
+        config.bind = "127.0.0.1:0".parse().unwrap();
+        let sender = HeartbeatSender::start(config).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let wait = Duration::from_secs(5);
+        let (n, node_addr) = tokio::time::timeout(wait, balancer.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let hb = Heartbeat::decode(&buf[..n], Some(b"k")).unwrap();
+        assert!(sender.live_set(Duration::from_secs(60)).is_none());
+        let mine = hb.session.as_str();
+        // Ignored: another session, a bad MAC, an ack of a heartbeat not sent yet, another node.
+        let mut other_node = report(mine, 1, &["x"]);
+        other_node.to = NodeId::new("n8").unwrap();
+        for bad in [
+            report("someone-else", 1, &["x"]).encode(Some(b"k")),
+            report(mine, 1, &["x"]).encode(Some(b"wrong")),
+            report(mine, 2, &["x"]).encode(Some(b"k")),
+            other_node.encode(Some(b"k")),
+            b"garbage".to_vec(),
+        ] {
+            balancer.send_to(&bad, node_addr).await.unwrap();
+        }
+        balancer
+            .send_to(&report(mine, 1, &["a", "b"]).encode(Some(b"k")), node_addr)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        while sender.reports() == 0 {
+            assert!(start.elapsed() < wait, "no report taken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(sender.reports(), 1);
+        let live = sender.live_set(Duration::from_secs(60)).unwrap();
+        let names: Vec<&str> = live.eligible.iter().map(|n| n.node.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(live.from, balancer.local_addr().unwrap());
+        // Too old for a zero max age.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(sender.live_set(Duration::ZERO).is_none());
+        // An older ack is ignored; the same ack again (a second balancer) is taken.
+        balancer
+            .send_to(&report(mine, 0, &["stale"]).encode(Some(b"k")), node_addr)
+            .await
+            .unwrap();
+        balancer
+            .send_to(&report(mine, 1, &["b"]).encode(Some(b"k")), node_addr)
+            .await
+            .unwrap();
+        while sender.reports() < 2 {
+            assert!(start.elapsed() < wait, "second report not taken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(sender.reports(), 2);
+        let live = sender.live_set(Duration::from_secs(60)).unwrap();
+        assert_eq!(live.eligible.len(), 1);
+        assert_eq!(live.eligible[0].node.as_str(), "b");
+        sender.stop();
+    }
+}

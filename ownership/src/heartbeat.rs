@@ -1,0 +1,423 @@
+//! Node heartbeats: the datagram format (sans-IO encode and decode) of a node's heartbeat and
+//! of the live-set report a balancer answers it with.
+//!
+//! A heartbeat is one UDP datagram holding a JSON object (format in `docs/balancer.md`):
+//! node id, a session id that changes on every process start, a sequence number, the node's
+//! SIP and device (QUIC) addresses, its load and whether it is draining. With a shared secret
+//! the JSON is followed by a line `hmac-sha256=<hex>` computed over the JSON bytes, and a
+//! balancer with a secret rejects datagrams without a valid one.
+//!
+//! A balancer answers each heartbeat it accepts with a [`LiveSetReport`]: the nodes eligible
+//! for new work and their device addresses, authenticated the same way. A node keeps the latest
+//! report as its [`LiveSet`], which is how it learns the live set from the balancer and sends a
+//! device that is not its own to its owner. This module neither sends nor receives (the
+//! gateway's heartbeat sender and the balancer's server do) and does not decide liveness (the
+//! balancer's membership does).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::hash::NodeId;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// Version of the heartbeat format.
+pub const HEARTBEAT_VERSION: u32 = 1;
+/// Largest heartbeat datagram accepted, in bytes.
+pub const MAX_HEARTBEAT_BYTES: usize = 2048;
+/// Longest session id, in bytes.
+pub const MAX_SESSION_ID_LEN: usize = 64;
+/// Largest live-set report datagram, in bytes (256 nodes with long ids fit).
+pub const MAX_REPORT_BYTES: usize = 48 * 1024;
+const MAC_PREFIX: &str = "\nhmac-sha256=";
+
+/// Load figures a node reports (informational: routing does not weigh them, so that the
+/// ownership function stays the same everywhere).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Load {
+    /// Device sessions on the node.
+    pub devices: u64,
+    /// Calls (SIP dialogs) on the node.
+    pub calls: u64,
+    /// CPU use, 0.0 to 1.0 per core summed (so up to the core count).
+    pub cpu: f32,
+}
+
+/// One heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Format version ([`HEARTBEAT_VERSION`]).
+    pub v: u32,
+    /// Node id.
+    pub node: NodeId,
+    /// Session id: random per process start, so a restart is visible.
+    pub session: String,
+    /// Sequence number, +1 per heartbeat within a session (gaps are lost heartbeats).
+    pub seq: u64,
+    /// The node's SIP address (UDP and TCP). An unspecified IP (`0.0.0.0`) means "the address
+    /// this heartbeat came from".
+    pub sip: SocketAddr,
+    /// The node's device (QUIC) address.
+    #[serde(default)]
+    pub quic: Option<SocketAddr>,
+    /// The node takes no new calls but keeps its dialogs.
+    #[serde(default)]
+    pub draining: bool,
+    /// Load figures.
+    #[serde(default)]
+    pub load: Load,
+}
+
+/// Why a heartbeat datagram was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeartbeatError {
+    /// Larger than [`MAX_HEARTBEAT_BYTES`].
+    #[error("heartbeat larger than {MAX_HEARTBEAT_BYTES} bytes")]
+    TooLarge,
+    /// Not the JSON this module writes.
+    #[error("malformed heartbeat: {0}")]
+    Malformed(String),
+    /// A version this balancer does not speak.
+    #[error("unsupported heartbeat version {0}")]
+    Version(u32),
+    /// The session id is empty, too long or not printable ASCII.
+    #[error("session id must be 1 to {MAX_SESSION_ID_LEN} printable ASCII characters")]
+    Session,
+    /// A secret is configured and the MAC is missing.
+    #[error("heartbeat is not authenticated")]
+    Unauthenticated,
+    /// The MAC does not match.
+    #[error("heartbeat MAC does not match")]
+    BadMac,
+}
+
+impl HeartbeatError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HeartbeatError::TooLarge => "too_large",
+            HeartbeatError::Malformed(_) => "malformed",
+            HeartbeatError::Version(_) => "version",
+            HeartbeatError::Session => "session",
+            HeartbeatError::Unauthenticated => "unauthenticated",
+            HeartbeatError::BadMac => "bad_mac",
+        }
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac_of(secret: &[u8], json: &[u8]) -> Option<Vec<u8>> {
+    let mut mac = HmacSha256::new_from_slice(secret).ok()?;
+    mac.update(json);
+    Some(mac.finalize().into_bytes().to_vec())
+}
+
+impl Heartbeat {
+    /// The datagram for this heartbeat, authenticated when `secret` is given.
+    pub fn encode(&self, secret: Option<&[u8]>) -> Vec<u8> {
+        // Serializing plain data to a Vec cannot fail.
+        seal(serde_json::to_vec(self).unwrap_or_default(), secret)
+    }
+
+    /// Parses and checks a datagram. With `secret`, a valid MAC is required; without, a MAC
+    /// that is present is ignored.
+    pub fn decode(datagram: &[u8], secret: Option<&[u8]>) -> Result<Self, HeartbeatError> {
+        let json = open_sealed(datagram, secret, MAX_HEARTBEAT_BYTES)?;
+        let hb: Heartbeat =
+            serde_json::from_slice(json).map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
+        if hb.v != HEARTBEAT_VERSION {
+            return Err(HeartbeatError::Version(hb.v));
+        }
+        if hb.session.is_empty()
+            || hb.session.len() > MAX_SESSION_ID_LEN
+            || !hb.session.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(HeartbeatError::Session);
+        }
+        if !hb.load.cpu.is_finite() || hb.load.cpu < 0.0 {
+            return Err(HeartbeatError::Malformed("load.cpu".into()));
+        }
+        Ok(hb)
+    }
+}
+
+/// Appends the MAC line to `json` when a secret is given.
+fn seal(mut json: Vec<u8>, secret: Option<&[u8]>) -> Vec<u8> {
+    if let Some(mac) = secret.and_then(|s| mac_of(s, &json)) {
+        json.extend_from_slice(MAC_PREFIX.as_bytes());
+        json.extend_from_slice(hex::encode(mac).as_bytes());
+    }
+    json
+}
+
+/// Checks the size and (with a secret) the MAC of a datagram and returns its JSON part.
+fn open_sealed<'a>(
+    datagram: &'a [u8],
+    secret: Option<&[u8]>,
+    max: usize,
+) -> Result<&'a [u8], HeartbeatError> {
+    if datagram.len() > max {
+        return Err(HeartbeatError::TooLarge);
+    }
+    let split = find_last(datagram, MAC_PREFIX.as_bytes());
+    let (json, mac_hex) = match split {
+        Some(i) => (
+            datagram.get(..i).unwrap_or_default(),
+            datagram.get(i + MAC_PREFIX.len()..),
+        ),
+        None => (datagram, None),
+    };
+    if let Some(secret) = secret {
+        let given = mac_hex
+            .map(|h| hex::decode(h.trim_ascii()))
+            .ok_or(HeartbeatError::Unauthenticated)?
+            .map_err(|_| HeartbeatError::BadMac)?;
+        let mut mac = HmacSha256::new_from_slice(secret).map_err(|_| HeartbeatError::BadMac)?;
+        mac.update(json);
+        mac.verify_slice(&given)
+            .map_err(|_| HeartbeatError::BadMac)?;
+    }
+    Ok(json)
+}
+
+/// A node eligible for new work, as a [`LiveSetReport`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveNode {
+    /// Node id.
+    pub node: NodeId,
+    /// Its device (QUIC) address, where a device it owns is sent.
+    #[serde(default)]
+    pub quic: Option<SocketAddr>,
+}
+
+/// A balancer's answer to a heartbeat it accepted: the nodes eligible for new work now (up
+/// and not draining), so that the node computes [`owner`](crate::hash::owner) over the same
+/// set the balancer routes by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveSetReport {
+    /// Format version ([`HEARTBEAT_VERSION`]).
+    pub v: u32,
+    /// The node answered.
+    pub to: NodeId,
+    /// The session of the heartbeat answered.
+    pub session: String,
+    /// The sequence number of the heartbeat answered. A node takes a report only for its own
+    /// session and newer than the last one it took, so a replayed report changes nothing.
+    pub ack: u64,
+    /// The eligible nodes.
+    pub eligible: Vec<LiveNode>,
+}
+
+impl LiveSetReport {
+    /// The datagram for this report, authenticated when `secret` is given.
+    pub fn encode(&self, secret: Option<&[u8]>) -> Vec<u8> {
+        // Serializing plain data to a Vec cannot fail.
+        seal(serde_json::to_vec(self).unwrap_or_default(), secret)
+    }
+
+    /// Parses and checks a datagram (a valid MAC is required with `secret`).
+    pub fn decode(datagram: &[u8], secret: Option<&[u8]>) -> Result<Self, HeartbeatError> {
+        let json = open_sealed(datagram, secret, MAX_REPORT_BYTES)?;
+        let report: LiveSetReport =
+            serde_json::from_slice(json).map_err(|e| HeartbeatError::Malformed(e.to_string()))?;
+        if report.v != HEARTBEAT_VERSION {
+            return Err(HeartbeatError::Version(report.v));
+        }
+        Ok(report)
+    }
+}
+
+/// The live set a node last learned from a balancer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveSet {
+    /// When the report arrived.
+    pub received: Instant,
+    /// The balancer that sent it.
+    pub from: SocketAddr,
+    /// The nodes eligible for new work.
+    pub eligible: Vec<LiveNode>,
+}
+
+impl LiveSet {
+    /// The owner of `key` (a device id) among the eligible nodes.
+    pub fn owner(&self, key: &str) -> Option<&LiveNode> {
+        let id = crate::hash::owner(key, self.eligible.iter().map(|n| &n.node))?;
+        self.eligible.iter().find(|n| &n.node == id)
+    }
+}
+
+fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.len() > hay.len() {
+        return None;
+    }
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| hay.get(i..i + needle.len()) == Some(needle))
+}
+
+/// A fresh random session id (32 hex digits).
+pub fn new_session_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb() -> Heartbeat {
+        Heartbeat {
+            v: 1,
+            node: NodeId::new("n1").unwrap(),
+            session: "abc123".into(),
+            seq: 7,
+            sip: "10.0.0.5:5060".parse().unwrap(),
+            quic: Some("10.0.0.5:4433".parse().unwrap()),
+            draining: true,
+            load: Load {
+                devices: 3,
+                calls: 1,
+                cpu: 0.5,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip_without_and_with_secret() {
+        let h = hb();
+        assert_eq!(Heartbeat::decode(&h.encode(None), None).unwrap(), h);
+        let signed = h.encode(Some(b"s3cret"));
+        assert_eq!(Heartbeat::decode(&signed, Some(b"s3cret")).unwrap(), h);
+        // A balancer without a secret ignores the MAC.
+        assert_eq!(Heartbeat::decode(&signed, None).unwrap(), h);
+    }
+
+    #[test]
+    fn secret_is_enforced() {
+        let h = hb();
+        assert_eq!(
+            Heartbeat::decode(&h.encode(None), Some(b"k")),
+            Err(HeartbeatError::Unauthenticated)
+        );
+        assert_eq!(
+            Heartbeat::decode(&h.encode(Some(b"other")), Some(b"k")),
+            Err(HeartbeatError::BadMac)
+        );
+        let mut tampered = h.encode(Some(b"k"));
+        let pos = tampered.iter().position(|&b| b == b'7').unwrap();
+        tampered[pos] = b'8';
+        assert_eq!(
+            Heartbeat::decode(&tampered, Some(b"k")),
+            Err(HeartbeatError::BadMac)
+        );
+    }
+
+    #[test]
+    fn the_documented_format_parses() {
+        let text = br#"{"v":1,"node":"gw-2","session":"5f0c","seq":1,"sip":"192.0.2.7:5060"}"#;
+        let h = Heartbeat::decode(text, None).unwrap();
+        assert_eq!(h.node.as_str(), "gw-2");
+        assert!(!h.draining);
+        assert_eq!(h.quic, None);
+        assert_eq!(h.load, Load::default());
+    }
+
+    #[test]
+    fn bad_datagrams_are_rejected() {
+        assert_eq!(
+            Heartbeat::decode(&vec![b' '; MAX_HEARTBEAT_BYTES + 1], None),
+            Err(HeartbeatError::TooLarge)
+        );
+        assert!(matches!(
+            Heartbeat::decode(b"not json", None),
+            Err(HeartbeatError::Malformed(_))
+        ));
+        let mut h = hb();
+        h.v = 2;
+        assert_eq!(
+            Heartbeat::decode(&h.encode(None), None),
+            Err(HeartbeatError::Version(2))
+        );
+        let mut h = hb();
+        h.session = "has space".into();
+        assert_eq!(
+            Heartbeat::decode(&h.encode(None), None),
+            Err(HeartbeatError::Session)
+        );
+        let unknown = br#"{"v":1,"node":"n","session":"s","seq":1,"sip":"1.2.3.4:5","x":1}"#;
+        assert!(Heartbeat::decode(unknown, None).is_err());
+        let bad_node = br#"{"v":1,"node":"a b","session":"s","seq":1,"sip":"1.2.3.4:5"}"#;
+        assert!(Heartbeat::decode(bad_node, None).is_err());
+    }
+
+    #[test]
+    fn session_ids_differ() {
+        assert_ne!(new_session_id(), new_session_id());
+        assert_eq!(new_session_id().len(), 32);
+    }
+
+    fn report(session: &str, ack: u64, nodes: &[&str]) -> LiveSetReport {
+        LiveSetReport {
+            v: HEARTBEAT_VERSION,
+            to: NodeId::new("n9").unwrap(),
+            session: session.into(),
+            ack,
+            eligible: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| LiveNode {
+                    node: NodeId::new(n).unwrap(),
+                    quic: Some(SocketAddr::from(([127, 0, 0, 1], 4433 + i as u16))),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn live_set_reports_round_trip_and_name_the_same_owner() {
+        let r = report("s1", 4, &["a", "b", "c"]);
+        let datagram = r.encode(Some(b"k"));
+        assert_eq!(LiveSetReport::decode(&datagram, Some(b"k")).unwrap(), r);
+        assert_eq!(
+            LiveSetReport::decode(&datagram, Some(b"other")),
+            Err(HeartbeatError::BadMac)
+        );
+        assert_eq!(
+            LiveSetReport::decode(&r.encode(None), Some(b"k")),
+            Err(HeartbeatError::Unauthenticated)
+        );
+        assert_eq!(
+            LiveSetReport::decode(&vec![b' '; MAX_REPORT_BYTES + 1], None),
+            Err(HeartbeatError::TooLarge)
+        );
+        assert!(matches!(
+            LiveSetReport::decode(
+                br#"{"v":1,"to":"bad id!","session":"s","ack":1,"eligible":[]}"#,
+                None
+            ),
+            Err(HeartbeatError::Malformed(_))
+        ));
+        let live = LiveSet {
+            received: Instant::now(),
+            from: "127.0.0.1:5070".parse().unwrap(),
+            eligible: r.eligible.clone(),
+        };
+        let ids: Vec<NodeId> = r.eligible.iter().map(|n| n.node.clone()).collect();
+        for i in 0..200 {
+            let key = format!("dev-{i}");
+            let got = live.owner(&key).unwrap();
+            assert_eq!(Some(&got.node), crate::hash::owner(&key, &ids));
+            assert!(got.quic.is_some());
+        }
+        let empty = LiveSet {
+            eligible: Vec::new(),
+            ..live
+        };
+        assert!(empty.owner("dev-1").is_none());
+    }
+}

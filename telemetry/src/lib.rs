@@ -1,0 +1,91 @@
+//! thalamus-telemetry: what every Thalamus process (a gateway node, the balancer) shares for
+//! being observed, written once.
+//!
+//! * [`LogConfig`] and [`LogFormat`]: the `[log]` configuration section.
+//! * [`init_logging`]: installs the `tracing` subscriber it describes (stderr, `THALAMUS_LOG`
+//!   overrides the level).
+//! * [`ReasonLabel`]: the Prometheus label that names a reason or a kind.
+//!
+//! It does not define any metric (each component registers its own) and starts nothing.
+#![forbid(unsafe_code)]
+
+use prometheus_client::encoding::EncodeLabelSet;
+use serde::{Deserialize, Serialize};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line, with the current span's fields.
+    Json,
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info,thalamus_bridge=debug` (`THALAMUS_LOG`
+    /// overrides it).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Installs the process's `tracing` subscriber: lines to stderr (colours only on a terminal),
+/// filtered by `THALAMUS_LOG` when set, else by `config.level` (`info` when that does not
+/// parse). Does nothing when a subscriber is already installed.
+pub fn init_logging(config: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("THALAMUS_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match config.format {
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+/// A label naming a reason or a kind, e.g. `reason="per_ip_limit"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason.
+    pub reason: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_section_reads_both_formats_and_refuses_unknown_keys() {
+        let c: LogConfig = toml_like(r#"{"format":"json","level":"debug"}"#);
+        assert_eq!(c.format, LogFormat::Json);
+        assert_eq!(c.level, "debug");
+        let d: LogConfig = toml_like("{}");
+        assert_eq!(d, LogConfig::default());
+        assert!(serde_json_value(r#"{"colour":true}"#).is_err());
+    }
+
+    fn toml_like(text: &str) -> LogConfig {
+        serde_json_value(text).unwrap()
+    }
+
+    fn serde_json_value(text: &str) -> Result<LogConfig, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+}

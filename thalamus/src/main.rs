@@ -1,0 +1,267 @@
+//! `thalamus`: the one binary of a deployment. `thalamus run` runs a gateway node
+//! (`thalamus-gateway`), `thalamus balancer` the SIP load balancer (`thalamus-balancer`),
+//! `thalamus device ...` manages the device registry and `thalamus config` prints the effective
+//! configuration. It parses the command line, sets up logging, starts the runtime and waits for
+//! SIGINT or SIGTERM; everything else is in the crates it wires.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use thalamus_gateway::config::{Config, ProcessConfigSource};
+use thalamus_gateway::node::GatewayNode;
+use thalamus_gateway::registry::DeviceRegistry;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "thalamus",
+    version,
+    about = "Thalamus: a gateway between MBFP devices and SIP"
+)]
+struct Cli {
+    /// Config file (TOML). Without one, embedded defaults are used.
+    #[arg(long, short, global = true, env = "THALAMUS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a gateway node.
+    Run {
+        /// Write the bound addresses and certificate fingerprint here as JSON once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Manage the device registry.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Print the effective configuration.
+    Config,
+    /// Run the SIP load balancer (its own config file: see docs/balancer.md).
+    Balancer {
+        /// Write the bound addresses here as JSON once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeviceCommand {
+    /// Add a device; prints its secret once (only a hash is stored).
+    Add {
+        /// Device id (1-64 of A-Z a-z 0-9 . _ -).
+        id: String,
+    },
+    /// Remove a device.
+    Remove {
+        /// Device id.
+        id: String,
+    },
+    /// Add `<prefix><n>` for n in first..first+count, all with one secret (load runs; one
+    /// hash for all, so it is fast). Prints the secret.
+    AddBulk {
+        /// Id prefix.
+        #[arg(long, default_value = "load-")]
+        prefix: String,
+        /// First number.
+        #[arg(long, default_value_t = 0)]
+        first: u32,
+        /// How many.
+        #[arg(long)]
+        count: u32,
+        /// The shared secret (generated when absent).
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// List device ids.
+    List,
+}
+
+/// With the `mimalloc` feature: per-thread free lists and no heap trimming, so the many small,
+/// short-lived allocations of a call do not grow and shrink glibc's arenas with `mprotect` (4
+/// syscalls per call with glibc's allocator). Less CPU, more memory: docs/benchmarks.md.
+#[cfg(all(feature = "mimalloc", not(feature = "dhat-heap")))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// With the `dhat-heap` feature every allocation goes through dhat's profiler.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+fn main() -> anyhow::Result<()> {
+    // Written to dhat-heap.json when main returns (after a SIGTERM shut the node down).
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
+    let cli = Cli::parse();
+    if let Command::Balancer { ready_file } = cli.command {
+        return balancer(cli.config, ready_file);
+    }
+    let config = Config::load(&ProcessConfigSource {
+        path: cli.config.clone(),
+    })?;
+    match cli.command {
+        Command::Run { ready_file } => run(config, cli.config.is_some(), ready_file),
+        Command::Device { command } => device(&config, command),
+        Command::Config => {
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+        Command::Balancer { .. } => Ok(()),
+    }
+}
+
+fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    thalamus_telemetry::init_logging(&config.log);
+    runtime("thalamus")?.block_on(async move {
+        let registry_path = config.node.device_registry_path();
+        let node = GatewayNode::start(config).await?;
+        let ready = serde_json::json!({
+            "quic": node.quic_addr.to_string(),
+            "admin": node.admin_addr.to_string(),
+            "sip": node.sip_addr.to_string(),
+            "fingerprint": node.fingerprint,
+            "node_id": node.shared.config.node.id,
+        });
+        println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.config.node.id);
+        println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);
+        println!("  SIP (UDP and TCP)            {}", node.sip_addr);
+        println!("  admin (health, metrics)      http://{}/metrics", node.admin_addr);
+        println!("  certificate                  {}{}", node.cert_path.display(),
+            if node.generated_cert { " (generated now, self-signed)" } else { "" });
+        println!("  certificate SHA-256          {}", node.fingerprint);
+        if !from_file {
+            println!("  running on embedded defaults (no --config)");
+        }
+        let devices = node.shared.registry.len();
+        println!();
+        if devices == 0 {
+            println!("Next: add a device and connect the simulator:");
+        } else {
+            println!("{devices} device(s) registered in {}. To add another and connect it:", registry_path.display());
+        }
+        println!("  thalamus device add earpiece-1          # prints the device secret once");
+        println!(
+            "  thalamus-sim connect --gateway {} --device earpiece-1 --secret <SECRET> --fingerprint {}",
+            display_addr(node.quic_addr), node.fingerprint
+        );
+        if let Some(path) = ready_file {
+            std::fs::write(&path, ready.to_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        node.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+fn display_addr(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// A multi-threaded tokio runtime whose threads are named `name`.
+fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// `thalamus balancer`: loads the balancer's config, runs until SIGINT/SIGTERM. With
+/// `ready_file`, writes the bound addresses there as JSON once listening.
+fn balancer(config_path: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = thalamus_balancer::BalancerConfig::load(config_path.as_deref())?;
+    thalamus_telemetry::init_logging(&config.log);
+    runtime("thalamus-lb")?.block_on(async move {
+        let lb = thalamus_balancer::RunningBalancer::start(config).await?;
+        println!("Thalamus {} — SIP load balancer", env!("CARGO_PKG_VERSION"));
+        println!("  SIP (UDP, TCP)     {} / {}", lb.sip_udp, lb.sip_tcp);
+        println!("  advertised as      {}", lb.advertised);
+        println!("  heartbeats (UDP)   {}", lb.heartbeat);
+        println!("  admin              http://{}/nodes  /metrics", lb.admin);
+        if let Some(path) = ready_file {
+            let ready = serde_json::json!({
+                "sip_udp": lb.sip_udp.to_string(),
+                "sip_tcp": lb.sip_tcp.to_string(),
+                "heartbeat": lb.heartbeat.to_string(),
+                "admin": lb.admin.to_string(),
+                "advertised": lb.advertised,
+            });
+            std::fs::write(&path, ready.to_string())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        lb.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn device(config: &Config, command: DeviceCommand) -> anyhow::Result<()> {
+    let registry = DeviceRegistry::open(config.node.device_registry_path());
+    match command {
+        DeviceCommand::Add { id } => {
+            let secret = registry.add(&id)?;
+            eprintln!(
+                "added device {id} to {} (keep the secret: it is not stored and cannot be shown again)",
+                registry.path().display()
+            );
+            println!("{secret}");
+        }
+        DeviceCommand::Remove { id } => {
+            registry.remove(&id)?;
+            eprintln!("removed device {id}");
+        }
+        DeviceCommand::AddBulk {
+            prefix,
+            first,
+            count,
+            secret,
+        } => {
+            let secret = secret.unwrap_or_else(thalamus_gateway::registry::generate_secret);
+            let ids: Vec<String> = (first..first.saturating_add(count))
+                .map(|n| format!("{prefix}{n}"))
+                .collect();
+            registry.add_many_shared(&ids, &secret)?;
+            eprintln!(
+                "added {} devices {prefix}{first}.. to {}",
+                ids.len(),
+                registry.path().display()
+            );
+            println!("{secret}");
+        }
+        DeviceCommand::List => {
+            registry.refresh()?;
+            for id in registry.ids() {
+                println!("{id}");
+            }
+        }
+    }
+    Ok(())
+}
