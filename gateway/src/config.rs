@@ -99,7 +99,7 @@ pub struct Config {
     /// Logging.
     pub log: LogConfig,
     /// Media relay (RTP ports, timeouts).
-    pub media: crate::media::MediaConfig,
+    pub media: thalamus_media::MediaConfig,
     /// Per-device settings (address book, SIP credentials).
     pub devices: BTreeMap<String, DeviceSettings>,
     /// Clustering: dialog store, replication, owner lease, heartbeats (`[cluster]`).

@@ -10,7 +10,6 @@ pub mod bridge;
 pub mod cluster;
 pub mod config;
 pub mod heartbeat;
-pub mod media;
 pub mod metrics;
 pub mod node;
 pub mod registry;

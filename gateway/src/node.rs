@@ -409,7 +409,7 @@ impl GatewayNode {
         let mut metrics = Metrics::new();
         let bridge_metrics = crate::bridge::BridgeMetrics::default();
         bridge_metrics.register(metrics.registry_mut());
-        let media = match crate::media::MediaEngine::new(config.media.clone()) {
+        let media = match thalamus_media::MediaEngine::new(config.media.clone()) {
             Ok(engine) => Some(engine),
             Err(e) => {
                 return Err(StartError::Config {
@@ -419,7 +419,7 @@ impl GatewayNode {
             }
         };
         if let Some(engine) = &media {
-            crate::media::MediaCollector::register(engine.clone(), metrics.registry_mut());
+            thalamus_media::MediaCollector::register(engine.clone(), metrics.registry_mut());
         }
         // The cluster layer: dialog store, replicator, owner lease.
         let mut cluster = crate::cluster::runtime::ClusterRuntime::start(

@@ -41,9 +41,9 @@ use super::{BridgeInner, CallKey};
 use crate::cluster::dialogs::{
     key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallAppData, CallFacts,
 };
-use crate::media::{MediaRelay, RelayEvent, RelaySpec};
 use crate::metrics::Metrics;
 use thalamus_dialog_store::{NegotiatedMedia, StoreError, StoredDialog};
+use thalamus_media::{MediaRelay, RelayEvent, RelaySpec};
 
 /// What a call task is told.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ pub enum CallCommand {
     /// The device did not come back after losing its session.
     DeviceGone,
     /// The device's session came back on a new connection: media goes there now.
-    DeviceLink(quinn::Connection),
+    DeviceLink(crate::session::DeviceLink),
     /// Another node took the dialog over (a replication conflict): drop it without a BYE.
     OwnershipLost,
 }
@@ -145,7 +145,7 @@ pub struct CallHandle {
     /// a SIP request is ~10 times the size of a pointer.
     commands: mpsc::Sender<Box<CallCommand>>,
     shared: Arc<Mutex<CallShared>>,
-    media_input: Arc<Mutex<Option<crate::media::DeviceInput>>>,
+    media_input: Arc<Mutex<Option<thalamus_media::DeviceInput>>>,
 }
 
 impl CallHandle {
@@ -258,7 +258,7 @@ struct Call {
     key: CallKey,
     rx: mpsc::Receiver<Box<CallCommand>>,
     shared: Arc<Mutex<CallShared>>,
-    media_input: Arc<Mutex<Option<crate::media::DeviceInput>>>,
+    media_input: Arc<Mutex<Option<thalamus_media::DeviceInput>>>,
     dialog: Option<DialogId>,
     relay: Option<MediaRelay>,
     sdp: SdpSession,
@@ -333,11 +333,11 @@ impl Call {
     /// Starts the media relay for this call (when the node has media).
     fn start_relay(&mut self) -> Option<(std::net::IpAddr, u16)> {
         let engine = self.inner.media.as_ref()?;
-        let link: Arc<dyn crate::media::DatagramSink> = match self.inner.links.get(&self.key.0) {
-            Some(link) => Arc::new(link.clone()),
+        let link: Arc<dyn thalamus_media::DatagramSink> = match self.inner.links.get(&self.key.0) {
+            Some(link) => Arc::new(LinkSink(link.clone())),
             None => Arc::new(NoLink),
         };
-        let sink: Arc<dyn crate::media::DatagramSink> = Arc::new(DtmfTap {
+        let sink: Arc<dyn thalamus_media::DatagramSink> = Arc::new(DtmfTap {
             link,
             inner: self.inner.clone(),
             device: self.key.0.clone(),
@@ -694,7 +694,7 @@ impl Call {
                         }
                         CallCommand::DeviceLink(link) => {
                             if let Some(relay) = &self.relay {
-                                let _ = relay.set_sink(Arc::new(link)).await;
+                                let _ = relay.set_sink(Arc::new(LinkSink(link))).await;
                             }
                         }
                         CallCommand::OwnershipLost => self.replica.lost = true,
@@ -942,7 +942,7 @@ impl Call {
     }
 
     async fn dtmf(&mut self, request_id: u64, digit: &str, duration_ms: u32) {
-        if dtmf_event_code(digit).is_none() {
+        if thalamus_media::dtmf::event_code(digit).is_none() {
             self.reply_error(request_id, "a DTMF digit is one of 0-9 * # A-D");
             return;
         }
@@ -951,9 +951,12 @@ impl Call {
                 // RFC 4733 in the media: the events enter the relay as if the device had sent
                 // them on its link (payload type 101), so the relay's numbering and payload
                 // type mapping apply to them like to any other packet.
-                for datagram in
-                    dtmf_datagrams(self.key.1, digit, duration_ms, &mut self.dtmf_timestamp)
-                {
+                for datagram in thalamus_media::dtmf::datagrams(
+                    self.key.1,
+                    digit,
+                    duration_ms,
+                    &mut self.dtmf_timestamp,
+                ) {
                     let _ = input.feed(datagram);
                 }
                 return;
@@ -1371,87 +1374,20 @@ fn reason_label(full: &str) -> &'static str {
     }
 }
 
-/// The RFC 4733 event code of a DTMF digit.
-fn dtmf_event_code(digit: &str) -> Option<u8> {
-    match digit {
-        "*" => Some(10),
-        "#" => Some(11),
-        "A" => Some(12),
-        "B" => Some(13),
-        "C" => Some(14),
-        "D" => Some(15),
-        d if d.len() == 1 => d.parse::<u8>().ok(),
-        _ => None,
-    }
-}
-
-/// The digit of an RFC 4733 event code.
-fn dtmf_digit(code: u8) -> Option<&'static str> {
-    const DIGITS: [&str; 16] = [
-        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "#", "A", "B", "C", "D",
-    ];
-    DIGITS.get(usize::from(code)).copied()
-}
-
-/// The device-link datagrams of one RFC 4733 event (payload type 101, 8 kHz): an update every
-/// 50 ms while it lasts, then three end packets, all with the event's start timestamp.
-fn dtmf_datagrams(call_ref: u32, digit: &str, duration_ms: u32, timestamp: &mut u32) -> Vec<Bytes> {
-    let Some(event) = dtmf_event_code(digit) else {
-        return Vec::new();
-    };
-    let duration_ms = if duration_ms == 0 {
-        100
-    } else {
-        duration_ms.min(5_000)
-    };
-    let total = u16::try_from(duration_ms * 8).unwrap_or(u16::MAX);
-    let start = *timestamp;
-    *timestamp = timestamp.wrapping_add(u32::from(total) + 400);
-    let mut steps: Vec<(u16, bool)> = (1u16..)
-        .map(|i| i.saturating_mul(400).min(total))
-        .take_while(|d| *d < total)
-        .map(|d| (d, false))
-        .collect();
-    steps.extend([(total, true); 3]);
-    steps
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, (duration, end))| {
-            let payload = crate::media::rtp::TelephoneEvent {
-                event,
-                end,
-                volume: 10,
-                duration,
-            }
-            .to_bytes();
-            thalamus_proto::media::MediaHeader {
-                marker: i == 0,
-                payload_type: 101,
-                sequence: 0,
-                timestamp: start,
-                call_ref,
-                stream_id: thalamus_proto::media::StreamId::AUDIO,
-            }
-            .to_bytes(&payload)
-            .ok()
-        })
-        .collect()
-}
-
 /// Passes media datagrams to the device and reports each RFC 4733 event coming from the peer
 /// as a `Dtmf` frame too (once per event, on its first end packet).
 struct DtmfTap {
-    link: Arc<dyn crate::media::DatagramSink>,
+    link: Arc<dyn thalamus_media::DatagramSink>,
     inner: Arc<BridgeInner>,
     device: String,
     last_event: Mutex<Option<(u32, u32)>>,
 }
 
-impl crate::media::DatagramSink for DtmfTap {
-    fn send_datagram(&self, datagram: Bytes) -> Result<(), crate::media::DatagramError> {
+impl thalamus_media::DatagramSink for DtmfTap {
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), thalamus_media::DatagramError> {
         if let Ok(d) = thalamus_proto::media::MediaDatagram::decode(datagram.clone()) {
             if d.header.payload_type == 101 {
-                if let Ok(event) = crate::media::rtp::TelephoneEvent::parse(&d.payload) {
+                if let Ok(event) = thalamus_media::rtp::TelephoneEvent::parse(&d.payload) {
                     let key = (d.header.call_ref, d.header.timestamp);
                     let first_end = event.end
                         && self
@@ -1459,7 +1395,9 @@ impl crate::media::DatagramSink for DtmfTap {
                             .lock()
                             .map(|mut last| last.replace(key) != Some(key))
                             .unwrap_or(false);
-                    if let (true, Some(digit)) = (first_end, dtmf_digit(event.event)) {
+                    if let (true, Some(digit)) =
+                        (first_end, thalamus_media::dtmf::digit(event.event))
+                    {
                         self.inner.to_device(
                             &self.device,
                             0,
@@ -1481,60 +1419,31 @@ impl crate::media::DatagramSink for DtmfTap {
     }
 }
 
-/// A datagram sink for a device with no live connection (media is dropped).
-struct NoLink;
+/// The device's link as the relay's datagram sink.
+struct LinkSink(crate::session::DeviceLink);
 
-impl crate::media::DatagramSink for NoLink {
-    fn send_datagram(&self, _datagram: Bytes) -> Result<(), crate::media::DatagramError> {
-        Err(crate::media::DatagramError::Closed)
+impl thalamus_media::DatagramSink for LinkSink {
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), thalamus_media::DatagramError> {
+        use crate::session::LinkError;
+        use thalamus_media::DatagramError;
+        self.0.send_datagram(datagram).map_err(|e| match e {
+            LinkError::Blocked => DatagramError::Blocked,
+            LinkError::TooLarge => DatagramError::TooLarge,
+            LinkError::Unsupported => DatagramError::Unsupported,
+            LinkError::Closed => DatagramError::Closed,
+        })
+    }
+
+    fn max_datagram_bytes(&self) -> Option<usize> {
+        self.0.max_datagram_bytes()
     }
 }
 
-#[cfg(test)]
-mod dtmf_tests {
-    use super::*;
+/// A datagram sink for a device with no live connection (media is dropped).
+struct NoLink;
 
-    #[test]
-    fn digits_and_event_codes() {
-        for (digit, code) in [
-            ("0", 0),
-            ("9", 9),
-            ("*", 10),
-            ("#", 11),
-            ("A", 12),
-            ("D", 15),
-        ] {
-            assert_eq!(dtmf_event_code(digit), Some(code));
-            assert_eq!(dtmf_digit(code), Some(digit));
-        }
-        assert_eq!(dtmf_event_code("E"), None);
-        assert_eq!(dtmf_event_code("10"), None);
-        assert_eq!(dtmf_digit(16), None);
-    }
-
-    #[test]
-    fn an_event_is_updates_then_three_ends_on_one_timestamp() {
-        let mut ts = 1000;
-        let packets = dtmf_datagrams(7, "5", 100, &mut ts);
-        // 100 ms = 800 units: one update at 400, then three ends at 800.
-        assert_eq!(packets.len(), 4);
-        let decoded: Vec<_> = packets
-            .iter()
-            .map(|p| thalamus_proto::media::MediaDatagram::decode(p.clone()).unwrap())
-            .collect();
-        assert!(decoded
-            .iter()
-            .all(|d| d.header.timestamp == 1000 && d.header.payload_type == 101));
-        assert!(decoded[0].header.marker);
-        let events: Vec<_> = decoded
-            .iter()
-            .map(|d| crate::media::rtp::TelephoneEvent::parse(&d.payload).unwrap())
-            .collect();
-        assert_eq!(events[0].event, 5);
-        assert!(!events[0].end);
-        assert_eq!(events[0].duration, 400);
-        assert!(events[1..].iter().all(|e| e.end && e.duration == 800));
-        assert!(ts > 1800, "the next event starts after this one");
-        assert!(dtmf_datagrams(7, "x", 100, &mut ts).is_empty());
+impl thalamus_media::DatagramSink for NoLink {
+    fn send_datagram(&self, _datagram: Bytes) -> Result<(), thalamus_media::DatagramError> {
+        Err(thalamus_media::DatagramError::Closed)
     }
 }

@@ -41,13 +41,13 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::media::MediaEngine;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::registry::{valid_device_id, DeviceRegistry};
 use crate::session::driver::DeviceRequests;
-use crate::session::{SessionCommand, Sessions};
+use crate::session::{DeviceLink, SessionCommand, Sessions};
 use thalamus_dialog_store::replicator::Replicator;
 use thalamus_dialog_store::{DialogKey, DialogStore, StoredDialog};
+use thalamus_media::MediaEngine;
 
 use call::{CallCommand, CallHandle, CallSetup};
 
@@ -186,7 +186,7 @@ pub(crate) struct BridgeInner {
     pub(crate) registry: Arc<DeviceRegistry>,
     pub(crate) media: Option<MediaEngine>,
     pub(crate) media_address: IpAddr,
-    pub(crate) links: DashMap<String, quinn::Connection>,
+    pub(crate) links: DashMap<String, DeviceLink>,
     pub(crate) calls: DashMap<CallKey, CallHandle>,
     /// Number of entries of `calls` per device (kept with `calls` by `add_call` and
     /// `forget_call`), so limits and redirects do not scan every call of the node.
@@ -593,7 +593,7 @@ impl DeviceRequests for Bridge {
         }
     }
 
-    fn online(&self, device_id: &str, link: quinn::Connection) {
+    fn online(&self, device_id: &str, link: DeviceLink) {
         // Calls still up (a resumed session): their media goes to the new connection.
         if self.inner.device_call_count(device_id) > 0 {
             for call in self.inner.calls.iter().filter(|c| c.key().0 == device_id) {

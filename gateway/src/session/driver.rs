@@ -425,7 +425,8 @@ fn finish_auth(
     span.record("device", device_id.as_str());
     span.record("session", session_id.to_string().as_str());
     info!(resumed, "device session live");
-    node.bridge.online(&device_id, conn.clone());
+    node.bridge
+        .online(&device_id, super::DeviceLink::new(conn.clone()));
     let live_calls = if resumed {
         node.bridge.live_calls(&device_id)
     } else {
@@ -461,7 +462,7 @@ pub trait DeviceRequests: Send + Sync {
     /// Handles one request from `device_id`; returns frames to send back at once.
     fn handle(&self, device_id: &str, request: Envelope) -> Vec<Envelope>;
     /// A session of `device_id` went live on `link` (before its Welcome is sent).
-    fn online(&self, _device_id: &str, _link: quinn::Connection) {}
+    fn online(&self, _device_id: &str, _link: super::DeviceLink) {}
     /// The session of `device_id` ended (not when it was replaced by a newer one).
     fn offline(&self, _device_id: &str) {}
     /// A media datagram from `device_id`.

@@ -8,6 +8,7 @@ pub mod throttle;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use thalamus_proto::v1::Envelope;
 use tokio::sync::mpsc;
@@ -89,5 +90,56 @@ impl Sessions {
         for entry in self.by_device.iter() {
             let _ = entry.value().commands.try_send(make());
         }
+    }
+}
+
+/// Why a datagram could not be sent to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The link's send buffer is full: try again shortly.
+    #[error("datagram send buffer full")]
+    Blocked,
+    /// Larger than the link can carry now.
+    #[error("datagram too large for the device link")]
+    TooLarge,
+    /// The device does not accept datagrams.
+    #[error("datagrams not supported on the device link")]
+    Unsupported,
+    /// The connection is gone.
+    #[error("device connection closed")]
+    Closed,
+}
+
+/// A device's connection as the rest of the node sees it: where its media datagrams go. Cheap
+/// to clone; the QUIC connection itself stays inside this crate.
+#[derive(Debug, Clone)]
+pub struct DeviceLink {
+    conn: quinn::Connection,
+}
+
+impl DeviceLink {
+    pub(crate) fn new(conn: quinn::Connection) -> Self {
+        Self { conn }
+    }
+
+    /// Sends one datagram without waiting. A full send buffer is reported as
+    /// [`LinkError::Blocked`] (quinn itself would drop its oldest datagram), so the caller's
+    /// own drop-oldest buffer, which counts, decides.
+    pub fn send_datagram(&self, datagram: Bytes) -> Result<(), LinkError> {
+        if self.conn.datagram_send_buffer_space() < datagram.len() {
+            return Err(LinkError::Blocked);
+        }
+        self.conn.send_datagram(datagram).map_err(|e| match e {
+            quinn::SendDatagramError::TooLarge => LinkError::TooLarge,
+            quinn::SendDatagramError::UnsupportedByPeer | quinn::SendDatagramError::Disabled => {
+                LinkError::Unsupported
+            }
+            quinn::SendDatagramError::ConnectionLost(_) => LinkError::Closed,
+        })
+    }
+
+    /// The largest datagram the link accepts now, if it knows (header included).
+    pub fn max_datagram_bytes(&self) -> Option<usize> {
+        self.conn.max_datagram_size()
     }
 }

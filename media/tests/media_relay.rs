@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use thalamus_gateway::media::rtp::{RtpHeader, RtpPacket};
-use thalamus_gateway::media::{
+use thalamus_media::rtp::{RtpHeader, RtpPacket};
+use thalamus_media::{
     DatagramError, DatagramSink, LatchMode, MediaConfig, MediaEngine, MediaRelay, RelayEvent,
     RelaySpec,
 };

@@ -6,9 +6,9 @@
 //! returning a [`MediaRelay`] handle. The bridge then writes [`MediaRelay::local_rtp_addr`]
 //! (with [`MediaRelay::sdp_address`]) into its SDP, gives the peer's SDP stream with
 //! [`MediaRelay::set_remote_media`], watches [`MediaRelay::next_event`] for a media timeout,
-//! and ends with [`MediaRelay::stop`]. The QUIC session feeds device datagrams through a
-//! [`DeviceInput`] and receives datagrams through its [`DatagramSink`] implementation (one is
-//! provided for `quinn::Connection`).
+//! and ends with [`MediaRelay::stop`]. The bridge feeds device datagrams through a
+//! [`DeviceInput`] and gets datagrams for the device through a [`DatagramSink`] it implements
+//! over the device's link.
 //!
 //! The task runs the core with `tokio::time` deadlines from [`RelayCore::poll_timeout`], sends
 //! what the core queues, and on stop (or when the handle is dropped) sends an RTCP BYE, drops
@@ -30,10 +30,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::config::{MediaConfig, MediaConfigError};
-use super::metrics::EngineTotals;
-use super::ports::{PortAllocator, PortError, PortPair};
-use super::relay::{
+use crate::config::{MediaConfig, MediaConfigError};
+use crate::metrics::EngineTotals;
+use crate::ports::{PortAllocator, PortError, PortPair};
+use crate::relay::{
     RelayCore, RelayDirection, RelayEvent, RelaySettings, RelayStats, RemotePeer, SocketKind,
 };
 
@@ -80,27 +80,6 @@ pub trait DatagramSink: Send + Sync + 'static {
     /// The largest datagram the link accepts now, if it knows (header included).
     fn max_datagram_bytes(&self) -> Option<usize> {
         None
-    }
-}
-
-impl DatagramSink for quinn::Connection {
-    fn send_datagram(&self, datagram: Bytes) -> Result<(), DatagramError> {
-        // quinn itself drops its oldest datagram when full; report "blocked" instead so the
-        // relay's own drop-oldest buffer (which counts) decides.
-        if self.datagram_send_buffer_space() < datagram.len() {
-            return Err(DatagramError::Blocked);
-        }
-        quinn::Connection::send_datagram(self, datagram).map_err(|e| match e {
-            quinn::SendDatagramError::TooLarge => DatagramError::TooLarge,
-            quinn::SendDatagramError::UnsupportedByPeer | quinn::SendDatagramError::Disabled => {
-                DatagramError::Unsupported
-            }
-            quinn::SendDatagramError::ConnectionLost(_) => DatagramError::Closed,
-        })
-    }
-
-    fn max_datagram_bytes(&self) -> Option<usize> {
-        self.max_datagram_size()
     }
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use thalamus_gateway::media::relay::{RelayCore, RelaySettings};
-use thalamus_gateway::media::rtp::{RtpHeader, RtpPacket};
+use thalamus_media::relay::{RelayCore, RelaySettings};
+use thalamus_media::rtp::{RtpHeader, RtpPacket};
 use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId};
 use thalamus_sip::sdp::{Codec, Direction, MediaKind, RemoteMedia};
 

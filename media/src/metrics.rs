@@ -20,9 +20,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::relay::RelayCore;
-use super::stats::LatencyHistogram;
-use super::MediaEngine;
+use crate::relay::RelayCore;
+use crate::stats::LatencyHistogram;
+use crate::MediaEngine;
 
 /// What finished relays add up to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -211,7 +211,7 @@ impl Collector for MediaCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::MediaConfig;
+    use crate::MediaConfig;
     use prometheus_client::registry::Registry;
 
     fn render(registry: &Registry) -> String {
@@ -253,11 +253,8 @@ mod tests {
 
         // A device link that collects datagrams, and a peer that echoes RTP.
         struct Collect(tokio::sync::mpsc::UnboundedSender<bytes::Bytes>);
-        impl crate::media::DatagramSink for Collect {
-            fn send_datagram(
-                &self,
-                datagram: bytes::Bytes,
-            ) -> Result<(), crate::media::DatagramError> {
+        impl crate::DatagramSink for Collect {
+            fn send_datagram(&self, datagram: bytes::Bytes) -> Result<(), crate::DatagramError> {
                 let _ = self.0.send(datagram);
                 Ok(())
             }
@@ -272,10 +269,7 @@ mod tests {
         });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let relay = engine
-            .start(
-                crate::media::RelaySpec::audio(7),
-                std::sync::Arc::new(Collect(tx)),
-            )
+            .start(crate::RelaySpec::audio(7), std::sync::Arc::new(Collect(tx)))
             .unwrap();
         let sdp = format!(
             "v=0\r\no=peer 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\

@@ -1,7 +1,9 @@
-//! The media relay: QUIC media datagrams from a device <-> RTP/RTCP toward the SIP peer.
+//! thalamus-media: the media relay, QUIC media datagrams from a device <-> RTP/RTCP toward
+//! the SIP peer.
 //!
 //! Layers, from the wire up:
 //! - [`rtp`], [`rtcp`]: packet parsing and building (sans-IO);
+//! - [`dtmf`]: RFC 4733 telephone-events on the device link (sans-IO);
 //! - [`stats`]: RFC 3550 sequence, loss and jitter accounting, relay latency histograms;
 //! - [`payload`]: payload type translation between the device link and SDP;
 //! - [`ports`]: the RTP/RTCP port pair allocator (guards release on drop);
@@ -13,10 +15,12 @@
 //!
 //! What it does not do: no SDP negotiation (`thalamus_sip::sdp`), no call control (the bridge
 //! starts and stops relays and turns [`RelayEvent::MediaTimeout`] into a BYE), no QUIC (the
-//! session implements [`DatagramSink`] and feeds [`DeviceInput`]), no transcoding, no SRTP,
-//! no ICE.
+//! bridge adapts the device's link to [`DatagramSink`] and feeds [`DeviceInput`]: this crate
+//! cannot name quinn, which `scripts/test` checks), no transcoding, no SRTP, no ICE.
+#![forbid(unsafe_code)]
 
 pub mod config;
+pub mod dtmf;
 pub mod engine;
 pub mod metrics;
 pub mod payload;

@@ -39,14 +39,14 @@ use thalamus_proto::media::{max_payload_bytes, MediaDatagram, MediaHeader, Strea
 use thalamus_proto::v1::MediaStats;
 use thalamus_sip::sdp::{Direction, RemoteMedia};
 
-use super::config::LatchMode;
-use super::payload::{PayloadMap, PayloadTarget};
-use super::rtcp::{
+use crate::config::LatchMode;
+use crate::payload::{PayloadMap, PayloadTarget};
+use crate::rtcp::{
     self, ntp_middle, ntp_timestamp, parse_compound, round_trip, to_ntp_short, ReportBlock,
     RtcpPacket, SenderInfo,
 };
-use super::rtp::{is_rtcp_packet, RtpHeader, RtpPacket};
-use super::stats::{
+use crate::rtp::{is_rtcp_packet, RtpHeader, RtpPacket};
+use crate::stats::{
     arrival_units, units_to_duration, JitterEstimator, LatencyHistogram, LatencySummary,
     SequenceTracker,
 };
@@ -1153,8 +1153,8 @@ impl RelayCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::rtcp::{write_receiver_report, write_sender_report, RtcpPacket};
-    use crate::media::rtp::TelephoneEvent;
+    use crate::rtcp::{write_receiver_report, write_sender_report, RtcpPacket};
+    use crate::rtp::TelephoneEvent;
     use thalamus_sip::sdp::{Codec, MediaKind};
 
     const CALL: u32 = 42;

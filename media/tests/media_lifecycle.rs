@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use thalamus_gateway::media::{
+use thalamus_media::{
     DatagramError, DatagramSink, MediaConfig, MediaEngine, RelayError, RelaySpec,
 };
 use thalamus_sip::sdp::{Codec, Direction, MediaKind, RemoteMedia};
