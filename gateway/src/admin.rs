@@ -26,9 +26,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::takeover::TakeoverError;
-use crate::cluster::dialogs::sip_record_of;
 use crate::node::NodeShared;
+use thalamus_bridge::dialogs::sip_record_of;
+use thalamus_bridge::takeover::TakeoverError;
 use thalamus_dialog_store::{DialogKey, StoredDialog};
 
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
@@ -97,7 +97,7 @@ async fn cluster_state(State(node): State<Arc<NodeShared>>) -> Json<Value> {
         .map(|live| {
             json!({
                 "from": live.from.to_string(),
-                "age_ms": u64::try_from(live.received.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "age_ms": u64::try_from(tokio::time::Instant::now().into_std().saturating_duration_since(live.received).as_millis()).unwrap_or(u64::MAX),
                 "eligible": live.eligible.iter().map(|n| json!({
                     "node": n.node.as_str(),
                     "quic": n.quic.map(|q| q.to_string()),
@@ -105,7 +105,7 @@ async fn cluster_state(State(node): State<Arc<NodeShared>>) -> Json<Value> {
             })
         });
     Json(json!({
-        "node": node.config.node.id,
+        "node": node.node_id,
         "draining": node.is_draining(),
         "live_set": live,
     }))
@@ -142,10 +142,6 @@ fn error_response(e: &TakeoverError) -> (StatusCode, Json<Value>) {
     )
 }
 
-fn no_bridge() -> (StatusCode, Json<Value>) {
-    error_response(&TakeoverError::Disabled)
-}
-
 /// A stored record as JSON (the SIP dialog export inlined when it parses).
 fn record_json(record: &StoredDialog, held_here: bool) -> Value {
     json!({
@@ -169,9 +165,7 @@ async fn dialog(
     State(node): State<Arc<NodeShared>>,
     Path((call_id, local_tag, remote_tag)): DialogPath,
 ) -> (StatusCode, Json<Value>) {
-    let Some(bridge) = &node.sip_bridge else {
-        return no_bridge();
-    };
+    let bridge = &node.bridge;
     let key = DialogKey::new(call_id, local_tag, remote_tag);
     match bridge.stored_dialog(&key).await {
         Ok(Some(record)) => (
@@ -193,9 +187,7 @@ fn dialog_operation_response(
     match outcome {
         Ok((device, call_ref)) => (
             success,
-            Json(
-                json!({"device_id": device, "call_ref": call_ref, "node_id": node.config.node.id}),
-            ),
+            Json(json!({"device_id": device, "call_ref": call_ref, "node_id": node.node_id})),
         ),
         Err(e) => error_response(&e),
     }
@@ -205,9 +197,7 @@ async fn claim_dialog(
     State(node): State<Arc<NodeShared>>,
     Path((call_id, local_tag, remote_tag)): DialogPath,
 ) -> (StatusCode, Json<Value>) {
-    let Some(bridge) = &node.sip_bridge else {
-        return no_bridge();
-    };
+    let bridge = &node.bridge;
     let key = DialogKey::new(call_id, local_tag, remote_tag);
     let outcome = bridge.claim_dialog(&key).await;
     dialog_operation_response(&node, StatusCode::OK, outcome)
@@ -217,9 +207,7 @@ async fn bye_dialog(
     State(node): State<Arc<NodeShared>>,
     Path((call_id, local_tag, remote_tag)): DialogPath,
 ) -> (StatusCode, Json<Value>) {
-    let Some(bridge) = &node.sip_bridge else {
-        return no_bridge();
-    };
+    let bridge = &node.bridge;
     let key = DialogKey::new(call_id, local_tag, remote_tag);
     let outcome = bridge.hangup_dialog(&key).await;
     dialog_operation_response(&node, StatusCode::ACCEPTED, outcome)
@@ -229,9 +217,7 @@ async fn device_dialogs(
     State(node): State<Arc<NodeShared>>,
     Path(device): Path<String>,
 ) -> (StatusCode, Json<Value>) {
-    let Some(bridge) = &node.sip_bridge else {
-        return no_bridge();
-    };
+    let bridge = &node.bridge;
     match bridge.stored_dialogs_of(&device).await {
         Ok(records) => (
             StatusCode::OK,

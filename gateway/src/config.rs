@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -289,44 +290,6 @@ impl Default for SipConfig {
     }
 }
 
-/// Digest credentials.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SipCredentials {
-    /// User name.
-    pub username: String,
-    /// Password.
-    pub password: String,
-}
-
-/// Upstream registration of device addresses-of-record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RegistrarConfig {
-    /// Registrar URI (Request-URI of the REGISTER), e.g. `sip:registrar.example.com`.
-    pub uri: String,
-    /// Domain of the registered addresses-of-record (defaults to the registrar's host).
-    #[serde(default)]
-    pub domain: Option<String>,
-    /// Requested registration lifetime (seconds); refreshed before it runs out.
-    #[serde(default = "default_register_expires")]
-    pub expires_secs: u32,
-}
-
-fn default_register_expires() -> u32 {
-    600
-}
-
-/// Per-device settings, by device id (`[devices.<id>]`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct DeviceSettings {
-    /// Buddy aliases: `Dial{target: "bob"}` calls the URI given here.
-    pub address_book: BTreeMap<String, String>,
-    /// Credentials for this device's registration and calls (override `sip.auth`).
-    pub auth: Option<SipCredentials>,
-}
-
 /// Admin HTTP endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -343,6 +306,7 @@ impl Default for AdminConfig {
     }
 }
 
+pub use thalamus_bridge::config::{DeviceSettings, RegistrarConfig, SipCredentials};
 pub use thalamus_telemetry::{LogConfig, LogFormat};
 
 impl Config {
@@ -429,7 +393,154 @@ impl Config {
                 return bad("auth.resume_secret", "must be 64 hex digits (32 bytes)");
             }
         }
+        self.advertised()?;
+        self.outbound_proxy()?;
+        if let Some(registrar) = &self.sip.registrar {
+            if thalamus_sip::message::Uri::parse(&registrar.uri).is_err() {
+                return bad("sip.registrar.uri", "is not a SIP URI");
+            }
+        }
+        for (device, settings) in &self.devices {
+            for (alias, uri) in &settings.address_book {
+                if thalamus_sip::message::Uri::parse(uri).is_err() {
+                    return Err(ConfigError::Key {
+                        key: format!("devices.{device}.address_book.{alias}"),
+                        message: format!("{uri:?} is not a URI"),
+                    });
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// `sip.advertised` as a host and an optional port.
+    fn advertised(
+        &self,
+    ) -> Result<Option<(thalamus_sip::message::Host, Option<u16>)>, ConfigError> {
+        let Some(text) = &self.sip.advertised else {
+            return Ok(None);
+        };
+        thalamus_sip::message::Host::parse_with_port(text)
+            .map(Some)
+            .ok_or_else(|| ConfigError::Key {
+                key: "sip.advertised".into(),
+                message: format!("{text:?} is not host or host:port"),
+            })
+    }
+
+    /// `sip.outbound_proxy` as a SIP URI.
+    fn outbound_proxy(&self) -> Result<Option<thalamus_sip::message::SipUri>, ConfigError> {
+        let Some(text) = &self.sip.outbound_proxy else {
+            return Ok(None);
+        };
+        thalamus_sip::message::SipUri::parse(text)
+            .map(Some)
+            .map_err(|e| ConfigError::Key {
+                key: "sip.outbound_proxy".into(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Device ingress's settings (`[node]`, `[quic]`, `[session]`, `[auth]`, `sip.domain`).
+    pub fn ingress(&self) -> thalamus_ingress::IngressConfig {
+        let ms = |v: u32| Duration::from_millis(v.into());
+        thalamus_ingress::IngressConfig {
+            node_id: self.node.id.clone(),
+            sip_domain: self.sip.domain.clone(),
+            listen: self.quic.listen,
+            socket_buffer_bytes: self.quic.socket_buffer_bytes,
+            cert: self.quic.cert.clone(),
+            key: self.quic.key.clone(),
+            data_dir: self.node.data_dir.clone(),
+            max_connections: self.quic.max_connections as usize,
+            max_connections_per_ip: self.quic.max_connections_per_ip as usize,
+            hello_timeout: ms(self.quic.hello_timeout_ms),
+            keepalive_interval: ms(self.quic.keepalive_interval_ms),
+            idle_timeout: ms(self.quic.idle_timeout_ms),
+            max_datagram_bytes: self.quic.max_datagram_bytes,
+            max_frame_bytes: self.session.max_frame_bytes,
+            send_queue_frames: self.session.send_queue_frames,
+            max_calls: self.session.max_calls,
+            max_text_bytes: self.session.max_text_bytes,
+            throttle: thalamus_ingress::ThrottleConfig {
+                free_failures: self.auth.free_failures,
+                window: Duration::from_secs(self.auth.failure_window_secs.into()),
+                base_delay: ms(self.auth.failure_delay_ms),
+                max_delay: ms(self.auth.max_failure_delay_ms),
+                max_tracked: 65_536,
+            },
+        }
+    }
+
+    /// The bridge's settings (`node.id`, `[sip]`, `[session]`, `[cluster]`, `[devices]`).
+    pub fn bridge(&self) -> thalamus_bridge::BridgeConfig {
+        thalamus_bridge::BridgeConfig {
+            node_id: self.node.id.clone(),
+            sip_domain: self.sip.domain.clone(),
+            no_answer_timeout: Duration::from_secs(self.sip.no_answer_timeout_secs.into()),
+            max_calls: self.session.max_calls,
+            max_text_bytes: self.session.max_text_bytes,
+            arrival_wait: Duration::from_millis(self.session.arrival_wait_ms.into()),
+            device_grace: Duration::from_secs(u64::from(self.session.resume_window_secs).min(60)),
+            credentials: self.sip.auth.clone(),
+            registrar: self.sip.registrar.clone(),
+            devices: self.devices.clone(),
+            write_ahead_timeout: self.cluster.write_ahead_timeout(),
+            takeover_timeout: self.cluster.takeover_timeout(),
+            reinvite_after_takeover: self.cluster.reinvite_after_takeover,
+        }
+    }
+
+    /// The SIP user agent's settings (`[sip]`: listen, advertised, outbound proxy, timers).
+    pub fn user_agent(&self) -> Result<thalamus_sip::ua::UaConfig, ConfigError> {
+        let (advertised_host, advertised_port) = match self.advertised()? {
+            Some((host, port)) => (Some(host), port),
+            None => (None, None),
+        };
+        let timers = thalamus_sip::transaction::TimerConfig {
+            t1: Duration::from_millis(self.sip.t1_ms.into()),
+            t2: Duration::from_millis(self.sip.t2_ms.into()),
+            t4: Duration::from_millis(self.sip.t4_ms.into()),
+        };
+        let mut endpoint = thalamus_sip::endpoint::EndpointConfig::default();
+        endpoint.transactions.timers = timers;
+        endpoint.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
+            t1: timers.t1,
+            t2: timers.t2,
+        };
+        Ok(thalamus_sip::ua::UaConfig {
+            transport: thalamus_sip::transport::TransportConfig {
+                udp: Some(self.sip.listen),
+                tcp: Some(self.sip.listen),
+                ..Default::default()
+            },
+            endpoint,
+            advertised_host,
+            advertised_port,
+            outbound_proxy: self.outbound_proxy()?,
+            ..Default::default()
+        })
+    }
+
+    /// The address written into SDP when a relay has none of its own: `media.address`, else
+    /// the host of `sip.advertised` when it is an IP address, else the bound SIP address
+    /// (127.0.0.1 for a wildcard).
+    pub fn media_address(&self, sip_addr: SocketAddr) -> std::net::IpAddr {
+        self.media
+            .sdp_address()
+            .or_else(|| {
+                self.advertised()
+                    .ok()
+                    .flatten()
+                    .and_then(|(host, _)| host.ip())
+            })
+            .unwrap_or_else(|| {
+                if sip_addr.ip().is_unspecified() {
+                    std::net::IpAddr::from([127, 0, 0, 1])
+                } else {
+                    sip_addr.ip()
+                }
+            })
     }
 
     /// Renders the effective configuration as TOML (for `thalamus config show`).

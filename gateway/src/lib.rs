@@ -1,18 +1,21 @@
-//! thalamus-gateway: the Thalamus gateway node.
+//! thalamus-gateway: one Thalamus gateway node, wired from the crates that do the work.
 //!
-//! QUIC device ingress and authenticated device sessions (MBFP v1), with the admin endpoint and
-//! metrics. The SIP bridge, media relay, cluster layer and load balancer attach here as they
-//! land. Protocol rules live in sans-IO cores (`session::core`); the rest is thin tokio driving.
+//! * [`config`]: the node's TOML configuration (every section, `THALAMUS_*` overrides, checks
+//!   that name the key), and the narrow settings each component gets from it.
+//! * [`node`]: starts a node (ingress, SIP user agent, media, cluster layer, bridge, admin) and
+//!   runs its own duties (device placement, the ownership sweep, load figures).
+//! * [`cluster`]: the `[cluster]` section and what a node starts of it (dialog store,
+//!   replicator, owner lease, heartbeats); [`heartbeat`]: the heartbeat sender.
+//! * [`admin`] and [`metrics`]: the admin HTTP endpoint and the node's metrics registry.
+//!
+//! What it does not do: protocol rules. Device sessions are `thalamus-ingress`'s, calls
+//! `thalamus-bridge`'s, media `thalamus-media`'s, the store `thalamus-dialog-store`'s, the SIP
+//! stack `thalamus-sip`'s. It does not link the load balancer (the `thalamus` binary does).
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod bridge;
 pub mod cluster;
 pub mod config;
 pub mod heartbeat;
 pub mod metrics;
 pub mod node;
-pub mod registry;
-pub mod resume;
-pub mod session;
-pub mod tls;

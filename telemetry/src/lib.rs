@@ -4,12 +4,15 @@
 //! * [`LogConfig`] and [`LogFormat`]: the `[log]` configuration section.
 //! * [`init_logging`]: installs the `tracing` subscriber it describes (stderr, `THALAMUS_LOG`
 //!   overrides the level).
-//! * [`ReasonLabel`]: the Prometheus label that names a reason or a kind.
+//! * [`ReasonLabel`]: the Prometheus label that names a reason or a kind, and [`inc`], which
+//!   counts one event under it.
 //!
 //! It does not define any metric (each component registers its own) and starts nothing.
 #![forbid(unsafe_code)]
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 
 /// Log output format.
@@ -65,6 +68,11 @@ pub fn init_logging(config: &LogConfig) {
 pub struct ReasonLabel {
     /// The reason.
     pub reason: &'static str,
+}
+
+/// Counts one event with a reason label.
+pub fn inc(family: &Family<ReasonLabel, Counter>, reason: &'static str) {
+    family.get_or_create(&ReasonLabel { reason }).inc();
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! read and verified by the gateway's `DeviceRegistry`, and devices the gateway adds survive the
 //! simulator's next provisioning (both go through `thalamus-registry`). No processes.
 
-use thalamus_gateway::registry::{DeviceRegistry, Verdict};
+use thalamus_ingress::registry::{DeviceRegistry, Verdict};
 use thalamus_sim::provision::{provision_registry, ProvisionRequest};
 
 fn request(first: u32, count: u32, secret: &str) -> ProvisionRequest {

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use thalamus_gateway::config::{Config, ProcessConfigSource};
 use thalamus_gateway::node::GatewayNode;
-use thalamus_gateway::registry::DeviceRegistry;
+use thalamus_ingress::registry::DeviceRegistry;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -125,9 +125,9 @@ fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::
             "admin": node.admin_addr.to_string(),
             "sip": node.sip_addr.to_string(),
             "fingerprint": node.fingerprint,
-            "node_id": node.shared.config.node.id,
+            "node_id": node.shared.node_id,
         });
-        println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.config.node.id);
+        println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.node_id);
         println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);
         println!("  SIP (UDP and TCP)            {}", node.sip_addr);
         println!("  admin (health, metrics)      http://{}/metrics", node.admin_addr);
@@ -244,7 +244,7 @@ fn device(config: &Config, command: DeviceCommand) -> anyhow::Result<()> {
             count,
             secret,
         } => {
-            let secret = secret.unwrap_or_else(thalamus_gateway::registry::generate_secret);
+            let secret = secret.unwrap_or_else(thalamus_ingress::registry::generate_secret);
             let ids: Vec<String> = (first..first.saturating_add(count))
                 .map(|n| format!("{prefix}{n}"))
                 .collect();

@@ -16,6 +16,8 @@
 //! (`crate::media`), store writes and their batching (`crate::cluster`).
 
 pub mod call;
+pub mod config;
+pub mod dialogs;
 pub mod mapping;
 pub mod media_sdp;
 pub mod registrar;
@@ -24,7 +26,6 @@ pub mod takeover;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -40,11 +41,11 @@ use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
-use crate::metrics::{Metrics, ReasonLabel};
-use crate::registry::{valid_device_id, DeviceRegistry};
-use crate::session::driver::DeviceRequests;
-use crate::session::{DeviceLink, SessionCommand, Sessions};
+use thalamus_ingress::registry::{valid_device_id, DeviceRegistry};
+use thalamus_ingress::{DeviceLink, DeviceRequests, SessionCommand, Sessions};
+use thalamus_telemetry::{inc, ReasonLabel};
+
+pub use config::BridgeConfig;
 use thalamus_dialog_store::replicator::Replicator;
 use thalamus_dialog_store::{DialogKey, DialogStore, StoredDialog};
 use thalamus_media::MediaEngine;
@@ -158,7 +159,7 @@ impl BridgeMetrics {
 #[derive(Debug)]
 pub struct BridgeDeps {
     /// Effective configuration.
-    pub config: Config,
+    pub config: BridgeConfig,
     /// Live device sessions (to send frames).
     pub sessions: Arc<Sessions>,
     /// Registered devices (404 versus 480).
@@ -181,7 +182,7 @@ pub type CallKey = (String, u32);
 
 pub(crate) struct BridgeInner {
     pub(crate) ua: UserAgent,
-    pub(crate) config: Config,
+    pub(crate) config: BridgeConfig,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) registry: Arc<DeviceRegistry>,
     pub(crate) media: Option<MediaEngine>,
@@ -252,10 +253,9 @@ impl Bridge {
         } = deps;
         let conflicts = replicator.as_ref().and_then(|r| r.take_conflicts());
         let registrar = config
-            .sip
             .registrar
             .clone()
-            .map(|r| registrar::Registrar::new(ua.clone(), r, config.clone()));
+            .map(|r| registrar::Registrar::new(ua.clone(), r, &config.sip_domain));
         let inner = Arc::new(BridgeInner {
             ua,
             config,
@@ -311,7 +311,7 @@ impl Bridge {
     pub fn holds(&self, key: &DialogKey) -> bool {
         self.inner
             .by_dialog
-            .contains_key(&crate::cluster::dialogs::dialog_of_key(key))
+            .contains_key(&crate::dialogs::dialog_of_key(key))
     }
 
     /// UAC-mode takeover: fetches the dialog from the store, claims it for this node, imports
@@ -365,14 +365,14 @@ impl BridgeInner {
         if self.device_online(device) {
             return true;
         }
-        let wait = Duration::from_millis(self.config.session.arrival_wait_ms.into());
+        let wait = self.config.arrival_wait;
         if wait.is_zero() {
             return false;
         }
         let waiting = self.arrival_waits.fetch_add(1, Ordering::Relaxed);
         let _guard = ArrivalWaitGuard(&self.arrival_waits);
         if waiting >= MAX_ARRIVAL_WAITS {
-            Metrics::inc(&self.metrics.arrival_waits, "refused");
+            inc(&self.metrics.arrival_waits, "refused");
             return false;
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -382,11 +382,11 @@ impl BridgeInner {
             // Registered before the check, so an arrival between the two is not missed.
             arrived.as_mut().enable();
             if self.device_online(device) {
-                Metrics::inc(&self.metrics.arrival_waits, "arrived");
+                inc(&self.metrics.arrival_waits, "arrived");
                 return true;
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                Metrics::inc(&self.metrics.arrival_waits, "timeout");
+                inc(&self.metrics.arrival_waits, "timeout");
                 return false;
             }
         }
@@ -395,8 +395,8 @@ impl BridgeInner {
     /// The device's address-of-record, `sip:<device>@<domain>`.
     pub(crate) fn aor(&self, device: &str) -> NameAddr {
         let host =
-            thalamus_sip::message::Host::parse(&self.config.sip.domain).unwrap_or_else(|_| {
-                thalamus_sip::message::Host::Domain(self.config.sip.domain.clone())
+            thalamus_sip::message::Host::parse(&self.config.sip_domain).unwrap_or_else(|_| {
+                thalamus_sip::message::Host::Domain(self.config.sip_domain.clone())
             });
         NameAddr::new(Uri::Sip(
             thalamus_sip::message::SipUri::new(host).with_user(device),
@@ -409,7 +409,7 @@ impl BridgeInner {
             .devices
             .get(device)
             .and_then(|d| d.auth.clone())
-            .or_else(|| self.config.sip.auth.clone())
+            .or_else(|| self.config.credentials.clone())
             .map(|a| (a.username, a.password))
     }
 
@@ -433,7 +433,7 @@ impl BridgeInner {
                 "{target:?} is neither a URI nor an address book alias"
             ));
         }
-        Uri::parse(&format!("sip:{target}@{}", self.config.sip.domain))
+        Uri::parse(&format!("sip:{target}@{}", self.config.sip_domain))
             .map_err(|e| format!("{target}: {e}"))
     }
 
@@ -493,15 +493,12 @@ impl DeviceRequests for Bridge {
                     )];
                 }
                 let live = inner.device_call_count(device_id);
-                if live >= inner.config.session.max_calls as usize {
-                    Metrics::inc(&inner.metrics.sip_refused, "max_calls");
+                if live >= inner.config.max_calls as usize {
+                    inc(&inner.metrics.sip_refused, "max_calls");
                     return vec![error_frame(
                         request_id,
                         ErrorCode::LimitExceeded,
-                        format!(
-                            "at most {} calls per device",
-                            inner.config.session.max_calls
-                        ),
+                        format!("at most {} calls per device", inner.config.max_calls),
                     )];
                 }
                 let target = match inner.target_uri(device_id, &dial.target) {
@@ -563,11 +560,11 @@ impl DeviceRequests for Bridge {
                 }
             }
             Body::SendText(text) => {
-                if text.body.len() > inner.config.session.max_text_bytes as usize {
+                if text.body.len() > inner.config.max_text_bytes as usize {
                     return vec![error_frame(
                         request_id,
                         ErrorCode::LimitExceeded,
-                        format!("text over {} bytes", inner.config.session.max_text_bytes),
+                        format!("text over {} bytes", inner.config.max_text_bytes),
                     )];
                 }
                 let target = match inner.target_uri(device_id, &text.to) {
@@ -617,7 +614,7 @@ impl DeviceRequests for Bridge {
         // without a session they are hung up.
         let inner = self.inner.clone();
         let device = device_id.to_string();
-        let grace = Duration::from_secs(u64::from(inner.config.session.resume_window_secs).min(60));
+        let grace = inner.config.device_grace;
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             if inner.device_online(&device) {
@@ -728,7 +725,7 @@ async fn send_text(
         },
     };
     let delivered = (200..300).contains(&status);
-    Metrics::inc(
+    inc(
         &inner.metrics.texts,
         if delivered {
             "out_delivered"
@@ -830,7 +827,7 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
                         std::time::Instant::now(),
                     ));
                 } else {
-                    Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
+                    inc(&inner.metrics.sip_refused, "unknown_dialog");
                     let _ = inner.ua.reject_unknown(tx).await;
                 }
             }
@@ -884,7 +881,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
             // The gateway hands these on to a device: a request that has used up its hops is
             // answered 483, as a proxy would (RFC 3261 16.3).
             if request.headers.max_forwards().ok().flatten() == Some(0) {
-                Metrics::inc(&inner.metrics.sip_refused, "too_many_hops");
+                inc(&inner.metrics.sip_refused, "too_many_hops");
                 let _ = ua.respond(tx, 483, None, None).await;
                 return;
             }
@@ -895,7 +892,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 let branch = request.branch().unwrap_or_default().to_string();
                 match inner.in_progress.entry(key.clone()) {
                     dashmap::mapref::entry::Entry::Occupied(e) if *e.get() != branch => {
-                        Metrics::inc(&inner.metrics.sip_refused, "loop_detected");
+                        inc(&inner.metrics.sip_refused, "loop_detected");
                         let _ = ua.respond(tx, 482, None, None).await;
                         return;
                     }
@@ -910,17 +907,17 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 key: merge_key,
             };
             let Some(device) = addressed_device(&request) else {
-                Metrics::inc(&inner.metrics.sip_refused, "not_found");
+                inc(&inner.metrics.sip_refused, "not_found");
                 let _ = ua.respond(tx, 404, None, None).await;
                 return;
             };
             if inner.registry.refresh().is_ok() && !inner.registry.contains(&device) {
-                Metrics::inc(&inner.metrics.sip_refused, "not_found");
+                inc(&inner.metrics.sip_refused, "not_found");
                 let _ = ua.respond(tx, 404, None, None).await;
                 return;
             }
             if !inner.wait_for_arrival(&device).await {
-                Metrics::inc(&inner.metrics.sip_refused, "offline");
+                inc(&inner.metrics.sip_refused, "offline");
                 let _ = ua.respond(tx, 480, None, None).await;
                 return;
             }
@@ -929,8 +926,8 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 return;
             }
             let live = inner.device_call_count(&device);
-            if live >= inner.config.session.max_calls as usize {
-                Metrics::inc(&inner.metrics.sip_refused, "max_calls");
+            if live >= inner.config.max_calls as usize {
+                inc(&inner.metrics.sip_refused, "max_calls");
                 let _ = ua.respond(tx, 486, None, None).await;
                 return;
             }
@@ -960,14 +957,14 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
             );
         }
         _ => {
-            Metrics::inc(&inner.metrics.sip_refused, "method_not_allowed");
+            inc(&inner.metrics.sip_refused, "method_not_allowed");
             let _ = ua.respond_with_headers(tx, 405, None, None, allow()).await;
         }
     }
 }
 
 async fn incoming_text(inner: &Arc<BridgeInner>, tx: ServerTx, device: &str, request: &Request) {
-    if request.body.len() > inner.config.session.max_text_bytes as usize {
+    if request.body.len() > inner.config.max_text_bytes as usize {
         let _ = inner.ua.respond(tx, 413, None, None).await;
         return;
     }
@@ -991,7 +988,7 @@ async fn incoming_text(inner: &Arc<BridgeInner>, tx: ServerTx, device: &str, req
             body: request.body.to_vec(),
         }),
     );
-    Metrics::inc(
+    inc(
         &inner.metrics.texts,
         if delivered {
             "in_delivered"

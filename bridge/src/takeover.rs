@@ -10,8 +10,8 @@
 //!   answered as the dialog's end: BYE 200 (a late retransmission of the BYE that ended it),
 //!   anything else 481. An unknown dialog is 481; a lost race or an unreachable store is 503
 //!   with `Retry-After` (the peer tries again, and the owner answers).
-//! - **UAC mode** ([`crate::bridge::Bridge::claim_dialog`],
-//!   [`crate::bridge::Bridge::hangup_dialog`], the admin endpoint): this node fetches a dialog
+//! - **UAC mode** ([`crate::Bridge::claim_dialog`],
+//!   [`crate::Bridge::hangup_dialog`], the admin endpoint): this node fetches a dialog
 //!   by id and sends its next request itself, with the CSeq and route set of the record.
 //! - **Devices follow** (`resume_device`): a device resuming its session here has its stored
 //!   dialogs listed; those whose owner's lease lapsed (or that name this node) are claimed at
@@ -19,7 +19,7 @@
 //!   the first request from either side).
 //!
 //! After a takeover the call re-INVITEs the peer with this node's media address (see
-//! [`crate::bridge::call`]). Conflict notices from the replicator (`drop_lost_dialogs`) tell a
+//! [`crate::call`]). Conflict notices from the replicator (`drop_lost_dialogs`) tell a
 //! node that another one took its dialog over; the call is dropped without a BYE.
 //!
 //! What it does not do: decide ownership of devices (the balancer's hash), write records (the
@@ -36,15 +36,15 @@ use thalamus_sip::ua::ServerTx;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::call::{self, CallCommand, CallSetup, TakeoverSetup};
-use super::mapping::ended_by;
-use super::{BridgeInner, CallKey};
-use crate::cluster::dialogs::{
+use crate::call::{self, CallCommand, CallSetup, TakeoverSetup};
+use crate::dialogs::{
     dialog_of_key, key_of_request, prepare_for_import, remote_uri_of, sip_record_of, CallAppData,
 };
-use crate::metrics::Metrics;
+use crate::mapping::ended_by;
+use crate::{BridgeInner, CallKey};
 use thalamus_dialog_store::replicator::ConflictNotice;
 use thalamus_dialog_store::{DialogKey, DialogStore, StoreError, StoredDialog};
+use thalamus_telemetry::inc;
 
 /// Most stored dialogs of one device looked at when it resumes.
 pub const MAX_RESUME_DIALOGS: usize = 64;
@@ -142,7 +142,7 @@ async fn bounded<T>(
     what: &str,
     op: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, TakeoverError> {
-    match tokio::time::timeout(inner.config.cluster.takeover_timeout(), op).await {
+    match tokio::time::timeout(inner.config.takeover_timeout, op).await {
         Ok(result) => result.map_err(TakeoverError::from_store),
         Err(_) => Err(TakeoverError::Unavailable(format!("{what} timed out"))),
     }
@@ -174,9 +174,9 @@ pub(crate) async fn take_over(
     match &result {
         Ok(TakenOver {
             record: Some(_), ..
-        }) => Metrics::inc(&inner.metrics.takeovers, "claimed"),
+        }) => inc(&inner.metrics.takeovers, "claimed"),
         Ok(_) => {}
-        Err(e) => Metrics::inc(&inner.metrics.takeovers, e.label()),
+        Err(e) => inc(&inner.metrics.takeovers, e.label()),
     }
     result
 }
@@ -217,7 +217,7 @@ async fn take_over_locked(
             call.1, call.0
         )));
     }
-    let node_id = inner.config.node.id.clone();
+    let node_id = inner.config.node_id.clone();
     let claimed = bounded(
         inner,
         "claiming the dialog",
@@ -271,7 +271,7 @@ pub(crate) async fn unknown_dialog(
 ) {
     let ua = &inner.ua;
     let Some(key) = key_of_request(&request) else {
-        Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
+        inc(&inner.metrics.sip_refused, "unknown_dialog");
         let _ = ua.reject_unknown(tx).await;
         return;
     };
@@ -291,7 +291,7 @@ pub(crate) async fn unknown_dialog(
         }
         Err(e @ (TakeoverError::LostRace { .. } | TakeoverError::Unavailable(_))) => {
             debug!(dialog = %key, error = %e, "takeover failed; 503");
-            Metrics::inc(&inner.metrics.sip_refused, "takeover_unavailable");
+            inc(&inner.metrics.sip_refused, "takeover_unavailable");
             let _ = ua
                 .respond_with_headers(
                     tx,
@@ -304,7 +304,7 @@ pub(crate) async fn unknown_dialog(
         }
         Err(e) => {
             debug!(dialog = %key, error = %e, "no dialog to take over; 481");
-            Metrics::inc(&inner.metrics.sip_refused, "unknown_dialog");
+            inc(&inner.metrics.sip_refused, "unknown_dialog");
             let _ = ua.reject_unknown(tx).await;
         }
     }
@@ -364,7 +364,7 @@ async fn lease_left(
     store: &Arc<dyn DialogStore>,
     record: &StoredDialog,
 ) -> Option<Duration> {
-    if record.owner == inner.config.node.id {
+    if record.owner == inner.config.node_id {
         return None;
     }
     match bounded(
@@ -375,7 +375,7 @@ async fn lease_left(
     .await
     {
         Ok(left) => left,
-        Err(_) => Some(inner.config.cluster.takeover_timeout()),
+        Err(_) => Some(inner.config.takeover_timeout),
     }
 }
 

@@ -18,7 +18,7 @@ use thalamus_sip::ua::{ClientEvent, UserAgent};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, RegistrarConfig};
+use crate::config::RegistrarConfig;
 
 /// Digest credentials (user name, password) of one device, if it has any.
 type Credentials = Option<(String, String)>;
@@ -41,7 +41,7 @@ struct Inner {
 
 impl Registrar {
     /// A registrar client for `config` on `ua`.
-    pub fn new(ua: UserAgent, config: RegistrarConfig, gateway: Config) -> Self {
+    pub fn new(ua: UserAgent, config: RegistrarConfig, sip_domain: &str) -> Self {
         let registrar_uri = Uri::parse(&config.uri).ok();
         if registrar_uri.is_none() {
             warn!(uri = %config.uri, "sip.registrar.uri is not a URI: devices are not registered upstream");
@@ -54,7 +54,7 @@ impl Registrar {
                     .as_ref()
                     .and_then(|u| u.host().map(|h| h.to_string()))
             })
-            .unwrap_or(gateway.sip.domain);
+            .unwrap_or_else(|| sip_domain.to_string());
         Registrar {
             inner: Arc::new(Inner {
                 ua,
@@ -240,7 +240,7 @@ mod tests {
             domain: Some("gw.example.net".into()),
             expires_secs: 600,
         };
-        let r = Registrar::new(ua, config, Config::default());
+        let r = Registrar::new(ua, config, "thalamus.local");
         let taken = |r: &Registrar| r.inner.call_ids.get("dev").map_or(0, |e| e.1);
 
         r.device_online("dev", None);

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use thalamus_proto::v1::envelope::Body;
@@ -34,16 +34,16 @@ use thalamus_sip::ua::{ClientCall, ClientEvent, ServerTx};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
-use super::media_sdp;
-use super::takeover::Trigger;
-use super::{BridgeInner, CallKey};
-use crate::cluster::dialogs::{
+use crate::dialogs::{
     key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallAppData, CallFacts,
 };
-use crate::metrics::Metrics;
+use crate::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
+use crate::media_sdp;
+use crate::takeover::Trigger;
+use crate::{BridgeInner, CallKey};
 use thalamus_dialog_store::{NegotiatedMedia, StoreError, StoredDialog};
 use thalamus_media::{MediaRelay, RelayEvent, RelaySpec};
+use thalamus_telemetry::inc;
 
 /// What a call task is told.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ pub enum CallCommand {
     /// The device did not come back after losing its session.
     DeviceGone,
     /// The device's session came back on a new connection: media goes there now.
-    DeviceLink(crate::session::DeviceLink),
+    DeviceLink(thalamus_ingress::DeviceLink),
     /// Another node took the dialog over (a replication conflict): drop it without a BYE.
     OwnershipLost,
 }
@@ -88,7 +88,7 @@ pub enum CallSetup {
         /// The device already has a call.
         call_waiting: bool,
         /// Held until the INVITE has its final response (loop detection).
-        in_progress: Box<super::InProgress>,
+        in_progress: Box<crate::InProgress>,
     },
     /// A stored dialog this node just claimed and imported.
     TakenOver(Box<TakeoverSetup>),
@@ -229,7 +229,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         inner.by_dialog.insert(dialog.clone(), key.clone());
     }
     inner.metrics.calls_active.inc();
-    Metrics::inc(&inner.metrics.calls_started, direction);
+    inc(&inner.metrics.calls_started, direction);
     let span = info_span!("call", device = %key.0, call_ref = key.1, direction);
     let call = Call {
         inner,
@@ -315,7 +315,7 @@ impl Call {
             let reason = EndReason::try_from(event.end_reason)
                 .map(|r| r.as_str_name())
                 .unwrap_or("END_REASON_UNSPECIFIED");
-            Metrics::inc(&self.inner.metrics.calls_ended, reason_label(reason));
+            inc(&self.inner.metrics.calls_ended, reason_label(reason));
         }
         self.inner.to_device(&self.key.0, 0, Body::CallEvent(event));
     }
@@ -402,7 +402,7 @@ impl Call {
             Some(&self.key.0),
             thalamus_sip::transport::PeerTransport::Udp,
         ));
-        invite.headers.push(HeaderName::Allow, super::ALLOW);
+        invite.headers.push(HeaderName::Allow, crate::ALLOW);
         for (name, value) in headers {
             if name.to_ascii_lowercase().starts_with("x-") {
                 if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
@@ -557,9 +557,7 @@ impl Call {
         if let Ok(mut s) = self.shared.lock() {
             s.state = CallState::Ringing;
         }
-        let no_answer = tokio::time::sleep(Duration::from_secs(
-            self.inner.config.sip.no_answer_timeout_secs.into(),
-        ));
+        let no_answer = tokio::time::sleep(self.inner.config.no_answer_timeout);
         tokio::pin!(no_answer);
         let outcome = loop {
             tokio::select! {
@@ -838,7 +836,7 @@ impl Call {
                         405,
                         None,
                         None,
-                        vec![(HeaderName::Allow, super::ALLOW.to_string())],
+                        vec![(HeaderName::Allow, crate::ALLOW.to_string())],
                     )
                     .await;
                 false
@@ -1087,7 +1085,7 @@ impl Call {
         CallFacts {
             device_id: self.key.0.clone(),
             call_ref: self.key.1,
-            owner: self.inner.config.node.id.clone(),
+            owner: self.inner.config.node_id.clone(),
             epoch: self.replica.epoch,
             base_version: self.replica.base_version,
             media: NegotiatedMedia {
@@ -1172,27 +1170,27 @@ impl Call {
         let ack = match replicator.replicate_acked(to_stored(&record, &self.facts())) {
             Ok(ack) => ack,
             Err(_) => {
-                Metrics::inc(metrics, "error");
+                inc(metrics, "error");
                 return true;
             }
         };
-        match tokio::time::timeout(self.inner.config.cluster.write_ahead_timeout(), ack).await {
+        match tokio::time::timeout(self.inner.config.write_ahead_timeout, ack).await {
             Ok(Ok(Ok(_))) => {
-                Metrics::inc(metrics, "written");
+                inc(metrics, "written");
                 true
             }
             Ok(Ok(Err(StoreError::Conflict { .. }))) => {
-                Metrics::inc(metrics, "lost");
+                inc(metrics, "lost");
                 info!("another node owns the dialog: not sending");
                 self.replica.lost = true;
                 false
             }
             Ok(_) => {
-                Metrics::inc(metrics, "error");
+                inc(metrics, "error");
                 true
             }
             Err(_) => {
-                Metrics::inc(metrics, "timeout");
+                inc(metrics, "timeout");
                 true
             }
         }
@@ -1234,7 +1232,7 @@ impl Call {
                 CallState::Answered
             };
         }
-        let reinvite = self.inner.config.cluster.reinvite_after_takeover;
+        let reinvite = self.inner.config.reinvite_after_takeover;
         match trigger {
             Trigger::Request { method, arrived } => {
                 self.replica.takeover_arrived = Some(arrived);
@@ -1420,11 +1418,11 @@ impl thalamus_media::DatagramSink for DtmfTap {
 }
 
 /// The device's link as the relay's datagram sink.
-struct LinkSink(crate::session::DeviceLink);
+struct LinkSink(thalamus_ingress::DeviceLink);
 
 impl thalamus_media::DatagramSink for LinkSink {
     fn send_datagram(&self, datagram: Bytes) -> Result<(), thalamus_media::DatagramError> {
-        use crate::session::LinkError;
+        use thalamus_ingress::LinkError;
         use thalamus_media::DatagramError;
         self.0.send_datagram(datagram).map_err(|e| match e {
             LinkError::Blocked => DatagramError::Blocked,
