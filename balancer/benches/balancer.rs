@@ -1,6 +1,6 @@
 //! Benchmarks of the balancer's sans-IO routing core: one INVITE from outside routed to a node,
 //! and one 200 response from a node routed back (parse, rewrite, serialize), with 4 live nodes.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::time::Instant;

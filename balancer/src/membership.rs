@@ -430,6 +430,8 @@ impl Membership {
 }
 
 #[cfg(test)]
+// `Instant::now()` in tests only gives the virtual clock its origin.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use thalamus_ownership::heartbeat::HEARTBEAT_VERSION;

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -173,7 +173,7 @@ impl RunningBalancer {
 
     /// The node table as `/nodes` shows it.
     pub fn nodes(&self) -> Vec<NodeStatus> {
-        self.shared.core().membership().snapshot(Instant::now())
+        self.shared.core().membership().snapshot(now())
     }
 
     /// The metrics text as `/metrics` serves it.
@@ -321,7 +321,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, socket: UdpSocket, shutdown: Cancel
         };
         let result = {
             let mut core = shared.core();
-            let r = core.membership_mut().heartbeat(&hb, source, Instant::now());
+            let r = core.membership_mut().heartbeat(&hb, source, now());
             update_gauges(&shared.metrics, core.membership());
             r.map(|events| (events, live_set_report(core.membership(), &hb)))
         };
@@ -380,7 +380,7 @@ async fn tick_loop(shared: Arc<Shared>, every: Duration, shutdown: CancellationT
         }
         let events = {
             let mut core = shared.core();
-            let events = core.membership_mut().tick(Instant::now());
+            let events = core.membership_mut().tick(now());
             if !events.is_empty() {
                 update_gauges(&shared.metrics, core.membership());
             }
@@ -455,13 +455,21 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn nodes(State(shared): State<Arc<Shared>>) -> Json<Vec<NodeStatus>> {
-    Json(shared.core().membership().snapshot(Instant::now()))
+    Json(shared.core().membership().snapshot(now()))
+}
+
+/// The time: tokio's clock (paused in tests that pause it), as the cores take it.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 #[cfg(test)]
+// `Instant::now()` in tests only gives the virtual clock its origin.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::membership::MembershipConfig;
+    use std::time::Instant;
     use thalamus_ownership::heartbeat::{Load, HEARTBEAT_VERSION};
     use thalamus_ownership::NodeId;
 

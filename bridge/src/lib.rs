@@ -20,7 +20,10 @@ pub mod config;
 pub mod dialogs;
 pub mod mapping;
 pub mod media_sdp;
+pub mod metrics;
 pub mod registrar;
+mod shared;
+pub mod table;
 pub mod takeover;
 
 use std::net::IpAddr;
@@ -29,131 +32,32 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use rand::Rng;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{Envelope, ErrorCode, TextReceived, TextStatus};
-use thalamus_sip::dialog::DialogId;
 use thalamus_sip::message::{HeaderName, MediaType, Method, NameAddr, Request, Uri};
 use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use thalamus_ingress::registry::{valid_device_id, DeviceRegistry};
-use thalamus_ingress::{DeviceLink, DeviceRequests, SessionCommand, Sessions};
-use thalamus_telemetry::{inc, ReasonLabel};
+use thalamus_ingress::{DeviceLink, DeviceRequests, Sessions};
+use thalamus_telemetry::inc;
 
 pub use config::BridgeConfig;
 use thalamus_dialog_store::replicator::Replicator;
 use thalamus_dialog_store::{DialogKey, DialogStore, StoredDialog};
 use thalamus_media::MediaEngine;
 
-use call::{CallCommand, CallHandle, CallSetup};
+use call::CallSetup;
+use shared::{BridgeInner, InProgress};
+use table::CallCommand;
 
-/// Methods the gateway answers (Allow header).
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
+pub use call::core::CallKey;
+pub use metrics::BridgeMetrics;
+pub use shared::MAX_ARRIVAL_WAITS;
 
-/// Bridge counters.
-#[derive(Debug, Clone)]
-pub struct BridgeMetrics {
-    /// Calls started, by direction (`outgoing`, `incoming`).
-    pub calls_started: Family<ReasonLabel, Counter>,
-    /// Calls ended, by end reason.
-    pub calls_ended: Family<ReasonLabel, Counter>,
-    /// Calls in progress.
-    pub calls_active: Gauge,
-    /// SIP requests refused by the bridge, by status class reason.
-    pub sip_refused: Family<ReasonLabel, Counter>,
-    /// Texts, by direction and outcome.
-    pub texts: Family<ReasonLabel, Counter>,
-    /// Takeover attempts, by outcome (`claimed`, `ended`, `not_found`, `lost_race`,
-    /// `unavailable`, `invalid`, `disabled`).
-    pub takeovers: Family<ReasonLabel, Counter>,
-    /// Time from a request for an unknown dialog arriving to its answer by the call that took
-    /// the dialog over, seconds.
-    pub takeover_latency: Histogram,
-    /// Local CSeq writes ahead of an in-dialog request, by outcome (`written`, `timeout`,
-    /// `error`, `lost`: another node owns the dialog, the request was not sent).
-    pub write_ahead: Family<ReasonLabel, Counter>,
-    /// Dialogs dropped because another node took them over (a replication conflict).
-    pub dialogs_lost: Counter,
-    /// Requests for a device not logged in here that waited for it, by outcome (`arrived`,
-    /// `timeout`, `refused`: too many waiting).
-    pub arrival_waits: Family<ReasonLabel, Counter>,
-}
-
-impl Default for BridgeMetrics {
-    fn default() -> Self {
-        Self {
-            calls_started: Family::default(),
-            calls_ended: Family::default(),
-            calls_active: Gauge::default(),
-            sip_refused: Family::default(),
-            texts: Family::default(),
-            takeovers: Family::default(),
-            takeover_latency: Histogram::new([
-                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-            ]),
-            write_ahead: Family::default(),
-            dialogs_lost: Counter::default(),
-            arrival_waits: Family::default(),
-        }
-    }
-}
-
-impl BridgeMetrics {
-    /// Registers the bridge's metrics.
-    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.register(
-            "calls_started",
-            "Calls started, by direction",
-            self.calls_started.clone(),
-        );
-        registry.register(
-            "calls_ended",
-            "Calls ended, by MBFP end reason",
-            self.calls_ended.clone(),
-        );
-        registry.register(
-            "calls_active",
-            "Calls in progress",
-            self.calls_active.clone(),
-        );
-        registry.register(
-            "sip_refused",
-            "SIP requests the bridge refused",
-            self.sip_refused.clone(),
-        );
-        registry.register("texts", "Text messages", self.texts.clone());
-        registry.register(
-            "takeovers",
-            "Dialog takeovers, by outcome",
-            self.takeovers.clone(),
-        );
-        registry.register(
-            "takeover_latency_seconds",
-            "Request for an unknown dialog in to its answer out, after a takeover",
-            self.takeover_latency.clone(),
-        );
-        registry.register(
-            "write_ahead",
-            "Local CSeq writes ahead of in-dialog requests, by outcome",
-            self.write_ahead.clone(),
-        );
-        registry.register(
-            "dialogs_lost",
-            "Dialogs dropped because another node took them over",
-            self.dialogs_lost.clone(),
-        );
-        registry.register(
-            "device_arrival_waits",
-            "Requests for a device not logged in here that waited for it, by outcome",
-            self.arrival_waits.clone(),
-        );
-    }
-}
+pub use call::core::ALLOW;
 
 /// What the bridge works with, besides its user agent.
 #[derive(Debug)]
@@ -175,53 +79,6 @@ pub struct BridgeDeps {
     pub store: Option<Arc<dyn DialogStore>>,
     /// Where confirmed dialogs are written (none: replication is off).
     pub replicator: Option<Arc<Replicator>>,
-}
-
-/// A call's address in the bridge.
-pub type CallKey = (String, u32);
-
-pub(crate) struct BridgeInner {
-    pub(crate) ua: UserAgent,
-    pub(crate) config: BridgeConfig,
-    pub(crate) sessions: Arc<Sessions>,
-    pub(crate) registry: Arc<DeviceRegistry>,
-    pub(crate) media: Option<MediaEngine>,
-    pub(crate) media_address: IpAddr,
-    pub(crate) links: DashMap<String, DeviceLink>,
-    pub(crate) calls: DashMap<CallKey, CallHandle>,
-    /// Number of entries of `calls` per device (kept with `calls` by `add_call` and
-    /// `forget_call`), so limits and redirects do not scan every call of the node.
-    pub(crate) calls_per_device: DashMap<String, usize>,
-    pub(crate) by_dialog: DashMap<DialogId, CallKey>,
-    pub(crate) by_invite: DashMap<ServerTx, CallKey>,
-    /// Requests outside a dialog being handled, by merge key, with their branch.
-    pub(crate) in_progress: DashMap<(String, String, u32), String>,
-    pub(crate) next_incoming_ref: AtomicU32,
-    pub(crate) metrics: BridgeMetrics,
-    pub(crate) registrar: Option<registrar::Registrar>,
-    pub(crate) store: Option<Arc<dyn DialogStore>>,
-    pub(crate) replicator: Option<Arc<Replicator>>,
-    /// Takeovers in progress, one lock per dialog (so one request, resume or API call claims
-    /// and imports it, and the others find it held).
-    pub(crate) takeovers: DashMap<DialogKey, Arc<tokio::sync::Mutex<()>>>,
-    /// Calls of devices that resumed here, still held by a node whose lease runs: listed in
-    /// `live_calls`, claimed when the lease lapses or at the first request from either side.
-    pub(crate) watched: DashMap<CallKey, StoredDialog>,
-    /// Woken whenever a device logs in here (requests waiting for their device).
-    pub(crate) arrivals: tokio::sync::Notify,
-    /// Requests waiting for their device now.
-    pub(crate) arrival_waits: AtomicUsize,
-}
-
-/// Most requests waiting for their device at once (`session.arrival_wait_ms`).
-pub const MAX_ARRIVAL_WAITS: usize = 4096;
-
-struct ArrivalWaitGuard<'a>(&'a AtomicUsize);
-
-impl Drop for ArrivalWaitGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// The bridge (cheap to clone).
@@ -269,7 +126,9 @@ impl Bridge {
             by_dialog: DashMap::new(),
             by_invite: DashMap::new(),
             in_progress: DashMap::new(),
-            next_incoming_ref: AtomicU32::new(rand::random::<u32>() & 0x3fff_ffff),
+            next_incoming_ref: AtomicU32::new(
+                thalamus_sip::rng::with(|rng| rng.gen::<u32>()) & 0x3fff_ffff,
+            ),
             metrics,
             registrar,
             store,
@@ -332,138 +191,6 @@ impl Bridge {
     }
 }
 
-impl BridgeInner {
-    /// Sends a frame to a device if it is online (dropped otherwise: it will see its calls'
-    /// state when it resumes).
-    pub(crate) fn to_device(&self, device: &str, request_id: u64, body: Body) -> bool {
-        let Some(session) = self.sessions.get(device) else {
-            return false;
-        };
-        let env = Envelope {
-            request_id,
-            body: Some(body),
-        };
-        if session
-            .commands
-            .try_send(SessionCommand::Send(Box::new(env)))
-            .is_err()
-        {
-            warn!(device, "session command queue full; frame dropped");
-            return false;
-        }
-        true
-    }
-
-    pub(crate) fn device_online(&self, device: &str) -> bool {
-        self.sessions.get(device).is_some()
-    }
-
-    /// Whether `device` is online, waiting up to `session.arrival_wait_ms` for it to log in
-    /// when it is not (a device moving here from a draining or dead node, or reconnecting).
-    /// At most [`MAX_ARRIVAL_WAITS`] requests wait at once; others do not wait.
-    pub(crate) async fn wait_for_arrival(&self, device: &str) -> bool {
-        if self.device_online(device) {
-            return true;
-        }
-        let wait = self.config.arrival_wait;
-        if wait.is_zero() {
-            return false;
-        }
-        let waiting = self.arrival_waits.fetch_add(1, Ordering::Relaxed);
-        let _guard = ArrivalWaitGuard(&self.arrival_waits);
-        if waiting >= MAX_ARRIVAL_WAITS {
-            inc(&self.metrics.arrival_waits, "refused");
-            return false;
-        }
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let arrived = self.arrivals.notified();
-            tokio::pin!(arrived);
-            // Registered before the check, so an arrival between the two is not missed.
-            arrived.as_mut().enable();
-            if self.device_online(device) {
-                inc(&self.metrics.arrival_waits, "arrived");
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                inc(&self.metrics.arrival_waits, "timeout");
-                return false;
-            }
-        }
-    }
-
-    /// The device's address-of-record, `sip:<device>@<domain>`.
-    pub(crate) fn aor(&self, device: &str) -> NameAddr {
-        let host =
-            thalamus_sip::message::Host::parse(&self.config.sip_domain).unwrap_or_else(|_| {
-                thalamus_sip::message::Host::Domain(self.config.sip_domain.clone())
-            });
-        NameAddr::new(Uri::Sip(
-            thalamus_sip::message::SipUri::new(host).with_user(device),
-        ))
-    }
-
-    /// Digest credentials for requests on behalf of `device`.
-    pub(crate) fn credentials(&self, device: &str) -> Option<(String, String)> {
-        self.config
-            .devices
-            .get(device)
-            .and_then(|d| d.auth.clone())
-            .or_else(|| self.config.credentials.clone())
-            .map(|a| (a.username, a.password))
-    }
-
-    /// Resolves a Dial/SendText target: an alias of the device's address book, or a URI. A bare
-    /// user name or number becomes a URI in the gateway's domain (or the outbound proxy's).
-    pub(crate) fn target_uri(&self, device: &str, target: &str) -> Result<Uri, String> {
-        let target = target.trim();
-        if let Some(uri) = self
-            .config
-            .devices
-            .get(device)
-            .and_then(|d| d.address_book.get(target))
-        {
-            return Uri::parse(uri).map_err(|e| format!("address book entry {target}: {e}"));
-        }
-        if target.contains(':') {
-            return Uri::parse(target).map_err(|e| format!("{target}: {e}"));
-        }
-        if target.is_empty() || target.contains(['@', ' ', '<', '>']) {
-            return Err(format!(
-                "{target:?} is neither a URI nor an address book alias"
-            ));
-        }
-        Uri::parse(&format!("sip:{target}@{}", self.config.sip_domain))
-            .map_err(|e| format!("{target}: {e}"))
-    }
-
-    /// Records a new call (and counts it for its device).
-    pub(crate) fn add_call(&self, key: CallKey, handle: CallHandle) {
-        let device = key.0.clone();
-        if self.calls.insert(key, handle).is_none() {
-            *self.calls_per_device.entry(device).or_insert(0) += 1;
-        }
-    }
-
-    /// Calls `device` has on this node.
-    pub(crate) fn device_call_count(&self, device: &str) -> usize {
-        self.calls_per_device.get(device).map_or(0, |n| *n)
-    }
-
-    pub(crate) fn forget_call(&self, key: &CallKey) {
-        if let Some((_, handle)) = self.calls.remove(key) {
-            if let Some(d) = handle.dialog() {
-                self.by_dialog.remove(&d);
-            }
-            self.metrics.calls_active.dec();
-            self.calls_per_device.remove_if_mut(&key.0, |_, n| {
-                *n = n.saturating_sub(1);
-                *n == 0
-            });
-        }
-    }
-}
-
 fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Envelope {
     Envelope {
         request_id,
@@ -505,7 +232,7 @@ impl DeviceRequests for Bridge {
                     Ok(t) => t,
                     Err(e) => return vec![error_frame(request_id, ErrorCode::InvalidArgument, e)],
                 };
-                call::spawn(
+                call::driver::spawn(
                     inner.clone(),
                     key,
                     CallSetup::Outgoing {
@@ -753,28 +480,6 @@ fn merge_key(request: &Request) -> Option<(String, String, u32)> {
     ))
 }
 
-/// Forgets a request's merge key when its handling ends.
-pub struct InProgress {
-    inner: Arc<BridgeInner>,
-    key: Option<(String, String, u32)>,
-}
-
-impl std::fmt::Debug for InProgress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InProgress")
-            .field("key", &self.key)
-            .finish()
-    }
-}
-
-impl Drop for InProgress {
-    fn drop(&mut self) {
-        if let Some(key) = &self.key {
-            self.inner.in_progress.remove(key);
-        }
-    }
-}
-
 /// The device a request addresses: the Request-URI user, when it is a valid device id.
 fn addressed_device(request: &Request) -> Option<String> {
     let user = request.uri.user()?;
@@ -824,7 +529,7 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
                         inner,
                         tx,
                         request,
-                        std::time::Instant::now(),
+                        tokio::time::Instant::now().into_std(),
                     ));
                 } else {
                     inc(&inner.metrics.sip_refused, "unknown_dialog");
@@ -945,7 +650,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
             let key = (device.clone(), call_ref);
             inner.by_invite.insert(tx, key.clone());
             info!(device, call_ref, "incoming call");
-            call::spawn(
+            call::driver::spawn(
                 inner.clone(),
                 key,
                 CallSetup::Incoming {

@@ -36,12 +36,14 @@ use thalamus_sip::ua::ServerTx;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::call::{self, CallCommand, CallSetup, TakeoverSetup};
+use crate::call::core::CallKey;
+use crate::call::{self, CallSetup, TakeoverSetup};
 use crate::dialogs::{
     dialog_of_key, key_of_request, prepare_for_import, remote_uri_of, sip_record_of, CallAppData,
 };
 use crate::mapping::ended_by;
-use crate::{BridgeInner, CallKey};
+use crate::shared::BridgeInner;
+use crate::table::CallCommand;
 use thalamus_dialog_store::replicator::ConflictNotice;
 use thalamus_dialog_store::{DialogKey, DialogStore, StoreError, StoredDialog};
 use thalamus_telemetry::inc;
@@ -52,30 +54,7 @@ pub const MAX_RESUME_DIALOGS: usize = 64;
 /// How often a watched call checks its owner's lease again before giving up.
 const MAX_LEASE_CHECKS: u32 = 8;
 
-/// What caused a takeover (and so what the call does first).
-#[derive(Debug)]
-pub enum Trigger {
-    /// A request for the dialog arrived (UAS mode); it is delivered again after the import.
-    Request {
-        /// Its method.
-        method: Method,
-        /// When it arrived (its answer is timed).
-        arrived: Instant,
-    },
-    /// The device resumed its session here.
-    DeviceResume,
-    /// The API or admin endpoint asked.
-    Api,
-    /// A device command for a call held elsewhere (UAC mode); handed to the call.
-    DeviceCommand {
-        /// The device's request id.
-        request_id: u64,
-        /// The command.
-        body: Body,
-    },
-    /// End the dialog from here (UAC mode): BYE.
-    Hangup,
-}
+pub use crate::call::TakeoverTrigger as Trigger;
 
 /// Why a dialog was not taken over.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,7 +225,7 @@ async fn take_over_locked(
         previous_owner = %record.owner,
         "dialog taken over"
     );
-    call::spawn(
+    call::driver::spawn(
         inner.clone(),
         call.clone(),
         CallSetup::TakenOver(Box::new(TakeoverSetup {

@@ -26,7 +26,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 use thalamus_bridge::dialogs::sip_record_of;
 use thalamus_bridge::takeover::TakeoverError;
 use thalamus_dialog_store::{DialogKey, StoredDialog};

@@ -257,7 +257,6 @@ fn take_report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
     use thalamus_ownership::heartbeat::LiveNode;
 
     fn report(session: &str, ack: u64, nodes: &[&str]) -> LiveSetReport {
@@ -353,7 +352,7 @@ mod tests {
             .send_to(&report(mine, 1, &["a", "b"]).encode(Some(b"k")), node_addr)
             .await
             .unwrap();
-        let start = Instant::now();
+        let start = tokio::time::Instant::now();
         while sender.reports() == 0 {
             assert!(start.elapsed() < wait, "no report taken");
             tokio::time::sleep(Duration::from_millis(5)).await;

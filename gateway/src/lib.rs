@@ -2,8 +2,9 @@
 //!
 //! * [`config`]: the node's TOML configuration (every section, `THALAMUS_*` overrides, checks
 //!   that name the key), and the narrow settings each component gets from it.
-//! * [`node`]: starts a node (ingress, SIP user agent, media, cluster layer, bridge, admin) and
-//!   runs its own duties (device placement, the ownership sweep, load figures).
+//! * [`node`]: starts a node (ingress, SIP user agent, media, cluster layer, bridge, admin);
+//!   [`shared`]: what the node's tasks share and where devices belong; `sweep`: the ownership
+//!   sweep and the load figures.
 //! * [`cluster`]: the `[cluster]` section and what a node starts of it (dialog store,
 //!   replicator, owner lease, heartbeats); [`heartbeat`]: the heartbeat sender.
 //! * [`admin`] and [`metrics`]: the admin HTTP endpoint and the node's metrics registry.
@@ -19,3 +20,5 @@ pub mod config;
 pub mod heartbeat;
 pub mod metrics;
 pub mod node;
+pub mod shared;
+mod sweep;

@@ -1,7 +1,7 @@
 //! Per-packet cost of the media relay core (no sockets): device datagram -> RTP, and
 //! RTP -> device datagram, each including the parse, the translation, the build and the poll
 //! that hands the result to the shell. Also the bare RTP parse and media header decode.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

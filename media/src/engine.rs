@@ -31,11 +31,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::config::{MediaConfig, MediaConfigError};
-use crate::metrics::EngineTotals;
 use crate::ports::{PortAllocator, PortError, PortPair};
 use crate::relay::{
     RelayCore, RelayDirection, RelayEvent, RelaySettings, RelayStats, RemotePeer, SocketKind,
 };
+use crate::totals::EngineTotals;
 
 /// Receive buffer per socket; a datagram that fills it is treated as truncated and dropped.
 pub const RECV_BUFFER_BYTES: usize = 4 * 1024;
@@ -156,7 +156,7 @@ impl DeviceInput {
     /// Queues a datagram without waiting, stamped with its arrival time. When the queue is full
     /// the datagram is dropped (and counted in the relay's statistics).
     pub fn feed(&self, datagram: Bytes) -> Result<(), FeedError> {
-        match self.tx.try_send((Instant::now(), datagram)) {
+        match self.tx.try_send((now(), datagram)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.overflow.fetch_add(1, Ordering::Relaxed);
@@ -169,7 +169,7 @@ impl DeviceInput {
     /// Queues a datagram, waiting for room.
     pub async fn feed_wait(&self, datagram: Bytes) -> Result<(), FeedError> {
         self.tx
-            .send((Instant::now(), datagram))
+            .send((now(), datagram))
             .await
             .map_err(|_| FeedError::Closed)
     }
@@ -270,7 +270,7 @@ impl MediaEngine {
             max_datagram_bytes: spec.max_datagram_bytes,
             wallclock_at_start,
         };
-        let core = RelayCore::new(settings, Instant::now());
+        let core = RelayCore::new(settings, now());
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (device_tx, device_rx) = mpsc::channel(config.input_queue_frames.max(1) as usize);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -572,7 +572,7 @@ impl RelayTask {
                 }
                 () = &mut timer, if deadline.is_some() => {
                     timer_at = None;
-                    self.core.handle_timeout(Instant::now());
+                    self.core.handle_timeout(now());
                 }
                 () = &mut retry, if retry_at.is_some() => {
                     retry_armed = None;
@@ -581,7 +581,7 @@ impl RelayTask {
             }
             self.flush().await;
         }
-        self.core.close(Instant::now());
+        self.core.close(now());
         self.sink_blocked_until = None;
         self.flush().await;
         self.sync_overflow();
@@ -610,7 +610,7 @@ impl RelayTask {
     }
 
     fn on_packet(&mut self, socket: SocketKind, buf: &[u8], len: usize, source: SocketAddr) {
-        let now = Instant::now();
+        let now = now();
         let Some(packet) = buf.get(..len).filter(|_| len < buf.len()) else {
             // Filled the buffer: probably truncated.
             self.core.record_oversized_packet();
@@ -623,7 +623,7 @@ impl RelayTask {
     }
 
     fn apply(&mut self, control: Control) {
-        let now = Instant::now();
+        let now = now();
         match control {
             Control::Peer(peer) => self.core.set_peer(*peer, now),
             Control::LocalDirection(direction) => self.core.set_local_direction(direction, now),
@@ -668,7 +668,7 @@ impl RelayTask {
                 self.core.record_socket_send_failed();
             } else if let Some(received_at) = transmit.received_at {
                 self.core
-                    .record_relay_latency(RelayDirection::ToPeer, received_at, Instant::now());
+                    .record_relay_latency(RelayDirection::ToPeer, received_at, now());
             }
         }
         if self.sink_blocked_until.is_none() && self.core.device_queue_len() > 0 {
@@ -680,11 +680,11 @@ impl RelayTask {
                     Ok(()) => self.core.record_relay_latency(
                         RelayDirection::ToDevice,
                         datagram.received_at,
-                        Instant::now(),
+                        now(),
                     ),
                     Err(DatagramError::Blocked) => {
                         self.core.requeue_device_datagram(datagram);
-                        self.sink_blocked_until = Some(Instant::now() + SINK_RETRY);
+                        self.sink_blocked_until = Some(now() + SINK_RETRY);
                         break;
                     }
                     Err(_) => self.core.record_device_send_failed(),
@@ -695,4 +695,9 @@ impl RelayTask {
             let _ = self.events_tx.try_send(event);
         }
     }
+}
+
+/// The time: tokio's clock (paused in tests that pause it), as the cores take it.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }

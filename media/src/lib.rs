@@ -11,7 +11,8 @@
 //! - [`engine`]: the tokio shell: [`MediaEngine`] hands out [`MediaRelay`]s that own a call's
 //!   two UDP sockets and run a [`RelayCore`];
 //! - [`config`]: [`MediaConfig`], the `[media]` configuration section;
-//! - [`metrics`]: node-wide totals and the Prometheus collector ([`MediaCollector`]).
+//! - [`totals`]: node-wide totals an engine and its relays count; [`metrics`]: the Prometheus
+//!   collector that renders them ([`MediaCollector`]).
 //!
 //! What it does not do: no SDP negotiation (`thalamus_sip::sdp`), no call control (the bridge
 //! starts and stops relays and turns [`RelayEvent::MediaTimeout`] into a BYE), no QUIC (the
@@ -29,13 +30,15 @@ pub mod relay;
 pub mod rtcp;
 pub mod rtp;
 pub mod stats;
+pub mod totals;
 
 pub use config::{LatchMode, MediaConfig, MediaConfigError};
 pub use engine::{
     DatagramError, DatagramSink, DeviceInput, FeedError, MediaEngine, MediaRelay, RelayError,
     RelaySpec,
 };
-pub use metrics::{EngineTotals, MediaCollector};
+pub use metrics::MediaCollector;
 pub use payload::PayloadMap;
 pub use ports::{PortAllocator, PortPair};
 pub use relay::{RelayCore, RelayEvent, RelaySettings, RelayStats, RemotePeer};
+pub use totals::EngineTotals;

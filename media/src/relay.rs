@@ -1151,6 +1151,8 @@ impl RelayCore {
 }
 
 #[cfg(test)]
+// `Instant::now()` in tests only gives the virtual clock its origin.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use crate::rtcp::{write_receiver_report, write_sender_report, RtcpPacket};

@@ -13,6 +13,7 @@ pub mod digest;
 pub mod endpoint;
 pub mod message;
 pub mod resolve;
+pub mod rng;
 pub mod sdp;
 pub mod transaction;
 pub mod transport;

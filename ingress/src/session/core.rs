@@ -546,6 +546,8 @@ impl SessionCore {
 }
 
 #[cfg(test)]
+// `Instant::now()` in tests only gives the virtual clock its origin.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use bytes::BytesMut;

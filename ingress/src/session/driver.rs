@@ -23,7 +23,7 @@ use super::{DeviceLink, SessionCommand, SessionHandle};
 use crate::metrics::inc;
 use crate::registry::{valid_device_id, Verdict};
 use crate::resume::SessionId;
-use crate::Shared;
+use crate::shared::Shared;
 
 /// What the auth task found.
 struct AuthResult {

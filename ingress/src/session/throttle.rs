@@ -102,6 +102,8 @@ impl AuthThrottle {
 }
 
 #[cfg(test)]
+// `Instant::now()` in tests only gives the virtual clock its origin.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

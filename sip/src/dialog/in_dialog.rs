@@ -161,7 +161,7 @@ impl Dialog {
     fn next_local_cseq(&mut self) -> Result<u32, DialogError> {
         let next = match self.local_cseq {
             Some(n) => n.checked_add(1).ok_or(DialogError::CSeqExhausted)?,
-            None => rand::thread_rng().gen_range(1..(1u32 << 30)),
+            None => crate::rng::with(|rng| rng.gen_range(1..(1u32 << 30))),
         };
         self.local_cseq = Some(next);
         Ok(next)

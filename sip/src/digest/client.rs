@@ -205,7 +205,7 @@ impl DigestClient {
 
 /// 128 random bits as hex.
 fn random_cnonce() -> String {
-    let bytes: [u8; 16] = rand::thread_rng().gen();
+    let bytes: [u8; 16] = crate::rng::with(|rng| rng.gen());
     hex::encode(bytes)
 }
 

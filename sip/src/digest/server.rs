@@ -238,7 +238,7 @@ impl DigestServer {
 
     /// A fresh nonce issued at `now` (unix seconds).
     pub fn issue_nonce(&self, now: u64) -> String {
-        let salt: [u8; 8] = rand::thread_rng().gen();
+        let salt: [u8; 8] = crate::rng::with(|rng| rng.gen());
         let ts = now.to_be_bytes();
         let mac = self.nonce_mac(&ts, &salt);
         let mut bytes = Vec::with_capacity(8 + 8 + NONCE_MAC_LEN);

@@ -1,7 +1,8 @@
 //! Random identifiers for new transactions and dialogs: tags (RFC 3261 section 19.3), branches
 //! (section 8.1.1.7, with the `z9hG4bK` magic cookie) and Call-IDs (section 8.1.1.4).
 //!
-//! They use the thread-local CSPRNG of `rand`; uniqueness across nodes comes from their length
+//! They use the stack's generator ([`crate::rng`]: the thread-local CSPRNG, or a seeded one in
+//! reproducible tests); uniqueness across nodes comes from their length
 //! (at least 64 random bits each). This module does not track which identifiers are in use.
 
 use rand::distributions::Alphanumeric;
@@ -10,11 +11,12 @@ use rand::Rng;
 use super::via::BRANCH_MAGIC_COOKIE;
 
 fn random_alphanumeric(len: usize) -> String {
-    rand::thread_rng()
-        .sample_iter(&Alphanumeric)
-        .take(len)
-        .map(char::from)
-        .collect()
+    crate::rng::with(|rng| {
+        rng.sample_iter(&Alphanumeric)
+            .take(len)
+            .map(char::from)
+            .collect()
+    })
 }
 
 /// A random tag for From or To: 16 alphanumeric characters (about 95 bits).

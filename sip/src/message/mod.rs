@@ -32,6 +32,7 @@ mod typed;
 mod uri;
 mod validate;
 mod via;
+mod writer;
 
 use std::fmt::{self, Write as _};
 
@@ -191,7 +192,7 @@ impl Request {
 
     /// Appends the serialized request to `out`.
     pub fn write_to(&self, out: &mut BytesMut) {
-        parser::write_message(
+        writer::write_message(
             |o| {
                 // Writing into a BytesMut cannot fail: it grows as needed.
                 let _ = write!(o, "{} {} {}", self.method, self.uri, self.version);
@@ -314,7 +315,7 @@ impl Response {
 
     /// Appends the serialized response to `out`.
     pub fn write_to(&self, out: &mut BytesMut) {
-        parser::write_message(
+        writer::write_message(
             |o| {
                 // Writing into a BytesMut cannot fail: it grows as needed.
                 let _ = write!(o, "{} {} {}", self.version, self.status, self.reason);
@@ -334,18 +335,6 @@ impl Response {
 }
 
 impl Message {
-    /// Parses one UDP datagram with the default [`ParseLimits`]: leading CRLFs are skipped,
-    /// a missing Content-Length means the body is the rest of the datagram, bytes after the body
-    /// are ignored (RFC 4475 dblreq), and a body shorter than Content-Length is an error.
-    pub fn parse(datagram: impl Into<Bytes>) -> Result<Message, ParseError> {
-        Self::parse_with_limits(datagram.into(), &ParseLimits::DEFAULT)
-    }
-
-    /// [`Message::parse`] with explicit limits.
-    pub fn parse_with_limits(datagram: Bytes, limits: &ParseLimits) -> Result<Message, ParseError> {
-        parser::parse_message(datagram, limits, parser::Framing::Datagram)
-    }
-
     /// The header fields.
     pub fn headers(&self) -> &Headers {
         match self {

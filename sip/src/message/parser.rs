@@ -10,7 +10,7 @@
 //! A failure returns a [`ParseError`] that keeps whatever header fields could be read, so that a
 //! transport can still answer 400 statelessly.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use memchr::{memchr, memchr2, memrchr};
 
 use super::header::{Header, HeaderName, HeaderValue, Headers};
@@ -18,6 +18,20 @@ use super::method::Method;
 use super::syntax::{is_ws, trim_ws};
 use super::uri::{Uri, UriError};
 use super::{Message, Request, Response, Version};
+
+impl Message {
+    /// Parses one UDP datagram with the default [`ParseLimits`]: leading CRLFs are skipped,
+    /// a missing Content-Length means the body is the rest of the datagram, bytes after the body
+    /// are ignored (RFC 4475 dblreq), and a body shorter than Content-Length is an error.
+    pub fn parse(datagram: impl Into<Bytes>) -> Result<Message, ParseError> {
+        Self::parse_with_limits(datagram.into(), &ParseLimits::DEFAULT)
+    }
+
+    /// [`Message::parse`] with explicit limits.
+    pub fn parse_with_limits(datagram: Bytes, limits: &ParseLimits) -> Result<Message, ParseError> {
+        parse_message(datagram, limits, Framing::Datagram)
+    }
+}
 
 /// Bounds applied while parsing and framing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -605,51 +619,6 @@ pub(crate) fn parse_message(
             })),
         }),
     }
-}
-
-/// Appends the message to `out`: start line, headers in order (standard names in their long
-/// form), a Content-Length equal to the body length (in place of the first Content-Length header,
-/// others dropped, or appended last), the blank line and the body.
-pub(crate) fn write_message(
-    start_line: impl FnOnce(&mut BytesMut),
-    headers: &Headers,
-    body: &[u8],
-    out: &mut BytesMut,
-) {
-    let estimate = 64
-        + headers
-            .iter()
-            .map(|h| h.name.as_str().len() + h.value.len() + 4)
-            .sum::<usize>()
-        + body.len();
-    out.reserve(estimate);
-    start_line(out);
-    out.extend_from_slice(b"\r\n");
-    let mut length_written = false;
-    for h in headers {
-        if h.name == HeaderName::ContentLength {
-            if !length_written {
-                write_content_length(out, body.len());
-                length_written = true;
-            }
-            continue;
-        }
-        out.extend_from_slice(h.name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !length_written {
-        write_content_length(out, body.len());
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-}
-
-fn write_content_length(out: &mut BytesMut, len: usize) {
-    use std::fmt::Write as _;
-    // Writing into a BytesMut cannot fail: it grows as needed.
-    let _ = write!(out, "Content-Length: {len}\r\n");
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! attributes, everything else kept verbatim. Parsing of one attribute value and its
 //! serialization; no knowledge of sessions or negotiation.
 
-use super::session::Connection;
+use super::connection::Connection;
 use std::fmt;
 
 /// A media direction attribute (RFC 4566 section 6, RFC 3264 section 5.1), from the point of

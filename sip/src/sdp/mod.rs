@@ -21,17 +21,18 @@
 
 mod attribute;
 mod codec;
+mod connection;
 mod negotiation;
 mod session;
 
 pub use attribute::{Attribute, Direction, Fmtp, Rtcp, RtpMap};
 pub use codec::Codec;
+pub use connection::Connection;
 pub use negotiation::{
     HoldMode, LocalMedia, MediaConfig, NegotiationError, RemoteMedia, SdpSession,
 };
 pub use session::{
-    Bandwidth, Connection, MediaDescription, MediaKind, Origin, Protocol, SessionDescription,
-    Timing,
+    Bandwidth, MediaDescription, MediaKind, Origin, Protocol, SessionDescription, Timing,
 };
 
 /// Longest session description accepted, in bytes.

@@ -8,9 +8,8 @@
 
 use super::attribute::{Attribute, Direction};
 use super::codec::Codec;
-use super::session::{
-    Connection, MediaDescription, MediaKind, Origin, Protocol, SessionDescription, Timing,
-};
+use super::connection::Connection;
+use super::session::{MediaDescription, MediaKind, Origin, Protocol, SessionDescription, Timing};
 use rand::Rng;
 use std::net::{IpAddr, SocketAddr};
 
@@ -173,7 +172,7 @@ impl SdpSession {
 
     /// A session with a random id (below 2^62, as some peers parse it as a signed number).
     pub fn with_random_id() -> Self {
-        SdpSession::new(rand::thread_rng().gen_range(1..(1u64 << 62)))
+        SdpSession::new(crate::rng::with(|rng| rng.gen_range(1..(1u64 << 62))))
     }
 
     /// Continues a session from the last description we sent (e.g. stored in a dialog record

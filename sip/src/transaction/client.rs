@@ -19,10 +19,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::layer::{Ctx, Step, TransactionKey, TransactionState, TxTimers};
+use super::ctx::{Ctx, Step, TxTimers};
+use super::key::TransactionKey;
 use super::peer::Peer;
 use super::timer::Timer;
-use super::TransactionEvent;
+use super::types::TransactionEvent;
+use super::types::TransactionState;
 use crate::message::{Request, Response};
 
 /// Where a CANCEL for an INVITE client transaction stands.

@@ -45,19 +45,21 @@
 
 mod client;
 mod config;
+mod ctx;
+mod key;
 mod layer;
 mod matching;
 mod peer;
 mod server;
 mod timer;
+mod types;
 
 #[cfg(test)]
 mod tests;
 
 pub use config::{TimerConfig, TransactionConfig, MIN_RETRANSMIT_INTERVAL};
-pub use layer::{
-    CancelOutcome, RequestOutcome, TransactionError, TransactionEvent, TransactionKey,
-    TransactionKind, TransactionLayer, TransactionState, Transmit,
-};
+pub use key::TransactionKey;
+pub use layer::{CancelOutcome, RequestOutcome, TransactionLayer};
 pub use peer::{response_destination, stamp_received, Peer};
 pub use timer::Timer;
+pub use types::{TransactionError, TransactionEvent, TransactionKind, TransactionState, Transmit};

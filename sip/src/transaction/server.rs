@@ -21,10 +21,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::layer::{Ctx, Step, TransactionState, TxTimers};
+use super::ctx::{Ctx, Step, TxTimers};
 use super::peer::Peer;
 use super::timer::Timer;
-use super::{TransactionError, TransactionEvent};
+use super::types::TransactionState;
+use super::types::{TransactionError, TransactionEvent};
 use crate::message::{Request, Response};
 
 /// The To tags an RFC 2543 server transaction is matched with (section 17.2.3).

@@ -11,7 +11,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
-use super::layer::TransactionKey;
+use super::key::TransactionKey;
 
 /// A transaction timer (RFC 3261 section 17, RFC 6026), as reported by
 /// [`TransactionEvent::Timeout`](super::TransactionEvent::Timeout).

@@ -1,0 +1,1660 @@
+//! The call, sans-IO: one bridged call's protocol logic as a state machine.
+//!
+//! [`CallCore`] is fed [`CallInput`]s (device frames, SIP responses to the transactions it
+//! started, requests in its dialog, ACK, CANCEL, write-ahead results, the media timeout) and
+//! timestamps, and returns [`CallAction`]s (frames for the device, SIP requests and responses
+//! to send, relay changes, store writes, counters, the end). It owns the call's rules: set-up
+//! both ways, answer, reject, CANCEL crossing 200, hold and resume, DTMF in the media or by
+//! INFO, re-INVITEs from the peer (491 while our own is pending), BYE from either side (BYE
+//! crossing BYE), the no-answer and ACK timeouts, replication (record written when confirmed,
+//! after target refreshes, and the local CSeq written ahead of every request), ownership lost
+//! to another node, and the continuation of a dialog taken over from another node (its media
+//! re-INVITE).
+//!
+//! Like `quinn_proto::Connection`, it does no I/O and reads no clock: the driver in
+//! [`super::driver`] carries out the actions with the user agent, the relay and the
+//! replicator, feeds back what happened, and calls [`CallCore::handle_timeout`] at
+//! [`CallCore::poll_timeout`]. Three actions want an answer before the core goes on:
+//! [`CallAction::StartRelay`] ([`CallCore::relay_started`]), [`CallAction::WriteAhead`]
+//! ([`CallInput::WriteAheadDone`]) and a [`CallAction::Respond`] with `report`
+//! ([`CallInput::Responded`]). Everything is deterministic: the SDP session id is given, and
+//! the same inputs give the same actions.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use thalamus_dialog_store::{NegotiatedMedia, StoredDialog};
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{
+    CallEvent, CallState, EndReason, ErrorCode, IncomingCall, MediaOffer, TextReceived,
+};
+use thalamus_sip::dialog::DialogId;
+use thalamus_sip::message::{HeaderName, MediaType, Method, Request, Uri};
+use thalamus_sip::sdp::{
+    Direction, HoldMode, LocalMedia, MediaKind, RemoteMedia, SdpSession, SessionDescription,
+};
+use thalamus_sip::ua::ServerTx;
+
+use crate::dialogs::{CallAppData, CallFacts};
+use crate::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
+use crate::media_sdp;
+
+/// Methods the gateway answers (Allow header).
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
+
+/// A call's address: the device and its call reference.
+pub type CallKey = (String, u32);
+
+/// A client transaction the core started, by the number it gave it.
+pub type TxId = u32;
+
+/// What a call is configured with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSettings {
+    /// This node's id (the owner in records).
+    pub node_id: String,
+    /// How long an incoming call rings before it is answered 480.
+    pub no_answer_timeout: Duration,
+    /// Whether confirmed dialogs are replicated (a replicator runs).
+    pub replicate: bool,
+    /// After a takeover, re-INVITE the peer so media follows.
+    pub reinvite_after_takeover: bool,
+    /// The address written into SDP when the relay has none of its own (or there is no relay).
+    pub media_address: IpAddr,
+}
+
+/// The relay's local media address, as the driver reports it after [`CallAction::StartRelay`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayAddr {
+    /// Address for SDP.
+    pub ip: IpAddr,
+    /// RTP port.
+    pub port: u16,
+}
+
+/// What caused a takeover (and so what the call does first once its relay runs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TakeoverTrigger {
+    /// A request for the dialog arrived (UAS mode); the driver delivers it again as a
+    /// [`CallInput::PeerRequest`]. Its answer is timed from `arrived`.
+    Request {
+        /// Its method.
+        method: Method,
+        /// When it arrived.
+        arrived: Instant,
+    },
+    /// The device resumed its session here.
+    DeviceResume,
+    /// The API or admin endpoint asked.
+    Api,
+    /// A device command for a call held elsewhere (UAC mode), carried out once the call runs.
+    DeviceCommand {
+        /// The device's request id.
+        request_id: u64,
+        /// The command.
+        body: Body,
+    },
+    /// End the dialog from here (UAC mode): BYE.
+    Hangup,
+}
+
+/// What a write of the local CSeq ahead of a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAhead {
+    /// Written: send the request.
+    Written,
+    /// Another node owns the dialog: do not send it.
+    Lost,
+    /// Not written in time, or the store failed: send it anyway.
+    Failed,
+}
+
+/// What happened to a request the core sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientOutcome {
+    /// A response (provisional or final).
+    Response {
+        /// Status.
+        status: u16,
+        /// Reason phrase.
+        reason: String,
+        /// Body (SDP, for INVITE).
+        body: Bytes,
+        /// The dialog it created or belongs to.
+        dialog: Option<DialogId>,
+    },
+    /// No final response (timer B/F): as 408.
+    Timeout,
+    /// The transport failed, or the request could not be sent (with why).
+    Failed(String),
+}
+
+/// What the driver feeds the core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallInput {
+    /// A frame from the device for this call (request id, body).
+    Device(u64, Body),
+    /// The device did not come back after losing its session.
+    DeviceGone,
+    /// A request from the peer within the dialog.
+    PeerRequest(ServerTx, Box<Request>),
+    /// What became of a request the core sent.
+    Client(TxId, ClientOutcome),
+    /// The answer to a [`CallAction::Respond`] with `report`: the dialog the response created
+    /// or confirmed (none when the transaction was gone, e.g. cancelled just before).
+    Responded(ServerTx, u16, Option<DialogId>),
+    /// The ACK of our 2xx.
+    Ack,
+    /// The caller cancelled (the user agent answered the INVITE 487).
+    Cancelled,
+    /// Our 2xx was never acknowledged.
+    AckTimeout,
+    /// The result of a [`CallAction::WriteAhead`].
+    WriteAheadDone(WriteAhead),
+    /// No media from the peer within the media timeout.
+    MediaTimeout,
+    /// Another node took the dialog over (a replication conflict): drop it without a BYE.
+    OwnershipLost,
+}
+
+/// A change to the call's media relay.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RelayOp {
+    /// Send to this remote media (from the peer's SDP).
+    SetRemote(RemoteMedia),
+    /// Our side's direction (sendonly while the device holds the call).
+    Direction(Direction),
+    /// Feed these datagrams in as if the device had sent them (RFC 4733 DTMF).
+    Inject(Vec<Bytes>),
+}
+
+/// A counter the core asks the driver to bump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallCount {
+    /// A call ended, with its reason label (`calls_ended`).
+    Ended(&'static str),
+    /// The dialog was dropped because another node owns it (`dialogs_lost`).
+    DialogLost,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallAction {
+    /// Send a frame to the device (request id 0 for events the gateway originates).
+    ToDevice {
+        /// Request id.
+        request_id: u64,
+        /// The frame.
+        body: Body,
+    },
+    /// Start the call's media relay, then call [`CallCore::relay_started`].
+    StartRelay,
+    /// Change the relay.
+    Relay(RelayOp),
+    /// The call's dialog is this one now (route its requests here).
+    SetDialog(DialogId),
+    /// Send the call's INVITE (with digest answers), from the device's address-of-record.
+    SendInvite {
+        /// The transaction's number.
+        tx: TxId,
+        /// Request-URI and To.
+        target: Uri,
+        /// Extra headers (Allow, the device's X- headers).
+        headers: Vec<(HeaderName, String)>,
+        /// The SDP offer.
+        sdp: String,
+    },
+    /// CANCEL this INVITE.
+    Cancel {
+        /// The INVITE's transaction.
+        tx: TxId,
+    },
+    /// ACK a 2xx in this dialog.
+    Ack {
+        /// The dialog.
+        dialog: DialogId,
+    },
+    /// Send a request in the dialog.
+    SendInDialog {
+        /// The transaction's number.
+        tx: TxId,
+        /// The dialog.
+        dialog: DialogId,
+        /// The method.
+        method: Method,
+        /// Its body.
+        body: Option<(Bytes, MediaType)>,
+    },
+    /// Answer a request.
+    Respond {
+        /// Its transaction.
+        tx: ServerTx,
+        /// Status.
+        status: u16,
+        /// Reason phrase (the default for the status when none).
+        reason: Option<String>,
+        /// Body.
+        body: Option<(Bytes, MediaType)>,
+        /// Extra headers.
+        headers: Vec<(HeaderName, String)>,
+        /// Feed back [`CallInput::Responded`] with the dialog.
+        report: bool,
+    },
+    /// The incoming INVITE has its final response (forget its transaction and merge key).
+    InviteSettled,
+    /// Write the next local CSeq ahead of a request, then feed [`CallInput::WriteAheadDone`].
+    WriteAhead(Box<CallFacts>),
+    /// Write the confirmed dialog's record (after what was written before), without waiting.
+    Replicate(Box<CallFacts>),
+    /// Bump a counter.
+    Count(CallCount),
+    /// The request that caused a takeover is answered, this long after it arrived.
+    TakeoverAnswered(Duration),
+    /// Something an operator wants in the log (a fixed sentence).
+    Note(&'static str),
+    /// The call is over: stop the relay (its statistics go to the device), forget the dialog,
+    /// and with `tombstone` end the stored record.
+    Close {
+        /// End the stored record (this node wrote it and still owns it).
+        tombstone: bool,
+    },
+}
+
+/// An in-dialog operation the core started.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    /// Hold (true) or resume (false), by re-INVITE.
+    Hold { request_id: u64, hold: bool },
+    /// DTMF by INFO.
+    Info { request_id: u64 },
+    /// The re-INVITE after a takeover, so media follows.
+    MediaReinvite,
+    /// BYE.
+    Bye { reason: EndReason },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Stage {
+    /// Waiting for the write ahead; then send this.
+    WriteAhead {
+        method: Method,
+        body: Option<(Bytes, MediaType)>,
+    },
+    /// Sent as this transaction.
+    InFlight(TxId),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Pending {
+    op: Op,
+    stage: Stage,
+}
+
+/// What waits for the relay to start.
+#[derive(Debug, Clone, PartialEq)]
+enum AfterRelay {
+    Dial {
+        target: Uri,
+        headers: BTreeMap<String, String>,
+    },
+    Answer,
+    Takeover {
+        remote_sdp: String,
+        trigger: TakeoverTrigger,
+    },
+}
+
+/// Where the call is.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// Outgoing: the INVITE is out (or about to be); waiting for its final response.
+    Dialling {
+        tx: Option<TxId>,
+        hangup_requested: bool,
+    },
+    /// Incoming: offered to the device.
+    Ringing {
+        tx: ServerTx,
+        offer: Option<Box<SessionDescription>>,
+        deadline: Instant,
+        /// The 200 went out; waiting to hear whether it made the dialog.
+        answering: Option<Box<SessionDescription>>,
+    },
+    /// Answered: until either side hangs up.
+    Up,
+    /// Over.
+    Ended,
+}
+
+/// The replication facts of the call.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Replica {
+    /// Ownership epoch this node holds the dialog at.
+    epoch: u64,
+    /// Store version writes continue from (0: create).
+    base_version: u64,
+    /// A record of the dialog was handed to the replicator (or came from the store).
+    stored: bool,
+    /// Another node owns the dialog now.
+    lost: bool,
+    /// The peer's last SDP.
+    remote_sdp: Option<String>,
+    /// When the request that caused a takeover arrived (its answer is timed).
+    takeover_arrived: Option<Instant>,
+    /// Re-INVITE the peer once the request that caused the takeover is answered.
+    reinvite_pending: bool,
+}
+
+/// One call's protocol logic. See the module notes.
+#[derive(Debug)]
+pub struct CallCore {
+    key: CallKey,
+    settings: CallSettings,
+    phase: Phase,
+    /// The state last reported to the device (what `live_calls` lists).
+    state: CallState,
+    remote_uri: String,
+    outgoing: bool,
+    dialog: Option<DialogId>,
+    sdp: SdpSession,
+    device_media: Option<MediaOffer>,
+    relay: Option<RelayAddr>,
+    after_relay: Option<AfterRelay>,
+    telephone_event: bool,
+    /// Timestamp of the next synthesised telephone-event (device link clock, 8 kHz).
+    dtmf_timestamp: u32,
+    held: bool,
+    /// The end event went to the device.
+    ended: bool,
+    replica: Replica,
+    pending: Option<Pending>,
+    /// Device commands that arrived while an operation was pending, in order.
+    deferred: VecDeque<(u64, Body)>,
+    next_tx: TxId,
+    actions: VecDeque<CallAction>,
+}
+
+impl CallCore {
+    fn new(
+        key: CallKey,
+        settings: CallSettings,
+        sdp_session_id: u64,
+        phase: Phase,
+        remote_uri: String,
+        outgoing: bool,
+    ) -> Self {
+        Self {
+            key,
+            settings,
+            phase,
+            state: CallState::Trying,
+            remote_uri,
+            outgoing,
+            dialog: None,
+            sdp: SdpSession::new(sdp_session_id),
+            device_media: None,
+            relay: None,
+            after_relay: None,
+            telephone_event: false,
+            dtmf_timestamp: 0x4000_0000,
+            held: false,
+            ended: false,
+            replica: Replica::default(),
+            pending: None,
+            deferred: VecDeque::new(),
+            next_tx: 1,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// A call the device places to `target` with its codecs and extra headers: starts the
+    /// relay, then sends the INVITE.
+    pub fn outgoing(
+        key: CallKey,
+        settings: CallSettings,
+        sdp_session_id: u64,
+        target: Uri,
+        media: Option<MediaOffer>,
+        headers: BTreeMap<String, String>,
+    ) -> Self {
+        let remote_uri = target.to_string();
+        let mut core = Self::new(
+            key,
+            settings,
+            sdp_session_id,
+            Phase::Dialling {
+                tx: None,
+                hangup_requested: false,
+            },
+            remote_uri,
+            true,
+        );
+        core.device_media = media;
+        core.after_relay = Some(AfterRelay::Dial { target, headers });
+        core.push(CallAction::StartRelay);
+        core
+    }
+
+    /// A SIP INVITE for the device, on server transaction `tx`, at `now`: offered to the
+    /// device, ringing (180) until it answers, rejects, the caller cancels or the no-answer
+    /// time runs out. A body that is not SDP is answered 400.
+    pub fn incoming(
+        key: CallKey,
+        settings: CallSettings,
+        sdp_session_id: u64,
+        now: Instant,
+        tx: ServerTx,
+        invite: &Request,
+        call_waiting: bool,
+    ) -> Self {
+        let from = invite.headers.from().ok();
+        let remote_uri = from.as_ref().map(|f| f.uri.to_string()).unwrap_or_default();
+        let deadline = now + settings.no_answer_timeout;
+        let mut core = Self::new(
+            key,
+            settings,
+            sdp_session_id,
+            Phase::Ended,
+            remote_uri,
+            false,
+        );
+        let offer = if invite.body.is_empty() {
+            None
+        } else {
+            match SessionDescription::from_bytes(&invite.body) {
+                Ok(sdp) => Some(sdp),
+                Err(_) => {
+                    core.respond(tx, 400, Some("Bad SDP"), None, false);
+                    core.push(CallAction::InviteSettled);
+                    // Nothing was offered to the device: the call ends without an event.
+                    core.ended = true;
+                    core.push(CallAction::Close { tombstone: false });
+                    return core;
+                }
+            }
+        };
+        core.send_device(
+            0,
+            Body::IncomingCall(IncomingCall {
+                call_ref: core.key.1,
+                from_uri: core.remote_uri.clone(),
+                display_name: from
+                    .as_ref()
+                    .and_then(|f| f.display_name.clone())
+                    .unwrap_or_default(),
+                to_uri: invite.uri.to_string(),
+                media: offer.as_ref().map(media_sdp::media_offer),
+                call_waiting,
+            }),
+        );
+        core.respond(tx, 180, None, None, true);
+        core.state = CallState::Ringing;
+        core.phase = Phase::Ringing {
+            tx,
+            offer: offer.map(Box::new),
+            deadline,
+            answering: None,
+        };
+        core
+    }
+
+    /// A stored dialog this node just claimed (`record`, owner: this node) and imported as
+    /// `dialog`: restores the SDP session and the call's state from the record, starts the
+    /// relay, then does what `trigger` asks.
+    pub fn taken_over(
+        key: CallKey,
+        settings: CallSettings,
+        record: &StoredDialog,
+        remote_uri: String,
+        uac: bool,
+        dialog: DialogId,
+        trigger: TakeoverTrigger,
+    ) -> Self {
+        let app = record.app_data.as_deref().and_then(CallAppData::decode);
+        let outgoing = app.as_ref().map_or(uac, |a| a.outgoing);
+        let mut core = Self::new(key, settings, 0, Phase::Up, remote_uri, outgoing);
+        core.dialog = Some(dialog);
+        core.replica.epoch = record.epoch;
+        core.replica.base_version = record.version;
+        core.replica.stored = true;
+        core.held = app.as_ref().is_some_and(|a| a.held);
+        if let Ok(local) = SessionDescription::parse(&record.media.local_sdp) {
+            core.device_media = Some(media_sdp::media_offer(&local));
+            core.sdp = SdpSession::from_previous(local);
+        }
+        core.state = if core.held {
+            CallState::Held
+        } else {
+            CallState::Answered
+        };
+        core.after_relay = Some(AfterRelay::Takeover {
+            remote_sdp: record.media.remote_sdp.clone(),
+            trigger,
+        });
+        core.push(CallAction::StartRelay);
+        core
+    }
+
+    /// The call's device and call reference.
+    pub fn key(&self) -> &CallKey {
+        &self.key
+    }
+
+    /// The state last reported to the device.
+    pub fn state(&self) -> CallState {
+        self.state
+    }
+
+    /// The remote party.
+    pub fn remote_uri(&self) -> &str {
+        &self.remote_uri
+    }
+
+    /// The call's dialog, once there is one.
+    pub fn dialog(&self) -> Option<&DialogId> {
+        self.dialog.as_ref()
+    }
+
+    /// Whether the call is over (its last action was [`CallAction::Close`]).
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Ended
+    }
+
+    /// The next action for the driver.
+    pub fn poll_action(&mut self) -> Option<CallAction> {
+        self.actions.pop_front()
+    }
+
+    /// The earliest instant at which [`CallCore::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Ringing {
+                deadline,
+                answering: None,
+                ..
+            } if self.after_relay.is_none() => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    /// Runs the timers due at `now` (the no-answer time of a ringing call).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Ringing {
+            tx,
+            deadline,
+            answering: None,
+            ..
+        } = &self.phase
+        {
+            if now >= *deadline && self.after_relay.is_none() {
+                let tx = *tx;
+                self.respond(tx, 480, Some("No Answer"), None, false);
+                self.event(ended_by(self.key.1, EndReason::NoAnswer, "no answer"));
+                self.close();
+            }
+        }
+    }
+
+    /// The relay started (with its address), or could not (`None`: the call goes on without
+    /// media, its SDP naming port 9).
+    pub fn relay_started(&mut self, _now: Instant, addr: Option<RelayAddr>) {
+        self.relay = addr;
+        match self.after_relay.take() {
+            Some(AfterRelay::Dial { target, headers }) => self.dial(target, headers),
+            Some(AfterRelay::Answer) => self.answer(),
+            Some(AfterRelay::Takeover {
+                remote_sdp,
+                trigger,
+            }) => self.continue_takeover(&remote_sdp, trigger),
+            None => {}
+        }
+        self.run_deferred();
+    }
+
+    /// Feeds one input at `now`.
+    pub fn handle(&mut self, now: Instant, input: CallInput) {
+        if self.phase == Phase::Ended {
+            // Requests for a call that is over are still answered.
+            if let CallInput::PeerRequest(tx, _) = input {
+                self.respond(tx, 481, None, None, false);
+            }
+            return;
+        }
+        match input {
+            CallInput::Device(request_id, body) => self.device(request_id, body),
+            CallInput::DeviceGone => self.device_gone(),
+            CallInput::PeerRequest(tx, request) => self.peer_request(now, tx, *request),
+            CallInput::Client(tx, outcome) => self.client(tx, outcome),
+            CallInput::Responded(tx, status, dialog) => self.responded(tx, status, dialog),
+            CallInput::Ack => {
+                // Our 2xx is acknowledged: the dialog is confirmed.
+                if self.phase == Phase::Up && !self.replica.stored {
+                    self.replicate();
+                }
+            }
+            CallInput::Cancelled => {
+                if let Phase::Ringing { .. } = self.phase {
+                    let mut ev =
+                        ended_by(self.key.1, EndReason::Cancelled, "cancelled by the caller");
+                    ev.sip_status = 487;
+                    self.event(ev);
+                    self.push(CallAction::InviteSettled);
+                    self.close();
+                }
+            }
+            CallInput::AckTimeout => {
+                if self.phase == Phase::Up {
+                    self.start_bye(EndReason::Failed);
+                }
+            }
+            CallInput::WriteAheadDone(result) => self.write_ahead_done(result),
+            CallInput::MediaTimeout => {
+                if self.phase == Phase::Up && !self.is_ending() {
+                    self.start_bye(EndReason::MediaTimeout);
+                }
+            }
+            CallInput::OwnershipLost => {
+                self.replica.lost = true;
+                self.lost();
+            }
+        }
+    }
+
+    // ---- helpers ----
+
+    fn push(&mut self, action: CallAction) {
+        self.actions.push_back(action);
+    }
+
+    fn send_device(&mut self, request_id: u64, body: Body) {
+        self.push(CallAction::ToDevice { request_id, body });
+    }
+
+    fn reply_error(&mut self, request_id: u64, message: &str) {
+        self.send_device(
+            request_id,
+            Body::Error(thalamus_proto::v1::Error {
+                code: ErrorCode::InvalidArgument as i32,
+                message: message.into(),
+                request_id,
+            }),
+        );
+    }
+
+    fn respond(
+        &mut self,
+        tx: ServerTx,
+        status: u16,
+        reason: Option<&str>,
+        body: Option<(Bytes, MediaType)>,
+        report: bool,
+    ) {
+        self.push(CallAction::Respond {
+            tx,
+            status,
+            reason: reason.map(str::to_string),
+            body,
+            headers: Vec::new(),
+            report,
+        });
+    }
+
+    fn sdp_body(sdp: &SessionDescription) -> Option<(Bytes, MediaType)> {
+        Some((Bytes::from(sdp.to_string()), MediaType::sdp()))
+    }
+
+    /// Reports a call event to the device (and the state it puts the call in).
+    fn event(&mut self, event: CallEvent) {
+        self.state = CallState::try_from(event.state).unwrap_or(CallState::Unspecified);
+        if event.state == CallState::Ended as i32 {
+            self.ended = true;
+            let reason = EndReason::try_from(event.end_reason)
+                .map(|r| r.as_str_name())
+                .unwrap_or("END_REASON_UNSPECIFIED");
+            self.push(CallAction::Count(CallCount::Ended(reason_label(reason))));
+        }
+        self.send_device(0, Body::CallEvent(event));
+    }
+
+    fn set_dialog(&mut self, dialog: DialogId) {
+        self.push(CallAction::SetDialog(dialog.clone()));
+        self.dialog = Some(dialog);
+    }
+
+    fn next_tx(&mut self) -> TxId {
+        let tx = self.next_tx;
+        self.next_tx = self.next_tx.wrapping_add(1).max(1);
+        tx
+    }
+
+    fn local_media(&self) -> LocalMedia {
+        let (ip, port) = self
+            .relay
+            .map(|r| (r.ip, r.port))
+            .unwrap_or((self.settings.media_address, 9));
+        media_sdp::local_media(ip, port, self.device_media.as_ref())
+    }
+
+    fn set_remote(&mut self, sdp: &SessionDescription) {
+        self.replica.remote_sdp = Some(sdp.to_string());
+        self.telephone_event = media_sdp::has_telephone_event(sdp);
+        if self.relay.is_some() {
+            if let Some(remote) = sdp.remote_media(&MediaKind::Audio) {
+                self.push(CallAction::Relay(RelayOp::SetRemote(remote)));
+            }
+        }
+    }
+
+    fn set_direction(&mut self, direction: Direction) {
+        if self.relay.is_some() {
+            self.push(CallAction::Relay(RelayOp::Direction(direction)));
+        }
+    }
+
+    /// Ends the call: the end event (when none went out), then `Close`.
+    fn close(&mut self) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        if !self.ended {
+            self.event(ended_by(self.key.1, EndReason::Failed, "call ended"));
+        }
+        self.phase = Phase::Ended;
+        self.pending = None;
+        self.deferred.clear();
+        let tombstone = self.dialog.is_some()
+            && self.replica.stored
+            && !self.replica.lost
+            && self.settings.replicate;
+        self.push(CallAction::Close { tombstone });
+    }
+
+    /// Another node owns the dialog: the call ends here without a BYE.
+    fn lost(&mut self) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        self.push(CallAction::Count(CallCount::DialogLost));
+        self.event(ended_by(
+            self.key.1,
+            EndReason::NodeFailover,
+            "the call moved to another node",
+        ));
+        self.close();
+    }
+
+    /// What the record says besides the SIP dialog.
+    fn facts(&self) -> CallFacts {
+        CallFacts {
+            device_id: self.key.0.clone(),
+            call_ref: self.key.1,
+            owner: self.settings.node_id.clone(),
+            epoch: self.replica.epoch,
+            base_version: self.replica.base_version,
+            media: NegotiatedMedia {
+                local_sdp: self
+                    .sdp
+                    .last_local()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                remote_sdp: self.replica.remote_sdp.clone().unwrap_or_default(),
+            },
+            app_data: Some(CallAppData {
+                v: 1,
+                remote_uri: self.remote_uri.clone(),
+                outgoing: self.outgoing,
+                held: self.held,
+            }),
+        }
+    }
+
+    /// Hands the confirmed dialog's record to the replicator.
+    fn replicate(&mut self) {
+        if self.replica.lost || !self.settings.replicate || self.dialog.is_none() {
+            return;
+        }
+        self.replica.stored = true;
+        self.push(CallAction::Replicate(Box::new(self.facts())));
+    }
+
+    fn is_ending(&self) -> bool {
+        matches!(
+            self.pending,
+            Some(Pending {
+                op: Op::Bye { .. },
+                ..
+            })
+        )
+    }
+
+    // ---- set-up ----
+
+    fn dial(&mut self, target: Uri, extra: BTreeMap<String, String>) {
+        let call_ref = self.key.1;
+        let offer = match self.sdp.create_offer(&self.local_media()) {
+            Ok(o) => o,
+            Err(e) => {
+                self.event(ended_by(
+                    call_ref,
+                    EndReason::IncompatibleMedia,
+                    &e.to_string(),
+                ));
+                self.close();
+                return;
+            }
+        };
+        let mut headers = vec![(HeaderName::Allow, ALLOW.to_string())];
+        for (name, value) in extra {
+            if name.to_ascii_lowercase().starts_with("x-") {
+                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                    headers.push((n, value));
+                }
+            }
+        }
+        self.event(call_event(call_ref, CallState::Trying, 0, "dialling"));
+        let tx = self.next_tx();
+        self.phase = Phase::Dialling {
+            tx: Some(tx),
+            hangup_requested: false,
+        };
+        self.push(CallAction::SendInvite {
+            tx,
+            target,
+            headers,
+            sdp: offer.to_string(),
+        });
+    }
+
+    /// A response (or the end) of the call's INVITE.
+    fn invite_outcome(&mut self, hangup_requested: bool, outcome: ClientOutcome) {
+        let call_ref = self.key.1;
+        match outcome {
+            ClientOutcome::Response {
+                status,
+                reason,
+                body,
+                dialog,
+            } => {
+                if status < 200 {
+                    if status > 100 {
+                        let state = state_for_provisional(status, !body.is_empty());
+                        if state == CallState::EarlyMedia {
+                            if let Ok(sdp) = SessionDescription::from_bytes(&body) {
+                                self.set_remote(&sdp);
+                            }
+                        }
+                        self.event(call_event(call_ref, state, status, &reason));
+                    }
+                    return;
+                }
+                if status >= 300 {
+                    let ev = if hangup_requested && status == 487 {
+                        ended_by(call_ref, EndReason::LocalHangup, "cancelled by the device")
+                    } else {
+                        ended_by_status(call_ref, status, &reason)
+                    };
+                    self.event(ev);
+                    self.close();
+                    return;
+                }
+                let Some(dialog) = dialog else {
+                    self.event(ended_by(
+                        call_ref,
+                        EndReason::Failed,
+                        "2xx without a dialog",
+                    ));
+                    self.close();
+                    return;
+                };
+                self.set_dialog(dialog.clone());
+                self.push(CallAction::Ack { dialog });
+                let answer = SessionDescription::from_bytes(&body).ok();
+                let mut ev = call_event(call_ref, CallState::Answered, status, &reason);
+                if let Some(answer) = &answer {
+                    self.set_remote(answer);
+                    ev.media = Some(media_sdp::media_offer(answer));
+                }
+                self.event(ev);
+                self.phase = Phase::Up;
+                // Confirmed: the ACK is sent.
+                self.replicate();
+                if hangup_requested {
+                    // The device hung up while the 200 crossed our CANCEL.
+                    self.start_bye(EndReason::LocalHangup);
+                }
+            }
+            ClientOutcome::Timeout => {
+                self.event(ended_by_status(call_ref, 408, "Request Timeout"));
+                self.close();
+            }
+            ClientOutcome::Failed(why) => {
+                self.event(ended_by(call_ref, EndReason::Failed, &why));
+                self.close();
+            }
+        }
+    }
+
+    fn answer(&mut self) {
+        let call_ref = self.key.1;
+        let Phase::Ringing { tx, ref offer, .. } = self.phase else {
+            return;
+        };
+        let offer = offer.clone();
+        let local = self.local_media();
+        let body = match &offer {
+            Some(offer) => match self.sdp.create_answer(offer, &local) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.respond(tx, 488, None, None, false);
+                    self.event(ended_by(
+                        call_ref,
+                        EndReason::IncompatibleMedia,
+                        &e.to_string(),
+                    ));
+                    self.push(CallAction::InviteSettled);
+                    self.close();
+                    return;
+                }
+            },
+            None => match self.sdp.create_offer(&local) {
+                Ok(o) => o,
+                Err(e) => {
+                    self.respond(tx, 500, None, None, false);
+                    self.event(ended_by(call_ref, EndReason::Failed, &e.to_string()));
+                    self.push(CallAction::InviteSettled);
+                    self.close();
+                    return;
+                }
+            },
+        };
+        if let Some(offer) = &offer {
+            self.set_remote(offer);
+        }
+        self.respond(tx, 200, None, Self::sdp_body(&body), true);
+        if let Phase::Ringing { answering, .. } = &mut self.phase {
+            *answering = Some(Box::new(body));
+        }
+    }
+
+    fn responded(&mut self, tx: ServerTx, status: u16, dialog: Option<DialogId>) {
+        let Phase::Ringing {
+            tx: invite,
+            answering,
+            ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        if *invite != tx {
+            return;
+        }
+        match status {
+            180 => {
+                if let Some(d) = dialog {
+                    self.set_dialog(d);
+                }
+            }
+            200 => {
+                let body = answering.take();
+                // No dialog: cancelled just before the answer (the CANCEL event follows).
+                if let (Some(d), Some(body)) = (dialog, body) {
+                    self.set_dialog(d);
+                    let mut ev = call_event(self.key.1, CallState::Answered, 200, "OK");
+                    ev.media = Some(media_sdp::media_offer(&body));
+                    self.event(ev);
+                    self.push(CallAction::InviteSettled);
+                    self.phase = Phase::Up;
+                    self.run_deferred();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn continue_takeover(&mut self, remote_sdp: &str, trigger: TakeoverTrigger) {
+        if let Ok(remote) = SessionDescription::parse(remote_sdp) {
+            self.set_remote(&remote);
+        }
+        if self.held {
+            self.set_direction(Direction::SendOnly);
+        }
+        let reinvite = self.settings.reinvite_after_takeover;
+        match trigger {
+            TakeoverTrigger::Request { method, arrived } => {
+                self.replica.takeover_arrived = Some(arrived);
+                self.replica.reinvite_pending = reinvite
+                    && !matches!(
+                        method,
+                        Method::Bye | Method::Invite | Method::Update | Method::Ack
+                    );
+            }
+            TakeoverTrigger::DeviceResume | TakeoverTrigger::Api => {
+                if reinvite {
+                    self.start_op(Op::MediaReinvite);
+                }
+            }
+            TakeoverTrigger::DeviceCommand { request_id, body } => {
+                if reinvite && !matches!(body, Body::Hangup(_)) {
+                    self.start_op(Op::MediaReinvite);
+                }
+                // Carried out as if it had just arrived (after the re-INVITE).
+                self.deferred.push_back((request_id, body));
+            }
+            TakeoverTrigger::Hangup => self.start_bye(EndReason::LocalHangup),
+        }
+    }
+
+    // ---- device commands ----
+
+    /// Whether a device command must wait: the relay is starting, an in-dialog request is
+    /// pending, or the answer to the INVITE is on its way.
+    fn busy(&self) -> bool {
+        self.after_relay.is_some()
+            || self.pending.is_some()
+            || matches!(
+                self.phase,
+                Phase::Ringing {
+                    answering: Some(_),
+                    ..
+                }
+            )
+    }
+
+    fn device(&mut self, request_id: u64, body: Body) {
+        if self.busy() {
+            if matches!(body, Body::Hangup(_)) && matches!(self.phase, Phase::Dialling { .. }) {
+                // A hangup while dialling cannot wait: it CANCELs.
+                self.hangup_while_dialling();
+                return;
+            }
+            // One thing at a time: carried out when what runs now is done.
+            self.deferred.push_back((request_id, body));
+            return;
+        }
+        match self.phase.clone() {
+            Phase::Dialling { .. } => match body {
+                Body::Hangup(_) => self.hangup_while_dialling(),
+                _ => self.reply_error(request_id, "the call is not answered yet"),
+            },
+            Phase::Ringing { tx, .. } => match body {
+                Body::Answer(answer) => {
+                    self.device_media = answer.media;
+                    self.after_relay = Some(AfterRelay::Answer);
+                    self.push(CallAction::StartRelay);
+                }
+                Body::Reject(reject) => {
+                    let status = reject_status(reject.sip_status);
+                    let reason = (!reject.reason.is_empty()).then_some(reject.reason.clone());
+                    self.respond(tx, status, reason.as_deref(), None, false);
+                    self.event(ended_by_status(
+                        self.key.1,
+                        status,
+                        reason.as_deref().unwrap_or("rejected"),
+                    ));
+                    self.push(CallAction::InviteSettled);
+                    self.close();
+                }
+                Body::Hangup(_) => self.decline(tx),
+                _ => self.reply_error(request_id, "answer or reject the call first"),
+            },
+            Phase::Up => match body {
+                Body::Hangup(_) => self.start_bye(EndReason::LocalHangup),
+                Body::Hold(_) => self.hold(request_id, true),
+                Body::Resume(_) => self.hold(request_id, false),
+                Body::Dtmf(d) => self.dtmf(request_id, &d.digit, d.duration_ms),
+                _ => self.reply_error(request_id, "the call is already answered"),
+            },
+            Phase::Ended => {}
+        }
+    }
+
+    /// Carries out the device commands that waited, until one has to wait again.
+    fn run_deferred(&mut self) {
+        while !self.busy() && self.phase != Phase::Ended {
+            let Some((request_id, body)) = self.deferred.pop_front() else {
+                return;
+            };
+            self.device(request_id, body);
+        }
+    }
+
+    fn device_gone(&mut self) {
+        if self.is_ending() {
+            return;
+        }
+        if self.busy() && self.phase == Phase::Up {
+            // Nothing the device asked for matters any more: hang up after what runs now.
+            self.deferred.clear();
+        }
+        self.device(0, Body::Hangup(thalamus_proto::v1::Hangup::default()));
+    }
+
+    fn hangup_while_dialling(&mut self) {
+        if let Phase::Dialling {
+            tx,
+            hangup_requested,
+        } = &mut self.phase
+        {
+            if *hangup_requested {
+                return;
+            }
+            *hangup_requested = true;
+            match *tx {
+                Some(tx) => self.push(CallAction::Cancel { tx }),
+                None => {
+                    // The INVITE never went out (the relay was starting).
+                    self.after_relay = None;
+                    self.event(ended_by(
+                        self.key.1,
+                        EndReason::LocalHangup,
+                        "cancelled by the device",
+                    ));
+                    self.close();
+                }
+            }
+        }
+    }
+
+    fn decline(&mut self, tx: ServerTx) {
+        self.respond(tx, 603, None, None, false);
+        self.event(ended_by_status(self.key.1, 603, "declined by the device"));
+        self.push(CallAction::InviteSettled);
+        self.close();
+    }
+
+    fn hold(&mut self, request_id: u64, hold: bool) {
+        if self.held == hold {
+            self.reply_error(
+                request_id,
+                if hold {
+                    "already on hold"
+                } else {
+                    "not on hold"
+                },
+            );
+            return;
+        }
+        let offer = if hold {
+            self.sdp.create_hold_offer(HoldMode::SendOnly)
+        } else {
+            self.sdp.create_resume_offer()
+        };
+        let Ok(offer) = offer else {
+            self.reply_error(request_id, "cannot build the re-INVITE offer");
+            return;
+        };
+        if self.dialog.is_none() {
+            return;
+        }
+        self.start_request(
+            Op::Hold { request_id, hold },
+            Method::Invite,
+            Self::sdp_body(&offer),
+        );
+    }
+
+    fn dtmf(&mut self, request_id: u64, digit: &str, duration_ms: u32) {
+        if thalamus_media::dtmf::event_code(digit).is_none() {
+            self.reply_error(request_id, "a DTMF digit is one of 0-9 * # A-D");
+            return;
+        }
+        if self.telephone_event && self.relay.is_some() {
+            // RFC 4733 in the media: the events enter the relay as if the device had sent them
+            // on its link (payload type 101), so the relay's numbering and payload type
+            // mapping apply to them like to any other packet.
+            let datagrams = thalamus_media::dtmf::datagrams(
+                self.key.1,
+                digit,
+                duration_ms,
+                &mut self.dtmf_timestamp,
+            );
+            self.push(CallAction::Relay(RelayOp::Inject(datagrams)));
+            return;
+        }
+        if self.dialog.is_none() {
+            return;
+        }
+        // No telephone-event negotiated: SIP INFO with application/dtmf-relay.
+        let body = format!(
+            "Signal={digit}\r\nDuration={}\r\n",
+            if duration_ms == 0 { 160 } else { duration_ms }
+        );
+        self.start_request(
+            Op::Info { request_id },
+            Method::Info,
+            Some((
+                Bytes::from(body),
+                MediaType::new("application", "dtmf-relay"),
+            )),
+        );
+    }
+
+    // ---- in-dialog operations ----
+
+    fn start_bye(&mut self, reason: EndReason) {
+        if self.dialog.is_none() {
+            self.end_with(reason);
+            return;
+        }
+        self.start_request(Op::Bye { reason }, Method::Bye, None);
+    }
+
+    fn start_op(&mut self, op: Op) {
+        match op {
+            Op::MediaReinvite => {
+                if self.dialog.is_none() {
+                    return;
+                }
+                let mut local = self.local_media();
+                if self.held {
+                    local.direction = Direction::SendOnly;
+                }
+                match self.sdp.create_offer(&local) {
+                    Ok(offer) => {
+                        self.start_request(op, Method::Invite, Self::sdp_body(&offer));
+                    }
+                    Err(_) => {
+                        // No offer to make: the call goes on with the media it had.
+                    }
+                }
+            }
+            Op::Bye { reason } => self.start_bye(reason),
+            Op::Hold { .. } | Op::Info { .. } => {}
+        }
+    }
+
+    /// Starts an in-dialog request: the local CSeq is written ahead first when the record is
+    /// stored, so a node that takes the dialog over never reuses it.
+    fn start_request(&mut self, op: Op, method: Method, body: Option<(Bytes, MediaType)>) {
+        if self.replica.stored && self.settings.replicate && !self.replica.lost {
+            self.pending = Some(Pending {
+                op,
+                stage: Stage::WriteAhead { method, body },
+            });
+            self.push(CallAction::WriteAhead(Box::new(self.facts())));
+            return;
+        }
+        if self.replica.lost {
+            self.pending = Some(Pending {
+                op,
+                stage: Stage::WriteAhead { method, body },
+            });
+            self.write_ahead_done(WriteAhead::Lost);
+            return;
+        }
+        self.send_request(op, method, body);
+    }
+
+    fn send_request(&mut self, op: Op, method: Method, body: Option<(Bytes, MediaType)>) {
+        let Some(dialog) = self.dialog.clone() else {
+            return;
+        };
+        let tx = self.next_tx();
+        self.pending = Some(Pending {
+            op,
+            stage: Stage::InFlight(tx),
+        });
+        self.push(CallAction::SendInDialog {
+            tx,
+            dialog,
+            method,
+            body,
+        });
+    }
+
+    fn write_ahead_done(&mut self, result: WriteAhead) {
+        let Some(Pending {
+            op,
+            stage: Stage::WriteAhead { method, body },
+        }) = self.pending.take()
+        else {
+            return;
+        };
+        if result != WriteAhead::Lost {
+            self.send_request(op, method, body);
+            return;
+        }
+        // Another node owns the dialog: the request is not sent.
+        self.replica.lost = true;
+        match op {
+            Op::Hold { request_id, .. } | Op::Info { request_id } => {
+                self.reply_error(request_id, "the call moved to another node");
+            }
+            Op::MediaReinvite | Op::Bye { .. } => {}
+        }
+        self.lost();
+    }
+
+    fn client(&mut self, tx: TxId, outcome: ClientOutcome) {
+        if let Phase::Dialling {
+            tx: Some(invite),
+            hangup_requested,
+        } = self.phase
+        {
+            if invite == tx {
+                self.invite_outcome(hangup_requested, outcome);
+                return;
+            }
+        }
+        let Some(Pending {
+            op,
+            stage: Stage::InFlight(current),
+        }) = self.pending.clone()
+        else {
+            return;
+        };
+        if current != tx {
+            return;
+        }
+        if let ClientOutcome::Response { status, .. } = &outcome {
+            if *status < 200 {
+                return;
+            }
+        }
+        self.pending = None;
+        match op {
+            Op::Hold { request_id, hold } => self.hold_done(request_id, hold, outcome),
+            Op::Info { request_id } => match outcome {
+                ClientOutcome::Response { status, .. } if !(200..300).contains(&status) => {
+                    self.reply_error(request_id, &format!("INFO refused: {status}"));
+                }
+                ClientOutcome::Failed(why) => {
+                    self.reply_error(request_id, &format!("INFO not sent: {why}"));
+                }
+                _ => {}
+            },
+            Op::MediaReinvite => self.media_reinvite_done(outcome),
+            Op::Bye { reason } => {
+                // Whatever the answer (200, 481, none): the call is over.
+                self.end_with(reason);
+                return;
+            }
+        }
+        self.run_deferred();
+    }
+
+    fn hold_done(&mut self, request_id: u64, hold: bool, outcome: ClientOutcome) {
+        let call_ref = self.key.1;
+        match outcome {
+            ClientOutcome::Response {
+                status,
+                reason,
+                body,
+                dialog,
+            } if (200..300).contains(&status) => {
+                if let Some(d) = dialog.or_else(|| self.dialog.clone()) {
+                    self.push(CallAction::Ack { dialog: d });
+                }
+                self.held = hold;
+                self.set_direction(if hold {
+                    Direction::SendOnly
+                } else {
+                    Direction::SendRecv
+                });
+                if let Ok(answer) = SessionDescription::from_bytes(&body) {
+                    self.set_remote(&answer);
+                }
+                self.replicate();
+                let state = if hold {
+                    CallState::Held
+                } else {
+                    CallState::Resumed
+                };
+                self.event(call_event(call_ref, state, status, &reason));
+            }
+            ClientOutcome::Response { status, reason, .. } => {
+                let mut ev = call_event(
+                    call_ref,
+                    if self.held {
+                        CallState::Held
+                    } else {
+                        CallState::Answered
+                    },
+                    status,
+                    &format!("re-INVITE refused: {reason}"),
+                );
+                ev.end_reason = EndReason::Unspecified as i32;
+                self.event(ev);
+            }
+            ClientOutcome::Failed(why) => {
+                self.reply_error(request_id, &format!("re-INVITE not sent: {why}"));
+            }
+            ClientOutcome::Timeout => self.reply_error(request_id, "re-INVITE timed out"),
+        }
+    }
+
+    fn media_reinvite_done(&mut self, outcome: ClientOutcome) {
+        let gone = match outcome {
+            ClientOutcome::Response {
+                status,
+                body,
+                dialog,
+                ..
+            } if (200..300).contains(&status) => {
+                if let Some(d) = dialog.or_else(|| self.dialog.clone()) {
+                    self.push(CallAction::Ack { dialog: d });
+                }
+                if let Ok(answer) = SessionDescription::from_bytes(&body) {
+                    self.set_remote(&answer);
+                }
+                self.replicate();
+                self.push(CallAction::Note(
+                    "media moved to this node (re-INVITE answered)",
+                ));
+                false
+            }
+            ClientOutcome::Response { status, .. } => matches!(status, 408 | 481),
+            ClientOutcome::Timeout => true,
+            ClientOutcome::Failed(_) => false,
+        };
+        if gone {
+            // The peer no longer knows the dialog (a record whose end was never written).
+            self.push(CallAction::Note(
+                "the peer no longer knows the dialog: the call ends",
+            ));
+            self.event(ended_by(
+                self.key.1,
+                EndReason::Failed,
+                "the remote party no longer knows the call",
+            ));
+            self.close();
+        }
+    }
+
+    fn end_with(&mut self, reason: EndReason) {
+        let text = match reason {
+            EndReason::LocalHangup => "hung up by the device",
+            EndReason::MediaTimeout => "no media from the remote party",
+            _ => "ended by the gateway",
+        };
+        self.event(ended_by(self.key.1, reason, text));
+        self.close();
+    }
+
+    // ---- the peer's requests ----
+
+    fn peer_request(&mut self, now: Instant, tx: ServerTx, request: Request) {
+        let call_ref = self.key.1;
+        match (&self.phase, &request.method) {
+            (Phase::Ringing { tx: invite, .. }, Method::Bye) => {
+                // The caller ends the early dialog: 200 to the BYE, 487 to the INVITE.
+                let invite = *invite;
+                self.respond(tx, 200, None, None, false);
+                self.respond(invite, 487, None, None, false);
+                self.event(ended_by(call_ref, EndReason::RemoteHangup, "BYE"));
+                self.push(CallAction::InviteSettled);
+                self.close();
+                return;
+            }
+            (Phase::Up, _) => {}
+            (_, Method::Invite | Method::Update) => {
+                // No offer/answer before the call is answered.
+                self.respond(tx, 491, None, None, false);
+                return;
+            }
+            _ => {}
+        }
+        if let Some(arrived) = self.replica.takeover_arrived.take() {
+            // Answered now, by what follows (before a BYE's answer closes the call).
+            self.push(CallAction::TakeoverAnswered(
+                now.saturating_duration_since(arrived),
+            ));
+        }
+        let ended = self.answer_peer(tx, request);
+        if ended {
+            return;
+        }
+        if std::mem::take(&mut self.replica.reinvite_pending) {
+            self.start_op(Op::MediaReinvite);
+        }
+    }
+
+    /// Answers a request of the peer within the dialog; true when it ended the call.
+    fn answer_peer(&mut self, tx: ServerTx, request: Request) -> bool {
+        let call_ref = self.key.1;
+        match request.method {
+            Method::Bye => {
+                self.respond(tx, 200, None, None, false);
+                if self.is_ending() {
+                    // BYE crossing ours: answered; the call ends when ours is.
+                    return false;
+                }
+                self.event(ended_by(call_ref, EndReason::RemoteHangup, "BYE"));
+                self.close();
+                true
+            }
+            Method::Invite | Method::Update => {
+                if self.pending.is_some() {
+                    // Our own offer is pending (RFC 3261 14.2; RFC 3311 5.2).
+                    self.push(CallAction::Respond {
+                        tx,
+                        status: 491,
+                        reason: None,
+                        body: None,
+                        headers: vec![(HeaderName::RetryAfter, "1".into())],
+                        report: false,
+                    });
+                    return false;
+                }
+                let Ok(offer) = SessionDescription::from_bytes(&request.body) else {
+                    // An offerless re-INVITE: answer with our current description.
+                    let body = self.sdp.last_local().and_then(Self::sdp_body);
+                    self.respond(tx, 200, None, body, false);
+                    return false;
+                };
+                let local = self.local_media();
+                match self.sdp.create_answer(&offer, &local) {
+                    Ok(answer) => {
+                        self.set_remote(&offer);
+                        self.respond(tx, 200, None, Self::sdp_body(&answer), false);
+                        let remote_hold = offer.is_hold();
+                        let state = if remote_hold {
+                            CallState::Held
+                        } else {
+                            CallState::Resumed
+                        };
+                        let mut ev = call_event(
+                            call_ref,
+                            state,
+                            0,
+                            if remote_hold {
+                                "held by the remote party"
+                            } else {
+                                "resumed by the remote party"
+                            },
+                        );
+                        ev.media = Some(media_sdp::media_offer(&offer));
+                        self.event(ev);
+                        // A target refresh: the record follows it.
+                        if self.replica.stored {
+                            self.replicate();
+                        }
+                    }
+                    Err(_) => self.respond(tx, 488, None, None, false),
+                }
+                false
+            }
+            Method::Info => {
+                let body = String::from_utf8_lossy(&request.body).to_string();
+                let digit = body.lines().find_map(|l| {
+                    l.trim()
+                        .strip_prefix("Signal=")
+                        .map(|d| d.trim().to_string())
+                });
+                let duration = body
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("Duration=")?.trim().parse().ok())
+                    .unwrap_or(160);
+                self.respond(tx, 200, None, None, false);
+                if let Some(digit) = digit {
+                    self.send_device(
+                        0,
+                        Body::Dtmf(thalamus_proto::v1::Dtmf {
+                            call_ref,
+                            digit,
+                            duration_ms: duration,
+                        }),
+                    );
+                }
+                false
+            }
+            Method::Message => {
+                let from = request.headers.from().ok();
+                self.send_device(
+                    0,
+                    Body::TextReceived(TextReceived {
+                        from_uri: from.map(|f| f.uri.to_string()).unwrap_or_default(),
+                        display_name: String::new(),
+                        content_type: request
+                            .headers
+                            .content_type()
+                            .ok()
+                            .flatten()
+                            .map(|m| m.to_string())
+                            .unwrap_or_default(),
+                        body: request.body.to_vec(),
+                    }),
+                );
+                self.respond(tx, 200, None, None, false);
+                false
+            }
+            Method::Options => {
+                self.respond(tx, 200, None, None, false);
+                false
+            }
+            _ => {
+                self.push(CallAction::Respond {
+                    tx,
+                    status: 405,
+                    reason: None,
+                    body: None,
+                    headers: vec![(HeaderName::Allow, ALLOW.to_string())],
+                    report: false,
+                });
+                false
+            }
+        }
+    }
+}
+
+/// The metric label of an MBFP end reason.
+pub fn reason_label(full: &str) -> &'static str {
+    match full {
+        "END_REASON_NORMAL" => "normal",
+        "END_REASON_REMOTE_HANGUP" => "remote_hangup",
+        "END_REASON_LOCAL_HANGUP" => "local_hangup",
+        "END_REASON_BUSY" => "busy",
+        "END_REASON_NO_ANSWER" => "no_answer",
+        "END_REASON_REJECTED" => "rejected",
+        "END_REASON_CANCELLED" => "cancelled",
+        "END_REASON_NOT_FOUND" => "not_found",
+        "END_REASON_UNAVAILABLE" => "unavailable",
+        "END_REASON_TIMEOUT" => "timeout",
+        "END_REASON_INCOMPATIBLE_MEDIA" => "incompatible_media",
+        "END_REASON_MEDIA_TIMEOUT" => "media_timeout",
+        "END_REASON_NODE_FAILOVER" => "node_failover",
+        _ => "failed",
+    }
+}

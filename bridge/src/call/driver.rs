@@ -1,0 +1,644 @@
+//! The call task: a thin tokio driver around [`CallCore`], as `quinn::Connection` drives
+//! `quinn_proto::Connection`.
+//!
+//! It turns what arrives (the bridge's [`CallCommand`]s, the events of the client
+//! transactions the core started, relay events, the core's timer) into [`CallInput`]s, and
+//! carries out the core's [`CallAction`]s with the user agent (requests, responses, ACK,
+//! CANCEL), the media relay (start, remote media, direction, DTMF injection, stop and its
+//! statistics) and the replicator (records written in order without waiting; the local CSeq
+//! written ahead with a bounded wait; the tombstone at the end). It holds no protocol rule of
+//! its own: every decision is the core's.
+
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use bytes::Bytes;
+use rand::Rng;
+use thalamus_dialog_store::StoreError;
+use thalamus_media::{MediaRelay, RelayEvent, RelaySpec};
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{CallEvent, CallState, MediaStats};
+use thalamus_sip::message::{MediaType, Method, NameAddr};
+use thalamus_sip::ua::{ClientCall, ClientEvent, ServerTx};
+use thalamus_telemetry::inc;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, Instrument};
+
+use super::core::CallKey;
+use super::core::{
+    CallAction, CallCore, CallCount, CallInput, CallSettings, ClientOutcome, RelayAddr, RelayOp,
+    TxId, WriteAhead,
+};
+use super::CallSetup;
+use crate::dialogs::{key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallFacts};
+use crate::shared::BridgeInner;
+use crate::table::{self, CallCommand, CallShared};
+
+/// Starts the task of call `key`.
+pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
+    let settings = CallSettings {
+        node_id: inner.config.node_id.clone(),
+        no_answer_timeout: inner.config.no_answer_timeout,
+        replicate: inner.replicator.is_some(),
+        reinvite_after_takeover: inner.config.reinvite_after_takeover,
+        media_address: inner.media_address,
+    };
+    let sdp_session_id = thalamus_sip::rng::with(|rng| rng.gen_range(1..(1u64 << 62)));
+    let now = Instant::now().into_std();
+    let mut incoming = None;
+    let (direction, core) = match setup {
+        CallSetup::Outgoing {
+            target,
+            media,
+            headers,
+        } => (
+            "outgoing",
+            CallCore::outgoing(
+                key.clone(),
+                settings,
+                sdp_session_id,
+                target,
+                media,
+                headers,
+            ),
+        ),
+        CallSetup::Incoming {
+            tx,
+            invite,
+            call_waiting,
+            in_progress,
+        } => {
+            incoming = Some((tx, in_progress));
+            (
+                "incoming",
+                CallCore::incoming(
+                    key.clone(),
+                    settings,
+                    sdp_session_id,
+                    now,
+                    tx,
+                    &invite,
+                    call_waiting,
+                ),
+            )
+        }
+        CallSetup::TakenOver(t) => {
+            let remote_uri = remote_uri_of(&t.record, &t.sip);
+            (
+                "taken_over",
+                CallCore::taken_over(
+                    key.clone(),
+                    settings,
+                    &t.record,
+                    remote_uri,
+                    t.sip.role == "uac",
+                    t.dialog,
+                    t.trigger,
+                ),
+            )
+        }
+    };
+    let (handle, rx, shared, media_input) = table::handle(
+        core.remote_uri().to_string(),
+        core.dialog().cloned(),
+        core.state(),
+    );
+    inner.add_call(key.clone(), handle);
+    if let Some(dialog) = core.dialog() {
+        // Before the request that caused a takeover is delivered again.
+        inner.by_dialog.insert(dialog.clone(), key.clone());
+    }
+    inner.metrics.calls_active.inc();
+    inc(&inner.metrics.calls_started, direction);
+    let span = info_span!("call", device = %key.0, call_ref = key.1, direction);
+    let driver = Driver {
+        inner,
+        key,
+        core,
+        rx,
+        rx_open: true,
+        shared,
+        media_input,
+        relay: None,
+        relay_events: None,
+        calls: Vec::new(),
+        pending_write: None,
+        incoming,
+    };
+    tokio::spawn(Box::new(driver).run().instrument(span));
+}
+
+/// Whether the task goes on after an action.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Driver {
+    inner: Arc<BridgeInner>,
+    key: CallKey,
+    core: CallCore,
+    rx: mpsc::Receiver<Box<CallCommand>>,
+    rx_open: bool,
+    shared: Arc<Mutex<CallShared>>,
+    media_input: Arc<Mutex<Option<thalamus_media::DeviceInput>>>,
+    relay: Option<MediaRelay>,
+    relay_events: Option<mpsc::Receiver<RelayEvent>>,
+    /// The client transactions the core started and that have no final answer yet.
+    calls: Vec<(TxId, ClientCall)>,
+    /// The last record write handed to its own task (so the call never waits on the user
+    /// agent or the store to replicate); each waits for the one before, so writes stay in
+    /// order.
+    pending_write: Option<tokio::task::JoinHandle<()>>,
+    /// The incoming INVITE's transaction and its merge-key guard, until it is settled.
+    incoming: Option<(ServerTx, Box<crate::shared::InProgress>)>,
+}
+
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// The next event of any client transaction in flight (pending while there is none).
+fn next_client_event(
+    calls: &mut [(TxId, ClientCall)],
+) -> impl std::future::Future<Output = (TxId, Option<ClientEvent>)> + '_ {
+    std::future::poll_fn(move |cx| {
+        for (tx, call) in calls.iter_mut() {
+            if let Poll::Ready(event) = call.events.poll_recv(cx) {
+                return Poll::Ready((*tx, event));
+            }
+        }
+        Poll::Pending
+    })
+}
+
+async fn next_relay_event(events: &mut Option<mpsc::Receiver<RelayEvent>>) -> Option<RelayEvent> {
+    match events.as_mut() {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver {
+    async fn run(mut self: Box<Self>) {
+        loop {
+            while let Some(action) = self.core.poll_action() {
+                // Boxed: the rarer actions' futures (a write ahead, a relay stop) exist only
+                // while they run, so an idle call stays small.
+                if let Flow::Stop = Box::pin(self.execute(action)).await {
+                    return;
+                }
+            }
+            self.publish();
+            let deadline = self.core.poll_timeout();
+            tokio::select! {
+                command = self.rx.recv(), if self.rx_open => {
+                    let input = match command.map(|c| *c) {
+                        None => {
+                            // The bridge forgot the call: nobody will send it anything again.
+                            self.rx_open = false;
+                            CallInput::DeviceGone
+                        }
+                        Some(CallCommand::DeviceGone) => CallInput::DeviceGone,
+                        Some(CallCommand::Device(id, body)) => CallInput::Device(id, body),
+                        Some(CallCommand::SipRequest(tx, request)) => {
+                            CallInput::PeerRequest(tx, Box::new(request))
+                        }
+                        Some(CallCommand::Ack) => CallInput::Ack,
+                        Some(CallCommand::Cancelled) => CallInput::Cancelled,
+                        Some(CallCommand::AckTimeout) => CallInput::AckTimeout,
+                        Some(CallCommand::OwnershipLost) => CallInput::OwnershipLost,
+                        Some(CallCommand::DeviceLink(link)) => {
+                            if let Some(relay) = &self.relay {
+                                let _ = relay.set_sink(Arc::new(LinkSink(link))).await;
+                            }
+                            continue;
+                        }
+                    };
+                    self.core.handle(now(), input);
+                }
+                (tx, event) = next_client_event(&mut self.calls) => {
+                    let outcome = match event {
+                        Some(ClientEvent::Response { response, dialog }) => ClientOutcome::Response {
+                            status: response.status,
+                            reason: response.reason.clone(),
+                            body: response.body.clone(),
+                            dialog,
+                        },
+                        Some(ClientEvent::Timeout) => ClientOutcome::Timeout,
+                        Some(ClientEvent::TransportError) | None => {
+                            ClientOutcome::Failed("transport error".into())
+                        }
+                    };
+                    let last = !matches!(&outcome, ClientOutcome::Response { status, .. } if *status < 200);
+                    if last {
+                        self.calls.retain(|(t, _)| *t != tx);
+                    }
+                    self.core.handle(now(), CallInput::Client(tx, outcome));
+                }
+                event = next_relay_event(&mut self.relay_events) => match event {
+                    Some(RelayEvent::MediaTimeout { .. }) => {
+                        self.core.handle(now(), CallInput::MediaTimeout);
+                    }
+                    Some(_) => {}
+                    None => self.relay_events = None,
+                },
+                _ = sleep_until(deadline) => self.core.handle_timeout(now()),
+            }
+        }
+    }
+
+    /// Shows the bridge the call's state and dialog.
+    fn publish(&self) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.state = self.core.state();
+            if s.dialog.is_none() {
+                s.dialog = self.core.dialog().cloned();
+            }
+        }
+    }
+
+    async fn execute(&mut self, action: CallAction) -> Flow {
+        let inner = self.inner.clone();
+        let ua = &inner.ua;
+        match action {
+            CallAction::ToDevice { request_id, body } => {
+                inner.to_device(&self.key.0, request_id, body);
+            }
+            CallAction::StartRelay => {
+                let addr = self.start_relay();
+                self.core.relay_started(now(), addr);
+            }
+            CallAction::Relay(op) => match op {
+                RelayOp::SetRemote(remote) => {
+                    if let Some(relay) = &self.relay {
+                        let _ = relay.set_remote_media(&remote).await;
+                    }
+                }
+                RelayOp::Direction(direction) => {
+                    if let Some(relay) = &self.relay {
+                        let _ = relay.set_local_direction(direction).await;
+                    }
+                }
+                RelayOp::Inject(datagrams) => {
+                    if let Some(input) = self.media_input.lock().ok().and_then(|i| i.clone()) {
+                        for datagram in datagrams {
+                            let _ = input.feed(datagram);
+                        }
+                    }
+                }
+            },
+            CallAction::SetDialog(dialog) => {
+                inner.by_dialog.insert(dialog.clone(), self.key.clone());
+                if let Ok(mut s) = self.shared.lock() {
+                    s.dialog = Some(dialog);
+                }
+            }
+            CallAction::SendInvite {
+                tx,
+                target,
+                headers,
+                sdp,
+            } => {
+                let mut invite = ua.new_request(
+                    Method::Invite,
+                    target.clone(),
+                    inner.aor(&self.key.0),
+                    NameAddr::new(target),
+                );
+                invite.headers.push_contact(&ua.contact(
+                    Some(&self.key.0),
+                    thalamus_sip::transport::PeerTransport::Udp,
+                ));
+                for (name, value) in headers {
+                    invite.headers.push(name, value);
+                }
+                invite.set_body(Bytes::from(sdp), Some(&MediaType::sdp()));
+                match ua
+                    .send_with_auth(invite, None, inner.credentials(&self.key.0))
+                    .await
+                {
+                    Ok(call) => self.calls.push((tx, call)),
+                    Err(e) => self.core.handle(
+                        now(),
+                        CallInput::Client(tx, ClientOutcome::Failed(e.to_string())),
+                    ),
+                }
+            }
+            CallAction::Cancel { tx } => {
+                if let Some((_, call)) = self.calls.iter().find(|(t, _)| *t == tx) {
+                    let _ = ua.cancel(call.key()).await;
+                }
+            }
+            CallAction::Ack { dialog } => {
+                if let Err(e) = ua.ack(&dialog, None).await {
+                    debug!(error = %e, "ACK not sent");
+                }
+            }
+            CallAction::SendInDialog {
+                tx,
+                dialog,
+                method,
+                body,
+            } => match ua.request_in_dialog(&dialog, method, body, vec![]).await {
+                Ok(call) => self.calls.push((tx, call)),
+                Err(e) => self.core.handle(
+                    now(),
+                    CallInput::Client(tx, ClientOutcome::Failed(e.to_string())),
+                ),
+            },
+            CallAction::Respond {
+                tx,
+                status,
+                reason,
+                body,
+                headers,
+                report,
+            } => {
+                let result = ua
+                    .respond_with_headers(tx, status, reason.as_deref(), body, headers)
+                    .await;
+                if report {
+                    let dialog = result.ok().flatten();
+                    self.core
+                        .handle(now(), CallInput::Responded(tx, status, dialog));
+                }
+            }
+            CallAction::InviteSettled => {
+                if let Some((tx, in_progress)) = self.incoming.take() {
+                    inner.by_invite.remove(&tx);
+                    drop(in_progress);
+                }
+            }
+            CallAction::WriteAhead(facts) => {
+                let result = self.write_ahead(&facts).await;
+                self.core.handle(now(), CallInput::WriteAheadDone(result));
+            }
+            CallAction::Replicate(facts) => self.replicate(*facts),
+            CallAction::Count(CallCount::Ended(label)) => inc(&inner.metrics.calls_ended, label),
+            CallAction::Count(CallCount::DialogLost) => {
+                inner.metrics.dialogs_lost.inc();
+            }
+            CallAction::TakeoverAnswered(latency) => {
+                inner
+                    .metrics
+                    .takeover_latency
+                    .observe(latency.as_secs_f64());
+                info!(
+                    takeover_latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                    "takeover: the request that caused it is answered"
+                );
+            }
+            CallAction::Note(text) => info!("{text}"),
+            CallAction::Close { tombstone } => {
+                self.finish(tombstone).await;
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Starts the media relay for this call (when the node has media).
+    fn start_relay(&mut self) -> Option<RelayAddr> {
+        let engine = self.inner.media.as_ref()?;
+        let link: Arc<dyn thalamus_media::DatagramSink> = match self.inner.links.get(&self.key.0) {
+            Some(link) => Arc::new(LinkSink(link.clone())),
+            None => Arc::new(NoLink),
+        };
+        let sink: Arc<dyn thalamus_media::DatagramSink> = Arc::new(DtmfTap {
+            link,
+            inner: self.inner.clone(),
+            device: self.key.0.clone(),
+            last_event: Mutex::new(None),
+        });
+        match engine.start(RelaySpec::audio(self.key.1), sink) {
+            Ok(mut relay) => {
+                let port = relay.local_rtp_addr().port();
+                let ip = relay.sdp_address().unwrap_or(self.inner.media_address);
+                if let Ok(mut input) = self.media_input.lock() {
+                    *input = Some(relay.device_input());
+                }
+                self.relay_events = relay.take_events();
+                self.relay = Some(relay);
+                Some(RelayAddr { ip, port })
+            }
+            Err(e) => {
+                debug!(error = %e, "no media relay for this call");
+                None
+            }
+        }
+    }
+
+    /// Hands the dialog's record to the replicator from a task of its own: the call waits
+    /// neither on the user agent's export nor on the store. Only confirmed dialogs are written.
+    fn replicate(&mut self, facts: CallFacts) {
+        let (Some(replicator), Some(dialog)) =
+            (self.inner.replicator.clone(), self.core.dialog().cloned())
+        else {
+            return;
+        };
+        let previous = self.pending_write.take();
+        let ua = self.inner.ua.clone();
+        self.pending_write = Some(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            let Ok(Some(export)) = ua.export(&dialog).await else {
+                return;
+            };
+            if export.state != "confirmed" {
+                return;
+            }
+            if let Err(e) = replicator.replicate(to_stored(&export, &facts)) {
+                debug!(error = %e, "dialog not replicated");
+            }
+        }));
+    }
+
+    /// Writes the local CSeq the next in-dialog request will use, waiting up to the write-ahead
+    /// timeout.
+    async fn write_ahead(&mut self, facts: &CallFacts) -> WriteAhead {
+        let (Some(replicator), Some(dialog)) =
+            (self.inner.replicator.clone(), self.core.dialog().cloned())
+        else {
+            return WriteAhead::Failed;
+        };
+        if let Some(pending) = self.pending_write.take() {
+            let _ = pending.await;
+        }
+        let Ok(Some(export)) = self.inner.ua.export(&dialog).await else {
+            return WriteAhead::Failed;
+        };
+        // The write is also the ownership check (a compare-and-set on this node's version).
+        // With no CSeq used yet (the first number is random) it carries none: the importing
+        // node's floor is above any first number.
+        let record = match reserve_next_local_cseq(export.clone()) {
+            Some((reserved, _)) => reserved,
+            None => export,
+        };
+        let metrics = &self.inner.metrics.write_ahead;
+        let ack = match replicator.replicate_acked(to_stored(&record, facts)) {
+            Ok(ack) => ack,
+            Err(_) => {
+                inc(metrics, "error");
+                return WriteAhead::Failed;
+            }
+        };
+        match tokio::time::timeout(self.inner.config.write_ahead_timeout, ack).await {
+            Ok(Ok(Ok(_))) => {
+                inc(metrics, "written");
+                WriteAhead::Written
+            }
+            Ok(Ok(Err(StoreError::Conflict { .. }))) => {
+                inc(metrics, "lost");
+                info!("another node owns the dialog: not sending");
+                WriteAhead::Lost
+            }
+            Ok(_) => {
+                inc(metrics, "error");
+                WriteAhead::Failed
+            }
+            Err(_) => {
+                inc(metrics, "timeout");
+                WriteAhead::Failed
+            }
+        }
+    }
+
+    /// The end: the relay's statistics to the device, the dialog forgotten, and the record
+    /// ended after its last write.
+    async fn finish(&mut self, tombstone: bool) {
+        self.publish();
+        if let Some((tx, in_progress)) = self.incoming.take() {
+            self.inner.by_invite.remove(&tx);
+            drop(in_progress);
+        }
+        let stats = match self.relay.take() {
+            Some(relay) => relay.stop().await.ok(),
+            None => None,
+        };
+        if let Ok(mut input) = self.media_input.lock() {
+            *input = None;
+        }
+        if let Some(stats) = stats {
+            // The final statistics follow the end event (same call_ref, state ENDED).
+            let ev = CallEvent {
+                call_ref: self.key.1,
+                state: CallState::Ended as i32,
+                stats: Some(MediaStats {
+                    packets_sent: stats.to_peer.packets,
+                    packets_received: stats.from_peer.flow.packets,
+                    bytes_sent: stats.to_peer.bytes,
+                    bytes_received: stats.from_peer.flow.bytes,
+                    packets_lost: stats.from_peer.lost,
+                    jitter_us: u32::try_from(stats.from_peer.jitter.as_micros())
+                        .unwrap_or(u32::MAX),
+                    relay_latency_us: u32::try_from(stats.latency_to_peer.p50.as_micros())
+                        .unwrap_or(u32::MAX),
+                }),
+                reason: "media statistics".into(),
+                ..Default::default()
+            };
+            self.inner.to_device(&self.key.0, 0, Body::CallEvent(ev));
+        }
+        let dialog = self.core.dialog().cloned();
+        if let Some(dialog) = &dialog {
+            let _ = self.inner.ua.remove_dialog(dialog).await;
+        }
+        self.inner.forget_call(&self.key);
+        // The record ends after its last write (which finds no dialog to export if it had not
+        // run yet, and then writes nothing).
+        let pending = self.pending_write.take();
+        if let (true, Some(dialog), Some(replicator)) = (tombstone, &dialog, &self.inner.replicator)
+        {
+            if let Some(pending) = pending {
+                let _ = pending.await;
+            }
+            if let Err(e) = replicator.remove(key_of_dialog(dialog)) {
+                debug!(error = %e, "dialog end not replicated");
+            }
+        }
+    }
+}
+
+/// Passes media datagrams to the device and reports each RFC 4733 event coming from the peer
+/// as a `Dtmf` frame too (once per event, on its first end packet).
+struct DtmfTap {
+    link: Arc<dyn thalamus_media::DatagramSink>,
+    inner: Arc<BridgeInner>,
+    device: String,
+    last_event: Mutex<Option<(u32, u32)>>,
+}
+
+impl thalamus_media::DatagramSink for DtmfTap {
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), thalamus_media::DatagramError> {
+        if let Ok(d) = thalamus_proto::media::MediaDatagram::decode(datagram.clone()) {
+            if d.header.payload_type == 101 {
+                if let Ok(event) = thalamus_media::rtp::TelephoneEvent::parse(&d.payload) {
+                    let key = (d.header.call_ref, d.header.timestamp);
+                    let first_end = event.end
+                        && self
+                            .last_event
+                            .lock()
+                            .map(|mut last| last.replace(key) != Some(key))
+                            .unwrap_or(false);
+                    if let (true, Some(digit)) =
+                        (first_end, thalamus_media::dtmf::digit(event.event))
+                    {
+                        self.inner.to_device(
+                            &self.device,
+                            0,
+                            Body::Dtmf(thalamus_proto::v1::Dtmf {
+                                call_ref: d.header.call_ref,
+                                digit: digit.to_string(),
+                                duration_ms: u32::from(event.duration) / 8,
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+        self.link.send_datagram(datagram)
+    }
+
+    fn max_datagram_bytes(&self) -> Option<usize> {
+        self.link.max_datagram_bytes()
+    }
+}
+
+/// The device's link as the relay's datagram sink.
+struct LinkSink(thalamus_ingress::DeviceLink);
+
+impl thalamus_media::DatagramSink for LinkSink {
+    fn send_datagram(&self, datagram: Bytes) -> Result<(), thalamus_media::DatagramError> {
+        use thalamus_ingress::LinkError;
+        use thalamus_media::DatagramError;
+        self.0.send_datagram(datagram).map_err(|e| match e {
+            LinkError::Blocked => DatagramError::Blocked,
+            LinkError::TooLarge => DatagramError::TooLarge,
+            LinkError::Unsupported => DatagramError::Unsupported,
+            LinkError::Closed => DatagramError::Closed,
+        })
+    }
+
+    fn max_datagram_bytes(&self) -> Option<usize> {
+        self.0.max_datagram_bytes()
+    }
+}
+
+/// A datagram sink for a device with no live connection (media is dropped).
+struct NoLink;
+
+impl thalamus_media::DatagramSink for NoLink {
+    fn send_datagram(&self, _datagram: Bytes) -> Result<(), thalamus_media::DatagramError> {
+        Err(thalamus_media::DatagramError::Closed)
+    }
+}

@@ -1,0 +1,64 @@
+//! One call, device side and SIP side: the sans-IO [`core::CallCore`] that holds its protocol
+//! logic, and the task ([`driver`]) that runs it with the user agent, the media relay and the
+//! replicator. This module says how a call starts ([`CallSetup`]) and starts its task; what
+//! the bridge keeps of a running call is in `crate::table`.
+//!
+//! Every change reaches the device as a `CallEvent`; the final one carries the media
+//! statistics. A call started by a takeover ([`CallSetup::TakenOver`]) continues a stored
+//! dialog (see `crate::takeover`).
+
+pub mod core;
+pub mod driver;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use thalamus_dialog_store::StoredDialog;
+use thalamus_proto::v1::MediaOffer;
+use thalamus_sip::dialog::{DialogId, DialogRecord};
+use thalamus_sip::message::{Request, Uri};
+use thalamus_sip::ua::ServerTx;
+
+pub use self::core::{CallCore, TakeoverTrigger};
+
+/// How a call starts (built once per call, so the size difference of the variants is moot).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum CallSetup {
+    /// The device dialled.
+    Outgoing {
+        /// Request-URI.
+        target: Uri,
+        /// The device's codecs.
+        media: Option<MediaOffer>,
+        /// Extra headers for the INVITE.
+        headers: BTreeMap<String, String>,
+    },
+    /// A SIP INVITE for the device.
+    Incoming {
+        /// Its server transaction.
+        tx: ServerTx,
+        /// The INVITE.
+        invite: Box<Request>,
+        /// The device already has a call.
+        call_waiting: bool,
+        /// Held until the INVITE has its final response (loop detection).
+        in_progress: Box<crate::shared::InProgress>,
+    },
+    /// A stored dialog this node just claimed and imported.
+    TakenOver(Box<TakeoverSetup>),
+}
+
+/// What a call continuing a stored dialog starts from.
+#[derive(Debug)]
+pub struct TakeoverSetup {
+    /// The claimed record (owner: this node).
+    pub record: StoredDialog,
+    /// The SIP dialog as imported.
+    pub sip: DialogRecord,
+    /// The imported dialog's id.
+    pub dialog: DialogId,
+    /// What caused the takeover.
+    pub trigger: TakeoverTrigger,
+}

@@ -1,0 +1,1132 @@
+//! `CallCore` flows on a virtual clock: no sockets, no runtime, no user agent. Each test feeds
+//! the core what a driver would (device frames, SIP responses, requests, timestamps) and checks
+//! the actions it returns. `Instant::now()` only gives the virtual clock its origin.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use thalamus_dialog_store::{DialogKey, SipDialogPayload, StoredDialog};
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{
+    Answer, CallEvent, CallState, Dtmf, EndReason, Hangup, Hold, MediaOffer, Reject, Resume,
+};
+use thalamus_sip::dialog::DialogId;
+use thalamus_sip::message::{HeaderName, Message, Method, Request, Uri};
+use thalamus_sip::sdp::{Direction, SessionDescription};
+use thalamus_sip::transaction::TransactionKey;
+
+use super::core::*;
+use crate::dialogs::CallAppData;
+
+const RELAY: RelayAddr = RelayAddr {
+    ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+    port: 40_000,
+};
+
+fn settings(replicate: bool) -> CallSettings {
+    CallSettings {
+        node_id: "gw-1".into(),
+        no_answer_timeout: Duration::from_secs(60),
+        replicate,
+        reinvite_after_takeover: true,
+        media_address: "10.0.0.1".parse().unwrap(),
+    }
+}
+
+fn key() -> (String, u32) {
+    ("dev-1".to_string(), 7)
+}
+
+fn dialog() -> DialogId {
+    DialogId {
+        call_id: "call-1".into(),
+        local_tag: "local".into(),
+        remote_tag: "remote".into(),
+    }
+}
+
+fn stx(n: u32) -> TransactionKey {
+    TransactionKey::from_parts(n, 1)
+}
+
+/// The peer's SDP: PCMU, with telephone-event when `dtmf`, in `direction`.
+fn peer_sdp(version: u32, dtmf: bool, direction: &str) -> String {
+    let pts = if dtmf { "0 101" } else { "0" };
+    let mut s = format!(
+        "v=0\r\no=- 1000 {version} IN IP4 10.0.0.9\r\ns=-\r\nc=IN IP4 10.0.0.9\r\nt=0 0\r\n\
+         m=audio 30000 RTP/AVP {pts}\r\na=rtpmap:0 PCMU/8000\r\n"
+    );
+    if dtmf {
+        s.push_str("a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n");
+    }
+    s.push_str(&format!("a={direction}\r\n"));
+    s
+}
+
+fn request(method: &str, body: &str) -> Request {
+    let text = format!(
+        "{method} sip:dev-1@gw.example SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bK-{method}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Bob\" <sip:bob@example.org>;tag=remote\r\n\
+         To: <sip:dev-1@gw.example>;tag=local\r\n\
+         Call-ID: call-1\r\n\
+         CSeq: 2 {method}\r\n\
+         Contact: <sip:bob@10.0.0.9:5060>\r\n\
+         {}Content-Length: {}\r\n\r\n{body}",
+        if body.is_empty() {
+            String::new()
+        } else {
+            "Content-Type: application/sdp\r\n".into()
+        },
+        body.len()
+    );
+    match Message::parse(Bytes::from(text)) {
+        Ok(Message::Request(r)) => r,
+        other => panic!("test request does not parse: {other:?}"),
+    }
+}
+
+fn response(status: u16, body: &str, dialog: Option<DialogId>) -> ClientOutcome {
+    ClientOutcome::Response {
+        status,
+        reason: match status {
+            180 => "Ringing",
+            200 => "OK",
+            486 => "Busy Here",
+            487 => "Request Terminated",
+            _ => "Other",
+        }
+        .into(),
+        body: Bytes::from(body.to_string()),
+        dialog,
+    }
+}
+
+/// The actions queued now; `Close` is always the last one (the driver stops there).
+fn drain(core: &mut CallCore) -> Vec<CallAction> {
+    let actions: Vec<CallAction> = std::iter::from_fn(|| core.poll_action()).collect();
+    if let Some(i) = actions
+        .iter()
+        .position(|a| matches!(a, CallAction::Close { .. }))
+    {
+        assert_eq!(i + 1, actions.len(), "actions after Close: {actions:?}");
+    }
+    actions
+}
+
+fn events(actions: &[CallAction]) -> Vec<CallEvent> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            CallAction::ToDevice {
+                body: Body::CallEvent(e),
+                ..
+            } => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ended(actions: &[CallAction]) -> Vec<CallEvent> {
+    events(actions)
+        .into_iter()
+        .filter(|e| e.state == CallState::Ended as i32)
+        .collect()
+}
+
+fn errors(actions: &[CallAction]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            CallAction::ToDevice {
+                body: Body::Error(e),
+                ..
+            } => Some(e.message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent_in_dialog(actions: &[CallAction]) -> Vec<(TxId, Method, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            CallAction::SendInDialog {
+                tx, method, body, ..
+            } => Some((
+                *tx,
+                method.clone(),
+                body.as_ref()
+                    .map(|(b, _)| String::from_utf8_lossy(b).to_string())
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn responses(actions: &[CallAction]) -> Vec<(TransactionKey, u16)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            CallAction::Respond { tx, status, .. } => Some((*tx, *status)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed(actions: &[CallAction]) -> Option<bool> {
+    actions.iter().find_map(|a| match a {
+        CallAction::Close { tombstone } => Some(*tombstone),
+        _ => None,
+    })
+}
+
+fn hangup() -> Body {
+    Body::Hangup(Hangup { call_ref: 7 })
+}
+
+fn target() -> Uri {
+    Uri::parse("sip:bob@example.org").unwrap()
+}
+
+/// An outgoing call up to the INVITE: returns the core and the INVITE's transaction.
+fn dialling(t0: Instant, replicate: bool) -> (CallCore, TxId, Vec<CallAction>) {
+    let mut headers = BTreeMap::new();
+    headers.insert("X-Trace".to_string(), "abc".to_string());
+    headers.insert("Subject".to_string(), "dropped".to_string());
+    let mut core = CallCore::outgoing(
+        key(),
+        settings(replicate),
+        42,
+        target(),
+        Some(MediaOffer::default()),
+        headers,
+    );
+    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    core.relay_started(t0, Some(RELAY));
+    let actions = drain(&mut core);
+    let tx = actions
+        .iter()
+        .find_map(|a| match a {
+            CallAction::SendInvite { tx, .. } => Some(*tx),
+            _ => None,
+        })
+        .expect("an INVITE");
+    (core, tx, actions)
+}
+
+/// An outgoing call answered with `answer_sdp`.
+fn answered_outgoing(t0: Instant, replicate: bool, answer_sdp: &str) -> CallCore {
+    let (mut core, tx, _) = dialling(t0, replicate);
+    core.handle(
+        t0,
+        CallInput::Client(tx, response(200, answer_sdp, Some(dialog()))),
+    );
+    drain(&mut core);
+    core
+}
+
+#[test]
+fn outgoing_call_answered_then_hung_up_by_the_device() {
+    let t0 = Instant::now();
+    let (mut core, tx, actions) = dialling(t0, true);
+    let invite = actions
+        .iter()
+        .find_map(|a| match a {
+            CallAction::SendInvite {
+                target,
+                headers,
+                sdp,
+                ..
+            } => Some((target.clone(), headers.clone(), sdp.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(invite.0, target());
+    assert!(invite.1.iter().any(|(n, _)| *n == HeaderName::Allow));
+    assert!(
+        invite
+            .1
+            .iter()
+            .any(|(n, v)| n.as_str().eq_ignore_ascii_case("x-trace") && v == "abc"),
+        "X- headers of the device go out: {:?}",
+        invite.1
+    );
+    assert!(!invite
+        .1
+        .iter()
+        .any(|(n, _)| n.as_str().eq_ignore_ascii_case("subject")));
+    let offer = SessionDescription::parse(&invite.2).unwrap();
+    assert_eq!(
+        offer.rtp_address(&thalamus_sip::sdp::MediaKind::Audio),
+        Some("10.0.0.1:40000".parse().unwrap()),
+        "the offer names the relay"
+    );
+    assert_eq!(events(&actions)[0].state, CallState::Trying as i32);
+
+    core.handle(t0, CallInput::Client(tx, response(180, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(events(&a)[0].state, CallState::Ringing as i32);
+    assert_eq!(core.state(), CallState::Ringing);
+
+    core.handle(
+        t0,
+        CallInput::Client(
+            tx,
+            response(200, &peer_sdp(1, true, "sendrecv"), Some(dialog())),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(a[0], CallAction::SetDialog(dialog()));
+    assert_eq!(a[1], CallAction::Ack { dialog: dialog() });
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(_)))));
+    let answered = &events(&a)[0];
+    assert_eq!(answered.state, CallState::Answered as i32);
+    assert!(answered.media.is_some());
+    // Confirmed once the ACK is out: the record is written after it.
+    let replicate = a
+        .iter()
+        .position(|x| matches!(x, CallAction::Replicate(_)))
+        .expect("replicated");
+    assert!(replicate > 1);
+    if let CallAction::Replicate(facts) = &a[replicate] {
+        assert_eq!(facts.owner, "gw-1");
+        assert_eq!(facts.call_ref, 7);
+        assert!(facts.media.remote_sdp.contains("30000"));
+        assert!(facts
+            .app_data
+            .as_ref()
+            .is_some_and(|d| d.outgoing && !d.held));
+    }
+
+    // The device hangs up: the CSeq is written ahead, then BYE, then the end.
+    core.handle(t0, CallInput::Device(3, hangup()));
+    let a = drain(&mut core);
+    assert!(matches!(a.as_slice(), [CallAction::WriteAhead(_)]));
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let a = drain(&mut core);
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye.len(), 1);
+    assert_eq!(bye[0].1, Method::Bye);
+    assert!(ended(&a).is_empty(), "the end waits for the BYE's answer");
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    let a = drain(&mut core);
+    let end = ended(&a);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].end_reason, EndReason::LocalHangup as i32);
+    assert!(a.contains(&CallAction::Count(CallCount::Ended("local_hangup"))));
+    assert_eq!(closed(&a), Some(true), "the stored record is ended");
+    assert!(core.is_closed());
+}
+
+#[test]
+fn outgoing_call_rejected_timed_out_or_unsendable() {
+    let t0 = Instant::now();
+    for (outcome, reason, status) in [
+        (response(486, "", None), EndReason::Busy, 486),
+        (ClientOutcome::Timeout, EndReason::Timeout, 408),
+        (
+            ClientOutcome::Failed("no route".into()),
+            EndReason::Failed,
+            0,
+        ),
+    ] {
+        let (mut core, tx, _) = dialling(t0, true);
+        core.handle(t0, CallInput::Client(tx, outcome));
+        let a = drain(&mut core);
+        let end = ended(&a);
+        assert_eq!(end.len(), 1);
+        assert_eq!(end[0].end_reason, reason as i32);
+        assert_eq!(end[0].sip_status, status);
+        assert_eq!(closed(&a), Some(false), "nothing was stored");
+    }
+}
+
+#[test]
+fn outgoing_call_cancelled_by_the_device() {
+    let t0 = Instant::now();
+    let (mut core, tx, _) = dialling(t0, true);
+    core.handle(t0, CallInput::Client(tx, response(180, "", None)));
+    drain(&mut core);
+    core.handle(t0, CallInput::Device(3, hangup()));
+    assert_eq!(drain(&mut core), vec![CallAction::Cancel { tx }]);
+    // A second hangup does not CANCEL again.
+    core.handle(t0, CallInput::DeviceGone);
+    assert!(drain(&mut core).is_empty());
+    core.handle(t0, CallInput::Client(tx, response(487, "", None)));
+    let a = drain(&mut core);
+    let end = ended(&a);
+    assert_eq!(end.len(), 1);
+    assert_eq!(end[0].end_reason, EndReason::LocalHangup as i32);
+    assert_eq!(end[0].reason, "cancelled by the device");
+    assert_eq!(closed(&a), Some(false));
+
+    // Hung up before the INVITE went out (the relay was starting): nothing is sent.
+    let mut core = CallCore::outgoing(key(), settings(true), 42, target(), None, BTreeMap::new());
+    drain(&mut core);
+    core.handle(t0, CallInput::Device(3, hangup()));
+    let a = drain(&mut core);
+    assert_eq!(ended(&a).len(), 1);
+    core.relay_started(t0, Some(RELAY));
+    assert!(
+        !drain(&mut core)
+            .iter()
+            .any(|x| matches!(x, CallAction::SendInvite { .. })),
+        "no INVITE after the call ended"
+    );
+}
+
+#[test]
+fn cancel_crossing_200_acks_then_byes() {
+    let t0 = Instant::now();
+    let (mut core, tx, _) = dialling(t0, true);
+    core.handle(t0, CallInput::Device(3, hangup()));
+    assert_eq!(drain(&mut core), vec![CallAction::Cancel { tx }]);
+    // The 200 crossed the CANCEL: the dialog exists and must be ended properly.
+    core.handle(
+        t0,
+        CallInput::Client(
+            tx,
+            response(200, &peer_sdp(1, true, "sendrecv"), Some(dialog())),
+        ),
+    );
+    let a = drain(&mut core);
+    assert!(a.contains(&CallAction::Ack { dialog: dialog() }));
+    assert!(ended(&a).is_empty());
+    let write = a
+        .iter()
+        .position(|x| matches!(x, CallAction::WriteAhead(_)))
+        .expect("BYE written ahead");
+    let replicate = a
+        .iter()
+        .position(|x| matches!(x, CallAction::Replicate(_)))
+        .unwrap();
+    assert!(replicate < write);
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let a = drain(&mut core);
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::LocalHangup as i32);
+    assert_eq!(closed(&a), Some(true));
+}
+
+/// An incoming call that got its 180: the core, and what it did.
+fn ringing(t0: Instant, body: &str) -> (CallCore, Vec<CallAction>) {
+    let invite = request("INVITE", body);
+    let mut core = CallCore::incoming(key(), settings(true), 42, t0, stx(1), &invite, false);
+    let a = drain(&mut core);
+    (core, a)
+}
+
+#[test]
+fn incoming_call_answered_acked_and_ended_by_the_peer() {
+    let t0 = Instant::now();
+    let (mut core, a) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
+    match &a[0] {
+        CallAction::ToDevice {
+            body: Body::IncomingCall(c),
+            ..
+        } => {
+            assert_eq!(c.call_ref, 7);
+            assert_eq!(c.from_uri, "sip:bob@example.org");
+            assert_eq!(c.display_name, "Bob");
+            assert!(c.media.is_some());
+        }
+        other => panic!("expected IncomingCall, got {other:?}"),
+    }
+    assert!(matches!(
+        a[1],
+        CallAction::Respond {
+            status: 180,
+            report: true,
+            ..
+        }
+    ));
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    assert_eq!(drain(&mut core), vec![CallAction::SetDialog(dialog())]);
+    assert_eq!(core.state(), CallState::Ringing);
+
+    core.handle(
+        t0,
+        CallInput::Device(
+            2,
+            Body::Answer(Answer {
+                call_ref: 7,
+                media: Some(MediaOffer::default()),
+            }),
+        ),
+    );
+    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    core.relay_started(t0, Some(RELAY));
+    let a = drain(&mut core);
+    let answer = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::Respond {
+                status: 200,
+                body: Some((b, _)),
+                report: true,
+                ..
+            } => Some(String::from_utf8_lossy(b).to_string()),
+            _ => None,
+        })
+        .expect("200 with an answer");
+    assert!(answer.contains("m=audio 40000"), "{answer}");
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(_)))));
+    // A hangup while the 200 is on its way waits for it.
+    core.handle(t0, CallInput::Device(3, hangup()));
+    assert!(drain(&mut core).is_empty());
+    core.handle(t0, CallInput::Responded(stx(1), 200, Some(dialog())));
+    let a = drain(&mut core);
+    assert_eq!(events(&a)[0].state, CallState::Answered as i32);
+    assert!(a.contains(&CallAction::InviteSettled));
+    // ... then goes out: BYE (not written ahead: nothing was stored before the ACK).
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye.len(), 1);
+    assert_eq!(bye[0].1, Method::Bye);
+
+    // Another call: answered, ACKed (stored), then the peer hangs up.
+    let (mut core, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
+    core.relay_started(t0, Some(RELAY));
+    core.handle(t0, CallInput::Responded(stx(1), 200, Some(dialog())));
+    drain(&mut core);
+    core.handle(t0, CallInput::Ack);
+    let a = drain(&mut core);
+    assert!(
+        matches!(a.as_slice(), [CallAction::Replicate(f)] if !f.app_data.as_ref().unwrap().outgoing)
+    );
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(5), Box::new(request("BYE", ""))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(5), 200)]);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::RemoteHangup as i32);
+    assert_eq!(closed(&a), Some(true));
+    // A retransmitted BYE after the end is still answered.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(6), Box::new(request("BYE", ""))),
+    );
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(6), 481)]);
+}
+
+#[test]
+fn incoming_call_rejected_declined_or_cancelled() {
+    let t0 = Instant::now();
+    let sdp = peer_sdp(1, true, "sendrecv");
+    // Reject with the device's status.
+    let (mut core, _) = ringing(t0, &sdp);
+    core.handle(
+        t0,
+        CallInput::Device(
+            2,
+            Body::Reject(Reject {
+                call_ref: 7,
+                sip_status: 600,
+                reason: "Busy Everywhere".into(),
+            }),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(1), 600)]);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::Busy as i32);
+    assert!(a.contains(&CallAction::InviteSettled));
+    assert_eq!(closed(&a), Some(false));
+    // Hangup while ringing: 603.
+    let (mut core, _) = ringing(t0, &sdp);
+    core.handle(t0, CallInput::Device(2, hangup()));
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(1), 603)]);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::Rejected as i32);
+    // The caller cancels.
+    let (mut core, _) = ringing(t0, &sdp);
+    core.handle(t0, CallInput::Cancelled);
+    let a = drain(&mut core);
+    let end = ended(&a);
+    assert_eq!(end[0].end_reason, EndReason::Cancelled as i32);
+    assert_eq!(end[0].sip_status, 487);
+    assert!(
+        responses(&a).is_empty(),
+        "the user agent answered 487 itself"
+    );
+    // The caller cancels just as the device answers: the 200 made no dialog.
+    let (mut core, _) = ringing(t0, &sdp);
+    core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
+    core.relay_started(t0, Some(RELAY));
+    drain(&mut core);
+    core.handle(t0, CallInput::Responded(stx(1), 200, None));
+    assert!(ended(&drain(&mut core)).is_empty());
+    core.handle(t0, CallInput::Cancelled);
+    assert_eq!(ended(&drain(&mut core)).len(), 1);
+    // Not SDP: 400, and the device hears nothing.
+    let mut core = CallCore::incoming(
+        key(),
+        settings(true),
+        42,
+        t0,
+        stx(1),
+        &request("INVITE", "not sdp at all"),
+        false,
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(1), 400)]);
+    assert!(events(&a).is_empty());
+    assert!(core.is_closed());
+}
+
+#[test]
+fn an_unanswered_incoming_call_times_out_on_the_virtual_clock() {
+    let t0 = Instant::now();
+    let (mut core, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    core.handle_timeout(t0 + Duration::from_secs(59));
+    assert!(drain(&mut core).is_empty());
+    core.handle_timeout(t0 + Duration::from_secs(60));
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(1), 480)]);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::NoAnswer as i32);
+    assert_eq!(core.poll_timeout(), None);
+}
+
+#[test]
+fn hold_and_resume_by_the_device_and_a_refused_reinvite() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    let a = drain(&mut core);
+    let reinvite = sent_in_dialog(&a);
+    assert_eq!(reinvite[0].1, Method::Invite);
+    assert!(reinvite[0].2.contains("a=sendonly"), "{}", reinvite[0].2);
+    // A second command waits for the first.
+    core.handle(t0, CallInput::Device(5, Body::Hold(Hold { call_ref: 7 })));
+    assert!(drain(&mut core).is_empty());
+    core.handle(
+        t0,
+        CallInput::Client(
+            reinvite[0].0,
+            response(200, &peer_sdp(2, true, "recvonly"), Some(dialog())),
+        ),
+    );
+    let a = drain(&mut core);
+    assert!(a.contains(&CallAction::Ack { dialog: dialog() }));
+    assert!(a.contains(&CallAction::Relay(RelayOp::Direction(Direction::SendOnly))));
+    assert_eq!(events(&a)[0].state, CallState::Held as i32);
+    assert_eq!(core.state(), CallState::Held);
+    // ... and then runs: already on hold.
+    assert_eq!(errors(&a), vec!["already on hold".to_string()]);
+
+    core.handle(
+        t0,
+        CallInput::Device(6, Body::Resume(Resume { call_ref: 7 })),
+    );
+    let a = drain(&mut core);
+    let reinvite = sent_in_dialog(&a);
+    assert!(reinvite[0].2.contains("a=sendrecv"));
+    core.handle(
+        t0,
+        CallInput::Client(
+            reinvite[0].0,
+            response(200, &peer_sdp(3, true, "sendrecv"), Some(dialog())),
+        ),
+    );
+    let a = drain(&mut core);
+    assert!(a.contains(&CallAction::Relay(RelayOp::Direction(Direction::SendRecv))));
+    assert_eq!(events(&a)[0].state, CallState::Resumed as i32);
+
+    // Refused: the call stays as it was, and the device learns the status.
+    core.handle(t0, CallInput::Device(7, Body::Hold(Hold { call_ref: 7 })));
+    let tx = sent_in_dialog(&drain(&mut core))[0].0;
+    core.handle(t0, CallInput::Client(tx, response(488, "", None)));
+    let a = drain(&mut core);
+    let ev = &events(&a)[0];
+    assert_eq!(ev.state, CallState::Answered as i32);
+    assert_eq!(ev.sip_status, 488);
+    assert!(ev.reason.starts_with("re-INVITE refused"));
+    assert!(ended(&a).is_empty());
+    // Timed out: an error for that request.
+    core.handle(t0, CallInput::Device(8, Body::Hold(Hold { call_ref: 7 })));
+    let tx = sent_in_dialog(&drain(&mut core))[0].0;
+    core.handle(t0, CallInput::Client(tx, ClientOutcome::Timeout));
+    assert_eq!(
+        errors(&drain(&mut core)),
+        vec!["re-INVITE timed out".to_string()]
+    );
+}
+
+#[test]
+fn hold_and_resume_by_the_peer_and_offerless_reinvite() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(2),
+            Box::new(request("INVITE", &peer_sdp(2, true, "sendonly"))),
+        ),
+    );
+    let a = drain(&mut core);
+    let answer = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::Respond {
+                status: 200,
+                body: Some((b, _)),
+                ..
+            } => Some(String::from_utf8_lossy(b).to_string()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(answer.contains("a=recvonly"), "{answer}");
+    let ev = &events(&a)[0];
+    assert_eq!(ev.state, CallState::Held as i32);
+    assert_eq!(ev.reason, "held by the remote party");
+    assert!(
+        a.iter().any(|x| matches!(x, CallAction::Replicate(_))),
+        "a target refresh rewrites the record"
+    );
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(3),
+            Box::new(request("UPDATE", &peer_sdp(3, true, "sendrecv"))),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(events(&a)[0].state, CallState::Resumed as i32);
+    // Offerless: answered with our current description.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(4), Box::new(request("INVITE", ""))),
+    );
+    let a = drain(&mut core);
+    assert!(matches!(
+        &a[0],
+        CallAction::Respond {
+            status: 200,
+            body: Some(_),
+            ..
+        }
+    ));
+    assert!(events(&a).is_empty());
+    // An offer we cannot answer: 488, the call goes on.
+    let video_only = "v=0\r\no=- 1 4 IN IP4 10.0.0.9\r\ns=-\r\nc=IN IP4 10.0.0.9\r\nt=0 0\r\nm=audio 30000 RTP/AVP 98\r\na=rtpmap:98 speex/16000\r\n";
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(5), Box::new(request("INVITE", video_only))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(5), 488)]);
+    assert!(!core.is_closed());
+}
+
+#[test]
+fn a_reinvite_from_the_peer_while_ours_is_pending_gets_491() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    drain(&mut core);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(2),
+            Box::new(request("INVITE", &peer_sdp(2, true, "sendonly"))),
+        ),
+    );
+    let a = drain(&mut core);
+    assert!(matches!(
+        &a[0],
+        CallAction::Respond { status: 491, headers, .. } if headers.iter().any(|(n, _)| *n == HeaderName::RetryAfter)
+    ));
+    assert!(events(&a).is_empty());
+}
+
+#[test]
+fn dtmf_in_the_media_when_negotiated_else_by_info() {
+    let t0 = Instant::now();
+    // telephone-event negotiated: RFC 4733 packets into the relay, no SIP.
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
+    core.handle(
+        t0,
+        CallInput::Device(
+            4,
+            Body::Dtmf(Dtmf {
+                call_ref: 7,
+                digit: "5".into(),
+                duration_ms: 100,
+            }),
+        ),
+    );
+    let a = drain(&mut core);
+    match a.as_slice() {
+        [CallAction::Relay(RelayOp::Inject(packets))] => assert_eq!(packets.len(), 4),
+        other => panic!("expected injected telephone-events, got {other:?}"),
+    }
+    // A bad digit is refused.
+    core.handle(
+        t0,
+        CallInput::Device(
+            5,
+            Body::Dtmf(Dtmf {
+                call_ref: 7,
+                digit: "Z".into(),
+                duration_ms: 100,
+            }),
+        ),
+    );
+    assert_eq!(errors(&drain(&mut core)).len(), 1);
+
+    // Not negotiated: INFO with application/dtmf-relay (written ahead: the record is stored).
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, false, "sendrecv"));
+    core.handle(
+        t0,
+        CallInput::Device(
+            4,
+            Body::Dtmf(Dtmf {
+                call_ref: 7,
+                digit: "#".into(),
+                duration_ms: 0,
+            }),
+        ),
+    );
+    assert!(matches!(
+        drain(&mut core).as_slice(),
+        [CallAction::WriteAhead(_)]
+    ));
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Failed));
+    let a = drain(&mut core);
+    let info = sent_in_dialog(&a);
+    assert_eq!(info[0].1, Method::Info);
+    assert_eq!(info[0].2, "Signal=#\r\nDuration=160\r\n");
+    core.handle(t0, CallInput::Client(info[0].0, response(415, "", None)));
+    assert_eq!(
+        errors(&drain(&mut core)),
+        vec!["INFO refused: 415".to_string()]
+    );
+
+    // From the peer: INFO becomes a Dtmf frame.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(9),
+            Box::new(request("INFO", "Signal=7\r\nDuration=250\r\n")),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(9), 200)]);
+    assert!(a.iter().any(|x| matches!(
+        x,
+        CallAction::ToDevice { body: Body::Dtmf(d), .. } if d.digit == "7" && d.duration_ms == 250
+    )));
+}
+
+#[test]
+fn bye_crossing_bye_ends_the_call_once() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(4, hangup()));
+    let bye = sent_in_dialog(&drain(&mut core))[0].0;
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(2), Box::new(request("BYE", ""))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(2), 200)]);
+    assert!(ended(&a).is_empty());
+    // Ours is answered 481 (the peer ended the dialog first): the call ends, once.
+    core.handle(t0, CallInput::Client(bye, response(481, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(ended(&a).len(), 1);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::LocalHangup as i32);
+    assert!(core.is_closed());
+    core.handle(t0, CallInput::Client(bye, response(200, "", None)));
+    core.handle(t0, CallInput::DeviceGone);
+    assert!(ended(&drain(&mut core)).is_empty());
+}
+
+#[test]
+fn ack_and_media_timeouts_end_the_call_with_a_bye() {
+    let t0 = Instant::now();
+    for (input, reason) in [
+        (CallInput::AckTimeout, EndReason::Failed),
+        (CallInput::MediaTimeout, EndReason::MediaTimeout),
+    ] {
+        let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+        core.handle(t0, input.clone());
+        let a = drain(&mut core);
+        let bye = sent_in_dialog(&a);
+        assert_eq!(bye[0].1, Method::Bye);
+        core.handle(t0, CallInput::Client(bye[0].0, ClientOutcome::Timeout));
+        let a = drain(&mut core);
+        assert_eq!(ended(&a)[0].end_reason, reason as i32);
+    }
+}
+
+#[test]
+fn a_write_ahead_conflict_or_a_conflict_notice_drops_the_call_without_bye() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    drain(&mut core);
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Lost));
+    let a = drain(&mut core);
+    assert!(
+        sent_in_dialog(&a).is_empty(),
+        "no request after losing the dialog"
+    );
+    assert_eq!(
+        errors(&a),
+        vec!["the call moved to another node".to_string()]
+    );
+    assert!(a.contains(&CallAction::Count(CallCount::DialogLost)));
+    assert_eq!(ended(&a)[0].end_reason, EndReason::NodeFailover as i32);
+    assert_eq!(closed(&a), Some(false), "the new owner's record stays");
+
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::OwnershipLost);
+    let a = drain(&mut core);
+    assert!(sent_in_dialog(&a).is_empty());
+    assert_eq!(ended(&a)[0].end_reason, EndReason::NodeFailover as i32);
+    assert_eq!(closed(&a), Some(false));
+}
+
+/// A record another node wrote: an answered call whose local SDP named the old node's relay.
+fn stored(held: bool) -> StoredDialog {
+    let mut record = StoredDialog::new(
+        DialogKey::new("call-1", "local", "remote"),
+        SipDialogPayload {
+            format_version: 1,
+            data: "{}".into(),
+        },
+        "dev-1",
+        7,
+        "gw-1",
+    );
+    record.epoch = 3;
+    record.version = 9;
+    record.media.local_sdp = "v=0\r\no=- 77 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 50000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=sendrecv\r\n".into();
+    record.media.remote_sdp = peer_sdp(1, true, "sendrecv");
+    record.app_data = Some(
+        CallAppData {
+            v: 1,
+            remote_uri: "sip:bob@example.org".into(),
+            outgoing: true,
+            held,
+        }
+        .encode(),
+    );
+    record
+}
+
+fn taken_over(trigger: TakeoverTrigger, held: bool) -> (CallCore, Vec<CallAction>) {
+    let mut core = CallCore::taken_over(
+        key(),
+        settings(true),
+        &stored(held),
+        "sip:bob@example.org".into(),
+        true,
+        dialog(),
+        trigger,
+    );
+    assert_eq!(core.dialog(), Some(&dialog()));
+    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    core.relay_started(Instant::now(), Some(RELAY));
+    let a = drain(&mut core);
+    (core, a)
+}
+
+#[test]
+fn takeover_in_uas_mode_answers_the_request_then_moves_the_media() {
+    let t0 = Instant::now();
+    let (mut core, a) = taken_over(
+        TakeoverTrigger::Request {
+            method: Method::Info,
+            arrived: t0,
+        },
+        false,
+    );
+    assert!(a
+        .iter()
+        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(_)))));
+    assert!(
+        sent_in_dialog(&a).is_empty(),
+        "the request is answered first"
+    );
+    assert_eq!(core.state(), CallState::Answered);
+    let later = t0 + Duration::from_millis(3);
+    core.handle(
+        later,
+        CallInput::PeerRequest(stx(2), Box::new(request("INFO", "Signal=1\r\n"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a)[0], (stx(2), 200));
+    assert!(a.contains(&CallAction::TakeoverAnswered(Duration::from_millis(3))));
+    // Then the media re-INVITE, written ahead from the claimed record's epoch and version.
+    let facts = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::WriteAhead(f) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("the re-INVITE is written ahead");
+    assert_eq!((facts.epoch, facts.base_version), (3, 9));
+    core.handle(later, CallInput::WriteAheadDone(WriteAhead::Written));
+    let a = drain(&mut core);
+    let reinvite = sent_in_dialog(&a);
+    assert_eq!(reinvite[0].1, Method::Invite);
+    assert!(
+        reinvite[0].2.contains("m=audio 40000"),
+        "this node's relay: {}",
+        reinvite[0].2
+    );
+    assert!(
+        reinvite[0].2.contains("o=- 77 3 IN IP4"),
+        "the SDP session goes on: {}",
+        reinvite[0].2
+    );
+    core.handle(
+        later,
+        CallInput::Client(
+            reinvite[0].0,
+            response(200, &peer_sdp(2, true, "sendrecv"), None),
+        ),
+    );
+    let a = drain(&mut core);
+    assert!(a.contains(&CallAction::Ack { dialog: dialog() }));
+    assert!(a.iter().any(|x| matches!(x, CallAction::Replicate(_))));
+    assert!(a.contains(&CallAction::Note(
+        "media moved to this node (re-INVITE answered)"
+    )));
+    assert!(ended(&a).is_empty());
+
+    // A BYE as the trigger: answered, and no re-INVITE.
+    let (mut core, _) = taken_over(
+        TakeoverTrigger::Request {
+            method: Method::Bye,
+            arrived: t0,
+        },
+        false,
+    );
+    core.handle(
+        later,
+        CallInput::PeerRequest(stx(3), Box::new(request("BYE", ""))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a)[0], (stx(3), 200));
+    assert!(sent_in_dialog(&a).is_empty());
+    // Timed, and the timing comes before the end (the driver stops at Close).
+    let timed = a
+        .iter()
+        .position(|x| *x == CallAction::TakeoverAnswered(Duration::from_millis(3)))
+        .expect("the takeover is timed");
+    assert!(
+        timed
+            < a.iter()
+                .position(|x| matches!(x, CallAction::Close { .. }))
+                .unwrap()
+    );
+    assert_eq!(ended(&a)[0].end_reason, EndReason::RemoteHangup as i32);
+    assert_eq!(closed(&a), Some(true));
+}
+
+#[test]
+fn takeover_in_uac_mode_reinvites_for_media_and_carries_out_the_command() {
+    let t0 = Instant::now();
+    // The device resumed here: re-INVITE at once, sendonly when the call was held.
+    let (mut core, a) = taken_over(TakeoverTrigger::DeviceResume, true);
+    assert!(a.contains(&CallAction::Relay(RelayOp::Direction(Direction::SendOnly))));
+    assert_eq!(core.state(), CallState::Held);
+    assert!(matches!(a.last(), Some(CallAction::WriteAhead(_))));
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let reinvite = sent_in_dialog(&drain(&mut core));
+    assert!(reinvite[0].2.contains("a=sendonly"));
+    // The peer forgot the dialog: the call is over.
+    core.handle(
+        t0,
+        CallInput::Client(reinvite[0].0, response(481, "", None)),
+    );
+    let a = drain(&mut core);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::Failed as i32);
+    assert!(core.is_closed());
+
+    // A device command for a call held elsewhere: re-INVITE first, then the command.
+    let (mut core, _) = taken_over(
+        TakeoverTrigger::DeviceCommand {
+            request_id: 11,
+            body: Body::Hold(Hold { call_ref: 7 }),
+        },
+        false,
+    );
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let media = sent_in_dialog(&drain(&mut core));
+    assert!(media[0].2.contains("a=sendrecv"));
+    core.handle(
+        t0,
+        CallInput::Client(
+            media[0].0,
+            response(200, &peer_sdp(2, true, "sendrecv"), None),
+        ),
+    );
+    let a = drain(&mut core);
+    assert!(
+        matches!(a.last(), Some(CallAction::WriteAhead(_))),
+        "then the hold: {a:?}"
+    );
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let hold = sent_in_dialog(&drain(&mut core));
+    assert!(hold[0].2.contains("a=sendonly"));
+
+    // Hang up from the API: BYE with the next CSeq, no re-INVITE.
+    let (mut core, a) = taken_over(TakeoverTrigger::Hangup, false);
+    assert!(matches!(a.last(), Some(CallAction::WriteAhead(_))));
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let bye = sent_in_dialog(&drain(&mut core));
+    assert_eq!(bye.len(), 1);
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    assert_eq!(closed(&drain(&mut core)), Some(true));
+}
+
+#[test]
+fn the_same_inputs_give_the_same_actions() {
+    fn run() -> Vec<CallAction> {
+        let t0 = Instant::now();
+        let mut all = Vec::new();
+        let (mut core, tx, a) = dialling(t0, true);
+        all.extend(a);
+        core.handle(
+            t0,
+            CallInput::Client(
+                tx,
+                response(200, &peer_sdp(1, false, "sendrecv"), Some(dialog())),
+            ),
+        );
+        core.handle(t0, CallInput::Device(2, Body::Hold(Hold { call_ref: 7 })));
+        core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+        core.handle(
+            t0,
+            CallInput::Client(2, response(200, &peer_sdp(2, false, "recvonly"), None)),
+        );
+        core.handle(t0, CallInput::Device(3, hangup()));
+        core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+        core.handle(t0, CallInput::Client(3, response(200, "", None)));
+        all.extend(drain(&mut core));
+        all
+    }
+    let first = run();
+    assert!(first.len() > 10);
+    assert_eq!(first, run());
+}

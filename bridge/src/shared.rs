@@ -1,0 +1,229 @@
+//! What every part of the bridge works with ([`BridgeInner`]): the user agent, the
+//! settings, the device sessions and links, the media engine, the store and the replicator,
+//! and the tables of calls (by call, by dialog, by incoming INVITE, by device, watched), with
+//! the small operations on them (send a frame to a device, wait for a device to arrive, the
+//! device's address-of-record and credentials, resolve a dial target, add and forget a call).
+//!
+//! It holds no call logic (`crate::call` does) and starts nothing.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use thalamus_dialog_store::replicator::Replicator;
+use thalamus_dialog_store::{DialogKey, DialogStore, StoredDialog};
+use thalamus_ingress::registry::DeviceRegistry;
+use thalamus_ingress::{DeviceLink, SessionCommand, Sessions};
+use thalamus_media::MediaEngine;
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::Envelope;
+use thalamus_sip::dialog::DialogId;
+use thalamus_sip::message::{NameAddr, Uri};
+use thalamus_sip::ua::{ServerTx, UserAgent};
+use thalamus_telemetry::inc;
+use tracing::warn;
+
+use crate::call::core::CallKey;
+use crate::config::BridgeConfig;
+use crate::metrics::BridgeMetrics;
+use crate::registrar;
+use crate::table::CallHandle;
+
+pub(crate) struct BridgeInner {
+    pub(crate) ua: UserAgent,
+    pub(crate) config: BridgeConfig,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) registry: Arc<DeviceRegistry>,
+    pub(crate) media: Option<MediaEngine>,
+    pub(crate) media_address: IpAddr,
+    pub(crate) links: DashMap<String, DeviceLink>,
+    pub(crate) calls: DashMap<CallKey, CallHandle>,
+    /// Number of entries of `calls` per device (kept with `calls` by `add_call` and
+    /// `forget_call`), so limits and redirects do not scan every call of the node.
+    pub(crate) calls_per_device: DashMap<String, usize>,
+    pub(crate) by_dialog: DashMap<DialogId, CallKey>,
+    pub(crate) by_invite: DashMap<ServerTx, CallKey>,
+    /// Requests outside a dialog being handled, by merge key, with their branch.
+    pub(crate) in_progress: DashMap<(String, String, u32), String>,
+    pub(crate) next_incoming_ref: AtomicU32,
+    pub(crate) metrics: BridgeMetrics,
+    pub(crate) registrar: Option<registrar::Registrar>,
+    pub(crate) store: Option<Arc<dyn DialogStore>>,
+    pub(crate) replicator: Option<Arc<Replicator>>,
+    /// Takeovers in progress, one lock per dialog (so one request, resume or API call claims
+    /// and imports it, and the others find it held).
+    pub(crate) takeovers: DashMap<DialogKey, Arc<tokio::sync::Mutex<()>>>,
+    /// Calls of devices that resumed here, still held by a node whose lease runs: listed in
+    /// `live_calls`, claimed when the lease lapses or at the first request from either side.
+    pub(crate) watched: DashMap<CallKey, StoredDialog>,
+    /// Woken whenever a device logs in here (requests waiting for their device).
+    pub(crate) arrivals: tokio::sync::Notify,
+    /// Requests waiting for their device now.
+    pub(crate) arrival_waits: AtomicUsize,
+}
+
+/// Most requests waiting for their device at once (`session.arrival_wait_ms`).
+pub const MAX_ARRIVAL_WAITS: usize = 4096;
+
+struct ArrivalWaitGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ArrivalWaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl BridgeInner {
+    /// Sends a frame to a device if it is online (dropped otherwise: it will see its calls'
+    /// state when it resumes).
+    pub(crate) fn to_device(&self, device: &str, request_id: u64, body: Body) -> bool {
+        let Some(session) = self.sessions.get(device) else {
+            return false;
+        };
+        let env = Envelope {
+            request_id,
+            body: Some(body),
+        };
+        if session
+            .commands
+            .try_send(SessionCommand::Send(Box::new(env)))
+            .is_err()
+        {
+            warn!(device, "session command queue full; frame dropped");
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn device_online(&self, device: &str) -> bool {
+        self.sessions.get(device).is_some()
+    }
+
+    /// Whether `device` is online, waiting up to `session.arrival_wait_ms` for it to log in
+    /// when it is not (a device moving here from a draining or dead node, or reconnecting).
+    /// At most [`MAX_ARRIVAL_WAITS`] requests wait at once; others do not wait.
+    pub(crate) async fn wait_for_arrival(&self, device: &str) -> bool {
+        if self.device_online(device) {
+            return true;
+        }
+        let wait = self.config.arrival_wait;
+        if wait.is_zero() {
+            return false;
+        }
+        let waiting = self.arrival_waits.fetch_add(1, Ordering::Relaxed);
+        let _guard = ArrivalWaitGuard(&self.arrival_waits);
+        if waiting >= MAX_ARRIVAL_WAITS {
+            inc(&self.metrics.arrival_waits, "refused");
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let arrived = self.arrivals.notified();
+            tokio::pin!(arrived);
+            // Registered before the check, so an arrival between the two is not missed.
+            arrived.as_mut().enable();
+            if self.device_online(device) {
+                inc(&self.metrics.arrival_waits, "arrived");
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                inc(&self.metrics.arrival_waits, "timeout");
+                return false;
+            }
+        }
+    }
+
+    /// The device's address-of-record, `sip:<device>@<domain>`.
+    pub(crate) fn aor(&self, device: &str) -> NameAddr {
+        let host =
+            thalamus_sip::message::Host::parse(&self.config.sip_domain).unwrap_or_else(|_| {
+                thalamus_sip::message::Host::Domain(self.config.sip_domain.clone())
+            });
+        NameAddr::new(Uri::Sip(
+            thalamus_sip::message::SipUri::new(host).with_user(device),
+        ))
+    }
+
+    /// Digest credentials for requests on behalf of `device`.
+    pub(crate) fn credentials(&self, device: &str) -> Option<(String, String)> {
+        self.config
+            .devices
+            .get(device)
+            .and_then(|d| d.auth.clone())
+            .or_else(|| self.config.credentials.clone())
+            .map(|a| (a.username, a.password))
+    }
+
+    /// Resolves a Dial/SendText target: an alias of the device's address book, or a URI. A bare
+    /// user name or number becomes a URI in the gateway's domain (or the outbound proxy's).
+    pub(crate) fn target_uri(&self, device: &str, target: &str) -> Result<Uri, String> {
+        let target = target.trim();
+        if let Some(uri) = self
+            .config
+            .devices
+            .get(device)
+            .and_then(|d| d.address_book.get(target))
+        {
+            return Uri::parse(uri).map_err(|e| format!("address book entry {target}: {e}"));
+        }
+        if target.contains(':') {
+            return Uri::parse(target).map_err(|e| format!("{target}: {e}"));
+        }
+        if target.is_empty() || target.contains(['@', ' ', '<', '>']) {
+            return Err(format!(
+                "{target:?} is neither a URI nor an address book alias"
+            ));
+        }
+        Uri::parse(&format!("sip:{target}@{}", self.config.sip_domain))
+            .map_err(|e| format!("{target}: {e}"))
+    }
+
+    /// Records a new call (and counts it for its device).
+    pub(crate) fn add_call(&self, key: CallKey, handle: CallHandle) {
+        let device = key.0.clone();
+        if self.calls.insert(key, handle).is_none() {
+            *self.calls_per_device.entry(device).or_insert(0) += 1;
+        }
+    }
+
+    /// Calls `device` has on this node.
+    pub(crate) fn device_call_count(&self, device: &str) -> usize {
+        self.calls_per_device.get(device).map_or(0, |n| *n)
+    }
+
+    pub(crate) fn forget_call(&self, key: &CallKey) {
+        if let Some((_, handle)) = self.calls.remove(key) {
+            if let Some(d) = handle.dialog() {
+                self.by_dialog.remove(&d);
+            }
+            self.metrics.calls_active.dec();
+            self.calls_per_device.remove_if_mut(&key.0, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+    }
+}
+
+/// Forgets a request's merge key when its handling ends.
+pub struct InProgress {
+    pub(crate) inner: Arc<BridgeInner>,
+    pub(crate) key: Option<(String, String, u32)>,
+}
+
+impl std::fmt::Debug for InProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProgress")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            self.inner.in_progress.remove(key);
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! What the bridge keeps of each call it runs ([`CallHandle`]: the commands it sends the
+//! call's task, the state the task shows, the media input), and the commands a call's task is
+//! told ([`CallCommand`]). The task itself is `crate::call`.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use thalamus_ingress::DeviceLink;
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::CallState;
+use thalamus_sip::dialog::DialogId;
+use thalamus_sip::message::Request;
+use thalamus_sip::ua::ServerTx;
+use tokio::sync::mpsc;
+
+/// What a call task is told.
+#[derive(Debug)]
+pub enum CallCommand {
+    /// A frame from the device (request id, body).
+    Device(u64, Body),
+    /// A request within the call's dialog.
+    SipRequest(ServerTx, Request),
+    /// The ACK of our 2xx.
+    Ack,
+    /// The caller cancelled (the INVITE was answered 487).
+    Cancelled,
+    /// Our 2xx was never acknowledged.
+    AckTimeout,
+    /// The device did not come back after losing its session.
+    DeviceGone,
+    /// The device's session came back on a new connection: media goes there now.
+    DeviceLink(DeviceLink),
+    /// Another node took the dialog over (a replication conflict): drop it without a BYE.
+    OwnershipLost,
+}
+
+/// What the bridge can read of a call without asking its task.
+#[derive(Debug)]
+pub(crate) struct CallShared {
+    pub(crate) dialog: Option<DialogId>,
+    pub(crate) remote_uri: String,
+    pub(crate) state: CallState,
+}
+
+/// The bridge's handle on a call task.
+#[derive(Debug)]
+pub struct CallHandle {
+    /// Boxed commands: a queue allocates its slots in blocks up front, and a command carrying
+    /// a SIP request is ~10 times the size of a pointer.
+    commands: mpsc::Sender<Box<CallCommand>>,
+    shared: Arc<Mutex<CallShared>>,
+    media_input: Arc<Mutex<Option<thalamus_media::DeviceInput>>>,
+}
+
+impl CallHandle {
+    /// Queues a command; false when the call has ended or is not keeping up.
+    pub fn send(&self, command: CallCommand) -> bool {
+        self.commands.try_send(Box::new(command)).is_ok()
+    }
+
+    /// The call's dialog, once there is one.
+    pub fn dialog(&self) -> Option<DialogId> {
+        self.shared.lock().ok().and_then(|s| s.dialog.clone())
+    }
+
+    /// The remote party.
+    pub fn remote_uri(&self) -> String {
+        self.shared
+            .lock()
+            .map(|s| s.remote_uri.clone())
+            .unwrap_or_default()
+    }
+
+    /// The call's state as last reported.
+    pub fn state(&self) -> CallState {
+        self.shared
+            .lock()
+            .map(|s| s.state)
+            .unwrap_or(CallState::Unspecified)
+    }
+
+    /// Feeds a media datagram from the device to the call's relay.
+    pub fn feed(&self, datagram: Bytes) {
+        if let Ok(guard) = self.media_input.lock() {
+            if let Some(input) = guard.as_ref() {
+                let _ = input.feed(datagram);
+            }
+        }
+    }
+}
+
+/// The media input a call's relay takes device datagrams through, shared with its handle.
+pub(crate) type SharedInput = Arc<Mutex<Option<thalamus_media::DeviceInput>>>;
+
+/// Builds a handle and the state it shares with the task.
+pub(crate) fn handle(
+    remote_uri: String,
+    dialog: Option<DialogId>,
+    state: CallState,
+) -> (
+    CallHandle,
+    mpsc::Receiver<Box<CallCommand>>,
+    Arc<Mutex<CallShared>>,
+    SharedInput,
+) {
+    let (commands, rx) = mpsc::channel(64);
+    let shared = Arc::new(Mutex::new(CallShared {
+        dialog,
+        remote_uri,
+        state,
+    }));
+    let media_input = Arc::new(Mutex::new(None));
+    (
+        CallHandle {
+            commands,
+            shared: shared.clone(),
+            media_input: media_input.clone(),
+        },
+        rx,
+        shared,
+        media_input,
+    )
+}

@@ -1,0 +1,50 @@
+//! What ingress is configured with ([`IngressConfig`]): the node's `[quic]`, `[session]` and
+//! `[auth]` settings it uses, already checked by the node's configuration. Settings only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::session::throttle::ThrottleConfig;
+
+/// What ingress is configured with: the node's `[quic]`, `[session]` and `[auth]` settings it
+/// uses, already checked by the node's configuration.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// This node's id (in `Welcome`).
+    pub node_id: String,
+    /// The SIP domain of device addresses-of-record (`sip:<device>@<domain>` in `Welcome`).
+    pub sip_domain: String,
+    /// UDP address of the QUIC endpoint.
+    pub listen: SocketAddr,
+    /// Receive and send buffer of the QUIC socket (bytes; 0 keeps the system default).
+    pub socket_buffer_bytes: u32,
+    /// PEM certificate chain and key; with none, a self-signed pair is generated in `data_dir`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (with `cert`).
+    pub key: Option<PathBuf>,
+    /// Where a generated certificate is kept.
+    pub data_dir: PathBuf,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Most connections at once from one source IP address.
+    pub max_connections_per_ip: usize,
+    /// Time a device has to send `Hello`.
+    pub hello_timeout: Duration,
+    /// MBFP and QUIC keepalive interval.
+    pub keepalive_interval: Duration,
+    /// A session with no frames for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest datagram accepted (announced in `Welcome`).
+    pub max_datagram_bytes: u32,
+    /// Largest control frame.
+    pub max_frame_bytes: u32,
+    /// Frames queued toward one device before its session is closed as too slow.
+    pub send_queue_frames: u32,
+    /// Calls per device (announced in `Welcome`).
+    pub max_calls: u32,
+    /// Largest text body (announced in `Welcome`).
+    pub max_text_bytes: u32,
+    /// The login throttle.
+    pub throttle: ThrottleConfig,
+}

@@ -1,0 +1,24 @@
+//! What every session driver of a served ingress shares. Data only.
+
+use std::sync::Arc;
+
+use crate::config::IngressConfig;
+use crate::metrics::IngressMetrics;
+use crate::registry::{DeviceRegistry, VerifierPool};
+use crate::requests::{DevicePlacement, DeviceRequests};
+use crate::resume::ResumeTokens;
+use crate::session::throttle::AuthThrottle;
+use crate::session::Sessions;
+
+/// What the session drivers share.
+pub(crate) struct Shared {
+    pub(crate) config: IngressConfig,
+    pub(crate) metrics: IngressMetrics,
+    pub(crate) registry: Arc<DeviceRegistry>,
+    pub(crate) tokens: ResumeTokens,
+    pub(crate) throttle: AuthThrottle,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) requests: Arc<dyn DeviceRequests>,
+    pub(crate) placement: Arc<dyn DevicePlacement>,
+    pub(crate) verifier: VerifierPool,
+}
