@@ -18,6 +18,10 @@
 # before and after; the figure is microseconds of CPU per call. Fails (exit 1) if SIPp reports
 # a failed call or any process of the run dies.
 #
+# With BEFORE_BIN=<path of another `thalamus` binary> (an older build, say), a second balancer
+# from that binary joins the rounds as a fourth path, so a change is compared before and after
+# in one run (the ratio is printed).
+#
 # Prints a table; with --write, also puts it between the markers of the "SIP load balancer"
 # section of docs/benchmarks.md (the section is appended when absent; text outside the markers
 # is kept).
@@ -71,6 +75,18 @@ for _ in $(seq 200); do [ -s "$WORK/lb.json" ] && break; sleep 0.05; done
 LB_SIP=$(json_get "$WORK/lb.json" "['sip_udp']")
 LB_HB=$(json_get "$WORK/lb.json" "['heartbeat']")
 LB_ADMIN=$(json_get "$WORK/lb.json" "['admin']")
+HB_TARGETS=("$LB_HB")
+if [ -n "${BEFORE_BIN:-}" ]; then
+  "$BEFORE_BIN" balancer --config "$WORK/balancer.toml" --ready-file "$WORK/lb0.json" \
+      >/dev/null 2>"$WORK/lb0.log" &
+  LB0_PID=$!
+  PIDS+=("$LB0_PID")
+  for _ in $(seq 200); do [ -s "$WORK/lb0.json" ] && break; sleep 0.05; done
+  [ -s "$WORK/lb0.json" ] || { echo "the before balancer did not start:" >&2; cat "$WORK/lb0.log" >&2; exit 1; }
+  LB0_SIP=$(json_get "$WORK/lb0.json" "['sip_udp']")
+  LB0_ADMIN=$(json_get "$WORK/lb0.json" "['admin']")
+  HB_TARGETS+=("$(json_get "$WORK/lb0.json" "['heartbeat']")")
+fi
 
 # Heartbeats of the stand-in node (format: docs/balancer.md, "Heartbeats").
 SESSION=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
@@ -78,8 +94,10 @@ SESSION=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   seq=0
   while :; do
     seq=$((seq + 1))
-    printf '{"v":1,"node":"bench-node","session":"%s","seq":%d,"sip":"127.0.0.1:%s"}' \
-        "$SESSION" "$seq" "$UAS_PORT" > "/dev/udp/${LB_HB%:*}/${LB_HB##*:}" || true
+    for hb in "${HB_TARGETS[@]}"; do
+      printf '{"v":1,"node":"bench-node","session":"%s","seq":%d,"sip":"127.0.0.1:%s"}' \
+          "$SESSION" "$seq" "$UAS_PORT" > "/dev/udp/${hb%:*}/${hb##*:}" || true
+    done
     sleep 0.5
   done
 ) &
@@ -91,6 +109,12 @@ for _ in $(seq 100); do
 done
 curl -s "http://$LB_ADMIN/nodes" | grep -q '"eligible":true' \
   || { echo "the stand-in node never came up at the balancer" >&2; exit 1; }
+if [ -n "${BEFORE_BIN:-}" ]; then
+  for _ in $(seq 100); do
+    curl -s "http://$LB0_ADMIN/nodes" | grep -q '"eligible":true' && break
+    sleep 0.1
+  done
+fi
 
 # The floor: the forwarder on tokio's multi-thread runtime (as the balancer), and on the
 # current-thread one.
@@ -140,6 +164,10 @@ run() {
 for round in $(seq "$ROUNDS"); do
   run balancer "$round" "$LB_PID" "$LB_SIP"
   sleep 1
+  if [ -n "${BEFORE_BIN:-}" ]; then
+    run balancer-before "$round" "$LB0_PID" "$LB0_SIP"
+    sleep 1
+  fi
   run forwarder "$round" "$FWD_PID" "127.0.0.1:$FWD_PORT"
   sleep 1
   run forwarder-1 "$round" "$FWD1_PID" "127.0.0.1:$FWD1_PORT"
@@ -178,6 +206,7 @@ lb, fwd, fwd1 = mean("balancer"), mean("forwarder"), mean("forwarder-1")
 lb_user, lb_sys = mean("balancer", "user"), mean("balancer", "system")
 fwd_user, fwd_sys = mean("forwarder", "user"), mean("forwarder", "system")
 label = {"balancer": "SIPp uac -> `thalamus balancer` -> SIPp uas",
+         "balancer-before": "the same through the balancer of `BEFORE_BIN`",
          "forwarder": "SIPp uac -> plain UDP forwarder (floor) -> SIPp uas",
          "forwarder-1": "the same, forwarder on one thread (`--single-thread`)"}
 cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
@@ -190,6 +219,7 @@ if calls != 10000: env.append(f"CALLS={calls}")
 if rate != "500": env.append(f"RATE={rate}")
 if rounds != 2: env.append(f"ROUNDS={rounds}")
 if pause_ms != "0": env.append(f"PAUSE_MS={pause_ms}")
+if os.environ.get("BEFORE_BIN"): env.append("BEFORE_BIN=" + os.environ["BEFORE_BIN"])
 command = " ".join(env + ["bench/balancer.sh"] + (["--write"] if write else []))
 pause = "no pause" if pause_ms == "0" else f"{pause_ms} ms between ACK and BYE"
 
@@ -224,6 +254,10 @@ table += [
     f"({forwarded / max(1, rounds * calls):.2f} per call; above 6 means retransmissions), "
     f"{answered:,.0f} answered itself, {dropped:,.0f} dropped, {send_errors:,.0f} send errors.",
 ]
+if any(r["name"] == "balancer-before" for r in rows):
+    before = mean("balancer-before")
+    table += ["", f"**Before and after in this run: the balancer of `BEFORE_BIN` {before:.0f} us "
+              f"per call, this build {lb:.0f} us: {lb / before:.2f}x.**"]
 if failed:
     table += ["", "**This run had failed calls or SIPp errors: the figures are not valid.**"]
 # Prose paragraphs wrapped as the rest of the file; table rows left as they are.

@@ -18,7 +18,7 @@
 #   doc_table MARKER TITLE FILE rewrites one table of docs/benchmarks.md's "Load" section
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-BIN=target/release
+BIN=${BIN:-target/release}
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {

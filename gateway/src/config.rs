@@ -698,6 +698,56 @@ mod tests {
     }
 
     #[test]
+    fn values_the_node_parses_at_start_are_checked_with_their_key() {
+        for (toml, key) in [
+            (
+                "[sip]\nadvertised = \"gw.example.com:port\"\n",
+                "sip.advertised",
+            ),
+            ("[sip]\nadvertised = \"[::1\"\n", "sip.advertised"),
+            (
+                "[sip]\noutbound_proxy = \"proxy.example.com\"\n",
+                "sip.outbound_proxy",
+            ),
+            (
+                "[sip.registrar]\nuri = \"not a uri\"\n",
+                "sip.registrar.uri",
+            ),
+            (
+                "[devices.ear-1.address_book]\nnurse = \"<sip:nurse>\"\n",
+                "devices.ear-1.address_book.nurse",
+            ),
+            ("[auth]\nresume_secret = \"abcd\"\n", "auth.resume_secret"),
+        ] {
+            let err = load(Some(toml), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+        // Good values pass, and each component gets them parsed.
+        let c = load(
+            Some(
+                "[sip]\nadvertised = \"203.0.113.10:5070\"\noutbound_proxy = \"sip:proxy.example.com;lr\"\n\
+                 [session]\narrival_wait_ms = 500\n[cluster]\nreinvite_after_takeover = false\n",
+            ),
+            &[],
+        )
+        .unwrap();
+        let ua = c.user_agent().unwrap();
+        assert_eq!(ua.advertised_port, Some(5070));
+        assert!(ua.outbound_proxy.is_some());
+        assert_eq!(
+            c.media_address("0.0.0.0:5060".parse().unwrap()),
+            "203.0.113.10".parse::<std::net::IpAddr>().unwrap()
+        );
+        let bridge = c.bridge();
+        assert_eq!(bridge.arrival_wait, std::time::Duration::from_millis(500));
+        assert!(!bridge.reinvite_after_takeover);
+        assert_eq!(bridge.node_id, c.node.id);
+        let ingress = c.ingress();
+        assert_eq!(ingress.listen, c.quic.listen);
+        assert_eq!(ingress.max_calls, c.session.max_calls);
+    }
+
+    #[test]
     fn device_sections() {
         let c = load(
             Some(

@@ -60,7 +60,10 @@ impl Bench {
         endpoint.set_sent_by(Transport::Udp, host.clone(), 5080);
         endpoint.set_sent_by(Transport::Tcp, host, 5080);
         let addr = SocketAddr::from(([127, 0, 0, 1], 5061));
-        let peer = Peer::new(addr, transport.clone());
+        let peer = match transport {
+            Transport::Tcp => Peer::tcp(addr),
+            _ => Peer::udp(addr),
+        };
         Self {
             endpoint,
             now: Instant::now(),
@@ -79,8 +82,7 @@ impl Bench {
 
     fn receive(&mut self, bytes: Bytes) {
         let message = Message::parse(bytes).expect("peer message parses");
-        self.endpoint
-            .handle_message(self.now, message, self.peer.clone());
+        self.endpoint.handle_message(self.now, message, self.peer);
     }
 
     /// The last transmit (the endpoint sends one message per step here).
@@ -163,7 +165,7 @@ impl Bench {
         invite.set_body(Bytes::from_static(OUR_SDP.as_bytes()), Some(&templates.sdp));
         let key = self
             .endpoint
-            .send_request(self.now, invite, self.peer.clone())
+            .send_request(self.now, invite, self.peer)
             .expect("send INVITE");
         let sent = self.transmit();
         let ringing = sipp.response(&sent, "180 Ringing", call, false);
@@ -179,7 +181,7 @@ impl Bench {
             _ => None,
         });
         self.endpoint
-            .send_ack(&dialog, self.peer.clone(), None)
+            .send_ack(&dialog, self.peer, None)
             .expect("ACK");
         self.drain_transmits();
         let bye = self
@@ -188,7 +190,7 @@ impl Bench {
             .expect("BYE");
         let bye_key = self
             .endpoint
-            .send_request(self.now, bye, self.peer.clone())
+            .send_request(self.now, bye, self.peer)
             .expect("send BYE");
         let sent = self.transmit();
         let ok = sipp.response(&sent, "200 OK", call, false);
@@ -262,7 +264,7 @@ fn uas_benches(c: &mut Criterion) {
                 black_box(bench.uas_call(&mut sipp, call, true))
             })
         });
-        assert_eq!(bench.transport, bench.peer.transport);
+        assert_eq!(bench.transport, bench.peer.transport.as_transport());
     }
     let mut bench = Bench::new(Transport::Udp);
     let mut sipp = SippPeer::new("UDP");
@@ -354,7 +356,7 @@ fn baseline_benches(c: &mut Criterion) {
     bench.tick();
     bench
         .endpoint
-        .send_request(bench.now, invite_out, bench.peer.clone())
+        .send_request(bench.now, invite_out, bench.peer)
         .unwrap();
     let sent_invite = bench.transmit();
 

@@ -88,9 +88,7 @@ fn non_invite_client(c: &mut Criterion) {
         let mut layer = TransactionLayer::default();
         group.bench_function(name, |b| {
             b.iter(|| {
-                let key = layer
-                    .send_request(t0, options.clone(), peer.clone())
-                    .expect("sent");
+                let key = layer.send_request(t0, options.clone(), peer).expect("sent");
                 assert!(layer.handle_response(t0 + Duration::from_millis(20), ok.clone()));
                 // Timer K (5 s on UDP) destroys it; on TCP it is already gone.
                 layer.handle_timeout(t0 + Duration::from_secs(6));
@@ -122,7 +120,7 @@ fn invite_server(c: &mut Criterion) {
                 format!("SIP/2.0/UDP 192.0.2.101:5060;branch=z9hG4bKbg{i}"),
             );
             layer
-                .handle_request(t0, other, client.clone())
+                .handle_request(t0, other, client)
                 .expect("background INVITE");
         }
         // Let the background transactions send their 100 Trying and fall quiet.
@@ -132,7 +130,7 @@ fn invite_server(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let RequestOutcome::Created(key) = layer
-                    .handle_request(start, invite.clone(), client.clone())
+                    .handle_request(start, invite.clone(), client)
                     .expect("INVITE taken")
                 else {
                     panic!("expected a new transaction");
@@ -141,11 +139,7 @@ fn invite_server(c: &mut Criterion) {
                     .respond(start + Duration::from_millis(5), key, ok.clone())
                     .expect("200 sent");
                 let passed = layer
-                    .handle_request(
-                        start + Duration::from_millis(40),
-                        ack.clone(),
-                        client.clone(),
-                    )
+                    .handle_request(start + Duration::from_millis(40), ack.clone(), client)
                     .expect("ACK taken");
                 debug_assert_eq!(passed, RequestOutcome::AckPassed(None));
                 // Timer L (32 s) destroys it.

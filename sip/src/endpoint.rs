@@ -413,7 +413,7 @@ impl Endpoint {
                 key,
                 PendingServer {
                     request: request.clone(),
-                    source: source.clone(),
+                    source,
                     dialog: None,
                 },
             );
@@ -431,7 +431,7 @@ impl Endpoint {
                     key,
                     PendingServer {
                         request: request.clone(),
-                        source: source.clone(),
+                        source,
                         dialog: Some(id.clone()),
                     },
                 );
@@ -447,7 +447,7 @@ impl Endpoint {
                     key,
                     PendingServer {
                         request: request.clone(),
-                        source: source.clone(),
+                        source,
                         dialog: None,
                     },
                 );
@@ -559,7 +559,7 @@ impl Endpoint {
         mut request: Request,
         destination: Peer,
     ) -> Result<TransactionKey, EndpointError> {
-        let via = self.via_for(&destination.transport);
+        let via = self.via_for(&destination.transport.as_transport());
         request.headers.prepend_via(&via);
         if request.headers.max_forwards().ok().flatten().is_none() {
             request.headers.set_max_forwards(70);
@@ -615,7 +615,7 @@ impl Endpoint {
         destination: Peer,
         body: Option<(bytes::Bytes, crate::message::MediaType)>,
     ) -> Result<(), EndpointError> {
-        let via = self.via_for(&destination.transport);
+        let via = self.via_for(&destination.transport.as_transport());
         let d = self
             .dialogs
             .get_mut(dialog)
@@ -626,7 +626,7 @@ impl Endpoint {
             ack.set_body(body, Some(&media_type));
         }
         d.remember_ack(ack.clone());
-        self.ack_dest.insert(dialog.clone(), destination.clone());
+        self.ack_dest.insert(dialog.clone(), destination);
         self.transactions.send_stateless(destination, ack);
         Ok(())
     }
@@ -716,7 +716,7 @@ impl Endpoint {
                 .contains(&crate::message::HeaderName::Contact)
         {
             let user = request.uri.user().map(str::to_string);
-            let contact = self.contact(user.as_deref(), &pending.source.transport);
+            let contact = self.contact(user.as_deref(), &pending.source.transport.as_transport());
             response.headers.push_contact(&contact);
         }
         self.decorate(response);
@@ -823,7 +823,7 @@ mod tests {
         let mut n = 0;
         while let Some(t) = from.poll_transmit() {
             let msg = Message::parse(t.payload.clone()).unwrap();
-            to.handle_message(now, msg, from_peer.clone());
+            to.handle_message(now, msg, *from_peer);
             n += 1;
         }
         n
@@ -839,7 +839,7 @@ mod tests {
         let (pa, pb) = (peer(5061), peer(5062));
         let (mut a, mut b) = (endpoint(5061), endpoint(5062));
         let key = a
-            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb)
             .unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         let evs = events(&mut b);
@@ -865,7 +865,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         };
-        a.send_ack(&dialog_a, pb.clone(), None).unwrap();
+        a.send_ack(&dialog_a, pb, None).unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         assert!(events(&mut b)
             .iter()
@@ -876,7 +876,7 @@ mod tests {
 
         // B hangs up.
         let bye = b.dialog_request(&dialog_b, Method::Bye).unwrap();
-        b.send_request(t0, bye, pa.clone()).unwrap();
+        b.send_request(t0, bye, pa).unwrap();
         deliver(t0, &mut b, &pb, &mut a);
         let evs = events(&mut a);
         let EndpointEvent::DialogRequest {
@@ -903,14 +903,14 @@ mod tests {
         let t0 = Instant::now();
         let (pa, pb) = (peer(5061), peer(5062));
         let (mut a, mut b) = (endpoint(5061), endpoint(5062));
-        a.send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+        a.send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb)
             .unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         let EndpointEvent::Request { key, .. } = events(&mut b).remove(0) else {
             panic!()
         };
         b.respond(t0, key, 200, None, None).unwrap();
-        assert_eq!(b.poll_transmit().map(|t| t.destination), Some(pa.clone()));
+        assert_eq!(b.poll_transmit().map(|t| t.destination), Some(pa));
         // T1 later the 2xx goes again, then 2T1 later...
         b.handle_timeout(t0 + Duration::from_millis(500));
         assert!(b.poll_transmit().is_some());
@@ -928,7 +928,7 @@ mod tests {
         let (pa, pb) = (peer(5061), peer(5062));
         let (mut a, mut b) = (endpoint(5061), endpoint(5062));
         let key = a
-            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb)
             .unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         let EndpointEvent::Request { key: skey, .. } = events(&mut b).remove(0) else {
@@ -967,7 +967,7 @@ mod tests {
         let t0 = Instant::now();
         let (pa, pb) = (peer(5061), peer(5062));
         let (mut a, mut b) = (endpoint(5061), endpoint(5062));
-        a.send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb.clone())
+        a.send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb)
             .unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         let EndpointEvent::Request { key, .. } = events(&mut b).remove(0) else {
@@ -981,14 +981,14 @@ mod tests {
             } => d,
             other => panic!("{other:?}"),
         };
-        a.send_ack(&dialog_a, pb.clone(), None).unwrap();
+        a.send_ack(&dialog_a, pb, None).unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         let record = b.export_dialog(&dialog_b).unwrap();
 
         // B dies; C (a fresh endpoint on the same address) takes the BYE.
         let mut c = endpoint(5062);
         let bye = a.dialog_request(&dialog_a, Method::Bye).unwrap();
-        a.send_request(t0, bye, pb.clone()).unwrap();
+        a.send_request(t0, bye, pb).unwrap();
         deliver(t0, &mut a, &pa, &mut c);
         let EndpointEvent::UnknownDialog { key, .. } = events(&mut c).remove(0) else {
             panic!()

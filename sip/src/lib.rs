@@ -12,6 +12,7 @@ pub mod dialog;
 pub mod digest;
 pub mod endpoint;
 pub mod message;
+pub mod peer;
 pub mod resolve;
 pub mod rng;
 pub mod sdp;

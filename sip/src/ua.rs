@@ -395,7 +395,7 @@ impl UserAgent {
             .into_iter()
             .next()
             .ok_or_else(|| UaError::Unroutable(uri.to_string()))?;
-        Ok(Peer::new(first.addr, first.transport.as_transport()))
+        Ok(Peer::new(first.addr, first.transport))
     }
 
     /// Sends `request` in a new client transaction to `destination` (resolved from the request
@@ -437,7 +437,7 @@ impl UserAgent {
             key: first.key,
             current: current.clone(),
             request: first.request.clone(),
-            destination: first.destination.clone(),
+            destination: first.destination,
             events: rx,
         };
         let ua = self.clone();
@@ -477,7 +477,7 @@ impl UserAgent {
                         return;
                     }
                 };
-                inner = match ua.send(next, Some(inner.destination.clone())).await {
+                inner = match ua.send(next, Some(inner.destination)).await {
                     Ok(c) => c,
                     Err(_) => {
                         let _ = tx.send(ClientEvent::TransportError).await;
@@ -700,13 +700,13 @@ async fn drive(
             message = inbound.recv() => {
                 let Some(message) = message else { break };
                 let now = Instant::now();
-                let peer = Peer::new(message.peer.addr, message.peer.transport.as_transport());
+                let peer = message.peer;
                 endpoint.handle_message(now, message.message, peer);
                 // Take what else is queued without going back to the scheduler.
                 for _ in 0..64 {
                     match inbound.try_recv() {
                         Ok(m) => {
-                            let peer = Peer::new(m.peer.addr, m.peer.transport.as_transport());
+                            let peer = m.peer;
                             endpoint.handle_message(now, m.message, peer);
                         }
                         Err(_) => break,
@@ -737,14 +737,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 async fn flush(endpoint: &mut Endpoint, transport: &SipTransport) {
     while let Some(transmit) = endpoint.poll_transmit() {
-        let peer = crate::transport::Peer {
-            addr: transmit.destination.addr,
-            transport: match transmit.destination.transport {
-                Transport::Tcp => PeerTransport::Tcp,
-                _ => PeerTransport::Udp,
-            },
-        };
-        if let Err(e) = transport.send(peer, transmit.payload).await {
+        if let Err(e) = transport.send(transmit.destination, transmit.payload).await {
             debug!(error = %e, "send failed");
             if let Some(key) = transmit.key {
                 endpoint.handle_transport_error(Instant::now(), key);
@@ -766,7 +759,7 @@ fn run_command(
             reply,
         } => {
             let result = endpoint
-                .send_request(now, request.clone(), destination.clone())
+                .send_request(now, request.clone(), destination)
                 .map(|key| {
                     let (tx, rx) = mpsc::channel(16);
                     calls.insert(key, tx);

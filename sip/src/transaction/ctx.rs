@@ -76,7 +76,7 @@ impl Ctx<'_> {
     pub fn send(&mut self, destination: &Peer, payload: Bytes, retransmission: bool) {
         self.transmits.push_back(Transmit {
             key: Some(self.key),
-            destination: destination.clone(),
+            destination: *destination,
             payload,
             retransmission,
         });

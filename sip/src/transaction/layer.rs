@@ -432,7 +432,7 @@ impl TransactionLayer {
         invite: TransactionKey,
     ) -> Result<TransactionKey, TransactionError> {
         let (request, destination) = match self.entry(invite).map(|e| &e.tx) {
-            Some(Tx::Client(c)) => (c.request.cancel()?, c.destination.clone()),
+            Some(Tx::Client(c)) => (c.request.cancel()?, c.destination),
             _ => return Err(TransactionError::UnknownTransaction),
         };
         let id = ClientId::of_request(&request).ok_or(TransactionError::MissingBranch)?;

@@ -1,5 +1,4 @@
-//! Where messages go: [`Peer`] (an address and a transport), the response address rules of RFC
-//! 3261 section 18.2.2 with RFC 3581 `rport` ([`response_destination`]), and the `received` /
+//! Where messages go: the response address rules of RFC 3261 section 18.2.2 with RFC 3581 `rport` ([`response_destination`]), and the `received` /
 //! `rport` stamping a server transport does on every request it receives (section 18.2.1,
 //! [`stamp_received`]).
 //!
@@ -10,41 +9,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::message::{HeaderError, HeaderName, Request, Rport, Transport, Via};
-
-/// A remote transport address: where a request is sent or where a request came from.
-///
-/// For connection-oriented transports the address names the connection: the endpoint maps
-/// `(transport, addr)` to its connection with that peer.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Peer {
-    /// Socket address of the remote end.
-    pub addr: SocketAddr,
-    /// Transport (decides the retransmission rules: only UDP is unreliable).
-    pub transport: Transport,
-}
-
-impl Peer {
-    /// A peer.
-    pub fn new(addr: SocketAddr, transport: Transport) -> Self {
-        Self { addr, transport }
-    }
-
-    /// A UDP peer.
-    pub fn udp(addr: SocketAddr) -> Self {
-        Self::new(addr, Transport::Udp)
-    }
-
-    /// A TCP peer.
-    pub fn tcp(addr: SocketAddr) -> Self {
-        Self::new(addr, Transport::Tcp)
-    }
-
-    /// True unless the transport is UDP.
-    pub fn is_reliable(&self) -> bool {
-        self.transport.is_reliable()
-    }
-}
+use crate::message::{HeaderError, HeaderName, Request, Rport, Via};
+pub use crate::peer::Peer;
 
 fn ip_literal(s: &str) -> Option<IpAddr> {
     let inner = s
@@ -65,12 +31,12 @@ fn ip_literal(s: &str) -> Option<IpAddr> {
 ///   the source address (no DNS here); at the sent-by port (or 5060).
 pub fn response_destination(via: &Via, source: &Peer) -> Peer {
     if source.is_reliable() {
-        return source.clone();
+        return *source;
     }
     if let Some(maddr) = via.maddr().and_then(ip_literal) {
         return Peer::new(
             SocketAddr::new(maddr, via.port_or_default()),
-            source.transport.clone(),
+            source.transport,
         );
     }
     let addr = match via.rport() {
@@ -90,7 +56,7 @@ pub fn response_destination(via: &Via, source: &Peer) -> Peer {
             SocketAddr::new(ip, via.port_or_default())
         }
     };
-    Peer::new(addr, source.transport.clone())
+    Peer::new(addr, source.transport)
 }
 
 /// What a server transport does to a request it receives (RFC 3261 section 18.2.1, RFC 3581):

@@ -591,9 +591,7 @@ mod invite_server {
         source: Peer,
     ) -> (TransactionKey, Request) {
         let inv = request(Method::Invite, "z9hG4bKsrv1", transport);
-        let out = layer
-            .handle_request(t0, inv.clone(), source.clone())
-            .unwrap();
+        let out = layer.handle_request(t0, inv.clone(), source).unwrap();
         let RequestOutcome::Created(key) = out else {
             panic!("expected a new transaction, got {out:?}");
         };

@@ -20,40 +20,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::message::{Message, ParseLimits, StreamError, StreamFramer, StreamItem, Transport};
-
-/// Where a message came from or goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Peer {
-    /// Remote address.
-    pub addr: SocketAddr,
-    /// Transport protocol.
-    pub transport: PeerTransport,
-}
-
-/// The transports this layer runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PeerTransport {
-    /// UDP.
-    Udp,
-    /// TCP.
-    Tcp,
-}
-
-impl PeerTransport {
-    /// The Via transport token.
-    pub fn as_transport(self) -> Transport {
-        match self {
-            PeerTransport::Udp => Transport::Udp,
-            PeerTransport::Tcp => Transport::Tcp,
-        }
-    }
-
-    /// Whether the transport is reliable (changes transaction timers).
-    pub fn is_reliable(self) -> bool {
-        matches!(self, PeerTransport::Tcp)
-    }
-}
+use crate::message::{Message, ParseLimits, StreamError, StreamFramer, StreamItem};
+pub use crate::peer::{Peer, PeerTransport};
 
 /// A message received from the network.
 #[derive(Debug)]
