@@ -1,19 +1,28 @@
-//! The bridge: each device session mapped onto SIP, both ways.
+//! thalamus-bridge: each device session mapped onto SIP, both ways. The only crate that knows
+//! both MBFP and SIP.
 //!
 //! Device requests (`Dial`, `Answer`, `Reject`, `Hangup`, `Hold`, `Resume`, `Dtmf`,
 //! `SendText`) become SIP transactions and dialogs on the node's [`UserAgent`]; SIP requests for
 //! `sip:<device-id>@<domain>` become `IncomingCall` and `TextReceived`; responses and in-dialog
-//! requests become `CallEvent`s. Every call is one task ([`call`]) that owns its dialog and its
-//! media relay; this module routes device frames and SIP events to those tasks by
-//! `(device, call_ref)` and by dialog. The status mapping is in [`mapping`] (docs/protocol.md
-//! section 9). Registration upstream is in [`registrar`].
+//! requests become `CallEvent`s.
 //!
-//! Clustering: each call writes its confirmed dialog to the dialog store through the
-//! replicator ([`call`]), and [`takeover`] continues dialogs this node does not hold (a
-//! request for an unknown dialog, a device resuming here, the admin API).
+//! * [`call`]: one call. Its protocol logic is the sans-IO [`call::core::CallCore`] (events and
+//!   `now` in, actions out); [`call::driver`] is the task that runs it with the user agent, the
+//!   media relay and the replicator.
+//! * This module ([`Bridge`]): the [`DeviceRequests`] the ingress hands device frames to, and
+//!   the dispatch of the user agent's events (requests outside a dialog: INVITE, MESSAGE,
+//!   OPTIONS, loop and hop checks, the wait for a device that is moving here; requests in a
+//!   dialog routed to their call by dialog). `table` holds the handles of the calls, `shared`
+//!   what every part works with.
+//! * [`takeover`]: dialogs this node does not hold (a request for an unknown dialog, a device
+//!   resuming here, the admin API); [`dialogs`]: calls as stored records and back.
+//! * [`mapping`] (docs/protocol.md section 9), [`media_sdp`] (MBFP media <-> SDP),
+//!   [`registrar`] (registration upstream), [`config`] ([`BridgeConfig`]), [`metrics`].
 //!
-//! What it does not do: SIP parsing, transactions and dialog state (thalamus-sip), RTP
-//! (`crate::media`), store writes and their batching (`crate::cluster`).
+//! What it does not do: SIP parsing, transactions and dialog state (`thalamus-sip`), RTP
+//! (`thalamus-media`), QUIC and device sessions (`thalamus-ingress`), store writes and their
+//! batching (`thalamus-dialog-store`), and deciding where devices belong (the node).
+#![forbid(unsafe_code)]
 
 pub mod call;
 pub mod config;

@@ -191,8 +191,12 @@ impl Driver {
     async fn run(mut self: Box<Self>) {
         loop {
             while let Some(action) = self.core.poll_action() {
-                // Boxed: the rarer actions' futures (a write ahead, a relay stop) exist only
-                // while they run, so an idle call stays small.
+                // Most actions are carried out at once; those that wait on the user agent, the
+                // relay or the store run boxed, so their futures exist only while they run and
+                // an idle call stays small.
+                let Some(action) = self.execute_now(action) else {
+                    continue;
+                };
                 if let Flow::Stop = Box::pin(self.execute(action)).await {
                     return;
                 }
@@ -266,9 +270,9 @@ impl Driver {
         }
     }
 
-    async fn execute(&mut self, action: CallAction) -> Flow {
-        let inner = self.inner.clone();
-        let ua = &inner.ua;
+    /// Carries out an action that waits on nothing; gives back the ones that do.
+    fn execute_now(&mut self, action: CallAction) -> Option<CallAction> {
+        let inner = &self.inner;
         match action {
             CallAction::ToDevice { request_id, body } => {
                 inner.to_device(&self.key.0, request_id, body);
@@ -277,6 +281,51 @@ impl Driver {
                 let addr = self.start_relay();
                 self.core.relay_started(now(), addr);
             }
+            CallAction::Relay(RelayOp::Inject(datagrams)) => {
+                if let Some(input) = self.media_input.lock().ok().and_then(|i| i.clone()) {
+                    for datagram in datagrams {
+                        let _ = input.feed(datagram);
+                    }
+                }
+            }
+            CallAction::SetDialog(dialog) => {
+                inner.by_dialog.insert(dialog.clone(), self.key.clone());
+                if let Ok(mut s) = self.shared.lock() {
+                    s.dialog = Some(dialog);
+                }
+            }
+            CallAction::InviteSettled => {
+                if let Some((tx, in_progress)) = self.incoming.take() {
+                    inner.by_invite.remove(&tx);
+                    drop(in_progress);
+                }
+            }
+            CallAction::Replicate(facts) => self.replicate(*facts),
+            CallAction::Count(CallCount::Ended(label)) => inc(&inner.metrics.calls_ended, label),
+            CallAction::Count(CallCount::DialogLost) => {
+                inner.metrics.dialogs_lost.inc();
+            }
+            CallAction::TakeoverAnswered(latency) => {
+                inner
+                    .metrics
+                    .takeover_latency
+                    .observe(latency.as_secs_f64());
+                info!(
+                    takeover_latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                    "takeover: the request that caused it is answered"
+                );
+            }
+            CallAction::Note(text) => info!("{text}"),
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// Carries out an action that waits on the user agent, the relay or the store.
+    async fn execute(&mut self, action: CallAction) -> Flow {
+        let inner = self.inner.clone();
+        let ua = &inner.ua;
+        match action {
             CallAction::Relay(op) => match op {
                 RelayOp::SetRemote(remote) => {
                     if let Some(relay) = &self.relay {
@@ -288,20 +337,9 @@ impl Driver {
                         let _ = relay.set_local_direction(direction).await;
                     }
                 }
-                RelayOp::Inject(datagrams) => {
-                    if let Some(input) = self.media_input.lock().ok().and_then(|i| i.clone()) {
-                        for datagram in datagrams {
-                            let _ = input.feed(datagram);
-                        }
-                    }
-                }
+                // Carried out by `execute_now`.
+                RelayOp::Inject(_) => {}
             },
-            CallAction::SetDialog(dialog) => {
-                inner.by_dialog.insert(dialog.clone(), self.key.clone());
-                if let Ok(mut s) = self.shared.lock() {
-                    s.dialog = Some(dialog);
-                }
-            }
             CallAction::SendInvite {
                 tx,
                 target,
@@ -372,36 +410,23 @@ impl Driver {
                         .handle(now(), CallInput::Responded(tx, status, dialog));
                 }
             }
-            CallAction::InviteSettled => {
-                if let Some((tx, in_progress)) = self.incoming.take() {
-                    inner.by_invite.remove(&tx);
-                    drop(in_progress);
-                }
-            }
             CallAction::WriteAhead(facts) => {
                 let result = self.write_ahead(&facts).await;
                 self.core.handle(now(), CallInput::WriteAheadDone(result));
             }
-            CallAction::Replicate(facts) => self.replicate(*facts),
-            CallAction::Count(CallCount::Ended(label)) => inc(&inner.metrics.calls_ended, label),
-            CallAction::Count(CallCount::DialogLost) => {
-                inner.metrics.dialogs_lost.inc();
-            }
-            CallAction::TakeoverAnswered(latency) => {
-                inner
-                    .metrics
-                    .takeover_latency
-                    .observe(latency.as_secs_f64());
-                info!(
-                    takeover_latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-                    "takeover: the request that caused it is answered"
-                );
-            }
-            CallAction::Note(text) => info!("{text}"),
             CallAction::Close { tombstone } => {
                 self.finish(tombstone).await;
                 return Flow::Stop;
             }
+            // Carried out by `execute_now`.
+            CallAction::ToDevice { .. }
+            | CallAction::StartRelay
+            | CallAction::SetDialog(_)
+            | CallAction::InviteSettled
+            | CallAction::Replicate(_)
+            | CallAction::Count(_)
+            | CallAction::TakeoverAnswered(_)
+            | CallAction::Note(_) => {}
         }
         Flow::Continue
     }
