@@ -505,7 +505,9 @@ impl RelayCore {
         if self.next_report_at.is_none() {
             self.next_report_at = self.settings.rtcp_interval.map(|i| now + i);
         }
-        if address_changed || !was_armed {
+        // A new description after a reported timeout (the 200 after a silent 183, say)
+        // restarts the count: the call it describes has not been silent yet.
+        if address_changed || !was_armed || self.timeout_reported {
             self.restart_silence(now);
         }
     }
@@ -1542,6 +1544,27 @@ mod tests {
             t0 + Duration::from_secs(101),
         );
         assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(131)));
+    }
+
+    #[test]
+    fn a_new_description_after_a_reported_timeout_arms_it_again() {
+        let (mut core, t0) = started(RelaySettings {
+            rtcp_interval: None,
+            ..settings()
+        });
+        core.handle_timeout(t0 + Duration::from_secs(30));
+        assert!(matches!(
+            core.poll_event(),
+            Some(RelayEvent::MediaTimeout { .. })
+        ));
+        assert_eq!(core.poll_timeout(), None);
+        // The same address again (a 200 after a silent 183): a fresh period from now.
+        let answered = t0 + Duration::from_secs(31);
+        core.set_remote_media(&remote(Direction::SendRecv), answered);
+        assert_eq!(
+            core.poll_timeout(),
+            Some(answered + Duration::from_secs(30))
+        );
     }
 
     #[test]

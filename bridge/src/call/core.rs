@@ -372,6 +372,9 @@ pub struct CallCore {
     pending: Option<Pending>,
     /// Device commands that arrived while an operation was pending, in order.
     deferred: VecDeque<(u64, Body)>,
+    /// A BYE the gateway decided on (a timeout) while another request was pending: sent when
+    /// that one is done.
+    bye_after: Option<EndReason>,
     next_tx: TxId,
     actions: VecDeque<CallAction>,
 }
@@ -404,6 +407,7 @@ impl CallCore {
             replica: Replica::default(),
             pending: None,
             deferred: VecDeque::new(),
+            bye_after: None,
             next_tx: 1,
             actions: VecDeque::new(),
         }
@@ -506,6 +510,7 @@ impl CallCore {
     pub fn taken_over(
         key: CallKey,
         settings: CallSettings,
+        sdp_session_id: u64,
         record: &StoredDialog,
         remote_uri: String,
         uac: bool,
@@ -514,7 +519,15 @@ impl CallCore {
     ) -> Self {
         let app = record.app_data.as_deref().and_then(CallAppData::decode);
         let outgoing = app.as_ref().map_or(uac, |a| a.outgoing);
-        let mut core = Self::new(key, settings, 0, Phase::Up, remote_uri, outgoing);
+        // The session id is the record's (below); `sdp_session_id` only when it has none.
+        let mut core = Self::new(
+            key,
+            settings,
+            sdp_session_id,
+            Phase::Up,
+            remote_uri,
+            outgoing,
+        );
         core.dialog = Some(dialog);
         core.replica.epoch = record.epoch;
         core.replica.base_version = record.version;
@@ -630,7 +643,7 @@ impl CallCore {
             CallInput::Responded(tx, status, dialog) => self.responded(tx, status, dialog),
             CallInput::Ack => {
                 // Our 2xx is acknowledged: the dialog is confirmed.
-                if self.phase == Phase::Up && !self.replica.stored {
+                if self.phase == Phase::Up && !self.replica.stored && !self.is_ending() {
                     self.replicate();
                 }
             }
@@ -645,13 +658,13 @@ impl CallCore {
                 }
             }
             CallInput::AckTimeout => {
-                if self.phase == Phase::Up {
+                if self.phase == Phase::Up && !self.is_ending() {
                     self.start_bye(EndReason::Failed);
                 }
             }
             CallInput::WriteAheadDone(result) => self.write_ahead_done(result),
             CallInput::MediaTimeout => {
-                if self.phase == Phase::Up && !self.is_ending() {
+                if self.phase == Phase::Up {
                     self.start_bye(EndReason::MediaTimeout);
                 }
             }
@@ -1113,6 +1126,19 @@ impl CallCore {
     /// Carries out the device commands that waited, until one has to wait again.
     fn run_deferred(&mut self) {
         while !self.busy() && self.phase != Phase::Ended {
+            if let Some(reason) = self.bye_after.take() {
+                self.start_bye(reason);
+                continue;
+            }
+            // The media re-INVITE after a takeover: once the request that caused it is
+            // answered (UAS mode) and nothing else is in flight.
+            if self.phase == Phase::Up
+                && self.replica.takeover_arrived.is_none()
+                && std::mem::take(&mut self.replica.reinvite_pending)
+            {
+                self.start_op(Op::MediaReinvite);
+                continue;
+            }
             let Some((request_id, body)) = self.deferred.pop_front() else {
                 return;
             };
@@ -1234,6 +1260,15 @@ impl CallCore {
     // ---- in-dialog operations ----
 
     fn start_bye(&mut self, reason: EndReason) {
+        if self.is_ending() {
+            return;
+        }
+        if self.pending.is_some() {
+            // After the request in flight (its answer is still acted on: a 2xx ACKed, the
+            // device answered).
+            self.bye_after.get_or_insert(reason);
+            return;
+        }
         if self.dialog.is_none() {
             self.end_with(reason);
             return;
@@ -1268,6 +1303,11 @@ impl CallCore {
     /// Starts an in-dialog request: the local CSeq is written ahead first when the record is
     /// stored, so a node that takes the dialog over never reuses it.
     fn start_request(&mut self, op: Op, method: Method, body: Option<(Bytes, MediaType)>) {
+        if self.pending.is_some() {
+            // One request at a time: callers wait (`busy`, `bye_after`, `reinvite_pending`).
+            debug_assert!(false, "a request started while another is pending");
+            return;
+        }
         if self.replica.stored && self.settings.replicate && !self.replica.lost {
             self.pending = Some(Pending {
                 op,
@@ -1506,9 +1546,8 @@ impl CallCore {
         if ended {
             return;
         }
-        if std::mem::take(&mut self.replica.reinvite_pending) {
-            self.start_op(Op::MediaReinvite);
-        }
+        // The media re-INVITE after a takeover, once nothing else is in flight.
+        self.run_deferred();
     }
 
     /// Answers a request of the peer within the dialog; true when it ended the call.
@@ -1526,7 +1565,13 @@ impl CallCore {
                 true
             }
             Method::Invite | Method::Update => {
-                if self.pending.is_some() {
+                if matches!(
+                    self.pending,
+                    Some(Pending {
+                        op: Op::Hold { .. } | Op::MediaReinvite,
+                        ..
+                    })
+                ) {
                     // Our own offer is pending (RFC 3261 14.2; RFC 3311 5.2).
                     self.push(CallAction::Respond {
                         tx,

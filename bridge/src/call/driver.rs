@@ -90,6 +90,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
                 CallCore::taken_over(
                     key.clone(),
                     settings,
+                    sdp_session_id,
                     &t.record,
                     remote_uri,
                     t.sip.role == "uac",
@@ -222,7 +223,8 @@ impl Driver {
                         Some(CallCommand::OwnershipLost) => CallInput::OwnershipLost,
                         Some(CallCommand::DeviceLink(link)) => {
                             if let Some(relay) = &self.relay {
-                                let _ = relay.set_sink(Arc::new(LinkSink(link))).await;
+                                let sink = self.device_sink(Arc::new(LinkSink(link)));
+                                let _ = relay.set_sink(sink).await;
                             }
                             continue;
                         }
@@ -431,6 +433,20 @@ impl Driver {
         Flow::Continue
     }
 
+    /// What the relay sends device datagrams to: the device's link, with the tap that reports
+    /// the peer's RFC 4733 events as `Dtmf` frames.
+    fn device_sink(
+        &self,
+        link: Arc<dyn thalamus_media::DatagramSink>,
+    ) -> Arc<dyn thalamus_media::DatagramSink> {
+        Arc::new(DtmfTap {
+            link,
+            inner: self.inner.clone(),
+            device: self.key.0.clone(),
+            last_event: Mutex::new(None),
+        })
+    }
+
     /// Starts the media relay for this call (when the node has media).
     fn start_relay(&mut self) -> Option<RelayAddr> {
         let engine = self.inner.media.as_ref()?;
@@ -438,12 +454,7 @@ impl Driver {
             Some(link) => Arc::new(LinkSink(link.clone())),
             None => Arc::new(NoLink),
         };
-        let sink: Arc<dyn thalamus_media::DatagramSink> = Arc::new(DtmfTap {
-            link,
-            inner: self.inner.clone(),
-            device: self.key.0.clone(),
-            last_event: Mutex::new(None),
-        });
+        let sink = self.device_sink(link);
         match engine.start(RelaySpec::audio(self.key.1), sink) {
             Ok(mut relay) => {
                 let port = relay.local_rtp_addr().port();
@@ -546,6 +557,22 @@ impl Driver {
             self.inner.by_invite.remove(&tx);
             drop(in_progress);
         }
+        // Nothing reaches the call from now on; what already did is answered (a BYE that
+        // crossed ours 200, anything else 481), not left to time out.
+        self.inner.forget_call(&self.key);
+        self.rx.close();
+        while let Ok(command) = self.rx.try_recv() {
+            if let CallCommand::SipRequest(tx, request) = *command {
+                let status = if request.method == Method::Bye {
+                    200
+                } else {
+                    481
+                };
+                if request.method != Method::Ack {
+                    let _ = self.inner.ua.respond(tx, status, None, None).await;
+                }
+            }
+        }
         let stats = match self.relay.take() {
             Some(relay) => relay.stop().await.ok(),
             None => None,
@@ -578,7 +605,6 @@ impl Driver {
         if let Some(dialog) = &dialog {
             let _ = self.inner.ua.remove_dialog(dialog).await;
         }
-        self.inner.forget_call(&self.key);
         // The record ends after its last write (which finds no dialog to export if it had not
         // run yet, and then writes nothing).
         let pending = self.pending_write.take();

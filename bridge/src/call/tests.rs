@@ -935,6 +935,7 @@ fn taken_over(trigger: TakeoverTrigger, held: bool) -> (CallCore, Vec<CallAction
     let mut core = CallCore::taken_over(
         key(),
         settings(true),
+        42,
         &stored(held),
         "sip:bob@example.org".into(),
         true,
@@ -1129,4 +1130,119 @@ fn the_same_inputs_give_the_same_actions() {
     let first = run();
     assert!(first.len() > 10);
     assert_eq!(first, run());
+}
+
+#[test]
+fn a_timeout_while_a_request_is_in_flight_waits_for_it() {
+    let t0 = Instant::now();
+    // An ACK timeout while the device's BYE is out: no second BYE.
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(4, hangup()));
+    let bye = sent_in_dialog(&drain(&mut core))[0].0;
+    core.handle(t0, CallInput::AckTimeout);
+    core.handle(t0, CallInput::MediaTimeout);
+    assert!(drain(&mut core).is_empty(), "one BYE only");
+    core.handle(t0, CallInput::Client(bye, response(200, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::LocalHangup as i32);
+
+    // A media timeout while a hold re-INVITE is out: the re-INVITE's 2xx is still ACKed and
+    // reported, then the BYE goes.
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    let reinvite = sent_in_dialog(&drain(&mut core))[0].0;
+    core.handle(t0, CallInput::MediaTimeout);
+    assert!(drain(&mut core).is_empty());
+    core.handle(
+        t0,
+        CallInput::Client(
+            reinvite,
+            response(200, &peer_sdp(2, true, "recvonly"), Some(dialog())),
+        ),
+    );
+    let a = drain(&mut core);
+    assert!(a.contains(&CallAction::Ack { dialog: dialog() }));
+    assert_eq!(events(&a)[0].state, CallState::Held as i32);
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye.len(), 1);
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    assert_eq!(
+        ended(&drain(&mut core))[0].end_reason,
+        EndReason::MediaTimeout as i32
+    );
+}
+
+#[test]
+fn a_peer_reinvite_while_an_info_is_pending_is_answered_and_a_late_ack_writes_nothing() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, false, "sendrecv"));
+    core.handle(
+        t0,
+        CallInput::Device(
+            4,
+            Body::Dtmf(Dtmf {
+                call_ref: 7,
+                digit: "1".into(),
+                duration_ms: 100,
+            }),
+        ),
+    );
+    assert_eq!(sent_in_dialog(&drain(&mut core))[0].1, Method::Info);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(2),
+            Box::new(request("INVITE", &peer_sdp(2, false, "sendrecv"))),
+        ),
+    );
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(2), 200)]);
+
+    // An incoming call hung up by the device before the peer's ACK: the ACK writes no record.
+    let (mut core, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
+    core.relay_started(t0, Some(RELAY));
+    core.handle(t0, CallInput::Responded(stx(1), 200, Some(dialog())));
+    core.handle(t0, CallInput::Device(3, hangup()));
+    drain(&mut core);
+    core.handle(t0, CallInput::Ack);
+    assert!(!drain(&mut core)
+        .iter()
+        .any(|x| matches!(x, CallAction::Replicate(_))));
+}
+
+#[test]
+fn a_takeover_by_request_does_not_reinvite_over_a_bye() {
+    let t0 = Instant::now();
+    let (mut core, _) = taken_over(
+        TakeoverTrigger::Request {
+            method: Method::Info,
+            arrived: t0,
+        },
+        false,
+    );
+    // The device hangs up before the request is delivered again.
+    core.handle(t0, CallInput::Device(4, hangup()));
+    assert!(matches!(
+        drain(&mut core).as_slice(),
+        [CallAction::WriteAhead(_)]
+    ));
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let bye = sent_in_dialog(&drain(&mut core));
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(2), Box::new(request("INFO", "Signal=1\r\n"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(2), 200)]);
+    assert!(
+        sent_in_dialog(&a).is_empty(),
+        "no re-INVITE over the BYE: {a:?}"
+    );
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    assert_eq!(
+        ended(&drain(&mut core))[0].end_reason,
+        EndReason::LocalHangup as i32
+    );
 }
