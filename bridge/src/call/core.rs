@@ -100,6 +100,21 @@ pub enum TakeoverTrigger {
     Hangup,
 }
 
+/// A stored dialog this node claimed and imported, as [`CallCore::taken_over`] continues it.
+#[derive(Debug, Clone)]
+pub struct ClaimedDialog<'a> {
+    /// The claimed record (owner: this node).
+    pub record: &'a StoredDialog,
+    /// The remote party to show the device.
+    pub remote_uri: String,
+    /// Whether the gateway was the dialog's UAC (the fallback for who placed the call).
+    pub uac: bool,
+    /// The imported dialog.
+    pub dialog: DialogId,
+    /// What caused the takeover.
+    pub trigger: TakeoverTrigger,
+}
+
 /// What a write of the local CSeq ahead of a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteAhead {
@@ -504,19 +519,22 @@ impl CallCore {
         core
     }
 
-    /// A stored dialog this node just claimed (`record`, owner: this node) and imported as
-    /// `dialog`: restores the SDP session and the call's state from the record, starts the
-    /// relay, then does what `trigger` asks.
+    /// A stored dialog this node just claimed and imported (`claimed`): restores the SDP
+    /// session and the call's state from the record, starts the relay, then does what the
+    /// trigger asks. `sdp_session_id` is used only when the record has no local SDP.
     pub fn taken_over(
         key: CallKey,
         settings: CallSettings,
         sdp_session_id: u64,
-        record: &StoredDialog,
-        remote_uri: String,
-        uac: bool,
-        dialog: DialogId,
-        trigger: TakeoverTrigger,
+        claimed: ClaimedDialog<'_>,
     ) -> Self {
+        let ClaimedDialog {
+            record,
+            remote_uri,
+            uac,
+            dialog,
+            trigger,
+        } = claimed;
         let app = record.app_data.as_deref().and_then(CallAppData::decode);
         let outgoing = app.as_ref().map_or(uac, |a| a.outgoing);
         // The session id is the record's (below); `sdp_session_id` only when it has none.

@@ -27,8 +27,8 @@ use tracing::{debug, info, info_span, Instrument};
 
 use super::core::CallKey;
 use super::core::{
-    CallAction, CallCore, CallCount, CallInput, CallSettings, ClientOutcome, RelayAddr, RelayOp,
-    TxId, WriteAhead,
+    CallAction, CallCore, CallCount, CallInput, CallSettings, ClaimedDialog, ClientOutcome,
+    RelayAddr, RelayOp, TxId, WriteAhead,
 };
 use super::CallSetup;
 use crate::dialogs::{key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallFacts};
@@ -91,11 +91,13 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
                     key.clone(),
                     settings,
                     sdp_session_id,
-                    &t.record,
-                    remote_uri,
-                    t.sip.role == "uac",
-                    t.dialog,
-                    t.trigger,
+                    ClaimedDialog {
+                        record: &t.record,
+                        remote_uri,
+                        uac: t.sip.role == "uac",
+                        dialog: t.dialog,
+                        trigger: t.trigger,
+                    },
                 ),
             )
         }

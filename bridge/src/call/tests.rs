@@ -932,15 +932,18 @@ fn stored(held: bool) -> StoredDialog {
 }
 
 fn taken_over(trigger: TakeoverTrigger, held: bool) -> (CallCore, Vec<CallAction>) {
+    let record = stored(held);
     let mut core = CallCore::taken_over(
         key(),
         settings(true),
         42,
-        &stored(held),
-        "sip:bob@example.org".into(),
-        true,
-        dialog(),
-        trigger,
+        ClaimedDialog {
+            record: &record,
+            remote_uri: "sip:bob@example.org".into(),
+            uac: true,
+            dialog: dialog(),
+            trigger,
+        },
     );
     assert_eq!(core.dialog(), Some(&dialog()));
     assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
