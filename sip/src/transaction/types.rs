@@ -10,7 +10,7 @@ use super::timer::Timer;
 use crate::message::{HeaderError, Method, Request, Response};
 
 /// The state of a live transaction (figures 5 to 8 of RFC 3261, with RFC 6026's Accepted). A
-/// transaction that reached Terminated is gone: [`TransactionLayer::state`] returns `None` and a
+/// transaction that reached Terminated is gone: [`TransactionLayer::state`](super::TransactionLayer::state) returns `None` and a
 /// [`TransactionEvent::Terminated`] was queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TransactionState {
@@ -47,7 +47,7 @@ pub enum TransactionKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     /// The transaction that sends it; `None` for stateless sends (503 over the limit,
-    /// [`TransactionLayer::send_stateless`]).
+    /// [`TransactionLayer::send_stateless`](super::TransactionLayer::send_stateless)).
     pub key: Option<TransactionKey>,
     /// Where to send it.
     pub destination: Peer,
@@ -62,7 +62,7 @@ pub struct Transmit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransactionEvent {
     /// A new request (not ACK, not CANCEL) created server transaction `key`: answer it with
-    /// [`TransactionLayer::respond`].
+    /// [`TransactionLayer::respond`](super::TransactionLayer::respond).
     Request {
         /// The new server transaction.
         key: TransactionKey,
@@ -110,7 +110,7 @@ pub enum TransactionEvent {
         response: Response,
     },
     /// The CANCEL of INVITE client transaction `invite` was sent as client transaction `cancel`
-    /// (at once by [`TransactionLayer::cancel`], or when the first provisional response arrived).
+    /// (at once by [`TransactionLayer::cancel`](super::TransactionLayer::cancel), or when the first provisional response arrived).
     CancelSent {
         /// The INVITE client transaction.
         invite: TransactionKey,
@@ -127,7 +127,7 @@ pub enum TransactionEvent {
         timer: Timer,
     },
     /// The transport reported an error for this transaction
-    /// ([`TransactionLayer::handle_transport_error`]). `Terminated` follows, except for an
+    /// ([`TransactionLayer::handle_transport_error`](super::TransactionLayer::handle_transport_error)). `Terminated` follows, except for an
     /// INVITE server transaction in Accepted.
     TransportError {
         /// The transaction.
@@ -151,7 +151,7 @@ pub enum TransactionError {
     #[error("the request's top Via has no RFC 3261 branch")]
     MissingBranch,
     /// ACK is not sent in a client transaction: the ACK of a non-2xx is sent by its INVITE
-    /// transaction, the ACK of a 2xx with [`TransactionLayer::send_stateless`].
+    /// transaction, the ACK of a 2xx with [`TransactionLayer::send_stateless`](super::TransactionLayer::send_stateless).
     #[error("ACK is not sent in a client transaction")]
     AckNotAllowed,
     /// The CSeq method differs from the request method.
@@ -166,7 +166,7 @@ pub enum TransactionError {
     /// requests, same Request-URI, tags, Call-ID, CSeq and top Via).
     #[error("a transaction with this identifier exists")]
     Duplicate,
-    /// [`TransactionConfig::max_transactions`] reached.
+    /// [`TransactionConfig::max_transactions`](super::TransactionConfig::max_transactions) reached.
     #[error("too many transactions (limit {0})")]
     TooManyTransactions(usize),
     /// The key names no live transaction.
