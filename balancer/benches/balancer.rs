@@ -26,6 +26,7 @@ fn core() -> BalancerCore {
             quic: None,
             draining: false,
             load: Load::default(),
+            ts_ms: 0,
         };
         m.heartbeat(&hb, hb.sip, now).unwrap();
     }

@@ -97,20 +97,29 @@ pub struct HeartbeatSection {
     pub forget_after_secs: u64,
     /// Most nodes.
     pub max_nodes: usize,
-    /// Shared secret (text); when set, heartbeats must carry its HMAC-SHA256.
+    /// Shared secret (text); when set, heartbeats must carry its HMAC-SHA256 and a timestamp
+    /// within `max_skew_ms` of this clock, and only they are answered. Required unless
+    /// `listen` is a loopback address or `insecure` is set.
     pub secret: Option<String>,
+    /// Accept unauthenticated heartbeats on a non-loopback listener (anyone who reaches the
+    /// port can then join a node): for closed lab networks only.
+    pub insecure: bool,
+    /// Largest difference between a heartbeat's timestamp and this clock (milliseconds).
+    pub max_skew_ms: u64,
 }
 
 impl Default for HeartbeatSection {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 5070)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 5070)),
             interval_ms: 1000,
             miss_count: 3,
             rejoin_count: 2,
             forget_after_secs: 3600,
             max_nodes: 256,
             secret: None,
+            insecure: false,
+            max_skew_ms: 10_000,
         }
     }
 }
@@ -181,6 +190,17 @@ impl BalancerConfig {
         }
         if hb.secret.as_deref() == Some("") {
             return Err(key_error("heartbeat.secret", "must not be empty"));
+        }
+        if hb.secret.is_none() && !hb.listen.ip().is_loopback() && !hb.insecure {
+            return Err(key_error(
+                "heartbeat.secret",
+                "required when heartbeat.listen is not a loopback address: without it anyone \
+                 who reaches the port can join a node (set heartbeat.insecure = true to allow \
+                 that on a closed network)",
+            ));
+        }
+        if !(100..=600_000).contains(&hb.max_skew_ms) {
+            return Err(key_error("heartbeat.max_skew_ms", "must be 100 to 600000"));
         }
         if !(200..=65_000).contains(&self.sip.udp_max_bytes) {
             return Err(key_error("sip.udp_max_bytes", "must be 200 to 65000"));
@@ -337,5 +357,20 @@ format = "json"
             BalancerConfig::load(Some(Path::new("/nonexistent/x.toml"))),
             Err(BalancerConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn a_heartbeat_listener_off_loopback_needs_a_secret() {
+        let open = "[sip]\nlisten = \"127.0.0.1:5060\"\n[heartbeat]\nlisten = \"0.0.0.0:5070\"\n";
+        let e = BalancerConfig::parse(open).unwrap_err();
+        assert!(e.to_string().contains("heartbeat.secret"), "{e}");
+        BalancerConfig::parse(&format!("{open}secret = \"s3cret\"\n")).unwrap();
+        BalancerConfig::parse(&format!("{open}insecure = true\n")).unwrap();
+        // Loopback (the default) needs none.
+        BalancerConfig::parse("[sip]\nlisten = \"127.0.0.1:5060\"\n").unwrap();
+        BalancerConfig::parse(
+            "[sip]\nlisten = \"127.0.0.1:5060\"\n[heartbeat]\nlisten = \"[::1]:5070\"\n",
+        )
+        .unwrap();
     }
 }

@@ -116,6 +116,8 @@ pub struct NodeEntry {
     /// Short hash of the session id (stamped in Record-Route as `ns`).
     pub session_tag: u32,
     previous_session: Option<String>,
+    /// Latest heartbeat timestamp accepted from the node (Unix ms; 0: none said one).
+    last_ts_ms: u64,
     /// Last sequence number seen.
     pub seq: u64,
     /// SIP address.
@@ -250,6 +252,7 @@ impl Membership {
                         session: hb.session.clone(),
                         session_tag: session_tag(&hb.session),
                         previous_session: None,
+                        last_ts_ms: hb.ts_ms,
                         seq: hb.seq,
                         sip,
                         quic,
@@ -273,6 +276,13 @@ impl Membership {
             Some(node) => {
                 if node.session != hb.session {
                     if node.previous_session.as_deref() == Some(hb.session.as_str()) {
+                        return Err(HeartbeatIgnored::OldSession);
+                    }
+                    // A new session must be newer than everything the node said before: a
+                    // heartbeat of any earlier session, replayed, cannot take the node's id
+                    // (and so lock the real node out). Dated heartbeats only; with a secret
+                    // every heartbeat is dated.
+                    if hb.ts_ms != 0 && hb.ts_ms <= node.last_ts_ms {
                         return Err(HeartbeatIgnored::OldSession);
                     }
                     let old = std::mem::replace(&mut node.session, hb.session.clone());
@@ -302,6 +312,7 @@ impl Membership {
                     }
                 }
                 node.seq = hb.seq;
+                node.last_ts_ms = node.last_ts_ms.max(hb.ts_ms);
                 node.sip = sip;
                 node.quic = quic;
                 node.load = hb.load;
@@ -448,6 +459,7 @@ mod tests {
             quic: None,
             draining: false,
             load: Load::default(),
+            ts_ms: 0,
         }
     }
 
@@ -457,6 +469,39 @@ mod tests {
 
     fn id(s: &str) -> NodeId {
         NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_replayed_heartbeat_of_an_older_session_cannot_take_the_node() {
+        // Heartbeat `seq` of a session, sent at time `seq` (sequence numbers restart with a
+        // session, time does not).
+        fn dated(node: &str, session: &str, t: u64) -> Heartbeat {
+            Heartbeat {
+                seq: t,
+                ts_ms: t,
+                ..hb(node, session, t)
+            }
+        }
+        let mut m = Membership::new(MembershipConfig::default());
+        let t0 = Instant::now();
+        let src: SocketAddr = "10.0.0.1:5060".parse().unwrap();
+        // Session s1 (ts 1, 2), then the node restarts as s2 (ts 3, 4), then as s3 (ts 5).
+        m.heartbeat(&dated("a", "s1", 1), src, t0).unwrap();
+        m.heartbeat(&dated("a", "s1", 2), src, t0).unwrap();
+        m.heartbeat(&dated("a", "s2", 3), src, t0).unwrap();
+        m.heartbeat(&dated("a", "s2", 4), src, t0).unwrap();
+        m.heartbeat(&dated("a", "s3", 5), src, t0).unwrap();
+        // A recording of s1 (older than the previous session) is refused, and the real
+        // node's next heartbeat is still taken.
+        assert_eq!(
+            m.heartbeat(&dated("a", "s1", 2), src, t0),
+            Err(HeartbeatIgnored::OldSession)
+        );
+        assert!(m.heartbeat(&dated("a", "s3", 6), src, t0).is_ok());
+        assert_eq!(m.node(&NodeId::new("a").unwrap()).unwrap().session, "s3");
+        // A genuine restart (a newer session, newer time) is taken.
+        assert!(m.heartbeat(&dated("a", "s4", 7), src, t0).is_ok());
+        assert_eq!(m.node(&NodeId::new("a").unwrap()).unwrap().restarts, 3);
     }
 
     #[test]

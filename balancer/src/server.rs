@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -28,7 +28,9 @@ use crate::config::BalancerConfig;
 use crate::membership::{Membership, MembershipEvent, NodeStatus};
 use crate::metrics::{BalancerMetrics, NodeLabel, ReasonLabel, StatusLabel};
 use crate::router::{BalancerCore, Decision, NextHop, Outgoing};
-use thalamus_ownership::heartbeat::{Heartbeat, LiveNode, LiveSetReport, MAX_HEARTBEAT_BYTES};
+use thalamus_ownership::heartbeat::{
+    check_fresh, unix_ms, Heartbeat, LiveNode, LiveSetReport, MAX_HEARTBEAT_BYTES,
+};
 
 /// Why the balancer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,8 @@ struct Shared {
     core: Mutex<BalancerCore>,
     metrics: BalancerMetrics,
     secret: Option<Vec<u8>>,
+    /// With a secret: how far a heartbeat's timestamp may be from this clock.
+    max_skew_ms: u64,
 }
 
 impl Shared {
@@ -135,6 +139,7 @@ impl RunningBalancer {
             core: Mutex::new(BalancerCore::new(router, membership)),
             metrics: BalancerMetrics::new(),
             secret: config.heartbeat.secret.clone().map(String::into_bytes),
+            max_skew_ms: config.heartbeat.max_skew_ms,
         });
         let shutdown = CancellationToken::new();
         let tick = (Duration::from_millis(config.heartbeat.interval_ms) / 4)
@@ -307,7 +312,15 @@ async fn heartbeat_loop(shared: Arc<Shared>, socket: UdpSocket, shutdown: Cancel
             },
         };
         let datagram = buf.get(..n).unwrap_or_default();
-        let hb = match Heartbeat::decode(datagram, shared.secret.as_deref()) {
+        let decoded = Heartbeat::decode(datagram, shared.secret.as_deref()).and_then(|hb| {
+            // Authenticated heartbeats are also dated: a recorded one replayed later is refused.
+            if shared.secret.is_some() {
+                check_fresh(hb.ts_ms, unix_ms(SystemTime::now()), shared.max_skew_ms)?;
+            }
+            Ok(hb)
+        });
+        // A refused datagram gets no answer (the balancer amplifies nothing for a stranger).
+        let hb = match decoded {
             Ok(hb) => hb,
             Err(e) => {
                 shared
@@ -367,6 +380,7 @@ fn live_set_report(membership: &Membership, hb: &Heartbeat) -> LiveSetReport {
                 quic: membership.node(id).and_then(|n| n.quic),
             })
             .collect(),
+        ts_ms: unix_ms(SystemTime::now()),
     }
 }
 
@@ -483,6 +497,7 @@ mod tests {
             quic: Some("0.0.0.0:4433".parse().unwrap()),
             draining,
             load: Load::default(),
+            ts_ms: 0,
         }
     }
 

@@ -12,8 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::time::SystemTime;
+
 use thalamus_ownership::heartbeat::{
-    new_session_id, Heartbeat, LiveSet, LiveSetReport, Load, HEARTBEAT_VERSION, MAX_REPORT_BYTES,
+    check_fresh, new_session_id, unix_ms, Heartbeat, LiveSet, LiveSetReport, Load,
+    HEARTBEAT_VERSION, MAX_REPORT_BYTES,
 };
 use thalamus_ownership::NodeId;
 use tokio::net::UdpSocket;
@@ -33,8 +36,11 @@ pub struct HeartbeatSenderConfig {
     pub balancers: Vec<SocketAddr>,
     /// Time between heartbeats (default 1 s).
     pub interval: Duration,
-    /// Shared secret that authenticates heartbeats.
+    /// Shared secret that authenticates heartbeats (and the balancers' reports, which are
+    /// then also refused outside `max_skew` of this clock).
     pub secret: Option<Vec<u8>>,
+    /// Largest difference between a report's timestamp and this clock (with a secret).
+    pub max_skew: Duration,
     /// Local address to send from (default `0.0.0.0:0`).
     pub bind: SocketAddr,
 }
@@ -49,6 +55,7 @@ impl HeartbeatSenderConfig {
             balancers,
             interval: Duration::from_secs(1),
             secret: None,
+            max_skew: Duration::from_secs(10),
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
@@ -203,6 +210,7 @@ async fn send_loop(
             quic: config.quic,
             draining: shared.draining.load(Ordering::Relaxed),
             load,
+            ts_ms: unix_ms(SystemTime::now()),
         };
         let datagram = hb.encode(config.secret.as_deref());
         for balancer in &config.balancers {
@@ -240,6 +248,13 @@ fn take_report(
     if report.to != config.node || report.session != session || report.ack > seq {
         return;
     }
+    if config.secret.is_some() {
+        let window = u64::try_from(config.max_skew.as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = check_fresh(report.ts_ms, unix_ms(SystemTime::now()), window) {
+            tracing::debug!(%from, error = %e, "live-set report refused");
+            return;
+        }
+    }
     // Reports of one heartbeat from several balancers are all taken; older ones are not.
     if report.ack < *last_ack {
         return;
@@ -273,6 +288,7 @@ mod tests {
                     quic: Some(SocketAddr::from(([127, 0, 0, 1], 4433 + i as u16))),
                 })
                 .collect(),
+            ts_ms: unix_ms(SystemTime::now()),
         }
     }
 
@@ -339,7 +355,11 @@ mod tests {
         // Ignored: another session, a bad MAC, an ack of a heartbeat not sent yet, another node.
         let mut other_node = report(mine, 1, &["x"]);
         other_node.to = NodeId::new("n8").unwrap();
+        // A recorded report replayed a minute later.
+        let mut stale = report(mine, 1, &["x"]);
+        stale.ts_ms -= 60_000;
         for bad in [
+            stale.encode(Some(b"k")),
             report("someone-else", 1, &["x"]).encode(Some(b"k")),
             report(mine, 1, &["x"]).encode(Some(b"wrong")),
             report(mine, 2, &["x"]).encode(Some(b"k")),

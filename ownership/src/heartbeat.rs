@@ -69,6 +69,11 @@ pub struct Heartbeat {
     /// Load figures.
     #[serde(default)]
     pub load: Load,
+    /// When it was sent: Unix time in milliseconds (0 from a sender that does not say). With a
+    /// secret, a balancer refuses one outside its clock window (see [`check_fresh`]), so a
+    /// recorded heartbeat cannot be replayed later.
+    #[serde(default)]
+    pub ts_ms: u64,
 }
 
 /// Why a heartbeat datagram was rejected.
@@ -92,6 +97,12 @@ pub enum HeartbeatError {
     /// The MAC does not match.
     #[error("heartbeat MAC does not match")]
     BadMac,
+    /// Sent too long ago (or too far ahead): a replay, or clocks too far apart.
+    #[error("timestamp {skew_ms} ms away from this clock")]
+    Clock {
+        /// How far the timestamp is from the receiver's clock, milliseconds.
+        skew_ms: u64,
+    },
 }
 
 impl HeartbeatError {
@@ -104,6 +115,7 @@ impl HeartbeatError {
             HeartbeatError::Session => "session",
             HeartbeatError::Unauthenticated => "unauthenticated",
             HeartbeatError::BadMac => "bad_mac",
+            HeartbeatError::Clock { .. } => "clock",
         }
     }
 }
@@ -212,6 +224,28 @@ pub struct LiveSetReport {
     pub ack: u64,
     /// The eligible nodes.
     pub eligible: Vec<LiveNode>,
+    /// When it was sent: Unix time in milliseconds (0 from a balancer that does not say).
+    #[serde(default)]
+    pub ts_ms: u64,
+}
+
+/// Checks a timestamp (`ts_ms`, Unix milliseconds) against the receiver's clock (`now_ms`):
+/// refused when more than `window_ms` away either way. A timestamp of 0 (a sender that does
+/// not say) is refused too: a receiver with a secret calls this, and every sender of this
+/// version stamps its datagrams.
+pub fn check_fresh(ts_ms: u64, now_ms: u64, window_ms: u64) -> Result<(), HeartbeatError> {
+    let skew_ms = ts_ms.abs_diff(now_ms);
+    if ts_ms == 0 || skew_ms > window_ms {
+        return Err(HeartbeatError::Clock { skew_ms });
+    }
+    Ok(())
+}
+
+/// Unix time in milliseconds from a `SystemTime` (0 before 1970).
+pub fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl LiveSetReport {
@@ -284,7 +318,32 @@ mod tests {
                 calls: 1,
                 cpu: 0.5,
             },
+            ts_ms: 1_800_000_000_000,
         }
+    }
+
+    #[test]
+    fn timestamps_outside_the_window_are_refused() {
+        let now = 1_800_000_000_000;
+        assert_eq!(check_fresh(now - 5_000, now, 10_000), Ok(()));
+        assert_eq!(check_fresh(now + 5_000, now, 10_000), Ok(()));
+        assert_eq!(
+            check_fresh(now - 10_001, now, 10_000),
+            Err(HeartbeatError::Clock { skew_ms: 10_001 })
+        );
+        assert_eq!(
+            check_fresh(now + 60_000, now, 10_000),
+            Err(HeartbeatError::Clock { skew_ms: 60_000 })
+        );
+        assert!(check_fresh(0, now, 10_000).is_err());
+        // The timestamp is under the MAC: changing it breaks the datagram.
+        let h = hb();
+        let signed = String::from_utf8(h.encode(Some(b"k"))).unwrap();
+        let forged = signed.replace(&h.ts_ms.to_string(), &(h.ts_ms + 1).to_string());
+        assert_eq!(
+            Heartbeat::decode(forged.as_bytes(), Some(b"k")),
+            Err(HeartbeatError::BadMac)
+        );
     }
 
     #[test]
@@ -375,6 +434,7 @@ mod tests {
                     quic: Some(SocketAddr::from(([127, 0, 0, 1], 4433 + i as u16))),
                 })
                 .collect(),
+            ts_ms: 0,
         }
     }
 

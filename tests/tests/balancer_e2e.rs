@@ -40,13 +40,18 @@ impl Drop for Balancer {
 }
 
 async fn start_balancer() -> Balancer {
+    start_balancer_with("").await
+}
+
+/// A balancer with `extra` lines in its `[heartbeat]` section.
+async fn start_balancer_with(extra: &str) -> Balancer {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("balancer.toml");
     std::fs::write(
         &config,
         format!(
             "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
-             interval_ms = {HEARTBEAT_MS}\nmiss_count = 3\nrejoin_count = 2\n\n\
+             interval_ms = {HEARTBEAT_MS}\nmiss_count = 3\nrejoin_count = 2\n{extra}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n"
         ),
     )
@@ -105,6 +110,11 @@ struct FakeNode {
 /// A gateway node stand-in: answers INVITE 200 (with Record-Route, Contact and SDP), absorbs
 /// ACK, answers BYE and anything else 200, and records the Call-IDs it saw.
 async fn start_node(name: &str, balancer: &Balancer) -> FakeNode {
+    start_node_with(name, balancer, None).await
+}
+
+/// [`start_node`] whose heartbeats carry `secret`'s HMAC.
+async fn start_node_with(name: &str, balancer: &Balancer, secret: Option<&[u8]>) -> FakeNode {
     let id = NodeId::new(name).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
     let transport = SipTransport::bind(
@@ -178,6 +188,7 @@ async fn start_node(name: &str, balancer: &Balancer) -> FakeNode {
     let mut config = HeartbeatSenderConfig::new(id.clone(), sip, vec![balancer.heartbeat]);
     config.interval = Duration::from_millis(HEARTBEAT_MS);
     config.bind = "127.0.0.1:0".parse().unwrap();
+    config.secret = secret.map(<[u8]>::to_vec);
     let heartbeats = HeartbeatSender::start(config).await.unwrap();
     FakeNode {
         id,
@@ -627,4 +638,131 @@ async fn draining_node_keeps_its_calls_and_gets_no_new_ones() {
     assert_eq!(counts(&b), (expected_b, expected_b, expected_b));
     let metrics = http_get(balancer.admin, "/metrics").await;
     assert_eq!(metric(&metrics, "thalamus_balancer_nodes_draining"), 1.0);
+}
+
+/// The value of a labelled counter (0 when absent).
+fn labelled(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}{{{label}}} ")))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Attack: forged and replayed heartbeats against a balancer with a secret, while SIPp calls
+/// go through it to the real node. Forged ones (no MAC, a wrong secret), a recording of the
+/// node's previous session (signed, 2 s old: inside the clock window) and a recording from a
+/// minute ago (signed) are all refused and counted; none is answered (no amplification); the
+/// real node stays the only one, never restarts, and every call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_heartbeats_change_nothing_while_calls_go_on() {
+    use thalamus_ownership::heartbeat::{unix_ms, Heartbeat, Load, HEARTBEAT_VERSION};
+    let secret = b"cluster-secret".as_slice();
+    let balancer = start_balancer_with("secret = \"cluster-secret\"").await;
+    let a = start_node_with("gw-a", &balancer, Some(secret)).await;
+    wait_for("the node up", Duration::from_secs(10), async || {
+        node_states(&balancer)
+            .await
+            .get("gw-a")
+            .is_some_and(|x| x.0 == "up")
+    })
+    .await;
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let now = unix_ms(std::time::SystemTime::now());
+    let heartbeat = |node: &str, session: &str, ts_ms: u64| Heartbeat {
+        v: HEARTBEAT_VERSION,
+        node: NodeId::new(node).unwrap(),
+        session: session.into(),
+        seq: 1,
+        sip: attacker.local_addr().unwrap(),
+        quic: None,
+        draining: false,
+        load: Load::default(),
+        ts_ms,
+    };
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "no MAC: a stranger joins",
+            heartbeat("evil", "e1", now).encode(None),
+        ),
+        (
+            "wrong secret: a stranger takes gw-a's id",
+            heartbeat("gw-a", "e2", now).encode(Some(b"guess")),
+        ),
+        (
+            "gw-a's previous session, replayed 2 s later",
+            heartbeat("gw-a", "old-session", now - 2_000).encode(Some(secret)),
+        ),
+        (
+            "gw-a's heartbeat recorded a minute ago",
+            heartbeat("gw-a", "older-session", now - 60_000).encode(Some(secret)),
+        ),
+    ];
+    // The attack runs during the calls: 4 datagrams every 5 ms.
+    let target = balancer.heartbeat;
+    let flood = {
+        let datagrams: Vec<Vec<u8>> = attacks.iter().map(|(_, d)| d.clone()).collect();
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            for _ in 0..600 {
+                for d in &datagrams {
+                    let _ = socket.send_to(d, target).await;
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sent
+        })
+    };
+    for (_, d) in &attacks {
+        attacker.send_to(d, target).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let devices: Vec<String> = (0..100).map(|i| format!("attacked-{i}")).collect();
+    assert_eq!(
+        sipp(dir.path(), balancer.sip, &devices).await,
+        0,
+        "calls failed during the attack"
+    );
+    let sent = flood.await.unwrap();
+    assert_eq!(
+        counts(&a).0,
+        devices.len(),
+        "every call reached the real node"
+    );
+    // Nothing answered the attacker.
+    let mut buf = [0u8; 4096];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), attacker.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "the balancer answered a refused heartbeat"
+    );
+    let states = node_states(&balancer).await;
+    assert_eq!(states.keys().collect::<Vec<_>>(), ["gw-a"], "{states:?}");
+    assert_eq!(states["gw-a"], ("up".to_string(), true));
+    let metrics = http_get(balancer.admin, "/metrics").await;
+    assert_eq!(metric(&metrics, "thalamus_balancer_restarts_total"), 0.0);
+    let refused = |reason: &str| {
+        labelled(
+            &metrics,
+            "thalamus_balancer_heartbeats_rejected_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    println!(
+        "control-plane attack: {sent} forged/replayed heartbeats during {} calls; refused: \
+         unauthenticated {}, bad_mac {}, old_session {}, clock {}",
+        devices.len(),
+        refused("unauthenticated"),
+        refused("bad_mac"),
+        refused("old_session"),
+        refused("clock")
+    );
+    for reason in ["unauthenticated", "bad_mac", "old_session", "clock"] {
+        assert!(refused(reason) >= 100.0, "{reason}: {}", refused(reason));
+    }
+    assert!(
+        a.heartbeats.reports() > 0,
+        "the real node still gets its live set"
+    );
 }

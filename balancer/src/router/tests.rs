@@ -28,6 +28,7 @@ fn heartbeat(i: u8, session: &str, seq: u64, draining: bool) -> Heartbeat {
         quic: None,
         draining,
         load: Load::default(),
+        ts_ms: 0,
     }
 }
 

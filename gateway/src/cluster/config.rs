@@ -50,6 +50,9 @@ pub struct HeartbeatConfig {
     /// Send a device that logs in here to its owner node (MBFP `Redirect`) when the live set
     /// the balancers report names another owner (default true).
     pub redirect_devices: bool,
+    /// Send unauthenticated heartbeats to balancers that are not on loopback (they must be
+    /// configured `insecure` too): for closed lab networks only.
+    pub insecure: bool,
 }
 
 impl Default for HeartbeatConfig {
@@ -59,6 +62,7 @@ impl Default for HeartbeatConfig {
             interval_ms: 1000,
             secret: None,
             redirect_devices: true,
+            insecure: false,
         }
     }
 }
@@ -161,6 +165,17 @@ impl ClusterConfig {
             }
             if hb.secret.as_ref().is_some_and(String::is_empty) {
                 return bad("cluster.heartbeat.secret", "must not be empty when set");
+            }
+            if hb.secret.is_none()
+                && !hb.insecure
+                && hb.balancers.iter().any(|b| !b.ip().is_loopback())
+            {
+                return bad(
+                    "cluster.heartbeat.secret",
+                    "required when a balancer is not on loopback: the balancers refuse \
+                     unauthenticated heartbeats (set cluster.heartbeat.insecure = true for a \
+                     balancer that takes them on a closed network)",
+                );
             }
         }
         Ok(())
