@@ -7,24 +7,15 @@
 //! gateway wants anyway. Connection management (reusing or opening a TCP connection) is the
 //! endpoint's job.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use crate::message::{HeaderError, HeaderName, Request, Rport, Via};
 pub use crate::peer::Peer;
-
-fn ip_literal(s: &str) -> Option<IpAddr> {
-    let inner = s
-        .strip_prefix('[')
-        .and_then(|x| x.strip_suffix(']'))
-        .unwrap_or(s);
-    inner.parse().ok()
-}
 
 /// Where responses to a request go (RFC 3261 section 18.2.2, RFC 3581 section 4), given the
 /// request's top Via and the peer it came from.
 ///
 /// * Reliable transport: back to `source`, i.e. over the connection the request came on.
-/// * UDP with an IP `maddr`: that address, at the sent-by port (or 5060).
 /// * UDP with `rport`: the `received` address (or the source address when the Via was not
 ///   stamped) at the `rport` port (or the source port when the `rport` has no value).
 /// * UDP otherwise: the `received` address, else the sent-by address when it is an IP, else
@@ -33,12 +24,8 @@ pub fn response_destination(via: &Via, source: &Peer) -> Peer {
     if source.is_reliable() {
         return *source;
     }
-    if let Some(maddr) = via.maddr().and_then(ip_literal) {
-        return Peer::new(
-            SocketAddr::new(maddr, via.port_or_default()),
-            source.transport,
-        );
-    }
+    // A Via `maddr` is ignored (RFC 3261 18.2.2 would send there): honouring it lets anyone
+    // aim the responses, and their retransmissions, at a third party.
     let addr = match via.rport() {
         Some(rport) => {
             let ip = via.received_ip().unwrap_or(source.addr.ip());
@@ -150,14 +137,15 @@ mod tests {
     }
 
     #[test]
-    fn maddr_ip_is_used_at_the_sent_by_port() {
+    fn maddr_is_ignored() {
+        // Responses go where the request came from, not to a third party named in the Via.
         let src = Peer::udp(addr("198.51.100.7:40001"));
         let v = via("SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKa;maddr=224.2.0.1;ttl=16");
-        assert_eq!(response_destination(&v, &src).addr, addr("224.2.0.1:5062"));
-        let v6 = via("SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKa;maddr=[2001:db8::1]");
+        assert_eq!(response_destination(&v, &src).addr, addr("10.0.0.5:5062"));
+        let v = via("SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKa;maddr=192.0.2.99;rport");
         assert_eq!(
-            response_destination(&v6, &src).addr,
-            addr("[2001:db8::1]:5060")
+            response_destination(&v, &src).addr,
+            addr("198.51.100.7:40001")
         );
     }
 
