@@ -13,7 +13,11 @@
 //! - `GET /cluster`: this node's id, draining flag and the live set the balancers last
 //!   reported (the nodes its devices are redirected among).
 //!
-//! Only the POSTs and the DELETE change anything. Path parts are percent-decoded.
+//! Only the POSTs and the DELETE change anything, and they need `Authorization: Bearer
+//! <token>` (`admin.token`, or the one generated into `<data_dir>/admin.token`); a request
+//! from a browser page of another site (an `Origin` header, or `Sec-Fetch-Site` other than
+//! `same-origin`/`none`) is refused even with it. Reads need no token. Refusals are counted
+//! (`admin_refused_total{reason}`). Path parts are percent-decoded.
 
 use std::sync::Arc;
 
@@ -37,6 +41,7 @@ pub async fn serve(
     node: Arc<NodeShared>,
     shutdown: CancellationToken,
 ) {
+    let guard = node.clone();
     let app = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -56,12 +61,68 @@ pub async fn serve(
             get(drain_state).post(drain_start).delete(drain_stop),
         )
         .route("/cluster", get(cluster_state))
+        .layer(axum::middleware::from_fn_with_state(guard, guard_mutations))
         .with_state(node);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "admin endpoint stopped");
+    }
+}
+
+/// Whether two byte strings are equal, in time that depends on their lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Lets reads through; a request that changes anything needs the bearer token and must not
+/// come from a browser page of another site.
+async fn guard_mutations(
+    State(node): State<Arc<NodeShared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{header, Method};
+    let method = request.method();
+    if method == Method::GET || method == Method::HEAD {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let cross_site = headers.contains_key(header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v != "same-origin" && v != "none");
+    if cross_site {
+        thalamus_telemetry::inc(&node.admin_refused, "cross_site");
+        return (StatusCode::FORBIDDEN, "cross-site requests are refused\n").into_response();
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if same(token.as_bytes(), node.admin_token.as_bytes()) => {
+            next.run(request).await
+        }
+        presented => {
+            thalamus_telemetry::inc(
+                &node.admin_refused,
+                if presented.is_some() {
+                    "bad_token"
+                } else {
+                    "no_token"
+                },
+            );
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "this request needs the admin token (Authorization: Bearer ...)\n",
+            )
+                .into_response()
+        }
     }
 }
 

@@ -296,12 +296,16 @@ impl Default for SipConfig {
 pub struct AdminConfig {
     /// TCP address for `/health` and `/metrics`.
     pub listen: SocketAddr,
+    /// Bearer token that requests changing anything (`POST`, `DELETE`) must present. With
+    /// none, one is generated at first start into `<data_dir>/admin.token` and printed once.
+    pub token: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token: None,
         }
     }
 }
@@ -391,6 +395,14 @@ impl Config {
         if let Some(secret) = &self.auth.resume_secret {
             if hex::decode(secret).map(|s| s.len()) != Ok(32) {
                 return bad("auth.resume_secret", "must be 64 hex digits (32 bytes)");
+            }
+        }
+        if let Some(token) = &self.admin.token {
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(
+                    "admin.token",
+                    "must be at least 16 printable characters without spaces",
+                );
             }
         }
         self.advertised()?;

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +84,8 @@ pub struct GatewayNode {
     pub generated_cert: bool,
     /// Path of the QUIC certificate.
     pub cert_path: PathBuf,
+    /// Whether the admin token was generated on this run (the banner prints it once).
+    pub admin_token_generated: bool,
     ingress: RunningIngress,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -140,7 +143,7 @@ impl GatewayNode {
         )
         .await?;
         cluster.register_metrics(metrics.registry_mut());
-        let metrics = Arc::new(metrics);
+        let mut metrics_registry = metrics;
         let sessions = Arc::new(Sessions::default());
 
         // The SIP side: user agent, media engine, bridge.
@@ -189,15 +192,33 @@ impl GatewayNode {
             .as_ref()
             .filter(|hb| hb.redirect_devices)
             .map(|hb| Duration::from_millis(hb.interval_ms.saturating_mul(7) / 2));
-        let shared = Arc::new(NodeShared::new(
-            config.node.id.clone(),
+        let (admin_token, admin_token_generated) = match &config.admin.token {
+            Some(token) => (token.clone(), false),
+            None => {
+                let path = in_data_dir(&data_dir, std::path::Path::new("admin.token"));
+                load_or_create_token(&path)
+                    .map_err(|source| StartError::DataDir { path, source })?
+            }
+        };
+        let admin_refused = prometheus_client::metrics::family::Family::default();
+        metrics_registry.registry_mut().register(
+            "admin_refused",
+            "Admin requests refused, by reason (no_token, bad_token, cross_site)",
+            admin_refused.clone(),
+        );
+        let metrics = Arc::new(metrics_registry);
+        let shared = Arc::new(NodeShared {
+            node_id: config.node.id.clone(),
             metrics,
-            registry.clone(),
-            sessions.clone(),
-            bridge.clone(),
-            cluster.heartbeats(),
+            registry: registry.clone(),
+            sessions: sessions.clone(),
+            bridge: bridge.clone(),
+            heartbeats: cluster.heartbeats(),
+            admin_token,
+            admin_refused,
             redirect_max_age,
-        ));
+            draining: AtomicBool::new(false),
+        });
         let fingerprint = ingress.fingerprint.clone();
         let generated_cert = ingress.generated_cert;
         let cert_path = ingress.cert_path.clone();
@@ -231,11 +252,17 @@ impl GatewayNode {
             fingerprint,
             generated_cert,
             cert_path,
+            admin_token_generated,
             ingress,
             shutdown,
             tasks,
             cluster,
         })
+    }
+
+    /// The bearer token admin requests that change anything must present.
+    pub fn admin_token(&self) -> &str {
+        &self.shared.admin_token
     }
 
     /// Says goodbye to every session, then stops the listeners, writes out the replication
@@ -248,4 +275,33 @@ impl GatewayNode {
         }
         self.cluster.shutdown().await;
     }
+}
+
+/// Reads the admin token from `path`, creating a random one (32 bytes as hex, mode 0600) on
+/// first use; says whether it was created now.
+fn load_or_create_token(path: &std::path::Path) -> std::io::Result<(String, bool)> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let token = text.trim().to_string();
+        if token.len() >= 16 {
+            return Ok((token, false));
+        }
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} holds no usable admin token", path.display()),
+        ));
+    }
+    let token = hex::encode(thalamus_sip::rng::with(|rng| {
+        let mut bytes = [0u8; 32];
+        rng.fill_bytes(&mut bytes);
+        bytes
+    }));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(path)?, token.as_bytes())?;
+    Ok((token, true))
 }

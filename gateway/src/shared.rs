@@ -32,36 +32,20 @@ pub struct NodeShared {
     pub bridge: Bridge,
     /// Heartbeats to the balancers, and the live set they answer with (when configured).
     pub heartbeats: Option<Arc<HeartbeatSender>>,
+    /// The bearer token admin requests that change anything must present.
+    pub(crate) admin_token: String,
+    /// Admin requests refused, by reason (`no_token`, `bad_token`, `cross_site`).
+    pub(crate) admin_refused: prometheus_client::metrics::family::Family<
+        thalamus_telemetry::ReasonLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
     /// How old a live set may be to redirect devices by it; `None`: redirects are off.
-    redirect_max_age: Option<Duration>,
+    pub(crate) redirect_max_age: Option<Duration>,
     /// Draining: no new devices or calls; devices leave as their calls end.
-    draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
 }
 
 impl NodeShared {
-    /// Shared state for a node; `redirect_max_age` is how old a live set may be to redirect
-    /// devices by it (`None`: redirects are off).
-    pub fn new(
-        node_id: String,
-        metrics: Arc<Metrics>,
-        registry: Arc<DeviceRegistry>,
-        sessions: Arc<Sessions>,
-        bridge: Bridge,
-        heartbeats: Option<Arc<HeartbeatSender>>,
-        redirect_max_age: Option<Duration>,
-    ) -> Self {
-        Self {
-            node_id,
-            metrics,
-            registry,
-            sessions,
-            bridge,
-            heartbeats,
-            redirect_max_age,
-            draining: AtomicBool::new(false),
-        }
-    }
-
     /// The live set the balancers last reported, when redirects are on and a report arrived
     /// within the balancers' miss window (a report answers every heartbeat; none for 3.5
     /// intervals means no balancer hears this node).

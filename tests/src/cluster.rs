@@ -16,13 +16,30 @@ use crate::{bin, http_get, Proc};
 /// How long a process has to become ready, and the default wait of the helpers here.
 const READY: Duration = Duration::from_secs(20);
 
-/// An HTTP/1.1 request without a body; returns (status, body).
+/// An HTTP/1.1 request without a body, with the test gateways' admin token; returns (status,
+/// body).
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request_with(
+        addr,
+        method,
+        path,
+        &format!("Authorization: Bearer {}\r\n", crate::ADMIN_TOKEN),
+    )
+}
+
+/// An HTTP/1.1 request without a body and with `headers` (each line ending in CRLF); returns
+/// (status, body).
+pub fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

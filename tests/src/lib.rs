@@ -21,6 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+/// The admin token every test gateway is configured with (`[admin] token`); the admin HTTP
+/// helpers present it.
+pub const ADMIN_TOKEN: &str = "thalamus-tests-admin-token";
+
 /// Path of a workspace binary built in the same profile as the running test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -130,10 +134,24 @@ impl Gateway {
 
     /// Starts a gateway in an existing data directory (a restart) on a given QUIC address.
     pub fn start_in(dir: tempfile::TempDir, quic: &str, extra: &str) -> anyhow::Result<Self> {
+        Self::start_in_with(dir, quic, extra, Some(ADMIN_TOKEN))
+    }
+
+    /// [`Gateway::start_in`] with the given `[admin] token`, or none (the node then makes its
+    /// own in its data directory).
+    pub fn start_in_with(
+        dir: tempfile::TempDir,
+        quic: &str,
+        extra: &str,
+        admin_token: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let config_path = dir.path().join("thalamus.toml");
         let data = dir.path().join("data");
+        let token = admin_token
+            .map(|t| format!("token = \"{t}\"\n"))
+            .unwrap_or_default();
         let text = format!(
-            "[node]\ndata_dir = {data:?}\n\n[quic]\nlisten = \"{quic}\"\nhello_timeout_ms = 2000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[sip]\nlisten = \"127.0.0.1:0\"\n\n[media]\naddress = \"127.0.0.1\"\n\n[log]\nlevel = \"info,thalamus_gateway=debug\"\n\n{extra}\n"
+            "[node]\ndata_dir = {data:?}\n\n[quic]\nlisten = \"{quic}\"\nhello_timeout_ms = 2000\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{token}\n[sip]\nlisten = \"127.0.0.1:0\"\n\n[media]\naddress = \"127.0.0.1\"\n\n[log]\nlevel = \"info,thalamus_gateway=debug,thalamus_bridge=debug,thalamus_ingress=debug\"\n\n{extra}\n"
         );
         let text = merge_toml(&text)?;
         std::fs::write(&config_path, text)?;
@@ -199,6 +217,16 @@ impl Gateway {
             );
         }
         Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// What the process printed on stdout (its banner).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.out")).unwrap_or_default()
     }
 
     /// The gateway's log so far (for assertion messages).

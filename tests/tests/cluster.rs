@@ -196,7 +196,7 @@ fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path, lease
     format!(
         "[node]\nid = \"{id}\"\ndevice_registry = {registry:?}\n\n\
          [auth]\nresume_secret = \"{RESUME_SECRET}\"\n\n\
-         [log]\nlevel = \"info,thalamus_gateway::bridge=debug,thalamus_sip=debug\"\n\n\
+         [log]\nlevel = \"info,thalamus_bridge=debug,thalamus_sip=debug\"\n\n\
          [cluster]\nlease_ttl_ms = {lease}\n\n\
          [cluster.store]\nbackend = \"redis\"\n\n\
          [cluster.store.redis]\nurl = \"{}\"\n\n\

@@ -119,6 +119,7 @@ fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::
     thalamus_telemetry::init_logging(&config.log);
     runtime("thalamus")?.block_on(async move {
         let registry_path = config.node.device_registry_path();
+        let data_dir = config.node.data_dir.clone();
         let node = GatewayNode::start(config).await?;
         let ready = serde_json::json!({
             "quic": node.quic_addr.to_string(),
@@ -131,6 +132,13 @@ fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::
         println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);
         println!("  SIP (UDP and TCP)            {}", node.sip_addr);
         println!("  admin (health, metrics)      http://{}/metrics", node.admin_addr);
+        if node.admin_token_generated {
+            println!(
+                "  admin token (generated now, kept in {}; POST/DELETE need it)  {}",
+                data_dir.join("admin.token").display(),
+                node.admin_token()
+            );
+        }
         println!("  certificate                  {}{}", node.cert_path.display(),
             if node.generated_cert { " (generated now, self-signed)" } else { "" });
         println!("  certificate SHA-256          {}", node.fingerprint);
