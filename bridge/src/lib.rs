@@ -27,6 +27,7 @@
 pub mod call;
 pub mod config;
 pub mod dialogs;
+pub mod inbound;
 pub mod mapping;
 pub mod media_sdp;
 pub mod metrics;
@@ -45,6 +46,7 @@ use rand::Rng;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{Envelope, ErrorCode, TextReceived, TextStatus};
 use thalamus_sip::message::{HeaderName, MediaType, Method, NameAddr, Request, Uri};
+use thalamus_sip::peer::Peer;
 use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -88,6 +90,8 @@ pub struct BridgeDeps {
     pub store: Option<Arc<dyn DialogStore>>,
     /// Where confirmed dialogs are written (none: replication is off).
     pub replicator: Option<Arc<Replicator>>,
+    /// Who may reach a device (`[sip.inbound]`).
+    pub inbound: inbound::InboundPolicy,
 }
 
 /// The bridge (cheap to clone).
@@ -116,6 +120,7 @@ impl Bridge {
             metrics,
             store,
             replicator,
+            inbound,
         } = deps;
         let conflicts = replicator.as_ref().and_then(|r| r.take_conflicts());
         let registrar = config
@@ -142,6 +147,7 @@ impl Bridge {
             registrar,
             store,
             replicator,
+            inbound,
             takeovers: DashMap::new(),
             watched: DashMap::new(),
             arrivals: tokio::sync::Notify::new(),
@@ -502,9 +508,9 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
             UaEvent::Request {
                 tx,
                 request,
-                source: _,
+                source,
             } => {
-                tokio::spawn(async move { out_of_dialog(inner, tx, request).await });
+                tokio::spawn(async move { out_of_dialog(inner, tx, request, source).await });
             }
             UaEvent::DialogRequest {
                 tx,
@@ -570,7 +576,35 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
     }
 }
 
-async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) {
+/// Applies the inbound policy to a request that would reach a device; `false` when it was
+/// answered (401 challenge or 403), before anything about the device was looked at.
+async fn admitted(inner: &BridgeInner, tx: ServerTx, request: &Request, source: Peer) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match inner.inbound.check(source.addr.ip(), request, now) {
+        inbound::InboundVerdict::Allow => true,
+        inbound::InboundVerdict::Challenge(values) => {
+            inc(&inner.metrics.sip_refused, "challenged");
+            let headers = values
+                .into_iter()
+                .map(|v| (HeaderName::WwwAuthenticate, v))
+                .collect();
+            let _ = inner
+                .ua
+                .respond_with_headers(tx, 401, None, None, headers)
+                .await;
+            false
+        }
+        inbound::InboundVerdict::Forbidden(reason) => {
+            inc(&inner.metrics.sip_refused, reason);
+            let _ = inner.ua.respond(tx, 403, None, None).await;
+            false
+        }
+    }
+}
+
+async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, source: Peer) {
     let ua = &inner.ua;
     let allow = || vec![(HeaderName::Allow, ALLOW.to_string())];
     match request.method {
@@ -592,6 +626,10 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request) 
                 .await;
         }
         Method::Invite | Method::Message => {
+            // Who may reach a device is settled first: a stranger learns nothing of devices.
+            if !admitted(&inner, tx, &request, source).await {
+                return;
+            }
             // The gateway hands these on to a device: a request that has used up its hops is
             // answered 483, as a proxy would (RFC 3261 16.3).
             if request.headers.max_forwards().ok().flatten() == Some(0) {

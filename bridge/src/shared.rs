@@ -51,6 +51,8 @@ pub(crate) struct BridgeInner {
     pub(crate) registrar: Option<registrar::Registrar>,
     pub(crate) store: Option<Arc<dyn DialogStore>>,
     pub(crate) replicator: Option<Arc<Replicator>>,
+    /// Who may reach a device.
+    pub(crate) inbound: crate::inbound::InboundPolicy,
     /// Takeovers in progress, one lock per dialog (so one request, resume or API call claims
     /// and imports it, and the others find it held).
     pub(crate) takeovers: DashMap<DialogKey, Arc<tokio::sync::Mutex<()>>>,

@@ -265,6 +265,8 @@ pub struct SipConfig {
     pub auth: Option<SipCredentials>,
     /// Register each online device's address-of-record upstream.
     pub registrar: Option<RegistrarConfig>,
+    /// Who may reach a device from outside (`[sip.inbound]`): trusted sources, digest users.
+    pub inbound: thalamus_bridge::inbound::InboundConfig,
     /// Transaction timer T1 (milliseconds).
     pub t1_ms: u32,
     /// Transaction timer T2 (milliseconds).
@@ -283,6 +285,7 @@ impl Default for SipConfig {
             no_answer_timeout_secs: 60,
             auth: None,
             registrar: None,
+            inbound: thalamus_bridge::inbound::InboundConfig::default(),
             t1_ms: 500,
             t2_ms: 4_000,
             t4_ms: 5_000,
@@ -407,6 +410,7 @@ impl Config {
         }
         self.advertised()?;
         self.outbound_proxy()?;
+        self.inbound_policy()?;
         if let Some(registrar) = &self.sip.registrar {
             if thalamus_sip::message::Uri::parse(&registrar.uri).is_err() {
                 return bad("sip.registrar.uri", "is not a SIP URI");
@@ -438,6 +442,16 @@ impl Config {
                 key: "sip.advertised".into(),
                 message: format!("{text:?} is not host or host:port"),
             })
+    }
+
+    /// The inbound SIP policy of `[sip.inbound]`.
+    pub fn inbound_policy(&self) -> Result<thalamus_bridge::inbound::InboundPolicy, ConfigError> {
+        thalamus_bridge::inbound::InboundPolicy::new(&self.sip.inbound, &self.sip.domain).map_err(
+            |e| ConfigError::Key {
+                key: "sip.inbound.nonce_secret".into(),
+                message: e.to_string(),
+            },
+        )
     }
 
     /// `sip.outbound_proxy` as a SIP URI.

@@ -169,6 +169,9 @@ impl GatewayNode {
                 metrics: bridge_metrics,
                 store: Some(cluster.store()),
                 replicator: cluster.replicator(),
+                inbound: config
+                    .inbound_policy()
+                    .map_err(|e| StartError::Sip(e.to_string()))?,
             },
         );
         cluster.start_heartbeats(sip_addr, quic_addr).await?;

@@ -120,6 +120,17 @@ fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::
     runtime("thalamus")?.block_on(async move {
         let registry_path = config.node.device_registry_path();
         let data_dir = config.node.data_dir.clone();
+        let inbound = &config.sip.inbound;
+        let trusted: Vec<String> = inbound.trusted.iter().map(ToString::to_string).collect();
+        let inbound_line = format!(
+            "trusts {}; other sources: {}",
+            if trusted.is_empty() { "nobody".to_string() } else { trusted.join(", ") },
+            if inbound.users.is_empty() {
+                "403 (add [sip.inbound] users to challenge them, or trusted networks)".to_string()
+            } else {
+                format!("digest challenge ({} user(s))", inbound.users.len())
+            }
+        );
         let node = GatewayNode::start(config).await?;
         let ready = serde_json::json!({
             "quic": node.quic_addr.to_string(),
@@ -131,6 +142,7 @@ fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::
         println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.node_id);
         println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);
         println!("  SIP (UDP and TCP)            {}", node.sip_addr);
+        println!("  SIP inbound                  {inbound_line}");
         println!("  admin (health, metrics)      http://{}/metrics", node.admin_addr);
         if node.admin_token_generated {
             println!(
