@@ -88,7 +88,8 @@ impl InboundPolicy {
     /// The policy of `config`, challenging in `default_realm` unless the config names one.
     pub fn new(config: &InboundConfig, default_realm: &str) -> Result<Self, InboundError> {
         let secret = match &config.nonce_secret {
-            Some(text) => hex_decode(text)
+            Some(text) => hex::decode(text.trim())
+                .ok()
                 .filter(|s| s.len() >= 16)
                 .ok_or_else(|| InboundError::Secret("must be at least 32 hex digits".into()))?,
             None => thalamus_sip::rng::with(|rng| {
@@ -168,17 +169,6 @@ impl InboundPolicy {
                 .collect(),
         )
     }
-}
-
-fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim();
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
