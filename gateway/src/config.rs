@@ -228,6 +228,15 @@ pub struct AuthConfig {
     pub failure_delay_ms: u32,
     /// Cap on the added delay (milliseconds).
     pub max_failure_delay_ms: u32,
+    /// Failures from one address in `failure_window_secs` after which its logins are refused
+    /// without checking, until the window ends.
+    pub max_failures_per_ip: u32,
+    /// Wrong secrets for one device in the window after which its logins are refused without
+    /// checking (the device's own, known secret still passes).
+    pub max_failures_per_device: u32,
+    /// Credential checks one address may have in flight at once (argon2 is slow by design;
+    /// parallel attempts from one address must not fill the verifier pool).
+    pub max_pending_per_ip: u32,
     /// Secret that signs resume tokens (hex, 32 bytes); with none, one is generated in the data
     /// directory. All nodes of a cluster must share it.
     pub resume_secret: Option<String>,
@@ -240,6 +249,9 @@ impl Default for AuthConfig {
             failure_window_secs: 60,
             failure_delay_ms: 250,
             max_failure_delay_ms: 5_000,
+            max_failures_per_ip: 50,
+            max_failures_per_device: 20,
+            max_pending_per_ip: 4,
             resume_secret: None,
         }
     }
@@ -400,6 +412,17 @@ impl Config {
                 return bad("auth.resume_secret", "must be 64 hex digits (32 bytes)");
             }
         }
+        if self.auth.max_pending_per_ip == 0 {
+            return bad("auth.max_pending_per_ip", "must be at least 1");
+        }
+        if self.auth.max_failures_per_ip < self.auth.free_failures
+            || self.auth.max_failures_per_device < self.auth.free_failures
+        {
+            return bad(
+                "auth.max_failures_per_ip",
+                "max_failures_per_ip and max_failures_per_device must be at least free_failures",
+            );
+        }
         if let Some(token) = &self.admin.token {
             if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
                 return bad(
@@ -493,8 +516,18 @@ impl Config {
                 window: Duration::from_secs(self.auth.failure_window_secs.into()),
                 base_delay: ms(self.auth.failure_delay_ms),
                 max_delay: ms(self.auth.max_failure_delay_ms),
+                max_failures: self.auth.max_failures_per_ip,
                 max_tracked: 65_536,
             },
+            device_throttle: thalamus_ingress::ThrottleConfig {
+                free_failures: self.auth.free_failures,
+                window: Duration::from_secs(self.auth.failure_window_secs.into()),
+                base_delay: ms(self.auth.failure_delay_ms),
+                max_delay: ms(self.auth.max_failure_delay_ms),
+                max_failures: self.auth.max_failures_per_device,
+                max_tracked: 65_536,
+            },
+            max_pending_logins_per_ip: self.auth.max_pending_per_ip as usize,
         }
     }
 

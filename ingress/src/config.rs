@@ -45,6 +45,10 @@ pub struct IngressConfig {
     pub max_calls: u32,
     /// Largest text body (announced in `Welcome`).
     pub max_text_bytes: u32,
-    /// The login throttle.
+    /// The login throttle per source address.
     pub throttle: ThrottleConfig,
+    /// The login throttle per device id (wrong secrets only; a device's known secret passes).
+    pub device_throttle: ThrottleConfig,
+    /// Credential checks one source address may have in flight at once.
+    pub max_pending_logins_per_ip: usize,
 }

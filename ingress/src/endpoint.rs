@@ -166,6 +166,8 @@ impl BoundIngress {
         } = deps;
         let shared = Arc::new(Shared {
             throttle: AuthThrottle::new(self.config.throttle),
+            device_throttle: AuthThrottle::new(self.config.device_throttle),
+            pending_logins: DashMap::new(),
             verifier: VerifierPool::start(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
                 4096,

@@ -60,6 +60,18 @@ pub enum Verdict {
 pub struct DeviceRegistry {
     path: PathBuf,
     loaded: Mutex<Loaded>,
+    /// argon2 checks run so far (known and unknown ids alike).
+    slow_checks: std::sync::atomic::AtomicU64,
+}
+
+/// A hash no secret is expected to match, made once with the registry's argon2 parameters:
+/// checking a credential of an unknown id against it costs what a known id costs, so the
+/// answer's timing does not say whether an id exists.
+fn decoy_hash() -> Option<&'static str> {
+    static DECOY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    DECOY
+        .get_or_init(|| hash_secret(&generate_secret()).ok())
+        .as_deref()
 }
 
 impl DeviceRegistry {
@@ -68,6 +80,7 @@ impl DeviceRegistry {
         Self {
             path: path.into(),
             loaded: Mutex::new(Loaded::default()),
+            slow_checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -130,20 +143,42 @@ impl DeviceRegistry {
         self.lock().devices.keys().cloned().collect()
     }
 
+    /// Whether `secret` is one that verified for `device_id` before (a SHA-256 compare, no
+    /// argon2): `Some(Valid)` then, `None` when only the slow check can tell. Cheap enough to
+    /// run on the executor before queueing for the slow check.
+    pub fn check_cached(&self, device_id: &str, secret: &str) -> Option<Verdict> {
+        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        (self.lock().verified.get(device_id) == Some(&digest)).then_some(Verdict::Valid)
+    }
+
+    /// argon2 checks run so far (for tests and metrics).
+    pub fn slow_checks(&self) -> u64 {
+        self.slow_checks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Checks `secret` for `device_id`. Slow (argon2) unless the same secret verified before:
-    /// call it from a blocking thread.
+    /// call it from a blocking thread. An unknown id costs the same argon2 check as a known
+    /// one (against a decoy hash), so timing reveals nothing.
     pub fn verify(&self, device_id: &str, secret: &str) -> Result<Verdict, RegistryError> {
         self.refresh()?;
         let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
         let hash = {
             let loaded = self.lock();
-            let Some(entry) = loaded.devices.get(device_id) else {
-                return Ok(Verdict::UnknownDevice);
-            };
-            if loaded.verified.get(device_id) == Some(&digest) {
-                return Ok(Verdict::Valid);
+            match loaded.devices.get(device_id) {
+                None => None,
+                Some(_) if loaded.verified.get(device_id) == Some(&digest) => {
+                    return Ok(Verdict::Valid);
+                }
+                Some(entry) => Some(entry.secret_hash.clone()),
             }
-            entry.secret_hash.clone()
+        };
+        self.slow_checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(hash) = hash else {
+            if let Some(decoy) = decoy_hash() {
+                let _ = verify_secret(secret, decoy);
+            }
+            return Ok(Verdict::UnknownDevice);
         };
         let matches = verify_secret(secret, &hash).map_err(|e| FormatError::Malformed {
             path: self.path.clone(),
@@ -282,17 +317,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = DeviceRegistry::open(dir.path().join("devices.toml"));
         let secret = reg.add("earpiece-1").unwrap();
+        assert_eq!(reg.check_cached("earpiece-1", &secret), None);
         assert_eq!(reg.verify("earpiece-1", &secret).unwrap(), Verdict::Valid);
-        // Second time through the cache.
+        assert_eq!(reg.slow_checks(), 1);
+        // Second time through the cache, which the fast check also sees.
         assert_eq!(reg.verify("earpiece-1", &secret).unwrap(), Verdict::Valid);
+        assert_eq!(reg.slow_checks(), 1);
+        assert_eq!(
+            reg.check_cached("earpiece-1", &secret),
+            Some(Verdict::Valid)
+        );
+        assert_eq!(reg.check_cached("earpiece-1", "wrong"), None);
         assert_eq!(
             reg.verify("earpiece-1", "wrong").unwrap(),
             Verdict::WrongSecret
         );
+        assert_eq!(reg.slow_checks(), 2);
+        // An unknown id pays the same argon2 check as a known one.
         assert_eq!(
             reg.verify("nobody", &secret).unwrap(),
             Verdict::UnknownDevice
         );
+        assert_eq!(reg.slow_checks(), 3);
         assert!(matches!(
             reg.add("earpiece-1"),
             Err(RegistryError::Format(FormatError::Exists(_)))

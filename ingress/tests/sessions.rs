@@ -111,6 +111,7 @@ impl DevicePlacement for FakePlacement {
 
 struct Harness {
     ingress: Option<RunningIngress>,
+    registry: Arc<DeviceRegistry>,
     requests: Arc<FakeRequests>,
     placement: Arc<FakePlacement>,
     sessions: Arc<Sessions>,
@@ -121,6 +122,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut IngressConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let registry = Arc::new(DeviceRegistry::open(dir.path().join("devices.toml")));
         for device in ["dev-1", "dev-2"] {
@@ -149,16 +154,28 @@ impl Harness {
                 window: Duration::from_secs(60),
                 base_delay: Duration::from_millis(10),
                 max_delay: Duration::from_millis(10),
+                max_failures: 1_000,
                 max_tracked: 1024,
             },
+            device_throttle: ThrottleConfig {
+                free_failures: 100,
+                window: Duration::from_secs(60),
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(10),
+                max_failures: 1_000,
+                max_tracked: 1024,
+            },
+            max_pending_logins_per_ip: 4,
         };
+        let mut config = config;
+        adjust(&mut config);
         let bound = Ingress::bind(config).unwrap();
         let fingerprint = bound.fingerprint.clone();
         let requests = Arc::new(FakeRequests::default());
         let placement = Arc::new(FakePlacement::default());
         let sessions = Arc::new(Sessions::default());
         let ingress = bound.serve(IngressDeps {
-            registry,
+            registry: registry.clone(),
             tokens: ResumeTokens::new([3; 32], 300),
             sessions: sessions.clone(),
             requests: requests.clone(),
@@ -170,6 +187,7 @@ impl Harness {
         let endpoint = thalamus_sim::quic::client_endpoint(ingress.local_addr, client).unwrap();
         Self {
             ingress: Some(ingress),
+            registry,
             requests,
             placement,
             sessions,
@@ -177,13 +195,6 @@ impl Harness {
             fingerprint,
             _dir: dir,
         }
-    }
-
-    async fn connect(&self) -> DeviceConnection {
-        let addr = self.ingress.as_ref().unwrap().local_addr;
-        DeviceConnection::connect(&self.endpoint, addr, "thalamus")
-            .await
-            .unwrap()
     }
 
     async fn hello(
@@ -195,7 +206,31 @@ impl Harness {
         DeviceConnection,
         Result<thalamus_proto::v1::Welcome, DeviceError>,
     ) {
-        let mut conn = self.connect().await;
+        self.hello_from(&self.endpoint, device, secret, token).await
+    }
+
+    /// A client endpoint bound to `ip` (another source address on loopback).
+    fn endpoint_on(&self, ip: &str) -> quinn::Endpoint {
+        let fp = thalamus_sim::quic::parse_fingerprint(&self.fingerprint).unwrap();
+        let mut endpoint = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(thalamus_sim::quic::client_config(Some(fp)).unwrap());
+        endpoint
+    }
+
+    async fn hello_from(
+        &self,
+        endpoint: &quinn::Endpoint,
+        device: &str,
+        secret: &str,
+        token: Vec<u8>,
+    ) -> (
+        DeviceConnection,
+        Result<thalamus_proto::v1::Welcome, DeviceError>,
+    ) {
+        let addr = self.ingress.as_ref().unwrap().local_addr;
+        let mut conn = DeviceConnection::connect(endpoint, addr, "thalamus")
+            .await
+            .unwrap();
         let answer = tokio::time::timeout(
             WAIT,
             conn.hello(Hello {
@@ -393,4 +428,100 @@ async fn a_device_owned_elsewhere_is_redirected_after_its_credential_checks_out(
     let (_conn, answer) = h.hello("dev-1", SECRET, Vec::new()).await;
     assert!(answer.is_ok());
     h.stop().await;
+}
+
+/// Attack: parallel wrong-secret logins from one address, while a real device reconnects from
+/// another. The attacker's checks are capped per address (most are refused at once, without
+/// argon2), the attacked device id locks after its allowance of wrong secrets, unknown ids
+/// cost an argon2 check like known ones, and the real device (its secret verified once) gets
+/// in every time without queueing behind the attack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_wrong_secrets_from_one_address_do_not_keep_real_devices_out() {
+    let h = Arc::new(
+        Harness::start_with(|c| {
+            c.max_connections = 1_000;
+            c.max_connections_per_ip = 1_000;
+            c.max_pending_logins_per_ip = 2;
+            c.device_throttle.max_failures = 10;
+        })
+        .await,
+    );
+    let real = h.endpoint_on("127.0.0.2");
+    // The real device logs in once (its secret is verified and remembered).
+    let (first, answer) = h.hello_from(&real, "dev-1", SECRET, Vec::new()).await;
+    answer.unwrap();
+    first.conn.close(0u32.into(), b"bye");
+    let before = h.registry.slow_checks();
+
+    // 120 wrong-secret logins at once from 127.0.0.1: for dev-2 and for ids that do not exist.
+    let attack: Vec<_> = (0..120)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let device = if i % 2 == 0 {
+                    "dev-2".to_string()
+                } else {
+                    format!("ghost-{i}")
+                };
+                let (_conn, answer) = h.hello(&device, "wrong", Vec::new()).await;
+                match answer {
+                    Err(DeviceError::Refused(env)) => match env.body {
+                        Some(Body::Error(e)) => e.code,
+                        other => panic!("{other:?}"),
+                    },
+                    other => panic!("a wrong secret got in: {other:?}"),
+                }
+            })
+        })
+        .collect();
+    // Meanwhile the real device reconnects ten times.
+    for _ in 0..10 {
+        let (conn, answer) = h.hello_from(&real, "dev-1", SECRET, Vec::new()).await;
+        assert!(answer.is_ok(), "{answer:?}");
+        conn.conn.close(0u32.into(), b"bye");
+    }
+    let mut busy = 0;
+    let mut refused = 0;
+    for task in attack {
+        match task.await.unwrap() {
+            c if c == ErrorCode::Busy as i32 => busy += 1,
+            c if c == ErrorCode::Unauthenticated as i32 => refused += 1,
+            other => panic!("unexpected error code {other}"),
+        }
+    }
+    let checks = h.registry.slow_checks() - before;
+    println!(
+        "login attack: 120 parallel wrong secrets from one address: {refused} checked and \
+         refused, {busy} turned away unchecked (per-address cap or device lock), {checks} \
+         argon2 checks; the real device reconnected 10 of 10 times"
+    );
+    assert_eq!(busy + refused, 120);
+    assert!(busy > 0, "the per-address cap turned nobody away");
+    assert_eq!(
+        checks, refused,
+        "only the checked attempts ran argon2 (no check for the real device)"
+    );
+    // Wrong secrets for dev-2 lock it after its allowance (10 per window, some already spent
+    // by the attack): then even its right secret waits out the window. (A device whose secret
+    // was never verified on this node can be locked by a stranger for one window; dev-1, whose
+    // secret was, cannot.)
+    let mut locked_after = None;
+    for attempt in 1..=12 {
+        let (_conn, answer) = h.hello("dev-2", "wrong", Vec::new()).await;
+        if let Err(DeviceError::Refused(env)) = answer {
+            if matches!(env.body, Some(Body::Error(ref e)) if e.code == ErrorCode::Busy as i32) {
+                locked_after = Some(attempt);
+                break;
+            }
+        }
+    }
+    assert!(locked_after.is_some(), "dev-2 never locked");
+    let (_conn, answer) = h.hello("dev-2", SECRET, Vec::new()).await;
+    assert!(matches!(answer, Err(DeviceError::Refused(_))), "{answer:?}");
+    for _ in 0..12 {
+        let (_conn, answer) = h.hello("dev-1", "wrong", Vec::new()).await;
+        assert!(answer.is_err());
+    }
+    let (_conn, answer) = h.hello_from(&real, "dev-1", SECRET, Vec::new()).await;
+    assert!(answer.is_ok());
 }

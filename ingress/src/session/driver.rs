@@ -312,37 +312,34 @@ async fn authenticate(
     request_id: u64,
     reply: oneshot::Sender<AuthResult>,
 ) {
-    let delay = node
-        .throttle
-        .delay_for(remote.ip(), Instant::now().into_std());
-    if !delay.is_zero() {
-        node.metrics.auth_throttled.inc();
-        tokio::time::sleep(delay).await;
-    }
-    let verdict = if !valid_device_id(&hello.device_id) || hello.credential.len() > 1024 {
-        Ok(Verdict::UnknownDevice)
-    } else {
-        match node.verifier.submit(
-            node.registry.clone(),
-            hello.device_id.clone(),
-            hello.credential.clone(),
-        ) {
-            Err(busy) => {
-                inc(&node.metrics.limits_hit, "login_queue");
-                Err(busy.to_string())
-            }
-            Ok(rx) => match rx.await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-        }
-    };
+    let ip = remote.ip();
+    let device = hello.device_id.clone();
+    let now = Instant::now().into_std();
+    let verdict: Result<Verdict, String> =
+        if !valid_device_id(&device) || hello.credential.len() > 1024 {
+            Ok(Verdict::UnknownDevice)
+        } else if let Some(v) = node.registry.check_cached(&device, &hello.credential) {
+            // The secret this device logged in with before: no limit applies, nothing queues.
+            Ok(v)
+        } else if node.throttle.locked(&ip, now) {
+            inc(&node.metrics.limits_hit, "login_ip_locked");
+            Err("too many failed logins from this address: try later".into())
+        } else if node.device_throttle.locked(&device, now) {
+            inc(&node.metrics.limits_hit, "login_device_locked");
+            Err("too many failed logins for this device: try later".into())
+        } else {
+            slow_check(&node, ip, &device, &hello.credential).await
+        };
     match verdict {
-        Ok(Verdict::Valid) => node.throttle.record_success(remote.ip()),
-        Ok(_) => node
-            .throttle
-            .record_failure(remote.ip(), Instant::now().into_std()),
+        Ok(Verdict::Valid) => {
+            node.throttle.record_success(&ip);
+            node.device_throttle.record_success(&device);
+        }
+        Ok(Verdict::WrongSecret) => {
+            node.throttle.record_failure(ip, now);
+            node.device_throttle.record_failure(device, now);
+        }
+        Ok(Verdict::UnknownDevice) => node.throttle.record_failure(ip, now),
         Err(_) => {}
     }
     let credential = match verdict {
@@ -374,6 +371,67 @@ async fn authenticate(
         hello,
         credential,
     });
+}
+
+/// The argon2 check of a credential, off the executor: after the address's throttle delay,
+/// and only while the address has fewer than `max_pending_logins_per_ip` checks in flight
+/// (parallel attempts from one address cannot fill the verifier pool).
+async fn slow_check(
+    node: &Shared,
+    ip: std::net::IpAddr,
+    device: &str,
+    secret: &str,
+) -> Result<Verdict, String> {
+    let delay = node.throttle.delay_for(&ip, Instant::now().into_std());
+    if !delay.is_zero() {
+        node.metrics.auth_throttled.inc();
+        tokio::time::sleep(delay).await;
+    }
+    let Some(_slot) = PendingLogin::acquire(node, ip) else {
+        inc(&node.metrics.limits_hit, "login_per_ip");
+        return Err("too many logins in progress from this address".into());
+    };
+    match node.verifier.submit(
+        node.registry.clone(),
+        device.to_string(),
+        secret.to_string(),
+    ) {
+        Err(busy) => {
+            inc(&node.metrics.limits_hit, "login_queue");
+            Err(busy.to_string())
+        }
+        Ok(rx) => match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+}
+
+/// One credential check in flight for an address; released on drop.
+struct PendingLogin<'a> {
+    node: &'a Shared,
+    ip: std::net::IpAddr,
+}
+
+impl<'a> PendingLogin<'a> {
+    fn acquire(node: &'a Shared, ip: std::net::IpAddr) -> Option<Self> {
+        let mut count = node.pending_logins.entry(ip).or_insert(0);
+        if *count >= node.config.max_pending_logins_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(Self { node, ip })
+    }
+}
+
+impl Drop for PendingLogin<'_> {
+    fn drop(&mut self) {
+        self.node.pending_logins.remove_if_mut(&self.ip, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
 }
 
 /// Carries out an `Install`: makes this connection `device_id`'s session (the session it

@@ -1,11 +1,13 @@
-//! Slows down repeated authentication failures from one source address.
+//! Limits repeated authentication failures, per key: a source address, or a device id.
 //!
 //! The first `free_failures` failures in a window cost nothing; each one after that doubles an
-//! added delay up to a cap, applied before the next attempt from that address is checked. A
-//! success clears the address. Memory is bounded: past `max_tracked` addresses, stale entries
-//! are dropped and, if still full, new addresses are not tracked (they get the maximum delay).
+//! added delay up to a cap, applied before the next attempt is checked; past `max_failures` the
+//! key is locked until its window ends ([`AuthThrottle::locked`]): attempts are refused
+//! without checking the credential. A success clears the key. Memory is bounded: past
+//! `max_tracked` keys, stale entries are dropped and, if still full, new keys are not tracked.
 //! Time is passed in; this module reads no clock.
 
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,8 @@ pub struct ThrottleConfig {
     pub base_delay: Duration,
     /// Largest delay.
     pub max_delay: Duration,
+    /// Failures per window after which the key is locked until the window ends.
+    pub max_failures: u32,
     /// Most addresses tracked at once.
     pub max_tracked: usize,
 }
@@ -32,14 +36,14 @@ struct Record {
     window_start: Instant,
 }
 
-/// Per-address failure counts.
+/// Failure counts per key (a source address by default).
 #[derive(Debug)]
-pub struct AuthThrottle {
+pub struct AuthThrottle<K: Hash + Eq = IpAddr> {
     config: ThrottleConfig,
-    records: DashMap<IpAddr, Record>,
+    records: DashMap<K, Record>,
 }
 
-impl AuthThrottle {
+impl<K: Hash + Eq + Clone> AuthThrottle<K> {
     /// A throttle with `config`.
     pub fn new(config: ThrottleConfig) -> Self {
         Self {
@@ -48,9 +52,18 @@ impl AuthThrottle {
         }
     }
 
+    /// Whether `key` failed more than `max_failures` times in its window (at `now`): its
+    /// attempts are refused without checking the credential until the window ends.
+    pub fn locked(&self, key: &K, now: Instant) -> bool {
+        self.records.get(key).is_some_and(|r| {
+            now.saturating_duration_since(r.window_start) <= self.config.window
+                && r.failures > self.config.max_failures
+        })
+    }
+
     /// The delay to apply before checking an attempt from `ip` at `now`.
-    pub fn delay_for(&self, ip: IpAddr, now: Instant) -> Duration {
-        let Some(rec) = self.records.get(&ip).map(|r| *r) else {
+    pub fn delay_for(&self, ip: &K, now: Instant) -> Duration {
+        let Some(rec) = self.records.get(ip).map(|r| *r) else {
             return Duration::ZERO;
         };
         if now.saturating_duration_since(rec.window_start) > self.config.window {
@@ -69,8 +82,8 @@ impl AuthThrottle {
             .min(self.config.max_delay)
     }
 
-    /// Records a failure from `ip` at `now`.
-    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
+    /// Records a failure of `ip` at `now`.
+    pub fn record_failure(&self, ip: K, now: Instant) {
         if self.records.len() >= self.config.max_tracked && !self.records.contains_key(&ip) {
             let window = self.config.window;
             self.records
@@ -91,8 +104,8 @@ impl AuthThrottle {
     }
 
     /// Clears `ip` after a success.
-    pub fn record_success(&self, ip: IpAddr) {
-        self.records.remove(&ip);
+    pub fn record_success(&self, ip: &K) {
+        self.records.remove(ip);
     }
 
     /// Addresses tracked now.
@@ -113,6 +126,7 @@ mod tests {
             window: Duration::from_secs(60),
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_millis(1000),
+            max_failures: 20,
             max_tracked,
         })
     }
@@ -125,24 +139,56 @@ mod tests {
         for _ in 0..3 {
             t.record_failure(ip, t0);
         }
-        assert_eq!(t.delay_for(ip, t0), Duration::ZERO);
+        assert_eq!(t.delay_for(&ip, t0), Duration::ZERO);
         t.record_failure(ip, t0);
-        assert_eq!(t.delay_for(ip, t0), Duration::from_millis(100));
+        assert_eq!(t.delay_for(&ip, t0), Duration::from_millis(100));
         t.record_failure(ip, t0);
-        assert_eq!(t.delay_for(ip, t0), Duration::from_millis(200));
+        assert_eq!(t.delay_for(&ip, t0), Duration::from_millis(200));
         for _ in 0..10 {
             t.record_failure(ip, t0);
         }
-        assert_eq!(t.delay_for(ip, t0), Duration::from_millis(1000));
+        assert_eq!(t.delay_for(&ip, t0), Duration::from_millis(1000));
         // Other addresses are not affected.
-        assert_eq!(t.delay_for("10.0.0.2".parse().unwrap(), t0), Duration::ZERO);
-        // The window expires.
         assert_eq!(
-            t.delay_for(ip, t0 + Duration::from_secs(61)),
+            t.delay_for(&"10.0.0.2".parse().unwrap(), t0),
             Duration::ZERO
         );
-        t.record_success(ip);
-        assert_eq!(t.delay_for(ip, t0), Duration::ZERO);
+        // The window expires.
+        assert_eq!(
+            t.delay_for(&ip, t0 + Duration::from_secs(61)),
+            Duration::ZERO
+        );
+        t.record_success(&ip);
+        assert_eq!(t.delay_for(&ip, t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn past_max_failures_a_key_is_locked_for_its_window() {
+        let t = throttle(10);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..20 {
+            t.record_failure(ip, t0);
+        }
+        assert!(!t.locked(&ip, t0));
+        t.record_failure(ip, t0);
+        assert!(t.locked(&ip, t0));
+        assert!(t.locked(&ip, t0 + Duration::from_secs(59)));
+        assert!(
+            !t.locked(&ip, t0 + Duration::from_secs(61)),
+            "the window ends"
+        );
+        // Keys of another type: device ids.
+        let devices: AuthThrottle<String> = AuthThrottle::new(ThrottleConfig {
+            max_failures: 1,
+            ..t.config
+        });
+        devices.record_failure("d1".into(), t0);
+        devices.record_failure("d1".into(), t0);
+        assert!(devices.locked(&"d1".to_string(), t0));
+        assert!(!devices.locked(&"d2".to_string(), t0));
+        devices.record_success(&"d1".to_string());
+        assert!(!devices.locked(&"d1".to_string(), t0));
     }
 
     #[test]
