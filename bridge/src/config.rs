@@ -18,6 +18,16 @@ pub struct SipCredentials {
     pub username: String,
     /// Password.
     pub password: String,
+    /// Realms whose challenges they answer (empty: any realm of an allowed host).
+    #[serde(default)]
+    pub realms: Vec<String>,
+    /// Hosts they may be sent to (a request's next hop or Request-URI host). Empty: the
+    /// outbound proxy's and the registrar's hosts; with neither, they are never sent.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Answer MD5 challenges that offer no qop (RFC 2069, weaker); off by default.
+    #[serde(default)]
+    pub allow_md5_without_qop: bool,
 }
 
 /// Upstream registration of device addresses-of-record (`[sip.registrar]`).
@@ -71,6 +81,8 @@ pub struct BridgeConfig {
     pub registrar: Option<RegistrarConfig>,
     /// Per-device settings.
     pub devices: BTreeMap<String, DeviceSettings>,
+    /// Hosts of the outbound proxy and the registrar: where credentials without `hosts` may go.
+    pub trunk_hosts: Vec<String>,
     /// Longest wait for the write of a local CSeq before the request that uses it is sent.
     pub write_ahead_timeout: Duration,
     /// Longest wait for the store while taking a dialog over.
@@ -93,6 +105,7 @@ impl Default for BridgeConfig {
             credentials: None,
             registrar: None,
             devices: BTreeMap::new(),
+            trunk_hosts: Vec::new(),
             write_ahead_timeout: Duration::from_millis(250),
             takeover_timeout: Duration::from_secs(2),
             reinvite_after_takeover: true,

@@ -21,7 +21,15 @@ use thalamus_sip::digest::{
 };
 use thalamus_sip::message::{HeaderName, Request};
 
-use crate::config::SipCredentials;
+/// A user an untrusted source may authenticate as (`[[sip.inbound.users]]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InboundUser {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
 
 /// The `[sip.inbound]` section.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -30,7 +38,7 @@ pub struct InboundConfig {
     /// Sources whose requests pass without credentials (CIDR blocks; default loopback only).
     pub trusted: Vec<IpNet>,
     /// Credentials other sources may answer the digest challenge with (none: they get 403).
-    pub users: Vec<SipCredentials>,
+    pub users: Vec<InboundUser>,
     /// Realm of the challenge (default: `sip.domain`).
     pub realm: Option<String>,
     /// Secret of the stateless nonces, hex, at least 16 bytes; nodes that share it accept each
@@ -80,7 +88,7 @@ pub enum InboundError {
 #[derive(Debug)]
 pub struct InboundPolicy {
     trusted: Vec<IpNet>,
-    users: Vec<SipCredentials>,
+    users: Vec<InboundUser>,
     digest: DigestServer,
 }
 
@@ -205,7 +213,7 @@ mod tests {
             &InboundConfig {
                 users: users
                     .iter()
-                    .map(|(u, p)| SipCredentials {
+                    .map(|(u, p)| InboundUser {
                         username: (*u).into(),
                         password: (*p).into(),
                     })

@@ -14,14 +14,14 @@ use std::time::Duration;
 use dashmap::DashMap;
 use thalamus_sip::message::{CSeq, HeaderName, Method, NameAddr, Uri};
 use thalamus_sip::transport::PeerTransport;
-use thalamus_sip::ua::{ClientEvent, UserAgent};
+use thalamus_sip::ua::{ClientEvent, DigestAuth, UserAgent};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::RegistrarConfig;
 
-/// Digest credentials (user name, password) of one device, if it has any.
-type Credentials = Option<(String, String)>;
+/// Digest credentials of one device, if it has any.
+type Credentials = Option<DigestAuth>;
 
 /// Registers online devices upstream.
 #[derive(Clone)]
@@ -73,7 +73,7 @@ impl Registrar {
     }
 
     /// Starts (or restarts) registering `device`.
-    pub fn device_online(&self, device: &str, credentials: Option<(String, String)>) {
+    pub fn device_online(&self, device: &str, credentials: Option<DigestAuth>) {
         let inner = self.inner.clone();
         let name = device.to_string();
         let refresh_credentials = credentials.clone();
@@ -142,7 +142,7 @@ impl Inner {
         &self,
         device: &str,
         expires: u32,
-        credentials: Option<(String, String)>,
+        credentials: Option<DigestAuth>,
         sequence: (String, u32),
     ) -> Option<u32> {
         let uri = self.registrar_uri.clone()?;

@@ -20,7 +20,7 @@ use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::Envelope;
 use thalamus_sip::dialog::DialogId;
 use thalamus_sip::message::{NameAddr, Uri};
-use thalamus_sip::ua::{ServerTx, UserAgent};
+use thalamus_sip::ua::{DigestAuth, ServerTx, UserAgent};
 use thalamus_telemetry::inc;
 use tracing::warn;
 
@@ -147,14 +147,31 @@ impl BridgeInner {
         ))
     }
 
-    /// Digest credentials for requests on behalf of `device`.
-    pub(crate) fn credentials(&self, device: &str) -> Option<(String, String)> {
-        self.config
+    /// Digest credentials for requests on behalf of `device`, scoped to the realms and hosts
+    /// they are for (by default the outbound proxy's and the registrar's hosts; with neither,
+    /// none are sent).
+    pub(crate) fn credentials(&self, device: &str) -> Option<DigestAuth> {
+        let a = self
+            .config
             .devices
             .get(device)
             .and_then(|d| d.auth.clone())
-            .or_else(|| self.config.credentials.clone())
-            .map(|a| (a.username, a.password))
+            .or_else(|| self.config.credentials.clone())?;
+        let hosts = if a.hosts.is_empty() {
+            self.config.trunk_hosts.clone()
+        } else {
+            a.hosts
+        };
+        if hosts.is_empty() {
+            return None;
+        }
+        Some(DigestAuth {
+            username: a.username,
+            password: a.password,
+            realms: a.realms,
+            hosts,
+            allow_md5_without_qop: a.allow_md5_without_qop,
+        })
     }
 
     /// Resolves a Dial/SendText target: an alias of the device's address book, or a URI. A bare

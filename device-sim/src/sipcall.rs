@@ -131,7 +131,13 @@ async fn one_call(ua: &UserAgent, opts: &SipCallOptions) -> anyhow::Result<()> {
     ))?;
     invite.set_body(Bytes::from(offer.to_string()), Some(&MediaType::sdp()));
     let mut call = ua
-        .send_with_auth(invite, None, opts.credentials.clone())
+        .send_with_auth(
+            invite,
+            None,
+            opts.credentials
+                .clone()
+                .map(|(user, password)| thalamus_sip::ua::DigestAuth::anywhere(user, password)),
+        )
         .await?;
     let dialog = loop {
         match call.events.recv().await {

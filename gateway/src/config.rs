@@ -439,7 +439,24 @@ impl Config {
                 return bad("sip.registrar.uri", "is not a SIP URI");
             }
         }
+        let trunk = self.trunk_hosts();
+        let sent_nowhere = |c: &SipCredentials| c.hosts.is_empty() && trunk.is_empty();
+        if self.sip.auth.as_ref().is_some_and(sent_nowhere) {
+            return bad(
+                "sip.auth.hosts",
+                "credentials would be sent nowhere: name the hosts they are for (or configure \
+                 sip.outbound_proxy or sip.registrar, whose hosts are the default)",
+            );
+        }
         for (device, settings) in &self.devices {
+            if settings.auth.as_ref().is_some_and(sent_nowhere) {
+                return Err(ConfigError::Key {
+                    key: format!("devices.{device}.auth.hosts"),
+                    message: "credentials would be sent nowhere: name the hosts they are for \
+                              (or configure sip.outbound_proxy or sip.registrar)"
+                        .into(),
+                });
+            }
             for (alias, uri) in &settings.address_book {
                 if thalamus_sip::message::Uri::parse(uri).is_err() {
                     return Err(ConfigError::Key {
@@ -544,10 +561,28 @@ impl Config {
             credentials: self.sip.auth.clone(),
             registrar: self.sip.registrar.clone(),
             devices: self.devices.clone(),
+            trunk_hosts: self.trunk_hosts(),
             write_ahead_timeout: self.cluster.write_ahead_timeout(),
             takeover_timeout: self.cluster.takeover_timeout(),
             reinvite_after_takeover: self.cluster.reinvite_after_takeover,
         }
+    }
+
+    /// The hosts of the outbound proxy and the registrar: where credentials without their own
+    /// `hosts` may be sent.
+    pub fn trunk_hosts(&self) -> Vec<String> {
+        let proxy = self
+            .outbound_proxy()
+            .ok()
+            .flatten()
+            .map(|u| u.host.to_string());
+        let registrar = self
+            .sip
+            .registrar
+            .as_ref()
+            .and_then(|r| thalamus_sip::message::Uri::parse(&r.uri).ok())
+            .and_then(|u| u.host().map(|h| h.to_string()));
+        proxy.into_iter().chain(registrar).collect()
     }
 
     /// The SIP user agent's settings (`[sip]`: listen, advertised, outbound proxy, timers).

@@ -33,6 +33,80 @@ use crate::transport::{Inbound, PeerTransport, SipTransport, TransportConfig, Tr
 /// A body and its type.
 pub type Body = Option<(Bytes, MediaType)>;
 
+/// Digest credentials and where they may be sent (see [`UserAgent::send_with_auth`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DigestAuth {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// Realms whose challenges they answer; empty: any realm.
+    pub realms: Vec<String>,
+    /// Hosts they may be sent to: the request's next hop (its IP address, or a name it was
+    /// resolved from) or the Request-URI's host must be one of them; empty: any host.
+    pub hosts: Vec<String>,
+    /// Answer an MD5 challenge that offers no qop (RFC 2069: no client nonce, so a recorded
+    /// answer can be replayed); refused unless set.
+    pub allow_md5_without_qop: bool,
+}
+
+impl DigestAuth {
+    /// Credentials for any realm and any host (a test tool's; a gateway scopes its own).
+    pub fn anywhere(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            username: username.into(),
+            password: password.into(),
+            realms: Vec::new(),
+            hosts: Vec::new(),
+            allow_md5_without_qop: false,
+        }
+    }
+
+    /// Why these credentials must not answer `challenge` for a request to `uri` going to
+    /// `next_hop`; `None` when they may.
+    pub fn refuses(
+        &self,
+        challenge: &crate::digest::Challenge,
+        uri: &Uri,
+        next_hop: SocketAddr,
+    ) -> Option<&'static str> {
+        if !self.realms.is_empty() && !self.realms.iter().any(|r| *r == challenge.realm) {
+            return Some("realm not configured for these credentials");
+        }
+        if !self.hosts.is_empty() {
+            let hop = next_hop.ip().to_string();
+            let uri_host = uri.host().map(|h| h.to_string()).unwrap_or_default();
+            let known = |h: &String| {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                h.eq_ignore_ascii_case(&hop)
+                    || h.eq_ignore_ascii_case(
+                        uri_host.trim_start_matches('[').trim_end_matches(']'),
+                    )
+            };
+            if !self.hosts.iter().any(known) {
+                return Some("host not configured for these credentials");
+            }
+        }
+        if challenge.effective_algorithm() == crate::digest::Algorithm::Md5
+            && challenge.qop.is_none()
+            && !self.allow_md5_without_qop
+        {
+            return Some("MD5 without qop");
+        }
+        None
+    }
+}
+
+impl std::fmt::Debug for DigestAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DigestAuth")
+            .field("username", &self.username)
+            .field("realms", &self.realms)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
 /// User agent settings.
 #[derive(Debug, Clone)]
 pub struct UaConfig {
@@ -417,18 +491,20 @@ impl UserAgent {
         .await?
     }
 
-    /// Sends `request` and answers up to two 401/407 digest challenges with `credentials`
-    /// (user name, password): the request goes again with CSeq + 1 and an Authorization (or
-    /// Proxy-Authorization) header. The returned call yields every response except the
-    /// answered challenges; [`ClientCall::key`] follows the latest transaction (for CANCEL).
+    /// Sends `request` and answers up to two 401/407 digest challenges with `credentials`:
+    /// the request goes again with CSeq + 1 and an Authorization (or Proxy-Authorization)
+    /// header. A challenge the credentials are not for (another realm or host, or MD5 without
+    /// qop unless allowed: [`DigestAuth::refuses`]) is not answered but passed up as the final
+    /// response. The returned call yields every response except the answered challenges;
+    /// [`ClientCall::key`] follows the latest transaction (for CANCEL).
     pub async fn send_with_auth(
         &self,
         request: Request,
         destination: Option<Peer>,
-        credentials: Option<(String, String)>,
+        credentials: Option<DigestAuth>,
     ) -> Result<ClientCall, UaError> {
         let first = self.send(request, destination).await?;
-        let Some((user, password)) = credentials else {
+        let Some(auth) = credentials else {
             return Ok(first);
         };
         let (tx, rx) = mpsc::channel(32);
@@ -442,7 +518,8 @@ impl UserAgent {
         };
         let ua = self.clone();
         tokio::spawn(async move {
-            let mut digest = crate::digest::DigestClient::new(user, password);
+            let mut digest =
+                crate::digest::DigestClient::new(auth.username.clone(), auth.password.clone());
             let mut inner = first;
             let mut rounds = 0;
             while let Some(event) = inner.events.recv().await {
@@ -464,7 +541,13 @@ impl UserAgent {
                     }
                 };
                 rounds += 1;
-                let next = match authorize(&mut digest, &inner.request, &challenge) {
+                let next = match authorize(
+                    &mut digest,
+                    &auth,
+                    &inner.request,
+                    inner.destination.addr,
+                    &challenge,
+                ) {
                     Ok(next) => next,
                     Err(e) => {
                         debug!(error = %e, "cannot answer the challenge");
@@ -644,7 +727,9 @@ impl UserAgent {
 /// A copy of `request` carrying credentials for `challenge` (CSeq + 1, same Call-ID and tags).
 fn authorize(
     digest: &mut crate::digest::DigestClient,
+    auth: &DigestAuth,
     request: &Request,
+    next_hop: SocketAddr,
     challenge: &Response,
 ) -> Result<Request, UaError> {
     let (challenge_header, answer_header) = if challenge.status == 407 {
@@ -660,6 +745,17 @@ fn authorize(
         .get_all(&challenge_header)
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
+    // The challenge the client would answer, checked against where the credentials may go;
+    // only it is passed on, so the answer is to the challenge that was checked.
+    let chosen = crate::digest::select_challenge(values.iter().map(String::as_str))
+        .map_err(|e| UaError::Auth(e.to_string()))?;
+    if let Some(why) = auth.refuses(&chosen, &request.uri, next_hop) {
+        return Err(UaError::Auth(format!(
+            "challenge from realm {:?} not answered: {why}",
+            chosen.realm
+        )));
+    }
+    let values = [chosen.to_string()];
     let uri = request.uri.to_string();
     let digest_request = crate::digest::DigestRequest {
         method: request.method.as_str(),
@@ -912,5 +1008,60 @@ async fn dispatch(
     };
     if events.send(ua_event).await.is_err() {
         debug!("the TU dropped its event channel");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_answer_only_the_realms_hosts_and_algorithms_they_are_for() {
+        let challenge = |realm: &str, algorithm: &str, qop: bool| {
+            format!(
+                "Digest realm=\"{realm}\", nonce=\"n1\", algorithm={algorithm}{}",
+                if qop { ", qop=\"auth\"" } else { "" }
+            )
+            .parse::<crate::digest::Challenge>()
+            .unwrap()
+        };
+        let trunk: SocketAddr = "203.0.113.5:5060".parse().unwrap();
+        let elsewhere: SocketAddr = "198.51.100.9:5060".parse().unwrap();
+        let uri = Uri::parse("sip:bob@carrier.example").unwrap();
+        let auth = DigestAuth {
+            realms: vec!["carrier.example".into()],
+            hosts: vec!["203.0.113.5".into()],
+            ..DigestAuth::anywhere("gw", "pw")
+        };
+        let ok = challenge("carrier.example", "SHA-256", true);
+        assert_eq!(auth.refuses(&ok, &uri, trunk), None);
+        assert!(auth
+            .refuses(&challenge("evil.example", "SHA-256", true), &uri, trunk)
+            .is_some());
+        assert!(auth.refuses(&ok, &uri, elsewhere).is_some());
+        // The Request-URI's host counts too (a name the next hop was resolved from).
+        let named = DigestAuth {
+            hosts: vec!["carrier.example".into()],
+            ..auth.clone()
+        };
+        assert_eq!(named.refuses(&ok, &uri, elsewhere), None);
+        // MD5 without qop only when allowed; with qop it is fine.
+        let rfc2069 = challenge("carrier.example", "MD5", false);
+        assert!(auth.refuses(&rfc2069, &uri, trunk).is_some());
+        assert_eq!(
+            auth.refuses(&challenge("carrier.example", "MD5", true), &uri, trunk),
+            None
+        );
+        let legacy = DigestAuth {
+            allow_md5_without_qop: true,
+            ..auth.clone()
+        };
+        assert_eq!(legacy.refuses(&rfc2069, &uri, trunk), None);
+        // Unscoped credentials (a test tool's) answer any realm and host.
+        let any = DigestAuth::anywhere("gw", "pw");
+        assert_eq!(
+            any.refuses(&challenge("x", "SHA-256", true), &uri, elsewhere),
+            None
+        );
     }
 }

@@ -153,7 +153,11 @@ async fn digest_challenge_is_answered() {
         NameAddr::new(Uri::parse(&target).unwrap()),
     );
     let mut call = alice
-        .send_with_auth(request, None, Some(("alice".into(), "secret".into())))
+        .send_with_auth(
+            request,
+            None,
+            Some(thalamus_sip::ua::DigestAuth::anywhere("alice", "secret")),
+        )
         .await
         .unwrap();
     let server = DigestServer::new(DigestServerConfig::new("test", vec![7u8; 32])).unwrap();

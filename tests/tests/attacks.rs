@@ -219,3 +219,81 @@ fn without_users_a_stranger_gets_403_for_every_device() {
     let report = sip_calls("127.0.0.2:0", &format!("sip:online@{}", gw.sip), 5, &[]);
     assert_eq!(report["succeeded"], 5, "{report}");
 }
+
+/// Runs SIPp's digest-checking UAS (`tests/scenarios/uas_digest.xml`, realm `thalamus.test`)
+/// on a free port; returns it and the port.
+fn challenger() -> (thalamus_tests::SippProcess, u16) {
+    let port = thalamus_tests::free_udp_port().unwrap();
+    let mut command = thalamus_tests::sipp();
+    command.args([
+        "-sf",
+        &thalamus_tests::scenario("uas_digest.xml"),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-m",
+        "1",
+        "-nostdin",
+    ]);
+    let sipp = thalamus_tests::SippProcess::spawn(command);
+    std::thread::sleep(Duration::from_millis(300));
+    (sipp, port)
+}
+
+/// A device on a node whose trunk credentials are `auth` calls the challenger; the call's
+/// final event, and SIPp (still running when the challenge went unanswered).
+fn call_the_challenger(auth: &str) -> (Value, thalamus_tests::SippProcess) {
+    let gw = Gateway::start(&format!(
+        "[sip.auth]\nusername = \"alice\"\npassword = \"wonderland\"\n{auth}"
+    ))
+    .unwrap();
+    let secret = gw.add_device("caller").unwrap();
+    let (sipp, port) = challenger();
+    let quic = gw.quic.to_string();
+    let target = format!("sip:service@127.0.0.1:{port}");
+    let mut sim = Sim::spawn(&[
+        "call",
+        "--gateway",
+        &quic,
+        "--fingerprint",
+        &gw.fingerprint,
+        "--device",
+        "caller",
+        "--secret",
+        &secret,
+        "--target",
+        &target,
+        "--hold-ms",
+        "10",
+    ])
+    .unwrap();
+    let ended = sim
+        .wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "ended",
+            Duration::from_secs(40),
+        )
+        .unwrap();
+    (ended, sipp)
+}
+
+#[test]
+fn trunk_credentials_are_not_given_to_a_challenger_they_are_not_for() {
+    // The trunk's credentials are for 127.0.0.2 only: a challenge from 127.0.0.1 is not
+    // answered; the device sees the 401.
+    // (Had it been answered, SIPp would have checked the answer: 200 for the right one, 403
+    // for a wrong one; the device sees the challenge's own 401 instead.)
+    let (ended, _sipp) = call_the_challenger("hosts = [\"127.0.0.2\"]\n");
+    assert_eq!(ended["sip_status"], 401, "{ended}");
+    // Right host, foreign realm: not answered either.
+    let (ended, _) =
+        call_the_challenger("hosts = [\"127.0.0.1\"]\nrealms = [\"carrier.example\"]\n");
+    assert_eq!(ended["sip_status"], 401, "{ended}");
+    // The control: the host and realm they are for get the answer, and the call goes through
+    // (so the refusals above are the scope's doing).
+    let (ended, sipp) =
+        call_the_challenger("hosts = [\"127.0.0.1\"]\nrealms = [\"thalamus.test\"]\n");
+    assert_ne!(ended["sip_status"], 401, "{ended}");
+    let outcome = sipp.wait(Duration::from_secs(40));
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+}
