@@ -70,7 +70,7 @@ impl DigestAuth {
         uri: &Uri,
         next_hop: SocketAddr,
     ) -> Option<&'static str> {
-        if !self.realms.is_empty() && !self.realms.iter().any(|r| *r == challenge.realm) {
+        if !self.realms.is_empty() && !self.realms.contains(&challenge.realm) {
             return Some("realm not configured for these credentials");
         }
         if !self.hosts.is_empty() {
