@@ -105,6 +105,8 @@ impl RunningBalancer {
                 ..TransportConfig::default()
             },
             tx,
+            // A stateless proxy has no transactions to fail.
+            mpsc::channel(1).0,
         )
         .await?;
         let sip_udp = transport
@@ -264,7 +266,7 @@ async fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
                 addr,
                 transport: out.transport,
             };
-            if let Err(e) = transport.send(peer, out.bytes).await {
+            if let Err(e) = transport.send(peer, out.bytes, None).await {
                 shared.metrics.send_errors.inc();
                 tracing::debug!(error = %e, "SIP send failed");
             }
@@ -289,7 +291,7 @@ async fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
                     addr,
                     transport: out.transport,
                 };
-                if let Err(e) = transport.send(peer, out.bytes).await {
+                if let Err(e) = transport.send(peer, out.bytes, None).await {
                     shared.metrics.send_errors.inc();
                     tracing::debug!(error = %e, "SIP send failed");
                 }

@@ -67,8 +67,15 @@ pub struct BridgeConfig {
     pub sip_domain: String,
     /// How long an incoming call rings on a device before it is answered 480.
     pub no_answer_timeout: Duration,
-    /// Most calls at once per device.
+    /// Most calls at once per device, not counting incoming calls still ringing (so calls
+    /// ringing at a device never take the slots of its own `Dial`).
     pub max_calls: u32,
+    /// Most incoming calls ringing at once per device; more are answered 486.
+    pub max_ringing: u32,
+    /// Texts (SIP MESSAGE) a device may receive; more are answered 503 with Retry-After.
+    pub texts_in: crate::limits::Rate,
+    /// Texts (`SendText`) a device may send; more get an MBFP `LimitExceeded` error.
+    pub texts_out: crate::limits::Rate,
     /// Largest text body.
     pub max_text_bytes: u32,
     /// How long a request for a known device that is not logged in waits for it.
@@ -99,6 +106,15 @@ impl Default for BridgeConfig {
             sip_domain: "thalamus.local".into(),
             no_answer_timeout: Duration::from_secs(60),
             max_calls: 4,
+            max_ringing: 4,
+            texts_in: crate::limits::Rate {
+                per_sec: 5,
+                burst: 20,
+            },
+            texts_out: crate::limits::Rate {
+                per_sec: 5,
+                burst: 20,
+            },
             max_text_bytes: 16 * 1024,
             arrival_wait: Duration::from_secs(2),
             device_grace: Duration::from_secs(60),

@@ -28,6 +28,7 @@ pub mod call;
 pub mod config;
 pub mod dialogs;
 pub mod inbound;
+pub mod limits;
 pub mod mapping;
 pub mod media_sdp;
 pub mod metrics;
@@ -123,6 +124,7 @@ impl Bridge {
             inbound,
         } = deps;
         let conflicts = replicator.as_ref().and_then(|r| r.take_conflicts());
+        let (config_texts_in, config_texts_out) = (config.texts_in, config.texts_out);
         let registrar = config
             .registrar
             .clone()
@@ -152,6 +154,9 @@ impl Bridge {
             watched: DashMap::new(),
             arrivals: tokio::sync::Notify::new(),
             arrival_waits: AtomicUsize::new(0),
+            ringing_per_device: DashMap::new(),
+            texts_in: limits::DeviceRates::new(config_texts_in, 65_536),
+            texts_out: limits::DeviceRates::new(config_texts_out, 65_536),
         });
         tokio::spawn(dispatch(inner.clone(), events));
         if let Some(conflicts) = conflicts {
@@ -234,7 +239,8 @@ impl DeviceRequests for Bridge {
                         format!("call_ref {} is already in use", dial.call_ref),
                     )];
                 }
-                let live = inner.device_call_count(device_id);
+                // Incoming calls still ringing do not take the device's own slots.
+                let live = inner.busy_count(device_id);
                 if live >= inner.config.max_calls as usize {
                     inc(&inner.metrics.sip_refused, "max_calls");
                     return vec![error_frame(
@@ -302,6 +308,17 @@ impl DeviceRequests for Bridge {
                 }
             }
             Body::SendText(text) => {
+                if let Err(retry) = inner
+                    .texts_out
+                    .take(tokio::time::Instant::now().into_std(), device_id)
+                {
+                    inc(&inner.metrics.sip_refused, "texts_out_rate");
+                    return vec![error_frame(
+                        request_id,
+                        ErrorCode::LimitExceeded,
+                        format!("too many texts; try again in {retry} s"),
+                    )];
+                }
                 if text.body.len() > inner.config.max_text_bytes as usize {
                     return vec![error_frame(
                         request_id,
@@ -654,9 +671,10 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                     }
                 }
             }
-            let in_progress = InProgress {
+            let mut in_progress = InProgress {
                 inner: inner.clone(),
                 key: merge_key,
+                ringing: None,
             };
             let Some(device) = addressed_device(&request) else {
                 inc(&inner.metrics.sip_refused, "not_found");
@@ -674,15 +692,32 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 return;
             }
             if request.method == Method::Message {
+                let now = tokio::time::Instant::now().into_std();
+                if let Err(retry) = inner.texts_in.take(now, &device) {
+                    inc(&inner.metrics.sip_refused, "texts_in_rate");
+                    let retry_after = vec![(HeaderName::RetryAfter, retry.to_string())];
+                    let _ = ua
+                        .respond_with_headers(tx, 503, None, None, retry_after)
+                        .await;
+                    return;
+                }
                 incoming_text(&inner, tx, &device, &request).await;
                 return;
             }
+            // Calls ringing and calls up are limited apart: a flood of INVITEs can keep a
+            // device ringing, not take the slots its own calls use.
+            if inner.ringing_count(&device) >= inner.config.max_ringing as usize {
+                inc(&inner.metrics.sip_refused, "max_ringing");
+                let _ = ua.respond(tx, 486, None, None).await;
+                return;
+            }
             let live = inner.device_call_count(&device);
-            if live >= inner.config.max_calls as usize {
+            if inner.busy_count(&device) >= inner.config.max_calls as usize {
                 inc(&inner.metrics.sip_refused, "max_calls");
                 let _ = ua.respond(tx, 486, None, None).await;
                 return;
             }
+            in_progress.ring(&device);
             // Incoming refs start at a random point on each node and skip refs in use (a call
             // taken over from another node keeps the ref that node gave it).
             let mut call_ref = 0;

@@ -63,6 +63,12 @@ pub(crate) struct BridgeInner {
     pub(crate) arrivals: tokio::sync::Notify,
     /// Requests waiting for their device now.
     pub(crate) arrival_waits: AtomicUsize,
+    /// Incoming calls ringing per device (their INVITE not yet answered finally).
+    pub(crate) ringing_per_device: DashMap<String, usize>,
+    /// Texts received per device (SIP MESSAGE).
+    pub(crate) texts_in: crate::limits::DeviceRates,
+    /// Texts sent per device (`SendText`).
+    pub(crate) texts_out: crate::limits::DeviceRates,
 }
 
 /// Most requests waiting for their device at once (`session.arrival_wait_ms`).
@@ -211,6 +217,17 @@ impl BridgeInner {
         self.calls_per_device.get(device).map_or(0, |n| *n)
     }
 
+    /// Incoming calls ringing at `device` on this node.
+    pub(crate) fn ringing_count(&self, device: &str) -> usize {
+        self.ringing_per_device.get(device).map_or(0, |n| *n)
+    }
+
+    /// Calls of `device` that count against `max_calls`: all but those ringing.
+    pub(crate) fn busy_count(&self, device: &str) -> usize {
+        self.device_call_count(device)
+            .saturating_sub(self.ringing_count(device))
+    }
+
     pub(crate) fn forget_call(&self, key: &CallKey) {
         if let Some((_, handle)) = self.calls.remove(key) {
             if let Some(d) = handle.dialog() {
@@ -225,10 +242,25 @@ impl BridgeInner {
     }
 }
 
-/// Forgets a request's merge key when its handling ends.
+/// Forgets a request's merge key, and stops counting its call as ringing, when its handling
+/// ends.
 pub struct InProgress {
     pub(crate) inner: Arc<BridgeInner>,
     pub(crate) key: Option<(String, String, u32)>,
+    /// The device this INVITE rings (counted in `ringing_per_device`).
+    pub(crate) ringing: Option<String>,
+}
+
+impl InProgress {
+    /// Counts this INVITE as ringing at `device` until it is dropped.
+    pub(crate) fn ring(&mut self, device: &str) {
+        *self
+            .inner
+            .ringing_per_device
+            .entry(device.to_string())
+            .or_insert(0) += 1;
+        self.ringing = Some(device.to_string());
+    }
 }
 
 impl std::fmt::Debug for InProgress {
@@ -243,6 +275,12 @@ impl Drop for InProgress {
     fn drop(&mut self) {
         if let Some(key) = &self.key {
             self.inner.in_progress.remove(key);
+        }
+        if let Some(device) = &self.ringing {
+            self.inner.ringing_per_device.remove_if_mut(device, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
         }
     }
 }

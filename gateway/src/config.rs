@@ -191,8 +191,21 @@ pub struct SessionConfig {
     pub max_frame_bytes: u32,
     /// Frames queued toward one device before the session is closed as too slow.
     pub send_queue_frames: u32,
-    /// Most calls at once per device.
+    /// Most calls at once per device (incoming calls still ringing not counted).
     pub max_calls: u32,
+    /// Most incoming calls ringing at once per device; more are answered 486. Default:
+    /// `max_calls`.
+    pub max_ringing_calls: Option<u32>,
+    /// Texts (SIP MESSAGE) one device may receive per second (0: no limit); more are answered
+    /// 503 with Retry-After.
+    pub texts_in_per_sec: u32,
+    /// Texts one device may receive at once before `texts_in_per_sec` applies.
+    pub texts_in_burst: u32,
+    /// Texts (`SendText`) one device may send per second (0: no limit); more get an MBFP
+    /// `LimitExceeded` error.
+    pub texts_out_per_sec: u32,
+    /// Texts one device may send at once before `texts_out_per_sec` applies.
+    pub texts_out_burst: u32,
     /// How long a resume token stays valid after its session ended (seconds).
     pub resume_window_secs: u32,
     /// Largest text message body (bytes).
@@ -209,6 +222,11 @@ impl Default for SessionConfig {
             max_frame_bytes: 64 * 1024,
             send_queue_frames: 256,
             max_calls: 4,
+            max_ringing_calls: None,
+            texts_in_per_sec: 5,
+            texts_in_burst: 20,
+            texts_out_per_sec: 5,
+            texts_out_burst: 20,
             resume_window_secs: 300,
             max_text_bytes: 16 * 1024,
             arrival_wait_ms: 2_000,
@@ -279,6 +297,8 @@ pub struct SipConfig {
     pub registrar: Option<RegistrarConfig>,
     /// Who may reach a device from outside (`[sip.inbound]`): trusted sources, digest users.
     pub inbound: thalamus_bridge::inbound::InboundConfig,
+    /// What one source, one device or one connection may take (`[sip.limits]`).
+    pub limits: SipLimitsConfig,
     /// Transaction timer T1 (milliseconds).
     pub t1_ms: u32,
     /// Transaction timer T2 (milliseconds).
@@ -298,9 +318,57 @@ impl Default for SipConfig {
             auth: None,
             registrar: None,
             inbound: thalamus_bridge::inbound::InboundConfig::default(),
+            limits: SipLimitsConfig::default(),
             t1_ms: 500,
             t2_ms: 4_000,
             t4_ms: 5_000,
+        }
+    }
+}
+
+/// Limits on what one source, device or connection may take from the SIP side (`[sip.limits]`).
+/// Sources in `sip.inbound.trusted` (the carrier, the balancer) are exempt from the per-source
+/// limits; everything is bound by the totals.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SipLimitsConfig {
+    /// Live SIP transactions on the node (client and server); over it, new requests get 503.
+    pub max_transactions: usize,
+    /// New server transactions per second from one untrusted address (0: no limit).
+    pub source_rate: u32,
+    /// New server transactions one untrusted address may start at once.
+    pub source_burst: u32,
+    /// Live server transactions one untrusted address may hold (0: no limit).
+    pub source_max_live: usize,
+    /// Untrusted addresses tracked at once.
+    pub max_sources: usize,
+    /// SIP TCP connections at once.
+    pub max_tcp_connections: usize,
+    /// SIP TCP connections from one address.
+    pub max_tcp_connections_per_ip: usize,
+    /// A SIP message on TCP must arrive whole within this many milliseconds of its first byte.
+    pub tcp_message_timeout_ms: u32,
+    /// Bytes of partial messages all SIP TCP connections may buffer together.
+    pub tcp_max_buffered_bytes: usize,
+    /// Milliseconds to open an outbound SIP TCP connection.
+    pub tcp_connect_timeout_ms: u32,
+}
+
+impl Default for SipLimitsConfig {
+    fn default() -> Self {
+        let transport = thalamus_sip::transport::TransportConfig::default();
+        let transactions = thalamus_sip::transaction::TransactionConfig::default();
+        Self {
+            max_transactions: transactions.max_transactions,
+            source_rate: transactions.per_source.rate,
+            source_burst: transactions.per_source.burst,
+            source_max_live: transactions.per_source.max_live,
+            max_sources: transactions.per_source.max_sources,
+            max_tcp_connections: transport.max_connections,
+            max_tcp_connections_per_ip: transport.max_connections_per_ip,
+            tcp_message_timeout_ms: 10_000,
+            tcp_max_buffered_bytes: transport.max_buffered_bytes,
+            tcp_connect_timeout_ms: 5_000,
         }
     }
 }
@@ -383,6 +451,18 @@ impl Config {
                 "must be between 256 and 16777216",
             );
         }
+        if self.session.texts_in_per_sec > 0 && self.session.texts_in_burst == 0 {
+            return bad(
+                "session.texts_in_burst",
+                "must be at least 1 when texts_in_per_sec is set",
+            );
+        }
+        if self.session.texts_out_per_sec > 0 && self.session.texts_out_burst == 0 {
+            return bad(
+                "session.texts_out_burst",
+                "must be at least 1 when texts_out_per_sec is set",
+            );
+        }
         if self.session.send_queue_frames == 0 {
             return bad("session.send_queue_frames", "must be above 0");
         }
@@ -394,6 +474,37 @@ impl Config {
         }
         if self.sip.t1_ms == 0 || self.sip.t2_ms < self.sip.t1_ms {
             return bad("sip.t2_ms", "T1 must be above 0 and T2 at least T1");
+        }
+        let limits = &self.sip.limits;
+        if limits.max_transactions < 64 {
+            return bad("sip.limits.max_transactions", "must be at least 64");
+        }
+        if limits.source_rate > 0 && limits.source_burst == 0 {
+            return bad(
+                "sip.limits.source_burst",
+                "must be at least 1 when source_rate is set",
+            );
+        }
+        if limits.max_sources == 0 {
+            return bad("sip.limits.max_sources", "must be at least 1");
+        }
+        if limits.max_tcp_connections == 0 || limits.max_tcp_connections_per_ip == 0 {
+            return bad(
+                "sip.limits.max_tcp_connections",
+                "max_tcp_connections and max_tcp_connections_per_ip must be at least 1",
+            );
+        }
+        if limits.tcp_message_timeout_ms < 100 {
+            return bad("sip.limits.tcp_message_timeout_ms", "must be at least 100");
+        }
+        if limits.tcp_max_buffered_bytes < 65_536 {
+            return bad(
+                "sip.limits.tcp_max_buffered_bytes",
+                "must be at least 65536 (one largest message)",
+            );
+        }
+        if limits.tcp_connect_timeout_ms < 100 {
+            return bad("sip.limits.tcp_connect_timeout_ms", "must be at least 100");
         }
         if let Err(e) = self.media.validate() {
             return Err(ConfigError::Key {
@@ -555,6 +666,18 @@ impl Config {
             sip_domain: self.sip.domain.clone(),
             no_answer_timeout: Duration::from_secs(self.sip.no_answer_timeout_secs.into()),
             max_calls: self.session.max_calls,
+            max_ringing: self
+                .session
+                .max_ringing_calls
+                .unwrap_or(self.session.max_calls),
+            texts_in: thalamus_bridge::limits::Rate {
+                per_sec: self.session.texts_in_per_sec,
+                burst: self.session.texts_in_burst,
+            },
+            texts_out: thalamus_bridge::limits::Rate {
+                per_sec: self.session.texts_out_per_sec,
+                burst: self.session.texts_out_burst,
+            },
             max_text_bytes: self.session.max_text_bytes,
             arrival_wait: Duration::from_millis(self.session.arrival_wait_ms.into()),
             device_grace: Duration::from_secs(u64::from(self.session.resume_window_secs).min(60)),
@@ -596,8 +719,17 @@ impl Config {
             t2: Duration::from_millis(self.sip.t2_ms.into()),
             t4: Duration::from_millis(self.sip.t4_ms.into()),
         };
+        let limits = &self.sip.limits;
         let mut endpoint = thalamus_sip::endpoint::EndpointConfig::default();
         endpoint.transactions.timers = timers;
+        endpoint.transactions.max_transactions = limits.max_transactions;
+        endpoint.transactions.per_source = thalamus_sip::transaction::SourceLimits {
+            rate: limits.source_rate,
+            burst: limits.source_burst,
+            max_live: limits.source_max_live,
+            max_sources: limits.max_sources,
+        };
+        endpoint.exempt_sources = self.sip.inbound.trusted.clone();
         endpoint.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
             t1: timers.t1,
             t2: timers.t2,
@@ -606,6 +738,11 @@ impl Config {
             transport: thalamus_sip::transport::TransportConfig {
                 udp: Some(self.sip.listen),
                 tcp: Some(self.sip.listen),
+                max_connections: limits.max_tcp_connections,
+                max_connections_per_ip: limits.max_tcp_connections_per_ip,
+                message_timeout: Duration::from_millis(limits.tcp_message_timeout_ms.into()),
+                max_buffered_bytes: limits.tcp_max_buffered_bytes,
+                connect_timeout: Duration::from_millis(limits.tcp_connect_timeout_ms.into()),
                 ..Default::default()
             },
             endpoint,
@@ -845,7 +982,7 @@ mod tests {
     fn device_sections() {
         let c = load(
             Some(
-                "[devices.earpiece-1.address_book]\nbob = \"sip:bob@example.com\"\n\n[devices.earpiece-1.auth]\nusername = \"e1\"\npassword = \"p\"\n",
+                "[devices.earpiece-1.address_book]\nbob = \"sip:bob@example.com\"\n\n[devices.earpiece-1.auth]\nusername = \"e1\"\npassword = \"p\"\nhosts = [\"example.com\"]\n",
             ),
             &[],
         )

@@ -21,4 +21,5 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod node;
 pub mod shared;
+pub mod sip_metrics;
 mod sweep;

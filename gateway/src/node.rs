@@ -156,6 +156,11 @@ impl GatewayNode {
         let sip_addr = ua
             .local_addr(thalamus_sip::transport::PeerTransport::Udp)
             .unwrap_or(config.sip.listen);
+        crate::sip_metrics::SipCollector::register(
+            ua.counters(),
+            ua.transport().clone(),
+            metrics_registry.registry_mut(),
+        );
         let media_address = config.media_address(sip_addr);
         let bridge = Bridge::start(
             ua,

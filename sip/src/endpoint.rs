@@ -38,6 +38,9 @@ pub struct EndpointConfig {
     pub dialogs: DialogsConfig,
     /// Value of the User-Agent / Server header, if any.
     pub user_agent: Option<String>,
+    /// Source addresses exempt from the per-source transaction limits
+    /// ([`TransactionConfig::per_source`]): trusted carriers, the balancer.
+    pub exempt_sources: Vec<ipnet::IpNet>,
 }
 
 impl Default for EndpointConfig {
@@ -46,6 +49,7 @@ impl Default for EndpointConfig {
             transactions: TransactionConfig::default(),
             dialogs: DialogsConfig::default(),
             user_agent: Some(concat!("thalamus/", env!("CARGO_PKG_VERSION")).to_string()),
+            exempt_sources: Vec::new(),
         }
     }
 }
@@ -195,8 +199,10 @@ pub struct Endpoint {
 impl Endpoint {
     /// An endpoint with `config`.
     pub fn new(config: EndpointConfig) -> Self {
+        let mut transactions = TransactionLayer::new(config.transactions);
+        transactions.set_exempt_sources(config.exempt_sources.clone());
         Self {
-            transactions: TransactionLayer::new(config.transactions),
+            transactions,
             dialogs: Dialogs::new(config.dialogs),
             config,
             servers: HashMap::new(),
@@ -234,6 +240,12 @@ impl Endpoint {
     /// Counters.
     pub fn stats(&self) -> EndpointStats {
         self.stats
+    }
+
+    /// Requests the transaction layer refused for a limit (table full, per-source rate or
+    /// share), or dropped.
+    pub fn admission_stats(&self) -> crate::transaction::LayerAdmissionStats {
+        self.transactions.admission_stats()
     }
 
     /// The dialog table (read-only).

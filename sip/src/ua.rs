@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -316,9 +317,57 @@ enum Command {
     Stats(oneshot::Sender<(EndpointStats, usize, usize)>),
 }
 
+/// The endpoint's counters, published by its task after each batch of work (for metrics: read
+/// them at any time without a round trip to the task).
+#[derive(Debug, Default)]
+pub struct SipCounters {
+    /// Live transactions.
+    pub transactions: AtomicU64,
+    /// Dialogs in the table.
+    pub dialogs: AtomicU64,
+    /// Requests answered statelessly because they failed validation.
+    pub invalid_requests: AtomicU64,
+    /// Responses dropped because they failed validation.
+    pub invalid_responses: AtomicU64,
+    /// Requests the transaction layer refused (malformed Via/CSeq, duplicates).
+    pub refused_requests: AtomicU64,
+    /// In-dialog requests answered 481.
+    pub unknown_dialog: AtomicU64,
+    /// New requests answered 503 because the transaction table was full.
+    pub refused_table: AtomicU64,
+    /// New requests answered 503 for their source's rate.
+    pub refused_source_rate: AtomicU64,
+    /// New requests answered 503 for their source's share of live transactions.
+    pub refused_source_share: AtomicU64,
+    /// New requests answered 503 because too many sources were tracked.
+    pub refused_sources: AtomicU64,
+    /// New requests dropped unanswered (a source flooding while refused).
+    pub dropped_flood: AtomicU64,
+}
+
+impl SipCounters {
+    fn publish(&self, endpoint: &Endpoint) {
+        let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        let stats = endpoint.stats();
+        let admission = endpoint.admission_stats();
+        set(&self.transactions, endpoint.transaction_count() as u64);
+        set(&self.dialogs, endpoint.dialogs().len() as u64);
+        set(&self.invalid_requests, stats.invalid_requests);
+        set(&self.invalid_responses, stats.invalid_responses);
+        set(&self.refused_requests, stats.refused_requests);
+        set(&self.unknown_dialog, stats.unknown_dialog);
+        set(&self.refused_table, admission.refused_table);
+        set(&self.refused_source_rate, admission.sources.refused_rate);
+        set(&self.refused_source_share, admission.sources.refused_share);
+        set(&self.refused_sources, admission.sources.refused_sources);
+        set(&self.dropped_flood, admission.sources.dropped);
+    }
+}
+
 struct Shared {
     commands: mpsc::Sender<Command>,
     transport: SipTransport,
+    counters: Arc<SipCounters>,
     resolver: Resolver,
     outbound_proxy: Option<SipUri>,
     contact_host: Host,
@@ -353,7 +402,9 @@ impl UserAgent {
     /// returned channel.
     pub async fn start(config: UaConfig) -> Result<(UserAgent, mpsc::Receiver<UaEvent>), UaError> {
         let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue);
-        let transport = SipTransport::bind(config.transport.clone(), inbound_tx).await?;
+        let (failures_tx, failures_rx) = mpsc::channel(4096);
+        let transport =
+            SipTransport::bind(config.transport.clone(), inbound_tx, failures_tx).await?;
         let udp = transport.local_addr(PeerTransport::Udp);
         let tcp = transport.local_addr(PeerTransport::Tcp);
         let bound = udp
@@ -373,9 +424,11 @@ impl UserAgent {
         endpoint.set_sent_by(Transport::Tcp, host.clone(), tcp_port);
         let (commands, command_rx) = mpsc::channel(4096);
         let (events_tx, events_rx) = mpsc::channel(config.event_queue);
+        let counters = Arc::new(SipCounters::default());
         let shared = Arc::new(Shared {
             commands,
             transport: transport.clone(),
+            counters: counters.clone(),
             resolver: config.resolver.clone(),
             outbound_proxy: config.outbound_proxy.clone(),
             contact_host: host,
@@ -383,7 +436,13 @@ impl UserAgent {
             tcp_port,
         });
         tokio::spawn(drive(
-            endpoint, transport, inbound_rx, command_rx, events_tx,
+            endpoint,
+            transport,
+            inbound_rx,
+            failures_rx,
+            command_rx,
+            events_tx,
+            counters,
         ));
         Ok((UserAgent { shared }, events_rx))
     }
@@ -396,6 +455,11 @@ impl UserAgent {
     /// Transport counters.
     pub fn transport(&self) -> &SipTransport {
         &self.shared.transport
+    }
+
+    /// The endpoint's counters (transactions, dialogs, refusals by limit).
+    pub fn counters(&self) -> Arc<SipCounters> {
+        self.shared.counters.clone()
     }
 
     /// Our Contact for `user` on `transport`.
@@ -785,8 +849,10 @@ async fn drive(
     mut endpoint: Endpoint,
     transport: SipTransport,
     mut inbound: mpsc::Receiver<Inbound>,
+    mut failures: mpsc::Receiver<TransactionKey>,
     mut commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<UaEvent>,
+    counters: Arc<SipCounters>,
 ) {
     let mut calls: HashMap<TransactionKey, mpsc::Sender<ClientEvent>> = HashMap::new();
     loop {
@@ -809,6 +875,10 @@ async fn drive(
                     }
                 }
             }
+            Some(key) = failures.recv() => {
+                // A TCP connection that never opened: its waiting messages were not sent.
+                endpoint.handle_transport_error(Instant::now(), key);
+            }
             command = commands.recv() => {
                 let Some(command) = command else { break };
                 run_command(&mut endpoint, &mut calls, command);
@@ -821,6 +891,7 @@ async fn drive(
         while let Some(event) = endpoint.poll_event() {
             dispatch(&mut calls, &events, event).await;
         }
+        counters.publish(&endpoint);
     }
 }
 
@@ -833,7 +904,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 async fn flush(endpoint: &mut Endpoint, transport: &SipTransport) {
     while let Some(transmit) = endpoint.poll_transmit() {
-        if let Err(e) = transport.send(transmit.destination, transmit.payload).await {
+        if let Err(e) = transport
+            .send(transmit.destination, transmit.payload, transmit.key)
+            .await
+        {
             debug!(error = %e, "send failed");
             if let Some(key) = transmit.key {
                 endpoint.handle_transport_error(Instant::now(), key);

@@ -124,6 +124,7 @@ async fn start_node_with(name: &str, balancer: &Balancer, secret: Option<&[u8]>)
             ..TransportConfig::default()
         },
         tx,
+        tokio::sync::mpsc::channel(1).0,
     )
     .await
     .unwrap();
@@ -182,7 +183,7 @@ async fn start_node_with(name: &str, balancer: &Balancer, secret: Option<&[u8]>)
                 }
                 _ => {}
             }
-            let _ = t.send(inbound.peer, resp.to_bytes()).await;
+            let _ = t.send(inbound.peer, resp.to_bytes(), None).await;
         }
     });
     let mut config = HeartbeatSenderConfig::new(id.clone(), sip, vec![balancer.heartbeat]);

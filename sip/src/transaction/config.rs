@@ -132,6 +132,10 @@ pub struct TransactionConfig {
     /// 100 Trying itself (RFC 3261 section 17.2.1: it MUST send one unless the TU answers within
     /// 200 ms). Default 200 ms; zero sends 100 Trying at once when the INVITE arrives.
     pub trying_delay: Duration,
+    /// Limits on the server transactions one source address may start and hold
+    /// ([`SourceLimiter`](super::SourceLimiter)); exempt addresses are given to
+    /// [`TransactionLayer::set_exempt_sources`](super::TransactionLayer::set_exempt_sources).
+    pub per_source: super::SourceLimits,
 }
 
 impl Default for TransactionConfig {
@@ -140,6 +144,7 @@ impl Default for TransactionConfig {
             timers: TimerConfig::default(),
             max_transactions: 65_536,
             trying_delay: Duration::from_millis(200),
+            per_source: super::SourceLimits::default(),
         }
     }
 }

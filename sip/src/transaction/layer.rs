@@ -14,6 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+use super::admission::{Admission, AdmissionStats, SourceLimiter};
 use super::client::{CancelState, ClientTransaction};
 use super::config::TransactionConfig;
 use super::ctx::{Ctx, Step, TxTimers};
@@ -25,7 +26,7 @@ use super::timer::{Timer, TimerQueue};
 use super::types::{
     TransactionError, TransactionEvent, TransactionKind, TransactionState, Transmit,
 };
-use crate::message::{generate_tag, HeaderError, Message, Method, Request, Response};
+use crate::message::{generate_tag, HeaderError, HeaderName, Message, Method, Request, Response};
 
 /// What [`TransactionLayer::handle_request`] did with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +42,19 @@ pub enum RequestOutcome {
     AckAbsorbed(TransactionKey),
     /// An ACK passed to the TU as [`TransactionEvent::Ack`].
     AckPassed(Option<TransactionKey>),
-    /// Over [`TransactionConfig::max_transactions`]: answered 503 statelessly, nothing created.
+    /// Over [`TransactionConfig::max_transactions`] or a per-source limit
+    /// ([`TransactionConfig::per_source`]): answered 503 statelessly, or not at all when the
+    /// source keeps flooding; nothing created.
     Rejected,
+}
+
+/// Requests refused by the layer's limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerAdmissionStats {
+    /// Refused by the per-source limits (or dropped).
+    pub sources: AdmissionStats,
+    /// Refused (503) because the table was full.
+    pub refused_table: u64,
 }
 
 /// What [`TransactionLayer::cancel`] did.
@@ -97,6 +109,8 @@ enum IndexId {
 struct Entry {
     id: IndexId,
     tx: Tx,
+    /// The source address a server transaction is counted against (per-source share).
+    source: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +136,8 @@ pub struct TransactionLayer {
     timers: TimerQueue,
     transmits: VecDeque<Transmit>,
     events: VecDeque<TransactionEvent>,
+    sources: SourceLimiter,
+    refused_table: u64,
 }
 
 impl Default for TransactionLayer {
@@ -144,6 +160,22 @@ impl TransactionLayer {
             timers: TimerQueue::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            sources: SourceLimiter::new(config.per_source, Vec::new()),
+            refused_table: 0,
+        }
+    }
+
+    /// Addresses not subject to the per-source limits (trusted carriers, the balancer); they
+    /// are still bound by [`TransactionConfig::max_transactions`].
+    pub fn set_exempt_sources(&mut self, exempt: Vec<ipnet::IpNet>) {
+        self.sources = SourceLimiter::new(self.config.per_source, exempt);
+    }
+
+    /// Requests refused or dropped by a limit, per limit.
+    pub fn admission_stats(&self) -> LayerAdmissionStats {
+        LayerAdmissionStats {
+            sources: self.sources.stats(),
+            refused_table: self.refused_table,
         }
     }
 
@@ -252,6 +284,7 @@ impl TransactionLayer {
         &mut self,
         now: Instant,
         id: IndexId,
+        source: Option<std::net::IpAddr>,
         build: impl FnOnce(&mut Ctx<'_>) -> Tx,
     ) -> TransactionKey {
         let index = match self.free.pop() {
@@ -279,7 +312,7 @@ impl TransactionLayer {
             IndexId::Legacy(l) => self.legacy.insert(l.clone(), key),
         };
         if let Some(slot) = self.slots.get_mut(index as usize) {
-            slot.entry = Some(Entry { id, tx });
+            slot.entry = Some(Entry { id, tx, source });
         }
         self.live += 1;
         key
@@ -300,6 +333,9 @@ impl TransactionLayer {
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(key.index);
         self.live -= 1;
+        if let Some(source) = entry.source {
+            self.sources.release(source);
+        }
         match entry.id {
             IndexId::Client(c) => self.clients.remove(&c),
             IndexId::Server(s) => self.servers.remove(&s),
@@ -356,7 +392,7 @@ impl TransactionLayer {
         request: Request,
         destination: Peer,
     ) -> TransactionKey {
-        self.insert(now, IndexId::Client(id), |ctx| {
+        self.insert(now, IndexId::Client(id), None, |ctx| {
             Tx::Client(ClientTransaction::start(ctx, request, destination))
         })
     }
@@ -490,25 +526,6 @@ impl TransactionLayer {
             return Ok(RequestOutcome::Retransmission(key));
         }
         let destination = response_destination(&via, &source);
-        if self.live >= self.config.max_transactions {
-            let mut busy = Response::from_request(&request, 503, None);
-            busy.set_to_tag(&generate_tag());
-            self.send_stateless(destination, busy);
-            return Ok(RequestOutcome::Rejected);
-        }
-        let (index_id, legacy) = match id {
-            RequestId::Rfc3261(s) => (IndexId::Server(s), None),
-            RequestId::Legacy { id, to_tag } => {
-                if self.legacy.contains_key(&id) {
-                    return Err(TransactionError::Duplicate);
-                }
-                let tags = LegacyTags {
-                    request: to_tag,
-                    response: None,
-                };
-                (IndexId::Legacy(id), Some(tags))
-            }
-        };
         let invite = if request.method == Method::Cancel {
             Some(
                 request_id_with_via(&request, &via, &Method::Invite)
@@ -518,8 +535,41 @@ impl TransactionLayer {
         } else {
             None
         };
+        if self.live >= self.config.max_transactions {
+            self.refused_table += 1;
+            self.refuse(&request, destination, 5);
+            return Ok(RequestOutcome::Rejected);
+        }
+        // A CANCEL of a live INVITE is part of a transaction already admitted.
+        let counted_source = match invite {
+            Some(Some(_)) => None,
+            _ => match self.sources.admit(now, source.addr.ip()) {
+                Admission::Admit => Some(source.addr.ip()),
+                Admission::Refuse { retry_after, .. } => {
+                    self.refuse(&request, destination, retry_after);
+                    return Ok(RequestOutcome::Rejected);
+                }
+                Admission::Drop => return Ok(RequestOutcome::Rejected),
+            },
+        };
+        let (index_id, legacy) = match id {
+            RequestId::Rfc3261(s) => (IndexId::Server(s), None),
+            RequestId::Legacy { id, to_tag } => {
+                if self.legacy.contains_key(&id) {
+                    if let Some(ip) = counted_source {
+                        self.sources.release(ip);
+                    }
+                    return Err(TransactionError::Duplicate);
+                }
+                let tags = LegacyTags {
+                    request: to_tag,
+                    response: None,
+                };
+                (IndexId::Legacy(id), Some(tags))
+            }
+        };
         let trying_delay = self.config.trying_delay;
-        let key = self.insert(now, index_id, |ctx| {
+        let key = self.insert(now, index_id, counted_source, |ctx| {
             Tx::Server(ServerTransaction::start(
                 ctx,
                 &request,
@@ -542,6 +592,15 @@ impl TransactionLayer {
             },
         });
         Ok(RequestOutcome::Created(key))
+    }
+
+    /// Answers `request` 503 with Retry-After statelessly (a limit refused it).
+    fn refuse(&mut self, request: &Request, destination: Peer, retry_after: u32) {
+        let mut busy = Response::from_request(request, 503, None);
+        busy.set_to_tag(&generate_tag());
+        busy.headers
+            .push(HeaderName::RetryAfter, retry_after.to_string());
+        self.send_stateless(destination, busy);
     }
 
     fn handle_ack(

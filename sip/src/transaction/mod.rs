@@ -43,6 +43,7 @@
 //! arrives and sending the ACK of a 2xx are the endpoint's and dialogs' work. Timer C (proxies)
 //! is not implemented.
 
+mod admission;
 mod client;
 mod config;
 mod ctx;
@@ -57,9 +58,10 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use admission::{Admission, AdmissionStats, Refusal, SourceLimiter, SourceLimits};
 pub use config::{TimerConfig, TransactionConfig, MIN_RETRANSMIT_INTERVAL};
 pub use key::TransactionKey;
-pub use layer::{CancelOutcome, RequestOutcome, TransactionLayer};
+pub use layer::{CancelOutcome, LayerAdmissionStats, RequestOutcome, TransactionLayer};
 pub use peer::{response_destination, stamp_received, Peer};
 pub use timer::Timer;
 pub use types::{TransactionError, TransactionEvent, TransactionKind, TransactionState, Transmit};

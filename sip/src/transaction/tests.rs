@@ -1575,6 +1575,76 @@ mod matching_and_limits {
     }
 
     #[test]
+    fn one_source_cannot_take_the_table_and_gets_503_then_silence() {
+        let t0 = Instant::now();
+        let mut layer = TransactionLayer::new(TransactionConfig {
+            max_transactions: 100,
+            per_source: SourceLimits {
+                rate: 10,
+                burst: 5,
+                max_live: 8,
+                max_sources: 1_000,
+            },
+            ..TransactionConfig::default()
+        });
+        layer.set_exempt_sources(vec!["198.51.100.0/24".parse().unwrap()]);
+        let attacker = Peer::udp(addr("203.0.113.66:5060"));
+        let mut created = 0;
+        let mut answered_503 = 0;
+        for i in 0..50 {
+            let r = request(Method::Options, &format!("z9hG4bKf{i}"), "UDP");
+            match layer.handle_request(t0, r, attacker).unwrap() {
+                RequestOutcome::Created(_) => created += 1,
+                RequestOutcome::Rejected => {}
+                other => panic!("{other:?}"),
+            }
+            for t in transmits(&mut layer) {
+                if let Message::Response(busy) = parsed(&t) {
+                    assert_eq!(busy.status, 503);
+                    assert!(busy.headers.get(&HeaderName::RetryAfter).is_some());
+                    answered_503 += 1;
+                }
+            }
+        }
+        // The burst, then 503s up to the debt, then nothing at all.
+        assert_eq!((created, answered_503), (5, 5));
+        let stats = layer.admission_stats().sources;
+        assert_eq!((stats.refused_rate, stats.dropped), (5, 40));
+        // A retransmission of an admitted request is absorbed, not counted as new.
+        assert!(matches!(
+            layer.handle_request(t0, request(Method::Options, "z9hG4bKf0", "UDP"), attacker),
+            Ok(RequestOutcome::Retransmission(_))
+        ));
+        // Another source and an exempt one are not affected.
+        let other = Peer::udp(addr("192.0.2.77:5060"));
+        assert!(matches!(
+            layer.handle_request(t0, request(Method::Options, "z9hG4bKo", "UDP"), other),
+            Ok(RequestOutcome::Created(_))
+        ));
+        let carrier = Peer::udp(addr("198.51.100.5:5060"));
+        for i in 0..20 {
+            let r = request(Method::Options, &format!("z9hG4bKc{i}"), "UDP");
+            assert!(matches!(
+                layer.handle_request(t0, r, carrier),
+                Ok(RequestOutcome::Created(_))
+            ));
+        }
+        // The share: at a slow rate the attacker still holds at most max_live at once.
+        let mut t = t0;
+        let mut live = 5;
+        for i in 0..20 {
+            t += ms(2_000);
+            let r = request(Method::Options, &format!("z9hG4bKs{i}"), "UDP");
+            if let RequestOutcome::Created(_) = layer.handle_request(t, r, attacker).unwrap() {
+                live += 1;
+            }
+            let _ = transmits(&mut layer);
+        }
+        assert_eq!(live, 8);
+        assert!(layer.admission_stats().sources.refused_share > 0);
+    }
+
+    #[test]
     fn keys_are_not_reused_after_termination() {
         let t0 = Instant::now();
         let mut layer = TransactionLayer::default();

@@ -7,6 +7,14 @@
 //! it sends bytes to a peer over UDP or over a reused TCP connection (opening one when none
 //! exists). It keeps no transaction or dialog state and makes no routing decisions. TLS would
 //! be a third listener of the same shape as TCP.
+//!
+//! No peer can stall the caller: [`SipTransport::send`] never waits for a peer. A TCP
+//! destination has its own bounded queue; a connection is opened by a task of its own while
+//! messages wait in that queue, and when it cannot be opened the transactions whose messages
+//! were waiting are reported on the failure channel. A black-holed destination delays only its
+//! own messages. On receive, a TCP message must arrive whole within `message_timeout` of its
+//! first byte, and the bytes buffered by all connections together are bounded
+//! (`max_buffered_bytes`): a slow or stalled sender is closed and counted.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +30,7 @@ use tracing::{debug, warn};
 
 use crate::message::{Message, ParseLimits, StreamError, StreamFramer, StreamItem};
 pub use crate::peer::{Peer, PeerTransport};
+use crate::transaction::TransactionKey;
 
 /// A message received from the network.
 #[derive(Debug)]
@@ -53,6 +62,11 @@ pub struct TransportConfig {
     pub connection_queue: usize,
     /// Timeout for opening an outbound TCP connection.
     pub connect_timeout: Duration,
+    /// A TCP message must be received whole within this time of its first byte.
+    pub message_timeout: Duration,
+    /// Most bytes buffered by all TCP connections together (partial messages); a connection
+    /// that would go over is closed.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for TransportConfig {
@@ -66,6 +80,8 @@ impl Default for TransportConfig {
             idle_timeout: Duration::from_secs(300),
             connection_queue: 1024,
             connect_timeout: Duration::from_secs(5),
+            message_timeout: Duration::from_secs(10),
+            max_buffered_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -115,12 +131,29 @@ pub struct TransportStats {
     pub dropped_overload: AtomicU64,
     /// TCP connections refused by a limit.
     pub connections_refused: AtomicU64,
-    /// TCP connections open now.
+    /// TCP connections open now (and outbound ones being opened).
     pub connections_open: AtomicUsize,
+    /// Outbound TCP connections that could not be opened (refused, timed out).
+    pub connect_failures: AtomicU64,
+    /// Sends refused because a destination's queue was full.
+    pub queue_full: AtomicU64,
+    /// TCP connections closed because a message did not arrive whole within `message_timeout`.
+    pub closed_slow: AtomicU64,
+    /// TCP connections closed because the total of buffered bytes was reached.
+    pub closed_buffer_limit: AtomicU64,
+    /// Bytes buffered now by all TCP connections (partial messages).
+    pub buffered_bytes: AtomicUsize,
+}
+
+/// A message waiting toward a TCP destination, and the transaction to fail if it is never
+/// written.
+struct Outgoing {
+    bytes: Bytes,
+    key: Option<TransactionKey>,
 }
 
 struct Connection {
-    queue: mpsc::Sender<Bytes>,
+    queue: mpsc::Sender<Outgoing>,
 }
 
 struct Inner {
@@ -131,6 +164,7 @@ struct Inner {
     connections: dashmap::DashMap<SocketAddr, Connection>,
     per_ip: Mutex<std::collections::HashMap<IpAddr, usize>>,
     inbound: mpsc::Sender<Inbound>,
+    failures: mpsc::Sender<TransactionKey>,
     stats: TransportStats,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -152,10 +186,12 @@ impl std::fmt::Debug for SipTransport {
 
 impl SipTransport {
     /// Binds the configured sockets and starts the receive tasks; inbound messages go to
-    /// `inbound`.
+    /// `inbound`, and the transactions whose messages could not be sent after
+    /// [`SipTransport::send`] returned (a TCP connection that never opened) go to `failures`.
     pub async fn bind(
         config: TransportConfig,
         inbound: mpsc::Sender<Inbound>,
+        failures: mpsc::Sender<TransactionKey>,
     ) -> Result<Self, TransportError> {
         let (udp, udp_addr, listener, tcp_addr) = bind_sockets(&config).await?;
         let inner = Arc::new(Inner {
@@ -166,6 +202,7 @@ impl SipTransport {
             connections: dashmap::DashMap::new(),
             per_ip: Mutex::new(Default::default()),
             inbound,
+            failures,
             stats: TransportStats::default(),
             tasks: Mutex::new(Vec::new()),
         });
@@ -196,28 +233,47 @@ impl SipTransport {
         &self.inner.stats
     }
 
-    /// Sends `bytes` to `peer`: UDP directly, TCP over the existing connection to that address
-    /// (opening one if there is none).
-    pub async fn send(&self, peer: Peer, bytes: Bytes) -> Result<(), TransportError> {
+    /// Sends `bytes` to `peer` for transaction `key` (if any). UDP goes out at once (waiting
+    /// only for room in the local socket buffer). TCP is queued on the destination's
+    /// connection; when there is none, one is opened by a task of its own and the message waits
+    /// in its queue, so this never waits for a peer. Errors are immediate (no UDP socket, the
+    /// destination's queue full, a connection limit); a connection that cannot be opened later
+    /// reports `key` on the failure channel.
+    pub async fn send(
+        &self,
+        peer: Peer,
+        bytes: Bytes,
+        key: Option<TransactionKey>,
+    ) -> Result<(), TransportError> {
         match peer.transport {
             PeerTransport::Udp => {
                 let udp = self.inner.udp.as_ref().ok_or(TransportError::NoUdp)?;
-                udp.send_to(&bytes, peer.addr)
-                    .await
-                    .map_err(|source| TransportError::Send { peer, source })?;
+                match udp.try_send_to(&bytes, peer.addr) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        udp.send_to(&bytes, peer.addr)
+                            .await
+                            .map_err(|source| TransportError::Send { peer, source })?;
+                    }
+                    Err(source) => return Err(TransportError::Send { peer, source }),
+                }
             }
-            PeerTransport::Tcp => {
-                let queue = match self.inner.connections.get(&peer.addr) {
-                    Some(c) => c.queue.clone(),
-                    None => self.connect(peer.addr).await?,
-                };
-                queue
-                    .try_send(bytes)
-                    .map_err(|_| TransportError::Congested(peer.addr))?;
-            }
+            PeerTransport::Tcp => self.queue_tcp(peer.addr, Outgoing { bytes, key })?,
         }
         self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Queues `message` toward `addr`, starting a connection when there is none.
+    fn queue_tcp(&self, addr: SocketAddr, message: Outgoing) -> Result<(), TransportError> {
+        let queue = match self.inner.connections.get(&addr) {
+            Some(c) => c.queue.clone(),
+            None => self.connect(addr)?,
+        };
+        queue.try_send(message).map_err(|_| {
+            self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            TransportError::Congested(addr)
+        })
     }
 
     /// Stops every task and closes every connection.
@@ -230,28 +286,43 @@ impl SipTransport {
         self.inner.connections.clear();
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<mpsc::Sender<Bytes>, TransportError> {
-        let stream =
-            tokio::time::timeout(self.inner.config.connect_timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| TransportError::Send {
-                    peer: Peer {
-                        addr,
-                        transport: PeerTransport::Tcp,
-                    },
-                    source: std::io::ErrorKind::TimedOut.into(),
-                })?
-                .map_err(|source| TransportError::Send {
-                    peer: Peer {
-                        addr,
-                        transport: PeerTransport::Tcp,
-                    },
-                    source,
-                })?;
+    /// Registers a connection to `addr` being opened, and starts the task that opens it; the
+    /// returned queue takes messages at once.
+    fn connect(&self, addr: SocketAddr) -> Result<mpsc::Sender<Outgoing>, TransportError> {
         let slot = self
             .acquire_slot(addr.ip())
             .ok_or(TransportError::ConnectionLimit)?;
-        Ok(self.run_connection(stream, addr, slot))
+        let (tx, rx) = mpsc::channel(self.inner.config.connection_queue);
+        self.inner
+            .connections
+            .insert(addr, Connection { queue: tx.clone() });
+        let transport = self.clone();
+        tokio::spawn(async move {
+            let timeout = transport.inner.config.connect_timeout;
+            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => transport.run_connection(stream, addr, slot, rx).await,
+                Ok(Err(e)) => transport.connect_failed(addr, rx, &e.to_string()),
+                Err(_) => transport.connect_failed(addr, rx, "timed out"),
+            }
+        });
+        Ok(tx)
+    }
+
+    /// A connection could not be opened: forget it and fail the transactions that waited.
+    fn connect_failed(&self, addr: SocketAddr, mut waiting: mpsc::Receiver<Outgoing>, why: &str) {
+        debug!(%addr, why, "TCP connect failed");
+        self.inner
+            .stats
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.connections.remove(&addr);
+        waiting.close();
+        while let Ok(message) = waiting.try_recv() {
+            if let Some(key) = message.key {
+                // Full only if the caller is gone or far behind; its timers end the transaction.
+                let _ = self.inner.failures.try_send(key);
+            }
+        }
     }
 
     fn acquire_slot(&self, ip: IpAddr) -> Option<ConnectionSlot> {
@@ -274,29 +345,41 @@ impl SipTransport {
         })
     }
 
-    /// Registers a connection and starts its reader and writer; returns its send queue.
-    fn run_connection(
+    /// Runs an open connection: its writer drains `queue`, its reader delivers messages, until
+    /// either side ends.
+    async fn run_connection(
         &self,
         stream: TcpStream,
         addr: SocketAddr,
         slot: ConnectionSlot,
-    ) -> mpsc::Sender<Bytes> {
+        queue: mpsc::Receiver<Outgoing>,
+    ) {
+        let _slot = slot;
         let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let writer = tokio::spawn(write_loop(write, queue));
+        tcp_read_loop(self, read, addr).await;
+        writer.abort();
+        self.inner.connections.remove(&addr);
+        debug!(%addr, "TCP connection closed");
+    }
+
+    /// Registers an accepted connection and runs it on a task of its own.
+    fn accepted(&self, stream: TcpStream, addr: SocketAddr, slot: ConnectionSlot) {
         let (tx, rx) = mpsc::channel(self.inner.config.connection_queue);
         self.inner
             .connections
-            .insert(addr, Connection { queue: tx.clone() });
+            .insert(addr, Connection { queue: tx });
         let transport = self.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let (read, write) = stream.into_split();
-            let writer = tokio::spawn(write_loop(write, rx));
-            tcp_read_loop(&transport, read, addr).await;
-            writer.abort();
-            transport.inner.connections.remove(&addr);
-            debug!(%addr, "TCP connection closed");
-        });
-        tx
+        tokio::spawn(async move { transport.run_connection(stream, addr, slot, rx).await });
+    }
+
+    /// Queues bytes that belong to no transaction (keep-alive answers, stateless 400s) on the
+    /// connection from `addr`, if it still has room.
+    fn reply_on(&self, addr: SocketAddr, bytes: Bytes) {
+        if let Some(c) = self.inner.connections.get(&addr) {
+            let _ = c.queue.try_send(Outgoing { bytes, key: None });
+        }
     }
 
     fn deliver(&self, mut message: Message, peer: Peer) {
@@ -457,15 +540,47 @@ async fn accept_loop(transport: SipTransport, listener: TcpListener) {
         let Some(slot) = transport.acquire_slot(addr.ip()) else {
             continue; // dropped: refused
         };
-        transport.run_connection(stream, addr, slot);
+        transport.accepted(stream, addr, slot);
     }
 }
 
-async fn write_loop(mut write: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(bytes) = rx.recv().await {
-        if write.write_all(&bytes).await.is_err() {
+async fn write_loop(mut write: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(message) = rx.recv().await {
+        if write.write_all(&message.bytes).await.is_err() {
             return;
         }
+    }
+}
+
+/// This connection's share of [`TransportStats::buffered_bytes`], given back when it closes.
+struct BufferedShare<'a> {
+    stats: &'a TransportStats,
+    bytes: usize,
+}
+
+impl BufferedShare<'_> {
+    /// Sets this connection's share to `now`; false when the total would go over `limit`.
+    fn set(&mut self, now: usize, limit: usize) -> bool {
+        if now > self.bytes {
+            let grow = now - self.bytes;
+            let before = self.stats.buffered_bytes.fetch_add(grow, Ordering::Relaxed);
+            self.bytes = now;
+            before + grow <= limit
+        } else {
+            self.stats
+                .buffered_bytes
+                .fetch_sub(self.bytes - now, Ordering::Relaxed);
+            self.bytes = now;
+            true
+        }
+    }
+}
+
+impl Drop for BufferedShare<'_> {
+    fn drop(&mut self) {
+        self.stats
+            .buffered_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -474,56 +589,78 @@ async fn tcp_read_loop(
     mut read: tokio::net::tcp::OwnedReadHalf,
     addr: SocketAddr,
 ) {
-    let mut framer = StreamFramer::new(transport.inner.config.limits);
+    let config = &transport.inner.config;
+    let stats = &transport.inner.stats;
+    let mut framer = StreamFramer::new(config.limits);
     let peer = Peer {
         addr,
         transport: PeerTransport::Tcp,
     };
-    let idle = transport.inner.config.idle_timeout;
+    let mut share = BufferedShare { stats, bytes: 0 };
+    // When the first byte of the message being received arrived (None: between messages).
+    let mut partial_since: Option<tokio::time::Instant> = None;
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
-        let n = match tokio::time::timeout(idle, read.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+        let wait = match partial_since {
+            Some(since) => (since + config.message_timeout)
+                .saturating_duration_since(tokio::time::Instant::now())
+                .min(config.idle_timeout),
+            None => config.idle_timeout,
+        };
+        let n = match tokio::time::timeout(wait, read.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Err(_) => {
+                if partial_since.is_some() {
+                    stats.closed_slow.fetch_add(1, Ordering::Relaxed);
+                    debug!(%addr, "TCP message not received in time; closing");
+                }
+                return;
+            }
             Ok(Ok(n)) => n,
         };
         let Some(data) = chunk.get(..n) else { return };
         framer.push(data);
+        let mut completed = false;
         loop {
             match framer.next_item() {
-                Ok(Some(StreamItem::Message(message))) => transport.deliver(message, peer),
+                Ok(Some(StreamItem::Message(message))) => {
+                    completed = true;
+                    transport.deliver(message, peer);
+                }
                 Ok(Some(StreamItem::KeepAlivePing)) => {
                     // RFC 5626 section 4.4.1: answer a double CRLF with a single CRLF.
-                    if let Some(c) = transport.inner.connections.get(&addr) {
-                        let _ = c.queue.try_send(Bytes::from_static(b"\r\n"));
-                    }
+                    completed = true;
+                    transport.reply_on(addr, Bytes::from_static(b"\r\n"));
                 }
-                Ok(Some(StreamItem::KeepAlivePong)) => {}
+                Ok(Some(StreamItem::KeepAlivePong)) => completed = true,
                 Ok(None) => break,
                 Err(StreamError::Message(err)) => {
                     // Framed correctly but unparsable: answer 400 if we can, keep the connection.
-                    transport
-                        .inner
-                        .stats
-                        .parse_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    if let (Some(response), Some(c)) =
-                        (err.response(), transport.inner.connections.get(&addr))
-                    {
-                        let _ = c.queue.try_send(response.to_bytes());
+                    completed = true;
+                    stats.parse_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(response) = err.response() {
+                        transport.reply_on(addr, response.to_bytes());
                     }
                 }
                 Err(StreamError::Framing(err)) => {
                     // The stream cannot be re-synchronised (RFC 4475 3.1.2.3, 3.3.9): close it.
-                    transport
-                        .inner
-                        .stats
-                        .parse_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    stats.parse_errors.fetch_add(1, Ordering::Relaxed);
                     debug!(%addr, error = %err, "TCP framing error; closing");
                     return;
                 }
             }
         }
+        let buffered = framer.buffered();
+        if !share.set(buffered, config.max_buffered_bytes) {
+            stats.closed_buffer_limit.fetch_add(1, Ordering::Relaxed);
+            warn!(%addr, buffered, "TCP receive buffers are full; closing the connection");
+            return;
+        }
+        partial_since = match (buffered, partial_since) {
+            (0, _) => None,
+            (_, Some(since)) if !completed => Some(since),
+            _ => Some(tokio::time::Instant::now()),
+        };
     }
 }
 
@@ -552,6 +689,7 @@ mod tests {
                 ..Default::default()
             },
             tx,
+            mpsc::channel(16).0,
         )
         .await
         .unwrap();
@@ -600,6 +738,7 @@ mod tests {
         t.send(
             got.peer,
             Bytes::from_static(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            None,
         )
         .await
         .unwrap();
@@ -617,14 +756,187 @@ mod tests {
             addr: dest,
             transport: PeerTransport::Tcp,
         };
-        t.send(peer, msg.clone()).await.unwrap();
+        t.send(peer, msg.clone(), None).await.unwrap();
         let (mut accepted, _) = listener.accept().await.unwrap();
-        t.send(peer, msg.clone()).await.unwrap();
+        t.send(peer, msg.clone(), None).await.unwrap();
         let mut total = 0;
         while total < 2 * msg.len() {
             total += accepted.read(&mut buf).await.unwrap();
         }
         assert_eq!(t.stats().connections_open.load(Ordering::Relaxed), 2);
+        t.shutdown();
+    }
+
+    /// A listener whose accept queue is full: the kernel drops further SYNs (a black hole).
+    async fn black_hole() -> (
+        SocketAddr,
+        tokio::net::TcpListener,
+        Vec<std::net::TcpStream>,
+    ) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Fill the queue (backlog + 1 on Linux); nothing is ever accepted.
+        let mut fillers = Vec::new();
+        for _ in 0..2 {
+            fillers.push(std::net::TcpStream::connect(addr).unwrap());
+        }
+        (addr, listener, fillers)
+    }
+
+    #[tokio::test]
+    async fn a_black_holed_destination_delays_only_its_own_messages() {
+        let (tx, _rx) = mpsc::channel(16);
+        let (failures_tx, mut failures) = mpsc::channel(16);
+        let t = SipTransport::bind(
+            TransportConfig {
+                udp: Some("127.0.0.1:0".parse().unwrap()),
+                tcp: None,
+                connect_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
+            tx,
+            failures_tx,
+        )
+        .await
+        .unwrap();
+        let (hole, _listener, _fillers) = black_hole().await;
+        let key = TransactionKey::from_parts(7, 1);
+        let tcp_peer = Peer {
+            addr: hole,
+            transport: PeerTransport::Tcp,
+        };
+        // Queued at once, twice (the second waits in the same destination queue).
+        t.send(tcp_peer, Bytes::from_static(b"OPTIONS"), Some(key))
+            .await
+            .unwrap();
+        t.send(tcp_peer, Bytes::from_static(b"OPTIONS"), None)
+            .await
+            .unwrap();
+        // A UDP message sent after them arrives before the connection attempt gives up.
+        let receiver = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let udp_peer = Peer {
+            addr: receiver.local_addr().unwrap(),
+            transport: PeerTransport::Udp,
+        };
+        t.send(udp_peer, Bytes::from_static(b"hello"), None)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        tokio::select! {
+            r = receiver.recv_from(&mut buf) => assert_eq!(&buf[..r.unwrap().0], b"hello"),
+            k = failures.recv() => panic!("the black hole failed first: {k:?}"),
+        }
+        // Then the connection gives up and the waiting transaction is reported.
+        let failed = tokio::time::timeout(Duration::from_secs(10), failures.recv())
+            .await
+            .unwrap();
+        assert_eq!(failed, Some(key));
+        assert_eq!(t.stats().connect_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(t.stats().connections_open.load(Ordering::Relaxed), 0);
+        t.shutdown();
+    }
+
+    async fn bound(config: TransportConfig) -> (SipTransport, SocketAddr) {
+        let (tx, rx) = mpsc::channel(16);
+        // Keep the receiver alive for the test's length.
+        std::mem::forget(rx);
+        let t = SipTransport::bind(config, tx, mpsc::channel(16).0)
+            .await
+            .unwrap();
+        let addr = t.local_addr(PeerTransport::Tcp).unwrap();
+        (t, addr)
+    }
+
+    /// Waits for the server to close `stream` (read returns 0 or an error), at most 10 s.
+    async fn closed_by_server(stream: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_sender_is_closed_and_a_whole_message_is_not() {
+        let (t, addr) = bound(TransportConfig {
+            udp: None,
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            message_timeout: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .await;
+        // Half a message, then nothing: closed when the message's time is up.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(
+            b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:1;branch=z9hG4bKs\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(closed_by_server(&mut slow).await);
+        assert_eq!(t.stats().closed_slow.load(Ordering::Relaxed), 1);
+        assert_eq!(t.stats().buffered_bytes.load(Ordering::Relaxed), 0);
+        // An idle connection between messages is not a slow message: still open after the
+        // same wait (the server answers a keep-alive ping on it).
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let mut other = TcpStream::connect(addr).await.unwrap();
+        other
+            .write_all(b"OPTIONS sip:a@b SIP/2.0\r\n")
+            .await
+            .unwrap();
+        assert!(closed_by_server(&mut other).await);
+        idle.write_all(b"\r\n\r\n").await.unwrap();
+        let mut pong = [0u8; 2];
+        idle.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"\r\n");
+        assert_eq!(t.stats().closed_slow.load(Ordering::Relaxed), 2);
+        t.shutdown();
+    }
+
+    #[tokio::test]
+    async fn the_bytes_all_connections_buffer_are_bounded() {
+        let (t, addr) = bound(TransportConfig {
+            udp: None,
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            max_buffered_bytes: 100_000,
+            ..Default::default()
+        })
+        .await;
+        // Two partial messages of 60 kB each: the second goes over the total and is closed.
+        let head = b"MESSAGE sip:a@b SIP/2.0\r\nContent-Length: 64000\r\n";
+        let mut filler = head.to_vec();
+        let pad = format!("X-Pad: {}\r\n", "0".repeat(1_200));
+        while filler.len() < 60_000 {
+            filler.extend_from_slice(pad.as_bytes());
+        }
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first.write_all(&filler).await.unwrap();
+        // Wait until the first one's bytes are counted.
+        for _ in 0..200 {
+            if t.stats().buffered_bytes.load(Ordering::Relaxed) >= 60_000 {
+                break;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second.write_all(&filler).await.unwrap();
+        assert!(closed_by_server(&mut second).await);
+        assert_eq!(t.stats().closed_buffer_limit.load(Ordering::Relaxed), 1);
+        // The first is still counted (and open); closing it gives its share back.
+        assert!(t.stats().buffered_bytes.load(Ordering::Relaxed) >= 60_000);
+        drop(first);
+        for _ in 0..200 {
+            if t.stats().buffered_bytes.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(t.stats().buffered_bytes.load(Ordering::Relaxed), 0);
         t.shutdown();
     }
 }
