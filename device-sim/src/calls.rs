@@ -14,7 +14,8 @@ use serde_json::json;
 use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaStats, Reject, Resume, SendText,
+    Answer, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaStats, Pong, Reject, Resume,
+    SendText,
 };
 
 use crate::device::{DeviceConnection, FrameReader, FrameWriter};
@@ -268,7 +269,10 @@ async fn one_call(
             frame = s.reader.next() => {
                 let env = frame?;
                 match &env.body {
-                    Some(Body::Ping(_)) => continue,
+                    Some(Body::Ping(p)) => {
+                        s.writer.send_envelope(&pong(&env, p.nonce)).await?;
+                        continue;
+                    }
                     Some(Body::CallEvent(e)) if e.call_ref == call_ref && e.stats.is_some() && e.reason == "media statistics" => {
                         printer.frame(&env);
                         continue;
@@ -377,6 +381,14 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// The answer to the gateway's keepalive `Ping` (its idle timeout counts frames from us).
+fn pong(ping: &Envelope, nonce: u64) -> Envelope {
+    Envelope {
+        request_id: ping.request_id,
+        body: Some(Body::Pong(Pong { nonce })),
+    }
+}
+
 /// Settings of `listen`.
 #[derive(Debug, Clone)]
 pub struct ListenOptions {
@@ -392,6 +404,13 @@ pub struct ListenOptions {
     pub ignore: bool,
     /// Send every media datagram of an answered call back to the gateway.
     pub echo: bool,
+    /// While listening, place calls to this target (call refs 1, 2, ...), one every
+    /// `dial_every`, `dial_count` in all; each is hung up once answered.
+    pub dial: Option<String>,
+    /// Calls to place to `dial`.
+    pub dial_count: u32,
+    /// Time between those calls (the first goes after one interval).
+    pub dial_every: Duration,
 }
 
 /// How long after a call's end its `media_report` waits for the gateway's statistics.
@@ -411,11 +430,18 @@ pub async fn listen(
     let mut media: HashMap<u32, ReceivedMedia> = HashMap::new();
     let mut finishing_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
+    // Outgoing calls placed while listening: (next call ref, when it goes).
+    let mut next_dial = opts
+        .dial
+        .as_ref()
+        .filter(|_| opts.dial_count > 0)
+        .map(|_| (1u32, Instant::now() + opts.dial_every));
     loop {
         tokio::select! {
             frame = s.reader.next() => {
                 let env = frame?;
-                if let Some(Body::Ping(_)) = env.body {
+                if let Some(Body::Ping(p)) = &env.body {
+                    s.writer.send_envelope(&pong(&env, p.nonce)).await?;
                     continue;
                 }
                 printer.frame(&env);
@@ -430,6 +456,10 @@ pub async fn listen(
                             None => Envelope { request_id: 0, body: Some(Body::Answer(Answer { call_ref, media: Some(crate::load::device_calls::device_media()) })) },
                         };
                         pending.push((Instant::now() + opts.answer_after, reply));
+                    }
+                    Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 && e.call_ref <= opts.dial_count && opts.dial.is_some() => {
+                        // One of our own calls: hang it up at once.
+                        s.writer.send(Body::Hangup(Hangup { call_ref: e.call_ref })).await?;
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 => {
                         answered += 1;
@@ -474,6 +504,19 @@ pub async fn listen(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                if let (Some((call_ref, at)), Some(target)) = (next_dial, opts.dial.as_ref()) {
+                    if at <= now {
+                        s.writer
+                            .send(Body::Dial(Dial {
+                                call_ref,
+                                target: target.clone(),
+                                media: Some(crate::load::device_calls::device_media()),
+                                headers: Default::default(),
+                            }))
+                            .await?;
+                        next_dial = (call_ref < opts.dial_count).then(|| (call_ref + 1, now + opts.dial_every));
+                    }
+                }
                 let due: Vec<Envelope> = pending.iter().filter(|(at, _)| *at <= now).map(|(_, e)| e.clone()).collect();
                 pending.retain(|(at, _)| *at > now);
                 for env in due {

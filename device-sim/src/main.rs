@@ -117,6 +117,16 @@ enum Command {
         /// Send every media datagram of an answered call back (a device-side echo).
         #[arg(long)]
         echo: bool,
+        /// While listening, also call this SIP URI (or alias) `--dial-count` times, one call
+        /// every `--dial-every-ms`, each hung up once answered (call refs 1, 2, ...).
+        #[arg(long)]
+        dial: Option<String>,
+        /// Calls to place with `--dial`.
+        #[arg(long, default_value_t = 1)]
+        dial_count: u32,
+        /// Milliseconds between the `--dial` calls (the first goes after one interval).
+        #[arg(long, default_value_t = 500)]
+        dial_every_ms: u64,
     },
     /// Log in as a device and send one text message (SIP MESSAGE).
     Text {
@@ -381,6 +391,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hangup_after_ms,
             calls,
             echo,
+            dial,
+            dial_count,
+            dial_every_ms,
         } => {
             let (login, printer) = login.login()?;
             thalamus_sim::calls::listen(
@@ -392,6 +405,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     calls,
                     ignore,
                     echo,
+                    dial,
+                    dial_count,
+                    dial_every: std::time::Duration::from_millis(dial_every_ms),
                 },
                 printer,
             )

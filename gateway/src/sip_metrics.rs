@@ -7,7 +7,8 @@
 //!   cost anything: `table_full`, `source_rate`, `source_share`, `too_many_sources` (answered
 //!   503 with Retry-After) and `flood_dropped` (not answered: the source kept sending while
 //!   refused);
-//! - `sip_invalid_total{kind="request"|"response"}`, `sip_unknown_dialog_total` (counters);
+//! - `sip_invalid_total{kind="request"|"response"}`, `sip_unknown_dialog_total`,
+//!   `sip_via_maddr_ignored_total` (counters);
 //! - `sip_messages_total{direction="received"|"sent"}`, `sip_parse_errors_total`,
 //!   `sip_dropped_overload_total` (counters);
 //! - `sip_tcp_connections` (gauge), `sip_tcp_buffered_bytes` (gauge),
@@ -130,6 +131,12 @@ impl Collector for SipCollector {
                 ("request", read(&c.invalid_requests)),
                 ("response", read(&c.invalid_responses)),
             ],
+        )?;
+        counter(
+            &mut encoder,
+            "sip_via_maddr_ignored",
+            "SIP requests whose Via maddr was ignored (responses go to the request's source)",
+            read(&c.via_maddr_ignored),
         )?;
         counter(
             &mut encoder,

@@ -178,6 +178,9 @@ pub struct EndpointStats {
     pub refused_requests: u64,
     /// In-dialog requests answered 481 by the endpoint.
     pub unknown_dialog: u64,
+    /// Requests whose top Via carried `maddr` (ignored: responses go where the request came
+    /// from, never to an address the sender names).
+    pub via_maddr_ignored: u64,
 }
 
 /// One user agent's transactions and dialogs.
@@ -292,6 +295,13 @@ impl Endpoint {
     }
 
     fn handle_request(&mut self, now: Instant, request: Request, source: Peer) {
+        if request
+            .headers
+            .top_via()
+            .is_ok_and(|via| via.maddr().is_some())
+        {
+            self.stats.via_maddr_ignored += 1;
+        }
         // An INVITE must carry a Contact (RFC 3261 8.1.1.8): without one no dialog can be
         // built, so it is refused up front like any other malformed request.
         if request.method == Method::Invite

@@ -343,6 +343,8 @@ pub struct SipCounters {
     pub refused_sources: AtomicU64,
     /// New requests dropped unanswered (a source flooding while refused).
     pub dropped_flood: AtomicU64,
+    /// Requests whose Via `maddr` was ignored.
+    pub via_maddr_ignored: AtomicU64,
 }
 
 impl SipCounters {
@@ -361,6 +363,7 @@ impl SipCounters {
         set(&self.refused_source_share, admission.sources.refused_share);
         set(&self.refused_sources, admission.sources.refused_sources);
         set(&self.dropped_flood, admission.sources.dropped);
+        set(&self.via_maddr_ignored, stats.via_maddr_ignored);
     }
 }
 
