@@ -16,11 +16,14 @@ pub enum LatchMode {
     /// (any port).
     Off,
     /// Accept packets from the SDP's IP address; after the first valid one, send to its exact
-    /// source address and port and accept only that source.
+    /// source address and port and accept only that source. The default: safe on an open
+    /// network (a stranger cannot take a call's media).
     #[default]
     Peer,
     /// Accept the first valid packet from any source (the peer is behind a NAT and its SDP
-    /// address is private), then send to that source and accept only it.
+    /// address is private), then send to that source and accept only it. Unsafe where anyone
+    /// can reach the relay's ports: whoever sends first (guessing the port) takes the call's
+    /// media in both directions. Use it only on a private network or behind an SBC.
     Any,
 }
 

@@ -17,7 +17,10 @@
 //!   the peer's sequence and timestamp (shifted for continuity when the peer's SSRC changes)
 //!   and the translated payload type; payloads larger than a datagram can carry are dropped;
 //! - symmetric RTP ([`LatchMode`]): after the first valid packet from the expected peer (or
-//!   from anyone), send to its observed source and accept only that source;
+//!   from anyone), send to its observed source and accept only that source; the SSRC of that
+//!   first packet is pinned too: packets with another SSRC are dropped unless that SSRC sends
+//!   [`SSRC_PROBATION`] packets in sequence (the peer switched streams, RFC 3550's probation)
+//!   or a new SDP arrives, so stray or injected packets cannot splice a stream into the call;
 //! - hold: nothing is sent toward a side that does not want media (the peer's direction does
 //!   not receive, or its address is `0.0.0.0`; our side's direction does not receive);
 //! - media timeout: an event when no valid RTP came from the peer for the configured time,
@@ -28,7 +31,8 @@
 //! - statistics per direction, drop counters by cause, relay latency histograms.
 //!
 //! What it does not do: no sockets and no clock (see the `engine` module for the tokio shell),
-//! no jitter buffer, no transcoding, no SRTP, no RTCP feedback, no SSRC collision handling.
+//! no jitter buffer, no transcoding, no SRTP, no RTCP feedback, no SSRC collision handling, and
+//! no defence against an attacker on the path (who sees the real SSRC): that takes SRTP.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -50,6 +54,10 @@ use crate::stats::{
     arrival_units, units_to_duration, JitterEstimator, LatencyHistogram, LatencySummary,
     SequenceTracker,
 };
+
+/// Packets in sequence a new SSRC from the peer must send before it replaces the pinned one
+/// (the first ones are dropped).
+pub const SSRC_PROBATION: u32 = 3;
 
 /// Most packets waiting in [`RelayCore::poll_transmit`]'s queue; more are dropped and counted.
 pub const MAX_PENDING_TRANSMITS: usize = 256;
@@ -215,6 +223,8 @@ pub struct DropCounters {
     pub rtp_malformed: u64,
     /// RTP packets from a source other than the peer.
     pub rtp_wrong_source: u64,
+    /// RTP packets from the peer's address with an SSRC other than the pinned one.
+    pub rtp_wrong_ssrc: u64,
     /// RTP packets with a payload type the device has no mapping for.
     pub rtp_unmapped_payload_type: u64,
     /// RTP packets not delivered because the device side does not want media (hold).
@@ -336,6 +346,10 @@ struct PeerState {
     payloads: PayloadMap,
     latched_rtp: Option<SocketAddr>,
     latched_rtcp: Option<SocketAddr>,
+    /// The SSRC accepted from the peer, pinned by its first valid packet since the last SDP.
+    pinned_ssrc: Option<u32>,
+    /// Another SSRC on probation: its last sequence number and how many in a row it sent.
+    candidate_ssrc: Option<(u32, u16, u32)>,
 }
 
 impl PeerState {
@@ -501,6 +515,10 @@ impl RelayCore {
             payloads: peer.payloads,
             latched_rtp,
             latched_rtcp,
+            // A new description may bring a new stream (a re-INVITE after a transfer, say):
+            // the next valid packet pins the SSRC again.
+            pinned_ssrc: None,
+            candidate_ssrc: None,
         });
         if self.next_report_at.is_none() {
             self.next_report_at = self.settings.rtcp_interval.map(|i| now + i);
@@ -723,6 +741,25 @@ impl RelayCore {
             self.drops.rtp_unmapped_payload_type += 1;
             return;
         };
+        let (ssrc, sequence) = (rtp.header.ssrc, rtp.header.sequence);
+        match peer.pinned_ssrc {
+            Some(pinned) if pinned != ssrc => {
+                // Another stream: accepted only once it has sent enough packets in sequence.
+                let count = match peer.candidate_ssrc {
+                    Some((c, last, n)) if c == ssrc && sequence == last.wrapping_add(1) => n + 1,
+                    _ => 1,
+                };
+                if count < SSRC_PROBATION {
+                    peer.candidate_ssrc = Some((ssrc, sequence, count));
+                    self.drops.rtp_wrong_ssrc += 1;
+                    return;
+                }
+                peer.pinned_ssrc = Some(ssrc);
+                peer.candidate_ssrc = None;
+            }
+            Some(_) => peer.candidate_ssrc = None,
+            None => peer.pinned_ssrc = Some(ssrc),
+        }
         // A valid packet from the peer.
         if peer.latched_rtp.is_none() && latch != LatchMode::Off {
             peer.latched_rtp = Some(source);
@@ -1380,9 +1417,13 @@ mod tests {
             peer_rtp(),
             t0 + ms(20),
         );
-        // The peer switches to another source (e.g. a media server took over).
+        // The peer switches to another source (e.g. a media server took over): after its
+        // probation (the first two of its packets are dropped) it is followed.
+        core.handle_rtp(&rtp(0, 8_998, 499_680, 0x1, b"-"), peer_rtp(), t0 + ms(40));
+        core.handle_rtp(&rtp(0, 8_999, 499_840, 0x1, b"-"), peer_rtp(), t0 + ms(40));
         core.handle_rtp(&rtp(0, 9_000, 500_000, 0x1, b"c"), peer_rtp(), t0 + ms(40));
         core.handle_rtp(&rtp(0, 9_001, 500_160, 0x1, b"d"), peer_rtp(), t0 + ms(60));
+        assert_eq!(core.stats().drops.rtp_wrong_ssrc, 2);
         let out = to_device(&mut core);
         let seqs: Vec<u16> = out.iter().map(|d| d.header.sequence).collect();
         assert_eq!(seqs, vec![100, 101, 102, 103]);
@@ -1440,6 +1481,30 @@ mod tests {
             core.rtp_destination(),
             Some("192.0.2.77:7100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn the_first_ssrc_is_pinned_until_the_next_sdp() {
+        let (mut core, t0) = started(settings());
+        let source: SocketAddr = "192.0.2.5:62000".parse().unwrap();
+        core.handle_rtp(&rtp(0, 1, 160, PEER_SSRC, b"a"), source, t0);
+        assert_eq!(to_device(&mut core).len(), 1);
+        // The same address, another SSRC (stray or injected packets, out of sequence): dropped,
+        // however many.
+        for seq in [50, 7, 900, 51, 3] {
+            core.handle_rtp(&rtp(0, seq, 320, PEER_SSRC ^ 1, b"b"), source, t0);
+        }
+        assert_eq!(to_device(&mut core).len(), 0);
+        assert_eq!(core.stats().drops.rtp_wrong_ssrc, 5);
+        core.handle_rtp(&rtp(0, 3, 480, PEER_SSRC, b"c"), source, t0);
+        assert_eq!(to_device(&mut core).len(), 1);
+        // A new SDP from the peer (same address) accepts a new stream, which is pinned in turn.
+        core.set_remote_media(&remote(Direction::SendRecv), t0);
+        core.handle_rtp(&rtp(0, 1, 160, PEER_SSRC ^ 1, b"d"), source, t0);
+        assert_eq!(to_device(&mut core).len(), 1);
+        core.handle_rtp(&rtp(0, 4, 640, PEER_SSRC, b"e"), source, t0);
+        assert_eq!(to_device(&mut core).len(), 0);
+        assert_eq!(core.stats().drops.rtp_wrong_ssrc, 6);
     }
 
     #[test]
