@@ -116,6 +116,8 @@ fn an_unauthenticated_source_rings_nobody_and_learns_nothing_while_the_carrier_c
     let gw = Gateway::start(POLICY).unwrap();
     let mut online = listening_device(&gw, "online");
     gw.add_device("sleeper").unwrap();
+    // A device that places 10 calls of its own while the flood runs.
+    let (mut caller, _bob) = caller(&gw, 10, 300);
     let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
     let from = attacker.local_addr().unwrap();
 
@@ -164,6 +166,7 @@ fn an_unauthenticated_source_rings_nobody_and_learns_nothing_while_the_carrier_c
     let flood_answers = flood.join().unwrap();
     assert_eq!(carrier["succeeded"], 40, "{carrier}");
     assert_eq!(remote["succeeded"], 10, "{remote}");
+    assert_eq!(own_calls_answered(&mut caller, 10, T), 10);
     // Challenged while within its source's rate, then 503 with Retry-After, then silence.
     assert!(
         flood_answers.iter().all(|(s, _)| *s == 401 || *s == 503),
@@ -202,7 +205,8 @@ fn an_unauthenticated_source_rings_nobody_and_learns_nothing_while_the_carrier_c
     println!(
         "unauthenticated INVITE/MESSAGE flood, 600 requests at ~500/s from one address: \
          {challenged} challenged (401), {limited} refused 503 for the source's rate, {dropped} \
-         dropped; during it 40 trusted and 10 authenticated calls, all answered"
+         dropped; during it 40 trusted and 10 authenticated calls to the device and a device's \
+         own 10 calls, all answered"
     );
     alive(&gw);
 }
@@ -211,6 +215,7 @@ fn an_unauthenticated_source_rings_nobody_and_learns_nothing_while_the_carrier_c
 fn without_users_a_stranger_gets_403_for_every_device() {
     let gw = Gateway::start("[sip.inbound]\ntrusted = [\"127.0.0.2/32\"]\n").unwrap();
     let _online = listening_device(&gw, "online");
+    let (mut caller, _bob) = caller(&gw, 5, 300);
     gw.add_device("sleeper").unwrap();
     let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
     let from = attacker.local_addr().unwrap();
@@ -235,6 +240,7 @@ fn without_users_a_stranger_gets_403_for_every_device() {
     // The trusted carrier still reaches the device.
     let report = sip_calls("127.0.0.2:0", &format!("sip:online@{}", gw.sip), 5, &[]);
     assert_eq!(report["succeeded"], 5, "{report}");
+    assert_eq!(own_calls_answered(&mut caller, 5, T), 5);
 }
 
 /// Runs SIPp's digest-checking UAS (`tests/scenarios/uas_digest.xml`, realm `thalamus.test`)
@@ -341,6 +347,27 @@ fn device_with(gw: &Gateway, id: &str, extra: &[&str]) -> Sim {
     let mut sim = Sim::spawn(&args).unwrap();
     sim.wait_event("welcome", T).unwrap();
     sim
+}
+
+/// A SIP buddy that answers calls, and a device `caller` that places `count` calls to it, one
+/// every `every_ms` from its login on (check them with [`own_calls_answered`]).
+fn caller(gw: &Gateway, count: u32, every_ms: u32) -> (Sim, Sim) {
+    let (buddy, port) = Sim::buddy(&[], T).unwrap();
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let (count, every) = (count.to_string(), every_ms.to_string());
+    let sim = device_with(
+        gw,
+        "caller",
+        &[
+            "--dial",
+            &target,
+            "--dial-count",
+            &count,
+            "--dial-every-ms",
+            &every,
+        ],
+    );
+    (sim, buddy)
 }
 
 /// Waits for the answers to a listening device's own `--dial` calls (call refs 1..=count);
@@ -748,6 +775,7 @@ fn slow_tcp_clients_are_closed_and_counted_while_calls_go_on() {
     )
     .unwrap();
     let _online = listening_device(&gw, "online");
+    let (mut caller, _bob) = caller(&gw, 10, 300);
     // 200 connections that each send half a request and then a byte every 200 ms.
     let mut slow: Vec<Option<std::net::TcpStream>> = (0..200)
         .map(|_| {
@@ -790,6 +818,7 @@ fn slow_tcp_clients_are_closed_and_counted_while_calls_go_on() {
     let carrier = carrier.join().unwrap();
     assert_eq!(closed, 200, "slow connections left open");
     assert_eq!(carrier["succeeded"], 20, "{carrier}");
+    assert_eq!(own_calls_answered(&mut caller, 10, T), 10);
     let counted = gw
         .metric("thalamus_sip_tcp_events_total{event=\"closed_slow\"}")
         .unwrap();
@@ -798,7 +827,8 @@ fn slow_tcp_clients_are_closed_and_counted_while_calls_go_on() {
         .unwrap();
     println!(
         "slow TCP clients: 200 connections trickling a request 1 byte per 200 ms, all closed \
-         (message deadline 1 s) and counted ({counted}); 20 TCP calls answered meanwhile"
+         (message deadline 1 s) and counted ({counted}); 20 TCP calls to a device and a device's \
+         own 10 calls answered meanwhile"
     );
     alive(&gw);
 }
@@ -807,6 +837,7 @@ fn slow_tcp_clients_are_closed_and_counted_while_calls_go_on() {
 fn a_via_maddr_pointing_elsewhere_reflects_nothing() {
     let gw = Gateway::start("").unwrap();
     let _online = listening_device(&gw, "online");
+    let (mut caller, _bob) = caller(&gw, 5, 300);
     // The victim the attacker names in maddr (and sent-by).
     let victim = UdpSocket::bind("127.0.0.3:0").unwrap();
     let victim_addr = victim.local_addr().unwrap();
@@ -828,6 +859,7 @@ fn a_via_maddr_pointing_elsewhere_reflects_nothing() {
     let carrier = sip_calls("127.0.0.1:0", &format!("sip:online@{gw_sip}"), 10, &[]);
     let (sent, answers) = flood.join().unwrap();
     assert_eq!(carrier["succeeded"], 10, "{carrier}");
+    assert_eq!(own_calls_answered(&mut caller, 5, T), 5);
     // Every answer went back to the sender; none to the address it named.
     assert_eq!(answers.get(&200).copied().unwrap_or(0), sent, "{answers:?}");
     victim
@@ -844,14 +876,15 @@ fn a_via_maddr_pointing_elsewhere_reflects_nothing() {
     );
     println!(
         "Via maddr: {sent} OPTIONS naming another address answered to their sender only, \
-         0 bytes to the named address, {sent} counted; 10 calls answered meanwhile"
+         0 bytes to the named address, {sent} counted; 10 calls to a device and a device's own 5 \
+         answered meanwhile"
     );
     alive(&gw);
 }
 
 #[test]
 fn parallel_wrong_secret_logins_from_one_address_do_not_keep_a_real_device_out() {
-    let gw = Gateway::start("").unwrap();
+    let gw = Gateway::start("[session]\nmax_calls = 32\n").unwrap();
     let secret = gw.add_device("real").unwrap();
     let (_bob, bob_port) = Sim::buddy(&[], T).unwrap();
     let bob = format!("sip:bob@127.0.0.1:{bob_port}");
@@ -881,6 +914,13 @@ fn parallel_wrong_secret_logins_from_one_address_do_not_keep_a_real_device_out()
     };
     // The real device has logged in before (its secret is known).
     assert!(login(0));
+    // Calls both ways during the attack: a device places 10, the carrier places 10 to another.
+    let _callee = listening_device(&gw, "callee");
+    let (mut caller, _bob2) = caller(&gw, 10, 500);
+    let carrier = std::thread::spawn({
+        let target = format!("sip:callee@{}", gw.sip);
+        move || sip_calls("127.0.0.1:0", &target, 10, &[])
+    });
     // The attack: 240 logins with wrong secrets, 64 at a time per swarm, from the same
     // address, while the real device logs in 10 times.
     let attack = |prefix: &str| {
@@ -918,6 +958,9 @@ fn parallel_wrong_secret_logins_from_one_address_do_not_keep_a_real_device_out()
     let _ = first.wait();
     let _ = second.wait();
     assert_eq!(real_logins, 10, "the real device was kept out");
+    let carrier = carrier.join().unwrap();
+    assert_eq!(carrier["succeeded"], 10, "{carrier}");
+    assert_eq!(own_calls_answered(&mut caller, 10, T), 10);
     let metrics = gw.admin_get("/metrics").unwrap();
     let sum = |prefix: &str| -> f64 {
         metrics
@@ -932,7 +975,8 @@ fn parallel_wrong_secret_logins_from_one_address_do_not_keep_a_real_device_out()
     println!(
         "parallel wrong-secret logins: 240 attempts (two swarms of 120, 64 at a time each) \
          from one address: {failures} failed the secret check, {locked} refused by the \
-         per-address limit; the real device logged in 10 times of 10 meanwhile"
+         per-address limit; the real device logged in 10 times of 10, a device placed 10 calls and \
+         the carrier 10, all answered"
     );
     alive(&gw);
 }
