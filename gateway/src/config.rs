@@ -780,6 +780,11 @@ impl Config {
     }
 }
 
+/// The top-level sections of the configuration (what an override's first word may name).
+const SECTIONS: &[&str] = &[
+    "node", "quic", "session", "auth", "sip", "admin", "log", "media", "devices", "cluster",
+];
+
 /// Applies `THALAMUS_SECTION__KEY=value` to the document: the part after the prefix is split on
 /// `__` into a key path, lower-cased. The value is read as a TOML value when it is one (numbers,
 /// booleans, arrays), else as a string.
@@ -787,6 +792,19 @@ fn apply_env_override(doc: &mut toml::Table, var: &str, value: &str) -> Result<(
     let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
         return Ok(());
     };
+    if !rest.contains("__") {
+        // Other programs' variables share the prefix (THALAMUS_SIM_SECRET for the simulator,
+        // THALAMUS_TEST_THREADS for the test script): only one that names a section of ours
+        // is a mistyped override.
+        let first = rest
+            .split('_')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if !SECTIONS.contains(&first.as_str()) {
+            return Ok(());
+        }
+    }
     let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
     if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
         return Err(ConfigError::Env {
@@ -909,8 +927,14 @@ mod tests {
     fn bad_env_override_is_named() {
         let err = load(None, &[("THALAMUS_QUIC__LISTEN", "not-an-address")]).unwrap_err();
         assert!(err.to_string().contains("quic.listen"), "{err}");
-        let err = load(None, &[("THALAMUS_NOSECTION", "1")]).unwrap_err();
-        assert!(err.to_string().contains("THALAMUS_NOSECTION"), "{err}");
+        let err = load(None, &[("THALAMUS_QUIC_LISTEN", "1")]).unwrap_err();
+        assert!(err.to_string().contains("THALAMUS_QUIC_LISTEN"), "{err}");
+        // Other programs' variables with the prefix are not ours to refuse.
+        load(
+            None,
+            &[("THALAMUS_SIM_SECRET", "x"), ("THALAMUS_TEST_THREADS", "4")],
+        )
+        .unwrap();
     }
 
     #[test]
