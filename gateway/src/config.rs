@@ -253,7 +253,8 @@ pub struct AuthConfig {
     /// checking (the device's own, known secret still passes).
     pub max_failures_per_device: u32,
     /// Credential checks one address may have in flight at once (argon2 is slow by design;
-    /// parallel attempts from one address must not fill the verifier pool).
+    /// parallel attempts from one address must not fill the verifier pool); more wait their
+    /// turn, up to `quic.hello_timeout_ms`.
     pub max_pending_per_ip: u32,
     /// Secret that signs resume tokens (hex, 32 bytes); with none, one is generated in the data
     /// directory. All nodes of a cluster must share it.

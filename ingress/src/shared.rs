@@ -19,7 +19,8 @@ pub(crate) struct Shared {
     pub(crate) throttle: AuthThrottle,
     pub(crate) device_throttle: AuthThrottle<String>,
     /// Credential checks in flight per source address.
-    pub(crate) pending_logins: dashmap::DashMap<std::net::IpAddr, usize>,
+    pub(crate) pending_logins:
+        dashmap::DashMap<std::net::IpAddr, std::sync::Arc<tokio::sync::Semaphore>>,
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) requests: Arc<dyn DeviceRequests>,
     pub(crate) placement: Arc<dyn DevicePlacement>,

@@ -431,10 +431,11 @@ async fn a_device_owned_elsewhere_is_redirected_after_its_credential_checks_out(
 }
 
 /// Attack: parallel wrong-secret logins from one address, while a real device reconnects from
-/// another. The attacker's checks are capped per address (most are refused at once, without
-/// argon2), the attacked device id locks after its allowance of wrong secrets, unknown ids
-/// cost an argon2 check like known ones, and the real device (its secret verified once) gets
-/// in every time without queueing behind the attack.
+/// another. The attacker's checks run at most `max_pending_logins_per_ip` at a time (the rest
+/// wait their turn, so the verifier pool keeps room for everybody else), the attacked device id
+/// locks after its allowance of wrong secrets, unknown ids cost an argon2 check like known
+/// ones, and the real device (its secret verified once) gets in every time without queueing
+/// behind the attack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_wrong_secrets_from_one_address_do_not_keep_real_devices_out() {
     let h = Arc::new(

@@ -374,8 +374,10 @@ async fn authenticate(
 }
 
 /// The argon2 check of a credential, off the executor: after the address's throttle delay,
-/// and only while the address has fewer than `max_pending_logins_per_ip` checks in flight
-/// (parallel attempts from one address cannot fill the verifier pool).
+/// and with at most `max_pending_logins_per_ip` checks in flight per address (parallel
+/// attempts from one address wait their turn behind each other and cannot fill the verifier
+/// pool; devices behind one NAT get in one after another). A check that cannot start within
+/// the hello timeout is turned away.
 async fn slow_check(
     node: &Shared,
     ip: std::net::IpAddr,
@@ -387,7 +389,7 @@ async fn slow_check(
         node.metrics.auth_throttled.inc();
         tokio::time::sleep(delay).await;
     }
-    let Some(_slot) = PendingLogin::acquire(node, ip) else {
+    let Some(_slot) = PendingLogin::acquire(node, ip).await else {
         inc(&node.metrics.limits_hit, "login_per_ip");
         return Err("too many logins in progress from this address".into());
     };
@@ -412,24 +414,43 @@ async fn slow_check(
 struct PendingLogin<'a> {
     node: &'a Shared,
     ip: std::net::IpAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<'a> PendingLogin<'a> {
-    fn acquire(node: &'a Shared, ip: std::net::IpAddr) -> Option<Self> {
-        let mut count = node.pending_logins.entry(ip).or_insert(0);
-        if *count >= node.config.max_pending_logins_per_ip {
-            return None;
+    /// Waits (up to the hello timeout) for one of the address's check slots.
+    async fn acquire(node: &'a Shared, ip: std::net::IpAddr) -> Option<Self> {
+        let slots = node
+            .pending_logins
+            .entry(ip)
+            .or_insert_with(|| {
+                std::sync::Arc::new(tokio::sync::Semaphore::new(
+                    node.config.max_pending_logins_per_ip,
+                ))
+            })
+            .clone();
+        let permit = tokio::time::timeout(node.config.hello_timeout, slots.acquire_owned()).await;
+        let slot = Self {
+            node,
+            ip,
+            permit: permit.ok().and_then(Result::ok),
+        };
+        // Without a slot, dropping `slot` forgets the address if nobody else uses it.
+        if slot.permit.is_some() {
+            Some(slot)
+        } else {
+            None
         }
-        *count += 1;
-        Some(Self { node, ip })
     }
 }
 
 impl Drop for PendingLogin<'_> {
     fn drop(&mut self) {
-        self.node.pending_logins.remove_if_mut(&self.ip, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
+        self.permit = None;
+        // Forget the address once nobody holds or waits for its slots.
+        let max = self.node.config.max_pending_logins_per_ip;
+        self.node.pending_logins.remove_if(&self.ip, |_, slots| {
+            std::sync::Arc::strong_count(slots) == 1 && slots.available_permits() == max
         });
     }
 }
