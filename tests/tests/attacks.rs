@@ -213,7 +213,10 @@ fn an_unauthenticated_source_rings_nobody_and_learns_nothing_while_the_carrier_c
 
 #[test]
 fn without_users_a_stranger_gets_403_for_every_device() {
-    let gw = Gateway::start("[sip.inbound]\ntrusted = [\"127.0.0.2/32\"]\n").unwrap();
+    let gw = Gateway::start(
+        "[sip.inbound]\ntrusted = [\"127.0.0.2/32\"]\n\n[session]\nmax_calls = 32\n",
+    )
+    .unwrap();
     let _online = listening_device(&gw, "online");
     let (mut caller, _bob) = caller(&gw, 5, 300);
     gw.add_device("sleeper").unwrap();
@@ -516,13 +519,22 @@ fn a_flood_that_passes_the_policy_rings_a_device_only_so_much_and_its_own_calls_
         Duration::from_millis(4),
         move |n, from| request("MESSAGE", "victim", gw_sip, from, n),
     );
-    let carrier = sip_calls("127.0.0.2:0", &format!("sip:other@{gw_sip}"), 20, &[]);
+    // (At most 2 at once: the other device has 4 slots too.)
+    let carrier = sip_calls(
+        "127.0.0.2:0",
+        &format!("sip:other@{gw_sip}"),
+        20,
+        &["--max-concurrent", "2"],
+    );
+    // 4 calls ring at the victim all along: had they taken its slots (max_calls = 4), none of
+    // its own calls could start.
     let own = own_calls_answered(&mut victim, 10, Duration::from_secs(30));
     let (invites_sent, invite_answers) = invites.join().unwrap();
     let (messages_sent, message_answers) = messages.join().unwrap();
     assert_eq!(carrier["succeeded"], 20, "{carrier}");
     assert_eq!(own, 10, "the victim's own calls");
-    // At most max_calls (4) ring; every other INVITE was answered 486.
+    // At most max_calls (4, the default of max_ringing_calls) ring; every other INVITE was
+    // answered 486.
     let busy = invite_answers.get(&486).copied().unwrap_or(0);
     assert!(busy + 4 >= invites_sent, "{invite_answers:?}");
     let max_ringing = gw
@@ -835,7 +847,7 @@ fn slow_tcp_clients_are_closed_and_counted_while_calls_go_on() {
 
 #[test]
 fn a_via_maddr_pointing_elsewhere_reflects_nothing() {
-    let gw = Gateway::start("").unwrap();
+    let gw = Gateway::start("[session]\nmax_calls = 32\n").unwrap();
     let _online = listening_device(&gw, "online");
     let (mut caller, _bob) = caller(&gw, 5, 300);
     // The victim the attacker names in maddr (and sent-by).
