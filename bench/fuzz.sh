@@ -18,7 +18,8 @@
 # crashing input worth keeping goes into fuzz/corpus/<target>/ by hand, with the fix and a
 # regression test beside the code at fault. Builds once (release, debug assertions and overflow
 # checks on) into fuzz/target/. FUZZ_OUT overrides the output directory; FUZZ_RSS_MB the memory
-# limit per target (default 2048); FUZZ_TIMEOUT the per-input hang limit (default 10 s).
+# limit per target (default 2048); FUZZ_TIMEOUT the per-input hang limit (default 10 s);
+# FUZZ_PARALLEL how many targets run at once (default 1; CI uses 2, one per core).
 # It does not minimize corpora or crashes (`cargo fuzz cmin` / `tmin` do) and measures no
 # coverage report.
 set -euo pipefail
@@ -64,20 +65,16 @@ echo "build: $(($(date +%s) - start)) s"
 # --- run ----------------------------------------------------------------------------------
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-rm -rf "$OUT/corpus" "$OUT/artifacts"
-failed=()
-rows=()
-for t in "${TARGETS[@]}"; do
-  seeds=fuzz/corpus/$t
-  [ -d "$seeds" ] || { echo "no seed corpus $seeds" >&2; exit 2; }
-  corpus=$OUT/corpus/$t
-  artifacts=$OUT/artifacts/$t
+rm -rf "$OUT/corpus" "$OUT/artifacts" "$OUT"/*.row "$OUT"/*.log
+
+# Runs one target; writes its table row to $OUT/<target>.row and exits non-zero on a finding.
+run_target() {
+  local t=$1 seeds=fuzz/corpus/$1 corpus=$OUT/corpus/$1 artifacts=$OUT/artifacts/$1
+  local log=$OUT/$1.log rc=0 before after execs rate cov found kinds finding
   mkdir -p "$corpus" "$artifacts"
   cp "$seeds"/* "$corpus"/
   before=$(find "$corpus" -type f | wc -l)
-  log=$OUT/$t.log
   echo "== $t: ${SECS} s from $before seeds"
-  rc=0
   # -max_total_time bounds the run; -timeout turns a hang into a finding; -rss_limit_mb an
   # allocation blow-up. -print_final_stats gives the execution count.
   (cd fuzz && "${FUZZ[@]}" run "${FLAGS[@]}" "$t" "$corpus" -- \
@@ -92,15 +89,41 @@ for t in "${TARGETS[@]}"; do
   cov=$(grep -oE 'DONE +cov: [0-9]+' "$log" | awk '{print $3}' | tail -1 || true)
   after=$(find "$corpus" -type f | wc -l)
   found=$(find "$artifacts" -type f | wc -l)
+  finding=none
   if [ "$rc" -ne 0 ] || [ "$found" -gt 0 ]; then
-    kinds=$(find "$artifacts" -type f -printf '%f\n' | sed 's/-.*//' | sort | uniq -c | awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2}')
+    kinds=$(find "$artifacts" -type f -printf '%f\n' | sed 's/-.*//' | sort | uniq -c |
+      awk '{printf "%s%s %s", (NR > 1 ? ", " : ""), $1, $2}')
     finding="FAILED (exit $rc; ${kinds:-no artifact}; see $log)"
-    failed+=("$t")
+    echo "== $t FAILED:"
     grep -m1 -A3 -E "panicked at|ERROR: (libFuzzer|AddressSanitizer)" "$log" || tail -20 "$log"
-  else
-    finding=none
   fi
-  rows+=("| $t | $SECS | ${execs:-?} | ${rate:-?} | ${cov:-?} | $before -> $after | $finding |")
+  echo "| $t | $SECS | ${execs:-?} | ${rate:-?} | ${cov:-?} | $before -> $after | $finding |" \
+    >"$OUT/$t.row"
+  [ "$finding" = none ]
+}
+
+for t in "${TARGETS[@]}"; do
+  [ -d "fuzz/corpus/$t" ] || { echo "no seed corpus fuzz/corpus/$t" >&2; exit 2; }
+done
+# FUZZ_PARALLEL targets at a time (default 1: each gets the machine to itself, as the table's
+# exec/s assume); a failure is read from the rows afterwards, so no job is left behind.
+running=0
+for t in "${TARGETS[@]}"; do
+  if [ "$running" -ge "${FUZZ_PARALLEL:-1}" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  run_target "$t" &
+  running=$((running + 1))
+done
+wait || true
+
+failed=()
+rows=()
+for t in "${TARGETS[@]}"; do
+  row=$(cat "$OUT/$t.row" 2>/dev/null || echo "| $t | $SECS | ? | ? | ? | ? | FAILED (no result) |")
+  rows+=("$row")
+  case $row in *"| none |") ;; *) failed+=("$t") ;; esac
 done
 
 {
