@@ -67,8 +67,9 @@ pub struct BridgeConfig {
     pub sip_domain: String,
     /// How long an incoming call rings on a device before it is answered 480.
     pub no_answer_timeout: Duration,
-    /// Most calls at once per device, not counting incoming calls still ringing (so calls
-    /// ringing at a device never take the slots of its own `Dial`).
+    /// Most calls at once per device. `Dial` and `Answer` count only calls that are not ringing
+    /// (calls ringing at a device never take the slots of its own `Dial`); an incoming INVITE
+    /// counts them all.
     pub max_calls: u32,
     /// Most incoming calls ringing at once per device; more are answered 486.
     pub max_ringing: u32,

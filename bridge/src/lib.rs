@@ -155,6 +155,7 @@ impl Bridge {
             arrivals: tokio::sync::Notify::new(),
             arrival_waits: AtomicUsize::new(0),
             ringing_per_device: DashMap::new(),
+            ringing_calls: dashmap::DashSet::new(),
             texts_in: limits::DeviceRates::new(config_texts_in, 65_536),
             texts_out: limits::DeviceRates::new(config_texts_out, 65_536),
         });
@@ -280,6 +281,19 @@ impl DeviceRequests for Bridge {
                     _ => 0,
                 };
                 let key = (device_id.to_string(), call_ref);
+                // Answering a ringing call makes it one of the device's calls: only within
+                // `max_calls` (the device may reject it or end another call first).
+                if matches!(body, Body::Answer(_))
+                    && inner.ringing_calls.contains(&key)
+                    && inner.busy_count(device_id) >= inner.config.max_calls as usize
+                {
+                    inc(&inner.metrics.sip_refused, "max_calls");
+                    return vec![error_frame(
+                        request_id,
+                        ErrorCode::LimitExceeded,
+                        format!("at most {} calls per device", inner.config.max_calls),
+                    )];
+                }
                 let sent = inner
                     .calls
                     .get(&key)
@@ -704,20 +718,20 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 incoming_text(&inner, tx, &device, &request).await;
                 return;
             }
-            // Calls ringing and calls up are limited apart: a flood of INVITEs can keep a
-            // device ringing, not take the slots its own calls use.
+            // Calls ringing are limited apart from the device's own: a flood of INVITEs can
+            // keep a device ringing, not take the slots its `Dial` uses (those count only calls
+            // that are not ringing). Incoming calls stay within `max_calls` in all.
             if inner.ringing_count(&device) >= inner.config.max_ringing as usize {
                 inc(&inner.metrics.sip_refused, "max_ringing");
                 let _ = ua.respond(tx, 486, None, None).await;
                 return;
             }
             let live = inner.device_call_count(&device);
-            if inner.busy_count(&device) >= inner.config.max_calls as usize {
+            if live >= inner.config.max_calls as usize {
                 inc(&inner.metrics.sip_refused, "max_calls");
                 let _ = ua.respond(tx, 486, None, None).await;
                 return;
             }
-            in_progress.ring(&device);
             // Incoming refs start at a random point on each node and skip refs in use (a call
             // taken over from another node keeps the ref that node gave it).
             let mut call_ref = 0;
@@ -730,6 +744,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 }
             }
             let key = (device.clone(), call_ref);
+            in_progress.ring(&key);
             inner.by_invite.insert(tx, key.clone());
             info!(device, call_ref, "incoming call");
             call::driver::spawn(

@@ -65,6 +65,8 @@ pub(crate) struct BridgeInner {
     pub(crate) arrival_waits: AtomicUsize,
     /// Incoming calls ringing per device (their INVITE not yet answered finally).
     pub(crate) ringing_per_device: DashMap<String, usize>,
+    /// The incoming calls ringing now.
+    pub(crate) ringing_calls: dashmap::DashSet<CallKey>,
     /// Texts received per device (SIP MESSAGE).
     pub(crate) texts_in: crate::limits::DeviceRates,
     /// Texts sent per device (`SendText`).
@@ -247,19 +249,20 @@ impl BridgeInner {
 pub struct InProgress {
     pub(crate) inner: Arc<BridgeInner>,
     pub(crate) key: Option<(String, String, u32)>,
-    /// The device this INVITE rings (counted in `ringing_per_device`).
-    pub(crate) ringing: Option<String>,
+    /// The call this INVITE rings (counted in `ringing_per_device` and `ringing_calls`).
+    pub(crate) ringing: Option<CallKey>,
 }
 
 impl InProgress {
-    /// Counts this INVITE as ringing at `device` until it is dropped.
-    pub(crate) fn ring(&mut self, device: &str) {
+    /// Counts this INVITE's call as ringing at its device until it is dropped.
+    pub(crate) fn ring(&mut self, key: &CallKey) {
         *self
             .inner
             .ringing_per_device
-            .entry(device.to_string())
+            .entry(key.0.clone())
             .or_insert(0) += 1;
-        self.ringing = Some(device.to_string());
+        self.inner.ringing_calls.insert(key.clone());
+        self.ringing = Some(key.clone());
     }
 }
 
@@ -276,8 +279,9 @@ impl Drop for InProgress {
         if let Some(key) = &self.key {
             self.inner.in_progress.remove(key);
         }
-        if let Some(device) = &self.ringing {
-            self.inner.ringing_per_device.remove_if_mut(device, |_, n| {
+        if let Some(key) = &self.ringing {
+            self.inner.ringing_calls.remove(key);
+            self.inner.ringing_per_device.remove_if_mut(&key.0, |_, n| {
                 *n = n.saturating_sub(1);
                 *n == 0
             });

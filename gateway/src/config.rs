@@ -191,7 +191,9 @@ pub struct SessionConfig {
     pub max_frame_bytes: u32,
     /// Frames queued toward one device before the session is closed as too slow.
     pub send_queue_frames: u32,
-    /// Most calls at once per device (incoming calls still ringing not counted).
+    /// Most calls at once per device. A device's own `Dial` counts only calls that are not
+    /// ringing (calls ringing at it never take its slots); an incoming call is refused when the
+    /// device has this many in all, and answering one only when this many are up.
     pub max_calls: u32,
     /// Most incoming calls ringing at once per device; more are answered 486. Default:
     /// `max_calls`.
