@@ -93,6 +93,16 @@ pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
             tcp: Some(opts.listen),
             ..Default::default()
         },
+        endpoint: thalamus_sip::endpoint::EndpointConfig {
+            // The buddy stands in for a carrier that takes a gateway's whole load (a thousand
+            // calls back to back in the tests, hundreds a second in load runs): like SIPp, it
+            // puts no per-source limit on who sends it requests.
+            exempt_sources: vec![
+                ipnet::IpNet::from(ipnet::Ipv4Net::default()),
+                ipnet::IpNet::from(ipnet::Ipv6Net::default()),
+            ],
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await?;

@@ -375,7 +375,32 @@ fn a_thousand_calls_leave_no_port_relay_or_socket_behind() {
             .wait_event("media_summary", Duration::from_secs(600))
             .unwrap();
         let summary = sim.wait_event("summary", T).unwrap();
-        assert_eq!(sim.proc.wait_exit(T).unwrap(), Some(0), "{summary}");
+        // On failure, say why: the distinct failure events the simulator printed.
+        let mut failures: Vec<String> = sim
+            .seen
+            .iter()
+            .filter(|v| {
+                v["end_reason"] == "failed"
+                    || v["event"].as_str().is_some_and(|e| e.contains("fail"))
+            })
+            .map(|v| {
+                let mut v = v.clone();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("ts");
+                    o.remove("call");
+                    o.remove("call_ref");
+                }
+                v.to_string()
+            })
+            .collect();
+        failures.sort();
+        failures.dedup();
+        failures.truncate(5);
+        assert_eq!(
+            sim.proc.wait_exit(T).unwrap(),
+            Some(0),
+            "{summary} {failures:?}"
+        );
         (media, summary)
     };
     // Warm-up: the first call creates what lives as long as the node (e.g. the device's
