@@ -90,6 +90,16 @@ pub struct CallAppData {
     pub outgoing: bool,
     /// Whether the device holds the call.
     pub held: bool,
+    /// When the call started, ms since the Unix epoch (the first owner's clock; absent in
+    /// records of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// When it was answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_ms: Option<u64>,
+    /// The nodes that owned the call before the writer, in order (for the call record).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owners: Vec<String>,
 }
 
 impl CallAppData {
@@ -247,6 +257,9 @@ mod tests {
                 remote_uri: "sip:bob@example.com".into(),
                 outgoing: false,
                 held: true,
+                started_ms: Some(1_700_000_000_000),
+                answered_ms: Some(1_700_000_001_000),
+                owners: vec!["node-0".into()],
             }),
         }
     }

@@ -89,7 +89,10 @@ pub enum InboundError {
 pub struct InboundPolicy {
     trusted: Vec<IpNet>,
     users: Vec<InboundUser>,
-    digest: DigestServer,
+    digest: std::sync::Arc<DigestServer>,
+    /// What the digest server was made of (`realm`, `nonce_secret`): a reload that changes
+    /// neither keeps it, so nonces handed out before the reload stay good.
+    digest_from: (Option<String>, Option<String>, String),
 }
 
 impl InboundPolicy {
@@ -115,7 +118,36 @@ impl InboundPolicy {
         Ok(Self {
             trusted: config.trusted.clone(),
             users: config.users.clone(),
-            digest,
+            digest: std::sync::Arc::new(digest),
+            digest_from: (
+                config.realm.clone(),
+                config.nonce_secret.clone(),
+                default_realm.to_string(),
+            ),
+        })
+    }
+
+    /// The policy of `config` after a reload of this one: trusted networks and users as
+    /// `config` says; the digest server (and so the nonces handed out) kept unless the realm
+    /// or the nonce secret changed.
+    pub fn reloaded(
+        &self,
+        config: &InboundConfig,
+        default_realm: &str,
+    ) -> Result<Self, InboundError> {
+        let from = (
+            config.realm.clone(),
+            config.nonce_secret.clone(),
+            default_realm.to_string(),
+        );
+        if from != self.digest_from {
+            return Self::new(config, default_realm);
+        }
+        Ok(Self {
+            trusted: config.trusted.clone(),
+            users: config.users.clone(),
+            digest: self.digest.clone(),
+            digest_from: from,
         })
     }
 

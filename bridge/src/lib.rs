@@ -37,6 +37,7 @@ mod shared;
 pub mod table;
 pub mod takeover;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -93,6 +94,8 @@ pub struct BridgeDeps {
     pub replicator: Option<Arc<Replicator>>,
     /// Who may reach a device (`[sip.inbound]`).
     pub inbound: inbound::InboundPolicy,
+    /// Where finished calls' records go (none: no call records).
+    pub records: Option<Arc<dyn thalamus_cdr::CallRecords>>,
 }
 
 /// The bridge (cheap to clone).
@@ -122,9 +125,11 @@ impl Bridge {
             store,
             replicator,
             inbound,
+            records,
         } = deps;
         let conflicts = replicator.as_ref().and_then(|r| r.take_conflicts());
         let (config_texts_in, config_texts_out) = (config.texts_in, config.texts_out);
+        let devices = config.devices.clone();
         let registrar = config
             .registrar
             .clone()
@@ -149,7 +154,10 @@ impl Bridge {
             registrar,
             store,
             replicator,
-            inbound,
+            records,
+            inbound: std::sync::RwLock::new(Arc::new(inbound)),
+            devices: std::sync::RwLock::new(Arc::new(devices)),
+            refuse_new_calls: std::sync::atomic::AtomicBool::new(false),
             takeovers: DashMap::new(),
             watched: DashMap::new(),
             arrivals: tokio::sync::Notify::new(),
@@ -169,6 +177,54 @@ impl Bridge {
     /// Calls in progress.
     pub fn active_calls(&self) -> usize {
         self.inner.calls.len()
+    }
+
+    /// Replaces the inbound policy with the one `config` describes (a configuration reload),
+    /// keeping the digest nonces handed out unless the realm or the nonce secret changed.
+    /// Requests already admitted go on.
+    pub fn reload_inbound(
+        &self,
+        config: &inbound::InboundConfig,
+        default_realm: &str,
+    ) -> Result<(), inbound::InboundError> {
+        let policy = self
+            .inner
+            .inbound_policy()
+            .reloaded(config, default_realm)?;
+        self.set_inbound(policy);
+        Ok(())
+    }
+
+    /// Replaces the inbound policy; requests already admitted go on.
+    pub fn set_inbound(&self, policy: inbound::InboundPolicy) {
+        let policy = Arc::new(policy);
+        match self.inner.inbound.write() {
+            Ok(mut p) => *p = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+    }
+
+    /// Replaces the per-device settings (address books, credentials) for what starts next;
+    /// calls in progress keep what they resolved.
+    pub fn set_device_settings(&self, devices: BTreeMap<String, config::DeviceSettings>) {
+        let devices = Arc::new(devices);
+        match self.inner.devices.write() {
+            Ok(mut d) => *d = devices,
+            Err(poisoned) => *poisoned.into_inner() = devices,
+        }
+    }
+
+    /// Refuses new calls (incoming INVITEs get 503 with Retry-After, `Dial` an MBFP
+    /// `Unavailable` error) while `refuse` is set; calls in progress go on.
+    pub fn refuse_new_calls(&self, refuse: bool) {
+        self.inner
+            .refuse_new_calls
+            .store(refuse, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The user agent (to change its limits at a reload).
+    pub fn user_agent(&self) -> &UserAgent {
+        &self.inner.ua
     }
 
     /// The stored record of a dialog, from the dialog store (any node's).
@@ -238,6 +294,14 @@ impl DeviceRequests for Bridge {
                         request_id,
                         ErrorCode::InvalidArgument,
                         format!("call_ref {} is already in use", dial.call_ref),
+                    )];
+                }
+                if inner.refuse_new_calls.load(Ordering::Relaxed) {
+                    inc(&inner.metrics.sip_refused, "draining");
+                    return vec![error_frame(
+                        request_id,
+                        ErrorCode::Busy,
+                        "the node is shutting down: no new calls",
                     )];
                 }
                 // Incoming calls still ringing do not take the device's own slots.
@@ -613,7 +677,8 @@ async fn admitted(inner: &BridgeInner, tx: ServerTx, request: &Request, source: 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    match inner.inbound.check(source.addr.ip(), request, now) {
+    let verdict = inner.inbound_policy().check(source.addr.ip(), request, now);
+    match verdict {
         inbound::InboundVerdict::Allow => true,
         inbound::InboundVerdict::Challenge(values) => {
             inc(&inner.metrics.sip_refused, "challenged");
@@ -716,6 +781,14 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                     return;
                 }
                 incoming_text(&inner, tx, &device, &request).await;
+                return;
+            }
+            if inner.refuse_new_calls.load(Ordering::Relaxed) {
+                inc(&inner.metrics.sip_refused, "draining");
+                let retry_after = vec![(HeaderName::RetryAfter, "30".to_string())];
+                let _ = ua
+                    .respond_with_headers(tx, 503, None, None, retry_after)
+                    .await;
                 return;
             }
             // Calls ringing are limited apart from the device's own: a flood of INVITEs can

@@ -6,6 +6,7 @@
 //!
 //! It holds no call logic (`crate::call` does) and starts nothing.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,8 +52,16 @@ pub(crate) struct BridgeInner {
     pub(crate) registrar: Option<registrar::Registrar>,
     pub(crate) store: Option<Arc<dyn DialogStore>>,
     pub(crate) replicator: Option<Arc<Replicator>>,
-    /// Who may reach a device.
-    pub(crate) inbound: crate::inbound::InboundPolicy,
+    /// Where finished calls' records go (none: no call records).
+    pub(crate) records: Option<Arc<dyn thalamus_cdr::CallRecords>>,
+    /// Who may reach a device (replaced whole by a configuration reload).
+    pub(crate) inbound: std::sync::RwLock<Arc<crate::inbound::InboundPolicy>>,
+    /// Per-device settings (address books, credentials): `config.devices` at start, replaced
+    /// whole by a configuration reload.
+    pub(crate) devices: std::sync::RwLock<Arc<BTreeMap<String, crate::config::DeviceSettings>>>,
+    /// While set, new calls are refused: incoming INVITEs get 503 with Retry-After and `Dial`
+    /// an MBFP `Busy` error (a node draining with no balancer to steer calls away).
+    pub(crate) refuse_new_calls: std::sync::atomic::AtomicBool,
     /// Takeovers in progress, one lock per dialog (so one request, resume or API call claims
     /// and imports it, and the others find it held).
     pub(crate) takeovers: DashMap<DialogKey, Arc<tokio::sync::Mutex<()>>>,
@@ -160,8 +169,7 @@ impl BridgeInner {
     /// none are sent).
     pub(crate) fn credentials(&self, device: &str) -> Option<DigestAuth> {
         let a = self
-            .config
-            .devices
+            .device_settings()
             .get(device)
             .and_then(|d| d.auth.clone())
             .or_else(|| self.config.credentials.clone())?;
@@ -182,13 +190,28 @@ impl BridgeInner {
         })
     }
 
+    /// The per-device settings now (a reload replaces them whole).
+    pub(crate) fn device_settings(&self) -> Arc<BTreeMap<String, crate::config::DeviceSettings>> {
+        match self.devices.read() {
+            Ok(d) => d.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The inbound policy now (a reload replaces it whole).
+    pub(crate) fn inbound_policy(&self) -> Arc<crate::inbound::InboundPolicy> {
+        match self.inbound.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// Resolves a Dial/SendText target: an alias of the device's address book, or a URI. A bare
     /// user name or number becomes a URI in the gateway's domain (or the outbound proxy's).
     pub(crate) fn target_uri(&self, device: &str, target: &str) -> Result<Uri, String> {
         let target = target.trim();
         if let Some(uri) = self
-            .config
-            .devices
+            .device_settings()
             .get(device)
             .and_then(|d| d.address_book.get(target))
         {

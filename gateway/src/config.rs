@@ -105,6 +105,8 @@ pub struct Config {
     pub devices: BTreeMap<String, DeviceSettings>,
     /// Clustering: dialog store, replication, owner lease, heartbeats (`[cluster]`).
     pub cluster: crate::cluster::config::ClusterConfig,
+    /// Call detail records (`[cdr]`).
+    pub cdr: thalamus_cdr::CdrConfig,
 }
 
 /// Node identity and local storage.
@@ -117,6 +119,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Device registry file; defaults to `<data_dir>/devices.toml`.
     pub device_registry: Option<PathBuf>,
+    /// On SIGTERM the node drains: no new calls, devices told to move, calls in progress
+    /// allowed this long to finish before the process exits (a second SIGTERM ends it at
+    /// once).
+    pub drain_deadline_secs: u32,
 }
 
 impl Default for NodeConfig {
@@ -125,6 +131,7 @@ impl Default for NodeConfig {
             id: "node-1".into(),
             data_dir: PathBuf::from("thalamus-data"),
             device_registry: None,
+            drain_deadline_secs: 30,
         }
     }
 }
@@ -434,6 +441,12 @@ impl Config {
         if self.node.id.is_empty() || self.node.id.len() > 64 {
             return bad("node.id", "must be 1 to 64 characters");
         }
+        if self.cdr.queue == 0 {
+            return bad("cdr.queue", "must be at least 1");
+        }
+        if self.cdr.max_file_bytes < 4096 {
+            return bad("cdr.max_file_bytes", "must be at least 4096");
+        }
         if self.quic.cert.is_some() != self.quic.key.is_some() {
             return bad("quic.key", "quic.cert and quic.key must be given together");
         }
@@ -662,6 +675,18 @@ impl Config {
         }
     }
 
+    /// The per-source limits of new SIP transactions (`[sip.limits]`; trusted sources are
+    /// exempt).
+    pub fn sip_source_limits(&self) -> thalamus_sip::transaction::SourceLimits {
+        let limits = &self.sip.limits;
+        thalamus_sip::transaction::SourceLimits {
+            rate: limits.source_rate,
+            burst: limits.source_burst,
+            max_live: limits.source_max_live,
+            max_sources: limits.max_sources,
+        }
+    }
+
     /// The bridge's settings (`node.id`, `[sip]`, `[session]`, `[cluster]`, `[devices]`).
     pub fn bridge(&self) -> thalamus_bridge::BridgeConfig {
         thalamus_bridge::BridgeConfig {
@@ -726,12 +751,7 @@ impl Config {
         let mut endpoint = thalamus_sip::endpoint::EndpointConfig::default();
         endpoint.transactions.timers = timers;
         endpoint.transactions.max_transactions = limits.max_transactions;
-        endpoint.transactions.per_source = thalamus_sip::transaction::SourceLimits {
-            rate: limits.source_rate,
-            burst: limits.source_burst,
-            max_live: limits.source_max_live,
-            max_sources: limits.max_sources,
-        };
+        endpoint.transactions.per_source = self.sip_source_limits();
         endpoint.exempt_sources = self.sip.inbound.trusted.clone();
         endpoint.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
             t1: timers.t1,

@@ -15,11 +15,13 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod heartbeat;
 pub mod metrics;
 pub mod node;
+pub mod reload;
 pub mod shared;
 pub mod sip_metrics;
 mod sweep;

@@ -90,6 +90,23 @@ pub struct GatewayNode {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     cluster: crate::cluster::runtime::ClusterRuntime,
+    /// Call records (none when `cdr.enabled` is off).
+    cdr: Option<thalamus_cdr::CdrWriter>,
+    /// The configuration running now (the start's, with what reloads applied).
+    running: std::sync::Mutex<Config>,
+}
+
+/// What a reload did ([`GatewayNode::reload`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Changed keys applied now.
+    pub applied: Vec<String>,
+    /// Changed keys that need a restart (not applied).
+    pub needs_restart: Vec<String>,
+    /// Devices in the registry before and after it was read again.
+    pub devices: (usize, usize),
+    /// The certificate's fingerprint, when it changed.
+    pub new_fingerprint: Option<String>,
 }
 
 impl GatewayNode {
@@ -144,6 +161,20 @@ impl GatewayNode {
         .await?;
         cluster.register_metrics(metrics.registry_mut());
         let mut metrics_registry = metrics;
+        let cdr = if config.cdr.enabled {
+            let cdr_metrics = thalamus_cdr::CdrMetrics::default();
+            cdr_metrics.register(metrics_registry.registry_mut());
+            Some(
+                thalamus_cdr::CdrWriter::start(&config.cdr, &data_dir, cdr_metrics)
+                    .await
+                    .map_err(|e| StartError::Config {
+                        key: "cdr",
+                        message: e.to_string(),
+                    })?,
+            )
+        } else {
+            None
+        };
         let sessions = Arc::new(Sessions::default());
 
         // The SIP side: user agent, media engine, bridge.
@@ -177,6 +208,9 @@ impl GatewayNode {
                 inbound: config
                     .inbound_policy()
                     .map_err(|e| StartError::Sip(e.to_string()))?,
+                records: cdr
+                    .clone()
+                    .map(|w| Arc::new(w) as Arc<dyn thalamus_cdr::CallRecords>),
             },
         );
         cluster.start_heartbeats(sip_addr, quic_addr).await?;
@@ -252,6 +286,7 @@ impl GatewayNode {
             )),
         ];
         info!(%quic_addr, %admin_addr, node = %shared.node_id, "gateway node started");
+        let running = std::sync::Mutex::new(config);
         Ok(Self {
             shared,
             quic_addr,
@@ -265,6 +300,137 @@ impl GatewayNode {
             shutdown,
             tasks,
             cluster,
+            cdr,
+            running,
+        })
+    }
+
+    /// Drains the node: new calls go elsewhere (the heartbeats say the node is draining, so
+    /// the balancers route no new calls here and devices without a call move to their new
+    /// owners; a node without balancers refuses new calls: 503 with Retry-After to SIP,
+    /// `Busy` to devices), and calls in progress go on. Resolves when no call is left, when
+    /// `deadline` has passed, or when `stop` resolves (a second SIGTERM), whichever is first;
+    /// returns the calls left.
+    pub async fn drain(
+        &self,
+        deadline: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> usize {
+        self.shared.set_draining(true);
+        if self.shared.heartbeats.is_none() {
+            self.shared.bridge.refuse_new_calls(true);
+        }
+        let calls = self.shared.bridge.active_calls();
+        info!(
+            calls,
+            deadline_secs = deadline.as_secs(),
+            "draining: waiting for calls to end"
+        );
+        let until = tokio::time::Instant::now() + deadline;
+        let mut stop = std::pin::pin!(stop);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            let left = self.shared.bridge.active_calls();
+            if left == 0 {
+                info!("drained: no call left");
+                return 0;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(until) => {
+                    let left = self.shared.bridge.active_calls();
+                    warn!(calls = left, "drain deadline reached with calls in progress");
+                    return left;
+                }
+                () = &mut stop => {
+                    let left = self.shared.bridge.active_calls();
+                    warn!(calls = left, "stopping at once (second signal) with calls in progress");
+                    return left;
+                }
+            }
+        }
+    }
+
+    /// Applies a configuration read again (SIGHUP): reads the device registry again, and
+    /// applies what [`crate::reload::plan`] says can change while running (the log level
+    /// through `log`, who may reach devices and the per-source SIP limits, per-device
+    /// settings, the certificate files for new connections). Calls in progress are untouched.
+    /// Keys that need a restart are reported, not applied. A configuration that fails its
+    /// checks changes nothing.
+    pub async fn reload(
+        &self,
+        new: Config,
+        log: Option<&thalamus_telemetry::LogReload>,
+    ) -> Result<ReloadReport, crate::config::ConfigError> {
+        new.check()?;
+        let running = match self.running.lock() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let plan = crate::reload::plan(&running, &new);
+        let mut applied = running.clone();
+        let bad = |key: &str, message: String| crate::config::ConfigError::Key {
+            key: key.into(),
+            message,
+        };
+        let before = self.shared.registry.len();
+        if let Err(e) = self.shared.registry.refresh() {
+            warn!(error = %e, "device registry could not be read again; the devices known before stay");
+        }
+        let devices = (before, self.shared.registry.len());
+        if plan.applies("log.level") {
+            if let Some(log) = log {
+                log.set_level(&new.log.level)
+                    .map_err(|e| bad("log.level", e))?;
+            }
+            applied.log.level = new.log.level.clone();
+        }
+        if plan.applies("sip.inbound") {
+            self.shared
+                .bridge
+                .reload_inbound(&new.sip.inbound, &new.sip.domain)
+                .map_err(|e| bad("sip.inbound", e.to_string()))?;
+            applied.sip.inbound = new.sip.inbound.clone();
+        }
+        if plan.applies("sip.inbound") || plan.applies("sip.limits") {
+            applied.sip.limits.max_transactions = new.sip.limits.max_transactions;
+            applied.sip.limits.source_rate = new.sip.limits.source_rate;
+            applied.sip.limits.source_burst = new.sip.limits.source_burst;
+            applied.sip.limits.source_max_live = new.sip.limits.source_max_live;
+            applied.sip.limits.max_sources = new.sip.limits.max_sources;
+            self.shared
+                .bridge
+                .user_agent()
+                .set_limits(
+                    applied.sip.limits.max_transactions,
+                    applied.sip_source_limits(),
+                    applied.sip.inbound.trusted.clone(),
+                )
+                .await
+                .map_err(|e| bad("sip.limits", e.to_string()))?;
+        }
+        if plan.applies("devices") {
+            self.shared.bridge.set_device_settings(new.devices.clone());
+            applied.devices = new.devices.clone();
+        }
+        // The certificate files are read again at every reload (a renewed certificate keeps
+        // its paths).
+        let fingerprint = self
+            .ingress
+            .reload_certificate(new.quic.cert.as_deref(), new.quic.key.as_deref())
+            .map_err(|e| bad("quic.cert", e.to_string()))?;
+        applied.quic.cert = new.quic.cert.clone();
+        applied.quic.key = new.quic.key.clone();
+        let new_fingerprint = (fingerprint != self.fingerprint).then_some(fingerprint);
+        match self.running.lock() {
+            Ok(mut r) => *r = applied,
+            Err(poisoned) => *poisoned.into_inner() = applied,
+        }
+        Ok(ReloadReport {
+            applied: plan.apply,
+            needs_restart: plan.restart,
+            devices,
+            new_fingerprint,
         })
     }
 
@@ -275,13 +441,22 @@ impl GatewayNode {
 
     /// Says goodbye to every session, then stops the listeners, writes out the replication
     /// queue and closes the dialog store.
-    pub async fn shutdown(mut self) {
-        self.ingress.shutdown().await;
+    pub async fn shutdown(self) {
+        let draining = self.shared.is_draining();
+        self.shutdown_with(draining).await;
+    }
+
+    async fn shutdown_with(mut self, draining: bool) {
+        self.ingress.shutdown_with(draining).await;
         self.shutdown.cancel();
         for task in std::mem::take(&mut self.tasks) {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
         }
         self.cluster.shutdown().await;
+        if let Some(cdr) = &self.cdr {
+            // Records of calls that ended are on disk before the process exits.
+            let _ = tokio::time::timeout(Duration::from_secs(5), cdr.flush()).await;
+        }
     }
 }
 

@@ -106,24 +106,7 @@ impl Ingress {
             config.key.as_deref(),
             &config.data_dir,
         )?;
-        let crypto = tls::server_crypto(&material)?;
-        let mut transport = quinn::TransportConfig::default();
-        let idle = config.idle_timeout + Duration::from_secs(5);
-        transport
-            .max_idle_timeout(Some(idle.try_into().map_err(|_| IngressError::Config {
-                key: "quic.idle_timeout_ms",
-                message: "too large".into(),
-            })?))
-            .keep_alive_interval(Some(config.keepalive_interval))
-            .max_concurrent_bidi_streams(1u32.into())
-            .max_concurrent_uni_streams(0u32.into())
-            .datagram_receive_buffer_size(Some(64 * 1024))
-            .datagram_send_buffer_size(64 * 1024)
-            .stream_receive_window((config.max_frame_bytes * 2).into())
-            .receive_window((config.max_frame_bytes * 4).into())
-            .send_window(256 * 1024);
-        let mut server_config = quinn::ServerConfig::with_crypto(crypto);
-        server_config.transport_config(Arc::new(transport));
+        let server_config = server_config(&config, &material)?;
         let bind_error = |source| IngressError::Bind {
             addr: config.listen,
             source,
@@ -150,6 +133,34 @@ impl Ingress {
             generated_cert: material.generated,
             cert_path: material.cert_path,
         })
+    }
+}
+
+/// The QUIC server configuration: TLS from `material`, transport limits from `config`.
+fn server_config(
+    config: &IngressConfig,
+    material: &tls::TlsMaterial,
+) -> Result<quinn::ServerConfig, IngressError> {
+    {
+        let crypto = tls::server_crypto(material)?;
+        let mut transport = quinn::TransportConfig::default();
+        let idle = config.idle_timeout + Duration::from_secs(5);
+        transport
+            .max_idle_timeout(Some(idle.try_into().map_err(|_| IngressError::Config {
+                key: "quic.idle_timeout_ms",
+                message: "too large".into(),
+            })?))
+            .keep_alive_interval(Some(config.keepalive_interval))
+            .max_concurrent_bidi_streams(1u32.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .datagram_receive_buffer_size(Some(64 * 1024))
+            .datagram_send_buffer_size(64 * 1024)
+            .stream_receive_window((config.max_frame_bytes * 2).into())
+            .receive_window((config.max_frame_bytes * 4).into())
+            .send_window(256 * 1024);
+        let mut server_config = quinn::ServerConfig::with_crypto(crypto);
+        server_config.transport_config(Arc::new(transport));
+        Ok(server_config)
     }
 }
 
@@ -221,12 +232,38 @@ impl RunningIngress {
         &self.shared.sessions
     }
 
+    /// Reads the certificate and key files again (`quic.cert`, `quic.key`, as configured at
+    /// start or given here) and uses them for connections accepted from now on; connections
+    /// up already keep theirs. Returns the new certificate's SHA-256 fingerprint. A node that
+    /// generated its certificate reads the generated files again (an unchanged fingerprint).
+    pub fn reload_certificate(
+        &self,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<String, IngressError> {
+        let config = &self.shared.config;
+        let material = tls::load_or_generate(
+            cert.or(config.cert.as_deref()),
+            key.or(config.key.as_deref()),
+            &config.data_dir,
+        )?;
+        let server_config = server_config(config, &material)?;
+        self.endpoint.set_server_config(Some(server_config));
+        Ok(material.fingerprint())
+    }
+
     /// Says goodbye to every session (waiting up to 2 s for them to end), then closes the
     /// endpoint and waits for its connections to finish closing.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.shutdown_with(false).await;
+    }
+
+    /// [`RunningIngress::shutdown`], telling devices whether the node is draining (they
+    /// reconnect at once, to another node) or just stopping.
+    pub async fn shutdown_with(mut self, draining: bool) {
         self.shared
             .sessions
-            .broadcast(|| SessionCommand::Shutdown { draining: false });
+            .broadcast(|| SessionCommand::Shutdown { draining });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while !self.shared.sessions.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

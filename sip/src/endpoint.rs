@@ -217,6 +217,21 @@ impl Endpoint {
         }
     }
 
+    /// New transaction-table and per-source limits and exempt addresses (a configuration
+    /// reload): transactions and dialogs in progress are untouched.
+    pub fn set_limits(
+        &mut self,
+        max_transactions: usize,
+        per_source: crate::transaction::SourceLimits,
+        exempt: Vec<ipnet::IpNet>,
+    ) {
+        self.config.transactions.max_transactions = max_transactions;
+        self.config.transactions.per_source = per_source;
+        self.config.exempt_sources = exempt.clone();
+        self.transactions
+            .set_limits(max_transactions, per_source, exempt);
+    }
+
     /// Sets the sent-by (Via host and port) this endpoint uses on `transport`.
     pub fn set_sent_by(&mut self, transport: Transport, host: Host, port: u16) {
         self.sent_by.insert(transport, (host, port));

@@ -315,6 +315,12 @@ enum Command {
     RejectUnknown(ServerTx),
     RemoveDialog(DialogId),
     Stats(oneshot::Sender<(EndpointStats, usize, usize)>),
+    SetLimits {
+        max_transactions: usize,
+        per_source: crate::transaction::SourceLimits,
+        exempt: Vec<ipnet::IpNet>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The endpoint's counters, published by its task after each batch of work (for metrics: read
@@ -744,6 +750,23 @@ impl UserAgent {
         .await
     }
 
+    /// New transaction-table and per-source limits and the addresses exempt from the latter
+    /// (a configuration reload); what is in progress is untouched.
+    pub async fn set_limits(
+        &self,
+        max_transactions: usize,
+        per_source: crate::transaction::SourceLimits,
+        exempt: Vec<ipnet::IpNet>,
+    ) -> Result<(), UaError> {
+        self.command(|reply| Command::SetLimits {
+            max_transactions,
+            per_source,
+            exempt,
+            reply,
+        })
+        .await
+    }
+
     /// Imports a dialog from its record.
     pub async fn import(&self, record: DialogRecord) -> Result<DialogId, UaError> {
         self.command(|reply| Command::Import {
@@ -1003,6 +1026,15 @@ fn run_command(
         Command::RejectUnknown(tx) => endpoint.reject_unknown(now, tx),
         Command::RemoveDialog(id) => {
             endpoint.remove_dialog(&id);
+        }
+        Command::SetLimits {
+            max_transactions,
+            per_source,
+            exempt,
+            reply,
+        } => {
+            endpoint.set_limits(max_transactions, per_source, exempt);
+            let _ = reply.send(());
         }
         Command::Stats(reply) => {
             let _ = reply.send((

@@ -3,7 +3,7 @@
 //!
 //! * [`LogConfig`] and [`LogFormat`]: the `[log]` configuration section.
 //! * [`init_logging`]: installs the `tracing` subscriber it describes (stderr, `THALAMUS_LOG`
-//!   overrides the level).
+//!   overrides the level) and returns the [`LogReload`] that changes the level later.
 //! * [`ReasonLabel`]: the Prometheus label that names a reason or a kind, and [`inc`], which
 //!   counts one event under it.
 //!
@@ -46,21 +46,70 @@ impl Default for LogConfig {
     }
 }
 
+/// Sets the log filter of the running process (what `SIGHUP` uses when `[log] level` changed).
+pub struct LogReload {
+    set: Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>,
+    from_env: bool,
+}
+
+impl LogReload {
+    /// Replaces the filter with `level` (a `tracing` directive). Refused, with the reason, when
+    /// it does not parse, and ignored (`Ok(false)`) while `THALAMUS_LOG` set the filter: the
+    /// environment wins over the file, at a reload as at start. `Ok(true)` when applied.
+    pub fn set_level(&self, level: &str) -> Result<bool, String> {
+        if self.from_env {
+            return Ok(false);
+        }
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        (self.set)(filter).map(|()| true)
+    }
+}
+
+impl std::fmt::Debug for LogReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReload")
+            .field("from_env", &self.from_env)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Installs the process's `tracing` subscriber: lines to stderr (colours only on a terminal),
 /// filtered by `THALAMUS_LOG` when set, else by `config.level` (`info` when that does not
-/// parse). Does nothing when a subscriber is already installed.
-pub fn init_logging(config: &LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("THALAMUS_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// parse). Returns the handle that changes the filter later; `None` when a subscriber was
+/// already installed (then nothing changed).
+pub fn init_logging(config: &LogConfig) -> Option<LogReload> {
+    let env = tracing_subscriber::EnvFilter::try_from_env("THALAMUS_LOG").ok();
+    let from_env = env.is_some();
+    let filter = env
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(&config.level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match config.format {
-        LogFormat::Json => builder.json().with_current_span(true).try_init(),
-        LogFormat::Human => builder.try_init(),
-    };
+    match config.format {
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .with_current_span(true)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok()?;
+            Some(LogReload {
+                set: Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+                from_env,
+            })
+        }
+        LogFormat::Human => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().ok()?;
+            Some(LogReload {
+                set: Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+                from_env,
+            })
+        }
+    }
 }
 
 /// A label naming a reason or a kind, e.g. `reason="per_ip_limit"`.

@@ -478,6 +478,15 @@ enum Ending {
 }
 
 /// The failover loop: every call kills node A after the ACK and restarts it afterwards.
+/// The call records (CDR) a node wrote in `data_dir`, in order.
+fn call_records(data_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(data_dir.join("cdr/calls.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn failover_calls(calls: u32, ending: Ending) {
     let _serial = serial();
     let mut cluster = Cluster::start(5_000);
@@ -553,6 +562,40 @@ fn failover_calls(calls: u32, ending: Ending) {
     let b_log = cluster.b.log();
     let claimed = b_log.matches("dialog taken over").count();
     assert_eq!(claimed as u32, calls, "B took over {claimed} dialogs");
+    // Call records: exactly one per call, written by B (the owner when it ended), naming both
+    // nodes and the takeover, with the answer time A saw; A, killed in every call, wrote none.
+    let expected_reason = match ending {
+        Ending::PeerBye => "remote_hangup",
+        Ending::DeviceHangup => "local_hangup",
+    };
+    let deadline = Instant::now() + T;
+    let records = loop {
+        let records = call_records(&cluster.b.data_dir());
+        if records.len() as u32 >= calls || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(records.len() as u32, calls, "B's call records: {records:?}");
+    let ids: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter_map(|r| r["call_id"].as_str())
+        .collect();
+    assert_eq!(ids.len() as u32, calls, "one record per Call-ID");
+    for r in &records {
+        assert_eq!(r["taken_over"], true, "{r}");
+        assert_eq!(
+            r["nodes"],
+            serde_json::json!([cluster.a_id, cluster.b_id]),
+            "{r}"
+        );
+        assert_eq!(r["direction"], "incoming", "{r}");
+        assert_eq!(r["end_reason"], expected_reason, "{r}");
+        assert!(r["answer"].is_string(), "{r}");
+        assert!(r["start"].as_str() <= r["answer"].as_str(), "{r}");
+        assert!(r["answer"].as_str() <= r["end"].as_str(), "{r}");
+    }
+    assert!(call_records(&cluster.a().data_dir()).is_empty());
     let label = match ending {
         Ending::PeerBye => "UAS mode (peer BYE)",
         Ending::DeviceHangup => "UAC mode (device hangup)",

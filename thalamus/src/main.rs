@@ -1,8 +1,11 @@
 //! `thalamus`: the one binary of a deployment. `thalamus run` runs a gateway node
 //! (`thalamus-gateway`), `thalamus balancer` the SIP load balancer (`thalamus-balancer`),
-//! `thalamus device ...` manages the device registry and `thalamus config` prints the effective
-//! configuration. It parses the command line, sets up logging, starts the runtime and waits for
-//! SIGINT or SIGTERM; everything else is in the crates it wires.
+//! `thalamus device ...` manages the device registry, `thalamus config` prints the effective
+//! configuration and `thalamus check` checks it and the environment. It parses the command
+//! line, sets up logging, starts the runtime and handles signals: for a node, SIGTERM (or
+//! SIGINT) drains it (`[node] drain_deadline_secs`; a second one stops it at once) and exits 0,
+//! SIGHUP reloads the configuration; the balancer stops on SIGTERM. Everything else is in the
+//! crates it wires.
 
 use std::path::PathBuf;
 
@@ -41,6 +44,9 @@ enum Command {
     },
     /// Print the effective configuration.
     Config,
+    /// Check the configuration and the environment (data directory, free ports, certificate,
+    /// dialog store, clock); exits non-zero naming what failed.
+    Check,
     /// Run the SIP load balancer (its own config file: see docs/balancer.md).
     Balancer {
         /// Write the bound addresses here as JSON once listening.
@@ -105,7 +111,8 @@ fn main() -> anyhow::Result<()> {
         path: cli.config.clone(),
     })?;
     match cli.command {
-        Command::Run { ready_file } => run(config, cli.config.is_some(), ready_file),
+        Command::Run { ready_file } => run(config, cli.config.clone(), ready_file),
+        Command::Check => check(&config),
         Command::Device { command } => device(&config, command),
         Command::Config => {
             print!("{}", config.to_toml());
@@ -115,8 +122,36 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
-    thalamus_telemetry::init_logging(&config.log);
+/// `thalamus check`: prints one line per check and fails when any did.
+fn check(config: &Config) -> anyhow::Result<()> {
+    println!("ok    configuration (every key checked)");
+    let findings =
+        runtime("thalamus-check")?.block_on(thalamus_gateway::check::check_environment(config));
+    let mut failed = Vec::new();
+    for f in &findings {
+        match &f.result {
+            Ok(detail) => println!("ok    {}: {detail}", f.what),
+            Err(reason) => {
+                println!("FAIL  {}: {reason}", f.what);
+                failed.push(f.what.clone());
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("check failed: {}", failed.join(", "))
+    }
+}
+
+fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    ready_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let from_file = config_path.is_some();
+    let log = thalamus_telemetry::init_logging(&config.log);
+    let drain_deadline = std::time::Duration::from_secs(config.node.drain_deadline_secs.into());
     runtime("thalamus")?.block_on(async move {
         let registry_path = config.node.device_registry_path();
         let data_dir = config.node.data_dir.clone();
@@ -173,11 +208,110 @@ fn run(config: Config, from_file: bool, ready_file: Option<PathBuf>) -> anyhow::
             std::fs::write(&path, ready.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        shutdown_signal().await;
-        tracing::info!("shutting down");
+        let mut signals = Signals::new()?;
+        // Reloads until a stop signal.
+        while signals.next().await == Signal::Reload {
+            reload(&node, config_path.as_ref(), log.as_ref()).await;
+        }
+        tracing::info!(deadline_secs = drain_deadline.as_secs(), "stop requested: draining");
+        let left = node
+            .drain(drain_deadline, async {
+                loop {
+                    if signals.next().await == Signal::Stop {
+                        return;
+                    }
+                }
+            })
+            .await;
+        tracing::info!(calls_left = left, "shutting down");
         node.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// SIGHUP: reads the configuration again (same file, same environment) and applies what can
+/// change while running; logs what changed and what needs a restart. A configuration that
+/// does not load changes nothing (the error, naming the key, is logged).
+async fn reload(
+    node: &GatewayNode,
+    path: Option<&PathBuf>,
+    log: Option<&thalamus_telemetry::LogReload>,
+) {
+    let loaded = Config::load(&ProcessConfigSource {
+        path: path.cloned(),
+    });
+    let new = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the configuration does not load; nothing changed");
+            return;
+        }
+    };
+    match node.reload(new, log).await {
+        Ok(report) => {
+            tracing::info!(
+                applied = ?report.applied,
+                needs_restart = ?report.needs_restart,
+                devices_before = report.devices.0,
+                devices_after = report.devices.1,
+                "configuration reloaded"
+            );
+            if !report.needs_restart.is_empty() {
+                tracing::warn!(keys = ?report.needs_restart, "changed keys need a restart to take effect");
+            }
+            if let Some(fp) = report.new_fingerprint {
+                tracing::warn!(fingerprint = %fp, "new QUIC certificate for new connections: devices pinning the old one must be given this fingerprint");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "reload refused; nothing further changed"),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    /// SIGINT or SIGTERM.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
+/// The process's signals, as a stream.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+                hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => Signal::Stop,
+                _ = self.term.recv() => Signal::Stop,
+                _ = self.hup.recv() => Signal::Reload,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
+        }
+    }
 }
 
 fn display_addr(addr: std::net::SocketAddr) -> String {

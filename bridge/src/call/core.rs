@@ -392,6 +392,57 @@ pub struct CallCore {
     bye_after: Option<EndReason>,
     next_tx: TxId,
     actions: VecDeque<CallAction>,
+    /// What the call's record (CDR) needs.
+    record: RecordFacts,
+}
+
+/// What the call record needs that the call's rules do not: wall-clock times, the nodes that
+/// owned the call, how it ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct RecordFacts {
+    /// The driver's wall clock: this instant was this many ms since the Unix epoch.
+    wall: Option<(Instant, u64)>,
+    /// The latest `now` the core was given.
+    now: Option<Instant>,
+    started_ms: Option<u64>,
+    answered_ms: Option<u64>,
+    ended_ms: Option<u64>,
+    /// The nodes that owned the call before this one (from the record after a takeover).
+    owners_before: Vec<String>,
+    taken_over: bool,
+    /// The end event: reason, SIP status, reason text.
+    end: Option<(EndReason, u32, String)>,
+    /// The last error status (>= 300) the core answered a request with.
+    last_error_sent: Option<u16>,
+}
+
+/// A finished call as its record (CDR) tells it ([`CallCore::summary`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallSummary {
+    /// The device placed the call (false: it came from SIP).
+    pub outgoing: bool,
+    /// The remote party.
+    pub remote_uri: String,
+    /// When the call started (ms since the Unix epoch; the first owner's clock after a
+    /// takeover). `None` without a wall clock ([`CallCore::set_wall_clock`]).
+    pub started_ms: Option<u64>,
+    /// When it was answered, if it was.
+    pub answered_ms: Option<u64>,
+    /// When it ended here.
+    pub ended_ms: Option<u64>,
+    /// How it ended.
+    pub end_reason: EndReason,
+    /// The SIP status that ended it (a final error answer of the set-up), 0 when none.
+    pub sip_status: u32,
+    /// The reason text the device was given.
+    pub reason: String,
+    /// Every node that owned the call, in order, this one last.
+    pub owners: Vec<String>,
+    /// Whether this node took the call over from another.
+    pub taken_over: bool,
+    /// Whether this node still owned the dialog at the end (false: another node took it
+    /// over, and that node writes the record).
+    pub owned_at_end: bool,
 }
 
 impl CallCore {
@@ -425,6 +476,65 @@ impl CallCore {
             bye_after: None,
             next_tx: 1,
             actions: VecDeque::new(),
+            record: RecordFacts::default(),
+        }
+    }
+
+    /// Gives the core the driver's wall clock: `now` is `unix_ms` ms since the Unix epoch.
+    /// Call it once, before the first input; the record's times are read from it (without it
+    /// they are `None`). A fresh call starts now; a call taken over keeps its first start.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.record.wall = Some((now, unix_ms));
+        self.record.now = Some(now);
+        if self.record.started_ms.is_none() {
+            self.record.started_ms = Some(unix_ms);
+        }
+    }
+
+    /// The wall-clock time of the latest `now`, in ms since the Unix epoch.
+    fn wall_ms(&self) -> Option<u64> {
+        let (origin, origin_ms) = self.record.wall?;
+        let now = self.record.now.unwrap_or(origin);
+        let since = u64::try_from(now.saturating_duration_since(origin).as_millis()).ok()?;
+        Some(origin_ms.saturating_add(since))
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if self.record.now.is_none_or(|t| now > t) {
+            self.record.now = Some(now);
+        }
+    }
+
+    /// The call as its record tells it: meaningful once [`CallCore::is_closed`].
+    pub fn summary(&self) -> CallSummary {
+        let (end_reason, status, reason) =
+            self.record
+                .end
+                .clone()
+                .unwrap_or((EndReason::Unspecified, 0, String::new()));
+        // A set-up that failed on our own answer (a rejected or unanswered incoming call)
+        // has the status we sent.
+        let sip_status = if status == 0 && self.record.answered_ms.is_none() {
+            self.record.last_error_sent.map_or(0, u32::from)
+        } else {
+            status
+        };
+        let mut owners = self.record.owners_before.clone();
+        if owners.last() != Some(&self.settings.node_id) {
+            owners.push(self.settings.node_id.clone());
+        }
+        CallSummary {
+            outgoing: self.outgoing,
+            remote_uri: self.remote_uri.clone(),
+            started_ms: self.record.started_ms,
+            answered_ms: self.record.answered_ms,
+            ended_ms: self.record.ended_ms,
+            end_reason,
+            sip_status,
+            reason,
+            owners,
+            taken_over: self.record.taken_over,
+            owned_at_end: !self.replica.lost,
         }
     }
 
@@ -547,6 +657,15 @@ impl CallCore {
             outgoing,
         );
         core.dialog = Some(dialog);
+        core.record.taken_over = true;
+        if let Some(app) = &app {
+            core.record.started_ms = app.started_ms;
+            core.record.answered_ms = app.answered_ms;
+            core.record.owners_before = app.owners.clone();
+        }
+        if core.record.owners_before.last() != Some(&record.owner) {
+            core.record.owners_before.push(record.owner.clone());
+        }
         core.replica.epoch = record.epoch;
         core.replica.base_version = record.version;
         core.replica.stored = true;
@@ -612,6 +731,7 @@ impl CallCore {
 
     /// Runs the timers due at `now` (the no-answer time of a ringing call).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
         if let Phase::Ringing {
             tx,
             deadline,
@@ -630,7 +750,8 @@ impl CallCore {
 
     /// The relay started (with its address), or could not (`None`: the call goes on without
     /// media, its SDP naming port 9).
-    pub fn relay_started(&mut self, _now: Instant, addr: Option<RelayAddr>) {
+    pub fn relay_started(&mut self, now: Instant, addr: Option<RelayAddr>) {
+        self.tick(now);
         self.relay = addr;
         match self.after_relay.take() {
             Some(AfterRelay::Dial { target, headers }) => self.dial(target, headers),
@@ -646,6 +767,7 @@ impl CallCore {
 
     /// Feeds one input at `now`.
     pub fn handle(&mut self, now: Instant, input: CallInput) {
+        self.tick(now);
         if self.phase == Phase::Ended {
             // Requests for a call that is over are still answered.
             if let CallInput::PeerRequest(tx, _) = input {
@@ -722,6 +844,9 @@ impl CallCore {
         body: Option<(Bytes, MediaType)>,
         report: bool,
     ) {
+        if status >= 300 {
+            self.record.last_error_sent = Some(status);
+        }
         self.push(CallAction::Respond {
             tx,
             status,
@@ -739,6 +864,16 @@ impl CallCore {
     /// Reports a call event to the device (and the state it puts the call in).
     fn event(&mut self, event: CallEvent) {
         self.state = CallState::try_from(event.state).unwrap_or(CallState::Unspecified);
+        if self.state == CallState::Answered && self.record.answered_ms.is_none() {
+            self.record.answered_ms = self.wall_ms();
+        }
+        if event.state == CallState::Ended as i32 && self.record.end.is_none() {
+            self.record.end = Some((
+                EndReason::try_from(event.end_reason).unwrap_or(EndReason::Unspecified),
+                event.sip_status,
+                event.reason.clone(),
+            ));
+        }
         if event.state == CallState::Ended as i32 {
             self.ended = true;
             let reason = EndReason::try_from(event.end_reason)
@@ -793,6 +928,7 @@ impl CallCore {
             self.event(ended_by(self.key.1, EndReason::Failed, "call ended"));
         }
         self.phase = Phase::Ended;
+        self.record.ended_ms = self.wall_ms();
         self.pending = None;
         self.deferred.clear();
         let tombstone = self.dialog.is_some()
@@ -837,6 +973,9 @@ impl CallCore {
                 remote_uri: self.remote_uri.clone(),
                 outgoing: self.outgoing,
                 held: self.held,
+                started_ms: self.record.started_ms,
+                answered_ms: self.record.answered_ms,
+                owners: self.record.owners_before.clone(),
             }),
         }
     }

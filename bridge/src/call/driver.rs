@@ -18,6 +18,7 @@ use thalamus_dialog_store::StoreError;
 use thalamus_media::{MediaRelay, RelayEvent, RelaySpec};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{CallEvent, CallState, MediaStats};
+use thalamus_sip::dialog::DialogId;
 use thalamus_sip::message::{MediaType, Method, NameAddr};
 use thalamus_sip::ua::{ClientCall, ClientEvent, ServerTx};
 use thalamus_telemetry::inc;
@@ -102,6 +103,9 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             )
         }
     };
+    let mut core = core;
+    // The call record's clock: the system clock at this instant.
+    core.set_wall_clock(now, wall_ms());
     let (handle, rx, shared, media_input) = table::handle(
         core.remote_uri().to_string(),
         core.dialog().cloned(),
@@ -582,7 +586,7 @@ impl Driver {
         if let Ok(mut input) = self.media_input.lock() {
             *input = None;
         }
-        if let Some(stats) = stats {
+        if let Some(stats) = &stats {
             // The final statistics follow the end event (same call_ref, state ENDED).
             let ev = CallEvent {
                 call_ref: self.key.1,
@@ -604,6 +608,7 @@ impl Driver {
             self.inner.to_device(&self.key.0, 0, Body::CallEvent(ev));
         }
         let dialog = self.core.dialog().cloned();
+        self.write_call_record(dialog.as_ref(), stats.as_ref());
         if let Some(dialog) = &dialog {
             let _ = self.inner.ua.remove_dialog(dialog).await;
         }
@@ -620,6 +625,65 @@ impl Driver {
             }
         }
     }
+}
+
+impl Driver {
+    /// Hands the call's record (CDR) to the writer, when this node still owns the call (a
+    /// node that lost it to another leaves the record to that node).
+    fn write_call_record(
+        &self,
+        dialog: Option<&DialogId>,
+        stats: Option<&thalamus_media::RelayStats>,
+    ) {
+        let Some(records) = &self.inner.records else {
+            return;
+        };
+        let s = self.core.summary();
+        if !s.owned_at_end {
+            return;
+        }
+        let now = wall_ms();
+        let ended = s.ended_ms.unwrap_or(now);
+        let started = s.started_ms.unwrap_or(ended);
+        records.record(thalamus_cdr::CallRecord {
+            v: thalamus_cdr::SCHEMA_VERSION,
+            call_id: dialog.map(|d| d.call_id.clone()),
+            device: self.key.0.clone(),
+            call_ref: self.key.1,
+            direction: if s.outgoing {
+                thalamus_cdr::Direction::Outgoing
+            } else {
+                thalamus_cdr::Direction::Incoming
+            },
+            peer: s.remote_uri,
+            start: thalamus_cdr::CallRecord::time(started),
+            answer: s.answered_ms.map(thalamus_cdr::CallRecord::time),
+            end: thalamus_cdr::CallRecord::time(ended),
+            duration_ms: s.answered_ms.map_or(0, |a| ended.saturating_sub(a)),
+            end_reason: s
+                .end_reason
+                .as_str_name()
+                .trim_start_matches("END_REASON_")
+                .to_ascii_lowercase(),
+            sip_status: u16::try_from(s.sip_status).ok().filter(|&st| st != 0),
+            reason: s.reason,
+            nodes: s.owners,
+            taken_over: s.taken_over,
+            media: stats.map(|st| thalamus_cdr::MediaSummary {
+                packets_sent: st.to_peer.packets,
+                packets_received: st.from_peer.flow.packets,
+                packets_lost: st.from_peer.lost,
+                jitter_us: u64::try_from(st.from_peer.jitter.as_micros()).unwrap_or(u64::MAX),
+            }),
+        });
+    }
+}
+
+/// Milliseconds since the Unix epoch by the system clock (the call record's times).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Passes media datagrams to the device and reports each RFC 4733 event coming from the peer

@@ -925,6 +925,9 @@ fn stored(held: bool) -> StoredDialog {
             remote_uri: "sip:bob@example.org".into(),
             outgoing: true,
             held,
+            started_ms: Some(1_700_000_000_000),
+            answered_ms: Some(1_700_000_002_000),
+            owners: vec!["node-0".into()],
         }
         .encode(),
     );
@@ -1248,4 +1251,96 @@ fn a_takeover_by_request_does_not_reinvite_over_a_bye() {
         ended(&drain(&mut core))[0].end_reason,
         EndReason::LocalHangup as i32
     );
+}
+
+/// The call record (CDR) of each ending, on a virtual wall clock.
+#[test]
+fn the_summary_tells_how_each_call_went() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    const WALL: u64 = 1_800_000_000_000;
+
+    // Outgoing, answered 2 s in, hung up by the device 5 s in.
+    let (mut core, tx, _) = dialling(t0, true);
+    core.set_wall_clock(t0, WALL);
+    core.handle(
+        at(2_000),
+        CallInput::Client(
+            tx,
+            response(200, &peer_sdp(1, true, "sendrecv"), Some(dialog())),
+        ),
+    );
+    drain(&mut core);
+    core.handle(at(5_000), CallInput::Device(3, hangup()));
+    drain(&mut core);
+    core.handle(at(5_000), CallInput::WriteAheadDone(WriteAhead::Written));
+    let bye = sent_in_dialog(&drain(&mut core));
+    core.handle(
+        at(5_050),
+        CallInput::Client(bye[0].0, response(200, "", None)),
+    );
+    drain(&mut core);
+    assert!(core.is_closed());
+    let s = core.summary();
+    assert_eq!(s.ended_ms, Some(WALL + 5_050));
+    assert!(s.outgoing);
+    assert_eq!(s.started_ms, Some(WALL));
+    assert_eq!(s.answered_ms, Some(WALL + 2_000));
+    assert_eq!(s.end_reason, EndReason::LocalHangup);
+    assert_eq!(s.owners, vec!["gw-1".to_string()]);
+    assert!(!s.taken_over);
+    assert!(s.owned_at_end);
+
+    // Incoming, rejected by the device with 486 after 1 s: never answered, the status sent.
+    let (mut core, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
+    core.set_wall_clock(t0, WALL);
+    core.handle(
+        at(1_000),
+        CallInput::Device(
+            2,
+            Body::Reject(Reject {
+                call_ref: 7,
+                sip_status: 486,
+                reason: "Busy Here".into(),
+            }),
+        ),
+    );
+    drain(&mut core);
+    assert!(core.is_closed());
+    let s = core.summary();
+    assert!(!s.outgoing);
+    assert_eq!(s.answered_ms, None);
+    assert_eq!(s.ended_ms, Some(WALL + 1_000));
+    assert_eq!(s.end_reason, EndReason::Busy);
+    assert_eq!(s.sip_status, 486);
+
+    // Outgoing, refused by the peer with 404.
+    let (mut core, tx, _) = dialling(t0, true);
+    core.set_wall_clock(t0, WALL);
+    core.handle(at(300), CallInput::Client(tx, response(404, "", None)));
+    drain(&mut core);
+    let s = core.summary();
+    assert_eq!(s.sip_status, 404);
+    assert_eq!(s.end_reason, EndReason::NotFound);
+    assert_eq!(s.answered_ms, None);
+
+    // Taken over: the first start and answer and the owners before come from the record.
+    let (mut core, _) = taken_over(TakeoverTrigger::Hangup, false);
+    core.set_wall_clock(t0, WALL + 60_000);
+    drain(&mut core);
+    let s = core.summary();
+    assert!(s.taken_over);
+    assert_eq!(s.started_ms, Some(1_700_000_000_000));
+    assert_eq!(s.answered_ms, Some(1_700_000_002_000));
+    assert_eq!(
+        s.owners,
+        vec!["node-0".to_string(), "gw-1".to_string()],
+        "the record's owner is this node's id in the test: listed once"
+    );
+
+    // Ownership lost: this node writes no record.
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::OwnershipLost);
+    drain(&mut core);
+    assert!(!core.summary().owned_at_end);
 }

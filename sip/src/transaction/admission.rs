@@ -108,6 +108,14 @@ impl SourceLimiter {
         }
     }
 
+    /// New limits and exempt addresses (a configuration reload). What it tracks stays: the
+    /// live transactions of each source still count against its share, and a source that
+    /// was refused stays in debt.
+    pub fn reconfigure(&mut self, limits: SourceLimits, exempt: Vec<ipnet::IpNet>) {
+        self.limits = limits;
+        self.exempt = exempt;
+    }
+
     /// Whether `ip` is exempt from the per-source limits.
     pub fn is_exempt(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
@@ -290,6 +298,32 @@ mod tests {
         l.release(a);
         assert_eq!(l.admit(t0, a), Admission::Admit);
         assert_eq!(l.stats().refused_share, 1);
+    }
+
+    #[test]
+    fn reconfigure_keeps_what_each_source_holds() {
+        #[allow(clippy::disallowed_methods)]
+        let t0 = Instant::now();
+        let mut l = limiter(0, 0, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(l.admit(t0, a), Admission::Admit);
+        assert_eq!(l.admit(t0, a), Admission::Admit);
+        assert!(matches!(l.admit(t0, a), Admission::Refuse { .. }));
+        // Exempt now: admitted whatever it holds.
+        let all: ipnet::IpNet = "192.0.2.0/24".parse().unwrap();
+        let limits = l.limits;
+        l.reconfigure(limits, vec![all]);
+        assert_eq!(l.admit(t0, a), Admission::Admit);
+        // No longer exempt, and a share of 3: its two live transactions still count.
+        l.reconfigure(
+            SourceLimits {
+                max_live: 3,
+                ..limits
+            },
+            Vec::new(),
+        );
+        assert_eq!(l.admit(t0, a), Admission::Admit);
+        assert!(matches!(l.admit(t0, a), Admission::Refuse { .. }));
     }
 
     #[test]

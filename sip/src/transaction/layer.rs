@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-use super::admission::{Admission, AdmissionStats, SourceLimiter};
+use super::admission::{Admission, AdmissionStats, SourceLimiter, SourceLimits};
 use super::client::{CancelState, ClientTransaction};
 use super::config::TransactionConfig;
 use super::ctx::{Ctx, Step, TxTimers};
@@ -168,7 +168,20 @@ impl TransactionLayer {
     /// Addresses not subject to the per-source limits (trusted carriers, the balancer); they
     /// are still bound by [`TransactionConfig::max_transactions`].
     pub fn set_exempt_sources(&mut self, exempt: Vec<ipnet::IpNet>) {
-        self.sources = SourceLimiter::new(self.config.per_source, exempt);
+        self.sources.reconfigure(self.config.per_source, exempt);
+    }
+
+    /// New table and per-source limits and exempt addresses (a configuration reload).
+    /// Transactions in progress go on; the new limits apply to new ones.
+    pub fn set_limits(
+        &mut self,
+        max_transactions: usize,
+        per_source: SourceLimits,
+        exempt: Vec<ipnet::IpNet>,
+    ) {
+        self.config.max_transactions = max_transactions;
+        self.config.per_source = per_source;
+        self.sources.reconfigure(per_source, exempt);
     }
 
     /// Requests refused or dropped by a limit, per limit.
