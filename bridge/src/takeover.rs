@@ -233,6 +233,7 @@ async fn take_over_locked(
             sip: prepared,
             dialog,
             trigger,
+            previous_owner: record.owner.clone(),
         })),
     );
     Ok(TakenOver {

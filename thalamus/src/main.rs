@@ -204,11 +204,13 @@ fn run(
             "  thalamus-sim connect --gateway {} --device earpiece-1 --secret <SECRET> --fingerprint {}",
             display_addr(node.quic_addr), node.fingerprint
         );
+        // Signals are handled from before the ready file exists: a SIGTERM right after it
+        // drains the node rather than killing it.
+        let mut signals = Signals::new()?;
         if let Some(path) = ready_file {
             std::fs::write(&path, ready.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        let mut signals = Signals::new()?;
         // Reloads until a stop signal.
         while signals.next().await == Signal::Reload {
             reload(&node, config_path.as_ref(), log.as_ref()).await;

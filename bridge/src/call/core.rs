@@ -113,6 +113,8 @@ pub struct ClaimedDialog<'a> {
     pub dialog: DialogId,
     /// What caused the takeover.
     pub trigger: TakeoverTrigger,
+    /// The node that owned the dialog before the claim (for the call record).
+    pub previous_owner: String,
 }
 
 /// What a write of the local CSeq ahead of a request came to.
@@ -644,6 +646,7 @@ impl CallCore {
             uac,
             dialog,
             trigger,
+            previous_owner,
         } = claimed;
         let app = record.app_data.as_deref().and_then(CallAppData::decode);
         let outgoing = app.as_ref().map_or(uac, |a| a.outgoing);
@@ -663,8 +666,8 @@ impl CallCore {
             core.record.answered_ms = app.answered_ms;
             core.record.owners_before = app.owners.clone();
         }
-        if core.record.owners_before.last() != Some(&record.owner) {
-            core.record.owners_before.push(record.owner.clone());
+        if core.record.owners_before.last() != Some(&previous_owner) {
+            core.record.owners_before.push(previous_owner);
         }
         core.replica.epoch = record.epoch;
         core.replica.base_version = record.version;

@@ -98,6 +98,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
                         uac: t.sip.role == "uac",
                         dialog: t.dialog,
                         trigger: t.trigger,
+                        previous_owner: t.previous_owner,
                     },
                 ),
             )

@@ -61,4 +61,6 @@ pub struct TakeoverSetup {
     pub dialog: DialogId,
     /// What caused the takeover.
     pub trigger: TakeoverTrigger,
+    /// The node that owned the dialog before the claim.
+    pub previous_owner: String,
 }

@@ -946,6 +946,7 @@ fn taken_over(trigger: TakeoverTrigger, held: bool) -> (CallCore, Vec<CallAction
             uac: true,
             dialog: dialog(),
             trigger,
+            previous_owner: "gw-0".into(),
         },
     );
     assert_eq!(core.dialog(), Some(&dialog()));
@@ -1334,8 +1335,8 @@ fn the_summary_tells_how_each_call_went() {
     assert_eq!(s.answered_ms, Some(1_700_000_002_000));
     assert_eq!(
         s.owners,
-        vec!["node-0".to_string(), "gw-1".to_string()],
-        "the record's owner is this node's id in the test: listed once"
+        vec!["node-0".to_string(), "gw-0".to_string(), "gw-1".to_string()],
+        "the owners the record names, the owner before the claim, then this node"
     );
 
     // Ownership lost: this node writes no record.
