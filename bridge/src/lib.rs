@@ -157,7 +157,8 @@ impl Bridge {
             records,
             inbound: std::sync::RwLock::new(Arc::new(inbound)),
             devices: std::sync::RwLock::new(Arc::new(devices)),
-            refuse_new_calls: std::sync::atomic::AtomicBool::new(false),
+            refuse_invites: std::sync::atomic::AtomicBool::new(false),
+            refuse_dials: std::sync::atomic::AtomicBool::new(false),
             takeovers: DashMap::new(),
             watched: DashMap::new(),
             arrivals: tokio::sync::Notify::new(),
@@ -214,12 +215,16 @@ impl Bridge {
         }
     }
 
-    /// Refuses new calls (incoming INVITEs get 503 with Retry-After, `Dial` an MBFP
-    /// `Unavailable` error) while `refuse` is set; calls in progress go on.
-    pub fn refuse_new_calls(&self, refuse: bool) {
-        self.inner
-            .refuse_new_calls
-            .store(refuse, std::sync::atomic::Ordering::Relaxed);
+    /// While `refuse` is set, new incoming INVITEs get 503 with Retry-After; calls in progress
+    /// go on.
+    pub fn refuse_invites(&self, refuse: bool) {
+        self.inner.refuse_invites.store(refuse, Ordering::Relaxed);
+    }
+
+    /// While `refuse` is set, a device's `Dial` gets an MBFP `Busy` error ("the node is
+    /// draining"); calls in progress go on.
+    pub fn refuse_dials(&self, refuse: bool) {
+        self.inner.refuse_dials.store(refuse, Ordering::Relaxed);
     }
 
     /// The user agent (to change its limits at a reload).
@@ -296,12 +301,12 @@ impl DeviceRequests for Bridge {
                         format!("call_ref {} is already in use", dial.call_ref),
                     )];
                 }
-                if inner.refuse_new_calls.load(Ordering::Relaxed) {
+                if inner.refuse_dials.load(Ordering::Relaxed) {
                     inc(&inner.metrics.sip_refused, "draining");
                     return vec![error_frame(
                         request_id,
                         ErrorCode::Busy,
-                        "the node is shutting down: no new calls",
+                        "the node is draining: place the call again once moved to another node",
                     )];
                 }
                 // Incoming calls still ringing do not take the device's own slots.
@@ -783,7 +788,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 incoming_text(&inner, tx, &device, &request).await;
                 return;
             }
-            if inner.refuse_new_calls.load(Ordering::Relaxed) {
+            if inner.refuse_invites.load(Ordering::Relaxed) {
                 inc(&inner.metrics.sip_refused, "draining");
                 let retry_after = vec![(HeaderName::RetryAfter, "30".to_string())];
                 let _ = ua

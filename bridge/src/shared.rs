@@ -59,9 +59,12 @@ pub(crate) struct BridgeInner {
     /// Per-device settings (address books, credentials): `config.devices` at start, replaced
     /// whole by a configuration reload.
     pub(crate) devices: std::sync::RwLock<Arc<BTreeMap<String, crate::config::DeviceSettings>>>,
-    /// While set, new calls are refused: incoming INVITEs get 503 with Retry-After and `Dial`
-    /// an MBFP `Busy` error (a node draining with no balancer to steer calls away).
-    pub(crate) refuse_new_calls: std::sync::atomic::AtomicBool,
+    /// While set, incoming INVITEs are answered 503 with Retry-After (a node draining with no
+    /// balancer to steer calls away).
+    pub(crate) refuse_invites: std::sync::atomic::AtomicBool,
+    /// While set, a device's `Dial` gets an MBFP `Busy` error (a draining node: the device
+    /// places its call from the node it moves to).
+    pub(crate) refuse_dials: std::sync::atomic::AtomicBool,
     /// Takeovers in progress, one lock per dialog (so one request, resume or API call claims
     /// and imports it, and the others find it held).
     pub(crate) takeovers: DashMap<DialogKey, Arc<tokio::sync::Mutex<()>>>,

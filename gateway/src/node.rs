@@ -307,8 +307,8 @@ impl GatewayNode {
 
     /// Drains the node: new calls go elsewhere (the heartbeats say the node is draining, so
     /// the balancers route no new calls here and devices without a call move to their new
-    /// owners; a node without balancers refuses new calls: 503 with Retry-After to SIP,
-    /// `Busy` to devices), and calls in progress go on. Resolves when no call is left, when
+    /// owners; a device's `Dial` gets `Busy`; a node without balancers also answers new
+    /// INVITEs 503 with Retry-After), and calls in progress go on. Resolves when no call is left, when
     /// `deadline` has passed, or when `stop` resolves (a second SIGTERM), whichever is first;
     /// returns the calls left.
     pub async fn drain(
@@ -318,7 +318,7 @@ impl GatewayNode {
     ) -> usize {
         self.shared.set_draining(true);
         if self.shared.heartbeats.is_none() {
-            self.shared.bridge.refuse_new_calls(true);
+            self.shared.bridge.refuse_invites(true);
         }
         let calls = self.shared.bridge.active_calls();
         info!(
@@ -333,6 +333,7 @@ impl GatewayNode {
             let left = self.shared.bridge.active_calls();
             if left == 0 {
                 info!("drained: no call left");
+                self.wait_for_devices_to_move(until).await;
                 return 0;
             }
             tokio::select! {
@@ -349,6 +350,23 @@ impl GatewayNode {
                 }
             }
         }
+    }
+
+    /// In a cluster (a live set fresh from the balancers), waits up to 5 s (and not past
+    /// `until`) for the ownership sweep to have moved every device to its new node, so none
+    /// learns of the node's exit by losing its connection.
+    async fn wait_for_devices_to_move(&self, until: tokio::time::Instant) {
+        if self.shared.fresh_live_set().is_none() {
+            return;
+        }
+        let until = until.min(tokio::time::Instant::now() + Duration::from_secs(5));
+        while !self.shared.sessions.is_empty() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info!(
+            devices_left = self.shared.sessions.len(),
+            "devices moved to their new nodes"
+        );
     }
 
     /// Applies a configuration read again (SIGHUP): reads the device registry again, and

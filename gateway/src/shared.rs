@@ -78,13 +78,16 @@ impl NodeShared {
     /// Starts or stops draining. While draining, the heartbeats say so: the balancers send no
     /// new calls here and the live set they report leaves this node out, so logins are
     /// redirected to the devices' new owners and the ownership sweep moves the devices that
-    /// have no call. Calls in progress go on to their end. Without balancers, draining
+    /// have no call; devices' `Dial`s are refused (`Busy`: they call again from the node they
+    /// move to). Calls in progress go on to their end. Without balancers, draining
     /// changes nothing but the flag (there is nowhere to send devices).
     pub fn set_draining(&self, draining: bool) {
         if self.draining.swap(draining, Ordering::Relaxed) != draining {
             info!(draining, "node draining changed");
         }
         self.metrics.draining.set(i64::from(draining));
+        // A device places new calls from the node it moves to, not from this one.
+        self.bridge.refuse_dials(draining);
         if let Some(hb) = &self.heartbeats {
             hb.set_draining(draining);
         }

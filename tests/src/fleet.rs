@@ -57,6 +57,51 @@ pub struct FleetConfig {
     /// redirect back to that node (the redirecting node has not noticed the death yet); it
     /// pauses and logs in again where it is.
     pub distrust_lost_node: Duration,
+    /// Calls the first devices of the fleet place while logged in (none: they only answer).
+    pub dial: Option<DialPlan>,
+}
+
+/// Calls devices place: each dialing device calls `target`, hangs up `hold` after the answer,
+/// and dials again `pause` after the call ended.
+#[derive(Debug, Clone)]
+pub struct DialPlan {
+    /// How many devices dial (the first of the fleet's list).
+    pub devices: usize,
+    /// The SIP URI they call.
+    pub target: String,
+    /// How long a call is held after its answer.
+    pub hold: Duration,
+    /// Pause between the end of a call (or a refused dial) and the next dial.
+    pub pause: Duration,
+}
+
+/// How one call a device placed went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialOutcome {
+    /// Answered, held, hung up by the device, ended.
+    Completed,
+    /// Refused before a call existed (an MBFP `Error` answering the `Dial`, e.g. a draining
+    /// node's `Busy`): the device dials again, from the node it moves to.
+    Refused(String),
+    /// The session ended before the node answered the `Dial` at all (no `CallEvent`, no
+    /// `Error`): a node that says `Goodbye` before it read the `Dial` never saw it. The node's
+    /// call records tell whether a call was made (the rolling-restart test checks them).
+    Unanswered(String),
+    /// The call existed and did not complete (ended otherwise, or the session ended under it).
+    Failed(String),
+}
+
+/// One call a device placed.
+#[derive(Debug, Clone)]
+pub struct DialRecord {
+    /// When the `Dial` left.
+    pub at: Instant,
+    /// The device.
+    pub device: String,
+    /// The node the device was logged in at.
+    pub node: String,
+    /// How it went.
+    pub outcome: DialOutcome,
 }
 
 impl FleetConfig {
@@ -70,6 +115,7 @@ impl FleetConfig {
             login_timeout: Duration::from_secs(10),
             max_redirects_in_a_row: 4,
             distrust_lost_node: Duration::from_secs(3),
+            dial: None,
         }
     }
 }
@@ -138,6 +184,9 @@ struct Shared {
     placement: BTreeMap<String, Option<String>>,
     events: Vec<FleetEvent>,
     calls: Vec<CallRecord>,
+    dials: Vec<DialRecord>,
+    /// Set by [`Fleet::stop_dialing`].
+    no_more_dials: bool,
 }
 
 impl Shared {
@@ -183,10 +232,15 @@ impl Fleet {
                 .expect("fleet runtime");
             rt.block_on(async move {
                 let mut tasks = Vec::new();
-                for id in devices {
+                let dialers = config.dial.as_ref().map_or(0, |d| d.devices);
+                for (i, id) in devices.into_iter().enumerate() {
+                    let mut config = config.clone();
+                    if i >= dialers {
+                        config.dial = None;
+                    }
                     tasks.push(tokio::spawn(run_device(
                         id,
-                        config.clone(),
+                        config,
                         task_shared.clone(),
                         stop_rx.clone(),
                     )));
@@ -230,6 +284,16 @@ impl Fleet {
     /// Every call answered so far.
     pub fn calls(&self) -> Vec<CallRecord> {
         self.lock().calls.clone()
+    }
+
+    /// Devices place no new call from now on (calls in progress go on to their end).
+    pub fn stop_dialing(&self) {
+        self.lock().no_more_dials = true;
+    }
+
+    /// Every call placed so far (with [`FleetConfig::dial`]).
+    pub fn dials(&self) -> Vec<DialRecord> {
+        self.lock().dials.clone()
     }
 
     /// Waits until `pred` holds for the placement; fails with the last placement after
@@ -318,6 +382,7 @@ async fn run_device(
 ) {
     let mut target = Target::Index(0);
     let mut redirects_in_a_row = 0u32;
+    let mut dialer = config.dial.clone().map(Dialer::new);
     // The node whose connection this device lost last, and when.
     let mut lost: Option<(String, Instant)> = None;
     loop {
@@ -361,7 +426,7 @@ async fn run_device(
                     s.placement.insert(id.clone(), Some(at.clone()));
                     s.event(&id, FleetEventKind::Login { node: at.clone() });
                 }
-                let end = session(&id, &at, conn, &shared, &mut stop).await;
+                let end = session(&id, &at, conn, &shared, &mut stop, dialer.as_mut()).await;
                 endpoint.close(0u32.into(), b"bye");
                 lock(&shared).placement.insert(id.clone(), None);
                 match end {
@@ -488,12 +553,102 @@ async fn login(id: &str, node: &FleetNode, config: &FleetConfig) -> anyhow::Resu
     }
 }
 
+/// A dialing device's calls: one at a time.
+struct Dialer {
+    plan: DialPlan,
+    next_ref: u32,
+    /// The call in progress: its ref, when it was dialed, and what it waits for.
+    call: Option<(u32, Instant, DialStage)>,
+    /// Whether the node said anything about the call in progress.
+    heard: bool,
+    next_dial: tokio::time::Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DialStage {
+    /// Dialed: waiting for the answer.
+    Answer,
+    /// Answered: hang up at this instant.
+    Hold(tokio::time::Instant),
+    /// Hung up: waiting for the end.
+    End,
+}
+
+impl Dialer {
+    fn new(plan: DialPlan) -> Self {
+        Self {
+            next_ref: 1,
+            call: None,
+            heard: false,
+            next_dial: tokio::time::Instant::now() + plan.pause,
+            plan,
+        }
+    }
+
+    /// When the dialer next has something to do.
+    fn deadline(&self) -> tokio::time::Instant {
+        match self.call {
+            None => self.next_dial,
+            Some((_, _, DialStage::Hold(at))) => at,
+            // Waiting for the gateway: no timer of ours.
+            Some(_) => tokio::time::Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    fn finish(&mut self, shared: &Mutex<Shared>, id: &str, node: &str, outcome: DialOutcome) {
+        if let Some((_, at, _)) = self.call.take() {
+            lock(shared).dials.push(DialRecord {
+                at,
+                device: id.to_string(),
+                node: node.to_string(),
+                outcome,
+            });
+        }
+        self.next_dial = tokio::time::Instant::now() + self.plan.pause;
+    }
+}
+
+async fn dialer_deadline(dialer: &Option<&mut Dialer>) {
+    match dialer {
+        Some(d) => tokio::time::sleep_until(d.deadline()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn session(
     id: &str,
     node: &str,
     mut conn: Box<DeviceConnection>,
     shared: &Mutex<Shared>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
+    mut dialer: Option<&mut Dialer>,
+) -> SessionEnd {
+    let end = session_loop(id, node, &mut conn, shared, stop, &mut dialer).await;
+    if let Some(d) = dialer {
+        // A call the session ended under did not complete.
+        let outcome = match d.call {
+            Some((_, _, DialStage::Answer)) if !d.heard => {
+                DialOutcome::Unanswered("the session ended before the Dial was answered".into())
+            }
+            Some((_, _, stage)) => {
+                DialOutcome::Failed(format!("the session ended during the call ({stage:?})"))
+            }
+            None => DialOutcome::Completed,
+        };
+        if d.call.is_some() {
+            d.finish(shared, id, node, outcome);
+        }
+    }
+    end
+}
+
+async fn session_loop(
+    id: &str,
+    node: &str,
+    conn: &mut DeviceConnection,
+    shared: &Mutex<Shared>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    dialer: &mut Option<&mut Dialer>,
 ) -> SessionEnd {
     loop {
         tokio::select! {
@@ -501,9 +656,73 @@ async fn session(
                 conn.conn.close(0u32.into(), b"bye");
                 return SessionEnd::Stopped;
             }
+            () = dialer_deadline(dialer) => {
+                let Some(d) = dialer.as_mut() else { continue };
+                match d.call {
+                    None if lock(shared).no_more_dials => {
+                        d.next_dial = tokio::time::Instant::now() + Duration::from_secs(3600);
+                    }
+                    None => {
+                        let call_ref = d.next_ref;
+                        d.next_ref += 1;
+                        d.call = Some((call_ref, Instant::now(), DialStage::Answer));
+                        d.heard = false;
+                        let dial = Body::Dial(thalamus_proto::v1::Dial {
+                            call_ref,
+                            target: d.plan.target.clone(),
+                            media: Some(thalamus_sim::load::device_calls::device_media()),
+                            headers: Default::default(),
+                        });
+                        if conn.writer.send(dial).await.is_err() {
+                            return SessionEnd::Lost;
+                        }
+                    }
+                    Some((call_ref, at, DialStage::Hold(_))) => {
+                        d.call = Some((call_ref, at, DialStage::End));
+                        let hangup = Body::Hangup(thalamus_proto::v1::Hangup { call_ref });
+                        if conn.writer.send(hangup).await.is_err() {
+                            return SessionEnd::Lost;
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
             frame = conn.reader.next() => {
                 let Ok(env) = frame else { return SessionEnd::Lost };
                 match env.body {
+                    Some(Body::CallEvent(ev)) => {
+                        let Some(d) = dialer.as_mut() else { continue };
+                        let Some((call_ref, at, stage)) = d.call else { continue };
+                        if ev.call_ref != call_ref {
+                            continue;
+                        }
+                        d.heard = true;
+                        let state = thalamus_proto::v1::CallState::try_from(ev.state)
+                            .unwrap_or(thalamus_proto::v1::CallState::Unspecified);
+                        match (state, stage) {
+                            (thalamus_proto::v1::CallState::Answered, DialStage::Answer) => {
+                                let until = tokio::time::Instant::now() + d.plan.hold;
+                                d.call = Some((call_ref, at, DialStage::Hold(until)));
+                            }
+                            (thalamus_proto::v1::CallState::Ended, DialStage::End)
+                                if ev.end_reason
+                                    == thalamus_proto::v1::EndReason::LocalHangup as i32 =>
+                            {
+                                d.finish(shared, id, node, DialOutcome::Completed);
+                            }
+                            (thalamus_proto::v1::CallState::Ended, _) if ev.stats.is_none() => {
+                                let why = format!("ended: {} ({})", ev.reason, ev.sip_status);
+                                d.finish(shared, id, node, DialOutcome::Failed(why));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Body::Error(e)) => {
+                        let Some(d) = dialer.as_mut() else { continue };
+                        if matches!(d.call, Some((_, _, DialStage::Answer))) {
+                            d.finish(shared, id, node, DialOutcome::Refused(e.message));
+                        }
+                    }
                     Some(Body::Ping(p)) => {
                         let pong = Envelope {
                             request_id: env.request_id,

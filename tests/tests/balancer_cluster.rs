@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use thalamus_ownership::{owner, NodeId};
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
-use thalamus_tests::fleet::{Fleet, FleetConfig, FleetEventKind, FleetNode};
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, SippProcess};
+use thalamus_tests::fleet::{DialOutcome, DialPlan, Fleet, FleetConfig, FleetEventKind, FleetNode};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
 /// Heartbeat interval of the nodes and the balancer.
@@ -46,8 +46,8 @@ const WINDOW_MS: u64 = (2 * MISS_COUNT as u64 + 1) * HEARTBEAT_MS / 2;
 const DEVICES: u32 = 100;
 /// Shared resume-token secret of the nodes.
 const RESUME_SECRET: &str = "3f1c0d9e8b7a695847362514f3e2d1c0b9a8978675645342312f1e0d0c0b0a09";
-/// Node ids: A is the node every device logs in at first.
-const NODE_IDS: [&str; 2] = ["gw-1", "gw-2"];
+/// Node ids: A is the node every device logs in at first (most tests run the first two).
+const NODE_IDS: [&str; 3] = ["gw-1", "gw-2", "gw-3"];
 /// A node's counter of calls from SIP to its devices.
 const INCOMING: &str = "thalamus_calls_started_total{reason=\"incoming\"}";
 /// A node's counter of devices it sent to another node.
@@ -86,14 +86,15 @@ fn owners(devices: &[String], nodes: &[&str]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Two gateway nodes, the balancer, Redis and the device fleet, every device at its owner.
+/// Gateway nodes (two, or [`NODE_IDS`]'s three), the balancer, Redis and the device fleet,
+/// every device at its owner.
 struct Cluster {
     redis: Redis,
     balancer: Balancer,
     registry_dir: tempfile::TempDir,
-    nodes: [Option<Gateway>; 2],
+    nodes: Vec<Option<Gateway>>,
     /// The nodes' QUIC addresses (a restarted node gets its old one again).
-    quic: [SocketAddr; 2],
+    quic: Vec<SocketAddr>,
     devices: Vec<String>,
     /// Each device's owner while both nodes are eligible.
     owners: BTreeMap<String, String>,
@@ -105,6 +106,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(2, FleetConfig::quick)
+    }
+
+    /// `n` nodes; the fleet's configuration from its secret.
+    fn start_with(n: usize, fleet_config: impl FnOnce(&str) -> FleetConfig) -> Self {
         let redis = Redis::start().unwrap();
         let balancer = Balancer::start(HEARTBEAT_MS, MISS_COUNT, "warn").unwrap();
         let registry_dir = tempfile::tempdir().unwrap();
@@ -125,12 +131,16 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let b = Gateway::start(&extra(1)).unwrap();
-        balancer.wait_eligible(NODE_IDS[0], true);
-        balancer.wait_eligible(NODE_IDS[1], true);
+        let mut nodes = vec![a];
+        for i in 1..n {
+            nodes.push(Gateway::start(&extra(i)).unwrap());
+        }
+        for id in &NODE_IDS[..n] {
+            balancer.wait_eligible(id, true);
+        }
 
         let devices = device_ids();
-        let owners = owners(&devices, &NODE_IDS);
+        let owners = owners(&devices, &NODE_IDS[..n]);
         let csv_dir = tempfile::tempdir().unwrap();
         let csv = csv_dir.path().join("devices.csv");
         let mut text = String::from("SEQUENTIAL\n");
@@ -139,14 +149,18 @@ impl Cluster {
         }
         std::fs::write(&csv, text).unwrap();
 
-        let fleet_nodes = vec![fleet_node(NODE_IDS[0], &a), fleet_node(NODE_IDS[1], &b)];
-        let fleet = Fleet::start(&devices, fleet_nodes, FleetConfig::quick(&secret));
+        let fleet_nodes = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, gw)| fleet_node(NODE_IDS[i], gw))
+            .collect();
+        let fleet = Fleet::start(&devices, fleet_nodes, fleet_config(&secret));
         let cluster = Self {
             redis,
             balancer,
             registry_dir,
-            quic: [a.quic, b.quic],
-            nodes: [Some(a), Some(b)],
+            quic: nodes.iter().map(|gw| gw.quic).collect(),
+            nodes: nodes.into_iter().map(Some).collect(),
             devices,
             owners,
             fleet,
@@ -391,7 +405,7 @@ fn calls_to(cluster: &Cluster, calls: u32, node: &str) -> u64 {
 fn the_fleet_splits_within_10_percent_of_even_between_the_two_nodes() {
     // The hash alone: the devices' owners among the two nodes (the end-to-end tests below
     // check that the calls follow it).
-    let owners = owners(&device_ids(), &NODE_IDS);
+    let owners = owners(&device_ids(), &NODE_IDS[..2]);
     let on_a = owners
         .values()
         .filter(|o| o.as_str() == NODE_IDS[0])
@@ -767,4 +781,181 @@ fn a_draining_node_takes_no_new_calls_and_its_calls_complete() {
         false
     );
     cluster.balancer.wait_eligible(b, true);
+}
+
+/// SIGTERMs a node and waits (bounded) for it to drain and exit; its exit code, how long it
+/// took, and its data directory for the restart.
+fn stop_gracefully(gw: Gateway) -> (Option<i32>, Duration, tempfile::TempDir, String) {
+    let mut gw = gw;
+    let asked = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &gw.proc.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let code = gw.proc.wait_exit(Duration::from_secs(60)).unwrap();
+    let took = asked.elapsed();
+    let log = gw.log();
+    let dir = std::mem::replace(&mut gw.dir, tempfile::tempdir().unwrap());
+    (code, took, dir, log)
+}
+
+/// A rolling upgrade under load (issue 21): three nodes behind the balancer, SIPp calling the
+/// devices through it (3-second calls at 20 per second), and ten devices placing calls of their
+/// own (held 1 s) to a SIP buddy. Each node in turn gets SIGTERM: it drains (the balancer sends
+/// it no new calls, devices' dials there are refused and placed again from the node they move
+/// to, its calls in progress complete, its devices move), exits 0, starts again on its data
+/// directory, and takes its devices back. No SIPp call and no device call fails.
+#[test]
+fn a_rolling_restart_under_load_fails_no_call() {
+    let _serial = serial();
+    let (_buddy, buddy_port) = Sim::buddy(&[], T).unwrap();
+    let target = format!("sip:bob@127.0.0.1:{buddy_port}");
+    const DIALERS: usize = 10;
+    let mut cluster = Cluster::start_with(3, |secret| FleetConfig {
+        dial: Some(DialPlan {
+            devices: DIALERS,
+            target,
+            hold: Duration::from_secs(1),
+            pause: Duration::from_millis(300),
+        }),
+        ..FleetConfig::quick(secret)
+    });
+    const CALLS: u32 = 800;
+    const RATE: u32 = 20;
+    let run = start_sipp(&cluster, CALLS, RATE, 3_000);
+    std::thread::sleep(Duration::from_secs(3));
+    let started = Instant::now();
+    let mut figures = Vec::new();
+    for (i, id) in NODE_IDS.iter().copied().enumerate() {
+        let gw = cluster.nodes[i].take().unwrap();
+        let active = gw.metric(ACTIVE).unwrap_or(0.0);
+        let (code, drained_in, dir, log) = stop_gracefully(gw);
+        assert_eq!(code, Some(0), "{id} did not exit 0:\n{}", tail(&log, 40));
+        assert!(log.contains("drained: no call left"), "{}", tail(&log, 40));
+        let restarted =
+            Gateway::start_in(dir, &cluster.quic[i].to_string(), &cluster.extra(i)).unwrap();
+        cluster.nodes[i] = Some(restarted);
+        let back = cluster.balancer.wait_eligible(id, true);
+        // Its devices come back before the next node goes.
+        if let Err(e) = cluster
+            .fleet
+            .wait_on(&cluster.owners, Duration::from_secs(30))
+        {
+            panic!("{e:#}\n{}", cluster.logs());
+        }
+        figures.push(format!(
+            "{id}: {active} calls in progress at SIGTERM, drained and exited 0 in {} ms, eligible again {} ms after its restart",
+            drained_in.as_millis(),
+            back.as_millis()
+        ));
+    }
+    let rolled = started.elapsed();
+    let result = finish(run);
+    assert_every_call_succeeded(&cluster, &result, CALLS);
+    // Let the dialers' last calls end, then look at every call they placed.
+    cluster.fleet.stop_dialing();
+    std::thread::sleep(Duration::from_secs(3));
+    let dials = cluster.fleet.dials();
+    let completed = dials
+        .iter()
+        .filter(|d| d.outcome == DialOutcome::Completed)
+        .count();
+    let refused = dials
+        .iter()
+        .filter(|d| matches!(d.outcome, DialOutcome::Refused(_)))
+        .count();
+    let unanswered = dials
+        .iter()
+        .filter(|d| matches!(d.outcome, DialOutcome::Unanswered(_)))
+        .count();
+    let failed: Vec<_> = dials
+        .iter()
+        .filter(|d| matches!(d.outcome, DialOutcome::Failed(_)))
+        .collect();
+    let failed_list: Vec<String> = failed
+        .iter()
+        .map(|d| {
+            format!(
+                "{} on {} at +{} ms: {:?}",
+                d.device,
+                d.node,
+                d.at.saturating_duration_since(started).as_millis(),
+                d.outcome
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} device calls failed: {failed_list:#?}\nnodes: {figures:?}\n{}",
+        failed.len(),
+        cluster.logs()
+    );
+    assert!(
+        completed >= DIALERS * 5,
+        "only {completed} device calls completed: {dials:#?}"
+    );
+    // The nodes' call records: one per call, SIPp's all hung up by SIPp, the devices' all hung
+    // up by the device. A dial left unanswered when its node said goodbye made no call (it
+    // would have a record ending otherwise).
+    let deadline = Instant::now() + T;
+    let (incoming, outgoing) = loop {
+        let records: Vec<Value> = (0..3)
+            .flat_map(|i| {
+                let dir = cluster.node(i).data_dir();
+                std::fs::read_to_string(dir.join("cdr/calls.jsonl"))
+                    .unwrap_or_default()
+                    .lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let (incoming, outgoing): (Vec<Value>, Vec<Value>) = records
+            .into_iter()
+            .partition(|r| r["direction"] == "incoming");
+        if (incoming.len() as u32 >= CALLS && outgoing.len() >= completed)
+            || Instant::now() > deadline
+        {
+            break (incoming, outgoing);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(incoming.len() as u32, CALLS, "one record per SIPp call");
+    assert!(
+        incoming.iter().all(|r| r["end_reason"] == "remote_hangup"),
+        "{:?}",
+        incoming.iter().find(|r| r["end_reason"] != "remote_hangup")
+    );
+    assert_eq!(
+        outgoing.len(),
+        completed,
+        "one record per device call, no other"
+    );
+    assert!(
+        outgoing.iter().all(|r| r["end_reason"] == "local_hangup"),
+        "{:?}",
+        outgoing.iter().find(|r| r["end_reason"] != "local_hangup")
+    );
+    let on_every_node = NODE_IDS.iter().all(|n| {
+        dials
+            .iter()
+            .any(|d| d.node == *n && d.outcome == DialOutcome::Completed)
+    });
+    assert!(on_every_node, "device calls did not run on every node");
+    println!(
+        "rolling restart of 3 nodes under load: SIPp {CALLS} calls of 3 s at {RATE}/s through \
+         the balancer, {} ok, {} failed; {DIALERS} devices placed {} calls of 1 s, {completed} \
+         completed, {} failed, {refused} dials refused by a draining node and {unanswered} left \
+         unanswered by a node saying goodbye (no call made: the call records show none), each \
+         placed again; one call record per call ({} incoming, {} outgoing); the three nodes \
+         rolled in {:.1} s; {}",
+        result.ok,
+        result.failed,
+        dials.len() - refused - unanswered,
+        failed.len(),
+        incoming.len(),
+        outgoing.len(),
+        rolled.as_secs_f64(),
+        figures.join("; ")
+    );
 }
