@@ -35,6 +35,15 @@ pub struct BridgeMetrics {
     /// Requests for a device not logged in here that waited for it, by outcome (`arrived`,
     /// `timeout`, `refused`: too many waiting).
     pub arrival_waits: Family<ReasonLabel, Counter>,
+    /// Time from a call's start (the device's `Dial`, or the INVITE for the device) to its
+    /// answer, seconds, by direction (`outgoing`, `incoming`). It includes the ringing.
+    pub call_setup: Family<ReasonLabel, Histogram>,
+}
+
+fn setup_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
 }
 
 impl Default for BridgeMetrics {
@@ -52,6 +61,7 @@ impl Default for BridgeMetrics {
             write_ahead: Family::default(),
             dialogs_lost: Counter::default(),
             arrival_waits: Family::default(),
+            call_setup: Family::new_with_constructor(setup_histogram),
         }
     }
 }
@@ -84,6 +94,11 @@ impl BridgeMetrics {
             "takeovers",
             "Dialog takeovers, by outcome",
             self.takeovers.clone(),
+        );
+        registry.register(
+            "call_setup_seconds",
+            "Time from a call's start (Dial, or the INVITE for the device) to its answer, by direction",
+            self.call_setup.clone(),
         );
         registry.register(
             "takeover_latency_seconds",

@@ -9,8 +9,9 @@
 //!   in progress ends normally, and the process exits 0 once it has; a second SIGTERM ends a
 //!   drain at once.
 //! - Call records: one JSON line per call, with the right fields, for calls answered and hung
-//!   up from either side, rejected by the peer or the device, and unanswered (the takeover
-//!   case is in tests/cluster.rs, where a node dies in every call).
+//!   up from either side, rejected by the peer or the device, unanswered, cancelled by the
+//!   caller, and failed (the takeover case is in tests/cluster.rs, where a node dies in every
+//!   call; the rolling restart in tests/balancer_cluster.rs counts one record per call).
 //!
 //! Waits are bounded and assertions are on outcomes, never on timing.
 
@@ -19,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use thalamus_tests::{bin, Gateway, Sim};
+use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -274,9 +275,31 @@ fn one_call_record_per_call_whatever_its_ending() {
     sip_call_report(sip_call_spawn(&format!("sip:rejecter@{}", gw.sip), 0));
     // 6. SIP calls a device that never answers (no-answer time 1 s).
     sip_call_report(sip_call_spawn(&format!("sip:deaf@{}", gw.sip), 0));
+    // 7. SIP calls the device that never answers and cancels while it rings (SIPp).
+    let mut cancel = sipp();
+    cancel
+        .args(["-sf", &scenario("uac_cancel.xml"), "-s", "deaf", "-m", "1"])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-nostdin",
+            "-timeout",
+            "30s",
+            "-timeout_error",
+        ])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .arg(gw.sip.to_string());
+    assert_eq!(SippProcess::spawn(cancel).wait(T).counts(), (1, 0));
+    // 8. The device calls an address where nobody listens (TCP: the connection is refused).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    device_call(format!("sip:bob@127.0.0.1:{closed};transport=tcp"), "500");
 
-    let records = wait_records(&gw, 6);
-    assert_eq!(records.len(), 6, "{records:#?}");
+    let records = wait_records(&gw, 8);
+    assert_eq!(records.len(), 8, "{records:#?}");
     let by = |device: &str, direction: &str, reason: &str| -> &Value {
         records
             .iter()
@@ -312,10 +335,36 @@ fn one_call_record_per_call_whatever_its_ending() {
     let r = by("deaf", "incoming", "no_answer");
     assert_eq!(r["sip_status"], 480, "{r}");
     assert!(r["answer"].is_null(), "{r}");
+    let r = by("deaf", "incoming", "cancelled");
+    assert_eq!(r["sip_status"], 487, "{r}");
+    assert!(r["answer"].is_null(), "{r}");
+    let failed = records
+        .iter()
+        .find(|r| {
+            r["device"] == "caller"
+                && r["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.contains(&format!(":{closed}")))
+        })
+        .unwrap_or_else(|| panic!("no record of the call to a closed port: {records:#?}"));
+    assert!(failed["answer"].is_null(), "{failed}");
+    let reason = failed["end_reason"].as_str().unwrap();
+    assert!(
+        !["local_hangup", "remote_hangup", "normal"].contains(&reason),
+        "{failed}"
+    );
+    // The set-up time of each answered call: two placed by the device, one to it.
+    let setups = |direction: &str| {
+        gw.metric(&format!(
+            "thalamus_call_setup_seconds_count{{reason=\"{direction}\"}}"
+        ))
+        .unwrap()
+    };
+    assert_eq!((setups("outgoing"), setups("incoming")), (2.0, 1.0));
     assert_eq!(
         gw.metric("thalamus_cdr_written_total{sink=\"file\"}")
             .unwrap(),
-        6.0
+        8.0
     );
 }
 

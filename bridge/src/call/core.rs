@@ -194,6 +194,9 @@ pub enum CallCount {
     Ended(&'static str),
     /// The dialog was dropped because another node owns it (`dialogs_lost`).
     DialogLost,
+    /// The call was answered this long after it started (`call_setup_seconds`), with its
+    /// direction label.
+    SetUp(&'static str, Duration),
 }
 
 /// What the driver must do.
@@ -869,6 +872,15 @@ impl CallCore {
         self.state = CallState::try_from(event.state).unwrap_or(CallState::Unspecified);
         if self.state == CallState::Answered && self.record.answered_ms.is_none() {
             self.record.answered_ms = self.wall_ms();
+            if let (Some((origin, _)), Some(now)) = (self.record.wall, self.record.now) {
+                let direction = if self.outgoing {
+                    "outgoing"
+                } else {
+                    "incoming"
+                };
+                let took = now.saturating_duration_since(origin);
+                self.push(CallAction::Count(CallCount::SetUp(direction, took)));
+            }
         }
         if event.state == CallState::Ended as i32 && self.record.end.is_none() {
             self.record.end = Some((

@@ -311,6 +311,13 @@ impl Driver {
             }
             CallAction::Replicate(facts) => self.replicate(*facts),
             CallAction::Count(CallCount::Ended(label)) => inc(&inner.metrics.calls_ended, label),
+            CallAction::Count(CallCount::SetUp(direction, took)) => {
+                inner
+                    .metrics
+                    .call_setup
+                    .get_or_create(&thalamus_telemetry::ReasonLabel { reason: direction })
+                    .observe(took.as_secs_f64());
+            }
             CallAction::Count(CallCount::DialogLost) => {
                 inner.metrics.dialogs_lost.inc();
             }

@@ -1271,7 +1271,14 @@ fn the_summary_tells_how_each_call_went() {
             response(200, &peer_sdp(1, true, "sendrecv"), Some(dialog())),
         ),
     );
-    drain(&mut core);
+    let a = drain(&mut core);
+    assert!(
+        a.contains(&CallAction::Count(CallCount::SetUp(
+            "outgoing",
+            Duration::from_secs(2)
+        ))),
+        "{a:?}"
+    );
     core.handle(at(5_000), CallInput::Device(3, hangup()));
     drain(&mut core);
     core.handle(at(5_000), CallInput::WriteAheadDone(WriteAhead::Written));
