@@ -412,3 +412,45 @@ fn check_names_what_is_wrong_and_passes_when_nothing_is() {
     assert!(!stdout.contains("FAIL"), "{stdout}");
     assert!(stdout.contains("ok    cluster.store"), "{stdout}");
 }
+
+#[test]
+fn call_records_also_go_to_a_redis_stream() {
+    let redis = thalamus_tests::cluster::Redis::start().unwrap();
+    let gw = Gateway::start(&format!(
+        "[cdr]\nredis_url = \"{}\"\nredis_stream = \"billing:cdr\"",
+        redis.url()
+    ))
+    .unwrap();
+    let secret = gw.add_device("dev").unwrap();
+    let _dev = listener(&gw, "dev", &secret, &[]);
+    for _ in 0..2 {
+        let r = sip_call_report(sip_call_spawn(&format!("sip:dev@{}", gw.sip), 100));
+        assert_eq!(r["succeeded"], 1, "{r}");
+    }
+    gw.wait_metric("thalamus_cdr_written_total{sink=\"redis\"}", 2.0, T)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+    // The stream holds both, the same records as the file, with the device as a field.
+    let out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--no-raw",
+            "XRANGE",
+            "billing:cdr",
+            "-",
+            "+",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let file = call_records(&gw.data_dir());
+    assert_eq!(file.len(), 2, "{file:?}");
+    for r in &file {
+        let call_id = r["call_id"].as_str().unwrap();
+        assert!(
+            text.contains(call_id),
+            "{call_id} not in the stream:\n{text}"
+        );
+    }
+    assert_eq!(text.matches("\"device\"").count(), 2, "{text}");
+}
