@@ -2,9 +2,11 @@
 //! Running a node as a service, end to end with real processes on loopback: signals and call
 //! records.
 //!
-//! - SIGHUP reloads: a device added to the registry logs in without a restart, a source taken
-//!   off the trusted list is refused (403) from then on, a call in progress goes on to its
-//!   end, and the log names what changed and what would need a restart.
+//! - SIGHUP reloads: a device added to the registry logs in without a restart and calls an
+//!   alias of its new address book, a source taken off the trusted list is refused (403) from
+//!   then on, a call in progress goes on to its end, the log names what changed (the log
+//!   level among it) and what would need a restart; certificate files renewed in place serve
+//!   new connections (the new fingerprint gets in, the old one no longer does).
 //! - SIGTERM drains: new calls are refused (no balancer here: 503 with Retry-After), the call
 //!   in progress ends normally, and the process exits 0 once it has; a second SIGTERM ends a
 //!   drain at once.
@@ -143,10 +145,24 @@ fn sighup_adds_devices_drops_trusted_sources_and_keeps_calls() {
     let call = sip_call_spawn(&target, 4_000);
     gw.wait_metric("thalamus_calls_active", 1.0, T).unwrap();
 
-    // A device added to the registry, loopback taken off the trusted list, a log level, and
-    // a key that needs a restart.
+    // A device added to the registry with an address book entry, loopback taken off the
+    // trusted list, a log level, and a key that needs a restart.
     let secret_b = gw.add_device("dev-b").unwrap();
+    let (_echo, echo_port) = Sim::buddy(&["--echo"], T).unwrap();
     edit_config(&gw, |t| {
+        let mut book = toml::Table::new();
+        book.insert(
+            "echo".into(),
+            format!("sip:bob@127.0.0.1:{echo_port}").into(),
+        );
+        let mut dev_b = toml::Table::new();
+        dev_b.insert("address_book".into(), toml::Value::Table(book));
+        let mut devices = toml::Table::new();
+        devices.insert("dev-b".into(), toml::Value::Table(dev_b));
+        t.insert("devices".into(), toml::Value::Table(devices));
+        let mut log = toml::Table::new();
+        log.insert("level".into(), "info".into());
+        t.insert("log".into(), toml::Value::Table(log));
         let sip = t
             .entry("sip")
             .or_insert(toml::Value::Table(Default::default()));
@@ -162,14 +178,22 @@ fn sighup_adds_devices_drops_trusted_sources_and_keeps_calls() {
     signal(&gw, "HUP");
     wait_log(&gw, "configuration reloaded");
     let log = gw.log();
-    assert!(log.contains("sip.inbound.trusted"), "{log}");
+    for applied in ["sip.inbound.trusted", "devices.dev-b", "log.level"] {
+        assert!(log.contains(applied), "{applied} not applied:\n{log}");
+    }
     assert!(
         log.contains("need a restart") && log.contains("sip.no_answer_timeout_secs"),
         "{log}"
     );
 
-    // The new device logs in.
-    let _b = listener(&gw, "dev-b", &secret_b, &[]);
+    // The new device logs in and calls the alias its new address book names.
+    let mut b = sim(
+        "call",
+        login(&gw, "dev-b", &secret_b),
+        &["--target", "echo", "--hold-ms", "200"],
+    );
+    let summary = b.wait_event("summary", T).unwrap();
+    assert_eq!(summary["succeeded"], 1, "{summary}\n{}", gw.log());
     // Loopback is no longer trusted: a new call is refused before it reaches the device.
     let refused = sip_call_report(sip_call_spawn(&target, 0));
     assert_eq!(refused["succeeded"], 0, "{refused}");
@@ -453,4 +477,51 @@ fn call_records_also_go_to_a_redis_stream() {
         );
     }
     assert_eq!(text.matches("\"device\"").count(), 2, "{text}");
+}
+
+#[test]
+fn sighup_serves_a_renewed_certificate_to_new_connections() {
+    // Two certificates: the ones two throwaway nodes generate.
+    let (first, second) = (Gateway::start("").unwrap(), Gateway::start("").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let install = |from: &Gateway| {
+        std::fs::copy(from.data_dir().join("quic-cert.pem"), &cert).unwrap();
+        std::fs::copy(from.data_dir().join("quic-key.pem"), &key).unwrap();
+    };
+    install(&first);
+    let gw = Gateway::start(&format!("[quic]\ncert = {cert:?}\nkey = {key:?}")).unwrap();
+    assert_eq!(gw.fingerprint, first.fingerprint);
+    let secret = gw.add_device("dev").unwrap();
+    let connect = |fingerprint: &str| {
+        let args = [
+            "connect".to_string(),
+            "--gateway".into(),
+            gw.quic.to_string(),
+            "--fingerprint".into(),
+            fingerprint.to_string(),
+            "--device".into(),
+            "dev".into(),
+            format!("--secret={secret}"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Sim::spawn(&args).unwrap()
+    };
+    let mut before = connect(&first.fingerprint);
+    before.wait_event("welcome", T).unwrap();
+    drop(before);
+
+    // The files are renewed in place (same paths) and the node reloads.
+    install(&second);
+    signal(&gw, "HUP");
+    wait_log(&gw, "new QUIC certificate");
+    assert!(gw.log().contains(&second.fingerprint), "{}", gw.log());
+    // New connections get the new certificate: pinning it works, pinning the old one fails.
+    let mut renewed = connect(&second.fingerprint);
+    renewed.wait_event("welcome", T).unwrap();
+    let mut stale = connect(&first.fingerprint);
+    assert!(
+        stale.wait_event("welcome", Duration::from_secs(3)).is_err(),
+        "a device pinning the old certificate got in after the renewal"
+    );
 }
