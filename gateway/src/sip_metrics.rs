@@ -8,7 +8,7 @@
 //!   503 with Retry-After) and `flood_dropped` (not answered: the source kept sending while
 //!   refused);
 //! - `sip_invalid_total{kind="request"|"response"}`, `sip_unknown_dialog_total`,
-//!   `sip_via_maddr_ignored_total` (counters);
+//!   `sip_via_maddr_ignored_total`, `sip_early_dialogs_removed_total` (counters);
 //! - `sip_messages_total{direction="received"|"sent"}`, `sip_parse_errors_total`,
 //!   `sip_dropped_overload_total` (counters);
 //! - `sip_tcp_connections` (gauge), `sip_tcp_buffered_bytes` (gauge),
@@ -131,6 +131,12 @@ impl Collector for SipCollector {
                 ("request", read(&c.invalid_requests)),
                 ("response", read(&c.invalid_responses)),
             ],
+        )?;
+        counter(
+            &mut encoder,
+            "sip_early_dialogs_removed",
+            "Early dialogs removed when their INVITE ended without a 2xx confirming them (losing forks, 1xx then CANCEL or timeout)",
+            read(&c.early_dialogs_removed),
         )?;
         counter(
             &mut encoder,

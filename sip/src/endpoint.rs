@@ -181,6 +181,9 @@ pub struct EndpointStats {
     /// Requests whose top Via carried `maddr` (ignored: responses go where the request came
     /// from, never to an address the sender names).
     pub via_maddr_ignored: u64,
+    /// Early dialogs removed when the INVITE that created them ended without confirming them
+    /// (a losing fork, a 1xx then a timeout or a transport error).
+    pub early_dialogs_removed: u64,
 }
 
 /// One user agent's transactions and dialogs.
@@ -194,6 +197,9 @@ pub struct Endpoint {
     pending_2xx_dest: HashMap<DialogId, Peer>,
     /// Where the ACK of a UAC dialog went (to re-send it on a retransmitted 2xx).
     ack_dest: HashMap<DialogId, Peer>,
+    /// The INVITEs we sent outside a dialog, by client transaction: Call-ID and From tag, to
+    /// remove the early dialogs they leave when the transaction ends.
+    invites: HashMap<TransactionKey, (String, String)>,
     sent_by: HashMap<Transport, (Host, u16)>,
     events: VecDeque<EndpointEvent>,
     stats: EndpointStats,
@@ -211,6 +217,7 @@ impl Endpoint {
             servers: HashMap::new(),
             pending_2xx_dest: HashMap::new(),
             ack_dest: HashMap::new(),
+            invites: HashMap::new(),
             sent_by: HashMap::new(),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
@@ -428,18 +435,31 @@ impl Endpoint {
                 }
                 TransactionEvent::CancelSent { .. } => {}
                 TransactionEvent::Timeout { key, timer: _ } => {
+                    self.invite_ended(key);
                     if self.servers.remove(&key).is_none() {
                         self.events.push_back(EndpointEvent::Timeout { key });
                     }
                 }
                 TransactionEvent::TransportError { key } => {
+                    self.invite_ended(key);
                     self.events.push_back(EndpointEvent::TransportError { key });
                 }
                 TransactionEvent::Terminated { key } => {
+                    self.invite_ended(key);
                     self.servers.remove(&key);
                     self.events.push_back(EndpointEvent::Terminated { key });
                 }
             }
+        }
+    }
+
+    /// An INVITE client transaction ended (terminated after its final response, timed out, or
+    /// failed to send): the early dialogs it created and no 2xx confirmed go (RFC 3261 section
+    /// 13.2.2.4: once the INVITE transaction is over, a fork that answered only 1xx never will).
+    fn invite_ended(&mut self, key: TransactionKey) {
+        if let Some((call_id, from_tag)) = self.invites.remove(&key) {
+            let removed = self.dialogs.terminate_early(&call_id, &from_tag);
+            self.stats.early_dialogs_removed += removed.len() as u64;
         }
     }
 
@@ -611,7 +631,17 @@ impl Endpoint {
                     .push(crate::message::HeaderName::UserAgent, ua.as_str());
             }
         }
+        let invite = (request.method == Method::Invite && request.headers.to_tag().is_none())
+            .then(|| {
+                let call_id = request.headers.call_id().ok()?.to_string();
+                let from_tag = request.headers.from_tag()?.to_string();
+                Some((call_id, from_tag))
+            })
+            .flatten();
         let key = self.transactions.send_request(now, request, destination)?;
+        if let Some(invite) = invite {
+            self.invites.insert(key, invite);
+        }
         self.process(now);
         Ok(key)
     }

@@ -351,6 +351,8 @@ pub struct SipCounters {
     pub dropped_flood: AtomicU64,
     /// Requests whose Via `maddr` was ignored.
     pub via_maddr_ignored: AtomicU64,
+    /// Early dialogs removed when their INVITE ended without confirming them.
+    pub early_dialogs_removed: AtomicU64,
 }
 
 impl SipCounters {
@@ -370,6 +372,7 @@ impl SipCounters {
         set(&self.refused_sources, admission.sources.refused_sources);
         set(&self.dropped_flood, admission.sources.dropped);
         set(&self.via_maddr_ignored, stats.via_maddr_ignored);
+        set(&self.early_dialogs_removed, stats.early_dialogs_removed);
     }
 }
 
