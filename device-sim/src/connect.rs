@@ -205,6 +205,12 @@ async fn session(
                             }
                             continue;
                         }
+                        // The latest token resumes the session however old it is.
+                        // (Not printed: a token is a secret.)
+                        Some(Body::ResumeToken(t)) => {
+                            resume_token.clone_from(&t.token);
+                            continue;
+                        }
                         Some(Body::Goodbye(g)) if g.reason == GoodbyeReason::Replaced as i32 => {
                             opts.printer.frame(&env);
                             return SessionEnd::Stop(StopReason::Replaced);

@@ -101,6 +101,8 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
         Some(Body::Dtmf(d)) => {
             json!({"call_ref": d.call_ref, "digit": d.digit, "duration_ms": d.duration_ms})
         }
+        // The token itself is a secret: never printed.
+        Some(Body::ResumeToken(t)) => json!({"valid_for_secs": t.valid_for_secs}),
         Some(Body::PresenceUpdate(p)) => json!({
             "uri": p.uri,
             "state": PresenceState::try_from(p.state)

@@ -111,7 +111,12 @@ impl ResumeTokens {
         mac.finalize().into_bytes().into()
     }
 
-    /// Issues a token for `device_id`'s session at `now_unix`.
+    /// How long a token is accepted after it was issued, seconds.
+    pub fn window_secs(&self) -> u64 {
+        self.window_secs
+    }
+
+    /// A token for `device_id`'s `session`, issued at `now_unix`.
     pub fn issue(&self, device_id: &str, session: &SessionId, now_unix: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(TOKEN_LEN);
         out.push(TOKEN_VERSION);

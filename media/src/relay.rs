@@ -436,10 +436,20 @@ pub struct RelayCore {
     latency_to_peer: LatencyHistogram,
     latency_to_device: LatencyHistogram,
     closed: bool,
+    /// Device datagrams that arrived before the peer was known (the device answered or heard
+    /// the answer before the relay got the SDP): relayed once it is, if still recent.
+    early_device: VecDeque<(Bytes, Instant)>,
 }
 
+/// Most device datagrams held until the peer is known ([`RelayCore::set_peer`]).
+const EARLY_DEVICE_DATAGRAMS: usize = 8;
+/// How old a held device datagram may be when the peer becomes known.
+const EARLY_DEVICE_MAX_AGE: Duration = Duration::from_millis(500);
+
 impl RelayCore {
-    /// A relay with no peer yet (device media is dropped until [`RelayCore::set_peer`]).
+    /// A relay with no peer yet: the first device datagrams are held (at most
+    /// [`EARLY_DEVICE_DATAGRAMS`], relayed when [`RelayCore::set_peer`] comes within
+    /// [`EARLY_DEVICE_MAX_AGE`]), later ones dropped.
     pub fn new(settings: RelaySettings, now: Instant) -> Self {
         let outbound = Outbound {
             sequence: settings.initial_sequence,
@@ -481,6 +491,7 @@ impl RelayCore {
             latency_to_peer: LatencyHistogram::new(),
             latency_to_device: LatencyHistogram::new(),
             closed: false,
+            early_device: VecDeque::new(),
         }
     }
 
@@ -527,6 +538,14 @@ impl RelayCore {
         // restarts the count: the call it describes has not been silent yet.
         if address_changed || !was_armed || self.timeout_reported {
             self.restart_silence(now);
+        }
+        // What the device sent before the peer was known goes out now, in order.
+        for (datagram, at) in std::mem::take(&mut self.early_device) {
+            if now.saturating_duration_since(at) <= EARLY_DEVICE_MAX_AGE {
+                self.handle_device_datagram(datagram, now);
+            } else {
+                self.drops.device_not_sendable += 1;
+            }
         }
     }
 
@@ -598,6 +617,15 @@ impl RelayCore {
 
     /// A media datagram from the device, received at `now`.
     pub fn handle_device_datagram(&mut self, datagram: Bytes, now: Instant) {
+        if self.peer.is_none() && !self.closed {
+            // Held until the peer is known (bounded; see `RelayCore::new`).
+            if self.early_device.len() < EARLY_DEVICE_DATAGRAMS {
+                self.early_device.push_back((datagram, now));
+            } else {
+                self.drops.device_not_sendable += 1;
+            }
+            return;
+        }
         let Ok(MediaDatagram { header, payload }) = MediaDatagram::decode(datagram) else {
             self.drops.device_malformed += 1;
             return;
@@ -1742,13 +1770,44 @@ mod tests {
         assert_eq!(drops.rtp_malformed, 2);
         assert_eq!(drops.rtcp_malformed, 1);
         assert!(sent_rtp(&mut core).is_empty());
-        // No peer yet: everything is dropped and counted.
+        // No peer yet: the peer's media is dropped and counted; the device's first datagrams
+        // are held (at most 8), later ones dropped and counted.
         let mut fresh = RelayCore::new(settings(), t0);
-        fresh.handle_device_datagram(device(0, 1, 0, false, b"x"), t0);
+        for seq in 0..9 {
+            fresh.handle_device_datagram(device(0, seq, 0, false, b"x"), t0);
+        }
         fresh.handle_rtp(&rtp(0, 1, 0, PEER_SSRC, b"x"), peer_rtp(), t0);
         assert_eq!(fresh.stats().drops.device_not_sendable, 1);
         assert_eq!(fresh.stats().drops.rtp_before_peer, 1);
         assert_eq!(fresh.poll_timeout(), None);
+        assert!(sent_rtp(&mut fresh).is_empty());
+    }
+
+    /// The first frames of a call are not lost: device media that arrives before the relay
+    /// knows the peer (the device heard the answer first) goes out once it does, in order, if
+    /// still recent.
+    #[test]
+    fn device_media_before_the_peer_is_known_goes_out_once_it_is() {
+        let t0 = Instant::now();
+        let mut core = RelayCore::new(settings(), t0);
+        core.handle_device_datagram(device(0, 1, 160, false, b"first"), t0);
+        core.handle_device_datagram(
+            device(0, 2, 320, false, b"second"),
+            t0 + Duration::from_millis(20),
+        );
+        assert!(sent_rtp(&mut core).is_empty());
+        core.set_remote_media(&remote(Direction::SendRecv), t0 + Duration::from_millis(30));
+        let sent = sent_rtp(&mut core);
+        let payloads: Vec<&[u8]> = sent.iter().map(|(_, _, p)| p.as_slice()).collect();
+        assert_eq!(payloads, vec![&b"first"[..], &b"second"[..]]);
+        assert_eq!(core.stats().drops.device_not_sendable, 0);
+
+        // Held too long (the peer came a second later): dropped and counted, not sent late.
+        let mut late = RelayCore::new(settings(), t0);
+        late.handle_device_datagram(device(0, 1, 160, false, b"stale"), t0);
+        late.set_remote_media(&remote(Direction::SendRecv), t0 + Duration::from_secs(1));
+        assert!(sent_rtp(&mut late).is_empty());
+        assert_eq!(late.stats().drops.device_not_sendable, 1);
     }
 
     fn rtcp_sent(core: &mut RelayCore) -> Vec<Transmit> {

@@ -133,6 +133,7 @@ pub fn body_kind(body: Option<&crate::v1::envelope::Body>) -> &'static str {
         Some(Body::Ping(_)) => "ping",
         Some(Body::Pong(_)) => "pong",
         Some(Body::Error(_)) => "error",
+        Some(Body::ResumeToken(_)) => "resume_token",
         Some(Body::Dial(_)) => "dial",
         Some(Body::CallEvent(_)) => "call_event",
         Some(Body::IncomingCall(_)) => "incoming_call",

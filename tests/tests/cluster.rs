@@ -81,10 +81,17 @@ struct Cluster {
     registry_dir: tempfile::TempDir,
     secret: String,
     lease_ms: u64,
+    /// More configuration for both nodes.
+    more: String,
 }
 
 impl Cluster {
     fn start(lease_ms: u64) -> Self {
+        Self::start_with(lease_ms, "")
+    }
+
+    /// [`Cluster::start`] with `more` configuration (whole sections) for both nodes.
+    fn start_with(lease_ms: u64, more: &str) -> Self {
         let redis = Redis::start().unwrap();
         let balancer = Balancer::start(HEARTBEAT_MS, 3, "warn").unwrap();
         let registry_dir = tempfile::tempdir().unwrap();
@@ -99,10 +106,10 @@ impl Cluster {
         } else {
             ("node-2".to_string(), "node-1".to_string())
         };
-        let extra_a = node_extra(&a_id, &redis, &balancer, registry_dir.path(), lease_ms);
+        let extra_a = node_extra(&a_id, &redis, &balancer, registry_dir.path(), lease_ms) + more;
         let a = Gateway::start(&extra_a).unwrap();
         let secret = a.add_device(DEVICE).unwrap();
-        let extra_b = node_extra(&b_id, &redis, &balancer, registry_dir.path(), lease_ms);
+        let extra_b = node_extra(&b_id, &redis, &balancer, registry_dir.path(), lease_ms) + more;
         let b = Gateway::start(&extra_b).unwrap();
         balancer.wait_eligible(&a_id, true);
         balancer.wait_eligible(&b_id, true);
@@ -116,6 +123,7 @@ impl Cluster {
             registry_dir,
             secret,
             lease_ms,
+            more: more.to_string(),
         }
     }
 
@@ -130,7 +138,7 @@ impl Cluster {
             &self.balancer,
             self.registry_dir.path(),
             self.lease_ms,
-        )
+        ) + &self.more
     }
 
     /// SIGKILL node A; returns its data directory.
@@ -275,6 +283,8 @@ struct DeviceAgent {
     commands: tokio::sync::mpsc::UnboundedSender<DeviceCommand>,
     frames: std_mpsc::Receiver<Envelope>,
     welcome: Welcome,
+    /// The latest resume token: the Welcome's, then each `ResumeToken` the node sends.
+    latest_token: std::sync::Arc<Mutex<Vec<u8>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     seen: Vec<Envelope>,
 }
@@ -284,6 +294,8 @@ impl DeviceAgent {
         let (welcome_tx, welcome_rx) = std_mpsc::channel::<Result<Welcome, String>>();
         let (frame_tx, frame_rx) = std_mpsc::channel();
         let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+        let latest_token = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let thread_token = latest_token.clone();
         let addr = gw.quic;
         let fingerprint = thalamus_sim::quic::parse_fingerprint(&gw.fingerprint)?;
         let hello = Hello {
@@ -312,6 +324,7 @@ impl DeviceAgent {
                         return;
                     }
                 };
+                *thread_token.lock().unwrap() = welcome.resume_token.clone();
                 let _ = welcome_tx.send(Ok(welcome));
                 loop {
                     tokio::select! {
@@ -324,6 +337,10 @@ impl DeviceAgent {
                                         body: Some(Body::Pong(Pong { nonce: p.nonce })),
                                     };
                                     let _ = conn.writer.send_envelope(&pong).await;
+                                    continue;
+                                }
+                                Some(Body::ResumeToken(t)) => {
+                                    *thread_token.lock().unwrap() = t.token.clone();
                                     continue;
                                 }
                                 Some(Body::IncomingCall(c)) => {
@@ -364,13 +381,15 @@ impl DeviceAgent {
             commands: cmd_tx,
             frames: frame_rx,
             welcome,
+            latest_token,
             thread: Some(thread),
             seen: Vec::new(),
         })
     }
 
+    /// The latest resume token the node gave.
     fn token(&self) -> Vec<u8> {
-        self.welcome.resume_token.clone()
+        self.latest_token.lock().unwrap().clone()
     }
 
     fn wait_for(&mut self, what: &str, pred: impl Fn(&Envelope) -> bool) -> Envelope {
@@ -873,4 +892,64 @@ fn a_device_resuming_while_the_lease_runs_gets_its_call_when_it_lapses() {
 #[test]
 fn a_device_resuming_after_the_lease_lapsed_gets_its_call_at_once() {
     device_resumes_and_media_follows(true);
+}
+
+/// A device connected for longer than the resume window (3 s here) resumes its call after its
+/// node is killed (issue 16): the node sends a fresh resume token every third of the window
+/// while the session lives, so the latest one is always good. With only the `Welcome`'s token
+/// (issued 6 s before the node died) the session would come back new, without its call. Node
+/// B then takes the call over, moves its media, and the device hangs up there.
+#[test]
+fn a_device_connected_longer_than_the_resume_window_resumes_its_call() {
+    let _serial = serial();
+    let mut cluster = Cluster::start_with(1_500, "\n[session]\nresume_window_secs = 3\n");
+    let mut device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let welcome_token = device.token();
+    let run = start_sipp("uac_media_follows.xml", cluster.balancer.sip, &[]);
+    let Some(call_ref) = device.incoming_call() else {
+        panic!("no incoming call\n{}", cluster.dump(run));
+    };
+    device.call_event(call_ref, CallState::Answered);
+    cluster.wait_replicated(call_ref);
+    // Twice the window goes by with the session up.
+    std::thread::sleep(Duration::from_secs(6));
+    let token = device.token();
+    assert_ne!(token, welcome_token, "no fresh resume token in 6 s");
+    let _dir = cluster.kill_a();
+    drop(device);
+    let mut on_b = DeviceAgent::connect(&cluster.b, &cluster.secret, &token).unwrap();
+    assert!(
+        on_b.welcome.resumed,
+        "the session did not resume on B\nB's log:\n{}",
+        tail(&cluster.b.log())
+    );
+    assert!(
+        on_b.welcome
+            .live_calls
+            .iter()
+            .any(|c| c.call_ref == call_ref),
+        "{:?}",
+        on_b.welcome.live_calls
+    );
+    // B takes the call (when A's lease lapses), moves the media, and the device's hangup on B
+    // ends it with SIPp.
+    let deadline = Instant::now() + T;
+    while !cluster.b.log().contains("media moved to this node") {
+        assert!(
+            Instant::now() < deadline,
+            "B never took the call; B's log:\n{}",
+            tail(&cluster.b.log())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    on_b.hangup(call_ref);
+    let ended = on_b.call_event(call_ref, CallState::Ended);
+    assert_eq!(ended.end_reason, EndReason::LocalHangup as i32, "{ended:?}");
+    let (ok, failed, report, _) = finish(run);
+    assert_eq!(
+        (ok, failed),
+        (1, 0),
+        "{report}\nB's log:\n{}",
+        tail(&cluster.b.log())
+    );
 }

@@ -434,3 +434,49 @@ fn a_thousand_calls_leave_no_port_relay_or_socket_behind() {
         "the gateway holds {fds_after} descriptors after 1,000 calls, {fds_before} before"
     );
 }
+
+/// The first frames of a call are not lost (issue 16): the device starts sending as soon as it
+/// hears the answer, which can be before the relay has the callee's SDP; the relay holds those
+/// datagrams until it does. Over 40 calls, none of the first three frames of any call is
+/// missing from what came back through the buddy's echo.
+#[test]
+fn the_first_frames_of_every_call_come_back() {
+    let gw = gateway(36_600, 50);
+    let secret = gw.add_device("first").unwrap();
+    let (_buddy, port) = echo_buddy();
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let mut sim = spawn(
+        "call",
+        login_args(&gw, "first", &secret),
+        &[
+            "--target",
+            &target,
+            "--calls",
+            "40",
+            "--hold-ms",
+            "300",
+            "--media",
+        ],
+    );
+    let mut reports = Vec::new();
+    while reports.len() < 40 {
+        let report = sim.wait_event("media_report", T).unwrap();
+        reports.push(report);
+    }
+    let summary = sim.wait_event("summary", T).unwrap();
+    assert_eq!(summary["succeeded"], 40, "{summary}");
+    let lost_early: Vec<&Value> = reports
+        .iter()
+        .filter(|r| {
+            r["missing_first"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|s| s.as_u64().is_some_and(|s| s < 3)))
+        })
+        .collect();
+    assert!(
+        lost_early.is_empty(),
+        "{} of 40 calls lost one of their first frames: {lost_early:?}",
+        lost_early.len()
+    );
+    assert_media_released(&gw);
+}

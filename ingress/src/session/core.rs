@@ -18,7 +18,7 @@ use thalamus_proto::close_code;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
     Envelope, Error as ErrorFrame, ErrorCode, Goodbye, GoodbyeReason, Hello, LiveCall, Ping, Pong,
-    Redirect, ServerLimits, Welcome,
+    Redirect, ResumeToken, ServerLimits, Welcome,
 };
 use thalamus_proto::FrameError;
 
@@ -150,6 +150,11 @@ pub struct SessionCore {
     last_rx: Instant,
     next_ping: Option<Instant>,
     ping_nonce: u64,
+    /// When the next `ResumeToken` goes out (every third of the resume window while live).
+    next_token: Option<Instant>,
+    /// The wall clock at install: this instant was this many seconds since the Unix epoch
+    /// (tokens carry their issue time; the core reads no clock).
+    wall: Option<(Instant, u64)>,
     next_request_id: u64,
     actions: VecDeque<SessionAction>,
 }
@@ -185,6 +190,8 @@ impl SessionCore {
             last_rx: now,
             next_ping: None,
             ping_nonce: 0,
+            next_token: None,
+            wall: None,
             next_request_id: 1u64 << 63,
             actions: VecDeque::new(),
         }
@@ -439,7 +446,36 @@ impl SessionCore {
         self.state = SessionState::Live;
         self.last_rx = now;
         self.next_ping = Some(now + self.timers.keepalive_interval);
+        self.wall = Some((now, unix_now));
+        self.next_token = Some(now + self.token_refresh());
         self.send(envelope(request_id, Body::Welcome(welcome)));
+    }
+
+    /// How often a live session gets a fresh resume token: a third of the window (at least a
+    /// second), so the latest one is always valid however long the session lives.
+    fn token_refresh(&self) -> Duration {
+        Duration::from_secs((self.settings.tokens.window_secs() / 3).max(1))
+    }
+
+    /// Sends a fresh resume token (issued at `now` by the wall clock given at install).
+    fn refresh_token(&mut self, now: Instant) {
+        let (Some((origin, origin_unix)), Some((device_id, session_id, _, _))) =
+            (self.wall, self.login.as_ref())
+        else {
+            return;
+        };
+        let unix_now = origin_unix + now.saturating_duration_since(origin).as_secs();
+        let token = self.settings.tokens.issue(device_id, session_id, unix_now);
+        let valid_for_secs = u32::try_from(self.settings.tokens.window_secs()).unwrap_or(u32::MAX);
+        let id = self.next_request_id();
+        self.send(envelope(
+            id,
+            Body::ResumeToken(ResumeToken {
+                token,
+                valid_for_secs,
+            }),
+        ));
+        self.next_token = Some(now + self.token_refresh());
     }
 
     /// The device and session once installed.
@@ -498,7 +534,8 @@ impl SessionCore {
             SessionState::Authenticating | SessionState::Installing => None,
             SessionState::Live => {
                 let idle = self.last_rx + self.timers.idle_timeout;
-                Some(self.next_ping.map_or(idle, |p| p.min(idle)))
+                let next = self.next_ping.map_or(idle, |p| p.min(idle));
+                Some(self.next_token.map_or(next, |t| t.min(next)))
             }
             SessionState::Closed => None,
         }
@@ -533,6 +570,9 @@ impl SessionCore {
                         self.send(envelope(id, Body::Ping(Ping { nonce })));
                         self.next_ping = Some(now + self.timers.keepalive_interval);
                     }
+                }
+                if self.next_token.is_some_and(|at| now >= at) {
+                    self.refresh_token(now);
                 }
             }
             _ => {}
@@ -653,6 +693,55 @@ mod tests {
             }) => ErrorCode::try_from(e.code).ok(),
             _ => None,
         }
+    }
+
+    /// A session of any age can be resumed: a fresh token every third of the window.
+    #[test]
+    fn a_live_session_gets_a_fresh_resume_token_every_third_of_the_window() {
+        let t0 = Instant::now();
+        let hello = Hello {
+            device_id: "d".into(),
+            credential: "s".into(),
+            ..Default::default()
+        };
+        let (mut core, _) = login(t0, hello, valid(), ctx(None));
+        core.installed(t0, UNIX, Vec::new());
+        let first = welcome_of(&drain(&mut core)).unwrap().resume_token.clone();
+        let mut now = t0;
+        let mut tokens_seen = Vec::new();
+        // 1,000 s of a device that pings every 4 s, on a virtual clock.
+        while now < t0 + Duration::from_secs(1_000) {
+            now += Duration::from_secs(4);
+            while let Some(at) = core.poll_timeout().filter(|at| *at <= now) {
+                core.handle_timeout(at);
+            }
+            core.handle_frame(now, Ok(envelope(9, Body::Ping(Ping { nonce: 1 }))));
+            for a in drain(&mut core) {
+                assert!(!matches!(a, SessionAction::Close { .. }), "{a:?}");
+                if let SessionAction::Send(Envelope {
+                    body: Some(Body::ResumeToken(t)),
+                    ..
+                }) = a
+                {
+                    assert_eq!(t.valid_for_secs, 300);
+                    tokens_seen.push((now, t.token));
+                }
+            }
+        }
+        // One every 100 s.
+        assert_eq!(tokens_seen.len(), 10, "{:?}", tokens_seen.len());
+        let unix_end = UNIX + 1_000;
+        assert_eq!(
+            tokens().check("d", &first, unix_end),
+            Err(ResumeError::Expired)
+        );
+        let (_, latest) = tokens_seen.last().unwrap();
+        assert_eq!(
+            tokens().check("d", latest, unix_end),
+            Ok(SessionId([1; 16]))
+        );
+        // Each token is for this device only.
+        assert!(tokens().check("other", latest, unix_end).is_err());
     }
 
     #[test]
