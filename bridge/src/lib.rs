@@ -227,6 +227,18 @@ impl Bridge {
         self.inner.refuse_dials.store(refuse, Ordering::Relaxed);
     }
 
+    /// Writes the record of every confirmed call this node holds again (the dialog store
+    /// answers again after an outage, during which the writes failed). Returns how many calls
+    /// were asked.
+    pub fn replicate_all(&self) -> usize {
+        let mut asked = 0;
+        for call in self.inner.calls.iter() {
+            call.send(table::CallCommand::Rereplicate);
+            asked += 1;
+        }
+        asked
+    }
+
     /// The user agent (to change its limits at a reload).
     pub fn user_agent(&self) -> &UserAgent {
         &self.inner.ua

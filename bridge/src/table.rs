@@ -32,6 +32,8 @@ pub enum CallCommand {
     DeviceLink(DeviceLink),
     /// Another node took the dialog over (a replication conflict): drop it without a BYE.
     OwnershipLost,
+    /// The dialog store answers again: write the record again.
+    Rereplicate,
 }
 
 /// What the bridge can read of a call without asking its task.

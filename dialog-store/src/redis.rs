@@ -354,9 +354,11 @@ fn random_token() -> String {
 }
 
 impl RedisDialogStore {
-    /// Connects to the master (through Sentinel when configured) and checks it answers.
-    /// Fails with [`StoreError::Unavailable`] when it cannot be reached, and
-    /// [`StoreError::Backend`] on a bad configuration.
+    /// Connects to the master (through Sentinel when configured). With a plain URL whose server
+    /// does not answer, the store starts unconnected and connects at its first command (each
+    /// operation meanwhile fails with [`StoreError::Unavailable`]); through Sentinel it fails
+    /// with [`StoreError::Unavailable`] when no master can be found. [`StoreError::Backend`] on a
+    /// bad configuration.
     pub async fn connect(
         config: &RedisStoreConfig,
         settings: StoreSettings,
@@ -404,9 +406,23 @@ impl RedisDialogStore {
             }
         };
         let master_addr = client.get_connection_info().addr().to_string();
-        let manager = ConnectionManager::new_with_config(client, manager_config.clone())
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("redis {master_addr}: {e}")))?;
+        let manager = match ConnectionManager::new_with_config(
+            client.clone(),
+            manager_config.clone(),
+        )
+        .await
+        {
+            Ok(manager) => manager,
+            // A plain URL whose server does not answer now: start anyway, connecting at the
+            // first command (and again after each failure), so a node can start and serve
+            // during a Redis outage; operations fail as `Unavailable` until it answers.
+            Err(e) if sentinel.is_none() => {
+                tracing::warn!(redis = %master_addr, error = %e, "the dialog store does not answer: starting without it, connecting when it does");
+                ConnectionManager::new_lazy_with_config(client, manager_config.clone())
+                    .map_err(|e| StoreError::Unavailable(format!("redis {master_addr}: {e}")))?
+            }
+            Err(e) => return Err(StoreError::Unavailable(format!("redis {master_addr}: {e}"))),
+        };
         let watch = match &endpoint {
             RedisEndpoint::Sentinel {
                 sentinels,

@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `/health` (liveness), `/metrics` (Prometheus text format),
+//! The admin HTTP endpoint: `/health` (liveness: `ok`, or `degraded: ...` while the dialog
+//! store does not answer), `/metrics` (Prometheus text format),
 //! `/sessions` (ids of devices with a live session, JSON), and the cluster's dialog
 //! operations (UAC-mode takeover, see docs/clustering.md):
 //!
@@ -43,7 +44,7 @@ pub async fn serve(
 ) {
     let guard = node.clone();
     let app = Router::new()
-        .route("/health", get(|| async { "ok\n" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/sessions", get(sessions))
         .route("/dialogs/{call_id}/{local_tag}/{remote_tag}", get(dialog))
@@ -68,6 +69,16 @@ pub async fn serve(
         .await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "admin endpoint stopped");
+    }
+}
+
+/// `ok`, or `degraded` with the reason while the dialog store does not answer (the node serves
+/// calls, unreplicated). 200 either way: the node is alive and takes calls.
+async fn health(State(node): State<Arc<NodeShared>>) -> &'static str {
+    if node.store_up() {
+        "ok\n"
+    } else {
+        "degraded: the dialog store does not answer (calls are not replicated)\n"
     }
 }
 

@@ -260,6 +260,7 @@ impl GatewayNode {
             admin_refused,
             redirect_max_age,
             draining: AtomicBool::new(false),
+            store_up: cluster.store_up(),
         });
         let fingerprint = ingress.fingerprint.clone();
         let generated_cert = ingress.generated_cert;
@@ -274,6 +275,11 @@ impl GatewayNode {
         });
         let shutdown = CancellationToken::new();
         let tasks = vec![
+            tokio::spawn(rereplicate_when_the_store_is_back(
+                cluster.store_up(),
+                shared.bridge.clone(),
+                shutdown.clone(),
+            )),
             tokio::spawn(admin::serve(
                 admin_listener,
                 shared.clone(),
@@ -505,4 +511,27 @@ fn load_or_create_token(path: &std::path::Path) -> std::io::Result<(String, bool
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     std::io::Write::write_all(&mut options.open(path)?, token.as_bytes())?;
     Ok((token, true))
+}
+
+/// When the dialog store answers again after an outage, every confirmed call this node holds
+/// writes its record again (the writes of the outage failed).
+async fn rereplicate_when_the_store_is_back(
+    mut store_up: tokio::sync::watch::Receiver<bool>,
+    bridge: thalamus_bridge::Bridge,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = store_up.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if *store_up.borrow_and_update() {
+                    let calls = bridge.replicate_all();
+                    info!(calls, "dialog store back: records of the calls held here written again");
+                }
+            }
+        }
+    }
 }

@@ -43,6 +43,8 @@ pub struct NodeShared {
     pub(crate) redirect_max_age: Option<Duration>,
     /// Draining: no new devices or calls; devices leave as their calls end.
     pub(crate) draining: AtomicBool,
+    /// Whether the dialog store answers (the cluster layer's probe).
+    pub(crate) store_up: tokio::sync::watch::Receiver<bool>,
 }
 
 impl NodeShared {
@@ -68,6 +70,11 @@ impl NodeShared {
             address: address.to_string(),
             node_id: owner.node.as_str().to_string(),
         })
+    }
+
+    /// Whether the dialog store answers (false: the node serves, unreplicated).
+    pub fn store_up(&self) -> bool {
+        *self.store_up.borrow()
     }
 
     /// Whether the node is draining.

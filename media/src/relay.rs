@@ -442,9 +442,9 @@ pub struct RelayCore {
 }
 
 /// Most device datagrams held until the peer is known ([`RelayCore::set_peer`]).
-const EARLY_DEVICE_DATAGRAMS: usize = 8;
+pub const EARLY_DEVICE_DATAGRAMS: usize = 8;
 /// How old a held device datagram may be when the peer becomes known.
-const EARLY_DEVICE_MAX_AGE: Duration = Duration::from_millis(500);
+pub const EARLY_DEVICE_MAX_AGE: Duration = Duration::from_millis(500);
 
 impl RelayCore {
     /// A relay with no peer yet: the first device datagrams are held (at most

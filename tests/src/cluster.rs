@@ -72,6 +72,11 @@ impl Redis {
     /// Starts it and waits for it to answer PING. Fails when the Debian package
     /// `redis-server` is not installed: the tests that use it need a real Redis.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_on(free_tcp_port()?)
+    }
+
+    /// [`Redis::start`] on `port` (a test that starts a node before its store picks the port).
+    pub fn start_on(port: u16) -> anyhow::Result<Self> {
         let path = Path::new("/usr/bin/redis-server");
         if !path.exists() {
             bail!(
@@ -79,7 +84,6 @@ impl Redis {
                  redis-server): these tests need a real Redis"
             );
         }
-        let port = free_tcp_port()?;
         let dir = tempfile::tempdir()?;
         let child = Command::new(path)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])

@@ -205,6 +205,12 @@ fn sighup_adds_devices_drops_trusted_sources_and_keeps_calls() {
         "{refused}"
     );
     // The call in progress went on to its end.
+    assert!(
+        gw.log()
+            .contains("records of the calls held here written again"),
+        "{}",
+        gw.log()
+    );
     let report = sip_call_report(call);
     assert_eq!(report["succeeded"], 1, "{report}\n{}", gw.log());
 }
@@ -524,4 +530,50 @@ fn sighup_serves_a_renewed_certificate_to_new_connections() {
         stale.wait_event("welcome", Duration::from_secs(3)).is_err(),
         "a device pinning the old certificate got in after the renewal"
     );
+}
+
+/// A node starts and serves while its Redis store is down (issue 16): `/health` says degraded,
+/// a call is set up and answered (unreplicated, the failed writes counted); when Redis comes
+/// up, the node notices, says ok, and writes the record of the call it holds.
+#[test]
+fn a_node_starts_and_serves_while_its_store_is_down() {
+    let port = thalamus_tests::cluster::free_tcp_port().unwrap();
+    let gw = Gateway::start(&format!(
+        "[cluster.store]\nbackend = \"redis\"\n\n[cluster.store.redis]\nurl = \"redis://127.0.0.1:{port}/0\"\nconnect_timeout_ms = 200\nresponse_timeout_ms = 200"
+    ))
+    .unwrap_or_else(|e| panic!("the node did not start without its store: {e:#}"));
+    let deadline = Instant::now() + T;
+    while gw.admin_get("/health").unwrap() == "ok\n" {
+        assert!(Instant::now() < deadline, "never degraded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gw.admin_get("/health").unwrap().starts_with("degraded"));
+    assert_eq!(gw.metric("thalamus_store_up").unwrap(), 0.0);
+    let secret = gw.add_device("dev").unwrap();
+    let _dev = listener(&gw, "dev", &secret, &[]);
+    // A call held across the store's return.
+    let call = sip_call_spawn(&format!("sip:dev@{}", gw.sip), 6_000);
+    gw.wait_metric("thalamus_calls_active", 1.0, T).unwrap();
+    let _redis = thalamus_tests::cluster::Redis::start_on(port).unwrap();
+    let deadline = Instant::now() + T;
+    while gw.admin_get("/health").unwrap() != "ok\n" {
+        assert!(Instant::now() < deadline, "never ok again:\n{}", gw.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The call's record is written once the store is back.
+    let deadline = Instant::now() + T;
+    loop {
+        let stored = gw.admin_get("/devices/dev/dialogs").unwrap();
+        if stored.contains("\"call_ref\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the call was not written after the store came back: {stored}\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = sip_call_report(call);
+    assert_eq!(report["succeeded"], 1, "{report}\n{}", gw.log());
 }

@@ -174,6 +174,9 @@ pub enum CallInput {
     MediaTimeout,
     /// Another node took the dialog over (a replication conflict): drop it without a BYE.
     OwnershipLost,
+    /// The dialog store answers again after an outage: write the confirmed dialog's record
+    /// again (writes during the outage failed).
+    Rereplicate,
 }
 
 /// A change to the call's media relay.
@@ -817,6 +820,12 @@ impl CallCore {
             CallInput::OwnershipLost => {
                 self.replica.lost = true;
                 self.lost();
+            }
+            CallInput::Rereplicate => {
+                // Only a confirmed dialog that was (meant to be) written, and that is not ending.
+                if self.replica.stored && self.phase == Phase::Up && !self.is_ending() {
+                    self.replicate();
+                }
             }
         }
     }

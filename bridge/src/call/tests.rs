@@ -1352,3 +1352,23 @@ fn the_summary_tells_how_each_call_went() {
     drain(&mut core);
     assert!(!core.summary().owned_at_end);
 }
+
+/// After a store outage the confirmed call's record is written again; a call still ringing
+/// (nothing confirmed to write) or without replication writes nothing.
+#[test]
+fn the_record_is_written_again_when_the_store_is_back() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Rereplicate);
+    let a = drain(&mut core);
+    assert!(
+        matches!(a.as_slice(), [CallAction::Replicate(f)] if f.call_ref == 7),
+        "{a:?}"
+    );
+    let mut unreplicated = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    unreplicated.handle(t0, CallInput::Rereplicate);
+    assert!(drain(&mut unreplicated).is_empty());
+    let (mut ringing, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
+    ringing.handle(t0, CallInput::Rereplicate);
+    assert!(drain(&mut ringing).is_empty());
+}

@@ -1,6 +1,8 @@
 //! The cluster layer of a running node: opens the configured dialog store, starts the
-//! [`Replicator`] (unless replication is off), keeps this node's owner lease renewed, and sends
-//! heartbeats to the SIP load balancers when configured.
+//! [`Replicator`] (unless replication is off), keeps this node's owner lease renewed, watches
+//! whether the store answers (a probe every second: [`ClusterRuntime::store_up`], the
+//! `store_up` gauge), and sends heartbeats to the SIP load balancers when configured. A node
+//! starts while a Redis store is unreachable and serves unreplicated until it answers.
 //!
 //! The SIP side (the bridge) gets the store and the replicator from here; this module does not
 //! decide when dialogs are written or taken over.
@@ -47,6 +49,10 @@ pub struct ClusterRuntime {
     replicator: Option<Arc<Replicator>>,
     heartbeats: Option<std::sync::Arc<HeartbeatSender>>,
     lease_task: Option<JoinHandle<()>>,
+    /// Whether the store answered its last probe (true until the first probe says otherwise).
+    store_up: tokio::sync::watch::Receiver<bool>,
+    store_up_gauge: prometheus_client::metrics::gauge::Gauge,
+    probe_task: Option<JoinHandle<()>>,
 }
 
 impl ClusterRuntime {
@@ -72,6 +78,14 @@ impl ClusterRuntime {
                 config.lease_ttl(),
             ))
         });
+        let (up_tx, store_up) = tokio::sync::watch::channel(true);
+        let store_up_gauge = prometheus_client::metrics::gauge::Gauge::default();
+        store_up_gauge.set(1);
+        let probe_task = Some(tokio::spawn(probe_store(
+            store.clone(),
+            up_tx,
+            store_up_gauge.clone(),
+        )));
         Ok(Self {
             node_id: node_id.to_string(),
             config: config.clone(),
@@ -79,7 +93,15 @@ impl ClusterRuntime {
             replicator,
             heartbeats: None,
             lease_task,
+            store_up,
+            store_up_gauge,
+            probe_task,
         })
+    }
+
+    /// Whether the dialog store answers (updated every second; a change wakes receivers).
+    pub fn store_up(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.store_up.clone()
     }
 
     /// Starts heartbeats to the configured balancers (nothing when none are configured).
@@ -143,6 +165,11 @@ impl ClusterRuntime {
         if let Some(r) = &self.replicator {
             r.register_metrics(registry);
         }
+        registry.register(
+            "store_up",
+            "1 while the dialog store answers (probed every second), 0 while it does not",
+            self.store_up_gauge.clone(),
+        );
     }
 
     /// Stops heartbeats and lease renewal, writes out the replication queue and closes the
@@ -152,6 +179,9 @@ impl ClusterRuntime {
             hb.stop();
         }
         if let Some(task) = self.lease_task.take() {
+            task.abort();
+        }
+        if let Some(task) = self.probe_task.take() {
             task.abort();
         }
         if let Some(r) = &self.replicator {
@@ -180,6 +210,34 @@ async fn renew_lease(store: Arc<dyn DialogStore>, node_id: String, ttl: std::tim
         tick.tick().await;
         if let Err(e) = store.renew_lease(&node_id, ttl).await {
             warn!(error = %e, "owner lease not renewed");
+        }
+    }
+}
+
+/// Reads a probe key every second (each read bounded to 1 s) and publishes whether the store
+/// answered: on the watch channel (receivers wake on a change) and the gauge.
+async fn probe_store(
+    store: Arc<dyn DialogStore>,
+    up: tokio::sync::watch::Sender<bool>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+) {
+    let key = thalamus_dialog_store::DialogKey::new("thalamus-probe", "probe", "probe");
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let answered = matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), store.get(&key)).await,
+            Ok(Ok(_))
+        );
+        gauge.set(i64::from(answered));
+        if *up.borrow() != answered {
+            if answered {
+                tracing::info!("the dialog store answers again");
+            } else {
+                warn!("the dialog store does not answer: calls go on unreplicated");
+            }
+            let _ = up.send(answered);
         }
     }
 }
