@@ -233,7 +233,7 @@ impl Bridge {
     pub fn replicate_all(&self) -> usize {
         let mut asked = 0;
         for call in self.inner.calls.iter() {
-            call.send(table::CallCommand::Rereplicate);
+            call.send(table::CallCommand::Rereplicate(None));
             asked += 1;
         }
         asked

@@ -32,8 +32,9 @@ pub enum CallCommand {
     DeviceLink(DeviceLink),
     /// Another node took the dialog over (a replication conflict): drop it without a BYE.
     OwnershipLost,
-    /// The dialog store answers again: write the record again.
-    Rereplicate,
+    /// Write the record again (the store answers again; or it lost our record and holds this
+    /// version of it, still ours).
+    Rereplicate(Option<u64>),
 }
 
 /// What the bridge can read of a call without asking its task.

@@ -489,7 +489,11 @@ pub(crate) fn live_call_of(record: &StoredDialog) -> LiveCall {
 }
 
 /// Drops the calls whose dialogs another node took over (conflict notices of the replicator):
-/// no BYE, no tombstone; the owner continues the dialog.
+/// no BYE, no tombstone; the owner continues the dialog. A conflict is not always another
+/// owner: the store may have lost our record (a Redis restart without persistence, an older
+/// snapshot) or kept a write whose answer timed out. So the record is read first: absent, or
+/// still ours, and the call writes it again (over the version found) instead of being dropped;
+/// only a record another node owns (or a store that cannot say) drops the call.
 pub(crate) async fn drop_lost_dialogs(
     inner: Arc<BridgeInner>,
     mut notices: mpsc::Receiver<ConflictNotice>,
@@ -502,9 +506,35 @@ pub(crate) async fn drop_lost_dialogs(
         else {
             continue;
         };
-        info!(dialog = %notice.key, current = ?notice.current, "another node owns the dialog: dropping it here");
-        if let Some(handle) = inner.calls.get(&call) {
-            handle.send(CallCommand::OwnershipLost);
+        let stored = match &inner.store {
+            Some(store) => {
+                tokio::time::timeout(inner.config.takeover_timeout, store.get(&notice.key))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            None => None,
+        };
+        // The version to write over: 0 (create) when the store lost the record, the one it
+        // holds when that is still ours; `None` when another node owns it or the store cannot
+        // say.
+        let ours = match &stored {
+            Some(None) => Some(0),
+            Some(Some(r)) if r.owner == inner.config.node_id && r.is_live() => Some(r.version),
+            _ => None,
+        };
+        let Some(handle) = inner.calls.get(&call) else {
+            continue;
+        };
+        match ours {
+            Some(version) if !notice.was_delete => {
+                info!(dialog = %notice.key, version, "the store lost this node's record: writing it again");
+                handle.send(CallCommand::Rereplicate(Some(version)));
+            }
+            _ => {
+                info!(dialog = %notice.key, current = ?notice.current, "another node owns the dialog: dropping it here");
+                handle.send(CallCommand::OwnershipLost);
+            }
         }
     }
 }

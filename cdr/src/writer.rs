@@ -171,6 +171,7 @@ impl CdrWriter {
                 connection: None,
                 stream: config.redis_stream.clone(),
                 max_len: config.redis_max_len,
+                skip_until: None,
             }),
             None => None,
         };
@@ -333,12 +334,33 @@ struct RedisSink {
     connection: Option<redis::aio::MultiplexedConnection>,
     stream: String,
     max_len: u64,
+    /// After a failure, records skip the stream (counted as errors) until then, so a Redis
+    /// that does not answer never slows the file down.
+    skip_until: Option<tokio::time::Instant>,
 }
+
+/// How long the stream is skipped after a failure.
+const REDIS_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl RedisSink {
     /// `XADD <stream> MAXLEN ~ <max_len> * device <device> record <json>`; connects (again)
-    /// when there is no connection, waiting at most 2 s.
+    /// when there is no connection, waiting at most 2 s; after a failure the stream is skipped
+    /// for [`REDIS_BACKOFF`] (those records are counted as errors; the file has them).
     async fn add(&mut self, record: &CallRecord, line: &str) -> Result<(), String> {
+        if self
+            .skip_until
+            .is_some_and(|t| tokio::time::Instant::now() < t)
+        {
+            return Err("skipped: the stream failed less than 5 s ago".into());
+        }
+        let result = self.try_add(record, line).await;
+        self.skip_until = result
+            .is_err()
+            .then(|| tokio::time::Instant::now() + REDIS_BACKOFF);
+        result
+    }
+
+    async fn try_add(&mut self, record: &CallRecord, line: &str) -> Result<(), String> {
         let timeout = std::time::Duration::from_secs(2);
         if self.connection.is_none() {
             let connect = self.client.get_multiplexed_async_connection();

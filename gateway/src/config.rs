@@ -215,7 +215,8 @@ pub struct SessionConfig {
     pub texts_out_per_sec: u32,
     /// Texts one device may send at once before `texts_out_per_sec` applies.
     pub texts_out_burst: u32,
-    /// How long a resume token stays valid after its session ended (seconds).
+    /// How long a resume token is accepted after it was issued, seconds (at least 3); a live
+    /// session gets a fresh one every third of it, so the latest is always good.
     pub resume_window_secs: u32,
     /// Largest text message body (bytes).
     pub max_text_bytes: u32,
@@ -440,6 +441,18 @@ impl Config {
         };
         if self.node.id.is_empty() || self.node.id.len() > 64 {
             return bad("node.id", "must be 1 to 64 characters");
+        }
+        if self.session.resume_window_secs < 3 {
+            return bad(
+                "session.resume_window_secs",
+                "must be at least 3 (a live session gets a fresh token every third of it)",
+            );
+        }
+        if tracing_subscriber_filter_ok(&self.log.level).is_err() {
+            return bad(
+                "log.level",
+                "is not a tracing filter directive (e.g. `info,thalamus_bridge=debug`)",
+            );
         }
         if self.cdr.queue == 0 {
             return bad("cdr.queue", "must be at least 1");
@@ -893,9 +906,27 @@ pub fn in_data_dir(data_dir: &Path, path: &Path) -> PathBuf {
     }
 }
 
+/// Whether `level` parses as a `tracing` filter directive (what `[log] level` holds).
+fn tracing_subscriber_filter_ok(level: &str) -> Result<(), String> {
+    thalamus_telemetry::check_level(level)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_window_under_3_s_and_a_bad_log_level_are_refused_by_key() {
+        let mut c = Config::default();
+        c.session.resume_window_secs = 2;
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("session.resume_window_secs"), "{e}");
+        let mut c = Config::default();
+        c.log.level = "info,thalamus=[[".into();
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("log.level"), "{e}");
+        assert!(Config::default().check().is_ok());
+    }
 
     fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::load(&StaticConfigSource {

@@ -94,6 +94,8 @@ pub struct GatewayNode {
     cdr: Option<thalamus_cdr::CdrWriter>,
     /// The configuration running now (the start's, with what reloads applied).
     running: std::sync::Mutex<Config>,
+    /// The fingerprint of the certificate served to new connections now.
+    current_fingerprint: std::sync::Mutex<String>,
 }
 
 /// What a reload did ([`GatewayNode::reload`]).
@@ -293,6 +295,7 @@ impl GatewayNode {
         ];
         info!(%quic_addr, %admin_addr, node = %shared.node_id, "gateway node started");
         let running = std::sync::Mutex::new(config);
+        let fingerprint_now = fingerprint.clone();
         Ok(Self {
             shared,
             quic_addr,
@@ -308,6 +311,7 @@ impl GatewayNode {
             cluster,
             cdr,
             running,
+            current_fingerprint: std::sync::Mutex::new(fingerprint_now),
         })
     }
 
@@ -445,7 +449,14 @@ impl GatewayNode {
             .map_err(|e| bad("quic.cert", e.to_string()))?;
         applied.quic.cert = new.quic.cert.clone();
         applied.quic.key = new.quic.key.clone();
-        let new_fingerprint = (fingerprint != self.fingerprint).then_some(fingerprint);
+        let new_fingerprint = match self.current_fingerprint.lock() {
+            Ok(mut current) if *current != fingerprint => {
+                current.clone_from(&fingerprint);
+                Some(fingerprint)
+            }
+            Ok(_) => None,
+            Err(_) => Some(fingerprint),
+        };
         match self.running.lock() {
             Ok(mut r) => *r = applied,
             Err(poisoned) => *poisoned.into_inner() = applied,

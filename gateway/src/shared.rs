@@ -86,8 +86,9 @@ impl NodeShared {
     /// new calls here and the live set they report leaves this node out, so logins are
     /// redirected to the devices' new owners and the ownership sweep moves the devices that
     /// have no call; devices' `Dial`s are refused (`Busy`: they call again from the node they
-    /// move to). Calls in progress go on to their end. Without balancers, draining
-    /// changes nothing but the flag (there is nowhere to send devices).
+    /// move to). Calls in progress go on to their end. Without balancers there is nowhere to
+    /// send devices: they stay, and their `Dial`s are refused while the node drains (a SIGTERM
+    /// drain also answers new INVITEs 503: `GatewayNode::drain`).
     pub fn set_draining(&self, draining: bool) {
         if self.draining.swap(draining, Ordering::Relaxed) != draining {
             info!(draining, "node draining changed");

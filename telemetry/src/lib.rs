@@ -46,6 +46,13 @@ impl Default for LogConfig {
     }
 }
 
+/// Whether `level` parses as a `tracing` filter directive (`[log] level`); the reason when not.
+pub fn check_level(level: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Sets the log filter of the running process (what `SIGHUP` uses when `[log] level` changed).
 pub struct LogReload {
     set: Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>,

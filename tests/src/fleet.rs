@@ -187,6 +187,8 @@ struct Shared {
     dials: Vec<DialRecord>,
     /// Set by [`Fleet::stop_dialing`].
     no_more_dials: bool,
+    /// Calls placed and not finished yet.
+    dials_in_progress: usize,
 }
 
 impl Shared {
@@ -289,6 +291,11 @@ impl Fleet {
     /// Devices place no new call from now on (calls in progress go on to their end).
     pub fn stop_dialing(&self) {
         self.lock().no_more_dials = true;
+    }
+
+    /// Calls placed that have not finished yet.
+    pub fn dials_in_progress(&self) -> usize {
+        self.lock().dials_in_progress
     }
 
     /// Every call placed so far (with [`FleetConfig::dial`]).
@@ -597,7 +604,9 @@ impl Dialer {
 
     fn finish(&mut self, shared: &Mutex<Shared>, id: &str, node: &str, outcome: DialOutcome) {
         if let Some((_, at, _)) = self.call.take() {
-            lock(shared).dials.push(DialRecord {
+            let mut s = lock(shared);
+            s.dials_in_progress = s.dials_in_progress.saturating_sub(1);
+            s.dials.push(DialRecord {
                 at,
                 device: id.to_string(),
                 node: node.to_string(),
@@ -667,6 +676,7 @@ async fn session_loop(
                         d.next_ref += 1;
                         d.call = Some((call_ref, Instant::now(), DialStage::Answer));
                         d.heard = false;
+                        lock(shared).dials_in_progress += 1;
                         let dial = Body::Dial(thalamus_proto::v1::Dial {
                             call_ref,
                             target: d.plan.target.clone(),

@@ -855,7 +855,11 @@ fn a_rolling_restart_under_load_fails_no_call() {
     assert_every_call_succeeded(&cluster, &result, CALLS);
     // Let the dialers' last calls end, then look at every call they placed.
     cluster.fleet.stop_dialing();
-    std::thread::sleep(Duration::from_secs(3));
+    let deadline = Instant::now() + T;
+    while cluster.fleet.dials_in_progress() > 0 {
+        assert!(Instant::now() < deadline, "device calls never finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let dials = cluster.fleet.dials();
     let completed = dials
         .iter()

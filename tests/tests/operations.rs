@@ -577,3 +577,41 @@ fn a_node_starts_and_serves_while_its_store_is_down() {
     let report = sip_call_report(call);
     assert_eq!(report["succeeded"], 1, "{report}\n{}", gw.log());
 }
+
+/// A Redis restart without persistence loses the records of the calls in progress: when it
+/// answers again, the node writes them again instead of taking the lost records for another
+/// node's claim and dropping its calls.
+#[test]
+fn a_store_that_lost_the_records_gets_them_again_and_no_call_is_dropped() {
+    let port = thalamus_tests::cluster::free_tcp_port().unwrap();
+    let redis = thalamus_tests::cluster::Redis::start_on(port).unwrap();
+    let gw = Gateway::start(&format!(
+        "[cluster.store]\nbackend = \"redis\"\n\n[cluster.store.redis]\nurl = \"redis://127.0.0.1:{port}/0\"\nconnect_timeout_ms = 200\nresponse_timeout_ms = 200"
+    ))
+    .unwrap();
+    let secret = gw.add_device("dev").unwrap();
+    let _dev = listener(&gw, "dev", &secret, &[]);
+    let call = sip_call_spawn(&format!("sip:dev@{}", gw.sip), 10_000);
+    let stored = || gw.admin_get("/devices/dev/dialogs").unwrap_or_default();
+    let wait_stored = |what: &str| {
+        let deadline = Instant::now() + T;
+        while !stored().contains("\"call_ref\"") {
+            assert!(Instant::now() < deadline, "{what}\n{}", gw.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_stored("never stored");
+    // Redis restarts empty.
+    drop(redis);
+    let deadline = Instant::now() + T;
+    while gw.admin_get("/health").unwrap() == "ok\n" {
+        assert!(Instant::now() < deadline, "never degraded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _redis = thalamus_tests::cluster::Redis::start_on(port).unwrap();
+    wait_stored("the record was not written again");
+    // The call was not dropped: the caller's BYE gets its 200 from the call.
+    let report = sip_call_report(call);
+    assert_eq!(report["succeeded"], 1, "{report}\n{}", gw.log());
+    assert!(!gw.log().contains("dropping it here"), "{}", gw.log());
+}

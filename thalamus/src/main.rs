@@ -153,6 +153,9 @@ fn run(
     let log = thalamus_telemetry::init_logging(&config.log);
     let drain_deadline = std::time::Duration::from_secs(config.node.drain_deadline_secs.into());
     runtime("thalamus")?.block_on(async move {
+        // Signals are handled from the start: a SIGHUP (systemctl reload) or SIGTERM while the
+        // node starts is taken when it is up, not the default action that would kill it.
+        let mut signals = Signals::new()?;
         let registry_path = config.node.device_registry_path();
         let data_dir = config.node.data_dir.clone();
         let inbound = &config.sip.inbound;
@@ -204,9 +207,6 @@ fn run(
             "  thalamus-sim connect --gateway {} --device earpiece-1 --secret <SECRET> --fingerprint {}",
             display_addr(node.quic_addr), node.fingerprint
         );
-        // Signals are handled from before the ready file exists: a SIGTERM right after it
-        // drains the node rather than killing it.
-        let mut signals = Signals::new()?;
         if let Some(path) = ready_file {
             std::fs::write(&path, ready.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;

@@ -174,9 +174,11 @@ pub enum CallInput {
     MediaTimeout,
     /// Another node took the dialog over (a replication conflict): drop it without a BYE.
     OwnershipLost,
-    /// The dialog store answers again after an outage: write the confirmed dialog's record
-    /// again (writes during the outage failed).
-    Rereplicate,
+    /// Write the confirmed dialog's record again: the store answers again after an outage
+    /// (writes during it failed), or it lost our record (a Redis restart without persistence, an
+    /// older snapshot) and holds this version of it, still ours (`Some`: write over it), or
+    /// none (`None`: as before).
+    Rereplicate(Option<u64>),
 }
 
 /// A change to the call's media relay.
@@ -821,9 +823,12 @@ impl CallCore {
                 self.replica.lost = true;
                 self.lost();
             }
-            CallInput::Rereplicate => {
+            CallInput::Rereplicate(store_version) => {
                 // Only a confirmed dialog that was (meant to be) written, and that is not ending.
                 if self.replica.stored && self.phase == Phase::Up && !self.is_ending() {
+                    if let Some(v) = store_version {
+                        self.replica.base_version = v;
+                    }
                     self.replicate();
                 }
             }

@@ -228,7 +228,7 @@ impl Driver {
                         Some(CallCommand::Cancelled) => CallInput::Cancelled,
                         Some(CallCommand::AckTimeout) => CallInput::AckTimeout,
                         Some(CallCommand::OwnershipLost) => CallInput::OwnershipLost,
-                        Some(CallCommand::Rereplicate) => CallInput::Rereplicate,
+                        Some(CallCommand::Rereplicate(v)) => CallInput::Rereplicate(v),
                         Some(CallCommand::DeviceLink(link)) => {
                             if let Some(relay) = &self.relay {
                                 let sink = self.device_sink(Arc::new(LinkSink(link)));

@@ -1359,16 +1359,16 @@ fn the_summary_tells_how_each_call_went() {
 fn the_record_is_written_again_when_the_store_is_back() {
     let t0 = Instant::now();
     let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
-    core.handle(t0, CallInput::Rereplicate);
+    core.handle(t0, CallInput::Rereplicate(None));
     let a = drain(&mut core);
     assert!(
         matches!(a.as_slice(), [CallAction::Replicate(f)] if f.call_ref == 7),
         "{a:?}"
     );
     let mut unreplicated = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
-    unreplicated.handle(t0, CallInput::Rereplicate);
+    unreplicated.handle(t0, CallInput::Rereplicate(None));
     assert!(drain(&mut unreplicated).is_empty());
     let (mut ringing, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
-    ringing.handle(t0, CallInput::Rereplicate);
+    ringing.handle(t0, CallInput::Rereplicate(None));
     assert!(drain(&mut ringing).is_empty());
 }
