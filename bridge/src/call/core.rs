@@ -426,6 +426,20 @@ struct RecordFacts {
     last_error_sent: Option<u16>,
 }
 
+/// Most owners a record carries: the first and the latest ones (a call taken over again and
+/// again, by rolling restarts say, must not outgrow the record's application data).
+const MAX_OWNERS_KEPT: usize = 16;
+
+/// `owners`, at most [`MAX_OWNERS_KEPT`]: the first, then the latest.
+pub(crate) fn capped_owners(owners: &[String]) -> Vec<String> {
+    if owners.len() <= MAX_OWNERS_KEPT {
+        return owners.to_vec();
+    }
+    let mut kept = vec![owners[0].clone()];
+    kept.extend_from_slice(&owners[owners.len() - (MAX_OWNERS_KEPT - 1)..]);
+    kept
+}
+
 /// A finished call as its record (CDR) tells it ([`CallCore::summary`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallSummary {
@@ -1004,7 +1018,7 @@ impl CallCore {
                 held: self.held,
                 started_ms: self.record.started_ms,
                 answered_ms: self.record.answered_ms,
-                owners: self.record.owners_before.clone(),
+                owners: capped_owners(&self.record.owners_before),
             }),
         }
     }

@@ -1372,3 +1372,15 @@ fn the_record_is_written_again_when_the_store_is_back() {
     ringing.handle(t0, CallInput::Rereplicate(None));
     assert!(drain(&mut ringing).is_empty());
 }
+
+#[test]
+fn the_owners_a_record_carries_are_capped() {
+    let many: Vec<String> = (0..40).map(|n| format!("node-{n}")).collect();
+    let kept = capped_owners(&many);
+    assert_eq!(kept.len(), 16);
+    assert_eq!(kept[0], "node-0");
+    assert_eq!(kept[15], "node-39");
+    assert_eq!(kept[1], "node-25");
+    let few: Vec<String> = (0..3).map(|n| format!("node-{n}")).collect();
+    assert_eq!(capped_owners(&few), few);
+}

@@ -557,6 +557,9 @@ impl TransactionLayer {
         let counted_source = match invite {
             Some(Some(_)) => None,
             _ => match self.sources.admit(now, source.addr.ip()) {
+                // An exempt source holds no share: nothing to release later (and a reload that
+                // ends its exemption must not see releases it never counted).
+                Admission::Admit if self.sources.is_exempt(source.addr.ip()) => None,
                 Admission::Admit => Some(source.addr.ip()),
                 Admission::Refuse { retry_after, .. } => {
                     self.refuse(&request, destination, retry_after);
