@@ -448,7 +448,7 @@ impl Config {
                 "must be at least 3 (a live session gets a fresh token every third of it)",
             );
         }
-        if tracing_subscriber_filter_ok(&self.log.level).is_err() {
+        if thalamus_telemetry::check_level(&self.log.level).is_err() {
             return bad(
                 "log.level",
                 "is not a tracing filter directive (e.g. `info,thalamus_bridge=debug`)",
@@ -904,11 +904,6 @@ pub fn in_data_dir(data_dir: &Path, path: &Path) -> PathBuf {
     } else {
         data_dir.join(path)
     }
-}
-
-/// Whether `level` parses as a `tracing` filter directive (what `[log] level` holds).
-fn tracing_subscriber_filter_ok(level: &str) -> Result<(), String> {
-    thalamus_telemetry::check_level(level)
 }
 
 #[cfg(test)]

@@ -24,10 +24,10 @@ use std::sync::Arc;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use thalamus_sip::transport::SipTransport;
 use thalamus_sip::ua::SipCounters;
+use thalamus_telemetry::{encode_counter as counter, encode_gauge};
 
 /// Renders the SIP stack's counters on each scrape.
 #[derive(Debug)]
@@ -64,18 +64,12 @@ fn gauge(
     help: &str,
     value: u64,
 ) -> Result<(), std::fmt::Error> {
-    let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
-}
-
-fn counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: u64,
-) -> Result<(), std::fmt::Error> {
-    let metric = ConstCounter::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+    encode_gauge(
+        encoder,
+        name,
+        help,
+        i64::try_from(value).unwrap_or(i64::MAX),
+    )
 }
 
 fn labelled(

@@ -6,6 +6,8 @@
 //!   overrides the level) and returns the [`LogReload`] that changes the level later.
 //! * [`ReasonLabel`]: the Prometheus label that names a reason or a kind, and [`inc`], which
 //!   counts one event under it.
+//! * [`encode_gauge`], [`encode_counter`]: one unlabelled value in a custom `Collector` (the
+//!   SIP stack's and the media engine's figures, read when scraped).
 //!
 //! It does not define any metric (each component registers its own) and starts nothing.
 #![forbid(unsafe_code)]
@@ -129,6 +131,30 @@ pub struct ReasonLabel {
 /// Counts one event with a reason label.
 pub fn inc(family: &Family<ReasonLabel, Counter>, reason: &'static str) {
     family.get_or_create(&ReasonLabel { reason }).inc();
+}
+
+/// Encodes one gauge `name` with `value` (for a custom `Collector`).
+pub fn encode_gauge(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::encoding::EncodeMetric;
+    let metric = prometheus_client::metrics::gauge::ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// Encodes one counter `name` with `value` (for a custom `Collector`; `_total` is added).
+pub fn encode_counter(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::encoding::EncodeMetric;
+    let metric = prometheus_client::metrics::counter::ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
 #[cfg(test)]

@@ -459,6 +459,38 @@ pub fn free_udp_port() -> anyhow::Result<u16> {
     Ok(sock.local_addr()?.port())
 }
 
+/// The simulator's login flags for `device` on `gw`: `--gateway`, `--fingerprint`,
+/// `--device`, and `--secret=<secret>` as one argument (a secret may begin with '-').
+pub fn login_args(gw: &Gateway, device: &str, secret: &str) -> Vec<String> {
+    vec![
+        "--gateway".into(),
+        gw.quic.to_string(),
+        "--fingerprint".into(),
+        gw.fingerprint.clone(),
+        "--device".into(),
+        device.into(),
+        format!("--secret={secret}"),
+    ]
+}
+
+/// `thalamus-sim <command> <login> <extra>` (panics when it cannot be spawned).
+pub fn sim_as(command: &str, login: Vec<String>, extra: &[&str]) -> Sim {
+    let mut args: Vec<&str> = vec![command];
+    args.extend(login.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    Sim::spawn(&args).expect("spawning thalamus-sim")
+}
+
+/// The call records (CDR) a node wrote in `data_dir` (`cdr/calls.jsonl`), in order; none when
+/// the file does not exist yet.
+pub fn call_records(data_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(data_dir.join("cdr/calls.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a call record is one JSON object per line"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use thalamus_tests::{bin, Gateway, Sim};
+use thalamus_tests::{bin, login_args, sim_as, Gateway, Sim};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -334,43 +334,33 @@ fn alive(gw: &Gateway) {
 /// A device that listens with `extra` options (e.g. `--ignore`, `--dial`).
 fn device_with(gw: &Gateway, id: &str, extra: &[&str]) -> Sim {
     let secret = gw.add_device(id).unwrap();
-    let quic = gw.quic.to_string();
-    let mut args = vec![
-        "listen",
-        "--gateway",
-        &quic,
-        "--fingerprint",
-        &gw.fingerprint,
-        "--device",
-        id,
-        "--secret",
-        &secret,
-    ];
-    args.extend_from_slice(extra);
-    let mut sim = Sim::spawn(&args).unwrap();
+    let mut sim = sim_as("listen", login_args(gw, id, &secret), extra);
     sim.wait_event("welcome", T).unwrap();
     sim
 }
 
-/// A SIP buddy that answers calls, and a device `caller` that places `count` calls to it, one
-/// every `every_ms` from its login on (check them with [`own_calls_answered`]).
-fn caller(gw: &Gateway, count: u32, every_ms: u32) -> (Sim, Sim) {
+/// A SIP buddy that answers calls, and a listening device `id` (with `extra` options) that
+/// places `count` calls to it, one every `every_ms` from its login on (check them with
+/// [`own_calls_answered`]). Returns the device and the buddy.
+fn dialing_device(gw: &Gateway, id: &str, count: u32, every_ms: u32, extra: &[&str]) -> (Sim, Sim) {
     let (buddy, port) = Sim::buddy(&[], T).unwrap();
     let target = format!("sip:bob@127.0.0.1:{port}");
     let (count, every) = (count.to_string(), every_ms.to_string());
-    let sim = device_with(
-        gw,
-        "caller",
-        &[
-            "--dial",
-            &target,
-            "--dial-count",
-            &count,
-            "--dial-every-ms",
-            &every,
-        ],
-    );
-    (sim, buddy)
+    let mut options = extra.to_vec();
+    options.extend_from_slice(&[
+        "--dial",
+        &target,
+        "--dial-count",
+        &count,
+        "--dial-every-ms",
+        &every,
+    ]);
+    (device_with(gw, id, &options), buddy)
+}
+
+/// [`dialing_device`] as device `caller`, with no other option.
+fn caller(gw: &Gateway, count: u32, every_ms: u32) -> (Sim, Sim) {
+    dialing_device(gw, "caller", count, every_ms, &[])
 }
 
 /// Waits for the answers to a listening device's own `--dial` calls (call refs 1..=count);
@@ -486,23 +476,9 @@ fn a_flood_that_passes_the_policy_rings_a_device_only_so_much_and_its_own_calls_
         "[sip.inbound]\ntrusted = [\"127.0.0.2/32\", \"127.0.0.4/32\"]\n\n[session]\nmax_calls = 4\n",
     )
     .unwrap();
-    let (_bob, bob_port) = Sim::buddy(&[], T).unwrap();
-    let bob = format!("sip:bob@127.0.0.1:{bob_port}");
     // The victim never answers (every call it is offered keeps ringing) and places 10 calls of
     // its own during the flood.
-    let mut victim = device_with(
-        &gw,
-        "victim",
-        &[
-            "--ignore",
-            "--dial",
-            &bob,
-            "--dial-count",
-            "10",
-            "--dial-every-ms",
-            "250",
-        ],
-    );
+    let (mut victim, _bob) = dialing_device(&gw, "victim", 10, 250, &["--ignore"]);
     let _other = listening_device(&gw, "other");
     let gw_sip = gw.sip;
     let invites = udp_flood(
@@ -572,20 +548,7 @@ fn an_options_flood_sized_to_fill_the_transaction_table_does_not_fill_it() {
         "{limits}\n[sip.inbound]\ntrusted = [\"127.0.0.2/32\"]\n\n[session]\nmax_calls = 32\n"
     ))
     .unwrap();
-    let (_bob, bob_port) = Sim::buddy(&[], T).unwrap();
-    let bob = format!("sip:bob@127.0.0.1:{bob_port}");
-    let mut online = device_with(
-        &gw,
-        "online",
-        &[
-            "--dial",
-            &bob,
-            "--dial-count",
-            "10",
-            "--dial-every-ms",
-            "200",
-        ],
-    );
+    let (mut online, _bob) = dialing_device(&gw, "online", 10, 200, &[]);
     let gw_sip = gw.sip;
     let flood = udp_flood(
         "127.0.0.1:0",
@@ -671,8 +634,6 @@ fn a_black_holed_tcp_destination_stalls_nothing_else() {
     )
     .unwrap();
     let (hole, _rt, _listener, _fillers) = black_hole();
-    let (_bob, bob_port) = Sim::buddy(&[], T).unwrap();
-    let bob = format!("sip:bob@127.0.0.1:{bob_port}");
     // A device dials the black hole over TCP (its INVITE waits on a connection that never
     // opens); another device places calls of its own and takes the carrier's.
     let secret = gw.add_device("dialer").unwrap();
@@ -693,18 +654,7 @@ fn a_black_holed_tcp_destination_stalls_nothing_else() {
     ])
     .unwrap();
     dialer.wait_event("welcome", T).unwrap();
-    let mut busy = device_with(
-        &gw,
-        "busy",
-        &[
-            "--dial",
-            &bob,
-            "--dial-count",
-            "5",
-            "--dial-every-ms",
-            "300",
-        ],
-    );
+    let (mut busy, _bob) = dialing_device(&gw, "busy", 5, 300, &[]);
     // Wait for the connection attempt to be under way.
     let deadline = std::time::Instant::now() + T;
     while gw.metric("thalamus_sip_tcp_connections").unwrap() < 1.0 {

@@ -33,7 +33,7 @@ use serde_json::Value;
 use thalamus_ownership::{owner, NodeId};
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
 use thalamus_tests::fleet::{DialOutcome, DialPlan, Fleet, FleetConfig, FleetEventKind, FleetNode};
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
+use thalamus_tests::{bin, call_records, free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
 /// Heartbeat interval of the nodes and the balancer.
@@ -905,14 +905,7 @@ fn a_rolling_restart_under_load_fails_no_call() {
     let deadline = Instant::now() + T;
     let (incoming, outgoing) = loop {
         let records: Vec<Value> = (0..3)
-            .flat_map(|i| {
-                let dir = cluster.node(i).data_dir();
-                std::fs::read_to_string(dir.join("cdr/calls.jsonl"))
-                    .unwrap_or_default()
-                    .lines()
-                    .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                    .collect::<Vec<_>>()
-            })
+            .flat_map(|i| call_records(&cluster.node(i).data_dir()))
             .collect();
         let (incoming, outgoing): (Vec<Value>, Vec<Value>) = records
             .into_iter()

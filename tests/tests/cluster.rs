@@ -41,7 +41,7 @@ use thalamus_proto::v1::{
 };
 use thalamus_sim::device::DeviceConnection;
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, SippProcess};
+use thalamus_tests::{bin, call_records, free_udp_port, scenario, sipp, Gateway, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
 /// Heartbeat interval of the nodes and the balancer: a node is out 350 ms after its death.
@@ -151,6 +151,20 @@ impl Cluster {
         let extra = self.extra_a();
         self.a = Some(Gateway::start_in(dir, "127.0.0.1:0", &extra).unwrap());
         self.balancer.wait_eligible(&self.a_id, true);
+    }
+
+    /// Waits (bounded) until node B has taken the call over and the peer answered its media
+    /// re-INVITE.
+    fn wait_media_moved_to_b(&self) {
+        let deadline = Instant::now() + T;
+        while !self.b.log().contains("media moved to this node") {
+            assert!(
+                Instant::now() < deadline,
+                "B never moved the media (no takeover, or no re-INVITE answered); B's log:\n{}",
+                tail(&self.b.log())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// What the processes said, for a failed assertion.
@@ -497,15 +511,6 @@ enum Ending {
 }
 
 /// The failover loop: every call kills node A after the ACK and restarts it afterwards.
-/// The call records (CDR) a node wrote in `data_dir`, in order.
-fn call_records(data_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(data_dir.join("cdr/calls.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn failover_calls(calls: u32, ending: Ending) {
     let _serial = serial();
     let mut cluster = Cluster::start(5_000);
@@ -861,15 +866,7 @@ fn device_resumes_and_media_follows(wait_for_the_lease: bool) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let deadline = Instant::now() + T;
-    while !cluster.b.log().contains("media moved to this node") {
-        assert!(
-            Instant::now() < deadline,
-            "no re-INVITE answered; B's log:\n{}",
-            tail(&cluster.b.log())
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cluster.wait_media_moved_to_b();
     // Watched first only while the lease ran.
     assert_eq!(
         cluster.b.log().contains("watching it"),
@@ -933,15 +930,7 @@ fn a_device_connected_longer_than_the_resume_window_resumes_its_call() {
     );
     // B takes the call (when A's lease lapses), moves the media, and the device's hangup on B
     // ends it with SIPp.
-    let deadline = Instant::now() + T;
-    while !cluster.b.log().contains("media moved to this node") {
-        assert!(
-            Instant::now() < deadline,
-            "B never took the call; B's log:\n{}",
-            tail(&cluster.b.log())
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cluster.wait_media_moved_to_b();
     on_b.hangup(call_ref);
     let ended = on_b.call_event(call_ref, CallState::Ended);
     assert_eq!(ended.end_reason, EndReason::LocalHangup as i32, "{ended:?}");

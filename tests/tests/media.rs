@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use thalamus_tests::{free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
+use thalamus_tests::{
+    free_udp_port, login_args, scenario, sim_as as spawn, sipp, Gateway, Sim, SippProcess,
+};
 
 const T: Duration = Duration::from_secs(30);
 /// The capture SIPp plays (Debian package sip-tester): PCMA, 236 packets of 240 bytes.
@@ -27,26 +29,6 @@ fn gateway(first_port: u16, pairs: u16) -> Gateway {
         first_port + pairs * 2 - 1
     ))
     .unwrap()
-}
-
-fn login_args(gw: &Gateway, device: &str, secret: &str) -> Vec<String> {
-    vec![
-        "--gateway".into(),
-        gw.quic.to_string(),
-        "--fingerprint".into(),
-        gw.fingerprint.clone(),
-        "--device".into(),
-        device.into(),
-        // One argument: a secret may begin with '-'.
-        format!("--secret={secret}"),
-    ]
-}
-
-fn spawn(command: &str, login: Vec<String>, extra: &[&str]) -> Sim {
-    let mut args: Vec<&str> = vec![command];
-    args.extend(login.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    Sim::spawn(&args).unwrap()
 }
 
 /// `thalamus-sim buddy --echo`: (process, SIP port).

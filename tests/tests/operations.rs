@@ -22,28 +22,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use thalamus_tests::{bin, free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
+use thalamus_tests::{
+    bin, call_records, free_udp_port, login_args as login, scenario, sim_as as sim, sipp, Gateway,
+    Sim, SippProcess,
+};
 
 const T: Duration = Duration::from_secs(30);
-
-fn login<'a>(gw: &'a Gateway, device: &'a str, secret: &str) -> Vec<String> {
-    vec![
-        "--gateway".into(),
-        gw.quic.to_string(),
-        "--fingerprint".into(),
-        gw.fingerprint.clone(),
-        "--device".into(),
-        device.into(),
-        format!("--secret={secret}"),
-    ]
-}
-
-fn sim(command: &str, login: Vec<String>, extra: &[&str]) -> Sim {
-    let mut args: Vec<&str> = vec![command];
-    args.extend(login.iter().map(String::as_str));
-    args.extend_from_slice(extra);
-    Sim::spawn(&args).unwrap()
-}
 
 /// A device answering calls (`thalamus-sim listen`), logged in.
 fn listener(gw: &Gateway, device: &str, secret: &str, extra: &[&str]) -> Sim {
@@ -78,6 +62,19 @@ fn sip_call_report(child: Child) -> Value {
     })
 }
 
+/// A SIP call to `target` is refused with `status` (`thalamus-sim sip-call`'s first failure).
+fn assert_refused(target: &str, status: u16) {
+    let refused = sip_call_report(sip_call_spawn(target, 0));
+    assert_eq!(refused["succeeded"], 0, "{refused}");
+    assert!(
+        refused["first_failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&status.to_string()),
+        "{refused}"
+    );
+}
+
 fn signal(gw: &Gateway, name: &str) {
     let pid = gw.proc.child.id().to_string();
     assert!(Command::new("kill")
@@ -105,14 +102,6 @@ fn wait_exit(gw: &mut Gateway, timeout: Duration) -> Option<i32> {
     gw.proc
         .wait_exit(timeout)
         .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()))
-}
-
-fn call_records(data_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(data_dir.join("cdr/calls.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Waits (bounded) for `n` call records.
@@ -195,15 +184,7 @@ fn sighup_adds_devices_drops_trusted_sources_and_keeps_calls() {
     let summary = b.wait_event("summary", T).unwrap();
     assert_eq!(summary["succeeded"], 1, "{summary}\n{}", gw.log());
     // Loopback is no longer trusted: a new call is refused before it reaches the device.
-    let refused = sip_call_report(sip_call_spawn(&target, 0));
-    assert_eq!(refused["succeeded"], 0, "{refused}");
-    assert!(
-        refused["first_failure"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("403"),
-        "{refused}"
-    );
+    assert_refused(&target, 403);
     // The call in progress went on to its end.
     let report = sip_call_report(call);
     assert_eq!(report["succeeded"], 1, "{report}\n{}", gw.log());
@@ -222,15 +203,7 @@ fn sigterm_drains_the_call_in_progress_then_exits_zero() {
     wait_log(&gw, "draining");
     assert_eq!(gw.metric("thalamus_node_draining").unwrap(), 1.0);
     // No new calls while draining (a node without balancers refuses them itself).
-    let refused = sip_call_report(sip_call_spawn(&target, 0));
-    assert_eq!(refused["succeeded"], 0, "{refused}");
-    assert!(
-        refused["first_failure"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("503"),
-        "{refused}"
-    );
+    assert_refused(&target, 503);
     // The call in progress ends normally; then the process exits 0.
     let report = sip_call_report(call);
     assert_eq!(report["succeeded"], 1, "{report}\n{}", gw.log());

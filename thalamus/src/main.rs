@@ -333,12 +333,14 @@ fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-/// `thalamus balancer`: loads the balancer's config, runs until SIGINT/SIGTERM. With
-/// `ready_file`, writes the bound addresses there as JSON once listening.
+/// `thalamus balancer`: loads the balancer's config, runs until SIGINT/SIGTERM (a SIGHUP is
+/// logged and ignored: the balancer has nothing to reload). With `ready_file`, writes the bound
+/// addresses there as JSON once listening.
 fn balancer(config_path: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     let config = thalamus_balancer::BalancerConfig::load(config_path.as_deref())?;
     thalamus_telemetry::init_logging(&config.log);
     runtime("thalamus-lb")?.block_on(async move {
+        let mut signals = Signals::new()?;
         let lb = thalamus_balancer::RunningBalancer::start(config).await?;
         println!("Thalamus {} — SIP load balancer", env!("CARGO_PKG_VERSION"));
         println!("  SIP (UDP, TCP)     {} / {}", lb.sip_udp, lb.sip_tcp);
@@ -356,27 +358,15 @@ fn balancer(config_path: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow
             std::fs::write(&path, ready.to_string())
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        shutdown_signal().await;
+        while signals.next().await == Signal::Reload {
+            tracing::info!(
+                "SIGHUP ignored: the balancer has no configuration to reload (restart it)"
+            );
+        }
         tracing::info!("shutting down");
         lb.shutdown().await;
         anyhow::Ok(())
     })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn device(config: &Config, command: DeviceCommand) -> anyhow::Result<()> {
