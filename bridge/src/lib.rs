@@ -772,6 +772,16 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 key: merge_key,
                 ringing: None,
             };
+            // A draining node without balancers takes no new call: refused before the device is
+            // looked up or waited for (texts are still delivered).
+            if request.method == Method::Invite && inner.refuse_invites.load(Ordering::Relaxed) {
+                inc(&inner.metrics.sip_refused, "draining");
+                let retry_after = vec![(HeaderName::RetryAfter, "30".to_string())];
+                let _ = ua
+                    .respond_with_headers(tx, 503, None, None, retry_after)
+                    .await;
+                return;
+            }
             let Some(device) = addressed_device(&request) else {
                 inc(&inner.metrics.sip_refused, "not_found");
                 let _ = ua.respond(tx, 404, None, None).await;
@@ -798,14 +808,6 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                     return;
                 }
                 incoming_text(&inner, tx, &device, &request).await;
-                return;
-            }
-            if inner.refuse_invites.load(Ordering::Relaxed) {
-                inc(&inner.metrics.sip_refused, "draining");
-                let retry_after = vec![(HeaderName::RetryAfter, "30".to_string())];
-                let _ = ua
-                    .respond_with_headers(tx, 503, None, None, retry_after)
-                    .await;
                 return;
             }
             // Calls ringing are limited apart from the device's own: a flood of INVITEs can

@@ -1,6 +1,7 @@
 //! Keeps call records: [`CdrWriter`] takes them without waiting (a bounded queue) and one task
-//! appends them to a JSON-lines file, rotated by size ([`rotate`]), and adds them to a Redis
-//! stream when one is configured. A record that finds the queue full is dropped and counted
+//! appends them to a JSON-lines file, rotated by size ([`rotate`]) and flushed whenever the
+//! queue runs empty (once per burst, not per record), and adds them to a Redis stream when one
+//! is configured. A record that finds the queue full is dropped and counted
 //! (`cdr_dropped_total`), never waited for; a write that fails is logged and counted
 //! (`cdr_errors_total{sink}`) and the next record tries again.
 //!
@@ -214,6 +215,7 @@ async fn run(
         let record = match msg {
             Msg::Record(r) => r,
             Msg::Flush(done) => {
+                flush_file(&mut file, &metrics).await;
                 let _ = done.send(());
                 continue;
             }
@@ -239,12 +241,27 @@ async fn run(
                 }
             }
         }
+        // One flush per burst of records, not per record: the file is flushed whenever the
+        // queue runs empty.
+        if rx.is_empty() {
+            flush_file(&mut file, &metrics).await;
+        }
+    }
+}
+
+async fn flush_file(file: &mut FileSink, metrics: &CdrMetrics) {
+    if let Err(e) = file.flush().await {
+        metrics
+            .errors
+            .get_or_create(&SinkLabel { sink: "file" })
+            .inc();
+        warn!(error = %e, path = %file.path.display(), "call records not flushed to the file");
     }
 }
 
 struct FileSink {
     path: PathBuf,
-    file: Option<tokio::fs::File>,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     size: u64,
     max_bytes: u64,
     keep: u32,
@@ -263,7 +280,7 @@ impl FileSink {
         let size = file.metadata().await.map_err(err)?.len();
         Ok(Self {
             path,
-            file: Some(file),
+            file: Some(tokio::io::BufWriter::new(file)),
             size,
             max_bytes,
             keep,
@@ -281,7 +298,7 @@ impl FileSink {
             self.size = 0;
         }
         if self.file.is_none() {
-            self.file = Some(open_append(&self.path).await?);
+            self.file = Some(tokio::io::BufWriter::new(open_append(&self.path).await?));
         }
         let Some(file) = self.file.as_mut() else {
             return Ok(());
@@ -294,9 +311,16 @@ impl FileSink {
             self.file = None;
             return Err(e);
         }
-        file.flush().await?;
         self.size += len;
         Ok(())
+    }
+
+    /// Writes out what is buffered (the writer calls it when its queue runs empty).
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self.file.as_mut() {
+            Some(file) => file.flush().await,
+            None => Ok(()),
+        }
     }
 }
 
