@@ -226,7 +226,7 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     let mut gw = Gateway::start("[node]\ndrain_deadline_secs = 600").unwrap();
     let secret = gw.add_device("dev").unwrap();
     let _dev = listener(&gw, "dev", &secret, &[]);
-    let call = sip_call_spawn(&format!("sip:dev@{}", gw.sip), 120_000);
+    let mut call = sip_call_spawn(&format!("sip:dev@{}", gw.sip), 120_000);
     gw.wait_metric("thalamus_calls_active", 1.0, T).unwrap();
     signal(&gw, "TERM");
     wait_log(&gw, "draining");
@@ -234,7 +234,9 @@ fn a_second_sigterm_ends_the_drain_at_once() {
     // Well before the 10-minute deadline and the 2-minute call.
     assert_eq!(wait_exit(&mut gw, T), Some(0), "{}", gw.log());
     assert!(gw.log().contains("second signal"), "{}", gw.log());
-    drop(call);
+    // The caller would hold its call for 2 minutes more: stop it (dropping a child keeps it).
+    let _ = call.kill();
+    let _ = call.wait();
 }
 
 #[test]
