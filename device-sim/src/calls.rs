@@ -110,6 +110,9 @@ pub struct CallOptions {
     pub parallel: u32,
     /// Written (with the word "answered") once every device's first call is answered.
     pub ready_file: Option<PathBuf>,
+    /// This long after each answer, move the device's QUIC endpoint to a new local UDP socket
+    /// (a device changing networks: QUIC connection migration).
+    pub rebind_after: Option<Duration>,
 }
 
 /// Longest wait, after the hold time, for the echoes of frames already sent (the device
@@ -242,6 +245,7 @@ async fn one_call(
     let mut probe = EchoProbe::new(probe_tag(device, call_ref));
     let mut media_tick = tokio::time::interval(FRAME_INTERVAL);
     let mut did_hold = false;
+    let mut rebound = false;
     let mut hung_up = false;
     // With media, streaming stops when the hold time is over and the hangup follows once the
     // echoes are in (or after ECHO_DRAIN).
@@ -260,10 +264,23 @@ async fn one_call(
             hung_up = true;
             s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
         }
+        let rebind_at = match (opts.rebind_after, answered_at) {
+            (Some(after), Some(at)) if !rebound && !hung_up => Some(at + after),
+            _ => None,
+        };
+        if rebind_at.is_some_and(|at| Instant::now() >= at) {
+            rebound = true;
+            rebind(s, call_ref, printer)?;
+            continue;
+        }
         let wake_at = match (answered_at, streaming_stopped) {
             (_, Some(stopped)) => Some(stopped + ECHO_DRAIN),
             (Some(at), None) => Some(at + opts.hold),
             (None, None) => None,
+        };
+        let wake_at = match (wake_at, rebind_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         tokio::select! {
             frame = s.reader.next() => {
@@ -323,7 +340,7 @@ async fn one_call(
                     tracing::debug!(error = %e, call_ref, "media frame not sent");
                 }
             }
-            _ = sleep_until(wake_at), if !opts.hold.is_zero() && !hung_up => {}
+            _ = sleep_until(wake_at), if (!opts.hold.is_zero() || rebind_at.is_some()) && !hung_up => {}
             datagram = s.conn.read_datagram(), if opts.media => {
                 if let Ok(d) = datagram {
                     probe.on_datagram(d, Instant::now());
@@ -331,6 +348,21 @@ async fn one_call(
             }
         }
     }
+}
+
+/// Moves the device's endpoint to a new UDP socket on the same local address and a new port:
+/// to the gateway the device's packets now come from another address, as when a device
+/// changes networks. QUIC validates the new path and the connection (and its call) continues.
+fn rebind(s: &Session, call_ref: u32, printer: EventPrinter) -> anyhow::Result<()> {
+    let old = s.endpoint.local_addr()?;
+    let socket = std::net::UdpSocket::bind(std::net::SocketAddr::new(old.ip(), 0))?;
+    let new = socket.local_addr()?;
+    s.endpoint.rebind(socket)?;
+    printer.emit(
+        "rebound",
+        json!({"call_ref": call_ref, "from": old.to_string(), "to": new.to_string()}),
+    );
+    Ok(())
 }
 
 /// After the end of a call: reads late echoes and waits (bounded) for the gateway's media

@@ -94,6 +94,10 @@ enum Command {
         /// Write this file once every device's first call is answered (for scripts).
         #[arg(long)]
         ready_file: Option<std::path::PathBuf>,
+        /// Milliseconds after each answer at which the device moves to a new local UDP port
+        /// (QUIC connection migration, as when a device changes networks).
+        #[arg(long)]
+        rebind_after_ms: Option<u64>,
     },
     /// Log in as a device and answer (or reject) incoming calls.
     Listen {
@@ -357,6 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             call_timeout_secs,
             parallel,
             ready_file,
+            rebind_after_ms,
         } => {
             let (login, printer) = login.login()?;
             let (ok, failed) = thalamus_sim::calls::call(
@@ -371,6 +376,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     call_timeout: std::time::Duration::from_secs(call_timeout_secs),
                     parallel,
                     ready_file,
+                    rebind_after: rebind_after_ms.map(std::time::Duration::from_millis),
                 },
                 printer,
             )

@@ -105,6 +105,10 @@ pub struct EchoProbe {
     last_match: Option<u16>,
     seen: Vec<u64>,
     rtt_us: Vec<u64>,
+    /// When the latest matching frame arrived, and the longest time between two matching
+    /// frames (the longest silence the device heard while both sides streamed).
+    last_arrival: Option<Instant>,
+    max_gap_us: u64,
     /// The gateway's statistics of the call (the final `CallEvent`), when they arrived.
     pub gateway: Option<MediaStats>,
 }
@@ -125,6 +129,8 @@ impl EchoProbe {
             last_match: None,
             seen: vec![0; 65_536 / 64],
             rtt_us: Vec::new(),
+            last_arrival: None,
+            max_gap_us: 0,
             gateway: None,
         }
     }
@@ -177,6 +183,11 @@ impl EchoProbe {
         }
         *bits |= bit;
         self.payload_matches += 1;
+        if let Some(last) = self.last_arrival {
+            let gap = now.saturating_duration_since(last).as_micros() as u64;
+            self.max_gap_us = self.max_gap_us.max(gap);
+        }
+        self.last_arrival = Some(now);
         match self.last_match {
             Some(last) if (seq.wrapping_sub(last) as i16) <= 0 => {}
             _ => {
@@ -218,6 +229,11 @@ impl EchoProbe {
             .collect()
     }
 
+    /// The longest time between two matching frames' arrivals, in microseconds.
+    pub fn max_gap_us(&self) -> u64 {
+        self.max_gap_us
+    }
+
     /// Round-trip samples in microseconds, in arrival order.
     pub fn rtt_samples(&self) -> &[u64] {
         &self.rtt_us
@@ -239,6 +255,7 @@ impl EchoProbe {
             "rtt_us_p50": percentile(&rtt, 0.5),
             "rtt_us_p99": percentile(&rtt, 0.99),
             "missing_first": self.missing(8),
+            "max_gap_ms": self.max_gap_us / 1000,
             "gateway": self.gateway.as_ref().map(stats_json),
         })
     }

@@ -160,6 +160,9 @@ fn server_config(
             .send_window(256 * 1024);
         let mut server_config = quinn::ServerConfig::with_crypto(crypto);
         server_config.transport_config(Arc::new(transport));
+        // A device that changes networks keeps its session: QUIC validates the new path and
+        // the connection moves (tests/media.rs, a_device_that_changes_networks...).
+        server_config.migration(true);
         Ok(server_config)
     }
 }
