@@ -27,6 +27,7 @@ fn core() -> BalancerCore {
             draining: false,
             load: Load::default(),
             ts_ms: 0,
+            pinned: Vec::new(),
         };
         m.heartbeat(&hb, hb.sip, now).unwrap();
     }

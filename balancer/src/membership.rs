@@ -143,6 +143,9 @@ pub struct NodeEntry {
     /// Heartbeats accepted.
     pub heartbeats: u64,
     counted_at_takeout: u64,
+    /// Devices (key hashes) whose session the node keeps although another node owns them
+    /// (from its latest heartbeat).
+    pub pinned: Vec<u64>,
 }
 
 impl NodeEntry {
@@ -196,6 +199,8 @@ pub struct Membership {
     by_addr: HashMap<SocketAddr, NodeId>,
     alive: Vec<NodeId>,
     eligible: Vec<NodeId>,
+    /// Pinned key hashes of up nodes, and the node that keeps each.
+    pins: HashMap<u64, NodeId>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -211,6 +216,7 @@ impl Membership {
             by_addr: HashMap::new(),
             alive: Vec::new(),
             eligible: Vec::new(),
+            pins: HashMap::new(),
         }
     }
 
@@ -266,6 +272,7 @@ impl Membership {
                         missed: 0,
                         heartbeats: 1,
                         counted_at_takeout: 0,
+                        pinned: hb.pinned.clone(),
                     },
                 );
                 events.push(MembershipEvent::Joined(hb.node.clone()));
@@ -316,6 +323,7 @@ impl Membership {
                 node.sip = sip;
                 node.quic = quic;
                 node.load = hb.load;
+                node.pinned.clone_from(&hb.pinned);
                 node.last_heartbeat = now;
                 node.heartbeats += 1;
                 if node.draining != hb.draining {
@@ -376,8 +384,13 @@ impl Membership {
         self.alive.clear();
         self.eligible.clear();
         self.by_addr.clear();
+        self.pins.clear();
         for node in self.nodes.values() {
             if node.state == NodeState::Up {
+                for pin in &node.pinned {
+                    // Two nodes pinning one device (its session just moved): the first by id.
+                    self.pins.entry(*pin).or_insert_with(|| node.id.clone());
+                }
                 self.alive.push(node.id.clone());
                 if !node.draining {
                     self.eligible.push(node.id.clone());
@@ -395,6 +408,12 @@ impl Membership {
     /// Up and not draining nodes, sorted by id: the set new calls are hashed over.
     pub fn eligible(&self) -> &[NodeId] {
         &self.eligible
+    }
+
+    /// The up node that keeps the device whose key hash is `key_hash` although another node
+    /// owns it (see [`Heartbeat::pinned`]), if any.
+    pub fn pinned(&self, key_hash: u64) -> Option<&NodeEntry> {
+        self.pins.get(&key_hash).and_then(|id| self.nodes.get(id))
     }
 
     /// A node by id.
@@ -460,6 +479,7 @@ mod tests {
             draining: false,
             load: Load::default(),
             ts_ms: 0,
+            pinned: Vec::new(),
         }
     }
 

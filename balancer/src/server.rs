@@ -56,6 +56,8 @@ struct Shared {
     secret: Option<Vec<u8>>,
     /// With a secret: how far a heartbeat's timestamp may be from this clock.
     max_skew_ms: u64,
+    /// When the balancer started (the `up_ms` of its reports).
+    started: std::time::Instant,
 }
 
 impl Shared {
@@ -142,6 +144,7 @@ impl RunningBalancer {
             metrics: BalancerMetrics::new(),
             secret: config.heartbeat.secret.clone().map(String::into_bytes),
             max_skew_ms: config.heartbeat.max_skew_ms,
+            started: now(),
         });
         let shutdown = CancellationToken::new();
         let tick = (Duration::from_millis(config.heartbeat.interval_ms) / 4)
@@ -338,7 +341,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, socket: UdpSocket, shutdown: Cancel
             let mut core = shared.core();
             let r = core.membership_mut().heartbeat(&hb, source, now());
             update_gauges(&shared.metrics, core.membership());
-            r.map(|events| (events, live_set_report(core.membership(), &hb)))
+            let up = now().saturating_duration_since(shared.started);
+            r.map(|events| (events, live_set_report(core.membership(), &hb, up)))
         };
         match result {
             Ok((events, report)) => {
@@ -367,8 +371,10 @@ async fn heartbeat_loop(shared: Arc<Shared>, socket: UdpSocket, shutdown: Cancel
     }
 }
 
-/// The answer to heartbeat `hb`: the nodes eligible for new work and their device addresses.
-fn live_set_report(membership: &Membership, hb: &Heartbeat) -> LiveSetReport {
+/// The answer to heartbeat `hb`: the nodes eligible for new work and their device addresses,
+/// every node up (draining ones too), the silence after which a node is taken out, and how
+/// long this balancer has been up (`up`): what a node's fence needs.
+fn live_set_report(membership: &Membership, hb: &Heartbeat, up: Duration) -> LiveSetReport {
     LiveSetReport {
         v: thalamus_ownership::heartbeat::HEARTBEAT_VERSION,
         to: hb.node.clone(),
@@ -383,6 +389,10 @@ fn live_set_report(membership: &Membership, hb: &Heartbeat) -> LiveSetReport {
             })
             .collect(),
         ts_ms: unix_ms(SystemTime::now()),
+        alive: membership.alive().to_vec(),
+        silence_ms: u64::try_from(membership.config().silence_limit().as_millis())
+            .unwrap_or(u64::MAX),
+        up_ms: u64::try_from(up.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
@@ -500,6 +510,7 @@ mod tests {
             draining,
             load: Load::default(),
             ts_ms: 0,
+            pinned: Vec::new(),
         }
     }
 
@@ -511,8 +522,11 @@ mod tests {
         let b_src: SocketAddr = "10.0.0.2:40000".parse().unwrap();
         m.heartbeat(&hb("a", false), a_src, now).unwrap();
         m.heartbeat(&hb("b", true), b_src, now).unwrap();
-        let report = live_set_report(&m, &hb("b", true));
+        let report = live_set_report(&m, &hb("b", true), Duration::from_secs(7));
         assert_eq!(report.to.as_str(), "b");
+        // The fence's facts: both nodes are up (b drains), a node goes after 3.5 s of silence.
+        assert_eq!(report.alive.len(), 2);
+        assert_eq!((report.silence_ms, report.up_ms), (3_500, 7_000));
         assert_eq!(report.session, "s-b");
         assert_eq!(report.ack, 1);
         assert_eq!(

@@ -92,6 +92,10 @@ pub struct BridgeDeps {
     pub store: Option<Arc<dyn DialogStore>>,
     /// Where confirmed dialogs are written (none: replication is off).
     pub replicator: Option<Arc<Replicator>>,
+    /// Whether this node may act on a dialog without a confirmed write, and whether another
+    /// node may still be acting on one (none: the store's lease alone decides claims, and a
+    /// request whose write failed is not sent).
+    pub fence: Option<thalamus_ownership::SharedFence>,
     /// Who may reach a device (`[sip.inbound]`).
     pub inbound: inbound::InboundPolicy,
     /// Where finished calls' records go (none: no call records).
@@ -124,6 +128,7 @@ impl Bridge {
             metrics,
             store,
             replicator,
+            fence,
             inbound,
             records,
         } = deps;
@@ -154,6 +159,7 @@ impl Bridge {
             registrar,
             store,
             replicator,
+            fence,
             records,
             inbound: std::sync::RwLock::new(Arc::new(inbound)),
             devices: std::sync::RwLock::new(Arc::new(devices)),
@@ -237,6 +243,41 @@ impl Bridge {
             asked += 1;
         }
         asked
+    }
+
+    /// Reads the stored record of every dialog this node holds and drops, without a BYE, the
+    /// calls whose dialog another node now owns or ended: what a node does when it learns it
+    /// was out of the live set (frozen, or cut off), since survivors may have taken some of its
+    /// dialogs over meanwhile. A record the store does not have, or cannot read in time, is
+    /// kept. Returns (dialogs checked, calls dropped).
+    pub async fn verify_ownership(&self) -> (usize, usize) {
+        let Some(store) = self.inner.store.clone() else {
+            return (0, 0);
+        };
+        let held: Vec<(DialogKey, call::core::CallKey)> = self
+            .inner
+            .by_dialog
+            .iter()
+            .map(|e| (dialogs::key_of_dialog(e.key()), e.value().clone()))
+            .collect();
+        let mut dropped = 0;
+        for (key, call) in &held {
+            let read =
+                tokio::time::timeout(self.inner.config.takeover_timeout, store.get(key)).await;
+            let Ok(Ok(Some(record))) = read else {
+                continue;
+            };
+            if record.is_live() && record.owner == self.inner.config.node_id {
+                continue;
+            }
+            if let Some(handle) = self.inner.calls.get(call) {
+                tracing::info!(dialog = %key, owner = %record.owner, live = record.is_live(),
+                    "a dialog this node held was taken over (or ended) elsewhere while it was out: dropping it here");
+                handle.send(table::CallCommand::OwnershipLost);
+                dropped += 1;
+            }
+        }
+        (held.len(), dropped)
     }
 
     /// The user agent (to change its limits at a reload).

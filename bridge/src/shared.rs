@@ -52,6 +52,7 @@ pub(crate) struct BridgeInner {
     pub(crate) registrar: Option<registrar::Registrar>,
     pub(crate) store: Option<Arc<dyn DialogStore>>,
     pub(crate) replicator: Option<Arc<Replicator>>,
+    pub(crate) fence: Option<thalamus_ownership::SharedFence>,
     /// Where finished calls' records go (none: no call records).
     pub(crate) records: Option<Arc<dyn thalamus_cdr::CallRecords>>,
     /// Who may reach a device (replaced whole by a configuration reload).

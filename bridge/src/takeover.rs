@@ -3,13 +3,16 @@
 //!
 //! One procedure (`take_over`) serves every way in:
 //! - **UAS mode** (`unknown_dialog`), as in JAIN SIP HA: a request arrives for a dialog the
-//!   user agent does not hold. The record is read and claimed (compare-and-set on the owner
-//!   epoch: exactly one node wins), the SIP dialog is imported, a call is attached, and the
+//!   user agent does not hold. The record is read and, once its owner can no longer be acting
+//!   on it (the record names this node, the owner's lease lapsed, or a balancer says the owner
+//!   left the live set: the fencing rule of `thalamus_ownership::fence`; a takeover waits for
+//!   that at most the takeover timeout), claimed (compare-and-set on the owner epoch: exactly
+//!   one node wins), the SIP dialog is imported, a call is attached, and the
 //!   request is delivered again, so the call answers it (BYE 200, re-INVITE answered with this
 //!   node's media, INFO and MESSAGE 200). A request for an ended dialog (a tombstone) is
 //!   answered as the dialog's end: BYE 200 (a late retransmission of the BYE that ended it),
-//!   anything else 481. An unknown dialog is 481; a lost race or an unreachable store is 503
-//!   with `Retry-After` (the peer tries again, and the owner answers).
+//!   anything else 481. An unknown dialog is 481; a lost race, a live owner or an unreachable
+//!   store is 503 with `Retry-After` (the peer tries again, and the owner answers).
 //! - **UAC mode** ([`crate::Bridge::claim_dialog`],
 //!   [`crate::Bridge::hangup_dialog`], the admin endpoint): this node fetches a dialog
 //!   by id and sends its next request itself, with the CSeq and route set of the record.
@@ -52,7 +55,10 @@ use thalamus_telemetry::inc;
 pub const MAX_RESUME_DIALOGS: usize = 64;
 
 /// How often a watched call checks its owner's lease again before giving up.
-const MAX_LEASE_CHECKS: u32 = 8;
+const MAX_LEASE_CHECKS: u32 = 64;
+/// Longest sleep between those checks (a balancer may say the owner left before its lease
+/// ends).
+const LEASE_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 pub use crate::call::TakeoverTrigger as Trigger;
 
@@ -80,6 +86,10 @@ pub enum TakeoverError {
     /// This node has no dialog store.
     #[error("no dialog store on this node")]
     Disabled,
+    /// The owner's lease still runs and no balancer says it left the live set: it may still be
+    /// acting on the dialog, so it is not claimed from it.
+    #[error("the owner {0} is alive and holds the dialog")]
+    OwnerAlive(String),
 }
 
 impl TakeoverError {
@@ -92,6 +102,7 @@ impl TakeoverError {
             Self::Unavailable(_) => "unavailable",
             Self::Invalid(_) => "invalid",
             Self::Disabled => "disabled",
+            Self::OwnerAlive(_) => "owner_alive",
         }
     }
 
@@ -196,6 +207,7 @@ async fn take_over_locked(
             call.1, call.0
         )));
     }
+    owner_released(inner, store, &record).await?;
     let node_id = inner.config.node_id.clone();
     let claimed = bounded(
         inner,
@@ -242,6 +254,57 @@ async fn take_over_locked(
     })
 }
 
+/// Waits, at most the takeover timeout, until the owner of `record` can no longer be acting on
+/// it (the fencing rule of `thalamus_ownership::fence`): the record names this node, the
+/// owner's lease lapsed, or a balancer says the owner left the live set. A live owner keeps
+/// its dialog: `OwnerAlive`.
+async fn owner_released(
+    inner: &BridgeInner,
+    store: &Arc<dyn DialogStore>,
+    record: &StoredDialog,
+) -> Result<(), TakeoverError> {
+    if record.owner == inner.config.node_id {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + inner.config.takeover_timeout;
+    loop {
+        if owner_gone(inner, &record.owner) {
+            return Ok(());
+        }
+        let left = bounded(
+            inner,
+            "reading the lease",
+            store.lease_remaining(&record.owner),
+        )
+        .await?;
+        let Some(left) = left else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(TakeoverError::OwnerAlive(record.owner.clone()));
+        }
+        // The next live-set report (a heartbeat interval) or the lease's end, whichever is
+        // first, at most the time left.
+        let wait = left
+            .min(OWNER_POLL)
+            .min(deadline.saturating_duration_since(now))
+            .max(Duration::from_millis(1));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// How often a takeover waiting for a live owner looks at the live set and the lease again.
+const OWNER_POLL: Duration = Duration::from_millis(100);
+
+/// Whether a balancer says `owner` left the live set.
+fn owner_gone(inner: &BridgeInner, owner: &str) -> bool {
+    let (Some(fence), Ok(owner)) = (&inner.fence, thalamus_ownership::NodeId::new(owner)) else {
+        return false;
+    };
+    fence.owner_gone(&owner, tokio::time::Instant::now().into_std())
+}
+
 /// UAS mode: a request for a dialog the user agent does not hold.
 pub(crate) async fn unknown_dialog(
     inner: Arc<BridgeInner>,
@@ -269,7 +332,11 @@ pub(crate) async fn unknown_dialog(
             // the dialog is over, as the BYE asks.
             let _ = ua.respond(tx, 200, None, None).await;
         }
-        Err(e @ (TakeoverError::LostRace { .. } | TakeoverError::Unavailable(_))) => {
+        Err(
+            e @ (TakeoverError::LostRace { .. }
+            | TakeoverError::Unavailable(_)
+            | TakeoverError::OwnerAlive(_)),
+        ) => {
             debug!(dialog = %key, error = %e, "takeover failed; 503");
             inc(&inner.metrics.sip_refused, "takeover_unavailable");
             let _ = ua
@@ -337,14 +404,15 @@ pub(crate) async fn resume_device(inner: Arc<BridgeInner>, device: &str) {
     }
 }
 
-/// How long the owner's lease still runs; `None` when it lapsed or the record names this node
-/// (which restarted). An unreadable lease counts as running for the takeover timeout.
+/// How long the owner's lease still runs; `None` when it lapsed, a balancer says the owner left
+/// the live set, or the record names this node (which restarted). An unreadable lease counts
+/// as running for the takeover timeout.
 async fn lease_left(
     inner: &BridgeInner,
     store: &Arc<dyn DialogStore>,
     record: &StoredDialog,
 ) -> Option<Duration> {
-    if record.owner == inner.config.node_id {
+    if record.owner == inner.config.node_id || owner_gone(inner, &record.owner) {
         return None;
     }
     match bounded(
@@ -369,7 +437,7 @@ async fn claim_when_lease_lapses(
         return;
     };
     for _ in 0..MAX_LEASE_CHECKS {
-        tokio::time::sleep(left + Duration::from_millis(20)).await;
+        tokio::time::sleep(left.min(LEASE_CHECK_EVERY) + Duration::from_millis(20)).await;
         let Some(record) = inner.watched.get(&call).map(|r| r.clone()) else {
             return; // taken over meanwhile, or ended
         };

@@ -280,6 +280,7 @@ fn heartbeats(out: &mut Out) -> Result<()> {
             cpu: 0.25,
         },
         ts_ms: 1_700_000_000_000,
+        pinned: Vec::new(),
     };
     out.write("heartbeat", "plain", &hb.encode(None))?;
     out.write(

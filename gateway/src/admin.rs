@@ -203,7 +203,7 @@ fn error_response(e: &TakeoverError) -> (StatusCode, Json<Value>) {
     let status = match e {
         TakeoverError::NotFound => StatusCode::NOT_FOUND,
         TakeoverError::Ended => StatusCode::GONE,
-        TakeoverError::LostRace { .. } => StatusCode::CONFLICT,
+        TakeoverError::LostRace { .. } | TakeoverError::OwnerAlive(_) => StatusCode::CONFLICT,
         TakeoverError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         TakeoverError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         TakeoverError::Disabled => StatusCode::NOT_IMPLEMENTED,

@@ -18,7 +18,7 @@ use thalamus_ownership::heartbeat::{
     check_fresh, new_session_id, unix_ms, Heartbeat, LiveSet, LiveSetReport, Load,
     HEARTBEAT_VERSION, MAX_REPORT_BYTES,
 };
-use thalamus_ownership::NodeId;
+use thalamus_ownership::{NodeId, SharedFence};
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -63,7 +63,16 @@ impl HeartbeatSenderConfig {
 
 struct SenderShared {
     draining: AtomicBool,
+    /// Draining while the node checks its dialogs after it was out of the live set.
+    recovering: AtomicBool,
     load: Mutex<Load>,
+    pinned: Mutex<Vec<u64>>,
+    /// Fed with what the balancers' reports say about this node.
+    fence: Option<SharedFence>,
+    /// Woken when the node learns it was out of the live set (or frozen): see
+    /// [`HeartbeatSender::out_of_live_set`].
+    out: Notify,
+    outs: AtomicU64,
     sent: AtomicU64,
     wake: Notify,
     live: Mutex<Option<LiveSet>>,
@@ -90,11 +99,24 @@ impl HeartbeatSender {
     /// Binds the sending socket and starts the task, with a new random session id. The first
     /// heartbeat goes out at once.
     pub async fn start(config: HeartbeatSenderConfig) -> std::io::Result<Self> {
+        Self::start_fenced(config, None).await
+    }
+
+    /// As [`HeartbeatSender::start`], feeding `fence` with every report a balancer answers.
+    pub async fn start_fenced(
+        config: HeartbeatSenderConfig,
+        fence: Option<SharedFence>,
+    ) -> std::io::Result<Self> {
         let socket = UdpSocket::bind(config.bind).await?;
         let session = new_session_id();
         let shared = Arc::new(SenderShared {
             draining: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
             load: Mutex::new(Load::default()),
+            pinned: Mutex::new(Vec::new()),
+            fence,
+            out: Notify::new(),
+            outs: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             wake: Notify::new(),
             live: Mutex::new(None),
@@ -122,6 +144,35 @@ impl HeartbeatSender {
     pub fn set_draining(&self, draining: bool) {
         if self.shared.draining.swap(draining, Ordering::Relaxed) != draining {
             self.shared.wake.notify_one();
+        }
+    }
+
+    /// Announces draining while the node checks its dialogs (on top of [`Self::set_draining`]):
+    /// it takes no new calls until it knows which dialogs are still its own.
+    pub fn set_recovering(&self, recovering: bool) {
+        if self.shared.recovering.swap(recovering, Ordering::Relaxed) != recovering {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Waits until the node learns that it was out of the balancers' live set: a report that
+    /// does not list it, or a heartbeat loop that woke up much later than its interval (the
+    /// process was frozen, or starved). Survivors may have taken some of its dialogs meanwhile.
+    pub async fn out_of_live_set(&self) {
+        self.shared.out.notified().await;
+    }
+
+    /// Times the node learned it was out of the live set.
+    pub fn outs(&self) -> u64 {
+        self.shared.outs.load(Ordering::Relaxed)
+    }
+
+    /// The devices the next heartbeats pin to this node (at most
+    /// [`MAX_PINS`](thalamus_ownership::heartbeat::MAX_PINS); the rest are left out).
+    pub fn set_pinned(&self, mut pinned: Vec<u64>) {
+        pinned.truncate(thalamus_ownership::heartbeat::MAX_PINS);
+        if let Ok(mut p) = self.shared.pinned.lock() {
+            *p = pinned;
         }
     }
 
@@ -155,9 +206,14 @@ impl HeartbeatSender {
         self.shared.reports.load(Ordering::Relaxed)
     }
 
-    /// Whether the node announces draining.
+    /// Whether the node announces draining (set by the operator).
     pub fn draining(&self) -> bool {
         self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node announces draining while it checks its dialogs.
+    pub fn recovering(&self) -> bool {
+        self.shared.recovering.load(Ordering::Relaxed)
     }
 
     /// Stops sending (the balancers take the node out after their miss window).
@@ -187,6 +243,12 @@ async fn send_loop(
     let mut seq: u64 = 0;
     let mut last_ack: u64 = 0;
     let mut buf = vec![0u8; MAX_REPORT_BYTES + 1];
+    // When the recent heartbeats went out (by sequence number), for the fence; and when the
+    // loop last sent one (a much later wake-up means the process was frozen).
+    let mut sent_at: std::collections::VecDeque<(u64, std::time::Instant)> =
+        std::collections::VecDeque::with_capacity(SENT_MEMORY);
+    let mut last_send: Option<std::time::Instant> = None;
+    let frozen_after = config.interval * 2 + Duration::from_millis(500);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -194,13 +256,29 @@ async fn send_loop(
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
                     let datagram = buf.get(..n).unwrap_or_default();
-                    take_report(&shared, &config, &session, seq, &mut last_ack, datagram, from);
+                    let report = ReportContext { session: &session, seq, sent_at: &sent_at };
+                    take_report(&shared, &config, &report, &mut last_ack, datagram, from);
                 }
                 continue;
             }
         }
+        let now = tokio::time::Instant::now().into_std();
+        if last_send.is_some_and(|at| now.saturating_duration_since(at) > frozen_after) {
+            tracing::warn!(
+                silent_ms = u64::try_from(now.saturating_duration_since(last_send.unwrap_or(now)).as_millis()).unwrap_or(u64::MAX),
+                "the heartbeat loop woke up late (the process was frozen or starved): checking this node's dialogs"
+            );
+            shared.outs.fetch_add(1, Ordering::Relaxed);
+            shared.out.notify_one();
+        }
+        last_send = Some(now);
         seq += 1;
+        if sent_at.len() == SENT_MEMORY {
+            sent_at.pop_front();
+        }
+        sent_at.push_back((seq, now));
         let load = shared.load.lock().map(|l| *l).unwrap_or_default();
+        let pinned = shared.pinned.lock().map(|p| p.clone()).unwrap_or_default();
         let hb = Heartbeat {
             v: HEARTBEAT_VERSION,
             node: config.node.clone(),
@@ -208,9 +286,11 @@ async fn send_loop(
             seq,
             sip: config.sip,
             quic: config.quic,
-            draining: shared.draining.load(Ordering::Relaxed),
+            draining: shared.draining.load(Ordering::Relaxed)
+                || shared.recovering.load(Ordering::Relaxed),
             load,
             ts_ms: unix_ms(SystemTime::now()),
+            pinned,
         };
         let datagram = hb.encode(config.secret.as_deref());
         for balancer in &config.balancers {
@@ -224,17 +304,29 @@ async fn send_loop(
     }
 }
 
+/// Heartbeats whose sending time is remembered (a report acknowledging an older one does not
+/// feed the fence).
+const SENT_MEMORY: usize = 16;
+
+/// What a report is checked against: this session, the last sequence number sent, and when the
+/// recent heartbeats went out.
+struct ReportContext<'a> {
+    session: &'a str,
+    seq: u64,
+    sent_at: &'a std::collections::VecDeque<(u64, std::time::Instant)>,
+}
+
 /// Keeps a balancer's report when it answers this session's heartbeat and is not older than
-/// the last one kept.
+/// the last one kept, and feeds the fence with it.
 fn take_report(
     shared: &SenderShared,
     config: &HeartbeatSenderConfig,
-    session: &str,
-    seq: u64,
+    context: &ReportContext<'_>,
     last_ack: &mut u64,
     datagram: &[u8],
     from: SocketAddr,
 ) {
+    let (session, seq) = (context.session, context.seq);
     // The report must name this node's current session (random, 128 bits) and, with a
     // secret, carry a valid MAC; its source address is not checked, as a balancer bound to a
     // wildcard may answer from another of its addresses.
@@ -255,6 +347,29 @@ fn take_report(
             return;
         }
     }
+    let now = tokio::time::Instant::now().into_std();
+    if let Some(fence) = &shared.fence {
+        if let Some(&(_, sent)) = context.sent_at.iter().find(|(s, _)| *s == report.ack) {
+            fence.with(|f| {
+                f.report(
+                    from,
+                    sent,
+                    report.alive.clone(),
+                    Duration::from_millis(report.silence_ms),
+                    Duration::from_millis(report.up_ms),
+                    now,
+                )
+            });
+        }
+    }
+    // A balancer that answers without listing this node took it out (it was frozen, or cut
+    // off): it is back in after a few heartbeats, but survivors may hold some of its dialogs.
+    // (A balancer of an older release says nothing of who is alive: no silence window.)
+    let says_alive = report.silence_ms > 0;
+    if says_alive && !report.alive.contains(&config.node) {
+        shared.outs.fetch_add(1, Ordering::Relaxed);
+        shared.out.notify_one();
+    }
     // Reports of one heartbeat from several balancers are all taken; older ones are not.
     if report.ack < *last_ack {
         return;
@@ -262,9 +377,10 @@ fn take_report(
     *last_ack = report.ack;
     if let Ok(mut live) = shared.live.lock() {
         *live = Some(LiveSet {
-            received: tokio::time::Instant::now().into_std(),
+            received: now,
             from,
             eligible: report.eligible,
+            alive: says_alive.then_some(report.alive),
         });
     }
     shared.reports.fetch_add(1, Ordering::Relaxed);
@@ -289,6 +405,9 @@ mod tests {
                 })
                 .collect(),
             ts_ms: unix_ms(SystemTime::now()),
+            alive: Vec::new(),
+            silence_ms: 0,
+            up_ms: 0,
         }
     }
 

@@ -207,6 +207,7 @@ impl GatewayNode {
                 metrics: bridge_metrics,
                 store: Some(cluster.store()),
                 replicator: cluster.replicator(),
+                fence: cluster.fence(),
                 inbound: config
                     .inbound_policy()
                     .map_err(|e| StartError::Sip(e.to_string()))?,
@@ -250,6 +251,12 @@ impl GatewayNode {
             "Admin requests refused, by reason (no_token, bad_token, cross_site)",
             admin_refused.clone(),
         );
+        let recoveries = prometheus_client::metrics::counter::Counter::default();
+        metrics_registry.registry_mut().register(
+            "live_set_recoveries",
+            "Times this node found it had been out of the balancers' live set (frozen or cut off) and checked its device sessions and dialogs before taking calls again",
+            recoveries.clone(),
+        );
         let metrics = Arc::new(metrics_registry);
         let shared = Arc::new(NodeShared {
             node_id: config.node.id.clone(),
@@ -263,6 +270,7 @@ impl GatewayNode {
             redirect_max_age,
             draining: AtomicBool::new(false),
             store_up: cluster.store_up(),
+            recoveries,
         });
         let fingerprint = ingress.fingerprint.clone();
         let generated_cert = ingress.generated_cert;
@@ -276,7 +284,7 @@ impl GatewayNode {
             metrics: ingress_metrics,
         });
         let shutdown = CancellationToken::new();
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(rereplicate_when_the_store_is_back(
                 cluster.store_up(),
                 shared.bridge.clone(),
@@ -293,6 +301,13 @@ impl GatewayNode {
                 shutdown.clone(),
             )),
         ];
+        if let Some(hb) = shared.heartbeats.clone() {
+            tasks.push(tokio::spawn(recover_when_out_of_the_live_set(
+                hb,
+                shared.clone(),
+                shutdown.clone(),
+            )));
+        }
         info!(%quic_addr, %admin_addr, node = %shared.node_id, "gateway node started");
         let running = std::sync::Mutex::new(config);
         let fingerprint_now = fingerprint.clone();
@@ -522,6 +537,57 @@ fn load_or_create_token(path: &std::path::Path) -> std::io::Result<(String, bool
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     std::io::Write::write_all(&mut options.open(path)?, token.as_bytes())?;
     Ok((token, true))
+}
+
+/// How long a device has to answer the probe a node sends after it was out of the live set.
+const RECOVERY_PROBE: Duration = Duration::from_secs(1);
+
+/// When the node learns it was out of the balancers' live set (a report that does not list it,
+/// or a heartbeat loop that woke up late: the process was frozen), survivors may have taken
+/// some of its devices and dialogs meanwhile. The node announces draining (no new calls) while
+/// it probes every device session (a device that moved elsewhere does not answer, and its
+/// session closes) and reads the record of every dialog it holds (one another node took over
+/// or ended is dropped here without a BYE); then it takes calls again.
+async fn recover_when_out_of_the_live_set(
+    hb: Arc<crate::heartbeat::HeartbeatSender>,
+    node: Arc<NodeShared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = hb.out_of_live_set() => {}
+        }
+        hb.set_recovering(true);
+        let started = tokio::time::Instant::now();
+        let mut probed = 0usize;
+        for device in node.sessions.device_ids() {
+            if let Some(handle) = node.sessions.get(&device) {
+                if handle
+                    .commands
+                    .try_send(thalamus_ingress::SessionCommand::Probe(RECOVERY_PROBE))
+                    .is_ok()
+                {
+                    probed += 1;
+                }
+            }
+        }
+        let (checked, dropped) = node.bridge.verify_ownership().await;
+        // The probes' answers (or their time running out) before new calls come.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(started + RECOVERY_PROBE + Duration::from_millis(100)) => {}
+        }
+        node.count_recovery();
+        hb.set_recovering(false);
+        warn!(
+            probed,
+            checked,
+            dropped,
+            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "this node was out of the live set: device sessions probed, dialogs taken over elsewhere dropped; taking calls again"
+        );
+    }
 }
 
 /// When the dialog store answers again after an outage, every confirmed call this node holds

@@ -45,9 +45,16 @@ pub struct NodeShared {
     pub(crate) draining: AtomicBool,
     /// Whether the dialog store answers (the cluster layer's probe).
     pub(crate) store_up: tokio::sync::watch::Receiver<bool>,
+    /// Times the node found it was out of the live set and checked its sessions and dialogs.
+    pub(crate) recoveries: prometheus_client::metrics::counter::Counter,
 }
 
 impl NodeShared {
+    /// Counts one recovery (see `recover_when_out_of_the_live_set`).
+    pub(crate) fn count_recovery(&self) {
+        self.recoveries.inc();
+    }
+
     /// The live set the balancers last reported, when redirects are on and a report arrived
     /// within the balancers' miss window (a report answers every heartbeat; none for 3.5
     /// intervals means no balancer hears this node).

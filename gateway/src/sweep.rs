@@ -107,30 +107,48 @@ pub(crate) async fn ownership_sweep(
         let Some(live) = node.fresh_live_set() else {
             // Logins meanwhile are served here without a redirect: look at all again later.
             settled_under = None;
+            set_pins(&node, Vec::new());
             continue;
         };
+        // A live set that says this node is down (it was frozen or cut off, and is not back
+        // in yet), or one it is recovering under, moves nobody: the node checks its sessions
+        // first (see `recover_when_out_of_the_live_set`).
+        let me = thalamus_ownership::NodeId::new(&node.node_id).ok();
+        let recovering = node.heartbeats.as_ref().is_some_and(|hb| hb.recovering());
+        if recovering || me.is_some_and(|me| live.says_down(&me)) {
+            settled_under = None;
+            continue;
+        }
         // Nothing to do while the live set is the one every device was last found settled
-        // under (a login meanwhile is redirected by `redirect_for`).
+        // under (a login meanwhile is redirected by `redirect_for`). Settled means no device
+        // owned elsewhere is kept here, so nothing is pinned either.
         if settled_under.as_ref() == Some(&live.eligible) {
             continue;
         }
         let mut moved = 0;
         let mut unsettled = false;
+        // Devices owned elsewhere whose session stays here for now: the balancers route their
+        // requests (new calls, in-dialog requests) here instead of to the owner.
+        let mut pins = Vec::new();
         for device in node.sessions.device_ids() {
+            let elsewhere = live
+                .owner(&device)
+                .is_some_and(|o| o.node.as_str() != node.node_id);
+            if !elsewhere {
+                continue;
+            }
+            if pins.len() < thalamus_ownership::heartbeat::MAX_PINS {
+                pins.push(thalamus_ownership::hash::key_hash(&device));
+            }
             if moved >= MOVES_PER_SWEEP {
                 unsettled = true;
-                break;
+                continue;
             }
             let Some(handle) = node.sessions.get(&device) else {
                 continue;
             };
             if told.contains(&handle.connection_id) {
-                continue;
-            }
-            let elsewhere = live
-                .owner(&device)
-                .is_some_and(|o| o.node.as_str() != node.node_id);
-            if !elsewhere {
+                unsettled = true;
                 continue;
             }
             // Owned elsewhere but kept here for now (a call in progress): look again later.
@@ -150,11 +168,19 @@ pub(crate) async fn ownership_sweep(
                 unsettled = true;
             }
         }
+        set_pins(&node, pins);
         settled_under = (!unsettled).then(|| live.eligible.clone());
         // Bounded: forget connections that are gone.
         if told.len() > node.sessions.len().saturating_mul(2).max(1024) {
             told.clear();
         }
+    }
+}
+
+/// The devices the next heartbeats pin here.
+fn set_pins(node: &NodeShared, pins: Vec<u64>) {
+    if let Some(hb) = &node.heartbeats {
+        hb.set_pinned(pins);
     }
 }
 

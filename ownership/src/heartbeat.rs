@@ -24,8 +24,10 @@ use sha2::Sha256;
 
 /// Version of the heartbeat format.
 pub const HEARTBEAT_VERSION: u32 = 1;
-/// Largest heartbeat datagram accepted, in bytes.
-pub const MAX_HEARTBEAT_BYTES: usize = 2048;
+/// Largest heartbeat datagram accepted, in bytes (room for [`MAX_PINS`] pins).
+pub const MAX_HEARTBEAT_BYTES: usize = 16 * 1024;
+/// Most device pins one heartbeat carries (see [`Heartbeat::pinned`]).
+pub const MAX_PINS: usize = 640;
 /// Longest session id, in bytes.
 pub const MAX_SESSION_ID_LEN: usize = 64;
 /// Largest live-set report datagram, in bytes (256 nodes with long ids fit).
@@ -74,6 +76,13 @@ pub struct Heartbeat {
     /// recorded heartbeat cannot be replayed later.
     #[serde(default)]
     pub ts_ms: u64,
+    /// Devices whose session (and calls) this node keeps although another node owns them by
+    /// the rendezvous hash, as [`key_hash`](crate::hash::key_hash)es of their ids: a device
+    /// that moved here when its owner died and still has a call here when the owner is back.
+    /// A balancer routes requests for these devices (new calls and in-dialog requests alike)
+    /// here instead of to the owner. At most [`MAX_PINS`]; absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<u64>,
 }
 
 /// Why a heartbeat datagram was rejected.
@@ -153,6 +162,9 @@ impl Heartbeat {
         if !hb.load.cpu.is_finite() || hb.load.cpu < 0.0 {
             return Err(HeartbeatError::Malformed("load.cpu".into()));
         }
+        if hb.pinned.len() > MAX_PINS {
+            return Err(HeartbeatError::Malformed("too many pinned devices".into()));
+        }
         Ok(hb)
     }
 }
@@ -227,6 +239,16 @@ pub struct LiveSetReport {
     /// When it was sent: Unix time in milliseconds (0 from a balancer that does not say).
     #[serde(default)]
     pub ts_ms: u64,
+    /// Every node the balancer holds up, draining ones included (the fence's live set).
+    #[serde(default)]
+    pub alive: Vec<NodeId>,
+    /// The silence after which the balancer takes a node out, in ms (0: not said).
+    #[serde(default)]
+    pub silence_ms: u64,
+    /// How long the balancer has been running, in ms (a balancer up for less than its silence
+    /// window does not know all its members yet).
+    #[serde(default)]
+    pub up_ms: u64,
 }
 
 /// Checks a timestamp (`ts_ms`, Unix milliseconds) against the receiver's clock (`now_ms`):
@@ -276,9 +298,20 @@ pub struct LiveSet {
     pub from: SocketAddr,
     /// The nodes eligible for new work.
     pub eligible: Vec<LiveNode>,
+    /// Every node the balancer holds up, draining ones included (`None` from a balancer of an
+    /// older release, which does not say).
+    pub alive: Option<Vec<NodeId>>,
 }
 
 impl LiveSet {
+    /// Whether the balancer said `node` is not up (it took the node out). `false` when the
+    /// balancer does not say.
+    pub fn says_down(&self, node: &NodeId) -> bool {
+        self.alive
+            .as_ref()
+            .is_some_and(|alive| !alive.contains(node))
+    }
+
     /// The owner of `key` (a device id) among the eligible nodes.
     pub fn owner(&self, key: &str) -> Option<&LiveNode> {
         let id = crate::hash::owner(key, self.eligible.iter().map(|n| &n.node))?;
@@ -319,6 +352,7 @@ mod tests {
                 cpu: 0.5,
             },
             ts_ms: 1_800_000_000_000,
+            pinned: Vec::new(),
         }
     }
 
@@ -435,6 +469,9 @@ mod tests {
                 })
                 .collect(),
             ts_ms: 0,
+            alive: Vec::new(),
+            silence_ms: 0,
+            up_ms: 0,
         }
     }
 
@@ -466,6 +503,7 @@ mod tests {
             received: Instant::now(),
             from: "127.0.0.1:5070".parse().unwrap(),
             eligible: r.eligible.clone(),
+            alive: None,
         };
         let ids: Vec<NodeId> = r.eligible.iter().map(|n| n.node.clone()).collect();
         for i in 0..200 {

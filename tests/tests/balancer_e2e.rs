@@ -678,6 +678,7 @@ async fn forged_and_replayed_heartbeats_change_nothing_while_calls_go_on() {
         draining: false,
         load: Load::default(),
         ts_ms,
+        pinned: Vec::new(),
     };
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         (

@@ -11,12 +11,14 @@
 //! * A top Route naming us is removed (16.4; a strict router's Request-URI naming us is fixed
 //!   too). Its `node`, `ns` (session tag) and `kh` (key hash) parameters, stamped by us in the
 //!   Record-Route of the initial request, say where the dialog lives.
-//! * In-dialog (To tag, or our Route with `node`): to the named node while it is up with the same
-//!   session; otherwise by the hash over the eligible nodes (the clustered stack takes the
-//!   dialog over there).
+//! * In-dialog (To tag, or our Route with `node`): to the node that pins the dialog's key (a
+//!   device whose session stayed on another node than its owner, see `Heartbeat::pinned`);
+//!   else to the named node while it is up with the same session; otherwise by the hash over
+//!   the eligible nodes (the clustered stack takes the dialog over there).
 //! * Initial requests to devices (Request-URI host is the gateway domain, the balancer or a
-//!   node): to the rendezvous owner of the routing key among the eligible (up, not draining)
-//!   nodes. Dialog-creating ones get our Record-Route `;lr;node=..;ns=..;kh=..`. No node: 503.
+//!   node): to the eligible node that pins the routing key, else to the rendezvous owner of
+//!   the key among the eligible (up, not draining) nodes. Dialog-creating ones get our
+//!   Record-Route `;lr;node=..;ns=..;kh=..`. No node: 503.
 //! * Requests from a node to elsewhere are forwarded by their next Route or Request-URI, with our
 //!   Record-Route (naming the sending node) on dialog-creating ones.
 //! * CANCEL and ACK have no dialog parameters of their own when they follow a non-2xx: they
@@ -339,6 +341,13 @@ impl BalancerCore {
     }
 
     fn pick(&self, key_hash: u64, in_dialog: bool) -> Target {
+        // A device whose session (and calls) stayed on another node than its owner, e.g. after
+        // the owner came back: its requests go where the session is.
+        if let Some(node) = self.membership.pinned(key_hash) {
+            if in_dialog || node.eligible() {
+                return Target::Node(node.id.clone());
+            }
+        }
         let found = owner_by_hash(key_hash, self.membership.eligible()).or_else(|| {
             if in_dialog {
                 // Only draining nodes left: better one of them than nothing for a dialog.
@@ -427,11 +436,17 @@ impl BalancerCore {
             (Some(n), None) => {
                 let same_session =
                     |e: &NodeEntry| dialog.session_tag.is_none_or(|t| t == e.session_tag);
-                match self.membership.node(n) {
-                    Some(e) if self.membership.is_alive(n) && same_session(e) => {
-                        Target::Node(n.clone())
+                // A device pinned to a node keeps its session and its calls there (it moved
+                // while its node was away, and still has a call): that node holds the dialog.
+                if let Some(pinned) = self.membership.pinned(kh) {
+                    Target::Node(pinned.id.clone())
+                } else {
+                    match self.membership.node(n) {
+                        Some(e) if self.membership.is_alive(n) && same_session(e) => {
+                            Target::Node(n.clone())
+                        }
+                        _ => self.pick(kh, true),
                     }
-                    _ => self.pick(kh, true),
                 }
             }
             (_, Some(_)) => {

@@ -29,6 +29,7 @@ fn heartbeat(i: u8, session: &str, seq: u64, draining: bool) -> Heartbeat {
         draining,
         load: Load::default(),
         ts_ms: 0,
+        pinned: Vec::new(),
     }
 }
 
@@ -573,6 +574,70 @@ fn draining_node_gets_no_new_calls_but_keeps_its_dialogs() {
     };
     assert_ne!(node, owner);
     assert_eq!(node, f.owner_of("earpiece-17"));
+    let Decision::ToNode { node, .. } = f.route(&bye, client()) else {
+        panic!()
+    };
+    assert_eq!(node, owner);
+}
+
+#[test]
+fn a_pinned_device_is_reached_where_its_session_is_for_new_calls_and_its_dialogs() {
+    let mut f = Fixture::new(3);
+    let owner = f.owner_of("earpiece-17");
+    let keeper = ["n1", "n2", "n3"]
+        .into_iter()
+        .map(id)
+        .find(|n| *n != owner)
+        .unwrap();
+    let k: u8 = keeper.as_str()[1..].parse().unwrap();
+    // A dialog stamped by the owner (it handled the INVITE before it went away and came back).
+    let bye = in_dialog_bye(&params(&f, owner.as_str(), "earpiece-17"));
+    let pin = |f: &mut Fixture, seq: u64, pins: Vec<u64>| {
+        let hb = Heartbeat {
+            pinned: pins,
+            ..heartbeat(k, "s1", seq, false)
+        };
+        f.core
+            .membership_mut()
+            .heartbeat(&hb, node_addr(k), f.t0)
+            .unwrap();
+    };
+    pin(&mut f, 2, vec![key_hash("earpiece-17")]);
+    // The device's session is on the keeper: new calls and the dialog's requests go there,
+    // though the owner is up and the Route names it.
+    let Decision::ToNode { node, .. } = f.route(INVITE, client()) else {
+        panic!()
+    };
+    assert_eq!(node, keeper);
+    let Decision::ToNode { node, .. } = f.route(&bye, client()) else {
+        panic!()
+    };
+    assert_eq!(node, keeper);
+    // Other devices still go to their owners.
+    let other = key_not_owned_by(&f, keeper.as_str());
+    let Decision::ToNode { node, .. } = f.route(&invite_with(&other, "z9hG4bKo1"), client()) else {
+        panic!()
+    };
+    assert_eq!(node, f.owner_of(&other));
+    // A draining keeper gets no new call for it, but still its dialogs.
+    let hb = Heartbeat {
+        pinned: vec![key_hash("earpiece-17")],
+        ..heartbeat(k, "s1", 3, true)
+    };
+    f.core
+        .membership_mut()
+        .heartbeat(&hb, node_addr(k), f.t0)
+        .unwrap();
+    let Decision::ToNode { node, .. } = f.route(INVITE, client()) else {
+        panic!()
+    };
+    assert_eq!(node, owner);
+    let Decision::ToNode { node, .. } = f.route(&bye, client()) else {
+        panic!()
+    };
+    assert_eq!(node, keeper);
+    // Unpinned (the device moved to its owner once its call ended): back to the owner.
+    pin(&mut f, 4, Vec::new());
     let Decision::ToNode { node, .. } = f.route(&bye, client()) else {
         panic!()
     };

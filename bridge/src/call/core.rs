@@ -124,9 +124,21 @@ pub enum WriteAhead {
     Written,
     /// Another node owns the dialog: do not send it.
     Lost,
-    /// Not written in time, or the store failed: send it anyway.
+    /// Not written in time, or the store failed, while this node's fence says no other node
+    /// can have claimed the dialog: send it anyway.
     Failed,
+    /// Not written, and this node cannot be sure no other node claimed the dialog (its lease
+    /// or its place in the live set is unconfirmed): do not send it. Hold and DTMF are refused
+    /// (the device may try again); a BYE is tried again every second, and the call is given up
+    /// here without one after [`MAX_FENCED_TRIES`].
+    Fenced,
 }
+
+/// Write-aheads of a BYE tried while fenced before the call is given up here (its record stays
+/// for whichever node holds the dialog).
+pub const MAX_FENCED_TRIES: u32 = 30;
+/// Time between those tries.
+pub const FENCED_RETRY: Duration = Duration::from_secs(1);
 
 /// What happened to a request the core sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -309,6 +321,13 @@ enum Stage {
     },
     /// Sent as this transaction.
     InFlight(TxId),
+    /// The write ahead was fenced: try it again at `retry_at` (the `tries`th try so far).
+    Fenced {
+        method: Method,
+        body: Option<(Bytes, MediaType)>,
+        retry_at: Instant,
+        tries: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -395,6 +414,8 @@ pub struct CallCore {
     ended: bool,
     replica: Replica,
     pending: Option<Pending>,
+    /// Fenced tries of the write ahead in progress.
+    fenced_tries: u32,
     /// Device commands that arrived while an operation was pending, in order.
     deferred: VecDeque<(u64, Body)>,
     /// A BYE the gateway decided on (a timeout) while another request was pending: sent when
@@ -496,6 +517,7 @@ impl CallCore {
             ended: false,
             replica: Replica::default(),
             pending: None,
+            fenced_tries: 0,
             deferred: VecDeque::new(),
             bye_after: None,
             next_tx: 1,
@@ -744,19 +766,51 @@ impl CallCore {
 
     /// The earliest instant at which [`CallCore::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match &self.phase {
+        let ringing = match &self.phase {
             Phase::Ringing {
                 deadline,
                 answering: None,
                 ..
             } if self.after_relay.is_none() => Some(*deadline),
             _ => None,
+        };
+        let fenced = match &self.pending {
+            Some(Pending {
+                stage: Stage::Fenced { retry_at, .. },
+                ..
+            }) => Some(*retry_at),
+            _ => None,
+        };
+        match (ringing, fenced) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    /// Runs the timers due at `now` (the no-answer time of a ringing call).
+    /// Runs the timers due at `now` (the no-answer time of a ringing call, the next try of a
+    /// fenced write ahead).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.tick(now);
+        if let Some(Pending {
+            op,
+            stage:
+                Stage::Fenced {
+                    method,
+                    body,
+                    retry_at,
+                    tries,
+                },
+        }) = self.pending.clone()
+        {
+            if now >= retry_at {
+                self.fenced_tries = tries;
+                self.pending = Some(Pending {
+                    op,
+                    stage: Stage::WriteAhead { method, body },
+                });
+                self.push(CallAction::WriteAhead(Box::new(self.facts())));
+            }
+        }
         if let Phase::Ringing {
             tx,
             deadline,
@@ -827,7 +881,7 @@ impl CallCore {
                     self.start_bye(EndReason::Failed);
                 }
             }
-            CallInput::WriteAheadDone(result) => self.write_ahead_done(result),
+            CallInput::WriteAheadDone(result) => self.write_ahead_done(Some(now), result),
             CallInput::MediaTimeout => {
                 if self.phase == Phase::Up {
                     self.start_bye(EndReason::MediaTimeout);
@@ -1521,7 +1575,7 @@ impl CallCore {
                 op,
                 stage: Stage::WriteAhead { method, body },
             });
-            self.write_ahead_done(WriteAhead::Lost);
+            self.write_ahead_done(self.record.now, WriteAhead::Lost);
             return;
         }
         self.send_request(op, method, body);
@@ -1544,7 +1598,7 @@ impl CallCore {
         });
     }
 
-    fn write_ahead_done(&mut self, result: WriteAhead) {
+    fn write_ahead_done(&mut self, now: Option<Instant>, result: WriteAhead) {
         let Some(Pending {
             op,
             stage: Stage::WriteAhead { method, body },
@@ -1552,6 +1606,47 @@ impl CallCore {
         else {
             return;
         };
+        let tries = std::mem::take(&mut self.fenced_tries);
+        if result == WriteAhead::Fenced {
+            match op {
+                Op::Hold { request_id, .. } | Op::Info { request_id } => {
+                    self.reply_error(
+                        request_id,
+                        "this node cannot confirm that it still holds the call: try again",
+                    );
+                    self.run_deferred();
+                }
+                Op::MediaReinvite => self.run_deferred(),
+                Op::Bye { .. } => match now {
+                    Some(now) if tries + 1 < MAX_FENCED_TRIES => {
+                        self.pending = Some(Pending {
+                            op,
+                            stage: Stage::Fenced {
+                                method,
+                                body,
+                                retry_at: now + FENCED_RETRY,
+                                tries: tries + 1,
+                            },
+                        });
+                    }
+                    _ => {
+                        // Given up here without a BYE: the record stays for the node that
+                        // holds the dialog now (or takes it over), which ends it.
+                        self.push(CallAction::Note(
+                            "fenced too long: the call is given up here without a BYE",
+                        ));
+                        self.replica.lost = true;
+                        self.event(ended_by(
+                            self.key.1,
+                            EndReason::NodeFailover,
+                            "this node could not confirm that it still holds the call",
+                        ));
+                        self.close();
+                    }
+                },
+            }
+            return;
+        }
         if result != WriteAhead::Lost {
             self.send_request(op, method, body);
             return;

@@ -517,6 +517,30 @@ impl Driver {
     /// Writes the local CSeq the next in-dialog request will use, waiting up to the write-ahead
     /// timeout.
     async fn write_ahead(&mut self, facts: &CallFacts) -> WriteAhead {
+        let result = self.write_ahead_once(facts).await;
+        if result != WriteAhead::Failed {
+            return result;
+        }
+        // Not confirmed: sent anyway only while no other node can have claimed the dialog.
+        let metrics = &self.inner.metrics.write_ahead;
+        match &self.inner.fence {
+            Some(fence) => match fence.may_act(tokio::time::Instant::now().into_std()) {
+                Ok(()) => WriteAhead::Failed,
+                Err(why) => {
+                    inc(metrics, "fenced");
+                    info!(why = %why, "the write ahead failed and this node is fenced: not sending");
+                    WriteAhead::Fenced
+                }
+            },
+            None => {
+                inc(metrics, "fenced");
+                WriteAhead::Fenced
+            }
+        }
+    }
+
+    /// One try of the write ahead: written, lost, or failed (timeout, store error).
+    async fn write_ahead_once(&mut self, facts: &CallFacts) -> WriteAhead {
         let (Some(replicator), Some(dialog)) =
             (self.inner.replicator.clone(), self.core.dialog().cloned())
         else {

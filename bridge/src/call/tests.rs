@@ -904,6 +904,91 @@ fn a_write_ahead_conflict_or_a_conflict_notice_drops_the_call_without_bye() {
 }
 
 /// A record another node wrote: an answered call whose local SDP named the old node's relay.
+#[test]
+fn a_fenced_node_holds_its_bye_until_it_may_act_and_refuses_dtmf_meanwhile() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, false, "sendrecv"));
+    core.handle(t0, CallInput::Device(3, hangup()));
+    assert!(matches!(
+        drain(&mut core).as_slice(),
+        [CallAction::WriteAhead(_)]
+    ));
+    // The write failed and the fence says another node may hold the dialog: nothing is sent,
+    // the call is not over, and the write is tried again a second later.
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Fenced));
+    let a = drain(&mut core);
+    assert!(sent_in_dialog(&a).is_empty(), "{a:?}");
+    assert!(ended(&a).is_empty() && closed(&a).is_none(), "{a:?}");
+    assert_eq!(core.poll_timeout(), Some(t0 + FENCED_RETRY));
+    // Meanwhile a DTMF waits behind the BYE (one request at a time) and nothing goes out early.
+    core.handle_timeout(t0 + FENCED_RETRY - Duration::from_millis(1));
+    assert!(drain(&mut core).is_empty());
+    let t1 = t0 + FENCED_RETRY;
+    core.handle_timeout(t1);
+    assert!(matches!(
+        drain(&mut core).as_slice(),
+        [CallAction::WriteAhead(_)]
+    ));
+    // The store answers again: the BYE goes out, and the call ends as usual (with a tombstone).
+    core.handle(t1, CallInput::WriteAheadDone(WriteAhead::Written));
+    let a = drain(&mut core);
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye.len(), 1);
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(t1, CallInput::Client(bye[0].0, response(200, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(ended(&a).len(), 1);
+    assert_eq!(closed(&a), Some(true));
+
+    // A DTMF by INFO while fenced is refused (the device may try again); the call goes on.
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, false, "sendrecv"));
+    core.handle(
+        t0,
+        CallInput::Device(
+            4,
+            Body::Dtmf(Dtmf {
+                call_ref: 7,
+                digit: "1".into(),
+                duration_ms: 100,
+            }),
+        ),
+    );
+    drain(&mut core);
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Fenced));
+    let a = drain(&mut core);
+    assert_eq!(errors(&a).len(), 1, "{a:?}");
+    assert!(sent_in_dialog(&a).is_empty() && closed(&a).is_none());
+    assert_eq!(core.poll_timeout(), None);
+}
+
+#[test]
+fn a_node_fenced_for_too_long_gives_the_call_up_without_a_bye_or_a_tombstone() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, false, "sendrecv"));
+    core.handle(t0, CallInput::Device(3, hangup()));
+    drain(&mut core);
+    let mut now = t0;
+    for attempt in 1..=MAX_FENCED_TRIES {
+        core.handle(now, CallInput::WriteAheadDone(WriteAhead::Fenced));
+        let a = drain(&mut core);
+        assert!(sent_in_dialog(&a).is_empty());
+        if attempt < MAX_FENCED_TRIES {
+            assert!(closed(&a).is_none(), "closed after {attempt} tries");
+            now += FENCED_RETRY;
+            core.handle_timeout(now);
+            assert!(matches!(
+                drain(&mut core).as_slice(),
+                [CallAction::WriteAhead(_)]
+            ));
+        } else {
+            // The record stays for whichever node holds the dialog: no tombstone.
+            assert_eq!(closed(&a), Some(false), "{a:?}");
+            assert_eq!(ended(&a)[0].end_reason, EndReason::NodeFailover as i32);
+        }
+    }
+    assert!(core.is_closed());
+}
+
 fn stored(held: bool) -> StoredDialog {
     let mut record = StoredDialog::new(
         DialogKey::new("call-1", "local", "remote"),

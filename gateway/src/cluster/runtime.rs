@@ -19,7 +19,7 @@ use super::config::ClusterConfig;
 use crate::heartbeat::{HeartbeatSender, HeartbeatSenderConfig};
 use thalamus_dialog_store::replicator::Replicator;
 use thalamus_dialog_store::{open_dialog_store, DialogStore, StoreError, SystemClock};
-use thalamus_ownership::NodeId;
+use thalamus_ownership::{Fence, NodeId, SharedFence};
 
 /// Why the cluster layer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,9 @@ pub struct ClusterRuntime {
     store: Arc<dyn DialogStore>,
     replicator: Option<Arc<Replicator>>,
     heartbeats: Option<std::sync::Arc<HeartbeatSender>>,
+    /// What the lease renewals and the balancers' reports say about this node's right to act
+    /// on its dialogs without a confirmed write (`None` when replication is off).
+    fence: Option<SharedFence>,
     lease_task: Option<JoinHandle<()>>,
     /// Whether the store answered its last probe (true until the first probe says otherwise).
     store_up: tokio::sync::watch::Receiver<bool>,
@@ -71,11 +74,31 @@ impl ClusterRuntime {
         let replicator = config
             .replicator()
             .map(|c| Arc::new(Replicator::spawn(store.clone(), c)));
-        let lease_task = replicator.as_ref().map(|_| {
+        let fence = match &replicator {
+            Some(_) => {
+                let id = NodeId::new(node_id).map_err(|e| ClusterStartError::Config {
+                    key: "node.id",
+                    message: format!("not usable as a dialog owner: {e}"),
+                })?;
+                let balancers = config
+                    .heartbeat
+                    .as_ref()
+                    .map(|h| h.balancers.clone())
+                    .unwrap_or_default();
+                Some(SharedFence::new(Fence::new(
+                    id,
+                    config.lease_ttl(),
+                    balancers,
+                )))
+            }
+            None => None,
+        };
+        let lease_task = fence.clone().map(|fence| {
             tokio::spawn(renew_lease(
                 store.clone(),
                 node_id.to_string(),
                 config.lease_ttl(),
+                fence,
             ))
         });
         let (up_tx, store_up) = tokio::sync::watch::channel(true);
@@ -92,6 +115,7 @@ impl ClusterRuntime {
             store,
             replicator,
             heartbeats: None,
+            fence,
             lease_task,
             store_up,
             store_up_gauge,
@@ -128,7 +152,7 @@ impl ClusterRuntime {
             sender.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         }
         self.heartbeats = Some(std::sync::Arc::new(
-            HeartbeatSender::start(sender)
+            HeartbeatSender::start_fenced(sender, self.fence.clone())
                 .await
                 .map_err(ClusterStartError::Heartbeat)?,
         ));
@@ -153,6 +177,11 @@ impl ClusterRuntime {
     /// The replicator, `None` when replication is off.
     pub fn replicator(&self) -> Option<Arc<Replicator>> {
         self.replicator.clone()
+    }
+
+    /// The fence (see `thalamus_ownership::fence`), when replication is on.
+    pub fn fence(&self) -> Option<SharedFence> {
+        self.fence.clone()
     }
 
     /// The heartbeat sender, when heartbeats are configured.
@@ -201,15 +230,24 @@ impl Drop for ClusterRuntime {
     }
 }
 
-/// Renews the owner lease every third of its TTL, for as long as the node runs.
-async fn renew_lease(store: Arc<dyn DialogStore>, node_id: String, ttl: std::time::Duration) {
+/// Renews the owner lease every third of its TTL, for as long as the node runs, and tells the
+/// fence when each renewal was asked for once the store confirms it.
+async fn renew_lease(
+    store: Arc<dyn DialogStore>,
+    node_id: String,
+    ttl: std::time::Duration,
+    fence: SharedFence,
+) {
     let period = (ttl / 3).max(std::time::Duration::from_millis(10));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = store.renew_lease(&node_id, ttl).await {
-            warn!(error = %e, "owner lease not renewed");
+        let asked_at = tokio::time::Instant::now().into_std();
+        match tokio::time::timeout(ttl, store.renew_lease(&node_id, ttl)).await {
+            Ok(Ok(())) => fence.with(|f| f.lease_renewed(asked_at)),
+            Ok(Err(e)) => warn!(error = %e, "owner lease not renewed"),
+            Err(_) => warn!("owner lease not renewed: the store did not answer"),
         }
     }
 }

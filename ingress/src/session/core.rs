@@ -150,6 +150,9 @@ pub struct SessionCore {
     last_rx: Instant,
     next_ping: Option<Instant>,
     ping_nonce: u64,
+    /// A probe in progress: when it was sent, and when the session closes if nothing came
+    /// back since.
+    probe: Option<(Instant, Instant)>,
     /// When the next `ResumeToken` goes out (every third of the resume window while live).
     next_token: Option<Instant>,
     /// The wall clock at install: this instant was this many seconds since the Unix epoch
@@ -189,6 +192,7 @@ impl SessionCore {
             hello_deadline: now + timers.hello_timeout,
             last_rx: now,
             next_ping: None,
+            probe: None,
             ping_nonce: 0,
             next_token: None,
             wall: None,
@@ -494,6 +498,19 @@ impl SessionCore {
         }
     }
 
+    /// Pings the device at `now`; the session closes (as idle) if no frame arrives within
+    /// `within`. Only a live session is probed.
+    pub fn probe(&mut self, now: Instant, within: Duration) {
+        if self.state != SessionState::Live {
+            return;
+        }
+        self.ping_nonce = self.ping_nonce.wrapping_add(1);
+        let id = self.next_request_id();
+        let nonce = self.ping_nonce;
+        self.send(envelope(id, Body::Ping(Ping { nonce })));
+        self.probe = Some((now, now + within));
+    }
+
     /// Another login of the same device took over: say goodbye and close.
     pub fn replaced(&mut self) {
         self.goodbye(
@@ -534,6 +551,7 @@ impl SessionCore {
             SessionState::Authenticating | SessionState::Installing => None,
             SessionState::Live => {
                 let idle = self.last_rx + self.timers.idle_timeout;
+                let idle = self.probe.map_or(idle, |(_, until)| until.min(idle));
                 let next = self.next_ping.map_or(idle, |p| p.min(idle));
                 Some(self.next_token.map_or(next, |t| t.min(next)))
             }
@@ -561,6 +579,15 @@ impl SessionCore {
                     self.goodbye(GoodbyeReason::Idle, "no frames within the idle timeout");
                     self.close(close_code::IDLE, "idle");
                     return;
+                }
+                if let Some((sent, until)) = self.probe {
+                    if self.last_rx > sent {
+                        self.probe = None;
+                    } else if now >= until {
+                        self.goodbye(GoodbyeReason::Idle, "no answer to a probe");
+                        self.close(close_code::IDLE, "probe");
+                        return;
+                    }
                 }
                 if let Some(at) = self.next_ping {
                     if now >= at {
@@ -991,6 +1018,46 @@ mod tests {
                 Body::Pong(Pong { nonce: 42 })
             ))]
         );
+    }
+
+    #[test]
+    fn a_probe_closes_a_silent_session_and_spares_one_that_answers() {
+        let t0 = Instant::now();
+        let within = Duration::from_secs(1);
+        // Answered: the session lives on.
+        let mut core = live(t0);
+        core.probe(t0, within);
+        let acts = drain(&mut core);
+        assert!(matches!(
+            &acts[..],
+            [SessionAction::Send(Envelope {
+                body: Some(Body::Ping(_)),
+                ..
+            })]
+        ));
+        assert_eq!(core.poll_timeout(), Some(t0 + within));
+        let t1 = t0 + Duration::from_millis(300);
+        core.handle_frame(t1, Ok(envelope(0, Body::Pong(Pong { nonce: 1 }))));
+        core.handle_timeout(t0 + within);
+        assert!(!drain(&mut core)
+            .iter()
+            .any(|a| matches!(a, SessionAction::Close { .. })));
+        // Silent: closed when the probe's time is up, not before.
+        let mut core = live(t0);
+        core.probe(t0, within);
+        drain(&mut core);
+        core.handle_timeout(t0 + within - Duration::from_millis(1));
+        assert!(!drain(&mut core)
+            .iter()
+            .any(|a| matches!(a, SessionAction::Close { .. })));
+        core.handle_timeout(t0 + within);
+        assert!(drain(&mut core).iter().any(|a| matches!(
+            a,
+            SessionAction::Close {
+                reason: "probe",
+                ..
+            }
+        )));
     }
 
     #[test]

@@ -210,6 +210,7 @@ async fn drive(node: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
                 SessionCommand::Replaced => core.replaced(),
                 SessionCommand::Shutdown { draining } => core.shutdown(draining),
                 SessionCommand::Send(env) => core.queue(*env),
+                SessionCommand::Probe(within) => core.probe(Instant::now().into_std(), within),
             },
             _ = sleep_until(deadline) => {
                 core.handle_timeout(Instant::now().into_std());

@@ -27,6 +27,9 @@ pub enum SessionCommand {
     },
     /// Send this frame to the device (boxed: keeps the channel's slots small).
     Send(Box<Envelope>),
+    /// Ping the device now and close the session if nothing comes back within this long (the
+    /// node was frozen: the device may have given up on it and moved elsewhere).
+    Probe(std::time::Duration),
 }
 
 /// How to reach a live session.
