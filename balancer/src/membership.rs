@@ -184,6 +184,8 @@ pub struct NodeStatus {
     pub missed: u64,
     /// Heartbeats accepted.
     pub heartbeats: u64,
+    /// Devices the node keeps although another node owns them (its latest heartbeat's pins).
+    pub pinned: usize,
 }
 
 /// The session tag of a session id (8 hex digits in Record-Route).
@@ -454,6 +456,7 @@ impl Membership {
                 restarts: n.restarts,
                 missed: n.missed,
                 heartbeats: n.heartbeats,
+                pinned: n.pinned.len(),
             })
             .collect()
     }

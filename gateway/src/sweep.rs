@@ -127,21 +127,15 @@ pub(crate) async fn ownership_sweep(
         }
         let mut moved = 0;
         let mut unsettled = false;
-        // Devices owned elsewhere whose session stays here for now: the balancers route their
-        // requests (new calls, in-dialog requests) here instead of to the owner.
+        // Devices owned elsewhere whose session stays here for now (a call in progress): the
+        // balancers route their requests (new calls, in-dialog requests) here instead of to
+        // the owner. A device told to move is not pinned: it logs in at its owner next.
         let mut pins = Vec::new();
         for device in node.sessions.device_ids() {
             let elsewhere = live
                 .owner(&device)
                 .is_some_and(|o| o.node.as_str() != node.node_id);
             if !elsewhere {
-                continue;
-            }
-            if pins.len() < thalamus_ownership::heartbeat::MAX_PINS {
-                pins.push(thalamus_ownership::hash::key_hash(&device));
-            }
-            if moved >= MOVES_PER_SWEEP {
-                unsettled = true;
                 continue;
             }
             let Some(handle) = node.sessions.get(&device) else {
@@ -153,9 +147,16 @@ pub(crate) async fn ownership_sweep(
             }
             // Owned elsewhere but kept here for now (a call in progress): look again later.
             let Some(to) = node.owner_elsewhere(&live, &device) else {
+                if pins.len() < thalamus_ownership::heartbeat::MAX_PINS {
+                    pins.push(thalamus_ownership::hash::key_hash(&device));
+                }
                 unsettled = true;
                 continue;
             };
+            if moved >= MOVES_PER_SWEEP {
+                unsettled = true;
+                continue;
+            }
             if handle
                 .commands
                 .try_send(SessionCommand::Shutdown { draining: true })
