@@ -363,6 +363,10 @@ pub struct SipLimitsConfig {
     pub tcp_max_buffered_bytes: usize,
     /// Milliseconds to open an outbound SIP TCP connection.
     pub tcp_connect_timeout_ms: u32,
+    /// A UDP request that waited in the socket longer than this many milliseconds (the node was
+    /// frozen, or far behind) is dropped unanswered: its sender has retransmitted it by then,
+    /// maybe to another node. 0: never dropped.
+    pub max_request_age_ms: u32,
 }
 
 impl Default for SipLimitsConfig {
@@ -380,6 +384,7 @@ impl Default for SipLimitsConfig {
             tcp_message_timeout_ms: 10_000,
             tcp_max_buffered_bytes: transport.max_buffered_bytes,
             tcp_connect_timeout_ms: 5_000,
+            max_request_age_ms: 1_000,
         }
     }
 }
@@ -521,6 +526,12 @@ impl Config {
             return bad(
                 "sip.limits.max_tcp_connections",
                 "max_tcp_connections and max_tcp_connections_per_ip must be at least 1",
+            );
+        }
+        if limits.max_request_age_ms != 0 && limits.max_request_age_ms < 100 {
+            return bad(
+                "sip.limits.max_request_age_ms",
+                "must be 0 (off) or at least 100",
             );
         }
         if limits.tcp_message_timeout_ms < 100 {
@@ -779,6 +790,7 @@ impl Config {
                 message_timeout: Duration::from_millis(limits.tcp_message_timeout_ms.into()),
                 max_buffered_bytes: limits.tcp_max_buffered_bytes,
                 connect_timeout: Duration::from_millis(limits.tcp_connect_timeout_ms.into()),
+                max_request_age: Duration::from_millis(limits.max_request_age_ms.into()),
                 ..Default::default()
             },
             endpoint,

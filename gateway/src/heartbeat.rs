@@ -71,8 +71,7 @@ struct SenderShared {
     fence: Option<SharedFence>,
     /// Woken when the node learns it was out of the live set (or frozen): see
     /// [`HeartbeatSender::out_of_live_set`].
-    out: Notify,
-    outs: AtomicU64,
+    outs: tokio::sync::watch::Sender<u64>,
     sent: AtomicU64,
     wake: Notify,
     live: Mutex<Option<LiveSet>>,
@@ -115,8 +114,7 @@ impl HeartbeatSender {
             load: Mutex::new(Load::default()),
             pinned: Mutex::new(Vec::new()),
             fence,
-            out: Notify::new(),
-            outs: AtomicU64::new(0),
+            outs: tokio::sync::watch::Sender::new(0),
             sent: AtomicU64::new(0),
             wake: Notify::new(),
             live: Mutex::new(None),
@@ -155,16 +153,12 @@ impl HeartbeatSender {
         }
     }
 
-    /// Waits until the node learns that it was out of the balancers' live set: a report that
-    /// does not list it, or a heartbeat loop that woke up much later than its interval (the
+    /// Counts the times the node learned that it was out of the balancers' live set: a report
+    /// that does not list it, or a heartbeat loop that woke up much later than its interval (the
     /// process was frozen, or starved). Survivors may have taken some of its dialogs meanwhile.
-    pub async fn out_of_live_set(&self) {
-        self.shared.out.notified().await;
-    }
-
-    /// Times the node learned it was out of the live set.
-    pub fn outs(&self) -> u64 {
-        self.shared.outs.load(Ordering::Relaxed)
+    /// A receiver wakes at each change.
+    pub fn out_of_live_set(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.outs.subscribe()
     }
 
     /// The devices the next heartbeats pin to this node (at most
@@ -268,8 +262,7 @@ async fn send_loop(
                 silent_ms = u64::try_from(now.saturating_duration_since(last_send.unwrap_or(now)).as_millis()).unwrap_or(u64::MAX),
                 "the heartbeat loop woke up late (the process was frozen or starved): checking this node's dialogs"
             );
-            shared.outs.fetch_add(1, Ordering::Relaxed);
-            shared.out.notify_one();
+            shared.outs.send_modify(|n| *n += 1);
         }
         last_send = Some(now);
         seq += 1;
@@ -367,8 +360,7 @@ fn take_report(
     // (A balancer of an older release says nothing of who is alive: no silence window.)
     let says_alive = report.silence_ms > 0;
     if says_alive && !report.alive.contains(&config.node) {
-        shared.outs.fetch_add(1, Ordering::Relaxed);
-        shared.out.notify_one();
+        shared.outs.send_modify(|n| *n += 1);
     }
     // Reports of one heartbeat from several balancers are all taken; older ones are not.
     if report.ack < *last_ack {

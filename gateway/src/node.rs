@@ -544,22 +544,41 @@ const RECOVERY_PROBE: Duration = Duration::from_secs(1);
 
 /// When the node learns it was out of the balancers' live set (a report that does not list it,
 /// or a heartbeat loop that woke up late: the process was frozen), survivors may have taken
-/// some of its devices and dialogs meanwhile. The node announces draining (no new calls) while
-/// it probes every device session (a device that moved elsewhere does not answer, and its
-/// session closes) and reads the record of every dialog it holds (one another node took over
-/// or ended is dropped here without a BYE); then it takes calls again.
+/// some of its devices and dialogs meanwhile. The node announces draining (no new calls) and
+/// waits until a balancer lists it again (at most [`RECOVERY_LISTED_WAIT`]): from then on no
+/// survivor claims its dialogs. Then it probes every device session (a device that moved
+/// elsewhere does not answer, and its session closes) and reads the record of every dialog it
+/// holds (one another node took over or ended is dropped here without a BYE); then it takes
+/// calls again. The signs of the same absence that arrive meanwhile are part of this recovery.
 async fn recover_when_out_of_the_live_set(
     hb: Arc<crate::heartbeat::HeartbeatSender>,
     node: Arc<NodeShared>,
     shutdown: CancellationToken,
 ) {
+    let mut outs = hb.out_of_live_set();
+    let me = thalamus_ownership::NodeId::new(&node.node_id).ok();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = hb.out_of_live_set() => {}
+            changed = outs.changed() => if changed.is_err() { return; },
         }
         hb.set_recovering(true);
         let started = tokio::time::Instant::now();
+        let listed_by = started + RECOVERY_LISTED_WAIT;
+        loop {
+            let listed = hb.live_set(RECOVERY_LISTED_WAIT).is_some_and(|l| {
+                l.received > started.into_std() && me.as_ref().is_none_or(|me| !l.says_down(me))
+            });
+            if listed || tokio::time::Instant::now() >= listed_by {
+                break;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        outs.borrow_and_update();
+        let checking = tokio::time::Instant::now();
         let mut probed = 0usize;
         for device in node.sessions.device_ids() {
             if let Some(handle) = node.sessions.get(&device) {
@@ -576,7 +595,7 @@ async fn recover_when_out_of_the_live_set(
         // The probes' answers (or their time running out) before new calls come.
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep_until(started + RECOVERY_PROBE + Duration::from_millis(100)) => {}
+            () = tokio::time::sleep_until(checking + RECOVERY_PROBE + Duration::from_millis(100)) => {}
         }
         node.count_recovery();
         hb.set_recovering(false);
@@ -589,6 +608,9 @@ async fn recover_when_out_of_the_live_set(
         );
     }
 }
+
+/// Longest wait, in a recovery, for a balancer to list the node again.
+const RECOVERY_LISTED_WAIT: Duration = Duration::from_secs(5);
 
 /// When the dialog store answers again after an outage, every confirmed call this node holds
 /// writes its record again (the writes of the outage failed).

@@ -10,7 +10,7 @@
 //! - `sip_invalid_total{kind="request"|"response"}`, `sip_unknown_dialog_total`,
 //!   `sip_via_maddr_ignored_total`, `sip_early_dialogs_removed_total` (counters);
 //! - `sip_messages_total{direction="received"|"sent"}`, `sip_parse_errors_total`,
-//!   `sip_dropped_overload_total` (counters);
+//!   `sip_dropped_overload_total`, `sip_stale_requests_total` (counters);
 //! - `sip_tcp_connections` (gauge), `sip_tcp_buffered_bytes` (gauge),
 //!   `sip_tcp_events_total{event}` (counter): `refused` (a connection limit), `connect_failed`,
 //!   `queue_full` (a destination's send queue), `closed_slow` (a message not received whole in
@@ -162,6 +162,12 @@ impl Collector for SipCollector {
             "sip_dropped_overload",
             "SIP messages dropped because the stack's input queue was full",
             read(&t.dropped_overload),
+        )?;
+        counter(
+            &mut encoder,
+            "sip_stale_requests",
+            "SIP requests dropped unanswered because they waited in the UDP socket longer than sip.limits.max_request_age_ms (the node was frozen or far behind)",
+            read(&t.stale_requests),
         )?;
         gauge(
             &mut encoder,

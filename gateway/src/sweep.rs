@@ -92,8 +92,9 @@ pub(crate) async fn ownership_sweep(
     // Connections already told, so a device that lingers is not told again and again.
     let mut told: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut load = LoadReporter::new();
-    // The live set under which the last sweep left no device to move.
-    let mut settled_under: Option<Vec<LiveNode>> = None;
+    // The live set (eligible and up) under which the last sweep left no device to move and
+    // none to pin.
+    let mut settled_under: Option<(Vec<LiveNode>, Option<Vec<thalamus_ownership::NodeId>>)> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -122,7 +123,10 @@ pub(crate) async fn ownership_sweep(
         // Nothing to do while the live set is the one every device was last found settled
         // under (a login meanwhile is redirected by `redirect_for`). Settled means no device
         // owned elsewhere is kept here, so nothing is pinned either.
-        if settled_under.as_ref() == Some(&live.eligible) {
+        if settled_under
+            .as_ref()
+            .is_some_and(|(eligible, alive)| *eligible == live.eligible && *alive == live.alive)
+        {
             continue;
         }
         let mut moved = 0;
@@ -136,6 +140,21 @@ pub(crate) async fn ownership_sweep(
                 .owner(&device)
                 .is_some_and(|o| o.node.as_str() != node.node_id);
             if !elsewhere {
+                // Owned here among the eligible nodes, but not among all the nodes up: a node
+                // that is coming back (it drains while it checks itself) will own it. A device
+                // with a call here is pinned already, so that its new calls keep coming here
+                // from the moment that node takes calls again.
+                let owner_up = live
+                    .alive
+                    .as_ref()
+                    .and_then(|alive| thalamus_ownership::owner(&device, alive.iter()))
+                    .is_some_and(|o| o.as_str() != node.node_id);
+                if owner_up && thalamus_ingress::DeviceRequests::has_calls(&node.bridge, &device) {
+                    if pins.len() < thalamus_ownership::heartbeat::MAX_PINS {
+                        pins.push(thalamus_ownership::hash::key_hash(&device));
+                    }
+                    unsettled = true;
+                }
                 continue;
             }
             let Some(handle) = node.sessions.get(&device) else {
@@ -170,7 +189,7 @@ pub(crate) async fn ownership_sweep(
             }
         }
         set_pins(&node, pins);
-        settled_under = (!unsettled).then(|| live.eligible.clone());
+        settled_under = (!unsettled).then(|| (live.eligible.clone(), live.alive.clone()));
         // Bounded: forget connections that are gone.
         if told.len() > node.sessions.len().saturating_mul(2).max(1024) {
             told.clear();

@@ -942,3 +942,57 @@ fn parallel_wrong_secret_logins_from_one_address_do_not_keep_a_real_device_out()
     );
     alive(&gw);
 }
+
+/// Requests that waited in the socket while the node was frozen (SIGSTOP) and are older than
+/// `sip.limits.max_request_age_ms` when it wakes are dropped unanswered and counted (their
+/// senders have retransmitted them, perhaps to another node: issue 16); a fresh request is
+/// answered as usual.
+#[test]
+fn requests_that_waited_out_a_freeze_are_dropped_unanswered() {
+    let gw = Gateway::start("[sip.limits]\nmax_request_age_ms = 500\n").unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let me = socket.local_addr().unwrap();
+    // Answered while the node runs.
+    socket
+        .send_to(options(1, gw.sip, me, &me.to_string()).as_bytes(), gw.sip)
+        .unwrap();
+    assert_eq!(
+        final_statuses(&socket, 1, T).len(),
+        1,
+        "no answer to OPTIONS"
+    );
+    let pid = gw.proc.child.id().to_string();
+    let kill = |signal: &str| {
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    kill("-STOP");
+    for n in 2..5 {
+        socket
+            .send_to(options(n, gw.sip, me, &me.to_string()).as_bytes(), gw.sip)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1_200));
+    kill("-CONT");
+    // The three queued requests are 1.2 s old: none is answered.
+    let late = final_statuses(&socket, 1, Duration::from_millis(1_500));
+    assert!(
+        late.is_empty(),
+        "a request older than its age limit was answered: {late:?}"
+    );
+    gw.wait_metric("thalamus_sip_stale_requests_total", 3.0, T)
+        .unwrap();
+    // A fresh one is.
+    socket
+        .send_to(options(9, gw.sip, me, &me.to_string()).as_bytes(), gw.sip)
+        .unwrap();
+    assert_eq!(
+        final_statuses(&socket, 1, T).len(),
+        1,
+        "no answer after the thaw"
+    );
+    assert_eq!(gw.metric("thalamus_sip_stale_requests_total").unwrap(), 3.0);
+}

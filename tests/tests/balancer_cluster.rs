@@ -984,7 +984,7 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
     const FROZEN: Duration = Duration::from_secs(4);
     let frozen_id = NODE_IDS[1];
     let frozen_devices = cluster.devices_of(frozen_id);
-    let run = start_sipp(&cluster, CALLS, RATE, 2_000);
+    let run = start_sipp(&cluster, CALLS, RATE, 4_000);
     std::thread::sleep(Duration::from_secs(6));
     let frozen_unix = unix_now();
     signal(cluster.node(1), "STOP");
@@ -1025,7 +1025,7 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
         .metric("thalamus_dialogs_lost_total")
         .unwrap_or(0.0);
     let figures = format!(
-        "freeze: {CALLS} calls of 2 s at {RATE}/s through the balancer to 100 devices on 3 \
+        "freeze: {CALLS} calls of 4 s at {RATE}/s through the balancer to 100 devices on 3 \
          nodes; {frozen_id} frozen (SIGSTOP) {} s into the run for {} s; it recovered {} ms \
          after the thaw and was eligible again {} ms after that; failed calls {} of {CALLS} \
          ({kinds:?}); the thawed node dropped {lost_here} dialogs taken over elsewhere and \
@@ -1039,6 +1039,15 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
         result.bye_retransmissions,
     );
     println!("{figures}");
+    if let Ok(dir) = std::env::var("THALAMUS_TEST_DUMP") {
+        for (i, n) in cluster.nodes.iter().enumerate() {
+            if let Some(n) = n {
+                let _ = std::fs::write(format!("{dir}/{}.log", NODE_IDS[i]), n.log());
+            }
+        }
+        let _ = std::fs::write(format!("{dir}/balancer.log"), cluster.balancer.log());
+        let _ = std::fs::write(format!("{dir}/sipp.txt"), &result.report);
+    }
     let failures: Vec<String> = result
         .aborted
         .iter()

@@ -67,6 +67,10 @@ pub struct TransportConfig {
     /// Most bytes buffered by all TCP connections together (partial messages); a connection
     /// that would go over is closed.
     pub max_buffered_bytes: usize,
+    /// A request that waited longer than this in the UDP socket (by the kernel's receive time,
+    /// on Linux) is dropped unanswered: the sender has retransmitted it by then, perhaps to
+    /// another node (the node was frozen, or far behind). `Duration::ZERO`: never dropped.
+    pub max_request_age: Duration,
 }
 
 impl Default for TransportConfig {
@@ -82,6 +86,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(5),
             message_timeout: Duration::from_secs(10),
             max_buffered_bytes: 64 * 1024 * 1024,
+            max_request_age: Duration::ZERO,
         }
     }
 }
@@ -143,6 +148,8 @@ pub struct TransportStats {
     pub closed_buffer_limit: AtomicU64,
     /// Bytes buffered now by all TCP connections (partial messages).
     pub buffered_bytes: AtomicUsize,
+    /// UDP requests dropped because they waited in the socket longer than `max_request_age`.
+    pub stale_requests: AtomicU64,
 }
 
 /// A message waiting toward a TCP destination, and the transaction to fail if it is never
@@ -485,10 +492,105 @@ async fn bind_sockets(config: &TransportConfig) -> Result<BoundSockets, Transpor
     }
 }
 
+/// Receives one datagram, with the time the kernel received it where the socket says
+/// (`SO_TIMESTAMPNS`, Linux).
+#[cfg(target_os = "linux")]
+async fn recv_stamped(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, Option<std::time::SystemTime>)> {
+    use std::os::fd::AsRawFd;
+    loop {
+        socket.readable().await?;
+        match socket.try_io(tokio::io::Interest::READABLE, || {
+            stamped::recv(socket.as_raw_fd(), buf)
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn recv_stamped(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, Option<std::time::SystemTime>)> {
+    let (len, src) = socket.recv_from(buf).await?;
+    Ok((len, src, None))
+}
+
+/// Receive timestamps through `recvmsg` (Linux).
+#[cfg(target_os = "linux")]
+mod stamped {
+    use std::net::SocketAddr;
+    use std::os::fd::RawFd;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use nix::sys::socket::{
+        recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrLike, SockaddrStorage,
+    };
+
+    /// Asks the kernel to stamp every datagram of `socket` with its receive time.
+    pub(super) fn enable(socket: &tokio::net::UdpSocket) -> std::io::Result<()> {
+        setsockopt(socket, sockopt::ReceiveTimestampns, &true).map_err(std::io::Error::from)
+    }
+
+    /// One `recvmsg`: length, source, and the kernel's receive time when it gave one.
+    pub(super) fn recv(
+        fd: RawFd,
+        buf: &mut [u8],
+    ) -> std::io::Result<(usize, SocketAddr, Option<SystemTime>)> {
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+        let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            .map_err(std::io::Error::from)?;
+        let mut at = None;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                    let (secs, nanos) = (u64::try_from(ts.tv_sec()), u32::try_from(ts.tv_nsec()));
+                    if let (Ok(secs), Ok(nanos)) = (secs, nanos) {
+                        at = Some(UNIX_EPOCH + Duration::new(secs, nanos));
+                    }
+                }
+            }
+        }
+        let addr = msg
+            .address
+            .and_then(|a| match a.family() {
+                Some(nix::sys::socket::AddressFamily::Inet) => {
+                    a.as_sockaddr_in().map(|v4| SocketAddr::V4((*v4).into()))
+                }
+                Some(nix::sys::socket::AddressFamily::Inet6) => {
+                    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+                }
+                _ => None,
+            })
+            .ok_or_else(|| std::io::Error::other("datagram without an IP source address"))?;
+        Ok((msg.bytes, addr, at))
+    }
+}
+
 async fn udp_loop(transport: SipTransport, socket: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 65_535];
+    let max_age = transport.inner.config.max_request_age;
+    #[cfg(target_os = "linux")]
+    if !max_age.is_zero() {
+        if let Err(e) = stamped::enable(&socket) {
+            warn!(error = %e, "SIP UDP receive timestamps unavailable: stale requests are not dropped");
+        }
+    }
     loop {
-        let (len, src) = match socket.recv_from(&mut buf).await {
+        let received = if max_age.is_zero() {
+            socket
+                .recv_from(&mut buf)
+                .await
+                .map(|(len, src)| (len, src, None))
+        } else {
+            recv_stamped(&socket, &mut buf).await
+        };
+        let (len, src, received_at) = match received {
             Ok(r) => r,
             Err(e) => {
                 // ICMP errors surface here on some systems; keep reading.
@@ -506,6 +608,20 @@ async fn udp_loop(transport: SipTransport, socket: Arc<UdpSocket>) {
             transport: PeerTransport::Udp,
         };
         match Message::parse_with_limits(datagram, &transport.inner.config.limits) {
+            Ok(Message::Request(request))
+                if received_at.is_some_and(|at| {
+                    std::time::SystemTime::now()
+                        .duration_since(at)
+                        .is_ok_and(|age| age > max_age)
+                }) =>
+            {
+                transport
+                    .inner
+                    .stats
+                    .stale_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%src, method = %request.method, "request older than max_request_age: dropped");
+            }
             Ok(message) => transport.deliver(message, peer),
             Err(err) => {
                 transport
