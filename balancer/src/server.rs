@@ -139,8 +139,10 @@ impl RunningBalancer {
         let router = config.router(sip_udp);
         let advertised = format!("{}:{}", router.advertised_host, router.advertised_port);
         let membership = Membership::new(config.membership());
+        let mut core = BalancerCore::new(router, membership);
+        core.set_starting(true);
         let shared = Arc::new(Shared {
-            core: Mutex::new(BalancerCore::new(router, membership)),
+            core: Mutex::new(core),
             metrics: BalancerMetrics::new(),
             secret: config.heartbeat.secret.clone().map(String::into_bytes),
             max_skew_ms: config.heartbeat.max_skew_ms,
@@ -406,6 +408,8 @@ async fn tick_loop(shared: Arc<Shared>, every: Duration, shutdown: CancellationT
         }
         let events = {
             let mut core = shared.core();
+            let silence = core.membership().config().silence_limit();
+            core.set_starting(now().saturating_duration_since(shared.started) < silence);
             let events = core.membership_mut().tick(now());
             if !events.is_empty() {
                 update_gauges(&shared.metrics, core.membership());

@@ -280,6 +280,13 @@ impl Bridge {
         (held.len(), dropped)
     }
 
+    /// Releases the dialogs of devices that are no longer connected here, so that the node
+    /// they reach claims them at once (after this node was out of the live set: see
+    /// `takeover::release_orphans`). Returns how many were released.
+    pub async fn release_orphans(&self) -> usize {
+        takeover::release_orphans(&self.inner).await
+    }
+
     /// The user agent (to change its limits at a reload).
     pub fn user_agent(&self) -> &UserAgent {
         &self.inner.ua

@@ -207,7 +207,9 @@ async fn take_over_locked(
             call.1, call.0
         )));
     }
-    owner_released(inner, store, &record).await?;
+    // The record as it is once its owner can no longer be acting on it (its owner may have
+    // released it meanwhile).
+    let record = owner_released(inner, store, record).await?;
     let node_id = inner.config.node_id.clone();
     let claimed = bounded(
         inner,
@@ -255,21 +257,23 @@ async fn take_over_locked(
 }
 
 /// Waits, at most the takeover timeout, until the owner of `record` can no longer be acting on
-/// it (the fencing rule of `thalamus_ownership::fence`): the record names this node, the
-/// owner's lease lapsed, or a balancer says the owner left the live set. A live owner keeps
-/// its dialog: `OwnerAlive`.
+/// it (the fencing rule of `thalamus_ownership::fence`): the record names this node, or no
+/// node (its owner released it: see [`release_orphans`]), the owner's lease lapsed, or a
+/// balancer says the owner left the live set. A live owner keeps its dialog: `OwnerAlive`.
+/// The record is read again while waiting (its owner may release it, or another node claim
+/// it); the one returned is the latest.
 async fn owner_released(
     inner: &BridgeInner,
     store: &Arc<dyn DialogStore>,
-    record: &StoredDialog,
-) -> Result<(), TakeoverError> {
-    if record.owner == inner.config.node_id {
-        return Ok(());
-    }
+    mut record: StoredDialog,
+) -> Result<StoredDialog, TakeoverError> {
     let deadline = tokio::time::Instant::now() + inner.config.takeover_timeout;
     loop {
-        if owner_gone(inner, &record.owner) {
-            return Ok(());
+        if record.owner == inner.config.node_id
+            || is_released(&record.owner)
+            || owner_gone(inner, &record.owner)
+        {
+            return Ok(record);
         }
         let left = bounded(
             inner,
@@ -278,7 +282,7 @@ async fn owner_released(
         )
         .await?;
         let Some(left) = left else {
-            return Ok(());
+            return Ok(record);
         };
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -291,7 +295,65 @@ async fn owner_released(
             .min(deadline.saturating_duration_since(now))
             .max(Duration::from_millis(1));
         tokio::time::sleep(wait).await;
+        record = match bounded(inner, "reading the dialog", store.get(&record.key)).await? {
+            None => return Err(TakeoverError::NotFound),
+            Some(r) if !r.is_live() => return Err(TakeoverError::Ended),
+            Some(r) => r,
+        };
     }
+}
+
+/// The owner a node writes into a record it releases: not a node id (it holds `~`), so no
+/// node's lease or live set keeps it, and any node claims it at once.
+fn released_owner(node_id: &str) -> String {
+    format!("{node_id}~released")
+}
+
+fn is_released(owner: &str) -> bool {
+    owner.ends_with("~released")
+}
+
+/// Releases the dialogs this node holds for devices that are no longer connected here (they
+/// moved to another node while this one was out of the live set, without resuming their
+/// sessions): each record is claimed for no node (compare-and-set on its epoch), and the call
+/// is dropped here without a BYE. The node the device (or the peer's next request) reaches
+/// claims it at once. Returns how many were released.
+pub(crate) async fn release_orphans(inner: &Arc<BridgeInner>) -> usize {
+    let Some(store) = inner.store.clone() else {
+        return 0;
+    };
+    let held: Vec<(DialogKey, CallKey)> = inner
+        .by_dialog
+        .iter()
+        .filter(|e| !inner.device_online(&e.value().0))
+        .map(|e| (crate::dialogs::key_of_dialog(e.key()), e.value().clone()))
+        .collect();
+    let mut released = 0;
+    for (key, call) in held {
+        let Ok(Some(record)) = bounded(inner, "reading the dialog", store.get(&key)).await else {
+            continue;
+        };
+        if !record.is_live() || record.owner != inner.config.node_id {
+            continue;
+        }
+        let owner = released_owner(&inner.config.node_id);
+        if bounded(
+            inner,
+            "releasing the dialog",
+            store.claim(&key, &owner, record.epoch),
+        )
+        .await
+        .is_err()
+        {
+            continue;
+        }
+        if let Some(handle) = inner.calls.get(&call) {
+            info!(dialog = %key, device = %call.0, "the device left while this node was out: dialog released for the node it reaches");
+            handle.send(CallCommand::OwnershipLost);
+            released += 1;
+        }
+    }
+    released
 }
 
 /// How often a takeover waiting for a live owner looks at the live set and the lease again.

@@ -548,8 +548,10 @@ const RECOVERY_PROBE: Duration = Duration::from_secs(1);
 /// waits until a balancer lists it again (at most [`RECOVERY_LISTED_WAIT`]): from then on no
 /// survivor claims its dialogs. Then it probes every device session (a device that moved
 /// elsewhere does not answer, and its session closes) and reads the record of every dialog it
-/// holds (one another node took over or ended is dropped here without a BYE); then it takes
-/// calls again. The signs of the same absence that arrive meanwhile are part of this recovery.
+/// holds (one another node took over or ended is dropped here without a BYE), and releases the
+/// dialogs of the devices that are gone (the node they reached, or the peer's next request
+/// reaches, claims them at once); then it takes calls again. The signs of the same absence that
+/// arrive meanwhile are part of this recovery.
 async fn recover_when_out_of_the_live_set(
     hb: Arc<crate::heartbeat::HeartbeatSender>,
     node: Arc<NodeShared>,
@@ -597,12 +599,16 @@ async fn recover_when_out_of_the_live_set(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(checking + RECOVERY_PROBE + Duration::from_millis(100)) => {}
         }
+        // The devices that did not answer the probe moved elsewhere: their dialogs go with
+        // them (claimed at once by the node they reached, or the peer's next request reaches).
+        let released = node.bridge.release_orphans().await;
         node.count_recovery();
         hb.set_recovering(false);
         warn!(
             probed,
             checked,
             dropped,
+            released,
             took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "this node was out of the live set: device sessions probed, dialogs taken over elsewhere dropped; taking calls again"
         );

@@ -122,6 +122,11 @@ impl Redis {
         matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
     }
 
+    /// Its process id (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self._proc.child.id()
+    }
+
     /// Its URL for `[cluster.store.redis] url`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
@@ -146,17 +151,69 @@ impl Balancer {
     /// `miss_count` missed ones, logging at `log_level`.
     pub fn start(interval_ms: u64, miss_count: u32, log_level: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        Self::start_in(dir, interval_ms, miss_count, log_level, None)
+    }
+
+    /// Stops the balancer (SIGKILL) and starts it again on the same ports, with the same
+    /// settings and an empty node table; returns how long the new one took to be ready.
+    pub fn restart(
+        self,
+        interval_ms: u64,
+        miss_count: u32,
+        log_level: &str,
+    ) -> anyhow::Result<(Self, Duration)> {
+        let Self {
+            _proc: mut proc,
+            sip,
+            heartbeat,
+            admin,
+            dir,
+        } = self;
+        let _ = proc.child.kill();
+        let _ = proc.child.wait();
+        let started = Instant::now();
+        let again = Self::start_in(
+            dir,
+            interval_ms,
+            miss_count,
+            log_level,
+            Some((sip, heartbeat, admin)),
+        )?;
+        Ok((again, started.elapsed()))
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        interval_ms: u64,
+        miss_count: u32,
+        log_level: &str,
+        ports: Option<(SocketAddr, SocketAddr, SocketAddr)>,
+    ) -> anyhow::Result<Self> {
         let config = dir.path().join("balancer.toml");
+        let (sip, hb, admin) = ports.map_or_else(
+            || {
+                (
+                    "127.0.0.1:0".to_string(),
+                    "127.0.0.1:0".to_string(),
+                    "127.0.0.1:0".to_string(),
+                )
+            },
+            |(s, h, a)| (s.to_string(), h.to_string(), a.to_string()),
+        );
         std::fs::write(
             &config,
             format!(
-                "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
+                "[sip]\nlisten = \"{sip}\"\n\n[heartbeat]\nlisten = \"{hb}\"\n\
                  interval_ms = {interval_ms}\nmiss_count = {miss_count}\nrejoin_count = 2\n\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = \"{log_level}\"\n"
+                 [admin]\nlisten = \"{admin}\"\n\n[log]\nlevel = \"{log_level}\"\n"
             ),
         )?;
         let ready = dir.path().join("ready.json");
-        let log = std::fs::File::create(dir.path().join("balancer.log"))?;
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("balancer.log"))?;
         let child = Command::new(bin("thalamus"))
             .arg("balancer")
             .arg("--config")

@@ -44,6 +44,20 @@ const MISS_COUNT: u32 = 3;
 const WINDOW_MS: u64 = (2 * MISS_COUNT as u64 + 1) * HEARTBEAT_MS / 2;
 /// Devices in the fleet: `dev-0` .. `dev-99`.
 const DEVICES: u32 = 100;
+
+/// A figure of a chaos test, from `THALAMUS_CHAOS_<name>` when set (bench/chaos.sh runs these
+/// tests at full scale), else the short run's `default`.
+fn chaos(name: &str, default: u32) -> u32 {
+    std::env::var(format!("THALAMUS_CHAOS_{name}"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The fleet's size: [`DEVICES`], or `THALAMUS_CHAOS_DEVICES`.
+fn devices_count() -> u32 {
+    chaos("DEVICES", DEVICES)
+}
 /// Shared resume-token secret of the nodes.
 const RESUME_SECRET: &str = "3f1c0d9e8b7a695847362514f3e2d1c0b9a8978675645342312f1e0d0c0b0a09";
 /// Node ids: A is the node every device logs in at first (most tests run the first two).
@@ -71,7 +85,7 @@ fn tail(log: &str, lines: usize) -> String {
 
 /// The device ids of the fleet.
 fn device_ids() -> Vec<String> {
-    (0..DEVICES).map(|n| format!("dev-{n}")).collect()
+    (0..devices_count()).map(|n| format!("dev-{n}")).collect()
 }
 
 /// Each device's owner among `nodes` (the balancer's and the nodes' ownership function).
@@ -121,7 +135,7 @@ impl Cluster {
             .arg("--config")
             .arg(&a.config_path)
             .args(["device", "add-bulk", "--prefix", "dev-", "--count"])
-            .arg(DEVICES.to_string())
+            .arg(devices_count().to_string())
             .env_remove("THALAMUS_CONFIG")
             .output()
             .unwrap();
@@ -232,6 +246,7 @@ fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path) -> St
     format!(
         "[node]\nid = \"{id}\"\ndevice_registry = {registry:?}\n\n\
          [quic]\nidle_timeout_ms = 1500\nkeepalive_interval_ms = 300\n\n\
+         [session]\nmax_calls = 16\n\n\
          [auth]\nresume_secret = \"{RESUME_SECRET}\"\n\n\
          [log]\nlevel = \"info\"\n\n\
          [cluster]\nlease_ttl_ms = 1500\n\n\
@@ -410,10 +425,11 @@ fn the_fleet_splits_within_10_percent_of_even_between_the_two_nodes() {
         .values()
         .filter(|o| o.as_str() == NODE_IDS[0])
         .count();
-    let share = on_a as f64 / f64::from(DEVICES);
+    let share = on_a as f64 / f64::from(devices_count());
     assert!(
         (share - 0.5).abs() <= 0.05,
-        "{on_a} of {DEVICES} devices on {}",
+        "{on_a} of {} devices on {}",
+        devices_count(),
         NODE_IDS[0]
     );
 }
@@ -517,14 +533,15 @@ fn login_delays(
 fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
     let _serial = serial();
     let mut cluster = Cluster::start();
-    const CALLS: u32 = 1_000;
-    const RATE: u32 = 50;
+    let calls_total = chaos("CALLS", 1_000);
+    let rate = chaos("RATE", 50);
+    let hold_ms = chaos("HOLD_MS", 200);
     let (a, b) = (NODE_IDS[0], NODE_IDS[1]);
     let b_devices = cluster.devices_of(b);
     let session_before = cluster.balancer.node(b)["session"].clone();
     assert!(session_before.is_string(), "{session_before}");
 
-    let run = start_sipp(&cluster, CALLS, RATE, 200);
+    let run = start_sipp(&cluster, calls_total, rate, hold_ms);
     let sipp_started = run.started();
     std::thread::sleep(Duration::from_secs(8));
     let b_incoming_before = cluster.incoming(1);
@@ -551,7 +568,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
 
     // No call reached B after its death (the fleet's own check), and the calls to B's devices
     // placed after they all moved (with a second to spare) were all answered on A: call i
-    // leaves no earlier than i / RATE after SIPp started.
+    // leaves no earlier than i / rate after SIPp started.
     let calls = cluster.fleet.calls();
     assert!(!calls.iter().any(|c| c.at > killed_at && c.node == b));
     let to_b_devices_on_a = calls
@@ -559,13 +576,13 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
         .filter(|c| c.at > killed_at && c.node == a && b_devices.contains(&c.device))
         .count() as u64;
     let settled = killed_at + moved_all + Duration::from_secs(1) - sipp_started;
-    let first_late = (settled.as_secs_f64() * f64::from(RATE)).ceil() as usize;
-    let late_to_b = (first_late..CALLS as usize)
+    let first_late = (settled.as_secs_f64() * f64::from(rate)).ceil() as usize;
+    let late_to_b = (first_late..calls_total as usize)
         .filter(|i| b_devices.contains(&cluster.devices[i % cluster.devices.len()]))
         .count() as u64;
     assert!(late_to_b > 0, "the run ended before B's devices moved");
 
-    let bound = WINDOW_MS * u64::from(RATE) / 1000;
+    let bound = WINDOW_MS * u64::from(rate) / 1000;
     // By status and the scenario step it answered (1 to 4: the INVITE, 8: the BYE).
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     for c in &result.aborted {
@@ -581,10 +598,10 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
         .max()
         .unwrap_or(0);
     let figures = format!(
-        "kill: {CALLS} calls at {RATE}/s through the balancer; {b} (SIGKILL) after it took \
+        "kill: {calls_total} calls at {rate}/s through the balancer; {b} (SIGKILL) after it took \
          {b_incoming_before} calls; the balancer took it out {} ms after the kill (window \
          {WINDOW_MS} ms); its {} devices logged in at {a} {}..{} ms after the kill (median {}); \
-         failed calls {} of {CALLS} ({kinds:?}, the last {last_failure_ms} ms after the kill), \
+         failed calls {} of {calls_total} ({kinds:?}, the last {last_failure_ms} ms after the kill), \
          bound window x rate = {bound}; INVITE retransmissions \
          {}, BYE retransmissions {}; {to_b_devices_on_a} calls to {b}'s devices answered on {a}",
         detection.as_millis(),
@@ -599,7 +616,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
     println!("{figures}");
     assert_eq!(
         result.ok + result.failed,
-        u64::from(CALLS),
+        u64::from(calls_total),
         "{}",
         result.report
     );
@@ -979,12 +996,13 @@ fn signal(gw: &Gateway, signal: &str) {
 fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
     let _serial = serial();
     let cluster = Cluster::start_with(3, FleetConfig::quick);
-    const CALLS: u32 = 1_200;
-    const RATE: u32 = 50;
+    let calls_total = chaos("CALLS", 1_200);
+    let rate = chaos("RATE", 50);
+    let hold_ms = chaos("HOLD_MS", 4_000);
     const FROZEN: Duration = Duration::from_secs(4);
     let frozen_id = NODE_IDS[1];
     let frozen_devices = cluster.devices_of(frozen_id);
-    let run = start_sipp(&cluster, CALLS, RATE, 4_000);
+    let run = start_sipp(&cluster, calls_total, rate, hold_ms);
     std::thread::sleep(Duration::from_secs(6));
     let frozen_unix = unix_now();
     signal(cluster.node(1), "STOP");
@@ -1025,11 +1043,13 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
         .metric("thalamus_dialogs_lost_total")
         .unwrap_or(0.0);
     let figures = format!(
-        "freeze: {CALLS} calls of 4 s at {RATE}/s through the balancer to 100 devices on 3 \
+        "freeze: {calls_total} calls of {} s at {rate}/s through the balancer to {} devices on 3 \
          nodes; {frozen_id} frozen (SIGSTOP) {} s into the run for {} s; it recovered {} ms \
-         after the thaw and was eligible again {} ms after that; failed calls {} of {CALLS} \
+         after the thaw and was eligible again {} ms after that; failed calls {} of {calls_total} \
          ({kinds:?}); the thawed node dropped {lost_here} dialogs taken over elsewhere and \
          held back {fenced} fenced requests; INVITE retransmissions {}, BYE retransmissions {}",
+        f64::from(hold_ms) / 1000.0,
+        devices_count(),
         6,
         FROZEN.as_secs(),
         recovered.as_millis(),
@@ -1067,7 +1087,7 @@ failures: {failures:#?}"
     );
     assert_eq!(
         result.ok + result.failed,
-        u64::from(CALLS),
+        u64::from(calls_total),
         "{}",
         result.report
     );
@@ -1090,7 +1110,7 @@ failures: {failures:#?}"
         );
     }
     // The issue's bound for a 4 s freeze is 30 of 6,000 calls at 200/s (0.5 %).
-    let bound = u64::from(CALLS) / 200;
+    let bound = u64::from(calls_total) / 200;
     assert!(
         result.failed <= bound,
         "{figures}\n{}\n{}",

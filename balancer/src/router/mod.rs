@@ -125,6 +125,10 @@ pub enum DropReason {
     Unanswerable,
     /// An ACK that cannot be routed (no node, Max-Forwards 0, loop, unsupported transport).
     AckNotRoutable,
+    /// No node to send a request to while the balancer is starting (it has not heard every
+    /// node's heartbeat yet): not answered 503, so the sender retransmits to a balancer that
+    /// knows its nodes by then.
+    StartingUp,
 }
 
 impl DropReason {
@@ -137,6 +141,7 @@ impl DropReason {
             DropReason::InvalidAck => "invalid_ack",
             DropReason::Unanswerable => "unanswerable",
             DropReason::AckNotRoutable => "ack_not_routable",
+            DropReason::StartingUp => "starting_up",
         }
     }
 }
@@ -215,6 +220,7 @@ pub struct BalancerCore {
     config: RouterConfig,
     sent_by: String,
     membership: Membership,
+    starting: bool,
 }
 
 impl BalancerCore {
@@ -225,7 +231,15 @@ impl BalancerCore {
             config,
             sent_by,
             membership,
+            starting: false,
         }
+    }
+
+    /// Whether the balancer is starting: for one silence window after it starts it may not
+    /// know every node yet, so a request with no node to go to is dropped (the sender
+    /// retransmits) rather than answered 503. The shell sets it at start and clears it.
+    pub fn set_starting(&mut self, starting: bool) {
+        self.starting = starting;
     }
 
     /// The routing settings.
@@ -489,6 +503,9 @@ impl BalancerCore {
             Target::Unavailable => {
                 if is_ack {
                     return Decision::Drop(DropReason::AckNotRoutable);
+                }
+                if self.starting {
+                    return Decision::Drop(DropReason::StartingUp);
                 }
                 return self.answer(&req, source, 503, None, false);
             }

@@ -393,6 +393,18 @@ fn max_forwards_zero_is_answered_483_statelessly() {
         f.route(&ack, client()),
         Decision::Drop(DropReason::AckNotRoutable)
     );
+    // A balancer that is starting may not know its nodes yet: no 503 (the sender retransmits).
+    let mut f = Fixture::new(0);
+    f.core.set_starting(true);
+    assert_eq!(
+        f.route(INVITE, client()),
+        Decision::Drop(DropReason::StartingUp)
+    );
+    f.core.set_starting(false);
+    assert!(matches!(
+        f.route(INVITE, client()),
+        Decision::Answer { status: 503, .. }
+    ));
 }
 
 const OPTIONS: &str = "OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\n\
