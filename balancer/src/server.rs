@@ -140,7 +140,7 @@ impl RunningBalancer {
         let advertised = format!("{}:{}", router.advertised_host, router.advertised_port);
         let membership = Membership::new(config.membership());
         let mut core = BalancerCore::new(router, membership);
-        core.set_starting(true);
+        core.set_learning(true);
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             metrics: BalancerMetrics::new(),
@@ -408,8 +408,11 @@ async fn tick_loop(shared: Arc<Shared>, every: Duration, shutdown: CancellationT
         }
         let events = {
             let mut core = shared.core();
-            let silence = core.membership().config().silence_limit();
-            core.set_starting(now().saturating_duration_since(shared.started) < silence);
+            let config = core.membership().config();
+            let (silence, interval) = (config.silence_limit(), config.interval);
+            let up = now().saturating_duration_since(shared.started);
+            core.set_starting(up < silence);
+            core.set_learning(up < interval * 3 / 2);
             let events = core.membership_mut().tick(now());
             if !events.is_empty() {
                 update_gauges(&shared.metrics, core.membership());

@@ -373,6 +373,7 @@ fn take_report(
             from,
             eligible: report.eligible,
             alive: says_alive.then_some(report.alive),
+            settled: !says_alive || report.up_ms >= report.silence_ms,
         });
     }
     shared.reports.fetch_add(1, Ordering::Relaxed);

@@ -301,6 +301,10 @@ pub struct LiveSet {
     /// Every node the balancer holds up, draining ones included (`None` from a balancer of an
     /// older release, which does not say).
     pub alive: Option<Vec<NodeId>>,
+    /// The balancer had been up for its whole silence window when it reported, so it knows
+    /// every node that heartbeats it (`true` from a balancer of an older release, which does
+    /// not say). A report of a balancer that just (re)started may miss nodes.
+    pub settled: bool,
 }
 
 impl LiveSet {
@@ -504,6 +508,7 @@ mod tests {
             from: "127.0.0.1:5070".parse().unwrap(),
             eligible: r.eligible.clone(),
             alive: None,
+            settled: true,
         };
         let ids: Vec<NodeId> = r.eligible.iter().map(|n| n.node.clone()).collect();
         for i in 0..200 {

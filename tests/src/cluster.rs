@@ -151,53 +151,45 @@ impl Balancer {
     /// `miss_count` missed ones, logging at `log_level`.
     pub fn start(interval_ms: u64, miss_count: u32, log_level: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        Self::start_in(dir, interval_ms, miss_count, log_level, None)
-    }
-
-    /// Stops the balancer (SIGKILL) and starts it again on the same ports, with the same
-    /// settings and an empty node table; returns how long the new one took to be ready.
-    pub fn restart(
-        self,
-        interval_ms: u64,
-        miss_count: u32,
-        log_level: &str,
-    ) -> anyhow::Result<(Self, Duration)> {
-        let Self {
-            _proc: mut proc,
+        let (proc, sip, heartbeat, admin) =
+            Self::spawn(dir.path(), interval_ms, miss_count, log_level, None)?;
+        Ok(Self {
+            _proc: proc,
             sip,
             heartbeat,
             admin,
             dir,
-        } = self;
-        let _ = proc.child.kill();
-        let _ = proc.child.wait();
-        let started = Instant::now();
-        let again = Self::start_in(
-            dir,
-            interval_ms,
-            miss_count,
-            log_level,
-            Some((sip, heartbeat, admin)),
-        )?;
-        Ok((again, started.elapsed()))
+        })
     }
 
-    fn start_in(
-        dir: tempfile::TempDir,
+    /// Kills the balancer (SIGKILL) and starts it again on the same ports, with the same
+    /// settings and an empty node table; returns how long the new one took to be ready.
+    pub fn restart(
+        &mut self,
+        interval_ms: u64,
+        miss_count: u32,
+        log_level: &str,
+    ) -> anyhow::Result<Duration> {
+        let _ = self._proc.child.kill();
+        let _ = self._proc.child.wait();
+        let started = Instant::now();
+        let ports = Some((self.sip, self.heartbeat, self.admin));
+        let (proc, ..) = Self::spawn(self.dir.path(), interval_ms, miss_count, log_level, ports)?;
+        self._proc = proc;
+        Ok(started.elapsed())
+    }
+
+    fn spawn(
+        dir: &Path,
         interval_ms: u64,
         miss_count: u32,
         log_level: &str,
         ports: Option<(SocketAddr, SocketAddr, SocketAddr)>,
-    ) -> anyhow::Result<Self> {
-        let config = dir.path().join("balancer.toml");
+    ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr, SocketAddr)> {
+        let config = dir.join("balancer.toml");
+        let any = "127.0.0.1:0".to_string();
         let (sip, hb, admin) = ports.map_or_else(
-            || {
-                (
-                    "127.0.0.1:0".to_string(),
-                    "127.0.0.1:0".to_string(),
-                    "127.0.0.1:0".to_string(),
-                )
-            },
+            || (any.clone(), any.clone(), any.clone()),
             |(s, h, a)| (s.to_string(), h.to_string(), a.to_string()),
         );
         std::fs::write(
@@ -208,12 +200,12 @@ impl Balancer {
                  [admin]\nlisten = \"{admin}\"\n\n[log]\nlevel = \"{log_level}\"\n"
             ),
         )?;
-        let ready = dir.path().join("ready.json");
+        let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.path().join("balancer.log"))?;
+            .open(dir.join("balancer.log"))?;
         let child = Command::new(bin("thalamus"))
             .arg("balancer")
             .arg("--config")
@@ -226,17 +218,11 @@ impl Balancer {
             .spawn()
             .context("spawning thalamus balancer")?;
         let mut proc = Proc { child };
-        let v = proc.wait_ready("balancer", &ready, &dir.path().join("balancer.log"), READY)?;
+        let v = proc.wait_ready("balancer", &ready, &dir.join("balancer.log"), READY)?;
         let addr = |k: &str| -> anyhow::Result<SocketAddr> {
             Ok(v[k].as_str().context(k.to_string())?.parse()?)
         };
-        Ok(Self {
-            sip: addr("sip_udp")?,
-            heartbeat: addr("heartbeat")?,
-            admin: addr("admin")?,
-            _proc: proc,
-            dir,
-        })
+        Ok((proc, addr("sip_udp")?, addr("heartbeat")?, addr("admin")?))
     }
 
     /// `/nodes` as JSON (`Null` when it cannot be read).

@@ -1118,3 +1118,115 @@ failures: {failures:#?}"
         cluster.logs()
     );
 }
+
+/// A chaos scenario that touches no node: SIPp calls the fleet through the balancer while
+/// `fault` runs 6 s into the run. No call may fail on its BYE (no confirmed dialog lost), at
+/// most 0.5 % of the calls may fail at all, and the nodes stay eligible. Returns the figures.
+fn survives_under_load(name: &str, fault: impl FnOnce(&mut Cluster) -> String) -> String {
+    let mut cluster = Cluster::start_with(3, FleetConfig::quick);
+    let calls_total = chaos("CALLS", 1_200);
+    let rate = chaos("RATE", 50);
+    let hold_ms = chaos("HOLD_MS", 3_000);
+    let run = start_sipp(&cluster, calls_total, rate, hold_ms);
+    std::thread::sleep(Duration::from_secs(6));
+    let what = fault(&mut cluster);
+    let result = finish(run);
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for c in &result.aborted {
+        let step = c.step.map_or("?".to_string(), |s| s.to_string());
+        *kinds
+            .entry(format!("{} at step {step}", c.kind))
+            .or_default() += 1;
+    }
+    let figures = format!(
+        "{name}: {calls_total} calls of {} s at {rate}/s through the balancer to {} devices on 3 \
+         nodes; {what}; failed calls {} of {calls_total} ({kinds:?}); INVITE retransmissions {}, \
+         BYE retransmissions {}",
+        f64::from(hold_ms) / 1000.0,
+        devices_count(),
+        result.failed,
+        result.invite_retransmissions,
+        result.bye_retransmissions,
+    );
+    println!("{figures}");
+    assert_eq!(
+        result.ok + result.failed,
+        u64::from(calls_total),
+        "{}",
+        result.report
+    );
+    assert!(
+        !result.aborted.iter().any(|c| c.step == Some(8)),
+        "a BYE failed: {figures}\n{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+    assert!(
+        result.failed <= u64::from(calls_total) / 200,
+        "{figures}\n{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+    for id in NODE_IDS {
+        cluster.balancer.wait_eligible(id, true);
+    }
+    figures
+}
+
+/// Chaos 3 (issue 16): the dialog store is frozen (SIGSTOP) for 3 s under load, then, later,
+/// restarted empty (no persistence). Calls go on unreplicated while it is away; the nodes write
+/// their records again when it is back; no call fails.
+#[test]
+fn the_store_frozen_then_restarted_empty_loses_no_call() {
+    let _serial = serial();
+    survives_under_load("store", |cluster| {
+        let pid = cluster.redis.pid().to_string();
+        let kill = |signal: &str| {
+            assert!(Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success());
+        };
+        kill("-STOP");
+        std::thread::sleep(Duration::from_secs(3));
+        kill("-CONT");
+        std::thread::sleep(Duration::from_secs(4));
+        let port = cluster.redis.port;
+        kill("-KILL");
+        let restarted = Instant::now();
+        let old = std::mem::replace(&mut cluster.redis, Redis::start_on(port).unwrap());
+        drop(old);
+        let up = restarted.elapsed();
+        // The nodes write back the records of the calls they hold.
+        let deadline = Instant::now() + T;
+        while cluster.node(0).metric("thalamus_store_up").unwrap_or(0.0) < 1.0 {
+            assert!(Instant::now() < deadline, "the store never came back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        format!(
+            "Redis frozen (SIGSTOP) 6 s into the run for 3 s, then killed 4 s later and \
+             restarted empty on its port ({} ms)",
+            up.as_millis()
+        )
+    });
+}
+
+/// Chaos 4 (issue 16): the balancer is killed (SIGKILL) under load and started again on its
+/// ports with an empty node table. It learns the nodes from their next heartbeats; until then
+/// it drops what it cannot route (the senders retransmit) instead of answering 503.
+#[test]
+fn a_restarted_balancer_loses_no_call() {
+    let _serial = serial();
+    survives_under_load("balancer restart", |cluster| {
+        let took = cluster
+            .balancer
+            .restart(HEARTBEAT_MS, MISS_COUNT, "warn")
+            .unwrap();
+        format!(
+            "the balancer killed (SIGKILL) 6 s into the run and started again on its ports in {} \
+             ms",
+            took.as_millis()
+        )
+    });
+}

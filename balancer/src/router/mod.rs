@@ -221,6 +221,7 @@ pub struct BalancerCore {
     sent_by: String,
     membership: Membership,
     starting: bool,
+    learning: bool,
 }
 
 impl BalancerCore {
@@ -232,6 +233,7 @@ impl BalancerCore {
             sent_by,
             membership,
             starting: false,
+            learning: false,
         }
     }
 
@@ -240,6 +242,16 @@ impl BalancerCore {
     /// retransmits) rather than answered 503. The shell sets it at start and clears it.
     pub fn set_starting(&mut self, starting: bool) {
         self.starting = starting;
+    }
+
+    /// Whether the balancer is still learning its nodes: for about one heartbeat interval after
+    /// it starts, some nodes have not heartbeated it yet, so the hash over the nodes it knows
+    /// would send calls to the wrong node. Requests that would be routed by the hash are then
+    /// dropped (the sender retransmits); those for a node named in their Route still go there.
+    /// The shell sets it at start and clears it.
+    pub fn set_learning(&mut self, learning: bool) {
+        self.learning = learning;
+        self.starting |= learning;
     }
 
     /// The routing settings.
@@ -355,6 +367,9 @@ impl BalancerCore {
     }
 
     fn pick(&self, key_hash: u64, in_dialog: bool) -> Target {
+        if self.learning {
+            return Target::Unavailable;
+        }
         // A device whose session (and calls) stayed on another node than its owner, e.g. after
         // the owner came back: its requests go where the session is.
         if let Some(node) = self.membership.pinned(key_hash) {

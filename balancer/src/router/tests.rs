@@ -405,6 +405,22 @@ fn max_forwards_zero_is_answered_483_statelessly() {
         f.route(INVITE, client()),
         Decision::Answer { status: 503, .. }
     ));
+    // While it learns its nodes, a new call is not hashed over the few it knows yet, but a
+    // request for a node its Route names goes there.
+    let mut f = Fixture::new(3);
+    let bye = in_dialog_bye(&params(&f, "n2", "earpiece-17"));
+    f.core.set_learning(true);
+    assert_eq!(
+        f.route(INVITE, client()),
+        Decision::Drop(DropReason::StartingUp)
+    );
+    let Decision::ToNode { node, .. } = f.route(&bye, client()) else {
+        panic!()
+    };
+    assert_eq!(node, id("n2"));
+    f.core.set_learning(false);
+    f.core.set_starting(false);
+    assert!(matches!(f.route(INVITE, client()), Decision::ToNode { .. }));
 }
 
 const OPTIONS: &str = "OPTIONS sip:192.0.2.1:5060 SIP/2.0\r\n\
