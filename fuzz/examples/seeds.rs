@@ -318,6 +318,9 @@ fn heartbeats(out: &mut Out) -> Result<()> {
             },
         ],
         ts_ms: 1_700_000_000_123,
+        alive: vec![node("node-a")?, node("node-b")?, node("node.c_3")?],
+        silence_ms: 3_500,
+        up_ms: 86_400_000,
     };
     out.write("live_set", "plain", &report.encode(None))?;
     out.write(

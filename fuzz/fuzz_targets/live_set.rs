@@ -43,6 +43,8 @@ fn owners(report: &LiveSetReport) {
         received: Instant::now(),
         from,
         eligible: report.eligible.clone(),
+        alive: (report.silence_ms > 0).then(|| report.alive.clone()),
+        settled: report.up_ms >= report.silence_ms,
     };
     let mut reversed = set.clone();
     reversed.eligible.reverse();
