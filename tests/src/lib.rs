@@ -49,6 +49,46 @@ pub struct Proc {
     pub child: Child,
 }
 
+/// Sends `signal` (`STOP`, `CONT`, ...) to process `pid` with kill(1). After `STOP` it waits
+/// (up to 5 s) until every thread of the process is stopped: the signal only takes effect at
+/// the threads' next return from the kernel, and a test that sends packets right after the
+/// kill must know they arrive while the process is frozen.
+pub fn signal_process(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{signal} {pid}");
+    if signal != "STOP" {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|stat| {
+                            stat.rsplit_once(')')
+                                .and_then(|(_, rest)| rest.split_whitespace().next())
+                                .map(|state| state == "T" || state == "t")
+                        })
+                        .unwrap_or(true)
+                })
+            })
+            .unwrap_or(true);
+        if stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 impl Proc {
     /// Sends SIGKILL and reaps.
     pub fn kill(&mut self) {

@@ -961,22 +961,16 @@ fn requests_that_waited_out_a_freeze_are_dropped_unanswered() {
         1,
         "no answer to OPTIONS"
     );
-    let pid = gw.proc.child.id().to_string();
-    let kill = |signal: &str| {
-        assert!(Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap()
-            .success())
-    };
-    kill("-STOP");
+    let pid = gw.proc.child.id();
+    let kill = |signal: &str| thalamus_tests::signal_process(pid, signal);
+    kill("STOP");
     for n in 2..5 {
         socket
             .send_to(options(n, gw.sip, me, &me.to_string()).as_bytes(), gw.sip)
             .unwrap();
     }
     std::thread::sleep(Duration::from_millis(1_200));
-    kill("-CONT");
+    kill("CONT");
     // The three queued requests are 1.2 s old: none is answered.
     let late = final_statuses(&socket, 1, Duration::from_millis(1_500));
     assert!(

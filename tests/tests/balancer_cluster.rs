@@ -976,13 +976,7 @@ fn a_rolling_restart_under_load_fails_no_call() {
 
 /// Sends `signal` (`STOP`, `CONT`) to a running node.
 fn signal(gw: &Gateway, signal: &str) {
-    let pid = gw.proc.child.id().to_string();
-    let ok = Command::new("kill")
-        .args([&format!("-{signal}"), &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{signal} {pid}");
+    thalamus_tests::signal_process(gw.proc.child.id(), signal);
 }
 
 /// A gray failure (issue 16): one of three nodes is frozen (SIGSTOP) for 4 s under load and
