@@ -238,16 +238,18 @@ impl BalancerCore {
     }
 
     /// Whether the balancer is starting: for one silence window after it starts it may not
-    /// know every node yet, so a request with no node to go to is dropped (the sender
-    /// retransmits) rather than answered 503. The shell sets it at start and clears it.
+    /// know every node yet, so a request over UDP with no node to go to is dropped (the sender
+    /// retransmits) rather than answered 503. Over TCP the sender does not retransmit: it gets
+    /// the answer as before. The shell sets it at start and clears it.
     pub fn set_starting(&mut self, starting: bool) {
         self.starting = starting;
     }
 
     /// Whether the balancer is still learning its nodes: for about one heartbeat interval after
     /// it starts, some nodes have not heartbeated it yet, so the hash over the nodes it knows
-    /// would send calls to the wrong node. Requests that would be routed by the hash are then
-    /// dropped (the sender retransmits); those for a node named in their Route still go there.
+    /// would send calls to the wrong node. Requests over UDP that would be routed by the hash
+    /// are then dropped (the sender retransmits); those for a node named in their Route still
+    /// go there, and so does everything over TCP (its sender does not retransmit).
     /// The shell sets it at start and clears it.
     pub fn set_learning(&mut self, learning: bool) {
         self.learning = learning;
@@ -366,8 +368,10 @@ impl BalancerCore {
         }
     }
 
-    fn pick(&self, key_hash: u64, in_dialog: bool) -> Target {
-        if self.learning {
+    /// The node for `key_hash`. `udp`: the request came over UDP (its sender retransmits), so
+    /// while the balancer learns its nodes it is not hashed over the few it knows yet.
+    fn pick(&self, key_hash: u64, in_dialog: bool, udp: bool) -> Target {
+        if self.learning && udp {
             return Target::Unavailable;
         }
         // A device whose session (and calls) stayed on another node than its owner, e.g. after
@@ -391,16 +395,17 @@ impl BalancerCore {
         }
     }
 
-    fn node_or_pick(&self, node: &NodeEntry, key_hash: u64, in_dialog: bool) -> Target {
+    fn node_or_pick(&self, node: &NodeEntry, key_hash: u64, in_dialog: bool, udp: bool) -> Target {
         if self.membership.is_alive(&node.id) {
             Target::Node(node.id.clone())
         } else {
-            self.pick(key_hash, in_dialog)
+            self.pick(key_hash, in_dialog, udp)
         }
     }
 
     fn route_request(&self, mut req: Request, source: Peer) -> Decision {
         let is_ack = req.method == Method::Ack;
+        let udp = source.transport == PeerTransport::Udp;
         if req.headers.top_via_value().is_none() {
             return Decision::Drop(DropReason::Unanswerable);
         }
@@ -474,7 +479,7 @@ impl BalancerCore {
                         Some(e) if self.membership.is_alive(n) && same_session(e) => {
                             Target::Node(n.clone())
                         }
-                        _ => self.pick(kh, true),
+                        _ => self.pick(kh, true, udp),
                     }
                 }
             }
@@ -484,13 +489,13 @@ impl BalancerCore {
                 let kh = message_kh;
                 if let Some(route) = &next_route {
                     match self.node_of_uri(&route.uri) {
-                        Some(n) => self.node_or_pick(n, kh, in_dialog),
+                        Some(n) => self.node_or_pick(n, kh, in_dialog, udp),
                         None => Target::Outward(route.uri.clone()),
                     }
                 } else if let Some(n) = self.node_of_uri(&req.uri) {
-                    self.node_or_pick(n, kh, in_dialog)
+                    self.node_or_pick(n, kh, in_dialog, udp)
                 } else if self.is_local_uri(&req.uri) {
-                    self.pick(kh, in_dialog)
+                    self.pick(kh, in_dialog, udp)
                 } else {
                     Target::Outward(req.uri.clone())
                 }
@@ -502,8 +507,8 @@ impl BalancerCore {
                     .and_then(|r| self.node_of_uri(&r.uri))
                     .or_else(|| self.node_of_uri(&req.uri));
                 match named {
-                    Some(n) => self.node_or_pick(n, kh, in_dialog),
-                    None => self.pick(kh, in_dialog),
+                    Some(n) => self.node_or_pick(n, kh, in_dialog, udp),
+                    None => self.pick(kh, in_dialog, udp),
                 }
             }
         };
@@ -519,7 +524,7 @@ impl BalancerCore {
                 if is_ack {
                     return Decision::Drop(DropReason::AckNotRoutable);
                 }
-                if self.starting {
+                if self.starting && udp {
                     return Decision::Drop(DropReason::StartingUp);
                 }
                 return self.answer(&req, source, 503, None, false);
