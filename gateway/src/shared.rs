@@ -57,13 +57,9 @@ impl NodeShared {
 
     /// The live set the balancers last reported, when redirects are on and a report arrived
     /// within the balancers' miss window (a report answers every heartbeat; none for 3.5
-    /// intervals means no balancer hears this node), from a balancer that knows all its nodes
-    /// (one that just restarted may not: devices are not moved by what it says).
+    /// intervals means no balancer hears this node).
     pub(crate) fn fresh_live_set(&self) -> Option<LiveSet> {
-        self.heartbeats
-            .as_ref()?
-            .live_set(self.redirect_max_age?)
-            .filter(|l| l.settled)
+        self.heartbeats.as_ref()?.live_set(self.redirect_max_age?)
     }
 
     /// `device_id`'s owner in `live` when that is another node with a device address and the

@@ -116,7 +116,9 @@ pub(crate) async fn ownership_sweep(
         // first (see `recover_when_out_of_the_live_set`).
         let me = thalamus_ownership::NodeId::new(&node.node_id).ok();
         let recovering = node.heartbeats.as_ref().is_some_and(|hb| hb.recovering());
-        if recovering || me.is_some_and(|me| live.says_down(&me)) {
+        // Nor does the word of a balancer that just (re)started: it may not know every node
+        // yet (logins are still redirected by it; only the devices already here stay).
+        if recovering || !live.settled || me.is_some_and(|me| live.says_down(&me)) {
             settled_under = None;
             continue;
         }
