@@ -409,6 +409,41 @@ fn retransmissions(screen: &str, row: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The calls SIPp aborted, counted by status and the scenario step it answered (1 to 4: the
+/// INVITE, 8: the BYE).
+fn failure_kinds(result: &SippResult) -> BTreeMap<String, u64> {
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for c in &result.aborted {
+        let step = c.step.map_or("?".to_string(), |s| s.to_string());
+        *kinds
+            .entry(format!("{} at step {step}", c.kind))
+            .or_default() += 1;
+    }
+    kinds
+}
+
+/// Every call of the run ended, and no BYE of SIPp (step 8) failed: no confirmed dialog was
+/// lost.
+fn assert_no_confirmed_dialog_lost(
+    cluster: &Cluster,
+    result: &SippResult,
+    calls: u32,
+    figures: &str,
+) {
+    assert_eq!(
+        result.ok + result.failed,
+        u64::from(calls),
+        "{}",
+        result.report
+    );
+    assert!(
+        !result.aborted.iter().any(|c| c.step == Some(8)),
+        "a BYE failed: {figures}\n{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+}
+
 /// The calls of the run that go to `node`'s devices, counting the injection file in order.
 fn calls_to(cluster: &Cluster, calls: u32, node: &str) -> u64 {
     (0..calls as usize)
@@ -584,13 +619,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
 
     let bound = WINDOW_MS * u64::from(rate) / 1000;
     // By status and the scenario step it answered (1 to 4: the INVITE, 8: the BYE).
-    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    for c in &result.aborted {
-        let step = c.step.map_or("?".to_string(), |s| s.to_string());
-        *kinds
-            .entry(format!("{} at step {step}", c.kind))
-            .or_default() += 1;
-    }
+    let kinds = failure_kinds(&result);
     let last_failure_ms = result
         .aborted
         .iter()
@@ -614,12 +643,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
         result.bye_retransmissions,
     );
     println!("{figures}");
-    assert_eq!(
-        result.ok + result.failed,
-        u64::from(calls_total),
-        "{}",
-        result.report
-    );
+    assert_no_confirmed_dialog_lost(&cluster, &result, calls_total, &figures);
     assert!(
         result.failed <= bound,
         "{figures}\n{}\n{}",
@@ -1021,13 +1045,7 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
     let recovered = thawed_at.elapsed();
     let back = cluster.balancer.wait_eligible(frozen_id, true);
     let result = finish(run);
-    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    for c in &result.aborted {
-        let step = c.step.map_or("?".to_string(), |s| s.to_string());
-        *kinds
-            .entry(format!("{} at step {step}", c.kind))
-            .or_default() += 1;
-    }
+    let kinds = failure_kinds(&result);
     let fenced = cluster
         .node(1)
         .metric("thalamus_write_ahead_total{reason=\"fenced\"}")
@@ -1075,23 +1093,8 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
             )
         })
         .collect();
-    let figures = format!(
-        "{figures}
-failures: {failures:#?}"
-    );
-    assert_eq!(
-        result.ok + result.failed,
-        u64::from(calls_total),
-        "{}",
-        result.report
-    );
-    // No confirmed dialog lost: SIPp's BYE (step 8) always got its 200.
-    assert!(
-        !result.aborted.iter().any(|c| c.step == Some(8)),
-        "{figures}\n{}\n{}",
-        result.report,
-        cluster.logs()
-    );
+    let figures = format!("{figures}\nfailures: {failures:#?}");
+    assert_no_confirmed_dialog_lost(&cluster, &result, calls_total, &figures);
     // Every failure is a call to one of the frozen node's devices.
     for c in &result.aborted {
         let device = c.device.as_deref().unwrap_or("?");
@@ -1125,13 +1128,7 @@ fn survives_under_load(name: &str, fault: impl FnOnce(&mut Cluster) -> String) -
     std::thread::sleep(Duration::from_secs(6));
     let what = fault(&mut cluster);
     let result = finish(run);
-    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    for c in &result.aborted {
-        let step = c.step.map_or("?".to_string(), |s| s.to_string());
-        *kinds
-            .entry(format!("{} at step {step}", c.kind))
-            .or_default() += 1;
-    }
+    let kinds = failure_kinds(&result);
     let figures = format!(
         "{name}: {calls_total} calls of {} s at {rate}/s through the balancer to {} devices on 3 \
          nodes; {what}; failed calls {} of {calls_total} ({kinds:?}); INVITE retransmissions {}, \
@@ -1143,18 +1140,7 @@ fn survives_under_load(name: &str, fault: impl FnOnce(&mut Cluster) -> String) -
         result.bye_retransmissions,
     );
     println!("{figures}");
-    assert_eq!(
-        result.ok + result.failed,
-        u64::from(calls_total),
-        "{}",
-        result.report
-    );
-    assert!(
-        !result.aborted.iter().any(|c| c.step == Some(8)),
-        "a BYE failed: {figures}\n{}\n{}",
-        result.report,
-        cluster.logs()
-    );
+    assert_no_confirmed_dialog_lost(&cluster, &result, calls_total, &figures);
     assert!(
         result.failed <= u64::from(calls_total) / 200,
         "{figures}\n{}\n{}",

@@ -36,6 +36,18 @@ fn echo_buddy() -> (Sim, u16) {
     Sim::buddy(&["--echo"], T).unwrap()
 }
 
+/// A new device `device` on `gw` calling an echoing SIP buddy (`thalamus-sim call` with `args`
+/// after the target); the buddy and the caller.
+fn call_the_echo(gw: &Gateway, device: &str, args: &[&str]) -> (Sim, Sim) {
+    let secret = gw.add_device(device).unwrap();
+    let (buddy, port) = echo_buddy();
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let mut all = vec!["--target", target.as_str()];
+    all.extend_from_slice(args);
+    let sim = spawn("call", login_args(gw, device, &secret), &all);
+    (buddy, sim)
+}
+
 fn u(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
@@ -424,21 +436,10 @@ fn a_thousand_calls_leave_no_port_relay_or_socket_behind() {
 #[test]
 fn the_first_frames_of_every_call_come_back() {
     let gw = gateway(36_600, 50);
-    let secret = gw.add_device("first").unwrap();
-    let (_buddy, port) = echo_buddy();
-    let target = format!("sip:bob@127.0.0.1:{port}");
-    let mut sim = spawn(
-        "call",
-        login_args(&gw, "first", &secret),
-        &[
-            "--target",
-            &target,
-            "--calls",
-            "40",
-            "--hold-ms",
-            "300",
-            "--media",
-        ],
+    let (_buddy, mut sim) = call_the_echo(
+        &gw,
+        "first",
+        &["--calls", "40", "--hold-ms", "300", "--media"],
     );
     let mut reports = Vec::new();
     while reports.len() < 40 {
@@ -469,21 +470,10 @@ fn the_first_frames_of_every_call_come_back() {
 #[test]
 fn a_device_that_changes_networks_keeps_its_call_and_media() {
     let gw = gateway(37_300, 20);
-    let secret = gw.add_device("alice").unwrap();
-    let (_buddy, port) = echo_buddy();
-    let target = format!("sip:bob@127.0.0.1:{port}");
-    let mut sim = spawn(
-        "call",
-        login_args(&gw, "alice", &secret),
-        &[
-            "--target",
-            &target,
-            "--hold-ms",
-            "4000",
-            "--media",
-            "--rebind-after-ms",
-            "2000",
-        ],
+    let (_buddy, mut sim) = call_the_echo(
+        &gw,
+        "alice",
+        &["--hold-ms", "4000", "--media", "--rebind-after-ms", "2000"],
     );
     let rebound = sim.wait_event("rebound", Duration::from_secs(30)).unwrap();
     assert_ne!(rebound["from"], rebound["to"], "{rebound}");
