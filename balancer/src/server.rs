@@ -140,6 +140,7 @@ impl RunningBalancer {
         let advertised = format!("{}:{}", router.advertised_host, router.advertised_port);
         let membership = Membership::new(config.membership());
         let mut core = BalancerCore::new(router, membership);
+        core.set_starting(true);
         core.set_learning(true);
         let shared = Arc::new(Shared {
             core: Mutex::new(core),

@@ -251,33 +251,7 @@ impl Bridge {
     /// dialogs over meanwhile. A record the store does not have, or cannot read in time, is
     /// kept. Returns (dialogs checked, calls dropped).
     pub async fn verify_ownership(&self) -> (usize, usize) {
-        let Some(store) = self.inner.store.clone() else {
-            return (0, 0);
-        };
-        let held: Vec<(DialogKey, call::core::CallKey)> = self
-            .inner
-            .by_dialog
-            .iter()
-            .map(|e| (dialogs::key_of_dialog(e.key()), e.value().clone()))
-            .collect();
-        let mut dropped = 0;
-        for (key, call) in &held {
-            let read =
-                tokio::time::timeout(self.inner.config.takeover_timeout, store.get(key)).await;
-            let Ok(Ok(Some(record))) = read else {
-                continue;
-            };
-            if record.is_live() && record.owner == self.inner.config.node_id {
-                continue;
-            }
-            if let Some(handle) = self.inner.calls.get(call) {
-                tracing::info!(dialog = %key, owner = %record.owner, live = record.is_live(),
-                    "a dialog this node held was taken over (or ended) elsewhere while it was out: dropping it here");
-                handle.send(table::CallCommand::OwnershipLost);
-                dropped += 1;
-            }
-        }
-        (held.len(), dropped)
+        takeover::verify_ownership(&self.inner).await
     }
 
     /// Releases the dialogs of devices that are no longer connected here, so that the node

@@ -313,6 +313,48 @@ fn is_released(owner: &str) -> bool {
     owner.ends_with("~released")
 }
 
+/// The dialogs this node holds (those of devices connected here too, or not), with their calls.
+fn held_dialogs(inner: &BridgeInner, with_device_here: bool) -> Vec<(DialogKey, CallKey)> {
+    inner
+        .by_dialog
+        .iter()
+        .filter(|e| with_device_here || !inner.device_online(&e.value().0))
+        .map(|e| (crate::dialogs::key_of_dialog(e.key()), e.value().clone()))
+        .collect()
+}
+
+/// Whether `record` is live and this node's.
+fn owned_here(inner: &BridgeInner, record: &StoredDialog) -> bool {
+    record.is_live() && record.owner == inner.config.node_id
+}
+
+/// Reads the stored record of every dialog this node holds and drops, without a BYE, the calls
+/// whose dialog another node now owns or ended (see [`crate::Bridge::verify_ownership`]). A
+/// record the store does not have, or cannot read in time, is kept. Returns (dialogs checked,
+/// calls dropped).
+pub(crate) async fn verify_ownership(inner: &Arc<BridgeInner>) -> (usize, usize) {
+    let Some(store) = inner.store.clone() else {
+        return (0, 0);
+    };
+    let held = held_dialogs(inner, true);
+    let mut dropped = 0;
+    for (key, call) in &held {
+        let Ok(Some(record)) = bounded(inner, "reading the dialog", store.get(key)).await else {
+            continue;
+        };
+        if owned_here(inner, &record) {
+            continue;
+        }
+        if let Some(handle) = inner.calls.get(call) {
+            info!(dialog = %key, owner = %record.owner, live = record.is_live(),
+                "a dialog this node held was taken over (or ended) elsewhere while it was out: dropping it here");
+            handle.send(CallCommand::OwnershipLost);
+            dropped += 1;
+        }
+    }
+    (held.len(), dropped)
+}
+
 /// Releases the dialogs this node holds for devices that are no longer connected here (they
 /// moved to another node while this one was out of the live set, without resuming their
 /// sessions): each record is claimed for no node (compare-and-set on its epoch), and the call
@@ -322,18 +364,12 @@ pub(crate) async fn release_orphans(inner: &Arc<BridgeInner>) -> usize {
     let Some(store) = inner.store.clone() else {
         return 0;
     };
-    let held: Vec<(DialogKey, CallKey)> = inner
-        .by_dialog
-        .iter()
-        .filter(|e| !inner.device_online(&e.value().0))
-        .map(|e| (crate::dialogs::key_of_dialog(e.key()), e.value().clone()))
-        .collect();
     let mut released = 0;
-    for (key, call) in held {
+    for (key, call) in held_dialogs(inner, false) {
         let Ok(Some(record)) = bounded(inner, "reading the dialog", store.get(&key)).await else {
             continue;
         };
-        if !record.is_live() || record.owner != inner.config.node_id {
+        if !owned_here(inner, &record) {
             continue;
         }
         let owner = released_owner(&inner.config.node_id);
@@ -650,7 +686,7 @@ pub(crate) async fn drop_lost_dialogs(
         // say.
         let ours = match &stored {
             Some(None) => Some(0),
-            Some(Some(r)) if r.owner == inner.config.node_id && r.is_live() => Some(r.version),
+            Some(Some(r)) if owned_here(&inner, r) => Some(r.version),
             _ => None,
         };
         let Some(handle) = inner.calls.get(&call) else {

@@ -257,9 +257,10 @@ async fn send_loop(
             }
         }
         let now = tokio::time::Instant::now().into_std();
-        if last_send.is_some_and(|at| now.saturating_duration_since(at) > frozen_after) {
+        let silent = last_send.map(|at| now.saturating_duration_since(at));
+        if let Some(silent) = silent.filter(|s| *s > frozen_after) {
             tracing::warn!(
-                silent_ms = u64::try_from(now.saturating_duration_since(last_send.unwrap_or(now)).as_millis()).unwrap_or(u64::MAX),
+                silent_ms = u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
                 "the heartbeat loop woke up late (the process was frozen or starved): checking this node's dialogs"
             );
             shared.outs.send_modify(|n| *n += 1);

@@ -95,6 +95,7 @@ pub(crate) async fn ownership_sweep(
     // The live set (eligible and up) under which the last sweep left no device to move and
     // none to pin.
     let mut settled_under: Option<(Vec<LiveNode>, Option<Vec<thalamus_ownership::NodeId>>)> = None;
+    let me = thalamus_ownership::NodeId::new(&node.node_id).ok();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -114,11 +115,10 @@ pub(crate) async fn ownership_sweep(
         // A live set that says this node is down (it was frozen or cut off, and is not back
         // in yet), or one it is recovering under, moves nobody: the node checks its sessions
         // first (see `recover_when_out_of_the_live_set`).
-        let me = thalamus_ownership::NodeId::new(&node.node_id).ok();
         let recovering = node.heartbeats.as_ref().is_some_and(|hb| hb.recovering());
         // Nor does the word of a balancer that just (re)started: it may not know every node
         // yet (logins are still redirected by it; only the devices already here stay).
-        if recovering || !live.settled || me.is_some_and(|me| live.says_down(&me)) {
+        if recovering || !live.settled || me.as_ref().is_some_and(|me| live.says_down(me)) {
             settled_under = None;
             continue;
         }
@@ -135,7 +135,8 @@ pub(crate) async fn ownership_sweep(
         let mut unsettled = false;
         // Devices owned elsewhere whose session stays here for now (a call in progress): the
         // balancers route their requests (new calls, in-dialog requests) here instead of to
-        // the owner. A device told to move is not pinned: it logs in at its owner next.
+        // the owner. A device told to move is not pinned: it logs in at its owner next. (The
+        // heartbeat sender keeps the first `MAX_PINS`.)
         let mut pins = Vec::new();
         for device in node.sessions.device_ids() {
             let elsewhere = live
@@ -152,9 +153,7 @@ pub(crate) async fn ownership_sweep(
                     .and_then(|alive| thalamus_ownership::owner(&device, alive.iter()))
                     .is_some_and(|o| o.as_str() != node.node_id);
                 if owner_up && thalamus_ingress::DeviceRequests::has_calls(&node.bridge, &device) {
-                    if pins.len() < thalamus_ownership::heartbeat::MAX_PINS {
-                        pins.push(thalamus_ownership::hash::key_hash(&device));
-                    }
+                    pins.push(thalamus_ownership::hash::key_hash(&device));
                     unsettled = true;
                 }
                 continue;
@@ -168,9 +167,7 @@ pub(crate) async fn ownership_sweep(
             }
             // Owned elsewhere but kept here for now (a call in progress): look again later.
             let Some(to) = node.owner_elsewhere(&live, &device) else {
-                if pins.len() < thalamus_ownership::heartbeat::MAX_PINS {
-                    pins.push(thalamus_ownership::hash::key_hash(&device));
-                }
+                pins.push(thalamus_ownership::hash::key_hash(&device));
                 unsettled = true;
                 continue;
             };

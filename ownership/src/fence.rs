@@ -45,16 +45,6 @@ pub enum Fenced {
     NotListed(SocketAddr),
 }
 
-impl Fenced {
-    /// The metric label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::LeaseUnconfirmed => "lease",
-            Self::NotListed(_) => "live_set",
-        }
-    }
-}
-
 /// What one balancer last told this node.
 #[derive(Debug, Clone)]
 struct BalancerView {
@@ -167,11 +157,6 @@ impl Fence {
                 && now.saturating_duration_since(v.received) <= v.silence
                 && !v.alive.contains(owner)
         })
-    }
-
-    /// Whether this node heartbeats any balancer (then a live set decides beside the lease).
-    pub fn has_balancers(&self) -> bool {
-        !self.balancers.is_empty()
     }
 }
 

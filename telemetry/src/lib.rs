@@ -133,6 +133,16 @@ pub fn inc(family: &Family<ReasonLabel, Counter>, reason: &'static str) {
     family.get_or_create(&ReasonLabel { reason }).inc();
 }
 
+/// Encodes one constant metric `name` (for a custom `Collector`).
+fn encode_const(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl prometheus_client::encoding::EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
 /// Encodes one gauge `name` with `value` (for a custom `Collector`).
 pub fn encode_gauge(
     encoder: &mut prometheus_client::encoding::DescriptorEncoder,
@@ -140,9 +150,8 @@ pub fn encode_gauge(
     help: &str,
     value: i64,
 ) -> Result<(), std::fmt::Error> {
-    use prometheus_client::encoding::EncodeMetric;
-    let metric = prometheus_client::metrics::gauge::ConstGauge::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+    let gauge = prometheus_client::metrics::gauge::ConstGauge::new(value);
+    encode_const(encoder, name, help, gauge)
 }
 
 /// Encodes one counter `name` with `value` (for a custom `Collector`; `_total` is added).
@@ -152,9 +161,8 @@ pub fn encode_counter(
     help: &str,
     value: u64,
 ) -> Result<(), std::fmt::Error> {
-    use prometheus_client::encoding::EncodeMetric;
-    let metric = prometheus_client::metrics::counter::ConstCounter::new(value);
-    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+    let counter = prometheus_client::metrics::counter::ConstCounter::new(value);
+    encode_const(encoder, name, help, counter)
 }
 
 #[cfg(test)]

@@ -422,14 +422,9 @@ fn failure_kinds(result: &SippResult) -> BTreeMap<String, u64> {
     kinds
 }
 
-/// Every call of the run ended, and no BYE of SIPp (step 8) failed: no confirmed dialog was
-/// lost.
-fn assert_no_confirmed_dialog_lost(
-    cluster: &Cluster,
-    result: &SippResult,
-    calls: u32,
-    figures: &str,
-) {
+/// Every call of the run ended, no BYE of SIPp (step 8) failed (no confirmed dialog was lost),
+/// and at most `max_failed` calls failed.
+fn assert_run(cluster: &Cluster, result: &SippResult, calls: u32, max_failed: u64, figures: &str) {
     assert_eq!(
         result.ok + result.failed,
         u64::from(calls),
@@ -439,6 +434,12 @@ fn assert_no_confirmed_dialog_lost(
     assert!(
         !result.aborted.iter().any(|c| c.step == Some(8)),
         "a BYE failed: {figures}\n{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+    assert!(
+        result.failed <= max_failed,
+        "{figures}\n{}\n{}",
         result.report,
         cluster.logs()
     );
@@ -643,13 +644,7 @@ fn a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected() {
         result.bye_retransmissions,
     );
     println!("{figures}");
-    assert_no_confirmed_dialog_lost(&cluster, &result, calls_total, &figures);
-    assert!(
-        result.failed <= bound,
-        "{figures}\n{}\n{}",
-        result.report,
-        cluster.logs()
-    );
+    assert_run(&cluster, &result, calls_total, bound, &figures);
     // Only B's devices lost calls: each failure SIPp logged is a call to one of them.
     assert_eq!(
         result.aborted.len() as u64,
@@ -1094,7 +1089,14 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
         })
         .collect();
     let figures = format!("{figures}\nfailures: {failures:#?}");
-    assert_no_confirmed_dialog_lost(&cluster, &result, calls_total, &figures);
+    // The bound for a 4 s freeze is 30 of 6,000 calls at 200/s (0.5 %).
+    assert_run(
+        &cluster,
+        &result,
+        calls_total,
+        u64::from(calls_total) / 200,
+        &figures,
+    );
     // Every failure is a call to one of the frozen node's devices.
     for c in &result.aborted {
         let device = c.device.as_deref().unwrap_or("?");
@@ -1106,14 +1108,6 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
             result.report
         );
     }
-    // The bound for a 4 s freeze is 30 of 6,000 calls at 200/s (0.5 %).
-    let bound = u64::from(calls_total) / 200;
-    assert!(
-        result.failed <= bound,
-        "{figures}\n{}\n{}",
-        result.report,
-        cluster.logs()
-    );
 }
 
 /// A chaos scenario that touches no node: SIPp calls the fleet through the balancer while
@@ -1140,12 +1134,12 @@ fn survives_under_load(name: &str, fault: impl FnOnce(&mut Cluster) -> String) -
         result.bye_retransmissions,
     );
     println!("{figures}");
-    assert_no_confirmed_dialog_lost(&cluster, &result, calls_total, &figures);
-    assert!(
-        result.failed <= u64::from(calls_total) / 200,
-        "{figures}\n{}\n{}",
-        result.report,
-        cluster.logs()
+    assert_run(
+        &cluster,
+        &result,
+        calls_total,
+        u64::from(calls_total) / 200,
+        &figures,
     );
     for id in NODE_IDS {
         cluster.balancer.wait_eligible(id, true);

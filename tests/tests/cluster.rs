@@ -168,6 +168,25 @@ impl Cluster {
     }
 
     /// What the processes said, for a failed assertion.
+    /// The device resumes its session on node B with `token`; B's Welcome lists `call_ref`.
+    fn resume_on_b(&self, token: &[u8], call_ref: u32) -> DeviceAgent {
+        let on_b = DeviceAgent::connect(&self.b, &self.secret, token).unwrap();
+        assert!(
+            on_b.welcome.resumed,
+            "the session did not resume on B\nB's log:\n{}",
+            tail(&self.b.log())
+        );
+        assert!(
+            on_b.welcome
+                .live_calls
+                .iter()
+                .any(|c| c.call_ref == call_ref),
+            "B's Welcome does not list call {call_ref}: {:?}",
+            on_b.welcome.live_calls
+        );
+        on_b
+    }
+
     fn dump(&self, run: SippProcess) -> String {
         let (ok, failed, report, _) = finish(run);
         format!(
@@ -573,19 +592,7 @@ fn failover_calls(calls: u32, ending: Ending) {
             }
             Ending::DeviceHangup => {
                 // The device resumes on B and hangs up there once A is out of the live set.
-                let mut on_b = DeviceAgent::connect(&cluster.b, &cluster.secret, &token).unwrap();
-                assert!(
-                    on_b.welcome.resumed,
-                    "call {i}: the session did not resume on B"
-                );
-                assert!(
-                    on_b.welcome
-                        .live_calls
-                        .iter()
-                        .any(|c| c.call_ref == call_ref),
-                    "call {i}: B's Welcome does not list the call: {:?}",
-                    on_b.welcome.live_calls
-                );
+                let mut on_b = cluster.resume_on_b(&token, call_ref);
                 cluster.balancer.wait_eligible(&cluster.a_id, false);
                 on_b.hangup(call_ref);
                 sipp_call_succeeded(run, i, &cluster);
@@ -867,16 +874,7 @@ fn device_resumes_and_media_follows(wait_for_the_lease: bool) {
     if wait_for_the_lease {
         std::thread::sleep(Duration::from_millis(1_700));
     }
-    let mut on_b = DeviceAgent::connect(&cluster.b, &cluster.secret, &token).unwrap();
-    assert!(on_b.welcome.resumed);
-    assert!(
-        on_b.welcome
-            .live_calls
-            .iter()
-            .any(|c| c.call_ref == call_ref),
-        "{:?}",
-        on_b.welcome.live_calls
-    );
+    let mut on_b = cluster.resume_on_b(&token, call_ref);
     // Node B owns the call now (at once, or when A's lease lapses) and moved the media.
     let deadline = Instant::now() + T;
     loop {
@@ -944,20 +942,7 @@ fn a_device_connected_longer_than_the_resume_window_resumes_its_call() {
     assert_ne!(token, welcome_token, "no fresh resume token in 6 s");
     let _dir = cluster.kill_a();
     drop(device);
-    let mut on_b = DeviceAgent::connect(&cluster.b, &cluster.secret, &token).unwrap();
-    assert!(
-        on_b.welcome.resumed,
-        "the session did not resume on B\nB's log:\n{}",
-        tail(&cluster.b.log())
-    );
-    assert!(
-        on_b.welcome
-            .live_calls
-            .iter()
-            .any(|c| c.call_ref == call_ref),
-        "{:?}",
-        on_b.welcome.live_calls
-    );
+    let mut on_b = cluster.resume_on_b(&token, call_ref);
     // B takes the call (when A's lease lapses), moves the media, and the device's hangup on B
     // ends it with SIPp.
     cluster.wait_media_moved_to_b();

@@ -253,7 +253,6 @@ impl BalancerCore {
     /// The shell sets it at start and clears it.
     pub fn set_learning(&mut self, learning: bool) {
         self.learning = learning;
-        self.starting |= learning;
     }
 
     /// The routing settings.

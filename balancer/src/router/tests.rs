@@ -409,6 +409,7 @@ fn max_forwards_zero_is_answered_483_statelessly() {
     // request for a node its Route names goes there.
     let mut f = Fixture::new(3);
     let bye = in_dialog_bye(&params(&f, "n2", "earpiece-17"));
+    f.core.set_starting(true);
     f.core.set_learning(true);
     assert_eq!(
         f.route(INVITE, client()),

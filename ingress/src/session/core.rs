@@ -504,11 +504,16 @@ impl SessionCore {
         if self.state != SessionState::Live {
             return;
         }
+        self.send_ping();
+        self.probe = Some((now, now + within));
+    }
+
+    /// Sends a `Ping` with the next nonce.
+    fn send_ping(&mut self) {
         self.ping_nonce = self.ping_nonce.wrapping_add(1);
         let id = self.next_request_id();
         let nonce = self.ping_nonce;
         self.send(envelope(id, Body::Ping(Ping { nonce })));
-        self.probe = Some((now, now + within));
     }
 
     /// Another login of the same device took over: say goodbye and close.
@@ -591,10 +596,7 @@ impl SessionCore {
                 }
                 if let Some(at) = self.next_ping {
                     if now >= at {
-                        self.ping_nonce = self.ping_nonce.wrapping_add(1);
-                        let id = self.next_request_id();
-                        let nonce = self.ping_nonce;
-                        self.send(envelope(id, Body::Ping(Ping { nonce })));
+                        self.send_ping();
                         self.next_ping = Some(now + self.timers.keepalive_interval);
                     }
                 }

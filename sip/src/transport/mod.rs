@@ -602,26 +602,29 @@ async fn udp_loop(transport: SipTransport, socket: Arc<UdpSocket>) {
         if data.iter().all(|b| matches!(b, b'\r' | b'\n' | b' ' | 0)) {
             continue; // keep-alive
         }
+        // A request that waited too long is dropped before it costs a copy or a parse (a
+        // response, which starts with the SIP version, is always taken: it ends one of our
+        // transactions).
+        let stale = received_at.is_some_and(|at| {
+            std::time::SystemTime::now()
+                .duration_since(at)
+                .is_ok_and(|age| age > max_age)
+        });
+        if stale && !data.starts_with(b"SIP/") {
+            transport
+                .inner
+                .stats
+                .stale_requests
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%src, "request older than max_request_age: dropped");
+            continue;
+        }
         let datagram = Bytes::copy_from_slice(data);
         let peer = Peer {
             addr: src,
             transport: PeerTransport::Udp,
         };
         match Message::parse_with_limits(datagram, &transport.inner.config.limits) {
-            Ok(Message::Request(request))
-                if received_at.is_some_and(|at| {
-                    std::time::SystemTime::now()
-                        .duration_since(at)
-                        .is_ok_and(|age| age > max_age)
-                }) =>
-            {
-                transport
-                    .inner
-                    .stats
-                    .stale_requests
-                    .fetch_add(1, Ordering::Relaxed);
-                debug!(%src, method = %request.method, "request older than max_request_age: dropped");
-            }
             Ok(message) => transport.deliver(message, peer),
             Err(err) => {
                 transport
