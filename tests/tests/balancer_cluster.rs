@@ -1204,3 +1204,93 @@ fn a_restarted_balancer_loses_no_call() {
         )
     });
 }
+
+/// Chaos 1, second half (issue 16): under one SIPp run, each of the three nodes is killed
+/// (SIGKILL) in turn, restarted in its data directory and given its devices back before the
+/// next one dies. Every node's death is a takeover of the calls it held, and every node takes
+/// some over from the others; no confirmed dialog is lost (no BYE of SIPp fails) and the failed
+/// calls stay within three detection windows times the call rate.
+#[test]
+fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
+    let _serial = serial();
+    let mut cluster = Cluster::start_with(3, FleetConfig::quick);
+    let calls_total = chaos("CALLS", 1_750);
+    let rate = chaos("RATE", 50);
+    // Shorter than the 2 s between two calls to one device: a device that a survivor keeps
+    // for its call goes back to its owner between two calls.
+    let hold_ms = chaos("HOLD_MS", 1_500);
+    let run = start_sipp(&cluster, calls_total, rate, hold_ms);
+    let started = run.started();
+    std::thread::sleep(Duration::from_secs(5));
+    let mut kills = Vec::new();
+    let mut last_kill = Duration::ZERO;
+    for (i, id) in NODE_IDS.iter().enumerate() {
+        let devices = cluster.devices_of(id);
+        let killed_at = Instant::now();
+        last_kill = killed_at - started;
+        let dir = cluster.nodes[i].take().unwrap().kill();
+        let detection = cluster.balancer.wait_eligible(id, false);
+        let moved = cluster
+            .fleet
+            .wait_placement(Duration::from_secs(15), "left the dead node", |p| {
+                devices.iter().all(|d| {
+                    p.get(d)
+                        .and_then(|n| n.as_deref())
+                        .is_some_and(|n| n != *id)
+                })
+            })
+            .unwrap_or_else(|e| panic!("{id}: {e:#}\n{}", cluster.logs()));
+        let quic = cluster.quic[i];
+        let extra = cluster.extra(i);
+        let restarted = Gateway::start_in(dir, &quic.to_string(), &extra).unwrap();
+        cluster.fleet.set_node(fleet_node(id, &restarted));
+        cluster.nodes[i] = Some(restarted);
+        cluster.balancer.wait_eligible(id, true);
+        let back = cluster
+            .fleet
+            .wait_on(&cluster.owners, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{id} back: {e:#}\n{}", cluster.logs()));
+        kills.push(format!(
+            "{id} killed {:.1} s into the run: out after {} ms, its {} devices moved in {} ms, \
+             restarted and its devices back {} ms after it was eligible",
+            last_kill.as_secs_f64(),
+            detection.as_millis(),
+            devices.len(),
+            moved.as_millis(),
+            back.as_millis()
+        ));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // The last kill happened while SIPp was still placing calls.
+    assert!(
+        last_kill.as_secs_f64() < f64::from(calls_total) / f64::from(rate),
+        "the run ended before the last kill ({kills:#?}): raise THALAMUS_CHAOS_CALLS"
+    );
+    let result = finish(run);
+    let kinds = failure_kinds(&result);
+    let taken_over: Vec<String> = NODE_IDS
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let n = cluster
+                .node(i)
+                .metric("thalamus_takeovers_total{reason=\"claimed\"}")
+                .unwrap_or(0.0);
+            format!("{id} {n}")
+        })
+        .collect();
+    let bound = 3 * WINDOW_MS * u64::from(rate) / 1000;
+    let figures = format!(
+        "kill in turn: {calls_total} calls of {} s at {rate}/s through the balancer to {} \
+         devices on 3 nodes; {kills:#?}; failed calls {} of {calls_total} ({kinds:?}), bound \
+         3 x window x rate = {bound}; takeovers since the last restart {taken_over:?}; INVITE \
+         retransmissions {}, BYE retransmissions {}",
+        f64::from(hold_ms) / 1000.0,
+        devices_count(),
+        result.failed,
+        result.invite_retransmissions,
+        result.bye_retransmissions,
+    );
+    println!("{figures}");
+    assert_run(&cluster, &result, calls_total, bound, &figures);
+}
