@@ -11,6 +11,9 @@
 #                elsewhere, releases those of devices that left, drops the requests that waited
 #                out the freeze) and comes back.
 #   3. store:    Redis is frozen for 3 s, then killed and restarted empty.
+#   3b. store failover: the store is a Redis master, a replica and a sentinel; the master is
+#                killed, the sentinel promotes the replica, the nodes write their records to it,
+#                then a node is killed and its calls are taken over from the promoted replica.
 #   4. balancer: the balancer is killed and started again on its ports.
 #   5. kill in turn: each of three nodes is killed in turn, restarted and given its devices back
 #                before the next one dies (HOLD_MS 1000: shorter than the time between two calls
@@ -44,12 +47,13 @@ run() {
       THALAMUS_CHAOS_HOLD_MS=$hold \
       cargo test --release --quiet -p thalamus-tests --test balancer_cluster "$test" \
       -- --exact --nocapture --test-threads=1 2>&1 \
-      | grep -E '^(kill|kill in turn|freeze|restart|store|balancer restart):|test result|panicked' | tee -a "$OUT"
+      | grep -E '^(kill|kill in turn|freeze|restart|store|store failover|balancer restart):|test result|panicked' | tee -a "$OUT"
   done
 }
 run kill a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected "${KILL_HOLD_MS:-200}"
 run freeze a_node_frozen_for_four_seconds_loses_no_confirmed_dialog "${FREEZE_HOLD_MS:-5000}"
 run store the_store_frozen_then_restarted_empty_loses_no_call "${HOLD_MS:-5000}"
+run "store failover" a_store_failover_then_a_node_death_loses_no_confirmed_dialog "${HOLD_MS:-5000}"
 run balancer a_restarted_balancer_loses_no_call "${HOLD_MS:-5000}"
 run "kill in turn" each_node_killed_in_turn_loses_no_confirmed_dialog "${TURN_HOLD_MS:-1000}"
 echo "figures in $OUT"

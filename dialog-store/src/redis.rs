@@ -820,6 +820,10 @@ impl DialogStore for RedisDialogStore {
         self.inner.write_batch(ops)
     }
 
+    fn instance(&self) -> StoreFuture<'_, Option<String>> {
+        self.inner.instance()
+    }
+
     fn close(&self) -> StoreFuture<'_, ()> {
         if let Some(watcher) = self.watcher.lock().ok().and_then(|mut w| w.take()) {
             watcher.abort();
@@ -1039,6 +1043,21 @@ impl DialogStore for RedisInner {
                     },
                 })
                 .collect())
+        })
+    }
+
+    /// The master's `run_id` (`INFO server`): a restart or a failover changes it.
+    fn instance(&self) -> StoreFuture<'_, Option<String>> {
+        Box::pin(async move {
+            let info: String = self
+                .run("instance", |mut c| async move {
+                    redis::cmd("INFO").arg("server").query_async(&mut c).await
+                })
+                .await?;
+            Ok(info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_string()))
         })
     }
 

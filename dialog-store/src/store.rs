@@ -184,6 +184,15 @@ pub trait DialogStore: Send + Sync + std::fmt::Debug {
         self.write_batch(ops)
     }
 
+    /// Which instance of the backend answers: a value that changes when the data behind the
+    /// store may have changed without this node's writes (a Redis restart, or a failover to a
+    /// replica that may lack the last writes). A node that sees it change writes the records of
+    /// its calls again. `None` for backends without such a notion (the embedded and memory
+    /// stores live in the node itself).
+    fn instance(&self) -> StoreFuture<'_, Option<String>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Closes the store: pending writes finish, later calls fail with [`StoreError::Closed`],
     /// and files or connections are released.
     fn close(&self) -> StoreFuture<'_, ()>;

@@ -287,6 +287,7 @@ impl GatewayNode {
         let mut tasks = vec![
             tokio::spawn(rereplicate_when_the_store_is_back(
                 cluster.store_up(),
+                cluster.store_changes(),
                 shared.bridge.clone(),
                 shutdown.clone(),
             )),
@@ -619,9 +620,11 @@ async fn recover_when_out_of_the_live_set(
 const RECOVERY_LISTED_WAIT: Duration = Duration::from_secs(5);
 
 /// When the dialog store answers again after an outage, every confirmed call this node holds
-/// writes its record again (the writes of the outage failed).
+/// writes its record again (the writes of the outage failed); so it does when the store is a new
+/// instance (a failover to a replica that may lack the last writes, or a restart).
 async fn rereplicate_when_the_store_is_back(
     mut store_up: tokio::sync::watch::Receiver<bool>,
+    mut store_changes: tokio::sync::watch::Receiver<u64>,
     bridge: thalamus_bridge::Bridge,
     shutdown: CancellationToken,
 ) {
@@ -636,6 +639,14 @@ async fn rereplicate_when_the_store_is_back(
                     let calls = bridge.replicate_all();
                     info!(calls, "dialog store back: records of the calls held here written again");
                 }
+            }
+            changed = store_changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                store_changes.borrow_and_update();
+                let calls = bridge.replicate_all();
+                info!(calls, "dialog store is a new instance: records of the calls held here written again");
             }
         }
     }

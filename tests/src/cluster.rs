@@ -77,6 +77,47 @@ impl Redis {
 
     /// [`Redis::start`] on `port` (a test that starts a node before its store picks the port).
     pub fn start_on(port: u16) -> anyhow::Result<Self> {
+        Self::spawn(port, |_| Vec::new(), &[])
+    }
+
+    /// A replica of `master`, on a free port.
+    pub fn start_replica_of(master: &Redis) -> anyhow::Result<Self> {
+        let master_port = master.port.to_string();
+        Self::spawn(
+            free_tcp_port()?,
+            |_| Vec::new(),
+            &["--replicaof", "127.0.0.1", &master_port],
+        )
+    }
+
+    /// A sentinel on a free port monitoring `master` under `name` with quorum 1, taking the
+    /// master for down after 1 s without an answer.
+    pub fn start_sentinel(name: &str, master: &Redis) -> anyhow::Result<Self> {
+        let master_port = master.port;
+        Self::spawn(
+            free_tcp_port()?,
+            |dir| {
+                let conf = dir.join("sentinel.conf");
+                vec![
+                    conf.display().to_string(),
+                    format!(
+                        "sentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+                         sentinel down-after-milliseconds {name} 1000\n\
+                         sentinel failover-timeout {name} 5000\n"
+                    ),
+                ]
+            },
+            &["--sentinel"],
+        )
+    }
+
+    /// Starts `redis-server` on `port` in a new directory; `config` may return a config file
+    /// path and its text (a sentinel needs a writable one), which go first; `args` follow.
+    fn spawn(
+        port: u16,
+        config: impl FnOnce(&Path) -> Vec<String>,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let path = Path::new("/usr/bin/redis-server");
         if !path.exists() {
             bail!(
@@ -85,11 +126,19 @@ impl Redis {
             );
         }
         let dir = tempfile::tempdir()?;
-        let child = Command::new(path)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut command = Command::new(path);
+        if let [file, text] = config(dir.path()).as_slice() {
+            std::fs::write(file, text)?;
+            command.arg(file);
+        }
+        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+        if !args.contains(&"--sentinel") {
+            command.args(["--save", "", "--appendonly", "no"]);
+        }
+        let child = command
             .arg("--dir")
             .arg(dir.path())
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -107,6 +156,23 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(redis)
+    }
+
+    /// Sends one inline command and returns the first reply's text (up to 4 KiB), or `None`
+    /// when it does not answer within a second.
+    pub fn command(&self, command: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        s.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Asked of a sentinel: the port of the master it knows as `name`.
+    pub fn sentinel_master_port(&self, name: &str) -> Option<u16> {
+        let reply = self.command(&format!("SENTINEL get-master-addr-by-name {name}"))?;
+        reply.lines().nth(4)?.trim().parse().ok()
     }
 
     /// Whether it answers PING.

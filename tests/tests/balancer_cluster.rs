@@ -103,7 +103,10 @@ fn owners(devices: &[String], nodes: &[&str]) -> BTreeMap<String, String> {
 /// Gateway nodes (two, or [`NODE_IDS`]'s three), the balancer, Redis and the device fleet,
 /// every device at its owner.
 struct Cluster {
+    /// The dialog store (with Sentinel: its first master).
     redis: Redis,
+    /// With Sentinel: the replica and the sentinel.
+    sentinel: Option<(Redis, Redis)>,
     balancer: Balancer,
     registry_dir: tempfile::TempDir,
     nodes: Vec<Option<Gateway>>,
@@ -125,10 +128,27 @@ impl Cluster {
 
     /// `n` nodes; the fleet's configuration from its secret.
     fn start_with(n: usize, fleet_config: impl FnOnce(&str) -> FleetConfig) -> Self {
+        Self::start_with_store(n, fleet_config, false)
+    }
+
+    /// [`Cluster::start_with`]; with `sentinel`, the store is a Redis master, a replica and a
+    /// sentinel watching them (master name [`SENTINEL_MASTER`]), and the nodes find the
+    /// master through the sentinel.
+    fn start_with_store(
+        n: usize,
+        fleet_config: impl FnOnce(&str) -> FleetConfig,
+        sentinel: bool,
+    ) -> Self {
         let redis = Redis::start().unwrap();
+        let sentinel = sentinel.then(|| {
+            let replica = Redis::start_replica_of(&redis).unwrap();
+            let sentinel = Redis::start_sentinel(SENTINEL_MASTER, &redis).unwrap();
+            (replica, sentinel)
+        });
+        let store = store_section(&redis, sentinel.as_ref());
         let balancer = Balancer::start(HEARTBEAT_MS, MISS_COUNT, "warn").unwrap();
         let registry_dir = tempfile::tempdir().unwrap();
-        let extra = |i: usize| node_extra(NODE_IDS[i], &redis, &balancer, registry_dir.path());
+        let extra = |i: usize| node_extra(NODE_IDS[i], &store, &balancer, registry_dir.path());
         let a = Gateway::start(&extra(0)).unwrap();
         // One secret for all the devices (one slow hash).
         let out = Command::new(bin("thalamus"))
@@ -171,6 +191,7 @@ impl Cluster {
         let fleet = Fleet::start(&devices, fleet_nodes, fleet_config(&secret));
         let cluster = Self {
             redis,
+            sentinel,
             balancer,
             registry_dir,
             quic: nodes.iter().map(|gw| gw.quic).collect(),
@@ -198,7 +219,7 @@ impl Cluster {
     fn extra(&self, i: usize) -> String {
         node_extra(
             NODE_IDS[i],
-            &self.redis,
+            &store_section(&self.redis, self.sentinel.as_ref()),
             &self.balancer,
             self.registry_dir.path(),
         )
@@ -241,7 +262,21 @@ fn fleet_node(id: &str, gw: &Gateway) -> FleetNode {
     }
 }
 
-fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path) -> String {
+/// The master name the sentinel of [`Cluster::start_with_store`] watches.
+const SENTINEL_MASTER: &str = "thalamus";
+
+/// The nodes' `[cluster.store.redis]`: the master's URL, or the sentinel.
+fn store_section(redis: &Redis, sentinel: Option<&(Redis, Redis)>) -> String {
+    match sentinel {
+        None => format!("url = \"{}\"\n", redis.url()),
+        Some((_, sentinel)) => format!(
+            "sentinels = [\"127.0.0.1:{}\"]\nmaster_name = \"{SENTINEL_MASTER}\"\n",
+            sentinel.port
+        ),
+    }
+}
+
+fn node_extra(id: &str, store: &str, lb: &Balancer, registry_dir: &Path) -> String {
     let registry = registry_dir.join("devices.toml");
     format!(
         "[node]\nid = \"{id}\"\ndevice_registry = {registry:?}\n\n\
@@ -251,9 +286,8 @@ fn node_extra(id: &str, redis: &Redis, lb: &Balancer, registry_dir: &Path) -> St
          [log]\nlevel = \"info\"\n\n\
          [cluster]\nlease_ttl_ms = 1500\n\n\
          [cluster.store]\nbackend = \"redis\"\n\n\
-         [cluster.store.redis]\nurl = \"{}\"\n\n\
+         [cluster.store.redis]\n{store}\n\
          [cluster.heartbeat]\nbalancers = [\"{}\"]\ninterval_ms = {HEARTBEAT_MS}\n",
-        redis.url(),
         lb.heartbeat
     )
 }
@@ -1293,4 +1327,109 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
     );
     println!("{figures}");
     assert_run(&cluster, &result, calls_total, bound, &figures);
+}
+
+/// Chaos 3, the store's own failover (issue 16): the store is a Redis master with a replica
+/// and a sentinel. Under load the master is killed (SIGKILL); the sentinel promotes the
+/// replica and the nodes follow it, writing the records of their calls again (the promoted
+/// replica may lack the last writes: replication is asynchronous). Then a node is killed: the
+/// survivors take its calls over from the promoted replica's records. No confirmed dialog is
+/// lost, and the failed calls stay within the node's detection window times the rate plus the
+/// 0.5 % the other scenarios allow.
+#[test]
+fn a_store_failover_then_a_node_death_loses_no_confirmed_dialog() {
+    let _serial = serial();
+    let mut cluster = Cluster::start_with_store(3, FleetConfig::quick, true);
+    let calls_total = chaos("CALLS", 1_250);
+    let rate = chaos("RATE", 50);
+    let hold_ms = chaos("HOLD_MS", 4_000);
+    let (master_port, replica_port, sentinel_port) = {
+        let (replica, sentinel) = cluster.sentinel.as_ref().unwrap();
+        (cluster.redis.port, replica.port, sentinel.port)
+    };
+    let sentinel = |c: &Cluster| {
+        c.sentinel
+            .as_ref()
+            .unwrap()
+            .1
+            .sentinel_master_port(SENTINEL_MASTER)
+    };
+    assert_eq!(sentinel(&cluster), Some(master_port));
+    let run = start_sipp(&cluster, calls_total, rate, hold_ms);
+    std::thread::sleep(Duration::from_secs(6));
+    let killed_at = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-KILL", &cluster.redis.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + T;
+    while sentinel(&cluster) != Some(replica_port) {
+        assert!(
+            Instant::now() < deadline,
+            "sentinel {sentinel_port} never promoted the replica\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let promoted = killed_at.elapsed();
+    // Every node writes its records to the new master (it noticed the outage, or the new
+    // instance).
+    let deadline = Instant::now() + T;
+    for (i, id) in NODE_IDS.iter().enumerate() {
+        let node = cluster.node(i);
+        while node.metric("thalamus_store_up").unwrap_or(0.0) < 1.0
+            || !node
+                .log()
+                .contains("records of the calls held here written again")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{id} never wrote its records to the new master\n{}",
+                cluster.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let rewritten = killed_at.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let victim = NODE_IDS[1];
+    let node_killed_at = Instant::now();
+    let _dir = cluster.nodes[1].take().unwrap().kill();
+    let detection = cluster.balancer.wait_eligible(victim, false);
+    let result = finish(run);
+    let kinds = failure_kinds(&result);
+    let takeovers: f64 = [0, 2]
+        .iter()
+        .map(|&i| {
+            cluster
+                .node(i)
+                .metric("thalamus_takeovers_total{reason=\"claimed\"}")
+                .unwrap_or(0.0)
+        })
+        .sum();
+    let bound = WINDOW_MS * u64::from(rate) / 1000 + u64::from(calls_total) / 200;
+    let figures = format!(
+        "store failover: {calls_total} calls of {} s at {rate}/s through the balancer to {} \
+         devices on 3 nodes; the Redis master killed (SIGKILL) 6 s into the run, the sentinel \
+         promoted the replica {} ms later, every node had written its records to it {} ms after \
+         the kill; then {victim} killed {} ms after that, out after {} ms; the survivors took \
+         {takeovers} dialogs over; failed calls {} of {calls_total} ({kinds:?}), bound {bound}; \
+         INVITE retransmissions {}, BYE retransmissions {}",
+        f64::from(hold_ms) / 1000.0,
+        devices_count(),
+        promoted.as_millis(),
+        rewritten.as_millis(),
+        (node_killed_at - killed_at - rewritten).as_millis(),
+        detection.as_millis(),
+        result.failed,
+        result.invite_retransmissions,
+        result.bye_retransmissions,
+    );
+    println!("{figures}");
+    assert_run(&cluster, &result, calls_total, bound, &figures);
+    assert!(
+        takeovers >= 1.0,
+        "no dialog of {victim} was taken over: {figures}"
+    );
 }

@@ -55,6 +55,10 @@ pub struct ClusterRuntime {
     /// Whether the store answered its last probe (true until the first probe says otherwise).
     store_up: tokio::sync::watch::Receiver<bool>,
     store_up_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// How many times the store's instance changed while it answered (a failover or a restart
+    /// the probe did not see as an outage); a change wakes receivers.
+    store_changes: tokio::sync::watch::Receiver<u64>,
+    store_changes_total: prometheus_client::metrics::counter::Counter,
     probe_task: Option<JoinHandle<()>>,
 }
 
@@ -104,10 +108,16 @@ impl ClusterRuntime {
         let (up_tx, store_up) = tokio::sync::watch::channel(true);
         let store_up_gauge = prometheus_client::metrics::gauge::Gauge::default();
         store_up_gauge.set(1);
+        let (changes_tx, store_changes) = tokio::sync::watch::channel(0u64);
+        let store_changes_total = prometheus_client::metrics::counter::Counter::default();
         let probe_task = Some(tokio::spawn(probe_store(
             store.clone(),
-            up_tx,
-            store_up_gauge.clone(),
+            StoreProbe {
+                up: up_tx,
+                gauge: store_up_gauge.clone(),
+                changes: changes_tx,
+                changes_total: store_changes_total.clone(),
+            },
         )));
         Ok(Self {
             node_id: node_id.to_string(),
@@ -119,6 +129,8 @@ impl ClusterRuntime {
             lease_task,
             store_up,
             store_up_gauge,
+            store_changes,
+            store_changes_total,
             probe_task,
         })
     }
@@ -126,6 +138,13 @@ impl ClusterRuntime {
     /// Whether the dialog store answers (updated every second; a change wakes receivers).
     pub fn store_up(&self) -> tokio::sync::watch::Receiver<bool> {
         self.store_up.clone()
+    }
+
+    /// Counts the changes of the store's instance seen while it answered (a Redis failover to
+    /// a replica, or a restart between two probes): the store may have lost writes this node
+    /// made, so it writes its records again. A change wakes receivers.
+    pub fn store_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.store_changes.clone()
     }
 
     /// Starts heartbeats to the configured balancers (nothing when none are configured).
@@ -199,6 +218,12 @@ impl ClusterRuntime {
             "1 while the dialog store answers (probed every second), 0 while it does not",
             self.store_up_gauge.clone(),
         );
+        registry.register(
+            "store_instance_changes",
+            "Changes of the dialog store's instance (a failover or a restart) seen while it \
+             answered; each makes the node write its records again",
+            self.store_changes_total.clone(),
+        );
     }
 
     /// Stops heartbeats and lease renewal, writes out the replication queue and closes the
@@ -252,30 +277,56 @@ async fn renew_lease(
     }
 }
 
-/// Reads a probe key every second (each read bounded to 1 s) and publishes whether the store
-/// answered: on the watch channel (receivers wake on a change) and the gauge.
-async fn probe_store(
-    store: Arc<dyn DialogStore>,
+/// Where the store probe publishes what it finds.
+struct StoreProbe {
     up: tokio::sync::watch::Sender<bool>,
     gauge: prometheus_client::metrics::gauge::Gauge,
-) {
+    changes: tokio::sync::watch::Sender<u64>,
+    changes_total: prometheus_client::metrics::counter::Counter,
+}
+
+/// Reads a probe key every second (each read bounded to 1 s) and publishes whether the store
+/// answered: on the watch channel (receivers wake on a change) and the gauge. While it answers,
+/// it also reads the store's instance ([`DialogStore::instance`]); a new instance that the
+/// probe did not see as an outage (a failover to a replica, or a restart between two probes)
+/// is published on `changes`. (After an outage the store coming back already makes the node
+/// write its records again.)
+async fn probe_store(store: Arc<dyn DialogStore>, probe: StoreProbe) {
     let key = thalamus_dialog_store::DialogKey::new("thalamus-probe", "probe", "probe");
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known: Option<String> = None;
     loop {
         tick.tick().await;
         let answered = matches!(
             tokio::time::timeout(std::time::Duration::from_secs(1), store.get(&key)).await,
             Ok(Ok(_))
         );
-        gauge.set(i64::from(answered));
-        if *up.borrow() != answered {
+        let mut changed = false;
+        if answered {
+            if let Ok(Ok(Some(id))) =
+                tokio::time::timeout(std::time::Duration::from_secs(1), store.instance()).await
+            {
+                changed = known.as_ref().is_some_and(|k| *k != id);
+                known = Some(id);
+            }
+        }
+        probe.gauge.set(i64::from(answered));
+        if *probe.up.borrow() != answered {
             if answered {
                 tracing::info!("the dialog store answers again");
             } else {
                 warn!("the dialog store does not answer: calls go on unreplicated");
             }
-            let _ = up.send(answered);
+            let _ = probe.up.send(answered);
+        } else if changed {
+            warn!(
+                instance = known.as_deref().unwrap_or(""),
+                "the dialog store is a new instance (a failover or a restart): it may lack \
+                 writes of this node"
+            );
+            probe.changes_total.inc();
+            probe.changes.send_modify(|n| *n += 1);
         }
     }
 }
