@@ -80,6 +80,17 @@ impl Redis {
         Self::spawn(port, |_| Vec::new(), &[])
     }
 
+    /// [`Redis::start`] listening on loopback and on `also` (an address of a test's network
+    /// namespace).
+    pub fn start_also_on(also: &str) -> anyhow::Result<Self> {
+        // Protected mode would refuse the namespace's clients (no password: a test store).
+        Self::spawn(
+            free_tcp_port()?,
+            |_| Vec::new(),
+            &["--bind", "127.0.0.1", also, "--protected-mode", "no"],
+        )
+    }
+
     /// A replica of `master`, on a free port.
     pub fn start_replica_of(master: &Redis) -> anyhow::Result<Self> {
         let master_port = master.port.to_string();
@@ -199,6 +210,10 @@ impl Redis {
     }
 }
 
+/// The heartbeat secret of a balancer listening outside loopback
+/// ([`Balancer::start_on_host`]): its nodes' `[cluster.heartbeat] secret`.
+pub const HEARTBEAT_SECRET: &str = "thalamus-tests-heartbeat-secret";
+
 /// The `thalamus balancer` process, everything on loopback ports it picks.
 #[derive(Debug)]
 pub struct Balancer {
@@ -216,9 +231,25 @@ impl Balancer {
     /// Starts a balancer expecting heartbeats every `interval_ms`, taking a node out after
     /// `miss_count` missed ones, logging at `log_level`.
     pub fn start(interval_ms: u64, miss_count: u32, log_level: &str) -> anyhow::Result<Self> {
+        Self::start_on_host("127.0.0.1", interval_ms, miss_count, log_level)
+    }
+
+    /// [`Balancer::start`] with its SIP and heartbeat sockets on `host` (an address of a
+    /// test's network namespace); its admin endpoint stays on loopback.
+    pub fn start_on_host(
+        host: &str,
+        interval_ms: u64,
+        miss_count: u32,
+        log_level: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let on =
+            |port: &str| -> anyhow::Result<SocketAddr> { Ok(format!("{host}:{port}").parse()?) };
+        let ports = (host != "127.0.0.1")
+            .then(|| -> anyhow::Result<_> { Ok((on("0")?, on("0")?, "127.0.0.1:0".parse()?)) })
+            .transpose()?;
         let (proc, sip, heartbeat, admin) =
-            Self::spawn(dir.path(), interval_ms, miss_count, log_level, None)?;
+            Self::spawn(dir.path(), interval_ms, miss_count, log_level, ports)?;
         Ok(Self {
             _proc: proc,
             sip,
@@ -253,6 +284,11 @@ impl Balancer {
         ports: Option<(SocketAddr, SocketAddr, SocketAddr)>,
     ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr, SocketAddr)> {
         let config = dir.join("balancer.toml");
+        // A balancer reachable from outside loopback authenticates heartbeats.
+        let secret = ports
+            .filter(|(s, ..)| !s.ip().is_loopback())
+            .map(|_| format!("secret = \"{HEARTBEAT_SECRET}\"\n"))
+            .unwrap_or_default();
         let any = "127.0.0.1:0".to_string();
         let (sip, hb, admin) = ports.map_or_else(
             || (any.clone(), any.clone(), any.clone()),
@@ -262,7 +298,7 @@ impl Balancer {
             &config,
             format!(
                 "[sip]\nlisten = \"{sip}\"\n\n[heartbeat]\nlisten = \"{hb}\"\n\
-                 interval_ms = {interval_ms}\nmiss_count = {miss_count}\nrejoin_count = 2\n\n\
+                 interval_ms = {interval_ms}\nmiss_count = {miss_count}\nrejoin_count = 2\n{secret}\n\
                  [admin]\nlisten = \"{admin}\"\n\n[log]\nlevel = \"{log_level}\"\n"
             ),
         )?;

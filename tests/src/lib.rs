@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod fleet;
+pub mod netns;
 pub mod sipp;
 
 pub use sipp::{scenario, sipp, SippFiles, SippOutcome, SippProcess};
@@ -185,6 +186,18 @@ impl Gateway {
         extra: &str,
         admin_token: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::start_in_namespace(dir, None, quic, extra, admin_token)
+    }
+
+    /// [`Gateway::start_in_with`] inside the network namespace `netns` (`ip netns exec`), when
+    /// given ([`netns::Netns`]).
+    pub fn start_in_namespace(
+        dir: tempfile::TempDir,
+        netns: Option<&str>,
+        quic: &str,
+        extra: &str,
+        admin_token: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let config_path = dir.path().join("thalamus.toml");
         let data = dir.path().join("data");
         let token = admin_token
@@ -202,7 +215,15 @@ impl Gateway {
             .create(true)
             .append(true)
             .open(dir.path().join("gateway.log"))?;
-        let child = Command::new(bin("thalamus"))
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("thalamus"));
+                c
+            }
+            None => Command::new(bin("thalamus")),
+        };
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .arg("run")

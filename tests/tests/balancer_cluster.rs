@@ -33,6 +33,7 @@ use serde_json::Value;
 use thalamus_ownership::{owner, NodeId};
 use thalamus_tests::cluster::{http_request, Balancer, Redis};
 use thalamus_tests::fleet::{DialOutcome, DialPlan, Fleet, FleetConfig, FleetEventKind, FleetNode};
+use thalamus_tests::netns::{self, Netns};
 use thalamus_tests::{bin, call_records, free_udp_port, scenario, sipp, Gateway, Sim, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
@@ -107,6 +108,8 @@ struct Cluster {
     redis: Redis,
     /// With Sentinel: the replica and the sentinel.
     sentinel: Option<(Redis, Redis)>,
+    /// The namespace of the second node, when it runs in one.
+    partitioned: Option<String>,
     balancer: Balancer,
     registry_dir: tempfile::TempDir,
     nodes: Vec<Option<Gateway>>,
@@ -128,28 +131,50 @@ impl Cluster {
 
     /// `n` nodes; the fleet's configuration from its secret.
     fn start_with(n: usize, fleet_config: impl FnOnce(&str) -> FleetConfig) -> Self {
-        Self::start_with_store(n, fleet_config, false)
+        Self::start_with_store(n, fleet_config, false, None)
     }
 
     /// [`Cluster::start_with`]; with `sentinel`, the store is a Redis master, a replica and a
     /// sentinel watching them (master name [`SENTINEL_MASTER`]), and the nodes find the
-    /// master through the sentinel.
+    /// master through the sentinel. With `netns` (entered by the calling thread), the second
+    /// node runs in its namespace and reaches the store over its own link.
     fn start_with_store(
         n: usize,
         fleet_config: impl FnOnce(&str) -> FleetConfig,
         sentinel: bool,
+        netns: Option<&Netns>,
     ) -> Self {
-        let redis = Redis::start().unwrap();
+        let redis = match netns {
+            Some(_) => Redis::start_also_on(netns::WORLD_B).unwrap(),
+            None => Redis::start().unwrap(),
+        };
         let sentinel = sentinel.then(|| {
             let replica = Redis::start_replica_of(&redis).unwrap();
             let sentinel = Redis::start_sentinel(SENTINEL_MASTER, &redis).unwrap();
             (replica, sentinel)
         });
-        let store = store_section(&redis, sentinel.as_ref());
-        let balancer = Balancer::start(HEARTBEAT_MS, MISS_COUNT, "warn").unwrap();
+        let balancer = match netns {
+            Some(_) => Balancer::start_on_host(netns::WORLD_A, HEARTBEAT_MS, MISS_COUNT, "warn"),
+            None => Balancer::start(HEARTBEAT_MS, MISS_COUNT, "warn"),
+        }
+        .unwrap();
         let registry_dir = tempfile::tempdir().unwrap();
-        let extra = |i: usize| node_extra(NODE_IDS[i], &store, &balancer, registry_dir.path());
-        let a = Gateway::start(&extra(0)).unwrap();
+        let partitioned = netns.map(|ns| ns.node.clone());
+        let extra = |i: usize| {
+            let store = store_section(&redis, sentinel.as_ref(), i, partitioned.is_some());
+            node_extra(NODE_IDS[i], &store, &balancer, registry_dir.path())
+        };
+        let start = |i: usize| match (&partitioned, i) {
+            (Some(ns), 1) => Gateway::start_in_namespace(
+                tempfile::tempdir().unwrap(),
+                Some(ns),
+                &format!("{}:0", netns::NODE_A),
+                &extra(i),
+                Some(thalamus_tests::ADMIN_TOKEN),
+            ),
+            _ => Gateway::start(&extra(i)),
+        };
+        let a = start(0).unwrap();
         // One secret for all the devices (one slow hash).
         let out = Command::new(bin("thalamus"))
             .arg("--config")
@@ -167,7 +192,7 @@ impl Cluster {
         let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let mut nodes = vec![a];
         for i in 1..n {
-            nodes.push(Gateway::start(&extra(i)).unwrap());
+            nodes.push(start(i).unwrap());
         }
         for id in &NODE_IDS[..n] {
             balancer.wait_eligible(id, true);
@@ -190,6 +215,7 @@ impl Cluster {
             .collect();
         let fleet = Fleet::start(&devices, fleet_nodes, fleet_config(&secret));
         let cluster = Self {
+            partitioned,
             redis,
             sentinel,
             balancer,
@@ -219,7 +245,12 @@ impl Cluster {
     fn extra(&self, i: usize) -> String {
         node_extra(
             NODE_IDS[i],
-            &store_section(&self.redis, self.sentinel.as_ref()),
+            &store_section(
+                &self.redis,
+                self.sentinel.as_ref(),
+                i,
+                self.partitioned.is_some(),
+            ),
             &self.balancer,
             self.registry_dir.path(),
         )
@@ -265,9 +296,33 @@ fn fleet_node(id: &str, gw: &Gateway) -> FleetNode {
 /// The master name the sentinel of [`Cluster::start_with_store`] watches.
 const SENTINEL_MASTER: &str = "thalamus";
 
-/// The nodes' `[cluster.store.redis]`: the master's URL, or the sentinel.
-fn store_section(redis: &Redis, sentinel: Option<&(Redis, Redis)>) -> String {
+/// What every node of a partition test adds: the balancer's heartbeat secret, and its address
+/// (outside loopback there) among the trusted SIP sources.
+const PARTITION_COMMON: &str =
+    "[cluster.heartbeat]\nsecret = \"thalamus-tests-heartbeat-secret\"\n\n\
+     [sip.inbound]\ntrusted = [\"127.0.0.0/8\", \"10.99.1.0/24\"]\n";
+
+/// Node `i`'s `[cluster.store.redis]`: the master's URL, or the sentinel. With a partition,
+/// the second node reaches the store over its own link, and its other sockets are on its
+/// namespace's address.
+fn store_section(
+    redis: &Redis,
+    sentinel: Option<&(Redis, Redis)>,
+    i: usize,
+    partitioned: bool,
+) -> String {
     match sentinel {
+        None if partitioned && i == 1 => format!(
+            "url = \"redis://{}:{}/0\"\n\n[sip]\nlisten = \"{a}:0\"\n\n[admin]\nlisten = \"{a}:0\"\n\n\
+             [media]\naddress = \"{a}\"\n\n{PARTITION_COMMON}",
+            netns::WORLD_B,
+            redis.port,
+            a = netns::NODE_A
+        ),
+        None if partitioned => format!(
+            "url = \"{}\"\n\n{PARTITION_COMMON}",
+            redis.url()
+        ),
         None => format!("url = \"{}\"\n", redis.url()),
         Some((_, sentinel)) => format!(
             "sentinels = [\"127.0.0.1:{}\"]\nmaster_name = \"{SENTINEL_MASTER}\"\n",
@@ -1339,7 +1394,7 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
 #[test]
 fn a_store_failover_then_a_node_death_loses_no_confirmed_dialog() {
     let _serial = serial();
-    let mut cluster = Cluster::start_with_store(3, FleetConfig::quick, true);
+    let mut cluster = Cluster::start_with_store(3, FleetConfig::quick, true, None);
     let calls_total = chaos("CALLS", 1_250);
     let rate = chaos("RATE", 50);
     let hold_ms = chaos("HOLD_MS", 4_000);
@@ -1432,4 +1487,95 @@ fn a_store_failover_then_a_node_death_loses_no_confirmed_dialog() {
         takeovers >= 1.0,
         "no dialog of {victim} was taken over: {figures}"
     );
+}
+
+/// Chaos 5 (issue 16): a node cut off from the dialog store but not from SIP or its devices.
+/// The second node runs in its own network namespace with two links to the world where
+/// everything else runs (the test itself included); under load its link to Redis is taken
+/// down for 5 s (longer than its owner lease) and brought up again. The node goes on with its
+/// calls unreplicated while it cannot confirm its lease (fenced: it sends no request that needs
+/// a write ahead), and writes their records again once the store answers. No confirmed dialog
+/// is lost, no dialog is taken over by another node while its owner still serves it, and the
+/// failed calls stay within 0.5 %.
+#[test]
+fn a_node_cut_off_from_the_store_loses_no_confirmed_dialog() {
+    let _serial = serial();
+    let ns = Netns::create().unwrap_or_else(|e| {
+        panic!("{e:#}: this test makes network namespaces (it needs root and iproute2)")
+    });
+    ns.enter_world().unwrap();
+    let cluster = Cluster::start_with_store(3, FleetConfig::quick, false, Some(&ns));
+    let calls_total = chaos("CALLS", 1_200);
+    let rate = chaos("RATE", 50);
+    let hold_ms = chaos("HOLD_MS", 3_000);
+    const CUT: Duration = Duration::from_secs(5);
+    let cut_id = NODE_IDS[1];
+    let run = start_sipp(&cluster, calls_total, rate, hold_ms);
+    std::thread::sleep(Duration::from_secs(6));
+    let calls_before = cluster.incoming(1);
+    ns.store_link(false).unwrap();
+    let cut_at = Instant::now();
+    // The node notices: its probe of the store fails.
+    let deadline = Instant::now() + T;
+    while cluster.node(1).metric("thalamus_store_up").unwrap_or(1.0) > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{cut_id} never noticed it lost the store\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let noticed = cut_at.elapsed();
+    std::thread::sleep(CUT.saturating_sub(cut_at.elapsed()));
+    let calls_during = cluster.incoming(1) - calls_before;
+    ns.store_link(true).unwrap();
+    let healed_at = Instant::now();
+    let deadline = Instant::now() + T;
+    while cluster.node(1).metric("thalamus_store_up").unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "{cut_id} never reached the store again\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let back = healed_at.elapsed();
+    let result = finish(run);
+    let kinds = failure_kinds(&result);
+    let metric = |i: usize, name: &str| cluster.node(i).metric(name).unwrap_or(0.0);
+    let fenced = metric(1, "thalamus_write_ahead_total{reason=\"fenced\"}");
+    let lost_here = metric(1, "thalamus_dialogs_lost_total");
+    let taken_elsewhere = metric(0, "thalamus_takeovers_total{reason=\"claimed\"}")
+        + metric(2, "thalamus_takeovers_total{reason=\"claimed\"}");
+    let figures = format!(
+        "partition: {calls_total} calls of {} s at {rate}/s through the balancer to {} devices \
+         on 3 nodes; {cut_id}'s link to Redis down 6 s into the run for {} s (it noticed after \
+         {} ms and reached the store again {} ms after the link came back); it took \
+         {calls_during} calls while cut off; {fenced} requests held back by its fence; dialogs \
+         it lost {lost_here}, taken over by the other nodes {taken_elsewhere}; failed calls {} of \
+         {calls_total} ({kinds:?}); INVITE retransmissions {}, BYE retransmissions {}",
+        f64::from(hold_ms) / 1000.0,
+        devices_count(),
+        CUT.as_secs(),
+        noticed.as_millis(),
+        back.as_millis(),
+        result.failed,
+        result.invite_retransmissions,
+        result.bye_retransmissions,
+    );
+    println!("{figures}");
+    assert_run(
+        &cluster,
+        &result,
+        calls_total,
+        u64::from(calls_total) / 200,
+        &figures,
+    );
+    assert!(calls_during > 0, "{figures}");
+    // Its dialogs stayed its own: nobody took one over, it lost none.
+    assert_eq!(taken_elsewhere, 0.0, "{figures}");
+    assert_eq!(lost_here, 0.0, "{figures}");
+    for id in NODE_IDS {
+        cluster.balancer.wait_eligible(id, true);
+    }
 }
