@@ -33,10 +33,11 @@ pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], ClientSetupError> {
         .map_err(|_| ClientSetupError::BadFingerprint(text.into()))
 }
 
-/// Accepts exactly one certificate, by the SHA-256 of its DER encoding.
+/// Accepts the certificates pinned, by the SHA-256 of their DER encoding (one per node of a
+/// cluster whose nodes each have their own).
 #[derive(Debug)]
 struct PinnedCert {
-    fingerprint: [u8; 32],
+    fingerprints: Vec<[u8; 32]>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -50,7 +51,7 @@ impl ServerCertVerifier for PinnedCert {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.fingerprint {
+        if self.fingerprints.contains(&got) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -95,18 +96,35 @@ impl ServerCertVerifier for PinnedCert {
 pub fn client_config(
     fingerprint: Option<[u8; 32]>,
 ) -> Result<quinn::ClientConfig, ClientSetupError> {
+    client_config_pinned(fingerprint.into_iter().collect())
+}
+
+/// [`client_config`] accepting any of `fingerprints` (none: the WebPKI roots).
+pub fn client_config_pinned(
+    fingerprints: Vec<[u8; 32]>,
+) -> Result<quinn::ClientConfig, ClientSetupError> {
+    client_config_with(fingerprints, None)
+}
+
+/// [`client_config_pinned`] with the device's own QUIC idle timeout (the connection counts as
+/// lost after this long without a packet from the gateway; the lower of both sides' applies),
+/// keepalives every third of it. `None`: the gateway's, keepalives every 5 s.
+pub fn client_config_with(
+    fingerprints: Vec<[u8; 32]>,
+    idle_timeout: Option<std::time::Duration>,
+) -> Result<quinn::ClientConfig, ClientSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut tls = match fingerprint {
-        Some(fingerprint) => builder
+    let mut tls = match fingerprints.is_empty() {
+        false => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                fingerprint,
+                fingerprints,
                 provider,
             }))
             .with_no_client_auth(),
-        None => {
+        true => {
             let roots =
                 rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             builder.with_root_certificates(roots).with_no_client_auth()
@@ -117,7 +135,18 @@ pub fn client_config(
         .map_err(|e| ClientSetupError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    match idle_timeout {
+        Some(idle) => {
+            let timeout = quinn::IdleTimeout::try_from(idle)
+                .map_err(|_| ClientSetupError::Quic("idle timeout too large".into()))?;
+            transport
+                .max_idle_timeout(Some(timeout))
+                .keep_alive_interval(Some(idle / 3));
+        }
+        None => {
+            transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+        }
+    }
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

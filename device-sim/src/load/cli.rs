@@ -79,12 +79,25 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
 /// `thalamus-sim load`: many devices placing (or answering) calls at a rate.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
-    /// Gateway QUIC address (host:port).
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    pub gateway: String,
-    /// SHA-256 fingerprint of the gateway certificate.
-    #[arg(long)]
-    pub fingerprint: Option<String>,
+    /// Gateway QUIC address (host:port); for a cluster, several entry points (repeat the
+    /// option or separate them with commas). Device n logs in at entry point n mod their
+    /// number and follows the node's redirect to its owner.
+    #[arg(long, default_value = "127.0.0.1:4433", value_delimiter = ',')]
+    pub gateway: Vec<String>,
+    /// SHA-256 fingerprint of the gateway certificate; for a cluster whose nodes have their own
+    /// certificates, one per node (repeat or separate with commas): any of them is accepted.
+    #[arg(long, value_delimiter = ',')]
+    pub fingerprint: Vec<String>,
+    /// Seconds a device that lost its node keeps trying to log in again (at the other entry
+    /// points, resuming its session with its resume token so its calls go on); 0: it gives up
+    /// at once and its calls fail.
+    #[arg(long, default_value_t = 30.0)]
+    pub reconnect_secs: f64,
+    /// The devices' QUIC idle timeout in milliseconds: how soon a device notices that its
+    /// node is gone (keepalives every third of it; the lower of the device's and the gateway's
+    /// applies). 0: the gateway's.
+    #[arg(long, default_value_t = 0)]
+    pub idle_timeout_ms: u64,
     /// Device id prefix (devices are `<prefix>0` .. `<prefix>N-1`, from `provision`).
     #[arg(long, default_value = "load-")]
     pub prefix: String,
@@ -152,6 +165,9 @@ pub struct LoadArgs {
     pub quiet: bool,
 }
 
+/// Most entry points one run may be given.
+const MAX_ENTRY_POINTS: usize = 64;
+
 /// Resolves a gateway `host:port` to an address and the TLS server name to present: the host
 /// itself, or `localhost` for an IP address (the gateway's self-signed certificate names it).
 pub fn resolve_gateway(gateway: &str) -> anyhow::Result<(SocketAddr, String)> {
@@ -182,20 +198,34 @@ fn seconds(value: f64, name: &str) -> anyhow::Result<Duration> {
 impl LoadArgs {
     /// The run's settings.
     pub fn options(&self) -> anyhow::Result<LoadOptions> {
-        let (gateway, server_name) = resolve_gateway(&self.gateway)?;
-        let fingerprint = self
+        let mut gateways = Vec::with_capacity(self.gateway.len());
+        let mut server_name = String::new();
+        for g in &self.gateway {
+            let (addr, name) = resolve_gateway(g)?;
+            if server_name.is_empty() {
+                server_name = name;
+            }
+            gateways.push(addr);
+        }
+        if gateways.is_empty() || gateways.len() > MAX_ENTRY_POINTS {
+            anyhow::bail!("--gateway takes 1 to {MAX_ENTRY_POINTS} addresses");
+        }
+        let fingerprints = self
             .fingerprint
-            .as_deref()
-            .map(crate::quic::parse_fingerprint)
-            .transpose()?;
+            .iter()
+            .map(|f| crate::quic::parse_fingerprint(f))
+            .collect::<Result<Vec<_>, _>>()?;
         if !self.incoming && (self.cps > 0.0 || self.texts_per_s > 0.0) && self.target.is_empty() {
             anyhow::bail!("--target is required to place calls or send texts");
         }
         let hold_default = if self.incoming { 0 } else { 1000 };
         Ok(LoadOptions {
-            gateway,
+            gateways,
             server_name,
-            fingerprint,
+            fingerprints,
+            reconnect: seconds(self.reconnect_secs, "reconnect-secs")?,
+            idle_timeout: (self.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.idle_timeout_ms.clamp(100, 600_000))),
             prefix: self.prefix.clone(),
             first: self.first,
             devices: self.devices,
@@ -245,6 +275,19 @@ pub fn summary(r: &LoadReport) -> String {
         s.push_str(&format!(
             "media: {} frames sent, {} back, {:.2}% lost\n",
             m.frames_sent, m.frames_received, m.loss_percent
+        ));
+    }
+    if r.nodes.len() > 1 || r.reconnects.reconnects > 0 {
+        for (node, n) in &r.nodes {
+            s.push_str(&format!(
+                "node {node}: devices {} at start, {} at end; answered {}, failed {}; devices that came after losing a node {}\n",
+                n.devices_at_start, n.devices_at_end, n.answered, n.failed, n.reconnects_in
+            ));
+        }
+        let rc = &r.reconnects;
+        s.push_str(&format!(
+            "reconnects: {} ({} resumed, {} gave up); calls kept {}, lost with their node {}; time ms p50 {:.1} max {:.1}\n",
+            rc.reconnects, rc.resumed, rc.gave_up, rc.calls_kept, rc.calls_lost, rc.time.p50_ms, rc.time.max_ms
         ));
     }
     if let Some(t) = &r.texts {

@@ -65,6 +65,23 @@ pub enum Outcome {
         /// Media frames that came back on it.
         media_received: u64,
     },
+    /// The device lost its node and logged in again (at another entry point, or where a
+    /// redirect sent it), resuming its session when `resumed`. Calls the new node still holds
+    /// go on; the others finished as `lost with its node`.
+    Reconnected {
+        /// When it was logged in again.
+        at: Instant,
+        /// Why it logged in again: `connection lost`, or `goodbye <reason>` from its node.
+        cause: String,
+        /// Whether the session was resumed (the token was accepted).
+        resumed: bool,
+        /// Calls that went on.
+        calls_kept: u64,
+        /// Calls that did not.
+        calls_lost: u64,
+        /// From the loss to the new Welcome.
+        took: Duration,
+    },
     /// A text got its final status (or failed).
     Text {
         /// When.
@@ -456,6 +473,51 @@ impl DeviceCalls {
         calls.chain(texts).min()
     }
 
+    /// The device resumed on a node that holds the calls in `live` (the new Welcome's
+    /// `live_calls`; empty when the session was not resumed): those go on, every other call
+    /// finishes with `reason`, and texts awaiting a status fail (their answers were lost with
+    /// the old connection). A kept call the device had already hung up gets its `Hangup` again
+    /// (the first may have gone to the lost node). Returns (kept, lost).
+    pub fn keep_only(
+        &mut self,
+        now: Instant,
+        live: &std::collections::HashSet<u32>,
+        reason: &str,
+        out: &mut Vec<Envelope>,
+        outcomes: &mut Vec<Outcome>,
+    ) -> (u64, u64) {
+        let gone: Vec<u32> = self
+            .calls
+            .keys()
+            .filter(|r| !live.contains(r))
+            .copied()
+            .collect();
+        let kept = (self.calls.len() - gone.len()) as u64;
+        for call_ref in &gone {
+            self.finish(now, *call_ref, reason.to_string(), outcomes);
+        }
+        for (call_ref, slot) in &mut self.calls {
+            if slot.hung_up {
+                slot.give_up_at = now + self.settings.call_timeout;
+                out.push(Envelope {
+                    request_id: 0,
+                    body: Some(Body::Hangup(Hangup {
+                        call_ref: *call_ref,
+                    })),
+                });
+            }
+        }
+        for (_, sent) in self.texts.drain() {
+            outcomes.push(Outcome::Text {
+                at: now,
+                latency: now.saturating_duration_since(sent),
+                delivered: false,
+                reason: reason.to_string(),
+            });
+        }
+        (kept, gone.len() as u64)
+    }
+
     /// The connection is gone: every call and text still open fails with `reason`.
     pub fn fail_all(&mut self, now: Instant, reason: &str, outcomes: &mut Vec<Outcome>) {
         let refs: Vec<u32> = self.calls.keys().copied().collect();
@@ -737,5 +799,82 @@ mod tests {
         assert_eq!(outcomes.len(), 3);
         assert_eq!(d.calls_in_progress(), 0);
         assert_eq!(d.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_resumed_device_keeps_the_calls_its_new_node_holds_and_hangs_them_up_later() {
+        let t0 = Instant::now();
+        let mut d = DeviceCalls::new(settings(500));
+        let (mut out, mut outcomes) = (Vec::new(), Vec::new());
+        let answered = dial_ref(&d.dial(t0, "sip:bob@127.0.0.1"));
+        let ringing = dial_ref(&d.dial(t0, "sip:bob@127.0.0.1"));
+        d.on_frame(
+            t0,
+            &event(answered, CallState::Answered, EndReason::Unspecified, 200),
+            &mut out,
+            &mut outcomes,
+        );
+        let _ = d.text(t0, "sip:bob@127.0.0.1", "hi");
+        outcomes.clear();
+        // The node died; the survivor resumed the session with the answered call only.
+        let t1 = t0 + Duration::from_millis(100);
+        let live = std::collections::HashSet::from([answered]);
+        assert_eq!(
+            d.keep_only(t1, &live, "lost with its node", &mut out, &mut outcomes),
+            (1, 1)
+        );
+        assert!(out.is_empty(), "nothing hung up yet: {out:?}");
+        assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+        assert!(outcomes.iter().any(|o| matches!(o,
+            Outcome::Finished { answered: false, reason, .. } if reason == "lost with its node")));
+        assert!(outcomes.iter().any(|o| matches!(
+            o,
+            Outcome::Text {
+                delivered: false,
+                ..
+            }
+        )));
+        assert_eq!(d.calls_in_progress(), 1);
+        // The kept call is still hung up when its hold ends, and finishes once.
+        outcomes.clear();
+        d.poll(t0 + Duration::from_millis(500), &mut out, &mut outcomes);
+        assert!(out.iter().any(|e| matches!(&e.body,
+            Some(Body::Hangup(Hangup { call_ref })) if *call_ref == answered)));
+        assert!(!out.iter().any(|e| matches!(&e.body,
+            Some(Body::Hangup(Hangup { call_ref })) if *call_ref == ringing)));
+        // That Hangup went to a node that died: resumed again, the device sends it again.
+        out.clear();
+        assert_eq!(
+            d.keep_only(t1, &live, "lost with its node", &mut out, &mut outcomes),
+            (1, 0)
+        );
+        assert_eq!(
+            out,
+            vec![Envelope {
+                request_id: 0,
+                body: Some(Body::Hangup(Hangup { call_ref: answered }))
+            }]
+        );
+        d.on_frame(
+            t1,
+            &event(answered, CallState::Ended, EndReason::LocalHangup, 0),
+            &mut out,
+            &mut outcomes,
+        );
+        assert_eq!(d.calls_in_progress(), 0);
+        // Not resumed: nothing is kept.
+        let mut d = DeviceCalls::new(settings(500));
+        let _ = d.dial(t0, "sip:bob@127.0.0.1");
+        let mut outcomes = Vec::new();
+        assert_eq!(
+            d.keep_only(
+                t1,
+                &std::collections::HashSet::new(),
+                "lost",
+                &mut out,
+                &mut outcomes
+            ),
+            (0, 1)
+        );
     }
 }

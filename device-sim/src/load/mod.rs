@@ -30,10 +30,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId};
-use thalamus_proto::v1::Hello;
+use thalamus_proto::v1::envelope::Body;
+use thalamus_proto::v1::{Hello, Welcome};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::device::DeviceConnection;
+use crate::device::{DeviceConnection, DeviceError};
 use device_calls::{CallSettings, DeviceCalls, Outcome};
 use pacer::Pacer;
 use report::{LoadReport, Progress, RunFacts, Tally};
@@ -53,15 +54,160 @@ const DEFAULT_MAX_CALLS: u32 = 4;
 /// Extra time after the last planned hangup before open calls are written off.
 const DRAIN_SLACK: Duration = Duration::from_secs(3);
 
+/// Longest one login (QUIC handshake, Hello, Welcome) may take at one address.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest one login may take at the address of the node a device just lost.
+const SUSPECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most redirects followed in one login.
+const MAX_REDIRECTS: u32 = 3;
+
+/// First and longest pause between two rounds of reconnect attempts.
+const RECONNECT_DELAY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
+
+/// How the devices reach the gateway: its entry points, the TLS name to present and the
+/// devices' secret.
+#[derive(Debug)]
+struct Connector {
+    gateways: Vec<SocketAddr>,
+    server_name: String,
+    secret: String,
+}
+
+/// A device logged in.
+struct Login {
+    conn: DeviceConnection,
+    welcome: Welcome,
+    /// The entry point it went through.
+    entry: usize,
+    /// The node's id from the Welcome (its address when the Welcome names none).
+    node: Arc<str>,
+}
+
+/// Why one login at one address failed.
+enum Refusal {
+    /// The node sent the device to another node.
+    Redirect(SocketAddr),
+    /// Anything else.
+    Failed(anyhow::Error),
+}
+
+impl Connector {
+    /// Logs `device_id` in through the entry points from `first` on, each tried once, following
+    /// up to [`MAX_REDIRECTS`] redirects; resumes its session when `token` is not empty.
+    /// `suspect` is the address of the node just lost: survivors name it in redirects until
+    /// they see it is gone, and it may be gone or only cut off from this device, so it is
+    /// tried last and given [`SUSPECT_TIMEOUT`] instead of [`LOGIN_TIMEOUT`].
+    async fn log_in(
+        &self,
+        endpoint: &quinn::Endpoint,
+        device_id: &str,
+        first: usize,
+        token: &[u8],
+        suspect: Option<SocketAddr>,
+    ) -> anyhow::Result<Login> {
+        let n = self.gateways.len().max(1);
+        let mut order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
+        order.sort_by_key(|&e| self.gateways.get(e).copied() == suspect);
+        let mut last = anyhow::anyhow!("no entry point");
+        for entry in order {
+            let Some(mut addr) = self.gateways.get(entry).copied() else {
+                continue;
+            };
+            for _ in 0..=MAX_REDIRECTS {
+                let timeout = if Some(addr) == suspect {
+                    SUSPECT_TIMEOUT
+                } else {
+                    LOGIN_TIMEOUT
+                };
+                match self
+                    .hello_at(endpoint, addr, device_id, token, timeout)
+                    .await
+                {
+                    Ok((conn, welcome)) => {
+                        let node: Arc<str> = if welcome.node_id.is_empty() {
+                            addr.to_string().into()
+                        } else {
+                            welcome.node_id.as_str().into()
+                        };
+                        return Ok(Login {
+                            conn,
+                            welcome,
+                            entry,
+                            node,
+                        });
+                    }
+                    Err(Refusal::Redirect(to)) => addr = to,
+                    Err(Refusal::Failed(e)) => {
+                        last = e;
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn hello_at(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        device_id: &str,
+        token: &[u8],
+        timeout: Duration,
+    ) -> Result<(DeviceConnection, Welcome), Refusal> {
+        let hello = Hello {
+            device_id: device_id.to_string(),
+            credential: self.secret.clone(),
+            resume_token: token.to_vec(),
+            ..Default::default()
+        };
+        let attempt = async {
+            let mut conn = DeviceConnection::connect(endpoint, addr, &self.server_name).await?;
+            let welcome = conn.hello(hello).await?;
+            Ok::<_, DeviceError>((conn, welcome))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(DeviceError::Refused(env))) => match env.body {
+                Some(Body::Redirect(r)) => match tokio::net::lookup_host(r.address.as_str())
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                {
+                    Some(to) => Err(Refusal::Redirect(to)),
+                    None => Err(Refusal::Failed(anyhow::anyhow!(
+                        "redirect to {:?}, which does not resolve",
+                        r.address
+                    ))),
+                },
+                other => Err(Refusal::Failed(anyhow::anyhow!(
+                    "hello refused at {addr}: {other:?}"
+                ))),
+            },
+            Ok(Err(e)) => Err(Refusal::Failed(anyhow::anyhow!("{addr}: {e}"))),
+            Err(_) => Err(Refusal::Failed(anyhow::anyhow!(
+                "{addr}: no Welcome within {timeout:?}"
+            ))),
+        }
+    }
+}
+
 /// Settings of a load run.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Gateway QUIC address.
-    pub gateway: SocketAddr,
+    /// Gateway QUIC addresses: one node, or a cluster's entry points.
+    pub gateways: Vec<SocketAddr>,
     /// TLS server name.
     pub server_name: String,
-    /// Pinned certificate fingerprint.
-    pub fingerprint: Option<[u8; 32]>,
+    /// Pinned certificate fingerprints (any is accepted; none: the WebPKI roots).
+    pub fingerprints: Vec<[u8; 32]>,
+    /// How long a device that lost its node keeps trying to log in again (zero: it does
+    /// not; its calls fail).
+    pub reconnect: Duration,
+    /// The devices' QUIC idle timeout (`None`: the gateway's).
+    pub idle_timeout: Option<Duration>,
     /// Device id prefix.
     pub prefix: String,
     /// First device number.
@@ -123,6 +269,12 @@ struct DeviceSlot {
     calls: AtomicU32,
     max_calls: u32,
     alive: AtomicBool,
+    /// The node it is logged in at.
+    node: std::sync::Mutex<Arc<str>>,
+    /// It lost its node and no node took it within the reconnect time.
+    gave_up: AtomicBool,
+    /// It is logging in again.
+    reconnecting: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -173,28 +325,31 @@ struct LoggedIn {
 async fn log_in(
     opts: &LoadOptions,
     endpoints: &[quinn::Endpoint],
-    outcomes: &mpsc::Sender<Outcome>,
+    outcomes: &mpsc::Sender<(Arc<str>, Outcome)>,
     stop: &watch::Receiver<bool>,
     bar: &indicatif::ProgressBar,
 ) -> LoggedIn {
     let gate = Arc::new(Semaphore::new(opts.login_concurrency.max(1)));
+    let connector = Arc::new(Connector {
+        gateways: opts.gateways.clone(),
+        server_name: opts.server_name.clone(),
+        secret: opts.secret.clone(),
+    });
     let mut tasks = Vec::with_capacity(opts.devices as usize);
     for i in 0..opts.devices {
         let Some(endpoint) = endpoints.get(i as usize % endpoints.len().max(1)).cloned() else {
             break;
         };
         let gate = gate.clone();
-        let (gateway, server_name) = (opts.gateway, opts.server_name.clone());
-        let hello = Hello {
-            device_id: format!("{}{}", opts.prefix, opts.first.saturating_add(i)),
-            credential: opts.secret.clone(),
-            ..Default::default()
-        };
+        let connector = connector.clone();
+        let device_id = format!("{}{}", opts.prefix, opts.first.saturating_add(i));
+        let first = i as usize % opts.gateways.len().max(1);
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let mut conn = DeviceConnection::connect(&endpoint, gateway, &server_name).await?;
-            let welcome = conn.hello(hello).await?;
-            anyhow::Ok((conn, welcome))
+            let login = connector
+                .log_in(&endpoint, &device_id, first, &[], None)
+                .await?;
+            anyhow::Ok((login, endpoint, device_id))
         }));
     }
     let settings = CallSettings {
@@ -214,8 +369,9 @@ async fn log_in(
             Err(e) => Err(e.into()),
         };
         match result {
-            Ok((conn, welcome)) => {
-                let gateway_max = welcome
+            Ok((login, endpoint, device_id)) => {
+                let gateway_max = login
+                    .welcome
                     .limits
                     .map(|l| l.max_calls)
                     .filter(|m| *m > 0)
@@ -229,10 +385,20 @@ async fn log_in(
                     calls: AtomicU32::new(0),
                     max_calls,
                     alive: AtomicBool::new(true),
+                    node: std::sync::Mutex::new(login.node.clone()),
+                    gave_up: AtomicBool::new(false),
+                    reconnecting: AtomicBool::new(false),
                 });
-                out.connections.push(conn.conn.clone());
+                out.connections.push(login.conn.conn.clone());
                 tokio::spawn(device_task(DeviceTask {
-                    conn,
+                    conn: login.conn,
+                    resume_token: login.welcome.resume_token,
+                    entry: login.entry,
+                    node: login.node,
+                    device_id,
+                    endpoint,
+                    connector: connector.clone(),
+                    reconnect: opts.reconnect,
                     core: DeviceCalls::new(settings.clone()),
                     commands: rx,
                     outcomes: outcomes.clone(),
@@ -276,9 +442,12 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             "rates must be zero or positive numbers".into(),
         ));
     }
-    let config = crate::quic::client_config(opts.fingerprint)?;
+    let Some(&first_gateway) = opts.gateways.first() else {
+        return Err(LoadError::Settings("no gateway address".into()));
+    };
+    let config = crate::quic::client_config_with(opts.fingerprints.clone(), opts.idle_timeout)?;
     let endpoints: Vec<quinn::Endpoint> = (0..opts.endpoints.max(1))
-        .map(|_| crate::quic::client_endpoint(opts.gateway, config.clone()))
+        .map(|_| crate::quic::client_endpoint(first_gateway, config.clone()))
         .collect::<Result<_, _>>()?;
     let bar = progress_bar(opts.progress);
     let (outcome_tx, mut outcome_rx) = mpsc::channel(OUTCOME_QUEUE);
@@ -310,6 +479,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
 
     let start = Instant::now();
     let mut tally = Tally::new(start)?;
+    tally.placement(&placement(&logged_in.slots), false);
     let call_rate = if opts.incoming { 0.0 } else { opts.cps };
     let mut call_pacer = Pacer::new(start, call_rate, opts.duration);
     let mut text_pacer = Pacer::new(start, opts.texts_per_sec, opts.duration);
@@ -367,10 +537,10 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         }
         tokio::select! {
             outcome = outcome_rx.recv(), if outcome_stream_open => match outcome {
-                Some(o) => {
-                    tally.add(&o);
-                    while let Ok(o) = outcome_rx.try_recv() {
-                        tally.add(&o);
+                Some((node, o)) => {
+                    tally.add_on(&node, &o);
+                    while let Ok((node, o)) = outcome_rx.try_recv() {
+                        tally.add_on(&node, &o);
                     }
                 }
                 None => outcome_stream_open = false,
@@ -413,6 +583,15 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         opts.duration
     };
     tally.close();
+    tally.placement(&placement(&logged_in.slots), true);
+    for slot in &logged_in.slots {
+        if slot.gave_up.load(Ordering::Relaxed) {
+            tally.gave_up();
+        }
+        if slot.reconnecting.load(Ordering::Relaxed) {
+            tally.reconnecting_at_end();
+        }
+    }
     status(
         &opts.status_file,
         "drained",
@@ -449,6 +628,15 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         calling_window,
         opts.media && !opts.incoming,
     ))
+}
+
+/// Where each device still logged in is.
+fn placement(slots: &[Arc<DeviceSlot>]) -> Vec<String> {
+    slots
+        .iter()
+        .filter(|s| s.alive.load(Ordering::Relaxed))
+        .filter_map(|s| s.node.lock().ok().map(|n| n.to_string()))
+        .collect()
 }
 
 /// Hands a command to the next device (round robin) that is alive and, for calls, below its
@@ -492,9 +680,19 @@ fn dispatch(slots: &[Arc<DeviceSlot>], next: &mut usize, command: Command, call:
 
 struct DeviceTask {
     conn: DeviceConnection,
+    /// The latest resume token (from the Welcome, then each `ResumeToken` frame).
+    resume_token: Vec<u8>,
+    /// The entry point of its last login.
+    entry: usize,
+    /// The node it is logged in at.
+    node: Arc<str>,
+    device_id: String,
+    endpoint: quinn::Endpoint,
+    connector: Arc<Connector>,
+    reconnect: Duration,
     core: DeviceCalls,
     commands: mpsc::Receiver<Command>,
-    outcomes: mpsc::Sender<Outcome>,
+    outcomes: mpsc::Sender<(Arc<str>, Outcome)>,
     slot: Arc<DeviceSlot>,
     stop: watch::Receiver<bool>,
     target: String,
@@ -524,12 +722,27 @@ async fn device_task(mut t: DeviceTask) {
     media_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let media = t.outgoing && t.core.media_enabled();
     let mut lost: Option<&'static str> = None;
+    let mut goodbye = String::new();
     loop {
         let deadline = t.core.next_deadline();
         let has_calls = t.core.calls_in_progress() > 0;
         tokio::select! {
             frame = t.conn.reader.next() => match frame {
-                Ok(env) => t.core.on_frame(Instant::now(), &env, &mut out, &mut outcomes),
+                Ok(env) => match &env.body {
+                    Some(Body::ResumeToken(r)) => t.resume_token.clone_from(&r.token),
+                    // Draining or shutting down: log in again (the node may redirect).
+                    Some(Body::Goodbye(g)) => {
+                        goodbye = format!(
+                            "goodbye {}",
+                            thalamus_proto::v1::GoodbyeReason::try_from(g.reason).map_or(
+                                "unknown",
+                                |r| r.as_str_name().trim_start_matches("GOODBYE_REASON_")
+                            ).to_ascii_lowercase()
+                        );
+                        lost = Some("goodbye");
+                    }
+                    _ => t.core.on_frame(Instant::now(), &env, &mut out, &mut outcomes),
+                },
                 Err(_) => lost = Some("connection lost"),
             },
             command = t.commands.recv() => match command {
@@ -567,6 +780,69 @@ async fn device_task(mut t: DeviceTask) {
                 lost = Some("connection lost");
             }
         }
+        if lost.is_some_and(|r| r != "stopped") && !t.reconnect.is_zero() {
+            t.slot.alive.store(false, Ordering::Relaxed);
+            let lost_at = Instant::now();
+            let mut stop = t.stop.clone();
+            let said_goodbye = lost == Some("goodbye");
+            t.slot.reconnecting.store(true, Ordering::Relaxed);
+            let login = tokio::select! {
+                login = reconnect(&t, said_goodbye) => login,
+                _ = stop.changed() => return,
+            };
+            t.slot.reconnecting.store(false, Ordering::Relaxed);
+            match login {
+                Some(login) => {
+                    let now = Instant::now();
+                    let live = if login.welcome.resumed {
+                        login
+                            .welcome
+                            .live_calls
+                            .iter()
+                            .map(|c| c.call_ref)
+                            .collect()
+                    } else {
+                        std::collections::HashSet::new()
+                    };
+                    let (calls_kept, calls_lost) =
+                        t.core
+                            .keep_only(now, &live, "lost with its node", &mut out, &mut outcomes);
+                    // What was lost counts against the node it was lost with.
+                    if !send_outcomes(&t, &mut outcomes).await {
+                        return;
+                    }
+                    outcomes.push(Outcome::Reconnected {
+                        at: now,
+                        cause: if said_goodbye {
+                            std::mem::take(&mut goodbye)
+                        } else {
+                            "connection lost".into()
+                        },
+                        resumed: login.welcome.resumed,
+                        calls_kept,
+                        calls_lost,
+                        took: now.saturating_duration_since(lost_at),
+                    });
+                    t.conn = login.conn;
+                    t.resume_token = login.welcome.resume_token;
+                    t.entry = login.entry;
+                    t.node = login.node;
+                    if let Ok(mut node) = t.slot.node.lock() {
+                        *node = t.node.clone();
+                    }
+                    t.slot.alive.store(true, Ordering::Relaxed);
+                    lost = None;
+                    // Hangups sent again for calls the new node holds.
+                    for env in out.drain(..) {
+                        if t.conn.writer.send_envelope(&env).await.is_err() {
+                            lost = Some("connection lost");
+                            break;
+                        }
+                    }
+                }
+                None => t.slot.gave_up.store(true, Ordering::Relaxed),
+            }
+        }
         if let Some(reason) = lost {
             t.slot.alive.store(false, Ordering::Relaxed);
             t.core.fail_all(Instant::now(), reason, &mut outcomes);
@@ -590,20 +866,57 @@ async fn device_task(mut t: DeviceTask) {
                 });
             }
         }
-        for o in outcomes.drain(..) {
-            if t.outgoing && matches!(o, Outcome::Finished { .. }) {
-                let _ = t
-                    .slot
-                    .calls
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1));
-            }
-            if t.outcomes.send(o).await.is_err() {
-                return;
-            }
+        if !send_outcomes(&t, &mut outcomes).await {
+            return;
         }
         if lost.is_some() {
             return;
         }
+    }
+}
+
+/// Hands the device's outcomes to the tally, each counted at the node the device is logged in
+/// at, freeing a call place for each finished call; false when the tally is gone.
+async fn send_outcomes(t: &DeviceTask, outcomes: &mut Vec<Outcome>) -> bool {
+    for o in outcomes.drain(..) {
+        if t.outgoing && matches!(o, Outcome::Finished { .. }) {
+            let _ = t
+                .slot
+                .calls
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(1));
+        }
+        if t.outcomes.send((t.node.clone(), o)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Logs a device that lost its node in again: through the entry points after the one it used
+/// last, with its resume token, in rounds with a growing pause, for at most the reconnect
+/// time. `None` when no node took it. After a
+/// `Goodbye` the node is alive: the device starts again at the entry point it used, which
+/// sends it where it belongs now. The lost address is tried last, and briefly.
+async fn reconnect(t: &DeviceTask, said_goodbye: bool) -> Option<Login> {
+    let deadline = Instant::now() + t.reconnect;
+    let several = t.connector.gateways.len() > 1;
+    let suspect = (several && !said_goodbye).then(|| t.conn.conn.remote_address());
+    let mut delay = RECONNECT_DELAY.0;
+    let mut first = if said_goodbye { t.entry } else { t.entry + 1 };
+    loop {
+        if let Ok(login) = t
+            .connector
+            .log_in(&t.endpoint, &t.device_id, first, &t.resume_token, suspect)
+            .await
+        {
+            return Some(login);
+        }
+        if Instant::now() + delay >= deadline {
+            return None;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RECONNECT_DELAY.1);
+        first += 1;
     }
 }
 
@@ -644,6 +957,9 @@ mod tests {
                         calls: AtomicU32::new(0),
                         max_calls,
                         alive: AtomicBool::new(true),
+                        node: std::sync::Mutex::new("n".into()),
+                        gave_up: AtomicBool::new(false),
+                        reconnecting: AtomicBool::new(false),
                     }),
                     rx,
                 )
@@ -695,9 +1011,11 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_before_connecting() {
         let base = LoadOptions {
-            gateway: "127.0.0.1:9".parse().unwrap(),
+            gateways: vec!["127.0.0.1:9".parse().unwrap()],
             server_name: "localhost".into(),
-            fingerprint: None,
+            fingerprints: Vec::new(),
+            reconnect: Duration::ZERO,
+            idle_timeout: None,
             prefix: "load-".into(),
             first: 0,
             devices: 0,

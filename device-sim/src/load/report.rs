@@ -116,6 +116,42 @@ pub struct TextSummary {
     pub latency: LatencySummary,
 }
 
+/// What one node did in the run (by the node id its Welcome named, or its address).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct NodeFigures {
+    /// Devices logged in there after the logins.
+    pub devices_at_start: u64,
+    /// Devices logged in there at the end.
+    pub devices_at_end: u64,
+    /// Calls answered while the device was there.
+    pub answered: u64,
+    /// Calls that failed while the device was there.
+    pub failed: u64,
+    /// Devices that came there after losing another node.
+    pub reconnects_in: u64,
+}
+
+/// Devices that lost their node and logged in again.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ReconnectSummary {
+    /// Logins again after a loss.
+    pub reconnects: u64,
+    /// Of which resumed the session (token accepted).
+    pub resumed: u64,
+    /// Devices that gave up (no node took them within `--reconnect-secs`).
+    pub gave_up: u64,
+    /// Devices still logging in again when the run ended.
+    pub reconnecting_at_end: u64,
+    /// Logins again by cause (`connection lost`, `goodbye draining`, ...).
+    pub causes: BTreeMap<String, u64>,
+    /// Calls that went on across a reconnect.
+    pub calls_kept: u64,
+    /// Calls that were lost with their node.
+    pub calls_lost: u64,
+    /// From the loss to the new Welcome.
+    pub time: LatencySummary,
+}
+
 /// The final report of a load run.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadReport {
@@ -163,6 +199,10 @@ pub struct LoadReport {
     pub elapsed_secs: f64,
     /// Per-second counts and latencies.
     pub timeline: Vec<SecondSample>,
+    /// Figures per node (several with a cluster; one otherwise).
+    pub nodes: BTreeMap<String, NodeFigures>,
+    /// Reconnects after a lost node.
+    pub reconnects: ReconnectSummary,
 }
 
 /// What the progress line shows.
@@ -228,7 +268,13 @@ pub struct Tally {
     seconds: Vec<Second>,
     /// An empty histogram with the bounds above, cloned for each new second.
     empty: Histogram<u64>,
+    nodes: BTreeMap<String, NodeFigures>,
+    reconnects: ReconnectSummary,
+    reconnect_time: Histogram<u64>,
 }
+
+/// Most distinct nodes kept apart in the figures; the rest are grouped as `other`.
+const MAX_NODES: usize = 256;
 
 fn count_reason(map: &mut BTreeMap<String, u64>, reason: &str) {
     let key = if map.contains_key(reason) || map.len() < MAX_REASONS {
@@ -259,8 +305,55 @@ impl Tally {
             texts: TextSummary::default(),
             text_latency: empty.clone(),
             seconds: Vec::new(),
+            reconnect_time: empty.clone(),
             empty,
+            nodes: BTreeMap::new(),
+            reconnects: ReconnectSummary::default(),
         })
+    }
+
+    fn node(&mut self, node: &str) -> &mut NodeFigures {
+        let key = if self.nodes.contains_key(node) || self.nodes.len() < MAX_NODES {
+            node.to_string()
+        } else {
+            "other".to_string()
+        };
+        self.nodes.entry(key).or_default()
+    }
+
+    /// [`Tally::add`] for an outcome on a device logged in at `node`.
+    pub fn add_on(&mut self, node: &str, outcome: &Outcome) {
+        match outcome {
+            Outcome::Answered { .. } => self.node(node).answered += 1,
+            Outcome::Finished {
+                answered: false, ..
+            } => self.node(node).failed += 1,
+            Outcome::Reconnected { .. } => self.node(node).reconnects_in += 1,
+            _ => {}
+        }
+        self.add(outcome);
+    }
+
+    /// Where the devices are: at the start (after the logins) or at the end.
+    pub fn placement(&mut self, nodes: &[String], at_end: bool) {
+        for node in nodes {
+            let figures = self.node(node);
+            if at_end {
+                figures.devices_at_end += 1;
+            } else {
+                figures.devices_at_start += 1;
+            }
+        }
+    }
+
+    /// A device gave up reconnecting.
+    pub fn gave_up(&mut self) {
+        self.reconnects.gave_up += 1;
+    }
+
+    /// A device was still logging in again when the run ended.
+    pub fn reconnecting_at_end(&mut self) {
+        self.reconnects.reconnecting_at_end += 1;
     }
 
     fn second(&mut self, at: Instant) -> Option<&mut Second> {
@@ -357,6 +450,21 @@ impl Tally {
                     }
                 }
             }
+            Outcome::Reconnected {
+                cause,
+                resumed,
+                calls_kept,
+                calls_lost,
+                took,
+                ..
+            } => {
+                self.reconnects.reconnects += 1;
+                count_reason(&mut self.reconnects.causes, cause);
+                self.reconnects.resumed += u64::from(*resumed);
+                self.reconnects.calls_kept += calls_kept;
+                self.reconnects.calls_lost += calls_lost;
+                record(&mut self.reconnect_time, *took);
+            }
             Outcome::Text {
                 latency,
                 delivered,
@@ -450,6 +558,11 @@ impl Tally {
             }),
             texts: (texts.attempted > 0).then_some(texts),
             peak_calls_in_progress: self.peak,
+            nodes: self.nodes.clone(),
+            reconnects: ReconnectSummary {
+                time: LatencySummary::of(&self.reconnect_time),
+                ..self.reconnects.clone()
+            },
             elapsed_secs: self
                 .last_outcome
                 .saturating_duration_since(self.start)
