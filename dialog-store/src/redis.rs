@@ -212,6 +212,12 @@ impl RedisStoreConfig {
         if self.wait_replicas > 0 && self.wait_timeout_ms == 0 {
             return bad("wait_replicas > 0 needs wait_timeout_ms >= 1");
         }
+        if self.wait_replicas > 0 && self.wait_timeout_ms >= self.response_timeout_ms {
+            return bad(
+                "wait_replicas > 0 needs wait_timeout_ms below response_timeout_ms \
+                 (WAIT's answer would time out)",
+            );
+        }
         let sentinel = !self.sentinels.is_empty() || self.master_name.is_some();
         let cluster = !self.cluster_nodes.is_empty();
         let given = [self.url.is_some(), sentinel, cluster]
@@ -1946,6 +1952,50 @@ mod tests {
         let mut zero = RedisStoreConfig::with_url("redis://x/");
         zero.op_attempts = 0;
         assert!(zero.endpoint().is_err());
+        assert_eq!(
+            RedisStoreConfig::with_cluster_nodes(vec![
+                "10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7000".into()
+            ])
+            .endpoint(),
+            Ok(RedisEndpoint::Cluster {
+                nodes: vec![
+                    "redis://10.0.0.1:7000".into(),
+                    "redis://10.0.0.2:7000".into()
+                ]
+            })
+        );
+        let message = |c: &RedisStoreConfig| match c.endpoint() {
+            Err(StoreError::Backend(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        let mut mixed = RedisStoreConfig::with_cluster_nodes(vec!["a:1".into()]);
+        mixed.url = Some("redis://x/".into());
+        assert!(message(&mixed).contains("cluster_nodes"));
+        let mut mixed = RedisStoreConfig::with_cluster_nodes(vec!["a:1".into()]);
+        mixed.sentinels = vec!["s:1".into()];
+        mixed.master_name = Some("m".into());
+        assert!(message(&mixed).contains("exactly one of"));
+        let mut braces = RedisStoreConfig::with_cluster_nodes(vec!["a:1".into()]);
+        braces.key_prefix = "t{1}:".into();
+        assert!(message(&braces).contains("key_prefix"));
+        let mut db = RedisStoreConfig::with_cluster_nodes(vec!["a:1".into()]);
+        db.db = 2;
+        assert!(message(&db).contains("db"));
+        assert!(message(&RedisStoreConfig::default()).contains("cluster_nodes"));
+        let mut wait = RedisStoreConfig::with_url("redis://x/");
+        wait.wait_replicas = 1;
+        assert_eq!(wait.endpoint(), Ok(RedisEndpoint::Url("redis://x/".into())));
+        wait.wait_timeout_ms = 0;
+        assert!(message(&wait).contains("wait_timeout_ms >= 1"));
+        wait.wait_timeout_ms = 1000;
+        assert!(message(&wait).contains("response_timeout_ms"));
+        let c: RedisStoreConfig = toml::from_str(
+            "cluster_nodes = [\"127.0.0.1:7000\"]\nwait_replicas = 1\nwait_timeout_ms = 50\n",
+        )
+        .unwrap();
+        assert_eq!((c.wait_replicas, c.wait_timeout_ms), (1, 50));
+        assert!(c.endpoint().is_ok());
     }
 
     #[test]
@@ -1957,6 +2007,29 @@ mod tests {
         assert_eq!(c.key_prefix, "t1:");
         assert_eq!(c.op_attempts, 4);
         assert!(toml::from_str::<RedisStoreConfig>("urll = \"x\"").is_err());
+    }
+
+    #[test]
+    fn hash_tags_are_stable_and_brace_free() {
+        // FNV-1a 64 test vectors: the slot of every stored dialog depends on them.
+        assert_eq!(tag(""), "cbf29ce484222325");
+        assert_eq!(tag("a"), "af63dc4c8601ec8c");
+        assert!(!tag("{x}").contains(['{', '}']));
+        let members = index_members(&Value::Array(vec![
+            Value::BulkString(b"m1".to_vec()),
+            Value::BulkString(b"1700000000000001".to_vec()),
+            Value::BulkString(b"m2".to_vec()),
+            Value::BulkString(b"5".to_vec()),
+        ]))
+        .unwrap();
+        assert_eq!(
+            members,
+            vec![
+                ("m1".to_owned(), "1700000000000001".to_owned()),
+                ("m2".to_owned(), "5".to_owned())
+            ]
+        );
+        assert_eq!(index_members(&Value::Array(vec![Value::Nil])), None);
     }
 
     #[test]

@@ -403,7 +403,7 @@ async fn cluster_slot_migration_keeps_dialogs_working() {
     let mut config = RedisStoreConfig::with_cluster_nodes(cluster.seeds());
     // The WAIT path too: one pipeline (script, WAIT) per write, through ASK redirects.
     config.wait_replicas = 1;
-    config.wait_timeout_ms = 2000;
+    config.wait_timeout_ms = 500;
     let store = connect(&config).await;
     let mut conn = raw(&cluster).await;
 
