@@ -536,3 +536,37 @@ async fn cluster_slot_migration_keeps_dialogs_working() {
         400 - calls.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_takes_the_replicators_batches() {
+    use thalamus_dialog_store::replicator::{Replicator, ReplicatorConfig};
+    let cluster = RedisCluster::start();
+    let store: Arc<dyn DialogStore> =
+        Arc::new(connect(&RedisStoreConfig::with_cluster_nodes(cluster.seeds())).await);
+    let rep = Replicator::spawn(store.clone(), ReplicatorConfig::default());
+    for i in 0..300 {
+        rep.replicate(record(&format!("rep-{i}"), "dev-rep", "node-rep"))
+            .unwrap();
+    }
+    for i in 0..300 {
+        let mut r = record(&format!("rep-{i}"), "dev-rep", "node-rep");
+        r.call_ref = 7;
+        rep.replicate(r).unwrap();
+    }
+    rep.flush().await.unwrap();
+    let stats = rep.stats();
+    assert_eq!(stats.written + stats.coalesced, 600, "{stats:?}");
+    assert_eq!((stats.conflicts, stats.errors), (0, 0), "{stats:?}");
+    let listed = store.list_by_device("dev-rep").await.unwrap();
+    assert_eq!(listed.len(), 300);
+    assert!(listed.iter().all(|r| r.call_ref == 7));
+    assert_eq!(store.list_by_owner("node-rep", 10).await.unwrap().len(), 10);
+    for i in 0..300 {
+        rep.remove(record(&format!("rep-{i}"), "d", "n").key)
+            .unwrap();
+    }
+    rep.flush().await.unwrap();
+    assert!(store.list_by_device("dev-rep").await.unwrap().is_empty());
+    assert_eq!(rep.stats().errors, 0);
+    rep.shutdown().await;
+}
