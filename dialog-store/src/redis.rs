@@ -761,7 +761,9 @@ impl RedisDialogStore {
                 (client, Some(tokio::sync::Mutex::new(sentinel)))
             }
             RedisEndpoint::Cluster { .. } => {
-                return Err(StoreError::Backend("redis cluster endpoint".into()));
+                return Err(StoreError::Backend(
+                    "redis store: a cluster endpoint on the single-master path".into(),
+                ));
             }
         };
         let master_addr = client.get_connection_info().addr().to_string();

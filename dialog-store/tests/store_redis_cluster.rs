@@ -295,9 +295,23 @@ fn device_of(call_id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_failover_under_writes_loses_nothing_acknowledged() {
+    failover_under_writes(0).await;
+}
+
+/// The same with `wait_replicas = 1`: writes to the promoted master wait for the demoted one
+/// to resynchronise as its replica; those that time out are retried with the same record and
+/// must then succeed, not conflict with themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_failover_with_wait_replicas() {
+    failover_under_writes(1).await;
+}
+
+async fn failover_under_writes(wait_replicas: u32) {
     let cluster = RedisCluster::start();
     let mut config = RedisStoreConfig::with_cluster_nodes(cluster.seeds());
     config.op_attempts = 6;
+    config.wait_replicas = wait_replicas;
+    config.wait_timeout_ms = 200;
     let store = Arc::new(connect(&config).await);
 
     let mut acked = BTreeMap::new();
@@ -360,8 +374,8 @@ async fn cluster_failover_under_writes_loses_nothing_acknowledged() {
     stop.store(true, Ordering::Relaxed);
     let (acked, during) = writer.await.unwrap();
     eprintln!(
-        "failover: promoted after {promoted_after:?}; {} dialogs acknowledged, {during} \
-         transient failures retried during it",
+        "failover (wait_replicas {wait_replicas}): promoted after {promoted_after:?}; {} \
+         dialogs acknowledged, {during} transient failures retried during it",
         acked.len()
     );
     assert!(acked.len() > 300, "no dialog created during the failover");
