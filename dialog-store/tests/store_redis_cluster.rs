@@ -53,6 +53,31 @@ async fn keyslot(conn: &mut redis::cluster_async::ClusterConnection, key: &str) 
         .unwrap()
 }
 
+/// The cluster slot of a key: CRC16 (XMODEM) of its hash tag (or of the whole key), mod 16384.
+fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = bytes
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+        })
+        .unwrap_or(bytes);
+    let mut crc: u16 = 0;
+    for &b in hashed {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 /// The Redis server clock in microseconds (as the index scores are).
 async fn server_micros(conn: &mut redis::cluster_async::ClusterConnection) -> u64 {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
@@ -421,17 +446,31 @@ async fn cluster_slot_migration_keeps_dialogs_working() {
     let store = connect(&config).await;
     let mut conn = raw(&cluster).await;
 
-    // Dialogs, and the slot holding the most of them.
-    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-    for i in 0..400 {
+    // Eight dialogs that share one slot (found by computing slots here, checked against
+    // the server's CLUSTER KEYSLOT), among 392 others.
+    let slot_of = |call_id: &str| key_slot(&store.record_key(&record(call_id, "d", "n").key));
+    let slot = slot_of("mig-0");
+    let mut calls = Vec::new();
+    let mut others = Vec::new();
+    for i in 0.. {
         let call_id = format!("mig-{i}");
-        let r = record(&call_id, "dev-mig", "node-a");
-        assert_eq!(store.put(&r, None).await, Ok(1));
-        let slot = keyslot(&mut conn, &store.record_key(&r.key)).await;
-        by_slot.entry(slot).or_default().push(call_id);
+        if slot_of(&call_id) == slot {
+            calls.push(call_id);
+            if calls.len() == 8 {
+                break;
+            }
+        } else if others.len() < 392 {
+            others.push(call_id);
+        }
     }
-    let (&slot, calls) = by_slot.iter().max_by_key(|(_, c)| c.len()).unwrap();
-    let calls = calls.clone();
+    for call_id in calls.iter().chain(&others) {
+        let r = record(call_id, "dev-mig", "node-a");
+        assert_eq!(store.put(&r, None).await, Ok(1));
+    }
+    for call_id in &calls {
+        let key = store.record_key(&record(call_id, "d", "n").key);
+        assert_eq!(keyslot(&mut conn, &key).await, slot, "{call_id}");
+    }
     let source = cluster.master_of_slot(slot);
     let target = cluster
         .topology()
