@@ -318,3 +318,162 @@ async fn sentinel_finds_the_master_and_follows_a_failover() {
     assert_eq!(claimed.owner, "node-b");
     drop((master, replica, sentinel));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_makes_writes_wait_for_a_replica() {
+    let master = RedisProcess::start();
+    let master_port = master.port.to_string();
+    let replica = RedisProcess::start_on(
+        store_support::free_port(),
+        &["--replicaof", "127.0.0.1", &master_port],
+    );
+    let link_up = || {
+        wait_until(
+            "the replica's link to the master",
+            Duration::from_secs(15),
+            || {
+                raw_command(replica.port, "INFO replication")
+                    .is_some_and(|i| i.contains("master_link_status:up"))
+            },
+        )
+    };
+    link_up();
+    let mut config = RedisStoreConfig::with_url(master.url());
+    config.wait_replicas = 1;
+    config.wait_timeout_ms = 200;
+    let store = connect(&config, StoreSettings::default()).await;
+
+    // With the replica up every write is acknowledged by it.
+    let r = record("wait-1", "dev-wait", "node-a");
+    assert_eq!(store.put(&r, None).await, Ok(1));
+    assert_eq!(store.claim(&r.key, "node-b", 0).await.unwrap().epoch, 1);
+    let other = record("wait-2", "dev-wait", "node-a");
+    assert_eq!(
+        store
+            .write_batch(vec![WriteOp::Put {
+                record: other.clone(),
+                expected_version: None,
+            }])
+            .await
+            .unwrap(),
+        vec![Ok(1)]
+    );
+    assert_eq!(store.delete(&other.key, Some(1)).await, Ok(2));
+
+    // Asking for two replicas of one: the write is applied on the master, but not
+    // acknowledged; the error names the count.
+    let mut two = config.clone();
+    two.wait_replicas = 2;
+    let store_two = connect(&two, StoreSettings::default()).await;
+    let started = Instant::now();
+    match store_two
+        .put(&record("wait-3", "dev-wait", "node-a"), None)
+        .await
+    {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(m.contains("1 of 2 replicas"), "{m}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // The replica frozen: writes fail as unavailable, naming 0 of 1, and the same write tried
+    // again (by the same store) does not conflict with its first, applied attempt.
+    replica.signal("STOP");
+    let frozen = record("wait-4", "dev-wait", "node-a");
+    let mut updated = r.clone();
+    updated.owner = "node-b".into();
+    updated.epoch = 1;
+    updated.call_ref = 9;
+    let batch = vec![WriteOp::Put {
+        record: record("wait-5", "dev-wait", "node-a"),
+        expected_version: None,
+    }];
+    for attempt in 0..2 {
+        match store.put(&frozen, None).await {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("0 of 1 replicas"), "{m}"),
+            other => panic!("attempt {attempt}: expected Unavailable, got {other:?}"),
+        }
+        assert!(
+            matches!(
+                store.put(&updated, Some(2)).await,
+                Err(StoreError::Unavailable(_))
+            ),
+            "attempt {attempt}"
+        );
+        assert!(matches!(
+            store.claim(&other.key, "node-c", 0).await,
+            Err(StoreError::Tombstoned { .. })
+        ));
+        let results = store.write_batch(batch.clone()).await.unwrap();
+        assert!(
+            matches!(results.as_slice(), [Err(StoreError::Unavailable(m))] if m.contains("0 of 1")),
+            "{results:?}"
+        );
+    }
+    let on_master = store.get(&frozen.key).await.unwrap().unwrap();
+    assert_eq!(
+        on_master.version, 1,
+        "the write is on the master all the same"
+    );
+    replica.signal("CONT");
+    link_up();
+
+    // The replica back: the same writes now succeed, at the versions of their first attempt.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match store.put(&frozen, None).await {
+            Ok(v) => {
+                assert_eq!(v, 1);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("after the replica came back: {other:?}"),
+        }
+    }
+    assert_eq!(store.put(&updated, Some(2)).await, Ok(3));
+    assert_eq!(store.write_batch(batch).await.unwrap(), vec![Ok(1)]);
+    assert_eq!(store.put(&frozen, Some(1)).await, Ok(2));
+    assert_eq!(store.get(&r.key).await.unwrap().unwrap().call_ref, 9);
+    drop((master, replica));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_claims_retry_without_conflict() {
+    let master = RedisProcess::start();
+    let master_port = master.port.to_string();
+    let replica = RedisProcess::start_on(
+        store_support::free_port(),
+        &["--replicaof", "127.0.0.1", &master_port],
+    );
+    let link_up = || {
+        wait_until("the replica's link", Duration::from_secs(15), || {
+            raw_command(replica.port, "INFO replication")
+                .is_some_and(|i| i.contains("master_link_status:up"))
+        })
+    };
+    link_up();
+    let mut config = RedisStoreConfig::with_url(master.url());
+    config.wait_replicas = 1;
+    config.wait_timeout_ms = 150;
+    let store = connect(&config, StoreSettings::default()).await;
+    let r = record("wait-claim", "dev-wait", "node-a");
+    assert_eq!(store.put(&r, None).await, Ok(1));
+    replica.signal("STOP");
+    assert!(matches!(
+        store.claim(&r.key, "node-b", 0).await,
+        Err(StoreError::Unavailable(m)) if m.contains("0 of 1")
+    ));
+    assert!(matches!(
+        store.delete(&record("absent", "d", "n").key, None).await,
+        Err(StoreError::NotFound)
+    ));
+    replica.signal("CONT");
+    link_up();
+    let claimed = store.claim(&r.key, "node-b", 0).await.unwrap();
+    assert_eq!((claimed.owner.as_str(), claimed.epoch), ("node-b", 1));
+    assert_eq!(store.delete(&r.key, Some(2)).await, Ok(3));
+    drop((master, replica));
+}

@@ -170,3 +170,226 @@ impl Drop for RedisProcess {
         self.kill();
     }
 }
+
+impl RedisProcess {
+    /// The server's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to the server with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the server is not running");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+}
+
+/// The `redis-cli` binary next to `redis-server`.
+pub fn redis_cli_binary() -> PathBuf {
+    let server = redis_server_binary();
+    let cli = server.with_file_name("redis-cli");
+    assert!(
+        cli.exists(),
+        "redis-cli is not installed next to {server:?}"
+    );
+    cli
+}
+
+/// Runs `redis-cli -p <port> <args>` and returns its standard output (the command must
+/// answer: the server is running).
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(redis_cli_binary())
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// The node id.
+    pub id: String,
+    /// Its port.
+    pub port: u16,
+    /// Whether it is a master.
+    pub master: bool,
+    /// A replica's master id.
+    pub master_id: Option<String>,
+    /// A master's slots (ranges, inclusive), migration entries left out.
+    pub slots: Vec<(u16, u16)>,
+}
+
+/// A Redis Cluster of 3 masters and 3 replicas on loopback (each node in its own temporary
+/// directory), killed when dropped.
+pub struct RedisCluster {
+    /// The six nodes.
+    pub nodes: Vec<RedisProcess>,
+}
+
+impl RedisCluster {
+    /// Starts six cluster-enabled servers, joins them with `redis-cli --cluster create
+    /// --cluster-replicas 1`, and waits (at most 60 s) until every node reports
+    /// `cluster_state:ok` with all slots served and every replica's link is up.
+    pub fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_port();
+            let conf = format!("nodes-{port}.conf");
+            nodes.push(RedisProcess::start_on(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            ));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new(redis_cli_binary())
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_healthy(Duration::from_secs(60));
+        cluster
+    }
+
+    /// Seed addresses (`127.0.0.1:<port>`) of every node.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// Waits until every node says `cluster_state:ok`, all 16384 slots are served, every
+    /// node knows 6 nodes, every replica's link to its master is up, and all nodes agree on
+    /// who the masters are.
+    pub fn wait_healthy(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let mut healthy = true;
+            let mut views = Vec::new();
+            for node in &self.nodes {
+                let info = cli(node.port, &["cluster", "info"]);
+                if !(info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_ok:16384")
+                    && info.contains("cluster_known_nodes:6"))
+                {
+                    healthy = false;
+                    last = format!("{}: {info}", node.port);
+                }
+                let replication = cli(node.port, &["info", "replication"]);
+                if replication.contains("role:slave")
+                    && !replication.contains("master_link_status:up")
+                {
+                    healthy = false;
+                    last = format!("{}: {replication}", node.port);
+                }
+                let mut masters: Vec<u16> = self
+                    .topology_from(node.port)
+                    .into_iter()
+                    .filter(|n| n.master && !n.slots.is_empty())
+                    .map(|n| n.port)
+                    .collect();
+                masters.sort_unstable();
+                views.push(masters);
+            }
+            if views.windows(2).any(|w| w[0] != w[1]) || views.first().map(Vec::len) != Some(3) {
+                healthy = false;
+                last = format!("views of the masters differ: {views:?}");
+            }
+            if healthy {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become healthy: {last}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The cluster as node `port` sees it.
+    pub fn topology_from(&self, port: u16) -> Vec<ClusterNode> {
+        cli(port, &["cluster", "nodes"])
+            .lines()
+            .filter_map(|line| {
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                if parts.len() < 8 {
+                    return None;
+                }
+                let port: u16 = parts[1]
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let master = parts[2].contains("master");
+                let master_id = (parts[3] != "-").then(|| parts[3].to_owned());
+                let slots = parts[8..]
+                    .iter()
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|s| match s.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => {
+                            let a = s.parse().ok()?;
+                            Some((a, a))
+                        }
+                    })
+                    .collect();
+                Some(ClusterNode {
+                    id: parts[0].to_owned(),
+                    port,
+                    master,
+                    master_id,
+                    slots,
+                })
+            })
+            .collect()
+    }
+
+    /// The cluster as the first node sees it.
+    pub fn topology(&self) -> Vec<ClusterNode> {
+        self.topology_from(self.nodes[0].port)
+    }
+
+    /// The master serving `slot`.
+    pub fn master_of_slot(&self, slot: u16) -> ClusterNode {
+        self.topology()
+            .into_iter()
+            .find(|n| n.master && n.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
+            .unwrap_or_else(|| panic!("no master serves slot {slot}"))
+    }
+
+    /// The process listening on `port`.
+    pub fn node(&self, port: u16) -> &RedisProcess {
+        self.nodes.iter().find(|n| n.port == port).unwrap()
+    }
+}
