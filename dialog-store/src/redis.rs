@@ -1913,9 +1913,23 @@ impl DialogStore for RedisInner {
         })
     }
 
-    /// The master's `run_id` (`INFO server`): a restart or a failover changes it.
+    /// The master's `run_id` (`INFO server`): a restart or a failover changes it. In a
+    /// cluster, the cluster's current epoch (`CLUSTER INFO`), which every failover raises (a
+    /// slot migration may too: the node then writes its records again, which costs but
+    /// loses nothing).
     fn instance(&self) -> StoreFuture<'_, Option<String>> {
         Box::pin(async move {
+            if self.cluster {
+                let info: String = self
+                    .run("instance", |mut c| async move {
+                        redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await
+                    })
+                    .await?;
+                return Ok(info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("cluster_current_epoch:"))
+                    .map(|e| format!("epoch {}", e.trim())));
+            }
             let info: String = self
                 .run("instance", |mut c| async move {
                     redis::cmd("INFO").arg("server").query_async(&mut c).await

@@ -275,6 +275,8 @@ async fn sentinel_finds_the_master_and_follows_a_failover() {
         .ends_with(&format!(":{}", master.port)));
     let r = record("sentinel-1", "dev-s", "node-a");
     assert_eq!(store.put(&r, None).await, Ok(1));
+    let instance_before = store.instance().await.unwrap();
+    assert!(instance_before.is_some());
     let mut conn = raw(&master.url()).await;
     let acked: i64 = redis::cmd("WAIT")
         .arg(1)
@@ -316,6 +318,10 @@ async fn sentinel_finds_the_master_and_follows_a_failover() {
     assert_eq!(got.version, 2);
     let claimed = store.claim(&r.key, "node-b", 0).await.unwrap();
     assert_eq!(claimed.owner, "node-b");
+    // Another master answers: a new instance (its run id).
+    let after = store.instance().await.unwrap();
+    assert!(after.is_some());
+    assert_ne!(after, instance_before);
     drop((master, replica, sentinel));
 }
 

@@ -368,6 +368,8 @@ async fn failover_under_writes(wait_replicas: u32) {
         .into_iter()
         .find(|n| n.master_id.as_deref() == Some(old_master.id.as_str()))
         .expect("the master has no replica");
+    let instance_before = store.instance().await.unwrap();
+    assert!(instance_before.is_some());
     let stop = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(keep_writing(store.clone(), acked, stop.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -398,6 +400,9 @@ async fn failover_under_writes(wait_replicas: u32) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let (acked, during) = writer.await.unwrap();
+    // The failover shows as a new instance (the cluster's epoch rose): nodes write their
+    // records again.
+    assert_ne!(store.instance().await.unwrap(), instance_before);
     eprintln!(
         "failover (wait_replicas {wait_replicas}): promoted after {promoted_after:?}; {} \
          dialogs acknowledged, {during} transient failures retried during it",

@@ -126,7 +126,19 @@ async fn clock(config: &Config) -> Finding {
     if config.cluster.store.backend != thalamus_dialog_store::open::StoreBackend::Redis {
         return Finding::new("system clock", Ok("after this build's date".into()));
     }
-    let Some(url) = config.cluster.store.redis.url.clone() else {
+    // A plain URL, or the first seed of a Redis Cluster (its nodes' clocks are the cluster's
+    // business); a Sentinel store's master is not looked up here.
+    let redis = &config.cluster.store.redis;
+    let url = redis.url.clone().or_else(|| {
+        redis.cluster_nodes.first().map(|seed| {
+            if seed.contains("://") {
+                seed.clone()
+            } else {
+                format!("redis://{seed}")
+            }
+        })
+    });
+    let Some(url) = url else {
         return Finding::new(
             "system clock",
             Ok("after this build's date (a Sentinel store's clock is not compared)".into()),
