@@ -21,6 +21,7 @@ pub mod membership;
 pub mod metrics;
 pub mod router;
 pub mod server;
+pub mod watch;
 
 pub use config::BalancerConfig;
 pub use membership::{Membership, MembershipConfig, MembershipEvent};

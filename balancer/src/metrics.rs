@@ -52,6 +52,12 @@ pub struct BalancerMetrics {
     pub heartbeats_rejected: Family<ReasonLabel, Counter>,
     /// Nodes taken out for missed heartbeats.
     pub nodes_taken_out: Counter,
+    /// Dialogs in which a new node acted after another (takeovers, as seen from here).
+    pub dialogs_moved: Counter,
+    /// Acts of a node in a dialog another node had taken over since (split brain).
+    pub dialogs_acted_on_by_two_nodes: Counter,
+    /// Dialogs the split-brain watch remembers now.
+    pub dialogs_watched: Gauge,
 }
 
 impl Default for BalancerMetrics {
@@ -79,6 +85,9 @@ impl BalancerMetrics {
             heartbeats_received: Counter::default(),
             heartbeats_rejected: Family::default(),
             nodes_taken_out: Counter::default(),
+            dialogs_moved: Counter::default(),
+            dialogs_acted_on_by_two_nodes: Counter::default(),
+            dialogs_watched: Gauge::default(),
         };
         registry.register(
             "requests_forwarded",
@@ -128,6 +137,22 @@ impl BalancerMetrics {
             "nodes_taken_out",
             "Nodes taken out for missed heartbeats",
             m.nodes_taken_out.clone(),
+        );
+        registry.register(
+            "dialogs_moved",
+            "Dialogs in which a new node (or a restarted one) acted after another: takeovers",
+            m.dialogs_moved.clone(),
+        );
+        registry.register(
+            "dialogs_acted_on_by_two_nodes",
+            "Messages a node sent in a dialog that another node had taken over since: split \
+             brain, which fencing should prevent",
+            m.dialogs_acted_on_by_two_nodes.clone(),
+        );
+        registry.register(
+            "dialogs_watched",
+            "Dialogs the split-brain watch remembers (acted on within its window)",
+            m.dialogs_watched.clone(),
         );
         Self { registry, ..m }
     }

@@ -28,6 +28,8 @@ use crate::config::BalancerConfig;
 use crate::membership::{Membership, MembershipEvent, NodeStatus};
 use crate::metrics::{BalancerMetrics, NodeLabel, ReasonLabel, StatusLabel};
 use crate::router::{BalancerCore, Decision, NextHop, Outgoing};
+use crate::watch::{ActWatch, Actor, Seen};
+use thalamus_ownership::hash::stable_hash;
 use thalamus_ownership::heartbeat::{
     check_fresh, unix_ms, Heartbeat, LiveNode, LiveSetReport, MAX_HEARTBEAT_BYTES,
 };
@@ -210,6 +212,7 @@ async fn sip_loop(
     mut rx: mpsc::Receiver<Inbound>,
     shutdown: CancellationToken,
 ) {
+    let mut watch = ActWatch::new(WATCH_CAPACITY, WATCH_IDLE);
     loop {
         let inbound = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -218,9 +221,60 @@ async fn sip_loop(
                 None => return,
             },
         };
+        let dialog = inbound
+            .message
+            .headers()
+            .call_id()
+            .ok()
+            .map(|c| stable_hash(&[c.as_bytes()]));
         let decision = shared.core().route(inbound.message, inbound.peer);
+        if let Some(dialog) = dialog {
+            watch_act(&shared, &mut watch, dialog, &decision);
+        }
         act(&shared, &transport, decision).await;
     }
+}
+
+/// Dialogs the split-brain watch remembers at most (about 100 bytes each).
+const WATCH_CAPACITY: usize = 200_000;
+/// How long after its last act a dialog is remembered: longer than a transaction (64 T1) and
+/// than any freeze the detection window would not already have ended.
+const WATCH_IDLE: Duration = Duration::from_secs(64);
+
+/// Feeds the split-brain watch with a message a node sent (a request leaving the cluster, or a
+/// response): counts moves and acts in a dialog another node took over since.
+fn watch_act(shared: &Shared, watch: &mut ActWatch, dialog: u64, decision: &Decision) {
+    let node = match decision {
+        Decision::Outward {
+            from_node: Some(n), ..
+        }
+        | Decision::Response {
+            from_node: Some(n), ..
+        } => n,
+        _ => return,
+    };
+    let session = shared
+        .core()
+        .membership()
+        .node(node)
+        .map_or(0, |e| stable_hash(&[e.session.as_bytes()]));
+    let actor = Actor {
+        node: stable_hash(&[node.as_str().as_bytes()]),
+        session,
+    };
+    let m = &shared.metrics;
+    match watch.observe(now(), dialog, actor) {
+        Seen::Moved => {
+            m.dialogs_moved.inc();
+        }
+        Seen::Again => {
+            m.dialogs_acted_on_by_two_nodes.inc();
+            tracing::warn!(node = %node, "a node acted in a dialog another node had taken over (split brain)");
+        }
+        Seen::New | Seen::Same => {}
+    };
+    m.dialogs_watched
+        .set(i64::try_from(watch.len()).unwrap_or(i64::MAX));
 }
 
 fn node_label(node: Option<&thalamus_ownership::hash::NodeId>) -> NodeLabel {

@@ -526,6 +526,16 @@ fn failure_kinds(result: &SippResult) -> BTreeMap<String, u64> {
     kinds
 }
 
+/// The balancer's split-brain watch: (dialogs moved to another node, acts of a node in a
+/// dialog another node had taken over since).
+fn split_brain(cluster: &Cluster) -> (f64, f64) {
+    let m = |name: &str| cluster.balancer.metric(name).unwrap_or(f64::NAN);
+    (
+        m("thalamus_balancer_dialogs_moved_total"),
+        m("thalamus_balancer_dialogs_acted_on_by_two_nodes_total"),
+    )
+}
+
 /// Every call of the run ended, no BYE of SIPp (step 8) failed (no confirmed dialog was lost),
 /// and at most `max_failed` calls failed.
 fn assert_run(cluster: &Cluster, result: &SippResult, calls: u32, max_failed: u64, figures: &str) {
@@ -1153,12 +1163,14 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
         .node(1)
         .metric("thalamus_dialogs_lost_total")
         .unwrap_or(0.0);
+    let (moved, twice) = split_brain(&cluster);
     let figures = format!(
         "freeze: {calls_total} calls of {} s at {rate}/s through the balancer to {} devices on 3 \
          nodes; {frozen_id} frozen (SIGSTOP) {} s into the run for {} s; it recovered {} ms \
          after the thaw and was eligible again {} ms after that; failed calls {} of {calls_total} \
          ({kinds:?}); the thawed node dropped {lost_here} dialogs taken over elsewhere and \
-         held back {fenced} fenced requests; INVITE retransmissions {}, BYE retransmissions {}",
+         held back {fenced} fenced requests; dialogs moved {moved}, acted on by two nodes \
+         {twice}; INVITE retransmissions {}, BYE retransmissions {}",
         f64::from(hold_ms) / 1000.0,
         devices_count(),
         6,
@@ -1195,6 +1207,9 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
         u64::from(calls_total) / 200,
         &figures,
     );
+    // Survivors took dialogs over, and the thawed node acted in none of them.
+    assert!(moved > 0.0, "{figures}");
+    assert_eq!(twice, 0.0, "{figures}");
     // Every failure is a call to one of the frozen node's devices.
     for c in &result.aborted {
         let device = c.device.as_deref().unwrap_or("?");
@@ -1378,10 +1393,12 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
         })
         .collect();
     let bound = 3 * WINDOW_MS * u64::from(rate) / 1000;
+    let (moved, twice) = split_brain(&cluster);
     let figures = format!(
         "kill in turn: {calls_total} calls of {} s at {rate}/s through the balancer to {} \
          devices on 3 nodes; {kills:#?}; failed calls {} of {calls_total} ({kinds:?}), bound \
-         3 x window x rate = {bound}; takeovers since the last restart {taken_over:?}; INVITE \
+         3 x window x rate = {bound}; takeovers since the last restart {taken_over:?}; the \
+         balancer saw {moved} dialogs move, {twice} acted on by two nodes; INVITE \
          retransmissions {}, BYE retransmissions {}",
         f64::from(hold_ms) / 1000.0,
         devices_count(),
@@ -1391,6 +1408,9 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
     );
     println!("{figures}");
     assert_run(&cluster, &result, calls_total, bound, &figures);
+    // Killed nodes act no more: every move is a takeover, none a second actor.
+    assert!(moved > 0.0, "{figures}");
+    assert_eq!(twice, 0.0, "{figures}");
 }
 
 /// Chaos 3, the store's own failover (issue 16): the store is a Redis master with a replica
@@ -1556,12 +1576,14 @@ fn a_node_cut_off_from_the_store_loses_no_confirmed_dialog() {
     let lost_here = metric(1, "thalamus_dialogs_lost_total");
     let taken_elsewhere = metric(0, "thalamus_takeovers_total{reason=\"claimed\"}")
         + metric(2, "thalamus_takeovers_total{reason=\"claimed\"}");
+    let (moved, twice) = split_brain(&cluster);
     let figures = format!(
         "partition: {calls_total} calls of {} s at {rate}/s through the balancer to {} devices \
          on 3 nodes; {cut_id}'s link to Redis down 6 s into the run for {} s (it noticed after \
          {} ms and reached the store again {} ms after the link came back); it took \
          {calls_during} calls while cut off; {fenced} requests held back by its fence; dialogs \
-         it lost {lost_here}, taken over by the other nodes {taken_elsewhere}; failed calls {} of \
+         it lost {lost_here}, taken over by the other nodes {taken_elsewhere}; the balancer saw \
+         {moved} dialogs move and {twice} acted on by two nodes; failed calls {} of \
          {calls_total} ({kinds:?}); INVITE retransmissions {}, BYE retransmissions {}",
         f64::from(hold_ms) / 1000.0,
         devices_count(),
@@ -1581,9 +1603,11 @@ fn a_node_cut_off_from_the_store_loses_no_confirmed_dialog() {
         &figures,
     );
     assert!(calls_during > 0, "{figures}");
-    // Its dialogs stayed its own: nobody took one over, it lost none.
+    // Its dialogs stayed its own: nobody took one over, it lost none, and no dialog saw two
+    // nodes act.
     assert_eq!(taken_elsewhere, 0.0, "{figures}");
     assert_eq!(lost_here, 0.0, "{figures}");
+    assert_eq!(twice, 0.0, "{figures}");
     for id in NODE_IDS {
         cluster.balancer.wait_eligible(id, true);
     }
