@@ -146,6 +146,8 @@ impl ActWatch {
 }
 
 #[cfg(test)]
+// `Instant::now()` in tests only gives the virtual clock its origin.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
