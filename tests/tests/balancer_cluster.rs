@@ -526,6 +526,51 @@ fn failure_kinds(result: &SippResult) -> BTreeMap<String, u64> {
     kinds
 }
 
+/// The call records of the nodes, once every call SIPp completed has one (bounded wait): one
+/// record per completed call across the nodes (the end record is written by the node that
+/// owned the call at its end, exactly once, takeovers included), each ended by SIPp's BYE.
+fn assert_one_record_per_call(cluster: &Cluster, result: &SippResult, figures: &str) {
+    let deadline = Instant::now() + T;
+    let records = loop {
+        let records: Vec<Value> = cluster
+            .nodes
+            .iter()
+            .flatten()
+            .flat_map(|n| call_records(&n.data_dir()))
+            .filter(|r| r["direction"] == "incoming" && r["answer"].is_string())
+            .collect();
+        if records.len() as u64 >= result.ok || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut per_call: BTreeMap<String, u32> = BTreeMap::new();
+    for r in &records {
+        *per_call
+            .entry(r["call_id"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    let twice: Vec<&String> = per_call
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(c, _)| c)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "calls with two end records: {twice:?}\n{figures}"
+    );
+    assert_eq!(
+        records.len() as u64,
+        result.ok,
+        "one end record per completed call\n{figures}"
+    );
+    assert!(
+        records.iter().all(|r| r["end_reason"] == "remote_hangup"),
+        "{:?}",
+        records.iter().find(|r| r["end_reason"] != "remote_hangup")
+    );
+}
+
 /// The balancer's split-brain watch: (dialogs moved to another node, acts of a node in a
 /// dialog another node had taken over since).
 fn split_brain(cluster: &Cluster) -> (f64, f64) {
@@ -1210,6 +1255,7 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
     // Survivors took dialogs over, and the thawed node acted in none of them.
     assert!(moved > 0.0, "{figures}");
     assert_eq!(twice, 0.0, "{figures}");
+    assert_one_record_per_call(&cluster, &result, &figures);
     // Every failure is a call to one of the frozen node's devices.
     for c in &result.aborted {
         let device = c.device.as_deref().unwrap_or("?");
@@ -1608,6 +1654,7 @@ fn a_node_cut_off_from_the_store_loses_no_confirmed_dialog() {
     assert_eq!(taken_elsewhere, 0.0, "{figures}");
     assert_eq!(lost_here, 0.0, "{figures}");
     assert_eq!(twice, 0.0, "{figures}");
+    assert_one_record_per_call(&cluster, &result, &figures);
     for id in NODE_IDS {
         cluster.balancer.wait_eligible(id, true);
     }
