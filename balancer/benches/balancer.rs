@@ -28,6 +28,7 @@ fn core() -> BalancerCore {
             load: Load::default(),
             ts_ms: 0,
             pinned: Vec::new(),
+            store_down_ms: 0,
         };
         m.heartbeat(&hb, hb.sip, now).unwrap();
     }

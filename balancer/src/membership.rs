@@ -146,6 +146,9 @@ pub struct NodeEntry {
     /// Devices (key hashes) whose session the node keeps although another node owns them
     /// (from its latest heartbeat).
     pub pinned: Vec<u64>,
+    /// How long the node's dialog store had not answered, per its latest heartbeat (0: it
+    /// answers).
+    pub store_down_ms: u64,
 }
 
 impl NodeEntry {
@@ -275,6 +278,7 @@ impl Membership {
                         heartbeats: 1,
                         counted_at_takeout: 0,
                         pinned: hb.pinned.clone(),
+                        store_down_ms: hb.store_down_ms,
                     },
                 );
                 events.push(MembershipEvent::Joined(hb.node.clone()));
@@ -326,6 +330,7 @@ impl Membership {
                 node.quic = quic;
                 node.load = hb.load;
                 node.pinned.clone_from(&hb.pinned);
+                node.store_down_ms = hb.store_down_ms;
                 node.last_heartbeat = now;
                 node.heartbeats += 1;
                 if node.draining != hb.draining {
@@ -407,6 +412,15 @@ impl Membership {
         &self.alive
     }
 
+    /// The alive nodes whose latest heartbeat said their dialog store does not answer.
+    pub fn store_down(&self) -> Vec<NodeId> {
+        self.alive
+            .iter()
+            .filter(|id| self.nodes.get(*id).is_some_and(|n| n.store_down_ms > 0))
+            .cloned()
+            .collect()
+    }
+
     /// Up and not draining nodes, sorted by id: the set new calls are hashed over.
     pub fn eligible(&self) -> &[NodeId] {
         &self.eligible
@@ -483,6 +497,7 @@ mod tests {
             load: Load::default(),
             ts_ms: 0,
             pinned: Vec::new(),
+            store_down_ms: 0,
         }
     }
 
@@ -492,6 +507,23 @@ mod tests {
 
     fn id(s: &str) -> NodeId {
         NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn the_nodes_that_lost_their_store_are_listed_until_they_reach_it_again() {
+        let mut m = Membership::new(MembershipConfig::default());
+        let t0 = Instant::now();
+        m.heartbeat(&hb("a", "s", 1), src(), t0).unwrap();
+        m.heartbeat(&hb("b", "s", 1), src(), t0).unwrap();
+        assert!(m.store_down().is_empty());
+        let down = Heartbeat {
+            store_down_ms: 1500,
+            ..hb("b", "s", 2)
+        };
+        m.heartbeat(&down, src(), t0).unwrap();
+        assert_eq!(m.store_down(), vec![id("b")]);
+        m.heartbeat(&hb("b", "s", 3), src(), t0).unwrap();
+        assert!(m.store_down().is_empty());
     }
 
     #[test]

@@ -450,6 +450,7 @@ fn live_set_report(membership: &Membership, hb: &Heartbeat, up: Duration) -> Liv
         silence_ms: u64::try_from(membership.config().silence_limit().as_millis())
             .unwrap_or(u64::MAX),
         up_ms: u64::try_from(up.as_millis()).unwrap_or(u64::MAX),
+        store_down: membership.store_down(),
     }
 }
 
@@ -573,6 +574,7 @@ mod tests {
             load: Load::default(),
             ts_ms: 0,
             pinned: Vec::new(),
+            store_down_ms: 0,
         }
     }
 

@@ -281,6 +281,7 @@ fn heartbeats(out: &mut Out) -> Result<()> {
         },
         ts_ms: 1_700_000_000_000,
         pinned: Vec::new(),
+        store_down_ms: 0,
     };
     out.write("heartbeat", "plain", &hb.encode(None))?;
     out.write(
@@ -321,6 +322,7 @@ fn heartbeats(out: &mut Out) -> Result<()> {
         alive: vec![node("node-a")?, node("node-b")?, node("node.c_3")?],
         silence_ms: 3_500,
         up_ms: 86_400_000,
+        store_down: Vec::new(),
     };
     out.write("live_set", "plain", &report.encode(None))?;
     out.write(

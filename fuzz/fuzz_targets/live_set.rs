@@ -45,7 +45,18 @@ fn owners(report: &LiveSetReport) {
         eligible: report.eligible.clone(),
         alive: (report.silence_ms > 0).then(|| report.alive.clone()),
         settled: report.up_ms >= report.silence_ms,
+        store_down: report.store_down.clone(),
     };
+    // Whoever asks, the answer needs another alive node the report does not list as cut off.
+    for n in set.alive.iter().flatten() {
+        if set.store_reached_by_another(n) {
+            assert!(set
+                .alive
+                .iter()
+                .flatten()
+                .any(|o| o != n && !set.store_down.contains(o)));
+        }
+    }
     let mut reversed = set.clone();
     reversed.eligible.reverse();
     for key in ["device-1", "earpiece-42", ""] {

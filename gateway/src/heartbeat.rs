@@ -65,8 +65,12 @@ struct SenderShared {
     draining: AtomicBool,
     /// Draining while the node checks its dialogs after it was out of the live set.
     recovering: AtomicBool,
+    /// Draining because the node stepped aside (it alone lost the dialog store).
+    stepped_aside: AtomicBool,
     load: Mutex<Load>,
     pinned: Mutex<Vec<u64>>,
+    /// How long the dialog store has not answered, ms (0: it answers).
+    store_down_ms: std::sync::atomic::AtomicU64,
     /// Fed with what the balancers' reports say about this node.
     fence: Option<SharedFence>,
     /// Woken when the node learns it was out of the live set (or frozen): see
@@ -111,8 +115,10 @@ impl HeartbeatSender {
         let shared = Arc::new(SenderShared {
             draining: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
+            stepped_aside: AtomicBool::new(false),
             load: Mutex::new(Load::default()),
             pinned: Mutex::new(Vec::new()),
+            store_down_ms: std::sync::atomic::AtomicU64::new(0),
             fence,
             outs: tokio::sync::watch::Sender::new(0),
             sent: AtomicU64::new(0),
@@ -153,12 +159,26 @@ impl HeartbeatSender {
         }
     }
 
+    /// Announces draining while the node steps aside (on top of [`Self::set_draining`]).
+    pub fn set_stepped_aside(&self, aside: bool) {
+        if self.shared.stepped_aside.swap(aside, Ordering::Relaxed) != aside {
+            self.shared.wake.notify_one();
+        }
+    }
+
     /// Counts the times the node learned that it was out of the balancers' live set: a report
     /// that does not list it, or a heartbeat loop that woke up much later than its interval (the
     /// process was frozen, or starved). Survivors may have taken some of its dialogs meanwhile.
     /// A receiver wakes at each change.
     pub fn out_of_live_set(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.outs.subscribe()
+    }
+
+    /// How long the dialog store has not answered (zero: it answers); the next heartbeats say
+    /// so, and the balancers list this node in their reports' `store_down`.
+    pub fn set_store_down(&self, down_for: Duration) {
+        let ms = u64::try_from(down_for.as_millis()).unwrap_or(u64::MAX);
+        self.shared.store_down_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The devices the next heartbeats pin to this node (at most
@@ -281,10 +301,12 @@ async fn send_loop(
             sip: config.sip,
             quic: config.quic,
             draining: shared.draining.load(Ordering::Relaxed)
-                || shared.recovering.load(Ordering::Relaxed),
+                || shared.recovering.load(Ordering::Relaxed)
+                || shared.stepped_aside.load(Ordering::Relaxed),
             load,
             ts_ms: unix_ms(SystemTime::now()),
             pinned,
+            store_down_ms: shared.store_down_ms.load(Ordering::Relaxed),
         };
         let datagram = hb.encode(config.secret.as_deref());
         for balancer in &config.balancers {
@@ -375,6 +397,7 @@ fn take_report(
             eligible: report.eligible,
             alive: says_alive.then_some(report.alive),
             settled: !says_alive || report.up_ms >= report.silence_ms,
+            store_down: report.store_down,
         });
     }
     shared.reports.fetch_add(1, Ordering::Relaxed);
@@ -402,6 +425,7 @@ mod tests {
             alive: Vec::new(),
             silence_ms: 0,
             up_ms: 0,
+            store_down: Vec::new(),
         }
     }
 

@@ -14,6 +14,8 @@ pub struct Metrics {
     registry: Registry,
     /// 1 while the node is draining.
     pub draining: Gauge,
+    /// 1 while the node steps aside (it alone lost the dialog store).
+    pub stepped_aside: Gauge,
 }
 
 impl Default for Metrics {
@@ -32,7 +34,18 @@ impl Metrics {
             "1 while the node is draining (no new calls or devices)",
             draining.clone(),
         );
-        Self { registry, draining }
+        let stepped_aside = Gauge::default();
+        registry.register(
+            "node_stepped_aside",
+            "1 while the node steps aside: its dialog store does not answer while other nodes \
+             reach theirs, so it drains until the store answers",
+            stepped_aside.clone(),
+        );
+        Self {
+            registry,
+            draining,
+            stepped_aside,
+        }
     }
 
     /// The registry, for components that register their own metrics at start-up.

@@ -269,6 +269,7 @@ impl GatewayNode {
             admin_refused,
             redirect_max_age,
             draining: AtomicBool::new(false),
+            stepped_aside: AtomicBool::new(false),
             store_up: cluster.store_up(),
             recoveries,
         });
@@ -304,8 +305,14 @@ impl GatewayNode {
         ];
         if let Some(hb) = shared.heartbeats.clone() {
             tasks.push(tokio::spawn(recover_when_out_of_the_live_set(
+                hb.clone(),
+                shared.clone(),
+                shutdown.clone(),
+            )));
+            tasks.push(tokio::spawn(step_aside_when_cut_off_from_the_store(
                 hb,
                 shared.clone(),
+                Duration::from_millis(config.cluster.step_aside_after_ms),
                 shutdown.clone(),
             )));
         }
@@ -618,6 +625,63 @@ async fn recover_when_out_of_the_live_set(
 
 /// Longest wait, in a recovery, for a balancer to list the node again.
 const RECOVERY_LISTED_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the node looks at its store's health and the balancers' reports to decide
+/// whether to step aside.
+const STEP_ASIDE_CHECK: Duration = Duration::from_millis(250);
+
+/// The oldest balancer report a node steps aside by when device redirects (which set the age
+/// otherwise) are off.
+const STEP_ASIDE_REPORT_AGE: Duration = Duration::from_secs(5);
+
+/// Tells the balancers, in every heartbeat, how long the dialog store has not answered this
+/// node; and steps the node aside (drains it: `NodeShared::set_stepped_aside`) once that lasts
+/// `after` while a balancer's fresh report names another live node that reaches the store: this
+/// node alone lost it, so the calls and devices it would take could not be replicated, and its
+/// in-dialog requests are fenced. Steps back when the store answers. With `after` zero it only
+/// reports. When every node lost the store, none steps aside: calls go on unreplicated.
+async fn step_aside_when_cut_off_from_the_store(
+    hb: Arc<crate::heartbeat::HeartbeatSender>,
+    shared: Arc<NodeShared>,
+    after: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(STEP_ASIDE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let me = thalamus_ownership::NodeId::new(&shared.node_id).ok();
+    let mut down_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = tokio::time::Instant::now();
+        let up = *shared.store_up.borrow();
+        let down_for = if up {
+            down_since = None;
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(*down_since.get_or_insert(now))
+        };
+        hb.set_store_down(down_for);
+        if up {
+            shared.set_stepped_aside(false);
+            continue;
+        }
+        if after.is_zero() || down_for < after || shared.is_stepped_aside() {
+            continue;
+        }
+        // A report from within the balancers' miss window (redirects may be off).
+        let max_age = shared.redirect_max_age.unwrap_or(STEP_ASIDE_REPORT_AGE);
+        let others_reach_it = me.as_ref().is_some_and(|me| {
+            hb.live_set(max_age)
+                .is_some_and(|live| live.store_reached_by_another(me))
+        });
+        if others_reach_it {
+            shared.set_stepped_aside(true);
+        }
+    }
+}
 
 /// When the dialog store answers again after an outage, every confirmed call this node holds
 /// writes its record again (the writes of the outage failed); so it does when the store is a new

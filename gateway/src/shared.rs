@@ -13,7 +13,7 @@ use thalamus_bridge::Bridge;
 use thalamus_ingress::{DevicePlacement, DeviceRegistry, DeviceRequests, Sessions};
 use thalamus_ownership::heartbeat::LiveSet;
 use thalamus_proto::v1::Redirect;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::heartbeat::HeartbeatSender;
 use crate::metrics::Metrics;
@@ -43,6 +43,8 @@ pub struct NodeShared {
     pub(crate) redirect_max_age: Option<Duration>,
     /// Draining: no new devices or calls; devices leave as their calls end.
     pub(crate) draining: AtomicBool,
+    /// Stepped aside: draining because this node alone lost the dialog store.
+    pub(crate) stepped_aside: AtomicBool,
     /// Whether the dialog store answers (the cluster layer's probe).
     pub(crate) store_up: tokio::sync::watch::Receiver<bool>,
     /// Times the node found it was out of the live set and checked its sessions and dialogs.
@@ -102,9 +104,36 @@ impl NodeShared {
         }
         self.metrics.draining.set(i64::from(draining));
         // A device places new calls from the node it moves to, not from this one.
-        self.bridge.refuse_dials(draining);
+        self.bridge
+            .refuse_dials(draining || self.stepped_aside.load(Ordering::Relaxed));
         if let Some(hb) = &self.heartbeats {
             hb.set_draining(draining);
+        }
+    }
+}
+
+impl NodeShared {
+    /// Whether the node steps aside.
+    pub fn is_stepped_aside(&self) -> bool {
+        self.stepped_aside.load(Ordering::Relaxed)
+    }
+
+    /// Steps aside, or back: the node drains as for [`NodeShared::set_draining`] (announced
+    /// in its heartbeats, devices' `Dial`s refused, devices moved by the sweep) without
+    /// touching the operator's draining flag.
+    pub fn set_stepped_aside(&self, aside: bool) {
+        if self.stepped_aside.swap(aside, Ordering::Relaxed) == aside {
+            return;
+        }
+        if aside {
+            warn!("the dialog store does not answer this node while other nodes reach it: stepping aside (draining) until it answers");
+        } else {
+            info!("the dialog store answers again: taking calls again");
+        }
+        self.metrics.stepped_aside.set(i64::from(aside));
+        self.bridge.refuse_dials(aside || self.is_draining());
+        if let Some(hb) = &self.heartbeats {
+            hb.set_stepped_aside(aside);
         }
     }
 }

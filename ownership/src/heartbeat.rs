@@ -83,6 +83,15 @@ pub struct Heartbeat {
     /// here instead of to the owner. At most [`MAX_PINS`]; absent when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pinned: Vec<u64>,
+    /// How long the node's dialog store has not answered, ms (0, and absent: it answers). A
+    /// balancer lists the nodes that say so in its reports (`store_down`), so that a node cut off
+    /// from the store alone can tell and step aside.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub store_down_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why a heartbeat datagram was rejected.
@@ -249,6 +258,11 @@ pub struct LiveSetReport {
     /// window does not know all its members yet).
     #[serde(default)]
     pub up_ms: u64,
+    /// The nodes in `alive` whose last heartbeat said their dialog store does not answer
+    /// (absent when none: a node of an older release, which does not know the field, reads the
+    /// reports as before while every store answers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub store_down: Vec<NodeId>,
 }
 
 /// Checks a timestamp (`ts_ms`, Unix milliseconds) against the receiver's clock (`now_ms`):
@@ -305,9 +319,22 @@ pub struct LiveSet {
     /// every node that heartbeats it (`true` from a balancer of an older release, which does
     /// not say). A report of a balancer that just (re)started may miss nodes.
     pub settled: bool,
+    /// The alive nodes whose dialog store does not answer, as they said in their heartbeats.
+    pub store_down: Vec<NodeId>,
 }
 
 impl LiveSet {
+    /// Whether another node than `node`, alive for the balancer, reaches the dialog store (its
+    /// heartbeat does not say otherwise): then `node` alone lost the store. `false` when the
+    /// balancer does not say who is alive.
+    pub fn store_reached_by_another(&self, node: &NodeId) -> bool {
+        self.alive.as_ref().is_some_and(|alive| {
+            alive
+                .iter()
+                .any(|n| n != node && !self.store_down.contains(n))
+        })
+    }
+
     /// Whether the balancer said `node` is not up (it took the node out). `false` when the
     /// balancer does not say.
     pub fn says_down(&self, node: &NodeId) -> bool {
@@ -357,6 +384,7 @@ mod tests {
             },
             ts_ms: 1_800_000_000_000,
             pinned: Vec::new(),
+            store_down_ms: 0,
         }
     }
 
@@ -476,6 +504,7 @@ mod tests {
             alive: Vec::new(),
             silence_ms: 0,
             up_ms: 0,
+            store_down: Vec::new(),
         }
     }
 
@@ -509,6 +538,7 @@ mod tests {
             eligible: r.eligible.clone(),
             alive: None,
             settled: true,
+            store_down: Vec::new(),
         };
         let ids: Vec<NodeId> = r.eligible.iter().map(|n| n.node.clone()).collect();
         for i in 0..200 {
@@ -522,5 +552,42 @@ mod tests {
             ..live
         };
         assert!(empty.owner("dev-1").is_none());
+    }
+
+    #[test]
+    fn a_node_alone_without_the_store_knows_it_and_old_peers_see_no_new_field() {
+        let id = |n: &str| NodeId::new(n).unwrap();
+        let mut live = LiveSet {
+            received: Instant::now(),
+            from: "127.0.0.1:5070".parse().unwrap(),
+            eligible: Vec::new(),
+            alive: Some(vec![id("a"), id("b")]),
+            settled: true,
+            store_down: vec![id("a")],
+        };
+        assert!(live.store_reached_by_another(&id("a")));
+        live.store_down.push(id("b"));
+        assert!(
+            !live.store_reached_by_another(&id("a")),
+            "every node lost it"
+        );
+        live.store_down.clear();
+        live.alive = Some(vec![id("a")]);
+        assert!(!live.store_reached_by_another(&id("a")), "no other node");
+        live.alive = None;
+        assert!(
+            !live.store_reached_by_another(&id("a")),
+            "the balancer does not say"
+        );
+        // While the store answers, the heartbeat and the report carry nothing new.
+        let h = hb();
+        assert!(!String::from_utf8_lossy(&h.encode(None)).contains("store_down"));
+        let mut down = hb();
+        down.store_down_ms = 2500;
+        let text = down.encode(None);
+        assert!(String::from_utf8_lossy(&text).contains("\"store_down_ms\":2500"));
+        assert_eq!(Heartbeat::decode(&text, None).unwrap().store_down_ms, 2500);
+        let r = report("s", 1, &["a"]);
+        assert!(!String::from_utf8_lossy(&r.encode(None)).contains("store_down"));
     }
 }

@@ -679,6 +679,7 @@ async fn forged_and_replayed_heartbeats_change_nothing_while_calls_go_on() {
         load: Load::default(),
         ts_ms,
         pinned: Vec::new(),
+        store_down_ms: 0,
     };
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         (

@@ -30,6 +30,7 @@ fn heartbeat(i: u8, session: &str, seq: u64, draining: bool) -> Heartbeat {
         load: Load::default(),
         ts_ms: 0,
         pinned: Vec::new(),
+        store_down_ms: 0,
     }
 }
 
@@ -624,6 +625,7 @@ fn a_pinned_device_is_reached_where_its_session_is_for_new_calls_and_its_dialogs
     let pin = |f: &mut Fixture, seq: u64, pins: Vec<u64>| {
         let hb = Heartbeat {
             pinned: pins,
+            store_down_ms: 0,
             ..heartbeat(k, "s1", seq, false)
         };
         f.core

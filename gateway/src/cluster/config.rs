@@ -101,6 +101,11 @@ pub struct ClusterConfig {
     pub reinvite_after_takeover: bool,
     /// Heartbeats to the SIP load balancers (none by default).
     pub heartbeat: Option<HeartbeatConfig>,
+    /// When the dialog store has not answered this node for this long, milliseconds, while a
+    /// balancer reports another live node that reaches it, this node steps aside: it drains
+    /// (no new calls; its devices move to nodes that can replicate their calls) until the
+    /// store answers again. 0: never (the node keeps serving unreplicated).
+    pub step_aside_after_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -115,6 +120,7 @@ impl Default for ClusterConfig {
             max_batch: 256,
             reinvite_after_takeover: true,
             heartbeat: None,
+            step_aside_after_ms: 10_000,
         }
     }
 }
@@ -140,6 +146,12 @@ impl ClusterConfig {
         };
         if self.lease_ttl_ms < 30 {
             return bad("cluster.lease_ttl_ms", "must be at least 30");
+        }
+        if self.step_aside_after_ms != 0 && self.step_aside_after_ms < 100 {
+            return bad(
+                "cluster.step_aside_after_ms",
+                "must be 0 (never) or at least 100",
+            );
         }
         if self.takeover_timeout_ms == 0 {
             return bad("cluster.takeover_timeout_ms", "must be above 0");
