@@ -10,6 +10,11 @@
 //! more calls to place), `drained` (every call finished or written off, connections still
 //! up) and `done`.
 //!
+//! Against a cluster: several entry points (device n logs in through entry point n mod their
+//! number), redirects followed to the owner node, and a device that loses its node logs in
+//! again elsewhere with its resume token; the calls the new node lists go on. The report counts
+//! per node and per reconnect.
+//!
 //! Layout: [`pacer`] (when starts are due), [`device_calls`] (one device's calls, sans-IO),
 //! [`report`] (the tally), [`plot`] (SVG), [`cli`] (the command), and here the tasks that
 //! connect the devices and drive them. Every load is bounded: a device count, a rate over a
