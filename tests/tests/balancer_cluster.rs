@@ -1377,9 +1377,9 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
     let mut cluster = Cluster::start_with(3, FleetConfig::quick);
     let calls_total = chaos("CALLS", 1_750);
     let rate = chaos("RATE", 50);
-    // Shorter than the 2 s between two calls to one device: a device that a survivor keeps
-    // for its call goes back to its owner between two calls.
-    let hold_ms = chaos("HOLD_MS", 1_500);
+    // Half the 2 s between two calls to one device: a device that a survivor keeps for its
+    // call goes back to its owner between two calls.
+    let hold_ms = chaos("HOLD_MS", 1_000);
     let run = start_sipp(&cluster, calls_total, rate, hold_ms);
     let started = run.started();
     std::thread::sleep(Duration::from_secs(5));
@@ -1407,13 +1407,21 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
         cluster.fleet.set_node(fleet_node(id, &restarted));
         cluster.nodes[i] = Some(restarted);
         cluster.balancer.wait_eligible(id, true);
+        // Its devices come back as their calls end (a device with a call stays where it is):
+        // most of them within seconds, under any load.
         let back = cluster
             .fleet
-            .wait_on(&cluster.owners, Duration::from_secs(30))
+            .wait_placement(Duration::from_secs(30), "came back", |p| {
+                let home = devices
+                    .iter()
+                    .filter(|d| p.get(*d).and_then(|n| n.as_deref()) == Some(*id))
+                    .count();
+                home * 5 >= devices.len() * 4
+            })
             .unwrap_or_else(|e| panic!("{id} back: {e:#}\n{}", cluster.logs()));
         kills.push(format!(
             "{id} killed {:.1} s into the run: out after {} ms, its {} devices moved in {} ms, \
-             restarted and its devices back {} ms after it was eligible",
+             restarted and 80 % of its devices back {} ms after it was eligible",
             last_kill.as_secs_f64(),
             detection.as_millis(),
             devices.len(),
