@@ -232,16 +232,26 @@ pub struct ClusterNode {
 pub struct RedisCluster {
     /// The six nodes.
     pub nodes: Vec<RedisProcess>,
+    /// One cluster at a time in a test binary: six servers each are enough for two cores, and
+    /// two clusters starting together could meet each other's nodes.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Held by the cluster that runs (see [`RedisCluster`]).
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl RedisCluster {
     /// Starts six cluster-enabled servers, joins them with `redis-cli --cluster create
     /// --cluster-replicas 1`, and waits (at most 60 s) until every node reports
     /// `cluster_state:ok` with all slots served and every replica's link is up.
     pub fn start() -> Self {
+        let serial = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_port();
+            // The cluster bus on a free port of its own (by default it is port + 10000, which
+            // may be taken, or past 65535).
+            let bus = free_port().to_string();
             let conf = format!("nodes-{port}.conf");
             nodes.push(RedisProcess::start_on(
                 port,
@@ -252,6 +262,8 @@ impl RedisCluster {
                     &conf,
                     "--cluster-node-timeout",
                     "2000",
+                    "--cluster-port",
+                    &bus,
                 ],
             ));
         }
@@ -273,7 +285,10 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = Self { nodes };
+        let cluster = Self {
+            nodes,
+            _serial: serial,
+        };
         cluster.wait_healthy(Duration::from_secs(60));
         cluster
     }
