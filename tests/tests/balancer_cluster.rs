@@ -1463,6 +1463,9 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
         result.bye_retransmissions,
     );
     println!("{figures}");
+    if let Some(dir) = cluster.dump() {
+        let _ = std::fs::write(format!("{dir}/sipp.txt"), &result.report);
+    }
     assert_run(&cluster, &result, calls_total, bound, &figures);
     // Killed nodes act no more: every move is a takeover, none a second actor.
     assert!(moved > 0.0, "{figures}");

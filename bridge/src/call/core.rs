@@ -861,7 +861,8 @@ impl CallCore {
             CallInput::Client(tx, outcome) => self.client(tx, outcome),
             CallInput::Responded(tx, status, dialog) => self.responded(tx, status, dialog),
             CallInput::Ack => {
-                // Our 2xx is acknowledged: the dialog is confirmed.
+                // Our 2xx is acknowledged (its record was written as it left; this catches a
+                // call whose write was skipped then).
                 if self.phase == Phase::Up && !self.replica.stored && !self.is_ending() {
                     self.replicate();
                 }
@@ -1274,6 +1275,13 @@ impl CallCore {
                     self.push(CallAction::InviteSettled);
                     self.phase = Phase::Up;
                     self.run_deferred();
+                    // The dialog is confirmed as our 2xx leaves (RFC 3261 12.1.1): write its
+                    // record now rather than at the ACK, a round trip later, so that a node
+                    // that dies right after answering leaves the record behind (unless a
+                    // hangup that waited for the 2xx is ending the call already).
+                    if self.phase == Phase::Up && !self.is_ending() {
+                        self.replicate();
+                    }
                 }
             }
             _ => {}

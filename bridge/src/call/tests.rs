@@ -496,18 +496,22 @@ fn incoming_call_answered_acked_and_ended_by_the_peer() {
     assert_eq!(bye.len(), 1);
     assert_eq!(bye[0].1, Method::Bye);
 
-    // Another call: answered, ACKed (stored), then the peer hangs up.
+    // Another call: answered (stored as the 200 leaves, not a round trip later at the ACK: a
+    // node that dies right after answering leaves the record), ACKed, then the peer hangs up.
     let (mut core, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
     core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
     core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
     core.relay_started(t0, Some(RELAY));
     core.handle(t0, CallInput::Responded(stx(1), 200, Some(dialog())));
-    drain(&mut core);
-    core.handle(t0, CallInput::Ack);
     let a = drain(&mut core);
     assert!(
-        matches!(a.as_slice(), [CallAction::Replicate(f)] if !f.app_data.as_ref().unwrap().outgoing)
+        a.iter().any(
+            |x| matches!(x, CallAction::Replicate(f) if !f.app_data.as_ref().unwrap().outgoing)
+        ),
+        "{a:?}"
     );
+    core.handle(t0, CallInput::Ack);
+    assert!(drain(&mut core).is_empty(), "written once");
     core.handle(
         t0,
         CallInput::PeerRequest(stx(5), Box::new(request("BYE", ""))),
