@@ -227,9 +227,22 @@ async fn sip_loop(
             .call_id()
             .ok()
             .map(|c| stable_hash(&[c.as_bytes()]));
-        let decision = shared.core().route(inbound.message, inbound.peer);
-        if let Some(dialog) = dialog {
-            watch_act(&shared, &mut watch, dialog, &decision);
+        let (decision, actor) = {
+            let core = shared.core();
+            let decision = core.route(inbound.message, inbound.peer);
+            let actor = acting_node(&decision).and_then(|n| {
+                core.membership().node(n).map(|e| {
+                    let actor = Actor {
+                        node: stable_hash(&[n.as_str().as_bytes()]),
+                        session: u64::from(e.session_tag),
+                    };
+                    (n.clone(), actor)
+                })
+            });
+            (decision, actor)
+        };
+        if let (Some(dialog), Some((node, actor))) = (dialog, actor) {
+            watch_act(&shared, &mut watch, dialog, &node, actor);
         }
         act(&shared, &transport, decision).await;
     }
@@ -241,27 +254,28 @@ const WATCH_CAPACITY: usize = 200_000;
 /// than any freeze the detection window would not already have ended.
 const WATCH_IDLE: Duration = Duration::from_secs(64);
 
-/// Feeds the split-brain watch with a message a node sent (a request leaving the cluster, or a
-/// response): counts moves and acts in a dialog another node took over since.
-fn watch_act(shared: &Shared, watch: &mut ActWatch, dialog: u64, decision: &Decision) {
-    let node = match decision {
+/// The node that sent what `decision` forwards: a request leaving the cluster, or a response.
+fn acting_node(decision: &Decision) -> Option<&thalamus_ownership::hash::NodeId> {
+    match decision {
         Decision::Outward {
             from_node: Some(n), ..
         }
         | Decision::Response {
             from_node: Some(n), ..
-        } => n,
-        _ => return,
-    };
-    let session = shared
-        .core()
-        .membership()
-        .node(node)
-        .map_or(0, |e| stable_hash(&[e.session.as_bytes()]));
-    let actor = Actor {
-        node: stable_hash(&[node.as_str().as_bytes()]),
-        session,
-    };
+        } => Some(n),
+        _ => None,
+    }
+}
+
+/// Feeds the split-brain watch with a message `node` sent (`actor`: that node process, its id
+/// and session tag): counts moves and acts in a dialog another node took over since.
+fn watch_act(
+    shared: &Shared,
+    watch: &mut ActWatch,
+    dialog: u64,
+    node: &thalamus_ownership::hash::NodeId,
+    actor: Actor,
+) {
     let m = &shared.metrics;
     match watch.observe(now(), dialog, actor) {
         Seen::Moved => {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 pub struct Actor {
     /// Hash of the node id.
     pub node: u64,
-    /// Hash of the node's session (random per process start).
+    /// The node's session tag (from its session id, random per process start).
     pub session: u64,
 }
 

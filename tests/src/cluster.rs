@@ -382,14 +382,9 @@ impl Balancer {
 
     /// One sample of `/metrics` (`thalamus_balancer_...`, with its labels), 0 when absent.
     pub fn metric(&self, sample: &str) -> anyhow::Result<f64> {
-        let text = http_get(self.admin, "/metrics")?;
-        Ok(text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0.0))
+        Ok(crate::metric_sample(
+            &http_get(self.admin, "/metrics")?,
+            sample,
+        ))
     }
 }

@@ -302,16 +302,19 @@ impl Gateway {
 
     /// The value of one metric sample (exact name with labels), or 0 when absent.
     pub fn metric(&self, sample: &str) -> anyhow::Result<f64> {
-        let text = self.admin_get("/metrics")?;
-        Ok(text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0.0))
+        Ok(metric_sample(&self.admin_get("/metrics")?, sample))
     }
+}
+
+/// One sample of a Prometheus text exposition (exact name with labels), 0 when absent.
+pub fn metric_sample(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 impl Gateway {

@@ -296,6 +296,20 @@ impl Cluster {
         Some(dir)
     }
 
+    /// Waits (polling every 50 ms, at most [`T`]) until `done`; panics saying `what` did not
+    /// happen, with the processes' logs.
+    fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + T;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} within {T:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn incoming(&self, i: usize) -> u64 {
         self.node(i).metric(INCOMING).unwrap() as u64
     }
@@ -1184,20 +1198,13 @@ fn a_node_frozen_for_four_seconds_loses_no_confirmed_dialog() {
     signal(cluster.node(1), "CONT");
     let thawed_at = Instant::now();
     // It checks its sessions and dialogs, then takes calls again.
-    let deadline = Instant::now() + T;
-    while cluster
-        .node(1)
-        .metric("thalamus_live_set_recoveries_total")
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the thawed node never recovered\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cluster.wait_until("the thawed node did not recover", || {
+        cluster
+            .node(1)
+            .metric("thalamus_live_set_recoveries_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    });
     let recovered = thawed_at.elapsed();
     let back = cluster.balancer.wait_eligible(frozen_id, true);
     let result = finish(run);
@@ -1334,11 +1341,9 @@ fn the_store_frozen_then_restarted_empty_loses_no_call() {
         drop(old);
         let up = restarted.elapsed();
         // The nodes write back the records of the calls they hold.
-        let deadline = Instant::now() + T;
-        while cluster.node(0).metric("thalamus_store_up").unwrap_or(0.0) < 1.0 {
-            assert!(Instant::now() < deadline, "the store never came back");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cluster.wait_until("the store did not come back", || {
+            cluster.node(0).metric("thalamus_store_up").unwrap_or(0.0) >= 1.0
+        });
         format!(
             "Redis frozen (SIGSTOP) 6 s into the run for 3 s, then killed 4 s later and \
              restarted empty on its port ({} ms)",
@@ -1506,33 +1511,24 @@ fn a_store_failover_then_a_node_death_loses_no_confirmed_dialog() {
         .status()
         .unwrap()
         .success());
-    let deadline = Instant::now() + T;
-    while sentinel(&cluster) != Some(replica_port) {
-        assert!(
-            Instant::now() < deadline,
-            "sentinel {sentinel_port} never promoted the replica\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cluster.wait_until(
+        &format!("sentinel {sentinel_port} did not promote the replica"),
+        || sentinel(&cluster) == Some(replica_port),
+    );
     let promoted = killed_at.elapsed();
     // Every node writes its records to the new master (it noticed the outage, or the new
     // instance).
-    let deadline = Instant::now() + T;
     for (i, id) in NODE_IDS.iter().enumerate() {
         let node = cluster.node(i);
-        while node.metric("thalamus_store_up").unwrap_or(0.0) < 1.0
-            || !node
-                .log()
-                .contains("records of the calls held here written again")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{id} never wrote its records to the new master\n{}",
-                cluster.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cluster.wait_until(
+            &format!("{id} did not write its records to the new master"),
+            || {
+                node.metric("thalamus_store_up").unwrap_or(0.0) >= 1.0
+                    && node
+                        .log()
+                        .contains("records of the calls held here written again")
+            },
+        );
     }
     let rewritten = killed_at.elapsed();
     std::thread::sleep(Duration::from_secs(1));
@@ -1608,15 +1604,7 @@ fn a_node_cut_off_from_the_store_steps_aside_and_loses_no_confirmed_dialog() {
     // The node notices (its probe of the store fails), then steps aside: the balancer sees it
     // draining, and its devices move to the other nodes.
     let wait = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + T;
-        while !done() {
-            assert!(
-                Instant::now() < deadline,
-                "{cut_id} {what}\n{}",
-                cluster.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cluster.wait_until(&format!("{cut_id} {what}"), done);
         cut_at.elapsed()
     };
     let noticed = wait("never noticed it lost the store", &|| {
@@ -1641,15 +1629,9 @@ fn a_node_cut_off_from_the_store_steps_aside_and_loses_no_confirmed_dialog() {
     let calls_after_step = cluster.incoming(1) - calls_at_step;
     ns.store_link(true).unwrap();
     let healed_at = Instant::now();
-    let deadline = Instant::now() + T;
-    while cluster.node(1).metric("thalamus_store_up").unwrap_or(0.0) < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "{cut_id} never reached the store again\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cluster.wait_until(&format!("{cut_id} did not reach the store again"), || {
+        cluster.node(1).metric("thalamus_store_up").unwrap_or(0.0) >= 1.0
+    });
     let back = healed_at.elapsed();
     let eligible = cluster.balancer.wait_eligible(cut_id, true);
     let result = finish(run);
