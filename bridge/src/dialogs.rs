@@ -15,12 +15,19 @@
 //! - An imported dialog's Contact is replaced by this node's, so its next target refresh
 //!   (the re-INVITE that moves the media) points the peer here.
 //!
+//! - An early record (strategy `early-and-confirmed`) has the same key as the dialog its
+//!   incoming call will confirm, and instead of the SIP stack's export it holds the INVITE and
+//!   where it came from ([`EARLY_INVITE_FORMAT`], [`early_payload`], [`early_invite_of`]): a
+//!   survivor adopts that INVITE's transaction and answers it with the same To tag. The 2xx's
+//!   record overwrites it; a final error ends it.
+//!
 //! This module does no I/O: it neither reads the store nor talks to the user agent.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thalamus_sip::dialog::{DialogId, DialogRecord, DIALOG_RECORD_VERSION};
-use thalamus_sip::message::Request;
+use thalamus_sip::message::{Message, Method, Request};
+use thalamus_sip::peer::{Peer, PeerTransport};
 
 use thalamus_dialog_store::{DialogKey, NegotiatedMedia, SipDialogPayload, StoredDialog};
 
@@ -161,6 +168,88 @@ pub fn to_stored(export: &DialogRecord, facts: &CallFacts) -> StoredDialog {
     record.version = facts.base_version;
     record.app_data = facts.app_data.as_ref().map(CallAppData::encode);
     record
+}
+
+/// The SIP payload format of an early record: not a SIP stack export (whose formats count up
+/// from 1), so a build that does not know early records refuses to import one.
+pub const EARLY_INVITE_FORMAT: u32 = 0x4541_0001;
+
+/// Largest INVITE kept in an early record, in bytes (with its base64 encoding it stays within
+/// the store's payload limit).
+pub const MAX_EARLY_INVITE_LEN: usize = 32 * 1024;
+
+/// The payload of an early record, as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct EarlyInvite {
+    /// Schema, 1.
+    v: u32,
+    /// The INVITE as received, base64.
+    invite: String,
+    /// Where it came from (UDP: responses go by its Via, from whichever node holds it).
+    source: std::net::SocketAddr,
+}
+
+/// The SIP payload of an early record for `invite`, received from `source` over UDP; `None`
+/// when it is too large or came over TCP (its responses cannot go from another node then).
+pub fn early_payload(invite: &Request, source: &Peer) -> Option<SipDialogPayload> {
+    use base64::Engine as _;
+    if source.transport != PeerTransport::Udp {
+        return None;
+    }
+    let bytes = invite.to_bytes();
+    if bytes.len() > MAX_EARLY_INVITE_LEN {
+        return None;
+    }
+    let payload = EarlyInvite {
+        v: 1,
+        invite: base64::engine::general_purpose::STANDARD.encode(&bytes),
+        source: source.addr,
+    };
+    Some(SipDialogPayload {
+        format_version: EARLY_INVITE_FORMAT,
+        data: serde_json::to_string(&payload).ok()?,
+    })
+}
+
+/// The INVITE of an early record and where it came from: `None` when the record is not early,
+/// an error when its payload cannot be read or is not an INVITE of the record's dialog
+/// (Call-ID and From tag).
+pub fn early_invite_of(stored: &StoredDialog) -> Option<Result<(Request, Peer), RecordError>> {
+    use base64::Engine as _;
+    if stored.sip_dialog.format_version != EARLY_INVITE_FORMAT {
+        return None;
+    }
+    let read = || {
+        let payload: EarlyInvite = serde_json::from_str(&stored.sip_dialog.data)
+            .map_err(|e| RecordError::Malformed(e.to_string()))?;
+        if payload.v != 1 {
+            return Err(RecordError::Malformed(format!(
+                "early schema {}",
+                payload.v
+            )));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(payload.invite.as_bytes())
+            .map_err(|e| RecordError::Malformed(e.to_string()))?;
+        if bytes.len() > MAX_EARLY_INVITE_LEN {
+            return Err(RecordError::Malformed("INVITE too large".into()));
+        }
+        let request = match Message::parse(Bytes::from(bytes)) {
+            Ok(Message::Request(r)) if r.method == Method::Invite => r,
+            Ok(_) => return Err(RecordError::Malformed("not an INVITE".into())),
+            Err(e) => return Err(RecordError::Malformed(e.to_string())),
+        };
+        let call_id = request.headers.call_id().ok().map(str::to_string);
+        let from_tag = request.headers.from_tag().unwrap_or_default().to_string();
+        if call_id.as_deref() != Some(stored.key.call_id.as_str())
+            || from_tag != stored.key.remote_tag
+            || request.headers.to_tag().is_some()
+        {
+            return Err(RecordError::KeyMismatch);
+        }
+        Ok((request, Peer::udp(payload.source)))
+    };
+    Some(read())
 }
 
 /// Reads the SIP dialog export back out of a stored record, checking its format and that it
@@ -356,5 +445,59 @@ mod tests {
         )
         .is_none());
         assert!(CallAppData::decode(b"not json").is_none());
+    }
+
+    fn early_invite() -> Request {
+        let text = "INVITE sip:dev-1@gw.example SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bK-1\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:bob@example.org>;tag=peer-tag\r\n\
+             To: <sip:dev-1@gw.example>\r\n\
+             Call-ID: c1@host\r\n\
+             CSeq: 1 INVITE\r\n\
+             Contact: <sip:bob@10.0.0.9:5060>\r\n\
+             Content-Length: 0\r\n\r\n";
+        match Message::parse(Bytes::from(text)) {
+            Ok(Message::Request(r)) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_early_record_carries_its_invite_and_source() {
+        let source = Peer::udp("10.0.0.9:5060".parse().unwrap());
+        let payload = early_payload(&early_invite(), &source).unwrap();
+        assert_eq!(payload.format_version, EARLY_INVITE_FORMAT);
+        let mut record = StoredDialog::new(
+            DialogKey::new("c1@host", "gw-tag", "peer-tag"),
+            payload,
+            "dev-1",
+            7,
+            "gw-1",
+        );
+        let (invite, from) = early_invite_of(&record).unwrap().unwrap();
+        assert_eq!(invite, early_invite());
+        assert_eq!(from, source);
+        // Not a dialog export: a build that only knows exports refuses it.
+        assert!(matches!(
+            sip_record_of(&record),
+            Err(RecordError::UnsupportedFormat { .. })
+        ));
+        // An INVITE of another dialog, or a damaged payload, is refused.
+        record.key.remote_tag = "other".into();
+        assert_eq!(
+            early_invite_of(&record).unwrap(),
+            Err(RecordError::KeyMismatch)
+        );
+        record.sip_dialog.data = "{\"v\":1,\"invite\":\"!!\",\"source\":\"10.0.0.9:5060\"}".into();
+        assert!(matches!(
+            early_invite_of(&record),
+            Some(Err(RecordError::Malformed(_)))
+        ));
+        // A confirmed record is not early; an INVITE over TCP is not kept.
+        record.sip_dialog.format_version = DIALOG_RECORD_VERSION;
+        assert!(early_invite_of(&record).is_none());
+        let tcp = Peer::tcp("10.0.0.9:5060".parse().unwrap());
+        assert!(early_payload(&early_invite(), &tcp).is_none());
     }
 }

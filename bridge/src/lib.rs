@@ -621,7 +621,7 @@ async fn send_text(
 }
 
 /// From tag, Call-ID and CSeq of a request outside a dialog (the merged-request key).
-fn merge_key(request: &Request) -> Option<(String, String, u32)> {
+pub(crate) fn merge_key(request: &Request) -> Option<(String, String, u32)> {
     Some((
         request.headers.from_tag()?.to_string(),
         request.headers.call_id().ok()?.to_string(),
@@ -867,6 +867,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 CallSetup::Incoming {
                     tx,
                     invite: Box::new(request),
+                    source,
                     call_waiting: live > 0,
                     in_progress: Box::new(in_progress),
                 },

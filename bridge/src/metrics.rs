@@ -21,8 +21,8 @@ pub struct BridgeMetrics {
     pub sip_refused: Family<ReasonLabel, Counter>,
     /// Texts, by direction and outcome.
     pub texts: Family<ReasonLabel, Counter>,
-    /// Takeover attempts, by outcome (`claimed`, `ended`, `not_found`, `lost_race`,
-    /// `unavailable`, `invalid`, `disabled`).
+    /// Takeover attempts, by outcome (`claimed`, `claimed_early`: a ringing call, `ended`,
+    /// `not_found`, `lost_race`, `unavailable`, `invalid`, `disabled`).
     pub takeovers: Family<ReasonLabel, Counter>,
     /// Time from a request for an unknown dialog arriving to its answer by the call that took
     /// the dialog over, seconds.

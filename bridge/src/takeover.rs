@@ -42,7 +42,8 @@ use tracing::{debug, info, warn};
 use crate::call::core::CallKey;
 use crate::call::{self, CallSetup, TakeoverSetup};
 use crate::dialogs::{
-    dialog_of_key, key_of_request, prepare_for_import, remote_uri_of, sip_record_of, CallAppData,
+    dialog_of_key, early_invite_of, key_of_request, prepare_for_import, remote_uri_of,
+    sip_record_of, CallAppData,
 };
 use crate::mapping::ended_by;
 use crate::shared::BridgeInner;
@@ -197,6 +198,10 @@ async fn take_over_locked(
         Some(r) if !r.is_live() => return Err(TakeoverError::Ended),
         Some(r) => r,
     };
+    if let Some(early) = early_invite_of(&record) {
+        let (invite, source) = early.map_err(|e| TakeoverError::Invalid(e.to_string()))?;
+        return adopt_ringing_call(inner, store, record, invite, source, trigger).await;
+    }
     // Check what can be checked before claiming, so a record this node cannot continue stays
     // with its owner.
     let sip = sip_record_of(&record).map_err(|e| TakeoverError::Invalid(e.to_string()))?;
@@ -254,6 +259,101 @@ async fn take_over_locked(
         call,
         record: Some(claimed),
     })
+}
+
+/// The early record of a call that was ringing on another node: claimed once its owner can no
+/// longer be acting on it, its INVITE adopted (a server transaction here, answered with the
+/// early dialog's To tag), and the call continued ringing at the device, which resumed here.
+/// Only the device (its resume, or a command for the call) or the API continue a ringing
+/// call: a request from the peer for the early dialog finds nothing to continue.
+async fn adopt_ringing_call(
+    inner: &Arc<BridgeInner>,
+    store: &Arc<dyn DialogStore>,
+    record: StoredDialog,
+    invite: Request,
+    source: thalamus_sip::peer::Peer,
+    trigger: Trigger,
+) -> Result<TakenOver, TakeoverError> {
+    if matches!(trigger, Trigger::Request { .. } | Trigger::Hangup) {
+        return Err(TakeoverError::Invalid(
+            "a ringing call continues with its device".into(),
+        ));
+    }
+    let call = (record.device_id.clone(), record.call_ref);
+    if inner.calls.contains_key(&call) {
+        return Err(TakeoverError::Invalid(format!(
+            "call_ref {} of device {} is in use on this node",
+            call.1, call.0
+        )));
+    }
+    // The caller's INVITE may have reached this node as a new call already (a retransmission
+    // after the death): that call goes on, this record is not needed.
+    let merge = crate::merge_key(&invite);
+    if merge
+        .as_ref()
+        .is_some_and(|k| inner.in_progress.contains_key(k))
+    {
+        return Err(TakeoverError::Invalid(
+            "the INVITE is being answered here already".into(),
+        ));
+    }
+    let key = record.key.clone();
+    let record = owner_released(inner, store, record).await?;
+    let node_id = inner.config.node_id.clone();
+    let claimed = bounded(
+        inner,
+        "claiming the ringing call",
+        store.claim(&key, &node_id, record.epoch),
+    )
+    .await?;
+    let tx = match inner
+        .ua
+        .adopt_invite(invite.clone(), source, key.local_tag.clone())
+        .await
+    {
+        Ok(tx) => tx,
+        Err(e) => {
+            // Claimed but not adoptable (the transaction table is full): the record stays ours
+            // and expires with its TTL; the caller's transaction times out.
+            warn!(dialog = %key, error = %e, "claimed ringing call could not be adopted");
+            return Err(TakeoverError::Invalid(e.to_string()));
+        }
+    };
+    inner.watched.remove(&call);
+    let mut in_progress = crate::shared::InProgress {
+        inner: inner.clone(),
+        key: None,
+        ringing: None,
+    };
+    if let Some(k) = merge {
+        let branch = invite.branch().unwrap_or_default().to_string();
+        inner.in_progress.insert(k.clone(), branch);
+        in_progress.key = Some(k);
+    }
+    in_progress.ring(&call);
+    inner.by_invite.insert(tx, call.clone());
+    info!(
+        dialog = %key,
+        device = %call.0,
+        call_ref = call.1,
+        epoch = claimed.epoch,
+        previous_owner = %record.owner,
+        "ringing call taken over"
+    );
+    inc(&inner.metrics.takeovers, "claimed_early");
+    call::driver::spawn(
+        inner.clone(),
+        call.clone(),
+        CallSetup::Adopted(Box::new(call::AdoptSetup {
+            tx,
+            invite,
+            record: claimed.clone(),
+            trigger,
+            previous_owner: record.owner.clone(),
+            in_progress,
+        })),
+    );
+    Ok(TakenOver { call, record: None })
 }
 
 /// Waits, at most the takeover timeout, until the owner of `record` can no longer be acting on
@@ -636,11 +736,15 @@ pub(crate) async fn stored_dialogs_of(
 
 /// A watched call as the Welcome lists it.
 pub(crate) fn live_call_of(record: &StoredDialog) -> LiveCall {
-    let held = record
-        .app_data
-        .as_deref()
-        .and_then(CallAppData::decode)
-        .is_some_and(|a| a.held);
+    let app = record.app_data.as_deref().and_then(CallAppData::decode);
+    if early_invite_of(record).is_some() {
+        return LiveCall {
+            call_ref: record.call_ref,
+            remote_uri: app.map(|a| a.remote_uri).unwrap_or_default(),
+            state: CallState::Ringing as i32,
+        };
+    }
+    let held = app.is_some_and(|a| a.held);
     LiveCall {
         call_ref: record.call_ref,
         remote_uri: sip_record_of(record)

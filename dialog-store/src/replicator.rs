@@ -11,7 +11,8 @@
 //! bounded number of times.
 //!
 //! [`ReplicationStrategy`] selects what is replicated, as in JAIN SIP HA: `confirmed-dialog`
-//! (with application data) or `confirmed-dialog-no-app-data`. This module does not decide
+//! (with application data), `confirmed-dialog-no-app-data`, or `early-and-confirmed` (early
+//! dialogs of incoming calls as well). This module does not decide
 //! when a dialog is written (the SIP layer does: on 2xx, on target refresh, before using a new
 //! local CSeq), does not read from the store, and does not take dialogs over.
 
@@ -36,12 +37,21 @@ pub enum ReplicationStrategy {
     ConfirmedDialog,
     /// `confirmed-dialog-no-app-data`: the dialog without application data.
     ConfirmedDialogNoAppData,
+    /// `early-and-confirmed`: as `confirmed-dialog`, and an incoming call's early dialog too
+    /// (written as its first provisional response leaves, with the INVITE), so a survivor can
+    /// continue a call that was still ringing when its node died.
+    EarlyAndConfirmed,
 }
 
 impl ReplicationStrategy {
     /// Whether application data is replicated.
     pub fn includes_app_data(self) -> bool {
-        self == Self::ConfirmedDialog
+        self != Self::ConfirmedDialogNoAppData
+    }
+
+    /// Whether early dialogs of incoming calls are replicated.
+    pub fn includes_early_dialogs(self) -> bool {
+        self == Self::EarlyAndConfirmed
     }
 
     /// The record as this strategy replicates it (application data removed when the strategy
@@ -654,6 +664,11 @@ mod tests {
         );
         assert!(ReplicationStrategy::ConfirmedDialog.includes_app_data());
         assert!(!ReplicationStrategy::ConfirmedDialogNoAppData.includes_app_data());
+        assert!(ReplicationStrategy::EarlyAndConfirmed.includes_app_data());
+        assert!(ReplicationStrategy::EarlyAndConfirmed.includes_early_dialogs());
+        assert!(!ReplicationStrategy::ConfirmedDialog.includes_early_dialogs());
+        let c: C = toml::from_str("s = \"early-and-confirmed\"").unwrap();
+        assert_eq!(c.s, ReplicationStrategy::EarlyAndConfirmed);
     }
 
     #[tokio::test]

@@ -154,6 +154,9 @@ pub enum EndpointError {
     /// No such server transaction awaiting an answer.
     #[error("no such server transaction")]
     NoServerTransaction,
+    /// A request that cannot be adopted (see [`Endpoint::adopt_invite`]).
+    #[error("cannot adopt this request: {0}")]
+    NotAdoptable(&'static str),
     /// A header could not be read.
     #[error(transparent)]
     Header(#[from] crate::message::HeaderError),
@@ -165,6 +168,8 @@ struct PendingServer {
     request: Request,
     source: Peer,
     dialog: Option<DialogId>,
+    /// The To tag an adopted INVITE's responses carry (the one its first node gave it).
+    to_tag: Option<String>,
 }
 
 /// Counters of what the endpoint refused.
@@ -200,6 +205,8 @@ pub struct Endpoint {
     /// The INVITEs we sent outside a dialog, by client transaction: Call-ID and From tag, to
     /// remove the early dialogs they leave when the transaction ends.
     invites: HashMap<TransactionKey, (String, String)>,
+    /// The INVITE being adopted and its To tag, while the layer's event for it is processed.
+    adopting: Option<(TransactionKey, String)>,
     sent_by: HashMap<Transport, (Host, u16)>,
     events: VecDeque<EndpointEvent>,
     stats: EndpointStats,
@@ -218,6 +225,7 @@ impl Endpoint {
             pending_2xx_dest: HashMap::new(),
             ack_dest: HashMap::new(),
             invites: HashMap::new(),
+            adopting: None,
             sent_by: HashMap::new(),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
@@ -466,12 +474,29 @@ impl Endpoint {
     fn on_request(&mut self, now: Instant, key: TransactionKey, request: Request, source: Peer) {
         let has_to_tag = request.headers.to_tag().is_some();
         if !has_to_tag {
+            if let Some((adopted, to_tag)) = self.adopting.take() {
+                if adopted == key {
+                    // Adopted: the TU already knows it; no event.
+                    self.servers.insert(
+                        key,
+                        PendingServer {
+                            request,
+                            source,
+                            dialog: None,
+                            to_tag: Some(to_tag),
+                        },
+                    );
+                    return;
+                }
+                self.adopting = Some((adopted, to_tag));
+            }
             self.servers.insert(
                 key,
                 PendingServer {
                     request: request.clone(),
                     source,
                     dialog: None,
+                    to_tag: None,
                 },
             );
             self.events.push_back(EndpointEvent::Request {
@@ -490,6 +515,7 @@ impl Endpoint {
                         request: request.clone(),
                         source,
                         dialog: Some(id.clone()),
+                        to_tag: None,
                     },
                 );
                 self.events.push_back(EndpointEvent::DialogRequest {
@@ -506,6 +532,7 @@ impl Endpoint {
                         request: request.clone(),
                         source,
                         dialog: None,
+                        to_tag: None,
                     },
                 );
                 self.events.push_back(EndpointEvent::UnknownDialog {
@@ -736,7 +763,10 @@ impl Endpoint {
             None => {
                 let mut r = Response::from_request(request, status, reason);
                 if request.method == Method::Invite && status > 100 {
-                    let tag = crate::message::generate_tag();
+                    let tag = pending
+                        .to_tag
+                        .clone()
+                        .unwrap_or_else(crate::message::generate_tag);
                     r.set_to_tag(&tag);
                     if (101..300).contains(&status) {
                         for rr in request.headers.record_route().unwrap_or_default() {
@@ -829,6 +859,65 @@ impl Endpoint {
             return;
         };
         self.on_request(now, key, pending.request, pending.source);
+    }
+
+    /// Adopts an INVITE that another node received and answered provisionally with To tag
+    /// `to_tag` (its early dialog was replicated, and that node died): a server transaction is
+    /// created for it as if it had just arrived from `source`, but no
+    /// [`EndpointEvent::Request`] is raised (the TU adopting it knows it already). Its
+    /// responses carry `to_tag`, so the caller sees one early dialog continue; its
+    /// retransmissions and CANCEL now match here. Counts against the transaction limits like
+    /// any request.
+    pub fn adopt_invite(
+        &mut self,
+        now: Instant,
+        request: Request,
+        source: Peer,
+        to_tag: String,
+    ) -> Result<TransactionKey, EndpointError> {
+        if request.method != Method::Invite {
+            return Err(EndpointError::NotAdoptable("not an INVITE"));
+        }
+        if request.headers.to_tag().is_some() {
+            return Err(EndpointError::NotAdoptable("an INVITE within a dialog"));
+        }
+        if to_tag.is_empty() {
+            return Err(EndpointError::NotAdoptable("no To tag"));
+        }
+        validate_request(&request).map_err(|_| EndpointError::NotAdoptable("invalid request"))?;
+        match self.transactions.handle_request(now, request, source)? {
+            RequestOutcome::Created(key) => {
+                self.adopting = Some((key, to_tag));
+                self.process(now);
+                self.adopting = None;
+                if self.servers.contains_key(&key) {
+                    Ok(key)
+                } else {
+                    Err(EndpointError::NoServerTransaction)
+                }
+            }
+            RequestOutcome::Retransmission(_) => {
+                Err(EndpointError::NotAdoptable("the INVITE is already here"))
+            }
+            _ => Err(EndpointError::NotAdoptable(
+                "refused by the transaction limits",
+            )),
+        }
+    }
+
+    /// Abandons INVITE server transaction `key` without answering it: another node adopted
+    /// it (this one was frozen, and the caller's transaction continues there). Its early
+    /// dialog goes too. Returns whether there was one.
+    pub fn abandon(&mut self, now: Instant, key: TransactionKey) -> bool {
+        let Some(pending) = self.servers.remove(&key) else {
+            return false;
+        };
+        if let Some(id) = &pending.dialog {
+            self.dialogs.remove(id);
+        }
+        self.transactions.abandon(key);
+        self.process(now);
+        true
     }
 
     /// Exports dialog `id` for replication.
@@ -1015,6 +1104,79 @@ mod tests {
             e,
             EndpointEvent::Response { key: k, response, .. } if *k == key && response.status == 487
         )));
+    }
+
+    #[test]
+    fn an_adopted_invite_continues_the_early_dialog_with_its_to_tag() {
+        let t0 = Instant::now();
+        let (pa, pb, pc) = (peer(5061), peer(5062), peer(5063));
+        let (mut a, mut b, mut c) = (endpoint(5061), endpoint(5062), endpoint(5063));
+        let key = a
+            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb)
+            .unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let EndpointEvent::Request {
+            key: skey,
+            request: received,
+            ..
+        } = events(&mut b).remove(0)
+        else {
+            panic!()
+        };
+        b.respond(t0, skey, 180, None, None).unwrap();
+        let mut ringing = None;
+        while let Some(t) = b.poll_transmit() {
+            if let Ok(Message::Response(r)) = Message::parse(t.payload.clone()) {
+                ringing = Some(r.headers.to_tag().unwrap().to_string());
+                a.handle_message(t0, Message::Response(r), pb);
+            }
+        }
+        let tag = ringing.unwrap();
+        events(&mut a);
+        // b dies; c adopts the INVITE b received, with b's tag: no event for its TU.
+        let adopted = c
+            .adopt_invite(t0, received.clone(), pa, tag.clone())
+            .unwrap();
+        assert!(events(&mut c).is_empty());
+        assert!(c
+            .adopt_invite(t0, received.clone(), pa, tag.clone())
+            .is_err());
+        // The caller's retransmission is absorbed by the adopted transaction.
+        c.handle_message(t0, Message::Request(received.clone()), pa);
+        assert!(events(&mut c).is_empty());
+        while c.poll_transmit().is_some() {}
+        c.respond(t0, adopted, 180, None, None).unwrap();
+        let dialog = c
+            .respond(t0, adopted, 200, None, None)
+            .unwrap()
+            .expect("a dialog");
+        assert_eq!(dialog.local_tag, tag);
+        let mut statuses = Vec::new();
+        while let Some(t) = c.poll_transmit() {
+            let Ok(Message::Response(r)) = Message::parse(t.payload.clone()) else {
+                panic!("a response")
+            };
+            assert_eq!(r.headers.to_tag(), Some(tag.as_str()));
+            statuses.push(r.status);
+            a.handle_message(t0, Message::Response(r), pc);
+        }
+        assert_eq!(statuses, vec![180, 200]);
+        assert!(events(&mut a).iter().any(|e| matches!(
+            e,
+            EndpointEvent::Response { key: k, response, .. } if *k == key && response.status == 200
+        )));
+        // b wakes up: it drops its transaction unanswered, with its early dialog.
+        let before = b.transaction_count();
+        assert!(b.abandon(t0, skey));
+        assert_eq!(b.transaction_count(), before - 1);
+        assert!(b.dialogs().is_empty());
+        assert!(b.poll_transmit().is_none());
+        assert!(!b.abandon(t0, skey));
+        // Only an INVITE outside a dialog, with a tag, can be adopted.
+        let mut bye = received.clone();
+        bye.method = Method::Bye;
+        assert!(c.adopt_invite(t0, bye, pa, tag.clone()).is_err());
+        assert!(c.adopt_invite(t0, received, pa, String::new()).is_err());
     }
 
     #[test]

@@ -312,6 +312,13 @@ enum Command {
         reply: oneshot::Sender<Result<DialogId, UaError>>,
     },
     Redeliver(ServerTx),
+    Adopt {
+        request: Box<Request>,
+        source: Peer,
+        to_tag: String,
+        reply: oneshot::Sender<Result<ServerTx, UaError>>,
+    },
+    Abandon(ServerTx),
     RejectUnknown(ServerTx),
     RemoveDialog(DialogId),
     Stats(oneshot::Sender<(EndpointStats, usize, usize)>),
@@ -788,6 +795,33 @@ impl UserAgent {
             .map_err(|_| UaError::Stopped)
     }
 
+    /// Adopts an INVITE another node received and answered provisionally with To tag
+    /// `to_tag` (see [`Endpoint::adopt_invite`]): its server transaction, here, without a
+    /// [`UaEvent::Request`]. Answer it with [`UserAgent::respond`].
+    pub async fn adopt_invite(
+        &self,
+        request: Request,
+        source: Peer,
+        to_tag: String,
+    ) -> Result<ServerTx, UaError> {
+        self.command(|reply| Command::Adopt {
+            request: Box::new(request),
+            source,
+            to_tag,
+            reply,
+        })
+        .await?
+    }
+
+    /// Drops INVITE server transaction `tx` without answering it (another node adopted it).
+    pub async fn abandon(&self, tx: ServerTx) -> Result<(), UaError> {
+        self.shared
+            .commands
+            .send(Command::Abandon(tx))
+            .await
+            .map_err(|_| UaError::Stopped)
+    }
+
     /// Answers an [`UaEvent::UnknownDialog`] request 481.
     pub async fn reject_unknown(&self, tx: ServerTx) -> Result<(), UaError> {
         self.shared
@@ -1026,6 +1060,18 @@ fn run_command(
             let _ = reply.send(endpoint.import_dialog(&record).map_err(UaError::from));
         }
         Command::Redeliver(tx) => endpoint.redeliver(now, tx),
+        Command::Adopt {
+            request,
+            source,
+            to_tag,
+            reply,
+        } => {
+            let result = endpoint.adopt_invite(now, *request, source, to_tag);
+            let _ = reply.send(result.map_err(UaError::from));
+        }
+        Command::Abandon(tx) => {
+            endpoint.abandon(now, tx);
+        }
         Command::RejectUnknown(tx) => endpoint.reject_unknown(now, tx),
         Command::RemoveDialog(id) => {
             endpoint.remove_dialog(&id);

@@ -59,6 +59,8 @@ pub struct CallSettings {
     pub no_answer_timeout: Duration,
     /// Whether confirmed dialogs are replicated (a replicator runs).
     pub replicate: bool,
+    /// Whether an incoming call's early dialog is replicated too (`early-and-confirmed`).
+    pub replicate_early: bool,
     /// After a takeover, re-INVITE the peer so media follows.
     pub reinvite_after_takeover: bool,
     /// The address written into SDP when the relay has none of its own (or there is no relay).
@@ -285,6 +287,9 @@ pub enum CallAction {
     WriteAhead(Box<CallFacts>),
     /// Write the confirmed dialog's record (after what was written before), without waiting.
     Replicate(Box<CallFacts>),
+    /// Write the incoming call's early record (its INVITE, with the To tag of the early dialog
+    /// just created), without waiting.
+    ReplicateEarly(Box<CallFacts>),
     /// Bump a counter.
     Count(CallCount),
     /// The request that caused a takeover is answered, this long after it arrived.
@@ -672,6 +677,71 @@ impl CallCore {
             deadline,
             answering: None,
         };
+        core
+    }
+
+    /// An incoming call that was ringing on another node, whose early record this node just
+    /// claimed (`record`, owner: this node) and whose INVITE it adopted as server transaction
+    /// `tx`: rings on (180 again, with the early dialog's To tag) until the device answers,
+    /// rejects, the caller cancels or the no-answer time runs out. The device is not offered
+    /// the call again: its resumed session lists it as ringing. A device command that caused
+    /// the takeover is carried out at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopted(
+        key: CallKey,
+        settings: CallSettings,
+        sdp_session_id: u64,
+        now: Instant,
+        tx: ServerTx,
+        invite: &Request,
+        record: &StoredDialog,
+        previous_owner: String,
+        trigger: TakeoverTrigger,
+    ) -> Self {
+        let from = invite.headers.from().ok();
+        let app = record.app_data.as_deref().and_then(CallAppData::decode);
+        let remote_uri = app
+            .as_ref()
+            .map(|a| a.remote_uri.clone())
+            .filter(|u| !u.is_empty())
+            .or_else(|| from.as_ref().map(|f| f.uri.to_string()))
+            .unwrap_or_default();
+        let deadline = now + settings.no_answer_timeout;
+        let mut core = Self::new(
+            key,
+            settings,
+            sdp_session_id,
+            Phase::Ended,
+            remote_uri,
+            false,
+        );
+        core.record.taken_over = true;
+        if let Some(app) = &app {
+            core.record.started_ms = app.started_ms;
+            core.record.owners_before = app.owners.clone();
+        }
+        if core.record.owners_before.last() != Some(&previous_owner) {
+            core.record.owners_before.push(previous_owner);
+        }
+        core.replica.epoch = record.epoch;
+        core.replica.base_version = record.version;
+        core.replica.stored = true;
+        let offer = if invite.body.is_empty() {
+            None
+        } else {
+            SessionDescription::from_bytes(&invite.body).ok()
+        };
+        core.respond(tx, 180, None, None, true);
+        core.state = CallState::Ringing;
+        core.phase = Phase::Ringing {
+            tx,
+            offer: offer.map(Box::new),
+            deadline,
+            answering: None,
+        };
+        if let TakeoverTrigger::DeviceCommand { request_id, body } = trigger {
+            core.device(request_id, body);
+        }
         core
     }
 
@@ -1262,6 +1332,12 @@ impl CallCore {
             180 => {
                 if let Some(d) = dialog {
                     self.set_dialog(d);
+                    // The early dialog exists now, with its To tag: its record lets a
+                    // survivor continue the call if this node dies while it rings.
+                    if self.settings.replicate_early && !self.replica.stored && !self.replica.lost {
+                        self.replica.stored = true;
+                        self.push(CallAction::ReplicateEarly(Box::new(self.facts())));
+                    }
                 }
             }
             200 => {

@@ -31,7 +31,7 @@ use super::core::{
     CallAction, CallCore, CallCount, CallInput, CallSettings, ClaimedDialog, ClientOutcome,
     RelayAddr, RelayOp, TxId, WriteAhead,
 };
-use super::CallSetup;
+use super::{AdoptSetup, CallSetup};
 use crate::dialogs::{key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallFacts};
 use crate::shared::BridgeInner;
 use crate::table::{self, CallCommand, CallShared};
@@ -42,12 +42,17 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         node_id: inner.config.node_id.clone(),
         no_answer_timeout: inner.config.no_answer_timeout,
         replicate: inner.replicator.is_some(),
+        replicate_early: inner
+            .replicator
+            .as_ref()
+            .is_some_and(|r| r.strategy().includes_early_dialogs()),
         reinvite_after_takeover: inner.config.reinvite_after_takeover,
         media_address: inner.media_address,
     };
     let sdp_session_id = thalamus_sip::rng::with(|rng| rng.gen_range(1..(1u64 << 62)));
     let now = Instant::now().into_std();
     let mut incoming = None;
+    let mut early = None;
     let (direction, core) = match setup {
         CallSetup::Outgoing {
             target,
@@ -67,10 +72,14 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         CallSetup::Incoming {
             tx,
             invite,
+            source,
             call_waiting,
             in_progress,
         } => {
             incoming = Some((tx, in_progress));
+            if settings.replicate_early {
+                early = crate::dialogs::early_payload(&invite, &source);
+            }
             (
                 "incoming",
                 CallCore::incoming(
@@ -81,6 +90,32 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
                     tx,
                     &invite,
                     call_waiting,
+                ),
+            )
+        }
+        CallSetup::Adopted(a) => {
+            let AdoptSetup {
+                tx,
+                invite,
+                record,
+                trigger,
+                previous_owner,
+                in_progress,
+            } = *a;
+            incoming = Some((tx, Box::new(in_progress)));
+            early = Some(record.sip_dialog.clone());
+            (
+                "adopted",
+                CallCore::adopted(
+                    key.clone(),
+                    settings,
+                    sdp_session_id,
+                    now,
+                    tx,
+                    &invite,
+                    &record,
+                    previous_owner,
+                    trigger,
                 ),
             )
         }
@@ -133,6 +168,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         calls: Vec::new(),
         pending_write: None,
         incoming,
+        early,
     };
     tokio::spawn(Box::new(driver).run().instrument(span));
 }
@@ -161,6 +197,8 @@ struct Driver {
     pending_write: Option<tokio::task::JoinHandle<()>>,
     /// The incoming INVITE's transaction and its merge-key guard, until it is settled.
     incoming: Option<(ServerTx, Box<crate::shared::InProgress>)>,
+    /// The early record's SIP payload (the INVITE), under `early-and-confirmed`.
+    early: Option<thalamus_dialog_store::SipDialogPayload>,
 }
 
 fn now() -> std::time::Instant {
@@ -311,6 +349,7 @@ impl Driver {
                 }
             }
             CallAction::Replicate(facts) => self.replicate(*facts),
+            CallAction::ReplicateEarly(facts) => self.replicate_early(&facts),
             CallAction::Count(CallCount::Ended(label)) => inc(&inner.metrics.calls_ended, label),
             CallAction::Count(CallCount::SetUp(direction, took)) => {
                 inner
@@ -441,6 +480,7 @@ impl Driver {
             | CallAction::SetDialog(_)
             | CallAction::InviteSettled
             | CallAction::Replicate(_)
+            | CallAction::ReplicateEarly(_)
             | CallAction::Count(_)
             | CallAction::TakeoverAnswered(_)
             | CallAction::Note(_) => {}
@@ -512,6 +552,35 @@ impl Driver {
                 debug!(error = %e, "dialog not replicated");
             }
         }));
+    }
+
+    /// Hands the incoming call's early record (its INVITE under the early dialog's key) to the
+    /// replicator: at once, as nothing was written for the call before it.
+    fn replicate_early(&mut self, facts: &CallFacts) {
+        let (Some(replicator), Some(dialog), Some(payload)) = (
+            self.inner.replicator.clone(),
+            self.core.dialog(),
+            self.early.clone(),
+        ) else {
+            return;
+        };
+        let mut record = thalamus_dialog_store::StoredDialog::new(
+            key_of_dialog(dialog),
+            payload,
+            facts.device_id.clone(),
+            facts.call_ref,
+            facts.owner.clone(),
+        );
+        record.media = facts.media.clone();
+        record.epoch = facts.epoch;
+        record.version = facts.base_version;
+        record.app_data = facts
+            .app_data
+            .as_ref()
+            .map(crate::dialogs::CallAppData::encode);
+        if let Err(e) = replicator.replicate(record) {
+            debug!(error = %e, "early dialog not replicated");
+        }
     }
 
     /// Writes the local CSeq the next in-dialog request will use, waiting up to the write-ahead
@@ -595,6 +664,10 @@ impl Driver {
         if let Some((tx, in_progress)) = self.incoming.take() {
             self.inner.by_invite.remove(&tx);
             drop(in_progress);
+            // A ringing call another node took over: its INVITE is that node's to answer.
+            if !self.core.summary().owned_at_end {
+                let _ = self.inner.ua.abandon(tx).await;
+            }
         }
         // Nothing reaches the call from now on; what already did is answered (a BYE that
         // crossed ours 200, anything else 481), not left to time out.

@@ -18,6 +18,7 @@ use thalamus_dialog_store::StoredDialog;
 use thalamus_proto::v1::MediaOffer;
 use thalamus_sip::dialog::{DialogId, DialogRecord};
 use thalamus_sip::message::{Request, Uri};
+use thalamus_sip::peer::Peer;
 use thalamus_sip::ua::ServerTx;
 
 pub use self::core::{CallCore, TakeoverTrigger};
@@ -41,6 +42,8 @@ pub enum CallSetup {
         tx: ServerTx,
         /// The INVITE.
         invite: Box<Request>,
+        /// Where it came from (kept in its early record).
+        source: Peer,
         /// The device already has a call.
         call_waiting: bool,
         /// Held until the INVITE has its final response (loop detection).
@@ -48,6 +51,25 @@ pub enum CallSetup {
     },
     /// A stored dialog this node just claimed and imported.
     TakenOver(Box<TakeoverSetup>),
+    /// A ringing call's early record this node just claimed, its INVITE adopted.
+    Adopted(Box<AdoptSetup>),
+}
+
+/// What a call continuing a ringing call of another node starts from.
+#[derive(Debug)]
+pub struct AdoptSetup {
+    /// The adopted INVITE's server transaction here.
+    pub tx: ServerTx,
+    /// The INVITE.
+    pub invite: Request,
+    /// The claimed early record (owner: this node).
+    pub record: StoredDialog,
+    /// What caused the takeover.
+    pub trigger: TakeoverTrigger,
+    /// The node that owned the call before the claim.
+    pub previous_owner: String,
+    /// Held until the INVITE has its final response (loop detection).
+    pub in_progress: crate::shared::InProgress,
 }
 
 /// What a call continuing a stored dialog starts from.

@@ -19,7 +19,7 @@ use thalamus_sip::sdp::{Direction, SessionDescription};
 use thalamus_sip::transaction::TransactionKey;
 
 use super::core::*;
-use crate::dialogs::CallAppData;
+use crate::dialogs::{CallAppData, CallFacts};
 
 const RELAY: RelayAddr = RelayAddr {
     ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
@@ -31,6 +31,7 @@ fn settings(replicate: bool) -> CallSettings {
         node_id: "gw-1".into(),
         no_answer_timeout: Duration::from_secs(60),
         replicate,
+        replicate_early: false,
         reinvite_after_takeover: true,
         media_address: "10.0.0.1".parse().unwrap(),
     }
@@ -1472,4 +1473,210 @@ fn the_owners_a_record_carries_are_capped() {
     assert_eq!(kept[1], "node-25");
     let few: Vec<String> = (0..3).map(|n| format!("node-{n}")).collect();
     assert_eq!(capped_owners(&few), few);
+}
+
+fn early_settings() -> CallSettings {
+    CallSettings {
+        replicate_early: true,
+        ..settings(true)
+    }
+}
+
+/// The early record another node (`node-0`) wrote for the ringing call, claimed by this one.
+fn early_record() -> StoredDialog {
+    let mut record = StoredDialog::new(
+        DialogKey::new("call-1", "local", "remote"),
+        SipDialogPayload {
+            format_version: crate::dialogs::EARLY_INVITE_FORMAT,
+            data: "{}".into(),
+        },
+        "dev-1",
+        7,
+        "gw-1",
+    );
+    record.epoch = 2;
+    record.version = 4;
+    record.app_data = Some(
+        CallAppData {
+            v: 1,
+            remote_uri: "sip:bob@example.org".into(),
+            outgoing: false,
+            held: false,
+            started_ms: Some(1_700_000_000_000),
+            answered_ms: None,
+            owners: Vec::new(),
+        }
+        .encode(),
+    );
+    record
+}
+
+fn adopted(t0: Instant, trigger: TakeoverTrigger) -> (CallCore, Vec<CallAction>) {
+    let invite = request("INVITE", &peer_sdp(1, true, "sendrecv"));
+    let mut core = CallCore::adopted(
+        key(),
+        early_settings(),
+        42,
+        t0,
+        stx(9),
+        &invite,
+        &early_record(),
+        "node-0".into(),
+        trigger,
+    );
+    let a = drain(&mut core);
+    (core, a)
+}
+
+#[test]
+fn an_early_record_is_written_as_the_call_rings_and_ended_with_it() {
+    let t0 = Instant::now();
+    let invite = request("INVITE", &peer_sdp(1, true, "sendrecv"));
+    // Rejected while ringing: the early record is written at the 180 and ended (tombstone).
+    let mut core = CallCore::incoming(key(), early_settings(), 42, t0, stx(1), &invite, false);
+    drain(&mut core);
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    let a = drain(&mut core);
+    let early: Vec<&CallFacts> = a
+        .iter()
+        .filter_map(|x| match x {
+            CallAction::ReplicateEarly(f) => Some(&**f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(early.len(), 1, "{a:?}");
+    assert_eq!((early[0].call_ref, early[0].base_version), (7, 0));
+    assert!(!early[0].app_data.as_ref().unwrap().outgoing);
+    core.handle(t0, CallInput::Device(2, hangup()));
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(1), 603)]);
+    assert_eq!(
+        closed(&a),
+        Some(true),
+        "the early record ends with the call"
+    );
+    // Answered: the confirmed record follows (same key), the early one is not written again.
+    let mut core = CallCore::incoming(key(), early_settings(), 42, t0, stx(1), &invite, false);
+    drain(&mut core);
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    let a = drain(&mut core);
+    assert_eq!(
+        a.iter()
+            .filter(|x| matches!(x, CallAction::ReplicateEarly(_)))
+            .count(),
+        1
+    );
+    core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
+    core.relay_started(t0, Some(RELAY));
+    core.handle(t0, CallInput::Responded(stx(1), 200, Some(dialog())));
+    let a = drain(&mut core);
+    assert!(a.iter().any(|x| matches!(x, CallAction::Replicate(_))));
+    assert!(!a.iter().any(|x| matches!(x, CallAction::ReplicateEarly(_))));
+    // Without the strategy nothing is written before the answer, and a rejected call leaves
+    // nothing to end.
+    let (mut core, _) = ringing(t0, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    assert_eq!(drain(&mut core), vec![CallAction::SetDialog(dialog())]);
+    core.handle(t0, CallInput::Device(2, hangup()));
+    assert_eq!(closed(&drain(&mut core)), Some(false));
+}
+
+#[test]
+fn an_adopted_ringing_call_rings_on_and_is_answered_here() {
+    let t0 = Instant::now();
+    let (mut core, a) = adopted(t0, TakeoverTrigger::DeviceResume);
+    // 180 again on the adopted transaction; the device is not offered the call a second time
+    // (its resumed session lists it as ringing).
+    assert_eq!(responses(&a), vec![(stx(9), 180)]);
+    assert!(!a.iter().any(|x| matches!(
+        x,
+        CallAction::ToDevice {
+            body: Body::IncomingCall(_),
+            ..
+        }
+    )));
+    assert_eq!(core.state(), CallState::Ringing);
+    core.handle(t0, CallInput::Responded(stx(9), 180, Some(dialog())));
+    assert_eq!(drain(&mut core), vec![CallAction::SetDialog(dialog())]);
+    core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
+    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    core.relay_started(t0, Some(RELAY));
+    let a = drain(&mut core);
+    assert!(responses(&a).contains(&(stx(9), 200)), "{a:?}");
+    core.handle(t0, CallInput::Responded(stx(9), 200, Some(dialog())));
+    let a = drain(&mut core);
+    assert_eq!(events(&a)[0].state, CallState::Answered as i32);
+    // The confirmed record continues from the claimed early one (epoch and version).
+    let facts = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::Replicate(f) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("the confirmed record");
+    assert_eq!((facts.epoch, facts.base_version), (2, 4));
+    assert_eq!(
+        facts.app_data.as_ref().unwrap().started_ms,
+        Some(1_700_000_000_000)
+    );
+    core.handle(t0, CallInput::Device(3, hangup()));
+    drain(&mut core);
+    let summary = core.summary();
+    assert!(summary.taken_over);
+    assert_eq!(
+        summary.owners,
+        vec!["node-0".to_string(), "gw-1".to_string()]
+    );
+}
+
+#[test]
+fn an_adopted_ringing_call_answered_by_the_command_that_found_it() {
+    let t0 = Instant::now();
+    let answer = Body::Answer(Answer {
+        call_ref: 7,
+        media: Some(MediaOffer::default()),
+    });
+    let (mut core, a) = adopted(
+        t0,
+        TakeoverTrigger::DeviceCommand {
+            request_id: 5,
+            body: answer,
+        },
+    );
+    assert_eq!(responses(&a), vec![(stx(9), 180)]);
+    assert_eq!(a.last(), Some(&CallAction::StartRelay));
+    core.relay_started(t0, Some(RELAY));
+    assert!(responses(&drain(&mut core)).contains(&(stx(9), 200)));
+}
+
+#[test]
+fn an_adopted_ringing_call_times_out_is_cancelled_or_lost_without_a_second_answer() {
+    let t0 = Instant::now();
+    // No answer: 480 on the virtual clock, and the early record ends.
+    let (mut core, _) = adopted(t0, TakeoverTrigger::DeviceResume);
+    core.handle(t0, CallInput::Responded(stx(9), 180, Some(dialog())));
+    drain(&mut core);
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    core.handle_timeout(t0 + Duration::from_secs(60));
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(9), 480)]);
+    assert_eq!(closed(&a), Some(true));
+    // The caller cancels (the user agent answered 487).
+    let (mut core, _) = adopted(t0, TakeoverTrigger::DeviceResume);
+    core.handle(t0, CallInput::Responded(stx(9), 180, Some(dialog())));
+    core.handle(t0, CallInput::Cancelled);
+    let a = drain(&mut core);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::Cancelled as i32);
+    assert_eq!(closed(&a), Some(true));
+    // Another node took it over again (this one was frozen): no answer of ours, no tombstone;
+    // the driver abandons the transaction.
+    let (mut core, _) = adopted(t0, TakeoverTrigger::DeviceResume);
+    core.handle(t0, CallInput::Responded(stx(9), 180, Some(dialog())));
+    drain(&mut core);
+    core.handle(t0, CallInput::OwnershipLost);
+    let a = drain(&mut core);
+    assert!(responses(&a).is_empty(), "{a:?}");
+    assert_eq!(closed(&a), Some(false));
+    assert!(!core.summary().owned_at_end);
 }

@@ -20,6 +20,9 @@ pub enum ReplicationMode {
     ConfirmedDialog,
     /// Confirmed dialogs without application data.
     ConfirmedDialogNoAppData,
+    /// Confirmed dialogs with their application data, and the early dialogs of incoming calls
+    /// (with their INVITE), so a call still ringing when its node dies completes on a survivor.
+    EarlyAndConfirmed,
     /// Nothing is written: no store writes, no takeover of this node's dialogs. Requests for
     /// dialogs this node does not hold are still looked up in the store (a node may run with
     /// replication off and still take over dialogs written by others).
@@ -32,6 +35,7 @@ impl ReplicationMode {
         match self {
             Self::ConfirmedDialog => Some(ReplicationStrategy::ConfirmedDialog),
             Self::ConfirmedDialogNoAppData => Some(ReplicationStrategy::ConfirmedDialogNoAppData),
+            Self::EarlyAndConfirmed => Some(ReplicationStrategy::EarlyAndConfirmed),
             Self::Off => None,
         }
     }
@@ -248,6 +252,11 @@ mod tests {
         assert_eq!(c.store.redis.key_prefix, "t:");
         assert_eq!(c.lease_ttl(), Duration::from_millis(900));
         assert_eq!(c.heartbeat.as_ref().unwrap().interval_ms, 100);
+        let c: ClusterConfig = toml::from_str("replication = \"early-and-confirmed\"").unwrap();
+        assert_eq!(
+            c.replication.strategy(),
+            Some(ReplicationStrategy::EarlyAndConfirmed)
+        );
         let c: ClusterConfig = toml::from_str("replication = \"off\"").unwrap();
         assert!(c.replicator().is_none());
         assert!(toml::from_str::<ClusterConfig>("replication = \"early-dialog\"").is_err());

@@ -358,6 +358,14 @@ impl TransactionLayer {
         self.compact_timers();
     }
 
+    /// Destroys server transaction `key` without a response (its TU handed it to another
+    /// node); a client transaction is left alone.
+    pub fn abandon(&mut self, key: TransactionKey) {
+        if matches!(self.entry(key).map(|e| &e.tx), Some(Tx::Server(_))) {
+            self.remove(key);
+        }
+    }
+
     fn apply(&mut self, now: Instant, key: TransactionKey, step: Step) {
         match step {
             Step::Continue => {}
