@@ -59,6 +59,12 @@ pub struct FleetConfig {
     pub distrust_lost_node: Duration,
     /// Calls the first devices of the fleet place while logged in (none: they only answer).
     pub dial: Option<DialPlan>,
+    /// How long an incoming call rings before the device answers it (zero: at once).
+    pub answer_after: Duration,
+    /// Log in again with the session's resume token after a loss (the calls listed in the
+    /// `Welcome` go on: a ringing one is answered when its time comes). Without it every
+    /// login is a new session.
+    pub resume: bool,
 }
 
 /// Calls devices place: each dialing device calls `target`, hangs up `hold` after the answer,
@@ -116,6 +122,8 @@ impl FleetConfig {
             max_redirects_in_a_row: 4,
             distrust_lost_node: Duration::from_secs(3),
             dial: None,
+            answer_after: Duration::ZERO,
+            resume: false,
         }
     }
 }
@@ -174,8 +182,28 @@ pub struct CallRecord {
     pub at: Instant,
     /// The device.
     pub device: String,
-    /// The node the device was logged in at.
+    /// The node the device was logged in at when it answered.
     pub node: String,
+    /// The call rang in an earlier session, lost with its node, and was answered in the
+    /// resumed one.
+    pub resumed: bool,
+}
+
+/// What became of the calls that were ringing when their device's session was lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingingAcrossLoss {
+    /// Calls ringing (or answered, the node's `Answered` not heard yet) at a device when its
+    /// session was lost, and calls the resumed session listed as ringing that the device never
+    /// heard of (their offer was lost with the node).
+    pub at_loss: u64,
+    /// Of those, the ones the device never heard of.
+    pub unheard: u64,
+    /// Of those, listed as ringing in the resumed session's `Welcome`.
+    pub listed_on_resume: u64,
+    /// Of those, answered (again) in the resumed session.
+    pub answered: u64,
+    /// Of those, reported `Answered` by the node (or listed as answered on resume).
+    pub confirmed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -189,6 +217,7 @@ struct Shared {
     no_more_dials: bool,
     /// Calls placed and not finished yet.
     dials_in_progress: usize,
+    ringing: RingingAcrossLoss,
 }
 
 impl Shared {
@@ -286,6 +315,12 @@ impl Fleet {
     /// Every call answered so far.
     pub fn calls(&self) -> Vec<CallRecord> {
         self.lock().calls.clone()
+    }
+
+    /// The calls that were ringing when their device's session was lost, and what became of
+    /// them (with [`FleetConfig::resume`]).
+    pub fn ringing_across_loss(&self) -> RingingAcrossLoss {
+        self.lock().ringing
     }
 
     /// Devices place no new call from now on (calls in progress go on to their end).
@@ -390,6 +425,7 @@ async fn run_device(
     let mut target = Target::Index(0);
     let mut redirects_in_a_row = 0u32;
     let mut dialer = config.dial.clone().map(Dialer::new);
+    let mut ringer = Ringer::default();
     // The node whose connection this device lost last, and when.
     let mut lost: Option<(String, Instant)> = None;
     loop {
@@ -415,7 +451,12 @@ async fn run_device(
             pause(&config, &mut stop).await;
             continue;
         };
-        let login = tokio::time::timeout(config.login_timeout, login(&id, &node, &config));
+        let token = if config.resume {
+            ringer.token.clone()
+        } else {
+            Vec::new()
+        };
+        let login = tokio::time::timeout(config.login_timeout, login(&id, &node, &config, token));
         let outcome = tokio::select! {
             outcome = login => outcome,
             _ = stop.changed() => return,
@@ -433,7 +474,18 @@ async fn run_device(
                     s.placement.insert(id.clone(), Some(at.clone()));
                     s.event(&id, FleetEventKind::Login { node: at.clone() });
                 }
-                let end = session(&id, &at, conn, &shared, &mut stop, dialer.as_mut()).await;
+                ringer.welcome(&welcome, &shared, config.answer_after);
+                let end = session(
+                    &id,
+                    &at,
+                    conn,
+                    &shared,
+                    &mut stop,
+                    dialer.as_mut(),
+                    &mut ringer,
+                    &config,
+                )
+                .await;
                 endpoint.close(0u32.into(), b"bye");
                 lock(&shared).placement.insert(id.clone(), None);
                 match end {
@@ -441,6 +493,7 @@ async fn run_device(
                     // At once, at the same node: it redirects us when we belong elsewhere now.
                     SessionEnd::Goodbye => target = Target::Index(index),
                     SessionEnd::Lost => {
+                        ringer.lost(&shared);
                         lock(&shared).event(&id, FleetEventKind::Lost { node: at.clone() });
                         lost = Some((at, Instant::now()));
                         target = Target::Index(index + 1);
@@ -524,7 +577,12 @@ enum LoginOutcome {
     },
 }
 
-async fn login(id: &str, node: &FleetNode, config: &FleetConfig) -> anyhow::Result<LoginOutcome> {
+async fn login(
+    id: &str,
+    node: &FleetNode,
+    config: &FleetConfig,
+    resume_token: Vec<u8>,
+) -> anyhow::Result<LoginOutcome> {
     let fingerprint = thalamus_sim::quic::parse_fingerprint(&node.fingerprint)?;
     let mut client = thalamus_sim::quic::client_config(Some(fingerprint))?;
     let mut transport = quinn::TransportConfig::default();
@@ -538,6 +596,7 @@ async fn login(id: &str, node: &FleetNode, config: &FleetConfig) -> anyhow::Resu
     let hello = Hello {
         device_id: id.to_string(),
         credential: config.secret.clone(),
+        resume_token,
         ..Default::default()
     };
     match conn.hello(hello).await {
@@ -556,6 +615,118 @@ async fn login(id: &str, node: &FleetNode, config: &FleetConfig) -> anyhow::Resu
         Err(e) => {
             endpoint.close(0u32.into(), b"bye");
             Err(e.into())
+        }
+    }
+}
+
+/// A device's ringing calls (answered after [`FleetConfig::answer_after`]) and its resume
+/// token, kept across sessions. A resumed session's `Welcome` is the truth about the calls:
+/// one listed as ringing is answered (again, if the answer was lost with the node; at once
+/// after the ring time if the device never heard of it), one not listed is forgotten.
+#[derive(Debug, Default)]
+struct Ringer {
+    token: Vec<u8>,
+    /// Ringing calls: when each is answered, and whether it rang in a lost session.
+    ringing: BTreeMap<u32, (tokio::time::Instant, bool)>,
+    /// Answered, waiting for the node's `Answered`; whether it rang in a lost session.
+    answering: BTreeMap<u32, bool>,
+    /// Whether the last session was lost (a loss, not a goodbye).
+    after_loss: bool,
+}
+
+impl Ringer {
+    fn welcome(
+        &mut self,
+        welcome: &thalamus_proto::v1::Welcome,
+        shared: &Mutex<Shared>,
+        answer_after: Duration,
+    ) {
+        use thalamus_proto::v1::CallState;
+        self.token.clone_from(&welcome.resume_token);
+        let after_loss = std::mem::take(&mut self.after_loss);
+        if !welcome.resumed {
+            self.ringing.clear();
+            self.answering.clear();
+            return;
+        }
+        let listed = |r: u32| {
+            welcome
+                .live_calls
+                .iter()
+                .find(|c| c.call_ref == r)
+                .and_then(|c| CallState::try_from(c.state).ok())
+        };
+        let now = tokio::time::Instant::now();
+        let mut s = lock(shared);
+        // Answers lost with the node: answered again at once; answers that went through.
+        for (r, lost) in std::mem::take(&mut self.answering) {
+            match listed(r) {
+                Some(CallState::Ringing) => {
+                    self.ringing.insert(r, (now, lost));
+                }
+                Some(CallState::Answered | CallState::Held) if lost => s.ringing.confirmed += 1,
+                _ => {}
+            }
+        }
+        self.ringing
+            .retain(|r, _| listed(*r) == Some(CallState::Ringing));
+        if after_loss {
+            s.ringing.listed_on_resume +=
+                self.ringing.values().filter(|(_, lost)| *lost).count() as u64;
+            // Offered calls the device never heard of (the offer was lost with the node).
+            for c in &welcome.live_calls {
+                if c.state == CallState::Ringing as i32 && !self.ringing.contains_key(&c.call_ref) {
+                    self.ringing.insert(c.call_ref, (now + answer_after, true));
+                    s.ringing.at_loss += 1;
+                    s.ringing.listed_on_resume += 1;
+                    s.ringing.unheard += 1;
+                }
+            }
+        }
+    }
+
+    fn lost(&mut self, shared: &Mutex<Shared>) {
+        self.after_loss = true;
+        let mut s = lock(shared);
+        for lost in self
+            .ringing
+            .values_mut()
+            .map(|(_, lost)| lost)
+            .chain(self.answering.values_mut())
+        {
+            if !*lost {
+                *lost = true;
+                s.ringing.at_loss += 1;
+            }
+        }
+    }
+
+    /// The node reported `state` for the call.
+    fn event(
+        &mut self,
+        call_ref: u32,
+        state: thalamus_proto::v1::CallState,
+        shared: &Mutex<Shared>,
+    ) {
+        use thalamus_proto::v1::CallState;
+        match state {
+            CallState::Answered => {
+                if self.answering.remove(&call_ref) == Some(true) {
+                    lock(shared).ringing.confirmed += 1;
+                }
+            }
+            CallState::Ended => {
+                self.ringing.remove(&call_ref);
+                self.answering.remove(&call_ref);
+            }
+            _ => {}
+        }
+    }
+
+    async fn due(&self) {
+        match self.ringing.values().map(|(at, _)| *at).min() {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
         }
     }
 }
@@ -624,6 +795,7 @@ async fn dialer_deadline(dialer: &Option<&mut Dialer>) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     id: &str,
     node: &str,
@@ -631,8 +803,20 @@ async fn session(
     shared: &Mutex<Shared>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
     mut dialer: Option<&mut Dialer>,
+    ringer: &mut Ringer,
+    config: &FleetConfig,
 ) -> SessionEnd {
-    let end = session_loop(id, node, &mut conn, shared, stop, &mut dialer).await;
+    let end = session_loop(
+        id,
+        node,
+        &mut conn,
+        shared,
+        stop,
+        &mut dialer,
+        ringer,
+        config,
+    )
+    .await;
     if let Some(d) = dialer {
         // A call the session ended under did not complete.
         let outcome = match d.call {
@@ -651,6 +835,7 @@ async fn session(
     end
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session_loop(
     id: &str,
     node: &str,
@@ -658,12 +843,46 @@ async fn session_loop(
     shared: &Mutex<Shared>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
     dialer: &mut Option<&mut Dialer>,
+    ringer: &mut Ringer,
+    config: &FleetConfig,
 ) -> SessionEnd {
     loop {
         tokio::select! {
             _ = stop.changed() => {
                 conn.conn.close(0u32.into(), b"bye");
                 return SessionEnd::Stopped;
+            }
+            () = ringer.due() => {
+                let now = tokio::time::Instant::now();
+                let due: Vec<(u32, bool)> = ringer
+                    .ringing
+                    .iter()
+                    .filter(|(_, (at, _))| *at <= now)
+                    .map(|(r, (_, lost))| (*r, *lost))
+                    .collect();
+                for (call_ref, lost) in due {
+                    ringer.ringing.remove(&call_ref);
+                    {
+                        let mut s = lock(shared);
+                        s.calls.push(CallRecord {
+                            at: Instant::now(),
+                            device: id.to_string(),
+                            node: node.to_string(),
+                            resumed: lost,
+                        });
+                        if lost {
+                            s.ringing.answered += 1;
+                        }
+                    }
+                    ringer.answering.insert(call_ref, lost);
+                    let answer = Body::Answer(Answer {
+                        call_ref,
+                        media: Some(thalamus_sim::load::device_calls::device_media()),
+                    });
+                    if conn.writer.send(answer).await.is_err() {
+                        return SessionEnd::Lost;
+                    }
+                }
             }
             () = dialer_deadline(dialer) => {
                 let Some(d) = dialer.as_mut() else { continue };
@@ -701,6 +920,9 @@ async fn session_loop(
                 let Ok(env) = frame else { return SessionEnd::Lost };
                 match env.body {
                     Some(Body::CallEvent(ev)) => {
+                        let state = thalamus_proto::v1::CallState::try_from(ev.state)
+                            .unwrap_or(thalamus_proto::v1::CallState::Unspecified);
+                        ringer.event(ev.call_ref, state, shared);
                         let Some(d) = dialer.as_mut() else { continue };
                         let Some((call_ref, at, stage)) = d.call else { continue };
                         if ev.call_ref != call_ref {
@@ -742,11 +964,17 @@ async fn session_loop(
                             return SessionEnd::Lost;
                         }
                     }
+                    Some(Body::ResumeToken(t)) => ringer.token.clone_from(&t.token),
+                    Some(Body::IncomingCall(c)) if !config.answer_after.is_zero() => {
+                        let at = tokio::time::Instant::now() + config.answer_after;
+                        ringer.ringing.entry(c.call_ref).or_insert((at, false));
+                    }
                     Some(Body::IncomingCall(c)) => {
                         lock(shared).calls.push(CallRecord {
                             at: Instant::now(),
                             device: id.to_string(),
                             node: node.to_string(),
+                            resumed: false,
                         });
                         let answer = Body::Answer(Answer {
                             call_ref: c.call_ref,

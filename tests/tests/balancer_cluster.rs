@@ -121,6 +121,8 @@ struct Cluster {
     /// Each device's owner while both nodes are eligible.
     owners: BTreeMap<String, String>,
     fleet: Fleet,
+    /// Lines the nodes add to their `[cluster]` section.
+    cluster_extra: &'static str,
     /// The SIPp injection file: the device ids in order.
     csv: PathBuf,
     _csv_dir: tempfile::TempDir,
@@ -133,7 +135,7 @@ impl Cluster {
 
     /// `n` nodes; the fleet's configuration from its secret.
     fn start_with(n: usize, fleet_config: impl FnOnce(&str) -> FleetConfig) -> Self {
-        Self::start_with_store(n, fleet_config, false, None)
+        Self::start_with_store(n, fleet_config, false, None, "")
     }
 
     /// [`Cluster::start_with`]; with `sentinel`, the store is a Redis master, a replica and a
@@ -145,6 +147,7 @@ impl Cluster {
         fleet_config: impl FnOnce(&str) -> FleetConfig,
         sentinel: bool,
         netns: Option<&Netns>,
+        cluster_extra: &'static str,
     ) -> Self {
         let redis = match netns {
             Some(_) => Redis::start_also_on(netns::WORLD_B).unwrap(),
@@ -164,7 +167,13 @@ impl Cluster {
         let partitioned = netns.map(|ns| ns.node.clone());
         let extra = |i: usize| {
             let store = store_section(&redis, sentinel.as_ref(), i, partitioned.is_some());
-            node_extra(NODE_IDS[i], &store, &balancer, registry_dir.path())
+            node_extra(
+                NODE_IDS[i],
+                &store,
+                &balancer,
+                registry_dir.path(),
+                cluster_extra,
+            )
         };
         let start = |i: usize| match (&partitioned, i) {
             (Some(ns), 1) => Gateway::start_in_namespace(
@@ -227,6 +236,7 @@ impl Cluster {
             devices,
             owners,
             fleet,
+            cluster_extra,
             csv,
             _csv_dir: csv_dir,
         };
@@ -255,6 +265,7 @@ impl Cluster {
             ),
             &self.balancer,
             self.registry_dir.path(),
+            self.cluster_extra,
         )
     }
 
@@ -362,7 +373,13 @@ fn store_section(
     }
 }
 
-fn node_extra(id: &str, store: &str, lb: &Balancer, registry_dir: &Path) -> String {
+fn node_extra(
+    id: &str,
+    store: &str,
+    lb: &Balancer,
+    registry_dir: &Path,
+    cluster_extra: &str,
+) -> String {
     let registry = registry_dir.join("devices.toml");
     format!(
         "[node]\nid = \"{id}\"\ndevice_registry = {registry:?}\n\n\
@@ -370,7 +387,7 @@ fn node_extra(id: &str, store: &str, lb: &Balancer, registry_dir: &Path) -> Stri
          [session]\nmax_calls = 16\n\n\
          [auth]\nresume_secret = \"{RESUME_SECRET}\"\n\n\
          [log]\nlevel = \"info\"\n\n\
-         [cluster]\nlease_ttl_ms = 1500\n\n\
+         [cluster]\nlease_ttl_ms = 1500\n{cluster_extra}\n\
          [cluster.store]\nbackend = \"redis\"\n\n\
          [cluster.store.redis]\n{store}\n\
          [cluster.heartbeat]\nbalancers = [\"{}\"]\ninterval_ms = {HEARTBEAT_MS}\n",
@@ -1477,6 +1494,115 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
     assert_eq!(twice, 0.0, "{figures}");
 }
 
+/// Early-dialog failover (issue 16, `early-and-confirmed`): the devices let every call ring
+/// for a while before they answer, and resume their sessions with their tokens when their node
+/// dies. A node is killed while some 40 calls ring at its devices: each survivor that one of
+/// those devices resumes on claims the call's early record, adopts the caller's INVITE
+/// transaction (same To tag) and rings on; the device answers when its time comes and the
+/// caller gets the 200 from the survivor. At least 95 % of the calls that were ringing on the
+/// killed node complete (counting every failed call of the run against them), and no
+/// confirmed dialog is lost.
+#[test]
+fn ringing_calls_of_a_killed_node_complete_on_the_survivors() {
+    let _serial = serial();
+    let ring_ms = chaos("RING_MS", 3_000);
+    let mut cluster = Cluster::start_with_store(
+        3,
+        |secret| FleetConfig {
+            answer_after: Duration::from_millis(u64::from(ring_ms)),
+            resume: true,
+            ..FleetConfig::quick(secret)
+        },
+        false,
+        None,
+        // SIPp's scenario takes no re-INVITE: a confirmed call that a resumed device brings
+        // to a survivor keeps its media address there instead of moving it.
+        "replication = \"early-and-confirmed\"\nreinvite_after_takeover = false\n",
+    );
+    let calls_total = chaos("CALLS", 800);
+    let rate = chaos("RATE", 40);
+    let hold_ms = chaos("HOLD_MS", 1_000);
+    let run = start_sipp(&cluster, calls_total, rate, hold_ms);
+    // Well into the run: every device has calls ringing now and then.
+    std::thread::sleep(Duration::from_secs(8));
+    let victim = 1;
+    let id = NODE_IDS[victim];
+    let devices = cluster.devices_of(id);
+    let _dir = cluster.nodes[victim].take().unwrap().kill();
+    let detection = cluster.balancer.wait_eligible(id, false);
+    let moved = cluster
+        .fleet
+        .wait_placement(Duration::from_secs(15), "left the dead node", |p| {
+            devices
+                .iter()
+                .all(|d| p.get(d).and_then(|n| n.as_deref()).is_some_and(|n| n != id))
+        })
+        .unwrap_or_else(|e| panic!("{id}: {e:#}\n{}", cluster.logs()));
+    let result = finish(run);
+    let kinds = failure_kinds(&result);
+    let ringing = cluster.fleet.ringing_across_loss();
+    let adopted: f64 = [0, 2]
+        .iter()
+        .map(|&i| {
+            cluster
+                .node(i)
+                .metric("thalamus_takeovers_total{reason=\"claimed_early\"}")
+                .unwrap_or(0.0)
+        })
+        .sum();
+    let (moved_dialogs, twice) = split_brain(&cluster);
+    let completed = ringing.at_loss.saturating_sub(result.failed);
+    let figures = format!(
+        "early-dialog failover: {calls_total} calls at {rate}/s ringing {} s then held {} s, {} \
+         devices on 3 nodes; {id} killed: out after {} ms, its {} devices moved in {} ms; calls \
+         ringing at its devices when they lost it {} ({} of them never heard of by the device), \
+         listed as ringing on resume {}, answered there {}, answered on the survivor {}; ringing calls claimed by the survivors {adopted}; \
+         failed calls of the run {} ({kinds:?}); ringing calls completed at least {completed} \
+         of {}; the balancer saw {moved_dialogs} dialogs move, {twice} acted on by two nodes",
+        f64::from(ring_ms) / 1000.0,
+        f64::from(hold_ms) / 1000.0,
+        devices_count(),
+        detection.as_millis(),
+        devices.len(),
+        moved.as_millis(),
+        ringing.at_loss,
+        ringing.unheard,
+        ringing.listed_on_resume,
+        ringing.answered,
+        ringing.confirmed,
+        result.failed,
+        ringing.at_loss,
+    );
+    println!("{figures}");
+    if let Some(dir) = cluster.dump() {
+        let _ = std::fs::write(format!("{dir}/sipp.txt"), &result.report);
+    }
+    // The scenario did what it is for: calls were ringing on the node when it died.
+    assert!(ringing.at_loss >= 10, "{figures}\n{}", cluster.logs());
+    // At least 95 % of them complete: answered on a survivor, and every failed call of the
+    // run counted against them.
+    assert!(
+        ringing.confirmed * 100 >= ringing.at_loss * 95,
+        "{figures}\n{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+    assert!(
+        completed * 100 >= ringing.at_loss * 95,
+        "{figures}\n{}",
+        result.report
+    );
+    assert!(adopted >= ringing.confirmed as f64, "{figures}");
+    assert_run(
+        &cluster,
+        &result,
+        calls_total,
+        ringing.at_loss / 20,
+        &figures,
+    );
+    assert_eq!(twice, 0.0, "{figures}");
+}
+
 /// Chaos 3, the store's own failover (issue 16): the store is a Redis master with a replica
 /// and a sentinel. Under load the master is killed (SIGKILL); the sentinel promotes the
 /// replica and the nodes follow it, writing the records of their calls again (the promoted
@@ -1487,7 +1613,8 @@ fn each_node_killed_in_turn_loses_no_confirmed_dialog() {
 #[test]
 fn a_store_failover_then_a_node_death_loses_no_confirmed_dialog() {
     let _serial = serial();
-    let mut cluster = Cluster::start_with_store(3, FleetConfig::quick, true, None);
+    let mut cluster =
+        Cluster::start_with_store(3, FleetConfig::quick, true, None, "");
     let calls_total = chaos("CALLS", 1_250);
     let rate = chaos("RATE", 50);
     let hold_ms = chaos("HOLD_MS", 4_000);
@@ -1590,7 +1717,8 @@ fn a_node_cut_off_from_the_store_steps_aside_and_loses_no_confirmed_dialog() {
         panic!("{e:#}: this test makes network namespaces (it needs root and iproute2)")
     });
     ns.enter_world().unwrap();
-    let cluster = Cluster::start_with_store(3, FleetConfig::quick, false, Some(&ns));
+    let cluster =
+        Cluster::start_with_store(3, FleetConfig::quick, false, Some(&ns), "confirmed-dialog");
     let calls_total = chaos("CALLS", 1_200);
     let rate = chaos("RATE", 50);
     let hold_ms = chaos("HOLD_MS", 1_000);
