@@ -710,10 +710,8 @@ impl Ringer {
     ) {
         use thalamus_proto::v1::CallState;
         match state {
-            CallState::Answered => {
-                if self.answering.remove(&call_ref) == Some(true) {
-                    lock(shared).ringing.confirmed += 1;
-                }
+            CallState::Answered if self.answering.remove(&call_ref) == Some(true) => {
+                lock(shared).ringing.confirmed += 1;
             }
             CallState::Ended => {
                 self.ringing.remove(&call_ref);
