@@ -630,7 +630,7 @@ pub(crate) fn merge_key(request: &Request) -> Option<(String, String, u32)> {
 }
 
 /// The device a request addresses: the Request-URI user, when it is a valid device id.
-fn addressed_device(request: &Request) -> Option<String> {
+pub(crate) fn addressed_device(request: &Request) -> Option<String> {
     let user = request.uri.user()?;
     valid_device_id(user).then(|| user.to_string())
 }
@@ -670,6 +670,18 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
                     if status != 0 {
                         let _ = inner.ua.respond(tx, status, None, None).await;
                     }
+                }
+            }
+            UaEvent::UnknownDialog {
+                tx,
+                request,
+                source,
+            } if request.method == Method::Cancel => {
+                if inner.store.is_some() {
+                    tokio::spawn(takeover::unknown_cancel(inner, tx, request, source));
+                } else {
+                    inc(&inner.metrics.sip_refused, "unknown_dialog");
+                    let _ = inner.ua.reject_unknown(tx).await;
                 }
             }
             UaEvent::UnknownDialog { tx, request, .. } => {
@@ -712,7 +724,12 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
 
 /// Applies the inbound policy to a request that would reach a device; `false` when it was
 /// answered (401 challenge or 403), before anything about the device was looked at.
-async fn admitted(inner: &BridgeInner, tx: ServerTx, request: &Request, source: Peer) -> bool {
+pub(crate) async fn admitted(
+    inner: &BridgeInner,
+    tx: ServerTx,
+    request: &Request,
+    source: Peer,
+) -> bool {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

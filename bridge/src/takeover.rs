@@ -555,6 +555,70 @@ pub(crate) async fn unknown_dialog(
     }
 }
 
+/// A CANCEL for an INVITE this node does not hold: the INVITE may have been ringing on a node
+/// that died (its early record in the store) before its device resumed anywhere. From a source
+/// the inbound policy lets through without credentials (a CANCEL cannot be challenged), the
+/// device's stored dialogs are read (bounded like every takeover); the early record of this
+/// INVITE (Call-ID and From tag) is claimed and the INVITE adopted; the CANCEL, delivered
+/// again, then cancels it as if it had arrived here (200, 487), and the record ends. Anything
+/// else is 481, as before.
+pub(crate) async fn unknown_cancel(
+    inner: Arc<BridgeInner>,
+    tx: ServerTx,
+    request: Request,
+    source: thalamus_sip::peer::Peer,
+) {
+    let ua = &inner.ua;
+    let found = match early_record_of_cancel(&inner, &request, source).await {
+        Some(record) => take_over(&inner, &record.key, Trigger::Cancel).await,
+        None => Err(TakeoverError::NotFound),
+    };
+    match found {
+        // The INVITE is adopted: the CANCEL, delivered again, cancels it (200, 487).
+        Ok(_) => {
+            let _ = ua.redeliver(tx).await;
+        }
+        Err(e) => {
+            debug!(error = %e, "CANCEL for an INVITE not held here; 481");
+            inc(&inner.metrics.sip_refused, "unknown_dialog");
+            let _ = ua.reject_unknown(tx).await;
+        }
+    }
+}
+
+/// The live early record of the INVITE `cancel` cancels, if the store has one.
+async fn early_record_of_cancel(
+    inner: &Arc<BridgeInner>,
+    cancel: &Request,
+    source: thalamus_sip::peer::Peer,
+) -> Option<StoredDialog> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if inner.inbound_policy().check(source.addr.ip(), cancel, now)
+        != crate::inbound::InboundVerdict::Allow
+    {
+        return None;
+    }
+    let device = crate::addressed_device(cancel)?;
+    let call_id = cancel.headers.call_id().ok()?;
+    let from_tag = cancel.headers.from_tag().unwrap_or_default();
+    let store = store_of(inner).ok()?;
+    let records = bounded(
+        inner,
+        "listing the device's dialogs",
+        store.list_by_device(&device),
+    )
+    .await
+    .ok()?;
+    records.into_iter().take(MAX_RESUME_DIALOGS).find(|r| {
+        r.is_live()
+            && r.key.call_id == call_id
+            && r.key.remote_tag == from_tag
+            && early_invite_of(r).is_some()
+    })
+}
+
 /// Devices follow: `device` resumed its session here. Bounded by the takeover timeout per
 /// store operation and by [`MAX_RESUME_DIALOGS`].
 pub(crate) async fn resume_device(inner: Arc<BridgeInner>, device: &str) {

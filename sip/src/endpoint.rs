@@ -79,9 +79,11 @@ pub enum EndpointEvent {
         /// Where it came from.
         source: Peer,
     },
-    /// A request with a To tag for a dialog this endpoint does not hold. A clustered TU loads
-    /// the dialog's record from its store, [`Endpoint::import_dialog`]s it and calls
-    /// [`Endpoint::redeliver`]; otherwise it answers 481 with [`Endpoint::reject_unknown`].
+    /// A request with a To tag for a dialog this endpoint does not hold, or a CANCEL for an
+    /// INVITE it does not hold. A clustered TU loads the dialog's record from its store,
+    /// [`Endpoint::import_dialog`]s it and calls [`Endpoint::redeliver`] (for a CANCEL: adopts
+    /// the INVITE with [`Endpoint::adopt_invite`] and answers both); otherwise it answers 481
+    /// with [`Endpoint::reject_unknown`].
     UnknownDialog {
         /// Its server transaction.
         key: TransactionKey,
@@ -426,9 +428,9 @@ impl Endpoint {
                 TransactionEvent::Cancel {
                     key,
                     request,
-                    source: _,
+                    source,
                     invite,
-                } => self.on_cancel(now, key, &request, invite),
+                } => self.on_cancel(now, key, &request, source, invite),
                 TransactionEvent::Ack {
                     key: _,
                     request,
@@ -555,13 +557,31 @@ impl Endpoint {
         now: Instant,
         key: TransactionKey,
         cancel: &Request,
+        source: Peer,
         invite: Option<TransactionKey>,
     ) {
-        let status = if invite.is_some() { 200 } else { 481 };
-        let mut ok = Response::from_request(cancel, status, None);
+        let Some(invite) = invite else {
+            // No INVITE here to cancel: the TU answers (481 by `reject_unknown`, or, in a
+            // cluster, after adopting the INVITE another node was ringing).
+            self.servers.insert(
+                key,
+                PendingServer {
+                    request: cancel.clone(),
+                    source,
+                    dialog: None,
+                    to_tag: None,
+                },
+            );
+            self.events.push_back(EndpointEvent::UnknownDialog {
+                key,
+                request: cancel.clone(),
+                source,
+            });
+            return;
+        };
+        let mut ok = Response::from_request(cancel, 200, None);
         self.decorate(&mut ok);
         let _ = self.transactions.respond(now, key, ok);
-        let Some(invite) = invite else { return };
         // The TU forgets a server transaction when it sends its final response.
         if self.servers.contains_key(&invite) {
             let _ = self.respond(now, invite, 487, None, None);
@@ -853,11 +873,25 @@ impl Endpoint {
 
     /// Delivers an [`EndpointEvent::UnknownDialog`] request again after the TU imported its
     /// dialog: it comes back as [`EndpointEvent::DialogRequest`] (or is rejected by the dialog,
-    /// e.g. 500 for an old CSeq).
+    /// e.g. 500 for an old CSeq). A CANCEL, after the TU adopted its INVITE, cancels it (200,
+    /// 487, [`EndpointEvent::Cancelled`]); with no INVITE to cancel it is answered 481.
     pub fn redeliver(&mut self, now: Instant, key: TransactionKey) {
         let Some(pending) = self.servers.remove(&key) else {
             return;
         };
+        if pending.request.method == Method::Cancel {
+            // A CANCEL whose INVITE the TU adopted: 200, and 487 to the INVITE.
+            match self.transactions.cancel_target(&pending.request) {
+                Some(invite) => {
+                    self.on_cancel(now, key, &pending.request, pending.source, Some(invite));
+                }
+                None => {
+                    self.servers.insert(key, pending);
+                    self.reject_unknown(now, key);
+                }
+            }
+            return;
+        }
         self.on_request(now, key, pending.request, pending.source);
     }
 
@@ -1177,6 +1211,77 @@ mod tests {
         bye.method = Method::Bye;
         assert!(c.adopt_invite(t0, bye, pa, tag.clone()).is_err());
         assert!(c.adopt_invite(t0, received, pa, String::new()).is_err());
+    }
+
+    #[test]
+    fn a_cancel_for_an_invite_held_elsewhere_goes_to_the_tu_which_may_adopt_it() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        let (mut a, mut b, mut c) = (endpoint(5061), endpoint(5062), endpoint(5063));
+        let key = a
+            .send_request(t0, invite("sip:bob@127.0.0.1:5062"), pb)
+            .unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let EndpointEvent::Request {
+            key: skey,
+            request: received,
+            ..
+        } = events(&mut b).remove(0)
+        else {
+            panic!()
+        };
+        b.respond(t0, skey, 180, None, None).unwrap();
+        deliver(t0, &mut b, &pb, &mut a);
+        events(&mut a);
+        // b died: the caller's CANCEL reaches c, which holds no INVITE for it.
+        a.cancel(t0, key).unwrap();
+        let mut cancel = None;
+        while let Some(t) = a.poll_transmit() {
+            if let Ok(Message::Request(r)) = Message::parse(t.payload.clone()) {
+                cancel = Some(r);
+            }
+        }
+        let cancel = cancel.expect("a CANCEL");
+        c.handle_message(t0, Message::Request(cancel.clone()), pa);
+        let EndpointEvent::UnknownDialog {
+            key: ckey, request, ..
+        } = events(&mut c).remove(0)
+        else {
+            panic!("the TU decides")
+        };
+        assert_eq!(request.method, Method::Cancel);
+        assert!(c.poll_transmit().is_none(), "nothing answered yet");
+        // Without the INVITE's record: 481.
+        c.reject_unknown(t0, ckey);
+        let t = c.poll_transmit().expect("the answer");
+        let Ok(Message::Response(r)) = Message::parse(t.payload.clone()) else {
+            panic!()
+        };
+        assert_eq!(r.status, 481);
+        // With it: the INVITE adopted, then the CANCEL delivered again: 200 to the CANCEL,
+        // 487 to the INVITE.
+        let (mut d, pd) = (endpoint(5064), peer(5064));
+        d.handle_message(t0, Message::Request(cancel.clone()), pa);
+        let EndpointEvent::UnknownDialog { key: dkey, .. } = events(&mut d).remove(0) else {
+            panic!()
+        };
+        let tag = "t-b".to_string();
+        let adopted = d.adopt_invite(t0, received, pa, tag.clone()).unwrap();
+        d.redeliver(t0, dkey);
+        assert!(events(&mut d)
+            .iter()
+            .any(|e| matches!(e, EndpointEvent::Cancelled { invite } if *invite == adopted)));
+        let mut statuses = Vec::new();
+        while let Some(t) = d.poll_transmit() {
+            if let Ok(Message::Response(r)) = Message::parse(t.payload.clone()) {
+                if r.status == 487 {
+                    assert_eq!(r.headers.to_tag(), Some(tag.as_str()));
+                }
+                statuses.push(r.status);
+                a.handle_message(t0, Message::Response(r), pd);
+            }
+        }
+        assert_eq!(statuses, vec![200, 487]);
     }
 
     #[test]

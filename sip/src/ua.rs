@@ -193,7 +193,8 @@ pub enum UaEvent {
         /// Where it came from.
         source: Peer,
     },
-    /// A request for a dialog not held here (import and redeliver, or reject).
+    /// A request for a dialog not held here, or a CANCEL for an INVITE not held here (import
+    /// and redeliver, adopt, or reject).
     UnknownDialog {
         /// Its transaction.
         tx: ServerTx,

@@ -473,11 +473,22 @@ fn aborted_calls(errors: &str) -> Vec<AbortedCall> {
 /// Starts a SIPp client calling the devices of the injection file in order. Its
 /// [`SippProcess::started`]: call `i` leaves no earlier than `i / rate` after it.
 fn start_sipp(cluster: &Cluster, calls: u32, rate: u32, pause_ms: u32) -> SippProcess {
+    start_sipp_with("lb_uac_calls.xml", cluster, calls, rate, pause_ms)
+}
+
+/// [`start_sipp`] with another scenario of the same shape (`-d` its pause).
+fn start_sipp_with(
+    name: &str,
+    cluster: &Cluster,
+    calls: u32,
+    rate: u32,
+    pause_ms: u32,
+) -> SippProcess {
     SippProcess::spawn_with(|files| {
         let mut command = sipp();
         command
             .arg("-sf")
-            .arg(scenario("lb_uac_calls.xml"))
+            .arg(scenario(name))
             .arg("-inf")
             .arg(&cluster.csv)
             .args(["-i", "127.0.0.1", "-nostdin"])
@@ -1603,6 +1614,85 @@ fn ringing_calls_of_a_killed_node_complete_on_the_survivors() {
     assert_eq!(twice, 0.0, "{figures}");
 }
 
+/// Early-dialog failover, the caller's side (issue 16): callers give up after their call rang
+/// 3 s. A node is killed while calls ring at its devices, whose devices log in afresh
+/// elsewhere (no resume: nobody continues those calls from the device's side). The callers'
+/// CANCELs reach the survivors, which hold no INVITE for them: each finds the call's early
+/// record, claims it, adopts the INVITE and cancels it (200 to the CANCEL, 487 to the
+/// INVITE), as the node that died would have. Every call of the run completes as the
+/// scenario expects.
+#[test]
+fn a_caller_s_cancel_ends_a_ringing_call_whose_node_died() {
+    let _serial = serial();
+    let mut cluster = Cluster::start_with_store(
+        3,
+        |secret| FleetConfig {
+            answer_after: Duration::from_secs(3600),
+            ..FleetConfig::quick(secret)
+        },
+        false,
+        None,
+        "replication = \"early-and-confirmed\"\n",
+    );
+    let calls_total = chaos("CALLS", 600);
+    let rate = chaos("RATE", 40);
+    let ring_ms = chaos("RING_MS", 3_000);
+    let run = start_sipp_with("lb_uac_cancel.xml", &cluster, calls_total, rate, ring_ms);
+    std::thread::sleep(Duration::from_secs(6));
+    let victim = 1;
+    let id = NODE_IDS[victim];
+    let ringing_at_kill = cluster
+        .node(victim)
+        .metric("thalamus_calls_active")
+        .unwrap_or(0.0);
+    let _dir = cluster.nodes[victim].take().unwrap().kill();
+    let detection = cluster.balancer.wait_eligible(id, false);
+    let result = finish(run);
+    let kinds = failure_kinds(&result);
+    let adopted: f64 = [0, 2]
+        .iter()
+        .map(|&i| {
+            cluster
+                .node(i)
+                .metric("thalamus_takeovers_total{reason=\"claimed_early\"}")
+                .unwrap_or(0.0)
+        })
+        .sum();
+    let figures = format!(
+        "cancel after a node death: {calls_total} calls at {rate}/s cancelled after ringing {} \
+         s, {} devices on 3 nodes; {id} killed with {ringing_at_kill} calls ringing: out after {} \
+         ms; ringing calls the survivors adopted to cancel them {adopted}; failed calls {} \
+         ({kinds:?})",
+        f64::from(ring_ms) / 1000.0,
+        devices_count(),
+        detection.as_millis(),
+        result.failed,
+    );
+    println!("{figures}");
+    if let Some(dir) = cluster.dump() {
+        let _ = std::fs::write(format!("{dir}/sipp.txt"), &result.report);
+    }
+    assert!(ringing_at_kill >= 10.0, "{figures}");
+    // The survivors cancelled at least 95 % of the calls ringing on the dead node.
+    assert!(
+        adopted * 100.0 >= ringing_at_kill * 95.0,
+        "{figures}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        result.ok + result.failed,
+        u64::from(calls_total),
+        "{}",
+        result.report
+    );
+    assert!(
+        result.failed * 20 <= ringing_at_kill as u64,
+        "{figures}\n{}\n{}",
+        result.report,
+        cluster.logs()
+    );
+}
+
 /// Chaos 3, the store's own failover (issue 16): the store is a Redis master with a replica
 /// and a sentinel. Under load the master is killed (SIGKILL); the sentinel promotes the
 /// replica and the nodes follow it, writing the records of their calls again (the promoted
@@ -1613,8 +1703,7 @@ fn ringing_calls_of_a_killed_node_complete_on_the_survivors() {
 #[test]
 fn a_store_failover_then_a_node_death_loses_no_confirmed_dialog() {
     let _serial = serial();
-    let mut cluster =
-        Cluster::start_with_store(3, FleetConfig::quick, true, None, "");
+    let mut cluster = Cluster::start_with_store(3, FleetConfig::quick, true, None, "");
     let calls_total = chaos("CALLS", 1_250);
     let rate = chaos("RATE", 50);
     let hold_ms = chaos("HOLD_MS", 4_000);

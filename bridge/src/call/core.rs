@@ -100,6 +100,10 @@ pub enum TakeoverTrigger {
     },
     /// End the dialog from here (UAC mode): BYE.
     Hangup,
+    /// The caller cancelled a ringing call whose node died (its CANCEL reached this node
+    /// before the device did): the call is adopted as for a resume, and the CANCEL, delivered
+    /// again, ends it (200, 487).
+    Cancel,
 }
 
 /// A stored dialog this node claimed and imported, as [`CallCore::taken_over`] continues it.
@@ -726,6 +730,13 @@ impl CallCore {
         core.replica.epoch = record.epoch;
         core.replica.base_version = record.version;
         core.replica.stored = true;
+        // The early dialog's id is the record's key (the 180 below recreates it here): known
+        // now, so the record ends with the call however it ends.
+        core.set_dialog(DialogId::new(
+            record.key.call_id.clone(),
+            record.key.local_tag.clone(),
+            record.key.remote_tag.clone(),
+        ));
         let offer = if invite.body.is_empty() {
             None
         } else {
@@ -1394,6 +1405,8 @@ impl CallCore {
                 self.deferred.push_back((request_id, body));
             }
             TakeoverTrigger::Hangup => self.start_bye(EndReason::LocalHangup),
+            // Only a ringing call is cancelled (see `adopted`).
+            TakeoverTrigger::Cancel => {}
         }
     }
 

@@ -1669,6 +1669,15 @@ fn an_adopted_ringing_call_times_out_is_cancelled_or_lost_without_a_second_answe
     let a = drain(&mut core);
     assert_eq!(ended(&a)[0].end_reason, EndReason::Cancelled as i32);
     assert_eq!(closed(&a), Some(true));
+    // The caller's CANCEL found it before the device did: adopted, then cancelled at once
+    // (the user agent answers 487), before the 180 was even reported: the record ends.
+    let (mut core, a) = adopted(t0, TakeoverTrigger::Cancel);
+    assert_eq!(responses(&a), vec![(stx(9), 180)]);
+    core.handle(t0, CallInput::Cancelled);
+    let a = drain(&mut core);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::Cancelled as i32);
+    assert_eq!(closed(&a), Some(true));
+    assert!(core.is_closed());
     // Another node took it over again (this one was frozen): no answer of ours, no tombstone;
     // the driver abandons the transaction.
     let (mut core, _) = adopted(t0, TakeoverTrigger::DeviceResume);
