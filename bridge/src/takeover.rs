@@ -341,6 +341,17 @@ async fn adopt_ringing_call(
         "ringing call taken over"
     );
     inc(&inner.metrics.takeovers, "claimed_early");
+    // The no-answer time runs from the first ring (the first owner's clock: nodes' clocks are
+    // kept close by NTP; a clock behind ours gives at most that much more ringing).
+    let started_ms = claimed
+        .app_data
+        .as_deref()
+        .and_then(CallAppData::decode)
+        .and_then(|a| a.started_ms);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let rang_for = Duration::from_millis(started_ms.map_or(0, |s| now_ms.saturating_sub(s)));
     call::driver::spawn(
         inner.clone(),
         call.clone(),
@@ -350,6 +361,7 @@ async fn adopt_ringing_call(
             record: claimed.clone(),
             trigger,
             previous_owner: record.owner.clone(),
+            rang_for,
             in_progress,
         })),
     );

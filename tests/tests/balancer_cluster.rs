@@ -1539,7 +1539,7 @@ fn ringing_calls_of_a_killed_node_complete_on_the_survivors() {
     let victim = 1;
     let id = NODE_IDS[victim];
     let devices = cluster.devices_of(id);
-    let _dir = cluster.nodes[victim].take().unwrap().kill();
+    let dead_dir = cluster.nodes[victim].take().unwrap().kill();
     let detection = cluster.balancer.wait_eligible(id, false);
     let moved = cluster
         .fleet
@@ -1552,6 +1552,43 @@ fn ringing_calls_of_a_killed_node_complete_on_the_survivors() {
     let result = finish(run);
     let kinds = failure_kinds(&result);
     let ringing = cluster.fleet.ringing_across_loss();
+    // The end records: one per call, however many nodes it saw. The calls the survivors
+    // continued name the dead node first; those adopted ringing were answered at least the
+    // ring time after the start the dead node gave them.
+    std::thread::sleep(Duration::from_secs(1));
+    let records: Vec<Value> = cluster
+        .nodes
+        .iter()
+        .flatten()
+        .flat_map(|n| call_records(&n.data_dir()))
+        .chain(call_records(&dead_dir.path().join("data")))
+        .filter(|r| r["direction"] == "incoming")
+        .collect();
+    let mut per_call: BTreeMap<String, u32> = BTreeMap::new();
+    for r in &records {
+        *per_call
+            .entry(r["call_id"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    let two_records = per_call.values().filter(|n| **n > 1).count();
+    let at_ms = |r: &Value, k: &str| {
+        r[k].as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let continued: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["nodes"][0] == id && r["nodes"].as_array().is_some_and(|n| n.len() > 1))
+        .collect();
+    let rang_there = continued
+        .iter()
+        .filter(|r| {
+            r["answer"].is_string()
+                && r["end_reason"] == "remote_hangup"
+                && at_ms(r, "answer") + 100 >= at_ms(r, "start") + u64::from(ring_ms)
+        })
+        .count() as u64;
     let adopted: f64 = [0, 2]
         .iter()
         .map(|&i| {
@@ -1604,6 +1641,12 @@ fn ringing_calls_of_a_killed_node_complete_on_the_survivors() {
         result.report
     );
     assert!(adopted >= ringing.confirmed as f64, "{figures}");
+    assert_eq!(two_records, 0, "calls with two end records\n{figures}");
+    assert!(
+        rang_there >= ringing.confirmed,
+        "end records of the adopted calls: {rang_there} of {} ({continued:#?})\n{figures}",
+        ringing.confirmed
+    );
     assert_run(
         &cluster,
         &result,

@@ -687,9 +687,10 @@ impl CallCore {
     /// An incoming call that was ringing on another node, whose early record this node just
     /// claimed (`record`, owner: this node) and whose INVITE it adopted as server transaction
     /// `tx`: rings on (180 again, with the early dialog's To tag) until the device answers,
-    /// rejects, the caller cancels or the no-answer time runs out. The device is not offered
-    /// the call again: its resumed session lists it as ringing. A device command that caused
-    /// the takeover is carried out at once.
+    /// rejects, the caller cancels or what is left of the no-answer time runs out (the call
+    /// has rung `rang_for` already). The device is not offered the call again: its resumed
+    /// session lists it as ringing. A device command that caused the takeover is carried out
+    /// at once.
     #[allow(clippy::too_many_arguments)]
     pub fn adopted(
         key: CallKey,
@@ -701,6 +702,7 @@ impl CallCore {
         record: &StoredDialog,
         previous_owner: String,
         trigger: TakeoverTrigger,
+        rang_for: Duration,
     ) -> Self {
         let from = invite.headers.from().ok();
         let app = record.app_data.as_deref().and_then(CallAppData::decode);
@@ -710,7 +712,7 @@ impl CallCore {
             .filter(|u| !u.is_empty())
             .or_else(|| from.as_ref().map(|f| f.uri.to_string()))
             .unwrap_or_default();
-        let deadline = now + settings.no_answer_timeout;
+        let deadline = now + settings.no_answer_timeout.saturating_sub(rang_for);
         let mut core = Self::new(
             key,
             settings,

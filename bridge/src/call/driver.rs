@@ -100,6 +100,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
                 record,
                 trigger,
                 previous_owner,
+                rang_for,
                 in_progress,
             } = *a;
             incoming = Some((tx, Box::new(in_progress)));
@@ -116,6 +117,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
                     &record,
                     previous_owner,
                     trigger,
+                    rang_for,
                 ),
             )
         }

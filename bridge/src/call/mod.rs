@@ -68,6 +68,8 @@ pub struct AdoptSetup {
     pub trigger: TakeoverTrigger,
     /// The node that owned the call before the claim.
     pub previous_owner: String,
+    /// How long the call has rung already (from the record's start, by the wall clock).
+    pub rang_for: std::time::Duration,
     /// Held until the INVITE has its final response (loop detection).
     pub in_progress: crate::shared::InProgress,
 }

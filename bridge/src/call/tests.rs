@@ -1512,6 +1512,14 @@ fn early_record() -> StoredDialog {
 }
 
 fn adopted(t0: Instant, trigger: TakeoverTrigger) -> (CallCore, Vec<CallAction>) {
+    adopted_after(t0, trigger, Duration::ZERO)
+}
+
+fn adopted_after(
+    t0: Instant,
+    trigger: TakeoverTrigger,
+    rang_for: Duration,
+) -> (CallCore, Vec<CallAction>) {
     let invite = request("INVITE", &peer_sdp(1, true, "sendrecv"));
     let mut core = CallCore::adopted(
         key(),
@@ -1523,6 +1531,7 @@ fn adopted(t0: Instant, trigger: TakeoverTrigger) -> (CallCore, Vec<CallAction>)
         &early_record(),
         "node-0".into(),
         trigger,
+        rang_for,
     );
     let a = drain(&mut core);
     (core, a)
@@ -1662,6 +1671,9 @@ fn an_adopted_ringing_call_times_out_is_cancelled_or_lost_without_a_second_answe
     let a = drain(&mut core);
     assert_eq!(responses(&a), vec![(stx(9), 480)]);
     assert_eq!(closed(&a), Some(true));
+    // The no-answer time counts from the first ring, on the node that died.
+    let (core, _) = adopted_after(t0, TakeoverTrigger::DeviceResume, Duration::from_secs(45));
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(15)));
     // The caller cancels (the user agent answered 487).
     let (mut core, _) = adopted(t0, TakeoverTrigger::DeviceResume);
     core.handle(t0, CallInput::Responded(stx(9), 180, Some(dialog())));
