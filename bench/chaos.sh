@@ -22,6 +22,11 @@
 #                link) is taken down for 8 s, longer than its owner lease, then brought up; it
 #                steps aside 2 s after noticing and its devices move (HOLD_MS 1000: devices idle
 #                between calls can move).
+#   7. ringing:  replication early-and-confirmed; the devices ring RING_MS (3000) before they
+#                answer and resume their sessions; a node is killed while calls ring at its
+#                devices, which answer them on the survivors (at least 95 % must complete).
+#   8. cancel:   the same, the callers cancel after RING_MS and the devices log in afresh: the
+#                survivors answer the CANCELs of the dead node's ringing calls (200, 487).
 #
 # Each test asserts what the issue asks (no confirmed dialog lost, failures bounded, only the
 # failed node's devices affected) and prints one line of figures, collected into
@@ -49,7 +54,7 @@ run() {
       THALAMUS_CHAOS_HOLD_MS=$hold \
       cargo test --release --quiet -p thalamus-tests --test balancer_cluster "$test" \
       -- --exact --nocapture --test-threads=1 2>&1 \
-      | grep -E '^(kill|kill in turn|freeze|restart|store|store failover|partition|balancer restart):|test result|panicked' | tee -a "$OUT"
+      | grep -E '^(kill|kill in turn|freeze|restart|store|store failover|partition|balancer restart|early-dialog failover|cancel after a node death):|test result|panicked' | tee -a "$OUT"
   done
 }
 run kill a_killed_node_s_devices_go_to_the_survivor_and_a_restart_is_detected "${KILL_HOLD_MS:-200}"
@@ -59,4 +64,6 @@ run "store failover" a_store_failover_then_a_node_death_loses_no_confirmed_dialo
 run balancer a_restarted_balancer_loses_no_call "${HOLD_MS:-5000}"
 run partition a_node_cut_off_from_the_store_steps_aside_and_loses_no_confirmed_dialog "${PARTITION_HOLD_MS:-1000}"
 run "kill in turn" each_node_killed_in_turn_loses_no_confirmed_dialog "${TURN_HOLD_MS:-1000}"
+run ringing ringing_calls_of_a_killed_node_complete_on_the_survivors "${RING_HOLD_MS:-1000}"
+run cancel a_caller_s_cancel_ends_a_ringing_call_whose_node_died "${RING_MS:-3000}"
 echo "figures in $OUT"
