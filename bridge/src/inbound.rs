@@ -16,6 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
+use thalamus_ingress::registry::valid_device_id;
 use thalamus_sip::digest::{
     Credentials, DigestRequest, DigestServer, DigestServerConfig, UserSecret,
 };
@@ -209,6 +210,21 @@ impl InboundPolicy {
                 .collect(),
         )
     }
+}
+
+/// From tag, Call-ID and CSeq of a request outside a dialog (the merged-request key).
+pub fn merge_key(request: &Request) -> Option<(String, String, u32)> {
+    Some((
+        request.headers.from_tag()?.to_string(),
+        request.headers.call_id().ok()?.to_string(),
+        request.headers.cseq().ok()?.seq,
+    ))
+}
+
+/// The device a request addresses: the Request-URI user, when it is a valid device id.
+pub fn addressed_device(request: &Request) -> Option<String> {
+    let user = request.uri.user()?;
+    valid_device_id(user).then(|| user.to_string())
 }
 
 #[cfg(test)]

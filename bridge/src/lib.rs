@@ -53,7 +53,7 @@ use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use thalamus_ingress::registry::{valid_device_id, DeviceRegistry};
+use thalamus_ingress::registry::DeviceRegistry;
 use thalamus_ingress::{DeviceLink, DeviceRequests, Sessions};
 use thalamus_telemetry::inc;
 
@@ -620,21 +620,6 @@ async fn send_text(
     );
 }
 
-/// From tag, Call-ID and CSeq of a request outside a dialog (the merged-request key).
-pub(crate) fn merge_key(request: &Request) -> Option<(String, String, u32)> {
-    Some((
-        request.headers.from_tag()?.to_string(),
-        request.headers.call_id().ok()?.to_string(),
-        request.headers.cseq().ok()?.seq,
-    ))
-}
-
-/// The device a request addresses: the Request-URI user, when it is a valid device id.
-pub(crate) fn addressed_device(request: &Request) -> Option<String> {
-    let user = request.uri.user()?;
-    valid_device_id(user).then(|| user.to_string())
-}
-
 async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) {
     while let Some(event) = events.recv().await {
         let inner = inner.clone();
@@ -791,7 +776,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
             }
             // A copy of a request already being handled that arrived by another path (same
             // From tag, Call-ID and CSeq, different branch): a loop or a fork, 482 (8.2.2.2).
-            let merge_key = merge_key(&request);
+            let merge_key = inbound::merge_key(&request);
             if let Some(key) = &merge_key {
                 let branch = request.branch().unwrap_or_default().to_string();
                 match inner.in_progress.entry(key.clone()) {
@@ -821,7 +806,7 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                     .await;
                 return;
             }
-            let Some(device) = addressed_device(&request) else {
+            let Some(device) = inbound::addressed_device(&request) else {
                 inc(&inner.metrics.sip_refused, "not_found");
                 let _ = ua.respond(tx, 404, None, None).await;
                 return;

@@ -288,7 +288,7 @@ async fn adopt_ringing_call(
     }
     // The caller's INVITE may have reached this node as a new call already (a retransmission
     // after the death): that call goes on, this record is not needed.
-    let merge = crate::merge_key(&invite);
+    let merge = crate::inbound::merge_key(&invite);
     if merge
         .as_ref()
         .is_some_and(|k| inner.in_progress.contains_key(k))
@@ -612,7 +612,7 @@ async fn early_record_of_cancel(
     {
         return None;
     }
-    let device = crate::addressed_device(cancel)?;
+    let device = crate::inbound::addressed_device(cancel)?;
     let call_id = cancel.headers.call_id().ok()?;
     let from_tag = cancel.headers.from_tag().unwrap_or_default();
     let store = store_of(inner).ok()?;
