@@ -1,4 +1,5 @@
-//! Who may reach a device over SIP: the inbound policy, sans-IO.
+//! Who may reach a device over SIP: the inbound policy, sans-IO, and what an out-of-dialog
+//! request is addressed to (the device, the merged-request key of loop detection).
 //!
 //! A request that would reach a device (INVITE, MESSAGE) from a trusted source (a CIDR of
 //! `[sip.inbound] trusted`; loopback by default) passes. From anywhere else it must carry

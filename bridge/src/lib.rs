@@ -166,6 +166,7 @@ impl Bridge {
             refuse_invites: std::sync::atomic::AtomicBool::new(false),
             refuse_dials: std::sync::atomic::AtomicBool::new(false),
             takeovers: DashMap::new(),
+            cancel_lookups: Arc::new(tokio::sync::Semaphore::new(takeover::MAX_CANCEL_LOOKUPS)),
             watched: DashMap::new(),
             arrivals: tokio::sync::Notify::new(),
             arrival_waits: AtomicUsize::new(0),

@@ -69,6 +69,9 @@ pub(crate) struct BridgeInner {
     /// Takeovers in progress, one lock per dialog (so one request, resume or API call claims
     /// and imports it, and the others find it held).
     pub(crate) takeovers: DashMap<DialogKey, Arc<tokio::sync::Mutex<()>>>,
+    /// Store lookups of CANCELs for INVITEs not held here, in flight (at most
+    /// [`crate::takeover::MAX_CANCEL_LOOKUPS`]; a CANCEL beyond them is answered 481 at once).
+    pub(crate) cancel_lookups: Arc<tokio::sync::Semaphore>,
     /// Calls of devices that resumed here, still held by a node whose lease runs: listed in
     /// `live_calls`, claimed when the lease lapses or at the first request from either side.
     pub(crate) watched: DashMap<CallKey, StoredDialog>,

@@ -21,8 +21,15 @@
 //!   once, the others are watched (listed in the Welcome, claimed when the lease lapses or at
 //!   the first request from either side).
 //!
-//! After a takeover the call re-INVITEs the peer with this node's media address (see
-//! [`crate::call`]). Conflict notices from the replicator (`drop_lost_dialogs`) tell a
+//! - **Ringing calls** (`early-and-confirmed`): a record whose payload is an INVITE (an early
+//!   record, `crate::dialogs::early_invite_of`) is claimed like the others, but its INVITE is
+//!   adopted as a server transaction of this node (`adopt_ringing_call`) and the call rings on
+//!   at the device; the device (resume, or a command for the call), the API, or the caller's
+//!   CANCEL reaching this node (`unknown_cancel`) continue it. A record that rang out, or that
+//!   cannot be adopted, is ended instead.
+//!
+//! After the takeover of an answered call the call re-INVITEs the peer with this node's media
+//! address (see [`crate::call`]); an adopted ringing call answers with it. Conflict notices from the replicator (`drop_lost_dialogs`) tell a
 //! node that another one took its dialog over; the call is dropped without a BYE.
 //!
 //! What it does not do: decide ownership of devices (the balancer's hash), write records (the
@@ -54,6 +61,10 @@ use thalamus_telemetry::inc;
 
 /// Most stored dialogs of one device looked at when it resumes.
 pub const MAX_RESUME_DIALOGS: usize = 64;
+
+/// Most store lookups in flight for CANCELs of INVITEs this node does not hold (each is a
+/// listing of the device's records): a flood of stray CANCELs gets 481 beyond them.
+pub const MAX_CANCEL_LOOKUPS: usize = 16;
 
 /// How often a watched call checks its owner's lease again before giving up.
 const MAX_LEASE_CHECKS: u32 = 64;
@@ -202,9 +213,13 @@ async fn take_over_locked(
         let (invite, source) = early.map_err(|e| TakeoverError::Invalid(e.to_string()))?;
         return adopt_ringing_call(inner, store, record, invite, source, trigger).await;
     }
+    if trigger == Trigger::Cancel {
+        // The call was answered meanwhile: a CANCEL does not end an answered call.
+        return Err(TakeoverError::Invalid("the call was answered".into()));
+    }
     // Check what can be checked before claiming, so a record this node cannot continue stays
     // with its owner.
-    let sip = sip_record_of(&record).map_err(|e| TakeoverError::Invalid(e.to_string()))?;
+    sip_record_of(&record).map_err(|e| TakeoverError::Invalid(e.to_string()))?;
     let call = (record.device_id.clone(), record.call_ref);
     if inner.calls.contains_key(&call) {
         return Err(TakeoverError::Invalid(format!(
@@ -222,6 +237,35 @@ async fn take_over_locked(
         store.claim(key, &node_id, record.epoch),
     )
     .await?;
+    attach_claimed(inner, store, claimed, record.owner, trigger).await
+}
+
+/// Continues a confirmed dialog this node just claimed (`claimed`, the record as the claim
+/// left it: its latest content): imports its SIP dialog and starts its call.
+async fn attach_claimed(
+    inner: &Arc<BridgeInner>,
+    store: &Arc<dyn DialogStore>,
+    claimed: StoredDialog,
+    previous_owner: String,
+    trigger: Trigger,
+) -> Result<TakenOver, TakeoverError> {
+    let key = &claimed.key;
+    let call = (claimed.device_id.clone(), claimed.call_ref);
+    let sip = match sip_record_of(&claimed) {
+        Ok(sip) => sip,
+        Err(e) => {
+            // Claimed but unreadable (written by another build since the first read): ended
+            // here rather than left live under this node.
+            warn!(dialog = %key, error = %e, "claimed dialog cannot be continued here");
+            end_claimed(inner, store, &claimed).await;
+            return Err(TakeoverError::Invalid(e.to_string()));
+        }
+    };
+    // A CANCEL that found the call ringing, now answered: continued like a resumed call.
+    let trigger = match trigger {
+        Trigger::Cancel => Trigger::Api,
+        other => other,
+    };
     let contact = inner
         .ua
         .contact(Some(&claimed.device_id), PeerTransport::Udp)
@@ -241,7 +285,7 @@ async fn take_over_locked(
         device = %call.0,
         call_ref = call.1,
         epoch = claimed.epoch,
-        previous_owner = %record.owner,
+        previous_owner = %previous_owner,
         "dialog taken over"
     );
     call::driver::spawn(
@@ -252,7 +296,7 @@ async fn take_over_locked(
             sip: prepared,
             dialog,
             trigger,
-            previous_owner: record.owner.clone(),
+            previous_owner,
         })),
     );
     Ok(TakenOver {
@@ -264,8 +308,9 @@ async fn take_over_locked(
 /// The early record of a call that was ringing on another node: claimed once its owner can no
 /// longer be acting on it, its INVITE adopted (a server transaction here, answered with the
 /// early dialog's To tag), and the call continued ringing at the device, which resumed here.
-/// Only the device (its resume, or a command for the call) or the API continue a ringing
-/// call: a request from the peer for the early dialog finds nothing to continue.
+/// The device (its resume, or a command for the call), the API, or the caller's CANCEL
+/// (`unknown_cancel`) continue a ringing call; a request from the peer within the early
+/// dialog finds nothing to continue.
 async fn adopt_ringing_call(
     inner: &Arc<BridgeInner>,
     store: &Arc<dyn DialogStore>,
@@ -298,7 +343,16 @@ async fn adopt_ringing_call(
         ));
     }
     let key = record.key.clone();
-    let record = owner_released(inner, store, record).await?;
+    let record = if trigger == Trigger::Cancel {
+        // A CANCEL does not wait for a live owner (it would hold a server transaction and a
+        // lookup slot for the takeover timeout): the owner answers it, if it is alive.
+        match lease_left(inner, store, &record).await {
+            None => record,
+            Some(_) => return Err(TakeoverError::OwnerAlive(record.owner.clone())),
+        }
+    } else {
+        owner_released(inner, store, record).await?
+    };
     let node_id = inner.config.node_id.clone();
     let claimed = bounded(
         inner,
@@ -306,6 +360,27 @@ async fn adopt_ringing_call(
         store.claim(&key, &node_id, record.epoch),
     )
     .await?;
+    if early_invite_of(&claimed).is_none() {
+        // Answered by its owner between our first read and the claim: a confirmed dialog now.
+        return attach_claimed(inner, store, claimed, record.owner, trigger).await;
+    }
+    // The no-answer time runs from the first ring (the first owner's clock: nodes' clocks are
+    // kept close by NTP; a clock behind ours gives at most that much more ringing).
+    let started_ms = claimed
+        .app_data
+        .as_deref()
+        .and_then(CallAppData::decode)
+        .and_then(|a| a.started_ms);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let rang_for = Duration::from_millis(started_ms.map_or(0, |s| now_ms.saturating_sub(s)));
+    if rang_for >= inner.config.no_answer_timeout {
+        // Rung out while nobody held it: the caller has given up or will get no answer; the
+        // record ends here instead of ringing again.
+        end_claimed(inner, store, &claimed).await;
+        return Err(TakeoverError::Ended);
+    }
     let tx = match inner
         .ua
         .adopt_invite(invite.clone(), source, key.local_tag.clone())
@@ -313,9 +388,10 @@ async fn adopt_ringing_call(
     {
         Ok(tx) => tx,
         Err(e) => {
-            // Claimed but not adoptable (the transaction table is full): the record stays ours
-            // and expires with its TTL; the caller's transaction times out.
+            // Claimed but not adoptable (the INVITE is here already, or the transaction table
+            // is full and the layer answered 503): the record ends rather than ring again.
             warn!(dialog = %key, error = %e, "claimed ringing call could not be adopted");
+            end_claimed(inner, store, &claimed).await;
             return Err(TakeoverError::Invalid(e.to_string()));
         }
     };
@@ -327,8 +403,10 @@ async fn adopt_ringing_call(
     };
     if let Some(k) = merge {
         let branch = invite.branch().unwrap_or_default().to_string();
-        inner.in_progress.insert(k.clone(), branch);
-        in_progress.key = Some(k);
+        if let dashmap::mapref::entry::Entry::Vacant(v) = inner.in_progress.entry(k.clone()) {
+            v.insert(branch);
+            in_progress.key = Some(k);
+        }
     }
     in_progress.ring(&call);
     inner.by_invite.insert(tx, call.clone());
@@ -341,17 +419,6 @@ async fn adopt_ringing_call(
         "ringing call taken over"
     );
     inc(&inner.metrics.takeovers, "claimed_early");
-    // The no-answer time runs from the first ring (the first owner's clock: nodes' clocks are
-    // kept close by NTP; a clock behind ours gives at most that much more ringing).
-    let started_ms = claimed
-        .app_data
-        .as_deref()
-        .and_then(CallAppData::decode)
-        .and_then(|a| a.started_ms);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let rang_for = Duration::from_millis(started_ms.map_or(0, |s| now_ms.saturating_sub(s)));
     call::driver::spawn(
         inner.clone(),
         call.clone(),
@@ -366,6 +433,20 @@ async fn adopt_ringing_call(
         })),
     );
     Ok(TakenOver { call, record: None })
+}
+
+/// Ends a record this node claimed but cannot continue (a tombstone, compare-and-set on the
+/// claimed version), so it neither stays live under this node nor rings again.
+async fn end_claimed(inner: &BridgeInner, store: &Arc<dyn DialogStore>, claimed: &StoredDialog) {
+    if let Err(e) = bounded(
+        inner,
+        "ending the claimed record",
+        store.delete(&claimed.key, Some(claimed.version)),
+    )
+    .await
+    {
+        debug!(dialog = %claimed.key, error = %e, "claimed record not ended");
+    }
 }
 
 /// Waits, at most the takeover timeout, until the owner of `record` can no longer be acting on
@@ -481,7 +562,9 @@ pub(crate) async fn release_orphans(inner: &Arc<BridgeInner>) -> usize {
         let Ok(Some(record)) = bounded(inner, "reading the dialog", store.get(&key)).await else {
             continue;
         };
-        if !owned_here(inner, &record) {
+        // A ringing call stays: its device is not here, and its INVITE is answered here (603
+        // once the device's grace period ends) rather than left to the caller's patience.
+        if !owned_here(inner, &record) || early_invite_of(&record).is_some() {
             continue;
         }
         let owner = released_owner(&inner.config.node_id);
@@ -581,9 +664,15 @@ pub(crate) async fn unknown_cancel(
     source: thalamus_sip::peer::Peer,
 ) {
     let ua = &inner.ua;
-    let found = match early_record_of_cancel(&inner, &request, source).await {
-        Some(record) => take_over(&inner, &record.key, Trigger::Cancel).await,
-        None => Err(TakeoverError::NotFound),
+    let found = match inner.cancel_lookups.clone().try_acquire_owned() {
+        Ok(_slot) => match early_record_of_cancel(&inner, &request, source).await {
+            Some(record) => take_over(&inner, &record.key, Trigger::Cancel).await,
+            None => Err(TakeoverError::NotFound),
+        },
+        Err(_) => {
+            inc(&inner.metrics.sip_refused, "cancel_lookups");
+            Err(TakeoverError::Unavailable("too many CANCEL lookups".into()))
+        }
     };
     match found {
         // The INVITE is adopted: the CANCEL, delivered again, cancels it (200, 487).
@@ -613,6 +702,10 @@ async fn early_record_of_cancel(
         return None;
     }
     let device = crate::inbound::addressed_device(cancel)?;
+    // A device this fleet does not have has no records: no store read for it.
+    if inner.registry.refresh().is_ok() && !inner.registry.contains(&device) {
+        return None;
+    }
     let call_id = cancel.headers.call_id().ok()?;
     let from_tag = cancel.headers.from_tag().unwrap_or_default();
     let store = store_of(inner).ok()?;

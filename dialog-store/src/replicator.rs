@@ -1,5 +1,6 @@
-//! The replication front: the SIP message path hands confirmed dialogs to a [`Replicator`],
-//! which only enqueues; a background task performs the store writes.
+//! The replication front: the SIP message path hands dialog records (confirmed dialogs, and
+//! early ones under `early-and-confirmed`) to a [`Replicator`], which only enqueues; a
+//! background task performs the store writes.
 //!
 //! The queue is bounded: when it is full the write is refused at once (counted as
 //! `queue_full`) rather than slowing the message path. The task drains what is queued,
@@ -12,9 +13,10 @@
 //!
 //! [`ReplicationStrategy`] selects what is replicated, as in JAIN SIP HA: `confirmed-dialog`
 //! (with application data), `confirmed-dialog-no-app-data`, or `early-and-confirmed` (early
-//! dialogs of incoming calls as well). This module does not decide
-//! when a dialog is written (the SIP layer does: on 2xx, on target refresh, before using a new
-//! local CSeq), does not read from the store, and does not take dialogs over.
+//! dialogs of incoming calls as well). This module does not decide when a dialog is written
+//! (the calls do: on the first 180 of an incoming call under `early-and-confirmed`, on 2xx, on
+//! target refresh, before using a new local CSeq), does not read from the store, and does not
+//! take dialogs over.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::{DialogKey, DialogStore, StoreError, StoredDialog, WriteOp};
 
-/// What is replicated for a confirmed dialog (configuration names as in JAIN SIP HA).
+/// What is replicated (configuration names as in JAIN SIP HA, and `early-and-confirmed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReplicationStrategy {

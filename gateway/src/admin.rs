@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::shared::NodeShared;
-use thalamus_bridge::dialogs::sip_record_of;
+use thalamus_bridge::dialogs::{early_invite_of, sip_record_of};
 use thalamus_bridge::takeover::TakeoverError;
 use thalamus_dialog_store::{DialogKey, StoredDialog};
 
@@ -228,6 +228,9 @@ fn record_json(record: &StoredDialog, held_here: bool) -> Value {
         "updated_at_ms": record.updated_at_ms,
         "state": if record.is_live() { "live" } else { "tombstone" },
         "held_here": held_here,
+        // An early record (a ringing call, `early-and-confirmed`) holds the INVITE, not a
+        // dialog export.
+        "early": early_invite_of(record).is_some(),
         "sip_dialog": sip_record_of(record).ok(),
         "media": {"local_sdp": record.media.local_sdp, "remote_sdp": record.media.remote_sdp},
     })

@@ -5,8 +5,11 @@
 //! timestamps (`handle_timeout`), and it returns work through `poll_transmit`, `poll_event` and
 //! `poll_timeout`. It validates requests (answering 400/505/... statelessly), runs the
 //! transaction layer, keeps the dialog table in step with what is sent and received, answers
-//! CANCEL (200, and 487 for the INVITE), retransmits a UAS 2xx until its ACK (RFC 6026) and
-//! re-sends the ACK when a UAC sees a 2xx again.
+//! CANCEL (200, and 487 for the INVITE; a CANCEL for an INVITE not held here goes to the TU),
+//! retransmits a UAS 2xx until its ACK (RFC 6026) and re-sends the ACK when a UAC sees a 2xx
+//! again. For a cluster it adopts an INVITE another node was answering (`adopt_invite`: a
+//! server transaction that keeps that node's To tag) and abandons one another node adopted
+//! (`abandon`).
 //!
 //! It does not resolve names (the caller passes the destination [`Peer`]), own sockets, read a
 //! clock, or decide how to answer a request: that is the transaction user (the gateway's
@@ -183,7 +186,7 @@ pub struct EndpointStats {
     pub invalid_responses: u64,
     /// Requests the transaction layer refused (malformed Via/CSeq, duplicates).
     pub refused_requests: u64,
-    /// In-dialog requests answered 481 by the endpoint.
+    /// Requests for a dialog or an INVITE not held here answered 481 (`reject_unknown`).
     pub unknown_dialog: u64,
     /// Requests whose top Via carried `maddr` (ignored: responses go where the request came
     /// from, never to an address the sender names).
@@ -901,7 +904,8 @@ impl Endpoint {
     /// [`EndpointEvent::Request`] is raised (the TU adopting it knows it already). Its
     /// responses carry `to_tag`, so the caller sees one early dialog continue; its
     /// retransmissions and CANCEL now match here. Counts against the transaction limits like
-    /// any request.
+    /// any request: refused by them, the layer answers the caller 503 (as for any request
+    /// over its limits) and the adoption fails.
     pub fn adopt_invite(
         &mut self,
         now: Instant,

@@ -6,10 +6,11 @@
 //! to send, relay changes, store writes, counters, the end). It owns the call's rules: set-up
 //! both ways, answer, reject, CANCEL crossing 200, hold and resume, DTMF in the media or by
 //! INFO, re-INVITEs from the peer (491 while our own is pending), BYE from either side (BYE
-//! crossing BYE), the no-answer and ACK timeouts, replication (record written when confirmed,
-//! after target refreshes, and the local CSeq written ahead of every request), ownership lost
-//! to another node, and the continuation of a dialog taken over from another node (its media
-//! re-INVITE).
+//! crossing BYE), the no-answer and ACK timeouts, replication (the early record at the first
+//! 180 under `early-and-confirmed`, the record when confirmed, after target refreshes, and the
+//! local CSeq written ahead of every request), ownership lost to another node, the
+//! continuation of a dialog taken over from another node (its media re-INVITE), and of a
+//! ringing call whose INVITE this node adopted ([`CallCore::adopted`]).
 //!
 //! Like `quinn_proto::Connection`, it does no I/O and reads no clock: the driver in
 //! [`super::driver`] carries out the actions with the user agent, the relay and the
@@ -815,6 +816,12 @@ impl CallCore {
         });
         core.push(CallAction::StartRelay);
         core
+    }
+
+    /// Another node owns the call now, even if it is over here already (its final answer was
+    /// held by the driver's fence): no record is written or ended here.
+    pub fn mark_lost(&mut self) {
+        self.replica.lost = true;
     }
 
     /// The call's device and call reference.

@@ -5,9 +5,12 @@
 //! transactions the core started, relay events, the core's timer) into [`CallInput`]s, and
 //! carries out the core's [`CallAction`]s with the user agent (requests, responses, ACK,
 //! CANCEL), the media relay (start, remote media, direction, DTMF injection, stop and its
-//! statistics) and the replicator (records written in order without waiting; the local CSeq
-//! written ahead with a bounded wait; the tombstone at the end). It holds no protocol rule of
-//! its own: every decision is the core's.
+//! statistics) and the replicator (records written in order without waiting; the early record
+//! built from the INVITE it was given; the local CSeq written ahead with a bounded wait; the
+//! tombstone at the end). It holds one rule of its own, the fence's, as `write_ahead` does for
+//! requests: the final answer to a ringing call whose early record is in the store goes out
+//! only while this node may act (another node may have adopted the INVITE), and a call lost
+//! to another node has its INVITE transaction abandoned. Every other decision is the core's.
 
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -49,10 +52,12 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         reinvite_after_takeover: inner.config.reinvite_after_takeover,
         media_address: inner.media_address,
     };
+    let mut settings = settings;
     let sdp_session_id = thalamus_sip::rng::with(|rng| rng.gen_range(1..(1u64 << 62)));
     let now = Instant::now().into_std();
     let mut incoming = None;
     let mut early = None;
+    let mut adopted = false;
     let (direction, core) = match setup {
         CallSetup::Outgoing {
             target,
@@ -79,6 +84,8 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             incoming = Some((tx, in_progress));
             if settings.replicate_early {
                 early = crate::dialogs::early_payload(&invite, &source);
+                // An INVITE over TCP, or too large to keep, has no early record.
+                settings.replicate_early = early.is_some();
             }
             (
                 "incoming",
@@ -105,6 +112,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             } = *a;
             incoming = Some((tx, Box::new(in_progress)));
             early = Some(record.sip_dialog.clone());
+            adopted = true;
             (
                 "adopted",
                 CallCore::adopted(
@@ -170,6 +178,9 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         calls: Vec::new(),
         pending_write: None,
         incoming,
+        early_stored: Arc::new(std::sync::atomic::AtomicBool::new(
+            early.is_some() && adopted,
+        )),
         early,
     };
     tokio::spawn(Box::new(driver).run().instrument(span));
@@ -201,6 +212,10 @@ struct Driver {
     incoming: Option<(ServerTx, Box<crate::shared::InProgress>)>,
     /// The early record's SIP payload (the INVITE), under `early-and-confirmed`.
     early: Option<thalamus_dialog_store::SipDialogPayload>,
+    /// An early record of this call is in the store (its write acknowledged, or claimed):
+    /// another node may adopt the INVITE, so its final answer goes out only while the fence
+    /// allows. (A record the store never took cannot be adopted: no fence then.)
+    early_stored: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn now() -> std::time::Instant {
@@ -459,6 +474,16 @@ impl Driver {
                 headers,
                 report,
             } => {
+                if status >= 200 && self.final_answer_fenced(tx) {
+                    info!(
+                        status,
+                        "final answer to a ringing call another node may have adopted: not sent, \
+                         the call is dropped here"
+                    );
+                    self.core.mark_lost();
+                    self.core.handle(now(), CallInput::OwnershipLost);
+                    return Flow::Continue;
+                }
                 let result = ua
                     .respond_with_headers(tx, status, reason.as_deref(), body, headers)
                     .await;
@@ -556,6 +581,25 @@ impl Driver {
         }));
     }
 
+    /// Whether a final answer to INVITE `tx` must not go out: the call's early record is in the
+    /// store (another node may have adopted the INVITE: a survivor claims it once this node's
+    /// lease lapsed or a balancer took it out) and this node's fence does not confirm it may
+    /// still act (a node frozen or cut off, waking up). As for in-dialog requests (see
+    /// `write_ahead`), the answer is then held: fail closed.
+    fn final_answer_fenced(&self, tx: ServerTx) -> bool {
+        if !self.early_stored.load(std::sync::atomic::Ordering::Relaxed)
+            || self.incoming.as_ref().is_none_or(|(t, _)| *t != tx)
+        {
+            return false;
+        }
+        match &self.inner.fence {
+            Some(fence) => fence
+                .may_act(tokio::time::Instant::now().into_std())
+                .is_err(),
+            None => false,
+        }
+    }
+
     /// Hands the incoming call's early record (its INVITE under the early dialog's key) to the
     /// replicator: at once, as nothing was written for the call before it.
     fn replicate_early(&mut self, facts: &CallFacts) {
@@ -580,8 +624,16 @@ impl Driver {
             .app_data
             .as_ref()
             .map(crate::dialogs::CallAppData::encode);
-        if let Err(e) = replicator.replicate(record) {
-            debug!(error = %e, "early dialog not replicated");
+        match replicator.replicate_acked(record) {
+            Ok(ack) => {
+                let stored = self.early_stored.clone();
+                tokio::spawn(async move {
+                    if matches!(ack.await, Ok(Ok(_))) {
+                        stored.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+            Err(e) => debug!(error = %e, "early dialog not replicated"),
         }
     }
 
@@ -721,7 +773,8 @@ impl Driver {
             let _ = self.inner.ua.remove_dialog(dialog).await;
         }
         // The record ends after its last write (which finds no dialog to export if it had not
-        // run yet, and then writes nothing).
+        // run yet, and then writes nothing); a node that lost the call leaves it to the owner.
+        let tombstone = tombstone && self.core.summary().owned_at_end;
         let pending = self.pending_write.take();
         if let (true, Some(dialog), Some(replicator)) = (tombstone, &dialog, &self.inner.replicator)
         {
