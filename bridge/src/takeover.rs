@@ -63,8 +63,9 @@ use thalamus_telemetry::inc;
 pub const MAX_RESUME_DIALOGS: usize = 64;
 
 /// Most store lookups in flight for CANCELs of INVITEs this node does not hold (each is a
-/// listing of the device's records): a flood of stray CANCELs gets 481 beyond them.
-pub const MAX_CANCEL_LOOKUPS: usize = 16;
+/// listing of the device's records): a CANCEL beyond them is dropped unanswered (its sender
+/// retransmits it).
+pub const MAX_CANCEL_LOOKUPS: usize = 64;
 
 /// How often a watched call checks its owner's lease again before giving up.
 const MAX_LEASE_CHECKS: u32 = 64;
@@ -344,8 +345,8 @@ async fn adopt_ringing_call(
     }
     let key = record.key.clone();
     let record = if trigger == Trigger::Cancel {
-        // A CANCEL does not wait for a live owner (it would hold a server transaction and a
-        // lookup slot for the takeover timeout): the owner answers it, if it is alive.
+        // A CANCEL does not wait for a live owner (it would hold a lookup slot for the
+        // takeover timeout): its retransmission asks again (see `unknown_cancel`).
         match lease_left(inner, store, &record).await {
             None => record,
             Some(_) => return Err(TakeoverError::OwnerAlive(record.owner.clone())),
@@ -652,11 +653,13 @@ pub(crate) async fn unknown_dialog(
 
 /// A CANCEL for an INVITE this node does not hold: the INVITE may have been ringing on a node
 /// that died (its early record in the store) before its device resumed anywhere. From a source
-/// the inbound policy lets through without credentials (a CANCEL cannot be challenged), the
-/// device's stored dialogs are read (bounded like every takeover); the early record of this
-/// INVITE (Call-ID and From tag) is claimed and the INVITE adopted; the CANCEL, delivered
-/// again, then cancels it as if it had arrived here (200, 487), and the record ends. Anything
-/// else is 481, as before.
+/// the inbound policy lets through without credentials (a CANCEL cannot be challenged), for a
+/// device of the fleet, the device's stored dialogs are read (bounded like every takeover, at
+/// most [`MAX_CANCEL_LOOKUPS`] at once); the early record of this INVITE (Call-ID and From tag)
+/// is claimed and the INVITE adopted; the CANCEL, delivered again, then cancels it as if it
+/// had arrived here (200, 487), and the record ends. While the record's owner may still be
+/// alive (or the store is slow, or the lookups are all busy) the CANCEL is dropped unanswered
+/// for its retransmission to try again; without a record it is 481, as before.
 pub(crate) async fn unknown_cancel(
     inner: Arc<BridgeInner>,
     tx: ServerTx,
@@ -669,15 +672,25 @@ pub(crate) async fn unknown_cancel(
             Some(record) => take_over(&inner, &record.key, Trigger::Cancel).await,
             None => Err(TakeoverError::NotFound),
         },
-        Err(_) => {
-            inc(&inner.metrics.sip_refused, "cancel_lookups");
-            Err(TakeoverError::Unavailable("too many CANCEL lookups".into()))
-        }
+        Err(_) => Err(TakeoverError::Unavailable("too many CANCEL lookups".into())),
     };
     match found {
         // The INVITE is adopted: the CANCEL, delivered again, cancels it (200, 487).
         Ok(_) => {
             let _ = ua.redeliver(tx).await;
+        }
+        // Not yet: the owner may be alive (a balancer has not said it left, its lease runs),
+        // another node is claiming, the store is slow, or too many lookups run. A 481 would
+        // end the caller's CANCEL for good; dropped unanswered, its retransmission (every
+        // 500 ms, then 4 s, for 32 s) asks again.
+        Err(
+            e @ (TakeoverError::OwnerAlive(_)
+            | TakeoverError::LostRace { .. }
+            | TakeoverError::Unavailable(_)),
+        ) => {
+            debug!(error = %e, "CANCEL for an INVITE ringing elsewhere: dropped, to be retransmitted");
+            inc(&inner.metrics.sip_refused, "cancel_later");
+            let _ = ua.abandon(tx).await;
         }
         Err(e) => {
             debug!(error = %e, "CANCEL for an INVITE not held here; 481");

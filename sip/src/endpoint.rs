@@ -943,9 +943,10 @@ impl Endpoint {
         }
     }
 
-    /// Abandons INVITE server transaction `key` without answering it: another node adopted
-    /// it (this one was frozen, and the caller's transaction continues there). Its early
-    /// dialog goes too. Returns whether there was one.
+    /// Abandons server transaction `key` without answering it: an INVITE another node adopted
+    /// (this one was frozen, and the caller's transaction continues there; its early dialog
+    /// goes too), or a request the TU drops for its sender to retransmit. Returns whether there
+    /// was one.
     pub fn abandon(&mut self, now: Instant, key: TransactionKey) -> bool {
         let Some(pending) = self.servers.remove(&key) else {
             return false;

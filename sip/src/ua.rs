@@ -814,7 +814,8 @@ impl UserAgent {
         .await?
     }
 
-    /// Drops INVITE server transaction `tx` without answering it (another node adopted it).
+    /// Drops server transaction `tx` without answering it (an INVITE another node adopted, or a
+    /// request left for its sender to retransmit).
     pub async fn abandon(&self, tx: ServerTx) -> Result<(), UaError> {
         self.shared
             .commands
