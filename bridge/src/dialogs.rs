@@ -153,12 +153,19 @@ pub fn to_stored(export: &DialogRecord, facts: &CallFacts) -> StoredDialog {
         export.local_tag.clone(),
         export.remote_tag.clone(),
     );
+    let payload = SipDialogPayload {
+        format_version: export.version,
+        data: serde_json::to_string(export).unwrap_or_default(),
+    };
+    stored_with(key, payload, facts)
+}
+
+/// The stored record of a call under `key`, with SIP payload `payload` (a dialog export, or an
+/// early record's INVITE) and the call's facts.
+pub fn stored_with(key: DialogKey, payload: SipDialogPayload, facts: &CallFacts) -> StoredDialog {
     let mut record = StoredDialog::new(
         key,
-        SipDialogPayload {
-            format_version: export.version,
-            data: serde_json::to_string(export).unwrap_or_default(),
-        },
+        payload,
         facts.device_id.clone(),
         facts.call_ref,
         facts.owner.clone(),

@@ -722,17 +722,7 @@ impl CallCore {
             remote_uri,
             false,
         );
-        core.record.taken_over = true;
-        if let Some(app) = &app {
-            core.record.started_ms = app.started_ms;
-            core.record.owners_before = app.owners.clone();
-        }
-        if core.record.owners_before.last() != Some(&previous_owner) {
-            core.record.owners_before.push(previous_owner);
-        }
-        core.replica.epoch = record.epoch;
-        core.replica.base_version = record.version;
-        core.replica.stored = true;
+        core.continue_record(record, app.as_ref(), previous_owner);
         // The early dialog's id is the record's key (the 180 below recreates it here): known
         // now, so the record ends with the call however it ends.
         core.set_dialog(DialogId::new(
@@ -788,18 +778,7 @@ impl CallCore {
             outgoing,
         );
         core.dialog = Some(dialog);
-        core.record.taken_over = true;
-        if let Some(app) = &app {
-            core.record.started_ms = app.started_ms;
-            core.record.answered_ms = app.answered_ms;
-            core.record.owners_before = app.owners.clone();
-        }
-        if core.record.owners_before.last() != Some(&previous_owner) {
-            core.record.owners_before.push(previous_owner);
-        }
-        core.replica.epoch = record.epoch;
-        core.replica.base_version = record.version;
-        core.replica.stored = true;
+        core.continue_record(record, app.as_ref(), previous_owner);
         core.held = app.as_ref().is_some_and(|a| a.held);
         if let Ok(local) = SessionDescription::parse(&record.media.local_sdp) {
             core.device_media = Some(media_sdp::media_offer(&local));
@@ -816,6 +795,29 @@ impl CallCore {
         });
         core.push(CallAction::StartRelay);
         core
+    }
+
+    /// Continues the claimed `record` (with its application data `app`) that `previous_owner`
+    /// held: the call record's start, answer and owners, and the epoch and version the next
+    /// writes continue from.
+    fn continue_record(
+        &mut self,
+        record: &StoredDialog,
+        app: Option<&CallAppData>,
+        previous_owner: String,
+    ) {
+        self.record.taken_over = true;
+        if let Some(app) = app {
+            self.record.started_ms = app.started_ms;
+            self.record.answered_ms = app.answered_ms;
+            self.record.owners_before = app.owners.clone();
+        }
+        if self.record.owners_before.last() != Some(&previous_owner) {
+            self.record.owners_before.push(previous_owner);
+        }
+        self.replica.epoch = record.epoch;
+        self.replica.base_version = record.version;
+        self.replica.stored = true;
     }
 
     /// Another node owns the call now, even if it is over here already (its final answer was

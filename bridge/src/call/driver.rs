@@ -610,20 +610,7 @@ impl Driver {
         ) else {
             return;
         };
-        let mut record = thalamus_dialog_store::StoredDialog::new(
-            key_of_dialog(dialog),
-            payload,
-            facts.device_id.clone(),
-            facts.call_ref,
-            facts.owner.clone(),
-        );
-        record.media = facts.media.clone();
-        record.epoch = facts.epoch;
-        record.version = facts.base_version;
-        record.app_data = facts
-            .app_data
-            .as_ref()
-            .map(crate::dialogs::CallAppData::encode);
+        let record = crate::dialogs::stored_with(key_of_dialog(dialog), payload, facts);
         match replicator.replicate_acked(record) {
             Ok(ack) => {
                 let stored = self.early_stored.clone();
