@@ -495,6 +495,10 @@ fn start_sipp_with(
             .args(["-m", &calls.to_string(), "-r", &rate.to_string()])
             .args(["-l", &calls.to_string(), "-d", &pause_ms.to_string()])
             .args(["-timeout", "120s", "-timeout_error"])
+            // Every wait for a message is bounded, the optional provisional ones too: a call
+            // whose node died after its 180 (an early dialog not replicated) fails after 10 s
+            // instead of holding SIPp until its global timeout.
+            .args(["-recv_timeout", "10000"])
             .args(["-p", &free_udp_port().unwrap().to_string()])
             .args(["-trace_err", "-error_file"])
             .arg(files.error_file())
