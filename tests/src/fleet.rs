@@ -190,11 +190,12 @@ pub struct CallRecord {
 }
 
 /// What became of the calls that were ringing when their device's session was lost.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RingingAcrossLoss {
     /// Calls ringing (or answered, the node's `Answered` not heard yet) at a device when its
     /// session was lost, and calls the resumed session listed as ringing that the device never
-    /// heard of (their offer was lost with the node).
+    /// heard of (their offer was lost with the node, or they are new calls that waited for the
+    /// device where it resumed).
     pub at_loss: u64,
     /// Of those, the ones the device never heard of.
     pub unheard: u64,
@@ -204,6 +205,8 @@ pub struct RingingAcrossLoss {
     pub answered: u64,
     /// Of those, reported `Answered` by the node (or listed as answered on resume).
     pub confirmed: u64,
+    /// By the node whose loss they rang across: (ringing at the loss, later confirmed).
+    pub by_node: BTreeMap<String, (u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -320,7 +323,7 @@ impl Fleet {
     /// The calls that were ringing when their device's session was lost, and what became of
     /// them (with [`FleetConfig::resume`]).
     pub fn ringing_across_loss(&self) -> RingingAcrossLoss {
-        self.lock().ringing
+        self.lock().ringing.clone()
     }
 
     /// Devices place no new call from now on (calls in progress go on to their end).
@@ -493,7 +496,7 @@ async fn run_device(
                     // At once, at the same node: it redirects us when we belong elsewhere now.
                     SessionEnd::Goodbye => target = Target::Index(index),
                     SessionEnd::Lost => {
-                        ringer.lost(&shared);
+                        ringer.lost(&shared, &at);
                         lock(&shared).event(&id, FleetEventKind::Lost { node: at.clone() });
                         lost = Some((at, Instant::now()));
                         target = Target::Index(index + 1);
@@ -632,6 +635,8 @@ struct Ringer {
     answering: BTreeMap<u32, bool>,
     /// Whether the last session was lost (a loss, not a goodbye).
     after_loss: bool,
+    /// The node each call rang at when its session was lost.
+    lost_on: BTreeMap<u32, String>,
 }
 
 impl Ringer {
@@ -664,7 +669,12 @@ impl Ringer {
                 Some(CallState::Ringing) => {
                     self.ringing.insert(r, (now, lost));
                 }
-                Some(CallState::Answered | CallState::Held) if lost => s.ringing.confirmed += 1,
+                Some(CallState::Answered | CallState::Held) if lost => {
+                    s.ringing.confirmed += 1;
+                    if let Some(node) = self.lost_on.remove(&r) {
+                        s.ringing.by_node.entry(node).or_default().1 += 1;
+                    }
+                }
                 _ => {}
             }
         }
@@ -685,18 +695,20 @@ impl Ringer {
         }
     }
 
-    fn lost(&mut self, shared: &Mutex<Shared>) {
+    fn lost(&mut self, shared: &Mutex<Shared>, node: &str) {
         self.after_loss = true;
         let mut s = lock(shared);
-        for lost in self
+        for (r, lost) in self
             .ringing
-            .values_mut()
-            .map(|(_, lost)| lost)
-            .chain(self.answering.values_mut())
+            .iter_mut()
+            .map(|(r, (_, lost))| (r, lost))
+            .chain(self.answering.iter_mut())
         {
             if !*lost {
                 *lost = true;
                 s.ringing.at_loss += 1;
+                s.ringing.by_node.entry(node.to_string()).or_default().0 += 1;
+                self.lost_on.insert(*r, node.to_string());
             }
         }
     }
@@ -711,11 +723,16 @@ impl Ringer {
         use thalamus_proto::v1::CallState;
         match state {
             CallState::Answered if self.answering.remove(&call_ref) == Some(true) => {
-                lock(shared).ringing.confirmed += 1;
+                let mut s = lock(shared);
+                s.ringing.confirmed += 1;
+                if let Some(node) = self.lost_on.remove(&call_ref) {
+                    s.ringing.by_node.entry(node).or_default().1 += 1;
+                }
             }
             CallState::Ended => {
                 self.ringing.remove(&call_ref);
                 self.answering.remove(&call_ref);
+                self.lost_on.remove(&call_ref);
             }
             _ => {}
         }

@@ -820,6 +820,11 @@ impl CallCore {
         self.replica.stored = true;
     }
 
+    /// What the call's record holds now (the driver writes it ahead of the 2xx to an INVITE).
+    pub fn record_facts(&self) -> CallFacts {
+        self.facts()
+    }
+
     /// Another node owns the call now, even if it is over here already (its final answer was
     /// held by the driver's fence): no record is written or ended here.
     pub fn mark_lost(&mut self) {

@@ -474,6 +474,15 @@ impl Driver {
                 headers,
                 report,
             } => {
+                if (200..300).contains(&status)
+                    && self.incoming.as_ref().is_some_and(|(t, _)| *t == tx)
+                    && self.write_before_answer().await == WriteAhead::Lost
+                {
+                    info!("another node owns the ringing call: the 200 is not sent, the call is dropped here");
+                    self.core.mark_lost();
+                    self.core.handle(now(), CallInput::OwnershipLost);
+                    return Flow::Continue;
+                }
                 if status >= 200 && self.final_answer_fenced(tx) {
                     info!(
                         status,
@@ -579,6 +588,54 @@ impl Driver {
                 debug!(error = %e, "dialog not replicated");
             }
         }));
+    }
+
+    /// Writes the record of the dialog our 2xx is about to confirm (the early dialog's export,
+    /// as confirmed) and waits for the store, at most the write-ahead timeout: a node that dies
+    /// right after its 2xx leaves has left the record behind (without this, the record was
+    /// written as the 2xx left, and a death in the millisecond before the store had it lost a
+    /// confirmed dialog). `Lost` when another node owns the record (it adopted the ringing
+    /// call); a failed or slow write lets the 2xx go (the write after it retries).
+    async fn write_before_answer(&mut self) -> WriteAhead {
+        let (Some(replicator), Some(dialog)) =
+            (self.inner.replicator.clone(), self.core.dialog().cloned())
+        else {
+            return WriteAhead::Failed;
+        };
+        if let Some(pending) = self.pending_write.take() {
+            let _ = pending.await;
+        }
+        let Ok(Some(mut export)) = self.inner.ua.export(&dialog).await else {
+            return WriteAhead::Failed;
+        };
+        export.state = "confirmed".into();
+        let mut facts = self.core.record_facts();
+        if let Some(app) = facts.app_data.as_mut() {
+            app.answered_ms = Some(wall_ms());
+        }
+        let metrics = &self.inner.metrics.write_ahead;
+        let Ok(ack) = replicator.replicate_acked(to_stored(&export, &facts)) else {
+            inc(metrics, "error");
+            return WriteAhead::Failed;
+        };
+        match tokio::time::timeout(self.inner.config.write_ahead_timeout, ack).await {
+            Ok(Ok(Ok(_))) => {
+                inc(metrics, "written");
+                WriteAhead::Written
+            }
+            Ok(Ok(Err(StoreError::Conflict { .. }))) => {
+                inc(metrics, "lost");
+                WriteAhead::Lost
+            }
+            Ok(_) => {
+                inc(metrics, "error");
+                WriteAhead::Failed
+            }
+            Err(_) => {
+                inc(metrics, "timeout");
+                WriteAhead::Failed
+            }
+        }
     }
 
     /// Whether a final answer to INVITE `tx` must not go out: the call's early record is in the
