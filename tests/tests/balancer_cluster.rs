@@ -1612,7 +1612,7 @@ fn ringing_calls_of_a_killed_node_complete_on_the_survivors() {
     let failed_ringing = result
         .aborted
         .iter()
-        .filter(|c| !c.step.is_some_and(|s| s <= 2))
+        .filter(|c| c.step.is_none_or(|s| s > 2))
         .count() as u64;
     let completed = rang_on_victim.saturating_sub(failed_ringing);
     let figures = format!(
