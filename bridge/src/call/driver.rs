@@ -613,8 +613,20 @@ impl Driver {
         if let Some(app) = facts.app_data.as_mut() {
             app.answered_ms = Some(wall_ms());
         }
+        self.write_acked(&replicator, to_stored(&export, &facts))
+            .await
+    }
+
+    /// Hands `record` to the replicator and waits for the store to take it, at most the
+    /// write-ahead timeout (counted in `write_ahead`): written, lost to another node's
+    /// claim, or failed (refused, a store error, too slow).
+    async fn write_acked(
+        &self,
+        replicator: &thalamus_dialog_store::replicator::Replicator,
+        record: thalamus_dialog_store::StoredDialog,
+    ) -> WriteAhead {
         let metrics = &self.inner.metrics.write_ahead;
-        let Ok(ack) = replicator.replicate_acked(to_stored(&export, &facts)) else {
+        let Ok(ack) = replicator.replicate_acked(record) else {
             inc(metrics, "error");
             return WriteAhead::Failed;
         };
@@ -726,33 +738,13 @@ impl Driver {
             Some((reserved, _)) => reserved,
             None => export,
         };
-        let metrics = &self.inner.metrics.write_ahead;
-        let ack = match replicator.replicate_acked(to_stored(&record, facts)) {
-            Ok(ack) => ack,
-            Err(_) => {
-                inc(metrics, "error");
-                return WriteAhead::Failed;
-            }
-        };
-        match tokio::time::timeout(self.inner.config.write_ahead_timeout, ack).await {
-            Ok(Ok(Ok(_))) => {
-                inc(metrics, "written");
-                WriteAhead::Written
-            }
-            Ok(Ok(Err(StoreError::Conflict { .. }))) => {
-                inc(metrics, "lost");
-                info!("another node owns the dialog: not sending");
-                WriteAhead::Lost
-            }
-            Ok(_) => {
-                inc(metrics, "error");
-                WriteAhead::Failed
-            }
-            Err(_) => {
-                inc(metrics, "timeout");
-                WriteAhead::Failed
-            }
+        let written = self
+            .write_acked(&replicator, to_stored(&record, facts))
+            .await;
+        if written == WriteAhead::Lost {
+            info!("another node owns the dialog: not sending");
         }
+        written
     }
 
     /// The end: the relay's statistics to the device, the dialog forgotten, and the record
