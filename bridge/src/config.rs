@@ -97,6 +97,8 @@ pub struct BridgeConfig {
     pub takeover_timeout: Duration,
     /// After a takeover, re-INVITE the peer so media follows.
     pub reinvite_after_takeover: bool,
+    /// Session timers (RFC 4028) on calls; `None`: off.
+    pub session_timer: Option<thalamus_sip::session_timer::TimerConfig>,
 }
 
 impl Default for BridgeConfig {
@@ -126,6 +128,7 @@ impl Default for BridgeConfig {
             write_ahead_timeout: Duration::from_millis(250),
             takeover_timeout: Duration::from_secs(2),
             reinvite_after_takeover: true,
+            session_timer: Some(thalamus_sip::session_timer::TimerConfig::default()),
         }
     }
 }

@@ -107,6 +107,19 @@ pub struct CallAppData {
     /// The nodes that owned the call before the writer, in order (for the call record).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owners: Vec<String>,
+    /// The call's session timer (RFC 4028), when one runs: a node that takes the call over
+    /// keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_timer: Option<StoredTimer>,
+}
+
+/// A session timer as a record keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredTimer {
+    /// The session interval, in seconds.
+    pub interval: u32,
+    /// Whether the gateway refreshes (else the peer does).
+    pub gateway_refreshes: bool,
 }
 
 impl CallAppData {
@@ -356,6 +369,10 @@ mod tests {
                 started_ms: Some(1_700_000_000_000),
                 answered_ms: Some(1_700_000_001_000),
                 owners: vec!["node-0".into()],
+                session_timer: Some(StoredTimer {
+                    interval: 1800,
+                    gateway_refreshes: true,
+                }),
             }),
         }
     }

@@ -302,6 +302,14 @@ pub struct SipConfig {
     pub outbound_proxy: Option<String>,
     /// Seconds an incoming call rings on a device before the gateway answers 480.
     pub no_answer_timeout_secs: u32,
+    /// Session timers (RFC 4028): the session interval asked for on calls the devices place
+    /// and granted at most on calls they take, in seconds (0: no session timers: none asked
+    /// for or granted, and a request requiring `timer` gets 420). Half of it after each
+    /// refresh the refresher refreshes; a session nobody refreshes ends with a BYE.
+    pub session_expires_secs: u32,
+    /// The shortest session interval a peer may ask for (seconds, at least 90 as RFC 4028
+    /// requires); shorter is refused 422 with this Min-SE.
+    pub min_se_secs: u32,
     /// Gateway-wide credentials for the outbound proxy and the registrar (401/407 answered).
     pub auth: Option<SipCredentials>,
     /// Register each online device's address-of-record upstream.
@@ -326,6 +334,8 @@ impl Default for SipConfig {
             advertised: None,
             outbound_proxy: None,
             no_answer_timeout_secs: 60,
+            session_expires_secs: thalamus_sip::session_timer::DEFAULT_SESSION_EXPIRES,
+            min_se_secs: thalamus_sip::session_timer::MIN_SE_FLOOR,
             auth: None,
             registrar: None,
             inbound: thalamus_bridge::inbound::InboundConfig::default(),
@@ -546,6 +556,20 @@ impl Config {
         if limits.tcp_connect_timeout_ms < 100 {
             return bad("sip.limits.tcp_connect_timeout_ms", "must be at least 100");
         }
+        if self.sip.session_expires_secs != 0 {
+            if self.sip.min_se_secs < thalamus_sip::session_timer::MIN_SE_FLOOR {
+                return bad(
+                    "sip.min_se_secs",
+                    "must be at least 90 (RFC 4028 section 4)",
+                );
+            }
+            if self.sip.session_expires_secs < self.sip.min_se_secs {
+                return bad(
+                    "sip.session_expires_secs",
+                    "must be 0 (no session timers) or at least sip.min_se_secs",
+                );
+            }
+        }
         if let Err(e) = self.media.validate() {
             return Err(ConfigError::Key {
                 key: e.key.to_string(),
@@ -711,6 +735,14 @@ impl Config {
         }
     }
 
+    /// Session timers (`sip.session_expires_secs`, `sip.min_se_secs`), `None` when off.
+    pub fn session_timer(&self) -> Option<thalamus_sip::session_timer::TimerConfig> {
+        (self.sip.session_expires_secs != 0).then_some(thalamus_sip::session_timer::TimerConfig {
+            session_expires: self.sip.session_expires_secs,
+            min_se: self.sip.min_se_secs,
+        })
+    }
+
     /// The bridge's settings (`node.id`, `[sip]`, `[session]`, `[cluster]`, `[devices]`).
     pub fn bridge(&self) -> thalamus_bridge::BridgeConfig {
         thalamus_bridge::BridgeConfig {
@@ -740,6 +772,7 @@ impl Config {
             write_ahead_timeout: self.cluster.write_ahead_timeout(),
             takeover_timeout: self.cluster.takeover_timeout(),
             reinvite_after_takeover: self.cluster.reinvite_after_takeover,
+            session_timer: self.session_timer(),
         }
     }
 
@@ -777,6 +810,9 @@ impl Config {
         endpoint.transactions.max_transactions = limits.max_transactions;
         endpoint.transactions.per_source = self.sip_source_limits();
         endpoint.exempt_sources = self.sip.inbound.trusted.clone();
+        if self.session_timer().is_some() {
+            endpoint.supported = vec![thalamus_sip::session_timer::OPTION_TAG.to_string()];
+        }
         endpoint.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
             t1: timers.t1,
             t2: timers.t2,

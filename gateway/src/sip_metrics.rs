@@ -8,7 +8,8 @@
 //!   503 with Retry-After) and `flood_dropped` (not answered: the source kept sending while
 //!   refused);
 //! - `sip_invalid_total{kind="request"|"response"}`, `sip_unknown_dialog_total`,
-//!   `sip_via_maddr_ignored_total`, `sip_early_dialogs_removed_total` (counters);
+//!   `sip_via_maddr_ignored_total`, `sip_early_dialogs_removed_total`,
+//!   `sip_bad_extension_total` (requests answered 420) (counters);
 //! - `sip_messages_total{direction="received"|"sent"}`, `sip_parse_errors_total`,
 //!   `sip_dropped_overload_total`, `sip_stale_requests_total` (counters);
 //! - `sip_tcp_connections` (gauge), `sip_tcp_buffered_bytes` (gauge),
@@ -131,6 +132,12 @@ impl Collector for SipCollector {
             "sip_early_dialogs_removed",
             "Early dialogs removed when their INVITE ended without a 2xx confirming them (losing forks, 1xx then CANCEL or timeout)",
             read(&c.early_dialogs_removed),
+        )?;
+        counter(
+            &mut encoder,
+            "sip_bad_extension",
+            "SIP requests answered 420 (Bad Extension): their Require named an extension the gateway lacks",
+            read(&c.bad_extension),
         )?;
         counter(
             &mut encoder,

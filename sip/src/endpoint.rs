@@ -44,6 +44,10 @@ pub struct EndpointConfig {
     /// Source addresses exempt from the per-source transaction limits
     /// ([`TransactionConfig::per_source`]): trusted carriers, the balancer.
     pub exempt_sources: Vec<ipnet::IpNet>,
+    /// The option tags (RFC 3261 section 19.2) the transaction user implements, such as
+    /// `timer`: a request whose Require names any other is answered 420 (Bad Extension) with
+    /// an Unsupported header listing them (section 8.2.2.3) and never reaches the TU.
+    pub supported: Vec<String>,
 }
 
 impl Default for EndpointConfig {
@@ -53,6 +57,7 @@ impl Default for EndpointConfig {
             dialogs: DialogsConfig::default(),
             user_agent: Some(concat!("thalamus/", env!("CARGO_PKG_VERSION")).to_string()),
             exempt_sources: Vec::new(),
+            supported: Vec::new(),
         }
     }
 }
@@ -194,6 +199,9 @@ pub struct EndpointStats {
     /// Early dialogs removed when the INVITE that created them ended without confirming them
     /// (a losing fork, a 1xx then a timeout or a transport error).
     pub early_dialogs_removed: u64,
+    /// Requests answered 420 (Bad Extension): their Require named an option tag the TU does
+    /// not implement.
+    pub bad_extension: u64,
 }
 
 /// One user agent's transactions and dialogs.
@@ -477,6 +485,9 @@ impl Endpoint {
     }
 
     fn on_request(&mut self, now: Instant, key: TransactionKey, request: Request, source: Peer) {
+        if self.refuse_extensions(now, key, &request) {
+            return;
+        }
         let has_to_tag = request.headers.to_tag().is_some();
         if !has_to_tag {
             if let Some((adopted, to_tag)) = self.adopting.take() {
@@ -553,6 +564,48 @@ impl Endpoint {
             }
             RequestMatch::OutOfDialog => {}
         }
+    }
+
+    /// RFC 3261 section 8.2.2.3: a request (not CANCEL, not ACK) whose Require names option
+    /// tags the TU does not implement ([`EndpointConfig::supported`]) is answered 420 with an
+    /// Unsupported header listing them; true when it was. A Require that is not a list of
+    /// tokens gets 400.
+    fn refuse_extensions(&mut self, now: Instant, key: TransactionKey, request: &Request) -> bool {
+        if matches!(request.method, Method::Ack | Method::Cancel)
+            || !request
+                .headers
+                .contains(&crate::message::HeaderName::Require)
+        {
+            return false;
+        }
+        let response = match request.headers.require() {
+            Ok(tags) => {
+                let unsupported: Vec<&str> = tags
+                    .into_iter()
+                    .filter(|t| {
+                        !self
+                            .config
+                            .supported
+                            .iter()
+                            .any(|s| s.eq_ignore_ascii_case(t))
+                    })
+                    .collect();
+                if unsupported.is_empty() {
+                    return false;
+                }
+                let mut response = Response::from_request(request, 420, None);
+                response
+                    .headers
+                    .set_list(crate::message::HeaderName::Unsupported, &unsupported);
+                response
+            }
+            Err(_) => Response::from_request(request, 400, Some("Bad Require")),
+        };
+        self.stats.bad_extension += 1;
+        let mut response = response;
+        self.decorate(&mut response);
+        let _ = self.transactions.respond(now, key, response);
+        true
     }
 
     fn on_cancel(
@@ -986,6 +1039,7 @@ impl Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::HeaderName;
     use bytes::Bytes;
     use std::net::SocketAddr;
     use std::time::Duration;
@@ -1287,6 +1341,56 @@ mod tests {
             }
         }
         assert_eq!(statuses, vec![200, 487]);
+    }
+
+    #[test]
+    fn a_request_requiring_an_extension_we_lack_gets_420_with_unsupported() {
+        let t0 = Instant::now();
+        let mut b = Endpoint::new(EndpointConfig {
+            supported: vec!["timer".into()],
+            ..EndpointConfig::default()
+        });
+        b.set_sent_by(Transport::Udp, Host::Ipv4([127, 0, 0, 1].into()), 5062);
+        let mut answer = |require: &str, branch: &str| {
+            let mut r = invite("sip:bob@127.0.0.1:5062");
+            r.headers.push(HeaderName::Require, require);
+            r.headers.prepend_via(
+                &format!("SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK{branch}")
+                    .parse()
+                    .unwrap(),
+            );
+            r.headers.set_max_forwards(70);
+            b.handle_message(t0, Message::Request(r), peer(5061));
+            let t = b.poll_transmit().expect("an answer");
+            let Ok(Message::Response(r)) = Message::parse(t.payload.clone()) else {
+                panic!("not a response");
+            };
+            let events: Vec<_> = std::iter::from_fn(|| b.poll_event()).collect();
+            (r, events)
+        };
+        let (r, events) = answer("timer, 100rel, nothingSupportsThis", "r1");
+        assert_eq!(r.status, 420);
+        assert_eq!(
+            r.headers.unsupported().unwrap(),
+            vec!["100rel", "nothingSupportsThis"]
+        );
+        assert!(events.is_empty(), "the TU never sees it");
+        assert_eq!(b.stats().bad_extension, 1);
+        // Only what we implement: the request goes on to the TU (no answer yet).
+        let mut r = invite("sip:bob@127.0.0.1:5062");
+        r.headers.push(HeaderName::Require, "timer");
+        r.headers.prepend_via(
+            &"SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bKr2"
+                .parse()
+                .unwrap(),
+        );
+        r.headers.set_max_forwards(70);
+        r.headers.set_call_id("call-2@test");
+        b.handle_message(t0, Message::Request(r), peer(5061));
+        assert!(matches!(
+            b.poll_event(),
+            Some(EndpointEvent::Request { .. })
+        ));
     }
 
     #[test]

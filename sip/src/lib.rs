@@ -16,6 +16,7 @@ pub mod peer;
 pub mod resolve;
 pub mod rng;
 pub mod sdp;
+pub mod session_timer;
 pub mod transaction;
 pub mod transport;
 pub mod ua;

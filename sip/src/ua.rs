@@ -4,7 +4,8 @@
 //!
 //! * Send a request and get its responses: [`UserAgent::send`] returns a [`ClientCall`] whose
 //!   channel yields every response (and the timeout) of that transaction;
-//!   [`UserAgent::send_with_auth`] answers 401/407 digest challenges on the way.
+//!   [`UserAgent::send_with_auth`] answers 401/407 digest challenges and 422 (RFC 4028) on the
+//!   way.
 //! * Receive requests and answer them: [`UaEvent`]s arrive on the channel returned by
 //!   [`UserAgent::start`]; answer with [`UserAgent::respond`].
 //! * Use dialogs: ACK a 2xx ([`UserAgent::ack`]), send in-dialog requests
@@ -361,6 +362,8 @@ pub struct SipCounters {
     pub via_maddr_ignored: AtomicU64,
     /// Early dialogs removed when their INVITE ended without confirming them.
     pub early_dialogs_removed: AtomicU64,
+    /// Requests answered 420: they required an extension the TU lacks.
+    pub bad_extension: AtomicU64,
 }
 
 impl SipCounters {
@@ -381,6 +384,7 @@ impl SipCounters {
         set(&self.dropped_flood, admission.sources.dropped);
         set(&self.via_maddr_ignored, stats.via_maddr_ignored);
         set(&self.early_dialogs_removed, stats.early_dialogs_removed);
+        set(&self.bad_extension, stats.bad_extension);
     }
 }
 
@@ -575,7 +579,9 @@ impl UserAgent {
         .await?
     }
 
-    /// Sends `request` and answers up to two 401/407 digest challenges with `credentials`:
+    /// Sends `request` and answers up to two 401/407 digest challenges with `credentials`, and
+    /// for an INVITE with Session-Expires up to two 422 (Session Interval Too Small) by asking
+    /// again for the 422's Min-SE (RFC 4028 section 7.4):
     /// the request goes again with CSeq + 1 and an Authorization (or Proxy-Authorization)
     /// header. A challenge the credentials are not for (another realm or host, or MD5 without
     /// qop unless allowed: [`DigestAuth::refuses`]) is not answered but passed up as the final
@@ -587,10 +593,12 @@ impl UserAgent {
         destination: Option<Peer>,
         credentials: Option<DigestAuth>,
     ) -> Result<ClientCall, UaError> {
+        let session_timer = request.method == Method::Invite
+            && request.headers.contains(&HeaderName::SessionExpires);
         let first = self.send(request, destination).await?;
-        let Some(auth) = credentials else {
+        if credentials.is_none() && !session_timer {
             return Ok(first);
-        };
+        }
         let (tx, rx) = mpsc::channel(32);
         let current = first.current.clone();
         let call = ClientCall {
@@ -602,18 +610,38 @@ impl UserAgent {
         };
         let ua = self.clone();
         tokio::spawn(async move {
-            let mut digest =
-                crate::digest::DigestClient::new(auth.username.clone(), auth.password.clone());
+            let mut digest = credentials.as_ref().map(|auth| {
+                crate::digest::DigestClient::new(auth.username.clone(), auth.password.clone())
+            });
             let mut inner = first;
             let mut rounds = 0;
+            let mut too_brief_rounds = 0;
             while let Some(event) = inner.events.recv().await {
-                let challenge = match &event {
-                    ClientEvent::Response { response, .. }
+                if let ClientEvent::Response { response, .. } = &event {
+                    if response.status == 422 && session_timer && too_brief_rounds < 2 {
+                        if let Some(next) = longer_session(&inner.request, response) {
+                            too_brief_rounds += 1;
+                            inner = match ua.send(next, Some(inner.destination)).await {
+                                Ok(c) => c,
+                                Err(_) => {
+                                    let _ = tx.send(ClientEvent::TransportError).await;
+                                    return;
+                                }
+                            };
+                            if let Ok(mut k) = current.lock() {
+                                *k = inner.key;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                let (challenge, auth, digest) = match (&event, &credentials, &mut digest) {
+                    (ClientEvent::Response { response, .. }, Some(auth), Some(digest))
                         if matches!(response.status, 401 | 407) && rounds < 2 =>
                     {
-                        response.clone()
+                        (response.clone(), auth, digest)
                     }
-                    ClientEvent::Response { response, .. } if response.status < 200 => {
+                    (ClientEvent::Response { response, .. }, _, _) if response.status < 200 => {
                         if tx.send(event).await.is_err() {
                             return;
                         }
@@ -626,8 +654,8 @@ impl UserAgent {
                 };
                 rounds += 1;
                 let next = match authorize(
-                    &mut digest,
-                    &auth,
+                    digest,
+                    auth,
                     &inner.request,
                     inner.destination.addr,
                     &challenge,
@@ -851,6 +879,33 @@ impl UserAgent {
     pub fn shutdown(&self) {
         self.shared.transport.shutdown();
     }
+}
+
+/// RFC 4028 section 7.4: a copy of INVITE `request` asking for the session interval a 422
+/// `response` names as its Min-SE (CSeq + 1, same Call-ID and tags), or `None` when the 422
+/// names none or nothing longer than what was asked.
+fn longer_session(request: &Request, response: &Response) -> Option<Request> {
+    use crate::session_timer::{SessionExpires, TimerHeaders};
+    let min_se = response.headers.min_se().ok()??;
+    let asked = request.headers.session_expires().ok()??;
+    if min_se <= asked.delta {
+        return None;
+    }
+    let mut next = request.clone();
+    next.headers.remove(&HeaderName::Via);
+    next.headers.set(
+        HeaderName::SessionExpires,
+        SessionExpires {
+            delta: min_se,
+            refresher: asked.refresher,
+        }
+        .to_string(),
+    );
+    next.headers.set(HeaderName::MinSe, min_se);
+    let cseq = request.headers.cseq().ok()?;
+    next.headers
+        .set_cseq(&CSeq::new(cseq.seq.saturating_add(1), cseq.method));
+    Some(next)
 }
 
 /// A copy of `request` carrying credentials for `challenge` (CSeq + 1, same Call-ID and tags).

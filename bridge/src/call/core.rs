@@ -36,9 +36,13 @@ use thalamus_sip::message::{HeaderName, MediaType, Method, Request, Uri};
 use thalamus_sip::sdp::{
     Direction, HoldMode, LocalMedia, MediaKind, RemoteMedia, SdpSession, SessionDescription,
 };
+use thalamus_sip::session_timer::{
+    Negotiated, Refresher, SessionExpires, SessionTimer, TimerConfig, TimerDue, UasTimer,
+    OPTION_TAG,
+};
 use thalamus_sip::ua::ServerTx;
 
-use crate::dialogs::{CallAppData, CallFacts};
+use crate::dialogs::{CallAppData, CallFacts, StoredTimer};
 use crate::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
 use crate::media_sdp;
 
@@ -66,6 +70,8 @@ pub struct CallSettings {
     pub reinvite_after_takeover: bool,
     /// The address written into SDP when the relay has none of its own (or there is no relay).
     pub media_address: IpAddr,
+    /// Session timers (RFC 4028) on the SIP leg; `None`: none are asked for or granted.
+    pub session_timer: Option<TimerConfig>,
 }
 
 /// The relay's local media address, as the driver reports it after [`CallAction::StartRelay`].
@@ -141,6 +147,10 @@ pub enum WriteAhead {
     Fenced,
 }
 
+/// A refresh refused 491 (glare) is tried again this much later (RFC 3261 section 14.1: 2.1 to
+/// 4 s for the owner of the Call-ID; fixed, so the core stays deterministic).
+pub const REFRESH_GLARE_RETRY: Duration = Duration::from_secs(3);
+
 /// Write-aheads of a BYE tried while fenced before the call is given up here (its record stays
 /// for whichever node holds the dialog).
 pub const MAX_FENCED_TRIES: u32 = 30;
@@ -160,6 +170,10 @@ pub enum ClientOutcome {
         body: Bytes,
         /// The dialog it created or belongs to.
         dialog: Option<DialogId>,
+        /// Its Session-Expires (RFC 4028), if any.
+        session_expires: Option<SessionExpires>,
+        /// Whether its Allow names UPDATE.
+        allows_update: bool,
     },
     /// No final response (timer B/F): as 408.
     Timeout,
@@ -270,6 +284,8 @@ pub enum CallAction {
         method: Method,
         /// Its body.
         body: Option<(Bytes, MediaType)>,
+        /// Extra headers (the session timer's).
+        headers: Vec<(HeaderName, String)>,
     },
     /// Answer a request.
     Respond {
@@ -320,6 +336,8 @@ enum Op {
     MediaReinvite,
     /// BYE.
     Bye { reason: EndReason },
+    /// A session refresh (RFC 4028): UPDATE, or a re-INVITE with the SDP unchanged.
+    Refresh { update: bool },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -435,6 +453,18 @@ pub struct CallCore {
     actions: VecDeque<CallAction>,
     /// What the call's record (CDR) needs.
     record: RecordFacts,
+    /// The session timer (RFC 4028) of the answered call.
+    timer: Option<SessionTimer>,
+    /// The session timer an incoming INVITE negotiated, running once its 2xx confirms the call.
+    timer_offer: Option<Negotiated>,
+    /// A session timer read from a record taken over, running once the relay does.
+    timer_restored: Option<StoredTimer>,
+    /// A refresh is due and waits for the request in flight.
+    refresh_due: bool,
+    /// A refresh refused 491 is tried again then.
+    refresh_retry: Option<Instant>,
+    /// The peer's Allow names UPDATE (refreshes use it, without a body).
+    peer_allows_update: bool,
 }
 
 /// What the call record needs that the call's rules do not: wall-clock times, the nodes that
@@ -460,6 +490,22 @@ struct RecordFacts {
 /// Most owners a record carries: the first and the latest ones (a call taken over again and
 /// again, by rolling restarts say, must not outgrow the record's application data).
 const MAX_OWNERS_KEPT: usize = 16;
+
+/// The header fields of a 2xx that grants session timer `n`: Session-Expires (and Require:
+/// timer when the peer refreshes), and Supported: timer.
+fn timer_answer_headers(n: Negotiated) -> Vec<(HeaderName, String)> {
+    let mut headers = n.answer_headers();
+    headers.push((HeaderName::Supported, OPTION_TAG.to_string()));
+    headers
+}
+
+/// Whether `request`'s Allow names UPDATE.
+fn allows_update(request: &Request) -> bool {
+    request
+        .headers
+        .allow()
+        .is_ok_and(|methods| methods.contains(&Method::Update))
+}
 
 /// `owners`, at most [`MAX_OWNERS_KEPT`]: the first, then the latest.
 pub(crate) fn capped_owners(owners: &[String]) -> Vec<String> {
@@ -533,6 +579,12 @@ impl CallCore {
             next_tx: 1,
             actions: VecDeque::new(),
             record: RecordFacts::default(),
+            timer: None,
+            timer_offer: None,
+            timer_restored: None,
+            refresh_due: false,
+            refresh_retry: None,
+            peer_allows_update: false,
         }
     }
 
@@ -651,15 +703,27 @@ impl CallCore {
             match SessionDescription::from_bytes(&invite.body) {
                 Ok(sdp) => Some(sdp),
                 Err(_) => {
-                    core.respond(tx, 400, Some("Bad SDP"), None, false);
-                    core.push(CallAction::InviteSettled);
-                    // Nothing was offered to the device: the call ends without an event.
-                    core.ended = true;
-                    core.push(CallAction::Close { tombstone: false });
+                    core.refuse_setup(tx, 400, Some("Bad SDP"), Vec::new());
                     return core;
                 }
             }
         };
+        core.peer_allows_update = allows_update(invite);
+        if let Some(config) = core.settings.session_timer {
+            match config.negotiate_uas(&invite.headers) {
+                Ok(UasTimer::Use(n)) => core.timer_offer = Some(n),
+                Ok(UasTimer::TooBrief { min_se }) => {
+                    // RFC 4028 section 9: the caller asks again with our minimum.
+                    let headers = vec![(HeaderName::MinSe, min_se.to_string())];
+                    core.refuse_setup(tx, 422, None, headers);
+                    return core;
+                }
+                Err(_) => {
+                    core.refuse_setup(tx, 400, Some("Bad Session-Expires"), Vec::new());
+                    return core;
+                }
+            }
+        }
         core.send_device(
             0,
             Body::IncomingCall(IncomingCall {
@@ -735,6 +799,13 @@ impl CallCore {
         } else {
             SessionDescription::from_bytes(&invite.body).ok()
         };
+        core.peer_allows_update = allows_update(invite);
+        // The INVITE was accepted already: its timer is negotiated as its first node did.
+        if let Some(config) = core.settings.session_timer {
+            if let Ok(UasTimer::Use(n)) = config.negotiate_uas(&invite.headers) {
+                core.timer_offer = Some(n);
+            }
+        }
         core.respond(tx, 180, None, None, true);
         core.state = CallState::Ringing;
         core.phase = Phase::Ringing {
@@ -780,6 +851,7 @@ impl CallCore {
         core.dialog = Some(dialog);
         core.continue_record(record, app.as_ref(), previous_owner);
         core.held = app.as_ref().is_some_and(|a| a.held);
+        core.timer_restored = app.as_ref().and_then(|a| a.session_timer);
         if let Ok(local) = SessionDescription::parse(&record.media.local_sdp) {
             core.device_media = Some(media_sdp::media_offer(&local));
             core.sdp = SdpSession::from_previous(local);
@@ -878,10 +950,30 @@ impl CallCore {
             }) => Some(*retry_at),
             _ => None,
         };
-        match (ringing, fenced) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        [ringing, fenced, self.timer_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// When the session timer wants something (a refresh, a retried refresh, the end of a
+    /// session nobody refreshed): only while the call is up, nothing of it pending.
+    fn timer_deadline(&self) -> Option<Instant> {
+        if self.phase != Phase::Up
+            || self.refresh_due
+            || self.is_ending()
+            || matches!(
+                self.pending,
+                Some(Pending {
+                    op: Op::Refresh { .. },
+                    ..
+                })
+            )
+        {
+            return None;
         }
+        self.refresh_retry
+            .or_else(|| self.timer.as_ref().map(SessionTimer::deadline))
     }
 
     /// Runs the timers due at `now` (the no-answer time of a ringing call, the next try of a
@@ -922,6 +1014,24 @@ impl CallCore {
                 self.close();
             }
         }
+        if self.timer_deadline().is_some_and(|at| now >= at) {
+            if self.refresh_retry.take().is_some() {
+                self.refresh_due = true;
+            } else if let Some(due) = self.timer.as_ref().and_then(|t| t.due(now)) {
+                match due {
+                    TimerDue::Refresh => self.refresh_due = true,
+                    TimerDue::Expired => {
+                        // RFC 4028 section 10: the refresher did not refresh; the session ends.
+                        self.timer = None;
+                        self.push(CallAction::Note(
+                            "session timer expired: no refresh from the remote party",
+                        ));
+                        self.start_bye(EndReason::Timeout);
+                    }
+                }
+            }
+            self.run_deferred();
+        }
     }
 
     /// The relay started (with its address), or could not (`None`: the call goes on without
@@ -929,6 +1039,25 @@ impl CallCore {
     pub fn relay_started(&mut self, now: Instant, addr: Option<RelayAddr>) {
         self.tick(now);
         self.relay = addr;
+        if let Some(stored) = self.timer_restored.take() {
+            // A taken-over call keeps its timer. The peer, if it refreshes, gets a whole
+            // interval from now; if we refresh, we do at once (the previous owner's last refresh
+            // may be almost an interval old), unless the re-INVITE that moves the media does.
+            let refresher = if stored.gateway_refreshes {
+                Refresher::Uac
+            } else {
+                Refresher::Uas
+            };
+            self.timer = Some(SessionTimer::new(
+                Negotiated {
+                    interval: stored.interval,
+                    refresher,
+                    we_refresh: stored.gateway_refreshes,
+                },
+                now,
+            ));
+            self.refresh_due = stored.gateway_refreshes;
+        }
         match self.after_relay.take() {
             Some(AfterRelay::Dial { target, headers }) => self.dial(target, headers),
             Some(AfterRelay::Answer) => self.answer(),
@@ -1041,6 +1170,144 @@ impl CallCore {
             headers: Vec::new(),
             report,
         });
+    }
+
+    /// Refuses an incoming INVITE before the device heard of it: the call ends without an
+    /// event.
+    fn refuse_setup(
+        &mut self,
+        tx: ServerTx,
+        status: u16,
+        reason: Option<&str>,
+        headers: Vec<(HeaderName, String)>,
+    ) {
+        self.record.last_error_sent = Some(status);
+        self.push(CallAction::Respond {
+            tx,
+            status,
+            reason: reason.map(str::to_string),
+            body: None,
+            headers,
+            report: false,
+        });
+        self.push(CallAction::InviteSettled);
+        self.ended = true;
+        self.push(CallAction::Close { tombstone: false });
+    }
+
+    /// The session timer's header fields for a request we send in the dialog (INVITE or
+    /// UPDATE): the running interval, the refresher named as the request's (`uac`: us).
+    fn timer_request_headers(&self, method: &Method) -> Vec<(HeaderName, String)> {
+        let (Some(config), Some(timer)) = (self.settings.session_timer, self.timer) else {
+            return Vec::new();
+        };
+        if !matches!(method, Method::Invite | Method::Update) {
+            return Vec::new();
+        }
+        let n = timer.negotiated();
+        let refresher = if n.we_refresh {
+            Refresher::Uac
+        } else {
+            Refresher::Uas
+        };
+        config.request_headers(Some((n.interval, refresher)))
+    }
+
+    /// A 2xx to our re-INVITE or UPDATE refreshed the session, stating `answer` (its
+    /// Session-Expires) or nothing (the timer goes on as it was: a peer that knows nothing of
+    /// timers still answered, which is what a refresh checks).
+    fn session_refreshed(&mut self, answer: Option<SessionExpires>) {
+        let (Some(config), Some(now)) = (self.settings.session_timer, self.record.now) else {
+            return;
+        };
+        let Some(running) = self.timer else {
+            return;
+        };
+        let n = config
+            .negotiate_uac(answer)
+            .unwrap_or_else(|| running.negotiated());
+        self.restart_timer(n, now);
+    }
+
+    /// The timer runs anew from `now` with `n`; the record follows a change of interval or
+    /// refresher.
+    fn restart_timer(&mut self, n: Negotiated, now: Instant) {
+        let before = self.timer.map(|t| t.negotiated());
+        self.timer = Some(SessionTimer::new(n, now));
+        self.refresh_due = false;
+        self.refresh_retry = None;
+        let changed =
+            before.is_none_or(|b| b.interval != n.interval || b.we_refresh != n.we_refresh);
+        if changed && self.replica.stored && self.phase == Phase::Up {
+            self.replicate();
+        }
+    }
+
+    /// Starts a session refresh: UPDATE without a body when the peer allows it, else a
+    /// re-INVITE offering the SDP unchanged (RFC 4028 section 10).
+    fn start_refresh(&mut self) {
+        if self.timer.is_none() || self.dialog.is_none() {
+            return;
+        }
+        if self.peer_allows_update {
+            self.start_request(Op::Refresh { update: true }, Method::Update, None);
+        } else {
+            let body = self.sdp.last_local().and_then(Self::sdp_body);
+            self.start_request(Op::Refresh { update: false }, Method::Invite, body);
+        }
+    }
+
+    fn refresh_done(&mut self, method_invite: bool, outcome: ClientOutcome) {
+        match outcome {
+            ClientOutcome::Response {
+                status,
+                body,
+                dialog,
+                session_expires,
+                ..
+            } if (200..300).contains(&status) => {
+                if method_invite {
+                    if let Some(d) = dialog.or_else(|| self.dialog.clone()) {
+                        self.push(CallAction::Ack { dialog: d });
+                    }
+                    if let Ok(answer) = SessionDescription::from_bytes(&body) {
+                        self.set_remote(&answer);
+                    }
+                }
+                self.session_refreshed(session_expires);
+            }
+            ClientOutcome::Response { status: 481, .. } => {
+                self.push(CallAction::Note(
+                    "session refresh answered 481: the remote party no longer knows the call",
+                ));
+                self.event(ended_by(
+                    self.key.1,
+                    EndReason::Timeout,
+                    "the session refresh failed",
+                ));
+                self.close();
+            }
+            ClientOutcome::Response { status: 408, .. } | ClientOutcome::Timeout => {
+                self.push(CallAction::Note(
+                    "session refresh not answered: the call ends",
+                ));
+                self.start_bye(EndReason::Timeout);
+            }
+            ClientOutcome::Response { status: 491, .. } => {
+                // Our refresh crossed the peer's re-INVITE: again a little later (RFC 3261
+                // 14.1), unless the peer's own refreshes the session meanwhile.
+                if let Some(now) = self.record.now {
+                    self.refresh_retry = Some(now + REFRESH_GLARE_RETRY);
+                }
+            }
+            ClientOutcome::Response { .. } | ClientOutcome::Failed(_) => {
+                // Refused otherwise: no more refreshes from us; the session ends at its expiry
+                // unless the peer refreshes it.
+                if let Some(timer) = &mut self.timer {
+                    timer.refresh_failed();
+                }
+            }
+        }
     }
 
     fn sdp_body(sdp: &SessionDescription) -> Option<(Bytes, MediaType)> {
@@ -1171,6 +1438,10 @@ impl CallCore {
                 started_ms: self.record.started_ms,
                 answered_ms: self.record.answered_ms,
                 owners: capped_owners(&self.record.owners_before),
+                session_timer: self.timer.map(|t| StoredTimer {
+                    interval: t.negotiated().interval,
+                    gateway_refreshes: t.negotiated().we_refresh,
+                }),
             }),
         }
     }
@@ -1211,6 +1482,9 @@ impl CallCore {
             }
         };
         let mut headers = vec![(HeaderName::Allow, ALLOW.to_string())];
+        if let Some(config) = self.settings.session_timer {
+            headers.extend(config.request_headers(None));
+        }
         for (name, value) in extra {
             if name.to_ascii_lowercase().starts_with("x-") {
                 if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
@@ -1241,6 +1515,8 @@ impl CallCore {
                 reason,
                 body,
                 dialog,
+                session_expires,
+                allows_update,
             } => {
                 if status < 200 {
                     if status > 100 {
@@ -1283,6 +1559,12 @@ impl CallCore {
                 }
                 self.event(ev);
                 self.phase = Phase::Up;
+                self.peer_allows_update = allows_update;
+                if let (Some(config), Some(now)) = (self.settings.session_timer, self.record.now) {
+                    if let Some(n) = config.negotiate_uac(session_expires) {
+                        self.timer = Some(SessionTimer::new(n, now));
+                    }
+                }
                 // Confirmed: the ACK is sent.
                 self.replicate();
                 if hangup_requested {
@@ -1337,7 +1619,18 @@ impl CallCore {
         if let Some(offer) = &offer {
             self.set_remote(offer);
         }
-        self.respond(tx, 200, None, Self::sdp_body(&body), true);
+        let headers = self
+            .timer_offer
+            .map(timer_answer_headers)
+            .unwrap_or_default();
+        self.push(CallAction::Respond {
+            tx,
+            status: 200,
+            reason: None,
+            body: Self::sdp_body(&body),
+            headers,
+            report: true,
+        });
         if let Phase::Ringing { answering, .. } = &mut self.phase {
             *answering = Some(Box::new(body));
         }
@@ -1372,6 +1665,9 @@ impl CallCore {
                 // No dialog: cancelled just before the answer (the CANCEL event follows).
                 if let (Some(d), Some(body)) = (dialog, body) {
                     self.set_dialog(d);
+                    if let (Some(n), Some(now)) = (self.timer_offer.take(), self.record.now) {
+                        self.timer = Some(SessionTimer::new(n, now));
+                    }
                     let mut ev = call_event(self.key.1, CallState::Answered, 200, "OK");
                     ev.media = Some(media_sdp::media_offer(&body));
                     self.event(ev);
@@ -1504,6 +1800,15 @@ impl CallCore {
                 && std::mem::take(&mut self.replica.reinvite_pending)
             {
                 self.start_op(Op::MediaReinvite);
+                continue;
+            }
+            // A session refresh that came due (not before the request that caused a takeover
+            // is answered: it may be the peer's own refresh).
+            if self.phase == Phase::Up
+                && self.replica.takeover_arrived.is_none()
+                && std::mem::take(&mut self.refresh_due)
+            {
+                self.start_refresh();
                 continue;
             }
             let Some((request_id, body)) = self.deferred.pop_front() else {
@@ -1663,6 +1968,7 @@ impl CallCore {
                 }
             }
             Op::Bye { reason } => self.start_bye(reason),
+            Op::Refresh { .. } => self.start_refresh(),
             Op::Hold { .. } | Op::Info { .. } => {}
         }
     }
@@ -1699,6 +2005,7 @@ impl CallCore {
             return;
         };
         let tx = self.next_tx();
+        let headers = self.timer_request_headers(&method);
         self.pending = Some(Pending {
             op,
             stage: Stage::InFlight(tx),
@@ -1708,6 +2015,7 @@ impl CallCore {
             dialog,
             method,
             body,
+            headers,
         });
     }
 
@@ -1730,6 +2038,13 @@ impl CallCore {
                     self.run_deferred();
                 }
                 Op::MediaReinvite => self.run_deferred(),
+                Op::Refresh { .. } => {
+                    // Not sent: tried again a little later (the session outlives a short doubt).
+                    if let Some(now) = now.or(self.record.now) {
+                        self.refresh_retry = Some(now + FENCED_RETRY);
+                    }
+                    self.run_deferred();
+                }
                 Op::Bye { .. } => match now {
                     Some(now) if tries + 1 < MAX_FENCED_TRIES => {
                         self.pending = Some(Pending {
@@ -1770,7 +2085,7 @@ impl CallCore {
             Op::Hold { request_id, .. } | Op::Info { request_id } => {
                 self.reply_error(request_id, "the call moved to another node");
             }
-            Op::MediaReinvite | Op::Bye { .. } => {}
+            Op::MediaReinvite | Op::Bye { .. } | Op::Refresh { .. } => {}
         }
         self.lost();
     }
@@ -1814,6 +2129,7 @@ impl CallCore {
                 _ => {}
             },
             Op::MediaReinvite => self.media_reinvite_done(outcome),
+            Op::Refresh { update } => self.refresh_done(!update, outcome),
             Op::Bye { reason } => {
                 // Whatever the answer (200, 481, none): the call is over.
                 self.end_with(reason);
@@ -1831,10 +2147,13 @@ impl CallCore {
                 reason,
                 body,
                 dialog,
+                session_expires,
+                ..
             } if (200..300).contains(&status) => {
                 if let Some(d) = dialog.or_else(|| self.dialog.clone()) {
                     self.push(CallAction::Ack { dialog: d });
                 }
+                self.session_refreshed(session_expires);
                 self.held = hold;
                 self.set_direction(if hold {
                     Direction::SendOnly
@@ -1879,6 +2198,7 @@ impl CallCore {
                 status,
                 body,
                 dialog,
+                session_expires,
                 ..
             } if (200..300).contains(&status) => {
                 if let Some(d) = dialog.or_else(|| self.dialog.clone()) {
@@ -1887,6 +2207,7 @@ impl CallCore {
                 if let Ok(answer) = SessionDescription::from_bytes(&body) {
                     self.set_remote(&answer);
                 }
+                self.session_refreshed(session_expires);
                 self.replicate();
                 self.push(CallAction::Note(
                     "media moved to this node (re-INVITE answered)",
@@ -1976,7 +2297,7 @@ impl CallCore {
                 if matches!(
                     self.pending,
                     Some(Pending {
-                        op: Op::Hold { .. } | Op::MediaReinvite,
+                        op: Op::Hold { .. } | Op::MediaReinvite | Op::Refresh { .. },
                         ..
                     })
                 ) {
@@ -1991,17 +2312,67 @@ impl CallCore {
                     });
                     return false;
                 }
+                // The session timer: every re-INVITE or UPDATE of the peer is a refresh (RFC 4028
+                // section 9), its interval checked against our minimum.
+                let mut timer = None;
+                if let Some(config) = self.settings.session_timer {
+                    match config.negotiate_uas(&request.headers) {
+                        Ok(UasTimer::Use(n)) => timer = Some(n),
+                        Ok(UasTimer::TooBrief { min_se }) => {
+                            self.push(CallAction::Respond {
+                                tx,
+                                status: 422,
+                                reason: None,
+                                body: None,
+                                headers: vec![(HeaderName::MinSe, min_se.to_string())],
+                                report: false,
+                            });
+                            return false;
+                        }
+                        Err(_) => {
+                            self.respond(tx, 400, Some("Bad Session-Expires"), None, false);
+                            return false;
+                        }
+                    }
+                }
+                let headers = timer.map(timer_answer_headers).unwrap_or_default();
+                let refreshed = |core: &mut Self| {
+                    if let (Some(n), Some(now)) = (timer, core.record.now) {
+                        core.restart_timer(n, now);
+                    }
+                };
                 let Ok(offer) = SessionDescription::from_bytes(&request.body) else {
-                    // An offerless re-INVITE: answer with our current description.
-                    let body = self.sdp.last_local().and_then(Self::sdp_body);
-                    self.respond(tx, 200, None, body, false);
+                    // No offer: an UPDATE (a refresh) is answered without a body; an offerless
+                    // re-INVITE with our current description as the offer.
+                    let body = if request.method == Method::Invite {
+                        self.sdp.last_local().and_then(Self::sdp_body)
+                    } else {
+                        None
+                    };
+                    self.push(CallAction::Respond {
+                        tx,
+                        status: 200,
+                        reason: None,
+                        body,
+                        headers,
+                        report: false,
+                    });
+                    refreshed(self);
                     return false;
                 };
                 let local = self.local_media();
                 match self.sdp.create_answer(&offer, &local) {
                     Ok(answer) => {
                         self.set_remote(&offer);
-                        self.respond(tx, 200, None, Self::sdp_body(&answer), false);
+                        self.push(CallAction::Respond {
+                            tx,
+                            status: 200,
+                            reason: None,
+                            body: Self::sdp_body(&answer),
+                            headers,
+                            report: false,
+                        });
+                        refreshed(self);
                         let remote_hold = offer.is_hold();
                         let state = if remote_hold {
                             CallState::Held

@@ -38,6 +38,7 @@ use super::{AdoptSetup, CallSetup};
 use crate::dialogs::{key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallFacts};
 use crate::shared::BridgeInner;
 use crate::table::{self, CallCommand, CallShared};
+use thalamus_sip::session_timer::TimerHeaders;
 
 /// Starts the task of call `key`.
 pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
@@ -51,6 +52,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             .is_some_and(|r| r.strategy().includes_early_dialogs()),
         reinvite_after_takeover: inner.config.reinvite_after_takeover,
         media_address: inner.media_address,
+        session_timer: inner.config.session_timer,
     };
     let mut settings = settings;
     let sdp_session_id = thalamus_sip::rng::with(|rng| rng.gen_range(1..(1u64 << 62)));
@@ -301,6 +303,11 @@ impl Driver {
                             reason: response.reason.clone(),
                             body: response.body.clone(),
                             dialog,
+                            session_expires: response.headers.session_expires().ok().flatten(),
+                            allows_update: response
+                                .headers
+                                .allow()
+                                .is_ok_and(|m| m.contains(&Method::Update)),
                         },
                         Some(ClientEvent::Timeout) => ClientOutcome::Timeout,
                         Some(ClientEvent::TransportError) | None => {
@@ -459,7 +466,8 @@ impl Driver {
                 dialog,
                 method,
                 body,
-            } => match ua.request_in_dialog(&dialog, method, body, vec![]).await {
+                headers,
+            } => match ua.request_in_dialog(&dialog, method, body, headers).await {
                 Ok(call) => self.calls.push((tx, call)),
                 Err(e) => self.core.handle(
                     now(),

@@ -34,6 +34,7 @@ fn settings(replicate: bool) -> CallSettings {
         replicate_early: false,
         reinvite_after_takeover: true,
         media_address: "10.0.0.1".parse().unwrap(),
+        session_timer: None,
     }
 }
 
@@ -68,6 +69,11 @@ fn peer_sdp(version: u32, dtmf: bool, direction: &str) -> String {
 }
 
 fn request(method: &str, body: &str) -> Request {
+    request_with(method, body, "")
+}
+
+/// [`request`] with extra header lines (each ending in CRLF).
+fn request_with(method: &str, body: &str, extra: &str) -> Request {
     let text = format!(
         "{method} sip:dev-1@gw.example SIP/2.0\r\n\
          Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bK-{method}\r\n\
@@ -77,7 +83,7 @@ fn request(method: &str, body: &str) -> Request {
          Call-ID: call-1\r\n\
          CSeq: 2 {method}\r\n\
          Contact: <sip:bob@10.0.0.9:5060>\r\n\
-         {}Content-Length: {}\r\n\r\n{body}",
+         {extra}{}Content-Length: {}\r\n\r\n{body}",
         if body.is_empty() {
             String::new()
         } else {
@@ -104,6 +110,8 @@ fn response(status: u16, body: &str, dialog: Option<DialogId>) -> ClientOutcome 
         .into(),
         body: Bytes::from(body.to_string()),
         dialog,
+        session_expires: None,
+        allows_update: false,
     }
 }
 
@@ -1018,6 +1026,7 @@ fn stored(held: bool) -> StoredDialog {
             started_ms: Some(1_700_000_000_000),
             answered_ms: Some(1_700_000_002_000),
             owners: vec!["node-0".into()],
+            session_timer: None,
         }
         .encode(),
     );
@@ -1505,6 +1514,7 @@ fn early_record() -> StoredDialog {
             started_ms: Some(1_700_000_000_000),
             answered_ms: None,
             owners: Vec::new(),
+            session_timer: None,
         }
         .encode(),
     );
@@ -1700,4 +1710,360 @@ fn an_adopted_ringing_call_times_out_is_cancelled_or_lost_without_a_second_answe
     assert!(responses(&a).is_empty(), "{a:?}");
     assert_eq!(closed(&a), Some(false));
     assert!(!core.summary().owned_at_end);
+}
+
+// ---- session timers (RFC 4028) ----
+
+fn timer_settings() -> CallSettings {
+    CallSettings {
+        session_timer: Some(thalamus_sip::session_timer::TimerConfig {
+            session_expires: 1800,
+            min_se: 90,
+        }),
+        ..settings(true)
+    }
+}
+
+fn header<'a>(headers: &'a [(HeaderName, String)], name: &HeaderName) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The headers of the response to `tx` among `actions`.
+fn response_headers(actions: &[CallAction], tx: TransactionKey) -> Vec<(HeaderName, String)> {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            CallAction::Respond { tx: t, headers, .. } if *t == tx => Some(headers.clone()),
+            _ => None,
+        })
+        .expect("a response")
+}
+
+fn in_dialog_headers(actions: &[CallAction]) -> Vec<(HeaderName, String)> {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            CallAction::SendInDialog { headers, .. } => Some(headers.clone()),
+            _ => None,
+        })
+        .expect("a request in the dialog")
+}
+
+fn timed_response(status: u16, session_expires: &str, allows_update: bool) -> ClientOutcome {
+    match response(status, "", Some(dialog())) {
+        ClientOutcome::Response {
+            status,
+            reason,
+            body,
+            dialog,
+            ..
+        } => ClientOutcome::Response {
+            status,
+            reason,
+            body,
+            dialog,
+            session_expires: session_expires.parse().ok(),
+            allows_update,
+        },
+        other => other,
+    }
+}
+
+/// The write ahead of the request just started, answered: returns what followed.
+fn written(core: &mut CallCore, t: Instant) -> Vec<CallAction> {
+    let actions = drain(core);
+    if actions
+        .iter()
+        .any(|a| matches!(a, CallAction::WriteAhead(_)))
+    {
+        core.handle(t, CallInput::WriteAheadDone(WriteAhead::Written));
+        return drain(core);
+    }
+    actions
+}
+
+#[test]
+fn an_incoming_call_too_brief_gets_422_then_the_peer_refreshes_until_it_stops() {
+    let t0 = Instant::now();
+    let sdp = peer_sdp(1, true, "sendrecv");
+    // Below our Min-SE: 422 with it, and the device never hears of the call.
+    let invite = request_with(
+        "INVITE",
+        &sdp,
+        "Session-Expires: 60\r\nSupported: timer\r\n",
+    );
+    let mut core = CallCore::incoming(key(), timer_settings(), 42, t0, stx(1), &invite, false);
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(1), 422)]);
+    assert_eq!(
+        header(&response_headers(&a, stx(1)), &HeaderName::MinSe),
+        Some("90")
+    );
+    assert!(events(&a).is_empty() && closed(&a).is_some());
+    // A malformed Session-Expires: 400.
+    let invite = request_with("INVITE", &sdp, "Session-Expires: soon\r\n");
+    let mut core = CallCore::incoming(key(), timer_settings(), 42, t0, stx(1), &invite, false);
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(1), 400)]);
+
+    // Asked again with 120 s: granted, the caller (which supports timers) refreshes.
+    let invite = request_with(
+        "INVITE",
+        &sdp,
+        "Session-Expires: 120\r\nMin-SE: 90\r\nSupported: timer\r\n",
+    );
+    let mut core = CallCore::incoming(key(), timer_settings(), 42, t0, stx(1), &invite, false);
+    drain(&mut core);
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
+    core.relay_started(t0, Some(RELAY));
+    let a = drain(&mut core);
+    let ok = response_headers(&a, stx(1));
+    assert_eq!(
+        header(&ok, &HeaderName::SessionExpires),
+        Some("120;refresher=uac")
+    );
+    assert_eq!(header(&ok, &HeaderName::Require), Some("timer"));
+    assert_eq!(
+        core.poll_timeout(),
+        None,
+        "nothing runs before the 200 confirms"
+    );
+    core.handle(t0, CallInput::Responded(stx(1), 200, Some(dialog())));
+    drain(&mut core);
+    // The peer refreshes: the session runs 120 - 32 s from each refresh.
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(88)));
+    let t1 = t0 + Duration::from_secs(60);
+    let update = request_with("UPDATE", "", "Session-Expires: 120;refresher=uac\r\n");
+    core.handle(t1, CallInput::PeerRequest(stx(5), Box::new(update)));
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(5), 200)]);
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, CallAction::Respond { body: None, .. })),
+        "an UPDATE without an offer is answered without a body: {a:?}"
+    );
+    assert_eq!(
+        header(&response_headers(&a, stx(5)), &HeaderName::SessionExpires),
+        Some("120;refresher=uac")
+    );
+    assert_eq!(core.poll_timeout(), Some(t1 + Duration::from_secs(88)));
+    // A refresh asking for less than our minimum: 422, and the timer is not refreshed.
+    let brief = request_with("UPDATE", "", "Session-Expires: 30;refresher=uac\r\n");
+    core.handle(t1, CallInput::PeerRequest(stx(6), Box::new(brief)));
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(6), 422)]);
+    // Then nothing: the session expires, the gateway says BYE.
+    let t2 = t1 + Duration::from_secs(88);
+    core.handle_timeout(t2 - Duration::from_millis(1));
+    assert!(drain(&mut core).is_empty());
+    core.handle_timeout(t2);
+    let a = written(&mut core, t2);
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye.len(), 1, "{a:?}");
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(t2, CallInput::Client(bye[0].0, response(200, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::Timeout as i32);
+    assert_eq!(closed(&a), Some(true));
+}
+
+#[test]
+fn an_outgoing_call_refreshes_by_update_and_ends_when_a_refresh_goes_unanswered() {
+    let t0 = Instant::now();
+    let mut core = CallCore::outgoing(
+        key(),
+        timer_settings(),
+        42,
+        target(),
+        Some(MediaOffer::default()),
+        BTreeMap::new(),
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(RELAY));
+    let a = drain(&mut core);
+    let (tx, headers) = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::SendInvite { tx, headers, .. } => Some((*tx, headers.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(header(&headers, &HeaderName::Supported), Some("timer"));
+    assert_eq!(header(&headers, &HeaderName::SessionExpires), Some("1800"));
+    assert_eq!(header(&headers, &HeaderName::MinSe), Some("90"));
+    // The peer grants 100 s, with us refreshing (no refresher named: the UAC's).
+    core.handle(t0, CallInput::Client(tx, timed_response(200, "100", true)));
+    let a = drain(&mut core);
+    let stored = a.iter().find_map(|x| match x {
+        CallAction::Replicate(f) => f.app_data.as_ref().and_then(|d| d.session_timer),
+        _ => None,
+    });
+    assert_eq!(
+        stored,
+        Some(crate::dialogs::StoredTimer {
+            interval: 100,
+            gateway_refreshes: true
+        }),
+        "the record keeps the timer"
+    );
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(50)));
+    // Half way: UPDATE (the peer allows it), without a body.
+    let t1 = t0 + Duration::from_secs(50);
+    core.handle_timeout(t1);
+    let a = written(&mut core, t1);
+    let sent = sent_in_dialog(&a);
+    assert_eq!(sent.len(), 1, "{a:?}");
+    assert_eq!(sent[0].1, Method::Update);
+    assert_eq!(sent[0].2, "");
+    assert_eq!(
+        header(&in_dialog_headers(&a), &HeaderName::SessionExpires),
+        Some("100;refresher=uac")
+    );
+    assert_eq!(core.poll_timeout(), None, "one refresh at a time");
+    core.handle(
+        t1,
+        CallInput::Client(sent[0].0, timed_response(200, "100;refresher=uac", true)),
+    );
+    assert!(sent_in_dialog(&drain(&mut core)).is_empty());
+    assert_eq!(core.poll_timeout(), Some(t1 + Duration::from_secs(50)));
+    // The next refresh is never answered: BYE.
+    let t2 = t1 + Duration::from_secs(50);
+    core.handle_timeout(t2);
+    let a = written(&mut core, t2);
+    let sent = sent_in_dialog(&a);
+    core.handle(t2, CallInput::Client(sent[0].0, ClientOutcome::Timeout));
+    let a = written(&mut core, t2);
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye[0].1, Method::Bye, "{a:?}");
+}
+
+#[test]
+fn a_refresh_crossing_a_reinvite_is_tried_again_and_one_crossing_a_bye_is_dropped() {
+    let t0 = Instant::now();
+    let mut core = CallCore::outgoing(
+        key(),
+        CallSettings {
+            replicate: false,
+            ..timer_settings()
+        },
+        42,
+        target(),
+        Some(MediaOffer::default()),
+        BTreeMap::new(),
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(RELAY));
+    let tx = drain(&mut core)
+        .iter()
+        .find_map(|x| match x {
+            CallAction::SendInvite { tx, .. } => Some(*tx),
+            _ => None,
+        })
+        .unwrap();
+    // No UPDATE in the peer's Allow: refreshes are re-INVITEs with the SDP unchanged.
+    let mut ok = timed_response(200, "90;refresher=uac", false);
+    if let ClientOutcome::Response { body, .. } = &mut ok {
+        *body = Bytes::from(peer_sdp(1, true, "sendrecv"));
+    }
+    core.handle(t0, CallInput::Client(tx, ok));
+    drain(&mut core);
+    let t1 = t0 + Duration::from_secs(45);
+    core.handle_timeout(t1);
+    let sent = sent_in_dialog(&drain(&mut core));
+    assert_eq!(sent[0].1, Method::Invite);
+    assert!(sent[0].2.starts_with("v=0"), "the SDP again: {}", sent[0].2);
+    // The peer's re-INVITE crosses it: 491 to the peer; the peer's 491 to us: again in 3 s.
+    let reinvite = request_with("INVITE", &peer_sdp(2, true, "sendrecv"), "");
+    core.handle(t1, CallInput::PeerRequest(stx(5), Box::new(reinvite)));
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(5), 491)]);
+    core.handle(t1, CallInput::Client(sent[0].0, response(491, "", None)));
+    assert!(sent_in_dialog(&drain(&mut core)).is_empty());
+    assert_eq!(core.poll_timeout(), Some(t1 + REFRESH_GLARE_RETRY));
+    core.handle_timeout(t1 + REFRESH_GLARE_RETRY);
+    let sent = sent_in_dialog(&drain(&mut core));
+    assert_eq!(sent.len(), 1);
+    // A BYE from the peer crosses this one: answered, the call ends, the late answer to the
+    // refresh changes nothing.
+    core.handle(
+        t1,
+        CallInput::PeerRequest(stx(6), Box::new(request("BYE", ""))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(6), 200)]);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::RemoteHangup as i32);
+    core.handle(
+        t1,
+        CallInput::Client(sent[0].0, timed_response(200, "90", false)),
+    );
+    assert!(drain(&mut core).is_empty());
+    assert_eq!(core.poll_timeout(), None);
+}
+
+#[test]
+fn a_taken_over_call_keeps_its_timer_and_refreshes_at_once_when_it_is_the_refresher() {
+    let mut record = stored(false);
+    let mut app = CallAppData::decode(record.app_data.as_ref().unwrap()).unwrap();
+    app.session_timer = Some(crate::dialogs::StoredTimer {
+        interval: 90,
+        gateway_refreshes: true,
+    });
+    record.app_data = Some(app.encode());
+    let t0 = Instant::now();
+    // With the media re-INVITE: it is the refresh.
+    let mut core = CallCore::taken_over(
+        key(),
+        timer_settings(),
+        42,
+        ClaimedDialog {
+            record: &record,
+            remote_uri: "sip:bob@example.org".into(),
+            uac: true,
+            dialog: dialog(),
+            trigger: TakeoverTrigger::DeviceResume,
+            previous_owner: "gw-0".into(),
+        },
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(RELAY));
+    let a = written(&mut core, t0);
+    let sent = sent_in_dialog(&a);
+    assert_eq!(sent.len(), 1, "{a:?}");
+    assert_eq!(sent[0].1, Method::Invite);
+    assert_eq!(
+        header(&in_dialog_headers(&a), &HeaderName::SessionExpires),
+        Some("90;refresher=uac")
+    );
+    core.handle(
+        t0,
+        CallInput::Client(sent[0].0, timed_response(200, "90;refresher=uac", true)),
+    );
+    let a = drain(&mut core);
+    assert!(sent_in_dialog(&a).is_empty(), "no second refresh: {a:?}");
+    assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(45)));
+
+    // Without it: a refresh at once.
+    let mut core = CallCore::taken_over(
+        key(),
+        CallSettings {
+            reinvite_after_takeover: false,
+            ..timer_settings()
+        },
+        42,
+        ClaimedDialog {
+            record: &record,
+            remote_uri: "sip:bob@example.org".into(),
+            uac: true,
+            dialog: dialog(),
+            trigger: TakeoverTrigger::DeviceResume,
+            previous_owner: "gw-0".into(),
+        },
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(RELAY));
+    let a = written(&mut core, t0);
+    let sent = sent_in_dialog(&a);
+    assert_eq!(sent.len(), 1, "{a:?}");
+    assert_eq!(sent[0].1, Method::Invite, "no UPDATE known from the peer");
 }

@@ -40,7 +40,7 @@ pub enum HeaderError {
 }
 
 impl HeaderError {
-    fn invalid(name: HeaderName, reason: impl fmt::Display) -> Self {
+    pub(crate) fn invalid(name: HeaderName, reason: impl fmt::Display) -> Self {
         HeaderError::Invalid {
             name,
             reason: reason.to_string(),
