@@ -1,0 +1,106 @@
+//! Call control SIP users expect, end to end against SIPp (software nobody here wrote): session
+//! timers (RFC 4028) both ways, with 422 and a refresh, a session whose refresher falls silent
+//! ended by the gateway, and 420 for a Require the gateway lacks. Real gateway and simulator
+//! processes on loopback; each scenario checks the headers it receives and fails its call on a
+//! mismatch.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use thalamus_tests::{free_udp_port, login_args, scenario, sim_as, sipp, Gateway, SippProcess};
+
+const T: Duration = Duration::from_secs(20);
+
+/// How long a SIPp process may take to finish its one call.
+const SIPP_WAIT: Duration = Duration::from_secs(60);
+
+/// SIPp as a server on a port of its own, with `args`.
+fn sipp_server(args: &[&str]) -> (SippProcess, u16) {
+    let port = free_udp_port().unwrap();
+    let mut command = sipp();
+    command
+        .args(args)
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-nostdin"]);
+    let server = SippProcess::spawn(command);
+    // SIPp binds at once; give it a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    (server, port)
+}
+
+#[test]
+fn sipp_calling_a_device_gets_420_then_422_then_a_session_it_refreshes() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
+    listener.wait_event("welcome", T).unwrap();
+    let mut command = sipp();
+    command
+        .args(["-sf", &scenario("uac_session_timer.xml"), "-s", "callee"])
+        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "30s", "-timeout_error"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .arg(gw.sip.to_string());
+    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    // The device heard of the one call that was answered, not of the refused ones.
+    let incoming = listener.wait_event("incoming_call", T).unwrap();
+    assert!(incoming["from_uri"]
+        .as_str()
+        .unwrap()
+        .starts_with("sip:sipp@"));
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+    assert_eq!(gw.metric("thalamus_sip_bad_extension_total").unwrap(), 1.0);
+    assert_eq!(
+        gw.metric("thalamus_calls_ended_total{reason=\"remote_hangup\"}")
+            .unwrap(),
+        1.0
+    );
+}
+
+#[test]
+fn a_device_call_answers_a_422_and_refreshes_the_session_it_was_granted() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("caller").unwrap();
+    let (server, port) = sipp_server(&["-sf", &scenario("uas_session_timer.xml"), "-m", "1"]);
+    let target = format!("sip:service@127.0.0.1:{port}");
+    // Held 3 s: one refresh (at 2 s) before the device hangs up.
+    let mut sim = sim_as(
+        "call",
+        login_args(&gw, "caller", &secret),
+        &["--target", &target, "--hold-ms", "3000"],
+    );
+    let summary = sim.wait_event("summary", Duration::from_secs(40)).unwrap();
+    assert_eq!(summary["succeeded"], 1, "{summary}");
+    let outcome = server.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}
+
+#[test]
+fn a_session_its_refresher_stops_refreshing_is_ended_by_the_gateway() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("caller").unwrap();
+    let (server, port) = sipp_server(&["-sf", &scenario("uas_session_expiry.xml"), "-m", "1"]);
+    let target = format!("sip:service@127.0.0.1:{port}");
+    // The device would hold the call for 60 s; the session expires first.
+    let mut sim = sim_as(
+        "call",
+        login_args(&gw, "caller", &secret),
+        &["--target", &target, "--hold-ms", "60000"],
+    );
+    let ended = sim
+        .wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "ended",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert_eq!(ended["end_reason"], "timeout", "{ended}");
+    let outcome = server.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+    assert_eq!(
+        gw.metric("thalamus_calls_ended_total{reason=\"timeout\"}")
+            .unwrap(),
+        1.0
+    );
+}
