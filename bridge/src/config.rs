@@ -99,6 +99,8 @@ pub struct BridgeConfig {
     pub reinvite_after_takeover: bool,
     /// Session timers (RFC 4028) on calls; `None`: off.
     pub session_timer: Option<thalamus_sip::session_timer::TimerConfig>,
+    /// Reliable provisional responses (RFC 3262, PRACK) on calls.
+    pub reliable_provisionals: bool,
 }
 
 impl Default for BridgeConfig {
@@ -129,6 +131,7 @@ impl Default for BridgeConfig {
             takeover_timeout: Duration::from_secs(2),
             reinvite_after_takeover: true,
             session_timer: Some(thalamus_sip::session_timer::TimerConfig::default()),
+            reliable_provisionals: true,
         }
     }
 }

@@ -697,6 +697,13 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
                     }
                 }
             }
+            UaEvent::PrackTimeout { tx } => {
+                if let Some((_, k)) = inner.by_invite.remove(&tx) {
+                    if let Some(c) = inner.calls.get(&k) {
+                        c.send(CallCommand::PrackTimeout);
+                    }
+                }
+            }
             UaEvent::AckTimeout { dialog } => {
                 if let Some(k) = inner.by_dialog.get(&dialog).map(|k| k.clone()) {
                     if let Some(c) = inner.calls.get(&k) {

@@ -24,6 +24,8 @@ pub enum CallCommand {
     Ack,
     /// The caller cancelled (the INVITE was answered 487).
     Cancelled,
+    /// The caller never PRACKed the ringing (the INVITE was answered 504).
+    PrackTimeout,
     /// Our 2xx was never acknowledged.
     AckTimeout,
     /// The device did not come back after losing its session.

@@ -251,6 +251,7 @@ impl Buddy {
             UaEvent::UnknownDialog { tx, .. } => self.ua.reject_unknown(tx).await?,
             UaEvent::Ack { dialog, .. } => p.emit("ack", json!({"call_id": dialog.call_id})),
             UaEvent::Cancelled { .. } => p.emit("cancelled", json!({})),
+            UaEvent::PrackTimeout { .. } => p.emit("prack_timeout", json!({})),
             UaEvent::AckTimeout { dialog } => {
                 p.emit("ack_timeout", json!({"call_id": dialog.call_id}));
                 let _ = self

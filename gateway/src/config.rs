@@ -310,6 +310,10 @@ pub struct SipConfig {
     /// The shortest session interval a peer may ask for (seconds, at least 90 as RFC 4028
     /// requires); shorter is refused 422 with this Min-SE.
     pub min_se_secs: u32,
+    /// Reliable provisional responses (RFC 3262, PRACK): offered on calls devices place, and
+    /// the ringing of calls they take sent reliably when the caller supports or requires them
+    /// (false: a request requiring `100rel` gets 420).
+    pub reliable_provisionals: bool,
     /// Gateway-wide credentials for the outbound proxy and the registrar (401/407 answered).
     pub auth: Option<SipCredentials>,
     /// Register each online device's address-of-record upstream.
@@ -336,6 +340,7 @@ impl Default for SipConfig {
             no_answer_timeout_secs: 60,
             session_expires_secs: thalamus_sip::session_timer::DEFAULT_SESSION_EXPIRES,
             min_se_secs: thalamus_sip::session_timer::MIN_SE_FLOOR,
+            reliable_provisionals: true,
             auth: None,
             registrar: None,
             inbound: thalamus_bridge::inbound::InboundConfig::default(),
@@ -773,6 +778,7 @@ impl Config {
             takeover_timeout: self.cluster.takeover_timeout(),
             reinvite_after_takeover: self.cluster.reinvite_after_takeover,
             session_timer: self.session_timer(),
+            reliable_provisionals: self.sip.reliable_provisionals,
         }
     }
 
@@ -811,7 +817,14 @@ impl Config {
         endpoint.transactions.per_source = self.sip_source_limits();
         endpoint.exempt_sources = self.sip.inbound.trusted.clone();
         if self.session_timer().is_some() {
-            endpoint.supported = vec![thalamus_sip::session_timer::OPTION_TAG.to_string()];
+            endpoint
+                .supported
+                .push(thalamus_sip::session_timer::OPTION_TAG.to_string());
+        }
+        if self.sip.reliable_provisionals {
+            endpoint
+                .supported
+                .push(thalamus_sip::endpoint::RELIABLE_TAG.to_string());
         }
         endpoint.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
             t1: timers.t1,

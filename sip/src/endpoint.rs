@@ -139,6 +139,12 @@ pub enum EndpointEvent {
         /// The dialog.
         dialog: DialogId,
     },
+    /// A reliable provisional response (RFC 3262) to INVITE `invite` was never PRACKed (64*T1):
+    /// the endpoint answered the INVITE 504 (section 3: the UAS rejects it with a 5xx).
+    PrackTimeout {
+        /// The INVITE server transaction.
+        invite: TransactionKey,
+    },
     /// Transaction `key` ended (its key is dead).
     Terminated {
         /// The transaction.
@@ -170,6 +176,31 @@ pub enum EndpointError {
     /// A header could not be read.
     #[error(transparent)]
     Header(#[from] crate::message::HeaderError),
+}
+
+/// The option tag of reliable provisional responses (RFC 3262).
+pub const RELIABLE_TAG: &str = "100rel";
+
+/// The reliable provisional responses (RFC 3262) of one INVITE server transaction.
+#[derive(Debug, Clone)]
+struct Reliable {
+    /// The RSeq of the latest one sent.
+    last_rseq: u32,
+    /// The one that waits for its PRACK, if any.
+    waiting: Option<Unacked>,
+}
+
+/// A reliable provisional response waiting for its PRACK, retransmitted until then.
+#[derive(Debug, Clone)]
+struct Unacked {
+    response: Response,
+    dest: Peer,
+    dialog: Option<DialogId>,
+    rseq: u32,
+    cseq: u32,
+    interval: std::time::Duration,
+    next_at: Instant,
+    give_up_at: Instant,
 }
 
 /// A server transaction the TU has not answered with a final response yet.
@@ -221,6 +252,8 @@ pub struct Endpoint {
     /// The INVITE being adopted and its To tag, while the layer's event for it is processed.
     adopting: Option<(TransactionKey, String)>,
     sent_by: HashMap<Transport, (Host, u16)>,
+    /// Reliable provisional responses (RFC 3262), by INVITE server transaction.
+    reliable: HashMap<TransactionKey, Reliable>,
     events: VecDeque<EndpointEvent>,
     stats: EndpointStats,
 }
@@ -240,6 +273,7 @@ impl Endpoint {
             invites: HashMap::new(),
             adopting: None,
             sent_by: HashMap::new(),
+            reliable: HashMap::new(),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
         }
@@ -397,18 +431,94 @@ impl Endpoint {
                 }
             }
         }
+        self.retransmit_reliable(now);
         self.process(now);
+    }
+
+    /// Retransmits the reliable provisional responses whose PRACK is late (T1, doubling each
+    /// time, RFC 3262 section 3) and rejects with 504 the INVITEs whose PRACK never came.
+    fn retransmit_reliable(&mut self, now: Instant) {
+        let mut given_up = Vec::new();
+        for (key, reliable) in &mut self.reliable {
+            let Some(unacked) = &mut reliable.waiting else {
+                continue;
+            };
+            if now >= unacked.give_up_at {
+                given_up.push(*key);
+                continue;
+            }
+            if now >= unacked.next_at {
+                self.transactions
+                    .send_stateless(unacked.dest, unacked.response.clone());
+                unacked.interval = unacked.interval.saturating_mul(2);
+                unacked.next_at = now + unacked.interval;
+            }
+        }
+        for key in given_up {
+            self.reliable.remove(&key);
+            if self
+                .respond(
+                    now,
+                    key,
+                    504,
+                    Some("Provisional Response Not Acknowledged"),
+                    None,
+                )
+                .is_ok()
+            {
+                self.events
+                    .push_back(EndpointEvent::PrackTimeout { invite: key });
+            }
+        }
+    }
+
+    /// A PRACK in the early dialog `dialog` (RFC 3262 section 3): 200 when its RAck names the
+    /// reliable provisional response that waits (which stops its retransmissions), else 481.
+    fn on_prack(
+        &mut self,
+        now: Instant,
+        key: TransactionKey,
+        request: &Request,
+        dialog: &DialogId,
+    ) {
+        let rack = request
+            .headers
+            .text(&crate::message::HeaderName::RAck)
+            .ok()
+            .flatten()
+            .and_then(parse_rack);
+        let matched = rack.and_then(|(rseq, cseq, method)| {
+            self.reliable.iter_mut().find_map(|(_, r)| {
+                let u = r.waiting.as_ref()?;
+                (u.dialog.as_ref() == Some(dialog)
+                    && u.rseq == rseq
+                    && u.cseq == cseq
+                    && method.eq_ignore_ascii_case("INVITE"))
+                .then(|| r.waiting.take())
+            })
+        });
+        let status = if matched.is_some() { 200 } else { 481 };
+        let mut response = Response::from_request(request, status, None);
+        self.decorate(&mut response);
+        let _ = self.transactions.respond(now, key, response);
     }
 
     /// The next instant [`Endpoint::handle_timeout`] must run.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        match (
+        let reliable = self
+            .reliable
+            .values()
+            .filter_map(|r| r.waiting.as_ref())
+            .map(|u| u.next_at.min(u.give_up_at))
+            .min();
+        [
             self.transactions.poll_timeout(),
             self.dialogs.poll_timeout(),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            reliable,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next message to send.
@@ -457,6 +567,7 @@ impl Endpoint {
                 TransactionEvent::CancelSent { .. } => {}
                 TransactionEvent::Timeout { key, timer: _ } => {
                     self.invite_ended(key);
+                    self.reliable.remove(&key);
                     if self.servers.remove(&key).is_none() {
                         self.events.push_back(EndpointEvent::Timeout { key });
                     }
@@ -468,6 +579,7 @@ impl Endpoint {
                 TransactionEvent::Terminated { key } => {
                     self.invite_ended(key);
                     self.servers.remove(&key);
+                    self.reliable.remove(&key);
                     self.events.push_back(EndpointEvent::Terminated { key });
                 }
             }
@@ -525,6 +637,10 @@ impl Endpoint {
         match self.dialogs.receive_request(&request) {
             RequestMatch::Accepted(dialog, _) => {
                 let id = dialog.id().clone();
+                if request.method == Method::Prack {
+                    self.on_prack(now, key, &request, &id);
+                    return;
+                }
                 self.servers.insert(
                     key,
                     PendingServer {
@@ -909,15 +1025,60 @@ impl Endpoint {
             }
         }
         let final_response = response.status >= 200;
+        if request.method == Method::Invite
+            && (101..200).contains(&response.status)
+            && response
+                .headers
+                .require()
+                .is_ok_and(|tags| tags.iter().any(|t| t.eq_ignore_ascii_case(RELIABLE_TAG)))
+        {
+            self.send_reliably(now, key, &pending, response, dialog.clone())?;
+        }
         self.transactions.respond(now, key, response.clone())?;
         if final_response {
             // The transaction keeps what it needs; the TU is done with this request.
             self.servers.remove(&key);
+            self.reliable.remove(&key);
         } else if let Some(s) = self.servers.get_mut(&key) {
             s.dialog.clone_from(&dialog);
         }
         self.process(now);
         Ok(dialog)
+    }
+
+    /// Makes `response` (a provisional response with `Require: 100rel`) reliable: the next
+    /// RSeq (the first one random, RFC 3262 section 3), retransmitted until its PRACK. A
+    /// second one while the first still waits replaces it (the TU sends one at a time).
+    fn send_reliably(
+        &mut self,
+        now: Instant,
+        key: TransactionKey,
+        pending: &PendingServer,
+        response: &mut Response,
+        dialog: Option<DialogId>,
+    ) -> Result<(), EndpointError> {
+        let via = pending.request.headers.top_via()?;
+        let cseq = pending.request.headers.cseq()?.seq;
+        let reliable = self.reliable.entry(key).or_insert_with(|| Reliable {
+            // Below 2^30: a call never runs out of numbers.
+            last_rseq: crate::rng::with(|r| r.next_u32() % (1 << 30)),
+            waiting: None,
+        });
+        reliable.last_rseq += 1;
+        let rseq = reliable.last_rseq;
+        response.headers.set(crate::message::HeaderName::RSeq, rseq);
+        let t1 = self.config.transactions.timers.t1;
+        reliable.waiting = Some(Unacked {
+            response: response.clone(),
+            dest: response_destination(&via, &pending.source),
+            dialog,
+            rseq,
+            cseq,
+            interval: t1,
+            next_at: now + t1,
+            give_up_at: now + t1 * 64,
+        });
+        Ok(())
     }
 
     /// Answers an [`EndpointEvent::UnknownDialog`] request 481 (the TU could not take the dialog
@@ -1036,6 +1197,15 @@ impl Endpoint {
     }
 }
 
+/// `RAck: <rseq> <cseq> <method>` (RFC 3262 section 7.2).
+fn parse_rack(text: &str) -> Option<(u32, u32, &str)> {
+    let mut parts = text.split_ascii_whitespace();
+    let rseq = parts.next()?.parse().ok()?;
+    let cseq = parts.next()?.parse().ok()?;
+    let method = parts.next()?;
+    parts.next().is_none().then_some((rseq, cseq, method))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1145,6 +1315,128 @@ mod tests {
             e,
             EndpointEvent::Response { response, .. } if response.status == 200
         )));
+    }
+
+    /// A reliable 180 from B (UAS) to A (UAC): returns both endpoints, B's INVITE transaction,
+    /// A's early dialog and the 180 as A received it.
+    fn reliable_ringing(t0: Instant) -> (Endpoint, Endpoint, TransactionKey, DialogId, Response) {
+        let pb = peer(5062);
+        let pa = peer(5061);
+        let mut a = endpoint(5061);
+        let mut b = Endpoint::new(EndpointConfig {
+            supported: vec![RELIABLE_TAG.into()],
+            ..EndpointConfig::default()
+        });
+        b.set_sent_by(Transport::Udp, Host::Ipv4([127, 0, 0, 1].into()), 5062);
+        let mut request = invite("sip:bob@127.0.0.1:5062");
+        request.headers.push(HeaderName::Require, RELIABLE_TAG);
+        a.send_request(t0, request, pb).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let evs = events(&mut b);
+        let EndpointEvent::Request { key, .. } = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        let key = *key;
+        b.respond_extended(
+            t0,
+            key,
+            180,
+            None,
+            None,
+            vec![(HeaderName::Require, RELIABLE_TAG.into())],
+        )
+        .unwrap();
+        let t = b.poll_transmit().unwrap();
+        let Ok(Message::Response(ringing)) = Message::parse(t.payload.clone()) else {
+            panic!("not a response");
+        };
+        a.handle_message(t0, Message::Response(ringing.clone()), pb);
+        let evs = events(&mut a);
+        let Some(EndpointEvent::Response {
+            dialog: Some(early),
+            ..
+        }) = evs.first()
+        else {
+            panic!("{evs:?}")
+        };
+        (a, b, key, early.clone(), ringing)
+    }
+
+    #[test]
+    fn a_reliable_provisional_is_retransmitted_until_its_prack() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        let (mut a, mut b, _, early, ringing) = reliable_ringing(t0);
+        let rseq: u32 = ringing
+            .headers
+            .text(&HeaderName::RSeq)
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..1 << 31).contains(&rseq));
+        // Not acknowledged: again after T1 (500 ms), then 2*T1 later.
+        let t1 = Duration::from_millis(500);
+        assert_eq!(b.poll_timeout(), Some(t0 + t1));
+        b.handle_timeout(t0 + t1);
+        let again = b.poll_transmit().expect("a retransmission");
+        assert!(String::from_utf8_lossy(&again.payload).contains(&format!("RSeq: {rseq}")));
+        assert_eq!(b.poll_timeout(), Some(t0 + t1 + t1 * 2));
+        // A PRACK naming another response: 481, and the retransmissions go on. (Both PRACKs
+        // are built first: a 481 ends A's early dialog, RFC 3261 section 12.2.1.2.)
+        let mut wrong = a.dialog_request(&early, Method::Prack).unwrap();
+        wrong
+            .headers
+            .push(HeaderName::RAck, format!("{} 1 INVITE", rseq + 1));
+        let mut prack = a.dialog_request(&early, Method::Prack).unwrap();
+        prack
+            .headers
+            .push(HeaderName::RAck, format!("{rseq} 1 INVITE"));
+        a.send_request(t0, wrong, pb).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        assert!(events(&mut b).is_empty(), "the TU never sees a PRACK");
+        deliver(t0, &mut b, &pb, &mut a);
+        assert!(events(&mut a).iter().any(|e| matches!(
+            e,
+            EndpointEvent::Response { response, .. } if response.status == 481
+        )));
+        // The right one: 200, and no more retransmissions.
+        a.send_request(t0, prack, pb).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        deliver(t0, &mut b, &pb, &mut a);
+        assert!(events(&mut a).iter().any(|e| matches!(
+            e,
+            EndpointEvent::Response { response, .. } if response.status == 200
+        )));
+        b.handle_timeout(t0 + t1 * 3);
+        assert!(b.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn an_invite_whose_reliable_provisional_is_never_pracked_gets_504() {
+        let t0 = Instant::now();
+        let (_a, mut b, key, _, _) = reliable_ringing(t0);
+        let mut sent = 0;
+        // Bounded: 64*T1 is 32 s; the retransmissions double from 500 ms.
+        for _ in 0..20 {
+            let Some(now) = b.poll_timeout() else { break };
+            b.handle_timeout(now);
+            while let Some(t) = b.poll_transmit() {
+                let Ok(Message::Response(r)) = Message::parse(t.payload.clone()) else {
+                    continue;
+                };
+                if r.status == 504 {
+                    assert!(now >= t0 + Duration::from_secs(32));
+                    assert!(events(&mut b).iter().any(
+                        |e| matches!(e, EndpointEvent::PrackTimeout { invite } if *invite == key)
+                    ));
+                    assert!(sent >= 5, "retransmitted {sent} times");
+                    return;
+                }
+                sent += 1;
+            }
+        }
+        panic!("no 504 after {sent} retransmissions");
     }
 
     #[test]

@@ -221,6 +221,12 @@ pub enum UaEvent {
         /// The dialog.
         dialog: DialogId,
     },
+    /// The caller never PRACKed our reliable provisional response: the INVITE was answered
+    /// 504 (RFC 3262 section 3).
+    PrackTimeout {
+        /// The INVITE's transaction.
+        tx: ServerTx,
+    },
 }
 
 /// What happens to a request we sent.
@@ -595,8 +601,13 @@ impl UserAgent {
     ) -> Result<ClientCall, UaError> {
         let session_timer = request.method == Method::Invite
             && request.headers.contains(&HeaderName::SessionExpires);
+        let reliable = request.method == Method::Invite
+            && request.headers.supported().is_ok_and(|tags| {
+                tags.iter()
+                    .any(|t| t.eq_ignore_ascii_case(crate::endpoint::RELIABLE_TAG))
+            });
         let first = self.send(request, destination).await?;
-        if credentials.is_none() && !session_timer {
+        if credentials.is_none() && !session_timer && !reliable {
             return Ok(first);
         }
         let (tx, rx) = mpsc::channel(32);
@@ -616,7 +627,34 @@ impl UserAgent {
             let mut inner = first;
             let mut rounds = 0;
             let mut too_brief_rounds = 0;
+            // The RSeq of the last reliable provisional response PRACKed, per early dialog.
+            let mut pracked: HashMap<DialogId, u32> = HashMap::new();
             while let Some(event) = inner.events.recv().await {
+                if let ClientEvent::Response {
+                    response,
+                    dialog: Some(dialog),
+                } = &event
+                {
+                    match prack_for(response, dialog, &mut pracked) {
+                        Prack::Send(rack) => {
+                            let ua = ua.clone();
+                            let dialog = dialog.clone();
+                            tokio::spawn(async move {
+                                let extra = vec![(HeaderName::RAck, rack)];
+                                match ua
+                                    .request_in_dialog(&dialog, Method::Prack, None, extra)
+                                    .await
+                                {
+                                    // Its answer matters to nobody: drained until it ends.
+                                    Ok(mut call) => while call.events.recv().await.is_some() {},
+                                    Err(e) => debug!(error = %e, "PRACK not sent"),
+                                }
+                            });
+                        }
+                        Prack::Repeat => continue,
+                        Prack::None => {}
+                    }
+                }
                 if let ClientEvent::Response { response, .. } = &event {
                     if response.status == 422 && session_timer && too_brief_rounds < 2 {
                         if let Some(next) = longer_session(&inner.request, response) {
@@ -879,6 +917,53 @@ impl UserAgent {
     pub fn shutdown(&self) {
         self.shared.transport.shutdown();
     }
+}
+
+/// What a UAC does with a provisional response as to RFC 3262.
+enum Prack {
+    /// Not reliable: nothing.
+    None,
+    /// A reliable provisional response in order: PRACK it with this RAck, and pass it on.
+    Send(String),
+    /// A retransmission (or out of order): already PRACKed, not passed on again.
+    Repeat,
+}
+
+/// RFC 3262 section 4: a provisional response with `Require: 100rel` and an `RSeq` is PRACKed
+/// once, in order per early dialog; the first one sets where the numbers start.
+fn prack_for(
+    response: &Response,
+    dialog: &DialogId,
+    pracked: &mut HashMap<DialogId, u32>,
+) -> Prack {
+    if !(101..200).contains(&response.status)
+        || !response.headers.require().is_ok_and(|tags| {
+            tags.iter()
+                .any(|t| t.eq_ignore_ascii_case(crate::endpoint::RELIABLE_TAG))
+        })
+    {
+        return Prack::None;
+    }
+    let Some(rseq) = response
+        .headers
+        .text(&HeaderName::RSeq)
+        .ok()
+        .flatten()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+    else {
+        return Prack::None;
+    };
+    let Ok(cseq) = response.headers.cseq() else {
+        return Prack::None;
+    };
+    if pracked
+        .get(dialog)
+        .is_some_and(|last| rseq != last.wrapping_add(1))
+    {
+        return Prack::Repeat;
+    }
+    pracked.insert(dialog.clone(), rseq);
+    Prack::Send(format!("{rseq} {} {}", cseq.seq, cseq.method))
 }
 
 /// RFC 4028 section 7.4: a copy of INVITE `request` asking for the session interval a 422
@@ -1220,6 +1305,7 @@ async fn dispatch(
         EndpointEvent::Ack { dialog, request } => UaEvent::Ack { dialog, request },
         EndpointEvent::Cancelled { invite } => UaEvent::Cancelled { tx: invite },
         EndpointEvent::AckTimeout { dialog } => UaEvent::AckTimeout { dialog },
+        EndpointEvent::PrackTimeout { invite } => UaEvent::PrackTimeout { tx: invite },
     };
     if events.send(ua_event).await.is_err() {
         debug!("the TU dropped its event channel");
@@ -1229,6 +1315,47 @@ async fn dispatch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reliable_provisionals_are_pracked_once_in_order() {
+        let dialog = DialogId::new("c", "l", "r");
+        let ringing = |rseq: Option<u32>, require: bool| {
+            let mut r = Response::new(180);
+            r.headers
+                .set_cseq(&crate::message::CSeq::new(7, Method::Invite));
+            if require {
+                r.headers.push(HeaderName::Require, "100rel");
+            }
+            if let Some(n) = rseq {
+                r.headers.set(HeaderName::RSeq, n);
+            }
+            r
+        };
+        let mut pracked = HashMap::new();
+        assert!(matches!(
+            prack_for(&ringing(Some(5), false), &dialog, &mut pracked),
+            Prack::None
+        ));
+        assert!(matches!(
+            prack_for(&ringing(None, true), &dialog, &mut pracked),
+            Prack::None
+        ));
+        match prack_for(&ringing(Some(5), true), &dialog, &mut pracked) {
+            Prack::Send(rack) => assert_eq!(rack, "5 7 INVITE"),
+            _ => panic!("not PRACKed"),
+        }
+        // A retransmission, then one out of order: neither PRACKed nor passed on.
+        for rseq in [5, 7] {
+            assert!(matches!(
+                prack_for(&ringing(Some(rseq), true), &dialog, &mut pracked),
+                Prack::Repeat
+            ));
+        }
+        assert!(matches!(
+            prack_for(&ringing(Some(6), true), &dialog, &mut pracked),
+            Prack::Send(_)
+        ));
+    }
 
     #[test]
     fn credentials_answer_only_the_realms_hosts_and_algorithms_they_are_for() {

@@ -104,3 +104,57 @@ fn a_session_its_refresher_stops_refreshing_is_ended_by_the_gateway() {
         1.0
     );
 }
+
+#[test]
+fn sipp_requiring_100rel_gets_a_reliable_ringing_it_pracks() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    // The device rings 2 s: the 180 goes again before SIPp PRACKs it, and the answer after.
+    let mut listener = sim_as(
+        "listen",
+        login_args(&gw, "callee", &secret),
+        &["--answer-after-ms", "2000"],
+    );
+    listener.wait_event("welcome", T).unwrap();
+    let mut command = sipp();
+    command
+        .args(["-sf", &scenario("uac_prack.xml"), "-s", "callee"])
+        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "30s", "-timeout_error"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .arg(gw.sip.to_string());
+    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+    assert_eq!(
+        gw.metric("thalamus_calls_ended_total{reason=\"remote_hangup\"}")
+            .unwrap(),
+        1.0
+    );
+}
+
+#[test]
+fn a_device_call_pracks_a_reliable_183_with_early_media() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("caller").unwrap();
+    let (server, port) = sipp_server(&["-sf", &scenario("uas_prack.xml"), "-m", "1"]);
+    let target = format!("sip:service@127.0.0.1:{port}");
+    let mut sim = sim_as(
+        "call",
+        login_args(&gw, "caller", &secret),
+        &["--target", &target, "--hold-ms", "500"],
+    );
+    let early = sim
+        .wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "early_media",
+            T,
+        )
+        .unwrap();
+    assert_eq!(early["sip_status"], 183, "{early}");
+    let summary = sim.wait_event("summary", Duration::from_secs(40));
+    let outcome = server.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    let summary = summary.unwrap();
+    assert_eq!(summary["succeeded"], 1, "{summary}");
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}

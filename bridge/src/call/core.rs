@@ -32,6 +32,7 @@ use thalamus_proto::v1::{
     CallEvent, CallState, EndReason, ErrorCode, IncomingCall, MediaOffer, TextReceived,
 };
 use thalamus_sip::dialog::DialogId;
+use thalamus_sip::endpoint::RELIABLE_TAG;
 use thalamus_sip::message::{HeaderName, MediaType, Method, Request, Uri};
 use thalamus_sip::sdp::{
     Direction, HoldMode, LocalMedia, MediaKind, RemoteMedia, SdpSession, SessionDescription,
@@ -72,6 +73,9 @@ pub struct CallSettings {
     pub media_address: IpAddr,
     /// Session timers (RFC 4028) on the SIP leg; `None`: none are asked for or granted.
     pub session_timer: Option<TimerConfig>,
+    /// Reliable provisional responses (RFC 3262): offered on calls devices place
+    /// (`Supported: 100rel`) and used on calls they take when the caller supports them.
+    pub reliable_provisionals: bool,
 }
 
 /// The relay's local media address, as the driver reports it after [`CallAction::StartRelay`].
@@ -199,6 +203,8 @@ pub enum CallInput {
     Ack,
     /// The caller cancelled (the user agent answered the INVITE 487).
     Cancelled,
+    /// The caller never PRACKed the reliable 180 (the user agent answered the INVITE 504).
+    PrackTimeout,
     /// Our 2xx was never acknowledged.
     AckTimeout,
     /// The result of a [`CallAction::WriteAhead`].
@@ -738,7 +744,7 @@ impl CallCore {
                 call_waiting,
             }),
         );
-        core.respond(tx, 180, None, None, true);
+        core.ring(tx, invite);
         core.state = CallState::Ringing;
         core.phase = Phase::Ringing {
             tx,
@@ -747,6 +753,30 @@ impl CallCore {
             answering: None,
         };
         core
+    }
+
+    /// The 180 for INVITE `tx`: reliable (RFC 3262: `Require: 100rel`, the user agent adds
+    /// RSeq and retransmits it until its PRACK) when the caller requires it, or supports it
+    /// and the gateway is configured to use it.
+    fn ring(&mut self, tx: ServerTx, invite: &Request) {
+        let wants = |tags: Result<Vec<&str>, _>| {
+            tags.is_ok_and(|t: Vec<&str>| t.iter().any(|t| t.eq_ignore_ascii_case(RELIABLE_TAG)))
+        };
+        let reliable = self.settings.reliable_provisionals
+            && (wants(invite.headers.require()) || wants(invite.headers.supported()));
+        let headers = if reliable {
+            vec![(HeaderName::Require, RELIABLE_TAG.to_string())]
+        } else {
+            Vec::new()
+        };
+        self.push(CallAction::Respond {
+            tx,
+            status: 180,
+            reason: None,
+            body: None,
+            headers,
+            report: true,
+        });
     }
 
     /// An incoming call that was ringing on another node, whose early record this node just
@@ -806,6 +836,8 @@ impl CallCore {
                 core.timer_offer = Some(n);
             }
         }
+        // Not reliable, even when the caller asked for 100rel: its RSeq would not follow the
+        // first node's, and the caller has PRACKed (or will get) that node's 180 already.
         core.respond(tx, 180, None, None, true);
         core.state = CallState::Ringing;
         core.phase = Phase::Ringing {
@@ -1098,6 +1130,20 @@ impl CallCore {
                     let mut ev =
                         ended_by(self.key.1, EndReason::Cancelled, "cancelled by the caller");
                     ev.sip_status = 487;
+                    self.event(ev);
+                    self.push(CallAction::InviteSettled);
+                    self.close();
+                }
+            }
+            CallInput::PrackTimeout => {
+                if let Phase::Ringing { .. } = self.phase {
+                    let mut ev = ended_by(
+                        self.key.1,
+                        EndReason::Failed,
+                        "the caller never acknowledged the ringing (PRACK)",
+                    );
+                    ev.sip_status = 504;
+                    self.record.last_error_sent = Some(504);
                     self.event(ev);
                     self.push(CallAction::InviteSettled);
                     self.close();
@@ -1482,8 +1528,22 @@ impl CallCore {
             }
         };
         let mut headers = vec![(HeaderName::Allow, ALLOW.to_string())];
+        // One Supported header naming every extension offered.
+        let mut supported = Vec::new();
         if let Some(config) = self.settings.session_timer {
-            headers.extend(config.request_headers(None));
+            supported.push(OPTION_TAG);
+            headers.extend(
+                config
+                    .request_headers(None)
+                    .into_iter()
+                    .filter(|(name, _)| *name != HeaderName::Supported),
+            );
+        }
+        if self.settings.reliable_provisionals {
+            supported.push(RELIABLE_TAG);
+        }
+        if !supported.is_empty() {
+            headers.push((HeaderName::Supported, supported.join(", ")));
         }
         for (name, value) in extra {
             if name.to_ascii_lowercase().starts_with("x-") {

@@ -53,6 +53,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         reinvite_after_takeover: inner.config.reinvite_after_takeover,
         media_address: inner.media_address,
         session_timer: inner.config.session_timer,
+        reliable_provisionals: inner.config.reliable_provisionals,
     };
     let mut settings = settings;
     let sdp_session_id = thalamus_sip::rng::with(|rng| rng.gen_range(1..(1u64 << 62)));
@@ -283,6 +284,7 @@ impl Driver {
                         }
                         Some(CallCommand::Ack) => CallInput::Ack,
                         Some(CallCommand::Cancelled) => CallInput::Cancelled,
+                        Some(CallCommand::PrackTimeout) => CallInput::PrackTimeout,
                         Some(CallCommand::AckTimeout) => CallInput::AckTimeout,
                         Some(CallCommand::OwnershipLost) => CallInput::OwnershipLost,
                         Some(CallCommand::Rereplicate(v)) => CallInput::Rereplicate(v),

@@ -35,6 +35,7 @@ fn settings(replicate: bool) -> CallSettings {
         reinvite_after_takeover: true,
         media_address: "10.0.0.1".parse().unwrap(),
         session_timer: None,
+        reliable_provisionals: false,
     }
 }
 
@@ -2066,4 +2067,94 @@ fn a_taken_over_call_keeps_its_timer_and_refreshes_at_once_when_it_is_the_refres
     let sent = sent_in_dialog(&a);
     assert_eq!(sent.len(), 1, "{a:?}");
     assert_eq!(sent[0].1, Method::Invite, "no UPDATE known from the peer");
+}
+
+// ---- reliable provisional responses (RFC 3262) ----
+
+#[test]
+fn the_ringing_is_reliable_when_the_caller_wants_it_and_an_unpracked_one_ends_the_call() {
+    let t0 = Instant::now();
+    let sdp = peer_sdp(1, true, "sendrecv");
+    let reliable = CallSettings {
+        reliable_provisionals: true,
+        ..settings(true)
+    };
+    let ring_headers = |settings: CallSettings, extra: &str| {
+        let invite = request_with("INVITE", &sdp, extra);
+        let mut core = CallCore::incoming(key(), settings, 42, t0, stx(1), &invite, false);
+        let a = drain(&mut core);
+        (core, response_headers(&a, stx(1)))
+    };
+    let (_, h) = ring_headers(reliable.clone(), "Require: 100rel\r\n");
+    assert_eq!(header(&h, &HeaderName::Require), Some("100rel"));
+    let (_, h) = ring_headers(reliable.clone(), "Supported: timer, 100rel\r\n");
+    assert_eq!(header(&h, &HeaderName::Require), Some("100rel"));
+    let (_, h) = ring_headers(reliable.clone(), "");
+    assert_eq!(
+        header(&h, &HeaderName::Require),
+        None,
+        "the caller knows nothing of it"
+    );
+    let (_, h) = ring_headers(settings(true), "Supported: 100rel\r\n");
+    assert_eq!(header(&h, &HeaderName::Require), None, "turned off");
+    // The caller never PRACKs: the user agent answered 504; the device hears the call ended.
+    let (mut core, _) = ring_headers(reliable.clone(), "Require: 100rel\r\n");
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    drain(&mut core);
+    core.handle(t0 + Duration::from_secs(32), CallInput::PrackTimeout);
+    let a = drain(&mut core);
+    let end = &ended(&a)[0];
+    assert_eq!(end.sip_status, 504);
+    assert_eq!(end.end_reason, EndReason::Failed as i32);
+    assert!(a.contains(&CallAction::InviteSettled));
+    assert!(closed(&a).is_some());
+    assert_eq!(core.summary().sip_status, 504);
+    // Calls the device places offer it.
+    let mut core = CallCore::outgoing(
+        key(),
+        reliable,
+        42,
+        target(),
+        Some(MediaOffer::default()),
+        BTreeMap::new(),
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(RELAY));
+    let headers = drain(&mut core)
+        .iter()
+        .find_map(|x| match x {
+            CallAction::SendInvite { headers, .. } => Some(headers.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(headers.contains(&(HeaderName::Supported, "100rel".to_string())));
+    // With session timers too: one Supported header.
+    let mut core = CallCore::outgoing(
+        key(),
+        CallSettings {
+            reliable_provisionals: true,
+            ..timer_settings()
+        },
+        42,
+        target(),
+        Some(MediaOffer::default()),
+        BTreeMap::new(),
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(RELAY));
+    let headers = drain(&mut core)
+        .iter()
+        .find_map(|x| match x {
+            CallAction::SendInvite { headers, .. } => Some(headers.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let supported: Vec<_> = headers
+        .iter()
+        .filter(|(n, _)| *n == HeaderName::Supported)
+        .collect();
+    assert_eq!(
+        supported,
+        vec![&(HeaderName::Supported, "timer, 100rel".to_string())]
+    );
 }
