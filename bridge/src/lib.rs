@@ -374,7 +374,8 @@ impl DeviceRequests for Bridge {
             | Body::Hangup(_)
             | Body::Hold(_)
             | Body::Resume(_)
-            | Body::Dtmf(_) => {
+            | Body::Dtmf(_)
+            | Body::Transfer(_) => {
                 let call_ref = match &body {
                     Body::Answer(a) => a.call_ref,
                     Body::Reject(r) => r.call_ref,
@@ -382,9 +383,23 @@ impl DeviceRequests for Bridge {
                     Body::Hold(h) => h.call_ref,
                     Body::Resume(r) => r.call_ref,
                     Body::Dtmf(d) => d.call_ref,
+                    Body::Transfer(t) => t.call_ref,
                     _ => 0,
                 };
                 let key = (device_id.to_string(), call_ref);
+                // A transfer's target is resolved here, as a Dial's is (address book aliases).
+                let body = match body {
+                    Body::Transfer(mut t) => match inner.target_uri(device_id, &t.target) {
+                        Ok(uri) => {
+                            t.target = uri.to_string();
+                            Body::Transfer(t)
+                        }
+                        Err(e) => {
+                            return vec![error_frame(request_id, ErrorCode::InvalidArgument, e)]
+                        }
+                    },
+                    other => other,
+                };
                 // Answering a ringing call makes it one of the device's calls: only within
                 // `max_calls` (the device may reject it or end another call first).
                 if matches!(body, Body::Answer(_))

@@ -143,6 +143,8 @@ pub fn body_kind(body: Option<&crate::v1::envelope::Body>) -> &'static str {
         Some(Body::Hold(_)) => "hold",
         Some(Body::Resume(_)) => "resume",
         Some(Body::Dtmf(_)) => "dtmf",
+        Some(Body::Transfer(_)) => "transfer",
+        Some(Body::TransferStatus(_)) => "transfer_status",
         Some(Body::SendText(_)) => "send_text",
         Some(Body::TextReceived(_)) => "text_received",
         Some(Body::TextStatus(_)) => "text_status",

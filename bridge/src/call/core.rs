@@ -30,6 +30,7 @@ use thalamus_dialog_store::{NegotiatedMedia, StoredDialog};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
     CallEvent, CallState, EndReason, ErrorCode, IncomingCall, MediaOffer, TextReceived,
+    TransferStatus,
 };
 use thalamus_sip::dialog::DialogId;
 use thalamus_sip::endpoint::RELIABLE_TAG;
@@ -48,7 +49,7 @@ use crate::mapping::{call_event, ended_by, ended_by_status, reject_status, state
 use crate::media_sdp;
 
 /// Methods the gateway answers (Allow header).
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, PRACK, NOTIFY";
 
 /// A call's address: the device and its call reference.
 pub type CallKey = (String, u32);
@@ -344,6 +345,8 @@ enum Op {
     Bye { reason: EndReason },
     /// A session refresh (RFC 4028): UPDATE, or a re-INVITE with the SDP unchanged.
     Refresh { update: bool },
+    /// A blind transfer the device asked for (RFC 3515): REFER to `target`.
+    Refer { request_id: u64, target: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -471,6 +474,10 @@ pub struct CallCore {
     refresh_retry: Option<Instant>,
     /// The peer's Allow names UPDATE (refreshes use it, without a body).
     peer_allows_update: bool,
+    /// The device's transfer whose REFER was accepted: the request id its NOTIFYs report to.
+    transfer: Option<u64>,
+    /// The call ends because its transfer succeeded.
+    transferred: bool,
 }
 
 /// What the call record needs that the call's rules do not: wall-clock times, the nodes that
@@ -503,6 +510,17 @@ fn timer_answer_headers(n: Negotiated) -> Vec<(HeaderName, String)> {
     let mut headers = n.answer_headers();
     headers.push((HeaderName::Supported, OPTION_TAG.to_string()));
     headers
+}
+
+/// The status code and reason phrase of a message/sipfrag body's status line
+/// (`SIP/2.0 200 OK`), RFC 3420.
+fn sipfrag_status(body: &[u8]) -> Option<(u16, String)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let line = text.lines().next()?.trim();
+    let rest = line.strip_prefix("SIP/2.0 ")?;
+    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+    let code: u16 = code.parse().ok()?;
+    (100..700).contains(&code).then(|| (code, reason.trim().to_string()))
 }
 
 /// Whether `request`'s Allow names UPDATE.
@@ -591,6 +609,8 @@ impl CallCore {
             refresh_due: false,
             refresh_retry: None,
             peer_allows_update: false,
+            transfer: None,
+            transferred: false,
         }
     }
 
@@ -1356,6 +1376,94 @@ impl CallCore {
         }
     }
 
+    /// A blind transfer (RFC 3515): REFER with the target (resolved by the bridge already).
+    fn start_transfer(&mut self, request_id: u64, target: String) {
+        if Uri::parse(&target).is_err() {
+            self.reply_error(request_id, "the transfer target is not a URI");
+            return;
+        }
+        if self.transfer.is_some() {
+            self.reply_error(request_id, "a transfer of this call is in progress");
+            return;
+        }
+        if self.dialog.is_none() {
+            return;
+        }
+        self.start_request(Op::Refer { request_id, target }, Method::Refer, None);
+    }
+
+    fn transfer_status(&mut self, request_id: u64, sip_status: u32, reason: &str, done: bool) {
+        self.send_device(
+            request_id,
+            Body::TransferStatus(TransferStatus {
+                call_ref: self.key.1,
+                sip_status,
+                reason: reason.to_string(),
+                done,
+            }),
+        );
+    }
+
+    fn refer_done(&mut self, request_id: u64, outcome: ClientOutcome) {
+        match outcome {
+            ClientOutcome::Response { status, .. } if (200..300).contains(&status) => {
+                // Accepted (202): the NOTIFYs tell how it goes.
+                self.transfer = Some(request_id);
+            }
+            ClientOutcome::Response { status, reason, .. } => {
+                self.transfer_status(request_id, u32::from(status), &reason, true);
+            }
+            ClientOutcome::Timeout => {
+                self.transfer_status(request_id, 408, "the REFER was not answered", true);
+            }
+            ClientOutcome::Failed(why) => {
+                self.transfer_status(request_id, 0, &format!("REFER not sent: {why}"), true);
+            }
+        }
+    }
+
+    /// A NOTIFY of the transfer's implicit subscription (RFC 3515 section 2.4.4): its
+    /// message/sipfrag status line goes to the device; a 2xx completes the transfer and ends
+    /// the call (BYE); a final failure leaves the call as it was. A NOTIFY without a transfer
+    /// in progress gets 481.
+    fn transfer_notify(&mut self, tx: ServerTx, request: &Request) {
+        let event = request
+            .headers
+            .text(&HeaderName::Event)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let is_refer = event
+            .split(';')
+            .next()
+            .is_some_and(|e| e.trim().eq_ignore_ascii_case("refer"));
+        let Some(request_id) = self.transfer.filter(|_| is_refer) else {
+            self.respond(tx, 481, None, None, false);
+            return;
+        };
+        let Some((status, reason)) = sipfrag_status(&request.body) else {
+            self.respond(tx, 400, Some("Bad sipfrag"), None, false);
+            return;
+        };
+        self.respond(tx, 200, None, None, false);
+        let terminated = request
+            .headers
+            .text(&HeaderName::SubscriptionState)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.trim_start().to_ascii_lowercase().starts_with("terminated"));
+        let done = status >= 200 || terminated;
+        self.transfer_status(request_id, u32::from(status), &reason, done);
+        if done {
+            self.transfer = None;
+        }
+        if (200..300).contains(&status) {
+            self.push(CallAction::Note("transfer completed: the call ends"));
+            self.transferred = true;
+            self.start_bye(EndReason::Normal);
+        }
+    }
+
     fn sdp_body(sdp: &SessionDescription) -> Option<(Bytes, MediaType)> {
         Some((Bytes::from(sdp.to_string()), MediaType::sdp()))
     }
@@ -1812,6 +1920,7 @@ impl CallCore {
         match self.phase.clone() {
             Phase::Dialling { .. } => match body {
                 Body::Hangup(_) => self.hangup_while_dialling(),
+                Body::Transfer(_) => self.reply_error(request_id, "only an answered call is transferred"),
                 _ => self.reply_error(request_id, "the call is not answered yet"),
             },
             Phase::Ringing { tx, .. } => match body {
@@ -1833,6 +1942,7 @@ impl CallCore {
                     self.close();
                 }
                 Body::Hangup(_) => self.decline(tx),
+                Body::Transfer(_) => self.reply_error(request_id, "only an answered call is transferred"),
                 _ => self.reply_error(request_id, "answer or reject the call first"),
             },
             Phase::Up => match body {
@@ -1840,6 +1950,7 @@ impl CallCore {
                 Body::Hold(_) => self.hold(request_id, true),
                 Body::Resume(_) => self.hold(request_id, false),
                 Body::Dtmf(d) => self.dtmf(request_id, &d.digit, d.duration_ms),
+                Body::Transfer(t) => self.start_transfer(request_id, t.target),
                 _ => self.reply_error(request_id, "the call is already answered"),
             },
             Phase::Ended => {}
@@ -2029,7 +2140,7 @@ impl CallCore {
             }
             Op::Bye { reason } => self.start_bye(reason),
             Op::Refresh { .. } => self.start_refresh(),
-            Op::Hold { .. } | Op::Info { .. } => {}
+            Op::Hold { .. } | Op::Info { .. } | Op::Refer { .. } => {}
         }
     }
 
@@ -2065,7 +2176,10 @@ impl CallCore {
             return;
         };
         let tx = self.next_tx();
-        let headers = self.timer_request_headers(&method);
+        let mut headers = self.timer_request_headers(&method);
+        if let Op::Refer { target, .. } = &op {
+            headers.push((HeaderName::ReferTo, format!("<{target}>")));
+        }
         self.pending = Some(Pending {
             op,
             stage: Stage::InFlight(tx),
@@ -2090,7 +2204,9 @@ impl CallCore {
         let tries = std::mem::take(&mut self.fenced_tries);
         if result == WriteAhead::Fenced {
             match op {
-                Op::Hold { request_id, .. } | Op::Info { request_id } => {
+                Op::Hold { request_id, .. }
+                | Op::Info { request_id }
+                | Op::Refer { request_id, .. } => {
                     self.reply_error(
                         request_id,
                         "this node cannot confirm that it still holds the call: try again",
@@ -2142,7 +2258,9 @@ impl CallCore {
         // Another node owns the dialog: the request is not sent.
         self.replica.lost = true;
         match op {
-            Op::Hold { request_id, .. } | Op::Info { request_id } => {
+            Op::Hold { request_id, .. }
+            | Op::Info { request_id }
+            | Op::Refer { request_id, .. } => {
                 self.reply_error(request_id, "the call moved to another node");
             }
             Op::MediaReinvite | Op::Bye { .. } | Op::Refresh { .. } => {}
@@ -2190,6 +2308,7 @@ impl CallCore {
             },
             Op::MediaReinvite => self.media_reinvite_done(outcome),
             Op::Refresh { update } => self.refresh_done(!update, outcome),
+            Op::Refer { request_id, .. } => self.refer_done(request_id, outcome),
             Op::Bye { reason } => {
                 // Whatever the answer (200, 481, none): the call is over.
                 self.end_with(reason);
@@ -2294,6 +2413,7 @@ impl CallCore {
 
     fn end_with(&mut self, reason: EndReason) {
         let text = match reason {
+            _ if self.transferred => "transferred",
             EndReason::LocalHangup => "hung up by the device",
             EndReason::MediaTimeout => "no media from the remote party",
             _ => "ended by the gateway",
@@ -2506,6 +2626,10 @@ impl CallCore {
             }
             Method::Options => {
                 self.respond(tx, 200, None, None, false);
+                false
+            }
+            Method::Notify => {
+                self.transfer_notify(tx, &request);
                 false
             }
             _ => {

@@ -2158,3 +2158,134 @@ fn the_ringing_is_reliable_when_the_caller_wants_it_and_an_unpracked_one_ends_th
         vec![&(HeaderName::Supported, "timer, 100rel".to_string())]
     );
 }
+
+// ---- transfer (RFC 3515) ----
+
+fn transfer_statuses(actions: &[CallAction]) -> Vec<(u64, u32, bool)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            CallAction::ToDevice {
+                request_id,
+                body: Body::TransferStatus(t),
+            } => Some((*request_id, t.sip_status, t.done)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn notify(sipfrag: &str, state: &str) -> Request {
+    let mut r = request_with(
+        "NOTIFY",
+        "",
+        &format!("Event: refer\r\nSubscription-State: {state}\r\n"),
+    );
+    r.set_body(
+        Bytes::from(sipfrag.to_string()),
+        Some(&thalamus_sip::message::MediaType::new("message", "sipfrag")),
+    );
+    r
+}
+
+#[test]
+fn a_blind_transfer_reports_each_notify_and_ends_the_call_once_it_succeeds() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    // Not a URI: refused at once.
+    core.handle(
+        t0,
+        CallInput::Device(
+            4,
+            Body::Transfer(thalamus_proto::v1::Transfer {
+                call_ref: 7,
+                target: "not a uri".into(),
+            }),
+        ),
+    );
+    assert_eq!(errors(&drain(&mut core)).len(), 1);
+    // A NOTIFY with no transfer in progress: 481.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(5), Box::new(notify("SIP/2.0 200 OK\r\n", "active"))),
+    );
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(5), 481)]);
+
+    let transfer = Body::Transfer(thalamus_proto::v1::Transfer {
+        call_ref: 7,
+        target: "sip:carol@example.org".into(),
+    });
+    core.handle(t0, CallInput::Device(9, transfer.clone()));
+    let a = drain(&mut core);
+    let sent = sent_in_dialog(&a);
+    assert_eq!(sent.len(), 1, "{a:?}");
+    assert_eq!(sent[0].1, Method::Refer);
+    assert_eq!(
+        header(&in_dialog_headers(&a), &HeaderName::ReferTo),
+        Some("<sip:carol@example.org>")
+    );
+    // A second transfer while the REFER is out waits; answered 202, it is refused.
+    core.handle(t0, CallInput::Device(10, transfer));
+    assert!(drain(&mut core).is_empty());
+    core.handle(t0, CallInput::Client(sent[0].0, response(202, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(errors(&a).len(), 1, "{a:?}");
+    // Progress, then success: reported with the Transfer's request id; the call ends by BYE.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(6),
+            Box::new(notify("SIP/2.0 100 Trying\r\n", "active;expires=60")),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(6), 200)]);
+    assert_eq!(transfer_statuses(&a), vec![(9, 100, false)]);
+    assert!(sent_in_dialog(&a).is_empty());
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(7),
+            Box::new(notify("SIP/2.0 200 OK\r\n", "terminated;reason=noresource")),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(transfer_statuses(&a), vec![(9, 200, true)]);
+    let bye = sent_in_dialog(&a);
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    let end = &ended(&drain(&mut core))[0];
+    assert_eq!(end.end_reason, EndReason::Normal as i32);
+    assert_eq!(end.reason, "transferred");
+}
+
+#[test]
+fn a_refused_or_failed_transfer_leaves_the_call_as_it_was() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    let transfer = Body::Transfer(thalamus_proto::v1::Transfer {
+        call_ref: 7,
+        target: "sip:carol@example.org".into(),
+    });
+    core.handle(t0, CallInput::Device(9, transfer.clone()));
+    let sent = sent_in_dialog(&drain(&mut core));
+    core.handle(t0, CallInput::Client(sent[0].0, response(603, "", None)));
+    let a = drain(&mut core);
+    assert_eq!(transfer_statuses(&a), vec![(9, 603, true)]);
+    assert!(ended(&a).is_empty());
+    // Accepted, but the target is busy: reported, and the call goes on.
+    core.handle(t0, CallInput::Device(11, transfer));
+    let sent = sent_in_dialog(&drain(&mut core));
+    core.handle(t0, CallInput::Client(sent[0].0, response(202, "", None)));
+    drain(&mut core);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(8),
+            Box::new(notify("SIP/2.0 486 Busy Here\r\n", "terminated")),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(transfer_statuses(&a), vec![(11, 486, true)]);
+    assert!(sent_in_dialog(&a).is_empty() && ended(&a).is_empty());
+    assert_eq!(core.state(), CallState::Answered);
+}

@@ -321,6 +321,7 @@ impl SessionCore {
                     | Body::Hold(_)
                     | Body::Resume(_)
                     | Body::Dtmf(_)
+                    | Body::Transfer(_)
                     | Body::SendText(_)
                     | Body::PresenceUpdate(_)),
                 ),
