@@ -101,6 +101,8 @@ pub struct CallOptions {
     pub hold_resume: bool,
     /// DTMF digits to send once answered.
     pub dtmf: String,
+    /// Transfer the call here once answered (blind transfer); hang up if the transfer fails.
+    pub transfer_to: Option<String>,
     /// Stream 20 ms frames while answered and count what comes back.
     pub media: bool,
     /// Give up on one call after this long.
@@ -245,6 +247,7 @@ async fn one_call(
     let mut probe = EchoProbe::new(probe_tag(device, call_ref));
     let mut media_tick = tokio::time::interval(FRAME_INTERVAL);
     let mut did_hold = false;
+    let mut did_transfer = false;
     let mut rebound = false;
     let mut hung_up = false;
     // With media, streaming stops when the hold time is over and the hangup follows once the
@@ -294,6 +297,15 @@ async fn one_call(
                         printer.frame(&env);
                         continue;
                     }
+                    Some(Body::TransferStatus(t)) if t.call_ref == call_ref => {
+                        printer.frame(&env);
+                        if t.done && !(200..300).contains(&t.sip_status) && !hung_up {
+                            // The transfer failed: the call is ours to end.
+                            hung_up = true;
+                            s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
+                        }
+                        continue;
+                    }
                     _ => {}
                 }
                 printer.frame(&env);
@@ -313,6 +325,13 @@ async fn one_call(
                         if opts.hold_resume && !did_hold {
                             did_hold = true;
                             s.writer.send(Body::Hold(Hold { call_ref })).await?;
+                        }
+                        if let Some(target) = opts.transfer_to.as_ref().filter(|_| !did_transfer) {
+                            did_transfer = true;
+                            s.writer.send(Body::Transfer(thalamus_proto::v1::Transfer {
+                                call_ref,
+                                target: target.clone(),
+                            })).await?;
                         }
                     }
                     Some((r, CallState::Held)) if r == call_ref && opts.hold_resume => {

@@ -101,6 +101,13 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
         Some(Body::Dtmf(d)) => {
             json!({"call_ref": d.call_ref, "digit": d.digit, "duration_ms": d.duration_ms})
         }
+        Some(Body::TransferStatus(t)) => json!({
+            "call_ref": t.call_ref,
+            "sip_status": t.sip_status,
+            "reason": t.reason,
+            "done": t.done,
+            "request_id": env.request_id,
+        }),
         // The token itself is a secret: never printed.
         Some(Body::ResumeToken(t)) => json!({"valid_for_secs": t.valid_for_secs}),
         Some(Body::PresenceUpdate(p)) => json!({

@@ -81,6 +81,11 @@ enum Command {
         /// DTMF digits to send after the answer.
         #[arg(long, default_value = "")]
         dtmf: String,
+        /// Once answered, transfer the call to this SIP URI or alias (blind transfer: the
+        /// gateway sends REFER); the call ends when the transfer succeeds, and is hung up when
+        /// it fails (or when --hold-ms runs out first).
+        #[arg(long)]
+        transfer_to: Option<String>,
         /// Stream 20 ms audio frames and report what comes back (use with an echoing peer).
         #[arg(long)]
         media: bool,
@@ -357,6 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hold_ms,
             hold_resume,
             dtmf,
+            transfer_to,
             media,
             call_timeout_secs,
             parallel,
@@ -372,6 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     hold: std::time::Duration::from_millis(hold_ms),
                     hold_resume,
                     dtmf,
+                    transfer_to,
                     media,
                     call_timeout: std::time::Duration::from_secs(call_timeout_secs),
                     parallel,

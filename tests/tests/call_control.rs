@@ -158,3 +158,48 @@ fn a_device_call_pracks_a_reliable_183_with_early_media() {
     assert_eq!(summary["succeeded"], 1, "{summary}");
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
 }
+
+#[test]
+fn a_device_transfers_its_call_and_hears_how_the_transfer_went() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("caller").unwrap();
+    let (server, port) = sipp_server(&["-sf", &scenario("uas_refer.xml"), "-m", "1"]);
+    let target = format!("sip:service@127.0.0.1:{port}");
+    // Held for 30 s unless the transfer ends the call first.
+    let mut sim = sim_as(
+        "call",
+        login_args(&gw, "caller", &secret),
+        &[
+            "--target",
+            &target,
+            "--transfer-to",
+            "sip:carol@example.org",
+            "--hold-ms",
+            "30000",
+        ],
+    );
+    let trying = sim
+        .wait_for(|v| v["event"] == "transfer_status", T)
+        .unwrap();
+    assert_eq!(
+        (trying["sip_status"].as_u64(), trying["done"].as_bool()),
+        (Some(100), Some(false)),
+        "{trying}"
+    );
+    let done = sim
+        .wait_for(|v| v["event"] == "transfer_status", T)
+        .unwrap();
+    assert_eq!(
+        (done["sip_status"].as_u64(), done["done"].as_bool()),
+        (Some(200), Some(true)),
+        "{done}"
+    );
+    let ended = sim
+        .wait_for(|v| v["event"] == "call_event" && v["state"] == "ended", T)
+        .unwrap();
+    assert_eq!(ended["end_reason"], "normal", "{ended}");
+    assert_eq!(ended["reason"], "transferred", "{ended}");
+    let outcome = server.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}

@@ -520,7 +520,9 @@ fn sipfrag_status(body: &[u8]) -> Option<(u16, String)> {
     let rest = line.strip_prefix("SIP/2.0 ")?;
     let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
     let code: u16 = code.parse().ok()?;
-    (100..700).contains(&code).then(|| (code, reason.trim().to_string()))
+    (100..700)
+        .contains(&code)
+        .then(|| (code, reason.trim().to_string()))
 }
 
 /// Whether `request`'s Allow names UPDATE.
@@ -1451,7 +1453,11 @@ impl CallCore {
             .text(&HeaderName::SubscriptionState)
             .ok()
             .flatten()
-            .is_some_and(|s| s.trim_start().to_ascii_lowercase().starts_with("terminated"));
+            .is_some_and(|s| {
+                s.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("terminated")
+            });
         let done = status >= 200 || terminated;
         self.transfer_status(request_id, u32::from(status), &reason, done);
         if done {
@@ -1920,7 +1926,9 @@ impl CallCore {
         match self.phase.clone() {
             Phase::Dialling { .. } => match body {
                 Body::Hangup(_) => self.hangup_while_dialling(),
-                Body::Transfer(_) => self.reply_error(request_id, "only an answered call is transferred"),
+                Body::Transfer(_) => {
+                    self.reply_error(request_id, "only an answered call is transferred")
+                }
                 _ => self.reply_error(request_id, "the call is not answered yet"),
             },
             Phase::Ringing { tx, .. } => match body {
@@ -1942,7 +1950,9 @@ impl CallCore {
                     self.close();
                 }
                 Body::Hangup(_) => self.decline(tx),
-                Body::Transfer(_) => self.reply_error(request_id, "only an answered call is transferred"),
+                Body::Transfer(_) => {
+                    self.reply_error(request_id, "only an answered call is transferred")
+                }
                 _ => self.reply_error(request_id, "answer or reject the call first"),
             },
             Phase::Up => match body {
