@@ -14,10 +14,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::json;
 use thalamus_sip::dialog::DialogId;
-use thalamus_sip::message::{HeaderName, MediaType, Method, Request};
+use thalamus_sip::message::{HeaderName, MediaType, Method, NameAddr, Request, Uri};
 use thalamus_sip::sdp::{Codec, Direction, LocalMedia, SdpSession, SessionDescription};
 use thalamus_sip::transport::TransportConfig;
-use thalamus_sip::ua::{UaConfig, UaEvent, UserAgent};
+use thalamus_sip::ua::{ClientEvent, UaConfig, UaEvent, UserAgent};
 use tokio::net::UdpSocket;
 use tokio::sync::Mutex;
 
@@ -236,6 +236,34 @@ impl Buddy {
                     );
                     self.ua.respond(tx, 200, None, None).await?;
                 }
+                Method::Refer => {
+                    let target = request
+                        .headers
+                        .text(&HeaderName::ReferTo)
+                        .ok()
+                        .flatten()
+                        .and_then(|t| t.parse::<NameAddr>().ok())
+                        .map(|n| n.uri);
+                    match target {
+                        Some(target) => {
+                            self.ua.respond(tx, 202, None, None).await?;
+                            p.emit(
+                                "refer",
+                                json!({"call_id": dialog.call_id, "target": target.to_string()}),
+                            );
+                            tokio::spawn(transfer(
+                                self.ua.clone(),
+                                dialog,
+                                target,
+                                self.media_ip,
+                                p,
+                            ));
+                        }
+                        None => {
+                            self.ua.respond(tx, 400, Some("Bad Refer-To"), None).await?;
+                        }
+                    }
+                }
                 _ => {
                     self.ua
                         .respond_with_headers(
@@ -368,13 +396,109 @@ impl Buddy {
     }
 }
 
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE";
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, REFER";
 
 /// How long a call's echo socket lives without packets (the call is long over by then).
 const ECHO_IDLE: Duration = Duration::from_secs(60);
 
 /// The RTP timestamp and digit of an RFC 4733 end packet (payload type 101, as the buddy offers
 /// and answers telephone-event), or `None` for any other packet.
+/// The transferee's side of a blind transfer (RFC 3515): reports "100 Trying" in a NOTIFY,
+/// calls `target` (a short call: answered, it is hung up a second later), then reports the
+/// call's final status in a last NOTIFY that ends the implicit subscription.
+async fn transfer(ua: UserAgent, dialog: DialogId, target: Uri, media_ip: IpAddr, p: EventPrinter) {
+    notify_refer(&ua, &dialog, "SIP/2.0 100 Trying", "active;expires=60").await;
+    let (status, reason) = match call_transfer_target(&ua, &target, media_ip).await {
+        Ok(answer) => answer,
+        Err(e) => (503, format!("Service Unavailable ({e})")),
+    };
+    notify_refer(
+        &ua,
+        &dialog,
+        &format!("SIP/2.0 {status} {reason}"),
+        "terminated;reason=noresource",
+    )
+    .await;
+    p.emit(
+        "transfer_done",
+        json!({"call_id": dialog.call_id, "target": target.to_string(), "status": status}),
+    );
+}
+
+async fn notify_refer(ua: &UserAgent, dialog: &DialogId, sipfrag: &str, state: &str) {
+    let headers = vec![
+        (HeaderName::Event, "refer".to_string()),
+        (HeaderName::SubscriptionState, state.to_string()),
+    ];
+    let body = Some((
+        Bytes::from(format!("{sipfrag}\r\n")),
+        MediaType::new("message", "sipfrag"),
+    ));
+    match ua
+        .request_in_dialog(dialog, Method::Notify, body, headers)
+        .await
+    {
+        Ok(mut call) => {
+            let _ = call.final_response().await;
+        }
+        Err(e) => tracing::debug!(error = %e, "NOTIFY not sent"),
+    }
+}
+
+/// Calls `target` for a transfer: its final status and reason; an answered call is hung up a
+/// second later.
+async fn call_transfer_target(
+    ua: &UserAgent,
+    target: &Uri,
+    media_ip: IpAddr,
+) -> anyhow::Result<(u16, String)> {
+    let from: NameAddr = "<sip:buddy@thalamus-sim.invalid>".parse()?;
+    let mut invite = ua.new_request(
+        Method::Invite,
+        target.clone(),
+        from,
+        NameAddr::new(target.clone()),
+    );
+    invite
+        .headers
+        .push_contact(&ua.contact(Some("buddy"), thalamus_sip::transport::PeerTransport::Udp));
+    let offer = SdpSession::with_random_id().create_offer(&LocalMedia::audio(
+        media_ip,
+        40_000,
+        codecs(true),
+    ))?;
+    invite.set_body(Bytes::from(offer.to_string()), Some(&MediaType::sdp()));
+    let mut call = ua.send_with_auth(invite, None, None).await?;
+    loop {
+        match call.events.recv().await {
+            Some(ClientEvent::Response { response, dialog }) if response.is_success() => {
+                let dialog = dialog.ok_or_else(|| anyhow::anyhow!("2xx without a dialog"))?;
+                ua.ack(&dialog, None).await?;
+                let ua = ua.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Ok(mut bye) = ua
+                        .request_in_dialog(&dialog, Method::Bye, None, vec![])
+                        .await
+                    {
+                        let _ = bye.final_response().await;
+                    }
+                    let _ = ua.remove_dialog(&dialog).await;
+                });
+                return Ok((response.status, response.reason.clone()));
+            }
+            Some(ClientEvent::Response { response, .. }) if response.status >= 300 => {
+                return Ok((response.status, response.reason.clone()));
+            }
+            Some(ClientEvent::Response { .. }) => {}
+            Some(ClientEvent::Timeout) => return Ok((408, "Request Timeout".into())),
+            Some(ClientEvent::TransportError) | None => {
+                anyhow::bail!("transport error")
+            }
+        }
+    }
+}
+
 fn telephone_event_end(packet: &[u8]) -> Option<(u32, &'static str)> {
     const DIGITS: [&str; 16] = [
         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "#", "A", "B", "C", "D",

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use thalamus_tests::{free_udp_port, login_args, scenario, sim_as, sipp, Gateway, SippProcess};
+use thalamus_tests::{
+    free_udp_port, login_args, scenario, sim_as, sipp, Gateway, Sim, SippProcess,
+};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -202,4 +204,68 @@ fn a_device_transfers_its_call_and_hears_how_the_transfer_went() {
     let outcome = server.wait(SIPP_WAIT);
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}
+
+#[test]
+fn a_device_transfers_its_call_from_one_buddy_to_another() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("caller").unwrap();
+    let (mut bob, bob_port) = Sim::buddy(&[], T).unwrap();
+    let (mut carol, carol_port) = Sim::buddy(&[], T).unwrap();
+    let target = format!("sip:bob@127.0.0.1:{bob_port}");
+    let transfer_to = format!("sip:carol@127.0.0.1:{carol_port}");
+    let mut sim = sim_as(
+        "call",
+        login_args(&gw, "caller", &secret),
+        &[
+            "--target",
+            &target,
+            "--transfer-to",
+            &transfer_to,
+            "--hold-ms",
+            "30000",
+        ],
+    );
+    // Bob, the transferee, is asked to call Carol, and does; the device hears it succeed.
+    let refer = bob.wait_event("refer", T).unwrap();
+    assert_eq!(refer["target"], transfer_to.as_str(), "{refer}");
+    let invite = carol.wait_event("invite", T).unwrap();
+    assert!(
+        invite["from"].as_str().unwrap().starts_with("sip:buddy@"),
+        "{invite}"
+    );
+    let done = sim
+        .wait_for(|v| v["event"] == "transfer_status" && v["done"] == true, T)
+        .unwrap();
+    assert_eq!(done["sip_status"], 200, "{done}");
+    let ended = sim
+        .wait_for(|v| v["event"] == "call_event" && v["state"] == "ended", T)
+        .unwrap();
+    assert_eq!(ended["reason"], "transferred", "{ended}");
+    assert_eq!(bob.wait_event("transfer_done", T).unwrap()["status"], 200);
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+
+    // A transfer to someone busy fails: reported, and the device hangs up itself.
+    let (_busy, busy_port) = Sim::buddy(&["--reject", "486"], T).unwrap();
+    let busy = format!("sip:dave@127.0.0.1:{busy_port}");
+    let mut sim = sim_as(
+        "call",
+        login_args(&gw, "caller", &secret),
+        &[
+            "--target",
+            &target,
+            "--transfer-to",
+            &busy,
+            "--hold-ms",
+            "30000",
+        ],
+    );
+    let done = sim
+        .wait_for(|v| v["event"] == "transfer_status" && v["done"] == true, T)
+        .unwrap();
+    assert_eq!(done["sip_status"], 486, "{done}");
+    let ended = sim
+        .wait_for(|v| v["event"] == "call_event" && v["state"] == "ended", T)
+        .unwrap();
+    assert_eq!(ended["end_reason"], "local_hangup", "{ended}");
 }
