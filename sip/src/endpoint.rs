@@ -954,7 +954,7 @@ impl Endpoint {
             }
             None => {
                 let mut r = Response::from_request(request, status, reason);
-                if request.method == Method::Invite && status > 100 {
+                if matches!(request.method, Method::Invite | Method::Subscribe) && status > 100 {
                     let tag = pending
                         .to_tag
                         .clone()
@@ -1010,7 +1010,7 @@ impl Endpoint {
         }
         self.decorate(response);
         let mut dialog = pending.dialog.clone();
-        if request.method == Method::Invite || dialog.is_some() {
+        if matches!(request.method, Method::Invite | Method::Subscribe) || dialog.is_some() {
             if let Some(d) = self.dialogs.response_sent(request, response, now)? {
                 dialog = Some(d.id().clone());
                 if d.state() == DialogState::Terminated {
@@ -1683,6 +1683,53 @@ mod tests {
             b.poll_event(),
             Some(EndpointEvent::Request { .. })
         ));
+    }
+
+    #[test]
+    fn a_2xx_to_a_subscribe_creates_the_dialog_its_notifies_go_in() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        let (mut a, mut b) = (endpoint(5061), endpoint(5062));
+        let mut subscribe = invite("sip:bob@127.0.0.1:5062");
+        subscribe.method = Method::Subscribe;
+        subscribe
+            .headers
+            .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
+        subscribe.headers.push(HeaderName::Event, "presence");
+        a.send_request(t0, subscribe, pb).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let evs = events(&mut b);
+        let EndpointEvent::Request { key, .. } = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        let dialog = b
+            .respond(t0, *key, 200, None, None)
+            .unwrap()
+            .expect("a dialog");
+        let notify = b.dialog_request(&dialog, Method::Notify).unwrap();
+        assert_eq!(notify.headers.to_tag(), Some("a1"));
+        assert_eq!(notify.headers.from_tag(), Some(dialog.local_tag.as_str()));
+        assert_eq!(notify.uri.to_string(), "sip:alice@127.0.0.1:5061");
+        // Its 200 carried the same To tag.
+        let t = b.poll_transmit().unwrap();
+        let Ok(Message::Response(ok)) = Message::parse(t.payload.clone()) else {
+            panic!("not a response");
+        };
+        assert_eq!(ok.headers.to_tag(), Some(dialog.local_tag.as_str()));
+        // A refused SUBSCRIBE makes none.
+        let mut again = invite("sip:bob@127.0.0.1:5062");
+        again.method = Method::Subscribe;
+        again.headers.set_call_id("call-2@test");
+        again
+            .headers
+            .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
+        a.send_request(t0, again, pb).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let evs = events(&mut b);
+        let EndpointEvent::Request { key, .. } = &evs[0] else {
+            panic!("{evs:?}")
+        };
+        assert_eq!(b.respond(t0, *key, 489, None, None).unwrap(), None);
     }
 
     #[test]

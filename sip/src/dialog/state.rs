@@ -311,11 +311,13 @@ impl Dialog {
     /// dialog, a 2xx a confirmed one) to the `invite` we received (RFC 3261 section 12.1.1).
     ///
     /// The local tag is the To tag of `response` and the local Contact its Contact (build the
-    /// response with [`crate::dialog::uas_response`]). The route set is the Record-Route of the
+    /// response with [`crate::dialog::uas_response`]), or by our 2xx to a SUBSCRIBE (RFC 6665
+    /// section 4.2.1: the NOTIFYs go in it). The route set is the Record-Route of the
     /// INVITE in order; the remote target is its Contact; the remote CSeq is its CSeq; the local
     /// CSeq stays empty until our first request.
     pub fn new_uas(invite: &Request, response: &Response) -> Result<Dialog, DialogError> {
-        if invite.method != Method::Invite {
+        let subscribe = invite.method == Method::Subscribe;
+        if invite.method != Method::Invite && !subscribe {
             return Err(DialogError::NotInvite(invite.method.clone()));
         }
         if invite.headers.to_tag().is_some() {
@@ -345,7 +347,7 @@ impl Dialog {
             local_cseq: None,
             remote_cseq: Some(cseq.seq),
             local_invite_cseq: None,
-            remote_invite_cseq: Some(cseq.seq),
+            remote_invite_cseq: (!subscribe).then_some(cseq.seq),
             local_uri: tagged_text(invite.headers.to()?, local_tag),
             remote_uri: tagged_text(invite.headers.from()?, remote_tag),
             local_contact: stored_text(&local_contact),

@@ -403,9 +403,13 @@ impl Dialogs {
         let at = match self.position(call_id, local_tag, remote_tag) {
             Some(at) => at,
             None => {
-                let creates = request.method == Method::Invite
-                    && request.headers.to_tag().is_none()
-                    && (101..300).contains(&response.status);
+                let creates = request.headers.to_tag().is_none()
+                    && match request.method {
+                        Method::Invite => (101..300).contains(&response.status),
+                        // RFC 6665 section 4.2.1: a 2xx to a SUBSCRIBE creates the dialog.
+                        Method::Subscribe => response.is_success(),
+                        _ => false,
+                    };
                 if !creates {
                     return Ok(None);
                 }
