@@ -101,6 +101,8 @@ pub struct BridgeConfig {
     pub session_timer: Option<thalamus_sip::session_timer::TimerConfig>,
     /// Reliable provisional responses (RFC 3262, PRACK) on calls.
     pub reliable_provisionals: bool,
+    /// Presence subscriptions of SIP watchers: limits and intervals.
+    pub presence: crate::presence::PresenceConfig,
 }
 
 impl Default for BridgeConfig {
@@ -132,6 +134,7 @@ impl Default for BridgeConfig {
             reinvite_after_takeover: true,
             session_timer: Some(thalamus_sip::session_timer::TimerConfig::default()),
             reliable_provisionals: true,
+            presence: crate::presence::PresenceConfig::default(),
         }
     }
 }

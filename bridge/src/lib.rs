@@ -32,10 +32,12 @@ pub mod limits;
 pub mod mapping;
 pub mod media_sdp;
 pub mod metrics;
+pub mod presence;
 pub mod registrar;
 mod shared;
 pub mod table;
 pub mod takeover;
+pub(crate) mod watchers;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -134,6 +136,7 @@ impl Bridge {
         } = deps;
         let conflicts = replicator.as_ref().and_then(|r| r.take_conflicts());
         let (config_texts_in, config_texts_out) = (config.texts_in, config.texts_out);
+        let config_presence = config.presence;
         let devices = config.devices.clone();
         let registrar = config
             .registrar
@@ -150,6 +153,7 @@ impl Bridge {
             calls: DashMap::new(),
             calls_per_device: DashMap::new(),
             by_dialog: DashMap::new(),
+            watchers: presence::Watchers::new(config_presence),
             by_invite: DashMap::new(),
             in_progress: DashMap::new(),
             next_incoming_ref: AtomicU32::new(
@@ -176,6 +180,7 @@ impl Bridge {
             texts_out: limits::DeviceRates::new(config_texts_out, 65_536),
         });
         tokio::spawn(dispatch(inner.clone(), events));
+        tokio::spawn(watchers::expire(inner.clone()));
         if let Some(conflicts) = conflicts {
             tokio::spawn(takeover::drop_lost_dialogs(inner.clone(), conflicts));
         }
@@ -473,7 +478,13 @@ impl DeviceRequests for Bridge {
                 ));
                 vec![]
             }
-            Body::PresenceUpdate(_) => vec![],
+            Body::PresenceUpdate(p) => {
+                let state = thalamus_proto::v1::PresenceState::try_from(p.state)
+                    .unwrap_or(thalamus_proto::v1::PresenceState::Unspecified);
+                inner.watchers.set_by_device(device_id, state, &p.note);
+                watchers::changed(inner, device_id);
+                vec![]
+            }
             other => vec![error_frame(
                 request_id,
                 ErrorCode::Unsupported,
@@ -495,10 +506,12 @@ impl DeviceRequests for Bridge {
         }
         // Requests waiting for a device to arrive look again.
         self.inner.arrivals.notify_waiters();
+        watchers::changed(&self.inner, device_id);
     }
 
     fn offline(&self, device_id: &str) {
         self.inner.links.remove(device_id);
+        watchers::changed(&self.inner, device_id);
         if let Some(r) = &self.inner.registrar {
             r.device_offline(device_id);
         }
@@ -652,6 +665,14 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
                 dialog,
                 request,
                 source: _,
+            } if request.method == Method::Subscribe && inner.watchers.holds(&dialog) => {
+                tokio::spawn(watchers::resubscribe(inner, tx, dialog, request));
+            }
+            UaEvent::DialogRequest {
+                tx,
+                dialog,
+                request,
+                source: _,
             } => {
                 let key = inner.by_dialog.get(&dialog).map(|k| k.clone());
                 let delivered = key
@@ -784,6 +805,23 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                     ],
                 )
                 .await;
+        }
+        Method::Subscribe => {
+            // As for calls and texts: the policy first, then the device.
+            if !admitted(&inner, tx, &request, source).await {
+                return;
+            }
+            let Some(device) = inbound::addressed_device(&request) else {
+                inc(&inner.metrics.sip_refused, "not_found");
+                let _ = ua.respond(tx, 404, None, None).await;
+                return;
+            };
+            if inner.registry.refresh().is_ok() && !inner.registry.contains(&device) {
+                inc(&inner.metrics.sip_refused, "not_found");
+                let _ = ua.respond(tx, 404, None, None).await;
+                return;
+            }
+            watchers::subscribe(inner.clone(), tx, request, source, device).await;
         }
         Method::Invite | Method::Message => {
             // Who may reach a device is settled first: a stranger learns nothing of devices.

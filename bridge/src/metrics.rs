@@ -38,6 +38,11 @@ pub struct BridgeMetrics {
     /// Time from a call's start (the device's `Dial`, or the INVITE for the device) to its
     /// answer, seconds, by direction (`outgoing`, `incoming`). It includes the ringing.
     pub call_setup: Family<ReasonLabel, Histogram>,
+    /// Presence subscriptions (SIP watchers of devices) held on this node.
+    pub presence_subscriptions: Gauge,
+    /// Presence NOTIFYs, by outcome (`sent`, `refused`: a non-2xx other than 481, `gone`: 481,
+    /// no answer or not sendable, which ends the subscription).
+    pub presence_notifies: Family<ReasonLabel, Counter>,
 }
 
 fn setup_histogram() -> Histogram {
@@ -62,6 +67,8 @@ impl Default for BridgeMetrics {
             dialogs_lost: Counter::default(),
             arrival_waits: Family::default(),
             call_setup: Family::new_with_constructor(setup_histogram),
+            presence_subscriptions: Gauge::default(),
+            presence_notifies: Family::default(),
         }
     }
 }
@@ -114,6 +121,16 @@ impl BridgeMetrics {
             "dialogs_lost",
             "Dialogs dropped because another node took them over",
             self.dialogs_lost.clone(),
+        );
+        registry.register(
+            "presence_subscriptions",
+            "Presence subscriptions of SIP watchers held on this node",
+            self.presence_subscriptions.clone(),
+        );
+        registry.register(
+            "presence_notifies",
+            "Presence NOTIFYs sent to SIP watchers, by outcome",
+            self.presence_notifies.clone(),
         );
         registry.register(
             "device_arrival_waits",

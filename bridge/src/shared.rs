@@ -44,6 +44,8 @@ pub(crate) struct BridgeInner {
     /// `forget_call`), so limits and redirects do not scan every call of the node.
     pub(crate) calls_per_device: DashMap<String, usize>,
     pub(crate) by_dialog: DashMap<DialogId, CallKey>,
+    /// SIP watchers of devices' presence.
+    pub(crate) watchers: crate::presence::Watchers,
     pub(crate) by_invite: DashMap<ServerTx, CallKey>,
     /// Requests outside a dialog being handled, by merge key, with their branch.
     pub(crate) in_progress: DashMap<(String, String, u32), String>,

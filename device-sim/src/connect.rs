@@ -38,6 +38,8 @@ pub struct ConnectOptions {
     pub fingerprint: Option<[u8; 32]>,
     /// Stop after this many reconnect attempts in a row (None: forever).
     pub max_attempts: Option<u32>,
+    /// The presence (and note) to set once live, again after every reconnect.
+    pub presence: Option<(thalamus_proto::v1::PresenceState, String)>,
     /// Output format.
     pub printer: EventPrinter,
 }
@@ -190,6 +192,16 @@ async fn session(
         request_id: 0,
         body: Some(Body::Welcome(welcome)),
     });
+    if let Some((state, note)) = &opts.presence {
+        let update = Body::PresenceUpdate(thalamus_proto::v1::PresenceUpdate {
+            uri: String::new(),
+            state: *state as i32,
+            note: note.clone(),
+        });
+        if let Err(e) = conn.writer.send(update).await {
+            return SessionEnd::Lost(e.to_string());
+        }
+    }
     let mut ping = tokio::time::interval(keepalive);
     ping.tick().await;
     let mut nonce = 0u64;

@@ -170,6 +170,13 @@ enum Command {
         /// Give up after this many failed reconnects in a row.
         #[arg(long)]
         max_attempts: Option<u32>,
+        /// Once live, set the device's presence (what SIP watchers see): available, busy,
+        /// away or offline.
+        #[arg(long)]
+        presence: Option<String>,
+        /// The note that goes with --presence.
+        #[arg(long, default_value = "")]
+        note: String,
         /// One JSON object per line per event.
         #[arg(long)]
         json: bool,
@@ -326,8 +333,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fingerprint,
             server_name,
             max_attempts,
+            presence,
+            note,
             json,
         } => {
+            let presence = match presence.as_deref() {
+                None => None,
+                Some(name) => Some((
+                    thalamus_proto::v1::PresenceState::from_str_name(&format!(
+                        "PRESENCE_STATE_{}",
+                        name.to_ascii_uppercase()
+                    ))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--presence: one of available, busy, away, offline")
+                    })?,
+                    note,
+                )),
+            };
             let mut entry_points = gateway.split(',').map(str::trim).filter(|g| !g.is_empty());
             let first = entry_points.next().unwrap_or("127.0.0.1:4433");
             let (addr, default_name) = resolve_gateway(first)?;
@@ -346,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secret,
                 fingerprint,
                 max_attempts,
+                presence,
                 printer: EventPrinter { json },
             })
             .await?;

@@ -322,6 +322,8 @@ pub struct SipConfig {
     pub inbound: thalamus_bridge::inbound::InboundConfig,
     /// What one source, one device or one connection may take (`[sip.limits]`).
     pub limits: SipLimitsConfig,
+    /// Presence subscriptions of SIP watchers to devices (`[sip.presence]`).
+    pub presence: SipPresenceConfig,
     /// Transaction timer T1 (milliseconds).
     pub t1_ms: u32,
     /// Transaction timer T2 (milliseconds).
@@ -345,9 +347,40 @@ impl Default for SipConfig {
             registrar: None,
             inbound: thalamus_bridge::inbound::InboundConfig::default(),
             limits: SipLimitsConfig::default(),
+            presence: SipPresenceConfig::default(),
             t1_ms: 500,
             t2_ms: 4_000,
             t4_ms: 5_000,
+        }
+    }
+}
+
+/// Presence subscriptions (`[sip.presence]`): SIP watchers SUBSCRIBE to a device's presence
+/// (RFC 3856); these bound them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SipPresenceConfig {
+    /// Subscriptions to one device at once (over it: 503).
+    pub max_per_device: usize,
+    /// Subscriptions from one watcher address at once (over it: 503).
+    pub max_per_watcher: usize,
+    /// Subscriptions on the node at once (over it: 503).
+    pub max_total: usize,
+    /// Shortest subscription accepted, seconds (shorter: 423 with Min-Expires).
+    pub min_expires_secs: u32,
+    /// Longest subscription granted, seconds (longer is lowered; also the default).
+    pub max_expires_secs: u32,
+}
+
+impl Default for SipPresenceConfig {
+    fn default() -> Self {
+        let d = thalamus_bridge::presence::PresenceConfig::default();
+        Self {
+            max_per_device: d.max_per_device,
+            max_per_watcher: d.max_per_watcher,
+            max_total: d.max_total,
+            min_expires_secs: d.min_expires,
+            max_expires_secs: d.max_expires,
         }
     }
 }
@@ -560,6 +593,25 @@ impl Config {
         }
         if limits.tcp_connect_timeout_ms < 100 {
             return bad("sip.limits.tcp_connect_timeout_ms", "must be at least 100");
+        }
+        let presence = &self.sip.presence;
+        for (key, value) in [
+            ("sip.presence.max_per_device", presence.max_per_device),
+            ("sip.presence.max_per_watcher", presence.max_per_watcher),
+            ("sip.presence.max_total", presence.max_total),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if presence.min_expires_secs == 0 {
+            return bad("sip.presence.min_expires_secs", "must be at least 1");
+        }
+        if presence.max_expires_secs < presence.min_expires_secs {
+            return bad(
+                "sip.presence.max_expires_secs",
+                "must be at least sip.presence.min_expires_secs",
+            );
         }
         if self.sip.session_expires_secs != 0 {
             if self.sip.min_se_secs < thalamus_sip::session_timer::MIN_SE_FLOOR {
@@ -779,6 +831,13 @@ impl Config {
             reinvite_after_takeover: self.cluster.reinvite_after_takeover,
             session_timer: self.session_timer(),
             reliable_provisionals: self.sip.reliable_provisionals,
+            presence: thalamus_bridge::presence::PresenceConfig {
+                max_per_device: self.sip.presence.max_per_device,
+                max_per_watcher: self.sip.presence.max_per_watcher,
+                max_total: self.sip.presence.max_total,
+                min_expires: self.sip.presence.min_expires_secs,
+                max_expires: self.sip.presence.max_expires_secs,
+            },
         }
     }
 

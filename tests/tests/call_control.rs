@@ -269,3 +269,80 @@ fn a_device_transfers_its_call_from_one_buddy_to_another() {
         .unwrap();
     assert_eq!(ended["end_reason"], "local_hangup", "{ended}");
 }
+
+#[test]
+fn a_sip_watcher_hears_a_device_come_take_a_call_and_go_back_to_open() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
+    listener.wait_event("welcome", T).unwrap();
+    let mut command = sipp();
+    command
+        .args(["-sf", &scenario("uac_subscribe.xml"), "-s", "callee"])
+        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "40s", "-timeout_error"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .arg(gw.sip.to_string());
+    let watcher = SippProcess::spawn(command);
+    gw.wait_metric("thalamus_presence_subscriptions", 1.0, T)
+        .unwrap();
+    // A call to the device: answered, held 1.5 s, hung up by the caller.
+    let out = std::process::Command::new(thalamus_tests::bin("thalamus-sim"))
+        .args(["sip-call", "--target", &format!("sip:callee@{}", gw.sip)])
+        .args(["--hold-ms", "1500"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(report["succeeded"], 1, "{report}");
+    let outcome = watcher.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    gw.wait_metric("thalamus_presence_subscriptions", 0.0, T)
+        .unwrap();
+    assert!(
+        gw.metric("thalamus_presence_notifies_total{reason=\"sent\"}")
+            .unwrap()
+            >= 4.0
+    );
+}
+
+#[test]
+fn a_fetch_returns_the_presence_a_device_set_itself() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("earpiece").unwrap();
+    let mut device = sim_as(
+        "connect",
+        login_args(&gw, "earpiece", &secret),
+        &["--presence", "busy", "--note", "in a meeting"],
+    );
+    device.wait_event("welcome", T).unwrap();
+    // The update follows the Welcome on the same stream: give it a moment to be read.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut command = sipp();
+    command
+        .args(["-sf", &scenario("uac_presence_fetch.xml"), "-s", "earpiece"])
+        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "20s", "-timeout_error"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .arg(gw.sip.to_string());
+    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    // Anything but presence: 489 with Allow-Events.
+    let (ok, failed) = {
+        let mut command = sipp();
+        command
+            .args([
+                "-sf",
+                &scenario("uac_subscribe_bad_event.xml"),
+                "-s",
+                "earpiece",
+            ])
+            .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+            .args(["-timeout", "20s", "-timeout_error"])
+            .args(["-p", &free_udp_port().unwrap().to_string()])
+            .arg(gw.sip.to_string());
+        SippProcess::spawn(command).wait(SIPP_WAIT).counts()
+    };
+    assert_eq!((ok, failed), (1, 0));
+}

@@ -161,6 +161,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         core.state(),
     );
     inner.add_call(key.clone(), handle);
+    crate::watchers::changed(&inner, &key.0);
     if let Some(dialog) = core.dialog() {
         // Before the request that caused a takeover is delivered again.
         inner.by_dialog.insert(dialog.clone(), key.clone());
@@ -373,6 +374,8 @@ impl Driver {
                     inner.by_invite.remove(&tx);
                     drop(in_progress);
                 }
+                // Answered (the device is on the phone now) or refused.
+                crate::watchers::changed(inner, &self.key.0);
             }
             CallAction::Replicate(facts) => self.replicate(*facts),
             CallAction::ReplicateEarly(facts) => self.replicate_early(&facts),
@@ -772,6 +775,7 @@ impl Driver {
         // Nothing reaches the call from now on; what already did is answered (a BYE that
         // crossed ours 200, anything else 481), not left to time out.
         self.inner.forget_call(&self.key);
+        crate::watchers::changed(&self.inner, &self.key.0);
         self.rx.close();
         while let Ok(command) = self.rx.try_recv() {
             if let CallCommand::SipRequest(tx, request) = *command {
