@@ -7,7 +7,7 @@
 //! what to answer and which subscriptions expired. [`DevicePresence`] renders as PIDF.
 //!
 //! It does not send NOTIFYs, read a clock or know dialogs beyond their ids: the bridge's shell
-//! does (`crate::watchers`); [`Watchers`] holds this node's table and what devices set.
+//! does (`crate::watchers`); `Watchers` holds this node's table and what devices set.
 //! Subscriptions live on the node that accepted them; they are
 //! not replicated (a watcher whose node died gets 481 to its refresh and subscribes again).
 
