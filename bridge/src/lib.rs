@@ -370,6 +370,7 @@ impl DeviceRequests for Bridge {
                         target,
                         media: dial.media,
                         headers: dial.headers,
+                        transfer_of: None,
                     },
                 );
                 vec![]

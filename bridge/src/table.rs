@@ -26,6 +26,8 @@ pub enum CallCommand {
     Cancelled,
     /// The caller never PRACKed the ringing (the INVITE was answered 504).
     PrackTimeout,
+    /// The call placed for this call's transfer progressed (SIP status, reason).
+    TransferProgress(u16, String),
     /// Our 2xx was never acknowledged.
     AckTimeout,
     /// The device did not come back after losing its session.

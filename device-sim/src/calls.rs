@@ -66,6 +66,11 @@ pub async fn login(login: &Login, printer: EventPrinter) -> anyhow::Result<Sessi
         .hello(Hello {
             device_id: login.device.clone(),
             credential: login.secret.clone(),
+            // Revision 2: follows a transfer the remote party asks for (TransferRequested).
+            capabilities: Some(thalamus_proto::v1::Capabilities {
+                transfer: true,
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await?;

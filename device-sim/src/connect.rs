@@ -163,6 +163,8 @@ async fn session(
             video_codecs: vec![],
             video: false,
             text: true,
+            // Revision 2: follows a transfer the remote party asks for (TransferRequested).
+            transfer: true,
         }),
         software_version: format!("thalamus-sim/{}", env!("CARGO_PKG_VERSION")),
         resume_token: resume_token.clone(),

@@ -101,6 +101,12 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
         Some(Body::Dtmf(d)) => {
             json!({"call_ref": d.call_ref, "digit": d.digit, "duration_ms": d.duration_ms})
         }
+        Some(Body::TransferRequested(t)) => json!({
+            "call_ref": t.call_ref,
+            "new_call_ref": t.new_call_ref,
+            "target": t.target,
+            "referred_by": t.referred_by,
+        }),
         Some(Body::TransferStatus(t)) => json!({
             "call_ref": t.call_ref,
             "sip_status": t.sip_status,

@@ -145,6 +145,7 @@ pub fn body_kind(body: Option<&crate::v1::envelope::Body>) -> &'static str {
         Some(Body::Dtmf(_)) => "dtmf",
         Some(Body::Transfer(_)) => "transfer",
         Some(Body::TransferStatus(_)) => "transfer_status",
+        Some(Body::TransferRequested(_)) => "transfer_requested",
         Some(Body::SendText(_)) => "send_text",
         Some(Body::TextReceived(_)) => "text_received",
         Some(Body::TextStatus(_)) => "text_status",

@@ -346,3 +346,55 @@ fn a_fetch_returns_the_presence_a_device_set_itself() {
     };
     assert_eq!((ok, failed), (1, 0));
 }
+
+#[test]
+fn a_sip_peer_transfers_the_device_to_a_buddy() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let (mut carol, carol_port) = Sim::buddy(&["--hangup-after-ms", "1000"], T).unwrap();
+    let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
+    listener.wait_event("welcome", T).unwrap();
+    let carol_uri = format!("sip:carol@127.0.0.1:{carol_port}");
+    let mut command = sipp();
+    command
+        .args(["-sf", &scenario("uac_refer_device.xml"), "-s", "callee"])
+        .args(["-key", "carol", &carol_uri])
+        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "30s", "-timeout_error"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .arg(gw.sip.to_string());
+    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    // The device was told, and the new call reached Carol from the device's address.
+    let told = listener.wait_event("transfer_requested", T).unwrap();
+    assert_eq!(told["target"], carol_uri.as_str(), "{told}");
+    assert!(
+        told["referred_by"].as_str().unwrap().contains("sip:sipp@"),
+        "{told}"
+    );
+    let new_ref = told["new_call_ref"].clone();
+    let invite = carol.wait_event("invite", T).unwrap();
+    assert!(
+        invite["from"].as_str().unwrap().starts_with("sip:callee@"),
+        "{invite}"
+    );
+    let old = listener
+        .wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["call_ref"] == told["call_ref"]
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(old["reason"], "transferred", "{old}");
+    // Carol hangs up after a second: the new call ends too.
+    listener
+        .wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "ended" && v["call_ref"] == new_ref,
+            T,
+        )
+        .unwrap();
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}

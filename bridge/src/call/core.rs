@@ -214,6 +214,9 @@ pub enum CallInput {
     MediaTimeout,
     /// Another node took the dialog over (a replication conflict): drop it without a BYE.
     OwnershipLost,
+    /// How the call placed for the peer's transfer goes: its SIP status (1xx, 2xx, or the
+    /// final error) and reason.
+    TransferProgress(u16, String),
     /// Write the confirmed dialog's record again: the store answers again after an outage
     /// (writes during it failed), or it lost our record (a Redis restart without persistence, an
     /// older snapshot) and holds this version of it, still ours (`Some`: write over it), or
@@ -309,6 +312,15 @@ pub enum CallAction {
         /// Feed back [`CallInput::Responded`] with the dialog.
         report: bool,
     },
+    /// The peer transfers the device (its REFER was accepted): tell the device
+    /// (`TransferRequested`) and place a new call from it to `target` with this call's media;
+    /// its progress comes back as [`CallInput::TransferProgress`].
+    PlaceTransfer {
+        /// Where to.
+        target: Uri,
+        /// Who asked.
+        referred_by: String,
+    },
     /// The incoming INVITE has its final response (forget its transaction and merge key).
     InviteSettled,
     /// Write the next local CSeq ahead of a request, then feed [`CallInput::WriteAheadDone`].
@@ -347,6 +359,8 @@ enum Op {
     Refresh { update: bool },
     /// A blind transfer the device asked for (RFC 3515): REFER to `target`.
     Refer { request_id: u64, target: String },
+    /// A NOTIFY of the transfer the peer asked for: its sipfrag, and whether it is the last.
+    Notify { sipfrag: String, last: bool },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -478,6 +492,20 @@ pub struct CallCore {
     transfer: Option<u64>,
     /// The call ends because its transfer succeeded.
     transferred: bool,
+    /// The device follows transfers its remote party asks for (MBFP revision 2).
+    takes_transfers: bool,
+    /// The transfer the peer asked for: the NOTIFYs still to send (sipfrag, last), and
+    /// whether it succeeded.
+    referral: Option<Referral>,
+}
+
+/// A transfer the peer asked for (its REFER accepted).
+#[derive(Debug, Default)]
+struct Referral {
+    notifies: VecDeque<(String, bool)>,
+    succeeded: bool,
+    /// The last NOTIFY went (or is queued): later progress is not reported.
+    finished: bool,
 }
 
 /// What the call record needs that the call's rules do not: wall-clock times, the nodes that
@@ -613,7 +641,20 @@ impl CallCore {
             peer_allows_update: false,
             transfer: None,
             transferred: false,
+            takes_transfers: false,
+            referral: None,
         }
+    }
+
+    /// Whether the device follows transfers its remote party asks for (set from its session,
+    /// again when it reconnects).
+    pub fn set_takes_transfers(&mut self, takes: bool) {
+        self.takes_transfers = takes;
+    }
+
+    /// The media the device offered or accepted (what a call placed for a transfer offers).
+    pub fn device_media(&self) -> Option<MediaOffer> {
+        self.device_media.clone()
     }
 
     /// Gives the core the driver's wall clock: `now` is `unix_ms` ms since the Unix epoch.
@@ -1186,6 +1227,7 @@ impl CallCore {
                 self.replica.lost = true;
                 self.lost();
             }
+            CallInput::TransferProgress(status, reason) => self.transfer_progress(status, &reason),
             CallInput::Rereplicate(store_version) => {
                 // Only a confirmed dialog that was (meant to be) written, and that is not ending.
                 if self.replica.stored && self.phase == Phase::Up && !self.is_ending() {
@@ -1468,6 +1510,88 @@ impl CallCore {
             self.transferred = true;
             self.start_bye(EndReason::Normal);
         }
+    }
+
+    /// A REFER from the peer (RFC 3515): the peer transfers the device. Accepted (202) when
+    /// the call is answered, the device follows transfers, none is in progress and the target
+    /// is a SIP URI without embedded headers (an attended transfer's Replaces is not taken);
+    /// then the NOTIFYs report the new call's progress, and once it is answered this call ends.
+    fn peer_refer(&mut self, tx: ServerTx, request: &Request) {
+        if self.phase != Phase::Up || self.is_ending() {
+            self.respond(tx, 481, None, None, false);
+            return;
+        }
+        if !self.takes_transfers {
+            self.respond(tx, 603, Some("Transfers Not Taken"), None, false);
+            return;
+        }
+        if self.referral.is_some() {
+            self.respond(tx, 491, None, None, false);
+            return;
+        }
+        let target = request
+            .headers
+            .text(&HeaderName::ReferTo)
+            .ok()
+            .flatten()
+            .and_then(|t| t.parse::<thalamus_sip::message::NameAddr>().ok())
+            .map(|n| n.uri);
+        let Some(target) = target else {
+            self.respond(tx, 400, Some("Bad Refer-To"), None, false);
+            return;
+        };
+        if target.as_sip().is_none() || target.to_string().contains('?') {
+            self.respond(
+                tx,
+                501,
+                Some("Only Blind Transfers to SIP URIs"),
+                None,
+                false,
+            );
+            return;
+        }
+        let referred_by = request
+            .headers
+            .text(&HeaderName::ReferredBy)
+            .ok()
+            .flatten()
+            .map(str::to_string)
+            .or_else(|| request.headers.from().ok().map(|f| f.uri.to_string()))
+            .unwrap_or_default();
+        self.respond(tx, 202, None, None, false);
+        self.referral = Some(Referral {
+            notifies: VecDeque::from([("SIP/2.0 100 Trying".to_string(), false)]),
+            ..Referral::default()
+        });
+        self.push(CallAction::PlaceTransfer {
+            target,
+            referred_by,
+        });
+    }
+
+    /// The new call of the peer's transfer progressed: reported in a NOTIFY; a final status
+    /// is the last one (a 2xx ends this call once it is sent).
+    fn transfer_progress(&mut self, status: u16, reason: &str) {
+        let Some(referral) = self.referral.as_mut() else {
+            return;
+        };
+        if referral.finished || status < 101 {
+            return;
+        }
+        let last = status >= 200;
+        if last {
+            referral.finished = true;
+            referral.succeeded = (200..300).contains(&status);
+        }
+        let reason = if reason.is_empty() {
+            "Progress"
+        } else {
+            reason
+        };
+        referral
+            .notifies
+            .push_back((format!("SIP/2.0 {status} {reason}"), last));
+        self.run_deferred();
     }
 
     fn sdp_body(sdp: &SessionDescription) -> Option<(Bytes, MediaType)> {
@@ -1992,6 +2116,22 @@ impl CallCore {
                 self.start_refresh();
                 continue;
             }
+            if let Some((sipfrag, last)) =
+                self.referral.as_mut().and_then(|r| r.notifies.pop_front())
+            {
+                self.start_request(
+                    Op::Notify {
+                        sipfrag: sipfrag.clone(),
+                        last,
+                    },
+                    Method::Notify,
+                    Some((
+                        Bytes::from(format!("{sipfrag}\r\n")),
+                        MediaType::new("message", "sipfrag"),
+                    )),
+                );
+                continue;
+            }
             let Some((request_id, body)) = self.deferred.pop_front() else {
                 return;
             };
@@ -2150,7 +2290,7 @@ impl CallCore {
             }
             Op::Bye { reason } => self.start_bye(reason),
             Op::Refresh { .. } => self.start_refresh(),
-            Op::Hold { .. } | Op::Info { .. } | Op::Refer { .. } => {}
+            Op::Hold { .. } | Op::Info { .. } | Op::Refer { .. } | Op::Notify { .. } => {}
         }
     }
 
@@ -2187,8 +2327,22 @@ impl CallCore {
         };
         let tx = self.next_tx();
         let mut headers = self.timer_request_headers(&method);
-        if let Op::Refer { target, .. } = &op {
-            headers.push((HeaderName::ReferTo, format!("<{target}>")));
+        match &op {
+            Op::Refer { target, .. } => {
+                headers.push((HeaderName::ReferTo, format!("<{target}>")));
+            }
+            Op::Notify { last, .. } => {
+                headers.push((HeaderName::Event, "refer".to_string()));
+                headers.push((
+                    HeaderName::SubscriptionState,
+                    if *last {
+                        "terminated;reason=noresource".to_string()
+                    } else {
+                        "active;expires=60".to_string()
+                    },
+                ));
+            }
+            _ => {}
         }
         self.pending = Some(Pending {
             op,
@@ -2223,7 +2377,7 @@ impl CallCore {
                     );
                     self.run_deferred();
                 }
-                Op::MediaReinvite => self.run_deferred(),
+                Op::MediaReinvite | Op::Notify { .. } => self.run_deferred(),
                 Op::Refresh { .. } => {
                     // Not sent: tried again a little later (the session outlives a short doubt).
                     if let Some(now) = now.or(self.record.now) {
@@ -2273,7 +2427,7 @@ impl CallCore {
             | Op::Refer { request_id, .. } => {
                 self.reply_error(request_id, "the call moved to another node");
             }
-            Op::MediaReinvite | Op::Bye { .. } | Op::Refresh { .. } => {}
+            Op::MediaReinvite | Op::Bye { .. } | Op::Refresh { .. } | Op::Notify { .. } => {}
         }
         self.lost();
     }
@@ -2319,6 +2473,20 @@ impl CallCore {
             Op::MediaReinvite => self.media_reinvite_done(outcome),
             Op::Refresh { update } => self.refresh_done(!update, outcome),
             Op::Refer { request_id, .. } => self.refer_done(request_id, outcome),
+            Op::Notify { last, .. } => {
+                // Whatever its answer: the transfer's outcome does not change with it.
+                if last {
+                    let succeeded = self.referral.take().is_some_and(|r| r.succeeded);
+                    if succeeded {
+                        self.push(CallAction::Note(
+                            "transferred by the remote party: the call ends",
+                        ));
+                        self.transferred = true;
+                        self.start_bye(EndReason::Normal);
+                        return;
+                    }
+                }
+            }
             Op::Bye { reason } => {
                 // Whatever the answer (200, 481, none): the call is over.
                 self.end_with(reason);
@@ -2640,6 +2808,10 @@ impl CallCore {
             }
             Method::Notify => {
                 self.transfer_notify(tx, &request);
+                false
+            }
+            Method::Refer => {
+                self.peer_refer(tx, &request);
                 false
             }
             _ => {

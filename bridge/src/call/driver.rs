@@ -61,13 +61,18 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
     let mut incoming = None;
     let mut early = None;
     let mut adopted = false;
+    let mut transfer_of = None;
     let (direction, core) = match setup {
         CallSetup::Outgoing {
             target,
             media,
             headers,
+            transfer_of: of,
         } => (
-            "outgoing",
+            {
+                transfer_of = of;
+                "outgoing"
+            },
             CallCore::outgoing(
                 key.clone(),
                 settings,
@@ -155,6 +160,12 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
     let mut core = core;
     // The call record's clock: the system clock at this instant.
     core.set_wall_clock(now, wall_ms());
+    core.set_takes_transfers(
+        inner
+            .links
+            .get(&key.0)
+            .is_some_and(|link| link.takes_transfers()),
+    );
     let (handle, rx, shared, media_input) = table::handle(
         core.remote_uri().to_string(),
         core.dialog().cloned(),
@@ -186,8 +197,28 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             early.is_some() && adopted,
         )),
         early,
+        transfer_of,
     };
     tokio::spawn(Box::new(driver).run().instrument(span));
+}
+
+/// What a call placed for a transfer tells the call transferred (its SIP status, reason, and
+/// whether that is the last word) when the device hears `event`.
+fn transfer_progress_of(event: &thalamus_proto::v1::CallEvent) -> Option<(u16, String, bool)> {
+    let status = u16::try_from(event.sip_status).unwrap_or(0);
+    match CallState::try_from(event.state).ok()? {
+        CallState::Ringing | CallState::EarlyMedia => Some((
+            if status > 100 { status } else { 180 },
+            event.reason.clone(),
+            false,
+        )),
+        CallState::Answered => Some((200, "OK".to_string(), true)),
+        CallState::Ended => {
+            let status = if status >= 300 { status } else { 503 };
+            Some((status, event.reason.clone(), true))
+        }
+        _ => None,
+    }
 }
 
 /// Whether the task goes on after an action.
@@ -220,6 +251,9 @@ struct Driver {
     /// another node may adopt the INVITE, so its final answer goes out only while the fence
     /// allows. (A record the store never took cannot be adopted: no fence then.)
     early_stored: Arc<std::sync::atomic::AtomicBool>,
+    /// This call was placed for another call's transfer (asked by its remote party): its
+    /// progress goes there until it is answered or fails.
+    transfer_of: Option<CallKey>,
 }
 
 fn now() -> std::time::Instant {
@@ -289,7 +323,11 @@ impl Driver {
                         Some(CallCommand::AckTimeout) => CallInput::AckTimeout,
                         Some(CallCommand::OwnershipLost) => CallInput::OwnershipLost,
                         Some(CallCommand::Rereplicate(v)) => CallInput::Rereplicate(v),
+                        Some(CallCommand::TransferProgress(status, reason)) => {
+                            CallInput::TransferProgress(status, reason)
+                        }
                         Some(CallCommand::DeviceLink(link)) => {
+                            self.core.set_takes_transfers(link.takes_transfers());
                             if let Some(relay) = &self.relay {
                                 let sink = self.device_sink(Arc::new(LinkSink(link)));
                                 let _ = relay.set_sink(sink).await;
@@ -350,8 +388,22 @@ impl Driver {
         let inner = &self.inner;
         match action {
             CallAction::ToDevice { request_id, body } => {
+                if let (Some(of), Body::CallEvent(event)) = (&self.transfer_of, &body) {
+                    if let Some((status, reason, last)) = transfer_progress_of(event) {
+                        if let Some(call) = inner.calls.get(of) {
+                            call.send(CallCommand::TransferProgress(status, reason));
+                        }
+                        if last {
+                            self.transfer_of = None;
+                        }
+                    }
+                }
                 inner.to_device(&self.key.0, request_id, body);
             }
+            CallAction::PlaceTransfer {
+                target,
+                referred_by,
+            } => self.place_transfer(target, referred_by),
             CallAction::StartRelay => {
                 let addr = self.start_relay();
                 self.core.relay_started(now(), addr);
@@ -525,6 +577,7 @@ impl Driver {
             }
             // Carried out by `execute_now`.
             CallAction::ToDevice { .. }
+            | CallAction::PlaceTransfer { .. }
             | CallAction::StartRelay
             | CallAction::SetDialog(_)
             | CallAction::InviteSettled
@@ -762,6 +815,46 @@ impl Driver {
 
     /// The end: the relay's statistics to the device, the dialog forgotten, and the record
     /// ended after its last write.
+    /// The remote party transfers the device (the core accepted its REFER): a new call ref,
+    /// `TransferRequested` to the device, and a new outgoing call from the device to `target`
+    /// with this call's media, whose progress comes back here. Refs are taken as incoming
+    /// calls' are (high bit set), so they never clash with refs the device chooses.
+    fn place_transfer(&mut self, target: thalamus_sip::message::Uri, referred_by: String) {
+        let inner = self.inner.clone();
+        let device = self.key.0.clone();
+        let mut new_ref = 0;
+        for _ in 0..16 {
+            new_ref = 0x8000_0000
+                | inner
+                    .next_incoming_ref
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let candidate = (device.clone(), new_ref);
+            if !inner.calls.contains_key(&candidate) && !inner.watched.contains_key(&candidate) {
+                break;
+            }
+        }
+        inner.to_device(
+            &device,
+            0,
+            Body::TransferRequested(thalamus_proto::v1::TransferRequested {
+                call_ref: self.key.1,
+                new_call_ref: new_ref,
+                target: target.to_string(),
+                referred_by,
+            }),
+        );
+        spawn(
+            inner,
+            (device, new_ref),
+            CallSetup::Outgoing {
+                target,
+                media: self.core.device_media(),
+                headers: std::collections::BTreeMap::new(),
+                transfer_of: Some(self.key.clone()),
+            },
+        );
+    }
+
     async fn finish(&mut self, tombstone: bool) {
         self.publish();
         if let Some((tx, in_progress)) = self.incoming.take() {

@@ -35,6 +35,9 @@ pub enum CallSetup {
         media: Option<MediaOffer>,
         /// Extra headers for the INVITE.
         headers: BTreeMap<String, String>,
+        /// Placed for the transfer the remote party of this call asked for: its progress goes
+        /// there.
+        transfer_of: Option<crate::call::core::CallKey>,
     },
     /// A SIP INVITE for the device.
     Incoming {

@@ -2289,3 +2289,135 @@ fn a_refused_or_failed_transfer_leaves_the_call_as_it_was() {
     assert!(sent_in_dialog(&a).is_empty() && ended(&a).is_empty());
     assert_eq!(core.state(), CallState::Answered);
 }
+
+fn refer(target: &str) -> Request {
+    request_with("REFER", "", &format!("Refer-To: <{target}>\r\n"))
+}
+
+fn place_transfers(actions: &[CallAction]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            CallAction::PlaceTransfer { target, .. } => Some(target.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The NOTIFYs sent among `actions` (their sipfrag bodies), each answered 200.
+fn notifies(core: &mut CallCore, t: Instant, actions: Vec<CallAction>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut pending = actions;
+    for _ in 0..10 {
+        let sent = sent_in_dialog(&pending);
+        let Some((tx, method, body)) = sent.first().cloned() else {
+            break;
+        };
+        if method != Method::Notify {
+            break;
+        }
+        out.push(body.trim().to_string());
+        core.handle(t, CallInput::Client(tx, response(200, "", None)));
+        pending = drain(core);
+    }
+    out
+}
+
+#[test]
+fn a_peer_transfers_the_device_and_hears_how_the_new_call_goes() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    // A device of revision 1: declined.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(5), Box::new(refer("sip:carol@example.org"))),
+    );
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(5), 603)]);
+    core.set_takes_transfers(true);
+    // An attended transfer (Replaces in the Refer-To): not taken.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(6),
+            Box::new(refer(
+                "sip:carol@example.org?Replaces=abc%3Bto-tag%3D1%3Bfrom-tag%3D2",
+            )),
+        ),
+    );
+    assert_eq!(responses(&drain(&mut core)), vec![(stx(6), 501)]);
+    // Accepted: 202, the new call placed, NOTIFY 100.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(7), Box::new(refer("sip:carol@example.org"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(7), 202)]);
+    assert_eq!(
+        place_transfers(&a),
+        vec!["sip:carol@example.org".to_string()]
+    );
+    // A second REFER meanwhile: 491.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(8), Box::new(refer("sip:dave@example.org"))),
+    );
+    let b = drain(&mut core);
+    assert_eq!(responses(&b), vec![(stx(8), 491)]);
+    assert_eq!(notifies(&mut core, t0, a), vec!["SIP/2.0 100 Trying"]);
+    core.handle(t0, CallInput::TransferProgress(180, "Ringing".into()));
+    let a = drain(&mut core);
+    assert_eq!(notifies(&mut core, t0, a), vec!["SIP/2.0 180 Ringing"]);
+    core.handle(t0, CallInput::TransferProgress(200, "OK".into()));
+    let a = drain(&mut core);
+    let sent = sent_in_dialog(&a);
+    assert_eq!(sent[0].1, Method::Notify);
+    assert_eq!(
+        header(&in_dialog_headers(&a), &HeaderName::SubscriptionState),
+        Some("terminated;reason=noresource")
+    );
+    // Later progress is not reported.
+    core.handle(t0, CallInput::TransferProgress(503, "late".into()));
+    assert!(drain(&mut core).is_empty());
+    // The last NOTIFY answered: BYE, and the call ends as transferred.
+    core.handle(t0, CallInput::Client(sent[0].0, response(200, "", None)));
+    let bye = sent_in_dialog(&drain(&mut core));
+    assert_eq!(bye[0].1, Method::Bye);
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    let end = &ended(&drain(&mut core))[0];
+    assert_eq!(end.reason, "transferred");
+}
+
+#[test]
+fn a_failed_transfer_leaves_the_call_and_a_bye_after_the_202_ends_it_quietly() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.set_takes_transfers(true);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(7), Box::new(refer("sip:carol@example.org"))),
+    );
+    let a = drain(&mut core);
+    notifies(&mut core, t0, a);
+    core.handle(t0, CallInput::TransferProgress(486, "Busy Here".into()));
+    let a = drain(&mut core);
+    assert_eq!(notifies(&mut core, t0, a), vec!["SIP/2.0 486 Busy Here"]);
+    assert_eq!(core.state(), CallState::Answered, "the call goes on");
+    // Again, and this time the transferor hangs up at once (as many do after the 202).
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(9), Box::new(refer("sip:carol@example.org"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(9), 202)]);
+    let trying = sent_in_dialog(&a);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(10), Box::new(request("BYE", ""))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(10), 200)]);
+    assert_eq!(ended(&a)[0].end_reason, EndReason::RemoteHangup as i32);
+    core.handle(t0, CallInput::Client(trying[0].0, response(481, "", None)));
+    core.handle(t0, CallInput::TransferProgress(200, "OK".into()));
+    assert!(drain(&mut core).is_empty());
+}

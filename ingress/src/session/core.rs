@@ -124,6 +124,8 @@ pub enum SessionAction {
         session_id: SessionId,
         /// Whether the session resumed.
         resumed: bool,
+        /// The device follows transfers its remote party asks for (`Capabilities.transfer`).
+        takes_transfers: bool,
     },
     /// A call, text or presence request for the bridge, from a live session.
     Forward(Envelope),
@@ -393,6 +395,7 @@ impl SessionCore {
                     device_id: hello.device_id.clone(),
                     session_id,
                     resumed,
+                    takes_transfers: hello.capabilities.as_ref().is_some_and(|c| c.transfer),
                 });
             }
         }
@@ -795,6 +798,7 @@ mod tests {
                 device_id: "d".into(),
                 session_id: SessionId([1; 16]),
                 resumed: false,
+                takes_transfers: false,
             }]
         );
         assert_eq!(core.state(), SessionState::Installing);

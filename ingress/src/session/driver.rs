@@ -128,9 +128,17 @@ async fn drive(node: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
                     device_id,
                     session_id,
                     resumed,
+                    takes_transfers,
                 } => {
-                    let live_calls =
-                        install(&node, &device_id, session_id, resumed, &cmd_tx, &conn);
+                    let live_calls = install(
+                        &node,
+                        &device_id,
+                        session_id,
+                        resumed,
+                        takes_transfers,
+                        &cmd_tx,
+                        &conn,
+                    );
                     let connection_id = live_calls.0;
                     identity = Some(Identity {
                         device_id,
@@ -464,6 +472,7 @@ fn install(
     device_id: &str,
     session_id: SessionId,
     resumed: bool,
+    takes_transfers: bool,
     cmd_tx: &mpsc::Sender<SessionCommand>,
     conn: &quinn::Connection,
 ) -> (u64, Vec<thalamus_proto::v1::LiveCall>) {
@@ -488,7 +497,7 @@ fn install(
     span.record("session", session_id.to_string().as_str());
     info!(resumed, "device session live");
     node.requests
-        .online(device_id, DeviceLink::new(conn.clone()));
+        .online(device_id, DeviceLink::new(conn.clone(), takes_transfers));
     let live_calls = if resumed {
         node.requests.live_calls(device_id)
     } else {

@@ -118,11 +118,21 @@ pub enum LinkError {
 #[derive(Debug, Clone)]
 pub struct DeviceLink {
     conn: quinn::Connection,
+    takes_transfers: bool,
 }
 
 impl DeviceLink {
-    pub(crate) fn new(conn: quinn::Connection) -> Self {
-        Self { conn }
+    pub(crate) fn new(conn: quinn::Connection, takes_transfers: bool) -> Self {
+        Self {
+            conn,
+            takes_transfers,
+        }
+    }
+
+    /// Whether the device follows transfers its remote party asks for (its Hello's
+    /// `Capabilities.transfer`, MBFP revision 2).
+    pub fn takes_transfers(&self) -> bool {
+        self.takes_transfers
     }
 
     /// Sends one datagram without waiting. A full send buffer is reported as
