@@ -728,6 +728,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_device_that_takes_transfers_says_so_in_its_hello() {
+        let t0 = Instant::now();
+        let hello = Hello {
+            device_id: "d".into(),
+            credential: "s".into(),
+            capabilities: Some(thalamus_proto::v1::Capabilities {
+                transfer: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (_, acts) = login(t0, hello, valid(), ctx(None));
+        assert!(acts.iter().any(|a| matches!(
+            a,
+            SessionAction::Install {
+                takes_transfers: true,
+                ..
+            }
+        )));
+    }
+
     /// A session of any age can be resumed: a fresh token every third of the window.
     #[test]
     fn a_live_session_gets_a_fresh_resume_token_every_third_of_the_window() {
@@ -926,6 +948,7 @@ mod tests {
                     device_id: "d".into(),
                     session_id: old,
                     resumed: true,
+                    takes_transfers: false,
                 }]
             );
             let call = LiveCall {
@@ -967,6 +990,7 @@ mod tests {
                         device_id: "d".into(),
                         session_id: SessionId([1; 16]),
                         resumed: false,
+                        takes_transfers: false,
                     }
                 ],
                 "{label}"
