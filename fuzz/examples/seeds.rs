@@ -65,6 +65,7 @@ fn mbfp(out: &mut Out) -> Result<()> {
                 video_codecs: vec![1],
                 video: true,
                 text: true,
+                transfer: true,
             }),
             software_version: "device-sim 0.1.0".into(),
             resume_token: vec![0xde, 0xad, 0xbe, 0xef],

@@ -69,6 +69,7 @@ fn hello() -> impl Strategy<Value = Body> {
             vec(enum_value(), 0..3),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
         )),
         text(),
         blob(),
@@ -78,14 +79,15 @@ fn hello() -> impl Strategy<Value = Body> {
                 Body::Hello(Hello {
                     device_id,
                     credential,
-                    capabilities: caps.map(|(audio_codecs, video_codecs, video, text)| {
-                        Capabilities {
+                    capabilities: caps.map(
+                        |(audio_codecs, video_codecs, video, text, transfer)| Capabilities {
                             audio_codecs,
                             video_codecs,
                             video,
                             text,
-                        }
-                    }),
+                            transfer,
+                        },
+                    ),
                     software_version,
                     resume_token,
                 })
@@ -291,6 +293,29 @@ fn body() -> impl Strategy<Value = Option<Body>> {
         (text(), enum_value(), text())
             .prop_map(|(uri, state, note)| {
                 Body::PresenceUpdate(PresenceUpdate { uri, state, note })
+            })
+            .boxed(),
+        (any::<u32>(), text())
+            .prop_map(|(call_ref, target)| Body::Transfer(Transfer { call_ref, target }))
+            .boxed(),
+        (any::<u32>(), any::<u32>(), text(), any::<bool>())
+            .prop_map(|(call_ref, sip_status, reason, done)| {
+                Body::TransferStatus(TransferStatus {
+                    call_ref,
+                    sip_status,
+                    reason,
+                    done,
+                })
+            })
+            .boxed(),
+        (any::<u32>(), any::<u32>(), text(), text())
+            .prop_map(|(call_ref, new_call_ref, target, referred_by)| {
+                Body::TransferRequested(TransferRequested {
+                    call_ref,
+                    new_call_ref,
+                    target,
+                    referred_by,
+                })
             })
             .boxed(),
     ];
