@@ -11,6 +11,9 @@
 //! (answering Kamailio's 407 with the device's credentials) and baresip answers by itself.
 //! With a wrong device password Kamailio neither saves a binding nor relays the device's INVITE.
 //!
+//! Then baresip transfers its call with the device (its `transfer` command, a REFER) to its own
+//! user: the gateway places the device's new call through Kamailio and reports it in NOTIFYs.
+//!
 //! Not covered here: media content (baresip plays a sine and discards what it receives), TCP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -758,6 +761,77 @@ impl Peers {
 fn kamailio_refuses_a_device_with_a_wrong_password() {
     let mut peers = Peers::start("not-the-password").unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(e) = peers.wrong_password_is_refused() {
+        panic!("{e:#}\n{}", peers.logs());
+    }
+}
+
+impl Peers {
+    /// Baresip calls the device through Kamailio, then transfers it (its `transfer` command:
+    /// a REFER) to the baresip user itself: the gateway places the device's new call through
+    /// Kamailio, baresip answers it, the NOTIFYs reach baresip and the first call ends.
+    fn baresip_transfers_the_device(&mut self) -> anyhow::Result<()> {
+        let mut device = self.device("listen", &[])?;
+        device.wait_event("welcome", T)?;
+        wait_text(
+            "\"registered upstream\" in the gateway's log",
+            T,
+            || self.gateway.log(),
+            |log| log.contains("registered upstream"),
+        )?;
+        self.baresip
+            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
+        let first = device.wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered",
+            T,
+        )?;
+        self.baresip.wait_event("CALL_ESTABLISHED")?;
+        let target = format!("sip:{BARESIP_USER}@{DOMAIN}");
+        self.baresip.command("transfer", &target)?;
+        let told = device.wait_event("transfer_requested", T)?;
+        ensure!(
+            told["call_ref"] == first["call_ref"] && told["target"] == target.as_str(),
+            "{told}"
+        );
+        let new_ref = told["new_call_ref"].clone();
+        // The new call, placed for the device through Kamailio, is answered by baresip.
+        let answered = device.wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered" && v["call_ref"] == new_ref,
+            T,
+        )?;
+        ensure!(answered["sip_status"] == 200, "{answered}");
+        let old = device.wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["call_ref"] == first["call_ref"]
+                    && v["reason"] != "media statistics"
+            },
+            T,
+        )?;
+        ensure!(
+            old["reason"] == "transferred" || old["end_reason"] == "remote_hangup",
+            "{old}"
+        );
+        // The transfer's NOTIFYs went to baresip along the recorded route.
+        self.kamailio_line(&["request NOTIFY sip:baresipuser"])?;
+        self.baresip.command("hangup", "")?;
+        device.wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["call_ref"] == new_ref
+                    && v["reason"] != "media statistics"
+            },
+            T,
+        )?;
+        Ok(())
+    }
+}
+
+#[test]
+fn baresip_transfers_its_call_with_the_device() {
+    let mut peers = Peers::start(DEVICE_PASSWORD).unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = peers.baresip_transfers_the_device() {
         panic!("{e:#}\n{}", peers.logs());
     }
 }
