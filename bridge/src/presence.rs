@@ -100,6 +100,12 @@ impl Subscriptions {
         self.by_dialog.is_empty()
     }
 
+    /// Whether anyone watches `device` (a lookup, not a scan: asked on every call's start and
+    /// end).
+    pub fn watched(&self, device: &str) -> bool {
+        self.per_device.contains_key(device)
+    }
+
     /// Whether `dialog` is a subscription here.
     pub fn contains(&self, dialog: &DialogId) -> bool {
         self.by_dialog.contains_key(dialog)
@@ -444,6 +450,7 @@ mod tests {
         let mut t = Subscriptions::new(PresenceConfig::default());
         t.insert(dialog(1), "a", ip(1), t0, 600);
         t.insert(dialog(2), "a", ip(2), t0, 120);
+        assert!(t.watched("a") && !t.watched("b"));
         assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(120)));
         let t1 = t0 + Duration::from_secs(100);
         assert_eq!(
@@ -466,6 +473,7 @@ mod tests {
             Some(Admit::Accept { expires: 0 })
         );
         assert!(t.is_empty());
+        assert!(!t.watched("a"), "the per-device index follows removals");
         assert_eq!(t.poll_timeout(), None);
     }
 

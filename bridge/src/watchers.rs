@@ -265,7 +265,13 @@ async fn notify_once(
 /// state): its watchers get a NOTIFY when the document differs from the last one sent.
 pub(crate) fn changed(inner: &Arc<BridgeInner>, device: &str) {
     let now = tokio::time::Instant::now().into_std();
-    let subs = inner.watchers.with(|s| s.of_device(device, now));
+    let subs = inner.watchers.with(|s| {
+        if s.watched(device) {
+            s.of_device(device, now)
+        } else {
+            Vec::new()
+        }
+    });
     if subs.is_empty() {
         return;
     }

@@ -719,6 +719,10 @@ impl Endpoint {
         };
         self.stats.bad_extension += 1;
         let mut response = response;
+        // RFC 3261 8.2.6.2: a final response outside a dialog carries a To tag.
+        if request.headers.to_tag().is_none() {
+            response.set_to_tag(&crate::message::generate_tag());
+        }
         self.decorate(&mut response);
         let _ = self.transactions.respond(now, key, response);
         true
@@ -1662,6 +1666,7 @@ mod tests {
         };
         let (r, events) = answer("timer, 100rel, nothingSupportsThis", "r1");
         assert_eq!(r.status, 420);
+        assert!(r.headers.to_tag().is_some());
         assert_eq!(
             r.headers.unsupported().unwrap(),
             vec!["100rel", "nothingSupportsThis"]
