@@ -120,6 +120,9 @@ pub struct StoredTimer {
     pub interval: u32,
     /// Whether the gateway refreshes (else the peer does).
     pub gateway_refreshes: bool,
+    /// When the session was last refreshed, ms since the Unix epoch (the writer's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_ms: Option<u64>,
 }
 
 impl CallAppData {
@@ -372,6 +375,7 @@ mod tests {
                 session_timer: Some(StoredTimer {
                     interval: 1800,
                     gateway_refreshes: true,
+                    refreshed_ms: Some(1_700_000_002_000),
                 }),
             }),
         }

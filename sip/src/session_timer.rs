@@ -302,6 +302,11 @@ impl SessionTimer {
         self.negotiated
     }
 
+    /// When the session was last refreshed (or the timer negotiated).
+    pub fn refreshed_at(&self) -> Instant {
+        self.refreshed_at
+    }
+
     /// The instant the next thing is due.
     pub fn deadline(&self) -> Instant {
         let interval = Duration::from_secs(u64::from(self.negotiated.interval));

@@ -668,6 +668,17 @@ impl CallCore {
         }
     }
 
+    /// The wall-clock time of `at`, in ms since the Unix epoch.
+    fn wall_ms_at(&self, at: Instant) -> Option<u64> {
+        let (origin, origin_ms) = self.record.wall?;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).ok();
+        if at >= origin {
+            Some(origin_ms.saturating_add(ms(at - origin)?))
+        } else {
+            Some(origin_ms.saturating_sub(ms(origin - at)?))
+        }
+    }
+
     /// The wall-clock time of the latest `now`, in ms since the Unix epoch.
     fn wall_ms(&self) -> Option<u64> {
         let (origin, origin_ms) = self.record.wall?;
@@ -1136,8 +1147,11 @@ impl CallCore {
         self.relay = addr;
         if let Some(stored) = self.timer_restored.take() {
             // A taken-over call keeps its timer. The peer, if it refreshes, gets a whole
-            // interval from now; if we refresh, we do at once (the previous owner's last refresh
-            // may be almost an interval old), unless the re-INVITE that moves the media does.
+            // interval from now. If we refresh, the next refresh is due half an interval after
+            // the last one the record tells of (at once if that is past); a record that does not
+            // tell gets one an eighth of an interval from now, before any peer can have given
+            // the session up (it waits at least a sixth of one past the refresh that was due);
+            // the re-INVITE that moves the media, when there is one, is that refresh.
             let refresher = if stored.gateway_refreshes {
                 Refresher::Uac
             } else {
@@ -1151,7 +1165,21 @@ impl CallCore {
                 },
                 now,
             ));
-            self.refresh_due = stored.gateway_refreshes;
+            if stored.gateway_refreshes {
+                let half = Duration::from_secs(u64::from(stored.interval)) / 2;
+                let since = match (stored.refreshed_ms, self.wall_ms()) {
+                    (Some(then), Some(wall_now)) => {
+                        Some(Duration::from_millis(wall_now.saturating_sub(then)))
+                    }
+                    _ => None,
+                };
+                let due_in = since.map_or(half / 4, |s| half.saturating_sub(s));
+                if due_in.is_zero() {
+                    self.refresh_due = true;
+                } else {
+                    self.refresh_retry = Some(now + due_in);
+                }
+            }
         }
         match self.after_relay.take() {
             Some(AfterRelay::Dial { target, headers }) => self.dial(target, headers),
@@ -1339,16 +1367,14 @@ impl CallCore {
         self.restart_timer(n, now);
     }
 
-    /// The timer runs anew from `now` with `n`; the record follows a change of interval or
-    /// refresher.
+    /// The timer runs anew from `now` with `n`; the record follows (a node that takes the
+    /// call over refreshes on time: one write per refresh, every half interval at most as often
+    /// as `min_se_secs` allows).
     fn restart_timer(&mut self, n: Negotiated, now: Instant) {
-        let before = self.timer.map(|t| t.negotiated());
         self.timer = Some(SessionTimer::new(n, now));
         self.refresh_due = false;
         self.refresh_retry = None;
-        let changed =
-            before.is_none_or(|b| b.interval != n.interval || b.we_refresh != n.we_refresh);
-        if changed && self.replica.stored && self.phase == Phase::Up {
+        if self.replica.stored && self.phase == Phase::Up && !self.is_ending() {
             self.replicate();
         }
     }
@@ -1725,6 +1751,7 @@ impl CallCore {
                 session_timer: self.timer.map(|t| StoredTimer {
                     interval: t.negotiated().interval,
                     gateway_refreshes: t.negotiated().we_refresh,
+                    refreshed_ms: self.wall_ms_at(t.refreshed_at()),
                 }),
             }),
         }

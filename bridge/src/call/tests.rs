@@ -1902,11 +1902,8 @@ fn an_outgoing_call_refreshes_by_update_and_ends_when_a_refresh_goes_unanswered(
         _ => None,
     });
     assert_eq!(
-        stored,
-        Some(crate::dialogs::StoredTimer {
-            interval: 100,
-            gateway_refreshes: true
-        }),
+        stored.map(|t| (t.interval, t.gateway_refreshes)),
+        Some((100, true)),
         "the record keeps the timer"
     );
     assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(50)));
@@ -2003,14 +2000,20 @@ fn a_refresh_crossing_a_reinvite_is_tried_again_and_one_crossing_a_bye_is_droppe
 }
 
 #[test]
-fn a_taken_over_call_keeps_its_timer_and_refreshes_at_once_when_it_is_the_refresher() {
-    let mut record = stored(false);
-    let mut app = CallAppData::decode(record.app_data.as_ref().unwrap()).unwrap();
-    app.session_timer = Some(crate::dialogs::StoredTimer {
-        interval: 90,
-        gateway_refreshes: true,
-    });
-    record.app_data = Some(app.encode());
+fn a_taken_over_call_keeps_its_timer_and_refreshes_on_time_when_it_is_the_refresher() {
+    const NOW_MS: u64 = 1_700_000_100_000;
+    let with_refresh = |refreshed_ms: Option<u64>| {
+        let mut record = stored(false);
+        let mut app = CallAppData::decode(record.app_data.as_ref().unwrap()).unwrap();
+        app.session_timer = Some(crate::dialogs::StoredTimer {
+            interval: 90,
+            gateway_refreshes: true,
+            refreshed_ms,
+        });
+        record.app_data = Some(app.encode());
+        record
+    };
+    let record = with_refresh(Some(NOW_MS - 10_000));
     let t0 = Instant::now();
     // With the media re-INVITE: it is the refresh.
     let mut core = CallCore::taken_over(
@@ -2026,6 +2029,7 @@ fn a_taken_over_call_keeps_its_timer_and_refreshes_at_once_when_it_is_the_refres
             previous_owner: "gw-0".into(),
         },
     );
+    core.set_wall_clock(t0, NOW_MS);
     drain(&mut core);
     core.relay_started(t0, Some(RELAY));
     let a = written(&mut core, t0);
@@ -2044,29 +2048,46 @@ fn a_taken_over_call_keeps_its_timer_and_refreshes_at_once_when_it_is_the_refres
     assert!(sent_in_dialog(&a).is_empty(), "no second refresh: {a:?}");
     assert_eq!(core.poll_timeout(), Some(t0 + Duration::from_secs(45)));
 
-    // Without it: a refresh at once.
-    let mut core = CallCore::taken_over(
-        key(),
-        CallSettings {
-            reinvite_after_takeover: false,
-            ..timer_settings()
-        },
-        42,
-        ClaimedDialog {
-            record: &record,
-            remote_uri: "sip:bob@example.org".into(),
-            uac: true,
-            dialog: dialog(),
-            trigger: TakeoverTrigger::DeviceResume,
-            previous_owner: "gw-0".into(),
-        },
-    );
-    drain(&mut core);
-    core.relay_started(t0, Some(RELAY));
-    let a = written(&mut core, t0);
-    let sent = sent_in_dialog(&a);
-    assert_eq!(sent.len(), 1, "{a:?}");
-    assert_eq!(sent[0].1, Method::Invite, "no UPDATE known from the peer");
+    // Without it, the refresh comes when the record says it is due: 45 s after the last one,
+    // 10 s ago; at once when that is past; an eighth of the interval from now when the record
+    // does not say.
+    let no_reinvite = || CallSettings {
+        reinvite_after_takeover: false,
+        ..timer_settings()
+    };
+    for (refreshed_ms, due_in) in [
+        (Some(NOW_MS - 10_000), Duration::from_secs(35)),
+        (Some(NOW_MS - 50_000), Duration::ZERO),
+        (None, Duration::from_millis(11_250)),
+    ] {
+        let record = with_refresh(refreshed_ms);
+        let mut core = CallCore::taken_over(
+            key(),
+            no_reinvite(),
+            42,
+            ClaimedDialog {
+                record: &record,
+                remote_uri: "sip:bob@example.org".into(),
+                uac: true,
+                dialog: dialog(),
+                trigger: TakeoverTrigger::DeviceResume,
+                previous_owner: "gw-0".into(),
+            },
+        );
+        core.set_wall_clock(t0, NOW_MS);
+        drain(&mut core);
+        core.relay_started(t0, Some(RELAY));
+        let mut a = written(&mut core, t0);
+        if !due_in.is_zero() {
+            assert!(sent_in_dialog(&a).is_empty(), "{refreshed_ms:?}: {a:?}");
+            assert_eq!(core.poll_timeout(), Some(t0 + due_in), "{refreshed_ms:?}");
+            core.handle_timeout(t0 + due_in);
+            a = written(&mut core, t0 + due_in);
+        }
+        let sent = sent_in_dialog(&a);
+        assert_eq!(sent.len(), 1, "{refreshed_ms:?}: {a:?}");
+        assert_eq!(sent[0].1, Method::Invite, "no UPDATE known from the peer");
+    }
 }
 
 // ---- reliable provisional responses (RFC 3262) ----
