@@ -2134,10 +2134,17 @@ impl CallCore {
                 self.start_op(Op::MediaReinvite);
                 continue;
             }
+            // The device's commands first: a hangup makes a refresh moot, and a hold re-INVITE
+            // is one.
+            if let Some((request_id, body)) = self.deferred.pop_front() {
+                self.device(request_id, body);
+                continue;
+            }
             // A session refresh that came due (not before the request that caused a takeover
             // is answered: it may be the peer's own refresh).
             if self.phase == Phase::Up
                 && self.replica.takeover_arrived.is_none()
+                && !self.is_ending()
                 && std::mem::take(&mut self.refresh_due)
             {
                 self.start_refresh();
@@ -2159,10 +2166,7 @@ impl CallCore {
                 );
                 continue;
             }
-            let Some((request_id, body)) = self.deferred.pop_front() else {
-                return;
-            };
-            self.device(request_id, body);
+            return;
         }
     }
 

@@ -2442,3 +2442,47 @@ fn a_failed_transfer_leaves_the_call_and_a_bye_after_the_202_ends_it_quietly() {
     core.handle(t0, CallInput::TransferProgress(200, "OK".into()));
     assert!(drain(&mut core).is_empty());
 }
+
+#[test]
+fn a_hangup_that_caused_a_takeover_goes_before_a_due_refresh() {
+    let mut record = stored(false);
+    let mut app = CallAppData::decode(record.app_data.as_ref().unwrap()).unwrap();
+    app.session_timer = Some(crate::dialogs::StoredTimer {
+        interval: 90,
+        gateway_refreshes: true,
+        refreshed_ms: Some(1_700_000_000_000),
+    });
+    record.app_data = Some(app.encode());
+    let t0 = Instant::now();
+    let mut core = CallCore::taken_over(
+        key(),
+        timer_settings(),
+        42,
+        ClaimedDialog {
+            record: &record,
+            remote_uri: "sip:bob@example.org".into(),
+            uac: true,
+            dialog: dialog(),
+            trigger: TakeoverTrigger::DeviceCommand {
+                request_id: 3,
+                body: hangup(),
+            },
+            previous_owner: "gw-0".into(),
+        },
+    );
+    // The record's last refresh is long past: a refresh is due at once.
+    core.set_wall_clock(t0, 1_700_000_500_000);
+    drain(&mut core);
+    core.relay_started(t0, Some(RELAY));
+    let a = written(&mut core, t0);
+    let sent = sent_in_dialog(&a);
+    assert_eq!(sent.len(), 1, "{a:?}");
+    assert_eq!(sent[0].1, Method::Bye, "the hangup first: {a:?}");
+    core.handle(t0, CallInput::Client(sent[0].0, response(200, "", None)));
+    let a = drain(&mut core);
+    assert!(
+        sent_in_dialog(&a).is_empty(),
+        "no refresh after the BYE: {a:?}"
+    );
+    assert!(closed(&a).is_some());
+}
