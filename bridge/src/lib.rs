@@ -786,6 +786,17 @@ pub(crate) async fn admitted(
     }
 }
 
+/// The registered device `request` is addressed to; otherwise answered 404 (and counted).
+async fn known_device(inner: &BridgeInner, tx: ServerTx, request: &Request) -> Option<String> {
+    let device = inbound::addressed_device(request)
+        .filter(|d| inner.registry.refresh().is_err() || inner.registry.contains(d));
+    if device.is_none() {
+        inc(&inner.metrics.sip_refused, "not_found");
+        let _ = inner.ua.respond(tx, 404, None, None).await;
+    }
+    device
+}
+
 async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, source: Peer) {
     let ua = &inner.ua;
     let allow = || vec![(HeaderName::Allow, ALLOW.to_string())];
@@ -812,16 +823,9 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
             if !admitted(&inner, tx, &request, source).await {
                 return;
             }
-            let Some(device) = inbound::addressed_device(&request) else {
-                inc(&inner.metrics.sip_refused, "not_found");
-                let _ = ua.respond(tx, 404, None, None).await;
+            let Some(device) = known_device(&inner, tx, &request).await else {
                 return;
             };
-            if inner.registry.refresh().is_ok() && !inner.registry.contains(&device) {
-                inc(&inner.metrics.sip_refused, "not_found");
-                let _ = ua.respond(tx, 404, None, None).await;
-                return;
-            }
             watchers::subscribe(inner.clone(), tx, request, source, device).await;
         }
         Method::Invite | Method::Message => {
@@ -868,16 +872,9 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                     .await;
                 return;
             }
-            let Some(device) = inbound::addressed_device(&request) else {
-                inc(&inner.metrics.sip_refused, "not_found");
-                let _ = ua.respond(tx, 404, None, None).await;
+            let Some(device) = known_device(&inner, tx, &request).await else {
                 return;
             };
-            if inner.registry.refresh().is_ok() && !inner.registry.contains(&device) {
-                inc(&inner.metrics.sip_refused, "not_found");
-                let _ = ua.respond(tx, 404, None, None).await;
-                return;
-            }
             if !inner.wait_for_arrival(&device).await {
                 inc(&inner.metrics.sip_refused, "offline");
                 let _ = ua.respond(tx, 480, None, None).await;

@@ -659,15 +659,9 @@ impl UserAgent {
                     if response.status == 422 && session_timer && too_brief_rounds < 2 {
                         if let Some(next) = longer_session(&inner.request, response) {
                             too_brief_rounds += 1;
-                            inner = match ua.send(next, Some(inner.destination)).await {
-                                Ok(c) => c,
-                                Err(_) => {
-                                    let _ = tx.send(ClientEvent::TransportError).await;
-                                    return;
-                                }
-                            };
-                            if let Ok(mut k) = current.lock() {
-                                *k = inner.key;
+                            match resend(&ua, next, &inner, &current, &tx).await {
+                                Some(again) => inner = again,
+                                None => return,
                             }
                             continue;
                         }
@@ -710,15 +704,9 @@ impl UserAgent {
                         return;
                     }
                 };
-                inner = match ua.send(next, Some(inner.destination)).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        let _ = tx.send(ClientEvent::TransportError).await;
-                        return;
-                    }
-                };
-                if let Ok(mut k) = current.lock() {
-                    *k = inner.key;
+                match resend(&ua, next, &inner, &current, &tx).await {
+                    Some(again) => inner = again,
+                    None => return,
                 }
             }
         });
@@ -916,6 +904,30 @@ impl UserAgent {
     /// Stops the sockets (the endpoint task ends when every handle is dropped).
     pub fn shutdown(&self) {
         self.shared.transport.shutdown();
+    }
+}
+
+/// Sends `next` (a request again, after a challenge or a 422) where `previous` went, and makes
+/// it the transaction a CANCEL names; `None` (the caller's call told of a transport error)
+/// when it cannot be sent.
+async fn resend(
+    ua: &UserAgent,
+    next: Request,
+    previous: &ClientCall,
+    current: &Arc<std::sync::Mutex<TransactionKey>>,
+    events: &mpsc::Sender<ClientEvent>,
+) -> Option<ClientCall> {
+    match ua.send(next, Some(previous.destination)).await {
+        Ok(call) => {
+            if let Ok(mut k) = current.lock() {
+                *k = call.key;
+            }
+            Some(call)
+        }
+        Err(_) => {
+            let _ = events.send(ClientEvent::TransportError).await;
+            None
+        }
     }
 }
 

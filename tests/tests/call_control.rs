@@ -29,20 +29,27 @@ fn sipp_server(args: &[&str]) -> (SippProcess, u16) {
     (server, port)
 }
 
+/// SIPp as a client running `scenario` once against the gateway, toward `device`, with
+/// `extra` arguments (started, not waited for).
+fn sipp_client(gw: &Gateway, scenario_file: &str, device: &str, extra: &[&str]) -> SippProcess {
+    let mut command = sipp();
+    command
+        .args(["-sf", &scenario(scenario_file), "-s", device])
+        .args(extra)
+        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "40s", "-timeout_error"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .arg(gw.sip.to_string());
+    SippProcess::spawn(command)
+}
+
 #[test]
 fn sipp_calling_a_device_gets_420_then_422_then_a_session_it_refreshes() {
     let gw = Gateway::start("").unwrap();
     let secret = gw.add_device("callee").unwrap();
     let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
     listener.wait_event("welcome", T).unwrap();
-    let mut command = sipp();
-    command
-        .args(["-sf", &scenario("uac_session_timer.xml"), "-s", "callee"])
-        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
-        .args(["-timeout", "30s", "-timeout_error"])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
-        .arg(gw.sip.to_string());
-    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    let outcome = sipp_client(&gw, "uac_session_timer.xml", "callee", &[]).wait(SIPP_WAIT);
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
     // The device heard of the one call that was answered, not of the refused ones.
     let incoming = listener.wait_event("incoming_call", T).unwrap();
@@ -118,14 +125,7 @@ fn sipp_requiring_100rel_gets_a_reliable_ringing_it_pracks() {
         &["--answer-after-ms", "2000"],
     );
     listener.wait_event("welcome", T).unwrap();
-    let mut command = sipp();
-    command
-        .args(["-sf", &scenario("uac_prack.xml"), "-s", "callee"])
-        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
-        .args(["-timeout", "30s", "-timeout_error"])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
-        .arg(gw.sip.to_string());
-    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    let outcome = sipp_client(&gw, "uac_prack.xml", "callee", &[]).wait(SIPP_WAIT);
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
     assert_eq!(
@@ -276,14 +276,7 @@ fn a_sip_watcher_hears_a_device_come_take_a_call_and_go_back_to_open() {
     let secret = gw.add_device("callee").unwrap();
     let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
     listener.wait_event("welcome", T).unwrap();
-    let mut command = sipp();
-    command
-        .args(["-sf", &scenario("uac_subscribe.xml"), "-s", "callee"])
-        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
-        .args(["-timeout", "40s", "-timeout_error"])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
-        .arg(gw.sip.to_string());
-    let watcher = SippProcess::spawn(command);
+    let watcher = sipp_client(&gw, "uac_subscribe.xml", "callee", &[]);
     gw.wait_metric("thalamus_presence_subscriptions", 1.0, T)
         .unwrap();
     // A call to the device: answered, held 1.5 s, hung up by the caller.
@@ -319,31 +312,12 @@ fn a_fetch_returns_the_presence_a_device_set_itself() {
     device.wait_event("welcome", T).unwrap();
     // The update follows the Welcome on the same stream: give it a moment to be read.
     std::thread::sleep(Duration::from_millis(300));
-    let mut command = sipp();
-    command
-        .args(["-sf", &scenario("uac_presence_fetch.xml"), "-s", "earpiece"])
-        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
-        .args(["-timeout", "20s", "-timeout_error"])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
-        .arg(gw.sip.to_string());
-    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    let outcome = sipp_client(&gw, "uac_presence_fetch.xml", "earpiece", &[]).wait(SIPP_WAIT);
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
     // Anything but presence: 489 with Allow-Events.
-    let (ok, failed) = {
-        let mut command = sipp();
-        command
-            .args([
-                "-sf",
-                &scenario("uac_subscribe_bad_event.xml"),
-                "-s",
-                "earpiece",
-            ])
-            .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
-            .args(["-timeout", "20s", "-timeout_error"])
-            .args(["-p", &free_udp_port().unwrap().to_string()])
-            .arg(gw.sip.to_string());
-        SippProcess::spawn(command).wait(SIPP_WAIT).counts()
-    };
+    let (ok, failed) = sipp_client(&gw, "uac_subscribe_bad_event.xml", "earpiece", &[])
+        .wait(SIPP_WAIT)
+        .counts();
     assert_eq!((ok, failed), (1, 0));
 }
 
@@ -355,15 +329,13 @@ fn a_sip_peer_transfers_the_device_to_a_buddy() {
     let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
     listener.wait_event("welcome", T).unwrap();
     let carol_uri = format!("sip:carol@127.0.0.1:{carol_port}");
-    let mut command = sipp();
-    command
-        .args(["-sf", &scenario("uac_refer_device.xml"), "-s", "callee"])
-        .args(["-key", "carol", &carol_uri])
-        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
-        .args(["-timeout", "30s", "-timeout_error"])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
-        .arg(gw.sip.to_string());
-    let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
+    let outcome = sipp_client(
+        &gw,
+        "uac_refer_device.xml",
+        "callee",
+        &["-key", "carol", &carol_uri],
+    )
+    .wait(SIPP_WAIT);
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
     // The device was told, and the new call reached Carol from the device's address.
     let told = listener.wait_event("transfer_requested", T).unwrap();
