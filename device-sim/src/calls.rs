@@ -37,6 +37,8 @@ pub struct Login {
     pub device: String,
     /// Secret.
     pub secret: String,
+    /// Declare `Capabilities.transfer` (MBFP revision 2).
+    pub takes_transfers: bool,
 }
 
 /// A logged-in device.
@@ -68,7 +70,7 @@ pub async fn login(login: &Login, printer: EventPrinter) -> anyhow::Result<Sessi
             credential: login.secret.clone(),
             // Revision 2: follows a transfer the remote party asks for (TransferRequested).
             capabilities: Some(thalamus_proto::v1::Capabilities {
-                transfer: true,
+                transfer: login.takes_transfers,
                 ..Default::default()
             }),
             ..Default::default()

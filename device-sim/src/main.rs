@@ -34,6 +34,10 @@ struct LoginArgs {
     /// SHA-256 fingerprint of the gateway certificate.
     #[arg(long)]
     fingerprint: Option<String>,
+    /// The MBFP v1 revision the device speaks: 2 (default) declares `Capabilities.transfer`;
+    /// 1 plays a device built before it (its remote party's transfers are declined).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    revision: u8,
     /// One JSON object per line per event.
     #[arg(long)]
     json: bool,
@@ -54,6 +58,7 @@ impl LoginArgs {
                 fingerprint,
                 device: self.device.clone(),
                 secret: self.secret.clone(),
+                takes_transfers: self.revision >= 2,
             },
             EventPrinter { json: self.json },
         ))

@@ -370,3 +370,40 @@ fn a_sip_peer_transfers_the_device_to_a_buddy() {
         .unwrap();
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
 }
+
+#[test]
+fn a_device_of_revision_1_keeps_its_call_when_asked_to_transfer() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let mut login = login_args(&gw, "callee", &secret);
+    login.extend(["--revision".to_string(), "1".to_string()]);
+    let mut listener = sim_as("listen", login, &[]);
+    listener.wait_event("welcome", T).unwrap();
+    let outcome = sipp_client(
+        &gw,
+        "uac_refer_declined.xml",
+        "callee",
+        &["-key", "carol", "sip:carol@example.org"],
+    )
+    .wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    let ended = listener
+        .wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["reason"] != "media statistics"
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(ended["end_reason"], "remote_hangup", "{ended}");
+    assert!(
+        !listener
+            .seen
+            .iter()
+            .any(|v| v["event"] == "transfer_requested"),
+        "{:?}",
+        listener.seen
+    );
+}
