@@ -118,11 +118,12 @@ fn a_session_its_refresher_stops_refreshing_is_ended_by_the_gateway() {
 fn sipp_requiring_100rel_gets_a_reliable_ringing_it_pracks() {
     let gw = Gateway::start("").unwrap();
     let secret = gw.add_device("callee").unwrap();
-    // The device rings 2 s: the 180 goes again before SIPp PRACKs it, and the answer after.
+    // The device rings 3 s: the 180 goes again before SIPp PRACKs it (after 1.2 s), and the
+    // answer comes well after the PRACK's 200.
     let mut listener = sim_as(
         "listen",
         login_args(&gw, "callee", &secret),
-        &["--answer-after-ms", "2000"],
+        &["--answer-after-ms", "3000"],
     );
     listener.wait_event("welcome", T).unwrap();
     let outcome = sipp_client(&gw, "uac_prack.xml", "callee", &[]).wait(SIPP_WAIT);
@@ -311,7 +312,7 @@ fn a_fetch_returns_the_presence_a_device_set_itself() {
     );
     device.wait_event("welcome", T).unwrap();
     // The update follows the Welcome on the same stream: give it a moment to be read.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     let outcome = sipp_client(&gw, "uac_presence_fetch.xml", "earpiece", &[]).wait(SIPP_WAIT);
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
     // Anything but presence: 489 with Allow-Events.

@@ -490,6 +490,9 @@ pub struct CallCore {
     peer_allows_update: bool,
     /// The device's transfer whose REFER was accepted: the request id its NOTIFYs report to.
     transfer: Option<u64>,
+    /// A transfer whose last NOTIFY came before the 2xx to its REFER (RFC 3515 allows the
+    /// NOTIFY first): that 2xx then starts nothing.
+    transfer_over_early: Option<u64>,
     /// The call ends because its transfer succeeded.
     transferred: bool,
     /// The device follows transfers its remote party asks for (MBFP revision 2).
@@ -640,6 +643,7 @@ impl CallCore {
             refresh_retry: None,
             peer_allows_update: false,
             transfer: None,
+            transfer_over_early: None,
             transferred: false,
             takes_transfers: false,
             referral: None,
@@ -1477,8 +1481,10 @@ impl CallCore {
     fn refer_done(&mut self, request_id: u64, outcome: ClientOutcome) {
         match outcome {
             ClientOutcome::Response { status, .. } if (200..300).contains(&status) => {
-                // Accepted (202): the NOTIFYs tell how it goes.
-                self.transfer = Some(request_id);
+                // Accepted (202): the NOTIFYs tell how it goes (unless they all came first).
+                if self.transfer_over_early.take() != Some(request_id) {
+                    self.transfer = Some(request_id);
+                }
             }
             ClientOutcome::Response { status, reason, .. } => {
                 self.transfer_status(request_id, u32::from(status), &reason, true);
@@ -1507,7 +1513,15 @@ impl CallCore {
             .split(';')
             .next()
             .is_some_and(|e| e.trim().eq_ignore_ascii_case("refer"));
-        let Some(request_id) = self.transfer.filter(|_| is_refer) else {
+        // The REFER still waiting for its answer: a NOTIFY may come first (RFC 3515 2.4.4).
+        let refer_in_flight = match &self.pending {
+            Some(Pending {
+                op: Op::Refer { request_id, .. },
+                stage: Stage::InFlight(_),
+            }) => Some(*request_id),
+            _ => None,
+        };
+        let Some(request_id) = self.transfer.or(refer_in_flight).filter(|_| is_refer) else {
             self.respond(tx, 481, None, None, false);
             return;
         };
@@ -1528,8 +1542,15 @@ impl CallCore {
             });
         let done = status >= 200 || terminated;
         self.transfer_status(request_id, u32::from(status), &reason, done);
+        if self.transfer.is_none() {
+            // Before the REFER's 2xx: the subscription runs from now.
+            self.transfer = Some(request_id);
+        }
         if done {
             self.transfer = None;
+            if refer_in_flight == Some(request_id) {
+                self.transfer_over_early = Some(request_id);
+            }
         }
         if (200..300).contains(&status) {
             self.push(CallAction::Note("transfer completed: the call ends"));

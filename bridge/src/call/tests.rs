@@ -2486,3 +2486,55 @@ fn a_hangup_that_caused_a_takeover_goes_before_a_due_refresh() {
     );
     assert!(closed(&a).is_some());
 }
+
+#[test]
+fn a_notify_before_the_202_to_the_refer_is_taken() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    let transfer = Body::Transfer(thalamus_proto::v1::Transfer {
+        call_ref: 7,
+        target: "sip:carol@example.org".into(),
+    });
+    core.handle(t0, CallInput::Device(9, transfer.clone()));
+    let refer = sent_in_dialog(&drain(&mut core));
+    // NOTIFY 100 overtakes the 202.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(6), Box::new(notify("SIP/2.0 100 Trying\r\n", "active"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(6), 200)]);
+    assert_eq!(transfer_statuses(&a), vec![(9, 100, false)]);
+    core.handle(t0, CallInput::Client(refer[0].0, response(202, "", None)));
+    assert!(drain(&mut core).is_empty());
+    // A failure ends it; the device may transfer again.
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(7),
+            Box::new(notify("SIP/2.0 486 Busy Here\r\n", "terminated")),
+        ),
+    );
+    assert_eq!(transfer_statuses(&drain(&mut core)), vec![(9, 486, true)]);
+    // Again, and this time every NOTIFY comes before the 202: the late 202 starts nothing.
+    core.handle(t0, CallInput::Device(10, transfer.clone()));
+    let refer = sent_in_dialog(&drain(&mut core));
+    assert_eq!(refer[0].1, Method::Refer);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(8),
+            Box::new(notify("SIP/2.0 603 Declined\r\n", "terminated")),
+        ),
+    );
+    assert_eq!(transfer_statuses(&drain(&mut core)), vec![(10, 603, true)]);
+    core.handle(t0, CallInput::Client(refer[0].0, response(202, "", None)));
+    drain(&mut core);
+    core.handle(t0, CallInput::Device(11, transfer));
+    let a = drain(&mut core);
+    assert!(
+        errors(&a).is_empty(),
+        "no transfer is left in progress: {a:?}"
+    );
+    assert_eq!(sent_in_dialog(&a)[0].1, Method::Refer);
+}
