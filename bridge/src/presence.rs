@@ -177,7 +177,14 @@ impl Subscriptions {
         now: Instant,
         asked: Option<u32>,
     ) -> Option<(Admit, String)> {
-        let device = self.by_dialog.get(dialog)?.device.clone();
+        // Past its expiry it is over (RFC 6665 4.1.2.2), even before `expire` reaps it: 481,
+        // and the reaping sends its last NOTIFY.
+        let device = self
+            .by_dialog
+            .get(dialog)
+            .filter(|s| s.expires_at > now)?
+            .device
+            .clone();
         let expires = match self.interval(asked) {
             Ok(e) => e,
             Err(refused) => return Some((refused, device)),
@@ -198,11 +205,12 @@ impl Subscriptions {
         Some(s.device)
     }
 
-    /// The subscriptions to `device`, each with the seconds it has left at `now`.
+    /// The subscriptions to `device` still running at `now`, each with the seconds it has
+    /// left (one past its expiry gets no more NOTIFYs but the last one, from `expire`).
     pub fn of_device(&self, device: &str, now: Instant) -> Vec<(DialogId, u32)> {
         self.by_dialog
             .iter()
-            .filter(|(_, s)| s.device == device)
+            .filter(|(_, s)| s.device == device && s.expires_at > now)
             .map(|(d, s)| (d.clone(), secs_left(s.expires_at, now)))
             .collect()
     }
@@ -475,6 +483,24 @@ mod tests {
         assert!(t.is_empty());
         assert!(!t.watched("a"), "the per-device index follows removals");
         assert_eq!(t.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_subscription_past_its_expiry_gets_no_notify_and_its_refresh_gets_481() {
+        let t0 = Instant::now();
+        let mut t = Subscriptions::new(PresenceConfig::default());
+        t.insert(dialog(1), "a", ip(1), t0, 60);
+        t.insert(dialog(2), "a", ip(2), t0, 600);
+        let before = t0 + Duration::from_secs(59);
+        assert_eq!(t.of_device("a", before).len(), 2);
+        // The device changes state after the first one expired, before the ticker reaped it:
+        // only the running one is notified.
+        let after = t0 + Duration::from_secs(61);
+        assert_eq!(t.of_device("a", after), vec![(dialog(2), 539)]);
+        // The watcher's late refresh finds it over (481), and does not revive it.
+        assert_eq!(t.refresh(&dialog(1), after, Some(600)), None);
+        assert_eq!(t.expire(after), vec![(dialog(1), "a".to_string())]);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

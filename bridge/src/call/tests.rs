@@ -2538,3 +2538,101 @@ fn a_notify_before_the_202_to_the_refer_is_taken() {
     );
     assert_eq!(sent_in_dialog(&a)[0].1, Method::Refer);
 }
+
+#[test]
+fn a_refer_during_hold_is_taken_whoever_holds_and_a_transfer_waits_for_the_hold() {
+    // The usual phone flow: the peer puts the call on hold, then refers it.
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.set_takes_transfers(true);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(2),
+            Box::new(request("INVITE", &peer_sdp(2, true, "sendonly"))),
+        ),
+    );
+    drain(&mut core);
+    assert_eq!(core.state(), CallState::Held);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(3), Box::new(refer("sip:carol@example.org"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(3), 202)]);
+    assert_eq!(
+        place_transfers(&a),
+        vec!["sip:carol@example.org".to_string()]
+    );
+    assert_eq!(notifies(&mut core, t0, a), vec!["SIP/2.0 100 Trying"]);
+    core.handle(t0, CallInput::TransferProgress(200, "OK".into()));
+    let last = sent_in_dialog(&drain(&mut core));
+    assert_eq!(last[0].1, Method::Notify);
+    core.handle(t0, CallInput::Client(last[0].0, response(200, "", None)));
+    let bye = sent_in_dialog(&drain(&mut core));
+    assert_eq!(
+        bye[0].1,
+        Method::Bye,
+        "a held call is transferred like any other"
+    );
+
+    // The device's hold is in flight when the peer's REFER comes: the REFER is no offer
+    // (no glare with the re-INVITE) and is taken; the hold completes as usual.
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.set_takes_transfers(true);
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    let reinvite = sent_in_dialog(&drain(&mut core));
+    assert_eq!(reinvite[0].1, Method::Invite);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(5), Box::new(refer("sip:carol@example.org"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(5), 202)]);
+    assert_eq!(place_transfers(&a).len(), 1);
+    core.handle(
+        t0,
+        CallInput::Client(
+            reinvite[0].0,
+            response(200, &peer_sdp(2, true, "recvonly"), Some(dialog())),
+        ),
+    );
+    let b = drain(&mut core);
+    assert_eq!(events(&b)[0].state, CallState::Held as i32);
+    // The NOTIFY that waited for the re-INVITE goes now.
+    let mut pending = a;
+    pending.extend(b);
+    assert_eq!(notifies(&mut core, t0, pending), vec!["SIP/2.0 100 Trying"]);
+
+    // The device transfers while its own hold is in flight: the REFER waits for the
+    // re-INVITE's answer, then leaves.
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    let reinvite = sent_in_dialog(&drain(&mut core));
+    core.handle(
+        t0,
+        CallInput::Device(
+            5,
+            Body::Transfer(thalamus_proto::v1::Transfer {
+                call_ref: 7,
+                target: "sip:carol@example.org".into(),
+            }),
+        ),
+    );
+    assert!(
+        sent_in_dialog(&drain(&mut core)).is_empty(),
+        "one at a time"
+    );
+    core.handle(
+        t0,
+        CallInput::Client(
+            reinvite[0].0,
+            response(200, &peer_sdp(2, true, "recvonly"), Some(dialog())),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(core.state(), CallState::Held);
+    let sent = sent_in_dialog(&a);
+    assert_eq!(sent.len(), 1, "{a:?}");
+    assert_eq!(sent[0].1, Method::Refer);
+}
