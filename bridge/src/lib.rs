@@ -393,8 +393,20 @@ impl DeviceRequests for Bridge {
                     _ => 0,
                 };
                 let key = (device_id.to_string(), call_ref);
-                // A transfer's target is resolved here, as a Dial's is (address book aliases).
+                // A transfer's target is resolved here, as a Dial's is (address book aliases);
+                // an attended transfer's from the call it replaces.
                 let body = match body {
+                    Body::Transfer(mut t) if t.replaces_call_ref != 0 => {
+                        match inner.replacing_target(device_id, t.call_ref, t.replaces_call_ref) {
+                            Ok(target) => {
+                                t.target = target;
+                                Body::Transfer(t)
+                            }
+                            Err(e) => {
+                                return vec![error_frame(request_id, ErrorCode::InvalidArgument, e)]
+                            }
+                        }
+                    }
                     Body::Transfer(mut t) => match inner.target_uri(device_id, &t.target) {
                         Ok(uri) => {
                             t.target = uri.to_string();

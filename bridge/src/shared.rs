@@ -238,6 +238,36 @@ impl BridgeInner {
             .map_err(|e| format!("{target}: {e}"))
     }
 
+    /// The Refer-To target of an attended transfer of `device`'s call `call_ref` in place of
+    /// its call `replaces`: the remote party of `replaces` with a Replaces header naming that
+    /// call's dialog (RFC 3891). The other call must be answered, here.
+    pub(crate) fn replacing_target(
+        &self,
+        device: &str,
+        call_ref: u32,
+        replaces: u32,
+    ) -> Result<String, String> {
+        if replaces == call_ref {
+            return Err("a call cannot replace itself".to_string());
+        }
+        let other = self
+            .calls
+            .get(&(device.to_string(), replaces))
+            .map(|c| (c.state(), c.dialog(), c.remote_uri()));
+        match other {
+            Some((
+                thalamus_proto::v1::CallState::Answered
+                | thalamus_proto::v1::CallState::Held
+                | thalamus_proto::v1::CallState::Resumed,
+                Some(dialog),
+                remote,
+            )) => replaces_target(&remote, &dialog),
+            _ => Err(format!(
+                "no answered call with call_ref {replaces} on this node to replace"
+            )),
+        }
+    }
+
     /// Records a new call (and counts it for its device).
     pub(crate) fn add_call(&self, key: CallKey, handle: CallHandle) {
         let device = key.0.clone();
@@ -318,5 +348,37 @@ impl Drop for InProgress {
                 *n == 0
             });
         }
+    }
+}
+
+/// `remote` (a SIP URI) with a Replaces header naming `dialog` from its peer's side: where the
+/// transferee of an attended transfer is sent, to take that dialog's place (RFC 3891 section
+/// 6.1). URI headers `remote` had are dropped.
+pub(crate) fn replaces_target(remote: &str, dialog: &DialogId) -> Result<String, String> {
+    let mut uri =
+        Uri::parse(remote).map_err(|e| format!("the other call's party {remote}: {e}"))?;
+    let sip = uri
+        .as_sip_mut()
+        .ok_or_else(|| format!("the other call's party {remote} is not a SIP URI"))?;
+    sip.headers = vec![thalamus_sip::message::UriHeader::escaped(
+        "Replaces",
+        &dialog.replaces(),
+    )];
+    Ok(uri.to_string())
+}
+
+#[cfg(test)]
+mod replaces_tests {
+    use super::*;
+
+    #[test]
+    fn the_target_names_the_other_party_and_its_dialog_escaped() {
+        let dialog = DialogId::new("7f3a@10.0.0.1", "gw-tag", "peer-tag");
+        assert_eq!(
+            replaces_target("sip:bob@example.org:5070?Subject=x", &dialog).unwrap(),
+            "sip:bob@example.org:5070?Replaces=7f3a%4010.0.0.1%3Bto-tag%3Dpeer-tag%3Bfrom-tag%3Dgw-tag"
+        );
+        assert!(replaces_target("tel:+15551234", &dialog).is_err());
+        assert!(replaces_target("", &dialog).is_err());
     }
 }

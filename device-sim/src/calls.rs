@@ -110,6 +110,9 @@ pub struct CallOptions {
     pub dtmf: String,
     /// Transfer the call here once answered (blind transfer); hang up if the transfer fails.
     pub transfer_to: Option<String>,
+    /// Once answered, call here too and transfer the call to it in its place (attended
+    /// transfer); the consultation is hung up if still up 3 s after the call ended.
+    pub consult: Option<String>,
     /// Stream 20 ms frames while answered and count what comes back.
     pub media: bool,
     /// Give up on one call after this long.
@@ -255,6 +258,9 @@ async fn one_call(
     let mut media_tick = tokio::time::interval(FRAME_INTERVAL);
     let mut did_hold = false;
     let mut did_transfer = false;
+    // The consultation call of an attended transfer, and whether it is still up.
+    let consult_ref = call_ref.wrapping_add(CONSULT_REF_OFFSET);
+    let mut consulting = false;
     let mut rebound = false;
     let mut hung_up = false;
     // With media, streaming stops when the hold time is over and the hangup follows once the
@@ -313,6 +319,29 @@ async fn one_call(
                         }
                         continue;
                     }
+                    Some(Body::CallEvent(e)) if consulting && e.call_ref == consult_ref => {
+                        printer.frame(&env);
+                        match CallState::try_from(e.state) {
+                            Ok(CallState::Answered) if !did_transfer => {
+                                did_transfer = true;
+                                s.writer.send(Body::Transfer(thalamus_proto::v1::Transfer {
+                                    call_ref,
+                                    target: String::new(),
+                                    replaces_call_ref: consult_ref,
+                                })).await?;
+                            }
+                            Ok(CallState::Ended) => {
+                                consulting = false;
+                                if !did_transfer && !hung_up {
+                                    // The consultation failed: nothing to transfer to.
+                                    hung_up = true;
+                                    s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
+                                }
+                            }
+                            _ => {}
+                        }
+                        continue;
+                    }
                     _ => {}
                 }
                 printer.frame(&env);
@@ -338,6 +367,16 @@ async fn one_call(
                             s.writer.send(Body::Transfer(thalamus_proto::v1::Transfer {
                                 call_ref,
                                 target: target.clone(),
+                                replaces_call_ref: 0,
+                            })).await?;
+                        }
+                        if let Some(target) = opts.consult.as_ref().filter(|_| !did_transfer && !consulting) {
+                            consulting = true;
+                            s.writer.send(Body::Dial(Dial {
+                                call_ref: consult_ref,
+                                target: target.clone(),
+                                media: Some(crate::load::device_calls::device_media()),
+                                headers: Default::default(),
                             })).await?;
                         }
                     }
@@ -345,6 +384,9 @@ async fn one_call(
                         s.writer.send(Body::Resume(Resume { call_ref })).await?;
                     }
                     Some((r, CallState::Ended)) if r == call_ref => {
+                        if consulting {
+                            end_consultation(s, consult_ref, printer).await?;
+                        }
                         if opts.media {
                             finish_probe(s, call_ref, &mut probe, printer).await;
                             let mut report = probe.report();
@@ -371,6 +413,47 @@ async fn one_call(
                 if let Ok(d) = datagram {
                     probe.on_datagram(d, Instant::now());
                 }
+            }
+        }
+    }
+}
+
+/// Added to a call's ref for the ref of its consultation call (attended transfer).
+const CONSULT_REF_OFFSET: u32 = 10_000;
+/// How long the remote party of a consultation has to end it (it was replaced) once the
+/// transferred call ended, before the device hangs it up.
+const CONSULT_GRACE: Duration = Duration::from_secs(3);
+
+/// After an attended transfer: waits (bounded) for the consultation call to end, as its
+/// remote party ends it once the transferee's INVITE with Replaces took its place; hangs it
+/// up when that does not come.
+async fn end_consultation(
+    s: &mut Session,
+    consult_ref: u32,
+    printer: EventPrinter,
+) -> anyhow::Result<()> {
+    let mut hung_up = false;
+    let mut until = tokio::time::Instant::now() + CONSULT_GRACE;
+    loop {
+        tokio::select! {
+            frame = s.reader.next() => {
+                let env = frame?;
+                if let Some(Body::Ping(p)) = &env.body {
+                    s.writer.send_envelope(&pong(&env, p.nonce)).await?;
+                    continue;
+                }
+                printer.frame(&env);
+                if matches!(state_of(&env), Some((r, CallState::Ended)) if r == consult_ref) {
+                    return Ok(());
+                }
+            }
+            () = tokio::time::sleep_until(until) => {
+                if hung_up {
+                    return Ok(());
+                }
+                hung_up = true;
+                s.writer.send(Body::Hangup(Hangup { call_ref: consult_ref })).await?;
+                until = tokio::time::Instant::now() + CONSULT_GRACE;
             }
         }
     }

@@ -89,8 +89,14 @@ enum Command {
         /// Once answered, transfer the call to this SIP URI or alias (blind transfer: the
         /// gateway sends REFER); the call ends when the transfer succeeds, and is hung up when
         /// it fails (or when --hold-ms runs out first).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "consult")]
         transfer_to: Option<String>,
+        /// Once answered, call this SIP URI or alias too (a consultation), and once that call
+        /// is answered transfer the first call to it in its place (attended transfer, RFC
+        /// 3891: REFER with Replaces); the consultation is hung up if its remote party has
+        /// not ended it 3 s after the first call ended.
+        #[arg(long)]
+        consult: Option<String>,
         /// Stream 20 ms audio frames and report what comes back (use with an echoing peer).
         #[arg(long)]
         media: bool,
@@ -391,6 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hold_resume,
             dtmf,
             transfer_to,
+            consult,
             media,
             call_timeout_secs,
             parallel,
@@ -407,6 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     hold_resume,
                     dtmf,
                     transfer_to,
+                    consult,
                     media,
                     call_timeout: std::time::Duration::from_secs(call_timeout_secs),
                     parallel,

@@ -295,8 +295,14 @@ fn body() -> impl Strategy<Value = Option<Body>> {
                 Body::PresenceUpdate(PresenceUpdate { uri, state, note })
             })
             .boxed(),
-        (any::<u32>(), text())
-            .prop_map(|(call_ref, target)| Body::Transfer(Transfer { call_ref, target }))
+        (any::<u32>(), text(), any::<u32>())
+            .prop_map(|(call_ref, target, replaces_call_ref)| {
+                Body::Transfer(Transfer {
+                    call_ref,
+                    target,
+                    replaces_call_ref,
+                })
+            })
             .boxed(),
         (any::<u32>(), any::<u32>(), text(), any::<bool>())
             .prop_map(|(call_ref, sip_status, reason, done)| {

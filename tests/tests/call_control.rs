@@ -207,6 +207,119 @@ fn a_device_transfers_its_call_and_hears_how_the_transfer_went() {
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
 }
 
+/// The value of the first header `name` (case-insensitive) in SIPp's message trace.
+fn traced_header<'a>(messages: &'a str, name: &str, with: &str) -> Option<&'a str> {
+    messages.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        (n.trim().eq_ignore_ascii_case(name) && v.contains(with)).then_some(v.trim())
+    })
+}
+
+fn tag_of(value: &str) -> Option<&str> {
+    value
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("tag="))
+        .map(|t| t.trim_end_matches('>'))
+}
+
+#[test]
+fn a_device_consults_then_transfers_its_call_in_place_of_the_consultation() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("caller").unwrap();
+    // SIPp with `scenario` (its messages traced) on a port of its own.
+    let traced = |scenario_args: &[&str]| {
+        let port = free_udp_port().unwrap();
+        let process = SippProcess::spawn_with(|files| {
+            let mut command = sipp();
+            command
+                .args(scenario_args)
+                .args(["-m", "1", "-trace_msg", "-message_file"])
+                .arg(files.message_file())
+                .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-nostdin"]);
+            command
+        });
+        (process, port)
+    };
+    let (transferee, port) = traced(&["-sf", &scenario("uas_refer_attended.xml")]);
+    // The consultation: SIPp's own UAS (answers, waits for the BYE).
+    let (consultant, consult_port) = traced(&["-sn", "uas"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sim = sim_as(
+        "call",
+        login_args(&gw, "caller", &secret),
+        &[
+            "--target",
+            &format!("sip:service@127.0.0.1:{port}"),
+            "--consult",
+            &format!("sip:consult@127.0.0.1:{consult_port}"),
+            "--hold-ms",
+            "30000",
+        ],
+    );
+    let consulted = sim
+        .wait_for(
+            |v| v["event"] == "call_event" && v["call_ref"] == 10_001 && v["state"] == "answered",
+            T,
+        )
+        .unwrap();
+    assert_eq!(consulted["call_ref"], 10_001, "{consulted}");
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let s = sim
+            .wait_for(|v| v["event"] == "transfer_status", T)
+            .unwrap();
+        statuses.push((s["sip_status"].as_u64(), s["done"].as_bool()));
+    }
+    assert_eq!(
+        statuses,
+        vec![(Some(100), Some(false)), (Some(200), Some(true))]
+    );
+    let ended = sim
+        .wait_for(
+            |v| v["event"] == "call_event" && v["call_ref"] == 1 && v["state"] == "ended",
+            T,
+        )
+        .unwrap();
+    assert_eq!(ended["reason"], "transferred", "{ended}");
+    // SIPp's UAS does not act on Replaces: the device hangs the consultation up after 3 s.
+    sim.wait_for(
+        |v| v["event"] == "call_event" && v["call_ref"] == 10_001 && v["state"] == "ended",
+        T,
+    )
+    .unwrap();
+    let transferee = transferee.wait(SIPP_WAIT);
+    assert_eq!(transferee.counts(), (1, 0), "{}", transferee.report());
+    let consultant = consultant.wait(SIPP_WAIT);
+    assert_eq!(consultant.counts(), (1, 0), "{}", consultant.report());
+
+    // The Refer-To named the consultation's dialog, with the tags as its remote party (the
+    // consultant, which would receive the INVITE with Replaces) sees them: to-tag its own.
+    let trace = &consultant.messages;
+    let call_id = traced_header(trace, "Call-ID", "").expect("a Call-ID in the trace");
+    let gateway_tag = traced_header(trace, "From", "tag=")
+        .and_then(tag_of)
+        .expect("the gateway's tag");
+    let consultant_tag = traced_header(trace, "To", "tag=")
+        .and_then(tag_of)
+        .expect("the consultant's tag");
+    let escape = |s: &str| s.replace('@', "%40");
+    let expected = format!(
+        "?Replaces={}%3Bto-tag%3D{}%3Bfrom-tag%3D{}>",
+        escape(call_id),
+        escape(consultant_tag),
+        escape(gateway_tag)
+    );
+    assert!(
+        transferee
+            .messages
+            .lines()
+            .any(|l| l.starts_with("Refer-To:") && l.trim_end().ends_with(&expected)),
+        "the REFER's Refer-To should end {expected:?}\n{}",
+        transferee.report()
+    );
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}
+
 #[test]
 fn a_device_transfers_its_call_from_one_buddy_to_another() {
     let gw = Gateway::start("").unwrap();

@@ -2220,6 +2220,7 @@ fn a_blind_transfer_reports_each_notify_and_ends_the_call_once_it_succeeds() {
             Body::Transfer(thalamus_proto::v1::Transfer {
                 call_ref: 7,
                 target: "not a uri".into(),
+                replaces_call_ref: 0,
             }),
         ),
     );
@@ -2234,6 +2235,7 @@ fn a_blind_transfer_reports_each_notify_and_ends_the_call_once_it_succeeds() {
     let transfer = Body::Transfer(thalamus_proto::v1::Transfer {
         call_ref: 7,
         target: "sip:carol@example.org".into(),
+        replaces_call_ref: 0,
     });
     core.handle(t0, CallInput::Device(9, transfer.clone()));
     let a = drain(&mut core);
@@ -2286,6 +2288,7 @@ fn a_refused_or_failed_transfer_leaves_the_call_as_it_was() {
     let transfer = Body::Transfer(thalamus_proto::v1::Transfer {
         call_ref: 7,
         target: "sip:carol@example.org".into(),
+        replaces_call_ref: 0,
     });
     core.handle(t0, CallInput::Device(9, transfer.clone()));
     let sent = sent_in_dialog(&drain(&mut core));
@@ -2494,6 +2497,7 @@ fn a_notify_before_the_202_to_the_refer_is_taken() {
     let transfer = Body::Transfer(thalamus_proto::v1::Transfer {
         call_ref: 7,
         target: "sip:carol@example.org".into(),
+        replaces_call_ref: 0,
     });
     core.handle(t0, CallInput::Device(9, transfer.clone()));
     let refer = sent_in_dialog(&drain(&mut core));
@@ -2616,6 +2620,7 @@ fn a_refer_during_hold_is_taken_whoever_holds_and_a_transfer_waits_for_the_hold(
             Body::Transfer(thalamus_proto::v1::Transfer {
                 call_ref: 7,
                 target: "sip:carol@example.org".into(),
+                replaces_call_ref: 0,
             }),
         ),
     );

@@ -45,6 +45,16 @@ impl DialogId {
         }
     }
 
+    /// The value of a Replaces header (RFC 3891) that names this dialog to its peer: the tags
+    /// are written from the side of the UA that receives the INVITE carrying it, which is the
+    /// peer (`to-tag` is the peer's tag, `from-tag` ours).
+    pub fn replaces(&self) -> String {
+        format!(
+            "{};to-tag={};from-tag={}",
+            self.call_id, self.remote_tag, self.local_tag
+        )
+    }
+
     /// True when the id has these three parts (tags compare exactly, as RFC 3261 section 19.3
     /// asks).
     pub fn matches(&self, call_id: &str, local_tag: &str, remote_tag: &str) -> bool {
@@ -508,6 +518,12 @@ mod tests {
     use super::*;
     use crate::dialog::test_support::*;
     use crate::dialog::uas_response;
+
+    #[test]
+    fn replaces_names_the_dialog_from_the_peer_s_side() {
+        let ours = DialogId::new("abc@host", "ours", "theirs");
+        assert_eq!(ours.replaces(), "abc@host;to-tag=theirs;from-tag=ours");
+    }
 
     #[test]
     fn uac_dialog_from_invite_and_200_reverses_the_record_route() {

@@ -96,6 +96,26 @@ pub struct UriHeader {
     pub value: String,
 }
 
+impl UriHeader {
+    /// A header whose value is escaped as a URI header value must be (RFC 3261 section 25.1,
+    /// `hvalue`): every byte other than unreserved and `[]/?:+$` is written `%XX`, so a value
+    /// such as a Replaces (`call-id;to-tag=..;from-tag=..`) survives inside a Refer-To.
+    pub fn escaped(name: impl Into<String>, value: &str) -> Self {
+        let mut escaped = String::with_capacity(value.len() + 8);
+        for b in value.bytes() {
+            if header_byte_pred(b) {
+                escaped.push(char::from(b));
+            } else {
+                escaped.push_str(&format!("%{b:02X}"));
+            }
+        }
+        Self {
+            name: name.into(),
+            value: escaped,
+        }
+    }
+}
+
 /// A host: a domain name, an IPv4 address or an IPv6 address (written `[...]` in URIs).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Host {
@@ -863,6 +883,26 @@ mod tests {
             Some("&it+has=1,weird!*pas$wo~d_too.(doesn't-it)")
         );
         assert_eq!(w.to_string(), weird);
+    }
+
+    #[test]
+    fn a_header_value_is_escaped_so_that_it_parses_back_as_one_header() {
+        let mut uri = Uri::parse("sip:bob@example.org;transport=tcp").unwrap();
+        let value = "a84b4c76e66710@pc33.example.com;to-tag=1928 301774;from-tag=a6c85cf";
+        uri.as_sip_mut()
+            .unwrap()
+            .headers
+            .push(UriHeader::escaped("Replaces", value));
+        let written = uri.to_string();
+        assert_eq!(
+            written,
+            "sip:bob@example.org;transport=tcp?Replaces=a84b4c76e66710%40pc33.example.com\
+             %3Bto-tag%3D1928%20301774%3Bfrom-tag%3Da6c85cf"
+        );
+        let back = Uri::parse(&written).unwrap();
+        let sip = back.as_sip().unwrap();
+        assert_eq!(sip.headers.len(), 1);
+        assert_eq!(sip.params.len(), 1, "the header's ';' are not parameters");
     }
 
     #[test]
