@@ -486,6 +486,52 @@ fn a_sip_peer_transfers_the_device_to_a_buddy() {
 }
 
 #[test]
+fn a_sip_peer_s_attended_transfer_reaches_its_target_with_the_replaces() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let (target, target_port) = sipp_server(&["-sf", &scenario("uas_replaces.xml"), "-m", "1"]);
+    let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
+    listener.wait_event("welcome", T).unwrap();
+    let refer_to =
+        format!("sip:carol@127.0.0.1:{target_port}?Replaces=abc%40x%3Bto-tag%3D1%3Bfrom-tag%3D2");
+    let transferor = sipp_client(
+        &gw,
+        "uac_refer_device.xml",
+        "callee",
+        &["-key", "carol", &refer_to],
+    )
+    .wait(SIPP_WAIT);
+    assert_eq!(transferor.counts(), (1, 0), "{}", transferor.report());
+    let told = listener.wait_event("transfer_requested", T).unwrap();
+    assert_eq!(told["target"], refer_to.as_str(), "{told}");
+    let old = listener
+        .wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["call_ref"] == told["call_ref"]
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(old["reason"], "transferred", "{old}");
+    // The target checked the INVITE's Replaces and Request-URI, answered, and hung up.
+    let target = target.wait(SIPP_WAIT);
+    assert_eq!(target.counts(), (1, 0), "{}", target.report());
+    listener
+        .wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["call_ref"] == told["new_call_ref"]
+            },
+            T,
+        )
+        .unwrap();
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}
+
+#[test]
 fn a_device_of_revision_1_keeps_its_call_when_asked_to_transfer() {
     let gw = Gateway::start("").unwrap();
     let secret = gw.add_device("callee").unwrap();

@@ -1587,11 +1587,18 @@ impl CallCore {
             self.respond(tx, 400, Some("Bad Refer-To"), None, false);
             return;
         };
-        if target.as_sip().is_none() || target.to_string().contains('?') {
+        // A SIP URI; its only embedded header may be the Replaces of an attended transfer
+        // (RFC 3891), which the new INVITE carries.
+        let plain = target.as_sip().is_some_and(|sip| {
+            sip.headers
+                .iter()
+                .all(|h| h.name.eq_ignore_ascii_case("replaces") && h.unescaped().is_some())
+        });
+        if !plain {
             self.respond(
                 tx,
                 501,
-                Some("Only Blind Transfers to SIP URIs"),
+                Some("Only Transfers to SIP URIs, Replaces the Only Header"),
                 None,
                 false,
             );
@@ -1799,8 +1806,14 @@ impl CallCore {
 
     // ---- set-up ----
 
-    fn dial(&mut self, target: Uri, extra: BTreeMap<String, String>) {
+    fn dial(&mut self, mut target: Uri, extra: BTreeMap<String, String>) {
         let call_ref = self.key.1;
+        // Headers embedded in the target (a transfer's Replaces) become the INVITE's own
+        // (RFC 3261 section 19.1.5); the Request-URI goes without them.
+        let embedded = target
+            .as_sip_mut()
+            .map(|sip| std::mem::take(&mut sip.headers))
+            .unwrap_or_default();
         let offer = match self.sdp.create_offer(&self.local_media()) {
             Ok(o) => o,
             Err(e) => {
@@ -1831,6 +1844,12 @@ impl CallCore {
         if !supported.is_empty() {
             headers.push((HeaderName::Supported, supported.join(", ")));
         }
+        headers.extend(
+            embedded
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("replaces"))
+                .filter_map(|h| Some((HeaderName::Replaces, h.unescaped()?))),
+        );
         for (name, value) in extra {
             if name.to_ascii_lowercase().starts_with("x-") {
                 if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {

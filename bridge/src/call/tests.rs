@@ -2358,14 +2358,12 @@ fn a_peer_transfers_the_device_and_hears_how_the_new_call_goes() {
     );
     assert_eq!(responses(&drain(&mut core)), vec![(stx(5), 603)]);
     core.set_takes_transfers(true);
-    // An attended transfer (Replaces in the Refer-To): not taken.
+    // A Refer-To with an embedded header other than Replaces: not taken.
     core.handle(
         t0,
         CallInput::PeerRequest(
             stx(6),
-            Box::new(refer(
-                "sip:carol@example.org?Replaces=abc%3Bto-tag%3D1%3Bfrom-tag%3D2",
-            )),
+            Box::new(refer("sip:carol@example.org?Subject=hello")),
         ),
     );
     assert_eq!(responses(&drain(&mut core)), vec![(stx(6), 501)]);
@@ -2640,4 +2638,56 @@ fn a_refer_during_hold_is_taken_whoever_holds_and_a_transfer_waits_for_the_hold(
     let sent = sent_in_dialog(&a);
     assert_eq!(sent.len(), 1, "{a:?}");
     assert_eq!(sent[0].1, Method::Refer);
+}
+
+#[test]
+fn a_peer_s_attended_transfer_places_an_invite_that_carries_the_replaces() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.set_takes_transfers(true);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(6),
+            Box::new(refer(
+                "sip:carol@example.org;transport=udp?Replaces=abc%40h%3Bto-tag%3D1%3Bfrom-tag%3D2",
+            )),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(6), 202)]);
+    let placed = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::PlaceTransfer { target, .. } => Some(target.clone()),
+            _ => None,
+        })
+        .expect("the new call placed");
+
+    // The new call (as the driver places it): the Replaces leaves the Request-URI for a header
+    // of its own, unescaped.
+    let mut new_call = CallCore::outgoing(
+        key(),
+        settings(false),
+        42,
+        placed,
+        Some(MediaOffer::default()),
+        BTreeMap::new(),
+    );
+    drain(&mut new_call);
+    new_call.relay_started(t0, Some(RELAY));
+    let (uri, headers) = drain(&mut new_call)
+        .into_iter()
+        .find_map(|x| match x {
+            CallAction::SendInvite {
+                target, headers, ..
+            } => Some((target, headers)),
+            _ => None,
+        })
+        .expect("an INVITE");
+    assert_eq!(uri.to_string(), "sip:carol@example.org;transport=udp");
+    assert_eq!(
+        header(&headers, &HeaderName::Replaces),
+        Some("abc@h;to-tag=1;from-tag=2")
+    );
 }

@@ -114,6 +114,25 @@ impl UriHeader {
             value: escaped,
         }
     }
+
+    /// The value with its `%XX` escapes decoded, as the header it becomes in a request
+    /// (RFC 3261 section 19.1.5); `None` for a malformed escape or a value that is not UTF-8.
+    pub fn unescaped(&self) -> Option<String> {
+        let bytes = self.value.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).ok()
+    }
 }
 
 /// A host: a domain name, an IPv4 address or an IPv6 address (written `[...]` in URIs).
@@ -902,6 +921,14 @@ mod tests {
         let back = Uri::parse(&written).unwrap();
         let sip = back.as_sip().unwrap();
         assert_eq!(sip.headers.len(), 1);
+        assert_eq!(sip.headers[0].unescaped().as_deref(), Some(value));
+        let bad = |v: &str| UriHeader {
+            name: "X".into(),
+            value: v.into(),
+        };
+        assert_eq!(bad("a%4").unescaped(), None, "a cut escape");
+        assert_eq!(bad("a%zz").unescaped(), None);
+        assert_eq!(bad("%FF").unescaped(), None, "not UTF-8");
         assert_eq!(sip.params.len(), 1, "the header's ';' are not parameters");
     }
 
