@@ -48,7 +48,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use rand::Rng;
 use thalamus_proto::v1::envelope::Body;
-use thalamus_proto::v1::{Envelope, ErrorCode, TextReceived, TextStatus};
+use thalamus_proto::v1::{CallState, Envelope, ErrorCode, TextReceived, TextStatus};
 use thalamus_sip::message::{HeaderName, MediaType, Method, NameAddr, Request, Uri};
 use thalamus_sip::peer::Peer;
 use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
@@ -905,6 +905,16 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 incoming_text(&inner, tx, &device, &request).await;
                 return;
             }
+            // An INVITE with Replaces (RFC 3891) takes the place of the device's answered call
+            // it names: that call must be here and confirmed (else 481; `early-only` 486).
+            let replaces = match replaced_call(&inner, &device, &request) {
+                Ok(r) => r,
+                Err((status, why)) => {
+                    inc(&inner.metrics.sip_refused, why);
+                    let _ = ua.respond(tx, status, None, None).await;
+                    return;
+                }
+            };
             // Calls ringing are limited apart from the device's own: a flood of INVITEs can
             // keep a device ringing, not take the slots its `Dial` uses (those count only calls
             // that are not ringing). Incoming calls stay within `max_calls` in all.
@@ -914,7 +924,8 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                 return;
             }
             let live = inner.device_call_count(&device);
-            if live >= inner.config.max_calls as usize {
+            // A replacing call takes the place of one of the device's calls.
+            if live >= inner.config.max_calls as usize + usize::from(replaces.is_some()) {
                 inc(&inner.metrics.sip_refused, "max_calls");
                 let _ = ua.respond(tx, 486, None, None).await;
                 return;
@@ -941,7 +952,8 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
                     tx,
                     invite: Box::new(request),
                     source,
-                    call_waiting: live > 0,
+                    call_waiting: live > usize::from(replaces.is_some()),
+                    replaces,
                     in_progress: Box::new(in_progress),
                 },
             );
@@ -951,6 +963,41 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
             let _ = ua.respond_with_headers(tx, 405, None, None, allow()).await;
         }
     }
+}
+
+/// The device's call an INVITE's Replaces names (RFC 3891 section 3): `None` without the
+/// header; the refusal (status, metric label) when it is malformed (400), names no call of
+/// `device` here, or one not answered (481), or an answered one with `early-only` (486).
+fn replaced_call(
+    inner: &BridgeInner,
+    device: &str,
+    request: &thalamus_sip::message::Request,
+) -> Result<Option<u32>, (u16, &'static str)> {
+    let value = match request.headers.text(&HeaderName::Replaces) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(None),
+        Err(_) => return Err((400, "bad_replaces")),
+    };
+    let replaces = thalamus_sip::dialog::Replaces::parse(value).ok_or((400, "bad_replaces"))?;
+    let key = inner
+        .by_dialog
+        .get(&replaces.dialog)
+        .map(|k| k.clone())
+        .filter(|k| k.0 == device)
+        .ok_or((481, "replaces_no_dialog"))?;
+    let confirmed = inner.calls.get(&key).is_some_and(|c| {
+        matches!(
+            c.state(),
+            CallState::Answered | CallState::Held | CallState::Resumed
+        )
+    });
+    if !confirmed {
+        return Err((481, "replaces_no_dialog"));
+    }
+    if replaces.early_only {
+        return Err((486, "replaces_early_only"));
+    }
+    Ok(Some(key.1))
 }
 
 async fn incoming_text(inner: &Arc<BridgeInner>, tx: ServerTx, device: &str, request: &Request) {

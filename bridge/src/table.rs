@@ -28,6 +28,8 @@ pub enum CallCommand {
     PrackTimeout,
     /// The call placed for this call's transfer progressed (SIP status, reason).
     TransferProgress(u16, String),
+    /// Another call of the device, answered now, replaces this one (RFC 3891).
+    Replaced,
     /// Our 2xx was never acknowledged.
     AckTimeout,
     /// The device did not come back after losing its session.

@@ -84,6 +84,7 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
             "display_name": c.display_name,
             "to_uri": c.to_uri,
             "call_waiting": c.call_waiting,
+            "replaces_call_ref": c.replaces_call_ref,
             "media": media(&c.media),
         }),
         Some(Body::TextReceived(t)) => json!({

@@ -885,6 +885,10 @@ impl Config {
                 .supported
                 .push(thalamus_sip::endpoint::RELIABLE_TAG.to_string());
         }
+        // INVITE with Replaces (RFC 3891) is taken for a device's answered call.
+        endpoint
+            .supported
+            .push(thalamus_sip::dialog::REPLACES_TAG.to_string());
         endpoint.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
             t1: timers.t1,
             t2: timers.t2,

@@ -218,9 +218,10 @@ fn body() -> impl Strategy<Value = Option<Body>> {
             text(),
             proptest::option::of(media_offer()),
             any::<bool>(),
+            any::<u32>(),
         )
             .prop_map(
-                |(call_ref, from_uri, display_name, to_uri, media, call_waiting)| {
+                |(call_ref, from_uri, display_name, to_uri, media, call_waiting, replaces)| {
                     Body::IncomingCall(IncomingCall {
                         call_ref,
                         from_uri,
@@ -228,6 +229,7 @@ fn body() -> impl Strategy<Value = Option<Body>> {
                         to_uri,
                         media,
                         call_waiting,
+                        replaces_call_ref: replaces,
                     })
                 },
             )

@@ -532,6 +532,58 @@ fn a_sip_peer_s_attended_transfer_reaches_its_target_with_the_replaces() {
 }
 
 #[test]
+fn an_invite_with_replaces_takes_the_place_of_the_device_s_call() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
+    listener.wait_event("welcome", T).unwrap();
+    let peer = sipp_client(&gw, "uac_replaces.xml", "callee", &[]);
+    let first = listener
+        .wait_for(|v| v["event"] == "incoming_call", T)
+        .unwrap();
+    let second = listener
+        .wait_for(|v| v["event"] == "incoming_call", T)
+        .unwrap();
+    assert_eq!(
+        second["replaces_call_ref"], first["call_ref"],
+        "the device is told which call the new one replaces: {second}"
+    );
+    let replaced = listener
+        .wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["call_ref"] == first["call_ref"]
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(replaced["reason"], "replaced", "{replaced}");
+    // SIPp checked the BYE was the first dialog's, then hung up the second.
+    let outcome = peer.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    listener
+        .wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["call_ref"] == second["call_ref"]
+            },
+            T,
+        )
+        .unwrap();
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+    // A Replaces naming no call of the device: 481, counted; the device hears nothing.
+    let stray = sipp_client(&gw, "uac_replaces_unknown.xml", "callee", &[]).wait(SIPP_WAIT);
+    assert_eq!(stray.counts(), (1, 0), "{}", stray.report());
+    assert_eq!(
+        gw.metric("thalamus_sip_refused_total{reason=\"replaces_no_dialog\"}")
+            .unwrap(),
+        1.0
+    );
+}
+
+#[test]
 fn a_device_of_revision_1_keeps_its_call_when_asked_to_transfer() {
     let gw = Gateway::start("").unwrap();
     let secret = gw.add_device("callee").unwrap();

@@ -217,11 +217,23 @@ pub enum CallInput {
     /// How the call placed for the peer's transfer goes: its SIP status (1xx, 2xx, or the
     /// final error) and reason.
     TransferProgress(u16, String),
+    /// Another call of the device, answered now, replaces this one (RFC 3891): BYE.
+    Replaced,
     /// Write the confirmed dialog's record again: the store answers again after an outage
     /// (writes during it failed), or it lost our record (a Redis restart without persistence, an
     /// older snapshot) and holds this version of it, still ours (`Some`: write over it), or
     /// none (`None`: as before).
     Rereplicate(Option<u64>),
+}
+
+/// How an incoming call stands to the device's other calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OtherCalls {
+    /// The device already has a call (call waiting).
+    pub call_waiting: bool,
+    /// The device's answered call this one replaces (its INVITE's Replaces, RFC 3891): ended
+    /// once this one is answered.
+    pub replaces: Option<u32>,
 }
 
 /// A change to the call's media relay.
@@ -312,6 +324,9 @@ pub enum CallAction {
         /// Feed back [`CallInput::Responded`] with the dialog.
         report: bool,
     },
+    /// This call, answered, replaces the device's call with this ref (RFC 3891): end it
+    /// ([`CallInput::Replaced`]).
+    EndReplaced(u32),
     /// The peer transfers the device (its REFER was accepted): tell the device
     /// (`TransferRequested`) and place a new call from it to `target` with this call's media;
     /// its progress comes back as [`CallInput::TransferProgress`].
@@ -495,6 +510,11 @@ pub struct CallCore {
     transfer_over_early: Option<u64>,
     /// The call ends because its transfer succeeded.
     transferred: bool,
+    /// The device's call this incoming call replaces (RFC 3891), ended once this one is
+    /// answered.
+    replaces: Option<u32>,
+    /// This call was replaced by another (its end says so).
+    replaced: bool,
     /// The device follows transfers its remote party asks for (MBFP revision 2).
     takes_transfers: bool,
     /// The transfer the peer asked for: the NOTIFYs still to send (sipfrag, last), and
@@ -645,6 +665,8 @@ impl CallCore {
             transfer: None,
             transfer_over_early: None,
             transferred: false,
+            replaces: None,
+            replaced: false,
             takes_transfers: false,
             referral: None,
         }
@@ -768,8 +790,12 @@ impl CallCore {
         now: Instant,
         tx: ServerTx,
         invite: &Request,
-        call_waiting: bool,
+        others: OtherCalls,
     ) -> Self {
+        let OtherCalls {
+            call_waiting,
+            replaces,
+        } = others;
         let from = invite.headers.from().ok();
         let remote_uri = from.as_ref().map(|f| f.uri.to_string()).unwrap_or_default();
         let deadline = now + settings.no_answer_timeout;
@@ -820,8 +846,10 @@ impl CallCore {
                 to_uri: invite.uri.to_string(),
                 media: offer.as_ref().map(media_sdp::media_offer),
                 call_waiting,
+                replaces_call_ref: replaces.unwrap_or(0),
             }),
         );
+        core.replaces = replaces;
         core.ring(tx, invite);
         core.state = CallState::Ringing;
         core.phase = Phase::Ringing {
@@ -1260,6 +1288,13 @@ impl CallCore {
                 self.lost();
             }
             CallInput::TransferProgress(status, reason) => self.transfer_progress(status, &reason),
+            CallInput::Replaced => {
+                if self.phase == Phase::Up && !self.is_ending() {
+                    self.push(CallAction::Note("replaced by another call: the call ends"));
+                    self.replaced = true;
+                    self.start_bye(EndReason::Normal);
+                }
+            }
             CallInput::Rereplicate(store_version) => {
                 // Only a confirmed dialog that was (meant to be) written, and that is not ending.
                 if self.replica.stored && self.phase == Phase::Up && !self.is_ending() {
@@ -1655,6 +1690,11 @@ impl CallCore {
     /// Reports a call event to the device (and the state it puts the call in).
     fn event(&mut self, event: CallEvent) {
         self.state = CallState::try_from(event.state).unwrap_or(CallState::Unspecified);
+        if self.state == CallState::Answered {
+            if let Some(old) = self.replaces.take() {
+                self.push(CallAction::EndReplaced(old));
+            }
+        }
         if self.state == CallState::Answered && self.record.answered_ms.is_none() {
             self.record.answered_ms = self.wall_ms();
             if let (Some((origin, _)), Some(now)) = (self.record.wall, self.record.now) {
@@ -2663,6 +2703,7 @@ impl CallCore {
     fn end_with(&mut self, reason: EndReason) {
         let text = match reason {
             _ if self.transferred => "transferred",
+            _ if self.replaced => "replaced",
             EndReason::LocalHangup => "hung up by the device",
             EndReason::MediaTimeout => "no media from the remote party",
             _ => "ended by the gateway",

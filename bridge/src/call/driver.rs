@@ -87,6 +87,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
             invite,
             source,
             call_waiting,
+            replaces,
             in_progress,
         } => {
             incoming = Some((tx, in_progress));
@@ -104,7 +105,10 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
                     now,
                     tx,
                     &invite,
-                    call_waiting,
+                    crate::call::core::OtherCalls {
+                        call_waiting,
+                        replaces,
+                    },
                 ),
             )
         }
@@ -326,6 +330,7 @@ impl Driver {
                         Some(CallCommand::TransferProgress(status, reason)) => {
                             CallInput::TransferProgress(status, reason)
                         }
+                        Some(CallCommand::Replaced) => CallInput::Replaced,
                         Some(CallCommand::DeviceLink(link)) => {
                             self.core.set_takes_transfers(link.takes_transfers());
                             if let Some(relay) = &self.relay {
@@ -404,6 +409,11 @@ impl Driver {
                 target,
                 referred_by,
             } => self.place_transfer(target, referred_by),
+            CallAction::EndReplaced(old) => {
+                if let Some(call) = inner.calls.get(&(self.key.0.clone(), old)) {
+                    call.send(CallCommand::Replaced);
+                }
+            }
             CallAction::StartRelay => {
                 let addr = self.start_relay();
                 self.core.relay_started(now(), addr);
@@ -578,6 +588,7 @@ impl Driver {
             // Carried out by `execute_now`.
             CallAction::ToDevice { .. }
             | CallAction::PlaceTransfer { .. }
+            | CallAction::EndReplaced(_)
             | CallAction::StartRelay
             | CallAction::SetDialog(_)
             | CallAction::InviteSettled

@@ -49,6 +49,8 @@ pub enum CallSetup {
         source: Peer,
         /// The device already has a call.
         call_waiting: bool,
+        /// The device's answered call this one replaces (its INVITE's Replaces, RFC 3891).
+        replaces: Option<u32>,
         /// Held until the INVITE has its final response (loop detection).
         in_progress: Box<crate::shared::InProgress>,
     },

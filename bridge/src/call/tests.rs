@@ -432,7 +432,15 @@ fn cancel_crossing_200_acks_then_byes() {
 /// An incoming call that got its 180: the core, and what it did.
 fn ringing(t0: Instant, body: &str) -> (CallCore, Vec<CallAction>) {
     let invite = request("INVITE", body);
-    let mut core = CallCore::incoming(key(), settings(true), 42, t0, stx(1), &invite, false);
+    let mut core = CallCore::incoming(
+        key(),
+        settings(true),
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls::default(),
+    );
     let a = drain(&mut core);
     (core, a)
 }
@@ -594,7 +602,7 @@ fn incoming_call_rejected_declined_or_cancelled() {
         t0,
         stx(1),
         &request("INVITE", "not sdp at all"),
-        false,
+        OtherCalls::default(),
     );
     let a = drain(&mut core);
     assert_eq!(responses(&a), vec![(stx(1), 400)]);
@@ -1553,7 +1561,15 @@ fn an_early_record_is_written_as_the_call_rings_and_ended_with_it() {
     let t0 = Instant::now();
     let invite = request("INVITE", &peer_sdp(1, true, "sendrecv"));
     // Rejected while ringing: the early record is written at the 180 and ended (tombstone).
-    let mut core = CallCore::incoming(key(), early_settings(), 42, t0, stx(1), &invite, false);
+    let mut core = CallCore::incoming(
+        key(),
+        early_settings(),
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls::default(),
+    );
     drain(&mut core);
     core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
     let a = drain(&mut core);
@@ -1576,7 +1592,15 @@ fn an_early_record_is_written_as_the_call_rings_and_ended_with_it() {
         "the early record ends with the call"
     );
     // Answered: the confirmed record follows (same key), the early one is not written again.
-    let mut core = CallCore::incoming(key(), early_settings(), 42, t0, stx(1), &invite, false);
+    let mut core = CallCore::incoming(
+        key(),
+        early_settings(),
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls::default(),
+    );
     drain(&mut core);
     core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
     core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
@@ -1796,7 +1820,15 @@ fn an_incoming_call_too_brief_gets_422_then_the_peer_refreshes_until_it_stops() 
         &sdp,
         "Session-Expires: 60\r\nSupported: timer\r\n",
     );
-    let mut core = CallCore::incoming(key(), timer_settings(), 42, t0, stx(1), &invite, false);
+    let mut core = CallCore::incoming(
+        key(),
+        timer_settings(),
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls::default(),
+    );
     let a = drain(&mut core);
     assert_eq!(responses(&a), vec![(stx(1), 422)]);
     assert_eq!(
@@ -1806,7 +1838,15 @@ fn an_incoming_call_too_brief_gets_422_then_the_peer_refreshes_until_it_stops() 
     assert!(events(&a).is_empty() && closed(&a).is_some());
     // A malformed Session-Expires: 400.
     let invite = request_with("INVITE", &sdp, "Session-Expires: soon\r\n");
-    let mut core = CallCore::incoming(key(), timer_settings(), 42, t0, stx(1), &invite, false);
+    let mut core = CallCore::incoming(
+        key(),
+        timer_settings(),
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls::default(),
+    );
     assert_eq!(responses(&drain(&mut core)), vec![(stx(1), 400)]);
 
     // Asked again with 120 s: granted, the caller (which supports timers) refreshes.
@@ -1815,7 +1855,15 @@ fn an_incoming_call_too_brief_gets_422_then_the_peer_refreshes_until_it_stops() 
         &sdp,
         "Session-Expires: 120\r\nMin-SE: 90\r\nSupported: timer\r\n",
     );
-    let mut core = CallCore::incoming(key(), timer_settings(), 42, t0, stx(1), &invite, false);
+    let mut core = CallCore::incoming(
+        key(),
+        timer_settings(),
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls::default(),
+    );
     drain(&mut core);
     core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
     core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
@@ -2102,7 +2150,15 @@ fn the_ringing_is_reliable_when_the_caller_wants_it_and_an_unpracked_one_ends_th
     };
     let ring_headers = |settings: CallSettings, extra: &str| {
         let invite = request_with("INVITE", &sdp, extra);
-        let mut core = CallCore::incoming(key(), settings, 42, t0, stx(1), &invite, false);
+        let mut core = CallCore::incoming(
+            key(),
+            settings,
+            42,
+            t0,
+            stx(1),
+            &invite,
+            OtherCalls::default(),
+        );
         let a = drain(&mut core);
         (core, response_headers(&a, stx(1)))
     };
@@ -2690,4 +2746,75 @@ fn a_peer_s_attended_transfer_places_an_invite_that_carries_the_replaces() {
         header(&headers, &HeaderName::Replaces),
         Some("abc@h;to-tag=1;from-tag=2")
     );
+}
+
+#[test]
+fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_so() {
+    let t0 = Instant::now();
+    let invite = request("INVITE", &peer_sdp(1, true, "sendrecv"));
+    let mut core = CallCore::incoming(
+        key(),
+        settings(false),
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls {
+            call_waiting: true,
+            replaces: Some(5),
+        },
+    );
+    let a = drain(&mut core);
+    match &a[0] {
+        CallAction::ToDevice {
+            body: Body::IncomingCall(c),
+            ..
+        } => assert_eq!((c.replaces_call_ref, c.call_waiting), (5, true)),
+        other => panic!("expected IncomingCall, got {other:?}"),
+    }
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    let mut all = drain(&mut core);
+    core.handle(
+        t0,
+        CallInput::Device(
+            2,
+            Body::Answer(Answer {
+                call_ref: 7,
+                media: Some(MediaOffer::default()),
+            }),
+        ),
+    );
+    all.extend(drain(&mut core));
+    assert!(
+        !all.contains(&CallAction::EndReplaced(5)),
+        "not before the answer"
+    );
+    core.relay_started(t0, Some(RELAY));
+    all.extend(drain(&mut core));
+    core.handle(t0, CallInput::Responded(stx(1), 200, Some(dialog())));
+    all.extend(drain(&mut core));
+    core.handle(t0, CallInput::Ack);
+    all.extend(drain(&mut core));
+    assert_eq!(
+        all.iter()
+            .filter(|a| **a == CallAction::EndReplaced(5))
+            .count(),
+        1,
+        "{all:?}"
+    );
+
+    // The replaced call: a BYE, and its end says why.
+    let mut old = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    old.handle(t0, CallInput::Replaced);
+    let bye = sent_in_dialog(&drain(&mut old));
+    assert_eq!(bye[0].1, Method::Bye);
+    old.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    let end = &ended(&drain(&mut old))[0];
+    assert_eq!(
+        (end.end_reason, end.reason.as_str()),
+        (EndReason::Normal as i32, "replaced")
+    );
+    // Late: nothing more.
+    old.handle(t0, CallInput::Replaced);
+    assert!(drain(&mut old).is_empty());
 }

@@ -62,6 +62,49 @@ impl DialogId {
     }
 }
 
+/// The option tag of the Replaces extension (RFC 3891 section 6.2).
+pub const REPLACES_TAG: &str = "replaces";
+
+/// A Replaces header (RFC 3891 section 6.1) as the UA that receives it reads it: the dialog
+/// it names, from that UA's side (`to-tag` is its own tag, `from-tag` the other's), and
+/// whether only an early dialog may be replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaces {
+    /// The dialog to replace, as the receiver holds it.
+    pub dialog: DialogId,
+    /// `early-only`: a confirmed dialog must not be replaced (486).
+    pub early_only: bool,
+}
+
+impl Replaces {
+    /// Parses `callid;to-tag=..;from-tag=..[;early-only]` (parameters in any order, names
+    /// case-insensitive, others ignored); `None` without a Call-ID or either tag.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.split(';');
+        let call_id = parts.next()?.trim();
+        if call_id.is_empty() {
+            return None;
+        }
+        let (mut to_tag, mut from_tag, mut early_only) = (None, None, false);
+        for part in parts {
+            let (name, value) = match part.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim())),
+                None => (part.trim(), None),
+            };
+            match (name.to_ascii_lowercase().as_str(), value) {
+                ("to-tag", Some(v)) => to_tag = Some(v),
+                ("from-tag", Some(v)) => from_tag = Some(v),
+                ("early-only", None) => early_only = true,
+                _ => {}
+            }
+        }
+        Some(Self {
+            dialog: DialogId::new(call_id, to_tag?, from_tag?),
+            early_only,
+        })
+    }
+}
+
 impl fmt::Display for DialogId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -523,6 +566,16 @@ mod tests {
     fn replaces_names_the_dialog_from_the_peer_s_side() {
         let ours = DialogId::new("abc@host", "ours", "theirs");
         assert_eq!(ours.replaces(), "abc@host;to-tag=theirs;from-tag=ours");
+        // The peer reads it as its own view of the dialog.
+        let read = Replaces::parse(&ours.replaces()).unwrap();
+        assert_eq!(read.dialog, DialogId::new("abc@host", "theirs", "ours"));
+        assert!(!read.early_only);
+        let early = Replaces::parse(" x ; From-Tag = a ;early-only; to-tag=b;foo=1").unwrap();
+        assert_eq!(early.dialog, DialogId::new("x", "b", "a"));
+        assert!(early.early_only);
+        assert_eq!(Replaces::parse("x;to-tag=b"), None, "no from-tag");
+        assert_eq!(Replaces::parse(";to-tag=b;from-tag=a"), None, "no Call-ID");
+        assert_eq!(Replaces::parse(""), None);
     }
 
     #[test]
