@@ -790,6 +790,18 @@ impl Endpoint {
             }
         } else if let (_, Some(d)) = self.dialogs.receive_response(&response) {
             dialog = Some(d.id().clone());
+        } else if response.is_success() {
+            // A 2xx to a SUBSCRIBE we sent creates its dialog (RFC 6665 section 4.1.2.1).
+            let created = self
+                .transactions
+                .client_request(key)
+                .filter(|r| r.method == Method::Subscribe && r.headers.to_tag().is_none())
+                .and_then(|r| Dialog::new_uac(r, &response).ok());
+            if let Some(d) = created {
+                if let Ok(d) = self.dialogs.insert(d) {
+                    dialog = Some(d.id().clone());
+                }
+            }
         }
         self.events.push_back(EndpointEvent::Response {
             key,
@@ -1721,6 +1733,23 @@ mod tests {
             panic!("not a response");
         };
         assert_eq!(ok.headers.to_tag(), Some(dialog.local_tag.as_str()));
+        // The subscriber's side: the 2xx makes the dialog there too, and the NOTIFY sent in
+        // it reaches the subscriber as a request within that dialog.
+        a.handle_message(t0, Message::Response(ok), pb);
+        let subscriber_dialog = match events(&mut a).remove(0) {
+            EndpointEvent::Response {
+                dialog: Some(d), ..
+            } => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(subscriber_dialog.local_tag, "a1");
+        assert_eq!(subscriber_dialog.remote_tag, dialog.local_tag);
+        b.send_request(t0, notify, pa).unwrap();
+        deliver(t0, &mut b, &pb, &mut a);
+        match events(&mut a).remove(0) {
+            EndpointEvent::DialogRequest { dialog: d, .. } => assert_eq!(d, subscriber_dialog),
+            other => panic!("the NOTIFY in the dialog: {other:?}"),
+        }
         // A refused SUBSCRIBE makes none.
         let mut again = invite("sip:bob@127.0.0.1:5062");
         again.method = Method::Subscribe;

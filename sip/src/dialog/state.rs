@@ -318,8 +318,12 @@ impl Dialog {
     /// Contact (the Request-URI of the INVITE when a provisional response has none); the local
     /// CSeq is the INVITE's; the remote CSeq is empty; the secure flag is set when the
     /// Request-URI is a SIPS URI (the caller sends such requests over TLS only).
+    ///
+    /// A 2xx to a SUBSCRIBE we sent creates the subscription's dialog the same way (RFC 6665
+    /// section 4.1.2.1); no ACK follows it and it carries no INVITE CSeq.
     pub fn new_uac(invite: &Request, response: &Response) -> Result<Dialog, DialogError> {
-        if invite.method != Method::Invite {
+        let subscribe = invite.method == Method::Subscribe;
+        if invite.method != Method::Invite && !(subscribe && response.is_success()) {
             return Err(DialogError::NotInvite(invite.method.clone()));
         }
         let state = state_for_status(response.status)?;
@@ -345,11 +349,11 @@ impl Dialog {
             role: Role::Uac,
             state,
             secure: is_sips(&invite.uri),
-            invite_answered: state == DialogState::Confirmed,
+            invite_answered: subscribe || state == DialogState::Confirmed,
             strict_route,
             local_cseq: Some(cseq.seq),
             remote_cseq: None,
-            local_invite_cseq: Some(cseq.seq),
+            local_invite_cseq: (!subscribe).then_some(cseq.seq),
             remote_invite_cseq: None,
             local_uri: tagged_text(invite.headers.from()?, local_tag),
             remote_uri: tagged_text(invite.headers.to()?, remote_tag),
