@@ -24,6 +24,8 @@
 //! batching (`thalamus-dialog-store`), and deciding where devices belong (the node).
 #![forbid(unsafe_code)]
 
+pub(crate) mod buddies;
+pub mod buddy_watch;
 pub mod call;
 pub mod config;
 pub mod dialogs;
@@ -154,6 +156,8 @@ impl Bridge {
             calls_per_device: DashMap::new(),
             by_dialog: DashMap::new(),
             watchers: presence::Watchers::new(config_presence),
+            buddy_watches: DashMap::new(),
+            watch_dialogs: DashMap::new(),
             by_invite: DashMap::new(),
             in_progress: DashMap::new(),
             next_incoming_ref: AtomicU32::new(
@@ -491,6 +495,28 @@ impl DeviceRequests for Bridge {
                 ));
                 vec![]
             }
+            Body::Watch(w) => match inner.target_uri(device_id, &w.target) {
+                Ok(target) if target.as_sip().is_some() => {
+                    match buddies::start(inner, device_id, request_id, target, w.expires_secs) {
+                        Ok(()) => vec![],
+                        Err((code, why)) => vec![error_frame(request_id, code, why)],
+                    }
+                }
+                Ok(target) => vec![error_frame(
+                    request_id,
+                    ErrorCode::InvalidArgument,
+                    format!("{target} is not a SIP URI"),
+                )],
+                Err(e) => vec![error_frame(request_id, ErrorCode::InvalidArgument, e)],
+            },
+            Body::Unwatch(w) => match inner.target_uri(device_id, &w.target) {
+                Ok(target) if buddies::stop(inner, device_id, &target) => vec![],
+                _ => vec![error_frame(
+                    request_id,
+                    ErrorCode::InvalidArgument,
+                    format!("not watching {}", w.target),
+                )],
+            },
             Body::PresenceUpdate(p) => {
                 let state = thalamus_proto::v1::PresenceState::try_from(p.state)
                     .unwrap_or(thalamus_proto::v1::PresenceState::Unspecified);
@@ -524,6 +550,7 @@ impl DeviceRequests for Bridge {
 
     fn offline(&self, device_id: &str) {
         self.inner.links.remove(device_id);
+        buddies::device_left(&self.inner, device_id);
         watchers::changed(&self.inner, device_id);
         if let Some(r) = &self.inner.registrar {
             r.device_offline(device_id);
@@ -681,6 +708,13 @@ async fn dispatch(inner: Arc<BridgeInner>, mut events: mpsc::Receiver<UaEvent>) 
             } if request.method == Method::Subscribe && inner.watchers.holds(&dialog) => {
                 tokio::spawn(watchers::resubscribe(inner, tx, dialog, request));
             }
+            UaEvent::DialogRequest {
+                tx,
+                dialog,
+                request,
+                source: _,
+            } if request.method == Method::Notify
+                && buddies::notify(&inner, tx, &dialog, &request) => {}
             UaEvent::DialogRequest {
                 tx,
                 dialog,

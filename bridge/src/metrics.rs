@@ -43,6 +43,11 @@ pub struct BridgeMetrics {
     /// Presence NOTIFYs, by outcome (`sent`, `refused`: a non-2xx other than 481, `gone`: 481,
     /// no answer or not sendable, which ends the subscription).
     pub presence_notifies: Family<ReasonLabel, Counter>,
+    /// Devices' watches of SIP buddies held on this node.
+    pub buddy_watches: Gauge,
+    /// Events of devices' watches of SIP buddies (`subscribed`, `ended`, `update`: a presence
+    /// change sent to the device).
+    pub buddy_presence: Family<ReasonLabel, Counter>,
 }
 
 fn setup_histogram() -> Histogram {
@@ -69,6 +74,8 @@ impl Default for BridgeMetrics {
             call_setup: Family::new_with_constructor(setup_histogram),
             presence_subscriptions: Gauge::default(),
             presence_notifies: Family::default(),
+            buddy_watches: Gauge::default(),
+            buddy_presence: Family::default(),
         }
     }
 }
@@ -131,6 +138,16 @@ impl BridgeMetrics {
             "presence_notifies",
             "Presence NOTIFYs sent to SIP watchers, by outcome",
             self.presence_notifies.clone(),
+        );
+        registry.register(
+            "buddy_watches",
+            "Watches of SIP buddies' presence by devices held on this node",
+            self.buddy_watches.clone(),
+        );
+        registry.register(
+            "buddy_presence",
+            "Events of devices' watches of SIP buddies, by kind",
+            self.buddy_presence.clone(),
         );
         registry.register(
             "device_arrival_waits",

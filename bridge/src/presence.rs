@@ -34,6 +34,13 @@ pub struct PresenceConfig {
     pub min_expires: u32,
     /// Longest interval granted (longer is lowered to it); also the default.
     pub max_expires: u32,
+    /// Buddies one device watches at once (its `Watch`es over it: `LIMIT_EXCEEDED`).
+    pub watches_per_device: usize,
+    /// Watches of buddies on the node at once.
+    pub watches_total: usize,
+    /// Seconds a watch's SUBSCRIBE asks for when the device names none (a device's own ask is
+    /// kept within `min_expires`..`max_expires`).
+    pub watch_expires: u32,
 }
 
 impl Default for PresenceConfig {
@@ -44,6 +51,9 @@ impl Default for PresenceConfig {
             max_total: 10_000,
             min_expires: 60,
             max_expires: 3600,
+            watches_per_device: 32,
+            watches_total: 10_000,
+            watch_expires: 600,
         }
     }
 }

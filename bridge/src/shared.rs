@@ -46,6 +46,11 @@ pub(crate) struct BridgeInner {
     pub(crate) by_dialog: DashMap<DialogId, CallKey>,
     /// SIP watchers of devices' presence.
     pub(crate) watchers: crate::presence::Watchers,
+    /// Devices' watches of SIP buddies, by (device, buddy URI).
+    pub(crate) buddy_watches:
+        DashMap<(String, String), tokio::sync::mpsc::Sender<crate::buddy_watch::WatchCommand>>,
+    /// The watches' subscription dialogs.
+    pub(crate) watch_dialogs: DashMap<DialogId, (String, String)>,
     pub(crate) by_invite: DashMap<ServerTx, CallKey>,
     /// Requests outside a dialog being handled, by merge key, with their branch.
     pub(crate) in_progress: DashMap<(String, String, u32), String>,

@@ -698,6 +698,88 @@ pub async fn listen(
 }
 
 /// Sends one text; returns the final SIP status.
+/// `watch`: logs in, watches each of `targets` (MBFP `Watch`: the gateway subscribes to their
+/// presence), prints every `presence_update` and `watch_status`, answers pings, and after
+/// `duration` unwatches them all and waits (at most [`UNWATCH_WAIT`]) for each watch's last
+/// `watch_status`. Returns (watches that became active, watches refused or ended early).
+pub async fn watch(
+    login_opts: &Login,
+    targets: &[String],
+    expires_secs: u32,
+    duration: Duration,
+    printer: EventPrinter,
+) -> anyhow::Result<(u32, u32)> {
+    let mut s = login(login_opts, printer).await?;
+    let mut pending: HashMap<u64, String> = HashMap::new();
+    for target in targets {
+        let id = s
+            .writer
+            .send(Body::Watch(thalamus_proto::v1::Watch {
+                target: target.clone(),
+                expires_secs,
+            }))
+            .await?;
+        pending.insert(id, target.clone());
+    }
+    let (mut active, mut failed) = (0u32, 0u32);
+    let mut unwatching = false;
+    let until = tokio::time::Instant::now() + duration;
+    let mut deadline = until;
+    loop {
+        if pending.is_empty() {
+            break;
+        }
+        tokio::select! {
+            frame = s.reader.next() => {
+                let env = frame?;
+                match &env.body {
+                    Some(Body::Ping(p)) => {
+                        s.writer.send_envelope(&pong(&env, p.nonce)).await?;
+                        continue;
+                    }
+                    Some(Body::WatchStatus(w)) if pending.contains_key(&env.request_id) => {
+                        if w.active {
+                            active += 1;
+                        } else {
+                            if !unwatching {
+                                failed += 1;
+                            }
+                            pending.remove(&env.request_id);
+                        }
+                    }
+                    Some(Body::Error(_)) if pending.contains_key(&env.request_id) => {
+                        failed += 1;
+                        pending.remove(&env.request_id);
+                    }
+                    _ => {}
+                }
+                printer.frame(&env);
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                if unwatching {
+                    break;
+                }
+                unwatching = true;
+                for target in pending.values() {
+                    s.writer
+                        .send(Body::Unwatch(thalamus_proto::v1::Unwatch {
+                            target: target.clone(),
+                        }))
+                        .await?;
+                }
+                deadline = tokio::time::Instant::now() + UNWATCH_WAIT;
+            }
+        }
+    }
+    printer.emit("summary", json!({"watched": active, "failed": failed}));
+    s.conn.close(0u32.into(), b"done");
+    s.endpoint.wait_idle().await;
+    Ok((active, failed))
+}
+
+/// How long `watch` waits for the last `watch_status` of its watches after unwatching them.
+const UNWATCH_WAIT: Duration = Duration::from_secs(5);
+
 pub async fn text(
     login_opts: &Login,
     to: &str,

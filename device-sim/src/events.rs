@@ -123,6 +123,13 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
                 .map_or_else(|_| p.state.to_string(), |s| enum_name(s.as_str_name(), "PRESENCE_STATE_")),
             "note": p.note,
         }),
+        Some(Body::WatchStatus(w)) => json!({
+            "target": w.target,
+            "active": w.active,
+            "sip_status": w.sip_status,
+            "reason": w.reason,
+            "request_id": env.request_id,
+        }),
         _ => json!({}),
     };
     (kind, fields)

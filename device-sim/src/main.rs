@@ -159,6 +159,21 @@ enum Command {
         #[arg(long)]
         body: String,
     },
+    /// Watch SIP buddies' presence through the gateway (it subscribes on the device's
+    /// behalf), print each change, then unwatch.
+    Watch {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// A SIP URI or address book alias to watch (repeat for several).
+        #[arg(long = "target", required = true)]
+        targets: Vec<String>,
+        /// Seconds asked for each subscription period (0: the gateway's default).
+        #[arg(long, default_value_t = 0)]
+        expires_secs: u32,
+        /// How long to watch before unwatching, milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        for_ms: u64,
+    },
     /// Connect one device, print its events, and keep the session alive.
     Connect {
         /// Gateway QUIC address (host:port); a comma-separated list gives more entry points,
@@ -462,6 +477,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch {
+            login,
+            targets,
+            expires_secs,
+            for_ms,
+        } => {
+            let (login, printer) = login.login()?;
+            let (active, failed) = thalamus_sim::calls::watch(
+                &login,
+                &targets,
+                expires_secs,
+                std::time::Duration::from_millis(for_ms),
+                printer,
+            )
+            .await?;
+            Ok(
+                if failed == 0 && active == u32::try_from(targets.len()).unwrap_or(u32::MAX) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
         }
         Command::Text { login, to, body } => {
             let (login, printer) = login.login()?;

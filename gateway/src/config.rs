@@ -370,6 +370,13 @@ pub struct SipPresenceConfig {
     pub min_expires_secs: u32,
     /// Longest subscription granted, seconds (longer is lowered; also the default).
     pub max_expires_secs: u32,
+    /// SIP buddies one device watches at once (MBFP `Watch`; over it: `LIMIT_EXCEEDED`).
+    pub watches_per_device: usize,
+    /// Devices' watches of SIP buddies on the node at once.
+    pub watches_total: usize,
+    /// Seconds a watch's SUBSCRIBE asks for when the device names none (between
+    /// `min_expires_secs` and `max_expires_secs`).
+    pub watch_expires_secs: u32,
 }
 
 impl Default for SipPresenceConfig {
@@ -381,6 +388,9 @@ impl Default for SipPresenceConfig {
             max_total: d.max_total,
             min_expires_secs: d.min_expires,
             max_expires_secs: d.max_expires,
+            watches_per_device: d.watches_per_device,
+            watches_total: d.watches_total,
+            watch_expires_secs: d.watch_expires,
         }
     }
 }
@@ -599,6 +609,11 @@ impl Config {
             ("sip.presence.max_per_device", presence.max_per_device),
             ("sip.presence.max_per_watcher", presence.max_per_watcher),
             ("sip.presence.max_total", presence.max_total),
+            (
+                "sip.presence.watches_per_device",
+                presence.watches_per_device,
+            ),
+            ("sip.presence.watches_total", presence.watches_total),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");
@@ -611,6 +626,14 @@ impl Config {
             return bad(
                 "sip.presence.max_expires_secs",
                 "must be at least sip.presence.min_expires_secs",
+            );
+        }
+        if presence.watch_expires_secs < presence.min_expires_secs
+            || presence.watch_expires_secs > presence.max_expires_secs
+        {
+            return bad(
+                "sip.presence.watch_expires_secs",
+                "must be between sip.presence.min_expires_secs and sip.presence.max_expires_secs",
             );
         }
         if self.sip.session_expires_secs != 0 {
@@ -837,6 +860,9 @@ impl Config {
                 max_total: self.sip.presence.max_total,
                 min_expires: self.sip.presence.min_expires_secs,
                 max_expires: self.sip.presence.max_expires_secs,
+                watches_per_device: self.sip.presence.watches_per_device,
+                watches_total: self.sip.presence.watches_total,
+                watch_expires: self.sip.presence.watch_expires_secs,
             },
         }
     }

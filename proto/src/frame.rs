@@ -150,6 +150,9 @@ pub fn body_kind(body: Option<&crate::v1::envelope::Body>) -> &'static str {
         Some(Body::TextReceived(_)) => "text_received",
         Some(Body::TextStatus(_)) => "text_status",
         Some(Body::PresenceUpdate(_)) => "presence_update",
+        Some(Body::Watch(_)) => "watch",
+        Some(Body::Unwatch(_)) => "unwatch",
+        Some(Body::WatchStatus(_)) => "watch_status",
     }
 }
 

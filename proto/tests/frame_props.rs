@@ -297,6 +297,27 @@ fn body() -> impl Strategy<Value = Option<Body>> {
                 Body::PresenceUpdate(PresenceUpdate { uri, state, note })
             })
             .boxed(),
+        (text(), any::<u32>())
+            .prop_map(|(target, expires_secs)| {
+                Body::Watch(Watch {
+                    target,
+                    expires_secs,
+                })
+            })
+            .boxed(),
+        text()
+            .prop_map(|target| Body::Unwatch(Unwatch { target }))
+            .boxed(),
+        (text(), any::<bool>(), any::<u32>(), text())
+            .prop_map(|(target, active, sip_status, reason)| {
+                Body::WatchStatus(WatchStatus {
+                    target,
+                    active,
+                    sip_status,
+                    reason,
+                })
+            })
+            .boxed(),
         (any::<u32>(), text(), any::<u32>())
             .prop_map(|(call_ref, target, replaces_call_ref)| {
                 Body::Transfer(Transfer {

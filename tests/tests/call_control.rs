@@ -436,6 +436,55 @@ fn a_fetch_returns_the_presence_a_device_set_itself() {
 }
 
 #[test]
+fn a_device_watches_a_sip_buddy_and_hears_its_presence_change() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("watcher").unwrap();
+    let (server, port) = sipp_server(&["-sf", &scenario("uas_presence_server.xml"), "-m", "1"]);
+    let bob = format!("sip:bob@127.0.0.1:{port}");
+    let mut sim = sim_as(
+        "watch",
+        login_args(&gw, "watcher", &secret),
+        &["--target", &bob, "--for-ms", "3000"],
+    );
+    let active = sim.wait_event("watch_status", T).unwrap();
+    assert_eq!(
+        (active["active"].as_bool(), active["sip_status"].as_u64()),
+        (Some(true), Some(200)),
+        "{active}"
+    );
+    let open = sim.wait_event("presence_update", T).unwrap();
+    assert_eq!(
+        (
+            open["uri"].as_str(),
+            open["state"].as_str(),
+            open["note"].as_str()
+        ),
+        (Some(bob.as_str()), Some("available"), Some("at my desk")),
+        "{open}"
+    );
+    let busy = sim.wait_event("presence_update", T).unwrap();
+    assert_eq!(busy["state"], "busy", "{busy}");
+    gw.wait_metric("thalamus_buddy_watches", 1.0, T).unwrap();
+    // After 3 s the simulator unwatches: SIPp gets the unsubscribe, its last NOTIFY gets 200.
+    let ended = sim.wait_event("watch_status", T).unwrap();
+    assert_eq!(
+        (ended["active"].as_bool(), ended["reason"].as_str()),
+        (Some(false), Some("unwatched")),
+        "{ended}"
+    );
+    let summary = sim.wait_event("summary", T).unwrap();
+    assert_eq!(summary["watched"], 1, "{summary}");
+    let outcome = server.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    gw.wait_metric("thalamus_buddy_watches", 0.0, T).unwrap();
+    assert_eq!(
+        gw.metric("thalamus_buddy_presence_total{reason=\"update\"}")
+            .unwrap(),
+        2.0
+    );
+}
+
+#[test]
 fn a_sip_peer_transfers_the_device_to_a_buddy() {
     let gw = Gateway::start("").unwrap();
     let secret = gw.add_device("callee").unwrap();

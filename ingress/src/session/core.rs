@@ -325,7 +325,9 @@ impl SessionCore {
                     | Body::Dtmf(_)
                     | Body::Transfer(_)
                     | Body::SendText(_)
-                    | Body::PresenceUpdate(_)),
+                    | Body::PresenceUpdate(_)
+                    | Body::Watch(_)
+                    | Body::Unwatch(_)),
                 ),
             ) => {
                 self.actions
