@@ -700,7 +700,7 @@ pub async fn listen(
 /// Sends one text; returns the final SIP status.
 /// `watch`: logs in, watches each of `targets` (MBFP `Watch`: the gateway subscribes to their
 /// presence), prints every `presence_update` and `watch_status`, answers pings, and after
-/// `duration` unwatches them all and waits (at most [`UNWATCH_WAIT`]) for each watch's last
+/// `duration` unwatches them all and waits (at most 5 s) for each watch's last
 /// `watch_status`. Returns (watches that became active, watches refused or ended early).
 pub async fn watch(
     login_opts: &Login,
