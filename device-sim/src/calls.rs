@@ -697,7 +697,6 @@ pub async fn listen(
     }
 }
 
-/// Sends one text; returns the final SIP status.
 /// `watch`: logs in, watches each of `targets` (MBFP `Watch`: the gateway subscribes to their
 /// presence), prints every `presence_update` and `watch_status`, answers pings, and after
 /// `duration` unwatches them all and waits (at most 5 s) for each watch's last
@@ -780,6 +779,7 @@ pub async fn watch(
 /// How long `watch` waits for the last `watch_status` of its watches after unwatching them.
 const UNWATCH_WAIT: Duration = Duration::from_secs(5);
 
+/// Sends one text; returns the final SIP status.
 pub async fn text(
     login_opts: &Login,
     to: &str,
