@@ -626,6 +626,19 @@ pub(crate) async fn unknown_dialog(
             // the dialog is over, as the BYE asks.
             let _ = ua.respond(tx, 200, None, None).await;
         }
+        // Another node holds the dialog, or won it just now (its device resumed there and
+        // claimed it while this request waited for the dead owner to be declared gone). Over
+        // UDP the request is dropped unanswered: its retransmission (500 ms on) reaches the
+        // holder once the balancer has its next heartbeat (the device is pinned there). A 503
+        // would end a BYE for good: most peers do not send it again, and the dialog would stay
+        // up on the holder until its timers end it.
+        Err(e @ (TakeoverError::LostRace { .. } | TakeoverError::OwnerAlive(_)))
+            if !arrived_reliably(&request) =>
+        {
+            debug!(dialog = %key, error = %e, "request for a dialog held elsewhere: dropped, to be retransmitted");
+            inc(&inner.metrics.sip_refused, "takeover_later");
+            let _ = ua.abandon(tx).await;
+        }
         Err(
             e @ (TakeoverError::LostRace { .. }
             | TakeoverError::Unavailable(_)
@@ -649,6 +662,12 @@ pub(crate) async fn unknown_dialog(
             let _ = ua.reject_unknown(tx).await;
         }
     }
+}
+
+/// Whether `request` came over a reliable transport (its top Via: TCP, TLS...), which does not
+/// retransmit it.
+fn arrived_reliably(request: &Request) -> bool {
+    request.headers.top_via().is_ok_and(|v| v.transport.is_reliable())
 }
 
 /// A CANCEL for an INVITE this node does not hold: the INVITE may have been ringing on a node
