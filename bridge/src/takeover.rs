@@ -667,7 +667,10 @@ pub(crate) async fn unknown_dialog(
 /// Whether `request` came over a reliable transport (its top Via: TCP, TLS...), which does not
 /// retransmit it.
 fn arrived_reliably(request: &Request) -> bool {
-    request.headers.top_via().is_ok_and(|v| v.transport.is_reliable())
+    request
+        .headers
+        .top_via()
+        .is_ok_and(|v| v.transport.is_reliable())
 }
 
 /// A CANCEL for an INVITE this node does not hold: the INVITE may have been ringing on a node

@@ -2818,3 +2818,78 @@ fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_
     old.handle(t0, CallInput::Replaced);
     assert!(drain(&mut old).is_empty());
 }
+
+#[test]
+fn a_transfer_works_after_a_takeover_both_ways() {
+    let t0 = Instant::now();
+    // The device transfers a call another node held: taken over (UAC mode), the media
+    // re-INVITE first, then the REFER, then the NOTIFYs as on the node that set the call up.
+    let (mut core, _) = taken_over(
+        TakeoverTrigger::DeviceCommand {
+            request_id: 12,
+            body: Body::Transfer(thalamus_proto::v1::Transfer {
+                call_ref: 7,
+                target: "sip:carol@example.org".into(),
+                replaces_call_ref: 0,
+            }),
+        },
+        false,
+    );
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let media = sent_in_dialog(&drain(&mut core));
+    assert_eq!(media[0].1, Method::Invite);
+    core.handle(
+        t0,
+        CallInput::Client(
+            media[0].0,
+            response(200, &peer_sdp(2, true, "sendrecv"), None),
+        ),
+    );
+    drain(&mut core);
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let sent = sent_in_dialog(&drain(&mut core));
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].1, Method::Refer);
+    core.handle(t0, CallInput::Client(sent[0].0, response(202, "", None)));
+    drain(&mut core);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(8),
+            Box::new(notify("SIP/2.0 200 OK\r\n", "terminated;reason=noresource")),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(transfer_statuses(&a), vec![(12, 200, true)]);
+    let bye = a
+        .iter()
+        .any(|x| matches!(x, CallAction::WriteAhead(_)))
+        .then(|| {
+            core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+            sent_in_dialog(&drain(&mut core))
+        })
+        .unwrap_or_else(|| sent_in_dialog(&a));
+    assert_eq!(bye[0].1, Method::Bye, "the transferred call ends");
+
+    // The peer transfers a call this node took over (UAS mode, the REFER itself caused the
+    // takeover): accepted for a device that takes transfers, the new call placed.
+    let (mut core, _) = taken_over(TakeoverTrigger::DeviceResume, false);
+    core.set_takes_transfers(true);
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let media = sent_in_dialog(&drain(&mut core));
+    core.handle(
+        t0,
+        CallInput::Client(
+            media[0].0,
+            response(200, &peer_sdp(2, true, "sendrecv"), None),
+        ),
+    );
+    drain(&mut core);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(9), Box::new(refer("sip:carol@example.org"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(9), 202)]);
+    assert_eq!(place_transfers(&a).len(), 1);
+}
