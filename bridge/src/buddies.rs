@@ -114,14 +114,26 @@ pub(crate) fn device_left(inner: &BridgeInner, device: &str) {
     }
 }
 
-/// A NOTIFY in `dialog`: handed to its watch (true), or not a watch's (false).
+/// A NOTIFY in `dialog`: handed to its watch (true), or not a watch's (false). A watch is
+/// found by its dialog, or by its SUBSCRIBE's Call-ID and From tag (our tag in `dialog`) while
+/// the 2xx has not reached its task yet.
 pub(crate) fn notify(
     inner: &BridgeInner,
     tx: ServerTx,
     dialog: &DialogId,
     request: &Request,
 ) -> bool {
-    let Some(key) = inner.watch_dialogs.get(dialog).map(|k| k.clone()) else {
+    let key = inner
+        .watch_dialogs
+        .get(dialog)
+        .map(|k| k.clone())
+        .or_else(|| {
+            inner
+                .watch_ids
+                .get(&(dialog.call_id.clone(), dialog.local_tag.clone()))
+                .map(|k| k.clone())
+        });
+    let Some(key) = key else {
         return false;
     };
     inner.buddy_watches.get(&key).is_some_and(|w| {
@@ -139,6 +151,12 @@ async fn run(
     mut commands: mpsc::Receiver<WatchCommand>,
 ) {
     let (device, buddy) = (key.0.clone(), key.1.clone());
+    // The first SUBSCRIBE's Call-ID and From tag, known to `notify` before it is sent.
+    let ids = (
+        thalamus_sip::message::generate_call_id(None),
+        thalamus_sip::message::generate_tag(),
+    );
+    inner.watch_ids.insert(ids.clone(), key.clone());
     let mut outstanding: Option<Pin<Box<dyn Future<Output = Answer> + Send>>> = None;
     let mut registered: Option<DialogId> = None;
     let mut closed = false;
@@ -152,6 +170,7 @@ async fn run(
                         target.clone(),
                         core.dialog().cloned(),
                         expires,
+                        ids.clone(),
                     )));
                 }
                 WatchAction::Presence { state, note } => {
@@ -188,6 +207,7 @@ async fn run(
                 }
                 WatchAction::Done => {
                     inner.buddy_watches.remove(&key);
+                    inner.watch_ids.remove(&ids);
                     inner
                         .metrics
                         .buddy_watches
@@ -242,13 +262,15 @@ async fn run(
 }
 
 /// Sends one SUBSCRIBE of the watch: out of dialog from the device's address of record (with its
-/// credentials, a challenge answered) while there is no dialog, in the dialog afterwards.
+/// credentials, a challenge answered), with the Call-ID and From tag `ids`, while there is no
+/// dialog; in the dialog afterwards.
 async fn subscribe(
     inner: Arc<BridgeInner>,
     device: String,
     target: Uri,
     dialog: Option<DialogId>,
     expires: u32,
+    ids: (String, String),
 ) -> Answer {
     let headers = vec![
         (HeaderName::Event, "presence".to_string()),
@@ -263,12 +285,15 @@ async fn subscribe(
                 .await
         }
         None => {
+            let mut from = inner.aor(&device);
+            from.set_tag(&ids.1);
             let mut request = inner.ua.new_request(
                 Method::Subscribe,
                 target.clone(),
-                inner.aor(&device),
+                from,
                 NameAddr::new(target),
             );
+            request.headers.set_call_id(&ids.0);
             request
                 .headers
                 .push_contact(&inner.ua.contact(Some(&device), PeerTransport::Udp));

@@ -158,6 +158,7 @@ impl Bridge {
             watchers: presence::Watchers::new(config_presence),
             buddy_watches: DashMap::new(),
             watch_dialogs: DashMap::new(),
+            watch_ids: DashMap::new(),
             by_invite: DashMap::new(),
             in_progress: DashMap::new(),
             next_incoming_ref: AtomicU32::new(

@@ -249,6 +249,9 @@ pub struct Endpoint {
     /// The INVITEs we sent outside a dialog, by client transaction: Call-ID and From tag, to
     /// remove the early dialogs they leave when the transaction ends.
     invites: HashMap<TransactionKey, (String, String)>,
+    /// The SUBSCRIBEs we sent outside a dialog, by Call-ID and From tag: a NOTIFY may create
+    /// the subscription's dialog before the 2xx arrives (RFC 6665 section 4.1.2.4).
+    subscribes: HashMap<(String, String), TransactionKey>,
     /// The INVITE being adopted and its To tag, while the layer's event for it is processed.
     adopting: Option<(TransactionKey, String)>,
     sent_by: HashMap<Transport, (Host, u16)>,
@@ -271,6 +274,7 @@ impl Endpoint {
             pending_2xx_dest: HashMap::new(),
             ack_dest: HashMap::new(),
             invites: HashMap::new(),
+            subscribes: HashMap::new(),
             adopting: None,
             sent_by: HashMap::new(),
             reliable: HashMap::new(),
@@ -594,6 +598,67 @@ impl Endpoint {
             let removed = self.dialogs.terminate_early(&call_id, &from_tag);
             self.stats.early_dialogs_removed += removed.len() as u64;
         }
+        if !self.subscribes.is_empty() {
+            self.subscribes.retain(|_, k| *k != key);
+        }
+    }
+
+    /// Our SUBSCRIBE outside a dialog (client transaction `key`) was refused: the dialog its
+    /// early NOTIFY may have created goes (RFC 6665 section 4.1.2.4). True when `key` is such
+    /// a SUBSCRIBE.
+    fn refused_subscribe(&mut self, key: TransactionKey) -> bool {
+        let Some((call_id, from_tag)) = self
+            .subscribes
+            .iter()
+            .find(|(_, k)| **k == key)
+            .map(|(ids, _)| ids.clone())
+        else {
+            return false;
+        };
+        let ids: Vec<DialogId> = self
+            .dialogs
+            .dialogs_of_call(&call_id)
+            .filter(|d| d.id().local_tag == from_tag)
+            .map(|d| d.id().clone())
+            .collect();
+        for id in ids {
+            self.dialogs.remove(&id);
+        }
+        true
+    }
+
+    /// A NOTIFY with a To tag and no dialog: the first NOTIFY of a subscription whose 2xx has
+    /// not arrived yet (it may take another path, or be lost) creates the dialog, as RFC 6665
+    /// section 4.1.2.4 asks; true when it did.
+    fn notify_creates_dialog(&mut self, request: &Request) -> bool {
+        if request.method != Method::Notify || self.subscribes.is_empty() {
+            return false;
+        }
+        let (Ok(call_id), Some(to_tag), Some(from_tag)) = (
+            request.headers.call_id(),
+            request.headers.to_tag(),
+            request.headers.from_tag(),
+        ) else {
+            return false;
+        };
+        if self.dialogs.find(call_id, to_tag, from_tag).is_some() {
+            return false;
+        }
+        let Some(key) = self
+            .subscribes
+            .get(&(call_id.to_string(), to_tag.to_string()))
+            .copied()
+        else {
+            return false;
+        };
+        let Some(dialog) = self
+            .transactions
+            .client_request(key)
+            .and_then(|subscribe| Dialog::new_subscriber(subscribe, request).ok())
+        else {
+            return false;
+        };
+        self.dialogs.insert(dialog).is_ok()
     }
 
     fn on_request(&mut self, now: Instant, key: TransactionKey, request: Request, source: Peer) {
@@ -634,6 +699,7 @@ impl Endpoint {
             });
             return;
         }
+        self.notify_creates_dialog(&request);
         match self.dialogs.receive_request(&request) {
             RequestMatch::Accepted(dialog, _) => {
                 let id = dialog.id().clone();
@@ -788,6 +854,8 @@ impl Endpoint {
                 // A retransmitted 2xx we had already acknowledged: nothing new for the TU.
                 return;
             }
+        } else if response.status >= 300 && self.refused_subscribe(key) {
+            // A refused SUBSCRIBE: the dialog an early NOTIFY made for it is gone.
         } else if let (_, Some(d)) = self.dialogs.receive_response(&response) {
             dialog = Some(d.id().clone());
         } else if response.is_success() {
@@ -873,9 +941,19 @@ impl Endpoint {
                 Some((call_id, from_tag))
             })
             .flatten();
+        let subscribe = (request.method == Method::Subscribe && request.headers.to_tag().is_none())
+            .then(|| {
+                let call_id = request.headers.call_id().ok()?.to_string();
+                let from_tag = request.headers.from_tag()?.to_string();
+                Some((call_id, from_tag))
+            })
+            .flatten();
         let key = self.transactions.send_request(now, request, destination)?;
         if let Some(invite) = invite {
             self.invites.insert(key, invite);
+        }
+        if let Some(subscribe) = subscribe {
+            self.subscribes.insert(subscribe, key);
         }
         self.process(now);
         Ok(key)
@@ -1764,6 +1842,62 @@ mod tests {
             panic!("{evs:?}")
         };
         assert_eq!(b.respond(t0, *key, 489, None, None).unwrap(), None);
+    }
+
+    #[test]
+    fn a_notify_that_overtakes_the_2xx_creates_the_subscription_s_dialog() {
+        let t0 = Instant::now();
+        let (pa, pb) = (peer(5061), peer(5062));
+        for status in [200u16, 404] {
+            let (mut a, mut b) = (endpoint(5061), endpoint(5062));
+            let mut subscribe = invite("sip:bob@127.0.0.1:5062");
+            subscribe.method = Method::Subscribe;
+            subscribe
+                .headers
+                .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
+            subscribe.headers.push(HeaderName::Event, "presence");
+            a.send_request(t0, subscribe, pb).unwrap();
+            deliver(t0, &mut a, &pa, &mut b);
+            let evs = events(&mut b);
+            let EndpointEvent::Request { key, .. } = &evs[0] else {
+                panic!("{evs:?}")
+            };
+            let key = *key;
+            let dialog = b.respond(t0, key, 200, None, None).unwrap().unwrap();
+            // The 2xx is held back (it took a longer path); the NOTIFY arrives first.
+            let ok = b.poll_transmit().unwrap();
+            let notify = b.dialog_request(&dialog, Method::Notify).unwrap();
+            b.send_request(t0, notify, pa).unwrap();
+            deliver(t0, &mut b, &pb, &mut a);
+            let subscriber = match events(&mut a).remove(0) {
+                EndpointEvent::DialogRequest { dialog: d, .. } => d,
+                other => panic!("the early NOTIFY in a new dialog: {other:?}"),
+            };
+            assert_eq!(
+                (subscriber.local_tag.as_str(), &subscriber.remote_tag),
+                ("a1", &dialog.local_tag)
+            );
+            if status == 200 {
+                // The 2xx then belongs to that dialog.
+                a.handle_message(t0, Message::parse(ok.payload).unwrap(), pb);
+                match events(&mut a).remove(0) {
+                    EndpointEvent::Response {
+                        dialog: Some(d), ..
+                    } => assert_eq!(d, subscriber),
+                    other => panic!("{other:?}"),
+                }
+                assert!(a.export_dialog(&subscriber).is_some());
+            } else {
+                // Refused after all: the dialog goes.
+                let Ok(Message::Response(mut refused)) = Message::parse(ok.payload) else {
+                    panic!("not a response")
+                };
+                refused.status = 404;
+                a.handle_message(t0, Message::Response(refused), pb);
+                events(&mut a);
+                assert!(a.export_dialog(&subscriber).is_none());
+            }
+        }
     }
 
     #[test]

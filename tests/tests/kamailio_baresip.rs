@@ -828,6 +828,44 @@ impl Peers {
     }
 }
 
+impl Peers {
+    /// The device watches baresip's presence through the gateway (SUBSCRIBE through Kamailio,
+    /// challenged and answered with the device's credentials; baresip's presence module as the
+    /// notifier): open once baresip says it is online, then closed once it says it is offline.
+    fn the_device_watches_baresip(&mut self) -> anyhow::Result<()> {
+        let target = format!("sip:{BARESIP_USER}@{DOMAIN}");
+        let mut device = self.device("watch", &["--target", &target, "--for-ms", "8000"])?;
+        let active = device.wait_event("watch_status", T)?;
+        ensure!(active["active"] == true, "{active}");
+        // baresip's status is unknown until it is set ("?" in its PIDF: no update).
+        self.baresip.command("presence_online", "")?;
+        let open = device.wait_event("presence_update", T)?;
+        ensure!(
+            open["uri"] == target.as_str() && open["state"] == "available",
+            "{open}"
+        );
+        self.baresip.command("presence_offline", "")?;
+        let closed = device.wait_event("presence_update", T)?;
+        ensure!(closed["state"] == "offline", "{closed}");
+        // The SUBSCRIBE went through Kamailio, which challenged it.
+        self.kamailio_line(&["SUBSCRIBE from sip:dev1@", "authenticated as dev1"])?;
+        let ended = device.wait_event("watch_status", T)?;
+        ensure!(
+            ended["active"] == false && ended["reason"] == "unwatched",
+            "{ended}"
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn a_device_watches_baresip_s_presence() {
+    let mut peers = Peers::start(DEVICE_PASSWORD).unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = peers.the_device_watches_baresip() {
+        panic!("{e:#}\n{}", peers.logs());
+    }
+}
+
 #[test]
 fn baresip_transfers_its_call_with_the_device() {
     let mut peers = Peers::start(DEVICE_PASSWORD).unwrap_or_else(|e| panic!("{e:#}"));

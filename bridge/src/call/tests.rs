@@ -2861,14 +2861,12 @@ fn a_transfer_works_after_a_takeover_both_ways() {
     );
     let a = drain(&mut core);
     assert_eq!(transfer_statuses(&a), vec![(12, 200, true)]);
-    let bye = a
-        .iter()
-        .any(|x| matches!(x, CallAction::WriteAhead(_)))
-        .then(|| {
-            core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
-            sent_in_dialog(&drain(&mut core))
-        })
-        .unwrap_or_else(|| sent_in_dialog(&a));
+    let bye = if a.iter().any(|x| matches!(x, CallAction::WriteAhead(_))) {
+        core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+        sent_in_dialog(&drain(&mut core))
+    } else {
+        sent_in_dialog(&a)
+    };
     assert_eq!(bye[0].1, Method::Bye, "the transferred call ends");
 
     // The peer transfers a call this node took over (UAS mode, the REFER itself caused the

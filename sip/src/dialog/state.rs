@@ -364,6 +364,51 @@ impl Dialog {
         })
     }
 
+    /// The dialog of a subscription created by its first NOTIFY (`notify`) when it arrives
+    /// before the 2xx to our `subscribe` (RFC 6665 section 4.1.2.4): ours as the subscriber
+    /// (UAC role), the remote tag the NOTIFY's From tag, the remote target its Contact, the route
+    /// set its Record-Route in order (as for any dialog a received request creates), the local
+    /// CSeq the SUBSCRIBE's.
+    pub fn new_subscriber(subscribe: &Request, notify: &Request) -> Result<Dialog, DialogError> {
+        if subscribe.method != Method::Subscribe {
+            return Err(DialogError::NotInvite(subscribe.method.clone()));
+        }
+        let call_id = subscribe.headers.call_id()?;
+        let local_tag = subscribe
+            .headers
+            .from_tag()
+            .ok_or(DialogError::MissingTag(HeaderName::From))?;
+        let remote_tag = notify
+            .headers
+            .from_tag()
+            .ok_or(DialogError::MissingTag(HeaderName::From))?;
+        let cseq = subscribe.headers.cseq()?;
+        let local_contact =
+            first_contact(&subscribe.headers)?.ok_or(DialogError::MissingContact)?;
+        let remote_target = first_contact(&notify.headers)?
+            .ok_or(DialogError::MissingContact)?
+            .uri;
+        let (route_set, strict_route) = route_set_from(&notify.headers, Role::Uas)?;
+        Ok(Dialog {
+            id: DialogId::new(call_id, local_tag, remote_tag),
+            role: Role::Uac,
+            state: DialogState::Confirmed,
+            secure: is_sips(&subscribe.uri),
+            invite_answered: true,
+            strict_route,
+            local_cseq: Some(cseq.seq),
+            remote_cseq: None,
+            local_invite_cseq: None,
+            remote_invite_cseq: None,
+            local_uri: tagged_text(subscribe.headers.from()?, local_tag),
+            remote_uri: tagged_text(subscribe.headers.to()?, remote_tag),
+            local_contact: stored_text(&local_contact),
+            remote_target,
+            route_set,
+            sent_ack: None,
+        })
+    }
+
     /// The UAS dialog created when we send `response` (a 1xx with a To tag gives an early
     /// dialog, a 2xx a confirmed one) to the `invite` we received (RFC 3261 section 12.1.1).
     ///
