@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use thalamus_proto::v1::envelope::Body;
@@ -21,16 +22,26 @@ use thalamus_sip::peer::PeerTransport;
 use thalamus_sip::ua::{ClientEvent, ServerTx};
 use thalamus_telemetry::inc;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, Instrument};
 
-use crate::buddy_watch::{WatchAction, WatchCommand, WatchCore};
+use crate::buddy_watch::{WatchAction, WatchCore};
 use crate::shared::BridgeInner;
+use crate::table::WatchHandle;
 
 /// The outcome of one SUBSCRIBE: status, reason, the Expires granted, the dialog.
 type Answer = (u16, String, Option<u32>, Option<DialogId>);
 
+/// NOTIFYs queued for one watch's task at most; more are answered 500 with Retry-After.
+const NOTIFY_QUEUE: usize = 16;
+
+/// The ids of watches, so that a watch's end removes its own entry only (a device that
+/// reconnects may watch the same buddy again while the old watch unsubscribes).
+static NEXT_WATCH: AtomicU64 = AtomicU64::new(1);
+
 /// A device's `Watch` of `target` (resolved): refused (the error to send the device) when the
-/// device already watches it or a limit is reached; otherwise the watch's task is started.
+/// device already watches it or a limit is reached; otherwise the watch's task is started. A
+/// watch of the same buddy that is unsubscribing (unwatched, or its session ended) gives way.
 pub(crate) fn start(
     inner: &Arc<BridgeInner>,
     device: &str,
@@ -41,7 +52,11 @@ pub(crate) fn start(
     use thalamus_proto::v1::ErrorCode;
     let limits = inner.config.presence;
     let key = (device.to_string(), target.to_string());
-    if inner.buddy_watches.contains_key(&key) {
+    if inner
+        .buddy_watches
+        .get(&key)
+        .is_some_and(|w| !w.unwatch.is_cancelled())
+    {
         return Err((
             ErrorCode::InvalidArgument,
             format!("already watching {}", key.1),
@@ -50,7 +65,7 @@ pub(crate) fn start(
     let of_device = inner
         .buddy_watches
         .iter()
-        .filter(|w| w.key().0 == device)
+        .filter(|w| w.key().0 == device && w.key() != &key)
         .count();
     if of_device >= limits.watches_per_device {
         inc(&inner.metrics.sip_refused, "watches_per_device");
@@ -71,12 +86,14 @@ pub(crate) fn start(
     } else {
         expires_secs.clamp(limits.min_expires, limits.max_expires)
     };
-    let (commands, rx) = mpsc::channel(16);
-    inner.buddy_watches.insert(key.clone(), commands);
-    inner
-        .metrics
-        .buddy_watches
-        .set(i64::try_from(inner.buddy_watches.len()).unwrap_or(i64::MAX));
+    let (notifies, rx) = mpsc::channel(NOTIFY_QUEUE);
+    let handle = WatchHandle {
+        id: NEXT_WATCH.fetch_add(1, Ordering::Relaxed),
+        notifies,
+        unwatch: CancellationToken::new(),
+    };
+    inner.buddy_watches.insert(key.clone(), handle.clone());
+    gauge(inner);
     let span = info_span!("watch", device, buddy = %key.1);
     tokio::spawn(
         run(
@@ -85,6 +102,7 @@ pub(crate) fn start(
             target,
             request_id,
             WatchCore::new(expires),
+            handle,
             rx,
         )
         .instrument(span),
@@ -96,11 +114,11 @@ pub(crate) fn start(
 pub(crate) fn stop(inner: &BridgeInner, device: &str, target: &Uri) -> bool {
     let key = (device.to_string(), target.to_string());
     match inner.buddy_watches.get(&key) {
-        Some(w) => {
-            let _ = w.try_send(WatchCommand::Unwatch);
+        Some(w) if !w.unwatch.is_cancelled() => {
+            w.unwatch.cancel();
             true
         }
-        None => false,
+        _ => false,
     }
 }
 
@@ -110,36 +128,56 @@ pub(crate) fn device_left(inner: &BridgeInner, device: &str) {
         return;
     }
     for w in inner.buddy_watches.iter().filter(|w| w.key().0 == device) {
-        let _ = w.try_send(WatchCommand::Unwatch);
+        w.unwatch.cancel();
     }
 }
 
 /// A NOTIFY in `dialog`: handed to its watch (true), or not a watch's (false). A watch is
 /// found by its dialog, or by its SUBSCRIBE's Call-ID and From tag (our tag in `dialog`) while
-/// the 2xx has not reached its task yet.
+/// the 2xx has not reached its task yet. A watch whose queue is full answers 500 with
+/// Retry-After (the notifier sends it again) rather than 481 (which would end it).
 pub(crate) fn notify(
-    inner: &BridgeInner,
+    inner: &Arc<BridgeInner>,
     tx: ServerTx,
     dialog: &DialogId,
     request: &Request,
 ) -> bool {
-    let key = inner
+    let handle = inner
         .watch_dialogs
         .get(dialog)
-        .map(|k| k.clone())
+        .map(|h| h.clone())
         .or_else(|| {
             inner
                 .watch_ids
                 .get(&(dialog.call_id.clone(), dialog.local_tag.clone()))
-                .map(|k| k.clone())
+                .map(|h| h.clone())
         });
-    let Some(key) = key else {
+    let Some(handle) = handle else {
         return false;
     };
-    inner.buddy_watches.get(&key).is_some_and(|w| {
-        w.try_send(WatchCommand::Notify(tx, Box::new(request.clone())))
-            .is_ok()
-    })
+    if handle
+        .notifies
+        .try_send((tx, Box::new(request.clone())))
+        .is_err()
+    {
+        inc(&inner.metrics.sip_refused, "watch_busy");
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let retry = vec![(HeaderName::RetryAfter, "1".to_string())];
+            let _ = inner
+                .ua
+                .respond_with_headers(tx, 500, None, None, retry)
+                .await;
+        });
+    }
+    true
+}
+
+fn gauge(inner: &BridgeInner) {
+    inner
+        .metrics
+        .buddy_watches
+        .set(i64::try_from(inner.buddy_watches.len()).unwrap_or(i64::MAX));
 }
 
 async fn run(
@@ -148,7 +186,8 @@ async fn run(
     target: Uri,
     request_id: u64,
     mut core: WatchCore,
-    mut commands: mpsc::Receiver<WatchCommand>,
+    handle: WatchHandle,
+    mut notifies: mpsc::Receiver<(ServerTx, Box<Request>)>,
 ) {
     let (device, buddy) = (key.0.clone(), key.1.clone());
     // The first SUBSCRIBE's Call-ID and From tag, known to `notify` before it is sent.
@@ -156,10 +195,10 @@ async fn run(
         thalamus_sip::message::generate_call_id(None),
         thalamus_sip::message::generate_tag(),
     );
-    inner.watch_ids.insert(ids.clone(), key.clone());
+    inner.watch_ids.insert(ids.clone(), handle.clone());
     let mut outstanding: Option<Pin<Box<dyn Future<Output = Answer> + Send>>> = None;
     let mut registered: Option<DialogId> = None;
-    let mut closed = false;
+    let mut unwatched = false;
     loop {
         while let Some(action) = core.poll_action() {
             match action {
@@ -206,12 +245,12 @@ async fn run(
                     );
                 }
                 WatchAction::Done => {
-                    inner.buddy_watches.remove(&key);
-                    inner.watch_ids.remove(&ids);
+                    // Its own entry only: the device may be watching the buddy anew.
                     inner
-                        .metrics
                         .buddy_watches
-                        .set(i64::try_from(inner.buddy_watches.len()).unwrap_or(i64::MAX));
+                        .remove_if(&key, |_, w| w.id == handle.id);
+                    inner.watch_ids.remove(&ids);
+                    gauge(&inner);
                     if let Some(d) = registered.take() {
                         inner.watch_dialogs.remove(&d);
                         let _ = inner.ua.remove_dialog(&d).await;
@@ -222,7 +261,7 @@ async fn run(
         }
         if registered.is_none() {
             if let Some(d) = core.dialog() {
-                inner.watch_dialogs.insert(d.clone(), key.clone());
+                inner.watch_dialogs.insert(d.clone(), handle.clone());
                 registered = Some(d.clone());
             }
         }
@@ -238,8 +277,13 @@ async fn run(
                 let (status, reason, granted, dialog) = answer;
                 core.answered(now(), status, &reason, granted, dialog);
             }
-            command = commands.recv(), if !closed => match command {
-                Some(WatchCommand::Notify(tx, request)) => {
+            () = handle.unwatch.cancelled(), if !unwatched => {
+                unwatched = true;
+                core.unwatch();
+            }
+            notify = notifies.recv() => {
+                // The task holds a sender itself: the channel never closes while it runs.
+                if let Some((tx, request)) = notify {
                     let state = request
                         .headers
                         .text(&HeaderName::SubscriptionState)
@@ -250,12 +294,7 @@ async fn run(
                     let status = core.notify(now(), &state, &request.body);
                     let _ = inner.ua.respond(tx, status, None, None).await;
                 }
-                Some(WatchCommand::Unwatch) => core.unwatch(),
-                None => {
-                    closed = true;
-                    core.unwatch();
-                }
-            },
+            }
             () = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(now()),
         }
     }

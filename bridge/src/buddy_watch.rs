@@ -26,21 +26,12 @@ const MAX_XML_EVENTS: usize = 4096;
 const MAX_XML_DEPTH: usize = 32;
 /// A refresh never comes sooner than this after the last one.
 const MIN_REFRESH: Duration = Duration::from_secs(5);
+/// A failed refresh that leaves the subscription valid (RFC 6665 section 4.1.2.2) is tried
+/// again this long after, while the period granted lasts.
+const REFRESH_RETRY: Duration = Duration::from_secs(10);
 /// How long an unsubscribed watch waits for the buddy's last NOTIFY (`terminated`), so that it
 /// is answered 200 rather than 481.
 pub const LAST_NOTIFY_WAIT: Duration = Duration::from_secs(5);
-
-/// What reaches a watch's task (`crate::buddies`).
-#[derive(Debug)]
-pub enum WatchCommand {
-    /// A NOTIFY in the watch's dialog, to answer.
-    Notify(
-        thalamus_sip::ua::ServerTx,
-        Box<thalamus_sip::message::Request>,
-    ),
-    /// The device stops watching, or left.
-    Unwatch,
-}
 
 /// What to do for a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +86,8 @@ pub struct WatchCore {
     asked: u32,
     dialog: Option<DialogId>,
     refresh_at: Option<Instant>,
+    /// When the period last granted runs out.
+    expires_at: Option<Instant>,
     unwatch: bool,
     last: Option<(PresenceState, String)>,
     actions: VecDeque<WatchAction>,
@@ -109,6 +102,7 @@ impl WatchCore {
             asked,
             dialog: None,
             refresh_at: None,
+            expires_at: None,
             unwatch: false,
             last: None,
             actions: VecDeque::from([WatchAction::Subscribe { expires: asked }]),
@@ -188,7 +182,17 @@ impl WatchCore {
             }
             Phase::Refreshing => {
                 if !ok {
-                    return self.end(0, format!("refresh failed: {status} {reason}"));
+                    // RFC 6665 section 4.1.2.2: these end the subscription; after any other
+                    // failure it is valid until the period granted runs out, and the refresh
+                    // is tried again meanwhile.
+                    let retry = now + REFRESH_RETRY;
+                    let valid = self.expires_at.is_some_and(|at| retry < at);
+                    if terminates_subscription(status) || !valid || self.unwatch {
+                        return self.end(0, format!("refresh failed: {status} {reason}"));
+                    }
+                    self.phase = Phase::Active;
+                    self.refresh_at = Some(retry);
+                    return;
                 }
                 if self.unwatch {
                     return self.unsubscribe();
@@ -271,6 +275,7 @@ impl WatchCore {
     fn schedule(&mut self, now: Instant, granted: Option<u32>) {
         let period = granted.unwrap_or(self.asked).min(self.asked.max(1));
         self.refresh_at = Some(now + refresh_after(period));
+        self.expires_at = Some(now + Duration::from_secs(u64::from(period)));
     }
 
     fn end(&mut self, sip_status: u16, reason: String) {
@@ -283,6 +288,11 @@ impl WatchCore {
         });
         self.actions.push_back(WatchAction::Done);
     }
+}
+
+/// The answers to a refresh that end the subscription (RFC 6665 section 4.1.2.2).
+fn terminates_subscription(status: u16) -> bool {
+    matches!(status, 404 | 405 | 410 | 416 | 480..=485 | 489 | 501 | 604)
 }
 
 /// When to refresh a period of `secs`: at three quarters of it (RFC 6665 leaves the margin to
@@ -330,12 +340,14 @@ pub fn read_pidf(body: &[u8]) -> Option<(PresenceState, String)> {
             }
             Event::Text(t) => {
                 let text = t.decode().ok()?;
-                if path.last().is_some_and(|n| n == b"basic") && basic.is_none() {
-                    basic = match text.trim() {
-                        "open" => Some(true),
-                        "closed" => Some(false),
-                        _ => None,
-                    };
+                if path.last().is_some_and(|n| n == b"basic") {
+                    // Open when any tuple is open (RFC 3863: each tuple is one way to reach
+                    // the presentity).
+                    match text.trim() {
+                        "open" => basic = Some(true),
+                        "closed" if basic.is_none() => basic = Some(false),
+                        _ => {}
+                    }
                 } else if in_first_note {
                     if let Some(n) = note.as_mut() {
                         n.push_str(&text);
@@ -441,6 +453,15 @@ mod tests {
         assert_eq!(
             read_pidf(closed.as_bytes()).map(|p| p.0),
             Some(PresenceState::Offline)
+        );
+        // Two tuples, one open: reachable.
+        let two = OPEN.replace(
+            "<tuple id=\"t1\">",
+            "<tuple id=\"t0\"><status><basic>closed</basic></status></tuple><tuple id=\"t1\">",
+        );
+        assert_eq!(
+            read_pidf(two.as_bytes()).map(|p| p.0),
+            Some(PresenceState::Available)
         );
         let away = ON_THE_PHONE.replace("rpid:on-the-phone", "rpid:vacation");
         assert_eq!(
@@ -553,7 +574,15 @@ mod tests {
         drain(&mut w);
         w.handle_timeout(t0 + Duration::from_secs(225));
         drain(&mut w);
-        w.answered(t0, 481, "Call/Transaction Does Not Exist", None, None);
+        // A 503 leaves the subscription valid: tried again 10 s later, within the period.
+        let t1 = t0 + Duration::from_secs(225);
+        w.answered(t1, 503, "Service Unavailable", None, None);
+        assert!(drain(&mut w).is_empty());
+        assert_eq!(w.poll_timeout(), Some(t1 + REFRESH_RETRY));
+        w.handle_timeout(t1 + REFRESH_RETRY);
+        assert_eq!(drain(&mut w), vec![WatchAction::Subscribe { expires: 300 }]);
+        // A 481 ends it.
+        w.answered(t1, 481, "Call/Transaction Does Not Exist", None, None);
         let a = drain(&mut w);
         assert!(
             matches!(&a[0], WatchAction::Status { active: false, reason, .. }

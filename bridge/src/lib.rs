@@ -1000,14 +1000,14 @@ async fn out_of_dialog(inner: Arc<BridgeInner>, tx: ServerTx, request: Request, 
     }
 }
 
-/// The device's call an INVITE's Replaces names (RFC 3891 section 3): `None` without the
-/// header; the refusal (status, metric label) when it is malformed (400), names no call of
+/// The device's call an INVITE's Replaces names (RFC 3891 section 3), with its dialog: `None`
+/// without the header; the refusal (status, metric label) when it is malformed (400), names no call of
 /// `device` here, or one not answered (481), or an answered one with `early-only` (486).
 fn replaced_call(
     inner: &BridgeInner,
     device: &str,
     request: &thalamus_sip::message::Request,
-) -> Result<Option<u32>, (u16, &'static str)> {
+) -> Result<Option<(u32, thalamus_sip::dialog::DialogId)>, (u16, &'static str)> {
     let value = match request.headers.text(&HeaderName::Replaces) {
         Ok(Some(v)) => v,
         Ok(None) => return Ok(None),
@@ -1032,7 +1032,7 @@ fn replaced_call(
     if replaces.early_only {
         return Err((486, "replaces_early_only"));
     }
-    Ok(Some(key.1))
+    Ok(Some((key.1, replaces.dialog)))
 }
 
 async fn incoming_text(inner: &Arc<BridgeInner>, tx: ServerTx, device: &str, request: &Request) {

@@ -47,13 +47,12 @@ pub(crate) struct BridgeInner {
     /// SIP watchers of devices' presence.
     pub(crate) watchers: crate::presence::Watchers,
     /// Devices' watches of SIP buddies, by (device, buddy URI).
-    pub(crate) buddy_watches:
-        DashMap<(String, String), tokio::sync::mpsc::Sender<crate::buddy_watch::WatchCommand>>,
+    pub(crate) buddy_watches: DashMap<(String, String), crate::table::WatchHandle>,
     /// The watches' subscription dialogs.
-    pub(crate) watch_dialogs: DashMap<DialogId, (String, String)>,
+    pub(crate) watch_dialogs: DashMap<DialogId, crate::table::WatchHandle>,
     /// The watches by the Call-ID and From tag of their first SUBSCRIBE, from before it is
     /// sent: a NOTIFY may come before the 2xx, or before the watch has its dialog registered.
-    pub(crate) watch_ids: DashMap<(String, String), (String, String)>,
+    pub(crate) watch_ids: DashMap<(String, String), crate::table::WatchHandle>,
     pub(crate) by_invite: DashMap<ServerTx, CallKey>,
     /// Requests outside a dialog being handled, by merge key, with their branch.
     pub(crate) in_progress: DashMap<(String, String, u32), String>,

@@ -1,6 +1,7 @@
 //! What the bridge keeps of each call it runs ([`CallHandle`]: the commands it sends the
 //! call's task, the state the task shows, the media input), and the commands a call's task is
-//! told ([`CallCommand`]). The task itself is `crate::call`.
+//! told ([`CallCommand`]); and of each device's watch of a SIP buddy ([`WatchHandle`]). The
+//! tasks themselves are `crate::call` and `crate::buddies`.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +13,18 @@ use thalamus_sip::dialog::DialogId;
 use thalamus_sip::message::Request;
 use thalamus_sip::ua::ServerTx;
 use tokio::sync::mpsc;
+
+/// A device's watch of a SIP buddy, as the bridge reaches its task (`crate::buddies`).
+#[derive(Debug, Clone)]
+pub struct WatchHandle {
+    /// Tells this watch from a later one of the same device and buddy.
+    pub id: u64,
+    /// The NOTIFYs of the watch's dialog, for the task to answer.
+    pub notifies: mpsc::Sender<(ServerTx, Box<Request>)>,
+    /// Cancelled when the device unwatches or leaves (apart from the NOTIFYs: a flood of
+    /// them cannot hold it back).
+    pub unwatch: tokio_util::sync::CancellationToken,
+}
 
 /// What a call task is told.
 #[derive(Debug)]
@@ -28,8 +41,8 @@ pub enum CallCommand {
     PrackTimeout,
     /// The call placed for this call's transfer progressed (SIP status, reason).
     TransferProgress(u16, String),
-    /// Another call of the device, answered now, replaces this one (RFC 3891).
-    Replaced,
+    /// Another call of the device, answered now, replaces the call of this dialog (RFC 3891).
+    Replaced(thalamus_sip::dialog::DialogId),
     /// Our 2xx was never acknowledged.
     AckTimeout,
     /// The device did not come back after losing its session.

@@ -627,13 +627,14 @@ pub(crate) async fn unknown_dialog(
             let _ = ua.respond(tx, 200, None, None).await;
         }
         // Another node holds the dialog, or won it just now (its device resumed there and
-        // claimed it while this request waited for the dead owner to be declared gone). Over
-        // UDP the request is dropped unanswered: its retransmission (500 ms on) reaches the
-        // holder once the balancer has its next heartbeat (the device is pinned there). A 503
-        // would end a BYE for good: most peers do not send it again, and the dialog would stay
-        // up on the holder until its timers end it.
+        // claimed it while this request waited for the dead owner to be declared gone). A
+        // non-INVITE request over UDP is dropped unanswered: its retransmission (500 ms on, to
+        // timer F) reaches the holder once the balancer has its next heartbeat (the device is
+        // pinned there). A 503 would end a BYE for good: most peers do not send it again, and
+        // the dialog would stay up on the holder until its timers end it. A re-INVITE is not
+        // dropped: it had its 100 Trying by now and is not retransmitted after it.
         Err(e @ (TakeoverError::LostRace { .. } | TakeoverError::OwnerAlive(_)))
-            if !arrived_reliably(&request) =>
+            if method != Method::Invite && !arrived_reliably(&request) =>
         {
             debug!(dialog = %key, error = %e, "request for a dialog held elsewhere: dropped, to be retransmitted");
             inc(&inner.metrics.sip_refused, "takeover_later");

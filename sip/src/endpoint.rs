@@ -249,9 +249,11 @@ pub struct Endpoint {
     /// The INVITEs we sent outside a dialog, by client transaction: Call-ID and From tag, to
     /// remove the early dialogs they leave when the transaction ends.
     invites: HashMap<TransactionKey, (String, String)>,
-    /// The SUBSCRIBEs we sent outside a dialog, by Call-ID and From tag: a NOTIFY may create
-    /// the subscription's dialog before the 2xx arrives (RFC 6665 section 4.1.2.4).
-    subscribes: HashMap<(String, String), TransactionKey>,
+    /// The SUBSCRIBEs we sent outside a dialog, by Call-ID and From tag, with their client
+    /// transaction: a NOTIFY may create the subscription's dialog before the 2xx arrives (RFC
+    /// 6665 section 4.1.2.4), and the 2xx creates it from the request (kept here: over a
+    /// reliable transport the transaction is gone by the time its response is handled).
+    subscribes: HashMap<(String, String), (TransactionKey, Request)>,
     /// The INVITE being adopted and its To tag, while the layer's event for it is processed.
     adopting: Option<(TransactionKey, String)>,
     sent_by: HashMap<Transport, (Host, u16)>,
@@ -599,7 +601,7 @@ impl Endpoint {
             self.stats.early_dialogs_removed += removed.len() as u64;
         }
         if !self.subscribes.is_empty() {
-            self.subscribes.retain(|_, k| *k != key);
+            self.subscribes.retain(|_, (k, _)| *k != key);
         }
     }
 
@@ -610,7 +612,7 @@ impl Endpoint {
         let Some((call_id, from_tag)) = self
             .subscribes
             .iter()
-            .find(|(_, k)| **k == key)
+            .find(|(_, (k, _))| *k == key)
             .map(|(ids, _)| ids.clone())
         else {
             return false;
@@ -644,17 +646,10 @@ impl Endpoint {
         if self.dialogs.find(call_id, to_tag, from_tag).is_some() {
             return false;
         }
-        let Some(key) = self
+        let Some(dialog) = self
             .subscribes
             .get(&(call_id.to_string(), to_tag.to_string()))
-            .copied()
-        else {
-            return false;
-        };
-        let Some(dialog) = self
-            .transactions
-            .client_request(key)
-            .and_then(|subscribe| Dialog::new_subscriber(subscribe, request).ok())
+            .and_then(|(_, subscribe)| Dialog::new_subscriber(subscribe, request).ok())
         else {
             return false;
         };
@@ -861,10 +856,10 @@ impl Endpoint {
         } else if response.is_success() {
             // A 2xx to a SUBSCRIBE we sent creates its dialog (RFC 6665 section 4.1.2.1).
             let created = self
-                .transactions
-                .client_request(key)
-                .filter(|r| r.method == Method::Subscribe && r.headers.to_tag().is_none())
-                .and_then(|r| Dialog::new_uac(r, &response).ok());
+                .subscribes
+                .values()
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, r)| Dialog::new_uac(r, &response).ok());
             if let Some(d) = created {
                 if let Ok(d) = self.dialogs.insert(d) {
                     dialog = Some(d.id().clone());
@@ -945,15 +940,15 @@ impl Endpoint {
             .then(|| {
                 let call_id = request.headers.call_id().ok()?.to_string();
                 let from_tag = request.headers.from_tag()?.to_string();
-                Some((call_id, from_tag))
+                Some(((call_id, from_tag), request.clone()))
             })
             .flatten();
         let key = self.transactions.send_request(now, request, destination)?;
         if let Some(invite) = invite {
             self.invites.insert(key, invite);
         }
-        if let Some(subscribe) = subscribe {
-            self.subscribes.insert(subscribe, key);
+        if let Some((ids, request)) = subscribe {
+            self.subscribes.insert(ids, (key, request));
         }
         self.process(now);
         Ok(key)
@@ -1842,6 +1837,38 @@ mod tests {
             panic!("{evs:?}")
         };
         assert_eq!(b.respond(t0, *key, 489, None, None).unwrap(), None);
+    }
+
+    #[test]
+    fn a_2xx_to_a_subscribe_over_tcp_creates_the_dialog_too() {
+        // Over a reliable transport the client transaction is gone (timer K is 0) before its
+        // response reaches the endpoint's handling: the SUBSCRIBE kept aside makes the dialog.
+        let t0 = Instant::now();
+        let tcp = |port: u16| Peer::tcp(SocketAddr::from(([127, 0, 0, 1], port)));
+        let (pa, pb) = (tcp(5061), tcp(5062));
+        let mut a = Endpoint::new(EndpointConfig::default());
+        a.set_sent_by(Transport::Tcp, Host::Ipv4([127, 0, 0, 1].into()), 5061);
+        let mut b = Endpoint::new(EndpointConfig::default());
+        b.set_sent_by(Transport::Tcp, Host::Ipv4([127, 0, 0, 1].into()), 5062);
+        let mut subscribe = invite("sip:bob@127.0.0.1:5062;transport=tcp");
+        subscribe.method = Method::Subscribe;
+        subscribe
+            .headers
+            .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
+        subscribe.headers.push(HeaderName::Event, "presence");
+        a.send_request(t0, subscribe, pb).unwrap();
+        deliver(t0, &mut a, &pa, &mut b);
+        let EndpointEvent::Request { key, .. } = events(&mut b).remove(0) else {
+            panic!("no SUBSCRIBE")
+        };
+        b.respond(t0, key, 200, None, None).unwrap().unwrap();
+        deliver(t0, &mut b, &pb, &mut a);
+        match events(&mut a).remove(0) {
+            EndpointEvent::Response {
+                dialog: Some(d), ..
+            } => assert_eq!(d.local_tag, "a1"),
+            other => panic!("no dialog for the 2xx over TCP: {other:?}"),
+        }
     }
 
     #[test]

@@ -217,8 +217,9 @@ pub enum CallInput {
     /// How the call placed for the peer's transfer goes: its SIP status (1xx, 2xx, or the
     /// final error) and reason.
     TransferProgress(u16, String),
-    /// Another call of the device, answered now, replaces this one (RFC 3891): BYE.
-    Replaced,
+    /// Another call of the device, answered now, replaces the call of this dialog (RFC 3891):
+    /// BYE, when it is still this call's dialog.
+    Replaced(DialogId),
     /// Write the confirmed dialog's record again: the store answers again after an outage
     /// (writes during it failed), or it lost our record (a Redis restart without persistence, an
     /// older snapshot) and holds this version of it, still ours (`Some`: write over it), or
@@ -227,13 +228,13 @@ pub enum CallInput {
 }
 
 /// How an incoming call stands to the device's other calls.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OtherCalls {
     /// The device already has a call (call waiting).
     pub call_waiting: bool,
-    /// The device's answered call this one replaces (its INVITE's Replaces, RFC 3891): ended
-    /// once this one is answered.
-    pub replaces: Option<u32>,
+    /// The device's answered call this one replaces (its INVITE's Replaces, RFC 3891), with
+    /// its dialog: ended once this one is answered.
+    pub replaces: Option<(u32, DialogId)>,
 }
 
 /// A change to the call's media relay.
@@ -324,9 +325,9 @@ pub enum CallAction {
         /// Feed back [`CallInput::Responded`] with the dialog.
         report: bool,
     },
-    /// This call, answered, replaces the device's call with this ref (RFC 3891): end it
-    /// ([`CallInput::Replaced`]).
-    EndReplaced(u32),
+    /// This call, answered, replaces the device's call with this ref and dialog (RFC 3891):
+    /// end it ([`CallInput::Replaced`]).
+    EndReplaced(u32, DialogId),
     /// The peer transfers the device (its REFER was accepted): tell the device
     /// (`TransferRequested`) and place a new call from it to `target` with this call's media;
     /// its progress comes back as [`CallInput::TransferProgress`].
@@ -510,9 +511,9 @@ pub struct CallCore {
     transfer_over_early: Option<u64>,
     /// The call ends because its transfer succeeded.
     transferred: bool,
-    /// The device's call this incoming call replaces (RFC 3891), ended once this one is
-    /// answered.
-    replaces: Option<u32>,
+    /// The device's call this incoming call replaces (RFC 3891), and its dialog; ended once
+    /// this one is answered.
+    replaces: Option<(u32, DialogId)>,
     /// This call was replaced by another (its end says so).
     replaced: bool,
     /// The device follows transfers its remote party asks for (MBFP revision 2).
@@ -846,7 +847,7 @@ impl CallCore {
                 to_uri: invite.uri.to_string(),
                 media: offer.as_ref().map(media_sdp::media_offer),
                 call_waiting,
-                replaces_call_ref: replaces.unwrap_or(0),
+                replaces_call_ref: replaces.as_ref().map_or(0, |r| r.0),
             }),
         );
         core.replaces = replaces;
@@ -1288,8 +1289,11 @@ impl CallCore {
                 self.lost();
             }
             CallInput::TransferProgress(status, reason) => self.transfer_progress(status, &reason),
-            CallInput::Replaced => {
-                if self.phase == Phase::Up && !self.is_ending() {
+            CallInput::Replaced(dialog) => {
+                if self.phase == Phase::Up
+                    && !self.is_ending()
+                    && self.dialog.as_ref() == Some(&dialog)
+                {
                     self.push(CallAction::Note("replaced by another call: the call ends"));
                     self.replaced = true;
                     self.start_bye(EndReason::Normal);
@@ -1625,9 +1629,12 @@ impl CallCore {
         // A SIP URI; its only embedded header may be the Replaces of an attended transfer
         // (RFC 3891), which the new INVITE carries.
         let plain = target.as_sip().is_some_and(|sip| {
-            sip.headers
-                .iter()
-                .all(|h| h.name.eq_ignore_ascii_case("replaces") && h.unescaped().is_some())
+            sip.headers.len() <= 1
+                && sip.headers.iter().all(|h| {
+                    h.name.eq_ignore_ascii_case("replaces")
+                        && h.unescaped()
+                            .is_some_and(|v| thalamus_sip::dialog::Replaces::parse(&v).is_some())
+                })
         });
         if !plain {
             self.respond(
@@ -1691,8 +1698,8 @@ impl CallCore {
     fn event(&mut self, event: CallEvent) {
         self.state = CallState::try_from(event.state).unwrap_or(CallState::Unspecified);
         if self.state == CallState::Answered {
-            if let Some(old) = self.replaces.take() {
-                self.push(CallAction::EndReplaced(old));
+            if let Some((old, dialog)) = self.replaces.take() {
+                self.push(CallAction::EndReplaced(old, dialog));
             }
         }
         if self.state == CallState::Answered && self.record.answered_ms.is_none() {

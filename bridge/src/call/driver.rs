@@ -330,7 +330,7 @@ impl Driver {
                         Some(CallCommand::TransferProgress(status, reason)) => {
                             CallInput::TransferProgress(status, reason)
                         }
-                        Some(CallCommand::Replaced) => CallInput::Replaced,
+                        Some(CallCommand::Replaced(dialog)) => CallInput::Replaced(dialog),
                         Some(CallCommand::DeviceLink(link)) => {
                             self.core.set_takes_transfers(link.takes_transfers());
                             if let Some(relay) = &self.relay {
@@ -409,9 +409,9 @@ impl Driver {
                 target,
                 referred_by,
             } => self.place_transfer(target, referred_by),
-            CallAction::EndReplaced(old) => {
+            CallAction::EndReplaced(old, dialog) => {
                 if let Some(call) = inner.calls.get(&(self.key.0.clone(), old)) {
-                    call.send(CallCommand::Replaced);
+                    call.send(CallCommand::Replaced(dialog));
                 }
             }
             CallAction::StartRelay => {
@@ -588,7 +588,7 @@ impl Driver {
             // Carried out by `execute_now`.
             CallAction::ToDevice { .. }
             | CallAction::PlaceTransfer { .. }
-            | CallAction::EndReplaced(_)
+            | CallAction::EndReplaced(..)
             | CallAction::StartRelay
             | CallAction::SetDialog(_)
             | CallAction::InviteSettled

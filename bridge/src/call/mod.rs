@@ -50,7 +50,7 @@ pub enum CallSetup {
         /// The device already has a call.
         call_waiting: bool,
         /// The device's answered call this one replaces (its INVITE's Replaces, RFC 3891).
-        replaces: Option<u32>,
+        replaces: Option<(u32, thalamus_sip::dialog::DialogId)>,
         /// Held until the INVITE has its final response (loop detection).
         in_progress: Box<crate::shared::InProgress>,
     },

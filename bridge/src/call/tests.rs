@@ -2761,7 +2761,7 @@ fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_
         &invite,
         OtherCalls {
             call_waiting: true,
-            replaces: Some(5),
+            replaces: Some((5, DialogId::new("old-call", "ours", "theirs"))),
         },
     );
     let a = drain(&mut core);
@@ -2786,7 +2786,7 @@ fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_
     );
     all.extend(drain(&mut core));
     assert!(
-        !all.contains(&CallAction::EndReplaced(5)),
+        !all.iter().any(|a| matches!(a, CallAction::EndReplaced(..))),
         "not before the answer"
     );
     core.relay_started(t0, Some(RELAY));
@@ -2797,7 +2797,9 @@ fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_
     all.extend(drain(&mut core));
     assert_eq!(
         all.iter()
-            .filter(|a| **a == CallAction::EndReplaced(5))
+            .filter(|a| {
+                **a == CallAction::EndReplaced(5, DialogId::new("old-call", "ours", "theirs"))
+            })
             .count(),
         1,
         "{all:?}"
@@ -2805,7 +2807,13 @@ fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_
 
     // The replaced call: a BYE, and its end says why.
     let mut old = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
-    old.handle(t0, CallInput::Replaced);
+    // A call that reused the ref of a replaced call that had ended: not this dialog, untouched.
+    old.handle(
+        t0,
+        CallInput::Replaced(DialogId::new("other", "ours", "theirs")),
+    );
+    assert!(drain(&mut old).is_empty());
+    old.handle(t0, CallInput::Replaced(dialog()));
     let bye = sent_in_dialog(&drain(&mut old));
     assert_eq!(bye[0].1, Method::Bye);
     old.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
@@ -2815,7 +2823,7 @@ fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_
         (EndReason::Normal as i32, "replaced")
     );
     // Late: nothing more.
-    old.handle(t0, CallInput::Replaced);
+    old.handle(t0, CallInput::Replaced(dialog()));
     assert!(drain(&mut old).is_empty());
 }
 
