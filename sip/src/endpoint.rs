@@ -1327,6 +1327,17 @@ mod tests {
     }
 
     /// Moves every transmit of `from` into `to` as if the network delivered it.
+    /// A SUBSCRIBE (Event: presence) from alice to `to`, outside a dialog.
+    fn subscribe_request(to: &str) -> Request {
+        let mut subscribe = invite(to);
+        subscribe.method = Method::Subscribe;
+        subscribe
+            .headers
+            .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
+        subscribe.headers.push(HeaderName::Event, "presence");
+        subscribe
+    }
+
     fn deliver(now: Instant, from: &mut Endpoint, from_peer: &Peer, to: &mut Endpoint) -> usize {
         let mut n = 0;
         while let Some(t) = from.poll_transmit() {
@@ -1780,12 +1791,7 @@ mod tests {
         let t0 = Instant::now();
         let (pa, pb) = (peer(5061), peer(5062));
         let (mut a, mut b) = (endpoint(5061), endpoint(5062));
-        let mut subscribe = invite("sip:bob@127.0.0.1:5062");
-        subscribe.method = Method::Subscribe;
-        subscribe
-            .headers
-            .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
-        subscribe.headers.push(HeaderName::Event, "presence");
+        let subscribe = subscribe_request("sip:bob@127.0.0.1:5062");
         a.send_request(t0, subscribe, pb).unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         let evs = events(&mut b);
@@ -1850,12 +1856,7 @@ mod tests {
         a.set_sent_by(Transport::Tcp, Host::Ipv4([127, 0, 0, 1].into()), 5061);
         let mut b = Endpoint::new(EndpointConfig::default());
         b.set_sent_by(Transport::Tcp, Host::Ipv4([127, 0, 0, 1].into()), 5062);
-        let mut subscribe = invite("sip:bob@127.0.0.1:5062;transport=tcp");
-        subscribe.method = Method::Subscribe;
-        subscribe
-            .headers
-            .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
-        subscribe.headers.push(HeaderName::Event, "presence");
+        let subscribe = subscribe_request("sip:bob@127.0.0.1:5062;transport=tcp");
         a.send_request(t0, subscribe, pb).unwrap();
         deliver(t0, &mut a, &pa, &mut b);
         let EndpointEvent::Request { key, .. } = events(&mut b).remove(0) else {
@@ -1877,12 +1878,7 @@ mod tests {
         let (pa, pb) = (peer(5061), peer(5062));
         for status in [200u16, 404] {
             let (mut a, mut b) = (endpoint(5061), endpoint(5062));
-            let mut subscribe = invite("sip:bob@127.0.0.1:5062");
-            subscribe.method = Method::Subscribe;
-            subscribe
-                .headers
-                .set_cseq(&crate::message::CSeq::new(1, Method::Subscribe));
-            subscribe.headers.push(HeaderName::Event, "presence");
+            let subscribe = subscribe_request("sip:bob@127.0.0.1:5062");
             a.send_request(t0, subscribe, pb).unwrap();
             deliver(t0, &mut a, &pa, &mut b);
             let evs = events(&mut b);

@@ -207,6 +207,15 @@ fn a_device_transfers_its_call_and_hears_how_the_transfer_went() {
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
 }
 
+/// Waits for the end of the simulator's call `call_ref`; its event.
+fn ended_call(sim: &mut Sim, call_ref: &serde_json::Value) -> serde_json::Value {
+    sim.wait_for(
+        |v| v["event"] == "call_event" && v["state"] == "ended" && v["call_ref"] == *call_ref,
+        T,
+    )
+    .unwrap()
+}
+
 /// The value of the first header `name` (case-insensitive) in SIPp's message trace.
 fn traced_header<'a>(messages: &'a str, name: &str, with: &str) -> Option<&'a str> {
     messages.lines().find_map(|l| {
@@ -513,16 +522,7 @@ fn a_sip_peer_transfers_the_device_to_a_buddy() {
         invite["from"].as_str().unwrap().starts_with("sip:callee@"),
         "{invite}"
     );
-    let old = listener
-        .wait_for(
-            |v| {
-                v["event"] == "call_event"
-                    && v["state"] == "ended"
-                    && v["call_ref"] == told["call_ref"]
-            },
-            T,
-        )
-        .unwrap();
+    let old = ended_call(&mut listener, &told["call_ref"]);
     assert_eq!(old["reason"], "transferred", "{old}");
     // Carol hangs up after a second: the new call ends too.
     listener
@@ -553,30 +553,12 @@ fn a_sip_peer_s_attended_transfer_reaches_its_target_with_the_replaces() {
     assert_eq!(transferor.counts(), (1, 0), "{}", transferor.report());
     let told = listener.wait_event("transfer_requested", T).unwrap();
     assert_eq!(told["target"], refer_to.as_str(), "{told}");
-    let old = listener
-        .wait_for(
-            |v| {
-                v["event"] == "call_event"
-                    && v["state"] == "ended"
-                    && v["call_ref"] == told["call_ref"]
-            },
-            T,
-        )
-        .unwrap();
+    let old = ended_call(&mut listener, &told["call_ref"]);
     assert_eq!(old["reason"], "transferred", "{old}");
     // The target checked the INVITE's Replaces and Request-URI, answered, and hung up.
     let target = target.wait(SIPP_WAIT);
     assert_eq!(target.counts(), (1, 0), "{}", target.report());
-    listener
-        .wait_for(
-            |v| {
-                v["event"] == "call_event"
-                    && v["state"] == "ended"
-                    && v["call_ref"] == told["new_call_ref"]
-            },
-            T,
-        )
-        .unwrap();
+    ended_call(&mut listener, &told["new_call_ref"]);
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
 }
 
@@ -597,30 +579,12 @@ fn an_invite_with_replaces_takes_the_place_of_the_device_s_call() {
         second["replaces_call_ref"], first["call_ref"],
         "the device is told which call the new one replaces: {second}"
     );
-    let replaced = listener
-        .wait_for(
-            |v| {
-                v["event"] == "call_event"
-                    && v["state"] == "ended"
-                    && v["call_ref"] == first["call_ref"]
-            },
-            T,
-        )
-        .unwrap();
+    let replaced = ended_call(&mut listener, &first["call_ref"]);
     assert_eq!(replaced["reason"], "replaced", "{replaced}");
     // SIPp checked the BYE was the first dialog's, then hung up the second.
     let outcome = peer.wait(SIPP_WAIT);
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
-    listener
-        .wait_for(
-            |v| {
-                v["event"] == "call_event"
-                    && v["state"] == "ended"
-                    && v["call_ref"] == second["call_ref"]
-            },
-            T,
-        )
-        .unwrap();
+    ended_call(&mut listener, &second["call_ref"]);
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
     // A Replaces naming no call of the device: 481, counted; the device hears nothing.
     let stray = sipp_client(&gw, "uac_replaces_unknown.xml", "callee", &[]).wait(SIPP_WAIT);
