@@ -234,6 +234,12 @@ impl WatchCore {
         let mut params = subscription_state.split(';').map(str::trim);
         let value = params.next().unwrap_or_default().to_ascii_lowercase();
         if value == "terminated" {
+            // The buddy's answer to our unsubscribe may overtake its 2xx (the NOTIFY comes
+            // straight, the 2xx through a proxy): still the end the device asked for.
+            if self.phase == Phase::Unsubscribing || self.unwatch {
+                self.end(0, "unwatched".to_string());
+                return 200;
+            }
             let why = params
                 .find_map(|p| p.strip_prefix("reason="))
                 .unwrap_or("no reason given");
@@ -626,6 +632,25 @@ mod tests {
         // Accepted meanwhile: unsubscribed at once, the device hears no "active".
         w.answered(t0, 200, "OK", Some(300), Some(dialog()));
         assert_eq!(drain(&mut w), vec![WatchAction::Subscribe { expires: 0 }]);
+        // The last NOTIFY overtakes the unsubscribe's 2xx: the end the device asked for.
+        let mut v = WatchCore::new(300);
+        drain(&mut v);
+        v.answered(t0, 200, "OK", Some(300), Some(dialog()));
+        drain(&mut v);
+        v.unwatch();
+        assert_eq!(drain(&mut v), vec![WatchAction::Subscribe { expires: 0 }]);
+        assert_eq!(v.notify(t0, "terminated;reason=timeout", b""), 200);
+        assert_eq!(
+            drain(&mut v),
+            vec![
+                WatchAction::Status {
+                    active: false,
+                    sip_status: 0,
+                    reason: "unwatched".into()
+                },
+                WatchAction::Done
+            ]
+        );
         // No last NOTIFY comes: over after the wait.
         w.answered(t0, 200, "OK", Some(0), Some(dialog()));
         w.handle_timeout(t0 + LAST_NOTIFY_WAIT - Duration::from_millis(1));
