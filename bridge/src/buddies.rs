@@ -291,7 +291,14 @@ async fn run(
                         .flatten()
                         .unwrap_or_default()
                         .to_string();
-                    let status = core.notify(now(), &state, &request.body);
+                    let event = request
+                        .headers
+                        .text(&HeaderName::Event)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default()
+                        .to_string();
+                    let status = core.notify(now(), &event, &state, &request.body);
                     let _ = inner.ua.respond(tx, status, None, None).await;
                 }
             }

@@ -206,12 +206,23 @@ impl WatchCore {
         }
     }
 
-    /// A NOTIFY in the watch's dialog, with its `Subscription-State` and body: the status to
-    /// answer it with (481 once the watch is over). A changed presence goes to the device; a
-    /// `terminated` state ends the watch.
-    pub fn notify(&mut self, now: Instant, subscription_state: &str, body: &[u8]) -> u16 {
+    /// A NOTIFY in the watch's dialog, with its `Event`, `Subscription-State` and body: the
+    /// status to answer it with (481 once the watch is over, 489 for another event package). A
+    /// changed presence goes to the device, unless it unwatched; a `terminated` state ends the
+    /// watch.
+    pub fn notify(
+        &mut self,
+        now: Instant,
+        event: &str,
+        subscription_state: &str,
+        body: &[u8],
+    ) -> u16 {
         if self.phase == Phase::Ended {
             return 481;
+        }
+        let package = event.split(';').next().unwrap_or_default().trim();
+        if !package.eq_ignore_ascii_case("presence") {
+            return 489;
         }
         if let Phase::Closing(_) = self.phase {
             // The last NOTIFY after our unsubscribe: taken, nothing more for the device.
@@ -224,7 +235,8 @@ impl WatchCore {
             }
             return 200;
         }
-        if let Some((state, note)) = read_pidf(body) {
+        let unwatching = self.phase == Phase::Unsubscribing || self.unwatch;
+        if let Some((state, note)) = read_pidf(body).filter(|_| !unwatching) {
             if self.last.as_ref() != Some(&(state, note.clone())) {
                 self.last = Some((state, note.clone()));
                 self.actions
@@ -503,7 +515,10 @@ mod tests {
         );
         assert_eq!(w.dialog(), Some(&dialog()));
         assert_eq!(w.poll_timeout(), Some(t0 + Duration::from_secs(90)));
-        assert_eq!(w.notify(t0, "active;expires=120", OPEN.as_bytes()), 200);
+        assert_eq!(
+            w.notify(t0, "presence", "active;expires=120", OPEN.as_bytes()),
+            200
+        );
         assert_eq!(
             drain(&mut w),
             vec![WatchAction::Presence {
@@ -512,9 +527,15 @@ mod tests {
             }]
         );
         // The same document again: nothing new for the device.
-        assert_eq!(w.notify(t0, "active;expires=120", OPEN.as_bytes()), 200);
+        assert_eq!(
+            w.notify(t0, "presence", "active;expires=120", OPEN.as_bytes()),
+            200
+        );
         assert!(drain(&mut w).is_empty());
-        assert_eq!(w.notify(t0, "active", ON_THE_PHONE.as_bytes()), 200);
+        assert_eq!(
+            w.notify(t0, "presence", "active", ON_THE_PHONE.as_bytes()),
+            200
+        );
         assert_eq!(drain(&mut w).len(), 1);
         // Not yet due; then due: the refresh, and its 2xx schedules the next.
         w.handle_timeout(t0 + Duration::from_secs(89));
@@ -527,7 +548,7 @@ mod tests {
         assert!(drain(&mut w).is_empty());
         assert_eq!(w.poll_timeout(), Some(t1 + Duration::from_secs(90)));
         // A NOTIFY saying less time is left brings the refresh forward.
-        w.notify(t1, "active;expires=20", b"");
+        w.notify(t1, "presence", "active;expires=20", b"");
         assert_eq!(w.poll_timeout(), Some(t1 + Duration::from_secs(15)));
         // Unwatched: the unsubscribe, then the end.
         w.unwatch();
@@ -537,7 +558,7 @@ mod tests {
         assert!(drain(&mut w).is_empty());
         assert_eq!(w.poll_timeout(), Some(t1 + LAST_NOTIFY_WAIT));
         assert_eq!(
-            w.notify(t1, "terminated;reason=timeout", OPEN.as_bytes()),
+            w.notify(t1, "presence", "terminated;reason=timeout", OPEN.as_bytes()),
             200
         );
         assert_eq!(
@@ -553,7 +574,7 @@ mod tests {
         );
         assert!(w.is_done());
         // A NOTIFY after the end (the buddy's last one, or a stray): 481.
-        assert_eq!(w.notify(t1, "terminated", OPEN.as_bytes()), 481);
+        assert_eq!(w.notify(t1, "presence", "terminated", OPEN.as_bytes()), 481);
     }
 
     #[test]
@@ -601,7 +622,12 @@ mod tests {
         drain(&mut w);
         let closed = OPEN.replace(">open<", ">closed<");
         assert_eq!(
-            w.notify(t0, "terminated;reason=deactivated", closed.as_bytes()),
+            w.notify(
+                t0,
+                "presence",
+                "terminated;reason=deactivated",
+                closed.as_bytes()
+            ),
             200
         );
         let a = drain(&mut w);
@@ -623,6 +649,28 @@ mod tests {
     }
 
     #[test]
+    fn a_notify_of_another_package_gets_489_and_an_unwatched_buddy_is_not_reported() {
+        let t0 = Instant::now();
+        let mut w = WatchCore::new(300);
+        drain(&mut w);
+        w.answered(t0, 200, "OK", Some(300), Some(dialog()));
+        drain(&mut w);
+        assert_eq!(w.notify(t0, "dialog", "active", OPEN.as_bytes()), 489);
+        assert!(drain(&mut w).is_empty(), "nothing for the device");
+        assert_eq!(
+            w.notify(t0, "Presence;id=1", "active", OPEN.as_bytes()),
+            200
+        );
+        assert_eq!(drain(&mut w).len(), 1);
+        // Unwatched: a change that crosses the unsubscribe is not passed on.
+        w.unwatch();
+        drain(&mut w);
+        let closed = OPEN.replace(">open<", ">closed<");
+        assert_eq!(w.notify(t0, "presence", "active", closed.as_bytes()), 200);
+        assert!(drain(&mut w).is_empty());
+    }
+
+    #[test]
     fn an_unwatch_while_a_subscribe_is_out_waits_for_its_answer() {
         let t0 = Instant::now();
         let mut w = WatchCore::new(300);
@@ -639,7 +687,10 @@ mod tests {
         drain(&mut v);
         v.unwatch();
         assert_eq!(drain(&mut v), vec![WatchAction::Subscribe { expires: 0 }]);
-        assert_eq!(v.notify(t0, "terminated;reason=timeout", b""), 200);
+        assert_eq!(
+            v.notify(t0, "presence", "terminated;reason=timeout", b""),
+            200
+        );
         assert_eq!(
             drain(&mut v),
             vec![
