@@ -50,7 +50,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use rand::Rng;
 use thalamus_proto::v1::envelope::Body;
-use thalamus_proto::v1::{CallState, Envelope, ErrorCode, TextReceived, TextStatus};
+use thalamus_proto::v1::{Envelope, ErrorCode, TextReceived, TextStatus};
 use thalamus_sip::message::{HeaderName, MediaType, Method, NameAddr, Request, Uri};
 use thalamus_sip::peer::Peer;
 use thalamus_sip::ua::{ClientEvent, ServerTx, UaEvent, UserAgent};
@@ -1020,12 +1020,7 @@ fn replaced_call(
         .map(|k| k.clone())
         .filter(|k| k.0 == device)
         .ok_or((481, "replaces_no_dialog"))?;
-    let confirmed = inner.calls.get(&key).is_some_and(|c| {
-        matches!(
-            c.state(),
-            CallState::Answered | CallState::Held | CallState::Resumed
-        )
-    });
+    let confirmed = inner.calls.get(&key).is_some_and(|c| c.is_answered());
     if !confirmed {
         return Err((481, "replaces_no_dialog"));
     }

@@ -260,15 +260,10 @@ impl BridgeInner {
         let other = self
             .calls
             .get(&(device.to_string(), replaces))
-            .map(|c| (c.state(), c.dialog(), c.remote_uri()));
+            .filter(|c| c.is_answered())
+            .map(|c| (c.dialog(), c.remote_uri()));
         match other {
-            Some((
-                thalamus_proto::v1::CallState::Answered
-                | thalamus_proto::v1::CallState::Held
-                | thalamus_proto::v1::CallState::Resumed,
-                Some(dialog),
-                remote,
-            )) => replaces_target(&remote, &dialog),
+            Some((Some(dialog), remote)) => replaces_target(&remote, &dialog),
             _ => Err(format!(
                 "no answered call with call_ref {replaces} on this node to replace"
             )),

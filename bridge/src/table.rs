@@ -101,6 +101,14 @@ impl CallHandle {
             .unwrap_or(CallState::Unspecified)
     }
 
+    /// Whether the call is answered (on hold or resumed included): its dialog is confirmed.
+    pub fn is_answered(&self) -> bool {
+        matches!(
+            self.state(),
+            CallState::Answered | CallState::Held | CallState::Resumed
+        )
+    }
+
     /// Feeds a media datagram from the device to the call's relay.
     pub fn feed(&self, datagram: Bytes) {
         if let Ok(guard) = self.media_input.lock() {

@@ -301,11 +301,10 @@ async fn one_call(
         tokio::select! {
             frame = s.reader.next() => {
                 let env = frame?;
+                if answered_ping(s, &env).await? {
+                    continue;
+                }
                 match &env.body {
-                    Some(Body::Ping(p)) => {
-                        s.writer.send_envelope(&pong(&env, p.nonce)).await?;
-                        continue;
-                    }
                     Some(Body::CallEvent(e)) if e.call_ref == call_ref && e.stats.is_some() && e.reason == "media statistics" => {
                         printer.frame(&env);
                         continue;
@@ -438,8 +437,7 @@ async fn end_consultation(
         tokio::select! {
             frame = s.reader.next() => {
                 let env = frame?;
-                if let Some(Body::Ping(p)) = &env.body {
-                    s.writer.send_envelope(&pong(&env, p.nonce)).await?;
+                if answered_ping(s, &env).await? {
                     continue;
                 }
                 printer.frame(&env);
@@ -523,6 +521,18 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// The answer to the gateway's keepalive `Ping` (its idle timeout counts frames from us).
+/// Answers `env` when it is a `Ping`; true when it was. Called once a frame is read, outside
+/// any `select!` (a write cut short there would leave half a frame on the control stream).
+async fn answered_ping(s: &mut Session, env: &Envelope) -> anyhow::Result<bool> {
+    match &env.body {
+        Some(Body::Ping(p)) => {
+            s.writer.send_envelope(&pong(env, p.nonce)).await?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 fn pong(ping: &Envelope, nonce: u64) -> Envelope {
     Envelope {
         request_id: ping.request_id,
@@ -581,8 +591,7 @@ pub async fn listen(
         tokio::select! {
             frame = s.reader.next() => {
                 let env = frame?;
-                if let Some(Body::Ping(p)) = &env.body {
-                    s.writer.send_envelope(&pong(&env, p.nonce)).await?;
+                if answered_ping(&mut s, &env).await? {
                     continue;
                 }
                 printer.frame(&env);
@@ -731,11 +740,10 @@ pub async fn watch(
         tokio::select! {
             frame = s.reader.next() => {
                 let env = frame?;
+                if answered_ping(&mut s, &env).await? {
+                    continue;
+                }
                 match &env.body {
-                    Some(Body::Ping(p)) => {
-                        s.writer.send_envelope(&pong(&env, p.nonce)).await?;
-                        continue;
-                    }
                     Some(Body::WatchStatus(w)) if pending.contains_key(&env.request_id) => {
                         if w.active {
                             active += 1;

@@ -254,6 +254,8 @@ pub struct Endpoint {
     /// 6665 section 4.1.2.4), and the 2xx creates it from the request (kept here: over a
     /// reliable transport the transaction is gone by the time its response is handled).
     subscribes: HashMap<(String, String), (TransactionKey, Request)>,
+    /// The same, by client transaction (a response finds its SUBSCRIBE without a scan).
+    subscribe_ids: HashMap<TransactionKey, (String, String)>,
     /// The INVITE being adopted and its To tag, while the layer's event for it is processed.
     adopting: Option<(TransactionKey, String)>,
     sent_by: HashMap<Transport, (Host, u16)>,
@@ -277,6 +279,7 @@ impl Endpoint {
             ack_dest: HashMap::new(),
             invites: HashMap::new(),
             subscribes: HashMap::new(),
+            subscribe_ids: HashMap::new(),
             adopting: None,
             sent_by: HashMap::new(),
             reliable: HashMap::new(),
@@ -600,21 +603,27 @@ impl Endpoint {
             let removed = self.dialogs.terminate_early(&call_id, &from_tag);
             self.stats.early_dialogs_removed += removed.len() as u64;
         }
-        if !self.subscribes.is_empty() {
-            self.subscribes.retain(|_, (k, _)| *k != key);
+        if let Some(ids) = self.subscribe_ids.remove(&key) {
+            // Unless a later transaction of the same SUBSCRIBE (a challenge answered) took it.
+            if self.subscribes.get(&ids).is_some_and(|(k, _)| *k == key) {
+                self.subscribes.remove(&ids);
+            }
         }
+    }
+
+    /// The SUBSCRIBE we sent outside a dialog in client transaction `key`, with its Call-ID
+    /// and From tag.
+    fn subscribe_of(&self, key: TransactionKey) -> Option<(&(String, String), &Request)> {
+        let ids = self.subscribe_ids.get(&key)?;
+        let (k, request) = self.subscribes.get(ids)?;
+        (*k == key).then_some((ids, request))
     }
 
     /// Our SUBSCRIBE outside a dialog (client transaction `key`) was refused: the dialog its
     /// early NOTIFY may have created goes (RFC 6665 section 4.1.2.4). True when `key` is such
     /// a SUBSCRIBE.
     fn refused_subscribe(&mut self, key: TransactionKey) -> bool {
-        let Some((call_id, from_tag)) = self
-            .subscribes
-            .iter()
-            .find(|(_, (k, _))| *k == key)
-            .map(|(ids, _)| ids.clone())
-        else {
+        let Some((call_id, from_tag)) = self.subscribe_of(key).map(|(ids, _)| ids.clone()) else {
             return false;
         };
         let ids: Vec<DialogId> = self
@@ -856,9 +865,7 @@ impl Endpoint {
         } else if response.is_success() {
             // A 2xx to a SUBSCRIBE we sent creates its dialog (RFC 6665 section 4.1.2.1).
             let created = self
-                .subscribes
-                .values()
-                .find(|(k, _)| *k == key)
+                .subscribe_of(key)
                 .and_then(|(_, r)| Dialog::new_uac(r, &response).ok());
             if let Some(d) = created {
                 if let Ok(d) = self.dialogs.insert(d) {
@@ -948,6 +955,7 @@ impl Endpoint {
             self.invites.insert(key, invite);
         }
         if let Some((ids, request)) = subscribe {
+            self.subscribe_ids.insert(key, ids.clone());
             self.subscribes.insert(ids, (key, request));
         }
         self.process(now);
