@@ -20,6 +20,11 @@
 //!   where it came from ([`EARLY_INVITE_FORMAT`], [`early_payload`], [`early_invite_of`]): a
 //!   survivor adopts that INVITE's transaction and answers it with the same To tag. The 2xx's
 //!   record overwrites it; a final error ends it.
+//! - A subscription record (a SIP watcher's subscription to a device's presence) holds the
+//!   subscription's dialog with what the notifier keeps about it ([`SUBSCRIPTION_FORMAT`],
+//!   [`StoredSubscription`]); its `call_ref` is 0. Its local CSeq is written ahead by a block
+//!   of NOTIFYs ([`NOTIFY_CSEQ_BLOCK`]), so a survivor's NOTIFY is numbered above the old
+//!   owner's.
 //!
 //! This module does no I/O: it neither reads the store nor talks to the user agent.
 
@@ -33,6 +38,10 @@ use thalamus_dialog_store::{DialogKey, NegotiatedMedia, SipDialogPayload, Stored
 
 /// The local CSeq an imported dialog gets when its record has none (see the module notes).
 pub const UNUSED_LOCAL_CSEQ_FLOOR: u32 = 1 << 30;
+
+/// NOTIFYs a subscription's record reserves local CSeqs for: its record is written with its
+/// local CSeq this far ahead, and again before the block runs out.
+pub const NOTIFY_CSEQ_BLOCK: u32 = 32;
 
 /// Largest application data this module encodes or decodes, in bytes.
 pub const MAX_APP_DATA_LEN: usize = 8 * 1024;
@@ -271,6 +280,84 @@ pub fn early_invite_of(stored: &StoredDialog) -> Option<Result<(Request, Peer), 
             return Err(RecordError::KeyMismatch);
         }
         Ok((request, Peer::udp(payload.source)))
+    };
+    Some(read())
+}
+
+/// The SIP payload format of a subscription record (a SIP watcher's subscription to a device's
+/// presence): the SIP stack's export of the subscription's dialog and what the notifier keeps
+/// about it, so a node that continues a call refuses one (and a build that does not know
+/// subscriptions refuses to import it).
+pub const SUBSCRIPTION_FORMAT: u32 = 0x5355_0001;
+
+/// What a subscription record holds: the dialog, the device watched, the watcher's address
+/// (its limit counts it) and when the subscription expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    /// Schema, 1.
+    pub v: u32,
+    /// The event package (`presence`).
+    pub package: String,
+    /// The watcher's address.
+    pub watcher: std::net::IpAddr,
+    /// When the subscription expires, ms since the Unix epoch (the writer's clock).
+    pub expires_ms: u64,
+    /// The SIP stack's export of the subscription's dialog.
+    pub dialog: DialogRecord,
+}
+
+/// The record of a subscription: `sub` under its dialog's key, for `device`, owned by `owner`
+/// at `epoch`, continuing from store version `base_version`.
+pub fn subscription_record(
+    sub: &StoredSubscription,
+    device: &str,
+    owner: &str,
+    epoch: u64,
+    base_version: u64,
+) -> StoredDialog {
+    let key = DialogKey::new(
+        sub.dialog.call_id.clone(),
+        sub.dialog.local_tag.clone(),
+        sub.dialog.remote_tag.clone(),
+    );
+    let payload = SipDialogPayload {
+        format_version: SUBSCRIPTION_FORMAT,
+        data: serde_json::to_string(sub).unwrap_or_default(),
+    };
+    let mut record = StoredDialog::new(key, payload, device.to_string(), 0, owner.to_string());
+    record.epoch = epoch;
+    record.version = base_version;
+    record
+}
+
+/// The subscription of a stored record: `None` when the record is not a subscription, an error
+/// when its payload cannot be read or names another dialog.
+pub fn subscription_of(stored: &StoredDialog) -> Option<Result<StoredSubscription, RecordError>> {
+    if stored.sip_dialog.format_version != SUBSCRIPTION_FORMAT {
+        return None;
+    }
+    let read = || {
+        let sub: StoredSubscription = serde_json::from_str(&stored.sip_dialog.data)
+            .map_err(|e| RecordError::Malformed(e.to_string()))?;
+        if sub.v != 1 {
+            return Err(RecordError::Malformed(format!(
+                "subscription schema {}",
+                sub.v
+            )));
+        }
+        if sub.dialog.version != DIALOG_RECORD_VERSION {
+            return Err(RecordError::UnsupportedFormat {
+                found: sub.dialog.version,
+                supported: DIALOG_RECORD_VERSION,
+            });
+        }
+        if sub.dialog.call_id != stored.key.call_id
+            || sub.dialog.local_tag != stored.key.local_tag
+            || sub.dialog.remote_tag != stored.key.remote_tag
+        {
+            return Err(RecordError::KeyMismatch);
+        }
+        Ok(sub)
     };
     Some(read())
 }
@@ -527,5 +614,63 @@ mod tests {
         assert!(early_invite_of(&record).is_none());
         let tcp = Peer::tcp("10.0.0.9:5060".parse().unwrap());
         assert!(early_payload(&early_invite(), &tcp).is_none());
+    }
+
+    #[test]
+    fn a_subscription_record_round_trips_and_is_no_call() {
+        let sub = StoredSubscription {
+            v: 1,
+            package: "presence".into(),
+            watcher: std::net::IpAddr::from([10, 0, 0, 9]),
+            expires_ms: 1_700_000_120_000,
+            dialog: export(),
+        };
+        let record = subscription_record(&sub, "dev", "node-a", 3, 8);
+        assert_eq!(record.key, DialogKey::new("c1@host", "gw-tag", "peer-tag"));
+        assert_eq!((record.call_ref, record.epoch, record.version), (0, 3, 8));
+        assert_eq!(record.device_id, "dev");
+        // Through the store's encoding and back.
+        let decoded = StoredDialog::decode(&record.encode().unwrap()).unwrap();
+        assert_eq!(subscription_of(&decoded), Some(Ok(sub.clone())));
+        // A call path reading it refuses it; an early-record reader does not see one.
+        assert!(matches!(
+            sip_record_of(&decoded),
+            Err(RecordError::UnsupportedFormat { .. })
+        ));
+        assert!(early_invite_of(&decoded).is_none());
+        // A call's record is no subscription.
+        assert!(subscription_of(&to_stored(&export(), &facts())).is_none());
+    }
+
+    #[test]
+    fn a_subscription_record_of_another_dialog_or_schema_is_refused() {
+        let sub = StoredSubscription {
+            v: 1,
+            package: "presence".into(),
+            watcher: std::net::IpAddr::from([10, 0, 0, 9]),
+            expires_ms: 1,
+            dialog: export(),
+        };
+        let mut record = subscription_record(&sub, "dev", "node-a", 0, 0);
+        record.key.remote_tag = "other".into();
+        assert_eq!(
+            subscription_of(&record),
+            Some(Err(RecordError::KeyMismatch))
+        );
+        let newer = StoredSubscription {
+            v: 2,
+            ..sub.clone()
+        };
+        let record = subscription_record(&newer, "dev", "node-a", 0, 0);
+        assert!(matches!(
+            subscription_of(&record),
+            Some(Err(RecordError::Malformed(_)))
+        ));
+        let mut garbled = subscription_record(&sub, "dev", "node-a", 0, 0);
+        garbled.sip_dialog.data = "{".into();
+        assert!(matches!(
+            subscription_of(&garbled),
+            Some(Err(RecordError::Malformed(_)))
+        ));
     }
 }

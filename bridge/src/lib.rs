@@ -293,11 +293,11 @@ impl Bridge {
         takeover::stored_dialogs_of(&self.inner, device).await
     }
 
-    /// Whether this node holds the dialog (a call task runs it here).
+    /// Whether this node holds the dialog (a call task runs it here, or it is a presence
+    /// subscription of this node).
     pub fn holds(&self, key: &DialogKey) -> bool {
-        self.inner
-            .by_dialog
-            .contains_key(&crate::dialogs::dialog_of_key(key))
+        let dialog = crate::dialogs::dialog_of_key(key);
+        self.inner.by_dialog.contains_key(&dialog) || self.inner.watchers.holds(&dialog)
     }
 
     /// UAC-mode takeover: fetches the dialog from the store, claims it for this node, imports
@@ -547,6 +547,13 @@ impl DeviceRequests for Bridge {
         // Requests waiting for a device to arrive look again.
         self.inner.arrivals.notify_waiters();
         watchers::changed(&self.inner, device_id);
+        // Its watchers follow it here from a node that died or that it left.
+        if self.inner.store.is_some() {
+            tokio::spawn(takeover::claim_subscriptions(
+                self.inner.clone(),
+                device_id.to_string(),
+            ));
+        }
     }
 
     fn offline(&self, device_id: &str) {
@@ -566,6 +573,8 @@ impl DeviceRequests for Bridge {
             if inner.device_online(&device) {
                 return;
             }
+            // Its watchers subscribe again where it is now.
+            watchers::deactivate_departed(&inner, &device).await;
             let keys: Vec<CallKey> = inner
                 .calls
                 .iter()

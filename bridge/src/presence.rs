@@ -8,8 +8,8 @@
 //!
 //! It does not send NOTIFYs, read a clock or know dialogs beyond their ids: the bridge's shell
 //! does (`crate::watchers`); `Watchers` holds this node's table and what devices set.
-//! Subscriptions live on the node that accepted them; they are
-//! not replicated (a watcher whose node died gets 481 to its refresh and subscribes again).
+//! Subscriptions belong to the node that holds the device (they are replicated to the dialog
+//! store by the shell, and follow the device: see `crate::watchers`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -41,6 +41,10 @@ pub struct PresenceConfig {
     /// Seconds a watch's SUBSCRIBE asks for when the device names none (a device's own ask is
     /// kept within `min_expires`..`max_expires`).
     pub watch_expires: u32,
+    /// End a device's subscriptions with `terminated;reason=deactivated` when it leaves this
+    /// node for longer than its grace period, so its watchers subscribe again at the node it
+    /// reached (on in a cluster, where a device moves between live nodes).
+    pub deactivate_departed: bool,
 }
 
 impl Default for PresenceConfig {
@@ -54,6 +58,7 @@ impl Default for PresenceConfig {
             watches_per_device: 32,
             watches_total: 10_000,
             watch_expires: 600,
+            deactivate_departed: false,
         }
     }
 }
@@ -225,6 +230,13 @@ impl Subscriptions {
             .collect()
     }
 
+    /// The device `dialog` watches, the watcher's address and when it expires.
+    pub fn describe(&self, dialog: &DialogId) -> Option<(String, IpAddr, Instant)> {
+        self.by_dialog
+            .get(dialog)
+            .map(|s| (s.device.clone(), s.watcher, s.expires_at))
+    }
+
     /// The seconds `dialog` has left at `now`.
     pub fn expires_in(&self, dialog: &DialogId, now: Instant) -> Option<u32> {
         self.by_dialog
@@ -368,6 +380,18 @@ pub(crate) struct Watchers {
     /// Subscriptions with a NOTIFY in flight, and whether another must follow it (one at a
     /// time per subscription, in order; changes meanwhile are folded into the next one).
     pub(crate) in_flight: DashMap<DialogId, Option<String>>,
+    /// Subscriptions whose record is in the dialog store: what their next write continues.
+    pub(crate) stored: DashMap<DialogId, Replicated>,
+}
+
+/// Where a subscription's record stands: the epoch this node holds it at, the store version
+/// its writes continue from, and how many NOTIFYs may go before the local CSeq written ahead
+/// runs out (`None`: none was written, the import floor covers them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Replicated {
+    pub(crate) epoch: u64,
+    pub(crate) base_version: u64,
+    pub(crate) notifies_left: Option<u32>,
 }
 
 impl Watchers {

@@ -50,7 +50,7 @@ use crate::call::core::CallKey;
 use crate::call::{self, CallSetup, TakeoverSetup};
 use crate::dialogs::{
     dialog_of_key, early_invite_of, key_of_request, prepare_for_import, remote_uri_of,
-    sip_record_of, CallAppData,
+    sip_record_of, subscription_of, CallAppData,
 };
 use crate::mapping::ended_by;
 use crate::shared::BridgeInner;
@@ -205,11 +205,25 @@ async fn take_over_locked(
         }
         return Ok(TakenOver { call, record: None });
     }
+    let dialog = dialog_of_key(key);
+    if let Some((device, _, _)) = inner.watchers.with(|s| s.describe(&dialog)) {
+        if trigger == Trigger::Hangup {
+            crate::watchers::notify_taken_over(inner, dialog, true);
+        }
+        return Ok(TakenOver {
+            call: (device, 0),
+            record: None,
+        });
+    }
     let record = match bounded(inner, "reading the dialog", store.get(key)).await? {
         None => return Err(TakeoverError::NotFound),
         Some(r) if !r.is_live() => return Err(TakeoverError::Ended),
         Some(r) => r,
     };
+    if let Some(sub) = subscription_of(&record) {
+        let sub = sub.map_err(|e| TakeoverError::Invalid(e.to_string()))?;
+        return adopt_subscription(inner, store, record, sub, trigger).await;
+    }
     if let Some(early) = early_invite_of(&record) {
         let (invite, source) = early.map_err(|e| TakeoverError::Invalid(e.to_string()))?;
         return adopt_ringing_call(inner, store, record, invite, source, trigger).await;
@@ -434,6 +448,66 @@ async fn adopt_ringing_call(
         })),
     );
     Ok(TakenOver { call, record: None })
+}
+
+/// A SIP watcher's subscription to a device's presence, held by another node (that died):
+/// claimed once its owner can no longer be acting on it, its dialog imported, and the
+/// subscription continued here with the time it has left. The watcher's request that found it
+/// is then delivered again (a refresh or an unsubscribe); otherwise (the device arrived here,
+/// the API) the watcher gets a NOTIFY from this node, which points its next request here. One
+/// that expired meanwhile, or that this node cannot take (a limit), ends.
+async fn adopt_subscription(
+    inner: &Arc<BridgeInner>,
+    store: &Arc<dyn DialogStore>,
+    record: StoredDialog,
+    sub: crate::dialogs::StoredSubscription,
+    trigger: Trigger,
+) -> Result<TakenOver, TakeoverError> {
+    if trigger == Trigger::Cancel {
+        return Err(TakeoverError::Invalid(
+            "a subscription has no INVITE".into(),
+        ));
+    }
+    let key = record.key.clone();
+    let record = owner_released(inner, store, record).await?;
+    let node_id = inner.config.node_id.clone();
+    let claimed = bounded(
+        inner,
+        "claiming the subscription",
+        store.claim(&key, &node_id, record.epoch),
+    )
+    .await?;
+    // The claimed content is the latest: read it again.
+    let sub = match subscription_of(&claimed) {
+        Some(Ok(latest)) => latest,
+        _ => sub,
+    };
+    let device = claimed.device_id.clone();
+    let dialog = match crate::watchers::attach(inner, &claimed, sub).await {
+        Ok(dialog) => dialog,
+        Err(why) => {
+            debug!(dialog = %key, why, "claimed subscription not continued: ended");
+            end_claimed(inner, store, &claimed).await;
+            return Err(TakeoverError::Ended);
+        }
+    };
+    info!(
+        dialog = %key,
+        device = %device,
+        epoch = claimed.epoch,
+        previous_owner = %record.owner,
+        "subscription taken over"
+    );
+    inc(&inner.metrics.takeovers, "claimed_subscription");
+    match trigger {
+        Trigger::Request { .. } => {}
+        Trigger::Hangup => crate::watchers::notify_taken_over(inner, dialog, true),
+        _ => crate::watchers::notify_taken_over(inner, dialog, false),
+    }
+    Ok(TakenOver {
+        call: (device, 0),
+        record: None,
+    })
 }
 
 /// Ends a record this node claimed but cannot continue (a tombstone, compare-and-set on the
@@ -779,7 +853,13 @@ pub(crate) async fn resume_device(inner: Arc<BridgeInner>, device: &str) {
             return;
         }
     };
-    for record in records.into_iter().take(MAX_RESUME_DIALOGS) {
+    // Subscriptions to the device's presence are taken when it comes online
+    // (`claim_subscriptions`), resumed or not.
+    for record in records
+        .into_iter()
+        .filter(|r| subscription_of(r).is_none())
+        .take(MAX_RESUME_DIALOGS)
+    {
         let call = (record.device_id.clone(), record.call_ref);
         if inner.by_dialog.contains_key(&dialog_of_key(&record.key))
             || inner.calls.contains_key(&call)
@@ -803,6 +883,89 @@ pub(crate) async fn resume_device(inner: Arc<BridgeInner>, device: &str) {
                 inner.watched.insert(call.clone(), record);
                 tokio::spawn(claim_when_lease_lapses(inner.clone(), key, call, left));
             }
+        }
+    }
+}
+
+/// Most subscription records of one device looked at when it comes online.
+pub const MAX_DEVICE_SUBSCRIPTIONS: usize = 64;
+
+/// `device` came online here (a new session or a resumed one): the stored subscriptions to its
+/// presence that no live node holds (their node died) are taken over, and their watchers hear
+/// the device from this node. Those whose owner's
+/// lease still runs are claimed when it lapses, while the device stays. Bounded by the
+/// takeover timeout per store operation and by [`MAX_DEVICE_SUBSCRIPTIONS`].
+pub(crate) async fn claim_subscriptions(inner: Arc<BridgeInner>, device: String) {
+    let Ok(store) = store_of(&inner) else {
+        return;
+    };
+    let records = match bounded(
+        &inner,
+        "listing the device's dialogs",
+        store.list_by_device(&device),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(device, error = %e, "device's stored subscriptions not read");
+            return;
+        }
+    };
+    let subs = records
+        .into_iter()
+        .filter(|r| subscription_of(r).is_some() && r.owner != inner.config.node_id)
+        .take(MAX_DEVICE_SUBSCRIPTIONS);
+    for record in subs {
+        if inner.watchers.holds(&dialog_of_key(&record.key)) {
+            continue;
+        }
+        match lease_left(&inner, &store, &record).await {
+            None => {
+                if let Err(e) = take_over(&inner, &record.key, Trigger::DeviceResume).await {
+                    debug!(dialog = %record.key, error = %e, "device's subscription not taken over");
+                }
+            }
+            Some(left) => {
+                tokio::spawn(claim_subscription_later(
+                    inner.clone(),
+                    record.key.clone(),
+                    device.clone(),
+                    left,
+                ));
+            }
+        }
+    }
+}
+
+/// Claims a subscription when its owner's lease lapses, while its device stays here.
+async fn claim_subscription_later(
+    inner: Arc<BridgeInner>,
+    key: DialogKey,
+    device: String,
+    mut left: Duration,
+) {
+    let Ok(store) = store_of(&inner) else {
+        return;
+    };
+    for _ in 0..MAX_LEASE_CHECKS {
+        tokio::time::sleep(left.min(LEASE_CHECK_EVERY) + Duration::from_millis(20)).await;
+        if !inner.device_online(&device) || inner.watchers.holds(&dialog_of_key(&key)) {
+            return;
+        }
+        let record = match bounded(&inner, "reading the dialog", store.get(&key)).await {
+            Ok(Some(r)) if r.is_live() => r,
+            Ok(_) => return,
+            Err(_) => continue,
+        };
+        match lease_left(&inner, &store, &record).await {
+            None => {
+                if let Err(e) = take_over(&inner, &key, Trigger::DeviceResume).await {
+                    debug!(dialog = %key, error = %e, "device's subscription not taken over");
+                }
+                return;
+            }
+            Some(more) => left = more,
         }
     }
 }
@@ -974,11 +1137,13 @@ pub(crate) async fn drop_lost_dialogs(
     mut notices: mpsc::Receiver<ConflictNotice>,
 ) {
     while let Some(notice) = notices.recv().await {
-        let Some(call) = inner
-            .by_dialog
-            .get(&dialog_of_key(&notice.key))
-            .map(|c| c.clone())
-        else {
+        let dialog = dialog_of_key(&notice.key);
+        if inner.watchers.holds(&dialog) {
+            // A subscription's writes wait for their outcome and act on a conflict themselves;
+            // a conflict on its end (the record another node claimed) needs nothing.
+            continue;
+        }
+        let Some(call) = inner.by_dialog.get(&dialog).map(|c| c.clone()) else {
             continue;
         };
         let stored = match &inner.store {

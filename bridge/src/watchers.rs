@@ -4,9 +4,18 @@
 //! a device's presence, on refresh, and a last one when a subscription ends or expires), and
 //! forgets subscriptions whose NOTIFY gets 481 or no answer.
 //!
+//! Subscriptions follow their device across the cluster (issue 18): each one with a store is
+//! written to the dialog store (a subscription record, `crate::dialogs::SUBSCRIPTION_FORMAT`)
+//! when it is accepted and refreshed, and before its NOTIFYs use up the local CSeqs written
+//! ahead; its end tombstones it. When its node dies, the node the device resumes on, or the
+//! one the watcher's next request reaches, takes it over (`crate::takeover`). A device that
+//! leaves a live node of a cluster for longer than its grace period has its subscriptions
+//! there ended with `terminated;reason=deactivated`, so its watchers subscribe again where the
+//! device is (RFC 6665 4.2.2). A subscription that another node claimed is dropped here
+//! without a NOTIFY.
+//!
 //! It does not decide what presence is or how long a subscription lasts ([`crate::presence`]
-//! does), and it keeps nothing in the dialog store: subscriptions belong to the node that
-//! accepted them (a watcher whose node died gets 481 to its refresh and subscribes again).
+//! does), nor who owns a record (the takeover procedure claims, this module writes).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -19,8 +28,10 @@ use thalamus_sip::peer::Peer;
 use thalamus_sip::ua::{ClientEvent, ServerTx};
 use tracing::debug;
 
-use crate::presence::{Admit, DevicePresence};
+use crate::dialogs::{key_of_dialog, subscription_record, StoredSubscription, NOTIFY_CSEQ_BLOCK};
+use crate::presence::{Admit, DevicePresence, Replicated};
 use crate::shared::BridgeInner;
+use thalamus_dialog_store::StoreError;
 use thalamus_telemetry::inc;
 
 /// The event package served.
@@ -105,6 +116,10 @@ pub(crate) async fn subscribe(
         .watchers
         .with(|s| s.insert(dialog.clone(), &device, watcher, now, expires));
     inner.metrics.presence_subscriptions.set(gauge(&inner));
+    if expires > 0 && persist(&inner, &dialog).await == Persisted::Lost {
+        lost(&inner, &dialog).await;
+        return;
+    }
     let state = if expires == 0 {
         "terminated;reason=timeout".to_string()
     } else {
@@ -164,6 +179,10 @@ pub(crate) async fn resubscribe(
         .respond_with_headers(tx, 200, None, None, headers)
         .await;
     inner.metrics.presence_subscriptions.set(gauge(&inner));
+    if expires > 0 && persist(&inner, &dialog).await == Persisted::Lost {
+        lost(&inner, &dialog).await;
+        return;
+    }
     let state = if expires == 0 {
         "terminated;reason=timeout".to_string()
     } else {
@@ -224,6 +243,19 @@ async fn notify_once(
     device: &str,
     state: String,
 ) -> bool {
+    // The local CSeqs written ahead run out: written again (further ahead) first.
+    let spent = inner
+        .watchers
+        .stored
+        .get(dialog)
+        .is_some_and(|r| r.notifies_left == Some(0));
+    if spent && persist(inner, dialog).await == Persisted::Lost {
+        lost(inner, dialog).await;
+        return true;
+    }
+    if let Some(mut r) = inner.watchers.stored.get_mut(dialog) {
+        r.notifies_left = r.notifies_left.map(|n| n.saturating_sub(1));
+    }
     let body = presence_of(inner, device).pidf(&inner.aor(device).uri.to_string());
     inner
         .watchers
@@ -254,6 +286,13 @@ async fn notify_once(
     inc(&inner.metrics.presence_notifies, outcome);
     if terminated || outcome == "gone" {
         inner.watchers.with(|s| s.remove(dialog));
+        if inner.watchers.stored.remove(dialog).is_some() {
+            if let Some(replicator) = &inner.replicator {
+                if let Err(e) = replicator.remove(key_of_dialog(dialog)) {
+                    debug!(error = %e, "ended subscription's record not removed");
+                }
+            }
+        }
         let _ = inner.ua.remove_dialog(dialog).await;
         inner.metrics.presence_subscriptions.set(gauge(inner));
         return true;
@@ -311,5 +350,188 @@ pub(crate) async fn expire(inner: Arc<BridgeInner>) {
                 "terminated;reason=timeout".to_string(),
             ));
         }
+    }
+}
+
+/// How a subscription's record write went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persisted {
+    /// The store has it (or took too long to say: the next write tries again).
+    Written,
+    /// Another node claimed the subscription: this node must stop acting on it.
+    Lost,
+    /// Nothing written: no store, the subscription is gone, or the queue is full.
+    Skipped,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Writes `dialog`'s subscription record (its dialog, the device, the watcher, the expiry, and
+/// the local CSeq written ahead by [`NOTIFY_CSEQ_BLOCK`]) and waits for the store, at most the
+/// takeover timeout.
+async fn persist(inner: &Arc<BridgeInner>, dialog: &DialogId) -> Persisted {
+    let Some(replicator) = inner.replicator.clone() else {
+        return Persisted::Skipped;
+    };
+    let Some((device, watcher, expires_at)) = inner.watchers.with(|s| s.describe(dialog)) else {
+        return Persisted::Skipped;
+    };
+    let Ok(Some(mut export)) = inner.ua.export(dialog).await else {
+        return Persisted::Skipped;
+    };
+    let now = tokio::time::Instant::now().into_std();
+    let left_ms =
+        u64::try_from(expires_at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX);
+    // No NOTIFY sent yet: nothing to write ahead (an import starts above every number the
+    // stack could have picked).
+    let reserved = export
+        .local_cseq
+        .and_then(|c| c.checked_add(NOTIFY_CSEQ_BLOCK));
+    if reserved.is_some() {
+        export.local_cseq = reserved;
+    }
+    let state = inner
+        .watchers
+        .stored
+        .get(dialog)
+        .map(|r| *r)
+        .unwrap_or_default();
+    let sub = StoredSubscription {
+        v: 1,
+        package: PACKAGE.to_string(),
+        watcher,
+        expires_ms: wall_ms().saturating_add(left_ms),
+        dialog: export,
+    };
+    let record = subscription_record(
+        &sub,
+        &device,
+        &inner.config.node_id,
+        state.epoch,
+        state.base_version,
+    );
+    inner.watchers.stored.insert(
+        dialog.clone(),
+        Replicated {
+            // One less than the block: a NOTIFY may have taken a number while this was written.
+            notifies_left: reserved.map(|_| NOTIFY_CSEQ_BLOCK - 1),
+            ..state
+        },
+    );
+    let Ok(ack) = replicator.replicate_acked(record) else {
+        return Persisted::Skipped;
+    };
+    match tokio::time::timeout(inner.config.takeover_timeout, ack).await {
+        Ok(Ok(Err(StoreError::Conflict { .. }))) => Persisted::Lost,
+        Ok(Ok(Err(e))) => {
+            debug!(error = %e, "subscription record not written");
+            Persisted::Written
+        }
+        _ => Persisted::Written,
+    }
+}
+
+/// Forgets `dialog` here without a NOTIFY or a store write: another node holds it now, or it
+/// was released for the node the device reaches.
+pub(crate) async fn lost(inner: &Arc<BridgeInner>, dialog: &DialogId) {
+    inner.watchers.with(|s| s.remove(dialog));
+    inner.watchers.stored.remove(dialog);
+    inner.watchers.in_flight.remove(dialog);
+    let _ = inner.ua.remove_dialog(dialog).await;
+    inner.metrics.presence_subscriptions.set(gauge(inner));
+}
+
+/// Continues here a subscription this node just claimed (`claimed`, its record; `sub`, what it
+/// holds): imports its dialog with this node's Contact and takes it into the table, with the
+/// time it has left. `Err` when it cannot be continued (expired, over a limit, not importable).
+pub(crate) async fn attach(
+    inner: &Arc<BridgeInner>,
+    claimed: &thalamus_dialog_store::StoredDialog,
+    sub: StoredSubscription,
+) -> Result<DialogId, String> {
+    let left_secs = sub.expires_ms.saturating_sub(wall_ms()) / 1000;
+    let left = u32::try_from(left_secs).unwrap_or(u32::MAX);
+    if left == 0 {
+        return Err("the subscription expired".into());
+    }
+    let device = claimed.device_id.clone();
+    // The limits count it here like a new one (the interval is what it has left).
+    match inner
+        .watchers
+        .with(|s| s.admit(&device, sub.watcher, Some(left.max(1))))
+    {
+        Admit::Limit(which) => return Err(format!("limit {which}")),
+        Admit::Accept { .. } | Admit::TooBrief { .. } => {}
+    }
+    let contact = inner
+        .ua
+        .contact(Some(&device), thalamus_sip::transport::PeerTransport::Udp)
+        .to_string();
+    let prepared = crate::dialogs::prepare_for_import(sub.dialog, &contact);
+    let dialog = inner.ua.import(prepared).await.map_err(|e| e.to_string())?;
+    let now = tokio::time::Instant::now().into_std();
+    inner
+        .watchers
+        .with(|s| s.insert(dialog.clone(), &device, sub.watcher, now, left));
+    inner.watchers.stored.insert(
+        dialog.clone(),
+        Replicated {
+            epoch: claimed.epoch,
+            base_version: claimed.version,
+            notifies_left: None,
+        },
+    );
+    inner.metrics.presence_subscriptions.set(gauge(inner));
+    Ok(dialog)
+}
+
+/// After a takeover that did not come from the watcher's request: the watcher hears the
+/// device's presence from this node (a NOTIFY is a target refresh: its next SUBSCRIBE comes
+/// here), or, with `end`, that the subscription ended.
+pub(crate) fn notify_taken_over(inner: &Arc<BridgeInner>, dialog: DialogId, end: bool) {
+    let now = tokio::time::Instant::now().into_std();
+    let Some((device, _, _)) = inner.watchers.with(|s| s.describe(&dialog)) else {
+        return;
+    };
+    let state = if end {
+        "terminated;reason=deactivated".to_string()
+    } else {
+        let left = inner
+            .watchers
+            .with(|s| s.expires_in(&dialog, now))
+            .unwrap_or(0);
+        format!("active;expires={left}")
+    };
+    tokio::spawn(notify(inner.clone(), dialog, device, state));
+}
+
+/// `device` left and did not come back within the grace period. In a cluster
+/// (`deactivate_departed`) its watchers' subscriptions here end with
+/// `terminated;reason=deactivated`: RFC 6665 section 4.2.2's way of moving a subscription
+/// between nodes. The watcher subscribes again at once, and the balancer routes the new
+/// SUBSCRIBE to the device's owner, the node the device reaches (a refresh of the old dialog
+/// would follow its route set back here while this node lives). The watchers heard the device
+/// go (`changed`) already.
+pub(crate) async fn deactivate_departed(inner: &Arc<BridgeInner>, device: &str) {
+    if !inner.config.presence.deactivate_departed || inner.device_online(device) {
+        return;
+    }
+    let now = tokio::time::Instant::now().into_std();
+    let subs = inner.watchers.with(|s| s.of_device(device, now));
+    for (dialog, _) in subs {
+        debug!(
+            device,
+            "subscription deactivated: the device left this node"
+        );
+        tokio::spawn(notify(
+            inner.clone(),
+            dialog,
+            device.to_string(),
+            "terminated;reason=deactivated".to_string(),
+        ));
     }
 }

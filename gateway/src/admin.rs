@@ -32,7 +32,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::shared::NodeShared;
-use thalamus_bridge::dialogs::{early_invite_of, sip_record_of};
+use thalamus_bridge::dialogs::{early_invite_of, sip_record_of, subscription_of};
 use thalamus_bridge::takeover::TakeoverError;
 use thalamus_dialog_store::{DialogKey, StoredDialog};
 
@@ -231,7 +231,11 @@ fn record_json(record: &StoredDialog, held_here: bool) -> Value {
         // An early record (a ringing call, `early-and-confirmed`) holds the INVITE, not a
         // dialog export.
         "early": early_invite_of(record).is_some(),
-        "sip_dialog": sip_record_of(record).ok(),
+        // A SIP watcher's subscription to the device's presence (its dialog inlined below).
+        "subscription": subscription_of(record).is_some(),
+        "sip_dialog": sip_record_of(record)
+            .ok()
+            .or_else(|| subscription_of(record).and_then(Result::ok).map(|s| s.dialog)),
         "media": {"local_sdp": record.media.local_sdp, "remote_sdp": record.media.remote_sdp},
     })
 }

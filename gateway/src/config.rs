@@ -863,6 +863,7 @@ impl Config {
                 watches_per_device: self.sip.presence.watches_per_device,
                 watches_total: self.sip.presence.watches_total,
                 watch_expires: self.sip.presence.watch_expires_secs,
+                deactivate_departed: self.cluster.heartbeat.is_some(),
             },
         }
     }

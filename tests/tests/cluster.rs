@@ -957,3 +957,164 @@ fn a_device_connected_longer_than_the_resume_window_resumes_its_call() {
         tail(&cluster.b.log())
     );
 }
+
+/// Waits until the device's subscription record is in the store, owned by a node for which
+/// `owner` holds, and returns it.
+fn wait_subscription(cluster: &Cluster, what: &str, owner: impl Fn(&str) -> bool) -> Value {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(d) = cluster
+            .stored_dialogs()
+            .into_iter()
+            .find(|d| d["subscription"] == true && owner(d["owner"].as_str().unwrap_or("")))
+        {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the subscription never was {what}: {:?}\nB's log:\n{}",
+            cluster.stored_dialogs(),
+            tail(&cluster.b.log())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until node A sent the watcher its first NOTIFY and the subscription's record is in
+/// the store under A.
+fn wait_subscribed_on_a(cluster: &Cluster) {
+    let deadline = Instant::now() + T;
+    while cluster
+        .a()
+        .metric("thalamus_presence_notifies_total{reason=\"sent\"}")
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "A sent no NOTIFY; A's log:\n{}",
+            tail(&cluster.a().log())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a_id = cluster.a_id.clone();
+    wait_subscription(cluster, "written by A", |o| o == a_id);
+}
+
+/// After the scenario: the subscription ended everywhere (no live record is left), B took it
+/// over, and the NOTIFYs SIPp received were numbered upwards across the two nodes.
+fn assert_subscription_followed(cluster: &Cluster, run: SippProcess) {
+    let (ok, failed, report, messages) = finish(run);
+    assert_eq!(
+        (ok, failed),
+        (1, 0),
+        "{report}\nA's log:\n{}\nB's log:\n{}",
+        cluster
+            .a
+            .as_ref()
+            .map(|a| tail(&a.log()))
+            .unwrap_or_default(),
+        tail(&cluster.b.log())
+    );
+    assert!(
+        cluster.b.log().contains("subscription taken over"),
+        "{}",
+        tail(&cluster.b.log())
+    );
+    let cseqs = received_cseqs(&messages, "NOTIFY");
+    assert!(
+        cseqs.len() >= 3 && cseqs.windows(2).all(|w| w[0] < w[1]),
+        "NOTIFY CSeqs not rising across the nodes: {cseqs:?}"
+    );
+    let deadline = Instant::now() + T;
+    while cluster
+        .stored_dialogs()
+        .iter()
+        .any(|d| d["subscription"] == true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the ended subscription's record is still live"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 18, subscriptions across failover: SIPp watches the device's presence through the
+/// balancer; the device's node (A) is killed; the device resumes on node B, which takes the
+/// subscription over from the store and sends SIPp a NOTIFY (open) unasked, numbered above
+/// A's; SIPp's refresh and unsubscribe, along the route set, are answered by B. Without the
+/// replication the NOTIFY never comes and the refresh gets 481.
+#[test]
+fn a_watcher_s_subscription_follows_the_device_when_its_node_dies() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(1_500);
+    let device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let run = start_sipp("uac_subscribe_follows.xml", cluster.balancer.sip, &[]);
+    wait_subscribed_on_a(&cluster);
+    let _dir = cluster.kill_a();
+    let token = device.token();
+    drop(device);
+    let on_b = DeviceAgent::connect(&cluster.b, &cluster.secret, &token).unwrap();
+    assert!(on_b.welcome.resumed);
+    assert_subscription_followed(&cluster, run);
+}
+
+/// The watcher's refresh reaches the survivor first: SIPp's subscription was accepted by A,
+/// A is killed and the device goes away; SIPp's refresh (after a 4 s pause) is routed by the
+/// balancer to B, which takes the subscription over (UAS mode), answers it, and tells SIPp the
+/// device is closed; SIPp's unsubscribe ends it.
+#[test]
+fn a_watcher_s_refresh_after_its_node_died_is_answered_by_the_survivor() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(1_500);
+    let device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let run = start_sipp(
+        "uac_subscribe_refresh_survivor.xml",
+        cluster.balancer.sip,
+        &["-d", "4000"],
+    );
+    wait_subscribed_on_a(&cluster);
+    let _dir = cluster.kill_a();
+    drop(device);
+    assert_subscription_followed(&cluster, run);
+}
+
+/// A device leaves its node for longer than its grace period (3 s here): SIPp hears it close,
+/// then `terminated;reason=deactivated` (RFC 6665 4.2.2), subscribes again through the
+/// balancer (a new dialog, at the device's owner), hears it closed, and open when the device
+/// comes back; its unsubscribe ends the new subscription.
+#[test]
+fn a_device_that_leaves_its_node_has_its_watchers_subscribe_again() {
+    let _serial = serial();
+    let cluster = Cluster::start_with(1_500, "\n[session]\nresume_window_secs = 3\n");
+    let device = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let run = start_sipp("uac_subscribe_deactivated.xml", cluster.balancer.sip, &[]);
+    wait_subscribed_on_a(&cluster);
+    device.close();
+    // Open, closed, deactivated, and the new subscription's first NOTIFY.
+    let deadline = Instant::now() + T;
+    while cluster
+        .a()
+        .metric("thalamus_presence_notifies_total{reason=\"sent\"}")
+        .unwrap_or(0.0)
+        < 4.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no new subscription; A's log:\n{}",
+            tail(&cluster.a().log())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let back = DeviceAgent::connect(cluster.a(), &cluster.secret, &[]).unwrap();
+    let (ok, failed, report, _) = finish(run);
+    assert_eq!(
+        (ok, failed),
+        (1, 0),
+        "{report}\nA's log:\n{}",
+        tail(&cluster.a().log())
+    );
+    assert!(cluster.a().log().contains("subscription deactivated"));
+    drop(back);
+}
