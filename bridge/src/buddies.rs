@@ -7,7 +7,9 @@
 //! `Unwatch`, or the device's session ending, unsubscribes.
 //!
 //! It does not decide anything about the subscription (the core does), nor serve SIP watchers
-//! of devices (`crate::watchers`). Watches are not replicated (see `crate::buddy_watch`).
+//! of devices (`crate::watchers`). Watches are state of the device's session, not replicated:
+//! they live on the node the device is on, and a device whose session resumes on another node
+//! (its node died) watches again there (docs/protocol.md, `Watch`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -307,9 +309,9 @@ async fn run(
     }
 }
 
-/// Sends one SUBSCRIBE of the watch: out of dialog from the device's address of record (with its
-/// credentials, a challenge answered), with the Call-ID and From tag `ids`, while there is no
-/// dialog; in the dialog afterwards.
+/// Sends one SUBSCRIBE of the watch: out of dialog from the device's address of record, with
+/// the Call-ID and From tag `ids`, while there is no dialog; in the dialog afterwards. Either
+/// way with the device's credentials, a digest challenge answered.
 async fn subscribe(
     inner: Arc<BridgeInner>,
     device: String,
@@ -325,9 +327,16 @@ async fn subscribe(
     ];
     let sent = match &dialog {
         Some(d) => {
+            // A refresh or the unsubscribe: a challenge is answered here too.
             inner
                 .ua
-                .request_in_dialog(d, Method::Subscribe, None, headers)
+                .request_in_dialog_with_auth(
+                    d,
+                    Method::Subscribe,
+                    None,
+                    headers,
+                    inner.credentials(&device),
+                )
                 .await
         }
         None => {

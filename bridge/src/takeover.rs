@@ -606,6 +606,24 @@ pub(crate) async fn verify_ownership(inner: &Arc<BridgeInner>) -> (usize, usize)
     };
     let held = held_dialogs(inner, true);
     let mut dropped = 0;
+    // Subscriptions to devices' presence another node took meanwhile are dropped too (no
+    // NOTIFY: their watchers hear from that node).
+    let subs: Vec<thalamus_sip::dialog::DialogId> = inner
+        .watchers
+        .stored
+        .iter()
+        .map(|e| e.key().clone())
+        .collect();
+    for dialog in &subs {
+        let key = crate::dialogs::key_of_dialog(dialog);
+        let Ok(Some(record)) = bounded(inner, "reading the dialog", store.get(&key)).await else {
+            continue;
+        };
+        if !owned_here(inner, &record) {
+            info!(dialog = %key, owner = %record.owner, "a subscription this node held was taken over elsewhere while it was out: dropping it here");
+            crate::watchers::lost(inner, dialog).await;
+        }
+    }
     for (key, call) in &held {
         let Ok(Some(record)) = bounded(inner, "reading the dialog", store.get(key)).await else {
             continue;

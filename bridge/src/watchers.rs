@@ -243,15 +243,28 @@ async fn notify_once(
     device: &str,
     state: String,
 ) -> bool {
-    // The local CSeqs written ahead run out: written again (further ahead) first.
-    let spent = inner
-        .watchers
-        .stored
-        .get(dialog)
-        .is_some_and(|r| r.notifies_left == Some(0));
-    if spent && persist(inner, dialog).await == Persisted::Lost {
-        lost(inner, dialog).await;
-        return true;
+    // The local CSeqs written ahead run out: written again (further ahead) first. And a node
+    // whose fence is closed (it was frozen or cut off: another node may have taken the
+    // subscription) sends only once a write proves the subscription is still its own.
+    let stored = inner.watchers.stored.get(dialog).map(|r| *r);
+    let fenced = stored.is_some()
+        && inner
+            .fence
+            .as_ref()
+            .is_some_and(|f| f.may_act(tokio::time::Instant::now().into_std()).is_err());
+    if fenced || stored.is_some_and(|r| r.notifies_left == Some(0)) {
+        match persist(inner, dialog).await {
+            Persisted::Lost => {
+                lost(inner, dialog).await;
+                return true;
+            }
+            Persisted::Failed if fenced => {
+                debug!("NOTIFY not sent: this node may not act on the subscription now");
+                inc(&inner.metrics.presence_notifies, "fenced");
+                return false;
+            }
+            _ => {}
+        }
     }
     if let Some(mut r) = inner.watchers.stored.get_mut(dialog) {
         r.notifies_left = r.notifies_left.map(|n| n.saturating_sub(1));
@@ -356,10 +369,12 @@ pub(crate) async fn expire(inner: Arc<BridgeInner>) {
 /// How a subscription's record write went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Persisted {
-    /// The store has it (or took too long to say: the next write tries again).
+    /// The store has it.
     Written,
     /// Another node claimed the subscription: this node must stop acting on it.
     Lost,
+    /// The store refused it or took too long to say (the next write tries again).
+    Failed,
     /// Nothing written: no store, the subscription is gone, or the queue is full.
     Skipped,
 }
@@ -426,12 +441,13 @@ async fn persist(inner: &Arc<BridgeInner>, dialog: &DialogId) -> Persisted {
         return Persisted::Skipped;
     };
     match tokio::time::timeout(inner.config.takeover_timeout, ack).await {
+        Ok(Ok(Ok(_))) => Persisted::Written,
         Ok(Ok(Err(StoreError::Conflict { .. }))) => Persisted::Lost,
         Ok(Ok(Err(e))) => {
             debug!(error = %e, "subscription record not written");
-            Persisted::Written
+            Persisted::Failed
         }
-        _ => Persisted::Written,
+        _ => Persisted::Failed,
     }
 }
 

@@ -789,6 +789,19 @@ impl UserAgent {
         body: Body,
         extra: Vec<(HeaderName, String)>,
     ) -> Result<ClientCall, UaError> {
+        let (request, destination) = self.dialog_request(dialog, method, body, extra).await?;
+        self.send(request, Some(destination)).await
+    }
+
+    /// The next request of `method` in `dialog` (the dialog's next CSeq), with a body and extra
+    /// header fields, and where it goes.
+    async fn dialog_request(
+        &self,
+        dialog: &DialogId,
+        method: Method,
+        body: Body,
+        extra: Vec<(HeaderName, String)>,
+    ) -> Result<(Request, Peer), UaError> {
         let (mut request, next_hop) = self
             .command(|reply| Command::DialogRequest {
                 dialog: dialog.clone(),
@@ -803,7 +816,114 @@ impl UserAgent {
             request.headers.push(name, value);
         }
         let destination = self.resolve_uri(&next_hop).await?;
-        self.send(request, Some(destination)).await
+        Ok((request, destination))
+    }
+
+    /// [`UserAgent::request_in_dialog`], answering a digest challenge (401 or 407, at most two
+    /// rounds) with `credentials`, as [`UserAgent::send_with_auth`] does outside a dialog: the
+    /// request goes again as the dialog's next request (a new CSeq from the dialog, so later
+    /// requests keep counting up) with the answer. A challenge the credentials are not for is
+    /// passed up as the final response. Without credentials it is `request_in_dialog`.
+    pub async fn request_in_dialog_with_auth(
+        &self,
+        dialog: &DialogId,
+        method: Method,
+        body: Body,
+        extra: Vec<(HeaderName, String)>,
+        credentials: Option<DigestAuth>,
+    ) -> Result<ClientCall, UaError> {
+        let first = self
+            .request_in_dialog(dialog, method.clone(), body.clone(), extra.clone())
+            .await?;
+        let Some(auth) = credentials else {
+            return Ok(first);
+        };
+        let (tx, rx) = mpsc::channel(32);
+        let current = first.current.clone();
+        let call = ClientCall {
+            key: first.key,
+            current: current.clone(),
+            request: first.request.clone(),
+            destination: first.destination,
+            events: rx,
+        };
+        let ua = self.clone();
+        let dialog = dialog.clone();
+        tokio::spawn(async move {
+            let mut digest =
+                crate::digest::DigestClient::new(auth.username.clone(), auth.password.clone());
+            let mut inner = first;
+            let mut rounds = 0;
+            while let Some(event) = inner.events.recv().await {
+                let challenge = match &event {
+                    ClientEvent::Response { response, .. }
+                        if matches!(response.status, 401 | 407) && rounds < 2 =>
+                    {
+                        response.clone()
+                    }
+                    ClientEvent::Response { response, .. } if response.status < 200 => {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    _ => {
+                        let _ = tx.send(event).await;
+                        return;
+                    }
+                };
+                rounds += 1;
+                let next = match ua
+                    .dialog_request(&dialog, method.clone(), body.clone(), extra.clone())
+                    .await
+                {
+                    Ok((mut request, destination)) => {
+                        match answer_challenge(
+                            &mut digest,
+                            &auth,
+                            &request,
+                            destination.addr,
+                            &challenge,
+                        ) {
+                            Ok((name, value)) => {
+                                request.headers.push(name, value);
+                                Some((request, destination))
+                            }
+                            Err(e) => {
+                                debug!(error = %e, "cannot answer the challenge");
+                                None
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "the dialog's next request not built");
+                        None
+                    }
+                };
+                let Some((request, destination)) = next else {
+                    let _ = tx
+                        .send(ClientEvent::Response {
+                            response: challenge,
+                            dialog: None,
+                        })
+                        .await;
+                    return;
+                };
+                match ua.send(request, Some(destination)).await {
+                    Ok(again) => {
+                        if let Ok(mut k) = current.lock() {
+                            *k = again.key;
+                        }
+                        inner = again;
+                    }
+                    Err(_) => {
+                        let _ = tx.send(ClientEvent::TransportError).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(call)
     }
 
     /// Exports `dialog` for replication.
@@ -1013,6 +1133,28 @@ fn authorize(
     next_hop: SocketAddr,
     challenge: &Response,
 ) -> Result<Request, UaError> {
+    let (answer_header, credentials) =
+        answer_challenge(digest, auth, request, next_hop, challenge)?;
+    let mut next = request.clone();
+    next.headers.remove(&HeaderName::Via);
+    next.headers.remove(&answer_header);
+    next.headers.push(answer_header, credentials);
+    let cseq = request.headers.cseq()?;
+    next.headers
+        .set_cseq(&CSeq::new(cseq.seq.saturating_add(1), cseq.method));
+    Ok(next)
+}
+
+/// The header field answering `challenge` (a 401 or 407) for `request`, going to `next_hop`:
+/// `Authorization` or `Proxy-Authorization`, and its value. An error when the credentials may
+/// not answer it (another realm or host: [`DigestAuth::refuses`]) or it cannot be read.
+fn answer_challenge(
+    digest: &mut crate::digest::DigestClient,
+    auth: &DigestAuth,
+    request: &Request,
+    next_hop: SocketAddr,
+    challenge: &Response,
+) -> Result<(HeaderName, String), UaError> {
     let (challenge_header, answer_header) = if challenge.status == 407 {
         (
             HeaderName::ProxyAuthenticate,
@@ -1046,14 +1188,7 @@ fn authorize(
     let credentials = digest
         .respond_to_headers(values.iter().map(String::as_str), &digest_request)
         .map_err(|e| UaError::Auth(e.to_string()))?;
-    let mut next = request.clone();
-    next.headers.remove(&HeaderName::Via);
-    next.headers.remove(&answer_header);
-    next.headers.push(answer_header, credentials.to_string());
-    let cseq = request.headers.cseq()?;
-    next.headers
-        .set_cseq(&CSeq::new(cseq.seq.saturating_add(1), cseq.method));
-    Ok(next)
+    Ok((answer_header, credentials.to_string()))
 }
 
 impl From<crate::message::HeaderError> for UaError {

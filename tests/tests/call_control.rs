@@ -493,6 +493,45 @@ fn a_device_watches_a_sip_buddy_and_hears_its_presence_change() {
     );
 }
 
+/// The buddy's presence server challenges the watch's refresh and its unsubscribe (401): the
+/// gateway answers each with the device's credentials (SIPp verifies them), as the dialog's
+/// next request, and the watch goes on until the device unwatches.
+#[test]
+fn a_watch_answers_a_challenge_to_its_refresh_and_unsubscribe() {
+    let gw = Gateway::start(
+        "[sip.auth]\nusername = \"alice\"\npassword = \"wonderland\"\nhosts = [\"127.0.0.1\"]\n",
+    )
+    .unwrap();
+    let secret = gw.add_device("watcher").unwrap();
+    let (server, port) = sipp_server(&[
+        "-sf",
+        &scenario("uas_presence_server_digest.xml"),
+        "-m",
+        "1",
+    ]);
+    let bob = format!("sip:bob@127.0.0.1:{port}");
+    let mut sim = sim_as(
+        "watch",
+        login_args(&gw, "watcher", &secret),
+        &["--target", &bob, "--for-ms", "6000"],
+    );
+    let active = sim.wait_event("watch_status", T).unwrap();
+    assert_eq!(active["active"], true, "{active}");
+    let first = sim.wait_event("presence_update", T).unwrap();
+    assert_eq!(first["note"], "refresh soon", "{first}");
+    // The refresh, challenged and answered, brings the next NOTIFY.
+    let refreshed = sim.wait_event("presence_update", T).unwrap();
+    assert_eq!(refreshed["note"], "refreshed", "{refreshed}");
+    let ended = sim.wait_event("watch_status", T).unwrap();
+    assert_eq!(
+        (ended["active"].as_bool(), ended["reason"].as_str()),
+        (Some(false), Some("unwatched")),
+        "{ended}"
+    );
+    let outcome = server.wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+}
+
 #[test]
 fn a_sip_peer_transfers_the_device_to_a_buddy() {
     let gw = Gateway::start("").unwrap();
