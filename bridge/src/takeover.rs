@@ -28,6 +28,11 @@
 //!   CANCEL reaching this node (`unknown_cancel`) continue it. A record that rang out, or that
 //!   cannot be adopted, is ended instead.
 //!
+//! - **Presence subscriptions** (a SIP watcher's subscription to a device, a record of
+//!   `crate::dialogs::SUBSCRIPTION_FORMAT`): claimed the same way (`adopt_subscription`) on the
+//!   watcher's request, or when the device comes online here (`claim_subscriptions`), and
+//!   continued by `crate::watchers`.
+//!
 //! After the takeover of an answered call the call re-INVITEs the peer with this node's media
 //! address (see [`crate::call`]); an adopted ringing call answers with it. Conflict notices from the replicator (`drop_lost_dialogs`) tell a
 //! node that another one took its dialog over; the call is dropped without a BYE.
