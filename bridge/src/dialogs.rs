@@ -120,6 +120,11 @@ pub struct CallAppData {
     /// keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_timer: Option<StoredTimer>,
+    /// The device's transfer in progress (its REFER sent, or accepted and not yet reported
+    /// done): the request id its progress is reported under, so a node that takes the call over
+    /// passes the transferee's NOTIFYs on to the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<u64>,
 }
 
 /// A session timer as a record keeps it.
@@ -464,6 +469,7 @@ mod tests {
                     gateway_refreshes: true,
                     refreshed_ms: Some(1_700_000_002_000),
                 }),
+                transfer: Some(9),
             }),
         }
     }

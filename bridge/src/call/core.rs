@@ -991,6 +991,8 @@ impl CallCore {
         core.continue_record(record, app.as_ref(), previous_owner);
         core.held = app.as_ref().is_some_and(|a| a.held);
         core.timer_restored = app.as_ref().and_then(|a| a.session_timer);
+        // The device's transfer in progress: the transferee's NOTIFYs reach this node now.
+        core.transfer = app.as_ref().and_then(|a| a.transfer);
         if let Ok(local) = SessionDescription::parse(&record.media.local_sdp) {
             core.device_media = Some(media_sdp::media_offer(&local));
             core.sdp = SdpSession::from_previous(local);
@@ -1527,12 +1529,15 @@ impl CallCore {
             }
             ClientOutcome::Response { status, reason, .. } => {
                 self.transfer_status(request_id, u32::from(status), &reason, true);
+                self.replicate();
             }
             ClientOutcome::Timeout => {
                 self.transfer_status(request_id, 408, "the REFER was not answered", true);
+                self.replicate();
             }
             ClientOutcome::Failed(why) => {
                 self.transfer_status(request_id, 0, &format!("REFER not sent: {why}"), true);
+                self.replicate();
             }
         }
     }
@@ -1595,6 +1600,10 @@ impl CallCore {
             self.push(CallAction::Note("transfer completed: the call ends"));
             self.transferred = true;
             self.start_bye(EndReason::Normal);
+        } else if done && self.transfer.is_none() {
+            // The transfer failed and the call goes on: its record no longer says a transfer
+            // is in progress.
+            self.replicate();
         }
     }
 
@@ -1828,8 +1837,21 @@ impl CallCore {
                     gateway_refreshes: t.negotiated().we_refresh,
                     refreshed_ms: self.wall_ms_at(t.refreshed_at()),
                 }),
+                transfer: self.transfer_in_progress(),
             }),
         }
+    }
+
+    /// The device's transfer in progress: accepted, or its REFER on the way (written ahead of
+    /// it).
+    fn transfer_in_progress(&self) -> Option<u64> {
+        self.transfer.or(match &self.pending {
+            Some(Pending {
+                op: Op::Refer { request_id, .. },
+                ..
+            }) => Some(*request_id),
+            _ => None,
+        })
     }
 
     /// Hands the confirmed dialog's record to the replicator.

@@ -1036,6 +1036,7 @@ fn stored(held: bool) -> StoredDialog {
             answered_ms: Some(1_700_000_002_000),
             owners: vec!["node-0".into()],
             session_timer: None,
+            transfer: None,
         }
         .encode(),
     );
@@ -1524,6 +1525,7 @@ fn early_record() -> StoredDialog {
             answered_ms: None,
             owners: Vec::new(),
             session_timer: None,
+            transfer: None,
         }
         .encode(),
     );
@@ -2898,4 +2900,123 @@ fn a_transfer_works_after_a_takeover_both_ways() {
     let a = drain(&mut core);
     assert_eq!(responses(&a), vec![(stx(9), 202)]);
     assert_eq!(place_transfers(&a).len(), 1);
+}
+
+/// The device's transfer in flight when its node dies: the REFER's write ahead says a transfer
+/// is in progress (with the Transfer's request id); the node that takes the call over passes
+/// the transferee's NOTIFYs on to the device under that id, and its success ends the call. A
+/// transfer that failed is written as over, so the next node takes a new one.
+#[test]
+fn a_device_s_transfer_in_flight_survives_a_takeover() {
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, true, &peer_sdp(1, true, "sendrecv"));
+    drain(&mut core);
+    let transfer = Body::Transfer(thalamus_proto::v1::Transfer {
+        call_ref: 7,
+        target: "sip:carol@example.org".into(),
+        replaces_call_ref: 0,
+    });
+    core.handle(t0, CallInput::Device(9, transfer.clone()));
+    let a = drain(&mut core);
+    let facts = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::WriteAhead(f) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("the REFER is written ahead");
+    assert_eq!(facts.app_data.as_ref().and_then(|d| d.transfer), Some(9));
+    // The node dies once its REFER was accepted. Another takes the call over from that record.
+    let mut record = stored(false);
+    record.app_data = facts.app_data.as_ref().map(CallAppData::encode);
+    let mut taken = CallCore::taken_over(
+        key(),
+        settings(true),
+        42,
+        ClaimedDialog {
+            record: &record,
+            remote_uri: "sip:bob@example.org".into(),
+            uac: true,
+            dialog: dialog(),
+            trigger: TakeoverTrigger::Request {
+                method: Method::Notify,
+                arrived: t0,
+            },
+            previous_owner: "gw-1".into(),
+        },
+    );
+    drain(&mut taken);
+    taken.relay_started(t0, Some(RELAY));
+    drain(&mut taken);
+    // A new transfer is refused while this one runs.
+    taken.handle(t0, CallInput::Device(10, transfer.clone()));
+    assert_eq!(errors(&drain(&mut taken)).len(), 1);
+    taken.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(5),
+            Box::new(notify("SIP/2.0 180 Ringing\r\n", "active;expires=60")),
+        ),
+    );
+    let a = drain(&mut taken);
+    assert_eq!(responses(&a), vec![(stx(5), 200)]);
+    assert_eq!(transfer_statuses(&a), vec![(9, 180, false)]);
+    // Then the media moves here (the re-INVITE after a takeover).
+    assert!(a.iter().any(|x| matches!(x, CallAction::WriteAhead(_))));
+    taken.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let media = sent_in_dialog(&drain(&mut taken));
+    assert_eq!(media[0].1, Method::Invite);
+    taken.handle(
+        t0,
+        CallInput::Client(
+            media[0].0,
+            response(200, &peer_sdp(2, true, "sendrecv"), None),
+        ),
+    );
+    drain(&mut taken);
+    taken.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(6),
+            Box::new(notify("SIP/2.0 200 OK\r\n", "terminated;reason=noresource")),
+        ),
+    );
+    let a = drain(&mut taken);
+    assert_eq!(transfer_statuses(&a), vec![(9, 200, true)]);
+    let bye = if a.iter().any(|x| matches!(x, CallAction::WriteAhead(_))) {
+        taken.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+        sent_in_dialog(&drain(&mut taken))
+    } else {
+        sent_in_dialog(&a)
+    };
+    assert!(
+        bye.iter().any(|b| b.1 == Method::Bye),
+        "the transferred call ends: {bye:?}"
+    );
+
+    // On the first node, a transfer that fails is written as over.
+    core.handle(t0, CallInput::WriteAheadDone(WriteAhead::Written));
+    let refer = sent_in_dialog(&drain(&mut core));
+    core.handle(t0, CallInput::Client(refer[0].0, response(202, "", None)));
+    drain(&mut core);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(
+            stx(7),
+            Box::new(notify(
+                "SIP/2.0 486 Busy Here\r\n",
+                "terminated;reason=noresource",
+            )),
+        ),
+    );
+    let a = drain(&mut core);
+    assert_eq!(transfer_statuses(&a), vec![(9, 486, true)]);
+    let rewritten = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::Replicate(f) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("the record is written again");
+    assert_eq!(rewritten.app_data.as_ref().and_then(|d| d.transfer), None);
 }
