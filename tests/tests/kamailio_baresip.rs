@@ -339,7 +339,9 @@ fn read_netstrings(mut stream: TcpStream, tx: mpsc::Sender<Value>) {
 }
 
 impl Baresip {
-    fn start(kamailio_port: u16) -> anyhow::Result<Self> {
+    /// Starts baresip registered through Kamailio, with `contacts` as its address book (one
+    /// contact per line; `;presence=p2p` makes baresip watch it).
+    fn start(kamailio_port: u16, contacts: &str) -> anyhow::Result<Self> {
         let bin = peer_binary("baresip", "baresip-core");
         ensure!(
             Path::new("/usr/lib/baresip/modules/ctrl_tcp.so").is_file(),
@@ -347,7 +349,7 @@ impl Baresip {
         );
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(&bin, kamailio_port) {
+            match Self::try_start(&bin, kamailio_port, contacts) {
                 Ok(b) => return Ok(b),
                 Err(e) => last_error = Some(e),
             }
@@ -355,7 +357,7 @@ impl Baresip {
         Err(last_error.unwrap())
     }
 
-    fn try_start(bin: &Path, kamailio_port: u16) -> anyhow::Result<Self> {
+    fn try_start(bin: &Path, kamailio_port: u16, contacts: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let sip_port = free_udp_tcp_port()?;
         let ctrl_port = {
@@ -373,6 +375,8 @@ impl Baresip {
             dir.path().join("accounts"),
             render("baresip/accounts", &[("KAMAILIO_PORT", kamailio_port)])?,
         )?;
+        // Always written: without it baresip's contact module writes an example address book.
+        std::fs::write(dir.path().join("contacts"), contacts)?;
         let mut child = Command::new(bin)
             .arg("-f")
             .arg(dir.path())
@@ -495,7 +499,7 @@ impl Peers {
     /// Starts Kamailio, baresip and a gateway whose device has `device_password`.
     fn start(device_password: &str) -> anyhow::Result<Self> {
         let kamailio = Kamailio::start().context("starting Kamailio")?;
-        let baresip = Baresip::start(kamailio.port).context("starting baresip")?;
+        let baresip = Baresip::start(kamailio.port, "").context("starting baresip")?;
         let kport = kamailio.port;
         let gateway = Gateway::start(&format!(
             "[sip]\n\
@@ -855,6 +859,94 @@ impl Peers {
             "{ended}"
         );
         Ok(())
+    }
+}
+
+/// baresip watches the device's presence (its presence module subscribes to an address book
+/// entry marked `;presence=p2p`): the SUBSCRIBE goes through Kamailio (challenged, answered
+/// with baresip's credentials) to the gateway that registered the device there; the gateway's
+/// NOTIFY says open (baresip's address book shows the device online), and once the device
+/// says it is busy, busy (baresip logs the change).
+#[test]
+fn baresip_watches_the_device_s_presence() {
+    let run = || -> anyhow::Result<()> {
+        let kamailio = Kamailio::start().context("starting Kamailio")?;
+        let kport = kamailio.port;
+        let gateway = Gateway::start(&format!(
+            "[sip]\n\
+             domain = \"{DOMAIN}\"\n\
+             outbound_proxy = \"sip:127.0.0.1:{kport};lr\"\n\
+             registrar = {{ uri = \"sip:127.0.0.1:{kport}\", domain = \"{DOMAIN}\", expires_secs = 300 }}\n\
+             \n\
+             [devices.{DEVICE}.auth]\n\
+             username = \"{DEVICE}\"\n\
+             password = \"{DEVICE_PASSWORD}\"\n"
+        ))
+        .context("starting the gateway")?;
+        let secret = gateway.add_device(DEVICE)?;
+        let mut device = Sim::connect(&gateway, DEVICE, &secret, &[])?;
+        device.wait_event("welcome", T)?;
+        // Online and registered at Kamailio before baresip subscribes (it retries a failed
+        // subscription only after 30 s).
+        wait_text(
+            "\"registered upstream\" in the gateway's log",
+            T,
+            || gateway.log(),
+            |log| log.contains("registered upstream"),
+        )?;
+        let aor = format!("sip:{DEVICE}@{DOMAIN}");
+        let mut baresip = Baresip::start(kport, &format!("\"Device\" <{aor}>;presence=p2p\n"))
+            .context("starting baresip")?;
+        let logs = |b: &Baresip| {
+            format!(
+                "--- Kamailio:\n{}\n--- baresip:\n{}\n--- gateway:\n{}",
+                kamailio.output.text(),
+                b.output.text(),
+                gateway.log()
+            )
+        };
+        // The gateway's NOTIFY says open: baresip's address book shows the device online.
+        let deadline = Instant::now() + T;
+        loop {
+            let listed = baresip.command("contacts", "")?;
+            let text = listed["data"].as_str().unwrap_or_default().to_string();
+            if text.contains(DEVICE) && text.contains("Online") {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "baresip never saw the device online: {text}\n{}",
+                logs(&baresip)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ensure!(
+            kamailio
+                .output
+                .contains(&|l: &str| l.contains("relaying SUBSCRIBE to sip:dev1@"))
+                .is_some(),
+            "the SUBSCRIBE did not go through Kamailio\n{}",
+            logs(&baresip)
+        );
+        // The device says it is busy: the next NOTIFY says so (an RPID activity).
+        let mut busy = Sim::connect(&gateway, DEVICE, &secret, &["--presence", "busy"])?;
+        busy.wait_event("welcome", T)?;
+        baresip
+            .output
+            .wait_line("baresip logging the device busy", T, |l| {
+                l.contains(&aor) && l.contains("changed status") && l.contains("Busy")
+            })
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&baresip)))?;
+        device.proc.kill();
+        ensure!(
+            gateway.metric("thalamus_presence_notifies_total{reason=\"sent\"}")? >= 2.0,
+            "{}",
+            logs(&baresip)
+        );
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("{e:#}");
     }
 }
 
