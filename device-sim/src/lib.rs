@@ -1,7 +1,7 @@
 //! thalamus-sim: simulated devices and SIP buddies for tests, demos and load runs.
 //!
-//! `quic` sets up the client side of QUIC/TLS (certificate pinning), `device` is one MBFP
-//! connection, `events` renders what the gateway sends, and `connect` is the long-running
+//! `quic` (QUIC/TLS client set-up, certificate pinning) and `device` (one MBFP connection) are
+//! the device SDK's (`thalamus-device`), `events` renders what the gateway sends, and `connect` is the long-running
 //! single-device command; `swarm` holds many devices at once. On the SIP side, `buddy`
 //! is a user agent that plays the remote party and `sipcall` places calls at a rate. `load`
 //! drives many devices placing or answering calls at a rate, on devices made by `provision`;
@@ -11,11 +11,15 @@
 pub mod buddy;
 pub mod calls;
 pub mod connect;
-pub mod device;
 pub mod events;
 pub mod load;
 pub mod media;
 pub mod provision;
-pub mod quic;
 pub mod sipcall;
+
+/// One MBFP connection (`thalamus_device::connection`): the simulator's devices are devices of
+/// the device SDK.
+pub use thalamus_device::connection as device;
+/// QUIC client set-up (`thalamus_device::quic`).
+pub use thalamus_device::quic;
 pub mod swarm;
