@@ -116,13 +116,6 @@ impl std::fmt::Debug for Command {
 impl Client {
     /// Starts the device: its session connects at once. Must be called in a tokio runtime.
     pub fn start(config: ClientConfig) -> Result<(Client, ClientEvents), ClientError> {
-        let mut endpoint = quinn::Endpoint::client(
-            "0.0.0.0:0"
-                .parse()
-                .map_err(|_| ClientError::Endpoint(std::io::Error::other("bad bind address")))?,
-        )
-        .map_err(ClientError::Endpoint)?;
-        endpoint.set_default_client_config(config.quic.clone());
         let (commands, rx) = mpsc::channel(64);
         let (events_tx, events) = mpsc::channel(config.event_buffer.max(1));
         let (datagrams_tx, datagrams) = mpsc::channel(config.datagram_buffer.max(1));
@@ -131,7 +124,11 @@ impl Client {
         let session = DeviceSession::new(config.session.clone(), config.seed);
         let driver = Driver {
             session,
-            endpoint,
+            endpoints: Arc::new(std::sync::Mutex::new(Endpoints {
+                quic: config.quic.clone(),
+                v4: None,
+                v6: None,
+            })),
             server_name: config.server_name.clone(),
             events: events_tx,
             datagrams: datagrams_tx,
@@ -250,9 +247,36 @@ impl Client {
 
 type Opening = Pin<Box<dyn Future<Output = Result<DeviceConnection, String>> + Send>>;
 
+/// The client's QUIC endpoints, one per address family, made when first needed.
+struct Endpoints {
+    quic: quinn::ClientConfig,
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Endpoints {
+    fn for_addr(&mut self, addr: std::net::SocketAddr) -> Result<quinn::Endpoint, String> {
+        let slot = if addr.is_ipv4() {
+            &mut self.v4
+        } else {
+            &mut self.v6
+        };
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let e = crate::quic::client_endpoint(addr, self.quic.clone()).map_err(|e| e.to_string())?;
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+
+    fn all(&self) -> Vec<quinn::Endpoint> {
+        self.v4.iter().chain(self.v6.iter()).cloned().collect()
+    }
+}
+
 struct Driver {
     session: DeviceSession,
-    endpoint: quinn::Endpoint,
+    endpoints: Arc<std::sync::Mutex<Endpoints>>,
     server_name: String,
     events: mpsc::Sender<Event>,
     datagrams: mpsc::Sender<Bytes>,
@@ -263,14 +287,14 @@ struct Driver {
 /// What woke the driver.
 enum Step {
     Opened(Result<DeviceConnection, String>),
-    Frame(Result<thalamus_proto::v1::Envelope, String>),
+    Frame(Result<thalamus_proto::v1::Envelope, crate::connection::DeviceError>),
     Datagram(Result<Bytes, String>),
     Command(Option<Command>),
     Timeout,
 }
 
 async fn open(
-    endpoint: quinn::Endpoint,
+    endpoints: Arc<std::sync::Mutex<Endpoints>>,
     address: String,
     server_name: String,
 ) -> Result<DeviceConnection, String> {
@@ -279,6 +303,10 @@ async fn open(
         .map_err(|e| format!("resolving {address}: {e}"))?
         .next()
         .ok_or_else(|| format!("{address} resolves to nothing"))?;
+    let endpoint = endpoints
+        .lock()
+        .map_err(|_| "endpoints poisoned".to_string())?
+        .for_addr(addr)?;
     DeviceConnection::connect(&endpoint, addr, &server_name)
         .await
         .map_err(|e| e.to_string())
@@ -305,7 +333,7 @@ impl Driver {
                         }
                         self.set_connection(None);
                         opening = Some(Box::pin(open(
-                            self.endpoint.clone(),
+                            self.endpoints.clone(),
                             address,
                             self.server_name.clone(),
                         )));
@@ -345,7 +373,10 @@ impl Driver {
                     c.conn.close(0u32.into(), b"closed");
                 }
                 self.set_connection(None);
-                self.endpoint.wait_idle().await;
+                let endpoints = self.endpoints.lock().map(|e| e.all()).unwrap_or_default();
+                for endpoint in endpoints {
+                    endpoint.wait_idle().await;
+                }
                 if let Some(done) = closing.take() {
                     let _ = done.send(());
                 }
@@ -391,9 +422,31 @@ impl Driver {
                 }
                 Step::Frame(Ok(env)) => self.session.frame(now, env),
                 Step::Frame(Err(e)) => {
+                    // The gateway's close code says whether to stop (replaced, refused), even
+                    // when the frame saying so did not arrive; it may follow the stream's end.
+                    let code = match (e.close_code(), conn.as_ref()) {
+                        (Some(code), _) => Some(code),
+                        (None, Some(c)) => tokio::time::timeout(
+                            std::time::Duration::from_millis(500),
+                            c.conn.closed(),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|reason| {
+                            crate::connection::DeviceError::from(reason).close_code()
+                        }),
+                        (None, None) => None,
+                    };
                     conn = None;
                     self.set_connection(None);
-                    self.session.connection_lost(now, e);
+                    match code.and_then(|c| u32::try_from(c).ok()) {
+                        Some(code) => self.session.connection_closed(
+                            now,
+                            code,
+                            format!("{e} (close code {code})"),
+                        ),
+                        None => self.session.connection_lost(now, e.to_string()),
+                    }
                 }
                 Step::Datagram(Ok(bytes)) => {
                     if self.datagrams.try_send(bytes).is_err() {
@@ -418,9 +471,9 @@ impl Driver {
 
 async fn futures_frame(
     reader: Option<&mut crate::connection::FrameReader>,
-) -> Result<thalamus_proto::v1::Envelope, String> {
+) -> Result<thalamus_proto::v1::Envelope, crate::connection::DeviceError> {
     match reader {
-        Some(r) => r.next().await.map_err(|e| e.to_string()),
+        Some(r) => r.next().await,
         None => std::future::pending().await,
     }
 }

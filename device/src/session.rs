@@ -99,8 +99,13 @@ pub enum Event {
     Connecting {
         /// Where.
         address: String,
-        /// Attempts since the last session went live (1 for the first).
+        /// Connections opened since the last session went live (1 for the first).
         attempt: u32,
+    },
+    /// The connection is open; the login goes.
+    Connected {
+        /// Where.
+        address: String,
     },
     /// The session is live (a new one, or the previous one resumed: `welcome.resumed`, with
     /// the calls that survived in `welcome.live_calls`).
@@ -116,8 +121,15 @@ pub enum Event {
     Disconnected {
         /// Why.
         reason: String,
+        /// The QUIC application close code the gateway closed the connection with
+        /// (docs/protocol.md section 5), when it did.
+        close_code: Option<u32>,
+        /// Failed attempts in a row (1 after a live session was lost).
+        attempt: u32,
         /// When it tries again.
         retry_in: Option<Duration>,
+        /// Where it tries again.
+        next: Option<String>,
     },
     /// The gateway refused the login (bad credentials, unknown device): the session stopped.
     Refused {
@@ -127,10 +139,25 @@ pub enum Event {
         message: String,
     },
     /// A frame for the application: a call event, an incoming call, a text, an error answering
-    /// one of its requests, a presence update...
+    /// one of its requests (or the login), a `Goodbye`, the `Pong` answering a keepalive, a
+    /// presence update... (not `Ping`, `ResumeToken`, the login's `Welcome` or a `Redirect`,
+    /// which the session handles).
     Frame(Box<Envelope>),
-    /// The session is over (closed by the application, refused, or replaced by another login).
-    Closed,
+    /// The session is over, and why.
+    Closed(ClosedBy),
+}
+
+/// Why a session is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBy {
+    /// The application closed it.
+    Application,
+    /// The gateway refused the credentials.
+    Unauthenticated,
+    /// Another login of the same device replaced it.
+    Replaced,
+    /// There is nowhere to connect.
+    NoEntryPoint,
 }
 
 /// Why a command was not sent.
@@ -333,6 +360,9 @@ impl DeviceSession {
         let State::Connecting { deadline } = self.state else {
             return;
         };
+        self.push_event(Event::Connected {
+            address: self.address.clone(),
+        });
         let hello = Hello {
             device_id: self.config.device_id.clone(),
             credential: self.config.credential.clone(),
@@ -355,7 +385,33 @@ impl DeviceSession {
         ) {
             return;
         }
-        self.lost(now, reason.into());
+        self.lost_with(now, reason.into(), None);
+    }
+
+    /// The gateway closed the connection with QUIC application close `code`: a session that
+    /// was replaced, or whose credentials were refused, stops (even when the frame saying so
+    /// did not arrive); any other close is a loss.
+    pub fn connection_closed(&mut self, now: Instant, code: u32, reason: impl Into<String>) {
+        if matches!(
+            self.state,
+            State::Closed | State::Idle | State::Backoff { .. }
+        ) {
+            return;
+        }
+        let reason = reason.into();
+        match code {
+            thalamus_proto::close_code::REPLACED => {
+                self.finish(reason, Some(code), ClosedBy::Replaced);
+            }
+            thalamus_proto::close_code::UNAUTHENTICATED => {
+                self.push_event(Event::Refused {
+                    code: ErrorCode::Unauthenticated as i32,
+                    message: reason.clone(),
+                });
+                self.finish(reason, Some(code), ClosedBy::Unauthenticated);
+            }
+            _ => self.lost_with(now, reason, Some(code)),
+        }
     }
 
     /// A frame from the gateway.
@@ -388,7 +444,7 @@ impl DeviceSession {
             self.actions.push_back(Action::Disconnect);
         }
         self.state = State::Closed;
-        self.push_event(Event::Closed);
+        self.push_event(Event::Closed(ClosedBy::Application));
     }
 
     /// Sends any request `body` in the live session; returns its request id.
@@ -582,16 +638,27 @@ impl DeviceSession {
                 }
             }
             Some(Body::Error(e)) if e.code == ErrorCode::Unauthenticated as i32 => {
+                self.push_event(Event::Frame(Box::new(Envelope {
+                    request_id: env.request_id,
+                    body: Some(Body::Error(e.clone())),
+                })));
                 self.actions.push_back(Action::Disconnect);
                 self.push_event(Event::Refused {
                     code: e.code,
-                    message: e.message,
+                    message: e.message.clone(),
                 });
-                self.state = State::Closed;
-                self.push_event(Event::Closed);
+                self.finish(
+                    format!("login refused: {}", e.message),
+                    None,
+                    ClosedBy::Unauthenticated,
+                );
             }
             Some(Body::Error(e)) => {
                 // Any other refusal of the login (rate limited, busy, a limit): try again later.
+                self.push_event(Event::Frame(Box::new(Envelope {
+                    request_id: env.request_id,
+                    body: Some(Body::Error(e.clone())),
+                })));
                 self.actions.push_back(Action::Disconnect);
                 self.lost(now, format!("login refused: {}", e.message));
             }
@@ -599,8 +666,13 @@ impl DeviceSession {
                 self.send_body(Body::Pong(Pong { nonce: p.nonce }));
             }
             Some(Body::Goodbye(g)) => {
+                let message = g.message.clone();
+                self.push_event(Event::Frame(Box::new(Envelope {
+                    request_id: env.request_id,
+                    body: Some(Body::Goodbye(g)),
+                })));
                 self.actions.push_back(Action::Disconnect);
-                self.lost(now, format!("goodbye before welcome: {}", g.message));
+                self.lost(now, format!("goodbye before welcome: {message}"));
             }
             // Anything else before the Welcome is not for this device yet.
             _ => {}
@@ -613,7 +685,8 @@ impl DeviceSession {
                 let nonce = p.nonce;
                 self.send_body(Body::Pong(Pong { nonce }));
             }
-            Some(Body::Pong(_)) => {}
+            // The answer to a keepalive: the application may want to see it (a round trip).
+            Some(Body::Pong(_)) => self.push_event(Event::Frame(Box::new(env))),
             Some(Body::ResumeToken(t)) => {
                 if !t.token.is_empty() {
                     self.resume_token = t.token.clone();
@@ -622,28 +695,28 @@ impl DeviceSession {
             Some(Body::Goodbye(g)) => {
                 let reason =
                     GoodbyeReason::try_from(g.reason).unwrap_or(GoodbyeReason::Unspecified);
+                let message = format!("the node said goodbye: {}", g.message);
+                self.push_event(Event::Frame(Box::new(env.clone())));
                 self.actions.push_back(Action::Disconnect);
                 match reason {
                     GoodbyeReason::Replaced => {
-                        self.push_event(Event::Disconnected {
-                            reason: "replaced by another login".into(),
-                            retry_in: None,
-                        });
-                        self.state = State::Closed;
-                        self.push_event(Event::Closed);
+                        self.finish(message, None, ClosedBy::Replaced);
                     }
                     // The node drains or stops: log in again at once (its owner takes over,
                     // perhaps by a redirect), resuming the session.
                     GoodbyeReason::Draining | GoodbyeReason::Shutdown => {
                         self.push_event(Event::Disconnected {
-                            reason: format!("the node said goodbye: {}", g.message),
+                            reason: message,
+                            close_code: None,
+                            attempt: 0,
                             retry_in: Some(Duration::ZERO),
+                            next: Some(self.address.clone()),
                         });
                         self.next_address = self.address.clone();
                         self.connect(now);
                     }
                     GoodbyeReason::Idle | GoodbyeReason::Unspecified => {
-                        self.lost(now, format!("the node said goodbye: {}", g.message));
+                        self.lost(now, message);
                     }
                 }
             }
@@ -676,11 +749,23 @@ impl DeviceSession {
         }
     }
 
-    /// The connection is gone: reconnect after the backoff, at the next entry point.
     fn lost(&mut self, now: Instant, reason: String) {
+        self.lost_with(now, reason, None);
+    }
+
+    /// The connection is gone: reconnect after the backoff. After a live session, from the
+    /// first entry point again (a node it was redirected to may be the one that died); after
+    /// a failed attempt, at the next one.
+    fn lost_with(&mut self, now: Instant, reason: String, close_code: Option<u32>) {
+        let was_live = self.is_live();
         self.failures = self.failures.saturating_add(1);
         let wait = self.backoff();
-        self.entry = (self.entry + 1) % self.config.entry_points.len().max(1);
+        let count = self.config.entry_points.len().max(1);
+        self.entry = if was_live {
+            0
+        } else {
+            (self.entry + 1) % count
+        };
         self.next_address = self
             .config
             .entry_points
@@ -689,18 +774,29 @@ impl DeviceSession {
             .unwrap_or_else(|| self.address.clone());
         self.push_event(Event::Disconnected {
             reason,
+            close_code,
+            attempt: self.failures,
             retry_in: Some(wait),
+            next: Some(self.next_address.clone()),
         });
         self.state = State::Backoff { until: now + wait };
     }
 
-    fn stop(&mut self, reason: &str) {
+    /// The session stops for good.
+    fn finish(&mut self, reason: String, close_code: Option<u32>, by: ClosedBy) {
         self.push_event(Event::Disconnected {
-            reason: reason.into(),
+            reason,
+            close_code,
+            attempt: self.failures,
             retry_in: None,
+            next: None,
         });
         self.state = State::Closed;
-        self.push_event(Event::Closed);
+        self.push_event(Event::Closed(by));
+    }
+
+    fn stop(&mut self, reason: &str) {
+        self.finish(reason.into(), None, ClosedBy::NoEntryPoint);
     }
 
     /// The wait before the next attempt: `initial * 2^(failures-1)` up to the maximum, minus up
@@ -813,7 +909,10 @@ mod tests {
         assert!(!s.is_live());
         s.frame(t0, welcome(tx[0].request_id, b"tok-1", false, vec![]));
         assert!(s.is_live());
-        assert!(matches!(&drain_events(&mut s)[..], [Event::Live(w)] if !w.resumed));
+        assert!(matches!(
+            &drain_events(&mut s)[..],
+            [Event::Connected { .. }, Event::Live(w)] if !w.resumed
+        ));
         assert_eq!(s.resume_token(), b"tok-1");
         // Keepalive from the Welcome: a Ping 5 s on, nothing sooner.
         assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(5)));
@@ -861,8 +960,12 @@ mod tests {
         assert!(s.is_closed());
         assert_eq!(drain_actions(&mut s), vec![Action::Disconnect]);
         let ev = drain_events(&mut s);
-        assert!(matches!(ev[1], Event::Refused { .. }), "{ev:?}");
-        assert_eq!(ev.last(), Some(&Event::Closed));
+        assert!(matches!(ev[3], Event::Refused { .. }), "{ev:?}");
+        assert!(
+            matches!(&ev[2], Event::Frame(f) if matches!(f.body, Some(Body::Error(_)))),
+            "{ev:?}"
+        );
+        assert_eq!(ev.last(), Some(&Event::Closed(ClosedBy::Unauthenticated)));
         assert_eq!(s.poll_timeout(), None);
 
         // A login that never gets its Welcome fails after the login timeout, and the next
@@ -960,7 +1063,7 @@ mod tests {
         assert_eq!(s.calls().get(&9), Some(&CallState::Answered));
         assert!(matches!(
             &drain_events(&mut s)[..],
-            [Event::Connecting { .. }, Event::Live(w)] if w.resumed
+            [Event::Connecting { .. }, Event::Connected { .. }, Event::Live(w)] if w.resumed
         ));
         // A fresh ResumeToken replaces the Welcome's.
         s.frame(

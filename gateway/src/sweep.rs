@@ -77,11 +77,14 @@ impl LoadReporter {
 /// devices in one burst).
 const MOVES_PER_SWEEP: usize = 200;
 
+/// A live set (eligible nodes, nodes up) and the connections opened by then.
+type Settled = (Vec<LiveNode>, Option<Vec<thalamus_ownership::NodeId>>, u64);
+
 /// Moves devices to their owner: every `every`, each device session whose owner in the live
 /// set is another node (this node drains, or a node joined or came back) and that has no call
 /// here gets `Goodbye{draining}` once; it reconnects and is redirected. Once a sweep leaves no
-/// device to move, the sessions are not scanned again until the live set changes. Also
-/// samples the load figures for the heartbeats. Runs until `shutdown`.
+/// device to move, the sessions are not scanned again until the live set changes or a device
+/// connects. Also samples the load figures for the heartbeats. Runs until `shutdown`.
 pub(crate) async fn ownership_sweep(
     node: Arc<NodeShared>,
     every: Duration,
@@ -93,8 +96,10 @@ pub(crate) async fn ownership_sweep(
     let mut told: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut load = LoadReporter::new();
     // The live set (eligible and up) under which the last sweep left no device to move and
-    // none to pin.
-    let mut settled_under: Option<(Vec<LiveNode>, Option<Vec<thalamus_ownership::NodeId>>)> = None;
+    // none to pin, and the connections opened by then: a device that connects later is looked
+    // at even when the live set is the same again (it may have logged in here under another
+    // live set, between two sweeps: a node that drained and came back within one interval).
+    let mut settled_under: Option<Settled> = None;
     let me = thalamus_ownership::NodeId::new(&node.node_id).ok();
     loop {
         tokio::select! {
@@ -125,9 +130,12 @@ pub(crate) async fn ownership_sweep(
         // Nothing to do while the live set is the one every device was last found settled
         // under (a login meanwhile is redirected by `redirect_for`). Settled means no device
         // owned elsewhere is kept here, so nothing is pinned either.
+        let opened = node.sessions.connections_opened();
         if settled_under
             .as_ref()
-            .is_some_and(|(eligible, alive)| *eligible == live.eligible && *alive == live.alive)
+            .is_some_and(|(eligible, alive, seen)| {
+                *eligible == live.eligible && *alive == live.alive && *seen == opened
+            })
         {
             continue;
         }
@@ -188,7 +196,7 @@ pub(crate) async fn ownership_sweep(
             }
         }
         set_pins(&node, pins);
-        settled_under = (!unsettled).then(|| (live.eligible.clone(), live.alive.clone()));
+        settled_under = (!unsettled).then(|| (live.eligible.clone(), live.alive.clone(), opened));
         // Bounded: forget connections that are gone.
         if told.len() > node.sessions.len().saturating_mul(2).max(1024) {
             told.clear();

@@ -141,7 +141,9 @@ fn devices_are_redirected_to_their_owner_and_follow_draining_and_its_end() {
     let (status, _) = http_request(b.admin, "DELETE", "/drain").unwrap();
     assert_eq!(status, 200);
     assert_eq!(b.metric("thalamus_node_draining").unwrap(), 0.0);
-    let goodbye = sim.wait_event("goodbye", T).unwrap();
+    let goodbye = sim
+        .wait_event("goodbye", T)
+        .unwrap_or_else(|e| panic!("{e}\nA:\n{}\nB:\n{}", a.log(), b.log()));
     assert_eq!(goodbye["reason"], "draining", "{goodbye}");
     let redirect = sim.wait_event("redirect", T).unwrap();
     assert_eq!(redirect["node_id"], "node-2");

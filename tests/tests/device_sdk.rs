@@ -162,7 +162,7 @@ async fn an_sdk_device_calls_an_echoing_buddy_and_gets_its_audio_back() {
         matches!(e, Event::Refused { .. })
     })
     .await;
-    next_event(&mut events, "Closed", |e| matches!(e, Event::Closed)).await;
+    next_event(&mut events, "Closed", |e| matches!(e, Event::Closed(_))).await;
 }
 
 /// The SDK's example earpiece (`device/examples/earpiece.rs`, built by `cargo build

@@ -73,6 +73,12 @@ impl Sessions {
         self.by_device.get(device_id).map(|h| h.clone())
     }
 
+    /// Connections opened so far (a generation: it changes whenever a device connects, so a
+    /// sweep that found every device settled knows when to look again).
+    pub fn connections_opened(&self) -> u64 {
+        self.next_connection_id.load(Ordering::Relaxed)
+    }
+
     /// Number of live sessions.
     pub fn len(&self) -> usize {
         self.by_device.len()
