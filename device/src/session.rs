@@ -1165,6 +1165,51 @@ mod tests {
     }
 
     #[test]
+    fn a_close_code_decides_whether_to_come_back() {
+        let t0 = Instant::now();
+        // Replaced (close code 4) even without the Goodbye: stop.
+        let mut s = live(t0);
+        s.connection_closed(t0, thalamus_proto::close_code::REPLACED, "closed");
+        assert!(s.is_closed());
+        assert_eq!(
+            drain_events(&mut s).last(),
+            Some(&Event::Closed(ClosedBy::Replaced))
+        );
+        // Unauthenticated (3): refused, stop.
+        let mut s = live(t0);
+        s.connection_closed(t0, thalamus_proto::close_code::UNAUTHENTICATED, "closed");
+        let ev = drain_events(&mut s);
+        assert!(ev.iter().any(|e| matches!(e, Event::Refused { .. })));
+        assert_eq!(ev.last(), Some(&Event::Closed(ClosedBy::Unauthenticated)));
+        // Shutdown (7): a loss like any other, back from the first entry point, the close code
+        // said.
+        let mut s = live(t0);
+        s.connection_closed(t0, thalamus_proto::close_code::SHUTDOWN, "closed");
+        let ev = drain_events(&mut s);
+        assert!(
+            matches!(
+                ev.last(),
+                Some(Event::Disconnected { close_code: Some(7), attempt: 1, next: Some(n), .. }) if n == "a:1"
+            ),
+            "{ev:?}"
+        );
+        // Failed attempts go round the entry points.
+        let mut now = t0;
+        let mut tried = Vec::new();
+        for _ in 0..3 {
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            for a in drain_actions(&mut s) {
+                if let Action::Connect { address } = a {
+                    tried.push(address);
+                }
+            }
+            s.connection_lost(now, "refused");
+        }
+        assert_eq!(tried, ["a:1", "b:1", "a:1"]);
+    }
+
+    #[test]
     fn a_call_from_dial_to_hangup() {
         let t0 = Instant::now();
         let mut s = DeviceSession::new(config(), 1);
