@@ -1194,10 +1194,9 @@ mod tests {
             "{ev:?}"
         );
         // Failed attempts go round the entry points.
-        let mut now = t0;
         let mut tried = Vec::new();
         for _ in 0..3 {
-            now = s.poll_timeout().unwrap();
+            let now = s.poll_timeout().unwrap();
             s.handle_timeout(now);
             for a in drain_actions(&mut s) {
                 if let Action::Connect { address } = a {
