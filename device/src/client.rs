@@ -375,7 +375,13 @@ impl Driver {
                 self.set_connection(None);
                 let endpoints = self.endpoints.lock().map(|e| e.all()).unwrap_or_default();
                 for endpoint in endpoints {
-                    endpoint.wait_idle().await;
+                    // Whatever is still opening is abandoned; what closed gets its close out.
+                    endpoint.close(0u32.into(), b"closed");
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        endpoint.wait_idle(),
+                    )
+                    .await;
                 }
                 if let Some(done) = closing.take() {
                     let _ = done.send(());

@@ -37,7 +37,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        "{} is missing: build the binaries first (`cargo build --workspace --lib --bins --examples`, which scripts/test does)",
         path.display()
     );
     path

@@ -196,3 +196,60 @@ fn the_example_earpiece_calls_an_echoing_buddy() {
         .unwrap_or_else(|| panic!("no count in {stdout}"));
     assert!(back >= 90, "{stdout}");
 }
+
+/// The C example (`examples/c/earpiece.c`), built here with the system C compiler against the
+/// C ABI's static library and cbindgen header, logs in, calls the echoing buddy, sends 2 s of
+/// PCMU read from a file, counts the frames coming back, and hangs up.
+#[test]
+fn the_c_example_earpiece_calls_an_echoing_buddy() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let lib = thalamus_tests::bin("libthalamus_device_ffi.a");
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("earpiece");
+    let built = std::process::Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("device-ffi/include"))
+        .arg(root.join("examples/c/earpiece.c"))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // 100 frames of 20 ms: a PCMU ramp.
+    let audio = dir.path().join("audio.pcmu");
+    let samples: Vec<u8> = (0..100 * 160).map(|i| (i % 256) as u8).collect();
+    std::fs::write(&audio, samples).unwrap();
+
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("earpiece-c").unwrap();
+    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
+    let out = std::process::Command::new(&exe)
+        .arg(gw.quic.to_string())
+        .arg(&gw.fingerprint)
+        .arg("earpiece-c")
+        .arg(&secret)
+        .arg(format!("sip:echo@127.0.0.1:{port}"))
+        .arg(&audio)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back: u64 = stdout
+        .lines()
+        .find_map(|l| l.split(" frames, ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {stdout}"));
+    assert!(stdout.contains("sent 100 frames"), "{stdout}");
+    assert!(back >= 90, "{stdout}");
+}
