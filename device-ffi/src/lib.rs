@@ -88,7 +88,7 @@ impl ThalamusEvent {
     }
 }
 
-/// A connected device (opaque to C).
+/// A connected device (opaque to C). Dropping it closes the session.
 pub struct ThalamusDevice {
     runtime: tokio::runtime::Runtime,
     client: Option<Client>,
@@ -126,7 +126,9 @@ fn guarded<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn connect(
+/// Connects and logs in (see `thalamus_device_connect`): the blocking device the C ABI and the
+/// Python bindings share.
+pub fn connect(
     gateway: &str,
     fingerprint: &str,
     device_id: &str,
@@ -248,6 +250,12 @@ unsafe fn handle<'a>(device: *mut ThalamusDevice) -> Option<&'a mut ThalamusDevi
     Some(unsafe { &mut *device })
 }
 
+impl Drop for ThalamusDevice {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 fn pcmu() -> MediaOffer {
     MediaOffer {
         audio_codecs: vec![AudioCodec::Pcmu as i32],
@@ -260,7 +268,8 @@ impl ThalamusDevice {
         self.client.as_ref().ok_or_else(|| "closed".to_string())
     }
 
-    fn dial(&mut self, target: &str) -> Result<u32, String> {
+    /// Places a call offering PCMU; its call ref.
+    pub fn dial(&mut self, target: &str) -> Result<u32, String> {
         let client = self.client()?;
         let (call_ref, _) = self
             .runtime
@@ -269,7 +278,8 @@ impl ThalamusDevice {
         Ok(call_ref)
     }
 
-    fn next_event(&mut self, timeout: Duration) -> Result<ThalamusEvent, String> {
+    /// The next event, waiting at most `timeout` (kind `None` when nothing came).
+    pub fn next_event(&mut self, timeout: Duration) -> Result<ThalamusEvent, String> {
         let event = self
             .runtime
             .block_on(async { tokio::time::timeout(timeout, self.incoming.events.recv()).await });
@@ -308,7 +318,8 @@ impl ThalamusDevice {
         Ok(out)
     }
 
-    fn send_audio(&mut self, call_ref: u32, payload: &[u8]) -> Result<(), String> {
+    /// Sends one PCMU frame of call `call_ref`.
+    pub fn send_audio(&mut self, call_ref: u32, payload: &[u8]) -> Result<(), String> {
         let sender = self.senders.entry(call_ref).or_insert_with(|| {
             // Random starts, as RTP wants; a clock-derived value is enough here.
             let seed = std::time::SystemTime::now()
@@ -325,7 +336,42 @@ impl ThalamusDevice {
             .map_err(|e| e.to_string())
     }
 
-    fn recv_audio(&mut self, timeout: Duration) -> Result<Option<(u32, Vec<u8>)>, String> {
+    /// Answers incoming call `call_ref` with PCMU.
+    pub fn answer(&mut self, call_ref: u32) -> Result<(), String> {
+        let client = self.client()?;
+        self.runtime
+            .block_on(client.answer(call_ref, pcmu()))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Hangs call `call_ref` up.
+    pub fn hangup(&mut self, call_ref: u32) -> Result<(), String> {
+        let client = self.client()?;
+        self.runtime
+            .block_on(client.hangup(call_ref))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends DTMF `digit` in call `call_ref`.
+    pub fn dtmf(&mut self, call_ref: u32, digit: char) -> Result<(), String> {
+        let client = self.client()?;
+        self.runtime
+            .block_on(client.dtmf(call_ref, digit))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Closes the session (`Goodbye`); the device is unusable after.
+    pub fn close(&mut self) {
+        if let Some(client) = self.client.take() {
+            self.runtime.block_on(client.close());
+        }
+    }
+
+    /// The next audio payload received and its call, waiting at most `timeout`.
+    pub fn recv_audio(&mut self, timeout: Duration) -> Result<Option<(u32, Vec<u8>)>, String> {
         loop {
             let got = self.runtime.block_on(async {
                 tokio::time::timeout(timeout, self.incoming.datagrams.recv()).await
@@ -496,16 +542,15 @@ pub unsafe extern "C" fn thalamus_device_recv_audio(
 /// `device` is null or a live handle.
 unsafe fn call_command(
     device: *mut ThalamusDevice,
-    f: impl FnOnce(&ThalamusDevice, &Client) -> Result<u64, thalamus_device::ClientError>,
+    f: impl FnOnce(&mut ThalamusDevice) -> Result<(), String>,
 ) -> i32 {
     guarded(-1, || {
         // SAFETY: the caller promises a live handle.
         let Some(d) = (unsafe { handle(device) }) else {
             return -1;
         };
-        let result = d.client().and_then(|c| f(d, c).map_err(|e| e.to_string()));
-        match result {
-            Ok(_) => 0,
+        match f(d) {
+            Ok(()) => 0,
             Err(e) => {
                 set_error(e);
                 -1
@@ -521,11 +566,7 @@ unsafe fn call_command(
 #[no_mangle]
 pub unsafe extern "C" fn thalamus_device_answer(device: *mut ThalamusDevice, call_ref: u32) -> i32 {
     // SAFETY: the caller promises a live handle.
-    unsafe {
-        call_command(device, |d, c| {
-            d.runtime.block_on(c.answer(call_ref, pcmu()))
-        })
-    }
+    unsafe { call_command(device, |d| d.answer(call_ref)) }
 }
 
 /// Hangs call `call_ref` up. 0 on success, -1 on error.
@@ -535,7 +576,7 @@ pub unsafe extern "C" fn thalamus_device_answer(device: *mut ThalamusDevice, cal
 #[no_mangle]
 pub unsafe extern "C" fn thalamus_device_hangup(device: *mut ThalamusDevice, call_ref: u32) -> i32 {
     // SAFETY: the caller promises a live handle.
-    unsafe { call_command(device, |d, c| d.runtime.block_on(c.hangup(call_ref))) }
+    unsafe { call_command(device, |d| d.hangup(call_ref)) }
 }
 
 /// Sends DTMF `digit` (an ASCII `0`-`9`, `*`, `#`, `A`-`D`) in call `call_ref`. 0 on success,
@@ -551,7 +592,7 @@ pub unsafe extern "C" fn thalamus_device_dtmf(
 ) -> i32 {
     let digit = char::from(digit as u8);
     // SAFETY: the caller promises a live handle.
-    unsafe { call_command(device, |d, c| d.runtime.block_on(c.dtmf(call_ref, digit))) }
+    unsafe { call_command(device, |d| d.dtmf(call_ref, digit)) }
 }
 
 /// Closes the session (`Goodbye`) and frees the handle. `device` must not be used after.
@@ -566,10 +607,7 @@ pub unsafe extern "C" fn thalamus_device_close(device: *mut ThalamusDevice) {
     guarded((), || {
         // SAFETY: a handle from `Box::into_raw`, closed once: ownership comes back here.
         let mut d = unsafe { Box::from_raw(device) };
-        if let Some(client) = d.client.take() {
-            d.runtime.block_on(client.close());
-        }
-        d.runtime.shutdown_timeout(Duration::from_secs(1));
+        d.close();
     })
 }
 

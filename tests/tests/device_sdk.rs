@@ -253,3 +253,48 @@ fn the_c_example_earpiece_calls_an_echoing_buddy() {
     assert!(stdout.contains("sent 100 frames"), "{stdout}");
     assert!(back >= 90, "{stdout}");
 }
+
+/// The Python example (`examples/python/earpiece.py`) on the Python bindings (`device-py`,
+/// loaded as the module `thalamus_device` from the library cargo built) logs in, calls the
+/// echoing buddy, sends 2 s of PCMU read from a file, counts the frames coming back, and hangs
+/// up.
+#[test]
+fn the_python_example_earpiece_calls_an_echoing_buddy() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let lib = thalamus_tests::bin("libthalamus_device_py.so");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&lib, dir.path().join("thalamus_device.so")).unwrap();
+    let audio = dir.path().join("audio.pcmu");
+    let samples: Vec<u8> = (0..100 * 160).map(|i| (i % 256) as u8).collect();
+    std::fs::write(&audio, samples).unwrap();
+
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("earpiece-py").unwrap();
+    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(root.join("examples/python/earpiece.py"))
+        .arg(gw.quic.to_string())
+        .arg(&gw.fingerprint)
+        .arg("earpiece-py")
+        .arg(&secret)
+        .arg(format!("sip:echo@127.0.0.1:{port}"))
+        .arg(&audio)
+        .env("PYTHONPATH", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back: u64 = stdout
+        .lines()
+        .find_map(|l| l.split(" frames, ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {stdout}"));
+    assert!(stdout.contains("sent 100 frames"), "{stdout}");
+    assert!(back >= 90, "{stdout}");
+}
