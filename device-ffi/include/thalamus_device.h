@@ -29,7 +29,7 @@ typedef enum ThalamusEventKind {
   THALAMUS_EVENT_KIND_OTHER = 7,
 } ThalamusEventKind;
 
-// A connected device (opaque to C).
+// A connected device (opaque to C). Dropping it closes the session.
 typedef struct ThalamusDevice ThalamusDevice;
 
 // One event of the session.
