@@ -5,10 +5,14 @@
 //!
 //! Commands ([`Client::dial`], [`Client::hangup`]...) go to the task and come back with their
 //! request id, or why they were not sent. The task never waits on the application: events and
-//! datagrams go through bounded channels (a datagram that finds its channel full is dropped
-//! and counted, as a network would drop it; events wait, so an application that stops reading
-//! them stops its session). It decides nothing about the session (the core does).
+//! datagrams go through bounded channels. A datagram that finds its channel full is dropped and
+//! counted, as a network would drop it; events that find theirs full wait in a backlog of the
+//! task (at most [`MAX_EVENT_BACKLOG`], the oldest dropped and counted beyond), so an
+//! application that reads its events late (or never, as a C program that only streams audio
+//! may) neither stops its session nor loses a recent event. It decides nothing about the
+//! session (the core does).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +28,9 @@ use tracing::debug;
 
 use crate::connection::DeviceConnection;
 use crate::session::{Action, CommandError, DeviceSession, Event, SessionConfig};
+
+/// Events the task holds beyond the channel when the application does not read them.
+pub const MAX_EVENT_BACKLOG: usize = 4096;
 
 /// How a client connects.
 #[derive(Debug, Clone)]
@@ -101,6 +108,7 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
     connection: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
     dropped: Arc<AtomicU64>,
+    events_dropped: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -121,6 +129,7 @@ impl Client {
         let (datagrams_tx, datagrams) = mpsc::channel(config.datagram_buffer.max(1));
         let connection = Arc::new(std::sync::Mutex::new(None));
         let dropped = Arc::new(AtomicU64::new(0));
+        let events_dropped = Arc::new(AtomicU64::new(0));
         let session = DeviceSession::new(config.session.clone(), config.seed);
         let driver = Driver {
             session,
@@ -134,6 +143,8 @@ impl Client {
             datagrams: datagrams_tx,
             connection: connection.clone(),
             dropped: dropped.clone(),
+            events_dropped: events_dropped.clone(),
+            backlog: VecDeque::new(),
         };
         let task = tokio::spawn(driver.run(rx));
         Ok((
@@ -141,6 +152,7 @@ impl Client {
                 commands,
                 connection,
                 dropped,
+                events_dropped,
                 task,
             },
             ClientEvents { events, datagrams },
@@ -235,6 +247,11 @@ impl Client {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Events dropped because the application left more than [`MAX_EVENT_BACKLOG`] unread.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped.load(Ordering::Relaxed)
+    }
+
     /// Closes the session (`Goodbye`) and waits for the task to end.
     pub async fn close(self) {
         let (done, finished) = oneshot::channel();
@@ -282,10 +299,15 @@ struct Driver {
     datagrams: mpsc::Sender<Bytes>,
     connection: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
     dropped: Arc<AtomicU64>,
+    events_dropped: Arc<AtomicU64>,
+    /// Events the channel had no room for, oldest first.
+    backlog: VecDeque<Event>,
 }
 
 /// What woke the driver.
 enum Step {
+    /// The events channel has room again.
+    Room(Result<mpsc::OwnedPermit<Event>, mpsc::error::SendError<()>>),
     Opened(Result<DeviceConnection, String>),
     Frame(Result<thalamus_proto::v1::Envelope, crate::connection::DeviceError>),
     Datagram(Result<Bytes, String>),
@@ -363,12 +385,34 @@ impl Driver {
                 }
             }
             while let Some(event) = self.session.poll_event() {
-                if self.events.send(event).await.is_err() {
-                    // Nobody listens: the application is gone.
-                    self.session.close();
+                self.backlog.push_back(event);
+                if self.backlog.len() > MAX_EVENT_BACKLOG {
+                    self.backlog.pop_front();
+                    self.events_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            if self.session.is_closed() && self.session.poll_action().is_none() {
+            while let Some(event) = self.backlog.pop_front() {
+                match self.events.try_send(event) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(event)) => {
+                        self.backlog.push_front(event);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        // Nobody listens: the application is gone.
+                        self.backlog.clear();
+                        self.session.close();
+                    }
+                }
+            }
+            if self.session.is_closed() {
+                // The last events (the session's end) go if there is room; nobody waits for
+                // an application that stopped reading.
+                while let Some(event) = self.backlog.pop_front() {
+                    if self.events.try_send(event).is_err() {
+                        break;
+                    }
+                }
                 if let Some(c) = conn.take() {
                     c.conn.close(0u32.into(), b"closed");
                 }
@@ -396,6 +440,13 @@ impl Driver {
                         None => std::future::pending().await,
                     }
                 };
+                let room_fut = async {
+                    if self.backlog.is_empty() {
+                        std::future::pending().await
+                    } else {
+                        self.events.clone().reserve_owned().await
+                    }
+                };
                 let (frame_fut, datagram_fut) = match conn.as_mut() {
                     Some(c) => {
                         let quic = c.conn.clone();
@@ -407,6 +458,7 @@ impl Driver {
                     None => (futures_frame(None), futures_datagram(None)),
                 };
                 tokio::select! {
+                    r = room_fut => Step::Room(r),
                     r = opening_fut => Step::Opened(r),
                     f = frame_fut => Step::Frame(f),
                     d = datagram_fut => Step::Datagram(d),
@@ -416,6 +468,15 @@ impl Driver {
             };
             let now = now();
             match step {
+                Step::Room(Ok(permit)) => {
+                    if let Some(event) = self.backlog.pop_front() {
+                        permit.send(event);
+                    }
+                }
+                Step::Room(Err(_)) => {
+                    self.backlog.clear();
+                    self.session.close();
+                }
                 Step::Opened(Ok(c)) => {
                     opening = None;
                     self.set_connection(Some(c.conn.clone()));

@@ -298,3 +298,60 @@ fn the_python_example_earpiece_calls_an_echoing_buddy() {
     assert!(stdout.contains("sent 100 frames"), "{stdout}");
     assert!(back >= 90, "{stdout}");
 }
+
+/// An application that does not read its events does not stall its session: with room for one
+/// event in the channel, the client still logs in, places a call and gets it answered while
+/// nothing is read; the events then come in order, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_reading_events_late_does_not_stall_its_session() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("slow-reader").unwrap();
+    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
+    let fingerprint = thalamus_device::quic::parse_fingerprint(&gw.fingerprint).unwrap();
+    let quic = thalamus_device::quic::client_config(Some(fingerprint)).unwrap();
+    let session = SessionConfig::new("slow-reader", &secret, vec![gw.quic.to_string()]);
+    let mut config = ClientConfig::new(session, quic, "localhost");
+    config.event_buffer = 1;
+    let (device, mut events) = Client::start(config).unwrap();
+    // Nothing is read while the session comes up and the call is placed and answered.
+    let deadline = Instant::now() + T;
+    let call_ref = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            device.dial(&format!("sip:bob@127.0.0.1:{port}"), MediaOffer::default()),
+        )
+        .await
+        {
+            Ok(Ok((call_ref, _))) => break call_ref,
+            Ok(Err(_)) | Err(_) => {
+                assert!(Instant::now() < deadline, "the session never went live");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    gw.wait_metric("thalamus_calls_active", 1.0, T).unwrap();
+    // Now read: everything came, in order.
+    let mut kinds = Vec::new();
+    loop {
+        let e = next_event(&mut events, "the answer", |_| true).await;
+        let answered = call_state(&e, call_ref, CallState::Answered);
+        kinds.push(match e {
+            Event::Connecting { .. } => "connecting",
+            Event::Connected { .. } => "connected",
+            Event::Live(_) => "live",
+            Event::Frame(_) => "frame",
+            _ => "other",
+        });
+        if answered {
+            break;
+        }
+    }
+    assert_eq!(
+        &kinds[..3],
+        ["connecting", "connected", "live"],
+        "{kinds:?}"
+    );
+    assert_eq!(device.events_dropped(), 0);
+    device.hangup(call_ref).await.unwrap();
+    device.close().await;
+}
