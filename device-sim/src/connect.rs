@@ -144,9 +144,11 @@ pub async fn run(opts: ConnectOptions) -> anyhow::Result<StopReason> {
                 return Ok(match by {
                     ClosedBy::Unauthenticated => StopReason::Unauthenticated,
                     ClosedBy::Replaced => StopReason::Replaced,
-                    ClosedBy::Application | ClosedBy::NoEntryPoint => StopReason::GaveUp,
+                    _ => StopReason::GaveUp,
                 })
             }
+            // Events a later SDK adds: nothing to print for them yet.
+            _ => {}
         }
     }
     Ok(StopReason::GaveUp)

@@ -33,6 +33,7 @@ use crate::session::{Action, CommandError, DeviceSession, Event, SessionConfig};
 pub const MAX_EVENT_BACKLOG: usize = 4096;
 
 /// How a client connects.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// The session: identity, entry points, backoff.
@@ -65,6 +66,7 @@ impl ClientConfig {
 }
 
 /// Why a client could not start or a command did not go.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The QUIC endpoint could not be made.

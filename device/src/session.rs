@@ -27,6 +27,7 @@ use thalamus_proto::v1::{
 };
 
 /// What a session needs to log in and to come back.
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// The device's id (`thalamus device add`).
@@ -79,6 +80,7 @@ impl SessionConfig {
 }
 
 /// What the driver must do on the network.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Open a QUIC connection to `address` (`host:port`) and its control stream, then call
@@ -93,6 +95,7 @@ pub enum Action {
 }
 
 /// What the application hears.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A connection is being opened.
@@ -148,6 +151,7 @@ pub enum Event {
 }
 
 /// Why a session is over.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClosedBy {
     /// The application closed it.
@@ -161,6 +165,7 @@ pub enum ClosedBy {
 }
 
 /// Why a command was not sent.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
     /// The session is not live (connecting, waiting to reconnect, or closed).
