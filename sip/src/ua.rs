@@ -262,6 +262,21 @@ pub struct ClientCall {
 }
 
 impl ClientCall {
+    /// A call for the application that stands for this one and the requests that follow it
+    /// (a challenge answered, a 422 retried): its responses are what the returned sender
+    /// passes on; its `current` follows the latest transaction.
+    fn relayed(&self) -> (ClientCall, mpsc::Sender<ClientEvent>) {
+        let (tx, rx) = mpsc::channel(32);
+        let call = ClientCall {
+            key: self.key,
+            current: self.current.clone(),
+            request: self.request.clone(),
+            destination: self.destination,
+            events: rx,
+        };
+        (call, tx)
+    }
+
     /// The transaction to CANCEL: the latest one sent for this request.
     pub fn key(&self) -> TransactionKey {
         self.current.lock().map(|k| *k).unwrap_or(self.key)
@@ -610,15 +625,8 @@ impl UserAgent {
         if credentials.is_none() && !session_timer && !reliable {
             return Ok(first);
         }
-        let (tx, rx) = mpsc::channel(32);
-        let current = first.current.clone();
-        let call = ClientCall {
-            key: first.key,
-            current: current.clone(),
-            request: first.request.clone(),
-            destination: first.destination,
-            events: rx,
-        };
+        let (call, tx) = first.relayed();
+        let current = call.current.clone();
         let ua = self.clone();
         tokio::spawn(async move {
             let mut digest = credentials.as_ref().map(|auth| {
@@ -838,15 +846,8 @@ impl UserAgent {
         let Some(auth) = credentials else {
             return Ok(first);
         };
-        let (tx, rx) = mpsc::channel(32);
-        let current = first.current.clone();
-        let call = ClientCall {
-            key: first.key,
-            current: current.clone(),
-            request: first.request.clone(),
-            destination: first.destination,
-            events: rx,
-        };
+        let (call, tx) = first.relayed();
+        let current = call.current.clone();
         let ua = self.clone();
         let dialog = dialog.clone();
         tokio::spawn(async move {

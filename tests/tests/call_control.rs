@@ -495,7 +495,9 @@ fn a_device_watches_a_sip_buddy_and_hears_its_presence_change() {
 
 /// The buddy's presence server challenges the watch's refresh and its unsubscribe (401): the
 /// gateway answers each with the device's credentials (SIPp verifies them), as the dialog's
-/// next request, and the watch goes on until the device unwatches.
+/// next request, and the watch goes on until the device unwatches (12 s after the simulator
+/// starts: the refresh, 3 s after the first NOTIFY, must come well before, even on a loaded
+/// machine where the login is slow).
 #[test]
 fn a_watch_answers_a_challenge_to_its_refresh_and_unsubscribe() {
     let gw = Gateway::start(
@@ -513,7 +515,7 @@ fn a_watch_answers_a_challenge_to_its_refresh_and_unsubscribe() {
     let mut sim = sim_as(
         "watch",
         login_args(&gw, "watcher", &secret),
-        &["--target", &bob, "--for-ms", "6000"],
+        &["--target", &bob, "--for-ms", "12000"],
     );
     let active = sim.wait_event("watch_status", T).unwrap();
     assert_eq!(active["active"], true, "{active}");

@@ -165,35 +165,58 @@ async fn an_sdk_device_calls_an_echoing_buddy_and_gets_its_audio_back() {
     next_event(&mut events, "Closed", |e| matches!(e, Event::Closed(_))).await;
 }
 
-/// The SDK's example earpiece (`device/examples/earpiece.rs`, built by `cargo build
-/// --examples`) logs in, calls the echoing buddy for 2 s and counts its audio coming back.
-#[test]
-fn the_example_earpiece_calls_an_echoing_buddy() {
+/// The repository's root.
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs an example earpiece against a gateway and an echoing buddy: `command` gets the
+/// gateway, fingerprint, device, secret and SIP target as its next arguments, then `last`.
+/// Checks it exits 0 and returns how many frames came back (its `sent N frames, M came back`
+/// line), with its output.
+fn run_example(mut command: std::process::Command, device: &str, last: &[&str]) -> (u64, String) {
     let gw = Gateway::start("").unwrap();
-    let secret = gw.add_device("earpiece-1").unwrap();
+    let secret = gw.add_device(device).unwrap();
     let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
-    let example = thalamus_tests::bin("examples/earpiece");
-    let out = std::process::Command::new(example)
-        .args([
-            &gw.quic.to_string(),
-            &gw.fingerprint,
-            "earpiece-1",
-            &secret,
-            &format!("sip:echo@127.0.0.1:{port}"),
-            "2",
-        ])
+    let out = command
+        .arg(gw.quic.to_string())
+        .arg(&gw.fingerprint)
+        .arg(device)
+        .arg(&secret)
+        .arg(format!("sip:echo@127.0.0.1:{port}"))
+        .args(last)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let back: u64 = stdout
+    let back = stdout
         .lines()
         .find_map(|l| l.split(" frames, ").nth(1)?.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no count in {stdout}"));
+    (back, stdout)
+}
+
+/// 100 frames of 20 ms PCMU (a ramp) in `dir`; the file's path.
+fn audio_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let audio = dir.join("audio.pcmu");
+    let samples: Vec<u8> = (0..100 * 160).map(|i| (i % 256) as u8).collect();
+    std::fs::write(&audio, samples).unwrap();
+    audio
+}
+
+/// The SDK's example earpiece (`device/examples/earpiece.rs`, built by `cargo build
+/// --examples`) logs in, calls the echoing buddy for 2 s and counts its audio coming back.
+#[test]
+fn the_example_earpiece_calls_an_echoing_buddy() {
+    let example = std::process::Command::new(thalamus_tests::bin("examples/earpiece"));
+    let (back, stdout) = run_example(example, "earpiece-1", &["2"]);
     assert!(back >= 90, "{stdout}");
 }
 
@@ -202,18 +225,13 @@ fn the_example_earpiece_calls_an_echoing_buddy() {
 /// PCMU read from a file, counts the frames coming back, and hangs up.
 #[test]
 fn the_c_example_earpiece_calls_an_echoing_buddy() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let lib = thalamus_tests::bin("libthalamus_device_ffi.a");
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("earpiece");
     let built = std::process::Command::new("cc")
         .args(["-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(root.join("device-ffi/include"))
-        .arg(root.join("examples/c/earpiece.c"))
-        .arg(&lib)
+        .arg(root().join("device-ffi/include"))
+        .arg(root().join("examples/c/earpiece.c"))
+        .arg(thalamus_tests::bin("libthalamus_device_ffi.a"))
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
         .output()
@@ -223,33 +241,12 @@ fn the_c_example_earpiece_calls_an_echoing_buddy() {
         "cc failed:\n{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    // 100 frames of 20 ms: a PCMU ramp.
-    let audio = dir.path().join("audio.pcmu");
-    let samples: Vec<u8> = (0..100 * 160).map(|i| (i % 256) as u8).collect();
-    std::fs::write(&audio, samples).unwrap();
-
-    let gw = Gateway::start("").unwrap();
-    let secret = gw.add_device("earpiece-c").unwrap();
-    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
-    let out = std::process::Command::new(&exe)
-        .arg(gw.quic.to_string())
-        .arg(&gw.fingerprint)
-        .arg("earpiece-c")
-        .arg(&secret)
-        .arg(format!("sip:echo@127.0.0.1:{port}"))
-        .arg(&audio)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let audio = audio_file(dir.path());
+    let (back, stdout) = run_example(
+        std::process::Command::new(&exe),
+        "earpiece-c",
+        &[audio.to_str().unwrap()],
     );
-    let back: u64 = stdout
-        .lines()
-        .find_map(|l| l.split(" frames, ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {stdout}"));
     assert!(stdout.contains("sent 100 frames"), "{stdout}");
     assert!(back >= 90, "{stdout}");
 }
@@ -260,41 +257,18 @@ fn the_c_example_earpiece_calls_an_echoing_buddy() {
 /// up.
 #[test]
 fn the_python_example_earpiece_calls_an_echoing_buddy() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let lib = thalamus_tests::bin("libthalamus_device_py.so");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(&lib, dir.path().join("thalamus_device.so")).unwrap();
-    let audio = dir.path().join("audio.pcmu");
-    let samples: Vec<u8> = (0..100 * 160).map(|i| (i % 256) as u8).collect();
-    std::fs::write(&audio, samples).unwrap();
-
-    let gw = Gateway::start("").unwrap();
-    let secret = gw.add_device("earpiece-py").unwrap();
-    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(root.join("examples/python/earpiece.py"))
-        .arg(gw.quic.to_string())
-        .arg(&gw.fingerprint)
-        .arg("earpiece-py")
-        .arg(&secret)
-        .arg(format!("sip:echo@127.0.0.1:{port}"))
-        .arg(&audio)
-        .env("PYTHONPATH", dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let back: u64 = stdout
-        .lines()
-        .find_map(|l| l.split(" frames, ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {stdout}"));
+    std::fs::copy(
+        thalamus_tests::bin("libthalamus_device_py.so"),
+        dir.path().join("thalamus_device.so"),
+    )
+    .unwrap();
+    let audio = audio_file(dir.path());
+    let mut python = std::process::Command::new("python3");
+    python
+        .arg(root().join("examples/python/earpiece.py"))
+        .env("PYTHONPATH", dir.path());
+    let (back, stdout) = run_example(python, "earpiece-py", &[audio.to_str().unwrap()]);
     assert!(stdout.contains("sent 100 frames"), "{stdout}");
     assert!(back >= 90, "{stdout}");
 }

@@ -495,23 +495,29 @@ struct Peers {
     secret: String,
 }
 
+/// A gateway of the domain behind Kamailio (on `kport`): Kamailio is its outbound proxy and
+/// its registrar, and the device registers there with `device_password`.
+fn start_gateway(kport: u16, device_password: &str) -> anyhow::Result<Gateway> {
+    Gateway::start(&format!(
+        "[sip]\n\
+         domain = \"{DOMAIN}\"\n\
+         outbound_proxy = \"sip:127.0.0.1:{kport};lr\"\n\
+         registrar = {{ uri = \"sip:127.0.0.1:{kport}\", domain = \"{DOMAIN}\", expires_secs = 300 }}\n\
+         \n\
+         [devices.{DEVICE}.auth]\n\
+         username = \"{DEVICE}\"\n\
+         password = \"{device_password}\"\n"
+    ))
+    .context("starting the gateway")
+}
+
 impl Peers {
     /// Starts Kamailio, baresip and a gateway whose device has `device_password`.
     fn start(device_password: &str) -> anyhow::Result<Self> {
         let kamailio = Kamailio::start().context("starting Kamailio")?;
         let baresip = Baresip::start(kamailio.port, "").context("starting baresip")?;
         let kport = kamailio.port;
-        let gateway = Gateway::start(&format!(
-            "[sip]\n\
-             domain = \"{DOMAIN}\"\n\
-             outbound_proxy = \"sip:127.0.0.1:{kport};lr\"\n\
-             registrar = {{ uri = \"sip:127.0.0.1:{kport}\", domain = \"{DOMAIN}\", expires_secs = 300 }}\n\
-             \n\
-             [devices.{DEVICE}.auth]\n\
-             username = \"{DEVICE}\"\n\
-             password = \"{device_password}\"\n"
-        ))
-        .context("starting the gateway")?;
+        let gateway = start_gateway(kport, device_password)?;
         let secret = gateway.add_device(DEVICE)?;
         Ok(Peers {
             kamailio,
@@ -872,17 +878,7 @@ fn baresip_watches_the_device_s_presence() {
     let run = || -> anyhow::Result<()> {
         let kamailio = Kamailio::start().context("starting Kamailio")?;
         let kport = kamailio.port;
-        let gateway = Gateway::start(&format!(
-            "[sip]\n\
-             domain = \"{DOMAIN}\"\n\
-             outbound_proxy = \"sip:127.0.0.1:{kport};lr\"\n\
-             registrar = {{ uri = \"sip:127.0.0.1:{kport}\", domain = \"{DOMAIN}\", expires_secs = 300 }}\n\
-             \n\
-             [devices.{DEVICE}.auth]\n\
-             username = \"{DEVICE}\"\n\
-             password = \"{DEVICE_PASSWORD}\"\n"
-        ))
-        .context("starting the gateway")?;
+        let gateway = start_gateway(kport, DEVICE_PASSWORD)?;
         let secret = gateway.add_device(DEVICE)?;
         let mut device = Sim::connect(&gateway, DEVICE, &secret, &[])?;
         device.wait_event("welcome", T)?;
