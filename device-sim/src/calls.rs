@@ -1,7 +1,10 @@
 //! Device-side call commands of the simulator: `call` (dial, optionally stream media and check
 //! the echo, hold and resume, send DTMF, hang up), `listen` (answer or reject incoming calls)
-//! and `text` (send one SIP MESSAGE through the gateway). Each logs in as one device, prints
-//! every event (JSON lines with `--json`) and ends with a `summary` event.
+//! and `text` (send one SIP MESSAGE through the gateway), and `watch` (watch SIP buddies'
+//! presence). Each logs in as one device, prints every event (JSON lines with `--json`) and
+//! ends with a `summary` event. `text` and `watch` are devices of the device SDK
+//! (`thalamus_device::Client`); `call` and `listen` still drive their sessions here, over the
+//! SDK's connection layer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +18,6 @@ use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
     Answer, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaStats, Pong, Reject, Resume,
-    SendText,
 };
 
 use crate::device::{DeviceConnection, FrameReader, FrameWriter};
@@ -706,10 +708,59 @@ pub async fn listen(
     }
 }
 
+/// Starts `login`'s device as a device of the SDK (`thalamus_device::Client`) and waits for its
+/// session: prints the `welcome`; fails when the login is refused or does not go live within
+/// the SDK's login timeout.
+async fn sdk_device(
+    login: &Login,
+    printer: EventPrinter,
+) -> anyhow::Result<(thalamus_device::Client, thalamus_device::ClientEvents)> {
+    use thalamus_device::session::{Event, SessionConfig};
+    let quic = crate::quic::client_config(login.fingerprint)?;
+    let mut session = SessionConfig::new(
+        login.device.clone(),
+        login.secret.clone(),
+        vec![login.gateway.to_string()],
+    );
+    session.capabilities.transfer = login.takes_transfers;
+    let login_timeout = session.login_timeout;
+    let config = thalamus_device::ClientConfig::new(session, quic, &login.server_name);
+    let (client, mut incoming) = thalamus_device::Client::start(config)?;
+    let live = tokio::time::timeout(login_timeout, async {
+        while let Some(event) = incoming.events.recv().await {
+            match event {
+                Event::Live(welcome) => {
+                    printer.frame(&Envelope {
+                        request_id: 0,
+                        body: Some(Body::Welcome(*welcome)),
+                    });
+                    return Ok(());
+                }
+                Event::Frame(env) => printer.frame(&env),
+                Event::Closed(by) => anyhow::bail!("the login failed: {by:?}"),
+                _ => {}
+            }
+        }
+        anyhow::bail!("the device stopped")
+    })
+    .await;
+    match live {
+        Ok(Ok(())) => Ok((client, incoming)),
+        Ok(Err(e)) => {
+            client.close().await;
+            Err(e)
+        }
+        Err(_) => {
+            client.close().await;
+            anyhow::bail!("no session within {login_timeout:?}")
+        }
+    }
+}
+
 /// `watch`: logs in, watches each of `targets` (MBFP `Watch`: the gateway subscribes to their
-/// presence), prints every `presence_update` and `watch_status`, answers pings, and after
-/// `duration` unwatches them all and waits (at most 5 s) for each watch's last
-/// `watch_status`. Returns (watches that became active, watches refused or ended early).
+/// presence), prints every `presence_update` and `watch_status`, and after `duration`
+/// unwatches them all and waits (at most 5 s) for each watch's last `watch_status`. Returns
+/// (watches that became active, watches refused or ended early). A device of the SDK.
 pub async fn watch(
     login_opts: &Login,
     targets: &[String],
@@ -717,11 +768,11 @@ pub async fn watch(
     duration: Duration,
     printer: EventPrinter,
 ) -> anyhow::Result<(u32, u32)> {
-    let mut s = login(login_opts, printer).await?;
+    use thalamus_device::session::Event;
+    let (client, mut incoming) = sdk_device(login_opts, printer).await?;
     let mut pending: HashMap<u64, String> = HashMap::new();
     for target in targets {
-        let id = s
-            .writer
+        let id = client
             .send(Body::Watch(thalamus_proto::v1::Watch {
                 target: target.clone(),
                 expires_secs,
@@ -733,16 +784,15 @@ pub async fn watch(
     let mut unwatching = false;
     let until = tokio::time::Instant::now() + duration;
     let mut deadline = until;
-    loop {
-        if pending.is_empty() {
-            break;
-        }
+    while !pending.is_empty() {
         tokio::select! {
-            frame = s.reader.next() => {
-                let env = frame?;
-                if answered_ping(&mut s, &env).await? {
+            event = incoming.events.recv() => {
+                let Some(event) = event else {
+                    anyhow::bail!("the device stopped");
+                };
+                let Event::Frame(env) = event else {
                     continue;
-                }
+                };
                 match &env.body {
                     Some(Body::WatchStatus(w)) if pending.contains_key(&env.request_id) => {
                         if w.active {
@@ -768,7 +818,7 @@ pub async fn watch(
                 }
                 unwatching = true;
                 for target in pending.values() {
-                    s.writer
+                    client
                         .send(Body::Unwatch(thalamus_proto::v1::Unwatch {
                             target: target.clone(),
                         }))
@@ -779,45 +829,39 @@ pub async fn watch(
         }
     }
     printer.emit("summary", json!({"watched": active, "failed": failed}));
-    s.conn.close(0u32.into(), b"done");
-    s.endpoint.wait_idle().await;
+    client.close().await;
     Ok((active, failed))
 }
 
 /// How long `watch` waits for the last `watch_status` of its watches after unwatching them.
 const UNWATCH_WAIT: Duration = Duration::from_secs(5);
 
-/// Sends one text; returns the final SIP status.
+/// Sends one text; returns the final SIP status. A device of the SDK.
 pub async fn text(
     login_opts: &Login,
     to: &str,
     body: &str,
     printer: EventPrinter,
 ) -> anyhow::Result<u32> {
-    let mut s = login(login_opts, printer).await?;
-    let id = s
-        .writer
-        .send(Body::SendText(SendText {
-            to: to.into(),
-            content_type: "text/plain".into(),
-            body: body.as_bytes().to_vec(),
-        }))
-        .await?;
-    loop {
-        let env = s.reader.next().await?;
+    use thalamus_device::session::Event;
+    let (client, mut incoming) = sdk_device(login_opts, printer).await?;
+    let id = client.send_text(to, body).await?;
+    let outcome = loop {
+        let Some(event) = incoming.events.recv().await else {
+            break Err(anyhow::anyhow!("the device stopped"));
+        };
+        let Event::Frame(env) = event else {
+            continue;
+        };
+        printer.frame(&env);
         match &env.body {
-            Some(Body::TextStatus(t)) if env.request_id == id => {
-                printer.frame(&env);
-                s.conn.close(0u32.into(), b"done");
-                s.endpoint.wait_idle().await;
-                return Ok(t.sip_status);
-            }
+            Some(Body::TextStatus(t)) if env.request_id == id => break Ok(t.sip_status),
             Some(Body::Error(_)) if env.request_id == id => {
-                printer.frame(&env);
-                anyhow::bail!("the gateway refused the text");
+                break Err(anyhow::anyhow!("the gateway refused the text"))
             }
-            Some(Body::Ping(_)) => {}
-            _ => printer.frame(&env),
+            _ => {}
         }
-    }
+    };
+    client.close().await;
+    outcome
 }
