@@ -177,6 +177,7 @@ impl Bridge {
             takeovers: DashMap::new(),
             cancel_lookups: Arc::new(tokio::sync::Semaphore::new(takeover::MAX_CANCEL_LOOKUPS)),
             watched: DashMap::new(),
+            resumed_subscriptions: DashMap::new(),
             arrivals: tokio::sync::Notify::new(),
             arrival_waits: AtomicUsize::new(0),
             ringing_per_device: DashMap::new(),
@@ -534,6 +535,7 @@ impl DeviceRequests for Bridge {
     }
 
     fn online(&self, device_id: &str, link: DeviceLink) {
+        let link_resumed = link.resumed();
         // Calls still up (a resumed session): their media goes to the new connection.
         if self.inner.device_call_count(device_id) > 0 {
             for call in self.inner.calls.iter().filter(|c| c.key().0 == device_id) {
@@ -547,11 +549,19 @@ impl DeviceRequests for Bridge {
         // Requests waiting for a device to arrive look again.
         self.inner.arrivals.notify_waiters();
         watchers::changed(&self.inner, device_id);
-        // Its watchers follow it here from a node that died or that it left.
+        // Its watchers follow it here from a node that died: a resumed session's records were
+        // listed by `resume` already; a new session's are listed now.
         if self.inner.store.is_some() {
+            let listed = self
+                .inner
+                .resumed_subscriptions
+                .remove(device_id)
+                .map(|(_, records)| records);
+            let listed = if link_resumed { listed } else { None };
             tokio::spawn(takeover::claim_subscriptions(
                 self.inner.clone(),
                 device_id.to_string(),
+                listed,
             ));
         }
     }

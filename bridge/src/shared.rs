@@ -84,6 +84,9 @@ pub(crate) struct BridgeInner {
     /// Calls of devices that resumed here, still held by a node whose lease runs: listed in
     /// `live_calls`, claimed when the lease lapses or at the first request from either side.
     pub(crate) watched: DashMap<CallKey, StoredDialog>,
+    /// The subscription records `resume` found for a device, for its `online` to claim
+    /// without listing them again (taken at once: one entry per device resuming now).
+    pub(crate) resumed_subscriptions: DashMap<String, Vec<StoredDialog>>,
     /// Woken whenever a device logs in here (requests waiting for their device).
     pub(crate) arrivals: tokio::sync::Notify,
     /// Requests waiting for their device now.

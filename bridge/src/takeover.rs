@@ -876,13 +876,15 @@ pub(crate) async fn resume_device(inner: Arc<BridgeInner>, device: &str) {
             return;
         }
     };
-    // Subscriptions to the device's presence are taken when it comes online
-    // (`claim_subscriptions`), resumed or not.
-    for record in records
+    // Subscriptions to the device's presence are taken once it is online (its watchers then
+    // hear it open): `online` claims those found here (`claim_subscriptions`).
+    let (subscriptions, records): (Vec<StoredDialog>, Vec<StoredDialog>) = records
         .into_iter()
-        .filter(|r| subscription_of(r).is_none())
-        .take(MAX_RESUME_DIALOGS)
-    {
+        .partition(|r| subscription_of(r).is_some());
+    inner
+        .resumed_subscriptions
+        .insert(device.to_string(), subscriptions);
+    for record in records.into_iter().take(MAX_RESUME_DIALOGS) {
         let call = (record.device_id.clone(), record.call_ref);
         if inner.by_dialog.contains_key(&dialog_of_key(&record.key))
             || inner.calls.contains_key(&call)
@@ -915,25 +917,33 @@ pub const MAX_DEVICE_SUBSCRIPTIONS: usize = 64;
 
 /// `device` came online here (a new session or a resumed one): the stored subscriptions to its
 /// presence that no live node holds (their node died) are taken over, and their watchers hear
-/// the device from this node. Those whose owner's
-/// lease still runs are claimed when it lapses, while the device stays. Bounded by the
-/// takeover timeout per store operation and by [`MAX_DEVICE_SUBSCRIPTIONS`].
-pub(crate) async fn claim_subscriptions(inner: Arc<BridgeInner>, device: String) {
+/// the device from this node. Those whose owner's lease still runs are claimed when it lapses,
+/// while the device stays. `listed`: the device's records as its resume read them (a new
+/// session's are read here). Bounded by the takeover timeout per store operation and by
+/// [`MAX_DEVICE_SUBSCRIPTIONS`].
+pub(crate) async fn claim_subscriptions(
+    inner: Arc<BridgeInner>,
+    device: String,
+    listed: Option<Vec<StoredDialog>>,
+) {
     let Ok(store) = store_of(&inner) else {
         return;
     };
-    let records = match bounded(
-        &inner,
-        "listing the device's dialogs",
-        store.list_by_device(&device),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            debug!(device, error = %e, "device's stored subscriptions not read");
-            return;
-        }
+    let records = match listed {
+        Some(records) => records,
+        None => match bounded(
+            &inner,
+            "listing the device's dialogs",
+            store.list_by_device(&device),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(device, error = %e, "device's stored subscriptions not read");
+                return;
+            }
+        },
     };
     let subs = records
         .into_iter()

@@ -451,8 +451,7 @@ async fn persist(inner: &Arc<BridgeInner>, dialog: &DialogId) -> Persisted {
     }
 }
 
-/// Forgets `dialog` here without a NOTIFY or a store write: another node holds it now, or it
-/// was released for the node the device reaches.
+/// Forgets `dialog` here without a NOTIFY or a store write: another node holds it now.
 pub(crate) async fn lost(inner: &Arc<BridgeInner>, dialog: &DialogId) {
     inner.watchers.with(|s| s.remove(dialog));
     inner.watchers.stored.remove(dialog);
@@ -478,7 +477,7 @@ pub(crate) async fn attach(
     // The limits count it here like a new one (the interval is what it has left).
     match inner
         .watchers
-        .with(|s| s.admit(&device, sub.watcher, Some(left.max(1))))
+        .with(|s| s.admit(&device, sub.watcher, Some(left)))
     {
         Admit::Limit(which) => return Err(format!("limit {which}")),
         Admit::Accept { .. } | Admit::TooBrief { .. } => {}

@@ -336,31 +336,31 @@ impl ThalamusDevice {
             .map_err(|e| e.to_string())
     }
 
-    /// Answers incoming call `call_ref` with PCMU.
-    pub fn answer(&mut self, call_ref: u32) -> Result<(), String> {
+    /// Runs one of the client's commands to its answer (its request id is dropped).
+    fn command<'a, F>(&'a self, f: impl FnOnce(&'a Client) -> F) -> Result<(), String>
+    where
+        F: std::future::Future<Output = Result<u64, thalamus_device::ClientError>>,
+    {
         let client = self.client()?;
         self.runtime
-            .block_on(client.answer(call_ref, pcmu()))
+            .block_on(f(client))
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    /// Answers incoming call `call_ref` with PCMU.
+    pub fn answer(&mut self, call_ref: u32) -> Result<(), String> {
+        self.command(|c| c.answer(call_ref, pcmu()))
     }
 
     /// Hangs call `call_ref` up.
     pub fn hangup(&mut self, call_ref: u32) -> Result<(), String> {
-        let client = self.client()?;
-        self.runtime
-            .block_on(client.hangup(call_ref))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.command(|c| c.hangup(call_ref))
     }
 
     /// Sends DTMF `digit` in call `call_ref`.
     pub fn dtmf(&mut self, call_ref: u32, digit: char) -> Result<(), String> {
-        let client = self.client()?;
-        self.runtime
-            .block_on(client.dtmf(call_ref, digit))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.command(|c| c.dtmf(call_ref, digit))
     }
 
     /// Closes the session (`Goodbye`); the device is unusable after.

@@ -1109,8 +1109,7 @@ fn longer_session(request: &Request, response: &Response) -> Option<Request> {
     if min_se <= asked.delta {
         return None;
     }
-    let mut next = request.clone();
-    next.headers.remove(&HeaderName::Via);
+    let mut next = sent_again(request).ok()?;
     next.headers.set(
         HeaderName::SessionExpires,
         SessionExpires {
@@ -1120,10 +1119,18 @@ fn longer_session(request: &Request, response: &Response) -> Option<Request> {
         .to_string(),
     );
     next.headers.set(HeaderName::MinSe, min_se);
-    let cseq = request.headers.cseq().ok()?;
+    Some(next)
+}
+
+/// `request` to send again in the same transaction's place: without its Via (the new
+/// transaction adds its own), CSeq + 1, the same Call-ID and tags.
+fn sent_again(request: &Request) -> Result<Request, UaError> {
+    let mut next = request.clone();
+    next.headers.remove(&HeaderName::Via);
+    let cseq = request.headers.cseq()?;
     next.headers
         .set_cseq(&CSeq::new(cseq.seq.saturating_add(1), cseq.method));
-    Some(next)
+    Ok(next)
 }
 
 /// A copy of `request` carrying credentials for `challenge` (CSeq + 1, same Call-ID and tags).
@@ -1136,13 +1143,9 @@ fn authorize(
 ) -> Result<Request, UaError> {
     let (answer_header, credentials) =
         answer_challenge(digest, auth, request, next_hop, challenge)?;
-    let mut next = request.clone();
-    next.headers.remove(&HeaderName::Via);
+    let mut next = sent_again(request)?;
     next.headers.remove(&answer_header);
     next.headers.push(answer_header, credentials);
-    let cseq = request.headers.cseq()?;
-    next.headers
-        .set_cseq(&CSeq::new(cseq.seq.saturating_add(1), cseq.method));
     Ok(next)
 }
 

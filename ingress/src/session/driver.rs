@@ -496,8 +496,10 @@ fn install(
     span.record("device", device_id);
     span.record("session", session_id.to_string().as_str());
     info!(resumed, "device session live");
-    node.requests
-        .online(device_id, DeviceLink::new(conn.clone(), takes_transfers));
+    node.requests.online(
+        device_id,
+        DeviceLink::new(conn.clone(), takes_transfers, resumed),
+    );
     let live_calls = if resumed {
         node.requests.live_calls(device_id)
     } else {

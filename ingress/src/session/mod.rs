@@ -125,14 +125,22 @@ pub enum LinkError {
 pub struct DeviceLink {
     conn: quinn::Connection,
     takes_transfers: bool,
+    resumed: bool,
 }
 
 impl DeviceLink {
-    pub(crate) fn new(conn: quinn::Connection, takes_transfers: bool) -> Self {
+    pub(crate) fn new(conn: quinn::Connection, takes_transfers: bool, resumed: bool) -> Self {
         Self {
             conn,
             takes_transfers,
+            resumed,
         }
+    }
+
+    /// Whether the session was resumed ([`crate::DeviceRequests::resume`] ran for it before
+    /// its `Welcome`).
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Whether the device follows transfers its remote party asks for (its Hello's
