@@ -916,6 +916,10 @@ impl Config {
         endpoint
             .supported
             .push(thalamus_sip::dialog::REPLACES_TAG.to_string());
+        // REFER without its implicit subscription (RFC 4488) is taken too.
+        endpoint
+            .supported
+            .push(thalamus_sip::dialog::NOREFERSUB_TAG.to_string());
         endpoint.dialogs.timers = thalamus_sip::dialog::RetransmitTimers {
             t1: timers.t1,
             t2: timers.t2,

@@ -575,6 +575,34 @@ fn a_sip_peer_transfers_the_device_to_a_buddy() {
     gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
 }
 
+/// RFC 4488: a REFER that requires `norefersub` and asks for no subscription is accepted with
+/// `Refer-Sub: false`; no NOTIFY follows (the scenario fails on one), and the call still ends
+/// once the transfer succeeds.
+#[test]
+fn a_sip_peer_transfers_the_device_without_the_refer_subscription() {
+    let gw = Gateway::start("").unwrap();
+    let secret = gw.add_device("callee").unwrap();
+    let (mut carol, carol_port) = Sim::buddy(&["--hangup-after-ms", "1000"], T).unwrap();
+    let mut listener = sim_as("listen", login_args(&gw, "callee", &secret), &[]);
+    listener.wait_event("welcome", T).unwrap();
+    let carol_uri = format!("sip:carol@127.0.0.1:{carol_port}");
+    let outcome = sipp_client(
+        &gw,
+        "uac_refer_norefersub.xml",
+        "callee",
+        &["-key", "carol", &carol_uri],
+    )
+    .wait(SIPP_WAIT);
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    let told = listener.wait_event("transfer_requested", T).unwrap();
+    assert_eq!(told["target"], carol_uri.as_str(), "{told}");
+    carol.wait_event("invite", T).unwrap();
+    let old = ended_call(&mut listener, &told["call_ref"]);
+    assert_eq!(old["reason"], "transferred", "{old}");
+    ended_call(&mut listener, &told["new_call_ref"]);
+    gw.wait_metric("thalamus_calls_active", 0.0, T).unwrap();
+}
+
 #[test]
 fn a_sip_peer_s_attended_transfer_reaches_its_target_with_the_replaces() {
     let gw = Gateway::start("").unwrap();

@@ -526,6 +526,9 @@ pub struct CallCore {
 /// A transfer the peer asked for (its REFER accepted).
 #[derive(Debug, Default)]
 struct Referral {
+    /// The REFER kept its implicit subscription: progress is reported in NOTIFYs. False for
+    /// `Refer-Sub: false` (RFC 4488): nothing is reported, and a success ends this call.
+    subscribed: bool,
     notifies: VecDeque<(String, bool)>,
     succeeded: bool,
     /// The last NOTIFY went (or is queued): later progress is not reported.
@@ -1611,6 +1614,7 @@ impl CallCore {
     /// the call is answered, the device follows transfers, none is in progress and the target
     /// is a SIP URI without embedded headers (an attended transfer's Replaces is not taken);
     /// then the NOTIFYs report the new call's progress, and once it is answered this call ends.
+    /// With `Refer-Sub: false` (RFC 4488) the 202 says so and no NOTIFY is sent.
     fn peer_refer(&mut self, tx: ServerTx, request: &Request) {
         if self.phase != Phase::Up || self.is_ending() {
             self.respond(tx, 481, None, None, false);
@@ -1663,9 +1667,34 @@ impl CallCore {
             .map(str::to_string)
             .or_else(|| request.headers.from().ok().map(|f| f.uri.to_string()))
             .unwrap_or_default();
-        self.respond(tx, 202, None, None, false);
+        // The REFER-Issuer may ask for no implicit subscription (RFC 4488 section 4); the
+        // 2xx then says it was granted, and no NOTIFY is sent.
+        let subscribed = !request
+            .headers
+            .text(&HeaderName::ReferSub)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+        let headers = if subscribed {
+            Vec::new()
+        } else {
+            vec![(HeaderName::ReferSub, "false".to_string())]
+        };
+        self.push(CallAction::Respond {
+            tx,
+            status: 202,
+            reason: None,
+            body: None,
+            headers,
+            report: false,
+        });
         self.referral = Some(Referral {
-            notifies: VecDeque::from([("SIP/2.0 100 Trying".to_string(), false)]),
+            subscribed,
+            notifies: if subscribed {
+                VecDeque::from([("SIP/2.0 100 Trying".to_string(), false)])
+            } else {
+                VecDeque::new()
+            },
             ..Referral::default()
         });
         self.push(CallAction::PlaceTransfer {
@@ -1688,6 +1717,14 @@ impl CallCore {
             referral.finished = true;
             referral.succeeded = (200..300).contains(&status);
         }
+        if !referral.subscribed {
+            // No subscription to report to (RFC 4488): the outcome alone matters.
+            // A success ends this call now (after the request in flight, if any).
+            if last && !self.is_ending() {
+                self.end_referral();
+            }
+            return;
+        }
         let reason = if reason.is_empty() {
             "Progress"
         } else {
@@ -1697,6 +1734,21 @@ impl CallCore {
             .notifies
             .push_back((format!("SIP/2.0 {status} {reason}"), last));
         self.run_deferred();
+    }
+
+    /// The peer's transfer is over and its last NOTIFY answered (or none was due): a
+    /// success ends this call with BYE (true; after the request in flight, if any); a failure
+    /// leaves it up.
+    fn end_referral(&mut self) -> bool {
+        let succeeded = self.referral.take().is_some_and(|r| r.succeeded);
+        if succeeded {
+            self.push(CallAction::Note(
+                "transferred by the remote party: the call ends",
+            ));
+            self.transferred = true;
+            self.start_bye(EndReason::Normal);
+        }
+        succeeded
     }
 
     fn sdp_body(sdp: &SessionDescription) -> Option<(Bytes, MediaType)> {
@@ -2615,16 +2667,8 @@ impl CallCore {
             Op::Refer { request_id, .. } => self.refer_done(request_id, outcome),
             Op::Notify { last, .. } => {
                 // Whatever its answer: the transfer's outcome does not change with it.
-                if last {
-                    let succeeded = self.referral.take().is_some_and(|r| r.succeeded);
-                    if succeeded {
-                        self.push(CallAction::Note(
-                            "transferred by the remote party: the call ends",
-                        ));
-                        self.transferred = true;
-                        self.start_bye(EndReason::Normal);
-                        return;
-                    }
+                if last && self.end_referral() {
+                    return;
                 }
             }
             Op::Bye { reason } => {

@@ -2502,6 +2502,86 @@ fn a_failed_transfer_leaves_the_call_and_a_bye_after_the_202_ends_it_quietly() {
     assert!(drain(&mut core).is_empty());
 }
 
+/// A REFER with `Refer-Sub: false` (RFC 4488): accepted with `Refer-Sub: false`, no NOTIFY
+/// ever, a failure leaves the call up, a success ends it (after the request in flight).
+#[test]
+fn a_refer_without_its_subscription_gets_no_notify_and_a_success_ends_the_call() {
+    let no_sub = |target: &str| {
+        request_with(
+            "REFER",
+            "",
+            &format!("Refer-To: <{target}>\r\nRefer-Sub: false\r\nSupported: norefersub\r\n"),
+        )
+    };
+    let t0 = Instant::now();
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.set_takes_transfers(true);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(7), Box::new(no_sub("sip:carol@example.org"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(7), 202)]);
+    assert_eq!(
+        header(&response_headers(&a, stx(7)), &HeaderName::ReferSub),
+        Some("false"),
+        "the 2xx says no subscription was made"
+    );
+    assert_eq!(place_transfers(&a).len(), 1);
+    assert!(sent_in_dialog(&a).is_empty(), "no NOTIFY: {a:?}");
+    core.handle(t0, CallInput::TransferProgress(180, "Ringing".into()));
+    assert!(drain(&mut core).is_empty());
+    // A failure: nothing sent, the call goes on, and another transfer may follow.
+    core.handle(t0, CallInput::TransferProgress(486, "Busy Here".into()));
+    assert!(drain(&mut core).is_empty());
+    assert_eq!(core.state(), CallState::Answered);
+
+    // Again while the device's hold is in flight: the success waits for its answer, then
+    // the call ends with BYE as transferred.
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    let reinvite = sent_in_dialog(&drain(&mut core));
+    assert_eq!(reinvite[0].1, Method::Invite);
+    core.handle(
+        t0,
+        CallInput::PeerRequest(stx(8), Box::new(no_sub("sip:dave@example.org"))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(responses(&a), vec![(stx(8), 202)]);
+    core.handle(t0, CallInput::TransferProgress(200, "OK".into()));
+    assert!(
+        sent_in_dialog(&drain(&mut core)).is_empty(),
+        "the hold is in flight"
+    );
+    core.handle(
+        t0,
+        CallInput::Client(
+            reinvite[0].0,
+            response(200, &peer_sdp(2, true, "recvonly"), Some(dialog())),
+        ),
+    );
+    let bye = sent_in_dialog(&drain(&mut core));
+    assert_eq!(bye.len(), 1);
+    assert_eq!(bye[0].1, Method::Bye, "no NOTIFY, the BYE at once");
+    core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
+    assert_eq!(ended(&drain(&mut core))[0].reason, "transferred");
+
+    // `Refer-Sub: true` (or none) keeps the subscription: NOTIFY 100 and no Refer-Sub.
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.set_takes_transfers(true);
+    let with_sub = request_with(
+        "REFER",
+        "",
+        "Refer-To: <sip:carol@example.org>\r\nRefer-Sub: true\r\n",
+    );
+    core.handle(t0, CallInput::PeerRequest(stx(9), Box::new(with_sub)));
+    let a = drain(&mut core);
+    assert_eq!(
+        header(&response_headers(&a, stx(9)), &HeaderName::ReferSub),
+        None
+    );
+    assert_eq!(notifies(&mut core, t0, a), vec!["SIP/2.0 100 Trying"]);
+}
+
 #[test]
 fn a_hangup_that_caused_a_takeover_goes_before_a_due_refresh() {
     let mut record = stored(false);

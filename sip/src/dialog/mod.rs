@@ -50,5 +50,7 @@ pub use error::{DialogError, DialogsError, ImportError, RequestRejection};
 pub use in_dialog::{is_target_refresh, next_hop, uas_response, InDialogRequest, ResponseOutcome};
 pub use record::{DialogRecord, DIALOG_RECORD_VERSION};
 pub use retransmit::{Pending2xx, Pending2xxAction, RetransmitTimers};
-pub use state::{Dialog, DialogId, DialogState, Replaces, Role, MAX_ROUTE_SET_LEN, REPLACES_TAG};
+pub use state::{
+    Dialog, DialogId, DialogState, Replaces, Role, MAX_ROUTE_SET_LEN, NOREFERSUB_TAG, REPLACES_TAG,
+};
 pub use table::{Dialogs, DialogsConfig, RequestMatch, TimerEvent};

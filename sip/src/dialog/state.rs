@@ -65,6 +65,10 @@ impl DialogId {
 /// The option tag of the Replaces extension (RFC 3891 section 6.2).
 pub const REPLACES_TAG: &str = "replaces";
 
+/// The option tag of REFER without its implicit subscription (RFC 4488 section 4): a REFER
+/// with `Refer-Sub: false` is accepted with `Refer-Sub: false` and no NOTIFY follows.
+pub const NOREFERSUB_TAG: &str = "norefersub";
+
 /// A Replaces header (RFC 3891 section 6.1) as the UA that receives it reads it: the dialog
 /// it names, from that UA's side (`to-tag` is its own tag, `from-tag` the other's), and
 /// whether only an early dialog may be replaced.

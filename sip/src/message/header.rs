@@ -116,6 +116,7 @@ header_names! {
     RAck => "RAck", b"rack", None;
     Reason => "Reason", b"reason", None;
     RecordRoute => "Record-Route", b"record-route", None;
+    ReferSub => "Refer-Sub", b"refer-sub", None;
     ReferTo => "Refer-To", b"refer-to", Some(b'r');
     ReferredBy => "Referred-By", b"referred-by", Some(b'b');
     RejectContact => "Reject-Contact", b"reject-contact", Some(b'j');
