@@ -4,7 +4,8 @@
 //! the device SDK's (`thalamus-device`), `events` renders what the gateway sends, and `connect` is the long-running
 //! single-device command; `swarm` holds many devices at once. On the SIP side, `buddy`
 //! is a user agent that plays the remote party and `sipcall` places calls at a rate. `load`
-//! drives many devices placing or answering calls at a rate, on devices made by `provision`;
+//! drives many devices (SDK clients) placing or answering calls at a rate, on devices made by
+//! `provision`;
 //! `media` is the echo probe and media counters of `call` and `listen`.
 #![forbid(unsafe_code)]
 

@@ -2,17 +2,18 @@
 //! logged in at a bounded concurrency and then held idle. Measures handshake (QUIC + Hello to
 //! Welcome) rate and latency; the benchmark script reads the gateway's memory meanwhile.
 //! Devices are `<prefix><n>` for n in 0..count, all with the same secret (as provisioned for
-//! load runs by `thalamus device add-bulk`).
+//! load runs by `thalamus device add-bulk`). Each device is a client of the device SDK
+//! (`thalamus_device::Client`, many sharing a few QUIC endpoints): it answers the gateway's
+//! keepalives and keeps its session as any device would.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use thalamus_proto::v1::Hello;
+use thalamus_device::session::{Event, SessionConfig};
+use thalamus_device::{Client, ClientConfig, ClientEvents};
 use tokio::sync::Semaphore;
-
-use crate::device::DeviceConnection;
 
 /// Swarm settings.
 #[derive(Debug, Clone)]
@@ -64,6 +65,9 @@ pub struct SwarmReport {
     pub alive_after_hold: u32,
 }
 
+/// Longest one device's login (QUIC handshake, Hello, Welcome) may take.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -88,32 +92,58 @@ pub async fn run(
         let endpoint = endpoints[i as usize % endpoints.len()].clone();
         let gate = gate.clone();
         let opts = opts.clone();
+        let quic = config.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let t0 = Instant::now();
-            let mut conn =
-                DeviceConnection::connect(&endpoint, opts.gateway, &opts.server_name).await?;
-            let welcome = conn
-                .hello(Hello {
-                    device_id: format!("{}{}", opts.prefix, opts.first + i),
-                    credential: opts.secret.clone(),
-                    ..Default::default()
-                })
-                .await?;
-            anyhow::Ok((conn, welcome, t0.elapsed(), Instant::now()))
+            let mut session = SessionConfig::new(
+                format!("{}{}", opts.prefix, opts.first.saturating_add(i)),
+                opts.secret.clone(),
+                vec![opts.gateway.to_string()],
+            );
+            session.login_timeout = LOGIN_TIMEOUT;
+            let mut client_config = ClientConfig::new(session, quic, &opts.server_name);
+            client_config.endpoint = Some(endpoint);
+            client_config.seed = u64::from(i);
+            client_config.event_buffer = 16;
+            client_config.datagram_buffer = 1;
+            let (client, mut events) = Client::start(client_config)?;
+            // The first attempt's outcome: live, or why not.
+            let outcome = tokio::time::timeout(LOGIN_TIMEOUT, async {
+                while let Some(event) = events.events.recv().await {
+                    match event {
+                        Event::Live(_) => return Ok(()),
+                        Event::Disconnected { reason, .. } => anyhow::bail!("{reason}"),
+                        _ => {}
+                    }
+                }
+                anyhow::bail!("the client stopped")
+            })
+            .await;
+            match outcome {
+                Ok(Ok(())) => anyhow::Ok((client, events, t0.elapsed(), Instant::now())),
+                Ok(Err(e)) => {
+                    client.close().await;
+                    Err(e)
+                }
+                Err(_) => {
+                    client.close().await;
+                    anyhow::bail!("no Welcome within {LOGIN_TIMEOUT:?}")
+                }
+            }
         }));
     }
-    let mut conns = Vec::new();
+    let mut devices: Vec<(Client, ClientEvents)> = Vec::new();
     let mut latencies = Vec::new();
     let mut failed = 0u32;
     let mut first_error = None;
     let mut last = start;
     for task in tasks {
         match task.await {
-            Ok(Ok((conn, _welcome, latency, at))) => {
+            Ok(Ok((client, events, latency, at))) => {
                 latencies.push(latency.as_secs_f64() * 1000.0);
                 last = last.max(at);
-                conns.push(conn);
+                devices.push((client, events));
             }
             Ok(Err(e)) => {
                 failed += 1;
@@ -129,12 +159,12 @@ pub async fn run(
     let ramp = last.duration_since(start).as_secs_f64();
     let mut report = SwarmReport {
         attempted: opts.count,
-        connected: conns.len() as u32,
+        connected: devices.len() as u32,
         failed,
         first_error,
         ramp_secs: ramp,
         handshakes_per_sec: if ramp > 0.0 {
-            conns.len() as f64 / ramp
+            devices.len() as f64 / ramp
         } else {
             0.0
         },
@@ -145,15 +175,25 @@ pub async fn run(
     };
     on_ready(&report);
     tokio::time::sleep(opts.hold).await;
-    report.alive_after_hold = conns
-        .iter()
-        .filter(|c| c.conn.close_reason().is_none())
-        .count() as u32;
-    for c in &conns {
-        c.conn.close(0u32.into(), b"swarm done");
+    // A device is still up when its session never left (no disconnection among its events).
+    let mut alive = 0u32;
+    for (_, events) in &mut devices {
+        let mut up = true;
+        while let Ok(e) = events.events.try_recv() {
+            up &= !matches!(e, Event::Disconnected { .. } | Event::Closed(_));
+        }
+        alive += u32::from(up);
+    }
+    report.alive_after_hold = alive;
+    let closing: Vec<_> = devices
+        .into_iter()
+        .map(|(client, _)| tokio::spawn(client.close()))
+        .collect();
+    for close in closing {
+        let _ = close.await;
     }
     for e in &endpoints {
-        e.wait_idle().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), e.wait_idle()).await;
     }
     Ok(report)
 }

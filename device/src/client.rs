@@ -49,6 +49,10 @@ pub struct ClientConfig {
     pub event_buffer: usize,
     /// Datagrams held for the application at most (more are dropped).
     pub datagram_buffer: usize,
+    /// A QUIC endpoint shared with other clients, for gateways of its address family (its
+    /// own default client configuration applies; `quic` serves the other family): many
+    /// devices in one process over a few UDP sockets. The client never closes it.
+    pub endpoint: Option<quinn::Endpoint>,
 }
 
 impl ClientConfig {
@@ -61,6 +65,7 @@ impl ClientConfig {
             seed: 0x5eed,
             event_buffer: 256,
             datagram_buffer: 1024,
+            endpoint: None,
         }
     }
 }
@@ -137,6 +142,7 @@ impl Client {
             session,
             endpoints: Arc::new(std::sync::Mutex::new(Endpoints {
                 quic: config.quic.clone(),
+                shared: config.endpoint.clone(),
                 v4: None,
                 v6: None,
             })),
@@ -266,15 +272,25 @@ impl Client {
 
 type Opening = Pin<Box<dyn Future<Output = Result<DeviceConnection, String>> + Send>>;
 
-/// The client's QUIC endpoints, one per address family, made when first needed.
+/// The client's QUIC endpoints, one per address family, made when first needed (or the
+/// shared one, which is not the client's to close).
 struct Endpoints {
     quic: quinn::ClientConfig,
+    shared: Option<quinn::Endpoint>,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
 }
 
 impl Endpoints {
     fn for_addr(&mut self, addr: std::net::SocketAddr) -> Result<quinn::Endpoint, String> {
+        if let Some(shared) = &self.shared {
+            if shared
+                .local_addr()
+                .is_ok_and(|local| local.is_ipv4() == addr.is_ipv4())
+            {
+                return Ok(shared.clone());
+            }
+        }
         let slot = if addr.is_ipv4() {
             &mut self.v4
         } else {
@@ -288,6 +304,7 @@ impl Endpoints {
         Ok(e)
     }
 
+    /// The client's own endpoints (not the shared one).
     fn all(&self) -> Vec<quinn::Endpoint> {
         self.v4.iter().chain(self.v6.iter()).cloned().collect()
     }

@@ -49,11 +49,15 @@ pub struct SessionConfig {
     pub login_timeout: Duration,
     /// Redirects followed in a row before counting a failure.
     pub max_redirects: u32,
+    /// Longest time to log in at the address of the node just lost, when there are several
+    /// entry points: it may be dead, or only cut off from this device, and the survivors may
+    /// still redirect there until they see it gone. It is tried after the other entry points.
+    pub suspect_timeout: Duration,
 }
 
 impl SessionConfig {
-    /// A configuration with the defaults: 0.5 s first backoff up to 30 s, 10 s to log in, 3
-    /// redirects in a row, no capabilities beyond PCMU and PCMA.
+    /// A configuration with the defaults: 0.5 s first backoff up to 30 s, 10 s to log in (1 s
+    /// at the node just lost), 3 redirects in a row, no capabilities beyond PCMU and PCMA.
     pub fn new(
         device_id: impl Into<String>,
         credential: impl Into<String>,
@@ -75,6 +79,7 @@ impl SessionConfig {
             backoff_max: Duration::from_secs(30),
             login_timeout: Duration::from_secs(10),
             max_redirects: 3,
+            suspect_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -208,6 +213,9 @@ pub struct DeviceSession {
     entry: usize,
     /// The address of the current (or last) connection.
     address: String,
+    /// The address of the live connection last lost (several entry points only): tried last,
+    /// and given `suspect_timeout`, until a session is live again.
+    suspect: Option<String>,
     resume_token: Vec<u8>,
     keepalive: Duration,
     idle_timeout: Duration,
@@ -246,6 +254,7 @@ impl DeviceSession {
             next_address: first.clone(),
             entry: 0,
             address: first,
+            suspect: None,
             resume_token: Vec::new(),
             keepalive: DEFAULT_KEEPALIVE,
             idle_timeout: DEFAULT_IDLE,
@@ -597,8 +606,13 @@ impl DeviceSession {
             address: self.address.clone(),
             attempt: self.attempts,
         });
+        let timeout = if self.suspect.as_ref() == Some(&self.address) {
+            self.config.suspect_timeout.min(self.config.login_timeout)
+        } else {
+            self.config.login_timeout
+        };
         self.state = State::Connecting {
-            deadline: now + self.config.login_timeout,
+            deadline: now + timeout,
         };
     }
 
@@ -621,6 +635,7 @@ impl DeviceSession {
                 self.failures = 0;
                 self.redirects = 0;
                 self.attempts = 0;
+                self.suspect = None;
                 self.state = State::Live {
                     last_heard: now,
                     next_ping: now + self.keepalive,
@@ -758,19 +773,27 @@ impl DeviceSession {
         self.lost_with(now, reason, None);
     }
 
-    /// The connection is gone: reconnect after the backoff. After a live session, from the
-    /// first entry point again (a node it was redirected to may be the one that died); after
-    /// a failed attempt, at the next one.
+    /// The connection is gone: reconnect after the backoff, at the next entry point. With
+    /// several entry points, the node of a live session just lost is suspect (see
+    /// [`SessionConfig::suspect_timeout`]): the first attempt passes over entry points at its
+    /// address, and any login there gets the short timeout until a session is live again.
     fn lost_with(&mut self, now: Instant, reason: String, close_code: Option<u32>) {
         let was_live = self.is_live();
         self.failures = self.failures.saturating_add(1);
         let wait = self.backoff();
         let count = self.config.entry_points.len().max(1);
-        self.entry = if was_live {
-            0
-        } else {
-            (self.entry + 1) % count
-        };
+        if was_live && count > 1 {
+            self.suspect = Some(self.address.clone());
+        }
+        // Right after the loss the suspect's entry points are passed over; later rounds come
+        // back to them (with the short timeout), so a node that only restarted is found again.
+        for _ in 0..count {
+            self.entry = (self.entry + 1) % count;
+            let at = self.config.entry_points.get(self.entry);
+            if !was_live || at.is_none() || at != self.suspect.as_ref() {
+                break;
+            }
+        }
         self.next_address = self
             .config
             .entry_points
@@ -1088,6 +1111,100 @@ mod tests {
         ));
     }
 
+    /// After a live session is lost, its node is suspect: the first attempt goes elsewhere,
+    /// a redirect back to it gets the short timeout, and a later round tries it again.
+    #[test]
+    fn the_node_just_lost_is_tried_last_and_briefly() {
+        let t0 = Instant::now();
+        let mut c = SessionConfig::new(
+            "dev-1",
+            "s3cret",
+            vec!["a:1".into(), "b:1".into(), "c:1".into()],
+        );
+        c.backoff_initial = Duration::from_millis(100);
+        let mut s = DeviceSession::new(c, 3);
+        let login = |s: &mut DeviceSession, now: Instant| -> Option<Envelope> {
+            s.connected(now);
+            drain_tx(s).into_iter().next()
+        };
+        let connects = |s: &mut DeviceSession| -> Vec<String> {
+            drain_actions(s)
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Connect { address } => Some(address),
+                    Action::Disconnect => None,
+                })
+                .collect()
+        };
+        // Logged in through a:1, redirected to its owner c:1.
+        s.start(t0);
+        assert_eq!(connects(&mut s), vec!["a:1"]);
+        let hello = login(&mut s, t0).unwrap();
+        s.frame(
+            t0,
+            Envelope {
+                request_id: hello.request_id,
+                body: Some(Body::Redirect(Redirect {
+                    address: "c:1".into(),
+                    node_id: "node-c".into(),
+                })),
+            },
+        );
+        assert_eq!(connects(&mut s), vec!["c:1"]);
+        let hello = login(&mut s, t0).unwrap();
+        s.frame(t0, welcome(hello.request_id, b"tok", false, vec![]));
+        assert!(s.is_live());
+        // c:1 dies. The next attempt goes to b:1 with the full login timeout...
+        s.connection_lost(t0, "reset");
+        let mut now = s.poll_timeout().unwrap();
+        s.handle_timeout(now);
+        assert_eq!(connects(&mut s), vec!["b:1"]);
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(10)));
+        // ...which still redirects to c:1: that login may take 1 s only.
+        let hello = login(&mut s, now).unwrap();
+        s.frame(
+            now,
+            Envelope {
+                request_id: hello.request_id,
+                body: Some(Body::Redirect(Redirect {
+                    address: "c:1".into(),
+                    node_id: "node-c".into(),
+                })),
+            },
+        );
+        assert_eq!(connects(&mut s), vec!["c:1"]);
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
+        now += Duration::from_secs(1);
+        s.handle_timeout(now);
+        // Then on around the entry points: c:1 among them again, briefly.
+        let mut tried = Vec::new();
+        for _ in 0..3 {
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            let to = connects(&mut s);
+            let deadline = s.poll_timeout().unwrap();
+            tried.push((to[0].clone(), deadline.saturating_duration_since(now)));
+            s.connection_lost(now, "refused");
+            drain_actions(&mut s);
+        }
+        assert_eq!(
+            tried,
+            vec![
+                ("c:1".to_string(), Duration::from_secs(1)),
+                ("a:1".to_string(), Duration::from_secs(10)),
+                ("b:1".to_string(), Duration::from_secs(10)),
+            ]
+        );
+        // Live again: nothing is suspect any more.
+        now = s.poll_timeout().unwrap();
+        s.handle_timeout(now);
+        assert_eq!(connects(&mut s), vec!["c:1"]);
+        let hello = login(&mut s, now).unwrap();
+        s.frame(now, welcome(hello.request_id, b"tok-2", true, vec![]));
+        assert!(s.is_live());
+        assert_eq!(s.suspect, None);
+    }
+
     #[test]
     fn a_silent_gateway_is_given_up_after_the_idle_timeout() {
         let t0 = Instant::now();
@@ -1186,15 +1303,15 @@ mod tests {
         let ev = drain_events(&mut s);
         assert!(ev.iter().any(|e| matches!(e, Event::Refused { .. })));
         assert_eq!(ev.last(), Some(&Event::Closed(ClosedBy::Unauthenticated)));
-        // Shutdown (7): a loss like any other, back from the first entry point, the close code
-        // said.
+        // Shutdown (7): a loss like any other, the close code said; the next attempt goes to
+        // the other entry point (the node just lost is suspect).
         let mut s = live(t0);
         s.connection_closed(t0, thalamus_proto::close_code::SHUTDOWN, "closed");
         let ev = drain_events(&mut s);
         assert!(
             matches!(
                 ev.last(),
-                Some(Event::Disconnected { close_code: Some(7), attempt: 1, next: Some(n), .. }) if n == "a:1"
+                Some(Event::Disconnected { close_code: Some(7), attempt: 1, next: Some(n), .. }) if n == "b:1"
             ),
             "{ev:?}"
         );
@@ -1210,7 +1327,7 @@ mod tests {
             }
             s.connection_lost(now, "refused");
         }
-        assert_eq!(tried, ["a:1", "b:1", "a:1"]);
+        assert_eq!(tried, ["b:1", "a:1", "b:1"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! One load device's calls and texts, sans-IO: fed the gateway's frames and `now`, it returns
-//! the frames to send (Dial, Answer, Hangup, SendText, Pong) and what happened ([`Outcome`]s:
+//! One load device's calls and texts, sans-IO: told of the calls and texts the device's SDK
+//! session sent (their call refs and request ids are the session's), fed the gateway's frames
+//! and `now`, it returns the frames to send (Answer, Hangup) and what happened ([`Outcome`]s:
 //! a call answered, a call finished and how, a text delivered or not).
 //!
 //! Outgoing calls are dialed on request, hung up `hold` after the answer (or left to the other
@@ -12,12 +13,8 @@ use std::time::{Duration, Instant};
 
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, AudioCodec, CallEvent, CallState, Dial, EndReason, Envelope, ErrorCode, Hangup,
-    MediaOffer, Pong, SendText,
+    Answer, AudioCodec, CallEvent, CallState, EndReason, Envelope, ErrorCode, Hangup, MediaOffer,
 };
-
-/// Request ids this core hands out start here (the login used lower ones).
-const FIRST_REQUEST_ID: u64 = 1_000;
 
 /// Media stops this long before a planned hangup, so the last echoes are back before the end.
 const MEDIA_QUIET_BEFORE_HANGUP: Duration = Duration::from_millis(100);
@@ -112,8 +109,6 @@ struct CallSlot {
 #[derive(Debug)]
 pub struct DeviceCalls {
     settings: CallSettings,
-    next_call_ref: u32,
-    next_request_id: u64,
     calls: HashMap<u32, CallSlot>,
     dials: HashMap<u64, u32>,
     texts: HashMap<u64, Instant>,
@@ -170,8 +165,6 @@ impl DeviceCalls {
     pub fn new(settings: CallSettings) -> Self {
         Self {
             settings,
-            next_call_ref: 0,
-            next_request_id: FIRST_REQUEST_ID,
             calls: HashMap::new(),
             dials: HashMap::new(),
             texts: HashMap::new(),
@@ -188,26 +181,8 @@ impl DeviceCalls {
         self.calls.len()
     }
 
-    fn request_id(&mut self) -> u64 {
-        self.next_request_id += 1;
-        self.next_request_id
-    }
-
-    fn fresh_call_ref(&mut self) -> u32 {
-        // Never reuse a call_ref the gateway may still hold: refs only grow (wrapping past
-        // u32::MAX, skipping 0 and live ones).
-        loop {
-            self.next_call_ref = self.next_call_ref.wrapping_add(1);
-            if self.next_call_ref != 0 && !self.calls.contains_key(&self.next_call_ref) {
-                return self.next_call_ref;
-            }
-        }
-    }
-
-    /// Starts an outgoing call to `target`; returns the `Dial` to send.
-    pub fn dial(&mut self, now: Instant, target: &str) -> Envelope {
-        let call_ref = self.fresh_call_ref();
-        let request_id = self.request_id();
+    /// An outgoing call the session placed (its `Dial` sent as `call_ref`, `request_id`).
+    pub fn dialed(&mut self, now: Instant, call_ref: u32, request_id: u64) {
         self.calls.insert(
             call_ref,
             CallSlot {
@@ -223,32 +198,16 @@ impl DeviceCalls {
             },
         );
         self.dials.insert(request_id, call_ref);
-        Envelope {
-            request_id,
-            body: Some(Body::Dial(Dial {
-                call_ref,
-                target: target.to_string(),
-                media: Some(device_media()),
-                headers: Default::default(),
-            })),
-        }
     }
 
-    /// Sends a text to `to`; `None` when too many texts await their status.
-    pub fn text(&mut self, now: Instant, to: &str, body: &str) -> Option<Envelope> {
-        if self.texts.len() >= MAX_PENDING_TEXTS {
-            return None;
-        }
-        let request_id = self.request_id();
+    /// Whether another text may go (not too many await their status).
+    pub fn may_text(&self) -> bool {
+        self.texts.len() < MAX_PENDING_TEXTS
+    }
+
+    /// A text the session sent as `request_id`.
+    pub fn texted(&mut self, now: Instant, request_id: u64) {
         self.texts.insert(request_id, now);
-        Some(Envelope {
-            request_id,
-            body: Some(Body::SendText(SendText {
-                to: to.to_string(),
-                content_type: "text/plain".into(),
-                body: body.as_bytes().to_vec(),
-            })),
-        })
     }
 
     fn finish(&mut self, now: Instant, call_ref: u32, reason: String, outcomes: &mut Vec<Outcome>) {
@@ -275,10 +234,6 @@ impl DeviceCalls {
         outcomes: &mut Vec<Outcome>,
     ) {
         match &env.body {
-            Some(Body::Ping(p)) => out.push(Envelope {
-                request_id: env.request_id,
-                body: Some(Body::Pong(Pong { nonce: p.nonce })),
-            }),
             Some(Body::IncomingCall(c)) => {
                 if self.calls.contains_key(&c.call_ref) {
                     return;
@@ -538,7 +493,7 @@ impl DeviceCalls {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use thalamus_proto::v1::{Error as ErrorFrame, IncomingCall, Ping, TextStatus};
+    use thalamus_proto::v1::{Error as ErrorFrame, IncomingCall, TextStatus};
 
     fn settings(hold_ms: u64) -> CallSettings {
         CallSettings {
@@ -561,6 +516,36 @@ mod tests {
         }
     }
 
+    /// Ids as the SDK session would hand them out.
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
+
+    /// A call placed as the session would: the `Dial` it sent.
+    fn dial(d: &mut DeviceCalls, now: Instant) -> Envelope {
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let call_ref = u32::try_from(id).unwrap();
+        d.dialed(now, call_ref, id);
+        Envelope {
+            request_id: id,
+            body: Some(Body::Dial(thalamus_proto::v1::Dial {
+                call_ref,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// A text sent as the session would, unless too many are pending.
+    fn text(d: &mut DeviceCalls, now: Instant) -> Option<Envelope> {
+        if !d.may_text() {
+            return None;
+        }
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        d.texted(now, id);
+        Some(Envelope {
+            request_id: id,
+            body: None,
+        })
+    }
+
     fn dial_ref(env: &Envelope) -> u32 {
         match &env.body {
             Some(Body::Dial(d)) => d.call_ref,
@@ -572,7 +557,7 @@ mod tests {
     fn answered_call_is_hung_up_after_the_hold_and_finishes_once() {
         let t0 = Instant::now();
         let mut d = DeviceCalls::new(settings(500));
-        let dial = d.dial(t0, "sip:bob@127.0.0.1");
+        let dial = dial(&mut d, t0);
         let call_ref = dial_ref(&dial);
         let (mut out, mut outcomes) = (Vec::new(), Vec::new());
         let t1 = t0 + Duration::from_millis(3);
@@ -648,14 +633,14 @@ mod tests {
         let t0 = Instant::now();
         let mut d = DeviceCalls::new(settings(0));
         let (mut out, mut outcomes) = (Vec::new(), Vec::new());
-        let busy = dial_ref(&d.dial(t0, "sip:a@h"));
+        let busy = dial_ref(&dial(&mut d, t0));
         d.on_frame(
             t0,
             &event(busy, CallState::Ended, EndReason::Busy, 486),
             &mut out,
             &mut outcomes,
         );
-        let refused = d.dial(t0, "sip:a@h");
+        let refused = dial(&mut d, t0);
         d.on_frame(
             t0,
             &Envelope {
@@ -692,7 +677,7 @@ mod tests {
     fn unanswered_calls_time_out_with_a_hangup() {
         let t0 = Instant::now();
         let mut d = DeviceCalls::new(settings(1000));
-        let call_ref = dial_ref(&d.dial(t0, "sip:a@h"));
+        let call_ref = dial_ref(&dial(&mut d, t0));
         let (mut out, mut outcomes) = (Vec::new(), Vec::new());
         assert_eq!(d.next_deadline(), Some(t0 + Duration::from_secs(10)));
         d.poll(t0 + Duration::from_secs(10), &mut out, &mut outcomes);
@@ -712,7 +697,7 @@ mod tests {
     }
 
     #[test]
-    fn incoming_calls_are_answered_and_pings_ponged() {
+    fn incoming_calls_are_answered() {
         let t0 = Instant::now();
         let mut d = DeviceCalls::new(settings(0));
         let (mut out, mut outcomes) = (Vec::new(), Vec::new());
@@ -752,22 +737,6 @@ mod tests {
             [Outcome::Offered { .. }, Outcome::Answered { setup, .. }, Outcome::Finished { answered: true, reason, .. }]
                 if *setup == Duration::from_millis(2) && reason == "remote_hangup"
         ));
-        d.on_frame(
-            t1,
-            &Envelope {
-                request_id: 9,
-                body: Some(Body::Ping(Ping { nonce: 4 })),
-            },
-            &mut out,
-            &mut outcomes,
-        );
-        assert_eq!(
-            out.last(),
-            Some(&Envelope {
-                request_id: 9,
-                body: Some(Body::Pong(Pong { nonce: 4 }))
-            })
-        );
     }
 
     #[test]
@@ -775,7 +744,7 @@ mod tests {
         let t0 = Instant::now();
         let mut d = DeviceCalls::new(settings(0));
         let (mut out, mut outcomes) = (Vec::new(), Vec::new());
-        let sent = d.text(t0, "sip:b@h", "hi").unwrap();
+        let sent = text(&mut d, t0).unwrap();
         d.on_frame(
             t0 + Duration::from_millis(4),
             &Envelope {
@@ -793,8 +762,8 @@ mod tests {
             &outcomes[..],
             [Outcome::Text { delivered: true, latency, .. }] if *latency == Duration::from_millis(4)
         ));
-        d.text(t0, "sip:b@h", "again").unwrap();
-        d.dial(t0, "sip:b@h");
+        text(&mut d, t0).unwrap();
+        dial(&mut d, t0);
         d.fail_all(t0, "connection lost", &mut outcomes);
         assert_eq!(outcomes.len(), 3);
         assert_eq!(d.calls_in_progress(), 0);
@@ -806,15 +775,15 @@ mod tests {
         let t0 = Instant::now();
         let mut d = DeviceCalls::new(settings(500));
         let (mut out, mut outcomes) = (Vec::new(), Vec::new());
-        let answered = dial_ref(&d.dial(t0, "sip:bob@127.0.0.1"));
-        let ringing = dial_ref(&d.dial(t0, "sip:bob@127.0.0.1"));
+        let answered = dial_ref(&dial(&mut d, t0));
+        let ringing = dial_ref(&dial(&mut d, t0));
         d.on_frame(
             t0,
             &event(answered, CallState::Answered, EndReason::Unspecified, 200),
             &mut out,
             &mut outcomes,
         );
-        let _ = d.text(t0, "sip:bob@127.0.0.1", "hi");
+        let _ = text(&mut d, t0);
         outcomes.clear();
         // The node died; the survivor resumed the session with the answered call only.
         let t1 = t0 + Duration::from_millis(100);
@@ -864,7 +833,7 @@ mod tests {
         assert_eq!(d.calls_in_progress(), 0);
         // Not resumed: nothing is kept.
         let mut d = DeviceCalls::new(settings(500));
-        let _ = d.dial(t0, "sip:bob@127.0.0.1");
+        let _ = dial(&mut d, t0);
         let mut outcomes = Vec::new();
         assert_eq!(
             d.keep_only(

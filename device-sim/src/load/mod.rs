@@ -10,10 +10,12 @@
 //! more calls to place), `drained` (every call finished or written off, connections still
 //! up) and `done`.
 //!
-//! Against a cluster: several entry points (device n logs in through entry point n mod their
-//! number), redirects followed to the owner node, and a device that loses its node logs in
-//! again elsewhere with its resume token; the calls the new node lists go on. The report counts
-//! per node and per reconnect.
+//! Every device is a client of the device SDK (`thalamus_device::Client`), many of them sharing
+//! a few QUIC endpoints. Against a cluster: several entry points (device n logs in through
+//! entry point n mod their number), redirects followed to the owner node, and a device that
+//! loses its node logs in again elsewhere with its resume token (the SDK session does that,
+//! trying the lost node last); the calls the new node lists go on. The report counts per node
+//! and per reconnect.
 //!
 //! Layout: [`pacer`] (when starts are due), [`device_calls`] (one device's calls, sans-IO),
 //! [`report`] (the tally), [`plot`] (SVG), [`cli`] (the command), and here the tasks that
@@ -36,16 +38,21 @@ use std::time::{Duration, Instant};
 
 use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId};
 use thalamus_proto::v1::envelope::Body;
-use thalamus_proto::v1::{Hello, Welcome};
+use thalamus_proto::v1::Welcome;
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::device::{DeviceConnection, DeviceError};
 use device_calls::{CallSettings, DeviceCalls, Outcome};
 use pacer::Pacer;
 use report::{LoadReport, Progress, RunFacts, Tally};
+use thalamus_device::session::{Event, SessionConfig};
+use thalamus_device::{Client, ClientConfig, ClientError, ClientEvents};
 
 /// Commands queued to one device at most.
 const DEVICE_QUEUE: usize = 64;
+
+/// Events and media datagrams one device's SDK client holds for its task at most.
+const DEVICE_EVENTS: usize = 64;
+const DEVICE_DATAGRAMS: usize = 256;
 
 /// Outcomes queued toward the tally at most (device tasks wait when it is full).
 const OUTCOME_QUEUE: usize = 65_536;
@@ -71,131 +78,115 @@ const MAX_REDIRECTS: u32 = 3;
 /// First and longest pause between two rounds of reconnect attempts.
 const RECONNECT_DELAY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
 
-/// How the devices reach the gateway: its entry points, the TLS name to present and the
-/// devices' secret.
-#[derive(Debug)]
+/// How the devices reach the gateway: its entry points, the TLS name to present, the devices'
+/// secret and the QUIC client settings.
 struct Connector {
     gateways: Vec<SocketAddr>,
     server_name: String,
     secret: String,
+    quic: quinn::ClientConfig,
 }
 
-/// A device logged in.
+/// A device logged in: its SDK client, live.
 struct Login {
-    conn: DeviceConnection,
-    welcome: Welcome,
-    /// The entry point it went through.
-    entry: usize,
+    client: Client,
+    events: ClientEvents,
     /// The node's id from the Welcome (its address when the Welcome names none).
     node: Arc<str>,
-}
-
-/// Why one login at one address failed.
-enum Refusal {
-    /// The node sent the device to another node.
-    Redirect(SocketAddr),
-    /// Anything else.
-    Failed(anyhow::Error),
+    /// The address it is connected to.
+    address: String,
+    max_calls: Option<u32>,
 }
 
 impl Connector {
-    /// Logs `device_id` in through the entry points from `first` on, each tried once, following
-    /// up to [`MAX_REDIRECTS`] redirects; resumes its session when `token` is not empty.
-    /// `suspect` is the address of the node just lost: survivors name it in redirects until
-    /// they see it is gone, and it may be gone or only cut off from this device, so it is
-    /// tried last and given [`SUSPECT_TIMEOUT`] instead of [`LOGIN_TIMEOUT`].
+    /// The session of `device_id`: the entry points from `first` on, the load's timeouts (the
+    /// node just lost is tried last and briefly, see [`SUSPECT_TIMEOUT`]), redirects followed.
+    fn session(&self, device_id: &str, first: usize) -> SessionConfig {
+        let n = self.gateways.len().max(1);
+        let entry_points = (0..n)
+            .filter_map(|i| self.gateways.get((first + i) % n))
+            .map(SocketAddr::to_string)
+            .collect();
+        let mut session = SessionConfig::new(device_id, self.secret.clone(), entry_points);
+        session.login_timeout = LOGIN_TIMEOUT;
+        session.suspect_timeout = SUSPECT_TIMEOUT;
+        session.max_redirects = MAX_REDIRECTS;
+        (session.backoff_initial, session.backoff_max) = RECONNECT_DELAY;
+        session
+    }
+
+    /// Starts `device_id` as a device of the SDK through `endpoint` and waits for its session:
+    /// each entry point is tried once (following redirects) before the login counts as failed.
     async fn log_in(
         &self,
         endpoint: &quinn::Endpoint,
         device_id: &str,
         first: usize,
-        token: &[u8],
-        suspect: Option<SocketAddr>,
+        seed: u64,
     ) -> anyhow::Result<Login> {
-        let n = self.gateways.len().max(1);
-        let mut order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
-        order.sort_by_key(|&e| self.gateways.get(e).copied() == suspect);
-        let mut last = anyhow::anyhow!("no entry point");
-        for entry in order {
-            let Some(mut addr) = self.gateways.get(entry).copied() else {
-                continue;
-            };
-            for _ in 0..=MAX_REDIRECTS {
-                let timeout = if Some(addr) == suspect {
-                    SUSPECT_TIMEOUT
-                } else {
-                    LOGIN_TIMEOUT
-                };
-                match self
-                    .hello_at(endpoint, addr, device_id, token, timeout)
-                    .await
-                {
-                    Ok((conn, welcome)) => {
-                        let node: Arc<str> = if welcome.node_id.is_empty() {
-                            addr.to_string().into()
-                        } else {
-                            welcome.node_id.as_str().into()
-                        };
-                        return Ok(Login {
-                            conn,
-                            welcome,
-                            entry,
-                            node,
-                        });
+        let mut config = ClientConfig::new(
+            self.session(device_id, first),
+            self.quic.clone(),
+            &self.server_name,
+        );
+        config.endpoint = Some(endpoint.clone());
+        // Each device its own backoff jitter: a node's devices do not come back in step.
+        config.seed = seed;
+        config.event_buffer = DEVICE_EVENTS;
+        config.datagram_buffer = DEVICE_DATAGRAMS;
+        let (client, mut events) = Client::start(config)?;
+        let tries = u32::try_from(self.gateways.len().max(1)).unwrap_or(u32::MAX);
+        let mut address = String::new();
+        let limit = LOGIN_TIMEOUT * tries.saturating_add(1);
+        let waited = tokio::time::timeout(limit, async {
+            let mut last = String::from("no entry point answered");
+            while let Some(event) = events.events.recv().await {
+                match event {
+                    Event::Connected { address: at } => address = at,
+                    Event::Live(welcome) => return Ok(*welcome),
+                    Event::Disconnected {
+                        reason, attempt, ..
+                    } => {
+                        last = reason;
+                        if attempt >= tries {
+                            anyhow::bail!("{last}");
+                        }
                     }
-                    Err(Refusal::Redirect(to)) => addr = to,
-                    Err(Refusal::Failed(e)) => {
-                        last = e;
-                        break;
-                    }
+                    Event::Refused { message, .. } => last = message,
+                    Event::Closed(by) => anyhow::bail!("login ended ({by:?}): {last}"),
+                    _ => {}
                 }
             }
-        }
-        Err(last)
+            anyhow::bail!("the client stopped: {last}")
+        })
+        .await;
+        let welcome = match waited {
+            Ok(Ok(welcome)) => welcome,
+            Ok(Err(e)) => {
+                client.close().await;
+                return Err(e);
+            }
+            Err(_) => {
+                client.close().await;
+                anyhow::bail!("no session within {limit:?}");
+            }
+        };
+        Ok(Login {
+            client,
+            events,
+            node: node_name(&welcome, &address),
+            address,
+            max_calls: welcome.limits.map(|l| l.max_calls).filter(|m| *m > 0),
+        })
     }
+}
 
-    async fn hello_at(
-        &self,
-        endpoint: &quinn::Endpoint,
-        addr: SocketAddr,
-        device_id: &str,
-        token: &[u8],
-        timeout: Duration,
-    ) -> Result<(DeviceConnection, Welcome), Refusal> {
-        let hello = Hello {
-            device_id: device_id.to_string(),
-            credential: self.secret.clone(),
-            resume_token: token.to_vec(),
-            ..Default::default()
-        };
-        let attempt = async {
-            let mut conn = DeviceConnection::connect(endpoint, addr, &self.server_name).await?;
-            let welcome = conn.hello(hello).await?;
-            Ok::<_, DeviceError>((conn, welcome))
-        };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(done)) => Ok(done),
-            Ok(Err(DeviceError::Refused(env))) => match env.body {
-                Some(Body::Redirect(r)) => match tokio::net::lookup_host(r.address.as_str())
-                    .await
-                    .ok()
-                    .and_then(|mut a| a.next())
-                {
-                    Some(to) => Err(Refusal::Redirect(to)),
-                    None => Err(Refusal::Failed(anyhow::anyhow!(
-                        "redirect to {:?}, which does not resolve",
-                        r.address
-                    ))),
-                },
-                other => Err(Refusal::Failed(anyhow::anyhow!(
-                    "hello refused at {addr}: {other:?}"
-                ))),
-            },
-            Ok(Err(e)) => Err(Refusal::Failed(anyhow::anyhow!("{addr}: {e}"))),
-            Err(_) => Err(Refusal::Failed(anyhow::anyhow!(
-                "{addr}: no Welcome within {timeout:?}"
-            ))),
-        }
+/// A node's name in the report: its id from the Welcome, or the address logged in at.
+fn node_name(welcome: &Welcome, address: &str) -> Arc<str> {
+    if welcome.node_id.is_empty() {
+        address.into()
+    } else {
+        welcome.node_id.as_str().into()
     }
 }
 
@@ -321,7 +312,8 @@ fn progress_bar(enabled: bool) -> indicatif::ProgressBar {
 
 struct LoggedIn {
     slots: Vec<Arc<DeviceSlot>>,
-    connections: Vec<quinn::Connection>,
+    /// The device tasks (each closes its client when the run stops).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     failures: u32,
     first_error: Option<String>,
 }
@@ -329,6 +321,7 @@ struct LoggedIn {
 /// Logs every device in and starts its task.
 async fn log_in(
     opts: &LoadOptions,
+    quic: &quinn::ClientConfig,
     endpoints: &[quinn::Endpoint],
     outcomes: &mpsc::Sender<(Arc<str>, Outcome)>,
     stop: &watch::Receiver<bool>,
@@ -339,6 +332,7 @@ async fn log_in(
         gateways: opts.gateways.clone(),
         server_name: opts.server_name.clone(),
         secret: opts.secret.clone(),
+        quic: quic.clone(),
     });
     let mut tasks = Vec::with_capacity(opts.devices as usize);
     for i in 0..opts.devices {
@@ -352,9 +346,9 @@ async fn log_in(
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let login = connector
-                .log_in(&endpoint, &device_id, first, &[], None)
+                .log_in(&endpoint, &device_id, first, u64::from(i))
                 .await?;
-            anyhow::Ok((login, endpoint, device_id))
+            anyhow::Ok(login)
         }));
     }
     let settings = CallSettings {
@@ -364,7 +358,7 @@ async fn log_in(
     };
     let mut out = LoggedIn {
         slots: Vec::with_capacity(tasks.len()),
-        connections: Vec::with_capacity(tasks.len()),
+        tasks: Vec::with_capacity(tasks.len()),
         failures: 0,
         first_error: None,
     };
@@ -374,13 +368,8 @@ async fn log_in(
             Err(e) => Err(e.into()),
         };
         match result {
-            Ok((login, endpoint, device_id)) => {
-                let gateway_max = login
-                    .welcome
-                    .limits
-                    .map(|l| l.max_calls)
-                    .filter(|m| *m > 0)
-                    .unwrap_or(DEFAULT_MAX_CALLS);
+            Ok(login) => {
+                let gateway_max = login.max_calls.unwrap_or(DEFAULT_MAX_CALLS);
                 let max_calls = opts
                     .max_calls_per_device
                     .map_or(gateway_max, |m| m.min(gateway_max));
@@ -394,15 +383,11 @@ async fn log_in(
                     gave_up: AtomicBool::new(false),
                     reconnecting: AtomicBool::new(false),
                 });
-                out.connections.push(login.conn.conn.clone());
-                tokio::spawn(device_task(DeviceTask {
-                    conn: login.conn,
-                    resume_token: login.welcome.resume_token,
-                    entry: login.entry,
+                out.tasks.push(tokio::spawn(device_task(DeviceTask {
+                    client: login.client,
+                    events: login.events,
                     node: login.node,
-                    device_id,
-                    endpoint,
-                    connector: connector.clone(),
+                    address: login.address,
                     reconnect: opts.reconnect,
                     core: DeviceCalls::new(settings.clone()),
                     commands: rx,
@@ -411,7 +396,7 @@ async fn log_in(
                     stop: stop.clone(),
                     target: opts.target.clone(),
                     outgoing: !opts.incoming,
-                }));
+                })));
                 out.slots.push(slot);
             }
             Err(e) => {
@@ -458,7 +443,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     let (outcome_tx, mut outcome_rx) = mpsc::channel(OUTCOME_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let login_start = Instant::now();
-    let logged_in = log_in(&opts, &endpoints, &outcome_tx, &stop_rx, &bar).await;
+    let logged_in = log_in(&opts, &config, &endpoints, &outcome_tx, &stop_rx, &bar).await;
     drop(outcome_tx);
     let login_secs = login_start.elapsed().as_secs_f64();
     let connected = logged_in.slots.len() as u32;
@@ -604,9 +589,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         &tally.progress(Instant::now()),
     );
     let _ = stop_tx.send(true);
-    for conn in &logged_in.connections {
-        conn.close(0u32.into(), b"load done");
-    }
+    // Each device closes its session (a Goodbye, then the connection).
+    let closing = futures_join_all(logged_in.tasks);
+    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
     for e in &endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
     }
@@ -684,16 +669,12 @@ fn dispatch(slots: &[Arc<DeviceSlot>], next: &mut usize, command: Command, call:
 }
 
 struct DeviceTask {
-    conn: DeviceConnection,
-    /// The latest resume token (from the Welcome, then each `ResumeToken` frame).
-    resume_token: Vec<u8>,
-    /// The entry point of its last login.
-    entry: usize,
+    client: Client,
+    events: ClientEvents,
     /// The node it is logged in at.
     node: Arc<str>,
-    device_id: String,
-    endpoint: quinn::Endpoint,
-    connector: Arc<Connector>,
+    /// The address it is connected to (names the node when its Welcome does not).
+    address: String,
     reconnect: Duration,
     core: DeviceCalls,
     commands: mpsc::Receiver<Command>,
@@ -719,137 +700,187 @@ fn media_frame(call_ref: u32, seq: u16) -> Option<bytes::Bytes> {
     .ok()
 }
 
-/// Drives one device until the connection ends or the run stops.
+/// How a command the SDK did not send is reported.
+fn not_sent(e: &ClientError) -> String {
+    match e {
+        ClientError::Command(thalamus_device::session::CommandError::NotLive) => {
+            "connection lost".into()
+        }
+        other => format!("not sent: {other}"),
+    }
+}
+
+/// `goodbye <reason>` for a node's Goodbye.
+fn goodbye_cause(reason: i32) -> String {
+    format!(
+        "goodbye {}",
+        thalamus_proto::v1::GoodbyeReason::try_from(reason)
+            .map_or("unknown", |r| r
+                .as_str_name()
+                .trim_start_matches("GOODBYE_REASON_"))
+            .to_ascii_lowercase()
+    )
+}
+
+/// The device lost its node and logs in again (the SDK session does it: the entry points in
+/// turn, the lost node last, with its resume token).
+struct Away {
+    since: Instant,
+    /// `connection lost`, or `goodbye <reason>` from its node.
+    cause: String,
+}
+
+/// Drives one device (an SDK client) until its session ends or the run stops: hands it the
+/// calls and texts the scheduler sends, answers and hangs up as [`DeviceCalls`] says, streams
+/// media, and reports every outcome. A device that loses its node is not offered calls until
+/// its session is live again (`reconnect` at most; zero: its calls fail at once).
 async fn device_task(mut t: DeviceTask) {
     let mut out = Vec::new();
     let mut outcomes = Vec::new();
     let mut media_tick = tokio::time::interval(Duration::from_millis(20));
     media_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let media = t.outgoing && t.core.media_enabled();
-    let mut lost: Option<&'static str> = None;
-    let mut goodbye = String::new();
+    let mut away: Option<Away> = None;
+    let mut goodbye: Option<String> = None;
+    let mut ended: Option<String> = None;
     loop {
         let deadline = t.core.next_deadline();
-        let has_calls = t.core.calls_in_progress() > 0;
+        let give_up = away.as_ref().map(|a| a.since + t.reconnect);
+        let sending = media && away.is_none() && t.core.calls_in_progress() > 0;
         tokio::select! {
-            frame = t.conn.reader.next() => match frame {
-                Ok(env) => match &env.body {
-                    Some(Body::ResumeToken(r)) => t.resume_token.clone_from(&r.token),
-                    // Draining or shutting down: log in again (the node may redirect).
-                    Some(Body::Goodbye(g)) => {
-                        goodbye = format!(
-                            "goodbye {}",
-                            thalamus_proto::v1::GoodbyeReason::try_from(g.reason).map_or(
-                                "unknown",
-                                |r| r.as_str_name().trim_start_matches("GOODBYE_REASON_")
-                            ).to_ascii_lowercase()
-                        );
-                        lost = Some("goodbye");
-                    }
+            event = t.events.events.recv() => match event {
+                Some(Event::Frame(env)) => match &env.body {
+                    Some(Body::Goodbye(g)) => goodbye = Some(goodbye_cause(g.reason)),
                     _ => t.core.on_frame(Instant::now(), &env, &mut out, &mut outcomes),
                 },
-                Err(_) => lost = Some("connection lost"),
+                Some(Event::Connected { address }) => t.address = address,
+                Some(Event::Disconnected { retry_in: Some(_), .. }) => {
+                    if away.is_none() {
+                        let cause = goodbye.take().unwrap_or_else(|| "connection lost".into());
+                        t.slot.alive.store(false, Ordering::Relaxed);
+                        if t.reconnect.is_zero() {
+                            ended = Some(if cause.starts_with("goodbye") {
+                                "goodbye".into()
+                            } else {
+                                cause.clone()
+                            });
+                        } else {
+                            t.slot.reconnecting.store(true, Ordering::Relaxed);
+                        }
+                        away = Some(Away { since: Instant::now(), cause });
+                    }
+                }
+                Some(Event::Live(welcome)) => {
+                    if let Some(gone) = away.take() {
+                        let now = Instant::now();
+                        let live = if welcome.resumed {
+                            welcome.live_calls.iter().map(|c| c.call_ref).collect()
+                        } else {
+                            std::collections::HashSet::new()
+                        };
+                        let (calls_kept, calls_lost) = t.core.keep_only(
+                            now,
+                            &live,
+                            "lost with its node",
+                            &mut out,
+                            &mut outcomes,
+                        );
+                        // What was lost counts against the node it was lost with.
+                        if !send_outcomes(&t, &mut outcomes).await {
+                            t.client.close().await;
+                            return;
+                        }
+                        outcomes.push(Outcome::Reconnected {
+                            at: now,
+                            cause: gone.cause,
+                            resumed: welcome.resumed,
+                            calls_kept,
+                            calls_lost,
+                            took: now.saturating_duration_since(gone.since),
+                        });
+                        t.node = node_name(&welcome, &t.address);
+                        if let Ok(mut node) = t.slot.node.lock() {
+                            *node = t.node.clone();
+                        }
+                        t.slot.reconnecting.store(false, Ordering::Relaxed);
+                        t.slot.alive.store(true, Ordering::Relaxed);
+                    }
+                }
+                Some(Event::Disconnected { retry_in: None, reason, .. }) => {
+                    ended = Some(format!("session ended: {reason}"));
+                }
+                Some(Event::Closed(_)) | None => {
+                    ended.get_or_insert_with(|| "connection lost".into());
+                }
+                Some(_) => {}
             },
             command = t.commands.recv() => match command {
-                Some(Command::Dial) => out.push(t.core.dial(Instant::now(), &t.target)),
-                Some(Command::Text) => match t.core.text(Instant::now(), &t.target, "load test") {
-                    Some(env) => out.push(env),
-                    None => outcomes.push(Outcome::Text {
+                Some(Command::Dial) => match t.client.dial(&t.target, device_calls::device_media()).await {
+                    Ok((call_ref, id)) => t.core.dialed(Instant::now(), call_ref, id),
+                    Err(e) => outcomes.push(Outcome::Finished {
                         at: Instant::now(),
-                        latency: Duration::ZERO,
-                        delivered: false,
-                        reason: "too many texts pending".into(),
+                        answered: false,
+                        reason: not_sent(&e),
+                        media_sent: 0,
+                        media_received: 0,
                     }),
                 },
-                None => lost = Some("stopped"),
+                Some(Command::Text) => {
+                    let sent = if t.core.may_text() {
+                        t.client.send_text(&t.target, "load test").await.map_err(|e| not_sent(&e))
+                    } else {
+                        Err("too many texts pending".into())
+                    };
+                    match sent {
+                        Ok(id) => t.core.texted(Instant::now(), id),
+                        Err(reason) => outcomes.push(Outcome::Text {
+                            at: Instant::now(),
+                            latency: Duration::ZERO,
+                            delivered: false,
+                            reason,
+                        }),
+                    }
+                }
+                None => ended = Some("stopped".into()),
             },
             _ = sleep_until(deadline) => t.core.poll(Instant::now(), &mut out, &mut outcomes),
-            _ = media_tick.tick(), if media && has_calls => {
+            _ = sleep_until(give_up) => {
+                // No node took the device within the reconnect time.
+                t.slot.gave_up.store(true, Ordering::Relaxed);
+                t.slot.reconnecting.store(false, Ordering::Relaxed);
+                ended = Some(away.as_ref().map_or("connection lost".into(), |a| a.cause.clone()));
+            }
+            _ = media_tick.tick(), if sending => {
                 for (call_ref, seq) in t.core.media_due(Instant::now()) {
                     if let Some(frame) = media_frame(call_ref, seq) {
-                        let _ = t.conn.conn.send_datagram(frame);
+                        let _ = t.client.send_datagram(frame);
                     }
                 }
             }
-            datagram = t.conn.conn.read_datagram(), if media => {
-                if let Ok(d) = datagram {
+            datagram = t.events.datagrams.recv(), if media => {
+                if let Some(d) = datagram {
                     if let Ok(d) = MediaDatagram::decode(d) {
                         t.core.on_media(d.header.call_ref);
                     }
                 }
             }
-            _ = t.stop.changed() => return,
+            _ = t.stop.changed() => {
+                t.client.close().await;
+                return;
+            }
         }
+        // Answers and hangups; while the device is away they wait for the resumed session
+        // (`keep_only` sends the hangups of kept calls again).
         for env in out.drain(..) {
-            if lost.is_none() && t.conn.writer.send_envelope(&env).await.is_err() {
-                lost = Some("connection lost");
-            }
-        }
-        if lost.is_some_and(|r| r != "stopped") && !t.reconnect.is_zero() {
-            t.slot.alive.store(false, Ordering::Relaxed);
-            let lost_at = Instant::now();
-            let mut stop = t.stop.clone();
-            let said_goodbye = lost == Some("goodbye");
-            t.slot.reconnecting.store(true, Ordering::Relaxed);
-            let login = tokio::select! {
-                login = reconnect(&t, said_goodbye) => login,
-                _ = stop.changed() => return,
-            };
-            t.slot.reconnecting.store(false, Ordering::Relaxed);
-            match login {
-                Some(login) => {
-                    let now = Instant::now();
-                    let live = if login.welcome.resumed {
-                        login
-                            .welcome
-                            .live_calls
-                            .iter()
-                            .map(|c| c.call_ref)
-                            .collect()
-                    } else {
-                        std::collections::HashSet::new()
-                    };
-                    let (calls_kept, calls_lost) =
-                        t.core
-                            .keep_only(now, &live, "lost with its node", &mut out, &mut outcomes);
-                    // What was lost counts against the node it was lost with.
-                    if !send_outcomes(&t, &mut outcomes).await {
-                        return;
-                    }
-                    outcomes.push(Outcome::Reconnected {
-                        at: now,
-                        cause: if said_goodbye {
-                            std::mem::take(&mut goodbye)
-                        } else {
-                            "connection lost".into()
-                        },
-                        resumed: login.welcome.resumed,
-                        calls_kept,
-                        calls_lost,
-                        took: now.saturating_duration_since(lost_at),
-                    });
-                    t.conn = login.conn;
-                    t.resume_token = login.welcome.resume_token;
-                    t.entry = login.entry;
-                    t.node = login.node;
-                    if let Ok(mut node) = t.slot.node.lock() {
-                        *node = t.node.clone();
-                    }
-                    t.slot.alive.store(true, Ordering::Relaxed);
-                    lost = None;
-                    // Hangups sent again for calls the new node holds.
-                    for env in out.drain(..) {
-                        if t.conn.writer.send_envelope(&env).await.is_err() {
-                            lost = Some("connection lost");
-                            break;
-                        }
-                    }
+            if let Some(body) = env.body {
+                if away.is_none() {
+                    let _ = t.client.send(body).await;
                 }
-                None => t.slot.gave_up.store(true, Ordering::Relaxed),
             }
         }
-        if let Some(reason) = lost {
+        if let Some(reason) = &ended {
             t.slot.alive.store(false, Ordering::Relaxed);
+            let reason = reason.as_str();
             t.core.fail_all(Instant::now(), reason, &mut outcomes);
             // Commands already queued were counted as started: they fail too.
             t.commands.close();
@@ -871,10 +902,8 @@ async fn device_task(mut t: DeviceTask) {
                 });
             }
         }
-        if !send_outcomes(&t, &mut outcomes).await {
-            return;
-        }
-        if lost.is_some() {
+        if !send_outcomes(&t, &mut outcomes).await || ended.is_some() {
+            t.client.close().await;
             return;
         }
     }
@@ -897,31 +926,10 @@ async fn send_outcomes(t: &DeviceTask, outcomes: &mut Vec<Outcome>) -> bool {
     true
 }
 
-/// Logs a device that lost its node in again: through the entry points after the one it used
-/// last, with its resume token, in rounds with a growing pause, for at most the reconnect
-/// time. `None` when no node took it. After a
-/// `Goodbye` the node is alive: the device starts again at the entry point it used, which
-/// sends it where it belongs now. The lost address is tried last, and briefly.
-async fn reconnect(t: &DeviceTask, said_goodbye: bool) -> Option<Login> {
-    let deadline = Instant::now() + t.reconnect;
-    let several = t.connector.gateways.len() > 1;
-    let suspect = (several && !said_goodbye).then(|| t.conn.conn.remote_address());
-    let mut delay = RECONNECT_DELAY.0;
-    let mut first = if said_goodbye { t.entry } else { t.entry + 1 };
-    loop {
-        if let Ok(login) = t
-            .connector
-            .log_in(&t.endpoint, &t.device_id, first, &t.resume_token, suspect)
-            .await
-        {
-            return Some(login);
-        }
-        if Instant::now() + delay >= deadline {
-            return None;
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(RECONNECT_DELAY.1);
-        first += 1;
+/// Waits for every task (their panics are theirs: the run reports what it counted).
+async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
     }
 }
 
