@@ -69,7 +69,7 @@ impl ClientConfig {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The QUIC endpoint could not be made.
+    /// The QUIC endpoint could not be made (or moved: [`Client::rebind`]).
     #[error("QUIC endpoint: {0}")]
     Endpoint(std::io::Error),
     /// The session refused the command.
@@ -109,6 +109,7 @@ enum Command {
 pub struct Client {
     commands: mpsc::Sender<Command>,
     connection: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
+    endpoints: Arc<std::sync::Mutex<Endpoints>>,
     dropped: Arc<AtomicU64>,
     events_dropped: Arc<AtomicU64>,
     task: JoinHandle<()>,
@@ -133,13 +134,14 @@ impl Client {
         let dropped = Arc::new(AtomicU64::new(0));
         let events_dropped = Arc::new(AtomicU64::new(0));
         let session = DeviceSession::new(config.session.clone(), config.seed);
+        let endpoints = Arc::new(std::sync::Mutex::new(Endpoints {
+            quic: config.quic.clone(),
+            v4: None,
+            v6: None,
+        }));
         let driver = Driver {
             session,
-            endpoints: Arc::new(std::sync::Mutex::new(Endpoints {
-                quic: config.quic.clone(),
-                v4: None,
-                v6: None,
-            })),
+            endpoints: endpoints.clone(),
             server_name: config.server_name.clone(),
             events: events_tx,
             datagrams: datagrams_tx,
@@ -153,6 +155,7 @@ impl Client {
             Client {
                 commands,
                 connection,
+                endpoints,
                 dropped,
                 events_dropped,
                 task,
@@ -244,6 +247,43 @@ impl Client {
         }
     }
 
+    /// Moves the QUIC endpoint of the current connection to `socket`, as when the device changes
+    /// networks: its packets now come from the socket's address, QUIC validates the new path,
+    /// and the connection goes on with its session, calls and media (connection migration,
+    /// RFC 9000 section 9, which the gateway accepts). Later connections to addresses of the
+    /// same family go through `socket` too. Returns the endpoint's previous local address.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> Result<std::net::SocketAddr, ClientError> {
+        let remote = self
+            .connection
+            .lock()
+            .map_err(|_| ClientError::Stopped)?
+            .as_ref()
+            .map(quinn::Connection::remote_address)
+            .ok_or_else(|| {
+                ClientError::Endpoint(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "not connected",
+                ))
+            })?;
+        let endpoint = {
+            let endpoints = self.endpoints.lock().map_err(|_| ClientError::Stopped)?;
+            if remote.is_ipv4() {
+                endpoints.v4.clone()
+            } else {
+                endpoints.v6.clone()
+            }
+        }
+        .ok_or_else(|| {
+            ClientError::Endpoint(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no endpoint",
+            ))
+        })?;
+        let previous = endpoint.local_addr().map_err(ClientError::Endpoint)?;
+        endpoint.rebind(socket).map_err(ClientError::Endpoint)?;
+        Ok(previous)
+    }
+
     /// Datagrams received but dropped because the application did not take them in time.
     pub fn datagrams_dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -271,6 +311,12 @@ struct Endpoints {
     quic: quinn::ClientConfig,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
+}
+
+impl std::fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints").finish_non_exhaustive()
+    }
 }
 
 impl Endpoints {
