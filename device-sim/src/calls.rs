@@ -1,27 +1,32 @@
 //! Device-side call commands of the simulator: `call` (dial, optionally stream media and check
-//! the echo, hold and resume, send DTMF, hang up), `listen` (answer or reject incoming calls)
-//! and `text` (send one SIP MESSAGE through the gateway), and `watch` (watch SIP buddies'
+//! the echo, hold and resume, send DTMF, transfer, hang up), `listen` (answer or reject incoming
+//! calls), `text` (send one SIP MESSAGE through the gateway) and `watch` (watch SIP buddies'
 //! presence). Each logs in as one device, prints every event (JSON lines with `--json`) and
-//! ends with a `summary` event. `text` and `watch` are devices of the device SDK
-//! (`thalamus_device::Client`); `call` and `listen` still drive their sessions here, over the
-//! SDK's connection layer.
+//! ends with a `summary` event. Every device they run is a device of the device SDK
+//! (`thalamus_device::Client`): the SDK logs in, keeps the session alive (answering the
+//! gateway's `Ping`s), follows redirects, and reconnects (resuming the session) after a loss;
+//! this module sends the commands, streams and counts the media, and prints what it hears.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use thalamus_device::session::{CommandError, Event};
+use thalamus_device::{Client, ClientError, ClientEvents};
 use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, CallState, Dial, Envelope, Hangup, Hello, Hold, MediaStats, Pong, Reject, Resume,
+    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaStats, Redirect, Reject, Resume,
+    Transfer,
 };
+use tokio::sync::mpsc;
 
-use crate::device::{DeviceConnection, FrameReader, FrameWriter};
 use crate::events::EventPrinter;
+use crate::load::device_calls::device_media;
 use crate::media::{
     probe_tag, EchoProbe, ProbeTotals, ReceivedMedia, FRAME_INTERVAL, MAX_TRACKED_CALLS,
 };
@@ -43,51 +48,117 @@ pub struct Login {
     pub takes_transfers: bool,
 }
 
-/// A logged-in device.
-pub struct Session {
-    /// The QUIC endpoint (kept alive with the connection).
-    pub endpoint: quinn::Endpoint,
-    /// The connection (datagrams).
-    pub conn: quinn::Connection,
-    /// Control frames in.
-    pub reader: FrameReader,
-    /// Control frames out.
-    pub writer: FrameWriter,
+/// A device of the SDK, logged in (its session may be coming back after a loss).
+struct Device {
+    client: Client,
+    incoming: ClientEvents,
+    /// The gateway it logged in to (its endpoint's address family).
+    gateway: SocketAddr,
 }
 
-impl std::fmt::Debug for Session {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").finish_non_exhaustive()
+impl Device {
+    /// Logs in; prints the `welcome`.
+    async fn start(login: &Login, printer: EventPrinter) -> anyhow::Result<Self> {
+        let (client, incoming) = sdk_device(login, printer).await?;
+        Ok(Self {
+            client,
+            incoming,
+            gateway: login.gateway,
+        })
     }
 }
 
-/// Connects and logs in; prints the `welcome`.
-pub async fn login(login: &Login, printer: EventPrinter) -> anyhow::Result<Session> {
-    let config = crate::quic::client_config(login.fingerprint)?;
-    let endpoint = crate::quic::client_endpoint(login.gateway, config)?;
-    let mut conn = DeviceConnection::connect(&endpoint, login.gateway, &login.server_name).await?;
-    let welcome = conn
-        .hello(Hello {
-            device_id: login.device.clone(),
-            credential: login.secret.clone(),
-            // Revision 2: follows a transfer the remote party asks for (TransferRequested).
-            capabilities: Some(thalamus_proto::v1::Capabilities {
-                transfer: login.takes_transfers,
-                ..Default::default()
+/// The next frame the device's session hears. On the way, prints the session's own events as
+/// the simulator always printed what they stand for: the `welcome` of a session that came
+/// back, a `redirect`, and a lost connection (`disconnected`, then `reconnecting` when the SDK
+/// waits before connecting again). The `Pong`s answering the SDK's keepalives are not printed
+/// (these commands never sent a `Ping` of their own). Fails once the session is over.
+/// Cancel-safe: whatever it took from the channel is printed before it waits again.
+async fn next_frame(
+    events: &mut mpsc::Receiver<Event>,
+    printer: EventPrinter,
+) -> anyhow::Result<Envelope> {
+    loop {
+        let Some(event) = events.recv().await else {
+            anyhow::bail!("the device stopped");
+        };
+        match event {
+            Event::Frame(env) if !matches!(env.body, Some(Body::Pong(_))) => return Ok(*env),
+            Event::Live(welcome) => printer.frame(&Envelope {
+                request_id: 0,
+                body: Some(Body::Welcome(*welcome)),
             }),
-            ..Default::default()
-        })
-        .await?;
-    printer.frame(&Envelope {
-        request_id: 0,
-        body: Some(Body::Welcome(welcome)),
-    });
-    Ok(Session {
-        endpoint,
-        conn: conn.conn,
-        reader: conn.reader,
-        writer: conn.writer,
+            Event::Redirected { address, node_id } => printer.frame(&Envelope {
+                request_id: 0,
+                body: Some(Body::Redirect(Redirect { address, node_id })),
+            }),
+            Event::Disconnected {
+                reason,
+                close_code,
+                attempt,
+                retry_in,
+                next,
+            } => {
+                let mut fields = json!({ "reason": reason });
+                if let Some(code) = close_code {
+                    fields["close_code"] = json!(code);
+                }
+                printer.emit("disconnected", fields);
+                // A node's goodbye (it drains) is followed at once, not counted.
+                if let (Some(wait), true) = (retry_in, attempt > 0) {
+                    printer.emit(
+                        "reconnecting",
+                        json!({
+                            "attempt": attempt,
+                            "delay_ms": u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                            "gateway": next.unwrap_or_default(),
+                        }),
+                    );
+                }
+            }
+            Event::Closed(by) => anyhow::bail!("the session is over: {by:?}"),
+            // Connecting, connected, refused (closed follows), and what a later SDK adds.
+            _ => {}
+        }
+    }
+}
+
+/// A call command of the SDK, `sent` being what its method answered. When the SDK does not
+/// know the call (it ended meanwhile, or it is a consultation call this module numbered
+/// itself), `frame` goes as is and the gateway says what it makes of it, as it always did.
+async fn call_command(
+    client: &Client,
+    sent: Result<u64, ClientError>,
+    frame: impl FnOnce() -> Body,
+) -> anyhow::Result<()> {
+    match sent {
+        Ok(_) => Ok(()),
+        Err(ClientError::Command(CommandError::UnknownCall(_))) => {
+            client.send(frame()).await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Hangs call `call_ref` up.
+async fn hangup(client: &Client, call_ref: u32) -> anyhow::Result<()> {
+    call_command(client, client.hangup(call_ref).await, || {
+        Body::Hangup(Hangup { call_ref })
     })
+    .await
+}
+
+/// Holds (`on`) or resumes call `call_ref`.
+async fn hold(client: &Client, call_ref: u32, on: bool) -> anyhow::Result<()> {
+    call_command(client, client.hold(call_ref, on).await, || {
+        if on {
+            Body::Hold(Hold { call_ref })
+        } else {
+            Body::Resume(Resume { call_ref })
+        }
+    })
+    .await
 }
 
 fn state_of(env: &Envelope) -> Option<(u32, CallState)> {
@@ -134,6 +205,8 @@ pub struct CallOptions {
 const ECHO_DRAIN: Duration = Duration::from_secs(1);
 /// Longest wait, after the call ended, for the gateway's media statistics.
 const STATS_WAIT: Duration = Duration::from_secs(2);
+/// How long a DTMF digit the device sends lasts.
+const DTMF_MS: u32 = 100;
 
 /// What the devices of one run share: media totals and the count of answered devices.
 #[derive(Debug, Default)]
@@ -200,11 +273,29 @@ async fn device_calls(
     printer: EventPrinter,
     shared: &RunShared,
 ) -> anyhow::Result<(u32, u32)> {
-    let mut s = login(login_opts, printer).await?;
+    let mut dev = Device::start(login_opts, printer).await?;
     let (mut ok, mut failed) = (0u32, 0u32);
     for n in 0..opts.calls {
-        let call_ref = n + 1;
-        let call = one_call(&mut s, &login_opts.device, call_ref, opts, printer, shared);
+        let call_ref = match dev.client.dial(&opts.target, device_media()).await {
+            Ok((call_ref, _)) => call_ref,
+            Err(e) => {
+                printer.emit(
+                    "error",
+                    json!({"message": e.to_string(), "call_ref": n + 1, "device": login_opts.device}),
+                );
+                failed += 1;
+                break;
+            }
+        };
+        let call = one_call(
+            &mut dev,
+            &login_opts.device,
+            call_ref,
+            n == 0,
+            opts,
+            printer,
+            shared,
+        );
         match tokio::time::timeout(opts.call_timeout, call).await {
             Ok(Ok(true)) => ok += 1,
             Ok(Ok(false)) => failed += 1,
@@ -225,8 +316,7 @@ async fn device_calls(
             }
         }
     }
-    s.conn.close(0u32.into(), b"done");
-    s.endpoint.wait_idle().await;
+    dev.client.close().await;
     Ok((ok, failed))
 }
 
@@ -239,22 +329,17 @@ fn is_media_statistics(env: &Envelope, call_ref: u32) -> Option<MediaStats> {
     }
 }
 
+/// Call `call_ref`, dialled already, from its first event to its end (and its media report).
+/// `first`: the device's first call (its answer counts for the ready file).
 async fn one_call(
-    s: &mut Session,
+    dev: &mut Device,
     device: &str,
     call_ref: u32,
+    first: bool,
     opts: &CallOptions,
     printer: EventPrinter,
     shared: &RunShared,
 ) -> anyhow::Result<bool> {
-    s.writer
-        .send(Body::Dial(Dial {
-            call_ref,
-            target: opts.target.clone(),
-            media: Some(crate::load::device_calls::device_media()),
-            headers: Default::default(),
-        }))
-        .await?;
     let mut answered_at: Option<Instant> = None;
     let mut probe = EchoProbe::new(probe_tag(device, call_ref));
     let mut media_tick = tokio::time::interval(FRAME_INTERVAL);
@@ -280,7 +365,7 @@ async fn one_call(
                 || streaming_stopped.is_some_and(|at| at.elapsed() >= ECHO_DRAIN));
         if hangup_due && !hung_up {
             hung_up = true;
-            s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
+            hangup(&dev.client, call_ref).await?;
         }
         let rebind_at = match (opts.rebind_after, answered_at) {
             (Some(after), Some(at)) if !rebound && !hung_up => Some(at + after),
@@ -288,7 +373,7 @@ async fn one_call(
         };
         if rebind_at.is_some_and(|at| Instant::now() >= at) {
             rebound = true;
-            rebind(s, call_ref, printer)?;
+            rebind(dev, call_ref, printer)?;
             continue;
         }
         let wake_at = match (answered_at, streaming_stopped) {
@@ -301,11 +386,8 @@ async fn one_call(
             (a, b) => a.or(b),
         };
         tokio::select! {
-            frame = s.reader.next() => {
+            frame = next_frame(&mut dev.incoming.events, printer) => {
                 let env = frame?;
-                if answered_ping(s, &env).await? {
-                    continue;
-                }
                 match &env.body {
                     Some(Body::CallEvent(e)) if e.call_ref == call_ref && e.stats.is_some() && e.reason == "media statistics" => {
                         printer.frame(&env);
@@ -316,7 +398,7 @@ async fn one_call(
                         if t.done && !(200..300).contains(&t.sip_status) && !hung_up {
                             // The transfer failed: the call is ours to end.
                             hung_up = true;
-                            s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
+                            hangup(&dev.client, call_ref).await?;
                         }
                         continue;
                     }
@@ -325,7 +407,8 @@ async fn one_call(
                         match CallState::try_from(e.state) {
                             Ok(CallState::Answered) if !did_transfer => {
                                 did_transfer = true;
-                                s.writer.send(Body::Transfer(thalamus_proto::v1::Transfer {
+                                // The SDK has no transfer command: the frame as is.
+                                dev.client.send(Body::Transfer(Transfer {
                                     call_ref,
                                     target: String::new(),
                                     replaces_call_ref: consult_ref,
@@ -336,7 +419,7 @@ async fn one_call(
                                 if !did_transfer && !hung_up {
                                     // The consultation failed: nothing to transfer to.
                                     hung_up = true;
-                                    s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
+                                    hangup(&dev.client, call_ref).await?;
                                 }
                             }
                             _ => {}
@@ -348,24 +431,26 @@ async fn one_call(
                 printer.frame(&env);
                 match state_of(&env) {
                     Some((r, CallState::Answered)) if r == call_ref => {
-                        if answered_at.is_none() && call_ref == 1 {
+                        if answered_at.is_none() && first {
                             device_answered(opts, shared);
                         }
                         answered_at = Some(Instant::now());
                         for digit in opts.dtmf.chars() {
-                            s.writer.send(Body::Dtmf(thalamus_proto::v1::Dtmf {
+                            // As a frame: the SDK's `dtmf` leaves the length to the gateway,
+                            // and the simulator's digits have always lasted DTMF_MS.
+                            dev.client.send(Body::Dtmf(Dtmf {
                                 call_ref,
                                 digit: digit.to_string(),
-                                duration_ms: 100,
+                                duration_ms: DTMF_MS,
                             })).await?;
                         }
                         if opts.hold_resume && !did_hold {
                             did_hold = true;
-                            s.writer.send(Body::Hold(Hold { call_ref })).await?;
+                            hold(&dev.client, call_ref, true).await?;
                         }
                         if let Some(target) = opts.transfer_to.as_ref().filter(|_| !did_transfer) {
                             did_transfer = true;
-                            s.writer.send(Body::Transfer(thalamus_proto::v1::Transfer {
+                            dev.client.send(Body::Transfer(Transfer {
                                 call_ref,
                                 target: target.clone(),
                                 replaces_call_ref: 0,
@@ -373,23 +458,25 @@ async fn one_call(
                         }
                         if let Some(target) = opts.consult.as_ref().filter(|_| !did_transfer && !consulting) {
                             consulting = true;
-                            s.writer.send(Body::Dial(Dial {
+                            // Its ref is the call's plus CONSULT_REF_OFFSET (the SDK's `dial`
+                            // would pick the next free one): the frame as is.
+                            dev.client.send(Body::Dial(Dial {
                                 call_ref: consult_ref,
                                 target: target.clone(),
-                                media: Some(crate::load::device_calls::device_media()),
+                                media: Some(device_media()),
                                 headers: Default::default(),
                             })).await?;
                         }
                     }
                     Some((r, CallState::Held)) if r == call_ref && opts.hold_resume => {
-                        s.writer.send(Body::Resume(Resume { call_ref })).await?;
+                        hold(&dev.client, call_ref, false).await?;
                     }
                     Some((r, CallState::Ended)) if r == call_ref => {
                         if consulting {
-                            end_consultation(s, consult_ref, printer).await?;
+                            end_consultation(dev, consult_ref, printer).await?;
                         }
                         if opts.media {
-                            finish_probe(s, call_ref, &mut probe, printer).await;
+                            finish_probe(dev, call_ref, &mut probe, printer).await;
                             let mut report = probe.report();
                             report["call_ref"] = json!(call_ref);
                             report["device"] = json!(device);
@@ -404,16 +491,14 @@ async fn one_call(
                 }
             }
             _ = media_tick.tick(), if opts.media && answered_at.is_some() && streaming_stopped.is_none() && !hung_up => {
-                if let Err(e) = s.conn.send_datagram(probe.next_datagram(call_ref, Instant::now())) {
+                if let Err(e) = dev.client.send_datagram(probe.next_datagram(call_ref, Instant::now())) {
                     probe.send_failed += 1;
                     tracing::debug!(error = %e, call_ref, "media frame not sent");
                 }
             }
             _ = sleep_until(wake_at), if (!opts.hold.is_zero() || rebind_at.is_some()) && !hung_up => {}
-            datagram = s.conn.read_datagram(), if opts.media => {
-                if let Ok(d) = datagram {
-                    probe.on_datagram(d, Instant::now());
-                }
+            Some(datagram) = dev.incoming.datagrams.recv(), if opts.media => {
+                probe.on_datagram(datagram, Instant::now());
             }
         }
     }
@@ -429,7 +514,7 @@ const CONSULT_GRACE: Duration = Duration::from_secs(3);
 /// remote party ends it once the transferee's INVITE with Replaces took its place; hangs it
 /// up when that does not come.
 async fn end_consultation(
-    s: &mut Session,
+    dev: &mut Device,
     consult_ref: u32,
     printer: EventPrinter,
 ) -> anyhow::Result<()> {
@@ -437,11 +522,8 @@ async fn end_consultation(
     let mut until = tokio::time::Instant::now() + CONSULT_GRACE;
     loop {
         tokio::select! {
-            frame = s.reader.next() => {
+            frame = next_frame(&mut dev.incoming.events, printer) => {
                 let env = frame?;
-                if answered_ping(s, &env).await? {
-                    continue;
-                }
                 printer.frame(&env);
                 if matches!(state_of(&env), Some((r, CallState::Ended)) if r == consult_ref) {
                     return Ok(());
@@ -452,21 +534,26 @@ async fn end_consultation(
                     return Ok(());
                 }
                 hung_up = true;
-                s.writer.send(Body::Hangup(Hangup { call_ref: consult_ref })).await?;
+                hangup(&dev.client, consult_ref).await?;
                 until = tokio::time::Instant::now() + CONSULT_GRACE;
             }
         }
     }
 }
 
-/// Moves the device's endpoint to a new UDP socket on the same local address and a new port:
-/// to the gateway the device's packets now come from another address, as when a device
-/// changes networks. QUIC validates the new path and the connection (and its call) continues.
-fn rebind(s: &Session, call_ref: u32, printer: EventPrinter) -> anyhow::Result<()> {
-    let old = s.endpoint.local_addr()?;
-    let socket = std::net::UdpSocket::bind(std::net::SocketAddr::new(old.ip(), 0))?;
+/// Moves the device's endpoint to a new UDP socket on the same local address (the
+/// unspecified address of the gateway's family, as the SDK binds it) and a new port: to the
+/// gateway the device's packets now come from another address, as when a device changes
+/// networks. QUIC validates the new path and the connection (and its call) continues.
+fn rebind(dev: &Device, call_ref: u32, printer: EventPrinter) -> anyhow::Result<()> {
+    let any = if dev.gateway.is_ipv6() {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
     let new = socket.local_addr()?;
-    s.endpoint.rebind(socket)?;
+    let old = dev.client.rebind(socket)?;
     printer.emit(
         "rebound",
         json!({"call_ref": call_ref, "from": old.to_string(), "to": new.to_string()}),
@@ -477,7 +564,7 @@ fn rebind(s: &Session, call_ref: u32, printer: EventPrinter) -> anyhow::Result<(
 /// After the end of a call: reads late echoes and waits (bounded) for the gateway's media
 /// statistics, which follow the end event once the relay has stopped.
 async fn finish_probe(
-    s: &mut Session,
+    dev: &mut Device,
     call_ref: u32,
     probe: &mut EchoProbe,
     printer: EventPrinter,
@@ -485,19 +572,16 @@ async fn finish_probe(
     let until = tokio::time::Instant::now() + STATS_WAIT;
     loop {
         tokio::select! {
-            frame = s.reader.next() => {
+            frame = next_frame(&mut dev.incoming.events, printer) => {
                 let Ok(env) = frame else { return };
-                if let Some(Body::Ping(_)) = env.body {
-                    continue;
-                }
                 printer.frame(&env);
                 if let Some(stats) = is_media_statistics(&env, call_ref) {
                     probe.gateway = Some(stats);
                     return;
                 }
             }
-            datagram = s.conn.read_datagram() => {
-                let Ok(d) = datagram else { return };
+            datagram = dev.incoming.datagrams.recv() => {
+                let Some(d) = datagram else { return };
                 probe.on_datagram(d, Instant::now());
             }
             () = tokio::time::sleep_until(until) => return,
@@ -519,26 +603,6 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The answer to the gateway's keepalive `Ping` (its idle timeout counts frames from us).
-/// Answers `env` when it is a `Ping`; true when it was. Called once a frame is read, outside
-/// any `select!` (a write cut short there would leave half a frame on the control stream).
-async fn answered_ping(s: &mut Session, env: &Envelope) -> anyhow::Result<bool> {
-    match &env.body {
-        Some(Body::Ping(p)) => {
-            s.writer.send_envelope(&pong(env, p.nonce)).await?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
-}
-
-fn pong(ping: &Envelope, nonce: u64) -> Envelope {
-    Envelope {
-        request_id: ping.request_id,
-        body: Some(Body::Pong(Pong { nonce })),
     }
 }
 
@@ -569,6 +633,13 @@ pub struct ListenOptions {
 /// How long after a call's end its `media_report` waits for the gateway's statistics.
 const LISTEN_REPORT_WAIT: Duration = Duration::from_secs(1);
 
+/// What `listen` does with an incoming call once its ring time is over.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Answer(u32),
+    Reject(u32, u32),
+}
+
 /// Answers incoming calls until `calls` have ended. Counts the media datagrams of each call
 /// (echoing them with `echo`) and prints a `media_report` per answered call once it ended.
 pub async fn listen(
@@ -576,26 +647,25 @@ pub async fn listen(
     opts: &ListenOptions,
     printer: EventPrinter,
 ) -> anyhow::Result<(u32, u32)> {
-    let mut s = login(login_opts, printer).await?;
+    let mut dev = Device::start(login_opts, printer).await?;
     let (mut answered, mut ended) = (0u32, 0u32);
-    let mut pending: Vec<(Instant, Envelope)> = Vec::new();
+    let mut pending: Vec<(Instant, Reply)> = Vec::new();
     let mut hangups: Vec<(Instant, u32)> = Vec::new();
     let mut media: HashMap<u32, ReceivedMedia> = HashMap::new();
     let mut finishing_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
-    // Outgoing calls placed while listening: (next call ref, when it goes).
+    // Outgoing calls placed while listening: (calls placed so far, when the next goes), and
+    // the refs the SDK gave them.
     let mut next_dial = opts
         .dial
         .as_ref()
         .filter(|_| opts.dial_count > 0)
-        .map(|_| (1u32, Instant::now() + opts.dial_every));
+        .map(|_| (0u32, Instant::now() + opts.dial_every));
+    let mut own_calls: HashSet<u32> = HashSet::new();
     loop {
         tokio::select! {
-            frame = s.reader.next() => {
+            frame = next_frame(&mut dev.incoming.events, printer) => {
                 let env = frame?;
-                if answered_ping(&mut s, &env).await? {
-                    continue;
-                }
                 printer.frame(&env);
                 match &env.body {
                     Some(Body::IncomingCall(c)) => {
@@ -604,14 +674,14 @@ pub async fn listen(
                             continue;
                         }
                         let reply = match opts.reject {
-                            Some(code) => Envelope { request_id: 0, body: Some(Body::Reject(Reject { call_ref, sip_status: code, reason: String::new() })) },
-                            None => Envelope { request_id: 0, body: Some(Body::Answer(Answer { call_ref, media: Some(crate::load::device_calls::device_media()) })) },
+                            Some(code) => Reply::Reject(call_ref, code),
+                            None => Reply::Answer(call_ref),
                         };
                         pending.push((Instant::now() + opts.answer_after, reply));
                     }
-                    Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 && e.call_ref <= opts.dial_count && opts.dial.is_some() => {
+                    Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 && own_calls.contains(&e.call_ref) => {
                         // One of our own calls: hang it up at once.
-                        s.writer.send(Body::Hangup(Hangup { call_ref: e.call_ref })).await?;
+                        hangup(&dev.client, e.call_ref).await?;
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 => {
                         answered += 1;
@@ -639,8 +709,7 @@ pub async fn listen(
                     _ => {}
                 }
             }
-            datagram = s.conn.read_datagram() => {
-                let Ok(datagram) = datagram else { continue };
+            Some(datagram) = dev.incoming.datagrams.recv() => {
                 let Ok(d) = MediaDatagram::decode(datagram) else { continue };
                 let call_ref = d.header.call_ref;
                 if !media.contains_key(&call_ref) && media.len() >= MAX_TRACKED_CALLS {
@@ -650,40 +719,50 @@ pub async fn listen(
                 m.on_datagram(&d);
                 if opts.echo && m.answered && m.ended_at.is_none() {
                     if let Some(echo) = m.echo(&d) {
-                        let _ = s.conn.send_datagram(echo);
+                        let _ = dev.client.send_datagram(echo);
                     }
                 }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                if let (Some((call_ref, at)), Some(target)) = (next_dial, opts.dial.as_ref()) {
+                if let (Some((placed, at)), Some(target)) = (next_dial, opts.dial.as_ref()) {
                     if at <= now {
-                        s.writer
-                            .send(Body::Dial(Dial {
-                                call_ref,
-                                target: target.clone(),
-                                media: Some(crate::load::device_calls::device_media()),
-                                headers: Default::default(),
-                            }))
-                            .await?;
-                        next_dial = (call_ref < opts.dial_count).then(|| (call_ref + 1, now + opts.dial_every));
+                        let (call_ref, _) = dev.client.dial(target, device_media()).await?;
+                        own_calls.insert(call_ref);
+                        let placed = placed + 1;
+                        next_dial = (placed < opts.dial_count).then(|| (placed, now + opts.dial_every));
                     }
                 }
-                let due: Vec<Envelope> = pending.iter().filter(|(at, _)| *at <= now).map(|(_, e)| e.clone()).collect();
+                let due: Vec<Reply> = pending.iter().filter(|(at, _)| *at <= now).map(|(_, r)| *r).collect();
                 pending.retain(|(at, _)| *at > now);
-                for env in due {
-                    s.writer.send_envelope(&env).await?;
-                    // Media may arrive before the gateway confirms the answer: echo it already.
-                    if let Some(Body::Answer(a)) = &env.body {
-                        if media.len() < MAX_TRACKED_CALLS || media.contains_key(&a.call_ref) {
-                            media.entry(a.call_ref).or_default().answered = true;
+                for reply in due {
+                    match reply {
+                        Reply::Answer(call_ref) => {
+                            let sent = dev.client.answer(call_ref, device_media()).await;
+                            call_command(&dev.client, sent, || Body::Answer(Answer {
+                                call_ref,
+                                media: Some(device_media()),
+                            })).await?;
+                            // Media may arrive before the gateway confirms the answer: echo it
+                            // already.
+                            if media.len() < MAX_TRACKED_CALLS || media.contains_key(&call_ref) {
+                                media.entry(call_ref).or_default().answered = true;
+                            }
+                        }
+                        Reply::Reject(call_ref, sip_status) => {
+                            let sent = dev.client.reject(call_ref, sip_status).await;
+                            call_command(&dev.client, sent, || Body::Reject(Reject {
+                                call_ref,
+                                sip_status,
+                                reason: String::new(),
+                            })).await?;
                         }
                     }
                 }
                 let due: Vec<u32> = hangups.iter().filter(|(at, _)| *at <= now).map(|(_, r)| *r).collect();
                 hangups.retain(|(at, _)| *at > now);
                 for call_ref in due {
-                    s.writer.send(Body::Hangup(Hangup { call_ref })).await?;
+                    hangup(&dev.client, call_ref).await?;
                 }
                 // Calls whose statistics never came (no relay): report what was counted.
                 let late: Vec<u32> = media
@@ -699,8 +778,7 @@ pub async fn listen(
                 let all_reported = !media.values().any(|m| m.ended_at.is_some());
                 if finishing_since.is_some_and(|at| all_reported || now.saturating_duration_since(at) >= LISTEN_REPORT_WAIT) {
                     printer.emit("summary", json!({"answered": answered, "ended": ended}));
-                    s.conn.close(0u32.into(), b"done");
-                    s.endpoint.wait_idle().await;
+                    dev.client.close().await;
                     return Ok((answered, ended));
                 }
             }
@@ -709,13 +787,14 @@ pub async fn listen(
 }
 
 /// Starts `login`'s device as a device of the SDK (`thalamus_device::Client`) and waits for its
-/// session: prints the `welcome`; fails when the login is refused or does not go live within
-/// the SDK's login timeout.
+/// session: prints the `welcome` (and before it any `redirect` followed and any frame heard,
+/// such as the `error` refusing the login); fails when the login is refused or does not go
+/// live within the SDK's login timeout.
 async fn sdk_device(
     login: &Login,
     printer: EventPrinter,
-) -> anyhow::Result<(thalamus_device::Client, thalamus_device::ClientEvents)> {
-    use thalamus_device::session::{Event, SessionConfig};
+) -> anyhow::Result<(Client, ClientEvents)> {
+    use thalamus_device::session::SessionConfig;
     let quic = crate::quic::client_config(login.fingerprint)?;
     let mut session = SessionConfig::new(
         login.device.clone(),
@@ -725,7 +804,7 @@ async fn sdk_device(
     session.capabilities.transfer = login.takes_transfers;
     let login_timeout = session.login_timeout;
     let config = thalamus_device::ClientConfig::new(session, quic, &login.server_name);
-    let (client, mut incoming) = thalamus_device::Client::start(config)?;
+    let (client, mut incoming) = Client::start(config)?;
     let live = tokio::time::timeout(login_timeout, async {
         while let Some(event) = incoming.events.recv().await {
             match event {
@@ -737,6 +816,10 @@ async fn sdk_device(
                     return Ok(());
                 }
                 Event::Frame(env) => printer.frame(&env),
+                Event::Redirected { address, node_id } => printer.frame(&Envelope {
+                    request_id: 0,
+                    body: Some(Body::Redirect(Redirect { address, node_id })),
+                }),
                 Event::Closed(by) => anyhow::bail!("the login failed: {by:?}"),
                 _ => {}
             }
@@ -768,7 +851,6 @@ pub async fn watch(
     duration: Duration,
     printer: EventPrinter,
 ) -> anyhow::Result<(u32, u32)> {
-    use thalamus_device::session::Event;
     let (client, mut incoming) = sdk_device(login_opts, printer).await?;
     let mut pending: HashMap<u64, String> = HashMap::new();
     for target in targets {
@@ -843,7 +925,6 @@ pub async fn text(
     body: &str,
     printer: EventPrinter,
 ) -> anyhow::Result<u32> {
-    use thalamus_device::session::Event;
     let (client, mut incoming) = sdk_device(login_opts, printer).await?;
     let id = client.send_text(to, body).await?;
     let outcome = loop {

@@ -74,7 +74,7 @@ impl ClientConfig {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The QUIC endpoint could not be made.
+    /// The QUIC endpoint could not be made (or moved: [`Client::rebind`]).
     #[error("QUIC endpoint: {0}")]
     Endpoint(std::io::Error),
     /// The session refused the command.
@@ -114,6 +114,7 @@ enum Command {
 pub struct Client {
     commands: mpsc::Sender<Command>,
     connection: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
+    endpoints: Arc<std::sync::Mutex<Endpoints>>,
     dropped: Arc<AtomicU64>,
     events_dropped: Arc<AtomicU64>,
     task: JoinHandle<()>,
@@ -138,14 +139,15 @@ impl Client {
         let dropped = Arc::new(AtomicU64::new(0));
         let events_dropped = Arc::new(AtomicU64::new(0));
         let session = DeviceSession::new(config.session.clone(), config.seed);
+        let endpoints = Arc::new(std::sync::Mutex::new(Endpoints {
+            quic: config.quic.clone(),
+            shared: config.endpoint.clone(),
+            v4: None,
+            v6: None,
+        }));
         let driver = Driver {
             session,
-            endpoints: Arc::new(std::sync::Mutex::new(Endpoints {
-                quic: config.quic.clone(),
-                shared: config.endpoint.clone(),
-                v4: None,
-                v6: None,
-            })),
+            endpoints: endpoints.clone(),
             server_name: config.server_name.clone(),
             events: events_tx,
             datagrams: datagrams_tx,
@@ -159,6 +161,7 @@ impl Client {
             Client {
                 commands,
                 connection,
+                endpoints,
                 dropped,
                 events_dropped,
                 task,
@@ -250,6 +253,44 @@ impl Client {
         }
     }
 
+    /// Moves the QUIC endpoint of the current connection to `socket`, as when the device changes
+    /// networks: its packets now come from the socket's address, QUIC validates the new path,
+    /// and the connection goes on with its session, calls and media (connection migration,
+    /// RFC 9000 section 9, which the gateway accepts). Later connections to addresses of the
+    /// same family go through `socket` too. Returns the endpoint's previous local address. A
+    /// client on a shared endpoint ([`ClientConfig::endpoint`]) cannot: it is not its own.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> Result<std::net::SocketAddr, ClientError> {
+        let remote = self
+            .connection
+            .lock()
+            .map_err(|_| ClientError::Stopped)?
+            .as_ref()
+            .map(quinn::Connection::remote_address)
+            .ok_or_else(|| {
+                ClientError::Endpoint(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "not connected",
+                ))
+            })?;
+        let endpoint = {
+            let endpoints = self.endpoints.lock().map_err(|_| ClientError::Stopped)?;
+            if remote.is_ipv4() {
+                endpoints.v4.clone()
+            } else {
+                endpoints.v6.clone()
+            }
+        }
+        .ok_or_else(|| {
+            ClientError::Endpoint(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "no endpoint of its own",
+            ))
+        })?;
+        let previous = endpoint.local_addr().map_err(ClientError::Endpoint)?;
+        endpoint.rebind(socket).map_err(ClientError::Endpoint)?;
+        Ok(previous)
+    }
+
     /// Datagrams received but dropped because the application did not take them in time.
     pub fn datagrams_dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -279,6 +320,12 @@ struct Endpoints {
     shared: Option<quinn::Endpoint>,
     v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
+}
+
+impl std::fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints").finish_non_exhaustive()
+    }
 }
 
 impl Endpoints {
