@@ -364,7 +364,18 @@ impl Worker {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let max_batch = self.config.max_batch.max(1);
         let mut stopped = Vec::new();
-        while let Some(first) = rx.recv().await {
+        // Commands received while a batch was being written, in order: the next batch's.
+        let mut held: std::collections::VecDeque<Command> = std::collections::VecDeque::new();
+        let mut open = true;
+        loop {
+            let first = match held.pop_front() {
+                Some(command) => command,
+                None if open => match rx.recv().await {
+                    Some(command) => command,
+                    None => break,
+                },
+                None => break,
+            };
             let mut batch: Vec<(Write, Vec<AckSender>)> = Vec::new();
             let mut positions: HashMap<DialogKey, usize> = HashMap::new();
             let mut flushes = Vec::new();
@@ -394,11 +405,33 @@ impl Worker {
                     }
                 }
                 if batch.len() < max_batch {
-                    next = rx.try_recv().ok();
+                    next = held.pop_front().or_else(|| rx.try_recv().ok());
                 }
             }
             if !batch.is_empty() {
-                self.write(batch).await;
+                // While the batch is written (the store may hold it back to group commits),
+                // the queue is still read: a write somebody waits on (the record before a
+                // 2xx, a CSeq written ahead) must not wait out the batch's commit interval
+                // behind it, so the store is told to commit now. What is read waits for the
+                // next batch, at most one batch's worth (then the queue pushes back).
+                let store = self.store.clone();
+                let write = self.write(batch);
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut write => break,
+                        command = rx.recv(), if open && held.len() < max_batch => match command {
+                            Some(command) => {
+                                if matches!(&command, Command::Write(_, Some(_))) {
+                                    store.expedite();
+                                }
+                                held.push_back(command);
+                            }
+                            None => open = false,
+                        },
+                    }
+                }
             }
             for done in flushes {
                 let _ = done.send(());

@@ -184,6 +184,11 @@ pub trait DialogStore: Send + Sync + std::fmt::Debug {
         self.write_batch(ops)
     }
 
+    /// Somebody now waits behind the writes in flight: a backend that holds a commit back to
+    /// group it (the embedded store's `commit_interval_ms`) commits what it holds at once.
+    /// The others have nothing to do.
+    fn expedite(&self) {}
+
     /// Which instance of the backend answers: a value that changes when the data behind the
     /// store may have changed without this node's writes (a Redis restart, or a failover to a
     /// replica that may lack the last writes). A node that sees it change writes the records of
