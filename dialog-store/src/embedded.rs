@@ -8,9 +8,10 @@
 //! durability). With a commit interval (`[cluster.store] commit_interval_ms`), a commit that
 //! would follow the previous one sooner waits for the rest of the interval and takes every
 //! write queued by then: at a high write rate the fsyncs are capped at one per interval, and at
-//! a low rate nothing waits. A write somebody waits on (`write_batch_now`: the record written
-//! before a 2xx leaves, a CSeq written ahead of a request) never waits: when it finds the
-//! writer waiting out the interval it wakes it, and the group commits at once. Reads run on tokio's blocking pool against redb's MVCC read transactions and
+//! a low rate nothing waits. A group that holds a write somebody waits on (`write_batch_now`:
+//! the record written before a 2xx leaves, a CSeq written ahead of a request; or one the
+//! replicator queued behind the group, [`DialogStore::expedite`]) waits only the shorter
+//! waited-on interval (`waited_commit_interval_ms`): the writer is woken to commit it. Reads run on tokio's blocking pool against redb's MVCC read transactions and
 //! never wait for the writer. redb's page cache is bounded by [`EmbeddedOptions::cache_bytes`]
 //! (`[cluster.store] cache_mib`; redb's own default would be 1 GiB).
 //!
@@ -121,6 +122,10 @@ pub struct EmbeddedOptions {
     /// Group commits: at most one commit per this long (see the module documentation); zero
     /// commits as soon as a write is queued.
     pub commit_interval: Duration,
+    /// The same for a group that holds a write somebody waits on (`write_batch_now`, or
+    /// [`DialogStore::expedite`]): it is committed at most this long after the previous
+    /// commit (never later than `commit_interval` would). Zero: at once.
+    pub waited_commit_interval: Duration,
     /// The most memory redb's page cache may hold.
     pub cache_bytes: usize,
 }
@@ -132,6 +137,7 @@ impl Default for EmbeddedOptions {
     fn default() -> Self {
         Self {
             commit_interval: Duration::ZERO,
+            waited_commit_interval: Duration::ZERO,
             cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
@@ -159,6 +165,7 @@ impl EmbeddedDialogStore {
         settings.validate()?;
         let EmbeddedOptions {
             commit_interval,
+            waited_commit_interval,
             cache_bytes,
         } = options;
         let owned = path.to_path_buf();
@@ -196,6 +203,7 @@ impl EmbeddedDialogStore {
             db: writer_db,
             settings,
             commit_interval,
+            waited_commit_interval: waited_commit_interval.min(commit_interval),
             commits: commits.clone(),
             hurry: hurry.clone(),
         };
@@ -605,6 +613,7 @@ struct Writer {
     db: Arc<Database>,
     settings: StoreSettings,
     commit_interval: Duration,
+    waited_commit_interval: Duration,
     commits: Arc<std::sync::atomic::AtomicU64>,
     hurry: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -645,6 +654,9 @@ impl Writer {
     fn run(self, mut rx: mpsc::Receiver<WriterCommand>) {
         let mut shutdown = None;
         let mut last_commit: Option<std::time::Instant> = None;
+        // The previous commit went early for a waited-on write the replicator had queued
+        // behind it: that write's group commits at once (it does not wait a second interval).
+        let mut owed = false;
         while shutdown.is_none() {
             let Some(first) = rx.blocking_recv() else {
                 break;
@@ -652,16 +664,24 @@ impl Writer {
             let mut jobs = Vec::new();
             Self::gather(&mut rx, Some(first), &mut jobs, &mut shutdown);
             // Group commit: a commit sooner than one interval after the previous one waits
-            // for the rest of the interval and takes what was queued meanwhile; a job somebody
-            // waits on (its sender wakes this thread), a full group or a shutdown ends the
-            // wait at once.
+            // for the rest of the interval and takes what was queued meanwhile. Once the group
+            // holds a job somebody waits on, or somebody waits behind it (the replicator
+            // wakes this thread), the shorter waited-on interval applies; a full group or a
+            // shutdown ends the wait at once.
+            let mut hurried = false;
             if let Some(at) = last_commit {
-                let deadline = at + self.commit_interval;
                 loop {
+                    let holds_waited = jobs.iter().any(|j| j.urgent);
+                    hurried |= self.hurry.swap(false, std::sync::atomic::Ordering::AcqRel);
+                    let deadline = if holds_waited && owed {
+                        at
+                    } else if holds_waited || hurried {
+                        at + self.waited_commit_interval
+                    } else {
+                        at + self.commit_interval
+                    };
                     let now = std::time::Instant::now();
-                    let urgent = jobs.iter().any(|j| j.urgent)
-                        || self.hurry.swap(false, std::sync::atomic::Ordering::AcqRel);
-                    if now >= deadline || urgent || shutdown.is_some() || jobs.len() >= MAX_GROUP {
+                    if now >= deadline || shutdown.is_some() || jobs.len() >= MAX_GROUP {
                         break;
                     }
                     std::thread::park_timeout(deadline - now);
@@ -672,6 +692,7 @@ impl Writer {
             if jobs.is_empty() {
                 continue;
             }
+            owed = hurried && !jobs.iter().any(|j| j.urgent);
             let result = apply_group(&self.db, &jobs, &self.settings);
             last_commit = Some(std::time::Instant::now());
             self.commits
@@ -896,6 +917,7 @@ mod tests {
             Arc::new(clock.clone()),
             EmbeddedOptions {
                 commit_interval: interval,
+                waited_commit_interval: Duration::ZERO,
                 ..EmbeddedOptions::default()
             },
         )

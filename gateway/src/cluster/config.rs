@@ -172,6 +172,12 @@ impl ClusterConfig {
         if self.store.commit_interval_ms > 1_000 {
             return bad("cluster.store.commit_interval_ms", "must be at most 1000");
         }
+        if self.store.waited_commit_interval_ms > 1_000 {
+            return bad(
+                "cluster.store.waited_commit_interval_ms",
+                "must be at most 1000",
+            );
+        }
         if !(1..=65_536).contains(&self.store.cache_mib) {
             return bad("cluster.store.cache_mib", "must be 1-65536");
         }
@@ -289,6 +295,12 @@ mod tests {
         assert_eq!(
             c.validate().unwrap_err().key,
             "cluster.store.commit_interval_ms"
+        );
+        let mut c = ClusterConfig::default();
+        c.store.waited_commit_interval_ms = 1_001;
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "cluster.store.waited_commit_interval_ms"
         );
         for cache_mib in [0, 65_537] {
             let mut c = ClusterConfig::default();
