@@ -49,9 +49,10 @@ pub struct SessionConfig {
     pub login_timeout: Duration,
     /// Redirects followed in a row before counting a failure.
     pub max_redirects: u32,
-    /// Longest time to log in at the address of the node just lost, when there are several
-    /// entry points: it may be dead, or only cut off from this device, and the survivors may
-    /// still redirect there until they see it gone. It is tried after the other entry points.
+    /// Longest time of the first login at the address of the node just lost, when there are
+    /// several entry points: it may be dead, or only cut off from this device, and the
+    /// survivors may still redirect there until they see it gone. It is tried after the other
+    /// entry points; later logins there get `login_timeout`.
     pub suspect_timeout: Duration,
 }
 
@@ -213,8 +214,8 @@ pub struct DeviceSession {
     entry: usize,
     /// The address of the current (or last) connection.
     address: String,
-    /// The address of the live connection last lost (several entry points only): tried last,
-    /// and given `suspect_timeout`, until a session is live again.
+    /// The address of the live connection last lost (several entry points only): passed over
+    /// by the next attempt, and given `suspect_timeout` at the first login there.
     suspect: Option<String>,
     resume_token: Vec<u8>,
     keepalive: Duration,
@@ -606,7 +607,10 @@ impl DeviceSession {
             address: self.address.clone(),
             attempt: self.attempts,
         });
+        // One brief try at the node just lost (a redirect there included); after it, that
+        // node gets the full timeout again: it may be alive behind a slow path.
         let timeout = if self.suspect.as_ref() == Some(&self.address) {
+            self.suspect = None;
             self.config.suspect_timeout.min(self.config.login_timeout)
         } else {
             self.config.login_timeout
@@ -1112,7 +1116,8 @@ mod tests {
     }
 
     /// After a live session is lost, its node is suspect: the first attempt goes elsewhere,
-    /// a redirect back to it gets the short timeout, and a later round tries it again.
+    /// a redirect back to it gets the short timeout once, and a later round tries it again
+    /// with the full one.
     #[test]
     fn the_node_just_lost_is_tried_last_and_briefly() {
         let t0 = Instant::now();
@@ -1176,7 +1181,8 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
         now += Duration::from_secs(1);
         s.handle_timeout(now);
-        // Then on around the entry points: c:1 among them again, briefly.
+        // Then on around the entry points: c:1 among them again, with the full timeout now
+        // (it may be alive behind a slow path).
         let mut tried = Vec::new();
         for _ in 0..3 {
             now = s.poll_timeout().unwrap();
@@ -1190,7 +1196,7 @@ mod tests {
         assert_eq!(
             tried,
             vec![
-                ("c:1".to_string(), Duration::from_secs(1)),
+                ("c:1".to_string(), Duration::from_secs(10)),
                 ("a:1".to_string(), Duration::from_secs(10)),
                 ("b:1".to_string(), Duration::from_secs(10)),
             ]

@@ -693,6 +693,10 @@ impl Writer {
                 continue;
             }
             owed = hurried && !jobs.iter().any(|j| j.urgent);
+            // A hurry asked for before this commit is answered by it; one asked for while it
+            // runs is for the group after it.
+            self.hurry
+                .store(false, std::sync::atomic::Ordering::Release);
             let result = apply_group(&self.db, &jobs, &self.settings);
             last_commit = Some(std::time::Instant::now());
             self.commits

@@ -1674,7 +1674,11 @@ impl CallCore {
             .text(&HeaderName::ReferSub)
             .ok()
             .flatten()
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+            .is_some_and(|v| {
+                // refer-sub-value *(SEMI exten): the value is what comes before parameters.
+                let value = v.split(';').next().unwrap_or_default();
+                value.trim().eq_ignore_ascii_case("false")
+            });
         let headers = if subscribed {
             Vec::new()
         } else {

@@ -2565,6 +2565,22 @@ fn a_refer_without_its_subscription_gets_no_notify_and_a_success_ends_the_call()
     core.handle(t0, CallInput::Client(bye[0].0, response(200, "", None)));
     assert_eq!(ended(&drain(&mut core))[0].reason, "transferred");
 
+    // With a parameter after the value (RFC 4488's `*(SEMI exten)`): still no subscription.
+    let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
+    core.set_takes_transfers(true);
+    let with_param = request_with(
+        "REFER",
+        "",
+        "Refer-To: <sip:carol@example.org>\r\nRefer-Sub: false;x=y\r\n",
+    );
+    core.handle(t0, CallInput::PeerRequest(stx(10), Box::new(with_param)));
+    let a = drain(&mut core);
+    assert_eq!(
+        header(&response_headers(&a, stx(10)), &HeaderName::ReferSub),
+        Some("false")
+    );
+    assert!(sent_in_dialog(&a).is_empty(), "no NOTIFY: {a:?}");
+
     // `Refer-Sub: true` (or none) keeps the subscription: NOTIFY 100 and no Refer-Sub.
     let mut core = answered_outgoing(t0, false, &peer_sdp(1, true, "sendrecv"));
     core.set_takes_transfers(true);

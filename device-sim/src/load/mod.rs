@@ -730,6 +730,22 @@ struct Away {
     cause: String,
 }
 
+/// Frames held while the device is away (its answers and hangups), sent once it is back.
+const MAX_DEFERRED: usize = 256;
+
+/// What a device task knows of its session besides its calls.
+#[derive(Default)]
+struct Presence {
+    /// Lost its node; the SDK logs it in again.
+    away: Option<Away>,
+    /// The node's Goodbye, until the disconnection it announces.
+    goodbye: Option<String>,
+    /// The task ends, and why its open calls fail.
+    ended: Option<String>,
+    /// Frames produced while away (an unanswered call given up: its Hangup), sent once back.
+    deferred: Vec<Body>,
+}
+
 /// Drives one device (an SDK client) until its session ends or the run stops: hands it the
 /// calls and texts the scheduler sends, answers and hangs up as [`DeviceCalls`] says, streams
 /// media, and reports every outcome. A device that loses its node is not offered calls until
@@ -740,115 +756,71 @@ async fn device_task(mut t: DeviceTask) {
     let mut media_tick = tokio::time::interval(Duration::from_millis(20));
     media_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let media = t.outgoing && t.core.media_enabled();
-    let mut away: Option<Away> = None;
-    let mut goodbye: Option<String> = None;
-    let mut ended: Option<String> = None;
+    let mut p = Presence::default();
     loop {
         let deadline = t.core.next_deadline();
-        let give_up = away.as_ref().map(|a| a.since + t.reconnect);
-        let sending = media && away.is_none() && t.core.calls_in_progress() > 0;
+        let give_up = p.away.as_ref().map(|a| a.since + t.reconnect);
+        let sending = media && p.away.is_none() && t.core.calls_in_progress() > 0;
         tokio::select! {
-            event = t.events.events.recv() => match event {
-                Some(Event::Frame(env)) => match &env.body {
-                    Some(Body::Goodbye(g)) => goodbye = Some(goodbye_cause(g.reason)),
-                    _ => t.core.on_frame(Instant::now(), &env, &mut out, &mut outcomes),
-                },
-                Some(Event::Connected { address }) => t.address = address,
-                Some(Event::Disconnected { retry_in: Some(_), .. }) => {
-                    if away.is_none() {
-                        let cause = goodbye.take().unwrap_or_else(|| "connection lost".into());
-                        t.slot.alive.store(false, Ordering::Relaxed);
-                        if t.reconnect.is_zero() {
-                            ended = Some(if cause.starts_with("goodbye") {
-                                "goodbye".into()
-                            } else {
-                                cause.clone()
-                            });
-                        } else {
-                            t.slot.reconnecting.store(true, Ordering::Relaxed);
-                        }
-                        away = Some(Away { since: Instant::now(), cause });
+            // The session's events first: a command must not act on a session the task does
+            // not know is gone, or back.
+            biased;
+            event = t.events.events.recv() => {
+                if !on_event(&mut t, &mut p, event, &mut out, &mut outcomes).await {
+                    t.client.close().await;
+                    return;
+                }
+            }
+            _ = t.stop.changed() => {
+                t.client.close().await;
+                return;
+            }
+            command = t.commands.recv() => {
+                // Whatever the session said meanwhile is known before the command acts (a
+                // Dial answered by a session resumed meanwhile must not be taken for a call
+                // lost with the old one).
+                while let Ok(event) = t.events.events.try_recv() {
+                    if !on_event(&mut t, &mut p, Some(event), &mut out, &mut outcomes).await {
+                        t.client.close().await;
+                        return;
                     }
                 }
-                Some(Event::Live(welcome)) => {
-                    if let Some(gone) = away.take() {
-                        let now = Instant::now();
-                        let live = if welcome.resumed {
-                            welcome.live_calls.iter().map(|c| c.call_ref).collect()
-                        } else {
-                            std::collections::HashSet::new()
-                        };
-                        let (calls_kept, calls_lost) = t.core.keep_only(
-                            now,
-                            &live,
-                            "lost with its node",
-                            &mut out,
-                            &mut outcomes,
-                        );
-                        // What was lost counts against the node it was lost with.
-                        if !send_outcomes(&t, &mut outcomes).await {
-                            t.client.close().await;
-                            return;
-                        }
-                        outcomes.push(Outcome::Reconnected {
-                            at: now,
-                            cause: gone.cause,
-                            resumed: welcome.resumed,
-                            calls_kept,
-                            calls_lost,
-                            took: now.saturating_duration_since(gone.since),
-                        });
-                        t.node = node_name(&welcome, &t.address);
-                        if let Ok(mut node) = t.slot.node.lock() {
-                            *node = t.node.clone();
-                        }
-                        t.slot.reconnecting.store(false, Ordering::Relaxed);
-                        t.slot.alive.store(true, Ordering::Relaxed);
-                    }
-                }
-                Some(Event::Disconnected { retry_in: None, reason, .. }) => {
-                    ended = Some(format!("session ended: {reason}"));
-                }
-                Some(Event::Closed(_)) | None => {
-                    ended.get_or_insert_with(|| "connection lost".into());
-                }
-                Some(_) => {}
-            },
-            command = t.commands.recv() => match command {
-                Some(Command::Dial) => match t.client.dial(&t.target, device_calls::device_media()).await {
-                    Ok((call_ref, id)) => t.core.dialed(Instant::now(), call_ref, id),
-                    Err(e) => outcomes.push(Outcome::Finished {
-                        at: Instant::now(),
-                        answered: false,
-                        reason: not_sent(&e),
-                        media_sent: 0,
-                        media_received: 0,
-                    }),
-                },
-                Some(Command::Text) => {
-                    let sent = if t.core.may_text() {
-                        t.client.send_text(&t.target, "load test").await.map_err(|e| not_sent(&e))
-                    } else {
-                        Err("too many texts pending".into())
-                    };
-                    match sent {
-                        Ok(id) => t.core.texted(Instant::now(), id),
-                        Err(reason) => outcomes.push(Outcome::Text {
+                match command {
+                    Some(Command::Dial) => match t.client.dial(&t.target, device_calls::device_media()).await {
+                        Ok((call_ref, id)) => t.core.dialed(Instant::now(), call_ref, id),
+                        Err(e) => outcomes.push(Outcome::Finished {
                             at: Instant::now(),
-                            latency: Duration::ZERO,
-                            delivered: false,
-                            reason,
+                            answered: false,
+                            reason: not_sent(&e),
+                            media_sent: 0,
+                            media_received: 0,
                         }),
+                    },
+                    Some(Command::Text) => {
+                        let sent = if t.core.may_text() {
+                            t.client.send_text(&t.target, "load test").await.map_err(|e| not_sent(&e))
+                        } else {
+                            Err("too many texts pending".into())
+                        };
+                        match sent {
+                            Ok(id) => t.core.texted(Instant::now(), id),
+                            Err(reason) => outcomes.push(Outcome::Text {
+                                at: Instant::now(),
+                                latency: Duration::ZERO,
+                                delivered: false,
+                                reason,
+                            }),
+                        }
                     }
+                    None => p.ended = Some("stopped".into()),
                 }
-                None => ended = Some("stopped".into()),
-            },
+            }
             _ = sleep_until(deadline) => t.core.poll(Instant::now(), &mut out, &mut outcomes),
             _ = sleep_until(give_up) => {
                 // No node took the device within the reconnect time.
                 t.slot.gave_up.store(true, Ordering::Relaxed);
                 t.slot.reconnecting.store(false, Ordering::Relaxed);
-                ended = Some(away.as_ref().map_or("connection lost".into(), |a| a.cause.clone()));
+                p.ended = Some(p.away.as_ref().map_or("connection lost".into(), |a| a.cause.clone()));
             }
             _ = media_tick.tick(), if sending => {
                 for (call_ref, seq) in t.core.media_due(Instant::now()) {
@@ -864,21 +836,18 @@ async fn device_task(mut t: DeviceTask) {
                     }
                 }
             }
-            _ = t.stop.changed() => {
-                t.client.close().await;
-                return;
-            }
         }
-        // Answers and hangups; while the device is away they wait for the resumed session
-        // (`keep_only` sends the hangups of kept calls again).
+        // Answers and hangups; while the device is away they wait for the resumed session.
         for env in out.drain(..) {
             if let Some(body) = env.body {
-                if away.is_none() {
+                if p.away.is_none() {
                     let _ = t.client.send(body).await;
+                } else if p.deferred.len() < MAX_DEFERRED {
+                    p.deferred.push(body);
                 }
             }
         }
-        if let Some(reason) = &ended {
+        if let Some(reason) = &p.ended {
             t.slot.alive.store(false, Ordering::Relaxed);
             let reason = reason.as_str();
             t.core.fail_all(Instant::now(), reason, &mut outcomes);
@@ -902,11 +871,97 @@ async fn device_task(mut t: DeviceTask) {
                 });
             }
         }
-        if !send_outcomes(&t, &mut outcomes).await || ended.is_some() {
+        if !send_outcomes(&t, &mut outcomes).await || p.ended.is_some() {
             t.client.close().await;
             return;
         }
     }
+}
+
+/// One event of the device's session; false when the tally is gone (the task stops).
+async fn on_event(
+    t: &mut DeviceTask,
+    p: &mut Presence,
+    event: Option<Event>,
+    out: &mut Vec<thalamus_proto::v1::Envelope>,
+    outcomes: &mut Vec<Outcome>,
+) -> bool {
+    match event {
+        Some(Event::Frame(env)) => match &env.body {
+            Some(Body::Goodbye(g)) => p.goodbye = Some(goodbye_cause(g.reason)),
+            _ => t.core.on_frame(Instant::now(), &env, out, outcomes),
+        },
+        Some(Event::Connected { address }) => t.address = address,
+        Some(Event::Disconnected {
+            retry_in: Some(_), ..
+        }) => {
+            if p.away.is_none() {
+                let cause = p.goodbye.take().unwrap_or_else(|| "connection lost".into());
+                t.slot.alive.store(false, Ordering::Relaxed);
+                if t.reconnect.is_zero() {
+                    p.ended = Some(if cause.starts_with("goodbye") {
+                        "goodbye".into()
+                    } else {
+                        cause.clone()
+                    });
+                } else {
+                    t.slot.reconnecting.store(true, Ordering::Relaxed);
+                }
+                p.away = Some(Away {
+                    since: Instant::now(),
+                    cause,
+                });
+            }
+        }
+        Some(Event::Live(welcome)) => {
+            if let Some(gone) = p.away.take() {
+                let now = Instant::now();
+                let live = if welcome.resumed {
+                    welcome.live_calls.iter().map(|c| c.call_ref).collect()
+                } else {
+                    std::collections::HashSet::new()
+                };
+                let (calls_kept, calls_lost) =
+                    t.core
+                        .keep_only(now, &live, "lost with its node", out, outcomes);
+                // What was lost counts against the node it was lost with.
+                if !send_outcomes(t, outcomes).await {
+                    return false;
+                }
+                outcomes.push(Outcome::Reconnected {
+                    at: now,
+                    cause: gone.cause,
+                    resumed: welcome.resumed,
+                    calls_kept,
+                    calls_lost,
+                    took: now.saturating_duration_since(gone.since),
+                });
+                t.node = node_name(&welcome, &t.address);
+                if let Ok(mut node) = t.slot.node.lock() {
+                    *node = t.node.clone();
+                }
+                // What waited for the session goes now (a call that no longer exists gets
+                // an error the core ignores).
+                for body in p.deferred.drain(..) {
+                    let _ = t.client.send(body).await;
+                }
+                t.slot.reconnecting.store(false, Ordering::Relaxed);
+                t.slot.alive.store(true, Ordering::Relaxed);
+            }
+        }
+        Some(Event::Disconnected {
+            retry_in: None,
+            reason,
+            ..
+        }) => {
+            p.ended = Some(format!("session ended: {reason}"));
+        }
+        Some(Event::Closed(_)) | None => {
+            p.ended.get_or_insert_with(|| "connection lost".into());
+        }
+        Some(_) => {}
+    }
+    true
 }
 
 /// Hands the device's outcomes to the tally, each counted at the node the device is logged in
