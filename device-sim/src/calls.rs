@@ -99,21 +99,10 @@ async fn next_frame(
                 retry_in,
                 next,
             } => {
-                let mut fields = json!({ "reason": reason });
-                if let Some(code) = close_code {
-                    fields["close_code"] = json!(code);
-                }
-                printer.emit("disconnected", fields);
+                printer.disconnected(&reason, close_code);
                 // A node's goodbye (it drains) is followed at once, not counted.
                 if let (Some(wait), true) = (retry_in, attempt > 0) {
-                    printer.emit(
-                        "reconnecting",
-                        json!({
-                            "attempt": attempt,
-                            "delay_ms": u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                            "gateway": next.unwrap_or_default(),
-                        }),
-                    );
+                    printer.reconnecting(attempt, wait, next);
                 }
             }
             Event::Closed(by) => anyhow::bail!("the session is over: {by:?}"),

@@ -143,6 +143,27 @@ pub struct EventPrinter {
 }
 
 impl EventPrinter {
+    /// `disconnected`: the SDK session lost its connection (and the gateway's close code).
+    pub fn disconnected(&self, reason: &str, close_code: Option<u32>) {
+        let mut fields = serde_json::json!({ "reason": reason });
+        if let Some(code) = close_code {
+            fields["close_code"] = serde_json::json!(code);
+        }
+        self.emit("disconnected", fields);
+    }
+
+    /// `reconnecting`: the SDK session tries again after `wait`, failed attempt `attempt`.
+    pub fn reconnecting(&self, attempt: u32, wait: std::time::Duration, next: Option<String>) {
+        self.emit(
+            "reconnecting",
+            serde_json::json!({
+                "attempt": attempt,
+                "delay_ms": u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "gateway": next.unwrap_or_default(),
+            }),
+        );
+    }
+
     /// Prints one event with its fields.
     pub fn emit(&self, event: &str, fields: Value) {
         let mut out = std::io::stdout().lock();
