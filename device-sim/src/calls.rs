@@ -20,8 +20,7 @@ use thalamus_device::{Client, ClientError, ClientEvents};
 use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaStats, Redirect, Reject, Resume,
-    Transfer,
+    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaStats, Reject, Resume, Transfer,
 };
 use tokio::sync::mpsc;
 
@@ -84,14 +83,8 @@ async fn next_frame(
         };
         match event {
             Event::Frame(env) if !matches!(env.body, Some(Body::Pong(_))) => return Ok(*env),
-            Event::Live(welcome) => printer.frame(&Envelope {
-                request_id: 0,
-                body: Some(Body::Welcome(*welcome)),
-            }),
-            Event::Redirected { address, node_id } => printer.frame(&Envelope {
-                request_id: 0,
-                body: Some(Body::Redirect(Redirect { address, node_id })),
-            }),
+            Event::Live(welcome) => printer.welcome(*welcome),
+            Event::Redirected { address, node_id } => printer.redirect(address, node_id),
             Event::Disconnected {
                 reason,
                 close_code,
@@ -798,17 +791,11 @@ async fn sdk_device(
         while let Some(event) = incoming.events.recv().await {
             match event {
                 Event::Live(welcome) => {
-                    printer.frame(&Envelope {
-                        request_id: 0,
-                        body: Some(Body::Welcome(*welcome)),
-                    });
+                    printer.welcome(*welcome);
                     return Ok(());
                 }
                 Event::Frame(env) => printer.frame(&env),
-                Event::Redirected { address, node_id } => printer.frame(&Envelope {
-                    request_id: 0,
-                    body: Some(Body::Redirect(Redirect { address, node_id })),
-                }),
+                Event::Redirected { address, node_id } => printer.redirect(address, node_id),
                 Event::Closed(by) => anyhow::bail!("the login failed: {by:?}"),
                 _ => {}
             }

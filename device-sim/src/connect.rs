@@ -18,7 +18,7 @@ use serde_json::json;
 use thalamus_device::session::{ClosedBy, Event, SessionConfig};
 use thalamus_device::{Client, ClientConfig};
 use thalamus_proto::v1::envelope::Body;
-use thalamus_proto::v1::{Capabilities, Envelope, Redirect};
+use thalamus_proto::v1::Capabilities;
 
 use crate::events::EventPrinter;
 
@@ -93,10 +93,7 @@ pub async fn run(opts: ConnectOptions) -> anyhow::Result<StopReason> {
             Event::Connecting { .. } | Event::Refused { .. } => {}
             Event::Connected { address } => printer.emit("connected", json!({"gateway": address})),
             Event::Live(welcome) => {
-                printer.frame(&Envelope {
-                    request_id: 0,
-                    body: Some(Body::Welcome(*welcome)),
-                });
+                printer.welcome(*welcome);
                 if let Some((state, note)) = &opts.presence {
                     let update = Body::PresenceUpdate(thalamus_proto::v1::PresenceUpdate {
                         uri: String::new(),
@@ -107,10 +104,7 @@ pub async fn run(opts: ConnectOptions) -> anyhow::Result<StopReason> {
                     let _ = client.send(update).await;
                 }
             }
-            Event::Redirected { address, node_id } => printer.frame(&Envelope {
-                request_id: 0,
-                body: Some(Body::Redirect(Redirect { address, node_id })),
-            }),
+            Event::Redirected { address, node_id } => printer.redirect(address, node_id),
             Event::Disconnected {
                 reason,
                 close_code,

@@ -143,6 +143,25 @@ pub struct EventPrinter {
 }
 
 impl EventPrinter {
+    /// The `Welcome` of an SDK session that went live, printed as the frame it was.
+    pub fn welcome(&self, welcome: thalamus_proto::v1::Welcome) {
+        self.frame(&Envelope {
+            request_id: 0,
+            body: Some(Body::Welcome(welcome)),
+        });
+    }
+
+    /// A redirect the SDK session followed, printed as the frame it was.
+    pub fn redirect(&self, address: String, node_id: String) {
+        self.frame(&Envelope {
+            request_id: 0,
+            body: Some(Body::Redirect(thalamus_proto::v1::Redirect {
+                address,
+                node_id,
+            })),
+        });
+    }
+
     /// `disconnected`: the SDK session lost its connection (and the gateway's close code).
     pub fn disconnected(&self, reason: &str, close_code: Option<u32>) {
         let mut fields = serde_json::json!({ "reason": reason });

@@ -1141,20 +1141,18 @@ mod tests {
                 })
                 .collect()
         };
+        let redirect_to_c = |request_id| Envelope {
+            request_id,
+            body: Some(Body::Redirect(Redirect {
+                address: "c:1".into(),
+                node_id: "node-c".into(),
+            })),
+        };
         // Logged in through a:1, redirected to its owner c:1.
         s.start(t0);
         assert_eq!(connects(&mut s), vec!["a:1"]);
         let hello = login(&mut s, t0).unwrap();
-        s.frame(
-            t0,
-            Envelope {
-                request_id: hello.request_id,
-                body: Some(Body::Redirect(Redirect {
-                    address: "c:1".into(),
-                    node_id: "node-c".into(),
-                })),
-            },
-        );
+        s.frame(t0, redirect_to_c(hello.request_id));
         assert_eq!(connects(&mut s), vec!["c:1"]);
         let hello = login(&mut s, t0).unwrap();
         s.frame(t0, welcome(hello.request_id, b"tok", false, vec![]));
@@ -1167,16 +1165,7 @@ mod tests {
         assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(10)));
         // ...which still redirects to c:1: that login may take 1 s only.
         let hello = login(&mut s, now).unwrap();
-        s.frame(
-            now,
-            Envelope {
-                request_id: hello.request_id,
-                body: Some(Body::Redirect(Redirect {
-                    address: "c:1".into(),
-                    node_id: "node-c".into(),
-                })),
-            },
-        );
+        s.frame(now, redirect_to_c(hello.request_id));
         assert_eq!(connects(&mut s), vec!["c:1"]);
         assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
         now += Duration::from_secs(1);

@@ -590,7 +590,12 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, LoadError> {
     );
     let _ = stop_tx.send(true);
     // Each device closes its session (a Goodbye, then the connection).
-    let closing = futures_join_all(logged_in.tasks);
+    let closing = async {
+        for task in logged_in.tasks {
+            // A task's panic is its own: the run reports what it counted.
+            let _ = task.await;
+        }
+    };
     let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
     for e in &endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
@@ -979,13 +984,6 @@ async fn send_outcomes(t: &DeviceTask, outcomes: &mut Vec<Outcome>) -> bool {
         }
     }
     true
-}
-
-/// Waits for every task (their panics are theirs: the run reports what it counted).
-async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
-    for task in tasks {
-        let _ = task.await;
-    }
 }
 
 /// Resolves on Ctrl-C or (on Unix) SIGTERM.
