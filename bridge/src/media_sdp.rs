@@ -1,11 +1,33 @@
 //! SDP glue between MBFP media descriptions and the SIP side: device codec lists to SDP codecs
-//! (with the fixed device-link payload types of docs/protocol.md) and back, and the local media
-//! description of a call's relay.
+//! (with the fixed device-link payload types of docs/protocol.md) and back, the local media
+//! description of a call's relays (audio, and video and the signal data stream when the device
+//! has them), and which stream of a remote description feeds which relay.
+//!
+//! The signal data stream (MBFP stream 2) travels as `m=application <port> RTP/AVP 98` with
+//! `a=rtpmap:98 x-mbfp-signal/1000`; a peer that does not know the format rejects the line and
+//! the call goes on with audio (and video).
 
 use std::net::IpAddr;
 
+use thalamus_proto::media::{StreamId, SIGNAL_CLOCK_RATE, SIGNAL_ENCODING, SIGNAL_PAYLOAD_TYPE};
 use thalamus_proto::v1::{AudioCodec, MediaOffer, VideoCodec};
-use thalamus_sip::sdp::{Codec, LocalMedia, SessionDescription};
+use thalamus_sip::sdp::{Codec, LocalMedia, MediaKind, RemoteMedia, SessionDescription};
+
+/// The SDP format of the signal data stream.
+pub fn signal_codec() -> Codec {
+    Codec::new(SIGNAL_ENCODING, SIGNAL_CLOCK_RATE, 1, SIGNAL_PAYLOAD_TYPE)
+}
+
+/// Which streams of a call have a relay (audio always has one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamPorts {
+    /// The audio relay's RTP port.
+    pub audio: u16,
+    /// The video relay's RTP port, if the call has one.
+    pub video: Option<u16>,
+    /// The signal data relay's RTP port, if the call has one.
+    pub signal: Option<u16>,
+}
 
 /// SDP codecs for the audio codecs a device lists (in its order). Telephone-event is always
 /// offered so DTMF can travel in the media.
@@ -53,11 +75,47 @@ pub fn video_codecs(offer: Option<&MediaOffer>) -> Vec<Codec> {
         .unwrap_or_default()
 }
 
-/// The local media of a call: the relay's address and port, and the device's codecs.
-pub fn local_media(address: IpAddr, port: u16, offer: Option<&MediaOffer>) -> LocalMedia {
-    let mut local = LocalMedia::audio(address, port, audio_codecs(offer));
+/// The local media of a call: the relays' address and ports, and the device's codecs. Video
+/// and the signal data stream are described when they have a relay and the device has them.
+pub fn local_media(address: IpAddr, ports: StreamPorts, offer: Option<&MediaOffer>) -> LocalMedia {
+    let mut local = LocalMedia::audio(address, ports.audio, audio_codecs(offer));
     local.ptime = Some(20);
+    let video = video_codecs(offer);
+    if let (Some(port), false) = (ports.video, video.is_empty()) {
+        local = local.with_video(port, video);
+    }
+    if let (Some(port), true) = (ports.signal, offer.is_some_and(|o| o.signal)) {
+        local = local.with_application(port, vec![signal_codec()]);
+    }
     local
+}
+
+/// Whether an SDP stream is the signal data stream (an application stream over RTP with the
+/// `x-mbfp-signal` format).
+fn is_signal(media: &RemoteMedia) -> bool {
+    media.kind == MediaKind::Application
+        && media.codecs.iter().any(|c| c.same_format(&signal_codec()))
+}
+
+/// The streams of a description the call's relays take: the first active audio and video
+/// streams and the first active signal data stream, each with its MBFP stream id.
+pub fn streams(sdp: &SessionDescription) -> Vec<(StreamId, RemoteMedia)> {
+    let mut found: Vec<(StreamId, RemoteMedia)> = Vec::with_capacity(3);
+    for index in 0..sdp.media.len() {
+        let Some(media) = sdp.remote_media_at(index) else {
+            continue;
+        };
+        let stream = match media.kind {
+            MediaKind::Audio => StreamId::AUDIO,
+            MediaKind::Video => StreamId::VIDEO,
+            MediaKind::Application if is_signal(&media) => StreamId::SIGNAL,
+            _ => continue,
+        };
+        if !found.iter().any(|(s, _)| *s == stream) {
+            found.push((stream, media));
+        }
+    }
+    found
 }
 
 /// The MBFP description of negotiated (or offered) SDP media, plus the raw SDP.
@@ -87,6 +145,7 @@ pub fn media_offer(sdp: &SessionDescription) -> MediaOffer {
         audio_codecs: audio,
         video_codecs: video,
         remote_sdp: sdp.to_string(),
+        signal: streams(sdp).iter().any(|(s, _)| *s == StreamId::SIGNAL),
     }
 }
 
@@ -132,5 +191,47 @@ mod tests {
         );
         assert!(has_telephone_event(&sdp));
         assert!(m.remote_sdp.contains("PCMA"));
+        assert!(!m.signal);
+    }
+
+    #[test]
+    fn the_signal_stream_is_described_only_when_the_device_has_it_and_a_relay_does() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let offer = MediaOffer {
+            video_codecs: vec![VideoCodec::Vp8 as i32],
+            signal: true,
+            ..Default::default()
+        };
+        let all = StreamPorts {
+            audio: 4000,
+            video: Some(4002),
+            signal: Some(4004),
+        };
+        let local = local_media(ip, all, Some(&offer));
+        assert_eq!(local.video.as_ref().map(|v| v.port), Some(4002));
+        let signal = local.application.as_ref().unwrap();
+        assert_eq!((signal.port, signal.codecs[0].payload_type), (4004, 98));
+        // No relay for them, or a device without them: audio only.
+        let audio_only = StreamPorts {
+            audio: 4000,
+            ..Default::default()
+        };
+        let local = local_media(ip, audio_only, Some(&offer));
+        assert!(local.video.is_none() && local.application.is_none());
+        let local = local_media(ip, all, None);
+        assert!(local.video.is_none() && local.application.is_none());
+
+        // A description with a data channel first and the signal stream second: the relay of
+        // stream 2 takes the second.
+        let sdp = SessionDescription::parse(
+            "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\nm=application 5000 UDP/DTLS/SCTP webrtc-datachannel\r\nm=application 6000 RTP/AVP 120\r\na=rtpmap:120 X-MBFP-SIGNAL/1000\r\nm=video 0 RTP/AVP 97\r\n",
+        )
+        .unwrap();
+        let found: Vec<(StreamId, u16)> = streams(&sdp)
+            .into_iter()
+            .map(|(s, m)| (s, m.rtp.port()))
+            .collect();
+        assert_eq!(found, [(StreamId::AUDIO, 4000), (StreamId::SIGNAL, 6000)]);
+        assert!(media_offer(&sdp).signal);
     }
 }

@@ -71,7 +71,7 @@ pub struct CallHandle {
     /// a SIP request is ~10 times the size of a pointer.
     commands: mpsc::Sender<Box<CallCommand>>,
     shared: Arc<Mutex<CallShared>>,
-    media_input: Arc<Mutex<Option<thalamus_media::DeviceInput>>>,
+    media_input: SharedInput,
 }
 
 impl CallHandle {
@@ -113,14 +113,14 @@ impl CallHandle {
     pub fn feed(&self, datagram: Bytes) {
         if let Ok(guard) = self.media_input.lock() {
             if let Some(input) = guard.as_ref() {
-                let _ = input.feed(datagram);
+                input.feed(datagram);
             }
         }
     }
 }
 
-/// The media input a call's relay takes device datagrams through, shared with its handle.
-pub(crate) type SharedInput = Arc<Mutex<Option<thalamus_media::DeviceInput>>>;
+/// The media inputs a call's relays take device datagrams through, shared with its handle.
+pub(crate) type SharedInput = Arc<Mutex<Option<crate::call::relays::StreamInputs>>>;
 
 /// Builds a handle and the state it shares with the task.
 pub(crate) fn handle(

@@ -135,9 +135,14 @@ pub struct RelaySpec {
 impl RelaySpec {
     /// The audio stream of `call_ref`, with the protocol's default 1200-byte datagrams.
     pub fn audio(call_ref: u32) -> Self {
+        Self::stream(call_ref, StreamId::AUDIO)
+    }
+
+    /// Stream `stream_id` of `call_ref`, with the protocol's default 1200-byte datagrams.
+    pub fn stream(call_ref: u32, stream_id: StreamId) -> Self {
         RelaySpec {
             call_ref,
-            stream_id: StreamId::AUDIO,
+            stream_id,
             max_datagram_bytes: 1_200,
             cname: None,
         }

@@ -1,7 +1,8 @@
 //! Payload type translation between the device link and the SIP side.
 //!
 //! On the device link MBFP uses fixed payload types (docs/protocol.md section 7.3): PCMU 0,
-//! PCMA 8, G722 9, Opus 111, telephone-event 101, H264 96, VP8 97. The SIP side uses whatever
+//! PCMA 8, G722 9, Opus 111, telephone-event 101, H264 96, VP8 97, and on the signal data stream
+//! `x-mbfp-signal` 98 (millisecond clock). The SIP side uses whatever
 //! SDP negotiated. A [`PayloadMap`] holds both directions of that translation for one stream,
 //! with each format's RTP clock rate and whether it is an RFC 4733 event format; it is built
 //! from the peer's [`RemoteMedia`] ([`PayloadMap::from_remote_media`]) or by hand.
@@ -26,6 +27,10 @@ pub fn device_payload_type(encoding: &str) -> Option<(u8, u32)> {
         "telephone-event" => (101, 8_000),
         "h264" => (96, 90_000),
         "vp8" => (97, 90_000),
+        "x-mbfp-signal" => (
+            thalamus_proto::media::SIGNAL_PAYLOAD_TYPE,
+            thalamus_proto::media::SIGNAL_CLOCK_RATE,
+        ),
         _ => return None,
     };
     Some(entry)
@@ -70,7 +75,7 @@ impl PayloadMap {
     }
 
     /// The same payload type both ways for every value, with one clock rate: for streams whose
-    /// payload types are not negotiated per codec (the signal data stream).
+    /// payload types are not negotiated per codec.
     pub fn passthrough(clock_rate: u32) -> Self {
         let mut map = Self::new();
         for pt in 0..PAYLOAD_TYPES as u8 {
@@ -249,6 +254,7 @@ mod tests {
         assert_eq!(device_payload_type("G722"), Some((9, 8_000)));
         assert_eq!(device_payload_type("OPUS"), Some((111, 48_000)));
         assert_eq!(device_payload_type("telephone-event"), Some((101, 8_000)));
+        assert_eq!(device_payload_type("X-MBFP-SIGNAL"), Some((98, 1_000)));
         assert_eq!(device_payload_type("H264"), Some((96, 90_000)));
         assert_eq!(device_payload_type("VP8"), Some((97, 90_000)));
         assert_eq!(device_payload_type("G729"), None);

@@ -29,6 +29,7 @@ fn sample_envelopes() -> Vec<(&'static str, Envelope)> {
                         audio_codecs: vec![4, 1, 2, 5],
                         video_codecs: vec![],
                         remote_sdp: String::new(),
+                        signal: false,
                     }),
                     headers: [("X-Device-Mood".to_string(), "calm".to_string())]
                         .into_iter()

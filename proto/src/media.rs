@@ -54,6 +54,14 @@ pub const MAX_HEADER_BYTES: usize = HEADER_BYTES;
 /// Largest payload type value (payload types are 7 bits).
 pub const MAX_PAYLOAD_TYPE: u8 = 0x7f;
 
+/// The payload type of the signal data stream ([`StreamId::SIGNAL`]) on the device link.
+pub const SIGNAL_PAYLOAD_TYPE: u8 = 98;
+/// The RTP clock of the signal data stream: timestamps count milliseconds.
+pub const SIGNAL_CLOCK_RATE: u32 = 1_000;
+/// The SDP encoding name the signal data stream travels under on the SIP side
+/// (`m=application <port> RTP/AVP <pt>`, `a=rtpmap:<pt> x-mbfp-signal/1000`).
+pub const SIGNAL_ENCODING: &str = "x-mbfp-signal";
+
 const VERSION_SHIFT: u8 = 6;
 const MARKER_BIT: u8 = 0x20;
 const PAYLOAD_TYPE_MASK: u8 = 0x7f;

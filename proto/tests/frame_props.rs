@@ -28,13 +28,20 @@ fn enum_value() -> impl Strategy<Value = i32> {
 }
 
 fn media_offer() -> impl Strategy<Value = MediaOffer> {
-    (vec(enum_value(), 0..5), vec(enum_value(), 0..3), text()).prop_map(
-        |(audio_codecs, video_codecs, remote_sdp)| MediaOffer {
-            audio_codecs,
-            video_codecs,
-            remote_sdp,
-        },
+    (
+        vec(enum_value(), 0..5),
+        vec(enum_value(), 0..3),
+        text(),
+        any::<bool>(),
     )
+        .prop_map(
+            |(audio_codecs, video_codecs, remote_sdp, signal)| MediaOffer {
+                audio_codecs,
+                video_codecs,
+                remote_sdp,
+                signal,
+            },
+        )
 }
 
 fn media_stats() -> impl Strategy<Value = MediaStats> {

@@ -36,7 +36,7 @@ use thalamus_sip::dialog::DialogId;
 use thalamus_sip::endpoint::RELIABLE_TAG;
 use thalamus_sip::message::{HeaderName, MediaType, Method, Request, Uri};
 use thalamus_sip::sdp::{
-    Direction, HoldMode, LocalMedia, MediaKind, RemoteMedia, SdpSession, SessionDescription,
+    Direction, HoldMode, LocalMedia, RemoteMedia, SdpSession, SessionDescription,
 };
 use thalamus_sip::session_timer::{
     Negotiated, Refresher, SessionExpires, SessionTimer, TimerConfig, TimerDue, UasTimer,
@@ -46,7 +46,8 @@ use thalamus_sip::ua::ServerTx;
 
 use crate::dialogs::{CallAppData, CallFacts, StoredTimer};
 use crate::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
-use crate::media_sdp;
+use crate::media_sdp::{self, StreamPorts};
+use thalamus_proto::media::StreamId;
 
 /// Methods the gateway answers (Allow header).
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, PRACK, NOTIFY";
@@ -79,13 +80,22 @@ pub struct CallSettings {
     pub reliable_provisionals: bool,
 }
 
-/// The relay's local media address, as the driver reports it after [`CallAction::StartRelay`].
+/// The relays' local media address, as the driver reports it after [`CallAction::StartRelay`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayAddr {
     /// Address for SDP.
     pub ip: IpAddr,
-    /// RTP port.
-    pub port: u16,
+    /// The RTP port of each stream's relay.
+    pub ports: StreamPorts,
+}
+
+/// The streams besides audio that get a relay of their own ([`CallAction::StartRelay`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayStreams {
+    /// A video relay: the device has video codecs (and the peer's offer, if any, has video).
+    pub video: bool,
+    /// A signal data relay: the device has the stream (and the peer's offer, if any, has it).
+    pub signal: bool,
 }
 
 /// What caused a takeover (and so what the call does first once its relay runs).
@@ -240,8 +250,8 @@ pub struct OtherCalls {
 /// A change to the call's media relay.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RelayOp {
-    /// Send to this remote media (from the peer's SDP).
-    SetRemote(RemoteMedia),
+    /// The relay of this stream sends to this remote media (from the peer's SDP).
+    SetRemote(StreamId, RemoteMedia),
     /// Our side's direction (sendonly while the device holds the call).
     Direction(Direction),
     /// Feed these datagrams in as if the device had sent them (RFC 4733 DTMF).
@@ -270,8 +280,9 @@ pub enum CallAction {
         /// The frame.
         body: Body,
     },
-    /// Start the call's media relay, then call [`CallCore::relay_started`].
-    StartRelay,
+    /// Start the call's media relays (audio, and these), then call
+    /// [`CallCore::relay_started`].
+    StartRelay(RelayStreams),
     /// Change the relay.
     Relay(RelayOp),
     /// The call's dialog is this one now (route its requests here).
@@ -780,7 +791,7 @@ impl CallCore {
         );
         core.device_media = media;
         core.after_relay = Some(AfterRelay::Dial { target, headers });
-        core.push(CallAction::StartRelay);
+        core.start_relay();
         core
     }
 
@@ -1009,7 +1020,7 @@ impl CallCore {
             remote_sdp: record.media.remote_sdp.clone(),
             trigger,
         });
-        core.push(CallAction::StartRelay);
+        core.start_relay();
         core
     }
 
@@ -1808,19 +1819,44 @@ impl CallCore {
     }
 
     fn local_media(&self) -> LocalMedia {
-        let (ip, port) = self
-            .relay
-            .map(|r| (r.ip, r.port))
-            .unwrap_or((self.settings.media_address, 9));
-        media_sdp::local_media(ip, port, self.device_media.as_ref())
+        let (ip, ports) = self.relay.map(|r| (r.ip, r.ports)).unwrap_or((
+            self.settings.media_address,
+            StreamPorts {
+                audio: 9,
+                ..StreamPorts::default()
+            },
+        ));
+        media_sdp::local_media(ip, ports, self.device_media.as_ref())
+    }
+
+    /// Asks for the relays: audio, and video and the signal data stream when the device has
+    /// them and the peer's offer (when answering one) has them too.
+    fn start_relay(&mut self) {
+        let device = self.device_media.as_ref();
+        let offered = match &self.phase {
+            Phase::Ringing {
+                offer: Some(offer), ..
+            } => Some(media_sdp::streams(offer)),
+            _ => None,
+        };
+        let peer_has = |stream: StreamId| {
+            offered
+                .as_ref()
+                .is_none_or(|streams| streams.iter().any(|(s, _)| *s == stream))
+        };
+        let streams = RelayStreams {
+            video: device.is_some_and(|m| !m.video_codecs.is_empty()) && peer_has(StreamId::VIDEO),
+            signal: device.is_some_and(|m| m.signal) && peer_has(StreamId::SIGNAL),
+        };
+        self.push(CallAction::StartRelay(streams));
     }
 
     fn set_remote(&mut self, sdp: &SessionDescription) {
         self.replica.remote_sdp = Some(sdp.to_string());
         self.telephone_event = media_sdp::has_telephone_event(sdp);
         if self.relay.is_some() {
-            if let Some(remote) = sdp.remote_media(&MediaKind::Audio) {
-                self.push(CallAction::Relay(RelayOp::SetRemote(remote)));
+            for (stream, remote) in media_sdp::streams(sdp) {
+                self.push(CallAction::Relay(RelayOp::SetRemote(stream, remote)));
             }
         }
     }
@@ -2251,7 +2287,7 @@ impl CallCore {
                 Body::Answer(answer) => {
                     self.device_media = answer.media;
                     self.after_relay = Some(AfterRelay::Answer);
-                    self.push(CallAction::StartRelay);
+                    self.start_relay();
                 }
                 Body::Reject(reject) => {
                     let status = reject_status(reject.sip_status);

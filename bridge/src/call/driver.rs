@@ -18,7 +18,8 @@ use std::task::Poll;
 use bytes::Bytes;
 use rand::Rng;
 use thalamus_dialog_store::StoreError;
-use thalamus_media::{MediaRelay, RelayEvent, RelaySpec};
+use thalamus_media::{RelayEvent, RelaySpec};
+use thalamus_proto::media::StreamId;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{CallEvent, CallState, MediaStats};
 use thalamus_sip::dialog::DialogId;
@@ -32,10 +33,12 @@ use tracing::{debug, info, info_span, Instrument};
 use super::core::CallKey;
 use super::core::{
     CallAction, CallCore, CallCount, CallInput, CallSettings, ClaimedDialog, ClientOutcome,
-    RelayAddr, RelayOp, TxId, WriteAhead,
+    RelayAddr, RelayOp, RelayStreams, TxId, WriteAhead,
 };
+use super::relays::CallRelays;
 use super::{AdoptSetup, CallSetup};
 use crate::dialogs::{key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallFacts};
+use crate::media_sdp::StreamPorts;
 use crate::shared::BridgeInner;
 use crate::table::{self, CallCommand, CallShared};
 use thalamus_sip::session_timer::TimerHeaders;
@@ -192,7 +195,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         rx_open: true,
         shared,
         media_input,
-        relay: None,
+        relays: None,
         relay_events: None,
         calls: Vec::new(),
         pending_write: None,
@@ -238,8 +241,8 @@ struct Driver {
     rx: mpsc::Receiver<Box<CallCommand>>,
     rx_open: bool,
     shared: Arc<Mutex<CallShared>>,
-    media_input: Arc<Mutex<Option<thalamus_media::DeviceInput>>>,
-    relay: Option<MediaRelay>,
+    media_input: table::SharedInput,
+    relays: Option<CallRelays>,
     relay_events: Option<mpsc::Receiver<RelayEvent>>,
     /// The client transactions the core started and that have no final answer yet.
     calls: Vec<(TxId, ClientCall)>,
@@ -333,9 +336,12 @@ impl Driver {
                         Some(CallCommand::Replaced(dialog)) => CallInput::Replaced(dialog),
                         Some(CallCommand::DeviceLink(link)) => {
                             self.core.set_takes_transfers(link.takes_transfers());
-                            if let Some(relay) = &self.relay {
-                                let sink = self.device_sink(Arc::new(LinkSink(link)));
-                                let _ = relay.set_sink(sink).await;
+                            if let Some(relays) = &self.relays {
+                                let link: Arc<dyn thalamus_media::DatagramSink> =
+                                    Arc::new(LinkSink(link));
+                                for (stream, relay) in relays.iter() {
+                                    let _ = relay.set_sink(self.device_sink(*stream, link.clone())).await;
+                                }
                             }
                             continue;
                         }
@@ -414,14 +420,14 @@ impl Driver {
                     call.send(CallCommand::Replaced(dialog));
                 }
             }
-            CallAction::StartRelay => {
-                let addr = self.start_relay();
+            CallAction::StartRelay(streams) => {
+                let addr = self.start_relay(streams);
                 self.core.relay_started(now(), addr);
             }
             CallAction::Relay(RelayOp::Inject(datagrams)) => {
                 if let Some(input) = self.media_input.lock().ok().and_then(|i| i.clone()) {
                     for datagram in datagrams {
-                        let _ = input.feed(datagram);
+                        input.feed(datagram);
                     }
                 }
             }
@@ -474,13 +480,13 @@ impl Driver {
         let ua = &inner.ua;
         match action {
             CallAction::Relay(op) => match op {
-                RelayOp::SetRemote(remote) => {
-                    if let Some(relay) = &self.relay {
+                RelayOp::SetRemote(stream, remote) => {
+                    if let Some(relay) = self.relays.as_ref().and_then(|r| r.get(stream)) {
                         let _ = relay.set_remote_media(&remote).await;
                     }
                 }
                 RelayOp::Direction(direction) => {
-                    if let Some(relay) = &self.relay {
+                    for (_, relay) in self.relays.iter().flat_map(CallRelays::iter) {
                         let _ = relay.set_local_direction(direction).await;
                     }
                 }
@@ -589,7 +595,7 @@ impl Driver {
             CallAction::ToDevice { .. }
             | CallAction::PlaceTransfer { .. }
             | CallAction::EndReplaced(..)
-            | CallAction::StartRelay
+            | CallAction::StartRelay(_)
             | CallAction::SetDialog(_)
             | CallAction::InviteSettled
             | CallAction::Replicate(_)
@@ -601,12 +607,16 @@ impl Driver {
         Flow::Continue
     }
 
-    /// What the relay sends device datagrams to: the device's link, with the tap that reports
-    /// the peer's RFC 4733 events as `Dtmf` frames.
+    /// What a stream's relay sends device datagrams to: the device's link; for audio with the
+    /// tap that reports the peer's RFC 4733 events as `Dtmf` frames.
     fn device_sink(
         &self,
+        stream: StreamId,
         link: Arc<dyn thalamus_media::DatagramSink>,
     ) -> Arc<dyn thalamus_media::DatagramSink> {
+        if stream != StreamId::AUDIO {
+            return link;
+        }
         Arc::new(DtmfTap {
             link,
             inner: self.inner.clone(),
@@ -615,30 +625,48 @@ impl Driver {
         })
     }
 
-    /// Starts the media relay for this call (when the node has media).
-    fn start_relay(&mut self) -> Option<RelayAddr> {
-        let engine = self.inner.media.as_ref()?;
+    /// Starts the media relays of this call (when the node has media): audio, then the other
+    /// `streams` asked for. Without an audio relay the call has none; a stream whose relay
+    /// does not start is left out of the SDP (the call goes on without it).
+    fn start_relay(&mut self, streams: RelayStreams) -> Option<RelayAddr> {
+        let engine = self.inner.media.clone()?;
         let link: Arc<dyn thalamus_media::DatagramSink> = match self.inner.links.get(&self.key.0) {
             Some(link) => Arc::new(LinkSink(link.clone())),
             None => Arc::new(NoLink),
         };
-        let sink = self.device_sink(link);
-        match engine.start(RelaySpec::audio(self.key.1), sink) {
-            Ok(mut relay) => {
-                let port = relay.local_rtp_addr().port();
-                let ip = relay.sdp_address().unwrap_or(self.inner.media_address);
-                if let Ok(mut input) = self.media_input.lock() {
-                    *input = Some(relay.device_input());
-                }
-                self.relay_events = relay.take_events();
-                self.relay = Some(relay);
-                Some(RelayAddr { ip, port })
-            }
-            Err(e) => {
-                debug!(error = %e, "no media relay for this call");
-                None
-            }
+        let start = |stream: StreamId| {
+            engine
+                .start(
+                    RelaySpec::stream(self.key.1, stream),
+                    self.device_sink(stream, link.clone()),
+                )
+                .inspect_err(|e| debug!(error = %e, ?stream, "no media relay for this stream"))
+                .ok()
+        };
+        let mut audio = start(StreamId::AUDIO)?;
+        let others: Vec<_> = [
+            (streams.video, StreamId::VIDEO),
+            (streams.signal, StreamId::SIGNAL),
+        ]
+        .into_iter()
+        .filter_map(|(wanted, stream)| Some((stream, wanted.then(|| start(stream))??)))
+        .collect();
+        let ip = audio.sdp_address().unwrap_or(self.inner.media_address);
+        self.relay_events = audio.take_events();
+        let mut relays = CallRelays::new(audio);
+        for (stream, relay) in others {
+            relays.add(stream, relay);
         }
+        let ports = StreamPorts {
+            audio: relays.port(StreamId::AUDIO).unwrap_or(9),
+            video: relays.port(StreamId::VIDEO),
+            signal: relays.port(StreamId::SIGNAL),
+        };
+        if let Ok(mut input) = self.media_input.lock() {
+            *input = Some(relays.inputs());
+        }
+        self.relays = Some(relays);
+        Some(RelayAddr { ip, ports })
     }
 
     /// Hands the dialog's record to the replicator from a task of its own: the call waits
@@ -893,8 +921,8 @@ impl Driver {
                 }
             }
         }
-        let stats = match self.relay.take() {
-            Some(relay) => relay.stop().await.ok(),
+        let stats = match self.relays.take() {
+            Some(relays) => relays.stop().await,
             None => None,
         };
         if let Ok(mut input) = self.media_input.lock() {

@@ -9,6 +9,7 @@
 
 pub mod core;
 pub mod driver;
+pub mod relays;
 #[cfg(test)]
 mod tests;
 

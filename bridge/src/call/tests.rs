@@ -23,7 +23,11 @@ use crate::dialogs::{CallAppData, CallFacts};
 
 const RELAY: RelayAddr = RelayAddr {
     ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
-    port: 40_000,
+    ports: crate::media_sdp::StreamPorts {
+        audio: 40_000,
+        video: None,
+        signal: None,
+    },
 };
 
 fn settings(replicate: bool) -> CallSettings {
@@ -217,7 +221,10 @@ fn dialling(t0: Instant, replicate: bool) -> (CallCore, TxId, Vec<CallAction>) {
         Some(MediaOffer::default()),
         headers,
     );
-    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams::default())]
+    );
     core.relay_started(t0, Some(RELAY));
     let actions = drain(&mut core);
     let tx = actions
@@ -296,7 +303,7 @@ fn outgoing_call_answered_then_hung_up_by_the_device() {
     assert_eq!(a[1], CallAction::Ack { dialog: dialog() });
     assert!(a
         .iter()
-        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(_)))));
+        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(..)))));
     let answered = &events(&a)[0];
     assert_eq!(answered.state, CallState::Answered as i32);
     assert!(answered.media.is_some());
@@ -483,7 +490,10 @@ fn incoming_call_answered_acked_and_ended_by_the_peer() {
             }),
         ),
     );
-    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams::default())]
+    );
     core.relay_started(t0, Some(RELAY));
     let a = drain(&mut core);
     let answer = a
@@ -501,7 +511,7 @@ fn incoming_call_answered_acked_and_ended_by_the_peer() {
     assert!(answer.contains("m=audio 40000"), "{answer}");
     assert!(a
         .iter()
-        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(_)))));
+        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(..)))));
     // A hangup while the 200 is on its way waits for it.
     core.handle(t0, CallInput::Device(3, hangup()));
     assert!(drain(&mut core).is_empty());
@@ -544,6 +554,166 @@ fn incoming_call_answered_acked_and_ended_by_the_peer() {
         CallInput::PeerRequest(stx(6), Box::new(request("BYE", ""))),
     );
     assert_eq!(responses(&drain(&mut core)), vec![(stx(6), 481)]);
+}
+
+/// The media of a device with VP8 video and the signal data stream.
+fn device_with_every_stream() -> MediaOffer {
+    MediaOffer {
+        video_codecs: vec![thalamus_proto::v1::VideoCodec::Vp8 as i32],
+        signal: true,
+        ..Default::default()
+    }
+}
+
+const EVERY_STREAM: RelayAddr = RelayAddr {
+    ip: IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)),
+    ports: crate::media_sdp::StreamPorts {
+        audio: 40_000,
+        video: Some(40_002),
+        signal: Some(40_004),
+    },
+};
+
+fn set_remote_streams(actions: &[CallAction]) -> Vec<(thalamus_proto::media::StreamId, u16)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            CallAction::Relay(RelayOp::SetRemote(stream, remote)) => {
+                Some((*stream, remote.rtp.port()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
+    use thalamus_proto::media::StreamId;
+    let t0 = Instant::now();
+    // The device dials with every stream: three relays, three m-lines.
+    let mut core = CallCore::outgoing(
+        key(),
+        settings(false),
+        42,
+        target(),
+        Some(device_with_every_stream()),
+        BTreeMap::new(),
+    );
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams {
+            video: true,
+            signal: true
+        })]
+    );
+    core.relay_started(t0, Some(EVERY_STREAM));
+    let a = drain(&mut core);
+    let (tx, offer) = a
+        .iter()
+        .find_map(|a| match a {
+            CallAction::SendInvite { tx, sdp, .. } => Some((*tx, sdp.clone())),
+            _ => None,
+        })
+        .expect("an INVITE");
+    assert!(offer.contains("m=audio 40000 RTP/AVP"), "{offer}");
+    assert!(offer.contains("m=video 40002 RTP/AVP 97"), "{offer}");
+    assert!(
+        offer.contains("m=application 40004 RTP/AVP 98\r\na=rtpmap:98 x-mbfp-signal/1000"),
+        "{offer}"
+    );
+    // The peer takes audio and the signal stream and rejects video: two relays get a peer.
+    let answer = format!(
+        "{}m=video 0 RTP/AVP 97\r\nm=application 30004 RTP/AVP 98\r\na=rtpmap:98 x-mbfp-signal/1000\r\n",
+        peer_sdp(1, false, "sendrecv")
+    );
+    core.handle(
+        t0,
+        CallInput::Client(tx, response(200, &answer, Some(dialog()))),
+    );
+    let a = drain(&mut core);
+    assert_eq!(
+        set_remote_streams(&a),
+        [(StreamId::AUDIO, 30000), (StreamId::SIGNAL, 30004)]
+    );
+    let answered = &events(&a)[0];
+    assert!(
+        answered.media.as_ref().is_some_and(|m| m.signal),
+        "{answered:?}"
+    );
+
+    // A peer's offer without them: the device's answer with every stream gets audio only.
+    let (mut core, a) = ringing(t0, &peer_sdp(1, false, "sendrecv"));
+    match &a[0] {
+        CallAction::ToDevice {
+            body: Body::IncomingCall(c),
+            ..
+        } => assert!(c.media.as_ref().is_some_and(|m| !m.signal)),
+        other => panic!("expected IncomingCall, got {other:?}"),
+    }
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    drain(&mut core);
+    let answer = Body::Answer(Answer {
+        call_ref: 7,
+        media: Some(device_with_every_stream()),
+    });
+    core.handle(t0, CallInput::Device(2, answer.clone()));
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams::default())]
+    );
+
+    // A peer's offer with the signal stream (and no video): the device is told, and its
+    // answer gets a signal relay whose port the 200 names.
+    let offer = format!(
+        "{}m=application 30004 RTP/AVP 120\r\na=rtpmap:120 x-mbfp-signal/1000\r\n",
+        peer_sdp(1, false, "sendrecv")
+    );
+    let (mut core, a) = ringing(t0, &offer);
+    match &a[0] {
+        CallAction::ToDevice {
+            body: Body::IncomingCall(c),
+            ..
+        } => assert!(c.media.as_ref().is_some_and(|m| m.signal)),
+        other => panic!("expected IncomingCall, got {other:?}"),
+    }
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    drain(&mut core);
+    core.handle(t0, CallInput::Device(2, answer));
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams {
+            video: false,
+            signal: true
+        })]
+    );
+    let signal_only = RelayAddr {
+        ports: crate::media_sdp::StreamPorts {
+            video: None,
+            ..EVERY_STREAM.ports
+        },
+        ..EVERY_STREAM
+    };
+    core.relay_started(t0, Some(signal_only));
+    let a = drain(&mut core);
+    let answer = a
+        .iter()
+        .find_map(|x| match x {
+            CallAction::Respond {
+                status: 200,
+                body: Some((b, _)),
+                ..
+            } => Some(String::from_utf8_lossy(b).to_string()),
+            _ => None,
+        })
+        .expect("200 with an answer");
+    assert!(
+        answer.contains("m=application 40004 RTP/AVP 120\r\na=rtpmap:120 x-mbfp-signal/1000"),
+        "{answer}"
+    );
+    assert_eq!(
+        set_remote_streams(&a),
+        [(StreamId::AUDIO, 30000), (StreamId::SIGNAL, 30004)]
+    );
 }
 
 #[test]
@@ -1059,7 +1229,10 @@ fn taken_over(trigger: TakeoverTrigger, held: bool) -> (CallCore, Vec<CallAction
         },
     );
     assert_eq!(core.dialog(), Some(&dialog()));
-    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams::default())]
+    );
     core.relay_started(Instant::now(), Some(RELAY));
     let a = drain(&mut core);
     (core, a)
@@ -1077,7 +1250,7 @@ fn takeover_in_uas_mode_answers_the_request_then_moves_the_media() {
     );
     assert!(a
         .iter()
-        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(_)))));
+        .any(|x| matches!(x, CallAction::Relay(RelayOp::SetRemote(..)))));
     assert!(
         sent_in_dialog(&a).is_empty(),
         "the request is answered first"
@@ -1646,7 +1819,10 @@ fn an_adopted_ringing_call_rings_on_and_is_answered_here() {
     core.handle(t0, CallInput::Responded(stx(9), 180, Some(dialog())));
     assert_eq!(drain(&mut core), vec![CallAction::SetDialog(dialog())]);
     core.handle(t0, CallInput::Device(2, Body::Answer(Answer::default())));
-    assert_eq!(drain(&mut core), vec![CallAction::StartRelay]);
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams::default())]
+    );
     core.relay_started(t0, Some(RELAY));
     let a = drain(&mut core);
     assert!(responses(&a).contains(&(stx(9), 200)), "{a:?}");
@@ -1691,7 +1867,10 @@ fn an_adopted_ringing_call_answered_by_the_command_that_found_it() {
         },
     );
     assert_eq!(responses(&a), vec![(stx(9), 180)]);
-    assert_eq!(a.last(), Some(&CallAction::StartRelay));
+    assert_eq!(
+        a.last(),
+        Some(&CallAction::StartRelay(RelayStreams::default()))
+    );
     core.relay_started(t0, Some(RELAY));
     assert!(responses(&drain(&mut core)).contains(&(stx(9), 200)));
 }

@@ -3,8 +3,9 @@
 //! media relay sends RTP to).
 //!
 //! Answers support plain RTP (`RTP/AVP`, and `RTP/AVPF` whose feedback is optional); streams
-//! offered with SRTP or non-RTP protocols are rejected (port 0). One audio and one video stream
-//! are accepted at most; further streams of the same type are rejected.
+//! offered with SRTP or non-RTP protocols are rejected (port 0). One audio, one video and one
+//! application stream (RTP carrying a format such as a device's data stream) are accepted at
+//! most; further streams of the same type are rejected.
 
 use super::attribute::{Attribute, Direction};
 use super::codec::Codec;
@@ -38,6 +39,8 @@ pub struct LocalMedia {
     pub audio: Option<MediaConfig>,
     /// The video stream, if any.
     pub video: Option<MediaConfig>,
+    /// An `application` stream carried over RTP (`m=application <port> RTP/AVP <pt>`), if any.
+    pub application: Option<MediaConfig>,
     /// The direction this side wants (usually sendrecv).
     pub direction: Direction,
     /// `a=ptime` to put on audio streams, if any.
@@ -54,6 +57,7 @@ impl LocalMedia {
             address,
             audio: Some(MediaConfig::new(port, codecs)),
             video: None,
+            application: None,
             direction: Direction::SendRecv,
             ptime: None,
             single_codec_answer: false,
@@ -63,6 +67,12 @@ impl LocalMedia {
     /// The same with a video stream.
     pub fn with_video(mut self, port: u16, codecs: Vec<Codec>) -> Self {
         self.video = Some(MediaConfig::new(port, codecs));
+        self
+    }
+
+    /// The same with an RTP `application` stream.
+    pub fn with_application(mut self, port: u16, codecs: Vec<Codec>) -> Self {
+        self.application = Some(MediaConfig::new(port, codecs));
         self
     }
 
@@ -223,6 +233,7 @@ impl SdpSession {
         for (kind, config) in [
             (MediaKind::Audio, &local.audio),
             (MediaKind::Video, &local.video),
+            (MediaKind::Application, &local.application),
         ] {
             let Some(config) = config.as_ref().filter(|c| !c.codecs.is_empty()) else {
                 continue;
@@ -266,15 +277,23 @@ impl SdpSession {
         if offer.media.is_empty() {
             return Err(NegotiationError::NoMedia);
         }
-        let mut taken_audio = false;
-        let mut taken_video = false;
+        // Whether an audio, a video and an application stream were taken already.
+        let mut taken = [false; 3];
+        let slot = |kind: &MediaKind| match kind {
+            MediaKind::Audio => Some(0),
+            MediaKind::Video => Some(1),
+            MediaKind::Application => Some(2),
+            _ => None,
+        };
         let mut media = Vec::with_capacity(offer.media.len());
         let mut resume_directions = Vec::with_capacity(offer.media.len());
         let hold_mode = self.hold.as_ref().map(|h| h.mode);
         for (index, offered) in offer.media.iter().enumerate() {
-            let config = match offered.kind {
-                MediaKind::Audio if !taken_audio => local.audio.as_ref(),
-                MediaKind::Video if !taken_video => local.video.as_ref(),
+            let kind_slot = slot(&offered.kind).filter(|&i| !taken[i]);
+            let config = match kind_slot {
+                Some(0) => local.audio.as_ref(),
+                Some(1) => local.video.as_ref(),
+                Some(2) => local.application.as_ref(),
                 _ => None,
             };
             let supported_protocol =
@@ -291,10 +310,8 @@ impl SdpSession {
                 });
             match accepted {
                 Some((port, chosen)) => {
-                    if offered.kind == MediaKind::Audio {
-                        taken_audio = true;
-                    } else {
-                        taken_video = true;
+                    if let Some(i) = kind_slot {
+                        taken[i] = true;
                     }
                     let offered_direction =
                         offer.media_direction(index).unwrap_or(Direction::SendRecv);
@@ -317,7 +334,7 @@ impl SdpSession {
                 }
             }
         }
-        if !taken_audio && !taken_video {
+        if !taken.contains(&true) {
             return Err(NegotiationError::NoCommonCodec);
         }
         if let Some(hold) = &mut self.hold {
@@ -576,8 +593,14 @@ impl SessionDescription {
     /// The first active (port non-zero) stream of `kind`, with its address resolved from the
     /// media or session `c=` line. `None` if there is none or its address is not an IP address.
     pub fn remote_media(&self, kind: &MediaKind) -> Option<RemoteMedia> {
-        let index = self.first_active(kind)?;
-        let media = self.media.get(index)?;
+        self.remote_media_at(self.first_active(kind)?)
+    }
+
+    /// The stream of the m-line at `index` (see [`SessionDescription::remote_media`]); `None`
+    /// if there is no such line, it is rejected (port 0) or its address is not an IP address.
+    pub fn remote_media_at(&self, index: usize) -> Option<RemoteMedia> {
+        let media = self.media.get(index).filter(|m| !m.is_rejected())?;
+        let kind = &media.kind;
         let ip = self.media_connection(index)?.ip()?;
         let rtp = SocketAddr::new(ip, media.port);
         let rtcp = match media.rtcp() {
@@ -674,6 +697,48 @@ mod tests {
         assert!(text.contains("a=fmtp:101 0-16\r\n"));
         assert!(text.contains("a=ptime:20\r\na=sendrecv\r\n"));
         assert_eq!(SessionDescription::parse(&text).unwrap(), offer);
+    }
+
+    #[test]
+    fn an_application_stream_over_rtp_is_offered_and_answered_beside_audio() {
+        let data = || vec![Codec::new("x-data", 1000, 1, 98)];
+        let mut offerer = SdpSession::new(1);
+        let offer = offerer
+            .create_offer(&gateway().with_application(40004, data()))
+            .unwrap();
+        let text = offer.to_string();
+        assert!(text.contains("m=application 40004 RTP/AVP 98\r\na=rtpmap:98 x-data/1000\r\n"));
+        let offer = SessionDescription::parse(&text).unwrap();
+
+        // A peer with the same format takes both streams, with the offerer's payload type.
+        let mut answerer = SdpSession::new(2);
+        let peer = LocalMedia::audio(ip("198.51.100.5"), 5004, vec![Codec::pcmu()])
+            .with_application(5008, vec![Codec::new("X-DATA", 1000, 1, 120)]);
+        let answer = answerer.create_answer(&offer, &peer).unwrap();
+        let data_stream = answer.remote_media(&MediaKind::Application).unwrap();
+        assert_eq!(data_stream.rtp.to_string(), "198.51.100.5:5008");
+        assert_eq!(data_stream.codecs[0].payload_type, 98);
+        assert_eq!(answer.media[1].kind, MediaKind::Application);
+
+        // A peer without it rejects the stream (port 0) and keeps the audio; a second
+        // application stream is rejected even by a peer that has the format.
+        let mut plain = SdpSession::new(3);
+        let answer = plain.create_answer(&offer, &gateway()).unwrap();
+        assert!(answer.media[1].is_rejected());
+        assert!(answer.remote_media(&MediaKind::Audio).is_some());
+        let mut twice = offer.clone();
+        twice.media.push(offer.media[1].clone());
+        let answer = SdpSession::new(4).create_answer(&twice, &peer).unwrap();
+        assert!(!answer.media[1].is_rejected());
+        assert!(answer.media[2].is_rejected());
+
+        // An offer of only a stream we lack fails as having nothing in common.
+        let mut alone = offer.clone();
+        alone.media.remove(0);
+        assert_eq!(
+            SdpSession::new(5).create_answer(&alone, &gateway()),
+            Err(NegotiationError::NoCommonCodec)
+        );
     }
 
     #[test]
