@@ -14,13 +14,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::json;
 use thalamus_device::session::{CommandError, Event};
 use thalamus_device::{Client, ClientError, ClientEvents};
-use thalamus_proto::media::MediaDatagram;
+use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId, HEADER_BYTES};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaStats, Reject, Resume, Transfer,
+    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaOffer, MediaStats, Reject, Resume,
+    Transfer,
 };
 use tokio::sync::mpsc;
 
@@ -29,6 +31,7 @@ use crate::load::device_calls::device_media;
 use crate::media::{
     probe_tag, EchoProbe, ProbeTotals, ReceivedMedia, FRAME_INTERVAL, MAX_TRACKED_CALLS,
 };
+use crate::signal::SignalCall;
 
 /// How to reach the gateway as which device.
 #[derive(Debug, Clone)]
@@ -170,6 +173,9 @@ pub struct CallOptions {
     pub consult: Option<String>,
     /// Stream 20 ms frames while answered and count what comes back.
     pub media: bool,
+    /// Offer the signal data stream; stream the synthetic signal while answered and check
+    /// the one that comes in ([`crate::signal`]).
+    pub signal: bool,
     /// Give up on one call after this long.
     pub call_timeout: Duration,
     /// Devices calling at once, each its own connection (1: the login's device; more:
@@ -258,7 +264,11 @@ async fn device_calls(
     let mut dev = Device::start(login_opts, printer).await?;
     let (mut ok, mut failed) = (0u32, 0u32);
     for n in 0..opts.calls {
-        let call_ref = match dev.client.dial(&opts.target, device_media()).await {
+        let call_ref = match dev
+            .client
+            .dial(&opts.target, media_offer(opts.signal))
+            .await
+        {
             Ok((call_ref, _)) => call_ref,
             Err(e) => {
                 printer.emit(
@@ -311,6 +321,15 @@ fn is_media_statistics(env: &Envelope, call_ref: u32) -> Option<MediaStats> {
     }
 }
 
+/// What the simulator's devices offer and answer with: [`device_media`], with the signal data
+/// stream when `signal`.
+fn media_offer(signal: bool) -> MediaOffer {
+    MediaOffer {
+        signal,
+        ..device_media()
+    }
+}
+
 /// Call `call_ref`, dialled already, from its first event to its end (and its media report).
 /// `first`: the device's first call (its answer counts for the ready file).
 async fn one_call(
@@ -324,6 +343,8 @@ async fn one_call(
 ) -> anyhow::Result<bool> {
     let mut answered_at: Option<Instant> = None;
     let mut probe = EchoProbe::new(probe_tag(device, call_ref));
+    let mut signal = SignalCall::new();
+    let streams = opts.media || opts.signal;
     let mut media_tick = tokio::time::interval(FRAME_INTERVAL);
     let mut did_hold = false;
     let mut did_transfer = false;
@@ -338,12 +359,12 @@ async fn one_call(
     loop {
         let hold_over =
             answered_at.is_some_and(|at| !opts.hold.is_zero() && at.elapsed() >= opts.hold);
-        if hold_over && opts.media && streaming_stopped.is_none() {
+        if hold_over && streams && streaming_stopped.is_none() {
             streaming_stopped = Some(Instant::now());
         }
+        // The signal's last packets get the whole drain time to arrive.
         let hangup_due = hold_over
-            && (!opts.media
-                || probe.outstanding() == 0
+            && ((!opts.media || probe.outstanding() == 0) && !opts.signal
                 || streaming_stopped.is_some_and(|at| at.elapsed() >= ECHO_DRAIN));
         if hangup_due && !hung_up {
             hung_up = true;
@@ -417,6 +438,9 @@ async fn one_call(
                             device_answered(opts, shared);
                         }
                         answered_at = Some(Instant::now());
+                        if opts.signal {
+                            signal.start(probe_tag(device, call_ref), call_ref, Instant::now());
+                        }
                         for digit in opts.dtmf.chars() {
                             // As a frame: the SDK's `dtmf` leaves the length to the gateway,
                             // and the simulator's digits have always lasted DTMF_MS.
@@ -445,7 +469,7 @@ async fn one_call(
                             dev.client.send(Body::Dial(Dial {
                                 call_ref: consult_ref,
                                 target: target.clone(),
-                                media: Some(device_media()),
+                                media: Some(media_offer(opts.signal)),
                                 headers: Default::default(),
                             })).await?;
                         }
@@ -467,21 +491,52 @@ async fn one_call(
                                 totals.add(&probe);
                             }
                         }
+                        if opts.signal {
+                            let mut report = signal.report(call_ref);
+                            report["device"] = json!(device);
+                            printer.emit("signal_report", report);
+                        }
                         return Ok(answered_at.is_some());
                     }
                     _ => {}
                 }
             }
-            _ = media_tick.tick(), if opts.media && answered_at.is_some() && streaming_stopped.is_none() && !hung_up => {
-                if let Err(e) = dev.client.send_datagram(probe.next_datagram(call_ref, Instant::now())) {
-                    probe.send_failed += 1;
-                    tracing::debug!(error = %e, call_ref, "media frame not sent");
+            _ = media_tick.tick(), if streams && answered_at.is_some() && streaming_stopped.is_none() && !hung_up => {
+                if opts.media {
+                    if let Err(e) = dev.client.send_datagram(probe.next_datagram(call_ref, Instant::now())) {
+                        probe.send_failed += 1;
+                        tracing::debug!(error = %e, call_ref, "media frame not sent");
+                    }
                 }
+                send_signal(&dev.client, &mut signal, Instant::now());
             }
             _ = sleep_until(wake_at), if (!opts.hold.is_zero() || rebind_at.is_some()) && !hung_up => {}
-            Some(datagram) = dev.incoming.datagrams.recv(), if opts.media => {
-                probe.on_datagram(datagram, Instant::now());
+            Some(datagram) = dev.incoming.datagrams.recv(), if streams => {
+                if let Some(payload) = signal_payload(&datagram, opts.signal) {
+                    signal.sink.on_payload(&payload);
+                } else {
+                    probe.on_datagram(datagram, Instant::now());
+                }
             }
+        }
+    }
+}
+
+/// The payload of a signal data datagram, when the device takes the signal stream.
+fn signal_payload(datagram: &Bytes, signal: bool) -> Option<Bytes> {
+    let header = MediaHeader::decode(datagram).ok()?;
+    (signal && header.stream_id == StreamId::SIGNAL).then(|| datagram.slice(HEADER_BYTES..))
+}
+
+/// Sends the signal packets due now, if the call's signal is flowing.
+fn send_signal(client: &Client, signal: &mut SignalCall, now: Instant) {
+    let Some(source) = signal.source.as_mut() else {
+        return;
+    };
+    for datagram in source.due(now) {
+        if let Err(e) = client.send_datagram(datagram) {
+            source.send_failed += 1;
+            tracing::debug!(error = %e, "signal packet not sent");
         }
     }
 }
@@ -603,6 +658,9 @@ pub struct ListenOptions {
     pub ignore: bool,
     /// Send every media datagram of an answered call back to the gateway.
     pub echo: bool,
+    /// Answer with the signal data stream; stream the synthetic signal once a call is
+    /// answered and check the one that comes in ([`crate::signal`]).
+    pub signal: bool,
     /// While listening, place calls to this target (call refs 1, 2, ...), one every
     /// `dial_every`, `dial_count` in all; each is hung up once answered.
     pub dial: Option<String>,
@@ -634,6 +692,7 @@ pub async fn listen(
     let mut pending: Vec<(Instant, Reply)> = Vec::new();
     let mut hangups: Vec<(Instant, u32)> = Vec::new();
     let mut media: HashMap<u32, ReceivedMedia> = HashMap::new();
+    let mut signals: HashMap<u32, SignalCall> = HashMap::new();
     let mut finishing_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     // Outgoing calls placed while listening: (calls placed so far, when the next goes), and
@@ -667,6 +726,13 @@ pub async fn listen(
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 => {
                         answered += 1;
+                        // The caller's gateway has the answer once the call is confirmed: the
+                        // signal starts then, so its first packet is not sent before the far
+                        // relay knows where from.
+                        if opts.signal && (signals.len() < MAX_TRACKED_CALLS || signals.contains_key(&e.call_ref)) {
+                            let seed = probe_tag(&login_opts.device, e.call_ref);
+                            signals.entry(e.call_ref).or_default().start(seed, e.call_ref, Instant::now());
+                        }
                         if media.len() < MAX_TRACKED_CALLS || media.contains_key(&e.call_ref) {
                             media.entry(e.call_ref).or_default().answered = true;
                         }
@@ -681,6 +747,11 @@ pub async fn listen(
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Ended as i32 => {
                         ended += 1;
+                        if let Some(signal) = signals.remove(&e.call_ref) {
+                            let mut report = signal.report(e.call_ref);
+                            report["device"] = json!(login_opts.device);
+                            printer.emit("signal_report", report);
+                        }
                         if let Some(m) = media.get_mut(&e.call_ref) {
                             m.ended_at = Some(Instant::now());
                         }
@@ -692,6 +763,16 @@ pub async fn listen(
                 }
             }
             Some(datagram) = dev.incoming.datagrams.recv() => {
+                if let Some(payload) = signal_payload(&datagram, opts.signal) {
+                    let call_ref = MediaHeader::decode(&datagram).map_or(0, |h| h.call_ref);
+                    if let Some(signal) = signals.get_mut(&call_ref) {
+                        signal.sink.on_payload(&payload);
+                    } else if signals.len() < MAX_TRACKED_CALLS {
+                        // Before the device heard its call confirmed.
+                        signals.entry(call_ref).or_default().sink.on_payload(&payload);
+                    }
+                    continue;
+                }
                 let Ok(d) = MediaDatagram::decode(datagram) else { continue };
                 let call_ref = d.header.call_ref;
                 if !media.contains_key(&call_ref) && media.len() >= MAX_TRACKED_CALLS {
@@ -707,6 +788,9 @@ pub async fn listen(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                for signal in signals.values_mut() {
+                    send_signal(&dev.client, signal, now);
+                }
                 if let (Some((placed, at)), Some(target)) = (next_dial, opts.dial.as_ref()) {
                     if at <= now {
                         let (call_ref, _) = dev.client.dial(target, device_media()).await?;
@@ -720,10 +804,10 @@ pub async fn listen(
                 for reply in due {
                     match reply {
                         Reply::Answer(call_ref) => {
-                            let sent = dev.client.answer(call_ref, device_media()).await;
+                            let sent = dev.client.answer(call_ref, media_offer(opts.signal)).await;
                             call_command(&dev.client, sent, || Body::Answer(Answer {
                                 call_ref,
-                                media: Some(device_media()),
+                                media: Some(media_offer(opts.signal)),
                             })).await?;
                             // Media may arrive before the gateway confirms the answer: echo it
                             // already.

@@ -16,6 +16,7 @@ pub mod events;
 pub mod load;
 pub mod media;
 pub mod provision;
+pub mod signal;
 pub mod sipcall;
 
 /// One MBFP connection (`thalamus_device::connection`): the simulator's devices are devices of

@@ -100,6 +100,11 @@ enum Command {
         /// Stream 20 ms audio frames and report what comes back (use with an echoing peer).
         #[arg(long)]
         media: bool,
+        /// Offer the earpiece's signal data stream (stream 2) and, once answered, stream a
+        /// synthetic 8-channel 250 Hz signal on it; check every sample the other side sends
+        /// and print a `signal_report` per call (use with another device's `listen --signal`).
+        #[arg(long)]
+        signal: bool,
         /// Seconds before one call is given up.
         #[arg(long, default_value_t = 60)]
         call_timeout_secs: u64,
@@ -137,6 +142,11 @@ enum Command {
         /// Send every media datagram of an answered call back (a device-side echo).
         #[arg(long)]
         echo: bool,
+        /// Answer with the signal data stream and, once a call is answered, stream a
+        /// synthetic 8-channel 250 Hz signal on it; check every sample the caller sends and
+        /// print a `signal_report` per call.
+        #[arg(long)]
+        signal: bool,
         /// While listening, also call this SIP URI (or alias) `--dial-count` times, one call
         /// every `--dial-every-ms`, each hung up once answered (call refs 1, 2, ...).
         #[arg(long)]
@@ -414,6 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             transfer_to,
             consult,
             media,
+            signal,
             call_timeout_secs,
             parallel,
             ready_file,
@@ -431,6 +442,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     transfer_to,
                     consult,
                     media,
+                    signal,
                     call_timeout: std::time::Duration::from_secs(call_timeout_secs),
                     parallel,
                     ready_file,
@@ -455,6 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hangup_after_ms,
             calls,
             echo,
+            signal,
             dial,
             dial_count,
             dial_every_ms,
@@ -469,6 +482,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     calls,
                     ignore,
                     echo,
+                    signal,
                     dial,
                     dial_count,
                     dial_every: std::time::Duration::from_millis(dial_every_ms),

@@ -1,0 +1,135 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Brain to brain: two simulated earpieces call each other through SIP and exchange their
+//! signal data (MBFP stream 2, carried on the SIP leg as its own RTP stream, `m=application
+//! ... x-mbfp-signal/1000`) beside their audio. Each side streams a synthetic 8-channel
+//! 250 Hz signal and checks every sample the other sends (`thalamus-sim call --signal`,
+//! `listen --signal`): through one node calling its own SIP address, and through two nodes.
+//! A SIP peer that does not know the stream gets audio only. Assertions are on counts, never on
+//! timing.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use thalamus_tests::{login_args, sim_as as spawn, Gateway, Sim};
+
+const T: Duration = Duration::from_secs(60);
+
+/// A gateway relaying media with RTP ports `first..first + pairs * 2`.
+fn gateway(first_port: u16, pairs: u16) -> Gateway {
+    Gateway::start(&format!(
+        "[media]\nrtp_port_min = {first_port}\nrtp_port_max = {}",
+        first_port + pairs * 2 - 1
+    ))
+    .unwrap()
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+/// Every sample the report's device received arrived, in order, unaltered, from the first
+/// one on; and at least `min_samples` of them.
+fn assert_every_sample(report: &Value, min_samples: u64) {
+    assert_eq!(report["first_sample"].as_u64(), Some(0), "{report}");
+    for key in [
+        "missing_samples",
+        "reordered_packets",
+        "bad_packets",
+        "bad_samples",
+    ] {
+        assert_eq!(u(report, key), 0, "{key}: {report}");
+    }
+    assert!(u(report, "samples") >= min_samples, "{report}");
+    assert_eq!(u(report, "send_failed"), 0, "{report}");
+}
+
+/// Earpiece `ear-b` listens on `gw_b`, earpiece `ear-a` on `gw_a` calls its SIP address
+/// there, both with the signal stream, for 3 s; returns both `signal_report`s (caller's
+/// first) after checking every sample arrived both ways.
+fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
+    let secret_b = gw_b.add_device("ear-b").unwrap();
+    let secret_a = gw_a.add_device("ear-a").unwrap();
+    let mut listener = spawn(
+        "listen",
+        login_args(gw_b, "ear-b", &secret_b),
+        &["--signal", "--calls", "1"],
+    );
+    listener.wait_event("welcome", T).unwrap();
+    let target = format!("sip:ear-b@{}", gw_b.sip);
+    let mut caller = spawn(
+        "call",
+        login_args(gw_a, "ear-a", &secret_a),
+        &["--target", &target, "--signal", "--hold-ms", "3000"],
+    );
+    let heard_by_a = caller.wait_event("signal_report", T).unwrap();
+    let heard_by_b = listener.wait_event("signal_report", T).unwrap();
+    let summary = caller.wait_event("summary", T).unwrap();
+    assert_eq!(
+        (summary["succeeded"].as_u64(), summary["failed"].as_u64()),
+        (Some(1), Some(0)),
+        "{summary}"
+    );
+    // 3 s at 250 Hz is 750 samples per channel; well over half must have gone each way.
+    assert_every_sample(&heard_by_a, 400);
+    assert_every_sample(&heard_by_b, 400);
+    // The caller stops its signal, waits for the last packets, then hangs up: the listener
+    // got every sample the caller sent. (The listener streams until it hears the call ended,
+    // so its last packets may cross the BYE.)
+    assert_eq!(
+        u(&heard_by_b, "samples"),
+        u(&heard_by_a, "sent_samples"),
+        "{heard_by_a} {heard_by_b}"
+    );
+    assert_eq!(caller.proc.wait_exit(T).unwrap(), Some(0));
+    assert_eq!(listener.proc.wait_exit(T).unwrap(), Some(0));
+    (heard_by_a, heard_by_b)
+}
+
+/// Both earpieces on one node: the node calls its own SIP address, so each call crosses the
+/// SIP leg (and two relays per stream) of the same process.
+#[test]
+fn two_earpieces_on_one_node_exchange_every_signal_sample() {
+    let gw = gateway(37_400, 50);
+    let (a, b) = brain_to_brain(&gw, &gw);
+    eprintln!("one node: A heard {a}; B heard {b}");
+    // Four relays carried the signal (two calls of the node, one stream each way).
+    let relayed = gw
+        .metric("thalamus_media_relayed_packets_total{direction=\"to_peer\"}")
+        .unwrap();
+    assert!(
+        relayed >= (u(&a, "sent_packets") + u(&b, "sent_packets")) as f64,
+        "{relayed}"
+    );
+}
+
+/// The earpieces on two nodes that know nothing of each other but SIP.
+#[test]
+fn two_earpieces_on_two_nodes_exchange_every_signal_sample() {
+    let gw_a = gateway(37_600, 50);
+    let gw_b = gateway(37_800, 50);
+    let (a, b) = brain_to_brain(&gw_a, &gw_b);
+    eprintln!("two nodes: A heard {a}; B heard {b}");
+}
+
+/// A SIP peer that does not offer or take the signal stream (the simulator's echo buddy): the
+/// call goes on with audio, whose frames come back, and no signal packet arrives.
+#[test]
+fn a_peer_without_the_signal_stream_gets_audio_only() {
+    let gw = gateway(38_000, 20);
+    let secret = gw.add_device("ear-c").unwrap();
+    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
+    let target = format!("sip:bob@127.0.0.1:{port}");
+    let mut caller = spawn(
+        "call",
+        login_args(&gw, "ear-c", &secret),
+        &["--target", &target, "--signal", "--media", "--hold-ms", "2000"],
+    );
+    let media = caller.wait_event("media_report", T).unwrap();
+    assert!(u(&media, "payload_matches") >= 50, "{media}");
+    let signal = caller.wait_event("signal_report", T).unwrap();
+    assert_eq!(u(&signal, "packets"), 0, "{signal}");
+    assert!(u(&signal, "sent_packets") > 0, "{signal}");
+    assert_eq!(caller.proc.wait_exit(T).unwrap(), Some(0));
+}
