@@ -14,15 +14,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde_json::json;
 use thalamus_device::session::{CommandError, Event};
 use thalamus_device::{Client, ClientError, ClientEvents};
-use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId, HEADER_BYTES};
+use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaOffer, MediaStats, Reject, Resume,
-    Transfer,
+    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaStats, Reject, Resume, Transfer,
 };
 use tokio::sync::mpsc;
 
@@ -31,7 +29,7 @@ use crate::load::device_calls::device_media;
 use crate::media::{
     probe_tag, EchoProbe, ProbeTotals, ReceivedMedia, FRAME_INTERVAL, MAX_TRACKED_CALLS,
 };
-use crate::signal::SignalCall;
+use crate::streams::{call_of, CallStreams, StreamChoice};
 
 /// How to reach the gateway as which device.
 #[derive(Debug, Clone)]
@@ -173,9 +171,9 @@ pub struct CallOptions {
     pub consult: Option<String>,
     /// Stream 20 ms frames while answered and count what comes back.
     pub media: bool,
-    /// Offer the signal data stream; stream the synthetic signal while answered and check
-    /// the one that comes in ([`crate::signal`]).
-    pub signal: bool,
+    /// Offer the signal data stream and VP8 video; stream the synthetic signal and video
+    /// while answered and check what comes in ([`crate::streams`]).
+    pub streams: StreamChoice,
     /// Give up on one call after this long.
     pub call_timeout: Duration,
     /// Devices calling at once, each its own connection (1: the login's device; more:
@@ -266,7 +264,7 @@ async fn device_calls(
     for n in 0..opts.calls {
         let call_ref = match dev
             .client
-            .dial(&opts.target, media_offer(opts.signal))
+            .dial(&opts.target, opts.streams.media_offer())
             .await
         {
             Ok((call_ref, _)) => call_ref,
@@ -321,15 +319,6 @@ fn is_media_statistics(env: &Envelope, call_ref: u32) -> Option<MediaStats> {
     }
 }
 
-/// What the simulator's devices offer and answer with: [`device_media`], with the signal data
-/// stream when `signal`.
-fn media_offer(signal: bool) -> MediaOffer {
-    MediaOffer {
-        signal,
-        ..device_media()
-    }
-}
-
 /// Call `call_ref`, dialled already, from its first event to its end (and its media report).
 /// `first`: the device's first call (its answer counts for the ready file).
 async fn one_call(
@@ -343,8 +332,8 @@ async fn one_call(
 ) -> anyhow::Result<bool> {
     let mut answered_at: Option<Instant> = None;
     let mut probe = EchoProbe::new(probe_tag(device, call_ref));
-    let mut signal = SignalCall::new();
-    let streams = opts.media || opts.signal;
+    let mut extra = CallStreams::new(opts.streams, call_ref);
+    let streams = opts.media || opts.streams.any();
     let mut media_tick = tokio::time::interval(FRAME_INTERVAL);
     let mut did_hold = false;
     let mut did_transfer = false;
@@ -362,9 +351,9 @@ async fn one_call(
         if hold_over && streams && streaming_stopped.is_none() {
             streaming_stopped = Some(Instant::now());
         }
-        // The signal's last packets get the whole drain time to arrive.
+        // The other streams' last packets get the whole drain time to arrive.
         let hangup_due = hold_over
-            && ((!opts.media || probe.outstanding() == 0) && !opts.signal
+            && ((!opts.media || probe.outstanding() == 0) && !opts.streams.any()
                 || streaming_stopped.is_some_and(|at| at.elapsed() >= ECHO_DRAIN));
         if hangup_due && !hung_up {
             hung_up = true;
@@ -438,9 +427,7 @@ async fn one_call(
                             device_answered(opts, shared);
                         }
                         answered_at = Some(Instant::now());
-                        if opts.signal {
-                            signal.start(probe_tag(device, call_ref), call_ref, Instant::now());
-                        }
+                        extra.start(probe_tag(device, call_ref), Instant::now());
                         for digit in opts.dtmf.chars() {
                             // As a frame: the SDK's `dtmf` leaves the length to the gateway,
                             // and the simulator's digits have always lasted DTMF_MS.
@@ -469,7 +456,7 @@ async fn one_call(
                             dev.client.send(Body::Dial(Dial {
                                 call_ref: consult_ref,
                                 target: target.clone(),
-                                media: Some(media_offer(opts.signal)),
+                                media: Some(opts.streams.media_offer()),
                                 headers: Default::default(),
                             })).await?;
                         }
@@ -491,11 +478,7 @@ async fn one_call(
                                 totals.add(&probe);
                             }
                         }
-                        if opts.signal {
-                            let mut report = signal.report(call_ref);
-                            report["device"] = json!(device);
-                            printer.emit("signal_report", report);
-                        }
+                        extra.report(printer, device);
                         return Ok(answered_at.is_some());
                     }
                     _ => {}
@@ -508,35 +491,14 @@ async fn one_call(
                         tracing::debug!(error = %e, call_ref, "media frame not sent");
                     }
                 }
-                send_signal(&dev.client, &mut signal, Instant::now());
+                extra.send_due(&dev.client, Instant::now());
             }
             _ = sleep_until(wake_at), if (!opts.hold.is_zero() || rebind_at.is_some()) && !hung_up => {}
             Some(datagram) = dev.incoming.datagrams.recv(), if streams => {
-                if let Some(payload) = signal_payload(&datagram, opts.signal) {
-                    signal.sink.on_payload(&payload);
-                } else {
+                if let Some(datagram) = extra.take(datagram) {
                     probe.on_datagram(datagram, Instant::now());
                 }
             }
-        }
-    }
-}
-
-/// The payload of a signal data datagram, when the device takes the signal stream.
-fn signal_payload(datagram: &Bytes, signal: bool) -> Option<Bytes> {
-    let header = MediaHeader::decode(datagram).ok()?;
-    (signal && header.stream_id == StreamId::SIGNAL).then(|| datagram.slice(HEADER_BYTES..))
-}
-
-/// Sends the signal packets due now, if the call's signal is flowing.
-fn send_signal(client: &Client, signal: &mut SignalCall, now: Instant) {
-    let Some(source) = signal.source.as_mut() else {
-        return;
-    };
-    for datagram in source.due(now) {
-        if let Err(e) = client.send_datagram(datagram) {
-            source.send_failed += 1;
-            tracing::debug!(error = %e, "signal packet not sent");
         }
     }
 }
@@ -658,9 +620,9 @@ pub struct ListenOptions {
     pub ignore: bool,
     /// Send every media datagram of an answered call back to the gateway.
     pub echo: bool,
-    /// Answer with the signal data stream; stream the synthetic signal once a call is
-    /// answered and check the one that comes in ([`crate::signal`]).
-    pub signal: bool,
+    /// Answer with the signal data stream and VP8 video; stream the synthetic signal and
+    /// video once a call is answered and check what comes in ([`crate::streams`]).
+    pub streams: StreamChoice,
     /// While listening, place calls to this target (call refs 1, 2, ...), one every
     /// `dial_every`, `dial_count` in all; each is hung up once answered.
     pub dial: Option<String>,
@@ -692,7 +654,7 @@ pub async fn listen(
     let mut pending: Vec<(Instant, Reply)> = Vec::new();
     let mut hangups: Vec<(Instant, u32)> = Vec::new();
     let mut media: HashMap<u32, ReceivedMedia> = HashMap::new();
-    let mut signals: HashMap<u32, SignalCall> = HashMap::new();
+    let mut streams: HashMap<u32, CallStreams> = HashMap::new();
     let mut finishing_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     // Outgoing calls placed while listening: (calls placed so far, when the next goes), and
@@ -727,11 +689,14 @@ pub async fn listen(
                     Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 => {
                         answered += 1;
                         // The caller's gateway has the answer once the call is confirmed: the
-                        // signal starts then, so its first packet is not sent before the far
+                        // streams start then, so their first packets are not sent before the far
                         // relay knows where from.
-                        if opts.signal && (signals.len() < MAX_TRACKED_CALLS || signals.contains_key(&e.call_ref)) {
+                        if opts.streams.any() && (streams.len() < MAX_TRACKED_CALLS || streams.contains_key(&e.call_ref)) {
                             let seed = probe_tag(&login_opts.device, e.call_ref);
-                            signals.entry(e.call_ref).or_default().start(seed, e.call_ref, Instant::now());
+                            streams
+                                .entry(e.call_ref)
+                                .or_insert_with(|| CallStreams::new(opts.streams, e.call_ref))
+                                .start(seed, Instant::now());
                         }
                         if media.len() < MAX_TRACKED_CALLS || media.contains_key(&e.call_ref) {
                             media.entry(e.call_ref).or_default().answered = true;
@@ -747,10 +712,8 @@ pub async fn listen(
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Ended as i32 => {
                         ended += 1;
-                        if let Some(signal) = signals.remove(&e.call_ref) {
-                            let mut report = signal.report(e.call_ref);
-                            report["device"] = json!(login_opts.device);
-                            printer.emit("signal_report", report);
+                        if let Some(call) = streams.remove(&e.call_ref) {
+                            call.report(printer, &login_opts.device);
                         }
                         if let Some(m) = media.get_mut(&e.call_ref) {
                             m.ended_at = Some(Instant::now());
@@ -763,16 +726,19 @@ pub async fn listen(
                 }
             }
             Some(datagram) = dev.incoming.datagrams.recv() => {
-                if let Some(payload) = signal_payload(&datagram, opts.signal) {
-                    let call_ref = MediaHeader::decode(&datagram).map_or(0, |h| h.call_ref);
-                    if let Some(signal) = signals.get_mut(&call_ref) {
-                        signal.sink.on_payload(&payload);
-                    } else if signals.len() < MAX_TRACKED_CALLS {
-                        // Before the device heard its call confirmed.
-                        signals.entry(call_ref).or_default().sink.on_payload(&payload);
+                let datagram = match call_of(&datagram) {
+                    // Streams may flow before the device heard its call confirmed.
+                    Some(call_ref) if opts.streams.any() && (streams.len() < MAX_TRACKED_CALLS || streams.contains_key(&call_ref)) => {
+                        let call = streams
+                            .entry(call_ref)
+                            .or_insert_with(|| CallStreams::new(opts.streams, call_ref));
+                        match call.take(datagram) {
+                            Some(audio) => audio,
+                            None => continue,
+                        }
                     }
-                    continue;
-                }
+                    _ => datagram,
+                };
                 let Ok(d) = MediaDatagram::decode(datagram) else { continue };
                 let call_ref = d.header.call_ref;
                 if !media.contains_key(&call_ref) && media.len() >= MAX_TRACKED_CALLS {
@@ -788,8 +754,8 @@ pub async fn listen(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                for signal in signals.values_mut() {
-                    send_signal(&dev.client, signal, now);
+                for call in streams.values_mut() {
+                    call.send_due(&dev.client, now);
                 }
                 if let (Some((placed, at)), Some(target)) = (next_dial, opts.dial.as_ref()) {
                     if at <= now {
@@ -804,10 +770,10 @@ pub async fn listen(
                 for reply in due {
                     match reply {
                         Reply::Answer(call_ref) => {
-                            let sent = dev.client.answer(call_ref, media_offer(opts.signal)).await;
+                            let sent = dev.client.answer(call_ref, opts.streams.media_offer()).await;
                             call_command(&dev.client, sent, || Body::Answer(Answer {
                                 call_ref,
-                                media: Some(media_offer(opts.signal)),
+                                media: Some(opts.streams.media_offer()),
                             })).await?;
                             // Media may arrive before the gateway confirms the answer: echo it
                             // already.

@@ -18,6 +18,7 @@ pub mod media;
 pub mod provision;
 pub mod signal;
 pub mod sipcall;
+pub mod streams;
 
 /// One MBFP connection (`thalamus_device::connection`): the simulator's devices are devices of
 /// the device SDK.
@@ -25,3 +26,4 @@ pub use thalamus_device::connection as device;
 /// QUIC client set-up (`thalamus_device::quic`).
 pub use thalamus_device::quic;
 pub mod swarm;
+pub mod video;

@@ -105,6 +105,11 @@ enum Command {
         /// and print a `signal_report` per call (use with another device's `listen --signal`).
         #[arg(long)]
         signal: bool,
+        /// Offer VP8 video and, once answered, stream synthetic 15 fps frames split into
+        /// packets (RFC 7741); put together and check the frames that come in and print a
+        /// `video_report` per call.
+        #[arg(long)]
+        video: bool,
         /// Seconds before one call is given up.
         #[arg(long, default_value_t = 60)]
         call_timeout_secs: u64,
@@ -147,6 +152,10 @@ enum Command {
         /// print a `signal_report` per call.
         #[arg(long)]
         signal: bool,
+        /// Answer with VP8 video and, once a call is answered, stream synthetic 15 fps frames;
+        /// put together and check the frames that come in and print a `video_report` per call.
+        #[arg(long)]
+        video: bool,
         /// While listening, also call this SIP URI (or alias) `--dial-count` times, one call
         /// every `--dial-every-ms`, each hung up once answered (call refs 1, 2, ...).
         #[arg(long)]
@@ -425,6 +434,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             consult,
             media,
             signal,
+            video,
             call_timeout_secs,
             parallel,
             ready_file,
@@ -442,7 +452,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     transfer_to,
                     consult,
                     media,
-                    signal,
+                    streams: thalamus_sim::streams::StreamChoice { signal, video },
                     call_timeout: std::time::Duration::from_secs(call_timeout_secs),
                     parallel,
                     ready_file,
@@ -468,6 +478,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             calls,
             echo,
             signal,
+            video,
             dial,
             dial_count,
             dial_every_ms,
@@ -482,7 +493,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     calls,
                     ignore,
                     echo,
-                    signal,
+                    streams: thalamus_sim::streams::StreamChoice { signal, video },
                     dial,
                     dial_count,
                     dial_every: std::time::Duration::from_millis(dial_every_ms),

@@ -1,11 +1,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! Brain to brain: two simulated earpieces call each other through SIP and exchange their
-//! signal data (MBFP stream 2, carried on the SIP leg as its own RTP stream, `m=application
-//! ... x-mbfp-signal/1000`) beside their audio. Each side streams a synthetic 8-channel
-//! 250 Hz signal and checks every sample the other sends (`thalamus-sim call --signal`,
-//! `listen --signal`): through one node calling its own SIP address, and through two nodes.
-//! A SIP peer that does not know the stream gets audio only. Assertions are on counts, never on
-//! timing.
+//! Every stream a device has, end to end. Brain to brain: two simulated earpieces call each
+//! other through SIP and exchange their signal data (MBFP stream 2, carried on the SIP leg as
+//! its own RTP stream, `m=application ... x-mbfp-signal/1000`) and VP8 video (stream 1,
+//! `m=video`) beside their audio. Each side streams a synthetic 8-channel 250 Hz signal and
+//! 15 fps video whose frames span one to six datagrams, and checks every sample and every frame
+//! the other sends (`thalamus-sim call --signal --video`, `listen --signal --video`): through
+//! one node calling its own SIP address, and through two nodes. A SIP peer that knows neither
+//! stream gets audio only. Assertions are on counts, never on timing.
 
 use std::time::Duration;
 
@@ -24,9 +25,7 @@ fn gateway(first_port: u16, pairs: u16) -> Gateway {
 }
 
 fn u(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {key} in {v}"))
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
 /// Every sample the report's device received arrived, in order, unaltered, from the first
@@ -45,26 +44,52 @@ fn assert_every_sample(report: &Value, min_samples: u64) {
     assert_eq!(u(report, "send_failed"), 0, "{report}");
 }
 
+/// Every frame the report's device received came whole and unaltered, none was skipped, and
+/// at least `min_frames` did (some of them in several packets).
+fn assert_every_frame(report: &Value, min_frames: u64) {
+    for key in [
+        "broken_frames",
+        "bad_frames",
+        "skipped_frames",
+        "send_failed",
+    ] {
+        assert_eq!(u(report, key), 0, "{key}: {report}");
+    }
+    assert_eq!(u(report, "checked_frames"), u(report, "frames"), "{report}");
+    assert!(u(report, "frames") >= min_frames, "{report}");
+    assert!(u(report, "key_frames") >= 1, "{report}");
+    assert!(u(report, "fragmented_frames") >= 1, "{report}");
+}
+
 /// Earpiece `ear-b` listens on `gw_b`, earpiece `ear-a` on `gw_a` calls its SIP address
-/// there, both with the signal stream, for 3 s; returns both `signal_report`s (caller's
-/// first) after checking every sample arrived both ways.
+/// there, both with the signal stream and video, for 3 s; returns both `signal_report`s
+/// (caller's first) after checking every sample and frame arrived both ways.
 fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
     let secret_b = gw_b.add_device("ear-b").unwrap();
     let secret_a = gw_a.add_device("ear-a").unwrap();
     let mut listener = spawn(
         "listen",
         login_args(gw_b, "ear-b", &secret_b),
-        &["--signal", "--calls", "1"],
+        &["--signal", "--video", "--calls", "1"],
     );
     listener.wait_event("welcome", T).unwrap();
     let target = format!("sip:ear-b@{}", gw_b.sip);
     let mut caller = spawn(
         "call",
         login_args(gw_a, "ear-a", &secret_a),
-        &["--target", &target, "--signal", "--hold-ms", "3000"],
+        &[
+            "--target",
+            &target,
+            "--signal",
+            "--video",
+            "--hold-ms",
+            "3000",
+        ],
     );
     let heard_by_a = caller.wait_event("signal_report", T).unwrap();
+    let seen_by_a = caller.wait_event("video_report", T).unwrap();
     let heard_by_b = listener.wait_event("signal_report", T).unwrap();
+    let seen_by_b = listener.wait_event("video_report", T).unwrap();
     let summary = caller.wait_event("summary", T).unwrap();
     assert_eq!(
         (summary["succeeded"].as_u64(), summary["failed"].as_u64()),
@@ -82,6 +107,15 @@ fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
         u(&heard_by_a, "sent_samples"),
         "{heard_by_a} {heard_by_b}"
     );
+    // 3 s at 15 fps is 45 frames: the same holds for video.
+    assert_every_frame(&seen_by_a, 25);
+    assert_every_frame(&seen_by_b, 25);
+    assert_eq!(
+        u(&seen_by_b, "frames"),
+        u(&seen_by_a, "sent_frames"),
+        "{seen_by_a} {seen_by_b}"
+    );
+    eprintln!("video: A saw {seen_by_a}; B saw {seen_by_b}");
     assert_eq!(caller.proc.wait_exit(T).unwrap(), Some(0));
     assert_eq!(listener.proc.wait_exit(T).unwrap(), Some(0));
     (heard_by_a, heard_by_b)
@@ -90,11 +124,11 @@ fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
 /// Both earpieces on one node: the node calls its own SIP address, so each call crosses the
 /// SIP leg (and two relays per stream) of the same process.
 #[test]
-fn two_earpieces_on_one_node_exchange_every_signal_sample() {
+fn two_earpieces_on_one_node_exchange_every_signal_sample_and_video_frame() {
     let gw = gateway(37_400, 50);
     let (a, b) = brain_to_brain(&gw, &gw);
     eprintln!("one node: A heard {a}; B heard {b}");
-    // Four relays carried the signal (two calls of the node, one stream each way).
+    // The node's relays carried the signal both ways (two calls of the node).
     let relayed = gw
         .metric("thalamus_media_relayed_packets_total{direction=\"to_peer\"}")
         .unwrap();
@@ -106,17 +140,17 @@ fn two_earpieces_on_one_node_exchange_every_signal_sample() {
 
 /// The earpieces on two nodes that know nothing of each other but SIP.
 #[test]
-fn two_earpieces_on_two_nodes_exchange_every_signal_sample() {
+fn two_earpieces_on_two_nodes_exchange_every_signal_sample_and_video_frame() {
     let gw_a = gateway(37_600, 50);
     let gw_b = gateway(37_800, 50);
     let (a, b) = brain_to_brain(&gw_a, &gw_b);
     eprintln!("two nodes: A heard {a}; B heard {b}");
 }
 
-/// A SIP peer that does not offer or take the signal stream (the simulator's echo buddy): the
-/// call goes on with audio, whose frames come back, and no signal packet arrives.
+/// A SIP peer that does not offer or take the signal stream or video (the simulator's echo
+/// buddy): the call goes on with audio, whose frames come back, and nothing else arrives.
 #[test]
-fn a_peer_without_the_signal_stream_gets_audio_only() {
+fn a_peer_without_the_signal_stream_or_video_gets_audio_only() {
     let gw = gateway(38_000, 20);
     let secret = gw.add_device("ear-c").unwrap();
     let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
@@ -124,12 +158,23 @@ fn a_peer_without_the_signal_stream_gets_audio_only() {
     let mut caller = spawn(
         "call",
         login_args(&gw, "ear-c", &secret),
-        &["--target", &target, "--signal", "--media", "--hold-ms", "2000"],
+        &[
+            "--target",
+            &target,
+            "--signal",
+            "--video",
+            "--media",
+            "--hold-ms",
+            "2000",
+        ],
     );
     let media = caller.wait_event("media_report", T).unwrap();
     assert!(u(&media, "payload_matches") >= 50, "{media}");
     let signal = caller.wait_event("signal_report", T).unwrap();
     assert_eq!(u(&signal, "packets"), 0, "{signal}");
     assert!(u(&signal, "sent_packets") > 0, "{signal}");
+    let video = caller.wait_event("video_report", T).unwrap();
+    assert_eq!(u(&video, "packets"), 0, "{video}");
+    assert!(u(&video, "sent_frames") > 0, "{video}");
     assert_eq!(caller.proc.wait_exit(T).unwrap(), Some(0));
 }
