@@ -387,6 +387,7 @@ impl DeviceRequests for Bridge {
             | Body::Hold(_)
             | Body::Resume(_)
             | Body::Dtmf(_)
+            | Body::KeyframeRequest(_)
             | Body::Transfer(_) => {
                 let call_ref = match &body {
                     Body::Answer(a) => a.call_ref,
@@ -395,6 +396,7 @@ impl DeviceRequests for Bridge {
                     Body::Hold(h) => h.call_ref,
                     Body::Resume(r) => r.call_ref,
                     Body::Dtmf(d) => d.call_ref,
+                    Body::KeyframeRequest(k) => k.call_ref,
                     Body::Transfer(t) => t.call_ref,
                     _ => 0,
                 };

@@ -20,7 +20,8 @@ use thalamus_device::{Client, ClientError, ClientEvents};
 use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaStats, Reject, Resume, Transfer,
+    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, KeyframeRequest, MediaStats, Reject,
+    Resume, Transfer,
 };
 use tokio::sync::mpsc;
 
@@ -385,6 +386,11 @@ async fn one_call(
                         printer.frame(&env);
                         continue;
                     }
+                    Some(Body::KeyframeRequest(k)) if k.call_ref == call_ref => {
+                        printer.frame(&env);
+                        extra.key_frame_asked();
+                        continue;
+                    }
                     Some(Body::TransferStatus(t)) if t.call_ref == call_ref => {
                         printer.frame(&env);
                         if t.done && !(200..300).contains(&t.sip_status) && !hung_up {
@@ -492,6 +498,9 @@ async fn one_call(
                     }
                 }
                 extra.send_due(&dev.client, Instant::now());
+                if extra.keyframe_request_due(Instant::now()) {
+                    dev.client.send(Body::KeyframeRequest(KeyframeRequest { call_ref })).await?;
+                }
             }
             _ = sleep_until(wake_at), if (!opts.hold.is_zero() || rebind_at.is_some()) && !hung_up => {}
             Some(datagram) = dev.incoming.datagrams.recv(), if streams => {
@@ -682,6 +691,11 @@ pub async fn listen(
                         };
                         pending.push((Instant::now() + opts.answer_after, reply));
                     }
+                    Some(Body::KeyframeRequest(k)) => {
+                        if let Some(call) = streams.get_mut(&k.call_ref) {
+                            call.key_frame_asked();
+                        }
+                    }
                     Some(Body::CallEvent(e)) if e.state == CallState::Answered as i32 && own_calls.contains(&e.call_ref) => {
                         // One of our own calls: hang it up at once.
                         hangup(&dev.client, e.call_ref).await?;
@@ -754,8 +768,15 @@ pub async fn listen(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                let mut asking = Vec::new();
                 for call in streams.values_mut() {
                     call.send_due(&dev.client, now);
+                    if call.keyframe_request_due(now) {
+                        asking.push(call.call_ref());
+                    }
+                }
+                for call_ref in asking {
+                    dev.client.send(Body::KeyframeRequest(KeyframeRequest { call_ref })).await?;
                 }
                 if let (Some((placed, at)), Some(target)) = (next_dial, opts.dial.as_ref()) {
                     if at <= now {

@@ -1,11 +1,12 @@
 //! The streams of a simulated call besides its audio: the earpiece's signal data
 //! ([`crate::signal`], `--signal`) and synthetic video ([`crate::video`], `--video`). One
-//! [`CallStreams`] per call sends what is due, takes the datagrams of its streams, and prints a
-//! `signal_report` and a `video_report` when the call ends.
+//! [`CallStreams`] per call sends what is due, takes the datagrams of its streams, asks once
+//! for a key frame ([`KEYFRAME_REQUEST_AFTER`] into the call) and answers the other side's
+//! requests with one, and prints a `signal_report` and a `video_report` when the call ends.
 //!
 //! What it does not do: no audio (the echo probe in `crate::media` does), no call control.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::json;
@@ -17,6 +18,9 @@ use crate::events::EventPrinter;
 use crate::load::device_calls::device_media;
 use crate::signal::SignalCall;
 use crate::video::VideoCall;
+
+/// How long into its video a device asks the other side for a key frame (once per call).
+pub const KEYFRAME_REQUEST_AFTER: Duration = Duration::from_secs(1);
 
 /// Which streams besides audio the devices of a run have.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,6 +54,7 @@ pub struct CallStreams {
     call_ref: u32,
     signal: Option<SignalCall>,
     video: Option<VideoCall>,
+    started: Option<Instant>,
 }
 
 impl CallStreams {
@@ -59,11 +64,13 @@ impl CallStreams {
             call_ref,
             signal: choice.signal.then(SignalCall::new),
             video: choice.video.then(VideoCall::default),
+            started: None,
         }
     }
 
     /// Starts sending (once) at `now`, with `seed` for the synthetic content.
     pub fn start(&mut self, seed: u32, now: Instant) {
+        self.started.get_or_insert(now);
         if let Some(signal) = self.signal.as_mut() {
             signal.start(seed, self.call_ref, now);
         }
@@ -88,6 +95,33 @@ impl CallStreams {
                 }
             }
         }
+    }
+
+    /// Whether the device should ask for a key frame now (once per call, with video,
+    /// [`KEYFRAME_REQUEST_AFTER`] after the start); counted as sent.
+    pub fn keyframe_request_due(&mut self, now: Instant) -> bool {
+        let (Some(video), Some(started)) = (self.video.as_mut(), self.started) else {
+            return false;
+        };
+        if video.requests_sent > 0
+            || now.saturating_duration_since(started) < KEYFRAME_REQUEST_AFTER
+        {
+            return false;
+        }
+        video.requests_sent += 1;
+        true
+    }
+
+    /// The other side asked for a key frame.
+    pub fn key_frame_asked(&mut self) {
+        if let Some(video) = self.video.as_mut() {
+            video.key_frame_asked();
+        }
+    }
+
+    /// The call.
+    pub fn call_ref(&self) -> u32 {
+        self.call_ref
     }
 
     /// Takes a datagram of one of these streams; gives back any other.

@@ -8,8 +8,9 @@
 //! `[P][seed u32][frame number u32][length u32][pattern...]` where P is 0 for a key frame and
 //! 1 otherwise (the VP8 inter-frame bit), and the pattern follows from the seed, the frame
 //! number and the offset, so the receiver checks every byte. One frame in
-//! [`KEYFRAME_INTERVAL`] is a key frame, several times larger; the others vary in size so that
-//! frames of one, two and several packets all occur.
+//! [`KEYFRAME_INTERVAL`] is a key frame, several times larger, and so is the next frame after
+//! a key frame request (MBFP `KeyframeRequest`, which the gateway makes of the peer's RTCP PLI
+//! or FIR); the others vary in size so that frames of one, two and several packets all occur.
 //!
 //! The sink also takes real VP8 from a SIP peer (baresip's `fakevideo` through its `vp8`
 //! module): frames are put together by S bit, sequence and marker and counted; only frames
@@ -45,9 +46,8 @@ const MAX_CATCH_UP: usize = FRAMES_PER_SECOND as usize;
 /// Largest frame put together (bigger ones are counted as broken).
 const MAX_FRAME: usize = 256 * 1024;
 
-/// The bytes of frame `number` of the stream seeded `seed`.
-pub fn frame(seed: u32, number: u32) -> Vec<u8> {
-    let key = number % KEYFRAME_INTERVAL == 0;
+/// The bytes of frame `number` of the stream seeded `seed`, a key frame or not.
+pub fn frame(seed: u32, number: u32, key: bool) -> Vec<u8> {
     let len = if key {
         6_000
     } else {
@@ -71,6 +71,8 @@ pub struct VideoSource {
     next_frame: u32,
     sequence: u16,
     started: Instant,
+    /// The next frame is a key frame (one was asked for).
+    key_asked: bool,
     /// Frames sent.
     pub frames: u64,
     /// Packets handed to the device link.
@@ -88,10 +90,16 @@ impl VideoSource {
             next_frame: 0,
             sequence: 0,
             started: start,
+            key_asked: false,
             frames: 0,
             packets: 0,
             send_failed: 0,
         }
+    }
+
+    /// The next frame goes as a key frame (the receiver asked for one).
+    pub fn key_frame_asked(&mut self) {
+        self.key_asked = true;
     }
 
     fn due_at(&self, number: u32) -> Instant {
@@ -104,7 +112,8 @@ impl VideoSource {
         let mut frames = 0;
         while self.due_at(self.next_frame) <= now && frames < MAX_CATCH_UP {
             let number = self.next_frame;
-            let bytes = frame(self.seed, number);
+            let key = number % KEYFRAME_INTERVAL == 0 || std::mem::take(&mut self.key_asked);
+            let bytes = frame(self.seed, number, key);
             let chunks: Vec<&[u8]> = bytes.chunks(MAX_FRAGMENT).collect();
             for (i, chunk) in chunks.iter().enumerate() {
                 let header = MediaHeader {
@@ -237,7 +246,8 @@ impl VideoSink {
             return;
         }
         self.checked += 1;
-        if bytes != frame(seed, number).as_slice() {
+        let key = bytes.first().is_some_and(|p| p & 1 == 0);
+        if bytes != frame(seed, number, key).as_slice() {
             self.bad += 1;
         }
         if let Some(last) = self.last_number {
@@ -295,9 +305,21 @@ pub struct VideoCall {
     pub source: Option<VideoSource>,
     /// Receiving.
     pub sink: VideoSink,
+    /// Key frame requests this device sent, and those it received.
+    pub requests_sent: u64,
+    /// Key frame requests received (each makes the next frame a key frame).
+    pub requests_received: u64,
 }
 
 impl VideoCall {
+    /// The other side asked for a key frame.
+    pub fn key_frame_asked(&mut self) {
+        self.requests_received += 1;
+        if let Some(source) = self.source.as_mut() {
+            source.key_frame_asked();
+        }
+    }
+
     /// Starts sending (once) the stream seeded `seed` on `call_ref` at `now`.
     pub fn start(&mut self, seed: u32, call_ref: u32, now: Instant) {
         self.source
@@ -312,6 +334,8 @@ impl VideoCall {
         report["sent_frames"] = json!(source.map_or(0, |s| s.frames));
         report["sent_packets"] = json!(source.map_or(0, |s| s.packets));
         report["send_failed"] = json!(source.map_or(0, |s| s.send_failed));
+        report["keyframe_requests_sent"] = json!(self.requests_sent);
+        report["keyframe_requests_received"] = json!(self.requests_received);
         report
     }
 }
@@ -384,6 +408,21 @@ mod tests {
         assert_eq!(r["bad_frames"], 1, "{r}");
         assert_eq!(r["frames"], 29, "{r}");
         assert_eq!(r["skipped_frames"], 1, "{r}");
+
+        // Frame 30 is a key frame by the interval; a key frame asked for makes frame 31 one
+        // too, and it checks out.
+        for p in source.due(t0 + Duration::from_millis(3_010)) {
+            feed(&mut sink, &p);
+        }
+        source.key_frame_asked();
+        for p in source.due(t0 + Duration::from_millis(3_070)) {
+            feed(&mut sink, &p);
+        }
+        let r = sink.report();
+        assert_eq!(
+            (r["key_frames"].as_u64(), r["bad_frames"].as_u64()),
+            (Some(3), Some(1))
+        );
     }
 
     #[test]

@@ -374,6 +374,7 @@ enum Control {
     LocalDirection(Direction),
     Sink(Arc<dyn DatagramSink>),
     MaxDatagramBytes(usize),
+    RequestKeyframe,
     Stats(oneshot::Sender<RelayStats>),
     Stop,
 }
@@ -397,6 +398,7 @@ impl std::fmt::Debug for Control {
             Control::LocalDirection(_) => "LocalDirection",
             Control::Sink(_) => "Sink",
             Control::MaxDatagramBytes(_) => "MaxDatagramBytes",
+            Control::RequestKeyframe => "RequestKeyframe",
             Control::Stats(_) => "Stats",
             Control::Stop => "Stop",
         })
@@ -456,6 +458,16 @@ impl MediaRelay {
     /// Changes the largest datagram toward the device (header included).
     pub async fn set_max_datagram_bytes(&self, max: usize) -> Result<(), RelayError> {
         self.send(Control::MaxDatagramBytes(max)).await
+    }
+
+    /// Asks the peer for a key frame (RTCP PLI; see [`RelayCore::request_keyframe`]) without
+    /// waiting: when the relay's control queue is full the request is dropped, as the next
+    /// one will do.
+    pub fn request_keyframe(&self) -> Result<(), RelayError> {
+        match self.control.try_send(Control::RequestKeyframe) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(RelayError::Stopped),
+        }
     }
 
     /// A snapshot of the statistics.
@@ -640,6 +652,7 @@ impl RelayTask {
                 self.max_datagram_bytes = max;
                 self.core.set_max_datagram_bytes(max);
             }
+            Control::RequestKeyframe => self.core.request_keyframe(now),
             Control::Stats(reply) => {
                 self.sync_overflow();
                 let _ = reply.send(self.core.stats());

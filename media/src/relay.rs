@@ -63,6 +63,9 @@ pub const SSRC_PROBATION: u32 = 3;
 pub const MAX_PENDING_TRANSMITS: usize = 256;
 /// Most events waiting in [`RelayCore::poll_event`]'s queue; more are dropped.
 pub const MAX_PENDING_EVENTS: usize = 32;
+/// Least time between two key frame requests passed on, each way: more are dropped and
+/// counted (a flood of requests from either side costs the other nothing).
+pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(200);
 /// Capacity of the scratch buffer packets are built in (re-used between packets).
 const SCRATCH_BYTES: usize = 4 * 1024;
 /// A device sequence step outside `-MAX_MISORDER..MAX_DROPOUT` is a restart.
@@ -193,6 +196,9 @@ pub enum RelayEvent {
         /// The peer's observed RTP source.
         source: SocketAddr,
     },
+    /// The peer asked for a key frame (RTCP PLI or FIR); at most one per
+    /// [`KEYFRAME_REQUEST_INTERVAL`].
+    KeyframeRequested,
 }
 
 /// Which way a relayed packet went (for latency accounting).
@@ -241,6 +247,9 @@ pub struct DropCounters {
     pub rtcp_malformed: u64,
     /// RTCP packets from a source other than the peer.
     pub rtcp_wrong_source: u64,
+    /// Key frame requests (either way) dropped for coming less than
+    /// [`KEYFRAME_REQUEST_INTERVAL`] after the one before.
+    pub keyframe_requests_limited: u64,
     /// Packets dropped because the transmit queue was full.
     pub transmit_overflow: u64,
     /// Packets the socket refused to send.
@@ -297,6 +306,10 @@ pub struct RelayStats {
     pub rtcp_sent: u64,
     /// RTCP packets received and accepted.
     pub rtcp_received: u64,
+    /// Key frame requests (PLI) sent to the peer for the device.
+    pub keyframe_requests_to_peer: u64,
+    /// Key frame requests (PLI, FIR) from the peer passed on to the device.
+    pub keyframe_requests_from_peer: u64,
     /// Relay latency device -> peer.
     pub latency_to_peer: LatencySummary,
     /// Relay latency peer -> device.
@@ -433,12 +446,41 @@ pub struct RelayCore {
     to_device: FlowCounters,
     rtcp_sent: u64,
     rtcp_received: u64,
+    keyframe_requests: KeyframeRequests,
     latency_to_peer: LatencyHistogram,
     latency_to_device: LatencyHistogram,
     closed: bool,
     /// Device datagrams that arrived before the peer was known (the device answered or heard
     /// the answer before the relay got the SDP): relayed once it is, if still recent.
     early_device: VecDeque<(Bytes, Instant)>,
+}
+
+/// Key frame requests passed on each way: when the last went, how many did, how many were
+/// dropped for coming too soon after the one before.
+#[derive(Debug, Default)]
+struct KeyframeRequests {
+    last_to_peer: Option<Instant>,
+    last_from_peer: Option<Instant>,
+    to_peer: u64,
+    from_peer: u64,
+}
+
+/// Whether a request at `now` is far enough from the `last` one passed on (and if so, it is
+/// the last one now).
+fn keyframe_request_allowed(last: &mut Option<Instant>, now: Instant) -> bool {
+    if last.is_some_and(|at| now.saturating_duration_since(at) < KEYFRAME_REQUEST_INTERVAL) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
+/// What a report carries after its SR or RR and SDES.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReportTail {
+    Nothing,
+    Goodbye,
+    PictureLoss,
 }
 
 /// Most device datagrams held until the peer is known ([`RelayCore::set_peer`]).
@@ -488,6 +530,7 @@ impl RelayCore {
             to_device: FlowCounters::default(),
             rtcp_sent: 0,
             rtcp_received: 0,
+            keyframe_requests: KeyframeRequests::default(),
             latency_to_peer: LatencyHistogram::new(),
             latency_to_device: LatencyHistogram::new(),
             closed: false,
@@ -930,7 +973,12 @@ impl RelayCore {
         let mut valid = false;
         let mut sender_report = None;
         let mut report = None;
+        let mut keyframe_request = false;
         for item in parse_compound(packet) {
+            if item.as_ref().is_ok_and(rtcp::is_keyframe_request) {
+                keyframe_request = true;
+                continue;
+            }
             let blocks = match item {
                 Err(_) => {
                     self.drops.rtcp_malformed += 1;
@@ -946,6 +994,15 @@ impl RelayCore {
             valid = true;
             for block in blocks.filter(|b| b.ssrc == local_ssrc) {
                 report = Some(block);
+            }
+        }
+        // A key frame request may come alone (reduced-size RTCP, RFC 5506).
+        if keyframe_request {
+            if keyframe_request_allowed(&mut self.keyframe_requests.last_from_peer, now) {
+                self.keyframe_requests.from_peer += 1;
+                self.push_event(RelayEvent::KeyframeRequested);
+            } else {
+                self.drops.keyframe_requests_limited += 1;
             }
         }
         if !valid {
@@ -988,7 +1045,7 @@ impl RelayCore {
         }
         if let (Some(due), Some(interval)) = (self.next_report_at, self.settings.rtcp_interval) {
             if now >= due && !self.closed {
-                self.send_report(now, false);
+                self.send_report(now, ReportTail::Nothing);
                 self.next_report_at = Some(now + interval);
             }
         }
@@ -1016,7 +1073,22 @@ impl RelayCore {
         }
     }
 
-    fn send_report(&mut self, now: Instant, goodbye: bool) {
+    /// The device asks the peer for a key frame: a compound RTCP packet with a PLI about the
+    /// peer's stream goes out at once, unless one went less than
+    /// [`KEYFRAME_REQUEST_INTERVAL`] ago (then it is dropped and counted).
+    pub fn request_keyframe(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        if !keyframe_request_allowed(&mut self.keyframe_requests.last_to_peer, now) {
+            self.drops.keyframe_requests_limited += 1;
+            return;
+        }
+        self.keyframe_requests.to_peer += 1;
+        self.send_report(now, ReportTail::PictureLoss);
+    }
+
+    fn send_report(&mut self, now: Instant, tail: ReportTail) {
         let Some(destination) = self.peer.as_ref().map(PeerState::rtcp_destination) else {
             return;
         };
@@ -1053,8 +1125,13 @@ impl RelayCore {
             rtcp::write_receiver_report(&mut self.scratch, ssrc, block.as_ref());
         }
         rtcp::write_sdes_cname(&mut self.scratch, ssrc, &self.settings.cname);
-        if goodbye {
-            rtcp::write_bye(&mut self.scratch, ssrc);
+        match tail {
+            ReportTail::Nothing => {}
+            ReportTail::Goodbye => rtcp::write_bye(&mut self.scratch, ssrc),
+            ReportTail::PictureLoss => {
+                let media_ssrc = self.inbound.as_ref().map_or(0, |s| s.ssrc);
+                rtcp::write_picture_loss(&mut self.scratch, ssrc, media_ssrc);
+            }
         }
         self.outbound.sent_since_report = false;
         let packet = self.take_scratch();
@@ -1074,7 +1151,7 @@ impl RelayCore {
             return;
         }
         if self.settings.rtcp_interval.is_some() {
-            self.send_report(now, true);
+            self.send_report(now, ReportTail::Goodbye);
         }
         self.closed = true;
     }
@@ -1207,6 +1284,8 @@ impl RelayCore {
             to_peer: self.outbound.flow,
             rtcp_sent: self.rtcp_sent,
             rtcp_received: self.rtcp_received,
+            keyframe_requests_to_peer: self.keyframe_requests.to_peer,
+            keyframe_requests_from_peer: self.keyframe_requests.from_peer,
             latency_to_peer: self.latency_to_peer.summary(),
             latency_to_device: self.latency_to_device.summary(),
             latency: all.summary(),
@@ -1957,6 +2036,72 @@ mod tests {
         // RTCP multiplexed on the RTP port is recognised.
         core.handle_rtp(&rr, "192.0.2.5:5005".parse().unwrap(), t0 + ms(6_000));
         assert_eq!(core.stats().rtcp_received, 3);
+    }
+
+    #[test]
+    fn keyframe_requests_pass_both_ways_at_most_one_per_interval() {
+        let (mut core, t0) = started(settings());
+        let peer: SocketAddr = "192.0.2.5:5005".parse().unwrap();
+        core.handle_rtp(
+            &rtp(0, 10, 100, 0xfeed, b"x"),
+            "192.0.2.5:5004".parse().unwrap(),
+            t0,
+        );
+        while core.poll_transmit().is_some() {}
+
+        // The device asks: a compound RR + SDES + PLI about the peer's stream goes out at once.
+        core.request_keyframe(t0);
+        let sent = rtcp_sent(&mut core);
+        assert_eq!(sent.len(), 1);
+        let pli: Vec<(u8, u8, Vec<u8>)> = parse_compound(&sent[0].packet)
+            .filter_map(|p| match p.unwrap() {
+                RtcpPacket::Other {
+                    packet_type,
+                    count,
+                    body,
+                } => Some((packet_type, count, body.to_vec())),
+                _ => None,
+            })
+            .collect();
+        let mut ssrcs = SSRC.to_be_bytes().to_vec();
+        ssrcs.extend_from_slice(&0xfeed_u32.to_be_bytes());
+        assert_eq!(pli, vec![(206, 1, ssrcs)]);
+        // A second request within the interval is dropped; one after it goes.
+        core.request_keyframe(t0 + ms(100));
+        assert!(rtcp_sent(&mut core).is_empty());
+        core.request_keyframe(t0 + ms(250));
+        assert_eq!(rtcp_sent(&mut core).len(), 1);
+
+        // The peer asks with a PLI alone (reduced size), then a FIR in a compound: one event
+        // per interval; a flood in between is counted, not passed on.
+        let mut alone = BytesMut::new();
+        rtcp::write_picture_loss(&mut alone, 0xfeed, SSRC);
+        core.handle_rtcp(&alone, peer, t0 + ms(300));
+        for n in 0..10 {
+            core.handle_rtcp(&alone, peer, t0 + ms(310 + n));
+        }
+        let mut fir = BytesMut::new();
+        rtcp::write_receiver_report(&mut fir, 0xfeed, None);
+        fir.extend_from_slice(&[0x84, 206, 0, 4, 0, 0, 0xfe, 0xed, 0, 0, 0, 0]);
+        fir.extend_from_slice(&SSRC.to_be_bytes());
+        fir.extend_from_slice(&[1, 0, 0, 0]);
+        core.handle_rtcp(&fir, peer, t0 + ms(600));
+        // From a stranger: refused before it is read.
+        core.handle_rtcp(&alone, "203.0.113.1:5005".parse().unwrap(), t0 + ms(900));
+        let events: Vec<RelayEvent> = std::iter::from_fn(|| core.poll_event())
+            .filter(|e| *e == RelayEvent::KeyframeRequested)
+            .collect();
+        assert_eq!(events.len(), 2);
+        let stats = core.stats();
+        assert_eq!(
+            (
+                stats.keyframe_requests_to_peer,
+                stats.keyframe_requests_from_peer
+            ),
+            (2, 2)
+        );
+        assert_eq!(stats.drops.keyframe_requests_limited, 11);
+        assert_eq!(stats.drops.rtcp_wrong_source, 1);
     }
 
     #[test]

@@ -26,6 +26,14 @@ pub const PT_RECEIVER_REPORT: u8 = 201;
 pub const PT_SOURCE_DESCRIPTION: u8 = 202;
 /// Goodbye packet type.
 pub const PT_GOODBYE: u8 = 203;
+/// Payload-specific feedback packet type (RFC 4585 section 6.3).
+pub const PT_PAYLOAD_FEEDBACK: u8 = 206;
+/// Picture loss indication: the format of a payload-specific feedback packet (RFC 4585
+/// section 6.3.1).
+pub const FMT_PICTURE_LOSS: u8 = 1;
+/// Full intra request: the format of a payload-specific feedback packet (RFC 5104 section
+/// 4.3.1).
+pub const FMT_FULL_INTRA_REQUEST: u8 = 4;
 
 /// Size of one report block.
 pub const REPORT_BLOCK_BYTES: usize = 24;
@@ -432,6 +440,27 @@ pub fn write_bye(dst: &mut BytesMut, ssrc: u32) {
     dst.reserve(8);
     put_header(dst, 1, PT_GOODBYE, 8);
     dst.put_u32(ssrc);
+}
+
+/// Appends a picture loss indication (PLI) from `sender_ssrc` about the stream `media_ssrc`:
+/// the receiver asks for a key frame.
+pub fn write_picture_loss(dst: &mut BytesMut, sender_ssrc: u32, media_ssrc: u32) {
+    dst.reserve(12);
+    put_header(dst, FMT_PICTURE_LOSS, PT_PAYLOAD_FEEDBACK, 12);
+    dst.put_u32(sender_ssrc);
+    dst.put_u32(media_ssrc);
+}
+
+/// Whether a packet of a compound is a key frame request: a PLI or a FIR.
+pub fn is_keyframe_request(packet: &RtcpPacket<'_>) -> bool {
+    matches!(
+        packet,
+        RtcpPacket::Other {
+            packet_type: PT_PAYLOAD_FEEDBACK,
+            count: FMT_PICTURE_LOSS | FMT_FULL_INTRA_REQUEST,
+            ..
+        }
+    )
 }
 
 /// The 64-bit NTP timestamp (seconds since 1900 in the high 32 bits, fraction in the low 32)

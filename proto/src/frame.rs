@@ -153,6 +153,7 @@ pub fn body_kind(body: Option<&crate::v1::envelope::Body>) -> &'static str {
         Some(Body::Watch(_)) => "watch",
         Some(Body::Unwatch(_)) => "unwatch",
         Some(Body::WatchStatus(_)) => "watch_status",
+        Some(Body::KeyframeRequest(_)) => "keyframe_request",
     }
 }
 

@@ -4,7 +4,8 @@
 //! its own RTP stream, `m=application ... x-mbfp-signal/1000`) and VP8 video (stream 1,
 //! `m=video`) beside their audio. Each side streams a synthetic 8-channel 250 Hz signal and
 //! 15 fps video whose frames span one to six datagrams, and checks every sample and every frame
-//! the other sends (`thalamus-sim call --signal --video`, `listen --signal --video`): through
+//! the other sends; each asks the other for a key frame once (MBFP `KeyframeRequest`, RTCP PLI
+//! on the SIP leg) (`thalamus-sim call --signal --video`, `listen --signal --video`): through
 //! one node calling its own SIP address, and through two nodes. A SIP peer that knows neither
 //! stream gets audio only. Assertions are on counts, never on timing.
 
@@ -115,6 +116,14 @@ fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
         u(&seen_by_a, "sent_frames"),
         "{seen_by_a} {seen_by_b}"
     );
+    // Each asked once for a key frame 1 s in (MBFP KeyframeRequest -> RTCP PLI -> the other
+    // gateway -> KeyframeRequest): each was asked once, and sent one more key frame than the
+    // two its 3 s hold by the interval (frames 0 and 30).
+    for (asker, asked) in [(&seen_by_a, &seen_by_b), (&seen_by_b, &seen_by_a)] {
+        assert_eq!(u(asker, "keyframe_requests_sent"), 1, "{asker}");
+        assert_eq!(u(asked, "keyframe_requests_received"), 1, "{asked}");
+        assert!(u(asker, "key_frames") >= 3, "{asker}");
+    }
     eprintln!("video: A saw {seen_by_a}; B saw {seen_by_b}");
     assert_eq!(caller.proc.wait_exit(T).unwrap(), Some(0));
     assert_eq!(listener.proc.wait_exit(T).unwrap(), Some(0));

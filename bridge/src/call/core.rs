@@ -256,6 +256,8 @@ pub enum RelayOp {
     Direction(Direction),
     /// Feed these datagrams in as if the device had sent them (RFC 4733 DTMF).
     Inject(Vec<Bytes>),
+    /// Ask the peer for a key frame of the call's video (RTCP PLI from the video relay).
+    RequestKeyframe,
 }
 
 /// A counter the core asks the driver to bump.
@@ -2265,6 +2267,13 @@ impl CallCore {
     }
 
     fn device(&mut self, request_id: u64, body: Body) {
+        if let Body::KeyframeRequest(_) = body {
+            // Media, not signalling: it never waits, and without video it means nothing.
+            if self.relay.is_some_and(|r| r.ports.video.is_some()) {
+                self.push(CallAction::Relay(RelayOp::RequestKeyframe));
+            }
+            return;
+        }
         if self.busy() {
             if matches!(body, Body::Hangup(_)) && matches!(self.phase, Phase::Dialling { .. }) {
                 // A hangup while dialling cannot wait: it CANCELs.

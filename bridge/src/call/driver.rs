@@ -21,7 +21,7 @@ use thalamus_dialog_store::StoreError;
 use thalamus_media::{RelayEvent, RelaySpec};
 use thalamus_proto::media::StreamId;
 use thalamus_proto::v1::envelope::Body;
-use thalamus_proto::v1::{CallEvent, CallState, MediaStats};
+use thalamus_proto::v1::{CallEvent, CallState, KeyframeRequest, MediaStats};
 use thalamus_sip::dialog::DialogId;
 use thalamus_sip::message::{MediaType, Method, NameAddr};
 use thalamus_sip::ua::{ClientCall, ClientEvent, ServerTx};
@@ -197,6 +197,7 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         media_input,
         relays: None,
         relay_events: None,
+        video_events: None,
         calls: Vec::new(),
         pending_write: None,
         incoming,
@@ -244,6 +245,8 @@ struct Driver {
     media_input: table::SharedInput,
     relays: Option<CallRelays>,
     relay_events: Option<mpsc::Receiver<RelayEvent>>,
+    /// The video relay's events (key frame requests from the peer).
+    video_events: Option<mpsc::Receiver<RelayEvent>>,
     /// The client transactions the core started and that have no final answer yet.
     calls: Vec<(TxId, ClientCall)>,
     /// The last record write handed to its own task (so the call never waits on the user
@@ -379,6 +382,15 @@ impl Driver {
                     Some(_) => {}
                     None => self.relay_events = None,
                 },
+                event = next_relay_event(&mut self.video_events) => match event {
+                    Some(RelayEvent::KeyframeRequested) => {
+                        let body = Body::KeyframeRequest(KeyframeRequest { call_ref: self.key.1 });
+                        self.inner.to_device(&self.key.0, 0, body);
+                    }
+                    // The audio relay's timeout ends the call; the video's does not.
+                    Some(_) => {}
+                    None => self.video_events = None,
+                },
                 _ = sleep_until(deadline) => self.core.handle_timeout(now()),
             }
         }
@@ -423,6 +435,11 @@ impl Driver {
             CallAction::StartRelay(streams) => {
                 let addr = self.start_relay(streams);
                 self.core.relay_started(now(), addr);
+            }
+            CallAction::Relay(RelayOp::RequestKeyframe) => {
+                if let Some(video) = self.relays.as_ref().and_then(|r| r.get(StreamId::VIDEO)) {
+                    let _ = video.request_keyframe();
+                }
             }
             CallAction::Relay(RelayOp::Inject(datagrams)) => {
                 if let Some(input) = self.media_input.lock().ok().and_then(|i| i.clone()) {
@@ -491,7 +508,7 @@ impl Driver {
                     }
                 }
                 // Carried out by `execute_now`.
-                RelayOp::Inject(_) => {}
+                RelayOp::Inject(_) | RelayOp::RequestKeyframe => {}
             },
             CallAction::SendInvite {
                 tx,
@@ -654,7 +671,10 @@ impl Driver {
         let ip = audio.sdp_address().unwrap_or(self.inner.media_address);
         self.relay_events = audio.take_events();
         let mut relays = CallRelays::new(audio);
-        for (stream, relay) in others {
+        for (stream, mut relay) in others {
+            if stream == StreamId::VIDEO {
+                self.video_events = relay.take_events();
+            }
             relays.add(stream, relay);
         }
         let ports = StreamPorts {

@@ -640,6 +640,13 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
         answered.media.as_ref().is_some_and(|m| m.signal),
         "{answered:?}"
     );
+    // The device's key frame request goes to the video relay at once.
+    let keyframe = || Body::KeyframeRequest(thalamus_proto::v1::KeyframeRequest { call_ref: 7 });
+    core.handle(t0, CallInput::Device(9, keyframe()));
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::Relay(RelayOp::RequestKeyframe)]
+    );
 
     // A peer's offer without them: the device's answer with every stream gets audio only.
     let (mut core, a) = ringing(t0, &peer_sdp(1, false, "sendrecv"));
@@ -661,6 +668,11 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
         drain(&mut core),
         vec![CallAction::StartRelay(RelayStreams::default())]
     );
+    core.relay_started(t0, Some(RELAY));
+    drain(&mut core);
+    // Without video a key frame request means nothing (and gets no answer).
+    core.handle(t0, CallInput::Device(9, keyframe()));
+    assert!(drain(&mut core).is_empty());
 
     // A peer's offer with the signal stream (and no video): the device is told, and its
     // answer gets a signal relay whose port the 200 names.

@@ -323,6 +323,7 @@ impl SessionCore {
                     | Body::Hold(_)
                     | Body::Resume(_)
                     | Body::Dtmf(_)
+                    | Body::KeyframeRequest(_)
                     | Body::Transfer(_)
                     | Body::SendText(_)
                     | Body::PresenceUpdate(_)
