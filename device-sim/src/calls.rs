@@ -20,8 +20,7 @@ use thalamus_device::{Client, ClientError, ClientEvents};
 use thalamus_proto::media::MediaDatagram;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, KeyframeRequest, MediaStats, Reject,
-    Resume, Transfer,
+    Answer, CallState, Dial, Dtmf, Envelope, Hangup, Hold, MediaStats, Reject, Resume, Transfer,
 };
 use tokio::sync::mpsc;
 
@@ -499,7 +498,7 @@ async fn one_call(
                 }
                 extra.send_due(&dev.client, Instant::now());
                 if extra.keyframe_request_due(Instant::now()) {
-                    dev.client.send(Body::KeyframeRequest(KeyframeRequest { call_ref })).await?;
+                    dev.client.request_keyframe(call_ref).await?;
                 }
             }
             _ = sleep_until(wake_at), if (!opts.hold.is_zero() || rebind_at.is_some()) && !hung_up => {}
@@ -776,7 +775,7 @@ pub async fn listen(
                     }
                 }
                 for call_ref in asking {
-                    dev.client.send(Body::KeyframeRequest(KeyframeRequest { call_ref })).await?;
+                    dev.client.request_keyframe(call_ref).await?;
                 }
                 if let (Some((placed, at)), Some(target)) = (next_dial, opts.dial.as_ref()) {
                     if at <= now {

@@ -223,6 +223,14 @@ impl Client {
             .map(|(_, id)| id)
     }
 
+    /// Asks the call's remote party for a video key frame (see
+    /// [`crate::session::DeviceSession::request_keyframe`]).
+    pub async fn request_keyframe(&self, call_ref: u32) -> Result<u64, ClientError> {
+        self.command(move |s| s.request_keyframe(call_ref).map(|id| (call_ref, id)))
+            .await
+            .map(|(_, id)| id)
+    }
+
     /// Sends a text.
     pub async fn send_text(&self, to: &str, text: &str) -> Result<u64, ClientError> {
         let (to, text) = (to.to_string(), text.to_string());

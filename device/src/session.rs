@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
     Answer, CallState, Capabilities, Dial, Dtmf, Envelope, ErrorCode, GoodbyeReason, Hangup, Hello,
-    Hold, MediaOffer, Ping, Pong, Reject, Resume, SendText, Welcome,
+    Hold, KeyframeRequest, MediaOffer, Ping, Pong, Reject, Resume, SendText, Welcome,
 };
 
 /// What a session needs to log in and to come back.
@@ -540,6 +540,13 @@ impl DeviceSession {
             digit: digit.to_string(),
             duration_ms,
         }))
+    }
+
+    /// Asks the call's remote party for a video key frame (revision 4; the gateway sends it an
+    /// RTCP PLI). No answer comes; the gateway passes at most one per 200 ms.
+    pub fn request_keyframe(&mut self, call_ref: u32) -> Result<u64, CommandError> {
+        self.known_call(call_ref)?;
+        self.send(Body::KeyframeRequest(KeyframeRequest { call_ref }))
     }
 
     /// Sends a text to `to` (a SIP URI or an alias).
@@ -1364,6 +1371,7 @@ mod tests {
             2
         );
         s.dtmf(call_ref, '#', 0).unwrap();
+        s.request_keyframe(call_ref).unwrap();
         s.hold(call_ref, true).unwrap();
         s.hangup(call_ref).unwrap();
         let sent: Vec<_> = drain_tx(&mut s)
@@ -1372,11 +1380,16 @@ mod tests {
             .collect();
         assert!(matches!(
             &sent[..],
-            [Body::Dtmf(_), Body::Hold(_), Body::Hangup(h)] if h.call_ref == call_ref
+            [Body::Dtmf(_), Body::KeyframeRequest(k), Body::Hold(_), Body::Hangup(h)]
+                if h.call_ref == call_ref && k.call_ref == call_ref
         ));
         s.frame(t0, event(CallState::Ended));
         assert!(!s.calls().contains_key(&call_ref));
         assert_eq!(s.hangup(call_ref), Err(CommandError::UnknownCall(call_ref)));
+        assert_eq!(
+            s.request_keyframe(call_ref),
+            Err(CommandError::UnknownCall(call_ref))
+        );
         // An incoming call is known and can be answered; request ids only grow.
         s.frame(
             t0,
