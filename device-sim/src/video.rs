@@ -3,8 +3,9 @@
 //!
 //! Frames go at [`FRAMES_PER_SECOND`], payload type 97 (VP8), 90 kHz timestamps, split into
 //! packets by RFC 7741's rule as docs/protocol.md section 7.3 says: each packet starts with a
-//! one-byte VP8 payload descriptor whose S bit marks the first packet of a frame, every packet
-//! of a frame has the frame's timestamp, and the marker is set on its last packet. A frame is
+//! one-byte VP8 payload descriptor whose S bit and partition index 0 mark the first packet of a
+//! frame, every packet of a frame has the frame's timestamp, and the marker is set on its last
+//! packet. A frame is
 //! `[P][seed u32][frame number u32][length u32][pattern...]` where P is 0 for a key frame and
 //! 1 otherwise (the VP8 inter-frame bit), and the pattern follows from the seed, the frame
 //! number and the offset, so the receiver checks every byte. One frame in
@@ -35,8 +36,12 @@ pub const VP8_PAYLOAD_TYPE: u8 = 97;
 /// Largest frame bytes in one packet (a 1200-byte datagram less the 13-byte media header and
 /// the descriptor, with room for the 12-byte RTP header on the SIP side).
 const MAX_FRAGMENT: usize = 1_100;
-/// The descriptor's S bit: the packet starts a frame (partition 0).
-const START_OF_FRAME: u8 = 0x10;
+/// The descriptor's S bit: the packet starts a VP8 partition.
+const START_OF_PARTITION: u8 = 0x10;
+/// The descriptor's partition index bits.
+const PARTITION_INDEX: u8 = 0x07;
+/// A descriptor that starts a frame: S set, partition index 0.
+const START_OF_FRAME: u8 = START_OF_PARTITION;
 /// The 90 kHz clock's ticks per frame.
 const TICKS_PER_FRAME: u32 = 90_000 / FRAMES_PER_SECOND;
 /// Bytes of the synthetic header: P, seed, frame number, length.
@@ -181,7 +186,9 @@ impl VideoSink {
             return;
         };
         let data = skip_descriptor_extensions(descriptor, data);
-        if descriptor & START_OF_FRAME != 0 {
+        // A frame starts with partition 0; a libvpx packetizer also marks the start of each
+        // later partition (S set, another index), which belongs to the same frame.
+        if descriptor & (START_OF_PARTITION | PARTITION_INDEX) == START_OF_FRAME {
             if self.current.take().is_some() {
                 // The previous frame never saw its last packet.
                 self.broken += 1;

@@ -14,7 +14,12 @@
 //! Then baresip transfers its call with the device (its `transfer` command, a REFER) to its own
 //! user: the gateway places the device's new call through Kamailio and reports it in NOTIFYs.
 //!
-//! Not covered here: media content (baresip plays a sine and discards what it receives), TCP.
+//! Video both ways: baresip with its `vp8` and `fakevideo` modules calls the device, then the
+//! device calls baresip; the device counts the whole VP8 frames it puts together (and sees a key
+//! frame come after the key frame request it sends, an RTCP PLI on baresip's side), baresip's
+//! `rtcpsummary` the video packets it received.
+//!
+//! Not covered here: audio content (baresip plays a sine and discards what it receives), TCP.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::VecDeque;
@@ -342,6 +347,11 @@ impl Baresip {
     /// Starts baresip registered through Kamailio, with `contacts` as its address book (one
     /// contact per line; `;presence=p2p` makes baresip watch it).
     fn start(kamailio_port: u16, contacts: &str) -> anyhow::Result<Self> {
+        Self::start_with(kamailio_port, contacts, "")
+    }
+
+    /// [`Baresip::start`] with `extra` lines added to its configuration.
+    fn start_with(kamailio_port: u16, contacts: &str, extra: &str) -> anyhow::Result<Self> {
         let bin = peer_binary("baresip", "baresip-core");
         ensure!(
             Path::new("/usr/lib/baresip/modules/ctrl_tcp.so").is_file(),
@@ -349,7 +359,7 @@ impl Baresip {
         );
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(&bin, kamailio_port, contacts) {
+            match Self::try_start(&bin, kamailio_port, contacts, extra) {
                 Ok(b) => return Ok(b),
                 Err(e) => last_error = Some(e),
             }
@@ -357,7 +367,12 @@ impl Baresip {
         Err(last_error.unwrap())
     }
 
-    fn try_start(bin: &Path, kamailio_port: u16, contacts: &str) -> anyhow::Result<Self> {
+    fn try_start(
+        bin: &Path,
+        kamailio_port: u16,
+        contacts: &str,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let sip_port = free_udp_tcp_port()?;
         let ctrl_port = {
@@ -369,7 +384,7 @@ impl Baresip {
             render(
                 "baresip/config",
                 &[("SIP_PORT", sip_port), ("CTRL_PORT", ctrl_port)],
-            )?,
+            )? + extra,
         )?;
         std::fs::write(
             dir.path().join("accounts"),
@@ -511,11 +526,24 @@ fn start_gateway(kport: u16, device_password: &str) -> anyhow::Result<Gateway> {
     .context("starting the gateway")
 }
 
+/// What baresip's configuration gains for video: VP8, the fakevideo module as camera and
+/// screen (a synthetic picture, nothing shown), and a summary of each stream's RTP counts when
+/// a call closes.
+const BARESIP_VIDEO: &str = "\nmodule\t\t\tvp8.so\nmodule\t\t\tfakevideo.so\n\
+     module_app\t\trtcpsummary.so\nvideo_source\t\tfakevideo,nil\n\
+     video_display\t\tfakevideo,nil\nvideo_size\t\t320x240\nvideo_fps\t\t15\n";
+
 impl Peers {
     /// Starts Kamailio, baresip and a gateway whose device has `device_password`.
     fn start(device_password: &str) -> anyhow::Result<Self> {
+        Self::start_with(device_password, "")
+    }
+
+    /// [`Peers::start`] with `baresip_extra` added to baresip's configuration.
+    fn start_with(device_password: &str, baresip_extra: &str) -> anyhow::Result<Self> {
         let kamailio = Kamailio::start().context("starting Kamailio")?;
-        let baresip = Baresip::start(kamailio.port, "").context("starting baresip")?;
+        let baresip =
+            Baresip::start_with(kamailio.port, "", baresip_extra).context("starting baresip")?;
         let kport = kamailio.port;
         let gateway = start_gateway(kport, device_password)?;
         let secret = gateway.add_device(DEVICE)?;
@@ -958,6 +986,101 @@ fn a_device_watches_baresip_s_presence() {
 fn baresip_transfers_its_call_with_the_device() {
     let mut peers = Peers::start(DEVICE_PASSWORD).unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(e) = peers.baresip_transfers_the_device() {
+        panic!("{e:#}\n{}", peers.logs());
+    }
+}
+
+/// The RTP packets baresip received on its video stream, from the `rtcpsummary` lines it
+/// printed when its last call closed (one per stream, audio first: `EX=BareSip;...;PR=<n>;`).
+fn baresip_video_packets_received(output: &str) -> Option<u64> {
+    let lines: Vec<&str> = output
+        .lines()
+        .filter(|l| l.starts_with("EX=BareSip;"))
+        .collect();
+    let video = lines.get(lines.len().checked_sub(1)?)?;
+    video
+        .split(';')
+        .find_map(|field| field.strip_prefix("PR="))
+        .and_then(|n| n.parse().ok())
+}
+
+impl Peers {
+    /// Checks one video call's counts: the device put baresip's VP8 frames together whole
+    /// (counted, not checked: real VP8) and baresip's summary reports the device's video.
+    fn check_video_counts(&self, report: &Value, summaries_before: usize) -> anyhow::Result<()> {
+        let u = |key: &str| report[key].as_u64().unwrap_or(0);
+        ensure!(u("frames") >= 15 && u("broken_frames") == 0, "{report}");
+        // The first key frame, and the one the device asked for 1 s in (its KeyframeRequest,
+        // an RTCP PLI to baresip, whose encoder answers with a key frame).
+        ensure!(u("key_frames") >= 2 && u("sent_frames") >= 15, "{report}");
+        ensure!(u("send_failed") == 0, "{report}");
+        let text = self.baresip.output.text();
+        wait_text(
+            "baresip's RTCP summary of the call",
+            T,
+            || self.baresip.output.text(),
+            |text| text.matches("EX=BareSip;").count() >= summaries_before + 2,
+        )?;
+        let received = baresip_video_packets_received(&self.baresip.output.text());
+        ensure!(
+            received.is_some_and(|n| n >= 10),
+            "baresip received {received:?} video packets\n{text}"
+        );
+        eprintln!("device: {report}; baresip received {received:?} video packets");
+        Ok(())
+    }
+
+    /// Video both ways with baresip (its VP8 and fakevideo modules): baresip calls the device,
+    /// then the device calls baresip; each time both send video for 3 s and each side counts
+    /// what it got: the device the whole VP8 frames it put together, baresip the video RTP
+    /// packets its summary reports when the call closes.
+    fn video_both_ways(&mut self) -> anyhow::Result<()> {
+        let mut device = self.device("listen", &["--video", "--calls", "1"])?;
+        device.wait_event("welcome", T)?;
+        wait_text(
+            "\"registered upstream\" in the gateway's log",
+            T,
+            || self.gateway.log(),
+            |log| log.contains("registered upstream"),
+        )?;
+        self.baresip
+            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
+        device.wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered",
+            T,
+        )?;
+        self.baresip.wait_event("CALL_ESTABLISHED")?;
+        std::thread::sleep(Duration::from_secs(3));
+        self.baresip.command("hangup", "")?;
+        let report = device.wait_event("video_report", T)?;
+        self.baresip.wait_event("CALL_CLOSED")?;
+        self.check_video_counts(&report, 0)
+            .context("baresip -> device")?;
+        ensure!(device.proc.wait_exit(T)? == Some(0), "{:?}", device.seen);
+
+        // The other way: the device calls, baresip answers by itself.
+        let summaries = self.baresip.output.text().matches("EX=BareSip;").count();
+        let target = format!("sip:{BARESIP_USER}@{DOMAIN}");
+        let mut device = self.device(
+            "call",
+            &["--target", &target, "--video", "--hold-ms", "3000"],
+        )?;
+        self.baresip.wait_event("CALL_ESTABLISHED")?;
+        let report = device.wait_event("video_report", T)?;
+        self.baresip.wait_event("CALL_CLOSED")?;
+        self.check_video_counts(&report, summaries)
+            .context("device -> baresip")?;
+        let summary = device.wait_event("summary", T)?;
+        ensure!(summary["succeeded"] == 1, "{summary}");
+        Ok(())
+    }
+}
+
+#[test]
+fn video_both_ways_with_baresip() {
+    let mut peers =
+        Peers::start_with(DEVICE_PASSWORD, BARESIP_VIDEO).unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = peers.video_both_ways() {
         panic!("{e:#}\n{}", peers.logs());
     }
 }
