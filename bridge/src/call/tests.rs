@@ -1225,6 +1225,71 @@ fn stored(held: bool) -> StoredDialog {
     record
 }
 
+/// A node takes over a call with video and the signal stream: it starts a relay for each, and
+/// the re-INVITE that moves the media names all three of its new ports, in the m-line order of
+/// the description the dead node sent, with the signal stream's payload type as negotiated.
+#[test]
+fn a_takeover_keeps_video_and_the_signal_stream() {
+    use thalamus_proto::media::StreamId;
+    let mut record = stored(false);
+    record.media.local_sdp = "v=0\r\no=- 77 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 50000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\nm=video 50002 RTP/AVP 97\r\na=rtpmap:97 VP8/90000\r\nm=application 50004 RTP/AVP 98\r\na=rtpmap:98 x-mbfp-signal/1000\r\na=sendrecv\r\n".into();
+    record.media.remote_sdp = format!(
+        "{}m=video 30002 RTP/AVP 97\r\na=rtpmap:97 VP8/90000\r\nm=application 30004 RTP/AVP 98\r\na=rtpmap:98 x-mbfp-signal/1000\r\n",
+        peer_sdp(1, false, "sendrecv")
+    );
+    let mut core = CallCore::taken_over(
+        key(),
+        settings(true),
+        42,
+        ClaimedDialog {
+            record: &record,
+            remote_uri: "sip:bob@example.org".into(),
+            uac: true,
+            dialog: dialog(),
+            trigger: TakeoverTrigger::DeviceResume,
+            previous_owner: "gw-0".into(),
+        },
+    );
+    assert_eq!(
+        drain(&mut core),
+        vec![CallAction::StartRelay(RelayStreams {
+            video: true,
+            signal: true
+        })]
+    );
+    core.relay_started(Instant::now(), Some(EVERY_STREAM));
+    let a = drain(&mut core);
+    assert_eq!(
+        set_remote_streams(&a),
+        [
+            (StreamId::AUDIO, 30000),
+            (StreamId::VIDEO, 30002),
+            (StreamId::SIGNAL, 30004)
+        ]
+    );
+    // The CSeq is written ahead, then the re-INVITE goes.
+    assert!(matches!(a.last(), Some(CallAction::WriteAhead(_))));
+    core.handle(
+        Instant::now(),
+        CallInput::WriteAheadDone(WriteAhead::Written),
+    );
+    let reinvite = sent_in_dialog(&drain(&mut core))
+        .into_iter()
+        .find(|(_, m, _)| *m == Method::Invite)
+        .expect("a re-INVITE moving the media");
+    let lines: Vec<&str> = reinvite.2.lines().filter(|l| l.starts_with("m=")).collect();
+    assert_eq!(
+        lines,
+        [
+            "m=audio 40000 RTP/AVP 0 101",
+            "m=video 40002 RTP/AVP 97",
+            "m=application 40004 RTP/AVP 98"
+        ],
+        "{}",
+        reinvite.2
+    );
+}
+
 fn taken_over(trigger: TakeoverTrigger, held: bool) -> (CallCore, Vec<CallAction>) {
     let record = stored(held);
     let mut core = CallCore::taken_over(
