@@ -16,18 +16,23 @@
 //! - reads what a media relay needs from a remote description ([`RemoteMedia`]) and detects
 //!   hold.
 //!
-//! What it does not do: no ICE, no SRTP keying (SDES/DTLS), no bundling, no simulcast, no
+//! - SDES keys (RFC 4568, `a=crypto`) on `RTP/SAVP` streams: offered and answered by
+//!   [`SrtpPolicy`], the first usable offered suite chosen ([`Crypto`]).
+//!
+//! What it does not do: no ICE, no DTLS-SRTP, no SRTP itself (the media relay), no bundling, no simulcast, no
 //! multicast semantics beyond keeping the `c=` address text; it opens no sockets.
 
 mod attribute;
 mod codec;
 mod connection;
+mod crypto;
 mod negotiation;
 mod session;
 
 pub use attribute::{Attribute, Direction, Fmtp, Rtcp, RtpMap};
 pub use codec::Codec;
 pub use connection::Connection;
+pub use crypto::{choose as choose_crypto, Crypto, CryptoSuite, SrtpPolicy};
 pub use negotiation::{
     HoldMode, LocalMedia, MediaConfig, NegotiationError, RemoteMedia, SdpSession,
 };

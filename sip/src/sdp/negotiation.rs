@@ -2,14 +2,16 @@
 //! offers, the `o=` versioning of one session, and reading the remote media endpoint (what a
 //! media relay sends RTP to).
 //!
-//! Answers support plain RTP (`RTP/AVP`, and `RTP/AVPF` whose feedback is optional); streams
-//! offered with SRTP or non-RTP protocols are rejected (port 0). One audio, one video and one
+//! Answers support plain RTP (`RTP/AVP`, and `RTP/AVPF` whose feedback is optional) and, by the
+//! local [`SrtpPolicy`], SRTP with SDES keys (`RTP/SAVP`, `RTP/SAVPF`, RFC 4568); streams offered
+//! with other protocols are rejected (port 0). One audio, one video and one
 //! application stream (RTP carrying a format such as a device's data stream) are accepted at
 //! most; further streams of the same type are rejected.
 
 use super::attribute::{Attribute, Direction};
 use super::codec::Codec;
 use super::connection::Connection;
+use super::crypto::{choose, Crypto, SrtpPolicy};
 use super::session::{MediaDescription, MediaKind, Origin, Protocol, SessionDescription, Timing};
 use rand::Rng;
 use std::net::{IpAddr, SocketAddr};
@@ -21,12 +23,20 @@ pub struct MediaConfig {
     pub port: u16,
     /// Codecs, preferred first (telephone-event included here if wanted).
     pub codecs: Vec<Codec>,
+    /// This side's SDES keys for the stream, one per suite, preferred first: offered as they
+    /// are under [`SrtpPolicy::Require`]; in answers, the one of the chosen suite goes under the
+    /// offered tag. Empty: no SRTP for this stream.
+    pub crypto: Vec<Crypto>,
 }
 
 impl MediaConfig {
     /// A stream on `port` with `codecs`.
     pub fn new(port: u16, codecs: Vec<Codec>) -> Self {
-        MediaConfig { port, codecs }
+        MediaConfig {
+            port,
+            codecs,
+            crypto: Vec::new(),
+        }
     }
 }
 
@@ -48,6 +58,8 @@ pub struct LocalMedia {
     /// Answer with only the first common codec (plus the matching telephone-event and comfort
     /// noise) instead of every common codec, so the offerer cannot switch codecs mid-call.
     pub single_codec_answer: bool,
+    /// SRTP: never, when offered, or always (see each stream's [`MediaConfig::crypto`]).
+    pub srtp: SrtpPolicy,
 }
 
 impl LocalMedia {
@@ -61,6 +73,7 @@ impl LocalMedia {
             direction: Direction::SendRecv,
             ptime: None,
             single_codec_answer: false,
+            srtp: SrtpPolicy::Off,
         }
     }
 
@@ -240,14 +253,24 @@ impl SdpSession {
             };
             check_unique_payload_types(&config.codecs)?;
             let ptime = local.ptime.filter(|_| kind == MediaKind::Audio);
-            media.push(build_media(
+            let secure = local.srtp == SrtpPolicy::Require && !config.crypto.is_empty();
+            let protocol = if secure {
+                Protocol::RtpSavp
+            } else {
+                Protocol::RtpAvp
+            };
+            let mut built = build_media(
                 kind,
                 config.port,
-                Protocol::RtpAvp,
+                protocol,
                 &config.codecs,
                 local.direction,
                 ptime,
-            ));
+            );
+            if secure {
+                add_cryptos(&mut built, &config.crypto);
+            }
+            media.push(built);
         }
         if media.is_empty() {
             return Err(NegotiationError::NoLocalMedia);
@@ -296,20 +319,19 @@ impl SdpSession {
                 Some(2) => local.application.as_ref(),
                 _ => None,
             };
-            let supported_protocol =
-                matches!(offered.protocol, Protocol::RtpAvp | Protocol::RtpAvpf);
             let accepted = config
-                .filter(|_| !offered.is_rejected() && supported_protocol)
+                .filter(|_| !offered.is_rejected())
                 .and_then(|config| {
+                    let keys = answer_keys(offered, config, local.srtp)?;
                     let chosen = intersect_codecs(
                         &offered.codecs(),
                         &config.codecs,
                         local.single_codec_answer,
                     );
-                    (!chosen.is_empty()).then_some((config.port, chosen))
+                    (!chosen.is_empty()).then_some((config.port, chosen, keys))
                 });
             match accepted {
-                Some((port, chosen)) => {
+                Some((port, chosen, keys)) => {
                     if let Some(i) = kind_slot {
                         taken[i] = true;
                     }
@@ -319,14 +341,18 @@ impl SdpSession {
                     let unheld = offered_direction.answer_to(local.direction);
                     let direction = hold_mode.map_or(unheld, |mode| mode.apply(unheld));
                     resume_directions.push(unheld);
-                    media.push(build_media(
+                    let mut built = build_media(
                         offered.kind.clone(),
                         port,
                         offered.protocol.clone(),
                         &chosen,
                         direction,
                         ptime,
-                    ));
+                    );
+                    if let Some(key) = keys {
+                        add_cryptos(&mut built, std::slice::from_ref(&key));
+                    }
+                    media.push(built);
                 }
                 None => {
                     resume_directions.push(Direction::SendRecv);
@@ -490,6 +516,38 @@ fn build_media(
     media
 }
 
+/// Adds an `a=crypto` line per key (before the direction, which stays last).
+fn add_cryptos(media: &mut MediaDescription, keys: &[Crypto]) {
+    let at = media
+        .attributes
+        .iter()
+        .position(|a| matches!(a, Attribute::Direction(_)))
+        .unwrap_or(media.attributes.len());
+    for (i, key) in keys.iter().enumerate() {
+        media
+            .attributes
+            .insert(at + i, Attribute::other("crypto", key.to_string()));
+    }
+}
+
+/// Whether an offered RTP stream can be taken under `policy`, and with which key: `Some(None)`
+/// plain RTP, `Some(Some(key))` SRTP with our key under the offered tag, `None` not at all (a
+/// protocol that is not RTP, SRTP refused or without a usable common suite, or plain RTP when
+/// SRTP is required).
+fn answer_keys(
+    offered: &MediaDescription,
+    config: &MediaConfig,
+    policy: SrtpPolicy,
+) -> Option<Option<Crypto>> {
+    match (&offered.protocol, policy) {
+        (Protocol::RtpAvp | Protocol::RtpAvpf, SrtpPolicy::Off | SrtpPolicy::Accept) => Some(None),
+        (Protocol::RtpSavp | Protocol::RtpSavpf, SrtpPolicy::Accept | SrtpPolicy::Require) => {
+            choose(&offered.cryptos(), &config.crypto).map(|(ours, _)| Some(ours))
+        }
+        _ => None,
+    }
+}
+
 /// A rejected stream answering (or keeping the slot of) `media`: port 0, same type, protocol
 /// and formats, nothing else.
 fn rejected_copy(media: &MediaDescription) -> MediaDescription {
@@ -575,6 +633,9 @@ pub struct RemoteMedia {
     pub telephone_event: Option<Codec>,
     /// `a=ptime`, if given.
     pub ptime: Option<u32>,
+    /// The stream's `a=crypto` attributes (RFC 4568) when it is SRTP (`RTP/SAVP`); empty for
+    /// plain RTP.
+    pub crypto: Vec<Crypto>,
 }
 
 impl RemoteMedia {
@@ -629,6 +690,11 @@ impl SessionDescription {
             codecs,
             telephone_event,
             ptime: media.ptime(),
+            crypto: if media.is_secure() {
+                media.cryptos()
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -737,6 +803,73 @@ mod tests {
         alone.media.remove(0);
         assert_eq!(
             SdpSession::new(5).create_answer(&alone, &gateway()),
+            Err(NegotiationError::NoCommonCodec)
+        );
+    }
+
+    #[test]
+    fn srtp_is_offered_answered_by_tag_and_refused_by_policy() {
+        use crate::sdp::{Crypto, CryptoSuite, SrtpPolicy};
+        let keyed = |policy: SrtpPolicy, byte: u8| {
+            let mut local = gateway();
+            local.srtp = policy;
+            if let Some(audio) = local.audio.as_mut() {
+                audio.crypto = vec![
+                    Crypto::new(1, CryptoSuite::AeadAes128Gcm, vec![byte; 28]),
+                    Crypto::new(2, CryptoSuite::AesCm128HmacSha1_80, vec![byte; 30]),
+                ];
+            }
+            local
+        };
+        // Required: the offer is RTP/SAVP with both keys.
+        let offer = SdpSession::new(1)
+            .create_offer(&keyed(SrtpPolicy::Require, 1))
+            .unwrap();
+        let text = offer.to_string();
+        assert!(text.contains("m=audio 40000 RTP/SAVP "), "{text}");
+        assert!(
+            text.contains("a=crypto:1 AEAD_AES_128_GCM inline:"),
+            "{text}"
+        );
+        assert!(
+            text.contains("a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:"),
+            "{text}"
+        );
+        let offer = SessionDescription::parse(&text).unwrap();
+
+        // A peer with only the 80-bit suite answers it under tag 2 with its own key.
+        let mut peer = keyed(SrtpPolicy::Accept, 7);
+        if let Some(audio) = peer.audio.as_mut() {
+            audio.crypto.remove(0);
+        }
+        let answer = SdpSession::new(2).create_answer(&offer, &peer).unwrap();
+        let remote = answer.remote_media(&MediaKind::Audio).unwrap();
+        assert_eq!(remote.crypto.len(), 1);
+        assert_eq!(remote.crypto[0].tag, 2);
+        assert_eq!(remote.crypto[0].key_salt, vec![7; 30]);
+        assert!(answer.media[0].is_secure());
+
+        // Off: the SAVP offer is refused; Accept without keys of a common suite too.
+        assert_eq!(
+            SdpSession::new(3).create_answer(&offer, &keyed(SrtpPolicy::Off, 7)),
+            Err(NegotiationError::NoCommonCodec)
+        );
+        let mut keyless = keyed(SrtpPolicy::Accept, 7);
+        keyless.audio.as_mut().unwrap().crypto.clear();
+        assert!(SdpSession::new(4).create_answer(&offer, &keyless).is_err());
+
+        // Accept offers plain RTP and answers plain offers plainly; Require refuses them.
+        let plain = SdpSession::new(5)
+            .create_offer(&keyed(SrtpPolicy::Accept, 1))
+            .unwrap();
+        assert!(!plain.to_string().contains("crypto"));
+        assert!(SdpSession::new(6)
+            .create_answer(&plain, &keyed(SrtpPolicy::Accept, 7))
+            .unwrap()
+            .remote_media(&MediaKind::Audio)
+            .is_some_and(|m| m.crypto.is_empty()));
+        assert_eq!(
+            SdpSession::new(7).create_answer(&plain, &keyed(SrtpPolicy::Require, 7)),
             Err(NegotiationError::NoCommonCodec)
         );
     }

@@ -237,6 +237,25 @@ impl MediaDescription {
         })
     }
 
+    /// The `a=crypto` attributes (RFC 4568) that parse, in order.
+    pub fn cryptos(&self) -> Vec<super::crypto::Crypto> {
+        self.attributes
+            .iter()
+            .filter_map(|a| match a {
+                Attribute::Other {
+                    name,
+                    value: Some(value),
+                } if name.eq_ignore_ascii_case("crypto") => super::crypto::Crypto::parse(value),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether the protocol is SRTP (`RTP/SAVP` or `RTP/SAVPF`).
+    pub fn is_secure(&self) -> bool {
+        matches!(self.protocol, Protocol::RtpSavp | Protocol::RtpSavpf)
+    }
+
     /// The codecs of an RTP stream in the order of the `m=` line: each payload type resolved
     /// through its `rtpmap`, or the static table when there is none, with its `fmtp`. Formats
     /// that cannot be resolved (dynamic without `rtpmap`, not numeric) are left out.
