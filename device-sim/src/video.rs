@@ -117,7 +117,8 @@ impl VideoSource {
         let mut frames = 0;
         while self.due_at(self.next_frame) <= now && frames < MAX_CATCH_UP {
             let number = self.next_frame;
-            let key = number % KEYFRAME_INTERVAL == 0 || std::mem::take(&mut self.key_asked);
+            let key =
+                number.is_multiple_of(KEYFRAME_INTERVAL) || std::mem::take(&mut self.key_asked);
             let bytes = frame(self.seed, number, key);
             let chunks: Vec<&[u8]> = bytes.chunks(MAX_FRAGMENT).collect();
             for (i, chunk) in chunks.iter().enumerate() {

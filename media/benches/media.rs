@@ -35,6 +35,7 @@ fn core(now: Instant) -> RelayCore {
             codecs: vec![Codec::pcmu(), Codec::opus(96)],
             telephone_event: Some(Codec::telephone_event(101, 8000)),
             ptime: Some(20),
+            crypto: Vec::new(),
         },
         now,
     );

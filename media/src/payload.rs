@@ -187,6 +187,7 @@ mod tests {
             codecs,
             telephone_event,
             ptime: Some(20),
+            crypto: Vec::new(),
         }
     }
 

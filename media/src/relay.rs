@@ -1323,6 +1323,7 @@ mod tests {
             codecs: vec![Codec::opus(96), Codec::pcmu()],
             telephone_event: Some(Codec::telephone_event(97, 48_000)),
             ptime: Some(20),
+            crypto: Vec::new(),
         }
     }
 

@@ -53,6 +53,7 @@ fn remote(port: u16) -> RemoteMedia {
         codecs: vec![Codec::pcmu()],
         telephone_event: None,
         ptime: None,
+        crypto: Vec::new(),
     }
 }
 
