@@ -30,9 +30,15 @@
 //!   its view of our stream (loss, jitter) and the round-trip time;
 //! - statistics per direction, drop counters by cause, relay latency histograms.
 //!
+//! - SRTP and SRTCP toward the peer (RFC 3711) when the stream was keyed with SDES
+//!   ([`SrtpKeys`]): every packet out is protected, every packet in is checked (source first,
+//!   then authentication and replay) before anything else reads it; failures are dropped and
+//!   counted. New keys (a re-INVITE that re-keys) start new contexts; the same keys keep them.
+//!
 //! What it does not do: no sockets and no clock (see the `engine` module for the tokio shell),
-//! no jitter buffer, no transcoding, no SRTP, no RTCP feedback, no SSRC collision handling, and
-//! no defence against an attacker on the path (who sees the real SSRC): that takes SRTP.
+//! no jitter buffer, no transcoding, no DTLS-SRTP, no RTCP feedback beyond key frame requests,
+//! no SSRC collision handling; without SRTP, no defence against an attacker on the path (who
+//! sees the real SSRC).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -42,6 +48,11 @@ use bytes::{Bytes, BytesMut};
 use thalamus_proto::media::{max_payload_bytes, MediaDatagram, MediaHeader, StreamId};
 use thalamus_proto::v1::MediaStats;
 use thalamus_sip::sdp::{Direction, RemoteMedia};
+
+use thalamus_sip::sdp::CryptoSuite;
+use webrtc_srtp::context::Context as SrtpContext;
+use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
+use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use crate::config::LatchMode;
 use crate::payload::{PayloadMap, PayloadTarget};
@@ -125,6 +136,105 @@ impl RelaySettings {
     }
 }
 
+/// Packets SRTP remembers per SSRC to refuse replays (RFC 3711 section 3.3.2 asks for at least
+/// 64).
+pub const SRTP_REPLAY_WINDOW: usize = 128;
+/// Most SSRCs the peer's SRTP may use in one call; packets of further ones are dropped before
+/// any key work (each SSRC costs the SRTP context some state).
+pub const SRTP_MAX_PEER_SSRCS: usize = 4;
+
+/// The SDES keys of one SRTP stream: the suite, and the master key and salt each side sends
+/// with (ours from our SDP, the peer's from its `a=crypto` under the same tag).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SrtpKeys {
+    /// The negotiated suite.
+    pub suite: CryptoSuite,
+    /// Our master key and salt (packets we send).
+    pub local: Vec<u8>,
+    /// The peer's master key and salt (packets we receive).
+    pub remote: Vec<u8>,
+}
+
+impl std::fmt::Debug for SrtpKeys {
+    /// The keys are not printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SrtpKeys")
+            .field("suite", &self.suite)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The SRTP state of a stream.
+enum Srtp {
+    /// Plain RTP.
+    Off,
+    /// Keyed: one context per direction, and the peer's SSRCs seen so far.
+    On {
+        keys: SrtpKeys,
+        outbound: Box<SrtpContext>,
+        inbound: Box<SrtpContext>,
+        peer_ssrcs: Vec<u32>,
+    },
+    /// Keys were given but no context could be made of them: nothing goes out or comes in
+    /// (never plain RTP instead).
+    Broken,
+}
+
+impl std::fmt::Debug for Srtp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Srtp::Off => f.write_str("Off"),
+            Srtp::On { keys, .. } => write!(f, "On({:?})", keys.suite),
+            Srtp::Broken => f.write_str("Broken"),
+        }
+    }
+}
+
+impl Srtp {
+    fn new(keys: Option<SrtpKeys>) -> Srtp {
+        let Some(keys) = keys else {
+            return Srtp::Off;
+        };
+        let profile = match keys.suite {
+            CryptoSuite::AesCm128HmacSha1_80 => ProtectionProfile::Aes128CmHmacSha1_80,
+            CryptoSuite::AesCm128HmacSha1_32 => ProtectionProfile::Aes128CmHmacSha1_32,
+            CryptoSuite::AeadAes128Gcm => ProtectionProfile::AeadAes128Gcm,
+            CryptoSuite::AeadAes256Gcm => ProtectionProfile::AeadAes256Gcm,
+        };
+        let context = |material: &[u8], replay: bool| {
+            let (key, salt) = material.split_at_checked(profile.key_len())?;
+            (salt.len() == profile.salt_len()).then_some(())?;
+            let (srtp, srtcp) = if replay {
+                (
+                    Some(srtp_replay_protection(SRTP_REPLAY_WINDOW)),
+                    Some(srtcp_replay_protection(SRTP_REPLAY_WINDOW)),
+                )
+            } else {
+                (None, None)
+            };
+            SrtpContext::new(key, salt, profile, srtp, srtcp)
+                .ok()
+                .map(Box::new)
+        };
+        match (context(&keys.local, false), context(&keys.remote, true)) {
+            (Some(outbound), Some(inbound)) => Srtp::On {
+                keys,
+                outbound,
+                inbound,
+                peer_ssrcs: Vec::new(),
+            },
+            _ => Srtp::Broken,
+        }
+    }
+
+    fn keys(&self) -> Option<&SrtpKeys> {
+        match self {
+            Srtp::On { keys, .. } => Some(keys),
+            Srtp::Off | Srtp::Broken => None,
+        }
+    }
+}
+
 /// The SIP peer of one stream, as SDP describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemotePeer {
@@ -136,9 +246,17 @@ pub struct RemotePeer {
     pub direction: Direction,
     /// Payload type translation.
     pub payloads: PayloadMap,
+    /// SRTP keys when the stream is `RTP/SAVP`; `None`: plain RTP.
+    pub srtp: Option<SrtpKeys>,
 }
 
 impl RemotePeer {
+    /// The same with SRTP keys (`None`: plain RTP).
+    pub fn with_srtp(mut self, srtp: Option<SrtpKeys>) -> Self {
+        self.srtp = srtp;
+        self
+    }
+
     /// The peer of an SDP stream, with payload types translated by
     /// [`PayloadMap::from_remote_media`].
     pub fn from_remote_media(remote: &RemoteMedia) -> Self {
@@ -147,6 +265,7 @@ impl RemotePeer {
             rtcp: remote.rtcp,
             direction: remote.direction,
             payloads: PayloadMap::from_remote_media(remote),
+            srtp: None,
         }
     }
 }
@@ -250,6 +369,15 @@ pub struct DropCounters {
     /// Key frame requests (either way) dropped for coming less than
     /// [`KEYFRAME_REQUEST_INTERVAL`] after the one before.
     pub keyframe_requests_limited: u64,
+    /// SRTP or SRTCP packets from the peer that failed authentication (a wrong key, a forged or
+    /// damaged packet) or were too short.
+    pub srtp_auth_failed: u64,
+    /// SRTP or SRTCP packets from the peer already received (replays).
+    pub srtp_replayed: u64,
+    /// SRTP packets from the peer with an SSRC past [`SRTP_MAX_PEER_SSRCS`].
+    pub srtp_too_many_ssrcs: u64,
+    /// Packets not sent because SRTP could not protect them (or had no usable keys).
+    pub srtp_protect_failed: u64,
     /// Packets dropped because the transmit queue was full.
     pub transmit_overflow: u64,
     /// Packets the socket refused to send.
@@ -447,12 +575,23 @@ pub struct RelayCore {
     rtcp_sent: u64,
     rtcp_received: u64,
     keyframe_requests: KeyframeRequests,
+    srtp: Srtp,
     latency_to_peer: LatencyHistogram,
     latency_to_device: LatencyHistogram,
     closed: bool,
     /// Device datagrams that arrived before the peer was known (the device answered or heard
     /// the answer before the relay got the SDP): relayed once it is, if still recent.
     early_device: VecDeque<(Bytes, Instant)>,
+}
+
+/// Whether RTP from `source` may be the peer's: its latched source, or before the latch any
+/// source (`any`) or one at the address its SDP names.
+fn rtp_source_accepted(peer: &PeerState, latch: LatchMode, source: SocketAddr) -> bool {
+    match (peer.latched_rtp, latch) {
+        (Some(latched), _) => source == latched,
+        (None, LatchMode::Any) => true,
+        (None, LatchMode::Off | LatchMode::Peer) => source.ip() == peer.sdp_rtp.ip(),
+    }
 }
 
 /// Key frame requests passed on each way: when the last went, how many did, how many were
@@ -531,6 +670,7 @@ impl RelayCore {
             rtcp_sent: 0,
             rtcp_received: 0,
             keyframe_requests: KeyframeRequests::default(),
+            srtp: Srtp::Off,
             latency_to_peer: LatencyHistogram::new(),
             latency_to_device: LatencyHistogram::new(),
             closed: false,
@@ -561,6 +701,10 @@ impl RelayCore {
             Some(p) if !address_changed => (p.latched_rtp, p.latched_rtcp),
             _ => (None, None),
         };
+        // New keys start new contexts; the same keys keep them (and their rollover counts).
+        if peer.srtp.as_ref() != self.srtp.keys() {
+            self.srtp = Srtp::new(peer.srtp.clone());
+        }
         self.peer = Some(PeerState {
             null_address,
             sdp_rtp,
@@ -640,12 +784,71 @@ impl RelayCore {
         self.settings.wallclock_at_start + now.saturating_duration_since(self.epoch)
     }
 
-    fn push_transmit(&mut self, transmit: Transmit) {
+    fn push_transmit(&mut self, mut transmit: Transmit) {
         if self.transmits.len() >= MAX_PENDING_TRANSMITS {
             self.drops.transmit_overflow += 1;
             return;
         }
+        let protected = match &mut self.srtp {
+            Srtp::Off => Some(transmit.packet),
+            Srtp::On { outbound, .. } => match transmit.socket {
+                SocketKind::Rtp => outbound.encrypt_rtp(&transmit.packet).ok(),
+                SocketKind::Rtcp => outbound.encrypt_rtcp(&transmit.packet).ok(),
+            },
+            Srtp::Broken => None,
+        };
+        let Some(packet) = protected else {
+            self.drops.srtp_protect_failed += 1;
+            return;
+        };
+        transmit.packet = packet;
         self.transmits.push_back(transmit);
+    }
+
+    /// Checks and decrypts an SRTP (or SRTCP) packet from the peer; `None` (counted) when it
+    /// fails. Plain RTP streams never come here.
+    fn unprotect(&mut self, packet: &[u8], rtcp: bool) -> Option<Bytes> {
+        let (inbound, peer_ssrcs) = match &mut self.srtp {
+            Srtp::On {
+                inbound,
+                peer_ssrcs,
+                ..
+            } => (inbound, peer_ssrcs),
+            Srtp::Off | Srtp::Broken => {
+                self.drops.srtp_auth_failed += 1;
+                return None;
+            }
+        };
+        let result = if rtcp {
+            inbound.decrypt_rtcp(packet)
+        } else {
+            let ssrc = packet
+                .get(8..12)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)?;
+            if !peer_ssrcs.contains(&ssrc) {
+                if peer_ssrcs.len() >= SRTP_MAX_PEER_SSRCS {
+                    self.drops.srtp_too_many_ssrcs += 1;
+                    return None;
+                }
+                peer_ssrcs.push(ssrc);
+            }
+            inbound.decrypt_rtp(packet)
+        };
+        match result {
+            Ok(clear) => Some(clear),
+            Err(
+                webrtc_srtp::Error::SrtpSsrcDuplicated(..)
+                | webrtc_srtp::Error::SrtcpSsrcDuplicated(..),
+            ) => {
+                self.drops.srtp_replayed += 1;
+                None
+            }
+            Err(_) => {
+                self.drops.srtp_auth_failed += 1;
+                None
+            }
+        }
     }
 
     fn push_event(&mut self, event: RelayEvent) {
@@ -790,21 +993,38 @@ impl RelayCore {
             self.handle_rtcp(packet, source, now);
             return;
         }
+        let latch = self.settings.latch;
+        let clear;
+        let packet = if matches!(self.srtp, Srtp::Off) {
+            packet
+        } else {
+            // A stranger's packet costs no key work: the source is checked first.
+            match self.peer.as_ref() {
+                None => {
+                    self.drops.rtp_before_peer += 1;
+                    return;
+                }
+                Some(peer) if !rtp_source_accepted(peer, latch, source) => {
+                    self.drops.rtp_wrong_source += 1;
+                    return;
+                }
+                Some(_) => {}
+            }
+            let Some(decrypted) = self.unprotect(packet, false) else {
+                return;
+            };
+            clear = decrypted;
+            &clear[..]
+        };
         let Ok(rtp) = RtpPacket::parse(packet) else {
             self.drops.rtp_malformed += 1;
             return;
         };
-        let latch = self.settings.latch;
         let Some(peer) = self.peer.as_mut() else {
             self.drops.rtp_before_peer += 1;
             return;
         };
-        let accepted = match (peer.latched_rtp, latch) {
-            (Some(latched), _) => source == latched,
-            (None, LatchMode::Any) => true,
-            (None, LatchMode::Off | LatchMode::Peer) => source.ip() == peer.sdp_rtp.ip(),
-        };
-        if !accepted {
+        if !rtp_source_accepted(peer, latch, source) {
             self.drops.rtp_wrong_source += 1;
             return;
         }
@@ -967,6 +1187,16 @@ impl RelayCore {
             self.drops.rtcp_wrong_source += 1;
             return;
         }
+        let clear;
+        let packet = if matches!(self.srtp, Srtp::Off) {
+            packet
+        } else {
+            let Some(decrypted) = self.unprotect(packet, true) else {
+                return;
+            };
+            clear = decrypted;
+            &clear[..]
+        };
         let arrival = ntp_middle(ntp_timestamp(self.wallclock(now)));
         let local_ssrc = self.settings.local_ssrc;
         let clock_rate = self.outbound.clock_rate;
@@ -2103,6 +2333,113 @@ mod tests {
         );
         assert_eq!(stats.drops.keyframe_requests_limited, 11);
         assert_eq!(stats.drops.rtcp_wrong_source, 1);
+    }
+
+    fn keys(suite: CryptoSuite, local: u8, remote: u8) -> Option<SrtpKeys> {
+        let (key, salt) = suite.key_and_salt_len();
+        Some(SrtpKeys {
+            suite,
+            local: vec![local; key + salt],
+            remote: vec![remote; key + salt],
+        })
+    }
+
+    /// A relay whose peer (at 192.0.2.5) uses SRTP with `keys`.
+    fn keyed(keys: Option<SrtpKeys>) -> (RelayCore, Instant) {
+        let t0 = Instant::now();
+        let mut core = RelayCore::new(settings(), t0);
+        core.set_peer(
+            RemotePeer::from_remote_media(&remote(Direction::SendRecv)).with_srtp(keys),
+            t0,
+        );
+        (core, t0)
+    }
+
+    #[test]
+    fn srtp_protects_what_goes_out_and_refuses_wrong_keys_and_replays() {
+        for suite in [CryptoSuite::AesCm128HmacSha1_80, CryptoSuite::AeadAes128Gcm] {
+            // Two relays facing each other: A sends with key 1 and B expects key 1.
+            let (mut a, t0) = keyed(keys(suite, 1, 2));
+            let (mut b, _) = keyed(keys(suite, 2, 1));
+            let peer: SocketAddr = "192.0.2.5:5004".parse().unwrap();
+            let secret = b"brain-to-brain samples";
+            a.handle_device_datagram(device(0, 1, 160, true, secret), t0);
+            a.handle_device_datagram(device(0, 2, 320, false, secret), t0);
+            let sent: Vec<Bytes> = std::iter::from_fn(|| a.poll_transmit())
+                .filter(|t| t.socket == SocketKind::Rtp)
+                .map(|t| t.packet)
+                .collect();
+            assert_eq!(sent.len(), 2);
+            for packet in &sent {
+                assert!(
+                    !packet.windows(secret.len()).any(|w| w == secret),
+                    "{suite:?}: the payload travels encrypted"
+                );
+            }
+            b.handle_rtp(&sent[0], peer, t0);
+            b.handle_rtp(&sent[1], peer, t0);
+            let got = to_device(&mut b);
+            assert_eq!(got.len(), 2, "{suite:?}");
+            assert_eq!(&got[0].payload[..], secret);
+            // The same packet again: a replay, refused.
+            b.handle_rtp(&sent[1], peer, t0);
+            assert!(to_device(&mut b).is_empty());
+            assert_eq!(b.stats().drops.srtp_replayed, 1);
+            // A relay with another key refuses both; so does a plain one sent SRTP... and a
+            // keyed one sent plain RTP.
+            let (mut wrong, _) = keyed(keys(suite, 2, 9));
+            wrong.handle_rtp(&sent[0], peer, t0);
+            assert!(to_device(&mut wrong).is_empty());
+            assert_eq!(wrong.stats().drops.srtp_auth_failed, 1);
+            b.handle_rtp(&rtp(0, 50, 8000, 0xabc, b"clear"), peer, t0);
+            assert!(to_device(&mut b).is_empty());
+            assert_eq!(b.stats().drops.srtp_auth_failed, 1);
+            // RTCP is SRTCP: B takes A's report.
+            a.close(t0);
+            let report = rtcp_sent(&mut a);
+            assert_eq!(report.len(), 1);
+            b.handle_rtcp(&report[0].packet, "192.0.2.5:5005".parse().unwrap(), t0);
+            assert_eq!(b.stats().rtcp_received, 1, "{suite:?}");
+            // A stranger's packet costs no key work.
+            b.handle_rtp(&sent[0], "203.0.113.9:4000".parse().unwrap(), t0);
+            assert_eq!(b.stats().drops.rtp_wrong_source, 1);
+        }
+    }
+
+    #[test]
+    fn srtp_bounds_the_peer_ssrcs_and_rekeys_only_on_new_keys() {
+        let (mut b, t0) = keyed(keys(CryptoSuite::AesCm128HmacSha1_80, 2, 1));
+        let peer: SocketAddr = "192.0.2.5:5004".parse().unwrap();
+        for ssrc in 0..10u32 {
+            b.handle_rtp(&rtp(0, 1, 0, ssrc, b"forged"), peer, t0);
+        }
+        let drops = b.stats().drops;
+        assert_eq!(drops.srtp_auth_failed, SRTP_MAX_PEER_SSRCS as u64);
+        assert_eq!(drops.srtp_too_many_ssrcs, 10 - SRTP_MAX_PEER_SSRCS as u64);
+        // The same keys again keep the context (its SSRC list stays full); new keys reset it.
+        let same = keys(CryptoSuite::AesCm128HmacSha1_80, 2, 1);
+        b.set_peer(
+            RemotePeer::from_remote_media(&remote(Direction::SendRecv)).with_srtp(same),
+            t0,
+        );
+        b.handle_rtp(&rtp(0, 1, 0, 77, b"forged"), peer, t0);
+        assert_eq!(b.stats().drops.srtp_too_many_ssrcs, 7);
+        b.set_peer(
+            RemotePeer::from_remote_media(&remote(Direction::SendRecv))
+                .with_srtp(keys(CryptoSuite::AesCm128HmacSha1_80, 3, 4)),
+            t0,
+        );
+        b.handle_rtp(&rtp(0, 1, 0, 77, b"forged"), peer, t0);
+        assert_eq!(b.stats().drops.srtp_too_many_ssrcs, 7);
+        // Keys of the wrong length: nothing goes out, nothing comes in.
+        let (mut broken, t0) = keyed(Some(SrtpKeys {
+            suite: CryptoSuite::AesCm128HmacSha1_80,
+            local: vec![1; 3],
+            remote: vec![1; 30],
+        }));
+        broken.handle_device_datagram(device(0, 1, 160, true, b"x"), t0);
+        assert!(sent_rtp(&mut broken).is_empty());
+        assert_eq!(broken.stats().drops.srtp_protect_failed, 1);
     }
 
     #[test]
