@@ -6,16 +6,100 @@
 //! The signal data stream (MBFP stream 2) travels as `m=application <port> RTP/AVP 98` with
 //! `a=rtpmap:98 x-mbfp-signal/1000`; a peer that does not know the format rejects the line and
 //! the call goes on with audio (and video).
+//!
+//! SRTP toward the peer (SDES, RFC 4568): each stream gets keys of its own for each suite it
+//! offers ([`StreamKeys`], fresh per relay start, so a takeover re-keys), the configured policy
+//! decides whether offers are `RTP/SAVP` and whether plain offers are taken, and
+//! [`srtp_keys`] pairs our key and the peer's by tag for the relay.
 
 use std::net::IpAddr;
 
+use thalamus_media::SrtpKeys;
 use thalamus_proto::media::{StreamId, SIGNAL_CLOCK_RATE, SIGNAL_ENCODING, SIGNAL_PAYLOAD_TYPE};
 use thalamus_proto::v1::{AudioCodec, MediaOffer, VideoCodec};
-use thalamus_sip::sdp::{Codec, LocalMedia, MediaKind, RemoteMedia, SessionDescription};
+use thalamus_sip::sdp::{
+    Codec, Crypto, CryptoSuite, LocalMedia, MediaKind, RemoteMedia, SessionDescription, SrtpPolicy,
+};
 
 /// The SDP format of the signal data stream.
 pub fn signal_codec() -> Codec {
     Codec::new(SIGNAL_ENCODING, SIGNAL_CLOCK_RATE, 1, SIGNAL_PAYLOAD_TYPE)
+}
+
+/// The suites offered, in order (tags 1, 2, ...): AEAD first, the RFC 4568 default second.
+pub const OFFERED_SUITES: [CryptoSuite; 2] =
+    [CryptoSuite::AeadAes128Gcm, CryptoSuite::AesCm128HmacSha1_80];
+
+/// This side's SDES keys for a call, per stream: one per offered suite (empty: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamKeys {
+    /// The audio stream's.
+    pub audio: Vec<Crypto>,
+    /// The video stream's.
+    pub video: Vec<Crypto>,
+    /// The signal data stream's.
+    pub signal: Vec<Crypto>,
+}
+
+impl StreamKeys {
+    /// No keys (plain RTP).
+    pub const NONE: StreamKeys = StreamKeys {
+        audio: Vec::new(),
+        video: Vec::new(),
+        signal: Vec::new(),
+    };
+
+    /// Fresh keys for every stream and offered suite, their bytes from `fill` (a secure random
+    /// source).
+    pub fn generate(mut fill: impl FnMut(&mut [u8])) -> StreamKeys {
+        let mut keys = || {
+            OFFERED_SUITES
+                .iter()
+                .zip(1u32..)
+                .map(|(suite, tag)| {
+                    let (key, salt) = suite.key_and_salt_len();
+                    let mut material = vec![0u8; key + salt];
+                    fill(&mut material);
+                    Crypto::new(tag, *suite, material)
+                })
+                .collect::<Vec<_>>()
+        };
+        StreamKeys {
+            audio: keys(),
+            video: keys(),
+            signal: keys(),
+        }
+    }
+}
+
+/// The keys the relay of a remote stream uses: our key and the peer's under the same tag and
+/// suite (ours from the m-line at the same position of our description). `None` for plain RTP.
+/// An SRTP stream whose keys do not pair (a peer that broke the rules) gets keys no context can
+/// be made of: its relay then sends and takes nothing, rather than plain RTP.
+pub fn srtp_keys(remote: &RemoteMedia, local: Option<&SessionDescription>) -> Option<SrtpKeys> {
+    if remote.crypto.is_empty() {
+        return None;
+    }
+    let ours = local
+        .and_then(|l| l.media.get(remote.index))
+        .map(|m| m.cryptos())
+        .unwrap_or_default();
+    let paired = ours.iter().filter(|c| c.is_usable()).find_map(|mine| {
+        let theirs = remote
+            .crypto
+            .iter()
+            .find(|t| t.tag == mine.tag && t.suite == mine.suite && t.is_usable())?;
+        Some(SrtpKeys {
+            suite: mine.known_suite()?,
+            local: mine.key_salt.clone(),
+            remote: theirs.key_salt.clone(),
+        })
+    });
+    Some(paired.unwrap_or(SrtpKeys {
+        suite: CryptoSuite::AesCm128HmacSha1_80,
+        local: Vec::new(),
+        remote: Vec::new(),
+    }))
 }
 
 /// Which streams of a call have a relay (audio always has one).
@@ -77,15 +161,32 @@ pub fn video_codecs(offer: Option<&MediaOffer>) -> Vec<Codec> {
 
 /// The local media of a call: the relays' address and ports, and the device's codecs. Video
 /// and the signal data stream are described when they have a relay and the device has them.
-pub fn local_media(address: IpAddr, ports: StreamPorts, offer: Option<&MediaOffer>) -> LocalMedia {
+/// Each stream carries its SRTP keys for the policy to use.
+pub fn local_media(
+    address: IpAddr,
+    ports: StreamPorts,
+    offer: Option<&MediaOffer>,
+    srtp: SrtpPolicy,
+    keys: &StreamKeys,
+) -> LocalMedia {
     let mut local = LocalMedia::audio(address, ports.audio, audio_codecs(offer));
     local.ptime = Some(20);
+    local.srtp = srtp;
     let video = video_codecs(offer);
     if let (Some(port), false) = (ports.video, video.is_empty()) {
         local = local.with_video(port, video);
     }
     if let (Some(port), true) = (ports.signal, offer.is_some_and(|o| o.signal)) {
         local = local.with_application(port, vec![signal_codec()]);
+    }
+    for (config, keys) in [
+        (&mut local.audio, &keys.audio),
+        (&mut local.video, &keys.video),
+        (&mut local.application, &keys.signal),
+    ] {
+        if let Some(config) = config {
+            config.crypto = keys.clone();
+        }
     }
     local
 }
@@ -207,7 +308,7 @@ mod tests {
             video: Some(4002),
             signal: Some(4004),
         };
-        let local = local_media(ip, all, Some(&offer));
+        let local = local_media(ip, all, Some(&offer), SrtpPolicy::Off, &StreamKeys::NONE);
         assert_eq!(local.video.as_ref().map(|v| v.port), Some(4002));
         let signal = local.application.as_ref().unwrap();
         assert_eq!((signal.port, signal.codecs[0].payload_type), (4004, 98));
@@ -216,9 +317,15 @@ mod tests {
             audio: 4000,
             ..Default::default()
         };
-        let local = local_media(ip, audio_only, Some(&offer));
+        let local = local_media(
+            ip,
+            audio_only,
+            Some(&offer),
+            SrtpPolicy::Off,
+            &StreamKeys::NONE,
+        );
         assert!(local.video.is_none() && local.application.is_none());
-        let local = local_media(ip, all, None);
+        let local = local_media(ip, all, None, SrtpPolicy::Off, &StreamKeys::NONE);
         assert!(local.video.is_none() && local.application.is_none());
 
         // A description with a data channel first and the signal stream second: the relay of

@@ -1,5 +1,5 @@
 //! Media relay configuration (`[media]`): where RTP is bound and advertised, the port range,
-//! timers, latching and buffer sizes. Serde with unknown keys denied and defaults for every key;
+//! timers, latching, buffer sizes and SRTP toward SIP peers. Serde with unknown keys denied and defaults for every key;
 //! [`MediaConfig::validate`] names the key at fault. This module only reads and checks
 //! configuration; it opens no sockets.
 
@@ -25,6 +25,33 @@ pub enum LatchMode {
     /// can reach the relay's ports: whoever sends first (guessing the port) takes the call's
     /// media in both directions. Use it only on a private network or behind an SBC.
     Any,
+}
+
+/// SRTP with SDES keys (RFC 4568) toward SIP peers. Media over QUIC to devices is protected by
+/// QUIC whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SrtpMode {
+    /// Plain RTP only; an `RTP/SAVP` offer is refused.
+    Off,
+    /// Calls the gateway places offer plain RTP; a peer's `RTP/SAVP` offer is taken with SRTP.
+    #[default]
+    Accept,
+    /// Every stream is SRTP: offers are `RTP/SAVP` with the gateway's keys, plain offers are
+    /// refused (488). Use it where the SIP leg is signalled over TLS, or the keys travel in clear.
+    Require,
+}
+
+impl SrtpMode {
+    /// The SDP negotiation policy it stands for.
+    pub fn policy(self) -> thalamus_sip::sdp::SrtpPolicy {
+        use thalamus_sip::sdp::SrtpPolicy;
+        match self {
+            SrtpMode::Off => SrtpPolicy::Off,
+            SrtpMode::Accept => SrtpPolicy::Accept,
+            SrtpMode::Require => SrtpPolicy::Require,
+        }
+    }
 }
 
 /// Why a media configuration is unusable.
@@ -62,6 +89,8 @@ pub struct MediaConfig {
     pub send_buffer_frames: u32,
     /// Datagrams from the device queued toward a relay before new ones are dropped.
     pub input_queue_frames: u32,
+    /// SRTP toward SIP peers: `off`, `accept` (default) or `require`.
+    pub srtp: SrtpMode,
 }
 
 impl Default for MediaConfig {
@@ -76,6 +105,7 @@ impl Default for MediaConfig {
             latch: LatchMode::Peer,
             send_buffer_frames: 16,
             input_queue_frames: 128,
+            srtp: SrtpMode::Accept,
         }
     }
 }

@@ -32,7 +32,7 @@ pub mod rtp;
 pub mod stats;
 pub mod totals;
 
-pub use config::{LatchMode, MediaConfig, MediaConfigError};
+pub use config::{LatchMode, MediaConfig, MediaConfigError, SrtpMode};
 pub use engine::{
     DatagramError, DatagramSink, DeviceInput, FeedError, MediaEngine, MediaRelay, RelayError,
     RelaySpec,
@@ -40,5 +40,5 @@ pub use engine::{
 pub use metrics::MediaCollector;
 pub use payload::PayloadMap;
 pub use ports::{PortAllocator, PortPair};
-pub use relay::{RelayCore, RelayEvent, RelaySettings, RelayStats, RemotePeer};
+pub use relay::{RelayCore, RelayEvent, RelaySettings, RelayStats, RemotePeer, SrtpKeys};
 pub use totals::EngineTotals;

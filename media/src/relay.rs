@@ -2425,8 +2425,11 @@ mod tests {
         b.handle_rtp(&rtp(0, 1, 0, 77, b"forged"), peer, t0);
         assert_eq!(b.stats().drops.srtp_too_many_ssrcs, 7);
         b.set_peer(
-            RemotePeer::from_remote_media(&remote(Direction::SendRecv))
-                .with_srtp(keys(CryptoSuite::AesCm128HmacSha1_80, 3, 4)),
+            RemotePeer::from_remote_media(&remote(Direction::SendRecv)).with_srtp(keys(
+                CryptoSuite::AesCm128HmacSha1_80,
+                3,
+                4,
+            )),
             t0,
         );
         b.handle_rtp(&rtp(0, 1, 0, 77, b"forged"), peer, t0);

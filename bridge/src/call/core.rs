@@ -36,7 +36,7 @@ use thalamus_sip::dialog::DialogId;
 use thalamus_sip::endpoint::RELIABLE_TAG;
 use thalamus_sip::message::{HeaderName, MediaType, Method, Request, Uri};
 use thalamus_sip::sdp::{
-    Direction, HoldMode, LocalMedia, RemoteMedia, SdpSession, SessionDescription,
+    Direction, HoldMode, LocalMedia, RemoteMedia, SdpSession, SessionDescription, SrtpPolicy,
 };
 use thalamus_sip::session_timer::{
     Negotiated, Refresher, SessionExpires, SessionTimer, TimerConfig, TimerDue, UasTimer,
@@ -46,7 +46,7 @@ use thalamus_sip::ua::ServerTx;
 
 use crate::dialogs::{CallAppData, CallFacts, StoredTimer};
 use crate::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
-use crate::media_sdp::{self, StreamPorts};
+use crate::media_sdp::{self, StreamKeys, StreamPorts};
 use thalamus_proto::media::StreamId;
 
 /// Methods the gateway answers (Allow header).
@@ -78,15 +78,20 @@ pub struct CallSettings {
     /// Reliable provisional responses (RFC 3262): offered on calls devices place
     /// (`Supported: 100rel`) and used on calls they take when the caller supports them.
     pub reliable_provisionals: bool,
+    /// SRTP toward the peer (SDES): never, when offered, or always.
+    pub srtp: SrtpPolicy,
 }
 
 /// The relays' local media address, as the driver reports it after [`CallAction::StartRelay`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayAddr {
     /// Address for SDP.
     pub ip: IpAddr,
     /// The RTP port of each stream's relay.
     pub ports: StreamPorts,
+    /// This side's SRTP keys for the streams, fresh for these relays (the driver draws them;
+    /// the core stays deterministic).
+    pub keys: StreamKeys,
 }
 
 /// The streams besides audio that get a relay of their own ([`CallAction::StartRelay`]).
@@ -250,8 +255,9 @@ pub struct OtherCalls {
 /// A change to the call's media relay.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RelayOp {
-    /// The relay of this stream sends to this remote media (from the peer's SDP).
-    SetRemote(StreamId, RemoteMedia),
+    /// The relay of this stream sends to this remote media (from the peer's SDP), with these
+    /// SRTP keys (`None`: plain RTP).
+    SetRemote(StreamId, Box<RemoteMedia>, Option<thalamus_media::SrtpKeys>),
     /// Our side's direction (sendonly while the device holds the call).
     Direction(Direction),
     /// Feed these datagrams in as if the device had sent them (RFC 4733 DTMF).
@@ -1820,15 +1826,32 @@ impl CallCore {
         tx
     }
 
+    /// The SRTP policy the call negotiates with.
+    pub fn srtp_policy(&self) -> SrtpPolicy {
+        self.settings.srtp
+    }
+
     fn local_media(&self) -> LocalMedia {
-        let (ip, ports) = self.relay.map(|r| (r.ip, r.ports)).unwrap_or((
-            self.settings.media_address,
-            StreamPorts {
-                audio: 9,
-                ..StreamPorts::default()
-            },
-        ));
-        media_sdp::local_media(ip, ports, self.device_media.as_ref())
+        let none = StreamKeys::NONE;
+        let (ip, ports, keys) = self
+            .relay
+            .as_ref()
+            .map(|r| (r.ip, r.ports, &r.keys))
+            .unwrap_or((
+                self.settings.media_address,
+                StreamPorts {
+                    audio: 9,
+                    ..StreamPorts::default()
+                },
+                &none,
+            ));
+        media_sdp::local_media(
+            ip,
+            ports,
+            self.device_media.as_ref(),
+            self.settings.srtp,
+            keys,
+        )
     }
 
     /// Asks for the relays: audio, and video and the signal data stream when the device has
@@ -1858,7 +1881,12 @@ impl CallCore {
         self.telephone_event = media_sdp::has_telephone_event(sdp);
         if self.relay.is_some() {
             for (stream, remote) in media_sdp::streams(sdp) {
-                self.push(CallAction::Relay(RelayOp::SetRemote(stream, remote)));
+                let keys = media_sdp::srtp_keys(&remote, self.sdp.last_local());
+                self.push(CallAction::Relay(RelayOp::SetRemote(
+                    stream,
+                    Box::new(remote),
+                    keys,
+                )));
             }
         }
     }
@@ -2269,7 +2297,7 @@ impl CallCore {
     fn device(&mut self, request_id: u64, body: Body) {
         if let Body::KeyframeRequest(_) = body {
             // Media, not signalling: it never waits, and without video it means nothing.
-            if self.relay.is_some_and(|r| r.ports.video.is_some()) {
+            if self.relay.as_ref().is_some_and(|r| r.ports.video.is_some()) {
                 self.push(CallAction::Relay(RelayOp::RequestKeyframe));
             }
             return;

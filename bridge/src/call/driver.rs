@@ -38,9 +38,11 @@ use super::core::{
 use super::relays::CallRelays;
 use super::{AdoptSetup, CallSetup};
 use crate::dialogs::{key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallFacts};
-use crate::media_sdp::StreamPorts;
+use crate::media_sdp::{StreamKeys, StreamPorts};
 use crate::shared::BridgeInner;
 use crate::table::{self, CallCommand, CallShared};
+use rand::RngCore;
+use thalamus_sip::sdp::SrtpPolicy;
 use thalamus_sip::session_timer::TimerHeaders;
 
 /// Starts the task of call `key`.
@@ -57,6 +59,10 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         media_address: inner.media_address,
         session_timer: inner.config.session_timer,
         reliable_provisionals: inner.config.reliable_provisionals,
+        srtp: inner
+            .media
+            .as_ref()
+            .map_or(SrtpPolicy::Off, |m| m.config().srtp.policy()),
     };
     let mut settings = settings;
     let sdp_session_id = thalamus_sip::rng::with(|rng| rng.gen_range(1..(1u64 << 62)));
@@ -497,9 +503,10 @@ impl Driver {
         let ua = &inner.ua;
         match action {
             CallAction::Relay(op) => match op {
-                RelayOp::SetRemote(stream, remote) => {
+                RelayOp::SetRemote(stream, remote, keys) => {
                     if let Some(relay) = self.relays.as_ref().and_then(|r| r.get(stream)) {
-                        let _ = relay.set_remote_media(&remote).await;
+                        let peer = thalamus_media::RemotePeer::from_remote_media(&remote);
+                        let _ = relay.set_peer(peer.with_srtp(keys)).await;
                     }
                 }
                 RelayOp::Direction(direction) => {
@@ -686,7 +693,13 @@ impl Driver {
             *input = Some(relays.inputs());
         }
         self.relays = Some(relays);
-        Some(RelayAddr { ip, ports })
+        // Fresh keys for these relays: a takeover's re-INVITE re-keys.
+        let keys = if self.core.srtp_policy() == SrtpPolicy::Off {
+            StreamKeys::NONE
+        } else {
+            StreamKeys::generate(|bytes| rand::thread_rng().fill_bytes(bytes))
+        };
+        Some(RelayAddr { ip, ports, keys })
     }
 
     /// Hands the dialog's record to the replicator from a task of its own: the call waits

@@ -28,6 +28,7 @@ const RELAY: RelayAddr = RelayAddr {
         video: None,
         signal: None,
     },
+    keys: crate::media_sdp::StreamKeys::NONE,
 };
 
 fn settings(replicate: bool) -> CallSettings {
@@ -40,6 +41,7 @@ fn settings(replicate: bool) -> CallSettings {
         media_address: "10.0.0.1".parse().unwrap(),
         session_timer: None,
         reliable_provisionals: false,
+        srtp: thalamus_sip::sdp::SrtpPolicy::Off,
     }
 }
 
@@ -572,13 +574,14 @@ const EVERY_STREAM: RelayAddr = RelayAddr {
         video: Some(40_002),
         signal: Some(40_004),
     },
+    keys: crate::media_sdp::StreamKeys::NONE,
 };
 
 fn set_remote_streams(actions: &[CallAction]) -> Vec<(thalamus_proto::media::StreamId, u16)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            CallAction::Relay(RelayOp::SetRemote(stream, remote)) => {
+            CallAction::Relay(RelayOp::SetRemote(stream, remote, _)) => {
                 Some((*stream, remote.rtp.port()))
             }
             _ => None,
@@ -1223,6 +1226,102 @@ fn stored(held: bool) -> StoredDialog {
         .encode(),
     );
     record
+}
+
+/// SRTP required: the device's call offers RTP/SAVP with the relay's keys, the peer's answer
+/// picks a suite by tag and the relay gets both keys of that tag; a plain offer from a peer is
+/// refused with 488.
+#[test]
+fn srtp_required_offers_keys_pairs_the_answer_s_tag_and_refuses_plain_offers() {
+    use thalamus_sip::sdp::{Crypto, CryptoSuite, SrtpPolicy};
+    let t0 = Instant::now();
+    let required = CallSettings {
+        srtp: SrtpPolicy::Require,
+        ..settings(false)
+    };
+    let mut n = 0u8;
+    let keys = crate::media_sdp::StreamKeys::generate(|b| {
+        n += 1;
+        b.fill(n);
+    });
+    let relay = RelayAddr {
+        keys: keys.clone(),
+        ..RELAY
+    };
+    let mut core = CallCore::outgoing(
+        key(),
+        required.clone(),
+        42,
+        target(),
+        Some(MediaOffer::default()),
+        BTreeMap::new(),
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(relay.clone()));
+    let a = drain(&mut core);
+    let (tx, offer) = a
+        .iter()
+        .find_map(|a| match a {
+            CallAction::SendInvite { tx, sdp, .. } => Some((*tx, sdp.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert!(offer.contains("m=audio 40000 RTP/SAVP"), "{offer}");
+    assert!(
+        offer.contains("a=crypto:1 AEAD_AES_128_GCM inline:"),
+        "{offer}"
+    );
+    assert!(
+        offer.contains("a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:"),
+        "{offer}"
+    );
+    // The peer takes tag 2 with its own key.
+    let theirs = Crypto::new(2, CryptoSuite::AesCm128HmacSha1_80, vec![0xee; 30]);
+    let answer = peer_sdp(1, false, "sendrecv").replace("RTP/AVP", "RTP/SAVP")
+        + &format!("a=crypto:{theirs}\r\n");
+    core.handle(
+        t0,
+        CallInput::Client(tx, response(200, &answer, Some(dialog()))),
+    );
+    let got = drain(&mut core)
+        .into_iter()
+        .find_map(|a| match a {
+            CallAction::Relay(RelayOp::SetRemote(_, _, keys)) => Some(keys),
+            _ => None,
+        })
+        .expect("the relay gets the peer");
+    let got = got.expect("SRTP keys");
+    assert_eq!(got.suite, CryptoSuite::AesCm128HmacSha1_80);
+    assert_eq!(got.local, keys.audio[1].key_salt);
+    assert_eq!(got.remote, vec![0xee; 30]);
+
+    // A plain offer from a peer, answered by a device: 488.
+    let invite = request("INVITE", &peer_sdp(1, false, "sendrecv"));
+    let mut core = CallCore::incoming(
+        key(),
+        required,
+        42,
+        t0,
+        stx(1),
+        &invite,
+        OtherCalls::default(),
+    );
+    drain(&mut core);
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    drain(&mut core);
+    core.handle(
+        t0,
+        CallInput::Device(
+            2,
+            Body::Answer(Answer {
+                call_ref: 7,
+                media: Some(MediaOffer::default()),
+            }),
+        ),
+    );
+    drain(&mut core);
+    core.relay_started(t0, Some(relay));
+    assert!(responses(&drain(&mut core)).contains(&(stx(1), 488)));
 }
 
 /// A node takes over a call with video and the signal stream: it starts a relay for each, and
