@@ -249,6 +249,9 @@ impl SignalCall {
         report["sent_packets"] = json!(self.source.as_ref().map_or(0, |s| s.packets));
         report["sent_samples"] = json!(self.source.as_ref().map_or(0, |s| s.samples_sent()));
         report["send_failed"] = json!(self.source.as_ref().map_or(0, |s| s.send_failed));
+        // The seed of what this device sent (a test that captured the wire rebuilds the clear
+        // samples from it).
+        report["seed"] = json!(self.source.as_ref().map(|s| s.seed));
         report
     }
 }

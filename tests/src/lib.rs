@@ -5,6 +5,7 @@
 //! test executable; `scripts/test` builds them before running the tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod capture;
 pub mod cluster;
 pub mod fleet;
 pub mod netns;

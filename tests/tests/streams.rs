@@ -12,17 +12,48 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use thalamus_tests::capture::Capture;
 use thalamus_tests::{login_args, sim_as as spawn, Gateway, Sim};
 
 const T: Duration = Duration::from_secs(60);
 
 /// A gateway relaying media with RTP ports `first..first + pairs * 2`.
 fn gateway(first_port: u16, pairs: u16) -> Gateway {
+    gateway_with(first_port, pairs, "")
+}
+
+/// The same with more `[media]` keys.
+fn gateway_with(first_port: u16, pairs: u16, media: &str) -> Gateway {
     Gateway::start(&format!(
-        "[media]\nrtp_port_min = {first_port}\nrtp_port_max = {}",
+        "[media]\nrtp_port_min = {first_port}\nrtp_port_max = {}\n{media}",
         first_port + pairs * 2 - 1
     ))
     .unwrap()
+}
+
+/// The clear bytes of the samples of the first signal packet a device with seed `seed` sends
+/// (5 samples of 8 channels, i16 big-endian, as they sit in its payload).
+fn first_samples(report: &Value) -> Vec<u8> {
+    let seed = u32::try_from(u(report, "seed")).unwrap();
+    (0..thalamus_sim::signal::SAMPLES_PER_PACKET)
+        .flat_map(|index| {
+            (0..thalamus_sim::signal::CHANNELS).flat_map(move |channel| {
+                thalamus_sim::signal::sample(seed, index, channel).to_be_bytes()
+            })
+        })
+        .collect()
+}
+
+/// The RTP packets of a capture with payload type 98 (the signal data stream on the SIP leg).
+fn signal_rtp(packets: &[Vec<u8>]) -> Vec<&Vec<u8>> {
+    packets
+        .iter()
+        .filter(|p| p.len() > 12 && p[0] >> 6 == 2 && p[1] & 0x7f == 98)
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn u(v: &Value, key: &str) -> u64 {
@@ -147,13 +178,66 @@ fn two_earpieces_on_one_node_exchange_every_signal_sample_and_video_frame() {
     );
 }
 
-/// The earpieces on two nodes that know nothing of each other but SIP.
+/// The earpieces on two nodes that know nothing of each other but SIP, with plain RTP between
+/// them: a capture of the SIP leg shows each side's samples in clear (what the SRTP test below
+/// must not find).
 #[test]
 fn two_earpieces_on_two_nodes_exchange_every_signal_sample_and_video_frame() {
     let gw_a = gateway(37_600, 50);
     let gw_b = gateway(37_800, 50);
+    let capture = Capture::start("udp and portrange 37600-37799").unwrap();
     let (a, b) = brain_to_brain(&gw_a, &gw_b);
+    let packets = capture.stop().unwrap();
     eprintln!("two nodes: A heard {a}; B heard {b}");
+    assert!(!signal_rtp(&packets).is_empty());
+    for report in [&a, &b] {
+        assert!(
+            packets.iter().any(|p| contains(p, &first_samples(report))),
+            "plain RTP: the first samples are on the wire"
+        );
+    }
+}
+
+/// The same over SRTP (`[media] srtp = "require"` on both nodes: RTP/SAVP with SDES keys, so
+/// a node that would not do SRTP could not take the call): every sample and frame arrives, and
+/// a capture of the SIP leg holds the signal packets, each longer than its clear payload by an
+/// authentication tag, and none of the samples in clear.
+#[test]
+fn two_nodes_carry_signal_and_video_over_srtp_and_the_wire_shows_none_in_clear() {
+    let srtp = "srtp = \"require\"";
+    let gw_a = gateway_with(38_200, 50, srtp);
+    let gw_b = gateway_with(38_400, 50, srtp);
+    let capture = Capture::start("udp and portrange 38200-38399").unwrap();
+    let (a, b) = brain_to_brain(&gw_a, &gw_b);
+    let packets = capture.stop().unwrap();
+    eprintln!("two nodes over SRTP: A heard {a}; B heard {b}");
+    let signal = signal_rtp(&packets);
+    let sent = u(&a, "sent_packets") + u(&b, "sent_packets");
+    assert!(
+        signal.len() as u64 * 10 >= sent * 9,
+        "{} signal packets captured of {sent} sent",
+        signal.len()
+    );
+    eprintln!(
+        "captured {} signal packets of {sent} sent, lengths {:?}",
+        signal.len(),
+        signal
+            .iter()
+            .map(|p| p.len())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    let clear_len = 12 + thalamus_sim::signal::PAYLOAD_BYTES;
+    assert!(
+        signal.iter().all(|p| p.len() >= clear_len + 10),
+        "every signal packet carries an authentication tag"
+    );
+    for report in [&a, &b] {
+        let samples = first_samples(report);
+        assert!(
+            !packets.iter().any(|p| contains(p, &samples)),
+            "SRTP: no sample in clear on the wire"
+        );
+    }
 }
 
 /// A SIP peer that does not offer or take the signal stream or video (the simulator's echo
