@@ -347,11 +347,12 @@ impl Baresip {
     /// Starts baresip registered through Kamailio, with `contacts` as its address book (one
     /// contact per line; `;presence=p2p` makes baresip watch it).
     fn start(kamailio_port: u16, contacts: &str) -> anyhow::Result<Self> {
-        Self::start_with(kamailio_port, contacts, "")
+        Self::start_with(kamailio_port, contacts, &Extras::default())
     }
 
-    /// [`Baresip::start`] with `extra` lines added to its configuration.
-    fn start_with(kamailio_port: u16, contacts: &str, extra: &str) -> anyhow::Result<Self> {
+    /// [`Baresip::start`] with `extras`' lines added to its configuration and parameters to
+    /// its account.
+    fn start_with(kamailio_port: u16, contacts: &str, extras: &Extras) -> anyhow::Result<Self> {
         let bin = peer_binary("baresip", "baresip-core");
         ensure!(
             Path::new("/usr/lib/baresip/modules/ctrl_tcp.so").is_file(),
@@ -359,7 +360,7 @@ impl Baresip {
         );
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(&bin, kamailio_port, contacts, extra) {
+            match Self::try_start(&bin, kamailio_port, contacts, extras) {
                 Ok(b) => return Ok(b),
                 Err(e) => last_error = Some(e),
             }
@@ -371,7 +372,7 @@ impl Baresip {
         bin: &Path,
         kamailio_port: u16,
         contacts: &str,
-        extra: &str,
+        extras: &Extras,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let sip_port = free_udp_tcp_port()?;
@@ -384,11 +385,12 @@ impl Baresip {
             render(
                 "baresip/config",
                 &[("SIP_PORT", sip_port), ("CTRL_PORT", ctrl_port)],
-            )? + extra,
+            )? + &extras.baresip_config,
         )?;
+        let account = render("baresip/accounts", &[("KAMAILIO_PORT", kamailio_port)])?;
         std::fs::write(
             dir.path().join("accounts"),
-            render("baresip/accounts", &[("KAMAILIO_PORT", kamailio_port)])?,
+            format!("{}{}\n", account.trim_end(), extras.baresip_account),
         )?;
         // Always written: without it baresip's contact module writes an example address book.
         std::fs::write(dir.path().join("contacts"), contacts)?;
@@ -510,9 +512,21 @@ struct Peers {
     secret: String,
 }
 
+/// What a scenario adds to the peers' configurations.
+#[derive(Debug, Default)]
+struct Extras {
+    /// Lines added to baresip's configuration.
+    baresip_config: String,
+    /// Parameters added to baresip's account (`;name=value`).
+    baresip_account: String,
+    /// Lines added to the gateway's configuration.
+    gateway: String,
+}
+
 /// A gateway of the domain behind Kamailio (on `kport`): Kamailio is its outbound proxy and
-/// its registrar, and the device registers there with `device_password`.
-fn start_gateway(kport: u16, device_password: &str) -> anyhow::Result<Gateway> {
+/// its registrar, and the device registers there with `device_password`; `extra` is added to
+/// its configuration.
+fn start_gateway(kport: u16, device_password: &str, extra: &str) -> anyhow::Result<Gateway> {
     Gateway::start(&format!(
         "[sip]\n\
          domain = \"{DOMAIN}\"\n\
@@ -521,7 +535,8 @@ fn start_gateway(kport: u16, device_password: &str) -> anyhow::Result<Gateway> {
          \n\
          [devices.{DEVICE}.auth]\n\
          username = \"{DEVICE}\"\n\
-         password = \"{device_password}\"\n"
+         password = \"{device_password}\"\n\
+         {extra}"
     ))
     .context("starting the gateway")
 }
@@ -536,16 +551,15 @@ const BARESIP_VIDEO: &str = "\nmodule\t\t\tvp8.so\nmodule\t\t\tfakevideo.so\n\
 impl Peers {
     /// Starts Kamailio, baresip and a gateway whose device has `device_password`.
     fn start(device_password: &str) -> anyhow::Result<Self> {
-        Self::start_with(device_password, "")
+        Self::start_with(device_password, &Extras::default())
     }
 
-    /// [`Peers::start`] with `baresip_extra` added to baresip's configuration.
-    fn start_with(device_password: &str, baresip_extra: &str) -> anyhow::Result<Self> {
+    /// [`Peers::start`] with `extras` added to the configurations.
+    fn start_with(device_password: &str, extras: &Extras) -> anyhow::Result<Self> {
         let kamailio = Kamailio::start().context("starting Kamailio")?;
-        let baresip =
-            Baresip::start_with(kamailio.port, "", baresip_extra).context("starting baresip")?;
+        let baresip = Baresip::start_with(kamailio.port, "", extras).context("starting baresip")?;
         let kport = kamailio.port;
-        let gateway = start_gateway(kport, device_password)?;
+        let gateway = start_gateway(kport, device_password, &extras.gateway)?;
         let secret = gateway.add_device(DEVICE)?;
         Ok(Peers {
             kamailio,
@@ -906,7 +920,7 @@ fn baresip_watches_the_device_s_presence() {
     let run = || -> anyhow::Result<()> {
         let kamailio = Kamailio::start().context("starting Kamailio")?;
         let kport = kamailio.port;
-        let gateway = start_gateway(kport, DEVICE_PASSWORD)?;
+        let gateway = start_gateway(kport, DEVICE_PASSWORD, "")?;
         let secret = gateway.add_device(DEVICE)?;
         let mut device = Sim::connect(&gateway, DEVICE, &secret, &[])?;
         device.wait_event("welcome", T)?;
@@ -1078,9 +1092,138 @@ impl Peers {
 
 #[test]
 fn video_both_ways_with_baresip() {
-    let mut peers =
-        Peers::start_with(DEVICE_PASSWORD, BARESIP_VIDEO).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut peers = Peers::start_with(
+        DEVICE_PASSWORD,
+        &Extras {
+            baresip_config: BARESIP_VIDEO.to_string(),
+            ..Extras::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(e) = peers.video_both_ways() {
+        panic!("{e:#}\n{}", peers.logs());
+    }
+}
+
+/// SRTP with SDES keys both ways: baresip's `srtp` module with `mediaenc=srtp-mand` (it offers
+/// and takes only `RTP/SAVP`) and its `sndfile` module writing the audio it decodes into WAV
+/// files in `dumps`; the gateway with `srtp = "require"`.
+fn srtp_extras(dumps: &Path) -> Extras {
+    Extras {
+        baresip_config: format!(
+            "\nmodule\t\t\tsrtp.so\nmodule\t\t\tsndfile.so\nsnd_path\t\t{}\n",
+            dumps.display()
+        ),
+        baresip_account: ";mediaenc=srtp-mand".into(),
+        gateway: "[media]\nrtp_port_min = 39100\nrtp_port_max = 39199\nsrtp = \"require\"\n".into(),
+    }
+}
+
+/// Samples of the audio baresip decoded, from the `*-dec.wav` files its `sndfile` module wrote
+/// in `dumps` (16-bit mono: the data after the 44-byte header, two bytes a sample).
+fn baresip_decoded_samples(dumps: &Path) -> anyhow::Result<u64> {
+    let mut samples = 0;
+    for entry in std::fs::read_dir(dumps)? {
+        let path = entry?.path();
+        if path.to_string_lossy().ends_with("-dec.wav") {
+            samples += std::fs::metadata(&path)?.len().saturating_sub(44) / 2;
+        }
+    }
+    Ok(samples)
+}
+
+impl Peers {
+    /// Audio over SRTP both ways with baresip, on a captured wire: baresip calls the device
+    /// (which echoes what it hears), then the device calls baresip (streaming its probe
+    /// frames). Each side counts the audio it got; the capture of the gateway's media ports
+    /// holds SRTP and none of the device's probe frames in clear.
+    fn srtp_both_ways(&mut self, dumps: &Path) -> anyhow::Result<()> {
+        let capture = thalamus_tests::capture::Capture::start("udp and portrange 39100-39199")?;
+        let mut device = self.device("listen", &["--echo", "--calls", "1"])?;
+        device.wait_event("welcome", T)?;
+        wait_text(
+            "\"registered upstream\" in the gateway's log",
+            T,
+            || self.gateway.log(),
+            |log| log.contains("registered upstream"),
+        )?;
+        self.baresip
+            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
+        device.wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered",
+            T,
+        )?;
+        self.baresip.wait_event("CALL_ESTABLISHED")?;
+        std::thread::sleep(Duration::from_secs(3));
+        self.baresip.command("hangup", "")?;
+        self.baresip.wait_event("CALL_CLOSED")?;
+        let heard = device.wait_event("media_report", T)?;
+        eprintln!("device heard over SRTP: {heard}");
+        ensure!(
+            heard["frames_received"].as_u64().unwrap_or(0) >= 50,
+            "{heard}"
+        );
+        ensure!(
+            heard["frames_echoed"].as_u64().unwrap_or(0) >= 50,
+            "{heard}"
+        );
+        // baresip decoded the echo: 3 s of it at 8 kHz is 24,000 samples.
+        let decoded = baresip_decoded_samples(dumps)?;
+        eprintln!("baresip decoded {decoded} samples of the device's echo");
+        ensure!(decoded >= 8_000, "baresip decoded {decoded} samples");
+
+        let target = format!("sip:{BARESIP_USER}@{DOMAIN}");
+        let mut device = self.device(
+            "call",
+            &["--target", &target, "--media", "--hold-ms", "3000"],
+        )?;
+        self.baresip.wait_event("CALL_ESTABLISHED")?;
+        let report = device.wait_event("media_report", T)?;
+        self.baresip.wait_event("CALL_CLOSED")?;
+        eprintln!("device's call over SRTP: {report}");
+        ensure!(
+            report["frames_sent"].as_u64().unwrap_or(0) >= 100,
+            "{report}"
+        );
+        ensure!(
+            report["frames_received"].as_u64().unwrap_or(0) >= 50,
+            "{report}"
+        );
+        // baresip decoded the device's frames too.
+        let more = baresip_decoded_samples(dumps)?.saturating_sub(decoded);
+        eprintln!("baresip decoded {more} samples of the device's call");
+        ensure!(
+            more >= 8_000,
+            "baresip decoded {more} samples of the device's call"
+        );
+
+        let packets = capture.stop()?;
+        let rtp = packets
+            .iter()
+            .filter(|p| p.len() > 12 && p[0] >> 6 == 2)
+            .count();
+        ensure!(rtp >= 300, "{rtp} RTP packets captured");
+        let call_ref = u32::try_from(report["call_ref"].as_u64().unwrap_or(0))?;
+        let tag = thalamus_sim::media::probe_tag(DEVICE, call_ref);
+        for seq in 0..20u16 {
+            let clear = thalamus_sim::media::probe_payload(tag, seq);
+            ensure!(
+                !packets
+                    .iter()
+                    .any(|p| p.windows(clear.len()).any(|w| w == clear)),
+                "probe frame {seq} is on the wire in clear"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn srtp_both_ways_with_baresip() {
+    let dumps = tempfile::tempdir().unwrap();
+    let mut peers = Peers::start_with(DEVICE_PASSWORD, &srtp_extras(dumps.path()))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(e) = peers.srtp_both_ways(dumps.path()) {
         panic!("{e:#}\n{}", peers.logs());
     }
 }
