@@ -25,7 +25,9 @@ use crate::engine::MediaEngine;
 /// - `media_relays_started_total`, `media_relays_finished_total` (counters);
 /// - `media_relayed_packets_total{direction="to_peer"|"to_device"}` (counter, finished relays);
 /// - `media_relay_latency_seconds{direction,quantile="0.5"|"0.99"|"1"}` (gauge, finished
-///   relays; `1` is the maximum): time from a packet's arrival at the relay to its send.
+///   relays; `1` is the maximum): time from a packet's arrival at the relay to its send;
+/// - `media_srtp_refused_total{cause="authentication"|"replay"|"ssrc_limit"}` (counter,
+///   finished relays): SRTP and SRTCP packets from peers refused.
 #[derive(Debug, Clone)]
 pub struct MediaCollector {
     engine: MediaEngine,
@@ -87,6 +89,22 @@ impl Collector for MediaCollector {
                 ConstCounter::new(value).encode(metric_encoder.encode_family(&labels)?)?;
             }
         }
+        {
+            let mut metric_encoder = encoder.encode_descriptor(
+                "media_srtp_refused",
+                "SRTP and SRTCP packets from SIP peers refused by finished relays, by cause",
+                None,
+                MetricType::Counter,
+            )?;
+            for (cause, value) in [
+                ("authentication", finished.srtp_auth_failed),
+                ("replay", finished.srtp_replayed),
+                ("ssrc_limit", finished.srtp_too_many_ssrcs),
+            ] {
+                let labels = [("cause", cause)];
+                ConstCounter::new(value).encode(metric_encoder.encode_family(&labels)?)?;
+            }
+        }
         let mut metric_encoder = encoder.encode_descriptor(
             "media_relay_latency_seconds",
             "Relay latency (arrival at the relay to send) of finished relays: quantiles, 1 is the maximum",
@@ -128,6 +146,51 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    #[test]
+    fn refused_srtp_is_counted_by_cause() {
+        use crate::relay::{RelayCore, RelaySettings, RemotePeer, SrtpKeys};
+        let engine = MediaEngine::new(MediaConfig::default()).unwrap();
+        let mut registry = Registry::with_prefix("thalamus");
+        MediaCollector::register(engine.clone(), &mut registry);
+        let t0 = std::time::Instant::now();
+        let mut core = RelayCore::new(
+            RelaySettings::new(7, thalamus_proto::media::StreamId::AUDIO),
+            t0,
+        );
+        let sdp = "v=0\r\no=p 1 1 IN IP4 192.0.2.5\r\ns=-\r\nc=IN IP4 192.0.2.5\r\nt=0 0\r\n\
+                   m=audio 5004 RTP/SAVP 0\r\n";
+        let remote = thalamus_sip::sdp::SessionDescription::parse(sdp)
+            .unwrap()
+            .remote_media(&thalamus_sip::sdp::MediaKind::Audio)
+            .unwrap();
+        let keys = SrtpKeys {
+            suite: thalamus_sip::sdp::CryptoSuite::AesCm128HmacSha1_80,
+            local: vec![1; 30],
+            remote: vec![2; 30],
+        };
+        core.set_peer(
+            RemotePeer::from_remote_media(&remote).with_srtp(Some(keys)),
+            t0,
+        );
+        // A forged packet (no valid tag) from the peer's address.
+        let mut forged = vec![0x80, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9];
+        forged.extend_from_slice(&[0u8; 40]);
+        core.handle_rtp(&forged, "192.0.2.5:5004".parse().unwrap(), t0);
+        engine.totals().add_finished(&core);
+        let text = render(&registry);
+        assert_eq!(
+            sample(
+                &text,
+                "thalamus_media_srtp_refused_total{cause=\"authentication\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "thalamus_media_srtp_refused_total{cause=\"replay\"}"),
+            0.0
+        );
     }
 
     #[test]

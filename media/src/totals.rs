@@ -23,6 +23,13 @@ pub struct FinishedRelays {
     pub latency_to_peer: LatencyHistogram,
     /// Relay latency peer -> device.
     pub latency_to_device: LatencyHistogram,
+    /// SRTP packets from peers refused: failed authentication (a wrong key, a forged or damaged
+    /// packet).
+    pub srtp_auth_failed: u64,
+    /// SRTP packets from peers refused as replays.
+    pub srtp_replayed: u64,
+    /// SRTP packets from peers refused for an SSRC past the per-stream limit.
+    pub srtp_too_many_ssrcs: u64,
 }
 
 /// Counters shared by an engine and its relay tasks.
@@ -77,5 +84,8 @@ impl EngineTotals {
         finished.packets_to_device += stats.to_device.packets;
         finished.latency_to_peer.merge(to_peer);
         finished.latency_to_device.merge(to_device);
+        finished.srtp_auth_failed += stats.drops.srtp_auth_failed;
+        finished.srtp_replayed += stats.drops.srtp_replayed;
+        finished.srtp_too_many_ssrcs += stats.drops.srtp_too_many_ssrcs;
     }
 }
