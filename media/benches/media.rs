@@ -1,6 +1,9 @@
 //! Per-packet cost of the media relay core (no sockets): device datagram -> RTP, and
 //! RTP -> device datagram, each including the parse, the translation, the build and the poll
-//! that hands the result to the shell. Also the bare RTP parse and media header decode.
+//! that hands the result to the shell. Also the bare RTP parse and media header decode, and
+//! the same paths with SRTP (each suite the gateway offers): device datagram -> SRTP, and a
+//! round trip through two relays facing each other (device -> (S)RTP -> device), plain and
+//! keyed, so the cost of SRTP per packet reads off one run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
@@ -8,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use thalamus_media::relay::{RelayCore, RelaySettings};
+use thalamus_media::relay::{RelayCore, RelaySettings, RemotePeer, SrtpKeys};
 use thalamus_media::rtp::{RtpHeader, RtpPacket};
 use thalamus_proto::media::{MediaDatagram, MediaHeader, StreamId};
-use thalamus_sip::sdp::{Codec, Direction, MediaKind, RemoteMedia};
+use thalamus_sip::sdp::{Codec, CryptoSuite, Direction, MediaKind, RemoteMedia};
 
 const CALL_REF: u32 = 7;
 const PAYLOAD: [u8; 160] = [0x55; 160];
@@ -21,12 +24,17 @@ fn peer_addr() -> SocketAddr {
 }
 
 fn core(now: Instant) -> RelayCore {
+    keyed_core(now, None)
+}
+
+/// A relay whose peer is at 127.0.0.1:30000, with SRTP keys or plain.
+fn keyed_core(now: Instant, srtp: Option<SrtpKeys>) -> RelayCore {
     let mut settings = RelaySettings::new(CALL_REF, StreamId::AUDIO);
     settings.media_timeout = None;
     settings.rtcp_interval = None;
     let mut core = RelayCore::new(settings, now);
-    core.set_remote_media(
-        &RemoteMedia {
+    core.set_peer(
+        RemotePeer::from_remote_media(&RemoteMedia {
             kind: MediaKind::Audio,
             index: 0,
             rtp: peer_addr(),
@@ -36,10 +44,23 @@ fn core(now: Instant) -> RelayCore {
             telephone_event: Some(Codec::telephone_event(101, 8000)),
             ptime: Some(20),
             crypto: Vec::new(),
-        },
+        })
+        .with_srtp(srtp),
         now,
     );
     core
+}
+
+/// Keys for a relay and the one facing it (`flip`: the other side's view).
+fn keys(suite: CryptoSuite, flip: bool) -> SrtpKeys {
+    let (key, salt) = suite.key_and_salt_len();
+    let (a, b) = (vec![1u8; key + salt], vec![2u8; key + salt]);
+    let (local, remote) = if flip { (b, a) } else { (a, b) };
+    SrtpKeys {
+        suite,
+        local,
+        remote,
+    }
 }
 
 fn device_datagram(sequence: u16) -> Bytes {
@@ -105,6 +126,52 @@ fn bench_relay(c: &mut Criterion) {
         });
         assert_eq!(core.stats().drops.device_buffer_overflow, 0);
     });
+
+    let suites = [
+        ("aes_cm_128_hmac_sha1_80", CryptoSuite::AesCm128HmacSha1_80),
+        ("aead_aes_128_gcm", CryptoSuite::AeadAes128Gcm),
+    ];
+    for (name, suite) in suites {
+        group.bench_function(format!("device_to_srtp_{name}"), |b| {
+            let start = Instant::now();
+            let mut core = keyed_core(start, Some(keys(suite, false)));
+            let mut i = 0usize;
+            b.iter(|| {
+                let datagram = datagrams[i % datagrams.len()].clone();
+                i += 1;
+                let now = start + Duration::from_millis(20 * i as u64);
+                core.handle_device_datagram(datagram, now);
+                black_box(core.poll_transmit())
+            });
+            assert_eq!(core.stats().drops.srtp_protect_failed, 0);
+        });
+    }
+    for (name, suite) in [("plain", None)]
+        .into_iter()
+        .chain(suites.map(|(name, suite)| (name, Some(suite))))
+    {
+        // Device -> relay A -> (S)RTP -> relay B -> device: both halves of a relayed packet.
+        group.bench_function(format!("round_trip_{name}"), |b| {
+            let start = Instant::now();
+            let mut a = keyed_core(start, suite.map(|s| keys(s, false)));
+            let mut z = keyed_core(start, suite.map(|s| keys(s, true)));
+            let source = peer_addr();
+            let mut i = 0usize;
+            b.iter(|| {
+                let datagram = datagrams[i % datagrams.len()].clone();
+                i += 1;
+                let now = start + Duration::from_millis(20 * i as u64);
+                a.handle_device_datagram(datagram, now);
+                if let Some(sent) = a.poll_transmit() {
+                    z.handle_rtp(&sent.packet, source, now);
+                }
+                black_box(z.poll_device_datagram())
+            });
+            let drops = z.stats().drops;
+            assert_eq!(drops.srtp_auth_failed + drops.srtp_replayed, 0);
+            assert!(z.stats().to_device.packets > 0);
+        });
+    }
 
     group.bench_function("rtp_parse", |b| {
         let packet = &packets[0];
