@@ -320,8 +320,10 @@ impl Endpoint {
         if let Some(user) = user {
             uri = uri.with_user(user);
         }
-        if *transport == Transport::Tcp {
-            uri = uri.with_param("transport", Some("tcp"));
+        match transport {
+            Transport::Tcp => uri = uri.with_param("transport", Some("tcp")),
+            Transport::Tls => uri = uri.with_param("transport", Some("tls")),
+            _ => {}
         }
         NameAddr::new(Uri::Sip(uri))
     }

@@ -47,6 +47,8 @@ pub enum PeerTransport {
     Udp,
     /// TCP.
     Tcp,
+    /// TLS over TCP (RFC 3261 section 26; `sips:` and `transport=tls`).
+    Tls,
 }
 
 impl PeerTransport {
@@ -55,11 +57,22 @@ impl PeerTransport {
         match self {
             PeerTransport::Udp => Transport::Udp,
             PeerTransport::Tcp => Transport::Tcp,
+            PeerTransport::Tls => Transport::Tls,
+        }
+    }
+
+    /// The transport a Via token names, if the stack runs it.
+    pub fn from_transport(transport: &Transport) -> Option<PeerTransport> {
+        match transport {
+            Transport::Udp => Some(PeerTransport::Udp),
+            Transport::Tcp => Some(PeerTransport::Tcp),
+            Transport::Tls => Some(PeerTransport::Tls),
+            _ => None,
         }
     }
 
     /// Whether the transport is reliable (changes transaction timers).
     pub fn is_reliable(self) -> bool {
-        matches!(self, PeerTransport::Tcp)
+        matches!(self, PeerTransport::Tcp | PeerTransport::Tls)
     }
 }

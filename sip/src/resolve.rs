@@ -3,10 +3,11 @@
 //! Order of RFC 3263 section 4 without NAPTR (which SIP deployments rarely publish): a
 //! `transport` parameter or an explicit port fixes the transport; `maddr` replaces the host; an
 //! IP literal is used as is; with a port, A/AAAA records; without one, SRV records
-//! (`_sip._udp`, then `_sip._tcp`) ordered by priority and weight, falling back to A/AAAA on the
-//! default port. Lookups go through hickory-resolver with the system configuration, or through
-//! fixed answers given by the caller (tests, and hosts without DNS). `sips:` and TLS are not
-//! resolved here yet (no TLS transport): they are an error.
+//! (`_sip._udp`, then `_sip._tcp`; `_sips._tcp` for TLS) ordered by priority and weight, falling
+//! back to A/AAAA on the default port (5060, 5061 for TLS). A `sips:` URI or `transport=tls`
+//! goes over TLS only (RFC 3261 section 26.2). Lookups go through hickory-resolver with the
+//! system configuration, or through fixed answers given by the caller (tests, and hosts without
+//! DNS).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -122,14 +123,24 @@ impl Resolver {
 
     /// The ordered list of places to try for requests to `uri`.
     pub async fn resolve(&self, uri: &SipUri) -> Result<Vec<Peer>, ResolveError> {
-        if uri.secure {
-            return Err(ResolveError::UnsupportedTransport("TLS (sips)".into()));
-        }
-        let fixed_transport = match uri.transport().map(str::to_ascii_lowercase).as_deref() {
-            None => None,
-            Some("udp") => Some(PeerTransport::Udp),
-            Some("tcp") => Some(PeerTransport::Tcp),
-            Some(other) => return Err(ResolveError::UnsupportedTransport(other.into())),
+        // A sips URI is reached over TLS only (RFC 3261 section 26.2; `transport=tcp` on it
+        // means TLS over TCP, RFC 5630), as is any URI with `transport=tls`.
+        let fixed_transport = match (
+            uri.secure,
+            uri.transport().map(str::to_ascii_lowercase).as_deref(),
+        ) {
+            (true, None | Some("tcp") | Some("tls")) | (false, Some("tls")) => {
+                Some(PeerTransport::Tls)
+            }
+            (false, None) => None,
+            (false, Some("udp")) => Some(PeerTransport::Udp),
+            (false, Some("tcp")) => Some(PeerTransport::Tcp),
+            (_, Some(other)) => return Err(ResolveError::UnsupportedTransport(other.into())),
+        };
+        let default_port = if fixed_transport == Some(PeerTransport::Tls) {
+            5061
+        } else {
+            5060
         };
         let host = match uri.maddr() {
             Some(maddr) => Host::parse(maddr).unwrap_or_else(|_| uri.host.clone()),
@@ -144,7 +155,7 @@ impl Resolver {
         if let Some(ip) = host.ip() {
             let transport = fixed_transport.unwrap_or(PeerTransport::Udp);
             return Ok(peers(
-                vec![SocketAddr::new(ip, uri.port.unwrap_or(5060))],
+                vec![SocketAddr::new(ip, uri.port.unwrap_or(default_port))],
                 transport,
             ));
         }
@@ -162,14 +173,16 @@ impl Resolver {
         let candidates: &[PeerTransport] = match fixed_transport {
             Some(PeerTransport::Udp) => &[PeerTransport::Udp],
             Some(PeerTransport::Tcp) => &[PeerTransport::Tcp],
+            Some(PeerTransport::Tls) => &[PeerTransport::Tls],
             None => &[PeerTransport::Udp, PeerTransport::Tcp],
         };
         for transport in candidates {
-            let proto = match transport {
-                PeerTransport::Udp => "_udp",
-                PeerTransport::Tcp => "_tcp",
+            let service = match transport {
+                PeerTransport::Udp => "_sip._udp",
+                PeerTransport::Tcp => "_sip._tcp",
+                PeerTransport::Tls => "_sips._tcp",
             };
-            let mut records = self.lookup_srv(&format!("_sip.{proto}.{name}")).await;
+            let mut records = self.lookup_srv(&format!("{service}.{name}")).await;
             if records.is_empty() {
                 continue;
             }
@@ -184,7 +197,7 @@ impl Resolver {
                 return Ok(out);
             }
         }
-        let addrs = self.lookup_ip(&name, 5060).await;
+        let addrs = self.lookup_ip(&name, default_port).await;
         if addrs.is_empty() {
             return Err(ResolveError::NoAddress(name));
         }
@@ -257,12 +270,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unsupported_and_unknown() {
-        let r = Resolver::fixed();
+    async fn sips_and_transport_tls_go_over_tls_on_5061_or_sips_srv() {
+        let r = Resolver::fixed()
+            .with_srv(
+                "_sips._tcp.s.example",
+                vec![(0, 0, 5071, "h.s.example".into())],
+            )
+            .with_host("h.s.example", vec!["10.3.3.3".parse().unwrap()]);
+        for (text, addr) in [
+            ("sips:bob@10.0.0.1", "10.0.0.1:5061"),
+            ("sips:bob@10.0.0.1;transport=tcp", "10.0.0.1:5061"),
+            ("sip:bob@10.0.0.1:5099;transport=tls", "10.0.0.1:5099"),
+            ("sips:bob@s.example", "10.3.3.3:5071"),
+        ] {
+            let p = r.resolve(&uri(text)).await.unwrap();
+            assert_eq!(
+                (p[0].addr, p[0].transport),
+                (addr.parse().unwrap(), PeerTransport::Tls),
+                "{text}"
+            );
+        }
         assert!(matches!(
-            r.resolve(&uri("sips:bob@10.0.0.1")).await,
+            r.resolve(&uri("sips:bob@10.0.0.1;transport=udp")).await,
             Err(ResolveError::UnsupportedTransport(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn unsupported_and_unknown() {
+        let r = Resolver::fixed();
         assert!(matches!(
             r.resolve(&uri("sip:bob@10.0.0.1;transport=sctp")).await,
             Err(ResolveError::UnsupportedTransport(_))

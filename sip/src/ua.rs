@@ -120,6 +120,8 @@ pub struct UaConfig {
     pub advertised_host: Option<Host>,
     /// Port put in Via and Contact; defaults to the bound port.
     pub advertised_port: Option<u16>,
+    /// Port put in Via and Contact for TLS; defaults to the bound TLS port (else 5061).
+    pub advertised_tls_port: Option<u16>,
     /// Where out-of-dialog requests go when set (instead of resolving the Request-URI).
     pub outbound_proxy: Option<SipUri>,
     /// Name resolution.
@@ -137,6 +139,7 @@ impl Default for UaConfig {
             endpoint: EndpointConfig::default(),
             advertised_host: None,
             advertised_port: None,
+            advertised_tls_port: None,
             outbound_proxy: None,
             resolver: Resolver::system(),
             inbound_queue: 8192,
@@ -418,6 +421,7 @@ struct Shared {
     contact_host: Host,
     contact_port: u16,
     tcp_port: u16,
+    tls_port: u16,
 }
 
 /// The running user agent. Cheap to clone.
@@ -464,9 +468,14 @@ impl UserAgent {
             .advertised_port
             .or(tcp.map(|a| a.port()))
             .unwrap_or(port);
+        let tls_port = config
+            .advertised_tls_port
+            .or(transport.local_addr(PeerTransport::Tls).map(|a| a.port()))
+            .unwrap_or(5061);
         let mut endpoint = Endpoint::new(config.endpoint.clone());
         endpoint.set_sent_by(Transport::Udp, host.clone(), port);
         endpoint.set_sent_by(Transport::Tcp, host.clone(), tcp_port);
+        endpoint.set_sent_by(Transport::Tls, host.clone(), tls_port);
         let (commands, command_rx) = mpsc::channel(4096);
         let (events_tx, events_rx) = mpsc::channel(config.event_queue);
         let counters = Arc::new(SipCounters::default());
@@ -479,6 +488,7 @@ impl UserAgent {
             contact_host: host,
             contact_port: port,
             tcp_port,
+            tls_port,
         });
         tokio::spawn(drive(
             endpoint,
@@ -512,13 +522,16 @@ impl UserAgent {
         let port = match transport {
             PeerTransport::Udp => self.shared.contact_port,
             PeerTransport::Tcp => self.shared.tcp_port,
+            PeerTransport::Tls => self.shared.tls_port,
         };
         let mut uri = SipUri::new(self.shared.contact_host.clone()).with_port(port);
         if let Some(user) = user {
             uri = uri.with_user(user);
         }
-        if transport == PeerTransport::Tcp {
-            uri = uri.with_param("transport", Some("tcp"));
+        match transport {
+            PeerTransport::Udp => {}
+            PeerTransport::Tcp => uri = uri.with_param("transport", Some("tcp")),
+            PeerTransport::Tls => uri = uri.with_param("transport", Some("tls")),
         }
         NameAddr::new(Uri::Sip(uri))
     }
@@ -578,6 +591,15 @@ impl UserAgent {
             .into_iter()
             .next()
             .ok_or_else(|| UaError::Unroutable(uri.to_string()))?;
+        if first.transport == PeerTransport::Tls {
+            // The server's certificate must name the host the URI names (RFC 5922), unless
+            // that is an IP address, which the transport checks by default.
+            if let Host::Domain(name) = &uri.host {
+                self.shared
+                    .transport
+                    .set_tls_name(first.addr, name.trim_end_matches('.'));
+            }
+        }
         Ok(Peer::new(first.addr, first.transport))
     }
 

@@ -607,6 +607,7 @@ impl BalancerCore {
         let t = match transport {
             PeerTransport::Udp => "UDP",
             PeerTransport::Tcp => "TCP",
+            PeerTransport::Tls => "TLS",
         };
         HeaderValue::from(format!(
             "SIP/2.0/{t} {};branch={branch};rport",
@@ -669,8 +670,10 @@ impl BalancerCore {
             resp.headers.push(HeaderName::Allow, ALLOW);
         }
         let to = match source.transport {
-            // Over TCP the answer goes back on the connection it came on.
-            PeerTransport::Tcp => Some((NextHop::Addr(source.addr), PeerTransport::Tcp)),
+            // Over a connection the answer goes back on the connection it came on.
+            PeerTransport::Tcp | PeerTransport::Tls => {
+                Some((NextHop::Addr(source.addr), source.transport))
+            }
             PeerTransport::Udp => req.headers.top_via().ok().and_then(|v| via_destination(&v)),
         };
         let (to, transport) = to.unwrap_or((NextHop::Addr(source.addr), source.transport));

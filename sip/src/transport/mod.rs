@@ -1,12 +1,18 @@
-//! UDP and TCP transports on tokio (RFC 3261 section 18, RFC 3581).
+//! UDP, TCP and TLS transports on tokio (RFC 3261 sections 18 and 26, RFC 3581).
 //!
-//! The thin I/O layer of the stack: it reads datagrams and TCP byte streams, frames and parses
-//! them (the sans-IO parser does the work), stamps `received` and `rport` on the top Via of
-//! requests (18.2.1, RFC 3581), answers unparsable-but-recognisable UDP requests with a
+//! The thin I/O layer of the stack: it reads datagrams and TCP or TLS byte streams, frames and
+//! parses them (the sans-IO parser does the work), stamps `received` and `rport` on the top Via
+//! of requests (18.2.1, RFC 3581), answers unparsable-but-recognisable UDP requests with a
 //! stateless 400, and hands every message to the caller through a bounded channel. Outbound,
-//! it sends bytes to a peer over UDP or over a reused TCP connection (opening one when none
-//! exists). It keeps no transaction or dialog state and makes no routing decisions. TLS would
-//! be a third listener of the same shape as TCP.
+//! it sends bytes to a peer over UDP or over a reused TCP or TLS connection (opening one when
+//! none exists). It keeps no transaction or dialog state and makes no routing decisions.
+//!
+//! TLS (rustls through tokio-rustls) runs the TCP code over an encrypted stream: the same
+//! limits (connections in all and per address, idle and message timeouts, buffered bytes), one
+//! connection per peer reused both ways. The handshake runs on the connection's own task within
+//! `handshake_timeout`. Outbound the server's certificate is checked against the configured
+//! roots and the name the request was resolved from (see [`SipTransport::set_tls_name`]; the IP
+//! address otherwise); a handshake that fails is counted and fails the transactions waiting.
 //!
 //! No peer can stall the caller: [`SipTransport::send`] never waits for a peer. A TCP
 //! destination has its own bounded queue; a connection is opened by a task of its own while
@@ -22,11 +28,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
+
+pub mod tls;
 
 use crate::message::{Message, ParseLimits, StreamError, StreamFramer, StreamItem};
 pub use crate::peer::{Peer, PeerTransport};
@@ -41,6 +49,19 @@ pub struct Inbound {
     pub peer: Peer,
     /// When it was read.
     pub at: Instant,
+}
+
+/// SIP over TLS: where to listen, our certificate, and whom we trust.
+#[derive(Debug, Clone)]
+pub struct TlsTransportConfig {
+    /// Address to listen on (None: outbound TLS only).
+    pub listen: Option<SocketAddr>,
+    /// Our certificate and key, for TLS connections we accept (needed to listen).
+    pub server: Option<Arc<rustls::ServerConfig>>,
+    /// The roots (and verification) for TLS connections we open.
+    pub client: Arc<rustls::ClientConfig>,
+    /// Longest a TLS handshake may take, either way.
+    pub handshake_timeout: Duration,
 }
 
 /// Transport settings.
@@ -71,6 +92,8 @@ pub struct TransportConfig {
     /// on Linux) is dropped unanswered: the sender has retransmitted it by then, perhaps to
     /// another node (the node was frozen, or far behind). `Duration::ZERO`: never dropped.
     pub max_request_age: Duration,
+    /// SIP over TLS (None: no TLS either way). TLS connections count in the TCP limits.
+    pub tls: Option<TlsTransportConfig>,
 }
 
 impl Default for TransportConfig {
@@ -87,6 +110,7 @@ impl Default for TransportConfig {
             message_timeout: Duration::from_secs(10),
             max_buffered_bytes: 64 * 1024 * 1024,
             max_request_age: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -119,6 +143,9 @@ pub enum TransportError {
     /// A connection limit was hit.
     #[error("connection limit reached")]
     ConnectionLimit,
+    /// A TLS destination, and no TLS configured.
+    #[error("SIP over TLS is not configured")]
+    NoTls,
 }
 
 /// Counters an operator graphs.
@@ -150,7 +177,13 @@ pub struct TransportStats {
     pub buffered_bytes: AtomicUsize,
     /// UDP requests dropped because they waited in the socket longer than `max_request_age`.
     pub stale_requests: AtomicU64,
+    /// TLS handshakes that failed or timed out, either way (a certificate that does not verify,
+    /// a peer that is not TLS, a peer that does not trust ours).
+    pub tls_handshake_failures: AtomicU64,
 }
+
+/// Most TLS peer names remembered ([`SipTransport::set_tls_name`]).
+pub const MAX_TLS_NAMES: usize = 4096;
 
 /// A message waiting toward a TCP destination, and the transaction to fail if it is never
 /// written.
@@ -168,7 +201,10 @@ struct Inner {
     udp: Option<Arc<UdpSocket>>,
     udp_addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
-    connections: dashmap::DashMap<SocketAddr, Connection>,
+    tls_addr: Option<SocketAddr>,
+    /// The names TLS peers' certificates are checked against, by address.
+    tls_names: dashmap::DashMap<SocketAddr, rustls::pki_types::ServerName<'static>>,
+    connections: dashmap::DashMap<Peer, Connection>,
     per_ip: Mutex<std::collections::HashMap<IpAddr, usize>>,
     inbound: mpsc::Sender<Inbound>,
     failures: mpsc::Sender<TransactionKey>,
@@ -201,11 +237,28 @@ impl SipTransport {
         failures: mpsc::Sender<TransactionKey>,
     ) -> Result<Self, TransportError> {
         let (udp, udp_addr, listener, tcp_addr) = bind_sockets(&config).await?;
+        let tls_listener = match config.tls.as_ref().and_then(|t| t.listen) {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| TransportError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let tls_addr = match &tls_listener {
+            Some(l) => Some(l.local_addr().map_err(|source| TransportError::Bind {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?),
+            None => None,
+        };
         let inner = Arc::new(Inner {
             config,
             udp: udp.clone(),
             udp_addr,
             tcp_addr,
+            tls_addr,
+            tls_names: dashmap::DashMap::new(),
             connections: dashmap::DashMap::new(),
             per_ip: Mutex::new(Default::default()),
             inbound,
@@ -219,7 +272,18 @@ impl SipTransport {
             tasks.push(tokio::spawn(udp_loop(transport.clone(), udp)));
         }
         if let Some(listener) = listener {
-            tasks.push(tokio::spawn(accept_loop(transport.clone(), listener)));
+            tasks.push(tokio::spawn(accept_loop(
+                transport.clone(),
+                listener,
+                PeerTransport::Tcp,
+            )));
+        }
+        if let Some(listener) = tls_listener {
+            tasks.push(tokio::spawn(accept_loop(
+                transport.clone(),
+                listener,
+                PeerTransport::Tls,
+            )));
         }
         if let Ok(mut t) = transport.inner.tasks.lock() {
             t.extend(tasks);
@@ -232,7 +296,29 @@ impl SipTransport {
         match transport {
             PeerTransport::Udp => self.inner.udp_addr,
             PeerTransport::Tcp => self.inner.tcp_addr,
+            PeerTransport::Tls => self.inner.tls_addr,
         }
+    }
+
+    /// The name the certificate of the TLS peer at `addr` must carry (the host a request to it
+    /// was resolved from). Without one the certificate must name the IP address. At most
+    /// [`MAX_TLS_NAMES`] are kept (the oldest are forgotten past that).
+    pub fn set_tls_name(&self, addr: SocketAddr, name: &str) {
+        let Ok(name) = rustls::pki_types::ServerName::try_from(name.to_string()) else {
+            return;
+        };
+        if self.inner.tls_names.len() >= MAX_TLS_NAMES {
+            self.inner.tls_names.clear();
+        }
+        self.inner.tls_names.insert(addr, name);
+    }
+
+    fn tls_name(&self, addr: SocketAddr) -> rustls::pki_types::ServerName<'static> {
+        self.inner
+            .tls_names
+            .get(&addr)
+            .map(|n| n.clone())
+            .unwrap_or(rustls::pki_types::ServerName::IpAddress(addr.ip().into()))
     }
 
     /// Counters.
@@ -265,21 +351,23 @@ impl SipTransport {
                     Err(source) => return Err(TransportError::Send { peer, source }),
                 }
             }
-            PeerTransport::Tcp => self.queue_tcp(peer.addr, Outgoing { bytes, key })?,
+            PeerTransport::Tcp | PeerTransport::Tls => {
+                self.queue_stream(peer, Outgoing { bytes, key })?
+            }
         }
         self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Queues `message` toward `addr`, starting a connection when there is none.
-    fn queue_tcp(&self, addr: SocketAddr, message: Outgoing) -> Result<(), TransportError> {
-        let queue = match self.inner.connections.get(&addr) {
+    /// Queues `message` toward `peer` (TCP or TLS), starting a connection when there is none.
+    fn queue_stream(&self, peer: Peer, message: Outgoing) -> Result<(), TransportError> {
+        let queue = match self.inner.connections.get(&peer) {
             Some(c) => c.queue.clone(),
-            None => self.connect(addr)?,
+            None => self.connect(peer)?,
         };
         queue.try_send(message).map_err(|_| {
             self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-            TransportError::Congested(addr)
+            TransportError::Congested(peer.addr)
         })
     }
 
@@ -293,36 +381,75 @@ impl SipTransport {
         self.inner.connections.clear();
     }
 
-    /// Registers a connection to `addr` being opened, and starts the task that opens it; the
-    /// returned queue takes messages at once.
-    fn connect(&self, addr: SocketAddr) -> Result<mpsc::Sender<Outgoing>, TransportError> {
+    /// Registers a connection to `peer` being opened, and starts the task that opens it (and
+    /// for TLS runs the handshake); the returned queue takes messages at once.
+    fn connect(&self, peer: Peer) -> Result<mpsc::Sender<Outgoing>, TransportError> {
+        let addr = peer.addr;
+        let tls = match peer.transport {
+            PeerTransport::Tls => {
+                let config = self
+                    .inner
+                    .config
+                    .tls
+                    .as_ref()
+                    .ok_or(TransportError::NoTls)?;
+                Some((
+                    tokio_rustls::TlsConnector::from(config.client.clone()),
+                    config.handshake_timeout,
+                ))
+            }
+            _ => None,
+        };
         let slot = self
             .acquire_slot(addr.ip())
             .ok_or(TransportError::ConnectionLimit)?;
         let (tx, rx) = mpsc::channel(self.inner.config.connection_queue);
         self.inner
             .connections
-            .insert(addr, Connection { queue: tx.clone() });
+            .insert(peer, Connection { queue: tx.clone() });
         let transport = self.clone();
         tokio::spawn(async move {
             let timeout = transport.inner.config.connect_timeout;
-            match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => transport.run_connection(stream, addr, slot, rx).await,
-                Ok(Err(e)) => transport.connect_failed(addr, rx, &e.to_string()),
-                Err(_) => transport.connect_failed(addr, rx, "timed out"),
+            let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return transport.connect_failed(peer, rx, &e.to_string()),
+                Err(_) => return transport.connect_failed(peer, rx, "timed out"),
+            };
+            let _ = stream.set_nodelay(true);
+            let Some((connector, handshake_timeout)) = tls else {
+                return transport.run_connection(stream, peer, slot, rx).await;
+            };
+            let name = transport.tls_name(addr);
+            match tokio::time::timeout(handshake_timeout, connector.connect(name, stream)).await {
+                Ok(Ok(stream)) => transport.run_connection(stream, peer, slot, rx).await,
+                Ok(Err(e)) => {
+                    transport.tls_failed();
+                    transport.connect_failed(peer, rx, &e.to_string());
+                }
+                Err(_) => {
+                    transport.tls_failed();
+                    transport.connect_failed(peer, rx, "TLS handshake timed out");
+                }
             }
         });
         Ok(tx)
     }
 
+    fn tls_failed(&self) {
+        self.inner
+            .stats
+            .tls_handshake_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A connection could not be opened: forget it and fail the transactions that waited.
-    fn connect_failed(&self, addr: SocketAddr, mut waiting: mpsc::Receiver<Outgoing>, why: &str) {
-        debug!(%addr, why, "TCP connect failed");
+    fn connect_failed(&self, peer: Peer, mut waiting: mpsc::Receiver<Outgoing>, why: &str) {
+        debug!(addr = %peer.addr, transport = ?peer.transport, why, "connect failed");
         self.inner
             .stats
             .connect_failures
             .fetch_add(1, Ordering::Relaxed);
-        self.inner.connections.remove(&addr);
+        self.inner.connections.remove(&peer);
         waiting.close();
         while let Ok(message) = waiting.try_recv() {
             if let Some(key) = message.key {
@@ -352,39 +479,75 @@ impl SipTransport {
         })
     }
 
-    /// Runs an open connection: its writer drains `queue`, its reader delivers messages, until
-    /// either side ends.
-    async fn run_connection(
+    /// Runs an open connection (TCP, or TLS once its handshake is done): its writer drains
+    /// `queue`, its reader delivers messages, until either side ends.
+    async fn run_connection<S>(
         &self,
-        stream: TcpStream,
-        addr: SocketAddr,
+        stream: S,
+        peer: Peer,
         slot: ConnectionSlot,
         queue: mpsc::Receiver<Outgoing>,
-    ) {
+    ) where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let _slot = slot;
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
+        let (read, write) = tokio::io::split(stream);
         let writer = tokio::spawn(write_loop(write, queue));
-        tcp_read_loop(self, read, addr).await;
+        stream_read_loop(self, read, peer).await;
         writer.abort();
-        self.inner.connections.remove(&addr);
-        debug!(%addr, "TCP connection closed");
+        self.inner.connections.remove(&peer);
+        debug!(addr = %peer.addr, transport = ?peer.transport, "connection closed");
     }
 
-    /// Registers an accepted connection and runs it on a task of its own.
-    fn accepted(&self, stream: TcpStream, addr: SocketAddr, slot: ConnectionSlot) {
-        let (tx, rx) = mpsc::channel(self.inner.config.connection_queue);
-        self.inner
-            .connections
-            .insert(addr, Connection { queue: tx });
+    /// Registers an accepted connection and runs it on a task of its own; a TLS connection
+    /// first completes its handshake there (within `handshake_timeout`; a failure is counted
+    /// and the connection dropped).
+    fn accepted(&self, stream: TcpStream, peer: Peer, slot: ConnectionSlot) {
+        let _ = stream.set_nodelay(true);
         let transport = self.clone();
-        tokio::spawn(async move { transport.run_connection(stream, addr, slot, rx).await });
+        let tls = match peer.transport {
+            PeerTransport::Tls => self
+                .inner
+                .config
+                .tls
+                .as_ref()
+                .and_then(|t| Some((t.server.clone()?, t.handshake_timeout))),
+            _ => None,
+        };
+        tokio::spawn(async move {
+            let (tx, rx) = mpsc::channel(transport.inner.config.connection_queue);
+            let Some((server, handshake_timeout)) = tls else {
+                transport
+                    .inner
+                    .connections
+                    .insert(peer, Connection { queue: tx });
+                return transport.run_connection(stream, peer, slot, rx).await;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(server);
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    transport
+                        .inner
+                        .connections
+                        .insert(peer, Connection { queue: tx });
+                    transport.run_connection(stream, peer, slot, rx).await;
+                }
+                Ok(Err(e)) => {
+                    transport.tls_failed();
+                    debug!(addr = %peer.addr, error = %e, "TLS handshake refused");
+                }
+                Err(_) => {
+                    transport.tls_failed();
+                    debug!(addr = %peer.addr, "TLS handshake timed out");
+                }
+            }
+        });
     }
 
     /// Queues bytes that belong to no transaction (keep-alive answers, stateless 400s) on the
-    /// connection from `addr`, if it still has room.
-    fn reply_on(&self, addr: SocketAddr, bytes: Bytes) {
-        if let Some(c) = self.inner.connections.get(&addr) {
+    /// connection from `peer`, if it still has room.
+    fn reply_on(&self, peer: Peer, bytes: Bytes) {
+        if let Some(c) = self.inner.connections.get(&peer) {
             let _ = c.queue.try_send(Outgoing { bytes, key: None });
         }
     }
@@ -646,12 +809,12 @@ async fn udp_loop(transport: SipTransport, socket: Arc<UdpSocket>) {
     }
 }
 
-async fn accept_loop(transport: SipTransport, listener: TcpListener) {
+async fn accept_loop(transport: SipTransport, listener: TcpListener, kind: PeerTransport) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(r) => r,
             Err(e) => {
-                warn!(error = %e, "TCP accept failed");
+                warn!(error = %e, transport = ?kind, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -659,13 +822,14 @@ async fn accept_loop(transport: SipTransport, listener: TcpListener) {
         let Some(slot) = transport.acquire_slot(addr.ip()) else {
             continue; // dropped: refused
         };
-        transport.accepted(stream, addr, slot);
+        transport.accepted(stream, Peer::new(addr, kind), slot);
     }
 }
 
-async fn write_loop(mut write: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Outgoing>) {
+async fn write_loop(mut write: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Outgoing>) {
     while let Some(message) = rx.recv().await {
-        if write.write_all(&message.bytes).await.is_err() {
+        // Flushed each time: TLS holds written bytes until then.
+        if write.write_all(&message.bytes).await.is_err() || write.flush().await.is_err() {
             return;
         }
     }
@@ -703,18 +867,11 @@ impl Drop for BufferedShare<'_> {
     }
 }
 
-async fn tcp_read_loop(
-    transport: &SipTransport,
-    mut read: tokio::net::tcp::OwnedReadHalf,
-    addr: SocketAddr,
-) {
+async fn stream_read_loop(transport: &SipTransport, mut read: impl AsyncRead + Unpin, peer: Peer) {
+    let addr = peer.addr;
     let config = &transport.inner.config;
     let stats = &transport.inner.stats;
     let mut framer = StreamFramer::new(config.limits);
-    let peer = Peer {
-        addr,
-        transport: PeerTransport::Tcp,
-    };
     let mut share = BufferedShare { stats, bytes: 0 };
     // When the first byte of the message being received arrived (None: between messages).
     let mut partial_since: Option<tokio::time::Instant> = None;
@@ -749,7 +906,7 @@ async fn tcp_read_loop(
                 Ok(Some(StreamItem::KeepAlivePing)) => {
                     // RFC 5626 section 4.4.1: answer a double CRLF with a single CRLF.
                     completed = true;
-                    transport.reply_on(addr, Bytes::from_static(b"\r\n"));
+                    transport.reply_on(peer, Bytes::from_static(b"\r\n"));
                 }
                 Ok(Some(StreamItem::KeepAlivePong)) => completed = true,
                 Ok(None) => break,
@@ -758,7 +915,7 @@ async fn tcp_read_loop(
                     completed = true;
                     stats.parse_errors.fetch_add(1, Ordering::Relaxed);
                     if let Some(response) = err.response() {
-                        transport.reply_on(addr, response.to_bytes());
+                        transport.reply_on(peer, response.to_bytes());
                     }
                 }
                 Err(StreamError::Framing(err)) => {
@@ -796,6 +953,151 @@ mod tests {
             Message::Request(r) => r,
             Message::Response(_) => unreachable!(),
         }
+    }
+
+    /// A self-signed certificate for 127.0.0.1 and `localhost`: (chain PEM, key PEM).
+    fn certificate() -> (String, String) {
+        let cert = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .unwrap();
+        (cert.cert.pem(), cert.key_pair.serialize_pem())
+    }
+
+    /// A transport listening for TLS (and UDP) with `chain`/`key`, trusting `roots` as a
+    /// client (or nothing: verification off).
+    async fn tls_transport(
+        chain: &str,
+        key: &str,
+        roots: Option<&str>,
+    ) -> (
+        SipTransport,
+        mpsc::Receiver<Inbound>,
+        mpsc::Receiver<TransactionKey>,
+    ) {
+        let (tx, rx) = mpsc::channel(16);
+        let (failures_tx, failures) = mpsc::channel(16);
+        let t = SipTransport::bind(
+            TransportConfig {
+                udp: Some("127.0.0.1:0".parse().unwrap()),
+                tcp: None,
+                tls: Some(TlsTransportConfig {
+                    listen: Some("127.0.0.1:0".parse().unwrap()),
+                    server: Some(tls::server_config(chain.as_bytes(), key.as_bytes()).unwrap()),
+                    client: tls::client_config(roots.unwrap_or(chain).as_bytes(), roots.is_some())
+                        .unwrap(),
+                    handshake_timeout: Duration::from_secs(5),
+                }),
+                ..Default::default()
+            },
+            tx,
+            failures_tx,
+        )
+        .await
+        .unwrap();
+        (t, rx, failures)
+    }
+
+    #[tokio::test]
+    async fn tls_round_trip_verifies_the_server_and_counts_refusals() {
+        let (chain, pem_key) = certificate();
+        let (server, mut inbound, _) = tls_transport(&chain, &pem_key, Some(&chain)).await;
+        let addr = server.local_addr(PeerTransport::Tls).unwrap();
+        // A client that trusts the server's certificate: a request over TLS and its answer
+        // back on the same connection.
+        let (client, mut client_inbound, _) = tls_transport(&chain, &pem_key, Some(&chain)).await;
+        let msg = request("SIP/2.0/TLS 127.0.0.1:1;rport;branch=z9hG4bKtls").to_bytes();
+        client
+            .send(Peer::new(addr, PeerTransport::Tls), msg.clone(), None)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), inbound.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.peer.transport, PeerTransport::Tls);
+        server
+            .send(
+                got.peer,
+                Bytes::from_static(b"SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
+                None,
+            )
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), client_inbound.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.peer, Peer::new(addr, PeerTransport::Tls));
+        assert_eq!(
+            client
+                .stats()
+                .tls_handshake_failures
+                .load(Ordering::Relaxed),
+            0
+        );
+
+        // A client trusting another certificate refuses the server: the transaction waiting
+        // is failed, the refusal counted on both sides.
+        let (other_chain, other_key) = certificate();
+        let (stranger, _, mut failures) =
+            tls_transport(&other_chain, &other_key, Some(&other_chain)).await;
+        let key = TransactionKey::from_parts(1, 1);
+        stranger
+            .send(Peer::new(addr, PeerTransport::Tls), msg.clone(), Some(key))
+            .await
+            .unwrap();
+        let failed = tokio::time::timeout(Duration::from_secs(10), failures.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(failed, key);
+        assert_eq!(
+            stranger
+                .stats()
+                .tls_handshake_failures
+                .load(Ordering::Relaxed),
+            1
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server
+            .stats()
+            .tls_handshake_failures
+            .load(Ordering::Relaxed)
+            == 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not count the refusal"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A name the certificate does not carry is refused too, by a client that trusts it.
+        let (named, _, mut named_failures) = tls_transport(&chain, &pem_key, Some(&chain)).await;
+        named.set_tls_name(addr, "sip.example.org");
+        named
+            .send(
+                Peer::new(addr, PeerTransport::Tls),
+                msg.clone(),
+                Some(TransactionKey::from_parts(2, 1)),
+            )
+            .await
+            .unwrap();
+        let failed = tokio::time::timeout(Duration::from_secs(10), named_failures.recv())
+            .await
+            .unwrap();
+        assert_eq!(failed, Some(TransactionKey::from_parts(2, 1)));
+        // With verification off, any certificate is taken.
+        let (lax, _, _) = tls_transport(&other_chain, &other_key, None).await;
+        lax.send(Peer::new(addr, PeerTransport::Tls), msg, None)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), inbound.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.peer.transport, PeerTransport::Tls);
     }
 
     #[tokio::test]
