@@ -41,6 +41,19 @@ pub async fn check_environment(config: &Config) -> Vec<Finding> {
     findings.push(udp_free("quic.listen", config.quic.listen));
     findings.push(tcp_free("admin.listen", config.admin.listen).await);
     findings.push(certificate(config));
+    if let Some(tls) = &config.sip.tls {
+        let result = tls
+            .transport()
+            .map(|t| match t.listen {
+                Some(addr) => format!("certificate and roots read; listens on {addr}"),
+                None => "roots read (outbound TLS only)".to_string(),
+            })
+            .map_err(|e| e.to_string());
+        findings.push(Finding::new("sip.tls", result));
+        if let Some(addr) = tls.listen {
+            findings.push(tcp_free("sip.tls.listen", addr).await);
+        }
+    }
     findings.push(store(config).await);
     findings.push(clock(config).await);
     findings

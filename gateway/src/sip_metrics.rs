@@ -15,7 +15,9 @@
 //! - `sip_tcp_connections` (gauge), `sip_tcp_buffered_bytes` (gauge),
 //!   `sip_tcp_events_total{event}` (counter): `refused` (a connection limit), `connect_failed`,
 //!   `queue_full` (a destination's send queue), `closed_slow` (a message not received whole in
-//!   time), `closed_buffer_limit` (the node's receive buffers full).
+//!   time), `closed_buffer_limit` (the node's receive buffers full), `tls_handshake_failed`
+//!   (a TLS handshake refused or timed out, either way: a certificate that does not verify).
+//!   TLS connections are counted with the TCP ones.
 //!
 //! It only reads counters; the SIP stack keeps them.
 
@@ -191,7 +193,7 @@ impl Collector for SipCollector {
         labelled(
             &mut encoder,
             "sip_tcp_events",
-            "SIP TCP connection events: refused by a limit, connect failed, a destination's queue full, closed for a slow message or full buffers",
+            "SIP TCP and TLS connection events: refused by a limit, connect failed, a destination's queue full, closed for a slow message or full buffers, a TLS handshake failed",
             "event",
             &[
                 ("refused", read(&t.connections_refused)),
@@ -199,6 +201,7 @@ impl Collector for SipCollector {
                 ("queue_full", read(&t.queue_full)),
                 ("closed_slow", read(&t.closed_slow)),
                 ("closed_buffer_limit", read(&t.closed_buffer_limit)),
+                ("tls_handshake_failed", read(&t.tls_handshake_failures)),
             ],
         )?;
         Ok(())
