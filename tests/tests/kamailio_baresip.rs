@@ -279,6 +279,8 @@ struct Baresip {
     /// Every event and response taken by `wait_event` so far.
     seen: Vec<Value>,
     next_token: u32,
+    /// Its SIP port (UDP and TCP; TLS, when it has a certificate, on the next one).
+    sip_port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -387,7 +389,10 @@ impl Baresip {
                 &[("SIP_PORT", sip_port), ("CTRL_PORT", ctrl_port)],
             )? + &extras.baresip_config,
         )?;
-        let account = render("baresip/accounts", &[("KAMAILIO_PORT", kamailio_port)])?;
+        let account = match &extras.baresip_account_line {
+            Some(line) => line.clone(),
+            None => render("baresip/accounts", &[("KAMAILIO_PORT", kamailio_port)])?,
+        };
         std::fs::write(
             dir.path().join("accounts"),
             format!("{}{}\n", account.trim_end(), extras.baresip_account),
@@ -424,12 +429,14 @@ impl Baresip {
         let (tx, events) = mpsc::channel();
         let reader = ctrl.try_clone()?;
         std::thread::spawn(move || read_netstrings(reader, tx));
-        let aor = format!("{BARESIP_USER}@{DOMAIN}");
-        output
-            .wait_line("of a successful registration", T, |l| {
-                l.contains(&aor) && l.contains("200 OK")
-            })
-            .map_err(|e| failed(&e.to_string()))?;
+        if extras.baresip_account_line.is_none() {
+            let aor = format!("{BARESIP_USER}@{DOMAIN}");
+            output
+                .wait_line("of a successful registration", T, |l| {
+                    l.contains(&aor) && l.contains("200 OK")
+                })
+                .map_err(|e| failed(&e.to_string()))?;
+        }
         Ok(Baresip {
             _proc: proc,
             output,
@@ -438,6 +445,7 @@ impl Baresip {
             pending: VecDeque::new(),
             seen: Vec::new(),
             next_token: 1,
+            sip_port,
             _dir: dir,
         })
     }
@@ -519,6 +527,8 @@ struct Extras {
     baresip_config: String,
     /// Parameters added to baresip's account (`;name=value`).
     baresip_account: String,
+    /// An account of baresip's own instead of the Kamailio user's (then it registers nowhere).
+    baresip_account_line: Option<String>,
     /// Lines added to the gateway's configuration.
     gateway: String,
 }
@@ -1115,6 +1125,7 @@ fn srtp_extras(dumps: &Path) -> Extras {
             dumps.display()
         ),
         baresip_account: ";mediaenc=srtp-mand".into(),
+        baresip_account_line: None,
         gateway: "[media]\nrtp_port_min = 39100\nrtp_port_max = 39199\nsrtp = \"require\"\n".into(),
     }
 }
@@ -1225,5 +1236,156 @@ fn srtp_both_ways_with_baresip() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(e) = peers.srtp_both_ways(dumps.path()) {
         panic!("{e:#}\n{}", peers.logs());
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 written to `dir`: (chain PEM path, key PEM path,
+/// both in one PEM path as baresip takes them).
+fn certificate(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])?;
+    let (chain, key) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let paths = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pem")),
+    );
+    std::fs::write(&paths.0, &chain)?;
+    std::fs::write(&paths.1, &key)?;
+    std::fs::write(&paths.2, format!("{chain}{key}"))?;
+    Ok(paths)
+}
+
+/// A free TCP port on loopback.
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// SIP over TLS both ways with baresip, no proxy between: the gateway listens for TLS with its
+/// certificate and trusts baresip's; baresip (its own certificate, the gateway's as its CA)
+/// calls the device at the gateway's TLS port, then the device calls baresip at its TLS port.
+/// The media is SRTP too (its keys travel inside TLS now). Each side counts the audio it got.
+/// Then a gateway that trusts another certificate cannot reach baresip: the handshake is
+/// refused, counted, and the device's call fails.
+#[test]
+fn tls_and_srtp_calls_both_ways_with_baresip() {
+    let run = || -> anyhow::Result<()> {
+        let certs = tempfile::tempdir()?;
+        let (gw_crt, gw_key, _) = certificate(certs.path(), "gateway")?;
+        let (bs_crt, _, bs_pem) = certificate(certs.path(), "baresip")?;
+        let tls_port = free_tcp_port()?;
+        let dumps = tempfile::tempdir()?;
+        let baresip_extras = Extras {
+            baresip_config: format!(
+                "\nsip_certificate\t\t{}\nsip_cafile\t\t{}\nmodule\t\t\tsrtp.so\n\
+                 module\t\t\tsndfile.so\nsnd_path\t\t{}\n",
+                bs_pem.display(),
+                gw_crt.display(),
+                dumps.path().display()
+            ),
+            baresip_account: ";mediaenc=srtp-mand".into(),
+            baresip_account_line: Some(
+                "<sip:bob@127.0.0.1;transport=tls>;regint=0;answermode=auto".into(),
+            ),
+            gateway: String::new(),
+        };
+        let mut baresip = Baresip::start_with(0, "", &baresip_extras)?;
+        let gateway_with = |ca: &Path| {
+            Gateway::start(&format!(
+                "[sip.tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncertificate = {:?}\n\
+                 private_key = {:?}\nca_certificates = {:?}\n\n[media]\nsrtp = \"require\"\n",
+                gw_crt.display().to_string(),
+                gw_key.display().to_string(),
+                ca.display().to_string()
+            ))
+        };
+        let gateway = gateway_with(&bs_crt)?;
+        let secret = gateway.add_device(DEVICE)?;
+        let device = |command: &str, extra: &[&str]| {
+            let mut args = vec![command];
+            let login = thalamus_tests::login_args(&gateway, DEVICE, &secret);
+            args.extend(login.iter().map(String::as_str));
+            args.extend_from_slice(extra);
+            Sim::spawn(&args)
+        };
+        let logs = |b: &Baresip, g: &Gateway| {
+            format!(
+                "--- baresip:\n{}\n--- gateway:\n{}",
+                b.output.text(),
+                g.log()
+            )
+        };
+
+        // baresip -> gateway over TLS -> device.
+        let mut listener = device("listen", &["--echo", "--calls", "1"])?;
+        listener.wait_event("welcome", T)?;
+        baresip.command(
+            "dial",
+            &format!("sip:{DEVICE}@127.0.0.1:{tls_port};transport=tls"),
+        )?;
+        listener
+            .wait_for(
+                |v| v["event"] == "call_event" && v["state"] == "answered",
+                T,
+            )
+            .with_context(|| logs(&baresip, &gateway))?;
+        baresip.wait_event("CALL_ESTABLISHED")?;
+        std::thread::sleep(Duration::from_secs(2));
+        baresip.command("hangup", "")?;
+        baresip.wait_event("CALL_CLOSED")?;
+        let heard = listener.wait_event("media_report", T)?;
+        ensure!(
+            heard["frames_received"].as_u64().unwrap_or(0) >= 50,
+            "{heard}"
+        );
+        let decoded = baresip_decoded_samples(dumps.path())?;
+        ensure!(decoded >= 8_000, "baresip decoded {decoded} samples");
+
+        // device -> gateway over TLS -> baresip.
+        let target = format!("sip:bob@127.0.0.1:{};transport=tls", baresip.sip_port + 1);
+        let mut caller = device(
+            "call",
+            &["--target", &target, "--media", "--hold-ms", "2000"],
+        )?;
+        baresip
+            .wait_event("CALL_ESTABLISHED")
+            .with_context(|| logs(&baresip, &gateway))?;
+        let report = caller.wait_event("media_report", T)?;
+        baresip.wait_event("CALL_CLOSED")?;
+        ensure!(
+            report["frames_received"].as_u64().unwrap_or(0) >= 50,
+            "{report}"
+        );
+        let more = baresip_decoded_samples(dumps.path())?.saturating_sub(decoded);
+        ensure!(
+            more >= 8_000,
+            "baresip decoded {more} samples of the device's call"
+        );
+        ensure!(
+            gateway.metric("thalamus_sip_tcp_events_total{event=\"tls_handshake_failed\"}")? == 0.0
+        );
+        drop(gateway);
+
+        // A gateway that trusts another certificate: baresip's is refused.
+        let (other, _, _) = certificate(certs.path(), "other")?;
+        let gateway = gateway_with(&other)?;
+        let secret = gateway.add_device(DEVICE)?;
+        let login = thalamus_tests::login_args(&gateway, DEVICE, &secret);
+        let mut args = vec!["call"];
+        args.extend(login.iter().map(String::as_str));
+        args.extend_from_slice(&["--target", &target, "--hold-ms", "500"]);
+        let mut refused = Sim::spawn(&args)?;
+        let ended = refused.wait_for(|v| v["event"] == "call_event" && v["state"] == "ended", T)?;
+        ensure!(ended["end_reason"] != "local_hangup", "{ended}");
+        ensure!(
+            gateway.metric("thalamus_sip_tcp_events_total{event=\"tls_handshake_failed\"}")? >= 1.0,
+            "{}",
+            gateway.log()
+        );
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("{e:#}");
     }
 }
