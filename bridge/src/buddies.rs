@@ -20,7 +20,6 @@ use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{PresenceUpdate, WatchStatus};
 use thalamus_sip::dialog::DialogId;
 use thalamus_sip::message::{HeaderName, Method, NameAddr, Request, Uri};
-use thalamus_sip::peer::PeerTransport;
 use thalamus_sip::ua::{ClientEvent, ServerTx};
 use thalamus_telemetry::inc;
 use tokio::sync::mpsc;
@@ -349,9 +348,8 @@ async fn subscribe(
                 NameAddr::new(target),
             );
             request.headers.set_call_id(&ids.0);
-            request
-                .headers
-                .push_contact(&inner.ua.contact(Some(&device), PeerTransport::Udp));
+            let contact = inner.ua.contact_for(Some(&device), &request).await;
+            request.headers.push_contact(&contact);
             for (name, value) in headers {
                 request.headers.push(name, value);
             }

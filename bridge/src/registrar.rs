@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use thalamus_sip::message::{CSeq, HeaderName, Method, NameAddr, Uri};
-use thalamus_sip::transport::PeerTransport;
 use thalamus_sip::ua::{ClientEvent, DigestAuth, UserAgent};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -151,9 +150,8 @@ impl Inner {
         let (call_id, cseq) = sequence;
         request.headers.set_call_id(&call_id);
         request.headers.set_cseq(&CSeq::new(cseq, Method::Register));
-        request
-            .headers
-            .push_contact(&self.ua.contact(Some(device), PeerTransport::Udp));
+        let contact = self.ua.contact_for(Some(device), &request).await;
+        request.headers.push_contact(&contact);
         request.headers.set_expires(expires);
         let mut call = match self.ua.send_with_auth(request, None, credentials).await {
             Ok(c) => c,

@@ -536,6 +536,17 @@ impl UserAgent {
         NameAddr::new(Uri::Sip(uri))
     }
 
+    /// Our Contact for `user` on the transport `request` will go over (UDP when it cannot be
+    /// resolved now): a request sent over TLS names our TLS address, as RFC 3261 section 26.2
+    /// asks, so the peer's requests in the dialog come back over TLS.
+    pub async fn contact_for(&self, user: Option<&str>, request: &Request) -> NameAddr {
+        let transport = self
+            .destination_for(request)
+            .await
+            .map_or(PeerTransport::Udp, |peer| peer.transport);
+        self.contact(user, transport)
+    }
+
     /// A fresh out-of-dialog request: Request-URI, From (with a new tag), To, Call-ID, CSeq 1,
     /// Max-Forwards; add Contact and body as needed.
     pub fn new_request(&self, method: Method, uri: Uri, from: NameAddr, to: NameAddr) -> Request {

@@ -163,6 +163,12 @@ struct Kamailio {
 
 impl Kamailio {
     fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// [`Kamailio::start`], with a TLS socket on `tls.0` whose settings are the tls.cfg at
+    /// `tls.1` (the tls module: Debian package kamailio-tls-modules).
+    fn start_with(tls: Option<(u16, &Path)>) -> anyhow::Result<Self> {
         let bin = peer_binary("kamailio", "kamailio");
         let cfg = peers_dir().join("kamailio/kamailio.cfg");
         let mut last_error = None;
@@ -170,7 +176,13 @@ impl Kamailio {
         for _ in 0..3 {
             let dir = tempfile::tempdir()?;
             let port = free_udp_port()?;
-            let mut child = Command::new(&bin)
+            let mut command = Command::new(&bin);
+            if let Some((tls_port, tls_cfg)) = tls {
+                command
+                    .args(["-A", "WITH_TLS", "-l", &format!("tls:127.0.0.1:{tls_port}")])
+                    .env("THALAMUS_KAMAILIO_TLS_CONFIG", tls_cfg);
+            }
+            let mut child = command
                 .arg("-DD")
                 .arg("-E")
                 .arg("-f")
@@ -1382,6 +1394,138 @@ fn tls_and_srtp_calls_both_ways_with_baresip() {
             gateway.metric("thalamus_sip_tcp_events_total{event=\"tls_handshake_failed\"}")? >= 1.0,
             "{}",
             gateway.log()
+        );
+        Ok(())
+    };
+    if let Err(e) = run() {
+        panic!("{e:#}");
+    }
+}
+
+/// Kamailio's `tls` module as a TLS proxy in front of the gateway: the gateway registers the
+/// device at Kamailio and sends its calls there over TLS (outbound proxy and registrar
+/// `;transport=tls`, Kamailio's certificate checked against the roots configured), and
+/// Kamailio reaches the device's binding, the gateway's TLS Contact, over TLS. baresip (UDP to
+/// Kamailio) calls the device, and the device calls baresip; Kamailio's log shows each of the
+/// gateway's requests arriving over TLS.
+#[test]
+fn kamailio_proxies_over_tls_in_front_of_the_gateway() {
+    let run = || -> anyhow::Result<()> {
+        let certs = tempfile::tempdir()?;
+        let (k_crt, k_key, _) = certificate(certs.path(), "kamailio")?;
+        let (g_crt, g_key, _) = certificate(certs.path(), "gateway")?;
+        let tls_cfg = certs.path().join("tls.cfg");
+        std::fs::write(
+            &tls_cfg,
+            format!(
+                "[server:default]\nmethod = TLSv1.2+\ncertificate = {}\nprivate_key = {}\n\
+                 verify_certificate = no\nrequire_certificate = no\n\n\
+                 [client:default]\nmethod = TLSv1.2+\nverify_certificate = no\n\
+                 require_certificate = no\n",
+                k_crt.display(),
+                k_key.display()
+            ),
+        )?;
+        let ktls = free_tcp_port()?;
+        let kamailio = Kamailio::start_with(Some((ktls, &tls_cfg))).context("Kamailio")?;
+        let gtls = free_tcp_port()?;
+        let gateway = Gateway::start(&format!(
+            "[sip]\n\
+             domain = \"{DOMAIN}\"\n\
+             outbound_proxy = \"sip:127.0.0.1:{ktls};transport=tls;lr\"\n\
+             registrar = {{ uri = \"sip:127.0.0.1:{ktls};transport=tls\", domain = \"{DOMAIN}\", expires_secs = 300 }}\n\
+             \n\
+             [sip.tls]\n\
+             listen = \"127.0.0.1:{gtls}\"\n\
+             certificate = {:?}\n\
+             private_key = {:?}\n\
+             ca_certificates = {:?}\n\
+             \n\
+             [devices.{DEVICE}.auth]\n\
+             username = \"{DEVICE}\"\n\
+             password = \"{DEVICE_PASSWORD}\"\n",
+            g_crt.display().to_string(),
+            g_key.display().to_string(),
+            k_crt.display().to_string(),
+        ))?;
+        let secret = gateway.add_device(DEVICE)?;
+        let mut baresip = Baresip::start(kamailio.port, "").context("baresip")?;
+        let logs = |b: &Baresip| {
+            format!(
+                "--- Kamailio:\n{}\n--- baresip:\n{}\n--- gateway:\n{}",
+                kamailio.output.text(),
+                b.output.text(),
+                gateway.log()
+            )
+        };
+        let device = |command: &str, extra: &[&str]| {
+            let mut args = vec![command];
+            let login = thalamus_tests::login_args(&gateway, DEVICE, &secret);
+            args.extend(login.iter().map(String::as_str));
+            args.extend_from_slice(extra);
+            Sim::spawn(&args)
+        };
+        let kamailio_line = |parts: &[&str]| {
+            kamailio
+                .output
+                .wait_line(&format!("with {parts:?} in Kamailio's log"), T, |l| {
+                    parts.iter().all(|p| l.contains(p))
+                })
+        };
+
+        // The device registers at Kamailio over TLS; its binding is the gateway's TLS Contact.
+        let mut listener = device("listen", &["--calls", "1"])?;
+        listener.wait_event("welcome", T)?;
+        kamailio_line(&["request REGISTER", "over tls"]).with_context(|| logs(&baresip))?;
+        kamailio_line(&[
+            "REGISTER for sip:dev1@kamailio.test saved",
+            &format!(":{gtls};transport=tls"),
+        ])
+        .with_context(|| logs(&baresip))?;
+        wait_text(
+            "\"registered upstream\" in the gateway's log",
+            T,
+            || gateway.log(),
+            |log| log.contains("registered upstream"),
+        )?;
+        // baresip -> Kamailio -> (TLS) gateway -> device.
+        baresip.command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
+        listener
+            .wait_for(
+                |v| v["event"] == "call_event" && v["state"] == "answered",
+                T,
+            )
+            .with_context(|| logs(&baresip))?;
+        baresip.wait_event("CALL_ESTABLISHED")?;
+        baresip.command("hangup", "")?;
+        let ended = listener.wait_for(
+            |v| {
+                v["event"] == "call_event"
+                    && v["state"] == "ended"
+                    && v["reason"] != "media statistics"
+            },
+            T,
+        )?;
+        ensure!(ended["end_reason"] == "remote_hangup", "{ended}");
+        baresip.wait_event("CALL_CLOSED")?;
+
+        // device -> (TLS) Kamailio -> baresip.
+        let target = format!("sip:{BARESIP_USER}@{DOMAIN}");
+        let mut caller = device("call", &["--target", &target, "--hold-ms", "500"])?;
+        let answered = caller
+            .wait_for(
+                |v| v["event"] == "call_event" && v["state"] == "answered",
+                T,
+            )
+            .with_context(|| logs(&baresip))?;
+        ensure!(answered["sip_status"] == 200, "{answered}");
+        baresip.wait_event("CALL_CLOSED")?;
+        kamailio_line(&["request INVITE sip:baresipuser", "over tls"])
+            .with_context(|| logs(&baresip))?;
+        let summary = caller.wait_event("summary", T)?;
+        ensure!(summary["succeeded"] == 1, "{summary}");
+        ensure!(
+            gateway.metric("thalamus_sip_tcp_events_total{event=\"tls_handshake_failed\"}")? == 0.0
         );
         Ok(())
     };

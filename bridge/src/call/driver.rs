@@ -529,10 +529,8 @@ impl Driver {
                     inner.aor(&self.key.0),
                     NameAddr::new(target),
                 );
-                invite.headers.push_contact(&ua.contact(
-                    Some(&self.key.0),
-                    thalamus_sip::transport::PeerTransport::Udp,
-                ));
+                let contact = ua.contact_for(Some(&self.key.0), &invite).await;
+                invite.headers.push_contact(&contact);
                 for (name, value) in headers {
                     invite.headers.push(name, value);
                 }
