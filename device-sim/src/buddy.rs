@@ -43,6 +43,8 @@ pub struct BuddyOptions {
     pub message_status: u16,
     /// Offer and accept telephone-event (RFC 4733); without it DTMF comes as SIP INFO.
     pub telephone_event: bool,
+    /// Also listen for SIP over TLS here, with this certificate chain and key (PEM files).
+    pub tls: Option<(SocketAddr, std::path::PathBuf, std::path::PathBuf)>,
     /// Output.
     pub printer: EventPrinter,
 }
@@ -87,10 +89,24 @@ fn direction_name(d: Direction) -> &'static str {
 
 /// Runs the buddy until the process is stopped.
 pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
+    let tls = match &opts.tls {
+        Some((listen, chain, key)) => {
+            let (chain, key) = (std::fs::read(chain)?, std::fs::read(key)?);
+            Some(thalamus_sip::transport::TlsTransportConfig {
+                listen: Some(*listen),
+                server: Some(thalamus_sip::transport::tls::server_config(&chain, &key)?),
+                // The buddy answers; it does not check whom it calls back.
+                client: thalamus_sip::transport::tls::client_config(&[], false)?,
+                handshake_timeout: Duration::from_secs(5),
+            })
+        }
+        None => None,
+    };
     let (ua, mut events) = UserAgent::start(UaConfig {
         transport: TransportConfig {
             udp: Some(opts.listen),
             tcp: Some(opts.listen),
+            tls,
             ..Default::default()
         },
         endpoint: thalamus_sip::endpoint::EndpointConfig {
@@ -125,6 +141,7 @@ pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
         "listening",
         json!({
             "sip": ua.local_addr(thalamus_sip::transport::PeerTransport::Udp).map(|a| a.to_string()),
+            "tls": ua.local_addr(thalamus_sip::transport::PeerTransport::Tls).map(|a| a.to_string()),
             "echo": standing_echoes.first().map(|a| a.to_string()),
             "echo_ports": standing_echoes.iter().map(|a| a.port()).collect::<Vec<_>>(),
         }),

@@ -252,6 +252,16 @@ enum Command {
         /// Do not negotiate telephone-event (DTMF then arrives as SIP INFO).
         #[arg(long)]
         no_telephone_event: bool,
+        /// Also listen for SIP over TLS on this address (with --tls-certificate and
+        /// --tls-key; the `listening` event names the bound address as `tls`).
+        #[arg(long, requires_all = ["tls_certificate", "tls_key"])]
+        tls_listen: Option<SocketAddr>,
+        /// PEM file: the certificate chain the buddy presents over TLS.
+        #[arg(long)]
+        tls_certificate: Option<std::path::PathBuf>,
+        /// PEM file: its private key.
+        #[arg(long)]
+        tls_key: Option<std::path::PathBuf>,
         /// One JSON object per line per event.
         #[arg(long)]
         json: bool,
@@ -544,8 +554,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             standing_echoes,
             message_status,
             no_telephone_event,
+            tls_listen,
+            tls_certificate,
+            tls_key,
             json,
         } => {
+            let tls = match (tls_listen, tls_certificate, tls_key) {
+                (Some(listen), Some(chain), Some(key)) => Some((listen, chain, key)),
+                _ => None,
+            };
             thalamus_sim::buddy::run(thalamus_sim::buddy::BuddyOptions {
                 listen,
                 answer_after: std::time::Duration::from_millis(answer_after_ms),
@@ -555,6 +572,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 standing_echoes,
                 message_status,
                 telephone_event: !no_telephone_event,
+                tls,
                 printer: EventPrinter { json },
             })
             .await?;
