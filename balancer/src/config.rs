@@ -66,6 +66,9 @@ pub struct SipSection {
     pub udp_max_bytes: usize,
     /// Messages queued between the transport and the router before new ones are dropped.
     pub queue: usize,
+    /// SIP over TLS toward clients and outward destinations (`[sip.tls]`, the gateway's
+    /// settings); nodes are reached over UDP (TCP for large requests) as before.
+    pub tls: Option<thalamus_sip::transport::tls::TlsSettings>,
 }
 
 impl Default for SipSection {
@@ -77,6 +80,7 @@ impl Default for SipSection {
             domains: Vec::new(),
             udp_max_bytes: 1300,
             queue: 8192,
+            tls: None,
         }
     }
 }

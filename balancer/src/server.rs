@@ -40,6 +40,9 @@ pub enum BalancerError {
     /// The SIP transports could not bind.
     #[error("SIP transport: {0}")]
     Transport(#[from] TransportError),
+    /// `[sip.tls]` cannot be used (a file missing or unreadable, say).
+    #[error(transparent)]
+    Tls(#[from] thalamus_sip::transport::tls::TlsSettingsError),
     /// A socket could not bind.
     #[error("cannot bind the {what} listener on {addr}: {source}")]
     Bind {
@@ -76,6 +79,8 @@ pub struct RunningBalancer {
     pub sip_udp: SocketAddr,
     /// SIP over TCP.
     pub sip_tcp: SocketAddr,
+    /// SIP over TLS, when `[sip.tls] listen` is set.
+    pub sip_tls: Option<SocketAddr>,
     /// Heartbeat listener (UDP).
     pub heartbeat: SocketAddr,
     /// Admin HTTP.
@@ -106,6 +111,12 @@ impl RunningBalancer {
             TransportConfig {
                 udp: Some(config.sip.listen),
                 tcp: Some(config.sip.listen),
+                tls: config
+                    .sip
+                    .tls
+                    .as_ref()
+                    .map(|t| t.transport("sip.tls"))
+                    .transpose()?,
                 ..TransportConfig::default()
             },
             tx,
@@ -119,6 +130,7 @@ impl RunningBalancer {
         let sip_tcp = transport
             .local_addr(PeerTransport::Tcp)
             .unwrap_or(config.sip.listen);
+        let sip_tls = transport.local_addr(PeerTransport::Tls);
         let heartbeat_socket =
             UdpSocket::bind(config.heartbeat.listen)
                 .await
@@ -176,6 +188,7 @@ impl RunningBalancer {
         Ok(Self {
             sip_udp,
             sip_tcp,
+            sip_tls,
             heartbeat,
             admin,
             advertised,
@@ -352,10 +365,17 @@ async fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
             tokio::spawn(async move {
                 let addr = match to {
                     NextHop::Addr(a) => Some(a),
-                    NextHop::Name { host, port } => tokio::net::lookup_host((host.as_str(), port))
-                        .await
-                        .ok()
-                        .and_then(|mut it| it.next()),
+                    NextHop::Name { host, port } => {
+                        let addr = tokio::net::lookup_host((host.as_str(), port))
+                            .await
+                            .ok()
+                            .and_then(|mut it| it.next());
+                        // Over TLS the server's certificate must name the host.
+                        if let (Some(addr), PeerTransport::Tls) = (addr, out.transport) {
+                            transport.set_tls_name(addr, &host);
+                        }
+                        addr
+                    }
                 };
                 let Some(addr) = addr else {
                     shared.metrics.send_errors.inc();

@@ -43,7 +43,7 @@ pub async fn check_environment(config: &Config) -> Vec<Finding> {
     findings.push(certificate(config));
     if let Some(tls) = &config.sip.tls {
         let result = tls
-            .transport()
+            .transport("sip.tls")
             .map(|t| match t.listen {
                 Some(addr) => format!("certificate and roots read; listens on {addr}"),
                 None => "roots read (outbound TLS only)".to_string(),

@@ -358,101 +358,15 @@ impl Default for SipConfig {
     }
 }
 
-/// The system's bundle of trusted roots (Debian's `ca-certificates`).
-pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// SIP over TLS (`[sip.tls]`): the settings the balancer shares.
+pub type SipTlsConfig = thalamus_sip::transport::tls::TlsSettings;
 
-/// SIP over TLS (`[sip.tls]`, RFC 3261 section 26): a listener with the gateway's certificate,
-/// and the roots the servers it connects to must chain to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct SipTlsConfig {
-    /// Address to listen on for TLS, e.g. `0.0.0.0:5061` (unset: outbound TLS only).
-    pub listen: Option<SocketAddr>,
-    /// PEM file: the certificate chain (leaf first) the gateway presents. Needed to listen.
-    pub certificate: Option<PathBuf>,
-    /// PEM file: the certificate's private key.
-    pub private_key: Option<PathBuf>,
-    /// PEM file: the roots servers' certificates must chain to (default: the system bundle,
-    /// [`SYSTEM_ROOTS`]).
-    pub ca_certificates: Option<PathBuf>,
-    /// Check the certificates of the servers the gateway connects to (their chain and that
-    /// they name the host). Turning it off lets anyone on the path read and change the
-    /// signalling, SRTP keys included: for a lab only.
-    pub verify_server: bool,
-    /// Longest a TLS handshake may take, either way (milliseconds).
-    pub handshake_timeout_ms: u32,
-}
-
-impl Default for SipTlsConfig {
-    fn default() -> Self {
-        Self {
-            listen: None,
-            certificate: None,
-            private_key: None,
-            ca_certificates: None,
-            verify_server: true,
-            handshake_timeout_ms: 5_000,
-        }
-    }
-}
-
-impl SipTlsConfig {
-    /// The transport's TLS settings, with the files read; errors name the key.
-    pub fn transport(&self) -> Result<thalamus_sip::transport::TlsTransportConfig, ConfigError> {
-        use thalamus_sip::transport::tls;
-        let key_error = |key: &str, message: String| ConfigError::Key {
-            key: key.to_string(),
-            message,
-        };
-        let read = |key: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| key_error(key, format!("{}: {e}", path.display())))
-        };
-        let server = match (&self.certificate, &self.private_key) {
-            (Some(chain), Some(private_key)) => Some(
-                tls::server_config(
-                    &read("sip.tls.certificate", chain)?,
-                    &read("sip.tls.private_key", private_key)?,
-                )
-                .map_err(|e| key_error("sip.tls.certificate", e.to_string()))?,
-            ),
-            (None, None) if self.listen.is_none() => None,
-            (None, _) => {
-                return Err(key_error(
-                    "sip.tls.certificate",
-                    "needed to listen for TLS (with sip.tls.private_key)".into(),
-                ))
-            }
-            (Some(_), None) => {
-                return Err(key_error(
-                    "sip.tls.private_key",
-                    "needed with sip.tls.certificate".into(),
-                ))
-            }
-        };
-        let roots_path = self
-            .ca_certificates
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS));
-        let roots = if self.verify_server {
-            read("sip.tls.ca_certificates", &roots_path)?
-        } else {
-            Vec::new()
-        };
-        let client = tls::client_config(&roots, self.verify_server)
-            .map_err(|e| key_error("sip.tls.ca_certificates", e.to_string()))?;
-        if self.handshake_timeout_ms < 100 {
-            return Err(key_error(
-                "sip.tls.handshake_timeout_ms",
-                "must be at least 100".into(),
-            ));
-        }
-        Ok(thalamus_sip::transport::TlsTransportConfig {
-            listen: self.listen,
-            server,
-            client,
-            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms.into()),
-        })
-    }
+/// The transport's TLS settings of `[sip.tls]`, files read; errors name the key.
+fn sip_tls(tls: &SipTlsConfig) -> Result<thalamus_sip::transport::TlsTransportConfig, ConfigError> {
+    tls.transport("sip.tls").map_err(|e| ConfigError::Key {
+        key: e.key,
+        message: e.message,
+    })
 }
 
 /// Presence subscriptions (`[sip.presence]`): SIP watchers SUBSCRIBE to a device's presence
@@ -1034,12 +948,7 @@ impl Config {
                 max_buffered_bytes: limits.tcp_max_buffered_bytes,
                 connect_timeout: Duration::from_millis(limits.tcp_connect_timeout_ms.into()),
                 max_request_age: Duration::from_millis(limits.max_request_age_ms.into()),
-                tls: self
-                    .sip
-                    .tls
-                    .as_ref()
-                    .map(SipTlsConfig::transport)
-                    .transpose()?,
+                tls: self.sip.tls.as_ref().map(sip_tls).transpose()?,
                 ..Default::default()
             },
             endpoint,

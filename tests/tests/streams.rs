@@ -94,15 +94,16 @@ fn assert_every_frame(report: &Value, min_frames: u64) {
 }
 
 /// Earpiece `ear-b` listens on `gw_b`, earpiece `ear-a` on `gw_a` calls its SIP address
-/// there, both with the signal stream and video, for 3 s; returns both `signal_report`s
-/// (caller's first) after checking every sample and frame arrived both ways.
+/// there, both with audio, the signal stream and video, for 3 s (ear-a streams its audio
+/// probe, ear-b echoes it); returns both `signal_report`s (caller's first) after checking every
+/// audio frame came back and every sample and frame arrived both ways.
 fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
     let secret_b = gw_b.add_device("ear-b").unwrap();
     let secret_a = gw_a.add_device("ear-a").unwrap();
     let mut listener = spawn(
         "listen",
         login_args(gw_b, "ear-b", &secret_b),
-        &["--signal", "--video", "--calls", "1"],
+        &["--signal", "--video", "--echo", "--calls", "1"],
     );
     listener.wait_event("welcome", T).unwrap();
     let target = format!("sip:ear-b@{}", gw_b.sip);
@@ -114,14 +115,25 @@ fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
             &target,
             "--signal",
             "--video",
+            "--media",
             "--hold-ms",
             "3000",
         ],
     );
+    let audio = caller.wait_event("media_report", T).unwrap();
     let heard_by_a = caller.wait_event("signal_report", T).unwrap();
     let seen_by_a = caller.wait_event("video_report", T).unwrap();
     let heard_by_b = listener.wait_event("signal_report", T).unwrap();
     let seen_by_b = listener.wait_event("video_report", T).unwrap();
+    // Audio: the probe frames came back through both gateways' audio relays, byte for byte.
+    let frames = u(&audio, "frames_sent");
+    assert!(frames >= 100, "{audio}");
+    assert!(
+        u(&audio, "payload_matches") * 1000 >= frames * 999,
+        "{audio}"
+    );
+    assert_eq!(u(&audio, "frames_foreign"), 0, "{audio}");
+    eprintln!("audio: {audio}");
     let summary = caller.wait_event("summary", T).unwrap();
     assert_eq!(
         (summary["succeeded"].as_u64(), summary["failed"].as_u64()),

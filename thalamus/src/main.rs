@@ -344,6 +344,9 @@ fn balancer(config_path: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow
         let lb = thalamus_balancer::RunningBalancer::start(config).await?;
         println!("Thalamus {} — SIP load balancer", env!("CARGO_PKG_VERSION"));
         println!("  SIP (UDP, TCP)     {} / {}", lb.sip_udp, lb.sip_tcp);
+        if let Some(tls) = lb.sip_tls {
+            println!("  SIP (TLS)          {tls}");
+        }
         println!("  advertised as      {}", lb.advertised);
         println!("  heartbeats (UDP)   {}", lb.heartbeat);
         println!("  admin              http://{}/nodes  /metrics", lb.admin);
@@ -351,6 +354,7 @@ fn balancer(config_path: Option<PathBuf>, ready_file: Option<PathBuf>) -> anyhow
             let ready = serde_json::json!({
                 "sip_udp": lb.sip_udp.to_string(),
                 "sip_tcp": lb.sip_tcp.to_string(),
+                "sip_tls": lb.sip_tls.map(|a| a.to_string()),
                 "heartbeat": lb.heartbeat.to_string(),
                 "admin": lb.admin.to_string(),
                 "advertised": lb.advertised,

@@ -42,8 +42,8 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use thalamus_sip::message::{
-    HeaderName, HeaderValue, Host, Message, Method, NameAddr, Request, Response, Rport, Transport,
-    Uri, Version, Via,
+    HeaderName, HeaderValue, Host, Message, Method, NameAddr, Request, Response, Rport, Uri,
+    Version, Via,
 };
 use thalamus_sip::transport::{Peer, PeerTransport};
 
@@ -56,6 +56,8 @@ pub const BRANCH_PREFIX: &str = "z9hG4bK-lb-";
 pub const ALLOW: &str =
     "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, UPDATE, INFO, MESSAGE, REFER, SUBSCRIBE, NOTIFY";
 const DEFAULT_SIP_PORT: u16 = 5060;
+/// The port of a `sips:` URI or `transport=tls` without one (RFC 3261 section 19.1.2).
+const DEFAULT_SIPS_PORT: u16 = 5061;
 
 /// Routing settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -518,7 +520,7 @@ impl BalancerCore {
                 req.method,
                 Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
             );
-        let (to, tcp_hint, rr_node, decision_node) = match target {
+        let (to, outward_transport, rr_node, decision_node) = match target {
             Target::Unavailable => {
                 if is_ack {
                     return Decision::Drop(DropReason::AckNotRoutable);
@@ -532,10 +534,15 @@ impl BalancerCore {
                 let Some(entry) = self.membership.node(&id) else {
                     return self.answer(&req, source, 503, None, false);
                 };
-                (NextHop::Addr(entry.sip), false, Some(id.clone()), Some(id))
+                (
+                    NextHop::Addr(entry.sip),
+                    PeerTransport::Udp,
+                    Some(id.clone()),
+                    Some(id),
+                )
             }
             Target::Outward(uri) => match uri_destination(&uri) {
-                Some((hop, tcp)) => (hop, tcp, source_node.clone(), None),
+                Some((hop, transport)) => (hop, transport, source_node.clone(), None),
                 None => {
                     if is_ack {
                         return Decision::Drop(DropReason::AckNotRoutable);
@@ -555,10 +562,10 @@ impl BalancerCore {
             if let Some(entry) = rr_node.as_ref().and_then(|n| self.membership.node(n)) {
                 // The external side reaches us over the transport it used (inbound) or the one
                 // we use toward it (outward).
-                let external_tcp = if decision_node.is_some() {
-                    source.transport == PeerTransport::Tcp
+                let external = if decision_node.is_some() {
+                    source.transport
                 } else {
-                    tcp_hint
+                    outward_transport
                 };
                 let rr = format!(
                     "<sip:{};lr;node={};ns={:08x};kh={:016x}{}>",
@@ -566,7 +573,11 @@ impl BalancerCore {
                     entry.id,
                     entry.session_tag,
                     kh,
-                    if external_tcp { ";transport=tcp" } else { "" }
+                    match external {
+                        PeerTransport::Udp => "",
+                        PeerTransport::Tcp => ";transport=tcp",
+                        PeerTransport::Tls => ";transport=tls",
+                    }
                 );
                 req.headers.prepend(HeaderName::RecordRoute, rr);
             }
@@ -574,11 +585,7 @@ impl BalancerCore {
         req.headers
             .set_max_forwards(max_forwards.map_or(70, |m| m.saturating_sub(1)));
 
-        let mut transport = if tcp_hint {
-            PeerTransport::Tcp
-        } else {
-            PeerTransport::Udp
-        };
+        let mut transport = outward_transport;
         req.headers
             .prepend(HeaderName::Via, self.via_value(transport, &branch));
         let mut bytes = req.to_bytes();
@@ -813,25 +820,31 @@ fn pop_last_route(req: &mut Request) -> Option<NameAddr> {
     Some(last)
 }
 
-/// Where a request for `uri` goes: host (maddr first), port, and whether TCP is required.
-/// `None` for schemes and transports the balancer does not speak.
-fn uri_destination(uri: &Uri) -> Option<(NextHop, bool)> {
+/// Where a request for `uri` goes: host (maddr first), port, and the transport (TLS for a
+/// `sips:` URI or `transport=tls`, on port 5061 by default). `None` for schemes and transports
+/// the balancer does not speak.
+fn uri_destination(uri: &Uri) -> Option<(NextHop, PeerTransport)> {
     let sip = uri.as_sip()?;
-    if sip.secure {
-        return None;
-    }
-    let tcp = match sip.transport() {
-        None => false,
-        Some(t) if t.eq_ignore_ascii_case("udp") => false,
-        Some(t) if t.eq_ignore_ascii_case("tcp") => true,
-        Some(_) => return None,
+    let transport = match (
+        sip.secure,
+        sip.transport().map(str::to_ascii_lowercase).as_deref(),
+    ) {
+        (true, None | Some("tcp") | Some("tls")) | (false, Some("tls")) => PeerTransport::Tls,
+        (false, None | Some("udp")) => PeerTransport::Udp,
+        (false, Some("tcp")) => PeerTransport::Tcp,
+        _ => return None,
     };
-    let port = sip.port.unwrap_or(DEFAULT_SIP_PORT);
+    let default_port = if transport == PeerTransport::Tls {
+        DEFAULT_SIPS_PORT
+    } else {
+        DEFAULT_SIP_PORT
+    };
+    let port = sip.port.unwrap_or(default_port);
     let host = match sip.maddr() {
         Some(m) => Host::parse(m).ok()?,
         None => sip.host.clone(),
     };
-    Some((hop(&host, port), tcp))
+    Some((hop(&host, port), transport))
 }
 
 fn hop(host: &Host, port: u16) -> NextHop {
@@ -853,11 +866,7 @@ fn hop(host: &Host, port: u16) -> NextHop {
 /// Where a response for `via` goes (RFC 3261 18.2.2, RFC 3581): `maddr`, else `received`
 /// (with `rport` when filled in), else the sent-by. `None` for transports we do not speak.
 fn via_destination(via: &Via) -> Option<(NextHop, PeerTransport)> {
-    let transport = match via.transport {
-        Transport::Udp => PeerTransport::Udp,
-        Transport::Tcp => PeerTransport::Tcp,
-        _ => return None,
-    };
+    let transport = PeerTransport::from_transport(&via.transport)?;
     let port = match via.rport() {
         Some(Rport::Port(p)) => p,
         _ => via.port.unwrap_or(DEFAULT_SIP_PORT),

@@ -816,6 +816,64 @@ fn node_request_with_routes_goes_to_the_next_route() {
     assert!(header_lines(&got, "Record-Route")[0].ends_with(";transport=tcp>"));
 }
 
+/// A client over TLS: its request reaches the node over UDP with a Record-Route saying
+/// `transport=tls` (its requests in the dialog come back over TLS), and the node's response
+/// goes back on the client's TLS connection. A node's request to a `sips:` target or one with
+/// `transport=tls` goes out over TLS, on 5061 by default.
+#[test]
+fn tls_clients_and_tls_targets() {
+    let f = Fixture::new(2);
+    let tls_client = Peer {
+        addr: "198.51.100.7:40123".parse().unwrap(),
+        transport: PeerTransport::Tls,
+    };
+    let req = INVITE.replace(
+        "Via: SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=5060",
+        "Via: SIP/2.0/TLS 198.51.100.7:5061;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=40123",
+    );
+    let Decision::ToNode { out, .. } = f.route(&req, tls_client) else {
+        panic!("not routed to a node");
+    };
+    assert_eq!(out.transport, PeerTransport::Udp);
+    let got = text(&out);
+    assert!(
+        header_lines(&got, "Record-Route")[0].ends_with(";transport=tls>"),
+        "{got}"
+    );
+    let resp = response_with_vias(&[
+        &format!("SIP/2.0/UDP {LB};branch={}", our_branch(&got)),
+        "SIP/2.0/TLS 198.51.100.7:5061;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=40123",
+    ]);
+    let Decision::Response { out, .. } = f.route(&resp, from_node(1)) else {
+        panic!("response not routed")
+    };
+    assert_eq!(
+        (out.to, out.transport),
+        (
+            NextHop::Addr("198.51.100.7:40123".parse().unwrap()),
+            PeerTransport::Tls
+        )
+    );
+
+    for (target, hop) in [
+        ("sips:bob@203.0.113.50", "203.0.113.50:5061"),
+        (
+            "sip:bob@203.0.113.50:5071;transport=tls",
+            "203.0.113.50:5071",
+        ),
+    ] {
+        let req = NODE_INVITE.replace("sip:bob@voip.example.org", target);
+        let Decision::Outward { out, .. } = f.route(&req, from_node(2)) else {
+            panic!("{target} not routed outward")
+        };
+        assert_eq!(out.to, NextHop::Addr(hop.parse().unwrap()), "{target}");
+        assert_eq!(out.transport, PeerTransport::Tls, "{target}");
+        let got = text(&out);
+        assert!(header_lines(&got, "Via")[0].starts_with(&format!("Via: SIP/2.0/TLS {LB};")));
+        assert!(header_lines(&got, "Record-Route")[0].ends_with(";transport=tls>"));
+    }
+}
+
 #[test]
 fn node_request_for_a_device_goes_to_the_device_owner() {
     let f = Fixture::new(3);
@@ -854,7 +912,10 @@ Content-Length: 0\r\n\r\n",
 #[test]
 fn unsupported_outward_transport_is_answered_502() {
     let f = Fixture::new(1);
-    let req = NODE_INVITE.replace("sip:bob@voip.example.org", "sips:bob@voip.example.org");
+    let req = NODE_INVITE.replace(
+        "sip:bob@voip.example.org",
+        "sip:bob@voip.example.org;transport=sctp",
+    );
     assert!(matches!(
         f.route(&req, from_node(1)),
         Decision::Answer { status: 502, .. }
