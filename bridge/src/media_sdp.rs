@@ -73,17 +73,17 @@ impl StreamKeys {
 }
 
 /// The keys the relay of a remote stream uses: our key and the peer's under the same tag and
-/// suite (ours from the m-line at the same position of our description). `None` for plain RTP.
-/// An SRTP stream whose keys do not pair (a peer that broke the rules) gets keys no context can
-/// be made of: its relay then sends and takes nothing, rather than plain RTP.
+/// suite (ours from the m-line at the same position of our description). `None` for plain RTP:
+/// neither our m-line nor the peer's is SRTP. An SRTP stream whose keys do not pair gets keys
+/// no context can be made of, and its relay then sends and takes nothing rather than plain RTP:
+/// a peer that answered our `RTP/SAVP` with `RTP/AVP` or without a usable `a=crypto`, or one
+/// that broke the rules otherwise.
 pub fn srtp_keys(remote: &RemoteMedia, local: Option<&SessionDescription>) -> Option<SrtpKeys> {
-    if remote.crypto.is_empty() {
+    let ours = local.and_then(|l| l.media.get(remote.index));
+    if remote.crypto.is_empty() && !ours.is_some_and(|m| m.is_secure()) {
         return None;
     }
-    let ours = local
-        .and_then(|l| l.media.get(remote.index))
-        .map(|m| m.cryptos())
-        .unwrap_or_default();
+    let ours = ours.map(|m| m.cryptos()).unwrap_or_default();
     let paired = ours.iter().filter(|c| c.is_usable()).find_map(|mine| {
         let theirs = remote
             .crypto
@@ -293,6 +293,48 @@ mod tests {
         assert!(has_telephone_event(&sdp));
         assert!(m.remote_sdp.contains("PCMA"));
         assert!(!m.signal);
+    }
+
+    #[test]
+    fn keys_pair_by_tag_and_a_secure_stream_never_falls_back_to_plain_rtp() {
+        let ours = |protocol: &str, crypto: &str| {
+            SessionDescription::parse(&format!(
+                "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 4000 {protocol} 0\r\n{crypto}"
+            ))
+            .unwrap()
+        };
+        let key =
+            |tag: u32, byte: u8| Crypto::new(tag, CryptoSuite::AesCm128HmacSha1_80, vec![byte; 30]);
+        let theirs = |protocol: &str, crypto: &str| {
+            ours(protocol, crypto)
+                .remote_media(&MediaKind::Audio)
+                .unwrap()
+        };
+        let local = ours(
+            "RTP/SAVP",
+            &format!("a=crypto:{}\r\na=crypto:{}\r\n", key(1, 1), key(2, 2)),
+        );
+        // The answer's tag picks our key.
+        let keys = srtp_keys(
+            &theirs("RTP/SAVP", &format!("a=crypto:{}\r\n", key(2, 9))),
+            Some(&local),
+        )
+        .unwrap();
+        assert_eq!((keys.local, keys.remote), (vec![2; 30], vec![9; 30]));
+        // Our SRTP answered with plain RTP, or with no usable key: keys that start no context
+        // (the relay sends nothing), never plain RTP.
+        for answer in [
+            theirs("RTP/AVP", ""),
+            theirs("RTP/SAVP", "a=crypto:3 X inline:AAAA\r\n"),
+        ] {
+            let keys = srtp_keys(&answer, Some(&local)).unwrap();
+            assert!(keys.local.is_empty() && keys.remote.is_empty());
+        }
+        // Plain both ways: plain.
+        assert_eq!(
+            srtp_keys(&theirs("RTP/AVP", ""), Some(&ours("RTP/AVP", ""))),
+            None
+        );
     }
 
     #[test]

@@ -139,8 +139,9 @@ impl RelaySettings {
 /// Packets SRTP remembers per SSRC to refuse replays (RFC 3711 section 3.3.2 asks for at least
 /// 64).
 pub const SRTP_REPLAY_WINDOW: usize = 128;
-/// Most SSRCs the peer's SRTP may use in one call; packets of further ones are dropped before
-/// any key work (each SSRC costs the SRTP context some state).
+/// Most SSRCs whose packets failed authentication that the relay tries (each costs the SRTP
+/// context some state): packets of further unknown SSRCs are dropped before any key work. SSRCs
+/// whose packets authenticated are never refused this way.
 pub const SRTP_MAX_PEER_SSRCS: usize = 4;
 
 /// The SDES keys of one SRTP stream: the suite, and the master key and salt each side sends
@@ -168,12 +169,14 @@ impl std::fmt::Debug for SrtpKeys {
 enum Srtp {
     /// Plain RTP.
     Off,
-    /// Keyed: one context per direction, and the peer's SSRCs seen so far.
+    /// Keyed: one context per direction; the peer's SSRCs whose packets authenticated, and
+    /// those whose packets failed (at most [`SRTP_MAX_PEER_SSRCS`]).
     On {
         keys: SrtpKeys,
         outbound: Box<SrtpContext>,
         inbound: Box<SrtpContext>,
-        peer_ssrcs: Vec<u32>,
+        verified: Vec<u32>,
+        failed: Vec<u32>,
     },
     /// Keys were given but no context could be made of them: nothing goes out or comes in
     /// (never plain RTP instead).
@@ -190,38 +193,101 @@ impl std::fmt::Debug for Srtp {
     }
 }
 
+/// The bytes an SRTP or SRTCP packet of `suite` carries after its clear part: (RTP, RTCP).
+/// For RTCP this is the E flag and index word and the tag (RFC 3711 section 3.4, RFC 7714).
+fn srtp_overhead(suite: CryptoSuite) -> (usize, usize) {
+    match suite {
+        CryptoSuite::AesCm128HmacSha1_80 => (10, 4 + 10),
+        CryptoSuite::AesCm128HmacSha1_32 => (4, 4 + 10),
+        CryptoSuite::AeadAes128Gcm | CryptoSuite::AeadAes256Gcm => (16, 16 + 4),
+    }
+}
+
+/// Whether an SRTCP packet of `suite` says its payload is encrypted (the E flag, the top bit
+/// of the index word: before the tag for AES-CM, last for AEAD). The gateway never negotiates
+/// `UNENCRYPTED_SRTCP`, so a packet without it is refused (the library would pass it on
+/// unauthenticated).
+fn srtcp_encrypted(suite: CryptoSuite, packet: &[u8]) -> bool {
+    let at = match suite {
+        CryptoSuite::AesCm128HmacSha1_80 | CryptoSuite::AesCm128HmacSha1_32 => {
+            packet.len().checked_sub(4 + 10)
+        }
+        CryptoSuite::AeadAes128Gcm | CryptoSuite::AeadAes256Gcm => packet.len().checked_sub(4),
+    };
+    at.and_then(|i| packet.get(i))
+        .is_some_and(|byte| byte & 0x80 != 0)
+}
+
+/// The SRTP profile of a suite.
+fn profile(suite: CryptoSuite) -> ProtectionProfile {
+    match suite {
+        CryptoSuite::AesCm128HmacSha1_80 => ProtectionProfile::Aes128CmHmacSha1_80,
+        CryptoSuite::AesCm128HmacSha1_32 => ProtectionProfile::Aes128CmHmacSha1_32,
+        CryptoSuite::AeadAes128Gcm => ProtectionProfile::AeadAes128Gcm,
+        CryptoSuite::AeadAes256Gcm => ProtectionProfile::AeadAes256Gcm,
+    }
+}
+
+/// A context of `suite` for `material` (key then salt); the receiving one refuses replays.
+fn srtp_context(suite: CryptoSuite, material: &[u8], receiving: bool) -> Option<Box<SrtpContext>> {
+    let profile = profile(suite);
+    let (key, salt) = material.split_at_checked(profile.key_len())?;
+    (salt.len() == profile.salt_len()).then_some(())?;
+    let (srtp, srtcp) = if receiving {
+        (
+            Some(srtp_replay_protection(SRTP_REPLAY_WINDOW)),
+            Some(srtcp_replay_protection(SRTP_REPLAY_WINDOW)),
+        )
+    } else {
+        (None, None)
+    };
+    SrtpContext::new(key, salt, profile, srtp, srtcp)
+        .ok()
+        .map(Box::new)
+}
+
 impl Srtp {
-    fn new(keys: Option<SrtpKeys>) -> Srtp {
+    /// The state for `keys`, keeping what it can of `previous`: a direction whose key and suite
+    /// did not change keeps its context (its rollover and SRTCP counts: a context started again
+    /// with the same key would reuse key stream), a changed one starts a new context.
+    fn rekeyed(previous: Srtp, keys: Option<SrtpKeys>) -> Srtp {
         let Some(keys) = keys else {
             return Srtp::Off;
         };
-        let profile = match keys.suite {
-            CryptoSuite::AesCm128HmacSha1_80 => ProtectionProfile::Aes128CmHmacSha1_80,
-            CryptoSuite::AesCm128HmacSha1_32 => ProtectionProfile::Aes128CmHmacSha1_32,
-            CryptoSuite::AeadAes128Gcm => ProtectionProfile::AeadAes128Gcm,
-            CryptoSuite::AeadAes256Gcm => ProtectionProfile::AeadAes256Gcm,
+        let (old_keys, old_out, old_in, verified) = match previous {
+            Srtp::On {
+                keys,
+                outbound,
+                inbound,
+                verified,
+                ..
+            } => (Some(keys), Some(outbound), Some(inbound), verified),
+            Srtp::Off | Srtp::Broken => (None, None, None, Vec::new()),
         };
-        let context = |material: &[u8], replay: bool| {
-            let (key, salt) = material.split_at_checked(profile.key_len())?;
-            (salt.len() == profile.salt_len()).then_some(())?;
-            let (srtp, srtcp) = if replay {
-                (
-                    Some(srtp_replay_protection(SRTP_REPLAY_WINDOW)),
-                    Some(srtcp_replay_protection(SRTP_REPLAY_WINDOW)),
-                )
-            } else {
-                (None, None)
-            };
-            SrtpContext::new(key, salt, profile, srtp, srtcp)
-                .ok()
-                .map(Box::new)
+        let same_suite = old_keys.as_ref().is_some_and(|k| k.suite == keys.suite);
+        let outbound = match old_out {
+            Some(context)
+                if same_suite && old_keys.as_ref().is_some_and(|k| k.local == keys.local) =>
+            {
+                Some(context)
+            }
+            _ => srtp_context(keys.suite, &keys.local, false),
         };
-        match (context(&keys.local, false), context(&keys.remote, true)) {
+        let (inbound, verified) = match old_in {
+            Some(context)
+                if same_suite && old_keys.as_ref().is_some_and(|k| k.remote == keys.remote) =>
+            {
+                (Some(context), verified)
+            }
+            _ => (srtp_context(keys.suite, &keys.remote, true), Vec::new()),
+        };
+        match (outbound, inbound) {
             (Some(outbound), Some(inbound)) => Srtp::On {
                 keys,
                 outbound,
                 inbound,
-                peer_ssrcs: Vec::new(),
+                verified,
+                failed: Vec::new(),
             },
             _ => Srtp::Broken,
         }
@@ -374,7 +440,8 @@ pub struct DropCounters {
     pub srtp_auth_failed: u64,
     /// SRTP or SRTCP packets from the peer already received (replays).
     pub srtp_replayed: u64,
-    /// SRTP packets from the peer with an SSRC past [`SRTP_MAX_PEER_SSRCS`].
+    /// SRTP packets from the peer with an SSRC never authenticated, once
+    /// [`SRTP_MAX_PEER_SSRCS`] such SSRCs have failed.
     pub srtp_too_many_ssrcs: u64,
     /// Packets not sent because SRTP could not protect them (or had no usable keys).
     pub srtp_protect_failed: u64,
@@ -703,7 +770,10 @@ impl RelayCore {
         };
         // New keys start new contexts; the same keys keep them (and their rollover counts).
         if peer.srtp.as_ref() != self.srtp.keys() {
-            self.srtp = Srtp::new(peer.srtp.clone());
+            self.srtp = Srtp::rekeyed(
+                std::mem::replace(&mut self.srtp, Srtp::Off),
+                peer.srtp.clone(),
+            );
         }
         self.peer = Some(PeerState {
             null_address,
@@ -806,37 +876,56 @@ impl RelayCore {
     }
 
     /// Checks and decrypts an SRTP (or SRTCP) packet from the peer; `None` (counted) when it
-    /// fails. Plain RTP streams never come here.
+    /// fails. Plain RTP streams never come here. Before any key work: a packet too short to
+    /// hold its suite's trailer, an SRTCP packet without the E flag, and a packet of an SSRC
+    /// never authenticated once [`SRTP_MAX_PEER_SSRCS`] have failed, are refused.
     fn unprotect(&mut self, packet: &[u8], rtcp: bool) -> Option<Bytes> {
-        let (inbound, peer_ssrcs) = match &mut self.srtp {
-            Srtp::On {
-                inbound,
-                peer_ssrcs,
-                ..
-            } => (inbound, peer_ssrcs),
-            Srtp::Off | Srtp::Broken => {
-                self.drops.srtp_auth_failed += 1;
-                return None;
-            }
+        let Srtp::On {
+            keys,
+            inbound,
+            verified,
+            failed,
+            ..
+        } = &mut self.srtp
+        else {
+            self.drops.srtp_auth_failed += 1;
+            return None;
         };
+        let (rtp_overhead, rtcp_overhead) = srtp_overhead(keys.suite);
+        let (ssrc_at, least) = if rtcp {
+            (4, 8 + rtcp_overhead)
+        } else {
+            (8, 12 + rtp_overhead)
+        };
+        let ssrc = packet
+            .get(ssrc_at..ssrc_at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes);
+        let (Some(ssrc), true) = (ssrc, packet.len() >= least) else {
+            self.drops.srtp_auth_failed += 1;
+            return None;
+        };
+        if rtcp && !srtcp_encrypted(keys.suite, packet) {
+            self.drops.srtp_auth_failed += 1;
+            return None;
+        }
+        let known = verified.contains(&ssrc) || failed.contains(&ssrc);
+        if !known && failed.len() >= SRTP_MAX_PEER_SSRCS {
+            self.drops.srtp_too_many_ssrcs += 1;
+            return None;
+        }
         let result = if rtcp {
             inbound.decrypt_rtcp(packet)
         } else {
-            let ssrc = packet
-                .get(8..12)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_be_bytes)?;
-            if !peer_ssrcs.contains(&ssrc) {
-                if peer_ssrcs.len() >= SRTP_MAX_PEER_SSRCS {
-                    self.drops.srtp_too_many_ssrcs += 1;
-                    return None;
-                }
-                peer_ssrcs.push(ssrc);
-            }
             inbound.decrypt_rtp(packet)
         };
         match result {
-            Ok(clear) => Some(clear),
+            Ok(clear) => {
+                if !verified.contains(&ssrc) && verified.len() < SRTP_MAX_PEER_SSRCS {
+                    verified.push(ssrc);
+                }
+                Some(clear)
+            }
             Err(
                 webrtc_srtp::Error::SrtpSsrcDuplicated(..)
                 | webrtc_srtp::Error::SrtcpSsrcDuplicated(..),
@@ -845,6 +934,9 @@ impl RelayCore {
                 None
             }
             Err(_) => {
+                if !known {
+                    failed.push(ssrc);
+                }
                 self.drops.srtp_auth_failed += 1;
                 None
             }
@@ -2407,36 +2499,70 @@ mod tests {
     }
 
     #[test]
-    fn srtp_bounds_the_peer_ssrcs_and_rekeys_only_on_new_keys() {
-        let (mut b, t0) = keyed(keys(CryptoSuite::AesCm128HmacSha1_80, 2, 1));
+    fn srtp_bounds_unknown_ssrcs_refuses_short_and_clear_srtcp_and_rekeys_by_direction() {
+        let suite = CryptoSuite::AesCm128HmacSha1_80;
+        let (mut a, t0) = keyed(keys(suite, 1, 2));
+        let (mut b, _) = keyed(keys(suite, 2, 1));
         let peer: SocketAddr = "192.0.2.5:5004".parse().unwrap();
+        let payload = [7u8; 40];
+        // The real stream authenticates first.
+        a.handle_device_datagram(device(0, 1, 160, true, &payload), t0);
+        let real = std::iter::from_fn(|| a.poll_transmit())
+            .find(|t| t.socket == SocketKind::Rtp)
+            .unwrap()
+            .packet;
+        b.handle_rtp(&real, peer, t0);
+        assert_eq!(to_device(&mut b).len(), 1);
+        // Forged packets of ten other SSRCs: four are tried and fail, the rest cost nothing.
         for ssrc in 0..10u32 {
-            b.handle_rtp(&rtp(0, 1, 0, ssrc, b"forged"), peer, t0);
+            b.handle_rtp(&rtp(0, 1, 0, ssrc, &payload), peer, t0);
         }
         let drops = b.stats().drops;
         assert_eq!(drops.srtp_auth_failed, SRTP_MAX_PEER_SSRCS as u64);
         assert_eq!(drops.srtp_too_many_ssrcs, 10 - SRTP_MAX_PEER_SSRCS as u64);
-        // The same keys again keep the context (its SSRC list stays full); new keys reset it.
-        let same = keys(CryptoSuite::AesCm128HmacSha1_80, 2, 1);
+        // The stream that authenticated is not locked out.
+        a.handle_device_datagram(device(0, 2, 320, false, &payload), t0);
+        let next = std::iter::from_fn(|| a.poll_transmit())
+            .find(|t| t.socket == SocketKind::Rtp)
+            .unwrap()
+            .packet;
+        b.handle_rtp(&next, peer, t0);
+        assert_eq!(to_device(&mut b).len(), 1);
+
+        // SRTCP too short for its trailer (the library would index out of range), and SRTCP
+        // whose E flag is clear (the library would pass it on unauthenticated): refused.
+        let failed = b.stats().drops.srtp_auth_failed;
+        let rtcp_peer: SocketAddr = "192.0.2.5:5005".parse().unwrap();
+        for len in 4..22 {
+            let mut short = vec![0x80, 201, 0, 1, 0, 0, 0, 9];
+            short.resize(len, 0);
+            b.handle_rtcp(&short, rtcp_peer, t0);
+        }
+        let mut clear_flag = vec![0x80, 201, 0, 1, 0, 0, 0, 9];
+        clear_flag.extend_from_slice(&[0u8; 30]);
+        b.handle_rtcp(&clear_flag, rtcp_peer, t0);
+        assert_eq!(b.stats().drops.srtp_auth_failed, failed + 18 + 1);
+        assert_eq!(b.stats().rtcp_received, 0);
+
+        // The same keys again keep both contexts; only the peer's new key starts a new
+        // receiving context (its SSRC lists with it), ours keeps counting.
         b.set_peer(
-            RemotePeer::from_remote_media(&remote(Direction::SendRecv)).with_srtp(same),
+            RemotePeer::from_remote_media(&remote(Direction::SendRecv))
+                .with_srtp(keys(suite, 2, 1)),
             t0,
         );
-        b.handle_rtp(&rtp(0, 1, 0, 77, b"forged"), peer, t0);
+        b.handle_rtp(&rtp(0, 1, 0, 77, &payload), peer, t0);
         assert_eq!(b.stats().drops.srtp_too_many_ssrcs, 7);
         b.set_peer(
-            RemotePeer::from_remote_media(&remote(Direction::SendRecv)).with_srtp(keys(
-                CryptoSuite::AesCm128HmacSha1_80,
-                3,
-                4,
-            )),
+            RemotePeer::from_remote_media(&remote(Direction::SendRecv))
+                .with_srtp(keys(suite, 2, 4)),
             t0,
         );
-        b.handle_rtp(&rtp(0, 1, 0, 77, b"forged"), peer, t0);
+        b.handle_rtp(&rtp(0, 1, 0, 77, &payload), peer, t0);
         assert_eq!(b.stats().drops.srtp_too_many_ssrcs, 7);
         // Keys of the wrong length: nothing goes out, nothing comes in.
         let (mut broken, t0) = keyed(Some(SrtpKeys {
-            suite: CryptoSuite::AesCm128HmacSha1_80,
+            suite,
             local: vec![1; 3],
             remote: vec![1; 30],
         }));

@@ -1880,13 +1880,22 @@ impl CallCore {
         self.replica.remote_sdp = Some(sdp.to_string());
         self.telephone_event = media_sdp::has_telephone_event(sdp);
         if self.relay.is_some() {
-            for (stream, remote) in media_sdp::streams(sdp) {
-                let keys = media_sdp::srtp_keys(&remote, self.sdp.last_local());
-                self.push(CallAction::Relay(RelayOp::SetRemote(
-                    stream,
-                    Box::new(remote),
-                    keys,
-                )));
+            let local = self.sdp.last_local();
+            let ops: Vec<RelayOp> = media_sdp::streams(sdp)
+                .into_iter()
+                // A stream our description refused (port 0) gets no media at all.
+                .filter(|(_, remote)| {
+                    !local
+                        .and_then(|l| l.media.get(remote.index))
+                        .is_some_and(|m| m.is_rejected())
+                })
+                .map(|(stream, remote)| {
+                    let keys = media_sdp::srtp_keys(&remote, local);
+                    RelayOp::SetRemote(stream, Box::new(remote), keys)
+                })
+                .collect();
+            for op in ops {
+                self.push(CallAction::Relay(op));
             }
         }
     }
