@@ -280,6 +280,7 @@ impl BalancerConfig {
             aliases,
             domains: self.sip.domains.clone(),
             udp_max_bytes: self.sip.udp_max_bytes,
+            tls_port: None,
         }
     }
 

@@ -150,7 +150,8 @@ impl RunningBalancer {
                 source,
             })?;
         let admin = admin_listener.local_addr().unwrap_or(config.admin.listen);
-        let router = config.router(sip_udp);
+        let mut router = config.router(sip_udp);
+        router.tls_port = sip_tls.map(|a| a.port());
         let advertised = format!("{}:{}", router.advertised_host, router.advertised_port);
         let membership = Membership::new(config.membership());
         let mut core = BalancerCore::new(router, membership);

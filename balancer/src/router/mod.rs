@@ -72,6 +72,9 @@ pub struct RouterConfig {
     pub domains: Vec<String>,
     /// Requests larger than this go over TCP instead of UDP (RFC 3261 18.1.1).
     pub udp_max_bytes: usize,
+    /// The port of our TLS listener (same host), when there is one: TLS dialogs are
+    /// Record-Routed through it, and `sips:`/`transport=tls` targets need it.
+    pub tls_port: Option<u16>,
 }
 
 impl RouterConfig {
@@ -83,6 +86,7 @@ impl RouterConfig {
             aliases: Vec::new(),
             domains: Vec::new(),
             udp_max_bytes: 1300,
+            tls_port: None,
         }
     }
 }
@@ -221,6 +225,8 @@ enum Target {
 pub struct BalancerCore {
     config: RouterConfig,
     sent_by: String,
+    /// `host:port` of our TLS listener, when there is one.
+    tls_sent_by: Option<String>,
     membership: Membership,
     starting: bool,
     learning: bool,
@@ -228,11 +234,16 @@ pub struct BalancerCore {
 
 impl BalancerCore {
     /// A core with `membership` as its node table.
-    pub fn new(config: RouterConfig, membership: Membership) -> Self {
+    pub fn new(mut config: RouterConfig, membership: Membership) -> Self {
         let sent_by = format!("{}:{}", config.advertised_host, config.advertised_port);
+        let tls_sent_by = config.tls_port.map(|port| {
+            config.aliases.push((config.advertised_host.clone(), port));
+            format!("{}:{port}", config.advertised_host)
+        });
         Self {
             config,
             sent_by,
+            tls_sent_by,
             membership,
             starting: false,
             learning: false,
@@ -443,13 +454,15 @@ impl BalancerCore {
                 req.uri = last.uri;
             }
         }
-        if let Some(first) = first_route(&req) {
-            if self.is_us_uri(&first.uri) {
-                req.headers.remove_first_value(&HeaderName::Route);
-                let params = DialogParams::from_uri(&first.uri);
-                if params.node.is_some() {
-                    dialog = params;
-                }
+        // Ours may be two entries (a TLS dialog is Record-Routed twice, RFC 5658): both go.
+        for _ in 0..2 {
+            let Some(first) = first_route(&req).filter(|r| self.is_us_uri(&r.uri)) else {
+                break;
+            };
+            req.headers.remove_first_value(&HeaderName::Route);
+            let params = DialogParams::from_uri(&first.uri);
+            if params.node.is_some() {
+                dialog = params;
             }
         }
         let next_route = first_route(&req);
@@ -541,7 +554,10 @@ impl BalancerCore {
                     Some(id),
                 )
             }
-            Target::Outward(uri) => match uri_destination(&uri) {
+            Target::Outward(uri) => match uri_destination(&uri)
+                // Over TLS only with a TLS listener for the dialog to come back to.
+                .filter(|(_, t)| *t != PeerTransport::Tls || self.tls_sent_by.is_some())
+            {
                 Some((hop, transport)) => (hop, transport, source_node.clone(), None),
                 None => {
                     if is_ack {
@@ -567,19 +583,34 @@ impl BalancerCore {
                 } else {
                     outward_transport
                 };
-                let rr = format!(
-                    "<sip:{};lr;node={};ns={:08x};kh={:016x}{}>",
-                    self.sent_by,
-                    entry.id,
-                    entry.session_tag,
-                    kh,
-                    match external {
-                        PeerTransport::Udp => "",
-                        PeerTransport::Tcp => ";transport=tcp",
-                        PeerTransport::Tls => ";transport=tls",
+                let rr = |sent_by: &str, transport: &str| {
+                    format!(
+                        "<sip:{sent_by};lr;node={};ns={:08x};kh={:016x}{transport}>",
+                        entry.id, entry.session_tag, kh,
+                    )
+                };
+                match (external, &self.tls_sent_by) {
+                    (PeerTransport::Tls, Some(tls_sent_by)) => {
+                        // Two entries (RFC 5658): our TLS address toward the TLS side, our UDP
+                        // one toward the node, each nearest the side that uses it.
+                        let outer = rr(tls_sent_by, ";transport=tls");
+                        let inner = rr(&self.sent_by, "");
+                        let (first, second) = if decision_node.is_some() {
+                            (outer, inner)
+                        } else {
+                            (inner, outer)
+                        };
+                        req.headers.prepend(HeaderName::RecordRoute, first);
+                        req.headers.prepend(HeaderName::RecordRoute, second);
                     }
-                );
-                req.headers.prepend(HeaderName::RecordRoute, rr);
+                    (PeerTransport::Tcp, _) => {
+                        req.headers
+                            .prepend(HeaderName::RecordRoute, rr(&self.sent_by, ";transport=tcp"));
+                    }
+                    _ => req
+                        .headers
+                        .prepend(HeaderName::RecordRoute, rr(&self.sent_by, "")),
+                }
             }
         }
         req.headers

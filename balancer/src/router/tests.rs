@@ -42,9 +42,15 @@ struct Fixture {
 impl Fixture {
     /// A balancer at 192.0.2.1:5060 for domain gw.example.net with nodes n1..=n`count` up.
     fn new(count: u8) -> Self {
+        Self::with_tls(count, None)
+    }
+
+    /// [`Fixture::new`] with a TLS listener on `tls_port` (same host).
+    fn with_tls(count: u8, tls_port: Option<u16>) -> Self {
         let t0 = Instant::now();
         let mut config = RouterConfig::new(Host::parse("192.0.2.1").unwrap(), 5060);
         config.domains.push("gw.example.net".into());
+        config.tls_port = tls_port;
         let mut core = BalancerCore::new(config, Membership::new(MembershipConfig::default()));
         for i in 1..=count {
             core.membership_mut()
@@ -816,33 +822,54 @@ fn node_request_with_routes_goes_to_the_next_route() {
     assert!(header_lines(&got, "Record-Route")[0].ends_with(";transport=tcp>"));
 }
 
-/// A client over TLS: its request reaches the node over UDP with a Record-Route saying
-/// `transport=tls` (its requests in the dialog come back over TLS), and the node's response
-/// goes back on the client's TLS connection. A node's request to a `sips:` target or one with
-/// `transport=tls` goes out over TLS, on 5061 by default.
+/// A client over TLS: its request reaches the node over UDP, Record-Routed twice (RFC 5658):
+/// our UDP address on top for the node, our TLS address below it for the client. The node's
+/// response goes back on the client's TLS connection; the client's request in the dialog
+/// (both our entries in its Route) goes to the node; the node's goes out over TLS. A node's
+/// request to a `sips:` target or one with `transport=tls` goes out over TLS (5061 by default),
+/// Record-Routed the other way round; without a TLS listener such a target gets 502.
 #[test]
-fn tls_clients_and_tls_targets() {
-    let f = Fixture::new(2);
+fn tls_clients_and_tls_targets_are_record_routed_twice() {
+    let f = Fixture::with_tls(2, Some(5061));
     let tls_client = Peer {
         addr: "198.51.100.7:40123".parse().unwrap(),
         transport: PeerTransport::Tls,
     };
-    let req = INVITE.replace(
-        "Via: SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=5060",
-        "Via: SIP/2.0/TLS 198.51.100.7:5061;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=40123",
-    );
-    let Decision::ToNode { out, .. } = f.route(&req, tls_client) else {
+    let client_via =
+        "SIP/2.0/TLS 198.51.100.7:5061;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=40123";
+    let req = INVITE
+        .replace(
+            "Via: SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=5060",
+            &format!("Via: {client_via}"),
+        )
+        .replace(
+            "Contact: <sip:alice@198.51.100.7:5060>",
+            "Contact: <sip:alice@198.51.100.7:5061;transport=tls>",
+        );
+    let Decision::ToNode { node, out } = f.route(&req, tls_client) else {
         panic!("not routed to a node");
     };
     assert_eq!(out.transport, PeerTransport::Udp);
     let got = text(&out);
+    let rr = header_lines(&got, "Record-Route");
+    assert_eq!(rr.len(), 2, "{got}");
     assert!(
-        header_lines(&got, "Record-Route")[0].ends_with(";transport=tls>"),
+        rr[0].starts_with(&format!("Record-Route: <sip:{LB};lr;node={node};")),
         "{got}"
     );
+    assert!(!rr[0].contains("transport"), "{got}");
+    assert!(
+        rr[1].starts_with("Record-Route: <sip:192.0.2.1:5061;lr;"),
+        "{got}"
+    );
+    assert!(rr[1].ends_with(";transport=tls>"), "{got}");
+    let route_params = |line: &str| line.trim_start_matches("Record-Route: ").to_string();
+    let (udp_entry, tls_entry) = (route_params(rr[0]), route_params(rr[1]));
+
+    // The node's answer: back on the client's connection.
     let resp = response_with_vias(&[
         &format!("SIP/2.0/UDP {LB};branch={}", our_branch(&got)),
-        "SIP/2.0/TLS 198.51.100.7:5061;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=40123",
+        client_via,
     ]);
     let Decision::Response { out, .. } = f.route(&resp, from_node(1)) else {
         panic!("response not routed")
@@ -851,6 +878,39 @@ fn tls_clients_and_tls_targets() {
         (out.to, out.transport),
         (
             NextHop::Addr("198.51.100.7:40123".parse().unwrap()),
+            PeerTransport::Tls
+        )
+    );
+
+    // The client's BYE, its route set reversed: both our entries go, the node gets it.
+    let bye = format!(
+        "BYE sip:earpiece-17@10.0.0.1:5060 SIP/2.0\r\nVia: {client_via}\r\n\
+Route: {tls_entry}, {udp_entry}\r\nMax-Forwards: 70\r\n\
+To: <sip:earpiece-17@gw.example.net>;tag=gw1\r\nFrom: <sip:alice@example.com>;tag=1928301774\r\n\
+Call-ID: a84b4c76e66710@pc33.example.com\r\nCSeq: 314160 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    let Decision::ToNode { node: to, out } = f.route(&bye, tls_client) else {
+        panic!("the client's BYE did not reach the node")
+    };
+    assert_eq!(to, node);
+    assert!(header_lines(&text(&out), "Route").is_empty());
+
+    // The node's BYE toward the client: both our entries go, out over TLS to its Contact.
+    let node_bye = format!(
+        "BYE sip:alice@198.51.100.7:5061;transport=tls SIP/2.0\r\n\
+Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKnodebye\r\n\
+Route: {udp_entry}, {tls_entry}\r\nMax-Forwards: 70\r\n\
+From: <sip:earpiece-17@gw.example.net>;tag=gw1\r\nTo: <sip:alice@example.com>;tag=1928301774\r\n\
+Call-ID: a84b4c76e66710@pc33.example.com\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n"
+    );
+    let Decision::Outward { out, .. } = f.route(&node_bye, from_node(1)) else {
+        panic!("the node's BYE did not go out")
+    };
+    assert!(header_lines(&text(&out), "Route").is_empty());
+    assert_eq!(
+        (out.to, out.transport),
+        (
+            NextHop::Addr("198.51.100.7:5061".parse().unwrap()),
             PeerTransport::Tls
         )
     );
@@ -870,7 +930,20 @@ fn tls_clients_and_tls_targets() {
         assert_eq!(out.transport, PeerTransport::Tls, "{target}");
         let got = text(&out);
         assert!(header_lines(&got, "Via")[0].starts_with(&format!("Via: SIP/2.0/TLS {LB};")));
-        assert!(header_lines(&got, "Record-Route")[0].ends_with(";transport=tls>"));
+        let rr = header_lines(&got, "Record-Route");
+        assert!(
+            rr[0].ends_with(";transport=tls>") && rr[0].contains("192.0.2.1:5061"),
+            "{got}"
+        );
+        assert!(
+            rr[1].starts_with(&format!("Record-Route: <sip:{LB};lr;")),
+            "{got}"
+        );
+        // Without a TLS listener the dialog could not come back: 502.
+        assert!(matches!(
+            Fixture::new(2).route(&req, from_node(2)),
+            Decision::Answer { status: 502, .. }
+        ));
     }
 }
 
