@@ -18,7 +18,7 @@ SECS=${SECS:-20}
 HOLD_MS=${HOLD_MS:-1000}
 build
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" \
+    -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
     -keyout "$WORK/buddy.key" -out "$WORK/buddy.crt" 2>/dev/null
 out="$WORK/buddy.out"
 "$BIN/thalamus-sim" buddy --listen 127.0.0.1:0 --json --tls-listen 127.0.0.1:0 \

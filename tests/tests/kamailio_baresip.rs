@@ -1389,7 +1389,10 @@ fn tls_and_srtp_calls_both_ways_with_baresip() {
         args.extend_from_slice(&["--target", &target, "--hold-ms", "500"]);
         let mut refused = Sim::spawn(&args)?;
         let ended = refused.wait_for(|v| v["event"] == "call_event" && v["state"] == "ended", T)?;
-        ensure!(ended["end_reason"] != "local_hangup", "{ended}");
+        ensure!(
+            ended["end_reason"] == "failed" && ended["reason"] == "transport error",
+            "{ended}"
+        );
         ensure!(
             gateway.metric("thalamus_sip_tcp_events_total{event=\"tls_handshake_failed\"}")? >= 1.0,
             "{}",

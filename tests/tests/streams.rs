@@ -180,14 +180,6 @@ fn two_earpieces_on_one_node_exchange_every_signal_sample_and_video_frame() {
     let gw = gateway(37_400, 50);
     let (a, b) = brain_to_brain(&gw, &gw);
     eprintln!("one node: A heard {a}; B heard {b}");
-    // The node's relays carried the signal both ways (two calls of the node).
-    let relayed = gw
-        .metric("thalamus_media_relayed_packets_total{direction=\"to_peer\"}")
-        .unwrap();
-    assert!(
-        relayed >= (u(&a, "sent_packets") + u(&b, "sent_packets")) as f64,
-        "{relayed}"
-    );
 }
 
 /// The earpieces on two nodes that know nothing of each other but SIP, with plain RTP between
