@@ -398,6 +398,25 @@ pub fn reserve_next_local_cseq(mut export: DialogRecord) -> Option<(DialogRecord
 /// A stored dialog made ready for import on this node: the local CSeq floor applied when none
 /// was used, and this node's Contact (`local_contact`, a name-addr) in place of the old
 /// owner's.
+/// The transport a stored dialog's local Contact names (`transport=tls` or a `sips:` URI: TLS;
+/// `transport=tcp`: TCP; else UDP): the node that imports the dialog names its own address on
+/// the same transport, so the peer's requests keep coming over it.
+pub fn contact_transport(record: &DialogRecord) -> thalamus_sip::transport::PeerTransport {
+    use thalamus_sip::transport::PeerTransport;
+    let Ok(contact) = thalamus_sip::message::NameAddr::parse(&record.local_contact) else {
+        return PeerTransport::Udp;
+    };
+    let Some(sip) = contact.uri.as_sip() else {
+        return PeerTransport::Udp;
+    };
+    match sip.transport().map(str::to_ascii_lowercase).as_deref() {
+        Some("tls") => PeerTransport::Tls,
+        _ if sip.secure => PeerTransport::Tls,
+        Some("tcp") => PeerTransport::Tcp,
+        _ => PeerTransport::Udp,
+    }
+}
+
 pub fn prepare_for_import(mut record: DialogRecord, local_contact: &str) -> DialogRecord {
     if record.local_cseq.is_none() {
         record.local_cseq = Some(UNUSED_LOCAL_CSEQ_FLOOR);
@@ -423,6 +442,24 @@ pub fn remote_uri_of(stored: &StoredDialog, sip: &DialogRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_imported_dialog_keeps_its_contact_s_transport() {
+        use thalamus_sip::transport::PeerTransport;
+        let record = |contact: &str| DialogRecord {
+            local_contact: contact.to_string(),
+            ..export()
+        };
+        for (contact, transport) in [
+            ("<sip:d@10.0.0.1:5061;transport=tls>", PeerTransport::Tls),
+            ("<sips:d@10.0.0.1>", PeerTransport::Tls),
+            ("<sip:d@10.0.0.1;transport=TCP>", PeerTransport::Tcp),
+            ("<sip:d@10.0.0.1:5060>", PeerTransport::Udp),
+            ("not a contact", PeerTransport::Udp),
+        ] {
+            assert_eq!(contact_transport(&record(contact)), transport, "{contact}");
+        }
+    }
 
     fn export() -> DialogRecord {
         DialogRecord {

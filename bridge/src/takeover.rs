@@ -46,7 +46,6 @@ use std::time::{Duration, Instant};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{CallState, EndReason, Hangup, LiveCall};
 use thalamus_sip::message::{HeaderName, Method, Request};
-use thalamus_sip::transport::PeerTransport;
 use thalamus_sip::ua::ServerTx;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -288,7 +287,10 @@ async fn attach_claimed(
     };
     let contact = inner
         .ua
-        .contact(Some(&claimed.device_id), PeerTransport::Udp)
+        .contact(
+            Some(&claimed.device_id),
+            crate::dialogs::contact_transport(&sip),
+        )
         .to_string();
     let prepared = prepare_for_import(sip, &contact);
     let dialog = match inner.ua.import(prepared.clone()).await {

@@ -484,7 +484,10 @@ pub(crate) async fn attach(
     }
     let contact = inner
         .ua
-        .contact(Some(&device), thalamus_sip::transport::PeerTransport::Udp)
+        .contact(
+            Some(&device),
+            crate::dialogs::contact_transport(&sub.dialog),
+        )
         .to_string();
     let prepared = crate::dialogs::prepare_for_import(sub.dialog, &contact);
     let dialog = inner.ua.import(prepared).await.map_err(|e| e.to_string())?;
