@@ -1041,6 +1041,31 @@ fn baresip_video_packets_received(output: &str) -> Option<u64> {
 }
 
 impl Peers {
+    /// The device listens (`thalamus-sim listen` with `listen_args`) and registers upstream;
+    /// baresip calls it through Kamailio, the device answers, and baresip hangs up 3 s later
+    /// (its call closed when this returns). The listening device, for its reports.
+    fn baresip_calls_the_device_for_3_s(&mut self, listen_args: &[&str]) -> anyhow::Result<Sim> {
+        let mut device = self.device("listen", listen_args)?;
+        device.wait_event("welcome", T)?;
+        wait_text(
+            "\"registered upstream\" in the gateway's log",
+            T,
+            || self.gateway.log(),
+            |log| log.contains("registered upstream"),
+        )?;
+        self.baresip
+            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
+        device.wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered",
+            T,
+        )?;
+        self.baresip.wait_event("CALL_ESTABLISHED")?;
+        std::thread::sleep(Duration::from_secs(3));
+        self.baresip.command("hangup", "")?;
+        self.baresip.wait_event("CALL_CLOSED")?;
+        Ok(device)
+    }
+
     /// Checks one video call's counts: the device put baresip's VP8 frames together whole
     /// (counted, not checked: real VP8) and baresip's summary reports the device's video.
     fn check_video_counts(&self, report: &Value, summaries_before: usize) -> anyhow::Result<()> {
@@ -1071,25 +1096,8 @@ impl Peers {
     /// what it got: the device the whole VP8 frames it put together, baresip the video RTP
     /// packets its summary reports when the call closes.
     fn video_both_ways(&mut self) -> anyhow::Result<()> {
-        let mut device = self.device("listen", &["--video", "--calls", "1"])?;
-        device.wait_event("welcome", T)?;
-        wait_text(
-            "\"registered upstream\" in the gateway's log",
-            T,
-            || self.gateway.log(),
-            |log| log.contains("registered upstream"),
-        )?;
-        self.baresip
-            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
-        device.wait_for(
-            |v| v["event"] == "call_event" && v["state"] == "answered",
-            T,
-        )?;
-        self.baresip.wait_event("CALL_ESTABLISHED")?;
-        std::thread::sleep(Duration::from_secs(3));
-        self.baresip.command("hangup", "")?;
+        let mut device = self.baresip_calls_the_device_for_3_s(&["--video", "--calls", "1"])?;
         let report = device.wait_event("video_report", T)?;
-        self.baresip.wait_event("CALL_CLOSED")?;
         self.check_video_counts(&report, 0)
             .context("baresip -> device")?;
         ensure!(device.proc.wait_exit(T)? == Some(0), "{:?}", device.seen);
@@ -1162,24 +1170,7 @@ impl Peers {
     /// holds SRTP and none of the device's probe frames in clear.
     fn srtp_both_ways(&mut self, dumps: &Path) -> anyhow::Result<()> {
         let capture = thalamus_tests::capture::Capture::start("udp and portrange 39100-39199")?;
-        let mut device = self.device("listen", &["--echo", "--calls", "1"])?;
-        device.wait_event("welcome", T)?;
-        wait_text(
-            "\"registered upstream\" in the gateway's log",
-            T,
-            || self.gateway.log(),
-            |log| log.contains("registered upstream"),
-        )?;
-        self.baresip
-            .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
-        device.wait_for(
-            |v| v["event"] == "call_event" && v["state"] == "answered",
-            T,
-        )?;
-        self.baresip.wait_event("CALL_ESTABLISHED")?;
-        std::thread::sleep(Duration::from_secs(3));
-        self.baresip.command("hangup", "")?;
-        self.baresip.wait_event("CALL_CLOSED")?;
+        let mut device = self.baresip_calls_the_device_for_3_s(&["--echo", "--calls", "1"])?;
         let heard = device.wait_event("media_report", T)?;
         eprintln!("device heard over SRTP: {heard}");
         ensure!(
