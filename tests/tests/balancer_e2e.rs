@@ -3,7 +3,8 @@
 //! through the balancer. Checks the split by node against the ownership function, zero failed
 //! calls, that ACK and BYE follow their INVITE, that once one node's heartbeats stop new calls
 //! go to the survivor after the detection window, and that the node restarted (new session) is
-//! seen as a restart and gets its devices back.
+//! seen as a restart and gets its devices back. A client over TLS calls a node through the
+//! balancer's TLS listener, its dialog Record-Routed twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +30,8 @@ struct Balancer {
     sip: SocketAddr,
     heartbeat: SocketAddr,
     admin: SocketAddr,
+    /// SIP over TLS, with a `[sip.tls]` section.
+    sip_tls: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -45,6 +48,11 @@ async fn start_balancer() -> Balancer {
 
 /// A balancer with `extra` lines in its `[heartbeat]` section.
 async fn start_balancer_with(extra: &str) -> Balancer {
+    start_balancer_sections(extra, "").await
+}
+
+/// A balancer with `extra` lines in its `[heartbeat]` section and `sections` after the rest.
+async fn start_balancer_sections(extra: &str, sections: &str) -> Balancer {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("balancer.toml");
     std::fs::write(
@@ -52,7 +60,7 @@ async fn start_balancer_with(extra: &str) -> Balancer {
         format!(
             "[sip]\nlisten = \"127.0.0.1:0\"\n\n[heartbeat]\nlisten = \"127.0.0.1:0\"\n\
              interval_ms = {HEARTBEAT_MS}\nmiss_count = 3\nrejoin_count = 2\n{extra}\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n"
+             [admin]\nlisten = \"127.0.0.1:0\"\n{sections}"
         ),
     )
     .unwrap();
@@ -85,6 +93,7 @@ async fn start_balancer_with(extra: &str) -> Balancer {
         sip: addr("sip_udp"),
         heartbeat: addr("heartbeat"),
         admin: addr("admin"),
+        sip_tls: v["sip_tls"].as_str().map(|a| a.parse().unwrap()),
         _dir: dir,
     }
 }
@@ -768,4 +777,128 @@ async fn forged_and_replayed_heartbeats_change_nothing_while_calls_go_on() {
         a.heartbeats.reports() > 0,
         "the real node still gets its live set"
     );
+}
+
+/// A client over TLS calls through the balancer's TLS listener (`[sip.tls]`): the INVITE
+/// reaches the node over UDP Record-Routed twice (the balancer's UDP address on top for the
+/// node, its TLS address for the client), the 200 comes back on the client's connection, and
+/// the client's ACK and BYE, routed by that route set, reach the node and the BYE's 200 comes
+/// back too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_calls_a_node_through_the_balancer() {
+    let certs = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (crt, key) = (certs.path().join("lb.crt"), certs.path().join("lb.key"));
+    std::fs::write(&crt, cert.cert.pem()).unwrap();
+    std::fs::write(&key, cert.key_pair.serialize_pem()).unwrap();
+    let balancer = start_balancer_sections(
+        "",
+        &format!(
+            "\n[sip.tls]\nlisten = \"127.0.0.1:0\"\ncertificate = {:?}\nprivate_key = {:?}\n\
+             ca_certificates = {:?}\n",
+            crt.display().to_string(),
+            key.display().to_string(),
+            crt.display().to_string()
+        ),
+    )
+    .await;
+    let lb_tls = balancer.sip_tls.expect("the balancer listens for TLS");
+    let node = start_node("gw-a", &balancer).await;
+    wait_for("the node up", Duration::from_secs(10), async || {
+        node_states(&balancer)
+            .await
+            .get("gw-a")
+            .is_some_and(|x| x.0 == "up")
+    })
+    .await;
+
+    // The client: TLS toward the balancer, trusting its certificate.
+    let (tx, mut inbound) = tokio::sync::mpsc::channel(16);
+    let pem = std::fs::read(&crt).unwrap();
+    let client = SipTransport::bind(
+        TransportConfig {
+            udp: None,
+            tcp: None,
+            tls: Some(thalamus_sip::transport::TlsTransportConfig {
+                listen: None,
+                server: None,
+                client: thalamus_sip::transport::tls::client_config(&pem, true).unwrap(),
+                handshake_timeout: Duration::from_secs(5),
+            }),
+            ..TransportConfig::default()
+        },
+        tx,
+        tokio::sync::mpsc::channel(1).0,
+    )
+    .await
+    .unwrap();
+    let to_lb = thalamus_sip::transport::Peer::new(lb_tls, PeerTransport::Tls);
+    let request = |method: &str, cseq: u32, route: &str, to_tag: &str| {
+        format!(
+            "{method} sip:earpiece-1@gw.example.net SIP/2.0\r\n\
+             Via: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bK-tls-{cseq};rport\r\n{route}\
+             Max-Forwards: 70\r\nTo: <sip:earpiece-1@gw.example.net>{to_tag}\r\n\
+             From: <sip:alice@example.com>;tag=a1\r\nCall-ID: tls-call-1@test\r\n\
+             CSeq: {cseq} {method}\r\nContact: <sip:alice@127.0.0.1:5061;transport=tls>\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+    };
+    client
+        .send(to_lb, Bytes::from(request("INVITE", 1, "", "")), None)
+        .await
+        .unwrap();
+    let answer = loop {
+        let got = tokio::time::timeout(Duration::from_secs(10), inbound.recv())
+            .await
+            .expect("an answer to the INVITE")
+            .unwrap();
+        assert_eq!(
+            got.peer, to_lb,
+            "the answer comes back on the TLS connection"
+        );
+        match got.message {
+            Message::Response(r) if r.status == 200 => break r,
+            _ => continue,
+        }
+    };
+    let rr: Vec<String> = answer
+        .headers
+        .get_all(&HeaderName::RecordRoute)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(rr.len(), 2, "{rr:?}");
+    assert!(rr[1].contains(&format!(":{};", lb_tls.port())) && rr[1].contains("transport=tls"));
+    assert!(!rr[0].contains("transport="), "{rr:?}");
+    // The client's route set: the Record-Route reversed (its TLS entry first).
+    let route = format!("Route: {}, {}\r\n", rr[1], rr[0]);
+    let to_tag = format!(";tag={}", answer.headers.to_tag().unwrap());
+    client
+        .send(to_lb, Bytes::from(request("ACK", 1, &route, &to_tag)), None)
+        .await
+        .unwrap();
+    client
+        .send(to_lb, Bytes::from(request("BYE", 2, &route, &to_tag)), None)
+        .await
+        .unwrap();
+    let bye_ok = loop {
+        let got = tokio::time::timeout(Duration::from_secs(10), inbound.recv())
+            .await
+            .expect("an answer to the BYE")
+            .unwrap();
+        if let Message::Response(r) = got.message {
+            if r.headers.cseq().is_ok_and(|c| c.method == Method::Bye) {
+                break r;
+            }
+        }
+    };
+    assert_eq!(bye_ok.status, 200);
+    wait_for(
+        "the node saw the ACK and the BYE",
+        Duration::from_secs(10),
+        async || counts(&node) == (1, 1, 1),
+    )
+    .await;
+    let seen = node.seen.lock().unwrap();
+    assert_eq!(seen.bad_record_route, 0);
 }
