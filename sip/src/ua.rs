@@ -538,13 +538,20 @@ impl UserAgent {
 
     /// Our Contact for `user` on the transport `request` will go over (UDP when it cannot be
     /// resolved now): a request sent over TLS names our TLS address, as RFC 3261 section 26.2
-    /// asks, so the peer's requests in the dialog come back over TLS.
+    /// asks, so the peer's requests in the dialog come back over TLS. A request to a `sips:`
+    /// URI gets a `sips:` Contact (section 8.1.1.8).
     pub async fn contact_for(&self, user: Option<&str>, request: &Request) -> NameAddr {
         let transport = self
             .destination_for(request)
             .await
             .map_or(PeerTransport::Udp, |peer| peer.transport);
-        self.contact(user, transport)
+        let mut contact = self.contact(user, transport);
+        let sips = request.uri.as_sip().is_some_and(|u| u.secure);
+        if let (true, PeerTransport::Tls, Uri::Sip(uri)) = (sips, transport, &mut contact.uri) {
+            uri.secure = true;
+            uri.params.remove("transport");
+        }
+        contact
     }
 
     /// A fresh out-of-dialog request: Request-URI, From (with a new tag), To, Call-ID, CSeq 1,
@@ -1589,5 +1596,50 @@ mod tests {
             any.refuses(&challenge("x", "SHA-256", true), &uri, elsewhere),
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod contact_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_contact_names_the_transport_and_scheme_the_request_goes_over() {
+        let (ua, _events) = UserAgent::start(UaConfig {
+            transport: TransportConfig {
+                udp: Some("127.0.0.1:0".parse().unwrap()),
+                tcp: None,
+                tls: Some(crate::transport::TlsTransportConfig {
+                    listen: None,
+                    server: None,
+                    client: crate::transport::tls::client_config(&[], false).unwrap(),
+                    handshake_timeout: std::time::Duration::from_secs(1),
+                }),
+                ..Default::default()
+            },
+            resolver: Resolver::fixed(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let contact = |target: &str| {
+            let uri = Uri::parse(target).unwrap();
+            let from: NameAddr = "<sip:dev@thalamus.local>".parse().unwrap();
+            ua.new_request(Method::Invite, uri.clone(), from, NameAddr::new(uri))
+        };
+        for (target, expected) in [
+            ("sip:bob@127.0.0.1:5070", "<sip:dev@127.0.0.1:"),
+            (
+                "sip:bob@127.0.0.1;transport=tls",
+                "<sip:dev@127.0.0.1:5061;transport=tls>",
+            ),
+            ("sips:bob@127.0.0.1", "<sips:dev@127.0.0.1:5061>"),
+        ] {
+            let got = ua
+                .contact_for(Some("dev"), &contact(target))
+                .await
+                .to_string();
+            assert!(got.starts_with(expected), "{target}: {got}");
+        }
     }
 }
