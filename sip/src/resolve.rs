@@ -17,6 +17,30 @@ use hickory_resolver::TokioResolver;
 use crate::message::{Host, SipUri};
 use crate::transport::{Peer, PeerTransport};
 
+/// The transport a URI asks for: TLS for a `sips:` URI (RFC 3261 section 26.2; `transport=tcp`
+/// on it means TLS over TCP, RFC 5630) and for `transport=tls`, else the one its `transport`
+/// parameter names, `None` when it names none. An error for a transport the stack does not run
+/// (or `sips:` with `transport=udp`).
+pub fn uri_transport(uri: &SipUri) -> Result<Option<PeerTransport>, ResolveError> {
+    let named = uri.transport().map(str::to_ascii_lowercase);
+    Ok(match (uri.secure, named.as_deref()) {
+        (true, None | Some("tcp") | Some("tls")) | (false, Some("tls")) => Some(PeerTransport::Tls),
+        (false, None) => None,
+        (false, Some("udp")) => Some(PeerTransport::Udp),
+        (false, Some("tcp")) => Some(PeerTransport::Tcp),
+        (_, Some(other)) => return Err(ResolveError::UnsupportedTransport(other.into())),
+    })
+}
+
+/// The port a URI without one is reached on: 5061 over TLS, 5060 otherwise.
+pub fn default_port(transport: Option<PeerTransport>) -> u16 {
+    if transport == Some(PeerTransport::Tls) {
+        5061
+    } else {
+        5060
+    }
+}
+
 /// Resolution errors.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -123,25 +147,8 @@ impl Resolver {
 
     /// The ordered list of places to try for requests to `uri`.
     pub async fn resolve(&self, uri: &SipUri) -> Result<Vec<Peer>, ResolveError> {
-        // A sips URI is reached over TLS only (RFC 3261 section 26.2; `transport=tcp` on it
-        // means TLS over TCP, RFC 5630), as is any URI with `transport=tls`.
-        let fixed_transport = match (
-            uri.secure,
-            uri.transport().map(str::to_ascii_lowercase).as_deref(),
-        ) {
-            (true, None | Some("tcp") | Some("tls")) | (false, Some("tls")) => {
-                Some(PeerTransport::Tls)
-            }
-            (false, None) => None,
-            (false, Some("udp")) => Some(PeerTransport::Udp),
-            (false, Some("tcp")) => Some(PeerTransport::Tcp),
-            (_, Some(other)) => return Err(ResolveError::UnsupportedTransport(other.into())),
-        };
-        let default_port = if fixed_transport == Some(PeerTransport::Tls) {
-            5061
-        } else {
-            5060
-        };
+        let fixed_transport = uri_transport(uri)?;
+        let default_port = default_port(fixed_transport);
         let host = match uri.maddr() {
             Some(maddr) => Host::parse(maddr).unwrap_or_else(|_| uri.host.clone()),
             None => uri.host.clone(),

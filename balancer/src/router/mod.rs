@@ -56,8 +56,6 @@ pub const BRANCH_PREFIX: &str = "z9hG4bK-lb-";
 pub const ALLOW: &str =
     "INVITE, ACK, CANCEL, BYE, OPTIONS, PRACK, UPDATE, INFO, MESSAGE, REFER, SUBSCRIBE, NOTIFY";
 const DEFAULT_SIP_PORT: u16 = 5060;
-/// The port of a `sips:` URI or `transport=tls` without one (RFC 3261 section 19.1.2).
-const DEFAULT_SIPS_PORT: u16 = 5061;
 
 /// Routing settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -856,21 +854,11 @@ fn pop_last_route(req: &mut Request) -> Option<NameAddr> {
 /// the balancer does not speak.
 fn uri_destination(uri: &Uri) -> Option<(NextHop, PeerTransport)> {
     let sip = uri.as_sip()?;
-    let transport = match (
-        sip.secure,
-        sip.transport().map(str::to_ascii_lowercase).as_deref(),
-    ) {
-        (true, None | Some("tcp") | Some("tls")) | (false, Some("tls")) => PeerTransport::Tls,
-        (false, None | Some("udp")) => PeerTransport::Udp,
-        (false, Some("tcp")) => PeerTransport::Tcp,
-        _ => return None,
-    };
-    let default_port = if transport == PeerTransport::Tls {
-        DEFAULT_SIPS_PORT
-    } else {
-        DEFAULT_SIP_PORT
-    };
-    let port = sip.port.unwrap_or(default_port);
+    let transport = thalamus_sip::resolve::uri_transport(sip).ok()?;
+    let port = sip
+        .port
+        .unwrap_or(thalamus_sip::resolve::default_port(transport));
+    let transport = transport.unwrap_or(PeerTransport::Udp);
     let host = match sip.maddr() {
         Some(m) => Host::parse(m).ok()?,
         None => sip.host.clone(),
@@ -898,12 +886,14 @@ fn hop(host: &Host, port: u16) -> NextHop {
 /// (with `rport` when filled in), else the sent-by. `None` for transports we do not speak.
 fn via_destination(via: &Via) -> Option<(NextHop, PeerTransport)> {
     let transport = PeerTransport::from_transport(&via.transport)?;
+    // 5061 for a TLS Via without a port (RFC 3261 section 18.2.2).
+    let default = thalamus_sip::resolve::default_port(Some(transport));
     let port = match via.rport() {
         Some(Rport::Port(p)) => p,
-        _ => via.port.unwrap_or(DEFAULT_SIP_PORT),
+        _ => via.port.unwrap_or(default),
     };
     if let Some(m) = via.maddr().and_then(|m| Host::parse(m).ok()) {
-        return Some((hop(&m, via.port.unwrap_or(DEFAULT_SIP_PORT)), transport));
+        return Some((hop(&m, via.port.unwrap_or(default)), transport));
     }
     if let Some(ip) = via.received_ip() {
         return Some((NextHop::Addr(SocketAddr::new(ip, port)), transport));
