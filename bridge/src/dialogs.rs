@@ -395,28 +395,41 @@ pub fn reserve_next_local_cseq(mut export: DialogRecord) -> Option<(DialogRecord
     Some((export, next))
 }
 
-/// A stored dialog made ready for import on this node: the local CSeq floor applied when none
-/// was used, and this node's Contact (`local_contact`, a name-addr) in place of the old
-/// owner's.
 /// The transport a stored dialog's local Contact names (`transport=tls` or a `sips:` URI: TLS;
-/// `transport=tcp`: TCP; else UDP): the node that imports the dialog names its own address on
-/// the same transport, so the peer's requests keep coming over it.
-pub fn contact_transport(record: &DialogRecord) -> thalamus_sip::transport::PeerTransport {
+/// `transport=tcp`: TCP; else UDP), and whether it was a `sips:` URI: the node that imports
+/// the dialog names its own address the same way, so the peer's requests keep coming over it.
+pub fn contact_transport(record: &DialogRecord) -> (thalamus_sip::transport::PeerTransport, bool) {
     use thalamus_sip::transport::PeerTransport;
     let Ok(contact) = thalamus_sip::message::NameAddr::parse(&record.local_contact) else {
-        return PeerTransport::Udp;
+        return (PeerTransport::Udp, false);
     };
     let Some(sip) = contact.uri.as_sip() else {
-        return PeerTransport::Udp;
+        return (PeerTransport::Udp, false);
     };
-    match sip.transport().map(str::to_ascii_lowercase).as_deref() {
+    let transport = match sip.transport().map(str::to_ascii_lowercase).as_deref() {
         Some("tls") => PeerTransport::Tls,
         _ if sip.secure => PeerTransport::Tls,
         Some("tcp") => PeerTransport::Tcp,
         _ => PeerTransport::Udp,
-    }
+    };
+    (transport, sip.secure)
 }
 
+/// This node's Contact for an imported dialog: `ours` (made for the transport
+/// [`contact_transport`] named), turned into a `sips:` URI when the dialog's was one.
+pub fn import_contact(record: &DialogRecord, mut ours: thalamus_sip::message::NameAddr) -> String {
+    if let (true, thalamus_sip::message::Uri::Sip(uri)) =
+        (contact_transport(record).1, &mut ours.uri)
+    {
+        uri.secure = true;
+        uri.params.remove("transport");
+    }
+    ours.to_string()
+}
+
+/// A stored dialog made ready for import on this node: the local CSeq floor applied when none
+/// was used, and this node's Contact (`local_contact`, a name-addr) in place of the old
+/// owner's.
 pub fn prepare_for_import(mut record: DialogRecord, local_contact: &str) -> DialogRecord {
     if record.local_cseq.is_none() {
         record.local_cseq = Some(UNUSED_LOCAL_CSEQ_FLOOR);
@@ -450,6 +463,16 @@ mod tests {
             local_contact: contact.to_string(),
             ..export()
         };
+        let ours: thalamus_sip::message::NameAddr =
+            "<sip:d@10.0.0.2:5061;transport=tls>".parse().unwrap();
+        assert_eq!(
+            import_contact(&record("<sips:d@10.0.0.1>"), ours.clone()),
+            "<sips:d@10.0.0.2:5061>"
+        );
+        assert_eq!(
+            import_contact(&record("<sip:d@10.0.0.1;transport=tls>"), ours),
+            "<sip:d@10.0.0.2:5061;transport=tls>"
+        );
         for (contact, transport) in [
             ("<sip:d@10.0.0.1:5061;transport=tls>", PeerTransport::Tls),
             ("<sips:d@10.0.0.1>", PeerTransport::Tls),
@@ -457,7 +480,11 @@ mod tests {
             ("<sip:d@10.0.0.1:5060>", PeerTransport::Udp),
             ("not a contact", PeerTransport::Udp),
         ] {
-            assert_eq!(contact_transport(&record(contact)), transport, "{contact}");
+            assert_eq!(
+                contact_transport(&record(contact)).0,
+                transport,
+                "{contact}"
+            );
         }
     }
 

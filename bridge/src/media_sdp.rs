@@ -201,8 +201,17 @@ fn is_signal(media: &RemoteMedia) -> bool {
 /// The streams of a description the call's relays take: the first active audio and video
 /// streams and the first active signal data stream, each with its MBFP stream id.
 pub fn streams(sdp: &SessionDescription) -> Vec<(StreamId, RemoteMedia)> {
+    streams_where(sdp, |_| true)
+}
+
+/// [`streams`] among the m-lines whose index `keep` takes (a remote offer's lines our answer
+/// did not refuse, say: the first of two audio lines may be one we refused).
+pub fn streams_where(
+    sdp: &SessionDescription,
+    keep: impl Fn(usize) -> bool,
+) -> Vec<(StreamId, RemoteMedia)> {
     let mut found: Vec<(StreamId, RemoteMedia)> = Vec::with_capacity(3);
-    for index in 0..sdp.media.len() {
+    for index in (0..sdp.media.len()).filter(|i| keep(*i)) {
         let Some(media) = sdp.remote_media_at(index) else {
             continue;
         };
@@ -293,6 +302,19 @@ mod tests {
         assert!(has_telephone_event(&sdp));
         assert!(m.remote_sdp.contains("PCMA"));
         assert!(!m.signal);
+    }
+
+    #[test]
+    fn the_first_line_of_a_kind_we_did_not_refuse_feeds_the_relay() {
+        let offer = SessionDescription::parse(
+            "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/SAVP 0\r\nm=audio 4002 RTP/AVP 0\r\n",
+        )
+        .unwrap();
+        let ports = |found: Vec<(StreamId, RemoteMedia)>| -> Vec<u16> {
+            found.into_iter().map(|(_, m)| m.rtp.port()).collect()
+        };
+        assert_eq!(ports(streams(&offer)), [4000]);
+        assert_eq!(ports(streams_where(&offer, |i| i != 0)), [4002]);
     }
 
     #[test]

@@ -246,50 +246,84 @@ fn srtp_context(suite: CryptoSuite, material: &[u8], receiving: bool) -> Option<
         .map(Box::new)
 }
 
+/// An outbound context set aside when the SRTP state changed (a re-key toward plain RTP, keys
+/// that do not pair), with the suite and key it was made from: if that key comes back, its
+/// context comes back too, so no two contexts are ever made from one key (a new one would
+/// start its counters again and reuse key stream).
+struct SpareOutbound {
+    suite: CryptoSuite,
+    local: Vec<u8>,
+    context: Box<SrtpContext>,
+}
+
+impl std::fmt::Debug for SpareOutbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpareOutbound")
+            .field("suite", &self.suite)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Srtp {
     /// The state for `keys`, keeping what it can of `previous`: a direction whose key and suite
-    /// did not change keeps its context (its rollover and SRTCP counts: a context started again
-    /// with the same key would reuse key stream), a changed one starts a new context.
-    fn rekeyed(previous: Srtp, keys: Option<SrtpKeys>) -> Srtp {
-        let Some(keys) = keys else {
-            return Srtp::Off;
-        };
-        let (old_keys, old_out, old_in, verified) = match previous {
+    /// did not change keeps its context (with, for the receiving one, the SSRCs it knows), a
+    /// changed one starts a new context. Our previous sending context goes to `spare`, and
+    /// comes back from it when its key does.
+    fn rekeyed(previous: Srtp, keys: Option<SrtpKeys>, spare: &mut Option<SpareOutbound>) -> Srtp {
+        let (old_keys, old_in) = match previous {
             Srtp::On {
                 keys,
                 outbound,
                 inbound,
                 verified,
-                ..
-            } => (Some(keys), Some(outbound), Some(inbound), verified),
-            Srtp::Off | Srtp::Broken => (None, None, None, Vec::new()),
-        };
-        let same_suite = old_keys.as_ref().is_some_and(|k| k.suite == keys.suite);
-        let outbound = match old_out {
-            Some(context)
-                if same_suite && old_keys.as_ref().is_some_and(|k| k.local == keys.local) =>
-            {
-                Some(context)
+                failed,
+            } => {
+                *spare = Some(SpareOutbound {
+                    suite: keys.suite,
+                    local: keys.local.clone(),
+                    context: outbound,
+                });
+                (Some(keys), Some((inbound, verified, failed)))
             }
-            _ => srtp_context(keys.suite, &keys.local, false),
+            Srtp::Off | Srtp::Broken => (None, None),
         };
-        let (inbound, verified) = match old_in {
-            Some(context)
-                if same_suite && old_keys.as_ref().is_some_and(|k| k.remote == keys.remote) =>
-            {
-                (Some(context), verified)
+        let Some(keys) = keys else {
+            return Srtp::Off;
+        };
+        let outbound = match spare.take() {
+            Some(kept) if kept.suite == keys.suite && kept.local == keys.local => {
+                Some(kept.context)
             }
-            _ => (srtp_context(keys.suite, &keys.remote, true), Vec::new()),
+            other => {
+                *spare = other;
+                srtp_context(keys.suite, &keys.local, false)
+            }
+        };
+        let same_remote = old_keys
+            .as_ref()
+            .is_some_and(|k| k.suite == keys.suite && k.remote == keys.remote);
+        let inbound = match old_in {
+            Some(kept) if same_remote => Some(kept),
+            _ => srtp_context(keys.suite, &keys.remote, true).map(|c| (c, Vec::new(), Vec::new())),
         };
         match (outbound, inbound) {
-            (Some(outbound), Some(inbound)) => Srtp::On {
+            (Some(outbound), Some((inbound, verified, failed))) => Srtp::On {
                 keys,
                 outbound,
                 inbound,
                 verified,
-                failed: Vec::new(),
+                failed,
             },
-            _ => Srtp::Broken,
+            (outbound, _) => {
+                if let Some(context) = outbound {
+                    *spare = Some(SpareOutbound {
+                        suite: keys.suite,
+                        local: keys.local.clone(),
+                        context,
+                    });
+                }
+                Srtp::Broken
+            }
         }
     }
 
@@ -643,6 +677,7 @@ pub struct RelayCore {
     rtcp_received: u64,
     keyframe_requests: KeyframeRequests,
     srtp: Srtp,
+    spare_outbound: Option<SpareOutbound>,
     latency_to_peer: LatencyHistogram,
     latency_to_device: LatencyHistogram,
     closed: bool,
@@ -738,6 +773,7 @@ impl RelayCore {
             rtcp_received: 0,
             keyframe_requests: KeyframeRequests::default(),
             srtp: Srtp::Off,
+            spare_outbound: None,
             latency_to_peer: LatencyHistogram::new(),
             latency_to_device: LatencyHistogram::new(),
             closed: false,
@@ -770,10 +806,8 @@ impl RelayCore {
         };
         // New keys start new contexts; the same keys keep them (and their rollover counts).
         if peer.srtp.as_ref() != self.srtp.keys() {
-            self.srtp = Srtp::rekeyed(
-                std::mem::replace(&mut self.srtp, Srtp::Off),
-                peer.srtp.clone(),
-            );
+            let previous = std::mem::replace(&mut self.srtp, Srtp::Off);
+            self.srtp = Srtp::rekeyed(previous, peer.srtp.clone(), &mut self.spare_outbound);
         }
         self.peer = Some(PeerState {
             null_address,
@@ -910,7 +944,22 @@ impl RelayCore {
             return None;
         }
         let known = verified.contains(&ssrc) || failed.contains(&ssrc);
-        if !known && failed.len() >= SRTP_MAX_PEER_SSRCS {
+        if !known && failed.len() >= SRTP_MAX_PEER_SSRCS && verified.is_empty() {
+            // Forged packets came before any real one: a fresh context (the library's state
+            // for their SSRCs goes with the old one), so they cannot lock the real stream out.
+            match srtp_context(keys.suite, &keys.remote, true) {
+                Some(fresh) => {
+                    *inbound = fresh;
+                    failed.clear();
+                }
+                None => {
+                    self.drops.srtp_too_many_ssrcs += 1;
+                    return None;
+                }
+            }
+        } else if !known
+            && (failed.len() >= SRTP_MAX_PEER_SSRCS || verified.len() >= SRTP_MAX_PEER_SSRCS)
+        {
             self.drops.srtp_too_many_ssrcs += 1;
             return None;
         }
@@ -2496,6 +2545,55 @@ mod tests {
             b.handle_rtp(&sent[0], "203.0.113.9:4000".parse().unwrap(), t0);
             assert_eq!(b.stats().drops.rtp_wrong_source, 1);
         }
+    }
+
+    #[test]
+    fn forged_ssrcs_before_the_real_stream_cannot_lock_it_out() {
+        let suite = CryptoSuite::AeadAes128Gcm;
+        let (mut a, t0) = keyed(keys(suite, 1, 2));
+        let (mut b, _) = keyed(keys(suite, 2, 1));
+        let peer: SocketAddr = "192.0.2.5:5004".parse().unwrap();
+        for ssrc in 0..SRTP_MAX_PEER_SSRCS as u32 + 3 {
+            b.handle_rtp(&rtp(0, 1, 0, ssrc, &[7u8; 40]), peer, t0);
+        }
+        a.handle_device_datagram(device(0, 1, 160, true, b"real"), t0);
+        let real = std::iter::from_fn(|| a.poll_transmit())
+            .find(|t| t.socket == SocketKind::Rtp)
+            .unwrap()
+            .packet;
+        b.handle_rtp(&real, peer, t0);
+        assert_eq!(to_device(&mut b).len(), 1, "{:?}", b.stats().drops);
+    }
+
+    #[test]
+    fn our_sending_context_survives_a_detour_through_unusable_keys() {
+        // A sends SRTCP, its keys turn unusable (a re-offer whose keys do not pair), then come
+        // back: its next SRTCP goes on from the same context (a new one would start its index
+        // again, and B would take it for a replay).
+        let suite = CryptoSuite::AesCm128HmacSha1_80;
+        let (mut a, t0) = keyed(keys(suite, 1, 2));
+        let (mut b, _) = keyed(keys(suite, 2, 1));
+        let rtcp_peer: SocketAddr = "192.0.2.5:5005".parse().unwrap();
+        a.request_keyframe(t0);
+        for t in rtcp_sent(&mut a) {
+            b.handle_rtcp(&t.packet, rtcp_peer, t0);
+        }
+        let peer =
+            |keys| RemotePeer::from_remote_media(&remote(Direction::SendRecv)).with_srtp(keys);
+        a.set_peer(
+            peer(Some(SrtpKeys {
+                suite,
+                local: vec![1; 30],
+                remote: vec![],
+            })),
+            t0,
+        );
+        a.set_peer(peer(keys(suite, 1, 2)), t0);
+        a.request_keyframe(t0 + ms(300));
+        for t in rtcp_sent(&mut a) {
+            b.handle_rtcp(&t.packet, rtcp_peer, t0 + ms(300));
+        }
+        assert_eq!(b.stats().rtcp_received, 2, "{:?}", b.stats().drops);
     }
 
     #[test]

@@ -545,9 +545,12 @@ impl UserAgent {
             .destination_for(request)
             .await
             .map_or(PeerTransport::Udp, |peer| peer.transport);
-        let mut contact = self.contact(user, transport);
+        // By the URI, not the first hop: through a proxy reached over UDP a sips URI still
+        // wants our TLS address, as a sips: URI.
         let sips = request.uri.as_sip().is_some_and(|u| u.secure);
-        if let (true, PeerTransport::Tls, Uri::Sip(uri)) = (sips, transport, &mut contact.uri) {
+        let transport = if sips { PeerTransport::Tls } else { transport };
+        let mut contact = self.contact(user, transport);
+        if let (true, Uri::Sip(uri)) = (sips, &mut contact.uri) {
             uri.secure = true;
             uri.params.remove("transport");
         }

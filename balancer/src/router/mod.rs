@@ -590,8 +590,13 @@ impl BalancerCore {
                 match (external, &self.tls_sent_by) {
                     (PeerTransport::Tls, Some(tls_sent_by)) => {
                         // Two entries (RFC 5658): our TLS address toward the TLS side, our UDP
-                        // one toward the node, each nearest the side that uses it.
-                        let outer = rr(tls_sent_by, ";transport=tls");
+                        // one toward the node, each nearest the side that uses it. For a sips
+                        // Request-URI the TLS one is a sips URI (RFC 3261 section 16.6).
+                        let outer = if req.uri.as_sip().is_some_and(|u| u.secure) {
+                            rr(tls_sent_by, "").replacen("<sip:", "<sips:", 1)
+                        } else {
+                            rr(tls_sent_by, ";transport=tls")
+                        };
                         let inner = rr(&self.sent_by, "");
                         let (first, second) = if decision_node.is_some() {
                             (outer, inner)

@@ -1881,14 +1881,14 @@ impl CallCore {
         self.telephone_event = media_sdp::has_telephone_event(sdp);
         if self.relay.is_some() {
             let local = self.sdp.last_local();
-            let ops: Vec<RelayOp> = media_sdp::streams(sdp)
+            // A stream our description refused (port 0) gets no media at all.
+            let taken = |index: usize| {
+                !local
+                    .and_then(|l| l.media.get(index))
+                    .is_some_and(|m| m.is_rejected())
+            };
+            let ops: Vec<RelayOp> = media_sdp::streams_where(sdp, taken)
                 .into_iter()
-                // A stream our description refused (port 0) gets no media at all.
-                .filter(|(_, remote)| {
-                    !local
-                        .and_then(|l| l.media.get(remote.index))
-                        .is_some_and(|m| m.is_rejected())
-                })
                 .map(|(stream, remote)| {
                     let keys = media_sdp::srtp_keys(&remote, local);
                     RelayOp::SetRemote(stream, Box::new(remote), keys)
