@@ -348,14 +348,14 @@ async fn subscribe(
                 NameAddr::new(target),
             );
             request.headers.set_call_id(&ids.0);
-            let contact = inner.ua.contact_for(Some(&device), &request).await;
+            let (contact, destination) = inner.ua.contact_for(Some(&device), &request).await;
             request.headers.push_contact(&contact);
             for (name, value) in headers {
                 request.headers.push(name, value);
             }
             inner
                 .ua
-                .send_with_auth(request, None, inner.credentials(&device))
+                .send_with_auth(request, destination, inner.credentials(&device))
                 .await
         }
     };

@@ -415,16 +415,19 @@ pub fn contact_transport(record: &DialogRecord) -> (thalamus_sip::transport::Pee
     (transport, sip.secure)
 }
 
-/// This node's Contact for an imported dialog: `ours` (made for the transport
-/// [`contact_transport`] named), turned into a `sips:` URI when the dialog's was one.
-pub fn import_contact(record: &DialogRecord, mut ours: thalamus_sip::message::NameAddr) -> String {
-    if let (true, thalamus_sip::message::Uri::Sip(uri)) =
-        (contact_transport(record).1, &mut ours.uri)
-    {
+/// This node's Contact for an imported dialog: the one `ours` makes for the transport
+/// [`contact_transport`] names, turned into a `sips:` URI when the dialog's was one.
+pub fn import_contact(
+    record: &DialogRecord,
+    ours: impl FnOnce(thalamus_sip::transport::PeerTransport) -> thalamus_sip::message::NameAddr,
+) -> String {
+    let (transport, sips) = contact_transport(record);
+    let mut contact = ours(transport);
+    if let (true, thalamus_sip::message::Uri::Sip(uri)) = (sips, &mut contact.uri) {
         uri.secure = true;
         uri.params.remove("transport");
     }
-    ours.to_string()
+    contact.to_string()
 }
 
 /// A stored dialog made ready for import on this node: the local CSeq floor applied when none
@@ -463,10 +466,12 @@ mod tests {
             local_contact: contact.to_string(),
             ..export()
         };
-        let ours: thalamus_sip::message::NameAddr =
-            "<sip:d@10.0.0.2:5061;transport=tls>".parse().unwrap();
+        let ours = |transport| {
+            assert_eq!(transport, PeerTransport::Tls);
+            "<sip:d@10.0.0.2:5061;transport=tls>".parse().unwrap()
+        };
         assert_eq!(
-            import_contact(&record("<sips:d@10.0.0.1>"), ours.clone()),
+            import_contact(&record("<sips:d@10.0.0.1>"), ours),
             "<sips:d@10.0.0.2:5061>"
         );
         assert_eq!(

@@ -150,10 +150,14 @@ impl Inner {
         let (call_id, cseq) = sequence;
         request.headers.set_call_id(&call_id);
         request.headers.set_cseq(&CSeq::new(cseq, Method::Register));
-        let contact = self.ua.contact_for(Some(device), &request).await;
+        let (contact, destination) = self.ua.contact_for(Some(device), &request).await;
         request.headers.push_contact(&contact);
         request.headers.set_expires(expires);
-        let mut call = match self.ua.send_with_auth(request, None, credentials).await {
+        let mut call = match self
+            .ua
+            .send_with_auth(request, destination, credentials)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 warn!(device, error = %e, "REGISTER not sent");

@@ -285,13 +285,9 @@ async fn attach_claimed(
         Trigger::Cancel => Trigger::Api,
         other => other,
     };
-    let contact = crate::dialogs::import_contact(
-        &sip,
-        inner.ua.contact(
-            Some(&claimed.device_id),
-            crate::dialogs::contact_transport(&sip).0,
-        ),
-    );
+    let contact = crate::dialogs::import_contact(&sip, |transport| {
+        inner.ua.contact(Some(&claimed.device_id), transport)
+    });
     let prepared = prepare_for_import(sip, &contact);
     let dialog = match inner.ua.import(prepared.clone()).await {
         Ok(d) => d,

@@ -482,13 +482,9 @@ pub(crate) async fn attach(
         Admit::Limit(which) => return Err(format!("limit {which}")),
         Admit::Accept { .. } | Admit::TooBrief { .. } => {}
     }
-    let contact = crate::dialogs::import_contact(
-        &sub.dialog,
-        inner.ua.contact(
-            Some(&device),
-            crate::dialogs::contact_transport(&sub.dialog).0,
-        ),
-    );
+    let contact = crate::dialogs::import_contact(&sub.dialog, |transport| {
+        inner.ua.contact(Some(&device), transport)
+    });
     let prepared = crate::dialogs::prepare_for_import(sub.dialog, &contact);
     let dialog = inner.ua.import(prepared).await.map_err(|e| e.to_string())?;
     let now = tokio::time::Instant::now().into_std();

@@ -539,12 +539,15 @@ impl UserAgent {
     /// Our Contact for `user` on the transport `request` will go over (UDP when it cannot be
     /// resolved now): a request sent over TLS names our TLS address, as RFC 3261 section 26.2
     /// asks, so the peer's requests in the dialog come back over TLS. A request to a `sips:`
-    /// URI gets a `sips:` Contact (section 8.1.1.8).
-    pub async fn contact_for(&self, user: Option<&str>, request: &Request) -> NameAddr {
-        let transport = self
-            .destination_for(request)
-            .await
-            .map_or(PeerTransport::Udp, |peer| peer.transport);
+    /// URI gets a `sips:` Contact (section 8.1.1.8). Also returns where the request goes, to
+    /// be given to [`UserAgent::send_with_auth`] so it is not resolved twice.
+    pub async fn contact_for(
+        &self,
+        user: Option<&str>,
+        request: &Request,
+    ) -> (NameAddr, Option<Peer>) {
+        let destination = self.destination_for(request).await.ok();
+        let transport = destination.map_or(PeerTransport::Udp, |peer| peer.transport);
         // By the URI, not the first hop: through a proxy reached over UDP a sips URI still
         // wants our TLS address, as a sips: URI.
         let sips = request.uri.as_sip().is_some_and(|u| u.secure);
@@ -554,7 +557,7 @@ impl UserAgent {
             uri.secure = true;
             uri.params.remove("transport");
         }
-        contact
+        (contact, destination)
     }
 
     /// A fresh out-of-dialog request: Request-URI, From (with a new tag), To, Call-ID, CSeq 1,
@@ -1641,6 +1644,7 @@ mod contact_tests {
             let got = ua
                 .contact_for(Some("dev"), &contact(target))
                 .await
+                .0
                 .to_string();
             assert!(got.starts_with(expected), "{target}: {got}");
         }

@@ -141,6 +141,16 @@ fn wait_text(
     }
 }
 
+/// Waits until the gateway logs that it registered the device upstream.
+fn wait_registered_upstream(gateway: &Gateway) -> anyhow::Result<()> {
+    wait_text(
+        "\"registered upstream\" in the gateway's log",
+        T,
+        || gateway.log(),
+        |log| log.contains("registered upstream"),
+    )
+}
+
 /// A port free for both UDP and TCP on loopback (baresip listens on both).
 fn free_udp_tcp_port() -> anyhow::Result<u16> {
     for _ in 0..50 {
@@ -639,12 +649,7 @@ impl Peers {
         let gw_contact = format!("@127.0.0.1:{}", self.gateway.sip.port());
         self.kamailio_line(&[&format!("REGISTER for {aor}: challenge")])?;
         self.kamailio_line(&[&format!("REGISTER for {aor} saved"), &gw_contact])?;
-        wait_text(
-            "\"registered upstream\" in the gateway's log",
-            T,
-            || self.gateway.log(),
-            |log| log.contains("registered upstream"),
-        )?;
+        wait_registered_upstream(&self.gateway)?;
 
         self.baresip
             .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
@@ -846,12 +851,7 @@ impl Peers {
     fn baresip_transfers_the_device(&mut self) -> anyhow::Result<()> {
         let mut device = self.device("listen", &[])?;
         device.wait_event("welcome", T)?;
-        wait_text(
-            "\"registered upstream\" in the gateway's log",
-            T,
-            || self.gateway.log(),
-            |log| log.contains("registered upstream"),
-        )?;
+        wait_registered_upstream(&self.gateway)?;
         self.baresip
             .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
         let first = device.wait_for(
@@ -948,12 +948,7 @@ fn baresip_watches_the_device_s_presence() {
         device.wait_event("welcome", T)?;
         // Online and registered at Kamailio before baresip subscribes (it retries a failed
         // subscription only after 30 s).
-        wait_text(
-            "\"registered upstream\" in the gateway's log",
-            T,
-            || gateway.log(),
-            |log| log.contains("registered upstream"),
-        )?;
+        wait_registered_upstream(&gateway)?;
         let aor = format!("sip:{DEVICE}@{DOMAIN}");
         let mut baresip = Baresip::start(kport, &format!("\"Device\" <{aor}>;presence=p2p\n"))
             .context("starting baresip")?;
@@ -1047,12 +1042,7 @@ impl Peers {
     fn baresip_calls_the_device_for_3_s(&mut self, listen_args: &[&str]) -> anyhow::Result<Sim> {
         let mut device = self.device("listen", listen_args)?;
         device.wait_event("welcome", T)?;
-        wait_text(
-            "\"registered upstream\" in the gateway's log",
-            T,
-            || self.gateway.log(),
-            |log| log.contains("registered upstream"),
-        )?;
+        wait_registered_upstream(&self.gateway)?;
         self.baresip
             .command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
         device.wait_for(
@@ -1476,12 +1466,7 @@ fn kamailio_proxies_over_tls_in_front_of_the_gateway() {
             &format!(":{gtls};transport=tls"),
         ])
         .with_context(|| logs(&baresip))?;
-        wait_text(
-            "\"registered upstream\" in the gateway's log",
-            T,
-            || gateway.log(),
-            |log| log.contains("registered upstream"),
-        )?;
+        wait_registered_upstream(&gateway)?;
         // baresip -> Kamailio -> (TLS) gateway -> device.
         baresip.command("dial", &format!("sip:{DEVICE}@{DOMAIN}"))?;
         listener

@@ -529,14 +529,14 @@ impl Driver {
                     inner.aor(&self.key.0),
                     NameAddr::new(target),
                 );
-                let contact = ua.contact_for(Some(&self.key.0), &invite).await;
+                let (contact, destination) = ua.contact_for(Some(&self.key.0), &invite).await;
                 invite.headers.push_contact(&contact);
                 for (name, value) in headers {
                     invite.headers.push(name, value);
                 }
                 invite.set_body(Bytes::from(sdp), Some(&MediaType::sdp()));
                 match ua
-                    .send_with_auth(invite, None, inner.credentials(&self.key.0))
+                    .send_with_auth(invite, destination, inner.credentials(&self.key.0))
                     .await
                 {
                     Ok(call) => self.calls.push((tx, call)),
