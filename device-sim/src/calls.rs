@@ -310,10 +310,15 @@ async fn device_calls(
     Ok((ok, failed))
 }
 
-fn is_media_statistics(env: &Envelope, call_ref: u32) -> Option<MediaStats> {
+/// The gateway's media statistics event of `call_ref`, if `env` is it: the audio stream's
+/// figures and every stream's.
+fn is_media_statistics(
+    env: &Envelope,
+    call_ref: u32,
+) -> Option<(Option<MediaStats>, Vec<MediaStats>)> {
     match &env.body {
         Some(Body::CallEvent(e)) if e.call_ref == call_ref && e.reason == "media statistics" => {
-            e.stats
+            Some((e.stats, e.streams.clone()))
         }
         _ => None,
     }
@@ -473,8 +478,12 @@ async fn one_call(
                         if consulting {
                             end_consultation(dev, consult_ref, printer).await?;
                         }
+                        let gateway = if opts.media || opts.streams.any() {
+                            finish_probe(dev, call_ref, &mut probe, printer).await
+                        } else {
+                            Vec::new()
+                        };
                         if opts.media {
-                            finish_probe(dev, call_ref, &mut probe, printer).await;
                             let mut report = probe.report();
                             report["call_ref"] = json!(call_ref);
                             report["device"] = json!(device);
@@ -483,7 +492,7 @@ async fn one_call(
                                 totals.add(&probe);
                             }
                         }
-                        extra.report(printer, device);
+                        extra.report(printer, device, &gateway);
                         return Ok(answered_at.is_some());
                     }
                     _ => {}
@@ -569,29 +578,30 @@ fn rebind(dev: &Device, call_ref: u32, printer: EventPrinter) -> anyhow::Result<
 }
 
 /// After the end of a call: reads late echoes and waits (bounded) for the gateway's media
-/// statistics, which follow the end event once the relay has stopped.
+/// statistics, which follow the end event once the relays have stopped. Gives back every
+/// stream's statistics (none when they did not come).
 async fn finish_probe(
     dev: &mut Device,
     call_ref: u32,
     probe: &mut EchoProbe,
     printer: EventPrinter,
-) {
+) -> Vec<MediaStats> {
     let until = tokio::time::Instant::now() + STATS_WAIT;
     loop {
         tokio::select! {
             frame = next_frame(&mut dev.incoming.events, printer) => {
-                let Ok(env) = frame else { return };
+                let Ok(env) = frame else { return Vec::new() };
                 printer.frame(&env);
-                if let Some(stats) = is_media_statistics(&env, call_ref) {
-                    probe.gateway = Some(stats);
-                    return;
+                if let Some((audio, streams)) = is_media_statistics(&env, call_ref) {
+                    probe.gateway = audio;
+                    return streams;
                 }
             }
             datagram = dev.incoming.datagrams.recv() => {
-                let Some(d) = datagram else { return };
+                let Some(d) = datagram else { return Vec::new() };
                 probe.on_datagram(d, Instant::now());
             }
-            () = tokio::time::sleep_until(until) => return,
+            () = tokio::time::sleep_until(until) => return Vec::new(),
         }
     }
 }
@@ -663,6 +673,8 @@ pub async fn listen(
     let mut hangups: Vec<(Instant, u32)> = Vec::new();
     let mut media: HashMap<u32, ReceivedMedia> = HashMap::new();
     let mut streams: HashMap<u32, CallStreams> = HashMap::new();
+    // Ended calls whose stream reports wait for the gateway's statistics, since when.
+    let mut ended_streams: HashMap<u32, (Instant, CallStreams)> = HashMap::new();
     let mut finishing_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     // Outgoing calls placed while listening: (calls placed so far, when the next goes), and
@@ -722,11 +734,15 @@ pub async fn listen(
                         if let Some(m) = media.remove(&e.call_ref) {
                             printer.emit("media_report", m.report(e.call_ref, e.stats.as_ref()));
                         }
+                        if let Some((_, call)) = ended_streams.remove(&e.call_ref) {
+                            call.report(printer, &login_opts.device, &e.streams);
+                        }
                     }
                     Some(Body::CallEvent(e)) if e.state == CallState::Ended as i32 => {
                         ended += 1;
+                        // Its reports wait (bounded) for the gateway's statistics of each stream.
                         if let Some(call) = streams.remove(&e.call_ref) {
-                            call.report(printer, &login_opts.device);
+                            ended_streams.insert(e.call_ref, (Instant::now(), call));
                         }
                         if let Some(m) = media.get_mut(&e.call_ref) {
                             m.ended_at = Some(Instant::now());
@@ -827,7 +843,17 @@ pub async fn listen(
                         printer.emit("media_report", m.report(call_ref, None));
                     }
                 }
-                let all_reported = !media.values().any(|m| m.ended_at.is_some());
+                let late: Vec<u32> = ended_streams
+                    .iter()
+                    .filter(|(_, (at, _))| now.saturating_duration_since(*at) >= LISTEN_REPORT_WAIT)
+                    .map(|(r, _)| *r)
+                    .collect();
+                for call_ref in late {
+                    if let Some((_, call)) = ended_streams.remove(&call_ref) {
+                        call.report(printer, &login_opts.device, &[]);
+                    }
+                }
+                let all_reported = !media.values().any(|m| m.ended_at.is_some()) && ended_streams.is_empty();
                 if finishing_since.is_some_and(|at| all_reported || now.saturating_duration_since(at) >= LISTEN_REPORT_WAIT) {
                     printer.emit("summary", json!({"answered": answered, "ended": ended}));
                     dev.client.close().await;

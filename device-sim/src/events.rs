@@ -71,12 +71,8 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
             "end_reason": EndReason::try_from(c.end_reason)
                 .map_or_else(|_| c.end_reason.to_string(), |s| enum_name(s.as_str_name(), "END_REASON_")),
             "media": media(&c.media),
-            "stats": c.stats.as_ref().map(|s| json!({
-                "packets_sent": s.packets_sent, "packets_received": s.packets_received,
-                "bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
-                "packets_lost": s.packets_lost, "jitter_us": s.jitter_us,
-                "relay_latency_us": s.relay_latency_us,
-            })),
+            "stats": c.stats.as_ref().map(crate::media::stats_json),
+            "streams": c.streams.iter().map(crate::media::stats_json).collect::<Vec<_>>(),
         }),
         Some(Body::IncomingCall(c)) => json!({
             "call_ref": c.call_ref,

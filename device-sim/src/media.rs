@@ -269,13 +269,19 @@ fn loss_percent(sent: u32, matched: u32) -> f64 {
     }
 }
 
-fn stats_json(s: &MediaStats) -> Value {
+/// The gateway's statistics of one stream (a `MediaStats`) as JSON.
+pub(crate) fn stats_json(s: &MediaStats) -> Value {
     json!({
+        "stream_id": s.stream_id,
         "packets_sent": s.packets_sent,
         "packets_received": s.packets_received,
+        "bytes_sent": s.bytes_sent,
+        "bytes_received": s.bytes_received,
         "packets_lost": s.packets_lost,
         "jitter_us": s.jitter_us,
         "relay_latency_us": s.relay_latency_us,
+        "round_trip_us": s.round_trip_us,
+        "peer_reported_lost": s.peer_reported_lost,
     })
 }
 

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use serde_json::json;
 use thalamus_device::Client;
 use thalamus_proto::media::{MediaHeader, StreamId, HEADER_BYTES};
-use thalamus_proto::v1::{MediaOffer, VideoCodec};
+use thalamus_proto::v1::{MediaOffer, MediaStats, VideoCodec};
 
 use crate::events::EventPrinter;
 use crate::load::device_calls::device_media;
+use crate::media::stats_json;
 use crate::signal::SignalCall;
 use crate::video::VideoCall;
 
@@ -142,16 +143,25 @@ impl CallStreams {
         None
     }
 
-    /// Prints the reports of the call's streams (with the device's id).
-    pub fn report(&self, printer: EventPrinter, device: &str) {
+    /// Prints the reports of the call's streams (with the device's id, and the gateway's
+    /// statistics of each stream from `gateway`, the media statistics event's `streams`).
+    pub fn report(&self, printer: EventPrinter, device: &str, gateway: &[MediaStats]) {
+        let of = |stream: StreamId| {
+            gateway
+                .iter()
+                .find(|s| s.stream_id == u32::from(stream.0))
+                .map(stats_json)
+        };
         if let Some(signal) = &self.signal {
             let mut report = signal.report(self.call_ref);
             report["device"] = json!(device);
+            report["gateway"] = json!(of(StreamId::SIGNAL));
             printer.emit("signal_report", report);
         }
         if let Some(video) = &self.video {
             let mut report = video.report(self.call_ref);
             report["device"] = json!(device);
+            report["gateway"] = json!(of(StreamId::VIDEO));
             printer.emit("video_report", report);
         }
     }

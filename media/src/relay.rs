@@ -554,18 +554,24 @@ pub struct RelayStats {
 }
 
 impl From<&RelayStats> for MediaStats {
-    /// The device-link view (docs/protocol.md, `MediaStats`): datagrams sent to and received
-    /// from the device, loss and jitter of the device's media, mean relay latency.
+    /// The SIP leg as the device is told it (docs/protocol.md, `MediaStats`): RTP sent to and
+    /// received from the peer, loss and jitter of the peer's media, the median time a device
+    /// packet spent inside the gateway on its way to the peer, and the peer's RTCP view. The
+    /// stream id is left at 0 (audio); the caller sets it.
     fn from(stats: &RelayStats) -> MediaStats {
         let micros = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let report = stats.peer_report.as_ref();
         MediaStats {
-            packets_sent: stats.to_device.packets,
-            packets_received: stats.from_device.flow.packets,
-            bytes_sent: stats.to_device.bytes,
-            bytes_received: stats.from_device.flow.bytes,
-            packets_lost: stats.from_device.lost,
-            jitter_us: micros(stats.from_device.jitter),
-            relay_latency_us: micros(stats.latency.mean),
+            packets_sent: stats.to_peer.packets,
+            packets_received: stats.from_peer.flow.packets,
+            bytes_sent: stats.to_peer.bytes,
+            bytes_received: stats.from_peer.flow.bytes,
+            packets_lost: stats.from_peer.lost,
+            jitter_us: micros(stats.from_peer.jitter),
+            relay_latency_us: micros(stats.latency_to_peer.p50),
+            stream_id: 0,
+            round_trip_us: report.and_then(|r| r.round_trip).map_or(0, micros),
+            peer_reported_lost: report.map_or(0, |r| u64::try_from(r.cumulative_lost).unwrap_or(0)),
         }
     }
 }
@@ -2401,6 +2407,13 @@ mod tests {
         assert_eq!(report.jitter, ms(10)); // 80 units at 8 kHz
         let rtt = report.round_trip.unwrap();
         assert!(rtt.abs_diff(ms(500)) < ms(1), "{rtt:?}");
+        // The device is told the peer's view too.
+        let message = MediaStats::from(&core.stats());
+        assert_eq!(message.peer_reported_lost, 3);
+        assert!(
+            message.round_trip_us.abs_diff(500_000) < 1_000,
+            "{message:?}"
+        );
         assert_eq!(core.stats().rtcp_received, 2);
         // RTCP from a stranger is refused.
         core.handle_rtcp(&rr, "203.0.113.1:5005".parse().unwrap(), t0);
@@ -2707,14 +2720,28 @@ mod tests {
         );
         let stats = core.stats();
         let message = MediaStats::from(&stats);
-        assert_eq!(message.packets_received, 4);
-        assert_eq!(message.bytes_received, 640);
-        assert_eq!(message.packets_sent, 1);
-        assert_eq!(message.bytes_sent, 80);
-        assert_eq!(message.packets_lost, 1);
+        // The SIP leg: four packets of the device went to the peer, one came from it.
+        assert_eq!(message.packets_sent, 4);
+        assert_eq!(message.bytes_sent, 640);
+        assert_eq!(message.packets_received, 1);
+        assert_eq!(message.bytes_received, 80);
+        assert_eq!(message.packets_lost, 0);
         assert_eq!(message.jitter_us, 0);
+        // The median device -> peer time (each 100 us), to the histogram's precision.
+        assert!(
+            (50..=100).contains(&message.relay_latency_us),
+            "{message:?}"
+        );
+        assert_eq!(
+            (
+                message.stream_id,
+                message.round_trip_us,
+                message.peer_reported_lost
+            ),
+            (0, 0, 0)
+        );
         // (4 x 100 us + 300 us) / 5
-        assert_eq!(message.relay_latency_us, 140);
+        assert_eq!(stats.latency.mean, Duration::from_micros(140));
         assert_eq!(stats.latency_to_peer.count, 4);
         assert_eq!(stats.latency_to_device.count, 1);
         assert_eq!(stats.latency.count, 5);

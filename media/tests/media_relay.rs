@@ -219,8 +219,9 @@ async fn ten_seconds_of_frames_echo_back_in_order() {
     assert!(stats.latency.p50 <= stats.latency.p99);
     assert!(stats.latency.p99 < Duration::from_secs(1));
     let message = MediaStats::from(&stats);
-    assert_eq!(message.packets_received, 500);
-    assert_eq!(message.bytes_received, 500 * 80);
+    assert_eq!(message.packets_sent, 500);
+    assert_eq!(message.bytes_sent, 500 * 80);
+    assert_eq!(message.packets_received as usize, seen.len());
     assert_eq!(message.packets_lost, 0);
 
     let final_stats = relay.stop().await.unwrap();

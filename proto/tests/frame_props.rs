@@ -53,16 +53,22 @@ fn media_stats() -> impl Strategy<Value = MediaStats> {
         any::<u64>(),
         any::<u32>(),
         any::<u32>(),
+        (any::<u32>(), any::<u32>(), any::<u64>()),
     )
         .prop_map(
-            |(ps, pr, bs, br, pl, jitter_us, relay_latency_us)| MediaStats {
-                packets_sent: ps,
-                packets_received: pr,
-                bytes_sent: bs,
-                bytes_received: br,
-                packets_lost: pl,
-                jitter_us,
-                relay_latency_us,
+            |(ps, pr, bs, br, pl, jitter_us, relay_latency_us, (stream_id, rtt, peer_lost))| {
+                MediaStats {
+                    packets_sent: ps,
+                    packets_received: pr,
+                    bytes_sent: bs,
+                    bytes_received: br,
+                    packets_lost: pl,
+                    jitter_us,
+                    relay_latency_us,
+                    stream_id,
+                    round_trip_us: rtt,
+                    peer_reported_lost: peer_lost,
+                }
             },
         )
 }
@@ -160,9 +166,10 @@ fn call_event() -> impl Strategy<Value = Body> {
         enum_value(),
         proptest::option::of(media_offer()),
         proptest::option::of(media_stats()),
+        vec(media_stats(), 0..4),
     )
         .prop_map(
-            |(call_ref, state, sip_status, reason, end_reason, media, stats)| {
+            |(call_ref, state, sip_status, reason, end_reason, media, stats, streams)| {
                 Body::CallEvent(CallEvent {
                     call_ref,
                     state,
@@ -171,6 +178,7 @@ fn call_event() -> impl Strategy<Value = Body> {
                     end_reason,
                     media,
                     stats,
+                    streams,
                 })
             },
         )

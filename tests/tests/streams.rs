@@ -168,6 +168,29 @@ fn brain_to_brain(gw_a: &Gateway, gw_b: &Gateway) -> (Value, Value) {
         assert!(u(asker, "key_frames") >= 3, "{asker}");
     }
     eprintln!("video: A saw {seen_by_a}; B saw {seen_by_b}");
+    // Each device was told its gateway's figures of each stream's SIP leg (revision 5): what
+    // its gateway sent toward the other covers what the other received, what it received
+    // from the other covers what the device got, and nothing went missing.
+    assert_eq!(audio["gateway"]["stream_id"].as_u64(), Some(0), "{audio}");
+    for (report, other, stream) in [
+        (&heard_by_a, &heard_by_b, 2),
+        (&heard_by_b, &heard_by_a, 2),
+        (&seen_by_a, &seen_by_b, 1),
+        (&seen_by_b, &seen_by_a, 1),
+    ] {
+        let gateway = &report["gateway"];
+        assert_eq!(gateway["stream_id"].as_u64(), Some(stream), "{report}");
+        assert_eq!(u(gateway, "packets_lost"), 0, "{report}");
+        assert!(
+            u(gateway, "packets_sent") >= u(other, "packets"),
+            "{report} {other}"
+        );
+        assert!(
+            u(gateway, "packets_received") >= u(report, "packets"),
+            "{report}"
+        );
+        assert!(u(report, "packets") > 0, "{report}");
+    }
     assert_eq!(caller.proc.wait_exit(T).unwrap(), Some(0));
     assert_eq!(listener.proc.wait_exit(T).unwrap(), Some(0));
     (heard_by_a, heard_by_b)
@@ -273,5 +296,15 @@ fn a_peer_without_the_signal_stream_or_video_gets_audio_only() {
     let video = caller.wait_event("video_report", T).unwrap();
     assert_eq!(u(&video, "packets"), 0, "{video}");
     assert!(u(&video, "sent_frames") > 0, "{video}");
+    // The gateway's figures: audio both ways; the streams the peer refused carried nothing
+    // on the SIP leg either way (the device's packets for them were dropped at the gateway).
+    assert_eq!(media["gateway"]["stream_id"].as_u64(), Some(0), "{media}");
+    assert!(u(&media["gateway"], "packets_received") >= 50, "{media}");
+    for (report, stream) in [(&signal, 2), (&video, 1)] {
+        let gateway = &report["gateway"];
+        assert_eq!(gateway["stream_id"].as_u64(), Some(stream), "{report}");
+        assert_eq!(u(gateway, "packets_sent"), 0, "{report}");
+        assert_eq!(u(gateway, "packets_received"), 0, "{report}");
+    }
     assert_eq!(caller.proc.wait_exit(T).unwrap(), Some(0));
 }

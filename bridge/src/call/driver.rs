@@ -952,36 +952,38 @@ impl Driver {
                 }
             }
         }
-        let stats = match self.relays.take() {
+        let streams = match self.relays.take() {
             Some(relays) => relays.stop().await,
-            None => None,
+            None => Vec::new(),
         };
         if let Ok(mut input) = self.media_input.lock() {
             *input = None;
         }
-        if let Some(stats) = &stats {
-            // The final statistics follow the end event (same call_ref, state ENDED).
+        let stats = streams
+            .iter()
+            .find(|(stream, _)| *stream == StreamId::AUDIO)
+            .map(|(_, stats)| stats);
+        if let Some(audio) = stats {
+            // The final statistics follow the end event (same call_ref, state ENDED): the
+            // audio stream's in `stats`, every stream's in `streams` (docs/protocol.md).
             let ev = CallEvent {
                 call_ref: self.key.1,
                 state: CallState::Ended as i32,
-                stats: Some(MediaStats {
-                    packets_sent: stats.to_peer.packets,
-                    packets_received: stats.from_peer.flow.packets,
-                    bytes_sent: stats.to_peer.bytes,
-                    bytes_received: stats.from_peer.flow.bytes,
-                    packets_lost: stats.from_peer.lost,
-                    jitter_us: u32::try_from(stats.from_peer.jitter.as_micros())
-                        .unwrap_or(u32::MAX),
-                    relay_latency_us: u32::try_from(stats.latency_to_peer.p50.as_micros())
-                        .unwrap_or(u32::MAX),
-                }),
+                stats: Some(MediaStats::from(audio)),
+                streams: streams
+                    .iter()
+                    .map(|(stream, stats)| MediaStats {
+                        stream_id: u32::from(stream.0),
+                        ..MediaStats::from(stats)
+                    })
+                    .collect(),
                 reason: "media statistics".into(),
                 ..Default::default()
             };
             self.inner.to_device(&self.key.0, 0, Body::CallEvent(ev));
         }
         let dialog = self.core.dialog().cloned();
-        self.write_call_record(dialog.as_ref(), stats.as_ref());
+        self.write_call_record(dialog.as_ref(), stats);
         if let Some(dialog) = &dialog {
             let _ = self.inner.ua.remove_dialog(dialog).await;
         }

@@ -84,15 +84,14 @@ impl CallRelays {
         inputs
     }
 
-    /// Stops every relay; the audio relay's final statistics (what the device is told).
-    pub(crate) async fn stop(self) -> Option<RelayStats> {
-        let mut audio = None;
+    /// Stops every relay; the final statistics of each, audio first.
+    pub(crate) async fn stop(self) -> Vec<(StreamId, RelayStats)> {
+        let mut stats = Vec::with_capacity(self.relays.len());
         for (stream, relay) in self.relays {
-            let stats = relay.stop().await.ok();
-            if stream == StreamId::AUDIO {
-                audio = stats;
+            if let Ok(s) = relay.stop().await {
+                stats.push((stream, s));
             }
         }
-        audio
+        stats
     }
 }
