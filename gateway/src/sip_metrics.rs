@@ -16,8 +16,9 @@
 //!   `sip_tcp_events_total{event}` (counter): `refused` (a connection limit), `connect_failed`,
 //!   `queue_full` (a destination's send queue), `closed_slow` (a message not received whole in
 //!   time), `closed_buffer_limit` (the node's receive buffers full), `tls_handshake_failed`
-//!   (a TLS handshake refused or timed out, either way: a certificate that does not verify).
-//!   TLS connections are counted with the TCP ones.
+//!   (a TLS handshake refused or timed out, either way: a certificate that does not verify),
+//!   `tls_established` (a TLS handshake completed, either way). TLS connections are counted
+//!   with the TCP ones.
 //!
 //! It only reads counters; the SIP stack keeps them.
 
@@ -193,7 +194,7 @@ impl Collector for SipCollector {
         labelled(
             &mut encoder,
             "sip_tcp_events",
-            "SIP TCP and TLS connection events: refused by a limit, connect failed, a destination's queue full, closed for a slow message or full buffers, a TLS handshake failed",
+            "SIP TCP and TLS connection events: refused by a limit, connect failed, a destination's queue full, closed for a slow message or full buffers, a TLS handshake failed or completed",
             "event",
             &[
                 ("refused", read(&t.connections_refused)),
@@ -202,6 +203,7 @@ impl Collector for SipCollector {
                 ("closed_slow", read(&t.closed_slow)),
                 ("closed_buffer_limit", read(&t.closed_buffer_limit)),
                 ("tls_handshake_failed", read(&t.tls_handshake_failures)),
+                ("tls_established", read(&t.tls_handshakes)),
             ],
         )?;
         Ok(())

@@ -690,6 +690,9 @@ pub struct RelayCore {
     /// Device datagrams that arrived before the peer was known (the device answered or heard
     /// the answer before the relay got the SDP): relayed once it is, if still recent.
     early_device: VecDeque<(Bytes, Instant)>,
+    /// RTP that arrived before the peer was known (its media beat its answer), with its source:
+    /// checked and relayed once it is, if still recent.
+    early_peer: VecDeque<(Bytes, SocketAddr, Instant)>,
 }
 
 /// Whether RTP from `source` may be the peer's: its latched source, or before the latch any
@@ -734,11 +737,16 @@ enum ReportTail {
 pub const EARLY_DEVICE_DATAGRAMS: usize = 8;
 /// How old a held device datagram may be when the peer becomes known.
 pub const EARLY_DEVICE_MAX_AGE: Duration = Duration::from_millis(500);
+/// Most packets from the network held until the peer is known (the peer's first media can
+/// beat its answer to us; with SRTP the answer also brings the keys to read it). Strangers can
+/// only take these slots, never the packets that come once the peer is known.
+pub const EARLY_PEER_PACKETS: usize = 8;
 
 impl RelayCore {
     /// A relay with no peer yet: the first device datagrams are held (at most
     /// [`EARLY_DEVICE_DATAGRAMS`], relayed when [`RelayCore::set_peer`] comes within
-    /// [`EARLY_DEVICE_MAX_AGE`]), later ones dropped.
+    /// [`EARLY_DEVICE_MAX_AGE`]), later ones dropped; so are the first RTP packets from the
+    /// network ([`EARLY_PEER_PACKETS`], checked as the peer's when it is known).
     pub fn new(settings: RelaySettings, now: Instant) -> Self {
         let outbound = Outbound {
             sequence: settings.initial_sequence,
@@ -784,6 +792,7 @@ impl RelayCore {
             latency_to_device: LatencyHistogram::new(),
             closed: false,
             early_device: VecDeque::new(),
+            early_peer: VecDeque::new(),
         }
     }
 
@@ -842,6 +851,14 @@ impl RelayCore {
                 self.handle_device_datagram(datagram, now);
             } else {
                 self.drops.device_not_sendable += 1;
+            }
+        }
+        // And what the peer sent before its answer reached us, checked as any packet now.
+        for (packet, source, at) in std::mem::take(&mut self.early_peer) {
+            if now.saturating_duration_since(at) <= EARLY_DEVICE_MAX_AGE {
+                self.handle_rtp(&packet, source, now);
+            } else {
+                self.drops.rtp_before_peer += 1;
             }
         }
     }
@@ -1133,6 +1150,17 @@ impl RelayCore {
         (header.timestamp.wrapping_add(offset), restarted)
     }
 
+    /// Holds an RTP packet that came before the peer was known, or drops and counts it when
+    /// [`EARLY_PEER_PACKETS`] are held already.
+    fn hold_early_rtp(&mut self, packet: &[u8], source: SocketAddr, now: Instant) {
+        if self.early_peer.len() < EARLY_PEER_PACKETS {
+            self.early_peer
+                .push_back((Bytes::copy_from_slice(packet), source, now));
+        } else {
+            self.drops.rtp_before_peer += 1;
+        }
+    }
+
     /// A packet received on the RTP socket from `source` at `now` (RTCP multiplexed on the RTP
     /// port is recognised and handled as RTCP).
     pub fn handle_rtp(&mut self, packet: &[u8], source: SocketAddr, now: Instant) {
@@ -1148,7 +1176,7 @@ impl RelayCore {
             // A stranger's packet costs no key work: the source is checked first.
             match self.peer.as_ref() {
                 None => {
-                    self.drops.rtp_before_peer += 1;
+                    self.hold_early_rtp(packet, source, now);
                     return;
                 }
                 Some(peer) if !rtp_source_accepted(peer, latch, source) => {
@@ -1168,7 +1196,7 @@ impl RelayCore {
             return;
         };
         let Some(peer) = self.peer.as_mut() else {
-            self.drops.rtp_before_peer += 1;
+            self.hold_early_rtp(packet, source, now);
             return;
         };
         if !rtp_source_accepted(peer, latch, source) {
@@ -2227,13 +2255,13 @@ mod tests {
         assert_eq!(drops.rtp_malformed, 2);
         assert_eq!(drops.rtcp_malformed, 1);
         assert!(sent_rtp(&mut core).is_empty());
-        // No peer yet: the peer's media is dropped and counted; the device's first datagrams
-        // are held (at most 8), later ones dropped and counted.
+        // No peer yet: the device's first datagrams and the network's first packets are held
+        // (at most 8 each), later ones dropped and counted.
         let mut fresh = RelayCore::new(settings(), t0);
         for seq in 0..9 {
             fresh.handle_device_datagram(device(0, seq, 0, false, b"x"), t0);
+            fresh.handle_rtp(&rtp(0, seq + 1, 0, PEER_SSRC, b"x"), peer_rtp(), t0);
         }
-        fresh.handle_rtp(&rtp(0, 1, 0, PEER_SSRC, b"x"), peer_rtp(), t0);
         assert_eq!(fresh.stats().drops.device_not_sendable, 1);
         assert_eq!(fresh.stats().drops.rtp_before_peer, 1);
         assert_eq!(fresh.poll_timeout(), None);
@@ -2265,6 +2293,40 @@ mod tests {
         late.set_remote_media(&remote(Direction::SendRecv), t0 + Duration::from_secs(1));
         assert!(sent_rtp(&mut late).is_empty());
         assert_eq!(late.stats().drops.device_not_sendable, 1);
+    }
+
+    #[test]
+    fn peer_media_before_its_answer_reaches_the_device_once_the_peer_is_known() {
+        let t0 = Instant::now();
+        let mut core = RelayCore::new(settings(), t0);
+        // The peer's first two packets beat its answer; a stranger's packet came too.
+        core.handle_rtp(&rtp(0, 1, 160, PEER_SSRC, b"first"), peer_rtp(), t0);
+        core.handle_rtp(
+            &rtp(0, 2, 320, PEER_SSRC, b"second"),
+            peer_rtp(),
+            t0 + ms(20),
+        );
+        core.handle_rtp(
+            &rtp(0, 7, 0, 0x5eed, b"forged"),
+            "203.0.113.9:4000".parse().unwrap(),
+            t0 + ms(20),
+        );
+        assert!(core.poll_device_datagram().is_none());
+        // The answer comes: the peer's packets are delivered in order (its source latched by
+        // the first), the stranger's refused as any would be.
+        core.set_remote_media(&remote(Direction::SendRecv), t0 + ms(30));
+        let delivered: Vec<Bytes> = std::iter::from_fn(|| core.poll_device_datagram())
+            .map(|d| d.datagram.slice(thalamus_proto::media::HEADER_BYTES..))
+            .collect();
+        assert_eq!(delivered, vec![&b"first"[..], &b"second"[..]]);
+        assert_eq!(core.stats().drops.rtp_wrong_source, 1);
+
+        // Held too long: dropped and counted, not delivered late.
+        let mut late = RelayCore::new(settings(), t0);
+        late.handle_rtp(&rtp(0, 1, 160, PEER_SSRC, b"stale"), peer_rtp(), t0);
+        late.set_remote_media(&remote(Direction::SendRecv), t0 + Duration::from_secs(1));
+        assert!(late.poll_device_datagram().is_none());
+        assert_eq!(late.stats().drops.rtp_before_peer, 1);
     }
 
     fn rtcp_sent(core: &mut RelayCore) -> Vec<Transmit> {

@@ -288,6 +288,15 @@ fn a_peer_without_the_signal_stream_or_video_gets_audio_only() {
             "2000",
         ],
     );
+    // Once answered, the relays of the two streams the peer refused stop: one relay left.
+    caller
+        .wait_for(
+            |v| v["event"] == "call_event" && v["state"] == "answered",
+            T,
+        )
+        .unwrap();
+    gw.wait_metric("thalamus_media_relays_live", 1.0, T)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
     let media = caller.wait_event("media_report", T).unwrap();
     assert!(u(&media, "payload_matches") >= 50, "{media}");
     let signal = caller.wait_event("signal_report", T).unwrap();
@@ -297,7 +306,8 @@ fn a_peer_without_the_signal_stream_or_video_gets_audio_only() {
     assert_eq!(u(&video, "packets"), 0, "{video}");
     assert!(u(&video, "sent_frames") > 0, "{video}");
     // The gateway's figures: audio both ways; the streams the peer refused carried nothing
-    // on the SIP leg either way (the device's packets for them were dropped at the gateway).
+    // on the SIP leg either way (the device's packets for them were dropped at the gateway),
+    // and their relays' figures are still reported.
     assert_eq!(media["gateway"]["stream_id"].as_u64(), Some(0), "{media}");
     assert!(u(&media["gateway"], "packets_received") >= 50, "{media}");
     for (report, stream) in [(&signal, 2), (&video, 1)] {

@@ -36,7 +36,8 @@ use thalamus_sip::dialog::DialogId;
 use thalamus_sip::endpoint::RELIABLE_TAG;
 use thalamus_sip::message::{HeaderName, MediaType, Method, Request, Uri};
 use thalamus_sip::sdp::{
-    Direction, HoldMode, LocalMedia, RemoteMedia, SdpSession, SessionDescription, SrtpPolicy,
+    Direction, HoldMode, LocalMedia, MediaKind, RemoteMedia, SdpSession, SessionDescription,
+    SrtpPolicy,
 };
 use thalamus_sip::session_timer::{
     Negotiated, Refresher, SessionExpires, SessionTimer, TimerConfig, TimerDue, UasTimer,
@@ -264,6 +265,9 @@ pub enum RelayOp {
     Inject(Vec<Bytes>),
     /// Ask the peer for a key frame of the call's video (RTCP PLI from the video relay).
     RequestKeyframe,
+    /// Stop the relay of this stream (never audio): the negotiation refused the stream, so
+    /// its ports go back to the pool. Later offers keep its m-line at port 0.
+    Stop(StreamId),
 }
 
 /// A counter the core asks the driver to bump.
@@ -1887,13 +1891,39 @@ impl CallCore {
                     .and_then(|l| l.media.get(index))
                     .is_some_and(|m| m.is_rejected())
             };
-            let ops: Vec<RelayOp> = media_sdp::streams_where(sdp, taken)
+            let accepted = media_sdp::streams_where(sdp, taken);
+            let has = |stream: StreamId| accepted.iter().any(|(s, _)| *s == stream);
+            let left_out = [StreamId::VIDEO, StreamId::SIGNAL].map(|s| !has(s));
+            let set_remote: Vec<RelayOp> = accepted
                 .into_iter()
                 .map(|(stream, remote)| {
                     let keys = media_sdp::srtp_keys(&remote, local);
                     RelayOp::SetRemote(stream, Box::new(remote), keys)
                 })
                 .collect();
+            // A stream with a relay that the negotiation left out (the peer refused it, or we
+            // did): its relay stops, its ports are released, and later offers give it port 0.
+            let mut ops: Vec<RelayOp> = Vec::with_capacity(set_remote.len() + 2);
+            if let Some(relay) = self.relay.as_mut() {
+                for ((stream, port, kind), out) in [
+                    (StreamId::VIDEO, &mut relay.ports.video, MediaKind::Video),
+                    (
+                        StreamId::SIGNAL,
+                        &mut relay.ports.signal,
+                        MediaKind::Application,
+                    ),
+                ]
+                .into_iter()
+                .zip(left_out)
+                {
+                    if port.is_some() && out {
+                        *port = None;
+                        self.sdp.retire(&kind);
+                        ops.push(RelayOp::Stop(stream));
+                    }
+                }
+            }
+            ops.extend(set_remote);
             for op in ops {
                 self.push(CallAction::Relay(op));
             }

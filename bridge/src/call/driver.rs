@@ -514,6 +514,14 @@ impl Driver {
                         let _ = relay.set_local_direction(direction).await;
                     }
                 }
+                RelayOp::Stop(stream) => {
+                    if let Some(relays) = self.relays.as_mut() {
+                        relays.stop_stream(stream).await;
+                        if let Ok(mut input) = self.media_input.lock() {
+                            *input = Some(relays.inputs());
+                        }
+                    }
+                }
                 // Carried out by `execute_now`.
                 RelayOp::Inject(_) | RelayOp::RequestKeyframe => {}
             },

@@ -40,6 +40,8 @@ impl StreamInputs {
 /// The relays of one call; the audio one is first.
 pub(crate) struct CallRelays {
     relays: Vec<(StreamId, MediaRelay)>,
+    /// The final statistics of relays stopped before the call ended.
+    stopped: Vec<(StreamId, RelayStats)>,
 }
 
 impl CallRelays {
@@ -47,7 +49,26 @@ impl CallRelays {
     pub(crate) fn new(audio: MediaRelay) -> Self {
         let mut relays = Vec::with_capacity(STREAMS);
         relays.push((StreamId::AUDIO, audio));
-        CallRelays { relays }
+        CallRelays {
+            relays,
+            stopped: Vec::new(),
+        }
+    }
+
+    /// Stops the relay of `stream` (never the audio one), keeping its final statistics for
+    /// [`CallRelays::stop`]. Its device datagrams go to the audio relay from then on, which
+    /// drops and counts them (refresh the [`StreamInputs`]).
+    pub(crate) async fn stop_stream(&mut self, stream: StreamId) {
+        if stream == StreamId::AUDIO {
+            return;
+        }
+        let Some(index) = self.relays.iter().position(|(s, _)| *s == stream) else {
+            return;
+        };
+        let (stream, relay) = self.relays.remove(index);
+        if let Ok(stats) = relay.stop().await {
+            self.stopped.push((stream, stats));
+        }
     }
 
     /// Adds the relay of another stream.
@@ -84,14 +105,16 @@ impl CallRelays {
         inputs
     }
 
-    /// Stops every relay; the final statistics of each, audio first.
+    /// Stops every relay; the final statistics of each the call had, by stream id (audio
+    /// first).
     pub(crate) async fn stop(self) -> Vec<(StreamId, RelayStats)> {
-        let mut stats = Vec::with_capacity(self.relays.len());
+        let mut stats = self.stopped;
         for (stream, relay) in self.relays {
             if let Ok(s) = relay.stop().await {
                 stats.push((stream, s));
             }
         }
+        stats.sort_by_key(|(stream, _)| stream.0);
         stats
     }
 }

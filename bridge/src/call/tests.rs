@@ -638,17 +638,34 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
         set_remote_streams(&a),
         [(StreamId::AUDIO, 30000), (StreamId::SIGNAL, 30004)]
     );
+    // The refused video relay stops (its ports go back to the pool) before the others get
+    // their peers.
+    assert_eq!(
+        a.iter()
+            .filter(|x| matches!(x, CallAction::Relay(RelayOp::Stop(_))))
+            .collect::<Vec<_>>(),
+        [&CallAction::Relay(RelayOp::Stop(StreamId::VIDEO))]
+    );
     let answered = &events(&a)[0];
     assert!(
         answered.media.as_ref().is_some_and(|m| m.signal),
         "{answered:?}"
     );
-    // The device's key frame request goes to the video relay at once.
+    // With no video relay left, a key frame request means nothing.
     let keyframe = || Body::KeyframeRequest(thalamus_proto::v1::KeyframeRequest { call_ref: 7 });
     core.handle(t0, CallInput::Device(9, keyframe()));
-    assert_eq!(
-        drain(&mut core),
-        vec![CallAction::Relay(RelayOp::RequestKeyframe)]
+    assert!(drain(&mut core).is_empty());
+    // A later offer (the device holds) keeps the refused video line, at port 0 (RFC 3264
+    // 8.2), and the signal stream on its port.
+    core.handle(t0, CallInput::Device(4, Body::Hold(Hold { call_ref: 7 })));
+    let reinvite = sent_in_dialog(&drain(&mut core));
+    let sdp = &reinvite[0].2;
+    assert!(sdp.contains("m=video 0 "), "{sdp}");
+    assert!(sdp.contains("m=application 40004 "), "{sdp}");
+    assert!(
+        sdp.find("m=audio") < sdp.find("m=video")
+            && sdp.find("m=video") < sdp.find("m=application"),
+        "{sdp}"
     );
 
     // A peer's offer without them: the device's answer with every stream gets audio only.

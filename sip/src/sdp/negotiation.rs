@@ -393,6 +393,23 @@ impl SdpSession {
         Ok(self.redirect(previous, &held))
     }
 
+    /// Marks the streams of type `kind` in the last description as rejected (port 0, RFC 3264
+    /// 8.2) when the negotiation left them out, so that later offers built from it (hold,
+    /// resume) do not name a port whose relay is gone. Returns whether one was.
+    pub fn retire(&mut self, kind: &MediaKind) -> bool {
+        let Some(last) = self.last_local.as_mut() else {
+            return false;
+        };
+        let mut retired = false;
+        for media in last.media.iter_mut() {
+            if media.kind == *kind && !media.is_rejected() {
+                *media = rejected_copy(media);
+                retired = true;
+            }
+        }
+        retired
+    }
+
     /// Re-offers the last description with the directions it had before the hold (sendrecv if
     /// there was no hold).
     pub fn create_resume_offer(&mut self) -> Result<SessionDescription, NegotiationError> {

@@ -180,6 +180,8 @@ pub struct TransportStats {
     /// TLS handshakes that failed or timed out, either way (a certificate that does not verify,
     /// a peer that is not TLS, a peer that does not trust ours).
     pub tls_handshake_failures: AtomicU64,
+    /// TLS handshakes completed, either way (connections accepted or opened over TLS).
+    pub tls_handshakes: AtomicU64,
 }
 
 /// Most TLS peer names remembered ([`SipTransport::set_tls_name`]).
@@ -421,7 +423,10 @@ impl SipTransport {
             };
             let name = transport.tls_name(addr);
             match tokio::time::timeout(handshake_timeout, connector.connect(name, stream)).await {
-                Ok(Ok(stream)) => transport.run_connection(stream, peer, slot, rx).await,
+                Ok(Ok(stream)) => {
+                    transport.tls_done();
+                    transport.run_connection(stream, peer, slot, rx).await;
+                }
                 Ok(Err(e)) => {
                     transport.tls_failed();
                     transport.connect_failed(peer, rx, &e.to_string());
@@ -433,6 +438,13 @@ impl SipTransport {
             }
         });
         Ok(tx)
+    }
+
+    fn tls_done(&self) {
+        self.inner
+            .stats
+            .tls_handshakes
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn tls_failed(&self) {
@@ -526,6 +538,7 @@ impl SipTransport {
             let acceptor = tokio_rustls::TlsAcceptor::from(server);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => {
+                    transport.tls_done();
                     transport
                         .inner
                         .connections
@@ -1037,6 +1050,9 @@ mod tests {
                 .load(Ordering::Relaxed),
             0
         );
+        // One handshake each side, counted.
+        assert_eq!(client.stats().tls_handshakes.load(Ordering::Relaxed), 1);
+        assert_eq!(server.stats().tls_handshakes.load(Ordering::Relaxed), 1);
 
         // A client trusting another certificate refuses the server: the transaction waiting
         // is failed, the refusal counted on both sides.
