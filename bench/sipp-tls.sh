@@ -33,7 +33,8 @@ build
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" -addext "basicConstraints=critical,CA:FALSE" \
     -keyout "$WORK/gw.key" -out "$WORK/gw.crt" 2>/dev/null
-TLS_PORT=$(python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+free_tcp_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
+TLS_PORT=$(free_tcp_port)
 start_gateway gw "[sip.tls]
 listen = \"127.0.0.1:$TLS_PORT\"
 certificate = \"$WORK/gw.crt\"
@@ -61,7 +62,9 @@ pass() { # name transport target
   wait_phase "$st" calling
   local t0 t1
   t0=$(cpu_ticks "$GW_PID")
-  (cd "$dir" && "$SIPP" -sf "$SCENARIO" -inf "$USERS" -i 127.0.0.1 -p "$(free_port)" -nostdin -t "$transport" -max_socket 10000 \
+  local port
+  if [ "$transport" = u1 ]; then port=$(free_port); else port=$(free_tcp_port); fi
+  (cd "$dir" && "$SIPP" -sf "$SCENARIO" -inf "$USERS" -i 127.0.0.1 -p "$port" -nostdin -t "$transport" -max_socket 10000 \
       -r "$RATE" -m "$calls" -l $((RATE * (HOLD_MS / 1000 + 2) * 2)) -d "$HOLD_MS" \
       -trace_rtt -rtt_freq 1 -timeout $((SECS + 60))s -timeout_error "$target" >"$dir/out.txt" 2>&1) || true
   for _ in $(seq 100); do grep -q '"drained"\|"done"' "$st" && break; sleep 0.1; done

@@ -18,7 +18,8 @@ use thalamus_media::SrtpKeys;
 use thalamus_proto::media::{StreamId, SIGNAL_CLOCK_RATE, SIGNAL_ENCODING, SIGNAL_PAYLOAD_TYPE};
 use thalamus_proto::v1::{AudioCodec, MediaOffer, VideoCodec};
 use thalamus_sip::sdp::{
-    Codec, Crypto, CryptoSuite, LocalMedia, MediaKind, RemoteMedia, SessionDescription, SrtpPolicy,
+    Codec, Crypto, CryptoSuite, LocalMedia, MediaKind, RemoteMedia, RtcpFeedback,
+    SessionDescription, SrtpPolicy,
 };
 
 /// The SDP format of the signal data stream.
@@ -175,6 +176,11 @@ pub fn local_media(
     let video = video_codecs(offer);
     if let (Some(port), false) = (ports.video, video.is_empty()) {
         local = local.with_video(port, video);
+        // Key frame requests both ways (RFC 4585 PLI, RFC 5104 FIR): the device's
+        // `KeyframeRequest` and the peer's.
+        if let Some(video) = local.video.as_mut() {
+            video.feedback = RtcpFeedback::KEY_FRAMES;
+        }
     }
     if let (Some(port), true) = (ports.signal, offer.is_some_and(|o| o.signal)) {
         local = local.with_application(port, vec![signal_codec()]);

@@ -855,6 +855,10 @@ pub async fn listen(
                 }
                 let all_reported = !media.values().any(|m| m.ended_at.is_some()) && ended_streams.is_empty();
                 if finishing_since.is_some_and(|at| all_reported || now.saturating_duration_since(at) >= LISTEN_REPORT_WAIT) {
+                    // Stream reports still waiting for the gateway's figures go out without.
+                    for (_, (_, call)) in ended_streams.drain() {
+                        call.report(printer, &login_opts.device, &[]);
+                    }
                     printer.emit("summary", json!({"answered": answered, "ended": ended}));
                     dev.client.close().await;
                     return Ok((answered, ended));

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use serde_json::{json, Map, Value};
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::{
-    CallState, EndReason, Envelope, ErrorCode, GoodbyeReason, MediaOffer, PresenceState,
+    CallState, EndReason, Envelope, ErrorCode, GoodbyeReason, MediaOffer, MediaStats, PresenceState,
 };
 
 /// Lower-case enum name without its type prefix: `ERROR_CODE_FRAME_TOO_LARGE` -> `frame_too_large`.
@@ -71,8 +71,8 @@ pub fn frame_fields(env: &Envelope) -> (&'static str, Value) {
             "end_reason": EndReason::try_from(c.end_reason)
                 .map_or_else(|_| c.end_reason.to_string(), |s| enum_name(s.as_str_name(), "END_REASON_")),
             "media": media(&c.media),
-            "stats": c.stats.as_ref().map(crate::media::stats_json),
-            "streams": c.streams.iter().map(crate::media::stats_json).collect::<Vec<_>>(),
+            "stats": c.stats.as_ref().map(stats_json),
+            "streams": c.streams.iter().map(stats_json).collect::<Vec<_>>(),
         }),
         Some(Body::IncomingCall(c)) => json!({
             "call_ref": c.call_ref,
@@ -213,6 +213,22 @@ impl EventPrinter {
         let (event, fields) = frame_fields(env);
         self.emit(event, fields);
     }
+}
+
+/// The gateway's statistics of one stream (a `MediaStats`) as JSON.
+pub(crate) fn stats_json(s: &MediaStats) -> Value {
+    json!({
+        "stream_id": s.stream_id,
+        "packets_sent": s.packets_sent,
+        "packets_received": s.packets_received,
+        "bytes_sent": s.bytes_sent,
+        "bytes_received": s.bytes_received,
+        "packets_lost": s.packets_lost,
+        "jitter_us": s.jitter_us,
+        "relay_latency_us": s.relay_latency_us,
+        "round_trip_us": s.round_trip_us,
+        "peer_reported_lost": s.peer_reported_lost,
+    })
 }
 
 #[cfg(test)]

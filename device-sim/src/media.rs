@@ -256,7 +256,7 @@ impl EchoProbe {
             "rtt_us_p99": percentile(&rtt, 0.99),
             "missing_first": self.missing(8),
             "max_gap_ms": self.max_gap_us / 1000,
-            "gateway": self.gateway.as_ref().map(stats_json),
+            "gateway": self.gateway.as_ref().map(crate::events::stats_json),
         })
     }
 }
@@ -267,22 +267,6 @@ fn loss_percent(sent: u32, matched: u32) -> f64 {
     } else {
         100.0 * (1.0 - f64::from(matched.min(sent)) / f64::from(sent))
     }
-}
-
-/// The gateway's statistics of one stream (a `MediaStats`) as JSON.
-pub(crate) fn stats_json(s: &MediaStats) -> Value {
-    json!({
-        "stream_id": s.stream_id,
-        "packets_sent": s.packets_sent,
-        "packets_received": s.packets_received,
-        "bytes_sent": s.bytes_sent,
-        "bytes_received": s.bytes_received,
-        "packets_lost": s.packets_lost,
-        "jitter_us": s.jitter_us,
-        "relay_latency_us": s.relay_latency_us,
-        "round_trip_us": s.round_trip_us,
-        "peer_reported_lost": s.peer_reported_lost,
-    })
 }
 
 /// Totals over many probes (every call of a run).
@@ -412,7 +396,7 @@ impl ReceivedMedia {
             "payload_types": self.payload_types.iter().map(|(pt, n)| (pt.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
             "payload_sha256": hex::encode(self.digest.clone().finalize()),
             "frames_echoed": self.echoed,
-            "gateway": gateway.map(stats_json),
+            "gateway": gateway.map(crate::events::stats_json),
         })
     }
 }

@@ -14,9 +14,9 @@ use thalamus_device::Client;
 use thalamus_proto::media::{MediaHeader, StreamId, HEADER_BYTES};
 use thalamus_proto::v1::{MediaOffer, MediaStats, VideoCodec};
 
+use crate::events::stats_json;
 use crate::events::EventPrinter;
 use crate::load::device_calls::device_media;
-use crate::media::stats_json;
 use crate::signal::SignalCall;
 use crate::video::VideoCall;
 

@@ -44,6 +44,7 @@ fn keyed_core(now: Instant, srtp: Option<SrtpKeys>) -> RelayCore {
             telephone_event: Some(Codec::telephone_event(101, 8000)),
             ptime: Some(20),
             crypto: Vec::new(),
+            feedback: Default::default(),
         })
         .with_srtp(srtp),
         now,

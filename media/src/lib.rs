@@ -40,5 +40,7 @@ pub use engine::{
 pub use metrics::MediaCollector;
 pub use payload::PayloadMap;
 pub use ports::{PortAllocator, PortPair};
-pub use relay::{RelayCore, RelayEvent, RelaySettings, RelayStats, RemotePeer, SrtpKeys};
+pub use relay::{
+    KeyframeMethod, RelayCore, RelayEvent, RelaySettings, RelayStats, RemotePeer, SrtpKeys,
+};
 pub use totals::EngineTotals;

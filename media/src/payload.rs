@@ -188,6 +188,7 @@ mod tests {
             telephone_event,
             ptime: Some(20),
             crypto: Vec::new(),
+            feedback: Default::default(),
         }
     }
 

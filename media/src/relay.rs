@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use thalamus_proto::media::{max_payload_bytes, MediaDatagram, MediaHeader, StreamId};
 use thalamus_proto::v1::MediaStats;
-use thalamus_sip::sdp::{Direction, RemoteMedia};
+use thalamus_sip::sdp::{Direction, RemoteMedia, RtcpFeedback};
 
 use thalamus_sip::sdp::CryptoSuite;
 use webrtc_srtp::context::Context as SrtpContext;
@@ -348,6 +348,32 @@ pub struct RemotePeer {
     pub payloads: PayloadMap,
     /// SRTP keys when the stream is `RTP/SAVP`; `None`: plain RTP.
     pub srtp: Option<SrtpKeys>,
+    /// How to ask this peer for a key frame.
+    pub keyframe: KeyframeMethod,
+}
+
+/// How a relay asks its peer for a key frame (from the peer's `a=rtcp-fb`, RFC 4585 / 5104).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyframeMethod {
+    /// A picture loss indication: the peer lists `nack pli`, or lists no feedback at all (a
+    /// peer that negotiated nothing is asked the way most implementations understand).
+    #[default]
+    Pli,
+    /// A full intra request: the peer lists `ccm fir` and not `nack pli`.
+    Fir,
+    /// Not at all: the peer lists feedback, neither of these.
+    Never,
+}
+
+impl KeyframeMethod {
+    /// The method a peer's SDP feedback allows.
+    pub fn from_feedback(feedback: RtcpFeedback) -> Self {
+        match (feedback.listed, feedback.pli, feedback.fir) {
+            (false, _, _) | (true, true, _) => KeyframeMethod::Pli,
+            (true, false, true) => KeyframeMethod::Fir,
+            (true, false, false) => KeyframeMethod::Never,
+        }
+    }
 }
 
 impl RemotePeer {
@@ -366,6 +392,7 @@ impl RemotePeer {
             direction: remote.direction,
             payloads: PayloadMap::from_remote_media(remote),
             srtp: None,
+            keyframe: KeyframeMethod::from_feedback(remote.feedback),
         }
     }
 }
@@ -469,6 +496,9 @@ pub struct DropCounters {
     /// Key frame requests (either way) dropped for coming less than
     /// [`KEYFRAME_REQUEST_INTERVAL`] after the one before.
     pub keyframe_requests_limited: u64,
+    /// Key frame requests from the device not sent: the peer's SDP lists RTCP feedback, but
+    /// neither PLI nor FIR.
+    pub keyframe_requests_not_negotiated: u64,
     /// SRTP or SRTCP packets from the peer that failed authentication (a wrong key, a forged or
     /// damaged packet) or were too short.
     pub srtp_auth_failed: u64,
@@ -598,6 +628,7 @@ struct PeerState {
     pinned_ssrc: Option<u32>,
     /// Another SSRC on probation: its last sequence number and how many in a row it sent.
     candidate_ssrc: Option<(u32, u16, u32)>,
+    keyframe: KeyframeMethod,
 }
 
 impl PeerState {
@@ -713,6 +744,8 @@ struct KeyframeRequests {
     last_from_peer: Option<Instant>,
     to_peer: u64,
     from_peer: u64,
+    /// The sequence number of our last FIR (RFC 5104 4.3.1.1).
+    fir_sequence: u8,
 }
 
 /// Whether a request at `now` is far enough from the `last` one passed on (and if so, it is
@@ -731,6 +764,8 @@ enum ReportTail {
     Nothing,
     Goodbye,
     PictureLoss,
+    /// A full intra request with this sequence number.
+    FullIntra(u8),
 }
 
 /// Most device datagrams held until the peer is known ([`RelayCore::set_peer`]).
@@ -739,8 +774,12 @@ pub const EARLY_DEVICE_DATAGRAMS: usize = 8;
 pub const EARLY_DEVICE_MAX_AGE: Duration = Duration::from_millis(500);
 /// Most packets from the network held until the peer is known (the peer's first media can
 /// beat its answer to us; with SRTP the answer also brings the keys to read it). Strangers can
-/// only take these slots, never the packets that come once the peer is known.
+/// only take these slots, never the packets that come once the peer is known; and only those
+/// from the exact address the peer's SDP names are replayed, so a held packet never takes the
+/// latch.
 pub const EARLY_PEER_PACKETS: usize = 8;
+/// How old a held packet from the network may be when the peer becomes known.
+pub const EARLY_PEER_MAX_AGE: Duration = Duration::from_millis(500);
 
 impl RelayCore {
     /// A relay with no peer yet: the first device datagrams are held (at most
@@ -836,6 +875,7 @@ impl RelayCore {
             // the next valid packet pins the SSRC again.
             pinned_ssrc: None,
             candidate_ssrc: None,
+            keyframe: peer.keyframe,
         });
         if self.next_report_at.is_none() {
             self.next_report_at = self.settings.rtcp_interval.map(|i| now + i);
@@ -853,10 +893,12 @@ impl RelayCore {
                 self.drops.device_not_sendable += 1;
             }
         }
-        // And what the peer sent before its answer reached us, checked as any packet now.
+        // And what the peer sent before its answer reached us: only from the address its SDP
+        // names (a stranger's held packet must not take the latch), checked as any packet,
+        // at the time it arrived (jitter and latency see the wait).
         for (packet, source, at) in std::mem::take(&mut self.early_peer) {
-            if now.saturating_duration_since(at) <= EARLY_DEVICE_MAX_AGE {
-                self.handle_rtp(&packet, source, now);
+            if source == sdp_rtp && now.saturating_duration_since(at) <= EARLY_PEER_MAX_AGE {
+                self.handle_rtp(&packet, source, at);
             } else {
                 self.drops.rtp_before_peer += 1;
             }
@@ -1485,12 +1527,28 @@ impl RelayCore {
         if self.closed {
             return;
         }
+        let method = self
+            .peer
+            .as_ref()
+            .map_or(KeyframeMethod::Pli, |p| p.keyframe);
+        if method == KeyframeMethod::Never {
+            self.drops.keyframe_requests_not_negotiated += 1;
+            return;
+        }
         if !keyframe_request_allowed(&mut self.keyframe_requests.last_to_peer, now) {
             self.drops.keyframe_requests_limited += 1;
             return;
         }
         self.keyframe_requests.to_peer += 1;
-        self.send_report(now, ReportTail::PictureLoss);
+        let tail = match method {
+            KeyframeMethod::Fir => {
+                let requests = &mut self.keyframe_requests;
+                requests.fir_sequence = requests.fir_sequence.wrapping_add(1);
+                ReportTail::FullIntra(requests.fir_sequence)
+            }
+            _ => ReportTail::PictureLoss,
+        };
+        self.send_report(now, tail);
     }
 
     fn send_report(&mut self, now: Instant, tail: ReportTail) {
@@ -1537,6 +1595,10 @@ impl RelayCore {
                 let media_ssrc = self.inbound.as_ref().map_or(0, |s| s.ssrc);
                 rtcp::write_picture_loss(&mut self.scratch, ssrc, media_ssrc);
             }
+            ReportTail::FullIntra(sequence) => {
+                let media_ssrc = self.inbound.as_ref().map_or(0, |s| s.ssrc);
+                rtcp::write_full_intra_request(&mut self.scratch, ssrc, media_ssrc, sequence);
+            }
         }
         self.outbound.sent_since_report = false;
         let packet = self.take_scratch();
@@ -1558,6 +1620,9 @@ impl RelayCore {
         if self.settings.rtcp_interval.is_some() {
             self.send_report(now, ReportTail::Goodbye);
         }
+        // Packets held for a peer that never came are dropped now, and counted.
+        self.drops.rtp_before_peer += self.early_peer.len() as u64;
+        self.early_peer.clear();
         self.closed = true;
     }
 
@@ -1729,6 +1794,7 @@ mod tests {
             telephone_event: Some(Codec::telephone_event(97, 48_000)),
             ptime: Some(20),
             crypto: Vec::new(),
+            feedback: Default::default(),
         }
     }
 
@@ -2299,27 +2365,48 @@ mod tests {
     fn peer_media_before_its_answer_reaches_the_device_once_the_peer_is_known() {
         let t0 = Instant::now();
         let mut core = RelayCore::new(settings(), t0);
-        // The peer's first two packets beat its answer; a stranger's packet came too.
-        core.handle_rtp(&rtp(0, 1, 160, PEER_SSRC, b"first"), peer_rtp(), t0);
+        // A stranger's packet came first, then the peer's first two, all before its answer.
+        let stranger: SocketAddr = "203.0.113.9:4000".parse().unwrap();
+        core.handle_rtp(&rtp(0, 7, 0, 0x5eed, b"forged"), stranger, t0);
+        core.handle_rtp(&rtp(0, 1, 160, PEER_SSRC, b"first"), peer_rtp(), t0 + ms(1));
         core.handle_rtp(
             &rtp(0, 2, 320, PEER_SSRC, b"second"),
             peer_rtp(),
-            t0 + ms(20),
-        );
-        core.handle_rtp(
-            &rtp(0, 7, 0, 0x5eed, b"forged"),
-            "203.0.113.9:4000".parse().unwrap(),
-            t0 + ms(20),
+            t0 + ms(21),
         );
         assert!(core.poll_device_datagram().is_none());
-        // The answer comes: the peer's packets are delivered in order (its source latched by
-        // the first), the stranger's refused as any would be.
+        // The answer comes: the peer's packets are delivered in order, with the time they
+        // arrived; the stranger's is dropped, and took no latch.
         core.set_remote_media(&remote(Direction::SendRecv), t0 + ms(30));
-        let delivered: Vec<Bytes> = std::iter::from_fn(|| core.poll_device_datagram())
-            .map(|d| d.datagram.slice(thalamus_proto::media::HEADER_BYTES..))
+        let delivered: Vec<(Bytes, Instant)> = std::iter::from_fn(|| core.poll_device_datagram())
+            .map(|d| {
+                (
+                    d.datagram.slice(thalamus_proto::media::HEADER_BYTES..),
+                    d.received_at,
+                )
+            })
             .collect();
-        assert_eq!(delivered, vec![&b"first"[..], &b"second"[..]]);
-        assert_eq!(core.stats().drops.rtp_wrong_source, 1);
+        assert_eq!(
+            delivered,
+            vec![
+                (Bytes::from_static(b"first"), t0 + ms(1)),
+                (Bytes::from_static(b"second"), t0 + ms(21))
+            ]
+        );
+        assert_eq!(core.stats().drops.rtp_before_peer, 1);
+        assert_eq!(core.stats().latched_source, Some(peer_rtp()));
+        // The peer's next packet is taken as usual.
+        core.handle_rtp(
+            &rtp(0, 3, 480, PEER_SSRC, b"third"),
+            peer_rtp(),
+            t0 + ms(41),
+        );
+        assert!(core.poll_device_datagram().is_some());
+        // A relay closed before its peer was known counts what it held.
+        let mut never = RelayCore::new(settings(), t0);
+        never.handle_rtp(&rtp(0, 1, 160, PEER_SSRC, b"x"), peer_rtp(), t0);
+        never.close(t0 + ms(10));
+        assert_eq!(never.stats().drops.rtp_before_peer, 1);
 
         // Held too long: dropped and counted, not delivered late.
         let mut late = RelayCore::new(settings(), t0);
@@ -2483,6 +2570,86 @@ mod tests {
         // RTCP multiplexed on the RTP port is recognised.
         core.handle_rtp(&rr, "192.0.2.5:5005".parse().unwrap(), t0 + ms(6_000));
         assert_eq!(core.stats().rtcp_received, 3);
+    }
+
+    #[test]
+    fn keyframe_requests_follow_the_peers_rtcp_feedback() {
+        let t0 = Instant::now();
+        let peer_with = |feedback: RtcpFeedback| {
+            let mut core = RelayCore::new(settings(), t0);
+            core.set_remote_media(
+                &RemoteMedia {
+                    feedback,
+                    ..remote(Direction::SendRecv)
+                },
+                t0,
+            );
+            core.handle_rtp(
+                &rtp(0, 10, 100, 0xfeed, b"x"),
+                "192.0.2.5:5004".parse().unwrap(),
+                t0,
+            );
+            while core.poll_transmit().is_some() {}
+            core
+        };
+        let feedback_of = |core: &mut RelayCore| -> Vec<(u8, Vec<u8>)> {
+            rtcp_sent(core)
+                .iter()
+                .flat_map(|t| {
+                    parse_compound(&t.packet)
+                        .filter_map(|p| match p.unwrap() {
+                            RtcpPacket::Other {
+                                packet_type: 206,
+                                count,
+                                body,
+                            } => Some((count, body.to_vec())),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        // A peer that takes FIR only gets FIRs (RFC 5104 4.3.1: media source 0, the stream
+        // and a sequence number that goes up per request in the FCI).
+        let fir_only = RtcpFeedback {
+            listed: true,
+            pli: false,
+            fir: true,
+        };
+        let mut core = peer_with(fir_only);
+        core.request_keyframe(t0);
+        core.request_keyframe(t0 + ms(300));
+        let fir = |sequence: u8| {
+            let mut body = SSRC.to_be_bytes().to_vec();
+            body.extend_from_slice(&[0, 0, 0, 0]);
+            body.extend_from_slice(&0xfeed_u32.to_be_bytes());
+            body.extend_from_slice(&[sequence, 0, 0, 0]);
+            (4, body)
+        };
+        assert_eq!(feedback_of(&mut core), vec![fir(1), fir(2)]);
+        // A peer that lists feedback but neither is not asked, and that is counted.
+        let mut core = peer_with(RtcpFeedback {
+            listed: true,
+            pli: false,
+            fir: false,
+        });
+        core.request_keyframe(t0);
+        assert!(feedback_of(&mut core).is_empty());
+        assert_eq!(core.stats().drops.keyframe_requests_not_negotiated, 1);
+        assert_eq!(core.stats().keyframe_requests_to_peer, 0);
+        // PLI when listed (even beside FIR), and for a peer that lists no feedback at all.
+        for feedback in [RtcpFeedback::KEY_FRAMES, RtcpFeedback::default()] {
+            let mut core = peer_with(feedback);
+            core.request_keyframe(t0);
+            assert_eq!(
+                feedback_of(&mut core)
+                    .iter()
+                    .map(|(fmt, _)| *fmt)
+                    .collect::<Vec<_>>(),
+                [1],
+                "{feedback:?}"
+            );
+        }
     }
 
     #[test]

@@ -451,6 +451,24 @@ pub fn write_picture_loss(dst: &mut BytesMut, sender_ssrc: u32, media_ssrc: u32)
     dst.put_u32(media_ssrc);
 }
 
+/// Appends a full intra request (FIR, RFC 5104 section 4.3.1) from `sender_ssrc` asking the
+/// sender of `media_ssrc` for a key frame; `sequence` goes up by one per new request.
+pub fn write_full_intra_request(
+    dst: &mut BytesMut,
+    sender_ssrc: u32,
+    media_ssrc: u32,
+    sequence: u8,
+) {
+    dst.reserve(20);
+    put_header(dst, FMT_FULL_INTRA_REQUEST, PT_PAYLOAD_FEEDBACK, 20);
+    dst.put_u32(sender_ssrc);
+    // The media source field is unused (section 4.3.1.2); the FCI names the stream.
+    dst.put_u32(0);
+    dst.put_u32(media_ssrc);
+    dst.put_u8(sequence);
+    dst.put_bytes(0, 3);
+}
+
 /// Whether a packet of a compound is a key frame request: a PLI or a FIR.
 pub fn is_keyframe_request(packet: &RtcpPacket<'_>) -> bool {
     matches!(

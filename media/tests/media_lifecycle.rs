@@ -54,6 +54,7 @@ fn remote(port: u16) -> RemoteMedia {
         telephone_event: None,
         ptime: None,
         crypto: Vec::new(),
+        feedback: Default::default(),
     }
 }
 

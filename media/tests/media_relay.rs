@@ -222,7 +222,8 @@ async fn ten_seconds_of_frames_echo_back_in_order() {
     assert_eq!(message.packets_sent, 500);
     assert_eq!(message.bytes_sent, 500 * 80);
     assert_eq!(message.packets_received as usize, seen.len());
-    assert_eq!(message.packets_lost, 0);
+    // Loopback UDP from the echo back to the relay: at most 0.1% lost, as above.
+    assert!(message.packets_lost * 1000 <= 500, "{message:?}");
 
     let final_stats = relay.stop().await.unwrap();
     assert_eq!(final_stats.to_peer.packets, 500);

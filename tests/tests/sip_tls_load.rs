@@ -15,9 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thalamus_tests::cluster::free_tcp_port;
-use thalamus_tests::{
-    free_udp_port, login_args, scenario, sim_as, sipp, Gateway, Proc, SippProcess,
-};
+use thalamus_tests::{login_args, scenario, sim_as, sipp, Gateway, Proc, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
 /// SIPp's own timeout (60 s), then time to print its statistics and exit.
@@ -135,7 +133,7 @@ fn sipp_load_reaches_a_device_over_tls() {
             "60s",
             "-timeout_error",
         ])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .args(["-p", &free_tcp_port().unwrap().to_string()])
         .arg(format!("127.0.0.1:{front}"));
     let outcome = SippProcess::spawn(command).wait(SIPP_WAIT);
     assert_eq!(
@@ -183,6 +181,11 @@ fn a_device_loads_sipp_over_tls() {
         .args(["-m", &CALLS.to_string(), "-i", "127.0.0.1", "-nostdin"])
         .args(["-p", &sipp_port.to_string()]);
     let uas = SippProcess::spawn(command);
+    let deadline = Instant::now() + T;
+    while !listening(sipp_port) {
+        assert!(Instant::now() < deadline, "SIPp does not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _stunnel = stunnel(
         dir.path(),
         &format!(

@@ -1881,6 +1881,18 @@ impl CallCore {
     }
 
     fn set_remote(&mut self, sdp: &SessionDescription) {
+        self.set_remote_releasing(sdp, false);
+    }
+
+    /// [`CallCore::set_remote`] for the offer/answer that sets the call up (the 200 to our
+    /// INVITE, or the offer we answered): a stream with a relay that it leaves out releases its
+    /// relay. Provisional answers (another fork may answer) and later re-negotiations (a
+    /// stream switched off may come back) keep them.
+    fn set_remote_final(&mut self, sdp: &SessionDescription) {
+        self.set_remote_releasing(sdp, true);
+    }
+
+    fn set_remote_releasing(&mut self, sdp: &SessionDescription, release: bool) {
         self.replica.remote_sdp = Some(sdp.to_string());
         self.telephone_event = media_sdp::has_telephone_event(sdp);
         if self.relay.is_some() {
@@ -1904,7 +1916,7 @@ impl CallCore {
             // A stream with a relay that the negotiation left out (the peer refused it, or we
             // did): its relay stops, its ports are released, and later offers give it port 0.
             let mut ops: Vec<RelayOp> = Vec::with_capacity(set_remote.len() + 2);
-            if let Some(relay) = self.relay.as_mut() {
+            if let Some(relay) = self.relay.as_mut().filter(|_| release) {
                 for ((stream, port, kind), out) in [
                     (StreamId::VIDEO, &mut relay.ports.video, MediaKind::Video),
                     (
@@ -2149,7 +2161,7 @@ impl CallCore {
                 let answer = SessionDescription::from_bytes(&body).ok();
                 let mut ev = call_event(call_ref, CallState::Answered, status, &reason);
                 if let Some(answer) = &answer {
-                    self.set_remote(answer);
+                    self.set_remote_final(answer);
                     ev.media = Some(media_sdp::media_offer(answer));
                 }
                 self.event(ev);
@@ -2212,7 +2224,7 @@ impl CallCore {
             },
         };
         if let Some(offer) = &offer {
-            self.set_remote(offer);
+            self.set_remote_final(offer);
         }
         let headers = self
             .timer_offer

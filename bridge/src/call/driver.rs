@@ -516,9 +516,14 @@ impl Driver {
                 }
                 RelayOp::Stop(stream) => {
                     if let Some(relays) = self.relays.as_mut() {
-                        relays.stop_stream(stream).await;
+                        // The device's datagrams of the stream go to the audio relay (dropped
+                        // and counted there) before this one stops.
+                        let relay = relays.take_stream(stream);
                         if let Ok(mut input) = self.media_input.lock() {
                             *input = Some(relays.inputs());
+                        }
+                        if let Some(relay) = relay {
+                            relays.stopped(stream, relay.stop().await.ok());
                         }
                     }
                 }

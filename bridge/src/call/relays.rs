@@ -55,18 +55,21 @@ impl CallRelays {
         }
     }
 
-    /// Stops the relay of `stream` (never the audio one), keeping its final statistics for
-    /// [`CallRelays::stop`]. Its device datagrams go to the audio relay from then on, which
-    /// drops and counts them (refresh the [`StreamInputs`]).
-    pub(crate) async fn stop_stream(&mut self, stream: StreamId) {
+    /// Takes the relay of `stream` out of the call (never the audio one): its device
+    /// datagrams go to the audio relay from then on, which drops and counts them (refresh the
+    /// [`StreamInputs`] first, then stop it and hand its statistics to
+    /// [`CallRelays::stopped`]).
+    pub(crate) fn take_stream(&mut self, stream: StreamId) -> Option<MediaRelay> {
         if stream == StreamId::AUDIO {
-            return;
+            return None;
         }
-        let Some(index) = self.relays.iter().position(|(s, _)| *s == stream) else {
-            return;
-        };
-        let (stream, relay) = self.relays.remove(index);
-        if let Ok(stats) = relay.stop().await {
+        let index = self.relays.iter().position(|(s, _)| *s == stream)?;
+        Some(self.relays.remove(index).1)
+    }
+
+    /// Keeps the final statistics of a relay taken out, for [`CallRelays::stop`].
+    pub(crate) fn stopped(&mut self, stream: StreamId, stats: Option<RelayStats>) {
+        if let Some(stats) = stats {
             self.stopped.push((stream, stats));
         }
     }

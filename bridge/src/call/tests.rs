@@ -621,6 +621,10 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
     assert!(offer.contains("m=audio 40000 RTP/AVP"), "{offer}");
     assert!(offer.contains("m=video 40002 RTP/AVP 97"), "{offer}");
     assert!(
+        offer.contains("a=rtcp-fb:* nack pli\r\na=rtcp-fb:* ccm fir"),
+        "{offer}"
+    );
+    assert!(
         offer.contains("m=application 40004 RTP/AVP 98\r\na=rtpmap:98 x-mbfp-signal/1000"),
         "{offer}"
     );
@@ -661,6 +665,8 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
     let reinvite = sent_in_dialog(&drain(&mut core));
     let sdp = &reinvite[0].2;
     assert!(sdp.contains("m=video 0 "), "{sdp}");
+    // The offer was version 1; the retired line made version 2; the hold, 3.
+    assert!(sdp.contains("o=- 42 3 IN IP4"), "{sdp}");
     assert!(sdp.contains("m=application 40004 "), "{sdp}");
     assert!(
         sdp.find("m=audio") < sdp.find("m=video")

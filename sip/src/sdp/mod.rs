@@ -17,7 +17,9 @@
 //!   hold.
 //!
 //! - SDES keys (RFC 4568, `a=crypto`) on `RTP/SAVP` streams: offered and answered by
-//!   [`SrtpPolicy`], the first usable offered suite chosen ([`Crypto`]).
+//!   [`SrtpPolicy`], the first usable offered suite chosen ([`Crypto`]);
+//! - key frame feedback (`a=rtcp-fb` `nack pli` and `ccm fir`, [`RtcpFeedback`]): offered
+//!   where the stream asks for it, answered with what both sides list.
 //!
 //! What it does not do: no ICE, no DTLS-SRTP, no SRTP itself (the media relay), no bundling, no simulcast, no
 //! multicast semantics beyond keeping the `c=` address text; it opens no sockets.
@@ -26,6 +28,7 @@ mod attribute;
 mod codec;
 mod connection;
 mod crypto;
+mod feedback;
 mod negotiation;
 mod session;
 
@@ -33,6 +36,7 @@ pub use attribute::{Attribute, Direction, Fmtp, Rtcp, RtpMap};
 pub use codec::Codec;
 pub use connection::Connection;
 pub use crypto::{choose as choose_crypto, Crypto, CryptoSuite, SrtpPolicy};
+pub use feedback::RtcpFeedback;
 pub use negotiation::{
     HoldMode, LocalMedia, MediaConfig, NegotiationError, RemoteMedia, SdpSession,
 };

@@ -12,6 +12,7 @@ use super::attribute::{Attribute, Direction};
 use super::codec::Codec;
 use super::connection::Connection;
 use super::crypto::{choose, Crypto, SrtpPolicy};
+use super::feedback::RtcpFeedback;
 use super::session::{MediaDescription, MediaKind, Origin, Protocol, SessionDescription, Timing};
 use rand::Rng;
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +28,9 @@ pub struct MediaConfig {
     /// are under [`SrtpPolicy::Require`]; in answers, the one of the chosen suite goes under the
     /// offered tag. Empty: no SRTP for this stream.
     pub crypto: Vec<Crypto>,
+    /// The RTCP feedback this side takes on the stream (`a=rtcp-fb`): offered as it is,
+    /// answered with what the offer lists too. Default: none.
+    pub feedback: RtcpFeedback,
 }
 
 impl MediaConfig {
@@ -36,6 +40,7 @@ impl MediaConfig {
             port,
             codecs,
             crypto: Vec::new(),
+            feedback: RtcpFeedback::default(),
         }
     }
 }
@@ -270,6 +275,7 @@ impl SdpSession {
             if secure {
                 add_cryptos(&mut built, &config.crypto);
             }
+            add_feedback(&mut built, config.feedback);
             media.push(built);
         }
         if media.is_empty() {
@@ -328,10 +334,11 @@ impl SdpSession {
                         &config.codecs,
                         local.single_codec_answer,
                     );
-                    (!chosen.is_empty()).then_some((config.port, chosen, keys))
+                    let feedback = config.feedback.both(offered.rtcp_feedback());
+                    (!chosen.is_empty()).then_some((config.port, chosen, keys, feedback))
                 });
             match accepted {
-                Some((port, chosen, keys)) => {
+                Some((port, chosen, keys, feedback)) => {
                     if let Some(i) = kind_slot {
                         taken[i] = true;
                     }
@@ -352,6 +359,7 @@ impl SdpSession {
                     if let Some(key) = keys {
                         add_cryptos(&mut built, std::slice::from_ref(&key));
                     }
+                    add_feedback(&mut built, feedback);
                     media.push(built);
                 }
                 None => {
@@ -406,6 +414,12 @@ impl SdpSession {
                 *media = rejected_copy(media);
                 retired = true;
             }
+        }
+        if retired {
+            // A changed description gets a new version (RFC 3264 8), also when it is sent
+            // again as it is (a session refresh).
+            self.version = self.version.saturating_add(1);
+            last.origin.session_version = self.version;
         }
         retired
     }
@@ -533,6 +547,20 @@ fn build_media(
     media
 }
 
+/// Adds the `a=rtcp-fb` lines of `feedback` (before the direction, which stays last).
+fn add_feedback(media: &mut MediaDescription, feedback: RtcpFeedback) {
+    let at = media
+        .attributes
+        .iter()
+        .position(|a| matches!(a, Attribute::Direction(_)))
+        .unwrap_or(media.attributes.len());
+    for (i, value) in feedback.values().enumerate() {
+        media
+            .attributes
+            .insert(at + i, Attribute::other("rtcp-fb", value));
+    }
+}
+
 /// Adds an `a=crypto` line per key (before the direction, which stays last).
 fn add_cryptos(media: &mut MediaDescription, keys: &[Crypto]) {
     let at = media
@@ -653,6 +681,8 @@ pub struct RemoteMedia {
     /// The stream's `a=crypto` attributes (RFC 4568) when it is SRTP (`RTP/SAVP`); empty for
     /// plain RTP.
     pub crypto: Vec<Crypto>,
+    /// The stream's `a=rtcp-fb` attributes: which key frame requests the remote side takes.
+    pub feedback: RtcpFeedback,
 }
 
 impl RemoteMedia {
@@ -712,6 +742,7 @@ impl SessionDescription {
             } else {
                 Vec::new()
             },
+            feedback: media.rtcp_feedback(),
         })
     }
 
@@ -762,6 +793,58 @@ mod tests {
                 Codec::telephone_event(101, 8000),
             ],
         )
+    }
+
+    #[test]
+    fn key_frame_feedback_is_offered_and_answered_with_what_both_list() {
+        let mut local = gateway().with_video(40002, vec![Codec::vp8(97)]);
+        if let Some(video) = local.video.as_mut() {
+            video.feedback = RtcpFeedback::KEY_FRAMES;
+        }
+        let offer = SdpSession::new(1).create_offer(&local).unwrap().to_string();
+        assert!(
+            offer.contains("a=rtpmap:97 VP8/90000\r\na=rtcp-fb:* nack pli\r\na=rtcp-fb:* ccm fir\r\na=sendrecv"),
+            "{offer}"
+        );
+        // Audio gets none.
+        assert_eq!(offer.matches("rtcp-fb").count(), 2, "{offer}");
+        let peer = |feedback: &str| {
+            SessionDescription::parse(&format!(
+                "v=0\r\no=- 1 1 IN IP4 192.0.2.5\r\ns=-\r\nc=IN IP4 192.0.2.5\r\nt=0 0\r\n\
+                 m=audio 30000 RTP/AVP 0\r\nm=video 30002 RTP/AVP 100\r\n\
+                 a=rtpmap:100 VP8/90000\r\n{feedback}"
+            ))
+            .unwrap()
+        };
+        // A peer that takes FIR only is answered with FIR only, and read as such.
+        let fir_only = peer("a=rtcp-fb:100 ccm fir\r\na=rtcp-fb:100 goog-remb\r\n");
+        let answer = SdpSession::new(2).create_answer(&fir_only, &local).unwrap();
+        let text = answer.to_string();
+        assert!(text.contains("a=rtcp-fb:* ccm fir"), "{text}");
+        assert!(!text.contains("nack pli"), "{text}");
+        let remote = fir_only.remote_media(&MediaKind::Video).unwrap();
+        assert_eq!(
+            remote.feedback,
+            RtcpFeedback {
+                listed: true,
+                pli: false,
+                fir: true
+            }
+        );
+        // A peer that lists none gets none.
+        let none = peer("");
+        let text = SdpSession::new(3)
+            .create_answer(&none, &local)
+            .unwrap()
+            .to_string();
+        assert!(!text.contains("rtcp-fb"), "{text}");
+        assert!(
+            !none
+                .remote_media(&MediaKind::Video)
+                .unwrap()
+                .feedback
+                .listed
+        );
     }
 
     #[test]

@@ -251,6 +251,23 @@ impl MediaDescription {
             .collect()
     }
 
+    /// The stream's `a=rtcp-fb` attributes (RFC 4585).
+    pub fn rtcp_feedback(&self) -> super::feedback::RtcpFeedback {
+        let mut feedback = super::feedback::RtcpFeedback::default();
+        for attribute in &self.attributes {
+            if let Attribute::Other {
+                name,
+                value: Some(value),
+            } = attribute
+            {
+                if name.eq_ignore_ascii_case("rtcp-fb") {
+                    feedback.add(value);
+                }
+            }
+        }
+        feedback
+    }
+
     /// Whether the protocol is SRTP (`RTP/SAVP` or `RTP/SAVPF`).
     pub fn is_secure(&self) -> bool {
         matches!(self.protocol, Protocol::RtpSavp | Protocol::RtpSavpf)
