@@ -171,6 +171,9 @@ pub struct QuicConfig {
     /// Media from many devices arrives in bursts; the usual 208 KiB default drops datagrams
     /// under load. The kernel caps it at `net.core.rmem_max` / `wmem_max`.
     pub socket_buffer_bytes: u32,
+    /// Also accept devices over WebTransport (HTTP/3, ALPN `h3`, path `/mbfp`) on the same
+    /// port, with the same credentials, limits and MBFP session: the way in for browsers.
+    pub webtransport: bool,
 }
 
 impl Default for QuicConfig {
@@ -186,6 +189,7 @@ impl Default for QuicConfig {
             hello_timeout_ms: 10_000,
             max_datagram_bytes: 1_200,
             socket_buffer_bytes: 4 * 1024 * 1024,
+            webtransport: false,
         }
     }
 }
@@ -814,6 +818,7 @@ impl Config {
                 max_tracked: 65_536,
             },
             max_pending_logins_per_ip: self.auth.max_pending_per_ip as usize,
+            webtransport: self.quic.webtransport,
         }
     }
 

@@ -51,4 +51,10 @@ pub struct IngressConfig {
     pub device_throttle: ThrottleConfig,
     /// Credential checks one source address may have in flight at once.
     pub max_pending_logins_per_ip: usize,
+    /// Accept WebTransport sessions (HTTP/3, ALPN `h3`, path [`WEBTRANSPORT_PATH`]) on the
+    /// same endpoint, beside raw QUIC (ALPN `mbfp/1`).
+    pub webtransport: bool,
 }
+
+/// The URL path of the WebTransport session a device opens (`https://<node>:<port>/mbfp`).
+pub const WEBTRANSPORT_PATH: &str = "/mbfp";

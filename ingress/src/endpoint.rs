@@ -20,6 +20,7 @@ use crate::registry::{DeviceRegistry, VerifierPool};
 use crate::requests::{DevicePlacement, DeviceRequests};
 use crate::resume::ResumeTokens;
 use crate::session::driver::run_connection;
+use crate::session::link::Transport;
 use crate::session::throttle::AuthThrottle;
 use crate::session::{SessionCommand, Sessions};
 use crate::shared::Shared;
@@ -142,7 +143,7 @@ fn server_config(
     material: &tls::TlsMaterial,
 ) -> Result<quinn::ServerConfig, IngressError> {
     {
-        let crypto = tls::server_crypto(material)?;
+        let crypto = tls::server_crypto(material, config.webtransport)?;
         let mut transport = quinn::TransportConfig::default();
         let idle = config.idle_timeout + Duration::from_secs(5);
         transport
@@ -151,8 +152,11 @@ fn server_config(
                 message: "too large".into(),
             })?))
             .keep_alive_interval(Some(config.keepalive_interval))
-            .max_concurrent_bidi_streams(1u32.into())
-            .max_concurrent_uni_streams(0u32.into())
+            // One control stream; WebTransport adds its CONNECT stream and HTTP/3's three
+            // unidirectional ones (control, QPACK encoder and decoder). A raw QUIC device gets
+            // the tighter limits back once its ALPN is known.
+            .max_concurrent_bidi_streams(if config.webtransport { 2u32 } else { 1 }.into())
+            .max_concurrent_uni_streams(if config.webtransport { 3u32 } else { 0 }.into())
             .datagram_receive_buffer_size(Some(64 * 1024))
             .datagram_send_buffer_size(64 * 1024)
             .stream_receive_window((config.max_frame_bytes * 2).into())
@@ -401,9 +405,61 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, shutdown: C
             };
             shared.metrics.connections_accepted.inc();
             shared.metrics.connections_open.inc();
-            run_connection(shared.clone(), conn).await;
+            let remote = conn.remote_address();
+            if let Some(transport) = transport_of(&shared, conn).await {
+                metrics::inc_transport(&shared.metrics.connections_by_transport, transport.label());
+                run_connection(shared.clone(), transport, remote).await;
+            }
             shared.metrics.connections_open.dec();
         });
+    }
+}
+
+/// What a connection carries, by its ALPN: MBFP on QUIC, or (`h3`) a WebTransport session,
+/// accepted when its CONNECT names [`crate::config::WEBTRANSPORT_PATH`] within the hello
+/// timeout. `None` (counted) when a WebTransport set-up fails or asks for another path.
+async fn transport_of(shared: &Shared, conn: quinn::Connection) -> Option<Transport> {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() != Some(web_transport_quinn::ALPN.as_bytes()) {
+        if shared.config.webtransport {
+            // The limits WebTransport needed are not a raw device's to use.
+            conn.set_max_concurrent_bi_streams(1u32.into());
+            conn.set_max_concurrent_uni_streams(0u32.into());
+        }
+        return Some(Transport::Quic(conn));
+    }
+    let refused = |reason: &'static str| {
+        metrics::inc(&shared.metrics.connections_refused, reason);
+        None
+    };
+    let timeout = shared.config.hello_timeout;
+    let request =
+        match tokio::time::timeout(timeout, web_transport_quinn::Request::accept(conn)).await {
+            Ok(Ok(request)) => request,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "WebTransport set-up failed");
+                return refused("webtransport_setup");
+            }
+            Err(_) => return refused("webtransport_timeout"),
+        };
+    if request.url.path() != crate::config::WEBTRANSPORT_PATH {
+        let _ = tokio::time::timeout(
+            timeout,
+            request.reject(web_transport_quinn::http::StatusCode::NOT_FOUND),
+        )
+        .await;
+        return refused("webtransport_path");
+    }
+    match tokio::time::timeout(timeout, request.ok()).await {
+        Ok(Ok(session)) => Some(Transport::WebTransport(Box::new(session))),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "WebTransport set-up failed");
+            refused("webtransport_setup")
+        }
+        Err(_) => refused("webtransport_timeout"),
     }
 }
 

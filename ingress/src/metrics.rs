@@ -19,6 +19,18 @@ pub struct FrameLabel {
     pub kind: &'static str,
 }
 
+/// A label naming the transport a device came over: `quic` or `webtransport`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `quic` (MBFP on its own QUIC connection) or `webtransport` (in a WebTransport session).
+    pub transport: &'static str,
+}
+
+/// Bumps `family`'s counter of `transport`.
+pub fn inc_transport(family: &Family<TransportLabel, Counter>, transport: &'static str) {
+    family.get_or_create(&TransportLabel { transport }).inc();
+}
+
 /// The ingress metrics.
 #[derive(Debug, Clone, Default)]
 pub struct IngressMetrics {
@@ -48,6 +60,10 @@ pub struct IngressMetrics {
     pub resume_rejected: Family<ReasonLabel, Counter>,
     /// Logins sent to their owner node with `Redirect`.
     pub sessions_redirected: Counter,
+    /// Connections that reached the session driver, by transport.
+    pub connections_by_transport: Family<TransportLabel, Counter>,
+    /// Device sessions live now, by transport.
+    pub sessions_live_by_transport: Family<TransportLabel, Gauge>,
 }
 
 impl IngressMetrics {
@@ -68,6 +84,16 @@ impl IngressMetrics {
             "quic_connections_open",
             "QUIC connections open now",
             m.connections_open.clone(),
+        );
+        registry.register(
+            "device_connections",
+            "Device connections that reached a session, by transport (quic, webtransport)",
+            m.connections_by_transport.clone(),
+        );
+        registry.register(
+            "device_sessions_live_by_transport",
+            "Authenticated device sessions live now, by transport (quic, webtransport)",
+            m.sessions_live_by_transport.clone(),
         );
         registry.register(
             "device_sessions_live",

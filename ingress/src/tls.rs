@@ -148,9 +148,11 @@ fn load_pem(cert: &Path, key: &Path, generated: bool) -> Result<TlsMaterial, Tls
     })
 }
 
-/// The quinn server crypto configuration: TLS 1.3 only, ALPN `mbfp/1`.
+/// The quinn server crypto configuration: TLS 1.3 only, ALPN `mbfp/1`, and `h3` too with
+/// `webtransport`.
 pub fn server_crypto(
     material: &TlsMaterial,
+    webtransport: bool,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -158,6 +160,10 @@ pub fn server_crypto(
         .with_no_client_auth()
         .with_single_cert(material.chain.clone(), material.key.clone_key())?;
     tls.alpn_protocols = vec![thalamus_proto::ALPN.to_vec()];
+    if webtransport {
+        tls.alpn_protocols
+            .push(web_transport_quinn::ALPN.as_bytes().to_vec());
+    }
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
@@ -177,7 +183,7 @@ mod tests {
         let second = load_or_generate(None, None, dir.path()).unwrap();
         assert!(!second.generated);
         assert_eq!(first.fingerprint(), second.fingerprint());
-        server_crypto(&second).unwrap();
+        server_crypto(&second, false).unwrap();
     }
 
     #[test]

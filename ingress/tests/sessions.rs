@@ -166,6 +166,7 @@ impl Harness {
                 max_tracked: 1024,
             },
             max_pending_logins_per_ip: 4,
+            webtransport: false,
         };
         let mut config = config;
         adjust(&mut config);

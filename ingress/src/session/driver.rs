@@ -1,5 +1,6 @@
-//! The tokio driver of one device session: moves bytes between a QUIC control stream and the
-//! sans-IO [`SessionCore`], checks credentials off the executor, and carries out the core's
+//! The tokio driver of one device session: moves bytes between the control stream (on QUIC or
+//! WebTransport, [`super::link`]) and the sans-IO [`SessionCore`], checks credentials off the
+//! executor, and carries out the core's
 //! actions. One task per connection, plus a writer task that owns the send half of the control
 //! stream behind a bounded queue. This module holds no protocol rules of its own.
 
@@ -19,8 +20,9 @@ use super::core::{
     Credential, LoginContext, SessionAction, SessionCore, SessionCount, SessionSettings,
     SessionState, SessionTimers,
 };
+use super::link::{ControlRecv, ControlSend, Transport};
 use super::{DeviceLink, SessionCommand, SessionHandle};
-use crate::metrics::inc;
+use crate::metrics::{inc, TransportLabel};
 use crate::registry::{valid_device_id, Verdict};
 use crate::resume::SessionId;
 use crate::shared::Shared;
@@ -46,18 +48,18 @@ fn unix_now() -> u64 {
 }
 
 /// Runs one device connection to its end.
-pub(crate) async fn run_connection(node: Arc<Shared>, conn: quinn::Connection) {
-    let remote = conn.remote_address();
+pub(crate) async fn run_connection(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
     let span = info_span!(
         "device_session",
         remote = %remote,
+        transport = conn.label(),
         device = tracing::field::Empty,
         session = tracing::field::Empty
     );
     drive(node, conn, remote).instrument(span).await;
 }
 
-async fn drive(node: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
+async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
     let cfg = &node.config;
     let metrics = &node.metrics;
     let timers = SessionTimers {
@@ -76,7 +78,7 @@ async fn drive(node: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
         }
         Err(_) => {
             inc(&metrics.limits_hit, "hello_timeout");
-            conn.close(close_code::PROTOCOL_ERROR.into(), b"hello_timeout");
+            conn.close(close_code::PROTOCOL_ERROR, b"hello_timeout");
             return;
         }
     };
@@ -245,7 +247,7 @@ async fn drive(node: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
     drop(out_tx);
     if let Some((code, reason)) = close {
         let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-        conn.close(code.into(), reason.as_bytes());
+        conn.close(code, reason.as_bytes());
     } else {
         writer.abort();
     }
@@ -257,6 +259,12 @@ async fn drive(node: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
             node.requests.offline(&id.device_id);
         }
         metrics.sessions_live.dec();
+        metrics
+            .sessions_live_by_transport
+            .get_or_create(&TransportLabel {
+                transport: conn.label(),
+            })
+            .dec();
         inc(&metrics.sessions_ended, end_reason);
         info!(reason = end_reason, "device session ended");
     }
@@ -264,14 +272,13 @@ async fn drive(node: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
 
 /// Appends the next chunk of the control stream to `buf`. Chunks come from quinn's own
 /// buffers, so a session waiting for its next frame holds no read buffer of its own.
-async fn read_some(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    match recv.read_chunk(64 * 1024, true).await {
-        Ok(Some(chunk)) => {
-            buf.extend_from_slice(&chunk.bytes);
-            Ok(chunk.bytes.len())
+async fn read_some(recv: &mut ControlRecv, buf: &mut BytesMut) -> std::io::Result<usize> {
+    match recv.read_chunk(64 * 1024).await? {
+        Some(chunk) => {
+            buf.extend_from_slice(&chunk);
+            Ok(chunk.len())
         }
-        Ok(None) => Ok(0),
-        Err(e) => Err(e.into()),
+        None => Ok(0),
     }
 }
 
@@ -283,7 +290,7 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
 }
 
 async fn write_frames(
-    mut send: quinn::SendStream,
+    mut send: ControlSend,
     mut rx: mpsc::Receiver<Box<Envelope>>,
     max_frame: usize,
 ) {
@@ -303,15 +310,13 @@ async fn write_frames(
                 warn!("outgoing frame too large; dropped");
             }
         }
-        if send.write_all(&buf).await.is_err() {
+        if !send.write_all(&buf).await {
             return;
         }
     }
     // Finish the stream and give the device time to acknowledge it, so a frame queued just
     // before a close (Error, Goodbye) arrives before the CONNECTION_CLOSE that follows.
-    if send.finish().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-    }
+    send.finish_and_wait(Duration::from_secs(1)).await;
 }
 
 async fn authenticate(
@@ -474,7 +479,7 @@ fn install(
     resumed: bool,
     takes_transfers: bool,
     cmd_tx: &mpsc::Sender<SessionCommand>,
-    conn: &quinn::Connection,
+    conn: &Transport,
 ) -> (u64, Vec<thalamus_proto::v1::LiveCall>) {
     let metrics = &node.metrics;
     let connection_id = node.sessions.next_connection_id();
@@ -488,6 +493,12 @@ fn install(
         let _ = old.commands.try_send(SessionCommand::Replaced);
     }
     metrics.sessions_live.inc();
+    metrics
+        .sessions_live_by_transport
+        .get_or_create(&TransportLabel {
+            transport: conn.label(),
+        })
+        .inc();
     inc(
         &metrics.sessions_started,
         if resumed { "resumed" } else { "new" },

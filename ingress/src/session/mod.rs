@@ -1,10 +1,14 @@
 //! Device sessions: the sans-IO session state machine ([`core`]), its tokio driver over one
-//! QUIC connection ([`driver`]), the authentication throttle ([`throttle`]) and the table of
-//! live sessions by device id ([`Sessions`]), which enforces one session per device.
+//! QUIC connection or WebTransport session ([`driver`], [`link`]), the authentication
+//! throttle ([`throttle`]) and the table of live sessions by device id ([`Sessions`]), which
+//! enforces one session per device.
 
 pub mod core;
 pub mod driver;
+pub(crate) mod link;
 pub mod throttle;
+
+pub use link::LinkError;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -102,39 +106,27 @@ impl Sessions {
     }
 }
 
-/// Why a datagram could not be sent to a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum LinkError {
-    /// The link's send buffer is full: try again shortly.
-    #[error("datagram send buffer full")]
-    Blocked,
-    /// Larger than the link can carry now.
-    #[error("datagram too large for the device link")]
-    TooLarge,
-    /// The device does not accept datagrams.
-    #[error("datagrams not supported on the device link")]
-    Unsupported,
-    /// The connection is gone.
-    #[error("device connection closed")]
-    Closed,
-}
-
 /// A device's connection as the rest of the node sees it: where its media datagrams go. Cheap
 /// to clone; the QUIC connection itself stays inside this crate.
 #[derive(Debug, Clone)]
 pub struct DeviceLink {
-    conn: quinn::Connection,
+    conn: link::Transport,
     takes_transfers: bool,
     resumed: bool,
 }
 
 impl DeviceLink {
-    pub(crate) fn new(conn: quinn::Connection, takes_transfers: bool, resumed: bool) -> Self {
+    pub(crate) fn new(conn: link::Transport, takes_transfers: bool, resumed: bool) -> Self {
         Self {
             conn,
             takes_transfers,
             resumed,
         }
+    }
+
+    /// The transport the device came over: `quic` or `webtransport`.
+    pub fn transport(&self) -> &'static str {
+        self.conn.label()
     }
 
     /// Whether the session was resumed ([`crate::DeviceRequests::resume`] ran for it before
@@ -153,16 +145,7 @@ impl DeviceLink {
     /// [`LinkError::Blocked`] (quinn itself would drop its oldest datagram), so the caller's
     /// own drop-oldest buffer, which counts, decides.
     pub fn send_datagram(&self, datagram: Bytes) -> Result<(), LinkError> {
-        if self.conn.datagram_send_buffer_space() < datagram.len() {
-            return Err(LinkError::Blocked);
-        }
-        self.conn.send_datagram(datagram).map_err(|e| match e {
-            quinn::SendDatagramError::TooLarge => LinkError::TooLarge,
-            quinn::SendDatagramError::UnsupportedByPeer | quinn::SendDatagramError::Disabled => {
-                LinkError::Unsupported
-            }
-            quinn::SendDatagramError::ConnectionLost(_) => LinkError::Closed,
-        })
+        self.conn.send_datagram(datagram)
     }
 
     /// The largest datagram the link accepts now, if it knows (header included).
