@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub struct BuddyOptions {
 struct CallMedia {
     sdp: SdpSession,
     local: LocalMedia,
+    /// RTP packets the call's echo sent back (0 without `--echo`).
+    echoed: Arc<AtomicU64>,
 }
 
 struct Buddy {
@@ -133,7 +136,7 @@ pub async fn run(opts: BuddyOptions) -> anyhow::Result<()> {
         for _ in 0..opts.standing_echoes.max(1) {
             standing_echoes.push(SocketAddr::new(
                 media_ip,
-                start_echo(media_ip, None, opts.printer).await?,
+                start_echo(media_ip, None, opts.printer).await?.0,
             ));
         }
     }
@@ -215,8 +218,12 @@ impl Buddy {
                 ..
             } => match request.method {
                 Method::Bye => {
-                    p.emit("bye", json!({"call_id": dialog.call_id}));
-                    self.media.lock().await.remove(&dialog);
+                    let media = self.media.lock().await.remove(&dialog);
+                    let echoed = media.map_or(0, |m| m.echoed.load(Ordering::Relaxed));
+                    p.emit(
+                        "bye",
+                        json!({"call_id": dialog.call_id, "rtp_echoed": echoed}),
+                    );
                     self.ua.respond(tx, 200, None, None).await?;
                     self.ua.remove_dialog(&dialog).await?;
                 }
@@ -332,10 +339,10 @@ impl Buddy {
         if !self.opts.answer_after.is_zero() {
             tokio::time::sleep(self.opts.answer_after).await;
         }
-        let port = if self.opts.echo {
+        let (port, echoed) = if self.opts.echo {
             start_echo(self.media_ip, Some(ECHO_IDLE), self.opts.printer).await?
         } else {
-            40_000
+            (40_000, Arc::new(AtomicU64::new(0)))
         };
         let local = LocalMedia::audio(self.media_ip, port, codecs(self.opts.telephone_event));
         let mut session = SdpSession::with_random_id();
@@ -365,6 +372,7 @@ impl Buddy {
             CallMedia {
                 sdp: session,
                 local,
+                echoed,
             },
         );
         if let Some(after) = self.opts.hangup_after {
@@ -545,15 +553,17 @@ fn telephone_event_end(packet: &[u8]) -> Option<(u32, &'static str)> {
     DIGITS.get(usize::from(event)).map(|d| (ts, *d))
 }
 
-/// Binds an RTP port that sends every packet back to its source; returns the port. The echo
-/// ends after `idle` without packets (never when `None`).
+/// Binds an RTP port that sends every packet back to its source; returns the port and the
+/// count of packets sent back. The echo ends after `idle` without packets (never when `None`).
 async fn start_echo(
     ip: IpAddr,
     idle: Option<Duration>,
     printer: EventPrinter,
-) -> anyhow::Result<u16> {
+) -> anyhow::Result<(u16, Arc<AtomicU64>)> {
     let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
     let port = socket.local_addr()?.port();
+    let echoed = Arc::new(AtomicU64::new(0));
+    let count = echoed.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         let mut last_event: Option<u32> = None;
@@ -572,9 +582,11 @@ async fn start_echo(
                         printer.emit("dtmf", json!({"digit": digit, "source": from.to_string()}));
                     }
                 }
-                let _ = socket.send_to(packet, from).await;
+                if socket.send_to(packet, from).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     });
-    Ok(port)
+    Ok((port, echoed))
 }

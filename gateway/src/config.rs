@@ -97,6 +97,8 @@ pub struct Config {
     pub sip: SipConfig,
     /// Admin HTTP (health, metrics).
     pub admin: AdminConfig,
+    /// The device page for browsers (`[web]`).
+    pub web: WebConfig,
     /// Logging.
     pub log: LogConfig,
     /// Media relay (RTP ports, timeouts).
@@ -485,6 +487,16 @@ impl Default for AdminConfig {
     }
 }
 
+/// The device page: a browser logs in as a device over WebTransport (docs/console.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// TCP address of the page (plain HTTP: a browser takes WebTransport from a page on
+    /// `localhost` or `127.0.0.1`, or behind a TLS proxy). None: no page. Needs
+    /// `quic.webtransport`.
+    pub listen: Option<SocketAddr>,
+}
+
 pub use thalamus_bridge::config::{DeviceSettings, RegistrarConfig, SipCredentials};
 pub use thalamus_telemetry::{LogConfig, LogFormat};
 
@@ -554,6 +566,12 @@ impl Config {
         }
         if self.quic.max_connections == 0 || self.quic.max_connections_per_ip == 0 {
             return bad("quic.max_connections", "limits must be above 0");
+        }
+        if self.web.listen.is_some() && !self.quic.webtransport {
+            return bad(
+                "web.listen",
+                "the device page needs quic.webtransport = true (browsers log in over WebTransport)",
+            );
         }
         if self.session.max_frame_bytes < 256 || self.session.max_frame_bytes > 16 * 1024 * 1024 {
             return bad(

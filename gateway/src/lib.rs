@@ -25,3 +25,4 @@ pub mod reload;
 pub mod shared;
 pub mod sip_metrics;
 mod sweep;
+pub mod web;

@@ -86,6 +86,8 @@ pub struct GatewayNode {
     pub cert_path: PathBuf,
     /// Whether the admin token was generated on this run (the banner prints it once).
     pub admin_token_generated: bool,
+    /// Bound address of the device page (`[web] listen`), when it is served.
+    pub web_addr: Option<SocketAddr>,
     ingress: RunningIngress,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -274,6 +276,7 @@ impl GatewayNode {
             recoveries,
         });
         let fingerprint = ingress.fingerprint.clone();
+        let webtransport_certs = ingress.webtransport_certs.clone();
         let generated_cert = ingress.generated_cert;
         let cert_path = ingress.cert_path.clone();
         let ingress = ingress.serve(IngressDeps {
@@ -316,6 +319,30 @@ impl GatewayNode {
                 shutdown.clone(),
             )));
         }
+        let web_addr = match config.web.listen {
+            Some(listen) => {
+                let bind = |source| StartError::Bind {
+                    what: "device page HTTP",
+                    addr: listen,
+                    source,
+                };
+                let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
+                let addr = listener.local_addr().map_err(bind)?;
+                let page = crate::web::WebPage {
+                    quic_port: quic_addr.port(),
+                    certificate_hash: Arc::new(move || {
+                        webtransport_certs.as_ref().map(|c| c.hash())
+                    }),
+                };
+                tasks.push(tokio::spawn(crate::web::serve(
+                    listener,
+                    page,
+                    shutdown.clone(),
+                )));
+                Some(addr)
+            }
+            None => None,
+        };
         info!(%quic_addr, %admin_addr, node = %shared.node_id, "gateway node started");
         let running = std::sync::Mutex::new(config);
         let fingerprint_now = fingerprint.clone();
@@ -328,6 +355,7 @@ impl GatewayNode {
             generated_cert,
             cert_path,
             admin_token_generated,
+            web_addr,
             ingress,
             shutdown,
             tasks,

@@ -84,6 +84,8 @@ pub struct BoundIngress {
     pub generated_cert: bool,
     /// Path of the certificate.
     pub cert_path: PathBuf,
+    /// The short-lived certificate of WebTransport connections (with `webtransport` on).
+    pub webtransport_certs: Option<Arc<tls::WebTransportCerts>>,
 }
 
 impl std::fmt::Debug for BoundIngress {
@@ -107,7 +109,12 @@ impl Ingress {
             config.key.as_deref(),
             &config.data_dir,
         )?;
-        let server_config = server_config(&config, &material)?;
+        let webtransport_certs = if config.webtransport {
+            Some(tls::WebTransportCerts::new()?)
+        } else {
+            None
+        };
+        let server_config = server_config(&config, &material, webtransport_certs.as_ref())?;
         let bind_error = |source| IngressError::Bind {
             addr: config.listen,
             source,
@@ -133,6 +140,7 @@ impl Ingress {
             fingerprint: material.fingerprint(),
             generated_cert: material.generated,
             cert_path: material.cert_path,
+            webtransport_certs,
         })
     }
 }
@@ -141,9 +149,10 @@ impl Ingress {
 fn server_config(
     config: &IngressConfig,
     material: &tls::TlsMaterial,
+    webtransport: Option<&Arc<tls::WebTransportCerts>>,
 ) -> Result<quinn::ServerConfig, IngressError> {
     {
-        let crypto = tls::server_crypto(material, config.webtransport)?;
+        let crypto = tls::server_crypto(material, webtransport)?;
         let mut transport = quinn::TransportConfig::default();
         let idle = config.idle_timeout + Duration::from_secs(5);
         transport
@@ -191,6 +200,7 @@ impl BoundIngress {
                 4096,
             ),
             config: self.config,
+            webtransport_certs: self.webtransport_certs,
             metrics,
             registry,
             tokens,
@@ -239,6 +249,12 @@ impl RunningIngress {
         &self.shared.sessions
     }
 
+    /// With WebTransport on: the SHA-256 (hex) of the certificate browsers are served now,
+    /// for a page's `serverCertificateHashes`.
+    pub fn webtransport_certificate_hash(&self) -> Option<String> {
+        self.shared.webtransport_certs.as_ref().map(|c| c.hash())
+    }
+
     /// Reads the certificate and key files again (`quic.cert`, `quic.key`, as configured at
     /// start or given here) and uses them for connections accepted from now on; connections
     /// up already keep theirs. Returns the new certificate's SHA-256 fingerprint. A node that
@@ -254,7 +270,8 @@ impl RunningIngress {
             key.or(config.key.as_deref()),
             &config.data_dir,
         )?;
-        let server_config = server_config(config, &material)?;
+        let server_config =
+            server_config(config, &material, self.shared.webtransport_certs.as_ref())?;
         self.endpoint.set_server_config(Some(server_config));
         Ok(material.fingerprint())
     }

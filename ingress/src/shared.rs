@@ -13,6 +13,8 @@ use crate::session::Sessions;
 /// What the session drivers share.
 pub(crate) struct Shared {
     pub(crate) config: IngressConfig,
+    /// The short-lived certificate of WebTransport connections, when they are taken.
+    pub(crate) webtransport_certs: Option<Arc<crate::tls::WebTransportCerts>>,
     pub(crate) metrics: IngressMetrics,
     pub(crate) registry: Arc<DeviceRegistry>,
     pub(crate) tokens: ResumeTokens,

@@ -2,13 +2,18 @@
 //!
 //! Loads a PEM certificate chain and key from configured paths, or on first run generates a
 //! self-signed certificate into the data directory (`quic-cert.pem`, `quic-key.pem`) and reuses
-//! it afterwards. Devices pin it by the SHA-256 fingerprint of its DER encoding. This module
-//! builds the rustls/quinn server configuration; it does not open sockets.
+//! it afterwards. Devices pin it by the SHA-256 fingerprint of its DER encoding. With
+//! WebTransport on, browsers (ALPN `h3`) get a short-lived certificate instead
+//! ([`WebTransportCerts`]), as they require for one pinned by its hash. This module builds the
+//! rustls/quinn server configuration; it does not open sockets.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 
 /// TLS set-up errors.
@@ -92,6 +97,19 @@ pub fn load_or_generate(
         return load_pem(&cert_path, &key_path, false);
     }
     std::fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+    let names = own_names();
+    let certified =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    std::fs::write(&cert_path, certified.cert.pem()).map_err(io_err(&cert_path))?;
+    write_private(&key_path, certified.key_pair.serialize_pem().as_bytes())?;
+    let mut material = load_pem(&cert_path, &key_path, true)?;
+    material.generated = true;
+    Ok(material)
+}
+
+/// The names a generated certificate carries: `localhost`, the host name, the loopback
+/// addresses.
+fn own_names() -> Vec<String> {
     let mut names = vec!["localhost".to_string()];
     if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
         let host = host.trim();
@@ -101,13 +119,121 @@ pub fn load_or_generate(
     }
     names.push("127.0.0.1".into());
     names.push("::1".into());
-    let certified =
-        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    std::fs::write(&cert_path, certified.cert.pem()).map_err(io_err(&cert_path))?;
-    write_private(&key_path, certified.key_pair.serialize_pem().as_bytes())?;
-    let mut material = load_pem(&cert_path, &key_path, true)?;
-    material.generated = true;
-    Ok(material)
+    names
+}
+
+/// How long the certificate for WebTransport lasts. Browsers take a certificate pinned by its
+/// hash (`serverCertificateHashes`) only when it is valid for at most 14 days and ECDSA.
+pub const WEBTRANSPORT_CERT_LIFETIME: Duration = Duration::from_secs(13 * 24 * 3600);
+/// A certificate for WebTransport is replaced once it is this old, so the one served is
+/// always valid for a week more.
+pub const WEBTRANSPORT_CERT_RENEW_AFTER: Duration = Duration::from_secs(6 * 24 * 3600);
+
+/// The short-lived self-signed certificate served to WebTransport (ALPN `h3`) connections:
+/// ECDSA P-256, valid [`WEBTRANSPORT_CERT_LIFETIME`] from an hour before it was made, made
+/// again when it is [`WEBTRANSPORT_CERT_RENEW_AFTER`] old. Raw QUIC devices keep the node's
+/// own certificate. Lives only in memory: a browser page learns its hash from the node.
+#[derive(Debug)]
+pub struct WebTransportCerts {
+    current: std::sync::RwLock<WebTransportCert>,
+}
+
+#[derive(Debug, Clone)]
+struct WebTransportCert {
+    key: Arc<CertifiedKey>,
+    hash: String,
+    made: SystemTime,
+}
+
+impl WebTransportCerts {
+    /// Makes the first certificate.
+    pub fn new() -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: std::sync::RwLock::new(make_webtransport_cert(SystemTime::now())?),
+        }))
+    }
+
+    /// The SHA-256 (lower-case hex) of the certificate served now, for a page's
+    /// `serverCertificateHashes`.
+    pub fn hash(&self) -> String {
+        self.served(SystemTime::now()).1
+    }
+
+    /// The certificate to serve at `now` (made again first when due), with its hash.
+    fn served(&self, now: SystemTime) -> (Arc<CertifiedKey>, String) {
+        let due = |cert: &WebTransportCert| {
+            now.duration_since(cert.made)
+                .is_ok_and(|age| age >= WEBTRANSPORT_CERT_RENEW_AFTER)
+        };
+        if let Ok(current) = self.current.read() {
+            if !due(&current) {
+                return (current.key.clone(), current.hash.clone());
+            }
+        }
+        let Ok(mut current) = self.current.write() else {
+            // A panicked writer: keep serving what there is.
+            let cert = self.current.read().map(|c| c.clone());
+            return cert.map_or_else(
+                |poisoned| {
+                    let c = poisoned.into_inner();
+                    (c.key.clone(), c.hash.clone())
+                },
+                |c| (c.key, c.hash),
+            );
+        };
+        if due(&current) {
+            match make_webtransport_cert(now) {
+                Ok(fresh) => *current = fresh,
+                Err(e) => tracing::warn!(error = %e, "WebTransport certificate not renewed"),
+            }
+        }
+        (current.key.clone(), current.hash.clone())
+    }
+}
+
+fn make_webtransport_cert(now: SystemTime) -> Result<WebTransportCert, TlsError> {
+    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut params = rcgen::CertificateParams::new(own_names()).map_err(generate)?;
+    let from = now
+        .checked_sub(Duration::from_secs(3600))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    params.not_before = from.into();
+    params.not_after = (from + WEBTRANSPORT_CERT_LIFETIME).into();
+    let key_pair =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
+    let cert = params.self_signed(&key_pair).map_err(generate)?;
+    let der = CertificateDer::from(cert.der().to_vec());
+    let private = PrivateKeyDer::try_from(key_pair.serialize_der())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&private)?;
+    let hash = fingerprint(der.as_ref());
+    Ok(WebTransportCert {
+        key: Arc::new(CertifiedKey::new(vec![der], signing)),
+        hash,
+        made: now,
+    })
+}
+
+/// Picks the certificate by the ALPN a client offers: WebTransport's short-lived one for
+/// `h3`, the node's own otherwise.
+#[derive(Debug)]
+struct ByAlpn {
+    own: Arc<CertifiedKey>,
+    webtransport: Arc<WebTransportCerts>,
+}
+
+impl ResolvesServerCert for ByAlpn {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let h3 = web_transport_quinn::ALPN.as_bytes();
+        let wants_h3 = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == h3));
+        if wants_h3 {
+            Some(self.webtransport.served(SystemTime::now()).0)
+        } else {
+            Some(self.own.clone())
+        }
+    }
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
@@ -148,19 +274,28 @@ fn load_pem(cert: &Path, key: &Path, generated: bool) -> Result<TlsMaterial, Tls
     })
 }
 
-/// The quinn server crypto configuration: TLS 1.3 only, ALPN `mbfp/1`, and `h3` too with
-/// `webtransport`.
+/// The quinn server crypto configuration: TLS 1.3 only, ALPN `mbfp/1`; with `webtransport`,
+/// `h3` too, whose connections get the short-lived certificate of [`WebTransportCerts`].
 pub fn server_crypto(
     material: &TlsMaterial,
-    webtransport: bool,
+    webtransport: Option<&Arc<WebTransportCerts>>,
 ) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(material.chain.clone(), material.key.clone_key())?;
+        .with_no_client_auth();
+    let mut tls = match webtransport {
+        Some(certs) => {
+            let signing = rustls::crypto::ring::sign::any_supported_type(&material.key)?;
+            builder.with_cert_resolver(Arc::new(ByAlpn {
+                own: Arc::new(CertifiedKey::new(material.chain.clone(), signing)),
+                webtransport: certs.clone(),
+            }))
+        }
+        None => builder.with_single_cert(material.chain.clone(), material.key.clone_key())?,
+    };
     tls.alpn_protocols = vec![thalamus_proto::ALPN.to_vec()];
-    if webtransport {
+    if webtransport.is_some() {
         tls.alpn_protocols
             .push(web_transport_quinn::ALPN.as_bytes().to_vec());
     }
@@ -175,6 +310,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_webtransport_certificate_is_replaced_when_a_week_old() {
+        let certs = WebTransportCerts::new().unwrap();
+        let made = certs.current.read().unwrap().made;
+        let (first_key, first) = certs.served(made);
+        assert_eq!(certs.hash(), first);
+        assert_eq!(first_key.cert.len(), 1);
+        assert_eq!(fingerprint(first_key.cert[0].as_ref()), first);
+        // Five days on: the same; six: a new one, served from then on.
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(certs.served(made + 5 * day).1, first);
+        let (_, second) = certs.served(made + 6 * day);
+        assert_ne!(second, first);
+        assert_eq!(certs.served(made + 7 * day).1, second);
+        assert!(WEBTRANSPORT_CERT_LIFETIME + Duration::from_secs(3600) <= 14 * day);
+    }
+
+    #[test]
     fn generated_once_then_reused() {
         let dir = tempfile::tempdir().unwrap();
         let first = load_or_generate(None, None, dir.path()).unwrap();
@@ -183,7 +335,7 @@ mod tests {
         let second = load_or_generate(None, None, dir.path()).unwrap();
         assert!(!second.generated);
         assert_eq!(first.fingerprint(), second.fingerprint());
-        server_crypto(&second, false).unwrap();
+        server_crypto(&second, None).unwrap();
     }
 
     #[test]

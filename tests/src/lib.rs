@@ -164,6 +164,8 @@ pub struct Gateway {
     pub sip: SocketAddr,
     /// Certificate fingerprint.
     pub fingerprint: String,
+    /// Bound address of the device page (`[web] listen`), when served.
+    pub web: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -253,6 +255,7 @@ impl Gateway {
                 .as_str()
                 .context("fingerprint")?
                 .to_string(),
+            web: info["web"].as_str().map(str::parse).transpose()?,
             dir,
         })
     }

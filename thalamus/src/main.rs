@@ -176,12 +176,16 @@ fn run(
             "sip": node.sip_addr.to_string(),
             "fingerprint": node.fingerprint,
             "node_id": node.shared.node_id,
+            "web": node.web_addr.map(|a| a.to_string()),
         });
         println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.node_id);
         println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);
         println!("  SIP (UDP and TCP)            {}", node.sip_addr);
         println!("  SIP inbound                  {inbound_line}");
         println!("  admin (health, metrics)      http://{}/metrics", node.admin_addr);
+        if let Some(web) = node.web_addr {
+            println!("  device page (browsers)       http://{web}/");
+        }
         if node.admin_token_generated {
             println!(
                 "  admin token (generated now, kept in {}; POST/DELETE need it)  {}",

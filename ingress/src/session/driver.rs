@@ -1,8 +1,8 @@
 //! The tokio driver of one device session: moves bytes between the control stream (on QUIC or
-//! WebTransport, [`super::link`]) and the sans-IO [`SessionCore`], checks credentials off the
-//! executor, and carries out the core's
-//! actions. One task per connection, plus a writer task that owns the send half of the control
-//! stream behind a bounded queue. This module holds no protocol rules of its own.
+//! WebTransport, `super::link`) and the sans-IO [`SessionCore`], checks credentials off the
+//! executor, and carries out the core's actions. One task per connection, plus a writer task
+//! that owns the send half of the control stream behind a bounded queue. This module holds no
+//! protocol rules of its own.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! Device sessions: the sans-IO session state machine ([`core`]), its tokio driver over one
-//! QUIC connection or WebTransport session ([`driver`], [`link`]), the authentication
+//! QUIC connection or WebTransport session ([`driver`], `link`), the authentication
 //! throttle ([`throttle`]) and the table of live sessions by device id ([`Sessions`]), which
 //! enforces one session per device.
 
