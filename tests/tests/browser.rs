@@ -8,7 +8,10 @@
 //! text (the buddy receives it), hangs up, and the test saves a screenshot
 //! (`target/screenshots/device-page.png`, shown in docs/console.md).
 //!
-//! What it does not cover yet: the operator console, a browser device called by a native one.
+//! A browser device and a native QUIC device (`thalamus-sim`) then call each other through the
+//! node's SIP side, both ways, each counting the other's frames.
+//!
+//! What it does not cover yet: the operator console.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, Locator};
 use serde_json::{json, Value};
 use thalamus_tests::cluster::free_tcp_port;
-use thalamus_tests::{Gateway, Proc, Sim};
+use thalamus_tests::{login_args, sim_as, Gateway, Proc, Sim};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -129,18 +132,37 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
-}
-
-#[test]
-fn the_device_page_calls_the_echo_buddy_over_webtransport() {
+/// A node taking WebTransport with its device page, and the page's port.
+fn node_with_page() -> (Gateway, u16) {
     let web = free_tcp_port().unwrap();
     let gw = Gateway::start(&format!(
         "[quic]\nwebtransport = true\n\n[web]\nlisten = \"127.0.0.1:{web}\""
     ))
     .unwrap();
     assert_eq!(gw.web.map(|a| a.port()), Some(web));
+    (gw, web)
+}
+
+/// Opens the page and logs in as `device`.
+async fn log_in(browser: &Browser, web: u16, device: &str, secret: &str) {
+    browser
+        .client
+        .goto(&format!("http://127.0.0.1:{web}/"))
+        .await
+        .unwrap();
+    browser.fill("device", device).await;
+    browser.fill("secret", secret).await;
+    browser.click("#login").await;
+    browser.wait("logged in", |s| s["session"] == "live").await;
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+#[test]
+fn the_device_page_calls_the_echo_buddy_over_webtransport() {
+    let (gw, web) = node_with_page();
     let secret = gw.add_device("browser-1").unwrap();
     let (mut buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
     runtime().block_on(async {
@@ -228,4 +250,77 @@ fn the_device_page_calls_the_echo_buddy_over_webtransport() {
         T,
     )
     .unwrap();
+}
+
+#[test]
+fn a_browser_and_a_native_device_call_each_other() {
+    let (gw, web) = node_with_page();
+    let secret = gw.add_device("browser-2").unwrap();
+    let ear_secret = gw.add_device("ear").unwrap();
+    runtime().block_on(async {
+        let browser = Browser::start().await;
+        log_in(&browser, web, "browser-2", &secret).await;
+
+        // The browser calls the native device (which echoes) at the node's own SIP address.
+        let mut ear = sim_as(
+            "listen",
+            login_args(&gw, "ear", &ear_secret),
+            &["--echo", "--calls", "1"],
+        );
+        ear.wait_event("welcome", T).unwrap();
+        browser.fill("target", &format!("sip:ear@{}", gw.sip)).await;
+        browser.click("#dial").await;
+        browser
+            .wait("the native device answered", |s| {
+                s["call"]["state"] == "answered"
+            })
+            .await;
+        let echoed = browser
+            .wait("the native device echoed 100 frames", |s| {
+                s["framesReceived"].as_u64() >= Some(100)
+            })
+            .await;
+        browser.click("#hangup").await;
+        let report = ear.wait_event("media_report", T).unwrap();
+        assert!(u(&report, "frames_received") >= 100, "{report}");
+        assert!(
+            u(&report, "frames_echoed") >= u(&echoed, "framesReceived"),
+            "{report} {echoed}"
+        );
+        browser.wait("hung up", |s| s["call"].is_null()).await;
+
+        // The native device calls the browser, which answers; each gets the other's frames.
+        let before = u(&browser.page_state().await, "framesReceived");
+        let mut caller = sim_as(
+            "call",
+            login_args(&gw, "ear", &ear_secret),
+            &[
+                "--target",
+                &format!("sip:browser-2@{}", gw.sip),
+                "--media",
+                "--hold-ms",
+                "3000",
+            ],
+        );
+        browser
+            .wait("ringing", |s| {
+                s["call"]["incoming"] == true && s["call"]["state"] == "ringing"
+            })
+            .await;
+        browser.screenshot("device-page-incoming.png").await;
+        browser.click("#answer").await;
+        let got = browser
+            .wait("the native device's frames", |s| {
+                s["framesReceived"].as_u64() >= Some(before + 100)
+            })
+            .await;
+        let report = caller.wait_event("media_report", T).unwrap();
+        // The browser does not echo: what the caller got are the browser's own frames.
+        assert!(u(&report, "frames_foreign") >= 100, "{report} {got}");
+        assert_eq!(u(&report, "payload_matches"), 0, "{report}");
+        browser
+            .wait("the caller hung up", |s| s["call"].is_null())
+            .await;
+        browser.client.close().await.unwrap();
+    });
 }
