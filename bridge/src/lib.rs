@@ -120,6 +120,23 @@ impl std::fmt::Debug for Bridge {
     }
 }
 
+/// A call in progress, as the operator console shows it ([`Bridge::calls`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallView {
+    /// The device.
+    pub device: String,
+    /// The device's reference of the call.
+    pub call_ref: u32,
+    /// The remote party.
+    pub remote_uri: String,
+    /// Its state.
+    pub state: thalamus_proto::v1::CallState,
+    /// How long it has been on this node.
+    pub age: std::time::Duration,
+    /// How long it has been answered, when it is.
+    pub answered_for: Option<std::time::Duration>,
+}
+
 impl Bridge {
     /// A bridge on `ua`; SIP events from `events` are handled by a task started here.
     pub fn start(ua: UserAgent, events: mpsc::Receiver<UaEvent>, deps: BridgeDeps) -> Self {
@@ -196,6 +213,30 @@ impl Bridge {
     /// Calls in progress.
     pub fn active_calls(&self) -> usize {
         self.inner.calls.len()
+    }
+
+    /// Up to `limit` of the calls in progress on this node, as an operator sees them, by
+    /// device and call.
+    pub fn calls(&self, limit: usize) -> Vec<CallView> {
+        let mut calls: Vec<CallView> = self
+            .inner
+            .calls
+            .iter()
+            .take(limit)
+            .map(|c| {
+                let (age, answered_for) = c.ages();
+                CallView {
+                    device: c.key().0.clone(),
+                    call_ref: c.key().1,
+                    remote_uri: c.remote_uri(),
+                    state: c.state(),
+                    age,
+                    answered_for,
+                }
+            })
+            .collect();
+        calls.sort_by(|a, b| (&a.device, a.call_ref).cmp(&(&b.device, b.call_ref)));
+        calls
     }
 
     /// Replaces the inbound policy with the one `config` describes (a configuration reload),

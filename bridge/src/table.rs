@@ -62,6 +62,10 @@ pub(crate) struct CallShared {
     pub(crate) dialog: Option<DialogId>,
     pub(crate) remote_uri: String,
     pub(crate) state: CallState,
+    /// When the call's task started on this node.
+    pub(crate) since: tokio::time::Instant,
+    /// When it was first seen answered (on this node).
+    pub(crate) answered: Option<tokio::time::Instant>,
 }
 
 /// The bridge's handle on a call task.
@@ -91,6 +95,19 @@ impl CallHandle {
             .lock()
             .map(|s| s.remote_uri.clone())
             .unwrap_or_default()
+    }
+
+    /// How long the call has been on this node, and how long it has been answered.
+    pub fn ages(&self) -> (std::time::Duration, Option<std::time::Duration>) {
+        let now = tokio::time::Instant::now();
+        self.shared
+            .lock()
+            .map_or((std::time::Duration::ZERO, None), |s| {
+                (
+                    now.saturating_duration_since(s.since),
+                    s.answered.map(|at| now.saturating_duration_since(at)),
+                )
+            })
     }
 
     /// The call's state as last reported.
@@ -138,6 +155,8 @@ pub(crate) fn handle(
         dialog,
         remote_uri,
         state,
+        since: tokio::time::Instant::now(),
+        answered: None,
     }));
     let media_input = Arc::new(Mutex::new(None));
     (

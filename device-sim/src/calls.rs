@@ -599,7 +599,13 @@ async fn finish_probe(
             }
             datagram = dev.incoming.datagrams.recv() => {
                 let Some(d) = datagram else { return Vec::new() };
-                probe.on_datagram(d, Instant::now());
+                // Late echoes of the probe; the other streams' last packets (the far device
+                // streams until it hears the end) are not the probe's.
+                let audio = thalamus_proto::media::MediaHeader::decode(&d)
+                    .is_ok_and(|h| h.stream_id == thalamus_proto::media::StreamId::AUDIO);
+                if audio {
+                    probe.on_datagram(d, Instant::now());
+                }
             }
             () = tokio::time::sleep_until(until) => return Vec::new(),
         }

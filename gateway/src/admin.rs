@@ -12,13 +12,17 @@
 //! - `GET /drain`, `POST /drain`, `DELETE /drain`: whether the node is draining, start
 //!   draining, stop draining (see [`NodeShared::set_draining`]);
 //! - `GET /cluster`: this node's id, draining flag and the live set the balancers last
-//!   reported (the nodes its devices are redirected among).
+//!   reported (the nodes its devices are redirected among);
+//! - `GET /console`: the operator console (a page built into the binary, `gateway/web/`,
+//!   docs/console.md), whose data comes from `GET /console/state` and, live, from
+//!   `GET /console/events` (server-sent events, one state a second). Both need the token.
 //!
 //! Only the POSTs and the DELETE change anything, and they need `Authorization: Bearer
 //! <token>` (`admin.token`, or the one generated into `<data_dir>/admin.token`); a request
-//! from a browser page of another site (an `Origin` header, or `Sec-Fetch-Site` other than
-//! `same-origin`/`none`) is refused even with it. Reads need no token. Refusals are counted
-//! (`admin_refused_total{reason}`). Path parts are percent-decoded.
+//! from a browser page of another site (an `Origin` other than this endpoint's own, or
+//! `Sec-Fetch-Site` other than `same-origin`/`none`) is refused even with it. Reads need no
+//! token, but for the console's data. Refusals are counted (`admin_refused_total{reason}`).
+//! Path parts are percent-decoded.
 
 use std::sync::Arc;
 
@@ -62,6 +66,10 @@ pub async fn serve(
             get(drain_state).post(drain_start).delete(drain_stop),
         )
         .route("/cluster", get(cluster_state))
+        .route("/console", get(console_page))
+        .route("/console.js", get(console_script))
+        .route("/console/state", get(console_state))
+        .route("/console/events", get(console_events))
         .layer(axum::middleware::from_fn_with_state(guard, guard_mutations))
         .with_state(node);
     let result = axum::serve(listener, app)
@@ -100,7 +108,15 @@ async fn guard_mutations(
         return next.run(request).await;
     }
     let headers = request.headers();
-    let cross_site = headers.contains_key(header::ORIGIN)
+    // A browser names the page's origin; the console's own (same host) is allowed.
+    let own_origin = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|host| format!("http://{host}"));
+    let foreign_origin = headers
+        .get(header::ORIGIN)
+        .is_some_and(|origin| origin.to_str().ok().map(str::to_string) != own_origin);
+    let cross_site = foreign_origin
         || headers
             .get("sec-fetch-site")
             .and_then(|v| v.to_str().ok())
@@ -137,6 +153,126 @@ async fn guard_mutations(
     }
 }
 
+const CONSOLE_PAGE: &str = include_str!("../web/console.html");
+const CONSOLE_JS: &str = include_str!("../web/console.js");
+/// Most devices and calls the console lists (the counts are always whole).
+const CONSOLE_LIST_LIMIT: usize = 500;
+
+async fn console_page() -> impl IntoResponse {
+    (
+        [
+            (CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (axum::http::header::X_FRAME_OPTIONS, "DENY"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "frame-ancestors 'none'",
+            ),
+        ],
+        CONSOLE_PAGE,
+    )
+}
+
+async fn console_script() -> impl IntoResponse {
+    (
+        [
+            (CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        CONSOLE_JS,
+    )
+}
+
+/// Whether `headers` carry the admin token (counted when not).
+fn console_authorized(node: &NodeShared, headers: &axum::http::HeaderMap) -> bool {
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|t| same(t.as_bytes(), node.admin_token.as_bytes()));
+    if !ok {
+        thalamus_telemetry::inc(&node.admin_refused, "console_token");
+    }
+    ok
+}
+
+/// What the console shows of this node: its state, devices online, calls in progress, and
+/// the cluster as the balancers last reported it.
+fn console_json(node: &NodeShared) -> Value {
+    let mut devices = node.sessions.device_ids();
+    devices.sort();
+    let online = devices.len();
+    devices.truncate(CONSOLE_LIST_LIMIT);
+    let calls: Vec<Value> = node
+        .bridge
+        .calls(CONSOLE_LIST_LIMIT)
+        .into_iter()
+        .map(|c| {
+            json!({
+                "device": c.device,
+                "call_ref": c.call_ref,
+                "remote": c.remote_uri,
+                "state": c.state.as_str_name().trim_start_matches("CALL_STATE_").to_ascii_lowercase(),
+                "age_ms": u64::try_from(c.age.as_millis()).unwrap_or(u64::MAX),
+                "answered_ms": c.answered_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            })
+        })
+        .collect();
+    let Json(cluster) = cluster_json(node);
+    json!({
+        "node": node.node_id,
+        "draining": node.is_draining(),
+        "store_up": node.store_up(),
+        "devices_online": online,
+        "devices": devices,
+        "calls_active": node.bridge.active_calls(),
+        "calls": calls,
+        "cluster": cluster,
+    })
+}
+
+async fn console_state(
+    State(node): State<Arc<NodeShared>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if !console_authorized(&node, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "the console needs the admin token\n",
+        )
+            .into_response();
+    }
+    Json(console_json(&node)).into_response()
+}
+
+/// The console's state once a second, as server-sent events, until the client goes.
+async fn console_events(
+    State(node): State<Arc<NodeShared>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    if !console_authorized(&node, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "the console needs the admin token\n",
+        )
+            .into_response();
+    }
+    let ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    let stream = futures::stream::unfold((node, ticks), |(node, mut ticks)| async move {
+        ticks.tick().await;
+        let event = Event::default()
+            .event("state")
+            .json_data(console_json(&node))
+            .unwrap_or_else(|_| Event::default().comment("unencodable state"));
+        Some((Ok::<_, std::convert::Infallible>(event), (node, ticks)))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
 async fn metrics(State(node): State<Arc<NodeShared>>) -> impl IntoResponse {
     (
         [(
@@ -162,6 +298,10 @@ fn drain_json(node: &NodeShared) -> Json<Value> {
 }
 
 async fn cluster_state(State(node): State<Arc<NodeShared>>) -> Json<Value> {
+    cluster_json(&node)
+}
+
+fn cluster_json(node: &NodeShared) -> Json<Value> {
     let live = node
         .heartbeats
         .as_ref()

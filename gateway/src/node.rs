@@ -114,6 +114,11 @@ pub struct ReloadReport {
 }
 
 impl GatewayNode {
+    /// With WebTransport on: the SHA-256 (hex) of the certificate browsers are served now.
+    pub fn webtransport_certificate_hash(&self) -> Option<String> {
+        self.ingress.webtransport_certificate_hash()
+    }
+
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let data_dir = config.node.data_dir.clone();

@@ -12,7 +12,10 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, X_CONTENT_TYPE_OPTIONS};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HOST, X_CONTENT_TYPE_OPTIONS,
+    X_FRAME_OPTIONS,
+};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -71,6 +74,9 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
         [
             (CONTENT_TYPE, content_type),
             (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            // Not to be framed by another page (clicks on Call or Answer made for the user).
+            (X_FRAME_OPTIONS, "DENY"),
+            (CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
         ],
         body,
     )
@@ -82,6 +88,11 @@ async fn webtransport(State(page): State<WebPage>, headers: HeaderMap) -> impl I
         .get(HOST)
         .and_then(|h| h.to_str().ok())
         .map(host_name)
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
         .unwrap_or("localhost")
         .to_string();
     let hashes: Vec<String> = (page.certificate_hash)().into_iter().collect();

@@ -78,6 +78,7 @@ function ended(why) {
   if (state.session === "offline") return;
   state.session = "offline";
   state.call = null;
+  stopAudio();
   clearInterval(keepalive);
   log(`session ended: ${why}`);
   render();
@@ -85,10 +86,23 @@ function ended(why) {
 
 async function readFrames(reader) {
   const frames = new FrameReader();
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    for (const env of frames.push(value)) handle(env);
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      for (const env of frames.push(value)) {
+        if (env.welcome && env.welcome.limits && env.welcome.limits.max_frame_bytes) {
+          frames.max = env.welcome.limits.max_frame_bytes;
+        }
+        handle(env);
+      }
+    }
+  } catch (e) {
+    // A frame the page cannot read: the session cannot go on (protocol.md section 4.4).
+    state.errors.push(String(e));
+    log(`bad frame from the node: ${e}`);
+    if (wt) wt.close({ closeCode: 1, reason: "bad frame" });
+    ended("bad frame");
   }
 }
 
@@ -102,10 +116,18 @@ function handle(env) {
   } else if (env.error) {
     state.errors.push(env.error.message);
     log(`error ${env.error.code}: ${env.error.message}`);
+    // A Dial the node refused leaves no call.
+    if (state.call && state.call.request === env.error.request_id) state.call = null;
   } else if (env.goodbye) {
     log(`goodbye: ${env.goodbye.message || env.goodbye.reason}`);
   } else if (env.incoming_call) {
     const c = env.incoming_call;
+    if (state.call) {
+      // One call at a time on this page: busy.
+      send({ reject: { call_ref: c.call_ref, sip_status: 486 } }).catch(() => {});
+      log(`busy: refused a call from ${c.from_uri}`);
+      return;
+    }
     state.call = { ref: c.call_ref, peer: c.from_uri, state: "ringing", incoming: true };
     log(`incoming call from ${c.from_uri}`);
   } else if (env.call_event) {
@@ -218,9 +240,11 @@ $("login").onclick = () => login();
 $("logout").onclick = () => { if (wt) wt.close({ closeCode: 0, reason: "log out" }); };
 $("dial").onclick = async () => {
   const ref = nextCallRef++;
-  state.call = { ref, peer: $("target").value, state: "trying", incoming: false };
+  const call = { ref, peer: $("target").value, state: "trying", incoming: false };
+  state.call = call;
   render();
-  await send({ dial: { call_ref: ref, target: $("target").value, media: { audio_codecs: [AUDIO_PCMU] } } });
+  call.request = await send({ dial: { call_ref: ref, target: call.peer,
+                                      media: { audio_codecs: [AUDIO_PCMU] } } });
 };
 $("answer").onclick = async () => {
   await send({ answer: { call_ref: callRef(), media: { audio_codecs: [AUDIO_PCMU] } } });

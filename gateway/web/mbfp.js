@@ -2,7 +2,10 @@
 // a protobuf Envelope) and the 13-byte media datagram header (section 7), for the messages the
 // device page uses. The protobuf wire format is written by hand here (varints and
 // length-delimited fields): no dependency and no build step. Unknown fields and unknown bodies
-// are skipped, as protobuf requires; 64-bit fields are read as JavaScript numbers.
+// are skipped, as protobuf requires; 64-bit fields are read as JavaScript numbers. A malformed
+// frame is an error the caller handles (it ends the session).
+// What it does not do: not every MBFP message (video, presence, transfers), no groups (wire
+// types 3 and 4 are errors), no session logic (device.js).
 
 // Message schemas: field number -> [name, kind], kind one of "uint", "bool", "string",
 // "bytes", "uints" (a repeated enum), or the name of another schema.
@@ -81,7 +84,7 @@ function encodeMessage(schemaName, msg) {
       for (const v of value) pushVarint(packed, v);
       pushVarint(out, (field << 3) | 2);
       pushVarint(out, packed.length);
-      out.push(...packed);
+      for (const b of packed) out.push(b);
     } else {
       let bytes;
       if (kind === "string") {
@@ -94,7 +97,7 @@ function encodeMessage(schemaName, msg) {
       }
       pushVarint(out, (field << 3) | 2);
       pushVarint(out, bytes.length);
-      out.push(...bytes);
+      for (const b of bytes) out.push(b);
     }
   }
   return Uint8Array.from(out);
@@ -104,6 +107,7 @@ function readVarint(buf, at) {
   let result = 0n, shift = 0n;
   for (;;) {
     if (at.i >= buf.length || shift > 63n) throw new Error("bad varint");
+    if (shift === 63n && buf[at.i] > 1) throw new Error("varint beyond 64 bits");
     const byte = buf[at.i++];
     result |= BigInt(byte & 0x7f) << shift;
     if ((byte & 0x80) === 0) return result;
@@ -116,9 +120,15 @@ function decodeMessage(schemaName, buf) {
   const msg = {};
   const at = { i: 0 };
   while (at.i < buf.length) {
-    const key = Number(readVarint(buf, at));
-    const field = key >>> 3, wire = key & 7;
-    const [name, kind] = schema[field] || [null, null];
+    const key = readVarint(buf, at);
+    if (key > 0xffffffffn) throw new Error("field number out of range");
+    const field = Number(key >> 3n), wire = Number(key & 7n);
+    let [name, kind] = schema[field] || [null, null];
+    const scalar = kind === "uint" || kind === "bool";
+    // A field whose wire type does not fit its schema is skipped, like an unknown one.
+    if (name !== null && !(wire === 0 ? scalar || kind === "uints" : wire === 2 && !scalar)) {
+      name = null;
+    }
     if (wire === 0) {
       const v = readVarint(buf, at);
       if (name === null) continue;
@@ -138,10 +148,9 @@ function decodeMessage(schemaName, buf) {
         msg[name] = msg[name] || [];
         while (inner.i < bytes.length) msg[name].push(Number(readVarint(bytes, inner)));
       } else msg[name] = decodeMessage(kind, bytes);
-    } else if (wire === 1) {
-      at.i += 8;
-    } else if (wire === 5) {
-      at.i += 4;
+    } else if (wire === 1 || wire === 5) {
+      at.i += wire === 1 ? 8 : 4;
+      if (at.i > buf.length) throw new Error("truncated field");
     } else {
       throw new Error("unsupported wire type " + wire);
     }

@@ -1,7 +1,8 @@
 //! The QUIC endpoint: TLS material and the transport settings ([`Ingress::bind`]), the
-//! accept loop with the connection limits in total and per source address, and a session
-//! driver per connection ([`BoundIngress::serve`]); [`RunningIngress::shutdown`] says goodbye
-//! to every session and closes the endpoint.
+//! accept loop with the connection limits in total and per source address, the transport of
+//! each connection by its ALPN (MBFP on QUIC, or a WebTransport session at `/mbfp` set up
+//! within the hello timeout), and a session driver per connection ([`BoundIngress::serve`]);
+//! [`RunningIngress::shutdown`] says goodbye to every session and closes the endpoint.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -452,32 +453,37 @@ async fn transport_of(shared: &Shared, conn: quinn::Connection) -> Option<Transp
         metrics::inc(&shared.metrics.connections_refused, reason);
         None
     };
-    let timeout = shared.config.hello_timeout;
-    let request =
-        match tokio::time::timeout(timeout, web_transport_quinn::Request::accept(conn)).await {
-            Ok(Ok(request)) => request,
-            Ok(Err(e)) => {
+    // The whole set-up (HTTP/3 settings, the CONNECT, our answer) within one hello timeout.
+    let handle = conn.clone();
+    let setup = async {
+        let request = match web_transport_quinn::Request::accept(conn).await {
+            Ok(request) => request,
+            Err(e) => {
                 tracing::debug!(error = %e, "WebTransport set-up failed");
-                return refused("webtransport_setup");
+                return Err("webtransport_setup");
             }
-            Err(_) => return refused("webtransport_timeout"),
         };
-    if request.url.path() != crate::config::WEBTRANSPORT_PATH {
-        let _ = tokio::time::timeout(
-            timeout,
-            request.reject(web_transport_quinn::http::StatusCode::NOT_FOUND),
-        )
-        .await;
-        return refused("webtransport_path");
-    }
-    match tokio::time::timeout(timeout, request.ok()).await {
-        Ok(Ok(session)) => Some(Transport::WebTransport(Box::new(session))),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "WebTransport set-up failed");
-            refused("webtransport_setup")
+        if request.url.path() != crate::config::WEBTRANSPORT_PATH {
+            let _ = request
+                .reject(web_transport_quinn::http::StatusCode::NOT_FOUND)
+                .await;
+            return Err("webtransport_path");
         }
-        Err(_) => refused("webtransport_timeout"),
-    }
+        request.ok().await.map_err(|e| {
+            tracing::debug!(error = %e, "WebTransport set-up failed");
+            "webtransport_setup"
+        })
+    };
+    let reason = match tokio::time::timeout(shared.config.hello_timeout, setup).await {
+        Ok(Ok(session)) => return Some(Transport::WebTransport(Box::new(session))),
+        Ok(Err(reason)) => reason,
+        Err(_) => "webtransport_timeout",
+    };
+    handle.close(
+        thalamus_proto::close_code::PROTOCOL_ERROR.into(),
+        reason.as_bytes(),
+    );
+    refused(reason)
 }
 
 #[cfg(test)]

@@ -125,14 +125,15 @@ fn own_names() -> Vec<String> {
 /// How long the certificate for WebTransport lasts. Browsers take a certificate pinned by its
 /// hash (`serverCertificateHashes`) only when it is valid for at most 14 days and ECDSA.
 pub const WEBTRANSPORT_CERT_LIFETIME: Duration = Duration::from_secs(13 * 24 * 3600);
-/// A certificate for WebTransport is replaced once it is this old, so the one served is
-/// always valid for a week more.
+/// A certificate for WebTransport is replaced once it is this old.
 pub const WEBTRANSPORT_CERT_RENEW_AFTER: Duration = Duration::from_secs(6 * 24 * 3600);
 
 /// The short-lived self-signed certificate served to WebTransport (ALPN `h3`) connections:
 /// ECDSA P-256, valid [`WEBTRANSPORT_CERT_LIFETIME`] from an hour before it was made, made
-/// again when it is [`WEBTRANSPORT_CERT_RENEW_AFTER`] old. Raw QUIC devices keep the node's
-/// own certificate. Lives only in memory: a browser page learns its hash from the node.
+/// again when it is [`WEBTRANSPORT_CERT_RENEW_AFTER`] old (so it is always valid for about a
+/// week more). Raw QUIC devices keep the node's own certificate. Lives only in memory: a
+/// browser page learns its hash from the node; a page that read the hash just before a
+/// renewal fails its handshake once and must reload.
 #[derive(Debug)]
 pub struct WebTransportCerts {
     current: std::sync::RwLock<WebTransportCert>,
@@ -159,35 +160,37 @@ impl WebTransportCerts {
         self.served(SystemTime::now()).1
     }
 
-    /// The certificate to serve at `now` (made again first when due), with its hash.
+    /// The certificate to serve at `now` (made again first when due), with its hash. The new
+    /// one is made outside the lock; a lock poisoned by a panic elsewhere is used as it is.
     fn served(&self, now: SystemTime) -> (Arc<CertifiedKey>, String) {
         let due = |cert: &WebTransportCert| {
             now.duration_since(cert.made)
                 .is_ok_and(|age| age >= WEBTRANSPORT_CERT_RENEW_AFTER)
         };
-        if let Ok(current) = self.current.read() {
-            if !due(&current) {
-                return (current.key.clone(), current.hash.clone());
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if !due(&current) {
+            return (current.key, current.hash);
+        }
+        match make_webtransport_cert(now) {
+            Ok(fresh) => {
+                let mut slot = self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if due(&slot) {
+                    *slot = fresh;
+                }
+                (slot.key.clone(), slot.hash.clone())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WebTransport certificate not renewed");
+                (current.key, current.hash)
             }
         }
-        let Ok(mut current) = self.current.write() else {
-            // A panicked writer: keep serving what there is.
-            let cert = self.current.read().map(|c| c.clone());
-            return cert.map_or_else(
-                |poisoned| {
-                    let c = poisoned.into_inner();
-                    (c.key.clone(), c.hash.clone())
-                },
-                |c| (c.key, c.hash),
-            );
-        };
-        if due(&current) {
-            match make_webtransport_cert(now) {
-                Ok(fresh) => *current = fresh,
-                Err(e) => tracing::warn!(error = %e, "WebTransport certificate not renewed"),
-            }
-        }
-        (current.key.clone(), current.hash.clone())
     }
 }
 

@@ -166,6 +166,8 @@ pub struct Gateway {
     pub fingerprint: String,
     /// Bound address of the device page (`[web] listen`), when served.
     pub web: Option<SocketAddr>,
+    /// The SHA-256 (hex) of the certificate WebTransport sessions get, when they are taken.
+    pub webtransport_hash: Option<String>,
 }
 
 impl Gateway {
@@ -256,6 +258,9 @@ impl Gateway {
                 .context("fingerprint")?
                 .to_string(),
             web: info["web"].as_str().map(str::parse).transpose()?,
+            webtransport_hash: info["webtransport_certificate_hash"]
+                .as_str()
+                .map(str::to_string),
             dir,
         })
     }

@@ -1,14 +1,15 @@
 //! Devices over WebTransport (issue 20, its first part): the way a browser reaches the node.
 //!
 //! A WebTransport client (HTTP/3 over QUIC; `web-transport-quinn`'s, with the node's
-//! certificate pinned by its SHA-256 as a browser's `serverCertificateHashes` would) opens a
+//! WebTransport certificate pinned by its SHA-256 as a browser's `serverCertificateHashes`
+//! would; the node's own certificate is refused, as it is not the one served) opens a
 //! session at `https://<node>/mbfp` and speaks MBFP inside it as a QUIC device does: it logs in
 //! with the same credentials, pings, calls the SIP buddy and gets its audio datagrams echoed
 //! back through SIP and RTP. The node counts the session under `transport="webtransport"`. A
 //! session asking for another path is refused (404) and counted; a node without
 //! `[quic] webtransport` does not offer HTTP/3 at all.
 //!
-//! What it does not cover yet: a real browser (Chromium) and the page it would load.
+//! A real browser (headless Chromium) on the node's device page: tests/tests/browser.rs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -32,9 +33,12 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A client pinning the certificate the node serves WebTransport (its short-lived one; the
+/// node's own certificate, `gw.fingerprint`, is for raw QUIC devices only).
 fn client(gw: &Gateway) -> web_transport_quinn::Client {
+    let hash = gw.webtransport_hash.as_ref().unwrap_or(&gw.fingerprint);
     web_transport_quinn::ClientBuilder::new()
-        .with_server_certificate_hashes(vec![hex::decode(&gw.fingerprint).unwrap()])
+        .with_server_certificate_hashes(vec![hex::decode(hash).unwrap()])
         .unwrap()
 }
 
@@ -227,7 +231,33 @@ fn another_path_is_refused_and_a_node_without_webtransport_offers_none() {
         0.0
     );
 
+    // A session that ends its control stream without logging in is closed by the node (its
+    // connection does not linger outside the connection limits).
+    runtime().block_on(async {
+        let session = client(&gw).connect(url(&gw, "/mbfp")).await.unwrap();
+        let (mut send, _recv) = session.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        send.finish().unwrap();
+        let closed = tokio::time::timeout(T, session.closed()).await;
+        assert!(closed.is_ok(), "the node kept the session open");
+    });
+    gw.wait_metric("thalamus_quic_connections_open", 0.0, T)
+        .unwrap();
+
+    // Pinning the node's own certificate fails: WebTransport gets its short-lived one.
+    runtime().block_on(async {
+        let own = web_transport_quinn::ClientBuilder::new()
+            .with_server_certificate_hashes(vec![hex::decode(&gw.fingerprint).unwrap()])
+            .unwrap();
+        assert!(own.connect(url(&gw, "/mbfp")).await.is_err());
+    });
+    assert_ne!(
+        gw.webtransport_hash.as_deref(),
+        Some(gw.fingerprint.as_str())
+    );
+
     let plain = Gateway::start("").unwrap();
+    assert_eq!(plain.webtransport_hash, None);
     runtime().block_on(async {
         let result = tokio::time::timeout(T, client(&plain).connect(url(&plain, "/mbfp"))).await;
         assert!(

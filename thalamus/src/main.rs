@@ -177,6 +177,7 @@ fn run(
             "fingerprint": node.fingerprint,
             "node_id": node.shared.node_id,
             "web": node.web_addr.map(|a| a.to_string()),
+            "webtransport_certificate_hash": node.webtransport_certificate_hash(),
         });
         println!("Thalamus {} — node {}", env!("CARGO_PKG_VERSION"), node.shared.node_id);
         println!("  devices (QUIC, ALPN mbfp/1)  {}", node.quic_addr);

@@ -406,6 +406,13 @@ impl Driver {
     fn publish(&self) {
         if let Ok(mut s) = self.shared.lock() {
             s.state = self.core.state();
+            let up = matches!(
+                s.state,
+                CallState::Answered | CallState::Held | CallState::Resumed
+            );
+            if up && s.answered.is_none() {
+                s.answered = Some(Instant::now());
+            }
             if s.dialog.is_none() {
                 s.dialog = self.core.dialog().cloned();
             }

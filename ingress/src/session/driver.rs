@@ -250,6 +250,9 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
         conn.close(code, reason.as_bytes());
     } else {
         writer.abort();
+        // Closed on every way out: a WebTransport session's own task would otherwise keep its
+        // connection up (and no longer counted against the limits) after the session ended.
+        conn.close(close_code::NORMAL, b"session ended");
     }
     if let Some(id) = identity {
         if node

@@ -1,6 +1,6 @@
 //! The transport a device session runs over, and its control stream: a QUIC connection of its
 //! own (ALPN `mbfp/1`), or a WebTransport session (HTTP/3 over QUIC, ALPN `h3`, the way a
-//! browser reaches the node; docs/protocol.md section 2). The MBFP session on top is the same:
+//! browser reaches the node; docs/protocol.md section 1). The MBFP session on top is the same:
 //! its control frames on the first bidirectional stream the device opens, its media in
 //! datagrams.
 //!
@@ -73,11 +73,21 @@ impl Transport {
         }
     }
 
-    /// The next media datagram from the device; an error once the connection is gone.
+    /// The next media datagram from the device; an error once the connection is gone. Over
+    /// WebTransport a datagram without this session's id (empty, or another session's) is
+    /// skipped: it is the peer's mistake, not the end of the session.
     pub(crate) async fn read_datagram(&self) -> Result<Bytes, ()> {
         match self {
             Transport::Quic(conn) => conn.read_datagram().await.map_err(|_| ()),
-            Transport::WebTransport(session) => session.read_datagram().await.map_err(|_| ()),
+            Transport::WebTransport(session) => loop {
+                match session.read_datagram().await {
+                    Ok(datagram) => return Ok(datagram),
+                    Err(web_transport_quinn::SessionError::WebTransportError(
+                        web_transport_quinn::WebTransportError::UnknownSession,
+                    )) => continue,
+                    Err(_) => return Err(()),
+                }
+            },
         }
     }
 

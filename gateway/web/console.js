@@ -1,0 +1,182 @@
+// The operator console: this node's state, devices and calls, live from the admin endpoint's
+// server-sent events (`/console/events`, with the admin token), charts of calls per second,
+// failures and set-up time from `/metrics` (sampled every 2 s, kept 5 minutes), and the drain
+// action. `window.console_state` holds the last state (the tests read it).
+// What it does not do: per-call media quality, claim actions, several nodes at once (each
+// node serves its own console).
+
+const $ = (id) => document.getElementById(id);
+let token = sessionStorage.getItem("thalamus-token") || "";
+$("token").value = token;
+window.console_state = null;
+
+function text(el, value) { el.textContent = value; }
+
+function duration(ms) {
+  const s = Math.floor(ms / 1000);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function render(state) {
+  window.console_state = state;
+  text($("node"), state.node);
+  text($("devices-online"), state.devices_online);
+  text($("calls-active"), state.calls_active);
+  text($("node-state"), state.draining ? "draining" : "serving");
+  $("node-state").className = "pill" + (state.draining ? " warn" : "");
+  text($("store"), state.store_up ? "up" : "not answering");
+  $("store").className = "pill" + (state.store_up ? "" : " warn");
+  const calls = $("calls");
+  calls.replaceChildren(...state.calls.map((c) => {
+    const tr = document.createElement("tr");
+    for (const v of [c.device, c.call_ref, c.remote, c.state,
+                     c.answered_ms != null ? duration(c.answered_ms) : `(${duration(c.age_ms)})`]) {
+      const td = document.createElement("td");
+      td.textContent = v;
+      tr.append(td);
+    }
+    tr.dataset.device = c.device;
+    return tr;
+  }));
+  text($("devices"), state.devices.length ? state.devices.join(", ") : "none");
+  const live = state.cluster && state.cluster.live_set;
+  $("cluster").replaceChildren(...(live ? live.eligible : []).map((n) => {
+    const tr = document.createElement("tr");
+    for (const v of [n.node, n.quic || "-"]) {
+      const td = document.createElement("td");
+      td.textContent = v;
+      tr.append(td);
+    }
+    return tr;
+  }));
+  text($("cluster-note"), live ? `from ${live.from}, ${live.age_ms} ms ago` : "no balancer heartbeats (a single node)");
+}
+
+async function follow() {
+  sessionStorage.setItem("thalamus-token", token);
+  for (;;) {
+    try {
+      const response = await fetch("/console/events", { headers: { Authorization: `Bearer ${token}` } });
+      if (response.status === 401) { text($("link"), "wrong token"); return; }
+      text($("link"), "live");
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const data = block.split("\n").filter((l) => l.startsWith("data:"))
+            .map((l) => l.slice(5).trimStart()).join("\n");
+          if (data) render(JSON.parse(data));
+        }
+      }
+    } catch (e) {
+      text($("link"), `reconnecting (${e})`);
+    }
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+}
+
+// Charts from /metrics: counters sampled every 2 s, rates per second; set-up time
+// percentiles from the histogram's buckets over each 10 s.
+const samples = [];
+function sum(textBody, name, filter = () => true) {
+  let total = 0;
+  for (const line of textBody.split("\n")) {
+    if (!line.startsWith(name)) continue;
+    const [series, value] = line.split(/\s+/);
+    if (series.startsWith(name + "{") || series === name) {
+      if (filter(series)) total += Number(value);
+    }
+  }
+  return total;
+}
+function buckets(textBody) {
+  const out = [];
+  for (const line of textBody.split("\n")) {
+    const m = line.match(/^thalamus_call_setup_seconds_bucket\{.*le="([^"]+)".*\}\s+(\S+)/);
+    if (m) out.push([m[1] === "+Inf" ? Infinity : Number(m[1]), Number(m[2])]);
+  }
+  const merged = new Map();
+  for (const [le, n] of out) merged.set(le, (merged.get(le) || 0) + n);
+  return [...merged.entries()].sort((a, b) => a[0] - b[0]);
+}
+function percentile(now, before, q) {
+  const diff = now.map(([le, n], i) => [le, n - ((before[i] || [le, 0])[1])]);
+  const total = diff.length ? diff[diff.length - 1][1] : 0;
+  if (total <= 0) return null;
+  const rank = q * total;
+  const hit = diff.find(([, n]) => n >= rank);
+  return hit && isFinite(hit[0]) ? hit[0] * 1000 : null;
+}
+async function sample() {
+  try {
+    const body = await (await fetch("/metrics")).text();
+    samples.push({
+      at: Date.now(),
+      started: sum(body, "thalamus_calls_started_total"),
+      failed: sum(body, "thalamus_calls_ended_total",
+                  (s) => !/reason="(remote_hangup|local_hangup|normal|replaced|transferred)"/.test(s)),
+      buckets: buckets(body),
+    });
+    while (samples.length > 150) samples.shift();
+    draw();
+  } catch (e) { /* the next sample tries again */ }
+}
+function rates(key) {
+  const out = [];
+  for (let i = 1; i < samples.length; i++) {
+    const dt = (samples[i].at - samples[i - 1].at) / 1000;
+    out.push(dt > 0 ? (samples[i][key] - samples[i - 1][key]) / dt : 0);
+  }
+  return out;
+}
+function plot(canvas, series, colors) {
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const max = Math.max(1, ...series.flat().filter((v) => v != null));
+  series.forEach((values, k) => {
+    ctx.strokeStyle = colors[k];
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    values.forEach((v, i) => {
+      if (v == null) return;
+      const x = (i / Math.max(1, 149)) * canvas.width;
+      const y = canvas.height - 4 - (v / max) * (canvas.height - 8);
+      i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+    });
+    ctx.stroke();
+  });
+}
+function draw() {
+  const started = rates("started"), failed = rates("failed");
+  plot($("chart-calls"), [started, failed], ["#2f6fed", "#c2412d"]);
+  text($("rate-started"), (started[started.length - 1] || 0).toFixed(1));
+  text($("rate-failed"), (failed[failed.length - 1] || 0).toFixed(1));
+  const p50 = [], p99 = [];
+  for (let i = 5; i < samples.length; i++) {
+    p50.push(percentile(samples[i].buckets, samples[i - 5].buckets, 0.5));
+    p99.push(percentile(samples[i].buckets, samples[i - 5].buckets, 0.99));
+  }
+  plot($("chart-setup"), [p50, p99], ["#2f6fed", "#c2412d"]);
+  const last = (a) => a.length && a[a.length - 1] != null ? a[a.length - 1].toFixed(0) : "-";
+  text($("setup-p50"), last(p50));
+  text($("setup-p99"), last(p99));
+}
+
+async function drain(on) {
+  const response = await fetch("/drain", { method: on ? "POST" : "DELETE",
+                                           headers: { Authorization: `Bearer ${token}` } });
+  text($("drain-result"), response.ok ? (on ? "draining" : "serving") : `refused (${response.status})`);
+}
+
+$("connect").onclick = () => { token = $("token").value.trim(); follow(); };
+$("drain").onclick = () => drain(true);
+$("undrain").onclick = () => drain(false);
+setInterval(sample, 2000);
+sample();
+if (token) follow();
