@@ -5,7 +5,8 @@
 #   start_gateway NAME [TOML]   a gateway with its own data dir; sets GW_PID QUIC SIP FP GW_CONF
 #                               (runs $GW_BIN when set, else the release build)
 #                               (TOML: extra sections other than the base config's [node] [quic]
-#                               [sip] [media] [admin] [log]; per-IP QUIC limit raised to 50,000)
+#                               [sip] [media] [admin] [log]; per-IP QUIC limit raised to 50,000;
+#                               QUIC_EXTRA: more lines of [quic])
 #   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
 #   measure_device_calls TARGET DEVICES devices on the gateway just started call TARGET at RATE
 #                               for SECS, held HOLD_MS; stops the gateway; sets LOAD_JSON (the
@@ -48,6 +49,7 @@ data_dir = "$GW_DIR/data"
 [quic]
 listen = "127.0.0.1:0"
 max_connections_per_ip = 50000
+${QUIC_EXTRA:-}
 [sip]
 listen = "127.0.0.1:0"
 [media]

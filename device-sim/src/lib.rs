@@ -27,3 +27,4 @@ pub use thalamus_device::connection as device;
 pub use thalamus_device::quic;
 pub mod swarm;
 pub mod video;
+pub mod webtransport;

@@ -296,6 +296,45 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         max_concurrent: usize,
     },
+    /// Devices over WebTransport (as browsers connect): log in, stay, and optionally call a
+    /// target with audio; prints a `wt_load` summary.
+    WtLoad {
+        /// The node's QUIC address.
+        #[arg(long)]
+        gateway: SocketAddr,
+        /// SHA-256 (hex) of the node's WebTransport certificate (its ready file's
+        /// `webtransport_certificate_hash`, or its device page's `/webtransport.json`).
+        #[arg(long)]
+        certificate_hash: String,
+        /// The devices' shared secret (`provision`).
+        #[arg(long)]
+        secret: String,
+        /// Device id prefix.
+        #[arg(long, default_value = "load-")]
+        prefix: String,
+        /// How many devices.
+        #[arg(long, default_value_t = 1)]
+        devices: u32,
+        /// Seconds to stay once every device is in.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+        /// Where to write the run's phase (JSON).
+        #[arg(long)]
+        status_file: Option<std::path::PathBuf>,
+        /// Each device calls this once live, with audio.
+        #[arg(long)]
+        target: Option<String>,
+        /// How long each call streams before hanging up (ms).
+        #[arg(long, default_value_t = 3000)]
+        hold_ms: u64,
+        /// Calls per second over all devices (device n dials n/cps s after its login; 0: all
+        /// at once).
+        #[arg(long, default_value_t = 0.0)]
+        cps: f64,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create test devices that share one secret (for load runs); prints the secret.
     Provision(thalamus_sim::load::cli::ProvisionArgs),
     /// Many devices placing (or answering) calls at a rate; reports set-up latency and failures.
@@ -355,7 +394,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("THALAMUS_SIM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // web_transport_quinn warns about every session closed without a close capsule (the
+        // node ends a run's sessions by closing their connections).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,web_transport_quinn=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -634,6 +675,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::WtLoad {
+            gateway,
+            certificate_hash,
+            secret,
+            prefix,
+            devices,
+            duration,
+            status_file,
+            target,
+            hold_ms,
+            cps,
+            json,
+        } => {
+            let opts = thalamus_sim::webtransport::WtLoadOptions {
+                gateway,
+                certificate_hash,
+                secret,
+                prefix,
+                devices,
+                duration: std::time::Duration::from_secs(duration),
+                status_file,
+                target,
+                hold: std::time::Duration::from_millis(hold_ms),
+                cps,
+            };
+            Ok(
+                if thalamus_sim::webtransport::wt_load(opts, EventPrinter { json }).await? {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
         }
         Command::Provision(args) => {
             thalamus_sim::load::cli::provision(args)?;

@@ -266,3 +266,60 @@ fn another_path_is_refused_and_a_node_without_webtransport_offers_none() {
         );
     });
 }
+
+/// The load simulator runs WebTransport devices: ten log in, each calls the echo buddy (ten
+/// calls a second) with audio, and the node counts them under `transport="webtransport"`.
+#[test]
+fn the_load_simulator_runs_webtransport_devices() {
+    let gw = Gateway::start("[quic]\nwebtransport = true").unwrap();
+    let registry = gw.data_dir().join("devices.toml");
+    let provision = std::process::Command::new(thalamus_tests::bin("thalamus-sim"))
+        .args([
+            "provision",
+            "--devices",
+            "10",
+            "--prefix",
+            "wt-",
+            "--registry",
+        ])
+        .arg(&registry)
+        .output()
+        .unwrap();
+    assert!(provision.status.success(), "{provision:?}");
+    let secret = String::from_utf8(provision.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
+    let out = std::process::Command::new(thalamus_tests::bin("thalamus-sim"))
+        .args(["wt-load", "--json", "--prefix", "wt-", "--devices", "10"])
+        .args(["--gateway", &gw.quic.to_string()])
+        .args([
+            "--certificate-hash",
+            gw.webtransport_hash.as_deref().unwrap(),
+        ])
+        .args(["--secret", &secret])
+        .args(["--target", &format!("sip:echo@127.0.0.1:{port}")])
+        .args(["--cps", "10", "--hold-ms", "1500", "--duration", "4"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+        panic!(
+            "no summary: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "{summary}");
+    assert_eq!(summary["connected"], 10, "{summary}");
+    assert_eq!(summary["calls_answered"], 10, "{summary}");
+    let sent = summary["frames_sent"].as_u64().unwrap();
+    let received = summary["frames_received"].as_u64().unwrap();
+    assert!(sent >= 10 * 50, "{summary}");
+    assert!(received * 100 >= sent * 95, "{summary}");
+    assert_eq!(
+        gw.metric("thalamus_device_connections_total{transport=\"webtransport\"}")
+            .unwrap(),
+        10.0
+    );
+}
