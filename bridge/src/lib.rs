@@ -135,6 +135,8 @@ pub struct CallView {
     pub age: std::time::Duration,
     /// How long it has been answered, when it is.
     pub answered_for: Option<std::time::Duration>,
+    /// Its audio's quality on the SIP leg, read every 2 s while it has media.
+    pub quality: Option<table::MediaQuality>,
 }
 
 impl Bridge {
@@ -232,6 +234,7 @@ impl Bridge {
                     state: c.state(),
                     age,
                     answered_for,
+                    quality: c.quality(),
                 }
             })
             .collect();

@@ -66,6 +66,21 @@ pub(crate) struct CallShared {
     pub(crate) since: tokio::time::Instant,
     /// When it was first seen answered (on this node).
     pub(crate) answered: Option<tokio::time::Instant>,
+    /// The audio relay's figures, read every few seconds while the call has media.
+    pub(crate) quality: Option<MediaQuality>,
+}
+
+/// How a call's audio fares on the SIP leg, as the operator console shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MediaQuality {
+    /// RTP packets received from the peer.
+    pub packets_received: u64,
+    /// Of the peer's packets, those missing by sequence number.
+    pub packets_lost: u64,
+    /// Interarrival jitter of the peer's media.
+    pub jitter: std::time::Duration,
+    /// Round trip to the peer from its RTCP, when known.
+    pub round_trip: Option<std::time::Duration>,
 }
 
 /// The bridge's handle on a call task.
@@ -108,6 +123,11 @@ impl CallHandle {
                     s.answered.map(|at| now.saturating_duration_since(at)),
                 )
             })
+    }
+
+    /// The audio's quality as last read, when the call has media.
+    pub fn quality(&self) -> Option<MediaQuality> {
+        self.shared.lock().ok().and_then(|s| s.quality)
     }
 
     /// The call's state as last reported.
@@ -157,6 +177,7 @@ pub(crate) fn handle(
         state,
         since: tokio::time::Instant::now(),
         answered: None,
+        quality: None,
     }));
     let media_input = Arc::new(Mutex::new(None));
     (

@@ -216,6 +216,12 @@ fn console_json(node: &NodeShared) -> Value {
                 "state": c.state.as_str_name().trim_start_matches("CALL_STATE_").to_ascii_lowercase(),
                 "age_ms": u64::try_from(c.age.as_millis()).unwrap_or(u64::MAX),
                 "answered_ms": c.answered_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                "media": c.quality.map(|q| json!({
+                    "packets_received": q.packets_received,
+                    "packets_lost": q.packets_lost,
+                    "jitter_ms": q.jitter.as_secs_f64() * 1000.0,
+                    "round_trip_ms": q.round_trip.map(|d| d.as_secs_f64() * 1000.0),
+                })),
             })
         })
         .collect();

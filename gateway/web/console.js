@@ -2,8 +2,8 @@
 // server-sent events (`/console/events`, with the admin token), charts of calls per second,
 // failures and set-up time from `/metrics` (sampled every 2 s, kept 5 minutes), and the drain
 // action. `window.console_state` holds the last state (the tests read it).
-// What it does not do: per-call media quality, claim actions, several nodes at once (each
-// node serves its own console).
+// What it does not do: claim actions, several nodes at once (each node serves its own
+// console), video or signal stream figures (the audio's only).
 
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem("thalamus-token") || "";
@@ -15,6 +15,14 @@ function text(el, value) { el.textContent = value; }
 function duration(ms) {
   const s = Math.floor(ms / 1000);
   return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function media(m) {
+  if (!m) return "-";
+  const expected = m.packets_received + m.packets_lost;
+  const loss = expected ? (100 * m.packets_lost / expected).toFixed(1) : "0.0";
+  const rtt = m.round_trip_ms != null ? `${m.round_trip_ms.toFixed(0)} ms` : "-";
+  return `${loss}% lost, ${m.jitter_ms.toFixed(1)} ms, ${rtt} (${m.packets_received} packets)`;
 }
 
 function render(state) {
@@ -30,7 +38,8 @@ function render(state) {
   calls.replaceChildren(...state.calls.map((c) => {
     const tr = document.createElement("tr");
     for (const v of [c.device, c.call_ref, c.remote, c.state,
-                     c.answered_ms != null ? duration(c.answered_ms) : `(${duration(c.age_ms)})`]) {
+                     c.answered_ms != null ? duration(c.answered_ms) : `(${duration(c.age_ms)})`,
+                     media(c.media)]) {
       const td = document.createElement("td");
       td.textContent = v;
       tr.append(td);

@@ -408,6 +408,33 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
             .await
             .unwrap();
         assert!(row.contains("answered"), "{row}");
+        // The call's audio quality, read from its relay every 2 s: the echo's packets, none
+        // lost on loopback.
+        let with_media = browser
+            .wait_for("window.console_state", "media figures", |s| {
+                s["calls"].as_array().is_some_and(|calls| {
+                    calls.iter().any(|c| {
+                        c["device"] == "caller"
+                            && c["media"]["packets_received"].as_u64() > Some(50)
+                    })
+                })
+            })
+            .await;
+        let call = with_media["calls"]
+            .as_array()
+            .and_then(|calls| calls.iter().find(|c| c["device"] == "caller"))
+            .cloned()
+            .unwrap();
+        assert_eq!(call["media"]["packets_lost"], 0, "{call}");
+        let row = browser
+            .client
+            .find(Locator::Css("#calls tr[data-device=\"caller\"]"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(row.contains("0.0% lost"), "{row}");
         assert!(row.contains(&format!("sip:echo@127.0.0.1:{port}")), "{row}");
         browser.screenshot("console.png").await;
 
