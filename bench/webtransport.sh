@@ -52,7 +52,8 @@ wait_phase "$WORK/w.status" connected
 sleep 2
 RSS1=$(rss_kib "$GW_PID")
 wait "$SIM" || true
-echo "idle WebTransport devices: $(json_get "$WORK/w.status" "['connected']") of $IDLE_DEVICES, RSS ${RSS0} -> ${RSS1} KiB, $(per_device "$RSS0" "$RSS1" "$IDLE_DEVICES") per device"
+CONNECTED=$(json_get "$WORK/w.status" "['connected']")
+echo "idle WebTransport devices: $CONNECTED of $IDLE_DEVICES, RSS ${RSS0} -> ${RSS1} KiB, $(per_device "$RSS0" "$RSS1" "$CONNECTED") per device"
 stop_pid "$GW_PID"
 
 # --- 2. gateway CPU per call

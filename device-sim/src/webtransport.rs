@@ -29,6 +29,16 @@ use thalamus_proto::{encode_frame, FrameDecoder};
 
 use crate::events::EventPrinter;
 
+/// How a device starts: when it dials after its login, and its turn to log in (given back once
+/// it is in).
+struct Start {
+    dial_after: Duration,
+    login: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Most devices logging in at once.
+const MAX_LOGINS_AT_ONCE: usize = 64;
+
 /// Settings of `wt-load`.
 #[derive(Debug, Clone)]
 pub struct WtLoadOptions {
@@ -72,14 +82,18 @@ pub async fn wt_load(opts: WtLoadOptions, printer: EventPrinter) -> anyhow::Resu
     let url: url::Url = format!("https://{}/mbfp", opts.gateway).parse()?;
     let counts = Arc::new(Counts::default());
     let stop = stop_signal();
+    // At most this many logins at once: the node checks each secret with argon2, one source
+    // address's checks in turn, and a login that waits past its hello timeout fails.
+    let logins = Arc::new(tokio::sync::Semaphore::new(MAX_LOGINS_AT_ONCE));
     let mut tasks = Vec::with_capacity(opts.devices as usize);
     for n in 0..opts.devices {
-        let (client, url, counts, opts, stop) = (
+        let (client, url, counts, opts, stop, logins) = (
             client.clone(),
             url.clone(),
             counts.clone(),
             opts.clone(),
             stop.clone(),
+            logins.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let device = format!("{}{n}", opts.prefix);
@@ -88,9 +102,12 @@ pub async fn wt_load(opts: WtLoadOptions, printer: EventPrinter) -> anyhow::Resu
             } else {
                 Duration::ZERO
             };
-            if let Err(e) =
-                one_device(&client, url, &device, &opts, &counts, stop, dial_after).await
-            {
+            let start = Start {
+                dial_after,
+                login: logins.acquire_owned().await.ok(),
+            };
+            let run = one_device(&client, url, &device, &opts, &counts, stop, start);
+            if let Err(e) = run.await {
                 tracing::debug!(device, error = %e, "WebTransport device failed");
                 counts.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -165,8 +182,12 @@ async fn one_device(
     opts: &WtLoadOptions,
     counts: &Counts,
     stop: Arc<tokio::sync::watch::Sender<bool>>,
-    dial_after: Duration,
+    start: Start,
 ) -> anyhow::Result<()> {
+    let Start {
+        dial_after,
+        mut login,
+    } = start;
     let mut stopped = stop.subscribe();
     let session = client.connect(url).await?;
     let (mut send, mut recv) = session.open_bi().await?;
@@ -218,6 +239,8 @@ async fn one_device(
                     match env.body {
                         Some(Body::Welcome(w)) => {
                             live = true;
+                            // Logged in: the next device may start its login.
+                            drop(login.take());
                             counts.connected.fetch_add(1, Ordering::Relaxed);
                             keepalive = Duration::from_millis(u64::from(w.keepalive_interval_ms.max(1000)) / 2);
                             pings = tokio::time::interval(keepalive);
