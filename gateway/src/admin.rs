@@ -183,18 +183,27 @@ async fn console_script() -> impl IntoResponse {
     )
 }
 
-/// Whether `headers` carry the admin token (counted when not).
-fn console_authorized(node: &NodeShared, headers: &axum::http::HeaderMap) -> bool {
+/// `None` when `headers` carry the admin token; else the 401 to answer (counted).
+fn console_refusal(
+    node: &NodeShared,
+    headers: &axum::http::HeaderMap,
+) -> Option<axum::response::Response> {
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = presented.is_some_and(|t| same(t.as_bytes(), node.admin_token.as_bytes()));
-    if !ok {
-        thalamus_telemetry::inc(&node.admin_refused, "console_token");
+    if presented.is_some_and(|t| same(t.as_bytes(), node.admin_token.as_bytes())) {
+        return None;
     }
-    ok
+    thalamus_telemetry::inc(&node.admin_refused, "console_token");
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            "the console needs the admin token\n",
+        )
+            .into_response(),
+    )
 }
 
 /// What the console shows of this node: its state, devices online, calls in progress, and
@@ -242,12 +251,8 @@ async fn console_state(
     State(node): State<Arc<NodeShared>>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if !console_authorized(&node, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "the console needs the admin token\n",
-        )
-            .into_response();
+    if let Some(refused) = console_refusal(&node, &headers) {
+        return refused;
     }
     Json(console_json(&node)).into_response()
 }
@@ -258,12 +263,8 @@ async fn console_events(
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    if !console_authorized(&node, &headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "the console needs the admin token\n",
-        )
-            .into_response();
+    if let Some(refused) = console_refusal(&node, &headers) {
+        return refused;
     }
     let ticks = tokio::time::interval(std::time::Duration::from_secs(1));
     let stream = futures::stream::unfold((node, ticks), |(node, mut ticks)| async move {

@@ -113,6 +113,17 @@ impl Browser {
             .unwrap();
     }
 
+    /// The text of the element `css` finds.
+    async fn text(&self, css: &str) -> String {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// The page's `window.thalamus` (its state and counters).
     async fn page_state(&self) -> Value {
         self.js_value("window.thalamus").await
@@ -399,14 +410,7 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
         assert_eq!(state["node"], "node-1", "{state}");
         assert_eq!(state["draining"], false, "{state}");
         // The table shows it too.
-        let row = browser
-            .client
-            .find(Locator::Css("#calls tr[data-device=\"caller\"]"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let row = browser.text("#calls tr[data-device=\"caller\"]").await;
         assert!(row.contains("answered"), "{row}");
         // The call's audio quality, read from its relay every 2 s: the echo's packets, none
         // lost on loopback.
@@ -426,14 +430,7 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
             .cloned()
             .unwrap();
         assert_eq!(call["media"]["packets_lost"], 0, "{call}");
-        let row = browser
-            .client
-            .find(Locator::Css("#calls tr[data-device=\"caller\"]"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let row = browser.text("#calls tr[data-device=\"caller\"]").await;
         assert!(row.contains("0.0% lost"), "{row}");
         assert!(row.contains(&format!("sip:echo@127.0.0.1:{port}")), "{row}");
         browser.screenshot("console.png").await;
