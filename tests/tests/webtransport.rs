@@ -120,6 +120,12 @@ fn a_webtransport_device_logs_in_pings_and_calls_through_sip() {
             })
             .await;
         assert_eq!(welcome.node_id, "node-1", "{welcome:?}");
+        // The datagram limit leaves room for WebTransport's session id (1,200 over QUIC).
+        assert_eq!(
+            welcome.limits.map(|l| l.max_datagram_bytes),
+            Some(1_192),
+            "{welcome:?}"
+        );
         let ping = control.send(Body::Ping(Ping { nonce: 77 })).await;
         let pong = control
             .wait(|env| match &env.body {

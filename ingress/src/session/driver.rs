@@ -95,7 +95,10 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
         limits: ServerLimits {
             max_frame_bytes: cfg.max_frame_bytes,
             max_calls: cfg.max_calls,
-            max_datagram_bytes: cfg.max_datagram_bytes,
+            // A WebTransport datagram carries the session's id in front of ours.
+            max_datagram_bytes: cfg
+                .max_datagram_bytes
+                .saturating_sub(conn.datagram_overhead()),
             max_text_bytes: cfg.max_text_bytes,
         },
     };

@@ -57,6 +57,16 @@ impl Transport {
         }
     }
 
+    /// Bytes a datagram of this transport carries before MBFP's: none on QUIC; over
+    /// WebTransport the session id (a varint, at most 8 bytes; the limit announced in
+    /// `Welcome` leaves room for the largest).
+    pub(crate) fn datagram_overhead(&self) -> u32 {
+        match self {
+            Transport::Quic(_) => 0,
+            Transport::WebTransport(_) => 8,
+        }
+    }
+
     /// Waits for the device to open its control stream.
     pub(crate) async fn accept_bi(&self) -> Result<(ControlSend, ControlRecv), String> {
         match self {
