@@ -526,6 +526,15 @@ impl Sim {
     }
 }
 
+/// A two-thread tokio runtime for a test's async part (WebTransport and WebDriver clients).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 /// Picks a free UDP port on loopback (bound then released).
 pub fn free_udp_port() -> anyhow::Result<u16> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, Locator};
 use serde_json::{json, Value};
 use thalamus_tests::cluster::free_tcp_port;
-use thalamus_tests::{login_args, sim_as, Gateway, Proc, Sim, ADMIN_TOKEN};
+use thalamus_tests::{login_args, runtime, sim_as, Gateway, Proc, Sim, ADMIN_TOKEN};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -160,14 +160,6 @@ impl Browser {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), png).unwrap();
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A node taking WebTransport with its device page, and the page's port.

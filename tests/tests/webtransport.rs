@@ -21,17 +21,9 @@ use thalamus_proto::v1::{
     AudioCodec, CallState, Capabilities, Dial, Envelope, Hello, MediaOffer, Ping,
 };
 use thalamus_proto::{encode_frame, FrameDecoder};
-use thalamus_tests::{Gateway, Sim};
+use thalamus_tests::{runtime, Gateway, Sim};
 
 const T: Duration = Duration::from_secs(20);
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A client pinning the certificate the node serves WebTransport (its short-lived one; the
 /// node's own certificate, `gw.fingerprint`, is for raw QUIC devices only).
