@@ -135,9 +135,13 @@ pub struct CallView {
     pub age: std::time::Duration,
     /// How long it has been answered, when it is.
     pub answered_for: Option<std::time::Duration>,
-    /// Its audio's quality on the SIP leg, read every 2 s while it has media.
-    pub quality: Option<table::MediaQuality>,
+    /// How each of its streams fares on the SIP leg (audio first), read when asked; empty
+    /// while it has no media.
+    pub media: Vec<table::MediaQuality>,
 }
+
+/// How long [`Bridge::calls`] waits for one relay's figures.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Bridge {
     /// A bridge on `ua`; SIP events from `events` are handled by a task started here.
@@ -218,28 +222,53 @@ impl Bridge {
     }
 
     /// Up to `limit` of the calls in progress on this node, as an operator sees them, by
-    /// device and call.
-    pub fn calls(&self, limit: usize) -> Vec<CallView> {
-        let mut calls: Vec<CallView> = self
+    /// device and call, with their media figures read from the relays now (each relay
+    /// answers from its own task; a relay that does not answer within 250 ms is left out).
+    pub async fn calls(&self, limit: usize) -> Vec<CallView> {
+        let mut calls: Vec<(CallView, Vec<_>)> = self
             .inner
             .calls
             .iter()
             .take(limit)
             .map(|c| {
                 let (age, answered_for) = c.ages();
-                CallView {
+                let view = CallView {
                     device: c.key().0.clone(),
                     call_ref: c.key().1,
                     remote_uri: c.remote_uri(),
                     state: c.state(),
                     age,
                     answered_for,
-                    quality: c.quality(),
-                }
+                    media: Vec::new(),
+                };
+                (view, c.probes())
             })
             .collect();
-        calls.sort_by(|a, b| (&a.device, a.call_ref).cmp(&(&b.device, b.call_ref)));
+        calls.sort_by(|(a, _), (b, _)| (&a.device, a.call_ref).cmp(&(&b.device, b.call_ref)));
+        let reads = calls.iter().map(|(_, probes)| {
+            futures::future::join_all(probes.iter().map(|(stream, probe)| async move {
+                let stats = tokio::time::timeout(PROBE_WAIT, probe.read())
+                    .await
+                    .ok()?
+                    .ok()?;
+                Some(table::MediaQuality {
+                    stream: *stream,
+                    packets_received: stats.from_peer.flow.packets,
+                    packets_lost: stats.from_peer.lost,
+                    jitter: stats.from_peer.jitter,
+                    round_trip: stats.peer_report.and_then(|r| r.round_trip),
+                })
+            }))
+        });
+        let media = futures::future::join_all(reads).await;
         calls
+            .into_iter()
+            .zip(media)
+            .map(|((mut view, _), media)| {
+                view.media = media.into_iter().flatten().collect();
+                view
+            })
+            .collect()
     }
 
     /// Replaces the inbound policy with the one `config` describes (a configuration reload),
@@ -336,6 +365,15 @@ impl Bridge {
         device: &str,
     ) -> Result<Vec<StoredDialog>, takeover::TakeoverError> {
         takeover::stored_dialogs_of(&self.inner, device).await
+    }
+
+    /// Up to `limit` live stored dialogs that `node` owns (in no particular order).
+    pub async fn stored_dialogs_owned_by(
+        &self,
+        node: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredDialog>, takeover::TakeoverError> {
+        takeover::stored_dialogs_owned_by(&self.inner, node, limit).await
     }
 
     /// Whether this node holds the dialog (a call task runs it here, or it is a presence

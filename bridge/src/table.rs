@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use thalamus_ingress::DeviceLink;
+use thalamus_proto::media::StreamId;
 use thalamus_proto::v1::envelope::Body;
 use thalamus_proto::v1::CallState;
 use thalamus_sip::dialog::DialogId;
@@ -66,13 +67,15 @@ pub(crate) struct CallShared {
     pub(crate) since: tokio::time::Instant,
     /// When it was first seen answered (on this node).
     pub(crate) answered: Option<tokio::time::Instant>,
-    /// The audio relay's figures, read every few seconds while the call has media.
-    pub(crate) quality: Option<MediaQuality>,
+    /// Probes of the call's media relays, by stream (empty while it has none).
+    pub(crate) probes: Vec<(StreamId, thalamus_media::StatsProbe)>,
 }
 
-/// How a call's audio fares on the SIP leg, as the operator console shows it.
+/// How one stream of a call fares on the SIP leg, as the operator console shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MediaQuality {
+    /// The stream (audio, video, signal data).
+    pub stream: StreamId,
     /// RTP packets received from the peer.
     pub packets_received: u64,
     /// Of the peer's packets, those missing by sequence number.
@@ -125,9 +128,12 @@ impl CallHandle {
             })
     }
 
-    /// The audio's quality as last read, when the call has media.
-    pub fn quality(&self) -> Option<MediaQuality> {
-        self.shared.lock().ok().and_then(|s| s.quality)
+    /// Probes of the call's media relays (none while it has no media).
+    pub(crate) fn probes(&self) -> Vec<(StreamId, thalamus_media::StatsProbe)> {
+        self.shared
+            .lock()
+            .map(|s| s.probes.clone())
+            .unwrap_or_default()
     }
 
     /// The call's state as last reported.
@@ -177,7 +183,7 @@ pub(crate) fn handle(
         state,
         since: tokio::time::Instant::now(),
         answered: None,
-        quality: None,
+        probes: Vec::new(),
     }));
     let media_input = Arc::new(Mutex::new(None));
     (

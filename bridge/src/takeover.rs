@@ -1133,6 +1133,23 @@ pub(crate) async fn stored_dialogs_of(
     .await
 }
 
+/// Up to `limit` live stored dialogs `node` owns.
+pub(crate) async fn stored_dialogs_owned_by(
+    inner: &BridgeInner,
+    node: &str,
+    limit: usize,
+) -> Result<Vec<StoredDialog>, TakeoverError> {
+    thalamus_ownership::NodeId::new(node)
+        .map_err(|_| TakeoverError::Invalid(format!("not a node id: {node:?}")))?;
+    let store = store_of(inner)?;
+    bounded(
+        inner,
+        "listing the node's dialogs",
+        store.list_by_owner(node, limit),
+    )
+    .await
+}
+
 /// A watched call as the Welcome lists it.
 pub(crate) fn live_call_of(record: &StoredDialog) -> LiveCall {
     let app = record.app_data.as_deref().and_then(CallAppData::decode);

@@ -9,13 +9,14 @@
 //! - `POST /dialogs/{call_id}/{local_tag}/{remote_tag}/bye`: end it from here (taken over
 //!   first when another node holds it), BYE with the next CSeq over the route set;
 //! - `GET /devices/{device}/dialogs`: the device's live stored dialogs;
+//! - `GET /nodes/{node}/dialogs`: up to 200 live stored dialogs `node` owns (what a survivor
+//!   may claim when that node is down);
 //! - `GET /drain`, `POST /drain`, `DELETE /drain`: whether the node is draining, start
 //!   draining, stop draining (see [`NodeShared::set_draining`]);
 //! - `GET /cluster`: this node's id, draining flag and the live set the balancers last
 //!   reported (the nodes its devices are redirected among);
-//! - `GET /console`: the operator console (a page built into the binary, `gateway/web/`,
-//!   docs/console.md), whose data comes from `GET /console/state` and, live, from
-//!   `GET /console/events` (server-sent events, one state a second). Both need the token.
+//! - `GET /console`: the operator console (`crate::console`, docs/console.md), whose data
+//!   needs the token.
 //!
 //! Only the POSTs and the DELETE change anything, and they need `Authorization: Bearer
 //! <token>` (`admin.token`, or the one generated into `<data_dir>/admin.token`); a request
@@ -35,6 +36,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::console::{cluster_json, same};
 use crate::shared::NodeShared;
 use thalamus_bridge::dialogs::{early_invite_of, sip_record_of, subscription_of};
 use thalamus_bridge::takeover::TakeoverError;
@@ -66,10 +68,8 @@ pub async fn serve(
             get(drain_state).post(drain_start).delete(drain_stop),
         )
         .route("/cluster", get(cluster_state))
-        .route("/console", get(console_page))
-        .route("/console.js", get(console_script))
-        .route("/console/state", get(console_state))
-        .route("/console/events", get(console_events))
+        .route("/nodes/{node}/dialogs", get(node_dialogs))
+        .merge(crate::console::routes())
         .layer(axum::middleware::from_fn_with_state(guard, guard_mutations))
         .with_state(node);
     let result = axum::serve(listener, app)
@@ -88,11 +88,6 @@ async fn health(State(node): State<Arc<NodeShared>>) -> &'static str {
     } else {
         "degraded: the dialog store does not answer (calls are not replicated)\n"
     }
-}
-
-/// Whether two byte strings are equal, in time that depends on their lengths only.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Lets reads through; a request that changes anything needs the bearer token and must not
@@ -153,133 +148,6 @@ async fn guard_mutations(
     }
 }
 
-const CONSOLE_PAGE: &str = include_str!("../web/console.html");
-const CONSOLE_JS: &str = include_str!("../web/console.js");
-/// Most devices and calls the console lists (the counts are always whole).
-const CONSOLE_LIST_LIMIT: usize = 500;
-
-async fn console_page() -> impl IntoResponse {
-    (
-        [
-            (CONTENT_TYPE, "text/html; charset=utf-8"),
-            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (axum::http::header::X_FRAME_OPTIONS, "DENY"),
-            (
-                axum::http::header::CONTENT_SECURITY_POLICY,
-                "frame-ancestors 'none'",
-            ),
-        ],
-        CONSOLE_PAGE,
-    )
-}
-
-async fn console_script() -> impl IntoResponse {
-    (
-        [
-            (CONTENT_TYPE, "text/javascript; charset=utf-8"),
-            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        CONSOLE_JS,
-    )
-}
-
-/// `None` when `headers` carry the admin token; else the 401 to answer (counted).
-fn console_refusal(
-    node: &NodeShared,
-    headers: &axum::http::HeaderMap,
-) -> Option<axum::response::Response> {
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if presented.is_some_and(|t| same(t.as_bytes(), node.admin_token.as_bytes())) {
-        return None;
-    }
-    thalamus_telemetry::inc(&node.admin_refused, "console_token");
-    Some(
-        (
-            StatusCode::UNAUTHORIZED,
-            "the console needs the admin token\n",
-        )
-            .into_response(),
-    )
-}
-
-/// What the console shows of this node: its state, devices online, calls in progress, and
-/// the cluster as the balancers last reported it.
-fn console_json(node: &NodeShared) -> Value {
-    let mut devices = node.sessions.device_ids();
-    devices.sort();
-    let online = devices.len();
-    devices.truncate(CONSOLE_LIST_LIMIT);
-    let calls: Vec<Value> = node
-        .bridge
-        .calls(CONSOLE_LIST_LIMIT)
-        .into_iter()
-        .map(|c| {
-            json!({
-                "device": c.device,
-                "call_ref": c.call_ref,
-                "remote": c.remote_uri,
-                "state": c.state.as_str_name().trim_start_matches("CALL_STATE_").to_ascii_lowercase(),
-                "age_ms": u64::try_from(c.age.as_millis()).unwrap_or(u64::MAX),
-                "answered_ms": c.answered_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                "media": c.quality.map(|q| json!({
-                    "packets_received": q.packets_received,
-                    "packets_lost": q.packets_lost,
-                    "jitter_ms": q.jitter.as_secs_f64() * 1000.0,
-                    "round_trip_ms": q.round_trip.map(|d| d.as_secs_f64() * 1000.0),
-                })),
-            })
-        })
-        .collect();
-    let Json(cluster) = cluster_json(node);
-    json!({
-        "node": node.node_id,
-        "draining": node.is_draining(),
-        "store_up": node.store_up(),
-        "devices_online": online,
-        "devices": devices,
-        "calls_active": node.bridge.active_calls(),
-        "calls": calls,
-        "cluster": cluster,
-    })
-}
-
-async fn console_state(
-    State(node): State<Arc<NodeShared>>,
-    headers: axum::http::HeaderMap,
-) -> axum::response::Response {
-    if let Some(refused) = console_refusal(&node, &headers) {
-        return refused;
-    }
-    Json(console_json(&node)).into_response()
-}
-
-/// The console's state once a second, as server-sent events, until the client goes.
-async fn console_events(
-    State(node): State<Arc<NodeShared>>,
-    headers: axum::http::HeaderMap,
-) -> axum::response::Response {
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    if let Some(refused) = console_refusal(&node, &headers) {
-        return refused;
-    }
-    let ticks = tokio::time::interval(std::time::Duration::from_secs(1));
-    let stream = futures::stream::unfold((node, ticks), |(node, mut ticks)| async move {
-        ticks.tick().await;
-        let event = Event::default()
-            .event("state")
-            .json_data(console_json(&node))
-            .unwrap_or_else(|_| Event::default().comment("unencodable state"));
-        Some((Ok::<_, std::convert::Infallible>(event), (node, ticks)))
-    });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
-}
-
 async fn metrics(State(node): State<Arc<NodeShared>>) -> impl IntoResponse {
     (
         [(
@@ -306,28 +174,6 @@ fn drain_json(node: &NodeShared) -> Json<Value> {
 
 async fn cluster_state(State(node): State<Arc<NodeShared>>) -> Json<Value> {
     cluster_json(&node)
-}
-
-fn cluster_json(node: &NodeShared) -> Json<Value> {
-    let live = node
-        .heartbeats
-        .as_ref()
-        .and_then(|hb| hb.live_set(std::time::Duration::MAX))
-        .map(|live| {
-            json!({
-                "from": live.from.to_string(),
-                "age_ms": u64::try_from(tokio::time::Instant::now().into_std().saturating_duration_since(live.received).as_millis()).unwrap_or(u64::MAX),
-                "eligible": live.eligible.iter().map(|n| json!({
-                    "node": n.node.as_str(),
-                    "quic": n.quic.map(|q| q.to_string()),
-                })).collect::<Vec<_>>(),
-            })
-        });
-    Json(json!({
-        "node": node.node_id,
-        "draining": node.is_draining(),
-        "live_set": live,
-    }))
 }
 
 async fn drain_state(State(node): State<Arc<NodeShared>>) -> Json<Value> {
@@ -454,6 +300,36 @@ async fn device_dialogs(
                     .collect(),
             )),
         ),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Most records `GET /nodes/{node}/dialogs` lists.
+const NODE_DIALOGS_LIMIT: usize = 200;
+
+/// The live stored dialogs another node (or this one) owns: what a survivor may claim when
+/// that node is down. Up to 200, ordered by device and call.
+async fn node_dialogs(
+    State(node): State<Arc<NodeShared>>,
+    Path(owner): Path<String>,
+) -> (StatusCode, Json<Value>) {
+    let bridge = &node.bridge;
+    match bridge
+        .stored_dialogs_owned_by(&owner, NODE_DIALOGS_LIMIT)
+        .await
+    {
+        Ok(mut records) => {
+            records.sort_by(|a, b| (&a.device_id, a.call_ref).cmp(&(&b.device_id, b.call_ref)));
+            (
+                StatusCode::OK,
+                Json(Value::Array(
+                    records
+                        .iter()
+                        .map(|r| record_json(r, bridge.holds(&r.key)))
+                        .collect(),
+                )),
+            )
+        }
         Err(e) => error_response(&e),
     }
 }

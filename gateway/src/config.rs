@@ -476,6 +476,9 @@ pub struct AdminConfig {
     /// Bearer token that requests changing anything (`POST`, `DELETE`) must present. With
     /// none, one is generated at first start into `<data_dir>/admin.token` and printed once.
     pub token: Option<String>,
+    /// Admin addresses of the SIP load balancers (their `admin.listen`), whose node table
+    /// (`GET /nodes`) the operator console shows. None: the console shows the live set only.
+    pub balancers: Vec<SocketAddr>,
 }
 
 impl Default for AdminConfig {
@@ -483,6 +486,7 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             token: None,
+            balancers: Vec::new(),
         }
     }
 }

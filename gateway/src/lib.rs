@@ -7,7 +7,9 @@
 //!   sweep and the load figures.
 //! * [`cluster`]: the `[cluster]` section and what a node starts of it (dialog store,
 //!   replicator, owner lease, heartbeats); [`heartbeat`]: the heartbeat sender.
-//! * [`admin`] and [`metrics`]: the admin HTTP endpoint and the node's metrics registry.
+//! * [`admin`] and [`metrics`]: the admin HTTP endpoint and the node's metrics registry;
+//!   [`console`]: the operator console it serves, with [`cluster_table`]: the balancers' node
+//!   table it shows.
 //!
 //! What it does not do: protocol rules. Device sessions are `thalamus-ingress`'s, calls
 //! `thalamus-bridge`'s, media `thalamus-media`'s, the store `thalamus-dialog-store`'s, the SIP
@@ -17,7 +19,9 @@
 pub mod admin;
 pub mod check;
 pub mod cluster;
+pub mod cluster_table;
 pub mod config;
+pub mod console;
 pub mod heartbeat;
 pub mod metrics;
 pub mod node;

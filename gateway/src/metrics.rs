@@ -72,11 +72,13 @@ mod tests {
         let mut m = Metrics::new();
         let ingress = thalamus_ingress::IngressMetrics::default();
         ingress.register(m.registry_mut());
-        thalamus_telemetry::inc(&ingress.auth_failures, "wrong_secret");
+        thalamus_ingress::metrics::inc_session(&ingress.auth_failures, "wrong_secret", "quic");
         m.draining.set(1);
         let text = m.render();
         assert!(
-            text.contains("thalamus_device_auth_failures_total{reason=\"wrong_secret\"} 1"),
+            text.contains(
+                "thalamus_device_auth_failures_total{reason=\"wrong_secret\",transport=\"quic\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("thalamus_node_draining 1"), "{text}");

@@ -279,6 +279,9 @@ impl GatewayNode {
             stepped_aside: AtomicBool::new(false),
             store_up: cluster.store_up(),
             recoveries,
+            balancer_table: crate::cluster_table::BalancerTable::new(
+                config.admin.balancers.clone(),
+            ),
         });
         let fingerprint = ingress.fingerprint.clone();
         let webtransport_certs = ingress.webtransport_certs.clone();

@@ -49,6 +49,8 @@ pub struct NodeShared {
     pub(crate) store_up: tokio::sync::watch::Receiver<bool>,
     /// Times the node found it was out of the live set and checked its sessions and dialogs.
     pub(crate) recoveries: prometheus_client::metrics::counter::Counter,
+    /// The balancers' node table, for the console (`[admin] balancers`).
+    pub(crate) balancer_table: crate::cluster_table::BalancerTable,
 }
 
 impl NodeShared {

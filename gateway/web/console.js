@@ -1,9 +1,11 @@
 // The operator console: this node's state, devices and calls, live from the admin endpoint's
 // server-sent events (`/console/events`, with the admin token), charts of calls per second,
 // failures and set-up time from `/metrics` (sampled every 2 s, kept 5 minutes), and the drain
-// action. `window.console_state` holds the last state (the tests read it).
-// What it does not do: claim actions, several nodes at once (each node serves its own
-// console), video or signal stream figures (the audio's only).
+// action. `window.console_state` holds the last state, `window.console_charts` the series
+// drawn (the tests read them).
+// The cluster: the balancers' node table (every node's state and load), and for another node
+// the dialogs it owns in the store, each with a claim action. What it does not do: list other
+// nodes' calls (each node's console lists its own).
 
 const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem("thalamus-token") || "";
@@ -17,12 +19,14 @@ function duration(ms) {
   return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
 }
 
-function media(m) {
-  if (!m) return "-";
-  const expected = m.packets_received + m.packets_lost;
-  const loss = expected ? (100 * m.packets_lost / expected).toFixed(1) : "0.0";
-  const rtt = m.round_trip_ms != null ? `${m.round_trip_ms.toFixed(0)} ms` : "-";
-  return `${loss}% lost, ${m.jitter_ms.toFixed(1)} ms, ${rtt} (${m.packets_received} packets)`;
+function media(streams) {
+  if (!streams || !streams.length) return "-";
+  return streams.map((m) => {
+    const expected = m.packets_received + m.packets_lost;
+    const loss = expected ? (100 * m.packets_lost / expected).toFixed(1) : "0.0";
+    const rtt = m.round_trip_ms != null ? `${m.round_trip_ms.toFixed(0)} ms` : "-";
+    return `${m.stream}: ${loss}% lost, ${m.jitter_ms.toFixed(1)} ms, ${rtt} (${m.packets_received} packets)`;
+  }).join("\n");
 }
 
 function render(state) {
@@ -38,27 +42,109 @@ function render(state) {
   calls.replaceChildren(...state.calls.map((c) => {
     const tr = document.createElement("tr");
     for (const v of [c.device, c.call_ref, c.remote, c.state,
-                     c.answered_ms != null ? duration(c.answered_ms) : `(${duration(c.age_ms)})`,
-                     media(c.media)]) {
+                     c.answered_ms != null ? duration(c.answered_ms) : `(${duration(c.age_ms)})`]) {
       const td = document.createElement("td");
       td.textContent = v;
       tr.append(td);
     }
+    const td = document.createElement("td");
+    td.className = "media";
+    td.textContent = media(c.media);
+    tr.append(td);
     tr.dataset.device = c.device;
     return tr;
   }));
   text($("devices"), state.devices.length ? state.devices.join(", ") : "none");
+  renderCluster(state);
+}
+
+function cells(tr, values) {
+  for (const v of values) {
+    const td = document.createElement("td");
+    td.textContent = v;
+    tr.append(td);
+  }
+}
+
+function button(label, onclick) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.onclick = onclick;
+  return b;
+}
+
+// The balancers' node table (every node, its state and load) when the node knows their admin
+// addresses (`[admin] balancers`); else the live set from their heartbeat reports.
+function renderCluster(state) {
   const live = state.cluster && state.cluster.live_set;
-  $("cluster").replaceChildren(...(live ? live.eligible : []).map((n) => {
-    const tr = document.createElement("tr");
-    for (const v of [n.node, n.quic || "-"]) {
+  const table = state.nodes;
+  const rows = [];
+  if (table && table.nodes) {
+    for (const n of [...table.nodes].sort((a, b) => a.id.localeCompare(b.id))) {
+      const tr = document.createElement("tr");
+      tr.dataset.node = n.id;
+      const status = n.state === "up" ? (n.draining ? "draining" : "up") : n.state;
+      cells(tr, [n.id + (n.id === state.node ? " (this node)" : ""), status, n.load.devices,
+                 n.load.calls, `${Math.round(100 * n.load.cpu)}%`,
+                 `${(n.last_heartbeat_ms / 1000).toFixed(1)} s ago`, n.quic || "-"]);
       const td = document.createElement("td");
-      td.textContent = v;
+      if (n.id !== state.node) td.append(button("Dialogs", () => showDialogs(n.id)));
       tr.append(td);
+      if (status !== "up") tr.className = "warn";
+      rows.push(tr);
     }
+    text($("cluster-note"), `node table from balancer ${table.from}`);
+  } else {
+    for (const n of live ? live.eligible : []) {
+      const tr = document.createElement("tr");
+      tr.dataset.node = n.node;
+      cells(tr, [n.node, "eligible", "-", "-", "-", "-", n.quic || "-", ""]);
+      rows.push(tr);
+    }
+    const why = table && table.error ? `no balancer answered (${table.error}); ` : "";
+    text($("cluster-note"), why + (live ? `live set from ${live.from}, ${live.age_ms} ms ago`
+                                        : "no balancer heartbeats (a single node)"));
+  }
+  $("cluster").replaceChildren(...rows);
+}
+
+// The stored dialogs another node owns, each with a claim action (the dialog is taken over by
+// this node: `POST /dialogs/.../claim`, with the token).
+let dialogsOf = null;
+async function showDialogs(node) {
+  dialogsOf = node;
+  $("dialogs-panel").hidden = false;
+  text($("dialogs-node"), node);
+  const response = await fetch(`/nodes/${encodeURIComponent(node)}/dialogs`,
+                               { headers: { Authorization: `Bearer ${token}` } });
+  if (!response.ok) { text($("dialogs-note"), `refused (${response.status})`); return; }
+  const records = await response.json();
+  window.console_dialogs = records;
+  $("dialogs").replaceChildren(...records.map((r) => {
+    const tr = document.createElement("tr");
+    tr.dataset.callId = r.call_id;
+    cells(tr, [r.device_id, r.call_ref, r.call_id, r.owner, r.epoch,
+               r.subscription ? "subscription" : r.early ? "early" : "call"]);
+    const td = document.createElement("td");
+    if (r.held_here) td.textContent = "held here";
+    else td.append(button("Claim here", () => claim(r)));
+    tr.append(td);
     return tr;
   }));
-  text($("cluster-note"), live ? `from ${live.from}, ${live.age_ms} ms ago` : "no balancer heartbeats (a single node)");
+  if (!$("dialogs-note").dataset.keep) {
+    text($("dialogs-note"), records.length ? `${records.length} live` : "none");
+  }
+}
+
+async function claim(r) {
+  const path = ["dialogs", r.call_id, r.local_tag, r.remote_tag].map(encodeURIComponent).join("/");
+  const response = await fetch(`/${path}/claim`, { method: "POST",
+                                                   headers: { Authorization: `Bearer ${token}` } });
+  const body = await response.text();
+  text($("dialogs-note"), response.ok ? `claimed ${r.call_id} here` : `claim refused (${response.status}): ${body}`);
+  $("dialogs-note").dataset.keep = "1";
+  await showDialogs(dialogsOf);
+  delete $("dialogs-note").dataset.keep;
 }
 
 async function follow() {
@@ -144,21 +230,32 @@ function rates(key) {
   }
   return out;
 }
+// One line per series; a gap (null) breaks the line, and every point gets a dot, so that a
+// lone value shows.
 function plot(canvas, series, colors) {
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const max = Math.max(1, ...series.flat().filter((v) => v != null));
   series.forEach((values, k) => {
+    const at = (v, i) => [(i / Math.max(1, 149)) * canvas.width,
+                          canvas.height - 4 - (v / max) * (canvas.height - 8)];
     ctx.strokeStyle = colors[k];
+    ctx.fillStyle = colors[k];
     ctx.lineWidth = 2;
     ctx.beginPath();
+    let pen = false;
     values.forEach((v, i) => {
-      if (v == null) return;
-      const x = (i / Math.max(1, 149)) * canvas.width;
-      const y = canvas.height - 4 - (v / max) * (canvas.height - 8);
-      i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+      if (v == null) { pen = false; return; }
+      const [x, y] = at(v, i);
+      pen ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
+      pen = true;
     });
     ctx.stroke();
+    values.forEach((v, i) => {
+      if (v == null) return;
+      const [x, y] = at(v, i);
+      ctx.fillRect(x - 2, y - 2, 4, 4);
+    });
   });
 }
 function draw() {
@@ -172,6 +269,7 @@ function draw() {
     p99.push(percentile(samples[i].buckets, samples[i - 5].buckets, 0.99));
   }
   plot($("chart-setup"), [p50, p99], ["#2f6fed", "#c2412d"]);
+  window.console_charts = { started, failed, p50, p99 };
   const last = (a) => a.length && a[a.length - 1] != null ? a[a.length - 1].toFixed(0) : "-";
   text($("setup-p50"), last(p50));
   text($("setup-p99"), last(p99));

@@ -17,6 +17,28 @@ pub struct FrameLabel {
     pub direction: &'static str,
     /// Message kind, e.g. `hello`.
     pub kind: &'static str,
+    /// The transport the session came over: `quic` or `webtransport`.
+    pub transport: &'static str,
+}
+
+/// A label naming a reason and the transport of the session it happened on.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabel {
+    /// The reason.
+    pub reason: &'static str,
+    /// `quic` or `webtransport`.
+    pub transport: &'static str,
+}
+
+/// Counts one session event of `reason` on `transport`.
+pub fn inc_session(
+    family: &Family<SessionLabel, Counter>,
+    reason: &'static str,
+    transport: &'static str,
+) {
+    family
+        .get_or_create(&SessionLabel { reason, transport })
+        .inc();
 }
 
 /// A label naming the transport a device came over: `quic` or `webtransport`.
@@ -42,22 +64,23 @@ pub struct IngressMetrics {
     pub connections_open: Gauge,
     /// Device sessions live now (authenticated).
     pub sessions_live: Gauge,
-    /// Sessions established (`new` or `resumed`).
-    pub sessions_started: Family<ReasonLabel, Counter>,
+    /// Sessions established (`new` or `resumed`). This family and the next four carry the
+    /// session's transport (`transport`: `quic` or `webtransport`) beside the reason.
+    pub sessions_started: Family<SessionLabel, Counter>,
     /// Sessions ended, by reason (`replaced`, `idle`, `closed`, `error`, `shutdown`...).
-    pub sessions_ended: Family<ReasonLabel, Counter>,
+    pub sessions_ended: Family<SessionLabel, Counter>,
     /// Failed authentications, by reason (`unknown_device`, `wrong_secret`, `bad_hello`).
-    pub auth_failures: Family<ReasonLabel, Counter>,
+    pub auth_failures: Family<SessionLabel, Counter>,
     /// Authentications delayed because of earlier failures from the same address.
     pub auth_throttled: Counter,
     /// Control frames by direction and kind.
     pub frames: Family<FrameLabel, Counter>,
     /// Bad frames, by error (`bad_frame`, `frame_too_large`, `unsupported`, `protocol_violation`).
-    pub frame_errors: Family<ReasonLabel, Counter>,
+    pub frame_errors: Family<SessionLabel, Counter>,
     /// Limits hit, by limit (`send_queue`, `hello_timeout`, `max_calls`...).
     pub limits_hit: Family<ReasonLabel, Counter>,
     /// Resume attempts rejected, by reason (`malformed`, `bad_signature`, `expired`).
-    pub resume_rejected: Family<ReasonLabel, Counter>,
+    pub resume_rejected: Family<SessionLabel, Counter>,
     /// Logins sent to their owner node with `Redirect`.
     pub sessions_redirected: Counter,
     /// Connections that reached the session driver, by transport.
@@ -139,10 +162,14 @@ impl IngressMetrics {
         );
     }
 
-    /// Counts one frame.
-    pub fn frame(&self, direction: &'static str, kind: &'static str) {
+    /// Counts one frame of a session on `transport`.
+    pub fn frame(&self, direction: &'static str, kind: &'static str, transport: &'static str) {
         self.frames
-            .get_or_create(&FrameLabel { direction, kind })
+            .get_or_create(&FrameLabel {
+                direction,
+                kind,
+                transport,
+            })
             .inc();
     }
 }
@@ -156,14 +183,18 @@ mod tests {
         let m = IngressMetrics::default();
         let mut registry = Registry::with_prefix("thalamus");
         m.register(&mut registry);
-        inc(&m.auth_failures, "wrong_secret");
-        m.frame("in", "hello");
+        inc_session(&m.auth_failures, "wrong_secret", "quic");
+        m.frame("in", "hello", "quic");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
-            text.contains("thalamus_device_auth_failures_total{reason=\"wrong_secret\"} 1"),
+            text.contains(
+                "thalamus_device_auth_failures_total{reason=\"wrong_secret\",transport=\"quic\"} 1"
+            ),
             "{text}"
         );
-        assert!(text.contains("thalamus_mbfp_frames_total{direction=\"in\",kind=\"hello\"} 1"));
+        assert!(text.contains(
+            "thalamus_mbfp_frames_total{direction=\"in\",kind=\"hello\",transport=\"quic\"} 1"
+        ));
     }
 }

@@ -106,6 +106,9 @@ pub enum RelayError {
     /// The relay task panicked or was cancelled.
     #[error("the media relay task failed: {0}")]
     TaskFailed(String),
+    /// The relay's control queue is full (a [`StatsProbe`] does not wait for room).
+    #[error("the media relay is busy")]
+    Busy,
 }
 
 /// Why a device datagram was not queued.
@@ -405,6 +408,28 @@ impl std::fmt::Debug for Control {
     }
 }
 
+/// Reads a relay's statistics on demand ([`MediaRelay::stats_probe`]). It never waits for
+/// room in the relay's control queue (a busy relay answers [`RelayError::Busy`]), so a reader
+/// cannot hold up the call; it does not keep the relay running.
+#[derive(Debug, Clone)]
+pub struct StatsProbe {
+    control: mpsc::Sender<Control>,
+}
+
+impl StatsProbe {
+    /// The relay's statistics now.
+    pub async fn read(&self) -> Result<RelayStats, RelayError> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .try_send(Control::Stats(tx))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => RelayError::Busy,
+                mpsc::error::TrySendError::Closed(_) => RelayError::Stopped,
+            })?;
+        rx.await.map_err(|_| RelayError::Stopped)
+    }
+}
+
 impl MediaRelay {
     /// The bound RTP socket address (even port).
     pub fn local_rtp_addr(&self) -> SocketAddr {
@@ -426,6 +451,14 @@ impl MediaRelay {
     /// A handle for feeding device datagrams.
     pub fn device_input(&self) -> DeviceInput {
         self.input.clone()
+    }
+
+    /// A handle that reads the relay's statistics from another task (an operator's view),
+    /// without going through the task that owns the relay.
+    pub fn stats_probe(&self) -> StatsProbe {
+        StatsProbe {
+            control: self.control.clone(),
+        }
     }
 
     async fn send(&self, control: Control) -> Result<(), RelayError> {

@@ -35,7 +35,7 @@ pub mod totals;
 pub use config::{LatchMode, MediaConfig, MediaConfigError, SrtpMode};
 pub use engine::{
     DatagramError, DatagramSink, DeviceInput, FeedError, MediaEngine, MediaRelay, RelayError,
-    RelaySpec,
+    RelaySpec, StatsProbe,
 };
 pub use metrics::MediaCollector;
 pub use payload::PayloadMap;

@@ -225,9 +225,24 @@ async fn ten_seconds_of_frames_echo_back_in_order() {
     // Loopback UDP from the echo back to the relay: at most 0.1% lost, as above.
     assert!(message.packets_lost * 1000 <= 500, "{message:?}");
 
+    // A probe taken from the relay reads the same figures from another task, and says the
+    // relay stopped once it has.
+    let probe = relay.stats_probe();
+    let probed = tokio::spawn(async move { probe.read().await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(probed.to_peer.packets, 500);
+    assert!(probed.from_peer.flow.packets >= stats.from_peer.flow.packets);
+    let probe = relay.stats_probe();
+
     let final_stats = relay.stop().await.unwrap();
     assert_eq!(final_stats.to_peer.packets, 500);
     assert!(final_stats.rtcp_sent >= 1, "the final report and BYE");
+    assert!(matches!(
+        probe.read().await,
+        Err(thalamus_media::RelayError::Stopped)
+    ));
     assert_eq!(engine.ports_in_use(), 0);
     assert_eq!(engine.live_relays(), 0);
 }

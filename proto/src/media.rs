@@ -82,6 +82,17 @@ impl StreamId {
     pub fn is_known(self) -> bool {
         self.0 <= Self::SIGNAL.0
     }
+
+    /// A short name: `audio`, `video`, `signal`, or `other` for a stream id version 1 does
+    /// not define.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AUDIO => "audio",
+            Self::VIDEO => "video",
+            Self::SIGNAL => "signal",
+            _ => "other",
+        }
+    }
 }
 
 impl From<u8> for StreamId {

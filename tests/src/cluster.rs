@@ -54,6 +54,19 @@ pub fn http_request_with(
     Ok((status, body.to_string()))
 }
 
+/// Percent-encodes one path segment (of an admin endpoint path).
+pub fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// A free TCP port on loopback (free when asked; the caller binds it soon after).
 pub fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

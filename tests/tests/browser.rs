@@ -12,7 +12,11 @@
 //! node's SIP side, both ways, each counting the other's frames.
 //!
 //! The operator console (`/console` on the admin endpoint, with the admin token) shows the
-//! node's devices online and a call while it lasts, and a drain clicked in it reaches the node.
+//! node's devices online and a call while it lasts with each stream's figures (audio, video,
+//! signal data), and a drain clicked in it reaches the node. In a two-node cluster on Redis it
+//! shows both nodes with their load from the balancer's table; when one node freezes
+//! (SIGSTOP) it shows it down, lists its dialogs from the store, and a claim clicked in it
+//! moves the dialog to the node serving the console.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::process::CommandExt;
@@ -22,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, Locator};
 use serde_json::{json, Value};
-use thalamus_tests::cluster::free_tcp_port;
+use thalamus_tests::cluster::{free_tcp_port, segment, Balancer, Redis};
 use thalamus_tests::{login_args, runtime, sim_as, Gateway, Proc, Sim, ADMIN_TOKEN};
 
 const T: Duration = Duration::from_secs(20);
@@ -356,21 +360,16 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
     let gw = Gateway::start("").unwrap();
     let listener_secret = gw.add_device("ear").unwrap();
     let caller_secret = gw.add_device("caller").unwrap();
-    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
-    let mut listener = sim_as("listen", login_args(&gw, "ear", &listener_secret), &[]);
-    listener.wait_event("welcome", T).unwrap();
-    let mut caller = sim_as(
-        "call",
-        login_args(&gw, "caller", &caller_secret),
-        &[
-            "--target",
-            &format!("sip:echo@127.0.0.1:{port}"),
-            "--media",
-            "--hold-ms",
-            "8000",
-        ],
+    // The caller calls the earpiece through the node's SIP side with audio, video and the
+    // signal stream; the earpiece echoes its audio.
+    let mut listener = sim_as(
+        "listen",
+        login_args(&gw, "ear", &listener_secret),
+        &["--signal", "--video", "--echo", "--calls", "1"],
     );
-    runtime().block_on(async {
+    listener.wait_event("welcome", T).unwrap();
+    let target = format!("sip:ear@{}", gw.sip);
+    let mut caller = runtime().block_on(async {
         let browser = Browser::start().await;
         browser
             .client
@@ -389,6 +388,20 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
             .await;
         browser.fill("token", ADMIN_TOKEN).await;
         browser.click("#connect").await;
+        // The call starts once the console is open, so that its charts see it.
+        let caller = sim_as(
+            "call",
+            login_args(&gw, "caller", &caller_secret),
+            &[
+                "--target",
+                &target,
+                "--signal",
+                "--video",
+                "--media",
+                "--hold-ms",
+                "8000",
+            ],
+        );
         let state = browser
             .wait_for("window.console_state", "the call and both devices", |s| {
                 s["devices_online"] == 2
@@ -404,14 +417,25 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
         // The table shows it too.
         let row = browser.text("#calls tr[data-device=\"caller\"]").await;
         assert!(row.contains("answered"), "{row}");
-        // The call's audio quality, read from its relay every 2 s: the echo's packets, none
-        // lost on loopback.
+        // Each stream's figures, read from the call's relays when the console asks: the
+        // echoed audio, the earpiece's video and signal data, none lost on loopback.
+        let stream_of = |c: &Value, name: &str| -> Option<Value> {
+            c["media"]
+                .as_array()?
+                .iter()
+                .find(|m| m["stream"] == name)
+                .cloned()
+        };
         let with_media = browser
             .wait_for("window.console_state", "media figures", |s| {
                 s["calls"].as_array().is_some_and(|calls| {
                     calls.iter().any(|c| {
                         c["device"] == "caller"
-                            && c["media"]["packets_received"].as_u64() > Some(50)
+                            && ["audio", "video", "signal"].iter().all(|name| {
+                                stream_of(c, name).is_some_and(|m| {
+                                    m["packets_received"].as_u64() > Some(20)
+                                })
+                            })
                     })
                 })
             })
@@ -421,10 +445,15 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
             .and_then(|calls| calls.iter().find(|c| c["device"] == "caller"))
             .cloned()
             .unwrap();
-        assert_eq!(call["media"]["packets_lost"], 0, "{call}");
+        for name in ["audio", "video", "signal"] {
+            let m = stream_of(&call, name).unwrap();
+            assert_eq!(m["packets_lost"], 0, "{name}: {call}");
+        }
         let row = browser.text("#calls tr[data-device=\"caller\"]").await;
-        assert!(row.contains("0.0% lost"), "{row}");
-        assert!(row.contains(&format!("sip:echo@127.0.0.1:{port}")), "{row}");
+        for name in ["audio: 0.0% lost", "video: 0.0% lost", "signal: 0.0% lost"] {
+            assert!(row.contains(name), "{name}: {row}");
+        }
+        assert!(row.contains(&target), "{row}");
         browser.screenshot("console.png").await;
 
         browser.click("#drain").await;
@@ -435,7 +464,36 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
             .await;
         let drain: Value = serde_json::from_str(&gw.admin_get("/drain").unwrap()).unwrap();
         assert_eq!(drain["draining"], true, "{drain}");
+
+        // The charts, from /metrics sampled every 2 s: the calls started (two legs of the
+        // one call) show as a rate, and the set-up time's p50 and p99 over 10 s come from
+        // the histogram; both are drawn.
+        let charts = browser
+            .wait_for("window.console_charts", "the call in the charts", |c| {
+                let positive = |key: &str| {
+                    c[key]
+                        .as_array()
+                        .is_some_and(|v| v.iter().any(|x| x.as_f64() > Some(0.0)))
+                };
+                positive("started") && positive("p50") && positive("p99")
+            })
+            .await;
+        let p50 = charts["p50"].as_array().unwrap();
+        let setup_ms = p50.iter().filter_map(Value::as_f64).fold(0.0, f64::max);
+        assert!(setup_ms <= 10_000.0, "{charts}");
+        for chart in ["chart-calls", "chart-setup"] {
+            let drawn = browser
+                .js_value(&format!(
+                    "(() => {{ const c = document.getElementById('{chart}'); \
+                     const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; \
+                     let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }})()"
+                ))
+                .await;
+            assert!(drawn.as_u64() > Some(0), "{chart} is blank");
+        }
+        browser.screenshot("console-charts.png").await;
         browser.client.close().await.unwrap();
+        caller
     });
     // The call already up goes on to its end.
     let summary = caller.wait_event("summary", T).unwrap();
@@ -445,4 +503,132 @@ fn the_console_shows_the_call_and_a_drain_reaches_the_node() {
             .unwrap(),
         1.0
     );
+}
+
+/// A node's configuration in a two-node cluster on Redis behind `lb`, whose node table the
+/// console reads (`[admin] balancers`). Devices stay where they log in.
+fn cluster_node(id: &str, redis: &Redis, lb: &Balancer, registry: &std::path::Path) -> String {
+    format!(
+        "[node]\nid = \"{id}\"\ndevice_registry = {:?}\n\n\
+         [cluster]\nlease_ttl_ms = 30000\n\n\
+         [cluster.store]\nbackend = \"redis\"\n\n\
+         [cluster.store.redis]\nurl = \"{}\"\n\n\
+         [cluster.heartbeat]\nbalancers = [\"{}\"]\ninterval_ms = 100\nredirect_devices = false\n\n\
+         [admin]\nbalancers = [\"{}\"]\n",
+        registry.join("devices.toml"),
+        redis.url(),
+        lb.heartbeat,
+        lb.admin
+    )
+}
+
+#[test]
+fn the_console_shows_the_cluster_and_claims_a_stopped_nodes_dialog() {
+    let redis = Redis::start().unwrap();
+    let lb = Balancer::start(100, 3, "warn").unwrap();
+    let registry = tempfile::tempdir().unwrap();
+    let a = Gateway::start(&cluster_node("node-a", &redis, &lb, registry.path())).unwrap();
+    let b = Gateway::start(&cluster_node("node-b", &redis, &lb, registry.path())).unwrap();
+    lb.wait_eligible("node-a", true);
+    lb.wait_eligible("node-b", true);
+    // A device on node A calls the echo buddy; the confirmed dialog is in the store, A's.
+    let secret = a.add_device("caller").unwrap();
+    let (_buddy, port) = Sim::buddy(&["--echo"], T).unwrap();
+    let mut caller = sim_as(
+        "call",
+        login_args(&a, "caller", &secret),
+        &[
+            "--target",
+            &format!("sip:echo@127.0.0.1:{port}"),
+            "--media",
+            "--hold-ms",
+            "60000",
+        ],
+    );
+    caller.wait_event("welcome", T).unwrap();
+    let deadline = Instant::now() + T;
+    let stored = loop {
+        let records: Value =
+            serde_json::from_str(&b.admin_get("/nodes/node-a/dialogs").unwrap()).unwrap();
+        if let Some(record) = records.as_array().and_then(|r| r.first()).cloned() {
+            break record;
+        }
+        assert!(Instant::now() < deadline, "the call was never replicated");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(stored["owner"], "node-a", "{stored}");
+    assert_eq!(stored["held_here"], false, "{stored}");
+    let a_pid = nix::unistd::Pid::from_raw(i32::try_from(a.proc.child.id()).unwrap());
+
+    runtime().block_on(async {
+        let browser = Browser::start().await;
+        browser
+            .client
+            .goto(&format!("http://{}/console", b.admin))
+            .await
+            .unwrap();
+        browser.fill("token", ADMIN_TOKEN).await;
+        browser.click("#connect").await;
+        // Node B's console shows both nodes with the load their heartbeats report: node A
+        // has the device and its call.
+        let node_of = |s: &Value, id: &str| -> Option<Value> {
+            s["nodes"]["nodes"]
+                .as_array()?
+                .iter()
+                .find(|n| n["id"] == id)
+                .cloned()
+        };
+        let state = browser
+            .wait_for("window.console_state", "both nodes with A's load", |s| {
+                node_of(s, "node-a").is_some_and(|n| {
+                    n["state"] == "up" && n["load"]["devices"] == 1 && n["load"]["calls"] == 1
+                }) && node_of(s, "node-b").is_some_and(|n| n["state"] == "up")
+            })
+            .await;
+        assert_eq!(state["node"], "node-b", "{state}");
+        assert_eq!(state["nodes"]["from"], lb.admin.to_string(), "{state}");
+        let row = browser.text("#cluster tr[data-node=\"node-a\"]").await;
+        assert!(row.contains("up"), "{row}");
+        browser.screenshot("console-cluster.png").await;
+
+        // Node A freezes: the balancer takes it out, and the console shows it down.
+        nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        lb.wait_eligible("node-a", false);
+        browser
+            .wait_for("window.console_state", "node A down", |s| {
+                node_of(s, "node-a").is_some_and(|n| n["state"] == "down")
+            })
+            .await;
+        // Its dialogs, read from the store, each with a claim action; claimed here.
+        browser
+            .click("#cluster tr[data-node=\"node-a\"] button")
+            .await;
+        let listed = browser
+            .wait_for("window.console_dialogs", "node A's dialog", |d| {
+                d.as_array().is_some_and(|d| d.len() == 1)
+            })
+            .await;
+        assert_eq!(listed[0]["call_id"], stored["call_id"], "{listed}");
+        browser.click("#dialogs tr button").await;
+        browser
+            .wait_for(
+                "document.getElementById('dialogs-note').textContent",
+                "the claim",
+                |v| v.as_str().is_some_and(|t| t.starts_with("claimed")),
+            )
+            .await;
+        browser.screenshot("console-claim.png").await;
+        browser.client.close().await.unwrap();
+    });
+    let path = format!(
+        "/dialogs/{}/{}/{}",
+        segment(stored["call_id"].as_str().unwrap()),
+        segment(stored["local_tag"].as_str().unwrap()),
+        segment(stored["remote_tag"].as_str().unwrap())
+    );
+    let now: Value = serde_json::from_str(&b.admin_get(&path).unwrap()).unwrap();
+    assert_eq!(now["owner"], "node-b", "{now}");
+    assert_eq!(now["held_here"], true, "{now}");
+    assert_eq!(now["epoch"], 1, "{now}");
+    nix::sys::signal::kill(a_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
 }

@@ -40,7 +40,7 @@ use thalamus_proto::v1::{
     Answer, CallEvent, CallState, EndReason, Envelope, Hangup, Hello, Pong, Welcome,
 };
 use thalamus_sim::device::DeviceConnection;
-use thalamus_tests::cluster::{http_request, Balancer, Redis};
+use thalamus_tests::cluster::{http_request, segment, Balancer, Redis};
 use thalamus_tests::{bin, call_records, free_udp_port, scenario, sipp, Gateway, SippProcess};
 
 const T: Duration = Duration::from_secs(20);
@@ -55,19 +55,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Percent-encodes one path segment.
-fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// Two gateway nodes (A owns the device), the balancer and Redis.

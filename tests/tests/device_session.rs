@@ -136,13 +136,17 @@ fn wrong_secret_is_unauthenticated_and_closed() {
         assert_eq!(code, Some(close_code::UNAUTHENTICATED.into()));
     });
     assert_eq!(
-        gw.metric("thalamus_device_auth_failures_total{reason=\"wrong_secret\"}")
-            .unwrap(),
+        gw.metric(
+            "thalamus_device_auth_failures_total{reason=\"wrong_secret\",transport=\"quic\"}"
+        )
+        .unwrap(),
         1.0
     );
     assert_eq!(
-        gw.metric("thalamus_device_auth_failures_total{reason=\"unknown_device\"}")
-            .unwrap(),
+        gw.metric(
+            "thalamus_device_auth_failures_total{reason=\"unknown_device\",transport=\"quic\"}"
+        )
+        .unwrap(),
         1.0
     );
 }
@@ -170,7 +174,7 @@ fn garbage_on_one_session_does_not_disturb_another() {
             .unwrap();
     });
     assert_eq!(
-        gw.metric("thalamus_mbfp_frame_errors_total{reason=\"bad_frame\"}")
+        gw.metric("thalamus_mbfp_frame_errors_total{reason=\"bad_frame\",transport=\"quic\"}")
             .unwrap(),
         1.0
     );
@@ -235,7 +239,7 @@ fn second_login_replaces_the_first() {
     assert_eq!(first.proc.wait_exit(T).unwrap(), Some(4));
     assert_eq!(gw.admin_get("/sessions").unwrap().trim(), "[\"twin\"]");
     gw.wait_metric(
-        "thalamus_device_sessions_ended_total{reason=\"replaced\"}",
+        "thalamus_device_sessions_ended_total{reason=\"replaced\",transport=\"quic\"}",
         1.0,
         T,
     )
@@ -264,7 +268,7 @@ fn dropped_connection_resumes_with_the_token() {
         assert_ne!(stolen.session_id, first.session_id);
     });
     assert_eq!(
-        gw.metric("thalamus_resume_rejected_total{reason=\"bad_signature\"}")
+        gw.metric("thalamus_resume_rejected_total{reason=\"bad_signature\",transport=\"quic\"}")
             .unwrap(),
         1.0
     );

@@ -202,6 +202,32 @@ fn a_webtransport_device_logs_in_pings_and_calls_through_sip() {
         T,
     )
     .unwrap();
+    // The session metrics carry the transport: this session is counted under webtransport,
+    // nothing under quic.
+    for (sample, want) in [
+        (
+            "thalamus_device_sessions_started_total{reason=\"new\",transport=\"webtransport\"}",
+            1.0,
+        ),
+        (
+            "thalamus_device_sessions_started_total{reason=\"new\",transport=\"quic\"}",
+            0.0,
+        ),
+        (
+            "thalamus_device_sessions_ended_total{reason=\"connection_lost\",transport=\"webtransport\"}",
+            1.0,
+        ),
+        (
+            "thalamus_mbfp_frames_total{direction=\"in\",kind=\"hello\",transport=\"webtransport\"}",
+            1.0,
+        ),
+        (
+            "thalamus_mbfp_frames_total{direction=\"in\",kind=\"hello\",transport=\"quic\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(gw.metric(sample).unwrap(), want, "{sample}");
+    }
 }
 
 /// A datagram of call 1's audio with a 160-byte payload.

@@ -203,7 +203,6 @@ pub(crate) fn spawn(inner: Arc<BridgeInner>, key: CallKey, setup: CallSetup) {
         media_input,
         relays: None,
         relay_events: None,
-        next_quality: Instant::now() + QUALITY_INTERVAL,
         video_events: None,
         calls: Vec::new(),
         pending_write: None,
@@ -253,7 +252,6 @@ struct Driver {
     relays: Option<CallRelays>,
     relay_events: Option<mpsc::Receiver<RelayEvent>>,
     /// When to read the audio relay's figures next (for the operator console).
-    next_quality: Instant,
     /// The video relay's events (key frame requests from the peer).
     video_events: Option<mpsc::Receiver<RelayEvent>>,
     /// The client transactions the core started and that have no final answer yet.
@@ -300,16 +298,6 @@ async fn next_relay_event(events: &mut Option<mpsc::Receiver<RelayEvent>>) -> Op
     }
 }
 
-async fn sleep_until_tokio(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// How often a call reads its audio relay's figures for the operator console.
-const QUALITY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
-
 async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -333,7 +321,6 @@ impl Driver {
             }
             self.publish();
             let deadline = self.core.poll_timeout();
-            let quality_due = self.relays.as_ref().map(|_| self.next_quality);
             tokio::select! {
                 command = self.rx.recv(), if self.rx_open => {
                     let input = match command.map(|c| *c) {
@@ -412,28 +399,20 @@ impl Driver {
                     None => self.video_events = None,
                 },
                 _ = sleep_until(deadline) => self.core.handle_timeout(now()),
-                () = sleep_until_tokio(quality_due) => self.read_quality().await,
             }
         }
     }
 
-    /// Reads the audio relay's figures into what the bridge sees of the call (the relay's own
-    /// task answers; no network peer is awaited).
-    async fn read_quality(&mut self) {
-        self.next_quality = Instant::now() + QUALITY_INTERVAL;
-        let Some(audio) = self.relays.as_ref().and_then(|r| r.get(StreamId::AUDIO)) else {
-            return;
-        };
-        let Ok(stats) = audio.stats().await else {
-            return;
-        };
+    /// Shows the bridge how to read the relays' figures (the operator console reads them
+    /// when it asks; the call's task is not involved).
+    fn publish_probes(&self) {
+        let probes = self
+            .relays
+            .as_ref()
+            .map(CallRelays::probes)
+            .unwrap_or_default();
         if let Ok(mut s) = self.shared.lock() {
-            s.quality = Some(crate::table::MediaQuality {
-                packets_received: stats.from_peer.flow.packets,
-                packets_lost: stats.from_peer.lost,
-                jitter: stats.from_peer.jitter,
-                round_trip: stats.peer_report.and_then(|r| r.round_trip),
-            });
+            s.probes = probes;
         }
     }
 
@@ -563,6 +542,9 @@ impl Driver {
                         let relay = relays.take_stream(stream);
                         if let Ok(mut input) = self.media_input.lock() {
                             *input = Some(relays.inputs());
+                        }
+                        if let Ok(mut s) = self.shared.lock() {
+                            s.probes = relays.probes();
                         }
                         if let Some(relay) = relay {
                             relays.stopped(stream, relay.stop().await.ok());
@@ -746,6 +728,7 @@ impl Driver {
             *input = Some(relays.inputs());
         }
         self.relays = Some(relays);
+        self.publish_probes();
         // Fresh keys for these relays: a takeover's re-INVITE re-keys.
         let keys = if self.core.srtp_policy() == SrtpPolicy::Off {
             StreamKeys::NONE

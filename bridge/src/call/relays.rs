@@ -92,6 +92,14 @@ impl CallRelays {
         self.relays.iter()
     }
 
+    /// A statistics probe of every relay, with its stream (for the operator console).
+    pub(crate) fn probes(&self) -> Vec<(StreamId, thalamus_media::StatsProbe)> {
+        self.relays
+            .iter()
+            .map(|(stream, relay)| (*stream, relay.stats_probe()))
+            .collect()
+    }
+
     /// The RTP port of `stream`'s relay.
     pub(crate) fn port(&self, stream: StreamId) -> Option<u16> {
         self.get(stream).map(|r| r.local_rtp_addr().port())

@@ -22,7 +22,7 @@ use super::core::{
 };
 use super::link::{ControlRecv, ControlSend, Transport};
 use super::{DeviceLink, SessionCommand, SessionHandle};
-use crate::metrics::{inc, TransportLabel};
+use crate::metrics::{inc, inc_session, TransportLabel};
 use crate::registry::{valid_device_id, Verdict};
 use crate::resume::SessionId;
 use crate::shared::Shared;
@@ -62,6 +62,7 @@ pub(crate) async fn run_connection(node: Arc<Shared>, conn: Transport, remote: S
 async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
     let cfg = &node.config;
     let metrics = &node.metrics;
+    let transport = conn.label();
     let timers = SessionTimers {
         hello_timeout: cfg.hello_timeout,
         keepalive_interval: cfg.keepalive_interval,
@@ -115,7 +116,7 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
         while let Some(action) = core.poll_action() {
             match action {
                 SessionAction::Send(env) => {
-                    metrics.frame("out", body_kind(env.body.as_ref()));
+                    metrics.frame("out", body_kind(env.body.as_ref()), transport);
                     if out_tx.try_send(Box::new(env)).is_err() {
                         inc(&metrics.limits_hit, "send_queue");
                         warn!("send queue full: closing the session");
@@ -164,12 +165,16 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
                     break 'session;
                 }
                 SessionAction::Count(what) => match what {
-                    SessionCount::FrameError(label) => inc(&metrics.frame_errors, label),
+                    SessionCount::FrameError(label) => {
+                        inc_session(&metrics.frame_errors, label, transport);
+                    }
                     SessionCount::AuthFailure(label) => {
-                        inc(&metrics.auth_failures, label);
+                        inc_session(&metrics.auth_failures, label, transport);
                         info!(reason = label, "authentication failed");
                     }
-                    SessionCount::ResumeRejected(label) => inc(&metrics.resume_rejected, label),
+                    SessionCount::ResumeRejected(label) => {
+                        inc_session(&metrics.resume_rejected, label, transport);
+                    }
                     SessionCount::Redirected => {
                         metrics.sessions_redirected.inc();
                         info!("device redirected to its owner node");
@@ -191,7 +196,7 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
                         loop {
                             match decoder.decode(&mut buf) {
                                 Ok(Some(env)) => {
-                                    metrics.frame("in", body_kind(env.body.as_ref()));
+                                    metrics.frame("in", body_kind(env.body.as_ref()), transport);
                                     core.handle_frame(now, Ok(env));
                                 }
                                 Ok(None) => break,
@@ -271,7 +276,7 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
                 transport: conn.label(),
             })
             .dec();
-        inc(&metrics.sessions_ended, end_reason);
+        inc_session(&metrics.sessions_ended, end_reason, conn.label());
         info!(reason = end_reason, "device session ended");
     }
 }
@@ -505,9 +510,10 @@ fn install(
             transport: conn.label(),
         })
         .inc();
-    inc(
+    inc_session(
         &metrics.sessions_started,
         if resumed { "resumed" } else { "new" },
+        conn.label(),
     );
     let span = tracing::Span::current();
     span.record("device", device_id);
