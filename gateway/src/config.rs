@@ -176,6 +176,11 @@ pub struct QuicConfig {
     /// Also accept devices over WebTransport (HTTP/3, ALPN `h3`, path `/mbfp`) on the same
     /// port, with the same credentials, limits and MBFP session: the way in for browsers.
     pub webtransport: bool,
+    /// Page origins (`scheme://host[:port]`) allowed to open WebTransport sessions; `"*"`
+    /// allows any. A browser's CONNECT names its page's origin; a native client names none and
+    /// is not checked. Empty (the default): the device page's own origins, from `web.listen`
+    /// (`http://<address>`, and `http://localhost:<port>` on loopback).
+    pub webtransport_origins: Vec<String>,
 }
 
 impl Default for QuicConfig {
@@ -192,6 +197,7 @@ impl Default for QuicConfig {
             max_datagram_bytes: 1_200,
             socket_buffer_bytes: 4 * 1024 * 1024,
             webtransport: false,
+            webtransport_origins: Vec::new(),
         }
     }
 }
@@ -577,6 +583,26 @@ impl Config {
                 "the device page needs quic.webtransport = true (browsers log in over WebTransport)",
             );
         }
+        if let Some(origin) = self
+            .quic
+            .webtransport_origins
+            .iter()
+            .find(|o| !is_origin(o))
+        {
+            return bad(
+                "quic.webtransport_origins",
+                &format!("{origin:?} is not an origin (scheme://host[:port], or \"*\")"),
+            );
+        }
+        if self.quic.webtransport_origins.is_empty()
+            && self.web.listen.is_some_and(|l| l.ip().is_unspecified())
+        {
+            return bad(
+                "quic.webtransport_origins",
+                "list the origins the device page is reached at (e.g. \"http://gw.example.com:8080\") \
+                 when web.listen is a wildcard address",
+            );
+        }
         if self.session.max_frame_bytes < 256 || self.session.max_frame_bytes > 16 * 1024 * 1024 {
             return bad(
                 "session.max_frame_bytes",
@@ -841,7 +867,28 @@ impl Config {
             },
             max_pending_logins_per_ip: self.auth.max_pending_per_ip as usize,
             webtransport: self.quic.webtransport,
+            webtransport_origins: self.webtransport_origins(),
         }
+    }
+
+    /// The page origins allowed to open WebTransport sessions: `quic.webtransport_origins`,
+    /// or the device page's own at `web.listen` (the node uses the address the page is bound
+    /// to, [`Config::page_origins`], when its port is 0).
+    fn webtransport_origins(&self) -> Vec<String> {
+        if !self.quic.webtransport_origins.is_empty() {
+            return self.quic.webtransport_origins.clone();
+        }
+        self.web.listen.map(Self::page_origins).unwrap_or_default()
+    }
+
+    /// The origins of the device page served at `page`: `http://<page>`, and
+    /// `http://localhost:<port>` when `page` is on loopback.
+    pub fn page_origins(page: SocketAddr) -> Vec<String> {
+        let mut origins = vec![format!("http://{page}")];
+        if page.ip().is_loopback() {
+            origins.push(format!("http://localhost:{}", page.port()));
+        }
+        origins
     }
 
     /// The per-source limits of new SIP transactions (`[sip.limits]`; trusted sources are
@@ -1103,6 +1150,24 @@ pub fn in_data_dir(data_dir: &Path, path: &Path) -> PathBuf {
     }
 }
 
+/// Whether `text` is `*` or an origin as browsers send it: `http://` or `https://`, then a
+/// host (and port), and nothing after.
+fn is_origin(text: &str) -> bool {
+    if text == "*" {
+        return true;
+    }
+    let Some(authority) = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1118,6 +1183,39 @@ mod tests {
         let e = c.check().unwrap_err().to_string();
         assert!(e.contains("log.level"), "{e}");
         assert!(Config::default().check().is_ok());
+    }
+
+    #[test]
+    fn webtransport_origins_are_checked_by_key_and_default_to_the_device_pages() {
+        let mut c = Config::default();
+        c.quic.webtransport = true;
+        assert!(c.ingress().webtransport_origins.is_empty());
+        c.web.listen = Some("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(
+            c.ingress().webtransport_origins,
+            ["http://127.0.0.1:8080", "http://localhost:8080"]
+        );
+        c.web.listen = Some("0.0.0.0:8080".parse().unwrap());
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("quic.webtransport_origins"), "{e}");
+        c.quic.webtransport_origins = vec!["https://gw.example.com:8443".into()];
+        assert!(c.check().is_ok());
+        assert_eq!(
+            c.ingress().webtransport_origins,
+            ["https://gw.example.com:8443"]
+        );
+        for wrong in [
+            "gw.example.com",
+            "https://gw.example.com/",
+            "ftp://x",
+            "https://",
+        ] {
+            c.quic.webtransport_origins = vec![wrong.into()];
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains("quic.webtransport_origins"), "{wrong}: {e}");
+        }
+        c.quic.webtransport_origins = vec!["*".into()];
+        assert!(c.check().is_ok());
     }
 
     fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {

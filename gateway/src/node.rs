@@ -145,8 +145,29 @@ impl GatewayNode {
         if let Err(e) = registry.refresh() {
             warn!(error = %e, "device registry could not be read; devices cannot log in until it is fixed");
         }
+        // The device page is bound before ingress: its bound address is the origin its
+        // WebTransport sessions come from.
+        let web_listener = match config.web.listen {
+            Some(listen) => {
+                let bind = |source| StartError::Bind {
+                    what: "device page HTTP",
+                    addr: listen,
+                    source,
+                };
+                let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
+                let addr = listener.local_addr().map_err(bind)?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        let mut ingress_config = config.ingress();
+        if let (Some((_, page)), true) =
+            (&web_listener, config.quic.webtransport_origins.is_empty())
+        {
+            ingress_config.webtransport_origins = Config::page_origins(*page);
+        }
         // Bound first: the heartbeats carry the QUIC address.
-        let ingress = Ingress::bind(config.ingress())?;
+        let ingress = Ingress::bind(ingress_config)?;
         let quic_addr = ingress.local_addr;
 
         let mut metrics = Metrics::new();
@@ -327,15 +348,8 @@ impl GatewayNode {
                 shutdown.clone(),
             )));
         }
-        let web_addr = match config.web.listen {
-            Some(listen) => {
-                let bind = |source| StartError::Bind {
-                    what: "device page HTTP",
-                    addr: listen,
-                    source,
-                };
-                let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
-                let addr = listener.local_addr().map_err(bind)?;
+        let web_addr = match web_listener {
+            Some((listener, addr)) => {
                 let page = crate::web::WebPage {
                     quic_port: quic_addr.port(),
                     certificate_hash: Arc::new(move || {

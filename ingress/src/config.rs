@@ -54,7 +54,41 @@ pub struct IngressConfig {
     /// Accept WebTransport sessions (HTTP/3, ALPN `h3`, path [`WEBTRANSPORT_PATH`]) on the
     /// same endpoint, beside raw QUIC (ALPN `mbfp/1`).
     pub webtransport: bool,
+    /// The page origins allowed to open WebTransport sessions ([`origin_allowed`]).
+    pub webtransport_origins: Vec<String>,
+}
+
+/// Whether a WebTransport CONNECT with this `Origin` header may go on: a native client sends
+/// none and is not checked (its credentials are); a browser names its page's origin, which
+/// must be one of `allowed` (ASCII case aside) unless `allowed` lists `*`.
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    origin.is_none_or(|origin| {
+        allowed
+            .iter()
+            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    })
 }
 
 /// The URL path of the WebTransport session a device opens (`https://<node>:<port>/mbfp`).
 pub const WEBTRANSPORT_PATH: &str = "/mbfp";
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn a_native_client_passes_and_a_browser_needs_a_listed_origin() {
+        let page = vec!["http://127.0.0.1:8080".to_string()];
+        assert!(origin_allowed(&page, None));
+        assert!(origin_allowed(&page, Some("http://127.0.0.1:8080")));
+        assert!(origin_allowed(&page, Some("HTTP://127.0.0.1:8080")));
+        assert!(!origin_allowed(&page, Some("http://127.0.0.1:8081")));
+        assert!(!origin_allowed(&page, Some("https://evil.example")));
+        assert!(!origin_allowed(&page, Some("null")));
+        assert!(!origin_allowed(&[], Some("http://127.0.0.1:8080")));
+        assert!(origin_allowed(
+            &["*".to_string()],
+            Some("https://any.example")
+        ));
+    }
+}

@@ -434,8 +434,9 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint, shutdown: C
 }
 
 /// What a connection carries, by its ALPN: MBFP on QUIC, or (`h3`) a WebTransport session,
-/// accepted when its CONNECT names [`crate::config::WEBTRANSPORT_PATH`] within the hello
-/// timeout. `None` (counted) when a WebTransport set-up fails or asks for another path.
+/// accepted when its CONNECT names [`crate::config::WEBTRANSPORT_PATH`] from an allowed page
+/// origin ([`crate::config::origin_allowed`]) within the hello timeout. `None` (counted) when
+/// a WebTransport set-up fails, asks for another path or comes from another origin.
 async fn transport_of(shared: &Shared, conn: quinn::Connection) -> Option<Transport> {
     let alpn = conn
         .handshake_data()
@@ -468,6 +469,20 @@ async fn transport_of(shared: &Shared, conn: quinn::Connection) -> Option<Transp
                 .reject(web_transport_quinn::http::StatusCode::NOT_FOUND)
                 .await;
             return Err("webtransport_path");
+        }
+        let origin = request
+            .headers
+            .get("origin")
+            .map(|o| o.to_str().unwrap_or("?"));
+        if !crate::config::origin_allowed(&shared.config.webtransport_origins, origin) {
+            tracing::debug!(
+                ?origin,
+                "WebTransport session from a page of another origin"
+            );
+            let _ = request
+                .reject(web_transport_quinn::http::StatusCode::FORBIDDEN)
+                .await;
+            return Err("webtransport_origin");
         }
         request.ok().await.map_err(|e| {
             tracing::debug!(error = %e, "WebTransport set-up failed");

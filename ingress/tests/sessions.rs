@@ -167,6 +167,7 @@ impl Harness {
             },
             max_pending_logins_per_ip: 4,
             webtransport: false,
+            webtransport_origins: Vec::new(),
         };
         let mut config = config;
         adjust(&mut config);

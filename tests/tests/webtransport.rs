@@ -347,3 +347,43 @@ fn the_load_simulator_runs_webtransport_devices() {
         10.0
     );
 }
+
+#[test]
+fn a_page_of_another_origin_is_refused() {
+    let gw = Gateway::start(
+        "[quic]\nwebtransport = true\nwebtransport_origins = [\"https://app.example\"]",
+    )
+    .unwrap();
+    let connect_from = |origin: &str| {
+        web_transport_quinn::proto::ConnectRequest::new(url(&gw, "/mbfp")).with_header(
+            web_transport_quinn::http::header::ORIGIN,
+            web_transport_quinn::http::HeaderValue::from_str(origin).unwrap(),
+        )
+    };
+    runtime().block_on(async {
+        // A browser page of another site: refused before any MBFP.
+        let refused = client(&gw)
+            .connect(connect_from("https://evil.example"))
+            .await;
+        assert!(refused.is_err(), "a page of another origin got a session");
+        // The allowed page's origin, and a native client (no Origin), get theirs.
+        let allowed = client(&gw)
+            .connect(connect_from("https://app.example"))
+            .await
+            .unwrap();
+        let native = client(&gw).connect(url(&gw, "/mbfp")).await.unwrap();
+        allowed.close(0, b"done");
+        native.close(0, b"done");
+    });
+    gw.wait_metric(
+        "thalamus_quic_connections_refused_total{reason=\"webtransport_origin\"}",
+        1.0,
+        T,
+    )
+    .unwrap();
+    assert_eq!(
+        gw.metric("thalamus_quic_connections_refused_total{reason=\"webtransport_path\"}")
+            .unwrap(),
+        0.0
+    );
+}
