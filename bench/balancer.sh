@@ -13,10 +13,14 @@
 #                                                sends it on, sends replies back to the client;
 #                                                tokio's multi-thread runtime, as the balancer)
 #   (c) the same forwarder with --single-thread (tokio's current-thread runtime)
-# The three alternate, ROUNDS rounds of each, against the same uas in the same session. For
-# each run the CPU time (user + system, /proc/PID/stat) of the balancer or the forwarder is read
-# before and after; the figure is microseconds of CPU per call. Fails (exit 1) if SIPp reports
-# a failed call or any process of the run dies.
+#   (d) uac -> the same `thalamus balancer` with `[sip] queue = 8192` -> uas (each message
+#       handed from the receiving task to one router task through a queue, as before issue 17)
+#   (e) uac -> Kamailio 5.6 dispatcher -> uas and a second uas (bench/kamailio/dispatcher.cfg:
+#       tm, rr, dispatcher hashing the Call-ID over the two; 2 UDP children), the baseline
+# They alternate, ROUNDS rounds of each, against the same uas in the same session. For each
+# run the CPU time (user + system, /proc/PID/stat) of the balancer, the forwarder or every
+# Kamailio process is read before and after; the figure is microseconds of CPU per call.
+# Fails (exit 1) if SIPp reports a failed call or any process of the run dies.
 #
 # With BEFORE_BIN=<path of another `thalamus` binary> (an older build, say), a second balancer
 # from that binary joins the rounds as a fourth path, so a change is compared before and after
@@ -40,6 +44,7 @@ PAUSE_MS=${PAUSE_MS:-0}
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet -p thalamus --bin thalamus -p thalamus-balancer --example udp_forwarder
 command -v sipp >/dev/null || { echo "SIPp is missing: run scripts/install-peers" >&2; exit 1; }
+command -v kamailio >/dev/null || { echo "Kamailio is missing: run scripts/install-peers" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is missing" >&2; exit 1; }
 SCEN=tests/scenarios
 phase() { echo "$(date +%T) $*" >&2; }
@@ -54,10 +59,31 @@ PIDS+=("$UAS_PID")
 sleep 0.3
 alive "$UAS_PID" "SIPp uas"
 
-# The balancer.
-cat > "$WORK/balancer.toml" <<TOML
+# Kamailio's second destination.
+UAS2_PORT=$(free_port)
+sipp -sf "$SCEN/bench_balancer_uas.xml" -i 127.0.0.1 -p "$UAS2_PORT" -mp "$(free_port)" -nostdin \
+     >/dev/null 2>"$WORK/uas2.err" &
+UAS2_PID=$!
+PIDS+=("$UAS2_PID")
+
+# The baseline: Kamailio's dispatcher over both.
+printf '1 sip:127.0.0.1:%s\n1 sip:127.0.0.1:%s\n' "$UAS_PORT" "$UAS2_PORT" > "$WORK/dispatcher.list"
+KAM_PORT=$(free_port)
+mkdir -p "$WORK/kamailio-run"
+THALAMUS_DS_LIST="$WORK/dispatcher.list" kamailio -f bench/kamailio/dispatcher.cfg -DD -E \
+    -l "udp:127.0.0.1:$KAM_PORT" -m 256 -M 16 -Y "$WORK/kamailio-run" -P "$WORK/kamailio.pid" \
+    >/dev/null 2>"$WORK/kamailio.log" &
+KAM_PID=$!
+PIDS+=("$KAM_PID")
+sleep 1
+alive "$KAM_PID" "kamailio"
+
+# The balancer, and the same with the queue between its sockets and its router.
+for queue in 0 8192; do
+cat > "$WORK/balancer-$queue.toml" <<TOML
 [sip]
 listen = "127.0.0.1:0"
+queue = $queue
 [heartbeat]
 listen = "127.0.0.1:0"
 interval_ms = 500
@@ -66,16 +92,26 @@ listen = "127.0.0.1:0"
 [log]
 level = "warn"
 TOML
-"$BIN/thalamus" balancer --config "$WORK/balancer.toml" --ready-file "$WORK/lb.json" \
+done
+cp "$WORK/balancer-0.toml" "$WORK/balancer.toml"
+"$BIN/thalamus" balancer --config "$WORK/balancer-0.toml" --ready-file "$WORK/lb.json" \
     >/dev/null 2>"$WORK/lb.log" &
 LB_PID=$!
 PIDS+=("$LB_PID")
-for _ in $(seq 200); do [ -s "$WORK/lb.json" ] && break; sleep 0.05; done
-[ -s "$WORK/lb.json" ] || { echo "balancer did not start:" >&2; cat "$WORK/lb.log" >&2; exit 1; }
+"$BIN/thalamus" balancer --config "$WORK/balancer-8192.toml" --ready-file "$WORK/lbq.json" \
+    >/dev/null 2>"$WORK/lbq.log" &
+LBQ_PID=$!
+PIDS+=("$LBQ_PID")
+for f in lb lbq; do
+  for _ in $(seq 200); do [ -s "$WORK/$f.json" ] && break; sleep 0.05; done
+  [ -s "$WORK/$f.json" ] || { echo "balancer did not start:" >&2; cat "$WORK/$f.log" >&2; exit 1; }
+done
 LB_SIP=$(json_get "$WORK/lb.json" "['sip_udp']")
 LB_HB=$(json_get "$WORK/lb.json" "['heartbeat']")
 LB_ADMIN=$(json_get "$WORK/lb.json" "['admin']")
-HB_TARGETS=("$LB_HB")
+LBQ_SIP=$(json_get "$WORK/lbq.json" "['sip_udp']")
+LBQ_ADMIN=$(json_get "$WORK/lbq.json" "['admin']")
+HB_TARGETS=("$LB_HB" "$(json_get "$WORK/lbq.json" "['heartbeat']")")
 if [ -n "${BEFORE_BIN:-}" ]; then
   "$BEFORE_BIN" balancer --config "$WORK/balancer.toml" --ready-file "$WORK/lb0.json" \
       >/dev/null 2>"$WORK/lb0.log" &
@@ -109,6 +145,10 @@ for _ in $(seq 100); do
 done
 curl -s "http://$LB_ADMIN/nodes" | grep -q '"eligible":true' \
   || { echo "the stand-in node never came up at the balancer" >&2; exit 1; }
+for _ in $(seq 100); do
+  curl -s "http://$LBQ_ADMIN/nodes" | grep -q '"eligible":true' && break
+  sleep 0.1
+done
 if [ -n "${BEFORE_BIN:-}" ]; then
   for _ in $(seq 100); do
     curl -s "http://$LB0_ADMIN/nodes" | grep -q '"eligible":true' && break
@@ -132,8 +172,13 @@ sleep 0.3
 alive "$FWD_PID" "udp_forwarder"
 alive "$FWD1_PID" "udp_forwarder --single-thread"
 
-# User and system CPU ticks of a process (all its threads), /proc/PID/stat fields 14 and 15.
-cpu_user_sys() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# User and system CPU ticks of a process (all its threads), /proc/PID/stat fields 14 and 15;
+# for Kamailio, of it and every process it forked (its children).
+cpu_user_sys() {
+  local pids=$1
+  if [ "$1" = "$KAM_PID" ]; then pids="$1 $(pgrep -P "$1" | tr '\n' ' ')"; fi
+  for p in $pids; do cat "/proc/$p/stat"; done | awk '{u += $14; s += $15} END {print u, s}'
+}
 ROWS=$WORK/rows.txt
 : > "$ROWS"
 FAILED=0
@@ -151,6 +196,7 @@ run() {
   alive "$pid" "$name"
   read -r u1 s1 < <(cpu_user_sys "$pid")
   alive "$UAS_PID" "SIPp uas"
+  alive "$UAS2_PID" "the second SIPp uas"
   alive "$HB_PID" "heartbeat loop"
   local ok failed rate
   read -r ok failed rate < <(sipp_counts "$out")
@@ -168,9 +214,13 @@ for round in $(seq "$ROUNDS"); do
     run balancer-before "$round" "$LB0_PID" "$LB0_SIP"
     sleep 1
   fi
+  run balancer-queued "$round" "$LBQ_PID" "$LBQ_SIP"
+  sleep 1
   run forwarder "$round" "$FWD_PID" "127.0.0.1:$FWD_PORT"
   sleep 1
   run forwarder-1 "$round" "$FWD1_PID" "127.0.0.1:$FWD1_PORT"
+  sleep 1
+  run kamailio "$round" "$KAM_PID" "127.0.0.1:$KAM_PORT"
   sleep 1
 done
 curl -s "http://$LB_ADMIN/metrics" > "$WORK/metrics.txt"
@@ -208,7 +258,9 @@ fwd_user, fwd_sys = mean("forwarder", "user"), mean("forwarder", "system")
 label = {"balancer": "SIPp uac -> `thalamus balancer` -> SIPp uas",
          "balancer-before": "the same through the balancer of `BEFORE_BIN`",
          "forwarder": "SIPp uac -> plain UDP forwarder (floor) -> SIPp uas",
-         "forwarder-1": "the same, forwarder on one thread (`--single-thread`)"}
+         "forwarder-1": "the same, forwarder on one thread (`--single-thread`)",
+         "balancer-queued": "the same balancer with `[sip] queue = 8192` (a hand-off per message)",
+         "kamailio": "SIPp uac -> Kamailio dispatcher (tm, rr; Call-ID hash over 2) -> SIPp uas"}
 cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                   if l.startswith("model name")), "?")
 mem_gib = next(int(l.split()[1]) for l in open("/proc/meminfo")
@@ -230,8 +282,8 @@ table = [
     f"(the machine is shared).",
     "",
     f"{calls:,} calls per run at {rate} calls/s (INVITE, 180, 200, ACK, {pause}, BYE, 200: "
-    f"six messages through the proxy per call), the three paths alternating, {rounds} "
-    f"round{'s' if rounds != 1 else ''} each, same SIPp uas.",
+    f"six messages through the proxy per call), the paths alternating, {rounds} "
+    f"round{'s' if rounds != 1 else ''} each, same SIPp uas (and a second one for Kamailio).",
     "",
     "| path | round | calls ok / failed | calls/s achieved (wall) | proxy CPU us per call "
     "| of which user / system |",
@@ -254,6 +306,10 @@ table += [
     f"({forwarded / max(1, rounds * calls):.2f} per call; above 6 means retransmissions), "
     f"{answered:,.0f} answered itself, {dropped:,.0f} dropped, {send_errors:,.0f} send errors.",
 ]
+kam, queued = mean("kamailio"), mean("balancer-queued")
+table += ["", f"**Against Kamailio's dispatcher in this run: {kam:.0f} us per call, the balancer "
+          f"{lb / kam:.2f}x that.** The balancer with a queue between its sockets and its "
+          f"router: {queued:.0f} us per call (the one without: {lb / queued:.2f}x that)."]
 if any(r["name"] == "balancer-before" for r in rows):
     before = mean("balancer-before")
     table += ["", f"**Before and after in this run: the balancer of `BEFORE_BIN` {before:.0f} us "

@@ -64,7 +64,8 @@ pub struct SipSection {
     pub domains: Vec<String>,
     /// Requests larger than this many bytes are sent over TCP.
     pub udp_max_bytes: usize,
-    /// Messages queued between the transport and the router before new ones are dropped.
+    /// Messages queued between the transport and the router before new ones are dropped; 0
+    /// (the default): no queue, each message is routed on the task that received it.
     pub queue: usize,
     /// SIP over TLS toward clients and outward destinations (`[sip.tls]`, the gateway's
     /// settings); nodes are reached over UDP (TCP for large requests) as before.
@@ -79,7 +80,7 @@ impl Default for SipSection {
             aliases: Vec::new(),
             domains: Vec::new(),
             udp_max_bytes: 1300,
-            queue: 8192,
+            queue: 0,
             tls: None,
         }
     }
@@ -209,8 +210,11 @@ impl BalancerConfig {
         if !(200..=65_000).contains(&self.sip.udp_max_bytes) {
             return Err(key_error("sip.udp_max_bytes", "must be 200 to 65000"));
         }
-        if !(16..=1_000_000).contains(&self.sip.queue) {
-            return Err(key_error("sip.queue", "must be 16 to 1000000"));
+        if self.sip.queue != 0 && !(16..=1_000_000).contains(&self.sip.queue) {
+            return Err(key_error(
+                "sip.queue",
+                "must be 0 (no queue) or 16 to 1000000",
+            ));
         }
         match &self.sip.advertised {
             Some(a) if Host::parse_with_port(a).is_none() => {

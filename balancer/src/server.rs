@@ -17,7 +17,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use thalamus_sip::transport::{
-    Inbound, Peer, PeerTransport, SipTransport, TransportConfig, TransportError,
+    Delivery, Inbound, Peer, PeerTransport, SipTransport, TransportConfig, TransportError,
+    TrySendError, WeakSipTransport,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -63,6 +64,8 @@ struct Shared {
     max_skew_ms: u64,
     /// When the balancer started (the `up_ms` of its reports).
     started: std::time::Instant,
+    /// The split-brain watch: which node process last acted in each dialog.
+    watch: Mutex<ActWatch>,
 }
 
 impl Shared {
@@ -106,7 +109,24 @@ impl std::fmt::Debug for RunningBalancer {
 impl RunningBalancer {
     /// Binds every listener and starts the tasks.
     pub async fn start(config: BalancerConfig) -> Result<Self, BalancerError> {
-        let (tx, rx) = mpsc::channel(config.sip.queue);
+        // What receives SIP: a queue read by the router's task (`sip.queue` above 0), or the
+        // router called on the receiving task itself (0, the default: no hand-off per
+        // message). The inline handler gets the router once it exists, below.
+        let router_slot: Arc<std::sync::OnceLock<(Arc<Shared>, WeakSipTransport)>> = Arc::default();
+        let (delivery, rx) = if config.sip.queue == 0 {
+            let slot = Arc::clone(&router_slot);
+            let handler = move |inbound: Inbound| {
+                if let Some((shared, transport)) = slot.get() {
+                    if let Some(transport) = transport.upgrade() {
+                        route_one(shared, &transport, inbound);
+                    }
+                }
+            };
+            (Delivery::Inline(Arc::new(handler)), None)
+        } else {
+            let (tx, rx) = mpsc::channel(config.sip.queue);
+            (Delivery::Queue(tx), Some(rx))
+        };
         let transport = SipTransport::bind(
             TransportConfig {
                 udp: Some(config.sip.listen),
@@ -119,7 +139,7 @@ impl RunningBalancer {
                     .transpose()?,
                 ..TransportConfig::default()
             },
-            tx,
+            delivery,
             // A stateless proxy has no transactions to fail.
             mpsc::channel(1).0,
         )
@@ -163,17 +183,14 @@ impl RunningBalancer {
             secret: config.heartbeat.secret.clone().map(String::into_bytes),
             max_skew_ms: config.heartbeat.max_skew_ms,
             started: now(),
+            watch: Mutex::new(ActWatch::new(WATCH_CAPACITY, WATCH_IDLE)),
         });
+        // Cannot be set twice: the slot is this function's own.
+        let _ = router_slot.set((Arc::clone(&shared), transport.downgrade()));
         let shutdown = CancellationToken::new();
         let tick = (Duration::from_millis(config.heartbeat.interval_ms) / 4)
             .clamp(Duration::from_millis(5), Duration::from_millis(250));
-        let tasks = vec![
-            tokio::spawn(sip_loop(
-                Arc::clone(&shared),
-                transport.clone(),
-                rx,
-                shutdown.clone(),
-            )),
+        let mut tasks = vec![
             tokio::spawn(heartbeat_loop(
                 Arc::clone(&shared),
                 heartbeat_socket,
@@ -186,6 +203,14 @@ impl RunningBalancer {
                 shutdown.clone(),
             )),
         ];
+        if let Some(rx) = rx {
+            tasks.push(tokio::spawn(sip_loop(
+                Arc::clone(&shared),
+                transport.clone(),
+                rx,
+                shutdown.clone(),
+            )));
+        }
         Ok(Self {
             sip_udp,
             sip_tcp,
@@ -220,13 +245,13 @@ impl RunningBalancer {
     }
 }
 
+/// Routes what the transport queued (`sip.queue` above 0), one message at a time.
 async fn sip_loop(
     shared: Arc<Shared>,
     transport: SipTransport,
     mut rx: mpsc::Receiver<Inbound>,
     shutdown: CancellationToken,
 ) {
-    let mut watch = ActWatch::new(WATCH_CAPACITY, WATCH_IDLE);
     loop {
         let inbound = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -235,31 +260,37 @@ async fn sip_loop(
                 None => return,
             },
         };
-        let dialog = inbound
-            .message
-            .headers()
-            .call_id()
-            .ok()
-            .map(|c| stable_hash(&[c.as_bytes()]));
-        let (decision, actor) = {
-            let core = shared.core();
-            let decision = core.route(inbound.message, inbound.peer);
-            let actor = acting_node(&decision).and_then(|n| {
-                core.membership().node(n).map(|e| {
-                    let actor = Actor {
-                        node: stable_hash(&[n.as_str().as_bytes()]),
-                        session: u64::from(e.session_tag),
-                    };
-                    (n.clone(), actor)
-                })
-            });
-            (decision, actor)
-        };
-        if let (Some(dialog), Some((node, actor))) = (dialog, actor) {
-            watch_act(&shared, &mut watch, dialog, &node, actor);
-        }
-        act(&shared, &transport, decision).await;
+        route_one(&shared, &transport, inbound);
     }
+}
+
+/// Routes one SIP message and sends what the router decided, without waiting: on the task
+/// that received it, or the queue's.
+fn route_one(shared: &Arc<Shared>, transport: &SipTransport, inbound: Inbound) {
+    let dialog = inbound
+        .message
+        .headers()
+        .call_id()
+        .ok()
+        .map(|c| stable_hash(&[c.as_bytes()]));
+    let (decision, actor) = {
+        let core = shared.core();
+        let decision = core.route(inbound.message, inbound.peer);
+        let actor = acting_node(&decision).and_then(|n| {
+            core.membership().node(n).map(|e| {
+                let actor = Actor {
+                    node: stable_hash(&[n.as_str().as_bytes()]),
+                    session: u64::from(e.session_tag),
+                };
+                (n.clone(), actor)
+            })
+        });
+        (decision, actor)
+    };
+    if let (Some(dialog), Some((node, actor))) = (dialog, actor) {
+        watch_act(shared, dialog, &node, actor);
+    }
+    act(shared, transport, decision);
 }
 
 /// Dialogs the split-brain watch remembers at most (about 100 bytes each).
@@ -283,14 +314,9 @@ fn acting_node(decision: &Decision) -> Option<&thalamus_ownership::hash::NodeId>
 
 /// Feeds the split-brain watch with a message `node` sent (`actor`: that node process, its id
 /// and session tag): counts moves and acts in a dialog another node took over since.
-fn watch_act(
-    shared: &Shared,
-    watch: &mut ActWatch,
-    dialog: u64,
-    node: &thalamus_ownership::hash::NodeId,
-    actor: Actor,
-) {
+fn watch_act(shared: &Shared, dialog: u64, node: &thalamus_ownership::hash::NodeId, actor: Actor) {
     let m = &shared.metrics;
+    let mut watch = shared.watch.lock().unwrap_or_else(|e| e.into_inner());
     match watch.observe(now(), dialog, actor) {
         Seen::Moved => {
             m.dialogs_moved.inc();
@@ -311,7 +337,7 @@ fn node_label(node: Option<&thalamus_ownership::hash::NodeId>) -> NodeLabel {
     }
 }
 
-async fn act(shared: &Arc<Shared>, transport: &SipTransport, decision: Decision) {
+fn act(shared: &Arc<Shared>, transport: &SipTransport, decision: Decision) {
     let m = &shared.metrics;
     let out = match decision {
         Decision::ToNode { node, out } => {
@@ -344,19 +370,33 @@ async fn act(shared: &Arc<Shared>, transport: &SipTransport, decision: Decision)
             return;
         }
     };
-    send(shared, transport, out).await;
+    send(shared, transport, out);
 }
 
-async fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
+fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
     match out.to {
         NextHop::Addr(addr) if out.transport == PeerTransport::Udp => {
             let peer = Peer {
                 addr,
                 transport: out.transport,
             };
-            if let Err(e) = transport.send(peer, out.bytes, None).await {
-                shared.metrics.send_errors.inc();
-                tracing::debug!(error = %e, "SIP send failed");
+            match transport.try_send(peer, out.bytes) {
+                Ok(()) => {}
+                // The socket's buffer is full: wait for room on a task of its own.
+                Err(TrySendError::WouldBlock(bytes)) => {
+                    let shared = Arc::clone(shared);
+                    let transport = transport.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = transport.send(peer, bytes, None).await {
+                            shared.metrics.send_errors.inc();
+                            tracing::debug!(error = %e, "SIP send failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    shared.metrics.send_errors.inc();
+                    tracing::debug!(error = %e, "SIP send failed");
+                }
             }
         }
         to => {
@@ -610,6 +650,50 @@ mod tests {
             ts_ms: 0,
             pinned: Vec::new(),
             store_down_ms: 0,
+        }
+    }
+
+    /// A request the balancer cannot route (no node is up) is answered, with the router
+    /// inline on the receiving task and behind a queue alike; the answer comes from the
+    /// balancer's SIP address.
+    #[tokio::test]
+    async fn a_request_is_routed_inline_or_queued() {
+        for queue in [0, 16] {
+            let mut config = BalancerConfig::default();
+            config.sip.listen = "127.0.0.1:0".parse().unwrap();
+            config.sip.queue = queue;
+            config.heartbeat.listen = "127.0.0.1:0".parse().unwrap();
+            // Starting, a balancer drops what it cannot route for one silence window (its
+            // nodes may not have spoken yet): a short one, and the request retransmitted.
+            config.heartbeat.interval_ms = 10;
+            config.heartbeat.miss_count = 1;
+            config.admin.listen = "127.0.0.1:0".parse().unwrap();
+            let lb = RunningBalancer::start(config).await.unwrap();
+            let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let me = client.local_addr().unwrap();
+            let invite = format!(
+                "INVITE sip:dev@thalamus.local SIP/2.0\r\n\
+                 Via: SIP/2.0/UDP {me};branch=z9hG4bK-q{queue}\r\n\
+                 Max-Forwards: 70\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:dev@thalamus.local>\r\n\
+                 Call-ID: q{queue}@x\r\nCSeq: 1 INVITE\r\nContact: <sip:a@{me}>\r\n\
+                 Content-Length: 0\r\n\r\n"
+            );
+            let mut buf = vec![0u8; 4096];
+            let mut answer = None;
+            for _ in 0..50 {
+                client.send_to(invite.as_bytes(), lb.sip_udp).await.unwrap();
+                let wait = Duration::from_millis(100);
+                if let Ok(got) = tokio::time::timeout(wait, client.recv_from(&mut buf)).await {
+                    answer = Some(got.unwrap());
+                    break;
+                }
+            }
+            let (n, from) = answer.expect("no answer in 5 s");
+            let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(answer.starts_with("SIP/2.0 5"), "queue {queue}: {answer}");
+            assert!(answer.contains(&format!("Call-ID: q{queue}@x")), "{answer}");
+            assert_eq!(from, lb.sip_udp);
+            lb.shutdown().await;
         }
     }
 

@@ -51,6 +51,43 @@ pub struct Inbound {
     pub at: Instant,
 }
 
+/// Where a transport hands what it receives.
+#[derive(Clone)]
+pub enum Delivery {
+    /// Into a bounded queue another task reads; when it is full the message is dropped and
+    /// counted (`dropped_overload`).
+    Queue(mpsc::Sender<Inbound>),
+    /// To a handler called on the receiving task itself (a UDP socket's loop, a TCP or TLS
+    /// connection's task): no hand-off between tasks. It must not block or wait on a peer.
+    Inline(Arc<dyn Fn(Inbound) + Send + Sync>),
+}
+
+impl From<mpsc::Sender<Inbound>> for Delivery {
+    fn from(queue: mpsc::Sender<Inbound>) -> Self {
+        Delivery::Queue(queue)
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Delivery::Queue(_) => "Queue",
+            Delivery::Inline(_) => "Inline",
+        })
+    }
+}
+
+/// Why [`SipTransport::try_send`] did not send.
+#[derive(Debug, thiserror::Error)]
+pub enum TrySendError {
+    /// The UDP socket's buffer is full now: the bytes, to send with [`SipTransport::send`].
+    #[error("the UDP socket would block")]
+    WouldBlock(Bytes),
+    /// Sending failed.
+    #[error(transparent)]
+    Failed(#[from] TransportError),
+}
+
 /// SIP over TLS: where to listen, our certificate, and whom we trust.
 #[derive(Debug, Clone)]
 pub struct TlsTransportConfig {
@@ -208,7 +245,7 @@ struct Inner {
     tls_names: dashmap::DashMap<SocketAddr, rustls::pki_types::ServerName<'static>>,
     connections: dashmap::DashMap<Peer, Connection>,
     per_ip: Mutex<std::collections::HashMap<IpAddr, usize>>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: Delivery,
     failures: mpsc::Sender<TransactionKey>,
     stats: TransportStats,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -218,6 +255,25 @@ struct Inner {
 #[derive(Clone)]
 pub struct SipTransport {
     inner: Arc<Inner>,
+}
+
+/// A [`SipTransport`] that does not keep it alive (for a handler the transport itself holds).
+#[derive(Clone, Debug)]
+pub struct WeakSipTransport(std::sync::Weak<Inner>);
+
+impl WeakSipTransport {
+    /// The transport, while it exists.
+    pub fn upgrade(&self) -> Option<SipTransport> {
+        self.0.upgrade().map(|inner| SipTransport { inner })
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("udp", &self.udp_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for SipTransport {
@@ -231,13 +287,15 @@ impl std::fmt::Debug for SipTransport {
 
 impl SipTransport {
     /// Binds the configured sockets and starts the receive tasks; inbound messages go to
-    /// `inbound`, and the transactions whose messages could not be sent after
-    /// [`SipTransport::send`] returned (a TCP connection that never opened) go to `failures`.
+    /// `inbound` (a queue, or a handler called inline: [`Delivery`]), and the transactions
+    /// whose messages could not be sent after [`SipTransport::send`] returned (a TCP connection
+    /// that never opened) go to `failures`.
     pub async fn bind(
         config: TransportConfig,
-        inbound: mpsc::Sender<Inbound>,
+        inbound: impl Into<Delivery>,
         failures: mpsc::Sender<TransactionKey>,
     ) -> Result<Self, TransportError> {
+        let inbound = inbound.into();
         let (udp, udp_addr, listener, tcp_addr) = bind_sockets(&config).await?;
         let tls_listener = match config.tls.as_ref().and_then(|t| t.listen) {
             Some(addr) => Some(
@@ -355,6 +413,34 @@ impl SipTransport {
             }
             PeerTransport::Tcp | PeerTransport::Tls => {
                 self.queue_stream(peer, Outgoing { bytes, key })?
+            }
+        }
+        self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A handle that does not keep the transport alive.
+    pub fn downgrade(&self) -> WeakSipTransport {
+        WeakSipTransport(Arc::downgrade(&self.inner))
+    }
+
+    /// Sends `bytes` to `peer` without waiting: over UDP when the socket takes it now, over
+    /// TCP or TLS queued on the connection (started when there is none). A UDP socket that
+    /// would block gives the bytes back ([`TrySendError::WouldBlock`]) for [`SipTransport::send`].
+    pub fn try_send(&self, peer: Peer, bytes: Bytes) -> Result<(), TrySendError> {
+        match peer.transport {
+            PeerTransport::Udp => {
+                let udp = self.inner.udp.as_ref().ok_or(TransportError::NoUdp)?;
+                match udp.try_send_to(&bytes, peer.addr) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        return Err(TrySendError::WouldBlock(bytes));
+                    }
+                    Err(source) => return Err(TransportError::Send { peer, source }.into()),
+                }
+            }
+            PeerTransport::Tcp | PeerTransport::Tls => {
+                self.queue_stream(peer, Outgoing { bytes, key: None })?
             }
         }
         self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -576,11 +662,16 @@ impl SipTransport {
             peer,
             at: Instant::now(),
         };
-        if self.inner.inbound.try_send(inbound).is_err() {
-            self.inner
-                .stats
-                .dropped_overload
-                .fetch_add(1, Ordering::Relaxed);
+        match &self.inner.inbound {
+            Delivery::Queue(queue) => {
+                if queue.try_send(inbound).is_err() {
+                    self.inner
+                        .stats
+                        .dropped_overload
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Delivery::Inline(handler) => handler(inbound),
         }
     }
 }
