@@ -479,7 +479,7 @@ async fn one_call(
                             end_consultation(dev, consult_ref, printer).await?;
                         }
                         let gateway = if opts.media || opts.streams.any() {
-                            finish_probe(dev, call_ref, &mut probe, printer).await
+                            finish_probe(dev, call_ref, &mut probe, &mut extra, printer).await
                         } else {
                             Vec::new()
                         };
@@ -577,13 +577,14 @@ fn rebind(dev: &Device, call_ref: u32, printer: EventPrinter) -> anyhow::Result<
     Ok(())
 }
 
-/// After the end of a call: reads late echoes and waits (bounded) for the gateway's media
-/// statistics, which follow the end event once the relays have stopped. Gives back every
+/// After the end of a call: reads late echoes (the probe's) and the other streams' late
+/// packets (their counters'), and waits (bounded) for the gateway's media statistics, which follow the end event once the relays have stopped. Gives back every
 /// stream's statistics (none when they did not come).
 async fn finish_probe(
     dev: &mut Device,
     call_ref: u32,
     probe: &mut EchoProbe,
+    extra: &mut CallStreams,
     printer: EventPrinter,
 ) -> Vec<MediaStats> {
     let until = tokio::time::Instant::now() + STATS_WAIT;
@@ -599,8 +600,10 @@ async fn finish_probe(
             }
             datagram = dev.incoming.datagrams.recv() => {
                 let Some(d) = datagram else { return Vec::new() };
-                // Late echoes of the probe; the other streams' last packets (the far device
-                // streams until it hears the end) are not the probe's.
+                // The other streams' last packets (the far device streams until it hears the
+                // end) go to their counters, as during the call; late echoes to the probe. A
+                // stream this call does not count is nobody's.
+                let Some(d) = extra.take(d) else { continue };
                 let audio = thalamus_proto::media::MediaHeader::decode(&d)
                     .is_ok_and(|h| h.stream_id == thalamus_proto::media::StreamId::AUDIO);
                 if audio {

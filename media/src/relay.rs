@@ -720,10 +720,59 @@ pub struct RelayCore {
     closed: bool,
     /// Device datagrams that arrived before the peer was known (the device answered or heard
     /// the answer before the relay got the SDP): relayed once it is, if still recent.
-    early_device: VecDeque<(Bytes, Instant)>,
+    early_device: EarlyHold<Bytes>,
     /// RTP that arrived before the peer was known (its media beat its answer), with its source:
     /// checked and relayed once it is, if still recent.
-    early_peer: VecDeque<(Bytes, SocketAddr, Instant)>,
+    early_peer: EarlyHold<(Bytes, SocketAddr)>,
+}
+
+/// Packets held, oldest first, until the relay can act on them: at most `capacity`, each
+/// released with whether it is still recent (no older than `max_age`).
+#[derive(Debug)]
+struct EarlyHold<T> {
+    held: VecDeque<(T, Instant)>,
+    capacity: usize,
+    max_age: Duration,
+}
+
+impl<T> EarlyHold<T> {
+    fn new(capacity: usize, max_age: Duration) -> Self {
+        EarlyHold {
+            held: VecDeque::new(),
+            capacity,
+            max_age,
+        }
+    }
+
+    /// Whether `capacity` are held.
+    fn is_full(&self) -> bool {
+        self.held.len() >= self.capacity
+    }
+
+    /// Holds `item`, received at `now`; false (not held) when `capacity` are held already.
+    fn hold(&mut self, item: T, now: Instant) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        self.held.push_back((item, now));
+        true
+    }
+
+    /// Takes everything held, oldest first: each with when it arrived and whether it is still
+    /// recent at `now`.
+    fn release(&mut self, now: Instant) -> impl Iterator<Item = (T, Instant, bool)> {
+        let max_age = self.max_age;
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(move |(item, at)| (item, at, now.saturating_duration_since(at) <= max_age))
+    }
+
+    /// Forgets everything held; how much that was.
+    fn clear(&mut self) -> usize {
+        let n = self.held.len();
+        self.held.clear();
+        n
+    }
 }
 
 /// Whether RTP from `source` may be the peer's: its latched source, or before the latch any
@@ -830,8 +879,8 @@ impl RelayCore {
             latency_to_peer: LatencyHistogram::new(),
             latency_to_device: LatencyHistogram::new(),
             closed: false,
-            early_device: VecDeque::new(),
-            early_peer: VecDeque::new(),
+            early_device: EarlyHold::new(EARLY_DEVICE_DATAGRAMS, EARLY_DEVICE_MAX_AGE),
+            early_peer: EarlyHold::new(EARLY_PEER_PACKETS, EARLY_PEER_MAX_AGE),
         }
     }
 
@@ -886,8 +935,9 @@ impl RelayCore {
             self.restart_silence(now);
         }
         // What the device sent before the peer was known goes out now, in order.
-        for (datagram, at) in std::mem::take(&mut self.early_device) {
-            if now.saturating_duration_since(at) <= EARLY_DEVICE_MAX_AGE {
+        let early: Vec<_> = self.early_device.release(now).collect();
+        for (datagram, _, recent) in early {
+            if recent {
                 self.handle_device_datagram(datagram, now);
             } else {
                 self.drops.device_not_sendable += 1;
@@ -896,8 +946,9 @@ impl RelayCore {
         // And what the peer sent before its answer reached us: only from the address its SDP
         // names (a stranger's held packet must not take the latch), checked as any packet,
         // at the time it arrived (jitter and latency see the wait).
-        for (packet, source, at) in std::mem::take(&mut self.early_peer) {
-            if source == sdp_rtp && now.saturating_duration_since(at) <= EARLY_PEER_MAX_AGE {
+        let early: Vec<_> = self.early_peer.release(now).collect();
+        for ((packet, source), at, recent) in early {
+            if recent && source == sdp_rtp {
                 self.handle_rtp(&packet, source, at);
             } else {
                 self.drops.rtp_before_peer += 1;
@@ -1071,9 +1122,7 @@ impl RelayCore {
     pub fn handle_device_datagram(&mut self, datagram: Bytes, now: Instant) {
         if self.peer.is_none() && !self.closed {
             // Held until the peer is known (bounded; see `RelayCore::new`).
-            if self.early_device.len() < EARLY_DEVICE_DATAGRAMS {
-                self.early_device.push_back((datagram, now));
-            } else {
+            if !self.early_device.hold(datagram, now) {
                 self.drops.device_not_sendable += 1;
             }
             return;
@@ -1195,10 +1244,12 @@ impl RelayCore {
     /// Holds an RTP packet that came before the peer was known, or drops and counts it when
     /// [`EARLY_PEER_PACKETS`] are held already.
     fn hold_early_rtp(&mut self, packet: &[u8], source: SocketAddr, now: Instant) {
-        if self.early_peer.len() < EARLY_PEER_PACKETS {
-            self.early_peer
-                .push_back((Bytes::copy_from_slice(packet), source, now));
-        } else {
+        // Copied only when there is room: a flood before the peer is known costs no allocation.
+        if self.early_peer.is_full()
+            || !self
+                .early_peer
+                .hold((Bytes::copy_from_slice(packet), source), now)
+        {
             self.drops.rtp_before_peer += 1;
         }
     }
@@ -1621,8 +1672,7 @@ impl RelayCore {
             self.send_report(now, ReportTail::Goodbye);
         }
         // Packets held for a peer that never came are dropped now, and counted.
-        self.drops.rtp_before_peer += self.early_peer.len() as u64;
-        self.early_peer.clear();
+        self.drops.rtp_before_peer += self.early_peer.clear() as u64;
         self.closed = true;
     }
 
