@@ -67,6 +67,34 @@ pub fn segment(s: &str) -> String {
         .collect()
 }
 
+/// A loopback port below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), free
+/// for UDP and TCP when asked. A node restarted on its old port finds it free again: no
+/// client socket (a simulator's, SIPp's) is ever given a port there, as it can be one in the
+/// ephemeral range while the node is down.
+pub fn free_port_below_ephemeral() -> anyhow::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let floor = 10_000u16.min(low.saturating_sub(1_000));
+    let span = u32::from(low - floor);
+    // A start that differs between test processes and calls.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().rotate_left(16);
+    let start = seed % span;
+    for i in 0..span.min(2_000) {
+        let port = floor + u16::try_from((start + i * 7_919) % span).unwrap_or(0);
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        if udp.is_ok() && tcp.is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port below {low}")
+}
+
 /// A free TCP port on loopback (free when asked; the caller binds it soon after).
 pub fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

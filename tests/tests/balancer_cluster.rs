@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use thalamus_ownership::{owner, NodeId};
-use thalamus_tests::cluster::{http_request, Balancer, Redis};
+use thalamus_tests::cluster::{free_port_below_ephemeral, http_request, Balancer, Redis};
 use thalamus_tests::fleet::{DialOutcome, DialPlan, Fleet, FleetConfig, FleetEventKind, FleetNode};
 use thalamus_tests::netns::{self, Netns};
 use thalamus_tests::{
@@ -183,7 +183,13 @@ impl Cluster {
                 &extra(i),
                 Some(thalamus_tests::ADMIN_TOKEN),
             ),
-            _ => Gateway::start(&extra(i)),
+            // Below the ephemeral range: a killed node restarts on the same port, which a
+            // client socket could otherwise have taken meanwhile.
+            _ => Gateway::start_in(
+                tempfile::tempdir().unwrap(),
+                &format!("127.0.0.1:{}", free_port_below_ephemeral().unwrap()),
+                &extra(i),
+            ),
         };
         let a = start(0).unwrap();
         // One secret for all the devices (one slow hash).

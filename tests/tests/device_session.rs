@@ -276,7 +276,14 @@ fn dropped_connection_resumes_with_the_token() {
 
 #[test]
 fn simulator_reconnects_and_resumes_after_the_gateway_restarts() {
-    let gw = Gateway::start("").unwrap();
+    // Below the ephemeral range: no client socket takes the port while the node is down.
+    let port = thalamus_tests::cluster::free_port_below_ephemeral().unwrap();
+    let gw = Gateway::start_in(
+        tempfile::tempdir().unwrap(),
+        &format!("127.0.0.1:{port}"),
+        "",
+    )
+    .unwrap();
     let secret = gw.add_device("survivor").unwrap();
     let quic = gw.quic.to_string();
     let mut sim = Sim::connect(&gw, "survivor", &secret, &[]).unwrap();
