@@ -16,7 +16,8 @@
 #   (d) uac -> the same `thalamus balancer` with `[sip] queue = 8192` -> uas (each message
 #       handed from the receiving task to one router task through a queue, as before issue 17)
 #   (e) uac -> Kamailio 5.6 dispatcher -> uas and a second uas (bench/kamailio/dispatcher.cfg:
-#       tm, rr, dispatcher hashing the Call-ID over the two; 2 UDP children), the baseline
+#       tm, rr, dispatcher hashing the Call-ID over the two; one UDP worker: with two, a 180
+#       relayed by one worker can overtake the 200 relayed by the other, which SIPp refuses), the baseline
 # They alternate, ROUNDS rounds of each, against the same uas in the same session. For each
 # run the CPU time (user + system, /proc/PID/stat) of the balancer, the forwarder or every
 # Kamailio process is read before and after; the figure is microseconds of CPU per call.
@@ -260,7 +261,7 @@ label = {"balancer": "SIPp uac -> `thalamus balancer` -> SIPp uas",
          "forwarder": "SIPp uac -> plain UDP forwarder (floor) -> SIPp uas",
          "forwarder-1": "the same, forwarder on one thread (`--single-thread`)",
          "balancer-queued": "the same balancer with `[sip] queue = 8192` (a hand-off per message)",
-         "kamailio": "SIPp uac -> Kamailio dispatcher (tm, rr; Call-ID hash over 2) -> SIPp uas"}
+         "kamailio": "SIPp uac -> Kamailio dispatcher (tm, rr; Call-ID hash over 2; 1 worker) -> SIPp uas"}
 cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                   if l.startswith("model name")), "?")
 mem_gib = next(int(l.split()[1]) for l in open("/proc/meminfo")

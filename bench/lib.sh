@@ -9,9 +9,10 @@
 #                               QUIC_EXTRA: more lines of [quic])
 #   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
 #   measure_device_calls TARGET DEVICES devices on the gateway just started call TARGET at RATE
-#                               for SECS, held HOLD_MS; stops the gateway; sets LOAD_JSON (the
-#                               simulator's report), LOAD_CPU_T0/T1 (gateway CPU ticks around
-#                               the calling window) and LOAD_RSS (KiB after it)
+#                               for SECS, held HOLD_MS; saves its metrics and stops the gateway;
+#                               sets LOAD_JSON (the simulator's report), LOAD_CPU_T0/T1 (gateway
+#                               CPU ticks around the calling window) and LOAD_RSS (KiB after it)
+#   save_metrics / relayed_packets   the gateway's /metrics kept; the packets its relays carried
 #   start_sipp_uas PORT         SIPp's built-in uas; sets UAS_PID
 #   rss_kib PID / cpu_ticks PID from /proc
 #   wait_phase FILE PHASE [MIN_ANSWERED]   waits until `load --status-file` shows the phase
@@ -99,7 +100,25 @@ measure_device_calls() {
   LOAD_CPU_T1=$(cpu_ticks "$GW_PID")
   LOAD_RSS=$(rss_kib "$GW_PID")
   wait "$sim" || true
+  save_metrics
   stop_pid "$GW_PID"
+}
+
+# The gateway's /metrics into $GW_DIR/metrics.txt (for figures the simulator cannot see).
+save_metrics() {
+  curl -s "http://$(json_get "$GW_DIR/ready.json" "['admin']")/metrics" > "$GW_DIR/metrics.txt" || true
+}
+
+# Packets the gateway's finished relays carried: "<to the SIP peer> <to the devices>".
+relayed_packets() {
+  python3 - "$GW_DIR/metrics.txt" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+def n(d):
+    m = re.search(r'^thalamus_media_relayed_packets_total\{direction="%s"\} (\S+)$' % d, text, re.M)
+    return int(float(m.group(1))) if m else 0
+print(n("to_peer"), n("to_device"))
+PY
 }
 
 start_sipp_uas() {

@@ -64,6 +64,8 @@ start_gateway calls-quic
 DEVICES=$CALLS measure_device_calls "$TARGET"
 python3 -c "import sys;t=int(sys.argv[1]);hz=int(sys.argv[2]);a=int(sys.argv[3]);print('calls from QUIC devices:         answered=%d failed=%s cpu_per_call_us=%.0f' % (a, sys.argv[4], t*1e6/hz/max(a,1)))" \
     "$((LOAD_CPU_T1 - LOAD_CPU_T0))" "$HZ" "$(json_get "$LOAD_JSON" "['answered']")" "$(json_get "$LOAD_JSON" "['failed']")"
+read -r TO_PEER TO_DEVICE < <(relayed_packets)
+echo "  QUIC frames: devices sent $(json_get "$LOAD_JSON" "['media']['frames_sent']" 2>/dev/null || echo ?), relayed to the buddy $TO_PEER, relayed back $TO_DEVICE, devices got $(json_get "$LOAD_JSON" "['media']['frames_received']" 2>/dev/null || echo ?)"
 
 start_gateway calls-wt
 SECRET=$("$BIN/thalamus-sim" provision --devices "$CALLS" --registry "$GW_DIR/data/devices.toml" 2>/dev/null)
@@ -82,4 +84,7 @@ t, hz, a = int(sys.argv[2]), int(sys.argv[3]), r["calls_answered"]
 print("calls from WebTransport devices: answered=%d of %d cpu_per_call_us=%.0f frames sent/received %d/%d"
       % (a, r["devices"], t * 1e6 / hz / max(a, 1), r["frames_sent"], r["frames_received"]))
 PY
+save_metrics
+read -r TO_PEER TO_DEVICE < <(relayed_packets)
+echo "  WebTransport frames: relayed to the buddy $TO_PEER, relayed back $TO_DEVICE (sent and received: above)"
 stop_pid "$GW_PID"
