@@ -9,7 +9,8 @@
 #                               QUIC_EXTRA: more lines of [quic])
 #   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
 #   measure_device_calls TARGET DEVICES devices on the gateway just started call TARGET at RATE
-#                               for SECS, held HOLD_MS; saves its metrics and stops the gateway;
+#                               for SECS, held HOLD_MS (LOAD_ARGS: more `load` options, e.g.
+#                               --media); saves its metrics and stops the gateway;
 #                               sets LOAD_JSON (the simulator's report), LOAD_CPU_T0/T1 (gateway
 #                               CPU ticks around the calling window) and LOAD_RSS (KiB after it)
 #   save_metrics / relayed_packets   the gateway's /metrics kept; the packets its relays carried
@@ -86,7 +87,7 @@ measure_device_calls() {
   local secret
   secret=$("$BIN/thalamus-sim" provision --devices "$DEVICES" --registry "$GW_DIR/data/devices.toml" 2>/dev/null)
   local load=("$BIN/thalamus-sim" load --quiet --gateway "$QUIC" --fingerprint "$FP" --secret "$secret"
-              --devices "$DEVICES" --target "$1")
+              --devices "$DEVICES" --target "$1" ${LOAD_ARGS:-})
   # Warm-up: every device logs in (first logins pay the argon2 check) and calls a little.
   "${load[@]}" --cps 50 --duration 1 --hold-ms 100 >/dev/null 2>&1 || true
   local st=$GW_DIR/status

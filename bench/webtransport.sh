@@ -61,7 +61,8 @@ start_buddy --echo
 TARGET="sip:echo@$BUDDY_SIP"
 CALLS=$((RATE * SECS))
 start_gateway calls-quic
-DEVICES=$CALLS measure_device_calls "$TARGET"
+# Audio both ways, as the WebTransport devices stream it.
+LOAD_ARGS=--media DEVICES=$CALLS measure_device_calls "$TARGET"
 python3 -c "import sys;t=int(sys.argv[1]);hz=int(sys.argv[2]);a=int(sys.argv[3]);print('calls from QUIC devices:         answered=%d failed=%s cpu_per_call_us=%.0f' % (a, sys.argv[4], t*1e6/hz/max(a,1)))" \
     "$((LOAD_CPU_T1 - LOAD_CPU_T0))" "$HZ" "$(json_get "$LOAD_JSON" "['answered']")" "$(json_get "$LOAD_JSON" "['failed']")"
 read -r TO_PEER TO_DEVICE < <(relayed_packets)
