@@ -8,6 +8,7 @@
 //! per-call state either.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -66,7 +67,12 @@ struct Shared {
     started: std::time::Instant,
     /// The split-brain watch: which node process last acted in each dialog.
     watch: Mutex<ActWatch>,
+    /// UDP sends waiting for room in the socket's buffer (at most [`MAX_BLOCKED_SENDS`]).
+    blocked_sends: AtomicUsize,
 }
+
+/// Most UDP sends waiting for room in the socket's buffer at once.
+const MAX_BLOCKED_SENDS: usize = 1024;
 
 impl Shared {
     fn core(&self) -> MutexGuard<'_, BalancerCore> {
@@ -184,6 +190,7 @@ impl RunningBalancer {
             max_skew_ms: config.heartbeat.max_skew_ms,
             started: now(),
             watch: Mutex::new(ActWatch::new(WATCH_CAPACITY, WATCH_IDLE)),
+            blocked_sends: AtomicUsize::new(0),
         });
         // Cannot be set twice: the slot is this function's own.
         let _ = router_slot.set((Arc::clone(&shared), transport.downgrade()));
@@ -382,8 +389,22 @@ fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
             };
             match transport.try_send(peer, out.bytes) {
                 Ok(()) => {}
-                // The socket's buffer is full: wait for room on a task of its own.
+                // The socket's buffer is full: wait for room on a task of its own, at most
+                // MAX_BLOCKED_SENDS at once; past that the message is dropped and counted (a
+                // UDP sender retransmits).
                 Err(TrySendError::WouldBlock(bytes)) => {
+                    let waiting = shared.blocked_sends.fetch_add(1, Ordering::AcqRel);
+                    if waiting >= MAX_BLOCKED_SENDS {
+                        shared.blocked_sends.fetch_sub(1, Ordering::AcqRel);
+                        shared
+                            .metrics
+                            .dropped
+                            .get_or_create(&ReasonLabel {
+                                reason: "send_buffer_full",
+                            })
+                            .inc();
+                        return;
+                    }
                     let shared = Arc::clone(shared);
                     let transport = transport.clone();
                     tokio::spawn(async move {
@@ -391,6 +412,7 @@ fn send(shared: &Arc<Shared>, transport: &SipTransport, out: Outgoing) {
                             shared.metrics.send_errors.inc();
                             tracing::debug!(error = %e, "SIP send failed");
                         }
+                        shared.blocked_sends.fetch_sub(1, Ordering::AcqRel);
                     });
                 }
                 Err(e) => {

@@ -10,7 +10,7 @@
 //!   first when another node holds it), BYE with the next CSeq over the route set;
 //! - `GET /devices/{device}/dialogs`: the device's live stored dialogs;
 //! - `GET /nodes/{node}/dialogs`: up to 200 live stored dialogs `node` owns (what a survivor
-//!   may claim when that node is down);
+//!   may claim when that node is down); it needs the token;
 //! - `GET /drain`, `POST /drain`, `DELETE /drain`: whether the node is draining, start
 //!   draining, stop draining (see [`NodeShared::set_draining`]);
 //! - `GET /cluster`: this node's id, draining flag and the live set the balancers last
@@ -22,7 +22,8 @@
 //! <token>` (`admin.token`, or the one generated into `<data_dir>/admin.token`); a request
 //! from a browser page of another site (an `Origin` other than this endpoint's own, or
 //! `Sec-Fetch-Site` other than `same-origin`/`none`) is refused even with it. Reads need no
-//! token, but for the console's data. Refusals are counted (`admin_refused_total{reason}`).
+//! token, but for the console's data and the listing of a node's dialogs. Refusals are
+//! counted (`admin_refused_total{reason}`).
 //! Path parts are percent-decoded.
 
 use std::sync::Arc;
@@ -312,7 +313,13 @@ const NODE_DIALOGS_LIMIT: usize = 200;
 async fn node_dialogs(
     State(node): State<Arc<NodeShared>>,
     Path(owner): Path<String>,
-) -> (StatusCode, Json<Value>) {
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    // A listing of many dialogs, their SDP (SDES keys) included: the token's, as the
+    // console's data.
+    if let Some(refused) = crate::console::read_refusal(&node, &headers, "dialogs_token") {
+        return refused;
+    }
     let bridge = &node.bridge;
     match bridge
         .stored_dialogs_owned_by(&owner, NODE_DIALOGS_LIMIT)
@@ -329,7 +336,8 @@ async fn node_dialogs(
                         .collect(),
                 )),
             )
+                .into_response()
         }
-        Err(e) => error_response(&e),
+        Err(e) => error_response(&e).into_response(),
     }
 }

@@ -62,10 +62,12 @@ async fn console_script() -> impl IntoResponse {
     )
 }
 
-/// `None` when `headers` carry the admin token; else the 401 to answer (counted).
-fn console_refusal(
+/// `None` when `headers` carry the admin token; else the 401 to answer, counted under
+/// `reason` (`console_token` for the console's data).
+pub(crate) fn read_refusal(
     node: &NodeShared,
     headers: &axum::http::HeaderMap,
+    reason: &'static str,
 ) -> Option<axum::response::Response> {
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -75,11 +77,11 @@ fn console_refusal(
     if presented.is_some_and(|t| same(t.as_bytes(), node.admin_token.as_bytes())) {
         return None;
     }
-    thalamus_telemetry::inc(&node.admin_refused, "console_token");
+    thalamus_telemetry::inc(&node.admin_refused, reason);
     Some(
         (
             StatusCode::UNAUTHORIZED,
-            "the console needs the admin token\n",
+            "this needs the admin token (Authorization: Bearer ...)\n",
         )
             .into_response(),
     )
@@ -134,7 +136,7 @@ async fn console_state(
     State(node): State<Arc<NodeShared>>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if let Some(refused) = console_refusal(&node, &headers) {
+    if let Some(refused) = read_refusal(&node, &headers, "console_token") {
         return refused;
     }
     Json(console_json(&node).await).into_response()
@@ -146,7 +148,7 @@ async fn console_events(
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    if let Some(refused) = console_refusal(&node, &headers) {
+    if let Some(refused) = read_refusal(&node, &headers, "console_token") {
         return refused;
     }
     let ticks = tokio::time::interval(std::time::Duration::from_secs(1));

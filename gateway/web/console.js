@@ -55,7 +55,8 @@ function render(state) {
     return tr;
   }));
   text($("devices"), state.devices.length ? state.devices.join(", ") : "none");
-  renderCluster(state);
+  // A table that does not read as expected must not end the live updates.
+  try { renderCluster(state); } catch (e) { text($("cluster-note"), `cluster table unreadable (${e})`); }
 }
 
 function cells(tr, values) {
@@ -111,14 +112,20 @@ function renderCluster(state) {
 // The stored dialogs another node owns, each with a claim action (the dialog is taken over by
 // this node: `POST /dialogs/.../claim`, with the token).
 let dialogsOf = null;
+const LISTED_AT_MOST = 200;
+// A key part a URL path cannot carry (empty, or "." and "..", which browsers fold away).
+const unaddressable = (part) => part === "" || part === "." || part === "..";
 async function showDialogs(node) {
   dialogsOf = node;
   $("dialogs-panel").hidden = false;
   text($("dialogs-node"), node);
   const response = await fetch(`/nodes/${encodeURIComponent(node)}/dialogs`,
                                { headers: { Authorization: `Bearer ${token}` } });
+  // Another node was chosen meanwhile: its list is the one to show.
+  if (node !== dialogsOf) return;
   if (!response.ok) { text($("dialogs-note"), `refused (${response.status})`); return; }
   const records = await response.json();
+  if (node !== dialogsOf) return;
   window.console_dialogs = records;
   $("dialogs").replaceChildren(...records.map((r) => {
     const tr = document.createElement("tr");
@@ -127,12 +134,14 @@ async function showDialogs(node) {
                r.subscription ? "subscription" : r.early ? "early" : "call"]);
     const td = document.createElement("td");
     if (r.held_here) td.textContent = "held here";
+    else if ([r.call_id, r.local_tag, r.remote_tag].some(unaddressable)) td.textContent = "claim by API";
     else td.append(button("Claim here", () => claim(r)));
     tr.append(td);
     return tr;
   }));
   if (!$("dialogs-note").dataset.keep) {
-    text($("dialogs-note"), records.length ? `${records.length} live` : "none");
+    text($("dialogs-note"), records.length >= LISTED_AT_MOST ? `the first ${records.length} listed`
+                            : records.length ? `${records.length} live` : "none");
   }
 }
 

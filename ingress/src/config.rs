@@ -63,10 +63,25 @@ pub struct IngressConfig {
 /// must be one of `allowed` (ASCII case aside) unless `allowed` lists `*`.
 pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
     origin.is_none_or(|origin| {
+        let origin = canonical_origin(origin);
         allowed
             .iter()
-            .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+            .any(|a| a == "*" || canonical_origin(a) == origin)
     })
+}
+
+/// An origin in lower case without its scheme's default port (`:80` for `http`, `:443` for
+/// `https`), which browsers leave out.
+fn canonical_origin(origin: &str) -> String {
+    let origin = origin.to_ascii_lowercase();
+    for (scheme, port) in [("http://", ":80"), ("https://", ":443")] {
+        if origin.starts_with(scheme) {
+            if let Some(bare) = origin.strip_suffix(port) {
+                return bare.to_string();
+            }
+        }
+    }
+    origin
 }
 
 /// The URL path of the WebTransport session a device opens (`https://<node>:<port>/mbfp`).
@@ -90,5 +105,20 @@ mod tests {
             &["*".to_string()],
             Some("https://any.example")
         ));
+        // Browsers leave the scheme's default port out.
+        let default_ports = vec![
+            "http://127.0.0.1:80".to_string(),
+            "https://gw.example:443".to_string(),
+        ];
+        assert!(origin_allowed(&default_ports, Some("http://127.0.0.1")));
+        assert!(origin_allowed(&default_ports, Some("https://gw.example")));
+        assert!(origin_allowed(
+            &default_ports,
+            Some("https://gw.example:443")
+        ));
+        assert!(!origin_allowed(&default_ports, Some("http://gw.example")));
+        assert!(!origin_allowed(&default_ports, Some("https://127.0.0.1")));
+        let bare = vec!["https://gw.example".to_string()];
+        assert!(origin_allowed(&bare, Some("https://gw.example:443")));
     }
 }

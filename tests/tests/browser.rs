@@ -548,8 +548,10 @@ fn the_console_shows_the_cluster_and_claims_a_stopped_nodes_dialog() {
     caller.wait_event("welcome", T).unwrap();
     let deadline = Instant::now() + T;
     let stored = loop {
-        let records: Value =
-            serde_json::from_str(&b.admin_get("/nodes/node-a/dialogs").unwrap()).unwrap();
+        let (status, body) =
+            thalamus_tests::cluster::http_request(b.admin, "GET", "/nodes/node-a/dialogs").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let records: Value = serde_json::from_str(&body).unwrap();
         if let Some(record) = records.as_array().and_then(|r| r.first()).cloned() {
             break record;
         }
@@ -558,6 +560,16 @@ fn the_console_shows_the_cluster_and_claims_a_stopped_nodes_dialog() {
     };
     assert_eq!(stored["owner"], "node-a", "{stored}");
     assert_eq!(stored["held_here"], false, "{stored}");
+    // The listing carries the dialogs' SDP (their keys): not without the token.
+    let (status, _) =
+        thalamus_tests::cluster::http_request_with(b.admin, "GET", "/nodes/node-a/dialogs", "")
+            .unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(
+        b.metric("thalamus_admin_refused_total{reason=\"dialogs_token\"}")
+            .unwrap(),
+        1.0
+    );
     let a_pid = nix::unistd::Pid::from_raw(i32::try_from(a.proc.child.id()).unwrap());
 
     runtime().block_on(async {

@@ -251,7 +251,6 @@ struct Driver {
     media_input: table::SharedInput,
     relays: Option<CallRelays>,
     relay_events: Option<mpsc::Receiver<RelayEvent>>,
-    /// When to read the audio relay's figures next (for the operator console).
     /// The video relay's events (key frame requests from the peer).
     video_events: Option<mpsc::Receiver<RelayEvent>>,
     /// The client transactions the core started and that have no final answer yet.
