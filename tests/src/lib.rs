@@ -342,6 +342,27 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// Waits until a metric sample is at least `value` (a counter the node bumps when it hears
+    /// back from a peer, a little after the peer showed it got the message).
+    pub fn wait_metric_at_least(
+        &self,
+        sample: &str,
+        value: f64,
+        timeout: Duration,
+    ) -> anyhow::Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.metric(sample)?;
+            if got >= value {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!("{sample} is {got}, expected at least {value}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// Later TOML sections with the same name as earlier ones are merged into them (so `extra` can

@@ -993,11 +993,10 @@ fn baresip_watches_the_device_s_presence() {
             })
             .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&baresip)))?;
         device.proc.kill();
-        ensure!(
-            gateway.metric("thalamus_presence_notifies_total{reason=\"sent\"}")? >= 2.0,
-            "{}",
-            logs(&baresip)
-        );
+        // Counted once baresip's 200 OK is in, which can come after it logged the status.
+        gateway
+            .wait_metric_at_least("thalamus_presence_notifies_total{reason=\"sent\"}", 2.0, T)
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&baresip)))?;
         Ok(())
     };
     if let Err(e) = run() {
