@@ -292,17 +292,19 @@ async fn device_dialogs(
 ) -> (StatusCode, Json<Value>) {
     let bridge = &node.bridge;
     match bridge.stored_dialogs_of(&device).await {
-        Ok(records) => (
-            StatusCode::OK,
-            Json(Value::Array(
-                records
-                    .iter()
-                    .map(|r| record_json(r, bridge.holds(&r.key)))
-                    .collect(),
-            )),
-        ),
+        Ok(records) => (StatusCode::OK, records_json(&node, &records)),
         Err(e) => error_response(&e),
     }
+}
+
+/// Stored records as a JSON array, each saying whether this node holds it.
+fn records_json(node: &NodeShared, records: &[StoredDialog]) -> Json<Value> {
+    Json(Value::Array(
+        records
+            .iter()
+            .map(|r| record_json(r, node.bridge.holds(&r.key)))
+            .collect(),
+    ))
 }
 
 /// Most records `GET /nodes/{node}/dialogs` lists.
@@ -327,16 +329,7 @@ async fn node_dialogs(
     {
         Ok(mut records) => {
             records.sort_by(|a, b| (&a.device_id, a.call_ref).cmp(&(&b.device_id, b.call_ref)));
-            (
-                StatusCode::OK,
-                Json(Value::Array(
-                    records
-                        .iter()
-                        .map(|r| record_json(r, bridge.holds(&r.key)))
-                        .collect(),
-                )),
-            )
-                .into_response()
+            (StatusCode::OK, records_json(&node, &records)).into_response()
         }
         Err(e) => error_response(&e).into_response(),
     }

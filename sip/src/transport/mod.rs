@@ -398,25 +398,24 @@ impl SipTransport {
         bytes: Bytes,
         key: Option<TransactionKey>,
     ) -> Result<(), TransportError> {
-        match peer.transport {
-            PeerTransport::Udp => {
+        if peer.transport != PeerTransport::Udp {
+            self.queue_stream(peer, Outgoing { bytes, key })?;
+            self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        match self.try_send(peer, bytes) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Failed(e)) => Err(e),
+            // The socket's buffer is full: wait for room.
+            Err(TrySendError::WouldBlock(bytes)) => {
                 let udp = self.inner.udp.as_ref().ok_or(TransportError::NoUdp)?;
-                match udp.try_send_to(&bytes, peer.addr) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        udp.send_to(&bytes, peer.addr)
-                            .await
-                            .map_err(|source| TransportError::Send { peer, source })?;
-                    }
-                    Err(source) => return Err(TransportError::Send { peer, source }),
-                }
-            }
-            PeerTransport::Tcp | PeerTransport::Tls => {
-                self.queue_stream(peer, Outgoing { bytes, key })?
+                udp.send_to(&bytes, peer.addr)
+                    .await
+                    .map_err(|source| TransportError::Send { peer, source })?;
+                self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
         }
-        self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// A handle that does not keep the transport alive.
