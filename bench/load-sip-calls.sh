@@ -4,7 +4,9 @@
 # of the device ids; the devices (`thalamus-sim load --incoming`) answer at once and SIPp hangs
 # up after HOLD_MS. For each rate of RATES, SECS seconds of calls: SIPp's counts and INVITE to
 # 200 response time (1 ms resolution), the devices' IncomingCall to answered latency, and the
-# gateway's CPU per call. Baseline in the same run: the same SIPp calls straight to SIPp's uas.
+# gateway's CPU per call. Baselines in the same run: the same SIPp calls straight to SIPp's uas,
+# and through Kamailio as a stateful proxy (bench/kamailio/stateful.cfg) to it, with
+# Kamailio's CPU per call (issue 17: the gateway at most 1.5x that).
 #
 #   bench/load-sip-calls.sh             (RATES="100 250 500" SECS=10 DEVICES=1000 HOLD_MS=1000)
 #
@@ -84,5 +86,28 @@ for rate in ${RATES##* }; do
   read -r ok failed cps < <(sipp_counts "$WORK/base.$rate/out.txt")
   echo "| baseline: SIPp uac -> SIPp uas, $rate calls/s | $rate -> ${cps%.*} | $calls / $ok / $failed | $(sipp_rtt_ms "$WORK/base.$rate") | - | - |" >> "$TABLE"
 done
+
+# Kamailio's level (issue 17): the same SIPp calls through Kamailio 5.6 as a stateful proxy
+# with record-routing and dialog tracking (bench/kamailio/stateful.cfg, tlsf, one worker) to the
+# same uas; its CPU is that of all its processes.
+if command -v kamailio >/dev/null; then
+  KAM_PORT=$(free_port)
+  mkdir -p "$WORK/kamailio-run"
+  THALAMUS_KAM_DEST="sip:127.0.0.1:$UAS_PORT" kamailio -f bench/kamailio/stateful.cfg -DD -E \
+      -x tlsf -l "udp:127.0.0.1:$KAM_PORT" -m 256 -M 16 -Y "$WORK/kamailio-run" \
+      -P "$WORK/kamailio.pid" >/dev/null 2>"$WORK/kamailio.log" &
+  KAM_PID=$!
+  PIDS+=("$KAM_PID")
+  sleep 1
+  kam_ticks() { for p in "$KAM_PID" $(pgrep -P "$KAM_PID"); do cat "/proc/$p/stat"; done | awk '{t += $14 + $15} END {print t}'; }
+  for rate in ${RATES##* }; do
+    calls=$((rate * SECS))
+    k0=$(kam_ticks)
+    sipp_run "$WORK/kam.$rate" "127.0.0.1:$KAM_PORT" "$rate" "$calls"
+    k1=$(kam_ticks)
+    read -r ok failed cps < <(sipp_counts "$WORK/kam.$rate/out.txt")
+    echo "| Kamailio stateful (tm, rr, dialog): SIPp uac -> Kamailio -> SIPp uas, $rate calls/s | $rate -> ${cps%.*} | $calls / $ok / $failed | $(sipp_rtt_ms "$WORK/kam.$rate") | - | $(python3 -c "import sys;print(round((int(sys.argv[2])-int(sys.argv[1]))/int(sys.argv[3])*1e6/int(sys.argv[4])))" "$k0" "$k1" "$HZ" "$calls") (Kamailio's) |" >> "$TABLE"
+  done
+fi
 cat "$TABLE"
 doc_table sip-calls "SIP-originated calls" "$TABLE"
