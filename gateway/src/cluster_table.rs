@@ -107,3 +107,46 @@ impl BalancerTable {
             .map_err(|_| "no answer in time".to_string())?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A balancer that does not answer: the table says so, naming it, and a second read within
+    /// the second is the kept answer (one fetch a second whatever the consoles).
+    #[tokio::test]
+    async fn an_unreachable_balancer_is_named_and_the_answer_kept() {
+        assert_eq!(BalancerTable::new(Vec::new()).read().await, Value::Null);
+        // A port nobody listens on: bound, then released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let table = BalancerTable::new(vec![closed]);
+        let first = table.read().await;
+        let error = first["error"].as_str().unwrap_or_default().to_string();
+        assert!(error.starts_with(&closed.to_string()), "{first}");
+        assert!(first.get("nodes").is_none(), "{first}");
+        let at = table.last.lock().await.as_ref().map(|(at, _)| *at);
+        assert_eq!(table.read().await, first);
+        assert_eq!(table.last.lock().await.as_ref().map(|(at, _)| *at), at);
+    }
+
+    /// A balancer that answers with something other than a node table is not shown.
+    #[tokio::test]
+    async fn an_answer_that_is_not_a_node_table_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/nodes",
+            axum::routing::get(|| async { axum::Json(json!({"not": "a table"})) }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let table = BalancerTable::new(vec![addr]).read().await;
+        assert!(
+            table["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not a node table")),
+            "{table}"
+        );
+    }
+}
