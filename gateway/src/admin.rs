@@ -37,7 +37,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::console::{cluster_json, same};
+use crate::console::{bearer_token, cluster_json, is_admin_token};
 use crate::shared::NodeShared;
 use thalamus_bridge::dialogs::{early_invite_of, sip_record_of, subscription_of};
 use thalamus_bridge::takeover::TakeoverError;
@@ -121,15 +121,8 @@ async fn guard_mutations(
         thalamus_telemetry::inc(&node.admin_refused, "cross_site");
         return (StatusCode::FORBIDDEN, "cross-site requests are refused\n").into_response();
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(token) if same(token.as_bytes(), node.admin_token.as_bytes()) => {
-            next.run(request).await
-        }
+    match bearer_token(headers) {
+        Some(token) if is_admin_token(&node, token) => next.run(request).await,
         presented => {
             thalamus_telemetry::inc(
                 &node.admin_refused,

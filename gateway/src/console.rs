@@ -69,12 +69,7 @@ pub(crate) fn read_refusal(
     headers: &axum::http::HeaderMap,
     reason: &'static str,
 ) -> Option<axum::response::Response> {
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if presented.is_some_and(|t| same(t.as_bytes(), node.admin_token.as_bytes())) {
+    if bearer_token(headers).is_some_and(|t| is_admin_token(node, t)) {
         return None;
     }
     thalamus_telemetry::inc(&node.admin_refused, reason);
@@ -165,8 +160,19 @@ async fn console_events(
         .into_response()
 }
 
-/// Whether two byte strings are equal, in time that depends on their lengths only.
-pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+/// The token a request presents (`Authorization: Bearer <token>`), if any.
+pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Whether `token` is the node's admin token, compared in time that depends on the lengths
+/// only.
+pub(crate) fn is_admin_token(node: &NodeShared, token: &str) -> bool {
+    let (a, b) = (token.as_bytes(), node.admin_token.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
