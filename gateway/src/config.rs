@@ -830,6 +830,12 @@ impl Config {
 
     /// Device ingress's settings (`[node]`, `[quic]`, `[session]`, `[auth]`, `sip.domain`).
     pub fn ingress(&self) -> thalamus_ingress::IngressConfig {
+        self.ingress_with_page(self.web.listen)
+    }
+
+    /// [`Config::ingress`] for a device page bound at `page` (its origins are the sessions'
+    /// default origins): the node binds the page first, and a port of 0 becomes a real one.
+    pub fn ingress_with_page(&self, page: Option<SocketAddr>) -> thalamus_ingress::IngressConfig {
         let ms = |v: u32| Duration::from_millis(v.into());
         thalamus_ingress::IngressConfig {
             node_id: self.node.id.clone(),
@@ -867,23 +873,22 @@ impl Config {
             },
             max_pending_logins_per_ip: self.auth.max_pending_per_ip as usize,
             webtransport: self.quic.webtransport,
-            webtransport_origins: self.webtransport_origins(),
+            webtransport_origins: self.webtransport_origins(page),
         }
     }
 
     /// The page origins allowed to open WebTransport sessions: `quic.webtransport_origins`,
-    /// or the device page's own at `web.listen` (the node uses the address the page is bound
-    /// to, [`Config::page_origins`], when its port is 0).
-    fn webtransport_origins(&self) -> Vec<String> {
+    /// or those of the device page at `page` (`Config::page_origins`).
+    fn webtransport_origins(&self, page: Option<SocketAddr>) -> Vec<String> {
         if !self.quic.webtransport_origins.is_empty() {
             return self.quic.webtransport_origins.clone();
         }
-        self.web.listen.map(Self::page_origins).unwrap_or_default()
+        page.map(Self::page_origins).unwrap_or_default()
     }
 
     /// The origins of the device page served at `page`: `http://<page>`, and
     /// `http://localhost:<port>` when `page` is on loopback.
-    pub fn page_origins(page: SocketAddr) -> Vec<String> {
+    fn page_origins(page: SocketAddr) -> Vec<String> {
         let mut origins = vec![format!("http://{page}")];
         if page.ip().is_loopback() {
             origins.push(format!("http://localhost:{}", page.port()));

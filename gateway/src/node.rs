@@ -160,14 +160,9 @@ impl GatewayNode {
             }
             None => None,
         };
-        let mut ingress_config = config.ingress();
-        if let (Some((_, page)), true) =
-            (&web_listener, config.quic.webtransport_origins.is_empty())
-        {
-            ingress_config.webtransport_origins = Config::page_origins(*page);
-        }
         // Bound first: the heartbeats carry the QUIC address.
-        let ingress = Ingress::bind(ingress_config)?;
+        let ingress =
+            Ingress::bind(config.ingress_with_page(web_listener.as_ref().map(|(_, page)| *page)))?;
         let quic_addr = ingress.local_addr;
 
         let mut metrics = Metrics::new();
