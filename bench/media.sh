@@ -18,7 +18,8 @@
 # - gateway CPU (user + system, /proc/<pid>/stat) during a window in which all N calls stream,
 #   per 1,000 packets relayed (both directions: N x 50/s x 2 x window, minus measured loss).
 #
-# KEEP_WORK=1 keeps the working directory (logs, the simulator's JSON events, metrics).
+# GW_BIN=<path> runs that gateway binary instead of the release build (to compare builds in
+# alternating runs; the build still happens). KEEP_WORK=1 keeps the working directory (logs, the simulator's JSON events, metrics).
 # With --write the section "## Media relay" of docs/benchmarks.md (up to the next "## " heading,
 # hand-written notes included) is replaced, or appended when absent.
 set -euo pipefail
@@ -36,6 +37,7 @@ WINDOW=$((SECS - 6))
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 cargo build --release --quiet --bin thalamus --bin thalamus-sim
 BIN=target/release
+GW_BIN=${GW_BIN:-$BIN/thalamus}
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -59,8 +61,8 @@ address = "127.0.0.1"
 level = "warn"
 TOML
 json() { python3 -c "import json,sys;print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }
-SECRET=$($BIN/thalamus --config "$WORK/thalamus.toml" device add-bulk --prefix media- --count "$N" 2>/dev/null)
-$BIN/thalamus --config "$WORK/thalamus.toml" run --ready-file "$WORK/ready.json" >/dev/null 2>"$WORK/gw.log" &
+SECRET=$("$GW_BIN" --config "$WORK/thalamus.toml" device add-bulk --prefix media- --count "$N" 2>/dev/null)
+"$GW_BIN" --config "$WORK/thalamus.toml" run --ready-file "$WORK/ready.json" >/dev/null 2>"$WORK/gw.log" &
 GW_PID=$!
 PIDS+=("$GW_PID")
 for _ in $(seq 200); do [ -s "$WORK/ready.json" ] && break; sleep 0.1; done

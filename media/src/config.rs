@@ -87,7 +87,9 @@ pub struct MediaConfig {
     pub latch: LatchMode,
     /// Datagrams queued toward a device that is not keeping up; the oldest are dropped.
     pub send_buffer_frames: u32,
-    /// Datagrams from the device queued toward a relay before new ones are dropped.
+    /// No longer used: device datagrams are relayed on their session's task, with no queue
+    /// in between (issue 17). Still accepted and checked (1-4096) so configurations that set
+    /// it keep loading.
     pub input_queue_frames: u32,
     /// SRTP toward SIP peers: `off`, `accept` (default) or `require`.
     pub srtp: SrtpMode,

@@ -10,36 +10,41 @@
 //! [`DeviceInput`] and gets datagrams for the device through a [`DatagramSink`] it implements
 //! over the device's link.
 //!
-//! The task runs the core with `tokio::time` deadlines from [`RelayCore::poll_timeout`], sends
-//! what the core queues, and on stop (or when the handle is dropped) sends an RTCP BYE, drops
-//! the sockets and releases the port pair: the pair is owned by the task, so it is released
-//! even if the task is aborted or panics.
+//! The core sits behind a mutex shared by the relay's task and its [`DeviceInput`]. A device
+//! datagram is relayed on the task that received it (the device's session): the input locks
+//! the core, hands it the datagram and sends the RTP it makes at once, without waking the
+//! relay's task. The task wakes for the rest: packets from the peer, its sockets' readiness,
+//! timers from [`RelayCore::poll_timeout`], control messages, and what a device datagram left
+//! for it (a packet the socket had no room for, a deadline earlier than the one it sleeps to).
+//! On stop (or when the handle is dropped) it sends an RTCP BYE, drops the sockets and releases
+//! the port pair: the pair is owned by the task, so it is released even if the task is aborted
+//! or panics, and an input that outlives the task is refused ([`FeedError::Closed`]).
 //!
 //! What it does not do: no call control, no SDP, no QUIC connection handling, no batching
 //! system calls (recvmmsg/sendmmsg) yet: each packet is one system call.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use thalamus_proto::media::StreamId;
 use thalamus_sip::sdp::{Direction, RemoteMedia};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{MediaConfig, MediaConfigError};
 use crate::ports::{PortAllocator, PortError, PortPair};
 use crate::relay::{
-    RelayCore, RelayDirection, RelayEvent, RelaySettings, RelayStats, RemotePeer, SocketKind,
+    DeviceDatagram, RelayCore, RelayDirection, RelayEvent, RelaySettings, RelayStats, RemotePeer,
+    SocketKind, Transmit,
 };
 use crate::totals::EngineTotals;
 
 /// Receive buffer per socket; a datagram that fills it is treated as truncated and dropped.
 pub const RECV_BUFFER_BYTES: usize = 4 * 1024;
-/// Most packets read from one socket (or the device queue) before the task looks at the others.
+/// Most packets read from one socket before the task looks at the others.
 const BATCH: usize = 32;
 /// How long to wait before offering datagrams again to a device link that reported
 /// [`DatagramError::Blocked`].
@@ -111,12 +116,9 @@ pub enum RelayError {
     Busy,
 }
 
-/// Why a device datagram was not queued.
+/// Why a device datagram was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FeedError {
-    /// The relay's input queue is full (the datagram is dropped and counted).
-    #[error("media relay input queue full")]
-    Full,
     /// The relay has stopped.
     #[error("media relay stopped")]
     Closed,
@@ -153,38 +155,148 @@ impl RelaySpec {
 }
 
 /// Device datagrams into one relay (cheap to clone). The QUIC session routes each received
-/// datagram to the input of its call.
-#[derive(Debug, Clone)]
+/// datagram to the input of its call, and the datagram is relayed there and then.
+#[derive(Clone)]
 pub struct DeviceInput {
-    tx: mpsc::Sender<(Instant, Bytes)>,
-    overflow: Arc<AtomicU64>,
+    shared: Arc<RelayShared>,
+}
+
+impl std::fmt::Debug for DeviceInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceInput")
+            .field("closed", &self.is_closed())
+            .finish()
+    }
 }
 
 impl DeviceInput {
-    /// Queues a datagram without waiting, stamped with its arrival time. When the queue is full
-    /// the datagram is dropped (and counted in the relay's statistics).
+    /// Relays a datagram on the caller's task, stamped with its arrival time: the core takes
+    /// it and the RTP it makes is sent at once, without waiting (a packet the socket has no
+    /// room for is left to the relay's task). Refused once the relay has stopped.
     pub fn feed(&self, datagram: Bytes) -> Result<(), FeedError> {
-        match self.tx.try_send((now(), datagram)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflow.fetch_add(1, Ordering::Relaxed);
-                Err(FeedError::Full)
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(FeedError::Closed),
-        }
-    }
-
-    /// Queues a datagram, waiting for room.
-    pub async fn feed_wait(&self, datagram: Bytes) -> Result<(), FeedError> {
-        self.tx
-            .send((now(), datagram))
-            .await
+        self.shared
+            .with_core(|core, now| core.handle_device_datagram(datagram, now))
             .map_err(|_| FeedError::Closed)
     }
 
     /// Whether the relay has stopped.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.shared.lock().sockets.is_none()
+    }
+}
+
+/// The sockets of one relay.
+#[derive(Debug)]
+struct Sockets {
+    rtp: UdpSocket,
+    rtcp: UdpSocket,
+}
+
+impl Sockets {
+    fn of(&self, kind: SocketKind) -> &UdpSocket {
+        match kind {
+            SocketKind::Rtp => &self.rtp,
+            SocketKind::Rtcp => &self.rtcp,
+        }
+    }
+}
+
+/// What a relay's task and its [`DeviceInput`]s share.
+struct RelayShared {
+    state: Mutex<RelayState>,
+    /// Wakes the task when a device datagram left it something to do.
+    wake: Notify,
+}
+
+impl RelayShared {
+    fn lock(&self) -> MutexGuard<'_, RelayState> {
+        // A panic while the core was locked leaves a relay whose counters may be off by one
+        // packet: keep relaying.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the core on the caller's task, sends the RTP it made without waiting, and
+    /// wakes the relay's task if that left it something to do. Refused once the relay has
+    /// stopped.
+    fn with_core(&self, f: impl FnOnce(&mut RelayCore, Instant)) -> Result<(), RelayError> {
+        let now = now();
+        let wake = {
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let Some(sockets) = state.sockets.as_ref() else {
+                return Err(RelayError::Stopped);
+            };
+            f(&mut state.core, now);
+            send_ready(&mut state.core, &mut state.blocked, sockets);
+            state.drain_events();
+            state.needs_task()
+        };
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// The relay's state behind its mutex.
+struct RelayState {
+    core: RelayCore,
+    /// The sockets; `None` once the task has ended (inputs are then refused, and the port
+    /// pair, released by the task, is not held by a stale input).
+    sockets: Option<Arc<Sockets>>,
+    /// Where the core's events go; `None` once the task has ended.
+    events_tx: Option<mpsc::Sender<RelayEvent>>,
+    /// A packet the socket had no room for: sent first, by whoever sends next.
+    blocked: Option<Transmit>,
+    /// The deadline the task's timer is set to.
+    timer_at: Option<Instant>,
+    /// Largest datagram toward the device as set (the link may allow less).
+    max_datagram_bytes: usize,
+}
+
+impl RelayState {
+    fn drain_events(&mut self) {
+        while let Some(event) = self.core.poll_event() {
+            if let Some(tx) = &self.events_tx {
+                let _ = tx.try_send(event);
+            }
+        }
+    }
+
+    /// Whether the task must wake: a packet waits for room in a socket, datagrams wait for the
+    /// device (sent by the task, which retries a blocked link), or the core's next deadline
+    /// is earlier than the one the task sleeps to.
+    fn needs_task(&self) -> bool {
+        let earlier = match (self.core.poll_timeout(), self.timer_at) {
+            (Some(deadline), Some(armed)) => deadline < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        self.blocked.is_some() || self.core.device_queue_len() > 0 || earlier
+    }
+}
+
+/// Sends what the core queued for the peer without waiting, the blocked packet first. A
+/// packet the socket has no room for is kept in `blocked`, and sending stops there (the rest
+/// stays queued in the core, in order).
+fn send_ready(core: &mut RelayCore, blocked: &mut Option<Transmit>, sockets: &Sockets) {
+    loop {
+        let Some(transmit) = blocked.take().or_else(|| core.poll_transmit()) else {
+            return;
+        };
+        let socket = sockets.of(transmit.socket);
+        match socket.try_send_to(&transmit.packet, transmit.destination) {
+            Ok(_) => {
+                if let Some(received_at) = transmit.received_at {
+                    core.record_relay_latency(RelayDirection::ToPeer, received_at, now());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                *blocked = Some(transmit);
+                return;
+            }
+            Err(_) => core.record_socket_send_failed(),
+        }
     }
 }
 
@@ -280,20 +392,26 @@ impl MediaEngine {
         };
         let core = RelayCore::new(settings, now());
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let (device_tx, device_rx) = mpsc::channel(config.input_queue_frames.max(1) as usize);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let overflow = Arc::new(AtomicU64::new(0));
+        let sockets = Arc::new(Sockets { rtp, rtcp });
+        let shared = Arc::new(RelayShared {
+            state: Mutex::new(RelayState {
+                core,
+                sockets: Some(Arc::clone(&sockets)),
+                events_tx: Some(events_tx),
+                blocked: None,
+                timer_at: None,
+                max_datagram_bytes: spec.max_datagram_bytes,
+            }),
+            wake: Notify::new(),
+        });
         let task = RelayTask {
-            core,
-            rtp,
-            rtcp,
+            shared: Arc::clone(&shared),
+            sockets,
             sink,
             control_rx,
-            device_rx,
-            events_tx,
-            overflow: Arc::clone(&overflow),
-            overflow_seen: 0,
-            max_datagram_bytes: spec.max_datagram_bytes,
+            outbox: Vec::new(),
+            sent: Vec::new(),
             sink_blocked_until: None,
             _ports: ports,
             live: LiveTask::new(Arc::clone(&self.shared.totals)),
@@ -303,10 +421,7 @@ impl MediaEngine {
         let handle = runtime.spawn(Box::new(task).run());
         Ok(MediaRelay {
             control: control_tx,
-            input: DeviceInput {
-                tx: device_tx,
-                overflow,
-            },
+            input: DeviceInput { shared },
             events: Some(events_rx),
             local_rtp,
             local_rtcp,
@@ -372,12 +487,10 @@ impl Drop for LiveTask {
     }
 }
 
+/// What the relay's task alone does: replace the device link, answer a statistics probe,
+/// stop. The rest is done on the core directly ([`RelayShared::with_core`]).
 enum Control {
-    Peer(Box<RemotePeer>),
-    LocalDirection(Direction),
     Sink(Arc<dyn DatagramSink>),
-    MaxDatagramBytes(usize),
-    RequestKeyframe,
     Stats(oneshot::Sender<RelayStats>),
     Stop,
 }
@@ -397,11 +510,7 @@ pub struct MediaRelay {
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Control::Peer(_) => "Peer",
-            Control::LocalDirection(_) => "LocalDirection",
             Control::Sink(_) => "Sink",
-            Control::MaxDatagramBytes(_) => "MaxDatagramBytes",
-            Control::RequestKeyframe => "RequestKeyframe",
             Control::Stats(_) => "Stats",
             Control::Stop => "Stop",
         })
@@ -473,14 +582,20 @@ impl MediaRelay {
         self.set_peer(RemotePeer::from_remote_media(remote)).await
     }
 
-    /// Gives the peer explicitly (custom payload mapping, e.g. the signal stream).
+    /// Gives the peer explicitly (custom payload mapping, e.g. the signal stream). It applies
+    /// before this returns: a device datagram fed after it goes to this peer.
     pub async fn set_peer(&self, peer: RemotePeer) -> Result<(), RelayError> {
-        self.send(Control::Peer(Box::new(peer))).await
+        self.input
+            .shared
+            .with_core(|core, now| core.set_peer(peer, now))
     }
 
-    /// Sets our side's direction as written in our SDP (device hold: `sendonly`/`inactive`).
+    /// Sets our side's direction as written in our SDP (device hold: `sendonly`/`inactive`);
+    /// it applies before this returns.
     pub async fn set_local_direction(&self, direction: Direction) -> Result<(), RelayError> {
-        self.send(Control::LocalDirection(direction)).await
+        self.input
+            .shared
+            .with_core(|core, now| core.set_local_direction(direction, now))
     }
 
     /// Replaces the device link (the device resumed its session on a new connection).
@@ -490,17 +605,18 @@ impl MediaRelay {
 
     /// Changes the largest datagram toward the device (header included).
     pub async fn set_max_datagram_bytes(&self, max: usize) -> Result<(), RelayError> {
-        self.send(Control::MaxDatagramBytes(max)).await
+        let shared = &self.input.shared;
+        shared.with_core(|core, _| core.set_max_datagram_bytes(max))?;
+        shared.lock().max_datagram_bytes = max;
+        Ok(())
     }
 
     /// Asks the peer for a key frame (RTCP PLI; see [`RelayCore::request_keyframe`]) without
-    /// waiting: when the relay's control queue is full the request is dropped, as the next
-    /// one will do.
+    /// waiting.
     pub fn request_keyframe(&self) -> Result<(), RelayError> {
-        match self.control.try_send(Control::RequestKeyframe) {
-            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(RelayError::Stopped),
-        }
+        self.input
+            .shared
+            .with_core(|core, now| core.request_keyframe(now))
     }
 
     /// A snapshot of the statistics.
@@ -543,19 +659,28 @@ impl Drop for MediaRelay {
 }
 
 struct RelayTask {
-    core: RelayCore,
-    rtp: UdpSocket,
-    rtcp: UdpSocket,
+    shared: Arc<RelayShared>,
+    sockets: Arc<Sockets>,
     sink: Arc<dyn DatagramSink>,
     control_rx: mpsc::Receiver<Control>,
-    device_rx: mpsc::Receiver<(Instant, Bytes)>,
-    events_tx: mpsc::Sender<RelayEvent>,
-    overflow: Arc<AtomicU64>,
-    overflow_seen: u64,
-    max_datagram_bytes: usize,
     sink_blocked_until: Option<Instant>,
+    /// Datagrams for the device between the core and the link (reused: empty between flushes).
+    outbox: Vec<DeviceDatagram>,
+    /// When each datagram the link took arrived, and when it left (reused likewise).
+    sent: Vec<(Instant, Instant)>,
     _ports: PortPair,
     live: LiveTask,
+}
+
+impl Drop for RelayTask {
+    /// However the task ends (stopped, aborted, panicked): inputs are refused from now on and
+    /// the sockets close with the task.
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.sockets = None;
+        state.events_tx = None;
+        state.blocked = None;
+    }
 }
 
 impl RelayTask {
@@ -565,18 +690,24 @@ impl RelayTask {
         let retry = tokio::time::sleep_until(far);
         tokio::pin!(timer);
         tokio::pin!(retry);
-        // The deadlines the two sleeps are set to (re-arming a sleep costs a timer-wheel
-        // update, so it is done only when the deadline changes or the sleep fired).
-        let mut timer_at: Option<Instant> = None;
+        // The deadline the retry sleep is set to (re-arming a sleep costs a timer-wheel
+        // update, so it is done only when the deadline changes or the sleep fired; the
+        // timer's is kept in the shared state, where a device datagram compares with it).
         let mut retry_armed: Option<Instant> = None;
+        let sockets = Arc::clone(&self.sockets);
         loop {
-            let deadline = self.core.poll_timeout();
-            if deadline != timer_at {
-                if let Some(deadline) = deadline {
-                    timer.as_mut().reset(deadline.into());
+            self.flush().await;
+            let deadline = {
+                let mut state = self.shared.lock();
+                let deadline = state.core.poll_timeout();
+                if deadline != state.timer_at {
+                    if let Some(deadline) = deadline {
+                        timer.as_mut().reset(deadline.into());
+                    }
+                    state.timer_at = deadline;
                 }
-                timer_at = deadline;
-            }
+                deadline
+            };
             let retry_at = self.sink_blocked_until;
             if retry_at != retry_armed {
                 if let Some(at) = retry_at {
@@ -590,7 +721,7 @@ impl RelayTask {
                     None | Some(Control::Stop) => break,
                     Some(control) => self.apply(control),
                 },
-                ready = self.rtp.readable() => {
+                ready = sockets.rtp.readable() => {
                     if ready.is_ok() {
                         // Drain what is waiting, handing each packet on before reading the
                         // next so the small buffer toward the device never overflows in a
@@ -605,38 +736,29 @@ impl RelayTask {
                         }
                     }
                 }
-                ready = self.rtcp.readable() => {
+                ready = sockets.rtcp.readable() => {
                     if ready.is_ok() {
                         self.read_packet(SocketKind::Rtcp);
                     }
                 }
-                Some((at, datagram)) = self.device_rx.recv() => {
-                    self.core.handle_device_datagram(datagram, at);
-                    for _ in 1..BATCH {
-                        self.flush().await;
-                        match self.device_rx.try_recv() {
-                            Ok((at, datagram)) => self.core.handle_device_datagram(datagram, at),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                () = self.shared.wake.notified() => {}
                 () = &mut timer, if deadline.is_some() => {
-                    timer_at = None;
-                    self.core.handle_timeout(now());
+                    let mut state = self.shared.lock();
+                    state.timer_at = None;
+                    state.core.handle_timeout(now());
                 }
                 () = &mut retry, if retry_at.is_some() => {
                     retry_armed = None;
                     self.sink_blocked_until = None;
                 }
             }
-            self.flush().await;
         }
-        self.core.close(now());
+        self.shared.lock().core.close(now());
         self.sink_blocked_until = None;
         self.flush().await;
-        self.sync_overflow();
-        self.live.0.add_finished(&self.core);
-        self.core.stats()
+        let state = self.shared.lock();
+        self.live.0.add_finished(&state.core);
+        state.core.stats()
     }
 
     /// Reads one waiting packet from `socket` and handles it; false when none was waiting.
@@ -644,107 +766,108 @@ impl RelayTask {
     /// The packet is read into the thread's receive buffer and handled before this returns, so
     /// relays share a buffer per runtime thread instead of holding one each.
     fn read_packet(&mut self, socket: SocketKind) -> bool {
-        RECV_BUFFER.with_borrow_mut(|buf| {
-            let received = match socket {
-                SocketKind::Rtp => self.rtp.try_recv_from(buf),
-                SocketKind::Rtcp => self.rtcp.try_recv_from(buf),
-            };
-            match received {
-                Ok((len, source)) => {
-                    self.on_packet(socket, buf, len, source);
-                    true
-                }
-                Err(_) => false,
+        RECV_BUFFER.with_borrow_mut(|buf| match self.sockets.of(socket).try_recv_from(buf) {
+            Ok((len, source)) => {
+                self.on_packet(socket, buf, len, source);
+                true
             }
+            Err(_) => false,
         })
     }
 
     fn on_packet(&mut self, socket: SocketKind, buf: &[u8], len: usize, source: SocketAddr) {
         let now = now();
+        let mut state = self.shared.lock();
         let Some(packet) = buf.get(..len).filter(|_| len < buf.len()) else {
             // Filled the buffer: probably truncated.
-            self.core.record_oversized_packet();
+            state.core.record_oversized_packet();
             return;
         };
         match socket {
-            SocketKind::Rtp => self.core.handle_rtp(packet, source, now),
-            SocketKind::Rtcp => self.core.handle_rtcp(packet, source, now),
+            SocketKind::Rtp => state.core.handle_rtp(packet, source, now),
+            SocketKind::Rtcp => state.core.handle_rtcp(packet, source, now),
         }
     }
 
     fn apply(&mut self, control: Control) {
-        let now = now();
         match control {
-            Control::Peer(peer) => self.core.set_peer(*peer, now),
-            Control::LocalDirection(direction) => self.core.set_local_direction(direction, now),
             Control::Sink(sink) => {
                 self.sink = sink;
                 self.sink_blocked_until = None;
             }
-            Control::MaxDatagramBytes(max) => {
-                self.max_datagram_bytes = max;
-                self.core.set_max_datagram_bytes(max);
-            }
-            Control::RequestKeyframe => self.core.request_keyframe(now),
             Control::Stats(reply) => {
-                self.sync_overflow();
-                let _ = reply.send(self.core.stats());
+                let _ = reply.send(self.shared.lock().core.stats());
             }
             Control::Stop => {}
         }
     }
 
-    fn sync_overflow(&mut self) {
-        let total = self.overflow.load(Ordering::Relaxed);
-        self.core
-            .record_device_input_overflow(total.saturating_sub(self.overflow_seen));
-        self.overflow_seen = total;
-    }
-
+    /// Sends what the core queued: to the peer (waiting for room in a full socket, with the
+    /// core unlocked), then to the device, then its events.
     async fn flush(&mut self) {
-        while let Some(transmit) = self.core.poll_transmit() {
-            let socket = match transmit.socket {
-                SocketKind::Rtp => &self.rtp,
-                SocketKind::Rtcp => &self.rtcp,
+        loop {
+            let waiting = {
+                let mut guard = self.shared.lock();
+                let state = &mut *guard;
+                send_ready(&mut state.core, &mut state.blocked, &self.sockets);
+                state.blocked.as_ref().map(|t| t.socket)
             };
-            let sent = match socket.try_send_to(&transmit.packet, transmit.destination) {
-                Ok(_) => true,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => socket
-                    .send_to(&transmit.packet, transmit.destination)
-                    .await
-                    .is_ok(),
-                Err(_) => false,
-            };
-            if !sent {
-                self.core.record_socket_send_failed();
-            } else if let Some(received_at) = transmit.received_at {
-                self.core
-                    .record_relay_latency(RelayDirection::ToPeer, received_at, now());
+            let Some(kind) = waiting else { break };
+            if self.sockets.of(kind).writable().await.is_err() {
+                let mut state = self.shared.lock();
+                state.blocked = None;
+                state.core.record_socket_send_failed();
             }
         }
-        if self.sink_blocked_until.is_none() && self.core.device_queue_len() > 0 {
-            let link_max = self.sink.max_datagram_bytes().unwrap_or(usize::MAX);
-            self.core
-                .set_max_datagram_bytes(self.max_datagram_bytes.min(link_max));
-            while let Some(datagram) = self.core.poll_device_datagram() {
-                match self.sink.send_datagram(datagram.datagram.clone()) {
-                    Ok(()) => self.core.record_relay_latency(
-                        RelayDirection::ToDevice,
-                        datagram.received_at,
-                        now(),
-                    ),
-                    Err(DatagramError::Blocked) => {
-                        self.core.requeue_device_datagram(datagram);
-                        self.sink_blocked_until = Some(now() + SINK_RETRY);
-                        break;
-                    }
-                    Err(_) => self.core.record_device_send_failed(),
+        // Datagrams for the device are taken out under the lock and offered to the link
+        // without it: the link is the session's code, which may take locks of its own (a
+        // DTMF tap reaching the device's session), and a device datagram fed meanwhile must
+        // not wait for it.
+        let link_max = self.sink.max_datagram_bytes().unwrap_or(usize::MAX);
+        {
+            let mut state = self.shared.lock();
+            if self.sink_blocked_until.is_none() && state.core.device_queue_len() > 0 {
+                let max = state.max_datagram_bytes.min(link_max);
+                state.core.set_max_datagram_bytes(max);
+                while let Some(datagram) = state.core.poll_device_datagram() {
+                    self.outbox.push(datagram);
                 }
             }
+            state.drain_events();
         }
-        while let Some(event) = self.core.poll_event() {
-            let _ = self.events_tx.try_send(event);
+        if self.outbox.is_empty() {
+            return;
         }
+        self.sent.clear();
+        let mut blocked_from = None;
+        let mut failed = 0;
+        for (i, datagram) in self.outbox.iter().enumerate() {
+            match self.sink.send_datagram(datagram.datagram.clone()) {
+                Ok(()) => self.sent.push((datagram.received_at, now())),
+                Err(DatagramError::Blocked) => {
+                    blocked_from = Some(i);
+                    break;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        let mut state = self.shared.lock();
+        for (received_at, at) in self.sent.drain(..) {
+            state
+                .core
+                .record_relay_latency(RelayDirection::ToDevice, received_at, at);
+        }
+        for _ in 0..failed {
+            state.core.record_device_send_failed();
+        }
+        if let Some(from) = blocked_from {
+            // Back to the front of the queue, in their order; retried after SINK_RETRY.
+            for datagram in self.outbox.drain(from..).rev() {
+                state.core.requeue_device_datagram(datagram);
+            }
+            self.sink_blocked_until = Some(now() + SINK_RETRY);
+        }
+        self.outbox.clear();
     }
 }
 

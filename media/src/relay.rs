@@ -469,8 +469,6 @@ pub struct DropCounters {
     pub device_unmapped_payload_type: u64,
     /// Device datagrams not sent because the peer is unknown yet or does not want media.
     pub device_not_sendable: u64,
-    /// Device datagrams dropped before the relay because its input queue was full.
-    pub device_input_overflow: u64,
     /// RTP packets that did not parse.
     pub rtp_malformed: u64,
     /// RTP packets from a source other than the peer.
@@ -1751,11 +1749,6 @@ impl RelayCore {
     /// Counts a packet the socket refused.
     pub fn record_socket_send_failed(&mut self) {
         self.drops.socket_send_failed += 1;
-    }
-
-    /// Adds device datagrams dropped before reaching the core (full input queue).
-    pub fn record_device_input_overflow(&mut self, dropped: u64) {
-        self.drops.device_input_overflow += dropped;
     }
 
     /// Where RTP goes now: the latched source, else the SDP address (`None` without a peer).

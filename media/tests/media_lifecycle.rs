@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use thalamus_media::{
-    DatagramError, DatagramSink, MediaConfig, MediaEngine, RelayError, RelaySpec,
+    DatagramError, DatagramSink, FeedError, MediaConfig, MediaEngine, RelayError, RelaySpec,
 };
 use thalamus_sip::sdp::{Codec, Direction, MediaKind, RemoteMedia};
 use tokio::time::timeout;
@@ -112,8 +112,22 @@ async fn dropped_relays_release_their_ports_and_tasks() {
     let inputs: Vec<_> = relays.iter().map(|r| r.device_input()).collect();
     drop(relays);
     wait_until_idle(&engine).await;
-    // The session may still hold inputs: they report the relay as gone.
+    // The session may still hold inputs: they report the relay as gone, and refuse datagrams.
     assert!(inputs.iter().all(|input| input.is_closed()));
+    assert!(inputs
+        .iter()
+        .all(|input| input.feed(Bytes::from_static(&[0u8; 20])) == Err(FeedError::Closed)));
+    // Nor do they keep the sockets: every pair of the range binds again while they live.
+    let again: Vec<_> = (0..200)
+        .map(|call| {
+            engine
+                .start(RelaySpec::audio(call), Arc::clone(&sink))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(engine.ports_in_use(), 200);
+    drop(again);
+    drop(inputs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

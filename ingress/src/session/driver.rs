@@ -110,6 +110,15 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
     let mut identity: Option<Identity> = None;
     let end_reason: &'static str;
     let mut close: Option<(u32, &'static str)> = None;
+    // One sleep and one wait for the connection's end for the whole session, not one per
+    // turn of the loop: a turn per media datagram would otherwise register and drop a timer
+    // and a wake-up each time. The sleep is re-armed only when the core's deadline moves.
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let timer = tokio::time::sleep_until(far);
+    tokio::pin!(timer);
+    let mut timer_at: Option<std::time::Instant> = None;
+    let closed = conn.closed();
+    tokio::pin!(closed);
 
     'session: loop {
         // Carry out everything the core asked for.
@@ -184,6 +193,12 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
         }
 
         let deadline = core.poll_timeout();
+        if deadline != timer_at {
+            if let Some(at) = deadline {
+                timer.as_mut().reset(at.into());
+            }
+            timer_at = deadline;
+        }
         tokio::select! {
             read = read_some(&mut recv, &mut buf) => {
                 match read {
@@ -230,7 +245,8 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
                 SessionCommand::Send(env) => core.queue(*env),
                 SessionCommand::Probe(within) => core.probe(Instant::now().into_std(), within),
             },
-            _ = sleep_until(deadline) => {
+            () = &mut timer, if deadline.is_some() => {
+                timer_at = None;
                 core.handle_timeout(Instant::now().into_std());
             }
             datagram = conn.read_datagram(), if identity.is_some() => match datagram {
@@ -244,7 +260,7 @@ async fn drive(node: Arc<Shared>, conn: Transport, remote: SocketAddr) {
                     break 'session;
                 }
             },
-            _ = conn.closed() => {
+            () = &mut closed => {
                 end_reason = "connection_lost";
                 break 'session;
             }
@@ -290,13 +306,6 @@ async fn read_some(recv: &mut ControlRecv, buf: &mut BytesMut) -> std::io::Resul
             Ok(chunk.len())
         }
         None => Ok(0),
-    }
-}
-
-async fn sleep_until(deadline: Option<std::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 
