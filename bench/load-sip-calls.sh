@@ -93,7 +93,7 @@ done
 if command -v kamailio >/dev/null; then
   KAM_PORT=$(free_port)
   mkdir -p "$WORK/kamailio-run"
-  THALAMUS_KAM_DEST="sip:127.0.0.1:$UAS_PORT" kamailio -f bench/kamailio/stateful.cfg -DD -E \
+  THALAMUS_KAM_DEST="sip:127.0.0.1:$UAS_PORT" THALAMUS_KAM_CHILDREN="${KAM_CHILDREN:-1}" kamailio -f bench/kamailio/stateful.cfg -DD -E \
       -x tlsf -l "udp:127.0.0.1:$KAM_PORT" -m 256 -M 16 -Y "$WORK/kamailio-run" \
       -P "$WORK/kamailio.pid" >/dev/null 2>"$WORK/kamailio.log" &
   KAM_PID=$!

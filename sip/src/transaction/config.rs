@@ -126,7 +126,10 @@ pub struct TransactionConfig {
     /// is refused with [`TransactionError::TooManyTransactions`](super::TransactionError);
     /// a new server request over the limit is answered 503 statelessly by the layer. CANCELs
     /// the layer sends for its own INVITEs are not refused (there is at most one per INVITE).
-    /// Default 65,536.
+    /// Default 131,072: completed transactions stay 64 x T1 (32 s) to absorb
+    /// retransmissions, so a node taking R calls per second holds about 64 x R (an INVITE and
+    /// a BYE per call), 2,000 calls per second at this default. Requests inside a dialog may
+    /// go an eighth over it (see `TransactionLayer::handle_request`).
     pub max_transactions: usize,
     /// How long an INVITE server transaction waits for the TU's first response before it sends
     /// 100 Trying itself (RFC 3261 section 17.2.1: it MUST send one unless the TU answers within
@@ -142,7 +145,7 @@ impl Default for TransactionConfig {
     fn default() -> Self {
         Self {
             timers: TimerConfig::default(),
-            max_transactions: 65_536,
+            max_transactions: 131_072,
             trying_delay: Duration::from_millis(200),
             per_source: super::SourceLimits::default(),
         }

@@ -1575,6 +1575,58 @@ mod matching_and_limits {
     }
 
     #[test]
+    fn requests_inside_a_dialog_use_a_reserve_over_the_limit() {
+        let t0 = Instant::now();
+        let mut layer = TransactionLayer::new(TransactionConfig {
+            max_transactions: 8,
+            ..TransactionConfig::default()
+        });
+        for n in 0..8 {
+            let branch = format!("z9hG4bKnew{n}");
+            assert!(matches!(
+                layer.handle_request(t0, invite(&branch), client_udp()),
+                Ok(RequestOutcome::Created(_))
+            ));
+        }
+        let _ = events(&mut layer);
+        // The table is full for new work: a new INVITE gets 503, our own new request an error.
+        assert_eq!(
+            layer
+                .handle_request(t0, invite("z9hG4bKnew9"), client_udp())
+                .unwrap(),
+            RequestOutcome::Rejected
+        );
+        assert!(matches!(
+            layer.send_request(t0, invite("z9hG4bKout"), udp()),
+            Err(TransactionError::TooManyTransactions(8))
+        ));
+        let _ = transmits(&mut layer);
+        // A BYE of a call in progress (its To has a tag) still gets a transaction, and so does
+        // one the node sends, up to an eighth of the limit above it (one here).
+        let in_dialog = |method: Method, branch: &str| {
+            let mut r = request(method, branch, "UDP");
+            r.headers
+                .set(HeaderName::To, "Bob <sip:bob@biloxi.example.com>;tag=314");
+            r
+        };
+        assert!(matches!(
+            layer.handle_request(t0, in_dialog(Method::Bye, "z9hG4bKbye1"), client_udp()),
+            Ok(RequestOutcome::Created(_))
+        ));
+        assert_eq!(layer.len(), 9);
+        assert_eq!(
+            layer
+                .handle_request(t0, in_dialog(Method::Bye, "z9hG4bKbye2"), client_udp())
+                .unwrap(),
+            RequestOutcome::Rejected
+        );
+        assert!(matches!(
+            layer.send_request(t0, in_dialog(Method::Bye, "z9hG4bKbye3"), udp()),
+            Err(TransactionError::TooManyTransactions(8))
+        ));
+    }
+
+    #[test]
     fn one_source_cannot_take_the_table_and_gets_503_then_silence() {
         let t0 = Instant::now();
         let mut layer = TransactionLayer::new(TransactionConfig {
