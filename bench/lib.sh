@@ -19,6 +19,11 @@
 #   wait_phase FILE PHASE [MIN_ANSWERED]   waits until `load --status-file` shows the phase
 #   sipp_rtt_ms DIR             p50 and p99 of SIPp's -trace_rtt files (ms resolution)
 #   doc_table MARKER TITLE FILE rewrites one table of docs/benchmarks.md's "Load" section
+#   start_kamailio_stateful PORT  Kamailio 5.6 as a stateful proxy (bench/kamailio/stateful.cfg:
+#                               tm, rr, dialog, tlsf) to SIPp's uas on PORT; sets KAM_PID and
+#                               KAM_PORT (KAM_CHILDREN UDP workers, default 1; KAM_SHM_MIB of
+#                               shared memory, default 2048: 256 ran out at 1,500 calls/s)
+#   kam_ticks                   CPU ticks (user + system) of Kamailio and every process it forked
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-target/release}
@@ -180,6 +185,24 @@ def last(label):
     return m[-1] if m else "0"
 print(last("Successful call"), last("Failed call"), last("Call Rate"))
 PY
+}
+
+start_kamailio_stateful() {
+  command -v kamailio >/dev/null || { echo "Kamailio is missing: run scripts/install-peers" >&2; exit 1; }
+  KAM_PORT=$(free_port)
+  mkdir -p "$WORK/kamailio-run"
+  THALAMUS_KAM_DEST="sip:127.0.0.1:$1" THALAMUS_KAM_CHILDREN="${KAM_CHILDREN:-1}" \
+      kamailio -f bench/kamailio/stateful.cfg -DD -E -x tlsf -l "udp:127.0.0.1:$KAM_PORT" \
+      -m "${KAM_SHM_MIB:-2048}" -M 16 -Y "$WORK/kamailio-run" -P "$WORK/kamailio.pid" \
+      >/dev/null 2>"$WORK/kamailio.log" &
+  KAM_PID=$!
+  PIDS+=("$KAM_PID")
+  sleep 1
+  kill -0 "$KAM_PID" 2>/dev/null || { echo "Kamailio did not start:" >&2; cat "$WORK/kamailio.log" >&2; exit 1; }
+}
+
+kam_ticks() {
+  for p in "$KAM_PID" $(pgrep -P "$KAM_PID"); do cat "/proc/$p/stat"; done | awk '{t += $14 + $15} END {print t}'
 }
 
 doc_table() {

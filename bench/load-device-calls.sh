@@ -4,7 +4,9 @@
 # SECS seconds, each call held HOLD_MS; reports calls per second, set-up latency (Dial to the
 # answered event) and the gateway's CPU per call (process CPU time over the calling window /
 # calls). One extra run adds media (20 ms frames echoed by the buddy) and texts.
-# Baselines in the same run, without the gateway: SIPp uac -> buddy, and SIPp uac -> SIPp uas.
+# Baselines in the same run, without the gateway: SIPp uac -> buddy, SIPp uac -> SIPp uas, and
+# (issue 17) SIPp uac -> Kamailio as a stateful proxy (bench/kamailio/stateful.cfg) -> SIPp uas
+# with Kamailio's CPU per call, and the gateway's CPU per call at the top rate over Kamailio's.
 #
 #   bench/load-device-calls.sh            (RATES="100 250 500" SECS=10 DEVICES=1000 HOLD_MS=1000)
 #
@@ -42,7 +44,7 @@ measure() {
   wait_phase "$st" drained
   local t1; t1=$(cpu_ticks "$GW_PID")
   wait "$sim" || true
-  python3 - "$json" "$name" "$t0" "$t1" "$HZ" >> "$TABLE" <<'PY'
+  python3 - "$json" "$name" "$t0" "$t1" "$HZ" "$WORK/cpu.$slug" >> "$TABLE" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); name = sys.argv[2]
 cpu = (int(sys.argv[4]) - int(sys.argv[3])) / int(sys.argv[5])
@@ -58,6 +60,7 @@ if r.get("media"):
 if r.get("texts"):
     t = r["texts"]
     notes.append(f"texts {t['delivered']}/{t['attempted']} delivered, p50 / p99 {t['latency']['p50_ms']:.2f} / {t['latency']['p99_ms']:.2f} ms")
+open(sys.argv[6], "w").write(f"{cpu * 1e6 / max(r['attempted'], 1):.0f}\n")
 print(f"| {name} | {r['target_cps']:.0f} -> {r['achieved_cps']:.0f} | {r['attempted']} / {r['answered']} / {r['failed']} | "
       f"{l['p50_ms']:.2f} / {l['p90_ms']:.2f} / {l['p99_ms']:.2f} / {l['p99_9_ms']:.2f} / {l['max_ms']:.2f} | "
       f"{cpu * 1e6 / max(r['attempted'], 1):.0f} | {'; '.join(notes) or '-'} |")
@@ -102,6 +105,30 @@ baseline "SIPp uac -> buddy" "$BUDDY_SIP" "$TOP"
 UAS_PORT=$(free_port)
 start_sipp_uas "$UAS_PORT"
 baseline "SIPp uac -> SIPp uas" "127.0.0.1:$UAS_PORT" "$TOP"
+
+# Kamailio's level (issue 17): the same SIPp calls through Kamailio 5.6 as a stateful proxy to
+# the same uas; its CPU is that of all its processes.
+if command -v kamailio >/dev/null; then
+  start_kamailio_stateful "$UAS_PORT"
+  dir=$WORK/kam; mkdir -p "$dir"
+  calls=$((TOP * SECS))
+  k0=$(kam_ticks)
+  (cd "$dir" && sipp -sn uac -i 127.0.0.1 -p "$(free_port)" -nostdin -r "$TOP" -m "$calls" \
+      -l $((TOP * (HOLD_MS / 1000 + 2) * 2)) -d "$HOLD_MS" -trace_rtt -rtt_freq 1 \
+      -timeout $((SECS + 60))s -timeout_error "127.0.0.1:$KAM_PORT" >"$dir/out.txt" 2>&1) || true
+  k1=$(kam_ticks)
+  read -r ok failed cps < <(sipp_counts "$dir/out.txt")
+  kam_us=$(python3 -c "import sys;print(round((int(sys.argv[2])-int(sys.argv[1]))/int(sys.argv[3])*1e6/int(sys.argv[4])))" "$k0" "$k1" "$HZ" "$calls")
+  echo "| baseline: SIPp uac -> Kamailio stateful (tm, rr, dialog; 1 worker) -> SIPp uas | $TOP -> ${cps%.*} | $calls / $ok / $failed | $(sipp_rtt_ms "$dir") (p50 / p99, SIPp's 1 ms resolution) | $kam_us (Kamailio's) | no gateway, no devices |" >> "$TABLE"
+  gw_us=$(cat "$WORK/cpu.${TOP}_calls_s" 2>/dev/null || echo 0)
+  python3 - "$gw_us" "$kam_us" "$TOP" >> "$TABLE" <<'PY'
+import sys
+gw, kam, top = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+print()
+print(f"Gateway CPU per device-originated call at {top} calls/s: {gw} us, {gw / max(kam, 1):.1f}x "
+      f"Kamailio's {kam} us per call in the same run (issue 17: at most 1.5x).")
+PY
+fi
 
 cat "$TABLE"
 doc_table device-calls "Device-originated calls" "$TABLE"

@@ -91,15 +91,7 @@ done
 # with record-routing and dialog tracking (bench/kamailio/stateful.cfg, tlsf, one worker) to the
 # same uas; its CPU is that of all its processes.
 if command -v kamailio >/dev/null; then
-  KAM_PORT=$(free_port)
-  mkdir -p "$WORK/kamailio-run"
-  THALAMUS_KAM_DEST="sip:127.0.0.1:$UAS_PORT" THALAMUS_KAM_CHILDREN="${KAM_CHILDREN:-1}" kamailio -f bench/kamailio/stateful.cfg -DD -E \
-      -x tlsf -l "udp:127.0.0.1:$KAM_PORT" -m 256 -M 16 -Y "$WORK/kamailio-run" \
-      -P "$WORK/kamailio.pid" >/dev/null 2>"$WORK/kamailio.log" &
-  KAM_PID=$!
-  PIDS+=("$KAM_PID")
-  sleep 1
-  kam_ticks() { for p in "$KAM_PID" $(pgrep -P "$KAM_PID"); do cat "/proc/$p/stat"; done | awk '{t += $14 + $15} END {print t}'; }
+  start_kamailio_stateful "$UAS_PORT"
   for rate in ${RATES##* }; do
     calls=$((rate * SECS))
     k0=$(kam_ticks)

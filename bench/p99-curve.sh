@@ -16,8 +16,7 @@
 #                                   DEVICES=2000 HOLD_MS=1000 LIMIT_MS=50 KAM_CHILDREN=1
 #                                   PATHS="gateway kamailio")
 #
-# KAM_CHILDREN sets Kamailio's UDP workers, KAM_SHM_MIB its shared memory (2048: with 256 its
-# transaction and dialog tables ran out at 1,500 calls/s, failing calls 500 "out of mem"); PATHS runs only some paths; KEEP_WORK=1 keeps the
+# KAM_CHILDREN sets Kamailio's UDP workers, KAM_SHM_MIB its shared memory (bench/lib.sh); PATHS runs only some paths; KEEP_WORK=1 keeps the
 # working directory (SIPp's logs and error files, the gateway's log).
 #
 # Prints the table and where each path crossed; with --write puts both between the markers
@@ -38,7 +37,6 @@ LIMIT_MS=${LIMIT_MS:-50}
 SCENARIO=$PWD/bench/sipp/uac_devices.xml
 LOAD_AVG=$(cut -d' ' -f1-3 /proc/loadavg)
 build
-command -v kamailio >/dev/null || { echo "Kamailio is missing: run scripts/install-peers" >&2; exit 1; }
 
 # SIPp calls load-0 .. load-N in turn (the uas answers any user).
 USERS=$WORK/devices.csv
@@ -114,16 +112,7 @@ fi
 if runs kamailio; then
 UAS_PORT=$(free_port)
 start_sipp_uas "$UAS_PORT"
-KAM_PORT=$(free_port)
-mkdir -p "$WORK/kamailio-run"
-THALAMUS_KAM_DEST="sip:127.0.0.1:$UAS_PORT" THALAMUS_KAM_CHILDREN="${KAM_CHILDREN:-1}" kamailio -f bench/kamailio/stateful.cfg -DD -E \
-    -x tlsf -l "udp:127.0.0.1:$KAM_PORT" -m "${KAM_SHM_MIB:-2048}" -M 16 -Y "$WORK/kamailio-run" \
-    -P "$WORK/kamailio.pid" >/dev/null 2>"$WORK/kamailio.log" &
-KAM_PID=$!
-PIDS+=("$KAM_PID")
-sleep 1
-kill -0 "$KAM_PID" 2>/dev/null || { echo "Kamailio did not start:" >&2; cat "$WORK/kamailio.log" >&2; exit 1; }
-kam_ticks() { for p in "$KAM_PID" $(pgrep -P "$KAM_PID"); do cat "/proc/$p/stat"; done | awk '{t += $14 + $15} END {print t}'; }
+start_kamailio_stateful "$UAS_PORT"
 for rate in $RATES; do
   calls=$((rate * SECS))
   echo "$(date +%T) Kamailio: $rate calls/s" >&2

@@ -20,8 +20,11 @@
 //! the port pair: the pair is owned by the task, so it is released even if the task is aborted
 //! or panics, and an input that outlives the task is refused ([`FeedError::Closed`]).
 //!
-//! What it does not do: no call control, no SDP, no QUIC connection handling, no batching
-//! system calls (recvmmsg/sendmmsg) yet: each packet is one system call.
+//! A relay reads its sockets with `recvmmsg`, two packets at a time: a read that returns fewer
+//! than asked shows the socket empty, so no system call is spent learning that.
+//!
+//! What it does not do: no call control, no SDP, no QUIC connection handling, no batching of
+//! sends (sendmmsg) or of several relays' sockets: each packet sent is one system call.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -54,10 +57,15 @@ const MAX_BIND_ATTEMPTS: usize = 16;
 const CONTROL_QUEUE: usize = 16;
 const EVENT_QUEUE: usize = 16;
 
+/// Packets one receive call asks for. A relay gets 50 packets a second, as a rule one per
+/// wake-up; a call that returns fewer than it asked for shows the socket empty, so the task
+/// does not call again only to learn that (before, every packet cost a second `recvfrom` that
+/// came back empty).
+const RECV_BATCH: usize = 2;
+
 thread_local! {
-    /// The receive buffer of the relays running on this thread (see `RelayTask::read_packet`).
-    static RECV_BUFFER: std::cell::RefCell<Vec<u8>> =
-        std::cell::RefCell::new(vec![0u8; RECV_BUFFER_BYTES]);
+    /// The receive buffers of the relays running on this thread (see `RelayTask::read_packets`).
+    static RECV: std::cell::RefCell<recv::Buffers> = std::cell::RefCell::new(recv::Buffers::new());
 }
 
 /// Why the device link did not take a datagram.
@@ -726,11 +734,11 @@ impl RelayTask {
                         // Drain what is waiting, handing each packet on before reading the
                         // next so the small buffer toward the device never overflows in a
                         // burst (a spurious wake-up reads nothing).
-                        for read in 0..BATCH {
+                        for read in 0..BATCH / RECV_BATCH {
                             if read > 0 {
                                 self.flush().await;
                             }
-                            if !self.read_packet(SocketKind::Rtp) {
+                            if !self.read_packets(SocketKind::Rtp) {
                                 break;
                             }
                         }
@@ -738,7 +746,7 @@ impl RelayTask {
                 }
                 ready = sockets.rtcp.readable() => {
                     if ready.is_ok() {
-                        self.read_packet(SocketKind::Rtcp);
+                        self.read_packets(SocketKind::Rtcp);
                     }
                 }
                 () = self.shared.wake.notified() => {}
@@ -761,17 +769,22 @@ impl RelayTask {
         state.core.stats()
     }
 
-    /// Reads one waiting packet from `socket` and handles it; false when none was waiting.
+    /// Reads what is waiting on `socket`, up to [`RECV_BATCH`] packets, and handles it; true
+    /// when the socket may hold more (it filled the batch), false when it was found empty.
     ///
-    /// The packet is read into the thread's receive buffer and handled before this returns, so
-    /// relays share a buffer per runtime thread instead of holding one each.
-    fn read_packet(&mut self, socket: SocketKind) -> bool {
-        RECV_BUFFER.with_borrow_mut(|buf| match self.sockets.of(socket).try_recv_from(buf) {
-            Ok((len, source)) => {
-                self.on_packet(socket, buf, len, source);
-                true
+    /// The packets are read into the thread's receive buffers and handled before this
+    /// returns, so relays share buffers per runtime thread instead of holding them each.
+    fn read_packets(&mut self, kind: SocketKind) -> bool {
+        let sockets = Arc::clone(&self.sockets);
+        RECV.with_borrow_mut(|buffers| {
+            let (received, more) = buffers.receive(sockets.of(kind));
+            for (i, (len, source)) in received.iter().enumerate() {
+                if let (Some(source), Some(buf)) = (source, buffers.get(i)) {
+                    self.on_packet(kind, buf, *len, *source);
+                }
             }
-            Err(_) => false,
+            buffers.recycle(received);
+            more
         })
     }
 
@@ -874,4 +887,164 @@ impl RelayTask {
 /// The time: tokio's clock (paused in tests that pause it), as the cores take it.
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// Receiving several packets in one system call, and telling an empty socket without asking it
+/// again.
+mod recv {
+    use std::io::{ErrorKind, IoSliceMut};
+    use std::net::SocketAddr;
+
+    use tokio::io::Interest;
+    use tokio::net::UdpSocket;
+
+    use super::{RECV_BATCH, RECV_BUFFER_BYTES};
+
+    /// What one receive call read: each packet's length and source (`None` when the source was
+    /// not an IP address), at most [`RECV_BATCH`].
+    pub(super) type Received = Vec<(usize, Option<SocketAddr>)>;
+
+    /// The receive buffers of one runtime thread.
+    pub(super) struct Buffers {
+        bufs: Vec<Vec<u8>>,
+        #[cfg(target_os = "linux")]
+        headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+        received: Received,
+    }
+
+    impl Buffers {
+        pub(super) fn new() -> Self {
+            Buffers {
+                bufs: (0..RECV_BATCH)
+                    .map(|_| vec![0u8; RECV_BUFFER_BYTES])
+                    .collect(),
+                #[cfg(target_os = "linux")]
+                headers: nix::sys::socket::MultiHeaders::preallocate(RECV_BATCH, None),
+                received: Vec::with_capacity(RECV_BATCH),
+            }
+        }
+
+        /// Gives back the list [`Buffers::receive`] returned, to be reused.
+        pub(super) fn recycle(&mut self, mut received: Received) {
+            received.clear();
+            self.received = received;
+        }
+
+        /// Buffer `i` as the last receive left it.
+        pub(super) fn get(&self, i: usize) -> Option<&[u8]> {
+            self.bufs.get(i).map(Vec::as_slice)
+        }
+
+        /// Reads up to [`RECV_BATCH`] waiting packets from `socket` without waiting: what was
+        /// read, and whether the socket may hold more. A call that read fewer than it asked for
+        /// found the socket empty: tokio is told (its readiness cleared) as after a read that
+        /// would block, so the task waits for the next packet instead of asking again. A packet
+        /// arriving meanwhile is not missed: tokio clears the readiness only if no event came
+        /// since it handed it out, and an event still in the kernel's queue sets it again.
+        pub(super) fn receive(&mut self, socket: &UdpSocket) -> (Received, bool) {
+            self.received.clear();
+            let result = socket.try_io(Interest::READABLE, || {
+                self.read(socket)?;
+                if self.received.len() < RECV_BATCH {
+                    Err(ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            (std::mem::take(&mut self.received), result.is_ok())
+        }
+
+        #[cfg(target_os = "linux")]
+        fn read(&mut self, socket: &UdpSocket) -> std::io::Result<()> {
+            use nix::sys::socket::{recvmmsg, AddressFamily, MsgFlags, SockaddrLike};
+            use std::os::fd::AsRawFd;
+            let mut slices: [[IoSliceMut<'_>; 1]; RECV_BATCH] = {
+                let [a, b] = &mut self.bufs[..] else {
+                    return Err(ErrorKind::InvalidInput.into());
+                };
+                [[IoSliceMut::new(a)], [IoSliceMut::new(b)]]
+            };
+            let results = recvmmsg(
+                socket.as_raw_fd(),
+                &mut self.headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(std::io::Error::from)?;
+            for message in results {
+                let source = message.address.and_then(|a| match a.family() {
+                    Some(AddressFamily::Inet) => {
+                        a.as_sockaddr_in().map(|v4| SocketAddr::V4((*v4).into()))
+                    }
+                    Some(AddressFamily::Inet6) => {
+                        a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+                    }
+                    _ => None,
+                });
+                self.received.push((message.bytes, source));
+            }
+            Ok(())
+        }
+
+        #[cfg(not(target_os = "linux"))]
+        fn read(&mut self, socket: &UdpSocket) -> std::io::Result<()> {
+            for buf in &mut self.bufs {
+                match socket.try_recv_from(buf) {
+                    Ok((len, source)) => self.received.push((len, Some(source))),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && !self.received.is_empty() => {
+                        break
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::time::Duration;
+
+        use super::*;
+
+        #[tokio::test]
+        async fn a_burst_is_read_two_at_a_time_and_the_last_read_tells_the_socket_is_empty() {
+            let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = rx.local_addr().unwrap();
+            for i in 0..5u8 {
+                tx.send_to(&[i; 10], to).unwrap();
+            }
+            rx.readable().await.unwrap();
+            let mut buffers = Buffers::new();
+            let mut seen = Vec::new();
+            let mut calls = Vec::new();
+            loop {
+                let (received, more) = buffers.receive(&rx);
+                calls.push((received.len(), more));
+                for (i, (len, source)) in received.iter().enumerate() {
+                    assert_eq!(*len, 10);
+                    assert_eq!(*source, Some(tx.local_addr().unwrap()));
+                    seen.push(buffers.get(i).unwrap()[0]);
+                }
+                buffers.recycle(received);
+                if !more {
+                    break;
+                }
+            }
+            // Two, two, then one and "empty": no call that reads nothing.
+            assert_eq!(calls, [(2, true), (2, true), (1, false)]);
+            assert_eq!(seen, [0, 1, 2, 3, 4]);
+            // The readiness was cleared, and a packet sent now wakes the socket again.
+            tx.send_to(&[9; 10], to).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), rx.readable())
+                .await
+                .unwrap()
+                .unwrap();
+            let (received, more) = buffers.receive(&rx);
+            assert_eq!((received.len(), more), (1, false));
+            assert_eq!(buffers.get(0).unwrap()[0], 9);
+        }
+    }
 }
