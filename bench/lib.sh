@@ -18,6 +18,7 @@
 #   rss_kib PID / cpu_ticks PID from /proc
 #   wait_phase FILE PHASE [MIN_ANSWERED]   waits until `load --status-file` shows the phase
 #   sipp_rtt_ms DIR             p50 and p99 of SIPp's -trace_rtt files (ms resolution)
+#   sipp_rtt_values DIR         the same as two numbers ("inf inf" when there is none)
 #   doc_table MARKER TITLE FILE rewrites one table of docs/benchmarks.md's "Load" section
 #   start_kamailio_stateful PORT  Kamailio 5.6 as a stateful proxy (bench/kamailio/stateful.cfg:
 #                               tm, rr, dialog, tlsf) to SIPp's uas on PORT; sets KAM_PID and
@@ -158,7 +159,8 @@ sys.exit("timed out waiting for phase " + phase)
 PY
 }
 
-sipp_rtt_ms() {
+# p50 and p99 of SIPp's -trace_rtt files in DIR as numbers of ms ("inf inf" when none).
+sipp_rtt_values() {
   python3 - "$1" <<'PY'
 import glob, sys
 v = []
@@ -169,10 +171,18 @@ for f in glob.glob(sys.argv[1] + "/*_rtt.csv"):
             try: v.append(float(parts[1]))
             except ValueError: pass
 v.sort()
-pct = lambda p: v[min(len(v) - 1, int(round((len(v) - 1) * p)))] if v else float("nan")
-fmt = lambda x: "< 1" if x < 1 else f"{x:.0f}"
-print(f"{fmt(pct(0.5))} / {fmt(pct(0.99))}")
+pct = lambda p: v[min(len(v) - 1, int(round((len(v) - 1) * p)))] if v else float("inf")
+print(pct(0.5), pct(0.99))
 PY
+}
+
+sipp_rtt_ms() {
+  local p50 p99
+  read -r p50 p99 < <(sipp_rtt_values "$1")
+  python3 -c '
+import sys
+fmt = lambda x: "none" if x == float("inf") else ("< 1" if x < 1 else f"{x:.0f}")
+print(f"{fmt(float(sys.argv[1]))} / {fmt(float(sys.argv[2]))}")' "$p50" "$p99"
 }
 
 # SIPp's final counters: "successful failed rate".

@@ -55,21 +55,14 @@ sipp_run() { # dir target rate calls
 # Appends "path rate calls ok failed p50 p99 cpu_us" to ROWS; prints "crossed" when it did.
 record() { # path dir rate calls ticks0 ticks1
   local path=$1 dir=$2 rate=$3 calls=$4 t0=$5 t1=$6 ok failed cps
+  local p50 p99
   read -r ok failed cps < <(sipp_counts "$dir/out.txt")
-  python3 - "$dir" "$path" "$rate" "$calls" "$ok" "$failed" "$t0" "$t1" "$HZ" "$LIMIT_MS" "$ROWS" <<'PY'
-import glob, sys
-d, path, rate, calls, ok, failed, t0, t1, hz, limit, rows = sys.argv[1:12]
-v = []
-for f in glob.glob(d + "/*_rtt.csv"):
-    for line in open(f).read().splitlines()[1:]:
-        parts = line.split(";")
-        if len(parts) >= 2:
-            try: v.append(float(parts[1]))
-            except ValueError: pass
-v.sort()
-pct = lambda p: v[min(len(v) - 1, int(round((len(v) - 1) * p)))] if v else float("inf")
+  read -r p50 p99 < <(sipp_rtt_values "$dir")
+  python3 - "$p50" "$p99" "$path" "$rate" "$calls" "$ok" "$failed" "$t0" "$t1" "$HZ" "$LIMIT_MS" "$ROWS" <<'PY'
+import sys
+p50, p99 = float(sys.argv[1]), float(sys.argv[2])
+path, rate, calls, ok, failed, t0, t1, hz, limit, rows = sys.argv[3:13]
 cpu = (int(t1) - int(t0)) / int(hz) * 1e6 / max(int(calls), 1)
-p50, p99 = pct(0.5), pct(0.99)
 with open(rows, "a") as out:
     print(path, rate, calls, int(float(ok)), int(float(failed)), p50, p99, round(cpu), file=out)
 if p99 > float(limit) or int(float(failed)) > 0 or int(float(ok)) < int(calls):
