@@ -88,17 +88,25 @@ done
 measure "$MEDIA_RATE calls/s + media + 20 texts/s" --cps "$MEDIA_RATE" --duration "$SECS" \
     --hold-ms "$HOLD_MS" --media --texts-per-s 20
 
-# Baselines: the same calls from SIPp, straight to the buddy and to SIPp's uas.
+# Baselines: the same calls from SIPp, straight to the buddy and to SIPp's uas. With TICKS (a
+# command printing CPU ticks), the CPU per call of what it measures goes in the CPU column;
+# BASELINE_US is set to it.
 baseline() {
-  local name=$1 target=$2 rate=$3
+  local name=$1 target=$2 rate=$3 ticks=${4:-}
   local dir=$WORK/sipp.$RANDOM; mkdir -p "$dir"
-  local calls=$((rate * SECS))
+  local calls=$((rate * SECS)) t0=0 t1=0 cpu="-"
+  [ -z "$ticks" ] || t0=$($ticks)
   (cd "$dir" && sipp -sn uac -i 127.0.0.1 -p "$(free_port)" -nostdin -r "$rate" -m "$calls" \
       -l $((rate * (HOLD_MS / 1000 + 2) * 2)) -d "$HOLD_MS" -trace_rtt -rtt_freq 1 \
       -timeout $((SECS + 60))s -timeout_error "$target" >"$dir/out.txt" 2>&1) || true
+  if [ -n "$ticks" ]; then
+    t1=$($ticks)
+    BASELINE_US=$(python3 -c "import sys;print(round((int(sys.argv[2])-int(sys.argv[1]))/int(sys.argv[3])*1e6/int(sys.argv[4])))" "$t0" "$t1" "$HZ" "$calls")
+    cpu="$BASELINE_US (its own)"
+  fi
   read -r ok failed cps < <(sipp_counts "$dir/out.txt")
   local rtt; rtt=$(sipp_rtt_ms "$dir")
-  echo "| baseline: $name | $rate -> ${cps%.*} | $calls / $ok / $failed | $rtt (p50 / p99, SIPp's 1 ms resolution) | - | no gateway, no devices |" >> "$TABLE"
+  echo "| baseline: $name | $rate -> ${cps%.*} | $calls / $ok / $failed | $rtt (p50 / p99, SIPp's 1 ms resolution) | $cpu | no gateway, no devices |" >> "$TABLE"
 }
 TOP=${RATES##* }
 baseline "SIPp uac -> buddy" "$BUDDY_SIP" "$TOP"
@@ -110,16 +118,9 @@ baseline "SIPp uac -> SIPp uas" "127.0.0.1:$UAS_PORT" "$TOP"
 # the same uas; its CPU is that of all its processes.
 if command -v kamailio >/dev/null; then
   start_kamailio_stateful "$UAS_PORT"
-  dir=$WORK/kam; mkdir -p "$dir"
-  calls=$((TOP * SECS))
-  k0=$(kam_ticks)
-  (cd "$dir" && sipp -sn uac -i 127.0.0.1 -p "$(free_port)" -nostdin -r "$TOP" -m "$calls" \
-      -l $((TOP * (HOLD_MS / 1000 + 2) * 2)) -d "$HOLD_MS" -trace_rtt -rtt_freq 1 \
-      -timeout $((SECS + 60))s -timeout_error "127.0.0.1:$KAM_PORT" >"$dir/out.txt" 2>&1) || true
-  k1=$(kam_ticks)
-  read -r ok failed cps < <(sipp_counts "$dir/out.txt")
-  kam_us=$(python3 -c "import sys;print(round((int(sys.argv[2])-int(sys.argv[1]))/int(sys.argv[3])*1e6/int(sys.argv[4])))" "$k0" "$k1" "$HZ" "$calls")
-  echo "| baseline: SIPp uac -> Kamailio stateful (tm, rr, dialog; 1 worker) -> SIPp uas | $TOP -> ${cps%.*} | $calls / $ok / $failed | $(sipp_rtt_ms "$dir") (p50 / p99, SIPp's 1 ms resolution) | $kam_us (Kamailio's) | no gateway, no devices |" >> "$TABLE"
+  baseline "SIPp uac -> Kamailio stateful (tm, rr, dialog; 1 worker) -> SIPp uas" \
+      "127.0.0.1:$KAM_PORT" "$TOP" kam_ticks
+  kam_us=$BASELINE_US
   gw_us=$(cat "$WORK/cpu.${TOP}_calls_s" 2>/dev/null || echo 0)
   python3 - "$gw_us" "$kam_us" "$TOP" >> "$TABLE" <<'PY'
 import sys

@@ -774,21 +774,17 @@ impl RelayTask {
     ///
     /// The packets are read into the thread's receive buffers and handled before this
     /// returns, so relays share buffers per runtime thread instead of holding them each.
-    fn read_packets(&mut self, kind: SocketKind) -> bool {
-        let sockets = Arc::clone(&self.sockets);
+    fn read_packets(&self, kind: SocketKind) -> bool {
         RECV.with_borrow_mut(|buffers| {
-            let (received, more) = buffers.receive(sockets.of(kind));
-            for (i, (len, source)) in received.iter().enumerate() {
-                if let (Some(source), Some(buf)) = (source, buffers.get(i)) {
-                    self.on_packet(kind, buf, *len, *source);
-                }
+            let more = buffers.receive(self.sockets.of(kind));
+            for (buf, len, source) in buffers.packets() {
+                self.on_packet(kind, buf, len, source);
             }
-            buffers.recycle(received);
             more
         })
     }
 
-    fn on_packet(&mut self, socket: SocketKind, buf: &[u8], len: usize, source: SocketAddr) {
+    fn on_packet(&self, socket: SocketKind, buf: &[u8], len: usize, source: SocketAddr) {
         let now = now();
         let mut state = self.shared.lock();
         let Some(packet) = buf.get(..len).filter(|_| len < buf.len()) else {
@@ -835,11 +831,11 @@ impl RelayTask {
         // Datagrams for the device are taken out under the lock and offered to the link
         // without it: the link is the session's code, which may take locks of its own (a
         // DTMF tap reaching the device's session), and a device datagram fed meanwhile must
-        // not wait for it.
-        let link_max = self.sink.max_datagram_bytes().unwrap_or(usize::MAX);
+        // not wait for it. (Asking the link its datagram size only reads the connection.)
         {
             let mut state = self.shared.lock();
             if self.sink_blocked_until.is_none() && state.core.device_queue_len() > 0 {
+                let link_max = self.sink.max_datagram_bytes().unwrap_or(usize::MAX);
                 let max = state.max_datagram_bytes.min(link_max);
                 state.core.set_max_datagram_bytes(max);
                 while let Some(datagram) = state.core.poll_device_datagram() {
@@ -900,16 +896,13 @@ mod recv {
 
     use super::{RECV_BATCH, RECV_BUFFER_BYTES};
 
-    /// What one receive call read: each packet's length and source (`None` when the source was
-    /// not an IP address), at most [`RECV_BATCH`].
-    pub(super) type Received = Vec<(usize, Option<SocketAddr>)>;
-
-    /// The receive buffers of one runtime thread.
+    /// The receive buffers of one runtime thread, and what the last receive read into them.
     pub(super) struct Buffers {
         bufs: Vec<Vec<u8>>,
         #[cfg(target_os = "linux")]
         headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
-        received: Received,
+        /// Each packet's length and source (`None` when not an IP address), in buffer order.
+        received: Vec<(usize, Option<SocketAddr>)>,
     }
 
     impl Buffers {
@@ -924,34 +917,35 @@ mod recv {
             }
         }
 
-        /// Gives back the list [`Buffers::receive`] returned, to be reused.
-        pub(super) fn recycle(&mut self, mut received: Received) {
-            received.clear();
-            self.received = received;
+        /// The packets the last [`Buffers::receive`] read, with an IP source: each one's
+        /// buffer, length (the buffer's whole length when it was probably truncated) and
+        /// source.
+        pub(super) fn packets(&self) -> impl Iterator<Item = (&[u8], usize, SocketAddr)> {
+            self.bufs
+                .iter()
+                .zip(&self.received)
+                .filter_map(|(buf, (len, source))| Some((buf.as_slice(), *len, (*source)?)))
         }
 
-        /// Buffer `i` as the last receive left it.
-        pub(super) fn get(&self, i: usize) -> Option<&[u8]> {
-            self.bufs.get(i).map(Vec::as_slice)
-        }
-
-        /// Reads up to [`RECV_BATCH`] waiting packets from `socket` without waiting: what was
-        /// read, and whether the socket may hold more. A call that read fewer than it asked for
-        /// found the socket empty: tokio is told (its readiness cleared) as after a read that
-        /// would block, so the task waits for the next packet instead of asking again. A packet
-        /// arriving meanwhile is not missed: tokio clears the readiness only if no event came
-        /// since it handed it out, and an event still in the kernel's queue sets it again.
-        pub(super) fn receive(&mut self, socket: &UdpSocket) -> (Received, bool) {
+        /// Reads up to [`RECV_BATCH`] waiting packets from `socket` without waiting (see
+        /// [`Buffers::packets`]); whether the socket may hold more. A call that read fewer than
+        /// it asked for found the socket empty: tokio is told (its readiness cleared) as after
+        /// a read that would block, so the task waits for the next packet instead of asking
+        /// again. A packet arriving meanwhile is not missed: tokio clears the readiness only if
+        /// no event came since it handed it out, and an event still in the kernel's queue sets
+        /// it again.
+        pub(super) fn receive(&mut self, socket: &UdpSocket) -> bool {
             self.received.clear();
-            let result = socket.try_io(Interest::READABLE, || {
-                self.read(socket)?;
-                if self.received.len() < RECV_BATCH {
-                    Err(ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(())
-                }
-            });
-            (std::mem::take(&mut self.received), result.is_ok())
+            socket
+                .try_io(Interest::READABLE, || {
+                    self.read(socket)?;
+                    if self.received.len() < RECV_BATCH {
+                        Err(ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .is_ok()
         }
 
         #[cfg(target_os = "linux")]
@@ -1021,14 +1015,13 @@ mod recv {
             let mut seen = Vec::new();
             let mut calls = Vec::new();
             loop {
-                let (received, more) = buffers.receive(&rx);
-                calls.push((received.len(), more));
-                for (i, (len, source)) in received.iter().enumerate() {
-                    assert_eq!(*len, 10);
-                    assert_eq!(*source, Some(tx.local_addr().unwrap()));
-                    seen.push(buffers.get(i).unwrap()[0]);
+                let more = buffers.receive(&rx);
+                calls.push((buffers.packets().count(), more));
+                for (buf, len, source) in buffers.packets() {
+                    assert_eq!(len, 10);
+                    assert_eq!(source, tx.local_addr().unwrap());
+                    seen.push(buf[0]);
                 }
-                buffers.recycle(received);
                 if !more {
                     break;
                 }
@@ -1042,9 +1035,9 @@ mod recv {
                 .await
                 .unwrap()
                 .unwrap();
-            let (received, more) = buffers.receive(&rx);
-            assert_eq!((received.len(), more), (1, false));
-            assert_eq!(buffers.get(0).unwrap()[0], 9);
+            let more = buffers.receive(&rx);
+            assert_eq!((buffers.packets().count(), more), (1, false));
+            assert_eq!(buffers.packets().next().map(|(buf, _, _)| buf[0]), Some(9));
         }
     }
 }

@@ -398,7 +398,7 @@ impl TransactionLayer {
         if self.clients.contains_key(&id) {
             return Err(TransactionError::Duplicate);
         }
-        if self.live >= self.admission_limit(&request) {
+        if self.over_limit(&request, false) {
             return Err(TransactionError::TooManyTransactions(
                 self.config.max_transactions,
             ));
@@ -406,26 +406,21 @@ impl TransactionLayer {
         Ok(self.insert_client(now, id, request, destination))
     }
 
-    /// The live transactions above which `request` is refused. A request inside a dialog
-    /// (its To has a tag: a BYE, a re-INVITE, an in-dialog MESSAGE) may use a reserve above
-    /// [`TransactionConfig::max_transactions`] of an eighth of it: when the table fills with
-    /// new work, the calls already up can still be changed and ended. Completed transactions
-    /// stay in the table for 64 x T1 to absorb retransmissions, so at R calls per second about
-    /// 64 x R entries are live; without the reserve a full table answered the BYEs of calls in
-    /// progress 503 and left them up.
-    fn admission_limit(&self, request: &Request) -> usize {
-        if request.headers.to_tag().is_some() {
-            self.in_dialog_limit()
-        } else {
-            self.config.max_transactions
+    /// Whether `request` is refused for want of room. A request inside a dialog (its To has a
+    /// tag: a BYE, a re-INVITE, an in-dialog MESSAGE) or the CANCEL of a live INVITE
+    /// (`cancels_live`) may use a reserve above [`TransactionConfig::max_transactions`] of an
+    /// eighth of it: when the table fills with new work, the calls already up can still be
+    /// changed and ended. Completed transactions stay in the table for 64 x T1 to absorb
+    /// retransmissions, so at R calls per second about 64 x R entries are live; without the
+    /// reserve a full table answered the BYEs of calls in progress 503 and left them up. The
+    /// To header is read only past the limit.
+    fn over_limit(&self, request: &Request, cancels_live: bool) -> bool {
+        let max = self.config.max_transactions;
+        if self.live < max {
+            return false;
         }
-    }
-
-    /// The limit of requests inside a dialog, and of CANCELs of live INVITEs.
-    fn in_dialog_limit(&self) -> usize {
-        self.config
-            .max_transactions
-            .saturating_add(self.config.max_transactions / 8)
+        let in_dialog = cancels_live || request.headers.to_tag().is_some();
+        !in_dialog || self.live >= max.saturating_add(max / 8)
     }
 
     fn insert_client(
@@ -578,12 +573,7 @@ impl TransactionLayer {
         } else {
             None
         };
-        let limit = if matches!(invite, Some(Some(_))) {
-            self.in_dialog_limit()
-        } else {
-            self.admission_limit(&request)
-        };
-        if self.live >= limit {
+        if self.over_limit(&request, matches!(invite, Some(Some(_)))) {
             self.refused_table += 1;
             self.refuse(&request, destination, 5);
             return Ok(RequestOutcome::Rejected);
