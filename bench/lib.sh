@@ -6,7 +6,7 @@
 #                               (runs $GW_BIN when set, else the release build)
 #                               (TOML: extra sections other than the base config's [node] [quic]
 #                               [sip] [media] [admin] [log]; per-IP QUIC limit raised to 50,000;
-#                               QUIC_EXTRA: more lines of [quic])
+#                               QUIC_EXTRA, MEDIA_EXTRA: more lines of [quic], [media])
 #   start_buddy [ARGS]          the simulator's SIP buddy; sets BUDDY_PID BUDDY_SIP
 #   measure_device_calls TARGET DEVICES devices on the gateway just started call TARGET at RATE
 #                               for SECS, held HOLD_MS (LOAD_ARGS: more `load` options, e.g.
@@ -62,6 +62,7 @@ ${QUIC_EXTRA:-}
 listen = "127.0.0.1:0"
 [media]
 address = "127.0.0.1"
+${MEDIA_EXTRA:-}
 [admin]
 listen = "127.0.0.1:0"
 [log]
