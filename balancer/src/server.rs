@@ -4,7 +4,9 @@
 //! endpoint (`/health`, `/nodes` as JSON, `/metrics` in the Prometheus text format); it feeds
 //! heartbeats and a clock tick to the membership table (answering each heartbeat with the live
 //! set, so nodes route devices as the balancer routes SIP) and every SIP message to the router, then
-//! sends what the router decided. All protocol decisions are in the core; this module keeps no
+//! sends what the router decided. UDP responses are first offered to the router's fast path
+//! (`BalancerCore::route_response_datagram`) as they came off the socket; only those it does not
+//! take are parsed. All protocol decisions are in the core; this module keeps no
 //! per-call state either.
 
 use std::net::SocketAddr;
@@ -29,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::BalancerConfig;
 use crate::membership::{Membership, MembershipEvent, NodeStatus};
 use crate::metrics::{BalancerMetrics, NodeLabel, ReasonLabel, StatusLabel};
-use crate::router::{BalancerCore, Decision, NextHop, Outgoing};
+use crate::router::{dialog_key, BalancerCore, Decision, NextHop, Outgoing};
 use crate::watch::{ActWatch, Actor, Seen};
 use thalamus_ownership::hash::stable_hash;
 use thalamus_ownership::heartbeat::{
@@ -121,14 +123,26 @@ impl RunningBalancer {
         let router_slot: Arc<std::sync::OnceLock<(Arc<Shared>, WeakSipTransport)>> = Arc::default();
         let (delivery, rx) = if config.sip.queue == 0 {
             let slot = Arc::clone(&router_slot);
-            let handler = move |inbound: Inbound| {
+            let messages = move |inbound: Inbound| {
                 if let Some((shared, transport)) = slot.get() {
                     if let Some(transport) = transport.upgrade() {
                         route_one(shared, &transport, inbound);
                     }
                 }
             };
-            (Delivery::Inline(Arc::new(handler)), None)
+            let slot = Arc::clone(&router_slot);
+            let datagrams = move |data: &[u8], peer: Peer| -> bool {
+                slot.get().is_some_and(|(shared, transport)| {
+                    transport
+                        .upgrade()
+                        .is_some_and(|transport| route_datagram(shared, &transport, data, peer))
+                })
+            };
+            let delivery = Delivery::InlineDatagrams {
+                datagrams: Arc::new(datagrams),
+                messages: Arc::new(messages),
+            };
+            (delivery, None)
         } else {
             let (tx, rx) = mpsc::channel(config.sip.queue);
             (Delivery::Queue(tx), Some(rx))
@@ -279,21 +293,58 @@ fn route_one(shared: &Arc<Shared>, transport: &SipTransport, inbound: Inbound) {
         .headers()
         .call_id()
         .ok()
-        .map(|c| stable_hash(&[c.as_bytes()]));
+        .map(|c| dialog_key(c.as_bytes()));
     let (decision, actor) = {
         let core = shared.core();
         let decision = core.route(inbound.message, inbound.peer);
-        let actor = acting_node(&decision).and_then(|n| {
-            core.membership().node(n).map(|e| {
-                let actor = Actor {
-                    node: stable_hash(&[n.as_str().as_bytes()]),
-                    session: u64::from(e.session_tag),
-                };
-                (n.clone(), actor)
-            })
-        });
+        let actor = actor_of(&core, &decision);
         (decision, actor)
     };
+    finish(shared, transport, decision, dialog, actor);
+}
+
+/// Routes a UDP response from its bytes when it can ([`BalancerCore::route_response_datagram`]),
+/// on the receiving task; false leaves it to be parsed and given to [`route_one`].
+fn route_datagram(shared: &Arc<Shared>, transport: &SipTransport, data: &[u8], peer: Peer) -> bool {
+    if !data.starts_with(b"SIP/2.0 ") {
+        return false;
+    }
+    let (fast, actor) = {
+        let core = shared.core();
+        let Some(fast) = core.route_response_datagram(data, peer) else {
+            return false;
+        };
+        let actor = actor_of(&core, &fast.decision);
+        (fast, actor)
+    };
+    finish(shared, transport, fast.decision, fast.dialog, actor);
+    true
+}
+
+/// The node process that sent what `decision` forwards, for the split-brain watch.
+fn actor_of(
+    core: &BalancerCore,
+    decision: &Decision,
+) -> Option<(thalamus_ownership::hash::NodeId, Actor)> {
+    acting_node(decision).and_then(|n| {
+        core.membership().node(n).map(|e| {
+            let actor = Actor {
+                node: stable_hash(&[n.as_str().as_bytes()]),
+                session: u64::from(e.session_tag),
+            };
+            (n.clone(), actor)
+        })
+    })
+}
+
+/// Feeds the watch with who acted in `dialog`, then sends.
+fn finish(
+    shared: &Arc<Shared>,
+    transport: &SipTransport,
+    decision: Decision,
+    dialog: Option<u64>,
+    actor: Option<(thalamus_ownership::hash::NodeId, Actor)>,
+) {
     if let (Some(dialog), Some((node, actor))) = (dialog, actor) {
         watch_act(shared, dialog, &node, actor);
     }

@@ -29,7 +29,9 @@
 //!   absent).
 //!
 //! Responses: our top Via is removed and the response goes to the next Via (RFC 3261 18.2.2,
-//! `received` and RFC 3581 `rport`); a response whose top Via is not ours is dropped.
+//! `received` and RFC 3581 `rport`); a response whose top Via is not ours is dropped. A UDP
+//! response of the common shape takes the same decision from its bytes, without being parsed
+//! whole and written again (`fast`, [`BalancerCore::route_response_datagram`]).
 //!
 //! Routing key: the Request-URI user when the Request-URI host is the gateway domain, the
 //! balancer or a node; otherwise the From user; otherwise the Call-ID.
@@ -49,6 +51,9 @@ use thalamus_sip::transport::{Peer, PeerTransport};
 
 use crate::membership::{Membership, NodeEntry};
 use thalamus_ownership::hash::{key_hash, owner_by_hash, stable_hash, NodeId};
+
+mod fast;
+pub use fast::{FastResponse, MAX_FAST_LINES};
 
 /// The prefix of every branch this balancer writes (after the RFC 3261 magic cookie).
 pub const BRANCH_PREFIX: &str = "z9hG4bK-lb-";
@@ -761,6 +766,11 @@ impl BalancerCore {
             },
         }
     }
+}
+
+/// The key the split-brain watch knows a dialog by: a hash of its Call-ID.
+pub fn dialog_key(call_id: &[u8]) -> u64 {
+    stable_hash(&[call_id])
 }
 
 /// What a stateless proxy must be able to read in a request (RFC 3261 16.3 item 1: only the

@@ -60,9 +60,16 @@ impl Fixture {
         Self { core, t0 }
     }
 
+    /// Routes `text` the full way; a response that can take the fast path must take the same
+    /// decision there (checked on every response the tests route).
     fn route(&self, text: &str, from: Peer) -> Decision {
-        self.core
-            .route(Message::parse(Bytes::from(text.to_owned())).unwrap(), from)
+        let full = self
+            .core
+            .route(Message::parse(Bytes::from(text.to_owned())).unwrap(), from);
+        if let Some(fast) = self.core.route_response_datagram(text.as_bytes(), from) {
+            assert_same_decision(&fast.decision, &full, text);
+        }
+        full
     }
 
     fn owner_of(&self, key: &str) -> NodeId {
@@ -87,6 +94,62 @@ impl Fixture {
         }
         assert!(!self.core.membership().is_alive(&id(&format!("n{i}"))));
     }
+}
+
+/// The same decision, its bytes the same message (the full path writes header names in their
+/// long form and Content-Length from the body; the fast path leaves the bytes as they came).
+fn assert_same_decision(fast: &Decision, full: &Decision, input: &str) {
+    let (
+        Decision::Response {
+            from_node: a_node,
+            status: a_status,
+            out: a,
+        },
+        Decision::Response {
+            from_node: b_node,
+            status: b_status,
+            out: b,
+        },
+    ) = (fast, full)
+    else {
+        panic!("fast path: {fast:?}, full path: {full:?}, for\n{input}");
+    };
+    assert_eq!(
+        (a_node, a_status, &a.to, a.transport),
+        (b_node, b_status, &b.to, b.transport),
+        "{input}"
+    );
+    assert_same_message(&a.bytes, &b.bytes);
+}
+
+fn assert_same_message(a: &Bytes, b: &Bytes) {
+    let (Message::Response(x), Message::Response(y)) = (
+        Message::parse(a.clone()).unwrap(),
+        Message::parse(b.clone()).unwrap(),
+    ) else {
+        panic!("not two responses")
+    };
+    // A list's items, as both paths mean them (the full path joins what is left of a Via line
+    // with ", "; the fast path leaves the sender's separators).
+    let fields = |r: &Response| -> Vec<(HeaderName, String)> {
+        r.headers
+            .iter()
+            .map(|h| {
+                let v = h.value.to_str().unwrap();
+                let v = if h.name == HeaderName::Via {
+                    v.split(',').map(str::trim).collect::<Vec<_>>().join(", ")
+                } else {
+                    v.to_owned()
+                };
+                (h.name.clone(), v)
+            })
+            .collect()
+    };
+    assert_eq!(
+        (x.status, &x.reason, &x.body),
+        (y.status, &y.reason, &y.body)
+    );
+    assert_eq!(fields(&x), fields(&y));
 }
 
 fn client() -> Peer {
@@ -1306,4 +1369,162 @@ fn balancers_side_by_side_make_the_same_choices() {
     assert_eq!(a, b);
     assert_ne!(a, node);
     assert_eq!(Some(&a), owner("earpiece-17", one.membership().eligible()));
+}
+
+#[test]
+fn common_responses_take_the_fast_path_with_the_full_paths_decision() {
+    let f = Fixture::new(1);
+    let ours = format!("SIP/2.0/UDP {LB};branch=z9hG4bK-lb-1;rport");
+    let next = "SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa;received=198.51.100.7;rport=5061";
+    let sdp = "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let shapes = [
+        response_with_vias(&[&ours, next]),
+        // Compact and lower-case names, white space around values, the next Via line holding two.
+        format!(
+            "SIP/2.0 200 OK\r\nv: {ours}\r\nv:  {next} , SIP/2.0/UDP 203.0.113.1;branch=z9hG4bKb\r\n\
+             t: <sip:d@gw.example.net>;tag=x\r\nf: <sip:a@example.com>;tag=y\r\ni: c2@h\r\n\
+             cseq: 1 INVITE\r\nx-extra:\tkept as it is \r\nl: {}\r\n\r\n{sdp}",
+            sdp.len()
+        ),
+        // Every Via on one line, as SIPp writes them.
+        format!(
+            "SIP/2.0 180 Ringing\r\nVia: {ours},{next}, SIP/2.0/UDP 203.0.113.1;branch=z9hG4bKb\r\n\
+             To: <sip:d@gw.example.net>;tag=x\r\nFrom: <sip:a@example.com>;tag=y\r\n\
+             Call-ID: c4\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        ),
+        // No reason phrase; an odd header kept.
+        format!(
+            "SIP/2.0 486\r\nVia: {ours}\r\nVia: {next}\r\nCall-ID: c3\r\nCSeq: 2 BYE\r\n\
+             From: <sip:a@example.com>;tag=y\r\nTo: <sip:d@gw.example.net>;tag=x\r\n\
+             Content-Length: 0\r\n\r\n"
+        ),
+    ];
+    for resp in &shapes {
+        let fast = f
+            .core
+            .route_response_datagram(resp.as_bytes(), from_node(1))
+            .unwrap_or_else(|| panic!("not taken:\n{resp}"));
+        assert!(fast.dialog.is_some(), "{resp}");
+        let full = f.route(resp, from_node(1));
+        assert!(matches!(full, Decision::Response { .. }), "{full:?}");
+        assert_same_decision(&fast.decision, &full, resp);
+        let Decision::Response { out, .. } = fast.decision else {
+            unreachable!()
+        };
+        assert_eq!(out.to, NextHop::Addr("198.51.100.7:5061".parse().unwrap()));
+        // Ours is cut out (its line, or its value and comma); every other byte is the node's.
+        let ours_at = resp.find(&ours).unwrap();
+        let after = &resp[ours_at + ours.len()..];
+        let expected = match after.strip_prefix(',') {
+            Some(rest) => format!("{}{}", &resp[..ours_at], rest.trim_start()),
+            None => {
+                let line_start = resp[..ours_at].rfind("\r\n").unwrap() + 2;
+                format!("{}{}", &resp[..line_start], &after[2..])
+            }
+        };
+        assert_eq!(text(&out), expected);
+    }
+}
+
+#[test]
+fn unusual_responses_go_the_full_way() {
+    let f = Fixture::new(1);
+    let ours = format!("SIP/2.0/UDP {LB};branch=z9hG4bK-lb-1");
+    let next = "SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa";
+    let plain = response_with_vias(&[&ours, next]);
+    assert!(f
+        .core
+        .route_response_datagram(plain.as_bytes(), from_node(1))
+        .is_some());
+    let many_lines = plain.replacen(
+        "Call-ID",
+        &format!("{}Call-ID", "X-Pad: 1\r\n".repeat(MAX_FAST_LINES)),
+        1,
+    );
+    let cases = [
+        ("a request", INVITE.to_owned()),
+        (
+            "our Via not first on its line",
+            response_with_vias(&[&format!("{next}, {ours}")]),
+        ),
+        (
+            "our Via alone on a line ending in a comma",
+            response_with_vias(&[&format!("{ours},")]),
+        ),
+        (
+            "a folded line",
+            plain.replacen("CSeq: 1 INVITE", "CSeq: 1\r\n INVITE", 1),
+        ),
+        (
+            "a bare LF",
+            plain.replacen("CSeq: 1 INVITE\r\n", "CSeq: 1 INVITE\n", 1),
+        ),
+        (
+            "a bare CR",
+            plain.replacen("CSeq: 1 INVITE", "CSeq: 1\rINVITE", 1),
+        ),
+        (
+            "white space before the colon",
+            plain.replacen("CSeq:", "CSeq :", 1),
+        ),
+        (
+            "no Content-Length",
+            plain.replacen("Content-Length: 0\r\n", "", 1),
+        ),
+        (
+            "Content-Length not the body's",
+            plain.replacen("Content-Length: 0", "Content-Length: 4", 1) + "abcdefgh",
+        ),
+        (
+            "two Content-Lengths",
+            plain.replacen("Content-Length: 0", "Content-Length: 0\r\nl: 0", 1),
+        ),
+        (
+            "two Call-IDs",
+            plain.replacen("Call-ID: c1", "Call-ID: c1\r\ni: c2", 1),
+        ),
+        (
+            "not our Via on top",
+            response_with_vias(&["SIP/2.0/UDP 192.0.2.99:5060;branch=z9hG4bKa", next]),
+        ),
+        ("no next Via", response_with_vias(&[&ours])),
+        (
+            "a quoted next Via",
+            response_with_vias(&[&ours, "SIP/2.0/UDP 198.51.100.7;branch=z9hG4bKa;x=\"a,b\""]),
+        ),
+        (
+            "an unusable next Via",
+            response_with_vias(&[&ours, "SIP/2.0/SCTP 203.0.113.9;branch=z9hG4bKa"]),
+        ),
+        ("too many lines", many_lines),
+        ("SIP/3.0", plain.replacen("SIP/2.0 180", "SIP/3.0 180", 1)),
+        (
+            "a status out of range",
+            plain.replacen("SIP/2.0 180", "SIP/2.0 700", 1),
+        ),
+    ];
+    for (what, resp) in cases {
+        assert!(
+            f.core
+                .route_response_datagram(resp.as_bytes(), from_node(1))
+                .is_none(),
+            "{what}"
+        );
+    }
+    let mut not_utf8 = plain.clone().into_bytes();
+    let at = plain.find("c1").unwrap();
+    not_utf8[at] = 0xff;
+    assert!(f
+        .core
+        .route_response_datagram(&not_utf8, from_node(1))
+        .is_none());
+    // Over TCP the fast path is not taken either.
+    let tcp = Peer {
+        addr: node_addr(1),
+        transport: PeerTransport::Tcp,
+    };
+    assert!(f
+        .core
+        .route_response_datagram(plain.as_bytes(), tcp)
+        .is_none());
 }

@@ -60,7 +60,20 @@ pub enum Delivery {
     /// To a handler called on the receiving task itself (a UDP socket's loop, a TCP or TLS
     /// connection's task): no hand-off between tasks. It must not block or wait on a peer.
     Inline(Arc<dyn Fn(Inbound) + Send + Sync>),
+    /// As [`Delivery::Inline`], but every UDP datagram is first offered as it came, before it
+    /// is copied or parsed, to `datagrams`: when that returns true it took care of it (a
+    /// stateless proxy relaying it by editing its bytes, say) and the transport only counts
+    /// it; otherwise it is parsed and given to `messages`. Neither may block or wait on a peer.
+    InlineDatagrams {
+        /// Offered each UDP datagram (not keep-alives, not stale requests) and its source.
+        datagrams: DatagramHandler,
+        /// Gets every message `datagrams` did not take, and everything from TCP and TLS.
+        messages: Arc<dyn Fn(Inbound) + Send + Sync>,
+    },
 }
+
+/// A handler offered raw UDP datagrams ([`Delivery::InlineDatagrams`]): true when it took one.
+pub type DatagramHandler = Arc<dyn Fn(&[u8], Peer) -> bool + Send + Sync>;
 
 impl From<mpsc::Sender<Inbound>> for Delivery {
     fn from(queue: mpsc::Sender<Inbound>) -> Self {
@@ -73,6 +86,7 @@ impl std::fmt::Debug for Delivery {
         f.write_str(match self {
             Delivery::Queue(_) => "Queue",
             Delivery::Inline(_) => "Inline",
+            Delivery::InlineDatagrams { .. } => "InlineDatagrams",
         })
     }
 }
@@ -670,7 +684,10 @@ impl SipTransport {
                         .fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Delivery::Inline(handler) => handler(inbound),
+            Delivery::Inline(handler)
+            | Delivery::InlineDatagrams {
+                messages: handler, ..
+            } => handler(inbound),
         }
     }
 }
@@ -885,11 +902,21 @@ async fn udp_loop(transport: SipTransport, socket: Arc<UdpSocket>) {
             debug!(%src, "request older than max_request_age: dropped");
             continue;
         }
-        let datagram = Bytes::copy_from_slice(data);
         let peer = Peer {
             addr: src,
             transport: PeerTransport::Udp,
         };
+        if let Delivery::InlineDatagrams { datagrams, .. } = &transport.inner.inbound {
+            if datagrams(data, peer) {
+                transport
+                    .inner
+                    .stats
+                    .received
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        }
+        let datagram = Bytes::copy_from_slice(data);
         match Message::parse_with_limits(datagram, &transport.inner.config.limits) {
             Ok(message) => transport.deliver(message, peer),
             Err(err) => {
@@ -1204,6 +1231,65 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(got.peer.transport, PeerTransport::Tls);
+    }
+
+    #[tokio::test]
+    async fn datagrams_the_handler_takes_are_neither_parsed_nor_delivered() {
+        let (taken_tx, mut taken_rx) = mpsc::unbounded_channel::<(Vec<u8>, Peer)>();
+        let (msg_tx, mut msg_rx) = mpsc::unbounded_channel::<Inbound>();
+        let delivery = Delivery::InlineDatagrams {
+            datagrams: Arc::new(move |data: &[u8], peer: Peer| {
+                let take = data.starts_with(b"SIP/2.0 ");
+                if take {
+                    let _ = taken_tx.send((data.to_vec(), peer));
+                }
+                take
+            }),
+            messages: Arc::new(move |inbound: Inbound| {
+                let _ = msg_tx.send(inbound);
+            }),
+        };
+        let t = SipTransport::bind(
+            TransportConfig {
+                udp: Some("127.0.0.1:0".parse().unwrap()),
+                ..Default::default()
+            },
+            delivery,
+            mpsc::channel(16).0,
+        )
+        .await
+        .unwrap();
+        let udp_addr = t.local_addr(PeerTransport::Udp).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let wait = Duration::from_secs(5);
+
+        // Taken as it came, even a response the parser would refuse (no header at all).
+        client
+            .send_to(b"SIP/2.0 200 OK\r\nbroken", udp_addr)
+            .await
+            .unwrap();
+        let (data, peer) = tokio::time::timeout(wait, taken_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(data, b"SIP/2.0 200 OK\r\nbroken");
+        assert_eq!(peer.addr, client.local_addr().unwrap());
+        assert_eq!(peer.transport, PeerTransport::Udp);
+
+        // Not taken: parsed, stamped and delivered as with `Inline`.
+        let msg = request("SIP/2.0/UDP 127.0.0.1:1;rport;branch=z9hG4bKabc").to_bytes();
+        client.send_to(&msg, udp_addr).await.unwrap();
+        let got = tokio::time::timeout(wait, msg_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let Message::Request(req) = &got.message else {
+            panic!("not a request")
+        };
+        assert_eq!(req.headers.top_via().unwrap().received(), Some("127.0.0.1"));
+        assert!(taken_rx.try_recv().is_err());
+        assert_eq!(t.stats().received.load(Ordering::Relaxed), 2);
+        assert_eq!(t.stats().parse_errors.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

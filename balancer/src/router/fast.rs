@@ -1,0 +1,204 @@
+//! The response fast path: a UDP response relayed by editing its bytes, without parsing the
+//! message whole and writing it again.
+//!
+//! A stateless proxy does one thing to a response (RFC 3261 section 16.7 item 3, 18.2.2): it
+//! takes its own Via off the top and sends the rest to the next Via. For the responses that
+//! make up nearly all of the traffic (our Via first on the first Via line, every line plain
+//! `Name: value` ended by CRLF, a Content-Length that matches the body),
+//! [`BalancerCore::route_response_datagram`] finds the Via lines and the Call-ID in one pass over
+//! the header lines, parses only the next Via, and cuts ours out of the datagram: its whole line,
+//! or its value and comma when the sender wrote the Vias on one line (as SIPp does). Its decision is the one [`BalancerCore::route`] takes on the parsed message (the
+//! router's tests check both on every response they route).
+//!
+//! Everything else returns `None`, and the caller parses the message and routes it the full
+//! way: requests, folded or malformed lines, quotes in the Via values, a top Via that is not
+//! written as we write ours, no next Via, a Content-Length absent or not the body's, more than
+//! [`MAX_FAST_LINES`] header lines. It keeps no state and allocates only the bytes it sends.
+
+use bytes::Bytes;
+use memchr::memchr;
+use thalamus_sip::message::Via;
+use thalamus_sip::transport::{Peer, PeerTransport};
+
+use super::{dialog_key, via_destination, BalancerCore, Decision, Outgoing};
+
+/// Most header lines a response may have to take the fast path (the transport's own limit is
+/// higher; longer responses go the full way, where that limit is applied).
+pub const MAX_FAST_LINES: usize = 64;
+
+/// What the fast path read of a response.
+#[derive(Debug)]
+pub struct FastResponse {
+    /// The decision, as [`BalancerCore::route`] takes it.
+    pub decision: Decision,
+    /// [`dialog_key`](super::dialog_key) of the Call-ID, when it is one word (as
+    /// `Headers::call_id` accepts it).
+    pub dialog: Option<u64>,
+}
+
+/// A header line: where its name and its value (trimmed) are, and where the line ends (after
+/// its CRLF).
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    start: usize,
+    name_end: usize,
+    value: (usize, usize),
+    end: usize,
+}
+
+fn is_ws(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+/// RFC 3261 `token` characters.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+}
+
+/// The header lines of `data` from `pos`, and where the body starts; `None` when a line is not
+/// a plain `Name: value` line ended by CRLF (folding, a bare CR or LF, a bad name), when the
+/// header section does not end, or when there are more than [`MAX_FAST_LINES`].
+fn header_lines(data: &[u8], mut pos: usize) -> Option<(Vec<Line>, usize)> {
+    let mut lines = Vec::with_capacity(16);
+    loop {
+        let lf = pos + memchr(b'\n', data.get(pos..)?)?;
+        if lf == pos || data.get(lf - 1) != Some(&b'\r') {
+            return None;
+        }
+        let content = data.get(pos..lf - 1)?;
+        if content.is_empty() {
+            return Some((lines, lf + 1));
+        }
+        if lines.len() == MAX_FAST_LINES || memchr(b'\r', content).is_some() {
+            return None;
+        }
+        let colon = memchr(b':', content)?;
+        let name = content.get(..colon)?;
+        if name.is_empty() || !name.iter().all(|&b| is_token_char(b)) {
+            return None;
+        }
+        let value = content.get(colon + 1..)?;
+        let lead = value.iter().position(|&b| !is_ws(b)).unwrap_or(value.len());
+        let trail = value
+            .iter()
+            .rposition(|&b| !is_ws(b))
+            .map_or(lead, |i| i + 1);
+        let at = pos + colon + 1;
+        lines.push(Line {
+            start: pos,
+            name_end: pos + colon,
+            value: (at + lead, at + trail),
+            end: lf + 1,
+        });
+        pos = lf + 1;
+    }
+}
+
+fn named(data: &[u8], line: &Line, long: &[u8], compact: u8) -> bool {
+    let name = data.get(line.start..line.name_end).unwrap_or_default();
+    name.eq_ignore_ascii_case(long) || (name.len() == 1 && name[0].eq_ignore_ascii_case(&compact))
+}
+
+/// A Content-Length value: digits only, as the parser takes it.
+fn content_length(v: &[u8]) -> Option<usize> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+impl BalancerCore {
+    /// Routes a UDP response from its bytes, when it is of the common shape the module
+    /// comment describes; `None` means "parse it and call [`BalancerCore::route`]".
+    pub fn route_response_datagram(&self, data: &[u8], source: Peer) -> Option<FastResponse> {
+        if source.transport != PeerTransport::Udp {
+            return None;
+        }
+        let rest = data.strip_prefix(b"SIP/2.0 ")?;
+        let code = rest.get(..3)?;
+        if !code.iter().all(u8::is_ascii_digit) || !matches!(rest.get(3), Some(b' ' | b'\r')) {
+            return None;
+        }
+        let status = code
+            .iter()
+            .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+        if !(100..=699).contains(&status) {
+            return None;
+        }
+        let start_end = memchr(b'\n', data)?;
+        let start_line = data.get(..start_end)?;
+        if start_line.last() != Some(&b'\r') || memchr(b'\r', start_line)? != start_end - 1 {
+            return None;
+        }
+        let (lines, body_start) = header_lines(data, start_end + 1)?;
+        // Everything the parser would read as text must be text.
+        std::str::from_utf8(data.get(..body_start)?).ok()?;
+
+        let mut vias = lines.iter().filter(|l| named(data, l, b"via", b'v'));
+        let top = vias.next()?;
+        let mut call_id = None;
+        let mut length = None;
+        for line in &lines {
+            if named(data, line, b"call-id", b'i') {
+                if call_id.is_some() {
+                    return None;
+                }
+                call_id = Some(line.value);
+            } else if named(data, line, b"content-length", b'l') {
+                if length.is_some() {
+                    return None;
+                }
+                length = Some(content_length(data.get(line.value.0..line.value.1)?)?);
+            }
+        }
+        // The writer of the full path puts a Content-Length equal to the body: the same bytes
+        // go out here only when the message already has it.
+        if length? != data.len() - body_start {
+            return None;
+        }
+        let text = |r: (usize, usize)| data.get(r.0..r.1).and_then(|b| std::str::from_utf8(b).ok());
+        // Quotes may hide a comma: such Via lists go the full way.
+        let top_text = text(top.value).filter(|t| !t.contains('"'))?;
+        // What to cut (our Via: the whole line, or the first value of a list and its comma)
+        // and the next Via (the next value on the line, or the next Via line's first).
+        let (ours, cut, next_list) = match top_text.find(',') {
+            Some(comma) => {
+                let rest = top_text.get(comma + 1..)?;
+                let skip = rest.len() - rest.trim_start().len();
+                let cut = (top.value.0, top.value.0 + comma + 1 + skip);
+                (top_text.get(..comma)?.trim_end(), cut, rest.trim_start())
+            }
+            None => {
+                let next = vias.next()?;
+                let list = text(next.value).filter(|t| !t.contains('"'))?;
+                (top_text, (top.start, top.end), list)
+            }
+        };
+        if !self.is_our_via_text(ours) {
+            return None;
+        }
+        let next_first = next_list.split(',').next()?.trim();
+        let via = Via::parse(next_first).ok()?;
+        let (to, transport) = via_destination(&via)?;
+
+        let mut out = Vec::with_capacity(data.len());
+        out.extend_from_slice(data.get(..cut.0)?);
+        out.extend_from_slice(data.get(cut.1..)?);
+        let dialog = call_id
+            .and_then(|r| data.get(r.0..r.1))
+            .filter(|v| !v.is_empty() && v.iter().all(|&b| b > 0x20 && b != 0x7f))
+            .map(dialog_key);
+        Some(FastResponse {
+            decision: Decision::Response {
+                from_node: self.membership.node_at(source.addr).map(|n| n.id.clone()),
+                status,
+                out: Outgoing {
+                    to,
+                    transport,
+                    bytes: Bytes::from(out),
+                },
+            },
+            dialog,
+        })
+    }
+}
