@@ -4,9 +4,9 @@
 //! endpoint (`/health`, `/nodes` as JSON, `/metrics` in the Prometheus text format); it feeds
 //! heartbeats and a clock tick to the membership table (answering each heartbeat with the live
 //! set, so nodes route devices as the balancer routes SIP) and every SIP message to the router, then
-//! sends what the router decided. UDP responses are first offered to the router's fast path
-//! (`BalancerCore::route_response_datagram`) as they came off the socket; only those it does not
-//! take are parsed. All protocol decisions are in the core; this module keeps no
+//! sends what the router decided. UDP messages are first offered to the router's fast paths
+//! (`BalancerCore::route_response_datagram`, `route_request_datagram`) as they came off the
+//! socket; only those they do not take are parsed whole. All protocol decisions are in the core; this module keeps no
 //! per-call state either.
 
 use std::net::SocketAddr;
@@ -303,21 +303,27 @@ fn route_one(shared: &Arc<Shared>, transport: &SipTransport, inbound: Inbound) {
     finish(shared, transport, decision, dialog, actor);
 }
 
-/// Routes a UDP response from its bytes when it can ([`BalancerCore::route_response_datagram`]),
-/// on the receiving task; false leaves it to be parsed and given to [`route_one`].
+/// Routes a UDP message from its bytes when it can ([`BalancerCore::route_response_datagram`],
+/// [`BalancerCore::route_request_datagram`]), on the receiving task; false leaves it to be
+/// parsed and given to [`route_one`].
 fn route_datagram(shared: &Arc<Shared>, transport: &SipTransport, data: &[u8], peer: Peer) -> bool {
-    if !data.starts_with(b"SIP/2.0 ") {
-        return false;
-    }
-    let (fast, actor) = {
+    let (decision, dialog, actor) = {
         let core = shared.core();
-        let Some(fast) = core.route_response_datagram(data, peer) else {
-            return false;
+        let (decision, dialog) = if data.starts_with(b"SIP/2.0 ") {
+            match core.route_response_datagram(data, peer) {
+                Some(fast) => (fast.decision, fast.dialog),
+                None => return false,
+            }
+        } else {
+            match core.route_request_datagram(data, peer) {
+                Some(fast) => (fast.decision, fast.dialog),
+                None => return false,
+            }
         };
-        let actor = actor_of(&core, &fast.decision);
-        (fast, actor)
+        let actor = actor_of(&core, &decision);
+        (decision, dialog, actor)
     };
-    finish(shared, transport, fast.decision, fast.dialog, actor);
+    finish(shared, transport, decision, dialog, actor);
     true
 }
 

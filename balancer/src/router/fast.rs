@@ -1,5 +1,5 @@
-//! The response fast path: a UDP response relayed by editing its bytes, without parsing the
-//! message whole and writing it again.
+//! The fast paths: UDP messages relayed by editing their bytes, without parsing the message
+//! whole and writing it again.
 //!
 //! A stateless proxy does one thing to a response (RFC 3261 section 16.7 item 3, 18.2.2): it
 //! takes its own Via off the top and sends the rest to the next Via. For the responses that
@@ -7,17 +7,25 @@
 //! `Name: value` ended by CRLF, a Content-Length that matches the body),
 //! [`BalancerCore::route_response_datagram`] finds the Via lines and the Call-ID in one pass over
 //! the header lines, parses only the next Via, and cuts ours out of the datagram: its whole line,
-//! or its value and comma when the sender wrote the Vias on one line (as SIPp does). Its decision is the one [`BalancerCore::route`] takes on the parsed message (the
-//! router's tests check both on every response they route).
+//! or its value and comma when the sender wrote the Vias on one line (as SIPp does).
 //!
-//! Everything else returns `None`, and the caller parses the message and routes it the full
-//! way: requests, folded or malformed lines, quotes in the Via values, a top Via that is not
-//! written as we write ours, no next Via, a Content-Length absent or not the body's, more than
-//! [`MAX_FAST_LINES`] header lines. It keeps no state and allocates only the bytes it sends.
+//! To a request it does more (Route, Via, Record-Route, Max-Forwards), decided by the same code
+//! as for a parsed request: [`BalancerCore::route_request_datagram`] parses only the fields that
+//! code reads ([`ROUTED`]) into a request, stamps its top Via as the transport would, routes it,
+//! and writes the datagram again with those fields as the router left them and every other line
+//! as it came.
+//!
+//! Both decide as [`BalancerCore::route`] does on the parsed message (the router's tests check
+//! both ways on every message they route). Everything of an unusual shape returns `None`, and
+//! the caller parses the message and routes it the full way: folded or malformed lines, quotes
+//! in the Via values, a response whose top Via is not written as we write ours or that has no
+//! next Via, a Content-Length absent or not the body's, a version other than SIP/2.0, more than
+//! [`MAX_FAST_LINES`] header lines, anything over TCP or TLS, and requests the balancer answers
+//! or drops itself (the full path copies what an answer needs). They keep no state.
 
 use bytes::Bytes;
 use memchr::memchr;
-use thalamus_sip::message::Via;
+use thalamus_sip::message::{HeaderName, HeaderValue, Headers, Method, Request, Uri, Version, Via};
 use thalamus_sip::transport::{Peer, PeerTransport};
 
 use super::{dialog_key, via_destination, BalancerCore, Decision, Outgoing};
@@ -201,4 +209,178 @@ impl BalancerCore {
             dialog,
         })
     }
+}
+
+/// How many fields [`ROUTED`] names.
+const ROUTED_COUNT: usize = 8;
+
+/// The header fields the request router reads or writes. On the request fast path only these
+/// are parsed; every other line goes out as it came.
+const ROUTED: [HeaderName; ROUTED_COUNT] = [
+    HeaderName::Via,
+    HeaderName::Route,
+    HeaderName::RecordRoute,
+    HeaderName::To,
+    HeaderName::From,
+    HeaderName::CallId,
+    HeaderName::CSeq,
+    HeaderName::MaxForwards,
+];
+
+/// Which of [`ROUTED`] a line's name is (long or compact form, any case).
+fn routed(data: &[u8], line: &Line) -> Option<usize> {
+    let name = data.get(line.start..line.name_end)?;
+    ROUTED.iter().position(|h| {
+        name.eq_ignore_ascii_case(h.as_str().as_bytes())
+            || (name.len() == 1
+                && h.compact_form()
+                    .is_some_and(|c| name[0].eq_ignore_ascii_case(&(c as u8))))
+    })
+}
+
+/// What the request fast path read of a request.
+#[derive(Debug)]
+pub struct FastRequest {
+    /// The decision, as [`BalancerCore::route`] takes it on the request as the transport
+    /// delivers it (its top Via stamped).
+    pub decision: Decision,
+    /// [`dialog_key`](super::dialog_key) of the Call-ID.
+    pub dialog: Option<u64>,
+}
+
+impl BalancerCore {
+    /// Routes a UDP request from its bytes: only the fields the router uses ([`ROUTED`]) are
+    /// parsed, into a request the router routes as it would the whole one, and the request
+    /// goes out as its bytes with those fields written again. `None` (parse it and call
+    /// [`BalancerCore::route`]) for requests of an unusual shape (as for responses), and for
+    /// those the balancer answers or drops itself: those go the full way, which copies what
+    /// an answer needs.
+    pub fn route_request_datagram(&self, data: &[u8], source: Peer) -> Option<FastRequest> {
+        if source.transport != PeerTransport::Udp {
+            return None;
+        }
+        let start_end = memchr(b'\n', data)?;
+        let start_line = data.get(..start_end.checked_sub(1)?)?;
+        if data.get(start_end - 1) != Some(&b'\r') || memchr(b'\r', start_line).is_some() {
+            return None;
+        }
+        let sp1 = memchr(b' ', start_line)?;
+        let sp2 = memchr::memrchr(b' ', start_line)?;
+        if sp2 <= sp1 + 1 || start_line.get(sp2 + 1..)? != b"SIP/2.0" {
+            return None;
+        }
+        let method = Method::from_bytes(start_line.get(..sp1)?).ok()?;
+        let uri_text = std::str::from_utf8(start_line.get(sp1 + 1..sp2)?).ok()?;
+        let uri = Uri::parse(uri_text).ok()?;
+        let (lines, body_start) = header_lines(data, start_end + 1)?;
+        std::str::from_utf8(data.get(..body_start)?).ok()?;
+        let mut length = None;
+        for line in &lines {
+            let name = data.get(line.start..line.name_end)?;
+            if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
+                if length.is_some() {
+                    return None;
+                }
+                length = Some(content_length(data.get(line.value.0..line.value.1)?)?);
+            }
+        }
+        if length? != data.len() - body_start {
+            return None;
+        }
+
+        let shared = Bytes::copy_from_slice(data);
+        let mut headers = Headers::with_capacity(12);
+        let mut kinds = Vec::with_capacity(lines.len());
+        for line in &lines {
+            let kind = routed(data, line);
+            if let Some(i) = kind {
+                let value = HeaderValue::from_bytes(shared.slice(line.value.0..line.value.1));
+                headers.push(ROUTED.get(i)?.clone(), value);
+            }
+            kinds.push(kind);
+        }
+        let mut req = Request {
+            method,
+            uri: uri.clone(),
+            version: Version::SIP_2_0,
+            headers,
+            body: Bytes::new(),
+        };
+        // As the transport does before delivering (a Via it cannot read is left for the router).
+        let _ = thalamus_sip::transaction::stamp_received(&mut req, source.addr);
+        let dialog = req.headers.call_id().ok().map(|c| dialog_key(c.as_bytes()));
+        let write = |routed_req: &Request| {
+            merged(
+                data,
+                &lines,
+                &kinds,
+                body_start,
+                routed_req,
+                routed_req.uri != uri,
+            )
+        };
+        let decision = self.route_request_with(req, source, &write);
+        match decision {
+            Decision::ToNode { .. } | Decision::Outward { .. } => {
+                Some(FastRequest { decision, dialog })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The request's bytes again: its request line (written anew only when the router changed
+/// the Request-URI), its lines with the [`ROUTED`] fields as the router left them (each name's
+/// fields where its first line was; names it added first), the others as they came, and the
+/// body.
+fn merged(
+    data: &[u8],
+    lines: &[Line],
+    kinds: &[Option<usize>],
+    body_start: usize,
+    req: &Request,
+    uri_changed: bool,
+) -> Bytes {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(data.len() + 256);
+    let first = lines.first().map_or(body_start - 2, |l| l.start);
+    if uri_changed {
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{} {} SIP/2.0\r\n", req.method, req.uri);
+    } else {
+        out.extend_from_slice(data.get(..first).unwrap_or_default());
+    }
+    let fields = |out: &mut Vec<u8>, i: usize| {
+        if let Some(name) = ROUTED.get(i) {
+            for value in req.headers.get_all(name) {
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    };
+    let mut written = [false; ROUTED_COUNT];
+    for (i, done) in written.iter_mut().enumerate() {
+        if !kinds.contains(&Some(i)) {
+            fields(&mut out, i);
+            *done = true;
+        }
+    }
+    for (line, kind) in lines.iter().zip(kinds) {
+        match kind {
+            Some(i) => {
+                if let Some(done) = written.get_mut(*i) {
+                    if !*done {
+                        fields(&mut out, *i);
+                        *done = true;
+                    }
+                }
+            }
+            None => out.extend_from_slice(data.get(line.start..line.end).unwrap_or_default()),
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data.get(body_start..).unwrap_or_default());
+    Bytes::from(out)
 }

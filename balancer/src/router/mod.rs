@@ -29,9 +29,12 @@
 //!   absent).
 //!
 //! Responses: our top Via is removed and the response goes to the next Via (RFC 3261 18.2.2,
-//! `received` and RFC 3581 `rport`); a response whose top Via is not ours is dropped. A UDP
-//! response of the common shape takes the same decision from its bytes, without being parsed
-//! whole and written again (`fast`, [`BalancerCore::route_response_datagram`]).
+//! `received` and RFC 3581 `rport`); a response whose top Via is not ours is dropped.
+//!
+//! A UDP message of the common shape takes the same decision from its bytes (`fast`): a
+//! response has our Via cut out ([`BalancerCore::route_response_datagram`]); a request has only
+//! the fields this module reads parsed, is routed by the same code, and goes out as its bytes
+//! with those fields written again ([`BalancerCore::route_request_datagram`]).
 //!
 //! Routing key: the Request-URI user when the Request-URI host is the gateway domain, the
 //! balancer or a node; otherwise the From user; otherwise the Call-ID.
@@ -53,7 +56,7 @@ use crate::membership::{Membership, NodeEntry};
 use thalamus_ownership::hash::{key_hash, owner_by_hash, stable_hash, NodeId};
 
 mod fast;
-pub use fast::{FastResponse, MAX_FAST_LINES};
+pub use fast::{FastRequest, FastResponse, MAX_FAST_LINES};
 
 /// The prefix of every branch this balancer writes (after the RFC 3261 magic cookie).
 pub const BRANCH_PREFIX: &str = "z9hG4bK-lb-";
@@ -418,7 +421,18 @@ impl BalancerCore {
         }
     }
 
-    fn route_request(&self, mut req: Request, source: Peer) -> Decision {
+    fn route_request(&self, req: Request, source: Peer) -> Decision {
+        self.route_request_with(req, source, &|req: &Request| req.to_bytes())
+    }
+
+    /// Routes a request; `write` gives the bytes of the request as routed (the whole request
+    /// written again, or the fast path's edit of the datagram).
+    fn route_request_with(
+        &self,
+        mut req: Request,
+        source: Peer,
+        write: &dyn Fn(&Request) -> Bytes,
+    ) -> Decision {
         let is_ack = req.method == Method::Ack;
         let udp = source.transport == PeerTransport::Udp;
         if req.headers.top_via_value().is_none() {
@@ -627,13 +641,13 @@ impl BalancerCore {
         let mut transport = outward_transport;
         req.headers
             .prepend(HeaderName::Via, self.via_value(transport, &branch));
-        let mut bytes = req.to_bytes();
+        let mut bytes = write(&req);
         if transport == PeerTransport::Udp && bytes.len() > self.config.udp_max_bytes {
             transport = PeerTransport::Tcp;
             req.headers.remove_top_via();
             req.headers
                 .prepend(HeaderName::Via, self.via_value(transport, &branch));
-            bytes = req.to_bytes();
+            bytes = write(&req);
         }
         let out = Outgoing {
             to,

@@ -63,9 +63,17 @@ impl Fixture {
     /// Routes `text` the full way; a response that can take the fast path must take the same
     /// decision there (checked on every response the tests route).
     fn route(&self, text: &str, from: Peer) -> Decision {
-        let full = self
-            .core
-            .route(Message::parse(Bytes::from(text.to_owned())).unwrap(), from);
+        let message = Message::parse(Bytes::from(text.to_owned())).unwrap();
+        if let Message::Request(req) = &message {
+            // The fast path routes the request as the transport delivers it: stamped.
+            let mut stamped = req.clone();
+            let _ = thalamus_sip::transaction::stamp_received(&mut stamped, from.addr);
+            let full = self.core.route(Message::Request(stamped), from);
+            if let Some(fast) = self.core.route_request_datagram(text.as_bytes(), from) {
+                assert_same_decision(&fast.decision, &full, text);
+            }
+        }
+        let full = self.core.route(message, from);
         if let Some(fast) = self.core.route_response_datagram(text.as_bytes(), from) {
             assert_same_decision(&fast.decision, &full, text);
         }
@@ -96,60 +104,66 @@ impl Fixture {
     }
 }
 
-/// The same decision, its bytes the same message (the full path writes header names in their
-/// long form and Content-Length from the body; the fast path leaves the bytes as they came).
+/// The same decision, its bytes the same message: each field name's values in the same order
+/// (the full path writes header names in their long form, fields it adds where it adds them,
+/// and what is left of a list joined with ", "; the fast path leaves the rest as it came).
 fn assert_same_decision(fast: &Decision, full: &Decision, input: &str) {
-    let (
+    let parts = |d: &Decision| match d {
         Decision::Response {
-            from_node: a_node,
-            status: a_status,
-            out: a,
-        },
-        Decision::Response {
-            from_node: b_node,
-            status: b_status,
-            out: b,
-        },
-    ) = (fast, full)
-    else {
-        panic!("fast path: {fast:?}, full path: {full:?}, for\n{input}");
+            from_node,
+            status,
+            out,
+        } => (0, from_node.clone(), *status, out.clone()),
+        Decision::ToNode { node, out } => (1, Some(node.clone()), 0, out.clone()),
+        Decision::Outward { from_node, out } => (2, from_node.clone(), 0, out.clone()),
+        other => panic!("not forwarded: {other:?}, for\n{input}"),
     };
+    let (a_kind, a_node, a_status, a) = parts(fast);
+    let (b_kind, b_node, b_status, b) = parts(full);
     assert_eq!(
-        (a_node, a_status, &a.to, a.transport),
-        (b_node, b_status, &b.to, b.transport),
+        (a_kind, &a_node, a_status, &a.to, a.transport),
+        (b_kind, &b_node, b_status, &b.to, b.transport),
         "{input}"
     );
-    assert_same_message(&a.bytes, &b.bytes);
+    assert_eq!(fields_of(&a.bytes), fields_of(&b.bytes), "{input}");
 }
 
-fn assert_same_message(a: &Bytes, b: &Bytes) {
-    let (Message::Response(x), Message::Response(y)) = (
-        Message::parse(a.clone()).unwrap(),
-        Message::parse(b.clone()).unwrap(),
-    ) else {
-        panic!("not two responses")
+/// A message's start line, its fields by name (values in order, lists split) and its body.
+fn fields_of(
+    bytes: &Bytes,
+) -> (
+    String,
+    std::collections::BTreeMap<String, Vec<String>>,
+    Bytes,
+) {
+    let message = Message::parse(bytes.clone()).unwrap();
+    let (start, headers, body) = match &message {
+        Message::Request(r) => (
+            format!("{} {}", r.method, r.uri),
+            &r.headers,
+            r.body.clone(),
+        ),
+        Message::Response(r) => (
+            format!("{} {}", r.status, r.reason),
+            &r.headers,
+            r.body.clone(),
+        ),
     };
-    // A list's items, as both paths mean them (the full path joins what is left of a Via line
-    // with ", "; the fast path leaves the sender's separators).
-    let fields = |r: &Response| -> Vec<(HeaderName, String)> {
-        r.headers
-            .iter()
-            .map(|h| {
-                let v = h.value.to_str().unwrap();
-                let v = if h.name == HeaderName::Via {
-                    v.split(',').map(str::trim).collect::<Vec<_>>().join(", ")
-                } else {
-                    v.to_owned()
-                };
-                (h.name.clone(), v)
-            })
-            .collect()
-    };
-    assert_eq!(
-        (x.status, &x.reason, &x.body),
-        (y.status, &y.reason, &y.body)
-    );
-    assert_eq!(fields(&x), fields(&y));
+    let mut fields = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for h in headers.iter() {
+        let v = h.value.to_str().unwrap();
+        let list = matches!(
+            h.name,
+            HeaderName::Via | HeaderName::Route | HeaderName::RecordRoute
+        );
+        let values = fields.entry(h.name.as_str().to_owned()).or_default();
+        if list {
+            values.extend(v.split(',').map(|x| x.trim().to_owned()));
+        } else {
+            values.push(v.to_owned());
+        }
+    }
+    (start, fields, body)
 }
 
 fn client() -> Peer {
@@ -1526,5 +1540,103 @@ fn unusual_responses_go_the_full_way() {
     assert!(f
         .core
         .route_response_datagram(plain.as_bytes(), tcp)
+        .is_none());
+}
+
+#[test]
+fn common_requests_take_the_fast_path_with_the_full_paths_decision() {
+    let f = Fixture::new(3);
+    let key = key_not_owned_by(&f, "n3");
+    let bye = in_dialog_bye(&params(&f, "n3", &key));
+    // A Via that asks for rport and names another host: stamped as the transport would.
+    let stamped = INVITE.replacen(
+        "Via: SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bK776asdhds;received=198.51.100.7;rport=5060",
+        "v: SIP/2.0/UDP alice-pc.example.com:5062;rport;branch=z9hG4bK776asdhds",
+        1,
+    );
+    let no_max_forwards = bye.replacen("Max-Forwards: 70\r\n", "", 1);
+    for (what, request, node) in [
+        ("initial INVITE", INVITE.to_owned(), None),
+        ("in-dialog BYE", bye.clone(), Some(id("n3"))),
+        ("Via to stamp, compact name", stamped, None),
+        ("no Max-Forwards", no_max_forwards, Some(id("n3"))),
+    ] {
+        let fast = f
+            .core
+            .route_request_datagram(request.as_bytes(), client())
+            .unwrap_or_else(|| panic!("{what}: not taken"));
+        assert!(fast.dialog.is_some(), "{what}");
+        let Decision::ToNode { node: got, ref out } = fast.decision else {
+            panic!("{what}: {:?}", fast.decision)
+        };
+        if let Some(node) = node {
+            assert_eq!(got, node, "{what}");
+        }
+        // f.route checks it against the full path; these check the bytes themselves.
+        f.route(&request, client());
+        let sent = text(out);
+        assert_eq!(header_lines(&sent, "Via").len(), 2, "{what}\n{sent}");
+        assert!(
+            header_lines(&sent, "Via")[0].contains("z9hG4bK-lb-"),
+            "{what}"
+        );
+        assert!(header_lines(&sent, "Route").is_empty(), "{what}");
+        assert!(
+            sent.ends_with("\r\n\r\n") || sent.ends_with("v=0\n"),
+            "{what}"
+        );
+    }
+    // The BYE: our Route gone, our Via on top, Max-Forwards down by one, the rest as it came.
+    let fast = f
+        .core
+        .route_request_datagram(bye.as_bytes(), client())
+        .unwrap();
+    let Decision::ToNode { out, .. } = fast.decision else {
+        panic!()
+    };
+    let got = text(&out);
+    let expected = bye
+        .replace(
+            &format!("Route: <sip:{LB};lr;{}>\r\n", params(&f, "n3", &key)),
+            "",
+        )
+        .replace(
+            "Via: SIP/2.0/UDP 198.51.100.7",
+            &format!(
+                "Via: SIP/2.0/UDP {LB};branch={};rport\r\nVia: SIP/2.0/UDP 198.51.100.7",
+                our_branch(&got)
+            ),
+        )
+        .replace("Max-Forwards: 70", "Max-Forwards: 69");
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn requests_the_balancer_answers_or_drops_go_the_full_way() {
+    let f = Fixture::new(0);
+    // No node: answered 503 by the full path.
+    assert!(f
+        .core
+        .route_request_datagram(INVITE.as_bytes(), client())
+        .is_none());
+    let f = Fixture::new(1);
+    let zero = INVITE.replacen("Max-Forwards: 70", "Max-Forwards: 0", 1);
+    assert!(f
+        .core
+        .route_request_datagram(zero.as_bytes(), client())
+        .is_none());
+    assert!(matches!(
+        f.route(&zero, client()),
+        Decision::Answer { status: 483, .. }
+    ));
+    let folded = INVITE.replacen("CSeq: 314159 INVITE", "CSeq: 314159\r\n INVITE", 1);
+    assert!(f
+        .core
+        .route_request_datagram(folded.as_bytes(), client())
+        .is_none());
+    let sip3 = INVITE.replacen("SIP/2.0\r\n", "SIP/3.0\r\n", 1);
+    assert!(f
+        .core
+        .route_request_datagram(sip3.as_bytes(), client())
         .is_none());
 }
