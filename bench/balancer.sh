@@ -31,13 +31,7 @@
 # section of docs/benchmarks.md (the section is appended when absent; text outside the markers
 # is kept).
 source "$(dirname "$0")/lib.sh"
-WRITE=0
-for a in "$@"; do
-  case "$a" in
-    --write) WRITE=1 ;;
-    *) echo "usage: bench/balancer.sh [--write]" >&2; exit 2 ;;
-  esac
-done
+write_flag "$@"
 CALLS=${CALLS:-10000}
 RATE=${RATE:-500}
 ROUNDS=${ROUNDS:-2}

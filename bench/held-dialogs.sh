@@ -33,13 +33,7 @@
 # Prints a table; with --write also puts it between the markers of "Held dialogs" in
 # docs/benchmarks.md.
 source "$(dirname "$0")/lib.sh"
-WRITE=0
-for a in "$@"; do
-  case "$a" in
-    --write) WRITE=1 ;;
-    *) echo "usage: bench/held-dialogs.sh [--write]" >&2; exit 2 ;;
-  esac
-done
+write_flag "$@"
 LEVELS=${LEVELS:-"1000 2000 4000 6000 8000"}
 DEVICES=${DEVICES:-1000}
 PROBE_RATE=${PROBE_RATE:-200}

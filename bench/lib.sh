@@ -25,6 +25,8 @@
 #                               KAM_PORT (KAM_CHILDREN UDP workers, default 1; KAM_SHM_MIB of
 #                               shared memory, default 2048: 256 ran out at 1,500 calls/s)
 #   kam_ticks                   CPU ticks (user + system) of Kamailio and every process it forked
+#   write_flag "$@"             the arguments of a benchmark whose only option is --write:
+#                               sets WRITE (1 with it), exits 2 with the usage on anything else
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-target/release}
@@ -42,6 +44,16 @@ ulimit -n 65536 2>/dev/null || true
 build() {
   [ -n "${SKIP_BUILD:-}" ] || cargo build --release --quiet --bin thalamus --bin thalamus-sim
   command -v sipp >/dev/null || { echo "SIPp is missing: run scripts/install-peers" >&2; exit 1; }
+}
+
+write_flag() {
+  WRITE=0
+  for a in "$@"; do
+    case "$a" in
+      --write) WRITE=1 ;;
+      *) echo "usage: $0 [--write]" >&2; exit 2 ;;
+    esac
+  done
 }
 
 json_get() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(eval('d'+sys.argv[2]))" "$1" "$2"; }

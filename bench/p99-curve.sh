@@ -22,13 +22,7 @@
 # Prints the table and where each path crossed; with --write puts both between the markers
 # "p99-curve" of docs/benchmarks.md.
 source "$(dirname "$0")/lib.sh"
-WRITE=0
-for a in "$@"; do
-  case "$a" in
-    --write) WRITE=1 ;;
-    *) echo "usage: bench/p99-curve.sh [--write]" >&2; exit 2 ;;
-  esac
-done
+write_flag "$@"
 RATES=${RATES:-"250 500 750 1000 1500 2000 3000 4000"}
 SECS=${SECS:-10}
 DEVICES=${DEVICES:-2000}
