@@ -18,7 +18,7 @@
 //! Both decide as [`BalancerCore::route`] does on the parsed message (the router's tests check
 //! both ways on every message they route). Everything of an unusual shape returns `None`, and
 //! the caller parses the message and routes it the full way: folded or malformed lines, quotes
-//! in the Via values, a response whose top Via is not written as we write ours or that has no
+//! or angle brackets in the Via values, a response whose top Via is not written as we write ours or that has no
 //! next Via, a Content-Length absent or not the body's, a version other than SIP/2.0, more than
 //! [`MAX_FAST_LINES`] header lines, anything over TCP or TLS, and requests the balancer answers
 //! or drops itself (the full path copies what an answer needs). They keep no state.
@@ -102,6 +102,12 @@ fn header_lines(data: &[u8], mut pos: usize) -> Option<(Vec<Line>, usize)> {
     }
 }
 
+/// A list whose commas all separate values: no quoted string or `<...>` that would hide one
+/// (the parser's list splitting skips commas inside both).
+fn plain_list(text: &str) -> bool {
+    !text.contains(['"', '<'])
+}
+
 fn named(data: &[u8], line: &Line, long: &[u8], compact: u8) -> bool {
     let name = data.get(line.start..line.name_end).unwrap_or_default();
     name.eq_ignore_ascii_case(long) || (name.len() == 1 && name[0].eq_ignore_ascii_case(&compact))
@@ -165,8 +171,8 @@ impl BalancerCore {
             return None;
         }
         let text = |r: (usize, usize)| data.get(r.0..r.1).and_then(|b| std::str::from_utf8(b).ok());
-        // Quotes may hide a comma: such Via lists go the full way.
-        let top_text = text(top.value).filter(|t| !t.contains('"'))?;
+        // Quotes and angle brackets may hide a comma: such Via lists go the full way.
+        let top_text = text(top.value).filter(|t| plain_list(t))?;
         // What to cut (our Via: the whole line, or the first value of a list and its comma)
         // and the next Via (the next value on the line, or the next Via line's first).
         let (ours, cut, next_list) = match top_text.find(',') {
@@ -178,7 +184,7 @@ impl BalancerCore {
             }
             None => {
                 let next = vias.next()?;
-                let list = text(next.value).filter(|t| !t.contains('"'))?;
+                let list = text(next.value).filter(|t| plain_list(t))?;
                 (top_text, (top.start, top.end), list)
             }
         };
@@ -249,7 +255,7 @@ pub struct FastRequest {
 }
 
 impl BalancerCore {
-    /// Routes a UDP request from its bytes: only the fields the router uses ([`ROUTED`]) are
+    /// Routes a UDP request from its bytes: only the eight fields the router uses are
     /// parsed, into a request the router routes as it would the whole one, and the request
     /// goes out as its bytes with those fields written again. `None` (parse it and call
     /// [`BalancerCore::route`]) for requests of an unusual shape (as for responses), and for
