@@ -16,12 +16,13 @@
 //! as it came.
 //!
 //! Both decide as [`BalancerCore::route`] does on the parsed message (the router's tests check
-//! both ways on every message they route). Everything of an unusual shape returns `None`, and
-//! the caller parses the message and routes it the full way: folded or malformed lines, quotes
-//! or angle brackets in the Via values, a response whose top Via is not written as we write ours or that has no
-//! next Via, a Content-Length absent or not the body's, a version other than SIP/2.0, more than
-//! [`MAX_FAST_LINES`] header lines, anything over TCP or TLS, and requests the balancer answers
-//! or drops itself (the full path copies what an answer needs). They keep no state.
+//! both ways on every message they route, and on random edits of real ones). Everything of an
+//! unusual shape returns `None`, and the caller parses the message and routes it the full way:
+//! folded or malformed lines, quotes or angle brackets in the Via values, a response whose top
+//! Via is not written as we write ours or that has no next Via, a Content-Length absent or not
+//! the body's, a version other than SIP/2.0, more than [`MAX_FAST_LINES`] header lines,
+//! anything over TCP or TLS, and requests the balancer answers or drops itself (the full path
+//! copies what an answer needs). They keep no state.
 
 use bytes::Bytes;
 use memchr::memchr;
@@ -30,8 +31,8 @@ use thalamus_sip::transport::{Peer, PeerTransport};
 
 use super::{dialog_key, via_destination, BalancerCore, Decision, Outgoing};
 
-/// Most header lines a response may have to take the fast path (the transport's own limit is
-/// higher; longer responses go the full way, where that limit is applied).
+/// Most header lines a message may have to take a fast path (the transport's own limit is
+/// higher; longer messages go the full way, where that limit is applied).
 pub const MAX_FAST_LINES: usize = 64;
 
 /// What the fast path read of a response.
