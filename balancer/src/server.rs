@@ -3,11 +3,11 @@
 //! It binds SIP on UDP and TCP ([`SipTransport`]), a UDP heartbeat listener and the admin HTTP
 //! endpoint (`/health`, `/nodes` as JSON, `/metrics` in the Prometheus text format); it feeds
 //! heartbeats and a clock tick to the membership table (answering each heartbeat with the live
-//! set, so nodes route devices as the balancer routes SIP) and every SIP message to the router, then
-//! sends what the router decided. UDP messages are first offered to the router's fast paths
-//! (`BalancerCore::route_response_datagram`, `route_request_datagram`) as they came off the
-//! socket; only those they do not take are parsed whole. All protocol decisions are in the core; this module keeps no
-//! per-call state either.
+//! set, so nodes route devices as the balancer routes SIP) and every SIP message to the router,
+//! then sends what the router decided. UDP messages are first offered to the router's fast
+//! paths (`BalancerCore::route_response_datagram`, `route_request_datagram`) as they came off
+//! the socket; only those they do not take are parsed whole. All protocol decisions are in the
+//! core; this module keeps no per-call state either.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
