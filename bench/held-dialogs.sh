@@ -24,9 +24,9 @@
 # carry no RTP (SIPp sends none): media timeout and RTCP are off, so a held call costs what an
 # idle one does.
 #
-# Limits of this machine: every call with media holds two sockets (RTP and RTCP), and the open
-# file limit here is `ulimit -Hn` (20,000 on the 2-core runners), so one gateway holds at most
-# about 9,000 calls with media. The script refuses levels it cannot hold. The RTP ranges are
+# Limits of the machine: every call with media holds two sockets (RTP and RTCP), and a process
+# may open `ulimit -Hn` files (20,000 on the machine of docs/benchmarks.md), so one gateway
+# there holds at most about 9,000 calls with media. The script refuses levels it cannot hold. The RTP ranges are
 # placed below the kernel's ephemeral ports so that SIPp and the simulator do not take them.
 #
 # Fails (exit 1) if a gateway dies, a level is not reached within 120 s, or a probe call fails.
