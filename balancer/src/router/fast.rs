@@ -21,8 +21,7 @@
 //! folded or malformed lines, quotes or angle brackets in the Via values, a response whose top
 //! Via is not written as we write ours or that has no next Via, a Content-Length absent or not
 //! the body's, a version other than SIP/2.0, more than [`MAX_FAST_LINES`] header lines,
-//! anything over TCP or TLS, and requests the balancer answers or drops itself (the full path
-//! copies what an answer needs). They keep no state.
+//! anything over TCP or TLS. They keep no state.
 
 use bytes::Bytes;
 use memchr::memchr;
@@ -109,9 +108,33 @@ fn plain_list(text: &str) -> bool {
     !text.contains(['"', '<'])
 }
 
-fn named(data: &[u8], line: &Line, long: &[u8], compact: u8) -> bool {
+/// Whether a line's name is `header`, in its long or compact form, any case.
+fn named(data: &[u8], line: &Line, header: &HeaderName) -> bool {
     let name = data.get(line.start..line.name_end).unwrap_or_default();
-    name.eq_ignore_ascii_case(long) || (name.len() == 1 && name[0].eq_ignore_ascii_case(&compact))
+    name.eq_ignore_ascii_case(header.as_str().as_bytes())
+        || (name.len() == 1
+            && header
+                .compact_form()
+                .is_some_and(|c| name[0].eq_ignore_ascii_case(&(c as u8))))
+}
+
+/// The header lines of a message whose start line ends at `start_end` (its LF), and where its
+/// body starts: `None` unless [`header_lines`] reads them all, the head is UTF-8 (all the parser
+/// would read as text) and one Content-Length gives the body's length (the full path writes it
+/// from the body: the same bytes go out only when the message already has it).
+fn framed_head(data: &[u8], start_end: usize) -> Option<(Vec<Line>, usize)> {
+    let (lines, body_start) = header_lines(data, start_end + 1)?;
+    std::str::from_utf8(data.get(..body_start)?).ok()?;
+    let mut lengths = lines
+        .iter()
+        .filter(|l| named(data, l, &HeaderName::ContentLength));
+    let length = lengths.next()?;
+    if lengths.next().is_some()
+        || content_length(data.get(length.value.0..length.value.1)?)? != data.len() - body_start
+    {
+        return None;
+    }
+    Some((lines, body_start))
 }
 
 /// A Content-Length value: digits only, as the parser takes it.
@@ -145,30 +168,12 @@ impl BalancerCore {
         if start_line.last() != Some(&b'\r') || memchr(b'\r', start_line)? != start_end - 1 {
             return None;
         }
-        let (lines, body_start) = header_lines(data, start_end + 1)?;
-        // Everything the parser would read as text must be text.
-        std::str::from_utf8(data.get(..body_start)?).ok()?;
-
-        let mut vias = lines.iter().filter(|l| named(data, l, b"via", b'v'));
+        let (lines, _) = framed_head(data, start_end)?;
+        let mut vias = lines.iter().filter(|l| named(data, l, &HeaderName::Via));
         let top = vias.next()?;
-        let mut call_id = None;
-        let mut length = None;
-        for line in &lines {
-            if named(data, line, b"call-id", b'i') {
-                if call_id.is_some() {
-                    return None;
-                }
-                call_id = Some(line.value);
-            } else if named(data, line, b"content-length", b'l') {
-                if length.is_some() {
-                    return None;
-                }
-                length = Some(content_length(data.get(line.value.0..line.value.1)?)?);
-            }
-        }
-        // The writer of the full path puts a Content-Length equal to the body: the same bytes
-        // go out here only when the message already has it.
-        if length? != data.len() - body_start {
+        let mut call_ids = lines.iter().filter(|l| named(data, l, &HeaderName::CallId));
+        let call_id = call_ids.next().map(|l| l.value);
+        if call_ids.next().is_some() {
             return None;
         }
         let text = |r: (usize, usize)| data.get(r.0..r.1).and_then(|b| std::str::from_utf8(b).ok());
@@ -234,15 +239,9 @@ const ROUTED: [HeaderName; ROUTED_COUNT] = [
     HeaderName::MaxForwards,
 ];
 
-/// Which of [`ROUTED`] a line's name is (long or compact form, any case).
+/// Which of [`ROUTED`] a line's name is.
 fn routed(data: &[u8], line: &Line) -> Option<usize> {
-    let name = data.get(line.start..line.name_end)?;
-    ROUTED.iter().position(|h| {
-        name.eq_ignore_ascii_case(h.as_str().as_bytes())
-            || (name.len() == 1
-                && h.compact_form()
-                    .is_some_and(|c| name[0].eq_ignore_ascii_case(&(c as u8))))
-    })
+    ROUTED.iter().position(|h| named(data, line, h))
 }
 
 /// What the request fast path read of a request.
@@ -258,10 +257,10 @@ pub struct FastRequest {
 impl BalancerCore {
     /// Routes a UDP request from its bytes: only the eight fields the router uses are
     /// parsed, into a request the router routes as it would the whole one, and the request
-    /// goes out as its bytes with those fields written again. `None` (parse it and call
-    /// [`BalancerCore::route`]) for requests of an unusual shape (as for responses), and for
-    /// those the balancer answers or drops itself: those go the full way, which copies what
-    /// an answer needs.
+    /// goes out as its bytes with those fields written again. A stateless answer is the full
+    /// path's too: it copies only fields among those eight (RFC 3261 section 8.2.6.2).
+    /// `None` (parse it and call [`BalancerCore::route`]) for requests of an unusual shape (as
+    /// for responses).
     pub fn route_request_datagram(&self, data: &[u8], source: Peer) -> Option<FastRequest> {
         if source.transport != PeerTransport::Udp {
             return None;
@@ -279,21 +278,7 @@ impl BalancerCore {
         let method = Method::from_bytes(start_line.get(..sp1)?).ok()?;
         let uri_text = std::str::from_utf8(start_line.get(sp1 + 1..sp2)?).ok()?;
         let uri = Uri::parse(uri_text).ok()?;
-        let (lines, body_start) = header_lines(data, start_end + 1)?;
-        std::str::from_utf8(data.get(..body_start)?).ok()?;
-        let mut length = None;
-        for line in &lines {
-            let name = data.get(line.start..line.name_end)?;
-            if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
-                if length.is_some() {
-                    return None;
-                }
-                length = Some(content_length(data.get(line.value.0..line.value.1)?)?);
-            }
-        }
-        if length? != data.len() - body_start {
-            return None;
-        }
+        let (lines, body_start) = framed_head(data, start_end)?;
 
         let shared = Bytes::copy_from_slice(data);
         let mut headers = Headers::with_capacity(12);
@@ -326,13 +311,10 @@ impl BalancerCore {
                 routed_req.uri != uri,
             )
         };
-        let decision = self.route_request_with(req, source, &write);
-        match decision {
-            Decision::ToNode { .. } | Decision::Outward { .. } => {
-                Some(FastRequest { decision, dialog })
-            }
-            _ => None,
-        }
+        Some(FastRequest {
+            decision: self.route_request_with(req, source, &write),
+            dialog,
+        })
     }
 }
 
