@@ -135,12 +135,60 @@ where
 /// A stable 64-bit hash of several byte strings (each length-prefixed so that boundaries
 /// matter), for identifiers the balancer derives statelessly (Via branches, To tags).
 pub fn stable_hash(parts: &[&[u8]]) -> u64 {
-    let mut h = SipHasher24::new(K0, K1_MISC);
+    let mut h = StableHasher::new();
     for p in parts {
-        h.write(&(p.len() as u64).to_le_bytes());
-        h.write(p);
+        h.part(p);
     }
     h.finish()
+}
+
+/// [`stable_hash`] built part by part, where a part may also be the text of a value written
+/// straight into the hash ([`StableHasher::part_display`]) instead of into a string first.
+#[derive(Debug, Clone)]
+pub struct StableHasher(SipHasher24);
+
+impl Default for StableHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StableHasher {
+    /// An empty hash: [`finish`](Self::finish) after the parts of `stable_hash(parts)` gives
+    /// the same value.
+    pub fn new() -> Self {
+        Self(SipHasher24::new(K0, K1_MISC))
+    }
+
+    /// Adds one byte string, length-prefixed as [`stable_hash`] does.
+    pub fn part(&mut self, bytes: &[u8]) {
+        self.0.write(&(bytes.len() as u64).to_le_bytes());
+        self.0.write(bytes);
+    }
+
+    /// Adds the text `value` displays, followed by a 0xFF byte (which no UTF-8 text holds, so
+    /// the boundary still matters), with no string allocated for it.
+    pub fn part_display(&mut self, value: &dyn fmt::Display) {
+        use fmt::Write as _;
+        // Writing into the hash cannot fail; a `Display` that fails leaves what it wrote.
+        let _ = write!(TextSink(&mut self.0), "{value}");
+        self.0.write(&[0xff]);
+    }
+
+    /// The hash of the parts added.
+    pub fn finish(self) -> u64 {
+        self.0.finish()
+    }
+}
+
+/// Text written into a hash state.
+struct TextSink<'a>(&'a mut SipHasher24);
+
+impl fmt::Write for TextSink<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.write(s.as_bytes());
+        Ok(())
+    }
 }
 
 /// SipHash-2-4 of the concatenation of `parts`.
@@ -348,5 +396,36 @@ mod tests {
     fn stable_hash_separates_parts() {
         assert_ne!(stable_hash(&[b"ab", b"c"]), stable_hash(&[b"a", b"bc"]));
         assert_eq!(stable_hash(&[b"ab", b"c"]), stable_hash(&[b"ab", b"c"]));
+    }
+
+    #[test]
+    fn the_streaming_hasher_matches_stable_hash_and_separates_displayed_parts() {
+        let mut h = StableHasher::new();
+        h.part(b"ab");
+        h.part(b"c");
+        assert_eq!(h.finish(), stable_hash(&[b"ab", b"c"]));
+        let displayed = |a: &str, b: &[u8]| {
+            let mut h = StableHasher::new();
+            h.part_display(&a);
+            h.part(b);
+            h.finish()
+        };
+        // The text is terminated, so where it ends matters.
+        assert_ne!(displayed("ab", b"c"), displayed("a", b"bc"));
+        assert_ne!(displayed("", b"x"), displayed("x", b""));
+        assert_eq!(displayed("ab", b"c"), displayed("ab", b"c"));
+        // Text streamed in pieces hashes as the same text written at once.
+        struct Pieces;
+        impl fmt::Display for Pieces {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "sip:")?;
+                write!(f, "{}@{}", "alice", "example.com:5060")
+            }
+        }
+        let mut h = StableHasher::new();
+        h.part_display(&Pieces);
+        let mut g = StableHasher::new();
+        g.part_display(&"sip:alice@example.com:5060");
+        assert_eq!(h.finish(), g.finish());
     }
 }

@@ -53,7 +53,7 @@ use thalamus_sip::message::{
 use thalamus_sip::transport::{Peer, PeerTransport};
 
 use crate::membership::{Membership, NodeEntry};
-use thalamus_ownership::hash::{key_hash, owner_by_hash, stable_hash, NodeId};
+use thalamus_ownership::hash::{key_hash, owner_by_hash, stable_hash, NodeId, StableHasher};
 
 mod fast;
 pub use fast::{FastRequest, FastResponse, MAX_FAST_LINES};
@@ -821,16 +821,15 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// CSeq number (not the To tag nor the method, so that the CANCEL and the non-2xx ACK of an
 /// INVITE hash like it).
 fn request_hash(req: &Request) -> u32 {
-    let uri = req.uri.to_string();
     let cseq = req.headers.cseq().map(|c| c.seq).unwrap_or_default();
-    let h = stable_hash(&[
-        b"request",
-        uri.as_bytes(),
-        req.headers.from_tag().unwrap_or_default().as_bytes(),
-        req.headers.call_id().unwrap_or_default().as_bytes(),
-        &cseq.to_le_bytes(),
-    ]);
-    (h & 0xffff_ffff) as u32
+    // The Request-URI's text goes straight into the hash (no string for it per request).
+    let mut h = StableHasher::new();
+    h.part(b"request");
+    h.part_display(&req.uri);
+    h.part(req.headers.from_tag().unwrap_or_default().as_bytes());
+    h.part(req.headers.call_id().unwrap_or_default().as_bytes());
+    h.part(&cseq.to_le_bytes());
+    (h.finish() & 0xffff_ffff) as u32
 }
 
 fn first_route(req: &Request) -> Option<NameAddr> {

@@ -52,7 +52,19 @@ pub fn response_destination(via: &Via, source: &Peer) -> Peer {
 /// `received`). Returns whether the top Via changed (it is then rewritten in canonical form).
 /// Call it before [`TransactionLayer::handle_request`](super::TransactionLayer::handle_request)
 /// so that the TU's responses, which copy the Via, carry the stamp.
+///
+/// A top Via whose sent-by is the source's IP address, written as such, and that asks for no
+/// `rport` needs no stamp whatever else it holds: it is left as it is without being parsed, and
+/// the answer is `Ok(false)` even if the rest of it is malformed. Any other Via is parsed, and
+/// `Err` means there is none or it cannot be read.
 pub fn stamp_received(request: &mut Request, source: SocketAddr) -> Result<bool, HeaderError> {
+    if request
+        .headers
+        .top_via_value()
+        .is_some_and(|v| needs_no_stamp(v, source))
+    {
+        return Ok(false);
+    }
     let mut via = request.headers.top_via()?;
     let mut changed = false;
     let rport_requested = matches!(via.rport(), Some(Rport::Requested));
@@ -71,6 +83,39 @@ pub fn stamp_received(request: &mut Request, source: SocketAddr) -> Result<bool,
         request.headers.prepend_via(&via);
     }
     Ok(changed)
+}
+
+/// Whether the top Via `value` (as written) surely needs no stamp from `source`: its sent-by
+/// host is `source`'s IP address and no parameter is a bare `rport`. `false` means "parse it
+/// and see": a sent-by that is not an IP literal, LWS inside the protocol, anything unusual.
+/// Parameters are split at every `;`, quoted or not, so a bare `rport` is never missed (a
+/// quoted value that looks like one only sends the Via the long way).
+fn needs_no_stamp(value: &str, source: SocketAddr) -> bool {
+    let Some((protocol, rest)) = value.split_once([' ', '\t']) else {
+        return false;
+    };
+    if !protocol.starts_with("SIP/2.0/") {
+        return false;
+    }
+    let mut parts = rest.split(';');
+    let sent_by = parts.next().unwrap_or_default().trim();
+    let host_ip = if let Ok(addr) = sent_by.parse::<SocketAddr>() {
+        addr.ip()
+    } else if let Ok(ip) = sent_by
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(sent_by)
+        .parse::<std::net::IpAddr>()
+    {
+        ip
+    } else {
+        return false;
+    };
+    host_ip == source.ip()
+        && !parts.any(|p| {
+            let name = p.split('=').next().unwrap_or_default().trim();
+            name.eq_ignore_ascii_case("rport") && !p.contains('=')
+        })
 }
 
 #[cfg(test)]
@@ -189,5 +234,88 @@ mod tests {
         );
         let mut none = Request::new(Method::Options, Uri::parse("sip:a@b").unwrap());
         assert!(stamp_received(&mut none, addr("198.51.100.7:5060")).is_err());
+    }
+
+    /// The quick answer (no parse) agrees with the parse wherever it is given.
+    #[test]
+    fn the_quick_no_stamp_answer_agrees_with_the_parse() {
+        let source = addr("198.51.100.7:5060");
+        let v6 = addr("[2001:db8::7]:5060");
+        let cases: &[(&str, SocketAddr, bool)] = &[
+            (
+                "SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa",
+                source,
+                true,
+            ),
+            (
+                "SIP/2.0/UDP 198.51.100.7;branch=z9hG4bKa;received=198.51.100.7",
+                source,
+                true,
+            ),
+            (
+                "SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa;rport=5060",
+                source,
+                true,
+            ),
+            ("SIP/2.0/UDP [2001:db8::7]:5060;branch=z9hG4bKa", v6, true),
+            ("SIP/2.0/UDP [2001:db8::7];branch=z9hG4bKa", v6, true),
+            // Each of these goes the long way.
+            (
+                "SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa;rport",
+                source,
+                false,
+            ),
+            (
+                "SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa; RPort ",
+                source,
+                false,
+            ),
+            (
+                "SIP/2.0/UDP 198.51.100.7:5060;x=\"a;rport\";branch=z9hG4bKa",
+                source,
+                true,
+            ),
+            (
+                "SIP/2.0/UDP 198.51.100.7:5060;x=\"a; rport;\";branch=z9hG4bKa",
+                source,
+                false,
+            ),
+            (
+                "SIP/2.0/UDP 198.51.100.8:5060;branch=z9hG4bKa",
+                source,
+                false,
+            ),
+            (
+                "SIP/2.0/UDP client.example.com;branch=z9hG4bKa",
+                source,
+                false,
+            ),
+            (
+                "SIP / 2.0 / UDP 198.51.100.7;branch=z9hG4bKa",
+                source,
+                false,
+            ),
+            ("SIP/2.0/UDP [2001:db8::8]:5060;branch=z9hG4bKa", v6, false),
+            ("SIP/2.0/UDP", source, false),
+        ];
+        for (via, from, quick) in cases {
+            assert_eq!(needs_no_stamp(via, *from), *quick, "{via}");
+            let mut r = request_with_via(via);
+            let parsed = r.headers.top_via();
+            if *quick {
+                // The parse would not have stamped it either.
+                let parsed = parsed.unwrap();
+                assert!(!matches!(parsed.rport(), Some(Rport::Requested)), "{via}");
+                assert_eq!(parsed.host.ip(), Some(from.ip()), "{via}");
+                assert!(!stamp_received(&mut r, *from).unwrap(), "{via}");
+            }
+        }
+        // A bare rport from the source's own address is still filled in.
+        let mut r = request_with_via("SIP/2.0/UDP 198.51.100.7:5060;branch=z9hG4bKa;rport");
+        assert!(stamp_received(&mut r, addr("198.51.100.7:40001")).unwrap());
+        assert_eq!(
+            r.headers.top_via().unwrap().rport(),
+            Some(Rport::Port(40001))
+        );
     }
 }
