@@ -418,8 +418,9 @@ mod tests {
         struct Pieces;
         impl fmt::Display for Pieces {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "sip:")?;
-                write!(f, "{}@{}", "alice", "example.com:5060")
+                f.write_str("sip:")?;
+                f.write_str("alice@")?;
+                f.write_str("example.com:5060")
             }
         }
         let mut h = StableHasher::new();
