@@ -112,6 +112,42 @@ pub struct StreamPorts {
     pub video: Option<u16>,
     /// The signal data relay's RTP port, if the call has one.
     pub signal: Option<u16>,
+    /// The relays that take RTCP on their RTP port and have no RTCP port (RFC 5761).
+    pub rtcp_mux: RtcpMux,
+}
+
+/// Per stream of a call, whether RTCP shares the RTP port (RFC 5761): which offered m-lines
+/// have `a=rtcp-mux`, or which relays were started with one socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RtcpMux {
+    /// The audio stream.
+    pub audio: bool,
+    /// The video stream.
+    pub video: bool,
+    /// The signal data stream.
+    pub signal: bool,
+}
+
+impl RtcpMux {
+    /// The flag of `stream` (false for a stream the call does not know).
+    pub fn of(&self, stream: StreamId) -> bool {
+        match stream {
+            StreamId::AUDIO => self.audio,
+            StreamId::VIDEO => self.video,
+            StreamId::SIGNAL => self.signal,
+            _ => false,
+        }
+    }
+
+    /// The streams of a remote offer ([`streams`]) whose m-line has `a=rtcp-mux`.
+    pub fn offered(streams: &[(StreamId, RemoteMedia)]) -> Self {
+        let has = |stream: StreamId| streams.iter().any(|(s, m)| *s == stream && m.rtcp_mux);
+        RtcpMux {
+            audio: has(StreamId::AUDIO),
+            video: has(StreamId::VIDEO),
+            signal: has(StreamId::SIGNAL),
+        }
+    }
 }
 
 /// SDP codecs for the audio codecs a device lists (in its order). Telephone-event is always
@@ -185,13 +221,14 @@ pub fn local_media(
     if let (Some(port), true) = (ports.signal, offer.is_some_and(|o| o.signal)) {
         local = local.with_application(port, vec![signal_codec()]);
     }
-    for (config, keys) in [
-        (&mut local.audio, &keys.audio),
-        (&mut local.video, &keys.video),
-        (&mut local.application, &keys.signal),
+    for (config, keys, mux) in [
+        (&mut local.audio, &keys.audio, ports.rtcp_mux.audio),
+        (&mut local.video, &keys.video, ports.rtcp_mux.video),
+        (&mut local.application, &keys.signal, ports.rtcp_mux.signal),
     ] {
         if let Some(config) = config {
             config.crypto = keys.clone();
+            config.rtcp_mux = mux;
         }
     }
     local
@@ -377,6 +414,7 @@ mod tests {
             audio: 4000,
             video: Some(4002),
             signal: Some(4004),
+            rtcp_mux: RtcpMux::default(),
         };
         let local = local_media(ip, all, Some(&offer), SrtpPolicy::Off, &StreamKeys::NONE);
         assert_eq!(local.video.as_ref().map(|v| v.port), Some(4002));

@@ -39,6 +39,7 @@ fn keyed_core(now: Instant, srtp: Option<SrtpKeys>) -> RelayCore {
             index: 0,
             rtp: peer_addr(),
             rtcp: "127.0.0.1:30001".parse().unwrap(),
+            rtcp_mux: false,
             direction: Direction::SendRecv,
             codecs: vec![Codec::pcmu(), Codec::opus(96)],
             telephone_event: Some(Codec::telephone_event(101, 8000)),

@@ -143,6 +143,9 @@ pub struct RelaySpec {
     pub max_datagram_bytes: usize,
     /// RTCP CNAME; default `thalamus-<call_ref>@<local RTP address>`.
     pub cname: Option<String>,
+    /// RTCP on the RTP port (RFC 5761): the relay binds one socket, not two (for an offer
+    /// with `a=rtcp-mux`, answered with it). Default: off.
+    pub rtcp_mux: bool,
 }
 
 impl RelaySpec {
@@ -158,7 +161,14 @@ impl RelaySpec {
             stream_id,
             max_datagram_bytes: 1_200,
             cname: None,
+            rtcp_mux: false,
         }
+    }
+
+    /// The same with RTCP on the RTP port (see [`RelaySpec::rtcp_mux`]).
+    pub fn with_rtcp_mux(mut self, rtcp_mux: bool) -> Self {
+        self.rtcp_mux = rtcp_mux;
+        self
     }
 }
 
@@ -193,18 +203,19 @@ impl DeviceInput {
     }
 }
 
-/// The sockets of one relay.
+/// The sockets of one relay: RTP, and RTCP unless it is multiplexed on the RTP socket.
 #[derive(Debug)]
 struct Sockets {
     rtp: UdpSocket,
-    rtcp: UdpSocket,
+    rtcp: Option<UdpSocket>,
 }
 
 impl Sockets {
+    /// The socket packets of `kind` leave from and arrive on.
     fn of(&self, kind: SocketKind) -> &UdpSocket {
-        match kind {
-            SocketKind::Rtp => &self.rtp,
-            SocketKind::Rtcp => &self.rtcp,
+        match (kind, &self.rtcp) {
+            (SocketKind::Rtcp, Some(rtcp)) => rtcp,
+            _ => &self.rtp,
         }
     }
 }
@@ -375,9 +386,13 @@ impl MediaEngine {
     ) -> Result<MediaRelay, RelayError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
         let _entered = runtime.enter();
-        let (ports, rtp, rtcp) = self.bind_pair()?;
+        let (ports, rtp, rtcp) = self.bind_pair(spec.rtcp_mux)?;
         let local_rtp = ports.rtp_addr();
-        let local_rtcp = ports.rtcp_addr();
+        let local_rtcp = if rtcp.is_some() {
+            ports.rtcp_addr()
+        } else {
+            local_rtp
+        };
         let config = &self.shared.config;
         let wallclock_at_start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -397,6 +412,7 @@ impl MediaEngine {
             send_buffer_frames: config.send_buffer_frames as usize,
             max_datagram_bytes: spec.max_datagram_bytes,
             wallclock_at_start,
+            rtcp_mux: spec.rtcp_mux,
         };
         let core = RelayCore::new(settings, now());
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -438,12 +454,17 @@ impl MediaEngine {
         })
     }
 
-    fn bind_pair(&self) -> Result<(PortPair, UdpSocket, UdpSocket), RelayError> {
+    /// A port pair and its sockets: RTP, and RTCP unless `rtcp_mux` (the odd port then stays
+    /// reserved, unbound).
+    fn bind_pair(
+        &self,
+        rtcp_mux: bool,
+    ) -> Result<(PortPair, UdpSocket, Option<UdpSocket>), RelayError> {
         let attempts = self.shared.ports.capacity().min(MAX_BIND_ATTEMPTS);
         let mut last_error = None;
         for _ in 0..attempts {
             let pair = self.shared.ports.allocate()?;
-            match bind_both(&pair) {
+            match bind_both(&pair, rtcp_mux) {
                 Ok((rtp, rtcp)) => return Ok((pair, rtp, rtcp)),
                 Err((address, source)) => {
                     let retry = matches!(
@@ -466,15 +487,30 @@ impl MediaEngine {
     }
 }
 
+/// The RTCP socket's readiness; never ready for a relay without one.
+async fn rtcp_readable(sockets: &Sockets) -> std::io::Result<()> {
+    match &sockets.rtcp {
+        Some(rtcp) => rtcp.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn bind_one(address: SocketAddr) -> Result<UdpSocket, (SocketAddr, std::io::Error)> {
     let socket = std::net::UdpSocket::bind(address).map_err(|e| (address, e))?;
     socket.set_nonblocking(true).map_err(|e| (address, e))?;
     UdpSocket::from_std(socket).map_err(|e| (address, e))
 }
 
-fn bind_both(pair: &PortPair) -> Result<(UdpSocket, UdpSocket), (SocketAddr, std::io::Error)> {
+fn bind_both(
+    pair: &PortPair,
+    rtcp_mux: bool,
+) -> Result<(UdpSocket, Option<UdpSocket>), (SocketAddr, std::io::Error)> {
     let rtp = bind_one(pair.rtp_addr())?;
-    let rtcp = bind_one(pair.rtcp_addr())?;
+    let rtcp = if rtcp_mux {
+        None
+    } else {
+        Some(bind_one(pair.rtcp_addr())?)
+    };
     Ok((rtp, rtcp))
 }
 
@@ -553,9 +589,15 @@ impl MediaRelay {
         self.local_rtp
     }
 
-    /// The bound RTCP socket address (RTP port + 1).
+    /// The bound RTCP socket address (RTP port + 1), or the RTP one when RTCP is multiplexed
+    /// on it ([`RelaySpec::rtcp_mux`]).
     pub fn local_rtcp_addr(&self) -> SocketAddr {
         self.local_rtcp
+    }
+
+    /// Whether RTCP is multiplexed on the RTP socket (the relay has one socket).
+    pub fn is_rtcp_muxed(&self) -> bool {
+        self.local_rtcp == self.local_rtp
     }
 
     /// The address to write into SDP (`c=`) from the configuration; `None` when the media
@@ -744,7 +786,7 @@ impl RelayTask {
                         }
                     }
                 }
-                ready = sockets.rtcp.readable() => {
+                ready = rtcp_readable(&sockets), if sockets.rtcp.is_some() => {
                     if ready.is_ok() {
                         self.read_packets(SocketKind::Rtcp);
                     }

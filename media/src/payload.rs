@@ -183,6 +183,7 @@ mod tests {
             index: 0,
             rtp: "192.0.2.5:5004".parse().unwrap(),
             rtcp: "192.0.2.5:5005".parse().unwrap(),
+            rtcp_mux: false,
             direction: Direction::SendRecv,
             codecs,
             telephone_event,

@@ -112,6 +112,10 @@ pub struct RelaySettings {
     /// Wall-clock time (since the Unix epoch) at the `now` given to [`RelayCore::new`], for
     /// RTCP NTP timestamps.
     pub wallclock_at_start: Duration,
+    /// This relay takes RTCP on its RTP port and has no RTCP port (RFC 5761): RTCP goes to the
+    /// peer's RTP address when the peer's SDP multiplexes too ([`RemotePeer::rtcp_mux`]).
+    /// RTCP arriving on the RTP port is taken as RTCP either way (RFC 5761 section 4).
+    pub rtcp_mux: bool,
 }
 
 impl RelaySettings {
@@ -132,6 +136,7 @@ impl RelaySettings {
             send_buffer_frames: 16,
             max_datagram_bytes: 1_200,
             wallclock_at_start: Duration::ZERO,
+            rtcp_mux: false,
         }
     }
 }
@@ -340,8 +345,11 @@ impl Srtp {
 pub struct RemotePeer {
     /// Where to send RTP (until latched).
     pub rtp: SocketAddr,
-    /// Where to send RTCP (until latched).
+    /// Where to send RTCP (until latched) when it is not multiplexed.
     pub rtcp: SocketAddr,
+    /// The peer's SDP has `a=rtcp-mux` (RFC 5761): with a relay that multiplexes
+    /// ([`RelaySettings::rtcp_mux`]), RTCP goes to [`RemotePeer::rtp`].
+    pub rtcp_mux: bool,
     /// The stream's direction as the peer wrote it.
     pub direction: Direction,
     /// Payload type translation.
@@ -389,6 +397,7 @@ impl RemotePeer {
         RemotePeer {
             rtp: remote.rtp,
             rtcp: remote.rtcp,
+            rtcp_mux: remote.rtcp_mux,
             direction: remote.direction,
             payloads: PayloadMap::from_remote_media(remote),
             srtp: None,
@@ -895,9 +904,15 @@ impl RelayCore {
         let was_armed = self.timeout_armed();
         let null_address = peer.rtp.ip().is_unspecified();
         let previous = self.peer.as_ref();
+        // Both sides multiplex (RFC 5761 section 5.1.1): RTCP to the RTP address.
+        let peer_rtcp = if self.settings.rtcp_mux && peer.rtcp_mux {
+            peer.rtp
+        } else {
+            peer.rtcp
+        };
         let (sdp_rtp, sdp_rtcp) = match previous {
             Some(p) if null_address => (p.sdp_rtp, p.sdp_rtcp),
-            _ => (peer.rtp, peer.rtcp),
+            _ => (peer.rtp, peer_rtcp),
         };
         let address_changed =
             previous.is_none_or(|p| p.sdp_rtp != sdp_rtp || p.sdp_rtcp != sdp_rtcp);
@@ -1832,6 +1847,7 @@ mod tests {
             index: 0,
             rtp: peer_rtp(),
             rtcp: "192.0.2.5:5005".parse().unwrap(),
+            rtcp_mux: false,
             direction,
             codecs: vec![Codec::opus(96), Codec::pcmu()],
             telephone_event: Some(Codec::telephone_event(97, 48_000)),
@@ -2463,6 +2479,52 @@ mod tests {
         std::iter::from_fn(|| core.poll_transmit())
             .filter(|t| t.socket == SocketKind::Rtcp)
             .collect()
+    }
+
+    /// RFC 5761: RTCP goes to the peer's RTP address only when both sides multiplex; RTCP
+    /// that arrives on the RTP port is taken as RTCP.
+    #[test]
+    fn multiplexed_rtcp_goes_to_the_rtp_address_only_when_both_sides_multiplex() {
+        let destination = |ours: bool, theirs: bool| {
+            let t0 = Instant::now();
+            let mut core = RelayCore::new(
+                RelaySettings {
+                    media_timeout: None,
+                    rtcp_mux: ours,
+                    ..settings()
+                },
+                t0,
+            );
+            core.set_remote_media(
+                &RemoteMedia {
+                    rtcp_mux: theirs,
+                    ..remote(Direction::SendRecv)
+                },
+                t0,
+            );
+            core.handle_device_datagram(device(0, 1, 160, false, &[1; 160]), t0);
+            core.handle_timeout(t0 + Duration::from_secs(5));
+            let sent = rtcp_sent(&mut core);
+            assert_eq!(sent.len(), 1, "one report");
+            sent[0].destination
+        };
+        assert_eq!(destination(true, true), peer_rtp());
+        let separate: SocketAddr = "192.0.2.5:5005".parse().unwrap();
+        assert_eq!(destination(true, false), separate);
+        assert_eq!(destination(false, true), separate);
+        assert_eq!(destination(false, false), separate);
+
+        // A sender report from the peer on the RTP port counts as RTCP, not as bad RTP.
+        let (mut core, t0) = started(RelaySettings {
+            rtcp_mux: true,
+            ..settings()
+        });
+        let mut report = bytes::BytesMut::new();
+        crate::rtcp::write_receiver_report(&mut report, PEER_SSRC, None);
+        core.handle_rtp(&report, peer_rtp(), t0);
+        let stats = core.stats();
+        assert_eq!(stats.drops.rtp_malformed, 0);
+        assert_eq!(stats.rtcp_received, 1);
     }
 
     #[test]

@@ -49,6 +49,7 @@ fn remote(port: u16) -> RemoteMedia {
         index: 0,
         rtp: ([127, 0, 0, 1], port).into(),
         rtcp: ([127, 0, 0, 1], port + 1).into(),
+        rtcp_mux: false,
         direction: Direction::SendRecv,
         codecs: vec![Codec::pcmu()],
         telephone_event: None,
@@ -161,4 +162,70 @@ fn starting_outside_a_runtime_is_an_error_not_a_panic() {
     let result = engine.start(RelaySpec::audio(1), Arc::new(NullSink));
     assert!(matches!(result, Err(RelayError::NoRuntime)));
     assert_eq!(engine.ports_in_use(), 0);
+}
+
+/// RFC 5761: a relay started with RTCP multiplexed binds the RTP port only, sends its reports
+/// from it to the peer's RTP address, and takes the peer's RTCP arriving there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiplexed_relay_has_one_socket_and_carries_rtcp_on_it() {
+    let base = free_even_range(2);
+    let engine = MediaEngine::new(MediaConfig {
+        address: "127.0.0.1".parse().unwrap(),
+        rtp_port_min: base,
+        rtp_port_max: base + 1,
+        rtcp_interval_ms: 100,
+        ..MediaConfig::default()
+    })
+    .unwrap();
+    let sink: Arc<dyn DatagramSink> = Arc::new(NullSink);
+    let relay = engine
+        .start(RelaySpec::audio(7).with_rtcp_mux(true), Arc::clone(&sink))
+        .unwrap();
+    assert!(relay.is_rtcp_muxed());
+    let local = relay.local_rtp_addr();
+    assert_eq!(local.port(), base);
+    assert_eq!(relay.local_rtcp_addr(), local);
+    // The odd port is not bound: anyone may bind it.
+    drop(std::net::UdpSocket::bind(("127.0.0.1", base + 1)).expect("the RTCP port is free"));
+
+    let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    relay
+        .set_remote_media(&RemoteMedia {
+            rtp: peer_addr,
+            rtcp_mux: true,
+            ..remote(peer_addr.port())
+        })
+        .await
+        .unwrap();
+    // The peer's receiver report, to the relay's one port.
+    let report = [
+        0x80, 201, 0, 1, // RR, no report blocks, length 1 word
+        0x12, 0x34, 0x56, 0x78, // sender SSRC
+    ];
+    peer.send_to(&report, local).await.unwrap();
+    // The relay's own report reaches the peer's RTP address, from the relay's RTP port.
+    let mut buf = [0u8; 1500];
+    let from = timeout(Duration::from_secs(10), async {
+        loop {
+            let (len, from) = peer.recv_from(&mut buf).await.unwrap();
+            if len >= 2 && (200..=204).contains(&buf[1]) {
+                return from;
+            }
+        }
+    })
+    .await
+    .expect("an RTCP report on the RTP address");
+    assert_eq!(from, local);
+    let stats = relay.stop().await.unwrap();
+    assert_eq!(stats.rtcp_received, 1);
+    assert_eq!(stats.drops.rtp_malformed, 0);
+    assert!(stats.rtcp_sent >= 1);
+
+    // Without multiplexing, the same engine binds both ports.
+    let relay = engine.start(RelaySpec::audio(8), sink).unwrap();
+    assert!(!relay.is_rtcp_muxed());
+    assert_eq!(relay.local_rtcp_addr().port(), base + 1);
+    assert!(std::net::UdpSocket::bind(("127.0.0.1", base + 1)).is_err());
+    relay.stop().await.unwrap();
 }

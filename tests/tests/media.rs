@@ -250,6 +250,56 @@ fn sipp_plays_a_capture_that_reaches_the_listening_device_intact() {
     assert_media_released(&gw);
 }
 
+/// RFC 5761: SIPp offers RTCP multiplexed on the RTP port. The gateway answers with
+/// `a=rtcp-mux` (SIPp fails the call otherwise), binds no RTCP port for the call, and the
+/// capture still reaches the device whole.
+#[test]
+fn an_offer_with_rtcp_mux_is_answered_on_one_port_and_its_media_flows() {
+    // One port pair: the call's relay is on 37350, and 37351 is the RTCP port it leaves out.
+    let gw = gateway(37_350, 1);
+    let secret = gw.add_device("muxed").unwrap();
+    let mut listener = spawn(
+        "listen",
+        login_args(&gw, "muxed", &secret),
+        &["--calls", "1", "--echo"],
+    );
+    listener.wait_event("welcome", T).unwrap();
+    let mut command = sipp();
+    command
+        .args([
+            "-sf",
+            &scenario("media_uac_rtcp_mux.xml"),
+            "-s",
+            "muxed",
+            "-m",
+            "1",
+        ])
+        .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .args(["-mp", &free_udp_port().unwrap().to_string()])
+        .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
+        .arg(gw.sip.to_string());
+    let sipp = SippProcess::spawn(command);
+    // While the call's relay runs (the capture plays for about 7 s), its RTCP port is free.
+    if let Err(e) = gw.wait_metric("thalamus_media_ports_in_use", 1.0, T) {
+        let outcome = sipp.wait(Duration::from_secs(90));
+        panic!("{e}: {}", outcome.report());
+    }
+    let rtcp_port = std::net::UdpSocket::bind("127.0.0.1:37351");
+    assert!(
+        rtcp_port.is_ok(),
+        "the relay bound its RTCP port: {rtcp_port:?}"
+    );
+    drop(rtcp_port);
+    let outcome = sipp.wait(Duration::from_secs(90));
+    assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
+    let report = listener.wait_event("media_report", T).unwrap();
+    assert_eq!(u(&report, "frames_received"), 236, "{report}");
+    assert_eq!(u(&report["gateway"], "packets_received"), 236, "{report}");
+    listener.wait_event("summary", T).unwrap();
+    assert_media_released(&gw);
+}
+
 #[test]
 fn device_media_comes_back_from_sipp_rtp_echo() {
     let gw = gateway(36_700, 50);

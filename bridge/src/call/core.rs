@@ -47,7 +47,7 @@ use thalamus_sip::ua::ServerTx;
 
 use crate::dialogs::{CallAppData, CallFacts, StoredTimer};
 use crate::mapping::{call_event, ended_by, ended_by_status, reject_status, state_for_provisional};
-use crate::media_sdp::{self, StreamKeys, StreamPorts};
+use crate::media_sdp::{self, RtcpMux, StreamKeys, StreamPorts};
 use thalamus_proto::media::StreamId;
 
 /// Methods the gateway answers (Allow header).
@@ -102,6 +102,10 @@ pub struct RelayStreams {
     pub video: bool,
     /// A signal data relay: the device has the stream (and the peer's offer, if any, has it).
     pub signal: bool,
+    /// The relays to start with RTCP on their RTP port (one socket, RFC 5761): those whose
+    /// stream the peer's offer, when answering one, multiplexes (`a=rtcp-mux`). Our own
+    /// offers do not ask for it, so their relays have both ports.
+    pub rtcp_mux: RtcpMux,
 }
 
 /// What caused a takeover (and so what the call does first once its relay runs).
@@ -1876,6 +1880,7 @@ impl CallCore {
         let streams = RelayStreams {
             video: device.is_some_and(|m| !m.video_codecs.is_empty()) && peer_has(StreamId::VIDEO),
             signal: device.is_some_and(|m| m.signal) && peer_has(StreamId::SIGNAL),
+            rtcp_mux: offered.as_deref().map(RtcpMux::offered).unwrap_or_default(),
         };
         self.push(CallAction::StartRelay(streams));
     }

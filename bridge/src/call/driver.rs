@@ -38,7 +38,7 @@ use super::core::{
 use super::relays::CallRelays;
 use super::{AdoptSetup, CallSetup};
 use crate::dialogs::{key_of_dialog, remote_uri_of, reserve_next_local_cseq, to_stored, CallFacts};
-use crate::media_sdp::{StreamKeys, StreamPorts};
+use crate::media_sdp::{RtcpMux, StreamKeys, StreamPorts};
 use crate::shared::BridgeInner;
 use crate::table::{self, CallCommand, CallShared};
 use rand::RngCore;
@@ -695,7 +695,8 @@ impl Driver {
         let start = |stream: StreamId| {
             engine
                 .start(
-                    RelaySpec::stream(self.key.1, stream),
+                    RelaySpec::stream(self.key.1, stream)
+                        .with_rtcp_mux(streams.rtcp_mux.of(stream)),
                     self.device_sink(stream, link.clone()),
                 )
                 .inspect_err(|e| debug!(error = %e, ?stream, "no media relay for this stream"))
@@ -718,10 +719,16 @@ impl Driver {
             }
             relays.add(stream, relay);
         }
+        let muxed = |stream: StreamId| relays.get(stream).is_some_and(|r| r.is_rtcp_muxed());
         let ports = StreamPorts {
             audio: relays.port(StreamId::AUDIO).unwrap_or(9),
             video: relays.port(StreamId::VIDEO),
             signal: relays.port(StreamId::SIGNAL),
+            rtcp_mux: RtcpMux {
+                audio: muxed(StreamId::AUDIO),
+                video: muxed(StreamId::VIDEO),
+                signal: muxed(StreamId::SIGNAL),
+            },
         };
         if let Ok(mut input) = self.media_input.lock() {
             *input = Some(relays.inputs());

@@ -27,6 +27,11 @@ const RELAY: RelayAddr = RelayAddr {
         audio: 40_000,
         video: None,
         signal: None,
+        rtcp_mux: crate::media_sdp::RtcpMux {
+            audio: false,
+            video: false,
+            signal: false,
+        },
     },
     keys: crate::media_sdp::StreamKeys::NONE,
 };
@@ -454,6 +459,64 @@ fn ringing(t0: Instant, body: &str) -> (CallCore, Vec<CallAction>) {
     (core, a)
 }
 
+/// RFC 5761: an offer that multiplexes RTCP gets a relay with one socket and an answer with
+/// `a=rtcp-mux`; one that does not gets neither, and our own offers do not ask for it.
+#[test]
+fn an_offer_with_rtcp_mux_gets_a_multiplexed_relay_and_answer() {
+    let t0 = Instant::now();
+    let answer_to = |offer: &str, started_muxed: bool| {
+        let (mut core, _) = ringing(t0, offer);
+        core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+        drain(&mut core);
+        core.handle(
+            t0,
+            CallInput::Device(
+                2,
+                Body::Answer(Answer {
+                    call_ref: 7,
+                    media: Some(MediaOffer::default()),
+                }),
+            ),
+        );
+        let asked = match drain(&mut core).as_slice() {
+            [CallAction::StartRelay(streams)] => *streams,
+            other => panic!("expected StartRelay, got {other:?}"),
+        };
+        let mut relay = RELAY;
+        relay.ports.rtcp_mux.audio = started_muxed;
+        core.relay_started(t0, Some(relay));
+        let answer = drain(&mut core)
+            .iter()
+            .find_map(|x| match x {
+                CallAction::Respond {
+                    status: 200,
+                    body: Some((b, _)),
+                    ..
+                } => Some(String::from_utf8_lossy(b).to_string()),
+                _ => None,
+            })
+            .expect("200 with an answer");
+        (asked, answer)
+    };
+    let muxed_offer =
+        peer_sdp(1, true, "sendrecv").replace("a=sendrecv", "a=rtcp-mux\r\na=sendrecv");
+    let (asked, answer) = answer_to(&muxed_offer, true);
+    assert!(asked.rtcp_mux.audio && !asked.rtcp_mux.video, "{asked:?}");
+    assert!(answer.contains("a=rtcp-mux"), "{answer}");
+    // The relay that started has both ports after all: no mux in the answer.
+    let (_, answer) = answer_to(&muxed_offer, false);
+    assert!(!answer.contains("a=rtcp-mux"), "{answer}");
+    let (asked, answer) = answer_to(&peer_sdp(1, true, "sendrecv"), false);
+    assert_eq!(asked.rtcp_mux, crate::media_sdp::RtcpMux::default());
+    assert!(!answer.contains("a=rtcp-mux"), "{answer}");
+    // An outgoing call's relays have both ports, and its offer does not multiplex.
+    let (_, _, actions) = dialling(t0, false);
+    assert!(actions.iter().all(|a| match a {
+        CallAction::SendInvite { sdp, .. } => !sdp.contains("rtcp-mux"),
+        _ => true,
+    }));
+}
+
 #[test]
 fn incoming_call_answered_acked_and_ended_by_the_peer() {
     let t0 = Instant::now();
@@ -573,6 +636,11 @@ const EVERY_STREAM: RelayAddr = RelayAddr {
         audio: 40_000,
         video: Some(40_002),
         signal: Some(40_004),
+        rtcp_mux: crate::media_sdp::RtcpMux {
+            audio: false,
+            video: false,
+            signal: false,
+        },
     },
     keys: crate::media_sdp::StreamKeys::NONE,
 };
@@ -606,7 +674,8 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
         drain(&mut core),
         vec![CallAction::StartRelay(RelayStreams {
             video: true,
-            signal: true
+            signal: true,
+            ..RelayStreams::default()
         })]
     );
     core.relay_started(t0, Some(EVERY_STREAM));
@@ -721,7 +790,8 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
         drain(&mut core),
         vec![CallAction::StartRelay(RelayStreams {
             video: false,
-            signal: true
+            signal: true,
+            ..RelayStreams::default()
         })]
     );
     let signal_only = RelayAddr {
@@ -1376,7 +1446,8 @@ fn a_takeover_keeps_video_and_the_signal_stream() {
         drain(&mut core),
         vec![CallAction::StartRelay(RelayStreams {
             video: true,
-            signal: true
+            signal: true,
+            ..RelayStreams::default()
         })]
     );
     core.relay_started(Instant::now(), Some(EVERY_STREAM));

@@ -31,6 +31,10 @@ pub struct MediaConfig {
     /// The RTCP feedback this side takes on the stream (`a=rtcp-fb`): offered as it is,
     /// answered with what the offer lists too. Default: none.
     pub feedback: RtcpFeedback,
+    /// This side takes the stream's RTCP on its RTP port (RFC 5761) and has no RTCP port of
+    /// its own: `a=rtcp-mux` in offers, and in answers to an offer that has it. Default: off
+    /// (RTCP on the next port).
+    pub rtcp_mux: bool,
 }
 
 impl MediaConfig {
@@ -41,6 +45,7 @@ impl MediaConfig {
             codecs,
             crypto: Vec::new(),
             feedback: RtcpFeedback::default(),
+            rtcp_mux: false,
         }
     }
 }
@@ -276,6 +281,9 @@ impl SdpSession {
                 add_cryptos(&mut built, &config.crypto);
             }
             add_feedback(&mut built, config.feedback);
+            if config.rtcp_mux {
+                add_rtcp_mux(&mut built);
+            }
             media.push(built);
         }
         if media.is_empty() {
@@ -335,10 +343,11 @@ impl SdpSession {
                         local.single_codec_answer,
                     );
                     let feedback = config.feedback.both(offered.rtcp_feedback());
-                    (!chosen.is_empty()).then_some((config.port, chosen, keys, feedback))
+                    let mux = config.rtcp_mux && offered.rtcp_mux();
+                    (!chosen.is_empty()).then_some((config.port, chosen, keys, feedback, mux))
                 });
             match accepted {
-                Some((port, chosen, keys, feedback)) => {
+                Some((port, chosen, keys, feedback, mux)) => {
                     if let Some(i) = kind_slot {
                         taken[i] = true;
                     }
@@ -360,6 +369,9 @@ impl SdpSession {
                         add_cryptos(&mut built, std::slice::from_ref(&key));
                     }
                     add_feedback(&mut built, feedback);
+                    if mux {
+                        add_rtcp_mux(&mut built);
+                    }
                     media.push(built);
                 }
                 None => {
@@ -562,6 +574,16 @@ fn add_feedback(media: &mut MediaDescription, feedback: RtcpFeedback) {
 }
 
 /// Adds an `a=crypto` line per key (before the direction, which stays last).
+/// Adds `a=rtcp-mux` (before the direction, which stays last).
+fn add_rtcp_mux(media: &mut MediaDescription) {
+    let at = media
+        .attributes
+        .iter()
+        .position(|a| matches!(a, Attribute::Direction(_)))
+        .unwrap_or(media.attributes.len());
+    media.attributes.insert(at, Attribute::flag("rtcp-mux"));
+}
+
 fn add_cryptos(media: &mut MediaDescription, keys: &[Crypto]) {
     let at = media
         .attributes
@@ -668,8 +690,11 @@ pub struct RemoteMedia {
     pub index: usize,
     /// Where to send RTP (`0.0.0.0:port` for an RFC 2543-style hold).
     pub rtp: SocketAddr,
-    /// Where to send RTCP (`a=rtcp`, else the RTP port + 1).
+    /// Where to send RTCP when it is not multiplexed (`a=rtcp`, else the RTP port + 1).
     pub rtcp: SocketAddr,
+    /// The stream has `a=rtcp-mux` (RFC 5761): RTCP goes to the RTP address when our side
+    /// multiplexes too.
+    pub rtcp_mux: bool,
     /// The stream's direction as the remote side wrote it.
     pub direction: Direction,
     /// The codecs carrying media, in the remote's order of preference.
@@ -733,6 +758,7 @@ impl SessionDescription {
             index,
             rtp,
             rtcp,
+            rtcp_mux: media.rtcp_mux(),
             direction: self.media_direction(index).unwrap_or(Direction::SendRecv),
             codecs,
             telephone_event,
@@ -1162,5 +1188,48 @@ a=rtcp:5005 IN IP4 198.51.100.2\r\na=ptime:30\r\nm=video 6000 RTP/AVP 96\r\nc=IN
         assert!(!audio.is_hold());
         assert_eq!(sd.remote_media(&MediaKind::Video), None, "host name");
         assert_eq!(sd.remote_media(&MediaKind::Text), None);
+        assert!(!audio.rtcp_mux);
+    }
+
+    /// RFC 5761 section 5.1: `a=rtcp-mux` is answered only by a side that multiplexes and only
+    /// to an offer that has it; a multiplexing side offers it.
+    #[test]
+    fn rtcp_mux_is_answered_when_offered_and_supported() {
+        let offer_text =
+            |mux: bool| {
+                format!(
+                "v=0\r\no=- 1 1 IN IP4 198.51.100.1\r\ns=-\r\nc=IN IP4 198.51.100.1\r\nt=0 0\r\n\
+m=audio 5000 RTP/AVP 0\r\n{}a=sendrecv\r\n",
+                if mux { "a=rtcp:5000\r\na=rtcp-mux\r\n" } else { "" }
+            )
+            };
+        let muxing = || {
+            let mut local = gateway();
+            if let Some(audio) = local.audio.as_mut() {
+                audio.rtcp_mux = true;
+            }
+            local
+        };
+        let answer = |offer: &str, local: &LocalMedia| {
+            SdpSession::new(1)
+                .create_answer(&SessionDescription::parse(offer).unwrap(), local)
+                .unwrap()
+        };
+        let offered = SessionDescription::parse(&offer_text(true)).unwrap();
+        let remote = offered.remote_media(&MediaKind::Audio).unwrap();
+        assert!(remote.rtcp_mux);
+        assert_eq!(remote.rtcp, "198.51.100.1:5000".parse().unwrap());
+
+        let both = answer(&offer_text(true), &muxing());
+        let text = both.to_string();
+        assert!(text.contains("a=rtcp-mux\r\na=sendrecv"), "{text}");
+        assert!(both.media[0].rtcp_mux());
+        // Not offered, or not ours to give: no mux.
+        assert!(!answer(&offer_text(false), &muxing()).media[0].rtcp_mux());
+        assert!(!answer(&offer_text(true), &gateway()).media[0].rtcp_mux());
+        // A multiplexing side offers it; the other does not.
+        let offer = SdpSession::new(2).create_offer(&muxing()).unwrap();
+        assert!(offer.media[0].rtcp_mux(), "{offer}");
+        assert!(!SdpSession::new(3).create_offer(&gateway()).unwrap().media[0].rtcp_mux());
     }
 }

@@ -251,6 +251,13 @@ impl MediaDescription {
             .collect()
     }
 
+    /// Whether the stream has `a=rtcp-mux` (RFC 5761: RTCP on the RTP port).
+    pub fn rtcp_mux(&self) -> bool {
+        self.attributes.iter().any(|a| {
+            matches!(a, Attribute::Other { name, value: None } if name.eq_ignore_ascii_case("rtcp-mux"))
+        })
+    }
+
     /// The stream's `a=rtcp-fb` attributes (RFC 4585).
     pub fn rtcp_feedback(&self) -> super::feedback::RtcpFeedback {
         let mut feedback = super::feedback::RtcpFeedback::default();
