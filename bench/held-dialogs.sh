@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark: does a node's cost per call stay flat as it holds more confirmed dialogs (issue 17)?
 #
-#   bench/held-dialogs.sh [--write]   (LEVELS="1000 2000 4000 6000 8000" DEVICES=1000
-#                                      PROBE_RATE=200 PROBE_SECS=10 PROBES=3 RAMP_RATE=500)
+#   bench/held-dialogs.sh [--write]   (LEVELS="1000 2000 4000 8000 12000" DEVICES=1000
+#                                      PROBE_RATE=200 PROBE_SECS=10 PROBES=3 RAMP_RATE=500
+#                                      RTCP_MUX=1 RTP_MIN=1100)
 #
 # Two gateways, each with DEVICES simulated devices answering calls (`thalamus-sim load
 # --incoming`): the one measured, and a control that holds the first level's calls all along.
@@ -24,10 +25,16 @@
 # carry no RTP (SIPp sends none): media timeout and RTCP are off, so a held call costs what an
 # idle one does.
 #
-# Limits of the machine: every call with media holds two sockets (RTP and RTCP), and a process
-# may open `ulimit -Hn` files (20,000 on the machine of docs/benchmarks.md), so one gateway
-# there holds at most about 9,000 calls with media. The script refuses levels it cannot hold. The RTP ranges are
-# placed below the kernel's ephemeral ports so that SIPp and the simulator do not take them.
+# With RTCP_MUX=1 (the default) the SIPp calls offer RTCP multiplexed on the RTP port (RFC
+# 5761, `a=rtcp-mux`), so each held call's relay has one socket; RTCP_MUX=0 offers plain RTP
+# and its relays have two (RTP and RTCP).
+#
+# Limits of the machine: a process may open `ulimit -Hn` files (20,000 on the machine of
+# docs/benchmarks.md), so one gateway there holds at most about 9,000 calls with two sockets
+# each, or about 19,000 with one. The RTP ranges are placed from RTP_MIN up to below the
+# kernel's ephemeral ports so that SIPp and the simulator do not take them; each relay takes a
+# port pair (the odd port stays reserved when RTCP is multiplexed), so from 1,100 to 32,767
+# there are about 15,800 pairs for both gateways. The script refuses levels it cannot hold.
 #
 # Fails (exit 1) if a gateway dies, a level is not reached within 120 s, or a probe call fails.
 # Prints a table; with --write also puts it between the markers of "Held dialogs" in
@@ -42,8 +49,19 @@ PROBES=${PROBES:-3}
 RAMP_RATE=${RAMP_RATE:-500}
 IDLE_SECS=${IDLE_SECS:-5}
 HOLD_MS=3600000
+RTCP_MUX=${RTCP_MUX:-1}
+RTP_MIN=${RTP_MIN:-1100}
 SCENARIO=$PWD/bench/sipp/uac_devices.xml
 build
+if [ "$RTCP_MUX" = 1 ]; then
+  # The same calls, offering RTCP on the RTP port.
+  sed 's|^\( *\)a=rtpmap:0 PCMU/8000$|&\n\1a=rtcp-mux|' "$SCENARIO" > "$WORK/uac_devices_mux.xml"
+  grep -q 'a=rtcp-mux' "$WORK/uac_devices_mux.xml" || { echo "no a=rtcp-mux in the scenario" >&2; exit 1; }
+  SCENARIO=$WORK/uac_devices_mux.xml
+  SOCKETS=1
+else
+  SOCKETS=2
+fi
 command -v curl >/dev/null || { echo "curl is missing" >&2; exit 1; }
 phase() { echo "$(date +%T) $*" >&2; }
 
@@ -53,8 +71,8 @@ FIRST=${LEVELS%% *}
 MAX_LEVEL=0
 for l in $LEVELS; do [ "$l" -gt "$MAX_LEVEL" ] && MAX_LEVEL=$l; done
 PROBE_LIVE=$((PROBE_RATE * 3))
-# Two sockets per call, and room for the node's own files and sockets.
-NEEDED=$(((MAX_LEVEL + PROBE_LIVE) * 2 + 500))
+# One or two sockets per call, and room for the node's own files and sockets.
+NEEDED=$(((MAX_LEVEL + PROBE_LIVE) * SOCKETS + 500))
 if [ "$NEEDED" -gt "$FILES" ]; then
   echo "holding $MAX_LEVEL calls needs about $NEEDED open files; this machine allows $FILES" \
        "(ulimit -Hn): lower LEVELS" >&2
@@ -63,7 +81,6 @@ fi
 # RTP port pairs: the measured gateway's range, then the control's, both below the ephemeral ports.
 GW_PAIRS=$((MAX_LEVEL + PROBE_LIVE + 200))
 CONTROL_PAIRS=$((FIRST + PROBE_LIVE + 200))
-RTP_MIN=10000
 CONTROL_RTP_MIN=$((RTP_MIN + GW_PAIRS * 2 + 2))
 LOCAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
 [ "$((CONTROL_RTP_MIN + CONTROL_PAIRS * 2 + 1))" -lt "$LOCAL_LOW" ] \

@@ -109,6 +109,28 @@ fn pcap_rtp_payloads(path: &Path) -> Vec<Vec<u8>> {
     payloads
 }
 
+/// A new device `device` on `gw` listening for one call (echoing its media), and SIPp calling
+/// it once with `scenario_file` (running: SIPp's own timeout is 60 s, so wait up to 90 s for it
+/// to print its statistics and exit).
+fn sipp_calls_a_listener(gw: &Gateway, device: &str, scenario_file: &str) -> (Sim, SippProcess) {
+    let secret = gw.add_device(device).unwrap();
+    let mut listener = spawn(
+        "listen",
+        login_args(gw, device, &secret),
+        &["--calls", "1", "--echo"],
+    );
+    listener.wait_event("welcome", T).unwrap();
+    let mut command = sipp();
+    command
+        .args(["-sf", &scenario(scenario_file), "-s", device, "-m", "1"])
+        .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
+        .args(["-p", &free_udp_port().unwrap().to_string()])
+        .args(["-mp", &free_udp_port().unwrap().to_string()])
+        .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
+        .arg(gw.sip.to_string());
+    (listener, SippProcess::spawn(command))
+}
+
 /// Open file descriptors of a process (sockets included).
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -191,30 +213,8 @@ fn sipp_plays_a_capture_that_reaches_the_listening_device_intact() {
     let expected_bytes: usize = expected.iter().map(Vec::len).sum();
 
     let gw = gateway(36_600, 50);
-    let secret = gw.add_device("callee").unwrap();
-    let mut listener = spawn(
-        "listen",
-        login_args(&gw, "callee", &secret),
-        &["--calls", "1", "--echo"],
-    );
-    listener.wait_event("welcome", T).unwrap();
-    let mut command = sipp();
-    command
-        .args([
-            "-sf",
-            &scenario("media_uac_pcap.xml"),
-            "-s",
-            "callee",
-            "-m",
-            "1",
-        ])
-        .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
-        .args(["-mp", &free_udp_port().unwrap().to_string()])
-        .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
-        .arg(gw.sip.to_string());
-    // SIPp's own timeout (60 s), then time to print its statistics and exit.
-    let outcome = SippProcess::spawn(command).wait(Duration::from_secs(90));
+    let (mut listener, sipp) = sipp_calls_a_listener(&gw, "callee", "media_uac_pcap.xml");
+    let outcome = sipp.wait(Duration::from_secs(90));
     assert_eq!(outcome.counts(), (1, 0), "{}", outcome.report());
 
     let incoming = listener.wait_event("incoming_call", T).unwrap();
@@ -257,29 +257,7 @@ fn sipp_plays_a_capture_that_reaches_the_listening_device_intact() {
 fn an_offer_with_rtcp_mux_is_answered_on_one_port_and_its_media_flows() {
     // One port pair: the call's relay is on 37350, and 37351 is the RTCP port it leaves out.
     let gw = gateway(37_350, 1);
-    let secret = gw.add_device("muxed").unwrap();
-    let mut listener = spawn(
-        "listen",
-        login_args(&gw, "muxed", &secret),
-        &["--calls", "1", "--echo"],
-    );
-    listener.wait_event("welcome", T).unwrap();
-    let mut command = sipp();
-    command
-        .args([
-            "-sf",
-            &scenario("media_uac_rtcp_mux.xml"),
-            "-s",
-            "muxed",
-            "-m",
-            "1",
-        ])
-        .args(["-i", "127.0.0.1", "-mi", "127.0.0.1"])
-        .args(["-p", &free_udp_port().unwrap().to_string()])
-        .args(["-mp", &free_udp_port().unwrap().to_string()])
-        .args(["-nostdin", "-timeout", "60s", "-timeout_error"])
-        .arg(gw.sip.to_string());
-    let sipp = SippProcess::spawn(command);
+    let (mut listener, sipp) = sipp_calls_a_listener(&gw, "muxed", "media_uac_rtcp_mux.xml");
     // While the call's relay runs (the capture plays for about 7 s), its RTCP port is free.
     if let Err(e) = gw.wait_metric("thalamus_media_ports_in_use", 1.0, T) {
         let outcome = sipp.wait(Duration::from_secs(90));

@@ -200,6 +200,18 @@ fn responses(actions: &[CallAction]) -> Vec<(TransactionKey, u16)> {
         .collect()
 }
 
+/// The SDP of the first 200 among `actions`.
+fn sdp_of_200(actions: &[CallAction]) -> Option<String> {
+    actions.iter().find_map(|x| match x {
+        CallAction::Respond {
+            status: 200,
+            body: Some((b, _)),
+            ..
+        } => Some(String::from_utf8_lossy(b).to_string()),
+        _ => None,
+    })
+}
+
 fn closed(actions: &[CallAction]) -> Option<bool> {
     actions.iter().find_map(|a| match a {
         CallAction::Close { tombstone } => Some(*tombstone),
@@ -485,17 +497,7 @@ fn an_offer_with_rtcp_mux_gets_a_multiplexed_relay_and_answer() {
         let mut relay = RELAY;
         relay.ports.rtcp_mux.audio = started_muxed;
         core.relay_started(t0, Some(relay));
-        let answer = drain(&mut core)
-            .iter()
-            .find_map(|x| match x {
-                CallAction::Respond {
-                    status: 200,
-                    body: Some((b, _)),
-                    ..
-                } => Some(String::from_utf8_lossy(b).to_string()),
-                _ => None,
-            })
-            .expect("200 with an answer");
+        let answer = sdp_of_200(&drain(&mut core)).expect("200 with an answer");
         (asked, answer)
     };
     let muxed_offer =
@@ -803,17 +805,7 @@ fn video_and_the_signal_stream_get_relays_lines_and_peers_of_their_own() {
     };
     core.relay_started(t0, Some(signal_only));
     let a = drain(&mut core);
-    let answer = a
-        .iter()
-        .find_map(|x| match x {
-            CallAction::Respond {
-                status: 200,
-                body: Some((b, _)),
-                ..
-            } => Some(String::from_utf8_lossy(b).to_string()),
-            _ => None,
-        })
-        .expect("200 with an answer");
+    let answer = sdp_of_200(&a).expect("200 with an answer");
     assert!(
         answer.contains("m=application 40004 RTP/AVP 120\r\na=rtpmap:120 x-mbfp-signal/1000"),
         "{answer}"
@@ -979,17 +971,7 @@ fn hold_and_resume_by_the_peer_and_offerless_reinvite() {
         ),
     );
     let a = drain(&mut core);
-    let answer = a
-        .iter()
-        .find_map(|x| match x {
-            CallAction::Respond {
-                status: 200,
-                body: Some((b, _)),
-                ..
-            } => Some(String::from_utf8_lossy(b).to_string()),
-            _ => None,
-        })
-        .unwrap();
+    let answer = sdp_of_200(&a).unwrap();
     assert!(answer.contains("a=recvonly"), "{answer}");
     let ev = &events(&a)[0];
     assert_eq!(ev.state, CallState::Held as i32);
