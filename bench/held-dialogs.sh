@@ -235,8 +235,9 @@ print(f"\nFrom {levels[0]:,} to {levels[-1]:,} held (medians of each level's pro
 PY
 {
   echo "$(date +%F). Command: \`bench/held-dialogs.sh --write\` (LEVELS=\"$LEVELS\" DEVICES=$DEVICES" \
-       "PROBE_RATE=$PROBE_RATE PROBE_SECS=$PROBE_SECS PROBES=$PROBES). Machine: $(nproc) cores, open" \
-       "file limit $FILES. $(rustc --version 2>/dev/null || true), release build, loopback."
+       "PROBE_RATE=$PROBE_RATE PROBE_SECS=$PROBE_SECS PROBES=$PROBES RTCP_MUX=$RTCP_MUX). Held calls" \
+       "have $SOCKETS media socket(s) each. Machine: $(nproc) cores, open file limit $FILES." \
+       "$(rustc --version 2>/dev/null || true), release build, loopback."
   echo
   cat "$TABLE"
 } > "$WORK/section.md"
