@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark: does a node's cost per call stay flat as it holds more confirmed dialogs (issue 17)?
 #
-#   bench/held-dialogs.sh [--write]   (LEVELS="1000 2000 4000 8000 12000" DEVICES=1000
+#   bench/held-dialogs.sh [--write]   (LEVELS="1000 2000 4000 8000 10000" DEVICES=1000
 #                                      PROBE_RATE=200 PROBE_SECS=10 PROBES=3 RAMP_RATE=500
-#                                      RTCP_MUX=1 RTP_MIN=1100)
+#                                      RTCP_MUX=1 RTP_MIN=6200)
 #
 # Two gateways, each with DEVICES simulated devices answering calls (`thalamus-sim load
 # --incoming`): the one measured, and a control that holds the first level's calls all along.
@@ -32,16 +32,17 @@
 # Limits of the machine: a process may open `ulimit -Hn` files (20,000 on the machine of
 # docs/benchmarks.md), so one gateway there holds at most about 9,000 calls with two sockets
 # each, or about 19,000 with one. The RTP ranges are placed from RTP_MIN up to below the
-# kernel's ephemeral ports so that SIPp and the simulator do not take them; each relay takes a
-# port pair (the odd port stays reserved when RTCP is multiplexed), so from 1,100 to 32,767
-# there are about 15,800 pairs for both gateways. The script refuses levels it cannot hold.
+# kernel's ephemeral ports so that SIPp and the simulator do not take them, and above SIPp's
+# default media ports (6000 and up); each relay takes a port pair (the odd port stays reserved
+# when RTCP is multiplexed), so from 6,200 to 32,767 there are about 13,000 pairs for both
+# gateways. The script refuses levels it cannot hold.
 #
 # Fails (exit 1) if a gateway dies, a level is not reached within 120 s, or a probe call fails.
 # Prints a table; with --write also puts it between the markers of "Held dialogs" in
 # docs/benchmarks.md.
 source "$(dirname "$0")/lib.sh"
 write_flag "$@"
-LEVELS=${LEVELS:-"1000 2000 4000 6000 8000"}
+LEVELS=${LEVELS:-"1000 2000 4000 8000 10000"}
 DEVICES=${DEVICES:-1000}
 PROBE_RATE=${PROBE_RATE:-200}
 PROBE_SECS=${PROBE_SECS:-10}
@@ -50,7 +51,7 @@ RAMP_RATE=${RAMP_RATE:-500}
 IDLE_SECS=${IDLE_SECS:-5}
 HOLD_MS=3600000
 RTCP_MUX=${RTCP_MUX:-1}
-RTP_MIN=${RTP_MIN:-1100}
+RTP_MIN=${RTP_MIN:-6200}
 SCENARIO=$PWD/bench/sipp/uac_devices.xml
 build
 if [ "$RTCP_MUX" = 1 ]; then

@@ -200,6 +200,22 @@ fn responses(actions: &[CallAction]) -> Vec<(TransactionKey, u16)> {
         .collect()
 }
 
+/// An incoming call's 180 goes out, then the device answers it (`MediaOffer::default()`).
+fn ring_then_answer(core: &mut CallCore, t0: Instant) {
+    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
+    drain(core);
+    core.handle(
+        t0,
+        CallInput::Device(
+            2,
+            Body::Answer(Answer {
+                call_ref: 7,
+                media: Some(MediaOffer::default()),
+            }),
+        ),
+    );
+}
+
 /// The SDP of the first 200 among `actions`.
 fn sdp_of_200(actions: &[CallAction]) -> Option<String> {
     actions.iter().find_map(|x| match x {
@@ -478,18 +494,7 @@ fn an_offer_with_rtcp_mux_gets_a_multiplexed_relay_and_answer() {
     let t0 = Instant::now();
     let answer_to = |offer: &str, started_muxed: bool| {
         let (mut core, _) = ringing(t0, offer);
-        core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
-        drain(&mut core);
-        core.handle(
-            t0,
-            CallInput::Device(
-                2,
-                Body::Answer(Answer {
-                    call_ref: 7,
-                    media: Some(MediaOffer::default()),
-                }),
-            ),
-        );
+        ring_then_answer(&mut core, t0);
         let asked = match drain(&mut core).as_slice() {
             [CallAction::StartRelay(streams)] => *streams,
             other => panic!("expected StartRelay, got {other:?}"),
@@ -1382,18 +1387,7 @@ fn srtp_required_offers_keys_pairs_the_answer_s_tag_and_refuses_plain_offers() {
         OtherCalls::default(),
     );
     drain(&mut core);
-    core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
-    drain(&mut core);
-    core.handle(
-        t0,
-        CallInput::Device(
-            2,
-            Body::Answer(Answer {
-                call_ref: 7,
-                media: Some(MediaOffer::default()),
-            }),
-        ),
-    );
+    ring_then_answer(&mut core, t0);
     drain(&mut core);
     core.relay_started(t0, Some(relay));
     assert!(responses(&drain(&mut core)).contains(&(stx(1), 488)));
