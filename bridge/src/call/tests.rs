@@ -204,6 +204,11 @@ fn responses(actions: &[CallAction]) -> Vec<(TransactionKey, u16)> {
 fn ring_then_answer(core: &mut CallCore, t0: Instant) {
     core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
     drain(core);
+    device_answers(core, t0);
+}
+
+/// The device answers its incoming call (`MediaOffer::default()`).
+fn device_answers(core: &mut CallCore, t0: Instant) {
     core.handle(
         t0,
         CallInput::Device(
@@ -552,16 +557,7 @@ fn incoming_call_answered_acked_and_ended_by_the_peer() {
     assert_eq!(drain(&mut core), vec![CallAction::SetDialog(dialog())]);
     assert_eq!(core.state(), CallState::Ringing);
 
-    core.handle(
-        t0,
-        CallInput::Device(
-            2,
-            Body::Answer(Answer {
-                call_ref: 7,
-                media: Some(MediaOffer::default()),
-            }),
-        ),
-    );
+    device_answers(&mut core, t0);
     assert_eq!(
         drain(&mut core),
         vec![CallAction::StartRelay(RelayStreams::default())]
@@ -3297,16 +3293,7 @@ fn a_call_that_replaces_another_ends_it_once_answered_and_the_replaced_one_says_
     }
     core.handle(t0, CallInput::Responded(stx(1), 180, Some(dialog())));
     let mut all = drain(&mut core);
-    core.handle(
-        t0,
-        CallInput::Device(
-            2,
-            Body::Answer(Answer {
-                call_ref: 7,
-                media: Some(MediaOffer::default()),
-            }),
-        ),
-    );
+    device_answers(&mut core, t0);
     all.extend(drain(&mut core));
     assert!(
         !all.iter().any(|a| matches!(a, CallAction::EndReplaced(..))),
