@@ -561,11 +561,7 @@ fn build_media(
 
 /// Adds the `a=rtcp-fb` lines of `feedback` (before the direction, which stays last).
 fn add_feedback(media: &mut MediaDescription, feedback: RtcpFeedback) {
-    let at = media
-        .attributes
-        .iter()
-        .position(|a| matches!(a, Attribute::Direction(_)))
-        .unwrap_or(media.attributes.len());
+    let at = before_direction(media);
     for (i, value) in feedback.values().enumerate() {
         media
             .attributes
@@ -576,12 +572,17 @@ fn add_feedback(media: &mut MediaDescription, feedback: RtcpFeedback) {
 /// Adds an `a=crypto` line per key (before the direction, which stays last).
 /// Adds `a=rtcp-mux` (before the direction, which stays last).
 fn add_rtcp_mux(media: &mut MediaDescription) {
-    let at = media
+    let at = before_direction(media);
+    media.attributes.insert(at, Attribute::flag("rtcp-mux"));
+}
+
+/// Where an attribute goes so that the direction stays last.
+fn before_direction(media: &MediaDescription) -> usize {
+    media
         .attributes
         .iter()
         .position(|a| matches!(a, Attribute::Direction(_)))
-        .unwrap_or(media.attributes.len());
-    media.attributes.insert(at, Attribute::flag("rtcp-mux"));
+        .unwrap_or(media.attributes.len())
 }
 
 fn add_cryptos(media: &mut MediaDescription, keys: &[Crypto]) {
